@@ -1,0 +1,29 @@
+"""Loads the C++ extension ``vpns_fast._C`` (built from ``csrc/`` by setup.py).
+
+The library works without it through its PyTorch paths; ``status()`` says why it is absent.
+"""
+from __future__ import annotations
+
+_module = None
+_reason = ""
+_tried = False
+
+
+def load():
+    """The extension module, or None when it is not built or fails to load."""
+    global _module, _reason, _tried
+    if not _tried:
+        _tried = True
+        try:
+            import torch  # noqa: F401 - the extension links against libtorch
+            from vpns_fast import _C
+
+            _module = _C
+        except ImportError as exc:
+            _reason = (f"the C++ extension vpns_fast._C is not built ({exc}); reinstall without "
+                       f"VPNS_FAST_BUILD_EXT=0, e.g. `pip install -e . --no-build-isolation`")
+    return _module
+
+
+def status() -> tuple[bool, str]:
+    return (load() is not None), _reason

@@ -1,0 +1,207 @@
+"""Public functional ops of vpns_fast, autograd-aware, dispatched to a backend per call.
+
+See :mod:`vpns_fast.ops.backends` for how the backend is chosen and forced.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, score_mask_ref
+from vpns_fast.kernels.prompt import PROMPT_KINDS, prompt_normalize_ref
+from vpns_fast.kernels.threshold import topk_threshold_ref
+from vpns_fast.ops.backends import (
+    BACKEND_NAMES,
+    BackendError,
+    backend_report,
+    dispatch,
+    forced_backend,
+    register,
+    resolve,
+    use_backend,
+)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+register("torch", "prompt_normalize", prompt_normalize_ref)
+register("torch", "topk_threshold", topk_threshold_ref)
+register("torch", "masked_conv2d", masked_conv2d_ref)
+register("torch", "masked_linear", masked_linear_ref)
+
+__all__ = [
+    "BACKEND_NAMES", "BackendError", "IMAGENET_MEAN", "IMAGENET_STD", "PROMPT_KINDS",
+    "backend_report", "forced_backend", "resolve", "use_backend",
+    "pad_prompt", "fix_prompt", "random_prompt", "expansive_prompt", "prompt_normalize",
+    "kth_index", "topk_threshold", "keep_all_threshold", "score_mask", "masked_conv2d", "masked_linear",
+]
+
+
+# --------------------------------------------------------------------------- prompts
+
+def _check_prompt_args(images, program, mean, std):
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {_describe(images)}")
+    if images.dtype != torch.uint8 and not images.is_floating_point():
+        raise TypeError(f"images must be float in [0, 1] or uint8 in [0, 255], got dtype {images.dtype}")
+    if not isinstance(program, torch.Tensor) or program.dim() != 3 or program.shape[1] != program.shape[2]:
+        raise ValueError(f"program must be a (C, out_size, out_size) tensor, got {_describe(program)}")
+    c, h, w = images.shape[1:]
+    if c != program.shape[0]:
+        raise ValueError(f"images have {c} channels but program has {program.shape[0]}")
+    if h != w:
+        raise ValueError(f"images must be square (in_size x in_size), got {h}x{w}")
+    if h > program.shape[-1]:
+        raise ValueError(f"image size {h} exceeds the prompt's output size {program.shape[-1]}")
+    if images.device != program.device:
+        raise ValueError(f"images are on {images.device} but program is on {program.device}")
+    if len(mean) != c or len(std) != c:
+        raise ValueError(f"mean and std must have one entry per channel ({c}), got {len(mean)} and {len(std)}")
+    if any(s <= 0 for s in std):
+        raise ValueError(f"std entries must be positive, got {tuple(std)}")
+
+
+def _describe(x) -> str:
+    if isinstance(x, torch.Tensor):
+        return f"a tensor of shape {tuple(x.shape)}"
+    return f"a {type(x).__name__}"
+
+
+def prompt_normalize(images, program, kind, *, pad=0, mask_size=0, row=0, col=0,
+                     mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+    """The prompt op behind all four kinds (see :mod:`vpns_fast.kernels.prompt`)."""
+    if kind not in PROMPT_KINDS:
+        raise ValueError(f"kind must be one of {PROMPT_KINDS}, got {kind!r}")
+    _check_prompt_args(images, program, mean, std)
+    out_size = program.shape[-1]
+    if kind == "pad" and not 0 < pad < out_size / 2:
+        raise ValueError(f"pad must be in [1, out_size/2) = [1, {out_size / 2:g}), got {pad}")
+    if kind in ("fix", "random") and not 0 < mask_size <= out_size:
+        raise ValueError(f"mask_size must be in [1, out_size={out_size}], got {mask_size}")
+    if kind == "random" and not (0 <= row <= out_size - mask_size and 0 <= col <= out_size - mask_size):
+        raise ValueError(f"random prompt offset (row={row}, col={col}) puts the {mask_size}-pixel square "
+                         f"outside the {out_size}-pixel output")
+    return dispatch("prompt_normalize", images.device.type, images, program, kind, pad, mask_size, row, col,
+                    tuple(float(m) for m in mean), tuple(float(s) for s in std), out_dtype)
+
+
+def pad_prompt(images, program, pad, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+    """Zero-pad ``images`` to the program's size, add ``program`` on the outer ``pad`` pixels,
+    clamp to [0, 1], normalize."""
+    return prompt_normalize(images, program, "pad", pad=pad, mean=mean, std=std, out_dtype=out_dtype)
+
+
+def fix_prompt(images, program, mask_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+    """As :func:`pad_prompt`, adding ``sigmoid(program)`` on the top-left ``mask_size`` square."""
+    return prompt_normalize(images, program, "fix", mask_size=mask_size, mean=mean, std=std, out_dtype=out_dtype)
+
+
+def random_prompt(images, program, mask_size, offset, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+    """As :func:`fix_prompt`, with the square's top-left corner at ``offset = (row, col)``."""
+    row, col = (int(v) for v in offset)
+    return prompt_normalize(images, program, "random", mask_size=mask_size, row=row, col=col,
+                            mean=mean, std=std, out_dtype=out_dtype)
+
+
+def expansive_prompt(images, program, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+    """Place ``images`` centred, add ``sigmoid(program)`` on the ring around them."""
+    return prompt_normalize(images, program, "expansive", mean=mean, std=std, out_dtype=out_dtype)
+
+
+# --------------------------------------------------------------------------- thresholds
+
+def kth_index(density: float, n: int) -> int:
+    """``k = int((1 - density) * n)``, exactly as the release code computes it."""
+    if isinstance(density, bool) or not isinstance(density, (int, float)) or not 0 < density <= 1:
+        raise ValueError(f"density must be a number in (0, 1], got {density!r}")
+    return int((1 - density) * n)
+
+
+def keep_all_threshold(like: torch.Tensor) -> torch.Tensor:
+    """A threshold below every magnitude, so ``|s| > t`` keeps every weight."""
+    return torch.tensor(float("-inf"), dtype=like.dtype, device=like.device)
+
+
+def _as_score_list(scores) -> list[torch.Tensor]:
+    if isinstance(scores, torch.Tensor):
+        tensors = [scores]
+    elif isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)):
+        tensors = list(scores)
+    else:
+        raise TypeError(f"scores must be a tensor or a sequence of tensors, got {type(scores).__name__}")
+    if not tensors:
+        raise ValueError("scores must hold at least one tensor")
+    for i, s in enumerate(tensors):
+        if not isinstance(s, torch.Tensor) or not s.is_floating_point():
+            raise TypeError(f"scores[{i}] must be a floating-point tensor, got {_describe(s)}"
+                            + (f" of dtype {s.dtype}" if isinstance(s, torch.Tensor) else ""))
+        if s.numel() == 0:
+            raise ValueError(f"scores[{i}] is empty")
+    first = tensors[0]
+    for i, s in enumerate(tensors[1:], 1):
+        if s.dtype != first.dtype or s.device != first.device:
+            raise ValueError(f"all score tensors must share dtype and device: scores[0] is {first.dtype} on "
+                             f"{first.device}, scores[{i}] is {s.dtype} on {s.device}")
+    return tensors
+
+
+def topk_threshold(scores, density: float, scope: str = "global") -> torch.Tensor:
+    """Magnitude threshold that keeps the top ``density`` fraction of scores (``|s| > t``).
+
+    ``scope="global"``: a 0-dim tensor equal to
+    ``torch.kthvalue(cat(|s|), int((1 - density) * N)).values`` over all tensors together.
+    ``scope="layer"``: a 1-D tensor with that threshold for each tensor on its own.
+    When ``k < 1`` the threshold is ``-inf`` and every weight is kept.
+    """
+    tensors = _as_score_list(scores)
+    if scope == "global":
+        groups = [tensors]
+    elif scope == "layer":
+        groups = [[s] for s in tensors]
+    else:
+        raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
+    kth_index(density, 1)  # validates density before any work
+    _, impl = resolve("topk_threshold", tensors[0].device.type)
+    thresholds = []
+    for group in groups:
+        k = kth_index(density, sum(s.numel() for s in group))
+        thresholds.append(impl(group, k) if k >= 1 else keep_all_threshold(group[0]))
+    return thresholds[0] if scope == "global" else torch.stack(thresholds)
+
+
+def score_mask(scores: torch.Tensor, threshold) -> torch.Tensor:
+    """Boolean keep-mask ``|s| > t`` in the scores' shape."""
+    return score_mask_ref(scores, torch.as_tensor(threshold, device=scores.device))
+
+
+# --------------------------------------------------------------------------- masked layers
+
+def _check_masked(weight, scores, threshold):
+    if not isinstance(scores, torch.Tensor) or scores.dim() != weight.dim():
+        raise ValueError(f"scores must have as many dims as the weight {tuple(weight.shape)}, got {_describe(scores)}")
+    for d, (ns, nw) in enumerate(zip(scores.shape, weight.shape)):
+        if ns not in (1, nw):
+            raise ValueError(f"scores of shape {tuple(scores.shape)} do not broadcast to the weight "
+                             f"{tuple(weight.shape)} (dim {d}: {ns} vs {nw})")
+    threshold = torch.as_tensor(threshold, device=weight.device)
+    if threshold.dim() != 0:
+        raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
+    return threshold
+
+
+def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
+    """``conv2d(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``."""
+    threshold = _check_masked(weight, scores, threshold)
+    if weight.dim() != 4:
+        raise ValueError(f"weight must be (C_out, C_in/groups, kH, kW), got {_describe(weight)}")
+    return dispatch("masked_conv2d", x.device.type, x, weight, scores, threshold, bias, stride, padding,
+                    dilation, groups)
+
+
+def masked_linear(x, weight, scores, threshold, bias=None):
+    """``linear(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``."""
+    threshold = _check_masked(weight, scores, threshold)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be (out_features, in_features), got {_describe(weight)}")
+    return dispatch("masked_linear", x.device.type, x, weight, scores, threshold, bias)

@@ -205,3 +205,7 @@ def masked_linear(x, weight, scores, threshold, bias=None):
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got {_describe(weight)}")
     return dispatch("masked_linear", x.device.type, x, weight, scores, threshold, bias)
+
+
+# The C++ backend registers its ops here; whether they run is decided per call by availability.
+from vpns_fast.ops import cpp_backend  # noqa: E402,F401

@@ -12,3 +12,19 @@ if _ilu.find_spec("vpns_fast.kernels") is None:  # pragma: no cover - depends on
     _root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
     if _os.path.isfile(_os.path.join(_root, "kernels", "__init__.py")):
         __path__.append(_root)  # noqa: F821 - the package's own __path__
+
+from vpns_fast.masked_layers import MaskedConv2d, MaskedLinear, initial_scores, score_shape  # noqa: E402
+from vpns_fast.prompts import (  # noqa: E402
+    ExpansivePrompt, FixPrompt, PadPrompt, RandomPrompt, VisualPrompt, build_prompt,
+)
+from vpns_fast.pruning import (  # noqa: E402
+    actual_density, density_report, fold, load_masks, masked_layers, masks, parameter_groups,
+    prepare_finetune, prepare_mask_search, set_density, set_trainable, sparsify,
+)
+
+__all__ = [
+    "ExpansivePrompt", "FixPrompt", "MaskedConv2d", "MaskedLinear", "PadPrompt", "RandomPrompt", "VisualPrompt",
+    "actual_density", "build_prompt", "density_report", "fold", "initial_scores", "load_masks", "masked_layers",
+    "masks", "parameter_groups", "prepare_finetune", "prepare_mask_search", "score_shape", "set_density",
+    "set_trainable", "sparsify",
+]

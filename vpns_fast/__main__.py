@@ -1,0 +1,5 @@
+import sys
+
+from vpns_fast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""Masked layers: Conv2d / Linear whose effective weight is ``weight * (|scores| > threshold)``.
+
+They subclass the torch layers, so ``weight`` and ``bias`` keep torchvision's state_dict names
+and ``isinstance(layer, nn.Conv2d)`` still holds; ``scores`` is a parameter and ``threshold`` a
+0-dim float32 buffer (``-inf`` keeps every weight until a density is set).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vpns_fast import ops
+
+GRANULARITIES = ("unstructured", "kernel", "channel")
+SCORE_INITS = ("scaled", "kaiming")
+
+
+def score_shape(weight_shape: torch.Size, granularity: str) -> tuple[int, ...]:
+    """Scores per weight (unstructured), per (out, in) kernel, or per output channel.
+
+    A Linear weight's "kernel" is a single weight, so kernel granularity equals unstructured there.
+    """
+    if granularity == "unstructured":
+        return tuple(weight_shape)
+    if granularity == "kernel":
+        return tuple(weight_shape[:2]) + (1,) * (len(weight_shape) - 2)
+    if granularity == "channel":
+        return (weight_shape[0],) + (1,) * (len(weight_shape) - 1)
+    raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+@torch.no_grad()
+def initial_scores(weight: torch.Tensor, granularity: str = "unstructured", method: str = "scaled") -> torch.Tensor:
+    """HYDRA's score initializations.
+
+    ``scaled``: ``sqrt(6 / fan_in) * W / max|W|``. For structured scores the group's magnitude
+    ``mean |W|`` over the pooled dims stands in for ``W`` **[decision]**.
+    ``kaiming``: uniform in ``±1/sqrt(fan_in)`` (kaiming_uniform with a = sqrt(5), HYDRA's default).
+    """
+    fan_in = weight[0].numel()
+    shape = score_shape(weight.shape, granularity)
+    if method == "scaled":
+        w = weight.detach().float()
+        if granularity != "unstructured":
+            dims = [d for d in range(w.dim()) if shape[d] == 1 and w.shape[d] != 1]
+            w = w.abs().mean(dim=dims, keepdim=True) if dims else w
+        peak = w.abs().max()
+        scores = math.sqrt(6.0 / fan_in) * w / (peak if peak > 0 else 1.0)
+        return scores.to(weight.dtype).reshape(shape)
+    if method == "kaiming":
+        bound = 1.0 / math.sqrt(fan_in)
+        return torch.empty(shape, dtype=weight.dtype, device=weight.device).uniform_(-bound, bound)
+    raise ValueError(f"score_init must be one of {SCORE_INITS}, got {method!r}")
+
+
+class MaskedMixin:
+    """Shared state of the masked layers: scores, threshold, granularity."""
+
+    scores: nn.Parameter
+    threshold: torch.Tensor
+    granularity: str
+
+    def _init_masking(self, granularity: str, score_init: str) -> None:
+        self.granularity = granularity
+        self.scores = nn.Parameter(initial_scores(self.weight, granularity, score_init))
+        self.register_buffer("threshold", torch.tensor(float("-inf"), device=self.weight.device))
+
+    def score_mask(self) -> torch.Tensor:
+        """Boolean mask in the scores' shape."""
+        return ops.score_mask(self.scores.detach(), self.threshold)
+
+    def weight_mask(self) -> torch.Tensor:
+        """Boolean mask in the weight's shape."""
+        return self.score_mask().expand_as(self.weight)
+
+    def masked_weight(self) -> torch.Tensor:
+        return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
+
+    def set_threshold(self, threshold) -> None:
+        self.threshold.fill_(float(threshold))
+
+    @classmethod
+    def from_dense(cls, dense: nn.Module, granularity: str = "unstructured", score_init: str = "scaled"):
+        """A masked layer that shares ``dense``'s weight and bias parameters (no copy)."""
+        # Built on the meta device so no throw-away weight is allocated or initialized.
+        args, kwargs = cls._constructor_args(dense)
+        layer = cls(*args, **kwargs, bias=dense.bias is not None, device="meta", granularity=granularity,
+                    score_init="kaiming")
+        layer.weight, layer.bias = dense.weight, dense.bias
+        layer._init_masking(granularity, score_init)
+        return layer
+
+
+class MaskedConv2d(MaskedMixin, nn.Conv2d):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1, groups=1,
+                 bias=True, padding_mode="zeros", device=None, dtype=None, granularity="unstructured",
+                 score_init="kaiming"):
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         padding_mode, device, dtype)
+        self._init_masking(granularity, score_init)
+
+    @staticmethod
+    def _constructor_args(conv: nn.Conv2d) -> tuple[tuple, dict]:
+        return ((conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                 conv.groups), {"padding_mode": conv.padding_mode})
+
+    def forward(self, x):
+        padding = self.padding
+        if self.padding_mode != "zeros":
+            x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
+            padding = 0
+        return ops.masked_conv2d(x, self.weight, self.scores, self.threshold, self.bias, self.stride, padding,
+                                 self.dilation, self.groups)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", granularity={self.granularity}"
+
+
+class MaskedLinear(MaskedMixin, nn.Linear):
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, granularity="unstructured",
+                 score_init="kaiming"):
+        super().__init__(in_features, out_features, bias, device, dtype)
+        self._init_masking(granularity, score_init)
+
+    @staticmethod
+    def _constructor_args(linear: nn.Linear) -> tuple[tuple, dict]:
+        return (linear.in_features, linear.out_features), {}
+
+    def forward(self, x):
+        return ops.masked_linear(x, self.weight, self.scores, self.threshold, self.bias)
+
+    def extra_repr(self):
+        return super().extra_repr() + f", granularity={self.granularity}"
+
+
+MASKED_TYPES = (MaskedConv2d, MaskedLinear)

@@ -209,3 +209,4 @@ def masked_linear(x, weight, scores, threshold, bias=None):
 
 # The C++ backend registers its ops here; whether they run is decided per call by availability.
 from vpns_fast.ops import cpp_backend  # noqa: E402,F401
+from vpns_fast.ops import triton_backend  # noqa: E402,F401

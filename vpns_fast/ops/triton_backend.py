@@ -1,0 +1,23 @@
+"""Registers the Triton kernels of ``kernels/`` as the ``triton`` backend.
+
+Whether they run is decided per call by the registry's probe (CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``).
+"""
+from vpns_fast.kernels._triton import HAS_TRITON
+from vpns_fast.ops.backends import register
+
+if HAS_TRITON:
+    # Each kernel module exposes the launcher under the op's name with the backend signature
+    # documented in vpns_fast/ops/__init__.py; modules not written yet are simply absent.
+    import importlib
+
+    for module_name, op_names in (
+        ("vpns_fast.kernels.prompt", ("prompt_normalize",)),
+        ("vpns_fast.kernels.threshold", ("topk_threshold",)),
+        ("vpns_fast.kernels.masked", ("masked_conv2d", "masked_linear")),
+    ):
+        module = importlib.import_module(module_name)
+        for op_name in op_names:
+            impl = getattr(module, f"{op_name}_triton", None)
+            if impl is not None:
+                register("triton", op_name, impl)

@@ -129,6 +129,16 @@ class ExpansivePrompt(VisualPrompt):
     kind = "expansive"
 
 
+def normalize(images: torch.Tensor, mean=ops.IMAGENET_MEAN, std=ops.IMAGENET_STD,
+              out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The unprompted input path: uint8 -> [0, 1], then ``(x - mean) / std`` per channel."""
+    x = images.float() / 255 if images.dtype == torch.uint8 else images
+    mean_t = torch.as_tensor(mean, dtype=x.dtype, device=x.device)[:, None, None]
+    std_t = torch.as_tensor(std, dtype=x.dtype, device=x.device)[:, None, None]
+    out = (x - mean_t) / std_t
+    return out if out_dtype is None else out.to(out_dtype)
+
+
 PROMPTS = {cls.kind: cls for cls in (PadPrompt, FixPrompt, RandomPrompt, ExpansivePrompt)}
 
 

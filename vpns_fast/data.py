@@ -1,0 +1,757 @@
+"""Datasets for VPNs: one entry point, `load_dataset`, giving train / val / test splits.
+
+Every item is ``(image, label)``: ``image`` a ``uint8`` tensor ``(3, S, S)`` (grayscale repeated
+to three channels), ``label`` an ``int``. Nothing is normalized here: the prompt op normalizes
+and accepts uint8, and uint8 keeps in-memory datasets four times smaller than float32.
+
+What each dataset expects on disk (``data_dir`` is the folder *containing* the named folder; the
+named folder itself is accepted too):
+
+``digits``
+    Nothing. scikit-learn's 8x8 handwritten digits (``sklearn.datasets.load_digits``) ship inside
+    that package. It has no official test split, so a fixed, stratified 20% test split is drawn
+    with seed 0 whatever the run's seed, so every run is scored on the same images.
+``cifar10``
+    The "python version" from https://www.cs.toronto.edu/~kriz/cifar.html, extracted:
+    ``cifar-10-batches-py/{data_batch_1..data_batch_5, test_batch, batches.meta}``.
+``cifar100``
+    Likewise: ``cifar-100-python/{train, test, meta}``; fine labels (100 classes).
+``tiny-imagenet``
+    ``tiny-imagenet-200/{wnids.txt, words.txt (optional), train/<wnid>/images/*.JPEG,
+    val/images/*.JPEG, val/val_annotations.txt}``. Its val set is the test split (the official
+    test set has no labels). Classes are the wnids sorted, as torchvision's ImageFolder orders
+    them; ``classes`` holds the words.txt names when that file exists, ``class_ids`` the wnids.
+``imagefolder``
+    ``<data_dir>/train/<class>/**/<image>`` and ``<data_dir>/test/<class>/**/<image>`` (or
+    ``val/`` when there is no ``test/``). Classes are the train folder names, sorted.
+``synthetic``
+    Nothing: random images of any size and class count, deterministic from ``seed``, for
+    throughput work. Each class has its own mean colour, so a model can learn something.
+
+The network is touched only with ``download=True`` (CIFAR through torchvision's downloader,
+Tiny-ImageNet through its zip); offline and without the files, a FileNotFoundError names the
+folder looked in and the layout expected.
+
+Splits: ``val`` is held out from the official training split (default 10%, stratified, seeded
+by ``seed``), never overlapping ``train``; ``train`` and ``train_augmented`` are the same samples
+with the two transforms of the release protocol: test-style (resize to S) and train
+augmentation (resize to round(S * 252 / 224), random crop S, random horizontal flip).
+"""
+from __future__ import annotations
+
+import math
+import os
+import pickle
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+from torchvision.transforms.v2 import functional as TF
+
+__all__ = [
+    "DATASETS",
+    "DataSplits",
+    "ImageDataset",
+    "ResizeTransform",
+    "TrainAugmentation",
+    "augment_batch",
+    "augmentation_resize_size",
+    "load_dataset",
+    "make_loader",
+    "resize_batch",
+    "seed_worker",
+]
+
+DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "synthetic")
+
+# Spellings people type for the same dataset.
+_ALIASES = {
+    "cifar-10": "cifar10",
+    "cifar-100": "cifar100",
+    "tinyimagenet": "tiny-imagenet",
+    "tiny-imagenet-200": "tiny-imagenet",
+    "image-folder": "imagefolder",
+}
+
+_NATURAL_SIZE = {
+    "digits": 32,  # 8x8 is too small for any pretrained backbone's stem; 32 matches CIFAR.
+    "cifar10": 32,
+    "cifar100": 32,
+    "tiny-imagenet": 64,
+    "imagefolder": 224,
+    "synthetic": 32,
+}
+
+DIGITS_TEST_FRACTION = 0.2
+DIGITS_TEST_SEED = 0
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".gif")
+
+# An in-memory dataset is resized once, up front, when the resized copy stays under this size;
+# above it (CIFAR at 224 would be 7.5 GB) each item is resized when it is read.
+PRE_RESIZE_BUDGET_BYTES = 128 * 2**20
+
+_CIFAR10_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+_CIFAR100_URL_HINT = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+_TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
+
+
+# --------------------------------------------------------------------------------------------
+# Transforms
+
+
+def augmentation_resize_size(image_size: int) -> int:
+    """Side the train augmentation resizes to before cropping: the release's 252 -> 224 ratio."""
+    return round(image_size * 252 / 224)
+
+
+def _resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
+    if image.shape[-2] == size and image.shape[-1] == size:
+        return image
+    # The release resizes to a square (aspect not kept), so do we.
+    return TF.resize(image, [size, size], antialias=True)
+
+
+class ResizeTransform:
+    """Test-style transform: resize to ``size`` x ``size``, nothing random."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.resize_to = size
+
+    def finish(self, image: torch.Tensor) -> torch.Tensor:
+        return image
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.finish(_resize_square(image, self.resize_to))
+
+    def __repr__(self) -> str:
+        return f"ResizeTransform(size={self.size})"
+
+
+class TrainAugmentation:
+    """Release train augmentation: resize to round(S*252/224), random crop S, random h-flip.
+
+    Draws from torch's global RNG so ``torch.manual_seed`` (and, in DataLoader workers, the
+    per-worker seed derived from the loader's generator) makes it reproducible.
+    """
+
+    def __init__(self, size: int):
+        self.size = size
+        self.resize_to = augmentation_resize_size(size)
+
+    def finish(self, image: torch.Tensor) -> torch.Tensor:
+        span = self.resize_to - self.size
+        top = int(torch.randint(0, span + 1, (1,)).item())
+        left = int(torch.randint(0, span + 1, (1,)).item())
+        image = image[..., top : top + self.size, left : left + self.size]
+        if bool(torch.rand(()) < 0.5):
+            image = image.flip(-1)
+        return image.contiguous()
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        return self.finish(_resize_square(image, self.resize_to))
+
+    def __repr__(self) -> str:
+        return f"TrainAugmentation(size={self.size}, resize_to={self.resize_to})"
+
+
+def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Test-style transform on a batch ``(B, C, H, W)`` on any device (same op as per item)."""
+    return _resize_square(images, size)
+
+
+def augment_batch(
+    images: torch.Tensor, size: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Train augmentation on a whole batch ``(B, C, H, W)`` on its device, one crop and flip
+    per image. For loading at the natural size and augmenting on the GPU, where per-item
+    CPU resizing (CIFAR 32 -> 252) would starve it. ``generator`` must live on the batch's
+    device; None uses torch's default RNG for that device.
+    """
+    resize_to = augmentation_resize_size(size)
+    images = _resize_square(images, resize_to)
+    batch, device = images.shape[0], images.device
+    span = resize_to - size
+    top = torch.randint(0, span + 1, (batch,), generator=generator, device=device)
+    left = torch.randint(0, span + 1, (batch,), generator=generator, device=device)
+    flip = torch.rand((batch,), generator=generator, device=device) < 0.5
+    steps = torch.arange(size, device=device)
+    rows = top[:, None] + steps
+    cols = torch.where(flip[:, None], left[:, None] + (size - 1) - steps, left[:, None] + steps)
+    # One gather for every image's crop and flip instead of a Python loop over the batch.
+    return images[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(images.shape[1], device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# Sources (where pixels come from) and the one Dataset class over them
+
+
+class _TensorSource:
+    """All images in one uint8 tensor (N, C, H, W), C in {1, 3}; shared by every split view."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        assert images.dtype == torch.uint8 and images.dim() == 4, (images.dtype, images.shape)
+        self.images = images
+        self.labels = labels.to(torch.int64)
+        self._resized: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def prepare(self, size: int) -> None:
+        """Resize everything once when cheap. Done in the parent process so DataLoader workers
+        share the result instead of each building its own copy."""
+        if size in self._resized or (self.images.shape[-2:] == (size, size)):
+            return
+        n, c = self.images.shape[:2]
+        if n * c * size * size <= PRE_RESIZE_BUDGET_BYTES:
+            self._resized[size] = _resize_square(self.images, size)
+
+    def image(self, index: int, size: int) -> torch.Tensor:
+        if size in self._resized:
+            image = self._resized[size][index].clone()  # a view would let callers edit the cache
+        elif self.images.shape[-2:] == (size, size):
+            image = self.images[index].clone()
+        else:
+            image = _resize_square(self.images[index], size)
+        return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
+
+
+def _decode_file(path: str) -> torch.Tensor:
+    # PIL rather than torchvision.io: its decoders are deprecated since torchvision 0.29, and
+    # PIL reads every format ImageFolder users have (BMP, TIFF, PPM...), not just JPEG/PNG.
+    from PIL import Image
+
+    with Image.open(path) as pil:
+        array = np.asarray(pil.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+
+
+class _FileSource:
+    """Image files decoded when read (Tiny-ImageNet is 100k files; ImageFolders can be huge)."""
+
+    def __init__(self, paths: Sequence[str], labels: torch.Tensor):
+        self.paths = list(paths)
+        self.labels = labels.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def prepare(self, size: int) -> None:
+        pass
+
+    def image(self, index: int, size: int) -> torch.Tensor:
+        return _resize_square(_decode_file(self.paths[index]), size)
+
+
+class ImageDataset(Dataset):
+    """A view of a source: the samples at ``indices`` (into the source), under ``transform``.
+
+    ``train``, ``train_augmented`` and ``val`` share one source, so ``indices`` tell which of
+    the official training samples each holds.
+    """
+
+    def __init__(self, source, indices: torch.Tensor, transform: ResizeTransform | TrainAugmentation):
+        self.source = source
+        self.indices = indices.to(torch.int64)
+        self.transform = transform
+        source.prepare(transform.resize_to)
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        image = self.source.image(j, self.transform.resize_to)
+        return self.transform.finish(image), int(self.source.labels[j])
+
+    @property
+    def labels(self) -> torch.Tensor:
+        """Labels of this view's samples, in order (int64), without decoding any image."""
+        return self.source.labels[self.indices]
+
+    def as_tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole view stacked: images (N, 3, S, S) uint8 and labels (N,) int64. For label
+        mapping or evaluation passes that want one tensor on the device, not a loader."""
+        if len(self) == 0:
+            size = self.transform.size
+            return torch.empty((0, 3, size, size), dtype=torch.uint8), self.labels
+        images = torch.stack([self[i][0] for i in range(len(self))])
+        return images, self.labels
+
+    def __repr__(self) -> str:
+        return f"ImageDataset(n={len(self)}, transform={self.transform!r})"
+
+
+# --------------------------------------------------------------------------------------------
+# Splits
+
+
+@dataclass
+class DataSplits:
+    name: str
+    image_size: int
+    num_classes: int
+    classes: list[str]
+    train: Dataset  # test-style transform (resize only)
+    train_augmented: Dataset  # same samples, train augmentation
+    val: Dataset  # held out from train, test-style
+    test: Dataset  # test-style
+    class_ids: list[str] = field(default_factory=list)  # wnids / folder names; else = classes
+
+    def summary(self) -> str:
+        return (
+            f"{self.name}: {self.num_classes} classes, {self.image_size}x{self.image_size}, "
+            f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
+        )
+
+
+def _choose(labels: torch.Tensor, count: int, generator: torch.Generator, stratify: bool) -> torch.Tensor:
+    """Positions of ``count`` samples drawn without replacement, sorted.
+
+    Stratified: each class gives its share of ``count`` rounded down, and the samples still
+    missing go to the classes with the largest rounding remainders (ties broken at random), so
+    the total is exactly ``count`` and every class is within one sample of its share.
+    """
+    n = labels.numel()
+    if count <= 0:
+        return torch.empty(0, dtype=torch.int64)
+    if count >= n:
+        return torch.arange(n)
+    if not stratify:
+        return torch.randperm(n, generator=generator)[:count].sort().values
+    classes, counts = torch.unique(labels, return_counts=True)
+    ideal = counts.to(torch.float64) * count / n
+    take = ideal.floor().to(torch.int64)
+    missing = count - int(take.sum())
+    if missing > 0:
+        order = torch.randperm(classes.numel(), generator=generator)
+        remainder = (ideal - take)[order]
+        ranked = order[torch.sort(remainder, descending=True, stable=True).indices]
+        take[ranked[:missing]] += 1
+    chosen = []
+    for cls, k in zip(classes.tolist(), take.tolist()):
+        members = (labels == cls).nonzero().flatten()
+        chosen.append(members[torch.randperm(members.numel(), generator=generator)[:k]])
+    return torch.cat(chosen).sort().values
+
+
+def _split(
+    labels: torch.Tensor, fraction: float, seed: int, stratify: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held_out) positions, disjoint, together all of ``range(len(labels))``."""
+    n = labels.numel()
+    held_out = _choose(labels, math.floor(fraction * n + 0.5), torch.Generator().manual_seed(seed), stratify)
+    keep_mask = torch.ones(n, dtype=torch.bool)
+    keep_mask[held_out] = False
+    return keep_mask.nonzero().flatten(), held_out
+
+
+def _limit(indices: torch.Tensor, labels: torch.Tensor, limit: int | None, seed: int) -> torch.Tensor:
+    if limit is None or indices.numel() <= limit:
+        return indices
+    # A seeded stratified subset, not the first `limit` files, which are often one class.
+    generator = torch.Generator().manual_seed(seed + 7919)
+    return indices[_choose(labels[indices], limit, generator, stratify=True)]
+
+
+def _assemble(
+    name: str,
+    image_size: int,
+    classes: list[str],
+    train_source,
+    test_source,
+    val_fraction: float,
+    seed: int,
+    stratify: bool,
+    limit: int | None,
+    class_ids: list[str] | None = None,
+    train_pool: torch.Tensor | None = None,
+) -> DataSplits:
+    pool = torch.arange(len(train_source)) if train_pool is None else train_pool
+    kept, held_out = _split(train_source.labels[pool], val_fraction, seed, stratify)
+    train_idx = _limit(pool[kept], train_source.labels, limit, seed)
+    val_idx = _limit(pool[held_out], train_source.labels, limit, seed + 1)
+    test_idx = _limit(torch.arange(len(test_source)), test_source.labels, limit, seed + 2)
+    test_style = ResizeTransform(image_size)
+    return DataSplits(
+        name=name,
+        image_size=image_size,
+        num_classes=len(classes),
+        classes=list(classes),
+        train=ImageDataset(train_source, train_idx, test_style),
+        train_augmented=ImageDataset(train_source, train_idx, TrainAugmentation(image_size)),
+        val=ImageDataset(train_source, val_idx, test_style),
+        test=ImageDataset(test_source, test_idx, test_style),
+        class_ids=list(class_ids) if class_ids is not None else list(classes),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Readers
+
+
+def _locate(data_dir: str | os.PathLike, folder: str, marker: str) -> Path:
+    """``data_dir/folder`` if it exists, else ``data_dir`` itself when it already is that folder."""
+    root = Path(data_dir).expanduser()
+    if (root / folder).is_dir() or not (root / marker).exists():
+        return root / folder
+    return root
+
+
+def _missing(what: str, looked_in: Path, layout: str, how_to_get: str) -> FileNotFoundError:
+    return FileNotFoundError(
+        f"{what} not found in {looked_in}. Expected layout: {layout}. {how_to_get}"
+    )
+
+
+def _read_cifar_pickle(path: Path) -> dict:
+    # pickle can run code from a crafted file; it is read here only because the official
+    # CIFAR "python version" is distributed as pickles and has no other format.
+    with open(path, "rb") as f:
+        return pickle.load(f, encoding="bytes")
+
+
+def _cifar_arrays(paths: Sequence[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    images, labels = [], []
+    for path in paths:
+        entry = _read_cifar_pickle(path)
+        data = np.asarray(entry[b"data"], dtype=np.uint8)
+        # Rows are 3072 bytes: the 1024 red, then green, then blue values of a 32x32 image.
+        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+        labels.append(torch.as_tensor(list(entry[label_key]), dtype=torch.int64))
+    return torch.cat(images), torch.cat(labels)
+
+
+def _names(values) -> list[str]:
+    return [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+def _load_cifar(variant: str, data_dir, download: bool):
+    if variant == "cifar10":
+        folder, train_files, test_file, meta_file = (
+            "cifar-10-batches-py",
+            [f"data_batch_{i}" for i in range(1, 6)],
+            "test_batch",
+            "batches.meta",
+        )
+        label_key, names_key, url, title = b"labels", b"label_names", _CIFAR10_URL_HINT, "CIFAR-10"
+    else:
+        folder, train_files, test_file, meta_file = "cifar-100-python", ["train"], "test", "meta"
+        label_key, names_key, url, title = b"fine_labels", b"fine_label_names", _CIFAR100_URL_HINT, "CIFAR-100"
+    root = _locate(data_dir, folder, train_files[0])
+    needed = train_files + [test_file, meta_file]
+    if download and not all((root / f).is_file() for f in needed):
+        _download_cifar(variant, Path(data_dir).expanduser(), root)
+    missing = [f for f in needed if not (root / f).is_file()]
+    if missing:
+        raise _missing(
+            f"{title} (missing {', '.join(missing)})",
+            root,
+            f"{folder}/{{{', '.join(needed)}}} (the 'python version' pickles from {url}, "
+            f"extracted under --data-dir)",
+            "Pass download=True (--download) when online to fetch it, or extract the archive "
+            "into that folder.",
+        )
+    train_images, train_labels = _cifar_arrays([root / f for f in train_files], label_key)
+    test_images, test_labels = _cifar_arrays([root / test_file], label_key)
+    classes = _names(_read_cifar_pickle(root / meta_file)[names_key])
+    return classes, _TensorSource(train_images, train_labels), _TensorSource(test_images, test_labels)
+
+
+def _download_cifar(variant: str, data_dir: Path, root: Path) -> None:
+    import torchvision.datasets
+
+    dataset_class = torchvision.datasets.CIFAR10 if variant == "cifar10" else torchvision.datasets.CIFAR100
+    # torchvision extracts into data_dir/<folder>, the layout read above; its dataset object is
+    # not used to read, only to fetch and verify the archive.
+    data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        dataset_class(root=str(data_dir), train=True, download=True)
+    except Exception as exc:  # offline: URLError / OSError / checksum failures
+        raise FileNotFoundError(
+            f"download of {variant} into {data_dir} failed ({type(exc).__name__}: {exc}); "
+            f"expected {root} afterwards. Download it on a machine with internet access and "
+            f"copy the extracted folder there."
+        ) from exc
+
+
+def _images_in(folder: Path) -> list[str]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames.sort()  # walk order is filesystem order otherwise; sorted keeps runs identical
+        found.extend(
+            os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
+        )
+    return found
+
+
+_TINY_LAYOUT = (
+    "tiny-imagenet-200/{wnids.txt, words.txt (optional), train/<wnid>/images/*.JPEG, "
+    "val/images/*.JPEG, val/val_annotations.txt}"
+)
+
+
+def _load_tiny_imagenet(data_dir, download: bool):
+    root = _locate(data_dir, "tiny-imagenet-200", "wnids.txt")
+    annotations = root / "val" / "val_annotations.txt"
+    if download and not (root / "train").is_dir():
+        from torchvision.datasets.utils import download_and_extract_archive
+
+        target = Path(data_dir).expanduser()
+        try:
+            download_and_extract_archive(_TINY_IMAGENET_URL, download_root=str(target))
+        except Exception as exc:
+            raise FileNotFoundError(
+                f"download of Tiny-ImageNet from {_TINY_IMAGENET_URL} into {target} failed "
+                f"({type(exc).__name__}: {exc}); expected layout {_TINY_LAYOUT}"
+            ) from exc
+    if not (root / "train").is_dir() or not annotations.is_file():
+        raise _missing(
+            "Tiny-ImageNet",
+            root,
+            _TINY_LAYOUT,
+            f"Pass download=True (--download) when online to fetch {_TINY_IMAGENET_URL}, or "
+            f"unzip it under --data-dir.",
+        )
+    if (root / "wnids.txt").is_file():
+        wnids = sorted({w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()})
+    else:
+        wnids = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    index = {w: i for i, w in enumerate(wnids)}
+
+    train_paths, train_labels = [], []
+    for wnid in wnids:
+        folder = root / "train" / wnid
+        folder = folder / "images" if (folder / "images").is_dir() else folder
+        files = _images_in(folder)
+        train_paths += files
+        train_labels += [index[wnid]] * len(files)
+    if not train_paths:
+        raise _missing("Tiny-ImageNet training images", root / "train", _TINY_LAYOUT, "")
+
+    test_paths, test_labels = [], []
+    for line_number, line in enumerate(annotations.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) < 2 or fields[1] not in index:
+            raise ValueError(
+                f"{annotations}:{line_number}: expected '<file>\\t<wnid>\\t...' with a wnid "
+                f"from wnids.txt, got {line!r}"
+            )
+        test_paths.append(str(root / "val" / "images" / fields[0]))
+        test_labels.append(index[fields[1]])
+
+    names = {}
+    if (root / "words.txt").is_file():
+        for line in (root / "words.txt").read_text().splitlines():
+            wnid, _, words = line.partition("\t")
+            names[wnid.strip()] = words.strip()
+    classes = [names.get(w) or w for w in wnids]
+    return (
+        classes,
+        wnids,
+        _FileSource(train_paths, torch.tensor(train_labels, dtype=torch.int64)),
+        _FileSource(test_paths, torch.tensor(test_labels, dtype=torch.int64)),
+    )
+
+
+_FOLDER_LAYOUT = "<data_dir>/train/<class>/<images> and <data_dir>/test/<class>/<images> (or val/)"
+
+
+def _load_imagefolder(data_dir):
+    root = Path(data_dir).expanduser()
+    test_root = root / "test" if (root / "test").is_dir() else root / "val"
+    if not (root / "train").is_dir() or not test_root.is_dir():
+        raise _missing(
+            "ImageFolder dataset",
+            root,
+            _FOLDER_LAYOUT,
+            "There is no download for an ImageFolder; point --data-dir at the folder holding "
+            "train/ and test/.",
+        )
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise _missing("class folders", root / "train", _FOLDER_LAYOUT, "")
+    unknown = sorted(p.name for p in test_root.iterdir() if p.is_dir() and p.name not in classes)
+    if unknown:
+        raise ValueError(f"{test_root} has class folders not in {root / 'train'}: {unknown}")
+
+    def scan(split_root: Path):
+        paths, labels = [], []
+        for label, cls in enumerate(classes):
+            if (split_root / cls).is_dir():
+                files = _images_in(split_root / cls)
+                paths += files
+                labels += [label] * len(files)
+        if not paths:
+            raise _missing(f"images ({', '.join(IMAGE_EXTENSIONS)})", split_root, _FOLDER_LAYOUT, "")
+        return _FileSource(paths, torch.tensor(labels, dtype=torch.int64))
+
+    return classes, scan(root / "train"), scan(test_root)
+
+
+def _load_digits():
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    # Pixel values are 0..16; spread them over 0..255 so they look like any other uint8 image.
+    pixels = np.rint(bunch.images * (255.0 / 16.0)).clip(0, 255).astype(np.uint8)
+    images = torch.from_numpy(pixels).unsqueeze(1)  # (N, 1, 8, 8); channels repeated when read
+    labels = torch.from_numpy(bunch.target.astype(np.int64))
+    return [str(c) for c in bunch.target_names], _TensorSource(images, labels)
+
+
+def _synthetic(samples: int, classes: int, size: int, seed: int) -> tuple[_TensorSource, _TensorSource]:
+    generator = torch.Generator().manual_seed(seed)
+    test_samples = max(1, samples // 5)
+    total = samples + test_samples
+    labels = (torch.arange(total) % classes)[torch.randperm(total, generator=generator)]
+    colours = torch.randint(0, 256, (classes, 3, 1, 1), generator=generator, dtype=torch.int16)
+    noise = torch.randint(0, 256, (total, 3, size, size), generator=generator, dtype=torch.int16)
+    images = ((noise + colours[labels]) // 2).to(torch.uint8)
+    return (
+        _TensorSource(images[:samples], labels[:samples]),
+        _TensorSource(images[samples:], labels[samples:]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Entry points
+
+
+def _canonical_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise ValueError(f"name: expected one of {', '.join(DATASETS)}, got {name!r}")
+    key = name.strip().lower().replace("_", "-")
+    key = _ALIASES.get(key, key)
+    if key not in DATASETS:
+        raise ValueError(f"name: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}")
+    return key
+
+
+def _positive_int(value, argument: str, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{argument}: expected an integer >= 1, got {value!r}")
+
+
+def load_dataset(
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+    download: bool = False,
+    synthetic_samples: int = 512,
+    synthetic_classes: int = 10,
+    limit: int | None = None,
+    stratify: bool = True,
+) -> DataSplits:
+    """Load one of ``DATASETS`` as train / train_augmented / val / test (see the module doc).
+
+    ``image_size`` None means the dataset's natural size (digits 32, CIFAR 32, Tiny-ImageNet 64,
+    ImageFolder 224, synthetic 32). ``val_fraction`` of the training split is held out as val,
+    stratified by class unless ``stratify=False`` (then uniformly at random), drawn with
+    ``seed``; ``seed`` also seeds synthetic images. ``limit`` caps every split (a seeded,
+    stratified subset) for quick runs. The network is used only when ``download`` is True.
+    """
+    key = _canonical_name(name)
+    if image_size is not None:
+        _positive_int(image_size, "image_size")
+    size = int(image_size) if image_size is not None else _NATURAL_SIZE[key]
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
+        0.0 <= float(val_fraction) < 1.0
+    ):
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    _positive_int(limit, "limit", allow_none=True)
+    if key in ("cifar10", "cifar100", "tiny-imagenet", "imagefolder") and data_dir is None:
+        raise ValueError(
+            f"data_dir: {key} needs a data directory (the folder holding its files, see "
+            f"vpns_fast.data's module doc); got None"
+        )
+    common = dict(val_fraction=float(val_fraction), seed=int(seed), stratify=stratify, limit=limit)
+
+    if key == "digits":
+        classes, source = _load_digits()
+        pool, test = _split(source.labels, DIGITS_TEST_FRACTION, DIGITS_TEST_SEED, stratify=True)
+        splits = _assemble(key, size, classes, source, source, train_pool=pool, **common)
+        # Test items live in the same source; restrict the test view to the held-out positions.
+        test_idx = _limit(test, source.labels, limit, int(seed) + 2)
+        splits.test = ImageDataset(source, test_idx, ResizeTransform(size))
+        return splits
+    if key in ("cifar10", "cifar100"):
+        classes, train, test = _load_cifar(key, data_dir, download)
+        return _assemble(key, size, classes, train, test, **common)
+    if key == "tiny-imagenet":
+        classes, wnids, train, test = _load_tiny_imagenet(data_dir, download)
+        return _assemble(key, size, classes, train, test, class_ids=wnids, **common)
+    if key == "imagefolder":
+        classes, train, test = _load_imagefolder(data_dir)
+        return _assemble(key, size, classes, train, test, **common)
+    _positive_int(synthetic_samples, "synthetic_samples")
+    _positive_int(synthetic_classes, "synthetic_classes")
+    train, test = _synthetic(int(synthetic_samples), int(synthetic_classes), size, int(seed))
+    classes = [f"class_{i}" for i in range(int(synthetic_classes))]
+    return _assemble(key, size, classes, train, test, **common)
+
+
+def seed_worker(worker_id: int) -> None:
+    """DataLoader worker_init_fn: numpy and ``random`` get the worker's torch seed, which the
+    loader derives from its generator, so any library augmentation is reproducible too."""
+    worker_seed = torch.initial_seed() % 2**32
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    sampler: Sampler | None = None,
+    pin_memory: bool = False,
+    persistent_workers: bool | None = None,
+    collate_fn: Callable | None = None,
+) -> DataLoader:
+    """A DataLoader whose shuffling order and worker seeds come from ``seed``.
+
+    The generator is created here, so two loaders made with the same seed yield the same
+    batches. With ``num_workers=0`` the augmentation draws from the main process's torch RNG:
+    seed it with ``torch.manual_seed`` for an identical run. Workers persist across epochs by
+    default (restarting them each epoch costs seconds on large datasets).
+    """
+    _positive_int(batch_size, "batch_size")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers: expected an integer >= 0, got {num_workers!r}")
+    if sampler is not None and shuffle:
+        raise ValueError("shuffle: must be False when a sampler is given (the sampler orders)")
+    if persistent_workers is None:
+        persistent_workers = num_workers > 0
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(int(seed)),
+        worker_init_fn=seed_worker,
+        pin_memory=pin_memory,
+        persistent_workers=persistent_workers and num_workers > 0,
+        collate_fn=collate_fn,
+    )

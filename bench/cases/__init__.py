@@ -1,0 +1,5 @@
+"""The benchmark cases by name. Each module has NAME, OP_NAME, DESCRIPTION, ``configs(device,
+sizes, dtypes)`` and the shared setup factory ``setup(config, device, compile_baselines=...)``."""
+from bench.cases import prompt, threshold
+
+CASES = {module.NAME: module for module in (threshold, prompt)}

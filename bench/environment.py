@@ -1,0 +1,98 @@
+"""Facts recorded beside every measurement: device, versions, date, commit, threads."""
+from __future__ import annotations
+
+import datetime
+import functools
+import os
+import platform
+import subprocess
+
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cpu_model_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def cpu_vector_extensions() -> list[str]:
+    """AVX2 / AVX-512 presence: CPU kernels' speed depends on it more than on the model name."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return [f for f in ("avx2", "fma", "avx512f", "avx512bw", "amx_tile") if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def device_name(device_type: str) -> str:
+    if device_type == "cuda":
+        return torch.cuda.get_device_name()
+    extensions = "+".join(cpu_vector_extensions()) or "no AVX2"
+    return f"{cpu_model_name()} ({os.cpu_count()} cores, {extensions})"
+
+
+def last_level_cache_bytes() -> int:
+    """Size of the CPU's largest cache (from sysfs); 32 MiB when it cannot be read."""
+    largest = 0
+    cache_dir = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for entry in os.listdir(cache_dir):
+            if not entry.startswith("index"):
+                continue
+            with open(os.path.join(cache_dir, entry, "size")) as size_file:
+                text = size_file.read().strip()
+            multiplier = {"K": 1024, "M": 1024 ** 2, "G": 1024 ** 3}.get(text[-1:], 1)
+            largest = max(largest, int(text.rstrip("KMG")) * multiplier)
+    except (OSError, ValueError):
+        pass
+    return largest or 32 * 1024 ** 2
+
+
+@functools.lru_cache(maxsize=None)
+def git_state() -> tuple[str | None, bool | None]:
+    """(commit, whether the working tree differs from it); (None, None) outside a checkout."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, timeout=10, check=True).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                                capture_output=True, text=True, timeout=10, check=True).stdout
+        return commit, bool(status.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except Exception:  # not installed, or a broken install: the row says so with null
+        return None
+    return triton.__version__
+
+
+def environment_fields(device_type: str) -> dict:
+    commit, dirty = git_state()
+    return {
+        "device_type": device_type,
+        "device_name": device_name(device_type),
+        "threads": torch.get_num_threads(),
+        "torch_version": torch.__version__,
+        "triton_version": triton_version(),
+        "python_version": platform.python_version(),
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "git_commit": commit,
+        "git_dirty": dirty,
+        # Other processes on a small CPU machine skew timings; the row says how busy it was.
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+    }

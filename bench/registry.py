@@ -1,0 +1,45 @@
+"""Shapes from real models, not invented: the Conv2d/Linear weights of torchvision ResNets.
+
+Every such weight is a masked layer in VPNs (SPEC §1), so its shape is a score tensor's shape.
+The models are built on the meta device: no weights are allocated or initialised.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+SCORE_MODELS = ("resnet18", "resnet50")
+# `--sizes small`: the first few layers only, so CI smoke-tests the harness in seconds.
+SMALL_LAYER_COUNT = 4
+
+
+@functools.lru_cache(maxsize=None)
+def masked_weight_shapes(model_name: str) -> tuple[tuple[int, ...], ...]:
+    """Shapes of every Conv2d and Linear weight of ``torchvision.models.<model_name>()``."""
+    import torchvision
+
+    if model_name not in SCORE_MODELS:
+        raise ValueError(f"model must be one of {SCORE_MODELS}, got {model_name!r}")
+    with torch.device("meta"):
+        model = getattr(torchvision.models, model_name)()
+    return tuple(tuple(module.weight.shape) for module in model.modules()
+                 if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)))
+
+
+def score_shapes(model_name: str, sizes: str) -> tuple[tuple[int, ...], ...]:
+    shapes = masked_weight_shapes(model_name)
+    if sizes == "small":
+        return shapes[:SMALL_LAYER_COUNT]
+    if sizes == "full":
+        return shapes
+    raise ValueError(f"sizes must be 'small' or 'full', got {sizes!r}")
+
+
+# Prompt shapes: the release default (pad 16, in 224 = out 224, the frame overlays the image) and
+# a shrunk image padded up to 224. Batches: the release's 64 (DTD, Pets) and 256 (CIFAR, ...).
+PROMPT_PAD = 16
+PROMPT_OUT_SIZE = 224
+PROMPT_IN_SIZES = (224, 192)
+PROMPT_BATCHES = {("cuda", "full"): (64, 256), ("cpu", "full"): (8, 32),
+                  ("cuda", "small"): (2,), ("cpu", "small"): (2,)}

@@ -1,0 +1,113 @@
+"""Timing loops: perf_counter on the CPU, CUDA events with an L2 flush on the GPU.
+
+Both loops call ``run(inputs[i % len(inputs)])``, rotating among input copies so that an input
+smaller than the last-level cache is not timed cache-hot (the CPU has no cheap cache flush);
+on CUDA the L2 is flushed before every call instead, as ``triton.testing.do_bench`` does.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from bench.environment import last_level_cache_bytes
+
+# Rotating through this many bytes of copies evicts the last-level cache between reuses.
+CACHE_EVICTION_FACTOR = 2
+MAX_INPUT_COPIES = 32
+# CUDA: H100 L2 is 50 MB, H200 the same; 256 MB is what triton's do_bench writes.
+CUDA_FLUSH_BYTES = 256 * 1024 ** 2
+CPU_WARMUP_SECONDS = 0.05
+CPU_MAX_WARMUP_CALLS = 20
+CUDA_WARMUP_CALLS = 10
+
+
+@dataclass
+class Timing:
+    times_ms: list[float]
+
+    @property
+    def median_ms(self) -> float:
+        return float(np.median(self.times_ms))
+
+    @property
+    def p20_ms(self) -> float:
+        return float(np.quantile(self.times_ms, 0.2))
+
+    @property
+    def p80_ms(self) -> float:
+        return float(np.quantile(self.times_ms, 0.8))
+
+    @property
+    def repeats(self) -> int:
+        return len(self.times_ms)
+
+
+SMOKE_TEST_INPUT_COPIES = 2
+
+
+def input_copy_count(device_type: str, bytes_per_copy: int, sizes: str = "full") -> int:
+    """How many independent input copies to rotate through on ``device_type``."""
+    if device_type != "cpu" or bytes_per_copy <= 0:
+        return 1  # CUDA flushes L2 before each call instead
+    if sizes == "small":
+        return SMOKE_TEST_INPUT_COPIES  # `--sizes small` checks the harness, its numbers are cache-hot anyway
+    needed = math.ceil(CACHE_EVICTION_FACTOR * last_level_cache_bytes() / bytes_per_copy)
+    return max(1, min(MAX_INPUT_COPIES, needed))
+
+
+def time_calls(run: Callable[[Any], Any], inputs: Sequence[Any], repeats: int, device_type: str,
+               cpu_warmup_seconds: float = CPU_WARMUP_SECONDS) -> Timing:
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if device_type == "cuda":
+        return _time_cuda(run, inputs, repeats)
+    return _time_cpu(run, inputs, repeats, cpu_warmup_seconds)
+
+
+def _time_cpu(run, inputs, repeats, warmup_seconds) -> Timing:
+    call = 0
+    warm_start = time.perf_counter()
+    while True:  # at least one call; keep warming for a short while when calls are fast
+        run(inputs[call % len(inputs)])
+        call += 1
+        if time.perf_counter() - warm_start >= warmup_seconds or call >= CPU_MAX_WARMUP_CALLS:
+            break
+    times_ms = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run(inputs[call % len(inputs)])
+        times_ms.append((time.perf_counter() - start) * 1e3)
+        call += 1
+    return Timing(times_ms)
+
+
+def _time_cuda(run, inputs, repeats) -> Timing:
+    flush_buffer = torch.empty(CUDA_FLUSH_BYTES, dtype=torch.int8, device="cuda")
+    for call in range(CUDA_WARMUP_CALLS):
+        run(inputs[call % len(inputs)])
+    torch.cuda.synchronize()
+    starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
+    for call in range(repeats):
+        flush_buffer.zero_()
+        starts[call].record()
+        run(inputs[call % len(inputs)])
+        ends[call].record()
+    torch.cuda.synchronize()
+    return Timing([start.elapsed_time(end) for start, end in zip(starts, ends)])
+
+
+def measured_copy_bandwidth(device_type: str) -> float:
+    """Bytes/s of a large ``copy_`` (read + write) on this device: the practical memory ceiling
+    that memory-bound ops are compared against (a measurement, not the datasheet peak)."""
+    nbytes = 256 * 1024 ** 2 if device_type == "cuda" else 4 * last_level_cache_bytes()
+    source = torch.full((nbytes // 4,), 0.5, device=device_type)  # a copy's speed ignores the values
+    destination = torch.empty_like(source)
+    timing = time_calls(lambda _: destination.copy_(source), [None], repeats=5, device_type=device_type,
+                        cpu_warmup_seconds=0.0)
+    return 2 * nbytes / (timing.median_ms / 1e3)

@@ -1,0 +1,81 @@
+"""Smoke test of the benchmark harness (bench/): a tiny CPU run of every case, the row schema,
+and the `python -m bench list` entry point. Numbers are not checked, only their shape."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import runpy
+import sys
+
+import pytest
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO_ROOT not in sys.path:  # `bench` is a top-level folder of the checkout, not installed
+    sys.path.insert(0, REPO_ROOT)
+
+from bench.runner import run_cases  # noqa: E402
+
+ROW_FIELDS = {
+    "schema", "device_type", "device_name", "threads", "torch_version", "triton_version", "python_version",
+    "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
+    "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
+    "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "speedup",
+    "setup_seconds",
+}
+
+
+@pytest.fixture(scope="module")
+def smoke_rows(tmp_path_factory):
+    out_path = tmp_path_factory.mktemp("bench") / "rows.jsonl"
+    returned = run_cases(["threshold", "prompt"], device="cpu", sizes="small", repeats=2, out_path=str(out_path),
+                         compile_baselines=False, cpu_warmup_seconds=0.0, stream=None)
+    with open(out_path) as rows_file:
+        written = [json.loads(line) for line in rows_file]
+    assert written == json.loads(json.dumps(returned))
+    return written
+
+
+def test_rows_follow_the_schema(smoke_rows):
+    assert {row["case"] for row in smoke_rows} == {"threshold", "prompt"}
+    for row in smoke_rows:
+        assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
+        assert row["schema"] == "vpns_fast.bench/1" and row["device_type"] == "cpu"
+        assert row["threads"] >= 1 and row["device_name"] and row["date_utc"].endswith("+00:00")
+        assert row["mode"] in ("fwd", "bwd", "full")
+        assert row["status"] != "error", f"{row['case']} {row['impl']} raised: {row['error']}"
+        assert row["status"] in ("ok", "skipped")
+        if row["status"] == "skipped":
+            assert row["skip_reason"], row
+
+
+def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
+    measured = [row for row in smoke_rows if row["status"] == "ok"]
+    # The torch backend and the eager/release baselines are always there to be timed.
+    for case, baseline in (("threshold", "release"), ("prompt", "eager")):
+        impls = {row["impl"] for row in measured if row["case"] == case}
+        assert {"torch", baseline} <= impls
+    for row in measured:
+        assert row["repeats"] == 2
+        assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["speedup"], row
+        for baseline, speedup in row["speedup"].items():
+            assert isinstance(speedup, float) and speedup > 0 and math.isfinite(speedup), (baseline, speedup)
+        if row["impl_kind"] == "baseline" and row["impl"] in row["speedup"]:
+            assert row["speedup"][row["impl"]] == pytest.approx(1.0)
+
+
+def test_compile_baseline_is_skipped_with_its_reason(smoke_rows):
+    compiled = [row for row in smoke_rows if row["impl"] == "compiled"]
+    assert compiled and all(row["status"] == "skipped" and "--no-compile" in row["skip_reason"] for row in compiled)
+
+
+def test_list_entry_point(monkeypatch, capsys):
+    # `python -m bench list` run in-process (runpy is what `-m` uses): a second interpreter would
+    # spend seconds importing torch again.
+    monkeypatch.setattr(sys, "argv", ["bench", "list", "--device", "cpu", "--sizes", "small"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_module("bench", run_name="__main__", alter_sys=True)
+    assert exit_info.value.code == 0
+    listing = capsys.readouterr().out
+    assert "threshold" in listing and "prompt" in listing and "backends:" in listing

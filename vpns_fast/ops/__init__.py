@@ -170,9 +170,17 @@ def topk_threshold(scores, density: float, scope: str = "global") -> torch.Tenso
     return thresholds[0] if scope == "global" else torch.stack(thresholds)
 
 
+def _as_threshold(threshold, scores: torch.Tensor) -> torch.Tensor:
+    # A Python number becomes a tensor of the scores' dtype: torch.as_tensor alone would round it
+    # to float32, and |s| > t would then disagree with the exact comparison for float64 scores.
+    if isinstance(threshold, torch.Tensor) or not scores.is_floating_point():
+        return torch.as_tensor(threshold, device=scores.device)
+    return torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
+
+
 def score_mask(scores: torch.Tensor, threshold) -> torch.Tensor:
     """Boolean keep-mask ``|s| > t`` in the scores' shape."""
-    return score_mask_ref(scores, torch.as_tensor(threshold, device=scores.device))
+    return score_mask_ref(scores, _as_threshold(threshold, scores))
 
 
 # --------------------------------------------------------------------------- masked layers
@@ -184,7 +192,7 @@ def _check_masked(weight, scores, threshold):
         if ns not in (1, nw):
             raise ValueError(f"scores of shape {tuple(scores.shape)} do not broadcast to the weight "
                              f"{tuple(weight.shape)} (dim {d}: {ns} vs {nw})")
-    threshold = torch.as_tensor(threshold, device=weight.device)
+    threshold = _as_threshold(threshold, scores)
     if threshold.dim() != 0:
         raise ValueError(f"threshold must be a scalar, got shape {tuple(threshold.shape)}")
     return threshold

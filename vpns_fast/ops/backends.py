@@ -134,7 +134,8 @@ def resolve(op_name: str, device_type: str) -> tuple[str, Callable]:
         backend = _BACKENDS[forced]
         ok, reason = backend.availability(device_type)
         if not ok:
-            raise BackendError(f"backend {forced!r} was forced but is unavailable for {device_type} tensors: {reason}")
+            raise BackendError(f"backend {forced!r} was forced for {op_name!r} but is unavailable for "
+                               f"{device_type} tensors: {reason}")
         if op_name not in backend.ops:
             have = ", ".join(sorted(backend.ops)) or "none"
             raise BackendError(f"backend {forced!r} was forced but does not implement {op_name!r} (it has: {have})")

@@ -30,6 +30,9 @@ METHODS = {m.name: m for m in (
     Method("omp+vp", "magnitude", False, True),
     Method("random+vp", "random", False, True),
     Method("imp+vp", "imp", False, True),
+    # masks fixed from another run's checkpoint (the transferability study): `vpns transfer`
+    Method("transfer", "fixed", False, False),
+    Method("transfer+vp", "fixed", False, True),
 )}
 
 

@@ -63,6 +63,133 @@ def _cmd_report(args) -> int:
     return 0
 
 
+def _csv(kind):
+    def parse(text):
+        try:
+            return tuple(kind(x) for x in text.split(",") if x.strip())
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from exc
+    return parse
+
+
+def _assignments(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected GROUP=VALUE, got {text!r}")
+    group, value = text.split("=", 1)
+    return group.strip(), value.strip()
+
+
+def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> None:
+    from vpns_fast.baselines import METHODS
+    from vpns_fast.data import DATASETS
+    from vpns_fast.models import MODELS
+
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, embedded)")
+    p.add_argument("--data-dir", help="where the dataset lives (CIFAR pickles, Tiny-ImageNet, ImageFolder)")
+    p.add_argument("--download", action="store_true", help="download CIFAR / Tiny-ImageNet if missing (online)")
+    p.add_argument("--model", default="small_resnet", help=f"one of {', '.join(MODELS)} (default: small_resnet)")
+    p.add_argument("--weights", help="dense weights: a .pth/.safetensors file, or 'pretrained' for torchvision's "
+                   "ImageNet weights (hub cache, else download). Default: train densely from scratch "
+                   "(--pretrain-epochs) or start from random init")
+    if not transfer:
+        p.add_argument("--method", default="vpns", type=_csv(str),
+                       help=f"comma-separated methods: {', '.join(m for m in METHODS if not m.startswith('transfer'))}")
+        p.add_argument("--density", default=(0.1,), type=_csv(float),
+                       help="comma-separated fractions of weights kept, e.g. 0.5,0.2,0.1 (default 0.1)")
+    p.add_argument("--epochs", type=int, help="epochs of each stage (sets both --search-epochs and --finetune-epochs)")
+    p.add_argument("--search-epochs", type=int, help="stage-1 epochs (default 30)")
+    p.add_argument("--finetune-epochs", type=int, help="stage-2 epochs, and of each IMP round (default 30)")
+    p.add_argument("--pretrain-epochs", type=int, default=0, help="dense training from scratch first when no "
+                   "--weights are given (cached as OUT/dense.pt)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--protocol", choices=("release", "prompted"), default="release",
+                   help="release: prompted + unprompted steps, test without prompt; prompted: prompt everywhere")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="autocast mixed precision")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format")
+    p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise-repeatable on CPU)")
+    p.add_argument("--prompt", choices=("pad", "fix", "random", "expansive"), default="pad")
+    p.add_argument("--prompt-size", type=int, help="pad width / square side (default 16 at 224, scaled)")
+    p.add_argument("--image-size", type=int, help="image size fed to the prompt (default: the model's input)")
+    p.add_argument("--label-mapping", choices=("auto", "flm", "ilm", "none"), default="auto")
+    p.add_argument("--scope", choices=("global", "layer"), default="global", help="VPNs threshold scope")
+    p.add_argument("--hydra-scope", choices=("global", "layer"), default="layer", help="HYDRA threshold scope")
+    p.add_argument("--granularity", choices=("unstructured", "kernel", "channel"), default="unstructured")
+    p.add_argument("--lr", action="append", type=_assignments, default=[], metavar="GROUP=LR",
+                   help="learning rate of a group: search_scores, search_prompt, hydra_scores, finetune_weights, "
+                   "finetune_prompt, pretrain (repeatable)")
+    p.add_argument("--optimizer", action="append", type=_assignments, default=[], metavar="GROUP=NAME",
+                   help="sgd, adam or adamw for a group (repeatable)")
+    p.add_argument("--weight-decay", action="append", type=_assignments, default=[], metavar="GROUP=WD")
+    p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
+    p.add_argument("--limit", type=int, help="cap samples per split (quick runs)")
+    p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
+    p.add_argument("--keep-checkpoints", choices=("last", "all"), default="last")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars or tables")
+    p.add_argument("--out", help="output directory (results.json, checkpoints, plots)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out")
+
+
+def _config_from_args(args, methods=None, mask_from=None):
+    from vpns_fast.trainer import TrainConfig
+
+    optimizers: dict[str, dict] = {}
+    for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
+        for group, value in getattr(args, flag):
+            optimizers.setdefault(group, {})[key] = cast(value)
+    epochs = {}
+    if args.epochs is not None:
+        epochs = {"search_epochs": args.epochs, "finetune_epochs": args.epochs}
+    for name in ("search_epochs", "finetune_epochs"):
+        if getattr(args, name) is not None:
+            epochs[name] = getattr(args, name)
+    return TrainConfig(
+        dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
+        methods=methods or args.method, densities=getattr(args, "density", (1.0,)), pretrain_epochs=args.pretrain_epochs,
+        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, device=args.device, amp=args.amp,
+        channels_last=args.channels_last, deterministic=args.deterministic, prompt=args.prompt,
+        prompt_size=args.prompt_size, image_size=args.image_size, label_mapping=args.label_mapping, scope=args.scope,
+        hydra_scope=args.hydra_scope, granularity=args.granularity, optimizers=optimizers, schedule=args.schedule,
+        limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
+        progress=not args.no_progress, out=args.out, mask_from=mask_from, **epochs)
+
+
+def _cmd_prune(args) -> int:
+    from vpns_fast.trainer import TwoStageTrainer
+
+    TwoStageTrainer(_config_from_args(args), force=args.force).run()
+    return 0
+
+
+def _cmd_transfer(args) -> int:
+    from vpns_fast.trainer import TwoStageTrainer
+
+    methods = ("transfer+vp",) if args.with_prompt else ("transfer",)
+    TwoStageTrainer(_config_from_args(args, methods=methods, mask_from=args.checkpoint), force=args.force).run()
+    return 0
+
+
+def _cmd_resume(args) -> int:
+    from vpns_fast.trainer import resume
+
+    resume(args.out_dir, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from vpns_fast.evaluation import evaluate_checkpoint
+
+    result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, split=args.split,
+                                 batch_size=args.batch_size, device=args.device, limit=args.limit)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        for key, value in result.items():
+            print(f"{key:18s} {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpns", description="vpns_fast: prune vision models with visual "
                                      "prompts and weight masks (VPNs), fast.")
@@ -82,6 +209,39 @@ def build_parser() -> argparse.ArgumentParser:
                         help="input shape for the FLOP count (default: the one stored in the checkpoint)")
     report.add_argument("--json", action="store_true", help="machine-readable output")
     report.set_defaults(func=_cmd_report)
+
+    prune = sub.add_parser("prune", help="find and tune sparse subnetworks (VPNs and baselines)",
+                           description="For each method and density: reload the dense weights, find the mask "
+                           "(stage 1), tune the subnetwork (stage 2), evaluate with and without the prompt.")
+    _add_training_flags(prune)
+    prune.set_defaults(func=_cmd_prune)
+
+    resume = sub.add_parser("resume", help="continue an interrupted `vpns prune` run",
+                            description="Continue the run in OUT_DIR from its last checkpoints; finished runs are "
+                            "kept, the interrupted one restarts at its last completed epoch.")
+    resume.add_argument("out_dir")
+    resume.add_argument("--no-progress", action="store_true")
+    resume.set_defaults(func=_cmd_resume)
+
+    evaluate = sub.add_parser("eval", help="accuracy of a checkpoint with and without its prompt",
+                              description="Evaluate a vpns_fast checkpoint on a dataset split.")
+    evaluate.add_argument("checkpoint")
+    evaluate.add_argument("--dataset", required=True)
+    evaluate.add_argument("--data-dir")
+    evaluate.add_argument("--split", choices=("test", "val", "train"), default="test")
+    evaluate.add_argument("--batch-size", type=int, default=256)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--limit", type=int)
+    evaluate.add_argument("--json", action="store_true")
+    evaluate.set_defaults(func=_cmd_eval)
+
+    transfer = sub.add_parser("transfer", help="fine-tune a mask found on one dataset on another",
+                              description="Impose the masks of CHECKPOINT (e.g. OUT/runs/vpns_d0.1/mask.pt from a "
+                              "run on dataset A) on the dense weights and fine-tune them on --dataset B.")
+    transfer.add_argument("checkpoint")
+    transfer.add_argument("--with-prompt", action="store_true", help="train a prompt during fine-tuning (VPNs-style)")
+    _add_training_flags(transfer, transfer=True)
+    transfer.set_defaults(func=_cmd_transfer)
     return parser
 
 

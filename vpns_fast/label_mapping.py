@@ -118,10 +118,13 @@ class LabelMapping(nn.Module):
         loader: Iterable,
         prompt: Callable | None = None,
         device: str | torch.device = "cpu",
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> LabelMapping:
         """Compute the greedy mapping from the (prompted) model's predictions over ``loader``.
 
         No-op in mode "none". Model and prompt run in eval mode; their modes are restored.
+        ``reduce_counts`` combines the counts of data shards (an all-reduce under DDP) so every
+        rank derives the same mapping.
         """
         if self.mode == "none":
             return self
@@ -146,6 +149,8 @@ class LabelMapping(nn.Module):
                 module.train(training)
         if counts is None:
             raise ValueError("loader yielded no batches; cannot fit a label mapping")
+        if reduce_counts is not None:
+            counts = reduce_counts(counts)
         self.counts = counts
         self.set_mapping(greedy_label_mapping(counts))
         return self
@@ -156,9 +161,10 @@ class LabelMapping(nn.Module):
         loader: Iterable,
         prompt: Callable | None = None,
         device: str | torch.device = "cpu",
+        reduce_counts: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> bool:
         """Refit for "ilm" (every epoch) and for an unfitted "flm"; returns whether it refit."""
         if self.mode == "ilm" or (self.mode == "flm" and not bool(self.fitted)):
-            self.fit(model, loader, prompt, device)
+            self.fit(model, loader, prompt, device, reduce_counts)
             return True
         return False

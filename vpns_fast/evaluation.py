@@ -1,0 +1,74 @@
+"""The prompted network as one module, accuracy counting, and evaluating a saved checkpoint."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch import nn
+
+from vpns_fast.label_mapping import LabelMapping
+from vpns_fast.prompts import VisualPrompt, normalize
+
+
+class PromptedNetwork(nn.Module):
+    """prompt (or plain normalization) -> network -> label mapping, in one module (one DDP unit)."""
+
+    def __init__(self, model: nn.Module, prompt: VisualPrompt | None, mapping: LabelMapping, mean, std,
+                 channels_last: bool = False):
+        super().__init__()
+        self.model, self.prompt, self.mapping = model, prompt, mapping
+        self.mean, self.std, self.channels_last = tuple(mean), tuple(std), channels_last
+
+    def network_input(self, images: torch.Tensor, use_prompt: bool) -> torch.Tensor:
+        x = self.prompt(images) if use_prompt else normalize(images, self.mean, self.std)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+    def forward(self, images: torch.Tensor, use_prompt: bool = True) -> torch.Tensor:
+        return self.mapping(self.model(self.network_input(images, use_prompt and self.prompt is not None)))
+
+
+@torch.no_grad()
+def count_correct(network: PromptedNetwork, loader, use_prompt: bool, device, autocast=None) -> torch.Tensor:
+    """float64 tensor [correct, total] of top-1 predictions over ``loader`` (eval mode)."""
+    network.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for images, labels in loader:
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = network(images.to(device), use_prompt)
+        counts[0] += int((logits.argmax(1).cpu() == labels).sum())
+        counts[1] += labels.numel()
+    return counts
+
+
+def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",
+                        batch_size: int = 256, device: str = "auto", limit: int | None = None) -> dict:
+    """Top-1 accuracy (%) of a checkpoint on a dataset split, without and (if kept) with its prompt."""
+    from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint, prompt_from_spec
+    from vpns_fast.data import load_dataset, make_loader
+    from vpns_fast.models import source_num_classes
+    from vpns_fast.pruning import actual_density, masked_layers
+
+    if split not in ("test", "val", "train"):
+        raise ValueError(f"split must be test, val or train, got {split!r}")
+    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if device == "auto" else device))
+    payload = load_checkpoint(path)
+    model = model_from_checkpoint(payload)
+    prompt = prompt_from_spec(payload["prompt"]) if payload["prompt"] is not None else None
+    image_size = prompt.in_size if prompt is not None else payload["input_size"][-1]
+    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit)
+    mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",
+                           source_num_classes(model))
+    if payload["label_mapping"] is not None:
+        mapping.set_mapping(payload["label_mapping"])
+    mean, std = (prompt.mean, prompt.std) if prompt is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    network = PromptedNetwork(model, prompt, mapping, mean, std).to(device)
+    loader = make_loader(getattr(data, split), batch_size, shuffle=False)
+    correct, total = count_correct(network, loader, False, device).tolist()
+    result = {"checkpoint": path, "dataset": dataset, "split": split, "samples": int(total),
+              "accuracy": 100 * correct / max(total, 1), "accuracy_prompt": None,
+              "density": actual_density(model) if masked_layers(model) else 1.0}
+    if prompt is not None:
+        correct, total = count_correct(network, loader, True, device).tolist()
+        result["accuracy_prompt"] = 100 * correct / max(total, 1)
+    return result

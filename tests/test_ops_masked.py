@@ -19,19 +19,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpns_fast.ops import backend_report, masked_conv2d, masked_linear, use_backend
+from vpns_fast.ops import masked_conv2d, masked_linear, use_backend
+
+from backend_params import INTERPRETED, backends_for
 
 
-def _backends_for(op: str) -> list[str]:
-    """Every backend that implements ``op`` and can run on CPU tensors here."""
-    return [name for name, r in backend_report().items() if op in r["ops"] and r["devices"]["cpu"]["available"]]
-
-
-CONV_BACKENDS = _backends_for("masked_conv2d")
-LINEAR_BACKENDS = _backends_for("masked_linear")
-# Interpreted Triton costs ~0.1 s a call on the CPU: it gets a reduced matrix, and gradcheck
-# (hundreds of calls) skips it.
-INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
+CONV_BACKENDS = backends_for("masked_conv2d")
+LINEAR_BACKENDS = backends_for("masked_linear")
 
 
 def with_backends(backends, full, reduced):

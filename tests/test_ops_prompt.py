@@ -11,7 +11,6 @@ import torch.nn.functional as F
 from vpns_fast.ops import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    backend_report,
     expansive_prompt,
     fix_prompt,
     pad_prompt,
@@ -20,18 +19,12 @@ from vpns_fast.ops import (
     use_backend,
 )
 
+from backend_params import INTERPRETED, backends_for
+
 KINDS = ("pad", "fix", "random", "expansive")
 
 
-def _backends_for(op: str) -> list[str]:
-    """Every backend that implements ``op`` and can run on CPU tensors here."""
-    return [name for name, r in backend_report().items() if op in r["ops"] and r["devices"]["cpu"]["available"]]
-
-
-BACKENDS = _backends_for("prompt_normalize")
-# Interpreted Triton costs ~0.1 s a call on the CPU: it gets a reduced matrix. Only the torch
-# reference differentiates with respect to the images (the kernels treat images as data).
-INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
+BACKENDS = backends_for("prompt_normalize")
 
 
 def _id(v):

@@ -10,17 +10,12 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from vpns_fast.ops import backend_report, kth_index, score_mask, topk_threshold, use_backend
+from vpns_fast.ops import kth_index, score_mask, topk_threshold, use_backend
+
+from backend_params import INTERPRETED, backends_for
 
 
-def _backends_for(op: str) -> list[str]:
-    """Every backend that implements ``op`` and can run on CPU tensors here."""
-    return [name for name, r in backend_report().items() if op in r["ops"] and r["devices"]["cpu"]["available"]]
-
-
-BACKENDS = _backends_for("topk_threshold")
-# Interpreted Triton costs ~0.1 s a call on the CPU: it gets a reduced matrix.
-INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
+BACKENDS = backends_for("topk_threshold")
 
 
 def _id(v):

@@ -21,3 +21,19 @@ if HAS_TRITON:
             impl = getattr(module, f"{op_name}_triton", None)
             if impl is not None:
                 register("triton", op_name, impl)
+
+    # Warm start by default: the trainer recomputes the threshold after every optimizer step over
+    # the same score tensors, so the previous threshold is a good hint; the result is exact for
+    # any hint (kernels/threshold.py), a stale one only costs a pass.
+    from vpns_fast.kernels.threshold import ThresholdSelector, topk_threshold_triton
+
+    _warm_selector = ThresholdSelector()
+
+    def _topk_threshold_warm(tensors, k):
+        import torch
+
+        if torch.compiler.is_compiling():  # fake tensors have no data pointers to key on
+            return topk_threshold_triton(tensors, k)
+        return _warm_selector(tensors, k)
+
+    register("triton", "topk_threshold", _topk_threshold_warm)

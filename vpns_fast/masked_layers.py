@@ -80,7 +80,10 @@ class MaskedMixin:
         return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
 
     def set_threshold(self, threshold) -> None:
-        self.threshold.fill_(float(threshold))
+        if isinstance(threshold, torch.Tensor):  # device to device: no host sync per layer and step
+            self.threshold.copy_(threshold.detach().to(self.threshold.device, self.threshold.dtype))
+        else:
+            self.threshold.fill_(float(threshold))
 
     @classmethod
     def from_dense(cls, dense: nn.Module, granularity: str = "unstructured", score_init: str = "scaled"):

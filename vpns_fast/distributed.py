@@ -34,15 +34,31 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def _needs_cuda(tensor: torch.Tensor) -> bool:
+    """NCCL only moves CUDA tensors; CPU tensors (counts, losses) take a round trip."""
+    return tensor.device.type != "cuda" and dist.get_backend() == "nccl"
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (any device, also CPU tensors under NCCL); returns ``tensor``."""
     if active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        if _needs_cuda(tensor):
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved, op=dist.ReduceOp.SUM)
+            tensor.copy_(moved)
+        else:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
 
 
 def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     if active():
-        dist.broadcast(tensor, src)
+        if _needs_cuda(tensor):
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.broadcast(moved, src)
+            tensor.copy_(moved)
+        else:
+            dist.broadcast(tensor, src)
     return tensor
 
 

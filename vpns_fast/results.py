@@ -56,7 +56,8 @@ def write_plots(out_dir: str, runs: list[dict], prompt_checkpoint: str | None = 
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("accuracy vs sparsity")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:  # no run with a test accuracy: no legend (and no warning)
+        ax.legend()
     fig.tight_layout()
     path = os.path.join(folder, "accuracy_vs_sparsity.png")
     fig.savefig(path, dpi=120)
@@ -72,7 +73,8 @@ def write_plots(out_dir: str, runs: list[dict], prompt_checkpoint: str | None = 
     ax.set_ylabel("val accuracy (%)")
     ax.set_title("training curves")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if ax.get_legend_handles_labels()[0]:  # no val split: no curves
+        ax.legend(fontsize="small")
     fig.tight_layout()
     path = os.path.join(folder, "curves.png")
     fig.savefig(path, dpi=120)
@@ -107,11 +109,18 @@ def plot_prompt(checkpoint_path: str, out_path: str) -> str:
         raise ValueError(f"{checkpoint_path} holds no prompt")
     prompt = prompt_from_spec(payload["prompt"])
     program = prompt.program.detach()
-    added = program if prompt.kind == "pad" else torch.sigmoid(program)
-    shown = (added * prompt.region()).clamp(0, 1) if prompt.kind != "pad" else (0.5 + added).clamp(0, 1) * prompt.region()
+    region = prompt.region()
+    if prompt.kind == "pad":
+        # the pad program is added as is and stays small: show it around mid-gray, scaled to its range
+        peak = float((program * region).abs().max()) or 1.0
+        shown = (0.5 + 0.5 * program / peak) * region
+        scale = f", shown at +-{peak:.3g}"
+    else:
+        shown = torch.sigmoid(program) * region
+        scale = ""
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(shown.permute(1, 2, 0).numpy())
-    ax.set_title(f"{prompt.kind} prompt ({prompt.num_learnable():,} learnable values)")
+    ax.imshow(shown.clamp(0, 1).permute(1, 2, 0).numpy())
+    ax.set_title(f"{prompt.kind} prompt ({prompt.num_learnable():,} learnable values{scale})", fontsize=9)
     ax.axis("off")
     fig.tight_layout()
     fig.savefig(out_path, dpi=120)

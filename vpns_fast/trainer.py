@@ -58,7 +58,7 @@ def default_optimizers() -> dict[str, dict]:
     sgd = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
     return {"search_scores": dict(adam), "search_prompt": dict(adam), "hydra_scores": dict(sgd),
             "finetune_weights": dict(sgd), "finetune_prompt": dict(sgd),
-            "pretrain": dict(sgd, lr=0.05)}
+            "pretrain": dict(sgd, lr=0.1)}
 
 
 @dataclass
@@ -83,7 +83,8 @@ class TrainConfig:
     deterministic: bool = False
     prompt: str = "pad"
     prompt_size: int | None = None      # pad width / square side; default 16 at 224, scaled
-    image_size: int | None = None       # data size = prompt in_size; default the model's input
+    image_size: int | None = None       # data size = prompt in_size; default the network input
+    input_size: int | None = None       # network input = prompt out_size; default the model's
     label_mapping: str = "auto"         # flm | ilm | none | auto (flm for a kept source head)
     scope: str = "global"
     hydra_scope: str = "layer"
@@ -232,10 +233,12 @@ class TwoStageTrainer:
     def _prepare_out_dir(self) -> None:
         """Refuse to mix runs: an existing output directory is continued only by `vpns resume`,
         and replaced only when forced (its earlier runs are then deleted)."""
-        if self.out is None or not self.is_main:
+        if self.out is None:
             return
         config_path = os.path.join(self.out, "config.json")
-        if os.path.exists(config_path) and not self.resuming:
+        # every rank checks (so all refuse together) before rank 0 deletes or writes anything
+        existing = os.path.exists(config_path) and not self.resuming
+        if existing:
             with open(config_path) as f:
                 same = TrainConfig.from_dict(json.load(f)).identity() == self.config.identity()
             if not self.force:
@@ -244,13 +247,17 @@ class TwoStageTrainer:
                                           f"{self.out}` or pass --force to start over")
                 raise FileExistsError(f"{self.out} holds a run with a different config; choose another --out or "
                                       f"pass --force to replace it")
-            for name in ("runs", "plots"):
-                shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
-            for name in ("results.json", "dense.pt"):
-                with contextlib.suppress(FileNotFoundError):
-                    os.remove(os.path.join(self.out, name))
-        os.makedirs(self.out, exist_ok=True)
-        self._write_json("config.json", self.config.to_dict())
+        dist_utils.barrier()
+        if self.is_main:
+            if existing:
+                for name in ("runs", "plots"):
+                    shutil.rmtree(os.path.join(self.out, name), ignore_errors=True)
+                for name in ("results.json", "dense.pt"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(os.path.join(self.out, name))
+            os.makedirs(self.out, exist_ok=True)
+            self._write_json("config.json", self.config.to_dict())
+        dist_utils.barrier()  # no rank looks for checkpoints before rank 0 has cleared a forced --out
 
     def _write_json(self, name: str, data: Any) -> None:
         if self.out is None or not self.is_main:
@@ -270,7 +277,7 @@ class TwoStageTrainer:
 
     @property
     def input_size(self) -> int:
-        return default_input_size(self.config.model)
+        return self.config.input_size or default_input_size(self.config.model)
 
     @property
     def image_size(self) -> int:
@@ -286,6 +293,9 @@ class TwoStageTrainer:
         """The dense starting model, its state (reloaded at every run) and the mapping mode."""
         c = self.config
         data = self.data()
+        # a from-scratch model (and anything random in building it) must not depend on what ran
+        # before in this process: `vpns resume` rebuilds it in a fresh one
+        seed_everything(derived_seed(c.seed, "dense-init"))
         if c.weights is not None:
             model = build_model(c.model, weights=None if c.weights == "pretrained" else c.weights,
                                 pretrained=c.weights == "pretrained")
@@ -465,6 +475,7 @@ class TwoStageTrainer:
         c = self.config
         data = self.data()
         phases = self.phases(method, density)
+        seed_everything(derived_seed(c.seed, method.name, density, "init"))  # e.g. score_init "kaiming"
         model = self._fresh_model()
         uses_prompt = any(p.use_prompt for p in phases)
         prompt = (build_prompt(c.prompt, self.input_size, self.image_size, self.prompt_size, self._mean, self._std)
@@ -518,13 +529,14 @@ class TwoStageTrainer:
                 if state["epoch"] == phase.epochs:
                     state["phase"], state["epoch"] = index + 1, 0
                 state["wall_seconds"] = time.perf_counter() - start
+                if epoch + 1 == phase.epochs:
+                    self._save_search_end(run_dir, network, phase, method, density)  # before last.pt moves on
                 # at a phase boundary the next phase builds fresh optimizers: save none
                 stateful = optimizers + schedulers if state["epoch"] else []
                 self._save_run_state(run_dir, network, state, stateful, phase, epoch, method, density)
+            if phase.epochs == 0:
+                self._save_search_end(run_dir, network, phase, method, density)
             state["epoch"] = 0
-            if phase.kind == "search" and run_dir and self.is_main:
-                self._save_model(os.path.join(run_dir, "mask.pt"), network, method, density,
-                                 {"stage": "search-end"})
         result = self._result_row(method, density, network, state, time.perf_counter() - start)
         state.update(done=True, result=result)
         self._save_run_state(run_dir, network, state, [], None, None, method, density)
@@ -533,6 +545,10 @@ class TwoStageTrainer:
                   f"(with prompt: {_fmt(result['test_acc_prompt'])}) | density {result['actual_density']:.4f} | "
                   f"{result['images_per_s']:.0f} img/s", flush=True)
         return result
+
+    def _save_search_end(self, run_dir, network, phase: Phase, method, density) -> None:
+        if phase.kind == "search" and run_dir and self.is_main:
+            self._save_model(os.path.join(run_dir, "mask.pt"), network, method, density, {"stage": "search-end"})
 
     # ------------------------------------------------------------------ steps
 
@@ -557,9 +573,11 @@ class TwoStageTrainer:
     def _loader(self, dataset, shuffle: bool, seed: int):
         c = self.config
         sampler = None
-        if dist_utils.active():
-            sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed)
+        if dist_utils.active() and shuffle:
+            sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=True, seed=seed)
             shuffle = False
+        elif dist_utils.active():  # evaluation and mapping counts: every sample exactly once over the ranks
+            sampler = list(range(dist_utils.rank(), len(dataset), self.world_size))
         return make_loader(dataset, c.batch_size, shuffle=shuffle, num_workers=c.num_workers, seed=seed,
                            sampler=sampler, pin_memory=self.device.type == "cuda")
 
@@ -630,6 +648,9 @@ class TwoStageTrainer:
                                 img_s=f"{seen * self.world_size / max(elapsed, 1e-9):.0f}")
         if bar is not None:
             bar.close()
+        if dist_utils.active():  # BN running statistics diverge per rank: all evaluate rank 0's (the saved) model
+            for buffer in network.buffers():
+                dist_utils.broadcast_(buffer)
         totals = dist_utils.all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
         total_loss, correct, seen = totals.tolist()
         return int(seen), total_loss / max(seen, 1), 100 * correct / max(seen, 1)
@@ -658,10 +679,9 @@ class TwoStageTrainer:
 
     def _track_best(self, state: dict, record: dict, network, run_dir) -> None:
         key = self._selection_key(network)
-        if key not in record:  # no val split: the last epoch is selected
-            key = "test_acc_prompt" if self._eval_uses_prompt(network) else "test_acc"
         best = state["best"]
-        if best is None or record[key] > best[key]:
+        # no val split: the last epoch is selected (never select on the test set)
+        if key not in record or best is None or record[key] > best[key]:
             state["best"] = dict(record)
             if run_dir and self.is_main:
                 self._save_model(os.path.join(run_dir, "best.pt"), network, None, None, {"selected": record},
@@ -714,11 +734,14 @@ class TwoStageTrainer:
         best = state["best"] or {}
         last = state["history"][-1] if state["history"] else {}
         prompted = self._eval_uses_prompt(network)
+        selected_by = self._selection_key(network)
+        if best and selected_by not in best:  # no val split: the last epoch was selected
+            selected_by = "last_epoch"
         return {
             "method": method.name, "density": density, "actual_density": actual_density(model),
             "test_acc": best.get("test_acc"), "test_acc_prompt": best.get("test_acc_prompt"),
             "val_acc": best.get("val_acc"), "val_acc_prompt": best.get("val_acc_prompt"),
-            "selected_epoch": best.get("epoch"), "selected_by": self._selection_key(network),
+            "selected_epoch": best.get("epoch"), "selected_by": selected_by,
             "last_test_acc": last.get("test_acc_prompt" if prompted else "test_acc"),
             "last_test_acc_no_prompt": last.get("test_acc"), "last_test_acc_prompt": last.get("test_acc_prompt"),
             "params_kept": report.kept, "params_total": report.params,

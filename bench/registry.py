@@ -43,3 +43,15 @@ PROMPT_OUT_SIZE = 224
 PROMPT_IN_SIZES = (224, 192)
 PROMPT_BATCHES = {("cuda", "full"): (64, 256), ("cpu", "full"): (8, 32),
                   ("cuda", "small"): (2,), ("cpu", "small"): (2,)}
+
+# Training step (case train_step): (model, image size, batches) per (device, sizes). ResNet-18 at
+# 224 with the release's batches on a GPU; on a CPU a size it can afford; `small` is a smoke test.
+TRAIN_STEP_POINTS = {("cuda", "full"): ("resnet18", 224, (64, 256)), ("cpu", "full"): ("resnet18", 64, (8,)),
+                     ("cuda", "small"): ("small_resnet", 32, (64,)), ("cpu", "small"): ("small_resnet", 32, (8,))}
+# The target task's classes (label-mapped from the source head, as in VPNs).
+TRAIN_STEP_TARGET_CLASSES = 10
+
+
+def train_step_pad(image_size: int) -> int:
+    """The release's pad of 16 at 224, scaled to smaller images (at least 2 pixels)."""
+    return max(2, image_size * PROMPT_PAD // PROMPT_OUT_SIZE)

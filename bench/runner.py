@@ -66,11 +66,14 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                "mode": config.mode, "params": config.params, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "repeats": None, "input_copies": len(workload.inputs), "bytes_moved": workload.bytes_moved,
                "gb_per_s": None, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9 if ceiling_bytes_per_s else None,
-               "fraction_of_ceiling": None, "speedup": {}, "setup_seconds": candidate.setup_seconds}
+               "fraction_of_ceiling": None, "images_per_s": None, "speedup": {},
+               "setup_seconds": candidate.setup_seconds}
         if timing:
             row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                        repeats=timing.repeats,
                        speedup={name: median / timing.median_ms for name, median in baseline_medians.items()})
+            if workload.images_per_call:
+                row["images_per_s"] = workload.images_per_call / (timing.median_ms / 1e3)
             if workload.bytes_moved:
                 bytes_per_s = workload.bytes_moved / (timing.median_ms / 1e3)
                 row["gb_per_s"] = bytes_per_s / 1e9
@@ -84,19 +87,20 @@ def format_table(rows: list[dict], baseline_names: list[str]) -> str:
     first = rows[0]
     lines = [f"\n{first['case']} | {first['shape']} | {first['dtype']} | {first['mode']} "
              f"| {first['input_copies']} input copies"]
-    header = f"  {'impl':<11}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s':>9}{'%ceil':>7}"
+    header = f"  {'impl':<13}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s':>9}{'%ceil':>7}{'img/s':>9}"
     header += "".join(f"{'vs ' + name:>14}" for name in baseline_names)
     lines.append(header)
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"  {row['impl']:<11}{row['status'].upper()}: {row['error'] or row['skip_reason']}")
+            lines.append(f"  {row['impl']:<13}{row['status'].upper()}: {row['error'] or row['skip_reason']}")
             continue
         bandwidth = f"{row['gb_per_s']:9.2f}" if row["gb_per_s"] is not None else f"{'-':>9}"
         fraction = f"{100 * row['fraction_of_ceiling']:6.1f}%" if row["fraction_of_ceiling"] else f"{'-':>7}"
+        images = f"{row['images_per_s']:9.1f}" if row["images_per_s"] is not None else f"{'-':>9}"
         speedups = "".join(f"{row['speedup'][n]:13.2f}x" if n in row["speedup"] else f"{'-':>14}"
                            for n in baseline_names)
-        lines.append(f"  {row['impl']:<11}{row['median_ms']:11.3f}{row['p20_ms']:10.3f}{row['p80_ms']:10.3f}"
-                     f"{bandwidth}{fraction}{speedups}")
+        lines.append(f"  {row['impl']:<13}{row['median_ms']:11.3f}{row['p20_ms']:10.3f}{row['p80_ms']:10.3f}"
+                     f"{bandwidth}{fraction}{images}{speedups}")
     return "\n".join(lines)
 
 

@@ -20,15 +20,16 @@ ROW_FIELDS = {
     "schema", "device_type", "device_name", "threads", "torch_version", "triton_version", "python_version",
     "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
-    "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "speedup",
-    "setup_seconds",
+    "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
+    "speedup", "setup_seconds",
 }
+CASE_NAMES = ["threshold", "prompt", "masked", "train_step"]
 
 
 @pytest.fixture(scope="module")
 def smoke_rows(tmp_path_factory):
     out_path = tmp_path_factory.mktemp("bench") / "rows.jsonl"
-    returned = run_cases(["threshold", "prompt"], device="cpu", sizes="small", repeats=2, out_path=str(out_path),
+    returned = run_cases(CASE_NAMES, device="cpu", sizes="small", repeats=2, out_path=str(out_path),
                          compile_baselines=False, cpu_warmup_seconds=0.0, stream=None)
     with open(out_path) as rows_file:
         written = [json.loads(line) for line in rows_file]
@@ -37,7 +38,7 @@ def smoke_rows(tmp_path_factory):
 
 
 def test_rows_follow_the_schema(smoke_rows):
-    assert {row["case"] for row in smoke_rows} == {"threshold", "prompt"}
+    assert {row["case"] for row in smoke_rows} == set(CASE_NAMES)
     for row in smoke_rows:
         assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
         assert row["schema"] == "vpns_fast.bench/1" and row["device_type"] == "cpu"
@@ -51,10 +52,12 @@ def test_rows_follow_the_schema(smoke_rows):
 
 def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
     measured = [row for row in smoke_rows if row["status"] == "ok"]
-    # The torch backend and the eager/release baselines are always there to be timed.
-    for case, baseline in (("threshold", "release"), ("prompt", "eager")):
+    # The torch backend (the library path for a training step) and the reference baselines are
+    # always there to be timed.
+    for case, expected in (("threshold", {"torch", "release"}), ("prompt", {"torch", "eager"}),
+                           ("masked", {"torch", "eager"}), ("train_step", {"vpns_fast", "release", "dense"})):
         impls = {row["impl"] for row in measured if row["case"] == case}
-        assert {"torch", baseline} <= impls
+        assert expected <= impls, (case, impls)
     for row in measured:
         assert row["repeats"] == 2
         assert 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
@@ -63,6 +66,33 @@ def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
             assert isinstance(speedup, float) and speedup > 0 and math.isfinite(speedup), (baseline, speedup)
         if row["impl_kind"] == "baseline" and row["impl"] in row["speedup"]:
             assert row["speedup"][row["impl"]] == pytest.approx(1.0)
+
+
+def test_masked_rows(smoke_rows):
+    rows = [row for row in smoke_rows if row["case"] == "masked"]
+    assert {row["mode"] for row in rows} == {"fwd", "full"}
+    assert {row["params"]["granularity"] for row in rows} == {"unstructured", "kernel", "channel"}
+    assert {row["params"]["model"] for row in rows} == {"resnet18", "resnet50"}
+    assert {row["impl"] for row in rows} == {"eager", "compiled", "torch", "triton", "cpp", "triton_multi"}
+    for row in rows:
+        p = row["params"]
+        per_weight = 2 if row["mode"] == "fwd" else 5
+        per_score = 1 if row["mode"] == "fwd" else 3
+        assert row["bytes_moved"] == (per_weight * p["weight_count"] + per_score * p["score_count"]) * 4
+        assert row["images_per_s"] is None
+        if row["status"] == "ok":
+            assert row["gb_per_s"] > 0 and row["fraction_of_ceiling"] > 0
+
+
+def test_train_step_rows(smoke_rows):
+    rows = [row for row in smoke_rows if row["case"] == "train_step"]
+    assert rows and {row["mode"] for row in rows} == {"full"}
+    for row in rows:
+        assert row["bytes_moved"] is None and row["gb_per_s"] is None
+        assert row["status"] == "ok", row
+        expected = row["params"]["batch"] / (row["median_ms"] / 1e3)
+        assert row["images_per_s"] == pytest.approx(expected)
+        assert set(row["speedup"]) == {"release", "dense"}
 
 
 def test_compile_baseline_is_skipped_with_its_reason(smoke_rows):
@@ -78,4 +108,4 @@ def test_list_entry_point(monkeypatch, capsys):
         runpy.run_module("bench", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
-    assert "threshold" in listing and "prompt" in listing and "backends:" in listing
+    assert all(name in listing for name in CASE_NAMES) and "backends:" in listing

@@ -49,6 +49,7 @@ class Workload:
     baseline_names: list[str]  # the first is the reference outputs are checked against
     compare: Callable[[Any, Any, str], None]  # raises VerificationError
     bytes_moved: int | None = None  # minimal bytes read + written by one call
+    images_per_call: int | None = None  # images one call processes (a training step's batch)
     notes: dict = field(default_factory=dict)
 
     def candidate(self, name: str) -> Candidate:

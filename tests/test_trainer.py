@@ -13,6 +13,7 @@ from vpns_fast.baselines import METHODS, imp_densities
 from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint
 from vpns_fast.evaluation import evaluate_checkpoint
 from vpns_fast.label_mapping import LabelMapping, greedy_label_mapping
+from vpns_fast.results import headline_acc
 from vpns_fast.models import build_model
 from vpns_fast.pruning import masked_layers, masks, sparsify
 from vpns_fast.trainer import TrainConfig, TwoStageTrainer, resume
@@ -343,7 +344,9 @@ def test_cli_transfer_from_mask_checkpoint(vpns_run, tmp_path):
 def test_prompted_protocol_selects_and_evaluates_with_the_prompt(tmp_path):
     (run,) = TwoStageTrainer(tiny(tmp_path, protocol="prompted")).run()
     assert run["selected_by"] == "val_acc_prompt"
-    assert run["last_test_acc"] == run["last_test_acc_prompt"] is not None
+    assert run["last_test_acc_prompt"] == run["history"][-1]["test_acc_prompt"] is not None
+    assert run["last_test_acc"] == run["history"][-1]["test_acc"]  # every accuracy has its no-prompt twin
+    assert headline_acc(run, last=True) == run["last_test_acc_prompt"]  # the protocol's headline
     selected = load_checkpoint(os.path.join(run_dir(tmp_path, "vpns", 0.5), "best.pt"))["meta"]["selected"]
     assert selected["val_acc_prompt"] == run["val_acc_prompt"]
 
@@ -351,7 +354,8 @@ def test_prompted_protocol_selects_and_evaluates_with_the_prompt(tmp_path):
 def test_release_protocol_selects_without_the_prompt(vpns_run):
     _, _, (run,) = vpns_run
     assert run["selected_by"] == "val_acc"
-    assert run["last_test_acc"] == run["last_test_acc_no_prompt"]
+    assert run["last_test_acc"] == run["history"][-1]["test_acc"]
+    assert headline_acc(run) == run["test_acc"]
 
 
 def test_empty_val_split_selects_the_last_epoch(tmp_path):
@@ -443,3 +447,10 @@ def test_amp_and_channels_last_run_on_cpu(tmp_path, options):
 def test_in_memory_run_without_out_dir():
     (run,) = TwoStageTrainer(tiny(None, methods=("omp",))).run()
     assert 0 <= run["test_acc"] <= 100
+
+
+def test_zero_epoch_final_phase_still_reports_test_accuracy(tmp_path):
+    """Mask search only (--finetune-epochs 0): the found subnetwork is evaluated once at the end."""
+    (run,) = TwoStageTrainer(tiny(tmp_path, finetune_epochs=0)).run()
+    assert run["test_acc"] is not None and run["test_acc_prompt"] is not None
+    assert run["selected_epoch"] == 0

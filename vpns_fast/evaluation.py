@@ -55,8 +55,15 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload)
     prompt = prompt_from_spec(payload["prompt"]) if payload["prompt"] is not None else None
-    image_size = prompt.in_size if prompt is not None else payload["input_size"][-1]
-    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit)
+    # A checkpoint written by the trainer carries its config: evaluate on the same split and at
+    # the same image size the run used (its val split depends on split_seed and val_fraction).
+    run = payload["meta"].get("config") or {}
+    image_size = prompt.in_size if prompt is not None else (run.get("image_size") or payload["input_size"][-1])
+    same_dataset = run.get("dataset") == dataset
+    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else
+                        (run.get("limit") if same_dataset else None),
+                        val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
+                        seed=run.get("split_seed", 0) if same_dataset else 0)
     mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",
                            source_num_classes(model))
     if payload["label_mapping"] is not None:

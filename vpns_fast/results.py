@@ -7,6 +7,15 @@ import os
 import torch
 
 
+def headline_acc(run: dict, last: bool = False) -> float | None:
+    """The accuracy a run is judged by: with the prompt under protocol "prompted" (when the run
+    has a prompt), without it under "release"."""
+    prefix = "last_test_acc" if last else "test_acc"
+    if run.get("protocol") == "prompted" and run.get(f"{prefix}_prompt") is not None:
+        return run[f"{prefix}_prompt"]
+    return run[prefix]
+
+
 def _pct(value) -> str:
     return "-" if value is None else f"{value:.2f}"
 
@@ -18,7 +27,7 @@ def results_table(runs: list[dict]) -> str:
     for r in runs:
         rows.append([r["method"], f"{r['density']:g}", f"{r['actual_density']:.4f}", _pct(r["test_acc"]),
                      _pct(r["test_acc_prompt"]), _pct(r.get("val_acc")), str(r["selected_epoch"]),
-                     _pct(r["last_test_acc"]), f"{r['params_kept']:,}",
+                     _pct(headline_acc(r, last=True)), f"{r['params_kept']:,}",
                      "-" if r["flops_kept"] is None else f"{r['flops_kept'] / 1e9:.3f}",
                      f"{r['images_per_s']:.0f}", f"{r['wall_s']:.1f}"])
     widths = [max(len(x) for x in col) for col in zip(header, *rows)]
@@ -43,8 +52,8 @@ def write_plots(out_dir: str, runs: list[dict], prompt_checkpoint: str | None = 
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method in dict.fromkeys(r["method"] for r in runs):
-        points = sorted((100 * (1 - r["actual_density"]), r["test_acc"]) for r in runs
-                        if r["method"] == method and r["test_acc"] is not None)
+        points = sorted((100 * (1 - r["actual_density"]), headline_acc(r)) for r in runs
+                        if r["method"] == method and headline_acc(r) is not None)
         if not points:
             continue
         xs, ys = zip(*points)

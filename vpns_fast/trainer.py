@@ -537,6 +537,10 @@ class TwoStageTrainer:
             if phase.epochs == 0:
                 self._save_search_end(run_dir, network, phase, method, density)
             state["epoch"] = 0
+        if state["best"] is None:  # the final phase had no epochs (e.g. --finetune-epochs 0)
+            record = {"phase": phases[-1].name, "epoch": 0, **self._evaluate_all(network, with_test=True)}
+            state["history"].append(record)
+            self._track_best(state, record, network, run_dir)
         result = self._result_row(method, density, network, state, time.perf_counter() - start)
         state.update(done=True, result=result)
         self._save_run_state(run_dir, network, state, [], None, None, method, density)
@@ -733,7 +737,6 @@ class TwoStageTrainer:
         report = density_report(model, (3, self.input_size, self.input_size))
         best = state["best"] or {}
         last = state["history"][-1] if state["history"] else {}
-        prompted = self._eval_uses_prompt(network)
         selected_by = self._selection_key(network)
         if best and selected_by not in best:  # no val split: the last epoch was selected
             selected_by = "last_epoch"
@@ -742,8 +745,10 @@ class TwoStageTrainer:
             "test_acc": best.get("test_acc"), "test_acc_prompt": best.get("test_acc_prompt"),
             "val_acc": best.get("val_acc"), "val_acc_prompt": best.get("val_acc_prompt"),
             "selected_epoch": best.get("epoch"), "selected_by": selected_by,
-            "last_test_acc": last.get("test_acc_prompt" if prompted else "test_acc"),
-            "last_test_acc_no_prompt": last.get("test_acc"), "last_test_acc_prompt": last.get("test_acc_prompt"),
+            # every accuracy comes as a pair: without the prompt, and `_prompt` with it (None when
+            # the method has none); which one is the headline depends on the protocol
+            "last_test_acc": last.get("test_acc"), "last_test_acc_prompt": last.get("test_acc_prompt"),
+            "protocol": self.config.protocol,
             "params_kept": report.kept, "params_total": report.params,
             "flops_kept": report.kept_flops, "flops_dense": report.dense_flops,
             "epochs": {p.name: p.epochs for p in self.phases(method, density)},

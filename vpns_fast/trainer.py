@@ -614,7 +614,10 @@ class TwoStageTrainer:
                 find_unused_parameters=network.prompt is not None)
         scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
         network.train()
-        total_loss, correct, seen = 0.0, 0, 0
+        # loss and correct predictions accumulate on the device: reading them every step would
+        # stall a GPU twice per step; the progress bar reads them every few steps only
+        running = torch.zeros(2, dtype=torch.float64, device=self.device)
+        seen = 0
         steps = len(plan[0][0])
         bar = None
         if c.progress and self.is_main:
@@ -642,21 +645,23 @@ class TwoStageTrainer:
                     o.zero_grad(set_to_none=True)
                 if phase.kind == "search":  # SPEC: the threshold follows the scores after every step
                     self._set_threshold(network.model, phase.density, phase.scope)
-                total_loss += loss.item() * labels.numel()
-                correct += int((logits.argmax(1) == labels).sum())
+                running[0] += loss.detach().double() * labels.numel()
+                running[1] += (logits.detach().argmax(1) == labels).sum()
                 seen += labels.numel()
             if bar is not None:
                 bar.update(1)
-                elapsed = time.perf_counter() - t0
-                bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}",
-                                img_s=f"{seen * self.world_size / max(elapsed, 1e-9):.0f}")
+                if bar.n % 10 == 0 or bar.n == steps:
+                    total_loss, correct = running.tolist()
+                    elapsed = time.perf_counter() - t0
+                    bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}",
+                                    img_s=f"{seen * self.world_size / max(elapsed, 1e-9):.0f}")
         if bar is not None:
             bar.close()
         if dist_utils.active():  # BN running statistics diverge per rank: all evaluate rank 0's (the saved) model
             for buffer in network.buffers():
                 dist_utils.broadcast_(buffer)
-        totals = dist_utils.all_reduce_sum(torch.tensor([total_loss, correct, seen], dtype=torch.float64))
-        total_loss, correct, seen = totals.tolist()
+        totals = torch.cat([running.cpu(), torch.tensor([seen], dtype=torch.float64)])
+        total_loss, correct, seen = dist_utils.all_reduce_sum(totals).tolist()
         return int(seen), total_loss / max(seen, 1), 100 * correct / max(seen, 1)
 
     def evaluate(self, network: PromptedNetwork, dataset, use_prompt: bool) -> float:

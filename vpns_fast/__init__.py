@@ -21,6 +21,7 @@ from vpns_fast.pruning import (  # noqa: E402
     actual_density, density_report, fold, load_masks, masked_layers, masks, parameter_groups,
     prepare_finetune, prepare_mask_search, set_density, set_trainable, sparsify,
 )
+from vpns_fast.deploy import deploy  # noqa: E402,F401 - inference module for export/checkpoint files
 
 __all__ = [
     "ExpansivePrompt", "FixPrompt", "MaskedConv2d", "MaskedLinear", "PadPrompt", "RandomPrompt", "VisualPrompt",

@@ -111,7 +111,9 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--deterministic", action="store_true", help="deterministic algorithms (bitwise-repeatable on CPU)")
     p.add_argument("--prompt", choices=("pad", "fix", "random", "expansive"), default="pad")
     p.add_argument("--prompt-size", type=int, help="pad width / square side (default 16 at 224, scaled)")
-    p.add_argument("--image-size", type=int, help="image size fed to the prompt (default: the model's input)")
+    p.add_argument("--image-size", type=int, help="image size fed to the prompt (default: the network input)")
+    p.add_argument("--input-size", type=int, help="network input size = prompt output (default: the model's, "
+                   "224 for torchvision models, 32 for the small ones)")
     p.add_argument("--label-mapping", choices=("auto", "flm", "ilm", "none"), default="auto")
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="VPNs threshold scope")
     p.add_argument("--hydra-scope", choices=("global", "layer"), default="layer", help="HYDRA threshold scope")
@@ -149,7 +151,7 @@ def _config_from_args(args, methods=None, mask_from=None):
         methods=methods or args.method, densities=getattr(args, "density", (1.0,)), pretrain_epochs=args.pretrain_epochs,
         batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, device=args.device, amp=args.amp,
         channels_last=args.channels_last, deterministic=args.deterministic, prompt=args.prompt,
-        prompt_size=args.prompt_size, image_size=args.image_size, label_mapping=args.label_mapping, scope=args.scope,
+        prompt_size=args.prompt_size, image_size=args.image_size, input_size=args.input_size, label_mapping=args.label_mapping, scope=args.scope,
         hydra_scope=args.hydra_scope, granularity=args.granularity, optimizers=optimizers, schedule=args.schedule,
         limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, out=args.out, mask_from=mask_from, **epochs)
@@ -187,6 +189,78 @@ def _cmd_eval(args) -> int:
     else:
         for key, value in result.items():
             print(f"{key:18s} {value}")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from vpns_fast.export import MissingDependencyError, export
+
+    try:
+        meta = export(args.checkpoint, args.format, args.out, force=args.force, slim=args.slim)
+    except MissingDependencyError as exc:
+        print(f"vpns export: error: {exc}", file=sys.stderr)
+        return 2
+    line = f"wrote {args.out} ({args.format})"
+    if args.format == "sparse":
+        sizes = meta["bytes"]
+        line += f": weights {sizes['weights_encoded']:,} bytes encoded vs {sizes['weights_dense']:,} dense"
+    elif args.format == "slim":
+        line += f": {meta['channels_dropped']} channels removed"
+    print(line)
+    return 0
+
+
+def _load_images(paths, size: int):
+    import torch
+    from PIL import Image
+    from torchvision.transforms import functional as TF
+
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                image = TF.resize(image.convert("RGB"), [size, size], antialias=True)
+                images.append(TF.pil_to_tensor(image))
+        except OSError as exc:
+            raise ValueError(f"cannot read image {path}: {exc}") from exc
+    return torch.stack(images)
+
+
+def _cmd_infer(args) -> int:
+    from vpns_fast.deploy import deploy
+
+    module = deploy(args.path, args.device, policy=args.policy)
+    images = _load_images(args.images, module.image_size)
+    probabilities = module(images).float().softmax(1).cpu()
+    top = probabilities.topk(min(args.top, probabilities.shape[1]), dim=1)
+    names = module.class_names
+    rows = []
+    for path, values, indices in zip(args.images, top.values.tolist(), top.indices.tolist()):
+        labels = [{"class": i, "name": names[i] if names and i < len(names) else None, "probability": v}
+                  for v, i in zip(values, indices)]
+        rows.append({"image": path, "top": labels})
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    for row in rows:
+        shown = ", ".join(f"{lab['name'] if lab['name'] is not None else lab['class']} ({lab['probability']:.3f})"
+                          for lab in row["top"])
+        print(f"{row['image']}: {shown}")
+    return 0
+
+
+def _cmd_bench_infer(args) -> int:
+    from vpns_fast.deploy import benchmark_inference
+
+    rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
+                               args.policy)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'batch':>5s}  {'backend':12s} {'network':8s} {'engine':14s} {'images/s':>10s} {'latency ms':>11s}")
+    for r in rows:
+        print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine']):14s} "
+              f"{r['images_per_s']:10.1f} {r['latency_ms']:11.3f}")
     return 0
 
 
@@ -242,6 +316,42 @@ def build_parser() -> argparse.ArgumentParser:
     transfer.add_argument("--with-prompt", action="store_true", help="train a prompt during fine-tuning (VPNs-style)")
     _add_training_flags(transfer, transfer=True)
     transfer.set_defaults(func=_cmd_transfer)
+
+    export = sub.add_parser("export", help="write a checkpoint as dense/sparse/slim safetensors or ONNX",
+                            description="dense: folded torchvision state_dict; sparse: compressed masked weights "
+                            "with checksum; slim: pruned channels removed, BN folded; onnx: the inference pipeline "
+                            "(prompt, network, label mapping) as an ONNX graph (needs pip install vpns_fast[onnx]).")
+    export.add_argument("checkpoint")
+    export.add_argument("--format", choices=("dense", "sparse", "slim", "onnx"), required=True)
+    export.add_argument("--out", required=True, help="output file")
+    export.add_argument("--slim", action="store_true", help="onnx: export the slimmed network")
+    export.add_argument("--force", action="store_true", help="replace an existing --out")
+    export.set_defaults(func=_cmd_export)
+
+    infer = sub.add_parser("infer", help="classify image files with a checkpoint or export",
+                           description="Resize each image to the model's input size, run the deployed model "
+                           "(prompt, network, label mapping) and print the top-k classes.")
+    infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
+    infer.add_argument("images", nargs="+")
+    infer.add_argument("--top", type=int, default=5)
+    infer.add_argument("--device", default="cpu")
+    infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure",
+                       help="CPU sparse engine policy")
+    infer.add_argument("--json", action="store_true")
+    infer.set_defaults(func=_cmd_infer)
+
+    bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch",
+                                 description="Images/s and median latency of the deployed module and of the dense "
+                                 "folded network, per batch size.")
+    bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
+    bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32), help="comma-separated batch sizes")
+    bench_infer.add_argument("--threads", type=int, help="torch CPU threads")
+    bench_infer.add_argument("--device", default="cpu")
+    bench_infer.add_argument("--iters", type=int, default=10)
+    bench_infer.add_argument("--warmup", type=int, default=2)
+    bench_infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure")
+    bench_infer.add_argument("--json", action="store_true")
+    bench_infer.set_defaults(func=_cmd_bench_infer)
     return parser
 
 

@@ -34,6 +34,8 @@
 //     warm miss (hint = 2t)               :   64 ms /  110 ms   (21x / 25x; +40% over cold)
 //   Hence the cpp backend (vpns_fast/ops/cpp_backend.py) passes the last threshold as a hint
 //   only while the previous step stayed inside the band.
+#include "vpns_ops.h"
+
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -314,6 +316,10 @@ at::Tensor threshold_of(const std::vector<at::Tensor>& contiguous, int64_t k, st
   return out;
 }
 
+}  // namespace
+
+namespace vpns {
+
 at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std::optional<double> hint) {
   TORCH_CHECK(!tensors.empty(), "topk_threshold: tensors must hold at least one tensor, got an empty list");
   const at::ScalarType dtype = tensors[0].scalar_type();
@@ -350,19 +356,4 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std
   }
 }
 
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "vpns_fast C++ CPU kernels";
-  m.def("topk_threshold", &topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
-        R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
-
-Equal bit for bit to torch.kthvalue(torch.cat([t.abs().flatten() for t in tensors]), k).values,
-returned as a 0-dim tensor of the tensors' dtype, without concatenating them. Tensors must be
-CPU, one dtype among float32/float64/float16/bfloat16; strided ones are read through a copy.
-NaN sorts above +inf (as torch.kthvalue on the CPU), so a k that reaches the NaNs gives NaN.
-
-hint: optional previous threshold (a float). When the answer lies within 2^-9 (0.195%) of it,
-float32 finishes in one pass instead of two. Any hint (wrong, negative, inf, NaN) still gives
-the exact answer; float16/bfloat16 ignore it.)doc");
-}
+}  // namespace vpns

@@ -56,12 +56,14 @@ def test_decisions_cover_every_layer_and_record_why_dense(tmp_path):
     ckpt, _, _ = make_checkpoint(tmp_path / "m.pt", granularity="unstructured")
     module = deploy(ckpt)
     layers = {name for name, m in module.network.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
-    assert set(module.decisions) >= layers or module.info["backend"] == "sparse_cpu"
+    assert {row["name"] for row in module.decisions} >= layers
+    assert all(row["chosen"] in ("dense", "sparse") and row["reason"] for row in module.decisions
+               if row["name"] in layers)
     if module.info["backend"] != "sparse_cpu":
         assert module.info["reason"]  # why the sparse CPU engine was not used
     dense = deploy(ckpt, policy="dense", slim=False)
     assert dense.info["backend"] == "torch-dense" and dense.info["network"] == "folded"
-    assert all(d["backend"] == "torch-dense" for d in dense.decisions.values())
+    assert all(row["chosen"] == "dense" and row["reason"] == "policy=dense" for row in dense.decisions)
 
 
 def test_release_protocol_checkpoints_run_without_the_prompt(tmp_path):

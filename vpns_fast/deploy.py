@@ -29,12 +29,12 @@ POLICIES = ("measure", "sparse", "dense")
 class DeployedModel(nn.Module):
     """input stage (prompt op or normalization) -> network -> label mapping; eval mode, no grad.
 
-    ``decisions``: per-layer backend choices ``{layer: {...}}``; ``info``: device, network kind
+    ``decisions``: per-layer rows (name, shapes, density, timings, ``chosen``, ``reason``); ``info``: device, network kind
     (slim / folded / plain), backend and, when the sparse CPU engine was not used, why.
     """
 
     def __init__(self, network: nn.Module, prompt: VisualPrompt | None, mapping: torch.Tensor | None,
-                 mean, std, image_size: int, decisions: dict, info: dict, class_names=None):
+                 mean, std, image_size: int, decisions: list, info: dict, class_names=None):
         super().__init__()
         self.network, self.prompt = network, prompt
         self.register_buffer("mapping", mapping.long() if mapping is not None else None)
@@ -149,9 +149,12 @@ def _inference_network(source: dict, want_slim: bool) -> tuple[nn.Module, str, s
     return slim, "slim", None
 
 
-def _dense_decisions(network: nn.Module, reason: str) -> dict:
-    return {name: {"backend": "torch-dense", "reason": reason} for name, m in network.named_modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear))}
+def _dense_decisions(network: nn.Module, reason: str) -> list[dict]:
+    """Rows in the schema of ``sparse_cpu.convert_for_cpu``'s table, every layer dense."""
+    return [{"name": name, "type": type(m).__name__, "weight_shape": tuple(m.weight.shape), "input_shape": None,
+             "density": float((m.weight != 0).float().mean()), "nnz": int((m.weight != 0).sum()),
+             "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": reason}
+            for name, m in network.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 
 # --------------------------------------------------------------------------- deploy
@@ -216,7 +219,7 @@ def _copy_prompt(prompt: VisualPrompt) -> VisualPrompt:
 
 
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,
-                 info: dict) -> tuple[nn.Module, dict]:
+                 info: dict) -> tuple[nn.Module, list]:
     if policy == "dense":
         info.update(backend="torch-dense", reason="policy=dense")
         return network, _dense_decisions(network, "policy=dense")

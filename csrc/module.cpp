@@ -1,0 +1,55 @@
+// The Python module vpns_fast._C: binds every op declared in vpns_ops.h. setup.py compiles all of
+// csrc/*.cpp into this one extension, so a new op adds its declaration there and its binding here.
+#include "vpns_ops.h"
+
+#include <torch/extension.h>
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "vpns_fast C++ CPU kernels";
+  m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
+        R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
+
+Equal bit for bit to torch.kthvalue(torch.cat([t.abs().flatten() for t in tensors]), k).values,
+returned as a 0-dim tensor of the tensors' dtype, without concatenating them. Tensors must be
+CPU, one dtype among float32/float64/float16/bfloat16; strided ones are read through a copy.
+NaN sorts above +inf (as torch.kthvalue on the CPU), so a k that reaches the NaNs gives NaN.
+
+hint: optional previous threshold (a float). When the answer lies within 2^-9 (0.195%) of it,
+float32 finishes in one pass instead of two. Any hint (wrong, negative, inf, NaN) still gives
+the exact answer; float16/bfloat16 ignore it.)doc");
+
+  m.def("sparse_conv2d_pack", &vpns::sparse_conv2d_pack, py::arg("weight"),
+        R"doc(Packs a dense float32 conv weight [C_out, C_in, KH, KW] for sparse_conv2d.
+
+Returns [row_ptr (int64, C_out + 1), channel_index (int32, nnz), tap_index (int32, nnz: kh * KW + kw),
+values (float32, nnz)]: for each output channel, its nonzero weights in (c_in, kh, kw) order.
+Exact zeros are skipped (NaN and inf are kept).)doc");
+  m.def("sparse_conv2d_offsets", &vpns::sparse_conv2d_offsets, py::arg("row_ptr"), py::arg("channel_index"),
+        py::arg("tap_index"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("channel_block") = 0,
+        R"doc(The input-size-dependent part of a packed weight, for inputs of spatial size input_size = (H, W):
+[offsets (int32, nnz): where each nonzero reads the padded input planes,
+ segments (int64, C_out * blocks + 1): each output channel's nonzeros split by input-channel block].
+
+Callers compute them once per input size and pass them to sparse_conv2d. channel_block: input channels
+per block (0 = chosen so that a block's input tile fits in L1).)doc");
+  m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
+        py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"),
+        R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
+F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding.
+
+input: float32 CPU [N, C_in, H, W]; values from sparse_conv2d_pack(weight); segments and offsets from
+sparse_conv2d_offsets(..., input_size=(H, W), same stride/padding/dilation); bias: float32 [C_out] or None.
+Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded input.)doc");
+  m.def("sparse_linear_pack", &vpns::sparse_linear_pack, py::arg("weight"),
+        R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:
+[row_ptr (int64, out_features + 1), column_index (int32, nnz), values (float32, nnz)]; exact zeros skipped.)doc");
+  m.def("sparse_linear", &vpns::sparse_linear, py::arg("input"), py::arg("row_ptr"), py::arg("column_index"),
+        py::arg("values"), py::arg("in_features"), py::arg("bias"),
+        R"doc(Sparse (CSR) weight times dense input: equal to F.linear(input, weight, bias) within float32 rounding.
+
+input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc");
+  m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
+        "Instruction set the sparse kernels use on this CPU: 'avx2' (AVX2 + FMA) or 'scalar'.");
+}

@@ -1,0 +1,32 @@
+// Declarations of every op in the extension vpns_fast._C; csrc/module.cpp binds them.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace vpns {
+
+// csrc/threshold.cpp
+at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std::optional<double> hint);
+
+// csrc/sparse_conv.cpp
+std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight);
+std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const at::Tensor& channel_index,
+                                              const at::Tensor& tap_index, std::vector<int64_t> weight_shape,
+                                              std::vector<int64_t> input_size, std::vector<int64_t> stride,
+                                              std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                                              int64_t channel_block);
+at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
+                         const at::Tensor& values, std::vector<int64_t> weight_shape,
+                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation);
+std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
+at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
+                         const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);
+// Which instruction set the sparse kernels run with on this CPU: "avx2" or "scalar".
+std::string sparse_kernel_isa();
+
+}  // namespace vpns

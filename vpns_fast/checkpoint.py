@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tempfile
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import torch
 from torch import nn
@@ -30,9 +30,10 @@ class CheckpointError(ValueError):
     """A file that is not a readable vpns_fast checkpoint of a supported version."""
 
 
-def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """``torch.save`` to a temporary file in the target folder, then rename over ``path``:
-    a crash never leaves a half-written file, and an existing file is kept unless ``overwrite``."""
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
+    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
+    ``path``: a crash never leaves a half-written file, and an existing file is kept unless
+    ``overwrite``. The one way vpns_fast writes what a user keeps."""
     path = os.fspath(path)
     if os.path.exists(path) and not overwrite:
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
@@ -41,7 +42,7 @@ def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> N
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -49,6 +50,11 @@ def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> N
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda f: torch.save(obj, f), overwrite)
 
 
 def prompt_spec(prompt: VisualPrompt) -> dict:

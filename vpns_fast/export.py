@@ -39,6 +39,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
+from vpns_fast.checkpoint import atomic_write
 
 __all__ = [
     "FORMATS", "VERSION", "ExportFormatError", "MissingDependencyError", "export", "read_export", "load_dense",
@@ -65,24 +66,8 @@ class MissingDependencyError(ImportError):
 # --------------------------------------------------------------------------- files
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """Write ``data`` to a temporary file beside ``path``, fsync, then ``os.replace``; an existing
-    file is kept unless ``overwrite``."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """``data`` to ``path`` through :func:`vpns_fast.checkpoint.atomic_write`."""
+    atomic_write(path, lambda f: f.write(data), overwrite)
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:

@@ -33,7 +33,7 @@ from vpns_fast import distributed as dist_utils
 from vpns_fast.baselines import (
     Method, apply_imp_round, get_method, imp_densities, magnitude_scores, random_scores,
 )
-from vpns_fast.checkpoint import atomic_save, load_checkpoint, save_checkpoint
+from vpns_fast.checkpoint import atomic_save, atomic_write, load_checkpoint, save_checkpoint
 from vpns_fast.data import DataSplits, load_dataset, make_loader
 from vpns_fast.evaluation import PromptedNetwork, count_correct
 from vpns_fast.label_mapping import LabelMapping
@@ -262,11 +262,8 @@ class TwoStageTrainer:
     def _write_json(self, name: str, data: Any) -> None:
         if self.out is None or not self.is_main:
             return
-        path = os.path.join(self.out, name)
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2)
-        os.replace(tmp, path)
+        text = json.dumps(data, indent=2).encode()
+        atomic_write(os.path.join(self.out, name), lambda f: f.write(text), overwrite=True)
 
     def data(self) -> DataSplits:
         if self._data is None:

@@ -87,19 +87,21 @@ def format_table(rows: list[dict], baseline_names: list[str]) -> str:
     first = rows[0]
     lines = [f"\n{first['case']} | {first['shape']} | {first['dtype']} | {first['mode']} "
              f"| {first['input_copies']} input copies"]
-    header = f"  {'impl':<13}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s':>9}{'%ceil':>7}{'img/s':>9}"
-    header += "".join(f"{'vs ' + name:>14}" for name in baseline_names)
+    width = max(13, 2 + max(len(row["impl"]) for row in rows))
+    columns = {name: max(14, 4 + len(name)) for name in baseline_names}
+    header = f"  {'impl':<{width}}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s':>9}{'%ceil':>7}{'img/s':>9}"
+    header += "".join(f"{'vs ' + name:>{columns[name]}}" for name in baseline_names)
     lines.append(header)
     for row in rows:
         if row["status"] != "ok":
-            lines.append(f"  {row['impl']:<13}{row['status'].upper()}: {row['error'] or row['skip_reason']}")
+            lines.append(f"  {row['impl']:<{width}}{row['status'].upper()}: {row['error'] or row['skip_reason']}")
             continue
         bandwidth = f"{row['gb_per_s']:9.2f}" if row["gb_per_s"] is not None else f"{'-':>9}"
         fraction = f"{100 * row['fraction_of_ceiling']:6.1f}%" if row["fraction_of_ceiling"] else f"{'-':>7}"
         images = f"{row['images_per_s']:9.1f}" if row["images_per_s"] is not None else f"{'-':>9}"
-        speedups = "".join(f"{row['speedup'][n]:13.2f}x" if n in row["speedup"] else f"{'-':>14}"
+        speedups = "".join(f"{row['speedup'][n]:{columns[n] - 1}.2f}x" if n in row["speedup"] else f"{'-':>{columns[n]}}"
                            for n in baseline_names)
-        lines.append(f"  {row['impl']:<13}{row['median_ms']:11.3f}{row['p20_ms']:10.3f}{row['p80_ms']:10.3f}"
+        lines.append(f"  {row['impl']:<{width}}{row['median_ms']:11.3f}{row['p20_ms']:10.3f}{row['p80_ms']:10.3f}"
                      f"{bandwidth}{fraction}{images}{speedups}")
     return "\n".join(lines)
 
@@ -131,8 +133,8 @@ def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "f
         case = CASES[case_name]
         configs = case.configs(device, sizes, dtypes)
         if not configs and stream:
-            print(f"\n{case_name}: no measurement point with dtype(s) {dtypes}; it supports "
-                  f"{', '.join(case.SUPPORTED_DTYPES)}", file=stream)
+            print(f"\n{case_name}: no measurement point on {device} with dtype(s) {dtypes or 'default'}; it "
+                  f"supports {', '.join(case.SUPPORTED_DTYPES)}", file=stream)
         for config in configs:
             workload = case.setup(config, device, compile_baselines=compile_baselines)
             rows = measure_workload(workload, device, repeats, ceiling, environment_fields(device), cpu_warmup_seconds)

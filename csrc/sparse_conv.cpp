@@ -2,7 +2,8 @@
 //
 // Design decisions. Machine: 2-core AMD EPYC KVM guest (AVX2 + FMA, no AVX-512; L1d 32 KiB, L2
 // 1 MiB per core), torch 2.14.1, float32, ResNet-18 @224 layer shapes, uniform random masks. Times
-// are medians of interleaved rounds (bench/infer_cpu.py) unless marked "min" (minimum of repeats,
+// are medians of interleaved rounds (bench/infer_cpu.py, since replaced by the harness case
+// bench/cases/infer.py) unless marked "min" (minimum of repeats,
 // used while tuning because the machine was shared: load average 3-7 then, 0.3-1.5 for the tables).
 // * Direct convolution, no im2col. Each output channel keeps its nonzeros in (c_in, kh, kw) order
 //   (CSR over output channels, values + int32 input offsets). The zero-padded input is copied once

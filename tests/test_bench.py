@@ -108,4 +108,54 @@ def test_list_entry_point(monkeypatch, capsys):
         runpy.run_module("bench", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
-    assert all(name in listing for name in CASE_NAMES) and "backends:" in listing
+    assert all(name in listing for name in CASE_NAMES + ["infer"]) and "backends:" in listing
+
+
+@pytest.fixture(scope="module")
+def infer_rows(tmp_path_factory):
+    from vpns_fast import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    if not available:
+        pytest.skip(f"sparse CPU kernels unavailable: {reason}")
+    out_path = tmp_path_factory.mktemp("bench_infer") / "rows.jsonl"
+    returned = run_cases(["infer"], device="cpu", sizes="small", repeats=2, out_path=str(out_path),
+                         cpu_warmup_seconds=0.0, stream=None)
+    with open(out_path) as rows_file:
+        written = [json.loads(line) for line in rows_file]
+    assert written == json.loads(json.dumps(returned))
+    return written
+
+
+def test_infer_rows(infer_rows):
+    """Per layer and end to end, both masks, verified against dense before timing (a mismatch
+    would have raised); the CSR baseline is per layer only, with its reason end to end."""
+    assert {row["case"] for row in infer_rows} == {"infer"}
+    assert {row["params"]["scope"] for row in infer_rows} == {"layer", "model"}
+    assert {row["params"]["mask"] for row in infer_rows} == {"uniform", "global"}
+    for row in infer_rows:
+        assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
+        assert row["schema"] == "vpns_fast.bench/1" and row["device_type"] == "cpu" and row["mode"] == "fwd"
+        assert f"mask={row['params']['mask']}" in row["shape"] and row["dtype"] == "float32"
+        assert row["status"] != "error", f"{row['shape']} {row['impl']} raised: {row['error']}"
+        p = row["params"]
+        if row["impl"] == "torch_sparse_csr" and p["scope"] == "model":
+            assert row["status"] == "skipped" and "per layer only" in row["skip_reason"]
+            continue
+        assert row["status"] == "ok", row
+        assert row["repeats"] == 2 and 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
+        assert row["images_per_s"] == pytest.approx(p["batch"] / (row["median_ms"] / 1e3))
+        assert "dense" in row["speedup"]
+        if p["scope"] == "layer":
+            assert row["impl"] in {"dense", "torch_sparse_csr", "sparse_cpu"}
+            assert 0 < p["layer_density"] <= 1
+            if p["mask"] == "uniform":
+                assert p["layer_density"] == pytest.approx(p["density"], rel=0.05)
+        else:
+            assert row["impl"] in {"dense", "dense_separable_pool", "sparse_cpu"}
+            assert 0 <= p["sparse_layers"] <= p["layers"] == 21
+            assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
+            assert 0 <= p["end_to_end_error"] < float("inf")
+    impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
+    assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"),
+                     ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}

@@ -1,0 +1,249 @@
+"""Case `infer`: sparse CPU inference of magnitude-pruned ResNets (``vpns_fast.sparse_cpu``).
+
+Measurement points (CPU only, float32, no grad), each with ``mask`` in its shape and params:
+* per layer (``params.scope == "layer"``): every distinct Conv2d of ResNet-18 at 224 (and, with
+  ``--sizes full``, ResNet-50's): weight shape, input shape and stride, the first layer of each
+  distinct triple named;
+* end to end (``params.scope == "model"``): ResNet-18 and ResNet-50 at 224.
+Densities 0.5 / 0.2 / 0.1 / 0.05, batch 1 (and 32 with ``--sizes full``). ``--sizes small``: the first
+few distinct layers of ResNet-18 and ResNet-18 end to end at 32 px, density 0.1, batch 1 (a smoke test).
+
+Weights: torchvision's random init (seed 0, eval mode), pruned unstructured by magnitude, ``mask``
+* ``uniform`` - every Conv2d/Linear keeps its own top-|w| fraction (the same density everywhere);
+* ``global``  - one magnitude threshold over all of them (with the init's per-layer scale, early
+  layers stay much denser than late ones; ``params.layer_density`` is the real density).
+
+Implementations:
+* ``sparse_cpu`` (backend) - per layer the raw ``SparseConv2d.from_dense``; end to end
+  ``convert_for_cpu(policy="measure")`` (a layer goes sparse only where it measured faster; max
+  pooling swapped for the separable one under the same rule); ``params.sparse_layers`` /
+  ``params.layers`` count the Conv2d/Linear it made sparse, ``params.pool_swapped`` the pooling;
+Baselines (the first is the reference):
+* ``dense`` - the torch module (oneDNN), same thread count;
+* ``torch_sparse_csr`` - per layer only: the weight as ``torch.sparse`` CSR times the im2col matrix
+  of ``F.unfold``; end to end it is a skipped row with the reason;
+* ``dense_separable_pool`` - end to end only: the dense model with ``SeparableMaxPool2d``, which
+  ``convert_for_cpu`` also swaps in, so the sparse layers' own share of the speedup shows.
+Outputs are checked against ``dense`` before timing: max |error| <= 1e-4 (1 + max |dense|) per layer,
+1e-3 (1 + max |dense|) end to end. ``setup`` adds the measured facts (real layer density, layers
+made sparse, end-to-end error) to the config's params, which the rows carry.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.cases.common import Candidate, Config, VerificationError, Workload
+from bench.timing import input_copy_count
+from vpns_fast import sparse_cpu
+
+NAME = "infer"
+OP_NAME = "sparse CPU inference (SparseConv2d / convert_for_cpu)"
+SUPPORTED_DTYPES = ("float32",)
+DENSITIES = {"full": (0.5, 0.2, 0.1, 0.05), "small": (0.1,)}
+BATCHES = {"full": (1, 32), "small": (1,)}
+MASKS = ("uniform", "global")
+# (models per layer, models end to end, image size) per --sizes
+POINTS = {"full": (("resnet18", "resnet50"), ("resnet18", "resnet50"), 224),
+          "small": (("resnet18",), ("resnet18",), 32)}
+SMALL_LAYER_COUNT = 4  # distinct layers per model with --sizes small
+LAYER_BASELINES = ["dense", "torch_sparse_csr"]
+MODEL_BASELINES = ["dense", "torch_sparse_csr", "dense_separable_pool"]
+BASELINE_NAMES = ("dense", "torch_sparse_csr", "dense_separable_pool")
+EXTRA_IMPLS = ("sparse_cpu",)
+LAYER_TOLERANCE, MODEL_TOLERANCE = 1e-4, 1e-3  # max |error| / (1 + max |dense|)
+CONVERT_REPEATS = {(1, "full"): 15, (32, "full"): 5}  # convert_for_cpu's timed calls per layer; 1 on small
+CSR_END_TO_END_SKIP = ("per layer only: CSR + unfold materialises every layer's im2col matrix and is slower than "
+                       "dense on most layers (see this run's per-layer rows), so a whole network of it is too slow "
+                       "to be a useful baseline and is not timed end to end")
+DESCRIPTION = ("sparse CPU inference of magnitude-pruned ResNet-18/50 (uniform and global masks, densities "
+               "0.5-0.05): per Conv2d layer and end to end; impl sparse_cpu (SparseConv2d, convert_for_cpu "
+               "policy=measure); baselines: dense (torch), torch_sparse_csr (CSR + unfold, per layer), "
+               "dense_separable_pool (end to end); CPU only")
+
+
+@functools.lru_cache(maxsize=None)
+def conv_layers(model_name: str, image_size: int) -> tuple[tuple[str, tuple, tuple, tuple], ...]:
+    """(name, weight shape, input shape [C, H, W], stride) of each Conv2d in forward order, found by a
+    forward pass on the meta device (nothing allocated), the first of each distinct shape triple only."""
+    import torchvision
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, model_name)().eval()
+        found = []
+        handles = [m.register_forward_pre_hook(
+            lambda m, inputs, name=name: found.append((name, tuple(m.weight.shape), tuple(inputs[0].shape[1:]),
+                                                       tuple(m.stride))))
+                   for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size))
+        for handle in handles:
+            handle.remove()
+    distinct, seen = [], set()
+    for name, weight_shape, input_shape, stride in found:
+        if (weight_shape, input_shape, stride) not in seen:
+            seen.add((weight_shape, input_shape, stride))
+            distinct.append((name, weight_shape, input_shape, stride))
+    return tuple(distinct)
+
+
+def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> list[Config]:
+    if device_type != "cpu" or (dtypes and "float32" not in dtypes):
+        return []  # the sparse engine is a CPU float32 engine
+    layer_models, model_models, image_size = POINTS[sizes]
+    points = []
+    for model_name in dict.fromkeys(layer_models + model_models):
+        layers = conv_layers(model_name, image_size) if model_name in layer_models else ()
+        if sizes == "small":
+            layers = layers[:SMALL_LAYER_COUNT]
+        for mask in MASKS:
+            for density in DENSITIES[sizes]:
+                for batch in BATCHES[sizes]:
+                    common = {"model": model_name, "sizes": sizes, "image_size": image_size, "batch": batch,
+                              "density": density, "mask": mask}
+                    for name, weight_shape, input_shape, stride in layers:
+                        shape = (f"{model_name} {name} w={list(weight_shape)} x={[batch, *input_shape]} s={stride[0]} "
+                                 f"density={density} mask={mask}")
+                        points.append(Config(NAME, shape, "float32", "fwd", {
+                            **common, "scope": "layer", "layer": name, "weight_shape": list(weight_shape),
+                            "input_shape": [batch, *input_shape], "stride": list(stride)}))
+                    if model_name in model_models:
+                        shape = f"{model_name} end-to-end B={batch} {image_size}px density={density} mask={mask}"
+                        points.append(Config(NAME, shape, "float32", "fwd", {**common, "scope": "model"}))
+    return points
+
+
+@functools.lru_cache(maxsize=1)  # configs come grouped by (model, mask, density): one pruned model alive
+def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> nn.Module:
+    """torchvision ``model_name`` (random init, eval) with its Conv2d/Linear weights pruned by magnitude."""
+    import torchvision
+
+    if mask not in MASKS:
+        raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+    torch.manual_seed(seed)
+    model = getattr(torchvision.models, model_name)().eval()
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    with torch.no_grad():
+        if mask == "global":
+            magnitudes = torch.cat([w.abs().flatten() for w in weights])
+            threshold = torch.kthvalue(magnitudes, max(1, int(magnitudes.numel() * (1 - density)))).values
+            thresholds = [threshold] * len(weights)
+            del magnitudes
+        else:
+            thresholds = [torch.kthvalue(w.abs().flatten(), max(1, int(w.numel() * (1 - density)))).values
+                          for w in weights]
+        if density < 1.0:
+            for w, t in zip(weights, thresholds):
+                w.mul_(w.abs() > t)
+    return model
+
+
+def csr_unfold_conv(conv: nn.Conv2d):
+    """Baseline ``torch_sparse_csr``: the CSR weight [C_out, C_in*KH*KW] times F.unfold's im2col matrix."""
+    weight = conv.weight.detach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+        csr = weight.reshape(weight.shape[0], -1).to_sparse_csr()
+    out_channels = weight.shape[0]
+
+    def run(x):
+        n, _, h, w = x.shape
+        columns = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride)  # [N, CKK, L]
+        out_h = (h + 2 * conv.padding[0] - conv.dilation[0] * (conv.kernel_size[0] - 1) - 1) // conv.stride[0] + 1
+        out_w = (w + 2 * conv.padding[1] - conv.dilation[1] * (conv.kernel_size[1] - 1) - 1) // conv.stride[1] + 1
+        if n == 1:
+            out = torch.sparse.mm(csr, columns[0]).unsqueeze(0)
+        else:
+            out = torch.sparse.mm(csr, columns.transpose(0, 1).reshape(columns.shape[1], -1))
+            out = out.reshape(out_channels, n, -1).transpose(0, 1)
+        out = out.reshape(n, out_channels, out_h, out_w)
+        return out if conv.bias is None else out + conv.bias.view(1, -1, 1, 1)
+
+    return run
+
+
+def with_separable_pooling(model: nn.Module) -> nn.Module:
+    model = copy.deepcopy(model)
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.MaxPool2d):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child,
+                    sparse_cpu.SeparableMaxPool2d.from_module(module))
+    return model
+
+
+def _no_grad(fn):
+    def run(x):
+        with torch.no_grad():
+            return fn(x)
+    return run
+
+
+def _max_error(output, reference) -> tuple[float, float]:
+    return float((output - reference).abs().max()), 1.0 + float(reference.abs().max())
+
+
+def _comparer(tolerance: float, what: str):
+    def compare(output, reference, impl_name):
+        if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
+            raise VerificationError(f"infer: {impl_name} returned {getattr(output, 'shape', type(output).__name__)}, "
+                                    f"dense {tuple(reference.shape)} ({what})")
+        error, scale = _max_error(output, reference)
+        if not error <= tolerance * scale:
+            raise VerificationError(f"infer: {impl_name} differs from dense by {error:.3g} (bound "
+                                    f"{tolerance:g} * {scale:.3g}) ({what})")
+    return compare
+
+
+def setup(config: Config, device_type: str, *, compile_baselines: bool = True, seed: int = 0) -> Workload:
+    """The shared setup factory: the pruned model, input copies and implementations of one point."""
+    del compile_baselines  # no compiled baseline
+    if device_type != "cpu":
+        raise ValueError(f"infer is a CPU case, got device {device_type!r}")
+    p = config.params
+    model = pruned_model(p["model"], p["density"], p["mask"], seed)
+    available, unavailable_reason = sparse_cpu.available()
+    generator = torch.Generator().manual_seed(seed)
+    if p["scope"] == "layer":
+        input_shape = tuple(p["input_shape"])
+    else:
+        input_shape = (p["batch"], 3, p["image_size"], p["image_size"])
+    copies = input_copy_count("cpu", 4 * torch.Size(input_shape).numel(), p["sizes"])
+    inputs = [torch.randn(input_shape, generator=generator) for _ in range(copies)]
+
+    if p["scope"] == "layer":
+        conv = model.get_submodule(p["layer"])
+        p["layer_density"] = float(torch.count_nonzero(conv.weight)) / conv.weight.numel()
+        sparse = sparse_cpu.SparseConv2d.from_dense(conv) if available else None
+        candidates = [Candidate("dense", "baseline", _no_grad(conv)),
+                      Candidate("torch_sparse_csr", "baseline", _no_grad(csr_unfold_conv(conv))),
+                      Candidate("sparse_cpu", "backend", _no_grad(sparse) if sparse is not None else None,
+                                None if available else unavailable_reason)]
+        return Workload(config, inputs, candidates, list(LAYER_BASELINES), _comparer(LAYER_TOLERANCE, config.shape),
+                        images_per_call=p["batch"])
+
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    p["layers"] = len(weights)
+    p["model_density"] = sum(float(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+    candidates = [Candidate("dense", "baseline", _no_grad(model)),
+                  Candidate("torch_sparse_csr", "baseline", None, CSR_END_TO_END_SKIP),
+                  Candidate("dense_separable_pool", "baseline", _no_grad(with_separable_pooling(model)))]
+    if available:
+        repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
+        converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
+        p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
+        p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
+        p["convert_repeats"] = repeats
+        with torch.no_grad():
+            error, _scale = _max_error(converted(inputs[0]), model(inputs[0]))
+        p["end_to_end_error"] = error
+        candidates.append(Candidate("sparse_cpu", "backend", _no_grad(converted)))
+    else:
+        candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
+    return Workload(config, inputs, candidates, list(MODEL_BASELINES), _comparer(MODEL_TOLERANCE, config.shape),
+                    images_per_call=p["batch"])

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpns_fast.masked_layers import initial_scores
 from vpns_fast.pruning import masked_layers, set_density
 
 
@@ -43,17 +42,12 @@ def get_method(name: str) -> Method:
 
 
 @torch.no_grad()
-def init_search_scores(model: nn.Module, method: str = "scaled") -> None:
-    """Fresh HYDRA scores from the current weights."""
-    for _, layer in masked_layers(model):
-        layer.scores.copy_(initial_scores(layer.weight, layer.granularity, method))
-
-
-@torch.no_grad()
 def magnitude_scores(model: nn.Module, keep_only_current_mask: bool = False) -> None:
     """Scores = weight magnitude (group mean for structured scores), so a global threshold is
     global magnitude pruning. With ``keep_only_current_mask`` already-pruned weights score 0
-    (IMP prunes only among the survivors)."""
+    (IMP prunes only among the survivors). A score tensor shared by several layers (structured
+    mode's residual groups) gets the mean of its members' magnitudes."""
+    totals: dict[int, tuple[nn.Parameter, torch.Tensor, int]] = {}
     for _, layer in masked_layers(model):
         magnitude = layer.weight.detach().abs().float()
         if keep_only_current_mask:
@@ -61,7 +55,10 @@ def magnitude_scores(model: nn.Module, keep_only_current_mask: bool = False) -> 
         dims = [d for d in range(magnitude.dim()) if layer.scores.shape[d] == 1 and magnitude.shape[d] != 1]
         if dims:
             magnitude = magnitude.mean(dim=dims, keepdim=True)
-        layer.scores.copy_(magnitude.to(layer.scores.dtype))
+        scores, total, count = totals.get(id(layer.scores), (layer.scores, 0.0, 0))
+        totals[id(layer.scores)] = (scores, total + magnitude, count + 1)
+    for scores, total, count in totals.values():
+        scores.copy_((total / count).to(scores.dtype))
 
 
 @torch.no_grad()

@@ -21,6 +21,7 @@ from torch import nn
 
 from vpns_fast.masked_layers import MASKED_TYPES
 from vpns_fast.prompts import VisualPrompt, build_prompt
+from vpns_fast.structured import structured_config
 
 FORMAT = "vpns_fast.checkpoint"
 VERSION = 1
@@ -80,6 +81,7 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str, model_kwargs: di
         "format": FORMAT, "version": VERSION,
         "model": {"name": model_name, "kwargs": dict(model_kwargs or {})},
         "granularity": next(iter(granularities), None),
+        "structured": structured_config(model),  # None unless sparsify(..., structured=True)
         "input_size": list(input_size) if input_size is not None else None,
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "prompt": prompt_spec(prompt) if prompt is not None else None,
@@ -116,6 +118,8 @@ def model_from_checkpoint(payload: dict) -> nn.Module:
     if payload["granularity"] is not None:
         masked_names = {k.rsplit(".", 1)[0] for k in payload["state_dict"] if k.endswith(".scores")}
         dense_names = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
-        sparsify(model, payload["granularity"], score_init="kaiming", exclude=sorted(dense_names - masked_names))
+        structured = payload.get("structured")  # absent in older checkpoints
+        sparsify(model, payload["granularity"], score_init="kaiming", exclude=sorted(dense_names - masked_names),
+                 **({"structured": True, **structured} if structured else {}))
     model.load_state_dict(payload["state_dict"])
     return model

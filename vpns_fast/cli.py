@@ -118,6 +118,10 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--scope", choices=("global", "layer"), default="global", help="VPNs threshold scope")
     p.add_argument("--hydra-scope", choices=("global", "layer"), default="layer", help="HYDRA threshold scope")
     p.add_argument("--granularity", choices=("unstructured", "kernel", "channel"), default="unstructured")
+    p.add_argument("--structured", action="store_true",
+                   help="structured channel mode for ResNets (SPEC §4): shared residual-group channel masks, "
+                   "input-channel masking, dense classifier, first 5 convs capped at 25%% channel sparsity; "
+                   "needs --granularity channel")
     p.add_argument("--lr", action="append", type=_assignments, default=[], metavar="GROUP=LR",
                    help="learning rate of a group: search_scores, search_prompt, hydra_scores, finetune_weights, "
                    "finetune_prompt, pretrain (repeatable)")
@@ -146,13 +150,16 @@ def _config_from_args(args, methods=None, mask_from=None):
     for name in ("search_epochs", "finetune_epochs"):
         if getattr(args, name) is not None:
             epochs[name] = getattr(args, name)
+    if getattr(args, "structured", False) and args.granularity != "channel":
+        raise ValueError("--structured needs --granularity channel")
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
         methods=methods or args.method, densities=getattr(args, "density", (1.0,)), pretrain_epochs=args.pretrain_epochs,
         batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, device=args.device, amp=args.amp,
         channels_last=args.channels_last, deterministic=args.deterministic, prompt=args.prompt,
         prompt_size=args.prompt_size, image_size=args.image_size, input_size=args.input_size, label_mapping=args.label_mapping, scope=args.scope,
-        hydra_scope=args.hydra_scope, granularity=args.granularity, optimizers=optimizers, schedule=args.schedule,
+        hydra_scope=args.hydra_scope, granularity=args.granularity, structured=getattr(args, "structured", False),
+        optimizers=optimizers, schedule=args.schedule,
         limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, out=args.out, mask_from=mask_from, **epochs)
 

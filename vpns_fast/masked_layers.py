@@ -72,9 +72,19 @@ class MaskedMixin:
         """Boolean mask in the scores' shape."""
         return ops.score_mask(self.scores.detach(), self.threshold)
 
+    def input_mask(self) -> torch.Tensor | None:
+        """Structured mode (``vpns_fast.structured``): the producer's channel mask on this layer's
+        input channels, shaped ``[1, C_in, 1, 1]``; None for plain masked layers."""
+        source = getattr(self, "in_mask_source", None)
+        if source is None:
+            return None
+        return source.score_mask().reshape(1, -1, *([1] * (self.weight.dim() - 2)))
+
     def weight_mask(self) -> torch.Tensor:
-        """Boolean mask in the weight's shape."""
-        return self.score_mask().expand_as(self.weight)
+        """Boolean mask in the weight's shape (own mask, and the input mask in structured mode)."""
+        mask = self.score_mask().expand_as(self.weight)
+        in_mask = self.input_mask()
+        return mask if in_mask is None else mask & in_mask
 
     def masked_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
@@ -115,7 +125,11 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return ops.masked_conv2d(x, self.weight, self.scores, self.threshold, self.bias, self.stride, padding,
+        weight = self.weight
+        in_mask = self.input_mask()
+        if in_mask is not None:  # structured mode: the producer's pruned channels are not read
+            weight = weight * in_mask.to(weight.dtype)
+        return ops.masked_conv2d(x, weight, self.scores, self.threshold, self.bias, self.stride, padding,
                                  self.dilation, self.groups)
 
     def extra_repr(self):

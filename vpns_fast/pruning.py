@@ -21,18 +21,34 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
 
 
 def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: str = "scaled",
-             exclude: str | Sequence[str] | None = None) -> nn.Module:
+             exclude: str | Sequence[str] | None = None, *, structured: bool = False, cap_layers: int = 5,
+             cap_sparsity: float = 0.25) -> nn.Module:
     """Replace every Conv2d and Linear of ``model`` in place by its masked version; returns ``model``.
 
     ``exclude``: glob patterns on qualified module names (``"fc"``, ``"layer4.*"``) to leave dense.
     The masked layers share the original weight and bias parameters. Every threshold starts at
     ``-inf`` (all weights kept) until :func:`set_density` is called.
+
+    ``structured=True`` (SPEC §4; torchvision-style ResNets, ``granularity="channel"`` only): the
+    classifier stays dense, residual groups share one score vector, convs are input-masked by their
+    producer's channel mask, and the first ``cap_layers`` convs keep at most ``cap_sparsity`` of
+    their channels pruned (see :mod:`vpns_fast.structured`).
     """
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if score_init not in SCORE_INITS:
         raise ValueError(f"score_init must be one of {SCORE_INITS}, got {score_init!r}")
     exclude = [exclude] if isinstance(exclude, str) else list(exclude or ())
+    if structured:
+        from vpns_fast.structured import residual_groups
+
+        if granularity != "channel":
+            raise ValueError(f"structured=True needs granularity='channel', got {granularity!r}")
+        residual_groups(model)  # ValueError for anything but a torchvision-style ResNet
+        excluded_convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and _excluded(n, exclude)]
+        if excluded_convs:
+            raise ValueError(f"structured=True needs every conv masked; exclude leaves {excluded_convs} dense")
+        exclude += [name for name, m in model.named_modules() if type(m) is nn.Linear]  # classifier stays dense
     if any(isinstance(m, MASKED_TYPES) for m in model.modules()):
         raise ValueError("model already has masked layers; sparsify a dense model")
     targets = [(name, module) for name, module in model.named_modules()
@@ -43,6 +59,10 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     for name, module in targets:
         masked_cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
         _set_submodule(model, name, masked_cls.from_dense(module, granularity, score_init))
+    if structured:
+        from vpns_fast.structured import structure_resnet
+
+        structure_resnet(model, cap_layers, cap_sparsity)
     return model
 
 
@@ -71,25 +91,37 @@ def set_density(model: nn.Module, density: float, scope: str = "global") -> torc
 
     ``scope="global"``: one threshold over all layers' scores (VPNs); ``"layer"``: each layer keeps
     its own top ``density`` (HYDRA's layer-wise pruning). Returns the threshold(s).
+
+    A score parameter shared by several layers (structured mode's residual groups) counts once,
+    and all its layers get the same threshold (with ``scope="layer"`` one entry per shared score
+    vector). Layers marked with a ``channel_cap`` (structured mode's early layers) are then capped,
+    see :func:`vpns_fast.structured.apply_channel_cap`.
     """
-    layers = _require_masked(model)
-    scores = [layer.scores.detach() for _, layer in layers]
+    from vpns_fast.structured import apply_channel_cap, unique_score_units
+
+    layers = [layer for _, layer in _require_masked(model)]
+    units = unique_score_units(layers)
+    scores = [param.detach() for param, _ in units]
     dtypes = {s.dtype for s in scores}
     if len(dtypes) > 1:  # the selection must see every score exactly as stored
         raise ValueError(f"masked layers hold scores of several dtypes {sorted(map(str, dtypes))}")
     thresholds = ops.topk_threshold(scores, density, scope)
-    for i, (_, layer) in enumerate(layers):
-        layer.set_threshold(thresholds if scope == "global" else thresholds[i])
+    for i, (_, members) in enumerate(units):
+        for layer in members:
+            layer.set_threshold(thresholds if scope == "global" else thresholds[i])
+    if any(getattr(layer, "channel_cap", None) is not None for layer in layers):
+        apply_channel_cap(layers)
     return thresholds
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{qualified layer name: boolean mask shaped like its weight}."""
+    """{qualified layer name: boolean mask shaped like its weight} (the effective mask: in structured
+    mode the layer's output-channel mask times its producer's mask on the input channels)."""
     return {name: layer.weight_mask() for name, layer in _require_masked(model)}
 
 
 def actual_density(model: nn.Module) -> float:
-    """Fraction of masked-layer weights that are kept."""
+    """Fraction of masked-layer weights that are kept (effective masks, input masking included)."""
     kept = total = 0
     for _, layer in _require_masked(model):
         kept += int(layer.weight_mask().sum())
@@ -267,8 +299,12 @@ def prepare_finetune(model: nn.Module) -> None:
 def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
     """{"scores": [...], "weights": [...], "norm": [...]} for building per-group optimizers."""
     groups: dict[str, list[nn.Parameter]] = {"scores": [], "weights": [], "norm": []}
+    seen: set[int] = set()  # a parameter shared by several modules (structured scores) is listed once
     for module in model.modules():
         for pname, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             if isinstance(module, NORM_TYPES):
                 groups["norm"].append(param)
             elif pname == "scores" and isinstance(module, MASKED_TYPES):

@@ -3,11 +3,17 @@ convolutions, giving a smaller dense network with the same outputs (eval mode).
 
 What is removed, and why only that:
 
-* Only channels *inside* a residual block are removed: the outputs of ``conv1`` (BasicBlock) and
-  of ``conv1``/``conv2`` (Bottleneck), with the matching input channels of the next conv.
-  Block outputs (``conv2``/``conv3``, the downsample conv, the stem) feed the residual sum
+* Channels *inside* a residual block: the outputs of ``conv1`` (BasicBlock) and of
+  ``conv1``/``conv2`` (Bottleneck), with the matching input channels of the next conv.
+* Block outputs (``conv2``/``conv3``, the downsample conv, the stem) feed the residual sum
   ``branch + shortcut``: every branch and every later block reads the same channel index, so a
-  channel can only go if it is dead in all of them at once; they are kept.
+  channel of such a *residual group* (all convs adding into one stream, see
+  :func:`vpns_fast.structured.residual_groups`) goes only when it is pruned in **every** producer
+  of the group and **every** conv reading the stream has zero weights on it — what structured
+  mode (input-channel masking) produces. The stream then carries a constant on that channel that
+  no conv reads; after the last stage it reaches the classifier through the average pool, and
+  ``fc.weight[:, c] * constant`` is folded into ``fc.bias``. Otherwise block outputs are kept.
+  This is done for models folded from structured ones (or with ``residual_groups=True``).
 * A pruned output channel (all its weights zero) is not zero after BatchNorm: it is the constant
   ``k = beta - gamma * mean / sqrt(var + eps)``, and ``relu(k)`` after the ReLU. Dropping it is
   exact when ``relu(k) == 0``; or when the consumer's weights on it are all zero (then any channel,
@@ -66,8 +72,14 @@ def _conv_like(conv: nn.Conv2d, in_channels: int, out_channels: int, weight, bia
 
 
 @torch.no_grad()
-def slim_resnet(model: nn.Module) -> tuple[nn.Module, dict, dict]:
-    """Slim a plain (folded) ResNet. Returns ``(slim_model, architecture, report)``:
+def slim_resnet(model: nn.Module, residual_groups: bool | None = None) -> tuple[nn.Module, dict, dict]:
+    """Slim a plain (folded) ResNet.
+
+    ``residual_groups``: also drop residual-group (block output) channels where that is exact;
+    default: only for a model folded from a structured one (``sparsify(..., structured=True)``),
+    so the slim layout of other models is unchanged.
+
+    ``(slim_model, architecture, report)``:
 
     ``architecture``: ``{"convs": {name: [in_channels, out_channels]}, "folded_bn": [names]}``, what
     :func:`build_slim` needs to rebuild the module from the stock model; ``report``: per conv,
@@ -112,7 +124,23 @@ def slim_resnet(model: nn.Module) -> tuple[nn.Module, dict, dict]:
         for producer, consumer in reversed(list(zip(convs[:-1], convs[1:]))):
             _slim_edge(producer, consumer, weights, biases, pruned, keep_out, keep_in, slim, report)
 
+    if residual_groups is None:
+        from vpns_fast.structured import structured_config
+
+        residual_groups = structured_config(model) is not None
+    linears = (_slim_residual_groups(slim, weights, biases, pruned, keep_out, keep_in, report)
+               if residual_groups else {})
+
     architecture = {"convs": {}, "folded_bn": [bn for _, bn in pairs]}
+    if linears:
+        architecture["linears"] = {}
+        for name, (weight, bias) in linears.items():
+            old = slim.get_submodule(name)
+            new = nn.Linear(weight.shape[1], weight.shape[0], True, device="meta")
+            new.weight = nn.Parameter(weight.to(old.weight.dtype).contiguous(), requires_grad=False)
+            new.bias = nn.Parameter(bias.to(old.weight.dtype).contiguous(), requires_grad=False)
+            _set(slim, name, new)
+            architecture["linears"][name] = [int(weight.shape[1]), int(weight.shape[0])]
     for conv_name, bn_name in pairs:
         conv = slim.get_submodule(conv_name)
         w = weights[conv_name][keep_out[conv_name]][:, keep_in[conv_name]]
@@ -151,6 +179,50 @@ def _slim_edge(producer, consumer, weights, biases, pruned, keep_out, keep_in, m
                kept_pruned=int((pruned[producer] & ~drop).sum()))
 
 
+def _slim_residual_groups(model, weights, biases, pruned, keep_out, keep_in, report) -> dict:
+    """Drop residual-group channels pruned in every producer and unread by every conv consumer
+    (exact, see the module doc). Returns ``{"fc": (weight, bias)}`` when the classifier changed."""
+    from vpns_fast.structured import residual_groups
+
+    groups, producer = residual_groups(model)
+    fc = getattr(model, "fc", None)
+    linears = {}
+    for index, members in enumerate(groups):
+        last = index == len(groups) - 1
+        if last and type(fc) is not nn.Linear:
+            continue  # unknown head: keep the final stream whole
+        consumers = [name for name, src in producer.items() if src == members[0]]
+        drop = torch.stack([pruned[m] for m in members]).all(0)
+        for q in consumers:
+            w_q = weights[q][keep_out[q]]
+            drop &= (w_q.transpose(0, 1).flatten(1) == 0).all(1)
+        if bool(drop.all()):  # nn.Conv2d needs >= 1 channel: keep one (still exact)
+            drop[int(torch.nonzero(drop).flatten()[0])] = False
+        if not bool(drop.any()):
+            continue
+        if last:
+            # the constant the stream carries on a dropped channel: the stem / first sum, then
+            # relu(branch constant + stream) through the identity blocks
+            b = {m: biases[m] for m in members}
+            if members[0] == "conv1":
+                stream, rest = torch.relu(b["conv1"]), members[1:]
+            else:  # downsample (no ReLU on the shortcut) + the first block's branch
+                stream, rest = torch.relu(b[members[0]] + b[members[1]]), members[2:]
+            for m in rest:
+                stream = torch.relu(b[m] + stream)
+            w_fc = fc.weight.detach().double()
+            b_fc = fc.bias.detach().double() if fc.bias is not None else torch.zeros(w_fc.shape[0], dtype=torch.float64)
+            b_fc = b_fc + (w_fc[:, drop] * stream[drop]).sum(1)
+            linears["fc"] = (w_fc[:, ~drop], b_fc)
+        for m in members:
+            keep_out[m] = keep_out[m] & ~drop
+            report[m].update(dropped=int(drop.sum()), kept_pruned=int((pruned[m] & ~drop).sum()),
+                             folded=int(drop.sum()) if last else 0)
+        for q in consumers:
+            keep_in[q] = keep_in[q] & ~drop
+    return linears
+
+
 def _padding(conv: nn.Conv2d) -> tuple[int, ...]:
     if isinstance(conv.padding, str):  # "same" pads (k - 1) // 2 for odd kernels; "valid" none
         return (0,) * len(conv.kernel_size) if conv.padding == "valid" else tuple(k - 1 for k in conv.kernel_size)
@@ -175,6 +247,14 @@ def build_slim(base: nn.Module, architecture: dict) -> nn.Module:
         new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
                         conv.groups, True, conv.padding_mode)
         _set(base, name, new)
+    for name, counts in architecture.get("linears", {}).items():  # classifier inputs (dropped stream channels)
+        try:
+            linear = base.get_submodule(name)
+        except AttributeError as exc:
+            raise SlimError(f"slim architecture names linear {name!r}, which the model does not have") from exc
+        if not isinstance(linear, nn.Linear) or len(counts) != 2:
+            raise SlimError(f"slim architecture entry {name!r}: {counts!r} does not describe a Linear")
+        _set(base, name, nn.Linear(int(counts[0]), int(counts[1]), True))
     for name in folded:
         try:
             base.get_submodule(name)

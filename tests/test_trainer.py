@@ -410,13 +410,13 @@ def test_ilm_refits_the_mapping_every_epoch(tmp_path, monkeypatch, twenty_class_
     _predict_last_source_class_after_first_epoch(monkeypatch)
     (run,) = TwoStageTrainer(tiny(tmp_path, weights=twenty_class_weights, label_mapping="ilm",
                                   search_epochs=2)).run()
-    assert len(fits) == 1 + 3  # the initial fit, then one at the start of each of the 3 epochs
+    assert len(fits) == 3  # one at the start of each of the 3 epochs, the first being the initial mapping
     for counts, mapping in fits:
         assert counts.shape == (20, 10) and int(counts.sum()) == 32  # every training image, once
         assert torch.equal(mapping, greedy_label_mapping(counts))
         assert mapping.unique().numel() == 10 and int(mapping.max()) < 20
-    assert int(fits[2][0][19].sum()) == 32  # the refit saw the new predictions...
-    assert not torch.equal(fits[1][1], fits[2][1])  # ...and changed the mapping
+    assert int(fits[1][0][19].sum()) == 32  # the refit saw the new predictions...
+    assert not torch.equal(fits[0][1], fits[1][1])  # ...and changed the mapping
     saved = load_checkpoint(os.path.join(run_dir(tmp_path, "vpns", 0.5), "last.pt"))["label_mapping"]
     assert torch.equal(saved, fits[-1][1])
     assert 0 <= run["test_acc"] <= 100
@@ -436,7 +436,11 @@ def test_auto_mapping_is_flm_fitted_once(tmp_path, monkeypatch, twenty_class_wei
 
 # bf16 convolutions are slow on CPU: one fine-tuning epoch (omp+vp still trains a prompt)
 @pytest.mark.parametrize("options", [{"amp": "bf16", "deterministic": False, "methods": ("omp+vp",)},
-                                     {"channels_last": True, "methods": ("vpns",)}], ids=["bf16", "channels_last"])
+                                     # release protocol: the unprompted step leaves the prompt's
+                                     # optimizer without gradients, which the fp16 scaler must skip
+                                     {"amp": "fp16", "deterministic": False, "methods": ("vpns",)},
+                                     {"channels_last": True, "methods": ("vpns",)}],
+                         ids=["bf16", "fp16", "channels_last"])
 def test_amp_and_channels_last_run_on_cpu(tmp_path, options):
     (run,) = TwoStageTrainer(tiny(tmp_path, **options)).run()
     assert 0 <= run["test_acc"] <= 100 and run["test_acc_prompt"] is not None
@@ -454,3 +458,33 @@ def test_zero_epoch_final_phase_still_reports_test_accuracy(tmp_path):
     (run,) = TwoStageTrainer(tiny(tmp_path, finetune_epochs=0)).run()
     assert run["test_acc"] is not None and run["test_acc_prompt"] is not None
     assert run["selected_epoch"] == 0
+
+
+def test_channels_last_keeps_scores_contiguous(tmp_path):
+    trainer = TwoStageTrainer(tiny(tmp_path, channels_last=True))
+    trainer.data()
+    trainer._dense_model, trainer._dense_state, _ = trainer._build_dense()
+    model = trainer._fresh_model()
+    conv = model.layer1[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.scores.is_contiguous()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"image_size": 24}, "protocol 'release'"),
+    ({"prompt": "expansive"}, "expansive prompt"),
+    ({"prompt": "expansive", "image_size": 24, "protocol": "prompted", "input_size": 16}, "must not exceed"),
+    ({"prompt_size": 16}, "pad must be"),
+    ({"hydra_epochs": -1}, "hydra_epochs"),
+    ({"model": "resnet99"}, "resnet99"),
+])
+def test_bad_geometry_is_refused_before_anything_runs(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path, **overrides)
+    assert not os.path.exists(os.path.join(str(tmp_path), "config.json"))
+
+
+def test_hydra_epochs_give_hydra_its_own_budget():
+    trainer = TwoStageTrainer(tiny(None, methods=("vpns", "hydra"), hydra_epochs=2))
+    vpns, hydra = (trainer.phases(METHODS[m], 0.5) for m in ("vpns", "hydra"))
+    assert [p.epochs for p in vpns] == [1, 1] and [p.epochs for p in hydra] == [2, 2]

@@ -99,6 +99,8 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--epochs", type=int, help="epochs of each stage (sets both --search-epochs and --finetune-epochs)")
     p.add_argument("--search-epochs", type=int, help="stage-1 epochs (default 30)")
     p.add_argument("--finetune-epochs", type=int, help="stage-2 epochs, and of each IMP round (default 30)")
+    p.add_argument("--hydra-epochs", type=int, help="HYDRA's epochs per stage when they differ from the others "
+                   "(the paper gives HYDRA 60 against VPNs' 30)")
     p.add_argument("--pretrain-epochs", type=int, default=0, help="dense training from scratch first when no "
                    "--weights are given (cached as OUT/dense.pt)")
     p.add_argument("--batch-size", type=int, default=256)
@@ -143,7 +145,10 @@ def _config_from_args(args, methods=None, mask_from=None):
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
         for group, value in getattr(args, flag):
-            optimizers.setdefault(group, {})[key] = cast(value)
+            try:
+                optimizers.setdefault(group, {})[key] = cast(value)
+            except ValueError:
+                raise ValueError(f"--{flag.replace('_', '-')} {group}={value}: expected a number") from None
     epochs = {}
     if args.epochs is not None:
         epochs = {"search_epochs": args.epochs, "finetune_epochs": args.epochs}
@@ -155,9 +160,11 @@ def _config_from_args(args, methods=None, mask_from=None):
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
         methods=methods or args.method, densities=getattr(args, "density", (1.0,)), pretrain_epochs=args.pretrain_epochs,
-        batch_size=args.batch_size, seed=args.seed, protocol=args.protocol, device=args.device, amp=args.amp,
+        hydra_epochs=getattr(args, "hydra_epochs", None), batch_size=args.batch_size, seed=args.seed,
+        protocol=args.protocol, device=args.device, amp=args.amp,
         channels_last=args.channels_last, deterministic=args.deterministic, prompt=args.prompt,
-        prompt_size=args.prompt_size, image_size=args.image_size, input_size=args.input_size, label_mapping=args.label_mapping, scope=args.scope,
+        prompt_size=args.prompt_size, image_size=args.image_size, input_size=args.input_size,
+        label_mapping=args.label_mapping, scope=args.scope,
         hydra_scope=args.hydra_scope, granularity=args.granularity, structured=getattr(args, "structured", False),
         optimizers=optimizers, schedule=args.schedule,
         limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,

@@ -73,6 +73,7 @@ class TrainConfig:
     search_epochs: int = 30             # stage 1
     finetune_epochs: int = 30           # stage 2 (and each IMP round)
     pretrain_epochs: int = 0            # dense training from scratch when no weights are given
+    hydra_epochs: int | None = None     # HYDRA's epochs per stage, if not those above (paper: 60)
     batch_size: int = 256
     seed: int = 7
     split_seed: int = 0                 # the val split stays the same across seeds
@@ -137,6 +138,26 @@ class TrainConfig:
             if merged[group]["name"] not in ("sgd", "adam", "adamw"):
                 raise ValueError(f"optimizer for {group} must be sgd, adam or adamw, got {merged[group]['name']!r}")
         self.optimizers = merged
+        self._check_geometry()
+
+    def _check_geometry(self) -> None:
+        """Prompt and image sizes, checked before anything is written or trained."""
+        if self.hydra_epochs is not None and self.hydra_epochs < 0:
+            raise ValueError(f"hydra_epochs must be >= 0, got {self.hydra_epochs}")
+        input_size = self.input_size or default_input_size(self.model)  # also rejects unknown models
+        image_size = self.image_size or input_size
+        if image_size > input_size:
+            raise ValueError(f"image_size ({image_size}) must not exceed the network input_size ({input_size})")
+        if not any(get_method(m).prompt_in_search or get_method(m).prompt_in_finetune for m in self.methods):
+            return
+        if self.protocol == "release" and image_size != input_size:
+            raise ValueError(f"protocol 'release' feeds its unprompted steps and its evaluation the images as they "
+                             f"are, so image_size ({image_size}) must equal input_size ({input_size}); use protocol "
+                             f"'prompted' to place smaller images inside a prompt")
+        if self.prompt == "expansive" and image_size == input_size:
+            raise ValueError("the expansive prompt fills the ring around a smaller image: set image_size below "
+                             f"input_size ({input_size}), with protocol 'prompted'")
+        build_prompt(self.prompt, input_size, image_size, self.prompt_size or default_prompt_size(input_size))
 
     def to_dict(self) -> dict:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -162,6 +183,11 @@ class Phase:
     use_prompt: bool
     density: float     # the density this phase's mask has (recomputed each step when searching)
     scope: str
+
+
+def default_prompt_size(input_size: int) -> int:
+    """The release's pad width p = 16 at 224, scaled to the network input."""
+    return max(1, round(16 * input_size / 224))
 
 
 def derived_seed(*parts) -> int:
@@ -285,9 +311,7 @@ class TwoStageTrainer:
 
     @property
     def prompt_size(self) -> int:
-        if self.config.prompt_size is not None:
-            return self.config.prompt_size
-        return max(1, round(16 * self.input_size / 224))  # the release's p = 16 at 224
+        return self.config.prompt_size or default_prompt_size(self.input_size)
 
     def _build_dense(self) -> tuple[nn.Module, dict, str]:
         """The dense starting model, its state (reloaded at every run) and the mapping mode."""
@@ -323,10 +347,11 @@ class TwoStageTrainer:
                                   c.channels_last).to(self.device)
         optimizer = _make_optimizer(list(model.parameters()), c.optimizers["pretrain"])
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, c.pretrain_epochs))
+        scaler = self._grad_scaler()
         for epoch in range(c.pretrain_epochs):
             seed_everything(derived_seed(c.seed, "pretrain", epoch))
             self._train_epoch(network, [optimizer], Phase("pretrain", "finetune", c.pretrain_epochs, False, 1.0,
-                                                          "global"), None, epoch, f"dense pretrain {epoch + 1}")
+                                                          "global"), None, epoch, f"dense pretrain {epoch + 1}", scaler)
             scheduler.step()
         model.cpu()
         if path and self.is_main:
@@ -339,8 +364,11 @@ class TwoStageTrainer:
         c = self.config
         if method.mask == "search":
             scope = c.scope if method.name == "vpns" else c.hydra_scope
-            return [Phase("search", "search", c.search_epochs, method.prompt_in_search, density, scope),
-                    Phase("finetune", "finetune", c.finetune_epochs, method.prompt_in_finetune, density, scope)]
+            search, finetune = c.search_epochs, c.finetune_epochs
+            if method.name == "hydra" and c.hydra_epochs is not None:
+                search = finetune = c.hydra_epochs
+            return [Phase("search", "search", search, method.prompt_in_search, density, scope),
+                    Phase("finetune", "finetune", finetune, method.prompt_in_finetune, density, scope)]
         if method.mask == "imp":
             rounds = imp_densities(density, c.imp_rate)
             return [Phase(f"imp-round-{r}", "finetune", c.finetune_epochs, method.prompt_in_finetune, d, "global")
@@ -395,6 +423,8 @@ class TwoStageTrainer:
         model.to(self.device)
         if self.config.channels_last:
             model.to(memory_format=torch.channels_last)
+            for _, layer in masked_layers(model):  # scores feed the threshold/mask kernels, not cuDNN
+                layer.scores.data = layer.scores.data.contiguous()
         return model
 
     def _set_threshold(self, model: nn.Module, density: float, scope: str) -> None:
@@ -496,7 +526,8 @@ class TwoStageTrainer:
                 return state["result"]
         else:
             self._init_mask(model, method, density, phases)
-            self._refit_mapping(network, force=True)
+            if self._mapping_mode == "flm":  # ILM fits at the start of every epoch, the first included
+                self._refit_mapping(network, force=True)
         start = time.perf_counter() - state["wall_seconds"]
         for index in range(state["phase"], len(phases)):
             phase = phases[index]
@@ -506,8 +537,9 @@ class TwoStageTrainer:
                 (prepare_mask_search if phase.kind == "search" else prepare_finetune)(model)
             optimizers = self._optimizers(model, prompt, phase, method)
             schedulers = self._schedulers(optimizers, phase)
+            scaler = self._grad_scaler()  # one per phase: its loss scale carries over epochs
             if optimizer_states is not None:
-                for obj, saved in zip(optimizers + schedulers, optimizer_states):
+                for obj, saved in zip(optimizers + schedulers + ([scaler] if scaler else []), optimizer_states):
                     obj.load_state_dict(saved)
                 optimizer_states = None
             for epoch in range(state["epoch"], phase.epochs):
@@ -516,7 +548,8 @@ class TwoStageTrainer:
                     self._refit_mapping(network, force=False)
                 t0 = time.perf_counter()
                 images, loss, acc = self._train_epoch(network, optimizers, phase, method, epoch,
-                                                      f"{method.name} d={density:g} {phase.name} {epoch + 1}/{phase.epochs}")
+                                                      f"{method.name} d={density:g} {phase.name} {epoch + 1}/{phase.epochs}",
+                                                      scaler)
                 state["train_seconds"] += time.perf_counter() - t0
                 state["images"] += images
                 for s in schedulers:
@@ -533,7 +566,7 @@ class TwoStageTrainer:
                 if epoch + 1 == phase.epochs:
                     self._save_search_end(run_dir, network, phase, method, density)  # before last.pt moves on
                 # at a phase boundary the next phase builds fresh optimizers: save none
-                stateful = optimizers + schedulers if state["epoch"] else []
+                stateful = optimizers + schedulers + ([scaler] if scaler else []) if state["epoch"] else []
                 self._save_run_state(run_dir, network, state, stateful, phase, epoch, method, density)
             if phase.epochs == 0:
                 self._save_search_end(run_dir, network, phase, method, density)
@@ -592,7 +625,11 @@ class TwoStageTrainer:
         dtype = torch.bfloat16 if self.config.amp == "bf16" else torch.float16
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _train_epoch(self, network: PromptedNetwork, optimizers, phase: Phase, method, epoch: int, label: str):
+    def _grad_scaler(self):
+        return torch.amp.GradScaler(self.device.type) if self.config.amp == "fp16" else None
+
+    def _train_epoch(self, network: PromptedNetwork, optimizers, phase: Phase, method, epoch: int, label: str,
+                     scaler=None):
         """One epoch; returns (images seen, mean loss, accuracy %)."""
         c = self.config
         data = self.data()
@@ -613,7 +650,6 @@ class TwoStageTrainer:
             trainable = nn.parallel.DistributedDataParallel(
                 network, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=network.prompt is not None)
-        scaler = torch.amp.GradScaler(self.device.type) if c.amp == "fp16" else None
         network.train()
         # loss and correct predictions accumulate on the device: reading them every step would
         # stall a GPU twice per step; the progress bar reads them every few steps only
@@ -635,8 +671,11 @@ class TwoStageTrainer:
                     loss = F.cross_entropy(logits.float(), labels)
                 if scaler is not None:
                     scaler.scale(loss).backward()
+                    # an unprompted step leaves the prompt's optimizer without gradients, and the
+                    # scaler refuses to step an optimizer it recorded no gradient check for
                     for o in optimizers:
-                        scaler.step(o)
+                        if any(p.grad is not None for group in o.param_groups for p in group["params"]):
+                            scaler.step(o)
                     scaler.update()
                 else:
                     loss.backward()

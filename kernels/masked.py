@@ -317,6 +317,11 @@ def _check_pair(weight, scores, where: str) -> int:
             raise TypeError(f"{where}: {name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
     if weight.device != scores.device:
         raise ValueError(f"{where}: weight is on {weight.device} but scores are on {scores.device}")
+    if weight.element_size() == 2 and scores.dtype == torch.float64:
+        # the fp64 compute path would store into a 16-bit weight through an implicit fp64 -> 16-bit
+        # conversion, which the interpreter gets wrong (garbage values, checked); no model mixes these
+        raise TypeError(f"{where}: {weight.dtype} weights with float64 scores are not supported; give the "
+                        f"scores the weight's dtype or float32")
     group = broadcast_group_size(weight.shape, scores.shape)
     if group is None:
         raise ValueError(f"{where}: scores of shape {tuple(scores.shape)} must equal the weight's shape "

@@ -193,7 +193,10 @@ def _prompt_normalize_fwd_kernel(
     value = _prompt_pre_clamp(images_ptr + b.to(tl.int64) * stride_ib, program_ptr, c, y, x, valid, in_region,
                               in_size, top, stride_ic, stride_iy, stride_ix, stride_pc, stride_py, stride_px,
                               SIGMOID, IS_UINT8, FP64)
-    value = tl.minimum(tl.maximum(value, 0.0), 1.0)
+    # NaN must survive the clamp as in torch (tl.minimum/maximum default to dropping it), so a
+    # diverged program shows up as NaN instead of a plausible clamped value
+    value = tl.minimum(tl.maximum(value, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
+                       propagate_nan=tl.PropagateNan.ALL)
     mean = tl.load(mean_ptr + c, mask=valid, other=0)
     std = tl.load(std_ptr + c, mask=valid, other=1)
     out = _div(value - mean, std, FP64)

@@ -228,3 +228,19 @@ def test_portable_scalar_path_matches(tmp_path):
     env = dict(os.environ, VPNS_FAST_SPARSE_SCALAR="1")
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
+    """Cached input offsets must follow the packed weights, not only their count."""
+    torch.manual_seed(1)
+    first, second = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    with torch.no_grad():  # 18 nonzeros per output channel in both, at different positions
+        first.weight.mul_((torch.arange(36).reshape(1, 4, 3, 3) % 2 == 0).float())
+        second.weight.mul_((torch.arange(36).reshape(1, 4, 3, 3) % 2 == 1).float())
+    layer = sparse_cpu.SparseConv2d.from_dense(first)
+    x = torch.rand(2, 4, 6, 6)
+    torch.testing.assert_close(layer(x), F.conv2d(x, first.weight, padding=1), rtol=1e-5, atol=1e-5)
+    other = sparse_cpu.SparseConv2d.from_dense(second)
+    assert other.values.numel() == layer.values.numel()
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), F.conv2d(x, second.weight, padding=1), rtol=1e-5, atol=1e-5)

@@ -469,3 +469,9 @@ def test_resnet18_layer_shapes_cuda(granularity, dtype, cuda_or_skip):
         ref = ops.masked_conv2d(x, w, s, t, None, 1, 1)
     torch.testing.assert_close(out, ref, rtol=1e-3 if dtype == torch.float32 else 2e-2,
                                atol=1e-3 if dtype == torch.float32 else 2e-2)
+
+
+def test_half_weights_with_float64_scores_are_refused():
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.bfloat16)
+    with pytest.raises(TypeError, match="float64 scores"):
+        M.masked_weight_triton(weight, torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.tensor(0.5))

@@ -359,3 +359,15 @@ def test_native_torch_compile(kind):
     out.float().square().sum().backward()
     ref.float().square().sum().backward()
     torch.testing.assert_close(program_c.grad, program_r.grad, rtol=1e-2, atol=1e-2)
+
+
+def test_nan_in_the_program_propagates_like_the_reference():
+    """A diverged program must show as NaN, not as a plausible clamped value."""
+    images = torch.rand(1, 3, 8, 8)
+    program = torch.zeros(3, 8, 8)
+    program[0, 0, 0] = float("nan")
+    with ops.use_backend("triton"):
+        out = ops.pad_prompt(images, program, 2)
+    with ops.use_backend("torch"):
+        ref = ops.pad_prompt(images, program, 2)
+    assert torch.equal(out.isnan(), ref.isnan()) and bool(out[0, 0, 0, 0].isnan())

@@ -122,9 +122,14 @@ class SparseConv2d(nn.Module):
         return weight.view(self.weight_shape)
 
     def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (height, width)
+        # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
+        # different mask with the same number of nonzeros, whose offsets differ
+        key = (height, width, self.channel_index.data_ptr(), self.channel_index._version,
+               self.tap_index.data_ptr(), self.tap_index._version)
         cached = self._geometry_cache.get(key)
-        if cached is None or cached[0].numel() != self.values.numel():
+        if cached is None:
+            if len(self._geometry_cache) >= 8:
+                self._geometry_cache.clear()
             cached = tuple(_ops().sparse_conv2d_offsets(
                 self.row_ptr, self.channel_index, self.tap_index, list(self.weight_shape), [height, width],
                 list(self.stride), list(self.padding), list(self.dilation)))

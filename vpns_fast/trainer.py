@@ -430,10 +430,19 @@ class TwoStageTrainer:
     def _set_threshold(self, model: nn.Module, density: float, scope: str) -> None:
         # structured mode: set_density dedupes shared group scores and applies the early-layer cap
         thresholds = set_density(model, density, scope)
-        if dist_utils.active():  # identical masks on every rank, by construction
-            for _, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "threshold")]:
-                dist_utils.broadcast_(layer.threshold)
+        self._broadcast_thresholds(model)
         return thresholds
+
+    @staticmethod
+    def _broadcast_thresholds(model: nn.Module) -> None:
+        """Rank 0's thresholds everywhere, so masks are identical by construction (the scores
+        already are, after the gradient all-reduce): one broadcast for all layers, every step."""
+        if not dist_utils.active():
+            return
+        layers = [layer for _, layer in masked_layers(model)]
+        values = dist_utils.broadcast_(torch.stack([layer.threshold for layer in layers]))
+        for layer, value in zip(layers, values):
+            layer.threshold.copy_(value)
 
     def _init_mask(self, model: nn.Module, method: Method, density: float, phases: list[Phase]) -> None:
         c = self.config
@@ -469,9 +478,7 @@ class TwoStageTrainer:
     def _phase_setup(self, model, prompt, phase: Phase, index: int, method: Method) -> None:
         if phase.name.startswith("imp-round-") and index > 0:
             apply_imp_round(model, phase.density)
-            if dist_utils.active():
-                for _, layer in [(n, m) for n, m in model.named_modules() if hasattr(m, "threshold")]:
-                    dist_utils.broadcast_(layer.threshold)
+            self._broadcast_thresholds(model)
             # rewind every non-score tensor (weights, BN affine and statistics) to the dense start
             model.load_state_dict({k: v.to(self.device) for k, v in self._dense_state.items()}, strict=False)
             if prompt is not None:

@@ -100,7 +100,10 @@ def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str,
 #   copy) and the program only where the region is. Compute is fp32 (fp64 when the reference's
 #   compute dtype is fp64), with IEEE-rounded divisions so fp32 output matches the reference
 #   to the rounding of sigmoid; bf16 output is rounded to nearest even in integer arithmetic
-#   (the bits of torch's cast, also under the interpreter, whose own cast truncates).
+#   (the bits of torch's cast, also under the interpreter, whose own cast truncates). When the
+#   reference's compute dtype is itself 16-bit (fp16 images and program, or a bf16 program), it
+#   rounds after every op while the kernel keeps fp32 until the store: they then differ by up
+#   to 1 ulp of that dtype (the tests use STYLE's low-precision rule there).
 # * Backward: the gradient to ``program`` only, and only over the region: region pixels are
 #   enumerated by a linear index that is mapped back to (y, x) arithmetically (a frame is top
 #   band, two side bands, bottom band). Nothing is saved but the inputs: the clamp condition

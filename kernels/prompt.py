@@ -20,6 +20,9 @@ import torch
 import torch.nn.functional as F
 
 PROMPT_KINDS = ("pad", "fix", "random", "expansive")
+# torchvision's ImageNet normalization, the release code's default
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def image_offset(in_size: int, out_size: int) -> tuple[int, int]:
@@ -64,7 +67,7 @@ class Clamp01Inclusive(torch.autograd.Function):
 
 def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str, pad: int = 0,
                          mask_size: int = 0, row: int = 0, col: int = 0,
-                         mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
+                         mean=IMAGENET_MEAN, std=IMAGENET_STD,
                          out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Reference prompt op. ``images``: (B, C, in, in) float in [0, 1] or uint8 in [0, 255];
     ``program``: (C, out, out). Differentiable in ``program`` (and in float ``images``)."""
@@ -375,8 +378,8 @@ def _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, mean, 
 
 
 def prompt_normalize_fwd(images: torch.Tensor, program: torch.Tensor, kind: str, pad: int = 0,
-                         mask_size: int = 0, row: int = 0, col: int = 0, mean=(0.485, 0.456, 0.406),
-                         std=(0.229, 0.224, 0.225), out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                         mask_size: int = 0, row: int = 0, col: int = 0, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Forward of :func:`prompt_normalize_ref` in one pass; no autograd (see the custom op)."""
     _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, mean, std)
     batch, channels, in_size, _ = images.shape
@@ -408,7 +411,7 @@ def prompt_normalize_fwd(images: torch.Tensor, program: torch.Tensor, kind: str,
 
 def prompt_program_grad(grad_out: torch.Tensor, images: torch.Tensor, program: torch.Tensor, kind: str,
                         pad: int = 0, mask_size: int = 0, row: int = 0, col: int = 0,
-                        std=(0.229, 0.224, 0.225)) -> torch.Tensor:
+                        std=IMAGENET_STD) -> torch.Tensor:
     """d loss / d program for the prompt op, given d loss / d out; exact zeros outside the region."""
     _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, std, std)
     batch, channels, in_size, _ = images.shape

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from vpns_fast.label_mapping import LabelMapping
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.prompts import VisualPrompt, normalize
 
 
@@ -68,7 +69,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
                            source_num_classes(model))
     if payload["label_mapping"] is not None:
         mapping.set_mapping(payload["label_mapping"])
-    mean, std = (prompt.mean, prompt.std) if prompt is not None else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    mean, std = (prompt.mean, prompt.std) if prompt is not None else (IMAGENET_MEAN, IMAGENET_STD)
     network = PromptedNetwork(model, prompt, mapping, mean, std).to(device)
     loader = make_loader(getattr(data, split), batch_size, shuffle=False)
     correct, total = count_correct(network, loader, False, device).tolist()

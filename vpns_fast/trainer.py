@@ -39,6 +39,7 @@ from vpns_fast.evaluation import PromptedNetwork, count_correct
 from vpns_fast.label_mapping import LabelMapping
 from vpns_fast.masked_layers import GRANULARITIES
 from vpns_fast.models import build_model, default_input_size, source_num_classes
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.prompts import build_prompt
 from vpns_fast.pruning import (
     actual_density, density_report, load_masks, masked_layers, parameter_groups, prepare_finetune, prepare_mask_search, set_density,
@@ -343,7 +344,7 @@ class TwoStageTrainer:
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return
         model.to(self.device)
-        network = PromptedNetwork(model, None, LabelMapping(self.data().num_classes, "none"), self._mean, self._std,
+        network = PromptedNetwork(model, None, LabelMapping(self.data().num_classes, "none"), IMAGENET_MEAN, IMAGENET_STD,
                                   c.channels_last).to(self.device)
         optimizer = _make_optimizer(list(model.parameters()), c.optimizers["pretrain"])
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, c.pretrain_epochs))
@@ -356,9 +357,6 @@ class TwoStageTrainer:
         model.cpu()
         if path and self.is_main:
             atomic_save(model.state_dict(), path, overwrite=True)
-
-    _mean = (0.485, 0.456, 0.406)
-    _std = (0.229, 0.224, 0.225)
 
     def phases(self, method: Method, density: float) -> list[Phase]:
         c = self.config
@@ -516,10 +514,10 @@ class TwoStageTrainer:
         seed_everything(derived_seed(c.seed, method.name, density, "init"))  # e.g. score_init "kaiming"
         model = self._fresh_model()
         uses_prompt = any(p.use_prompt for p in phases)
-        prompt = (build_prompt(c.prompt, self.input_size, self.image_size, self.prompt_size, self._mean, self._std)
+        prompt = (build_prompt(c.prompt, self.input_size, self.image_size, self.prompt_size, IMAGENET_MEAN, IMAGENET_STD)
                   .to(self.device) if uses_prompt else None)
         mapping = LabelMapping(data.num_classes, self._mapping_mode, source_num_classes(model)).to(self.device)
-        network = PromptedNetwork(model, prompt, mapping, self._mean, self._std, c.channels_last)
+        network = PromptedNetwork(model, prompt, mapping, IMAGENET_MEAN, IMAGENET_STD, c.channels_last)
         run_dir = self.run_dir(method.name, density)
         state = {"phase": 0, "epoch": 0, "history": [], "best": None, "train_seconds": 0.0, "images": 0,
                  "wall_seconds": 0.0}

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, score_mask_ref
-from vpns_fast.kernels.prompt import PROMPT_KINDS, prompt_normalize_ref
+from vpns_fast.kernels.prompt import IMAGENET_MEAN, IMAGENET_STD, PROMPT_KINDS, prompt_normalize_ref
 from vpns_fast.kernels.threshold import topk_threshold_ref
 from vpns_fast.ops.backends import (
     BACKEND_NAMES,
@@ -21,9 +21,6 @@ from vpns_fast.ops.backends import (
     resolve,
     use_backend,
 )
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 register("torch", "prompt_normalize", prompt_normalize_ref)
 register("torch", "topk_threshold", topk_threshold_ref)

@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import shutil
-import platform
 import random
 import sys
 import time
@@ -203,21 +202,10 @@ def seed_everything(seed: int) -> None:
 
 
 def environment() -> dict:
-    import vpns_fast
-    from vpns_fast import ops
+    """:func:`vpns_fast.environment.describe` plus what this run adds: ranks, command, time."""
+    from vpns_fast.environment import describe
 
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return {"vpns_fast": vpns_fast.__version__, "python": platform.python_version(), "torch": torch.__version__,
-            "triton": triton_version, "cuda": torch.version.cuda,
-            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
-            "threads": torch.get_num_threads(),
-            "world_size": torch.distributed.get_world_size() if dist_utils.active() else 1,
-            "backends": {name: rep["ops"] for name, rep in ops.backend_report().items()},
+    return {**describe(), "world_size": torch.distributed.get_world_size() if dist_utils.active() else 1,
             "argv": sys.argv, "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 

@@ -1,0 +1,31 @@
+"""What this process runs on: versions, devices, threads and the backends with their status.
+One description for `vpns info` and for the `env` block of every results.json."""
+from __future__ import annotations
+
+import platform
+
+import torch
+
+
+def describe() -> dict:
+    import vpns_fast
+    from vpns_fast import ops
+
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception as exc:  # not installed, or broken
+        triton_version = f"unavailable ({exc.__class__.__name__})"
+    return {
+        "vpns_fast": vpns_fast.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "triton": triton_version,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "devices": ["cpu"] + [f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count())],
+        "cpu_threads": torch.get_num_threads(),
+        "forced_backend": ops.forced_backend(),
+        "backends": ops.backend_report(),
+    }

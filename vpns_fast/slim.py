@@ -237,10 +237,7 @@ def build_slim(base: nn.Module, architecture: dict) -> nn.Module:
     if not isinstance(convs, dict) or not isinstance(folded, list):
         raise SlimError("slim architecture description needs 'convs' (dict) and 'folded_bn' (list)")
     for name, counts in convs.items():
-        try:
-            conv = base.get_submodule(name)
-        except AttributeError as exc:
-            raise SlimError(f"slim architecture names conv {name!r}, which the model does not have") from exc
+        conv = _named_submodule(base, name, "conv")
         if not isinstance(conv, nn.Conv2d) or len(counts) != 2:
             raise SlimError(f"slim architecture entry {name!r}: {counts!r} does not describe a Conv2d")
         in_channels, out_channels = int(counts[0]), int(counts[1])
@@ -248,17 +245,18 @@ def build_slim(base: nn.Module, architecture: dict) -> nn.Module:
                         conv.groups, True, conv.padding_mode)
         _set(base, name, new)
     for name, counts in architecture.get("linears", {}).items():  # classifier inputs (dropped stream channels)
-        try:
-            linear = base.get_submodule(name)
-        except AttributeError as exc:
-            raise SlimError(f"slim architecture names linear {name!r}, which the model does not have") from exc
+        linear = _named_submodule(base, name, "linear")
         if not isinstance(linear, nn.Linear) or len(counts) != 2:
             raise SlimError(f"slim architecture entry {name!r}: {counts!r} does not describe a Linear")
         _set(base, name, nn.Linear(int(counts[0]), int(counts[1]), True))
     for name in folded:
-        try:
-            base.get_submodule(name)
-        except AttributeError as exc:
-            raise SlimError(f"slim architecture names BatchNorm {name!r}, which the model does not have") from exc
+        _named_submodule(base, name, "BatchNorm")
         _set(base, name, nn.Identity())
     return base
+
+
+def _named_submodule(model: nn.Module, name: str, kind: str) -> nn.Module:
+    try:
+        return model.get_submodule(name)
+    except AttributeError as exc:
+        raise SlimError(f"slim architecture names {kind} {name!r}, which the model does not have") from exc

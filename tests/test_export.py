@@ -18,25 +18,13 @@ from vpns_fast.export import (
     ExportFormatError, decode_weight, encode_weight, export, load_dense, load_slim, load_sparse, read_export,
 )
 from vpns_fast.label_mapping import LabelMapping
+from helpers import randomize_batchnorm
 from vpns_fast.models import build_model
 from vpns_fast.slim import slim_resnet
 
 HAS_ONNX = importlib.util.find_spec("onnx") is not None
 MAPPING = torch.tensor([3, 1, 7, 0, 9])  # 5 target classes out of the 10 source classes
 RTOL = 1e-4  # relative to the largest reference logit: BN folding rounds differently, nothing else
-
-
-@torch.no_grad()
-def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
-    """BN statistics and affine far from identity, so pruned channels output constants of both signs."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def make_masked(name="small_resnet", granularity="channel", density=0.4, num_classes=10):

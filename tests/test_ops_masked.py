@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from vpns_fast.ops import masked_conv2d, masked_linear, use_backend
 
-from backend_params import INTERPRETED, backends_for
+from helpers import INTERPRETED, backends_for, case_id, cases_on_backends
 
 
 CONV_BACKENDS = backends_for("masked_conv2d")
@@ -29,14 +29,8 @@ LINEAR_BACKENDS = backends_for("masked_linear")
 
 
 def with_backends(backends, full, reduced):
-    """``full`` cases on every backend, or ``reduced`` ones on interpreted backends; each case
-    gets the backend name appended."""
-    def _id(v):
-        if isinstance(v, torch.dtype):
-            return str(v).removeprefix("torch.")
-        return conv_case_id(v) if isinstance(v, tuple) and len(v) == 11 else str(v)
-    return [pytest.param(*case, b, id="-".join(map(_id, case + (b,))))
-            for b in backends for case in (reduced if b in INTERPRETED else full)]
+    return cases_on_backends(backends, full, reduced,
+                             ids=lambda v: conv_case_id(v) if isinstance(v, tuple) and len(v) == 11 else case_id(v))
 THRESHOLD = 0.5
 GRANULARITIES = ("unstructured", "kernel", "channel")
 

@@ -19,7 +19,7 @@ from vpns_fast.ops import (
     use_backend,
 )
 
-from backend_params import INTERPRETED, backends_for
+from helpers import backends_for, cases_on_backends
 
 KINDS = ("pad", "fix", "random", "expansive")
 
@@ -27,20 +27,8 @@ KINDS = ("pad", "fix", "random", "expansive")
 BACKENDS = backends_for("prompt_normalize")
 
 
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, tuple):
-        return "x".join(map(str, v))
-    return str(v)
-
-
 def with_backends(full, reduced=None):
-    """``full`` cases on every backend, or ``reduced`` ones on interpreted backends; each case
-    gets the backend name appended."""
-    reduced = full if reduced is None else reduced
-    return [pytest.param(*case, b, id="-".join(map(_id, case + (b,))))
-            for b in BACKENDS for case in (reduced if b in INTERPRETED else full)]
+    return cases_on_backends(BACKENDS, full, reduced)
 
 
 # --------------------------------------------------------------------------- reference

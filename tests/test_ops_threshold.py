@@ -12,26 +12,14 @@ from hypothesis import strategies as st
 
 from vpns_fast.ops import kth_index, score_mask, topk_threshold, use_backend
 
-from backend_params import INTERPRETED, backends_for
+from helpers import INTERPRETED, backends_for, cases_on_backends
 
 
 BACKENDS = backends_for("topk_threshold")
 
 
-def _id(v):
-    if isinstance(v, torch.dtype):
-        return str(v).removeprefix("torch.")
-    if isinstance(v, list):
-        return f"{len(v)}tensors-" + "x".join(map(str, v[0]))
-    return str(v)
-
-
 def with_backends(full, reduced=None):
-    """``full`` cases on every backend, or ``reduced`` ones on interpreted backends; each case
-    gets the backend name appended."""
-    reduced = full if reduced is None else reduced
-    return [pytest.param(*case, b, id="-".join(map(_id, case + (b,))))
-            for b in BACKENDS for case in (reduced if b in INTERPRETED else full)]
+    return cases_on_backends(BACKENDS, full, reduced)
 FLOAT_DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
 

@@ -11,6 +11,7 @@ import vpns_fast as V
 from vpns_fast import cli
 from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from vpns_fast.export import export, load_slim
+from helpers import randomize_batchnorm
 from vpns_fast.models import build_model
 from vpns_fast.pruning import parameter_groups
 from vpns_fast.slim import slim_resnet
@@ -24,18 +25,6 @@ SMALL_PRODUCER = {"conv1": None, "layer1.0.conv1": "conv1", "layer1.0.conv2": "l
                   "layer2.0.conv1": "layer1.0.conv2", "layer2.0.conv2": "layer2.0.conv1",
                   "layer2.0.downsample.0": "layer1.0.conv2", "layer3.0.conv1": "layer2.0.conv2",
                   "layer3.0.conv2": "layer3.0.conv1", "layer3.0.downsample.0": "layer2.0.conv2"}
-
-
-@torch.no_grad()
-def randomize_batchnorm(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            m.bias.copy_(torch.randn(n, generator=g) * 0.5)
-            m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
-            m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def structured(name="small_resnet", density=None, seed=0, **kwargs):

@@ -8,7 +8,6 @@ import pytest
 import torch
 
 from vpns_fast import cli
-from vpns_fast import trainer as trainer_module
 from vpns_fast.baselines import METHODS, imp_densities
 from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint
 from vpns_fast.evaluation import evaluate_checkpoint

@@ -155,7 +155,7 @@ def slim_resnet(model: nn.Module, residual_groups: bool | None = None) -> tuple[
 
 def _slim_edge(producer, consumer, weights, biases, pruned, keep_out, keep_in, model, report) -> None:
     conv = model.get_submodule(consumer)
-    w_p, b_p, w_q = weights[producer], biases[producer], weights[consumer]
+    b_p, w_q = biases[producer], weights[consumer]
     constant = torch.relu(b_p)  # what a pruned channel outputs after BN and ReLU
     unused = (w_q[keep_out[consumer]].transpose(0, 1).flatten(1) == 0).all(1)
     pointwise = (all(k == 1 for k in conv.kernel_size) and all(p == 0 for p in _padding(conv))

@@ -236,6 +236,7 @@ class TwoStageTrainer:
         self.out = config.out
         self.results: list[dict] = []
         self._data: DataSplits | None = None
+        self._ordered_loaders: dict[int, tuple] = {}  # id(split) -> (split, loader); see _ordered_loader
 
     # ------------------------------------------------------------------ setup
 
@@ -589,7 +590,7 @@ class TwoStageTrainer:
     def _refit_mapping(self, network: PromptedNetwork, force: bool) -> None:
         if self._mapping_mode == "none":
             return
-        loader = self._loader(self.data().train, shuffle=False, seed=0)
+        loader = self._ordered_loader(self.data().train)
         use_prompt = network.prompt is not None
 
         def network_input(images):
@@ -611,6 +612,13 @@ class TwoStageTrainer:
             sampler = list(range(dist_utils.rank(), len(dataset), self.world_size))
         return make_loader(dataset, c.batch_size, shuffle=shuffle, num_workers=c.num_workers, seed=seed,
                            sampler=sampler, pin_memory=self.device.type == "cuda")
+
+    def _ordered_loader(self, dataset):
+        """The unshuffled loader of a split (evaluation, label-mapping counts), built once: it is
+        the same every epoch, and rebuilding it would restart its worker processes."""
+        if id(dataset) not in self._ordered_loaders:  # the split is kept in the entry: its id stays unique
+            self._ordered_loaders[id(dataset)] = (dataset, self._loader(dataset, shuffle=False, seed=0))
+        return self._ordered_loaders[id(dataset)][1]
 
     def _autocast(self):
         if self.config.amp == "none":
@@ -699,7 +707,7 @@ class TwoStageTrainer:
 
     def evaluate(self, network: PromptedNetwork, dataset, use_prompt: bool) -> float:
         """Top-1 accuracy in percent (summed over ranks)."""
-        counts = count_correct(network, self._loader(dataset, shuffle=False, seed=0), use_prompt, self.device,
+        counts = count_correct(network, self._ordered_loader(dataset), use_prompt, self.device,
                                self._autocast)
         correct, total = dist_utils.all_reduce_sum(counts).tolist()
         return 100 * correct / max(total, 1.0)

@@ -174,11 +174,11 @@ def deploy(model_or_path, device: str | torch.device = "cpu", example_input_size
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    device = torch.device(device)
+    from vpns_fast.environment import resolve_device
+
+    device = resolve_device(device)
     if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu or cuda, got {device}")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device cuda requested but torch.cuda.is_available() is False")
+        raise ValueError(f"device must be cpu, cuda or auto, got {device}")
     source = _source(model_or_path, prompt, label_mapping, mean, std, image_size)
     network, network_kind, why_not_slim = _inference_network(source, slim)
     in_size = source["image_size"]

@@ -29,3 +29,13 @@ def describe() -> dict:
         "forced_backend": ops.forced_backend(),
         "backends": ops.backend_report(),
     }
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """``"auto"`` is CUDA when available, else CPU; asking for CUDA without it is a clear error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(name)!r} was asked for but CUDA is not available")
+    return device

@@ -51,8 +51,9 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
 
     if split not in ("test", "val", "train"):
         raise ValueError(f"split must be test, val or train, got {split!r}")
-    device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if device == "auto" else device))
+    from vpns_fast.environment import resolve_device
+
+    device = resolve_device(device)
     payload = load_checkpoint(path)
     model = model_from_checkpoint(payload)
     prompt = prompt_from_spec(payload["prompt"]) if payload["prompt"] is not None else None

@@ -34,6 +34,7 @@ from vpns_fast.baselines import (
 )
 from vpns_fast.checkpoint import atomic_save, atomic_write, load_checkpoint, save_checkpoint
 from vpns_fast.data import DataSplits, load_dataset, make_loader
+from vpns_fast.environment import resolve_device
 from vpns_fast.evaluation import PromptedNetwork, count_correct
 from vpns_fast.label_mapping import LabelMapping
 from vpns_fast.masked_layers import GRANULARITIES
@@ -223,7 +224,7 @@ class TwoStageTrainer:
         self.config = config
         self.force = force
         self.resuming = resuming
-        self.device = self._pick_device(config.device)
+        self.device = resolve_device(config.device)
         self.rank, self.world_size = dist_utils.init_from_env(self.device.type)
         if self.world_size > 1 and self.device.type == "cuda":
             self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
@@ -239,15 +240,6 @@ class TwoStageTrainer:
         self._ordered_loaders: dict[int, tuple] = {}  # id(split) -> (split, loader); see _ordered_loader
 
     # ------------------------------------------------------------------ setup
-
-    @staticmethod
-    def _pick_device(name: str) -> torch.device:
-        if name == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        device = torch.device(name)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {name!r} was asked for but CUDA is not available")
-        return device
 
     def _prepare_out_dir(self) -> None:
         """Refuse to mix runs: an existing output directory is continued only by `vpns resume`,

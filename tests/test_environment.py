@@ -1,0 +1,22 @@
+"""The environment description and device resolution shared by the CLI, trainer, eval and deploy."""
+import pytest
+import torch
+
+from vpns_fast.environment import describe, resolve_device
+
+
+def test_auto_picks_cuda_only_when_available():
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="'cuda:1' was asked for but CUDA is not available"):
+        resolve_device("cuda:1")
+
+
+def test_describe_names_versions_and_backends():
+    info = describe()
+    assert info["torch"] == torch.__version__ and info["devices"][0] == "cpu"
+    assert set(info["backends"]) == {"torch", "triton", "cpp"}

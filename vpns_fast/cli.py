@@ -204,16 +204,15 @@ def _cmd_export(args) -> int:
 
 
 def _load_images(paths, size: int):
+    """Decoded and resized exactly as the datasets' test-style transform does."""
     import torch
-    from PIL import Image
-    from torchvision.transforms import functional as TF
+
+    from vpns_fast.data import decode_image, resize_batch
 
     images = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image = TF.resize(image.convert("RGB"), [size, size], antialias=True)
-                images.append(TF.pil_to_tensor(image))
+            images.append(resize_batch(decode_image(path), size))
         except OSError as exc:
             raise ValueError(f"cannot read image {path}: {exc}") from exc
     return torch.stack(images)

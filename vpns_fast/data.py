@@ -227,7 +227,8 @@ class _TensorSource:
         return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
 
-def _decode_file(path: str) -> torch.Tensor:
+def decode_image(path: str) -> torch.Tensor:
+    """An image file as a uint8 (3, H, W) RGB tensor."""
     # PIL rather than torchvision.io: its decoders are deprecated since torchvision 0.29, and
     # PIL reads every format ImageFolder users have (BMP, TIFF, PPM...), not just JPEG/PNG.
     from PIL import Image
@@ -251,7 +252,7 @@ class _FileSource:
         pass
 
     def image(self, index: int, size: int) -> torch.Tensor:
-        return _resize_square(_decode_file(self.paths[index]), size)
+        return _resize_square(decode_image(self.paths[index]), size)
 
 
 class ImageDataset(Dataset):

@@ -458,6 +458,19 @@ def _work_items(sizes: tuple, backward: bool, device: torch.device) -> torch.Ten
     return table
 
 
+def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
+    """An int64 table on ``device``, built on the host per call (it holds the outputs' pointers).
+
+    On CUDA it is staged in pinned memory and copied with ``non_blocking=True``: torch's blocking
+    host-to-device copy synchronizes the stream, which would make the host wait for every kernel
+    queued before it, once per training step. The caching host allocator keeps the pinned block
+    alive until the copy is done."""
+    table = torch.tensor(values, dtype=torch.int64)
+    if torch.device(device).type == "cuda":
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 def _pointer(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
@@ -474,9 +487,8 @@ def masked_weights_fwd(weights: list[torch.Tensor], scores: list[torch.Tensor], 
     outs = [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
     items = _work_items(tuple((w.numel(), g) for w, g in zip(weights, groups)), False, w0.device)
     if items.numel():
-        meta = torch.tensor([v for w, s, o, g in zip(weights, scores, outs, groups)
-                             for v in (_pointer(w), _pointer(s), _pointer(o), w.numel(), g)],
-                            dtype=torch.int64).to(w0.device)
+        meta = _device_table([v for w, s, o, g in zip(weights, scores, outs, groups)
+                              for v in (_pointer(w), _pointer(s), _pointer(o), w.numel(), g)], w0.device)
         _masked_weights_fwd_kernel[(items.numel() // 2,)](
             items, meta, t, weights[0], scores[0],
             BLOCK=_BLOCK, COMPUTE=_tl_dtype(compute), META=_FWD_META)
@@ -512,7 +524,7 @@ def masked_weights_bwd(grads: list[torch.Tensor | None], weights: list[torch.Ten
             meta += (_pointer(g), _pointer(w), _pointer(s),
                      _pointer(grad_weights[i] if need_weight else None),
                      _pointer(grad_scores[i] if need_scores else None), w.numel(), s.numel(), group)
-        meta = torch.tensor(meta, dtype=torch.int64).to(w0.device)
+        meta = _device_table(meta, w0.device)
         _masked_weights_bwd_kernel[(items.numel() // 2,)](
             items, meta, t, weights[0], scores[0],
             BLOCK=_BLOCK, ROWS=_SMALL_GROUP_ROWS, COLS=_SMALL_GROUP_COLS, COMPUTE=_tl_dtype(compute),
@@ -684,12 +696,11 @@ def masked_weights_triton(weights, scores, thresholds) -> list[torch.Tensor]:
     ``thresholds``: a scalar / 0-dim tensor shared by all layers, or one per layer (1-D tensor
     or sequence). Weights must share one dtype and device, scores one dtype.
 
-    Model-level use (not wired here): a forward pre-hook on the model collects its masked layers
-    (per (weight dtype, scores dtype, device) group), calls this once with their weights, scores
-    and the global threshold buffer (or the stacked per-layer ones), and hands each layer its
-    effective weight for a plain ``F.conv2d`` / ``F.linear``. Autograd then runs the single fused
-    backward once every layer's dL/dw_eff is ready. The launch needs a small host-to-device copy
-    of the pointer table, so it cannot be captured in a CUDA graph as is."""
+    Model-level use: ``vpns_fast.masked_layers.MaskLaunchBatching`` (a forward pre-hook that
+    ``sparsify`` installs) calls this once per forward for all of a model's masked layers and
+    hands each layer its effective weight; autograd runs the single fused backward once every
+    layer's dL/dw_eff is ready. Each launch copies a small pointer table from pinned host memory,
+    so it cannot be captured in a CUDA graph as is."""
     weights, scores = list(weights), list(scores)
     if not weights:
         raise ValueError("masked_weights: needs at least one layer")

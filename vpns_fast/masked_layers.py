@@ -67,6 +67,8 @@ class MaskedMixin:
         self.granularity = granularity
         self.scores = nn.Parameter(initial_scores(self.weight, granularity, score_init))
         self.register_buffer("threshold", torch.tensor(float("-inf"), device=self.weight.device))
+        # Set by MaskLaunchBatching for the duration of one model forward, else None.
+        self.batched_weight: torch.Tensor | None = None
 
     def score_mask(self) -> torch.Tensor:
         """Boolean mask in the scores' shape."""
@@ -88,6 +90,12 @@ class MaskedMixin:
 
     def masked_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
+
+    def mask_input_weight(self) -> torch.Tensor:
+        """The weight the score mask applies to: in structured mode with the producer's pruned
+        input channels zeroed (they are not read), else the weight itself."""
+        in_mask = self.input_mask()
+        return self.weight if in_mask is None else self.weight * in_mask.to(self.weight.dtype)
 
     def set_threshold(self, threshold) -> None:
         if isinstance(threshold, torch.Tensor):  # device to device: no host sync per layer and step
@@ -125,12 +133,10 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        weight = self.weight
-        in_mask = self.input_mask()
-        if in_mask is not None:  # structured mode: the producer's pruned channels are not read
-            weight = weight * in_mask.to(weight.dtype)
-        return ops.masked_conv2d(x, weight, self.scores, self.threshold, self.bias, self.stride, padding,
-                                 self.dilation, self.groups)
+        if self.batched_weight is not None:
+            return F.conv2d(x, self.batched_weight, self.bias, self.stride, padding, self.dilation, self.groups)
+        return ops.masked_conv2d(x, self.mask_input_weight(), self.scores, self.threshold, self.bias, self.stride,
+                                 padding, self.dilation, self.groups)
 
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"
@@ -147,6 +153,8 @@ class MaskedLinear(MaskedMixin, nn.Linear):
         return (linear.in_features, linear.out_features), {}
 
     def forward(self, x):
+        if self.batched_weight is not None:
+            return F.linear(x, self.batched_weight, self.bias)
         return ops.masked_linear(x, self.weight, self.scores, self.threshold, self.bias)
 
     def extra_repr(self):
@@ -154,3 +162,60 @@ class MaskedLinear(MaskedMixin, nn.Linear):
 
 
 MASKED_TYPES = (MaskedConv2d, MaskedLinear)
+
+
+class MaskLaunchBatching:
+    """Model forward hooks: every masked layer's effective weight from ONE ``ops.masked_weights``
+    call before the forward, instead of one mask launch per layer (and likewise one fused STE
+    backward launch instead of one per layer).
+
+    Installed on the model by :func:`vpns_fast.pruning.sparsify`. It acts only where the op's
+    backend is ``triton`` (CUDA tensors by default), and only when all masked layers share one
+    weight dtype, one score dtype and one device; otherwise every layer masks its own weight as
+    before. Layers are found at each forward, so layers swapped in or out later are handled. The
+    weights are handed to the layers for the duration of the forward only (cleared even when it
+    raises); a layer called outside the model's forward masks its own weight.
+    """
+
+    def __init__(self, model: nn.Module):
+        model.register_forward_pre_hook(self._before)
+        model.register_forward_hook(self._after, always_call=True)
+
+    @staticmethod
+    def _layers(model: nn.Module) -> list:
+        layers = [m for m in model.modules() if isinstance(m, MASKED_TYPES)]
+        if len(layers) < 2:
+            return []
+        w0, s0 = layers[0].weight, layers[0].scores
+        if any(m.weight.dtype != w0.dtype or m.weight.device != w0.device or m.scores.dtype != s0.dtype
+               for m in layers):
+            return []
+        try:
+            backend, _ = ops.resolve("masked_weights", w0.device.type)
+        except ops.BackendError:
+            return []
+        return layers if backend == "triton" else []
+
+    def _before(self, model: nn.Module, args) -> None:
+        layers = self._layers(model)
+        if not layers:
+            return
+        thresholds = torch.stack([m.threshold for m in layers])
+        weights = ops.masked_weights([m.mask_input_weight() for m in layers], [m.scores for m in layers],
+                                     thresholds)
+        for layer, weight in zip(layers, weights):
+            layer.batched_weight = weight
+
+    def _after(self, model: nn.Module, args, output) -> None:
+        for m in model.modules():
+            if isinstance(m, MASKED_TYPES):
+                m.batched_weight = None
+
+
+def remove_mask_launch_batching(model: nn.Module) -> None:
+    """Remove :class:`MaskLaunchBatching` hooks from ``model`` (e.g. from a deep copy of it)."""
+    for hooks in (model._forward_pre_hooks, model._forward_hooks):
+        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None),
+                                                                  MaskLaunchBatching)]:
+            del hooks[key]
+            model._forward_hooks_always_called.pop(key, None)

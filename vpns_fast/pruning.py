@@ -11,7 +11,15 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
-from vpns_fast.masked_layers import GRANULARITIES, MASKED_TYPES, SCORE_INITS, MaskedConv2d, MaskedLinear
+from vpns_fast.masked_layers import (
+    GRANULARITIES,
+    MASKED_TYPES,
+    SCORE_INITS,
+    MaskedConv2d,
+    MaskedLinear,
+    MaskLaunchBatching,
+    remove_mask_launch_batching,
+)
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
 
@@ -63,6 +71,7 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
         from vpns_fast.structured import structure_resnet
 
         structure_resnet(model, cap_layers, cap_sparsity)
+    MaskLaunchBatching(model)  # one mask launch per forward on the triton backend
     return model
 
 
@@ -256,6 +265,7 @@ def fold(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every masked layer replaced by a plain Conv2d / Linear holding
     ``weight * mask``: a torchvision-compatible state_dict, no scores, thresholds or hooks."""
     folded = copy.deepcopy(model)
+    remove_mask_launch_batching(folded)
     for name, layer in masked_layers(folded):
         if isinstance(layer, MaskedConv2d):
             plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,

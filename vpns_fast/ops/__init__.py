@@ -8,7 +8,7 @@ from typing import Sequence
 
 import torch
 
-from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, score_mask_ref
+from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, masked_weight_ref, score_mask_ref
 from vpns_fast.kernels.prompt import IMAGENET_MEAN, IMAGENET_STD, PROMPT_KINDS, prompt_normalize_ref
 from vpns_fast.kernels.threshold import topk_threshold_ref
 from vpns_fast.ops.backends import (
@@ -27,11 +27,19 @@ register("torch", "topk_threshold", topk_threshold_ref)
 register("torch", "masked_conv2d", masked_conv2d_ref)
 register("torch", "masked_linear", masked_linear_ref)
 
+
+def _masked_weights_ref(weights, scores, thresholds):
+    return [masked_weight_ref(w, s, t) for w, s, t in zip(weights, scores, thresholds)]
+
+
+register("torch", "masked_weights", _masked_weights_ref)
+
 __all__ = [
     "BACKEND_NAMES", "BackendError", "IMAGENET_MEAN", "IMAGENET_STD", "PROMPT_KINDS",
     "backend_report", "forced_backend", "resolve", "use_backend",
     "pad_prompt", "fix_prompt", "random_prompt", "expansive_prompt", "prompt_normalize",
     "kth_index", "topk_threshold", "keep_all_threshold", "score_mask", "masked_conv2d", "masked_linear",
+    "masked_weights",
 ]
 
 
@@ -210,6 +218,26 @@ def masked_linear(x, weight, scores, threshold, bias=None):
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got {_describe(weight)}")
     return dispatch("masked_linear", x.device.type, x, weight, scores, threshold, bias)
+
+
+def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tensor],
+                   thresholds: torch.Tensor) -> list[torch.Tensor]:
+    """``[w * (|s| > t) for each layer]`` with the STE backward, for many layers in one call.
+
+    ``thresholds``: a 1-D tensor, one per layer. Weights share one dtype and device, scores one
+    dtype. The ``triton`` backend computes all of them in one launch (and one backward launch);
+    ``torch`` loops over the layers.
+    """
+    weights, scores = list(weights), list(scores)
+    if not weights or len(weights) != len(scores):
+        raise ValueError(f"masked_weights needs one score tensor per weight and at least one layer, got "
+                         f"{len(weights)} weights and {len(scores)} score tensors")
+    if not isinstance(thresholds, torch.Tensor) or thresholds.shape != (len(weights),):
+        raise ValueError(f"thresholds must be a 1-D tensor with one entry per layer ({len(weights)}), got "
+                         f"{_describe(thresholds)}")
+    for w, s in zip(weights, scores):
+        _check_masked(w, s, thresholds[0])
+    return dispatch("masked_weights", weights[0].device.type, weights, scores, thresholds)
 
 
 # The C++ backend registers its ops here; whether they run is decided per call by availability.

@@ -14,7 +14,7 @@ if HAS_TRITON:
     for module_name, op_names in (
         ("vpns_fast.kernels.prompt", ("prompt_normalize",)),
         ("vpns_fast.kernels.threshold", ("topk_threshold",)),
-        ("vpns_fast.kernels.masked", ("masked_conv2d", "masked_linear")),
+        ("vpns_fast.kernels.masked", ("masked_conv2d", "masked_linear", "masked_weights")),
     ):
         module = importlib.import_module(module_name)
         for op_name in op_names:

@@ -153,24 +153,30 @@ def _round_for_store(x, TO_BF16: tl.constexpr):
 
 
 @triton.jit
-def _prompt_pre_clamp(sample_ptr, program_ptr, c, y, x, valid, in_region, in_size, top,
-                      stride_ic, stride_iy, stride_ix, stride_pc, stride_py, stride_px,
-                      SIGMOID: tl.constexpr, IS_UINT8: tl.constexpr, FP64: tl.constexpr):
-    """One sample's image placed at (top, top), plus the prompt where ``in_region``: the value
-    before the clamp. The forward and the backward share it, so the backward's clamp condition is
-    computed exactly as the forward's."""
-    compute = tl.float64 if FP64 else tl.float32
+def _image_at(sample_ptr, c, y, x, valid, in_size, top, stride_ic, stride_iy, stride_ix,
+              IS_UINT8: tl.constexpr, FP64: tl.constexpr):
+    """One sample's image placed at (top, top), zero outside it, in the compute dtype."""
     iy = y - top
     ix = x - top
     in_image = valid & (iy >= 0) & (iy < in_size) & (ix >= 0) & (ix < in_size)
-    value = tl.load(sample_ptr + c * stride_ic + iy * stride_iy + ix * stride_ix, mask=in_image, other=0).to(compute)
+    value = tl.load(sample_ptr + c * stride_ic + iy * stride_iy + ix * stride_ix, mask=in_image, other=0)
+    value = value.to(tl.float64 if FP64 else tl.float32)
     if IS_UINT8:
         value = _div(value, 255.0, FP64)
-    prompt = tl.load(program_ptr + c * stride_pc + y * stride_py + x * stride_px,
-                     mask=valid & in_region, other=0).to(compute)
+    return value
+
+
+@triton.jit
+def _prompt_at(program_ptr, c, y, x, mask, stride_pc, stride_py, stride_px,
+               SIGMOID: tl.constexpr, FP64: tl.constexpr):
+    """The prompt added at (c, y, x): the program, or its sigmoid. The forward adds it to the
+    image and the backward recomputes ``image + prompt`` from the same operands, so the clamp
+    condition is bit-identical; the backward loads it once for all samples of a chunk."""
+    prompt = tl.load(program_ptr + c * stride_pc + y * stride_py + x * stride_px, mask=mask, other=0)
+    prompt = prompt.to(tl.float64 if FP64 else tl.float32)
     if SIGMOID:
         prompt = 1.0 / (1.0 + tl.exp(-prompt))
-    return tl.where(in_region, value + prompt, value)
+    return prompt
 
 
 @triton.jit
@@ -196,9 +202,10 @@ def _prompt_normalize_fwd_kernel(
     x = pixel % out_size
     in_box = (y >= y0) & (y < y1) & (x >= x0) & (x < x1)
     in_region = (~in_box) if OUTSIDE else in_box
-    value = _prompt_pre_clamp(images_ptr + b.to(tl.int64) * stride_ib, program_ptr, c, y, x, valid, in_region,
-                              in_size, top, stride_ic, stride_iy, stride_ix, stride_pc, stride_py, stride_px,
-                              SIGMOID, IS_UINT8, FP64)
+    value = _image_at(images_ptr + b.to(tl.int64) * stride_ib, c, y, x, valid, in_size, top,
+                      stride_ic, stride_iy, stride_ix, IS_UINT8, FP64)
+    prompt = _prompt_at(program_ptr, c, y, x, valid & in_region, stride_pc, stride_py, stride_px, SIGMOID, FP64)
+    value = tl.where(in_region, value + prompt, value)
     # NaN must survive the clamp as in torch (tl.minimum/maximum default to dropping it), so a
     # diverged program shows up as NaN instead of a plausible clamped value
     value = tl.minimum(tl.maximum(value, 0.0, propagate_nan=tl.PropagateNan.ALL), 1.0,
@@ -260,11 +267,11 @@ def _prompt_program_grad_kernel(
     sample_ptr = images_ptr + b_start.to(tl.int64) * stride_ib
     grad_sample_ptr = grad_ptr + b_start.to(tl.int64) * stride_gb
     acc = tl.zeros([BLOCK], dtype=tl.float64 if FP64 else tl.float32)
+    prompt = _prompt_at(program_ptr, c, y, x, valid, stride_pc, stride_py, stride_px, SIGMOID, FP64)
     # Samples in increasing order: the sum is the same on every run.
     for _ in range(b_start, tl.minimum(b_start + batch_chunk, B)):
-        value = _prompt_pre_clamp(sample_ptr, program_ptr, c, y, x, valid, valid, in_size, top,
-                                  stride_ic, stride_iy, stride_ix, stride_pc, stride_py, stride_px,
-                                  SIGMOID, IS_UINT8, FP64)
+        value = _image_at(sample_ptr, c, y, x, valid, in_size, top, stride_ic, stride_iy, stride_ix,
+                          IS_UINT8, FP64) + prompt
         g = tl.load(grad_sample_ptr + grad_offset, mask=valid, other=0).to(acc.dtype)
         acc += tl.where((value >= 0.0) & (value <= 1.0), _div(g, std, FP64), 0.0)
         sample_ptr += stride_ib

@@ -3,10 +3,10 @@ images (uint8 in [0, 255] or float in [0, 1], ``(B, 3, in, in)``) and returns ta
 
 Backends per device:
 
-* CPU: the network (the slim one when the masks are structured and the model is a ResNet, the
-  folded one otherwise) goes through :func:`vpns_fast.sparse_cpu.convert_for_cpu`, which picks the
-  sparse C++ kernel or dense torch per layer (``policy="measure"`` times both). When the extension
-  is missing, dense torch runs every layer and the reason is recorded in ``.decisions``.
+* CPU: the network (the slim one when the masks are structured and the model is a ResNet or a
+  VGG, the folded one otherwise) goes through :func:`vpns_fast.sparse_cpu.convert_for_cpu`, which
+  picks the sparse C++ kernel or dense torch per layer (``policy="measure"`` times both). When the
+  extension is missing, dense torch runs every layer and the reason is recorded in ``.decisions``.
 * CUDA: the slim dense network for structured masks, the folded dense network otherwise, both
   channels_last for cuDNN. (2:4 semi-structured sparsity is not used yet.)
 """
@@ -140,10 +140,10 @@ def _inference_network(source: dict, want_slim: bool) -> tuple[nn.Module, str, s
         return network, "folded", "not requested"
     if granularity not in ("channel", "kernel"):
         return network, "folded", f"masks are {granularity or 'absent'}, not structured"
-    from vpns_fast.slim import SlimError, slim_resnet
+    from vpns_fast.slim import SlimError, slim_model
 
     try:
-        slim, _, _ = slim_resnet(network)
+        slim, _, _ = slim_model(network)
     except SlimError as exc:
         return network, "folded", str(exc)
     return slim, "slim", None
@@ -169,8 +169,8 @@ def deploy(model_or_path, device: str | torch.device = "cpu", example_input_size
     ``(1, 3, in, in)``; 224 when a module comes without prompt or ``image_size``, which then accepts
     any image size), used by the CPU engine to measure. ``policy``: ``measure`` (per layer,
     sparse only if ``min_speedup`` times faster), ``sparse`` or ``dense``. ``slim``: slim structured
-    ResNets. For a module, ``prompt`` / ``label_mapping`` / ``mean`` / ``std`` / ``image_size``
-    describe the input path (a PromptedNetwork carries its own).
+    ResNets and VGGs. For a module, ``prompt`` / ``label_mapping`` / ``mean`` / ``std`` /
+    ``image_size`` describe the input path (a PromptedNetwork carries its own).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")

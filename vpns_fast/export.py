@@ -390,9 +390,9 @@ def export(checkpoint_or_payload, format: str, path, force: bool = False, *, sli
                          "weights_dense": sum(i["dense_bytes"] for i in layers.values())}
         _write_safetensors("sparse", tensors, meta, path, force)
     elif format == "slim":
-        from vpns_fast.slim import slim_resnet
+        from vpns_fast.slim import slim_model
 
-        model, architecture, report = slim_resnet(folded)
+        model, architecture, report = slim_model(folded)
         meta.update(architecture=architecture, channels=report,
                     channels_dropped=sum(r["dropped"] for r in report.values()))
         _write_safetensors("slim", model.state_dict(), meta, path, force)
@@ -528,9 +528,9 @@ class InferencePipeline(nn.Module):
 
 def onnx_pipeline(folded: nn.Module, meta: dict, slim: bool = False) -> InferencePipeline:
     if slim:
-        from vpns_fast.slim import slim_resnet
+        from vpns_fast.slim import slim_model
 
-        folded, _, _ = slim_resnet(folded)
+        folded, _, _ = slim_model(folded)
     stage = InputStage(meta.get("prompt"), meta.get("use_prompt", False), meta["normalization"]["mean"],
                        meta["normalization"]["std"])
     return InferencePipeline(stage, folded, _mapping_tensor(meta)).eval()

@@ -3,6 +3,7 @@
 TRITON_INTERPRET must be set before triton is imported, so it is set here, first.
 """
 import os
+import tempfile
 
 import torch
 
@@ -10,6 +11,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+# The masked-conv dispatch table (vpns_fast/ops/conv_dispatch.py): never the user's own.
+os.environ["VPNS_FAST_CONV_TABLE"] = os.path.join(tempfile.mkdtemp(prefix="vpns-fast-tests-"), "conv_dispatch.json")
 
 
 @pytest.fixture(autouse=True)

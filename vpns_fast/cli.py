@@ -256,6 +256,48 @@ def _cmd_bench_infer(args) -> int:
     return 0
 
 
+def _cmd_tune(args) -> int:
+    import warnings
+
+    import torch
+
+    from vpns_fast.environment import resolve_device
+    from vpns_fast.models import build_model
+    from vpns_fast.ops import conv_dispatch
+    from vpns_fast.pruning import set_density, sparsify
+
+    device = resolve_device(args.device)
+    if device.type != "cuda":
+        warnings.warn("tuning on a CPU times the Triton interpreter, not a GPU: the table it writes is only "
+                      "useful for testing", stacklevel=1)
+    model = sparsify(build_model(args.model, num_classes=args.num_classes), args.granularity)
+    set_density(model, args.density)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    model = model.to(device, memory_format=memory_format)
+    amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+    modes = {"train": (True,), "infer": (False,), "both": (True, False)}[args.mode]
+    rows = []
+    for batch in args.batch:
+        example = torch.rand(batch, 3, args.input_size, args.input_size, device=device)
+        example = example.contiguous(memory_format=memory_format)
+        for training in modes:
+            model.train(training)
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                for row in conv_dispatch.tune(model, example, training, path=args.table):
+                    rows.append({"batch": batch, **row})
+    path = args.table or conv_dispatch.default_table_path()
+    if args.json:
+        print(json.dumps({"table": path, "rows": rows}, indent=2))
+        return 0
+    print(f"{'batch':>5s}  {'mode':5s}  {'layer':24s} {'igemm ms':>9s} {'cudnn ms':>9s}  choice")
+    for r in rows:
+        key = json.loads(r["key"])
+        ms = {name: f"{r['ms'][name]:9.3f}" if name in r["ms"] else f"{'-':>9s}" for name in ("igemm", "cudnn")}
+        print(f"{r['batch']:5d}  {key['mode']:5s}  {r['layer']:24s} {ms['igemm']} {ms['cudnn']}  {r['choice']}")
+    print(f"table: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vpns", description="vpns_fast: prune vision models with visual "
                                      "prompts and weight masks (VPNs), fast.")
@@ -344,6 +386,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench_infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure")
     bench_infer.add_argument("--json", action="store_true")
     bench_infer.set_defaults(func=_cmd_bench_infer)
+
+    tune = sub.add_parser("tune", help="measure the masked-conv dispatch (Triton implicit GEMM vs cuDNN) for a "
+                          "model's shapes", description="Time both masked-conv implementations on every distinct "
+                          "conv shape of the sparsified model and record the faster one in the dispatch table "
+                          "that training and inference then use (see vpns_fast/ops/conv_dispatch.py).")
+    tune.add_argument("--model", default="resnet18")
+    tune.add_argument("--num-classes", type=int)
+    tune.add_argument("--input-size", type=int, default=224)
+    tune.add_argument("--batch", type=_csv(int), default=(256,), help="comma-separated batch sizes")
+    tune.add_argument("--granularity", choices=("unstructured", "kernel", "channel"), default="unstructured")
+    tune.add_argument("--density", type=float, default=0.1)
+    tune.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
+                      help="autocast dtype, as in `vpns prune --amp`")
+    tune.add_argument("--channels-last", action="store_true")
+    tune.add_argument("--mode", choices=("train", "infer", "both"), default="train",
+                      help="train: forward + backward timed (stage 1 and 2); infer: forward only")
+    tune.add_argument("--device", default="cuda")
+    tune.add_argument("--table", help="table file (default $VPNS_FAST_CONV_TABLE or "
+                      "~/.cache/vpns_fast/conv_dispatch.json)")
+    tune.add_argument("--json", action="store_true")
+    tune.set_defaults(func=_cmd_tune)
     return parser
 
 

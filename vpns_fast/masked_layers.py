@@ -133,10 +133,8 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        if self.batched_weight is not None:
-            return F.conv2d(x, self.batched_weight, self.bias, self.stride, padding, self.dilation, self.groups)
         return ops.masked_conv2d(x, self.mask_input_weight(), self.scores, self.threshold, self.bias, self.stride,
-                                 padding, self.dilation, self.groups)
+                                 padding, self.dilation, self.groups, masked_weight=self.batched_weight)
 
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"
@@ -153,9 +151,8 @@ class MaskedLinear(MaskedMixin, nn.Linear):
         return (linear.in_features, linear.out_features), {}
 
     def forward(self, x):
-        if self.batched_weight is not None:
-            return F.linear(x, self.batched_weight, self.bias)
-        return ops.masked_linear(x, self.weight, self.scores, self.threshold, self.bias)
+        return ops.masked_linear(x, self.weight, self.scores, self.threshold, self.bias,
+                                 masked_weight=self.batched_weight)
 
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, masked_weight_ref, score_mask_ref
 from vpns_fast.kernels.prompt import IMAGENET_MEAN, IMAGENET_STD, PROMPT_KINDS, prompt_normalize_ref
@@ -203,20 +204,32 @@ def _check_masked(weight, scores, threshold):
     return threshold
 
 
-def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """``conv2d(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``."""
+def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                  masked_weight=None):
+    """``conv2d(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``.
+
+    ``masked_weight``: that product already computed for this call (with its STE), as the
+    model-level mask batching does; it is convolved directly unless the triton backend's measured
+    dispatch picks the implicit-GEMM conv, which masks while loading weight tiles.
+    """
     threshold = _check_masked(weight, scores, threshold)
     if weight.dim() != 4:
         raise ValueError(f"weight must be (C_out, C_in/groups, kH, kW), got {_describe(weight)}")
-    return dispatch("masked_conv2d", x.device.type, x, weight, scores, threshold, bias, stride, padding,
-                    dilation, groups)
+    backend, impl = resolve("masked_conv2d", x.device.type)
+    if masked_weight is not None and (backend != "triton" or conv_dispatch.choose(
+            x, weight, scores, threshold, bias, stride, padding, dilation, groups) != "igemm"):
+        return F.conv2d(x, masked_weight, bias, stride, padding, dilation, groups)
+    return impl(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
 
 
-def masked_linear(x, weight, scores, threshold, bias=None):
-    """``linear(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``."""
+def masked_linear(x, weight, scores, threshold, bias=None, *, masked_weight=None):
+    """``linear(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``;
+    ``masked_weight`` as in :func:`masked_conv2d` (always used when given)."""
     threshold = _check_masked(weight, scores, threshold)
     if weight.dim() != 2:
         raise ValueError(f"weight must be (out_features, in_features), got {_describe(weight)}")
+    if masked_weight is not None:
+        return F.linear(x, masked_weight, bias)
     return dispatch("masked_linear", x.device.type, x, weight, scores, threshold, bias)
 
 
@@ -241,5 +254,6 @@ def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
 
 
 # The C++ backend registers its ops here; whether they run is decided per call by availability.
+from vpns_fast.ops import conv_dispatch  # noqa: E402
 from vpns_fast.ops import cpp_backend  # noqa: E402,F401
 from vpns_fast.ops import triton_backend  # noqa: E402,F401

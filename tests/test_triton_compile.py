@@ -58,6 +58,12 @@ def test_every_kernel_compiles(compiled, arch):
 
 
 @pytest.mark.parametrize("arch", ARCHES)
+def test_each_arch_gets_its_own_code(compiled, arch):
+    for name, entry in compiled[arch].items():
+        assert entry["ptx_targets"] == [f"sm_{arch}a" if arch == "90" else f"sm_{arch}"], name
+
+
+@pytest.mark.parametrize("arch", ARCHES)
 def test_no_accidental_fp64(compiled, arch):
     """fp64 runs at 1/2..1/64 of fp32 speed: only fp64 data or an explicit FP64 flag may use it
     (a Python float promoted in fp32 code would show up here)."""

@@ -52,7 +52,9 @@ class _CompileOnlyDriver:
         self.target = target
 
     def get_current_device(self):
-        return 0
+        # JITFunction caches compiled kernels per device: one "device" per target, or a second
+        # arch in the same process would silently reuse the first arch's kernels.
+        return self.target.arch
 
     def get_current_stream(self, device=None):
         return 0
@@ -142,7 +144,70 @@ def exercise_prompt():
                 prompt_program_grad(torch.randn(out.shape), images, program, kind, **kwargs)
 
 
-EXERCISES = (exercise_threshold, exercise_masked, exercise_prompt)
+def exercise_masked_conv():
+    """Every autotune config of each implicit-GEMM kernel once (bf16, channels_last, channel
+    counts that make K tiles channel runs), then one config across dtypes (fp32 as TF32 and
+    IEEE, bf16, fp16, fp64), layouts with and without channel-run tiles, score granularities,
+    both weight-gradient epilogues, the split reduction and the tile-skipping forward."""
+    from vpns_fast.kernels import masked_conv as C
+
+    t = torch.tensor(0.5)
+
+    def run(dtype, granularity="unstructured", channels_last=False, fwd=None, bwd_input=None, bwd_weight=None,
+            split=1, sparse=None, scores_dtype=None, need=(True, True)):
+        c_in, c_out = (64, 64) if channels_last else (24, 40)  # multiples of every BLOCK_K, or not
+        x = torch.randn(2, c_in, 9, 11, dtype=dtype)
+        if channels_last:
+            x = x.to(memory_format=torch.channels_last)
+        w = torch.randn(c_out, c_in, 3, 3, dtype=dtype)
+        s = torch.randn({"unstructured": w.shape, "kernel": (c_out, c_in, 1, 1),
+                         "channel": (c_out, 1, 1, 1)}[granularity], dtype=scores_dtype or dtype)
+        if channels_last:  # as model.to(memory_format=torch.channels_last) leaves conv weights
+            w, s = w.to(memory_format=torch.channels_last), s.to(memory_format=torch.channels_last)
+        if fwd is not None:
+            C.masked_conv2d_fwd(x, w, s, t, torch.randn(c_out, dtype=dtype), 2, 1, config=fwd)
+        if bwd_input is not None or bwd_weight is not None:
+            grad = torch.randn(2, c_out, 5, 6, dtype=dtype)
+            C.masked_conv2d_bwd(grad, x, w, s, t, 2, 1, 1, bwd_input is not None,
+                                bwd_weight is not None and need[0], bwd_weight is not None and need[1],
+                                weight_split=split, input_config=bwd_input, weight_config=bwd_weight)
+        if sparse is not None:
+            C.masked_conv2d_sparse(x, C.prepare_sparse_tiles(w, s, t), padding=1, config=sparse)
+
+    for config in C.FWD_CONFIGS:
+        run(torch.bfloat16, channels_last=True, fwd=config)
+    for config in C.BWD_INPUT_CONFIGS:
+        run(torch.bfloat16, channels_last=True, bwd_input=config)
+    for config in C.BWD_WEIGHT_CONFIGS:
+        run(torch.bfloat16, channels_last=True, bwd_weight=config)
+    for config in C.SPARSE_FWD_CONFIGS:
+        run(torch.bfloat16, "channel", channels_last=True, sparse=config)
+    one = dict(fwd=C.FWD_CONFIGS[3], bwd_input=C.BWD_INPUT_CONFIGS[3], bwd_weight=C.BWD_WEIGHT_CONFIGS[3])
+    precision = torch.backends.cudnn.conv.fp32_precision
+    try:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+        run(torch.float32, **one)
+        torch.backends.cudnn.conv.fp32_precision = "tf32"
+        for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+            for channels_last in (False, True):
+                run(dtype, channels_last=channels_last, **one)
+            if dtype in (torch.float32, torch.bfloat16):
+                for granularity in ("kernel", "channel"):  # fwd: gathered / hoisted scores; dL/dw_eff out
+                    run(dtype, granularity, fwd=one["fwd"], bwd_weight=one["bwd_weight"])
+                run(dtype, bwd_weight=one["bwd_weight"], split=3)  # float32 partial sums
+                for need in ((True, False), (False, True)):  # stage 2 (weights) / stage 1 (scores)
+                    run(dtype, bwd_weight=one["bwd_weight"], need=need)
+            if dtype != torch.bfloat16:
+                run(dtype, "channel", sparse=C.SPARSE_FWD_CONFIGS[0])
+        run(torch.bfloat16, fwd=one["fwd"], bwd_input=one["bwd_input"], bwd_weight=one["bwd_weight"],
+            scores_dtype=torch.float32)
+        run(torch.float32, fwd=one["fwd"], bwd_input=one["bwd_input"], bwd_weight=one["bwd_weight"],
+            scores_dtype=torch.float64)
+    finally:
+        torch.backends.cudnn.conv.fp32_precision = precision
+
+
+EXERCISES = (exercise_threshold, exercise_masked, exercise_prompt, exercise_masked_conv)
 
 
 def _expects_fp64(kernel) -> bool:
@@ -161,8 +226,9 @@ def report(arch: int, ptx_dir: str | None = None) -> dict:
     kernels: dict = {}
     for name, kernel in compiled:
         entry = kernels.setdefault(name, {"variants": 0, "shared_bytes_max": 0, "unexpected_fp64": [],
-                                          "ptx_counts": collections.Counter()})
+                                          "ptx_counts": collections.Counter(), "ptx_targets": set()})
         ptx = kernel.asm["ptx"]
+        entry["ptx_targets"].update(re.findall(r"^\.target\s+(\w+)", ptx, re.M))
         counts = {key: len(re.findall(pattern, ptx)) for key, pattern in PTX_PATTERNS.items()}
         entry["variants"] += 1
         entry["shared_bytes_max"] = max(entry["shared_bytes_max"], kernel.metadata.shared)
@@ -175,6 +241,7 @@ def report(arch: int, ptx_dir: str | None = None) -> dict:
                 f.write(ptx)
     for entry in kernels.values():
         entry["ptx_counts"] = dict(entry["ptx_counts"])
+        entry["ptx_targets"] = sorted(entry["ptx_targets"])
     return kernels
 
 

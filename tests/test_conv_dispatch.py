@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
+from vpns_fast.kernels._triton import HAS_TRITON
 from vpns_fast.kernels.masked import masked_conv2d_ref
 from vpns_fast.ops import conv_dispatch as cd
 from vpns_fast.pruning import set_density, sparsify
@@ -187,3 +188,19 @@ def test_vpns_tune_writes_the_table(table_path, monkeypatch, capsys):
     assert out["table"] == str(table_path) and {json.loads(r["key"])["mode"] for r in out["rows"]} == {"train", "infer"}
     saved = list(json.loads(table_path.read_text())["sections"].values())[0]
     assert len(saved) == len(out["rows"]) > 0
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+def test_igemm_candidate_matches_the_reference_and_follows_autocast():
+    """The real igemm candidate (interpreted on a CPU): plain, and under bf16 autocast where the
+    Triton op needs x and weight cast to one dtype as autocast casts F.conv2d's operands."""
+    igemm = cd.candidates()["igemm"]
+    x, w, s, t, *rest = conv_args()
+    torch.testing.assert_close(igemm(x, w, s, t, *rest), masked_conv2d_ref(x, w, s, t, *rest), rtol=1e-4, atol=1e-4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = igemm(x, w.requires_grad_(), s, t, *rest)
+        expected = masked_conv2d_ref(x, w, s, t, *rest)
+    assert out.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
+    out.float().sum().backward()
+    assert w.grad is not None and w.grad.dtype == torch.float32

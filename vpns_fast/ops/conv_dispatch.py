@@ -194,7 +194,18 @@ def candidates() -> dict[str, Callable]:
         from vpns_fast.kernels.masked_conv import masked_conv2d_igemm
     except ImportError:  # pragma: no cover - the kernel file ships with the package
         return found
-    found["igemm"] = masked_conv2d_igemm
+
+    def igemm(x, weight, scores, threshold, bias, stride, padding, dilation, groups):
+        # The Triton op is not autocast-aware and wants x and weight in one dtype: cast them as
+        # autocast casts F.conv2d's operands (the casts are differentiable; scores stay as they are).
+        dtype = _autocast_dtype(x.device)
+        if dtype is not None:
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(x.device.type, enabled=False):
+            return masked_conv2d_igemm(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
+
+    found["igemm"] = igemm
     return found
 
 
@@ -219,7 +230,7 @@ def measure(x, weight, scores, threshold, bias, stride, padding, dilation, group
                     torch.autograd.grad(out, leaves, torch.ones_like(out))
         try:
             step()
-        except (ValueError, NotImplementedError, RuntimeError) as error:
+        except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
             if isinstance(error, RuntimeError) and "out of memory" in str(error).lower():
                 raise
             times[name] = float("inf")

@@ -55,3 +55,29 @@ TRAIN_STEP_TARGET_CLASSES = 10
 def train_step_pad(image_size: int) -> int:
     """The release's pad of 16 at 224, scaled to smaller images (at least 2 pixels)."""
     return max(2, image_size * PROMPT_PAD // PROMPT_OUT_SIZE)
+
+
+@functools.lru_cache(maxsize=None)
+def conv_layers(model_name: str, image_size: int) -> tuple[tuple[str, tuple, tuple, tuple], ...]:
+    """(name, weight shape, input shape [C, H, W], stride) of each Conv2d in forward order, found by a
+    forward pass on the meta device (nothing allocated), the first of each distinct shape triple only."""
+    import torchvision
+    from torch import nn
+
+    with torch.device("meta"):
+        model = getattr(torchvision.models, model_name)().eval()
+        found = []
+        handles = [m.register_forward_pre_hook(
+            lambda m, inputs, name=name: found.append((name, tuple(m.weight.shape), tuple(inputs[0].shape[1:]),
+                                                       tuple(m.stride))))
+                   for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+        with torch.no_grad():
+            model(torch.empty(1, 3, image_size, image_size))
+        for handle in handles:
+            handle.remove()
+    distinct, seen = [], set()
+    for name, weight_shape, input_shape, stride in found:
+        if (weight_shape, input_shape, stride) not in seen:
+            seen.add((weight_shape, input_shape, stride))
+            distinct.append((name, weight_shape, input_shape, stride))
+    return tuple(distinct)

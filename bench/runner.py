@@ -13,7 +13,7 @@ import torch
 from bench.cases import CASES
 from bench.cases.common import Workload, canonical_dtype_name
 from bench.environment import REPO_ROOT, environment_fields
-from bench.timing import CPU_WARMUP_SECONDS, measured_copy_bandwidth, time_calls
+from bench.timing import CPU_WARMUP_SECONDS, measured_copy_bandwidth, measured_matmul_peak, time_calls
 from vpns_fast import ops
 
 SCHEMA = "vpns_fast.bench/1"
@@ -56,6 +56,7 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                for c in workload.candidates if c.run is not None and c.name not in errors}
     baseline_medians = {name: timings[name].median_ms for name in workload.baseline_names if name in timings}
     config = workload.config
+    peak_flops = measured_matmul_peak(device_type, config.dtype) if workload.flops else None
     rows = []
     for candidate in workload.candidates:
         timing = timings.get(candidate.name)
@@ -67,13 +68,17 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                "repeats": None, "input_copies": len(workload.inputs), "bytes_moved": workload.bytes_moved,
                "gb_per_s": None, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9 if ceiling_bytes_per_s else None,
                "fraction_of_ceiling": None, "images_per_s": None, "speedup": {},
-               "setup_seconds": candidate.setup_seconds}
+               "setup_seconds": candidate.setup_seconds, "flops": workload.flops, "tflop_per_s": None,
+               "peak_tflop_per_s": peak_flops / 1e12 if peak_flops else None, "fraction_of_peak": None}
         if timing:
             row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                        repeats=timing.repeats,
                        speedup={name: median / timing.median_ms for name, median in baseline_medians.items()})
             if workload.images_per_call:
                 row["images_per_s"] = workload.images_per_call / (timing.median_ms / 1e3)
+            if workload.flops:
+                row["tflop_per_s"] = workload.flops / (timing.median_ms / 1e3) / 1e12
+                row["fraction_of_peak"] = row["tflop_per_s"] * 1e12 / peak_flops
             if workload.bytes_moved:
                 bytes_per_s = workload.bytes_moved / (timing.median_ms / 1e3)
                 row["gb_per_s"] = bytes_per_s / 1e9
@@ -89,15 +94,17 @@ def format_table(rows: list[dict], baseline_names: list[str]) -> str:
              f"| {first['input_copies']} input copies"]
     width = max(13, 2 + max(len(row["impl"]) for row in rows))
     columns = {name: max(14, 4 + len(name)) for name in baseline_names}
-    header = f"  {'impl':<{width}}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s':>9}{'%ceil':>7}{'img/s':>9}"
+    header = f"  {'impl':<{width}}{'median ms':>11}{'p20 ms':>10}{'p80 ms':>10}{'GB/s|TF':>9}{'%ceil':>7}{'img/s':>9}"
     header += "".join(f"{'vs ' + name:>{columns[name]}}" for name in baseline_names)
     lines.append(header)
     for row in rows:
         if row["status"] != "ok":
             lines.append(f"  {row['impl']:<{width}}{row['status'].upper()}: {row['error'] or row['skip_reason']}")
             continue
-        bandwidth = f"{row['gb_per_s']:9.2f}" if row["gb_per_s"] is not None else f"{'-':>9}"
-        fraction = f"{100 * row['fraction_of_ceiling']:6.1f}%" if row["fraction_of_ceiling"] else f"{'-':>7}"
+        bandwidth = f"{row['gb_per_s']:9.2f}" if row["gb_per_s"] is not None else \
+            f"{row['tflop_per_s']:6.1f}TF" if row["tflop_per_s"] is not None else f"{'-':>9}"
+        fraction = row["fraction_of_ceiling"] or row["fraction_of_peak"]
+        fraction = f"{100 * fraction:6.1f}%" if fraction else f"{'-':>7}"
         images = f"{row['images_per_s']:9.1f}" if row["images_per_s"] is not None else f"{'-':>9}"
         speedups = "".join(f"{row['speedup'][n]:{columns[n] - 1}.2f}x" if n in row["speedup"] else f"{'-':>{columns[n]}}"
                            for n in baseline_names)

@@ -21,9 +21,9 @@ ROW_FIELDS = {
     "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
-    "speedup", "setup_seconds",
+    "speedup", "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak",
 }
-CASE_NAMES = ["threshold", "prompt", "masked", "train_step"]
+CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step"]
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +55,8 @@ def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
     # The torch backend (the library path for a training step) and the reference baselines are
     # always there to be timed.
     for case, expected in (("threshold", {"torch", "release"}), ("prompt", {"torch", "eager"}),
-                           ("masked", {"torch", "eager"}), ("train_step", {"vpns_fast", "release", "dense"})):
+                           ("masked", {"torch", "eager"}), ("conv", {"torch", "eager"}),
+                           ("train_step", {"vpns_fast", "release", "dense"})):
         impls = {row["impl"] for row in measured if row["case"] == case}
         assert expected <= impls, (case, impls)
     for row in measured:
@@ -82,6 +83,21 @@ def test_masked_rows(smoke_rows):
         assert row["images_per_s"] is None
         if row["status"] == "ok":
             assert row["gb_per_s"] > 0 and row["fraction_of_ceiling"] > 0
+
+
+def test_conv_rows(smoke_rows):
+    rows = [row for row in smoke_rows if row["case"] == "conv"]
+    assert {row["mode"] for row in rows} == {"fwd", "bwd", "full"}
+    assert {row["impl"] for row in rows} == {"eager", "compiled", "torch", "triton", "cpp", "cudnn", "igemm"}
+    for row in rows:
+        p = row["params"]
+        n, _, h, w = p["input_shape"]
+        c_out, c_in, k, _ = p["weight_shape"]
+        side = (h + 2 * p["padding"] - k) // p["stride"] + 1
+        assert row["flops"] == {"fwd": 1, "bwd": 2, "full": 3}[row["mode"]] * 2 * n * c_out * side * side * c_in * k * k
+        if row["status"] == "ok":
+            assert row["tflop_per_s"] > 0 and row["peak_tflop_per_s"] > 0
+            assert row["fraction_of_peak"] == pytest.approx(row["tflop_per_s"] / row["peak_tflop_per_s"])
 
 
 def test_train_step_rows(smoke_rows):

@@ -50,6 +50,7 @@ class Workload:
     compare: Callable[[Any, Any, str], None]  # raises VerificationError
     bytes_moved: int | None = None  # minimal bytes read + written by one call
     images_per_call: int | None = None  # images one call processes (a training step's batch)
+    flops: int | None = None  # floating-point operations of one call (compute-bound ops)
     notes: dict = field(default_factory=dict)
 
     def candidate(self, name: str) -> Candidate:

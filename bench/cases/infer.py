@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench.cases.common import Candidate, Config, VerificationError, Workload
+from bench.registry import conv_layers
 from bench.timing import input_copy_count
 from vpns_fast import sparse_cpu
 
@@ -65,31 +66,6 @@ DESCRIPTION = ("sparse CPU inference of magnitude-pruned ResNet-18/50 (uniform a
                "0.5-0.05): per Conv2d layer and end to end; impl sparse_cpu (SparseConv2d, convert_for_cpu "
                "policy=measure); baselines: dense (torch), torch_sparse_csr (CSR + unfold, per layer), "
                "dense_separable_pool (end to end); CPU only")
-
-
-@functools.lru_cache(maxsize=None)
-def conv_layers(model_name: str, image_size: int) -> tuple[tuple[str, tuple, tuple, tuple], ...]:
-    """(name, weight shape, input shape [C, H, W], stride) of each Conv2d in forward order, found by a
-    forward pass on the meta device (nothing allocated), the first of each distinct shape triple only."""
-    import torchvision
-
-    with torch.device("meta"):
-        model = getattr(torchvision.models, model_name)().eval()
-        found = []
-        handles = [m.register_forward_pre_hook(
-            lambda m, inputs, name=name: found.append((name, tuple(m.weight.shape), tuple(inputs[0].shape[1:]),
-                                                       tuple(m.stride))))
-                   for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
-        with torch.no_grad():
-            model(torch.empty(1, 3, image_size, image_size))
-        for handle in handles:
-            handle.remove()
-    distinct, seen = [], set()
-    for name, weight_shape, input_shape, stride in found:
-        if (weight_shape, input_shape, stride) not in seen:
-            seen.add((weight_shape, input_shape, stride))
-            distinct.append((name, weight_shape, input_shape, stride))
-    return tuple(distinct)
 
 
 def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> list[Config]:

@@ -88,7 +88,11 @@ def test_masked_rows(smoke_rows):
 def test_conv_rows(smoke_rows):
     rows = [row for row in smoke_rows if row["case"] == "conv"]
     assert {row["mode"] for row in rows} == {"fwd", "bwd", "full"}
-    assert {row["impl"] for row in rows} == {"eager", "compiled", "torch", "triton", "cpp", "cudnn", "igemm"}
+    assert {row["impl"] for row in rows} == {"eager", "compiled", "torch", "triton", "cpp", "cudnn", "igemm",
+                                             "igemm_tiles"}
+    assert {(row["params"]["granularity"], row["mode"]) for row in rows} == {
+        ("unstructured", "fwd"), ("unstructured", "bwd"), ("unstructured", "full"), ("kernel", "fwd"),
+        ("channel", "fwd")}
     for row in rows:
         p = row["params"]
         n, _, h, w = p["input_shape"]

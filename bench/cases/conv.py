@@ -2,8 +2,10 @@
 
 Measurement points: every distinct Conv2d of torchvision ResNet-18 and ResNet-50 at 224 (weight,
 input and stride; padding ``k // 2`` as in those models), batch 64 and 256, float32 and bfloat16
-(x, weight and scores in that dtype), density 0.1 unstructured, modes ``fwd`` (no grad),
-``bwd`` (the backward of a recorded forward, to x, weight and scores) and ``full`` (both). CUDA
+(x, weight and scores in that dtype), density 0.1 (each layer's own top 10%), unstructured scores
+in modes ``fwd`` (no grad), ``bwd`` (the backward of a recorded forward, to x, weight and scores)
+and ``full`` (both), and kernel / channel scores in mode ``fwd`` (where the tile-skipping
+inference variant can apply; ``params.kept_tile_fraction`` says how much it can skip). CUDA
 only; ``--sizes small`` is a smoke test (three ResNet-18 shapes at batch 2 and 32 px, which on a
 CPU runs the triton paths through the interpreter and skips timing them).
 
@@ -12,6 +14,8 @@ Implementations:
   ``vpns_fast/ops/conv_dispatch.py`` (run ``vpns tune`` first, else it is ``cudnn``);
 * ``cudnn`` - the fused mask kernel then cuDNN (``kernels/masked.py``);
 * ``igemm`` - the Triton implicit-GEMM masked conv (``kernels/masked_conv.py``);
+* ``igemm_tiles`` - its inference variant for a fixed mask, visiting only weight tiles that keep
+  a weight (``prepare_sparse_tiles`` once in setup, then ``masked_conv2d_sparse``; fwd only);
 * ``torch`` (backend) - the reference autograd Function, then cuDNN.
 Baselines: ``eager`` (the release style: ``w * (mask + |s| - |s|.detach())`` then ``F.conv2d``;
 the reference outputs are checked against) and ``compiled`` (``torch.compile(mode="max-autotune")``
@@ -44,7 +48,10 @@ POINTS = {"full": (("resnet18", "resnet50"), (64, 256), 224), "small": (("resnet
 SMALL_LAYER_COUNT = 3
 BASELINES = ["eager", "compiled"]
 BASELINE_NAMES = tuple(BASELINES)
-EXTRA_IMPLS = ("cudnn", "igemm")
+EXTRA_IMPLS = ("cudnn", "igemm", "igemm_tiles")
+# (granularity, modes): the training directions on unstructured scores; structured scores in
+# inference, where whole weight tiles can be skipped.
+GRANULARITY_MODES = (("unstructured", MODES), ("kernel", ("fwd",)), ("channel", ("fwd",)))
 RELATIVE_TOLERANCE = {"float32": 2e-2, "bfloat16": 5e-2, "float16": 2e-2}
 DESCRIPTION = ("one masked conv2d with the STE per distinct ResNet-18/50 conv shape, batch 64/256, fp32/bf16, "
                "modes fwd/bwd/full; impls: triton (measured dispatch), cudnn (fused mask + cuDNN), igemm "
@@ -64,14 +71,16 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
             layers = layers[:SMALL_LAYER_COUNT]
         for name, weight_shape, input_shape, stride in layers:
             for batch in batches:
-                for dtype in chosen:
-                    for mode in MODES:
-                        shape = (f"{model_name} {name} w={list(weight_shape)} x={[batch, *input_shape]} "
-                                 f"s={stride[0]}")
-                        points.append(Config(NAME, shape, dtype, mode, {
-                            "model": model_name, "layer": name, "sizes": sizes, "batch": batch,
-                            "weight_shape": list(weight_shape), "input_shape": [batch, *input_shape],
-                            "stride": stride[0], "padding": weight_shape[-1] // 2, "density": DENSITY}))
+                for granularity, modes in GRANULARITY_MODES:
+                    for dtype in chosen:
+                        for mode in modes:
+                            shape = (f"{model_name} {name} w={list(weight_shape)} x={[batch, *input_shape]} "
+                                     f"s={stride[0]} {granularity}")
+                            points.append(Config(NAME, shape, dtype, mode, {
+                                "model": model_name, "layer": name, "sizes": sizes, "batch": batch,
+                                "weight_shape": list(weight_shape), "input_shape": [batch, *input_shape],
+                                "stride": stride[0], "padding": weight_shape[-1] // 2, "density": DENSITY,
+                                "granularity": granularity}))
     return points
 
 
@@ -163,7 +172,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     generator = torch.Generator(device=device_type).manual_seed(seed)
     fan_in = p["weight_shape"][1] * p["weight_shape"][2] * p["weight_shape"][3]
     weight32 = torch.randn(p["weight_shape"], generator=generator, device=device_type) * (2 / fan_in) ** 0.5
-    scores = initial_scores(weight32, "unstructured", "scaled").to(dtype)
+    scores = initial_scores(weight32, p["granularity"], "scaled").to(dtype)
     threshold = ops.topk_threshold(scores, DENSITY)
     grad = mode != "fwd"
     x = torch.randn(p["input_shape"], generator=generator, device=device_type).to(dtype)
@@ -182,9 +191,10 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         candidates.append(Candidate(backend, "backend", None if reason else _mode_runner(impls[backend], mode),
                                     reason))
     triton_reason = backend_skip_reason(OP_NAME, "triton", device_type)
-    for name in EXTRA_IMPLS:
+    for name in ("cudnn", "igemm"):
         candidates.append(Candidate(name, "backend", None if triton_reason else _mode_runner(impls[name], mode),
                                     triton_reason))
+    candidates.append(_tiles_candidate(inputs[0], p, mode, triton_reason))
     return Workload(config, inputs, candidates, list(BASELINES), make_compare(config.dtype),
                     flops=conv_flops(p["input_shape"], p["weight_shape"], p["stride"], p["padding"], mode),
                     images_per_call=p["batch"],
@@ -205,3 +215,19 @@ def _compiled_candidate(compile_baselines, eager, mode, first_input) -> Candidat
         first_line = (str(exc).strip().splitlines() or [""])[0][:300]
         return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
     return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)
+
+
+def _tiles_candidate(first_input, p, mode, triton_reason) -> Candidate:
+    if mode != "fwd":
+        return Candidate("igemm_tiles", "backend", None, "inference only: the tile-skipping variant has no backward")
+    if triton_reason:
+        return Candidate("igemm_tiles", "backend", None, triton_reason)
+    from vpns_fast.kernels.masked_conv import masked_conv2d_sparse, prepare_sparse_tiles
+
+    _, weight, scores, threshold, _ = first_input
+    tiles = prepare_sparse_tiles(weight.detach(), scores.detach(), threshold)
+    p["kept_tile_fraction"] = tiles.kept_tile_fraction
+
+    def run(inputs):
+        return masked_conv2d_sparse(inputs[0], tiles, None, p["stride"], p["padding"])
+    return Candidate("igemm_tiles", "backend", run)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Iterable, TextIO
 
@@ -116,9 +117,10 @@ def format_table(rows: list[dict], baseline_names: list[str]) -> str:
 def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "full", dtypes: list[str] | None = None,
               repeats: int | None = None, out_path: str | None = None, threads: int | None = None,
               compile_baselines: bool = True, cpu_warmup_seconds: float = CPU_WARMUP_SECONDS,
-              stream: TextIO | None = sys.stdout) -> list[dict]:
+              stream: TextIO | None = sys.stdout, match: str | None = None) -> list[dict]:
     """Measure the named cases; append their rows to ``out_path`` (JSON Lines) and return them.
-    The table goes to ``stream``; None runs quietly."""
+    The table goes to ``stream``; None runs quietly. ``match``: a regular expression; only the
+    measurement points whose shape contains a match are run."""
     case_names = list(case_names)
     unknown = [name for name in case_names if name not in CASES]
     if unknown:
@@ -139,6 +141,8 @@ def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "f
     for case_name in case_names:
         case = CASES[case_name]
         configs = case.configs(device, sizes, dtypes)
+        if match is not None:
+            configs = [config for config in configs if re.search(match, config.shape)]
         if not configs and stream:
             print(f"\n{case_name}: no measurement point on {device} with dtype(s) {dtypes or 'default'}; it "
                   f"supports {', '.join(case.SUPPORTED_DTYPES)}", file=stream)
@@ -187,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, help="CPU threads (default: all cores); recorded in each row")
     parser.add_argument("--out", help="JSON Lines file the rows are appended to "
                                       "(default bench/results/local-<device>.jsonl)")
+    parser.add_argument("--match", metavar="REGEX", help="run only the measurement points whose shape matches, "
+                        "e.g. 'end-to-end B=1 ' or 'resnet50'")
     parser.add_argument("--no-compile", dest="compile_baselines", action="store_false",
                         help="skip the torch.compile baselines (they take minutes to compile on a CPU)")
     return parser
@@ -204,7 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         build_parser().error(f"unknown case(s) {unknown}; known: {', '.join(CASES)}")
     rows = run_cases(case_names, device=args.device, sizes=args.sizes, dtypes=args.dtypes, repeats=args.repeats,
-                     out_path=args.out, threads=args.threads, compile_baselines=args.compile_baselines)
+                     out_path=args.out, threads=args.threads, compile_baselines=args.compile_baselines,
+                     match=args.match)
     failed = sorted({row["impl"] for row in rows if row["status"] == "error"})
     if failed:
         print(f"\nFAILED: {', '.join(failed)} raised instead of running (rows with status 'error')", file=sys.stderr)

@@ -7,6 +7,10 @@ from vpns_fast.ops import backend_report
 
 # Interpreted Triton costs ~0.1 s a call on the CPU: those tests get a reduced matrix.
 INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
+# Tests of the Triton kernels on the default device (CUDA, else CPU through the interpreter).
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_triton = pytest.mark.skipif(
+    not backend_report()["triton"]["devices"][TRITON_DEVICE]["available"], reason="triton cannot run here")
 
 
 def backends_for(op: str) -> list[str]:

@@ -17,12 +17,9 @@ import torch.nn.functional as F
 
 from vpns_fast import ops
 from vpns_fast.kernels import masked as M
-from vpns_fast.kernels._triton import HAS_TRITON
+from helpers import requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not ops.backend_report()["triton"]["devices"]["cpu" if not torch.cuda.is_available()
-                                                                      else "cuda"]["available"],
-    reason="triton cannot run here")
+pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRANULARITIES = ("unstructured", "kernel", "channel")

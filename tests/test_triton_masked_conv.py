@@ -25,15 +25,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vpns_fast import ops
 from vpns_fast.kernels import masked_conv as C
-from vpns_fast.kernels._triton import HAS_TRITON, triton
+from vpns_fast.kernels._triton import triton
 from vpns_fast.kernels.masked import masked_conv2d_ref
+from helpers import requires_triton
 
-pytestmark = pytest.mark.skipif(
-    not HAS_TRITON or not ops.backend_report()["triton"]["devices"]["cpu" if not torch.cuda.is_available()
-                                                                      else "cuda"]["available"],
-    reason="triton cannot run here")
+pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRANULARITIES = ("unstructured", "kernel", "channel")

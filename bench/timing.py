@@ -119,13 +119,22 @@ _MATMUL_PEAKS: dict = {}
 def measured_matmul_peak(device_type: str, dtype_name: str) -> float:
     """FLOP/s of a large dense matmul in ``dtype_name`` on this device, measured once per run:
     the practical compute ceiling that compute-bound ops (convolutions) are compared against.
-    float32 follows the process's TF32 setting (``torch.backends.cuda.matmul.allow_tf32``)."""
-    key = (device_type, dtype_name)
+    float32 follows the convolutions' TF32 setting (``torch.backends.cudnn.allow_tf32``)."""
+    # Convolutions use TF32 when cuDNN may (default on) while matmuls default to IEEE fp32: the
+    # float32 peak is measured under the convolutions' setting, else conv rows could exceed 100%.
+    tf32 = torch.backends.cudnn.allow_tf32
+    key = (device_type, dtype_name, tf32)
     if key not in _MATMUL_PEAKS:
         size = 8192 if device_type == "cuda" else 1024
         dtype = getattr(torch, dtype_name)
         a = torch.randn(size, size, device=device_type).to(dtype)
         b = torch.randn(size, size, device=device_type).to(dtype)
-        timing = time_calls(lambda _: a @ b, [None], repeats=10, device_type=device_type, cpu_warmup_seconds=0.0)
+        previous = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        try:
+            timing = time_calls(lambda _: a @ b, [None], repeats=10, device_type=device_type,
+                                cpu_warmup_seconds=0.0)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = previous
         _MATMUL_PEAKS[key] = 2 * size ** 3 / (timing.median_ms / 1e3)
     return _MATMUL_PEAKS[key]

@@ -40,6 +40,11 @@ def masked_weight_ref(weight, scores, threshold):
     return MaskedWeightFunction.apply(weight, scores, threshold)
 
 
+def masked_weights_ref(weights, scores, thresholds):
+    """:func:`masked_weight_ref` of each layer; ``thresholds`` holds one entry per layer."""
+    return [masked_weight_ref(w, s, t) for w, s, t in zip(weights, scores, thresholds)]
+
+
 def masked_conv2d_ref(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
     return F.conv2d(x, masked_weight_ref(weight, scores, threshold), bias, stride, padding, dilation, groups)
 
@@ -467,6 +472,9 @@ def _device_table(values: list[int], device: torch.device) -> torch.Tensor:
     alive until the copy is done."""
     table = torch.tensor(values, dtype=torch.int64)
     if torch.device(device).type == "cuda":
+        if torch.cuda.is_current_stream_capturing():  # a graph would replay a recycled host buffer
+            raise RuntimeError("the multi-layer masked-weight ops cannot be captured in a CUDA graph: their "
+                               "pointer table is copied from host memory on every call")
         return table.pin_memory().to(device, non_blocking=True)
     return table.to(device)
 

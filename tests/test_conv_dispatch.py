@@ -53,9 +53,9 @@ def conv_args(channels_last=False, dtype=torch.float32):
     return x, w, torch.randn_like(w), torch.tensor(0.5), None, 1, 1, 1, 1
 
 
-def key_of(args, training=False):
+def key_of(args, grads=(False, False, False)):
     x, w, s, _, bias, stride, padding, dilation, groups = args
-    return cd.call_key(x, w, s, bias, stride, padding, dilation, groups, training)
+    return cd.call_key(x, w, s, bias, stride, padding, dilation, groups, grads)
 
 
 def test_keys_separate_what_changes_speed():
@@ -64,7 +64,15 @@ def test_keys_separate_what_changes_speed():
     assert key_of(conv_args()) == base
     assert key_of(conv_args(channels_last=True)) != base
     assert key_of(conv_args(dtype=torch.float64)) != base
-    assert key_of(conv_args(), training=True) != base
+    assert key_of(conv_args(), grads=cd.GRADS["search"]) != key_of(conv_args(), grads=cd.GRADS["finetune"]) != base
+    x, w, s, *rest = conv_args()
+    assert key_of((x, w, s.double(), *rest)) != base  # the scores' dtype
+    previous = torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cudnn.allow_tf32 = not previous
+        assert key_of(conv_args()) != base  # TF32 changes the speed of both candidates
+    finally:
+        torch.backends.cudnn.allow_tf32 = previous
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert json.loads(key_of(conv_args()))["autocast"] == "bfloat16"
 
@@ -134,9 +142,19 @@ def test_autotune_measures_once_and_saves(table_path, monkeypatch):
 def test_measure_times_each_candidate_and_marks_refusals(monkeypatch):
     fakes = FakeCandidates(monkeypatch, refuse_igemm=True)
     ticks = iter([7.0])
-    times = cd.measure(*conv_args(), training=True, timer=lambda fn: (fn(), next(ticks))[1])
+    times = cd.measure(*conv_args(), grads=(True, True, True), timer=lambda fn: (fn(), next(ticks))[1],
+                       premasked=False)
     assert times == {"igemm": float("inf"), "cudnn": 7.0}
     assert [name for name, _ in fakes.calls] == ["igemm", "cudnn", "cudnn"]  # try, try, timed run
+
+
+def test_measure_times_cudnn_on_a_premasked_weight_by_default(monkeypatch):
+    """Under model-level mask batching cuDNN convolves an already masked weight: the mask launch
+    and the STE are shared by all layers, so the cudnn candidate is timed without them."""
+    fakes = FakeCandidates(monkeypatch)
+    times = cd.measure(*conv_args(), grads=cd.GRADS["search"], timer=lambda fn: (fn(), 3.0)[1])
+    assert times == {"igemm": 3.0, "cudnn": 3.0}
+    assert {name for name, _ in fakes.calls} == {"igemm"}  # the fake cudnn (mask + conv) never ran
 
 
 def test_dispatch_runs_the_chosen_candidate(table_path, monkeypatch):
@@ -167,7 +185,7 @@ def test_tune_records_every_distinct_conv(table_path, monkeypatch):
     model = sparsify(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1),
                                    nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 36, 2)))
     set_density(model, 0.5)
-    rows = cd.tune(model, torch.randn(2, 3, 6, 6), training=True, timer=lambda fn: (fn(), 1.0)[1])
+    rows = cd.tune(model, torch.randn(2, 3, 6, 6), "search", timer=lambda fn: (fn(), 1.0)[1])
     assert [r["layer"] for r in rows] == ["0", "2"]  # layer 4 has layer 2's shape
     assert all(r["choice"] == "cudnn" for r in rows)  # a tie keeps cudnn
     saved = json.loads(table_path.read_text())["sections"]
@@ -182,7 +200,7 @@ def test_vpns_tune_writes_the_table(table_path, monkeypatch, capsys):
     FakeCandidates(monkeypatch)
     monkeypatch.setattr(cd, "_wall_timer", lambda fn: (fn(), 1.0)[1])
     with pytest.warns(UserWarning, match="Triton interpreter"):
-        assert main(["tune", "--model", "small_resnet", "--input-size", "16", "--batch", "2", "--mode", "both",
+        assert main(["tune", "--model", "small_resnet", "--input-size", "16", "--batch", "2", "--stage", "all",
                      "--device", "cpu", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["table"] == str(table_path) and {json.loads(r["key"])["mode"] for r in out["rows"]} == {"train", "infer"}
@@ -198,9 +216,26 @@ def test_igemm_candidate_matches_the_reference_and_follows_autocast():
     x, w, s, t, *rest = conv_args()
     torch.testing.assert_close(igemm(x, w, s, t, *rest), masked_conv2d_ref(x, w, s, t, *rest), rtol=1e-4, atol=1e-4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = igemm(x, w.requires_grad_(), s, t, *rest)
-        expected = masked_conv2d_ref(x, w, s, t, *rest)
+        with pytest.raises(TypeError, match="needs torch.bfloat16 weights"):  # fp32 master weights
+            igemm(x, w, s, t, *rest)
+        w16 = w.to(torch.bfloat16).requires_grad_()
+        out = igemm(x, w16, s, t, *rest)  # x is cast as autocast casts F.conv2d's input
+        expected = masked_conv2d_ref(x, w16, s, t, *rest)
     assert out.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(out.float(), expected.float(), rtol=2e-2, atol=2e-2)
     out.float().sum().backward()
-    assert w.grad is not None and w.grad.dtype == torch.float32
+    assert w16.grad is not None and w16.grad.dtype == torch.bfloat16
+
+
+def test_choose_is_fixed_in_deterministic_mode_and_survives_an_unwritable_table(table_path, monkeypatch):
+    args = conv_args()
+    cd.table().record(cd.device_section(args[0].device), key_of(args), {"igemm": 1.0, "cudnn": 2.0})
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    assert cd.choose(*args) == "cudnn"
+    monkeypatch.undo()
+    monkeypatch.setenv("VPNS_FAST_CONV_TABLE", "/proc/no_such_folder/table.json")
+    monkeypatch.setenv("VPNS_FAST_CONV_AUTOTUNE", "1")
+    monkeypatch.setattr(cd, "_TABLES", {})
+    monkeypatch.setattr(cd, "measure", lambda *a, **k: {"igemm": 1.0, "cudnn": 4.0})
+    with pytest.warns(UserWarning, match="not saved"):
+        assert cd.choose(*args) == "igemm"  # the forward goes on; the entry lives in memory

@@ -133,3 +133,44 @@ def test_masked_weights_op_checks_its_arguments():
         ops.masked_weights([w, w], [s], torch.zeros(2))
     with pytest.raises(ValueError, match="do not broadcast"):
         ops.masked_weights([w], [torch.randn(3, 4)], torch.zeros(1))
+
+
+def test_a_forward_interrupted_by_a_base_exception_leaves_nothing_stale():
+    """Ctrl-C skips the clearing hook (it runs on Exception only): the stale weight must not be
+    used once the layer changed, and copies must not carry it."""
+    model = sparsify(tiny_net()).to(DEVICE)
+    set_density(model, 0.5)
+    x = torch.randn(2, 3, 8, 8, device=DEVICE)
+
+    def interrupt(module, args):
+        raise KeyboardInterrupt
+
+    handle = model[6].register_forward_pre_hook(interrupt)
+    with ops.use_backend("triton"), pytest.raises(KeyboardInterrupt):
+        model(x)
+    handle.remove()
+    assert model[0].batched_weight is not None  # the hook that clears it did not run
+    with torch.no_grad():
+        model[0].weight.mul_(2)
+    with ops.use_backend("torch"):
+        expected = ops.masked_conv2d(x, model[0].weight, model[0].scores, model[0].threshold, model[0].bias,
+                                     1, 1)
+        torch.testing.assert_close(model[0](x), expected, rtol=0, atol=0)
+    folded = fold(model)  # deepcopy: no non-leaf tensor carried along
+    assert all(getattr(m, "batched_weight", None) is None for m in copy.deepcopy(model).modules())
+    assert folded is not None
+
+
+def test_not_batched_under_torch_distributed(monkeypatch):
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    model = sparsify(tiny_net()).to(DEVICE)
+    calls = CallCounter(monkeypatch, "masked_weights")
+    with ops.use_backend("triton"):
+        model(torch.randn(2, 3, 8, 8, device=DEVICE))
+    assert calls.calls == 0
+
+
+def test_fold_drops_nested_hooks():
+    outer = nn.Sequential(sparsify(tiny_net()))
+    folded = fold(outer)
+    assert all(len(m._forward_pre_hooks) == 0 and len(m._forward_hooks) == 0 for m in folded.modules())

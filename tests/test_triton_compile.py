@@ -22,6 +22,8 @@ pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed"
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 ARCHES = ("90", "80")
+# Shared memory one block may use (opt-in maximum): H100 227 KiB, A100 163 KiB.
+SHARED_MEMORY_LIMIT = {"90": 227 * 1024, "80": 163 * 1024}
 
 
 def jit_kernels() -> set[str]:
@@ -55,6 +57,8 @@ def test_every_kernel_compiles(compiled, arch):
     assert set(compiled[arch]) == jit_kernels()
     for name, entry in compiled[arch].items():
         assert entry["variants"] >= 1, name
+        # A config over the arch's shared memory compiles but fails at launch.
+        assert entry["shared_bytes_max"] <= SHARED_MEMORY_LIMIT[arch], (name, entry["shared_bytes_max"])
 
 
 @pytest.mark.parametrize("arch", ARCHES)

@@ -13,12 +13,12 @@ Layout (version 1)::
 from __future__ import annotations
 
 import os
-import tempfile
-from typing import Any, BinaryIO, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
+from vpns_fast.files import atomic_write
 from vpns_fast.masked_layers import MASKED_TYPES
 from vpns_fast.prompts import VisualPrompt, build_prompt
 from vpns_fast.structured import structured_config
@@ -29,28 +29,6 @@ VERSION = 1
 
 class CheckpointError(ValueError):
     """A file that is not a readable vpns_fast checkpoint of a supported version."""
-
-
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
-    """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
-    ``path``: a crash never leaves a half-written file, and an existing file is kept unless
-    ``overwrite``. The one way vpns_fast writes what a user keeps."""
-    path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> None:

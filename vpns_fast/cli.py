@@ -275,25 +275,23 @@ def _cmd_tune(args) -> int:
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
     model = model.to(device, memory_format=memory_format)
     amp = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
-    modes = {"train": (True,), "infer": (False,), "both": (True, False)}[args.mode]
+    stages = ("search", "finetune", "infer") if args.stage == "all" else (args.stage,)
     rows = []
     for batch in args.batch:
         example = torch.rand(batch, 3, args.input_size, args.input_size, device=device)
         example = example.contiguous(memory_format=memory_format)
-        for training in modes:
-            model.train(training)
+        for stage in stages:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                for row in conv_dispatch.tune(model, example, training, path=args.table):
-                    rows.append({"batch": batch, **row})
+                for row in conv_dispatch.tune(model, example, stage, path=args.table):
+                    rows.append({"batch": batch, "stage": stage, **row})
     path = args.table or conv_dispatch.default_table_path()
     if args.json:
         print(json.dumps({"table": path, "rows": rows}, indent=2))
         return 0
-    print(f"{'batch':>5s}  {'mode':5s}  {'layer':24s} {'igemm ms':>9s} {'cudnn ms':>9s}  choice")
+    print(f"{'batch':>5s}  {'stage':8s}  {'layer':24s} {'igemm ms':>9s} {'cudnn ms':>9s}  choice")
     for r in rows:
-        key = json.loads(r["key"])
         ms = {name: f"{r['ms'][name]:9.3f}" if name in r["ms"] else f"{'-':>9s}" for name in ("igemm", "cudnn")}
-        print(f"{r['batch']:5d}  {key['mode']:5s}  {r['layer']:24s} {ms['igemm']} {ms['cudnn']}  {r['choice']}")
+        print(f"{r['batch']:5d}  {r['stage']:8s}  {r['layer']:24s} {ms['igemm']} {ms['cudnn']}  {r['choice']}")
     print(f"table: {path}")
     return 0
 
@@ -400,8 +398,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none",
                       help="autocast dtype, as in `vpns prune --amp`")
     tune.add_argument("--channels-last", action="store_true")
-    tune.add_argument("--mode", choices=("train", "infer", "both"), default="train",
-                      help="train: forward + backward timed (stage 1 and 2); infer: forward only")
+    tune.add_argument("--stage", choices=("search", "finetune", "infer", "all"), default="all",
+                      help="which calls to time: search (stage 1: gradients to inputs and scores), finetune "
+                      "(stage 2: inputs and weights), infer (forward only), or all three")
     tune.add_argument("--device", default="cuda")
     tune.add_argument("--table", help="table file (default $VPNS_FAST_CONV_TABLE or "
                       "~/.cache/vpns_fast/conv_dispatch.json)")

@@ -67,8 +67,10 @@ class MaskedMixin:
         self.granularity = granularity
         self.scores = nn.Parameter(initial_scores(self.weight, granularity, score_init))
         self.register_buffer("threshold", torch.tensor(float("-inf"), device=self.weight.device))
-        # Set by MaskLaunchBatching for the duration of one model forward, else None.
+        # Set by MaskLaunchBatching for the duration of one model forward, else None; see
+        # current_batched_weight for why it is checked against the tensors' versions.
         self.batched_weight: torch.Tensor | None = None
+        self._batched_versions: tuple | None = None
 
     def score_mask(self) -> torch.Tensor:
         """Boolean mask in the scores' shape."""
@@ -91,7 +93,27 @@ class MaskedMixin:
     def masked_weight(self) -> torch.Tensor:
         return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
 
-    def mask_input_weight(self) -> torch.Tensor:
+    def _versions(self) -> tuple:
+        return (self.weight._version, self.scores._version, self.threshold._version)
+
+    def set_batched_weight(self, weight: torch.Tensor | None) -> None:
+        self.batched_weight = weight
+        self._batched_versions = None if weight is None else self._versions()
+
+    def current_batched_weight(self) -> torch.Tensor | None:
+        """The weight MaskLaunchBatching computed for this forward, if it still describes this
+        layer. A forward interrupted by a BaseException (Ctrl-C) skips the hook that clears it, so
+        it is used only while weight, scores and threshold are unchanged since it was computed."""
+        if self.batched_weight is None or self._batched_versions != self._versions():
+            return None
+        return self.batched_weight
+
+    def __getstate__(self):  # deepcopy / pickle: never carry a per-forward (non-leaf) tensor
+        state = super().__getstate__()
+        state["batched_weight"], state["_batched_versions"] = None, None
+        return state
+
+    def input_masked_weight(self) -> torch.Tensor:
         """The weight the score mask applies to: in structured mode with the producer's pruned
         input channels zeroed (they are not read), else the weight itself."""
         in_mask = self.input_mask()
@@ -133,8 +155,8 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         if self.padding_mode != "zeros":
             x = F.pad(x, self._reversed_padding_repeated_twice, mode=self.padding_mode)
             padding = 0
-        return ops.masked_conv2d(x, self.mask_input_weight(), self.scores, self.threshold, self.bias, self.stride,
-                                 padding, self.dilation, self.groups, masked_weight=self.batched_weight)
+        return ops.masked_conv2d(x, self.input_masked_weight(), self.scores, self.threshold, self.bias, self.stride,
+                                 padding, self.dilation, self.groups, masked_weight=self.current_batched_weight())
 
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"
@@ -152,7 +174,7 @@ class MaskedLinear(MaskedMixin, nn.Linear):
 
     def forward(self, x):
         return ops.masked_linear(x, self.weight, self.scores, self.threshold, self.bias,
-                                 masked_weight=self.batched_weight)
+                                 masked_weight=self.current_batched_weight())
 
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"
@@ -167,11 +189,14 @@ class MaskLaunchBatching:
     backward launch instead of one per layer).
 
     Installed on the model by :func:`vpns_fast.pruning.sparsify`. It acts only where the op's
-    backend is ``triton`` (CUDA tensors by default), and only when all masked layers share one
-    weight dtype, one score dtype and one device; otherwise every layer masks its own weight as
-    before. Layers are found at each forward, so layers swapped in or out later are handled. The
-    weights are handed to the layers for the duration of the forward only (cleared even when it
-    raises); a layer called outside the model's forward masks its own weight.
+    backend is ``triton`` (CUDA tensors by default), only when all masked layers share one weight
+    dtype, one score dtype and one device, and not under torch.distributed: there the one fused
+    backward would make every masked parameter's gradient ready at the very end of the backward,
+    and DDP could no longer overlap its all-reduce with the remaining backward (unmeasured, so
+    the per-layer path is kept). Otherwise every layer masks its own weight as before. Layers are
+    found at each forward, so layers swapped in or out later are handled. The weights are handed
+    to the layers for the duration of the forward only (cleared even when it raises); a layer
+    called outside the model's forward masks its own weight.
     """
 
     def __init__(self, model: nn.Module):
@@ -180,6 +205,8 @@ class MaskLaunchBatching:
 
     @staticmethod
     def _layers(model: nn.Module) -> list:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return []
         layers = [m for m in model.modules() if isinstance(m, MASKED_TYPES)]
         if len(layers) < 2:
             return []
@@ -198,21 +225,23 @@ class MaskLaunchBatching:
         if not layers:
             return
         thresholds = torch.stack([m.threshold for m in layers])
-        weights = ops.masked_weights([m.mask_input_weight() for m in layers], [m.scores for m in layers],
+        weights = ops.masked_weights([m.input_masked_weight() for m in layers], [m.scores for m in layers],
                                      thresholds)
         for layer, weight in zip(layers, weights):
-            layer.batched_weight = weight
+            layer.set_batched_weight(weight)
 
     def _after(self, model: nn.Module, args, output) -> None:
         for m in model.modules():
             if isinstance(m, MASKED_TYPES):
-                m.batched_weight = None
+                m.set_batched_weight(None)
 
 
 def remove_mask_launch_batching(model: nn.Module) -> None:
-    """Remove :class:`MaskLaunchBatching` hooks from ``model`` (e.g. from a deep copy of it)."""
-    for hooks in (model._forward_pre_hooks, model._forward_hooks):
-        for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None),
-                                                                  MaskLaunchBatching)]:
-            del hooks[key]
-            model._forward_hooks_always_called.pop(key, None)
+    """Remove :class:`MaskLaunchBatching` hooks from ``model`` and its submodules (e.g. from a
+    deep copy of a sparsified model)."""
+    for module in model.modules():
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, hook in hooks.items() if isinstance(getattr(hook, "__self__", None),
+                                                                      MaskLaunchBatching)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)

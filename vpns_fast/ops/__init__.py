@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, masked_weight_ref, score_mask_ref
+from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, masked_weights_ref, score_mask_ref
 from vpns_fast.kernels.prompt import IMAGENET_MEAN, IMAGENET_STD, PROMPT_KINDS, prompt_normalize_ref
 from vpns_fast.kernels.threshold import topk_threshold_ref
 from vpns_fast.ops.backends import (
@@ -27,13 +27,7 @@ register("torch", "prompt_normalize", prompt_normalize_ref)
 register("torch", "topk_threshold", topk_threshold_ref)
 register("torch", "masked_conv2d", masked_conv2d_ref)
 register("torch", "masked_linear", masked_linear_ref)
-
-
-def _masked_weights_ref(weights, scores, thresholds):
-    return [masked_weight_ref(w, s, t) for w, s, t in zip(weights, scores, thresholds)]
-
-
-register("torch", "masked_weights", _masked_weights_ref)
+register("torch", "masked_weights", masked_weights_ref)
 
 __all__ = [
     "BACKEND_NAMES", "BackendError", "IMAGENET_MEAN", "IMAGENET_STD", "PROMPT_KINDS",

@@ -53,20 +53,34 @@ def device_section(device: torch.device) -> str:
     import triton
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else device.type
-    return f"{name} | torch {torch.__version__} | triton {triton.__version__}"
+    return (f"{name} | torch {torch.__version__} | triton {triton.__version__} | "
+            f"cudnn {torch.backends.cudnn.version()}")
 
 
 def _pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+GRADS = {"search": (True, False, True), "finetune": (True, True, False), "infer": (False, False, False)}
+
+
+def needed_grads(x, weight, scores) -> tuple[bool, bool, bool]:
+    """Which of (x, weight, scores) this call differentiates: stage 1 trains scores, stage 2
+    weights, and the timed backward differs accordingly."""
+    if not torch.is_grad_enabled():
+        return (False, False, False)
+    return (bool(x.requires_grad), bool(weight.requires_grad), bool(scores.requires_grad))
+
+
 def call_key(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias, stride, padding, dilation,
-             groups, training: bool) -> str:
-    """The shape part of a table key: everything the relative speed of the candidates depends on."""
+             groups, grads: tuple[bool, bool, bool]) -> str:
+    """The shape part of a table key: everything the relative speed of the candidates depends on
+    (shapes, dtypes, autocast, layout, TF32 for float32, the gradients computed)."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
     return _format_key(tuple(x.shape), tuple(weight.shape), tuple(scores.shape), _pair(stride), _pair(padding),
-                       _pair(dilation), groups, x.dtype, weight.dtype, _autocast_dtype(x.device), channels_last,
-                       bias is not None, training)
+                       _pair(dilation), groups, x.dtype, weight.dtype, scores.dtype, _autocast_dtype(x.device),
+                       channels_last, tf32, bias is not None, tuple(grads))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -78,13 +92,14 @@ def _dtype_name(dtype: torch.dtype | None) -> str | None:
 
 
 @functools.lru_cache(maxsize=4096)  # called per layer and forward: format each shape once
-def _format_key(x, w, s, stride, padding, dilation, groups, x_dtype, w_dtype, autocast, channels_last, bias,
-                training) -> str:
+def _format_key(x, w, s, stride, padding, dilation, groups, x_dtype, w_dtype, s_dtype, autocast, channels_last,
+                tf32, bias, grads) -> str:
     return json.dumps({"x": list(x), "w": list(w), "s": list(s), "stride": list(stride), "padding": list(padding),
                        "dilation": list(dilation), "groups": groups, "dtype": _dtype_name(x_dtype),
-                       "weight_dtype": _dtype_name(w_dtype), "autocast": _dtype_name(autocast),
-                       "layout": "channels_last" if channels_last else "nchw", "bias": bias,
-                       "mode": "train" if training else "infer"}, sort_keys=True)
+                       "weight_dtype": _dtype_name(w_dtype), "scores_dtype": _dtype_name(s_dtype),
+                       "autocast": _dtype_name(autocast), "layout": "channels_last" if channels_last else "nchw",
+                       "tf32": tf32, "bias": bias, "grads": dict(zip(("x", "weight", "scores"), grads)),
+                       "mode": "train" if any(grads) else "infer"}, sort_keys=True)
 
 
 class DispatchTable:
@@ -139,7 +154,7 @@ class DispatchTable:
 
     def save(self) -> None:
         """Write atomically (merging entries another process saved meanwhile)."""
-        from vpns_fast.checkpoint import atomic_write
+        from vpns_fast.files import atomic_write
 
         if self.load_error is not None:
             raise DispatchTableError(f"not replacing {self.path}: {self.load_error}. Move or delete it first.")
@@ -196,11 +211,15 @@ def candidates() -> dict[str, Callable]:
         return found
 
     def igemm(x, weight, scores, threshold, bias, stride, padding, dilation, groups):
-        # The Triton op is not autocast-aware and wants x and weight in one dtype: cast them as
-        # autocast casts F.conv2d's operands (the casts are differentiable; scores stay as they are).
+        # The Triton op is not autocast-aware and wants x and weight in one dtype. Under autocast
+        # x is cast as autocast casts F.conv2d's operands; a weight in another dtype (fp32 master
+        # weights) is refused: its STE would see the cast weight (grad_s = g * bf16(w)) where the
+        # cuDNN path uses g * w, and switching implementations must not change the gradients.
         dtype = _autocast_dtype(x.device)
         if dtype is not None:
-            x, weight = x.to(dtype), weight.to(dtype)
+            if weight.dtype != dtype:
+                raise TypeError(f"igemm under {dtype} autocast needs {dtype} weights, got {weight.dtype}")
+            x = x.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         with torch.autocast(x.device.type, enabled=False):
             return masked_conv2d_igemm(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
@@ -209,25 +228,43 @@ def candidates() -> dict[str, Callable]:
     return found
 
 
-def measure(x, weight, scores, threshold, bias, stride, padding, dilation, groups, training: bool,
-            timer: Callable[[Callable[[], None]], float] | None = None) -> dict[str, float]:
-    """Median ms of each candidate on this call (forward, plus backward when ``training``), under
-    the autocast state of the caller; ``inf`` for a candidate that refuses the call (e.g. groups
-    != 1)."""
+def measure(x, weight, scores, threshold, bias, stride, padding, dilation, groups, grads: tuple[bool, bool, bool],
+            timer: Callable[[Callable[[], None]], float] | None = None, premasked: bool = True) -> dict[str, float]:
+    """Median ms of each candidate on this call: the forward, plus the backward to those of (x,
+    weight, scores) that ``grads`` names, under the autocast state of the caller; ``inf`` for a
+    candidate that refuses the call (e.g. groups != 1).
+
+    ``premasked``: the cuDNN candidate is timed as ``F.conv2d`` on an already masked weight, as it
+    runs when model-level mask batching computed every layer's weight in one launch (the default
+    outside torch.distributed); the implicit-GEMM candidate masks inside, so it pays its masking."""
     timer = timer or (_cuda_timer if x.device.type == "cuda" else _wall_timer)
     autocast = _autocast_dtype(x.device)
-    x = x.detach().requires_grad_(training)
-    params = [t.detach().requires_grad_(training) for t in (weight, scores)]
-    bias = None if bias is None else bias.detach().requires_grad_(training)
-    leaves = [t for t in (x, *params, bias) if t is not None and t.requires_grad]
+    training = any(grads)
+    x = x.detach().requires_grad_(grads[0])
+    params = [weight.detach().requires_grad_(grads[1]), scores.detach().requires_grad_(grads[2])]
+    bias = None if bias is None else bias.detach()
+    leaves = [t for t in (x, *params) if t.requires_grad]
+    runs = dict(candidates())
+    if premasked:
+        from vpns_fast.kernels.masked import masked_weight_ref
+
+        with torch.no_grad():
+            w_eff = masked_weight_ref(params[0], params[1], threshold).requires_grad_(grads[1] or grads[2])
+
+        def conv_on_masked(x_, weight_, scores_, threshold_, bias_, stride_, padding_, dilation_, groups_):
+            return torch.nn.functional.conv2d(x_, w_eff, bias_, stride_, padding_, dilation_, groups_)
+        runs["cudnn"] = conv_on_masked
     times = {}
-    for name, fn in candidates().items():
-        def step(fn=fn):
+    for name, fn in runs.items():
+        targets = leaves if name != "cudnn" or not premasked else \
+            [t for t in (x, w_eff) if t.requires_grad]
+
+        def step(fn=fn, targets=targets):
             with torch.set_grad_enabled(training), torch.autocast(x.device.type, dtype=autocast,
                                                                   enabled=autocast is not None):
                 out = fn(x, params[0], params[1], threshold, bias, stride, padding, dilation, groups)
                 if training:
-                    torch.autograd.grad(out, leaves, torch.ones_like(out))
+                    torch.autograd.grad(out, targets, torch.ones_like(out))
         try:
             step()
         except (ValueError, TypeError, NotImplementedError, RuntimeError) as error:
@@ -239,19 +276,32 @@ def measure(x, weight, scores, threshold, bias, stride, padding, dilation, group
     return times
 
 
+_SAVE_WARNED: set = set()
+
+
 def choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups) -> str:
-    """The implementation for this call: the table's, else (autotune on) measure now, else cudnn."""
-    if torch.compiler.is_compiling():
-        return DEFAULT_CHOICE  # no host-side measuring or file access while tracing
-    training = torch.is_grad_enabled() and (weight.requires_grad or scores.requires_grad or x.requires_grad)
-    key = call_key(x, weight, scores, bias, stride, padding, dilation, groups, training)
+    """The implementation for this call: the table's, else (autotune on) measure now, else cudnn.
+
+    Always cudnn while tracing (``torch.compile``: no host-side measuring or file access) and in
+    deterministic mode (``torch.use_deterministic_algorithms``): there the choice must not depend
+    on a table file or on timing noise."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.are_deterministic_algorithms_enabled():
+        return DEFAULT_CHOICE
+    grads = needed_grads(x, weight, scores)
+    key = call_key(x, weight, scores, bias, stride, padding, dilation, groups, grads)
     dispatch_table = table()
     section = device_section(x.device)
     choice = dispatch_table.lookup(section, key)
     if choice is None and autotune_enabled() and dispatch_table.load_error is None:
-        times = measure(x, weight, scores, threshold, bias, stride, padding, dilation, groups, training)
+        times = measure(x, weight, scores, threshold, bias, stride, padding, dilation, groups, grads)
         choice = dispatch_table.record(section, key, times)
-        dispatch_table.save()
+        try:
+            dispatch_table.save()
+        except (OSError, DispatchTableError) as error:  # keep training; the entry stays in memory
+            if dispatch_table.path not in _SAVE_WARNED:
+                _SAVE_WARNED.add(dispatch_table.path)
+                warnings.warn(f"conv dispatch table not saved ({error}); measured choices last for this "
+                              f"process only", stacklevel=2)
     return choice or DEFAULT_CHOICE
 
 
@@ -265,27 +315,37 @@ def masked_conv2d_dispatch(x, weight, scores, threshold, bias=None, stride=1, pa
 
 # --------------------------------------------------------------------------- tuning a model
 
-def tune(model: torch.nn.Module, example: torch.Tensor, training: bool = True,
+def tune(model: torch.nn.Module, example: torch.Tensor, stage: str = "search",
          path: str | None = None, timer: Callable | None = None) -> list[dict]:
     """Measure every distinct masked conv call of ``model(example)`` and record it in the table.
 
+    ``stage``: which gradients the timed calls compute, as in training (:data:`GRADS`):
+    ``search`` (x and scores, stage 1), ``finetune`` (x and weights, stage 2) or ``infer``.
     Runs one forward (in eval mode, without grad; the model is left as it was) to see each
-    ``MaskedConv2d``'s input, then times both candidates on each distinct call shape (forward +
-    backward when ``training``). Returns one row per shape:
-    ``{"layer", "key", "ms": {...}, "choice"}``; the table is saved once at the end.
+    ``MaskedConv2d``'s input, then times both candidates on each distinct call shape, under the
+    caller's autocast state. Layers with a ``padding_mode`` other than zeros pad their input
+    themselves and are skipped. Returns one row per shape: ``{"layer", "key", "ms", "choice"}``;
+    the table is saved once at the end.
     """
     from vpns_fast.masked_layers import MaskedConv2d
 
+    if stage not in GRADS:
+        raise ValueError(f"stage must be one of {sorted(GRADS)}, got {stage!r}")
+    dispatch_table = table(path)
+    if dispatch_table.load_error is not None:  # before any measuring: save() would refuse
+        raise DispatchTableError(f"not tuning into {dispatch_table.path}: {dispatch_table.load_error}")
+    grads = GRADS[stage]
     seen: dict[str, tuple] = {}
 
     def capture(layer, inputs, name):
         x = inputs[0]
         key = call_key(x, layer.weight, layer.scores, layer.bias, layer.stride, layer.padding, layer.dilation,
-                       layer.groups, training)
-        seen.setdefault(key, (name, layer, x.detach()))
+                       layer.groups, grads)
+        if key not in seen:
+            seen[key] = (name, layer, tuple(x.shape), x.stride(), x.dtype)
 
     handles = [m.register_forward_pre_hook(lambda m, inputs, name=name: capture(m, inputs, name))
-               for name, m in model.named_modules() if isinstance(m, MaskedConv2d)]
+               for name, m in model.named_modules() if isinstance(m, MaskedConv2d) and m.padding_mode == "zeros"]
     was_training = model.training
     try:
         with torch.no_grad():
@@ -297,12 +357,12 @@ def tune(model: torch.nn.Module, example: torch.Tensor, training: bool = True,
             handle.remove()
     if not seen:
         raise ValueError("model has no MaskedConv2d layer to tune (sparsify it first)")
-    dispatch_table = table(path)
     rows = []
-    # Measured under the caller's autocast state, like the forward that found the shapes.
-    for key, (name, layer, x) in seen.items():
-        times = measure(x, layer.mask_input_weight().detach(), layer.scores, layer.threshold,
-                        layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups, training, timer)
+    for key, (name, layer, shape, strides, dtype) in seen.items():
+        # Inputs are made per shape, not kept from the forward (GBs at ResNet-50, batch 256).
+        x = torch.empty_strided(shape, strides, dtype=dtype, device=example.device).normal_()
+        times = measure(x, layer.input_masked_weight().detach(), layer.scores, layer.threshold,
+                        layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups, grads, timer)
         choice = dispatch_table.record(device_section(x.device), key, times)
         rows.append({"layer": name, "key": key, "ms": times, "choice": choice})
     dispatch_table.save()

@@ -375,11 +375,18 @@ def _masked_conv2d_bwd_weight_kernel(
 
 
 if HAS_TRITON:
-    _fwd_autotuned = triton.autotune(FWD_CONFIGS, key=["M", "C_out", "K"])(_masked_conv2d_fwd_kernel)
-    _sparse_fwd_autotuned = triton.autotune(SPARSE_FWD_CONFIGS, key=["M", "C_out", "K"])(_masked_conv2d_fwd_kernel)
-    _bwd_input_autotuned = triton.autotune(BWD_INPUT_CONFIGS, key=["M", "C_in", "K"])(_masked_conv2d_bwd_input_kernel)
-    _bwd_weight_autotuned = triton.autotune(BWD_WEIGHT_CONFIGS, key=["P", "C_out", "K"])(
-        _masked_conv2d_bwd_weight_kernel)
+    # Keys: the GEMM sizes, plus what changes the best tile without changing them: the layout of
+    # the gathered operands (a channel stride of 1 is channels_last), channel-run tiles and the
+    # dot precision (IEEE vs TF32); dtypes are part of triton's own key.
+    _LAYOUT_KEY = ["CHANNEL_TILES", "PRECISION"]
+    _fwd_autotuned = triton.autotune(FWD_CONFIGS, key=["M", "C_out", "K", "sx_c", "sw_i", *_LAYOUT_KEY])(
+        _masked_conv2d_fwd_kernel)
+    _sparse_fwd_autotuned = triton.autotune(SPARSE_FWD_CONFIGS, key=["M", "C_out", "K", "sx_c", "sw_i",
+                                                                     *_LAYOUT_KEY])(_masked_conv2d_fwd_kernel)
+    _bwd_input_autotuned = triton.autotune(BWD_INPUT_CONFIGS, key=["M", "C_in", "K", "sg_c", "sw_o",
+                                                                   *_LAYOUT_KEY])(_masked_conv2d_bwd_input_kernel)
+    _bwd_weight_autotuned = triton.autotune(BWD_WEIGHT_CONFIGS, key=["P", "C_out", "K", "sg_c", "sx_c",
+                                                                     *_LAYOUT_KEY])(_masked_conv2d_bwd_weight_kernel)
 
 
 def _launch(autotuned, grid, args, meta, config):

@@ -446,6 +446,11 @@ class _Geometry:
     group: int  # weight elements per score
 
 
+def _max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a tensor's strides reach (its numel - 1 when contiguous)."""
+    return sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()) if size > 0)
+
+
 def _conv_geometry(x, weight, scores, bias, stride, padding, dilation, groups=1) -> _Geometry:
     """Validate the arguments (shapes only: also runs on fake tensors) and size the output."""
     if groups != 1:
@@ -482,9 +487,12 @@ def _conv_geometry(x, weight, scores, bias, stride, padding, dilation, groups=1)
     if oh < 1 or ow < 1:
         raise ValueError(f"masked_conv2d_igemm: the {kh}x{kw} kernel (dilation {dilation}) does not fit the "
                          f"padded {h}x{w} input (padding {padding}): output would be {oh}x{ow}")
-    for name, numel in (("x", x.numel()), ("weight", weight.numel()), ("output", n * c_out * oh * ow)):
-        if numel > _MAX_NUMEL:
-            raise ValueError(f"masked_conv2d_igemm: {name} has {numel} elements; offsets are int32 (< 2**31)")
+    # Offsets are computed from strides in int32: what must fit is the largest offset reached
+    # (a strided view of a huge tensor can be small yet reach far), and the output's size.
+    for name, extent in (("x", _max_offset(x)), ("weight", _max_offset(weight)), ("scores", _max_offset(scores)),
+                         ("output", n * c_out * oh * ow)):
+        if extent > _MAX_NUMEL:
+            raise ValueError(f"masked_conv2d_igemm: {name} reaches offset {extent}; offsets are int32 (< 2**31)")
     return _Geometry(n, c_in, h, w, c_out, kh, kw, oh, ow, stride, padding, dilation, group)
 
 

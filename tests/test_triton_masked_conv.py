@@ -428,3 +428,14 @@ def test_resnet_layer_shape_cuda(dtype, cuda_or_skip):
         (lambda r: dict(rtol=2e-2, atol=4 * ULP[dtype] * r.abs().max().item()))
     for a, b in zip((out, *grads[:3]), (ref, *ref_grads[:3])):
         torch.testing.assert_close(a.double(), b, **tol(b))
+
+
+def test_int32_offsets_are_checked_on_the_reach_of_strided_views():
+    """A small view of a huge tensor can reach offsets beyond 2**31: the geometry check (run
+    before every launch) refuses it. Meta tensors: no memory behind the 2**31 elements."""
+    huge = torch.empty(2**31 + 16, device="meta")
+    x = huge.as_strided((2, 1, 3, 3), (2**31, 9, 3, 1))  # 18 elements, the last at offset 2**31 + 8
+    w = torch.empty(1, 1, 1, 1, device="meta")
+    with pytest.raises(ValueError, match="x reaches offset"):
+        C._conv_geometry(x, w, w, None, 1, 0, 1)
+    C._conv_geometry(huge.as_strided((2, 1, 3, 3), (9, 9, 3, 1)), w, w, None, 1, 0, 1)  # a small reach is fine

@@ -688,13 +688,24 @@ def _as_threshold_tensor(threshold, device) -> torch.Tensor:
     return torch.as_tensor(threshold, device=device)
 
 
+def expand_ungrouped_scores(weight, scores):
+    """Scores whose shape is no group layout the kernels address (e.g. ``[1, C_in, 1, 1]``)
+    expanded to the weight's shape (a view; autograd's expand backward sums the score gradient);
+    others, and shapes that do not broadcast (the ops' checks name them), unchanged."""
+    if isinstance(weight, torch.Tensor) and isinstance(scores, torch.Tensor) and scores.dim() == weight.dim() \
+            and broadcast_group_size(weight.shape, scores.shape) is None:
+        try:
+            return scores.expand(weight.shape)
+        except RuntimeError:
+            return scores
+    return scores
+
+
 def masked_weight_triton(weight, scores, threshold):
     """``weight * (|scores| > threshold)`` with the STE backward, through the custom op."""
     if not isinstance(weight, torch.Tensor) or not isinstance(scores, torch.Tensor):
         raise TypeError("weight and scores must be tensors")
-    if broadcast_group_size(weight.shape, scores.shape) is None:
-        # e.g. [1, C_in, 1, 1]: materialise; autograd's expand backward sums the score gradient.
-        scores = scores.expand(weight.shape)
+    scores = expand_ungrouped_scores(weight, scores)
     return torch.ops.vpns_fast.masked_weight(weight, scores, _as_threshold_tensor(threshold, weight.device))
 
 
@@ -712,8 +723,7 @@ def masked_weights_triton(weights, scores, thresholds) -> list[torch.Tensor]:
     weights, scores = list(weights), list(scores)
     if not weights:
         raise ValueError("masked_weights: needs at least one layer")
-    scores = [s.expand(w.shape) if isinstance(w, torch.Tensor) and isinstance(s, torch.Tensor)
-              and broadcast_group_size(w.shape, s.shape) is None else s for w, s in zip(weights, scores)]
+    scores = [expand_ungrouped_scores(w, s) for w, s in zip(weights, scores)]
     return torch.ops.vpns_fast.masked_weights(weights, scores, _as_threshold_tensor(thresholds, weights[0].device))
 
 

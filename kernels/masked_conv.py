@@ -69,7 +69,7 @@ import torch
 from vpns_fast.kernels._triton import HAS_TRITON, tl, triton
 from vpns_fast.kernels.masked import (
     _ROUND_BF16, _ROUND_NONE, _as_threshold_tensor, _check_pair, _compute_dtype,
-    _round_code, _round_to, _threshold_values, _times_sign, _tl_dtype, broadcast_group_size, masked_conv2d_ref,
+    _round_code, _round_to, _threshold_values, _times_sign, _tl_dtype, expand_ungrouped_scores, masked_conv2d_ref,
     masked_weight_bwd,
 )
 
@@ -756,12 +756,7 @@ def masked_conv2d_igemm(x, weight, scores, threshold, bias=None, stride=1, paddi
                          f"use the fused mask kernel + F.conv2d path for grouped convolutions")
     if not isinstance(weight, torch.Tensor) or not isinstance(scores, torch.Tensor):
         raise TypeError("masked_conv2d_igemm: weight and scores must be tensors")
-    if broadcast_group_size(weight.shape, scores.shape) is None and scores.dim() == weight.dim():
-        # e.g. [1, C_in, 1, 1]: addressed with stride 0; autograd's expand backward sums the gradient
-        try:
-            scores = scores.expand(weight.shape)
-        except RuntimeError:
-            pass  # not broadcastable: the op's shape check says what is wrong
+    scores = expand_ungrouped_scores(weight, scores)  # addressed with stride 0
     stride, padding, dilation = (list(_pair(v, n)) for v, n in ((stride, "stride"), (padding, "padding"),
                                                                  (dilation, "dilation")))
     return torch.ops.vpns_fast.masked_conv2d_igemm(x, weight, scores, _as_threshold_tensor(threshold, weight.device),

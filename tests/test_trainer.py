@@ -12,9 +12,9 @@ from vpns_fast.baselines import METHODS, imp_densities
 from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint
 from vpns_fast.evaluation import evaluate_checkpoint
 from vpns_fast.label_mapping import LabelMapping, greedy_label_mapping
-from vpns_fast.results import headline_acc
 from vpns_fast.models import build_model
 from vpns_fast.pruning import masked_layers, masks, sparsify
+from vpns_fast.results import headline_acc, results_table
 from vpns_fast.trainer import TrainConfig, TwoStageTrainer, resume
 
 RUN_KEYS = ("method", "density", "actual_density", "test_acc", "test_acc_prompt", "selected_epoch",
@@ -88,6 +88,8 @@ def test_end_to_end_writes_results_checkpoints_and_plots(vpns_run):
     for key in RUN_KEYS:
         assert key in run, key
     assert run["method"] == "vpns" and run["density"] == 0.5
+    assert run["limit"] == 32  # a capped run says so in every row and under the table
+    assert "--limit: every split capped at 32 images" in results_table(data["runs"])
     for key in ("test_acc", "test_acc_prompt", "last_test_acc", "val_acc", "val_acc_prompt"):
         assert isinstance(run[key], float) and 0.0 <= run[key] <= 100.0, key
     assert 0 < run["actual_density"] <= 1 and 0 < run["params_kept"] < run["params_total"]

@@ -35,7 +35,12 @@ def results_table(runs: list[dict]) -> str:
     def fmt(cells):
         return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
-    return "\n".join([fmt(header), "-" * len(fmt(header)), *map(fmt, rows)])
+    lines = [fmt(header), "-" * len(fmt(header)), *map(fmt, rows)]
+    limits = sorted({r["limit"] for r in runs if r.get("limit") is not None})
+    if limits:
+        lines.append(f"(--limit: every split capped at {', '.join(map(str, limits))} images; not comparable "
+                     f"with full-data results)")
+    return "\n".join(lines)
 
 
 def write_plots(out_dir: str, runs: list[dict], prompt_checkpoint: str | None = None) -> list[str]:

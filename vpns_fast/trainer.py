@@ -787,6 +787,9 @@ class TwoStageTrainer:
             # the method has none); which one is the headline depends on the protocol
             "last_test_acc": last.get("test_acc"), "last_test_acc_prompt": last.get("test_acc_prompt"),
             "protocol": self.config.protocol,
+            # --limit: every split capped at this many images; accuracies are not comparable with
+            # full-data runs, so each row says so (None: the whole dataset)
+            "limit": self.config.limit,
             "params_kept": report.kept, "params_total": report.params,
             "flops_kept": report.kept_flops, "flops_dense": report.dense_flops,
             "epochs": {p.name: p.epochs for p in self.phases(method, density)},

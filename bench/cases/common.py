@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
+
+import torch
 
 from vpns_fast import ops
 from vpns_fast.ops.backends import BackendError
@@ -83,3 +86,26 @@ def backend_candidates(op_name: str, device_type: str, make_run: Callable[[str],
         reason = backend_skip_reason(op_name, backend, device_type)
         candidates.append(Candidate(backend, "backend", None if reason else make_run(backend), reason))
     return candidates
+
+
+def compiled_candidate(compile_baselines: bool, fn: Callable, make_run: Callable[[Callable], Callable],
+                       first_input, **compile_options) -> Candidate:
+    """Baseline ``compiled``: ``torch.compile(fn, fullgraph=True, **compile_options)``, wrapped by
+    ``make_run`` into a timed call, compiled (forward, and backward where the run has one) on
+    ``first_input`` before any timing; the compile time becomes ``setup_seconds``. A failed
+    compile is a skipped candidate with the error, never hidden."""
+    if not compile_baselines:
+        return Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)")
+    # Dynamo caches compiled code per code object with a recompile limit (8): every workload would
+    # recompile the same function and soon fall back to eager silently. A reset gives each
+    # workload its own compilation; `fullgraph` turns any graph break into an error.
+    torch._dynamo.reset()
+    run = make_run(torch.compile(fn, dynamic=False, fullgraph=True, **compile_options))
+    start = time.perf_counter()
+    try:
+        run(first_input)
+        run(first_input)
+    except Exception as exc:  # no C compiler, inductor bug, ...: record it, do not hide it
+        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+        return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
+    return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)

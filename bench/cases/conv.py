@@ -29,12 +29,18 @@ bf16 make elementwise bounds meaningless; a wrong kernel is off by O(1)).
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.cases.common import Candidate, Config, VerificationError, Workload, backend_skip_reason
+from bench.cases.common import (
+    Candidate,
+    Config,
+    VerificationError,
+    Workload,
+    backend_skip_reason,
+    compiled_candidate,
+)
 from bench.registry import conv_layers
 from vpns_fast import ops
 
@@ -187,7 +193,8 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
 
     impls = _implementations(p["stride"], p["padding"])
     candidates = [Candidate("eager", "baseline", _mode_runner(impls["eager"], mode)),
-                  _compiled_candidate(compile_baselines, impls["eager"], mode, inputs[0])]
+                  compiled_candidate(compile_baselines, impls["eager"], lambda compiled: _mode_runner(compiled, mode),
+                                     inputs[0], mode="max-autotune")]
     for backend in ("torch", "triton", "cpp"):
         reason = backend_skip_reason(OP_NAME, backend, device_type)
         candidates.append(Candidate(backend, "backend", None if reason else _mode_runner(impls[backend], mode),
@@ -201,22 +208,6 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
                     flops=conv_flops(p["input_shape"], p["weight_shape"], p["stride"], p["padding"], mode),
                     images_per_call=p["batch"],
                     notes={"flops": "dense conv FLOPs of the timed directions (the mask skips none)"})
-
-
-def _compiled_candidate(compile_baselines, eager, mode, first_input) -> Candidate:
-    if not compile_baselines:
-        return Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)")
-    torch._dynamo.reset()
-    compiled = torch.compile(eager, dynamic=False, fullgraph=True, mode="max-autotune")
-    run = _mode_runner(compiled, mode)
-    start = time.perf_counter()
-    try:
-        run(first_input)
-        run(first_input)
-    except Exception as exc:  # no C compiler, inductor bug, ...: record it, do not hide it
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
-    return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)
 
 
 def _tiles_candidate(first_input, p, mode, triton_reason) -> Candidate:

@@ -24,11 +24,17 @@ relative to the group's ``sum |g * w|``.
 from __future__ import annotations
 
 import math
-import time
 
 import torch
 
-from bench.cases.common import Candidate, Config, VerificationError, Workload, backend_skip_reason
+from bench.cases.common import (
+    Candidate,
+    Config,
+    VerificationError,
+    Workload,
+    backend_skip_reason,
+    compiled_candidate,
+)
 from bench.registry import score_shapes
 from bench.timing import input_copy_count
 from vpns_fast import ops
@@ -197,7 +203,8 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
               for _ in range(input_copy_count(device_type, per_copy, p["sizes"]))]
 
     candidates = [Candidate("eager", "baseline", _mode_runner(eager_masked_weights, mode)),
-                  _compiled_candidate(compile_baselines, mode, copies[0])]
+                  compiled_candidate(compile_baselines, eager_masked_weights,
+                                     lambda compiled: _mode_runner(compiled, mode), copies[0])]
     per_layer = {"torch": torch_masked_weights, "triton": triton_masked_weights}
     for backend in ops.BACKEND_NAMES:
         reason = backend_skip_reason(OP_NAME, backend, device_type)
@@ -213,19 +220,3 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
                     bytes_moved=bytes_moved(p["weight_count"], p["score_count"], dtype.itemsize, mode),
                     notes={"bytes_moved": "floor: fwd reads w, s, writes w_eff; bwd reads g, w, s, writes "
                                           "grad_w, grad_s"})
-
-
-def _compiled_candidate(compile_baselines, mode, first_input) -> Candidate:
-    if not compile_baselines:
-        return Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)")
-    torch._dynamo.reset()  # a fresh compilation per workload (see bench/cases/prompt.py)
-    compiled = torch.compile(eager_masked_weights, dynamic=False, fullgraph=True)
-    run = _mode_runner(compiled, mode)
-    start = time.perf_counter()
-    try:
-        run(first_input)  # compiles the forward (and in mode full the backward), outside any timing
-        run(first_input)
-    except Exception as exc:  # no C compiler, inductor bug, ...: record it, do not hide it
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
-    return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)

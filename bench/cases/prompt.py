@@ -10,12 +10,18 @@ Outputs (and in mode ``full`` the program's gradient) are compared with ``torch.
 """
 from __future__ import annotations
 
-import time
 
 import torch
 import torch.nn.functional as F
 
-from bench.cases.common import Candidate, Config, VerificationError, Workload, backend_candidates
+from bench.cases.common import (
+    Candidate,
+    Config,
+    VerificationError,
+    Workload,
+    backend_candidates,
+    compiled_candidate,
+)
 from bench.registry import PROMPT_BATCHES, PROMPT_IN_SIZES, PROMPT_OUT_SIZE, PROMPT_PAD
 from bench.timing import input_copy_count
 from vpns_fast import ops
@@ -147,28 +153,11 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         return _mode_runner(pad_prompt_on_backend, program, mode)
 
     candidates = [Candidate("eager", "baseline", _mode_runner(with_release_constants(eager_pad_prompt), program, mode)),
-                  _compiled_candidate(compile_baselines, with_release_constants, program, mode, copies[0])]
+                  compiled_candidate(compile_baselines, eager_pad_prompt,
+                                     lambda compiled: _mode_runner(with_release_constants(compiled), program, mode),
+                                     copies[0])]
     candidates += backend_candidates(OP_NAME, device_type, backend_run)
     return Workload(config, copies, candidates, list(BASELINES), compare_close,
                     bytes_moved=bytes_moved(batch, in_size, out_size, pad, image_dtype.itemsize, mode),
                     notes={"bytes_moved": "floor: images + output + program; full adds the frame of "
                                           "grad_output and images, and the program gradient"})
-
-
-def _compiled_candidate(compile_baselines, with_release_constants, program, mode, first_input) -> Candidate:
-    if not compile_baselines:
-        return Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)")
-    # Dynamo caches compiled code per code object with a recompile limit (8): every workload
-    # would recompile `eager_pad_prompt` and soon fall back to eager silently. A reset gives
-    # each workload its own compilation; `fullgraph` turns any graph break into an error.
-    torch._dynamo.reset()
-    compiled = torch.compile(eager_pad_prompt, dynamic=False, fullgraph=True)
-    run = _mode_runner(with_release_constants(compiled), program, mode)
-    start = time.perf_counter()
-    try:
-        run(first_input)  # compiles the forward (and in mode full the backward), outside any timing
-        run(first_input)
-    except Exception as exc:  # no C compiler, inductor bug, ...: record it, do not hide it
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
-    return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)

@@ -176,8 +176,11 @@ def test_precomputed_masked_weight_is_used_unless_igemm_is_chosen(table_path, mo
         torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w_eff, None, 1, 1))
         cd.table().record(cd.device_section(x.device), key_of((x, w, s, t, None, 1, 1, 1, 1)),
                           {"igemm": 1.0, "cudnn": 2.0})
+        original_choose, choices = cd.choose, []
+        monkeypatch.setattr(cd, "choose", lambda *a: choices.append(original_choose(*a)) or choices[-1])
         ops.masked_conv2d(x, w, s, t, None, 1, 1, masked_weight=w_eff)
     assert [name for name, _ in fakes.calls] == ["igemm"] and fakes.calls[0][1] is w
+    assert choices == ["igemm"]  # one decision per call on the hot path
 
 
 def test_tune_records_every_distinct_conv(table_path, monkeypatch):

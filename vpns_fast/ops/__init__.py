@@ -210,8 +210,9 @@ def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, 
     if weight.dim() != 4:
         raise ValueError(f"weight must be (C_out, C_in/groups, kH, kW), got {_describe(weight)}")
     backend, impl = resolve("masked_conv2d", x.device.type)
-    if masked_weight is not None and (backend != "triton" or conv_dispatch.choose(
-            x, weight, scores, threshold, bias, stride, padding, dilation, groups) != "igemm"):
+    if backend == "triton":  # its measured dispatch decides whether masked_weight is used
+        return impl(x, weight, scores, threshold, bias, stride, padding, dilation, groups, masked_weight=masked_weight)
+    if masked_weight is not None:
         return F.conv2d(x, masked_weight, bias, stride, padding, dilation, groups)
     return impl(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
 
@@ -248,6 +249,5 @@ def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
 
 
 # The C++ backend registers its ops here; whether they run is decided per call by availability.
-from vpns_fast.ops import conv_dispatch  # noqa: E402
 from vpns_fast.ops import cpp_backend  # noqa: E402,F401
 from vpns_fast.ops import triton_backend  # noqa: E402,F401

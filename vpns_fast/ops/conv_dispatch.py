@@ -305,11 +305,15 @@ def choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups
     return choice or DEFAULT_CHOICE
 
 
-def masked_conv2d_dispatch(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """The ``triton`` backend of ``masked_conv2d``: the candidate :func:`choose` names."""
-    fn = candidates().get(choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups))
-    if fn is None:
-        fn = candidates()[DEFAULT_CHOICE]
+def masked_conv2d_dispatch(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                           masked_weight=None):
+    """The ``triton`` backend of ``masked_conv2d``: the candidate :func:`choose` names, one choice
+    per call. ``masked_weight`` (precomputed by model-level mask batching) is convolved directly
+    unless the choice is the implicit-GEMM conv, which masks while loading weight tiles."""
+    choice = choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
+    if masked_weight is not None and choice != "igemm":
+        return torch.nn.functional.conv2d(x, masked_weight, bias, stride, padding, dilation, groups)
+    fn = candidates().get(choice) or candidates()[DEFAULT_CHOICE]
     return fn(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
 
 

@@ -58,8 +58,9 @@ EXTRA_IMPLS = ("cudnn", "igemm", "igemm_tiles")
 # (granularity, modes): the training directions on unstructured scores; structured scores in
 # inference, where whole weight tiles can be skipped.
 GRANULARITY_MODES = (("unstructured", MODES), ("kernel", ("fwd",)), ("channel", ("fwd",)))
-# Relative Frobenius error: TF32 / fp16 carry 10 mantissa bits (typical conv error ~1e-3), bf16
-# 7 bits (~4e-3); a wrong kernel is off by O(1).
+# Relative Frobenius error, about ten times the unit roundoff of the operands (not measured on a
+# GPU): TF32 / fp16 carry 10 mantissa bits (2**-11 = 4.9e-4), bf16 7 bits (2**-8 = 3.9e-3); a
+# wrong kernel is off by O(1).
 RELATIVE_TOLERANCE = {"float32": 5e-3, "bfloat16": 2e-2, "float16": 5e-3}
 DESCRIPTION = ("one masked conv2d with the STE per distinct ResNet-18/50 conv shape, batch 64/256, fp32/bf16, "
                "modes fwd/bwd/full; impls: triton (measured dispatch), cudnn (fused mask + cuDNN), igemm "

@@ -2,8 +2,8 @@
 the Triton implicit-GEMM masked conv (``kernels/masked_conv.py``, ``igemm``) and the fused mask
 kernel + cuDNN (``cudnn``).
 
-Public Triton implicit-GEMM convs range from 0.2x to 1.2x cuDNN depending on shape and dtype
-(PERFORMANCE.md), so neither can be chosen by rule. The choice comes from a table of measured
+Public Triton implicit-GEMM convs reach 0.2x to 1.2x cuDNN depending on shape and dtype
+(FlagGems figures quoted in PERFORMANCE.md; not measured here), so neither can be chosen by rule. The choice comes from a table of measured
 times, kept on disk and reused across runs:
 
 * key: the device name and the torch / triton versions (a section each), then the call's shape:

@@ -167,7 +167,8 @@ def test_infer_rows(infer_rows):
         assert row["images_per_s"] == pytest.approx(p["batch"] / (row["median_ms"] / 1e3))
         assert "dense" in row["speedup"]
         if p["scope"] == "layer":
-            assert row["impl"] in {"dense", "torch_sparse_csr", "sparse_cpu"}
+            assert row["impl"] in {"dense", "torch_sparse_csr", "sparse_cpu", "deployed"}
+            assert p["deployed"] in ("sparse", "dense") and p["decision_speedup"] > 0
             assert 0 < p["layer_density"] <= 1
             if p["mask"] == "uniform":
                 assert p["layer_density"] == pytest.approx(p["density"], rel=0.05)
@@ -178,4 +179,4 @@ def test_infer_rows(infer_rows):
             assert 0 <= p["end_to_end_error"] < float("inf")
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
     assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"),
-                     ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
+                     ("layer", "deployed"), ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}

@@ -160,6 +160,19 @@ def test_convert_for_cpu_table_schema_and_policies():
     assert "layer" in sparse_cpu.format_decisions(table)
 
 
+def test_convert_for_cpu_of_one_layer_returns_the_replacement():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.2)
+    x = torch.randn(2, 4, 9, 9)
+    converted, table = sparse_cpu.convert_for_cpu(conv, x, policy="sparse")
+    assert isinstance(converted, sparse_cpu.SparseConv2d) and [row["name"] for row in table] == [""]
+    with torch.no_grad():
+        assert torch.allclose(converted(x), conv(x), rtol=1e-4, atol=1e-5)
+    kept, _ = sparse_cpu.convert_for_cpu(conv, x, policy="dense")
+    assert isinstance(kept, nn.Conv2d) and kept is not conv
+
+
 def test_separable_max_pool_equals_max_pool():
     x = torch.randn(2, 3, 17, 12)
     x[0, 0, 3, 4] = float("nan")

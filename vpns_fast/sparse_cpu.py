@@ -377,7 +377,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             else:
                 row["reason"] = "policy=sparse"
         row["chosen"] = "sparse"
-        _set_submodule(converted, name, sparse)
+        if name:
+            _set_submodule(converted, name, sparse)
+        else:  # ``model`` is itself one layer
+            converted = sparse
     return converted, table
 
 

@@ -18,6 +18,11 @@ Implementations:
   ``convert_for_cpu(policy="measure")`` (a layer goes sparse only where it measured faster; max
   pooling swapped for the separable one under the same rule); ``params.sparse_layers`` /
   ``params.layers`` count the Conv2d/Linear it made sparse, ``params.pool_swapped`` the pooling;
+* ``deployed`` (backend, per layer only) - the layer as ``convert_for_cpu(policy="measure")`` deploys
+  it: sparse where its own measurement found the sparse kernel ``min_speedup`` times faster, else the
+  dense module. Timed afresh after that decision, so these rows check the target "no layer slower
+  than dense by more than 5%"; ``params.deployed`` records the choice and ``params.decision_speedup``
+  the speedup the decision saw;
 Baselines (the first is the reference):
 * ``dense`` - the torch module (oneDNN), same thread count;
 * ``torch_sparse_csr`` - per layer only: the weight as ``torch.sparse`` CSR times the im2col matrix
@@ -56,7 +61,7 @@ SMALL_LAYER_COUNT = 4  # distinct layers per model with --sizes small
 LAYER_BASELINES = ["dense", "torch_sparse_csr"]
 MODEL_BASELINES = ["dense", "torch_sparse_csr", "dense_separable_pool"]
 BASELINE_NAMES = ("dense", "torch_sparse_csr", "dense_separable_pool")
-EXTRA_IMPLS = ("sparse_cpu",)
+EXTRA_IMPLS = ("sparse_cpu", "deployed")
 LAYER_TOLERANCE, MODEL_TOLERANCE = 1e-4, 1e-3  # max |error| / (1 + max |dense|)
 CONVERT_REPEATS = {(1, "full"): 15, (32, "full"): 5}  # convert_for_cpu's timed calls per layer; 1 on small
 CSR_END_TO_END_SKIP = ("per layer only: CSR + unfold materialises every layer's im2col matrix and is slower than "
@@ -196,9 +201,16 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         conv = model.get_submodule(p["layer"])
         p["layer_density"] = float(torch.count_nonzero(conv.weight)) / conv.weight.numel()
         sparse = sparse_cpu.SparseConv2d.from_dense(conv) if available else None
+        deployed = None
+        if available:
+            repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
+            deployed, table = sparse_cpu.convert_for_cpu(conv, inputs[0], policy="measure", repeats=repeats)
+            p["deployed"], p["decision_speedup"] = table[0]["chosen"], table[0]["speedup"]
         candidates = [Candidate("dense", "baseline", _no_grad(conv)),
                       Candidate("torch_sparse_csr", "baseline", _no_grad(csr_unfold_conv(conv))),
                       Candidate("sparse_cpu", "backend", _no_grad(sparse) if sparse is not None else None,
+                                None if available else unavailable_reason),
+                      Candidate("deployed", "backend", _no_grad(deployed) if deployed is not None else None,
                                 None if available else unavailable_reason)]
         return Workload(config, inputs, candidates, list(LAYER_BASELINES), _comparer(LAYER_TOLERANCE, config.shape),
                         images_per_call=p["batch"])

@@ -15,7 +15,7 @@ from torch import nn
 from vpns_fast import ops
 from vpns_fast.kernels import masked as kernels_masked
 from vpns_fast.kernels._triton import HAS_TRITON
-from vpns_fast.masked_layers import MASKED_TYPES
+from vpns_fast.masked_layers import MASKED_TYPES, MaskedMixin
 from vpns_fast.models import build_model
 from vpns_fast.pruning import fold, set_density, sparsify
 
@@ -92,6 +92,28 @@ def test_structured_resnet_batched_equals_per_layer(monkeypatch):
         expected = model(x)
     assert calls.calls == 1
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+def test_structured_input_masked_weight_built_once_per_forward(monkeypatch):
+    """Batching keeps each layer's input-masked weight for its forward, so structured mode builds
+    the producer's channel mask once per layer and forward (twice before), with unchanged results."""
+    torch.manual_seed(0)
+    model = sparsify(build_model("small_resnet", num_classes=10), "channel", structured=True).to(DEVICE).train()
+    set_density(model, 0.5)
+    reference = copy.deepcopy(model)
+    consumers = [m for m in model.modules() if getattr(m, "in_mask_source", None) is not None]
+    assert consumers
+    x = torch.randn(2, 3, 16, 16, device=DEVICE)
+    input_masks = CallCounter(monkeypatch, "input_mask", MaskedMixin)
+    out, grads = run(model, x, "triton")
+    # once per masked layer in the batching hook (None where no producer), none in the layers' forwards
+    assert input_masks.calls == sum(isinstance(m, MASKED_TYPES) for m in model.modules())
+    expected_out, expected_grads = run(reference, x, "torch")
+    torch.testing.assert_close(out, expected_out, rtol=0, atol=0)
+    assert grads.keys() == expected_grads.keys()
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-6, msg=name)
+    assert all(m.batched_input_weight is None for m in model.modules() if isinstance(m, MASKED_TYPES))
 
 
 def test_not_batched_on_the_torch_backend_or_mixed_dtypes(monkeypatch):

@@ -70,6 +70,7 @@ class MaskedMixin:
         # Set by MaskLaunchBatching for the duration of one model forward, else None; see
         # current_batched_weight for why it is checked against the tensors' versions.
         self.batched_weight: torch.Tensor | None = None
+        self.batched_input_weight: torch.Tensor | None = None  # input_masked_weight() of that forward
         self._batched_versions: tuple | None = None
 
     def score_mask(self) -> torch.Tensor:
@@ -94,10 +95,18 @@ class MaskedMixin:
         return self.weight.detach() * self.weight_mask().to(self.weight.dtype)
 
     def _versions(self) -> tuple:
-        return (self.weight._version, self.scores._version, self.threshold._version)
+        versions = (self.weight._version, self.scores._version, self.threshold._version)
+        source = getattr(self, "in_mask_source", None)
+        if source is not None:  # structured mode: the input mask is the producer's
+            versions += (source.scores._version, source.threshold._version)
+        return versions
 
-    def set_batched_weight(self, weight: torch.Tensor | None) -> None:
+    def set_batched_weight(self, weight: torch.Tensor | None, input_weight: torch.Tensor | None = None) -> None:
+        """``weight``: the effective weight of this forward; ``input_weight``: the
+        ``input_masked_weight()`` it was computed from (kept so structured mode does not build it
+        twice per forward). None clears both."""
         self.batched_weight = weight
+        self.batched_input_weight = None if weight is None else input_weight
         self._batched_versions = None if weight is None else self._versions()
 
     def current_batched_weight(self) -> torch.Tensor | None:
@@ -110,12 +119,15 @@ class MaskedMixin:
 
     def __getstate__(self):  # deepcopy / pickle: never carry a per-forward (non-leaf) tensor
         state = super().__getstate__()
-        state["batched_weight"], state["_batched_versions"] = None, None
+        state["batched_weight"], state["batched_input_weight"], state["_batched_versions"] = None, None, None
         return state
 
     def input_masked_weight(self) -> torch.Tensor:
         """The weight the score mask applies to: in structured mode with the producer's pruned
         input channels zeroed (they are not read), else the weight itself."""
+        cached = getattr(self, "batched_input_weight", None)  # absent on layers pickled before it existed
+        if cached is not None and self.current_batched_weight() is not None:
+            return cached
         in_mask = self.input_mask()
         return self.weight if in_mask is None else self.weight * in_mask.to(self.weight.dtype)
 
@@ -225,10 +237,10 @@ class MaskLaunchBatching:
         if not layers:
             return
         thresholds = torch.stack([m.threshold for m in layers])
-        weights = ops.masked_weights([m.input_masked_weight() for m in layers], [m.scores for m in layers],
-                                     thresholds)
-        for layer, weight in zip(layers, weights):
-            layer.set_batched_weight(weight)
+        input_weights = [m.input_masked_weight() for m in layers]
+        weights = ops.masked_weights(input_weights, [m.scores for m in layers], thresholds)
+        for layer, weight, input_weight in zip(layers, weights, input_weights):
+            layer.set_batched_weight(weight, input_weight)
 
     def _after(self, model: nn.Module, args, output) -> None:
         for m in model.modules():

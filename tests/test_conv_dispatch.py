@@ -102,6 +102,40 @@ def test_save_round_trips_and_merges(table_path):
     assert json.loads(table_path.read_text())["version"] == cd.TABLE_VERSION
 
 
+def test_concurrent_saves_are_serialised_and_keep_both_entries(table_path, monkeypatch):
+    """A second saver waits while the first is between reading and replacing the file (it holds
+    ``<table>.lock``), so neither drops the other's entry."""
+    import threading
+
+    first, second = cd.DispatchTable(table_path), cd.DispatchTable(table_path)
+    first.record("dev", "a", {"igemm": 1.0, "cudnn": 2.0})
+    second.record("dev", "b", {"igemm": 3.0, "cudnn": 2.0})
+    cd.DispatchTable(table_path).save()  # the file exists, so both savers read it
+    first_is_reading, let_first_go = threading.Event(), threading.Event()
+    read = cd.DispatchTable._read
+
+    def slow_read(path):
+        sections = read(path)
+        if threading.current_thread().name == "first":
+            first_is_reading.set()
+            assert let_first_go.wait(10)
+        return sections
+
+    monkeypatch.setattr(cd.DispatchTable, "_read", staticmethod(slow_read))
+    threads = [threading.Thread(target=first.save, name="first"), threading.Thread(target=second.save, name="second")]
+    threads[0].start()
+    assert first_is_reading.wait(10)
+    threads[1].start()
+    threads[1].join(0.5)
+    second_waited = threads[1].is_alive()
+    let_first_go.set()
+    for thread in threads:
+        thread.join(10)
+    assert second_waited  # blocked on the lock while the first saver was mid-merge
+    merged = cd.DispatchTable(table_path)
+    assert (merged.lookup("dev", "a"), merged.lookup("dev", "b")) == ("igemm", "cudnn")
+
+
 @pytest.mark.parametrize("content, message", [
     ("{not json", "unreadable"),
     ('{"format": "something else"}', "not a vpns_fast conv dispatch table"),

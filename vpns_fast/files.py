@@ -1,9 +1,10 @@
 """Writing files the user keeps: atomically, never replacing one unless asked."""
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 
 def _umask() -> int:
@@ -33,3 +34,23 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def file_lock(path: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive advisory lock on ``path + ".lock"`` (POSIX ``flock``) for a
+    read-merge-write of ``path`` shared by several processes. Where ``fcntl`` is missing
+    (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    lock_path = os.fspath(path) + ".lock"
+    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    with open(lock_path, "ab") as lock:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)

@@ -15,7 +15,8 @@ A shape without an entry runs ``cudnn`` (what the backend did before the table e
 ``VPNS_FAST_CONV_AUTOTUNE=1``, which measures it on first use and records it. ``vpns tune``
 (:func:`tune`) fills the table for a model ahead of training. The table lives at
 ``$VPNS_FAST_CONV_TABLE``, else ``~/.cache/vpns_fast/conv_dispatch.json``; it is written
-atomically and a damaged file is reported and ignored, never silently overwritten.
+atomically under a file lock (concurrent processes merge their entries) and a damaged file is
+reported and ignored, never silently overwritten.
 """
 from __future__ import annotations
 
@@ -153,19 +154,22 @@ class DispatchTable:
         return choice
 
     def save(self) -> None:
-        """Write atomically (merging entries another process saved meanwhile)."""
-        from vpns_fast.files import atomic_write
+        """Write atomically, merging the entries other processes saved meanwhile. The read-merge-
+        write holds a lock on ``<path>.lock``, so processes autotuning at once keep each other's
+        entries."""
+        from vpns_fast.files import atomic_write, file_lock
 
         if self.load_error is not None:
             raise DispatchTableError(f"not replacing {self.path}: {self.load_error}. Move or delete it first.")
-        sections = {}
-        if os.path.exists(self.path):
-            sections = self._read(self.path)
-        for section, entries in self.sections.items():
-            sections.setdefault(section, {}).update(entries)
-        payload = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "sections": sections}
-        text = json.dumps(payload, indent=1, sort_keys=True).encode()
-        atomic_write(self.path, lambda f: f.write(text), overwrite=True)
+        with file_lock(self.path):
+            sections = {}
+            if os.path.exists(self.path):
+                sections = self._read(self.path)
+            for section, entries in self.sections.items():
+                sections.setdefault(section, {}).update(entries)
+            payload = {"format": TABLE_FORMAT, "version": TABLE_VERSION, "sections": sections}
+            text = json.dumps(payload, indent=1, sort_keys=True).encode()
+            atomic_write(self.path, lambda f: f.write(text), overwrite=True)
 
 
 _TABLES: dict[str, DispatchTable] = {}

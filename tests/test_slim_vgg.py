@@ -175,8 +175,11 @@ def test_slim_export_round_trip_and_deploy(tmp_path, tiny_vgg16):
     meta = export(tmp_path / "m.pt", "slim", tmp_path / "m.slim")
     assert meta["channels_dropped"] > 0 and "linears" in meta["architecture"]
     loaded = load_slim(tmp_path / "m.slim")
-    slim, architecture, _ = slim_model(V.fold(model))
+    slim, architecture, report = slim_model(V.fold(model))
     assert architecture == meta["architecture"]
+    convs = {name for name, m in slim.named_modules() if isinstance(m, nn.Conv2d)}
+    assert meta["channels_dropped"] == sum(report[name]["dropped"] for name in convs)  # channels, not units
+    assert meta["units_dropped"] == sum(r["dropped"] for name, r in report.items() if name not in convs) > 0
     rebuilt = build_slim(tiny_vgg(True), architecture)
     rebuilt.load_state_dict(slim.state_dict())
     images = torch.rand(4, 3, 32, 32)

@@ -198,7 +198,9 @@ def _cmd_export(args) -> int:
         sizes = meta["bytes"]
         line += f": weights {sizes['weights_encoded']:,} bytes encoded vs {sizes['weights_dense']:,} dense"
     elif args.format == "slim":
-        line += f": {meta['channels_dropped']} channels removed"
+        line += f": {meta['channels_dropped']} conv channels removed"
+        if meta.get("units_dropped"):
+            line += f", {meta['units_dropped']} classifier units removed"
     print(line)
     return 0
 

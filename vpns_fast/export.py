@@ -393,8 +393,10 @@ def export(checkpoint_or_payload, format: str, path, force: bool = False, *, sli
         from vpns_fast.slim import slim_model
 
         model, architecture, report = slim_model(folded)
+        linears = architecture.get("linears", {})  # a VGG's classifier: its rows count units, not channels
         meta.update(architecture=architecture, channels=report,
-                    channels_dropped=sum(r["dropped"] for r in report.values()))
+                    channels_dropped=sum(r["dropped"] for name, r in report.items() if name not in linears),
+                    units_dropped=sum(r["dropped"] for name, r in report.items() if name in linears))
         _write_safetensors("slim", model.state_dict(), meta, path, force)
     else:
         _export_onnx(folded, meta, path, force, slim, opset)

@@ -195,6 +195,74 @@ def test_slim_export_round_trip_and_deploy(tmp_path, tiny_vgg16):
             assert_close(module(images), ref)
 
 
+# --------------------------------------------------------------------------- structured mode
+
+@pytest.mark.parametrize("batch_norm", [False, True], ids=["vgg", "vgg_bn"])
+def test_structured_vgg_masks_inputs_and_slims_every_pruned_channel(batch_norm):
+    """Structured mode on a VGG: each conv is input-masked by the previous one, the classifier stays
+    dense, the early-layer cap holds, and the slim network drops every pruned channel exactly
+    (plain channel masks must keep those with a live constant before a padded 3x3)."""
+    model = tiny_vgg(batch_norm)
+    V.sparsify(model, "channel", structured=True, cap_layers=1, cap_sparsity=0.25)
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d)]
+    layers = dict(V.masked_layers(model))
+    assert list(layers) == convs  # the classifier's Linears stay plain
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for layer in layers.values():
+            layer.scores.copy_(torch.rand(layer.scores.shape, generator=g) + 0.01)
+    V.set_density(model, 0.4)
+    first = layers[convs[0]]
+    assert first.input_mask() is None and int(first.score_mask().sum()) >= 6  # capped: >= 75% of 8
+    for producer, consumer in zip(convs, convs[1:]):
+        out = layers[consumer].score_mask().reshape(-1, 1, 1, 1)
+        inn = layers[producer].score_mask().reshape(1, -1, 1, 1)
+        assert torch.equal(layers[consumer].weight_mask(), (out & inn).expand_as(layers[consumer].weight))
+    assert any(not bool(layers[c].score_mask().all()) for c in convs[:-1])  # some inner channel is pruned
+    model.eval()
+    folded = V.fold(model).eval()
+    slim, _, report = slim_model(folded)
+    assert all(report[name]["kept_pruned"] == 0 for name in convs), report
+    x = torch.rand(5, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(slim(x), model(x))
+    folded = folded.double()
+    assert_exact(slim_model(folded)[0], folded)
+    # plain channel masks at the same scores keep some of those channels (the reason for the mode)
+    plain = tiny_vgg(batch_norm)
+    V.sparsify(plain, "channel")
+    with torch.no_grad():
+        for name, layer in V.masked_layers(plain):
+            if name in layers:
+                layer.scores.copy_(layers[name].scores)
+        for layer in (m for n, m in V.masked_layers(plain) if n not in layers):
+            layer.scores.fill_(1.0)  # the classifier keeps everything, as in structured mode
+        for name, layer in V.masked_layers(plain):
+            layer.set_threshold(layers[name].threshold if name in layers else -1.0)
+    _, _, plain_report = slim_model(V.fold(plain.eval()).eval())
+    assert sum(plain_report[name]["kept_pruned"] for name in convs) > 0
+
+
+def test_structured_vgg_checkpoint_and_slim_export(tmp_path, tiny_vgg16):
+    model = models.build_model("vgg16", num_classes=10)
+    V.sparsify(model, "channel", structured=True)
+    V.set_density(model, 0.5)
+    model.eval()
+    save_checkpoint(tmp_path / "m.pt", model, model_name="vgg16", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32))
+    from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint
+
+    restored = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt")).eval()
+    restored_layers = dict(V.masked_layers(restored))
+    assert restored_layers["features.4"].in_mask_source is restored_layers["features.0"]
+    meta = export(tmp_path / "m.pt", "slim", tmp_path / "m.slim")
+    assert all(row["kept_pruned"] == 0 for name, row in meta["channels"].items() if name.startswith("features"))
+    x = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        assert_close(load_slim(tmp_path / "m.slim")(x), model(x))
+        assert_close(restored(x), model(x))
+
+
 # --------------------------------------------------------------------------- errors
 
 def test_errors_are_clear():

@@ -216,7 +216,7 @@ def test_trainer_structured_run_reaches_its_density(tmp_path):
 def test_errors():
     with pytest.raises(ValueError, match="granularity='channel'"):
         V.sparsify(build_model("small_resnet"), "unstructured", structured=True)
-    with pytest.raises(ValueError, match="ResNets"):
+    with pytest.raises(ValueError, match="ResNets .* and VGGs"):
         V.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()), "channel", structured=True)
     with pytest.raises(ValueError, match="every conv masked"):
         V.sparsify(build_model("small_resnet"), "channel", exclude="layer2.*", structured=True)

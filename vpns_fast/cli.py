@@ -100,7 +100,7 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--hydra-scope", choices=("global", "layer"), default="layer", help="HYDRA threshold scope")
     p.add_argument("--granularity", choices=("unstructured", "kernel", "channel"), default="unstructured")
     p.add_argument("--structured", action="store_true",
-                   help="structured channel mode for ResNets (SPEC §4): shared residual-group channel masks, "
+                   help="structured channel mode for ResNets and VGGs (SPEC §4): shared residual-group channel masks, "
                    "input-channel masking, dense classifier, first 5 convs capped at 25%% channel sparsity; "
                    "needs --granularity channel")
     p.add_argument("--lr", action="append", type=_assignments, default=[], metavar="GROUP=LR",

@@ -37,8 +37,8 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     The masked layers share the original weight and bias parameters. Every threshold starts at
     ``-inf`` (all weights kept) until :func:`set_density` is called.
 
-    ``structured=True`` (SPEC §4; torchvision-style ResNets, ``granularity="channel"`` only): the
-    classifier stays dense, residual groups share one score vector, convs are input-masked by their
+    ``structured=True`` (SPEC §4; torchvision-style ResNets and VGGs, ``granularity="channel"`` only):
+    the classifier stays dense, residual groups (ResNets) share one score vector, convs are input-masked by their
     producer's channel mask, and the first ``cap_layers`` convs keep at most ``cap_sparsity`` of
     their channels pruned (see :mod:`vpns_fast.structured`).
     """
@@ -52,7 +52,7 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
 
         if granularity != "channel":
             raise ValueError(f"structured=True needs granularity='channel', got {granularity!r}")
-        residual_groups(model)  # ValueError for anything but a torchvision-style ResNet
+        residual_groups(model)  # ValueError for anything but a torchvision-style ResNet or VGG
         excluded_convs = [n for n, m in model.named_modules() if type(m) is nn.Conv2d and _excluded(n, exclude)]
         if excluded_convs:
             raise ValueError(f"structured=True needs every conv masked; exclude leaves {excluded_convs} dense")
@@ -68,9 +68,9 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
         masked_cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
         _set_submodule(model, name, masked_cls.from_dense(module, granularity, score_init))
     if structured:
-        from vpns_fast.structured import structure_resnet
+        from vpns_fast.structured import structure_channels
 
-        structure_resnet(model, cap_layers, cap_sparsity)
+        structure_channels(model, cap_layers, cap_sparsity)
     MaskLaunchBatching(model)  # one mask launch per forward on the triton backend
     return model
 

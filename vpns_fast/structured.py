@@ -1,23 +1,25 @@
-"""Structured channel mode for ResNets (SPEC §4), opt-in via ``sparsify(..., structured=True)``.
+"""Structured channel mode (SPEC §4) for ResNets and VGGs, opt-in via ``sparsify(..., structured=True)``.
 
 What it sets up on a model whose convs are already channel-granularity masked layers:
 
-* **Residual groups.** Every conv whose output feeds the same residual sum — the stem (when
+* **Residual groups** (ResNets; a VGG has none, each conv is its own group). Every conv whose output feeds the same residual sum — the stem (when
   ``layer1`` starts with an identity shortcut), each block's last conv (``conv2`` / ``conv3``) and
   the downsample conv of a stage — shares ONE score vector: ``layer.scores`` is literally the same
   ``nn.Parameter`` object on every member, so its gradient is the sum over members. The shared
   score starts at the mean of the members' own initial scores **[decision]**.
 * **Input-channel masking.** Each conv records the layer that produces its input
   (``in_mask_source``: the previous conv inside a block, the residual group for a block's first
-  conv and downsample); its effective weight is ``W * out_mask * in_mask`` with ``in_mask`` the
+  conv and downsample; in a VGG the previous conv of ``features``); its effective weight is ``W * out_mask * in_mask`` with ``in_mask`` the
   producer's current (detached) channel mask. ``weight_mask()`` includes it, so density reports,
   ``fold`` and exports see the true mask. The stem reads the image: no input mask.
 * **Early-layer cap.** The first ``cap_layers`` convs (module order; release dev code: 5) may lose
   at most ``cap_sparsity`` (25%) of their channels; :func:`apply_channel_cap` (called by
   ``set_density``) gives an over-pruned layer — or its whole residual group — its own threshold
   keeping ``ceil((1 - cap_sparsity) * C)`` channels (ties at the threshold are still pruned).
-* The classifier (``fc``) is **excluded** (plain dense ``nn.Linear``) **[decision]**: the global
-  threshold runs over conv channels only, as SPEC §4 says.
+* The classifier (ResNet ``fc``, VGG ``classifier``) is **excluded** (plain dense ``nn.Linear``)
+  **[decision]**: the global threshold runs over conv channels only, as SPEC §4 says. In a VGG the
+  first Linear reads the last conv's channels through pooling; slimming folds a pruned channel's
+  constant into its bias (:mod:`vpns_fast.slim`), so no input mask is needed there.
 
 The producer references are plain attributes (not submodules), so ``modules()`` and the state_dict
 are unchanged; ``copy.deepcopy`` maps them onto the copy.
@@ -29,18 +31,15 @@ import math
 import torch
 from torch import nn
 
-__all__ = ["structure_resnet", "apply_channel_cap", "structured_config", "residual_groups", "unique_score_units",
+__all__ = ["structure_channels", "apply_channel_cap", "structured_config", "residual_groups", "unique_score_units",
            "channel_density"]
 
 _IN_SOURCE = "in_mask_source"
 
 
 def _resnet_blocks(model: nn.Module):
-    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+    from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    if not isinstance(model, ResNet):
-        raise ValueError(f"structured=True supports torchvision-style ResNets (resnet18/50, cifar_resnet18, "
-                         f"small_resnet), got {type(model).__name__}")
     blocks = [(name, m) for name, m in model.named_modules() if isinstance(m, (BasicBlock, Bottleneck))]
     if not blocks:
         raise ValueError("structured=True: the ResNet has no BasicBlock / Bottleneck blocks")
@@ -50,9 +49,16 @@ def _resnet_blocks(model: nn.Module):
 def residual_groups(model: nn.Module) -> tuple[list[list[str]], dict[str, str | None]]:
     """``(groups, producer)``: the lists of conv names that feed one residual stream (each list in
     module order), and for every conv the name of the conv that produces its input (``None`` for
-    the stem). Works on plain and masked ResNets alike (names only)."""
-    from torchvision.models.resnet import Bottleneck
+    the stem). Works on plain and masked models alike (names only). A VGG's groups are its convs,
+    one each, and a conv's producer is the previous conv of ``features``. Anything else: ValueError."""
+    from torchvision.models import VGG
+    from torchvision.models.resnet import Bottleneck, ResNet
 
+    if isinstance(model, VGG):
+        return _vgg_chain(model)
+    if not isinstance(model, ResNet):
+        raise ValueError(f"structured=True supports torchvision-style ResNets (resnet18/50, cifar_resnet18, "
+                         f"small_resnet) and VGGs, got {type(model).__name__}")
     blocks = _resnet_blocks(model)
     groups: list[list[str]] = [["conv1"]]
     producer: dict[str, str | None] = {"conv1": None}
@@ -74,8 +80,22 @@ def residual_groups(model: nn.Module) -> tuple[list[list[str]], dict[str, str | 
     return groups, producer
 
 
-def structure_resnet(model: nn.Module, cap_layers: int = 5, cap_sparsity: float = 0.25) -> nn.Module:
-    """Share residual-group scores, wire input masks and mark the capped early layers (in place)."""
+def _vgg_chain(model: nn.Module) -> tuple[list[list[str]], dict[str, str | None]]:
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        raise ValueError("structured=True: the VGG's features must be an nn.Sequential")
+    convs = [f"features.{index}" for index, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+    if not convs:
+        raise ValueError("structured=True: the VGG has no conv in features")
+    outside = [name for name, m in model.named_modules()
+               if isinstance(m, nn.Conv2d) and name not in convs]
+    if outside:
+        raise ValueError(f"structured=True: convs outside the VGG's features: {outside}")
+    return [[name] for name in convs], dict(zip(convs, [None] + convs[:-1]))
+
+
+def structure_channels(model: nn.Module, cap_layers: int = 5, cap_sparsity: float = 0.25) -> nn.Module:
+    """Share residual-group scores (ResNets), wire input masks and mark the capped early layers (in place)."""
     from vpns_fast.masked_layers import MaskedConv2d
 
     if cap_layers < 0 or not 0 <= cap_sparsity < 1:

@@ -91,7 +91,7 @@ class TrainConfig:
     scope: str = "global"
     hydra_scope: str = "layer"
     granularity: str = "unstructured"
-    structured: bool = False            # SPEC §4 structured channel mode (ResNets, granularity "channel")
+    structured: bool = False            # SPEC §4 structured channel mode (ResNets, VGGs; granularity "channel")
     score_init: str = "scaled"
     schedule: str = "cosine"
     optimizers: dict = field(default_factory=default_optimizers)

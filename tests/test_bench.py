@@ -23,7 +23,7 @@ ROW_FIELDS = {
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
     "speedup", "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak",
 }
-CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step"]
+CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step", "slim"]
 
 
 @pytest.fixture(scope="module")
@@ -113,6 +113,17 @@ def test_train_step_rows(smoke_rows):
         expected = row["params"]["batch"] / (row["median_ms"] / 1e3)
         assert row["images_per_s"] == pytest.approx(expected)
         assert set(row["speedup"]) == {"release", "dense"}
+
+
+def test_slim_rows(smoke_rows):
+    rows = [row for row in smoke_rows if row["case"] == "slim"]
+    assert {row["impl"] for row in rows if row["status"] == "ok"} == {"dense", "slim"}
+    for row in rows:
+        p = row["params"]
+        assert p["channel_density"] >= p["target_channel_density"] == 0.5
+        assert 0 < p["slim_parameters"] < p["dense_parameters"] and p["channels_dropped"] > 0
+        if row["status"] == "ok":
+            assert row["images_per_s"] == pytest.approx(p["batch"] / (row["median_ms"] / 1e3))
 
 
 def test_compile_baseline_is_skipped_with_its_reason(smoke_rows):

@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test install bench clean gpu-deps
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,12 @@ test: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all
+
+# Test dependencies for the GPU machine's CPython 3.12, which has no package registry: carried to it
+# as .gpu_deps/ by the device tool (see bench/gpu_session.sh).
+gpu-deps: $(VENV)/.installed
+	$(PY) -m pip install -q --target .gpu_deps --python-version 3.12 --implementation cp \
+		--only-binary=:all: --platform manylinux_2_17_x86_64 pytest pytest-benchmark hypothesis safetensors
 
 clean:
 	rm -rf build *.egg-info vpns_fast/_C*.so

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A GPU session's checks and benchmarks, in stages that each fit one call of the device tool
+# (10 minutes a call, 30 minutes of device time a session).
+#
+#   make gpu-deps                                  # here, once: pytest & co. for the GPU's python
+#   bash bench/gpu_session.sh STAGE [STAGE ...]    # there, from the repository root
+#
+# The GPU machine has torch, triton and torchvision but no package registry: `make gpu-deps` puts
+# pure-python test dependencies (and safetensors' abi3 wheel) for CPython 3.12 in .gpu_deps/, which
+# the device call must carry. Everything lands in $OUT (the device tool's folder), else out/gpu:
+# tests.log + tests.xml, cuda.jsonl (bench rows), conv_dispatch.json (the tuned table), *.log.
+# Each stage runs under `timeout $STAGE_SECONDS` (default 540 s), so a slow stage still returns what
+# it measured (bench rows are appended per measurement point).
+#
+# Stages, in the order a first GPU session should run them:
+#   env      - device, driver and versions (seconds)
+#   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
+#   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
+#   tune     - vpns tune: ResNet-18 masked-conv dispatch table, batch 64/256, bf16 and fp32, channels_last
+#   conv     - bench conv on ResNet-18 shapes, unstructured scores, with the tuned table (--no-compile)
+#   conv_all - bench conv on every other shape and granularity
+#   step     - bench train_step (stage-1 step with the dispatcher) and bench slim (issue 6's GPU target)
+#   compiled - the torch.compile baselines of prompt, masked and slim (slow: compiles per shape)
+set -u
+cd "$(dirname "$0")/.."
+OUT=${OUT:-out/gpu}
+mkdir -p "$OUT"
+PY=${PY:-python3}
+STAGE_SECONDS=${STAGE_SECONDS:-540}
+export PYTHONPATH=".:.gpu_deps${PYTHONPATH:+:$PYTHONPATH}"
+export VPNS_FAST_CONV_TABLE="$OUT/conv_dispatch.json"
+ROWS="$OUT/cuda.jsonl"
+
+run() {  # run NAME COMMAND...: time-limited, output to the terminal and $OUT/NAME.log
+    local name=$1
+    shift
+    echo "== $name: $*"
+    timeout "$STAGE_SECONDS" "$@" 2>&1 | tee -a "$OUT/$name.log"
+    echo "== $name: exit ${PIPESTATUS[0]}"
+}
+
+stage_env() {
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1 | tee "$OUT/env.log"
+    "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.log"
+import platform, torch, triton
+print("python", platform.python_version(), "| torch", torch.__version__, "| triton", triton.__version__,
+      "| cuda", torch.version.cuda, "| cudnn", torch.backends.cudnn.version())
+print("device", torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+for name in ("pytest", "hypothesis", "safetensors", "torchvision", "numpy"):
+    try:
+        module = __import__(name)
+        print(name, getattr(module, "__version__", "?"))
+    except ImportError as error:
+        print(name, "MISSING:", error)
+EOF
+}
+
+stage_tests() {
+    run tests "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+        tests/test_triton_prompt.py tests/test_triton_threshold.py tests/test_triton_masked.py \
+        tests/test_triton_masked_conv.py tests/test_mask_batching.py tests/test_conv_dispatch.py \
+        tests/test_ops_prompt.py tests/test_ops_threshold.py tests/test_ops_masked.py tests/test_backends.py
+}
+
+stage_kernels() {
+    run kernels "$PY" -m bench threshold prompt masked --device cuda --no-compile --out "$ROWS"
+}
+
+stage_tune() {
+    run tune "$PY" -m vpns_fast tune --model resnet18 --batch 64,256 --amp bf16 --channels-last --stage all
+    run tune "$PY" -m vpns_fast tune --model resnet18 --batch 64,256 --channels-last --stage all
+}
+
+stage_conv() {
+    run conv "$PY" -m bench conv --device cuda --no-compile --repeats 30 --match '^resnet18 .*unstructured$' --out "$ROWS"
+}
+
+stage_conv_all() {
+    run conv_all "$PY" -m bench conv --device cuda --no-compile --repeats 30 --match '^resnet50|(kernel|channel)$' \
+        --out "$ROWS"
+}
+
+stage_step() {
+    run step "$PY" -m bench train_step slim --device cuda --no-compile --out "$ROWS"
+}
+
+stage_compiled() {
+    run compiled "$PY" -m bench prompt masked slim --device cuda --out "$ROWS"
+}
+
+if [ $# -eq 0 ]; then
+    sed -n '2,23p' "$0"
+    exit 2
+fi
+for stage in "$@"; do
+    if ! declare -F "stage_$stage" > /dev/null; then
+        echo "unknown stage $stage (env tests kernels tune conv conv_all step compiled)" >&2
+        exit 2
+    fi
+    "stage_$stage"
+done

@@ -6,6 +6,8 @@ on CUDA the L2 is flushed before every call instead, as ``triton.testing.do_benc
 """
 from __future__ import annotations
 
+import contextlib
+
 import math
 import time
 from dataclasses import dataclass
@@ -116,25 +118,44 @@ def measured_copy_bandwidth(device_type: str) -> float:
 _MATMUL_PEAKS: dict = {}
 
 
+@contextlib.contextmanager
+def _matmul_tf32(enabled: bool):
+    """CUDA matmuls in TF32 (or IEEE fp32) for the duration, through the fp32_precision API where
+    torch has it (mixing it with the legacy allow_tf32 flags makes torch's legacy getters raise)."""
+    matmul = torch.backends.cuda.matmul
+    if hasattr(matmul, "fp32_precision"):
+        previous = matmul.fp32_precision
+        matmul.fp32_precision = "tf32" if enabled else "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision = previous
+    else:
+        previous = matmul.allow_tf32
+        matmul.allow_tf32 = enabled
+        try:
+            yield
+        finally:
+            matmul.allow_tf32 = previous
+
+
 def measured_matmul_peak(device_type: str, dtype_name: str) -> float:
     """FLOP/s of a large dense matmul in ``dtype_name`` on this device, measured once per run:
     the practical compute ceiling that compute-bound ops (convolutions) are compared against.
-    float32 follows the convolutions' TF32 setting (``torch.backends.cudnn.allow_tf32``)."""
+    float32 follows the convolutions' TF32 setting (``conv_allows_tf32``)."""
     # Convolutions use TF32 when cuDNN may (default on) while matmuls default to IEEE fp32: the
     # float32 peak is measured under the convolutions' setting, else conv rows could exceed 100%.
-    tf32 = torch.backends.cudnn.allow_tf32
+    from vpns_fast.kernels.masked_conv import conv_allows_tf32
+
+    tf32 = conv_allows_tf32()
     key = (device_type, dtype_name, tf32)
     if key not in _MATMUL_PEAKS:
         size = 8192 if device_type == "cuda" else 1024
         dtype = getattr(torch, dtype_name)
         a = torch.randn(size, size, device=device_type).to(dtype)
         b = torch.randn(size, size, device=device_type).to(dtype)
-        previous = torch.backends.cuda.matmul.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        try:
+        with _matmul_tf32(tf32):
             timing = time_calls(lambda _: a @ b, [None], repeats=10, device_type=device_type,
                                 cpu_warmup_seconds=0.0)
-        finally:
-            torch.backends.cuda.matmul.allow_tf32 = previous
         _MATMUL_PEAKS[key] = 2 * size ** 3 / (timing.median_ms / 1e3)
     return _MATMUL_PEAKS[key]

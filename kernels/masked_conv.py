@@ -112,6 +112,11 @@ else:
         (dict(BLOCK_CO=64, BLOCK_K=64, BLOCK_P=64), 4, 3),
     ]
     _SPARSE_BLOCK_N, _SPARSE_BLOCK_K = 64, 32
+    if os.environ.get("VPNS_FAST_IGEMM_AUTOTUNE", "1") == "0":
+        # The first config of each list, no autotuning: for native test runs, where autotuning
+        # would compile and time every config for every new shape (bench/gpu_session.sh sets it).
+        _FWD_OPTIONS, _SPARSE_OPTIONS = _FWD_OPTIONS[:1], _SPARSE_OPTIONS[:1]
+        _BWD_INPUT_OPTIONS, _BWD_WEIGHT_OPTIONS = _BWD_INPUT_OPTIONS[:1], _BWD_WEIGHT_OPTIONS[:1]
 
 FWD_CONFIGS = _configs(_FWD_OPTIONS)
 SPARSE_FWD_CONFIGS = _configs(_SPARSE_OPTIONS)

@@ -191,3 +191,24 @@ def test_infer_rows(infer_rows):
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
     assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"),
                      ("layer", "deployed"), ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
+
+
+def test_a_wrong_answer_is_an_error_row_and_the_rest_is_timed():
+    import torch
+
+    from bench.cases.common import Candidate, Config, VerificationError, Workload
+    from bench.runner import measure_workload
+
+    def compare(output, reference, impl_name):
+        if not torch.equal(output, reference):
+            raise VerificationError(f"{impl_name} differs")
+
+    inputs = [torch.arange(4.0)]
+    workload = Workload(Config("toy", "n=4", "float32", "fwd", {}), inputs,
+                        [Candidate("reference", "baseline", lambda x: x * 2),
+                         Candidate("wrong", "backend", lambda x: x * 3),
+                         Candidate("right", "backend", lambda x: x + x)], ["reference"], compare)
+    rows = {row["impl"]: row for row in measure_workload(workload, "cpu", 2, None, {}, cpu_warmup_seconds=0.0)}
+    assert rows["wrong"]["status"] == "error" and "VerificationError: wrong differs" in rows["wrong"]["error"]
+    assert rows["wrong"]["median_ms"] is None
+    assert rows["right"]["status"] == rows["reference"]["status"] == "ok"

@@ -18,6 +18,8 @@ from vpns_fast.kernels.masked import masked_conv2d_ref
 from vpns_fast.ops import conv_dispatch as cd
 from vpns_fast.pruning import set_density, sparsify
 
+from helpers import TRITON_DEVICE
+
 
 @pytest.fixture
 def table_path(tmp_path, monkeypatch):
@@ -45,12 +47,12 @@ class FakeCandidates:
         monkeypatch.setattr(cd, "candidates", lambda: {"igemm": make("igemm"), "cudnn": make("cudnn")})
 
 
-def conv_args(channels_last=False, dtype=torch.float32):
-    x = torch.randn(2, 3, 6, 6, dtype=dtype)
+def conv_args(channels_last=False, dtype=torch.float32, device="cpu"):
+    x = torch.randn(2, 3, 6, 6, dtype=dtype, device=device)
     if channels_last:
         x = x.to(memory_format=torch.channels_last)
-    w = torch.randn(4, 3, 3, 3, dtype=dtype)
-    return x, w, torch.randn_like(w), torch.tensor(0.5), None, 1, 1, 1, 1
+    w = torch.randn(4, 3, 3, 3, dtype=dtype, device=device)
+    return x, w, torch.randn_like(w), torch.tensor(0.5, device=device), None, 1, 1, 1, 1
 
 
 def key_of(args, grads=(False, False, False)):
@@ -75,6 +77,22 @@ def test_keys_separate_what_changes_speed():
         torch.backends.cudnn.allow_tf32 = previous
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert json.loads(key_of(conv_args()))["autocast"] == "bfloat16"
+
+
+def test_keys_follow_tf32_set_through_the_fp32_precision_api():
+    """Setting conv precision the new way makes torch's legacy ``cudnn.allow_tf32`` getter raise
+    (conv and RNN flags differ); the key must read the conv flag itself."""
+    conv = torch.backends.cudnn.conv
+    if not hasattr(conv, "fp32_precision"):
+        pytest.skip("torch without the fp32_precision API")
+    previous = conv.fp32_precision
+    try:
+        conv.fp32_precision = "ieee"
+        assert json.loads(key_of(conv_args()))["tf32"] is False
+        conv.fp32_precision = "tf32"
+        assert json.loads(key_of(conv_args()))["tf32"] is True
+    finally:
+        conv.fp32_precision = previous
 
 
 def test_record_picks_the_faster_and_ignores_refusals(table_path):
@@ -202,7 +220,7 @@ def test_dispatch_runs_the_chosen_candidate(table_path, monkeypatch):
 
 def test_precomputed_masked_weight_is_used_unless_igemm_is_chosen(table_path, monkeypatch):
     fakes = FakeCandidates(monkeypatch)
-    x, w, s, t, *_ = conv_args()
+    x, w, s, t, *_ = conv_args(device=TRITON_DEVICE)  # the triton backend: CUDA, else the interpreter
     w_eff = w * (s.abs() > t)
     with ops.use_backend("triton"):
         out = ops.masked_conv2d(x, w, s, t, None, 1, 1, masked_weight=w_eff)
@@ -247,12 +265,12 @@ def test_vpns_tune_writes_the_table(table_path, monkeypatch, capsys):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_igemm_candidate_matches_the_reference_and_follows_autocast():
-    """The real igemm candidate (interpreted on a CPU): plain, and under bf16 autocast where the
-    Triton op needs x and weight cast to one dtype as autocast casts F.conv2d's operands."""
+    """The real igemm candidate (on CUDA, else interpreted on a CPU): plain, and under bf16 autocast
+    where the Triton op needs x and weight cast to one dtype as autocast casts F.conv2d's operands."""
     igemm = cd.candidates()["igemm"]
-    x, w, s, t, *rest = conv_args()
+    x, w, s, t, *rest = conv_args(device=TRITON_DEVICE)
     torch.testing.assert_close(igemm(x, w, s, t, *rest), masked_conv2d_ref(x, w, s, t, *rest), rtol=1e-4, atol=1e-4)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(TRITON_DEVICE, dtype=torch.bfloat16):
         with pytest.raises(TypeError, match="needs torch.bfloat16 weights"):  # fp32 master weights
             igemm(x, w, s, t, *rest)
         w16 = w.to(torch.bfloat16).requires_grad_()

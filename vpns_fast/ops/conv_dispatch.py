@@ -78,7 +78,11 @@ def call_key(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias, 
     """The shape part of a table key: everything the relative speed of the candidates depends on
     (shapes, dtypes, autocast, layout, TF32 for float32, the gradients computed)."""
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-    tf32 = x.dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    # Not the legacy torch.backends.cudnn.allow_tf32: it raises once conv precision was set through
+    # the new torch.backends.cudnn.conv.fp32_precision API (conv and RNN flags then differ).
+    from vpns_fast.kernels.masked_conv import conv_allows_tf32
+
+    tf32 = x.dtype == torch.float32 and conv_allows_tf32()
     return _format_key(tuple(x.shape), tuple(weight.shape), tuple(scores.shape), _pair(stride), _pair(padding),
                        _pair(dilation), groups, x.dtype, weight.dtype, scores.dtype, _autocast_dtype(x.device),
                        channels_last, tf32, bias is not None, tuple(grads))

@@ -31,7 +31,7 @@ bench: $(VENV)/.installed
 # Test dependencies for the GPU machine's CPython 3.12, which has no package registry: carried to it
 # as .gpu_deps/ by the device tool (see bench/gpu_session.sh).
 gpu-deps: $(VENV)/.installed
-	$(PY) -m pip install -q --target .gpu_deps --python-version 3.12 --implementation cp \
+	$(PY) -m pip install -q --upgrade --target .gpu_deps --python-version 3.12 --implementation cp \
 		--only-binary=:all: --platform manylinux_2_17_x86_64 pytest pytest-benchmark hypothesis safetensors
 
 clean:

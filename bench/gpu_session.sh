@@ -10,7 +10,8 @@
 # the device call must carry. Everything lands in $OUT (the device tool's folder), else out/gpu:
 # tests.log + tests.xml, cuda.jsonl (bench rows), conv_dispatch.json (the tuned table), *.log.
 # Each stage runs under `timeout $STAGE_SECONDS` (default 540 s), so a slow stage still returns what
-# it measured (bench rows are appended per measurement point).
+# it measured (bench rows are appended per measurement point); the script exits 1 when any stage
+# failed or timed out.
 #
 # Stages, in the order a first GPU session should run them:
 #   env      - device, driver and versions (seconds)
@@ -33,12 +34,15 @@ export VPNS_FAST_CONV_TABLE="$OUT/conv_dispatch.json"
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 ROWS="$OUT/cuda.jsonl"
 
+FAILED=""
 run() {  # run NAME COMMAND...: time-limited, output to the terminal and $OUT/NAME.log
-    local name=$1
+    local name=$1 status
     shift
     echo "== $name: $*"
     timeout "$STAGE_SECONDS" "$@" 2>&1 | tee -a "$OUT/$name.log"
-    echo "== $name: exit ${PIPESTATUS[0]}"
+    status=${PIPESTATUS[0]}
+    echo "== $name: exit $status$([ "$status" = 124 ] && echo ' (timed out)')"
+    [ "$status" = 0 ] || FAILED="$FAILED $name"
 }
 
 stage_env() {
@@ -91,7 +95,7 @@ stage_compiled() {
 }
 
 if [ $# -eq 0 ]; then
-    sed -n '2,23p' "$0"
+    awk 'NR > 1 && /^#/ { print; next } NR > 1 { exit }' "$0"
     exit 2
 fi
 for stage in "$@"; do
@@ -101,3 +105,7 @@ for stage in "$@"; do
     fi
     "stage_$stage"
 done
+if [ -n "$FAILED" ]; then
+    echo "failed or timed out:$FAILED" >&2
+    exit 1
+fi

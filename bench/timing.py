@@ -7,7 +7,6 @@ on CUDA the L2 is flushed before every call instead, as ``triton.testing.do_benc
 from __future__ import annotations
 
 import contextlib
-
 import math
 import time
 from dataclasses import dataclass

@@ -122,6 +122,8 @@ def test_slim_rows(smoke_rows):
         p = row["params"]
         assert p["channel_density"] >= p["target_channel_density"] == 0.5
         assert 0 < p["slim_parameters"] < p["dense_parameters"] and p["channels_dropped"] > 0
+        assert all(slim <= dense for dense, slim in p["widths"].values())
+        assert sum(slim < dense for dense, slim in p["widths"].values()) > len(p["widths"]) // 2
         if row["status"] == "ok":
             assert row["images_per_s"] == pytest.approx(p["batch"] / (row["median_ms"] / 1e3))
 
@@ -189,8 +191,8 @@ def test_infer_rows(infer_rows):
             assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
             assert 0 <= p["end_to_end_error"] < float("inf")
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
-    assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"),
-                     ("layer", "deployed"), ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
+    assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"), ("layer", "deployed"),
+                     ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
 
 
 def test_a_wrong_answer_is_an_error_row_and_the_rest_is_timed():

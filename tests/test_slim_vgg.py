@@ -256,6 +256,7 @@ def test_structured_vgg_checkpoint_and_slim_export(tmp_path, tiny_vgg16):
     restored_layers = dict(V.masked_layers(restored))
     assert restored_layers["features.4"].in_mask_source is restored_layers["features.0"]
     meta = export(tmp_path / "m.pt", "slim", tmp_path / "m.slim")
+    assert meta["channels_dropped"] > 0
     assert all(row["kept_pruned"] == 0 for name, row in meta["channels"].items() if name.startswith("features"))
     x = torch.rand(3, 3, 32, 32)
     with torch.no_grad():

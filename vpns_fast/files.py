@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import warnings
 from typing import BinaryIO, Callable, Iterator
 
 
@@ -39,18 +40,37 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
 @contextlib.contextmanager
 def file_lock(path: str | os.PathLike) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path + ".lock"`` (POSIX ``flock``) for a
-    read-merge-write of ``path`` shared by several processes. Where ``fcntl`` is missing
-    (Windows) nothing is locked."""
+    read-merge-write of ``path`` shared by several processes. The lock file is opened read-only
+    (``flock`` needs no write access, so a lock file another user created still serves). Where no
+    lock can be had (no ``fcntl`` on Windows, no permission, a file system without locks) the
+    caller goes on unlocked, with a warning: losing a concurrent entry beats losing the write."""
     try:
         import fcntl
     except ImportError:
         yield
         return
     lock_path = os.fspath(path) + ".lock"
-    os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    with open(lock_path, "ab") as lock:
-        fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+    except OSError:  # no folder to write in: the write that follows reports that itself
+        yield
+        return
+    try:
+        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+    except OSError as error:
+        warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as error:  # e.g. ENOLCK on NFS without a lock daemon
+            warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)
+            yield
+            return
         try:
             yield
         finally:
-            fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

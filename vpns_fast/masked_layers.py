@@ -115,6 +115,9 @@ class MaskedMixin:
         it is used only while weight, scores and threshold are unchanged since it was computed."""
         if self.batched_weight is None or self._batched_versions != self._versions():
             return None
+        if torch.is_grad_enabled() and self.batched_weight.grad_fn is None and (
+                self.weight.requires_grad or self.scores.requires_grad):
+            return None  # computed without grad (an interrupted eval forward): no gradient would flow
         return self.batched_weight
 
     def __getstate__(self):  # deepcopy / pickle: never carry a per-forward (non-leaf) tensor
@@ -236,6 +239,8 @@ class MaskLaunchBatching:
         layers = self._layers(model)
         if not layers:
             return
+        for layer in layers:  # anything left by an interrupted forward (maybe computed without grad)
+            layer.set_batched_weight(None)
         thresholds = torch.stack([m.threshold for m in layers])
         input_weights = [m.input_masked_weight() for m in layers]
         weights = ops.masked_weights(input_weights, [m.scores for m in layers], thresholds)

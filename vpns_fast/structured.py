@@ -1,4 +1,5 @@
-"""Structured channel mode (SPEC §4) for ResNets and VGGs, opt-in via ``sparsify(..., structured=True)``.
+"""Structured channel mode (SPEC §4) for ResNets and VGGs, opt-in via
+``sparsify(..., structured=True)``.
 
 What it sets up on a model whose convs are already channel-granularity masked layers:
 
@@ -9,8 +10,8 @@ What it sets up on a model whose convs are already channel-granularity masked la
   score starts at the mean of the members' own initial scores **[decision]**.
 * **Input-channel masking.** Each conv records the layer that produces its input
   (``in_mask_source``: the previous conv inside a block, the residual group for a block's first
-  conv and downsample; in a VGG the previous conv of ``features``); its effective weight is ``W * out_mask * in_mask`` with ``in_mask`` the
-  producer's current (detached) channel mask. ``weight_mask()`` includes it, so density reports,
+  conv and downsample; in a VGG the previous conv of ``features``); its effective weight is
+  ``W * out_mask * in_mask`` with ``in_mask`` the producer's current (detached) channel mask. ``weight_mask()`` includes it, so density reports,
   ``fold`` and exports see the true mask. The stem reads the image: no input mask.
 * **Early-layer cap.** The first ``cap_layers`` convs (module order; release dev code: 5) may lose
   at most ``cap_sparsity`` (25%) of their channels; :func:`apply_channel_cap` (called by
@@ -111,7 +112,7 @@ def structure_channels(model: nn.Module, cap_layers: int = 5, cap_sparsity: floa
             raise ValueError(f"structured=True does not support grouped convs ({name!r})")
     unknown = set(convs) - set(producer)
     if unknown:
-        raise ValueError(f"structured=True: convs outside the ResNet layout: {sorted(unknown)}")
+        raise ValueError(f"structured=True: convs outside the model's layout: {sorted(unknown)}")
     for members in groups:
         layers = [convs[n] for n in members]
         if len({m.out_channels for m in layers}) != 1:

@@ -79,6 +79,14 @@ def backend_skip_reason(op_name: str, backend: str, device_type: str) -> str | N
     return None
 
 
+def no_grad(fn: Callable) -> Callable:
+    """``fn`` called under ``torch.no_grad()`` (inference candidates)."""
+    def run(x):
+        with torch.no_grad():
+            return fn(x)
+    return run
+
+
 def backend_candidates(op_name: str, device_type: str, make_run: Callable[[str], Callable]) -> list[Candidate]:
     """A candidate per backend; those that cannot serve the op carry their skip reason."""
     candidates = []

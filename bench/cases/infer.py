@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.cases.common import Candidate, Config, VerificationError, Workload
+from bench.cases.common import Candidate, Config, VerificationError, Workload, no_grad
 from bench.registry import conv_layers
 from bench.timing import input_copy_count
 from vpns_fast import sparse_cpu
@@ -158,13 +158,6 @@ def with_separable_pooling(model: nn.Module) -> nn.Module:
     return model
 
 
-def _no_grad(fn):
-    def run(x):
-        with torch.no_grad():
-            return fn(x)
-    return run
-
-
 def _max_error(output, reference) -> tuple[float, float]:
     return float((output - reference).abs().max()), 1.0 + float(reference.abs().max())
 
@@ -206,11 +199,11 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
             repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
             deployed, table = sparse_cpu.convert_for_cpu(conv, inputs[0], policy="measure", repeats=repeats)
             p["deployed"], p["decision_speedup"] = table[0]["chosen"], table[0]["speedup"]
-        candidates = [Candidate("dense", "baseline", _no_grad(conv)),
-                      Candidate("torch_sparse_csr", "baseline", _no_grad(csr_unfold_conv(conv))),
-                      Candidate("sparse_cpu", "backend", _no_grad(sparse) if sparse is not None else None,
+        candidates = [Candidate("dense", "baseline", no_grad(conv)),
+                      Candidate("torch_sparse_csr", "baseline", no_grad(csr_unfold_conv(conv))),
+                      Candidate("sparse_cpu", "backend", no_grad(sparse) if sparse is not None else None,
                                 None if available else unavailable_reason),
-                      Candidate("deployed", "backend", _no_grad(deployed) if deployed is not None else None,
+                      Candidate("deployed", "backend", no_grad(deployed) if deployed is not None else None,
                                 None if available else unavailable_reason)]
         return Workload(config, inputs, candidates, list(LAYER_BASELINES), _comparer(LAYER_TOLERANCE, config.shape),
                         images_per_call=p["batch"])
@@ -218,9 +211,9 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     p["layers"] = len(weights)
     p["model_density"] = sum(float(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
-    candidates = [Candidate("dense", "baseline", _no_grad(model)),
+    candidates = [Candidate("dense", "baseline", no_grad(model)),
                   Candidate("torch_sparse_csr", "baseline", None, CSR_END_TO_END_SKIP),
-                  Candidate("dense_separable_pool", "baseline", _no_grad(with_separable_pooling(model)))]
+                  Candidate("dense_separable_pool", "baseline", no_grad(with_separable_pooling(model)))]
     if available:
         repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
         converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
@@ -230,7 +223,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         with torch.no_grad():
             error, _scale = _max_error(converted(inputs[0]), model(inputs[0]))
         p["end_to_end_error"] = error
-        candidates.append(Candidate("sparse_cpu", "backend", _no_grad(converted)))
+        candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted)))
     else:
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
     return Workload(config, inputs, candidates, list(MODEL_BASELINES), _comparer(MODEL_TOLERANCE, config.shape),

@@ -5,11 +5,13 @@ BatchNorm folded; ``vpns_fast.slim``), at >= 1.6x the images/s of the dense netw
 measures that ratio on any device.
 
 Model: torchvision ``<model>()`` (random init, seed 0, eval), ``sparsify(granularity="channel",
-structured=True)`` with its magnitude-based ``scaled`` scores and ``set_density(0.5)``: half of the
-channel scores kept by one global threshold (residual groups share a score; the first five convs
-keep at least 75% of their channels, SPEC §4), so ``params.channel_density`` is >= 0.5. Every pruned
-channel is then removable (structured mode), which is what trained structured masks give too;
-*which* channels survive comes from the random init, so the slim widths are those of this init.
+structured=True)`` with its magnitude-based ``scaled`` scores and ``set_density(0.5, scope="layer")``:
+every score vector (a conv's, or a residual group's shared one) keeps its top half, the first five
+convs at least 75% (SPEC §4), so ``params.channel_density`` is >= 0.5 and every layer is about half
+as wide. (One global threshold would not give that here: at random init the ``scaled`` score is
+about ``sqrt(6 / fan_in)`` for every channel of a layer, so it would rank whole layers by fan-in and
+empty the widest ones.) Every pruned channel is then removable (structured mode), as with trained
+structured masks; ``params.widths`` lists each conv's ``[dense, slim]`` output channels.
 
 Implementations, on the network only (the prompt and normalization are the same for both):
 * ``slim`` (backend) - ``slim_model(fold(model))``: what ``vpns_fast.deploy(..., device="cuda")``
@@ -27,11 +29,12 @@ exactness of slimming is tested in float64 in tests/test_slim_vgg.py and tests/t
 """
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
 
-from bench.cases.common import Candidate, Config, VerificationError, Workload, compiled_candidate
+from bench.cases.common import Candidate, Config, VerificationError, Workload, compiled_candidate, no_grad
 from bench.timing import input_copy_count
 
 NAME = "slim"
@@ -74,32 +77,25 @@ def slim_and_dense(model_name: str, seed: int = 0) -> tuple[torch.nn.Module, tor
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)().eval()
     V.sparsify(model, "channel", structured=True)
-    V.set_density(model, CHANNEL_DENSITY)
+    V.set_density(model, CHANNEL_DENSITY, scope="layer")
     dense = V.fold(model).eval()
-    slim, _, report = slim_model(dense)
+    slim, architecture, report = slim_model(dense)
+    convs = architecture["convs"]  # {name: [in, out]} of the slim network
     facts = {"channel_density": channel_density(model),
              "dense_parameters": sum(p.numel() for p in dense.parameters()),
              "slim_parameters": sum(p.numel() for p in slim.parameters()),
-             "channels_dropped": sum(row["dropped"] for row in report.values())}
+             "channels_dropped": sum(report[name]["dropped"] for name in convs),
+             "widths": {name: [report[name]["channels"], out] for name, (_, out) in convs.items()}}
     return slim.eval(), dense, facts
 
 
 def _prepared(network: torch.nn.Module, device_type: str, dtype: torch.dtype, channels_last: bool):
-    import copy
-
     network = copy.deepcopy(network).to(device_type, dtype)
     if channels_last:
         network = network.to(memory_format=torch.channels_last)
     for p in network.parameters():
         p.requires_grad_(False)
     return network.eval()
-
-
-def _no_grad(fn):
-    def run(x):
-        with torch.no_grad():
-            return fn(x)
-    return run
 
 
 def setup(config: Config, device_type: str, *, compile_baselines: bool = True, seed: int = 0) -> Workload:
@@ -115,9 +111,9 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     inputs = [torch.randn(shape, generator=generator).to(device_type, dtype).contiguous(memory_format=memory_format)
               for _ in range(copies)]
-    candidates = [Candidate("dense", "baseline", _no_grad(dense)),
-                  compiled_candidate(compile_baselines, dense, _no_grad, inputs[0]),
-                  Candidate("slim", "backend", _no_grad(slim))]
+    candidates = [Candidate("dense", "baseline", no_grad(dense)),
+                  compiled_candidate(compile_baselines, dense, no_grad, inputs[0]),
+                  Candidate("slim", "backend", no_grad(slim))]
     tolerance = TOLERANCE[(device_type, config.dtype)]
 
     def compare(output, reference, impl_name):

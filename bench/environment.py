@@ -81,6 +81,14 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+# Environment variables that change timings without changing the code: thread pools, the
+# allocator (glibc's mmap threshold moved a batch-32 conv between 39.5 and 75 ms, see
+# vpns_fast.sparse_cpu.compare_layer_times), a preloaded allocator, and this project's knobs.
+TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_",
+              "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD", "TRITON_INTERPRET",
+              "VPNS_FAST_IGEMM_AUTOTUNE", "VPNS_FAST_CONV_AUTOTUNE", "VPNS_FAST_CONV_TABLE")
+
+
 def environment_fields(device_type: str) -> dict:
     commit, dirty = git_state()
     return {
@@ -95,4 +103,5 @@ def environment_fields(device_type: str) -> dict:
         "git_dirty": dirty,
         # Other processes on a small CPU machine skew timings; the row says how busy it was.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "timing_env": {name: os.environ[name] for name in TIMING_ENV if name in os.environ},
     }

@@ -21,7 +21,7 @@ ROW_FIELDS = {
     "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
-    "speedup", "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak",
+    "speedup", "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak", "timing_env",
 }
 CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step", "slim"]
 

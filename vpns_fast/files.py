@@ -55,22 +55,17 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     except OSError:  # no folder to write in: the write that follows reports that itself
         yield
         return
+    fd = None
     try:
         fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
-    except OSError as error:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:  # no permission; ENOLCK on NFS without a lock daemon
+        if fd is not None:
+            os.close(fd)
         warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-        except OSError as error:  # e.g. ENOLCK on NFS without a lock daemon
-            warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)
-            yield
-            return
-        try:
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
+        yield
     finally:
-        os.close(fd)
+        os.close(fd)  # closing the descriptor releases the lock

@@ -29,7 +29,6 @@ bf16 make elementwise bounds meaningless; a wrong kernel is off by O(1)).
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 

@@ -29,6 +29,8 @@ from typing import Callable
 
 import torch
 
+from vpns_fast.kernels.masked_conv import conv_allows_tf32
+
 TABLE_FORMAT = "vpns_fast.conv_dispatch"
 TABLE_VERSION = 1
 CANDIDATES = ("igemm", "cudnn")
@@ -80,8 +82,6 @@ def call_key(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias, 
     channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     # Not the legacy torch.backends.cudnn.allow_tf32: it raises once conv precision was set through
     # the new torch.backends.cudnn.conv.fp32_precision API (conv and RNN flags then differ).
-    from vpns_fast.kernels.masked_conv import conv_allows_tf32
-
     tf32 = x.dtype == torch.float32 and conv_allows_tf32()
     return _format_key(tuple(x.shape), tuple(weight.shape), tuple(scores.shape), _pair(stride), _pair(padding),
                        _pair(dilation), groups, x.dtype, weight.dtype, scores.dtype, _autocast_dtype(x.device),

@@ -1,6 +1,7 @@
-# Two entry points, each working on a fresh clone with nothing installed:
+# Entry points, each working on a fresh clone with nothing installed:
 #   make demo   - create .venv, install, run the main job on the embedded data
 #   make test   - create .venv, install with test extras, run the whole test suite
+#   make lint   - ruff (lint and import order) on the Python tree, clang-format on csrc/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,7 +9,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean gpu-deps
+.PHONY: demo test lint install bench clean gpu-deps
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,6 +25,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all

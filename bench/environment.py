@@ -60,7 +60,7 @@ def last_level_cache_bytes() -> int:
     return largest or 32 * 1024 ** 2
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, whether the working tree differs from it); (None, None) outside a checkout."""
     try:
@@ -83,7 +83,7 @@ def triton_version() -> str | None:
 
 # Environment variables that change timings without changing the code: thread pools, the
 # allocator (glibc's mmap threshold moved a batch-32 conv between 39.5 and 75 ms, see
-# vpns_fast.sparse_cpu.compare_layer_times), a preloaded allocator, and this project's knobs.
+# vpns_fast.deploy.sparse_cpu.compare_layer_times), a preloaded allocator, and this project's knobs.
 TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "MALLOC_MMAP_THRESHOLD_",
               "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD", "TRITON_INTERPRET",
               "VPNS_FAST_IGEMM_AUTOTUNE", "VPNS_FAST_CONV_AUTOTUNE", "VPNS_FAST_CONV_TABLE")

@@ -20,7 +20,7 @@
 #   tune     - vpns tune: ResNet-18 masked-conv dispatch table, batch 64/256, bf16 and fp32, channels_last
 #   conv     - bench conv on ResNet-18 shapes, unstructured scores, with the tuned table (--no-compile)
 #   conv_all - bench conv on every other shape and granularity
-#   step     - bench train_step (stage-1 step with the dispatcher) and bench slim (issue 6's GPU target)
+#   step     - bench train_step (stage-1 step with the dispatcher) and bench slim
 #   compiled - the torch.compile baselines of prompt, masked and slim (slow: compiles per shape)
 set -u
 cd "$(dirname "$0")/.."
@@ -63,9 +63,9 @@ EOF
 
 stage_tests() {  # one igemm config (no autotuning per test shape); the compile-only check is CI's
     VPNS_FAST_IGEMM_AUTOTUNE=0 run tests "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
-        tests/test_triton_prompt.py tests/test_triton_threshold.py tests/test_triton_masked.py \
-        tests/test_triton_masked_conv.py tests/test_mask_batching.py tests/test_conv_dispatch.py \
-        tests/test_ops_prompt.py tests/test_ops_threshold.py tests/test_ops_masked.py tests/test_backends.py
+        tests/kernels/test_triton_prompt.py tests/kernels/test_triton_threshold.py tests/kernels/test_triton_masked.py \
+        tests/kernels/test_triton_masked_conv.py tests/nn/test_mask_batching.py tests/ops/test_conv_dispatch.py \
+        tests/ops/test_ops_prompt.py tests/ops/test_ops_threshold.py tests/ops/test_ops_masked.py tests/ops/test_backends.py
 }
 
 stage_kernels() {

@@ -1,6 +1,6 @@
 """Shapes from real models, not invented: the Conv2d/Linear weights of torchvision ResNets.
 
-Every such weight is a masked layer in VPNs (SPEC §1), so its shape is a score tensor's shape.
+Every such weight is a masked layer in VPNs (docs/method.md §1), so its shape is a score tensor's shape.
 The models are built on the meta device: no weights are allocated or initialised.
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ SCORE_MODELS = ("resnet18", "resnet50")
 SMALL_LAYER_COUNT = 4
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def masked_weight_shapes(model_name: str) -> tuple[tuple[int, ...], ...]:
     """Shapes of every Conv2d and Linear weight of ``torchvision.models.<model_name>()``."""
     import torchvision
@@ -57,7 +57,7 @@ def train_step_pad(image_size: int) -> int:
     return max(2, image_size * PROMPT_PAD // PROMPT_OUT_SIZE)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def conv_layers(model_name: str, image_size: int) -> tuple[tuple[str, tuple, tuple, tuple], ...]:
     """(name, weight shape, input shape [C, H, W], stride) of each Conv2d in forward order, found by a
     forward pass on the meta device (nothing allocated), the first of each distinct shape triple only."""

@@ -7,7 +7,8 @@ import json
 import os
 import re
 import sys
-from typing import Iterable, TextIO
+from collections.abc import Iterable
+from typing import TextIO
 
 import torch
 
@@ -64,7 +65,8 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
         row = {"schema": SCHEMA, **environment, "case": config.case, "impl": candidate.name,
                "impl_kind": candidate.kind,
                "status": "ok" if timing else "error" if candidate.name in errors else "skipped",
-               "skip_reason": candidate.skip_reason, "error": errors.get(candidate.name), "dtype": config.dtype, "shape": config.shape,
+               "skip_reason": candidate.skip_reason, "error": errors.get(candidate.name), "dtype": config.dtype,
+               "shape": config.shape,
                "mode": config.mode, "params": config.params, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "repeats": None, "input_copies": len(workload.inputs), "bytes_moved": workload.bytes_moved,
                "gb_per_s": None, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9 if ceiling_bytes_per_s else None,
@@ -107,8 +109,8 @@ def format_table(rows: list[dict], baseline_names: list[str]) -> str:
         fraction = row["fraction_of_ceiling"] or row["fraction_of_peak"]
         fraction = f"{100 * fraction:6.1f}%" if fraction else f"{'-':>7}"
         images = f"{row['images_per_s']:9.1f}" if row["images_per_s"] is not None else f"{'-':>9}"
-        speedups = "".join(f"{row['speedup'][n]:{columns[n] - 1}.2f}x" if n in row["speedup"] else f"{'-':>{columns[n]}}"
-                           for n in baseline_names)
+        speedups = "".join(f"{row['speedup'][n]:{columns[n] - 1}.2f}x" if n in row["speedup"]
+                           else f"{'-':>{columns[n]}}" for n in baseline_names)
         lines.append(f"  {row['impl']:<{width}}{row['median_ms']:11.3f}{row['p20_ms']:10.3f}{row['p80_ms']:10.3f}"
                      f"{bandwidth}{fraction}{images}{speedups}")
     return "\n".join(lines)

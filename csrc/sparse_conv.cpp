@@ -92,8 +92,8 @@ int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1
 
 #if VPNS_X86
 template <int NV>
-__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, const int32_t* offsets,
-                                                         const float* values, int64_t count, float* out) {
+__attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, const int32_t* offsets, const float* values,
+                                                          int64_t count, float* out) {
   __m256 acc[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(out + v * kLanes);
@@ -108,10 +108,10 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, cons
 }
 
 __attribute__((target("avx2,fma"))) void rows_times_panel_avx2(const float* src, const int32_t* offsets,
-                                                              const float* values, const int64_t* segments,
-                                                              int64_t blocks_per_row, int64_t row_begin,
-                                                              int64_t row_end, int64_t positions, float* out,
-                                                              int64_t out_stride) {
+                                                               const float* values, const int64_t* segments,
+                                                               int64_t blocks_per_row, int64_t row_begin,
+                                                               int64_t row_end, int64_t positions, float* out,
+                                                               int64_t out_stride) {
   // Tile outer, then input-channel block, then rows: one tile of one channel block of the input
   // stays in L1 while every output channel of the work item reads it.
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
@@ -145,8 +145,8 @@ __attribute__((target("avx2,fma"))) void rows_times_panel_avx2(const float* src,
 // Portable path (any CPU): same tiling, a fixed-width accumulator the compiler vectorizes for
 // the baseline instruction set.
 void rows_times_panel_scalar(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                             int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions,
-                             float* out, int64_t out_stride) {
+                             int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
+                             int64_t out_stride) {
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
     const int64_t width = round_up(std::min<int64_t>(kTile, positions - t0), kLanes);
     for (int64_t j = 0; j < blocks_per_row; ++j) {
@@ -254,8 +254,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   g.channel_stride = g.planes * g.plane_size;
   // Tiles read up to kTile floats past the last position; the slack keeps that inside the buffer.
   g.image_stride = g.in_channels * g.channel_stride + round_up(g.positions(), kTile) + kTile;
-  TORCH_CHECK(g.image_stride < std::numeric_limits<int32_t>::max(), op,
-              ": one image is too large for 32-bit offsets");
+  TORCH_CHECK(g.image_stride < std::numeric_limits<int32_t>::max(), op, ": one image is too large for 32-bit offsets");
   g.tap_offset.resize(static_cast<size_t>(g.kernel_h * g.kernel_w));
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
     for (int64_t kw = 0; kw < g.kernel_w; ++kw) {
@@ -311,23 +310,23 @@ void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
 
 void check_packed(const char* op, const at::Tensor& row_ptr, const at::Tensor& index, const char* index_name,
                   const at::Tensor& values, int64_t rows, at::ScalarType value_type = at::kFloat) {
-  TORCH_CHECK(row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 &&
-                  row_ptr.is_contiguous(),
-              op, ": row_ptr must be a contiguous 1-d int64 CPU tensor (from the pack function)");
+  TORCH_CHECK(
+      row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.is_contiguous(),
+      op, ": row_ptr must be a contiguous 1-d int64 CPU tensor (from the pack function)");
   TORCH_CHECK(index.device().is_cpu() && index.scalar_type() == at::kInt && index.dim() == 1 && index.is_contiguous(),
               op, ": ", index_name, " must be a contiguous 1-d int32 CPU tensor");
-  TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == value_type && values.dim() == 1 &&
-                  values.is_contiguous(),
-              op, ": values/tap_index must be a contiguous 1-d ", value_type, " CPU tensor (from the pack function)");
+  TORCH_CHECK(
+      values.device().is_cpu() && values.scalar_type() == value_type && values.dim() == 1 && values.is_contiguous(), op,
+      ": values/tap_index must be a contiguous 1-d ", value_type, " CPU tensor (from the pack function)");
   TORCH_CHECK(row_ptr.numel() >= 1 && (row_ptr.numel() - 1) % std::max<int64_t>(rows, 1) == 0 &&
                   (rows > 0 || row_ptr.numel() == 1),
               op, ": row_ptr/segments has ", row_ptr.numel(), " entries, expected a multiple of ", rows, " plus 1");
-  TORCH_CHECK(index.numel() == values.numel(), op, ": ", index_name, " has ", index.numel(),
-              " entries but values has ", values.numel());
+  TORCH_CHECK(index.numel() == values.numel(), op, ": ", index_name, " has ", index.numel(), " entries but values has ",
+              values.numel());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t last = row_ptr.numel() - 1;
-  TORCH_CHECK(rp[0] == 0 && rp[last] == values.numel(), op, ": row_ptr/segments must start at 0 and end at nnz = ",
-              values.numel());
+  TORCH_CHECK(rp[0] == 0 && rp[last] == values.numel(), op,
+              ": row_ptr/segments must start at 0 and end at nnz = ", values.numel());
   for (int64_t r = 0; r < last; ++r) TORCH_CHECK(rp[r] <= rp[r + 1], op, ": row_ptr/segments must be non-decreasing");
 }
 
@@ -457,8 +456,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     min_offset = std::min<int64_t>(min_offset, off[k]);
     max_offset = std::max<int64_t>(max_offset, off[k]);
   }
-  TORCH_CHECK(min_offset >= 0 && max_offset < g.in_channels * g.channel_stride, op,
-              ": offsets do not fit this input (", g.height, "x", g.width,
+  TORCH_CHECK(min_offset >= 0 && max_offset < g.in_channels * g.channel_stride, op, ": offsets do not fit this input (",
+              g.height, "x", g.width,
               "); compute them with sparse_conv2d_offsets for this input size and the same stride/padding/dilation");
 
   at::NoGradGuard no_grad;
@@ -494,8 +493,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     for (int64_t item = begin; item < end; ++item) {
       const int64_t n = item / blocks, o0 = (item % blocks) * block, o1 = std::min(g.out_channels, o0 + block);
       std::fill(wide.begin(), wide.end(), 0.0f);
-      rows_times_panel(planes_data + n * g.image_stride, off, vals, seg, blocks_per_row, o0, o1, positions,
-                       wide.data(), wide_stride);
+      rows_times_panel(planes_data + n * g.image_stride, off, vals, seg, blocks_per_row, o0, o1, positions, wide.data(),
+                       wide_stride);
       for (int64_t o = o0; o < o1; ++o) {
         const float* w_row = wide.data() + (o - o0) * wide_stride;
         float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
@@ -523,8 +522,8 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias) {
   constexpr const char* op = "sparse_linear";
   check_float_cpu(op, "input", input);
-  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features, op, ": input's last dimension must be in_features = ",
-              in_features, ", got shape ", input.sizes());
+  TORCH_CHECK(input.dim() >= 1 && input.size(-1) == in_features, op,
+              ": input's last dimension must be in_features = ", in_features, ", got shape ", input.sizes());
   const int64_t out_features = row_ptr.numel() - 1;
   TORCH_CHECK(out_features >= 0, op, ": row_ptr must have out_features + 1 entries");
   check_packed(op, row_ptr, column_index, "column_index", values, out_features);

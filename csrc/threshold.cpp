@@ -87,9 +87,7 @@ struct FlatKeys {
 
 // Called from inside an outer parallel region, at::parallel_for runs inline and the thread
 // number is the outer one, possibly >= get_num_threads(); only one slot is then in use.
-inline int64_t this_thread_slot(int64_t threads) {
-  return std::min<int64_t>(at::get_thread_num(), threads - 1);
-}
+inline int64_t this_thread_slot(int64_t threads) { return std::min<int64_t>(at::get_thread_num(), threads - 1); }
 
 // Runs fill(pointer, count, histograms) over every element, each thread into its own `lanes`
 // histograms of `bins` counters (laid out one after another), and returns the merged counts.
@@ -242,12 +240,15 @@ bool warm_pass(const FlatKeys<Key>& keys, Key hint_key, int bin_shift, Selection
   const Key band_lo = static_cast<Key>(first_bin << bin_shift);
   const Key band_span = static_cast<Key>(static_cast<Key>(kBins) << bin_shift);  // keys >= band_lo + span are above
   // The last counter holds how many keys lie below the band.
-  std::vector<int64_t> hist = parallel_histogram<Key, Counter>(keys, kBins + 1, 1, [&](const Key* p, int64_t n, Counter* h) {
-    h[kBins] += static_cast<Counter>(scan_for_rare_candidates(
-        p, n, band_lo,
-        [band_lo, band_span](Key key) { return static_cast<Key>(key - band_lo) < band_span; },  // wraps below band_lo
-        [h, band_lo, bin_shift](Key key) { h[static_cast<Key>(key - band_lo) >> bin_shift]++; }));
-  });
+  std::vector<int64_t> hist =
+      parallel_histogram<Key, Counter>(keys, kBins + 1, 1, [&](const Key* p, int64_t n, Counter* h) {
+        h[kBins] += static_cast<Counter>(scan_for_rare_candidates(
+            p, n, band_lo,
+            [band_lo, band_span](Key key) {
+              return static_cast<Key>(key - band_lo) < band_span;
+            },  // wraps below band_lo
+            [h, band_lo, bin_shift](Key key) { h[static_cast<Key>(key - band_lo) >> bin_shift]++; }));
+      });
   const int64_t below = hist[kBins];
   hist.pop_back();
   int64_t in_band = 0;
@@ -329,8 +330,7 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     TORCH_CHECK(t.defined(), "topk_threshold: tensors[", i, "] is undefined");
-    TORCH_CHECK(t.device().is_cpu(), "topk_threshold: tensors[", i, "] must be a CPU tensor, got one on ",
-                t.device());
+    TORCH_CHECK(t.device().is_cpu(), "topk_threshold: tensors[", i, "] must be a CPU tensor, got one on ", t.device());
     TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble || t.scalar_type() == at::kHalf ||
                     t.scalar_type() == at::kBFloat16,
                 "topk_threshold: tensors[", i, "] must be float32, float64, float16 or bfloat16, got ",
@@ -339,22 +339,18 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std
                 " but tensors[", i, "] is ", t.scalar_type());
     total += t.numel();
   }
-  TORCH_CHECK(k >= 1 && k <= total, "topk_threshold: k must be in [1, N] = [1, ", total, "] (N = total element count), got ",
-              k);
+  TORCH_CHECK(k >= 1 && k <= total, "topk_threshold: k must be in [1, N] = [1, ", total,
+              "] (N = total element count), got ", k);
   // Only the bits are read, so autograd must not record the copies made for strided inputs.
   at::NoGradGuard no_grad;
   std::vector<at::Tensor> contiguous;
   contiguous.reserve(tensors.size());
   for (const auto& t : tensors) contiguous.push_back(t.contiguous());
   switch (dtype) {
-    case at::kFloat:
-      return threshold_of<uint32_t, float>(contiguous, k, hint, /*warm_bin_shift=*/0, dtype);
-    case at::kDouble:
-      return threshold_of<uint64_t, double>(contiguous, k, hint, /*warm_bin_shift=*/29, dtype);
-    case at::kHalf:
-      return threshold_of<uint16_t, at::Half>(contiguous, k, hint, /*warm_bin_shift=*/-1, dtype);
-    default:
-      return threshold_of<uint16_t, at::BFloat16>(contiguous, k, hint, /*warm_bin_shift=*/-1, dtype);
+    case at::kFloat: return threshold_of<uint32_t, float>(contiguous, k, hint, /*warm_bin_shift=*/0, dtype);
+    case at::kDouble: return threshold_of<uint64_t, double>(contiguous, k, hint, /*warm_bin_shift=*/29, dtype);
+    case at::kHalf: return threshold_of<uint16_t, at::Half>(contiguous, k, hint, /*warm_bin_shift=*/-1, dtype);
+    default: return threshold_of<uint16_t, at::BFloat16>(contiguous, k, hint, /*warm_bin_shift=*/-1, dtype);
   }
 }
 

@@ -55,11 +55,11 @@ def masked_linear_ref(x, weight, scores, threshold, bias=None):
 
 # =========================================================================== Triton kernels
 #
-# Design (issue 4, part 3). No GPU numbers are recorded here: none have been measured yet.
+# Design:
 #
 # * Forward: one launch computes ``w_eff = where(|s| > t, w, w * 0)`` for a whole weight; the
-#   conv / linear itself stays on cuDNN / cuBLAS (``F.conv2d`` / ``F.linear``), as
-#   PERFORMANCE.md prescribes until a measured Triton masked conv wins for a shape.
+#   conv / linear itself stays on cuDNN / cuBLAS (``F.conv2d`` / ``F.linear``) unless the
+#   measured conv dispatch (vpns_fast/ops/conv_dispatch.py) picks the implicit-GEMM conv.
 # * Backward: one launch reads g = dL/dw_eff, w and s once and writes dL/dw = g * m and
 #   dL/ds = sum_broadcast(g * w * sign(s)) together; each side is compiled out when autograd does
 #   not need it (stage 1 trains scores only, stage 2 weights only). The mask is recomputed from
@@ -86,12 +86,13 @@ def masked_linear_ref(x, weight, scores, threshold, bias=None):
 #   call); the kernel turns table entries into typed pointers with
 #   ``tl.load(table + i).to(tl.pointer_type(...))`` (works natively and under the interpreter,
 #   where pointers are host addresses). All weights must share one dtype, all scores another.
-# * Unverified until run on a GPU: speed (launch count is the design goal; bandwidth against the
-#   ~0.1 ms floor of PERFORMANCE.md is not measured), and vectorisation of loads through table
-#   pointers (Triton has no alignment hint for them).
-import math  # noqa: E402
+# * Open on the GPU: bandwidth (the design goal is the launch count), and vectorisation of loads
+#   through table pointers (Triton has no alignment hint for them).
+import math
 
-from vpns_fast.kernels._triton import HAS_TRITON, tl, triton  # noqa: E402
+from vpns_fast.kernels._common import MAX_INT32_OFFSET
+from vpns_fast.kernels._library import custom_op
+from vpns_fast.kernels._triton import tl, triton
 
 _SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 # Element-wise programs cover BLOCK elements; small groups (<= SMALL_GROUP_COLS, e.g. 3x3
@@ -100,7 +101,6 @@ _BLOCK = 1024
 _SMALL_GROUP_COLS = 16
 _SMALL_GROUP_ROWS = _BLOCK // _SMALL_GROUP_COLS
 _SINGLE_SMALL_GROUP_MAX = 64  # single-tensor launches size the tile to the group up to this
-_MAX_NUMEL = 2**31 - 1  # in-tensor offsets are int32
 # Rounding codes for _round_to (the dtype a value is rounded to before further use).
 _ROUND_NONE, _ROUND_BF16, _ROUND_FP16, _ROUND_FP32 = 0, 1, 2, 3
 # Per-tensor table columns (int64) of the multi-tensor kernels.
@@ -332,7 +332,7 @@ def _check_pair(weight, scores, where: str) -> int:
         raise ValueError(f"{where}: scores of shape {tuple(scores.shape)} must equal the weight's shape "
                          f"{tuple(weight.shape)} on leading dims and be 1 on the trailing ones "
                          f"(unstructured, [C_out, C_in, 1, 1], [C_out, 1, 1, 1], [out, 1])")
-    if weight.numel() > _MAX_NUMEL:
+    if weight.numel() > MAX_INT32_OFFSET:
         raise ValueError(f"{where}: weights with more than 2**31 - 1 elements are not supported, "
                          f"got {weight.numel()}")
     return group
@@ -359,6 +359,87 @@ def _threshold_values(threshold, scores_dtype, compute, device, count=None) -> t
     return threshold.to(scores_dtype).to(compute).contiguous()
 
 
+# --------------------------------------------------------------------------- custom ops
+# Fake implementations and autograd formulas of the ``vpns_fast::masked_weight(s)`` ops, which
+# the launchers below define (``torch.compile`` traces them as opaque nodes).
+
+def _masked_weight_fake(weight, scores, threshold):
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _masked_weight_backward_fake(grad, weight, scores, threshold, need_weight, need_scores):
+    return (torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else weight.new_empty(0),
+            torch.empty_like(scores, memory_format=torch.contiguous_format) if need_scores else scores.new_empty(0))
+
+
+def _masked_weights_fake(weights, scores, thresholds):
+    return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
+
+def _masked_weights_backward_fake(grads, weights, scores, thresholds, need_weight, need_scores):
+    return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights] if need_weight else [],
+            [torch.empty_like(s, memory_format=torch.contiguous_format) for s in scores] if need_scores else [])
+
+
+class MaskedWeightTritonFunction(torch.autograd.Function):
+    """``w * (|s| > t)`` with the fused STE backward. Also the autograd formula of the custom op
+    ``vpns_fast::masked_weight`` (forward without ctx + ``setup_context``)."""
+
+    @staticmethod
+    def forward(weight, scores, threshold):
+        return masked_weight_fwd(weight, scores, threshold)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        weight, scores, threshold = inputs
+        if not isinstance(threshold, torch.Tensor):  # .apply(w, s, 0.5); the custom op passes a tensor
+            threshold = torch.as_tensor(threshold, device=weight.device)
+        ctx.save_for_backward(weight, scores, threshold)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scores, threshold = ctx.saved_tensors
+        need_weight, need_scores = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
+        if not (need_weight or need_scores):
+            return None, None, None
+        if grad is None:
+            grad = torch.zeros_like(weight)
+        grad_weight, grad_scores = torch.ops.vpns_fast.masked_weight_backward(
+            grad, weight, scores, threshold, need_weight, need_scores)
+        return grad_weight if need_weight else None, grad_scores if need_scores else None, None
+
+
+def _masked_weights_backward(ctx, grads, need_weights, need_scores):
+    n = len(grads)
+    need_weight, need_scores_any = any(need_weights), any(need_scores)
+    if not (need_weight or need_scores_any):
+        return [None] * n, [None] * n
+    thresholds, *tensors = ctx.saved_tensors
+    weights, scores = tensors[:n], tensors[n:]
+    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+    grad_weights, grad_scores = torch.ops.vpns_fast.masked_weights_backward(
+        grads, weights, scores, thresholds, need_weight, need_scores_any)
+    grad_weights = [g if need else None for g, need in zip(grad_weights, need_weights)] if need_weight \
+        else [None] * n
+    grad_scores = [g if need else None for g, need in zip(grad_scores, need_scores)] if need_scores_any \
+        else [None] * n
+    return grad_weights, grad_scores
+
+
+def _masked_weights_setup_context(ctx, inputs, output):
+    weights, scores, thresholds = inputs
+    ctx.save_for_backward(thresholds, *weights, *scores)
+
+
+def _masked_weights_op_backward(ctx, grads):
+    need_weights, need_scores, _ = ctx.needs_input_grad
+    grad_weights, grad_scores = _masked_weights_backward(ctx, list(grads), need_weights, need_scores)
+    return grad_weights, grad_scores, None
+
+
+@custom_op("vpns_fast::masked_weight", schema="(Tensor weight, Tensor scores, Tensor threshold) -> Tensor",
+           fake=_masked_weight_fake, backward=MaskedWeightTritonFunction.backward,
+           setup_context=MaskedWeightTritonFunction.setup_context)
 def masked_weight_fwd(weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """``weight * (|scores| > threshold)`` in one launch; contiguous, in the weight's dtype."""
     group = _check_pair(weight, scores, "masked_weight")
@@ -384,6 +465,10 @@ def _single_bwd_config(group: int) -> tuple[int, int, int]:
     return 2, 1, 1
 
 
+@custom_op("vpns_fast::masked_weight_backward",
+           schema="(Tensor grad, Tensor weight, Tensor scores, Tensor threshold, bool need_weight, "
+                  "bool need_scores) -> (Tensor, Tensor)",
+           fake=_masked_weight_backward_fake)
 def masked_weight_bwd(grad: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: torch.Tensor,
                       need_weight: bool = True, need_scores: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """The fused STE backward: ``(g * m, sum_broadcast(g * w * sign(s)))`` in one launch.
@@ -483,6 +568,10 @@ def _pointer(t: torch.Tensor | None) -> int:
     return 0 if t is None else t.data_ptr()
 
 
+@custom_op("vpns_fast::masked_weights",
+           schema="(Tensor[] weights, Tensor[] scores, Tensor thresholds) -> Tensor[]",
+           fake=_masked_weights_fake, backward=_masked_weights_op_backward,
+           setup_context=_masked_weights_setup_context)
 def masked_weights_fwd(weights: list[torch.Tensor], scores: list[torch.Tensor], thresholds) -> list[torch.Tensor]:
     """:func:`masked_weight_fwd` for every layer in ONE launch. ``thresholds``: one for all
     (global scope) or one per layer (1-D, layer scope)."""
@@ -503,6 +592,10 @@ def masked_weights_fwd(weights: list[torch.Tensor], scores: list[torch.Tensor], 
     return outs
 
 
+@custom_op("vpns_fast::masked_weights_backward",
+           schema="(Tensor[] grads, Tensor[] weights, Tensor[] scores, Tensor thresholds, bool need_weight, "
+                  "bool need_scores) -> (Tensor[], Tensor[])",
+           fake=_masked_weights_backward_fake)
 def masked_weights_bwd(grads: list[torch.Tensor | None], weights: list[torch.Tensor], scores: list[torch.Tensor],
                        thresholds, need_weight: bool = True, need_scores: bool = True):
     """:func:`masked_weight_bwd` for every layer in ONE launch. Returns two lists (empty when
@@ -539,143 +632,6 @@ def masked_weights_bwd(grads: list[torch.Tensor | None], weights: list[torch.Ten
             W_ROUND=_round_code(w0.dtype, compute), S_ROUND=_round_code(s0.dtype, compute),
             WRITE_GW=need_weight, WRITE_GS=need_scores, META=_BWD_META)
     return grad_weights, grad_scores
-
-
-# --------------------------------------------------------------------------- autograd
-
-class MaskedWeightTritonFunction(torch.autograd.Function):
-    """``w * (|s| > t)`` with the fused STE backward. Also the autograd formula of the custom op
-    ``vpns_fast::masked_weight`` (forward without ctx + ``setup_context``)."""
-
-    @staticmethod
-    def forward(weight, scores, threshold):
-        return masked_weight_fwd(weight, scores, threshold)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        weight, scores, threshold = inputs
-        if not isinstance(threshold, torch.Tensor):  # .apply(w, s, 0.5); the custom op passes a tensor
-            threshold = torch.as_tensor(threshold, device=weight.device)
-        ctx.save_for_backward(weight, scores, threshold)
-
-    @staticmethod
-    def backward(ctx, grad):
-        weight, scores, threshold = ctx.saved_tensors
-        need_weight, need_scores = bool(ctx.needs_input_grad[0]), bool(ctx.needs_input_grad[1])
-        if not (need_weight or need_scores):
-            return None, None, None
-        if grad is None:
-            grad = torch.zeros_like(weight)
-        grad_weight, grad_scores = torch.ops.vpns_fast.masked_weight_backward(
-            grad, weight, scores, threshold, need_weight, need_scores)
-        return grad_weight if need_weight else None, grad_scores if need_scores else None, None
-
-
-def _masked_weights_backward(ctx, grads, need_weights, need_scores):
-    n = len(grads)
-    need_weight, need_scores_any = any(need_weights), any(need_scores)
-    if not (need_weight or need_scores_any):
-        return [None] * n, [None] * n
-    thresholds, *tensors = ctx.saved_tensors
-    weights, scores = tensors[:n], tensors[n:]
-    grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
-    grad_weights, grad_scores = torch.ops.vpns_fast.masked_weights_backward(
-        grads, weights, scores, thresholds, need_weight, need_scores_any)
-    grad_weights = [g if need else None for g, need in zip(grad_weights, need_weights)] if need_weight \
-        else [None] * n
-    grad_scores = [g if need else None for g, need in zip(grad_scores, need_scores)] if need_scores_any \
-        else [None] * n
-    return grad_weights, grad_scores
-
-
-class MaskedWeightsTritonFunction(torch.autograd.Function):
-    """Every layer's ``w * (|s| > t)`` in one launch, and the fused STE backward in one launch.
-
-    ``MaskedWeightsTritonFunction.apply(thresholds, *weights, *scores)`` returns a tuple of
-    effective weights (an autograd.Function takes tensors, not lists, as arguments)."""
-
-    @staticmethod
-    def forward(ctx, thresholds, *tensors):
-        n = len(tensors) // 2
-        weights, scores = list(tensors[:n]), list(tensors[n:])
-        thresholds = _as_threshold_tensor(thresholds, weights[0].device)
-        ctx.save_for_backward(thresholds, *weights, *scores)
-        return tuple(masked_weights_fwd(weights, scores, thresholds))
-
-    @staticmethod
-    def backward(ctx, *grads):
-        n = len(grads)
-        need = ctx.needs_input_grad[1:]
-        grad_weights, grad_scores = _masked_weights_backward(ctx, list(grads), need[:n], need[n:])
-        return (None, *grad_weights, *grad_scores)
-
-
-def _masked_weights_setup_context(ctx, inputs, output):
-    weights, scores, thresholds = inputs
-    ctx.save_for_backward(thresholds, *weights, *scores)
-
-
-def _masked_weights_op_backward(ctx, grads):
-    need_weights, need_scores, _ = ctx.needs_input_grad
-    grad_weights, grad_scores = _masked_weights_backward(ctx, list(grads), need_weights, need_scores)
-    return grad_weights, grad_scores, None
-
-
-def _register_custom_ops():
-    """``vpns_fast::masked_weight(s)`` and their backwards, so torch.compile traces them as opaque
-    nodes. Schemas are explicit because this file postpones annotation evaluation."""
-    fwd = torch.library.custom_op(
-        "vpns_fast::masked_weight", mutates_args=(),
-        schema="(Tensor weight, Tensor scores, Tensor threshold) -> Tensor",
-    )(masked_weight_fwd)
-
-    @fwd.register_fake
-    def _(weight, scores, threshold):
-        return torch.empty_like(weight, memory_format=torch.contiguous_format)
-
-    fwd.register_autograd(MaskedWeightTritonFunction.backward, setup_context=MaskedWeightTritonFunction.setup_context)
-
-    bwd = torch.library.custom_op(
-        "vpns_fast::masked_weight_backward", mutates_args=(),
-        schema="(Tensor grad, Tensor weight, Tensor scores, Tensor threshold, bool need_weight, "
-               "bool need_scores) -> (Tensor, Tensor)",
-    )(masked_weight_bwd)
-
-    @bwd.register_fake
-    def _(grad, weight, scores, threshold, need_weight, need_scores):
-        return (torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight
-                else weight.new_empty(0),
-                torch.empty_like(scores, memory_format=torch.contiguous_format) if need_scores
-                else scores.new_empty(0))
-
-    multi = torch.library.custom_op(
-        "vpns_fast::masked_weights", mutates_args=(),
-        schema="(Tensor[] weights, Tensor[] scores, Tensor thresholds) -> Tensor[]",
-    )(masked_weights_fwd)
-
-    @multi.register_fake
-    def _(weights, scores, thresholds):
-        return [torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
-
-    multi.register_autograd(_masked_weights_op_backward, setup_context=_masked_weights_setup_context)
-
-    multi_bwd = torch.library.custom_op(
-        "vpns_fast::masked_weights_backward", mutates_args=(),
-        schema="(Tensor[] grads, Tensor[] weights, Tensor[] scores, Tensor thresholds, bool need_weight, "
-               "bool need_scores) -> (Tensor[], Tensor[])",
-    )(masked_weights_bwd)
-
-    @multi_bwd.register_fake
-    def _(grads, weights, scores, thresholds, need_weight, need_scores):
-        return ([torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights] if need_weight else [],
-                [torch.empty_like(s, memory_format=torch.contiguous_format) for s in scores] if need_scores else [])
-
-
-if HAS_TRITON:
-    try:
-        torch.ops.vpns_fast.masked_weight
-    except (AttributeError, RuntimeError):  # not registered yet (this module may be imported twice)
-        _register_custom_ops()
 
 
 # --------------------------------------------------------------------------- backend ops
@@ -715,7 +671,7 @@ def masked_weights_triton(weights, scores, thresholds) -> list[torch.Tensor]:
     ``thresholds``: a scalar / 0-dim tensor shared by all layers, or one per layer (1-D tensor
     or sequence). Weights must share one dtype and device, scores one dtype.
 
-    Model-level use: ``vpns_fast.masked_layers.MaskLaunchBatching`` (a forward pre-hook that
+    Model-level use: ``vpns_fast.nn.masked_layers.MaskLaunchBatching`` (a forward pre-hook that
     ``sparsify`` installs) calls this once per forward for all of a model's masked layers and
     hands each layer its effective weight; autograd runs the single fused backward once every
     layer's dL/dw_eff is ready. Each launch copies a small pointer table from pinned host memory,
@@ -727,8 +683,10 @@ def masked_weights_triton(weights, scores, thresholds) -> list[torch.Tensor]:
     return torch.ops.vpns_fast.masked_weights(weights, scores, _as_threshold_tensor(thresholds, weights[0].device))
 
 
-def masked_conv2d_triton(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
-    """The ``triton`` backend of :func:`vpns_fast.ops.masked_conv2d`: fused mask kernel + cuDNN."""
+def masked_conv2d_fused_mask_cudnn(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1,
+                                   groups=1):
+    """``F.conv2d`` (cuDNN on CUDA) of the weight masked by the fused mask kernel: the ``cudnn``
+    candidate of the ``triton`` backend's measured conv dispatch (vpns_fast/ops/conv_dispatch.py)."""
     if x.device != weight.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.device}")
     return F.conv2d(x, masked_weight_triton(weight, scores, threshold), bias, stride, padding, dilation, groups)

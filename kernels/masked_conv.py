@@ -36,7 +36,7 @@ Design decisions:
   run. Compile-only check (triton 3.8, sm_90 / sm_80 PTX): with channels_last x and weight
   (as ``model.to(memory_format=torch.channels_last)`` leaves them) the 16-bit gathers become
   16-byte ``cp.async``; without channel-run tiles, or for NCHW, 16-bit gathers are scalar 2-byte
-  loads. An OIHW weight is gathered along K with stride KH*KW. Speed of either: unmeasured.
+  loads. An OIHW weight is gathered along K with stride KH*KW. Speed of either: not yet measured.
 * Mask identity: the same rules as kernels/masked.py (``_threshold_values``): t is rounded to
   the scores' dtype, then ``|s|`` and t are compared exactly in float32 (float64 when weight or
   scores are float64). A pruned weight is replaced by ``w * 0`` (not 0), so a pruned NaN / inf
@@ -52,11 +52,12 @@ Design decisions:
   (``masked._round_to``), as the interpreter's own cast truncates.
 * Gradient rounding identity: dL/dw_eff is rounded to the weight's dtype before the STE (the
   reference's conv backward returns it in that dtype), then the STE rounds like masked.py.
-* Tile configs are autotuned over a short list keyed on the GEMM sizes. The list is UNMEASURED:
-  no GPU was available when it was written; PERFORMANCE.md requires this kernel to be dispatched
-  by measurement against fused mask + cuDNN. Under the interpreter one small config is used.
-  The split of the weight-gradient reduction (when there are fewer output tiles than SMs) is
-  an unmeasured heuristic as well.
+* Tile configs are autotuned over a short list keyed on the GEMM sizes: starting points in the
+  range public Triton GEMM / conv kernels use, not yet re-chosen from GPU measurements. Whether
+  this kernel or fused mask + cuDNN runs is decided per shape by measurement
+  (vpns_fast/ops/conv_dispatch.py). Under the interpreter one small config is used. The split of
+  the weight-gradient reduction (when there are fewer output tiles than SMs) is a heuristic,
+  also not yet measured.
 * Offsets are int32: every tensor must have fewer than 2**31 elements.
 """
 from __future__ import annotations
@@ -66,29 +67,38 @@ import os
 
 import torch
 
+from vpns_fast.kernels._common import MAX_INT32_OFFSET, TRITON_INTERPRETED, int_pair, is_channels_last
+from vpns_fast.kernels._library import custom_op
 from vpns_fast.kernels._triton import HAS_TRITON, tl, triton
 from vpns_fast.kernels.masked import (
-    _ROUND_BF16, _ROUND_NONE, _as_threshold_tensor, _check_pair, _compute_dtype,
-    _round_code, _round_to, _threshold_values, _times_sign, _tl_dtype, expand_ungrouped_scores, masked_conv2d_ref,
+    _ROUND_BF16,
+    _ROUND_NONE,
+    _as_threshold_tensor,
+    _check_pair,
+    _compute_dtype,
+    _round_code,
+    _round_to,
+    _threshold_values,
+    _times_sign,
+    _tl_dtype,
+    expand_ungrouped_scores,
+    masked_conv2d_ref,
     masked_weight_bwd,
 )
 
 __all__ = ["masked_conv2d_ref", "masked_conv2d_fwd", "masked_conv2d_bwd", "masked_conv2d_igemm",
            "MaskedConv2dIgemmFunction", "prepare_sparse_tiles", "MaskedConvTiles", "masked_conv2d_sparse"]
 
-_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
-_MAX_NUMEL = 2**31 - 1
-
 # --------------------------------------------------------------------------- tile configs
-# UNMEASURED tile choices (no GPU at hand when written): starting points in the range public
-# Triton GEMM / conv kernels use, to be re-chosen from measurements on the target GPU.
+# Starting points in the range public Triton GEMM / conv kernels use, to be re-chosen from
+# measurements on the target GPU.
 
 
 def _configs(options):
     return [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in options]
 
 
-if _INTERPRETED:  # one small config: interpreted programs cost per op, not per element
+if TRITON_INTERPRETED:  # one small config: interpreted programs cost per op, not per element
     _FWD_OPTIONS = [(dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, GROUP_M=2), 4, 1)]
     _SPARSE_OPTIONS = [(dict(BLOCK_M=64, GROUP_M=2), 4, 1)]
     _BWD_INPUT_OPTIONS = [(dict(BLOCK_M=64, BLOCK_N=16, BLOCK_K=32, GROUP_M=2), 4, 1)]
@@ -408,20 +418,6 @@ def _launch(autotuned, grid, args, meta, config):
 _CONV_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def _pair(value, name: str) -> tuple[int, int]:
-    if isinstance(value, str):
-        raise ValueError(f"{name}={value!r}: string {name} is not supported by the implicit-GEMM conv; "
-                         f"pass integers")
-    if isinstance(value, int):
-        return value, value
-    value = tuple(value)
-    if len(value) == 1:
-        value = value * 2
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
-        raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value
-
-
 def conv_allows_tf32() -> bool:
     """Whether cuDNN convolutions may use TF32: the rule this kernel follows for float32 data."""
     getter = getattr(torch._C, "_get_fp32_precision_getter", None)
@@ -483,7 +479,8 @@ def _conv_geometry(x, weight, scores, bias, stride, padding, dilation, groups=1)
                 or bias.device != x.device:
             raise ValueError(f"masked_conv2d_igemm: bias must be a [{c_out}] {x.dtype} tensor on {x.device}, got "
                              f"{tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__}")
-    stride, padding, dilation = _pair(stride, "stride"), _pair(padding, "padding"), _pair(dilation, "dilation")
+    stride, padding, dilation = (int_pair(v, name) for v, name in
+                                 ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
     if min(stride) < 1 or min(dilation) < 1 or min(padding) < 0:
         raise ValueError(f"masked_conv2d_igemm: stride and dilation must be >= 1 and padding >= 0, got "
                          f"stride={stride}, padding={padding}, dilation={dilation}")
@@ -496,16 +493,14 @@ def _conv_geometry(x, weight, scores, bias, stride, padding, dilation, groups=1)
     # (a strided view of a huge tensor can be small yet reach far), and the output's size.
     for name, extent in (("x", _max_offset(x)), ("weight", _max_offset(weight)), ("scores", _max_offset(scores)),
                          ("output", n * c_out * oh * ow)):
-        if extent > _MAX_NUMEL:
+        if extent > MAX_INT32_OFFSET:
             raise ValueError(f"masked_conv2d_igemm: {name} reaches offset {extent}; offsets are int32 (< 2**31)")
     return _Geometry(n, c_in, h, w, c_out, kh, kw, oh, ow, stride, padding, dilation, group)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     """The input's memory format, which the output and dL/dx take (as F.conv2d does)."""
-    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
-        return torch.channels_last
-    return torch.contiguous_format
+    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
 
 
 def _new_like_input(x, shape):
@@ -519,7 +514,7 @@ def _kernel_options(x, weight, scores):
         return compute, tl.float64, "ieee", False
     if x.dtype == torch.float32:
         return compute, tl.float32, "tf32" if conv_allows_tf32() else "ieee", False
-    upcast = _INTERPRETED and x.dtype == torch.bfloat16
+    upcast = TRITON_INTERPRETED and x.dtype == torch.bfloat16
     return compute, tl.float32, "ieee", upcast
 
 
@@ -570,7 +565,7 @@ def masked_conv2d_fwd(x, weight, scores, threshold, bias=None, stride=1, padding
 
 
 def _weight_split(geo: _Geometry, device: torch.device) -> int:
-    """Split of the weight-gradient reduction over pixels (UNMEASURED heuristic): only when a
+    """Split of the weight-gradient reduction over pixels (a heuristic, not yet measured): only when a
     nominal 64x64 tiling gives fewer programs than SMs; each part keeps >= 2048 pixels."""
     if device.type != "cuda":
         return 1
@@ -688,7 +683,7 @@ class MaskedConv2dIgemmFunction(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, scores, threshold = ctx.saved_tensors
         need_x, need_w, need_s, _, need_b = (bool(n) for n in ctx.needs_input_grad[:5])
-        stride, padding, dilation = (list(_pair(v, name)) for v, name in
+        stride, padding, dilation = (list(int_pair(v, name)) for v, name in
                                      zip(ctx.geometry, ("stride", "padding", "dilation")))
         if grad is None:
             geo = _conv_geometry(x, weight, scores, None, stride, padding, dilation)
@@ -702,54 +697,38 @@ class MaskedConv2dIgemmFunction(torch.autograd.Function):
                 None, grad_bias, None, None, None)
 
 
+def _masked_conv2d_igemm_fake(x, weight, scores, threshold, bias, stride, padding, dilation):
+    geo = _conv_geometry(x, weight, scores, bias, stride, padding, dilation)
+    return _new_like_input(x, (geo.n, geo.c_out, geo.oh, geo.ow))
+
+
+def _masked_conv2d_igemm_backward_fake(grad, x, weight, scores, threshold, stride, padding, dilation,
+                                       need_input, need_weight, need_scores):
+    _conv_geometry(x, weight, scores, None, stride, padding, dilation)
+    return (_new_like_input(x, x.shape) if need_input else x.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight else weight.new_empty(0),
+            torch.empty_like(scores, memory_format=torch.contiguous_format) if need_scores else scores.new_empty(0))
+
+
+# The ops take the geometry only (the launchers' keyword-only config pins are not part of them).
+@custom_op("vpns_fast::masked_conv2d_igemm",
+           schema="(Tensor x, Tensor weight, Tensor scores, Tensor threshold, Tensor? bias, int[] stride, "
+                  "int[] padding, int[] dilation) -> Tensor",
+           fake=_masked_conv2d_igemm_fake, backward=MaskedConv2dIgemmFunction.backward,
+           setup_context=MaskedConv2dIgemmFunction.setup_context)
 def _masked_conv2d_op(x, weight, scores, threshold, bias, stride, padding, dilation):
     return masked_conv2d_fwd(x, weight, scores, threshold, bias, stride, padding, dilation)
 
 
+@custom_op("vpns_fast::masked_conv2d_igemm_backward",
+           schema="(Tensor grad, Tensor x, Tensor weight, Tensor scores, Tensor threshold, int[] stride, "
+                  "int[] padding, int[] dilation, bool need_input, bool need_weight, bool need_scores) "
+                  "-> (Tensor, Tensor, Tensor)",
+           fake=_masked_conv2d_igemm_backward_fake)
 def _masked_conv2d_backward_op(grad, x, weight, scores, threshold, stride, padding, dilation,
                                need_input, need_weight, need_scores):
     return masked_conv2d_bwd(grad, x, weight, scores, threshold, stride, padding, dilation,
                              need_input, need_weight, need_scores)
-
-
-def _register_custom_ops():
-    """``vpns_fast::masked_conv2d_igemm`` and its backward, opaque to torch.compile. Explicit
-    schemas because this file postpones annotation evaluation."""
-    fwd = torch.library.custom_op(
-        "vpns_fast::masked_conv2d_igemm", mutates_args=(),
-        schema="(Tensor x, Tensor weight, Tensor scores, Tensor threshold, Tensor? bias, int[] stride, "
-               "int[] padding, int[] dilation) -> Tensor",
-    )(_masked_conv2d_op)
-
-    @fwd.register_fake
-    def _(x, weight, scores, threshold, bias, stride, padding, dilation):
-        geo = _conv_geometry(x, weight, scores, bias, stride, padding, dilation)
-        return _new_like_input(x, (geo.n, geo.c_out, geo.oh, geo.ow))
-
-    fwd.register_autograd(MaskedConv2dIgemmFunction.backward, setup_context=MaskedConv2dIgemmFunction.setup_context)
-
-    bwd = torch.library.custom_op(
-        "vpns_fast::masked_conv2d_igemm_backward", mutates_args=(),
-        schema="(Tensor grad, Tensor x, Tensor weight, Tensor scores, Tensor threshold, int[] stride, "
-               "int[] padding, int[] dilation, bool need_input, bool need_weight, bool need_scores) "
-               "-> (Tensor, Tensor, Tensor)",
-    )(_masked_conv2d_backward_op)
-
-    @bwd.register_fake
-    def _(grad, x, weight, scores, threshold, stride, padding, dilation, need_input, need_weight, need_scores):
-        _conv_geometry(x, weight, scores, None, stride, padding, dilation)
-        return (_new_like_input(x, x.shape) if need_input else x.new_empty(0),
-                torch.empty_like(weight, memory_format=torch.contiguous_format) if need_weight
-                else weight.new_empty(0),
-                torch.empty_like(scores, memory_format=torch.contiguous_format) if need_scores
-                else scores.new_empty(0))
-
-
-if HAS_TRITON:
-    try:
-        torch.ops.vpns_fast.masked_conv2d_igemm
-    except (AttributeError, RuntimeError):  # not registered yet (this module may be imported twice)
-        _register_custom_ops()
 
 
 def masked_conv2d_igemm(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1):
@@ -762,8 +741,8 @@ def masked_conv2d_igemm(x, weight, scores, threshold, bias=None, stride=1, paddi
     if not isinstance(weight, torch.Tensor) or not isinstance(scores, torch.Tensor):
         raise TypeError("masked_conv2d_igemm: weight and scores must be tensors")
     scores = expand_ungrouped_scores(weight, scores)  # addressed with stride 0
-    stride, padding, dilation = (list(_pair(v, n)) for v, n in ((stride, "stride"), (padding, "padding"),
-                                                                 (dilation, "dilation")))
+    stride, padding, dilation = (list(int_pair(v, n)) for v, n in ((stride, "stride"), (padding, "padding"),
+                                                                    (dilation, "dilation")))
     return torch.ops.vpns_fast.masked_conv2d_igemm(x, weight, scores, _as_threshold_tensor(threshold, weight.device),
                                                    bias, stride, padding, dilation)
 

@@ -91,8 +91,7 @@ def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str,
 
 # =============================================================================== Triton kernels
 #
-# Design decisions (issue 4, part 1). Tested through the Triton interpreter only so far: no
-# timing has been measured, so none is quoted here.
+# Design decisions (checked through the Triton interpreter; no GPU timing is recorded yet):
 # * One kernel family for the four kinds. The prompt region is an axis-aligned box
 #   [y0, y1) x [x0, x1) of the output, taken either as the region itself (fix, random) or as
 #   its complement (pad: the box inside the frame; expansive: the placed image), so membership
@@ -119,9 +118,11 @@ def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str,
 # * Both directions are ``torch.library`` custom ops with fake implementations, so
 #   ``torch.compile`` traces them as opaque calls.
 
-import functools  # noqa: E402
+import functools
 
-from vpns_fast.kernels._triton import triton, tl  # noqa: E402
+from vpns_fast.kernels._common import has_nhwc_strides
+from vpns_fast.kernels._library import custom_op
+from vpns_fast.kernels._triton import tl, triton
 
 _FWD_BLOCK = 1024
 _GRAD_BLOCK = 256
@@ -325,7 +326,9 @@ def _region_box(kind: str, out_size: int, in_size: int, pad: int, mask_size: int
     raise ValueError(f"kind must be one of {PROMPT_KINDS}, got {kind!r}")
 
 
-def _check_region(kind, out_size, pad, mask_size, row, col):
+def check_prompt_region(kind: str, out_size: int, pad: int, mask_size: int, row: int, col: int) -> None:
+    """The prompt region lies inside the output (the program gradient writes only there); the
+    public op :func:`vpns_fast.ops.prompt_normalize` runs this same check for every backend."""
     if kind == "pad" and not 0 < pad < out_size / 2:
         raise ValueError(f"pad must be in [1, out_size/2) = [1, {out_size / 2:g}), got {pad}")
     if kind in ("fix", "random"):
@@ -334,15 +337,6 @@ def _check_region(kind, out_size, pad, mask_size, row, col):
         if kind == "random" and not (0 <= row <= out_size - mask_size and 0 <= col <= out_size - mask_size):
             raise ValueError(f"random prompt offset (row={row}, col={col}) puts the {mask_size}-pixel square "
                              f"outside the {out_size}-pixel output")
-
-
-def _is_channels_last(t: torch.Tensor) -> bool:
-    """Whether a (B, C, H, W) tensor is laid out NHWC (also for non-contiguous views of one)."""
-    if t.is_contiguous():
-        return False
-    if t.is_contiguous(memory_format=torch.channels_last):
-        return True
-    return t.shape[1] > 1 and t.stride(1) < t.stride(3)
 
 
 def _compute_dtype(images: torch.Tensor, program: torch.Tensor) -> torch.dtype:
@@ -381,89 +375,25 @@ def _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, mean, 
         raise ValueError(f"mean and std must have one entry per channel ({c}), got {len(mean)} and {len(std)}")
     if c * out_size * out_size >= 2**31:
         raise ValueError("one sample's output must have fewer than 2**31 elements")
-    _check_region(kind, out_size, pad, mask_size, row, col)
+    check_prompt_region(kind, out_size, pad, mask_size, row, col)
 
 
-def prompt_normalize_fwd(images: torch.Tensor, program: torch.Tensor, kind: str, pad: int = 0,
-                         mask_size: int = 0, row: int = 0, col: int = 0, mean=IMAGENET_MEAN,
-                         std=IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Forward of :func:`prompt_normalize_ref` in one pass; no autograd (see the custom op)."""
-    _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, mean, std)
-    batch, channels, in_size, _ = images.shape
+# ------------------------------------------------------------------------------ custom ops
+# Fake implementations and the autograd formula of ``vpns_fast::prompt_normalize`` and its
+# backward ``vpns_fast::prompt_program_grad``, which the launchers below define.
+
+def _prompt_normalize_fake(images, program, kind, pad, mask_size, row, col, mean, std, out_dtype):
+    batch, channels = images.shape[:2]
     out_size = program.shape[-1]
-    compute_dtype = _compute_dtype(images, program)
-    fp64 = compute_dtype == torch.float64
-    channels_last = _is_channels_last(images)
-    out = torch.empty((batch, channels, out_size, out_size),
-                      dtype=compute_dtype if out_dtype is None else out_dtype,
-                      device=images.device,
-                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    if out.numel() == 0:
-        return out
-    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), torch.float64 if fp64 else torch.float32,
-                                   images.device)
-    y0, y1, x0, x1, outside = _region_box(kind, out_size, in_size, pad, mask_size, row, col)
-    top, _ = image_offset(in_size, out_size)
-    grid = (triton.cdiv(channels * out_size * out_size, _FWD_BLOCK), batch)
-    _prompt_normalize_fwd_kernel[grid](
-        images, program, mean_t, std_t, out,
-        channels, in_size, out_size, top, y0, y1, x0, x1,
-        *images.stride(), *program.stride(),
-        OUTSIDE=outside, SIGMOID=kind != "pad", CHANNELS_LAST=channels_last,
-        IS_UINT8=images.dtype == torch.uint8, FP64=fp64, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=_FWD_BLOCK,
-        num_warps=4,
-    )
-    return out
+    fmt = torch.channels_last if has_nhwc_strides(images) else torch.contiguous_format
+    return torch.empty((batch, channels, out_size, out_size), device=images.device,
+                       dtype=_compute_dtype(images, program) if out_dtype is None else out_dtype,
+                       memory_format=fmt)
 
 
-def prompt_program_grad(grad_out: torch.Tensor, images: torch.Tensor, program: torch.Tensor, kind: str,
-                        pad: int = 0, mask_size: int = 0, row: int = 0, col: int = 0,
-                        std=IMAGENET_STD) -> torch.Tensor:
-    """d loss / d program for the prompt op, given d loss / d out; exact zeros outside the region."""
-    _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, std, std)
-    batch, channels, in_size, _ = images.shape
-    out_size = program.shape[-1]
-    if grad_out.shape != (batch, channels, out_size, out_size):
-        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected "
-                         f"{(batch, channels, out_size, out_size)}")
-    if grad_out.device != program.device or not grad_out.is_floating_point():
-        raise ValueError(f"grad_out must be a floating tensor on {program.device}, got {grad_out.dtype} on "
-                         f"{grad_out.device}")
-    grad_program = torch.zeros(program.shape, dtype=program.dtype, device=program.device)
-    y0, y1, x0, x1, outside = _region_box(kind, out_size, in_size, pad, mask_size, row, col)
-    n_region = out_size * out_size - (y1 - y0) * (x1 - x0) if outside else (y1 - y0) * (x1 - x0)
-    if batch == 0 or n_region == 0:
-        return grad_program
-    fp64 = _compute_dtype(images, program) == torch.float64
-    acc_dtype = torch.float64 if fp64 else torch.float32
-    _, std_t = _channel_stats(tuple(std), tuple(std), acc_dtype, images.device)
-    total = channels * n_region
-    blocks = triton.cdiv(total, _GRAD_BLOCK)
-    # Split the batch into equal chunks so that stage 1 has enough programs; deterministic in
-    # the shapes alone, so repeated calls sum in the same order.
-    batch_chunk = triton.cdiv(batch, min(batch, max(1, _GRAD_TARGET_PROGRAMS // blocks)))
-    n_chunks = triton.cdiv(batch, batch_chunk)
-    partial = torch.empty((n_chunks, total), dtype=acc_dtype, device=images.device)
-    channels_last = _is_channels_last(grad_out)
-    top, _ = image_offset(in_size, out_size)
-    side = max(x0 + out_size - x1, 1)
-    flags = dict(OUTSIDE=outside, SIGMOID=kind != "pad", CHANNELS_LAST=channels_last, FP64=fp64,
-                 BLOCK=_GRAD_BLOCK)
-    _prompt_program_grad_kernel[(blocks, n_chunks)](
-        grad_out, images, program, std_t, partial,
-        batch, channels, in_size, out_size, top, y0, y1, x0, x1, side, n_region, batch_chunk,
-        *grad_out.stride(), *images.stride(), *program.stride(),
-        IS_UINT8=images.dtype == torch.uint8, num_warps=4, **flags,
-    )
-    _prompt_program_grad_reduce_kernel[(blocks,)](
-        partial, program, grad_program,
-        channels, out_size, y0, y1, x0, x1, side, n_region, n_chunks,
-        *program.stride(), OUT_BF16=program.dtype == torch.bfloat16, num_warps=4, **flags,
-    )
-    return grad_program
+def _prompt_program_grad_fake(grad_out, images, program, kind, pad, mask_size, row, col, std):
+    return torch.empty_like(program, memory_format=torch.contiguous_format)
 
-
-# ------------------------------------------------------------------------------ autograd, custom op
 
 _NO_IMAGE_GRAD = ("the triton prompt op does not differentiate with respect to images (they are data); "
                   "detach them, or use the torch backend (vpns_fast.ops.use_backend('torch')), which does")
@@ -496,42 +426,92 @@ class PromptNormalizeFunction(torch.autograd.Function):
         return None, grad_program, None, None, None, None, None, None, None, None
 
 
-def _register_custom_ops():
-    """``vpns_fast::prompt_normalize`` and its backward ``vpns_fast::prompt_program_grad``.
+@custom_op("vpns_fast::prompt_normalize",
+           schema="(Tensor images, Tensor program, str kind, int pad, int mask_size, int row, int col, "
+                  "float[] mean, float[] std, ScalarType? out_dtype) -> Tensor",
+           fake=_prompt_normalize_fake, backward=PromptNormalizeFunction.backward,
+           setup_context=PromptNormalizeFunction.setup_context)
+def prompt_normalize_fwd(images: torch.Tensor, program: torch.Tensor, kind: str, pad: int = 0,
+                         mask_size: int = 0, row: int = 0, col: int = 0, mean=IMAGENET_MEAN,
+                         std=IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Forward of :func:`prompt_normalize_ref` in one pass; no autograd (see the custom op)."""
+    _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, mean, std)
+    batch, channels, in_size, _ = images.shape
+    out_size = program.shape[-1]
+    compute_dtype = _compute_dtype(images, program)
+    fp64 = compute_dtype == torch.float64
+    channels_last = has_nhwc_strides(images)
+    out = torch.empty((batch, channels, out_size, out_size),
+                      dtype=compute_dtype if out_dtype is None else out_dtype,
+                      device=images.device,
+                      memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    if out.numel() == 0:
+        return out
+    mean_t, std_t = _channel_stats(tuple(mean), tuple(std), torch.float64 if fp64 else torch.float32,
+                                   images.device)
+    y0, y1, x0, x1, outside = _region_box(kind, out_size, in_size, pad, mask_size, row, col)
+    top, _ = image_offset(in_size, out_size)
+    grid = (triton.cdiv(channels * out_size * out_size, _FWD_BLOCK), batch)
+    _prompt_normalize_fwd_kernel[grid](
+        images, program, mean_t, std_t, out,
+        channels, in_size, out_size, top, y0, y1, x0, x1,
+        *images.stride(), *program.stride(),
+        OUTSIDE=outside, SIGMOID=kind != "pad", CHANNELS_LAST=channels_last,
+        IS_UINT8=images.dtype == torch.uint8, FP64=fp64, OUT_BF16=out.dtype == torch.bfloat16, BLOCK=_FWD_BLOCK,
+        num_warps=4,
+    )
+    return out
 
-    Schemas are explicit because this file postpones annotation evaluation."""
-    fwd = torch.library.custom_op(
-        "vpns_fast::prompt_normalize", mutates_args=(),
-        schema="(Tensor images, Tensor program, str kind, int pad, int mask_size, int row, int col, "
-               "float[] mean, float[] std, ScalarType? out_dtype) -> Tensor",
-    )(prompt_normalize_fwd)
 
-    @fwd.register_fake
-    def _(images, program, kind, pad, mask_size, row, col, mean, std, out_dtype):
-        batch, channels = images.shape[:2]
-        out_size = program.shape[-1]
-        fmt = torch.channels_last if _is_channels_last(images) else torch.contiguous_format
-        return torch.empty((batch, channels, out_size, out_size), device=images.device,
-                           dtype=_compute_dtype(images, program) if out_dtype is None else out_dtype,
-                           memory_format=fmt)
-
-    fwd.register_autograd(PromptNormalizeFunction.backward, setup_context=PromptNormalizeFunction.setup_context)
-
-    grad = torch.library.custom_op(
-        "vpns_fast::prompt_program_grad", mutates_args=(),
-        schema="(Tensor grad_out, Tensor images, Tensor program, str kind, int pad, int mask_size, int row, "
-               "int col, float[] std) -> Tensor",
-    )(prompt_program_grad)
-
-    @grad.register_fake
-    def _(grad_out, images, program, kind, pad, mask_size, row, col, std):
-        return torch.empty_like(program, memory_format=torch.contiguous_format)
-
-
-try:
-    torch.ops.vpns_fast.prompt_normalize
-except (AttributeError, RuntimeError):  # not registered yet (this module may be imported twice)
-    _register_custom_ops()
+@custom_op("vpns_fast::prompt_program_grad",
+           schema="(Tensor grad_out, Tensor images, Tensor program, str kind, int pad, int mask_size, int row, "
+                  "int col, float[] std) -> Tensor",
+           fake=_prompt_program_grad_fake)
+def prompt_program_grad(grad_out: torch.Tensor, images: torch.Tensor, program: torch.Tensor, kind: str,
+                        pad: int = 0, mask_size: int = 0, row: int = 0, col: int = 0,
+                        std=IMAGENET_STD) -> torch.Tensor:
+    """d loss / d program for the prompt op, given d loss / d out; exact zeros outside the region."""
+    _check_prompt_inputs(images, program, kind, pad, mask_size, row, col, std, std)
+    batch, channels, in_size, _ = images.shape
+    out_size = program.shape[-1]
+    if grad_out.shape != (batch, channels, out_size, out_size):
+        raise ValueError(f"grad_out has shape {tuple(grad_out.shape)}, expected "
+                         f"{(batch, channels, out_size, out_size)}")
+    if grad_out.device != program.device or not grad_out.is_floating_point():
+        raise ValueError(f"grad_out must be a floating tensor on {program.device}, got {grad_out.dtype} on "
+                         f"{grad_out.device}")
+    grad_program = torch.zeros(program.shape, dtype=program.dtype, device=program.device)
+    y0, y1, x0, x1, outside = _region_box(kind, out_size, in_size, pad, mask_size, row, col)
+    n_region = out_size * out_size - (y1 - y0) * (x1 - x0) if outside else (y1 - y0) * (x1 - x0)
+    if batch == 0 or n_region == 0:
+        return grad_program
+    fp64 = _compute_dtype(images, program) == torch.float64
+    acc_dtype = torch.float64 if fp64 else torch.float32
+    _, std_t = _channel_stats(tuple(std), tuple(std), acc_dtype, images.device)
+    total = channels * n_region
+    blocks = triton.cdiv(total, _GRAD_BLOCK)
+    # Split the batch into equal chunks so that stage 1 has enough programs; deterministic in
+    # the shapes alone, so repeated calls sum in the same order.
+    batch_chunk = triton.cdiv(batch, min(batch, max(1, _GRAD_TARGET_PROGRAMS // blocks)))
+    n_chunks = triton.cdiv(batch, batch_chunk)
+    partial = torch.empty((n_chunks, total), dtype=acc_dtype, device=images.device)
+    channels_last = has_nhwc_strides(grad_out)
+    top, _ = image_offset(in_size, out_size)
+    side = max(x0 + out_size - x1, 1)
+    flags = dict(OUTSIDE=outside, SIGMOID=kind != "pad", CHANNELS_LAST=channels_last, FP64=fp64,
+                 BLOCK=_GRAD_BLOCK)
+    _prompt_program_grad_kernel[(blocks, n_chunks)](
+        grad_out, images, program, std_t, partial,
+        batch, channels, in_size, out_size, top, y0, y1, x0, x1, side, n_region, batch_chunk,
+        *grad_out.stride(), *images.stride(), *program.stride(),
+        IS_UINT8=images.dtype == torch.uint8, num_warps=4, **flags,
+    )
+    _prompt_program_grad_reduce_kernel[(blocks,)](
+        partial, program, grad_program,
+        channels, out_size, y0, y1, x0, x1, side, n_region, n_chunks,
+        *program.stride(), OUT_BF16=program.dtype == torch.bfloat16, num_warps=4, **flags,
+    )
+    return grad_program
 
 
 def prompt_normalize_triton(images, program, kind, pad, mask_size, row, col, mean, std, out_dtype):

@@ -6,7 +6,7 @@ A weight is kept when ``|s| > t`` (strict), so ties at ``t`` are pruned and exac
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -19,7 +19,7 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 
 # =========================================================================== Triton kernels
 #
-# Multi-tensor radix select (issue 4, part 2). Design decisions:
+# Multi-tensor radix select. Design decisions:
 #
 # * Keys. The magnitude of a float is its bit pattern with the sign bit cleared; read as an
 #   integer it is monotone in |s| for every non-negative float, +inf and NaN included (NaN keys
@@ -53,14 +53,13 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 #   select, so the result is exact for any hint (inf, NaN, negative, far off). The fallback is
 #   decided on the device too: a missed hint costs one extra pass, never a host round trip.
 #   fp32 warm: 2 data passes instead of 3; fp16/bf16: 1 instead of 2.
-# * ``ThresholdSelector`` keeps the previous threshold (a device tensor) per score list and
-#   passes it as the hint, for the trainer's per-step recompute.
-# * Not measured yet: no GPU numbers are quoted here. Open performance questions for the GPU
-#   session: BLOCK / num_warps, the cost of ``tl.histogram`` with 2048 bins (older Triton lowers
-#   it with warp ballots, newer with shared-memory atomics), and whether compacting the
-#   candidates after pass 1 beats re-reading all scores in later passes.
+# * When to pass a hint is the backend's warm-start policy (vpns_fast/ops/warm_start.py).
+# * Open performance questions on the GPU: BLOCK / num_warps, the cost of ``tl.histogram`` with
+#   2048 bins (older Triton lowers it with warp ballots, newer with shared-memory atomics), and
+#   whether compacting the candidates after pass 1 beats re-reading all scores in later passes.
 
-from vpns_fast.kernels._triton import tl, triton  # noqa: E402
+from vpns_fast.kernels._library import custom_op
+from vpns_fast.kernels._triton import tl, triton
 
 # (shift, width) of each digit, most significant first, per score dtype; and the band shift S.
 _RADIX_PASSES = {
@@ -228,6 +227,9 @@ def _block_tables(tensors: Sequence[torch.Tensor], block: int):
 
 
 def _check_scores(tensors) -> list[torch.Tensor]:
+    """What the launch needs to address the scores safely: one dtype the radix passes know and one
+    device for all (the pointer table is typed by the first tensor), each read as one flat range.
+    The public op (:func:`vpns_fast.ops.topk_threshold`) checks the rest of its arguments."""
     if isinstance(tensors, torch.Tensor):
         tensors = [tensors]
     tensors = list(tensors)
@@ -236,21 +238,23 @@ def _check_scores(tensors) -> list[torch.Tensor]:
     first = tensors[0]
     checked = []
     for i, s in enumerate(tensors):
-        if not isinstance(s, torch.Tensor):
-            raise TypeError(f"scores[{i}] must be a tensor, got {type(s).__name__}")
         if s.dtype not in _RADIX_PASSES:
             raise TypeError(f"scores[{i}] must be float32, float16, bfloat16 or float64, got {s.dtype}")
         if s.dtype != first.dtype or s.device != first.device:
             raise ValueError(f"all score tensors must share dtype and device: scores[0] is {first.dtype} on "
                              f"{first.device}, scores[{i}] is {s.dtype} on {s.device}")
-        if s.numel() == 0:
-            raise ValueError(f"scores[{i}] is empty")
         # Non-contiguous scores are copied (the kernels read each tensor as one flat range);
         # parameters are contiguous, so the trainer never pays for this.
         checked.append(s.detach().contiguous())
     return checked
 
 
+def _topk_threshold_fake(scores, k, hint=None):
+    return scores[0].new_empty(())
+
+
+@custom_op("vpns_fast::topk_threshold", schema="(Tensor[] scores, SymInt k, Tensor? hint=None) -> Tensor",
+           fake=_topk_threshold_fake)
 def topk_threshold_fwd(tensors: Sequence[torch.Tensor], k: int, hint=None) -> torch.Tensor:
     """Launch the radix select: the k-th smallest |s| (1-based) over all tensors, as a 0-dim
     tensor of the scores' dtype. ``hint``: a guess of the result (number or tensor, e.g. the
@@ -297,22 +301,6 @@ def topk_threshold_fwd(tensors: Sequence[torch.Tensor], k: int, hint=None) -> to
 
 # =========================================================================== public API
 
-def _topk_threshold_op_impl(scores: list[torch.Tensor], k: int, hint: torch.Tensor | None = None) -> torch.Tensor:
-    return topk_threshold_fwd(scores, k, hint)
-
-
-def _topk_threshold_op_fake(scores: list[torch.Tensor], k: int, hint: torch.Tensor | None = None) -> torch.Tensor:
-    return scores[0].new_empty(())
-
-
-_OP_NAME = "vpns_fast::topk_threshold"
-try:  # registered once per process, even if this file is imported under two module names
-    _topk_threshold_op = torch.library.custom_op(_OP_NAME, mutates_args=())(_topk_threshold_op_impl)
-    _topk_threshold_op.register_fake(_topk_threshold_op_fake)
-except RuntimeError:  # pragma: no cover - already registered
-    _topk_threshold_op = None
-
-
 def topk_threshold_triton(tensors: list[torch.Tensor], k: int, hint=None) -> torch.Tensor:
     """The ``triton`` backend of ``topk_threshold``: bit-identical to
     ``topk_threshold_ref(tensors, k)``, ``1 <= k <= N``. Eager calls launch directly; under
@@ -322,27 +310,3 @@ def topk_threshold_triton(tensors: list[torch.Tensor], k: int, hint=None) -> tor
             hint = torch.tensor(float(hint))
         return torch.ops.vpns_fast.topk_threshold(list(tensors), k, hint)
     return topk_threshold_fwd(tensors, k, hint)
-
-
-class ThresholdSelector:
-    """Per-step thresholds with a warm start: remembers the last threshold of each score list
-    (keyed by data pointers and sizes) and passes it as the hint of the next call. Exact whatever
-    the hint, so a stale or reset entry only costs speed."""
-
-    def __init__(self, max_entries: int = 64):
-        self.max_entries = max_entries
-        self._previous: dict = {}
-
-    def __call__(self, tensors: Sequence[torch.Tensor], k: int) -> torch.Tensor:
-        if isinstance(tensors, torch.Tensor):
-            tensors = [tensors]
-        key = tuple((s.data_ptr(), s.numel(), s.dtype, s.device) for s in tensors)
-        threshold = topk_threshold_triton(list(tensors), k, hint=self._previous.get(key))
-        if key not in self._previous and len(self._previous) >= self.max_entries:
-            self._previous.pop(next(iter(self._previous)))
-        self._previous[key] = threshold
-        return threshold
-
-    def reset(self) -> None:
-        self._previous.clear()
-

@@ -10,7 +10,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
+import pytest
 
 # The masked-conv dispatch table (vpns_fast/ops/conv_dispatch.py): never the user's own.
 os.environ["VPNS_FAST_CONV_TABLE"] = os.path.join(tempfile.mkdtemp(prefix="vpns-fast-tests-"), "conv_dispatch.json")

@@ -146,7 +146,7 @@ def test_list_entry_point(monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def infer_rows(tmp_path_factory):
-    from vpns_fast import sparse_cpu
+    from vpns_fast.deploy import sparse_cpu
 
     available, reason = sparse_cpu.available()
     if not available:

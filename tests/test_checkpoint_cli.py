@@ -6,11 +6,16 @@ import pytest
 import torch
 
 import vpns_fast as V
-from vpns_fast.checkpoint import (
-    CheckpointError, atomic_save, load_checkpoint, model_from_checkpoint, prompt_from_spec, save_checkpoint,
-)
 from vpns_fast.cli import main
 from vpns_fast.models import build_model
+from vpns_fast.pruning.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    load_checkpoint,
+    model_from_checkpoint,
+    prompt_from_spec,
+    save_checkpoint,
+)
 
 
 @pytest.fixture

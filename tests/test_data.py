@@ -287,7 +287,7 @@ def test_augmentation_is_a_crop_and_flip_of_the_resized_image():
     source = splits.train.source
     j = int(splits.train.indices[0])
     resized = source.image(j, 36)
-    candidates = [resized[:, t : t + 32, l : l + 32] for t in range(5) for l in range(5)]
+    candidates = [resized[:, t : t + 32, left : left + 32] for t in range(5) for left in range(5)]
     candidates += [c.flip(-1) for c in candidates]
     for _ in range(10):
         out, _ = splits.train_augmented[0]
@@ -301,7 +301,7 @@ def test_augment_batch_matches_per_image_crops():
     assert out.shape == (6, 3, 32, 32) and out.dtype == torch.uint8 and torch.equal(out, again)
     resized = data.resize_batch(images, 36)
     for b in range(6):
-        candidates = [resized[b, :, t : t + 32, l : l + 32] for t in range(5) for l in range(5)]
+        candidates = [resized[b, :, t : t + 32, left : left + 32] for t in range(5) for left in range(5)]
         assert any(torch.equal(out[b], c) or torch.equal(out[b], c.flip(-1)) for c in candidates)
 
 

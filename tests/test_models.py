@@ -70,7 +70,9 @@ def test_cifar_resnet18_architecture():
     assert list(model.state_dict()) == list(reference.state_dict())
     # Only the stem differs from the ImageNet ResNet-18 (7x7 -> 3x3 kernel).
     difference = 64 * 3 * (7 * 7 - 3 * 3)
-    count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+    def count(module):
+        return sum(p.numel() for p in module.parameters())
+
     assert count(reference) - count(model) == difference
     assert source_num_classes(model) == 100
 

@@ -26,11 +26,11 @@ import sys
 os.environ.pop("TRITON_INTERPRET", None)
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-import triton.runtime.jit as triton_jit  # noqa: E402
-from triton.backends.compiler import GPUTarget  # noqa: E402
-from triton.runtime import driver  # noqa: E402
+import torch
+import triton
+import triton.runtime.jit as triton_jit
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
 
 # PTX instructions counted per kernel (summed over its variants): global loads, shared and
 # global atomics by ordering, warp votes (an old tl.histogram lowering) and fp64 arithmetic.

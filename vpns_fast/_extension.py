@@ -16,6 +16,7 @@ def load():
         _tried = True
         try:
             import torch  # noqa: F401 - the extension links against libtorch
+
             from vpns_fast import _C
 
             _module = _C

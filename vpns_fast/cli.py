@@ -26,8 +26,8 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from vpns_fast.checkpoint import load_checkpoint, model_from_checkpoint
-    from vpns_fast.pruning import density_report
+    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
+    from vpns_fast.pruning.masking import density_report
 
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
@@ -59,9 +59,9 @@ def _assignments(text: str) -> tuple[str, str]:
 
 
 def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> None:
-    from vpns_fast.baselines import METHODS
     from vpns_fast.data import DATASETS
     from vpns_fast.models import MODELS
+    from vpns_fast.pruning.methods import METHODS
 
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, embedded)")
     p.add_argument("--data-dir", help="where the dataset lives (CIFAR pickles, Tiny-ImageNet, ImageFolder)")
@@ -100,9 +100,9 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--hydra-scope", choices=("global", "layer"), default="layer", help="HYDRA threshold scope")
     p.add_argument("--granularity", choices=("unstructured", "kernel", "channel"), default="unstructured")
     p.add_argument("--structured", action="store_true",
-                   help="structured channel mode for ResNets and VGGs (SPEC §4): shared residual-group channel masks, "
-                   "input-channel masking, dense classifier, first 5 convs capped at 25%% channel sparsity; "
-                   "needs --granularity channel")
+                   help="structured channel mode for ResNets and VGGs (docs/method.md §9): shared residual-group "
+                   "channel masks, input-channel masking, dense classifier, first 5 convs capped at 25%% channel "
+                   "sparsity; needs --granularity channel")
     p.add_argument("--lr", action="append", type=_assignments, default=[], metavar="GROUP=LR",
                    help="learning rate of a group: search_scores, search_prompt, hydra_scores, finetune_weights, "
                    "finetune_prompt, pretrain (repeatable)")
@@ -119,7 +119,7 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
 
 
 def _config_from_args(args, methods=None, mask_from=None):
-    from vpns_fast.trainer import TrainConfig
+    from vpns_fast.training.trainer import TrainConfig
 
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
@@ -138,7 +138,8 @@ def _config_from_args(args, methods=None, mask_from=None):
         raise ValueError("--structured needs --granularity channel")
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
-        methods=methods or args.method, densities=getattr(args, "density", (1.0,)), pretrain_epochs=args.pretrain_epochs,
+        methods=methods or args.method, densities=getattr(args, "density", (1.0,)),
+        pretrain_epochs=args.pretrain_epochs,
         hydra_epochs=getattr(args, "hydra_epochs", None), batch_size=args.batch_size, seed=args.seed,
         protocol=args.protocol, device=args.device, amp=args.amp,
         channels_last=args.channels_last, deterministic=args.deterministic, prompt=args.prompt,
@@ -151,14 +152,14 @@ def _config_from_args(args, methods=None, mask_from=None):
 
 
 def _cmd_prune(args) -> int:
-    from vpns_fast.trainer import TwoStageTrainer
+    from vpns_fast.training.trainer import TwoStageTrainer
 
     TwoStageTrainer(_config_from_args(args), force=args.force).run()
     return 0
 
 
 def _cmd_transfer(args) -> int:
-    from vpns_fast.trainer import TwoStageTrainer
+    from vpns_fast.training.trainer import TwoStageTrainer
 
     methods = ("transfer+vp",) if args.with_prompt else ("transfer",)
     TwoStageTrainer(_config_from_args(args, methods=methods, mask_from=args.checkpoint), force=args.force).run()
@@ -166,14 +167,14 @@ def _cmd_transfer(args) -> int:
 
 
 def _cmd_resume(args) -> int:
-    from vpns_fast.trainer import resume
+    from vpns_fast.training.trainer import resume
 
     resume(args.out_dir, progress=not args.no_progress)
     return 0
 
 
 def _cmd_eval(args) -> int:
-    from vpns_fast.evaluation import evaluate_checkpoint
+    from vpns_fast.training.evaluation import evaluate_checkpoint
 
     result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, split=args.split,
                                  batch_size=args.batch_size, device=args.device, limit=args.limit)
@@ -186,7 +187,7 @@ def _cmd_eval(args) -> int:
 
 
 def _cmd_export(args) -> int:
-    from vpns_fast.export import MissingDependencyError, export
+    from vpns_fast.deploy.export import MissingDependencyError, export
 
     try:
         meta = export(args.checkpoint, args.format, args.out, force=args.force, slim=args.slim)
@@ -221,7 +222,7 @@ def _load_images(paths, size: int):
 
 
 def _cmd_infer(args) -> int:
-    from vpns_fast.deploy import deploy
+    from vpns_fast.deploy.runtime import deploy
 
     module = deploy(args.path, args.device, policy=args.policy)
     images = _load_images(args.images, module.image_size)
@@ -244,7 +245,7 @@ def _cmd_infer(args) -> int:
 
 
 def _cmd_bench_infer(args) -> int:
-    from vpns_fast.deploy import benchmark_inference
+    from vpns_fast.deploy.runtime import benchmark_inference
 
     rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
                                args.policy)
@@ -266,7 +267,8 @@ def _cmd_tune(args) -> int:
     from vpns_fast.environment import resolve_device
     from vpns_fast.models import build_model
     from vpns_fast.ops import conv_dispatch
-    from vpns_fast.pruning import set_density, sparsify
+    from vpns_fast.pruning.masking import set_density, sparsify
+    from vpns_fast.pruning.tuning import tune
 
     device = resolve_device(args.device)
     if device.type != "cuda":
@@ -284,7 +286,7 @@ def _cmd_tune(args) -> int:
         example = example.contiguous(memory_format=memory_format)
         for stage in stages:
             with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                for row in conv_dispatch.tune(model, example, stage, path=args.table):
+                for row in tune(model, example, stage, path=args.table):
                     rows.append({"batch": batch, "stage": stage, **row})
     path = args.table or conv_dispatch.default_table_path()
     if args.json:

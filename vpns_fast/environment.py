@@ -6,11 +6,11 @@ import platform
 
 import torch
 
+from vpns_fast import ops
+from vpns_fast._version import __version__
+
 
 def describe() -> dict:
-    import vpns_fast
-    from vpns_fast import ops
-
     try:
         import triton
 
@@ -18,7 +18,7 @@ def describe() -> dict:
     except Exception as exc:  # not installed, or broken
         triton_version = f"unavailable ({exc.__class__.__name__})"
     return {
-        "vpns_fast": vpns_fast.__version__,
+        "vpns_fast": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,

@@ -5,7 +5,8 @@ import contextlib
 import os
 import tempfile
 import warnings
-from typing import BinaryIO, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import BinaryIO
 
 
 def _umask() -> int:

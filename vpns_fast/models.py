@@ -32,7 +32,7 @@ __all__ = [
 
 MODELS = ("resnet18", "resnet50", "vgg16", "cifar_resnet18", "small_resnet")
 
-# The torchvision weight sets the paper uses (SPEC §1 "Pretrained model").
+# The torchvision weight sets the paper uses (docs/method.md §1).
 _TORCHVISION = {
     "resnet18": (torchvision.models.resnet18, torchvision.models.ResNet18_Weights.IMAGENET1K_V1),
     "resnet50": (torchvision.models.resnet50, torchvision.models.ResNet50_Weights.IMAGENET1K_V2),

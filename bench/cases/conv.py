@@ -109,7 +109,7 @@ def eager_masked_conv(x, weight, scores, threshold, stride, padding):
 
 
 def _implementations(stride, padding):
-    from vpns_fast.kernels.masked import masked_conv2d_triton
+    from vpns_fast.kernels.masked import masked_conv2d_fused_mask_cudnn
     from vpns_fast.kernels.masked_conv import masked_conv2d_igemm
 
     def backend(name):
@@ -120,7 +120,7 @@ def _implementations(stride, padding):
 
     return {
         "eager": lambda x, w, s, t: eager_masked_conv(x, w, s, t, stride, padding),
-        "cudnn": lambda x, w, s, t: masked_conv2d_triton(x, w, s, t, None, stride, padding),
+        "cudnn": lambda x, w, s, t: masked_conv2d_fused_mask_cudnn(x, w, s, t, None, stride, padding),
         "igemm": lambda x, w, s, t: masked_conv2d_igemm(x, w, s, t, None, stride, padding),
         "triton": backend("triton"),
         "torch": backend("torch"),
@@ -173,7 +173,7 @@ def make_compare(dtype_name):
 
 
 def setup(config: Config, device_type: str, *, compile_baselines: bool = True, seed: int = 0) -> Workload:
-    from vpns_fast.masked_layers import initial_scores
+    from vpns_fast.nn.masked_layers import initial_scores
 
     p, mode = config.params, config.mode
     dtype = getattr(torch, config.dtype)

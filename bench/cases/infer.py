@@ -1,4 +1,4 @@
-"""Case `infer`: sparse CPU inference of magnitude-pruned ResNets (``vpns_fast.sparse_cpu``).
+"""Case `infer`: sparse CPU inference of magnitude-pruned ResNets (``vpns_fast.deploy.sparse_cpu``).
 
 Measurement points (CPU only, float32, no grad), each with ``mask`` in its shape and params:
 * per layer (``params.scope == "layer"``): every distinct Conv2d of ResNet-18 at 224 (and, with
@@ -46,7 +46,7 @@ from torch import nn
 from bench.cases.common import Candidate, Config, VerificationError, Workload, no_grad
 from bench.registry import conv_layers
 from bench.timing import input_copy_count
-from vpns_fast import sparse_cpu
+from vpns_fast.deploy import sparse_cpu
 
 NAME = "infer"
 OP_NAME = "sparse CPU inference (SparseConv2d / convert_for_cpu)"

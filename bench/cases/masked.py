@@ -12,7 +12,7 @@ Implementations:
   ``MaskedWeightFunction.apply`` (the reference autograd Function), ``triton`` calls
   ``masked_weight_triton`` (one fused launch per layer and direction);
 * ``triton_multi`` - ``masked_weights_triton``: every layer in one launch per direction;
-Baselines (PERFORMANCE.md):
+Baselines:
 * ``eager``    - as the release code writes it: ``m = (|s| > t).float()``, a plain autograd STE
   ``m_ste = m + (|s| - |s|.detach())`` (bracketed so the forward is exactly ``m``: the unbracketed
   ``m + |s| - |s|.detach()`` rounds ``m + |s|`` and is not exactly 0 or 1), ``w * m_ste``;
@@ -39,7 +39,7 @@ from bench.registry import score_shapes
 from bench.timing import input_copy_count
 from vpns_fast import ops
 from vpns_fast.kernels.masked import MaskedWeightFunction
-from vpns_fast.masked_layers import initial_scores, score_shape
+from vpns_fast.nn.masked_layers import initial_scores, score_shape
 
 NAME = "masked"
 # The registry has no op for the mask alone: it is the part of masked_conv2d / masked_linear

@@ -1,6 +1,6 @@
 """Case `prompt`: ``pad_prompt(images, program, pad=16)`` + clamp + normalize, fwd and fwd+bwd.
 
-Baselines (PERFORMANCE.md):
+Baselines:
 * ``eager``    - ``F.pad + program * mask + clamp + normalize`` written plainly, as the release
   code does (a precomputed frame mask, ImageNet mean/std);
 * ``compiled`` - ``torch.compile`` of that same function, compiled once per workload before
@@ -9,7 +9,6 @@ Baselines (PERFORMANCE.md):
 Outputs (and in mode ``full`` the program's gradient) are compared with ``torch.allclose``.
 """
 from __future__ import annotations
-
 
 import torch
 import torch.nn.functional as F
@@ -135,8 +134,10 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     # The program starts at zero in training; random values keep clamp and the frame honest.
     program = (0.2 * torch.randn(CHANNELS, out_size, out_size, generator=generator, device=device_type))
     program.requires_grad_(mode == "full")
-    bytes_per_copy = batch * CHANNELS * (in_size ** 2 * image_dtype.itemsize + (out_size ** 2 * 4 if mode == "full" else 0))
-    copies = [(random_images(), random_grad_output()) for _ in range(input_copy_count(device_type, bytes_per_copy, p["sizes"]))]
+    grad_bytes = out_size ** 2 * 4 if mode == "full" else 0
+    bytes_per_copy = batch * CHANNELS * (in_size ** 2 * image_dtype.itemsize + grad_bytes)
+    copy_count = input_copy_count(device_type, bytes_per_copy, p["sizes"])
+    copies = [(random_images(), random_grad_output()) for _ in range(copy_count)]
 
     frame_mask = release_frame_mask(out_size, pad, device_type)
     mean = torch.tensor(ops.IMAGENET_MEAN, device=device_type)[:, None, None]

@@ -1,13 +1,13 @@
 """Case `slim`: inference of a channel-slimmed ResNet against the same network unslimmed.
 
-Issue 6's GPU target: a ResNet-18 with 50% of its channels pruned, slimmed (pruned channels removed,
-BatchNorm folded; ``vpns_fast.slim``), at >= 1.6x the images/s of the dense network. This case
+The GPU target: a ResNet-18 with 50% of its channels pruned, slimmed (pruned channels removed,
+BatchNorm folded; ``vpns_fast.deploy.slim``), at >= 1.6x the images/s of the dense network. This case
 measures that ratio on any device.
 
 Model: torchvision ``<model>()`` (random init, seed 0, eval), ``sparsify(granularity="channel",
 structured=True)`` with its magnitude-based ``scaled`` scores and ``set_density(0.5, scope="layer")``:
 every score vector (a conv's, or a residual group's shared one) keeps its top half, the first five
-convs at least 75% (SPEC §4), so ``params.channel_density`` is >= 0.5 and every layer is about half
+convs at least 75% (docs/method.md §9), so ``params.channel_density`` is >= 0.5 and every layer is about half
 as wide. (One global threshold would not give that here: at random init the ``scaled`` score is
 about ``sqrt(6 / fan_in)`` for every channel of a layer, so it would rank whole layers by fan-in and
 empty the widest ones.) Every pruned channel is then removable (structured mode), as with trained
@@ -38,7 +38,7 @@ from bench.cases.common import Candidate, Config, VerificationError, Workload, c
 from bench.timing import input_copy_count
 
 NAME = "slim"
-OP_NAME = "channel-slimmed inference (vpns_fast.slim)"
+OP_NAME = "channel-slimmed inference (vpns_fast.deploy.slim)"
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 DEFAULT_DTYPES = {"cpu": ("float32",), "cuda": ("float32", "bfloat16")}
 CHANNEL_DENSITY = 0.5
@@ -71,8 +71,8 @@ def slim_and_dense(model_name: str, seed: int = 0) -> tuple[torch.nn.Module, tor
     import torchvision
 
     import vpns_fast as V
-    from vpns_fast.slim import slim_model
-    from vpns_fast.structured import channel_density
+    from vpns_fast.deploy.slim import slim_model
+    from vpns_fast.pruning.structured import channel_density
 
     torch.manual_seed(seed)
     model = getattr(torchvision.models, model_name)().eval()

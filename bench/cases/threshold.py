@@ -1,6 +1,6 @@
 """Case `threshold`: ``topk_threshold(scores, density=0.1, scope)`` on ResNet score sets.
 
-Baselines (PERFORMANCE.md "Baselines every benchmark shows"):
+Baselines:
 * ``release``    - clone, abs, cat, ``torch.kthvalue``, as the VPNs release code computes the
   threshold (it does so twice per training step; one call is timed);
 * ``topk``       - ``torch.topk(..., sorted=False)`` on the smaller side of the k-th element;
@@ -45,7 +45,7 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
 
 
 def hydra_scaled_scores(shape, dtype, device, generator) -> torch.Tensor:
-    """HYDRA "scaled" score init (SPEC §1): ``sqrt(6 / fan_in) * W / max|W|`` with a random W,
+    """HYDRA "scaled" score init (docs/method.md §3): ``sqrt(6 / fan_in) * W / max|W|`` with a random W,
     so magnitudes differ per layer as they do in training (never zeros, few ties in fp32)."""
     fan_in = math.prod(shape[1:])
     weight = torch.randn(shape, generator=generator, device=device)
@@ -94,9 +94,10 @@ def compare_exact(output, reference, impl_name):
                                 f"shape {tuple(reference.shape)} dtype {reference.dtype}")
     if not torch.equal(output, reference):
         differ = (output != reference).nonzero().flatten()[:5].tolist()
+        got = output.flatten()[differ].tolist() if differ else output
+        expected = reference.flatten()[differ].tolist() if differ else reference
         raise VerificationError(f"threshold: {impl_name} differs from the release kthvalue (exact rule); first "
-                                f"differing entries {differ}: got {output.flatten()[differ].tolist() if differ else output} "
-                                f"expected {reference.flatten()[differ].tolist() if differ else reference}")
+                                f"differing entries {differ}: got {got} expected {expected}")
 
 
 def setup(config: Config, device_type: str, *, compile_baselines: bool = True, seed: int = 0) -> Workload:

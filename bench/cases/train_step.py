@@ -1,13 +1,13 @@
 """Case `train_step`: one stage-1 (mask search) training step, in images/s.
 
 A step is: prompt + normalize, forward through the masked model, cross-entropy on the label-mapped
-logits, backward, Adam on the scores and on the prompt (SPEC §2: lr 1e-4, wd 1e-4; weights and
+logits, backward, Adam on the scores and on the prompt (docs/method.md §5: lr 1e-4, wd 1e-4; weights and
 BN affine frozen, BN running statistics updating), and the global threshold (density 0.1)
 recomputed from the updated scores. Implementations, each with its own copy of the same model:
 * ``vpns_fast`` - the library path: ``PadPrompt`` + ``sparsify``'d model in a ``PromptedNetwork``,
   ``prepare_mask_search`` / ``parameter_groups`` for the optimizers, ``set_density`` after the
   step; every op dispatched to the backend chosen automatically on this device.
-Baselines (PERFORMANCE.md "training step"):
+Baselines:
 * ``release`` - the release code's step written in eager torch: ``F.pad + program * mask + clamp
   + normalize`` (bench/cases/prompt.py), layers masking their weight with the plain autograd STE
   (bench/cases/masked.py), and the threshold recomputed TWICE per step, each time by clone, abs,
@@ -38,19 +38,19 @@ from bench.cases.threshold import release_kthvalue
 from bench.registry import TRAIN_STEP_POINTS, TRAIN_STEP_TARGET_CLASSES, train_step_pad
 from bench.timing import input_copy_count
 from vpns_fast import ops
-from vpns_fast.evaluation import PromptedNetwork
-from vpns_fast.label_mapping import LabelMapping
-from vpns_fast.masked_layers import initial_scores
 from vpns_fast.models import build_model, source_num_classes
-from vpns_fast.prompts import PadPrompt
-from vpns_fast.pruning import parameter_groups, prepare_mask_search, set_density, sparsify
+from vpns_fast.nn.label_mapping import LabelMapping
+from vpns_fast.nn.masked_layers import initial_scores
+from vpns_fast.nn.prompted_network import PromptedNetwork
+from vpns_fast.nn.prompts import PadPrompt
+from vpns_fast.pruning.masking import parameter_groups, prepare_mask_search, set_density, sparsify
 
 NAME = "train_step"
 OP_NAME = "training step (prompt_normalize + masked_conv2d/linear + topk_threshold)"
 MODES = ("full",)
 DENSITY = 0.1
 CHANNELS = 3
-# SPEC §2: stage-1 Adam for scores and prompt; the dense fine-tuning step uses stage 2's SGD.
+# docs/method.md §5: stage-1 Adam for scores and prompt; the dense fine-tuning step uses stage 2's SGD.
 ADAM = {"lr": 1e-4, "weight_decay": 1e-4}
 SGD = {"lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
 SUPPORTED_DTYPES = ("float32", "bfloat16")  # the autocast precision; images and parameters are float32

@@ -4,14 +4,23 @@ See :mod:`vpns_fast.ops.backends` for how the backend is chosen and forced.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from vpns_fast.kernels.masked import masked_conv2d_ref, masked_linear_ref, masked_weights_ref, score_mask_ref
-from vpns_fast.kernels.prompt import IMAGENET_MEAN, IMAGENET_STD, PROMPT_KINDS, prompt_normalize_ref
+from vpns_fast.kernels.prompt import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PROMPT_KINDS,
+    check_prompt_region,
+    prompt_normalize_ref,
+)
 from vpns_fast.kernels.threshold import topk_threshold_ref
+
+# Importing a backend module registers its ops; whether they run is decided per call by availability.
+from vpns_fast.ops import cpp_backend, triton_backend  # noqa: F401
 from vpns_fast.ops.backends import (
     BACKEND_NAMES,
     BackendError,
@@ -29,6 +38,9 @@ register("torch", "masked_conv2d", masked_conv2d_ref)
 register("torch", "masked_linear", masked_linear_ref)
 register("torch", "masked_weights", masked_weights_ref)
 
+# A threshold as the ops take it: a Python number or a 0-dim tensor.
+Threshold = float | torch.Tensor
+
 __all__ = [
     "BACKEND_NAMES", "BackendError", "IMAGENET_MEAN", "IMAGENET_STD", "PROMPT_KINDS",
     "backend_report", "forced_backend", "resolve", "use_backend",
@@ -40,7 +52,8 @@ __all__ = [
 
 # --------------------------------------------------------------------------- prompts
 
-def _check_prompt_args(images, program, mean, std):
+def _check_prompt_args(images: torch.Tensor, program: torch.Tensor, mean: Sequence[float],
+                       std: Sequence[float]) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4:
         raise ValueError(f"images must be a (B, C, H, W) tensor, got {_describe(images)}")
     if images.dtype != torch.uint8 and not images.is_floating_point():
@@ -62,49 +75,48 @@ def _check_prompt_args(images, program, mean, std):
         raise ValueError(f"std entries must be positive, got {tuple(std)}")
 
 
-def _describe(x) -> str:
+def _describe(x: object) -> str:
     if isinstance(x, torch.Tensor):
         return f"a tensor of shape {tuple(x.shape)}"
     return f"a {type(x).__name__}"
 
 
-def prompt_normalize(images, program, kind, *, pad=0, mask_size=0, row=0, col=0,
-                     mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+def prompt_normalize(images: torch.Tensor, program: torch.Tensor, kind: str, *, pad: int = 0, mask_size: int = 0,
+                     row: int = 0, col: int = 0, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The prompt op behind all four kinds (see :mod:`vpns_fast.kernels.prompt`)."""
     if kind not in PROMPT_KINDS:
         raise ValueError(f"kind must be one of {PROMPT_KINDS}, got {kind!r}")
     _check_prompt_args(images, program, mean, std)
-    out_size = program.shape[-1]
-    if kind == "pad" and not 0 < pad < out_size / 2:
-        raise ValueError(f"pad must be in [1, out_size/2) = [1, {out_size / 2:g}), got {pad}")
-    if kind in ("fix", "random") and not 0 < mask_size <= out_size:
-        raise ValueError(f"mask_size must be in [1, out_size={out_size}], got {mask_size}")
-    if kind == "random" and not (0 <= row <= out_size - mask_size and 0 <= col <= out_size - mask_size):
-        raise ValueError(f"random prompt offset (row={row}, col={col}) puts the {mask_size}-pixel square "
-                         f"outside the {out_size}-pixel output")
+    check_prompt_region(kind, program.shape[-1], pad, mask_size, row, col)
     return dispatch("prompt_normalize", images.device.type, images, program, kind, pad, mask_size, row, col,
                     tuple(float(m) for m in mean), tuple(float(s) for s in std), out_dtype)
 
 
-def pad_prompt(images, program, pad, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+def pad_prompt(images: torch.Tensor, program: torch.Tensor, pad: int, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Zero-pad ``images`` to the program's size, add ``program`` on the outer ``pad`` pixels,
     clamp to [0, 1], normalize."""
     return prompt_normalize(images, program, "pad", pad=pad, mean=mean, std=std, out_dtype=out_dtype)
 
 
-def fix_prompt(images, program, mask_size, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+def fix_prompt(images: torch.Tensor, program: torch.Tensor, mask_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+               std: Sequence[float] = IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """As :func:`pad_prompt`, adding ``sigmoid(program)`` on the top-left ``mask_size`` square."""
     return prompt_normalize(images, program, "fix", mask_size=mask_size, mean=mean, std=std, out_dtype=out_dtype)
 
 
-def random_prompt(images, program, mask_size, offset, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+def random_prompt(images: torch.Tensor, program: torch.Tensor, mask_size: int, offset: tuple[int, int],
+                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                  out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """As :func:`fix_prompt`, with the square's top-left corner at ``offset = (row, col)``."""
     row, col = (int(v) for v in offset)
     return prompt_normalize(images, program, "random", mask_size=mask_size, row=row, col=col,
                             mean=mean, std=std, out_dtype=out_dtype)
 
 
-def expansive_prompt(images, program, mean=IMAGENET_MEAN, std=IMAGENET_STD, out_dtype=None):
+def expansive_prompt(images: torch.Tensor, program: torch.Tensor, mean: Sequence[float] = IMAGENET_MEAN,
+                     std: Sequence[float] = IMAGENET_STD, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """Place ``images`` centred, add ``sigmoid(program)`` on the ring around them."""
     return prompt_normalize(images, program, "expansive", mean=mean, std=std, out_dtype=out_dtype)
 
@@ -123,7 +135,7 @@ def keep_all_threshold(like: torch.Tensor) -> torch.Tensor:
     return torch.tensor(float("-inf"), dtype=like.dtype, device=like.device)
 
 
-def _as_score_list(scores) -> list[torch.Tensor]:
+def _as_score_list(scores: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
     if isinstance(scores, torch.Tensor):
         tensors = [scores]
     elif isinstance(scores, Sequence) and not isinstance(scores, (str, bytes)):
@@ -146,7 +158,8 @@ def _as_score_list(scores) -> list[torch.Tensor]:
     return tensors
 
 
-def topk_threshold(scores, density: float, scope: str = "global") -> torch.Tensor:
+def topk_threshold(scores: torch.Tensor | Sequence[torch.Tensor], density: float,
+                   scope: str = "global") -> torch.Tensor:
     """Magnitude threshold that keeps the top ``density`` fraction of scores (``|s| > t``).
 
     ``scope="global"``: a 0-dim tensor equal to
@@ -170,7 +183,7 @@ def topk_threshold(scores, density: float, scope: str = "global") -> torch.Tenso
     return thresholds[0] if scope == "global" else torch.stack(thresholds)
 
 
-def _as_threshold(threshold, scores: torch.Tensor) -> torch.Tensor:
+def _as_threshold(threshold: Threshold, scores: torch.Tensor) -> torch.Tensor:
     # A Python number becomes a tensor of the scores' dtype: torch.as_tensor alone would round it
     # to float32, and |s| > t would then disagree with the exact comparison for float64 scores.
     if isinstance(threshold, torch.Tensor) or not scores.is_floating_point():
@@ -178,14 +191,14 @@ def _as_threshold(threshold, scores: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(threshold, dtype=scores.dtype, device=scores.device)
 
 
-def score_mask(scores: torch.Tensor, threshold) -> torch.Tensor:
+def score_mask(scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     """Boolean keep-mask ``|s| > t`` in the scores' shape."""
     return score_mask_ref(scores, _as_threshold(threshold, scores))
 
 
 # --------------------------------------------------------------------------- masked layers
 
-def _check_masked(weight, scores, threshold):
+def _check_masked(weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold) -> torch.Tensor:
     if not isinstance(scores, torch.Tensor) or scores.dim() != weight.dim():
         raise ValueError(f"scores must have as many dims as the weight {tuple(weight.shape)}, got {_describe(scores)}")
     for d, (ns, nw) in enumerate(zip(scores.shape, weight.shape)):
@@ -198,8 +211,10 @@ def _check_masked(weight, scores, threshold):
     return threshold
 
 
-def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                  masked_weight=None):
+def masked_conv2d(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold,
+                  bias: torch.Tensor | None = None, stride: int | tuple[int, int] = 1,
+                  padding: int | tuple[int, int] | str = 0, dilation: int | tuple[int, int] = 1, groups: int = 1, *,
+                  masked_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``conv2d(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``.
 
     ``masked_weight``: that product already computed for this call (with its STE), as the
@@ -217,7 +232,8 @@ def masked_conv2d(x, weight, scores, threshold, bias=None, stride=1, padding=0, 
     return impl(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
 
 
-def masked_linear(x, weight, scores, threshold, bias=None, *, masked_weight=None):
+def masked_linear(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: Threshold,
+                  bias: torch.Tensor | None = None, *, masked_weight: torch.Tensor | None = None) -> torch.Tensor:
     """``linear(x, weight * (|scores| > threshold))`` with the STE backward to ``scores``;
     ``masked_weight`` as in :func:`masked_conv2d` (always used when given)."""
     threshold = _check_masked(weight, scores, threshold)
@@ -246,8 +262,3 @@ def masked_weights(weights: Sequence[torch.Tensor], scores: Sequence[torch.Tenso
     for w, s in zip(weights, scores):
         _check_masked(w, s, thresholds[0])
     return dispatch("masked_weights", weights[0].device.type, weights, scores, thresholds)
-
-
-# The C++ backend registers its ops here; whether they run is decided per call by availability.
-from vpns_fast.ops import cpp_backend  # noqa: E402,F401
-from vpns_fast.ops import triton_backend  # noqa: E402,F401

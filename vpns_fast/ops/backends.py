@@ -17,8 +17,9 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Any
 
 BACKEND_NAMES = ("torch", "triton", "cpp")
 ENV_VAR = "VPNS_FAST_BACKEND"
@@ -147,7 +148,8 @@ def resolve(op_name: str, device_type: str) -> tuple[str, Callable]:
     raise BackendError(f"no backend implements {op_name!r} for {device_type} tensors")
 
 
-def dispatch(op_name: str, device_type: str, *args, **kwargs):
+def dispatch(op_name: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
+    """Call the implementation :func:`resolve` picks with ``args`` and ``kwargs``."""
     return resolve(op_name, device_type)[1](*args, **kwargs)
 
 

@@ -3,8 +3,8 @@ the Triton implicit-GEMM masked conv (``kernels/masked_conv.py``, ``igemm``) and
 kernel + cuDNN (``cudnn``).
 
 Public Triton implicit-GEMM convs reach 0.2x to 1.2x cuDNN depending on shape and dtype
-(FlagGems figures quoted in PERFORMANCE.md; not measured here), so neither can be chosen by rule. The choice comes from a table of measured
-times, kept on disk and reused across runs:
+(FlagGems' published figures), so neither can be chosen by rule. The choice comes from a table
+of measured times, kept on disk and reused across runs:
 
 * key: the device name and the torch / triton versions (a section each), then the call's shape:
   input shape, weight shape, score shape, stride, padding, dilation, groups, dtype, layout,
@@ -25,10 +25,12 @@ import json
 import os
 import time
 import warnings
-from typing import Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
+from vpns_fast.kernels._common import as_pair, is_channels_last
 from vpns_fast.kernels.masked_conv import conv_allows_tf32
 
 TABLE_FORMAT = "vpns_fast.conv_dispatch"
@@ -50,7 +52,7 @@ def autotune_enabled() -> bool:
     return os.environ.get("VPNS_FAST_CONV_AUTOTUNE", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_section(device: torch.device) -> str:
     """The table section of ``device``: its name and the versions that decide kernel speed."""
     import triton
@@ -60,14 +62,13 @@ def device_section(device: torch.device) -> str:
             f"cudnn {torch.backends.cudnn.version()}")
 
 
-def _pair(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
-
+# A conv stride / padding / dilation as nn.Conv2d holds it (padding may be a string such as "same").
+ConvArg = int | tuple | list | str
 
 GRADS = {"search": (True, False, True), "finetune": (True, True, False), "infer": (False, False, False)}
 
 
-def needed_grads(x, weight, scores) -> tuple[bool, bool, bool]:
+def needed_grads(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor) -> tuple[bool, bool, bool]:
     """Which of (x, weight, scores) this call differentiates: stage 1 trains scores, stage 2
     weights, and the timed backward differs accordingly."""
     if not torch.is_grad_enabled():
@@ -75,17 +76,16 @@ def needed_grads(x, weight, scores) -> tuple[bool, bool, bool]:
     return (bool(x.requires_grad), bool(weight.requires_grad), bool(scores.requires_grad))
 
 
-def call_key(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias, stride, padding, dilation,
-             groups, grads: tuple[bool, bool, bool]) -> str:
+def call_key(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, bias: torch.Tensor | None,
+             stride: ConvArg, padding: ConvArg, dilation: ConvArg, groups: int, grads: tuple[bool, bool, bool]) -> str:
     """The shape part of a table key: everything the relative speed of the candidates depends on
     (shapes, dtypes, autocast, layout, TF32 for float32, the gradients computed)."""
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     # Not the legacy torch.backends.cudnn.allow_tf32: it raises once conv precision was set through
     # the new torch.backends.cudnn.conv.fp32_precision API (conv and RNN flags then differ).
     tf32 = x.dtype == torch.float32 and conv_allows_tf32()
-    return _format_key(tuple(x.shape), tuple(weight.shape), tuple(scores.shape), _pair(stride), _pair(padding),
-                       _pair(dilation), groups, x.dtype, weight.dtype, scores.dtype, _autocast_dtype(x.device),
-                       channels_last, tf32, bias is not None, tuple(grads))
+    return _format_key(tuple(x.shape), tuple(weight.shape), tuple(scores.shape), as_pair(stride), as_pair(padding),
+                       as_pair(dilation), groups, x.dtype, weight.dtype, scores.dtype, _autocast_dtype(x.device),
+                       is_channels_last(x), tf32, bias is not None, tuple(grads))
 
 
 def _autocast_dtype(device: torch.device) -> torch.dtype | None:
@@ -210,9 +210,9 @@ def _wall_timer(fn: Callable[[], None], repeats: int = 5) -> float:
 @functools.lru_cache(maxsize=1)
 def candidates() -> dict[str, Callable]:
     """Name -> ``fn(x, weight, scores, threshold, bias, stride, padding, dilation, groups)``."""
-    from vpns_fast.kernels.masked import masked_conv2d_triton
+    from vpns_fast.kernels.masked import masked_conv2d_fused_mask_cudnn
 
-    found = {"cudnn": masked_conv2d_triton}
+    found = {"cudnn": masked_conv2d_fused_mask_cudnn}
     try:
         from vpns_fast.kernels.masked_conv import masked_conv2d_igemm
     except ImportError:  # pragma: no cover - the kernel file ships with the package
@@ -236,7 +236,8 @@ def candidates() -> dict[str, Callable]:
     return found
 
 
-def measure(x, weight, scores, threshold, bias, stride, padding, dilation, groups, grads: tuple[bool, bool, bool],
+def measure(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: Any, bias: torch.Tensor | None,
+            stride: ConvArg, padding: ConvArg, dilation: ConvArg, groups: int, grads: tuple[bool, bool, bool],
             timer: Callable[[Callable[[], None]], float] | None = None, premasked: bool = True) -> dict[str, float]:
     """Median ms of each candidate on this call: the forward, plus the backward to those of (x,
     weight, scores) that ``grads`` names, under the autocast state of the caller; ``inf`` for a
@@ -287,7 +288,8 @@ def measure(x, weight, scores, threshold, bias, stride, padding, dilation, group
 _SAVE_WARNED: set = set()
 
 
-def choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups) -> str:
+def choose(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: Any, bias: torch.Tensor | None,
+           stride: ConvArg, padding: ConvArg, dilation: ConvArg, groups: int) -> str:
     """The implementation for this call: the table's, else (autotune on) measure now, else cudnn.
 
     Always cudnn while tracing (``torch.compile``: no host-side measuring or file access) and in
@@ -313,8 +315,10 @@ def choose(x, weight, scores, threshold, bias, stride, padding, dilation, groups
     return choice or DEFAULT_CHOICE
 
 
-def masked_conv2d_dispatch(x, weight, scores, threshold, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                           masked_weight=None):
+def masked_conv2d_dispatch(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshold: Any,
+                           bias: torch.Tensor | None = None, stride: ConvArg = 1, padding: ConvArg = 0,
+                           dilation: ConvArg = 1, groups: int = 1, *,
+                           masked_weight: torch.Tensor | None = None) -> torch.Tensor:
     """The ``triton`` backend of ``masked_conv2d``: the candidate :func:`choose` names, one choice
     per call. ``masked_weight`` (precomputed by model-level mask batching) is convolved directly
     unless the choice is the implicit-GEMM conv, which masks while loading weight tiles."""
@@ -323,59 +327,3 @@ def masked_conv2d_dispatch(x, weight, scores, threshold, bias=None, stride=1, pa
         return torch.nn.functional.conv2d(x, masked_weight, bias, stride, padding, dilation, groups)
     fn = candidates().get(choice) or candidates()[DEFAULT_CHOICE]
     return fn(x, weight, scores, threshold, bias, stride, padding, dilation, groups)
-
-
-# --------------------------------------------------------------------------- tuning a model
-
-def tune(model: torch.nn.Module, example: torch.Tensor, stage: str = "search",
-         path: str | None = None, timer: Callable | None = None) -> list[dict]:
-    """Measure every distinct masked conv call of ``model(example)`` and record it in the table.
-
-    ``stage``: which gradients the timed calls compute, as in training (:data:`GRADS`):
-    ``search`` (x and scores, stage 1), ``finetune`` (x and weights, stage 2) or ``infer``.
-    Runs one forward (in eval mode, without grad; the model is left as it was) to see each
-    ``MaskedConv2d``'s input, then times both candidates on each distinct call shape, under the
-    caller's autocast state. Layers with a ``padding_mode`` other than zeros pad their input
-    themselves and are skipped. Returns one row per shape: ``{"layer", "key", "ms", "choice"}``;
-    the table is saved once at the end.
-    """
-    from vpns_fast.masked_layers import MaskedConv2d
-
-    if stage not in GRADS:
-        raise ValueError(f"stage must be one of {sorted(GRADS)}, got {stage!r}")
-    dispatch_table = table(path)
-    if dispatch_table.load_error is not None:  # before any measuring: save() would refuse
-        raise DispatchTableError(f"not tuning into {dispatch_table.path}: {dispatch_table.load_error}")
-    grads = GRADS[stage]
-    seen: dict[str, tuple] = {}
-
-    def capture(layer, inputs, name):
-        x = inputs[0]
-        key = call_key(x, layer.weight, layer.scores, layer.bias, layer.stride, layer.padding, layer.dilation,
-                       layer.groups, grads)
-        if key not in seen:
-            seen[key] = (name, layer, tuple(x.shape), x.stride(), x.dtype)
-
-    handles = [m.register_forward_pre_hook(lambda m, inputs, name=name: capture(m, inputs, name))
-               for name, m in model.named_modules() if isinstance(m, MaskedConv2d) and m.padding_mode == "zeros"]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()  # same shapes, and BatchNorm statistics stay as they are
-            model(example)
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    if not seen:
-        raise ValueError("model has no MaskedConv2d layer to tune (sparsify it first)")
-    rows = []
-    for key, (name, layer, shape, strides, dtype) in seen.items():
-        # Inputs are made per shape, not kept from the forward (GBs at ResNet-50, batch 256).
-        x = torch.empty_strided(shape, strides, dtype=dtype, device=example.device).normal_()
-        times = measure(x, layer.input_masked_weight().detach(), layer.scores, layer.threshold,
-                        layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups, grads, timer)
-        choice = dispatch_table.record(device_section(x.device), key, times)
-        rows.append({"layer": name, "key": key, "ms": times, "choice": choice})
-    dispatch_table.save()
-    return rows

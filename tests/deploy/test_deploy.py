@@ -1,0 +1,137 @@
+"""deploy(): the inference module from every source (checkpoint, dense / sparse / slim exports,
+masked modules) equals the masked PyTorch model; and the export / infer / bench-infer CLI."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+from test_export import MAPPING, assert_close, make_checkpoint, make_masked
+
+from vpns_fast.cli import main
+from vpns_fast.deploy.export import export
+from vpns_fast.deploy.runtime import DeployedModel, deploy
+from vpns_fast.nn.prompts import normalize
+
+SOURCES = ("checkpoint", "dense", "sparse", "slim", "module")
+
+
+def _deployed(tmp_path, source, ckpt, reference, **kwargs):
+    if source == "checkpoint":
+        return deploy(ckpt, **kwargs)
+    if source == "module":
+        return deploy(reference, **kwargs)  # the PromptedNetwork itself
+    out = tmp_path / f"m.{source}"
+    export(ckpt, source, out)
+    return deploy(out, **kwargs)
+
+
+@pytest.mark.parametrize("granularity", ["unstructured", "kernel", "channel"])
+@pytest.mark.parametrize("prompt", [True, False])
+def test_every_source_matches_the_masked_model(tmp_path, granularity, prompt):
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", granularity=granularity, density=0.3, prompt=prompt)
+    inputs = {batch: torch.rand(batch, 3, size, size) for batch in (1, 2, 33)}
+    expected = {batch: reference(x) for batch, x in inputs.items()}
+    for source in SOURCES:
+        module = _deployed(tmp_path, source, ckpt, reference)
+        assert isinstance(module, DeployedModel) and not module.training
+        assert (module.prompt is not None) == prompt, source
+        structured = granularity in ("kernel", "channel")
+        assert module.info["network"] == ("slim" if structured or source == "slim" else "folded"), source
+        for batch, x in inputs.items():
+            out = module(x)
+            assert out.shape == (batch, len(MAPPING)) and not out.requires_grad
+            assert_close(out, expected[batch])
+
+
+def test_uint8_images_equal_their_float_version(tmp_path):
+    ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
+    module = deploy(ckpt)
+    images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
+    assert_close(module(images), module(images.float() / 255), rtol=1e-5)
+    with pytest.raises(ValueError, match="expected images of shape"):
+        module(torch.rand(2, 3, size + 1, size + 1))
+
+
+def test_decisions_cover_every_layer_and_record_why_dense(tmp_path):
+    ckpt, _, _ = make_checkpoint(tmp_path / "m.pt", granularity="unstructured")
+    module = deploy(ckpt)
+    layers = {name for name, m in module.network.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+    assert {row["name"] for row in module.decisions} >= layers
+    assert all(row["chosen"] in ("dense", "sparse") and row["reason"] for row in module.decisions
+               if row["name"] in layers)
+    if module.info["backend"] != "sparse_cpu":
+        assert module.info["reason"]  # why the sparse CPU engine was not used
+    dense = deploy(ckpt, policy="dense", slim=False)
+    assert dense.info["backend"] == "torch-dense" and dense.info["network"] == "folded"
+    assert all(row["chosen"] == "dense" and row["reason"] == "policy=dense" for row in dense.decisions)
+
+
+def test_release_protocol_checkpoints_run_without_the_prompt(tmp_path):
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", protocol="release")
+    module = deploy(ckpt)
+    assert module.prompt is None and module.image_size == size + 4  # the model's own input size
+    x = torch.rand(2, 3, size + 4, size + 4)
+    assert_close(module(x), reference(x, use_prompt=False))
+
+
+def test_plain_and_masked_modules(tmp_path):
+    masked = make_masked(granularity="channel")
+    module = deploy(masked, image_size=32)
+    x = torch.rand(2, 3, 32, 32)
+    assert_close(module(x), masked(normalize(x)))
+    assert module.mapping is None
+    with pytest.raises(ValueError, match="policy"):
+        deploy(masked, policy="fastest")
+    with pytest.raises(TypeError):
+        deploy(42)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_a_gpu_is_a_clear_error(tmp_path):
+    ckpt, _, _ = make_checkpoint(tmp_path / "m.pt")
+    with pytest.raises(ValueError, match="cuda"):
+        deploy(ckpt, device="cuda")
+
+
+def test_cuda_matches_the_masked_model(tmp_path, cuda_or_skip):
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", granularity="channel")
+    module = deploy(ckpt, device="cuda")
+    x = torch.rand(33, 3, size, size)
+    assert_close(module(x.cuda()).cpu(), reference(x), rtol=1e-3)  # cuDNN may use TF32
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_export_infer_bench(tmp_path, capsys):
+    names = [f"class-{i}" for i in range(len(MAPPING))]
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", class_names=names)
+    for fmt in ("dense", "sparse", "slim"):
+        assert main(["export", str(ckpt), "--format", fmt, "--out", str(tmp_path / f"m.{fmt}")]) == 0
+    assert "channels removed" in capsys.readouterr().out
+    assert main(["export", str(ckpt), "--format", "slim", "--out", str(tmp_path / "m.slim")]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert main(["export", str(ckpt), "--format", "slim", "--out", str(tmp_path / "m.slim"), "--force"]) == 0
+
+    images = []
+    for i in range(2):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray((torch.rand(40, 36, 3) * 255).byte().numpy()).save(path)
+        images.append(str(path))
+    capsys.readouterr()
+    assert main(["infer", str(tmp_path / "m.sparse"), *images, "--top", "2", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["image"] for r in rows] == images and all(len(r["top"]) == 2 for r in rows)
+    assert rows[0]["top"][0]["name"] == names[rows[0]["top"][0]["class"]]
+    assert main(["infer", str(tmp_path / "m.slim"), images[0], "--top", "1"]) == 0
+    assert "class-" in capsys.readouterr().out
+    assert main(["infer", str(tmp_path / "m.slim"), str(tmp_path / "missing.png")]) == 2
+
+    capsys.readouterr()
+    assert main(["bench-infer", str(ckpt), "--batch", "1,2", "--iters", "1", "--warmup", "0", "--threads", "1",
+                 "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["batch"], r["backend"]) for r in rows} == {(1, "deploy"), (1, "dense-torch"), (2, "deploy"),
+                                                         (2, "dense-torch")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert main(["bench-infer", str(tmp_path / "m.dense"), "--batch", "1", "--iters", "1", "--warmup", "0"]) == 0
+    assert "images/s" in capsys.readouterr().out

@@ -1,0 +1,261 @@
+"""The direct sparse convolution / linear (``csrc/sparse_conv.cpp``) and ``vpns_fast.deploy.sparse_cpu``
+against F.conv2d / F.linear on the same (masked) weights.
+
+Float rule: |out - ref| <= 2 * |out_torch_fp32 - ref| + atol, ref in float64, atol scaled by the
+reduction length.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close
+from torch import nn
+
+from vpns_fast.deploy import sparse_cpu
+
+_OK, _REASON = sparse_cpu.available()
+pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
+
+DENSITIES = [1.0, 0.5, 0.1, 0.05, 0.0]
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): prime channels, 1x1, 3x3, the ResNet stem,
+# stride 2, dilation 2, non-square inputs, widths not a multiple of 8.
+CONV_SHAPES = [
+    (3, 5, 17, 23, 3, 1, 1, 1),
+    (7, 3, 13, 19, 1, 1, 0, 1),
+    (5, 7, 11, 29, 1, 2, 0, 1),
+    (3, 8, 38, 30, 7, 2, 3, 1),
+    (8, 7, 15, 21, 3, 2, 1, 1),
+    (5, 6, 20, 13, 3, 1, 2, 2),
+    (4, 3, 9, 9, (3, 5), (2, 1), (0, 2), (1, 2)),
+    (16, 16, 7, 7, 3, 1, 1, 1),
+]
+
+
+def masked(shape, density, generator):
+    weight = torch.randn(shape, generator=generator)
+    return weight * (torch.rand(shape, generator=generator) < density)
+
+
+def assert_close_to_reference(out, torch_out, reference, reduction_length):
+    # The sparse kernel sums in another order than oneDNN: a linear atol in the reduction length.
+    assert_close(out, reference, baseline=torch_out, atol=1e-6 * reduction_length)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("shape", CONV_SHAPES,
+                         ids=lambda s: "x".join(map(str, s[:4])) + f"_k{s[4]}s{s[5]}p{s[6]}d{s[7]}")
+@pytest.mark.parametrize("batch", [1, 2])
+def test_sparse_conv2d_matches_conv2d(shape, density, batch):
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
+    kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
+    generator = torch.Generator().manual_seed(hash((shape, density, batch)) % 2**31)
+    weight = masked((out_channels, in_channels, *kernel), density, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation)
+    with torch.no_grad():
+        conv.weight.copy_(weight)
+        conv.bias.copy_(bias)
+    sparse = sparse_cpu.SparseConv2d.from_dense(conv)
+    assert sparse.nnz == int(torch.count_nonzero(weight))
+    assert torch.equal(sparse.to_dense_weight(), weight)
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+    torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    assert_close_to_reference(sparse(x), torch_out, reference, in_channels * kernel[0] * kernel[1])
+
+
+@pytest.mark.parametrize("batch", [1, 2, 33])
+@pytest.mark.parametrize("density", [0.5, 0.1])
+def test_sparse_conv2d_batch_sizes_and_no_bias(batch, density):
+    generator = torch.Generator().manual_seed(batch)
+    weight = masked((11, 6, 3, 3), density, generator)
+    x = torch.randn(batch, 6, 10, 13, generator=generator)
+    sparse = sparse_cpu.SparseConv2d(weight, None, stride=2, padding=1)
+    reference = F.conv2d(x.double(), weight.double(), None, 2, 1)
+    assert_close_to_reference(sparse(x), F.conv2d(x, weight, None, 2, 1), reference, 54)
+    # a second input size reuses the module with its own offsets
+    x2 = torch.randn(batch, 6, 9, 8, generator=generator)
+    assert_close_to_reference(sparse(x2), F.conv2d(x2, weight, None, 2, 1),
+                              F.conv2d(x2.double(), weight.double(), None, 2, 1), 54)
+
+
+@pytest.mark.parametrize("density", DENSITIES)
+@pytest.mark.parametrize("batch", [1, 2, 7, 8, 33])
+@pytest.mark.parametrize("features", [(37, 10), (512, 1000), (5, 3)])
+def test_sparse_linear_matches_linear(features, batch, density):
+    in_features, out_features = features
+    generator = torch.Generator().manual_seed(batch * 7 + in_features)
+    weight = masked((out_features, in_features), density, generator)
+    bias = torch.randn(out_features, generator=generator)
+    x = torch.randn(batch, in_features, generator=generator)
+    linear = nn.Linear(in_features, out_features)
+    with torch.no_grad():
+        linear.weight.copy_(weight)
+        linear.bias.copy_(bias)
+    sparse = sparse_cpu.SparseLinear.from_dense(linear)
+    assert torch.equal(sparse.to_dense_weight(), weight)
+    reference = F.linear(x.double(), weight.double(), bias.double())
+    assert_close_to_reference(sparse(x), F.linear(x, weight, bias), reference, in_features)
+    # leading dimensions are kept
+    x3 = x.reshape(1, batch, in_features)
+    assert sparse(x3).shape == (1, batch, out_features)
+
+
+def resnet18_at_density(density):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    magnitudes = torch.cat([w.detach().abs().flatten() for w in weights])
+    threshold = torch.kthvalue(magnitudes, int(magnitudes.numel() * (1 - density))).values
+    with torch.no_grad():
+        for w in weights:
+            w.mul_(w.abs() > threshold)
+        for m in model.modules():  # non-trivial BN statistics
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    return model
+
+
+def test_resnet18_end_to_end_sparse_policy():
+    model = resnet18_at_density(0.1)
+    x = torch.randn(2, 3, 64, 64)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    with torch.no_grad():
+        expected = model(x)
+        got = converted(x)
+    assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    kinds = {type(m) for m in converted.modules()}
+    assert nn.Conv2d not in kinds and nn.Linear not in kinds and nn.MaxPool2d not in kinds
+    assert sum(row["chosen"] == "sparse" for row in table) == 22  # 20 convs, fc, maxpool
+    assert isinstance(model.conv1, nn.Conv2d)  # the original is left alone
+
+
+def test_convert_for_cpu_table_schema_and_policies():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, groups=2),
+                          nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 5))
+    x = torch.randn(1, 3, 8, 8)
+    keys = {"name", "type", "weight_shape", "input_shape", "density", "nnz", "dense_ms", "sparse_ms", "speedup",
+            "chosen", "reason"}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="measure", repeats=3)
+    assert [row["name"] for row in table] == ["0", "2", "4", "5"]
+    for row in table:
+        assert set(row) == keys
+        assert row["chosen"] in ("sparse", "dense")
+        assert isinstance(row["reason"], str) and row["reason"]
+    grouped = table[1]
+    assert grouped["chosen"] == "dense" and "groups" in grouped["reason"] and grouped["dense_ms"] is None
+    for row in (table[0], table[2], table[3]):
+        assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
+        assert (row["chosen"] == "sparse") == (row["dense_ms"] >= 1.05 * row["sparse_ms"])
+    assert table[0]["input_shape"] == [1, 3, 8, 8] and table[0]["weight_shape"] == [8, 3, 3, 3]
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+    dense_copy, dense_table = sparse_cpu.convert_for_cpu(model, x, policy="dense")
+    assert all(row["chosen"] == "dense" and row["dense_ms"] is None for row in dense_table)
+    assert all(type(a) is type(b) for a, b in zip(dense_copy.modules(), model.modules()))
+    assert "layer" in sparse_cpu.format_decisions(table)
+
+
+def test_convert_for_cpu_of_one_layer_returns_the_replacement():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.2)
+    x = torch.randn(2, 4, 9, 9)
+    converted, table = sparse_cpu.convert_for_cpu(conv, x, policy="sparse")
+    assert isinstance(converted, sparse_cpu.SparseConv2d) and [row["name"] for row in table] == [""]
+    with torch.no_grad():
+        assert_close(converted(x), conv(x), rtol=1e-4, atol=1e-5)
+    kept, _ = sparse_cpu.convert_for_cpu(conv, x, policy="dense")
+    assert isinstance(kept, nn.Conv2d) and kept is not conv
+
+
+def test_separable_max_pool_equals_max_pool():
+    x = torch.randn(2, 3, 17, 12)
+    x[0, 0, 3, 4] = float("nan")
+    for kernel, stride, padding in [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (1, 2), (1, 0))]:
+        pool = nn.MaxPool2d(kernel, stride, padding)
+        got = sparse_cpu.SeparableMaxPool2d.from_module(pool)(x)
+        assert torch.equal(got.nan_to_num(7.0), pool(x).nan_to_num(7.0))
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="groups"):
+        sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="float32"):
+        sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3).double())
+    with pytest.raises(TypeError):
+        sparse_cpu.SparseLinear.from_dense(nn.Conv2d(4, 4, 3))
+    sparse = sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3))
+    with pytest.raises(RuntimeError, match="channels"):
+        sparse(torch.randn(1, 5, 8, 8))
+    with pytest.raises(RuntimeError, match="smaller than the dilated kernel"):
+        sparse(torch.randn(1, 4, 2, 2))
+    with pytest.raises(ValueError, match="float32"):
+        sparse(torch.randn(1, 4, 8, 8, dtype=torch.float64))
+    linear = sparse_cpu.SparseLinear.from_dense(nn.Linear(6, 3))
+    with pytest.raises(RuntimeError, match="in_features"):
+        linear(torch.randn(2, 5))
+    with pytest.raises(ValueError, match="policy"):
+        sparse_cpu.convert_for_cpu(nn.Linear(2, 2), torch.randn(1, 2), policy="fast")
+    from vpns_fast import _extension
+
+    ops = _extension.load()
+    packed = ops.sparse_conv2d_pack(torch.randn(4, 4, 3, 3))
+    offsets, segments = ops.sparse_conv2d_offsets(packed[0], packed[1], packed[2], [4, 4, 3, 3], [16, 16],
+                                                  [1], [1], [1])
+    with pytest.raises(RuntimeError, match="offsets do not fit"):  # offsets built for a larger input
+        ops.sparse_conv2d(torch.randn(1, 4, 8, 8), segments, offsets, packed[3], [4, 4, 3, 3], None, [1], [1], [1])
+    with pytest.raises(RuntimeError, match="int64"):
+        ops.sparse_conv2d(torch.randn(1, 4, 16, 16), segments.int(), offsets, packed[3], [4, 4, 3, 3], None,
+                          [1], [1], [1])
+
+
+def test_portable_scalar_path_matches(tmp_path):
+    """The fallback for CPUs without AVX2, forced by VPNS_FAST_SPARSE_SCALAR in a fresh process."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "scalar_check.py"
+    script.write_text(
+        "import torch, torch.nn.functional as F\n"
+        "from vpns_fast import _extension\n"
+        "ops = _extension.load()\n"
+        "assert ops.sparse_kernel_isa() == 'scalar', ops.sparse_kernel_isa()\n"
+        "from vpns_fast.deploy.sparse_cpu import SparseConv2d, SparseLinear\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "for (c, o, h, w, k, s, p, d) in [(5, 7, 19, 23, 3, 1, 1, 1), (3, 8, 30, 26, 7, 2, 3, 1),\n"
+        "                                 (4, 3, 9, 11, 3, 1, 2, 2)]:\n"
+        "    wt = torch.randn(o, c, k, k, generator=g) * (torch.rand(o, c, k, k, generator=g) < 0.3)\n"
+        "    x = torch.randn(3, c, h, w, generator=g)\n"
+        "    err = (SparseConv2d(wt, None, s, p, d)(x) - F.conv2d(x, wt, None, s, p, d)).abs().max().item()\n"
+        "    assert err < 1e-4, err\n"
+        "wt = torch.randn(9, 20, generator=g) * (torch.rand(9, 20, generator=g) < 0.3)\n"
+        "for b in (1, 33):\n"
+        "    x = torch.randn(b, 20, generator=g)\n"
+        "    assert (SparseLinear(wt)(x) - F.linear(x, wt)).abs().max().item() < 1e-4\n"
+        "print('ok')\n")
+    env = dict(os.environ, VPNS_FAST_SPARSE_SCALAR="1")
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+
+
+def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
+    """Cached input offsets must follow the packed weights, not only their count."""
+    torch.manual_seed(1)
+    first, second = nn.Conv2d(4, 3, 3, padding=1, bias=False), nn.Conv2d(4, 3, 3, padding=1, bias=False)
+    with torch.no_grad():  # 18 nonzeros per output channel in both, at different positions
+        first.weight.mul_((torch.arange(36).reshape(1, 4, 3, 3) % 2 == 0).float())
+        second.weight.mul_((torch.arange(36).reshape(1, 4, 3, 3) % 2 == 1).float())
+    layer = sparse_cpu.SparseConv2d.from_dense(first)
+    x = torch.rand(2, 4, 6, 6)
+    assert_close(layer(x), F.conv2d(x, first.weight, padding=1))
+    other = sparse_cpu.SparseConv2d.from_dense(second)
+    assert other.values.numel() == layer.values.numel()
+    layer.load_state_dict(other.state_dict())
+    assert_close(layer(x), F.conv2d(x, second.weight, padding=1))

@@ -1,0 +1,179 @@
+"""Pruning state: sparsify, thresholds and masks (exact), score gradients, fold, stages, report."""
+import math
+
+import pytest
+import torch
+import torchvision
+from tolerance import assert_close
+from torch import nn
+
+import vpns_fast as V
+
+
+def tiny_net(num_classes=5):
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 7, 3, stride=2, padding=1), nn.BatchNorm2d(7), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(7, num_classes))
+
+
+def test_sparsify_replaces_every_conv_and_linear_and_shares_parameters():
+    model = tiny_net()
+    weights = [m.weight for m in model if isinstance(m, (nn.Conv2d, nn.Linear))]
+    V.sparsify(model)
+    layers = V.masked_layers(model)
+    assert [n for n, _ in layers] == ["0", "3", "8"]
+    assert [layer.weight for _, layer in layers] == weights  # same Parameter objects
+    for _, layer in layers:
+        assert layer.scores.shape == layer.weight.shape and layer.threshold.item() == -math.inf
+    assert isinstance(model[0], nn.Conv2d)
+
+
+def test_sparsify_exclude_and_errors():
+    model = V.sparsify(tiny_net(), exclude=["8"])
+    assert [n for n, _ in V.masked_layers(model)] == ["0", "3"]
+    with pytest.raises(ValueError, match="already has masked layers"):
+        V.sparsify(model)
+    with pytest.raises(ValueError, match="granularity"):
+        V.sparsify(tiny_net(), granularity="row")
+    with pytest.raises(ValueError, match="score_init"):
+        V.sparsify(tiny_net(), score_init="zeros")
+    with pytest.raises(ValueError, match="sparsify"):
+        V.set_density(tiny_net(), 0.5)
+
+
+def test_scaled_init_formula():
+    model = V.sparsify(tiny_net())
+    conv = model[3]
+    w = conv.weight.detach()
+    expected = math.sqrt(6 / w[0].numel()) * w / w.abs().max()
+    assert_close(conv.scores.detach(), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("granularity,shape", [("unstructured", (7, 8, 3, 3)), ("kernel", (7, 8, 1, 1)),
+                                               ("channel", (7, 1, 1, 1))])
+def test_score_shapes(granularity, shape):
+    model = V.sparsify(tiny_net(), granularity=granularity)
+    assert tuple(model[3].scores.shape) == shape
+    assert V.masks(model)["3"].shape == model[3].weight.shape
+
+
+@pytest.mark.parametrize("density", [1.0, 0.9, 0.5, 0.1, 0.01])
+def test_global_threshold_and_masks_match_kthvalue(density):
+    model = V.sparsify(tiny_net())
+    # duplicated magnitudes so that ties sit at the threshold
+    for _, layer in V.masked_layers(model):
+        layer.scores.data = torch.randint(-4, 5, layer.scores.shape).float()
+    t = V.set_density(model, density)
+    scores = [layer.scores.detach() for _, layer in V.masked_layers(model)]
+    flat = torch.cat([s.abs().flatten() for s in scores])
+    k = int((1 - density) * flat.numel())
+    if k >= 1:
+        assert torch.equal(t, torch.kthvalue(flat, k).values)
+    for (name, layer), s in zip(V.masked_layers(model), scores):
+        expected = s.abs() > (torch.kthvalue(flat, k).values if k >= 1 else -1)
+        assert torch.equal(V.masks(model)[name], expected)
+        assert layer.threshold.dtype == torch.float32
+
+
+def test_layer_scope_gives_each_layer_its_density():
+    model = V.sparsify(tiny_net())
+    ts = V.set_density(model, 0.25, scope="layer")
+    for t, (_, layer) in zip(ts, V.masked_layers(model)):
+        flat = layer.scores.detach().abs().flatten()
+        assert torch.equal(t, torch.kthvalue(flat, int(0.75 * flat.numel())).values)
+        assert layer.threshold == t
+
+
+def test_score_gradient_goes_through_abs():
+    """dL/ds = dL/dW_eff * W * sign(s); dL/dW = dL/dW_eff * m (docs/method.md §3)."""
+    model = V.sparsify(tiny_net())
+    V.set_density(model, 0.5)
+    conv = model[3]
+    x = torch.rand(2, 3, 8, 8)
+    weff = (conv.weight.detach() * V.masks(model)["3"]).requires_grad_()
+    captured = {}
+    handle = conv.register_forward_hook(lambda m, i, o: captured.update(x=i[0].detach()))  # returns None
+    model(x).sum().backward()
+    handle.remove()
+    out = torch.nn.functional.conv2d(captured["x"], weff, conv.bias, conv.stride, conv.padding)
+    # replay the rest of the network from this conv's output to get dL/dW_eff
+    rest = nn.Sequential(*list(model)[4:])
+    rest(out).sum().backward()
+    g = weff.grad
+    assert_close(conv.scores.grad, g * conv.weight.detach() * conv.scores.detach().sign())
+    assert_close(conv.weight.grad, g * V.masks(model)["3"])
+
+
+def test_fold_gives_torchvision_state_dict_and_same_outputs():
+    model = torchvision.models.resnet18(num_classes=10)
+    keys = set(model.state_dict())
+    V.sparsify(model, granularity="kernel")
+    V.set_density(model, 0.3)
+    folded = V.fold(model)
+    assert set(folded.state_dict()) == keys
+    assert not any(isinstance(m, (V.MaskedConv2d, V.MaskedLinear)) for m in folded.modules())
+    model.eval(), folded.eval()
+    x = torch.rand(2, 3, 32, 32)
+    assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
+    stock = torchvision.models.resnet18(num_classes=10)
+    stock.load_state_dict(folded.state_dict())  # loads into the unmodified torchvision model
+
+
+def test_stage_helpers_freeze_the_right_groups():
+    model = V.sparsify(tiny_net())
+    V.prepare_mask_search(model)
+    groups = V.parameter_groups(model)
+    assert all(p.requires_grad for p in groups["scores"])
+    assert not any(p.requires_grad for p in groups["weights"] + groups["norm"])
+    V.prepare_finetune(model)
+    assert not any(p.requires_grad for p in groups["scores"])
+    assert all(p.requires_grad for p in groups["weights"] + groups["norm"])
+
+
+def test_mask_search_step_changes_only_scores_and_prompt():
+    model = V.sparsify(tiny_net())
+    prompt = V.PadPrompt(16, 16, pad=2)
+    V.set_density(model, 0.5)
+    V.prepare_mask_search(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.Adam([*V.parameter_groups(model)["scores"], prompt.program], lr=1e-2)
+    model.train()
+    loss = nn.functional.cross_entropy(model(prompt(torch.rand(4, 3, 16, 16))), torch.tensor([0, 1, 2, 3]))
+    loss.backward()
+    opt.step()
+    after = model.state_dict()
+    for key, value in before.items():
+        if key.endswith("scores"):
+            assert not torch.equal(value, after[key]), key
+        elif "running" in key or "num_batches" in key:
+            continue  # BN statistics follow train mode by design
+        else:
+            assert torch.equal(value, after[key]), key
+    assert prompt.program.abs().sum() > 0
+
+
+def test_density_report_counts_and_flops():
+    model = V.sparsify(tiny_net())
+    V.set_density(model, 0.5)
+    report = V.density_report(model, (3, 8, 8))
+    first = report.rows[0]
+    assert first.params == 8 * 3 * 9 and first.kept == int(V.masks(model)["0"].sum())
+    assert first.dense_flops == 2 * first.params * 64  # 8x8 output positions
+    assert report.rows[1].dense_flops == 2 * 7 * 8 * 9 * 16  # stride 2 -> 4x4
+    assert report.rows[2].dense_flops == 2 * 7 * 5
+    assert report.kept == sum(int(m.sum()) for m in V.masks(model).values())
+    text = str(report)
+    assert "total" in text and "FLOPs kept" in text
+    assert report.to_dict()["density"] == pytest.approx(report.density)
+    assert "FLOPs" not in str(V.density_report(model))
+
+
+def test_load_masks_imposes_fixed_masks():
+    model = V.sparsify(tiny_net())
+    wanted = {name: torch.rand(layer.scores.shape) > 0.5 for name, layer in V.masked_layers(model)}
+    V.load_masks(model, wanted)
+    for name, mask in V.masks(model).items():
+        assert torch.equal(mask, wanted[name])
+    with pytest.raises(ValueError, match="shape"):
+        V.load_masks(model, {**wanted, "0": torch.ones(2, 2, dtype=torch.bool)})

@@ -1,0 +1,503 @@
+"""The two-stage trainer end to end on tiny data: results schema, resume exactness, what each
+stage may change, every method's density, ILM, the output-directory rules, evaluation of a
+saved checkpoint, transfer, protocols, AMP / channels_last, and the `vpns` CLI paths."""
+import json
+import os
+
+import pytest
+import torch
+
+from vpns_fast import cli
+from vpns_fast.models import build_model
+from vpns_fast.nn.label_mapping import LabelMapping, greedy_label_mapping
+from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
+from vpns_fast.pruning.masking import masked_layers, masks, sparsify
+from vpns_fast.pruning.methods import METHODS, imp_densities
+from vpns_fast.training import trainer as trainer_module
+from vpns_fast.training.evaluation import evaluate_checkpoint
+from vpns_fast.training.phases import fresh_model, plan_phases
+from vpns_fast.training.results import headline_acc, results_table
+from vpns_fast.training.trainer import TrainConfig, TwoStageTrainer, resume
+
+RUN_KEYS = ("method", "density", "actual_density", "test_acc", "test_acc_prompt", "selected_epoch",
+            "last_test_acc", "params_kept", "flops_kept", "wall_s", "images_per_s")
+TIMING_KEYS = ("wall_s", "train_s", "images_per_s")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread_and_restore_determinism():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+
+
+def tiny(out=None, **overrides) -> TrainConfig:
+    """32 synthetic 32x32 images per split, small_resnet, one epoch per stage, deterministic."""
+    settings = dict(dataset="synthetic", limit=32, batch_size=32, model="small_resnet", search_epochs=1,
+                    finetune_epochs=1, methods=("vpns",), densities=(0.5,), progress=False, deterministic=True,
+                    device="cpu", out=None if out is None else str(out))
+    settings.update(overrides)
+    return TrainConfig(**settings)
+
+
+def run_dir(out, method, density):
+    return os.path.join(str(out), "runs", f"{method}_d{density:g}")
+
+
+def read_results(out) -> dict:
+    with open(os.path.join(str(out), "results.json")) as f:
+        return json.load(f)
+
+
+def without_timings(runs):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in runs]
+
+
+def score_masks(state_dict) -> dict[str, torch.Tensor]:
+    return {k[: -len(".scores")]: state_dict[k].abs() > state_dict[k[: -len("scores")] + "threshold"]
+            for k in state_dict if k.endswith(".scores")}
+
+
+def assert_same_tensors(a: dict, b: dict, keys=None):
+    if keys is None:
+        assert sorted(a) == sorted(b)
+        keys = sorted(a)
+    different = [k for k in keys if not torch.equal(a[k], b[k])]
+    assert not different, f"tensors differ: {different}"
+
+
+@pytest.fixture(scope="module")
+def vpns_run(tmp_path_factory):
+    """One finished VPNs run (release protocol) shared by the tests that only read it."""
+    out = tmp_path_factory.mktemp("vpns_run")
+    trainer = TwoStageTrainer(tiny(out))
+    results = trainer.run()
+    return out, trainer, results
+
+
+# ----------------------------------------------------------------------------- end to end, schema
+
+def test_end_to_end_writes_results_checkpoints_and_plots(vpns_run):
+    out, _, results = vpns_run
+    data = read_results(out)
+    assert set(data) >= {"config", "env", "runs"}
+    assert data["config"]["methods"] == ["vpns"] and data["config"]["dataset"] == "synthetic"
+    assert data["env"]["torch"] == torch.__version__ and data["env"]["world_size"] == 1
+    assert len(data["runs"]) == 1 and without_timings(data["runs"]) == without_timings(json.loads(json.dumps(results)))
+    run = data["runs"][0]
+    for key in RUN_KEYS:
+        assert key in run, key
+    assert run["method"] == "vpns" and run["density"] == 0.5
+    assert run["limit"] == 32  # a capped run says so in every row and under the table
+    assert "--limit: every split capped at 32 images" in results_table(data["runs"])
+    for key in ("test_acc", "test_acc_prompt", "last_test_acc", "val_acc", "val_acc_prompt"):
+        assert isinstance(run[key], float) and 0.0 <= run[key] <= 100.0, key
+    assert 0 < run["actual_density"] <= 1 and 0 < run["params_kept"] < run["params_total"]
+    assert 0 < run["flops_kept"] < run["flops_dense"]
+    assert run["wall_s"] > 0 and run["images_per_s"] > 0
+    assert run["selected_by"] == "val_acc" and run["selected_epoch"] == 1
+    assert [h["phase"] for h in run["history"]] == ["search", "finetune"]
+    assert "test_acc" not in run["history"][0]  # the test set is only looked at in the last phase
+    assert run["epochs"] == {"search": 1, "finetune": 1}
+    folder = run_dir(out, "vpns", 0.5)
+    for name in ("last.pt", "best.pt", "mask.pt"):
+        assert os.path.isfile(os.path.join(folder, name)), name
+    for name in ("accuracy_vs_sparsity.png", "curves.png", "prompt.png"):
+        assert os.path.isfile(os.path.join(str(out), "plots", name)), name
+    assert os.path.isfile(os.path.join(str(out), "config.json"))
+
+
+def test_checkpoints_load_with_weights_only(vpns_run):
+    out, _, results = vpns_run
+    folder = run_dir(out, "vpns", 0.5)
+    for name in ("last.pt", "best.pt", "mask.pt"):
+        raw = torch.load(os.path.join(folder, name), map_location="cpu", weights_only=True)
+        payload = load_checkpoint(os.path.join(folder, name))
+        assert raw["format"] == payload["format"] == "vpns_fast.checkpoint"
+        assert payload["prompt"] is not None and payload["label_mapping"] is None  # 10-class head: no mapping
+        model = model_from_checkpoint(payload)
+        assert len(masked_layers(model)) > 0
+    last = load_checkpoint(os.path.join(folder, "last.pt"))
+    assert last["meta"]["training"]["state"]["done"] is True
+    assert last["meta"]["training"]["state"]["result"]["test_acc"] == results[0]["test_acc"]
+
+
+# ----------------------------------------------------------------------------- the two stages
+
+def test_stage1_changes_only_scores_and_prompt_and_stage2_keeps_the_mask(vpns_run):
+    out, trainer, _ = vpns_run
+    dense = trainer.dense.state
+    after_search = load_checkpoint(os.path.join(run_dir(out, "vpns", 0.5), "mask.pt"))
+    after_finetune = load_checkpoint(os.path.join(run_dir(out, "vpns", 0.5), "last.pt"))
+    search_state, final_state = after_search["state_dict"], after_finetune["state_dict"]
+    # stage 1: weights, biases and BN affine bit-identical to the dense start (running stats may move)
+    frozen = [k for k in dense if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert any(k.endswith("bn1.weight") for k in frozen)
+    assert_same_tensors(dense, search_state, frozen)
+    dense_model = build_model("small_resnet", num_classes=10)
+    dense_model.load_state_dict(dense)
+    initial = sparsify(dense_model)  # the scores stage 1 starts from
+    score_keys = [k for k in search_state if k.endswith(".scores")]
+    assert all(not torch.equal(search_state[k], initial.state_dict()[k]) for k in score_keys)
+    assert after_search["prompt"]["program"].abs().sum() > 0
+    # stage 2: the mask is the one stage 1 ended with; the weights did train
+    assert_same_tensors(score_masks(search_state), score_masks(final_state))
+    assert_same_tensors(search_state, final_state, score_keys)
+    assert any(not torch.equal(search_state[k], final_state[k]) for k in frozen)
+    assert not torch.equal(after_search["prompt"]["program"], after_finetune["prompt"]["program"])
+
+
+def test_imp_rounds_rewind_weights_and_keep_masks(tmp_path, monkeypatch):
+    """Each IMP round after the first starts from the dense weights (rewind) with a mask that
+    only removes weights from the previous round's mask, down to that round's density."""
+    seen = []
+    original = trainer_module.start_phase
+
+    def spy(model, prompt, phase, dense_state, device):
+        before = {k: v.clone() for k, v in masks(model).items()}
+        original(model, prompt, phase, dense_state, device)
+        seen.append((phase, before, {k: v.clone() for k, v in masks(model).items()},
+                     {k: v.detach().clone() for k, v in model.state_dict().items()},
+                     None if prompt is None else prompt.program.detach().clone(), dense_state))
+
+    monkeypatch.setattr(trainer_module, "start_phase", spy)
+    (run,) = TwoStageTrainer(tiny(tmp_path, methods=("imp+vp",), densities=(0.6,))).run()
+    assert [p.density for p, *_ in seen] == imp_densities(0.6) == pytest.approx([1.0, 0.8, 0.64, 0.6])
+    total = sum(m.numel() for m in seen[0][2].values())
+    for index, (phase, before, after, state, program, dense) in enumerate(seen):
+        kept = sum(int(m.sum()) for m in after.values())
+        assert kept == total - int((1 - phase.density) * total)
+        if index == 0:
+            continue
+        assert all(bool((after[k] <= before[k]).all()) for k in after)  # pruned weights stay pruned
+        assert_same_tensors(dense, state, sorted(dense))  # weights, BN affine and statistics rewound
+        assert program is not None and not program.any()  # the prompt restarts too
+    assert run["actual_density"] == pytest.approx((total - int(0.4 * total)) / total, abs=0)
+
+
+# ----------------------------------------------------------------------------- densities of every method
+
+def _layer_sizes():
+    return [layer.weight.numel() for _, layer in masked_layers(sparsify(build_model("small_resnet", num_classes=10)))]
+
+
+@pytest.mark.slow
+def test_every_method_reaches_its_density(tmp_path):
+    density = 0.5
+    methods = tuple(m for m in METHODS if not m.startswith("transfer"))
+    runs = TwoStageTrainer(tiny(tmp_path / "all", methods=methods, densities=(density,))).run()
+    sizes = _layer_sizes()
+    total = sum(sizes)
+    global_kept = total - int((1 - density) * total)
+    layer_kept = sum(n - int((1 - density) * n) for n in sizes)  # HYDRA's default per-layer scope
+    by_method = {r["method"]: r for r in runs}
+    assert sorted(by_method) == sorted(methods)
+    for name, run in by_method.items():
+        expected = {"dense": total, "hydra": layer_kept}.get(name, global_kept)
+        assert run["params_total"] == total
+        assert run["params_kept"] == expected, name
+        assert run["actual_density"] == expected / total, name
+        assert run["density"] == (1.0 if name == "dense" else density)
+        assert (run["test_acc_prompt"] is not None) == (name in ("vpns", "omp+vp", "random+vp", "imp+vp")), name
+    # transfer / transfer+vp impose the masks of a finished run, exactly
+    source = os.path.join(run_dir(tmp_path / "all", "vpns", density), "mask.pt")
+    transferred = TwoStageTrainer(tiny(tmp_path / "transfer", methods=("transfer", "transfer+vp"), mask_from=source,
+                                       finetune_epochs=1)).run()
+    source_masks = score_masks(load_checkpoint(source)["state_dict"])
+    for run in transferred:
+        assert run["params_kept"] == global_kept and run["density"] == round(global_kept / total, 6)
+        final = load_checkpoint(os.path.join(run_dir(tmp_path / "transfer", run["method"], run["density"]),
+                                             "last.pt"))["state_dict"]
+        assert_same_tensors(source_masks, score_masks(final))
+    assert [r["test_acc_prompt"] is not None for r in transferred] == [False, True]
+
+
+def test_transfer_needs_mask_from():
+    with pytest.raises(ValueError, match="mask_from"):
+        tiny(methods=("transfer",))
+
+
+# ----------------------------------------------------------------------------- resume exactness
+
+class Interrupted(Exception):
+    pass
+
+
+RESUME_SETTINGS = dict(methods=("vpns", "imp+vp"), densities=(0.7,), search_epochs=2, finetune_epochs=2)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("uninterrupted")
+    return out, TwoStageTrainer(tiny(out, **RESUME_SETTINGS)).run()
+
+
+# epochs: vpns search 1-2, finetune 3-4; imp+vp rounds (1.0, 0.8, 0.7) at 5-6, 7-8, 9-10.
+# Interrupting epoch 2 resumes inside a phase (optimizer and scheduler state restored), 3 at the
+# search -> finetune boundary, 7 at an IMP round boundary (prune + rewind replayed), 10 inside
+# the last IMP round after the vpns run finished (that run is skipped on resume).
+@pytest.mark.slow
+@pytest.mark.parametrize("fail_at", [2, 3, 7, 10])
+def test_resume_after_interruption_is_bitwise_identical(tmp_path, monkeypatch, uninterrupted, fail_at):
+    reference_out, reference = uninterrupted
+    calls = {"n": 0}
+    original = trainer_module.train_epoch
+
+    def interrupt(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise Interrupted
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "train_epoch", interrupt)
+    with pytest.raises(Interrupted):
+        TwoStageTrainer(tiny(tmp_path, **RESUME_SETTINGS)).run()
+    monkeypatch.setattr(trainer_module, "train_epoch", original)
+    torch.manual_seed(12345)  # the resumed process's RNG state must not matter
+    resumed = resume(str(tmp_path), progress=False)
+    assert without_timings(resumed) == without_timings(reference)
+    assert without_timings(read_results(tmp_path)["runs"]) == without_timings(read_results(reference_out)["runs"])
+    for method in RESUME_SETTINGS["methods"]:
+        for name in ("last.pt", "best.pt", "mask.pt") if method == "vpns" else ("last.pt", "best.pt"):
+            a = load_checkpoint(os.path.join(run_dir(reference_out, method, 0.7), name))
+            b = load_checkpoint(os.path.join(run_dir(tmp_path, method, 0.7), name))
+            assert_same_tensors(a["state_dict"], b["state_dict"])
+            assert torch.equal(a["prompt"]["program"], b["prompt"]["program"])
+
+
+def test_resume_of_a_finished_run_changes_nothing(vpns_run):
+    out, _, results = vpns_run
+    before = os.path.getmtime(os.path.join(run_dir(out, "vpns", 0.5), "last.pt"))
+    again = resume(str(out), progress=False)
+    assert without_timings(again) == without_timings(results)
+    assert os.path.getmtime(os.path.join(run_dir(out, "vpns", 0.5), "last.pt")) == before
+
+
+def test_resume_needs_a_run_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        resume(str(tmp_path), progress=False)
+
+
+# ----------------------------------------------------------------------------- output directory rules
+
+def test_out_dir_is_refused_unless_forced(tmp_path):
+    config = tiny(tmp_path, methods=("dense",), finetune_epochs=1)
+    TwoStageTrainer(config).run()
+    with pytest.raises(FileExistsError, match="vpns resume"):
+        TwoStageTrainer(tiny(tmp_path, methods=("dense",), finetune_epochs=1)).run()
+    with pytest.raises(FileExistsError, match="different config"):
+        TwoStageTrainer(tiny(tmp_path, methods=("omp",))).run()
+    assert read_results(tmp_path)["config"]["methods"] == ["dense"]  # nothing was touched
+    runs = TwoStageTrainer(tiny(tmp_path, methods=("omp",)), force=True).run()
+    assert [r["method"] for r in runs] == ["omp"]
+    assert os.listdir(os.path.join(str(tmp_path), "runs")) == ["omp_d0.5"]  # the old runs are gone
+    assert read_results(tmp_path)["config"]["methods"] == ["omp"]
+
+
+# ----------------------------------------------------------------------------- evaluation, transfer, CLI
+
+def test_eval_of_best_checkpoint_matches_results(vpns_run, capsys):
+    out, _, (run,) = vpns_run
+    best = os.path.join(run_dir(out, "vpns", 0.5), "best.pt")
+    assert load_checkpoint(best)["meta"]["selected"]["epoch"] == run["selected_epoch"]
+    result = evaluate_checkpoint(best, "synthetic", batch_size=32, device="cpu", limit=32)
+    assert result["samples"] == 32
+    assert result["accuracy"] == run["test_acc"]
+    assert result["accuracy_prompt"] == run["test_acc_prompt"]
+    assert result["density"] == run["actual_density"]
+    assert cli.main(["eval", best, "--dataset", "synthetic", "--limit", "32", "--batch-size", "32",
+                     "--device", "cpu", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["accuracy"] == run["test_acc"] and printed["accuracy_prompt"] == run["test_acc_prompt"]
+
+
+def test_cli_prune_then_resume(tmp_path, capsys):
+    out = str(tmp_path / "cli")
+    args = ["prune", "--dataset", "synthetic", "--limit", "32", "--batch-size", "32", "--epochs", "1",
+            "--method", "vpns,omp", "--density", "0.5", "--deterministic", "--device", "cpu", "--no-progress",
+            "--out", out]
+    assert cli.main(args) == 0
+    runs = read_results(out)["runs"]
+    assert [r["method"] for r in runs] == ["vpns", "omp"]
+    assert all(0 <= r["test_acc"] <= 100 for r in runs)
+    assert cli.main(args) == 2  # the same --out again: refused, pointing to `vpns resume`
+    assert "vpns resume" in capsys.readouterr().err
+    assert cli.main(["resume", out, "--no-progress"]) == 0
+    assert without_timings(read_results(out)["runs"]) == without_timings(runs)
+
+
+def test_cli_transfer_from_mask_checkpoint(vpns_run, tmp_path):
+    out, _, (run,) = vpns_run
+    mask = os.path.join(run_dir(out, "vpns", 0.5), "mask.pt")
+    target = str(tmp_path / "transfer")
+    assert cli.main(["transfer", mask, "--with-prompt", "--dataset", "synthetic", "--limit", "32", "--batch-size",
+                     "32", "--epochs", "1", "--device", "cpu", "--no-progress", "--out", target]) == 0
+    (transferred,) = read_results(target)["runs"]
+    assert transferred["method"] == "transfer+vp"
+    assert transferred["params_kept"] == run["params_kept"]
+    assert transferred["test_acc_prompt"] is not None
+    final = load_checkpoint(os.path.join(run_dir(target, "transfer+vp", transferred["density"]), "last.pt"))
+    assert_same_tensors(score_masks(load_checkpoint(mask)["state_dict"]), score_masks(final["state_dict"]))
+
+
+# ----------------------------------------------------------------------------- protocols, label mapping
+
+def test_prompted_protocol_selects_and_evaluates_with_the_prompt(tmp_path):
+    (run,) = TwoStageTrainer(tiny(tmp_path, protocol="prompted")).run()
+    assert run["selected_by"] == "val_acc_prompt"
+    assert run["last_test_acc_prompt"] == run["history"][-1]["test_acc_prompt"] is not None
+    assert run["last_test_acc"] == run["history"][-1]["test_acc"]  # every accuracy has its no-prompt twin
+    assert headline_acc(run, last=True) == run["last_test_acc_prompt"]  # the protocol's headline
+    selected = load_checkpoint(os.path.join(run_dir(tmp_path, "vpns", 0.5), "best.pt"))["meta"]["selected"]
+    assert selected["val_acc_prompt"] == run["val_acc_prompt"]
+
+
+def test_release_protocol_selects_without_the_prompt(vpns_run):
+    _, _, (run,) = vpns_run
+    assert run["selected_by"] == "val_acc"
+    assert run["last_test_acc"] == run["history"][-1]["test_acc"]
+    assert headline_acc(run) == run["test_acc"]
+
+
+def test_empty_val_split_selects_the_last_epoch(tmp_path):
+    (run,) = TwoStageTrainer(tiny(tmp_path, val_fraction=0.0, finetune_epochs=2)).run()
+    assert run["val_acc"] is None and run["selected_by"] == "last_epoch"
+    assert run["selected_epoch"] == 2 and run["test_acc"] == run["last_test_acc"]
+    assert all("val_acc" not in h for h in run["history"])
+
+
+@pytest.fixture
+def twenty_class_weights(tmp_path):
+    """A small_resnet with a 20-class source head: a 10-class dataset needs a label mapping."""
+    path = tmp_path / "source20.pt"
+    torch.manual_seed(3)
+    torch.save(build_model("small_resnet", num_classes=20).state_dict(), path)
+    return str(path)
+
+
+def _record_fits(monkeypatch):
+    fits = []
+    original = LabelMapping.fit
+
+    def fit(self, *args, **kwargs):
+        result = original(self, *args, **kwargs)
+        fits.append((self.counts.clone(), self.mapping.clone()))
+        return result
+
+    monkeypatch.setattr(LabelMapping, "fit", fit)
+    return fits
+
+
+def _predict_last_source_class_after_first_epoch(monkeypatch):
+    """After the first epoch every image is predicted as source class 19 (weights are frozen in
+    stage 1, so this holds until the next epoch starts): the predictions change."""
+    original = trainer_module.train_epoch
+    calls = {"n": 0}
+
+    def train_epoch(network, *args, **kwargs):  # one process: the network itself, not a DDP wrapper
+        result = original(network, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            with torch.no_grad():
+                network.model.fc.weight.zero_()
+                network.model.fc.bias.copy_(torch.arange(20.0) * 10)
+        return result
+
+    monkeypatch.setattr(trainer_module, "train_epoch", train_epoch)
+
+
+def test_ilm_refits_the_mapping_every_epoch(tmp_path, monkeypatch, twenty_class_weights):
+    fits = _record_fits(monkeypatch)
+    _predict_last_source_class_after_first_epoch(monkeypatch)
+    (run,) = TwoStageTrainer(tiny(tmp_path, weights=twenty_class_weights, label_mapping="ilm",
+                                  search_epochs=2)).run()
+    assert len(fits) == 3  # one at the start of each of the 3 epochs, the first being the initial mapping
+    for counts, mapping in fits:
+        assert counts.shape == (20, 10) and int(counts.sum()) == 32  # every training image, once
+        assert torch.equal(mapping, greedy_label_mapping(counts))
+        assert mapping.unique().numel() == 10 and int(mapping.max()) < 20
+    assert int(fits[1][0][19].sum()) == 32  # the refit saw the new predictions...
+    assert not torch.equal(fits[0][1], fits[1][1])  # ...and changed the mapping
+    saved = load_checkpoint(os.path.join(run_dir(tmp_path, "vpns", 0.5), "last.pt"))["label_mapping"]
+    assert torch.equal(saved, fits[-1][1])
+    assert 0 <= run["test_acc"] <= 100
+
+
+def test_auto_mapping_is_flm_fitted_once(tmp_path, monkeypatch, twenty_class_weights):
+    fits = _record_fits(monkeypatch)
+    _predict_last_source_class_after_first_epoch(monkeypatch)
+    TwoStageTrainer(tiny(tmp_path, weights=twenty_class_weights, search_epochs=2)).run()
+    assert len(fits) == 1
+    saved = load_checkpoint(os.path.join(run_dir(tmp_path, "vpns", 0.5), "best.pt"))
+    assert torch.equal(saved["label_mapping"], fits[0][1])
+    assert saved["model"]["kwargs"] == {"num_classes": 20}
+
+
+# ----------------------------------------------------------------------------- precision and layout
+
+# bf16 convolutions are slow on CPU: one fine-tuning epoch (omp+vp still trains a prompt)
+@pytest.mark.parametrize("options", [{"amp": "bf16", "deterministic": False, "methods": ("omp+vp",)},
+                                     # release protocol: the unprompted step leaves the prompt's
+                                     # optimizer without gradients, which the fp16 scaler must skip
+                                     {"amp": "fp16", "deterministic": False, "methods": ("vpns",)},
+                                     {"channels_last": True, "methods": ("vpns",)}],
+                         ids=["bf16", "fp16", "channels_last"])
+def test_amp_and_channels_last_run_on_cpu(tmp_path, options):
+    (run,) = TwoStageTrainer(tiny(tmp_path, **options)).run()
+    assert 0 <= run["test_acc"] <= 100 and run["test_acc_prompt"] is not None
+    assert run["params_kept"] == sum(_layer_sizes()) - int(0.5 * sum(_layer_sizes()))
+    assert all(torch.isfinite(torch.tensor(h["train_loss"])) for h in run["history"])
+
+
+def test_in_memory_run_without_out_dir():
+    (run,) = TwoStageTrainer(tiny(None, methods=("omp",))).run()
+    assert 0 <= run["test_acc"] <= 100
+
+
+def test_zero_epoch_final_phase_still_reports_test_accuracy(tmp_path):
+    """Mask search only (--finetune-epochs 0): the found subnetwork is evaluated once at the end."""
+    (run,) = TwoStageTrainer(tiny(tmp_path, finetune_epochs=0)).run()
+    assert run["test_acc"] is not None and run["test_acc_prompt"] is not None
+    assert run["selected_epoch"] == 0
+
+
+def test_channels_last_keeps_scores_contiguous():
+    dense = build_model("small_resnet", num_classes=10)
+    model = fresh_model(dense, dense.state_dict(), tiny(None, channels_last=True), torch.device("cpu"))
+    conv = model.layer1[0].conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert conv.scores.is_contiguous()
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"image_size": 24}, "protocol 'release'"),
+    ({"prompt": "expansive"}, "expansive prompt"),
+    ({"prompt": "expansive", "image_size": 24, "protocol": "prompted", "input_size": 16}, "must not exceed"),
+    ({"prompt_size": 16}, "pad must be"),
+    ({"hydra_epochs": -1}, "hydra_epochs"),
+    ({"model": "resnet99"}, "resnet99"),
+])
+def test_bad_geometry_is_refused_before_anything_runs(tmp_path, overrides, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path, **overrides)
+    assert not os.path.exists(os.path.join(str(tmp_path), "config.json"))
+
+
+def test_hydra_epochs_give_hydra_its_own_budget():
+    config = tiny(None, methods=("vpns", "hydra"), hydra_epochs=2)
+    vpns, hydra = (plan_phases(config, METHODS[m], 0.5) for m in ("vpns", "hydra"))
+    assert [p.epochs for p in vpns] == [1, 1] and [p.epochs for p in hydra] == [2, 2]
+
+
+def test_the_method_table_sets_scope_and_optimizers():
+    """HYDRA's own settings (scope, score optimizer) come from its Method entry, VPNs' from the defaults."""
+    config = tiny(None, methods=("vpns", "hydra"), scope="global", hydra_scope="layer")
+    vpns, hydra = (plan_phases(config, METHODS[m], 0.5) for m in ("vpns", "hydra"))
+    assert [(p.scope, p.optimizer, p.use_prompt) for p in vpns] == [("global", "search_scores", True),
+                                                                    ("global", "finetune_weights", True)]
+    assert [(p.scope, p.optimizer, p.use_prompt) for p in hydra] == [("layer", "hydra_scores", False),
+                                                                     ("layer", "finetune_weights", False)]
+    imp = plan_phases(config, METHODS["imp"], 0.6)
+    assert [p.rewinds for p in imp] == [False, True, True, True] and {p.scope for p in imp} == {"global"}

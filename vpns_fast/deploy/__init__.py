@@ -1,0 +1,5 @@
+"""Deployment: export formats, channel slimming, the CPU sparse engine and the deployed runtime."""
+from vpns_fast.deploy.export import export
+from vpns_fast.deploy.runtime import DeployedModel, benchmark_inference, deploy
+
+__all__ = ["DeployedModel", "benchmark_inference", "deploy", "export"]

@@ -1,0 +1,150 @@
+"""The configuration of a pruning job: every method x density it runs, and how (see docs/method.md)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+from vpns_fast.models import default_input_size
+from vpns_fast.nn.masked_layers import GRANULARITIES
+from vpns_fast.nn.prompts import build_prompt
+from vpns_fast.pruning.methods import get_method
+
+PROTOCOLS = ("release", "prompted")
+AMP_MODES = ("none", "bf16", "fp16")
+OPTIMIZER_GROUPS = ("search_scores", "search_prompt", "hydra_scores", "finetune_weights", "finetune_prompt",
+                    "pretrain")
+
+
+def default_optimizers() -> dict[str, dict]:
+    """The method's defaults (docs/method.md): Adam 1e-4 for stage-1 scores and prompt, SGD 0.01 for
+    HYDRA's scores and for stage 2; weight decay 1e-4 everywhere; cosine schedules per epoch."""
+    adam = {"name": "adam", "lr": 1e-4, "momentum": 0.0, "weight_decay": 1e-4}
+    sgd = {"name": "sgd", "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4}
+    return {"search_scores": dict(adam), "search_prompt": dict(adam), "hydra_scores": dict(sgd),
+            "finetune_weights": dict(sgd), "finetune_prompt": dict(sgd),
+            "pretrain": dict(sgd, lr=0.1)}
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = "digits"
+    data_dir: str | None = None
+    download: bool = False
+    model: str = "small_resnet"
+    weights: str | None = None          # a weights file, or "pretrained" (torchvision weights)
+    methods: tuple[str, ...] = ("vpns",)
+    densities: tuple[float, ...] = (0.1,)
+    search_epochs: int = 30             # stage 1
+    finetune_epochs: int = 30           # stage 2 (and each IMP round)
+    pretrain_epochs: int = 0            # dense training from scratch when no weights are given
+    hydra_epochs: int | None = None     # HYDRA's epochs per stage, if not those above (paper: 60)
+    batch_size: int = 256
+    seed: int = 7
+    split_seed: int = 0                 # the val split stays the same across seeds
+    protocol: str = "release"
+    device: str = "auto"
+    amp: str = "none"
+    channels_last: bool = False
+    deterministic: bool = False
+    prompt: str = "pad"
+    prompt_size: int | None = None      # pad width / square side; default 16 at 224, scaled
+    image_size: int | None = None       # data size = prompt in_size; default the network input
+    input_size: int | None = None       # network input = prompt out_size; default the model's
+    label_mapping: str = "auto"         # flm | ilm | none | auto (flm for a kept source head)
+    scope: str = "global"
+    hydra_scope: str = "layer"
+    granularity: str = "unstructured"
+    structured: bool = False            # structured channel mode (ResNets, VGGs; granularity "channel")
+    score_init: str = "scaled"
+    schedule: str = "cosine"
+    optimizers: dict = field(default_factory=default_optimizers)
+    imp_rate: float = 0.2
+    val_fraction: float = 0.1
+    limit: int | None = None
+    num_workers: int = 0
+    keep_checkpoints: str = "last"      # last | all (one file per phase and epoch)
+    mask_from: str | None = None        # checkpoint whose masks the transfer methods impose
+    progress: bool = True
+    out: str | None = None
+
+    def __post_init__(self):
+        self.methods = tuple(self.methods)
+        self.densities = tuple(float(d) for d in self.densities)
+        for m in self.methods:
+            if get_method(m).mask == "fixed" and self.mask_from is None:
+                raise ValueError(f"method {m!r} needs mask_from, the checkpoint whose masks it fine-tunes")
+        if not self.methods:
+            raise ValueError("methods must name at least one method")
+        for d in self.densities:
+            if not 0 < d <= 1:
+                raise ValueError(f"density must be in (0, 1], got {d}")
+        checks = {"protocol": (self.protocol, PROTOCOLS), "amp": (self.amp, AMP_MODES),
+                  "scope": (self.scope, ("global", "layer")), "hydra_scope": (self.hydra_scope, ("global", "layer")),
+                  "granularity": (self.granularity, GRANULARITIES),
+                  "label_mapping": (self.label_mapping, ("auto", "flm", "ilm", "none")),
+                  "schedule": (self.schedule, ("cosine", "constant")),
+                  "keep_checkpoints": (self.keep_checkpoints, ("last", "all"))}
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        if self.structured and self.granularity != "channel":
+            raise ValueError(f"structured=True needs granularity='channel', got {self.granularity!r}")
+        for name in ("search_epochs", "finetune_epochs", "pretrain_epochs", "hydra_epochs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        merged = default_optimizers()
+        for group, spec in dict(self.optimizers).items():
+            if group not in merged:
+                raise ValueError(f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}")
+            merged[group].update(spec)
+            if merged[group]["name"] not in ("sgd", "adam", "adamw"):
+                raise ValueError(f"optimizer for {group} must be sgd, adam or adamw, got {merged[group]['name']!r}")
+        self.optimizers = merged
+        self._check_geometry()
+
+    def _check_geometry(self) -> None:
+        """Prompt and image sizes, checked before anything is written or trained."""
+        input_size = self.network_input_size()  # also rejects unknown models
+        image_size = self.data_image_size()
+        if image_size > input_size:
+            raise ValueError(f"image_size ({image_size}) must not exceed the network input_size ({input_size})")
+        if not any(get_method(m).prompt_in_search or get_method(m).prompt_in_finetune for m in self.methods):
+            return
+        if self.protocol == "release" and image_size != input_size:
+            raise ValueError(f"protocol 'release' feeds its unprompted steps and its evaluation the images as they "
+                             f"are, so image_size ({image_size}) must equal input_size ({input_size}); use protocol "
+                             f"'prompted' to place smaller images inside a prompt")
+        if self.prompt == "expansive" and image_size == input_size:
+            raise ValueError("the expansive prompt fills the ring around a smaller image: set image_size below "
+                             f"input_size ({input_size}), with protocol 'prompted'")
+        build_prompt(self.prompt, input_size, image_size, self.pad_prompt_size())
+
+    def network_input_size(self) -> int:
+        """The network's input side (the prompt's output): ``input_size``, or the model's own."""
+        return self.input_size or default_input_size(self.model)
+
+    def data_image_size(self) -> int:
+        """The side of the images the data loaders yield (the prompt's input)."""
+        return self.image_size or self.network_input_size()
+
+    def pad_prompt_size(self) -> int:
+        """Pad width / square side: ``prompt_size``, or the release's p = 16 at 224, scaled to the input."""
+        return self.prompt_size or max(1, round(16 * self.network_input_size() / 224))
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    def identity(self) -> dict:
+        """What must match for a run directory to be resumed (not presentation options)."""
+        data = self.to_dict()
+        for key in ("progress", "out", "num_workers", "keep_checkpoints"):
+            data.pop(key)
+        return data

@@ -1,0 +1,78 @@
+"""The dense model every run starts from: given weights, or trained from scratch first."""
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vpns_fast.models import build_model, source_num_classes
+from vpns_fast.nn.label_mapping import LabelMapping
+from vpns_fast.nn.prompted_network import PromptedNetwork
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
+from vpns_fast.pruning.checkpoint import atomic_save
+from vpns_fast.training.job import JobContext
+from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
+from vpns_fast.training.phases import make_optimizer
+from vpns_fast.training.seeding import derived_seed, seed_everything
+
+
+@dataclass
+class DenseStart:
+    model: nn.Module    # on the CPU
+    state: dict         # its state_dict, reloaded at the start of every run and at every IMP rewind
+    mapping_mode: str   # "none", "flm" or "ilm" ("auto" resolved against the model's head)
+    model_kwargs: dict  # what rebuilds the model from a checkpoint
+
+
+def build_dense_start(job: JobContext) -> DenseStart:
+    c, data = job.config, job.data
+    # a from-scratch model (and anything random in building it) must not depend on what ran
+    # before in this process: `vpns resume` rebuilds it in a fresh one
+    seed_everything(derived_seed(c.seed, "dense-init"))
+    if c.weights is not None:
+        model = build_model(c.model, weights=None if c.weights == "pretrained" else c.weights,
+                            pretrained=c.weights == "pretrained")
+        model_kwargs = {"num_classes": source_num_classes(model)}
+    else:
+        model = build_model(c.model, num_classes=data.num_classes)
+        model_kwargs = {"num_classes": data.num_classes}
+        if c.pretrain_epochs > 0:
+            pretrain(model, job)
+    mode = c.label_mapping
+    if mode == "auto":
+        mode = "none" if source_num_classes(model) == data.num_classes else "flm"
+    if mode == "none" and source_num_classes(model) != data.num_classes:
+        raise ValueError(f"label_mapping 'none' needs a head of {data.num_classes} classes; the model has "
+                         f"{source_num_classes(model)} (use flm or ilm)")
+    return DenseStart(model, copy.deepcopy(model.state_dict()), mode, model_kwargs)
+
+
+def pretrain(model: nn.Module, job: JobContext) -> None:
+    """Dense training from scratch (the embedded default has no published weights), kept in
+    ``dense.pt`` of the output directory so that a resumed job does not train it again."""
+    c = job.config
+    path = os.path.join(c.out, "dense.pt") if c.out else None
+    if path and os.path.exists(path):
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return
+    model.to(job.device)
+    network = PromptedNetwork(model, None, LabelMapping(job.data.num_classes, "none"), IMAGENET_MEAN, IMAGENET_STD,
+                              c.channels_last).to(job.device)
+    optimizer = make_optimizer(list(model.parameters()), c.optimizers["pretrain"])
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, c.pretrain_epochs))
+    scaler = job.precision.grad_scaler()
+    trainable = distributed_model(network, job.device)
+    for epoch in range(c.pretrain_epochs):
+        seed_everything(derived_seed(c.seed, "pretrain", epoch))
+        steps = training_steps(job.loaders, job.data, False, c.protocol,
+                               derived_seed(c.seed, "pretrain", epoch, "loader"), epoch)
+        progress = (EpochProgress(f"dense pretrain {epoch + 1}", len(steps[0][0]), job.world_size)
+                    if c.progress and job.is_main else None)
+        train_epoch(trainable, [optimizer], steps, job.precision, scaler, job.device, progress=progress)
+        scheduler.step()
+    model.cpu()
+    if path and job.is_main:
+        atomic_save(model.state_dict(), path, overwrite=True)

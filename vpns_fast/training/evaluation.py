@@ -1,0 +1,88 @@
+"""Accuracy counting: of the splits after every training epoch, and of a saved checkpoint."""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from torch.utils.data import Dataset
+
+from vpns_fast.nn.label_mapping import LabelMapping
+from vpns_fast.nn.prompted_network import PromptedNetwork
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
+from vpns_fast.training import distributed as dist_utils
+from vpns_fast.training.loaders import Loaders
+
+
+@torch.no_grad()
+def count_correct(network: PromptedNetwork, loader, use_prompt: bool, device, autocast=None) -> torch.Tensor:
+    """float64 tensor [correct, total] of top-1 predictions over ``loader`` (eval mode)."""
+    network.eval()
+    counts = torch.zeros(2, dtype=torch.float64)
+    for images, labels in loader:
+        with autocast() if autocast is not None else contextlib.nullcontext():
+            logits = network(images.to(device), use_prompt)
+        counts[0] += int((logits.argmax(1).cpu() == labels).sum())
+        counts[1] += labels.numel()
+    return counts
+
+
+def evaluate_splits(network: PromptedNetwork, splits: list[tuple[str, Dataset]], loaders: Loaders, device,
+                    autocast=None) -> dict:
+    """``{split}_acc`` (without the prompt) and ``{split}_acc_prompt`` (with it; None when the network
+    has none) in percent, counted over all ranks; empty splits are left out."""
+    record = {}
+    for name, dataset in splits:
+        if len(dataset) == 0:
+            continue
+        loader = loaders.ordered(dataset)
+        record[f"{name}_acc"] = _accuracy(network, loader, False, device, autocast)
+        record[f"{name}_acc_prompt"] = (_accuracy(network, loader, True, device, autocast)
+                                        if network.prompt is not None else None)
+    return record
+
+
+def _accuracy(network: PromptedNetwork, loader, use_prompt: bool, device, autocast) -> float:
+    correct, total = dist_utils.all_reduce_sum(count_correct(network, loader, use_prompt, device, autocast)).tolist()
+    return 100 * correct / max(total, 1.0)
+
+
+def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",
+                        batch_size: int = 256, device: str = "auto", limit: int | None = None) -> dict:
+    """Top-1 accuracy (%) of a checkpoint on a dataset split, without and (if kept) with its prompt."""
+    from vpns_fast.data import load_dataset, make_loader
+    from vpns_fast.models import source_num_classes
+    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, prompt_from_spec
+    from vpns_fast.pruning.masking import actual_density, masked_layers
+
+    if split not in ("test", "val", "train"):
+        raise ValueError(f"split must be test, val or train, got {split!r}")
+    from vpns_fast.environment import resolve_device
+
+    device = resolve_device(device)
+    payload = load_checkpoint(path)
+    model = model_from_checkpoint(payload)
+    prompt = prompt_from_spec(payload["prompt"]) if payload["prompt"] is not None else None
+    # A checkpoint written by the trainer carries its config: evaluate on the same split and at
+    # the same image size the run used (its val split depends on split_seed and val_fraction).
+    run = payload["meta"].get("config") or {}
+    image_size = prompt.in_size if prompt is not None else (run.get("image_size") or payload["input_size"][-1])
+    same_dataset = run.get("dataset") == dataset
+    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else
+                        (run.get("limit") if same_dataset else None),
+                        val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
+                        seed=run.get("split_seed", 0) if same_dataset else 0)
+    mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",
+                           source_num_classes(model))
+    if payload["label_mapping"] is not None:
+        mapping.set_mapping(payload["label_mapping"])
+    mean, std = (prompt.mean, prompt.std) if prompt is not None else (IMAGENET_MEAN, IMAGENET_STD)
+    network = PromptedNetwork(model, prompt, mapping, mean, std).to(device)
+    loader = make_loader(getattr(data, split), batch_size, shuffle=False)
+    correct, total = count_correct(network, loader, False, device).tolist()
+    result = {"checkpoint": path, "dataset": dataset, "split": split, "samples": int(total),
+              "accuracy": 100 * correct / max(total, 1), "accuracy_prompt": None,
+              "density": actual_density(model) if masked_layers(model) else 1.0}
+    if prompt is not None:
+        correct, total = count_correct(network, loader, True, device).tolist()
+        result["accuracy_prompt"] = 100 * correct / max(total, 1)
+    return result

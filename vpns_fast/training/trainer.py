@@ -1,0 +1,273 @@
+"""The two-stage trainer: every method x density of a :class:`TrainConfig`, each run walking through
+its phases (:mod:`vpns_fast.training.phases`; the method itself is in docs/method.md).
+
+A run starts from the dense weights. Every epoch ends with an evaluation (with and without the
+prompt) and an atomic checkpoint of where the run stands; each epoch reseeds every RNG from
+(seed, run, phase, epoch), so resuming from a checkpoint replays the same steps, bit for bit.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vpns_fast.data import load_dataset
+from vpns_fast.environment import resolve_device
+from vpns_fast.models import source_num_classes
+from vpns_fast.nn.label_mapping import LabelMapping
+from vpns_fast.nn.prompted_network import PromptedNetwork
+from vpns_fast.nn.prompts import build_prompt
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
+from vpns_fast.pruning.methods import Method, get_method
+from vpns_fast.training import distributed as dist_utils
+from vpns_fast.training.config import TrainConfig
+from vpns_fast.training.dense import DenseStart, build_dense_start
+from vpns_fast.training.evaluation import evaluate_splits
+from vpns_fast.training.job import JobContext
+from vpns_fast.training.loaders import Loaders
+from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
+from vpns_fast.training.phases import (
+    Phase,
+    fresh_model,
+    init_mask,
+    mask_from_density,
+    phase_optimizers,
+    phase_schedulers,
+    plan_phases,
+    set_threshold,
+    set_trainable,
+    start_phase,
+)
+from vpns_fast.training.precision import Precision
+from vpns_fast.training.results import result_row, results_table, selection_key, write_plots
+from vpns_fast.training.run_files import RunCheckpoints, environment, prepare_out_dir, run_dir, write_json
+from vpns_fast.training.seeding import derived_seed, seed_everything
+from vpns_fast.training.state import RunState
+
+__all__ = ["TrainConfig", "TwoStageTrainer", "resume"]
+
+
+@dataclass
+class Run:
+    """One method x density under way."""
+    method: Method
+    density: float
+    phases: list[Phase]
+    network: PromptedNetwork
+    checkpoints: RunCheckpoints
+    state: RunState
+    started: float  # time.perf_counter() at the start, earlier sessions' wall time included
+
+    @property
+    def label(self) -> str:
+        return f"{self.method.name} d={self.density:g}"
+
+
+class TwoStageTrainer:
+    """Runs every (method, density) of a :class:`TrainConfig`; see the module docstring. ``force``
+    replaces an existing output directory; ``resuming`` continues one (see :func:`resume`)."""
+
+    def __init__(self, config: TrainConfig, force: bool = False, resuming: bool = False):
+        self.config = config
+        self.force = force
+        self.resuming = resuming
+        self.device = resolve_device(config.device)
+        self.rank, self.world_size = dist_utils.init_from_env(self.device.type)
+        if self.world_size > 1 and self.device.type == "cuda":
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+        if config.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=False)
+            torch.backends.cudnn.benchmark = False
+            os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        self.is_main = self.rank == 0
+        self.results: list[dict] = []
+        self.job: JobContext | None = None     # set up by run()
+        self.dense: DenseStart | None = None
+
+    # ------------------------------------------------------------------ the job
+
+    def run(self) -> list[dict]:
+        c = self.config
+        prepare_out_dir(c, self.force, self.resuming, self.is_main)
+        data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
+                            limit=c.limit)
+        self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
+                              Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
+        self.dense = build_dense_start(self.job)
+        env = environment()
+        runs = [(method, density) for method in map(get_method, c.methods) for density in self._densities(method)]
+        if self.is_main and c.progress:
+            print(f"vpns_fast: {c.dataset} ({data.summary()}) | {c.model} on {self.device} | {len(runs)} runs | "
+                  f"protocol {c.protocol}", flush=True)
+        for method, density in runs:
+            self.results.append(self.run_one(method, density))
+            if c.out and self.is_main:
+                write_json(c.out, "results.json", {"config": c.to_dict(), "env": env, "runs": self.results})
+        if self.is_main:
+            if c.out:
+                plots = write_plots(c.out, self.results)
+            if c.progress:
+                print("\n" + results_table(self.results), flush=True)
+                if c.out:
+                    print(f"\nresults: {os.path.join(c.out, 'results.json')}  plots: {', '.join(plots)}", flush=True)
+        return self.results
+
+    def _densities(self, method: Method) -> tuple[float, ...]:
+        if method.mask == "dense":  # nothing to prune: one run
+            return (1.0,)
+        if method.mask == "fixed":  # the imposed mask has its own density
+            return (mask_from_density(self.config.mask_from),)
+        return self.config.densities
+
+    # ------------------------------------------------------------------ one run
+
+    def run_one(self, method: Method, density: float) -> dict:
+        run, optimizer_states = self._start_run(method, density)
+        state, network = run.state, run.network
+        if state.done:
+            if self.is_main and self.config.progress:
+                print(f"[{run.label}] already complete, skipped", flush=True)
+            return state.result
+        for index in range(state.phase, len(run.phases)):
+            self._run_phase(run, index, optimizer_states)
+            optimizer_states = None
+        if state.best is None:  # the final phase had no epochs (e.g. --finetune-epochs 0)
+            record = {"phase": run.phases[-1].name, "epoch": 0, **self._evaluate(network, with_test=True)}
+            state.history.append(record)
+            self._track_best(run, record)
+        result = self._result_row(run, time.perf_counter() - run.started)
+        state.done, state.result = True, result
+        run.checkpoints.save_last(network, state, [], method.name, density)
+        if self.is_main and self.config.progress:
+            print(f"[{run.label}] test acc {result['test_acc']:.2f}% "
+                  f"(with prompt: {_percent(result['test_acc_prompt'])}) | density {result['actual_density']:.4f} | "
+                  f"{result['images_per_s']:.0f} img/s", flush=True)
+        return result
+
+    def _start_run(self, method: Method, density: float) -> tuple[Run, list | None]:
+        """The run's network, fresh or loaded from its last checkpoint, and the saved optimizer states
+        of the phase it stopped in (None when it stopped at a phase boundary or never ran)."""
+        c, dense = self.config, self.dense
+        phases = plan_phases(c, method, density)
+        seed_everything(derived_seed(c.seed, method.name, density, "init"))  # e.g. score_init "kaiming"
+        model = fresh_model(dense.model, dense.state, c, self.device)
+        prompt = None
+        if any(p.use_prompt for p in phases):
+            prompt = build_prompt(c.prompt, c.network_input_size(), c.data_image_size(), c.pad_prompt_size(),
+                                  IMAGENET_MEAN, IMAGENET_STD).to(self.device)
+        mapping = LabelMapping(self.job.data.num_classes, dense.mapping_mode, source_num_classes(model))
+        network = PromptedNetwork(model, prompt, mapping.to(self.device), IMAGENET_MEAN, IMAGENET_STD, c.channels_last)
+        checkpoints = RunCheckpoints(run_dir(c.out, method.name, density), c, dense.model_kwargs,
+                                     keeps_mapping=dense.mapping_mode != "none", is_main=self.is_main)
+        resumed = checkpoints.load_last(network)
+        if resumed is None:
+            state, optimizer_states = RunState(), None
+            init_mask(model, method, density, phases[0].scope, c)
+            if dense.mapping_mode == "flm":  # ILM fits at the start of every epoch, the first included
+                self._refit_mapping(network, first=True)
+        else:
+            state, optimizer_states = resumed
+        run = Run(method, density, phases, network, checkpoints, state, time.perf_counter() - state.wall_seconds)
+        return run, optimizer_states
+
+    def _run_phase(self, run: Run, index: int, optimizer_states: list | None) -> None:
+        """The phase's remaining epochs; ``optimizer_states`` when resuming inside it."""
+        c, job, state, network, phase = self.config, self.job, run.state, run.network, run.phases[index]
+        if state.epoch == 0:
+            start_phase(network.model, network.prompt, phase, self.dense.state, self.device)
+        else:  # resuming inside the phase: its start already happened
+            set_trainable(network.model, phase)
+        state.phase = index
+        optimizers = phase_optimizers(network.model, network.prompt, phase, c.optimizers)
+        schedulers = phase_schedulers(optimizers, phase, c.schedule)
+        scaler = job.precision.grad_scaler()
+        stateful = optimizers + schedulers + ([scaler] if scaler.is_enabled() else [])
+        for obj, saved in zip(stateful, optimizer_states or []):
+            obj.load_state_dict(saved)
+        trainable = distributed_model(network, self.device)
+        refresh_threshold = None
+        if phase.kind == "search":  # the threshold follows the scores after every step
+            refresh_threshold = functools.partial(set_threshold, network.model, phase.density, phase.scope)
+        is_final = index == len(run.phases) - 1
+        for epoch in range(state.epoch, phase.epochs):
+            seed_everything(derived_seed(c.seed, run.method.name, run.density, index, epoch))
+            if self.dense.mapping_mode == "ilm":
+                self._refit_mapping(network, first=False)
+            started = time.perf_counter()
+            steps = training_steps(job.loaders, job.data, phase.use_prompt, c.protocol,
+                                   derived_seed(c.seed, phase.name, epoch, "loader"), epoch)
+            progress = None
+            if c.progress and self.is_main:
+                progress = EpochProgress(f"{run.label} {phase.name} {epoch + 1}/{phase.epochs}", len(steps[0][0]),
+                                         self.world_size)
+            images, loss, acc = train_epoch(trainable, optimizers, steps, job.precision, scaler, self.device,
+                                            refresh_threshold, progress)
+            state.train_seconds += time.perf_counter() - started
+            state.images += images
+            for scheduler in schedulers:
+                scheduler.step()
+            record = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
+                      **self._evaluate(network, with_test=is_final)}  # the test set: final phase only
+            state.history.append(record)
+            if is_final:
+                self._track_best(run, record)
+            state.finish_epoch(phase.epochs)
+            state.wall_seconds = time.perf_counter() - run.started
+            if epoch + 1 == phase.epochs and phase.kind == "search":
+                run.checkpoints.save_mask(network)  # before last.pt moves on
+            # at a phase boundary the next phase builds fresh optimizers: save none
+            run.checkpoints.save_last(network, state, stateful if state.epoch else [], run.method.name, run.density,
+                                      epoch_name=f"{phase.name}-epoch{epoch + 1:03d}")
+        if phase.epochs == 0 and phase.kind == "search":
+            run.checkpoints.save_mask(network)
+        state.epoch = 0
+
+    # ------------------------------------------------------------------ within a run
+
+    def _refit_mapping(self, network: PromptedNetwork, first: bool) -> None:
+        """FLM fits once, before training; ILM refits at the start of every epoch."""
+        use_prompt = network.prompt is not None
+
+        def network_input(images):
+            return network.network_input(images, use_prompt)
+
+        fit = network.mapping.fit if first else network.mapping.on_epoch_start
+        fit(network.model, self.job.loaders.ordered(self.job.data.train), network_input, self.device,
+            dist_utils.all_reduce_sum if dist_utils.active() else None)
+
+    def _evaluate(self, network: PromptedNetwork, with_test: bool) -> dict:
+        data = self.job.data
+        splits = [("val", data.val)] + ([("test", data.test)] if with_test else [])
+        return evaluate_splits(network, splits, self.job.loaders, self.device, self.job.precision.autocast)
+
+    def _track_best(self, run: Run, record: dict) -> None:
+        key = selection_key(run.network, self.config.protocol)
+        best = run.state.best
+        # no val split: the last epoch is selected (never select on the test set)
+        if key not in record or best is None or record[key] > best[key]:
+            run.state.best = dict(record)
+            run.checkpoints.save_best(run.network, record)
+
+    def _result_row(self, run: Run, wall: float) -> dict:
+        epochs = {p.name: p.epochs for p in run.phases}
+        return result_row(self.config, run.method.name, run.density, run.network, run.state, epochs, wall)
+
+
+def _percent(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}%"
+
+
+def resume(out_dir: str, progress: bool = True) -> list[dict]:
+    """Continue the run stored in ``out_dir`` from its last checkpoints."""
+    path = os.path.join(out_dir, "config.json")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{out_dir} has no config.json; it is not a `vpns prune` output directory")
+    with open(path) as f:
+        config = TrainConfig.from_dict(json.load(f))
+    config.out, config.progress = out_dir, progress
+    return TwoStageTrainer(config, resuming=True).run()

@@ -1,9 +1,10 @@
 """Helpers shared by several test files."""
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from vpns_fast.ops import backend_report
+from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD, backend_report
 
 # Interpreted Triton costs ~0.1 s a call on the CPU: those tests get a reduced matrix.
 INTERPRETED = {"triton"} if not torch.cuda.is_available() else set()
@@ -49,3 +50,43 @@ def randomize_batchnorm(model: nn.Module, seed: int = 1) -> None:
             m.bias.copy_(torch.randn(n, generator=g) * 0.5)
             m.running_mean.copy_(torch.randn(n, generator=g) * 0.3)
             m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+
+
+# ----------------------------------------------------------- the visual prompt, as the release builds it
+# An oracle independent of the library's reference (kernels/prompt.py): zero-pad with F.pad, a mask
+# built by slicing (or by F.pad with value 1 for "expansive", as the release does), ``program * mask``
+# or ``sigmoid(program) * mask``, clamp, then per-channel normalization.
+
+def release_mask(kind, out_size, in_size, channels=3, pad=0, mask_size=0, row=0, col=0, dtype=torch.float64):
+    """The (C, out, out) 0/1 prompt mask, built the way the release modules build it."""
+    if kind == "pad":
+        mask = torch.ones(channels, out_size, out_size, dtype=dtype)
+        mask[:, pad:out_size - pad, pad:out_size - pad] = 0
+    elif kind == "fix":
+        mask = torch.zeros(channels, out_size, out_size, dtype=dtype)
+        mask[:, :mask_size, :mask_size] = 1
+    elif kind == "random":
+        mask = torch.zeros(channels, out_size, out_size, dtype=dtype)
+        mask[:, row:row + mask_size, col:col + mask_size] = 1
+    elif kind == "expansive":
+        left, right = int((out_size - in_size + 1) / 2), int((out_size - in_size) / 2)
+        mask = F.pad(torch.zeros(channels, in_size, in_size, dtype=dtype), (left, right, left, right), value=1)
+    else:
+        raise AssertionError(kind)
+    return mask
+
+
+def release_prompt(images, program, kind, pad=0, mask_size=0, row=0, col=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                   dtype=torch.float64):
+    """Release-style forward, computed in ``dtype`` (float64 by default), differentiable in program."""
+    x = images.to(dtype) / 255 if images.dtype == torch.uint8 else images.to(dtype)
+    out_size, in_size, channels = program.shape[-1], images.shape[-1], images.shape[1]
+    left, right = int((out_size - in_size + 1) / 2), int((out_size - in_size) / 2)
+    x = F.pad(x, (left, right, left, right), value=0)
+    mask = release_mask(kind, out_size, in_size, channels, pad, mask_size, row, col, dtype)
+    p = program.to(dtype)
+    prompt = p * mask if kind == "pad" else torch.sigmoid(p) * mask
+    x = torch.clamp(x + prompt, 0, 1)
+    mean_t = torch.tensor(mean, dtype=dtype).view(-1, 1, 1)
+    std_t = torch.tensor(std, dtype=dtype).view(-1, 1, 1)
+    return (x - mean_t) / std_t

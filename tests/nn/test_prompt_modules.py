@@ -1,30 +1,10 @@
 """Prompt modules reproduce the VPNs release modules (docs/method.md §2), written here independently."""
 import pytest
 import torch
-import torch.nn.functional as F
+from helpers import release_prompt
 from tolerance import assert_close
 
 import vpns_fast as V
-
-MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def release_prompt(x, program, kind, out, pad=0, mask_size=0, corner=(0, 0)):
-    """The release modules' forward, paraphrased: pad, add (sigmoid) program * mask, clamp, normalize."""
-    in_size = x.shape[-1]
-    left, right = int((out - in_size + 1) / 2), int((out - in_size) / 2)
-    mask = torch.zeros(3, out, out)
-    if kind == "pad":
-        mask[:] = 1
-        mask[:, pad:out - pad, pad:out - pad] = 0
-    elif kind in ("fix", "random"):
-        r, c = corner
-        mask[:, r:r + mask_size, c:c + mask_size] = 1
-    else:
-        mask = F.pad(torch.zeros(3, in_size, in_size), (left, right, left, right), value=1)
-    p = program if kind == "pad" else torch.sigmoid(program)
-    y = (F.pad(x, (left, right, left, right), value=0) + p * mask).clamp(0, 1)
-    return (y - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
 
 
 @pytest.mark.parametrize("out,in_size", [(32, 32), (32, 24), (17, 10)])
@@ -36,7 +16,8 @@ def test_module_matches_release(kind, out, in_size):
     x = torch.rand(3, 3, in_size, in_size)
     y = prompt(x)
     corner = prompt.last_offset if kind == "random" else (0, 0)
-    ref = release_prompt(x, prompt.program.detach(), kind, out, pad=4, mask_size=4, corner=corner)
+    ref = release_prompt(x, prompt.program.detach(), kind, pad=4, mask_size=4, row=corner[0], col=corner[1],
+                         dtype=torch.float32)
     assert_close(y, ref, rtol=1e-6, atol=1e-6)
     assert y.shape == (3, 3, out, out)
 

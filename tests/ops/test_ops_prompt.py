@@ -6,13 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import backends_for, cases_on_backends
+from helpers import backends_for, cases_on_backends, release_mask, release_prompt
 from tolerance import assert_close
 
 from vpns_fast.ops import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
     expansive_prompt,
     fix_prompt,
     pad_prompt,
@@ -29,43 +26,6 @@ BACKENDS = backends_for("prompt_normalize")
 
 def with_backends(full, reduced=None):
     return cases_on_backends(BACKENDS, full, reduced)
-
-
-# --------------------------------------------------------------------------- reference
-
-def release_mask(kind, out_size, in_size, channels=3, pad=0, mask_size=0, row=0, col=0, dtype=torch.float64):
-    """The (C, out, out) 0/1 prompt mask, built the way the release modules build it."""
-    if kind == "pad":
-        mask = torch.ones(channels, out_size, out_size, dtype=dtype)
-        mask[:, pad:out_size - pad, pad:out_size - pad] = 0
-    elif kind == "fix":
-        mask = torch.zeros(channels, out_size, out_size, dtype=dtype)
-        mask[:, :mask_size, :mask_size] = 1
-    elif kind == "random":
-        mask = torch.zeros(channels, out_size, out_size, dtype=dtype)
-        mask[:, row:row + mask_size, col:col + mask_size] = 1
-    elif kind == "expansive":
-        left, right = int((out_size - in_size + 1) / 2), int((out_size - in_size) / 2)
-        mask = F.pad(torch.zeros(channels, in_size, in_size, dtype=dtype), (left, right, left, right), value=1)
-    else:
-        raise AssertionError(kind)
-    return mask
-
-
-def release_prompt(images, program, kind, pad=0, mask_size=0, row=0, col=0, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-                   dtype=torch.float64):
-    """Release-style forward, computed in ``dtype`` (float64 by default), differentiable in program."""
-    x = images.to(dtype) / 255 if images.dtype == torch.uint8 else images.to(dtype)
-    out_size, in_size, channels = program.shape[-1], images.shape[-1], images.shape[1]
-    left, right = int((out_size - in_size + 1) / 2), int((out_size - in_size) / 2)
-    x = F.pad(x, (left, right, left, right), value=0)
-    mask = release_mask(kind, out_size, in_size, channels, pad, mask_size, row, col, dtype)
-    p = program.to(dtype)
-    prompt = p * mask if kind == "pad" else torch.sigmoid(p) * mask
-    x = torch.clamp(x + prompt, 0, 1)
-    mean_t = torch.tensor(mean, dtype=dtype).view(-1, 1, 1)
-    std_t = torch.tensor(std, dtype=dtype).view(-1, 1, 1)
-    return (x - mean_t) / std_t
 
 
 def call_op(kind, images, program, pad=0, mask_size=0, row=0, col=0, **kw):

@@ -2,6 +2,7 @@
 #   make demo   - create .venv, install, run the main job on the embedded data
 #   make test   - create .venv, install with test extras, run the whole test suite
 #   make lint   - ruff (lint and import order) on the Python tree, clang-format on csrc/
+#   make docs   - the API reference from the docstrings (pdoc) in build/api/
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -9,7 +10,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint install bench clean gpu-deps
+.PHONY: demo test lint docs install bench clean gpu-deps
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +30,9 @@ test: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/clang-format --dry-run --Werror csrc/*.cpp csrc/*.h
+
+docs: $(VENV)/.installed
+	$(PY) docs/build_api.py build/api
 
 bench: $(VENV)/.installed
 	$(PY) -m bench all

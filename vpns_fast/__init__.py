@@ -5,6 +5,8 @@ Layers, each a folder, importing only downward: ``training`` / ``deploy`` -> ``p
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from vpns_fast import _source_tree  # noqa: F401 - first: makes vpns_fast.kernels importable from a checkout
 from vpns_fast._version import __version__
 from vpns_fast.deploy.runtime import deploy
@@ -32,7 +34,14 @@ from vpns_fast.pruning.masking import (
     sparsify,
 )
 
-# The trainer and the exporter pull in datasets, plotting and file formats: imported on first use.
+if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them
+    from vpns_fast.deploy.export import export as export
+    from vpns_fast.training.trainer import TrainConfig as TrainConfig
+    from vpns_fast.training.trainer import TwoStageTrainer as TwoStageTrainer
+
+# The trainer and the exporter pull in datasets, plotting and file formats (2.5-5 s more on a 2-core
+# machine, on top of torch's 3.5-5 s): imported on first use, so they are not in __all__ (a star import
+# would load them); the API reference documents them in vpns_fast.training and vpns_fast.deploy.
 _LAZY = {"TwoStageTrainer": "vpns_fast.training.trainer", "TrainConfig": "vpns_fast.training.trainer",
          "export": "vpns_fast.deploy.export"}
 
@@ -46,8 +55,8 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "ExpansivePrompt", "FixPrompt", "MaskedConv2d", "MaskedLinear", "PadPrompt", "RandomPrompt", "TrainConfig",
-    "TwoStageTrainer", "VisualPrompt", "__version__", "actual_density", "build_prompt", "deploy", "density_report",
-    "export", "fold", "initial_scores", "load_masks", "masked_layers", "masks", "parameter_groups",
-    "prepare_finetune", "prepare_mask_search", "score_shape", "set_density", "set_trainable", "sparsify",
+    "ExpansivePrompt", "FixPrompt", "MaskedConv2d", "MaskedLinear", "PadPrompt", "RandomPrompt", "VisualPrompt",
+    "__version__", "actual_density", "build_prompt", "deploy", "density_report", "fold", "initial_scores",
+    "load_masks", "masked_layers", "masks", "parameter_groups", "prepare_finetune", "prepare_mask_search",
+    "score_shape", "set_density", "set_trainable", "sparsify",
 ]

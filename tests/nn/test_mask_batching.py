@@ -173,9 +173,9 @@ def test_a_forward_interrupted_by_a_base_exception_leaves_nothing_stale():
     handle.remove()
     assert model[0].batched_weight is not None  # the hook that clears it did not run
     with torch.no_grad():
-        model[0].weight.mul_(2)
+        model[0].dense_weight.mul_(2)
     with ops.use_backend("torch"):
-        expected = ops.masked_conv2d(x, model[0].weight, model[0].scores, model[0].threshold, model[0].bias,
+        expected = ops.masked_conv2d(x, model[0].dense_weight, model[0].scores, model[0].threshold, model[0].bias,
                                      1, 1)
         assert_close(model[0](x), expected, rtol=0, atol=0)
     folded = fold(model)  # deepcopy: no non-leaf tensor carried along

@@ -23,9 +23,10 @@ def test_sparsify_replaces_every_conv_and_linear_and_shares_parameters():
     V.sparsify(model)
     layers = V.masked_layers(model)
     assert [n for n, _ in layers] == ["0", "3", "8"]
-    assert [layer.weight for _, layer in layers] == weights  # same Parameter objects
+    assert [layer.dense_weight for _, layer in layers] == weights  # same Parameter objects
     for _, layer in layers:
         assert layer.scores.shape == layer.weight.shape and layer.threshold.item() == -math.inf
+        assert not isinstance(layer.weight, nn.Parameter)  # reading .weight gives the masked weight
     assert isinstance(model[0], nn.Conv2d)
 
 
@@ -91,7 +92,7 @@ def test_score_gradient_goes_through_abs():
     V.set_density(model, 0.5)
     conv = model[3]
     x = torch.rand(2, 3, 8, 8)
-    weff = (conv.weight.detach() * V.masks(model)["3"]).requires_grad_()
+    weff = (conv.dense_weight.detach() * V.masks(model)["3"]).requires_grad_()
     captured = {}
     handle = conv.register_forward_hook(lambda m, i, o: captured.update(x=i[0].detach()))  # returns None
     model(x).sum().backward()
@@ -101,8 +102,8 @@ def test_score_gradient_goes_through_abs():
     rest = nn.Sequential(*list(model)[4:])
     rest(out).sum().backward()
     g = weff.grad
-    assert_close(conv.scores.grad, g * conv.weight.detach() * conv.scores.detach().sign())
-    assert_close(conv.weight.grad, g * V.masks(model)["3"])
+    assert_close(conv.scores.grad, g * conv.dense_weight.detach() * conv.scores.detach().sign())
+    assert_close(conv.dense_weight.grad, g * V.masks(model)["3"])
 
 
 def test_fold_gives_torchvision_state_dict_and_same_outputs():

@@ -97,7 +97,10 @@ def test_input_channel_masking_gives_out_times_in():
     for consumer in ("layer1.0.conv1", "layer2.0.conv1", "layer2.0.downsample.0"):
         assert not by_name[consumer].masked_weight()[:, pruned].any(), consumer
     kept = sum(int(layer.weight_mask().sum()) for layer in by_name.values())
-    assert V.actual_density(model) == kept / sum(layer.weight.numel() for layer in by_name.values())
+    # every weight matrix counts: the classifier stays dense in structured mode
+    classifier = model.fc.weight.numel()
+    assert V.actual_density(model) == ((kept + classifier)
+                                       / (sum(layer.weight.numel() for layer in by_name.values()) + classifier))
     # plain (non-structured) masked layers are unaffected
     plain = build_model("small_resnet", num_classes=10)
     V.sparsify(plain, "channel")
@@ -132,7 +135,7 @@ def test_masked_output_equals_explicitly_zeroed_channels():
     reference.load_state_dict({k: v for k, v in model.state_dict().items()
                                if not k.endswith((".scores", ".threshold"))})
     for name, layer in by_name.items():
-        w = layer.weight.clone()
+        w = layer.dense_weight.clone()
         w[~layer.score_mask().flatten()] = 0
         if SMALL_PRODUCER[name] is not None:
             w[:, ~by_name[SMALL_PRODUCER[name]].score_mask().flatten()] = 0
@@ -236,5 +239,6 @@ def test_magnitude_scores_average_a_shared_group():
     for _, layer in V.masked_layers(model):
         members.setdefault(id(layer.scores), []).append(layer)
     shared = next(group for group in members.values() if len(group) > 1)
-    expected = torch.stack([layer.weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True) for layer in shared]).mean(0)
+    expected = torch.stack([layer.dense_weight.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+                            for layer in shared]).mean(0)
     assert_close(shared[0].scores.detach(), expected)

@@ -245,6 +245,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         if module.ceil_mode or module.return_indices or _pair(module.dilation, "dilation") != (1, 1):
             return "MaxPool2d with ceil_mode, return_indices or dilation"
         return None
+    if isinstance(module, (nn.Conv1d, nn.Conv3d)):
+        return f"{type(module).__name__}: the sparse kernel is for 2-D convolutions only"
     if type(module) not in (nn.Conv2d, nn.Linear):
         return f"{type(module).__name__} is not a plain nn.Conv2d/nn.Linear (fold masks into the weights first)"
     if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
@@ -302,7 +304,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
       through the model), with the current torch thread count;
     * ``policy="sparse"``: wherever the layer is supported; ``policy="dense"``: nowhere (a table only).
 
-    Returns ``(model_copy, table)``; the table has one dict per Conv2d/Linear, in forward order:
+    Conv1d / Conv3d and grouped or depthwise convs stay dense (the sparse kernel is 2-D with groups=1),
+    with the reason in their rows.
+
+    Returns ``(model_copy, table)``; the table has one dict per Conv1d/2d/3d and Linear, in forward order:
     name, type, weight_shape, input_shape, density, nnz, dense_ms, sparse_ms, speedup (dense_ms /
     sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason.
     Every sparse layer is checked against the dense one on the captured input before use.
@@ -320,7 +325,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     if policy != "dense":
         _ops()
     converted = copy.deepcopy(model).eval()
-    kinds = (nn.Conv2d, nn.Linear, nn.MaxPool2d) if replace_pooling else (nn.Conv2d, nn.Linear)
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
     layers = [(name, module) for name, module in converted.named_modules() if isinstance(module, kinds)]
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []

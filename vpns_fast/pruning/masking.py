@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -15,12 +16,15 @@ from vpns_fast.nn.masked_layers import (
     GRANULARITIES,
     MASKED_TYPES,
     SCORE_INITS,
-    MaskedConv2d,
-    MaskedLinear,
+    MaskedMultiheadAttention,
     MaskLaunchBatching,
+    mask_attention_projection,
+    mask_layer,
     masked_layers,
     remove_mask_launch_batching,
+    unmask_attention,
 )
+from vpns_fast.pruning.matrices import count_flops, weight_matrices
 from vpns_fast.pruning.structured import apply_channel_cap, residual_groups, structure_channels, unique_score_units
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -30,14 +34,25 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
+class UnmaskedWeightsWarning(UserWarning):
+    """``sparsify`` left weight matrices dense that it cannot mask (and that ``exclude`` did not name)."""
+
+
 def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: str = "scaled",
              exclude: str | Sequence[str] | None = None, *, structured: bool = False, cap_layers: int = 5,
              cap_sparsity: float = 0.25) -> nn.Module:
-    """Replace every Conv2d and Linear of ``model`` in place by its masked version; returns ``model``.
+    """Mask every weight matrix of ``model`` in place; returns ``model``.
 
-    ``exclude``: glob patterns on qualified module names (``"fc"``, ``"layer4.*"``) to leave dense.
-    The masked layers share the original weight and bias parameters. Every threshold starts at
-    ``-inf`` (all weights kept) until :func:`set_density` is called.
+    Masked: Conv1d/2d/3d and Linear, their subclasses (each layer becomes a masked subclass of its
+    own class, keeping its parameters, hooks and forward), and ``nn.MultiheadAttention``'s
+    projections (its ``in_proj`` / ``q_proj`` / ``k_proj`` / ``v_proj`` and ``out_proj``). Reading a
+    masked layer's ``weight`` gives the masked weight, also to code that passes it to a functional.
+    A weight matrix that cannot be masked (ConvTranspose, Embedding, ...) stays dense with an
+    :class:`UnmaskedWeightsWarning` naming it and the fraction of weights it holds.
+
+    ``exclude``: glob patterns on layer names (``"fc"``, ``"layer4.*"``, ``"*.in_proj"``) to leave
+    dense on purpose. The masked layers keep the original weight and bias parameters. Every
+    threshold starts at ``-inf`` (all weights kept) until :func:`set_density` is called.
 
     ``structured=True`` (docs/method.md §9; torchvision-style ResNets and VGGs, ``granularity="channel"`` only):
     the classifier stays dense, residual groups (ResNets) share one score vector, convs are input-masked by their
@@ -59,20 +74,36 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
         exclude += [name for name, m in model.named_modules() if type(m) is nn.Linear]  # classifier stays dense
     if any(isinstance(m, MASKED_TYPES) for m in model.modules()):
         raise ValueError("model already has masked layers; sparsify a dense model")
-    targets = [(name, module) for name, module in model.named_modules()
-               if type(module) in (nn.Conv2d, nn.Linear) and not _excluded(name, exclude)]
+    matrices = weight_matrices(model)
+    targets = [m for m in matrices if m.maskable and not _excluded(m.name, exclude)]
     if not targets:
-        raise ValueError("model has no Conv2d or Linear layer left to sparsify"
-                         + (f" after exclude={exclude}" if exclude else ""))
-    for name, module in targets:
-        masked_cls = MaskedConv2d if isinstance(module, nn.Conv2d) else MaskedLinear
-        if not name:
-            raise ValueError("the model itself is a Conv2d/Linear; wrap it in a container to sparsify it")
-        model.set_submodule(name, masked_cls.from_dense(module, granularity, score_init))
+        raise ValueError("model has no maskable weight matrix (Conv1d/2d/3d, Linear or a subclass, "
+                         "nn.MultiheadAttention) to sparsify" + (f" after exclude={exclude}" if exclude else ""))
+    if any(not m.name for m in targets):
+        raise ValueError("the model itself is a layer; wrap it in a container to sparsify it")
+    for matrix in targets:  # module order: kaiming score init draws random numbers layer by layer
+        if isinstance(matrix.module, nn.MultiheadAttention):
+            mask_attention_projection(matrix.module, matrix.name.rsplit(".", 1)[-1], granularity, score_init)
+        else:
+            mask_layer(matrix.module, granularity, score_init)
+    unmaskable = [m for m in matrices if not m.maskable and not _excluded(m.name, exclude)]
+    if unmaskable:
+        total = sum(m.weight.numel() for m in matrices)
+        fraction = sum(m.weight.numel() for m in unmaskable) / total
+        names = ", ".join(f"{m.name} ({m.kind})" for m in unmaskable[:8]) + (" ..." if len(unmaskable) > 8 else "")
+        warnings.warn(f"sparsify: {len(unmaskable)} weight matrices hold {fraction:.2%} of the weights and cannot be "
+                      f"masked; they stay dense: {names}. Name them in exclude= to keep them dense on purpose.",
+                      UnmaskedWeightsWarning, stacklevel=2)
     if structured:
         structure_channels(model, cap_layers, cap_sparsity)
     MaskLaunchBatching(model)  # one mask launch per forward on the triton backend
     return model
+
+
+def maskable_names(model: nn.Module) -> list[str]:
+    """Names of the weight matrices ``sparsify`` can mask (masked or not yet), in module order: what
+    ``exclude=`` patterns are matched against."""
+    return [m.name for m in weight_matrices(model) if m.maskable]
 
 
 def _require_masked(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -116,11 +147,14 @@ def masks(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def actual_density(model: nn.Module) -> float:
-    """Fraction of masked-layer weights that are kept (effective masks, input masking included)."""
+    """Fraction of the model's weights, over every weight matrix (see :mod:`vpns_fast.pruning.matrices`),
+    that are kept: masked layers by their effective masks (input masking included), the others as
+    dense. Equals ``density_report(model).density``."""
+    _require_masked(model)
     kept = total = 0
-    for _, layer in _require_masked(model):
-        kept += int(layer.weight_mask().sum())
-        total += layer.weight.numel()
+    for matrix in weight_matrices(model):
+        total += matrix.weight.numel()
+        kept += int(matrix.layer.weight_mask().sum()) if matrix.layer is not None else matrix.weight.numel()
     return kept / total
 
 
@@ -135,10 +169,14 @@ class LayerDensity:
     kept: int
     dense_flops: int | None = None
     kept_flops: int | None = None
+    masked: bool = True  # False: counted as dense (excluded, or a kind that cannot be masked)
 
     @property
     def density(self) -> float:
         return self.kept / self.params if self.params else 1.0
+
+
+OTHER_OPS_ROW = "(other ops)"  # the report row of counted FLOPs that read no weight matrix (attention matmuls)
 
 
 @dataclass
@@ -202,67 +240,66 @@ def _si(n: int) -> str:
 
 @torch.no_grad()
 def density_report(model: nn.Module, input_size: Sequence[int] | None = None) -> DensityReport:
-    """Per-layer table of every Conv2d / Linear: shape, params, kept, density, and — when
-    ``input_size = (C, H, W)`` is given — dense vs kept FLOPs (2 per multiply-add) for one image,
-    measured by one forward pass on zeros (model mode and BN statistics are left untouched)."""
-    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    if not layers:
-        raise ValueError("model has no Conv2d or Linear layer to report on")
-    positions: dict[str, int] = {}
-    if input_size is not None:
-        positions = _output_positions(model, layers, input_size)
+    """Per-matrix table of every weight matrix (see :mod:`vpns_fast.pruning.matrices`): shape, params,
+    kept, density; unmasked matrices count as dense (``masked=False``; kind "masked ..." for the masked
+    ones, "... (not maskable)" for kinds sparsify cannot mask). With ``input_size`` (one example's
+    shape, e.g. ``(C, H, W)``) also dense vs kept FLOPs of one example, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` on the folded model (2 per multiply-add), by one
+    forward on zeros in eval mode (the model's mode and BN statistics are left untouched). A matrix's
+    kept FLOPs are its dense FLOPs times its density; FLOPs of ops that read no weight matrix
+    (attention's query-key and attention-value matmuls) are kept in full, in a last row
+    ``(other ops)`` when there are any."""
+    matrices = weight_matrices(model)
+    if not matrices:
+        raise ValueError("model has no weight matrix (Conv, Linear, MultiheadAttention, ...) to report on")
     rows = []
-    for name, m in layers:
-        mask = m.weight_mask() if isinstance(m, MASKED_TYPES) else None
-        params = m.weight.numel()
-        kept = params if mask is None else int(mask.sum())
-        row = LayerDensity(name, ("masked " if mask is not None else "") + type(m).__name__.replace("Masked", ""),
-                           tuple(m.weight.shape), params, kept)
-        if name in positions:
-            row.dense_flops, row.kept_flops = 2 * params * positions[name], 2 * kept * positions[name]
+    for matrix in matrices:
+        params = matrix.weight.numel()
+        if matrix.layer is not None:
+            row = LayerDensity(matrix.name, f"masked {matrix.kind}", tuple(matrix.weight.shape), params,
+                               int(matrix.layer.weight_mask().sum()))
+        else:
+            kind = matrix.kind if matrix.maskable else f"{matrix.kind} (not maskable)"
+            row = LayerDensity(matrix.name, kind, tuple(matrix.weight.shape), params, params, masked=False)
         rows.append(row)
+    if input_size is not None:
+        rows += _count_flops(model, rows, input_size)
     return DensityReport(rows)
 
 
-def _output_positions(model, layers, input_size) -> dict[str, int]:
-    """Output positions per layer (H_out * W_out for convs, tokens for linears) for one image."""
-    if len(input_size) != 3:
-        raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)}")
-    positions: dict[str, int] = {}
-    hooks = [m.register_forward_hook(lambda mod, inp, out, name=name: positions.__setitem__(
-        name, out[0, 0].numel() if isinstance(mod, nn.Conv2d) else out[0].numel() // out.shape[-1]))
-        for name, m in layers]
-    param = next(model.parameters())
-    was_training = model.training
-    model.eval()  # no BN statistics update
-    try:
-        model(torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
-    finally:
-        model.train(was_training)
-        for h in hooks:
-            h.remove()
-    return positions
+def _count_flops(model: nn.Module, rows: list[LayerDensity], input_size: Sequence[int]) -> list[LayerDensity]:
+    """Fills each row's FLOPs; returns the ``(other ops)`` row, if any."""
+    if len(input_size) < 1 or not all(isinstance(n, int) and n > 0 for n in input_size):
+        raise ValueError(f"input_size must be one example's shape, e.g. (C, H, W), got {tuple(input_size)}")
+    folded = fold(model)
+    weights = {matrix.name: matrix.weight for matrix in weight_matrices(folded)}
+    param = next(folded.parameters())
+    total, per_weight = count_flops(folded, [weights[row.name] for row in rows],
+                                    torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    for row, flops in zip(rows, per_weight):
+        row.dense_flops, row.kept_flops = flops, flops * row.kept // row.params if row.params else flops
+    other = total - sum(per_weight)
+    return [LayerDensity(OTHER_OPS_ROW, "no weight matrix", (), 0, 0, other, other, masked=False)] if other else []
 
 
 # --------------------------------------------------------------------------- fold
 
 @torch.no_grad()
 def fold(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` with every masked layer replaced by a plain Conv2d / Linear holding
-    ``weight * mask``: a torchvision-compatible state_dict, no scores, thresholds or hooks."""
+    """A copy of ``model`` with every masked layer turned back into its torch class (Conv2d, Linear, ...,
+    nn.MultiheadAttention) holding ``weight * mask``: a state_dict the stock model loads, no scores,
+    thresholds or hooks."""
     folded = copy.deepcopy(model)
     remove_mask_launch_batching(folded)
-    for name, layer in masked_layers(folded):
-        if isinstance(layer, MaskedConv2d):
-            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
-                              layer.dilation, layer.groups, layer.bias is not None, layer.padding_mode,
-                              device="meta")
-        else:
-            plain = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None, device="meta")
-        plain.weight = nn.Parameter(layer.masked_weight(), requires_grad=layer.weight.requires_grad)
-        if layer.bias is not None:
-            plain.bias = nn.Parameter(layer.bias.detach().clone(), requires_grad=layer.bias.requires_grad)
-        folded.set_submodule(name, plain)
+    for module in list(folded.modules()):
+        if isinstance(module, MaskedMultiheadAttention):
+            unmask_attention(module)  # its projections; out_proj is a masked layer of its own
+    layers = [layer for _, layer in masked_layers(folded)]
+    # every mask first: in structured mode a layer's mask reads its producer's scores
+    weights = [nn.Parameter(layer.masked_weight(), requires_grad=layer.dense_weight.requires_grad) for layer in layers]
+    for layer, weight in zip(layers, weights):
+        layer._parameters["weight"] = weight
+        layer.strip_masking()
     return folded
 
 

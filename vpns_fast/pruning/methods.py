@@ -55,7 +55,7 @@ def magnitude_scores(model: nn.Module, keep_only_current_mask: bool = False) -> 
     mode's residual groups) gets the mean of its members' magnitudes."""
     totals: dict[int, tuple[nn.Parameter, torch.Tensor, int]] = {}
     for _, layer in masked_layers(model):
-        magnitude = layer.weight.detach().abs().float()
+        magnitude = layer.dense_weight.detach().abs().float()
         if keep_only_current_mask:
             magnitude = magnitude * layer.weight_mask()
         dims = [d for d in range(magnitude.dim()) if layer.scores.shape[d] == 1 and magnitude.shape[d] != 1]

@@ -33,7 +33,7 @@ def tune(model: torch.nn.Module, example: torch.Tensor, stage: str = "search",
 
     def capture(layer, inputs, name):
         x = inputs[0]
-        key = conv_dispatch.call_key(x, layer.weight, layer.scores, layer.bias, layer.stride, layer.padding,
+        key = conv_dispatch.call_key(x, layer.dense_weight, layer.scores, layer.bias, layer.stride, layer.padding,
                                      layer.dilation, layer.groups, grads)
         if key not in seen:
             seen[key] = (name, layer, tuple(x.shape), x.stride(), x.dtype)

@@ -1,0 +1,123 @@
+"""The weight matrices of a model, masked or not, and the FLOPs each one takes part in.
+
+A *weight matrix* is the ``weight`` parameter (2-D or more) of any module, and each projection matrix
+of an ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``). Conv1d/2d/3d, Linear
+(and their subclasses) and the attention projections can be masked; any other (ConvTranspose,
+Embedding, Bilinear, ...) cannot, and is listed so that reports count it as dense and ``sparsify``
+can say so. Other parameters (biases, normalization affine, position embeddings, class tokens, layer
+scales) are not weight matrices.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
+
+from vpns_fast.nn.masked_layers import (
+    ATTENTION_PROJECTIONS,
+    MASKABLE_TYPES,
+    MaskedMixin,
+    MaskedMultiheadAttention,
+)
+
+
+@dataclass(frozen=True)
+class WeightMatrix:
+    name: str              # the layer's qualified name; an attention projection: "<attention>.in_proj", ...
+    module: nn.Module      # the module whose parameter it is
+    param_name: str        # "weight", or an attention module's "in_proj_weight" / "q_proj_weight" / ...
+    kind: str              # the torch layer type ("Conv2d", "MultiheadAttention", "Embedding", ...)
+    maskable: bool
+    layer: MaskedMixin | None = None  # the masked layer, when it is masked
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The stored (dense) parameter."""
+        return self.layer.dense_weight if self.layer is not None else self.module._parameters[self.param_name]
+
+
+def _maskable(module: nn.Module) -> bool:
+    weight = module._parameters.get("weight")
+    return (isinstance(module, MASKABLE_TYPES) and isinstance(weight, nn.Parameter)
+            and not isinstance(weight, nn.parameter.UninitializedParameter))
+
+
+def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
+    """Every weight matrix of ``model`` in module order, each parameter once (tied weights count once)."""
+    found: list[WeightMatrix] = []
+    seen: set[int] = set()
+
+    def add(matrix: WeightMatrix) -> None:
+        if id(matrix.weight) not in seen:
+            seen.add(id(matrix.weight))
+            found.append(matrix)
+
+    for name, module in model.named_modules():
+        if isinstance(module, MaskedMixin):
+            add(WeightMatrix(name, module, "weight", module.kind, True, module))
+        elif isinstance(module, nn.MultiheadAttention):
+            for unit_name, param_name in ATTENTION_PROJECTIONS.items():
+                param = module._parameters.get(param_name)
+                qualified = f"{name}.{unit_name}" if name else unit_name
+                if param is None:
+                    continue
+                if isinstance(module, MaskedMultiheadAttention) and unit_name in module._modules:
+                    continue  # listed as its mask submodule, next in module order
+                add(WeightMatrix(qualified, module, param_name, "MultiheadAttention", True))
+        elif _maskable(module):
+            add(WeightMatrix(name, module, "weight", type(module).__name__, True))
+        else:
+            weight = module._parameters.get("weight")
+            if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter) \
+                    and weight.dim() >= 2:
+                add(WeightMatrix(name, module, "weight", type(module).__name__, False))
+    return found
+
+
+class _WeightFlops(TorchDispatchMode):
+    """Adds each counted op's FLOPs (FlopCounterMode's formulas) to the weight matrix it reads."""
+
+    def __init__(self, formulas: dict, storages: dict[int, int]):
+        super().__init__()
+        self.formulas, self.storages = formulas, storages
+        self.flops = [0] * (max(storages.values(), default=-1) + 1)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        formula = self.formulas.get(func._overloadpacket)
+        if formula is not None:
+            for arg in tree_flatten((args, kwargs))[0]:
+                index = self.storages.get(arg.untyped_storage().data_ptr()) if isinstance(arg, torch.Tensor) else None
+                if index is not None:
+                    self.flops[index] += int(formula(*args, **kwargs, out_val=out))
+                    break
+        return out
+
+
+def count_flops(model: nn.Module, weights: list[torch.Tensor], example: torch.Tensor) -> tuple[int, list[int]]:
+    """``(total, per_weight)``: FLOPs of one forward of ``model`` on ``example`` counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (2 per multiply-add; matmuls, convolutions and
+    attention), and the part of them in ops that read each of ``weights`` (plain parameters of
+    ``model``, e.g. of a folded copy). Runs in eval mode with autograd on and attention on the math
+    kernel: the CPU's fused attention kernels (``_scaled_dot_product_flash_attention_for_cpu``,
+    ``_native_multi_head_attention``) have no FLOP formula, so FlopCounterMode would count them as 0."""
+    storages = {w.untyped_storage().data_ptr(): i for i, w in enumerate(weights)}
+    was_training = model.training
+    requires_grad = [p.requires_grad for p in model.parameters()]
+    model.eval()  # no BN statistics update
+    try:
+        for p in model.parameters():
+            p.requires_grad_(True)  # keeps nn.MultiheadAttention off its fused inference path
+        with torch.enable_grad(), torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH), \
+                FlopCounterMode(display=False) as counter, _WeightFlops(counter.flop_registry, storages) as per_weight:
+            model(example)
+    finally:
+        model.train(was_training)
+        for p, flag in zip(model.parameters(), requires_grad):
+            p.requires_grad_(flag)
+    return counter.get_total_flops(), per_weight.flops

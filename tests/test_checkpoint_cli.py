@@ -31,6 +31,14 @@ def checkpoint(tmp_path):
     return path, model, prompt
 
 
+def test_checkpoint_records_the_network_class(checkpoint):
+    payload = load_checkpoint(checkpoint[0])
+    assert payload["model"] == {"name": "small_resnet", "kwargs": {"num_classes": 10},
+                                "class": "vpns_fast.models.SmallResNet"}
+    old_format = dict(payload, model={"name": "small_resnet", "kwargs": {"num_classes": 10}})  # no "class"
+    assert sorted(model_from_checkpoint(old_format).state_dict()) == sorted(payload["state_dict"])
+
+
 def test_round_trip_rebuilds_the_same_masked_model_and_prompt(checkpoint):
     path, model, prompt = checkpoint
     payload = load_checkpoint(path)
@@ -114,3 +122,12 @@ def test_cli_errors_are_clear(tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main([command, "--help"])
         assert exc.value.code == 0
+
+
+def test_checkpoint_of_a_newer_version_says_so(tmp_path, checkpoint):
+    payload = torch.load(checkpoint[0], weights_only=True)
+    payload["version"] = 99
+    path = tmp_path / "future.pt"
+    torch.save(payload, path)
+    with pytest.raises(CheckpointError, match="version 99.*newer vpns_fast"):
+        load_checkpoint(path)

@@ -454,3 +454,45 @@ def test_bad_arguments(kwargs, argument):
 def test_data_dir_required(name):
     with pytest.raises(ValueError, match="data_dir"):
         load_dataset(name)
+
+
+# ----------------------------------------------------------------------------- a user's datasets
+
+
+def test_dataset_splits_of_one_tensor_dataset():
+    from torch.utils.data import TensorDataset
+
+    from vpns_fast.data import dataset_splits
+
+    labels = torch.arange(100) % 4
+    images = torch.rand(100, 1, 10, 10)  # float in [0, 1], one channel
+    splits = dataset_splits(TensorDataset(images, labels), num_classes=4, image_size=12, val_fraction=0.1)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (72, 8, 20)
+    seen = [set(view.indices.tolist()) for view in (splits.train, splits.val, splits.test)]
+    assert not (seen[0] & seen[1]) and not (seen[0] & seen[2]) and not (seen[1] & seen[2])
+    assert torch.bincount(labels[splits.test.indices]).tolist() == [5, 5, 5, 5]  # stratified: labels are known
+    image, label = splits.train_augmented[0]
+    assert image.shape == (3, 12, 12) and image.dtype == torch.float32 and isinstance(label, int)
+    assert splits.train[0][0].shape == (3, 12, 12)
+    capped = dataset_splits(TensorDataset(images, labels), num_classes=4, image_size=12, limit=5)
+    assert max(len(capped.train), len(capped.val), len(capped.test)) == 5
+
+
+def test_dataset_splits_with_given_val_and_test_and_bad_items():
+    from torch.utils.data import TensorDataset
+
+    from vpns_fast.data import dataset_splits
+
+    def data(n):
+        return TensorDataset(torch.randint(0, 256, (n, 3, 8, 8), dtype=torch.uint8), torch.arange(n) % 2)
+
+    splits = dataset_splits(data(10), data(4), data(6), num_classes=2, image_size=8)
+    assert (len(splits.train), len(splits.val), len(splits.test)) == (10, 4, 6)
+    assert splits.test[0][0].dtype == torch.uint8
+    with pytest.raises(ValueError, match=r"dataset item 0: expected an \(image, label\) pair"):
+        dataset_splits(TensorDataset(torch.rand(4, 8, 8), torch.zeros(4, dtype=torch.long)), num_classes=2,
+                       image_size=8)
+    with pytest.raises(ValueError, match=r"label an integer in \[0, 2\)"):
+        dataset_splits(TensorDataset(torch.rand(4, 3, 8, 8), torch.full((4,), 5)), num_classes=2, image_size=8)
+    with pytest.raises(ValueError, match="num_classes: expected an integer >= 1"):
+        dataset_splits(data(4), num_classes=0, image_size=8)

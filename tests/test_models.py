@@ -209,3 +209,67 @@ def test_vgg16_head_replacement_on_meta():
         models._replace_head(model, 10)
     assert type(model.classifier[6]) is nn.Linear and model.classifier[6].out_features == 10
     assert source_num_classes(model) == 10
+
+
+# ----------------------------------------------------------------------------- any model
+
+
+def test_any_torchvision_classification_model_by_name():
+    assert "mobilenet_v3_small" in models.torchvision_model_names()
+    assert not any(n.startswith(("fasterrcnn", "raft", "r3d", "quantized")) for n in models.torchvision_model_names())
+    model, spec = models.build_model_spec("squeezenet1_1", num_classes=7)  # a conv head: no linear layer
+    assert spec == {"name": "squeezenet1_1", "kwargs": {"num_classes": 7}}
+    assert source_num_classes(model, 64) == 7
+    with pytest.raises(ValueError, match="pass input_size"):
+        source_num_classes(model)
+    googlenet, spec = models.build_model_spec("googlenet", num_classes=3)
+    assert spec["kwargs"]["aux_logits"] is False  # a training forward gives one logits tensor
+    assert isinstance(googlenet.train()(torch.randn(2, 3, 64, 64)), torch.Tensor)
+    assert default_input_size("inception_v3") == 299 and default_input_size("mobilenet_v3_small") == 224
+
+
+def test_generic_pretrained_weights_from_hub_cache_and_offline_error(empty_hub, monkeypatch):
+    monkeypatch.setenv("VPNS_FAST_OFFLINE", "1")
+    file_name = os.path.basename(torchvision.models.MobileNet_V3_Small_Weights.DEFAULT.url)
+    with pytest.raises(FileNotFoundError, match=file_name):
+        build_model("mobilenet_v3_small", pretrained=True)
+    checkpoints = empty_hub / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    source = torchvision.models.mobilenet_v3_small(weights=None)
+    torch.save(source.state_dict(), checkpoints / file_name)
+    model = build_model("mobilenet_v3_small", pretrained=True)
+    assert torch.equal(model.classifier[3].weight, source.classifier[3].weight)
+    model, spec = models.build_model_spec("mobilenet_v3_small", num_classes=12, pretrained=True)
+    assert model.classifier[3].out_features == 12 and spec["kwargs"] == {"num_classes": 12}
+    assert torch.equal(model.features[0][0].weight, source.features[0][0].weight)  # the body stays pretrained
+
+
+def test_factory_models(tmp_path):
+    model, spec = models.build_model_spec("user_networks:tiny_network", num_classes=4, width=6)
+    assert spec == {"name": "user_networks:tiny_network", "kwargs": {"num_classes": 4, "width": 6}}
+    assert source_num_classes(model, 16) == 4
+    fixed = build_model("user_networks:tiny_network_fixed_head", num_classes=3)  # no num_classes: head replaced
+    assert source_num_classes(fixed, 16) == 3
+    path = tmp_path / "tiny.pth"
+    torch.save(model.state_dict(), path)
+    loaded = build_model("user_networks:tiny_network", weights=path, width=6)  # the file's head is kept
+    assert source_num_classes(loaded) == 4 and torch.equal(loaded.head.weight, model.head.weight)
+    with pytest.raises(ValueError, match="weights=PATH"):
+        build_model("user_networks:tiny_network", pretrained=True)
+    with pytest.raises(ValueError, match="the factory returned a dict"):
+        build_model("user_networks:not_a_network")
+
+
+def test_timm_missing_names_the_extra(monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_timm(name, *args, **kwargs):
+        if name == "timm":
+            raise ImportError("No module named 'timm'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_timm)
+    with pytest.raises(ValueError, match=r"vpns_fast\[timm\]"):
+        build_model("timm:resnet18")

@@ -36,7 +36,8 @@ def _cmd_report(args) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        print(f"checkpoint: {args.checkpoint}  model: {payload['model']['name']}  "
+        model_name = payload["model"]["name"] or payload["model"].get("class")
+        print(f"checkpoint: {args.checkpoint}  model: {model_name}  "
               f"granularity: {payload['granularity']}  input: {input_size}")
         print(report)
     return 0
@@ -60,13 +61,19 @@ def _assignments(text: str) -> tuple[str, str]:
 
 def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> None:
     from vpns_fast.data import DATASETS
-    from vpns_fast.models import MODELS
     from vpns_fast.pruning.methods import METHODS
 
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, embedded)")
     p.add_argument("--data-dir", help="where the dataset lives (CIFAR pickles, Tiny-ImageNet, ImageFolder)")
     p.add_argument("--download", action="store_true", help="download CIFAR / Tiny-ImageNet if missing (online)")
-    p.add_argument("--model", default="small_resnet", help=f"one of {', '.join(MODELS)} (default: small_resnet)")
+    p.add_argument("--model", default="small_resnet",
+                   help="a torchvision classification model (resnet18, mobilenet_v3_small, vit_b_16, ...), "
+                   "timm:NAME (needs pip install 'vpns_fast[timm]'), package.module:factory for your own network "
+                   "(importable, e.g. on PYTHONPATH; called with num_classes=N when it takes it), or "
+                   "cifar_resnet18 / small_resnet (default: small_resnet)")
+    p.add_argument("--model-arg", action="append", type=_assignments, default=[], metavar="KEY=VALUE",
+                   help="an argument for the model's builder or factory, VALUE read as JSON when it parses (e.g. "
+                   "--model-arg image_size=32 for a torchvision ViT at 32x32); repeatable")
     p.add_argument("--weights", help="dense weights: a .pth/.safetensors file, or 'pretrained' for torchvision's "
                    "ImageNet weights (hub cache, else download). Default: train densely from scratch "
                    "(--pretrain-epochs) or start from random init")
@@ -136,8 +143,10 @@ def _config_from_args(args, methods=None, mask_from=None):
             epochs[name] = getattr(args, name)
     if getattr(args, "structured", False) and args.granularity != "channel":
         raise ValueError("--structured needs --granularity channel")
+    model_kwargs = {key: _json_or_text(value) for key, value in args.model_arg}
     return TrainConfig(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
+        model_kwargs=model_kwargs,
         methods=methods or args.method, densities=getattr(args, "density", (1.0,)),
         pretrain_epochs=args.pretrain_epochs,
         hydra_epochs=getattr(args, "hydra_epochs", None), batch_size=args.batch_size, seed=args.seed,
@@ -149,6 +158,13 @@ def _config_from_args(args, methods=None, mask_from=None):
         optimizers=optimizers, schedule=args.schedule,
         limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, out=args.out, mask_from=mask_from, **epochs)
+
+
+def _json_or_text(value: str):
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
 
 
 def _cmd_prune(args) -> int:
@@ -393,7 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "model's shapes", description="Time both masked-conv implementations on every distinct "
                           "conv shape of the sparsified model and record the faster one in the dispatch table "
                           "that training and inference then use (see vpns_fast/ops/conv_dispatch.py).")
-    tune.add_argument("--model", default="resnet18")
+    tune.add_argument("--model", default="resnet18", help="a model name, as for `vpns prune --model`")
     tune.add_argument("--num-classes", type=int)
     tune.add_argument("--input-size", type=int, default=224)
     tune.add_argument("--batch", type=_csv(int), default=(256,), help="comma-separated batch sizes")

@@ -28,6 +28,12 @@ named folder itself is accepted too):
     Nothing: random images of any size and class count, deterministic from ``seed``, for
     throughput work. Each class has its own mean colour, so a model can learn something.
 
+Your own data: :func:`dataset_splits` takes any ``torch.utils.data.Dataset`` (or train / val / test
+datasets) whose items are ``(image, label)``: ``image`` a tensor ``(C, H, W)`` with C 1 or 3, either
+``uint8`` in [0, 255] or floating point in [0, 1] (not normalized: the input stage normalizes), ``label``
+an integer in ``[0, num_classes)``. Images are resized to the run's size and augmented like the named
+datasets' (``train_augmented``).
+
 The network is touched only with ``download=True`` (CIFAR through torchvision's downloader,
 Tiny-ImageNet through its zip); offline and without the files, a FileNotFoundError names the
 folder looked in and the layout expected.
@@ -60,6 +66,7 @@ __all__ = [
     "TrainAugmentation",
     "augment_batch",
     "augmentation_resize_size",
+    "dataset_splits",
     "load_dataset",
     "make_loader",
     "resize_batch",
@@ -625,6 +632,138 @@ def _synthetic(samples: int, classes: int, size: int, seed: int) -> tuple[_Tenso
     return (
         _TensorSource(images[:samples], labels[:samples]),
         _TensorSource(images[samples:], labels[samples:]),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# A user's own datasets
+
+
+class _DatasetView(Dataset):
+    """The items of a user's dataset at ``indices``, checked and resized (or augmented) like ours."""
+
+    def __init__(self, dataset: Dataset, indices: torch.Tensor, transform: ResizeTransform | TrainAugmentation,
+                 num_classes: int):
+        self.dataset = dataset
+        self.indices = indices.to(torch.int64)
+        self.transform = transform
+        self.num_classes = num_classes
+
+    def __len__(self) -> int:
+        return int(self.indices.numel())
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        j = int(self.indices[i])
+        image, label = _checked_item(self.dataset[j], j, self.num_classes)
+        image = image.expand(3, -1, -1) if image.shape[0] == 1 else image
+        return self.transform(image), label
+
+    def __repr__(self) -> str:
+        return f"_DatasetView({type(self.dataset).__name__}, n={len(self)}, transform={self.transform!r})"
+
+
+def _checked_item(item, index: int, num_classes: int) -> tuple[torch.Tensor, int]:
+    expected = ("an (image, label) pair, image a uint8 [0, 255] or float [0, 1] tensor (C, H, W) with C 1 or 3, "
+                f"label an integer in [0, {num_classes})")
+    if not isinstance(item, (tuple, list)) or len(item) < 2:
+        raise ValueError(f"dataset item {index}: expected {expected}, got {type(item).__name__}")
+    image, label = item[0], item[1]
+    valid_image = (isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] in (1, 3)
+                   and (image.dtype == torch.uint8 or image.is_floating_point()))
+    label = int(label) if isinstance(label, (int, np.integer)) or (
+        isinstance(label, torch.Tensor) and label.numel() == 1 and not label.is_floating_point()) else None
+    if not valid_image or label is None or not 0 <= label < num_classes:
+        shape = (f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor)
+                 else type(image).__name__)
+        raise ValueError(f"dataset item {index}: expected {expected}, got image {shape}, label {item[1]!r}")
+    return image, label
+
+
+def _known_labels(dataset: Dataset) -> torch.Tensor | None:
+    """The labels of a dataset when they can be read without loading images (for stratified splits)."""
+    if isinstance(dataset, torch.utils.data.TensorDataset) and len(dataset.tensors) >= 2:
+        labels = dataset.tensors[1]
+    else:
+        labels = getattr(dataset, "targets", getattr(dataset, "labels", None))
+    if labels is None:
+        return None
+    labels = torch.as_tensor(labels)
+    if labels.dim() != 1 or labels.numel() != len(dataset) or labels.is_floating_point():
+        return None
+    return labels.to(torch.int64)
+
+
+def _pick(indices: torch.Tensor, labels: torch.Tensor | None, fraction: float,
+          seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held out) of ``indices``: stratified when the labels are known, uniformly at random otherwise."""
+    known = labels[indices] if labels is not None else torch.zeros(indices.numel(), dtype=torch.int64)
+    kept, held_out = _split(known, fraction, seed, stratify=labels is not None)
+    return indices[kept], indices[held_out]
+
+
+def _capped(indices: torch.Tensor, labels: torch.Tensor | None, limit: int | None, seed: int) -> torch.Tensor:
+    if limit is None or indices.numel() <= limit:
+        return indices
+    known = labels[indices] if labels is not None else torch.zeros(indices.numel(), dtype=torch.int64)
+    return indices[_choose(known, limit, torch.Generator().manual_seed(seed + 7919), stratify=labels is not None)]
+
+
+def dataset_splits(
+    train: Dataset,
+    val: Dataset | None = None,
+    test: Dataset | None = None,
+    *,
+    num_classes: int,
+    image_size: int,
+    classes: Sequence[str] | None = None,
+    val_fraction: float = 0.1,
+    test_fraction: float = DIGITS_TEST_FRACTION,
+    seed: int = 0,
+    limit: int | None = None,
+    name: str = "custom",
+) -> DataSplits:
+    """A user's datasets as :class:`DataSplits` (items as in the module doc).
+
+    Without ``test``, ``test_fraction`` of ``train`` is held out as test, always with seed 0 (every run is
+    scored on the same items); without ``val``, ``val_fraction`` of the rest is held out as val, drawn with
+    ``seed``. Splits are stratified when the labels can be read without loading images (a ``TensorDataset``,
+    or a ``targets`` / ``labels`` attribute), uniformly random otherwise. ``limit`` caps every split.
+    """
+    for argument, dataset in (("train", train), ("val", val), ("test", test)):
+        if dataset is not None and not isinstance(dataset, Dataset):
+            raise ValueError(f"{argument}: expected a torch.utils.data.Dataset, got {type(dataset).__name__}")
+    _positive_int(num_classes, "num_classes")
+    _positive_int(image_size, "image_size")
+    _positive_int(limit, "limit", allow_none=True)
+    for argument, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
+            raise ValueError(f"{argument}: expected a number in [0, 1), got {fraction!r}")
+    if len(train) == 0:
+        raise ValueError("train: expected a non-empty dataset")
+    _checked_item(train[0], 0, num_classes)  # a clear error now rather than inside a loader later
+    if classes is not None and len(classes) != num_classes:
+        raise ValueError(f"classes: expected {num_classes} names, got {len(classes)}")
+    train_labels = _known_labels(train)
+    pool = torch.arange(len(train))
+    test_source, test_idx = test, torch.arange(len(test)) if test is not None else None
+    if test is None:
+        pool, test_idx = _pick(pool, train_labels, test_fraction, DIGITS_TEST_SEED)
+        test_source = train
+    val_source, val_idx = val, torch.arange(len(val)) if val is not None else None
+    if val is None:
+        pool, val_idx = _pick(pool, train_labels, val_fraction, seed)
+        val_source = train
+    train_idx = _capped(pool, train_labels, limit, seed)
+    val_idx = _capped(val_idx, train_labels if val is None else _known_labels(val), limit, seed + 1)
+    test_idx = _capped(test_idx, train_labels if test is None else _known_labels(test), limit, seed + 2)
+    test_style = ResizeTransform(image_size)
+    names = [str(c) for c in classes] if classes is not None else [str(i) for i in range(num_classes)]
+    return DataSplits(
+        name=name, image_size=image_size, num_classes=num_classes, classes=names,
+        train=_DatasetView(train, train_idx, test_style, num_classes),
+        train_augmented=_DatasetView(train, train_idx, TrainAugmentation(image_size), num_classes),
+        val=_DatasetView(val_source, val_idx, test_style, num_classes),
+        test=_DatasetView(test_source, test_idx, test_style, num_classes),
     )
 
 

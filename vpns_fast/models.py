@@ -1,7 +1,18 @@
-"""Networks for VPNs: torchvision ImageNet models (pretrained source), CIFAR and small ResNets.
+"""Networks for VPNs: every torchvision classification model, timm models, a user's own factory,
+and the two small CIFAR-style ResNets.
 
-Every Conv2d/Linear is a plain ``nn.Conv2d``/``nn.Linear`` so that ``vpns_fast.pruning`` can swap
-them for masked layers; state_dict keys follow torchvision so published checkpoints load as is.
+A model is named in one of four ways (``MODEL_NAMING``):
+
+* a built-in name of ``MODELS``: the three torchvision weight sets the paper uses and the small ones;
+* any torchvision classification model (``torchvision.models.list_models(module=torchvision.models)``),
+  e.g. ``mobilenet_v3_small``, ``vit_b_16``; pretrained weights are its weights enum's ``DEFAULT``;
+* ``timm:NAME`` when timm is installed (``pip install vpns_fast[timm]``);
+* ``package.module:factory`` for a user's own network: ``factory(num_classes=N, **kwargs)`` (``num_classes``
+  only when the factory accepts it) must return an ``nn.Module``.
+
+Every Conv2d/Linear of the built-in models is a plain ``nn.Conv2d``/``nn.Linear`` so that
+``vpns_fast.pruning`` can swap them for masked layers; state_dict keys follow torchvision so published
+checkpoints load as is.
 
 Pretrained weights never come silently from nowhere: an explicit file (``weights=PATH``), else the
 torch hub cache, else a download; offline with no file is a ``FileNotFoundError`` that names the
@@ -9,8 +20,12 @@ expected paths.
 """
 from __future__ import annotations
 
+import functools
 import http.client
+import importlib
+import inspect
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
@@ -22,15 +37,23 @@ from torchvision.models.resnet import BasicBlock, ResNet
 
 __all__ = [
     "MODELS",
+    "MODEL_NAMING",
     "build_model",
+    "build_model_spec",
     "default_input_size",
+    "model_kind",
     "source_num_classes",
+    "torchvision_model_names",
     "load_weights",
     "load_state_dict_file",
     "pretrained_weights_info",
 ]
 
 MODELS = ("resnet18", "resnet50", "vgg16", "cifar_resnet18", "small_resnet")
+MODEL_NAMING = ("a torchvision classification model name (resnet18, mobilenet_v3_small, vit_b_16, ...: "
+                "torchvision.models.list_models(module=torchvision.models)), 'timm:NAME' (pip install "
+                "vpns_fast[timm]), 'package.module:factory' for your own network, or one of the small models "
+                "cifar_resnet18, small_resnet")
 
 # The torchvision weight sets the paper uses (docs/method.md §1).
 _TORCHVISION = {
@@ -47,26 +70,85 @@ _HEAD_WEIGHT_KEY = {
     "small_resnet": "fc.weight",
 }
 _SMALL_DEFAULT_CLASSES = 10
+_TIMM_EXTRA = "pip install 'vpns_fast[timm]' (or pip install timm)"
+# An unusual class count: the parameters whose first dimension takes it are the classifier's.
+_PROBE_CLASSES = 1237
 
 # Set VPNS_FAST_OFFLINE=1 to never attempt a download (e.g. on air-gapped clusters where a
 # connection attempt would hang instead of failing fast).
 _OFFLINE_ENV = "VPNS_FAST_OFFLINE"
 
 
+@functools.cache
+def torchvision_model_names() -> tuple[str, ...]:
+    """Every torchvision classification model (detection, segmentation, video and quantized ones live in
+    submodules and are not listed)."""
+    return tuple(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_kind(name: str) -> tuple[str, str]:
+    """``(kind, key)`` of a model name: kind ``builtin``, ``torchvision``, ``timm`` or ``factory``."""
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model: expected a model name ({MODEL_NAMING}), got {name!r}")
+    text = name.strip()
+    if text.lower().startswith("timm:"):
+        if not text[5:]:
+            raise ValueError(f"model: expected 'timm:NAME', got {name!r}")
+        return "timm", text[5:]
+    if ":" in text:
+        module, _, factory = text.partition(":")
+        if not module or not factory:
+            raise ValueError(f"model: expected 'package.module:factory', got {name!r}")
+        return "factory", text
+    key = text.lower()
+    if key in MODELS:
+        return "builtin", key
+    if key in torchvision_model_names():
+        return "torchvision", key
+    raise ValueError(f"unknown model {name!r}; name a model as {MODEL_NAMING}")
+
+
 def _check_name(name: str) -> str:
-    key = name.lower()
-    if key not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {MODELS}")
+    kind, key = model_kind(name)
+    if kind != "builtin":
+        raise ValueError(f"{name!r} is not a built-in model ({', '.join(MODELS)})")
     return key
 
 
+def _torchvision_weights(key: str):
+    return torchvision.models.get_model_weights(key).DEFAULT
+
+
+def _import_timm():
+    try:
+        import timm
+    except ImportError as exc:
+        raise ValueError(f"model: timm models need the optional extra timm: {_TIMM_EXTRA} ({exc})") from None
+    return timm
+
+
 def default_input_size(name: str) -> int:
-    """Side length of the images the architecture was designed for."""
-    return 224 if _check_name(name) in _TORCHVISION else 32
+    """Side length of the images the architecture was designed for (224 for a user's factory)."""
+    kind, key = model_kind(name)
+    if kind == "builtin":
+        return 224 if key in _TORCHVISION else 32
+    if kind == "torchvision":
+        return int(_torchvision_weights(key).transforms().crop_size[0])
+    if kind == "timm":
+        timm = _import_timm()
+        config = timm.get_pretrained_cfg(key) if timm.is_model(key) else None
+        return int(config.input_size[-1]) if config is not None and config.input_size else 224
+    return 224
 
 
-def source_num_classes(model: nn.Module) -> int:
-    """Number of outputs of the model's final linear layer (the source label space)."""
+def source_num_classes(model: nn.Module, input_size: int | None = None) -> int:
+    """Number of outputs of the model (the source label space).
+
+    With ``input_size``: measured by a dry forward of one ``(1, 3, S, S)`` image in eval mode, which works for
+    any classifier. Without: the ``out_features`` of the last linear layer (masked replacements included).
+    """
+    if input_size is not None:
+        return _dry_forward_classes(model, int(input_size))
     last = None
     for module in model.modules():
         # Duck-typed so that masked replacements of nn.Linear still count.
@@ -75,8 +157,25 @@ def source_num_classes(model: nn.Module) -> int:
         ):
             last = module
     if last is None:
-        raise ValueError("model has no linear layer")
+        raise ValueError("model has no linear layer; pass input_size to count its outputs by a dry forward")
     return int(last.out_features)
+
+
+@torch.no_grad()
+def _dry_forward_classes(model: nn.Module, input_size: int) -> int:
+    modes = {module: module.training for module in model.modules()}
+    parameter = next(model.parameters(), None)
+    device = parameter.device if parameter is not None else torch.device("cpu")
+    model.eval()  # eval: batch norm reads its running statistics and updates none, dropout is off
+    try:
+        output = model(torch.zeros(1, 3, input_size, input_size, device=device))
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+        raise ValueError(f"model: expected the network to return logits of shape (batch, classes), got {shape}")
+    return int(output.shape[1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -222,13 +321,16 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, strict: bool = Tr
 
 
 def pretrained_weights_info(name: str) -> dict[str, Any]:
-    """Where pretrained weights for ``name`` are looked for: url and hub-cache candidate paths."""
-    key = _check_name(name)
-    if key not in _TORCHVISION:
+    """Where pretrained weights for a torchvision ``name`` are looked for: url and hub-cache candidate paths."""
+    kind, key = model_kind(name)
+    if kind == "builtin" and key in _TORCHVISION:
+        weights = _TORCHVISION[key][1]
+    elif kind == "torchvision":
+        weights = _torchvision_weights(key)
+    else:
         raise ValueError(
             f"{name!r} has no published pretrained weights; pass weights=PATH to a checkpoint"
         )
-    weights = _TORCHVISION[key][1]
     file_name = os.path.basename(urllib.parse.urlparse(weights.url).path)
     checkpoints = os.path.join(torch.hub.get_dir(), "checkpoints")
     stem = os.path.splitext(file_name)[0]
@@ -273,20 +375,193 @@ def _pretrained_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Any torchvision model, timm, and a user's factory
+
+# Settings torchvision's builders apply when they load published weights, applied here too since the
+# weights are loaded from the hub cache or a file rather than through the builder.
+_AUX_HEAD_PREFIXES = {"googlenet": ("aux1.", "aux2."), "inception_v3": ("AuxLogits.",)}
+
+
+def _torchvision_defaults(key: str, with_weights: bool) -> dict:
+    """Architecture arguments this package sets: no auxiliary heads (a training forward returns one logits
+    tensor), torchvision's input transform when its weights are loaded, and a ViT built for the input size
+    its default weights use."""
+    defaults: dict[str, Any] = {}
+    if key in _AUX_HEAD_PREFIXES:
+        defaults.update(aux_logits=False, init_weights=not with_weights)
+        if with_weights:
+            defaults["transform_input"] = True
+    if key.startswith("vit_"):
+        defaults["image_size"] = int(_torchvision_weights(key).meta["min_size"][0])
+    return defaults
+
+
+# DenseNet's published files use the old key names `norm.1` for `norm1` (torchvision renames them on load).
+_DENSENET_OLD_KEY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def _torchvision_state(key: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if key.startswith("densenet"):
+        state = {(m.group(1) + m.group(2) if (m := _DENSENET_OLD_KEY.match(k)) else k): v for k, v in state.items()}
+    prefixes = _AUX_HEAD_PREFIXES.get(key, ())
+    return {k: v for k, v in state.items() if not k.startswith(prefixes)} if prefixes else state
+
+
+def _import_factory(name: str):
+    module_name, _, attribute = name.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ValueError(f"model {name!r}: cannot import module {module_name!r} ({exc}); is it on PYTHONPATH?") \
+            from None
+    factory: Any = module
+    for part in attribute.split("."):
+        if not hasattr(factory, part):
+            raise ValueError(f"model {name!r}: module {module_name!r} has no {attribute!r}")
+        factory = getattr(factory, part)
+    if not callable(factory):
+        raise ValueError(f"model {name!r}: {attribute!r} is a {type(factory).__name__}, not a callable factory")
+    return factory
+
+
+def _accepts(function, argument: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters
+    except (TypeError, ValueError):  # a builtin without a signature
+        return False
+    return argument in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+
+
+def _construct(kind: str, key: str, num_classes: int | None, kwargs: dict) -> nn.Module:
+    """The architecture with random weights; ``num_classes`` None: the architecture's own default."""
+    if kind == "torchvision":
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        return torchvision.models.get_model(key, weights=None, **classes, **kwargs)
+    if kind == "timm":
+        timm = _import_timm()
+        if not timm.is_model(key):
+            raise ValueError(f"unknown timm model {key!r}; see timm.list_models()")
+        classes = {} if num_classes is None else {"num_classes": num_classes}
+        return timm.create_model(key, pretrained=False, **classes, **kwargs)
+    factory = _import_factory(key)
+    takes_classes = num_classes is not None and _accepts(factory, "num_classes")
+    model = factory(**({"num_classes": num_classes} if takes_classes else {}), **kwargs)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model {key!r}: the factory returned a {type(model).__name__}, expected an nn.Module")
+    if num_classes is not None and not takes_classes:
+        # a factory without num_classes: its last linear layer is the head
+        if any(isinstance(m, nn.Linear) for m in model.modules()) and source_num_classes(model) != num_classes:
+            _replace_head(model, num_classes)
+    return model
+
+
+def _head_keys(kind: str, key: str, kwargs: dict) -> list[str]:
+    """State keys of the classifier: the parameters whose first dimension follows ``num_classes``."""
+    try:
+        with torch.device("meta"):  # no memory, no init cost
+            probe = _construct(kind, key, _PROBE_CLASSES, kwargs)
+    except (NotImplementedError, RuntimeError):  # builders that read tensor values (RegNet) need real ones
+        probe = _construct(kind, key, _PROBE_CLASSES, kwargs)
+    keys = [k for k, v in probe.state_dict().items() if v.dim() and v.shape[0] == _PROBE_CLASSES]
+    if not keys:
+        raise ValueError(f"model {key!r}: cannot find its classifier (no parameter follows num_classes)")
+    return keys
+
+
+def _pretrained_timm(key: str, kwargs: dict) -> nn.Module:
+    timm = _import_timm()
+    if os.environ.get(_OFFLINE_ENV):
+        reason = f"offline ({_OFFLINE_ENV} is set)"
+    else:
+        try:
+            return timm.create_model(key, pretrained=True, **kwargs)
+        except Exception as error:  # hub and network errors come in many types
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+    raise FileNotFoundError(
+        f"pretrained weights for timm:{key} are not in the Hugging Face hub cache and could not be downloaded "
+        f"({reason}). Fix: download them on a machine with internet (timm.create_model({key!r}, pretrained=True)) "
+        f"and save model.state_dict() to a file, then pass weights='/path/to/file.pth'."
+    )
+
+
+def _build_any(kind: str, key: str, name: str, num_classes: int | None, weights, pretrained: bool,
+               kwargs: dict) -> tuple[nn.Module, dict]:
+    """(model, the kwargs that rebuild it with :func:`build_model`) for a torchvision, timm or factory name."""
+    with_weights = weights is not None or pretrained
+    if kind == "torchvision":
+        kwargs = {**_torchvision_defaults(key, with_weights), **kwargs}
+    if not with_weights:
+        model = _construct(kind, key, num_classes, kwargs)
+        return model, {**({} if num_classes is None else {"num_classes": num_classes}), **kwargs}
+    if weights is None and kind == "timm":
+        model = _pretrained_timm(key, kwargs)
+        if num_classes is not None:
+            model.reset_classifier(num_classes)
+        return model, {"num_classes": int(model.num_classes), **kwargs}
+    if weights is None and kind == "factory":
+        raise ValueError(f"{name!r} has no published pretrained weights; pass weights=PATH to a checkpoint")
+    if weights is not None:
+        source = os.fspath(weights)
+        state = load_state_dict_file(source)
+    else:
+        state, source = _pretrained_state_dict(key)
+    if kind == "torchvision":
+        state = _torchvision_state(key, state)
+    heads = _head_keys(kind, key, kwargs)
+    if heads[0] not in state:
+        raise RuntimeError(f"weights in {source} have no {heads[0]!r}; not a {name} checkpoint?")
+    source_classes = int(state[heads[0]].shape[0])
+    classes = source_classes if num_classes is None else num_classes
+    model = _construct(kind, key, classes, kwargs)
+    if classes == source_classes:
+        _load_state_dict_checked(model, state, source)
+    else:  # a fresh head of `num_classes` outputs, as the architecture initialises it; the body from the file
+        body = {k: v for k, v in state.items() if k not in heads}
+        _load_state_dict_checked(model, {**model.state_dict(), **body}, source)
+    return model, {"num_classes": classes, **kwargs}
+
+
+def build_model_spec(
+    name: str,
+    num_classes: int | None = None,
+    weights: str | os.PathLike | None = None,
+    *,
+    pretrained: bool = False,
+    **kwargs: Any,
+) -> tuple[nn.Module, dict]:
+    """Like :func:`build_model`, also returning ``{"name", "kwargs"}``: what rebuilds the same architecture
+    with ``build_model(spec["name"], **spec["kwargs"])`` (the record a checkpoint keeps)."""
+    kind, key = model_kind(name)
+    if kind == "builtin":
+        if kwargs:
+            raise ValueError(f"model {name!r} takes no architecture arguments, got {sorted(kwargs)}")
+        model = _build_builtin(key, num_classes, weights, pretrained)
+        return model, {"name": name, "kwargs": {"num_classes": source_num_classes(model)}}
+    model, rebuild = _build_any(kind, key, name, num_classes, weights, pretrained, dict(kwargs))
+    return model, {"name": name, "kwargs": rebuild}
+
+
 def build_model(
     name: str,
     num_classes: int | None = None,
     weights: str | os.PathLike | None = None,
     *,
     pretrained: bool = False,
+    **kwargs: Any,
 ) -> nn.Module:
-    """Build ``name`` (one of MODELS), optionally with pretrained weights.
+    """Build the model ``name`` names (see ``MODEL_NAMING``), optionally with pretrained weights.
 
     With weights (``weights=PATH`` or ``pretrained=True``) the checkpoint's classifier is kept when
-    ``num_classes`` is None, else replaced by a fresh ``nn.Linear(in, num_classes)``.
-    Without weights ``num_classes`` defaults to 1000 (torchvision models) or 10 (the small ones).
+    ``num_classes`` is None, else replaced by a fresh one of ``num_classes`` outputs. Without weights
+    ``num_classes`` defaults to the architecture's own (1000 for torchvision models, 10 for the small ones).
+    ``kwargs`` go to the torchvision builder, ``timm.create_model`` or the factory.
     """
-    key = _check_name(name)
+    return build_model_spec(name, num_classes, weights, pretrained=pretrained, **kwargs)[0]
+
+
+def _build_builtin(key: str, num_classes: int | None, weights, pretrained: bool) -> nn.Module:
     if weights is None and not pretrained:
         default = 1000 if key in _TORCHVISION else _SMALL_DEFAULT_CLASSES
         return _build_architecture(key, default if num_classes is None else num_classes)

@@ -389,3 +389,28 @@ def test_structured_mode_and_slim_refuse_other_models_clearly():
     model = V.sparsify(_mobilenet_v3(), "channel")
     with pytest.raises(SlimError, match="got MobileNetV3"):
         slim_model(V.fold(model))
+
+
+class _Conv2dThenAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.conv(x).flatten(2).transpose(1, 2)
+        x, _ = self.attn(x, x, x)
+        return self.fc(x.mean(1))
+
+
+@pytest.mark.parametrize("exclude", [None, ["attn.in_proj"], ["attn.out_proj"], ["fc"]])
+def test_checkpoint_rebuilds_the_layers_that_stayed_dense(tmp_path, exclude):
+    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    model = V.sparsify(_Conv2dThenAttention(), exclude=exclude)
+    V.set_density(model, 0.5)
+    save_checkpoint(tmp_path / "m.pt", model, model_name=None)
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), model=_Conv2dThenAttention())
+    x = torch.rand(2, 3, 6, 6)
+    assert_close(rebuilt(x), model(x), rtol=0, atol=0)

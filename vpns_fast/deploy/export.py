@@ -26,6 +26,7 @@ channels stay, see :mod:`vpns_fast.deploy.slim`). Export takes 1-4 s each on a l
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import json
 import math
@@ -246,17 +247,23 @@ def _common_meta(payload: dict, use_prompt: bool | None, class_names) -> dict:
     }
 
 
-def _folded_model(payload: dict) -> nn.Module:
+def _folded_model(payload: dict, model: nn.Module | None = None) -> nn.Module:
     from vpns_fast.pruning.checkpoint import model_from_checkpoint
     from vpns_fast.pruning.masking import fold, masked_layers
 
-    model = model_from_checkpoint(payload).eval()
+    model = model_from_checkpoint(payload, model).eval()
     return fold(model).eval() if masked_layers(model) else model
 
 
-def _build_plain(meta: dict) -> nn.Module:
+def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
+    """The stock network the metadata names, or a copy of ``model`` (for a network passed as an object)."""
     from vpns_fast.models import build_model
 
+    if model is not None:
+        return copy.deepcopy(model).cpu()
+    if meta["model"]["name"] is None:
+        raise ValueError(f"this file's network ({meta['model'].get('class', 'a module')}) was passed as an object, "
+                         f"which the file cannot rebuild; pass model=<a module of the same architecture>")
     return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
 
 
@@ -369,7 +376,7 @@ def decode_weight(name: str, tensors: dict[str, torch.Tensor], info: dict) -> to
 
 def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: str | os.PathLike, force: bool = False,
            *, slim: bool = False, use_prompt: bool | None = None, class_names: Sequence[str] | None = None,
-           opset: int = 17) -> dict:
+           opset: int = 17, model: nn.Module | None = None) -> dict:
     """Export a checkpoint (path or the dict :func:`vpns_fast.checkpoint.load_checkpoint` returns)
     to ``path`` in ``format`` (dense, sparse, slim, onnx). Nothing is overwritten without
     ``force``. ``slim`` (onnx only): export the slimmed network. ``use_prompt``: whether inference
@@ -382,7 +389,7 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
         raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
     payload = _load_payload(checkpoint_or_payload)
     meta = _common_meta(payload, use_prompt, class_names)
-    folded = _folded_model(payload)
+    folded = _folded_model(payload, model)
     if format == "dense":
         _write_safetensors("dense", folded.state_dict(), meta, path, force)
     elif format == "sparse":
@@ -421,15 +428,15 @@ def _sparse_tensors(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict]:
 
 # --------------------------------------------------------------------------- load
 
-def load_dense(path) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
+def load_dense(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
     """``(model, prompt, label_mapping, meta)`` from a dense export; ``model`` is the stock model."""
     tensors, meta = read_export(path, "dense")
-    model = _build_plain(meta)
+    model = _build_plain(meta, model)
     _load_state(model, tensors, path)
     return model.eval(), prompt_from_meta(meta.get("prompt")), _mapping_tensor(meta), meta
 
 
-def load_sparse(path) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
+def load_sparse(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
     """``(model, prompt, label_mapping, meta)`` from a sparse export: the dense-shaped plain model
     with the folded (zero-filled) weights; ``prompt`` is None when none was kept."""
     tensors, meta = read_export(path, "sparse")
@@ -440,19 +447,19 @@ def load_sparse(path) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
     except (KeyError, ValueError, RuntimeError, TypeError) as exc:
         raise ExportFormatError(f"{path}: sparse layer data is inconsistent ({exc.__class__.__name__}: {exc})") \
             from exc
-    model = _build_plain(meta)
+    model = _build_plain(meta, model)
     _load_state(model, state, path)
     return model.eval(), prompt_from_meta(meta.get("prompt")), _mapping_tensor(meta), meta
 
 
-def load_slim(path, with_meta: bool = False):
+def load_slim(path, with_meta: bool = False, model: nn.Module | None = None):
     """The slim network of a slim export (``nn.Module``, eval mode); with ``with_meta``,
     ``(model, prompt, label_mapping, meta)`` like the other loaders."""
     from vpns_fast.deploy.slim import SlimError, build_slim
 
     tensors, meta = read_export(path, "slim")
     try:
-        model = build_slim(_build_plain(meta), meta["architecture"])
+        model = build_slim(_build_plain(meta, model), meta["architecture"])
     except (SlimError, KeyError) as exc:
         raise ExportFormatError(f"{path}: slim architecture description is unusable ({exc})") from exc
     _load_state(model, tensors, path)
@@ -462,22 +469,22 @@ def load_slim(path, with_meta: bool = False):
     return model
 
 
-def load_any(path) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
+def load_any(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
     """``(model, prompt, label_mapping, meta)`` from a checkpoint or any safetensors export;
     a checkpoint gives its masked model and ``meta["kind"] == "checkpoint"``."""
     kind = file_kind(path)
     if kind == "dense":
-        return load_dense(path)
+        return load_dense(path, model)
     if kind == "sparse":
-        return load_sparse(path)
+        return load_sparse(path, model)
     if kind == "slim":
-        return load_slim(path, with_meta=True)
+        return load_slim(path, with_meta=True, model=model)
     from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
 
     payload = load_checkpoint(path)
     meta = _common_meta(payload, None, None)
     meta["kind"] = "checkpoint"
-    return (model_from_checkpoint(payload).eval(), prompt_from_meta(meta["prompt"]), _mapping_tensor(meta), meta)
+    return (model_from_checkpoint(payload, model).eval(), prompt_from_meta(meta["prompt"]), _mapping_tensor(meta), meta)
 
 
 # --------------------------------------------------------------------------- onnx

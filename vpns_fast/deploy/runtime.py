@@ -72,7 +72,7 @@ class DeployedModel(nn.Module):
 
 # --------------------------------------------------------------------------- sources
 
-def _source(model_or_path, prompt, label_mapping, mean, std, image_size) -> dict:
+def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=None) -> dict:
     """Normalize every accepted input to {network, prompt, mapping, mean, std, image_size, meta,
     kind} where network is plain (folded / slim) or masked."""
     from vpns_fast import ops
@@ -80,7 +80,7 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size) -> dict
     if isinstance(model_or_path, (str, os.PathLike)):
         from vpns_fast.deploy.export import load_any
 
-        network, file_prompt, mapping, meta = load_any(model_or_path)
+        network, file_prompt, mapping, meta = load_any(model_or_path, model=model)
         use_prompt = meta.get("use_prompt", False)
         file_prompt = file_prompt if use_prompt else None
         return {"network": network, "prompt": file_prompt, "mapping": mapping,
@@ -88,6 +88,9 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size) -> dict
                 "image_size": _image_size(meta, file_prompt), "meta": meta, "kind": meta["kind"]}
     if not isinstance(model_or_path, nn.Module):
         raise TypeError(f"deploy takes a file path or an nn.Module, got {type(model_or_path).__name__}")
+    if model is not None:
+        raise ValueError("model: only for a file path (the architecture to load its weights into); deploy a "
+                         "module directly")
     from vpns_fast.nn.prompted_network import PromptedNetwork
 
     if isinstance(model_or_path, PromptedNetwork):
@@ -114,7 +117,8 @@ def _image_size(meta: dict, prompt) -> int:
         return int(meta["input_size"][-1])
     from vpns_fast.models import default_input_size
 
-    return default_input_size(meta["model"]["name"])
+    name = meta["model"]["name"]
+    return default_input_size(name) if name is not None else 224  # a module passed as an object: its default
 
 
 def _granularity(network: nn.Module, meta: dict) -> str | None:
@@ -164,7 +168,7 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
            example_input_size: Sequence[int] | None = None, policy: str = "measure", *,
            prompt: VisualPrompt | None = None, label_mapping: torch.Tensor | Sequence[int] | None = None,
            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, image_size: int | None = None,
-           slim: bool = True, min_speedup: float = 1.05) -> DeployedModel:
+           slim: bool = True, min_speedup: float = 1.05, model: nn.Module | None = None) -> DeployedModel:
     """An inference module for a checkpoint path, an export path (dense / sparse / slim), or a
     (masked, plain or :class:`~vpns_fast.nn.PromptedNetwork`) module.
 
@@ -173,7 +177,9 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     any image size), used by the CPU engine to measure. ``policy``: ``measure`` (per layer,
     sparse only if ``min_speedup`` times faster), ``sparse`` or ``dense``. ``slim``: slim structured
     ResNets and VGGs. For a module, ``prompt`` / ``label_mapping`` / ``mean`` / ``std`` /
-    ``image_size`` describe the input path (a PromptedNetwork carries its own).
+    ``image_size`` describe the input path (a PromptedNetwork carries its own). ``model``: for a file whose
+    network was passed as an object when training (the file cannot rebuild it), a dense module of the same
+    architecture to load the weights into.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -182,7 +188,7 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     device = resolve_device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu, cuda or auto, got {device}")
-    source = _source(model_or_path, prompt, label_mapping, mean, std, image_size)
+    source = _source(model_or_path, prompt, label_mapping, mean, std, image_size, model)
     network, network_kind, why_not_slim = _inference_network(source, slim)
     in_size = source["image_size"]
     # a module without prompt or image_size takes any size; it is measured at 224 unless told

@@ -4,14 +4,21 @@ read with ``torch.load(..., weights_only=True)`` (no pickled code runs on load).
 Layout (version 1)::
 
     {"format": "vpns_fast.checkpoint", "version": 1,
-     "model": {"name": str, "kwargs": dict}, "granularity": str | None, "input_size": [C, H, W],
+     "model": {"name": str | None, "kwargs": dict, "class": str},
+     "granularity": str | None, "input_size": [C, H, W],
      "state_dict": {...},                       # masked layers carry `scores` and `threshold`
      "prompt": None | {"kind", "out_size", "in_size", "size", "mean", "std", "program"},
      "label_mapping": None | LongTensor,
      "meta": dict}                              # anything else the writer wants to keep
+
+``model`` says how to rebuild the network: ``build_model(name, **kwargs)`` (``name`` a torchvision name,
+``timm:NAME`` or ``package.module:factory``; see vpns_fast.models). ``name`` None: a module passed as an object,
+which no file can rebuild; :func:`model_from_checkpoint` then needs ``model=``, a module of the same
+architecture. ``class`` (the network's type, for messages) is absent from older checkpoints.
 """
 from __future__ import annotations
 
+import glob
 import os
 from typing import Any
 
@@ -49,7 +56,7 @@ def prompt_from_spec(spec: dict) -> VisualPrompt:
     return prompt
 
 
-def save_checkpoint(path, model: nn.Module, *, model_name: str, model_kwargs: dict | None = None,
+def save_checkpoint(path, model: nn.Module, *, model_name: str | None, model_kwargs: dict | None = None,
                     input_size=None, prompt: VisualPrompt | None = None, label_mapping: torch.Tensor | None = None,
                     meta: dict | None = None, overwrite: bool = False) -> None:
     granularities = {m.granularity for m in model.modules() if isinstance(m, MASKED_TYPES)}
@@ -57,7 +64,7 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str, model_kwargs: di
         raise ValueError(f"model mixes granularities {sorted(granularities)}; one per checkpoint is supported")
     payload = {
         "format": FORMAT, "version": VERSION,
-        "model": {"name": model_name, "kwargs": dict(model_kwargs or {})},
+        "model": {"name": model_name, "kwargs": dict(model_kwargs or {}), "class": _class_path(model)},
         "granularity": next(iter(granularities), None),
         "structured": structured_config(model),  # None unless sparsify(..., structured=True)
         "input_size": list(input_size) if input_size is not None else None,
@@ -81,23 +88,53 @@ def load_checkpoint(path) -> dict:
                               f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vpns_fast checkpoint (no format tag {FORMAT!r})")
-    if payload.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint version {payload.get('version')!r}; this vpns_fast reads "
-                              f"version {VERSION}")
+    version = payload.get("version")
+    if version != VERSION:
+        newer = isinstance(version, int) and version > VERSION
+        raise CheckpointError(f"{path} has checkpoint version {version!r}; this vpns_fast reads version {VERSION}"
+                              + ("; it was written by a newer vpns_fast: upgrade to read it" if newer else ""))
     return payload
 
 
-def model_from_checkpoint(payload: dict) -> nn.Module:
-    """Rebuild the (masked) model a checkpoint describes and load its weights."""
-    from vpns_fast.models import build_model
-    from vpns_fast.pruning.masking import sparsify
+def _class_path(model: nn.Module) -> str:
+    return f"{type(model).__module__}.{type(model).__qualname__}"
 
-    model = build_model(payload["model"]["name"], **payload["model"]["kwargs"])
+
+def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.Module:
+    """Rebuild the (masked) model a checkpoint describes and load its weights.
+
+    ``model``: a dense module of the checkpoint's architecture to load into instead of rebuilding it (needed
+    when the network was passed as an object); it is copied, never modified.
+    """
+    import copy
+
+    from vpns_fast.models import build_model
+    from vpns_fast.pruning.masking import maskable_names, sparsify
+
+    record = payload["model"]
+    if model is not None:
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model: expected an nn.Module of the checkpoint's architecture, got "
+                             f"{type(model).__name__}")
+        model = copy.deepcopy(model).cpu()
+    elif record["name"] is None:
+        raise ValueError(f"this checkpoint's network ({record.get('class', 'a module')}) was passed as an object, "
+                         f"which the file cannot rebuild; pass model=<a module of the same architecture> (or name "
+                         f"the model as 'package.module:factory' when training)")
+    else:
+        model = build_model(record["name"], **record["kwargs"])
     if payload["granularity"] is not None:
         masked_names = {k.rsplit(".", 1)[0] for k in payload["state_dict"] if k.endswith(".scores")}
-        dense_names = {name for name, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+        # every other weight matrix stayed dense (excluded when the checkpoint was made)
+        dense_names = set(maskable_names(model))
         structured = payload.get("structured")  # absent in older checkpoints
-        sparsify(model, payload["granularity"], score_init="kaiming", exclude=sorted(dense_names - masked_names),
+        sparsify(model, payload["granularity"], score_init="kaiming",
+                 exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
                  **({"structured": True, **structured} if structured else {}))
-    model.load_state_dict(payload["state_dict"])
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        what = record["name"] or record.get("class", "the module")
+        raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "
+                         f"{str(exc).splitlines()[0]}") from exc
     return model

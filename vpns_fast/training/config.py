@@ -4,7 +4,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from typing import Any
 
+from torch import nn
+from torch.utils.data import Dataset
+
+from vpns_fast.data import DataSplits
 from vpns_fast.models import default_input_size
 from vpns_fast.nn.masked_layers import GRANULARITIES
 from vpns_fast.nn.prompts import build_prompt
@@ -26,13 +31,62 @@ def default_optimizers() -> dict[str, dict]:
             "pretrain": dict(sgd, lr=0.1)}
 
 
+# A network or dataset passed as a Python object has no JSON form: config.json keeps this description.
+OBJECT_KEY = "python_object"
+
+
+@dataclass(frozen=True)
+class PythonObject:
+    """What config.json records of a model or dataset passed as an object: its type. A run directory whose
+    config holds one is resumed from Python with the same object (``resume(out, model=..., dataset=...)``),
+    not from the command line."""
+    field: str
+    description: str
+
+    def to_json(self) -> dict:
+        return {OBJECT_KEY: self.description}
+
+
+def describe_object(value: Any) -> str:
+    """``package.module.Class`` of an object, or of each dataset in a list, tuple or dict of them."""
+    if isinstance(value, (list, tuple)):
+        return "(" + ", ".join(describe_object(v) for v in value) + ")"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {describe_object(v)}" for k, v in value.items()) + "}"
+    if value is None:
+        return "None"
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def dataset_parts(dataset: Any) -> tuple[Dataset, Dataset | None, Dataset | None]:
+    """(train, val, test) of the dataset forms TrainConfig takes besides a name and a DataSplits."""
+    if isinstance(dataset, Dataset):
+        return dataset, None, None
+    if isinstance(dataset, dict) and set(dataset) <= {"train", "val", "test"} and "train" in dataset:
+        return dataset["train"], dataset.get("val"), dataset.get("test")
+    if isinstance(dataset, (list, tuple)) and 1 <= len(dataset) <= 3:
+        parts = list(dataset) + [None] * (3 - len(dataset))
+        if all(part is None or isinstance(part, Dataset) for part in parts) and isinstance(parts[0], Dataset):
+            return parts[0], parts[1], parts[2]
+    raise ValueError(f"dataset: expected a dataset name, a DataSplits, a torch.utils.data.Dataset, or (train, "
+                     f"val, test) datasets (a tuple, or a dict with train / val / test), got "
+                     f"{describe_object(dataset)}")
+
+
 @dataclass
 class TrainConfig:
-    dataset: str = "digits"
+    """The job's settings. ``model``: a model name (vpns_fast.models.MODEL_NAMING) or an ``nn.Module`` (dense, not
+    yet sparsified; copied, never modified), with ``model_kwargs`` for the builder of a name. ``dataset``: a name
+    (vpns_fast.data.DATASETS), a ``DataSplits``, or a ``torch.utils.data.Dataset`` / (train, val, test) datasets
+    with ``num_classes`` (items as vpns_fast.data's module doc describes). config.json records an object by its
+    type only (:class:`PythonObject`), so such a run is resumed from Python, given the object again."""
+    dataset: Any = "digits"
     data_dir: str | None = None
     download: bool = False
-    model: str = "small_resnet"
+    model: Any = "small_resnet"
     weights: str | None = None          # a weights file, or "pretrained" (torchvision weights)
+    model_kwargs: dict = field(default_factory=dict)  # architecture arguments for the builder of a model name
+    num_classes: int | None = None      # the classes of a dataset passed as Dataset objects
     methods: tuple[str, ...] = ("vpns",)
     densities: tuple[float, ...] = (0.1,)
     search_epochs: int = 30             # stage 1
@@ -69,6 +123,7 @@ class TrainConfig:
     out: str | None = None
 
     def __post_init__(self):
+        self._check_model_and_dataset()
         self.methods = tuple(self.methods)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
@@ -105,6 +160,24 @@ class TrainConfig:
         self.optimizers = merged
         self._check_geometry()
 
+    def _check_model_and_dataset(self) -> None:
+        if isinstance(self.model, nn.Module):
+            if self.weights == "pretrained":
+                raise ValueError("weights: 'pretrained' needs a model name; for a module, pass a weights file or "
+                                 "load its weights yourself")
+        elif not isinstance(self.model, (str, PythonObject)):
+            raise ValueError(f"model: expected a model name or an nn.Module, got {describe_object(self.model)}")
+        if not isinstance(self.model_kwargs, dict):
+            raise ValueError(f"model_kwargs: expected a dict, got {type(self.model_kwargs).__name__}")
+        if self.model_kwargs and not isinstance(self.model, str):
+            raise ValueError("model_kwargs: only a model name takes architecture arguments")
+        if isinstance(self.dataset, (str, DataSplits, PythonObject)):
+            return
+        dataset_parts(self.dataset)
+        if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
+            raise ValueError(f"num_classes: a dataset passed as Dataset objects needs its number of classes (an "
+                             f"integer >= 1), got {self.num_classes!r}")
+
     def _check_geometry(self) -> None:
         """Prompt and image sizes, checked before anything is written or trained."""
         input_size = self.network_input_size()  # also rejects unknown models
@@ -123,8 +196,11 @@ class TrainConfig:
         build_prompt(self.prompt, input_size, image_size, self.pad_prompt_size())
 
     def network_input_size(self) -> int:
-        """The network's input side (the prompt's output): ``input_size``, or the model's own."""
-        return self.input_size or default_input_size(self.model)
+        """The network's input side (the prompt's output): ``input_size``, or the model's own (224 for a module
+        passed as an object)."""
+        if self.input_size:
+            return self.input_size
+        return default_input_size(self.model) if isinstance(self.model, str) else 224
 
     def data_image_size(self) -> int:
         """The side of the images the data loaders yield (the prompt's input)."""
@@ -134,13 +210,30 @@ class TrainConfig:
         """Pad width / square side: ``prompt_size``, or the release's p = 16 at 224, scaled to the input."""
         return self.prompt_size or max(1, round(16 * self.network_input_size() / 224))
 
+    def model_description(self) -> str:
+        return self.model if isinstance(self.model, str) else _described(self.model, "model").description
+
+    def dataset_description(self) -> str:
+        return self.dataset if isinstance(self.dataset, str) else _described(self.dataset, "dataset").description
+
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        """The config as JSON data; a model or dataset passed as an object becomes ``{"python_object": type}``."""
+        # not dataclasses.asdict: it deep-copies every field, a whole network or dataset included
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        for name in ("model", "dataset"):
+            if not isinstance(data[name], str):
+                data[name] = _described(data[name], name).to_json()
+        return json.loads(json.dumps(data))
 
     @classmethod
     def from_dict(cls, data: dict) -> TrainConfig:
+        """The config of ``to_dict``'s data; an object's description comes back as a :class:`PythonObject`."""
         known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        values = {k: v for k, v in data.items() if k in known}
+        for name in ("model", "dataset"):
+            if isinstance(values.get(name), dict) and OBJECT_KEY in values[name]:
+                values[name] = PythonObject(name, str(values[name][OBJECT_KEY]))
+        return cls(**values)
 
     def identity(self) -> dict:
         """What must match for a run directory to be resumed (not presentation options)."""
@@ -148,3 +241,7 @@ class TrainConfig:
         for key in ("progress", "out", "num_workers", "keep_checkpoints"):
             data.pop(key)
         return data
+
+
+def _described(value: Any, name: str) -> PythonObject:
+    return value if isinstance(value, PythonObject) else PythonObject(name, describe_object(value))

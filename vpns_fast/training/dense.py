@@ -8,12 +8,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpns_fast.models import build_model, source_num_classes
+from vpns_fast.models import build_model_spec, load_weights, source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.pruning.checkpoint import atomic_save
+from vpns_fast.training.config import PythonObject
 from vpns_fast.training.job import JobContext
+from vpns_fast.training.loaders import object_not_stored
 from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
 from vpns_fast.training.phases import make_optimizer
 from vpns_fast.training.seeding import derived_seed, seed_everything
@@ -25,6 +27,8 @@ class DenseStart:
     state: dict         # its state_dict, reloaded at the start of every run and at every IMP rewind
     mapping_mode: str   # "none", "flm" or "ilm" ("auto" resolved against the model's head)
     model_kwargs: dict  # what rebuilds the model from a checkpoint
+    source_classes: int  # the model's outputs (the source label space)
+    model_name: str | None = None  # None: a module passed as an object, which a checkpoint cannot rebuild
 
 
 def build_dense_start(job: JobContext) -> DenseStart:
@@ -32,22 +36,30 @@ def build_dense_start(job: JobContext) -> DenseStart:
     # a from-scratch model (and anything random in building it) must not depend on what ran
     # before in this process: `vpns resume` rebuilds it in a fresh one
     seed_everything(derived_seed(c.seed, "dense-init"))
-    if c.weights is not None:
-        model = build_model(c.model, weights=None if c.weights == "pretrained" else c.weights,
-                            pretrained=c.weights == "pretrained")
-        model_kwargs = {"num_classes": source_num_classes(model)}
+    if isinstance(c.model, PythonObject):
+        raise ValueError(object_not_stored(c.model))
+    if isinstance(c.model, nn.Module):
+        model, name, model_kwargs = copy.deepcopy(c.model).cpu(), None, {}
+        if c.weights is not None:
+            load_weights(model, c.weights)
+    elif c.weights is not None:
+        model, spec = build_model_spec(c.model, weights=None if c.weights == "pretrained" else c.weights,
+                                       pretrained=c.weights == "pretrained", **c.model_kwargs)
+        name, model_kwargs = c.model, spec["kwargs"]
     else:
-        model = build_model(c.model, num_classes=data.num_classes)
-        model_kwargs = {"num_classes": data.num_classes}
-        if c.pretrain_epochs > 0:
-            pretrain(model, job)
+        model, spec = build_model_spec(c.model, num_classes=data.num_classes, **c.model_kwargs)
+        name, model_kwargs = c.model, spec["kwargs"]
+    # a dry forward at the run's input size counts the outputs of any classifier
+    source_classes = source_num_classes(model, c.network_input_size())
+    if c.weights is None and c.pretrain_epochs > 0:
+        pretrain(model, job)
     mode = c.label_mapping
     if mode == "auto":
-        mode = "none" if source_num_classes(model) == data.num_classes else "flm"
-    if mode == "none" and source_num_classes(model) != data.num_classes:
+        mode = "none" if source_classes == data.num_classes else "flm"
+    if mode == "none" and source_classes != data.num_classes:
         raise ValueError(f"label_mapping 'none' needs a head of {data.num_classes} classes; the model has "
-                         f"{source_num_classes(model)} (use flm or ilm)")
-    return DenseStart(model, copy.deepcopy(model.state_dict()), mode, model_kwargs)
+                         f"{source_classes} (use flm or ilm)")
+    return DenseStart(model, copy.deepcopy(model.state_dict()), mode, model_kwargs, source_classes, name)
 
 
 def pretrain(model: nn.Module, job: JobContext) -> None:

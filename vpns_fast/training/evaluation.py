@@ -47,8 +47,10 @@ def _accuracy(network: PromptedNetwork, loader, use_prompt: bool, device, autoca
 
 
 def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",
-                        batch_size: int = 256, device: str = "auto", limit: int | None = None) -> dict:
-    """Top-1 accuracy (%) of a checkpoint on a dataset split, without and (if kept) with its prompt."""
+                        batch_size: int = 256, device: str = "auto", limit: int | None = None,
+                        model=None) -> dict:
+    """Top-1 accuracy (%) of a checkpoint on a dataset split, without and (if kept) with its prompt.
+    ``model``: a module of the checkpoint's architecture, for a network that was passed as an object."""
     from vpns_fast.data import load_dataset, make_loader
     from vpns_fast.models import source_num_classes
     from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, prompt_from_spec
@@ -60,7 +62,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
 
     device = resolve_device(device)
     payload = load_checkpoint(path)
-    model = model_from_checkpoint(payload)
+    model = model_from_checkpoint(payload, model)
     prompt = prompt_from_spec(payload["prompt"]) if payload["prompt"] is not None else None
     # A checkpoint written by the trainer carries its config: evaluate on the same split and at
     # the same image size the run used (its val split depends on split_seed and val_fraction).
@@ -72,7 +74,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
                         val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
                         seed=run.get("split_seed", 0) if same_dataset else 0)
     mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",
-                           source_num_classes(model))
+                           source_num_classes(model, payload["input_size"][-1] if payload["input_size"] else None))
     if payload["label_mapping"] is not None:
         mapping.set_mapping(payload["label_mapping"])
     mean, std = (prompt.mean, prompt.std) if prompt is not None else (IMAGENET_MEAN, IMAGENET_STD)

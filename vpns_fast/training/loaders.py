@@ -5,8 +5,33 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
-from vpns_fast.data import make_loader
+from vpns_fast.data import DataSplits, dataset_splits, load_dataset, make_loader
 from vpns_fast.training import distributed as dist_utils
+from vpns_fast.training.config import PythonObject, TrainConfig, dataset_parts
+
+
+def load_job_data(config: TrainConfig) -> DataSplits:
+    """The job's splits: a named dataset loaded, a DataSplits as given, or a user's datasets split and resized
+    to the run's image size (:func:`vpns_fast.data.dataset_splits`)."""
+    c = config
+    if isinstance(c.dataset, str):
+        return load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
+                            limit=c.limit)
+    if isinstance(c.dataset, DataSplits):
+        return c.dataset
+    if isinstance(c.dataset, PythonObject):
+        raise ValueError(object_not_stored(c.dataset))
+    train, val, test = dataset_parts(c.dataset)
+    return dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
+                          val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
+
+
+def object_not_stored(placeholder: PythonObject) -> str:
+    return (f"this run was given its {placeholder.field} as a Python object ({placeholder.description}), which "
+            f"config.json cannot hold, so it cannot be resumed from the command line; resume it from Python with "
+            f"the same object: vpns_fast.training.trainer.resume(OUT, {placeholder.field}=...)"
+            + (" (or name the model as 'package.module:factory' so a run can rebuild it)"
+               if placeholder.field == "model" else ""))
 
 
 class Loaders:

@@ -73,17 +73,18 @@ class RunCheckpoints:
     """The checkpoints of one run. Each holds the masked model, its prompt and label mapping, and
     the job's config; nothing is written without a run directory, or on ranks other than 0."""
 
-    def __init__(self, directory: str | None, config: TrainConfig, model_kwargs: dict, keeps_mapping: bool,
-                 is_main: bool):
+    def __init__(self, directory: str | None, config: TrainConfig, model_name: str | None, model_kwargs: dict,
+                 keeps_mapping: bool, is_main: bool):
         self.directory = directory
         self.config = config
+        self.model_name = model_name  # None: a module passed as an object (load it with model=)
         self.model_kwargs = model_kwargs
         self.keeps_mapping = keeps_mapping
         self.writes = directory is not None and is_main
 
     def _save(self, name: str, network: PromptedNetwork, meta: dict) -> None:
         size = self.config.network_input_size()
-        save_checkpoint(os.path.join(self.directory, name), network.model, model_name=self.config.model,
+        save_checkpoint(os.path.join(self.directory, name), network.model, model_name=self.model_name,
                         model_kwargs=self.model_kwargs, input_size=(3, size, size), prompt=network.prompt,
                         label_mapping=network.mapping.mapping if self.keeps_mapping else None,
                         meta=dict(meta, config=self.config.to_dict()), overwrite=True)

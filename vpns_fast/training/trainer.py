@@ -7,6 +7,7 @@ prompt) and an atomic checkpoint of where the run stands; each epoch reseeds eve
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -15,20 +16,18 @@ from dataclasses import dataclass
 
 import torch
 
-from vpns_fast.data import load_dataset
 from vpns_fast.environment import resolve_device
-from vpns_fast.models import source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import build_prompt
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.pruning.methods import Method, get_method
 from vpns_fast.training import distributed as dist_utils
-from vpns_fast.training.config import TrainConfig
+from vpns_fast.training.config import PythonObject, TrainConfig
 from vpns_fast.training.dense import DenseStart, build_dense_start
 from vpns_fast.training.evaluation import evaluate_splits
 from vpns_fast.training.job import JobContext
-from vpns_fast.training.loaders import Loaders
+from vpns_fast.training.loaders import Loaders, load_job_data
 from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
 from vpns_fast.training.phases import (
     Phase,
@@ -94,15 +93,15 @@ class TwoStageTrainer:
     def run(self) -> list[dict]:
         c = self.config
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
-        data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
-                            limit=c.limit)
+        data = load_job_data(c)
         self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
         self.dense = build_dense_start(self.job)
         env = environment()
         runs = [(method, density) for method in map(get_method, c.methods) for density in self._densities(method)]
         if self.is_main and c.progress:
-            print(f"vpns_fast: {c.dataset} ({data.summary()}) | {c.model} on {self.device} | {len(runs)} runs | "
+            print(f"vpns_fast: {c.dataset_description()} ({data.summary()}) | {c.model_description()} on "
+                  f"{self.device} | {len(runs)} runs | "
                   f"protocol {c.protocol}", flush=True)
         for method, density in runs:
             self.results.append(self.run_one(method, density))
@@ -160,9 +159,9 @@ class TwoStageTrainer:
         if any(p.use_prompt for p in phases):
             prompt = build_prompt(c.prompt, c.network_input_size(), c.data_image_size(), c.pad_prompt_size(),
                                   IMAGENET_MEAN, IMAGENET_STD).to(self.device)
-        mapping = LabelMapping(self.job.data.num_classes, dense.mapping_mode, source_num_classes(model))
+        mapping = LabelMapping(self.job.data.num_classes, dense.mapping_mode, dense.source_classes)
         network = PromptedNetwork(model, prompt, mapping.to(self.device), IMAGENET_MEAN, IMAGENET_STD, c.channels_last)
-        checkpoints = RunCheckpoints(run_dir(c.out, method.name, density), c, dense.model_kwargs,
+        checkpoints = RunCheckpoints(run_dir(c.out, method.name, density), c, dense.model_name, dense.model_kwargs,
                                      keeps_mapping=dense.mapping_mode != "none", is_main=self.is_main)
         resumed = checkpoints.load_last(network)
         if resumed is None:
@@ -262,12 +261,24 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
 
 
-def resume(out_dir: str, progress: bool = True) -> list[dict]:
-    """Continue the run stored in ``out_dir`` from its last checkpoints."""
+def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> list[dict]:
+    """Continue the run stored in ``out_dir`` from its last checkpoints.
+
+    A run given its model or dataset as a Python object (config.json records only its type) is resumed by
+    passing the same object again as ``model=`` / ``dataset=``; without it the run refuses to start.
+    """
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{out_dir} has no config.json; it is not a `vpns prune` output directory")
     with open(path) as f:
         config = TrainConfig.from_dict(json.load(f))
-    config.out, config.progress = out_dir, progress
+    objects = {}
+    for name, value in (("model", model), ("dataset", dataset)):
+        if value is None:
+            continue
+        if not isinstance(getattr(config, name), PythonObject):
+            raise ValueError(f"{name}: {out_dir} names its {name} ({getattr(config, name)!r}); pass {name}= only "
+                             f"for a run that was given it as a Python object")
+        objects[name] = value
+    config = dataclasses.replace(config, out=out_dir, progress=progress, **objects)  # validated again
     return TwoStageTrainer(config, resuming=True).run()

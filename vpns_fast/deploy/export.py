@@ -570,7 +570,11 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
     os.close(fd)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
+        # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no
+        # ONNX symbolic: trace the plain composite path, which is the same computation.
+        torch.backends.mha.set_fastpath_enabled(False)
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
             # The legacy TorchScript exporter: the dynamo exporter needs onnxscript, an extra
@@ -589,5 +593,6 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
             raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
         os.replace(tmp, path)
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -2,11 +2,31 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
+
+PARTIAL_PREFIX = ".tmp-"  # the temporary files of atomic_write: a write killed midway leaves one behind
+
+
+class FileLockedError(ValueError):
+    """Another process holds the lock :func:`file_lock` was asked not to wait for."""
+
+
+def sweep_partial_writes(folder: str | os.PathLike) -> list[str]:
+    """Delete what killed :func:`atomic_write` calls left in ``folder`` (its ``.tmp-*`` files); the caller
+    makes sure no write into ``folder`` is under way (e.g. it holds the folder's lock). Returns the paths."""
+    removed = []
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in os.scandir(folder):
+            if entry.name.startswith(PARTIAL_PREFIX) and entry.is_file(follow_symlinks=False):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+                    removed.append(entry.path)
+    return removed
 
 
 def _umask() -> int:
@@ -24,7 +44,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=os.path.basename(path), dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=os.path.basename(path), dir=folder)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it 0600; the file gets the usual mode
         with os.fdopen(fd, "wb") as f:
@@ -39,9 +59,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
 
 
 @contextlib.contextmanager
-def file_lock(path: str | os.PathLike) -> Iterator[None]:
+def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
     """Hold an exclusive advisory lock on ``path + ".lock"`` (POSIX ``flock``) for a
-    read-merge-write of ``path`` shared by several processes. The lock file is opened read-only
+    read-merge-write of ``path`` shared by several processes; with ``wait=False`` a lock another
+    process holds raises :class:`FileLockedError` at once instead of waiting for it. The lock file is opened read-only
     (``flock`` needs no write access, so a lock file another user created still serves). Where no
     lock can be had (no ``fcntl`` on Windows, no permission, a file system without locks) the
     caller goes on unlocked, with a warning: losing a concurrent entry beats losing the write."""
@@ -59,8 +80,11 @@ def file_lock(path: str | os.PathLike) -> Iterator[None]:
     fd = None
     try:
         fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-    except OSError as error:  # no permission; ENOLCK on NFS without a lock daemon
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:  # no permission; ENOLCK on NFS without a lock daemon; or held, with wait=False
+        if not wait and fd is not None and error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            os.close(fd)
+            raise FileLockedError(f"{lock_path} is held by another process") from None
         if fd is not None:
             os.close(fd)
         warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)

@@ -369,9 +369,10 @@ def test_empty_val_split_selects_the_last_epoch(tmp_path):
 
 
 @pytest.fixture
-def twenty_class_weights(tmp_path):
-    """A small_resnet with a 20-class source head: a 10-class dataset needs a label mapping."""
-    path = tmp_path / "source20.pt"
+def twenty_class_weights(tmp_path_factory):
+    """A small_resnet with a 20-class source head: a 10-class dataset needs a label mapping. Outside
+    tmp_path, which the tests use as --out (a folder of other files is refused)."""
+    path = tmp_path_factory.mktemp("weights") / "source20.pt"
     torch.manual_seed(3)
     torch.save(build_model("small_resnet", num_classes=20).state_dict(), path)
     return str(path)

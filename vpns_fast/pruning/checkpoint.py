@@ -9,17 +9,21 @@ Layout (version 1)::
      "state_dict": {...},                       # masked layers carry `scores` and `threshold`
      "prompt": None | {"kind", "out_size", "in_size", "size", "mean", "std", "program"},
      "label_mapping": None | LongTensor,
-     "meta": dict}                              # anything else the writer wants to keep
+     "meta": dict,                              # anything else the writer wants to keep
+     "sha256": str}                             # of everything above, tensors included (see payload_sha256)
 
 ``model`` says how to rebuild the network: ``build_model(name, **kwargs)`` (``name`` a torchvision name,
 ``timm:NAME`` or ``package.module:factory``; see vpns_fast.models). ``name`` None: a module passed as an object,
 which no file can rebuild; :func:`model_from_checkpoint` then needs ``model=``, a module of the same
-architecture. ``class`` (the network's type, for messages) is absent from older checkpoints.
+architecture. ``class`` (the network's type, for messages) is absent from older checkpoints, and so is
+``sha256``: such a file still loads, with a warning that it cannot be checked.
 """
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -34,8 +38,53 @@ FORMAT = "vpns_fast.checkpoint"
 VERSION = 1
 
 
+SHA_KEY = "sha256"
+
+
 class CheckpointError(ValueError):
     """A file that is not a readable vpns_fast checkpoint of a supported version."""
+
+
+def payload_sha256(payload: dict) -> str:
+    """sha256 over every value of a checkpoint but its ``sha256``: each tensor's name, dtype, shape and bytes
+    (torch.load does not notice a flipped byte in a tensor), every other value by its repr, dicts in key order."""
+    digest = hashlib.sha256()
+
+    def feed(name: str, value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            flat = value.detach().cpu().contiguous().reshape(-1)
+            digest.update(f"{name}|tensor|{value.dtype}|{tuple(value.shape)}\0".encode())
+            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+        elif isinstance(value, dict):
+            digest.update(f"{name}|dict|{len(value)}\0".encode())
+            for key in sorted(value, key=repr):
+                feed(f"{name}.{key!r}", value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{name}|{type(value).__name__}|{len(value)}\0".encode())
+            for index, item in enumerate(value):
+                feed(f"{name}[{index}]", item)
+        else:
+            digest.update(f"{name}|{value!r}\0".encode())
+
+    feed("", {k: v for k, v in payload.items() if k != SHA_KEY})
+    return digest.hexdigest()
+
+
+_warned_unchecked = False
+
+
+def _verify(path: str, payload: dict) -> None:
+    global _warned_unchecked
+    stored = payload.get(SHA_KEY)
+    if stored is None:
+        if not _warned_unchecked:  # once per process: a job may read many files of one old run
+            _warned_unchecked = True
+            warnings.warn(f"{path} has no sha256 (written by an older vpns_fast): loaded without an integrity "
+                          f"check", stacklevel=3)
+        return
+    if payload_sha256(payload) != stored:
+        raise CheckpointError(f"{path} failed its integrity check (sha256 mismatch): the file is damaged; "
+                              f"use another copy or rerun the training that wrote it")
 
 
 def atomic_save(obj: Any, path: str | os.PathLike, overwrite: bool = False) -> None:
@@ -73,6 +122,7 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str | None, model_kwa
         "label_mapping": label_mapping.detach().cpu() if label_mapping is not None else None,
         "meta": dict(meta or {}),
     }
+    payload[SHA_KEY] = payload_sha256(payload)
     atomic_save(payload, path, overwrite=overwrite)
 
 
@@ -93,6 +143,7 @@ def load_checkpoint(path) -> dict:
         newer = isinstance(version, int) and version > VERSION
         raise CheckpointError(f"{path} has checkpoint version {version!r}; this vpns_fast reads version {VERSION}"
                               + ("; it was written by a newer vpns_fast: upgrade to read it" if newer else ""))
+    _verify(path, payload)
     return payload
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,6 +135,10 @@ class TrainConfig:
         for d in self.densities:
             if not 0 < d <= 1:
                 raise ValueError(f"density must be in (0, 1], got {d}")
+        folders = [f"{d:g}" for d in self.densities]  # each density is one run folder, runs/<method>_d<density:g>
+        repeated = sorted({name for name in folders if folders.count(name) > 1})
+        if repeated:
+            raise ValueError(f"densities: {', '.join(repeated)} given more than once; list each density once")
         checks = {"protocol": (self.protocol, PROTOCOLS), "amp": (self.amp, AMP_MODES),
                   "scope": (self.scope, ("global", "layer")), "hydra_scope": (self.hydra_scope, ("global", "layer")),
                   "granularity": (self.granularity, GRANULARITIES),
@@ -157,6 +162,10 @@ class TrainConfig:
             merged[group].update(spec)
             if merged[group]["name"] not in ("sgd", "adam", "adamw"):
                 raise ValueError(f"optimizer for {group} must be sgd, adam or adamw, got {merged[group]['name']!r}")
+            for key in ("lr", "momentum", "weight_decay"):
+                value = merged[group][key]
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                    raise ValueError(f"{key} of {group}: expected a finite number >= 0, got {value!r}")
         self.optimizers = merged
         self._check_geometry()
 

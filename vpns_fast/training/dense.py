@@ -64,27 +64,46 @@ def build_dense_start(job: JobContext) -> DenseStart:
 
 def pretrain(model: nn.Module, job: JobContext) -> None:
     """Dense training from scratch (the embedded default has no published weights), kept in
-    ``dense.pt`` of the output directory so that a resumed job does not train it again."""
+    ``dense.pt`` of the output directory so that a resumed job does not train it again. Every epoch
+    ends with ``dense-pretrain.pt`` (the model, optimizer, scheduler and scaler states): a job killed
+    during pretraining resumes at its next epoch, bit for bit (each epoch reseeds from the seed)."""
     c = job.config
     path = os.path.join(c.out, "dense.pt") if c.out else None
     if path and os.path.exists(path):
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return
+    progress_path = os.path.join(c.out, "dense-pretrain.pt") if c.out else None
+    saved = None
+    if progress_path and os.path.exists(progress_path):
+        saved = torch.load(progress_path, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
     model.to(job.device)
     network = PromptedNetwork(model, None, LabelMapping(job.data.num_classes, "none"), IMAGENET_MEAN, IMAGENET_STD,
                               c.channels_last).to(job.device)
     optimizer = make_optimizer(list(model.parameters()), c.optimizers["pretrain"])
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, max(1, c.pretrain_epochs))
     scaler = job.precision.grad_scaler()
+    stateful = [optimizer, scheduler] + ([scaler] if scaler.is_enabled() else [])
+    first_epoch = 0
+    if saved is not None:
+        for obj, state in zip(stateful, saved["stateful"]):
+            obj.load_state_dict(state)
+        first_epoch = saved["epoch"]
     trainable = distributed_model(network, job.device)
-    for epoch in range(c.pretrain_epochs):
+    for epoch in range(first_epoch, c.pretrain_epochs):
         seed_everything(derived_seed(c.seed, "pretrain", epoch))
         steps = training_steps(job.loaders, job.data, False, c.protocol,
                                derived_seed(c.seed, "pretrain", epoch, "loader"), epoch)
         progress = (EpochProgress(f"dense pretrain {epoch + 1}", len(steps[0][0]), job.world_size)
                     if c.progress and job.is_main else None)
-        train_epoch(trainable, [optimizer], steps, job.precision, scaler, job.device, progress=progress)
+        train_epoch(trainable, [optimizer], steps, job.precision, scaler, job.device, progress=progress,
+                    where=f"dense pretraining, epoch {epoch + 1}/{c.pretrain_epochs}")
         scheduler.step()
+        if progress_path and job.is_main and epoch + 1 < c.pretrain_epochs:
+            atomic_save({"epoch": epoch + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+                         "stateful": [obj.state_dict() for obj in stateful]}, progress_path, overwrite=True)
     model.cpu()
     if path and job.is_main:
         atomic_save(model.state_dict(), path, overwrite=True)
+        if progress_path and os.path.exists(progress_path):
+            os.remove(progress_path)

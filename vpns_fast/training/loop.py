@@ -1,6 +1,7 @@
 """One training epoch, and the batches it draws from (see docs/method.md for the protocols)."""
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -65,6 +66,10 @@ class EpochProgress:
         self.bar.close()
 
 
+class TrainingDivergedError(ValueError):
+    """A training loss that is NaN or infinite: the epoch's weights are not saved, the job stops."""
+
+
 def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
     return any(p.grad is not None for group in optimizer.param_groups for p in group["params"])
 
@@ -72,17 +77,23 @@ def _has_gradients(optimizer: torch.optim.Optimizer) -> bool:
 def train_epoch(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps: TrainingSteps,
                 precision: Precision, scaler: torch.amp.GradScaler, device: torch.device,
                 refresh_threshold: Callable[[], None] | None = None,
-                progress: EpochProgress | None = None) -> tuple[int, float, float]:
+                progress: EpochProgress | None = None, where: str = "training") -> tuple[int, float, float]:
     """One epoch over ``steps``; returns (images seen over all ranks, mean loss, accuracy %).
+
+    A NaN or infinite loss raises :class:`TrainingDivergedError` naming ``where`` and the first such
+    step, at the end of the epoch (the step is tracked on the device: reading the loss every step
+    would stall a GPU), before the caller evaluates or saves anything of it.
 
     ``model`` is a :class:`PromptedNetwork` or its DDP wrapper (:func:`distributed_model`).
     ``refresh_threshold`` runs after every optimizer step: during mask search the threshold
     follows the scores, so the mask always keeps the phase's density."""
     model.train()
     running = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, correct predictions
-    seen = 0
+    first_non_finite = torch.full((), -1, dtype=torch.int64, device=device)  # step number, -1: none yet
+    seen = step = 0
     for batches in zip(*(loader for loader, _ in steps)):
         for (images, labels), (_, use_prompt) in zip(batches, steps):
+            step += 1
             images = images.to(device, non_blocking=True)
             labels = labels.to(device, non_blocking=True)
             with precision.autocast():
@@ -100,6 +111,8 @@ def train_epoch(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps
                 optimizer.zero_grad(set_to_none=True)
             if refresh_threshold is not None:
                 refresh_threshold()
+            non_finite = ~torch.isfinite(loss.detach()) & (first_non_finite < 0)
+            first_non_finite.masked_fill_(non_finite, step)
             running[0] += loss.detach().double() * labels.numel()
             running[1] += (logits.detach().argmax(1) == labels).sum()
             seen += labels.numel()
@@ -112,4 +125,13 @@ def train_epoch(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps
             dist_utils.broadcast_(buffer)
     totals = torch.cat([running.cpu(), torch.tensor([seen], dtype=torch.float64)])
     total_loss, correct, seen = dist_utils.all_reduce_sum(totals).tolist()
+    if not math.isfinite(total_loss):  # the sum is reduced over ranks: every rank stops together
+        local_step = int(first_non_finite)
+        at = f"step {local_step} of {step}" if local_step > 0 else f"a step of another rank ({step} steps each)"
+        raise TrainingDivergedError(f"training diverged: the loss became {_non_finite_name(total_loss)} at {where}, "
+                                    f"{at}; lower the learning rate (--lr) and start over")
     return int(seen), total_loss / max(seen, 1), 100 * correct / max(seen, 1)
+
+
+def _non_finite_name(value: float) -> str:
+    return "NaN" if math.isnan(value) else "infinite"

@@ -1,29 +1,78 @@
 """The output directory of a job: ``config.json``, ``results.json``, and per run ``runs/<method>_d<density>/``
 with ``last.pt`` (the model and where training stands, for resume), ``best.pt`` (the selected
-epoch) and, after a mask search, ``mask.pt``. Only rank 0 writes."""
+epoch) and, after a mask search, ``mask.pt``; ``dense.pt`` (``dense-pretrain.pt`` while it trains) after
+dense pretraining. Only rank 0 writes, holding the folder's lock (``.vpns.lock``) for the whole job."""
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from vpns_fast.environment import describe
+from vpns_fast.files import FileLockedError, file_lock, sweep_partial_writes
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.pruning.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from vpns_fast.training import distributed as dist_utils
 from vpns_fast.training.config import TrainConfig
 from vpns_fast.training.state import RunState
 
+LOCK_NAME = ".vpns"  # file_lock adds ".lock"
+# what a vpns job writes at the top of its folder: all of it goes when --force replaces the run
+JOB_FILES = ("config.json", "results.json", "dense.pt", "dense-pretrain.pt")
+JOB_FOLDERS = ("runs", "plots")
+
+
+class RunInUseError(ValueError):
+    """Another process is running or resuming the job of this output directory."""
+
+
+@contextlib.contextmanager
+def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
+    """Hold ``OUT/.vpns.lock`` while a job writes ``out`` (rank 0 only): a second `vpns prune` or
+    `vpns resume` on the folder is refused instead of redoing the work into the same files."""
+    if out is None or not is_main:
+        yield
+        return
+    try:
+        with file_lock(os.path.join(out, LOCK_NAME), wait=False):
+            yield
+    except FileLockedError:
+        raise RunInUseError(f"{out} is in use by another vpns process (it holds {os.path.join(out, LOCK_NAME)}"
+                            f".lock); wait for it to finish, then `vpns resume {out}`") from None
+
+
+def _foreign_entries(out: str) -> list[str]:
+    """What ``out`` holds besides this job's lock file (a folder without config.json is no vpns run)."""
+    if not os.path.isdir(out):
+        return []
+    return sorted(name for name in os.listdir(out) if name != LOCK_NAME + ".lock")
+
+
+def refuse_foreign_out_dir(config: TrainConfig, force: bool, resuming: bool) -> None:
+    """A new job does not write into a folder of other files (no config.json: not a vpns run) unless
+    forced; checked before anything, the folder's lock file included, is created in it."""
+    out = config.out
+    if out is None or resuming or force or os.path.exists(os.path.join(out, "config.json")):
+        return
+    entries = _foreign_entries(out)
+    if entries:
+        raise FileExistsError(f"--out {out} exists and is not a vpns run (no config.json; it holds "
+                              f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose another "
+                              f"--out or pass --force to write into it")
+
 
 def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: bool) -> None:
     """Refuse to mix runs: an existing output directory is continued only by `vpns resume`,
-    and replaced only when forced (its earlier runs are then deleted)."""
+    and replaced only when forced (its earlier runs are then deleted); a folder that holds other
+    files is used only when forced. ``config.json`` is written later, by :func:`write_config`."""
     out = config.out
     if out is None:
         return
@@ -41,19 +90,45 @@ def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: b
                                   f"pass --force to replace it")
     dist_utils.barrier()
     if is_main:
-        if existing:
-            for name in ("runs", "plots"):
+        if existing:  # config.json too: a rerun that fails before writing its own leaves no stale one
+            for name in JOB_FOLDERS:
                 shutil.rmtree(os.path.join(out, name), ignore_errors=True)
-            for name in ("results.json", "dense.pt"):
+            for name in JOB_FILES:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(out, name))
+        if resuming:  # what writes killed midway left behind (the folder's lock keeps other writers out)
+            for folder in [out, os.path.join(out, "plots")] + _run_folders(out):
+                sweep_partial_writes(folder)
         os.makedirs(out, exist_ok=True)
-        write_json(out, "config.json", config.to_dict())
     dist_utils.barrier()  # no rank looks for checkpoints before rank 0 has cleared a forced --out
 
 
+def _run_folders(out: str) -> list[str]:
+    runs = os.path.join(out, "runs")
+    return [os.path.join(runs, name) for name in sorted(os.listdir(runs))] if os.path.isdir(runs) else []
+
+
+def write_config(config: TrainConfig, resuming: bool, is_main: bool) -> None:
+    """``config.json``, once the job's data has loaded: a job that fails before that leaves no config
+    that would block its corrected rerun."""
+    if config.out is not None and is_main and not resuming:
+        write_json(config.out, "config.json", config.to_dict())
+
+
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float as None: JSON has no NaN or Infinity (Python writes them as
+    bare ``NaN``, which strict parsers reject)."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def write_json(out: str, name: str, data: Any) -> None:
-    text = json.dumps(data, indent=2).encode()
+    text = json.dumps(strict_json(data), indent=2, allow_nan=False).encode()
     atomic_write(os.path.join(out, name), lambda f: f.write(text), overwrite=True)
 
 
@@ -83,6 +158,7 @@ class RunCheckpoints:
         self.writes = directory is not None and is_main
 
     def _save(self, name: str, network: PromptedNetwork, meta: dict) -> None:
+        sweep_partial_writes(self.directory)  # an earlier save killed midway: the run's lock keeps others out
         size = self.config.network_input_size()
         save_checkpoint(os.path.join(self.directory, name), network.model, model_name=self.model_name,
                         model_kwargs=self.model_kwargs, input_size=(3, size, size), prompt=network.prompt,
@@ -109,6 +185,12 @@ class RunCheckpoints:
         self._save("last.pt", network, meta)
         if self.config.keep_checkpoints == "all" and epoch_name is not None:
             self._save(f"{epoch_name}.pt", network, meta)
+
+    def kept_note(self) -> str:
+        """For a job that stops: which checkpoint of this run holds its last finished epoch."""
+        if self.directory is None or not os.path.exists(os.path.join(self.directory, "last.pt")):
+            return ""
+        return f" (the run's last finished epoch is kept in {os.path.join(self.directory, 'last.pt')})"
 
     def load_last(self, network: PromptedNetwork) -> tuple[RunState, list | None] | None:
         """Load ``last.pt`` into ``network``: (its state, the saved optimizer states or None), or

@@ -28,7 +28,13 @@ from vpns_fast.training.dense import DenseStart, build_dense_start
 from vpns_fast.training.evaluation import evaluate_splits
 from vpns_fast.training.job import JobContext
 from vpns_fast.training.loaders import Loaders, load_job_data
-from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
+from vpns_fast.training.loop import (
+    EpochProgress,
+    TrainingDivergedError,
+    distributed_model,
+    train_epoch,
+    training_steps,
+)
 from vpns_fast.training.phases import (
     Phase,
     fresh_model,
@@ -43,7 +49,16 @@ from vpns_fast.training.phases import (
 )
 from vpns_fast.training.precision import Precision
 from vpns_fast.training.results import result_row, results_table, selection_key, write_plots
-from vpns_fast.training.run_files import RunCheckpoints, environment, prepare_out_dir, run_dir, write_json
+from vpns_fast.training.run_files import (
+    RunCheckpoints,
+    environment,
+    prepare_out_dir,
+    refuse_foreign_out_dir,
+    run_dir,
+    run_folder_lock,
+    write_config,
+    write_json,
+)
 from vpns_fast.training.seeding import derived_seed, seed_everything
 from vpns_fast.training.state import RunState
 
@@ -91,9 +106,15 @@ class TwoStageTrainer:
     # ------------------------------------------------------------------ the job
 
     def run(self) -> list[dict]:
+        refuse_foreign_out_dir(self.config, self.force, self.resuming)
+        with run_folder_lock(self.config.out, self.is_main):
+            return self._run_all()
+
+    def _run_all(self) -> list[dict]:
         c = self.config
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
         data = load_job_data(c)
+        write_config(c, self.resuming, self.is_main)
         self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
         self.dense = build_dense_start(self.job)
@@ -204,8 +225,13 @@ class TwoStageTrainer:
             if c.progress and self.is_main:
                 progress = EpochProgress(f"{run.label} {phase.name} {epoch + 1}/{phase.epochs}", len(steps[0][0]),
                                          self.world_size)
-            images, loss, acc = train_epoch(trainable, optimizers, steps, job.precision, scaler, self.device,
-                                            refresh_threshold, progress)
+            where = f"run {run.label}, phase {phase.name}, epoch {epoch + 1}/{phase.epochs}"
+            try:
+                images, loss, acc = train_epoch(trainable, optimizers, steps, job.precision, scaler, self.device,
+                                                refresh_threshold, progress, where=where)
+            except TrainingDivergedError as error:
+                kept = run.checkpoints.kept_note()
+                raise TrainingDivergedError(f"{error}{kept}") from None
             state.train_seconds += time.perf_counter() - started
             state.images += images
             for scheduler in schedulers:

@@ -496,3 +496,57 @@ def test_dataset_splits_with_given_val_and_test_and_bad_items():
         dataset_splits(TensorDataset(torch.rand(4, 3, 8, 8), torch.full((4,), 5)), num_classes=2, image_size=8)
     with pytest.raises(ValueError, match="num_classes: expected an integer >= 1"):
         dataset_splits(data(4), num_classes=0, image_size=8)
+
+
+# --------------------------------------------------------------------------- decoding every image mode
+
+def _gradient16() -> np.ndarray:
+    return np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+
+
+def test_sixteen_bit_png_is_scaled_not_clipped(tmp_path):
+    gray = _gradient16()
+    Image.fromarray(gray).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode.startswith("I")
+    image = data.decode_image(str(tmp_path / "g.png"))
+    expected = torch.from_numpy(((gray.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8))
+    assert image.shape == (3, 64, 64) and image.dtype == torch.uint8
+    assert torch.equal(image, expected.expand(3, -1, -1))
+    assert (image == 255).float().mean() < 0.01  # PIL's RGB conversion left 99.6% white
+
+
+def test_float_tiff_in_unit_range_is_scaled(tmp_path):
+    values = np.linspace(0, 1, 32 * 32, dtype=np.float32).reshape(32, 32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    image = data.decode_image(str(tmp_path / "f.tif"))
+    assert torch.equal(image[0], torch.from_numpy(np.rint(values * 255).astype(np.uint8)))
+    assert torch.equal(image[1], image[0]) and torch.equal(image[2], image[0])
+
+
+@pytest.mark.parametrize("values, message", [
+    (np.full((8, 8), 200.0, np.float32), r"mode F\) must hold values in \[0, 1\]"),
+    (np.full((8, 8), np.nan, np.float32), "NaN or Inf"),
+    (np.full((8, 8), 70000, np.int32), "mode I"),
+])
+def test_images_of_unknown_range_are_refused(tmp_path, values, message):
+    Image.fromarray(values).save(tmp_path / "x.tif")
+    with pytest.raises(ValueError, match=message) as info:
+        data.decode_image(str(tmp_path / "x.tif"))
+    assert "x.tif" in str(info.value)
+
+
+def test_eight_bit_modes_decode_as_before(tmp_path):
+    rgb = np.random.default_rng(0).integers(0, 256, (9, 7, 3), dtype=np.uint8)
+    base = Image.fromarray(rgb)
+    for mode in ("RGB", "L", "RGBA", "P", "1", "CMYK", "LA"):
+        path = tmp_path / f"x_{mode}.{'png' if mode != 'CMYK' else 'tif'}"
+        base.convert(mode).save(path)
+        with Image.open(path) as pil:
+            expected = torch.from_numpy(np.asarray(pil.convert("RGB")).copy()).permute(2, 0, 1)
+        assert torch.equal(data.decode_image(str(path)), expected), mode
+
+
+def test_a_non_image_file_names_the_file(tmp_path):
+    (tmp_path / "notes.png").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.png: not an image file"):
+        data.decode_image(str(tmp_path / "notes.png"))

@@ -3,7 +3,51 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+
+
+def _at_least(value, flag: str, least: int) -> None:
+    if value is not None and value < least:
+        raise ValueError(f"{flag}: expected an integer >= {least}, got {value}")
+
+
+def _check_device(name: str) -> None:
+    import torch
+
+    if name == "auto":
+        return
+    try:
+        torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+
+
+def _check_input_file(path: str, what: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: is a folder; expected a file (e.g. OUT/runs/RUN/best.pt)")
+
+
+def _check_output_file(path: str) -> None:
+    if os.path.isdir(path):
+        raise ValueError(f"--out {path}: is a folder; expected a file path")
+    _check_parents_are_folders(path)
+
+
+def _check_output_folder(path: str | None) -> None:
+    if path is None:
+        return
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path}: is a file; expected a folder (new, or an existing vpns run)")
+    _check_parents_are_folders(path)
+
+
+def _check_parents_are_folders(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    while parent and not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if parent and not os.path.isdir(parent):
+        raise ValueError(f"--out {path}: {parent} is a file, not a folder")
 
 
 def _cmd_info(args) -> int:
@@ -29,6 +73,10 @@ def _cmd_report(args) -> int:
     from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
     from vpns_fast.pruning.masking import density_report
 
+    _check_input_file(args.checkpoint, "checkpoint")
+    if args.input_size is not None and min(args.input_size) < 1:
+        shape = " ".join(map(str, args.input_size))
+        raise ValueError(f"--input-size: expected three integers >= 1 (C H W), got {shape}")
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
     input_size = args.input_size or payload.get("input_size")
@@ -125,8 +173,25 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
+def _check_dataset(name: str) -> None:
+    from vpns_fast.data import DATASETS, canonical_dataset_name
+
+    try:
+        canonical_dataset_name(name)
+    except ValueError:
+        raise ValueError(f"--dataset: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
+
+
 def _config_from_args(args, methods=None, mask_from=None):
     from vpns_fast.training.trainer import TrainConfig
+
+    _check_dataset(args.dataset)
+    _check_device(args.device)
+    _check_output_folder(args.out)
+    for flag in ("epochs", "search_epochs", "finetune_epochs", "hydra_epochs", "pretrain_epochs", "num_workers"):
+        _at_least(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0)
+    for flag in ("batch_size", "limit"):
+        _at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
 
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
@@ -178,6 +243,7 @@ def _cmd_transfer(args) -> int:
     from vpns_fast.training.trainer import TwoStageTrainer
 
     methods = ("transfer+vp",) if args.with_prompt else ("transfer",)
+    _check_input_file(args.checkpoint, "checkpoint")
     TwoStageTrainer(_config_from_args(args, methods=methods, mask_from=args.checkpoint), force=args.force).run()
     return 0
 
@@ -192,6 +258,11 @@ def _cmd_resume(args) -> int:
 def _cmd_eval(args) -> int:
     from vpns_fast.training.evaluation import evaluate_checkpoint
 
+    _check_input_file(args.checkpoint, "checkpoint")
+    _check_dataset(args.dataset)
+    _check_device(args.device)
+    _at_least(args.batch_size, "--batch-size", 1)
+    _at_least(args.limit, "--limit", 1)
     result = evaluate_checkpoint(args.checkpoint, args.dataset, args.data_dir, split=args.split,
                                  batch_size=args.batch_size, device=args.device, limit=args.limit)
     if args.json:
@@ -205,6 +276,8 @@ def _cmd_eval(args) -> int:
 def _cmd_export(args) -> int:
     from vpns_fast.deploy.export import MissingDependencyError, export
 
+    _check_input_file(args.checkpoint, "checkpoint")
+    _check_output_file(args.out)
     try:
         meta = export(args.checkpoint, args.format, args.out, force=args.force, slim=args.slim)
     except MissingDependencyError as exc:
@@ -228,18 +301,14 @@ def _load_images(paths, size: int):
 
     from vpns_fast.data import decode_image, resize_batch
 
-    images = []
-    for path in paths:
-        try:
-            images.append(resize_batch(decode_image(path), size))
-        except OSError as exc:
-            raise ValueError(f"cannot read image {path}: {exc}") from exc
-    return torch.stack(images)
+    return torch.stack([resize_batch(decode_image(path), size) for path in paths])
 
 
 def _cmd_infer(args) -> int:
     from vpns_fast.deploy.runtime import deploy
 
+    _at_least(args.top, "--top", 1)
+    _check_device(args.device)
     module = deploy(args.path, args.device, policy=args.policy)
     images = _load_images(args.images, module.image_size)
     probabilities = module(images).float().softmax(1).cpu()
@@ -263,6 +332,11 @@ def _cmd_infer(args) -> int:
 def _cmd_bench_infer(args) -> int:
     from vpns_fast.deploy.runtime import benchmark_inference
 
+    for batch in args.batch:
+        _at_least(batch, "--batch", 1)
+    for flag, least in (("threads", 1), ("iters", 1), ("warmup", 0)):
+        _at_least(getattr(args, flag), f"--{flag}", least)
+    _check_device(args.device)
     rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
                                args.policy)
     if args.json:
@@ -286,8 +360,14 @@ def _cmd_tune(args) -> int:
     from vpns_fast.pruning.masking import set_density, sparsify
     from vpns_fast.pruning.tuning import tune
 
+    _check_device(args.device)
     device = resolve_device(args.device)
     if device.type != "cuda":
+        # the default table steers every later GPU run on this machine: interpreter timings must not land there
+        if args.table is None and conv_dispatch.chosen_table_path() is None:
+            raise ValueError(f"--table: a tune on {device.type} times the Triton interpreter, not a GPU; name the "
+                             "table file to write with --table or $VPNS_FAST_CONV_TABLE (the per-user default "
+                             "table is written by GPU tunes only)")
         warnings.warn("tuning on a CPU times the Triton interpreter, not a GPU: the table it writes is only "
                       "useful for testing", stacklevel=1)
     model = sparsify(build_model(args.model, num_classes=args.num_classes), args.granularity)
@@ -423,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
                       "(stage 2: inputs and weights), infer (forward only), or all three")
     tune.add_argument("--device", default="cuda")
     tune.add_argument("--table", help="table file (default $VPNS_FAST_CONV_TABLE or "
-                      "~/.cache/vpns_fast/conv_dispatch.json)")
+                      "~/.cache/vpns_fast/conv_dispatch.json; a tune off the GPU needs one of the first two)")
     tune.add_argument("--json", action="store_true")
     tune.set_defaults(func=_cmd_tune)
     return parser
@@ -436,6 +516,12 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        run_folder = args.out_dir if args.command == "resume" else getattr(args, "out", None)
+        hint = (f"; continue with `vpns resume {run_folder}`" if run_folder and args.command in
+                ("prune", "transfer", "resume") else "")
+        print(f"vpns {args.command}: interrupted{hint}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

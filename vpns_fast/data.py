@@ -234,15 +234,58 @@ class _TensorSource:
         return image.expand(3, -1, -1).contiguous() if image.shape[0] == 1 else image
 
 
+# 16-bit grayscale (PNG, TIFF); PIL's RGB conversion clips these to 255 instead of scaling them
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
 def decode_image(path: str) -> torch.Tensor:
-    """An image file as a uint8 (3, H, W) RGB tensor."""
+    """An image file as a uint8 (3, H, W) RGB tensor, every PIL mode scaled to the 0..255 range.
+
+    8-bit modes (1, L, P, RGB, RGBA, CMYK, YCbCr, LAB, HSV, ...) go through PIL's RGB conversion
+    (alpha dropped); 16-bit grayscale is scaled by 255 / 65535 (16-bit RGB PNGs PIL already reads as
+    8-bit); float images (mode F) must hold finite values in [0, 1] and are scaled by 255. Anything
+    else (32-bit integer images, values out of range, files that are not images) raises ValueError
+    naming the file.
+    """
     # PIL rather than torchvision.io: its decoders are deprecated since torchvision 0.29, and
     # PIL reads every format ImageFolder users have (BMP, TIFF, PPM...), not just JPEG/PNG.
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
-    with Image.open(path) as pil:
-        array = np.asarray(pil.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()
+    try:
+        with Image.open(path) as pil:
+            array = _rgb_array(pil, path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image file PIL can read") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read the image: {exc}") from None
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+def _rgb_array(pil, path) -> np.ndarray:
+    """(H, W, 3) uint8 of an open PIL image; see decode_image for the rules."""
+    mode = pil.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and pil.format == "PNG"):  # older PIL reads 16-bit PNGs as I
+        gray = np.asarray(pil).astype(np.int64)
+        if gray.size and (gray.min() < 0 or gray.max() > 65535):
+            raise ValueError(f"{path}: mode {mode} values outside the 16-bit range 0..65535")
+        gray = ((gray * 255 + 32767) // 65535).astype(np.uint8)
+    elif mode == "F":
+        gray = np.asarray(pil, dtype=np.float32)
+        if not np.isfinite(gray).all():
+            raise ValueError(f"{path}: float image (mode F) holds NaN or Inf pixels")
+        low, high = (float(gray.min()), float(gray.max())) if gray.size else (0.0, 0.0)
+        if low < 0.0 or high > 1.0:
+            raise ValueError(f"{path}: float image (mode F) must hold values in [0, 1], got [{low:g}, {high:g}]")
+        gray = np.rint(gray * 255).astype(np.uint8)
+    elif mode == "I" or mode.startswith("I;"):
+        raise ValueError(f"{path}: image mode {mode} (integer pixels of unknown range) is not supported; "
+                         "save it as 8- or 16-bit")
+    else:
+        try:
+            return np.asarray(pil.convert("RGB")).copy()
+        except (ValueError, OSError) as exc:
+            raise ValueError(f"{path}: image mode {mode} cannot be converted to RGB ({exc})") from None
+    return np.repeat(gray[:, :, None], 3, axis=2)
 
 
 class _FileSource:
@@ -426,18 +469,27 @@ def _missing(what: str, looked_in: Path, layout: str, how_to_get: str) -> FileNo
 def _read_cifar_pickle(path: Path) -> dict:
     # pickle can run code from a crafted file; it is read here only because the official
     # CIFAR "python version" is distributed as pickles and has no other format.
-    with open(path, "rb") as f:
-        return pickle.load(f, encoding="bytes")
+    try:
+        with open(path, "rb") as f:
+            entry = pickle.load(f, encoding="bytes")
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError, IndexError) as exc:
+        raise ValueError(f"{path} is not a CIFAR python-version pickle ({type(exc).__name__}: {exc})") from None
+    if not isinstance(entry, dict):
+        raise ValueError(f"{path} is not a CIFAR python-version pickle (it holds a {type(entry).__name__})")
+    return entry
 
 
 def _cifar_arrays(paths: Sequence[Path], label_key: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     images, labels = [], []
     for path in paths:
         entry = _read_cifar_pickle(path)
-        data = np.asarray(entry[b"data"], dtype=np.uint8)
-        # Rows are 3072 bytes: the 1024 red, then green, then blue values of a 32x32 image.
-        images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
-        labels.append(torch.as_tensor(list(entry[label_key]), dtype=torch.int64))
+        try:
+            data = np.asarray(entry[b"data"], dtype=np.uint8)
+            # Rows are 3072 bytes: the 1024 red, then green, then blue values of a 32x32 image.
+            images.append(torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()))
+            labels.append(torch.as_tensor(list(entry[label_key]), dtype=torch.int64))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ValueError(f"{path} is not a CIFAR python-version pickle ({type(exc).__name__}: {exc})") from None
     return torch.cat(images), torch.cat(labels)
 
 
@@ -473,7 +525,10 @@ def _load_cifar(variant: str, data_dir, download: bool):
         )
     train_images, train_labels = _cifar_arrays([root / f for f in train_files], label_key)
     test_images, test_labels = _cifar_arrays([root / test_file], label_key)
-    classes = _names(_read_cifar_pickle(root / meta_file)[names_key])
+    meta = _read_cifar_pickle(root / meta_file)
+    if names_key not in meta:
+        raise ValueError(f"{root / meta_file} is not a CIFAR python-version pickle (no {names_key!r} entry)")
+    classes = _names(meta[names_key])
     return classes, _TensorSource(train_images, train_labels), _TensorSource(test_images, test_labels)
 
 
@@ -771,7 +826,8 @@ def dataset_splits(
 # Entry points
 
 
-def _canonical_name(name: str) -> str:
+def canonical_dataset_name(name: str) -> str:
+    """The DATASETS key of ``name`` (case, "_" and aliases allowed); ValueError for an unknown name."""
     if not isinstance(name, str):
         raise ValueError(f"name: expected one of {', '.join(DATASETS)}, got {name!r}")
     key = name.strip().lower().replace("_", "-")
@@ -808,7 +864,7 @@ def load_dataset(
     ``seed``; ``seed`` also seeds synthetic images. ``limit`` caps every split (a seeded,
     stratified subset) for quick runs. The network is used only when ``download`` is True.
     """
-    key = _canonical_name(name)
+    key = canonical_dataset_name(name)
     if image_size is not None:
         _positive_int(image_size, "image_size")
     size = int(image_size) if image_size is not None else _NATURAL_SIZE[key]

@@ -135,3 +135,27 @@ def test_cli_export_infer_bench(tmp_path, capsys):
     assert all(r["images_per_s"] > 0 for r in rows)
     assert main(["bench-infer", str(tmp_path / "m.dense"), "--batch", "1", "--iters", "1", "--warmup", "0"]) == 0
     assert "images/s" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("source", ["checkpoint", "module"])
+def test_deploy_inside_inference_mode(tmp_path, source):
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
+    x = torch.rand(2, 3, size, size)
+    expected = deploy(ckpt if source == "checkpoint" else reference, policy="sparse")(x)
+    with torch.inference_mode():
+        module = deploy(ckpt if source == "checkpoint" else reference, policy="sparse")
+        assert_close(module(x), expected)
+    assert_close(module(x), expected)  # and the engine built there still runs outside it
+
+
+def test_out_of_range_pixels_are_refused(tmp_path):
+    ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
+    module = deploy(ckpt)
+    x = torch.rand(2, 3, size, size)
+    assert_close(module(x.double()), module(x))  # any float dtype in [0, 1]
+    module((x * 1.08 - 0.04).clamp(-0.05, 1.05))  # resampling overshoot is within the slack
+    for images, message in ((x * 255, r"must lie in \[0, 1\]"), ((x * 255).long(), "dtype torch.int64"),
+                            (x.masked_fill(x > 0.9, float("nan")), "NaN or Inf"),
+                            (x.masked_fill(x > 0.9, float("inf")), "NaN or Inf")):
+        with pytest.raises(ValueError, match=f"images: .*{message}"):
+            module(images)

@@ -337,3 +337,17 @@ def test_unknown_format_and_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
         load_sparse(tmp_path / "nope.vpns")
     assert os.listdir(tmp_path) == ["m.pt"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_every_format_gets_the_usual_file_mode(tmp_path):
+    path, _, _ = make_checkpoint(tmp_path / "m.pt", granularity="channel")
+    formats = ("dense", "sparse", "slim") + (("onnx",) if HAS_ONNX else ())
+    previous = os.umask(0o022)
+    try:
+        for fmt in formats:
+            export(path, fmt, tmp_path / f"m.{fmt}")
+    finally:
+        os.umask(previous)
+    modes = {fmt: oct(os.stat(tmp_path / f"m.{fmt}").st_mode & 0o777) for fmt in formats}
+    assert set(modes.values()) == {"0o644"}, modes

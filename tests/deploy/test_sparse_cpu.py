@@ -259,3 +259,17 @@ def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
     assert other.values.numel() == layer.values.numel()
     layer.load_state_dict(other.state_dict())
     assert_close(layer(x), F.conv2d(x, second.weight, padding=1))
+
+
+def test_sparse_conv2d_with_inference_tensors():
+    generator = torch.Generator().manual_seed(3)
+    weight = masked((6, 4, 3, 3), 0.3, generator)
+    x = torch.randn(2, 4, 9, 9, generator=generator)
+    expected = F.conv2d(x, weight, None, 1, 1)
+    with torch.inference_mode():
+        sparse = sparse_cpu.SparseConv2d(weight, None, padding=1)  # built in inference mode
+        assert_close(sparse(x), expected, baseline=expected, reduction=36)
+        moved = sparse_cpu.SparseConv2d(weight, None, padding=1)._apply(torch.clone)  # as .to() does there
+        assert moved.channel_index.is_inference()  # buffers replaced there: offsets are not cached
+        assert_close(moved(x), expected, baseline=expected, reduction=36)
+    assert_close(sparse(x), expected, baseline=expected, reduction=36)

@@ -154,8 +154,8 @@ def _header_metadata(data: bytes, path: str) -> dict:
         raise ExportFormatError(f"{path} is truncated or not a safetensors file ({len(data)} bytes)")
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8 or size > 100_000_000:
-        raise ExportFormatError(f"{path} is truncated or not a safetensors file (header of {size} bytes, "
-                                f"file of {len(data)})")
+        raise ExportFormatError(f"{path} is neither a vpns_fast checkpoint nor a safetensors export (or it is "
+                                "truncated: the header length it starts with does not fit in the file)")
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
@@ -169,8 +169,13 @@ def _header_metadata(data: bytes, path: str) -> dict:
 def file_kind(path) -> str:
     """``"checkpoint"`` (a torch zip file), or the export kind from a safetensors header."""
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(f"{path} is a folder; expected a checkpoint (.pt) or a dense/sparse/slim export file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path} does not exist")
+    if path.lower().endswith(".onnx"):
+        raise ExportFormatError(f"{path} is an ONNX file, which onnxruntime runs (see README); vpns_fast loads "
+                                "checkpoints (.pt) and dense/sparse/slim exports")
     with open(path, "rb") as f:
         head = f.read(4)
     if head[:2] == b"PK":
@@ -588,10 +593,8 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
         entry = model.metadata_props.add()
         entry.key, entry.value = "vpns_fast.meta", json.dumps(onnx_meta, sort_keys=True, default=_json_default)
         onnx.checker.check_model(model)
-        onnx.save(model, tmp)
-        if os.path.exists(path) and not force:
-            raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
-        os.replace(tmp, path)
+        # through atomic_write like every other format, for its file mode (the scratch file above is mkstemp's 0600)
+        atomic_write_bytes(model.SerializeToString(), path, overwrite=force)
     finally:
         torch.backends.mha.set_fastpath_enabled(fastpath)
         if os.path.exists(tmp):

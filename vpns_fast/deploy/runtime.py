@@ -1,5 +1,7 @@
 """Inference modules for deployment: ``deploy(path_or_model)`` gives an ``nn.Module`` that takes
-images (uint8 in [0, 255] or float in [0, 1], ``(B, 3, in, in)``) and returns target logits.
+images (uint8 in [0, 255] or float in [0, 1], ``(B, 3, in, in)``) and returns target logits. Other
+integer dtypes, float pixels outside [0, 1] (by more than FLOAT_PIXEL_SLACK) and NaN / Inf pixels raise
+ValueError rather than give wrong logits.
 
 Backends per device:
 
@@ -12,6 +14,7 @@ Backends per device:
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -60,7 +63,7 @@ class DeployedModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and images.shape[-2:] != (size, size)):
             shape = f"(B, 3, {size}, {size})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
-        images = images.to(self.device, non_blocking=True)
+        images = _checked_pixels(images).to(self.device, non_blocking=True)
         if images.dtype != torch.uint8 and images.dtype != torch.float32:
             images = images.float()
         x = self.prompt(images) if self.prompt is not None else normalize(images, self.mean, self.std)
@@ -68,6 +71,28 @@ class DeployedModel(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.network(x)
         return logits.index_select(1, self.mapping) if self.mapping is not None else logits
+
+
+# Float images may overshoot [0, 1] by this much (bicubic / Lanczos resizing rings past the ends); a 0..255
+# image passed as float, or NaN / Inf pixels, would give silently wrong logits instead.
+FLOAT_PIXEL_SLACK = 0.1
+
+
+def _checked_pixels(images: torch.Tensor) -> torch.Tensor:
+    """``images`` if they are uint8, or floating point with finite values in [0, 1] (within
+    FLOAT_PIXEL_SLACK); otherwise ValueError. One min/max reduction (a device sync on CUDA)."""
+    if images.dtype == torch.uint8:
+        return images
+    if not images.is_floating_point():
+        raise ValueError(f"images: expected uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
+    if images.numel():
+        low, high = (value.item() for value in torch.aminmax(images.detach()))
+        if not (math.isfinite(low) and math.isfinite(high)):
+            raise ValueError("images: NaN or Inf pixels")
+        if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
+            raise ValueError(f"images: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
+                             "(0..255 images: pass them as uint8, or divide by 255)")
+    return images
 
 
 # --------------------------------------------------------------------------- sources
@@ -268,6 +293,13 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
                         iters: int = 10, warmup: int = 2, policy: str = "measure") -> list[dict]:
     """Images/s and latency of the deployed module vs dense torch (the folded network) for each
     batch size. Returns one row per (batch, backend)."""
+    batch_sizes = tuple(batch_sizes)
+    if not batch_sizes:
+        raise ValueError("batch_sizes: expected at least one batch size")
+    for name, value, least in [("batch_sizes", b, 1) for b in batch_sizes] + [
+            ("threads", 1 if threads is None else threads, 1), ("iters", iters, 1), ("warmup", warmup, 0)]:
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))

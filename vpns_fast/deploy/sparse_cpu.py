@@ -79,7 +79,10 @@ class SparseConv2d(nn.Module):
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
-        row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+        # packed outside inference mode even when built inside it: inference tensors have no version
+        # counter, which the geometry cache below keys on
+        with torch.inference_mode(False):
+            row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("channel_index", channel_index)
         self.register_buffer("tap_index", tap_index)
@@ -122,6 +125,15 @@ class SparseConv2d(nn.Module):
         return weight.view(self.weight_shape)
 
     def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        def compute():
+            return tuple(_ops().sparse_conv2d_offsets(
+                self.row_ptr, self.channel_index, self.tap_index, list(self.weight_shape), [height, width],
+                list(self.stride), list(self.padding), list(self.dilation)))
+
+        if self.channel_index.is_inference() or self.tap_index.is_inference():
+            # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
+            # counter to reveal an in-place change: recompute rather than risk stale offsets
+            return compute()
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
         # different mask with the same number of nonzeros, whose offsets differ
         key = (height, width, self.channel_index.data_ptr(), self.channel_index._version,
@@ -130,10 +142,7 @@ class SparseConv2d(nn.Module):
         if cached is None:
             if len(self._geometry_cache) >= 8:
                 self._geometry_cache.clear()
-            cached = tuple(_ops().sparse_conv2d_offsets(
-                self.row_ptr, self.channel_index, self.tap_index, list(self.weight_shape), [height, width],
-                list(self.stride), list(self.padding), list(self.dilation)))
-            self._geometry_cache[key] = cached
+            cached = self._geometry_cache[key] = compute()
         return cached
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

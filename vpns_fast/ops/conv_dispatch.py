@@ -16,7 +16,8 @@ A shape without an entry runs ``cudnn`` (what the backend did before the table e
 (:func:`tune`) fills the table for a model ahead of training. The table lives at
 ``$VPNS_FAST_CONV_TABLE``, else ``~/.cache/vpns_fast/conv_dispatch.json``; it is written
 atomically under a file lock (concurrent processes merge their entries) and a damaged file is
-reported and ignored, never silently overwritten.
+reported and ignored, never silently overwritten. A tune off the GPU (interpreter timings) writes only
+to a table named by ``--table`` or ``$VPNS_FAST_CONV_TABLE``, never to the per-user default.
 """
 from __future__ import annotations
 
@@ -43,9 +44,13 @@ class DispatchTableError(ValueError):
     """A dispatch table file that cannot be read (damaged, or another format or version)."""
 
 
+def chosen_table_path() -> str | None:
+    """The table the user named with $VPNS_FAST_CONV_TABLE, else None (the per-user default applies)."""
+    return os.environ.get("VPNS_FAST_CONV_TABLE") or None
+
+
 def default_table_path() -> str:
-    return os.environ.get("VPNS_FAST_CONV_TABLE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "vpns_fast", "conv_dispatch.json")
+    return chosen_table_path() or os.path.join(os.path.expanduser("~"), ".cache", "vpns_fast", "conv_dispatch.json")
 
 
 def autotune_enabled() -> bool:

@@ -1,0 +1,135 @@
+"""Every user mistake on the command line ends in one line on stderr naming the argument or file and
+what was expected, exit status 2, no traceback; Ctrl-C ends in one line (with the resume hint), 130."""
+from __future__ import annotations
+
+import pickle
+import re
+
+import pytest
+import torch
+from PIL import Image
+
+import vpns_fast as V
+from vpns_fast import cli
+from vpns_fast.cli import main
+from vpns_fast.models import build_model
+from vpns_fast.pruning.checkpoint import save_checkpoint
+
+TRAIN = ["--epochs", "1", "--limit", "8", "--batch-size", "8", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_errors")
+    model = V.sparsify(build_model("small_resnet", num_classes=10), "unstructured")
+    save_checkpoint(root / "m.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32))
+    Image.new("RGB", (32, 32)).save(root / "img.png")
+    (root / "afile.txt").write_text("not a folder")
+    (root / "afolder").mkdir()
+    (root / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch" * 10)
+    cifar = root / "cifar-10-batches-py"
+    cifar.mkdir()
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch", "batches.meta"]:
+        (cifar / name).write_bytes(b"garbage")
+    for split in ("train", "test"):
+        for label in ("a", "b"):
+            (root / "folder" / split / label).mkdir(parents=True)
+            Image.new("RGB", (8, 8)).save(root / "folder" / split / label / "x.png")
+    (root / "folder" / "train" / "a" / "notes.png").write_text("not an image")
+    with open(root / "pickled.pt", "wb") as f:
+        pickle.dump({"weight": 1}, f)
+    torch.save({"weight": torch.zeros(2)}, root / "plain_dict.pt")
+    (root / "run_list").mkdir()
+    (root / "run_list" / "config.json").write_text("[1, 2]")
+    (root / "run_corrupt").mkdir()
+    (root / "run_corrupt" / "config.json").write_text("{not json")
+    return root
+
+
+CASES = {
+    "device": (["prune", *TRAIN, "--device", "tpu", "--out", "{root}/o_device"], "--device"),
+    "out under a file": (["prune", *TRAIN, "--out", "{root}/afile.txt/sub"], "afile.txt is a file"),
+    "out is a file": (["prune", *TRAIN, "--out", "{root}/afile.txt"], "--out .*afile.txt: is a file"),
+    "epochs": (["prune", "--epochs", "-3", "--out", "{root}/o_epochs"], "--epochs: expected an integer >= 0"),
+    "dataset": (["prune", *TRAIN, "--dataset", "bogus"], "--dataset: unknown dataset 'bogus'"),
+    "garbage cifar": (["prune", *TRAIN, "--dataset", "cifar10", "--data-dir", "{root}"],
+                      "data_batch_1 is not a CIFAR python-version pickle"),
+    "non-image in imagefolder": (["prune", *TRAIN, "--dataset", "imagefolder", "--data-dir", "{root}/folder"],
+                                 "notes.png: not an image file"),
+    "infer top -1": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "-1"], "--top: expected an integer >= 1"),
+    "infer top 0": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "0"], "--top: expected an integer >= 1"),
+    "infer onnx": (["infer", "{root}/model.onnx", "{root}/img.png"], "model.onnx is an ONNX file"),
+    "infer missing image": (["infer", "{root}/m.pt", "{root}/nothing.png"], "nothing.png: cannot read the image"),
+    "export out is a folder": (["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/afolder", "--force"],
+                               "--out .*afolder: is a folder"),
+    "bench threads 0": (["bench-infer", "{root}/m.pt", "--threads", "0"], "--threads: expected an integer >= 1"),
+    "bench iters 0": (["bench-infer", "{root}/m.pt", "--iters", "0"], "--iters: expected an integer >= 1"),
+    "bench batch 0": (["bench-infer", "{root}/m.pt", "--batch", "0"], "--batch: expected an integer >= 1"),
+    "report input size": (["report", "{root}/m.pt", "--input-size", "3", "-5", "32"], "--input-size: expected"),
+    "eval a folder": (["eval", "{root}", "--dataset", "digits"], "is a folder; expected a file"),
+}
+
+# Raised outside the command line's files (vpns_fast/models.py, vpns_fast/training/trainer.py): still a
+# traceback or an unclear message; listed so that they are fixed, then pass.
+PENDING = {
+    "weights pickle": (["prune", *TRAIN, "--weights", "{root}/pickled.pt"], "--weights"),
+    "weights plain dict": (["prune", *TRAIN, "--weights", "{root}/plain_dict.pt", "--out", "{root}/o_dict"],
+                           "plain_dict.pt"),
+    "weights text": (["prune", *TRAIN, "--weights", "{root}/afile.txt"], "afile.txt"),
+    "config list": (["resume", "{root}/run_list"], "config.json"),
+    "config corrupt": (["resume", "{root}/run_corrupt"], "config.json"),
+}
+
+
+def _run(argv, root, capsys):
+    code = main([arg.format(root=root) for arg in argv])
+    return code, capsys.readouterr().err
+
+
+def _assert_one_line_error(code, err, pattern):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vpns ") and ": error: " in lines[0]
+    assert re.search(pattern, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_user_errors_are_one_line(files, capsys, case):
+    argv, pattern = CASES[case]
+    _assert_one_line_error(*_run(argv, files, capsys), pattern)
+
+
+@pytest.mark.parametrize("case", PENDING)
+@pytest.mark.xfail(raises=Exception, reason="raised in models.py / trainer.py, outside the CLI's files")
+def test_pending_user_errors(files, capsys, case):
+    argv, pattern = PENDING[case]
+    _assert_one_line_error(*_run(argv, files, capsys), pattern)
+
+
+def test_ctrl_c_is_one_line_with_the_resume_hint(files, capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_prune", interrupted)
+    monkeypatch.setattr(cli, "_cmd_infer", interrupted)
+    out = files / "o_interrupted"
+    assert main(["prune", "--out", str(out)]) == 130
+    err = capsys.readouterr().err
+    assert err.strip() == f"vpns prune: interrupted; continue with `vpns resume {out}`"
+    assert main(["infer", str(files / "m.pt"), str(files / "img.png")]) == 130
+    assert capsys.readouterr().err.strip() == "vpns infer: interrupted"
+
+
+def test_cpu_tune_never_writes_the_default_table(tmp_path, capsys, monkeypatch):
+    from vpns_fast.ops import conv_dispatch
+
+    monkeypatch.delenv("VPNS_FAST_CONV_TABLE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    default = conv_dispatch.default_table_path()
+    assert default.startswith(str(tmp_path))
+    code = main(["tune", "--model", "small_resnet", "--input-size", "16", "--batch", "2", "--device", "cpu"])
+    _assert_one_line_error(code, capsys.readouterr().err, "--table: a tune on cpu")
+    assert not (tmp_path / ".cache").exists()

@@ -25,6 +25,7 @@ import http.client
 import importlib
 import inspect
 import os
+import pickle
 import re
 import urllib.parse
 from collections.abc import Mapping
@@ -267,13 +268,21 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
 
-        state: Any = load_file(path, device="cpu")
-    else:
-        # weights_only: a checkpoint is data, never code to execute.
-        state = torch.load(path, map_location="cpu", weights_only=True)
+            state: Any = load_file(path, device="cpu")
+        else:
+            # weights_only: a checkpoint is data, never code to execute.
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ValueError(f"weights file {path}: holds Python objects a weights-only load refuses (a plain pickle, "
+                         f"not tensors saved by torch.save); it is never executed") from exc
+    except Exception as exc:  # torch.load and safetensors raise many kinds for a file that is not theirs
+        first_line = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
+        raise ValueError(f"weights file {path}: not a state_dict saved by torch.save or safetensors "
+                         f"({exc.__class__.__name__}: {first_line})") from exc
     # Training checkpoints often wrap the weights; DataParallel prefixes every key.
     for wrapper_key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper_key), Mapping):
@@ -511,7 +520,7 @@ def _build_any(kind: str, key: str, name: str, num_classes: int | None, weights,
         state = _torchvision_state(key, state)
     heads = _head_keys(kind, key, kwargs)
     if heads[0] not in state:
-        raise RuntimeError(f"weights in {source} have no {heads[0]!r}; not a {name} checkpoint?")
+        raise ValueError(f"weights in {source} have no {heads[0]!r}; not a {name} checkpoint?")
     source_classes = int(state[heads[0]].shape[0])
     classes = source_classes if num_classes is None else num_classes
     model = _construct(kind, key, classes, kwargs)
@@ -573,7 +582,7 @@ def _build_builtin(key: str, num_classes: int | None, weights, pretrained: bool)
         state, source = _pretrained_state_dict(key)
     head_key = _HEAD_WEIGHT_KEY[key]
     if head_key not in state:
-        raise RuntimeError(f"weights in {source} have no {head_key!r}; not a {key} checkpoint?")
+        raise ValueError(f"weights in {source} have no {head_key!r}; not a {key} checkpoint?")
     model = _build_architecture(key, int(state[head_key].shape[0]))
     _load_state_dict_checked(model, state, source)
     if num_classes is not None:

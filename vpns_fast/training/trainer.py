@@ -296,8 +296,17 @@ def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> 
     path = os.path.join(out_dir, "config.json")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{out_dir} has no config.json; it is not a `vpns prune` output directory")
-    with open(path) as f:
-        config = TrainConfig.from_dict(json.load(f))
+    try:
+        with open(path) as f:
+            recorded = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a readable run configuration ({exc})") from exc
+    if not isinstance(recorded, dict):
+        raise ValueError(f"{path}: expected a JSON object (the config a run writes), got {type(recorded).__name__}")
+    try:
+        config = TrainConfig.from_dict(recorded)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: {exc}") from exc
     objects = {}
     for name, value in (("model", model), ("dataset", dataset)):
         if value is None:

@@ -90,3 +90,14 @@ def release_prompt(images, program, kind, pad=0, mask_size=0, row=0, col=0, mean
     mean_t = torch.tensor(mean, dtype=dtype).view(-1, 1, 1)
     std_t = torch.tensor(std, dtype=dtype).view(-1, 1, 1)
     return (x - mean_t) / std_t
+
+
+def tiny_config(out=None, **overrides):
+    """32 synthetic 32x32 images per split, small_resnet, one epoch per stage, deterministic."""
+    settings = dict(dataset="synthetic", limit=32, batch_size=32, model="small_resnet", search_epochs=1,
+                    finetune_epochs=1, methods=("vpns",), densities=(0.5,), progress=False, deterministic=True,
+                    device="cpu", out=None if out is None else str(out))
+    settings.update(overrides)
+    from vpns_fast.training.config import TrainConfig
+
+    return TrainConfig(**settings)

@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import tiny_config
 
 from vpns_fast.cli import main
 from vpns_fast.files import FileLockedError, atomic_write, file_lock
@@ -21,21 +22,8 @@ from vpns_fast.training.run_files import RunInUseError, run_folder_lock
 from vpns_fast.training.trainer import TrainConfig, TwoStageTrainer, resume
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_restore_determinism():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
 def tiny(out=None, **overrides) -> TrainConfig:
-    settings = dict(dataset="synthetic", limit=16, batch_size=16, model="small_resnet", search_epochs=1,
-                    finetune_epochs=1, methods=("dense",), densities=(0.5,), progress=False, deterministic=True,
-                    device="cpu", out=None if out is None else str(out))
-    settings.update(overrides)
-    return TrainConfig(**settings)
+    return tiny_config(out, **{"limit": 16, "batch_size": 16, "methods": ("dense",), **overrides})
 
 
 PRUNE_ARGS = ["--dataset", "synthetic", "--limit", "16", "--batch-size", "16", "--method", "dense",

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+from helpers import tiny_config as tiny
 
 from vpns_fast import cli
 from vpns_fast.models import build_model
@@ -17,29 +18,13 @@ from vpns_fast.training import trainer as trainer_module
 from vpns_fast.training.evaluation import evaluate_checkpoint
 from vpns_fast.training.phases import fresh_model, plan_phases
 from vpns_fast.training.results import headline_acc, results_table
-from vpns_fast.training.trainer import TrainConfig, TwoStageTrainer, resume
+from vpns_fast.training.trainer import TwoStageTrainer, resume
 
 RUN_KEYS = ("method", "density", "actual_density", "test_acc", "test_acc_prompt", "selected_epoch",
             "last_test_acc", "params_kept", "flops_kept", "wall_s", "images_per_s")
 TIMING_KEYS = ("wall_s", "train_s", "images_per_s")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread_and_restore_determinism():
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    torch.use_deterministic_algorithms(deterministic)
-
-
-def tiny(out=None, **overrides) -> TrainConfig:
-    """32 synthetic 32x32 images per split, small_resnet, one epoch per stage, deterministic."""
-    settings = dict(dataset="synthetic", limit=32, batch_size=32, model="small_resnet", search_epochs=1,
-                    finetune_epochs=1, methods=("vpns",), densities=(0.5,), progress=False, deterministic=True,
-                    device="cpu", out=None if out is None else str(out))
-    settings.update(overrides)
-    return TrainConfig(**settings)
 
 
 def run_dir(out, method, density):

@@ -57,6 +57,8 @@ CASES = {
                       "data_batch_1 is not a CIFAR python-version pickle"),
     "non-image in imagefolder": (["prune", *TRAIN, "--dataset", "imagefolder", "--data-dir", "{root}/folder"],
                                  "notes.png: not an image file"),
+    "non-image, loader workers": (["prune", *TRAIN, "--dataset", "imagefolder", "--data-dir", "{root}/folder",
+                                   "--num-workers", "2", "--out", "{root}/o_workers"], "notes.png: not an image file"),
     "infer top -1": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "-1"], "--top: expected an integer >= 1"),
     "infer top 0": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "0"], "--top: expected an integer >= 1"),
     "infer onnx": (["infer", "{root}/model.onnx", "{root}/img.png"], "model.onnx is an ONNX file"),

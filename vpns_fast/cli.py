@@ -509,12 +509,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(exc: BaseException) -> str:
+    """The user's error as one line. A DataLoader worker re-raises with the worker's whole traceback in
+    the message; its last line is the original ``Type: message``."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = [line for line in text.splitlines() if line.strip()][-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    return text
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        print(f"vpns {args.command}: error: {exc}", file=sys.stderr)
+        print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         run_folder = args.out_dir if args.command == "resume" else getattr(args, "out", None)

@@ -169,3 +169,15 @@ def oversized_definitions() -> list[str]:
 
 def test_no_class_or_function_too_long_to_read():
     assert not oversized_definitions(), "\n".join(oversized_definitions())
+
+
+def test_importing_the_package_leaves_the_trainer_and_exporter_unloaded():
+    """They are lazy attributes of ``vpns_fast`` for import time; an eager import anywhere undoes that."""
+    import subprocess
+    import sys
+
+    code = ("import sys, vpns_fast; lazy = ['vpns_fast.training.trainer', 'vpns_fast.deploy.export'];"
+            "print([m for m in lazy if m in sys.modules]); print(vpns_fast.export.__module__)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["[]", "vpns_fast.deploy.export"]

@@ -39,9 +39,10 @@ if TYPE_CHECKING:  # for type checkers; at run time __getattr__ imports them
     from vpns_fast.training.trainer import TrainConfig as TrainConfig
     from vpns_fast.training.trainer import TwoStageTrainer as TwoStageTrainer
 
-# The trainer and the exporter pull in datasets, plotting and file formats (2.5-5 s more on a 2-core
-# machine, on top of torch's 3.5-5 s): imported on first use, so they are not in __all__ (a star import
-# would load them); the API reference documents them in vpns_fast.training and vpns_fast.deploy.
+# The trainer and the exporter pull in datasets, plotting and file formats (importing the trainer took
+# 2.6-5.4 s on top of `import vpns_fast`'s 3.6-4.8 s, three runs each on a loaded 2-core machine,
+# 2026-12-02). They are imported on first use, so they are not in __all__ (a star import would load
+# them); the API reference documents them in vpns_fast.training and vpns_fast.deploy.export.
 _LAZY = {"TwoStageTrainer": "vpns_fast.training.trainer", "TrainConfig": "vpns_fast.training.trainer",
          "export": "vpns_fast.deploy.export"}
 

@@ -13,14 +13,13 @@ def _at_least(value, flag: str, least: int) -> None:
 
 
 def _check_device(name: str) -> None:
-    import torch
+    """Before any work: a device that cannot be parsed or is not there is the user's error."""
+    from vpns_fast.environment import resolve_device
 
-    if name == "auto":
-        return
     try:
-        torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        resolve_device(name)
+    except ValueError as exc:
+        raise ValueError(f"--{exc}") from None
 
 
 def _check_input_file(path: str, what: str) -> None:

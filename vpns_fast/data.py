@@ -717,11 +717,14 @@ class _DatasetView(Dataset):
         return f"_DatasetView({type(self.dataset).__name__}, n={len(self)}, transform={self.transform!r})"
 
 
+def _expected_item(num_classes: int) -> str:
+    return ("an (image, label) pair, image a uint8 [0, 255] or float [0, 1] tensor (C, H, W) with C 1 or 3, "
+            f"label an integer in [0, {num_classes})")
+
+
 def _checked_item(item, index: int, num_classes: int) -> tuple[torch.Tensor, int]:
-    expected = ("an (image, label) pair, image a uint8 [0, 255] or float [0, 1] tensor (C, H, W) with C 1 or 3, "
-                f"label an integer in [0, {num_classes})")
     if not isinstance(item, (tuple, list)) or len(item) < 2:
-        raise ValueError(f"dataset item {index}: expected {expected}, got {type(item).__name__}")
+        raise ValueError(f"dataset item {index}: expected {_expected_item(num_classes)}, got {type(item).__name__}")
     image, label = item[0], item[1]
     valid_image = (isinstance(image, torch.Tensor) and image.dim() == 3 and image.shape[0] in (1, 3)
                    and (image.dtype == torch.uint8 or image.is_floating_point()))
@@ -730,7 +733,8 @@ def _checked_item(item, index: int, num_classes: int) -> tuple[torch.Tensor, int
     if not valid_image or label is None or not 0 <= label < num_classes:
         shape = (f"{image.dtype} {tuple(image.shape)}" if isinstance(image, torch.Tensor)
                  else type(image).__name__)
-        raise ValueError(f"dataset item {index}: expected {expected}, got image {shape}, label {item[1]!r}")
+        raise ValueError(f"dataset item {index}: expected {_expected_item(num_classes)}, got image {shape}, "
+                         f"label {item[1]!r}")
     return image, label
 
 

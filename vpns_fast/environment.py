@@ -35,7 +35,10 @@ def resolve_device(name: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for CUDA without it is a clear error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(name)!r} was asked for but CUDA is not available")
     return device

@@ -128,8 +128,11 @@ def _import_timm():
     return timm
 
 
-def default_input_size(name: str) -> int:
-    """Side length of the images the architecture was designed for (224 for a user's factory)."""
+def default_input_size(name: str | None) -> int:
+    """Side length of the images the architecture was designed for (224 for a user's factory, and for
+    ``None``: a module passed as an object, which names no architecture)."""
+    if name is None:
+        return 224
     kind, key = model_kind(name)
     if kind == "builtin":
         return 224 if key in _TORCHVISION else 32

@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
-from vpns_fast.pruning.checkpoint import atomic_write
+from vpns_fast.files import atomic_write
+from vpns_fast.pruning.checkpoint import tensor_bytes
 
 __all__ = [
     "FORMATS", "VERSION", "ExportFormatError", "MissingDependencyError", "export", "read_export", "load_dense",
@@ -68,13 +69,8 @@ class MissingDependencyError(ImportError):
 # --------------------------------------------------------------------------- files
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, overwrite: bool = False) -> None:
-    """``data`` to ``path`` through :func:`vpns_fast.checkpoint.atomic_write`."""
+    """``data`` to ``path`` through :func:`vpns_fast.files.atomic_write`."""
     atomic_write(path, lambda f: f.write(data), overwrite)
-
-
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    flat = t.detach().cpu().contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
 
 
 def _checksum(kind: str, version: str, meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
@@ -86,7 +82,7 @@ def _checksum(kind: str, version: str, meta_json: str, tensors: dict[str, torch.
         t = tensors[name]
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
         h.update(b"\0")
-        h.update(_tensor_bytes(t))
+        h.update(tensor_bytes(t))
     return h.hexdigest()
 
 
@@ -218,7 +214,7 @@ def _prompt_meta(spec: dict | None) -> dict | None:
     program = spec["program"].detach().cpu().float().contiguous()
     meta = {k: v for k, v in spec.items() if k != "program"}
     meta.update(program_shape=list(program.shape),
-                program_float32_b64=base64.b64encode(_tensor_bytes(program)).decode("ascii"))
+                program_float32_b64=base64.b64encode(tensor_bytes(program)).decode("ascii"))
     return meta
 
 

@@ -142,8 +142,7 @@ def _image_size(meta: dict, prompt) -> int:
         return int(meta["input_size"][-1])
     from vpns_fast.models import default_input_size
 
-    name = meta["model"]["name"]
-    return default_input_size(name) if name is not None else 224  # a module passed as an object: its default
+    return default_input_size(meta["model"]["name"])
 
 
 def _granularity(network: nn.Module, meta: dict) -> str | None:

@@ -45,6 +45,13 @@ class CheckpointError(ValueError):
     """A file that is not a readable vpns_fast checkpoint of a supported version."""
 
 
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of a tensor's elements in row-major order (what checksums of checkpoints and exports
+    read)."""
+    flat = t.detach().cpu().contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b""
+
+
 def payload_sha256(payload: dict) -> str:
     """sha256 over every value of a checkpoint but its ``sha256``: each tensor's name, dtype, shape and bytes
     (torch.load does not notice a flipped byte in a tensor), every other value by its repr, dicts in key order."""
@@ -52,9 +59,8 @@ def payload_sha256(payload: dict) -> str:
 
     def feed(name: str, value: Any) -> None:
         if isinstance(value, torch.Tensor):
-            flat = value.detach().cpu().contiguous().reshape(-1)
             digest.update(f"{name}|tensor|{value.dtype}|{tuple(value.shape)}\0".encode())
-            digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+            digest.update(tensor_bytes(value))
         elif isinstance(value, dict):
             digest.update(f"{name}|dict|{len(value)}\0".encode())
             for key in sorted(value, key=repr):

@@ -101,10 +101,10 @@ def train_epoch(model: nn.Module, optimizers: list[torch.optim.Optimizer], steps
                 loss = F.cross_entropy(logits.float(), labels)
             scaler.scale(loss).backward()
             # an unprompted step leaves the prompt's optimizer without gradients: the fp16 scaler
-            # refuses to step an optimizer it recorded no gradient check for (and without
-            # gradients a step changes nothing)
+            # refuses to step an optimizer it recorded no gradient check for (without fp16 the scan
+            # is skipped: a step without gradients changes nothing)
             for optimizer in optimizers:
-                if _has_gradients(optimizer):
+                if not scaler.is_enabled() or _has_gradients(optimizer):
                     scaler.step(optimizer)
             scaler.update()
             for optimizer in optimizers:

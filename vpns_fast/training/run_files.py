@@ -17,9 +17,9 @@ from typing import Any
 import torch
 
 from vpns_fast.environment import describe
-from vpns_fast.files import FileLockedError, file_lock, sweep_partial_writes
+from vpns_fast.files import FileLockedError, atomic_write, file_lock, sweep_partial_writes
 from vpns_fast.nn.prompted_network import PromptedNetwork
-from vpns_fast.pruning.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from vpns_fast.pruning.checkpoint import load_checkpoint, save_checkpoint
 from vpns_fast.training import distributed as dist_utils
 from vpns_fast.training.config import TrainConfig
 from vpns_fast.training.state import RunState

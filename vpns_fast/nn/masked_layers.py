@@ -214,17 +214,6 @@ class MaskedMixin:
         else:
             self.threshold.fill_(float(threshold))
 
-    @classmethod
-    def from_dense(cls, dense: nn.Module, granularity: str = "unstructured", score_init: str = "scaled"):
-        """A masked layer that shares ``dense``'s weight and bias parameters (no copy)."""
-        # Built on the meta device so no throw-away weight is allocated or initialized.
-        args, kwargs = cls._constructor_args(dense)
-        layer = cls(*args, **kwargs, bias=dense.bias is not None, device="meta", granularity=granularity,
-                    score_init="kaiming")
-        layer.weight, layer.bias = dense.weight, dense.bias
-        layer._init_masking(granularity, score_init)
-        return layer
-
     def extra_repr(self):
         return super().extra_repr() + f", granularity={self.granularity}"
 
@@ -238,11 +227,6 @@ class MaskedConv2d(MaskedMixin, nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
                          padding_mode, device, dtype)
         self._init_masking(granularity, score_init)
-
-    @staticmethod
-    def _constructor_args(conv: nn.Conv2d) -> tuple[tuple, dict]:
-        return ((conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                 conv.groups), {"padding_mode": conv.padding_mode})
 
     def forward(self, x):
         padding = self.padding
@@ -260,10 +244,6 @@ class MaskedLinear(MaskedMixin, nn.Linear):
                  score_init="kaiming"):
         super().__init__(in_features, out_features, bias, device, dtype)
         self._init_masking(granularity, score_init)
-
-    @staticmethod
-    def _constructor_args(linear: nn.Linear) -> tuple[tuple, dict]:
-        return (linear.in_features, linear.out_features), {}
 
     def forward(self, x):
         return ops.masked_linear(x, self.dense_weight, self.scores, self.threshold, self.bias,
@@ -296,7 +276,6 @@ class MaskedProjection(MaskedMixin, nn.Module):
     under the attention module's stock name."""
 
     dense_class = nn.MultiheadAttention
-    kind = "MultiheadAttention"
 
     def __init__(self, weight: nn.Parameter, granularity: str = "unstructured", score_init: str = "scaled"):
         super().__init__()

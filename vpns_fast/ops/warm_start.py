@@ -14,8 +14,8 @@ The rule, for both backends: the hint is the threshold last computed for the sam
   least), after a step that moved the threshold by more than ``band`` of its value: a missed band
   costs a pass. That check reads the threshold on the host, so it is made where this is free:
 
-  - ``cpp`` (CPU tensors): band 2^-9. Measured on ResNet-18 / ResNet-50 score sizes (csrc/threshold.cpp):
-    cold select 46 / 80 ms, warm hit 16 / 36 ms, warm miss 64 / 110 ms (+40% over cold).
+  - ``cpp`` (CPU tensors): band 2^-9; a warm hit is about 2-3x faster than a cold select and a miss
+    costs about 40% more (ResNet-18 / ResNet-50 score sizes; the timings are in csrc/threshold.cpp's header).
   - ``triton``: no band check; reading the threshold back would synchronise the GPU every step.
     A miss costs one pass on the device (kernels/threshold.py).
 """

@@ -35,9 +35,13 @@ Callers compute them once per input size and pass them to sparse_conv2d. channel
 per block (0 = chosen so that a block's input tile fits in L1).)doc");
   m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"),
+        py::arg("dilation"), py::arg("residual") = py::none(), py::arg("relu") = false,
+        // no Python object is touched inside: other Python threads run meanwhile (one deployed model
+        // called from several threads)
+        py::call_guard<py::gil_scoped_release>(),
         R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
-F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding.
+F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
+epilogue, to relu(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; relu: bool).
 
 input: float32 CPU [N, C_in, H, W]; values from sparse_conv2d_pack(weight); segments and offsets from
 sparse_conv2d_offsets(..., input_size=(H, W), same stride/padding/dilation); bias: float32 [C_out] or None.
@@ -46,7 +50,7 @@ Never materialises im2col: each output channel's nonzeros multiply shifted rows 
         R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:
 [row_ptr (int64, out_features + 1), column_index (int32, nnz), values (float32, nnz)]; exact zeros skipped.)doc");
   m.def("sparse_linear", &vpns::sparse_linear, py::arg("input"), py::arg("row_ptr"), py::arg("column_index"),
-        py::arg("values"), py::arg("in_features"), py::arg("bias"),
+        py::arg("values"), py::arg("in_features"), py::arg("bias"), py::call_guard<py::gil_scoped_release>(),
         R"doc(Sparse (CSR) weight times dense input: equal to F.linear(input, weight, bias) within float32 rounding.
 
 input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc");

@@ -437,7 +437,8 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                         std::vector<int64_t> padding, std::vector<int64_t> dilation) {
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         const std::optional<at::Tensor>& residual, bool relu) {
   constexpr const char* op = "sparse_conv2d";
   check_float_cpu(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-d [N, C_in, H, W], got ", input.dim(), "-d");
@@ -463,6 +464,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   at::NoGradGuard no_grad;
   const at::Tensor x = input.contiguous();
   at::Tensor output = at::empty({g.batch, g.out_channels, g.out_h, g.out_w}, x.options());
+  at::Tensor res;
+  if (residual && residual->defined()) {
+    check_float_cpu(op, "residual", *residual);
+    TORCH_CHECK(residual->sizes() == output.sizes(), op, ": residual must have the output's shape ", output.sizes(),
+                ", got ", residual->sizes());
+    res = residual->contiguous();
+  }
   if (output.numel() == 0) return output;
 
   at::Tensor planes = at::empty({g.batch, g.image_stride}, x.options());
@@ -487,6 +495,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const int64_t* seg = segments.const_data_ptr<int64_t>();
   const float* vals = values.const_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
+  const float* res_data = res.defined() ? res.const_data_ptr<float>() : nullptr;
   float* out_data = output.mutable_data_ptr<float>();
   at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> wide(static_cast<size_t>(block * wide_stride));
@@ -499,8 +508,21 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
         const float* w_row = wide.data() + (o - o0) * wide_stride;
         float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
         const float add = bias_data ? bias_data[o] : 0.0f;
+        // The epilogue, in the order the unfused network computes it: (conv + bias) + residual, then ReLU
+        // (NaN stays NaN, as torch.relu keeps it).
+        const float* r_row = res_data ? res_data + (n * g.out_channels + o) * g.out_h * g.out_w : nullptr;
         for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          for (int64_t ow = 0; ow < g.out_w; ++ow) dst[oh * g.out_w + ow] = w_row[oh * g.plane_w + ow] + add;
+          float* d = dst + oh * g.out_w;
+          const float* w = w_row + oh * g.plane_w;
+          if (r_row) {
+            const float* r = r_row + oh * g.out_w;
+            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = (w[ow] + add) + r[ow];
+          } else {
+            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = w[ow] + add;
+          }
+          if (relu) {
+            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = d[ow] < 0.0f ? 0.0f : d[ow];
+          }
         }
       }
     }

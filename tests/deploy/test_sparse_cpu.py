@@ -138,7 +138,7 @@ def test_convert_for_cpu_table_schema_and_policies():
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 5))
     x = torch.randn(1, 3, 8, 8)
     keys = {"name", "type", "weight_shape", "input_shape", "density", "nnz", "dense_ms", "sparse_ms", "speedup",
-            "chosen", "reason"}
+            "chosen", "reason", "fused", "flops", "dense_flops"}
     converted, table = sparse_cpu.convert_for_cpu(model, x, policy="measure", repeats=3)
     assert [row["name"] for row in table] == ["0", "2", "4", "5"]
     for row in table:
@@ -155,8 +155,14 @@ def test_convert_for_cpu_table_schema_and_policies():
         assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
     dense_copy, dense_table = sparse_cpu.convert_for_cpu(model, x, policy="dense")
     assert all(row["chosen"] == "dense" and row["dense_ms"] is None for row in dense_table)
-    assert all(type(a) is type(b) for a, b in zip(dense_copy.modules(), model.modules()))
-    assert "layer" in sparse_cpu.format_decisions(table)
+    layers = [type(m) for m in dense_copy.modules()][1:]  # the root is the torch.fx rewrite of the Sequential
+    assert layers == [type(m) for m in model.modules()][1:]
+    # multiply-adds per layer: 8 output channels x 8x8 positions x 27 weights, of which nnz are nonzero
+    assert table[0]["dense_flops"] == 2 * 8 * 64 * 27 and table[0]["flops"] == 2 * 64 * table[0]["nnz"]
+    assert table[2]["dense_flops"] == 2 * 5 * 288 and table[3]["flops"] == 2 * table[3]["nnz"]
+    text = sparse_cpu.format_decisions(table, peak_gflops=100.0)
+    assert "nzGF/s" in text and "%peak" in text and len(text.splitlines()) == 1 + len(table)
+    assert sparse_cpu.measure_peak_gflops(size=64, repeats=2) > 0
 
 
 def test_convert_for_cpu_of_one_layer_returns_the_replacement():

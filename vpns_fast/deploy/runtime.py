@@ -263,8 +263,10 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
     else:
         ok, reason = sparse_cpu.available()
         if ok:
-            network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup)
-            info.update(backend="sparse_cpu")
+            summary: dict = {}
+            network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
+                                                            summary=summary)
+            info.update(backend="sparse_cpu", fusion=summary["fusion"])
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
     info.update(backend="torch-dense", reason=reason)

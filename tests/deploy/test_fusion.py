@@ -1,0 +1,214 @@
+"""Graph rewrites of the CPU engine (``vpns_fast.deploy.fusion``) and the sparse convolution's fused
+epilogue: batch norm folded into convolutions, residual add and ReLU computed in the kernel's output
+loop. Every rewritten model must give the original's output; models that cannot be traced keep their
+layers and say why; the engine runs in and out of inference mode and from two threads at once."""
+from __future__ import annotations
+
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerance import assert_close
+from torch import fx, nn
+
+from vpns_fast.deploy import fusion, sparse_cpu
+
+_OK, _REASON = sparse_cpu.available()
+pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
+
+
+def masked(shape, density, generator):
+    weight = torch.randn(shape, generator=generator)
+    return weight * (torch.rand(shape, generator=generator) < density)
+
+
+@pytest.mark.parametrize("batch", [1, 2, 33])
+@pytest.mark.parametrize("geometry", [(6, 5, 11, 13, 3, 1, 1), (7, 4, 12, 9, 1, 2, 0), (3, 8, 17, 15, 7, 2, 3)])
+@pytest.mark.parametrize("epilogue", ["relu", "add", "add+relu"])
+def test_fused_epilogue_matches_unfused(batch, geometry, epilogue):
+    in_channels, out_channels, height, width, kernel, stride, padding = geometry
+    generator = torch.Generator().manual_seed(batch * 100 + kernel)
+    weight = masked((out_channels, in_channels, kernel, kernel), 0.3, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    conv = F.conv2d(x, weight, bias, stride, padding)
+    residual = torch.randn(conv.shape, generator=generator) if "add" in epilogue else None
+    expected = conv + residual if residual is not None else conv
+    expected = torch.relu(expected) if "relu" in epilogue else expected
+    layer = sparse_cpu.SparseConv2d(weight, bias, stride, padding, relu="relu" in epilogue)
+    got = layer(x, residual)
+    assert_close(got, expected, baseline=expected, reduction=in_channels * kernel * kernel)
+    if "relu" in epilogue:
+        assert float(got.min()) >= 0.0
+
+
+def test_fused_relu_keeps_nan_and_residual_shape_is_checked():
+    weight = torch.ones(2, 1, 1, 1)
+    layer = sparse_cpu.SparseConv2d(weight, None, relu=True)
+    x = torch.tensor([[[[1.0, float("nan")], [-1.0, 2.0]]]])
+    out = layer(x)
+    assert torch.isnan(out[0, :, 0, 1]).all() and torch.equal(out[0, :, 1, 0], torch.zeros(2))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        layer(x, torch.zeros(1, 2, 3, 3))
+    with pytest.raises(ValueError, match="residual"):
+        layer(x, torch.zeros(1, 2, 2, 2, dtype=torch.float64))
+
+
+def pruned_resnet18(density=0.1):
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(torch.rand_like(m.weight) < density)
+            if isinstance(m, nn.BatchNorm2d):  # statistics that make folding change the weights
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+def test_resnet_fusion_folds_every_batchnorm_and_fuses_every_epilogue():
+    model = pruned_resnet18()
+    x = torch.randn(2, 3, 64, 64)
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
+    with torch.no_grad():
+        expected, got = model(x), converted(x)
+    assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert isinstance(converted, fx.GraphModule)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    # 20 convolutions each with its batch norm; 8 blocks x (conv1: relu, conv2: add + relu) + the stem's relu
+    assert summary["batchnorm_folded"] == 20 and summary["epilogues_fused"] == 17
+    rows = {row["name"]: row for row in table}
+    assert rows["conv1"]["fused"] == ["batchnorm", "relu"]
+    assert rows["layer2.0.conv2"]["fused"] == ["batchnorm", "add", "relu"]  # residual from the downsample branch
+    assert rows["layer2.0.downsample.0"]["fused"] == ["batchnorm"]
+    assert rows["fc"]["fused"] == []
+    assert all(isinstance(m, nn.BatchNorm2d) for m in [model.bn1])  # the original is left alone
+    # the rewritten model survives the usual round trips
+    for clone in (copy.deepcopy(converted), pickle.loads(pickle.dumps(converted))):
+        with torch.no_grad():
+            assert torch.equal(clone(x), got)
+
+
+def test_fusion_matches_the_unfused_engine_and_the_dense_model_when_layers_stay_dense():
+    model = pruned_resnet18()
+    x = torch.randn(1, 3, 48, 48)
+    fused, _ = sparse_cpu.convert_for_cpu(model, x, policy="dense")
+    unfused, _ = sparse_cpu.convert_for_cpu(model, x, policy="dense", fuse=False)
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(fused(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        assert torch.equal(unfused(x), expected)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in fused.modules())  # folded for dense layers too
+
+
+class Branchy(nn.Module):
+    """Data-dependent control flow: torch.fx cannot trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        return torch.relu(y) if float(y.sum()) > 0 else y
+
+
+def test_untraceable_model_is_converted_without_rewrites_and_says_why():
+    model = Branchy().eval()
+    x = torch.randn(1, 3, 10, 10)
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
+    assert "cannot trace Branchy" in summary["fusion"] and summary["batchnorm_folded"] == 0
+    assert isinstance(converted.bn, nn.BatchNorm2d) and isinstance(converted.conv, sparse_cpu.SparseConv2d)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+    assert table[0]["fused"] == []
+
+
+class SharedConvOutput(nn.Module):
+    """The conv output feeds the batch norm and something else: it must not be folded, and a conv
+    whose output is added twice keeps its add outside."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        z = self.conv2(x)
+        return self.bn(y) + y + z + z
+
+
+def test_layers_with_several_uses_are_not_rewritten():
+    model = SharedConvOutput().eval()
+    with torch.no_grad():
+        model.bn.running_var.fill_(2.0)
+    x = torch.randn(2, 4, 7, 7)
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
+    assert summary["batchnorm_folded"] == 0 and summary["epilogues_fused"] == 0
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_fold_batchnorm_leaves_training_mode_batchnorm():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+    graph = fx.symbolic_trace(model)
+    graph.get_submodule("1").train()
+    assert fusion.fold_batchnorm(graph) == []
+    graph.eval()
+    assert fusion.fold_batchnorm(graph) == ["0"]
+
+
+def test_engine_built_and_called_in_inference_mode_and_no_grad():
+    model = pruned_resnet18()
+    x = torch.randn(1, 3, 40, 40)
+    with torch.no_grad():
+        expected = model(x)
+    for context in (torch.inference_mode, torch.no_grad):
+        with context():
+            converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+            inside = converted(x)
+        outside = converted(x)
+        assert_close(inside, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        assert torch.equal(inside, outside)
+
+
+def test_two_threads_calling_one_converted_model_get_their_own_results():
+    model = pruned_resnet18()
+    converted, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 40, 40), policy="sparse")
+    inputs = [torch.randn(batch, 3, size, size) for batch, size in [(1, 40), (3, 48), (2, 40), (1, 56)]]
+    with torch.no_grad():
+        expected = [converted(x) for x in inputs]
+    results: dict[tuple[int, int], torch.Tensor] = {}
+    errors = []
+
+    def work(thread):
+        try:
+            for round_ in range(5):
+                for i, x in enumerate(inputs[thread::2]):
+                    with torch.no_grad():
+                        results[(thread, round_, i)] = converted(x)
+        except Exception as exc:  # reported below, with the thread
+            errors.append((thread, exc))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for (thread, _, i), got in results.items():
+        assert torch.equal(got, expected[thread + 2 * i])
+    assert len(results) == 2 * 5 * 2

@@ -318,6 +318,56 @@ def compare_layer_times(dense: Callable[[], object], sparse: Callable[[], object
     return min(dense_times), min(sparse_times)
 
 
+def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: torch.Tensor):
+    """Runs ``example_input`` through ``model``: each layer's first input (a copy), the order the
+    layers were first called in, and each layer's output shape."""
+    captured: dict[str, torch.Tensor] = {}
+    order: list[str] = []
+    output_shapes: dict[str, tuple[int, ...]] = {}
+
+    def capture(name):
+        def hook(module, inputs):
+            if name not in captured:
+                captured[name] = inputs[0].detach().clone()
+                order.append(name)
+        return hook
+
+    def output_shape(name):
+        def hook(module, inputs, output):
+            output_shapes.setdefault(name, tuple(output.shape))
+        return hook
+
+    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers]
+    handles += [module.register_forward_hook(output_shape(name)) for name, module in layers]
+    try:
+        with torch.no_grad():
+            model(example_input)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, order, output_shapes
+
+
+def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict, folded: list[str]) -> dict:
+    """The decision table's row of one layer, before any decision."""
+    weight = getattr(module, "weight", None)
+    nnz = int(torch.count_nonzero(weight)) if weight is not None else 0
+    row = {"name": name, "type": type(module).__name__,
+           "weight_shape": list(weight.shape) if weight is not None else [],
+           "input_shape": list(captured[name].shape) if name in captured else None,
+           "density": (nnz / weight.numel() if weight.numel() else 0.0) if weight is not None else 1.0, "nnz": nnz,
+           "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "",
+           "fused": ["batchnorm"] if name in folded else [], "flops": None, "dense_flops": None}
+    if weight is not None and name in output_shapes:
+        # multiply-adds: every output position of every output channel reads each of its weights
+        shape = output_shapes[name]
+        channels = shape[-1] if isinstance(module, nn.Linear) else shape[1]  # Linear: [..., out]; conv: [N, C, ...]
+        positions = math.prod(shape) // max(1, channels)
+        per_channel = weight.numel() // max(1, weight.shape[0])
+        row.update(flops=2 * nnz * positions, dense_flops=2 * per_channel * weight.shape[0] * positions)
+    return row
+
+
 def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str = "measure",
                     min_speedup: float = 1.05, repeats: int = 15,
                     replace_pooling: bool = True, fuse: bool = True,
@@ -368,50 +418,13 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             folded = fusion.fold_batchnorm(graph_module)
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
     layers = [(name, module) for name, module in converted.named_modules() if isinstance(module, kinds)]
-    captured: dict[str, torch.Tensor] = {}
-    order: list[str] = []
-
-    def capture(name):
-        def hook(module, inputs):
-            if name not in captured:
-                captured[name] = inputs[0].detach().clone()
-                order.append(name)
-        return hook
-
-    output_shapes: dict[str, tuple[int, ...]] = {}
-
-    def output_shape(name):
-        def hook(module, inputs, output):
-            output_shapes.setdefault(name, tuple(output.shape))
-        return hook
-
-    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers]
-    handles += [module.register_forward_hook(output_shape(name)) for name, module in layers]
-    try:
-        with torch.no_grad():
-            converted(example_input)
-    finally:
-        for handle in handles:
-            handle.remove()
-
+    captured, order, output_shapes = _capture_layer_io(converted, layers, example_input)
     modules = dict(layers)
     table = []
     for name in order + [name for name, _ in layers if name not in captured]:
         module = modules[name]
+        row = _layer_row(name, module, captured, output_shapes, folded)
         weight = getattr(module, "weight", None)
-        nnz = int(torch.count_nonzero(weight)) if weight is not None else 0
-        row = {"name": name, "type": type(module).__name__,
-               "weight_shape": list(weight.shape) if weight is not None else [],
-               "input_shape": list(captured[name].shape) if name in captured else None,
-               "density": (nnz / weight.numel() if weight.numel() else 0.0) if weight is not None else 1.0, "nnz": nnz,
-               "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "",
-               "fused": ["batchnorm"] if name in folded else [], "flops": None, "dense_flops": None}
-        if weight is not None and name in output_shapes:
-            # multiply-adds: every output position of every output channel reads each of its weights
-            shape = output_shapes[name]
-            positions = math.prod(shape) // max(1, shape[1] if len(shape) >= 3 else shape[-1])
-            per_channel = weight.numel() // max(1, weight.shape[0])
-            row.update(flops=2 * nnz * positions, dense_flops=2 * per_channel * weight.shape[0] * positions)
         table.append(row)
         reason = _unsupported_reason(module)
         if policy == "dense":

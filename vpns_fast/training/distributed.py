@@ -62,6 +62,16 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     return tensor
 
 
+def main_decides(flag: bool) -> bool:
+    """Rank 0's ``flag``, on every rank: for a decision only rank 0 can make (it alone takes the output
+    folder's lock) that every rank must follow, so a refusal on rank 0 reaches the others instead of
+    leaving them at the next collective for a rank that has gone. A collective: every rank calls it."""
+    if not active():
+        return flag
+    decision = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    return bool(broadcast_(decision, src=0).item())
+
+
 def barrier() -> None:
     if active():
         dist.barrier()

@@ -35,8 +35,9 @@ def object_not_stored(placeholder: PythonObject) -> str:
 
 
 class Loaders:
-    """Shuffled training loaders, made afresh from a seed every epoch (their order is a function of
-    the seed alone, which keeps resume exact), and the unshuffled loaders of evaluation and
+    """Shuffled training loaders, made afresh from a seed every epoch (their order and every item's
+    random augmentation are a function of the seed alone, which keeps resume exact and makes the
+    batches the same for any ``num_workers``), and the unshuffled loaders of evaluation and
     label-mapping counts, made once per split."""
 
     def __init__(self, batch_size: int, num_workers: int, device: torch.device, world_size: int):
@@ -51,8 +52,10 @@ class Loaders:
         if dist_utils.active():  # each rank its own share of the seed's permutation
             sampler = DistributedSampler(dataset, shuffle=True, seed=seed)
             sampler.set_epoch(epoch)
+        # seeded_items: an item's augmentation comes from (seed, its index), not from whichever process's
+        # RNG stream reads it (issue #14: 0 vs 2 workers gave other checkpoints under --deterministic)
         return make_loader(dataset, self.batch_size, shuffle=sampler is None, num_workers=self.num_workers,
-                           seed=seed, sampler=sampler, pin_memory=self.pin_memory)
+                           seed=seed, sampler=sampler, pin_memory=self.pin_memory, seeded_items=True)
 
     def ordered(self, dataset: Dataset) -> DataLoader:
         """The split's unshuffled loader, built once: it is the same every epoch, and rebuilding it

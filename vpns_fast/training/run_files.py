@@ -26,8 +26,8 @@ from vpns_fast.training.state import RunState
 
 LOCK_NAME = ".vpns"  # file_lock adds ".lock"
 # what a vpns job writes at the top of its folder: all of it goes when --force replaces the run
-JOB_FILES = ("config.json", "results.json", "dense.pt", "dense-pretrain.pt")
-JOB_FOLDERS = ("runs", "plots")
+JOB_FILES = ("config.json", "results.json", "metrics.csv", "dense.pt", "dense-pretrain.pt")
+JOB_FOLDERS = ("runs", "plots", "tensorboard", "wandb")  # the last two: --logger tensorboard / wandb
 
 
 class RunInUseError(ValueError):
@@ -36,17 +36,25 @@ class RunInUseError(ValueError):
 
 @contextlib.contextmanager
 def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
-    """Hold ``OUT/.vpns.lock`` while a job writes ``out`` (rank 0 only): a second `vpns prune` or
-    `vpns resume` on the folder is refused instead of redoing the work into the same files."""
-    if out is None or not is_main:
+    """Hold ``OUT/.vpns.lock`` while a job writes ``out`` (rank 0 takes it): a second `vpns prune` or
+    `vpns resume` on the folder is refused instead of redoing the work into the same files. Under DDP
+    every rank calls this and rank 0's answer is broadcast, so a refusal raises the same error on every
+    rank (the others would otherwise wait at the job's first barrier for a rank 0 that has left)."""
+    if out is None:
         yield
         return
-    try:
-        with file_lock(os.path.join(out, LOCK_NAME), wait=False):
-            yield
-    except FileLockedError:
-        raise RunInUseError(f"{out} is in use by another vpns process (it holds {os.path.join(out, LOCK_NAME)}"
-                            f".lock); wait for it to finish, then `vpns resume {out}`") from None
+    with contextlib.ExitStack() as held:
+        refused = False
+        if is_main:
+            try:
+                held.enter_context(file_lock(os.path.join(out, LOCK_NAME), wait=False))
+            except FileLockedError:
+                refused = True
+        if dist_utils.main_decides(refused):
+            raise RunInUseError(f"{out} is in use by another vpns process (it holds "
+                                f"{os.path.join(out, LOCK_NAME)}.lock); wait for it to finish, then "
+                                f"`vpns resume {out}`")
+        yield
 
 
 def _foreign_entries(out: str) -> list[str]:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import struct
-import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -45,8 +44,9 @@ from vpns_fast.files import atomic_write
 from vpns_fast.pruning.checkpoint import tensor_bytes
 
 __all__ = [
-    "FORMATS", "VERSION", "ExportFormatError", "MissingDependencyError", "export", "read_export", "load_dense",
-    "load_sparse", "load_slim", "load_any", "encode_weight", "decode_weight",
+    "FORMATS", "VERSION", "ONNX_OPSET", "ExportFormatError", "MissingDependencyError", "OnnxExporterFallbackWarning",
+    "export", "onnx_model", "read_export", "load_dense", "load_sparse", "load_slim", "load_any", "encode_weight",
+    "decode_weight",
 ]
 
 FORMATS = ("dense", "sparse", "slim", "onnx")
@@ -55,6 +55,14 @@ FORMAT_PREFIX = "vpns_fast.export."
 VERSION = 1
 _KEY_FORMAT, _KEY_VERSION, _KEY_META, _KEY_SHA = ("vpns_fast.format", "vpns_fast.version", "vpns_fast.meta",
                                                   "vpns_fast.sha256")
+ONNX_OPSET = 18
+"""Default ONNX opset. The torch.export-based exporter translates natively to 18 at the lowest;
+asked for 17 it exports 18 and converts down afterwards, which failed on these graphs (an
+Unsqueeze "axes" input it could not turn back into an attribute) and left opset 18 anyway, so a
+lower opset goes to the TorchScript exporter. Its files are ONNX IR version 10: onnxruntime 1.18.1
+and 1.32 run them, 1.17.3 refuses IR 10 (checked); for such runtimes ``opset=17`` gives the
+TorchScript exporter's IR 8 file (which 1.17.3 runs), with the fallback warning."""
+_DYNAMO_MIN_OPSET = 18
 
 
 class ExportFormatError(ValueError):
@@ -377,11 +385,19 @@ def decode_weight(name: str, tensors: dict[str, torch.Tensor], info: dict) -> to
 
 def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: str | os.PathLike, force: bool = False,
            *, slim: bool = False, use_prompt: bool | None = None, class_names: Sequence[str] | None = None,
-           opset: int = 17, model: nn.Module | None = None) -> dict:
+           opset: int = ONNX_OPSET, model: nn.Module | None = None) -> dict:
     """Export a checkpoint (path or the dict :func:`vpns_fast.checkpoint.load_checkpoint` returns)
     to ``path`` in ``format`` (dense, sparse, slim, onnx). Nothing is overwritten without
     ``force``. ``slim`` (onnx only): export the slimmed network. ``use_prompt``: whether inference
-    applies the stored prompt (default: :func:`default_use_prompt`). Returns the metadata written.
+    applies the stored prompt (default: :func:`default_use_prompt`). ``opset`` (onnx only): the
+    ONNX opset (:data:`ONNX_OPSET`). Returns the metadata written.
+
+    ONNX goes through the torch.export-based exporter (``torch.onnx.export(dynamo=True)``, which
+    needs onnxscript); where that one cannot export (it raises, onnxscript is missing, or ``opset``
+    is below 18) the TorchScript exporter writes the file and an
+    :class:`OnnxExporterFallbackWarning` gives the reason in one line. The returned metadata and the
+    file's ``vpns_fast.meta`` record ``exporter`` (``"torch.export"`` or ``"torchscript"``) and
+    ``exporter_fallback_reason`` (None, or that reason).
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
@@ -558,6 +574,100 @@ def _image_size(meta: dict) -> int:
     return default_input_size(meta["model"]["name"])
 
 
+class OnnxExporterFallbackWarning(UserWarning):
+    """The torch.export-based ONNX exporter could not export the pipeline; the file was written by
+    the TorchScript exporter instead. The message carries the reason (exception type and first line)."""
+
+
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``, at most 300 characters: a reason short enough for a warning."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
+    return reason if len(reason) <= 300 else reason[:297] + "..."
+
+
+def _dynamo_graph(pipeline: nn.Module, example: torch.Tensor, opset: int):
+    """The ONNX ModelProto from ``torch.onnx.export(dynamo=True)``, batch axis dynamic; only public
+    arguments that torch documents from 2.6 on. ``f=None`` returns the ONNXProgram without writing
+    a file (given a path it would also write the weights to an external ``.data`` file beside it)."""
+    program = torch.onnx.export(pipeline, (example,), input_names=["images"], output_names=["logits"],
+                                opset_version=opset, dynamo=True, verbose=False,
+                                dynamic_shapes=({0: torch.export.Dim("batch")},))
+    return program.model_proto
+
+
+def _torchscript_graph(pipeline: nn.Module, example: torch.Tensor, opset: int):
+    """The ONNX ModelProto from the TorchScript exporter (``dynamo=False``), batch axis dynamic."""
+    import io
+
+    import onnx
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        # Its deprecation notices and constant-folding notes (three on a prompted small_resnet)
+        # only, so the fallback's one-line reason is not buried; tracer warnings (a trace that may
+        # not generalize to other inputs) stay visible.
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.filterwarnings("ignore", message="Constant folding - ", category=UserWarning)
+        torch.onnx.export(pipeline, (example,), buffer, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
+                          dynamo=False)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _onnx_graph(pipeline: nn.Module, example: torch.Tensor, opset: int):
+    """``(ModelProto, fallback reason or None)``: the torch.export-based exporter first, the
+    TorchScript one only where the first cannot export (reason: exception type and first line).
+
+    Measured (wall time of the exporter call: first call in a fresh process, then repeats; 10
+    classes, channel masks; torch 2.14.1, onnxscript 0.7.2, 2-core CPU shared with other jobs, load
+    1-3): small_resnet at 32x32: TorchScript 1.5 s, then 0.4 s; torch.export-based 4.4 s, then 2.1 s.
+    resnet18 at 224x224: TorchScript 3.3 s, then 1.2-1.4 s; torch.export-based 9.3 s, then 5.3-5.5 s
+    (at load 5 both took about 1.5x as long). The new path is 3-5x slower (torch.export tracing, then
+    onnxscript's optimizer): seconds per file, once per deployment, for the maintained exporter.
+    """
+    import onnx
+
+    reason = None
+    if opset < _DYNAMO_MIN_OPSET:
+        reason = f"opset {opset} requested; the torch.export-based exporter writes opset {_DYNAMO_MIN_OPSET} or later"
+    else:
+        try:
+            import onnxscript  # noqa: F401  (the new exporter's translation library)
+        except ImportError:
+            reason = "onnxscript is not installed (pip install vpns_fast[onnx] installs it)"
+    if reason is None:
+        try:
+            model = _dynamo_graph(pipeline, example, opset)
+            onnx.checker.check_model(model)
+            return model, None
+        except Exception as exc:  # any failure of the new path is a reason to try the old one, reported
+            reason = _one_line(exc)
+    try:
+        return _torchscript_graph(pipeline, example, opset), reason
+    except Exception as exc:
+        raise RuntimeError(f"ONNX export failed with both exporters: torch.export-based: {reason}; TorchScript: "
+                           f"{_one_line(exc)}") from exc
+
+
+def onnx_model(network: nn.Module, example: torch.Tensor, opset: int = ONNX_OPSET):
+    """``(onnx.ModelProto, fallback reason or None)`` of ``network`` (batch axis dynamic), in memory:
+    the torch.export-based exporter, or the TorchScript one where that cannot export (see
+    :func:`_onnx_graph`). What :func:`export` writes and the benchmarks' ONNX Runtime baseline runs."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < 7:
+        raise ValueError(f"opset must be an integer >= 7 (default {ONNX_OPSET}), got {opset!r}")
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no
+        # TorchScript symbolic (the torch.export path exports a ViT either way): both exporters
+        # trace the plain composite path, the same computation.
+        torch.backends.mha.set_fastpath_enabled(False)
+        with torch.no_grad():
+            return _onnx_graph(network, example, opset)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
 def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bool, opset: int) -> None:
     try:
         import onnx
@@ -566,32 +676,15 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
                                      "(or pip install onnx)") from exc
     pipeline = onnx_pipeline(folded, meta, slim)
     size = _image_size(meta)
-    example = torch.rand(2, 3, size, size)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".onnx", dir=folder)
-    os.close(fd)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        # nn.MultiheadAttention's inference fast path (aten::_native_multi_head_attention) has no
-        # ONNX symbolic: trace the plain composite path, which is the same computation.
-        torch.backends.mha.set_fastpath_enabled(False)
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the exporter's constant-folding chatter
-            # The legacy TorchScript exporter: the dynamo exporter needs onnxscript, an extra
-            # dependency, for no gain on these plain conv nets.
-            torch.onnx.export(pipeline, (example,), tmp, input_names=["images"], output_names=["logits"],
-                              dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=False)
-        model = onnx.load(tmp)
-        onnx_meta = dict(meta, slim=slim, image_size=size, input="float32 images in [0, 1], (B, 3, H, W)")
-        onnx_meta.pop("prompt", None)  # the program is baked into the graph
-        entry = model.metadata_props.add()
-        entry.key, entry.value = "vpns_fast.meta", json.dumps(onnx_meta, sort_keys=True, default=_json_default)
-        onnx.checker.check_model(model)
-        # through atomic_write like every other format, for its file mode (the scratch file above is mkstemp's 0600)
-        atomic_write_bytes(model.SerializeToString(), path, overwrite=force)
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    model, reason = onnx_model(pipeline, torch.rand(2, 3, size, size), opset)
+    meta.update(exporter="torch.export" if reason is None else "torchscript", exporter_fallback_reason=reason)
+    onnx_meta = dict(meta, slim=slim, image_size=size, input="float32 images in [0, 1], (B, 3, H, W)")
+    onnx_meta.pop("prompt", None)  # the program is baked into the graph
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "vpns_fast.meta", json.dumps(onnx_meta, sort_keys=True, default=_json_default)
+    onnx.checker.check_model(model)
+    atomic_write_bytes(model.SerializeToString(), path, overwrite=force)
+    if reason is not None:
+        # stacklevel 3: the caller of export(), so Python's default filter shows it once per call site
+        warnings.warn(f"ONNX export of {path} fell back to the TorchScript exporter: {reason}",
+                      OnnxExporterFallbackWarning, stacklevel=3)

@@ -121,6 +121,7 @@ class TrainConfig:
     keep_checkpoints: str = "last"      # last | all (one file per phase and epoch)
     mask_from: str | None = None        # checkpoint whose masks the transfer methods impose
     progress: bool = True
+    logger: Any = ()                    # tensorboard, wandb, both (a list or "a,b"); metrics.csv is always written
     out: str | None = None
 
     def __post_init__(self):
@@ -155,6 +156,10 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and self.limit < 1:  # a config file bypasses the CLI's checks of --limit
+            raise ValueError(f"limit must be >= 1 (or None for every sample), got {self.limit}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
         merged = default_optimizers()
         for group, spec in dict(self.optimizers).items():
             if group not in merged:
@@ -167,6 +172,9 @@ class TrainConfig:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     raise ValueError(f"{key} of {group}: expected a finite number >= 0, got {value!r}")
         self.optimizers = merged
+        self.logger = logger_names(self.logger)
+        if "tensorboard" in self.logger and self.out is None:
+            raise ValueError("logger: tensorboard writes its event files under out; set out (--out)")
         self._check_geometry()
 
     def _check_model_and_dataset(self) -> None:
@@ -247,9 +255,28 @@ class TrainConfig:
     def identity(self) -> dict:
         """What must match for a run directory to be resumed (not presentation options)."""
         data = self.to_dict()
-        for key in ("progress", "out", "num_workers", "keep_checkpoints"):
+        for key in ("progress", "out", "num_workers", "keep_checkpoints", "logger"):
             data.pop(key)
         return data
+
+
+LOGGERS = ("tensorboard", "wandb")
+
+
+def logger_names(value: Any) -> tuple[str, ...]:
+    """``TrainConfig.logger`` as a tuple of names: a name, comma-separated names or a list of them; None or
+    "none" for none (metrics.csv is written either way)."""
+    if value is None:
+        return ()
+    items = value.split(",") if isinstance(value, str) else value
+    if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
+        raise ValueError(f"logger: expected a name, comma-separated names or a list of names ({', '.join(LOGGERS)}), "
+                         f"got {value!r}")
+    names = tuple(dict.fromkeys(item.strip() for item in items if item.strip() and item.strip() != "none"))
+    for name in names:
+        if name not in LOGGERS:
+            raise ValueError(f"logger: unknown logger {name!r}; expected {' or '.join(LOGGERS)} (or none)")
+    return names
 
 
 def _described(value: Any, name: str) -> PythonObject:

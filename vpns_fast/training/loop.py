@@ -45,13 +45,20 @@ def distributed_model(network: PromptedNetwork, device: torch.device) -> nn.Modu
 
 class EpochProgress:
     """The epoch's progress bar. Loss and accuracy accumulate on the device, where reading them
-    every step would stall a GPU twice per step: the bar reads them every 10 steps only."""
+    every step would stall a GPU twice per step: the bar reads them every 10 steps only.
 
-    def __init__(self, label: str, steps: int, world_size: int):
+    ``job_eta(optimizer steps taken this epoch, seconds into it)`` gives the whole job's remaining time as
+    text (:meth:`vpns_fast.training.metrics_log.JobClock.progress_eta`); tqdm's own ETA is the epoch's.
+    ``steps_per_batch``: optimizer steps per bar step (the release protocol takes two)."""
+
+    def __init__(self, label: str, steps: int, world_size: int,
+                 job_eta: Callable[[int, float], str] | None = None, steps_per_batch: int = 1):
         from tqdm.auto import tqdm
 
         self.bar = tqdm(total=steps, desc=label, leave=False, dynamic_ncols=True, file=sys.stderr)
         self.world_size = world_size
+        self.job_eta = job_eta
+        self.steps_per_batch = steps_per_batch
         self.started = time.perf_counter()
 
     def update(self, running: torch.Tensor, seen: int) -> None:
@@ -59,8 +66,11 @@ class EpochProgress:
         if self.bar.n % 10 == 0 or self.bar.n == self.bar.total:
             total_loss, correct = running.tolist()
             elapsed = time.perf_counter() - self.started
-            self.bar.set_postfix(loss=f"{total_loss / max(seen, 1):.3f}", acc=f"{100 * correct / max(seen, 1):.1f}",
-                                 img_s=f"{seen * self.world_size / max(elapsed, 1e-9):.0f}")
+            postfix = {"loss": f"{total_loss / max(seen, 1):.3f}", "acc": f"{100 * correct / max(seen, 1):.1f}",
+                       "img_s": f"{seen * self.world_size / max(elapsed, 1e-9):.0f}"}
+            if self.job_eta is not None:
+                postfix["job_eta"] = self.job_eta(self.bar.n * self.steps_per_batch, elapsed)
+            self.bar.set_postfix(postfix)
 
     def close(self) -> None:
         self.bar.close()

@@ -7,6 +7,7 @@ import os
 import torch
 
 from vpns_fast.nn.prompted_network import PromptedNetwork
+from vpns_fast.nn.prompts import VisualPrompt
 from vpns_fast.pruning.masking import actual_density, density_report
 from vpns_fast.pruning.methods import get_method
 from vpns_fast.training.config import TrainConfig
@@ -153,6 +154,18 @@ def _first_prompt_checkpoint(out_dir: str, runs: list[dict]) -> str | None:
     return None
 
 
+def prompt_picture(prompt: VisualPrompt) -> tuple[torch.Tensor, float | None]:
+    """What the prompt adds in its region as a (3, H, W) CPU image in [0, 1] (plots/prompt.png, TensorBoard,
+    wandb), and for a pad prompt the magnitude shown at black and white (else None)."""
+    program = prompt.program.detach().float().cpu()
+    region = prompt.region().cpu()
+    if prompt.kind == "pad":
+        # the pad program is added as is and stays small: show it around mid-gray, scaled to its range
+        peak = float((program * region).abs().max()) or 1.0
+        return ((0.5 + 0.5 * program / peak) * region).clamp(0, 1), peak
+    return (torch.sigmoid(program) * region).clamp(0, 1), None
+
+
 def plot_prompt(checkpoint_path: str, out_path: str) -> str:
     """The learned prompt as an image: what it adds in its region, shown in [0, 1]."""
     import matplotlib
@@ -166,18 +179,10 @@ def plot_prompt(checkpoint_path: str, out_path: str) -> str:
     if payload["prompt"] is None:
         raise ValueError(f"{checkpoint_path} holds no prompt")
     prompt = prompt_from_spec(payload["prompt"])
-    program = prompt.program.detach()
-    region = prompt.region()
-    if prompt.kind == "pad":
-        # the pad program is added as is and stays small: show it around mid-gray, scaled to its range
-        peak = float((program * region).abs().max()) or 1.0
-        shown = (0.5 + 0.5 * program / peak) * region
-        scale = f", shown at +-{peak:.3g}"
-    else:
-        shown = torch.sigmoid(program) * region
-        scale = ""
+    shown, peak = prompt_picture(prompt)
+    scale = f", shown at +-{peak:.3g}" if peak is not None else ""
     fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(shown.clamp(0, 1).permute(1, 2, 0).numpy())
+    ax.imshow(shown.permute(1, 2, 0).numpy())
     ax.set_title(f"{prompt.kind} prompt ({prompt.num_learnable():,} learnable values{scale})", fontsize=9)
     ax.axis("off")
     fig.tight_layout()

@@ -35,6 +35,7 @@ from vpns_fast.training.loop import (
     train_epoch,
     training_steps,
 )
+from vpns_fast.training.metrics_log import JobClock, MetricsLog, check_loggers, epoch_line, epoch_row
 from vpns_fast.training.phases import (
     Phase,
     fresh_model,
@@ -48,7 +49,7 @@ from vpns_fast.training.phases import (
     start_phase,
 )
 from vpns_fast.training.precision import Precision
-from vpns_fast.training.results import result_row, results_table, selection_key, write_plots
+from vpns_fast.training.results import prompt_picture, result_row, results_table, selection_key, write_plots
 from vpns_fast.training.run_files import (
     RunCheckpoints,
     environment,
@@ -80,6 +81,15 @@ class Run:
     def label(self) -> str:
         return f"{self.method.name} d={self.density:g}"
 
+    @property
+    def key(self) -> str:
+        """As its folder is named (runs/<key>/) and metrics.csv's ``run`` column."""
+        return run_key(self.method.name, self.density)
+
+
+def run_key(method: str, density: float) -> str:
+    return f"{method}_d{density:g}"
+
 
 class TwoStageTrainer:
     """Runs every (method, density) of a :class:`TrainConfig`; see the module docstring. ``force``
@@ -102,10 +112,13 @@ class TwoStageTrainer:
         self.results: list[dict] = []
         self.job: JobContext | None = None     # set up by run()
         self.dense: DenseStart | None = None
+        self.metrics = MetricsLog([])          # opened by run(), once the data has loaded
+        self.clock = JobClock()
 
     # ------------------------------------------------------------------ the job
 
     def run(self) -> list[dict]:
+        check_loggers(self.config.logger)  # a missing package stops the job before it touches anything
         refuse_foreign_out_dir(self.config, self.force, self.resuming)
         with run_folder_lock(self.config.out, self.is_main):
             return self._run_all()
@@ -117,9 +130,18 @@ class TwoStageTrainer:
         write_config(c, self.resuming, self.is_main)
         self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
+        self.metrics = MetricsLog.open(c, self.is_main, self.resuming)
+        try:
+            self._train_all(env=environment())
+        finally:
+            self.metrics.close()
+        return self.results
+
+    def _train_all(self, env: dict) -> None:
+        c, data = self.config, self.job.data
         self.dense = build_dense_start(self.job)
-        env = environment()
         runs = [(method, density) for method in map(get_method, c.methods) for density in self._densities(method)]
+        self._plan_clock(runs)
         if self.is_main and c.progress:
             print(f"vpns_fast: {c.dataset_description()} ({data.summary()}) | {c.model_description()} on "
                   f"{self.device} | {len(runs)} runs | "
@@ -129,13 +151,24 @@ class TwoStageTrainer:
             if c.out and self.is_main:
                 write_json(c.out, "results.json", {"config": c.to_dict(), "env": env, "runs": self.results})
         if self.is_main:
+            table = results_table(self.results)
+            self.metrics.finish(self.results, table)
             if c.out:
                 plots = write_plots(c.out, self.results)
             if c.progress:
-                print("\n" + results_table(self.results), flush=True)
+                print("\n" + table, flush=True)
                 if c.out:
                     print(f"\nresults: {os.path.join(c.out, 'results.json')}  plots: {', '.join(plots)}", flush=True)
-        return self.results
+
+    def _plan_clock(self, runs: list[tuple[Method, float]]) -> None:
+        """Every run's optimizer steps per phase, for the job's ETA (each run starts as not begun)."""
+        c, job = self.config, self.job
+        for method, density in runs:
+            phases = []
+            for phase in plan_phases(c, method, density):
+                steps = training_steps(job.loaders, job.data, phase.use_prompt, c.protocol, 0, 0)
+                phases.append((phase.epochs, len(steps[0][0]) * len(steps)))
+            self.clock.plan(run_key(method.name, density), phases)
 
     def _densities(self, method: Method) -> tuple[float, ...]:
         if method.mask == "dense":  # nothing to prune: one run
@@ -149,6 +182,7 @@ class TwoStageTrainer:
     def run_one(self, method: Method, density: float) -> dict:
         run, optimizer_states = self._start_run(method, density)
         state, network = run.state, run.network
+        self.clock.start(run.key, state.phase, state.epoch, state.done)
         if state.done:
             if self.is_main and self.config.progress:
                 print(f"[{run.label}] already complete, skipped", flush=True)
@@ -163,6 +197,8 @@ class TwoStageTrainer:
         result = self._result_row(run, time.perf_counter() - run.started)
         state.done, state.result = True, result
         run.checkpoints.save_last(network, state, [], method.name, density)
+        if self.is_main and network.prompt is not None:
+            self.metrics.prompt(run.key, prompt_picture(network.prompt)[0], len(state.history))
         if self.is_main and self.config.progress:
             print(f"[{run.label}] test acc {result['test_acc']:.2f}% "
                   f"(with prompt: {_percent(result['test_acc_prompt'])}) | density {result['actual_density']:.4f} | "
@@ -224,7 +260,7 @@ class TwoStageTrainer:
             progress = None
             if c.progress and self.is_main:
                 progress = EpochProgress(f"{run.label} {phase.name} {epoch + 1}/{phase.epochs}", len(steps[0][0]),
-                                         self.world_size)
+                                         self.world_size, self.clock.progress_eta, steps_per_batch=len(steps))
             where = f"run {run.label}, phase {phase.name}, epoch {epoch + 1}/{phase.epochs}"
             try:
                 images, loss, acc = train_epoch(trainable, optimizers, steps, job.precision, scaler, self.device,
@@ -232,8 +268,10 @@ class TwoStageTrainer:
             except TrainingDivergedError as error:
                 kept = run.checkpoints.kept_note()
                 raise TrainingDivergedError(f"{error}{kept}") from None
-            state.train_seconds += time.perf_counter() - started
+            train_seconds = time.perf_counter() - started
+            state.train_seconds += train_seconds
             state.images += images
+            learning_rates = [o.param_groups[0]["lr"] for o in optimizers]  # this epoch's, before the step
             for scheduler in schedulers:
                 scheduler.step()
             record = {"phase": phase.name, "epoch": epoch + 1, "train_loss": loss, "train_acc": acc,
@@ -241,6 +279,11 @@ class TwoStageTrainer:
             state.history.append(record)
             if is_final:
                 self._track_best(run, record)
+            row = None
+            if self.is_main:  # before last.pt moves on: a kill in between reruns the epoch, which replaces the row
+                row = epoch_row(run.key, run.method.name, run.density, phase.name, epoch + 1, phase.epochs, record,
+                                network.model, learning_rates, images, train_seconds, time.perf_counter() - started)
+                self.metrics.epoch(row, len(state.history))
             state.finish_epoch(phase.epochs)
             state.wall_seconds = time.perf_counter() - run.started
             if epoch + 1 == phase.epochs and phase.kind == "search":
@@ -248,6 +291,9 @@ class TwoStageTrainer:
             # at a phase boundary the next phase builds fresh optimizers: save none
             run.checkpoints.save_last(network, state, stateful if state.epoch else [], run.method.name, run.density,
                                       epoch_name=f"{phase.name}-epoch{epoch + 1:03d}")
+            self.clock.epoch_done(run.key, index, time.perf_counter() - started)
+            if row is not None and not c.progress:  # --no-progress: one plain line per epoch
+                print(epoch_line(run.label, row, self.clock.eta()), flush=True)
         if phase.epochs == 0 and phase.kind == "search":
             run.checkpoints.save_mask(network)
         state.epoch = 0

@@ -15,7 +15,7 @@ import torch
 from bench.cases import CASES
 from bench.cases.common import Workload, canonical_dtype_name
 from bench.environment import REPO_ROOT, environment_fields
-from bench.timing import CPU_WARMUP_SECONDS, measured_copy_bandwidth, measured_matmul_peak, time_calls
+from bench.timing import CPU_WARMUP_SECONDS, Timing, measured_copy_bandwidth, measured_matmul_peak, time_calls
 from vpns_fast import ops
 
 SCHEMA = "vpns_fast.bench/1"
@@ -51,11 +51,32 @@ def verify_workload(workload: Workload) -> dict[str, str]:
     return errors
 
 
+# Timed calls are split into this many rounds, the implementations taking turns round by round: a
+# burst of load on the shared CPU machines then hits every implementation, not only the one being
+# timed when it came (seen: one of three runs of an end-to-end point 2x slower than the others).
+INTERLEAVED_ROUNDS = 5
+
+
+def interleaved_timings(candidates: list, inputs: list, repeats: int, device_type: str,
+                        cpu_warmup_seconds: float) -> dict[str, Timing]:
+    """Each candidate's ``repeats`` timed calls, in up to INTERLEAVED_ROUNDS rounds of turns (who
+    goes first rotates); warm-up before each candidate's first round only."""
+    rounds = max(1, min(INTERLEAVED_ROUNDS, repeats))
+    times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    for round_ in range(rounds):
+        calls = repeats // rounds + (1 if round_ < repeats % rounds else 0)
+        turn = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)] if candidates else []
+        for candidate in turn:
+            warmup = cpu_warmup_seconds if round_ == 0 else 0.0
+            times[candidate.name] += time_calls(candidate.run, inputs, calls, device_type, warmup).times_ms
+    return {name: Timing(values) for name, values in times.items()}
+
+
 def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling_bytes_per_s: float | None,
                      environment: dict, cpu_warmup_seconds: float = CPU_WARMUP_SECONDS) -> list[dict]:
     errors = verify_workload(workload)
-    timings = {c.name: time_calls(c.run, workload.inputs, repeats, device_type, cpu_warmup_seconds)
-               for c in workload.candidates if c.run is not None and c.name not in errors}
+    timings = interleaved_timings([c for c in workload.candidates if c.run is not None and c.name not in errors],
+                                  workload.inputs, repeats, device_type, cpu_warmup_seconds)
     baseline_medians = {name: timings[name].median_ms for name in workload.baseline_names if name in timings}
     config = workload.config
     peak_flops = measured_matmul_peak(device_type, config.dtype) if workload.flops else None

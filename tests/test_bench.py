@@ -153,7 +153,7 @@ def infer_rows(tmp_path_factory):
         pytest.skip(f"sparse CPU kernels unavailable: {reason}")
     out_path = tmp_path_factory.mktemp("bench_infer") / "rows.jsonl"
     returned = run_cases(["infer"], device="cpu", sizes="small", repeats=2, out_path=str(out_path),
-                         cpu_warmup_seconds=0.0, stream=None)
+                         cpu_warmup_seconds=0.0, stream=None, compile_baselines=False)
     with open(out_path) as rows_file:
         written = [json.loads(line) for line in rows_file]
     assert written == json.loads(json.dumps(returned))
@@ -175,6 +175,15 @@ def test_infer_rows(infer_rows):
         if row["impl"] == "torch_sparse_csr" and p["scope"] == "model":
             assert row["status"] == "skipped" and "per layer only" in row["skip_reason"]
             continue
+        if row["impl"] == "compiled":
+            assert row["status"] == "skipped" and "--no-compile" in row["skip_reason"]
+            continue
+        if row["impl"] == "deepsparse" and not os.environ.get("VPNS_DEEPSPARSE_PYTHON"):
+            assert row["status"] == "skipped" and "VPNS_DEEPSPARSE_PYTHON" in row["skip_reason"]
+            continue
+        if row["impl"] == "onnxruntime" and p["onnxruntime_version"] is None:
+            assert row["status"] == "skipped" and "not installed" in row["skip_reason"]
+            continue
         assert row["status"] == "ok", row
         assert row["repeats"] == 2 and 0 < row["p20_ms"] <= row["median_ms"] <= row["p80_ms"]
         assert row["images_per_s"] == pytest.approx(p["batch"] / (row["median_ms"] / 1e3))
@@ -186,13 +195,20 @@ def test_infer_rows(infer_rows):
             if p["mask"] == "uniform":
                 assert p["layer_density"] == pytest.approx(p["density"], rel=0.05)
         else:
-            assert row["impl"] in {"dense", "dense_separable_pool", "sparse_cpu"}
+            assert row["impl"] in {"dense", "dense_separable_pool", "sparse_cpu", "onnxruntime", "deepsparse"}
+            assert "onnxruntime" in row["speedup"] or p["onnxruntime_version"] is None
             assert 0 <= p["sparse_layers"] <= p["layers"] == 21
             assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
             assert 0 <= p["end_to_end_error"] < float("inf")
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
-    assert impls == {("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"), ("layer", "deployed"),
-                     ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
+    assert impls - {("model", "onnxruntime"), ("model", "deepsparse")} == {
+        ("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"), ("layer", "deployed"),
+        ("model", "dense"), ("model", "dense_separable_pool"), ("model", "sparse_cpu")}
+    try:
+        import onnxruntime  # noqa: F401
+    except ImportError:
+        return
+    assert ("model", "onnxruntime") in impls  # installed: timed, after its output was checked
 
 
 def test_a_wrong_answer_is_an_error_row_and_the_rest_is_timed():

@@ -106,11 +106,16 @@ def _assignments(text: str) -> tuple[str, str]:
     return group.strip(), value.strip()
 
 
-def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> None:
-    from vpns_fast.data import DATASETS
-    from vpns_fast.pruning.methods import METHODS
+# The names the help lists, written out: the modules that define them import torch, and `vpns --help`
+# must not (tests/test_cli_fast.py keeps these equal to vpns_fast.data.DATASETS and the search methods of
+# vpns_fast.pruning.methods.METHODS).
+HELP_DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "synthetic")
+HELP_METHODS = ("vpns", "hydra", "omp", "random", "imp", "dense", "omp+vp", "random+vp", "imp+vp")
 
-    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(DATASETS)} (default: digits, embedded)")
+
+def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> None:
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(HELP_DATASETS)} (default: digits, "
+                   "embedded)")
     p.add_argument("--data-dir", help="where the dataset lives (CIFAR pickles, Tiny-ImageNet, ImageFolder)")
     p.add_argument("--download", action="store_true", help="download CIFAR / Tiny-ImageNet if missing (online)")
     p.add_argument("--model", default="small_resnet",
@@ -126,7 +131,7 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
                    "(--pretrain-epochs) or start from random init")
     if not transfer:
         p.add_argument("--method", default="vpns", type=_csv(str),
-                       help=f"comma-separated methods: {', '.join(m for m in METHODS if not m.startswith('transfer'))}")
+                       help=f"comma-separated methods: {', '.join(HELP_METHODS)}")
         p.add_argument("--density", default=(0.1,), type=_csv(float),
                        help="comma-separated fractions of weights kept, e.g. 0.5,0.2,0.1 (default 0.1)")
     p.add_argument("--epochs", type=int, help="epochs of each stage (sets both --search-epochs and --finetune-epochs)")
@@ -167,7 +172,12 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--limit", type=int, help="cap samples per split (quick runs)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     p.add_argument("--keep-checkpoints", choices=("last", "all"), default="last")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars or tables")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars or tables: one plain line per epoch on stdout (with the job's ETA)")
+    p.add_argument("--logger", type=_csv(str), default=(), metavar="NAME[,NAME]",
+                   help="also log every epoch's metrics (as in OUT/metrics.csv), the learned prompt and the final "
+                   "table to tensorboard (OUT/tensorboard/; pip install 'vpns_fast[tensorboard]') and/or wandb "
+                   "(offline unless WANDB_MODE is set; pip install 'vpns_fast[wandb]')")
     p.add_argument("--out", help="output directory (results.json, checkpoints, plots)")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
@@ -205,10 +215,10 @@ def _config_from_args(args, methods=None, mask_from=None):
     for name in ("search_epochs", "finetune_epochs"):
         if getattr(args, name) is not None:
             epochs[name] = getattr(args, name)
-    if getattr(args, "structured", False) and args.granularity != "channel":
+    if getattr(args, "structured", False) and args.granularity != "channel" and getattr(args, "config", None) is None:
         raise ValueError("--structured needs --granularity channel")
     model_kwargs = {key: _json_or_text(value) for key, value in args.model_arg}
-    return TrainConfig(
+    values = dict(
         dataset=args.dataset, data_dir=args.data_dir, download=args.download, model=args.model, weights=args.weights,
         model_kwargs=model_kwargs,
         methods=methods or args.method, densities=getattr(args, "density", (1.0,)),
@@ -221,7 +231,35 @@ def _config_from_args(args, methods=None, mask_from=None):
         hydra_scope=args.hydra_scope, granularity=args.granularity, structured=getattr(args, "structured", False),
         optimizers=optimizers, schedule=args.schedule,
         limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
-        progress=not args.no_progress, out=args.out, mask_from=mask_from, **epochs)
+        progress=not args.no_progress, logger=args.logger, out=args.out, mask_from=mask_from, **epochs)
+    if getattr(args, "config", None) is None:
+        return TrainConfig(**values)
+    from vpns_fast.training.config_file import config_from_file
+
+    given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
+    config = config_from_file(args.config, {key: value for key, value in values.items() if key in given})
+    _check_output_folder(config.out)
+    return config
+
+
+# The TrainConfig fields a flag sets where their names differ (every other flag sets the field of its name).
+_FLAG_FIELDS = {"method": ("methods",), "density": ("densities",), "model_arg": ("model_kwargs",),
+                "no_progress": ("progress",), "epochs": ("search_epochs", "finetune_epochs"),
+                "lr": ("optimizers",), "optimizer": ("optimizers",), "weight_decay": ("optimizers",)}
+
+
+def _given_flags(argv: list[str]) -> set[str]:
+    """The options given on the command line (their dests): parsed again with every default suppressed, the
+    namespace holds only those, so a flag's default never overrides a --config file."""
+    parser = build_parser()
+    parsers = [parser]
+    while parsers:
+        for action in parsers.pop()._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            elif action.option_strings:
+                action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv))) - {"command", "func"}
 
 
 def _json_or_text(value: str):
@@ -337,15 +375,46 @@ def _cmd_bench_infer(args) -> int:
         _at_least(getattr(args, flag), f"--{flag}", least)
     _check_device(args.device)
     rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
-                               args.policy)
+                               args.policy, layers=args.layers)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
-    print(f"{'batch':>5s}  {'backend':12s} {'network':8s} {'engine':14s} {'images/s':>10s} {'latency ms':>11s}")
-    for r in rows:
-        print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine']):14s} "
-              f"{r['images_per_s']:10.1f} {r['latency_ms']:11.3f}")
+    _print_bench_rows(rows, args.layers)
     return 0
+
+
+def _print_bench_rows(rows: list[dict], layers: bool) -> None:
+    """The benchmark as a table (images/s with its p20-p80 spread over rounds), the deployed module's
+    speedups with theirs, a warning on stderr where it is not faster than dense torch, and with
+    ``layers`` its per-layer decisions."""
+    print(f"{'batch':>5s}  {'backend':12s} {'network':8s} {'engine':24s} {'images/s':>9s} {'p20-p80':>15s} "
+          f"{'latency ms':>10s}")
+    for r in rows:
+        if "skipped" in r:
+            print(f"{r['batch']:5d}  {r['backend']:12s} skipped: {r['skipped']}")
+            continue
+        spread = f"{r['images_per_s_p20']:.1f}-{r['images_per_s_p80']:.1f}"
+        print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine'])[:24]:24s} "
+              f"{r['images_per_s']:9.1f} {spread:>15s} {r['latency_ms']:10.3f}")
+    from vpns_fast.deploy.sparse_cpu import format_decisions
+
+    for r in rows:
+        if r["backend"] != "deploy":
+            continue
+        for other in ("dense-torch", "onnxruntime"):
+            if f"speedup_vs_{other}" in r:
+                print(f"batch {r['batch']}: deployed vs {other}: {r[f'speedup_vs_{other}']:.2f}x "
+                      f"(p20-p80 over {r['rounds']} rounds: {r[f'speedup_vs_{other}_p20']:.2f}-"
+                      f"{r[f'speedup_vs_{other}_p80']:.2f}x)")
+        if r.get("speedup_vs_dense-torch", 2.0) < 1.0:
+            print(f"warning: at batch {r['batch']} the deployed module is not faster than dense torch "
+                  f"({r['speedup_vs_dense-torch']:.2f}x); see `--layers` for the per-layer decisions",
+                  file=sys.stderr)
+        if layers and r.get("decisions") is not None:
+            peak = (f"; machine dense peak this run: {r['peak_gflops']:.1f} GFLOP/s (1024^3 sgemm)"
+                    if r.get("peak_gflops") else "")
+            print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
+            print(format_decisions(r["decisions"], r.get("peak_gflops")))
 
 
 def _cmd_tune(args) -> int:
@@ -419,13 +488,18 @@ def build_parser() -> argparse.ArgumentParser:
                            description="For each method and density: reload the dense weights, find the mask "
                            "(stage 1), tune the subnetwork (stage 2), evaluate with and without the prompt.")
     _add_training_flags(prune)
+    prune.add_argument("--config", metavar="FILE",
+                       help="settings from a JSON file (YAML with PyYAML installed) with the keys of the config.json a "
+                       "run writes; flags given on the command line override it. A finished run's OUT/config.json "
+                       "with a new --out repeats that run")
     prune.set_defaults(func=_cmd_prune)
 
     resume = sub.add_parser("resume", help="continue an interrupted `vpns prune` run",
                             description="Continue the run in OUT_DIR from its last checkpoints; finished runs are "
                             "kept, the interrupted one restarts at its last completed epoch.")
     resume.add_argument("out_dir")
-    resume.add_argument("--no-progress", action="store_true")
+    resume.add_argument("--no-progress", action="store_true", help="no progress bars or tables: one plain line "
+                        "per epoch on stdout (with the job's ETA)")
     resume.set_defaults(func=_cmd_resume)
 
     evaluate = sub.add_parser("eval", help="accuracy of a checkpoint with and without its prompt",
@@ -471,9 +545,11 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true")
     infer.set_defaults(func=_cmd_infer)
 
-    bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch",
-                                 description="Images/s and median latency of the deployed module and of the dense "
-                                 "folded network, per batch size.")
+    bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch and "
+                                 "ONNX Runtime", description="Images/s (median and p20-p80 over rounds) and median "
+                                 "latency of the deployed module, of the dense folded network in torch and of that "
+                                 "network in ONNX Runtime (when installed), per batch size, the backends taking turns "
+                                 "call by call; the deployed module's speedups with their spread.")
     bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
     bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32), help="comma-separated batch sizes")
     bench_infer.add_argument("--threads", type=int, help="torch CPU threads")
@@ -482,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_infer.add_argument("--warmup", type=int, default=2)
     bench_infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure")
     bench_infer.add_argument("--json", action="store_true")
+    bench_infer.add_argument("--layers", action="store_true",
+                             help="also show each layer's decision (dense/sparse), measured times, GFLOP/s and why")
     bench_infer.set_defaults(func=_cmd_bench_infer)
 
     tune = sub.add_parser("tune", help="measure the masked-conv dispatch (Triton implicit GEMM vs cuDNN) for a "
@@ -519,7 +597,10 @@ def _one_line(exc: BaseException) -> str:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        args.given_flags = _given_flags(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:

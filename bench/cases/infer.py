@@ -28,7 +28,14 @@ Baselines (the first is the reference):
 * ``torch_sparse_csr`` - per layer only: the weight as ``torch.sparse`` CSR times the im2col matrix
   of ``F.unfold``; end to end it is a skipped row with the reason;
 * ``dense_separable_pool`` - end to end only: the dense model with ``SeparableMaxPool2d``, which
-  ``convert_for_cpu`` also swaps in, so the sparse layers' own share of the speedup shows.
+  ``convert_for_cpu`` also swaps in, so the sparse layers' own share of the speedup shows;
+* end to end, the engines a deployer would otherwise pick, on the same pruned network:
+  ``onnxruntime`` (the network exported by ``vpns_fast.deploy.export.onnx_model``, CPU execution
+  provider, graph optimizations on, the same thread count; ``params.onnxruntime_version``),
+  ``compiled`` (``torch.compile``, inductor with freezing; skipped with ``--no-compile``) and
+  ``deepsparse`` (DeepSparse 1.8 in its own Python, named by ``VPNS_DEEPSPARSE_PYTHON``, driven
+  through ``bench/deepsparse_server.py``; ``params.deepsparse_version``); each skipped with its
+  reason when unavailable.
 Outputs are checked against ``dense`` before timing: max |error| <= 1e-4 (1 + max |dense|) per layer,
 1e-3 (1 + max |dense|) end to end. ``setup`` adds the measured facts (real layer density, layers
 made sparse, end-to-end error) to the config's params, which the rows carry.
@@ -59,8 +66,11 @@ POINTS = {"full": (("resnet18", "resnet50"), ("resnet18", "resnet50"), 224),
           "small": (("resnet18",), ("resnet18",), 32)}
 SMALL_LAYER_COUNT = 4  # distinct layers per model with --sizes small
 LAYER_BASELINES = ["dense", "torch_sparse_csr"]
-MODEL_BASELINES = ["dense", "torch_sparse_csr", "dense_separable_pool"]
-BASELINE_NAMES = ("dense", "torch_sparse_csr", "dense_separable_pool")
+MODEL_BASELINES = ["dense", "torch_sparse_csr", "dense_separable_pool", "onnxruntime", "compiled", "deepsparse"]
+BASELINE_NAMES = ("dense", "torch_sparse_csr", "dense_separable_pool", "onnxruntime", "compiled", "deepsparse")
+DEEPSPARSE_PYTHON = "VPNS_DEEPSPARSE_PYTHON"  # a python that can import deepsparse (bench/README.md)
+# TorchScript exporter, opset 13: the ONNX DeepSparse 1.8 (onnx 1.14-era) reads
+DEEPSPARSE_OPSET = 13
 EXTRA_IMPLS = ("sparse_cpu", "deployed")
 LAYER_TOLERANCE, MODEL_TOLERANCE = 1e-4, 1e-3  # max |error| / (1 + max |dense|)
 CONVERT_REPEATS = {(1, "full"): 15, (32, "full"): 5}  # convert_for_cpu's timed calls per layer; 1 on small
@@ -70,7 +80,8 @@ CSR_END_TO_END_SKIP = ("per layer only: CSR + unfold materialises every layer's 
 DESCRIPTION = ("sparse CPU inference of magnitude-pruned ResNet-18/50 (uniform and global masks, densities "
                "0.5-0.05): per Conv2d layer and end to end; impl sparse_cpu (SparseConv2d, convert_for_cpu "
                "policy=measure); baselines: dense (torch), torch_sparse_csr (CSR + unfold, per layer), "
-               "dense_separable_pool (end to end); CPU only")
+               "dense_separable_pool, onnxruntime, compiled (inductor, freezing), deepsparse (end to end); "
+               "CPU only")
 
 
 def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> list[Config]:
@@ -176,7 +187,6 @@ def _comparer(tolerance: float, what: str):
 
 def setup(config: Config, device_type: str, *, compile_baselines: bool = True, seed: int = 0) -> Workload:
     """The shared setup factory: the pruned model, input copies and implementations of one point."""
-    del compile_baselines  # no compiled baseline
     if device_type != "cpu":
         raise ValueError(f"infer is a CPU case, got device {device_type!r}")
     p = config.params
@@ -214,6 +224,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     candidates = [Candidate("dense", "baseline", no_grad(model)),
                   Candidate("torch_sparse_csr", "baseline", None, CSR_END_TO_END_SKIP),
                   Candidate("dense_separable_pool", "baseline", no_grad(with_separable_pooling(model)))]
+    candidates += deployer_baselines(model, inputs, p, compile_baselines)
     if available:
         repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
         converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
@@ -228,3 +239,107 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
     return Workload(config, inputs, candidates, list(MODEL_BASELINES), _comparer(MODEL_TOLERANCE, config.shape),
                     images_per_call=p["batch"])
+
+
+def deployer_baselines(model: nn.Module, inputs: list, params: dict, compile_baselines: bool) -> list[Candidate]:
+    """End to end: the engines a deployer would otherwise run on the same pruned network, ONNX Runtime,
+    torch.compile (inductor, freezing) and DeepSparse, each skipped with its reason when unavailable;
+    their versions go into ``params``."""
+    import time
+
+    from vpns_fast.deploy import baselines
+
+    candidates = []
+    params["onnxruntime_version"] = baselines.onnxruntime_version()
+    if params["onnxruntime_version"] is None:
+        candidates.append(Candidate("onnxruntime", "baseline", None, "onnxruntime is not installed"))
+    else:
+        start = time.perf_counter()
+        run, exporter = baselines.onnxruntime_runner(model, inputs[0])
+        params["onnxruntime_exporter"] = exporter
+        candidates.append(Candidate("onnxruntime", "baseline", run, setup_seconds=time.perf_counter() - start))
+    if not compile_baselines:
+        candidates.append(Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)"))
+    else:
+        start = time.perf_counter()
+        run = baselines.compiled_runner(model)
+        try:
+            run(inputs[0])
+            candidates.append(Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start))
+        except Exception as exc:  # no C compiler, inductor bug: recorded, not hidden
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            candidates.append(Candidate("compiled", "baseline", None,
+                                        f"torch.compile failed: {type(exc).__name__}: {first_line}"))
+    candidates.append(deepsparse_candidate(model, inputs, params))
+    return candidates
+
+
+def deepsparse_candidate(model: nn.Module, inputs: list, params: dict) -> Candidate:
+    """DeepSparse on the same network, run by bench/deepsparse_server.py in the python named by
+    VPNS_DEEPSPARSE_PYTHON (its own environment); skipped with the reason when that is not set."""
+    import os
+
+    python = os.environ.get(DEEPSPARSE_PYTHON)
+    if not python:
+        return Candidate("deepsparse", "baseline", None,
+                         f"set {DEEPSPARSE_PYTHON} to a python with deepsparse 1.8 installed (bench/README.md)")
+    try:
+        server = DeepSparseServer(python, model, inputs, torch.get_num_threads())
+    except RuntimeError as exc:
+        return Candidate("deepsparse", "baseline", None, str(exc))
+    params["deepsparse_version"] = server.version
+    return Candidate("deepsparse", "baseline", server.run, setup_seconds=server.setup_seconds)
+
+
+class DeepSparseServer:
+    """A DeepSparse engine in another process (bench/deepsparse_server.py), driven line by line; the
+    timed call includes the request and saving / loading the logits (about 0.1 ms at batch 1)."""
+
+    def __init__(self, python: str, model: nn.Module, inputs: list, threads: int):
+        import atexit
+        import os
+        import subprocess
+        import tempfile
+        import time
+
+        import numpy as np
+
+        from vpns_fast.deploy.export import onnx_model
+
+        start = time.perf_counter()
+        self.folder = tempfile.mkdtemp(prefix="vpns-deepsparse-")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the opset-13 fallback to the TorchScript exporter is intended here
+            graph, _ = onnx_model(model.eval(), inputs[0], DEEPSPARSE_OPSET)
+        onnx_path = os.path.join(self.folder, "model.onnx")
+        with open(onnx_path, "wb") as file:
+            file.write(graph.SerializeToString())
+        np.savez(os.path.join(self.folder, "inputs.npz"), **{str(i): x.numpy() for i, x in enumerate(inputs)})
+        self.index = {x.data_ptr(): i for i, x in enumerate(inputs)}
+        self.output = os.path.join(self.folder, "logits.npy")
+        server = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepsparse_server.py")
+        self.process = subprocess.Popen([python, server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        atexit.register(self.process.kill)
+        answer = self._ask({"load": onnx_path, "inputs": os.path.join(self.folder, "inputs.npz"),
+                            "batch": int(inputs[0].shape[0]), "threads": int(threads)})
+        self.version = answer["version"]
+        self.setup_seconds = time.perf_counter() - start
+
+    def _ask(self, request: dict) -> dict:
+        import json
+
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"deepsparse server exited (code {self.process.poll()})")
+        answer = json.loads(line)
+        if "error" in answer:
+            raise RuntimeError(f"deepsparse: {answer['error']}")
+        return answer
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        import numpy as np
+
+        self._ask({"run": self.index[x.data_ptr()], "output": self.output})
+        return torch.from_numpy(np.load(self.output))

@@ -129,7 +129,7 @@ def test_cli_export_infer_bench(tmp_path, capsys):
     capsys.readouterr()
     assert main(["bench-infer", str(ckpt), "--batch", "1,2", "--iters", "1", "--warmup", "0", "--threads", "1",
                  "--json"]) == 0
-    rows = json.loads(capsys.readouterr().out)
+    rows = [r for r in json.loads(capsys.readouterr().out) if r["backend"] != "onnxruntime"]  # test_bench_infer.py
     assert {(r["batch"], r["backend"]) for r in rows} == {(1, "deploy"), (1, "dense-torch"), (2, "deploy"),
                                                          (2, "dense-torch")}
     assert all(r["images_per_s"] > 0 for r in rows)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpns_fast._version import __version__
 from vpns_fast.nn.prompts import VisualPrompt, normalize
 
 __all__ = ["DeployedModel", "deploy", "benchmark_inference"]
@@ -275,25 +276,58 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
 
 # --------------------------------------------------------------------------- benchmark
 
-def _time(module: nn.Module, images: torch.Tensor, iters: int, warmup: int) -> list[float]:
-    for _ in range(warmup):
-        module(images)
-    if images.is_cuda:
-        torch.cuda.synchronize()
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        module(images)
-        if images.is_cuda:
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+BENCH_BASELINES = ("dense-torch", "onnxruntime")
+
+
+class _RunnerNetwork(nn.Module):
+    """A baseline engine's callable in the place of the network, so that it gets the same input stage."""
+
+    def __init__(self, run):
+        super().__init__()
+        self.run = run
+
+    def forward(self, x):
+        return self.run(x)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
+
+
+def _interleaved_seconds(modules: dict[str, nn.Module], images: torch.Tensor, rounds: int,
+                         warmup: int) -> dict[str, list[float]]:
+    """Seconds of one call of each module per round, the modules taking turns within each round (a
+    burst of load on a shared machine hits them alike; per-round ratios cancel it)."""
+    for module in modules.values():
+        for _ in range(warmup):
+            module(images)
+    times: dict[str, list[float]] = {name: [] for name in modules}
+    names = list(modules)
+    for round_ in range(rounds):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:  # rotate who goes first
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            modules[name](images)
+            if images.is_cuda:
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
     return times
 
 
 def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu", threads: int | None = None,
-                        iters: int = 10, warmup: int = 2, policy: str = "measure") -> list[dict]:
-    """Images/s and latency of the deployed module vs dense torch (the folded network) for each
-    batch size. Returns one row per (batch, backend)."""
+                        iters: int = 10, warmup: int = 2, policy: str = "measure", *,
+                        baselines: Sequence[str] = BENCH_BASELINES, layers: bool = False) -> list[dict]:
+    """Images/s of the deployed module and of the baselines on the same network and input stage,
+    for each batch size: ``dense-torch`` (the folded network in torch) and ``onnxruntime`` (that
+    network exported to ONNX, CPU only, when onnxruntime is installed; otherwise a row with
+    ``skipped`` saying why). The backends take turns call by call for ``iters`` rounds.
+
+    One row per (batch, backend): ``images_per_s`` (median over rounds) with ``images_per_s_p20`` /
+    ``_p80``, ``latency_ms`` (median), and for the deployed module ``speedup_vs_<baseline>``: the
+    median of the per-round ratios with ``_p20`` / ``_p80``. ``layers``: the deployed row also carries
+    its per-layer ``decisions``, ``fusion`` and the machine's ``peak_gflops`` measured in the run."""
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes:
         raise ValueError("batch_sizes: expected at least one batch size")
@@ -301,27 +335,91 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
             ("threads", 1 if threads is None else threads, 1), ("iters", iters, 1), ("warmup", warmup, 0)]:
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise ValueError(f"{name}: expected an integer >= {least}, got {value!r}")
+    unknown = [name for name in baselines if name not in BENCH_BASELINES]
+    if unknown:
+        raise ValueError(f"baselines: expected names among {BENCH_BASELINES}, got {unknown}")
     previous_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(int(threads))
     try:
-        return _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy)
+        return _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, tuple(baselines), layers)
     finally:
         torch.set_num_threads(previous_threads)
 
 
-def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy) -> list[dict]:
+def _baseline_modules(dense: DeployedModel, images: torch.Tensor, baselines) -> tuple[dict, dict]:
+    """({backend: module}, {backend: why skipped}) for the baselines that are not the dense module itself."""
+    modules, skipped = {}, {}
+    if "onnxruntime" in baselines:
+        from vpns_fast.deploy import baselines as engines
+
+        if dense.device.type != "cpu":
+            skipped["onnxruntime"] = "a CPU baseline (this benchmark runs on " + str(dense.device) + ")"
+        elif engines.onnxruntime_version() is None:
+            skipped["onnxruntime"] = "onnxruntime is not installed (pip install onnxruntime)"
+        else:
+            with torch.no_grad():
+                example = (dense.prompt(images) if dense.prompt is not None
+                           else normalize(images, dense.mean, dense.std))
+            run, exporter = engines.onnxruntime_runner(dense.network, example)
+            module = DeployedModel(_RunnerNetwork(run), dense.prompt, dense.mapping, dense.mean, dense.std,
+                                   dense.image_size, [], {**dense.info, "backend": f"onnxruntime ({exporter})"})
+            expected, got = dense(images), module(images)
+            error, bound = float((got - expected).abs().max()), 1e-3 * (1 + float(expected.abs().max()))
+            if not error <= bound:
+                raise RuntimeError(f"onnxruntime's output differs from the dense network's by {error:.3g} "
+                                   f"(bound {bound:.3g}); not benchmarking a wrong baseline")
+            modules["onnxruntime"] = module
+    return modules, skipped
+
+
+def _ratio_stats(numerators: list[float], denominators: list[float]) -> tuple[float, float, float]:
+    ratios = [n / d for n, d in zip(numerators, denominators) if d > 0]
+    return _percentile(ratios, 0.5), _percentile(ratios, 0.2), _percentile(ratios, 0.8)
+
+
+def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, baselines, layers) -> list[dict]:
+    from vpns_fast.deploy import baselines as engines
+
     rows = []
     for batch in batch_sizes:
         dense = deploy(path_or_model, device, policy="dense", slim=False)
         size = dense.image_size or 224
         fast = deploy(path_or_model, device, example_input_size=(batch, 3, size, size), policy=policy)
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).to(dense.device)
-        for label, module in (("deploy", fast), ("dense-torch", dense)):
-            times = sorted(_time(module, images, iters, warmup))
-            median = times[len(times) // 2]
-            rows.append({"batch": batch, "backend": label, "network": module.info["network"],
-                         "engine": module.info.get("backend"), "latency_ms": 1000 * median,
-                         "images_per_s": batch / median, "threads": torch.get_num_threads(),
-                         "device": str(module.device)})
+        modules = {"deploy": fast}
+        if "dense-torch" in baselines:
+            modules["dense-torch"] = dense
+        extra, skipped = _baseline_modules(dense, images, baselines)
+        modules.update(extra)
+        times = _interleaved_seconds(modules, images, iters, warmup)
+        versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
+                    "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
+        for label, module in modules.items():
+            per_second = [batch / t for t in times[label]]
+            row = {"batch": batch, "backend": label, "network": module.info["network"],
+                   "engine": module.info.get("backend"), "latency_ms": 1000 * _percentile(times[label], 0.5),
+                   "images_per_s": _percentile(per_second, 0.5), "images_per_s_p20": _percentile(per_second, 0.2),
+                   "images_per_s_p80": _percentile(per_second, 0.8), "threads": torch.get_num_threads(),
+                   "device": str(module.device), "rounds": iters, "engine_version": versions[label]}
+            if label == "deploy":
+                for other in modules:
+                    if other != "deploy":
+                        median, low, high = _ratio_stats(times[other], times["deploy"])
+                        row.update({f"speedup_vs_{other}": median, f"speedup_vs_{other}_p20": low,
+                                    f"speedup_vs_{other}_p80": high})
+                if layers:
+                    row.update(decisions=fast.decisions, fusion=fast.info.get("fusion"),
+                               peak_gflops=_peak_gflops(fast.device))
+            rows.append(row)
+        for label, reason in skipped.items():
+            rows.append({"batch": batch, "backend": label, "skipped": reason, "device": str(dense.device)})
     return rows
+
+
+def _peak_gflops(device: torch.device) -> float | None:
+    if device.type != "cpu":
+        return None
+    from vpns_fast.deploy.sparse_cpu import measure_peak_gflops
+
+    return measure_peak_gflops()

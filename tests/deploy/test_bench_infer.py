@@ -1,0 +1,96 @@
+"""``vpns bench-infer`` / ``benchmark_inference`` against the baselines a deployer would pick: ONNX
+Runtime on the same network (checked against it before timing), speedups with their spread over
+interleaved rounds, the per-layer decisions, and a warning when the engine is not faster."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from test_export import make_checkpoint
+
+from vpns_fast import cli
+from vpns_fast.deploy import baselines, runtime
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    path, _, _ = make_checkpoint(tmp_path_factory.mktemp("bench") / "m.pt", granularity="unstructured",
+                                 density=0.2, prompt=True)
+    return path
+
+
+def test_onnxruntime_runner_equals_the_network():
+    pytest.importorskip("onnxruntime")
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                                  torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x = torch.randn(2, 3, 9, 9)
+    run, exporter = baselines.onnxruntime_runner(network, x, threads=1)
+    with torch.no_grad():
+        expected = network(x)
+    for batch in (x, torch.randn(5, 3, 9, 9)):  # the batch axis is dynamic
+        with torch.no_grad():
+            assert torch.allclose(run(batch), network(batch), atol=1e-5)
+    assert exporter.startswith(("torch.export", "torchscript"))
+    assert run(x).shape == expected.shape
+
+
+def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, capsys):
+    pytest.importorskip("onnxruntime")
+    assert cli.main(["bench-infer", str(checkpoint), "--batch", "1,3", "--iters", "3", "--warmup", "0",
+                     "--threads", "1", "--json", "--layers"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {(r["batch"], r["backend"]) for r in rows} == {(b, name) for b in (1, 3)
+                                                         for name in ("deploy", "dense-torch", "onnxruntime")}
+    for r in rows:
+        assert r["images_per_s_p20"] <= r["images_per_s"] <= r["images_per_s_p80"] and r["rounds"] == 3
+        assert r["engine_version"].split()[0] in ("vpns_fast", "torch", "onnxruntime")
+        if r["backend"] == "deploy":
+            for other in ("dense-torch", "onnxruntime"):
+                assert r[f"speedup_vs_{other}_p20"] <= r[f"speedup_vs_{other}"] <= r[f"speedup_vs_{other}_p80"]
+            assert r["decisions"] and r["peak_gflops"] > 0 and "torch.fx" in r["fusion"]
+    assert cli.main(["bench-infer", str(checkpoint), "--batch", "2", "--iters", "2", "--warmup", "0",
+                     "--threads", "1", "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert "deployed vs onnxruntime:" in out and "p20-p80 over 2 rounds" in out
+    assert "per-layer decisions" in out and "nzGF/s" in out and "GFLOP/s (1024^3 sgemm)" in out
+
+
+def test_onnxruntime_missing_is_a_skipped_row(checkpoint, monkeypatch):
+    monkeypatch.setattr(baselines, "onnxruntime_version", lambda: None)
+    rows = runtime.benchmark_inference(checkpoint, (1,), iters=1, warmup=0, threads=1)
+    skipped = [r for r in rows if r["backend"] == "onnxruntime"]
+    assert len(skipped) == 1 and "not installed" in skipped[0]["skipped"]
+    assert "speedup_vs_onnxruntime" not in next(r for r in rows if r["backend"] == "deploy")
+    with pytest.raises(ValueError, match="baselines: expected names among"):
+        runtime.benchmark_inference(checkpoint, (1,), baselines=("tensorrt",))
+
+
+def test_a_slower_engine_is_warned_about(capsys):
+    row = {"batch": 1, "backend": "deploy", "network": "folded", "engine": "sparse_cpu", "images_per_s": 10.0,
+           "images_per_s_p20": 9.0, "images_per_s_p80": 11.0, "latency_ms": 100.0, "rounds": 5,
+           "speedup_vs_dense-torch": 0.8, "speedup_vs_dense-torch_p20": 0.7, "speedup_vs_dense-torch_p80": 0.9}
+    cli._print_bench_rows([row], layers=False)
+    captured = capsys.readouterr()
+    assert "deployed vs dense-torch: 0.80x (p20-p80 over 5 rounds: 0.70-0.90x)" in captured.out
+    assert captured.err.startswith("warning: at batch 1 the deployed module is not faster than dense torch")
+    cli._print_bench_rows([{**row, "speedup_vs_dense-torch": 1.3}], layers=False)
+    assert capsys.readouterr().err == ""
+
+
+def test_interleaved_rounds_rotate_and_time_everyone():
+    calls = []
+
+    class Recorder(torch.nn.Module):
+        def __init__(self, name):
+            super().__init__()
+            self.name = name
+
+        def forward(self, x):
+            calls.append(self.name)
+            return x
+
+    times = runtime._interleaved_seconds({"a": Recorder("a"), "b": Recorder("b")}, torch.zeros(1), 4, 0)
+    assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
+    assert all(len(values) == 4 and min(values) >= 0 for values in times.values())

@@ -1,0 +1,65 @@
+"""The engines a deployer would otherwise run, on exactly the network the CPU engine runs, so that
+``vpns bench-infer`` and ``bench infer`` can put the engine beside them:
+
+* ONNX Runtime (CPU execution provider, graph optimizations on, the same thread count), on the
+  network exported to ONNX by :mod:`vpns_fast.deploy.export`'s exporter; optional (``onnxruntime``);
+* ``torch.compile`` (inductor with freezing: weights folded in as constants, as for inference).
+
+Each runner takes and returns a float32 CPU tensor; each is checked against the network's own output
+by the caller before it is timed.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+Runner = Callable[[torch.Tensor], torch.Tensor]
+
+
+def onnxruntime_version() -> str | None:
+    """The installed onnxruntime's version, or None when it cannot be imported."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    return onnxruntime.__version__
+
+
+def onnxruntime_runner(network: nn.Module, example: torch.Tensor, threads: int | None = None) -> tuple[Runner, str]:
+    """``(run, how it was exported)``: ``network`` exported to ONNX (batch axis dynamic) and run by an
+    ONNX Runtime session with ``threads`` intra-op threads (default: torch's current count).
+    ImportError when onnxruntime (or onnx) is not installed."""
+    import onnxruntime
+
+    from vpns_fast.deploy.export import ONNX_OPSET, onnx_model
+
+    model, fallback_reason = onnx_model(network.eval(), example, ONNX_OPSET)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = int(threads or torch.get_num_threads())
+    options.inter_op_num_threads = 1
+    options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    input_name = session.get_inputs()[0].name
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(session.run(None, {input_name: x.detach().contiguous().numpy()})[0])
+
+    exporter = "torch.export" if fallback_reason is None else f"torchscript ({fallback_reason})"
+    return run, exporter
+
+
+def compiled_runner(network: nn.Module) -> Runner:
+    """``torch.compile`` of ``network`` with inductor's freezing (compiled on the first call, under
+    no_grad, which freezing needs)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(network.eval(), dynamic=False)
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), inductor_config.patch(freezing=True):
+            return compiled(x)
+
+    return run

@@ -27,8 +27,8 @@
 //   (256 channels) at a fixed nonzero count per row.
 // * Offsets depend on the input size: computed once per (H, W) by sparse_conv2d_offsets and cached
 //   by vpns_fast.sparse_cpu.SparseConv2d, so the per-call work is the plane copy and the FMAs.
-// * Threads (at::parallel_for) over (image, output-channel block), blocks sized for >= 4 items per
-//   thread: batch 1 already splits over channels.
+// * Threads (parallel_items: each takes the next item when done) over (image, output-channel block),
+//   blocks sized for >= 4 items per thread: batch 1 already splits over channels.
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the
@@ -48,6 +48,7 @@
 #include <ATen/core/grad_mode.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -83,6 +84,22 @@ bool cpu_has_avx2_fma() {
 }
 
 int64_t round_up(int64_t value, int64_t multiple) { return (value + multiple - 1) / multiple * multiple; }
+
+// body(item, scratch) for every item in [0, total) on the intra-op threads, each thread taking the next
+// item when it finishes one, with its own scratch of scratch_floats floats. Dynamic rather than
+// at::parallel_for's equal halves: rows of an unstructured mask differ in nonzeros, and on a shared
+// machine one vCPU is often descheduled for a while; with equal halves every layer then waits for the
+// stalled thread (ResNet-18, 10% kept, batch 1, 2 threads: the engine took 11-16 ms per image in noisy
+// periods where it took 8.4 ms in quiet ones, while ONNX Runtime moved from 17.4 to 21 ms).
+template <typename Body>
+void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
+  std::atomic<int64_t> next{0};
+  const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    std::vector<float> scratch(static_cast<size_t>(scratch_floats));
+    for (int64_t item = next++; item < total; item = next++) body(item, scratch.data());
+  });
+}
 
 // ---- the one inner kernel: rows of a sparse matrix times shifted windows of a dense panel -------
 // out[r][p] = sum_{k in row r} values[k] * src[offsets[k] + p] for p in [0, positions). Used by the
@@ -477,14 +494,12 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const float* x_data = x.const_data_ptr<float>();
   float* planes_data = planes.mutable_data_ptr<float>();
   const int64_t used = g.in_channels * g.channel_stride;
-  at::parallel_for(0, g.batch * g.in_channels, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / g.in_channels, c = item % g.in_channels;
-      float* dst = planes_data + n * g.image_stride;
-      fill_phase_planes(g, x_data + n * g.in_channels * g.height * g.width, c, dst);
-      if (c == g.in_channels - 1) {
-        std::memset(dst + used, 0, static_cast<size_t>(g.image_stride - used) * sizeof(float));
-      }
+  parallel_items(g.batch * g.in_channels, 0, [&](int64_t item, float*) {
+    const int64_t n = item / g.in_channels, c = item % g.in_channels;
+    float* dst = planes_data + n * g.image_stride;
+    fill_phase_planes(g, x_data + n * g.in_channels * g.height * g.width, c, dst);
+    if (c == g.in_channels - 1) {
+      std::memset(dst + used, 0, static_cast<size_t>(g.image_stride - used) * sizeof(float));
     }
   });
 
@@ -497,32 +512,29 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
   const float* res_data = res.defined() ? res.const_data_ptr<float>() : nullptr;
   float* out_data = output.mutable_data_ptr<float>();
-  at::parallel_for(0, g.batch * blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> wide(static_cast<size_t>(block * wide_stride));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t n = item / blocks, o0 = (item % blocks) * block, o1 = std::min(g.out_channels, o0 + block);
-      std::fill(wide.begin(), wide.end(), 0.0f);
-      rows_times_panel(planes_data + n * g.image_stride, off, vals, seg, blocks_per_row, o0, o1, positions, wide.data(),
-                       wide_stride);
-      for (int64_t o = o0; o < o1; ++o) {
-        const float* w_row = wide.data() + (o - o0) * wide_stride;
-        float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
-        const float add = bias_data ? bias_data[o] : 0.0f;
-        // The epilogue, in the order the unfused network computes it: (conv + bias) + residual, then ReLU
-        // (NaN stays NaN, as torch.relu keeps it).
-        const float* r_row = res_data ? res_data + (n * g.out_channels + o) * g.out_h * g.out_w : nullptr;
-        for (int64_t oh = 0; oh < g.out_h; ++oh) {
-          float* d = dst + oh * g.out_w;
-          const float* w = w_row + oh * g.plane_w;
-          if (r_row) {
-            const float* r = r_row + oh * g.out_w;
-            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = (w[ow] + add) + r[ow];
-          } else {
-            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = w[ow] + add;
-          }
-          if (relu) {
-            for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = d[ow] < 0.0f ? 0.0f : d[ow];
-          }
+  parallel_items(g.batch * blocks, block * wide_stride, [&](int64_t item, float* wide) {
+    const int64_t n = item / blocks, o0 = (item % blocks) * block, o1 = std::min(g.out_channels, o0 + block);
+    std::fill(wide, wide + block * wide_stride, 0.0f);
+    rows_times_panel(planes_data + n * g.image_stride, off, vals, seg, blocks_per_row, o0, o1, positions, wide,
+                     wide_stride);
+    for (int64_t o = o0; o < o1; ++o) {
+      const float* w_row = wide + (o - o0) * wide_stride;
+      float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
+      const float add = bias_data ? bias_data[o] : 0.0f;
+      // The epilogue, in the order the unfused network computes it: (conv + bias) + residual, then ReLU
+      // (NaN stays NaN, as torch.relu keeps it).
+      const float* r_row = res_data ? res_data + (n * g.out_channels + o) * g.out_h * g.out_w : nullptr;
+      for (int64_t oh = 0; oh < g.out_h; ++oh) {
+        float* d = dst + oh * g.out_w;
+        const float* w = w_row + oh * g.plane_w;
+        if (r_row) {
+          const float* r = r_row + oh * g.out_w;
+          for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = (w[ow] + add) + r[ow];
+        } else {
+          for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = w[ow] + add;
+        }
+        if (relu) {
+          for (int64_t ow = 0; ow < g.out_w; ++ow) d[ow] = d[ow] < 0.0f ? 0.0f : d[ow];
         }
       }
     }
@@ -601,17 +613,14 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
   const int64_t wide_stride = round_up(batch, kTile);
   const int64_t block = rows_per_block(out_features, 1, wide_stride);
   const int64_t blocks = (out_features + block - 1) / block;
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> wide(static_cast<size_t>(block * wide_stride));
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
-      std::fill(wide.begin(), wide.end(), 0.0f);
-      rows_times_panel(panel_data, offsets.data(), vals, rp, 1, o0, o1, batch, wide.data(), wide_stride);
-      for (int64_t o = o0; o < o1; ++o) {
-        const float add = bias_data ? bias_data[o] : 0.0f;
-        const float* w_row = wide.data() + (o - o0) * wide_stride;
-        for (int64_t n = 0; n < batch; ++n) out_data[n * out_features + o] = w_row[n] + add;
-      }
+  parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
+    const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
+    std::fill(wide, wide + block * wide_stride, 0.0f);
+    rows_times_panel(panel_data, offsets.data(), vals, rp, 1, o0, o1, batch, wide, wide_stride);
+    for (int64_t o = o0; o < o1; ++o) {
+      const float add = bias_data ? bias_data[o] : 0.0f;
+      const float* w_row = wide + (o - o0) * wide_stride;
+      for (int64_t n = 0; n < batch; ++n) out_data[n * out_features + o] = w_row[n] + add;
     }
   });
   return output.reshape(out_shape);

@@ -200,6 +200,8 @@ def test_infer_rows(infer_rows):
             assert 0 <= p["sparse_layers"] <= p["layers"] == 21
             assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
             assert 0 <= p["end_to_end_error"] < float("inf")
+            assert 0 < p["nonzero_flops"] < p["dense_flops"] and row["flops"] == p["nonzero_flops"]
+            assert row["tflop_per_s"] > 0 and row["fraction_of_peak"] > 0
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
     assert impls - {("model", "onnxruntime"), ("model", "deepsparse")} == {
         ("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"), ("layer", "deployed"),

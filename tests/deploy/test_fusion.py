@@ -212,3 +212,33 @@ def test_two_threads_calling_one_converted_model_get_their_own_results():
     for (thread, _, i), got in results.items():
         assert torch.equal(got, expected[thread + 2 * i])
     assert len(results) == 2 * 5 * 2
+
+
+def test_deployed_module_from_two_threads(tmp_path):
+    """The whole deployed pipeline (pixel check, prompt, engine, label mapping) shared by two threads."""
+    from test_export import make_checkpoint
+
+    from vpns_fast.deploy.runtime import deploy
+
+    ckpt, _, size = make_checkpoint(tmp_path / "m.pt", granularity="unstructured", density=0.2, prompt=True)
+    module = deploy(ckpt, policy="sparse")
+    assert module.info["backend"] == "sparse_cpu" and "torch.fx" in module.info["fusion"]
+    images = [torch.rand(batch, 3, size, size) for batch in (1, 2, 3, 4)]
+    expected = [module(x) for x in images]
+    results, errors = {}, []
+
+    def work(thread):
+        try:
+            for round_ in range(4):
+                for i in range(thread, len(images), 2):
+                    results[(thread, round_, i)] = module(images[i])
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 2 * 4 * 2
+    assert all(torch.equal(got, expected[i]) for (_, _, i), got in results.items())

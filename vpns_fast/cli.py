@@ -415,6 +415,13 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                     if r.get("peak_gflops") else "")
             print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
             print(format_decisions(r["decisions"], r.get("peak_gflops")))
+            nonzero = sum(row.get("flops") or 0 for row in r["decisions"])
+            dense = sum(row.get("dense_flops") or 0 for row in r["decisions"])
+            if nonzero and dense:
+                rate = nonzero / (r["latency_ms"] * 1e6)
+                share = f" ({100 * rate / r['peak_gflops']:.0f}% of the peak)" if r.get("peak_gflops") else ""
+                print(f"end to end: {rate:.1f} GFLOP/s on the nonzero weights{share}; the FLOP-ratio limit of "
+                      f"the speedup over dense is {dense / nonzero:.1f}x")
 
 
 def _cmd_tune(args) -> int:

@@ -283,3 +283,20 @@ def test_only_rank_zero_writes_and_a_foreign_metrics_file_is_refused(tmp_path):
     sink.epoch({"run": "r", "phase": "search", "epoch": 1, "threshold": -math.inf}, step=1)
     _, rows = read_metrics(tmp_path)
     assert rows[0]["threshold"] == "-inf" and rows[0]["val_acc"] == ""
+
+
+def test_dense_pretraining_epochs_get_rows_and_plain_lines(tmp_path, capsys):
+    import csv
+
+    from vpns_fast.training.trainer import TwoStageTrainer
+
+    out = tmp_path / "job"
+    TwoStageTrainer(tiny_config(out, pretrain_epochs=2, search_epochs=1, finetune_epochs=1)).run()
+    with open(out / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    pretrain = [row for row in rows if row["phase"] == "pretrain"]
+    assert [(row["run"], row["epoch"], row["epochs"]) for row in pretrain] == [("dense", "1", "2"), ("dense", "2", "2")]
+    assert all(float(row["train_loss"]) > 0 and row["val_acc"] == "" and float(row["lr"]) > 0 for row in pretrain)
+    assert len(rows) == 2 + 2  # then one row per epoch of the run's two phases
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[dense] pretrain")]
+    assert [line.split(" | ")[0] for line in lines] == ["[dense] pretrain 1/2", "[dense] pretrain 2/2"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from vpns_fast.training.config import PythonObject
 from vpns_fast.training.job import JobContext
 from vpns_fast.training.loaders import object_not_stored
 from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
+from vpns_fast.training.metrics_log import epoch_line
 from vpns_fast.training.phases import make_optimizer
 from vpns_fast.training.seeding import derived_seed, seed_everything
 
@@ -96,8 +98,12 @@ def pretrain(model: nn.Module, job: JobContext) -> None:
                                derived_seed(c.seed, "pretrain", epoch, "loader"), epoch)
         progress = (EpochProgress(f"dense pretrain {epoch + 1}", len(steps[0][0]), job.world_size)
                     if c.progress and job.is_main else None)
-        train_epoch(trainable, [optimizer], steps, job.precision, scaler, job.device, progress=progress,
-                    where=f"dense pretraining, epoch {epoch + 1}/{c.pretrain_epochs}")
+        start = time.perf_counter()
+        images, loss, accuracy = train_epoch(trainable, [optimizer], steps, job.precision, scaler, job.device,
+                                             progress=progress,
+                                             where=f"dense pretraining, epoch {epoch + 1}/{c.pretrain_epochs}")
+        _log_pretrain_epoch(job, epoch, loss, accuracy, optimizer.param_groups[0]["lr"], images,
+                            time.perf_counter() - start)
         scheduler.step()
         if progress_path and job.is_main and epoch + 1 < c.pretrain_epochs:
             atomic_save({"epoch": epoch + 1, "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
@@ -107,3 +113,21 @@ def pretrain(model: nn.Module, job: JobContext) -> None:
         atomic_save(model.state_dict(), path, overwrite=True)
         if progress_path and os.path.exists(progress_path):
             os.remove(progress_path)
+
+
+def _log_pretrain_epoch(job: JobContext, epoch: int, loss: float, accuracy: float, lr: float, images: int,
+                        seconds: float) -> None:
+    """A pretraining epoch as a metrics.csv row (run ``dense``, phase ``pretrain``; no evaluation, so no
+    val / test accuracy) and, with ``--no-progress``, its one plain line."""
+    if not job.is_main:
+        return
+    c = job.config
+    row = {"run": "dense", "method": "dense", "density": 1.0, "phase": "pretrain", "epoch": epoch + 1,
+           "epochs": c.pretrain_epochs, "train_loss": loss, "train_acc": accuracy, "val_acc": None,
+           "val_acc_prompt": None, "test_acc": None, "test_acc_prompt": None, "threshold": None,
+           "actual_density": 1.0, "lr": lr, "lr_prompt": None, "images_per_s": images / max(seconds, 1e-9),
+           "seconds": seconds}
+    if job.metrics is not None:
+        job.metrics.epoch(row, epoch + 1)
+    if not c.progress:
+        print(epoch_line("dense", row, None), flush=True)

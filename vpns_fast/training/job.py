@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -9,6 +10,9 @@ from vpns_fast.data import DataSplits
 from vpns_fast.training.config import TrainConfig
 from vpns_fast.training.loaders import Loaders
 from vpns_fast.training.precision import Precision
+
+if TYPE_CHECKING:
+    from vpns_fast.training.metrics_log import MetricsLog
 
 
 @dataclass
@@ -21,3 +25,4 @@ class JobContext:
     device: torch.device
     world_size: int
     is_main: bool
+    metrics: MetricsLog | None = None  # the job's metrics.csv / loggers, once open (rank 0)

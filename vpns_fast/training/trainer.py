@@ -130,7 +130,7 @@ class TwoStageTrainer:
         write_config(c, self.resuming, self.is_main)
         self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
-        self.metrics = MetricsLog.open(c, self.is_main, self.resuming)
+        self.metrics = self.job.metrics = MetricsLog.open(c, self.is_main, self.resuming)
         try:
             self._train_all(env=environment())
         finally:

@@ -212,21 +212,29 @@ def test_slim_refuses_non_resnets_and_masked_models():
 
 # --------------------------------------------------------------------------- onnx
 
+def tiny_vit():
+    from torchvision.models import VisionTransformer
+
+    return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
+                             num_classes=5)
+
+
+def export_masked_vit(tmp_path) -> tuple[torch.nn.Module, dict]:
+    """A masked tiny ViT (nn.MultiheadAttention) at density 0.3, saved and exported to tmp_path/vit.onnx:
+    (the masked model, the export's metadata)."""
+    model = V.sparsify(tiny_vit()).eval()
+    V.set_density(model, 0.3)
+    save_checkpoint(tmp_path / "vit.pt", model, model_name=None, input_size=(3, 32, 32))
+    return model, export(tmp_path / "vit.pt", "onnx", tmp_path / "vit.onnx", model=tiny_vit())
+
+
 @pytest.mark.skipif(not HAS_ONNX, reason="onnx not installed (pip install vpns_fast[onnx])")
 def test_onnx_export_of_an_attention_model(tmp_path):
     """nn.MultiheadAttention's inference fast path has no ONNX symbolic: the export traces the plain
     path instead, and the graph computes what the masked model computes."""
     from onnx.reference import ReferenceEvaluator
-    from torchvision.models import VisionTransformer
 
-    def vit():
-        return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
-                                 num_classes=5)
-
-    model = V.sparsify(vit()).eval()
-    V.set_density(model, 0.3)
-    save_checkpoint(tmp_path / "vit.pt", model, model_name=None, input_size=(3, 32, 32))
-    export(tmp_path / "vit.pt", "onnx", tmp_path / "vit.onnx", model=vit())
+    model, _ = export_masked_vit(tmp_path)
     assert torch.backends.mha.get_fastpath_enabled()  # restored
     x = torch.rand(2, 3, 32, 32)
     out = ReferenceEvaluator(str(tmp_path / "vit.onnx")).run(None, {"images": x.numpy()})[0]

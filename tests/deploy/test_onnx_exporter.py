@@ -7,13 +7,11 @@ import warnings
 
 import pytest
 import torch
-from test_export import MAPPING, assert_close, make_checkpoint
+from test_export import MAPPING, assert_close, export_masked_vit, make_checkpoint
 
-import vpns_fast as V
 from vpns_fast.deploy.export import ONNX_OPSET, OnnxExporterFallbackWarning, export
 from vpns_fast.deploy.runtime import deploy
 from vpns_fast.nn.prompts import normalize
-from vpns_fast.pruning.checkpoint import save_checkpoint
 
 onnx = pytest.importorskip("onnx", reason="onnx not installed (pip install vpns_fast[onnx])")
 needs_onnxscript = pytest.mark.skipif(__import__("importlib").util.find_spec("onnxscript") is None,
@@ -65,16 +63,7 @@ def test_attention_model_goes_through_torch_export(tmp_path):
     """A ViT (nn.MultiheadAttention) exports through the new path with the MHA fast path off, and
     restored afterwards; onnxruntime matches the folded torch model."""
     ort = _onnxruntime()
-    from torchvision.models import VisionTransformer
-
-    def vit():
-        return VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2, hidden_dim=8, mlp_dim=16,
-                                 num_classes=5)
-
-    model = V.sparsify(vit()).eval()
-    V.set_density(model, 0.3)
-    save_checkpoint(tmp_path / "vit.pt", model, model_name=None, input_size=(3, 32, 32))
-    meta = export(tmp_path / "vit.pt", "onnx", tmp_path / "vit.onnx", model=vit())
+    model, meta = export_masked_vit(tmp_path)
     assert meta["exporter"] == "torch.export"
     assert torch.backends.mha.get_fastpath_enabled()
     x = torch.rand(2, 3, 32, 32)

@@ -242,3 +242,117 @@ def test_deployed_module_from_two_threads(tmp_path):
         t.join()
     assert not errors and len(results) == 2 * 4 * 2
     assert all(torch.equal(got, expected[i]) for (_, _, i), got in results.items())
+
+
+def _sparse_conv(generator, channels=4, **kwargs):
+    conv = nn.Conv2d(channels, channels, 3, padding=1, **kwargs)
+    with torch.no_grad():
+        conv.weight.mul_((torch.rand(conv.weight.shape, generator=generator) < 0.3).float())
+    return conv
+
+
+class AliasedInplaceResidual(nn.Module):
+    """``r += conv(x)`` where ``r`` is read again afterwards."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.c0, self.c1 = _sparse_conv(g), _sparse_conv(g)
+
+    def forward(self, x):
+        r = self.c0(x)
+        alias = r
+        r += self.c1(x)
+        return (r + alias,)
+
+
+class WrittenBetween(nn.Module):
+    """The conv's input is changed in place between the conv and its add."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.c0, self.c1 = _sparse_conv(g), _sparse_conv(g)
+
+    def forward(self, x):
+        h = self.c0(x)
+        a = self.c1(h)
+        h.relu_()
+        return (a + h,)
+
+
+class CalledTwice(nn.Module):
+    """One conv called from two places: one call followed by batch norm, one by ReLU."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.c, self.bn = _sparse_conv(g), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.c(x)) + 0, torch.relu(self.c(x)), self.c(x)
+
+
+class NotAResidual(nn.Module):
+    """``conv(x) + p`` with a broadcast parameter, and ``conv(x) + int``: not same-shape residuals."""
+
+    def __init__(self, g):
+        super().__init__()
+        self.c, self.d = _sparse_conv(g), _sparse_conv(g)
+        self.p = nn.Parameter(torch.randn(1, 4, 1, 1, generator=g))
+
+    def forward(self, x):
+        return {"broadcast": self.c(x) + self.p, "number": self.d(x) + x.shape[1]}
+
+
+@pytest.mark.parametrize("cls", [AliasedInplaceResidual, WrittenBetween, CalledTwice, NotAResidual])
+def test_rewrites_that_would_change_the_result_are_not_made(cls):
+    """Each model is one the graph rewrite must not change (an outside review's cases): either it is left
+    alone, or the end-to-end check (structured outputs included) refuses it and the model is converted
+    without the rewrite. Either way the outputs are the model's own."""
+    g = torch.Generator().manual_seed(7)
+    model = cls(g).eval()
+    for module in model.modules():
+        if isinstance(module, nn.BatchNorm2d):
+            with torch.no_grad():
+                module.running_mean.uniform_(-1, 1, generator=g)
+                module.running_var.uniform_(0.5, 2, generator=g)
+                module.weight.uniform_(-2, 2, generator=g)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    with torch.no_grad():
+        expected = sparse_cpu._tensors(model(x.clone()))
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, x.clone(), policy="sparse", summary=summary)
+    with torch.no_grad():
+        got = sparse_cpu._tensors(converted(x.clone()))
+    assert len(got) == len(expected)
+    for a, b in zip(got, expected):
+        assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert summary["fusion"]
+
+
+def test_a_rewrite_that_changes_a_structured_output_is_refused_and_redone_without_it(monkeypatch):
+    """The safety net itself: a deliberately wrong rewrite (the fused ReLU flag on a conv whose output is
+    also returned raw) is caught on a tuple output and the model converted again without the rewrite."""
+    g = torch.Generator().manual_seed(3)
+    model = nn.Sequential(_sparse_conv(g), nn.ReLU()).eval()
+
+    def wrong(graph_module, fusable, example):
+        for module in graph_module.modules():
+            if isinstance(module, fusable):
+                module.relu = True
+        return {"0": ["relu"]}
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = model
+
+        def forward(self, x):
+            return self.body[0](x), self.body(x)
+
+    monkeypatch.setattr(fusion, "fuse_epilogues", wrong)
+    x = torch.randn(1, 4, 6, 6, generator=g)
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(Twice().eval(), x, policy="sparse", summary=summary)
+    assert summary["fusion"].startswith("graph rewrite refused (output 0 differs")
+    with torch.no_grad():
+        raw, activated = converted(x)
+        assert float(raw.min()) < 0 and float(activated.min()) >= 0

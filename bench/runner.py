@@ -53,7 +53,8 @@ def verify_workload(workload: Workload) -> dict[str, str]:
 
 # Timed calls are split into this many rounds, the implementations taking turns round by round: a
 # burst of load on the shared CPU machines then hits every implementation, not only the one being
-# timed when it came (seen: one of three runs of an end-to-end point 2x slower than the others).
+# timed when it came (seen this session: ResNet-18 at 10% kept, batch 1, took 8.4 ms per call in the
+# engine in one quiet period and 11-16 ms within the same hour).
 INTERLEAVED_ROUNDS = 5
 
 

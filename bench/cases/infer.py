@@ -71,7 +71,8 @@ LAYER_BASELINES = ["dense", "torch_sparse_csr"]
 MODEL_BASELINES = ["dense", "torch_sparse_csr", "dense_separable_pool", "onnxruntime", "compiled", "deepsparse"]
 BASELINE_NAMES = ("dense", "torch_sparse_csr", "dense_separable_pool", "onnxruntime", "compiled", "deepsparse")
 DEEPSPARSE_PYTHON = "VPNS_DEEPSPARSE_PYTHON"  # a python that can import deepsparse (bench/README.md)
-# TorchScript exporter, opset 13: the ONNX DeepSparse 1.8 (onnx 1.14-era) reads
+# DeepSparse 1.8 dates from before opset 18; it is given the TorchScript exporter's opset-13 file, which it
+# ran in every point measured (the opset-18 file was not tried with it)
 DEEPSPARSE_OPSET = 13
 EXTRA_IMPLS = ("sparse_cpu", "deployed")
 LAYER_TOLERANCE, MODEL_TOLERANCE = 1e-4, 1e-3  # max |error| / (1 + max |dense|)
@@ -298,12 +299,12 @@ def deepsparse_candidate(model: nn.Module, inputs: list, params: dict) -> Candid
 
 class DeepSparseServer:
     """A DeepSparse engine in another process (bench/deepsparse_server.py), driven line by line; the
-    timed call includes the request and saving / loading the logits (about 0.1 ms at batch 1).
+    timed call includes the request and passing the logits back through a file (not measured apart).
 
     The process is stopped (SIGSTOP) between its calls and continued for each: DeepSparse's worker
-    threads keep spinning while idle, and alive they made every other implementation of the run about
-    2x slower (ResNet-18 at 10% kept, batch 1: the engine 17.1 ms instead of 8.4-8.8 ms, dense torch
-    42.6 ms instead of 25 ms)."""
+    threads keep spinning while idle, and alive they slowed every other implementation of the run
+    (ResNet-18 at 10% kept, batch 1: the engine 17.1 ms and dense torch 42.6 ms per call, against 12.4 ms
+    and 32.7 ms in the run with the process stopped between calls)."""
 
     current: DeepSparseServer | None = None
 

@@ -19,6 +19,7 @@ original and converts without the rewrite if they differ. A network that ``torch
 from __future__ import annotations
 
 import operator
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +49,11 @@ def _module(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return graph_module.get_submodule(node.target)
 
 
-def _called_once(graph_module: fx.GraphModule, node: fx.Node) -> bool:
-    """A module called from one place only: what is folded into it, or fused into it as a flag, would
-    otherwise change its other calls too."""
-    return sum(1 for n in graph_module.graph.nodes if n.op == "call_module" and n.target == node.target) == 1
+def _called_once(graph_module: fx.GraphModule) -> set[str]:
+    """The modules called from one place only: what is folded into a module, or fused into it as a
+    flag, would otherwise change its other calls too."""
+    calls = Counter(n.target for n in graph_module.graph.nodes if n.op == "call_module")
+    return {target for target, count in calls.items() if count == 1}
 
 
 _INPLACE_FUNCTIONS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem}
@@ -61,7 +63,7 @@ def _mutates(graph_module: fx.GraphModule, node: fx.Node) -> bool:
     """Whether ``node`` may write into one of its inputs (in-place methods and functions, modules
     built with ``inplace=True``); unknown modules of the user's own count as writing."""
     if node.op == "call_method":
-        return str(node.target).endswith("_") or node.target in ("copy_", "set_")
+        return str(node.target).endswith("_")
     if node.op == "call_function":
         name = getattr(node.target, "__name__", "")
         return node.target in _INPLACE_FUNCTIONS or name.endswith("_") or bool(node.kwargs.get("inplace"))
@@ -78,14 +80,11 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
-def _replace_module(graph_module: fx.GraphModule, name: str, module: nn.Module) -> None:
-    graph_module.set_submodule(name, module)
-
-
 def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
     """Folds each eval-mode BatchNorm2d into the Conv2d that feeds only it; returns the folded
     convolutions' names. The graph module is changed in place."""
     folded = []
+    single = _called_once(graph_module)
     for node in list(graph_module.graph.nodes):
         bn = _module(graph_module, node)
         if not isinstance(bn, nn.BatchNorm2d) or bn.training or not bn.track_running_stats:
@@ -93,9 +92,9 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
         source = node.args[0] if node.args else None
         conv = _module(graph_module, source) if isinstance(source, fx.Node) else None
         if (type(conv) is not nn.Conv2d or len(source.users) != 1 or conv.training
-                or not _called_once(graph_module, source)):
+                or source.target not in single):
             continue
-        _replace_module(graph_module, source.target, fuse_conv_bn_eval(conv, bn))
+        graph_module.set_submodule(source.target, fuse_conv_bn_eval(conv, bn))
         node.replace_all_uses_with(source)
         graph_module.graph.erase_node(node)
         folded.append(source.target)
@@ -161,10 +160,11 @@ def fuse_epilogues(graph_module: fx.GraphModule, fusable: type[nn.Module],
     with torch.no_grad():
         ShapeProp(graph_module).propagate(example)
     fused: dict[str, list[str]] = {}
+    single = _called_once(graph_module)
     for node in list(graph_module.graph.nodes):
         layer = _module(graph_module, node)
         if (not isinstance(layer, fusable) or len(node.args) != 1 or node.kwargs
-                or not _called_once(graph_module, node)):
+                or node.target not in single):
             continue
         parts, tail = [], node
         user = _only_user(tail)

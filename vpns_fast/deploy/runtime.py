@@ -382,19 +382,22 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     from vpns_fast.deploy import baselines as engines
 
     rows = []
+    # the dense network and the baselines do not depend on the batch (the ONNX export has a dynamic batch
+    # axis): built once; the deployed module is built per batch, its per-layer choices measured at that batch
+    dense = deploy(path_or_model, device, policy="dense", slim=False)
+    size = dense.image_size or 224
+    first_images = torch.randint(0, 256, (batch_sizes[0], 3, size, size), dtype=torch.uint8).to(dense.device)
+    extra, skipped = _baseline_modules(dense, first_images, baselines)
+    versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
+                "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
     for batch in batch_sizes:
-        dense = deploy(path_or_model, device, policy="dense", slim=False)
-        size = dense.image_size or 224
         fast = deploy(path_or_model, device, example_input_size=(batch, 3, size, size), policy=policy)
         images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).to(dense.device)
         modules = {"deploy": fast}
         if "dense-torch" in baselines:
             modules["dense-torch"] = dense
-        extra, skipped = _baseline_modules(dense, images, baselines)
         modules.update(extra)
         times = _interleaved_seconds(modules, images, iters, warmup)
-        versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
-                    "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
         for label, module in modules.items():
             per_second = [batch / t for t in times[label]]
             row = {"batch": batch, "backend": label, "network": module.info["network"],

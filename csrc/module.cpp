@@ -54,6 +54,14 @@ Never materialises im2col: each output channel's nonzeros multiply shifted rows 
         R"doc(Sparse (CSR) weight times dense input: equal to F.linear(input, weight, bias) within float32 rounding.
 
 input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc");
+  m.def("max_pool2d", &vpns::max_pool2d, py::arg("input"), py::arg("kernel_size"), py::arg("stride"),
+        py::arg("padding"), py::call_guard<py::gil_scoped_release>(),
+        R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
+equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
+  m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
+        "Bytes of idle activation buffers the engine keeps for reuse (buffers of 16 MiB and more).");
+  m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),
+        "Caps the idle activation buffers kept for reuse (0: keep none); frees what is over. Returns the old cap.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use on this CPU: 'avx2' (AVX2 + FMA) or 'scalar'.");
 }

@@ -27,6 +27,15 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);
+// csrc/max_pool.cpp
+at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                      std::vector<int64_t> padding);
+
+// csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.
+at::Tensor empty_activation(at::IntArrayRef sizes);
+int64_t cached_activation_bytes();
+int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limit
+
 // Which instruction set the sparse kernels run with on this CPU: "avx2" or "scalar".
 std::string sparse_kernel_isa();
 

@@ -178,13 +178,93 @@ def test_convert_for_cpu_of_one_layer_returns_the_replacement():
     assert isinstance(kept, nn.Conv2d) and kept is not conv
 
 
-def test_separable_max_pool_equals_max_pool():
-    x = torch.randn(2, 3, 17, 12)
+@pytest.mark.parametrize("shape", [(2, 3, 17, 12), (1, 2, 40, 41), (3, 1, 5, 7)])
+def test_separable_max_pool_equals_max_pool(shape):
+    x = torch.randn(shape)
     x[0, 0, 3, 4] = float("nan")
-    for kernel, stride, padding in [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (1, 2), (1, 0))]:
+    x[-1, -1, -1, -1] = float("nan")  # the last window of the last plane
+    for kernel, stride, padding in [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (1, 2), (1, 0)), (5, 1, 2),
+                                    ((1, 3), (3, 1), (0, 1))]:
         pool = nn.MaxPool2d(kernel, stride, padding)
-        got = sparse_cpu.SeparableMaxPool2d.from_module(pool)(x)
-        assert torch.equal(got.nan_to_num(7.0), pool(x).nan_to_num(7.0))
+        module = sparse_cpu.SeparableMaxPool2d.from_module(pool)
+        expected = pool(x).nan_to_num(7.0)
+        assert torch.equal(module(x).nan_to_num(7.0), expected)  # the C++ kernel (float32)
+        assert torch.equal(module.reference(x).nan_to_num(7.0), expected)  # its torch reference
+        assert torch.equal(module(x.double()).nan_to_num(7.0), pool(x.double()).nan_to_num(7.0))  # other dtypes
+
+
+# The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in
+# csrc/sparse_conv.cpp): one tile and many rows (rows split), large planes (chunks of tiles), batch >=
+# 2 x threads (one image per item, planes in the thread's scratch), heavy rows (row blocks capped by
+# their bytes), 1x1 stride-1 convs that read the input in place (H * W a multiple of 8) or not.
+SPLIT_SHAPES = [
+    (64, 300, 7, 7, 3, 1, 1),      # 49 positions: one tile, rows split across threads
+    (5, 6, 61, 47, 3, 1, 1),       # many tiles of few rows
+    (3, 16, 50, 50, 7, 2, 3),      # stem-like, stride 2
+    (256, 40, 9, 9, 3, 1, 1),      # 2304 weights a row: row blocks capped by bytes at density 1
+    (24, 12, 8, 16, 1, 1, 0),      # 1x1, 128 positions: reads its input in place
+    (24, 12, 7, 9, 1, 1, 0),       # 1x1, 63 positions: copies
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 7])
+@pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
+    in_channels, out_channels, height, width, kernel, stride, padding = shape
+    density = 1.0 if in_channels == 256 else 0.3
+    generator = torch.Generator().manual_seed(in_channels * 1000 + batch * 10 + threads)
+    weight = masked((out_channels, in_channels, kernel, kernel), density, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding)
+    torch_out = F.conv2d(x, weight, bias, stride, padding)
+    residual = torch.randn(torch_out.shape, generator=generator)
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        plain = sparse(x)
+        sparse.relu = True
+        fused = sparse(x, residual)
+    finally:
+        torch.set_num_threads(previous)
+    reduction = in_channels * kernel * kernel
+    assert_close_to_reference(plain, torch_out, reference, reduction)
+    assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
+                              reduction)
+
+
+def test_large_activations_come_from_the_reusable_cache():
+    """Outputs of 16 MiB and more come from a cache of buffers: a live output is never handed out
+    twice, a freed one is reused, and the cache can be capped and emptied."""
+    ops = sparse_cpu._ops()
+    generator = torch.Generator().manual_seed(5)
+    weight = masked((64, 4, 1, 1), 0.5, generator)
+    sparse = sparse_cpu.SparseConv2d(weight, None)
+    first_input, second_input = torch.randn(2, 2, 4, 256, 256, generator=generator)  # outputs of 33.5 MB
+    previous = ops.set_activation_cache_limit(1 << 30)
+    try:
+        first = sparse(first_input)
+        first_copy = first.clone()
+        second = sparse(second_input)
+        assert first.data_ptr() != second.data_ptr()
+        assert torch.equal(first, first_copy)  # computing `second` did not write into the live `first`
+        assert_close(second, F.conv2d(second_input, weight))
+        pointer = second.data_ptr()
+        del second
+        assert ops.cached_activation_bytes() >= first.numel() * 4
+        third = sparse(first_input)
+        assert third.data_ptr() == pointer  # the freed buffer, reused
+        assert torch.equal(third, first_copy)
+        pool = sparse_cpu.SeparableMaxPool2d(2, 1, 0)  # 64 x 255 x 255 x 2 floats: from the cache too
+        assert torch.equal(pool(first), F.max_pool2d(first, 2, 1, 0))
+        ops.set_activation_cache_limit(0)
+        assert ops.cached_activation_bytes() == 0
+        del first, third
+        assert ops.cached_activation_bytes() == 0  # over the cap: freed, not kept
+    finally:
+        ops.set_activation_cache_limit(previous)
 
 
 def test_errors():

@@ -310,6 +310,22 @@ bool reads_input_directly(const ConvGeometry& g) {
          g.positions() % kLanes == 0;
 }
 
+// The smallest and largest of offsets[0, count) folded into *lo / *hi: a check on every call (ResNet-50's
+// 2048-channel layers hold 105K nonzeros at 10% kept), so vectorised, cloned for AVX2 (the baseline
+// SSE2 has no packed 32-bit min/max).
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx2", "default")))
+#endif
+void offset_range(const int32_t* __restrict offsets, int64_t count, int32_t* lo, int32_t* hi) {
+  int32_t low = *lo, high = *hi;
+  for (int64_t k = 0; k < count; ++k) {
+    low = offsets[k] < low ? offsets[k] : low;
+    high = offsets[k] > high ? offsets[k] : high;
+  }
+  *lo = low;
+  *hi = high;
+}
+
 // Writes image n's phase planes (zero padding included) into `dst` (g.image_stride floats).
 void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst) {
   const float* x = input + c * g.height * g.width;
@@ -518,11 +534,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // Offsets are computed for one input geometry; a stale set must not read outside the planes.
   const int64_t nnz = values.numel();
   const int32_t* off = offsets.const_data_ptr<int32_t>();
-  int64_t min_offset = 0, max_offset = 0;
-  for (int64_t k = 0; k < nnz; ++k) {
-    min_offset = std::min<int64_t>(min_offset, off[k]);
-    max_offset = std::max<int64_t>(max_offset, off[k]);
-  }
+  int32_t min_offset = 0, max_offset = 0;
+  offset_range(off, nnz, &min_offset, &max_offset);
   TORCH_CHECK(min_offset >= 0 && max_offset < g.in_channels * g.channel_stride, op, ": offsets do not fit this input (",
               g.height, "x", g.width,
               "); compute them with sparse_conv2d_offsets for this input size and the same stride/padding/dilation");
@@ -618,8 +631,16 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   }
   at::Tensor planes = at::empty({g.batch, g.image_stride}, x.options());
   float* planes_data = planes.mutable_data_ptr<float>();
-  parallel_items(g.batch * g.in_channels, 0, [&](int64_t item, float*) {
-    fill_image(item / g.in_channels, item % g.in_channels, planes_data + item / g.in_channels * g.image_stride);
+  // Channels copied per item: about 64 KiB of planes, so that taking an item (an atomic increment whose
+  // cache line moves between cores) stays small against the copy; one channel an item made ResNet-50's
+  // 2048-channel 7x7 layers take 2048 of them per call.
+  const int64_t fill_block = std::max<int64_t>(1, (64 * 1024 / 4) / std::max<int64_t>(1, g.channel_stride));
+  const int64_t fill_blocks = (g.in_channels + fill_block - 1) / fill_block;
+  parallel_items(g.batch * fill_blocks, 0, [&](int64_t item, float*) {
+    const int64_t n = item / fill_blocks, c0 = item % fill_blocks * fill_block;
+    for (int64_t c = c0; c < std::min(g.in_channels, c0 + fill_block); ++c) {
+      fill_image(n, c, planes_data + n * g.image_stride);
+    }
   });
   const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
   const int64_t items_per_rows = g.batch * split.chunks;

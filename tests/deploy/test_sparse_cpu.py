@@ -238,12 +238,11 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
 def test_large_activations_come_from_the_reusable_cache():
     """Outputs of 16 MiB and more come from a cache of buffers: a live output is never handed out
     twice, a freed one is reused, and the cache can be capped and emptied."""
-    ops = sparse_cpu._ops()
     generator = torch.Generator().manual_seed(5)
     weight = masked((64, 4, 1, 1), 0.5, generator)
     sparse = sparse_cpu.SparseConv2d(weight, None)
     first_input, second_input = torch.randn(2, 2, 4, 256, 256, generator=generator)  # outputs of 33.5 MB
-    previous = ops.set_activation_cache_limit(1 << 30)
+    previous = sparse_cpu.set_activation_cache_limit(1 << 30)
     try:
         first = sparse(first_input)
         first_copy = first.clone()
@@ -253,18 +252,20 @@ def test_large_activations_come_from_the_reusable_cache():
         assert_close(second, F.conv2d(second_input, weight))
         pointer = second.data_ptr()
         del second
-        assert ops.cached_activation_bytes() >= first.numel() * 4
+        assert sparse_cpu.cached_activation_bytes() >= first.numel() * 4
         third = sparse(first_input)
         assert third.data_ptr() == pointer  # the freed buffer, reused
         assert torch.equal(third, first_copy)
         pool = sparse_cpu.SeparableMaxPool2d(2, 1, 0)  # 64 x 255 x 255 x 2 floats: from the cache too
         assert torch.equal(pool(first), F.max_pool2d(first, 2, 1, 0))
-        ops.set_activation_cache_limit(0)
-        assert ops.cached_activation_bytes() == 0
+        sparse_cpu.set_activation_cache_limit(0)
+        assert sparse_cpu.cached_activation_bytes() == 0
         del first, third
-        assert ops.cached_activation_bytes() == 0  # over the cap: freed, not kept
+        assert sparse_cpu.cached_activation_bytes() == 0  # over the cap: freed, not kept
     finally:
-        ops.set_activation_cache_limit(previous)
+        sparse_cpu.set_activation_cache_limit(previous)
+    with pytest.raises(ValueError, match="limit_bytes"):
+        sparse_cpu.set_activation_cache_limit(-1)
 
 
 def test_errors():

@@ -411,7 +411,8 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                   f"({r['speedup_vs_dense-torch']:.2f}x); see `--layers` for the per-layer decisions",
                   file=sys.stderr)
         if layers and r.get("decisions") is not None:
-            peak = (f"; machine dense peak this run: {r['peak_gflops']:.1f} GFLOP/s (1024^3 sgemm)"
+            peak = (f"; machine dense peak this run: {r['peak_gflops']:.1f} GFLOP/s (best of a 1024^3 sgemm "
+                    f"and a 256-channel 3x3 conv)"
                     if r.get("peak_gflops") else "")
             print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
             print(format_decisions(r["decisions"], r.get("peak_gflops")))

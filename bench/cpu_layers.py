@@ -1,0 +1,57 @@
+"""Where the CPU engine's time goes, layer by layer: a torchvision ResNet (random init, seed 0), every
+Conv2d/Linear pruned by magnitude to the same density, through ``benchmark_inference(..., layers=True)``
+and the table ``vpns bench-infer --layers`` prints (decisions, dense and sparse times, GFLOP/s, share
+of the machine's sgemm peak measured in the same run).
+
+    .venv/bin/python -m bench.cpu_layers resnet18 0.1 [--batch 1] [--threads 2] [--iters 15] > report.txt
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+
+import torch
+import torchvision
+
+from vpns_fast.cli import _print_bench_rows
+from vpns_fast.deploy import baselines, runtime
+
+
+def magnitude_pruned(arch: str, density: float) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, arch)().eval()
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
+                weight = module.weight
+                keep = max(1, int(weight.numel() * density))
+                threshold = weight.abs().flatten().kthvalue(weight.numel() - keep + 1).values
+                weight.mul_((weight.abs() >= threshold).float())
+    return model
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    parser.add_argument("density", type=float)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--iters", type=int, default=15)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.density <= 1.0:
+        parser.error(f"density: expected a number in (0, 1], got {args.density}")
+    model = magnitude_pruned(args.arch, args.density)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), "
+          f"{args.threads} threads; torch {torch.__version__}, onnxruntime {baselines.onnxruntime_version()}, "
+          f"python {platform.python_version()}; {now}; "
+          f"vpns_fast.deploy.runtime.benchmark_inference(model, ({args.batch},), threads={args.threads}, "
+          f"iters={args.iters}, layers=True)")
+    rows = runtime.benchmark_inference(model, (args.batch,), threads=args.threads, iters=args.iters, layers=True)
+    _print_bench_rows(rows, True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -268,6 +268,37 @@ def test_large_activations_come_from_the_reusable_cache():
         sparse_cpu.set_activation_cache_limit(-1)
 
 
+def test_two_threads_sharing_the_activation_cache_get_their_own_results():
+    """Large outputs from the cache, two Python threads calling one module at once (the GIL is released):
+    each result equals the one computed alone, so no buffer is handed to both."""
+    import threading
+
+    generator = torch.Generator().manual_seed(6)
+    weight = masked((64, 4, 1, 1), 0.5, generator)
+    sparse = sparse_cpu.SparseConv2d(weight, None)
+    pool = sparse_cpu.SeparableMaxPool2d(3, 2, 1)
+    inputs = [torch.randn(2, 4, 256, 256, generator=generator) for _ in range(2)]  # 33.5 MB outputs
+    expected = [(sparse(x).clone(), pool(sparse(x)).clone()) for x in inputs]
+    mismatches, errors = [], []
+
+    def work(index):
+        try:
+            for _ in range(4):
+                out = sparse(inputs[index])
+                pooled = pool(out)
+                if not (torch.equal(out, expected[index][0]) and torch.equal(pooled, expected[index][1])):
+                    mismatches.append(index)
+        except Exception as exc:  # reported below, with the thread
+            errors.append((index, exc))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and not mismatches
+
+
 def test_errors():
     with pytest.raises(ValueError, match="groups"):
         sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))

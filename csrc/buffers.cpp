@@ -10,6 +10,9 @@
 // whose heap already reuses them.
 #include "vpns_ops.h"
 
+#include <ATen/EmptyTensor.h>
+#include <c10/core/CPUAllocator.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
@@ -22,19 +25,23 @@ constexpr size_t kAlignment = 64;
 
 class BufferCache {
  public:
-  void* take(size_t bytes) {
+  // A buffer of at least `bytes` (*held_bytes: its real size): an idle one up to 1.25x as large, else a
+  // new one. The slack lets outputs of nearby sizes share buffers (a model at several input sizes).
+  void* take(size_t bytes, size_t* held_bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);
-      const auto it = free_.find(bytes);
-      if (it != free_.end()) {
+      const auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= bytes + bytes / 4) {
         void* buffer = it->second;
+        *held_bytes = it->first;
+        held_ -= it->first;
         free_.erase(it);
-        held_ -= bytes;
         return buffer;
       }
     }
     void* buffer = nullptr;
     if (posix_memalign(&buffer, kAlignment, bytes) != 0) throw std::bad_alloc();
+    *held_bytes = bytes;
     return buffer;
   }
 
@@ -87,6 +94,37 @@ BufferCache& cache() {
   return *instance;
 }
 
+struct CachedBlock {
+  void* data;
+  size_t bytes;
+};
+
+void release_block(void* context) {
+  const CachedBlock* block = static_cast<CachedBlock*>(context);
+  cache().give_back(block->data, block->bytes);
+  delete block;
+}
+
+// The storages' allocator, so that a tensor from the cache stays an ordinary resizable tensor: resize_ and
+// out= arguments that grow it allocate through here (large sizes from the cache, small ones from torch's
+// CPU allocator).
+class ActivationAllocator final : public c10::Allocator {
+ public:
+  c10::DataPtr allocate(size_t bytes) override {
+    if (bytes < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
+    size_t held = 0;
+    void* data = cache().take(bytes, &held);
+    return {data, new CachedBlock{data, held}, &release_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+};
+
+ActivationAllocator& allocator() {
+  static ActivationAllocator* instance = new ActivationAllocator();
+  return *instance;
+}
+
 }  // namespace
 
 namespace vpns {
@@ -94,11 +132,9 @@ namespace vpns {
 at::Tensor empty_activation(at::IntArrayRef sizes) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
-  const size_t bytes = static_cast<size_t>(numel) * sizeof(float);
-  if (bytes < kMinBytes) return at::empty(sizes, at::kFloat);
-  void* buffer = cache().take(bytes);
-  return at::from_blob(
-      buffer, sizes, [bytes](void* data) { cache().give_back(data, bytes); }, at::TensorOptions().dtype(at::kFloat));
+  if (static_cast<size_t>(numel) * sizeof(float) < kMinBytes) return at::empty(sizes, at::kFloat);
+  return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat,
+                                   std::nullopt);
 }
 
 int64_t cached_activation_bytes() { return cache().held(); }

@@ -58,6 +58,7 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
   TORCH_CHECK(ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw, op,
               ": padding must be >= 0 and at most half the kernel size, got (", ph, ", ", pw, ")");
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
+  TORCH_CHECK(height >= 1 && width >= 1, op, ": input height and width must be >= 1, got ", height, "x", width);
   TORCH_CHECK(height + 2 * ph >= kh && width + 2 * pw >= kw, op, ": input ", height, "x", width,
               " is smaller than the kernel");
   const int64_t out_h = (height + 2 * ph - kh) / sh + 1, out_w = (width + 2 * pw - kw) / sw + 1;

@@ -189,7 +189,8 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
         for (int64_t k = segments[r * blocks_per_row + j]; k < segments[r * blocks_per_row + j + 1]; ++k) {
           const float* p = src + t0 + offsets[k];
           const float w = values[k];
-          for (int64_t i = 0; i < kTile; ++i) acc[i] += w * p[i];
+          // whole vectors, like the AVX2 tile: a tile never reads past round_up(positions, kLanes)
+          for (int64_t i = 0; i < width; ++i) acc[i] += w * p[i];
         }
         std::memcpy(o, acc, static_cast<size_t>(width) * sizeof(float));
       }
@@ -608,7 +609,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   };
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  if (reads_input_directly(g)) {
+  // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
+  // the copy, whose slack covers any offset below in_channels * channel_stride.
+  if (reads_input_directly(g) && max_offset + positions <= used) {
     // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;

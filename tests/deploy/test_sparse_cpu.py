@@ -363,6 +363,73 @@ def test_portable_scalar_path_matches(tmp_path):
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr
 
 
+GUARD_PAGE_SCRIPT = """
+import ctypes, mmap, sys, torch
+import torch.nn.functional as F
+from vpns_fast import _extension
+from vpns_fast.deploy import sparse_cpu
+page = mmap.PAGESIZE
+buffer = mmap.mmap(-1, 2 * page, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+address = ctypes.addressof(ctypes.c_char.from_buffer(buffer))
+assert ctypes.CDLL(None).mprotect(ctypes.c_void_p(address + page), page, 0) == 0  # no access to page 2
+def at_page_end(shape):  # a float32 tensor whose last byte is the last byte before the guard page
+    count = 1
+    for size in shape:
+        count *= size
+    whole = torch.frombuffer(buffer, dtype=torch.float32, count=page // 4)
+    return whole[page // 4 - count:].view(shape)
+x = at_page_end((2, 4, 2, 4))  # 1x1 conv, H * W = 8: read in place, no copy
+x.copy_(torch.randn(2, 4, 2, 4))
+weight = torch.randn(5, 4, 1, 1)
+assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5
+ops = _extension.load()  # a raw call with the last valid offset of the input: taken through the copy
+y = ops.sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([4 * 8 - 1], dtype=torch.int32), torch.tensor([1.0]),
+                      [1, 4, 1, 1], None, [1], [0], [1], None, False)
+assert y.shape == (2, 1, 2, 4)
+print("ok", ops.sparse_kernel_isa())
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("mmap"), "PROT_READ"), reason="needs mmap protections (POSIX)")
+@pytest.mark.parametrize("scalar", [False, True], ids=["native", "scalar"])
+def test_no_read_past_an_input_that_ends_at_a_guard_page(tmp_path, scalar):
+    """1x1 convs read their input in place; no tile may read past its end (a segfault here), with the
+    AVX2 kernel and with the portable one, nor a raw call whose offsets reach the input's last float."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "guard_page.py"
+    script.write_text(GUARD_PAGE_SCRIPT)
+    env = dict(os.environ)
+    env.pop("VPNS_FAST_SPARSE_SCALAR", None)
+    if scalar:
+        env["VPNS_FAST_SPARSE_SCALAR"] = "1"
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])
+    assert ("scalar" in result.stdout) == scalar
+
+
+def test_cached_outputs_resize_and_pooling_keeps_torch_semantics():
+    generator = torch.Generator().manual_seed(7)
+    weight = masked((64, 4, 1, 1), 0.5, generator)
+    out = sparse_cpu.SparseConv2d(weight, None)(torch.randn(2, 4, 256, 256, generator=generator))  # from the cache
+    expected = out.clone()
+    out.resize_(3, 64, 256, 256)  # grows through the cache's allocator, keeping the data
+    assert torch.equal(out.flatten()[:expected.numel()], expected.flatten())
+    out.resize_(10)
+    pool = sparse_cpu.SeparableMaxPool2d(3, 2, 1)
+    for empty in (torch.randn(1, 1, 0, 4), torch.randn(1, 1, 4, 0)):
+        with pytest.raises(RuntimeError):
+            pool(empty)
+    x = torch.randn(2, 3, 9, 9).contiguous(memory_format=torch.channels_last)
+    pooled = pool(x)
+    assert pooled.is_contiguous(memory_format=torch.channels_last) and torch.equal(pooled, F.max_pool2d(x, 3, 2, 1))
+    x = torch.randn(1, 3, 9, 9, requires_grad=True)
+    pool(x).sum().backward()
+    assert torch.equal(x.grad, torch.autograd.grad(F.max_pool2d(x, 3, 2, 1).sum(), x)[0])
+
+
 def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
     """Cached input offsets must follow the packed weights, not only their count."""
     torch.manual_seed(1)

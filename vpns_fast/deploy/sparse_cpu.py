@@ -19,7 +19,8 @@ from torch import nn
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
 
-_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear")
+_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
+                 "max_pool2d", "cached_activation_bytes", "set_activation_cache_limit")
 POLICIES = ("measure", "sparse", "dense")
 # A measured speedup within this fraction of min_speedup is timed again before the layer is decided:
 # on the shared 2-core machine the same sparse layer (ResNet-18 layer1.0.conv1 at 10% kept, batch 1)
@@ -249,11 +250,11 @@ class SparseLinear(nn.Module):
 
 class SeparableMaxPool2d(nn.Module):
     """Max pooling (dilation 1, floor mode) as a max over rows then over columns: the same values as
-    nn.MaxPool2d (max is exact; NaN propagates in both). float32 inputs run the C++ kernel
-    (``csrc/max_pool.cpp``, one pass, no padded copy); ``reference`` is the same computation in torch,
-    used for other dtypes. On the NCHW ResNet stem (64x112x112, k3 s2 p1, 2 threads) the torch expression
-    took 0.87 ms against 3.44 ms for torch 2.14's max_pool2d_with_indices, which eval-mode ResNet-18
-    calls at batch 1."""
+    nn.MaxPool2d (max is exact; NaN propagates in both). Contiguous float32 inputs that need no gradient
+    run the C++ kernel (``csrc/max_pool.cpp``, one pass, no padded copy); ``reference`` is the same
+    computation in torch, for every other input (other dtypes, channels_last, autograd). On the NCHW
+    ResNet stem (64x112x112, k3 s2 p1, batch 1, 2 threads): the kernel 0.17 ms, the torch expression
+    0.87 ms, torch 2.14's max_pool2d_with_indices (which eval-mode ResNet-18 calls) 3.4 ms."""
 
     def __init__(self, kernel_size, stride=None, padding=0):
         super().__init__()
@@ -268,7 +269,10 @@ class SeparableMaxPool2d(nn.Module):
         return cls(pool.kernel_size, pool.stride, pool.padding)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and available()[0]:
+        # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
+        # gradient keep torch's semantics through the reference
+        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4 and x.is_contiguous()
+                and not (x.requires_grad and torch.is_grad_enabled()) and available()[0]):
             return _ops().max_pool2d(x, list(self.kernel_size), list(self.stride), list(self.padding))
         return self.reference(x)
 

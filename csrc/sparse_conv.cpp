@@ -609,20 +609,25 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   };
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
-  // the copy, whose slack covers any offset below in_channels * channel_stride.
-  if (reads_input_directly(g) && max_offset + positions <= used) {
-    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
+  // Items of (row block, image, run of tiles) over images `image_floats` apart from `images`, a few per thread.
+  auto share_out = [&](const float* images, int64_t image_floats) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, [&](int64_t item, float* wide) {
+      // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
       const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
       const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
       for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-        rows_at_tile(x_data + n * g.in_channels * g.height * g.width, n, o0, o1, q0, wide);
+        rows_at_tile(images + n * image_floats, n, o0, o1, q0, wide);
       }
     });
+  };
+  // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
+  // the copy, whose slack covers any offset below in_channels * channel_stride.
+  if (reads_input_directly(g) && max_offset + positions <= used) {
+    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
+    share_out(x_data, g.in_channels * g.height * g.width);
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -654,17 +659,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
-  const int64_t items_per_rows = g.batch * split.chunks;
-  parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, [&](int64_t item, float* wide) {
-    // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
-    const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
-    const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
-    const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
-    for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-      rows_at_tile(planes_data + n * g.image_stride, n, o0, o1, q0, wide);
-    }
-  });
+  share_out(planes_data, g.image_stride);
   return output;
 }
 

@@ -101,3 +101,24 @@ def tiny_config(out=None, **overrides):
     from vpns_fast.training.config import TrainConfig
 
     return TrainConfig(**settings)
+
+
+def run_in_threads(work, count: int = 2) -> list:
+    """Runs ``work(index)`` in ``count`` Python threads at once and returns the (index, exception) pairs
+    of those that raised, so that a test reports a failure in a thread instead of losing it."""
+    import threading
+
+    errors = []
+
+    def guarded(index):
+        try:
+            work(index)
+        except Exception as exc:  # handed back to the test, with the thread's index
+            errors.append((index, exc))
+
+    threads = [threading.Thread(target=guarded, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors

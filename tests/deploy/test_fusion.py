@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import copy
 import pickle
-import threading
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_in_threads
 from tolerance import assert_close
 from torch import fx, nn
 
@@ -192,23 +192,14 @@ def test_two_threads_calling_one_converted_model_get_their_own_results():
     with torch.no_grad():
         expected = [converted(x) for x in inputs]
     results: dict[tuple[int, int], torch.Tensor] = {}
-    errors = []
 
     def work(thread):
-        try:
-            for round_ in range(5):
-                for i, x in enumerate(inputs[thread::2]):
-                    with torch.no_grad():
-                        results[(thread, round_, i)] = converted(x)
-        except Exception as exc:  # reported below, with the thread
-            errors.append((thread, exc))
+        for round_ in range(5):
+            for i, x in enumerate(inputs[thread::2]):
+                with torch.no_grad():
+                    results[(thread, round_, i)] = converted(x)
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    assert not run_in_threads(work)
     for (thread, _, i), got in results.items():
         assert torch.equal(got, expected[thread + 2 * i])
     assert len(results) == 2 * 5 * 2
@@ -225,22 +216,14 @@ def test_deployed_module_from_two_threads(tmp_path):
     assert module.info["backend"] == "sparse_cpu" and "torch.fx" in module.info["fusion"]
     images = [torch.rand(batch, 3, size, size) for batch in (1, 2, 3, 4)]
     expected = [module(x) for x in images]
-    results, errors = {}, []
+    results = {}
 
     def work(thread):
-        try:
-            for round_ in range(4):
-                for i in range(thread, len(images), 2):
-                    results[(thread, round_, i)] = module(images[i])
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        for round_ in range(4):
+            for i in range(thread, len(images), 2):
+                results[(thread, round_, i)] = module(images[i])
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 2 * 4 * 2
+    assert not run_in_threads(work) and len(results) == 2 * 4 * 2
     assert all(torch.equal(got, expected[i]) for (_, _, i), got in results.items())
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import run_in_threads
 from tolerance import assert_close
 from torch import nn
 
@@ -271,32 +272,22 @@ def test_large_activations_come_from_the_reusable_cache():
 def test_two_threads_sharing_the_activation_cache_get_their_own_results():
     """Large outputs from the cache, two Python threads calling one module at once (the GIL is released):
     each result equals the one computed alone, so no buffer is handed to both."""
-    import threading
-
     generator = torch.Generator().manual_seed(6)
     weight = masked((64, 4, 1, 1), 0.5, generator)
     sparse = sparse_cpu.SparseConv2d(weight, None)
     pool = sparse_cpu.SeparableMaxPool2d(3, 2, 1)
     inputs = [torch.randn(2, 4, 256, 256, generator=generator) for _ in range(2)]  # 33.5 MB outputs
     expected = [(sparse(x).clone(), pool(sparse(x)).clone()) for x in inputs]
-    mismatches, errors = [], []
+    mismatches = []
 
     def work(index):
-        try:
-            for _ in range(4):
-                out = sparse(inputs[index])
-                pooled = pool(out)
-                if not (torch.equal(out, expected[index][0]) and torch.equal(pooled, expected[index][1])):
-                    mismatches.append(index)
-        except Exception as exc:  # reported below, with the thread
-            errors.append((index, exc))
+        for _ in range(4):
+            out = sparse(inputs[index])
+            pooled = pool(out)
+            if not (torch.equal(out, expected[index][0]) and torch.equal(pooled, expected[index][1])):
+                mismatches.append(index)
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert not errors and not mismatches
+    assert not run_in_threads(work) and not mismatches
 
 
 def test_errors():

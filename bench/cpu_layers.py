@@ -1,7 +1,7 @@
 """Where the CPU engine's time goes, layer by layer: a torchvision ResNet (random init, seed 0), every
 Conv2d/Linear pruned by magnitude to the same density, through ``benchmark_inference(..., layers=True)``
 and the table ``vpns bench-infer --layers`` prints (decisions, dense and sparse times, GFLOP/s, share
-of the machine's sgemm peak measured in the same run).
+of the machine's dense peak measured in the same run: the better of an sgemm and a oneDNN conv).
 
     .venv/bin/python -m bench.cpu_layers resnet18 0.1 [--batch 1] [--threads 2] [--iters 15] > report.txt
 """

@@ -33,11 +33,12 @@
 //   few items (one 7x7 plane is one tile) or a block's nonzeros would not fit in 256 KiB of L2. At batch
 //   >= 2 x threads an item is a whole image whose planes its thread builds in its own scratch, and 1x1
 //   stride-1 unpadded convs read their input in place. Measured 2026-12-03 on the AVX-512 EPYC (2
-//   threads, density 0.1, 9 interleaved rounds, medians; per image-layer against the previous split
-//   over (image, block of <= 16 channels) with batch-wide planes): batch 1, 3x3 layers 0.90-1.05x
-//   (no change), 1x1 convs reading in place 0.44-0.49x (64x256 @56, 128x512 @28), all 11 ResNet layer
-//   shapes 5.82 -> 5.06 ms; batch 32: 3x3 0.52-0.92x, 1x1 0.16-0.43x, total 324 -> 139 ms (with the
-//   activation cache of csrc/buffers.cpp: the 103 MB outputs no longer fault in fresh pages).
+//   threads, density 0.1, medians of 9 interleaved rounds at batch 1, 3 at batch 32; per layer against
+//   the previous split over (image, block of <= 16 channels) with batch-wide planes): batch 1, 3x3
+//   layers 0.90-1.05x (no change), 1x1 convs reading in place 0.44-0.49x (64x256 @56, 128x512 @28),
+//   all 11 ResNet layer shapes 5.82 -> 5.06 ms; batch 32: 3x3 0.52-0.92x, 1x1 0.16-0.43x, total
+//   324 -> 139 ms (with the activation cache of csrc/buffers.cpp: the 103 MB outputs no longer fault
+//   in fresh pages).
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the

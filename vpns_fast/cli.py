@@ -396,7 +396,7 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
         spread = f"{r['images_per_s_p20']:.1f}-{r['images_per_s_p80']:.1f}"
         print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine'])[:24]:24s} "
               f"{r['images_per_s']:9.1f} {spread:>15s} {r['latency_ms']:10.3f}")
-    from vpns_fast.deploy.sparse_cpu import format_decisions
+    from vpns_fast.deploy.sparse_cpu import format_decisions, table_flops
 
     for r in rows:
         if r["backend"] != "deploy":
@@ -416,8 +416,7 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                     if r.get("peak_gflops") else "")
             print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
             print(format_decisions(r["decisions"], r.get("peak_gflops")))
-            nonzero = sum(row.get("flops") or 0 for row in r["decisions"])
-            dense = sum(row.get("dense_flops") or 0 for row in r["decisions"])
+            nonzero, dense = table_flops(r["decisions"])
             if nonzero and dense:
                 rate = nonzero / (r["latency_ms"] * 1e6)
                 share = f" ({100 * rate / r['peak_gflops']:.0f}% of the peak)" if r.get("peak_gflops") else ""

@@ -239,8 +239,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         p["end_to_end_error"] = error
         # the multiply-adds of the nonzero weights (Conv2d / Linear), what every implementation must do at
         # least: the rows' TFLOP/s and fraction_of_peak then compare each to the measured sgemm peak
-        p["nonzero_flops"] = sum(row["flops"] or 0 for row in table)
-        p["dense_flops"] = sum(row["dense_flops"] or 0 for row in table)
+        p["nonzero_flops"], p["dense_flops"] = sparse_cpu.table_flops(table)
         candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted)))
     else:
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))

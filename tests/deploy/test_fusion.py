@@ -234,12 +234,14 @@ def _sparse_conv(generator, channels=4, **kwargs):
     return conv
 
 
-class AliasedInplaceResidual(nn.Module):
-    """``r += conv(x)`` where ``r`` is read again afterwards."""
-
+class _TwoConvs(nn.Module):
     def __init__(self, g):
         super().__init__()
         self.c0, self.c1 = _sparse_conv(g), _sparse_conv(g)
+
+
+class AliasedInplaceResidual(_TwoConvs):
+    """``r += conv(x)`` where ``r`` is read again afterwards."""
 
     def forward(self, x):
         r = self.c0(x)
@@ -248,12 +250,8 @@ class AliasedInplaceResidual(nn.Module):
         return (r + alias,)
 
 
-class WrittenBetween(nn.Module):
+class WrittenBetween(_TwoConvs):
     """The conv's input is changed in place between the conv and its add."""
-
-    def __init__(self, g):
-        super().__init__()
-        self.c0, self.c1 = _sparse_conv(g), _sparse_conv(g)
 
     def forward(self, x):
         h = self.c0(x)

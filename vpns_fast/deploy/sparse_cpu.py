@@ -28,8 +28,10 @@ POLICIES = ("measure", "sparse", "dense")
 CLOSE_CALL = 0.15
 
 
+@functools.cache
 def available() -> tuple[bool, str]:
-    """Whether the sparse CPU kernels can run here, and why not when they cannot."""
+    """Whether the sparse CPU kernels can run here, and why not when they cannot. Asked on every layer
+    call, answered once: the extension is loaded (or found missing) once per process."""
     module = _extension.load()
     if module is None:
         return False, _extension.status()[1]
@@ -50,10 +52,10 @@ def _ops():
 def cached_activation_bytes() -> int:
     """Bytes of idle activation buffers the CPU engine keeps for reuse.
 
-    The engine's outputs of 16 MiB and more (batch 32 at 224 px and up) come from a cache of buffers
-    that were already touched, instead of pages the kernel maps and faults in afresh on every call: a
-    103 MB output took 43-46 ms to allocate and fill that way, 6-8 ms recycled. Freed ones wait in the
-    cache (up to ``set_activation_cache_limit``, 1 GiB by default) for the next call."""
+    The engine's outputs of 16 MiB and more (ResNet's stem output at 224 px from batch 6) come from a
+    cache of buffers that were already touched, instead of pages the kernel maps and faults in afresh on
+    every call: a 103 MB tensor took 43-46 ms to allocate and add 1 into that way, 5.7-7.6 ms recycled.
+    Freed ones wait in the cache (up to ``set_activation_cache_limit``, 1 GiB by default) for the next call."""
     return int(_ops().cached_activation_bytes())
 
 
@@ -567,6 +569,12 @@ def _end_to_end_problem(converted: nn.Module, example_input: torch.Tensor, refer
     return None
 
 
+def table_flops(table: list[dict]) -> tuple[int, int]:
+    """FLOPs of one call over the decision table's Conv2d / Linear rows (2 per multiply-add):
+    ``(on the nonzero weights, on the dense weights)``; their ratio is the FLOP-ratio limit of a speedup."""
+    return (sum(row.get("flops") or 0 for row in table), sum(row.get("dense_flops") or 0 for row in table))
+
+
 def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str:
     """The decision table as aligned text, one layer a line: times, speedup, the achieved GFLOP/s of
     the dense layer and of the sparse one (counting only the nonzeros' multiply-adds), what the layer
@@ -599,8 +607,8 @@ def measure_peak_gflops(size: int = 1024, repeats: int = 5) -> float:
     """The machine's dense float32 rate with the current torch thread count, in GFLOP/s: the better of a
     ``size``-cubed matrix product (torch's BLAS) and a 3x3 convolution of 256 channels at 28x28, batch 4
     (oneDNN), each the best of ``repeats`` calls: what the GFLOP/s of the layers compare to. Both, since
-    on the AMD EPYC measured oneDNN's dense convolutions ran faster than the sgemm (up to 196 against
-    175 GFLOP/s, 2 threads), so the sgemm alone understated the peak."""
+    on the AMD EPYC measured this convolution ran faster than the sgemm (102-110 against 93-94 GFLOP/s,
+    2 threads, two runs on a busy machine), so the sgemm alone understated the peak."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     torch.mm(a, b)  # warm-up
     best_mm = min(_times_ms(lambda: torch.mm(a, b), repeats))

@@ -39,6 +39,18 @@
 //   all 11 ResNet layer shapes 5.82 -> 5.06 ms; batch 32: 3x3 0.52-0.92x, 1x1 0.16-0.43x, total
 //   324 -> 139 ms (with the activation cache of csrc/buffers.cpp: the 103 MB outputs no longer fault
 //   in fresh pages).
+// * 1x1 stride-1 convs read their input in place at any H * W: where H * W is not a multiple of 8 the
+//   last vector of a tile is a masked load, so nothing past the input is read (at 14x14 and 7x7 they
+//   copied the input into planes and swept 196 positions in 3 tiles). 2 threads, batch 1, density 0.1,
+//   medians of 9 interleaved rounds against the copy: 256x1024 @14 0.52x, 1024x256 @14 0.84x,
+//   2048x512 @7 0.84x, 512x2048 @7 0.74x; ResNet-50 end to end 22.9 -> 21.6 ms (p20-p80 of the
+//   per-round ratio 1.02-1.10x). Tried with it, not kept: 13-vector tiles (196 positions in 2 passes
+//   instead of 3): 0.96-1.14x per layer, 1.03x in total, i.e. slower.
+// * Tried, not kept: an aligned plane layout (rows padded to a multiple of 8 floats and one copy of each
+//   plane per column shift of the taps, so that every load of a 3x3 tap is aligned). In L1 an aligned
+//   12-vector tile runs at 90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was
+//   1.0-1.1x slower at 14x14 (same rows, 3 copies: a third of the channels per L1 block) and 1.2-2.7x
+//   slower at 56x56 (rows of 64 floats: 256-byte row strides).
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the
@@ -121,12 +133,15 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // out[r][p] = sum_{k in row r} values[k] * src[offsets[k] + p] for p in [0, positions). Used by the
 // convolution (src = phase planes of the padded input, p = flattened output position) and by the
 // linear layer (src = transposed input, p = batch index). `out` rows are `out_stride` apart with
-// out_stride >= round_up(positions, kLanes); src must be readable kTile floats past every window.
+// out_stride >= round_up(positions, kLanes). With `exact` false, src must be readable up to kTile floats
+// past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] + positions)
+// is read (the last, partial vector is a masked load), so a convolution can read its input in place.
 
 #if VPNS_X86
-template <int NV>
+// kMasked: the last vector loads only the lanes set in `last` (positions past the window are not read).
+template <int NV, bool kMasked>
 __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, const int32_t* offsets, const float* values,
-                                                          int64_t count, float* out) {
+                                                          int64_t count, float* out, __m256i last) {
   __m256 acc[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(out + v * kLanes);
@@ -134,40 +149,59 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, cons
     const float* p = src + offsets[k];
     const __m256 w = _mm256_broadcast_ss(values + k);
 #pragma GCC unroll 16
-    for (int v = 0; v < NV; ++v) acc[v] = _mm256_fmadd_ps(w, _mm256_loadu_ps(p + v * kLanes), acc[v]);
+    for (int v = 0; v < NV; ++v) {
+      const __m256 x = kMasked && v == NV - 1 ? _mm256_maskload_ps(p + v * kLanes, last) : _mm256_loadu_ps(p + v * kLanes);
+      acc[v] = _mm256_fmadd_ps(w, x, acc[v]);
+    }
   }
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, acc[v]);
+}
+
+template <bool kMasked>
+__attribute__((target("avx2,fma"))) inline void tile_avx2_any(int vectors, const float* src, const int32_t* offsets,
+                                                              const float* values, int64_t count, float* out,
+                                                              __m256i last) {
+  switch (vectors) {
+    case 1: tile_avx2<1, kMasked>(src, offsets, values, count, out, last); break;
+    case 2: tile_avx2<2, kMasked>(src, offsets, values, count, out, last); break;
+    case 3: tile_avx2<3, kMasked>(src, offsets, values, count, out, last); break;
+    case 4: tile_avx2<4, kMasked>(src, offsets, values, count, out, last); break;
+    case 5: tile_avx2<5, kMasked>(src, offsets, values, count, out, last); break;
+    case 6: tile_avx2<6, kMasked>(src, offsets, values, count, out, last); break;
+    case 7: tile_avx2<7, kMasked>(src, offsets, values, count, out, last); break;
+    case 8: tile_avx2<8, kMasked>(src, offsets, values, count, out, last); break;
+    case 9: tile_avx2<9, kMasked>(src, offsets, values, count, out, last); break;
+    case 10: tile_avx2<10, kMasked>(src, offsets, values, count, out, last); break;
+    case 11: tile_avx2<11, kMasked>(src, offsets, values, count, out, last); break;
+    default: tile_avx2<12, kMasked>(src, offsets, values, count, out, last); break;
+  }
 }
 
 __attribute__((target("avx2,fma"))) void rows_times_panel_avx2(const float* src, const int32_t* offsets,
                                                                const float* values, const int64_t* segments,
                                                                int64_t blocks_per_row, int64_t row_begin,
                                                                int64_t row_end, int64_t positions, float* out,
-                                                               int64_t out_stride) {
+                                                               int64_t out_stride, bool exact) {
   // Tile outer, then input-channel block, then rows: one tile of one channel block of the input
   // stays in L1 while every output channel of the work item reads it.
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
-    const int vectors = static_cast<int>(std::min<int64_t>(kMaxVectors, (positions - t0 + kLanes - 1) / kLanes));
+    const int64_t width = std::min<int64_t>(kTile, positions - t0);
+    const int vectors = static_cast<int>((width + kLanes - 1) / kLanes);
+    const int64_t tail = width % kLanes;  // lanes of a partial last vector, 0 if whole
+    const bool masked = exact && tail != 0;
+    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)),
+                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const float* s = src + t0;
     for (int64_t j = 0; j < blocks_per_row; ++j) {
       for (int64_t r = row_begin; r < row_end; ++r) {
         const int64_t b = segments[r * blocks_per_row + j], count = segments[r * blocks_per_row + j + 1] - b;
         if (count == 0) continue;
         float* o = out + (r - row_begin) * out_stride + t0;
-        switch (vectors) {
-          case 1: tile_avx2<1>(s, offsets + b, values + b, count, o); break;
-          case 2: tile_avx2<2>(s, offsets + b, values + b, count, o); break;
-          case 3: tile_avx2<3>(s, offsets + b, values + b, count, o); break;
-          case 4: tile_avx2<4>(s, offsets + b, values + b, count, o); break;
-          case 5: tile_avx2<5>(s, offsets + b, values + b, count, o); break;
-          case 6: tile_avx2<6>(s, offsets + b, values + b, count, o); break;
-          case 7: tile_avx2<7>(s, offsets + b, values + b, count, o); break;
-          case 8: tile_avx2<8>(s, offsets + b, values + b, count, o); break;
-          case 9: tile_avx2<9>(s, offsets + b, values + b, count, o); break;
-          case 10: tile_avx2<10>(s, offsets + b, values + b, count, o); break;
-          case 11: tile_avx2<11>(s, offsets + b, values + b, count, o); break;
-          default: tile_avx2<12>(s, offsets + b, values + b, count, o); break;
+        if (masked) {
+          tile_avx2_any<true>(vectors, s, offsets + b, values + b, count, o, last);
+        } else {
+          tile_avx2_any<false>(vectors, s, offsets + b, values + b, count, o, last);
         }
       }
     }
@@ -179,9 +213,11 @@ __attribute__((target("avx2,fma"))) void rows_times_panel_avx2(const float* src,
 // the baseline instruction set.
 void rows_times_panel_scalar(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
                              int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                             int64_t out_stride) {
+                             int64_t out_stride, bool exact) {
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
     const int64_t width = round_up(std::min<int64_t>(kTile, positions - t0), kLanes);
+    // whole vectors, like the AVX2 tile (never past round_up(positions, kLanes)), unless exact
+    const int64_t reads = exact ? std::min<int64_t>(kTile, positions - t0) : width;
     for (int64_t j = 0; j < blocks_per_row; ++j) {
       for (int64_t r = row_begin; r < row_end; ++r) {
         float* o = out + (r - row_begin) * out_stride + t0;
@@ -190,8 +226,7 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
         for (int64_t k = segments[r * blocks_per_row + j]; k < segments[r * blocks_per_row + j + 1]; ++k) {
           const float* p = src + t0 + offsets[k];
           const float w = values[k];
-          // whole vectors, like the AVX2 tile: a tile never reads past round_up(positions, kLanes)
-          for (int64_t i = 0; i < width; ++i) acc[i] += w * p[i];
+          for (int64_t i = 0; i < reads; ++i) acc[i] += w * p[i];
         }
         std::memcpy(o, acc, static_cast<size_t>(width) * sizeof(float));
       }
@@ -203,16 +238,16 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
 // panel; row r's nonzeros for input block j are segments[r * blocks_per_row + j] .. [... + 1].
 void rows_times_panel(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
                       int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                      int64_t out_stride) {
+                      int64_t out_stride, bool exact) {
 #if VPNS_X86
   if (cpu_has_avx2_fma()) {
     rows_times_panel_avx2(src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out,
-                          out_stride);
+                          out_stride, exact);
     return;
   }
 #endif
   rows_times_panel_scalar(src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out,
-                          out_stride);
+                          out_stride, exact);
 }
 
 // ---- convolution geometry -----------------------------------------------------------------------
@@ -305,11 +340,10 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   return g;
 }
 
-// A 1x1, stride-1, unpadded convolution reads the input in place of its one phase plane (same layout)
-// when no tile reads past an image: tiles read whole vectors, so H * W must be a multiple of kLanes.
+// A 1x1, stride-1, unpadded convolution reads the input in place of its one phase plane (same layout),
+// with exact reads (a masked last vector) where H * W is not a multiple of kLanes.
 bool reads_input_directly(const ConvGeometry& g) {
-  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0 &&
-         g.positions() % kLanes == 0;
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
 }
 
 // dst[i] = (sums[i] + add) (+ residual[i]), then max(., 0) if relu, for i < count: the convolution's
@@ -583,11 +617,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   float* out_data = output.mutable_data_ptr<float>();
 
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
-  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch.
-  auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide) {
+  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `exact`:
+  // read nothing past a window (the input read in place, where the last image ends at the tensor's end).
+  auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide,
+                          bool exact) {
     const int64_t count = std::min(kTile, positions - q0);
     std::fill(wide, wide + (o1 - o0) * kTile, 0.0f);
-    rows_times_panel(image_planes + q0, off, vals, seg, blocks_per_row, o0, o1, count, wide, kTile);
+    rows_times_panel(image_planes + q0, off, vals, seg, blocks_per_row, o0, o1, count, wide, kTile, exact);
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
       float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
@@ -611,7 +647,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Items of (row block, image, run of tiles) over images `image_floats` apart from `images`, a few per thread.
-  auto share_out = [&](const float* images, int64_t image_floats) {
+  auto share_out = [&](const float* images, int64_t image_floats, bool exact) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, [&](int64_t item, float* wide) {
@@ -620,7 +656,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
       const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
       for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-        rows_at_tile(images + n * image_floats, n, o0, o1, q0, wide);
+        rows_at_tile(images + n * image_floats, n, o0, o1, q0, wide, exact);
       }
     });
   };
@@ -628,7 +664,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
     // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
-    share_out(x_data, g.in_channels * g.height * g.width);
+    share_out(x_data, g.in_channels * g.height * g.width, true);
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -641,7 +677,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {
         for (int64_t q0 = 0; q0 < positions; q0 += kTile) {
-          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide);
+          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, false);
         }
       }
     });
@@ -660,7 +696,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out(planes_data, g.image_stride);
+  share_out(planes_data, g.image_stride, false);
   return output;
 }
 
@@ -738,7 +774,7 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
   parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
     const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
     std::fill(wide, wide + block * wide_stride, 0.0f);
-    rows_times_panel(panel_data, offsets.data(), vals, rp, 1, o0, o1, batch, wide, wide_stride);
+    rows_times_panel(panel_data, offsets.data(), vals, rp, 1, o0, o1, batch, wide, wide_stride, false);
     for (int64_t o = o0; o < o1; ++o) {
       const float add = bias_data ? bias_data[o] : 0.0f;
       const float* w_row = wide + (o - o0) * wide_stride;

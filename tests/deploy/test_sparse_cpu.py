@@ -197,14 +197,16 @@ def test_separable_max_pool_equals_max_pool(shape):
 # The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in
 # csrc/sparse_conv.cpp): one tile and many rows (rows split), large planes (chunks of tiles), batch >=
 # 2 x threads (one image per item, planes in the thread's scratch), heavy rows (row blocks capped by
-# their bytes), 1x1 stride-1 convs that read the input in place (H * W a multiple of 8) or not.
+# their bytes), 1x1 stride-1 convs that read the input in place (the last vector masked where H * W is not a
+# multiple of 8), 1x1 stride-2 ones that copy.
 SPLIT_SHAPES = [
     (64, 300, 7, 7, 3, 1, 1),      # 49 positions: one tile, rows split across threads
     (5, 6, 61, 47, 3, 1, 1),       # many tiles of few rows
     (3, 16, 50, 50, 7, 2, 3),      # stem-like, stride 2
     (256, 40, 9, 9, 3, 1, 1),      # 2304 weights a row: row blocks capped by bytes at density 1
     (24, 12, 8, 16, 1, 1, 0),      # 1x1, 128 positions: reads its input in place
-    (24, 12, 7, 9, 1, 1, 0),       # 1x1, 63 positions: copies
+    (24, 12, 10, 11, 1, 1, 0),     # 1x1, 110 positions: in place, a whole tile and a masked partial vector
+    (24, 12, 7, 9, 1, 2, 0),       # 1x1 stride 2: copies
 ]
 
 
@@ -373,6 +375,14 @@ x = at_page_end((2, 4, 2, 4))  # 1x1 conv, H * W = 8: read in place, no copy
 x.copy_(torch.randn(2, 4, 2, 4))
 weight = torch.randn(5, 4, 1, 1)
 assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5
+# H * W not a multiple of a vector (15, 105 = a whole tile and a partial one), at batch 1 and at a batch
+# shared out image by image: read in place, the last vector masked
+for shape in ((1, 3, 3, 5), (4, 3, 3, 5), (1, 2, 7, 15), (4, 2, 7, 15)):
+    x = at_page_end(shape)
+    x.copy_(torch.randn(shape))
+    weight = torch.randn(6, shape[1], 1, 1)
+    assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, shape
+x = at_page_end((2, 4, 2, 4))
 ops = _extension.load()  # a raw call with the last valid offset of the input: taken through the copy
 y = ops.sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([4 * 8 - 1], dtype=torch.int32), torch.tensor([1.0]),
                       [1, 4, 1, 1], None, [1], [0], [1], None, False)
@@ -384,8 +394,8 @@ print("ok", ops.sparse_kernel_isa())
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "PROT_READ"), reason="needs mmap protections (POSIX)")
 @pytest.mark.parametrize("scalar", [False, True], ids=["native", "scalar"])
 def test_no_read_past_an_input_that_ends_at_a_guard_page(tmp_path, scalar):
-    """1x1 convs read their input in place; no tile may read past its end (a segfault here), with the
-    AVX2 kernel and with the portable one, nor a raw call whose offsets reach the input's last float."""
+    """1x1 convs read their input in place, whatever H * W; no tile may read past its end (a segfault here),
+    with the AVX2 kernel and with the portable one, nor a raw call whose offsets reach the input's last float."""
     import os
     import subprocess
     import sys

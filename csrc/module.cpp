@@ -59,7 +59,7 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
         R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
   m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
-        "Bytes of idle activation buffers the engine keeps for reuse (buffers of 16 MiB and more).");
+        "Bytes of idle activation buffers the engine keeps for reuse (buffers of 1 MiB and more).");
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),
         "Caps the idle activation buffers kept for reuse (0: keep none); frees what is over. Returns the old cap.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,

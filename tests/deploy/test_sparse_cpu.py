@@ -239,7 +239,7 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
 
 
 def test_large_activations_come_from_the_reusable_cache():
-    """Outputs of 16 MiB and more come from a cache of buffers: a live output is never handed out
+    """Outputs of 1 MiB and more come from a cache of buffers: a live output is never handed out
     twice, a freed one is reused, and the cache can be capped and emptied."""
     generator = torch.Generator().manual_seed(5)
     weight = masked((64, 4, 1, 1), 0.5, generator)
@@ -269,6 +269,29 @@ def test_large_activations_come_from_the_reusable_cache():
         sparse_cpu.set_activation_cache_limit(previous)
     with pytest.raises(ValueError, match="limit_bytes"):
         sparse_cpu.set_activation_cache_limit(-1)
+
+
+def test_activations_from_one_mib_are_reused_smaller_ones_are_not_held():
+    generator = torch.Generator().manual_seed(8)
+    sparse = sparse_cpu.SparseConv2d(masked((64, 4, 1, 1), 0.5, generator), None)
+    x = torch.randn(1, 4, 64, 64, generator=generator)  # a 1 MiB output (64 x 64 x 64 floats)
+    small = torch.randn(1, 4, 63, 63, generator=generator)  # 0.97 MiB: from torch's allocator
+    previous = sparse_cpu.set_activation_cache_limit(1 << 30)
+    try:
+        out = sparse(x)
+        pointer, held = out.data_ptr(), sparse_cpu.cached_activation_bytes()
+        del out
+        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4
+        again = sparse(x)
+        assert again.data_ptr() == pointer and sparse_cpu.cached_activation_bytes() == held
+        assert_close(again, F.conv2d(x, sparse.to_dense_weight()))
+        held = sparse_cpu.cached_activation_bytes()
+        del again
+        out = sparse(small)
+        del out
+        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4  # the small one was not kept
+    finally:
+        sparse_cpu.set_activation_cache_limit(previous)
 
 
 def test_two_threads_sharing_the_activation_cache_get_their_own_results():

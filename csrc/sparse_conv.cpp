@@ -46,6 +46,11 @@
 //   2048x512 @7 0.84x, 512x2048 @7 0.74x; ResNet-50 end to end 22.9 -> 21.6 ms (p20-p80 of the
 //   per-round ratio 1.02-1.10x). Tried with it, not kept: 13-vector tiles (196 positions in 2 passes
 //   instead of 3): 0.96-1.14x per layer, 1.03x in total, i.e. slower.
+// * Tried, not kept: the epilogue done by the tile kernel on the last input-channel block of 1x1 convs
+//   (positions are pixels there), storing straight into the output: ResNet-50 end to end 1.00x at batch
+//   1, 0.98x at batch 32 (12 interleaved rounds); the epilogue's cost is its output and residual traffic.
+// * Tried, not kept: a thread-local scratch kept between calls (fresh per-call blocks fault their pages in):
+//   ResNet-50 / ResNet-18 at batch 32 1.01x / 0.97x over 16 interleaved rounds.
 // * Tried, not kept: an aligned plane layout (rows padded to a multiple of 8 floats and one copy of each
 //   plane per column shift of the taps, so that every load of a 3x3 tap is aligned). In L1 an aligned
 //   12-vector tile runs at 90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was

@@ -276,7 +276,8 @@ def test_activations_from_one_mib_are_reused_smaller_ones_are_not_held():
     sparse = sparse_cpu.SparseConv2d(masked((64, 4, 1, 1), 0.5, generator), None)
     x = torch.randn(1, 4, 64, 64, generator=generator)  # a 1 MiB output (64 x 64 x 64 floats)
     small = torch.randn(1, 4, 63, 63, generator=generator)  # 0.97 MiB: from torch's allocator
-    previous = sparse_cpu.set_activation_cache_limit(1 << 30)
+    previous = sparse_cpu.set_activation_cache_limit(0)  # empty: no buffer left by earlier tests is reused
+    sparse_cpu.set_activation_cache_limit(1 << 30)
     try:
         out = sparse(x)
         pointer, held = out.data_ptr(), sparse_cpu.cached_activation_bytes()
@@ -287,9 +288,10 @@ def test_activations_from_one_mib_are_reused_smaller_ones_are_not_held():
         assert_close(again, F.conv2d(x, sparse.to_dense_weight()))
         held = sparse_cpu.cached_activation_bytes()
         del again
-        out = sparse(small)
+        out = sparse(small)  # the idle 1 MiB buffer could hold it, but it is below the cache's threshold
+        assert out.data_ptr() != pointer and sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4
         del out
-        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4  # the small one was not kept
+        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4  # and it was not kept
     finally:
         sparse_cpu.set_activation_cache_limit(previous)
 

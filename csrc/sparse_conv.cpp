@@ -51,6 +51,11 @@
 //   1, 0.98x at batch 32 (12 interleaved rounds); the epilogue's cost is its output and residual traffic.
 // * Tried, not kept: a thread-local scratch kept between calls (fresh per-call blocks fault their pages in):
 //   ResNet-50 / ResNet-18 at batch 32 1.01x / 0.97x over 16 interleaved rounds.
+// * Tried, not kept (2 threads, batch 1, 10% kept unless said, end to end, 12-14 interleaved rounds): tile
+//   runs shrinking towards the end of each row block (guided, so the last items are short) ResNet-18 1.04x,
+//   ResNet-50 0.97x; starting the first input-channel block's sums at zero instead of zero-filling them
+//   ResNet-50 1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines before the
+//   tile 1.0x at 5% kept.
 // * Tried, not kept: an aligned plane layout (rows padded to a multiple of 8 floats and one copy of each
 //   plane per column shift of the taps, so that every load of a 3x3 tap is aligned). In L1 an aligned
 //   12-vector tile runs at 90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was

@@ -160,7 +160,8 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, cons
     const __m256 w = _mm256_broadcast_ss(values + k);
 #pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
-      const __m256 x = kMasked && v == NV - 1 ? _mm256_maskload_ps(p + v * kLanes, last) : _mm256_loadu_ps(p + v * kLanes);
+      const __m256 x =
+          kMasked && v == NV - 1 ? _mm256_maskload_ps(p + v * kLanes, last) : _mm256_loadu_ps(p + v * kLanes);
       acc[v] = _mm256_fmadd_ps(w, x, acc[v]);
     }
   }
@@ -200,8 +201,8 @@ __attribute__((target("avx2,fma"))) void rows_times_panel_avx2(const float* src,
     const int vectors = static_cast<int>((width + kLanes - 1) / kLanes);
     const int64_t tail = width % kLanes;  // lanes of a partial last vector, 0 if whole
     const bool masked = exact && tail != 0;
-    const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)),
-                                            _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i last =
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(tail)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     const float* s = src + t0;
     for (int64_t j = 0; j < blocks_per_row; ++j) {
       for (int64_t r = row_begin; r < row_end; ++r) {

@@ -6,6 +6,8 @@ reduction length.
 """
 from __future__ import annotations
 
+import pickle
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -236,6 +238,44 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
     assert_close_to_reference(plain, torch_out, reference, reduction)
     assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
                               reduction)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 8, 33])
+def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch, monkeypatch):
+    """A 1x1 conv on 1x1 inputs (squeeze-excitation) runs as a linear layer from batch 8: same values, bias,
+    residual and ReLU (NaN kept), any stride; a residual of the wrong shape is refused."""
+    generator = torch.Generator().manual_seed(9 + batch)
+    weight = masked((48, 40, 1, 1), 0.2, generator)
+    bias = torch.randn(48, generator=generator)
+    x = torch.randn(batch, 40, 1, 1, generator=generator)
+    residual = torch.randn(batch, 48, 1, 1, generator=generator)
+    with_nan = residual.clone()
+    with_nan[0, 0] = float("nan")
+    for stride in (1, 2):
+        sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride)
+        torch_out = F.conv2d(x, weight, bias, stride)
+        reference = F.conv2d(x.double(), weight.double(), bias.double(), stride)
+        assert_close_to_reference(sparse(x), torch_out, reference, 40)
+        sparse.relu = True
+        fused = sparse(x, residual)
+        assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
+                                  40)
+        got = sparse(x, with_nan)  # NaN stays NaN under the ReLU, as torch.relu keeps it; the rest unchanged
+        assert torch.isnan(got[0, 0]).all() and torch.equal(got.flatten()[1:], fused.flatten()[1:])
+    with pytest.raises((ValueError, RuntimeError), match="residual"):
+        sparse(x, torch.randn(batch, 48, 1, 2))
+    revived = pickle.loads(pickle.dumps(sparse))
+    assert torch.equal(revived(x, residual), fused)
+    ops, called = sparse_cpu._ops(), []
+
+    class Recorder:
+        def __getattr__(self, name):
+            called.append(name)
+            return getattr(ops, name)
+
+    monkeypatch.setattr(sparse_cpu, "_ops", Recorder)
+    sparse(x)
+    assert called == (["sparse_linear"] if batch >= 8 else ["sparse_conv2d"])
 
 
 def test_large_activations_come_from_the_reusable_cache():

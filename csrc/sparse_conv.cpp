@@ -532,6 +532,43 @@ WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t
   return s;
 }
 
+// out[n * out_features + o] for a [batch, features] input x with the batch as the vector dimension: x is
+// transposed into a panel [features, batch] and output feature o is the sparse combination of its rows given
+// by segments (blocks_per_row per feature, as for rows_times_panel); columns[k] is nonzero k's feature. Then
+// the convolution's epilogue: (sum + bias) + residual (same layout as out), then the ReLU (NaN kept). For
+// batch >= kLanes: the linear layer, and 1x1 convolutions of 1x1 inputs (squeeze-excitation blocks; 2048x512
+// at 10% kept, batch 32: 0.31 ms against 1.9 ms through the convolution's tiles of one position).
+void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* columns, const float* vals,
+                      const int64_t* segments, int64_t blocks_per_row, int64_t out_features, const float* bias,
+                      const float* residual, bool relu, float* out) {
+  const int64_t batch = x.size(0), features = x.size(1), nnz = segments[out_features * blocks_per_row];
+  at::Tensor panel = at::zeros({features * batch + kTile}, x.options());
+  panel.narrow(0, 0, features * batch).view({features, batch}).copy_(x.t());
+  TORCH_CHECK(features * batch < std::numeric_limits<int32_t>::max(), op, ": input too large for 32-bit offsets");
+  std::vector<int32_t> offsets(static_cast<size_t>(nnz));
+  for (int64_t k = 0; k < nnz; ++k) offsets[k] = static_cast<int32_t>(columns[k] * batch);
+  const float* panel_data = panel.const_data_ptr<float>();
+  const int64_t wide_stride = round_up(batch, kTile);
+  const int64_t block = rows_per_block(out_features, 1, wide_stride);
+  const int64_t blocks = (out_features + block - 1) / block;
+  parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
+    const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
+    std::fill(wide, wide + block * wide_stride, 0.0f);
+    rows_times_panel(panel_data, offsets.data(), vals, segments, blocks_per_row, o0, o1, batch, wide, wide_stride,
+                     false);
+    for (int64_t o = o0; o < o1; ++o) {
+      const float add = bias ? bias[o] : 0.0f;
+      const float* w_row = wide + (o - o0) * wide_stride;
+      for (int64_t n = 0; n < batch; ++n) {
+        float value = w_row[n] + add;
+        if (residual) value += residual[n * out_features + o];
+        if (relu) value = value < 0.0f ? 0.0f : value;
+        out[n * out_features + o] = value;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 namespace vpns {
@@ -701,6 +738,14 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       }
     });
   };
+  if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.height == 1 && g.width == 1 &&
+      g.batch >= kLanes) {
+    // One pixel per channel: a linear layer over [N, C_in] (one stored plane of one float a channel, so each
+    // offset is its nonzero's input channel, checked above to be below in_channels).
+    batch_as_vectors(op, x.view({g.batch, g.in_channels}), off, vals, seg, blocks_per_row, g.out_channels, bias_data,
+                     res_data, relu, out_data);
+    return output;
+  }
   // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
@@ -801,27 +846,7 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
     });
     return output.reshape(out_shape);
   }
-  // Batch as the vector dimension: transposed input [in_features, batch] (plus tile slack), each
-  // output feature a sparse combination of its rows; offsets are column * batch.
-  at::Tensor panel = at::zeros({in_features * batch + kTile}, x.options());
-  panel.narrow(0, 0, in_features * batch).view({in_features, batch}).copy_(x.t());
-  std::vector<int32_t> offsets(static_cast<size_t>(nnz));
-  TORCH_CHECK(in_features * batch < std::numeric_limits<int32_t>::max(), op, ": input too large for 32-bit offsets");
-  for (int64_t k = 0; k < nnz; ++k) offsets[k] = static_cast<int32_t>(col[k] * batch);
-  const float* panel_data = panel.const_data_ptr<float>();
-  const int64_t wide_stride = round_up(batch, kTile);
-  const int64_t block = rows_per_block(out_features, 1, wide_stride);
-  const int64_t blocks = (out_features + block - 1) / block;
-  parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
-    const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
-    std::fill(wide, wide + block * wide_stride, 0.0f);
-    rows_times_panel(panel_data, offsets.data(), vals, rp, 1, o0, o1, batch, wide, wide_stride, false);
-    for (int64_t o = o0; o < o1; ++o) {
-      const float add = bias_data ? bias_data[o] : 0.0f;
-      const float* w_row = wide + (o - o0) * wide_stride;
-      for (int64_t n = 0; n < batch; ++n) out_data[n * out_features + o] = w_row[n] + add;
-    }
-  });
+  batch_as_vectors(op, x, col, vals, rp, 1, out_features, bias_data, nullptr, false, out_data);
   return output.reshape(out_shape);
 }
 

@@ -121,8 +121,6 @@ class SparseConv2d(nn.Module):
         self.register_buffer("values", values)
         self.register_buffer("bias", None if bias is None else _check_dense_weight(bias, "SparseConv2d bias").clone())
         self._geometry_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
-        # 1x1 kernel, no padding: packed like a linear layer (channel_index = column), stride and dilation moot
-        self._pointwise = self.weight_shape[2:] == (1, 1) and self.padding == (0, 0)
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> SparseConv2d:
@@ -190,20 +188,8 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"SparseConv2d: input must be 4-d [N, C, H, W], got shape {tuple(x.shape)}")
         if residual is not None:
             _check_input(residual, "SparseConv2d residual")
-        buffers = self._buffers
-        if x.shape[0] >= 8 and x.shape[2] == 1 and x.shape[3] == 1 and self._pointwise:
-            # a 1x1 conv on 1x1 pixels (squeeze-excitation blocks, heads) is a linear layer: the batch becomes the
-            # vector dimension there (2048x512 at 10% kept, batch 32: 0.31 ms against 1.9 ms as a convolution)
-            out = _ops().sparse_linear(x.reshape(x.shape[0], -1), buffers["row_ptr"], buffers["channel_index"],
-                                       buffers["values"], self.weight_shape[1], buffers["bias"])
-            out = out.view(x.shape[0], self.weight_shape[0], 1, 1)
-            if residual is not None:
-                if residual.shape != out.shape:
-                    raise ValueError(f"SparseConv2d residual: expected the output's shape {tuple(out.shape)}, got "
-                                     f"{tuple(residual.shape)}")
-                out.add_(residual)
-            return out.relu_() if self.relu else out
         offsets, segments = self._geometry(x.shape[2], x.shape[3])
+        buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, buffers["values"], self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual, self.relu)
 
@@ -220,7 +206,6 @@ class SparseConv2d(nn.Module):
 
     def __setstate__(self, state):
         state.setdefault("relu", False)  # pickled before the fused epilogue existed
-        state.setdefault("_pointwise", tuple(state["weight_shape"][2:]) == (1, 1) and tuple(state["padding"]) == (0, 0))
         self.__dict__.update(state)
 
 

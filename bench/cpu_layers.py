@@ -12,23 +12,10 @@ import datetime
 import platform
 
 import torch
-import torchvision
 
+from bench.cases.infer import pruned_model
 from vpns_fast.cli import _print_bench_rows
 from vpns_fast.deploy import baselines, runtime
-
-
-def magnitude_pruned(arch: str, density: float) -> torch.nn.Module:
-    torch.manual_seed(0)
-    model = getattr(torchvision.models, arch)().eval()
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear)):
-                weight = module.weight
-                keep = max(1, int(weight.numel() * density))
-                threshold = weight.abs().flatten().kthvalue(weight.numel() - keep + 1).values
-                weight.mul_((weight.abs() >= threshold).float())
-    return model
 
 
 def main(argv=None) -> int:
@@ -41,7 +28,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 < args.density <= 1.0:
         parser.error(f"density: expected a number in (0, 1], got {args.density}")
-    model = magnitude_pruned(args.arch, args.density)
+    model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), "
           f"{args.threads} threads; torch {torch.__version__}, onnxruntime {baselines.onnxruntime_version()}, "

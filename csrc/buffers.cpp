@@ -19,8 +19,8 @@
 
 namespace {
 
-// 1 MiB rather than 16: the outputs of 1-16 MiB (ResNet-50's at batch 1, its 7x7 layers at batch 32) were
-// mapped afresh too. Measured against 16 MiB, 2 threads, 10% kept, per-round ratios of interleaved
+// 1 MiB rather than 16, so that the outputs of 1-16 MiB (ResNet-50's at batch 1, its 7x7 layers at batch 32)
+// are recycled too. Measured against 16 MiB, 2 threads, 10% kept, per-round ratios of interleaved
 // rounds: ResNet-50 batch 1 1.06x (p20-p80 0.99-1.14x), batch 32 1.047x (1.03-1.09x); ResNet-18 batch 32
 // 1.00x.
 constexpr size_t kMinBytes = size_t{1} << 20;

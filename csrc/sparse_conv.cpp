@@ -46,21 +46,18 @@
 //   2048x512 @7 0.84x, 512x2048 @7 0.74x; ResNet-50 end to end 22.9 -> 21.6 ms (p20-p80 of the
 //   per-round ratio 1.02-1.10x). Tried with it, not kept: 13-vector tiles (196 positions in 2 passes
 //   instead of 3): 0.96-1.14x per layer, 1.03x in total, i.e. slower.
-// * Tried, not kept: the epilogue done by the tile kernel on the last input-channel block of 1x1 convs
-//   (positions are pixels there), storing straight into the output: ResNet-50 end to end 1.00x at batch
-//   1, 0.98x at batch 32 (12 interleaved rounds); the epilogue's cost is its output and residual traffic.
-// * Tried, not kept: a thread-local scratch kept between calls (fresh per-call blocks fault their pages in):
-//   ResNet-50 / ResNet-18 at batch 32 1.01x / 0.97x over 16 interleaved rounds.
-// * Tried, not kept (2 threads, batch 1, 10% kept unless said, end to end, 12-14 interleaved rounds): tile
-//   runs shrinking towards the end of each row block (guided, so the last items are short) ResNet-18 1.04x,
-//   ResNet-50 0.97x; starting the first input-channel block's sums at zero instead of zero-filling them
-//   ResNet-50 1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines before the
-//   tile 1.0x at 5% kept.
-// * Tried, not kept: an aligned plane layout (rows padded to a multiple of 8 floats and one copy of each
-//   plane per column shift of the taps, so that every load of a 3x3 tap is aligned). In L1 an aligned
-//   12-vector tile runs at 90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was
-//   1.0-1.1x slower at 14x14 (same rows, 3 copies: a third of the channels per L1 block) and 1.2-2.7x
-//   slower at 56x56 (rows of 64 floats: 256-byte row strides).
+// * Tried, not kept (2 threads, 10% kept unless said; end to end: interleaved rounds of one model):
+//   - the epilogue done by the tile kernel on the last input-channel block of 1x1 convs, storing straight
+//     into the output: ResNet-50 1.00x at batch 1 (12 rounds), 0.98x at batch 32 (8 rounds); its cost is
+//     the output and residual traffic, which stays;
+//   - a thread-local scratch kept between calls: ResNet-50 / ResNet-18 at batch 32 1.01x / 0.97x (16 rounds);
+//   - batch 1, 12-14 rounds: tile runs shrinking towards the end of each row block (guided) ResNet-18 1.04x,
+//     ResNet-50 0.97x; the first input-channel block's sums started at zero instead of zero-filled ResNet-50
+//     1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines 0.99x at 5% kept;
+//   - an aligned plane layout (rows padded to a multiple of 8 floats, one copy of each plane per column
+//     shift of the taps, so every load of a 3x3 tap is aligned). In L1 an aligned 12-vector tile runs at
+//     90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was 0.95-1.14x the time at 14x14
+//     (same rows, 3 copies: a third of the channels per L1 block) and 1.2-3.7x at 56x56 (rows of 64 floats).
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the
@@ -346,7 +343,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions) plus the reach of the taps (whole rows
-  // of plane_w below, a few columns right). Counting kTile for those made blocks 1.7x too small: 2 threads,
+  // of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too small: 2 threads,
   // batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));
   const int64_t window = g.planes * (tile + (g.plane_h - g.out_h) * g.plane_w + (g.plane_w - g.out_w)) * 4;

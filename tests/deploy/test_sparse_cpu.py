@@ -240,6 +240,36 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
                               reduction)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("channel_block", [0, 1, 7, 64, 250, 600])
+def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads):
+    """A sparse 1x1 conv reading its input in place, over several blocks of input channels and tiles of
+    positions (the last one a masked partial vector), while the next block's input is prefetched: the
+    default blocks (0: sized by the kernel, grown at this low density) and explicit ones that do not
+    divide the 600 channels, from one channel a block to all of them."""
+    generator = torch.Generator().manual_seed(channel_block * 10 + batch + threads)
+    weight = masked((20, 600, 1, 1), 0.05, generator)
+    bias = torch.randn(20, generator=generator)
+    x = torch.randn(batch, 600, 13, 17, generator=generator)
+    ops = sparse_cpu._ops()
+    row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+    offsets, segments = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, [20, 600, 1, 1], [13, 17],
+                                                  [1, 1], [0, 0], [1, 1], channel_block)
+    blocks = (segments.numel() - 1) // 20
+    assert blocks == -(-600 // channel_block) if channel_block else blocks > 1  # several blocks by default too
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = ops.sparse_conv2d(x, segments, offsets, values, [20, 600, 1, 1], bias, [1, 1], [0, 0], [1, 1], None,
+                                True)
+    finally:
+        torch.set_num_threads(previous)
+    torch_out = torch.relu(F.conv2d(x, weight, bias))
+    reference = torch.relu(F.conv2d(x.double(), weight.double(), bias.double()))
+    assert_close_to_reference(out, torch_out, reference, 600)
+
+
 @pytest.mark.parametrize("batch", [1, 7, 8, 33])
 def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch):
     """A 1x1 conv on 1x1 inputs (squeeze-excitation) runs as a linear layer from batch 8 (the batch as the

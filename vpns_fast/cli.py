@@ -416,6 +416,8 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                     if r.get("peak_gflops") else "")
             print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
             print(format_decisions(r["decisions"], r.get("peak_gflops")))
+            if r.get("network_choice"):
+                print(f"whole network: {r['network_choice']}")
             nonzero, dense = table_flops(r["decisions"])
             if nonzero and dense:
                 rate = nonzero / (r["latency_ms"] * 1e6)

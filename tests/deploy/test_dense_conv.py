@@ -1,0 +1,230 @@
+"""``DenseConv2d`` (the engine's dense convolution: oneDNN with a weight reordered once, channels_last)
+against nn.Conv2d, and how ``convert_for_cpu`` uses it: for the convs it keeps dense, and for the whole
+network when every conv dense runs faster than the mixed one.
+
+Float rule: |out - ref| <= 2 * |out_torch_fp32 - ref| + atol, ref in float64 (both are oneDNN sums in
+another order)."""
+from __future__ import annotations
+
+import copy
+import pickle
+import time
+
+import pytest
+import torch
+from helpers import run_in_threads
+from tolerance import assert_close
+from torch import nn
+
+from vpns_fast.deploy import sparse_cpu
+
+_OK, _REASON = sparse_cpu.dense_conv_available()
+pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
+
+# (C_in, C_out, H, W, kernel, stride, padding, dilation, groups): 1x1, 3x3, the ResNet stem, stride 2,
+# dilation, non-square and odd sizes, grouped and depthwise.
+SHAPES = [
+    (3, 5, 17, 23, 3, 1, 1, 1, 1),
+    (7, 3, 13, 19, 1, 1, 0, 1, 1),
+    (3, 8, 38, 30, 7, 2, 3, 1, 1),
+    (6, 4, 9, 7, 3, 2, 1, 1, 2),
+    (8, 8, 12, 11, 3, 1, 2, 2, 8),
+    (4, 6, 9, 9, (3, 5), (2, 1), (0, 2), (1, 2), 2),
+]
+
+
+def _ids(shape):
+    return "x".join(map(str, shape[:4])) + f"_k{shape[4]}s{shape[5]}p{shape[6]}d{shape[7]}g{shape[8]}"
+
+
+def _reference(conv, x, residual=None, relu=False):
+    with torch.no_grad():
+        torch_out = conv(x)
+        ref = nn.functional.conv2d(x.double(), conv.weight.double(),
+                                   None if conv.bias is None else conv.bias.double(), conv.stride, conv.padding,
+                                   conv.dilation, conv.groups)
+        if residual is not None:
+            torch_out, ref = torch_out + residual, ref + residual.double()
+        if relu:
+            torch_out, ref = torch_out.relu(), ref.relu()
+    return torch_out, ref
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("batch", [1, 3, 33])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+@pytest.mark.parametrize("epilogue", ["none", "relu", "add", "add+relu"])
+def test_dense_conv2d_matches_conv2d(shape, batch, layout, epilogue):
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation, groups = shape
+    generator = torch.Generator().manual_seed(hash((shape, batch, layout, epilogue)) % 2**31)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups, bias=batch != 3)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    layer.relu = "relu" in epilogue
+    with torch.no_grad():
+        out_shape = conv(x).shape
+    residual = torch.randn(out_shape, generator=generator) if "add" in epilogue else None
+    torch_out, ref = _reference(conv, x, residual, layer.relu)
+    with torch.no_grad():
+        out = layer(x, residual) if residual is not None else layer(x)
+    assert out.shape == out_shape
+    reduction = conv.weight[0].numel()
+    assert_close(out, ref, baseline=torch_out, atol=1e-6 * reduction)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+def test_string_padding_and_refusals(padding):
+    conv = nn.Conv2d(4, 5, 3, padding=padding, dilation=2)
+    x = torch.randn(2, 4, 11, 10)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    torch_out, ref = _reference(conv, x)
+    with torch.no_grad():
+        assert_close(layer(x), ref, baseline=torch_out, atol=1e-5)
+    with pytest.raises(ValueError, match="not symmetric"):
+        sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(4, 4, 2, padding="same"))
+    with pytest.raises(ValueError, match="padding_mode"):
+        sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="float32"):
+        sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(4, 4, 3).double())
+    with pytest.raises(ValueError, match="groups"):
+        sparse_cpu.DenseConv2d(torch.randn(6, 2, 3, 3), groups=4)
+    with pytest.raises(ValueError, match="expects 4"):
+        layer(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="smaller than"):
+        sparse_cpu.DenseConv2d(torch.randn(4, 4, 5, 5))(torch.randn(1, 4, 3, 3))
+    with pytest.raises(ValueError, match="residual must have the output's shape"):
+        layer(x, torch.randn(2, 5, 3, 3))
+    with pytest.raises(ValueError, match="float32 CPU"):
+        layer(x.double())
+
+
+def test_the_reordered_weight_follows_the_weight_and_the_input_shape():
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    x = torch.randn(2, 8, 10, 10)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)  # in place: the version counter moves
+        doubled = layer(x)
+        assert_close(doubled - layer.bias.view(1, -1, 1, 1), 2 * (before - layer.bias.view(1, -1, 1, 1)),
+                     rtol=1e-5, atol=1e-4)
+        other = nn.Conv2d(8, 16, 3, padding=1)
+        layer.load_state_dict(other.state_dict())
+        torch_out, ref = _reference(other, x)
+        assert_close(layer(x), ref, baseline=torch_out, atol=1e-5)
+        for shape in [(1, 8, 10, 10), (5, 8, 7, 13), (2, 8, 10, 10)]:  # a copy per input shape, few kept
+            xs = torch.randn(shape)
+            torch_out, ref = _reference(other, xs)
+            assert_close(layer(xs), ref, baseline=torch_out, atol=1e-5)
+    assert 1 <= len(layer._packed) <= 8
+
+
+def test_pickle_deepcopy_and_inference_mode():
+    conv = nn.Conv2d(6, 7, 3, stride=2, padding=1)
+    x = torch.randn(3, 6, 15, 14)
+    torch_out, ref = _reference(conv, x)
+    with torch.inference_mode():
+        built_inside = sparse_cpu.DenseConv2d.from_dense(conv)
+        inside = built_inside(x)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    with torch.no_grad():
+        layer(x)  # holds a reordered copy now, which neither pickle nor deepcopy can take
+        copies = [pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), built_inside]
+        outs = [c(x) for c in copies]
+    assert_close(inside, ref, baseline=torch_out, atol=1e-5)
+    for out in outs:
+        assert torch.equal(out, inside)
+    with torch.inference_mode():
+        assert torch.equal(layer(x), inside)
+
+
+def test_two_threads_calling_one_layer_at_different_shapes():
+    conv = nn.Conv2d(8, 8, 3, padding=1)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    inputs = [torch.randn(batch, 8, size, size) for batch, size in [(1, 9), (3, 12), (2, 9), (1, 15)]]
+    with torch.no_grad():
+        expected = [conv(x) for x in inputs]
+    results = {}
+
+    def work(thread):
+        for round_ in range(10):
+            for i, x in enumerate(inputs[thread::2]):
+                with torch.no_grad():
+                    results[(thread, round_, i)] = layer(x)
+
+    assert not run_in_threads(work)
+    assert len(results) == 2 * 10 * 2
+    for (thread, _, i), got in results.items():
+        assert_close(got, expected[thread + 2 * i], rtol=1e-4, atol=1e-4)
+
+
+def _chosen_modules_agree_with_the_table(converted, table):
+    modules = dict(converted.named_modules())
+    for row in table:
+        if row["type"] != "Conv2d" or row["name"] not in modules:
+            continue
+        kind = type(modules[row["name"]])
+        assert (kind is sparse_cpu.SparseConv2d) == (row["chosen"] == "sparse"), row
+
+
+def test_convert_for_cpu_runs_the_dense_convs_through_oneDNN():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1, groups=8),
+                          nn.Conv2d(8, 4, 1), nn.Flatten(), nn.Linear(4 * 8 * 8, 5))
+    x = torch.randn(2, 3, 8, 8)
+    summary = {}
+    # min_speedup too high for any sparse layer: every conv stays dense, through DenseConv2d
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, summary=summary)
+    kinds = {name: type(m) for name, m in converted.named_modules()}
+    assert kinds["0"] is kinds["2"] is kinds["3"] is sparse_cpu.DenseConv2d and kinds["5"] is nn.Linear
+    assert converted.get_submodule("0").relu  # the ReLU went into its epilogue
+    depthwise = table[1]
+    assert depthwise["chosen"] == "dense" and depthwise["reason"].endswith("dense through oneDNN")
+    assert "than oneDNN" in table[0]["reason"] and summary["network"] is None  # nothing sparse to weigh
+    with torch.no_grad():
+        expected = model(x)
+        assert_close(converted(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    _chosen_modules_agree_with_the_table(converted, table)
+
+
+def _network_with_delay(when_sparse: bool) -> tuple[nn.Module, torch.Tensor]:
+    """A network whose forward sleeps 20 ms when its conv is sparse (``when_sparse``) or when it is not:
+    the cost of the layout switches that the whole-network timing is there to catch."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(4, 6, 3, padding=1)
+            with torch.no_grad():
+                self.conv.weight.mul_(torch.rand_like(self.conv.weight) < 0.3)
+            self.head = nn.Conv2d(6, 2, 1)
+
+        def forward(self, x):
+            sparse = isinstance(self.conv, sparse_cpu.SparseConv2d)
+            if sparse == when_sparse:
+                time.sleep(0.02)
+            return self.head(self.conv(x))
+
+    return Net().eval(), torch.randn(1, 4, 9, 9)
+
+
+@pytest.mark.parametrize("slow", ["mixed", "dense"])
+def test_the_faster_whole_network_is_kept(slow):
+    model, x = _network_with_delay(when_sparse=slow == "mixed")
+    with torch.no_grad():
+        expected = model(x)
+    summary = {}
+    # min_speedup tiny: every conv measures as sparse; then the whole networks are timed
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e-9, repeats=2, fuse=False,
+                                                  summary=summary)
+    if slow == "mixed":
+        assert summary["network"].startswith("every conv dense")
+        assert all(row["chosen"] == "dense" for row in table)
+        assert all("network ran faster with every conv dense" in row["reason"] for row in table)
+        assert isinstance(converted.conv, sparse_cpu.DenseConv2d)
+    else:
+        assert summary["network"].startswith("kept 2 sparse convs")
+        assert all(row["chosen"] == "sparse" for row in table)
+    _chosen_modules_agree_with_the_table(converted, table)
+    with torch.no_grad():
+        assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)

@@ -228,3 +228,124 @@ def test_the_faster_whole_network_is_kept(slow):
     _chosen_modules_agree_with_the_table(converted, table)
     with torch.no_grad():
         assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_resnet_kept_dense_fuses_batchnorm_residual_and_relu_into_dense_convs():
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics that make folding change the weights
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+    x = torch.randn(2, 3, 48, 48)
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, summary=summary)
+    convs = [m for m in converted.modules() if isinstance(m, sparse_cpu.DenseConv2d)]
+    assert len(convs) == 20 and not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) for m in converted.modules())
+    fused = {row["name"]: row["fused"] for row in table}
+    assert fused["layer1.0.conv2"] == ["batchnorm", "add", "relu"] and fused["conv1"] == ["batchnorm", "relu"]
+    assert summary["epilogues_fused"] == 17  # conv1, the first conv of each block (relu), the second (add+relu)
+    with torch.no_grad():
+        expected = model(x)
+        got = converted(x)
+        with torch.inference_mode():
+            inside = converted(x)
+    assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+    assert torch.equal(inside, got)
+
+
+def test_relu_keeps_nan_like_torch_and_the_sparse_layer():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    x = torch.randn(1, 4, 7, 7)
+    x[0, 1, 3, 3] = float("nan")
+    residual = torch.randn(1, 6, 7, 7)
+    dense, sparse = sparse_cpu.DenseConv2d.from_dense(conv), sparse_cpu.SparseConv2d.from_dense(conv)
+    dense.relu = sparse.relu = True
+    with torch.no_grad():
+        expected = torch.relu(conv(x))
+        for got in (dense(x), sparse(x)):
+            assert torch.equal(torch.isnan(got), torch.isnan(expected)) and int(torch.isnan(got).sum()) == 6 * 9
+        assert torch.equal(torch.isnan(dense(x, residual)), torch.isnan(torch.relu(conv(x) + residual)))
+
+
+def test_an_input_that_needs_a_gradient_gets_the_right_gradient():
+    conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    layer.relu = True
+    x = torch.randn(2, 4, 9, 9, requires_grad=True)
+    residual = torch.randn(2, 6, 5, 5, requires_grad=True)
+    layer(x, residual).square().sum().backward()
+    x_ref, residual_ref = x.detach().clone().requires_grad_(), residual.detach().clone().requires_grad_()
+    torch.relu(conv(x_ref) + residual_ref).square().sum().backward()
+    assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert_close(residual.grad, residual_ref.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_a_new_weight_tensor_is_seen_and_refresh_covers_writes_the_version_misses():
+    conv = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad():
+        layer(x)
+        for _ in range(5):  # new tensors, possibly at a freed one's address, all at version 0
+            layer.weight = torch.randn(8, 8, 3, 3)
+            layer.weight = torch.zeros(8, 8, 3, 3)
+            assert torch.count_nonzero(layer(x)) == 0
+        layer.weight = torch.randn(8, 8, 3, 3)
+        layer(x)
+        layer.weight.data.zero_()  # not seen by the version counter
+        layer.refresh()
+        assert torch.count_nonzero(layer(x)) == 0
+
+
+def test_a_model_that_views_a_dense_conv_output_still_converts_and_runs():
+    class ViewsAfterConvs(nn.Module):  # LeNet-style: .view after the convolutions
+        def __init__(self):
+            super().__init__()
+            self.conv1, self.conv2 = nn.Conv2d(1, 6, 5), nn.Conv2d(6, 8, 3, padding=1, groups=2)
+            self.fc = nn.Linear(8 * 12 * 12, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+            return self.fc(x.view(x.size(0), -1))
+
+    class ReturnsAFeatureMap(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x)
+
+    for model, x in [(ViewsAfterConvs().eval(), torch.randn(2, 1, 16, 16)),
+                     (ReturnsAFeatureMap().eval(), torch.randn(2, 3, 8, 8))]:
+        with torch.no_grad():
+            expected = model(x)
+        for min_speedup in (1e9, 1.05, 1e-9):  # every conv dense, measured, every conv sparse
+            summary = {}
+            converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=min_speedup, repeats=2,
+                                                          summary=summary)
+            with torch.no_grad():
+                got = converted(x)
+            assert_close(got, expected, rtol=1e-4, atol=1e-4 * (1 + float(expected.abs().max())))
+            assert got.is_contiguous()
+            _chosen_modules_agree_with_the_table(converted, table)
+            dense = [m for m in converted.modules() if isinstance(m, sparse_cpu.DenseConv2d)]
+            if dense:
+                assert all(m.contiguous_output for m in dense) and "NCHW" in summary["layout"]
+
+
+def test_the_every_conv_dense_variant_made_in_inference_mode_keeps_its_reordered_weights():
+    conv = nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand_like(conv.weight) < 0.3)
+    model = nn.Sequential(sparse_cpu.SparseConv2d.from_dense(conv), nn.ReLU())
+    x = torch.randn(1, 4, 9, 9)
+    with torch.inference_mode():
+        variant, names = sparse_cpu._all_convs_dense(model)
+        layer = variant.get_submodule("0")
+        layer(x)
+        layer(x)
+    assert names == ["0"] and not layer.weight.is_inference() and len(layer._packed) == 1

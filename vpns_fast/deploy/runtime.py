@@ -267,7 +267,8 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
             summary: dict = {}
             network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
                                                             summary=summary)
-            info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"))
+            info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
+                        layout=summary.get("layout"))
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
     info.update(backend="torch-dense", reason=reason)

@@ -235,23 +235,31 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
 class DenseConv2d(nn.Module):
     """A dense Conv2d (any groups, zero padding) run by oneDNN on channels_last activations, its weight
     reordered once into oneDNN's blocked layout: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
-    float32 rounding, with SparseConv2d's fused epilogue (``forward(x, residual)``, ``relu=True``).
+    float32 rounding, with SparseConv2d's fused epilogue (``forward(x, residual)``: ``+ residual`` inside
+    oneDNN's call; ``relu=True``: a ReLU on the result).
 
     Why: ``nn.Conv2d`` reorders the weight (and an NCHW input) on every call. The engine runs the layers it
     keeps dense through this module instead. Measured 2026-12-03 (2-core AMD EPYC, AVX-512, 2 threads,
-    torch 2.14.1 / oneDNN 3.12, best of 15 calls): against ``F.conv2d`` on NCHW it took 0.34-0.93x the time
-    on every ResNet-50 layer shape and two depthwise ones, at batch 1 and 32 (the 7x7 stem 0.34x, 3x3 at
-    14x14 0.93-0.96x, depthwise 0.14-0.47x); the dense ResNet-50 at batch 1 went from 82.0 to 45.5 ms (best
-    of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each input shape met (a few
-    kept): oneDNN picks the layout by the input's size, and a weight reordered without it ran a 256 -> 1024
-    1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again on every call.
+    torch 2.14.1 / oneDNN 3.12, best of 15 calls): against ``F.conv2d`` on NCHW it took 0.14-0.96x the time
+    on 11 ResNet-50 layer shapes and two depthwise ones, at batch 1 and 32 (the 7x7 stem 0.34x, 3x3 at
+    7-14 px 0.93-0.98x, depthwise 0.14-0.47x); the dense ResNet-50 at batch 1 went from 82.0 to 45.5 ms (best
+    of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each input shape met (the 8
+    latest kept): oneDNN picks the layout by the input's size, and a weight reordered without it ran a
+    256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again on every call.
 
-    Outputs are channels_last tensors (same values and shape; ``.contiguous()`` gives NCHW). Inference
-    only: no autograd through the oneDNN call. The reordered weight is not saved (pickling and
-    ``copy.deepcopy`` rebuild it on first use) and follows the ``weight`` buffer when it is changed."""
+    The ReLU is applied by torch after the call, not as oneDNN's fused post-op, which turns NaN into 0
+    (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible).
+
+    Outputs are channels_last tensors (same values and shape), unless ``contiguous_output`` is set
+    (``convert_for_cpu`` sets it where the next operation needs NCHW, e.g. a ``.view``). An input that
+    needs a gradient (in grad mode) runs through ``F.conv2d`` instead, so autograd stays right. The
+    reordered weight is not saved (pickling and ``copy.deepcopy`` rebuild it on first use); it follows
+    ``weight`` when the tensor is replaced (``load_state_dict``, assignment) or changed in place through
+    autograd's version counter. Writes the counter does not see (through ``.data``, a numpy view, or
+    inside ``torch.inference_mode``) need :meth:`refresh`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, relu: bool = False):
+                 groups: int = 1, relu: bool = False, contiguous_output: bool = False):
         super().__init__()
         ok, reason = dense_conv_available()
         if not ok:
@@ -264,6 +272,7 @@ class DenseConv2d(nn.Module):
             raise ValueError(f"DenseConv2d: groups must be an int >= 1 dividing C_out={weight.shape[0]}, "
                              f"got {groups!r}")
         self.relu = bool(relu)
+        self.contiguous_output = bool(contiguous_output)
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
@@ -274,7 +283,7 @@ class DenseConv2d(nn.Module):
             self.register_buffer("weight", weight.clone())
             bias = None if bias is None else _check_dense_weight(bias, "DenseConv2d bias").clone()
             self.register_buffer("bias", bias)
-        self._packed: dict[tuple, torch.Tensor] = {}
+        self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> DenseConv2d:
@@ -287,25 +296,31 @@ class DenseConv2d(nn.Module):
             raise ValueError(f"DenseConv2d: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size}")
         return cls(conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
 
+    def refresh(self) -> None:
+        """Forgets the reordered copies of the weight (they are made again on the next call): needed after
+        writes to ``weight`` that autograd's version counter does not see."""
+        self._packed = {}
+
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         weight = self._buffers["weight"]
-        # keyed on identity and version: load_state_dict or an in-place edit of the weight must not leave a
-        # stale copy (a weight swapped in inside inference mode has no version: reordered on every call);
-        # and on the input's shape, since the layout oneDNN reorders to depends on it
-        version = None if weight.is_inference() else (weight.data_ptr(), weight._version, tuple(weight.shape))
-        key = (version, tuple(input_shape))
+        # an entry holds the weight tensor it was made from, so the identity test below cannot be fooled by
+        # a new tensor at a freed one's address; the version catches in-place edits (inference tensors have
+        # none: only their identity is checked); the input's shape, since oneDNN's layout depends on it
+        version = -1 if weight.is_inference() else weight._version
+        key = tuple(input_shape)
         cache = self._packed  # one read: another thread may replace it meanwhile
-        packed = cache.get(key) if version is not None else None
-        if packed is not None:
-            return packed
+        entry = cache.get(key)
+        if entry is not None and entry[0] is weight and entry[2] == version:
+            return entry[1]
         with torch.no_grad():
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
                 list(input_shape))
-        if version is not None:
-            kept = {k: v for k, v in cache.items() if k[0] == version} if len(cache) < 8 else {}
-            kept[key] = packed
-            self._packed = kept
+        kept = {k: v for k, v in cache.items() if v[0] is weight and v[2] == version and k != key}
+        while len(kept) >= 8:  # the oldest goes first
+            del kept[next(iter(kept))]
+        kept[key] = (weight, packed, version)
+        self._packed = kept
         return packed
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
@@ -322,25 +337,38 @@ class DenseConv2d(nn.Module):
         if min(output_shape[2:]) < 1:
             raise ValueError(f"DenseConv2d: input of size {tuple(x.shape[2:])} is smaller than the "
                              f"(dilated) kernel with padding {self.padding}")
-        x = x.contiguous(memory_format=torch.channels_last)
-        packed, bias = self._packed_weight(x.shape), self._buffers["bias"]
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        unary = "relu" if self.relu else "none"
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, unary, [], "")
-        _check_input(residual, "DenseConv2d residual")
-        if tuple(residual.shape) != tuple(output_shape):
-            raise ValueError(f"DenseConv2d: residual must have the output's shape {tuple(output_shape)}, got "
-                             f"{tuple(residual.shape)}")
-        residual = residual.contiguous(memory_format=torch.channels_last)
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None,
-                                                              unary if self.relu else None, [], "")
+        if residual is not None:
+            _check_input(residual, "DenseConv2d residual")
+            if tuple(residual.shape) != tuple(output_shape):
+                raise ValueError(f"DenseConv2d: residual must have the output's shape {tuple(output_shape)}, got "
+                                 f"{tuple(residual.shape)}")
+        bias = self._buffers["bias"]
+        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
+            # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
+            out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            x = x.contiguous(memory_format=torch.channels_last)
+            packed = self._packed_weight(x.shape)
+            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+            if residual is None:
+                out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+            else:
+                residual = residual.contiguous(memory_format=torch.channels_last)
+                out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None,
+                                                                      None, [], "")
+                residual = None
+        if residual is not None:
+            out = out + residual
+        if self.relu:
+            out = torch.relu_(out) if not out.requires_grad else torch.relu(out)
+        return out.contiguous() if self.contiguous_output else out
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kernel_h, kernel_w = self.weight.shape
         return (f"{in_per_group * self.groups}, {out_channels}, kernel_size=({kernel_h}, {kernel_w}), "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}" + (", relu=True" if self.relu else ""))
+                f"bias={self.bias is not None}" + (", relu=True" if self.relu else "")
+                + (", contiguous_output=True" if self.contiguous_output else ""))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -663,7 +691,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         _ops()
     converted = copy.deepcopy(model).eval()
     with torch.no_grad():
-        reference = converted(example_input) if fuse else None
+        reference = converted(example_input)
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
         graph_module, fusion_note = fusion.trace(converted)
@@ -703,8 +731,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         else:  # ``model`` is itself one layer
             converted = replacement
     epilogues = {}
-    problem = None
-    if graph_module is not None:
+    problem, layout_note = _runnable(converted, example_input, reference)
+    if problem is not None and graph_module is None:
+        raise RuntimeError(f"convert_for_cpu: the converted model does not compute what the model does ({problem}); "
+                           "refusing to convert")
+    if graph_module is not None and problem is None:
         try:
             epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input)
         except Exception as exc:  # shape propagation or the rewrite failed: convert without the rewrite
@@ -712,8 +743,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         for row in table:
             row["fused"] += epilogues.get(row["name"], [])
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
-                       "add / ReLU epilogues fused into sparse convolutions")
-    if reference is not None and problem is None:
+                       "add / ReLU epilogues fused into convolutions")
+    if problem is None:
         problem = _end_to_end_problem(converted, example_input, reference)
     if problem is not None:
         # the rewrite changed what the model computes (or could not be made): every layer again, without it
@@ -727,8 +758,31 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         converted, network_note = _prefer_faster_network(converted, table, example_input, repeats)
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
-                       network=network_note)
+                       network=network_note, layout=layout_note)
     return converted, table
+
+
+def _with_nchw_outputs(model: nn.Module) -> bool:
+    """Makes every DenseConv2d of ``model`` return NCHW; whether any returned channels_last before."""
+    changed = False
+    for module in model.modules():
+        if isinstance(module, DenseConv2d) and not module.contiguous_output:
+            module.contiguous_output, changed = True, True
+    return changed
+
+
+def _runnable(converted: nn.Module, example_input: torch.Tensor, reference) -> tuple[str | None, str | None]:
+    """``(problem, note)``: why ``converted`` does not reproduce ``reference`` on the example, or None.
+    A DenseConv2d returns channels_last, which breaks code that needs NCHW after it (``.view``, or a model
+    output its caller views) although every layer is right alone: then every DenseConv2d returns NCHW
+    instead (slower, never wrong), and ``note`` says so."""
+    problem = _end_to_end_problem(converted, example_input, reference)
+    if problem is None or not _with_nchw_outputs(converted):
+        return problem, None
+    again = _end_to_end_problem(converted, example_input, reference)
+    if again is not None:
+        return again, None
+    return None, f"dense convolutions return NCHW: with channels_last outputs the model failed ({problem})"
 
 
 def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None:
@@ -737,7 +791,8 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
     names = [name for name, module in converted.named_modules() if isinstance(module, SparseConv2d)]
     if not names or not dense_conv_available()[0]:
         return None
-    variant = copy.deepcopy(converted)
+    with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
+        variant = copy.deepcopy(converted)
     for name in names:
         sparse = variant.get_submodule(name)
         dense = DenseConv2d(sparse.to_dense_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,
@@ -764,7 +819,10 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
         return converted, None
     variant, names = alternative
     with torch.no_grad():
-        problem = _end_to_end_problem(variant, example_input, converted(example_input))
+        expected = converted(example_input)
+        problem = _end_to_end_problem(variant, example_input, expected)
+        if problem is not None and _with_nchw_outputs(variant):
+            problem = _end_to_end_problem(variant, example_input, expected)
         if problem is not None:
             return converted, f"every-conv-dense variant refused: {problem}"
         times = {"mixed": [], "dense": []}
@@ -798,15 +856,22 @@ def _tensors(value) -> list:
 
 
 def _end_to_end_problem(converted: nn.Module, example_input: torch.Tensor, reference) -> str | None:
-    """Why the rewritten model's output is not the original's (float rounding aside), or None."""
-    with torch.no_grad():
-        got = _tensors(converted(example_input))
+    """Why the rewritten model's output is not the original's (float rounding aside), or None: it
+    raised, returned other tensors or shapes, other values, or a non-contiguous tensor where the model
+    returned a contiguous one (a caller's ``.view`` would fail)."""
+    try:
+        with torch.no_grad():
+            got = _tensors(converted(example_input))
+    except Exception as exc:  # any failure of the converted model is a reason to refuse it
+        return f"it raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
     expected = _tensors(reference)
     if len(got) != len(expected):
         return f"{len(got)} output tensors instead of {len(expected)}"
     for index, (a, b) in enumerate(zip(got, expected)):
         if a.shape != b.shape:
             return f"output {index} has shape {tuple(a.shape)} instead of {tuple(b.shape)}"
+        if b.is_contiguous() and not a.is_contiguous():
+            return f"output {index} is not contiguous (channels_last)"
         if b.numel() and b.is_floating_point():
             bound, error = 1e-3 * (1.0 + float(b.abs().max())), float((a - b).abs().max())
             if not error <= bound:

@@ -240,7 +240,7 @@ class DenseConv2d(nn.Module):
 
     Why: ``nn.Conv2d`` reorders the weight (and an NCHW input) on every call. The engine runs the layers it
     keeps dense through this module instead. Measured 2026-12-03 (2-core AMD EPYC, AVX-512, 2 threads,
-    torch 2.14.1 / oneDNN 3.12, best of 15 calls): against ``F.conv2d`` on NCHW it took 0.14-0.96x the time
+    torch 2.14.1 / oneDNN 3.12, best of 15 calls): against ``F.conv2d`` on NCHW it took 0.14-0.98x the time
     on 11 ResNet-50 layer shapes and two depthwise ones, at batch 1 and 32 (the 7x7 stem 0.34x, 3x3 at
     7-14 px 0.93-0.98x, depthwise 0.14-0.47x); the dense ResNet-50 at batch 1 went from 82.0 to 45.5 ms (best
     of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each input shape met (the 8

@@ -580,14 +580,17 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
     return row
 
 
-def _dense_replacement(module: nn.Module) -> nn.Module | None:
-    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), or None: oneDNN missing, not a plain
-    float32 CPU Conv2d, or padding it cannot express."""
+def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> nn.Module | None:
+    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), checked against the layer's output
+    ``expected`` on its captured input ``x``; or None: oneDNN missing, not a plain float32 CPU Conv2d, or
+    padding it cannot express."""
     if (type(module) is not nn.Conv2d or not dense_conv_available()[0] or module.padding_mode != "zeros"
             or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
             or _explicit_padding(module) is None):
         return None
-    return DenseConv2d.from_dense(module)
+    stand_in = DenseConv2d.from_dense(module)
+    _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
+    return stand_in
 
 
 def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.Module, x: torch.Tensor,
@@ -623,10 +626,9 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
     dense, dense_input, dense_label = module, x, ""
-    stand_in = _dense_replacement(module)
+    stand_in = _dense_replacement(name, module, x, expected)
     if stand_in is not None:
         # the stand-in measured on channels_last input, the layout it keeps between dense layers
-        _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
         dense, dense_input, dense_label = stand_in, x.contiguous(memory_format=torch.channels_last), " than oneDNN"
     with torch.no_grad():
         dense_call, sparse_call = functools.partial(dense, dense_input), functools.partial(sparse, x)
@@ -715,13 +717,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             row["reason"] = reason or "not called by the example input"
             continue
         if reason is not None:
-            replacement = _dense_replacement(module)
-            row["reason"] = reason
-            if replacement is not None:
-                with torch.no_grad():
-                    expected = module(captured[name])
-                _check_replacement(name, "dense stand-in", module, replacement, captured[name], expected)
-                row["reason"] += "; dense through oneDNN"
+            with torch.no_grad():
+                expected = module(captured[name])
+            replacement = _dense_replacement(name, module, captured[name], expected)
+            row["reason"] = reason + ("; dense through oneDNN" if replacement is not None else "")
         else:
             replacement = _decide(name, module, captured[name], row, policy, min_speedup, repeats)
         if replacement is None:
@@ -744,8 +743,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             row["fused"] += epilogues.get(row["name"], [])
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
                        "add / ReLU epilogues fused into convolutions")
-    if problem is None:
-        problem = _end_to_end_problem(converted, example_input, reference)
+        if problem is None:  # the epilogue rewrite changed the graph since _runnable's check
+            problem = _end_to_end_problem(converted, example_input, reference)
     if problem is not None:
         # the rewrite changed what the model computes (or could not be made): every layer again, without it
         converted, table = convert_for_cpu(model, example_input, policy, min_speedup, repeats, replace_pooling,
@@ -755,7 +754,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         return converted, table
     network_note = None
     if policy == "measure":
-        converted, network_note = _prefer_faster_network(converted, table, example_input, repeats)
+        converted, network_note = _prefer_faster_network(converted, table, example_input, reference, repeats)
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        network=network_note, layout=layout_note)
@@ -804,7 +803,7 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
     return variant, names
 
 
-def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor,
+def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
                            repeats: int) -> tuple[nn.Module, str | None]:
     """``converted``, or its every-conv-dense variant when that runs the example faster end to end.
 
@@ -818,13 +817,10 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     if alternative is None:
         return converted, None
     variant, names = alternative
+    problem, _ = _runnable(variant, example_input, reference)
+    if problem is not None:
+        return converted, f"every-conv-dense variant refused: {problem}"
     with torch.no_grad():
-        expected = converted(example_input)
-        problem = _end_to_end_problem(variant, example_input, expected)
-        if problem is not None and _with_nchw_outputs(variant):
-            problem = _end_to_end_problem(variant, example_input, expected)
-        if problem is not None:
-            return converted, f"every-conv-dense variant refused: {problem}"
         times = {"mixed": [], "dense": []}
         rounds = max(3, min(7, repeats // 2))
         for _ in range(rounds):

@@ -242,10 +242,12 @@ class DenseConv2d(nn.Module):
     keeps dense through this module instead. Measured 2026-12-03 (2-core AMD EPYC, AVX-512, 2 threads,
     torch 2.14.1 / oneDNN 3.12, best of 15 calls): against ``F.conv2d`` on NCHW it took 0.14-0.98x the time
     on 11 ResNet-50 layer shapes and two depthwise ones, at batch 1 and 32 (the 7x7 stem 0.34x, 3x3 at
-    7-14 px 0.93-0.98x, depthwise 0.14-0.47x); the dense ResNet-50 at batch 1 went from 82.0 to 45.5 ms (best
-    of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each input shape met (the 8
-    latest kept): oneDNN picks the layout by the input's size, and a weight reordered without it ran a
-    256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again on every call.
+    14x14 0.93-0.96x, at 7x7 0.54x at batch 1 and 0.98x at batch 32, depthwise 0.14-0.47x); the dense
+    ResNet-50 at batch 1 with every conv through this call (a prototype without the epilogue) went from
+    82.0 to 45.5 ms (best of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each
+    input shape met (the 8 latest kept): oneDNN picks the layout by the input's size, and a weight reordered
+    without it ran a 256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again on every
+    call.
 
     The ReLU is applied by torch after the call, not as oneDNN's fused post-op, which turns NaN into 0
     (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible).
@@ -809,10 +811,10 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
 
     Per layer, each choice is measured on the layer's own input in its own layout, but a sparse conv
     reads NCHW and a DenseConv2d channels_last, so a network mixing them converts the activation at
-    every switch. Measured 2026-12-03 (ResNet-50, 50% kept, batch 1, 2 threads): 26 of 53 convs chose
-    sparse (1x1 ones 1.1-1.4x faster alone), and the mixed network took 52.4 ms against ONNX Runtime's
-    46.0 ms. Both networks are timed in interleaved rounds (medians) and the faster is kept; the table's
-    rows of the layers made dense say so."""
+    every switch. Measured 2026-12-03 (ResNet-50, 50% kept, batch 1, 2 threads, two conversions on a noisy
+    machine): 13 of 53 convs measured faster sparse alone, and the network with them took 59.8 and 92.5 ms
+    against 56.2 and 77.9 ms with every conv dense. Both networks are timed in interleaved rounds
+    (medians) and the faster is kept; the table's rows of the layers made dense say so."""
     alternative = _all_convs_dense(converted)
     if alternative is None:
         return converted, None

@@ -122,3 +122,23 @@ def run_in_threads(work, count: int = 2) -> list:
     for thread in threads:
         thread.join()
     return errors
+
+
+def outputs_from_two_threads(call, inputs: list, rounds: int) -> list:
+    """Two threads call ``call`` at once under no_grad, thread t on inputs[t], inputs[t + 2], ... for
+    ``rounds`` rounds; returns the (input index, output) pairs, every call's. Fails the test if a thread
+    raised."""
+    import torch
+
+    results = []
+
+    def work(thread):
+        for _ in range(rounds):
+            for index in range(thread, len(inputs), 2):
+                with torch.no_grad():
+                    results.append((index, call(inputs[index])))
+
+    errors = run_in_threads(work)
+    assert not errors, errors
+    assert len(results) == rounds * len(inputs)
+    return results

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from helpers import run_in_threads
+from helpers import outputs_from_two_threads
 from tolerance import assert_close
 from torch import nn
 
@@ -146,18 +146,8 @@ def test_two_threads_calling_one_layer_at_different_shapes():
     inputs = [torch.randn(batch, 8, size, size) for batch, size in [(1, 9), (3, 12), (2, 9), (1, 15)]]
     with torch.no_grad():
         expected = [conv(x) for x in inputs]
-    results = {}
-
-    def work(thread):
-        for round_ in range(10):
-            for i, x in enumerate(inputs[thread::2]):
-                with torch.no_grad():
-                    results[(thread, round_, i)] = layer(x)
-
-    assert not run_in_threads(work)
-    assert len(results) == 2 * 10 * 2
-    for (thread, _, i), got in results.items():
-        assert_close(got, expected[thread + 2 * i], rtol=1e-4, atol=1e-4)
+    for index, got in outputs_from_two_threads(layer, inputs, rounds=10):
+        assert_close(got, expected[index], rtol=1e-4, atol=1e-4)
 
 
 def _chosen_modules_agree_with_the_table(converted, table):

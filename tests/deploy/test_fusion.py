@@ -10,7 +10,7 @@ import pickle
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import run_in_threads
+from helpers import outputs_from_two_threads, run_in_threads
 from tolerance import assert_close
 from torch import fx, nn
 
@@ -191,18 +191,8 @@ def test_two_threads_calling_one_converted_model_get_their_own_results():
     inputs = [torch.randn(batch, 3, size, size) for batch, size in [(1, 40), (3, 48), (2, 40), (1, 56)]]
     with torch.no_grad():
         expected = [converted(x) for x in inputs]
-    results: dict[tuple[int, int], torch.Tensor] = {}
-
-    def work(thread):
-        for round_ in range(5):
-            for i, x in enumerate(inputs[thread::2]):
-                with torch.no_grad():
-                    results[(thread, round_, i)] = converted(x)
-
-    assert not run_in_threads(work)
-    for (thread, _, i), got in results.items():
-        assert torch.equal(got, expected[thread + 2 * i])
-    assert len(results) == 2 * 5 * 2
+    for index, got in outputs_from_two_threads(converted, inputs, rounds=5):
+        assert torch.equal(got, expected[index])
 
 
 def test_deployed_module_from_two_threads(tmp_path):

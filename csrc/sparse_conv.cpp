@@ -685,6 +685,20 @@ std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {
   return {row_ptr, channel_index, tap_index, values};
 }
 
+// Input channels per block that sparse_conv2d_offsets uses by default for a weight of `nnz` nonzeros.
+// Each row's nonzeros within a block run as one call of the tile kernel, which loads and stores its 12
+// accumulators around them: a block of too few nonzeros a row spends more on that than on the sums (a 1x1
+// conv at 5% kept has 3.2 a row in 64 channels). So blocks grow to about kRowBlockNonzeros nonzeros a row,
+// to at most 4 L1 windows (read from L2 then). ResNet-50, 2 threads, per-round ratios of 16 interleaved
+// rounds: batch 1 at 5% kept 1.05x (p20-p80 1.04-1.06x), at 10% 1.01x (1.00-1.02x); batch 32 at 5% and
+// ResNet-18 (few 1x1 convs) 1.00x. 24 nonzeros rather than 12: 1.02x / 1.01x more, within the spread.
+int64_t default_channel_block(const ConvGeometry& g, int64_t nnz) {
+  const double per_channel =
+      static_cast<double>(nnz) / static_cast<double>(std::max<int64_t>(1, g.out_channels) * g.in_channels);
+  const int64_t wanted = per_channel > 0 ? static_cast<int64_t>(kRowBlockNonzeros / per_channel) : g.channel_block;
+  return std::max(g.channel_block, std::min(4 * g.channel_block, wanted));
+}
+
 std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const at::Tensor& channel_index,
                                               const at::Tensor& tap_index, std::vector<int64_t> weight_shape,
                                               std::vector<int64_t> input_size, std::vector<int64_t> stride,
@@ -702,19 +716,7 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
     in_range &= ci[k] >= 0 && ci[k] < g.in_channels && ti[k] >= 0 && ti[k] < taps;
   }
   TORCH_CHECK(in_range, op, ": channel_index/tap_index out of range for weight_shape");
-  // Each row's nonzeros within a block run as one call of the tile kernel, which loads and stores its 12
-  // accumulators around them: a block of too few nonzeros a row spends more on that than on the sums (a 1x1
-  // conv at 5% kept has 3.2 a row in 64 channels). So blocks grow to about kRowBlockNonzeros nonzeros a row,
-  // to at most 4 L1 windows (read from L2 then). ResNet-50, 2 threads, per-round ratios of 16 interleaved
-  // rounds: batch 1 at 5% kept 1.05x (p20-p80 1.04-1.06x), at 10% 1.01x (1.00-1.02x); batch 32 at 5% and
-  // ResNet-18 (few 1x1 convs) 1.00x. 24 nonzeros rather than 12: 1.02x / 1.01x more, within the spread.
-  int64_t block = channel_block;
-  if (block <= 0) {
-    const double per_channel =
-        static_cast<double>(nnz) / static_cast<double>(std::max<int64_t>(1, g.out_channels) * g.in_channels);
-    const int64_t wanted = per_channel > 0 ? static_cast<int64_t>(kRowBlockNonzeros / per_channel) : g.channel_block;
-    block = std::max(g.channel_block, std::min(4 * g.channel_block, wanted));
-  }
+  const int64_t block = channel_block > 0 ? channel_block : default_channel_block(g, nnz);
   const int64_t blocks = (g.in_channels + block - 1) / block;
   at::Tensor offsets = at::empty({nnz}, at::kInt);
   at::Tensor segments = at::empty({g.out_channels * blocks + 1}, at::kLong);
@@ -781,6 +783,18 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const float* res_data = res.defined() ? res.const_data_ptr<float>() : nullptr;
   float* out_data = output.mutable_data_ptr<float>();
 
+  // What a tile read in place prefetches: the next block's window of input channels. Blocks of the default
+  // size (default_channel_block, as sparse_conv2d_offsets made them); for offsets made with another block
+  // size, the even split that gives as many blocks. (Until 2026-12-03 this assumed the L1 block alone, so
+  // once blocks grew it prefetched windows that did not match them: ResNet-50, 10% kept, batch 32, 2 threads,
+  // 3 alternating processes of 6 calls, medians 723 / 697 / 676 ms before, 678 / 593 / 639 ms after.)
+  InputPrefetch in_place_prefetch;
+  in_place_prefetch.channel_stride = g.height * g.width;
+  in_place_prefetch.channels = g.in_channels;
+  const int64_t default_block = default_channel_block(g, nnz);
+  in_place_prefetch.block_channels = (g.in_channels + default_block - 1) / default_block == blocks_per_row
+                                         ? default_block
+                                         : (g.in_channels + blocks_per_row - 1) / blocks_per_row;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
   // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `exact`:
   // read nothing past a window (the input read in place, where the last image ends at the tensor's end).
@@ -791,12 +805,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     std::fill(wide, wide + (o1 - o0) * kTile, 0.0f);
     InputPrefetch prefetch;
     if (exact) {
-      prefetch.channel_stride = g.height * g.width;
-      prefetch.channels = g.in_channels;
-      // the block sparse_conv2d_offsets used by default; for another, about the size of its blocks
-      prefetch.block_channels = (g.in_channels + g.channel_block - 1) / g.channel_block == blocks_per_row
-                                    ? g.channel_block
-                                    : (g.in_channels + blocks_per_row - 1) / blocks_per_row;
+      prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
     rows_times_panel(image_planes + q0, off, vals, seg, blocks_per_row, o0, o1, count, wide, kTile, exact, prefetch);

@@ -582,15 +582,19 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
     return row
 
 
-def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor) -> nn.Module | None:
-    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), checked against the layer's output
-    ``expected`` on its captured input ``x``; or None: oneDNN missing, not a plain float32 CPU Conv2d, or
-    padding it cannot express."""
+def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
+                       expected: torch.Tensor | None = None) -> nn.Module | None:
+    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), checked against the layer's output on
+    its captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a
+    plain float32 CPU Conv2d, or padding it cannot express."""
     if (type(module) is not nn.Conv2d or not dense_conv_available()[0] or module.padding_mode != "zeros"
             or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
             or _explicit_padding(module) is None):
         return None
     stand_in = DenseConv2d.from_dense(module)
+    if expected is None:
+        with torch.no_grad():
+            expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
     return stand_in
 
@@ -719,9 +723,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             row["reason"] = reason or "not called by the example input"
             continue
         if reason is not None:
-            with torch.no_grad():
-                expected = module(captured[name])
-            replacement = _dense_replacement(name, module, captured[name], expected)
+            replacement = _dense_replacement(name, module, captured[name])
             row["reason"] = reason + ("; dense through oneDNN" if replacement is not None else "")
         else:
             replacement = _decide(name, module, captured[name], row, policy, min_speedup, repeats)

@@ -385,6 +385,31 @@ def test_two_threads_sharing_the_activation_cache_get_their_own_results():
     assert not run_in_threads(work) and not mismatches
 
 
+@pytest.mark.parametrize("kernel, dilation", [(3, 1), ((3, 5), (2, 1)), (1, 1), (5, 2)])
+def test_same_padding_of_odd_extent_runs_sparse(kernel, dilation):
+    """padding="same" with an odd kernel extent is symmetric padding: the sparse layer runs it (and the
+    engine converts it); an even extent pads one side more and is refused by name, the layer kept dense."""
+    generator = torch.Generator().manual_seed(5)
+    conv = nn.Conv2d(5, 6, kernel, padding="same", dilation=dilation)
+    with torch.no_grad():
+        conv.weight.mul_(torch.rand(conv.weight.shape, generator=generator) < 0.3)
+    x = torch.randn(2, 5, 11, 9, generator=generator)
+    sparse = sparse_cpu.SparseConv2d.from_dense(conv)
+    with torch.no_grad():
+        expected = conv(x)
+        assert sparse(x).shape == expected.shape
+        assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
+    even = nn.Conv2d(6, 4, 2, padding="same")
+    with pytest.raises(ValueError, match="not symmetric"):
+        sparse_cpu.SparseConv2d.from_dense(even)
+    model = nn.Sequential(conv, nn.ReLU(), even)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    assert table[0]["chosen"] == "sparse" and isinstance(converted.get_submodule("0"), sparse_cpu.SparseConv2d)
+    assert table[1]["chosen"] == "dense" and "even kernel extent" in table[1]["reason"]
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="groups"):
         sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, groups=2))
@@ -538,6 +563,19 @@ def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
     assert other.values.numel() == layer.values.numel()
     layer.load_state_dict(other.state_dict())
     assert_close(layer(x), F.conv2d(x, second.weight, padding=1))
+
+
+def test_geometry_cache_keeps_the_latest_input_sizes():
+    """Offsets are cached per input size, the 8 latest kept: a 9th size drops the oldest only, and every
+    size still gives F.conv2d's values."""
+    generator = torch.Generator().manual_seed(4)
+    weight = masked((3, 2, 3, 3), 0.5, generator)
+    layer = sparse_cpu.SparseConv2d(weight, None, padding=1)
+    sizes = [(5 + i, 6) for i in range(9)]
+    for height, width in sizes:
+        x = torch.randn(1, 2, height, width, generator=generator)
+        assert_close(layer(x), F.conv2d(x, weight, padding=1))
+    assert [key[:2] for key in layer._geometry_cache] == sizes[1:]
 
 
 def test_sparse_conv2d_with_inference_tensors():

@@ -78,6 +78,19 @@ def _pair(value, name: str) -> tuple[int, int]:
     return value
 
 
+def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
+    """``conv``'s padding as two ints, or None where it is not symmetric ("same" with an even extent)."""
+    padding = conv.padding
+    if padding == "valid":
+        return 0, 0
+    if padding == "same":
+        extents = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
+        if any(extent % 2 for extent in extents):
+            return None
+        return extents[0] // 2, extents[1] // 2
+    return _pair(padding, "padding")
+
+
 def _check_dense_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
     if weight.device.type != "cpu":
         raise ValueError(f"{what}: the weight must be on the CPU, got {weight.device}")
@@ -130,11 +143,10 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"SparseConv2d supports groups=1 only, got groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = conv.padding
-        if isinstance(padding, str):
-            if padding != "valid":
-                raise ValueError(f"SparseConv2d does not support padding={padding!r}; use explicit padding")
-            padding = (0, 0)
+        padding = _explicit_padding(conv)
+        if padding is None:
+            raise ValueError(f"SparseConv2d: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size} "
+                             f"and dilation {conv.dilation}; use explicit padding")
         return cls(conv.weight, conv.bias, conv.stride, padding, conv.dilation)
 
     @property
@@ -170,11 +182,15 @@ class SparseConv2d(nn.Module):
         # different mask with the same number of nonzeros, whose offsets differ
         key = (height, width, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
                tap_index._version)
-        cached = self._geometry_cache.get(key)
+        cache = self._geometry_cache  # one read: another thread may replace it meanwhile
+        cached = cache.get(key)
         if cached is None:
-            if len(self._geometry_cache) >= 8:
-                self._geometry_cache.clear()
-            cached = self._geometry_cache[key] = self._compute_geometry(height, width)
+            cached = self._compute_geometry(height, width)
+            kept = dict(cache)  # never changed in place, so a thread reading the old one is not disturbed
+            while len(kept) >= 8:  # the oldest goes first (a 9th input size used to drop all 8)
+                del kept[next(iter(kept))]
+            kept[key] = cached
+            self._geometry_cache = kept
         return cached
 
     def _compute_geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,19 +233,6 @@ def dense_conv_available() -> tuple[bool, str]:
     if not hasattr(torch.ops.mkldnn, "_convolution_pointwise"):
         return False, "this torch has no mkldnn::_convolution_pointwise"
     return True, "oneDNN convolution with a prepacked weight"
-
-
-def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
-    """``conv``'s padding as two ints, or None where it is not symmetric ("same" with an even extent)."""
-    padding = conv.padding
-    if padding == "valid":
-        return 0, 0
-    if padding == "same":
-        extents = [d * (k - 1) for d, k in zip(conv.dilation, conv.kernel_size)]
-        if any(extent % 2 for extent in extents):
-            return None
-        return extents[0] // 2, extents[1] // 2
-    return _pair(padding, "padding")
 
 
 class DenseConv2d(nn.Module):
@@ -495,8 +498,8 @@ def _unsupported_reason(module: nn.Module) -> str | None:
             return f"groups={module.groups} (the sparse kernel supports groups=1)"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
-        if isinstance(module.padding, str) and module.padding != "valid":
-            return f"padding={module.padding!r}"
+        if _explicit_padding(module) is None:
+            return f"padding={module.padding!r} with an even kernel extent (asymmetric)"
     return None
 
 

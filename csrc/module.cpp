@@ -58,6 +58,10 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
         py::arg("padding"), py::call_guard<py::gil_scoped_release>(),
         R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
+  m.def(
+      "activation_buffer", [](std::vector<int64_t> sizes) { return vpns::empty_activation(sizes); }, py::arg("sizes"),
+      "An uninitialised float32 CPU tensor of these sizes whose storage comes from the engine's cache of already\n"
+      "touched buffers (1 MiB and more; smaller ones from torch's allocator); it goes back to the cache when freed.");
   m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
         "Bytes of idle activation buffers the engine keeps for reuse (buffers of 1 MiB and more).");
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),

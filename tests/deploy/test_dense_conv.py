@@ -260,6 +260,35 @@ def test_relu_keeps_nan_like_torch_and_the_sparse_layer():
         assert torch.equal(torch.isnan(dense(x, residual)), torch.isnan(torch.relu(conv(x) + residual)))
 
 
+@pytest.mark.skipif(not sparse_cpu.available()[0], reason="the C++ extension (its buffer cache) is not built")
+@pytest.mark.parametrize("epilogue", ["none", "add+relu"])
+def test_outputs_over_32_mib_come_from_the_buffer_cache(epilogue):
+    """An output above malloc's largest mmap threshold is written into a recycled buffer (oneDNN adding the
+    convolution into zeros or into a copy of the residual): the same values as the allocating call, the
+    residual left as it was, NaN kept by the ReLU, and the buffer back in the cache once freed."""
+    generator = torch.Generator().manual_seed(8)
+    conv = nn.Conv2d(3, 64, 3, padding=1)
+    x = torch.randn(2, 3, 256, 260, generator=generator)
+    x[1, 2, 100, 100] = float("nan")
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    layer.relu = "relu" in epilogue
+    residual = torch.randn(2, 64, 256, 260, generator=generator) if "add" in epilogue else None
+    assert 2 * 64 * 256 * 260 * 4 > sparse_cpu.FRESH_PAGES_BYTES
+    kept = None if residual is None else residual.clone()
+    torch_out, ref = _reference(conv, x, residual, layer.relu)
+    with torch.no_grad():
+        out = layer(x, residual) if residual is not None else layer(x)
+    assert out.shape == torch_out.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(out.isnan(), torch_out.isnan()) and int(out.isnan().sum()) == 9 * 64
+    finite = ~torch_out.isnan()
+    assert_close(out[finite], ref[finite], baseline=torch_out[finite], atol=1e-6 * 27)
+    if residual is not None:
+        assert torch.equal(residual, kept)
+    before = sparse_cpu.cached_activation_bytes()
+    del out
+    assert sparse_cpu.cached_activation_bytes() >= before + 2 * 64 * 256 * 260 * 4
+
+
 def test_an_input_that_needs_a_gradient_gets_the_right_gradient():
     conv = nn.Conv2d(4, 6, 3, stride=2, padding=1, groups=2)
     layer = sparse_cpu.DenseConv2d.from_dense(conv)

@@ -20,8 +20,10 @@ from vpns_fast import _extension
 from vpns_fast.deploy import fusion
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
-                 "max_pool2d", "cached_activation_bytes", "set_activation_cache_limit")
+                 "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit")
 POLICIES = ("measure", "sparse", "dense")
+# glibc's largest mmap threshold: a block above it is always mapped afresh (and faulted in) by malloc.
+FRESH_PAGES_BYTES = 32 << 20
 # A measured speedup within this fraction of min_speedup is timed again before the layer is decided:
 # on the shared 2-core machine the same sparse layer (ResNet-18 layer1.0.conv1 at 10% kept, batch 1)
 # measured 0.36, 0.44 and 0.63 ms in three conversions on one day.
@@ -253,7 +255,9 @@ class DenseConv2d(nn.Module):
     call.
 
     The ReLU is applied by torch after the call, not as oneDNN's fused post-op, which turns NaN into 0
-    (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible).
+    (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible). Outputs over 32 MiB (ResNet's
+    early layers at batch 32) come from the engine's cache of touched buffers, as the sparse layers' do
+    (:func:`cached_activation_bytes`), when the C++ extension is built.
 
     Outputs are channels_last tensors (same values and shape), unless ``contiguous_output`` is set
     (``convert_for_cpu`` sets it where the next operation needs NCHW, e.g. a ``.view``). An input that
@@ -355,7 +359,24 @@ class DenseConv2d(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
             packed = self._packed_weight(x.shape)
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            if residual is None:
+            batch, channels, height, width = output_shape
+            if batch * channels * height * width * 4 > FRESH_PAGES_BYTES and available()[0]:
+                # An output this large would be mapped afresh by malloc and faulted in page by page on every
+                # call: it comes from the engine's cache of touched buffers instead, holding the residual
+                # (or zeros), and oneDNN adds the convolution into it in place. 2 threads, batch 32,
+                # 2026-12-03, medians of 9 interleaved rounds: 64->256 1x1 at 56x56 (103 MB out) 41.9 ->
+                # 26.8 ms, with a residual 48.2 -> 30.5 ms; 256->512 at 28x28 (51 MB) 42.4 -> 36.0 ms.
+                # Below 32 MiB malloc reuses its heap and the extra zeroing pass loses (25.7 MB: 19.3 ->
+                # 22.4 ms), so those keep the call that allocates.
+                out = _ops().activation_buffer([batch, height, width, channels]).permute(0, 3, 1, 2)
+                if residual is None:
+                    out.zero_()
+                else:
+                    out.copy_(residual)
+                    residual = None
+                torch.ops.mkldnn._convolution_pointwise_.binary(out, x, packed, bias, *args, "add", 1.0, None, [],
+                                                                None)
+            elif residual is None:
                 out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
             else:
                 residual = residual.contiguous(memory_format=torch.channels_last)

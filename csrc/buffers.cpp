@@ -140,6 +140,13 @@ at::Tensor empty_activation(at::IntArrayRef sizes) {
                                    std::nullopt);
 }
 
+at::Tensor contiguous_activation(const at::Tensor& t) {
+  if (t.is_contiguous()) return t;
+  at::Tensor out = empty_activation(t.sizes());
+  out.copy_(t);
+  return out;
+}
+
 int64_t cached_activation_bytes() { return cache().held(); }
 
 int64_t set_activation_cache_limit(int64_t bytes) {

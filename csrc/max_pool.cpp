@@ -64,7 +64,7 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
               " is smaller than the kernel");
   const int64_t out_h = (height + 2 * ph - kh) / sh + 1, out_w = (width + 2 * pw - kw) / sw + 1;
   at::NoGradGuard no_grad;
-  const at::Tensor x = input.contiguous();
+  const at::Tensor x = contiguous_activation(input);
   at::Tensor output = empty_activation({batch, channels, out_h, out_w});
   if (output.numel() == 0) return output;
   const float* x_data = x.const_data_ptr<float>();

@@ -763,14 +763,14 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
               "); compute them with sparse_conv2d_offsets for this input size and the same stride/padding/dilation");
 
   at::NoGradGuard no_grad;
-  const at::Tensor x = input.contiguous();
+  const at::Tensor x = contiguous_activation(input);
   at::Tensor output = empty_activation({g.batch, g.out_channels, g.out_h, g.out_w});
   at::Tensor res;
   if (residual && residual->defined()) {
     check_float_cpu(op, "residual", *residual);
     TORCH_CHECK(residual->sizes() == output.sizes(), op, ": residual must have the output's shape ", output.sizes(),
                 ", got ", residual->sizes());
-    res = residual->contiguous();
+    res = contiguous_activation(*residual);
   }
   if (output.numel() == 0) return output;
 

@@ -339,6 +339,33 @@ def test_large_activations_come_from_the_reusable_cache():
         sparse_cpu.set_activation_cache_limit(-1)
 
 
+def test_layout_copies_between_sparse_and_dense_layers_come_from_the_cache():
+    """A channels_last input (or residual) of a sparse layer, and an NCHW input of a dense one, are copied into
+    buffers from the cache, which go back to it after the call: the same values as torch's copies."""
+    generator = torch.Generator().manual_seed(6)
+    weight = masked((8, 16, 3, 3), 0.5, generator)
+    sparse = sparse_cpu.SparseConv2d(weight, None, padding=1)
+    x = torch.randn(2, 16, 96, 96, generator=generator)  # 1.2 MB
+    x_last = x.contiguous(memory_format=torch.channels_last)
+    residual = torch.randn(2, 8, 96, 96, generator=generator).contiguous(memory_format=torch.channels_last)
+    previous = sparse_cpu.set_activation_cache_limit(0)  # empty it
+    try:
+        sparse_cpu.set_activation_cache_limit(1 << 30)
+        out = sparse(x_last, residual)
+        assert sparse_cpu.cached_activation_bytes() >= x.numel() * 4  # the NCHW copy of x, given back
+        assert_close(out, F.conv2d(x, weight, padding=1) + residual)
+        if sparse_cpu.dense_conv_available()[0]:
+            dense = sparse_cpu.DenseConv2d(weight, None, padding=1)
+            sparse_cpu.set_activation_cache_limit(0)
+            sparse_cpu.set_activation_cache_limit(1 << 30)
+            with torch.no_grad():
+                got = dense(x)  # NCHW in: its channels_last copy comes from the cache
+            assert sparse_cpu.cached_activation_bytes() >= x.numel() * 4
+            assert_close(got, F.conv2d(x, weight, padding=1))
+    finally:
+        sparse_cpu.set_activation_cache_limit(previous)
+
+
 def test_activations_from_one_mib_are_reused_smaller_ones_are_not_held():
     generator = torch.Generator().manual_seed(8)
     sparse = sparse_cpu.SparseConv2d(masked((64, 4, 1, 1), 0.5, generator), None)

@@ -227,6 +227,17 @@ class SparseConv2d(nn.Module):
         self.__dict__.update(state)
 
 
+def _channels_last_activation(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in channels_last memory: itself when it is, else a copy in a buffer from the engine's cache (an NCHW
+    output of a sparse layer going into a dense one; a fresh 103 MB copy would fault in every page again on
+    each call at batch 32), or from torch when the C++ extension is missing."""
+    if x.is_contiguous(memory_format=torch.channels_last) or not available()[0]:
+        return x.contiguous(memory_format=torch.channels_last)
+    batch, channels, height, width = x.shape
+    out = _ops().activation_buffer([batch, height, width, channels]).permute(0, 3, 1, 2)
+    return out.copy_(x)
+
+
 @functools.cache
 def dense_conv_available() -> tuple[bool, str]:
     """Whether :class:`DenseConv2d` can run here (torch built with oneDNN), and why not when it cannot."""
@@ -356,7 +367,7 @@ class DenseConv2d(nn.Module):
             # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
             out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
         else:
-            x = x.contiguous(memory_format=torch.channels_last)
+            x = _channels_last_activation(x)
             packed = self._packed_weight(x.shape)
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
             batch, channels, height, width = output_shape
@@ -379,7 +390,7 @@ class DenseConv2d(nn.Module):
             elif residual is None:
                 out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
             else:
-                residual = residual.contiguous(memory_format=torch.channels_last)
+                residual = _channels_last_activation(residual)
                 out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None,
                                                                       None, [], "")
                 residual = None

@@ -262,14 +262,16 @@ def test_relu_keeps_nan_like_torch_and_the_sparse_layer():
 
 @pytest.mark.skipif(not sparse_cpu.available()[0], reason="the C++ extension (its buffer cache) is not built")
 @pytest.mark.parametrize("epilogue", ["none", "add+relu"])
-def test_outputs_over_32_mib_come_from_the_buffer_cache(epilogue):
+@pytest.mark.parametrize("groups", [1, 64], ids=["dense", "depthwise"])
+def test_outputs_over_32_mib_come_from_the_buffer_cache(epilogue, groups):
     """An output above malloc's largest mmap threshold is written into a recycled buffer (oneDNN adding the
     convolution into zeros or into a copy of the residual): the same values as the allocating call, the
     residual left as it was, NaN kept by the ReLU, and the buffer back in the cache once freed."""
     generator = torch.Generator().manual_seed(8)
-    conv = nn.Conv2d(3, 64, 3, padding=1)
-    x = torch.randn(2, 3, 256, 260, generator=generator)
-    x[1, 2, 100, 100] = float("nan")
+    in_channels = 3 if groups == 1 else 64
+    conv = nn.Conv2d(in_channels, 64, 3, padding=1, groups=groups)
+    x = torch.randn(2, in_channels, 256, 260, generator=generator)
+    x[1, 2, 100, 100] = float("nan")  # reaches 3 x 3 outputs of every channel (dense) or of channel 2 (depthwise)
     layer = sparse_cpu.DenseConv2d.from_dense(conv)
     layer.relu = "relu" in epilogue
     residual = torch.randn(2, 64, 256, 260, generator=generator) if "add" in epilogue else None
@@ -279,9 +281,9 @@ def test_outputs_over_32_mib_come_from_the_buffer_cache(epilogue):
     with torch.no_grad():
         out = layer(x, residual) if residual is not None else layer(x)
     assert out.shape == torch_out.shape and out.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(out.isnan(), torch_out.isnan()) and int(out.isnan().sum()) == 9 * 64
+    assert torch.equal(out.isnan(), torch_out.isnan()) and int(out.isnan().sum()) == 9 * (64 if groups == 1 else 1)
     finite = ~torch_out.isnan()
-    assert_close(out[finite], ref[finite], baseline=torch_out[finite], atol=1e-6 * 27)
+    assert_close(out[finite], ref[finite], baseline=torch_out[finite], atol=1e-6 * conv.weight[0].numel())
     if residual is not None:
         assert torch.equal(residual, kept)
     before = sparse_cpu.cached_activation_bytes()

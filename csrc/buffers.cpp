@@ -132,12 +132,14 @@ ActivationAllocator& allocator() {
 
 namespace vpns {
 
-at::Tensor empty_activation(at::IntArrayRef sizes) {
+at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_format) {
   int64_t numel = 1;
   for (const int64_t size : sizes) numel *= size;
-  if (static_cast<size_t>(numel) * sizeof(float) < kMinBytes) return at::empty(sizes, at::kFloat);
+  if (static_cast<size_t>(numel) * sizeof(float) < kMinBytes) {
+    return at::empty(sizes, at::TensorOptions().dtype(at::kFloat).memory_format(memory_format));
+  }
   return at::detail::empty_generic(sizes, &allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat,
-                                   std::nullopt);
+                                   memory_format);
 }
 
 at::Tensor contiguous_activation(const at::Tensor& t) {

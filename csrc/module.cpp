@@ -59,9 +59,17 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
         R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
   m.def(
-      "activation_buffer", [](std::vector<int64_t> sizes) { return vpns::empty_activation(sizes); }, py::arg("sizes"),
-      "An uninitialised float32 CPU tensor of these sizes whose storage comes from the engine's cache of already\n"
-      "touched buffers (1 MiB and more; smaller ones from torch's allocator); it goes back to the cache when freed.");
+      "activation_buffer",
+      [](std::vector<int64_t> sizes, bool channels_last) {
+        TORCH_CHECK(!channels_last || sizes.size() == 4, "activation_buffer: channels_last needs 4 sizes, got ",
+                    sizes.size());
+        return vpns::empty_activation(sizes,
+                                      channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+      },
+      py::arg("sizes"), py::arg("channels_last") = false,
+      "An uninitialised float32 CPU tensor of these sizes (contiguous, or channels_last strides) whose storage comes\n"
+      "from the engine's cache of already touched buffers (1 MiB and more; smaller ones from torch's allocator); it\n"
+      "goes back to the cache when freed.");
   m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
         "Bytes of idle activation buffers the engine keeps for reuse (buffers of 1 MiB and more).");
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),

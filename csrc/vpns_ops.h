@@ -32,7 +32,7 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
                       std::vector<int64_t> padding);
 
 // csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.
-at::Tensor empty_activation(at::IntArrayRef sizes);
+at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
 // t itself when contiguous, else a contiguous copy in such a tensor (a channels_last activation from a dense
 // layer: at batch 32 a 103 MB copy from malloc faults in every page again on each call).
 at::Tensor contiguous_activation(const at::Tensor& t);

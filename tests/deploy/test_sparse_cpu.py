@@ -7,6 +7,7 @@ reduction length.
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 import torch
@@ -153,9 +154,11 @@ def test_convert_for_cpu_table_schema_and_policies():
     for row in (table[0], table[2], table[3]):
         assert row["dense_ms"] > 0 and row["sparse_ms"] > 0
         faster = row["dense_ms"] >= 1.05 * row["sparse_ms"]
-        # a conv measured faster sparse may still run dense when the whole network is faster that way
+        # a conv measured faster sparse may still run dense when the whole network is faster that way, and a
+        # Linear measured faster dense may run sparse for the same reason
         flipped = "network ran faster with every conv dense" in row["reason"]
-        assert (row["chosen"] == "sparse") == (faster and not flipped)
+        made_sparse = "network ran faster with it sparse" in row["reason"]
+        assert (row["chosen"] == "sparse") == ((faster and not flipped) or made_sparse)
     assert table[0]["input_shape"] == [1, 3, 8, 8] and table[0]["weight_shape"] == [8, 3, 3, 3]
     with torch.no_grad():
         assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
@@ -169,6 +172,49 @@ def test_convert_for_cpu_table_schema_and_policies():
     text = sparse_cpu.format_decisions(table, peak_gflops=100.0)
     assert "nzGF/s" in text and "%peak" in text and len(text.splitlines()) == 1 + len(table)
     assert sparse_cpu.measure_peak_gflops(size=64, repeats=2) > 0
+
+
+@pytest.mark.parametrize("slow", ["dense", "sparse"])
+def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
+    """A Linear that measured faster dense alone is made sparse when the whole network then runs faster (its
+    weight comes from memory in the network): simulated by a forward that sleeps while the head is dense (or,
+    the other way round, while it is sparse)."""
+    class Net(nn.Module):
+        def __init__(self, kept):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.head = nn.Linear(4 * 6 * 6, 5)
+            with torch.no_grad():
+                self.head.weight.mul_(torch.rand(self.head.weight.shape) < kept)
+
+        def forward(self, x):
+            if isinstance(self.head, sparse_cpu.SparseLinear) == (slow == "sparse"):
+                time.sleep(0.02)
+            return self.head(self.conv(x).flatten(1))
+
+    model, x = Net(0.1).eval(), torch.randn(1, 3, 6, 6)  # at most 25% kept: tried sparse
+    with torch.no_grad():
+        expected = model(x)
+    summary = {}
+    # min_speedup huge: every layer measures as dense; then the network is timed with the Linear sparse
+    # (fuse=False: a torch.fx trace would freeze the forward's branch)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, fuse=False,
+                                                  summary=summary)
+    head = next(row for row in table if row["name"] == "head")
+    if slow == "dense":
+        assert isinstance(converted.head, sparse_cpu.SparseLinear) and head["chosen"] == "sparse"
+        assert "network ran faster with it sparse" in head["reason"]
+        assert "1 Linear layers made sparse" in summary["network"]
+    else:
+        assert type(converted.head) is nn.Linear and head["chosen"] == "dense"
+        assert "kept 1 Linear layers dense" in summary["network"]
+    with torch.no_grad():
+        assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+    dense_head = Net(1.0).eval()  # every weight kept: not tried sparse, however the network times
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(dense_head, x, min_speedup=1e9, repeats=2, fuse=False,
+                                                  summary=summary)
+    assert type(converted.head) is nn.Linear and summary["network"] is None
 
 
 def test_convert_for_cpu_of_one_layer_returns_the_replacement():
@@ -592,17 +638,18 @@ def test_loading_a_different_mask_with_equal_nonzeros_recomputes_the_geometry():
     assert_close(layer(x), F.conv2d(x, second.weight, padding=1))
 
 
-def test_geometry_cache_keeps_the_latest_input_sizes():
-    """Offsets are cached per input size, the 8 latest kept: a 9th size drops the oldest only, and every
-    size still gives F.conv2d's values."""
+def test_geometry_cache_keeps_the_most_recently_used_input_sizes():
+    """Offsets are cached per input size, the 8 most recently used kept: a size used between new ones stays,
+    a 9th size drops the least recently used only, and every size still gives F.conv2d's values."""
     generator = torch.Generator().manual_seed(4)
     weight = masked((3, 2, 3, 3), 0.5, generator)
     layer = sparse_cpu.SparseConv2d(weight, None, padding=1)
-    sizes = [(5 + i, 6) for i in range(9)]
-    for height, width in sizes:
-        x = torch.randn(1, 2, height, width, generator=generator)
-        assert_close(layer(x), F.conv2d(x, weight, padding=1))
-    assert [key[:2] for key in layer._geometry_cache] == sizes[1:]
+    steady, sizes = (32, 32), [(5 + i, 6) for i in range(8)]
+    for size in sizes:
+        for height, width in (steady, size):
+            x = torch.randn(1, 2, height, width, generator=generator)
+            assert_close(layer(x), F.conv2d(x, weight, padding=1))
+    assert [key[:2] for key in layer._geometry_cache] == sizes[1:7] + [steady, sizes[7]]
 
 
 def test_sparse_conv2d_with_inference_tensors():

@@ -22,6 +22,9 @@ from vpns_fast.deploy import fusion
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit")
 POLICIES = ("measure", "sparse", "dense")
+# Linear layers kept dense are tried sparse in the whole network only at this density or below (see
+# _prefer_sparse_linears).
+SPARSE_LINEAR_MAX_DENSITY = 0.25
 # glibc's largest mmap threshold: a block above it is always mapped afresh (and faulted in) by malloc.
 FRESH_PAGES_BYTES = 32 << 20
 # A measured speedup within this fraction of min_speedup is timed again before the layer is decided:
@@ -148,7 +151,7 @@ class SparseConv2d(nn.Module):
         padding = _explicit_padding(conv)
         if padding is None:
             raise ValueError(f"SparseConv2d: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size} "
-                             f"and dilation {conv.dilation}; use explicit padding")
+                             f"and dilation {conv.dilation}; pad the input (F.pad) and use padding=0")
         return cls(conv.weight, conv.bias, conv.stride, padding, conv.dilation)
 
     @property
@@ -188,11 +191,15 @@ class SparseConv2d(nn.Module):
         cached = cache.get(key)
         if cached is None:
             cached = self._compute_geometry(height, width)
-            kept = dict(cache)  # never changed in place, so a thread reading the old one is not disturbed
-            while len(kept) >= 8:  # the oldest goes first (a 9th input size used to drop all 8)
-                del kept[next(iter(kept))]
-            kept[key] = cached
-            self._geometry_cache = kept
+        elif next(reversed(cache)) == key:  # the size used last: nothing to reorder
+            return cached
+        # a new dict, never one changed in place, so a thread reading the old one is not disturbed; the size just
+        # used goes last and the least recently used first (a 9th input size used to drop all 8)
+        kept = {k: v for k, v in cache.items() if k != key}
+        while len(kept) >= 8:
+            del kept[next(iter(kept))]
+        kept[key] = cached
+        self._geometry_cache = kept
         return cached
 
     def _compute_geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -233,9 +240,7 @@ def _channels_last_activation(x: torch.Tensor) -> torch.Tensor:
     each call at batch 32), or from torch when the C++ extension is missing."""
     if x.is_contiguous(memory_format=torch.channels_last) or not available()[0]:
         return x.contiguous(memory_format=torch.channels_last)
-    batch, channels, height, width = x.shape
-    out = _ops().activation_buffer([batch, height, width, channels]).permute(0, 3, 1, 2)
-    return out.copy_(x)
+    return _ops().activation_buffer(list(x.shape), channels_last=True).copy_(x)
 
 
 @functools.cache
@@ -261,9 +266,9 @@ class DenseConv2d(nn.Module):
     14x14 0.93-0.96x, at 7x7 0.54x at batch 1 and 0.98x at batch 32, depthwise 0.14-0.47x); the dense
     ResNet-50 at batch 1 with every conv through this call (a prototype without the epilogue) went from
     82.0 to 45.5 ms (best of 9 interleaved rounds), ONNX Runtime 45.0 ms. The weight is reordered for each
-    input shape met (the 8 latest kept): oneDNN picks the layout by the input's size, and a weight reordered
-    without it ran a 256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again on every
-    call.
+    input shape met (the 8 most recently used kept): oneDNN picks the layout by the input's size, and a weight
+    reordered without it ran a 256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again
+    on every call.
 
     The ReLU is applied by torch after the call, not as oneDNN's fused post-op, which turns NaN into 0
     (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible). Outputs over 32 MiB (ResNet's
@@ -331,13 +336,16 @@ class DenseConv2d(nn.Module):
         cache = self._packed  # one read: another thread may replace it meanwhile
         entry = cache.get(key)
         if entry is not None and entry[0] is weight and entry[2] == version:
-            return entry[1]
-        with torch.no_grad():
-            packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
-                weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
-                list(input_shape))
+            if next(reversed(cache)) == key:  # the shape used last: nothing to reorder
+                return entry[1]
+            packed = entry[1]
+        else:
+            with torch.no_grad():
+                packed = torch._C._nn.mkldnn_reorder_conv2d_weight(
+                    weight.to_mkldnn(), list(self.padding), list(self.stride), list(self.dilation), self.groups,
+                    list(input_shape))
         kept = {k: v for k, v in cache.items() if v[0] is weight and v[2] == version and k != key}
-        while len(kept) >= 8:  # the oldest goes first
+        while len(kept) >= 8:  # the least recently used goes first
             del kept[next(iter(kept))]
         kept[key] = (weight, packed, version)
         self._packed = kept
@@ -379,7 +387,7 @@ class DenseConv2d(nn.Module):
                 # 26.8 ms, with a residual 48.2 -> 30.5 ms; 256->512 at 28x28 (51 MB) 42.4 -> 36.0 ms.
                 # Below 32 MiB malloc reuses its heap and the extra zeroing pass loses (25.7 MB: 19.3 ->
                 # 22.4 ms), so those keep the call that allocates.
-                out = _ops().activation_buffer([batch, height, width, channels]).permute(0, 3, 1, 2)
+                out = _ops().activation_buffer(output_shape, channels_last=True)
                 if residual is None:
                     out.zero_()
                 else:
@@ -699,10 +707,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
       through the model), with the current torch thread count;
     * ``policy="sparse"``: wherever the layer is supported; ``policy="dense"``: nowhere (a table only).
 
-    A Conv2d that stays dense (the sparse layer measured too slow, or it cannot run the layer: groups,
-    "same" padding) becomes a :class:`DenseConv2d` (oneDNN, weight reordered once, channels_last), the
-    faster dense convolution here; the measured dense time is that one's, on a channels_last copy of the
-    input. Without oneDNN, or for padding it cannot express, the nn.Conv2d stays. Under
+    A Conv2d that stays dense (the sparse layer measured too slow, or it cannot run the layer: groups)
+    becomes a :class:`DenseConv2d` (oneDNN, weight reordered once, channels_last), the faster dense
+    convolution here; the measured dense time is that one's, on a channels_last copy of the input. Without
+    oneDNN, or for padding neither can express ("same" with an even kernel extent pads one side more), the
+    nn.Conv2d stays. Under
     ``policy="dense"`` every layer stays as it is.
 
     Conv1d / Conv3d stay as they are, grouped or depthwise Conv2d run dense (the sparse kernel is 2-D with
@@ -793,7 +802,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         return converted, table
     network_note = None
     if policy == "measure":
-        converted, network_note = _prefer_faster_network(converted, table, example_input, reference, repeats)
+        converted, network_note, variant_layout = _prefer_faster_network(converted, table, example_input, reference,
+                                                                         repeats)
+        layout_note = variant_layout or layout_note
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        network=network_note, layout=layout_note)
@@ -842,9 +853,24 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
     return variant, names
 
 
+def _median_times_ms(networks: dict[str, nn.Module], example_input: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Each network's median time on the example over ``rounds`` rounds, the networks taking turns."""
+    times = {label: [] for label in networks}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for label, network in networks.items():
+                start = time.perf_counter()
+                network(example_input)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    return {label: sorted(values)[len(values) // 2] for label, values in times.items()}
+
+
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
-                           repeats: int) -> tuple[nn.Module, str | None]:
-    """``converted``, or its every-conv-dense variant when that runs the example faster end to end.
+                           repeats: int) -> tuple[nn.Module, str | None, str | None]:
+    """``(network, note, layout note)``: ``converted``, or its every-conv-dense variant when that runs the example
+    faster end to end; then the same with the Linear layers kept dense made sparse
+    (:func:`_prefer_sparse_linears`). The layout note is a chosen variant's, when its dense convolutions had to
+    return NCHW (see :func:`_runnable`).
 
     Per layer, each choice is measured on the layer's own input in its own layout, but a sparse conv
     reads NCHW and a DenseConv2d channels_last, so a network mixing them converts the activation at
@@ -852,31 +878,74 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     machine): 13 of 53 convs measured faster sparse alone, and the network with them took 59.8 and 92.5 ms
     against 56.2 and 77.9 ms with every conv dense. Both networks are timed in interleaved rounds
     (medians) and the faster is kept; the table's rows of the layers made dense say so."""
+    rounds = max(3, min(7, repeats // 2))
     alternative = _all_convs_dense(converted)
     if alternative is None:
-        return converted, None
+        return _prefer_sparse_linears(converted, None, None, table, example_input, reference, rounds)
     variant, names = alternative
-    problem, _ = _runnable(variant, example_input, reference)
+    problem, variant_layout = _runnable(variant, example_input, reference)
     if problem is not None:
-        return converted, f"every-conv-dense variant refused: {problem}"
-    with torch.no_grad():
-        times = {"mixed": [], "dense": []}
-        rounds = max(3, min(7, repeats // 2))
-        for _ in range(rounds):
-            for label, network in (("mixed", converted), ("dense", variant)):
-                start = time.perf_counter()
-                network(example_input)
-                times[label].append((time.perf_counter() - start) * 1e3)
-    mixed_ms, dense_ms = (sorted(times[k])[len(times[k]) // 2] for k in ("mixed", "dense"))
+        return _prefer_sparse_linears(converted, f"every-conv-dense variant refused: {problem}", None, table,
+                                      example_input, reference, rounds)
+    times = _median_times_ms({"mixed": converted, "dense": variant}, example_input, rounds)
+    mixed_ms, dense_ms = times["mixed"], times["dense"]
     if mixed_ms <= dense_ms:
-        return converted, (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
-                           f"{dense_ms:.3g} ms with every conv dense (medians of {rounds} interleaved rounds)")
+        note = (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
+                f"{dense_ms:.3g} ms with every conv dense (medians of {rounds} interleaved rounds)")
+        return _prefer_sparse_linears(converted, note, None, table, example_input, reference, rounds)
     made_dense = set(names)
     for row in table:
         if row["name"] in made_dense:
             row.update(chosen="dense", reason=row["reason"] + "; the network ran faster with every conv dense")
-    return variant, (f"every conv dense: the network ran in {dense_ms:.3g} ms, {mixed_ms:.3g} ms with {len(names)} "
-                     f"sparse convs (medians of {rounds} interleaved rounds)")
+    note = (f"every conv dense: the network ran in {dense_ms:.3g} ms, {mixed_ms:.3g} ms with {len(names)} "
+            f"sparse convs (medians of {rounds} interleaved rounds)")
+    return _prefer_sparse_linears(variant, note, variant_layout, table, example_input, reference, rounds)
+
+
+def _prefer_sparse_linears(network: nn.Module, note: str | None, layout: str | None, table: list[dict],
+                           example_input: torch.Tensor, reference, rounds: int
+                           ) -> tuple[nn.Module, str | None, str | None]:
+    """``(network, note, layout)``: ``network``, or a copy with its Linear layers that measured faster dense made
+    sparse, when that copy runs the example faster end to end; ``note`` with what was measured added, and
+    ``layout`` replaced by the copy's layout note when it has one.
+
+    Why: a Linear layer timed alone reads its weight from cache, but in the network (a classifier head after
+    the convolutions) the weight comes from memory, 4 bytes per weight dense against 8 per nonzero sparse.
+    Measured 2026-12-03 (ResNet-50, 10% kept, batch 1, 2 threads): its fc timed alone 0.141 ms dense, 0.182
+    sparse, so kept dense; in the network the sparse fc made it 1.031x faster (p20-p80 of the per-round ratio
+    0.996-1.095x, 30 interleaved rounds; 18.44 against 19.10 ms)."""
+    modules = dict(network.named_modules())
+    # only where the sparse layer moves at most half the dense layer's bytes (8 per nonzero against 4 per
+    # weight: 25% kept or less); at 50% kept the choice would be a coin toss on noise (ResNet-50: 63.4 against
+    # 63.5 ms in one conversion)
+    names = [row["name"] for row in table
+             if row["type"] == "Linear" and row["chosen"] == "dense" and row["sparse_ms"] is not None
+             and row["density"] <= SPARSE_LINEAR_MAX_DENSITY and type(modules.get(row["name"])) is nn.Linear]
+    if not names:
+        return network, note, layout
+    with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
+        variant = copy.deepcopy(network)
+    for name in names:
+        sparse = SparseLinear.from_dense(variant.get_submodule(name))
+        if name:
+            variant.set_submodule(name, sparse)
+        else:
+            variant = sparse
+    problem, variant_layout = _runnable(variant, example_input, reference)
+    joined = f"{note}; " if note else ""
+    if problem is not None:
+        return network, f"{joined}sparse-Linear variant refused: {problem}", layout
+    times = _median_times_ms({"dense": network, "sparse": variant}, example_input, rounds)
+    if times["dense"] <= times["sparse"]:
+        return network, (f"{joined}kept {len(names)} Linear layers dense: the network ran in {times['dense']:.3g} ms, "
+                         f"{times['sparse']:.3g} ms with them sparse"), layout
+    made_sparse = set(names)
+    for row in table:
+        if row["name"] in made_sparse:
+            row.update(chosen="sparse", reason=row["reason"] + "; the network ran faster with it sparse")
+    note = (f"{joined}{len(names)} Linear layers made sparse: the network ran in {times['sparse']:.3g} ms, "
+            f"{times['dense']:.3g} ms with them dense (medians of {rounds} interleaved rounds)")
+    return variant, note, variant_layout or layout
 
 
 def _tensors(value) -> list:

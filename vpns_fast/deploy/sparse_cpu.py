@@ -865,6 +865,14 @@ def _median_times_ms(networks: dict[str, nn.Module], example_input: torch.Tensor
     return {label: sorted(values)[len(values) // 2] for label, values in times.items()}
 
 
+def _record_network_choice(table: list[dict], names: list[str], chosen: str, why: str) -> None:
+    """The table's rows of the layers a whole-network timing switched: their new choice, and why appended."""
+    switched = set(names)
+    for row in table:
+        if row["name"] in switched:
+            row.update(chosen=chosen, reason=f"{row['reason']}; {why}")
+
+
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
                            repeats: int) -> tuple[nn.Module, str | None, str | None]:
     """``(network, note, layout note)``: ``converted``, or its every-conv-dense variant when that runs the example
@@ -893,10 +901,7 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
         note = (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
                 f"{dense_ms:.3g} ms with every conv dense (medians of {rounds} interleaved rounds)")
         return _prefer_sparse_linears(converted, note, None, table, example_input, reference, rounds)
-    made_dense = set(names)
-    for row in table:
-        if row["name"] in made_dense:
-            row.update(chosen="dense", reason=row["reason"] + "; the network ran faster with every conv dense")
+    _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
     note = (f"every conv dense: the network ran in {dense_ms:.3g} ms, {mixed_ms:.3g} ms with {len(names)} "
             f"sparse convs (medians of {rounds} interleaved rounds)")
     return _prefer_sparse_linears(variant, note, variant_layout, table, example_input, reference, rounds)
@@ -939,10 +944,7 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, layout: str | N
     if times["dense"] <= times["sparse"]:
         return network, (f"{joined}kept {len(names)} Linear layers dense: the network ran in {times['dense']:.3g} ms, "
                          f"{times['sparse']:.3g} ms with them sparse"), layout
-    made_sparse = set(names)
-    for row in table:
-        if row["name"] in made_sparse:
-            row.update(chosen="sparse", reason=row["reason"] + "; the network ran faster with it sparse")
+    _record_network_choice(table, names, "sparse", "the network ran faster with it sparse")
     note = (f"{joined}{len(names)} Linear layers made sparse: the network ran in {times['sparse']:.3g} ms, "
             f"{times['dense']:.3g} ms with them dense (medians of {rounds} interleaved rounds)")
     return variant, note, variant_layout or layout

@@ -96,6 +96,15 @@ def _explicit_padding(conv: nn.Conv2d) -> tuple[int, int] | None:
     return _pair(padding, "padding")
 
 
+def _symmetric_padding(conv: nn.Conv2d, what: str) -> tuple[int, int]:
+    """``conv``'s padding as two ints; ValueError naming ``what`` where it is not symmetric."""
+    padding = _explicit_padding(conv)
+    if padding is None:
+        raise ValueError(f"{what}: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size} and "
+                         f"dilation {conv.dilation}; pad the input (F.pad) and use padding=0")
+    return padding
+
+
 def _check_dense_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
     if weight.device.type != "cpu":
         raise ValueError(f"{what}: the weight must be on the CPU, got {weight.device}")
@@ -148,11 +157,7 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"SparseConv2d supports groups=1 only, got groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = _explicit_padding(conv)
-        if padding is None:
-            raise ValueError(f"SparseConv2d: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size} "
-                             f"and dilation {conv.dilation}; pad the input (F.pad) and use padding=0")
-        return cls(conv.weight, conv.bias, conv.stride, padding, conv.dilation)
+        return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation)
 
     @property
     def nnz(self) -> int:
@@ -316,10 +321,8 @@ class DenseConv2d(nn.Module):
             raise TypeError(f"DenseConv2d.from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"DenseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        padding = _explicit_padding(conv)
-        if padding is None:
-            raise ValueError(f"DenseConv2d: padding={conv.padding!r} is not symmetric for kernel {conv.kernel_size}")
-        return cls(conv.weight, conv.bias, conv.stride, padding, conv.dilation, conv.groups)
+        return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "DenseConv2d"), conv.dilation,
+                   conv.groups)
 
     def refresh(self) -> None:
         """Forgets the reordered copies of the weight (they are made again on the next call): needed after
@@ -378,8 +381,7 @@ class DenseConv2d(nn.Module):
             x = _channels_last_activation(x)
             packed = self._packed_weight(x.shape)
             args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            batch, channels, height, width = output_shape
-            if batch * channels * height * width * 4 > FRESH_PAGES_BYTES and available()[0]:
+            if math.prod(output_shape) * 4 > FRESH_PAGES_BYTES and available()[0]:
                 # An output this large would be mapped afresh by malloc and faulted in page by page on every
                 # call: it comes from the engine's cache of touched buffers instead, holding the residual
                 # (or zeros), and oneDNN adds the convolution into it in place. 2 threads, batch 32,
@@ -853,15 +855,13 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
     return variant, names
 
 
-def _median_times_ms(networks: dict[str, nn.Module], example_input: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Each network's median time on the example over ``rounds`` rounds, the networks taking turns."""
-    times = {label: [] for label in networks}
+def _median_times_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Each run's median time over ``rounds`` rounds, the runs taking turns."""
+    times = {label: [] for label in runs}
     with torch.no_grad():
         for _ in range(rounds):
-            for label, network in networks.items():
-                start = time.perf_counter()
-                network(example_input)
-                times[label].append((time.perf_counter() - start) * 1e3)
+            for label, run in runs.items():
+                times[label] += _times_ms(run, 1)
     return {label: sorted(values)[len(values) // 2] for label, values in times.items()}
 
 
@@ -877,8 +877,8 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
                            repeats: int) -> tuple[nn.Module, str | None, str | None]:
     """``(network, note, layout note)``: ``converted``, or its every-conv-dense variant when that runs the example
     faster end to end; then the same with the Linear layers kept dense made sparse
-    (:func:`_prefer_sparse_linears`). The layout note is a chosen variant's, when its dense convolutions had to
-    return NCHW (see :func:`_runnable`).
+    (:func:`_prefer_sparse_linears`). The layout note is the every-conv-dense variant's, when it was chosen and
+    its dense convolutions had to return NCHW (see :func:`_runnable`).
 
     Per layer, each choice is measured on the layer's own input in its own layout, but a sparse conv
     reads NCHW and a DenseConv2d channels_last, so a network mixing them converts the activation at
@@ -889,30 +889,31 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     rounds = max(3, min(7, repeats // 2))
     alternative = _all_convs_dense(converted)
     if alternative is None:
-        return _prefer_sparse_linears(converted, None, None, table, example_input, reference, rounds)
+        return *_prefer_sparse_linears(converted, None, table, example_input, reference, rounds), None
     variant, names = alternative
     problem, variant_layout = _runnable(variant, example_input, reference)
     if problem is not None:
-        return _prefer_sparse_linears(converted, f"every-conv-dense variant refused: {problem}", None, table,
-                                      example_input, reference, rounds)
-    times = _median_times_ms({"mixed": converted, "dense": variant}, example_input, rounds)
+        return *_prefer_sparse_linears(converted, f"every-conv-dense variant refused: {problem}", table,
+                                       example_input, reference, rounds), None
+    times = _median_times_ms({"mixed": functools.partial(converted, example_input),
+                              "dense": functools.partial(variant, example_input)}, rounds)
     mixed_ms, dense_ms = times["mixed"], times["dense"]
     if mixed_ms <= dense_ms:
         note = (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
                 f"{dense_ms:.3g} ms with every conv dense (medians of {rounds} interleaved rounds)")
-        return _prefer_sparse_linears(converted, note, None, table, example_input, reference, rounds)
+        return *_prefer_sparse_linears(converted, note, table, example_input, reference, rounds), None
     _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
     note = (f"every conv dense: the network ran in {dense_ms:.3g} ms, {mixed_ms:.3g} ms with {len(names)} "
             f"sparse convs (medians of {rounds} interleaved rounds)")
-    return _prefer_sparse_linears(variant, note, variant_layout, table, example_input, reference, rounds)
+    return *_prefer_sparse_linears(variant, note, table, example_input, reference, rounds), variant_layout
 
 
-def _prefer_sparse_linears(network: nn.Module, note: str | None, layout: str | None, table: list[dict],
-                           example_input: torch.Tensor, reference, rounds: int
-                           ) -> tuple[nn.Module, str | None, str | None]:
-    """``(network, note, layout)``: ``network``, or a copy with its Linear layers that measured faster dense made
-    sparse, when that copy runs the example faster end to end; ``note`` with what was measured added, and
-    ``layout`` replaced by the copy's layout note when it has one.
+def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dict], example_input: torch.Tensor,
+                           reference, rounds: int) -> tuple[nn.Module, str | None]:
+    """``(network, note)``: ``network`` with its Linear layers that measured faster dense made sparse, when it
+    then runs the example faster end to end (the layers are swapped in place, not copied with the network),
+    else as it was; ``note`` with what was measured added. A Linear's output has the same layout either way,
+    so the swap cannot change what the dense convolutions must return.
 
     Why: a Linear layer timed alone reads its weight from cache, but in the network (a classifier head after
     the convolutions) the weight comes from memory, 4 bytes per weight dense against 8 per nonzero sparse.
@@ -927,27 +928,30 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, layout: str | N
              if row["type"] == "Linear" and row["chosen"] == "dense" and row["sparse_ms"] is not None
              and row["density"] <= SPARSE_LINEAR_MAX_DENSITY and type(modules.get(row["name"])) is nn.Linear]
     if not names:
-        return network, note, layout
-    with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
-        variant = copy.deepcopy(network)
-    for name in names:
-        sparse = SparseLinear.from_dense(variant.get_submodule(name))
-        if name:
-            variant.set_submodule(name, sparse)
-        else:
-            variant = sparse
-    problem, variant_layout = _runnable(variant, example_input, reference)
+        return network, note
+    dense_layers = {name: modules[name] for name in names}
+    sparse_layers = {name: SparseLinear.from_dense(layer) for name, layer in dense_layers.items()}
+
+    def with_layers(layers: dict[str, nn.Module]) -> nn.Module:
+        if "" in layers:  # the model is this one Linear
+            return layers[""]
+        for name, layer in layers.items():
+            network.set_submodule(name, layer)
+        return network
+
     joined = f"{note}; " if note else ""
+    problem = _end_to_end_problem(with_layers(sparse_layers), example_input, reference)
     if problem is not None:
-        return network, f"{joined}sparse-Linear variant refused: {problem}", layout
-    times = _median_times_ms({"dense": network, "sparse": variant}, example_input, rounds)
+        return with_layers(dense_layers), f"{joined}sparse-Linear variant refused: {problem}"
+    times = _median_times_ms({"dense": lambda: with_layers(dense_layers)(example_input),
+                              "sparse": lambda: with_layers(sparse_layers)(example_input)}, rounds)
     if times["dense"] <= times["sparse"]:
-        return network, (f"{joined}kept {len(names)} Linear layers dense: the network ran in {times['dense']:.3g} ms, "
-                         f"{times['sparse']:.3g} ms with them sparse"), layout
+        return with_layers(dense_layers), (f"{joined}kept {len(names)} Linear layers dense: the network ran in "
+                                           f"{times['dense']:.3g} ms, {times['sparse']:.3g} ms with them sparse")
     _record_network_choice(table, names, "sparse", "the network ran faster with it sparse")
     note = (f"{joined}{len(names)} Linear layers made sparse: the network ran in {times['sparse']:.3g} ms, "
             f"{times['dense']:.3g} ms with them dense (medians of {rounds} interleaved rounds)")
-    return variant, note, variant_layout or layout
+    return with_layers(sparse_layers), note
 
 
 def _tensors(value) -> list:

@@ -46,13 +46,23 @@ def test_fused_epilogue_matches_unfused(batch, geometry, epilogue):
 
 
 def test_fused_relu_keeps_nan_and_residual_shape_is_checked():
+    """NaN stays NaN under the fused ReLU. A residual of another shape that broadcasts (a fusion decided on a
+    batch-1 example, met with a larger batch) is added by torch, as the model's own add would; one that
+    does not broadcast is refused by name."""
     weight = torch.ones(2, 1, 1, 1)
     layer = sparse_cpu.SparseConv2d(weight, None, relu=True)
     x = torch.tensor([[[[1.0, float("nan")], [-1.0, 2.0]]]])
     out = layer(x)
     assert torch.isnan(out[0, :, 0, 1]).all() and torch.equal(out[0, :, 1, 0], torch.zeros(2))
-    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
-        layer(x, torch.zeros(1, 2, 3, 3))
+    for dense in (False, True):
+        fused = sparse_cpu.DenseConv2d(weight, relu=True) if dense else layer
+        batch = torch.cat([x, -x, 2 * x])
+        template = torch.tensor([0.5, -3.0]).view(1, 2, 1, 1)
+        expected = torch.relu(F.conv2d(batch, weight) + template)
+        assert torch.equal(fused(batch, template).isnan(), expected.isnan())
+        torch.testing.assert_close(fused(batch, template), expected, equal_nan=True)
+        with pytest.raises(ValueError, match=r"residual of shape \(1, 2, 3, 3\) does not broadcast"):
+            fused(x, torch.zeros(1, 2, 3, 3))
     with pytest.raises(ValueError, match="residual"):
         layer(x, torch.zeros(1, 2, 2, 2, dtype=torch.float64))
 
@@ -288,11 +298,11 @@ def test_rewrites_that_would_change_the_result_are_not_made(cls):
                 module.weight.uniform_(-2, 2, generator=g)
     x = torch.randn(2, 4, 8, 8, generator=g)
     with torch.no_grad():
-        expected = sparse_cpu._tensors(model(x.clone()))
+        expected = sparse_cpu._output_values(model(x.clone()))
     summary = {}
     converted, _ = sparse_cpu.convert_for_cpu(model, x.clone(), policy="sparse", summary=summary)
     with torch.no_grad():
-        got = sparse_cpu._tensors(converted(x.clone()))
+        got = sparse_cpu._output_values(converted(x.clone()))
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -327,7 +327,7 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
 def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch):
     """A 1x1 conv on 1x1 inputs (squeeze-excitation) runs as a linear layer from batch 8 (the batch as the
     vector dimension, inside sparse_conv2d): same values, bias, residual and ReLU (NaN kept), any stride; a
-    residual of the wrong shape is refused."""
+    residual that broadcasts is added by torch, one that does not is refused."""
     generator = torch.Generator().manual_seed(9 + batch)
     weight = masked((48, 40, 1, 1), 0.2, generator)
     bias = torch.randn(48, generator=generator)
@@ -346,8 +346,10 @@ def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch):
                                   40)
         got = sparse(x, with_nan)  # NaN stays NaN under the ReLU, as torch.relu keeps it; the rest unchanged
         assert torch.isnan(got[0, 0]).all() and torch.equal(got.flatten()[1:], fused.flatten()[1:])
-    with pytest.raises(RuntimeError, match="residual"):
-        sparse(x, torch.randn(batch, 48, 1, 2))
+    wide = torch.randn(batch, 48, 1, 2, generator=generator)  # broadcasts: added by torch, as the model's add would
+    torch.testing.assert_close(sparse(x, wide), torch.relu(torch_out + wide), equal_nan=True)
+    with pytest.raises(ValueError, match="residual of shape"):
+        sparse(x, torch.randn(batch, 47, 1, 1))
     revived = pickle.loads(pickle.dumps(sparse))
     assert torch.equal(revived(x, residual), fused)
 

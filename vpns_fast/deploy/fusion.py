@@ -29,6 +29,10 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
+# Python operators on tensors: their result left unused in a trace is a lost augmented assignment.
+_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.mod,
+               operator.pow, operator.matmul, operator.and_, operator.or_, operator.xor, operator.lshift,
+               operator.rshift}
 
 
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
@@ -37,10 +41,17 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     if fx.Tracer().is_leaf_module(model, ""):
         return None, f"the model is a single {type(model).__name__} layer"
     try:
-        return fx.symbolic_trace(model), ""
+        graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
         return None, f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {first_line})"
+    for node in graph_module.graph.nodes:
+        if node.op == "call_function" and node.target in _ARITHMETIC and not node.users:
+            # torch.fx records `a += b` as a new tensor `a + b`: where `a` is a view (`head = y[:, :8]; head +=
+            # conv(x)`), the write into `y` is lost and the result is left unused
+            return None, (f"torch.fx dropped an in-place update of {type(model).__name__} (`{node.name}`: a `+=` "
+                          "into a view or an alias is traced as a new tensor)")
+    return graph_module, ""
 
 
 def _module(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:

@@ -14,6 +14,7 @@ Backends per device:
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -118,7 +119,9 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         raise ValueError("model: only for a file path (the architecture to load its weights into); deploy a "
                          "module directly")
     from vpns_fast.nn.prompted_network import PromptedNetwork
+    from vpns_fast.pruning.masking import refuse_torch_prune_hooks
 
+    refuse_torch_prune_hooks(model_or_path, "model_or_path")
     if isinstance(model_or_path, PromptedNetwork):
         net = model_or_path
         prompt = prompt if prompt is not None else net.prompt
@@ -164,7 +167,11 @@ def _inference_network(source: dict, want_slim: bool) -> tuple[nn.Module, str, s
         return network, "slim", None
     granularity = _granularity(network, source["meta"])
     if masked_layers(network):
-        network = fold(network)
+        network = fold(network)  # a copy
+    elif source["kind"] == "module":
+        # the caller's module stays as it was: deploying sets eval mode, freezes the parameters and, for CUDA,
+        # moves the network (the dense policy and the CUDA path would otherwise use it itself)
+        network = copy.deepcopy(network)
     network = network.eval()
     if not want_slim:
         return network, "folded", "not requested"
@@ -223,7 +230,7 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
         raise ValueError(f"example_input_size must be (B, 3, H, W), got {batch_shape}")
     input_prompt = source["prompt"]
     if input_prompt is not None:
-        input_prompt = _copy_prompt(input_prompt).eval()
+        input_prompt = copy.deepcopy(input_prompt).eval()
     info: dict[str, Any] = {"device": str(device), "network": network_kind, "policy": policy,
                             "source": source["kind"], "not_slim_because": why_not_slim, "channels_last": False}
     with torch.no_grad():
@@ -246,10 +253,6 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     return module.to(device)
 
 
-def _copy_prompt(prompt: VisualPrompt) -> VisualPrompt:
-    import copy
-
-    return copy.deepcopy(prompt)
 
 
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,

@@ -2,12 +2,17 @@
 ``csrc/sparse_conv.cpp`` and ``convert_for_cpu``, which swaps a layer for its sparse version only
 where that measures faster on the layer's real input.
 
-Inference only (no autograd): the sparse layers hold packed nonzeros, not a weight Parameter.
+Built for inference: the sparse layers hold packed nonzeros, not a weight Parameter, and their kernels have no
+backward. An input that needs a gradient (autograd on, ``requires_grad``) runs through torch's dense op of the
+same weight instead, so its gradient is right.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import dataclasses
 import functools
+import io
 import math
 import time
 from collections.abc import Callable
@@ -18,6 +23,7 @@ from torch import nn
 
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
+from vpns_fast.pruning.masking import refuse_torch_prune_hooks
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit")
@@ -118,6 +124,48 @@ def _check_input(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: the input must be a float32 CPU tensor, got {x.dtype} on {x.device}")
 
 
+def _check_conv_input(x: torch.Tensor, residual: torch.Tensor | None, what: str) -> None:
+    _check_input(x, what)
+    if x.dim() not in (3, 4):
+        raise ValueError(f"{what}: input must be [N, C, H, W] or unbatched [C, H, W], got shape {tuple(x.shape)}")
+    if residual is not None:
+        _check_input(residual, f"{what} residual")
+
+
+def _needs_gradient(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd must see the layer: the C++ kernels and oneDNN's call have no backward formula."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _conv_output_shape(x: torch.Tensor, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
+    shape = [x.shape[0], weight_shape[0]]
+    for size, kernel, step, pad, spacing in zip(x.shape[2:], weight_shape[2:], stride, padding, dilation):
+        shape.append((size + 2 * pad - spacing * (kernel - 1) - 1) // step + 1)
+    return tuple(shape)
+
+
+def _broadcast_residual(residual: torch.Tensor | None, output_shape: tuple[int, ...], what: str) -> bool:
+    """Whether ``residual`` must be added apart (by torch): it broadcasts with the output but has another shape.
+    The add was fused where both had one shape on the model's example; another batch size can make them
+    differ (a residual of batch 1 added to every image). ValueError naming ``what`` when they do not broadcast."""
+    if residual is None or residual.shape == output_shape:
+        return False
+    try:
+        torch.broadcast_shapes(residual.shape, output_shape)
+    except RuntimeError:
+        raise ValueError(f"{what}: residual of shape {tuple(residual.shape)} does not broadcast with the output's "
+                         f"shape {tuple(output_shape)}") from None
+    return True
+
+
+def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    """A fused layer's epilogue in torch, after a call made without it: ``relu(out + residual)``, the add
+    broadcasting as the model's own add did."""
+    if residual is not None:
+        out = out + residual
+    return torch.relu(out) if relu else out
+
+
 class SparseConv2d(nn.Module):
     """A Conv2d (groups = 1, zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
@@ -213,15 +261,23 @@ class SparseConv2d(nn.Module):
             list(self.stride), list(self.padding), list(self.dilation)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        _check_input(x, "SparseConv2d")
-        if x.dim() != 4:
-            raise ValueError(f"SparseConv2d: input must be 4-d [N, C, H, W], got shape {tuple(x.shape)}")
-        if residual is not None:
-            _check_input(residual, "SparseConv2d residual")
+        _check_conv_input(x, residual, "SparseConv2d")
+        if _needs_gradient(x, residual):
+            # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
+            out = F.conv2d(x, self.to_dense_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation)
+            return _unfused_epilogue(out, residual, self.relu)
+        if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
+            return _unfused_epilogue(self._run(x.unsqueeze(0), None, False).squeeze(0), residual, self.relu)
+        if _broadcast_residual(residual, _conv_output_shape(x, self.weight_shape, self.stride, self.padding,
+                                                            self.dilation), "SparseConv2d"):
+            return _unfused_epilogue(self._run(x, None, False), residual, self.relu)
+        return self._run(x, residual, self.relu)
+
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
         offsets, segments = self._geometry(x.shape[2], x.shape[3])
         buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, buffers["values"], self.weight_shape, buffers["bias"],
-                                    self.stride, self.padding, self.dilation, residual, self.relu)
+                                    self.stride, self.padding, self.dilation, residual, relu)
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
@@ -355,60 +411,59 @@ class DenseConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        _check_input(x, "DenseConv2d")
-        if x.dim() != 4:
-            raise ValueError(f"DenseConv2d: input must be 4-d [N, C, H, W], got shape {tuple(x.shape)}")
+        _check_conv_input(x, residual, "DenseConv2d")
         in_channels = self.weight.shape[1] * self.groups
-        if x.shape[1] != in_channels:
-            raise ValueError(f"DenseConv2d: input has {x.shape[1]} channels, the layer expects {in_channels}")
-        output_shape = [x.shape[0], self.weight.shape[0]]
-        for size, kernel, stride, padding, dilation in zip(x.shape[2:], self.weight.shape[2:], self.stride,
-                                                           self.padding, self.dilation):
-            output_shape.append((size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1)
-        if min(output_shape[2:]) < 1:
-            raise ValueError(f"DenseConv2d: input of size {tuple(x.shape[2:])} is smaller than the "
-                             f"(dilated) kernel with padding {self.padding}")
-        if residual is not None:
-            _check_input(residual, "DenseConv2d residual")
-            if tuple(residual.shape) != tuple(output_shape):
-                raise ValueError(f"DenseConv2d: residual must have the output's shape {tuple(output_shape)}, got "
-                                 f"{tuple(residual.shape)}")
-        bias = self._buffers["bias"]
-        if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
-            # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
-            out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
-        else:
-            x = _channels_last_activation(x)
-            packed = self._packed_weight(x.shape)
-            args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-            if math.prod(output_shape) * 4 > FRESH_PAGES_BYTES and available()[0]:
-                # An output this large would be mapped afresh by malloc and faulted in page by page on every
-                # call: it comes from the engine's cache of touched buffers instead, holding the residual
-                # (or zeros), and oneDNN adds the convolution into it in place. 2 threads, batch 32,
-                # 2026-12-03, medians of 9 interleaved rounds: 64->256 1x1 at 56x56 (103 MB out) 41.9 ->
-                # 26.8 ms, with a residual 48.2 -> 30.5 ms; 256->512 at 28x28 (51 MB) 42.4 -> 36.0 ms.
-                # Below 32 MiB malloc reuses its heap and the extra zeroing pass loses (25.7 MB: 19.3 ->
-                # 22.4 ms), so those keep the call that allocates.
-                out = _ops().activation_buffer(output_shape, channels_last=True)
-                if residual is None:
-                    out.zero_()
-                else:
-                    out.copy_(residual)
-                    residual = None
-                torch.ops.mkldnn._convolution_pointwise_.binary(out, x, packed, bias, *args, "add", 1.0, None, [],
-                                                                None)
-            elif residual is None:
-                out = torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
-            else:
-                residual = _channels_last_activation(residual)
-                out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None,
-                                                                      None, [], "")
-                residual = None
-        if residual is not None:
-            out = out + residual
+        if x.shape[-3] != in_channels:
+            raise ValueError(f"DenseConv2d: input has {x.shape[-3]} channels, the layer expects {in_channels}")
+        if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
+            out = _unfused_epilogue(self._convolution(x.unsqueeze(0), None).squeeze(0), residual, self.relu)
+            return out.contiguous() if self.contiguous_output else out
+        if _broadcast_residual(residual, self._output_shape(x), "DenseConv2d"):
+            out = _unfused_epilogue(self._convolution(x, None), residual, self.relu)
+            return out.contiguous() if self.contiguous_output else out
+        out = self._convolution(x, residual)
         if self.relu:
             out = torch.relu_(out) if not out.requires_grad else torch.relu(out)
         return out.contiguous() if self.contiguous_output else out
+
+    def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        shape = _conv_output_shape(x, self.weight.shape, self.stride, self.padding, self.dilation)
+        if min(shape[2:]) < 1:
+            raise ValueError(f"DenseConv2d: input of size {tuple(x.shape[2:])} is smaller than the "
+                             f"(dilated) kernel with padding {self.padding}")
+        return shape
+
+    def _convolution(self, x: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+        """``conv(x) + bias (+ residual)`` for a 4-d ``x``; ``residual`` has the output's shape."""
+        bias = self._buffers["bias"]
+        if _needs_gradient(x, residual):
+            # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
+            out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
+            return out if residual is None else out + residual
+        output_shape = self._output_shape(x)
+        x = _channels_last_activation(x)
+        packed = self._packed_weight(x.shape)
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if math.prod(output_shape) * 4 > FRESH_PAGES_BYTES and available()[0]:
+            # An output this large would be mapped afresh by malloc and faulted in page by page on every
+            # call: it comes from the engine's cache of touched buffers instead, holding the residual
+            # (or zeros), and oneDNN adds the convolution into it in place. 2 threads, batch 32,
+            # 2026-12-03, medians of 9 interleaved rounds: 64->256 1x1 at 56x56 (103 MB out) 41.9 ->
+            # 26.8 ms, with a residual 48.2 -> 30.5 ms; 256->512 at 28x28 (51 MB) 42.4 -> 36.0 ms.
+            # Below 32 MiB malloc reuses its heap and the extra zeroing pass loses (25.7 MB: 19.3 ->
+            # 22.4 ms), so those keep the call that allocates.
+            out = _ops().activation_buffer(list(output_shape), channels_last=True)
+            if residual is None:
+                out.zero_()
+            else:
+                out.copy_(residual)
+            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, packed, bias, *args, "add", 1.0, None, [], None)
+            return out
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+        residual = _channels_last_activation(residual)
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, None, [],
+                                                              "")
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kernel_h, kernel_w = self.weight.shape
@@ -463,6 +518,8 @@ class SparseLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_input(x, "SparseLinear")
+        if _needs_gradient(x):  # the kernel has no backward: torch's linear of the same weight keeps it right
+            return F.linear(x, self.to_dense_weight(), self._buffers["bias"])
         return _ops().sparse_linear(x, self.row_ptr, self.column_index, self.values, self.in_features, self.bias)
 
     def extra_repr(self) -> str:
@@ -743,9 +800,13 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     if policy != "dense":
         _ops()
+    refuse_torch_prune_hooks(model)
+    # the caller's tensor is never passed to the model (which may write into its input), and every check runs
+    # on a fresh copy of the same values
+    example_input = example_input.detach().clone()
     converted = copy.deepcopy(model).eval()
     with torch.no_grad():
-        reference = converted(example_input)
+        reference = converted(example_input.clone())
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
         graph_module, fusion_note = fusion.trace(converted)
@@ -754,7 +815,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             folded = fusion.fold_batchnorm(graph_module)
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
     layers = [(name, module) for name, module in converted.named_modules() if isinstance(module, kinds)]
-    captured, order, output_shapes = _capture_layer_io(converted, layers, example_input)
+    captured, order, output_shapes = _capture_layer_io(converted, layers, example_input.clone())
     modules = dict(layers)
     table = []
     for name in order + [name for name, _ in layers if name not in captured]:
@@ -786,7 +847,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
                            "refusing to convert")
     if graph_module is not None and problem is None:
         try:
-            epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input)
+            epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input.clone())
         except Exception as exc:  # shape propagation or the rewrite failed: convert without the rewrite
             problem = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
         for row in table:
@@ -895,8 +956,9 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     if problem is not None:
         return *_prefer_sparse_linears(converted, f"every-conv-dense variant refused: {problem}", table,
                                        example_input, reference, rounds), None
-    times = _median_times_ms({"mixed": functools.partial(converted, example_input),
-                              "dense": functools.partial(variant, example_input)}, rounds)
+    scratch = example_input.clone()  # timed calls may write into it; the checks keep the example's values
+    times = _median_times_ms({"mixed": functools.partial(converted, scratch),
+                              "dense": functools.partial(variant, scratch)}, rounds)
     mixed_ms, dense_ms = times["mixed"], times["dense"]
     if mixed_ms <= dense_ms:
         note = (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
@@ -943,8 +1005,9 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dic
     problem = _end_to_end_problem(with_layers(sparse_layers), example_input, reference)
     if problem is not None:
         return with_layers(dense_layers), f"{joined}sparse-Linear variant refused: {problem}"
-    times = _median_times_ms({"dense": lambda: with_layers(dense_layers)(example_input),
-                              "sparse": lambda: with_layers(sparse_layers)(example_input)}, rounds)
+    scratch = example_input.clone()
+    times = _median_times_ms({"dense": lambda: with_layers(dense_layers)(scratch),
+                              "sparse": lambda: with_layers(sparse_layers)(scratch)}, rounds)
     if times["dense"] <= times["sparse"]:
         return with_layers(dense_layers), (f"{joined}kept {len(names)} Linear layers dense: the network ran in "
                                            f"{times['dense']:.3g} ms, {times['sparse']:.3g} ms with them sparse")
@@ -954,40 +1017,79 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dic
     return with_layers(sparse_layers), note
 
 
-def _tensors(value) -> list:
-    """The tensors of a model output (a tensor, or tuples / lists / dicts of them), in order."""
-    if isinstance(value, torch.Tensor):
+_PLAIN_VALUES = (bool, int, float, complex, str, bytes, type(None))
+
+
+def _output_values(value) -> list | None:
+    """The tensors and plain values (numbers, strings, None) of a model output, in order, through tuples,
+    lists, dicts and dataclasses; None when it holds anything else (which the check cannot compare)."""
+    if isinstance(value, (torch.Tensor,) + _PLAIN_VALUES):
         return [value]
     if isinstance(value, dict):
-        return [t for key in value for t in _tensors(value[key])]
-    if isinstance(value, (list, tuple)):
-        return [t for item in value for t in _tensors(item)]
-    return []
+        items = list(value.values())
+    elif isinstance(value, (list, tuple)):
+        items = list(value)
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        items = [getattr(value, field.name) for field in dataclasses.fields(value)]
+    else:
+        return None
+    values = []
+    for item in items:
+        found = _output_values(item)
+        if found is None:
+            return None
+        values += found
+    return values
+
+
+def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
+    """Why ``a`` is not ``b`` within float32 rounding, or None: NaN and infinities must sit in the same
+    places (an infinite logit of a masked class is no error), the finite values within
+    1e-3 (1 + max |b|)."""
+    if not b.numel() or not b.is_floating_point():
+        return None if torch.equal(a, b) else "differs"
+    nan, infinite = b.isnan(), b.isinf()
+    if not torch.equal(a.isnan(), nan) or not torch.equal(a.isinf(), infinite) or \
+            not torch.equal(a[infinite], b[infinite]):
+        return "has NaN or infinities where the model's output has other values"
+    finite = ~(nan | infinite)
+    if not finite.any():
+        return None
+    a, b = a[finite], b[finite]
+    bound, error = 1e-3 * (1.0 + float(b.abs().max())), float((a - b).abs().max())
+    return None if error <= bound else f"differs by {error:.3g} (bound {bound:.3g})"
 
 
 def _end_to_end_problem(converted: nn.Module, example_input: torch.Tensor, reference) -> str | None:
     """Why the rewritten model's output is not the original's (float rounding aside), or None: it
     raised, returned other tensors or shapes, other values, or a non-contiguous tensor where the model
-    returned a contiguous one (a caller's ``.view`` would fail)."""
+    returned a contiguous one (a caller's ``.view`` would fail). An output the check cannot read (an
+    object other than tensors, numbers and strings in tuples, lists, dicts and dataclasses) is a problem
+    too: nothing would be checked."""
+    expected = _output_values(reference)
+    if expected is None:
+        return f"the model returns a {type(reference).__name__}, whose values the check cannot compare"
     try:
-        with torch.no_grad():
-            got = _tensors(converted(example_input))
+        # torch.fx prints the generated code of a GraphModule that raises: the failure is reported here instead
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
+            output = converted(example_input.clone())  # a copy: a model may write into its input
     except Exception as exc:  # any failure of the converted model is a reason to refuse it
         return f"it raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
-    expected = _tensors(reference)
-    if len(got) != len(expected):
-        return f"{len(got)} output tensors instead of {len(expected)}"
+    got = _output_values(output)
+    if got is None or len(got) != len(expected):
+        return f"{'other' if got is None else len(got)} output values instead of {len(expected)}"
     for index, (a, b) in enumerate(zip(got, expected)):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            if type(a) is not type(b) or (a != b and not (a != a and b != b)):  # NaN equals NaN here
+                return f"output {index} is {a!r} instead of {b!r}"
+            continue
         if a.shape != b.shape:
             return f"output {index} has shape {tuple(a.shape)} instead of {tuple(b.shape)}"
         if b.is_contiguous() and not a.is_contiguous():
             return f"output {index} is not contiguous (channels_last)"
-        if b.numel() and b.is_floating_point():
-            bound, error = 1e-3 * (1.0 + float(b.abs().max())), float((a - b).abs().max())
-            if not error <= bound:
-                return f"output {index} differs by {error:.3g} (bound {bound:.3g})"
-        elif not torch.equal(a, b):
-            return f"output {index} differs"
+        difference = _tensor_difference(a, b)
+        if difference is not None:
+            return f"output {index} {difference}"
     return None
 
 

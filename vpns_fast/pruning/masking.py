@@ -361,3 +361,18 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
         with torch.no_grad():
             layer.scores.copy_(mask.to(layer.scores.dtype))
             layer.set_threshold(0.5)
+
+
+def refuse_torch_prune_hooks(model: nn.Module, argument: str = "model") -> None:
+    """ValueError naming the tensors of ``model`` that still carry a ``torch.nn.utils.prune`` mask: each is
+    recomputed by a forward pre-hook from ``<name>_orig`` and ``<name>_mask``, which neither a copy of the
+    model nor a converted layer can hold."""
+    from torch.nn.utils import prune
+
+    pruned = [f"{name or argument}.{hook._tensor_name}" for name, module in model.named_modules()
+              for hook in module._forward_pre_hooks.values() if isinstance(hook, prune.BasePruningMethod)]
+    if pruned:
+        listed = ", ".join(pruned[:4]) + (f" and {len(pruned) - 4} more" if len(pruned) > 4 else "")
+        raise ValueError(f"{argument}: {listed} still carr{'ies' if len(pruned) == 1 else 'y'} a "
+                         "torch.nn.utils.prune mask; make the pruning permanent first with "
+                         "torch.nn.utils.prune.remove(module, name)")

@@ -132,9 +132,9 @@ def _check_conv_input(x: torch.Tensor, residual: torch.Tensor | None, what: str)
         _check_input(residual, f"{what} residual")
 
 
-def _needs_gradient(*tensors: torch.Tensor | None) -> bool:
+def _needs_gradient(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether autograd must see the layer: the C++ kernels and oneDNN's call have no backward formula."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
 
 
 def _conv_output_shape(x: torch.Tensor, weight_shape, stride, padding, dilation) -> tuple[int, ...]:
@@ -268,8 +268,8 @@ class SparseConv2d(nn.Module):
             return _unfused_epilogue(out, residual, self.relu)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
             return _unfused_epilogue(self._run(x.unsqueeze(0), None, False).squeeze(0), residual, self.relu)
-        if _broadcast_residual(residual, _conv_output_shape(x, self.weight_shape, self.stride, self.padding,
-                                                            self.dilation), "SparseConv2d"):
+        if residual is not None and _broadcast_residual(residual, _conv_output_shape(
+                x, self.weight_shape, self.stride, self.padding, self.dilation), "SparseConv2d"):
             return _unfused_epilogue(self._run(x, None, False), residual, self.relu)
         return self._run(x, residual, self.relu)
 

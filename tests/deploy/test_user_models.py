@@ -270,3 +270,204 @@ def test_the_dense_reference_path_matches_f_conv2d():
     residual = torch.randn(1, 6, 7, 7)
     torch.testing.assert_close(layer(x, residual), F.conv2d(x, conv.weight, conv.bias, 1, 2, 2) + residual,
                                rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a second outside review
+
+class UpThenDown(nn.Module):
+    """A decoder's shape: a transposed conv (left to torch, bfloat16 under autocast) feeding a conv the engine runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.down(x)))))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "measure"])
+def test_under_autocast_the_engines_layers_compute_in_float32(policy):
+    model = pruned(UpThenDown())
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(2, 3, 16, 16), policy=policy, repeats=2)
+    assert {row["name"]: row["chosen"] for row in table}["head"] == "sparse" or policy == "measure"
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(x), converted(x)
+    assert expected.dtype == torch.bfloat16
+    # the engine's layers run float32: closer to the float32 model than autocast's own bfloat16 result
+    with torch.no_grad():
+        exact = model(x)
+    assert (got.float() - exact).abs().max() <= (expected.float() - exact).abs().max() + 1e-2
+    with pytest.raises(ValueError, match="float32 CPU tensor, got torch.bfloat16"):
+        sparse_cpu.SparseConv2d.from_dense(model.head)(x.bfloat16())  # outside autocast: refused as before
+
+
+class ReadsLayerAttributes(nn.Module):
+    """Code written for nn.Conv2d / nn.Linear reads their attributes in forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = x.to(self.a.weight.dtype)
+        y = torch.relu(self.a(x))
+        if y.shape[-1] > 16:  # only at another input size than the example's
+            y = F.avg_pool2d(y, y.shape[-1] // 16) * (self.b.out_channels / self.b.in_channels)
+            assert self.b.kernel_size == (3, 3) and self.b.groups == 1 and self.b.padding_mode == "zeros"
+            assert self.fc.weight.shape == (self.fc.out_features, self.fc.in_features)
+        return self.fc(self.b(y).mean((2, 3)))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "dense-stand-in"])
+def test_converted_layers_answer_the_attributes_of_the_layer_they_replace(policy):
+    model = pruned(ReadsLayerAttributes())
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 16, 16), policy="sparse")
+    assert all(row["chosen"] == "sparse" for row in table)
+    if policy == "dense-stand-in":
+        for name in ("a", "b"):
+            layer = converted.get_submodule(name)
+            converted.set_submodule(name, sparse_cpu.DenseConv2d(layer.to_dense_weight(), layer.bias, layer.stride,
+                                                                 layer.padding, layer.dilation, relu=layer.relu))
+    for size in (16, 32):
+        x = torch.randn(2, 3, size, size)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
+    sparse = sparse_cpu.SparseConv2d.from_dense(model.b)
+    assert torch.equal(sparse.weight, model.b.weight)
+    sparse.weight.zero_()  # a copy: the layer is unchanged
+    assert sparse.nnz == int(torch.count_nonzero(model.b.weight))
+
+
+class Recorder:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, module, inputs, output):
+        self.calls += 1
+
+
+def hooked_network():
+    model = pruned(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                 nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU()), nn.Conv2d(8, 4, 1)))
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+    return model
+
+
+@pytest.mark.parametrize("where", ["conv", "batchnorm", "relu", "block"])
+def test_hooks_keep_running_and_their_layers_stay_torch_layers(where):
+    model = hooked_network()
+    target = {"conv": model[0], "batchnorm": model[1], "relu": model[2], "block": model[3]}[where]
+    seen = Recorder()
+    target.register_forward_hook(seen)
+    doubled = model[4].register_forward_hook(lambda module, inputs, output: output * 2)  # changes values
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 16, 16), policy="sparse", summary=summary)
+    rows = {row["name"]: row for row in table}
+    assert rows["4"]["chosen"] == "dense" and "has hooks (forward hook <lambda>)" in rows["4"]["reason"]
+    assert type(converted.get_submodule("4")) is nn.Conv2d
+    if where == "conv":
+        assert rows["0"]["chosen"] == "dense" and "has hooks (forward hook Recorder)" in rows["0"]["reason"]
+    if where in ("conv", "batchnorm"):
+        assert rows["0"]["fused"] == []  # a hook sees the conv's or the norm's own output: nothing folded
+    if where == "block":
+        assert "3 has hooks (forward hook Recorder)" in summary["fusion"]
+    x = torch.randn(2, 3, 16, 16)
+    seen.calls = 0
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-4, rtol=1e-4)
+    assert seen.calls == 2  # once by the converted model, once by the model
+    doubled.remove()
+
+
+def test_a_legacy_weight_norm_conv_before_batchnorm_converts():
+    for norm, hook in ((nn.utils.weight_norm, "WeightNorm"), (nn.utils.spectral_norm, "SpectralNorm")):
+        model = nn.Sequential(norm(nn.Conv2d(3, 8, 3, padding=1)), nn.BatchNorm2d(8), nn.ReLU(),
+                              nn.Conv2d(8, 4, 1)).eval()
+        converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 16, 16), policy="sparse")
+        assert table[0]["chosen"] == "dense" and f"forward pre-hook {hook}" in table[0]["reason"]
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def small_model():
+    return pruned(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)))
+
+
+def test_models_of_other_dtypes_are_refused_by_deploy_and_left_dense_by_the_conversion():
+    model = small_model().double()
+    for policy in ("measure", "dense"):
+        with pytest.raises(ValueError, match=r"model_or_path: float32 models only, got torch.float64"):
+            runtime.deploy(model, example_input_size=(1, 3, 16, 16), policy=policy)
+    x = torch.randn(1, 3, 16, 16, dtype=torch.float64)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    assert all(row["chosen"] == "dense" and "float32 CPU only" in row["reason"] for row in table)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+def test_torchscript_is_refused_and_torch_compile_is_unwrapped():
+    model = small_model()
+    x = torch.randn(1, 3, 16, 16)
+    for scripted in (torch.jit.trace(model, x),):
+        with pytest.raises(TypeError, match="model: TorchScript modules .* not supported"):
+            sparse_cpu.convert_for_cpu(scripted, x)
+        with pytest.raises(TypeError, match="model_or_path: TorchScript"):
+            runtime.deploy(scripted, example_input_size=(1, 3, 16, 16))
+    compiled = torch.compile(model)  # not run: unwrapping needs no compilation
+    converted, table = sparse_cpu.convert_for_cpu(compiled, x, policy="sparse")
+    assert [row["name"] for row in table] == ["0", "2"] and all(row["chosen"] == "sparse" for row in table)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_lazy_layers_never_run_are_refused():
+    model = nn.Sequential(nn.LazyConv2d(8, 3), nn.Flatten(), nn.LazyLinear(5))
+    with pytest.raises(ValueError, match=r"model_or_path: 0.weight and 3 more uninitialized \(a lazy layer\)"):
+        runtime.deploy(model, example_input_size=(1, 3, 16, 16))
+    with pytest.raises(ValueError, match="model: 0.weight .* uninitialized"):
+        sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 16, 16))
+    model(torch.randn(1, 3, 16, 16))  # initialized: accepted
+    runtime.deploy(model, example_input_size=(1, 3, 16, 16), policy="sparse")
+
+
+def test_deploy_leaves_the_random_stream_alone():
+    model = small_model()
+    torch.manual_seed(1)
+    expected = torch.rand(3)
+    torch.manual_seed(1)
+    runtime.deploy(model, example_input_size=(1, 3, 16, 16), policy="sparse")
+    assert torch.equal(torch.rand(3), expected)
+
+
+@pytest.mark.parametrize("size, image_size, message", [
+    ((1, 1, 28, 28), None, r"example_input_size must be \(B, 3, H, W\) with positive sizes, got \(1, 1, 28, 28\)"),
+    ((1, 3, 0, 28), None, "positive sizes"),
+    ((1, 3, 28.5, 28), None, "positive sizes"),
+    ((1, 3, 28), None, "positive sizes"),
+    ((1, 3, 64, 64), 32, "the module takes 32x32 images, got 64x64"),
+])
+def test_deploy_refuses_example_sizes_the_module_would_refuse(size, image_size, message):
+    with pytest.raises(ValueError, match=message):
+        runtime.deploy(small_model(), example_input_size=size, image_size=image_size)
+
+
+def test_a_model_that_fails_on_the_example_is_refused_by_name():
+    one_channel = pruned(nn.Sequential(nn.Conv2d(1, 4, 3), nn.Flatten()))
+    with pytest.raises(ValueError, match=r"example_input: the model fails on a tensor of shape \(1, 3, 16, 16\) "
+                                         r"\(RuntimeError: .*channels"):
+        runtime.deploy(one_channel, example_input_size=(1, 3, 16, 16))
+
+
+def test_the_deployed_module_names_inputs_that_are_no_images():
+    deployed = runtime.deploy(small_model(), example_input_size=(1, 3, 16, 16), policy="sparse")
+    with pytest.raises(TypeError, match="images: expected a torch.Tensor, got ndarray"):
+        deployed(torch.rand(1, 3, 16, 16).numpy())
+    with pytest.raises(ValueError, match="images: a meta tensor"):
+        deployed(torch.empty(1, 3, 16, 16, device="meta"))

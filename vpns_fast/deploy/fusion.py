@@ -18,6 +18,7 @@ original and converts without the rewrite if they differ. A network that ``torch
 """
 from __future__ import annotations
 
+import copy
 import operator
 from collections import Counter
 
@@ -35,11 +36,47 @@ _ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.truediv, opera
                operator.rshift}
 
 
+_HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "forward hook"),
+               ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
+
+
+def module_hooks(module: nn.Module) -> list[str]:
+    """The hooks registered on ``module`` itself, each as ``"<kind> <name>"`` (e.g. ``forward pre-hook
+    WeightNorm``): a layer carrying any must stay the module it is and be called as such, or they stop
+    running (a feature-capture hook) or compute on another value (a weight norm recomputing the weight)."""
+    found = []
+    for attribute, kind in _HOOK_KINDS:
+        for hook in (getattr(module, attribute, None) or {}).values():
+            found.append(f"{kind} {getattr(hook, '__name__', type(hook).__name__)}")
+    return found
+
+
+def copy_sharing_hooks(model: nn.Module) -> nn.Module:
+    """``copy.deepcopy(model)`` whose hooks are the model's own objects, not copies: a hook that records into
+    its object (a feature list, a counter, a bound method's instance) keeps recording where its owner reads.
+    A tensor attribute computed with autograd (the weight ``torch.nn.utils.weight_norm`` recomputes before each
+    call), which deepcopy refuses, is copied detached."""
+    memo: dict[int, object] = {id(hook): hook for module in model.modules() for attribute, _ in _HOOK_KINDS
+                               for hook in (getattr(module, attribute, None) or {}).values()}
+    for module in model.modules():
+        for value in vars(module).values():
+            if isinstance(value, torch.Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo)
+
+
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     """``(graph module, "")`` or ``(None, why not)``. A root that is itself one leaf layer (a bare
-    Conv2d) is not traced: its trace would inline the layer into a function call."""
-    if fx.Tracer().is_leaf_module(model, ""):
+    Conv2d) is not traced: its trace would inline the layer into a function call; nor is a model with
+    hooks on a module the trace inlines (the model itself, a block), which would no longer run."""
+    tracer = fx.Tracer()
+    if tracer.is_leaf_module(model, ""):
         return None, f"the model is a single {type(model).__name__} layer"
+    for name, module in model.named_modules():
+        hooks = module_hooks(module)
+        if hooks and (not name or not tracer.is_leaf_module(module, name)):
+            return None, (f"{name or 'the model'} has hooks ({', '.join(hooks[:3])}) that a torch.fx trace, "
+                          "which inlines it, would not run")
     try:
         graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
@@ -103,8 +140,8 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
         source = node.args[0] if node.args else None
         conv = _module(graph_module, source) if isinstance(source, fx.Node) else None
         if (type(conv) is not nn.Conv2d or len(source.users) != 1 or conv.training
-                or source.target not in single):
-            continue
+                or source.target not in single or module_hooks(conv) or module_hooks(bn)):
+            continue  # a hook on either would see (or make) the unfolded values
         graph_module.set_submodule(source.target, fuse_conv_bn_eval(conv, bn))
         node.replace_all_uses_with(source)
         graph_module.graph.erase_node(node)
@@ -117,7 +154,8 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
 
 def _is_relu(graph_module: fx.GraphModule, node: fx.Node, value: fx.Node) -> bool:
     if node.op == "call_module":
-        return isinstance(_module(graph_module, node), nn.ReLU) and node.args[:1] == (value,)
+        relu = _module(graph_module, node)
+        return isinstance(relu, nn.ReLU) and not module_hooks(relu) and node.args[:1] == (value,)
     if node.op == "call_function" and node.target in _RELU_FUNCTIONS:
         return node.args[:1] == (value,)  # in place or not: the layer's output has no other use
     if node.op == "call_method" and node.target in _RELU_METHODS:

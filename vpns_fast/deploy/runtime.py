@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 import os
 import time
 from collections.abc import Sequence
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from vpns_fast._version import __version__
+from vpns_fast.deploy import fusion
 from vpns_fast.nn.prompts import VisualPrompt, normalize
 
 __all__ = ["DeployedModel", "deploy", "benchmark_inference"]
@@ -61,6 +63,10 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+        if images.device.type == "meta":
+            raise ValueError("images: a meta tensor has no values to classify")
         size = self.image_size
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and images.shape[-2:] != (size, size)):
             shape = f"(B, 3, {size}, {size})" if size is not None else "(B, 3, H, W)"
@@ -119,9 +125,15 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         raise ValueError("model: only for a file path (the architecture to load its weights into); deploy a "
                          "module directly")
     from vpns_fast.nn.prompted_network import PromptedNetwork
-    from vpns_fast.pruning.masking import refuse_torch_prune_hooks
+    from vpns_fast.pruning.masking import checked_module
 
-    refuse_torch_prune_hooks(model_or_path, "model_or_path")
+    model_or_path = checked_module(model_or_path, "model_or_path")
+    other = {str(t.dtype) for t in [*model_or_path.parameters(), *model_or_path.buffers()]
+             if t.is_floating_point() and t.dtype != torch.float32}
+    if other:
+        # the input stage hands the network float32 images: another dtype could never run
+        raise ValueError(f"model_or_path: float32 models only, got {', '.join(sorted(other))} tensors "
+                         "(call .float() on the model first)")
     if isinstance(model_or_path, PromptedNetwork):
         net = model_or_path
         prompt = prompt if prompt is not None else net.prompt
@@ -171,7 +183,7 @@ def _inference_network(source: dict, want_slim: bool) -> tuple[nn.Module, str, s
     elif source["kind"] == "module":
         # the caller's module stays as it was: deploying sets eval mode, freezes the parameters and, for CUDA,
         # moves the network (the dense policy and the CUDA path would otherwise use it itself)
-        network = copy.deepcopy(network)
+        network = fusion.copy_sharing_hooks(network)
     network = network.eval()
     if not want_slim:
         return network, "folded", "not requested"
@@ -225,16 +237,15 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     in_size = source["image_size"]
     # a module without prompt or image_size takes any size; it is measured at 224 unless told
     side = in_size if in_size is not None else 224
-    batch_shape = tuple(example_input_size) if example_input_size is not None else (1, 3, side, side)
-    if len(batch_shape) != 4:
-        raise ValueError(f"example_input_size must be (B, 3, H, W), got {batch_shape}")
+    batch_shape = _example_shape(example_input_size, in_size) if example_input_size is not None else (1, 3, side, side)
     input_prompt = source["prompt"]
     if input_prompt is not None:
         input_prompt = copy.deepcopy(input_prompt).eval()
     info: dict[str, Any] = {"device": str(device), "network": network_kind, "policy": policy,
                             "source": source["kind"], "not_slim_because": why_not_slim, "channels_last": False}
     with torch.no_grad():
-        example_images = torch.rand(batch_shape)
+        # a generator of its own: deploying leaves the caller's random stream where it was
+        example_images = torch.rand(batch_shape, generator=torch.Generator().manual_seed(0))
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
     if device.type == "cpu":
@@ -253,6 +264,20 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     return module.to(device)
 
 
+def _example_shape(example_input_size, image_size: int | None) -> tuple[int, ...]:
+    """``example_input_size`` as a shape the deployed module accepts: ``(B, 3, H, W)`` with positive sizes, ``H``
+    and ``W`` equal to ``image_size`` when the module takes one size only; ValueError naming it otherwise (the
+    layers would be measured on images the module then refuses)."""
+    try:
+        shape = tuple(operator.index(size) for size in example_input_size)
+    except (TypeError, ValueError):
+        shape = None
+    if shape is None or len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
+        raise ValueError(f"example_input_size must be (B, 3, H, W) with positive sizes, got {example_input_size!r}")
+    if image_size is not None and shape[2:] != (image_size, image_size):
+        raise ValueError(f"example_input_size: the module takes {image_size}x{image_size} images, got "
+                         f"{shape[2]}x{shape[3]}")
+    return shape
 
 
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,

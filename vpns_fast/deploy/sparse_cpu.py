@@ -9,7 +9,6 @@ same weight instead, so its gradient is right.
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import io
@@ -23,7 +22,7 @@ from torch import nn
 
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
-from vpns_fast.pruning.masking import refuse_torch_prune_hooks
+from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit")
@@ -119,17 +118,26 @@ def _check_dense_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
     return weight.detach().contiguous()
 
 
-def _check_input(x: torch.Tensor, what: str) -> None:
-    if x.device.type != "cpu" or x.dtype != torch.float32:
-        raise ValueError(f"{what}: the input must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+_AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def _check_conv_input(x: torch.Tensor, residual: torch.Tensor | None, what: str) -> None:
-    _check_input(x, what)
+def _checked_input(x: torch.Tensor, what: str) -> torch.Tensor:
+    """``x`` as the kernels take it: a float32 CPU tensor. Under ``torch.autocast("cpu")`` the layers the engine
+    keeps as torch ops return bfloat16 / float16; the engine's layers compute in float32 there (the input cast
+    up), as autocast does for the ops it keeps in float32. Any other dtype or device: ValueError."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return x
+    if x.device.type == "cpu" and x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled("cpu"):
+        return x.float()
+    raise ValueError(f"{what}: the input must be a float32 CPU tensor, got {x.dtype} on {x.device}")
+
+
+def _checked_conv_input(x: torch.Tensor, residual: torch.Tensor | None,
+                        what: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    x = _checked_input(x, what)
     if x.dim() not in (3, 4):
         raise ValueError(f"{what}: input must be [N, C, H, W] or unbatched [C, H, W], got shape {tuple(x.shape)}")
-    if residual is not None:
-        _check_input(residual, f"{what} residual")
+    return x, None if residual is None else _checked_input(residual, f"{what} residual")
 
 
 def _needs_gradient(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
@@ -207,6 +215,29 @@ class SparseConv2d(nn.Module):
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
         return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation)
 
+    # what code written for the nn.Conv2d it replaces may read (``x.to(self.conv.weight.dtype)``,
+    # ``self.conv.out_channels``); without them such a model was refused or failed at its first other input size
+    groups = 1
+    padding_mode = "zeros"
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight_shape[1]
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight_shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.weight_shape[2], self.weight_shape[3]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight, made on every read (``to_dense_weight``): writing into it does not change
+        the layer, and reading it on every call costs a pass over the dense weight."""
+        return self.to_dense_weight()
+
     @property
     def nnz(self) -> int:
         return self.values.numel()
@@ -222,7 +253,7 @@ class SparseConv2d(nn.Module):
         """The dense weight the packed nonzeros stand for (zeros where nothing is stored)."""
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
         rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
-        weight = torch.zeros(out_channels, in_channels, kernel_h * kernel_w)
+        weight = self.values.new_zeros(out_channels, in_channels, kernel_h * kernel_w)
         weight[rows, self.channel_index.long(), self.tap_index.long()] = self.values
         return weight.view(self.weight_shape)
 
@@ -261,7 +292,7 @@ class SparseConv2d(nn.Module):
             list(self.stride), list(self.padding), list(self.dilation)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        _check_conv_input(x, residual, "SparseConv2d")
+        x, residual = _checked_conv_input(x, residual, "SparseConv2d")
         if _needs_gradient(x, residual):
             # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
             out = F.conv2d(x, self.to_dense_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation)
@@ -380,6 +411,20 @@ class DenseConv2d(nn.Module):
         return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "DenseConv2d"), conv.dilation,
                    conv.groups)
 
+    padding_mode = "zeros"  # read by code written for the nn.Conv2d it replaces, as the properties below
+
+    @property
+    def in_channels(self) -> int:
+        return self.weight.shape[1] * self.groups
+
+    @property
+    def out_channels(self) -> int:
+        return self.weight.shape[0]
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        return self.weight.shape[2], self.weight.shape[3]
+
     def refresh(self) -> None:
         """Forgets the reordered copies of the weight (they are made again on the next call): needed after
         writes to ``weight`` that autograd's version counter does not see."""
@@ -411,10 +456,10 @@ class DenseConv2d(nn.Module):
         return packed
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-        _check_conv_input(x, residual, "DenseConv2d")
-        in_channels = self.weight.shape[1] * self.groups
-        if x.shape[-3] != in_channels:
-            raise ValueError(f"DenseConv2d: input has {x.shape[-3]} channels, the layer expects {in_channels}")
+        x, residual = _checked_conv_input(x, residual, "DenseConv2d")
+        if x.shape[-3] != self.weight.shape[1] * self.groups:
+            raise ValueError(f"DenseConv2d: input has {x.shape[-3]} channels, the layer expects "
+                             f"{self.weight.shape[1] * self.groups}")
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
             out = _unfused_epilogue(self._convolution(x.unsqueeze(0), None).squeeze(0), residual, self.relu)
             return out.contiguous() if self.contiguous_output else out
@@ -502,6 +547,12 @@ class SparseLinear(nn.Module):
         return cls(linear.weight, linear.bias)
 
     @property
+    def weight(self) -> torch.Tensor:
+        """A dense copy of the weight, made on every read (``to_dense_weight``): writing into it does not change
+        the layer, and reading it on every call costs a pass over the dense weight."""
+        return self.to_dense_weight()
+
+    @property
     def nnz(self) -> int:
         return self.values.numel()
 
@@ -512,12 +563,12 @@ class SparseLinear(nn.Module):
 
     def to_dense_weight(self) -> torch.Tensor:
         rows = torch.repeat_interleave(torch.arange(self.out_features), self.row_ptr.diff())
-        weight = torch.zeros(self.out_features, self.in_features)
+        weight = self.values.new_zeros(self.out_features, self.in_features)
         weight[rows, self.column_index.long()] = self.values
         return weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        _check_input(x, "SparseLinear")
+        x = _checked_input(x, "SparseLinear")
         if _needs_gradient(x):  # the kernel has no backward: torch's linear of the same weight keeps it right
             return F.linear(x, self.to_dense_weight(), self._buffers["bias"])
         return _ops().sparse_linear(x, self.row_ptr, self.column_index, self.values, self.in_features, self.bias)
@@ -582,6 +633,9 @@ class SeparableMaxPool2d(nn.Module):
 
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why a Conv2d/Linear cannot be converted, or None when it can."""
+    hooks = fusion.module_hooks(module)
+    if hooks:
+        return f"has hooks ({', '.join(hooks[:3])}); kept as the torch layer so that they run"
     if isinstance(module, nn.MaxPool2d):
         if module.ceil_mode or module.return_indices or _pair(module.dilation, "dilation") != (1, 1):
             return "MaxPool2d with ceil_mode, return_indices or dilation"
@@ -688,8 +742,9 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
                        expected: torch.Tensor | None = None) -> nn.Module | None:
     """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), checked against the layer's output on
     its captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a
-    plain float32 CPU Conv2d, or padding it cannot express."""
-    if (type(module) is not nn.Conv2d or not dense_conv_available()[0] or module.padding_mode != "zeros"
+    plain float32 CPU Conv2d without hooks, or padding it cannot express."""
+    if (type(module) is not nn.Conv2d or fusion.module_hooks(module) or not dense_conv_available()[0]
+            or module.padding_mode != "zeros"
             or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
             or _explicit_padding(module) is None):
         return None
@@ -800,13 +855,17 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
     if policy != "dense":
         _ops()
-    refuse_torch_prune_hooks(model)
+    model = checked_module(model)
     # the caller's tensor is never passed to the model (which may write into its input), and every check runs
     # on a fresh copy of the same values
     example_input = example_input.detach().clone()
-    converted = copy.deepcopy(model).eval()
-    with torch.no_grad():
-        reference = converted(example_input.clone())
+    converted = fusion.copy_sharing_hooks(model).eval()
+    try:
+        with torch.no_grad():
+            reference = converted(example_input.clone())
+    except Exception as exc:
+        raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
+                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
         graph_module, fusion_note = fusion.trace(converted)
@@ -904,7 +963,7 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
     if not names or not dense_conv_available()[0]:
         return None
     with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
-        variant = copy.deepcopy(converted)
+        variant = fusion.copy_sharing_hooks(converted)
     for name in names:
         sparse = variant.get_submodule(name)
         dense = DenseConv2d(sparse.to_dense_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import fnmatch
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -361,6 +362,30 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
         with torch.no_grad():
             layer.scores.copy_(mask.to(layer.scores.dtype))
             layer.set_threshold(0.5)
+
+
+def checked_module(model: nn.Module, argument: str = "model") -> nn.Module:
+    """The eager module behind ``model`` (a ``torch.compile`` wrapper gives the module it compiles, whose
+    layers a conversion can see and replace; compiled code runs no module hooks) after refusing, with
+    TypeError / ValueError naming ``argument``, what neither a copy nor a conversion can hold: TorchScript
+    (its parameters and code are not the eager layers'), lazy layers never run (their weights would be
+    drawn in the copy, not the caller's) and ``torch.nn.utils.prune`` masks."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{argument}: expected an nn.Module, got {type(model).__name__}")
+    # torch._dynamo is imported by torch.compile: when it is not loaded, nothing was compiled
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    while dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        model = model._orig_mod
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(f"{argument}: TorchScript modules ({type(model).__name__}) are not supported; pass the "
+                        "eager nn.Module they were scripted or traced from")
+    lazy = [name for name, tensor in [*model.named_parameters(), *model.named_buffers()]
+            if nn.parameter.is_lazy(tensor)]
+    if lazy:
+        raise ValueError(f"{argument}: {lazy[0]}{f' and {len(lazy) - 1} more' if len(lazy) > 1 else ''} "
+                         "uninitialized (a lazy layer): run the model on one input first")
+    refuse_torch_prune_hooks(model, argument)
+    return model
 
 
 def refuse_torch_prune_hooks(model: nn.Module, argument: str = "model") -> None:

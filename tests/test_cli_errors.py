@@ -2,8 +2,13 @@
 what was expected, exit status 2, no traceback; Ctrl-C ends in one line (with the resume hint), 130."""
 from __future__ import annotations
 
+import copy
+import json
+import os
 import pickle
 import re
+import signal
+import time
 
 import pytest
 import torch
@@ -44,6 +49,16 @@ def files(tmp_path_factory):
     (root / "run_list" / "config.json").write_text("[1, 2]")
     (root / "run_corrupt").mkdir()
     (root / "run_corrupt" / "config.json").write_text("{not json")
+    for name, values in (("nan", (float("nan"),)), ("opposite_inf", (float("inf"), float("-inf")))):
+        broken = copy.deepcopy(model)
+        with torch.no_grad():
+            broken.fc.bias[:len(values)] = torch.tensor(values)
+        save_checkpoint(root / f"{name}.pt", broken, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                        input_size=(3, 32, 32))
+    (root / "empty.pt").write_bytes(b"")
+    (root / "random.pt").write_bytes(bytes(range(256)) * 4)
+    os.symlink("loop_b", root / "loop_a")
+    os.symlink("loop_a", root / "loop_b")
     return root
 
 
@@ -70,6 +85,31 @@ CASES = {
     "bench batch 0": (["bench-infer", "{root}/m.pt", "--batch", "0"], "--batch: expected an integer >= 1"),
     "report input size": (["report", "{root}/m.pt", "--input-size", "3", "-5", "32"], "--input-size: expected"),
     "eval a folder": (["eval", "{root}", "--dataset", "digits"], "is a folder; expected a file"),
+    "export out empty": (["export", "{root}/m.pt", "--format", "dense", "--out", ""],
+                         "--out: expected a file path, got an empty string"),
+    "export out ends in a slash": (["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/new/"],
+                                   "--out .*new/: is a folder"),
+    "export out under a link loop": (["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/loop_a/x"],
+                                     "loop_a is a symbolic link to nothing"),
+    "export out not writable": (["export", "{root}/m.pt", "--format", "dense", "--out", "/proc/vpns_x.safetensors"],
+                                r"--out /proc/vpns_x.safetensors: cannot write it \(No such file"),
+    "export slim flag": (["export", "{root}/m.pt", "--format", "sparse", "--slim", "--out", "{root}/s.sparse"],
+                         "--slim: only for --format onnx"),
+    "export nan": (["export", "{root}/nan.pt", "--format", "dense", "--out", "{root}/nan.dense"],
+                   "nan.pt: fc.bias holds NaN values"),
+    "infer nan": (["infer", "{root}/nan.pt", "{root}/img.png", "--policy", "dense"], "nan.pt: fc.bias holds NaN"),
+    "infer nan logits": (["infer", "{root}/opposite_inf.pt", "{root}/img.png", "--policy", "dense", "--json"],
+                         "img.png: the model computes NaN for this image"),
+    "infer unreadable": (["infer", "{root}/loop_a", "{root}/img.png"], "path .*loop_a: cannot be read"),
+    "bench unreadable": (["bench-infer", "{root}/loop_a"], "path .*loop_a: cannot be read"),
+    "bench threads too many": (["bench-infer", "{root}/m.pt", "--threads", "100000"], "--threads: expected at most"),
+    "bench batch empty": (["bench-infer", "{root}/m.pt", "--batch", ","], "--batch: expected comma-separated"),
+    "report input channels": (["report", "{root}/m.pt", "--input-size", "1", "32", "32"],
+                              "--input-size 1 32 32: the model cannot run on it .*channels"),
+    "report input huge": (["report", "{root}/m.pt", "--input-size", "3", "100000", "100000"],
+                          "--input-size: expected .* at most"),
+    "report empty file": (["report", "{root}/empty.pt"], r"empty.pt is not a readable checkpoint \(the file is empty"),
+    "report random bytes": (["report", "{root}/random.pt"], "torch's safe loader refused it, and nothing in it"),
 }
 
 # Raised below the command line (vpns_fast/models.py, vpns_fast/training/trainer.py) as ValueErrors naming the file.
@@ -90,7 +130,7 @@ def _run(argv, root, capsys):
 
 def _assert_one_line_error(code, err, pattern):
     assert code == 2, err
-    assert "Traceback" not in err
+    assert "Traceback" not in err and "weights_only` set to `False" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
     assert lines[0].startswith("vpns ") and ": error: " in lines[0]
@@ -133,3 +173,96 @@ def test_cpu_tune_never_writes_the_default_table(tmp_path, capsys, monkeypatch):
     code = main(["tune", "--model", "small_resnet", "--input-size", "16", "--batch", "2", "--device", "cpu"])
     _assert_one_line_error(code, capsys.readouterr().err, "--table: a tune on cpu")
     assert not (tmp_path / ".cache").exists()
+
+
+def test_a_link_at_out_is_the_users_and_kept_without_force(files, capsys):
+    link = files / "dangling"
+    os.symlink(files / "missing_folder" / "m.safetensors", link)
+    _assert_one_line_error(*_run(["export", "{root}/m.pt", "--format", "dense", "--out", str(link)], files, capsys),
+                           "dangling exists; pass")
+    assert os.path.islink(link)
+
+
+def test_an_image_over_pils_pixel_limit_is_refused_by_name(files, capsys, monkeypatch):
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 100)  # img.png has 32 x 32 > 2 x 100 pixels
+    _assert_one_line_error(*_run(["infer", "{root}/m.pt", "{root}/img.png", "--policy", "dense"], files, capsys),
+                           r"img.png: Image size \(1024 pixels\) exceeds limit of 200 pixels \(PIL")
+
+
+def test_a_masked_class_with_a_minus_infinite_logit_is_a_result(files, capsys):
+    model = V.sparsify(build_model("small_resnet", num_classes=10), "unstructured")
+    with torch.no_grad():
+        model.fc.bias[0] = float("-inf")
+    save_checkpoint(files / "neg_inf.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32))
+    assert main(["infer", str(files / "neg_inf.pt"), str(files / "img.png"), "--policy", "sparse", "--json",
+                 "--top", "10"]) == 0
+    rows = json.loads(capsys.readouterr().out)  # strict JSON: no NaN
+    assert {entry["class"]: entry["probability"] for entry in rows[0]["top"]}[0] == 0.0
+
+
+def test_sigterm_while_writing_removes_the_partial_file_and_keeps_the_old_one(files, capsys, monkeypatch):
+    from vpns_fast.files import atomic_write
+
+    out = files / "kept.bin"
+    out.write_bytes(b"the user's file")
+
+    def killed_midway(args):
+        def write(f):
+            f.write(b"half of it")
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # the handler raises here
+        atomic_write(out, write, overwrite=True)
+
+    monkeypatch.setattr(cli, "_cmd_export", killed_midway)
+    previous = signal.getsignal(signal.SIGTERM)
+    assert main(["export", str(files / "m.pt"), "--format", "dense", "--out", str(out), "--force"]) == 143
+    assert capsys.readouterr().err.strip() == "vpns export: terminated"
+    assert out.read_bytes() == b"the user's file"
+    assert not [name for name in os.listdir(files) if name.startswith(".tmp-")]
+    assert signal.getsignal(signal.SIGTERM) is previous  # put back for whoever called main()
+
+
+def test_ctrl_c_during_torchs_import_waits_for_the_import(monkeypatch):
+    import builtins
+
+    real_import, finished = builtins.__import__, []
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "numpy" and not finished:
+            signal.raise_signal(signal.SIGINT)  # arrives inside the import, as a Ctrl-C at start-up does
+            finished.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(KeyboardInterrupt):
+        cli._import_torch_uninterrupted()
+    assert finished == ["numpy"]  # the import ran to its end before the interrupt was raised
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("raised, pattern", [
+    (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to "
+                  "allocate 1 bytes"), "out of memory .*can't allocate memory.*; try a smaller --batch$"),
+    (PermissionError(13, "Permission denied", "/some/where.pt"), "error: /some/where.pt: Permission denied$"),
+])
+def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, raised, pattern):
+    def failing(args):
+        raise raised
+
+    monkeypatch.setattr(cli, "_cmd_bench_infer", failing)
+    _assert_one_line_error(*_run(["bench-infer", "{root}/m.pt"], files, capsys), pattern)
+
+
+def test_warnings_are_one_line(files, capsys, monkeypatch):
+    import warnings
+
+    def warns(args):
+        warnings.warn("the checkpoint has no checksum", UserWarning, stacklevel=1)
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", warns)
+    assert main(["info"]) == 0
+    assert capsys.readouterr().err == "vpns info: warning: the checkpoint has no checksum\n"

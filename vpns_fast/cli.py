@@ -4,7 +4,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
+import warnings
 
 
 def _at_least(value, flag: str, least: int) -> None:
@@ -25,10 +28,19 @@ def _check_device(name: str) -> None:
 def _check_input_file(path: str, what: str) -> None:
     if os.path.isdir(path):
         raise ValueError(f"{what} {path}: is a folder; expected a file (e.g. OUT/runs/RUN/best.pt)")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} {path} does not exist") from None
+    except OSError as exc:  # no permission, a symlink loop, ...
+        raise ValueError(f"{what} {path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _check_output_file(path: str) -> None:
-    if os.path.isdir(path):
+    if not path:
+        raise ValueError("--out: expected a file path, got an empty string")
+    if path.endswith(("/", os.sep)) or os.path.isdir(path):
         raise ValueError(f"--out {path}: is a folder; expected a file path")
     _check_parents_are_folders(path)
 
@@ -44,9 +56,16 @@ def _check_output_folder(path: str | None) -> None:
 def _check_parents_are_folders(path: str) -> None:
     parent = os.path.dirname(os.path.abspath(path))
     while parent and not os.path.exists(parent):
+        if os.path.islink(parent):
+            raise ValueError(f"--out {path}: {parent} is a symbolic link to nothing (broken, or a loop)")
         parent = os.path.dirname(parent)
     if parent and not os.path.isdir(parent):
         raise ValueError(f"--out {path}: {parent} is a file, not a folder")
+
+
+# --input-size of `vpns report`: the FLOP count runs one image, whose activations grow with H x W (8192 x 8192
+# fits a ResNet-50's in about 26 GB)
+MAX_REPORT_PIXELS = 8192 * 8192
 
 
 def _cmd_info(args) -> int:
@@ -73,13 +92,21 @@ def _cmd_report(args) -> int:
     from vpns_fast.pruning.masking import density_report
 
     _check_input_file(args.checkpoint, "checkpoint")
-    if args.input_size is not None and min(args.input_size) < 1:
-        shape = " ".join(map(str, args.input_size))
-        raise ValueError(f"--input-size: expected three integers >= 1 (C H W), got {shape}")
+    shape = " ".join(map(str, args.input_size or ()))
+    if args.input_size is not None and (min(args.input_size) < 1 or args.input_size[1] * args.input_size[2] >
+                                        MAX_REPORT_PIXELS):
+        raise ValueError(f"--input-size: expected three integers >= 1 (C H W), H x W at most {MAX_REPORT_PIXELS:,}, "
+                         f"got {shape}")
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
     input_size = args.input_size or payload.get("input_size")
-    report = density_report(model, input_size)
+    try:
+        report = density_report(model, input_size)
+    except RuntimeError as exc:  # the FLOP count runs the model on one input of that size
+        if args.input_size is None:
+            raise
+        raise ValueError(f"--input-size {shape}: the model cannot run on it "
+                         f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -315,11 +342,20 @@ def _cmd_export(args) -> int:
 
     _check_input_file(args.checkpoint, "checkpoint")
     _check_output_file(args.out)
+    if args.slim and args.format != "onnx":
+        raise ValueError(f"--slim: only for --format onnx (--format {args.format} would ignore it; --format slim "
+                         "writes the slimmed network)")
     try:
         meta = export(args.checkpoint, args.format, args.out, force=args.force, slim=args.slim)
     except MissingDependencyError as exc:
         print(f"vpns export: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        folder = os.path.dirname(os.path.abspath(args.out))
+        if not exc.filename or os.path.dirname(os.path.abspath(os.fsdecode(exc.filename))) != folder:
+            raise  # a message of ours, or about another file
+        # the output's folder cannot be written (permissions, a read-only or special file system)
+        raise ValueError(f"--out {args.out}: cannot write it ({exc.strerror or exc})") from None
     line = f"wrote {args.out} ({args.format})"
     if args.format == "sparse":
         sizes = meta["bytes"]
@@ -346,9 +382,14 @@ def _cmd_infer(args) -> int:
 
     _at_least(args.top, "--top", 1)
     _check_device(args.device)
+    _check_input_file(args.path, "path")
     module = deploy(args.path, args.device, policy=args.policy)
     images = _load_images(args.images, module.image_size)
     probabilities = module(images).float().softmax(1).cpu()
+    nan_rows = probabilities.isnan().any(1).nonzero().flatten().tolist()
+    if nan_rows:  # never printed or written as a result
+        raise ValueError(f"{args.images[nan_rows[0]]}: the model computes NaN for this image (infinite logits "
+                         "of opposite signs, or an overflow); no result")
     top = probabilities.topk(min(args.top, probabilities.shape[1]), dim=1)
     names = module.class_names
     rows = []
@@ -369,11 +410,17 @@ def _cmd_infer(args) -> int:
 def _cmd_bench_infer(args) -> int:
     from vpns_fast.deploy.runtime import benchmark_inference
 
+    if not args.batch:
+        raise ValueError("--batch: expected comma-separated batch sizes, got none")
     for batch in args.batch:
         _at_least(batch, "--batch", 1)
     for flag, least in (("threads", 1), ("iters", 1), ("warmup", 0)):
         _at_least(getattr(args, flag), f"--{flag}", least)
+    most_threads = 4 * (os.cpu_count() or 1)
+    if args.threads is not None and args.threads > most_threads:  # OpenMP fails to start, or crashes, far above
+        raise ValueError(f"--threads: expected at most {most_threads} (4 per CPU), got {args.threads}")
     _check_device(args.device)
+    _check_input_file(args.path, "path")
     rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
                                args.policy, layers=args.layers)
     if args.json:
@@ -605,22 +652,77 @@ def _one_line(exc: BaseException) -> str:
     return text
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is, so that what is under way unwinds as after Ctrl-C (a partial
+    output file is removed) instead of the process vanishing mid-write."""
+
+
+def _terminate(signum, frame):
+    raise Terminated()
+
+
+def _import_torch_uninterrupted() -> None:
+    """Import torch (and numpy) with Ctrl-C held back until the import is done: a KeyboardInterrupt raised
+    inside numpy's import, which torch's import runs, can be swallowed there and leave numpy half-imported,
+    so that the command went on to finish (replacing a file after the user's Ctrl-C) or failed much later
+    with an unrelated traceback."""
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread: the command imports torch itself
+    interrupted = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        import numpy  # noqa: F401
+        import torch  # noqa: F401
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if interrupted:
+        raise KeyboardInterrupt
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is not None:
         args.given_flags = _given_flags(argv)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
-        return args.func(args)
+        with warnings.catch_warnings():
+            # one line on stderr, not Python's two with the source line that raised it
+            warnings.showwarning = lambda message, category, *rest, **kwargs: print(
+                f"vpns {args.command}: warning: {message}", file=sys.stderr)
+            _import_torch_uninterrupted()
+            return args.func(args)
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except OSError as exc:  # a file the command reads or writes (permissions, a full disk)
+        where = f"{os.fsdecode(exc.filename)}: " if exc.filename else ""
+        print(f"vpns {args.command}: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Terminated) as exc:
         run_folder = args.out_dir if args.command == "resume" else getattr(args, "out", None)
         hint = (f"; continue with `vpns resume {run_folder}`" if run_folder and args.command in
                 ("prune", "transfer", "resume") else "")
-        print(f"vpns {args.command}: interrupted{hint}", file=sys.stderr)
-        return 130
+        terminated = isinstance(exc, Terminated)
+        print(f"vpns {args.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
+        return 143 if terminated else 130
+    except Exception as exc:
+        if not _is_out_of_memory(exc):
+            raise
+        print(f"vpns {args.command}: error: out of memory ({_one_line(exc).strip().splitlines()[0][:200]}); "
+              "try a smaller --batch" + ("-size" if args.command in ("prune", "transfer", "eval") else ""),
+              file=sys.stderr)
+        return 2
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous_term)
 
 
 if __name__ == "__main__":

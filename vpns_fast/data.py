@@ -259,6 +259,9 @@ def decode_image(path: str) -> torch.Tensor:
             array = _rgb_array(pil, path)
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file PIL can read") from None
+    except Image.DecompressionBombError as exc:  # a small file that would decode to gigabytes
+        raise ValueError(f"{path}: {exc.args[0].split(' could be')[0].rstrip(', ')} (PIL.Image.MAX_IMAGE_PIXELS guards "
+                         "against decompression bombs)") from None
     except OSError as exc:
         raise ValueError(f"{path}: cannot read the image: {exc}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()

@@ -40,7 +40,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
     ``path``: a crash never leaves a half-written file, and an existing file is kept unless
     ``overwrite``. The one way vpns_fast writes what a user keeps."""
     path = os.fspath(path)
-    if os.path.exists(path) and not overwrite:
+    if os.path.lexists(path) and not overwrite:  # a symbolic link, even to nothing, is the user's too
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)

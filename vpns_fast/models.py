@@ -28,6 +28,7 @@ import os
 import pickle
 import re
 import urllib.parse
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -278,7 +279,10 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             state: Any = load_file(path, device="cpu")
         else:
             # weights_only: a checkpoint is data, never code to execute.
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the load
+                # succeeds, or is refused below with the file named
+                warnings.filterwarnings("ignore", message="Detected pickle protocol")
+                state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"weights file {path}: holds Python objects a weights-only load refuses (a plain pickle, "
                          f"not tensors saved by torch.save); it is never executed") from exc

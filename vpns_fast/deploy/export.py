@@ -401,12 +401,16 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if slim and format != "onnx":
+        raise ValueError(f"slim: only for format onnx (format {format!r} ignores it; format 'slim' writes the "
+                         "slimmed network)")
     path = os.fspath(path)
-    if os.path.exists(path) and not force:
+    if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
     payload = _load_payload(checkpoint_or_payload)
     meta = _common_meta(payload, use_prompt, class_names)
     folded = _folded_model(payload, model)
+    refuse_nan(folded, "checkpoint" if isinstance(checkpoint_or_payload, dict) else os.fspath(checkpoint_or_payload))
     if format == "dense":
         _write_safetensors("dense", folded.state_dict(), meta, path, force)
     elif format == "sparse":
@@ -486,22 +490,39 @@ def load_slim(path, with_meta: bool = False, model: nn.Module | None = None):
     return model
 
 
+def refuse_nan(module: nn.Module, what: str) -> None:
+    """ValueError naming ``what`` and the first parameter or buffer of ``module`` that holds NaN: such a network
+    computes NaN logits, which would be printed or written as results. Infinities pass (a class masked with a
+    ``-inf`` bias is a model's choice)."""
+    for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
+            raise ValueError(f"{what}: {name} holds NaN values; refusing a network that computes NaN "
+                             "(was the run diverging?)")
+
+
 def load_any(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torch.Tensor | None, dict]:
     """``(model, prompt, label_mapping, meta)`` from a checkpoint or any safetensors export;
-    a checkpoint gives its masked model and ``meta["kind"] == "checkpoint"``."""
+    a checkpoint gives its masked model and ``meta["kind"] == "checkpoint"``. A network holding NaN is refused
+    (:func:`refuse_nan`)."""
     kind = file_kind(path)
     if kind == "dense":
-        return load_dense(path, model)
-    if kind == "sparse":
-        return load_sparse(path, model)
-    if kind == "slim":
-        return load_slim(path, with_meta=True, model=model)
-    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
+        loaded = load_dense(path, model)
+    elif kind == "sparse":
+        loaded = load_sparse(path, model)
+    elif kind == "slim":
+        loaded = load_slim(path, with_meta=True, model=model)
+    else:
+        from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
 
-    payload = load_checkpoint(path)
-    meta = _common_meta(payload, None, None)
-    meta["kind"] = "checkpoint"
-    return (model_from_checkpoint(payload, model).eval(), prompt_from_meta(meta["prompt"]), _mapping_tensor(meta), meta)
+        payload = load_checkpoint(path)
+        meta = _common_meta(payload, None, None)
+        meta["kind"] = "checkpoint"
+        loaded = (model_from_checkpoint(payload, model).eval(), prompt_from_meta(meta["prompt"]),
+                  _mapping_tensor(meta), meta)
+    refuse_nan(loaded[0], os.fspath(path))
+    if loaded[1] is not None:
+        refuse_nan(loaded[1], f"{os.fspath(path)} prompt")
+    return loaded
 
 
 # --------------------------------------------------------------------------- onnx

@@ -758,16 +758,16 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
 
 def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.Module, x: torch.Tensor,
                        expected: torch.Tensor) -> None:
-    """Refuses (RuntimeError) a replacement whose output on ``x`` is not the layer's: within float32
-    rounding for a weighted layer, exactly for a pooling one."""
+    """Refuses (RuntimeError) a replacement whose output on ``x`` is not the layer's: NaN and infinities in the
+    same places (a ``-inf`` bias masking a class), the rest within float32 rounding for a weighted layer,
+    exactly for a pooling one."""
     with torch.no_grad():
         got = replacement(x)
     weighted = getattr(module, "weight", None) is not None
-    bound = 1e-4 * (1.0 + float(expected.abs().max())) if expected.numel() and weighted else 0.0
-    error = float((got - expected).abs().max()) if expected.numel() else 0.0
-    if not error <= bound:
-        raise RuntimeError(f"convert_for_cpu: {kind} {name} differs from the {type(module).__name__} by {error:.3g} "
-                           f"(bound {bound:.3g}); refusing to convert")
+    problem = _tensor_difference(got, expected, 1e-4 if weighted else 0.0)
+    if problem is not None:
+        raise RuntimeError(f"convert_for_cpu: {kind} {name} {problem.replace('the model', 'the layer')}, against "
+                           f"the {type(module).__name__}; refusing to convert")
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
@@ -1101,10 +1101,12 @@ def _output_values(value) -> list | None:
     return values
 
 
-def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
+def _tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3) -> str | None:
     """Why ``a`` is not ``b`` within float32 rounding, or None: NaN and infinities must sit in the same
     places (an infinite logit of a masked class is no error), the finite values within
-    1e-3 (1 + max |b|)."""
+    ``tolerance`` (1 + max |b|)."""
+    if a.shape != b.shape:
+        return f"has shape {tuple(a.shape)}, not {tuple(b.shape)}"
     if not b.numel() or not b.is_floating_point():
         return None if torch.equal(a, b) else "differs"
     nan, infinite = b.isnan(), b.isinf()
@@ -1115,7 +1117,7 @@ def _tensor_difference(a: torch.Tensor, b: torch.Tensor) -> str | None:
     if not finite.any():
         return None
     a, b = a[finite], b[finite]
-    bound, error = 1e-3 * (1.0 + float(b.abs().max())), float((a - b).abs().max())
+    bound, error = tolerance * (1.0 + float(b.abs().max())), float((a - b).abs().max())
     return None if error <= bound else f"differs by {error:.3g} (bound {bound:.3g})"
 
 

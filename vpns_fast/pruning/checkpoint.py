@@ -137,16 +137,31 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str | None, model_kwa
     atomic_save(payload, path, overwrite=overwrite)
 
 
+def _load_failure(exc: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` failed, in a few words. Not torch's own text when the file holds
+    other objects than tensors: that suggests loading with ``weights_only=False``, which runs the file's code."""
+    import pickle
+
+    if isinstance(exc, EOFError):
+        return "the file is empty or cut short"
+    if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
+        return "not a file of tensors and plain values: torch's safe loader refused it, and nothing in it was run"
+    first = (str(exc).strip().splitlines() or [""])[0][:200]
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def load_checkpoint(path) -> dict:
     """Read and validate a checkpoint; raises :class:`CheckpointError` with the reason."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the load
+            # succeeds, or is refused below with the file named
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
-        raise CheckpointError(f"{path} is not a readable checkpoint ({exc.__class__.__name__}: "
-                              f"{str(exc).splitlines()[0] if str(exc) else ''})") from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_load_failure(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vpns_fast checkpoint (no format tag {FORMAT!r})")
     version = payload.get("version")

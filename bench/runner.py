@@ -10,6 +10,7 @@ import sys
 from collections.abc import Iterable
 from typing import TextIO
 
+import numpy as np
 import torch
 
 from bench.cases import CASES
@@ -59,25 +60,35 @@ INTERLEAVED_ROUNDS = 5
 
 
 def interleaved_timings(candidates: list, inputs: list, repeats: int, device_type: str,
-                        cpu_warmup_seconds: float) -> dict[str, Timing]:
+                        cpu_warmup_seconds: float) -> tuple[dict[str, Timing], dict[str, list[float]]]:
     """Each candidate's ``repeats`` timed calls, in up to INTERLEAVED_ROUNDS rounds of turns (who
-    goes first rotates); warm-up before each candidate's first round only."""
+    goes first rotates); warm-up before each candidate's first round only. Also each candidate's median
+    per round, for ratios taken round by round (a burst of load hits both sides of a round's ratio)."""
     rounds = max(1, min(INTERLEAVED_ROUNDS, repeats))
     times: dict[str, list[float]] = {c.name: [] for c in candidates}
+    round_medians: dict[str, list[float]] = {c.name: [] for c in candidates}
     for round_ in range(rounds):
         calls = repeats // rounds + (1 if round_ < repeats % rounds else 0)
         turn = candidates[round_ % len(candidates):] + candidates[:round_ % len(candidates)] if candidates else []
         for candidate in turn:
             warmup = cpu_warmup_seconds if round_ == 0 else 0.0
-            times[candidate.name] += time_calls(candidate.run, inputs, calls, device_type, warmup).times_ms
-    return {name: Timing(values) for name, values in times.items()}
+            timed = time_calls(candidate.run, inputs, calls, device_type, warmup).times_ms
+            times[candidate.name] += timed
+            round_medians[candidate.name].append(Timing(timed).median_ms)
+    return {name: Timing(values) for name, values in times.items()}, round_medians
+
+
+def round_ratios(baseline_rounds: list[float], candidate_rounds: list[float]) -> list[float]:
+    """The baseline's time over the candidate's, round by round (> 1: the candidate is faster)."""
+    return [base / mine for base, mine in zip(baseline_rounds, candidate_rounds) if mine > 0]
 
 
 def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling_bytes_per_s: float | None,
                      environment: dict, cpu_warmup_seconds: float = CPU_WARMUP_SECONDS) -> list[dict]:
     errors = verify_workload(workload)
-    timings = interleaved_timings([c for c in workload.candidates if c.run is not None and c.name not in errors],
-                                  workload.inputs, repeats, device_type, cpu_warmup_seconds)
+    timings, round_medians = interleaved_timings(
+        [c for c in workload.candidates if c.run is not None and c.name not in errors], workload.inputs, repeats,
+        device_type, cpu_warmup_seconds)
     baseline_medians = {name: timings[name].median_ms for name in workload.baseline_names if name in timings}
     config = workload.config
     peak_flops = measured_matmul_peak(device_type, config.dtype) if workload.flops else None
@@ -92,13 +103,21 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                "mode": config.mode, "params": config.params, "median_ms": None, "p20_ms": None, "p80_ms": None,
                "repeats": None, "input_copies": len(workload.inputs), "bytes_moved": workload.bytes_moved,
                "gb_per_s": None, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9 if ceiling_bytes_per_s else None,
-               "fraction_of_ceiling": None, "images_per_s": None, "speedup": {},
+               "fraction_of_ceiling": None, "images_per_s": None, "speedup": {}, "speedup_rounds": {},
+               "speedup_p20": {}, "speedup_p80": {},
                "setup_seconds": candidate.setup_seconds, "flops": workload.flops, "tflop_per_s": None,
                "peak_tflop_per_s": peak_flops / 1e12 if peak_flops else None, "fraction_of_peak": None}
         if timing:
             row.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
                        repeats=timing.repeats,
                        speedup={name: median / timing.median_ms for name, median in baseline_medians.items()})
+            for name in baseline_medians:
+                # the spread of the speedup: per-round ratios (the ratio of two medians has none of its own)
+                ratios = round_ratios(round_medians[name], round_medians[candidate.name])
+                if ratios:
+                    row["speedup_rounds"][name] = ratios
+                    row["speedup_p20"][name] = float(np.quantile(ratios, 0.2))
+                    row["speedup_p80"][name] = float(np.quantile(ratios, 0.8))
             if workload.images_per_call:
                 row["images_per_s"] = workload.images_per_call / (timing.median_ms / 1e3)
             if workload.flops:
@@ -151,8 +170,18 @@ def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "f
         raise ValueError(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available")
-    if device == "cpu":
-        torch.set_num_threads(threads or os.cpu_count() or 1)
+    previous_threads = torch.get_num_threads()
+    try:
+        if device == "cpu":
+            torch.set_num_threads(threads or os.cpu_count() or 1)
+        return _run_cases(case_names, device, sizes, dtypes, repeats, out_path, compile_baselines, cpu_warmup_seconds,
+                          stream, match)
+    finally:
+        torch.set_num_threads(previous_threads)  # the caller's count, whatever the run set
+
+
+def _run_cases(case_names, device, sizes, dtypes, repeats, out_path, compile_baselines, cpu_warmup_seconds, stream,
+               match) -> list[dict]:
     repeats = repeats or DEFAULT_REPEATS[device]
     dtypes = [canonical_dtype_name(d) for d in dtypes] if dtypes else None
     out_path = out_path or default_out_path(device)
@@ -175,7 +204,7 @@ def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "f
             rows = measure_workload(workload, device, repeats, ceiling, environment_fields(device), cpu_warmup_seconds)
             with open(out_path, "a") as out_file:
                 for row in rows:
-                    out_file.write(json.dumps(row) + "\n")
+                    out_file.write(json.dumps(row, allow_nan=False) + "\n")
             if stream:
                 print(format_table(rows, workload.baseline_names), file=stream, flush=True)
             all_rows.extend(rows)

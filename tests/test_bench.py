@@ -21,16 +21,21 @@ ROW_FIELDS = {
     "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
-    "speedup", "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak", "timing_env",
+    "speedup", "speedup_rounds", "speedup_p20", "speedup_p80",
+    "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak", "timing_env",
 }
 CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step", "slim"]
 
 
 @pytest.fixture(scope="module")
 def smoke_rows(tmp_path_factory):
+    import torch
+
     out_path = tmp_path_factory.mktemp("bench") / "rows.jsonl"
+    threads = torch.get_num_threads()
     returned = run_cases(CASE_NAMES, device="cpu", sizes="small", repeats=2, out_path=str(out_path),
-                         compile_baselines=False, cpu_warmup_seconds=0.0, stream=None)
+                         compile_baselines=False, cpu_warmup_seconds=0.0, stream=None, threads=1)
+    assert torch.get_num_threads() == threads  # the run's thread count is not left behind
     with open(out_path) as rows_file:
         written = [json.loads(line) for line in rows_file]
     assert written == json.loads(json.dumps(returned))
@@ -67,6 +72,10 @@ def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
             assert isinstance(speedup, float) and speedup > 0 and math.isfinite(speedup), (baseline, speedup)
         if row["impl_kind"] == "baseline" and row["impl"] in row["speedup"]:
             assert row["speedup"][row["impl"]] == pytest.approx(1.0)
+        assert set(row["speedup_rounds"]) == set(row["speedup"])  # the spread comes from per-round ratios
+        for baseline, ratios in row["speedup_rounds"].items():
+            assert len(ratios) == 2 and row["speedup_p20"][baseline] <= row["speedup_p80"][baseline]
+            assert min(ratios) <= row["speedup_p20"][baseline] and row["speedup_p80"][baseline] <= max(ratios)
 
 
 def test_masked_rows(smoke_rows):
@@ -202,6 +211,8 @@ def test_infer_rows(infer_rows):
             assert 0 <= p["end_to_end_error"] < float("inf")
             assert 0 < p["nonzero_flops"] < p["dense_flops"] and row["flops"] == p["nonzero_flops"]
             assert row["tflop_per_s"] > 0 and row["fraction_of_peak"] > 0
+            if row["impl"] in ("sparse_cpu", "onnxruntime"):  # the conversion's measuring, the export and session
+                assert row["setup_seconds"] > 0
     impls = {(row["params"]["scope"], row["impl"]) for row in infer_rows if row["status"] == "ok"}
     assert impls - {("model", "onnxruntime"), ("model", "deepsparse")} == {
         ("layer", "dense"), ("layer", "torch_sparse_csr"), ("layer", "sparse_cpu"), ("layer", "deployed"),
@@ -232,3 +243,37 @@ def test_a_wrong_answer_is_an_error_row_and_the_rest_is_timed():
     assert rows["wrong"]["status"] == "error" and "VerificationError: wrong differs" in rows["wrong"]["error"]
     assert rows["wrong"]["median_ms"] is None
     assert rows["right"]["status"] == rows["reference"]["status"] == "ok"
+
+
+def test_each_compiled_baseline_starts_from_a_reset_dynamo(monkeypatch):
+    """Dynamo recompiles one code object at most 8 times and then runs it eagerly without a word: every
+    end-to-end point resets it before compiling, or `compiled` rows after the 8th would time eager torch."""
+    import torch
+    from torch import nn
+
+    from bench.cases import infer
+    from vpns_fast.deploy import baselines
+
+    events = []
+    monkeypatch.setattr(torch._dynamo, "reset", lambda: events.append("reset"))
+    monkeypatch.setattr(baselines, "compiled_runner", lambda model: events.append("compile") or model)
+    monkeypatch.setattr(baselines, "onnxruntime_version", lambda: None)
+    monkeypatch.delenv("VPNS_DEEPSPARSE_PYTHON", raising=False)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 3)).eval()
+    for _ in range(2):
+        names = [c.name for c in infer.deployer_baselines(model, [torch.randn(1, 3, 2, 2)], {}, True)]
+    assert events == ["reset", "compile"] * 2 and "compiled" in names
+
+
+def test_the_pruned_models_leave_the_random_stream_alone():
+    import torch
+
+    from bench.cases import infer
+
+    torch.manual_seed(5)
+    expected = torch.rand(2)
+    torch.manual_seed(5)
+    first = infer.pruned_model.__wrapped__("resnet18", 0.1, "uniform", seed=0)
+    assert torch.equal(torch.rand(2), expected)
+    second = infer.pruned_model.__wrapped__("resnet18", 0.1, "uniform", seed=0)
+    assert torch.equal(first.conv1.weight, second.conv1.weight)  # the seed still makes the model

@@ -8,6 +8,7 @@ import os
 import pickle
 import re
 import signal
+import sys
 import time
 
 import pytest
@@ -263,6 +264,13 @@ def test_warnings_are_one_line(files, capsys, monkeypatch):
         warnings.warn("the checkpoint has no checksum", UserWarning, stacklevel=1)
         return 0
 
+    def show(message, category, filename, lineno, file=None, line=None):  # Python's display (pytest records)
+        sys.stderr.write(warnings.formatwarning(message, category, filename, lineno, line))
+
     monkeypatch.setattr(cli, "_cmd_info", warns)
-    assert main(["info"]) == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        monkeypatch.setattr(warnings, "showwarning", show)
+        assert main(["info"]) == 0
     assert capsys.readouterr().err == "vpns info: warning: the checkpoint has no checksum\n"
+    assert warnings.formatwarning is not None and "vpns" not in warnings.formatwarning("x", UserWarning, "f", 1)

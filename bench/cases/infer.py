@@ -46,6 +46,7 @@ import copy
 import functools
 import os
 import signal
+import time
 import warnings
 
 import torch
@@ -120,8 +121,9 @@ def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> n
 
     if mask not in MASKS:
         raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
-    torch.manual_seed(seed)
-    model = getattr(torchvision.models, model_name)().eval()
+    with torch.random.fork_rng(devices=[]):  # the caller's random stream is left where it was
+        torch.manual_seed(seed)
+        model = getattr(torchvision.models, model_name)().eval()
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     with torch.no_grad():
         if mask == "global":
@@ -230,7 +232,9 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     candidates += deployer_baselines(model, inputs, p, compile_baselines)
     if available:
         repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
+        start = time.perf_counter()  # the conversion measures every layer: its setup, as the baselines' compiles
         converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
+        setup_seconds = time.perf_counter() - start
         p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
         p["convert_repeats"] = repeats
@@ -240,7 +244,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         # the multiply-adds of the nonzero weights (Conv2d / Linear), what every implementation must do at
         # least: the rows' TFLOP/s and fraction_of_peak then compare each to the measured sgemm peak
         p["nonzero_flops"], p["dense_flops"] = sparse_cpu.table_flops(table)
-        candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted)))
+        candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted), setup_seconds=setup_seconds))
     else:
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
     return Workload(config, inputs, candidates, list(MODEL_BASELINES), _comparer(MODEL_TOLERANCE, config.shape),
@@ -251,8 +255,6 @@ def deployer_baselines(model: nn.Module, inputs: list, params: dict, compile_bas
     """End to end: the engines a deployer would otherwise run on the same pruned network, ONNX Runtime,
     torch.compile (inductor, freezing) and DeepSparse, each skipped with its reason when unavailable;
     their versions go into ``params``."""
-    import time
-
     from vpns_fast.deploy import baselines
 
     candidates = []
@@ -263,10 +265,14 @@ def deployer_baselines(model: nn.Module, inputs: list, params: dict, compile_bas
         start = time.perf_counter()
         run, exporter = baselines.onnxruntime_runner(model, inputs[0])
         params["onnxruntime_exporter"] = exporter
+        params["onnxruntime_settings"] = baselines.ONNXRUNTIME_SETTINGS
         candidates.append(Candidate("onnxruntime", "baseline", run, setup_seconds=time.perf_counter() - start))
     if not compile_baselines:
         candidates.append(Candidate("compiled", "baseline", None, "torch.compile disabled (--no-compile)"))
     else:
+        # Dynamo recompiles one code object at most 8 times (ResNet-18 and -50 share ResNet.forward), then runs it
+        # eagerly without a word: from the 9th end-to-end point on, "compiled" was eager torch
+        torch._dynamo.reset()
         start = time.perf_counter()
         run = baselines.compiled_runner(model)
         try:
@@ -289,7 +295,7 @@ def deepsparse_candidate(model: nn.Module, inputs: list, params: dict) -> Candid
         return Candidate("deepsparse", "baseline", None,
                          f"set {DEEPSPARSE_PYTHON} to a python with deepsparse 1.8 installed (bench/README.md)")
     try:
-        server = DeepSparseServer(python, model, inputs, torch.get_num_threads())
+        server = DeepSparseServer(python, model, inputs, torch.get_num_threads(), params)
     except RuntimeError as exc:
         return Candidate("deepsparse", "baseline", None, str(exc))
     params["deepsparse_version"] = server.version
@@ -298,7 +304,9 @@ def deepsparse_candidate(model: nn.Module, inputs: list, params: dict) -> Candid
 
 class DeepSparseServer:
     """A DeepSparse engine in another process (bench/deepsparse_server.py), driven line by line; the
-    timed call includes the request and passing the logits back through a file (not measured apart).
+    timed call includes the request and passing the logits back through a file, which the others do not
+    pay: the server times each engine call itself, and the row's ``params["deepsparse_engine_ms"]`` lists
+    those times, to set against the timed calls (what is left is that traffic).
 
     The process is stopped (SIGSTOP) between its calls and continued for each: DeepSparse's worker
     threads keep spinning while idle, and alive they slowed every other implementation of the run
@@ -307,11 +315,10 @@ class DeepSparseServer:
 
     current: DeepSparseServer | None = None
 
-    def __init__(self, python: str, model: nn.Module, inputs: list, threads: int):
+    def __init__(self, python: str, model: nn.Module, inputs: list, threads: int, params: dict):
         import atexit
         import subprocess
         import tempfile
-        import time
 
         import numpy as np
 
@@ -330,10 +337,11 @@ class DeepSparseServer:
         self.output = os.path.join(self.folder, "logits.npy")
         server = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "deepsparse_server.py")
         if DeepSparseServer.current is not None:  # the previous point's engine: one alive at a time
-            DeepSparseServer.current.process.kill()
+            DeepSparseServer.current.close()
         self.process = subprocess.Popen([python, server], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         DeepSparseServer.current = self
-        atexit.register(self.process.kill)
+        atexit.register(self.close)
+        self.engine_ms = params.setdefault("deepsparse_engine_ms", [])
         answer = self._ask({"load": onnx_path, "inputs": os.path.join(self.folder, "inputs.npz"),
                             "batch": int(inputs[0].shape[0]), "threads": int(threads)})
         self.version = answer["version"]
@@ -358,7 +366,16 @@ class DeepSparseServer:
 
         os.kill(self.process.pid, signal.SIGCONT)
         try:
-            self._ask({"run": self.index[x.data_ptr()], "output": self.output})
+            answer = self._ask({"run": self.index[x.data_ptr()], "output": self.output})
         finally:
             os.kill(self.process.pid, signal.SIGSTOP)
+        self.engine_ms.append(1e3 * answer["engine_seconds"])
         return torch.from_numpy(np.load(self.output))
+
+    def close(self) -> None:
+        """Ends the server and removes its folder (the ONNX file and every input copy: hundreds of MB at batch 32)."""
+        import shutil
+
+        self.process.kill()
+        self.process.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -72,16 +72,69 @@ def test_onnxruntime_missing_is_a_skipped_row(checkpoint, monkeypatch):
         runtime.benchmark_inference(checkpoint, (1,), baselines=("tensorrt",))
 
 
-def test_a_slower_engine_is_warned_about(capsys):
+def test_a_slower_engine_is_warned_about_against_either_baseline(capsys):
     row = {"batch": 1, "backend": "deploy", "network": "folded", "engine": "sparse_cpu", "images_per_s": 10.0,
            "images_per_s_p20": 9.0, "images_per_s_p80": 11.0, "latency_ms": 100.0, "rounds": 5,
-           "speedup_vs_dense-torch": 0.8, "speedup_vs_dense-torch_p20": 0.7, "speedup_vs_dense-torch_p80": 0.9}
+           "speedup_vs_dense-torch": 0.8, "speedup_vs_dense-torch_p20": 0.7, "speedup_vs_dense-torch_p80": 0.9,
+           "speedup_vs_onnxruntime": 1.2, "speedup_vs_onnxruntime_p20": 1.1, "speedup_vs_onnxruntime_p80": 1.3}
     cli._print_bench_rows([row], layers=False)
-    captured = capsys.readouterr()
-    assert "deployed vs dense-torch: 0.80x (p20-p80 over 5 rounds: 0.70-0.90x)" in captured.out
-    assert captured.err.startswith("warning: at batch 1 the deployed module is not faster than dense torch")
-    cli._print_bench_rows([{**row, "speedup_vs_dense-torch": 1.3}], layers=False)
+    assert "deployed vs dense-torch: 0.80x (p20-p80 over 5 rounds: 0.70-0.90x)" in capsys.readouterr().out
+    cli._warn_where_not_faster([row])
+    assert capsys.readouterr().err == ("vpns bench-infer: warning: at batch 1 the deployed module is not faster "
+                                       "than dense-torch (0.80x); see `--layers` for the per-layer decisions\n")
+    cli._warn_where_not_faster([{**row, "speedup_vs_dense-torch": 1.3, "speedup_vs_onnxruntime": 0.9}])
+    assert "not faster than onnxruntime (0.90x)" in capsys.readouterr().err
+    cli._warn_where_not_faster([{**row, "speedup_vs_dense-torch": 1.3}])
     assert capsys.readouterr().err == ""
+
+
+def test_json_output_warns_too_and_rows_say_where_and_how(checkpoint, capsys, monkeypatch):
+    real = runtime.benchmark_inference
+
+    def slower(*args, **kwargs):
+        rows = real(*args, **kwargs)
+        for row in rows:
+            row["speedup_vs_dense-torch"] = 0.5  # as if the engine had lost
+        return rows
+
+    monkeypatch.setattr(runtime, "benchmark_inference", slower)
+    torch.manual_seed(3)
+    expected_draw = torch.rand(2)
+    torch.manual_seed(3)
+    threads = torch.get_num_threads()
+    assert cli.main(["bench-infer", str(checkpoint), "--batch", "1", "--iters", "1", "--warmup", "0", "--threads",
+                     "1", "--json", "--policy", "dense"]) == 0
+    assert torch.equal(torch.rand(2), expected_draw)  # the caller's random stream is untouched
+    assert torch.get_num_threads() == threads
+    captured = capsys.readouterr()
+    rows = json.loads(captured.out)
+    assert "not faster than dense-torch (0.50x)" in captured.err
+    for row in rows:
+        if "skipped" not in row:
+            assert row["cpu"] and row["date"].startswith("20")
+        if row["backend"] == "onnxruntime" and "skipped" not in row:
+            assert row["engine_settings"] == baselines.ONNXRUNTIME_SETTINGS
+
+
+def test_a_baseline_with_other_outputs_is_not_timed(checkpoint, monkeypatch):
+    pytest.importorskip("onnxruntime")
+    real = baselines.onnxruntime_runner
+
+    def wrong_at_batch_two(network, example, threads=None):
+        run, exporter = real(network, example, threads)
+        return (lambda x: run(x) + (x.shape[0] == 2)), exporter  # right at the first batch size only
+
+    monkeypatch.setattr(baselines, "onnxruntime_runner", wrong_at_batch_two)
+    with pytest.raises(RuntimeError, match="onnxruntime's output differs by .* at batch 2; not benchmarking it"):
+        runtime.benchmark_inference(checkpoint, (1, 2), iters=1, warmup=0, threads=1, policy="dense")
+
+
+def test_baselines_run_the_network_the_engine_runs(tmp_path):
+    path, _, _ = make_checkpoint(tmp_path / "c.pt", granularity="channel", density=0.5, prompt=False)
+    rows = runtime.benchmark_inference(path, (1,), iters=1, warmup=0, threads=1, policy="dense",
+                                       baselines=("dense-torch",))
+    networks = {row["backend"]: row["network"] for row in rows}
+    assert networks == {"deploy": "slim", "dense-torch": "slim"}
 
 
 def test_interleaved_rounds_rotate_and_time_everyone():

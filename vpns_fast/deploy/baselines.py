@@ -27,6 +27,11 @@ def onnxruntime_version() -> str | None:
     return onnxruntime.__version__
 
 
+# How onnxruntime_runner configures its session, for the rows that time it.
+ONNXRUNTIME_SETTINGS = ("CPU execution provider, intra-op threads as torch's, inter-op 1 (sequential), all graph "
+                        "optimizations, thread spinning off")
+
+
 def onnxruntime_runner(network: nn.Module, example: torch.Tensor, threads: int | None = None) -> tuple[Runner, str]:
     """``(run, how it was exported)``: ``network`` exported to ONNX (batch axis dynamic) and run by an
     ONNX Runtime session with ``threads`` intra-op threads (default: torch's current count).

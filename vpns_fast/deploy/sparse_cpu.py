@@ -860,12 +860,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     # on a fresh copy of the same values
     example_input = example_input.detach().clone()
     converted = fusion.copy_sharing_hooks(model).eval()
-    try:
-        with torch.no_grad():
-            reference = converted(example_input.clone())
-    except Exception as exc:
-        raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
-                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
+    reference = _reference_output(converted, example_input)
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
         graph_module, fusion_note = fusion.trace(converted)
@@ -931,6 +926,17 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        network=network_note, layout=layout_note)
     return converted, table
+
+
+def _reference_output(model: nn.Module, example_input: torch.Tensor):
+    """The model's output on a copy of the example, which every converted version must reproduce; ValueError
+    naming the example when the model fails on it (a one-channel model given images)."""
+    try:
+        with torch.no_grad():
+            return model(example_input.clone())
+    except Exception as exc:
+        raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
+                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
 
 
 def _with_nchw_outputs(model: nn.Module) -> bool:

@@ -10,6 +10,18 @@ from vpns_fast import ops
 from vpns_fast._version import __version__
 
 
+def cpu_model_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), for measurements read later on another machine."""
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
 def describe() -> dict:
     try:
         import triton

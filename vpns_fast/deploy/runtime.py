@@ -401,20 +401,6 @@ def _check_same_outputs(modules: dict[str, nn.Module], images: torch.Tensor) -> 
                                    f"the dense network's at batch {images.shape[0]}; not benchmarking it")
 
 
-def _cpu_name() -> str:
-    """The processor's model name, for rows read later on another machine."""
-    import platform
-
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _baseline_modules(dense: DeployedModel, images: torch.Tensor, baselines) -> tuple[dict, dict]:
     """({backend: module}, {backend: why skipped}) for the baselines that are not the dense module itself."""
     modules, skipped = {}, {}
@@ -457,7 +443,9 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
                 "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
     settings = {"onnxruntime": engines.ONNXRUNTIME_SETTINGS}
-    measured_on = {"cpu": _cpu_name() if dense.device.type == "cpu" else None,
+    from vpns_fast.environment import cpu_model_name
+
+    measured_on = {"cpu": cpu_model_name() if dense.device.type == "cpu" else None,
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for batch in batch_sizes:
         fast = deploy(path_or_model, device, example_input_size=(batch, 3, size, size), policy=policy)

@@ -274,3 +274,24 @@ def test_warnings_are_one_line(files, capsys, monkeypatch):
         assert main(["info"]) == 0
     assert capsys.readouterr().err == "vpns info: warning: the checkpoint has no checksum\n"
     assert warnings.formatwarning is not None and "vpns" not in warnings.formatwarning("x", UserWarning, "f", 1)
+
+
+def test_a_forked_child_ends_on_sigterm_as_any_process_does(files, monkeypatch):
+    """A DataLoader worker forked while `vpns` runs inherits its SIGTERM handler; it must end at once, not
+    raise the main process's exception inside the worker."""
+    import multiprocessing
+
+    outcome = {}
+
+    def forks(args):
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(30,))
+        child.start()
+        time.sleep(0.2)
+        os.kill(child.pid, signal.SIGTERM)
+        child.join(10)
+        outcome["exitcode"] = child.exitcode
+        return 0
+
+    monkeypatch.setattr(cli, "_cmd_info", forks)
+    assert main(["info"]) == 0
+    assert outcome["exitcode"] == -signal.SIGTERM

@@ -666,7 +666,15 @@ class Terminated(BaseException):
     output file is removed) instead of the process vanishing mid-write."""
 
 
+_MAIN_PID = os.getpid()
+
+
 def _terminate(signum, frame):
+    if os.getpid() != _MAIN_PID:
+        # a forked child (a DataLoader worker) inherited the handler: it ends as SIGTERM ends any process
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
     raise Terminated()
 
 
@@ -699,7 +707,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "config", None) is not None:
         args.given_flags = _given_flags(argv)
+    global _MAIN_PID
     in_main_thread = threading.current_thread() is threading.main_thread()
+    _MAIN_PID = os.getpid()
     previous_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     # warnings as one line on stderr, not Python's two with the source line that raised it (the format only:
     # where warnings go, and whether they are recorded, stays whatever the caller set)

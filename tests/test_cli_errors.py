@@ -248,6 +248,7 @@ def test_ctrl_c_during_torchs_import_waits_for_the_import(monkeypatch):
     (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 1 bytes"), "out of memory .*can't allocate memory.*; try a smaller --batch$"),
     (PermissionError(13, "Permission denied", "/some/where.pt"), "error: /some/where.pt: Permission denied$"),
+    (MemoryError(), r"out of memory \(MemoryError\); try a smaller --batch$"),  # Python's own: no message
 ])
 def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, raised, pattern):
     def failing(args):

@@ -737,13 +737,14 @@ def main(argv=None) -> int:
     except Exception as exc:
         if not _is_out_of_memory(exc):
             raise
-        print(f"vpns {args.command}: error: out of memory ({_one_line(exc).strip().splitlines()[0][:200]}); "
+        print(f"vpns {args.command}: error: out of memory "
+              f"({(_one_line(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}); "
               "try a smaller --batch" + ("-size" if args.command in ("prune", "transfer", "eval") else ""),
               file=sys.stderr)
         return 2
     finally:
         warnings.formatwarning = previous_format
-        if in_main_thread:
+        if in_main_thread and previous_term is not None:  # None: a handler set outside Python, kept as it was
             signal.signal(signal.SIGTERM, previous_term)
 
 

@@ -359,3 +359,27 @@ def test_every_format_gets_the_usual_file_mode(tmp_path):
         os.umask(previous)
     modes = {fmt: oct(os.stat(tmp_path / f"m.{fmt}").st_mode & 0o777) for fmt in formats}
     assert set(modes.values()) == {"0o644"}, modes
+
+
+def test_nan_in_a_prompt_inference_applies_is_refused_and_nan_scores_pass(tmp_path):
+    """A NaN in the prompt makes every logit NaN: refused at export and at load. A NaN score only prunes its
+    weight (|NaN| > threshold is false), so the network is sound and passes."""
+    from vpns_fast.deploy.export import export, load_any
+
+    prompt = V.PadPrompt(32, 28, pad=3)
+    with torch.no_grad():
+        prompt.program.view(-1)[0] = float("nan")
+    save_checkpoint(tmp_path / "p.pt", make_masked(), model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32), prompt=prompt, meta={"config": {"protocol": "prompted"}})
+    with pytest.raises(ValueError, match=r"p.pt prompt: program holds NaN values"):
+        export(tmp_path / "p.pt", "dense", tmp_path / "p.dense")
+    with pytest.raises(ValueError, match=r"p.pt prompt: program holds NaN values"):
+        load_any(tmp_path / "p.pt")
+    model = make_masked(granularity="unstructured")
+    with torch.no_grad():
+        model.conv1.scores.view(-1)[0] = float("nan")
+    save_checkpoint(tmp_path / "s.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32))
+    network = load_any(tmp_path / "s.pt")[0]
+    export(tmp_path / "s.pt", "dense", tmp_path / "s.dense")
+    assert not torch.isnan(network(torch.randn(1, 3, 32, 32))).any()

@@ -471,3 +471,44 @@ def test_the_deployed_module_names_inputs_that_are_no_images():
         deployed(torch.rand(1, 3, 16, 16).numpy())
     with pytest.raises(ValueError, match="images: a meta tensor"):
         deployed(torch.empty(1, 3, 16, 16, device="meta"))
+
+
+class SavesThroughItsOwnHook(nn.Module):
+    """A model whose own method, registered as a hook, saves a feature map that its forward then reads."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.head = nn.Conv2d(8, 4, 1)
+        self.body[1].register_forward_hook(self._save)
+        self.saved = None
+
+    def _save(self, module, inputs, output):
+        self.saved = output
+
+    def forward(self, x):
+        self.body(x)
+        return self.head(self.saved).mean((2, 3))
+
+
+def test_a_hook_that_is_the_models_own_method_works_on_the_copy():
+    model = pruned(SavesThroughItsOwnHook())
+    model(torch.randn(1, 3, 16, 16))  # the attribute now holds a tensor, which a trace would freeze
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 16, 16), policy="sparse", summary=summary)
+    assert "reads `saved`, a tensor attribute that is neither a parameter nor a buffer" in summary["fusion"]
+    model.saved = None
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        got = converted(x)
+        assert model.saved is None  # the copy's hook wrote into the copy
+        torch.testing.assert_close(got, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_running_out_of_memory_on_the_example_is_not_blamed_on_it():
+    class Hungry(nn.Module):
+        def forward(self, x):
+            raise MemoryError()
+
+    with pytest.raises(MemoryError):
+        sparse_cpu.convert_for_cpu(Hungry(), torch.randn(1, 3, 8, 8))

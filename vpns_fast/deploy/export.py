@@ -410,7 +410,10 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
     payload = _load_payload(checkpoint_or_payload)
     meta = _common_meta(payload, use_prompt, class_names)
     folded = _folded_model(payload, model)
-    refuse_nan(folded, "checkpoint" if isinstance(checkpoint_or_payload, dict) else os.fspath(checkpoint_or_payload))
+    what = "checkpoint" if isinstance(checkpoint_or_payload, dict) else os.fspath(checkpoint_or_payload)
+    refuse_nan(folded, what)
+    if meta.get("use_prompt") and meta.get("prompt") is not None:
+        refuse_nan(prompt_from_meta(meta["prompt"]), f"{what} prompt")
     if format == "dense":
         _write_safetensors("dense", folded.state_dict(), meta, path, force)
     elif format == "sparse":
@@ -493,8 +496,10 @@ def load_slim(path, with_meta: bool = False, model: nn.Module | None = None):
 def refuse_nan(module: nn.Module, what: str) -> None:
     """ValueError naming ``what`` and the first parameter or buffer of ``module`` that holds NaN: such a network
     computes NaN logits, which would be printed or written as results. Infinities pass (a class masked with a
-    ``-inf`` bias is a model's choice)."""
+    ``-inf`` bias is a model's choice), and so do a masked layer's scores: a NaN score only prunes its weight."""
     for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
+        if name.rpartition(".")[2] == "scores":
+            continue
         if tensor.is_floating_point() and bool(torch.isnan(tensor).any()):
             raise ValueError(f"{what}: {name} holds NaN values; refusing a network that computes NaN "
                              "(was the run diverging?)")
@@ -520,7 +525,7 @@ def load_any(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torc
         loaded = (model_from_checkpoint(payload, model).eval(), prompt_from_meta(meta["prompt"]),
                   _mapping_tensor(meta), meta)
     refuse_nan(loaded[0], os.fspath(path))
-    if loaded[1] is not None:
+    if loaded[1] is not None and loaded[3].get("use_prompt"):  # a prompt inference does not apply cannot harm
         refuse_nan(loaded[1], f"{os.fspath(path)} prompt")
     return loaded
 

@@ -52,12 +52,16 @@ def module_hooks(module: nn.Module) -> list[str]:
 
 
 def copy_sharing_hooks(model: nn.Module) -> nn.Module:
-    """``copy.deepcopy(model)`` whose hooks are the model's own objects, not copies: a hook that records into
-    its object (a feature list, a counter, a bound method's instance) keeps recording where its owner reads.
-    A tensor attribute computed with autograd (the weight ``torch.nn.utils.weight_norm`` recomputes before each
-    call), which deepcopy refuses, is copied detached."""
+    """``copy.deepcopy(model)`` whose hooks are the caller's own objects, not copies: a hook that records into
+    its object (a feature list, a counter, the instance of a bound method outside the model) keeps recording
+    where its owner reads. A method of one of the model's modules is rebound to the copy, as deepcopy does: it
+    reads and writes that module's state (``self.saved``), which must be the copy's. A tensor attribute
+    computed with autograd (the weight ``torch.nn.utils.weight_norm`` recomputes before each call), which
+    deepcopy refuses, is copied detached."""
+    own = {id(module) for module in model.modules()}
     memo: dict[int, object] = {id(hook): hook for module in model.modules() for attribute, _ in _HOOK_KINDS
-                               for hook in (getattr(module, attribute, None) or {}).values()}
+                               for hook in (getattr(module, attribute, None) or {}).values()
+                               if id(getattr(hook, "__self__", None)) not in own}
     for module in model.modules():
         for value in vars(module).values():
             if isinstance(value, torch.Tensor) and not value.is_leaf:
@@ -82,7 +86,13 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
         first_line = (str(exc).strip().splitlines() or [""])[0][:160]
         return None, f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {first_line})"
+    registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     for node in graph_module.graph.nodes:
+        if node.op == "get_attr" and node.target not in registered:
+            # the trace copied the tensor the attribute held then: a value the model sets while it runs (a hook
+            # saving a feature map into `self.saved`) would stay the example's
+            return None, (f"{type(model).__name__} reads `{node.target}`, a tensor attribute that is neither a "
+                          "parameter nor a buffer, which a torch.fx trace would freeze at its traced value")
         if node.op == "call_function" and node.target in _ARITHMETIC and not node.users:
             # torch.fx records `a += b` as a new tensor `a + b`: where `a` is a view (`head = y[:, :8]; head +=
             # conv(x)`), the write into `y` is lost and the result is left unused

@@ -935,6 +935,9 @@ def _reference_output(model: nn.Module, example_input: torch.Tensor):
         with torch.no_grad():
             return model(example_input.clone())
     except Exception as exc:
+        text = str(exc)
+        if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+            raise  # the machine's limit, not the example's shape
         raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
                          f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
 

@@ -63,8 +63,8 @@ def _check_parents_are_folders(path: str) -> None:
         raise ValueError(f"--out {path}: {parent} is a file, not a folder")
 
 
-# --input-size of `vpns report`: the FLOP count runs one image, whose activations grow with H x W (8192 x 8192
-# fits a ResNet-50's in about 26 GB)
+# --input-size of `vpns report`: the FLOP count runs one image, whose activations grow with H x W. 8192 x 8192
+# is far beyond any vision model's input; 3 x 100000 x 100000 in float32 is 120 GB for the input alone.
 MAX_REPORT_PIXELS = 8192 * 8192
 
 
@@ -696,12 +696,6 @@ def _import_torch_uninterrupted() -> None:
         raise KeyboardInterrupt
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    text = str(exc)
-    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
-        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
-
-
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
@@ -735,7 +729,9 @@ def main(argv=None) -> int:
         print(f"vpns {args.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130
     except Exception as exc:
-        if not _is_out_of_memory(exc):
+        from vpns_fast.environment import is_out_of_memory
+
+        if not is_out_of_memory(exc):
             raise
         print(f"vpns {args.command}: error: out of memory "
               f"({(_one_line(exc).strip().splitlines() or [type(exc).__name__])[0][:200]}); "

@@ -22,6 +22,14 @@ def cpu_model_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def is_out_of_memory(exc: BaseException) -> bool:
+    """Whether ``exc`` says the machine ran out of memory (Python's MemoryError, torch's CPU allocator or
+    CUDA's out-of-memory error), a limit of the machine and not a fault of the input."""
+    text = str(exc)
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
+
+
 def describe() -> dict:
     try:
         import triton

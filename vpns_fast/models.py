@@ -267,6 +267,15 @@ def _replace_head(model: nn.Module, num_classes: int) -> None:
 # Weights
 
 
+def load_weights_only(path: str | os.PathLike) -> Any:
+    """``torch.load(path, weights_only=True)`` onto the CPU: a checkpoint is data, never code to execute.
+    Torch's note on a pickle protocol it did not write is not shown: the load succeeds, or the caller refuses
+    the file by name."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Read a state_dict from a ``.safetensors`` file or a ``torch.save`` file (.pt/.pth)."""
     path = os.fspath(path)
@@ -278,11 +287,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
             state: Any = load_file(path, device="cpu")
         else:
-            # weights_only: a checkpoint is data, never code to execute.
-            with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the load
-                # succeeds, or is refused below with the file named
-                warnings.filterwarnings("ignore", message="Detected pickle protocol")
-                state = torch.load(path, map_location="cpu", weights_only=True)
+            state = load_weights_only(path)
     except pickle.UnpicklingError as exc:
         raise ValueError(f"weights file {path}: holds Python objects a weights-only load refuses (a plain pickle, "
                          f"not tensors saved by torch.save); it is never executed") from exc

@@ -373,7 +373,7 @@ class DeepSparseServer:
         return torch.from_numpy(np.load(self.output))
 
     def close(self) -> None:
-        """Ends the server and removes its folder (the ONNX file and every input copy: hundreds of MB at batch 32)."""
+        """Ends the server and removes its folder (the ONNX file and a copy of every input)."""
         import shutil
 
         self.process.kill()

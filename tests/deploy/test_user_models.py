@@ -137,11 +137,11 @@ def test_infinite_outputs_in_the_same_places_are_no_error():
 
 def test_the_output_check_compares_nan_and_infinities_by_place():
     b = torch.tensor([1.0, float("inf"), float("nan"), float("-inf")])
-    assert sparse_cpu._tensor_difference(b.clone(), b) is None
+    assert sparse_cpu.tensor_difference(b.clone(), b) is None
     for wrong in ([1.0, float("-inf"), float("nan"), float("-inf")], [1.0, float("inf"), 0.0, float("-inf")],
                   [1.0, 3.0, float("nan"), float("-inf")]):
-        assert "NaN or infinities" in sparse_cpu._tensor_difference(torch.tensor(wrong), b)
-    assert "differs by" in sparse_cpu._tensor_difference(torch.tensor([2.0, float("inf"), float("nan"),
+        assert "NaN or infinities" in sparse_cpu.tensor_difference(torch.tensor(wrong), b)
+    assert "differs by" in sparse_cpu.tensor_difference(torch.tensor([2.0, float("inf"), float("nan"),
                                                                        float("-inf")]), b)
 
 

@@ -410,10 +410,8 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
     payload = _load_payload(checkpoint_or_payload)
     meta = _common_meta(payload, use_prompt, class_names)
     folded = _folded_model(payload, model)
-    what = "checkpoint" if isinstance(checkpoint_or_payload, dict) else os.fspath(checkpoint_or_payload)
-    refuse_nan(folded, what)
-    if meta.get("use_prompt") and meta.get("prompt") is not None:
-        refuse_nan(prompt_from_meta(meta["prompt"]), f"{what} prompt")
+    _refuse_nan_pipeline(folded, prompt_from_meta(meta.get("prompt")) if meta.get("use_prompt") else None, meta,
+                         "checkpoint" if isinstance(checkpoint_or_payload, dict) else os.fspath(checkpoint_or_payload))
     if format == "dense":
         _write_safetensors("dense", folded.state_dict(), meta, path, force)
     elif format == "sparse":
@@ -524,10 +522,16 @@ def load_any(path, model: nn.Module | None = None) -> tuple[nn.Module, Any, torc
         meta["kind"] = "checkpoint"
         loaded = (model_from_checkpoint(payload, model).eval(), prompt_from_meta(meta["prompt"]),
                   _mapping_tensor(meta), meta)
-    refuse_nan(loaded[0], os.fspath(path))
-    if loaded[1] is not None and loaded[3].get("use_prompt"):  # a prompt inference does not apply cannot harm
-        refuse_nan(loaded[1], f"{os.fspath(path)} prompt")
+    _refuse_nan_pipeline(loaded[0], loaded[1], loaded[3], os.fspath(path))
     return loaded
+
+
+def _refuse_nan_pipeline(network: nn.Module, prompt, meta: dict, what: str) -> None:
+    """:func:`refuse_nan` on the network and on the prompt where inference applies it (one it does not apply
+    cannot harm the logits)."""
+    refuse_nan(network, what)
+    if prompt is not None and meta.get("use_prompt"):
+        refuse_nan(prompt, f"{what} prompt")
 
 
 # --------------------------------------------------------------------------- onnx

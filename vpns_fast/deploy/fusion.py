@@ -40,15 +40,17 @@ _HOOK_KINDS = (("_forward_pre_hooks", "forward pre-hook"), ("_forward_hooks", "f
                ("_backward_pre_hooks", "backward pre-hook"), ("_backward_hooks", "backward hook"))
 
 
+def _hooks(module: nn.Module) -> list[tuple[str, object]]:
+    """``(kind, hook)`` for each hook registered on ``module`` itself."""
+    return [(kind, hook) for attribute, kind in _HOOK_KINDS
+            for hook in (getattr(module, attribute, None) or {}).values()]
+
+
 def module_hooks(module: nn.Module) -> list[str]:
     """The hooks registered on ``module`` itself, each as ``"<kind> <name>"`` (e.g. ``forward pre-hook
     WeightNorm``): a layer carrying any must stay the module it is and be called as such, or they stop
     running (a feature-capture hook) or compute on another value (a weight norm recomputing the weight)."""
-    found = []
-    for attribute, kind in _HOOK_KINDS:
-        for hook in (getattr(module, attribute, None) or {}).values():
-            found.append(f"{kind} {getattr(hook, '__name__', type(hook).__name__)}")
-    return found
+    return [f"{kind} {getattr(hook, '__name__', type(hook).__name__)}" for kind, hook in _hooks(module)]
 
 
 def copy_sharing_hooks(model: nn.Module) -> nn.Module:
@@ -59,8 +61,7 @@ def copy_sharing_hooks(model: nn.Module) -> nn.Module:
     computed with autograd (the weight ``torch.nn.utils.weight_norm`` recomputes before each call), which
     deepcopy refuses, is copied detached."""
     own = {id(module) for module in model.modules()}
-    memo: dict[int, object] = {id(hook): hook for module in model.modules() for attribute, _ in _HOOK_KINDS
-                               for hook in (getattr(module, attribute, None) or {}).values()
+    memo: dict[int, object] = {id(hook): hook for module in model.modules() for _, hook in _hooks(module)
                                if id(getattr(hook, "__self__", None)) not in own}
     for module in model.modules():
         for value in vars(module).values():

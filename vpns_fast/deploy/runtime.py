@@ -252,8 +252,7 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     info: dict[str, Any] = {"device": str(device), "network": network_kind, "policy": policy,
                             "source": source["kind"], "not_slim_because": why_not_slim, "channels_last": False}
     with torch.no_grad():
-        # a generator of its own: deploying leaves the caller's random stream where it was
-        example_images = torch.rand(batch_shape, generator=torch.Generator().manual_seed(0))
+        example_images = torch.rand(batch_shape)  # from the stream deploy() forks and puts back
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
     if device.type == "cpu":
@@ -389,16 +388,16 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
 def _check_same_outputs(modules: dict[str, nn.Module], images: torch.Tensor) -> None:
     """RuntimeError naming the first backend whose output on ``images`` is not the dense network's (NaN and
     infinities by place, the rest within 1e-3 (1 + max |logit|)): a wrong baseline, or engine, is not timed."""
-    from vpns_fast.deploy.sparse_cpu import _tensor_difference
+    from vpns_fast.deploy.sparse_cpu import tensor_difference
 
     reference_name = "dense-torch"
     expected = modules[reference_name](images)
     for name, module in modules.items():
         if name != reference_name:
-            problem = _tensor_difference(module(images), expected)
+            problem = tensor_difference(module(images), expected, reference="the dense network's")
             if problem is not None:
-                raise RuntimeError(f"{name}'s output {problem.replace('the model', 'the dense network')} against "
-                                   f"the dense network's at batch {images.shape[0]}; not benchmarking it")
+                raise RuntimeError(f"{name}'s output {problem} against the dense network's at batch "
+                                   f"{images.shape[0]}; not benchmarking it")
 
 
 def _baseline_modules(dense: DeployedModel, images: torch.Tensor, baselines) -> tuple[dict, dict]:
@@ -437,8 +436,7 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     # `--format onnx --slim` give a deployer), else the folded one
     dense = deploy(path_or_model, device, policy="dense")
     size = dense.image_size or 224
-    generator = torch.Generator().manual_seed(0)  # the caller's random stream is left alone
-    first_images = torch.randint(0, 256, (batch_sizes[0], 3, size, size), dtype=torch.uint8, generator=generator)
+    first_images = torch.randint(0, 256, (batch_sizes[0], 3, size, size), dtype=torch.uint8)
     extra, skipped = _baseline_modules(dense, first_images.to(dense.device), baselines)
     versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
                 "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
@@ -449,8 +447,7 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for batch in batch_sizes:
         fast = deploy(path_or_model, device, example_input_size=(batch, 3, size, size), policy=policy)
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, generator=generator)
-        images = images.to(dense.device)
+        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).to(dense.device)
         modules = {"deploy": fast, "dense-torch": dense, **extra}
         _check_same_outputs(modules, images)
         if "dense-torch" not in baselines:

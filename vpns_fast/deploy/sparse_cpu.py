@@ -22,6 +22,7 @@ from torch import nn
 
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
+from vpns_fast.environment import is_out_of_memory
 from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
@@ -764,10 +765,10 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
     with torch.no_grad():
         got = replacement(x)
     weighted = getattr(module, "weight", None) is not None
-    problem = _tensor_difference(got, expected, 1e-4 if weighted else 0.0)
+    problem = tensor_difference(got, expected, 1e-4 if weighted else 0.0, f"the {type(module).__name__}'s output")
     if problem is not None:
-        raise RuntimeError(f"convert_for_cpu: {kind} {name} {problem.replace('the model', 'the layer')}, against "
-                           f"the {type(module).__name__}; refusing to convert")
+        raise RuntimeError(f"convert_for_cpu: {kind} {name} {problem}, against the {type(module).__name__}; "
+                           "refusing to convert")
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
@@ -935,8 +936,7 @@ def _reference_output(model: nn.Module, example_input: torch.Tensor):
         with torch.no_grad():
             return model(example_input.clone())
     except Exception as exc:
-        text = str(exc)
-        if isinstance(exc, MemoryError) or "out of memory" in text or "can't allocate memory" in text:
+        if is_out_of_memory(exc):
             raise  # the machine's limit, not the example's shape
         raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
                          f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
@@ -1110,10 +1110,11 @@ def _output_values(value) -> list | None:
     return values
 
 
-def _tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3) -> str | None:
+def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3,
+                      reference: str = "the model's output") -> str | None:
     """Why ``a`` is not ``b`` within float32 rounding, or None: NaN and infinities must sit in the same
     places (an infinite logit of a masked class is no error), the finite values within
-    ``tolerance`` (1 + max |b|)."""
+    ``tolerance`` (1 + max |b|). ``reference`` names ``b`` in the reason."""
     if a.shape != b.shape:
         return f"has shape {tuple(a.shape)}, not {tuple(b.shape)}"
     if not b.numel() or not b.is_floating_point():
@@ -1121,7 +1122,7 @@ def _tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3
     nan, infinite = b.isnan(), b.isinf()
     if not torch.equal(a.isnan(), nan) or not torch.equal(a.isinf(), infinite) or \
             not torch.equal(a[infinite], b[infinite]):
-        return "has NaN or infinities where the model's output has other values"
+        return f"has NaN or infinities where {reference} has other values"
     finite = ~(nan | infinite)
     if not finite.any():
         return None
@@ -1157,7 +1158,7 @@ def _end_to_end_problem(converted: nn.Module, example_input: torch.Tensor, refer
             return f"output {index} has shape {tuple(a.shape)} instead of {tuple(b.shape)}"
         if b.is_contiguous() and not a.is_contiguous():
             return f"output {index} is not contiguous (channels_last)"
-        difference = _tensor_difference(a, b)
+        difference = tensor_difference(a, b)
         if difference is not None:
             return f"output {index} {difference}"
     return None

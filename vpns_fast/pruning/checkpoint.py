@@ -155,11 +155,10 @@ def load_checkpoint(path) -> dict:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    from vpns_fast.models import load_weights_only
+
     try:
-        with warnings.catch_warnings():  # torch's note on a pickle protocol it did not write: the load
-            # succeeds, or is refused below with the file named
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")
-            payload = torch.load(path, map_location="cpu", weights_only=True)
+        payload = load_weights_only(path)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
         raise CheckpointError(f"{path} is not a readable checkpoint ({_load_failure(exc)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:

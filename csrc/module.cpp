@@ -75,5 +75,9 @@ equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),
         "Caps the idle activation buffers kept for reuse (0: keep none); frees what is over. Returns the old cap.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
-        "Instruction set the sparse kernels use on this CPU: 'avx2' (AVX2 + FMA) or 'scalar'.");
+        "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
+        "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
+  m.def("set_sparse_kernel_isa", &vpns::set_sparse_kernel_isa, py::arg("name"),
+        "Makes the sparse kernels use 'avx512', 'avx2' or 'scalar' (one this CPU runs; for tests and for\n"
+        "comparing them in one process). Returns the previous choice. Not for use while kernels run.");
 }

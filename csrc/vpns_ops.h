@@ -39,7 +39,10 @@ at::Tensor contiguous_activation(const at::Tensor& t);
 int64_t cached_activation_bytes();
 int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limit
 
-// Which instruction set the sparse kernels run with on this CPU: "avx2" or "scalar".
+// Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has,
+// unless chosen otherwise).
 std::string sparse_kernel_isa();
+// Makes the sparse kernels run with `name` (one this CPU has); returns the previous choice.
+std::string set_sparse_kernel_isa(const std::string& name);
 
 }  // namespace vpns

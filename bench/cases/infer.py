@@ -214,6 +214,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
             repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
             deployed, table = sparse_cpu.convert_for_cpu(conv, inputs[0], policy="measure", repeats=repeats)
             p["deployed"], p["decision_speedup"] = table[0]["chosen"], table[0]["speedup"]
+            p["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
         candidates = [Candidate("dense", "baseline", no_grad(conv)),
                       Candidate("torch_sparse_csr", "baseline", no_grad(csr_unfold_conv(conv))),
                       Candidate("sparse_cpu", "backend", no_grad(sparse) if sparse is not None else None,
@@ -236,6 +237,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
         setup_seconds = time.perf_counter() - start
         p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
+        p["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
         p["convert_repeats"] = repeats
         with torch.no_grad():

@@ -10,7 +10,7 @@ import torch
 from test_export import make_checkpoint
 
 from vpns_fast import cli
-from vpns_fast.deploy import baselines, runtime
+from vpns_fast.deploy import baselines, runtime, sparse_cpu
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +114,10 @@ def test_json_output_warns_too_and_rows_say_where_and_how(checkpoint, capsys, mo
             assert row["cpu"] and row["date"].startswith("20")
         if row["backend"] == "onnxruntime" and "skipped" not in row:
             assert row["engine_settings"] == baselines.ONNXRUNTIME_SETTINGS
+    deployed = [row for row in rows if row["backend"] == "deploy"]
+    assert deployed
+    if sparse_cpu.available()[0]:  # the vector kernel the engine ran with
+        assert all(row["sparse_kernel_isa"] == sparse_cpu.kernel_isa() for row in deployed)
 
 
 def test_a_baseline_with_other_outputs_is_not_timed(checkpoint, monkeypatch):

@@ -36,6 +36,21 @@ CONV_SHAPES = [
 ]
 
 
+KERNEL_ISAS = ("avx512", "avx2", "scalar")
+
+
+@pytest.fixture(params=KERNEL_ISAS)
+def kernel_isa(request):
+    """Runs the test with each vector kernel this CPU has (the default is one of them), then restores the
+    choice."""
+    try:
+        previous = sparse_cpu.set_kernel_isa(request.param)
+    except RuntimeError as exc:  # "this CPU has no avx512"
+        pytest.skip(str(exc).splitlines()[0])
+    yield request.param
+    sparse_cpu.set_kernel_isa(previous)
+
+
 def masked(shape, density, generator):
     weight = torch.randn(shape, generator=generator)
     return weight * (torch.rand(shape, generator=generator) < density)
@@ -50,7 +65,7 @@ def assert_close_to_reference(out, torch_out, reference, reduction_length):
 @pytest.mark.parametrize("shape", CONV_SHAPES,
                          ids=lambda s: "x".join(map(str, s[:4])) + f"_k{s[4]}s{s[5]}p{s[6]}d{s[7]}")
 @pytest.mark.parametrize("batch", [1, 2])
-def test_sparse_conv2d_matches_conv2d(shape, density, batch):
+def test_sparse_conv2d_matches_conv2d(shape, density, batch, kernel_isa):
     in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
     kernel = kernel if isinstance(kernel, tuple) else (kernel, kernel)
     generator = torch.Generator().manual_seed(hash((shape, density, batch)) % 2**31)
@@ -71,7 +86,7 @@ def test_sparse_conv2d_matches_conv2d(shape, density, batch):
 
 @pytest.mark.parametrize("batch", [1, 2, 33])
 @pytest.mark.parametrize("density", [0.5, 0.1])
-def test_sparse_conv2d_batch_sizes_and_no_bias(batch, density):
+def test_sparse_conv2d_batch_sizes_and_no_bias(batch, density, kernel_isa):
     generator = torch.Generator().manual_seed(batch)
     weight = masked((11, 6, 3, 3), density, generator)
     x = torch.randn(batch, 6, 10, 13, generator=generator)
@@ -87,7 +102,7 @@ def test_sparse_conv2d_batch_sizes_and_no_bias(batch, density):
 @pytest.mark.parametrize("density", DENSITIES)
 @pytest.mark.parametrize("batch", [1, 2, 7, 8, 33])
 @pytest.mark.parametrize("features", [(37, 10), (512, 1000), (5, 3)])
-def test_sparse_linear_matches_linear(features, batch, density):
+def test_sparse_linear_matches_linear(features, batch, density, kernel_isa):
     in_features, out_features = features
     generator = torch.Generator().manual_seed(batch * 7 + in_features)
     weight = masked((out_features, in_features), density, generator)
@@ -268,7 +283,7 @@ SPLIT_SHAPES = [
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("batch", [1, 2, 7])
 @pytest.mark.parametrize("shape", SPLIT_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
+def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, kernel_isa):
     in_channels, out_channels, height, width, kernel, stride, padding = shape
     density = 1.0 if in_channels == 256 else 0.3
     generator = torch.Generator().manual_seed(in_channels * 1000 + batch * 10 + threads)
@@ -296,7 +311,7 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads):
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("channel_block", [0, 1, 7, 64, 250, 600])
-def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads):
+def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads, kernel_isa):
     """A sparse 1x1 conv reading its input in place, over several blocks of input channels and tiles of
     positions (the last one a masked partial vector), while the next block's input is prefetched: the
     default blocks (0: sized by the kernel, grown at this low density) and explicit ones that do not
@@ -324,7 +339,7 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
 
 
 @pytest.mark.parametrize("batch", [1, 7, 8, 33])
-def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch):
+def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch, kernel_isa):
     """A 1x1 conv on 1x1 inputs (squeeze-excitation) runs as a linear layer from batch 8 (the batch as the
     vector dimension, inside sparse_conv2d): same values, bias, residual and ReLU (NaN kept), any stride; a
     residual that broadcasts is added by torch, one that does not is refused."""
@@ -519,34 +534,35 @@ def test_errors():
                           [1], [1], [1])
 
 
-def test_portable_scalar_path_matches(tmp_path):
-    """The fallback for CPUs without AVX2, forced by VPNS_FAST_SPARSE_SCALAR in a fresh process."""
+def test_kernel_isa_choice_is_checked_and_read_from_the_environment(tmp_path):
+    """set_kernel_isa takes only the names of kernels, and only those this CPU runs; VPNS_FAST_SPARSE_ISA
+    chooses at the first call (a name the CPU lacks gives the widest it has, an unknown one the default)."""
     import os
     import subprocess
     import sys
 
-    script = tmp_path / "scalar_check.py"
-    script.write_text(
-        "import torch, torch.nn.functional as F\n"
-        "from vpns_fast import _extension\n"
-        "ops = _extension.load()\n"
-        "assert ops.sparse_kernel_isa() == 'scalar', ops.sparse_kernel_isa()\n"
-        "from vpns_fast.deploy.sparse_cpu import SparseConv2d, SparseLinear\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "for (c, o, h, w, k, s, p, d) in [(5, 7, 19, 23, 3, 1, 1, 1), (3, 8, 30, 26, 7, 2, 3, 1),\n"
-        "                                 (4, 3, 9, 11, 3, 1, 2, 2)]:\n"
-        "    wt = torch.randn(o, c, k, k, generator=g) * (torch.rand(o, c, k, k, generator=g) < 0.3)\n"
-        "    x = torch.randn(3, c, h, w, generator=g)\n"
-        "    err = (SparseConv2d(wt, None, s, p, d)(x) - F.conv2d(x, wt, None, s, p, d)).abs().max().item()\n"
-        "    assert err < 1e-4, err\n"
-        "wt = torch.randn(9, 20, generator=g) * (torch.rand(9, 20, generator=g) < 0.3)\n"
-        "for b in (1, 33):\n"
-        "    x = torch.randn(b, 20, generator=g)\n"
-        "    assert (SparseLinear(wt)(x) - F.linear(x, wt)).abs().max().item() < 1e-4\n"
-        "print('ok')\n")
-    env = dict(os.environ, VPNS_FAST_SPARSE_SCALAR="1")
-    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr
+    chosen = sparse_cpu.kernel_isa()
+    with pytest.raises(RuntimeError, match="name must be 'scalar', 'avx2' or 'avx512', got 'sse'"):
+        sparse_cpu.set_kernel_isa("sse")
+    with pytest.raises(TypeError, match="name must be a str"):
+        sparse_cpu.set_kernel_isa(2)
+    here = []
+    for name in KERNEL_ISAS:
+        try:
+            sparse_cpu.set_kernel_isa(name)
+            here.append(name)
+        except RuntimeError as exc:
+            assert "this CPU has no " + name in str(exc)
+    assert sparse_cpu.set_kernel_isa(chosen) == here[-1] and sparse_cpu.kernel_isa() == chosen
+    assert "scalar" in here and chosen in here
+    widest = here[0]
+    script = "from vpns_fast import _extension\nprint(_extension.load().sparse_kernel_isa())\n"
+    for wanted, expected in (("scalar", "scalar"), ("avx2", "avx2" if "avx2" in here else "scalar"),
+                             ("avx512", widest), ("sse", chosen)):
+        env = dict(os.environ, VPNS_FAST_SPARSE_ISA=wanted)
+        result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0 and result.stdout.split()[-1] == expected, (wanted, result.stdout,
+                                                                                   result.stderr[-2000:])
 
 
 GUARD_PAGE_SCRIPT = """
@@ -585,23 +601,19 @@ print("ok", ops.sparse_kernel_isa())
 
 
 @pytest.mark.skipif(not hasattr(__import__("mmap"), "PROT_READ"), reason="needs mmap protections (POSIX)")
-@pytest.mark.parametrize("scalar", [False, True], ids=["native", "scalar"])
-def test_no_read_past_an_input_that_ends_at_a_guard_page(tmp_path, scalar):
+def test_no_read_past_an_input_that_ends_at_a_guard_page(tmp_path, kernel_isa):
     """1x1 convs read their input in place, whatever H * W; no tile may read past its end (a segfault here),
-    with the AVX2 kernel and with the portable one, nor a raw call whose offsets reach the input's last float."""
+    with every vector kernel, nor a raw call whose offsets reach the input's last float."""
     import os
     import subprocess
     import sys
 
     script = tmp_path / "guard_page.py"
     script.write_text(GUARD_PAGE_SCRIPT)
-    env = dict(os.environ)
-    env.pop("VPNS_FAST_SPARSE_SCALAR", None)
-    if scalar:
-        env["VPNS_FAST_SPARSE_SCALAR"] = "1"
+    env = dict(os.environ, VPNS_FAST_SPARSE_ISA=kernel_isa)
     result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "ok" in result.stdout, (result.returncode, result.stderr[-2000:])
-    assert ("scalar" in result.stdout) == scalar
+    assert result.returncode == 0 and result.stdout.split()[-2:] == ["ok", kernel_isa], (result.returncode,
+                                                                                        result.stderr[-2000:])
 
 
 def test_cached_outputs_resize_and_pooling_keeps_torch_semantics():

@@ -428,6 +428,7 @@ def _ratio_stats(numerators: list[float], denominators: list[float]) -> tuple[fl
 
 def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, baselines, layers) -> list[dict]:
     from vpns_fast.deploy import baselines as engines
+    from vpns_fast.deploy import sparse_cpu
 
     rows = []
     # the dense network and the baselines do not depend on the batch (the ONNX export has a dynamic batch
@@ -462,6 +463,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
                    "device": str(module.device), "rounds": iters, "engine_version": versions[label], **measured_on}
             if label in settings:
                 row["engine_settings"] = settings[label]
+            if label == "deploy" and module.device.type == "cpu" and sparse_cpu.available()[0]:
+                row["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
             if label == "deploy":
                 for other in modules:
                     if other != "deploy":

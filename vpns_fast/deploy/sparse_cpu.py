@@ -26,7 +26,8 @@ from vpns_fast.environment import is_out_of_memory
 from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
-                 "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit")
+                 "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
+                 "sparse_kernel_isa", "set_sparse_kernel_isa")
 POLICIES = ("measure", "sparse", "dense")
 # Linear layers kept dense are tried sparse in the whole network only at this density or below (see
 # _prefer_sparse_linears).
@@ -50,7 +51,22 @@ def available() -> tuple[bool, str]:
     if missing:
         return False, (f"the C++ extension vpns_fast._C is out of date (missing {', '.join(missing)}); rebuild it: "
                        f"`python setup.py build_ext --inplace`")
-    return True, f"sparse CPU kernels available ({module.sparse_kernel_isa()})"
+    return True, "sparse CPU kernels available"
+
+
+def kernel_isa() -> str:
+    """The vector kernel the sparse layers run with: ``"avx512"`` (Intel CPUs with AVX-512), ``"avx2"``
+    (other x86 CPUs with AVX2 and FMA, AMD's AVX-512 ones included), or ``"scalar"`` (the portable loop),
+    unless :func:`set_kernel_isa` or ``VPNS_FAST_SPARSE_ISA`` (read at the first call) chose another."""
+    return str(_ops().sparse_kernel_isa())
+
+
+def set_kernel_isa(name: str) -> str:
+    """Makes the sparse layers run with the kernel ``name`` (``"avx512"``, ``"avx2"`` or ``"scalar"``, one this
+    CPU runs), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str ('avx512', 'avx2' or 'scalar'), got {type(name).__name__}")
+    return str(_ops().set_sparse_kernel_isa(name))
 
 
 def _ops():

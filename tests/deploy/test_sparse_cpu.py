@@ -245,23 +245,38 @@ def test_convert_for_cpu_of_one_layer_returns_the_replacement():
     assert isinstance(kept, nn.Conv2d) and kept is not conv
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 17, 12), (1, 2, 40, 41), (3, 1, 5, 7)])
-def test_separable_max_pool_equals_max_pool(shape):
+@pytest.mark.parametrize("shape", [(2, 3, 17, 12), (1, 2, 40, 41), (3, 1, 5, 7), (2, 19, 9, 11), (1, 64, 12, 13)])
+def test_separable_max_pool_equals_max_pool(shape, monkeypatch):
+    """NCHW and channels_last inputs (a DenseConv2d's output), both through the C++ kernel: NaN propagates,
+    -inf stays -inf, every padding and stride; other dtypes go through the torch reference."""
     x = torch.randn(shape)
     x[0, 0, 3, 4] = float("nan")
     x[-1, -1, -1, -1] = float("nan")  # the last window of the last plane
-    for kernel, stride, padding in [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (1, 2), (1, 0)), (5, 1, 2),
-                                    ((1, 3), (3, 1), (0, 1))]:
+    x[0, -1, :3, :3] = float("-inf")  # windows of -inf only (with the padding's)
+    cases = [(3, 2, 1), (2, 2, 0), (3, 1, 1), ((3, 2), (1, 2), (1, 0)), (5, 1, 2), ((1, 3), (3, 1), (0, 1))]
+    expected = {}
+    for kernel, stride, padding in cases:
+        expected[kernel, stride, padding] = nn.MaxPool2d(kernel, stride, padding)(x).nan_to_num(7.0)
+    torch_pooling = F.max_pool2d
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch's pooling ran instead of the kernel")
+
+    for kernel, stride, padding in cases:
         pool = nn.MaxPool2d(kernel, stride, padding)
         module = sparse_cpu.SeparableMaxPool2d.from_module(pool)
-        expected = pool(x).nan_to_num(7.0)
-        assert torch.equal(module(x).nan_to_num(7.0), expected)  # the C++ kernel (float32)
-        assert torch.equal(module.reference(x).nan_to_num(7.0), expected)  # its torch reference
-        assert torch.equal(module(x.double()).nan_to_num(7.0), pool(x.double()).nan_to_num(7.0))  # other dtypes
-        channels_last = x.contiguous(memory_format=torch.channels_last)  # a DenseConv2d's output: torch's pooling
+        want = expected[kernel, stride, padding]
+        monkeypatch.setattr(F, "max_pool2d", refused)
+        got = module(x)  # the C++ kernel (float32)
+        channels_last = x.contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
-            got = module(channels_last)
-        assert torch.equal(got.nan_to_num(7.0), expected) and got.is_contiguous(memory_format=torch.channels_last)
+            got_channels_last = module(channels_last)
+        monkeypatch.setattr(F, "max_pool2d", torch_pooling)
+        assert torch.equal(got.nan_to_num(7.0), want) and got.is_contiguous()
+        assert torch.equal(got_channels_last.nan_to_num(7.0), want)
+        assert got_channels_last.is_contiguous(memory_format=torch.channels_last)
+        assert torch.equal(module.reference(x).nan_to_num(7.0), want)  # its torch reference
+        assert torch.equal(module(x.double()).nan_to_num(7.0), pool(x.double()).nan_to_num(7.0))  # other dtypes
 
 
 # The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in

@@ -9,6 +9,8 @@ import sys
 import threading
 import warnings
 
+from vpns_fast.errors import exception_reason
+
 
 def _at_least(value, flag: str, least: int) -> None:
     if value is not None and value < least:
@@ -106,7 +108,7 @@ def _cmd_report(args) -> int:
         if args.input_size is None:
             raise
         raise ValueError(f"--input-size {shape}: the model cannot run on it "
-                         f"({(str(exc).strip().splitlines() or [''])[0][:200]})") from None
+                         f"({exception_reason(exc, with_type=False)})") from None
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:

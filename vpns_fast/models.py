@@ -37,6 +37,8 @@ import torchvision
 from torch import nn
 from torchvision.models.resnet import BasicBlock, ResNet
 
+from vpns_fast.errors import exception_reason
+
 __all__ = [
     "MODELS",
     "MODEL_NAMING",
@@ -292,9 +294,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise ValueError(f"weights file {path}: holds Python objects a weights-only load refuses (a plain pickle, "
                          f"not tensors saved by torch.save); it is never executed") from exc
     except Exception as exc:  # torch.load and safetensors raise many kinds for a file that is not theirs
-        first_line = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0][:160]
         raise ValueError(f"weights file {path}: not a state_dict saved by torch.save or safetensors "
-                         f"({exc.__class__.__name__}: {first_line})") from exc
+                         f"({exception_reason(exc, 160)})") from exc
     # Training checkpoints often wrap the weights; DataParallel prefixes every key.
     for wrapper_key in ("state_dict", "model"):
         if isinstance(state, Mapping) and isinstance(state.get(wrapper_key), Mapping):
@@ -499,7 +500,7 @@ def _pretrained_timm(key: str, kwargs: dict) -> nn.Module:
         try:
             return timm.create_model(key, pretrained=True, **kwargs)
         except Exception as error:  # hub and network errors come in many types
-            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            reason = exception_reason(error)
     raise FileNotFoundError(
         f"pretrained weights for timm:{key} are not in the Hugging Face hub cache and could not be downloaded "
         f"({reason}). Fix: download them on a machine with internet (timm.create_model({key!r}, pretrained=True)) "

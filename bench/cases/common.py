@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from vpns_fast import ops
+from vpns_fast.errors import exception_reason
 from vpns_fast.ops.backends import BackendError
 
 DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
@@ -115,6 +116,5 @@ def compiled_candidate(compile_baselines: bool, fn: Callable, make_run: Callable
         run(first_input)
         run(first_input)
     except Exception as exc:  # no C compiler, inductor bug, ...: record it, do not hide it
-        first_line = (str(exc).strip().splitlines() or [""])[0][:300]
-        return Candidate("compiled", "baseline", None, f"torch.compile failed: {type(exc).__name__}: {first_line}")
+        return Candidate("compiled", "baseline", None, f"torch.compile failed: {exception_reason(exc, 300)}")
     return Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start)

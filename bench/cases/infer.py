@@ -57,6 +57,7 @@ from bench.cases.common import Candidate, Config, VerificationError, Workload, n
 from bench.registry import conv_layers
 from bench.timing import input_copy_count
 from vpns_fast.deploy import sparse_cpu
+from vpns_fast.errors import exception_reason
 
 NAME = "infer"
 OP_NAME = "sparse CPU inference (SparseConv2d / convert_for_cpu)"
@@ -281,9 +282,8 @@ def deployer_baselines(model: nn.Module, inputs: list, params: dict, compile_bas
             run(inputs[0])
             candidates.append(Candidate("compiled", "baseline", run, setup_seconds=time.perf_counter() - start))
         except Exception as exc:  # no C compiler, inductor bug: recorded, not hidden
-            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
             candidates.append(Candidate("compiled", "baseline", None,
-                                        f"torch.compile failed: {type(exc).__name__}: {first_line}"))
+                                        f"torch.compile failed: {exception_reason(exc, 300)}"))
     candidates.append(deepsparse_candidate(model, inputs, params))
     return candidates
 

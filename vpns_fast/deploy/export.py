@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
+from vpns_fast.errors import exception_reason
 from vpns_fast.files import atomic_write
 from vpns_fast.pruning.checkpoint import tensor_bytes
 
@@ -609,13 +610,6 @@ class OnnxExporterFallbackWarning(UserWarning):
     the TorchScript exporter instead. The message carries the reason (exception type and first line)."""
 
 
-def _one_line(exc: BaseException) -> str:
-    """``Type: first line of the message``, at most 300 characters: a reason short enough for a warning."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    reason = f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
-    return reason if len(reason) <= 300 else reason[:297] + "..."
-
-
 def _dynamo_graph(pipeline: nn.Module, example: torch.Tensor, opset: int):
     """The ONNX ModelProto from ``torch.onnx.export(dynamo=True)``, batch axis dynamic; only public
     arguments that torch documents from 2.6 on. ``f=None`` returns the ONNXProgram without writing
@@ -672,12 +666,12 @@ def _onnx_graph(pipeline: nn.Module, example: torch.Tensor, opset: int):
             onnx.checker.check_model(model)
             return model, None
         except Exception as exc:  # any failure of the new path is a reason to try the old one, reported
-            reason = _one_line(exc)
+            reason = exception_reason(exc, 300)
     try:
         return _torchscript_graph(pipeline, example, opset), reason
     except Exception as exc:
         raise RuntimeError(f"ONNX export failed with both exporters: torch.export-based: {reason}; TorchScript: "
-                           f"{_one_line(exc)}") from exc
+                           f"{exception_reason(exc, 300)}") from exc
 
 
 def onnx_model(network: nn.Module, example: torch.Tensor, opset: int = ONNX_OPSET):

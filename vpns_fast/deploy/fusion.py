@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from vpns_fast.errors import exception_reason
+
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.relu_)
 _RELU_METHODS = ("relu", "relu_")
 _ADD_FUNCTIONS = (operator.add, operator.iadd, torch.add)
@@ -85,8 +87,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     try:
         graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
-        first_line = (str(exc).strip().splitlines() or [""])[0][:160]
-        return None, f"torch.fx cannot trace {type(model).__name__} ({type(exc).__name__}: {first_line})"
+        return None, f"torch.fx cannot trace {type(model).__name__} ({exception_reason(exc, 160)})"
     registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     for node in graph_module.graph.nodes:
         if node.op == "get_attr" and node.target not in registered:

@@ -23,6 +23,7 @@ from torch import nn
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
 from vpns_fast.environment import is_out_of_memory
+from vpns_fast.errors import exception_reason
 from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
@@ -660,13 +661,20 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return f"{type(module).__name__}: the sparse kernel is for 2-D convolutions only"
+    reason = _not_plain_reason(module)
+    if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
+        return f"groups={module.groups} (the sparse kernel supports groups=1)"
+    return reason
+
+
+def _not_plain_reason(module: nn.Module) -> str | None:
+    """Why a layer is not one the engine's layers (sparse or :class:`DenseConv2d`) can stand in for: not a
+    plain float32 CPU nn.Conv2d / nn.Linear, or a Conv2d padding they cannot express; None when it is."""
     if type(module) not in (nn.Conv2d, nn.Linear):
         return f"{type(module).__name__} is not a plain nn.Conv2d/nn.Linear (fold masks into the weights first)"
     if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
         return f"weight is {module.weight.dtype} on {module.weight.device}; float32 CPU only"
     if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"groups={module.groups} (the sparse kernel supports groups=1)"
         if module.padding_mode != "zeros":
             return f"padding_mode={module.padding_mode!r}"
         if _explicit_padding(module) is None:
@@ -762,9 +770,7 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
     its captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a
     plain float32 CPU Conv2d without hooks, or padding it cannot express."""
     if (type(module) is not nn.Conv2d or fusion.module_hooks(module) or not dense_conv_available()[0]
-            or module.padding_mode != "zeros"
-            or module.weight.dtype != torch.float32 or module.weight.device.type != "cpu"
-            or _explicit_padding(module) is None):
+            or _not_plain_reason(module) is not None):
         return None
     stand_in = DenseConv2d.from_dense(module)
     if expected is None:
@@ -921,7 +927,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         try:
             epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input.clone())
         except Exception as exc:  # shape propagation or the rewrite failed: convert without the rewrite
-            problem = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+            problem = exception_reason(exc, 160)
         for row in table:
             row["fused"] += epilogues.get(row["name"], [])
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
@@ -956,7 +962,7 @@ def _reference_output(model: nn.Module, example_input: torch.Tensor):
         if is_out_of_memory(exc):
             raise  # the machine's limit, not the example's shape
         raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
-                         f"({type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]})") from exc
+                         f"({exception_reason(exc)})") from exc
 
 
 def _with_nchw_outputs(model: nn.Module) -> bool:
@@ -1162,7 +1168,7 @@ def _end_to_end_problem(converted: nn.Module, example_input: torch.Tensor, refer
         with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             output = converted(example_input.clone())  # a copy: a model may write into its input
     except Exception as exc:  # any failure of the converted model is a reason to refuse it
-        return f"it raised {type(exc).__name__}: {(str(exc).splitlines() or [''])[0][:160]}"
+        return f"it raised {exception_reason(exc, 160)}"
     got = _output_values(output)
     if got is None or len(got) != len(expected):
         return f"{'other' if got is None else len(got)} output values instead of {len(expected)}"

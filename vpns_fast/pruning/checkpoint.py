@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from vpns_fast.errors import exception_reason
 from vpns_fast.files import atomic_write
 from vpns_fast.nn.masked_layers import MASKED_TYPES
 from vpns_fast.nn.prompts import VisualPrompt, build_prompt
@@ -146,8 +147,7 @@ def _load_failure(exc: Exception) -> str:
         return "the file is empty or cut short"
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
         return "not a file of tensors and plain values: torch's safe loader refused it, and nothing in it was run"
-    first = (str(exc).strip().splitlines() or [""])[0][:200]
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return exception_reason(exc)
 
 
 def load_checkpoint(path) -> dict:
@@ -212,5 +212,5 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "
-                         f"{str(exc).splitlines()[0]}") from exc
+                         f"{exception_reason(exc, 300, with_type=False)}") from exc
     return model

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vpns_fast.models import build_model_spec, load_weights, source_num_classes
+from vpns_fast.models import build_model_spec, load_weights, load_weights_only, source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
@@ -72,12 +72,12 @@ def pretrain(model: nn.Module, job: JobContext) -> None:
     c = job.config
     path = os.path.join(c.out, "dense.pt") if c.out else None
     if path and os.path.exists(path):
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model.load_state_dict(load_weights_only(path))
         return
     progress_path = os.path.join(c.out, "dense-pretrain.pt") if c.out else None
     saved = None
     if progress_path and os.path.exists(progress_path):
-        saved = torch.load(progress_path, map_location="cpu", weights_only=True)
+        saved = load_weights_only(progress_path)
         model.load_state_dict(saved["model"])
     model.to(job.device)
     network = PromptedNetwork(model, None, LabelMapping(job.data.num_classes, "none"), IMAGENET_MEAN, IMAGENET_STD,

@@ -1,0 +1,12 @@
+"""Exceptions told in one line: the reason a one-line error, a warning or a table cell gives."""
+from __future__ import annotations
+
+
+def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = True) -> str:
+    """``Type: first line of the message`` (``with_type=False``: the line alone), the first line that is not
+    blank; the type alone when the message is empty. Cut to ``limit`` characters, ending in "..." when cut.
+    Messages of torch and its compilers run to dozens of lines (generated code, tracebacks of workers)."""
+    line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+    if with_type:
+        line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
+    return line if len(line) <= limit else line[:max(0, limit - 3)] + "..."

@@ -71,7 +71,9 @@ void max_pool_channels_last(const float* x, float* out, int64_t batch, int64_t c
         for (int64_t k = 0; k < kw; ++k) {
           // outputs whose tap k reads a column inside the input: ow * sw + k - pw in [0, width)
           const int64_t ow0 = std::max<int64_t>(0, (pw - k + sw - 1) / sw);
-          const int64_t ow1 = std::min(out_w, (width - 1 - k + pw) / sw + 1);
+          // (a negative numerator would round towards zero: tap k of a narrow input reads no column at all)
+          const int64_t last = width - 1 - k + pw;
+          const int64_t ow1 = last < 0 ? 0 : std::min(out_w, last / sw + 1);
           if (ow0 >= ow1) continue;
           max_into_pixels(out_row + ow0 * channels, in_row + (ow0 * sw + k - pw) * channels, ow1 - ow0, channels,
                           sw * channels);
@@ -99,7 +101,8 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
   TORCH_CHECK(ph >= 0 && pw >= 0 && 2 * ph <= kh && 2 * pw <= kw, op,
               ": padding must be >= 0 and at most half the kernel size, got (", ph, ", ", pw, ")");
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  TORCH_CHECK(height >= 1 && width >= 1, op, ": input height and width must be >= 1, got ", height, "x", width);
+  TORCH_CHECK(channels >= 1 && height >= 1 && width >= 1, op, ": input channels, height and width must be >= 1, got ",
+              channels, "x", height, "x", width);
   TORCH_CHECK(height + 2 * ph >= kh && width + 2 * pw >= kw, op, ": input ", height, "x", width,
               " is smaller than the kernel");
   const int64_t out_h = (height + 2 * ph - kh) / sh + 1, out_w = (width + 2 * pw - kw) / sw + 1;

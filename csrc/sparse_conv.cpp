@@ -92,6 +92,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -208,11 +209,26 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] + positions)
 // is read (the last, partial vector is a masked load), so a convolution can read its input in place.
 
+// Input lines to request ahead of use, for a panel read in place from a tensor that is not in cache (a 1x1
+// conv's input): the window of input channel c for the tile at src is src + c * channel_stride, `width` floats.
+// While one channel block's rows run, the next block's window (or the next tile's first block) is prefetched,
+// a few lines per row. channel_stride == 0: none. Why: such a window is one short run per channel, hundreds of
+// streams that the hardware prefetchers do not follow; at batch 32 every image's input comes from memory.
+// ResNet-50, 10% kept, 2 threads, per-round ratios of 8 interleaved rounds: batch 32 1.048x (p20-p80
+// 1.005-1.069x), batch 1 1.016x (0.96-1.06x). Tried with it, not kept: prefetching the epilogue's output
+// and residual lines during the first block, batch 32 0.99x (0.92-1.05x); the next rows' nonzeros, batch 1
+// 1.01x (0.93-1.08x).
+struct InputPrefetch {
+  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_width = 0;
+};
+
 #if VPNS_X86
 // kMasked: the last vector loads only the lanes set in `last` (positions past the window are not read).
 template <int NV, bool kMasked>
 __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, const int32_t* offsets, const float* values,
-                                                          int64_t count, float* out, __m256i last) {
+                                                          int64_t count, float* out, int64_t width) {
+  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(width % kLanes)),
+                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256 acc[NV];
 #pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(out + v * kLanes);
@@ -230,39 +246,37 @@ __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, cons
   for (int v = 0; v < NV; ++v) _mm256_storeu_ps(out + v * kLanes, acc[v]);
 }
 
+// body(std::integral_constant<int, V>()) with V = vectors, in [1, kMax]: a tile's vector count as a constant.
+template <int kMax, typename Body>
+inline void with_vector_count(int64_t vectors, const Body& body) {
+  if constexpr (kMax > 1) {
+    if (vectors < kMax) return with_vector_count<kMax - 1>(vectors, body);
+  }
+  body(std::integral_constant<int, kMax>());
+}
+
 // `width` positions (1..kTile) from src to out; kMasked: width % 8 != 0 and the last vector's lanes past
 // the window are not read.
 template <bool kMasked>
 __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const float* src, const int32_t* offsets,
                                                        const float* values, int64_t count, float* out) {
-  const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(width % kLanes)),
-                                          _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-  switch ((width + kLanes - 1) / kLanes) {
-    case 1: tile_avx2<1, kMasked>(src, offsets, values, count, out, last); break;
-    case 2: tile_avx2<2, kMasked>(src, offsets, values, count, out, last); break;
-    case 3: tile_avx2<3, kMasked>(src, offsets, values, count, out, last); break;
-    case 4: tile_avx2<4, kMasked>(src, offsets, values, count, out, last); break;
-    case 5: tile_avx2<5, kMasked>(src, offsets, values, count, out, last); break;
-    case 6: tile_avx2<6, kMasked>(src, offsets, values, count, out, last); break;
-    case 7: tile_avx2<7, kMasked>(src, offsets, values, count, out, last); break;
-    case 8: tile_avx2<8, kMasked>(src, offsets, values, count, out, last); break;
-    case 9: tile_avx2<9, kMasked>(src, offsets, values, count, out, last); break;
-    case 10: tile_avx2<10, kMasked>(src, offsets, values, count, out, last); break;
-    case 11: tile_avx2<11, kMasked>(src, offsets, values, count, out, last); break;
-    default: tile_avx2<12, kMasked>(src, offsets, values, count, out, last); break;
-  }
+  with_vector_count<kMaxVectors>((width + kLanes - 1) / kLanes, [&](auto vectors) {
+    tile_avx2<decltype(vectors)::value, kMasked>(src, offsets, values, count, out, width);
+  });
 }
 
 // The same tile with 16-lane vectors: 96 positions are 6 zmm accumulators, one load and one FMA per vector
-// and nonzero as in the AVX2 tile, so each instruction does twice the work where the CPU has two 512-bit
-// FMA units (Intel server cores); AMD's Zen 4 splits them in halves (an earlier 6-zmm variant measured
-// 0.97-1.00x of the AVX2 tile end to end there).
+// and nonzero as in the AVX2 tile, so half the instructions for the same positions. The loads bound it:
+// 15 of 16 unaligned 64-byte loads straddle two cache lines, so it gains 1.04-1.14x per 3x3 layer on the
+// Intel Xeon measured (see default_isa), not 2x. AMD's Zen 4 splits 512-bit FMAs in halves (an earlier
+// 6-zmm variant measured 0.97-1.00x of the AVX2 tile end to end there). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
 template <int NV, bool kMasked>
 __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, const int32_t* offsets,
                                                            const float* values, int64_t count, float* out,
-                                                           __mmask16 last) {
+                                                           int64_t width) {
+  const __mmask16 last = static_cast<__mmask16>((1u << (width % kWideLanes)) - 1u);
   __m512 acc[NV];
 #pragma GCC unroll 8
   for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(out + v * kWideLanes);
@@ -284,30 +298,11 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, con
 template <bool kMasked>
 __attribute__((target("avx512f"))) void tile_avx512_any(int64_t width, const float* src, const int32_t* offsets,
                                                         const float* values, int64_t count, float* out) {
-  const __mmask16 last = static_cast<__mmask16>((1u << (width % kWideLanes)) - 1u);
   static_assert(kTile == 6 * kWideLanes, "a tile is 6 zmm vectors");
-  switch ((width + kWideLanes - 1) / kWideLanes) {
-    case 1: tile_avx512<1, kMasked>(src, offsets, values, count, out, last); break;
-    case 2: tile_avx512<2, kMasked>(src, offsets, values, count, out, last); break;
-    case 3: tile_avx512<3, kMasked>(src, offsets, values, count, out, last); break;
-    case 4: tile_avx512<4, kMasked>(src, offsets, values, count, out, last); break;
-    case 5: tile_avx512<5, kMasked>(src, offsets, values, count, out, last); break;
-    default: tile_avx512<6, kMasked>(src, offsets, values, count, out, last); break;
-  }
+  with_vector_count<6>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
+    tile_avx512<decltype(vectors)::value, kMasked>(src, offsets, values, count, out, width);
+  });
 }
-
-// Input lines to request ahead of use, for a panel read in place from a tensor that is not in cache (a 1x1
-// conv's input): the window of input channel c for the tile at src is src + c * channel_stride, `width` floats.
-// While one channel block's rows run, the next block's window (or the next tile's first block) is prefetched,
-// a few lines per row. channel_stride == 0: none. Why: such a window is one short run per channel, hundreds of
-// streams that the hardware prefetchers do not follow; at batch 32 every image's input comes from memory.
-// ResNet-50, 10% kept, 2 threads, per-round ratios of 8 interleaved rounds: batch 32 1.048x (p20-p80
-// 1.005-1.069x), batch 1 1.016x (0.96-1.06x). Tried with it, not kept: prefetching the epilogue's output
-// and residual lines during the first block, batch 32 0.99x (0.92-1.05x); the next rows' nonzeros, batch 1
-// 1.01x (0.93-1.08x).
-struct InputPrefetch {
-  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_width = 0;
-};
 
 // Walks the lines of one channel block's window, `per_step` prefetches a step.
 struct WindowPrefetcher {

@@ -36,7 +36,7 @@ CONV_SHAPES = [
 ]
 
 
-KERNEL_ISAS = ("avx512", "avx2", "scalar")
+KERNEL_ISAS = sparse_cpu.KERNEL_ISAS
 
 
 @pytest.fixture(params=KERNEL_ISAS)
@@ -277,6 +277,33 @@ def test_separable_max_pool_equals_max_pool(shape, monkeypatch):
         assert got_channels_last.is_contiguous(memory_format=torch.channels_last)
         assert torch.equal(module.reference(x).nan_to_num(7.0), want)  # its torch reference
         assert torch.equal(module(x.double()).nan_to_num(7.0), pool(x.double()).nan_to_num(7.0))  # other dtypes
+
+
+def test_max_pool_on_narrow_inputs_equals_torch_in_both_layouts():
+    """Every kernel size 1-5, stride 1-3 and legal padding on inputs 1-3 pixels wide or high, where a tap of a
+    window can fall wholly in the padding (a channels_last pool once read the next row's pixel there)."""
+    generator = torch.Generator().manual_seed(11)
+    checked = 0
+    for height, width in [(1, 1), (1, 2), (2, 1), (4, 1), (1, 4), (2, 2), (3, 2), (2, 3), (5, 3)]:
+        x = torch.randn(2, 3, height, width, generator=generator)
+        x[0, 1].fill_(float("-inf"))
+        x[1, 2, -1, -1] = float("nan")
+        for layout in (torch.contiguous_format, torch.channels_last):
+            xl = x.contiguous(memory_format=layout)
+            for kernel in range(1, 6):
+                for stride in range(1, 4):
+                    for padding in range(kernel // 2 + 1):
+                        if height + 2 * padding < kernel or width + 2 * padding < kernel:
+                            continue
+                        module = sparse_cpu.SeparableMaxPool2d(kernel, stride, padding)
+                        expected = F.max_pool2d(x, kernel, stride, padding)
+                        got = module(xl)
+                        assert torch.equal(got.nan_to_num(7.0), expected.nan_to_num(7.0)), (
+                            height, width, layout, kernel, stride, padding)
+                        checked += 1
+    assert checked > 300
+    with pytest.raises(RuntimeError, match="channels, height and width must be >= 1"):
+        sparse_cpu.SeparableMaxPool2d(3, 2, 1)(torch.randn(1, 0, 4, 4))
 
 
 # The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in
@@ -551,7 +578,8 @@ def test_errors():
 
 def test_kernel_isa_choice_is_checked_and_read_from_the_environment(tmp_path):
     """set_kernel_isa takes only the names of kernels, and only those this CPU runs; VPNS_FAST_SPARSE_ISA
-    chooses at the first call (a name the CPU lacks gives the widest it has, an unknown one the default)."""
+    chooses at the first call (a name the CPU lacks gives the widest it has, an unknown one the default, with
+    a warning), whatever this process was started with."""
     import os
     import subprocess
     import sys
@@ -571,13 +599,25 @@ def test_kernel_isa_choice_is_checked_and_read_from_the_environment(tmp_path):
     assert sparse_cpu.set_kernel_isa(chosen) == here[-1] and sparse_cpu.kernel_isa() == chosen
     assert "scalar" in here and chosen in here
     widest = here[0]
-    script = "from vpns_fast import _extension\nprint(_extension.load().sparse_kernel_isa())\n"
-    for wanted, expected in (("scalar", "scalar"), ("avx2", "avx2" if "avx2" in here else "scalar"),
-                             ("avx512", widest), ("sse", chosen)):
-        env = dict(os.environ, VPNS_FAST_SPARSE_ISA=wanted)
+    script = "from vpns_fast.deploy import sparse_cpu\nprint(sparse_cpu.kernel_isa())\n"
+
+    def kernel_in_a_new_process(wanted):
+        env = dict(os.environ)
+        env.pop("VPNS_FAST_SPARSE_ISA", None)
+        if wanted is not None:
+            env["VPNS_FAST_SPARSE_ISA"] = wanted
         result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and result.stdout.split()[-1] == expected, (wanted, result.stdout,
-                                                                                   result.stderr[-2000:])
+        assert result.returncode == 0, (wanted, result.stderr[-2000:])
+        return result.stdout.split()[-1], result.stderr
+
+    default, warned = kernel_in_a_new_process(None)
+    assert default in here and not warned
+    for wanted, expected in (("scalar", "scalar"), ("avx2", "avx2" if "avx2" in here else "scalar"),
+                             ("avx512", widest)):
+        assert kernel_in_a_new_process(wanted) == (expected, ""), wanted
+    for unknown in ("sse", "AVX2", " avx2", ""):
+        got, warned = kernel_in_a_new_process(unknown)
+        assert got == default and f"VPNS_FAST_SPARSE_ISA={unknown!r} is not one of avx512, avx2, scalar" in warned
 
 
 GUARD_PAGE_SCRIPT = """

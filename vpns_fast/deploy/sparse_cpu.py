@@ -13,7 +13,9 @@ import dataclasses
 import functools
 import io
 import math
+import os
 import time
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -30,6 +32,8 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa")
 POLICIES = ("measure", "sparse", "dense")
+# The sparse kernels' vector instruction sets, widest first (see kernel_isa).
+KERNEL_ISAS = ("avx512", "avx2", "scalar")
 # Linear layers kept dense are tried sparse in the whole network only at this density or below (see
 # _prefer_sparse_linears).
 SPARSE_LINEAR_MAX_DENSITY = 0.25
@@ -52,6 +56,10 @@ def available() -> tuple[bool, str]:
     if missing:
         return False, (f"the C++ extension vpns_fast._C is out of date (missing {', '.join(missing)}); rebuild it: "
                        f"`python setup.py build_ext --inplace`")
+    wanted = os.environ.get("VPNS_FAST_SPARSE_ISA")
+    if wanted is not None and wanted not in KERNEL_ISAS:
+        warnings.warn(f"VPNS_FAST_SPARSE_ISA={wanted!r} is not one of {', '.join(KERNEL_ISAS)}: ignored, the sparse "
+                      f"kernels run with {module.sparse_kernel_isa()}", stacklevel=2)
     return True, "sparse CPU kernels available"
 
 

@@ -472,7 +472,8 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
             peak = (f"; machine dense peak this run: {r['peak_gflops']:.1f} GFLOP/s (best of a 1024^3 sgemm "
                     f"and a 256-channel 3x3 conv)"
                     if r.get("peak_gflops") else "")
-            print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){peak}")
+            kernel = f"; sparse kernel: {r['sparse_kernel_isa']}" if r.get("sparse_kernel_isa") else ""
+            print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){kernel}{peak}")
             print(format_decisions(r["decisions"], r.get("peak_gflops")))
             if r.get("network_choice"):
                 print(f"whole network: {r['network_choice']}")

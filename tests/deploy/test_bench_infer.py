@@ -60,6 +60,8 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
     assert "deployed vs onnxruntime:" in out and "p20-p80 over 2 rounds" in out
     assert "per-layer decisions" in out and "nzGF/s" in out and "GFLOP/s (best of a 1024^3 sgemm" in out
     assert "GFLOP/s on the nonzero weights" in out and "FLOP-ratio limit" in out
+    if sparse_cpu.available()[0]:
+        assert f"; sparse kernel: {sparse_cpu.kernel_isa()};" in out
 
 
 def test_onnxruntime_missing_is_a_skipped_row(checkpoint, monkeypatch):

@@ -226,9 +226,19 @@ def test_sigterm_while_writing_removes_the_partial_file_and_keeps_the_old_one(fi
     assert signal.getsignal(signal.SIGTERM) is previous  # put back for whoever called main()
 
 
-def test_ctrl_c_during_torchs_import_waits_for_the_import(monkeypatch):
+@pytest.fixture
+def sigint_handler():
+    """Sets SIGINT's handler for the test (pytest's own may be SIG_IGN, e.g. under `nohup ... &`), then puts
+    back the one it found."""
+    found = signal.getsignal(signal.SIGINT)
+    yield lambda handler: signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGINT, found)
+
+
+def test_ctrl_c_during_torchs_import_waits_for_the_import(monkeypatch, sigint_handler):
     import builtins
 
+    sigint_handler(signal.default_int_handler)
     real_import, finished = builtins.__import__, []
 
     def interrupted_import(name, *args, **kwargs):
@@ -241,7 +251,25 @@ def test_ctrl_c_during_torchs_import_waits_for_the_import(monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         cli._import_torch_uninterrupted()
     assert finished == ["numpy"]  # the import ran to its end before the interrupt was raised
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the caller's handler is back
+
+
+def test_ctrl_c_ignored_at_start_stays_ignored(monkeypatch, sigint_handler):
+    """A command started with SIGINT ignored (`nohup vpns ... &`) is not interrupted by one during the import."""
+    import builtins
+
+    sigint_handler(signal.SIG_IGN)
+    real_import, raised = builtins.__import__, []
+
+    def interrupted_import(name, *args, **kwargs):
+        if name == "numpy" and not raised:
+            signal.raise_signal(signal.SIGINT)
+            raised.append(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    cli._import_torch_uninterrupted()  # no KeyboardInterrupt
+    assert raised == ["numpy"] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 @pytest.mark.parametrize("raised, pattern", [

@@ -689,7 +689,10 @@ def _import_torch_uninterrupted() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers belong to the main thread: the command imports torch itself
     interrupted = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    # started with Ctrl-C ignored (`nohup vpns ... &`): it stays ignored
+    held = signal.SIG_IGN if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (
+        lambda signum, frame: interrupted.append(signum))
+    previous = signal.signal(signal.SIGINT, held)
     try:
         import numpy  # noqa: F401
         import torch  # noqa: F401

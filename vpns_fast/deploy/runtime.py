@@ -463,7 +463,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
                    "device": str(module.device), "rounds": iters, "engine_version": versions[label], **measured_on}
             if label in settings:
                 row["engine_settings"] = settings[label]
-            if label == "deploy" and module.device.type == "cpu" and sparse_cpu.available()[0]:
+            if (label == "deploy" and module.device.type == "cpu" and sparse_cpu.available()[0]
+                    and any(d.get("chosen") == "sparse" for d in fast.decisions or [])):  # a sparse kernel ran
                 row["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
             if label == "deploy":
                 for other in modules:

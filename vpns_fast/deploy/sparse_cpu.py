@@ -74,7 +74,7 @@ def set_kernel_isa(name: str) -> str:
     """Makes the sparse layers run with the kernel ``name`` (``"avx512"``, ``"avx2"`` or ``"scalar"``, one this
     CPU runs), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs."""
     if not isinstance(name, str):
-        raise TypeError(f"name must be a str ('avx512', 'avx2' or 'scalar'), got {type(name).__name__}")
+        raise TypeError(f"name must be a str (one of {', '.join(KERNEL_ISAS)}), got {type(name).__name__}")
     return str(_ops().set_sparse_kernel_isa(name))
 
 

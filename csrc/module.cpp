@@ -77,7 +77,12 @@ equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
         "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
+  m.def("sparse_kernel_isas", &vpns::sparse_kernel_isas,
+        "Names of the sparse kernels' instruction sets this CPU runs, widest first.");
+  m.def("sparse_kernel_isa_environment_note", &vpns::sparse_kernel_isa_environment_note,
+        "'' unless VPNS_FAST_SPARSE_ISA (read once, by the extension only) names no instruction set; then a line\n"
+        "saying it was ignored and which one runs.");
   m.def("set_sparse_kernel_isa", &vpns::set_sparse_kernel_isa, py::arg("name"),
-        "Makes the sparse kernels use 'avx512', 'avx2' or 'scalar' (one this CPU runs; for tests and for\n"
+        "Makes the sparse kernels use 'avx512', 'avx2' or 'scalar' (one of sparse_kernel_isas(); for tests and for\n"
         "comparing them in one process). Returns the previous choice. Not for use while kernels run.");
 }

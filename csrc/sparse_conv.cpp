@@ -118,10 +118,12 @@ constexpr double kRowBlockNonzeros = 12.0;
 // The vector kernel the sparse layers run: by default AVX-512 on Intel CPUs that have it, else AVX2, else the
 // portable one; set_sparse_kernel_isa (tests check every path on one machine; benchmarks compare them in one
 // process) or VPNS_FAST_SPARSE_ISA=scalar|avx2|avx512 before the first call chooses another the CPU has.
-// Why not AVX-512 on AMD: Zen 4 runs a 512-bit FMA as two 256-bit halves, and a 6-zmm tile measured 0.97x
-// (ResNet-18) and 1.00x (ResNet-50) the AVX2 tile end to end there (2-core EPYC, 10% kept, 2026-12-03).
+// Why not AVX-512 on AMD: a 6-zmm tile measured 0.97x (ResNet-18) and 1.00x (ResNet-50) the AVX2 tile end to
+// end on a 2-core EPYC (Zen 4, 10% kept, 2026-12-03); the cause was not measured (Zen 4 is documented to run
+// 512-bit FMAs as two 256-bit halves).
+// The ISAs are the indices of kIsas (below, with their kernels), narrowest first.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-constexpr const char* kIsaNames[] = {"scalar", "avx2", "avx512"};
+constexpr int kIsaCount = 3;
 
 Isa widest_isa() {
 #if VPNS_X86
@@ -141,17 +143,17 @@ Isa default_isa() {
   return widest;
 }
 
-// -1 if `name` is not an ISA's name.
-int isa_index(const std::string& name) {
-  for (int i = 0; i < 3; ++i) {
-    if (name == kIsaNames[i]) return i;
-  }
-  return -1;
+// VPNS_FAST_SPARSE_ISA as the process started with it (nullptr: unset); read here only, once.
+const char* isa_environment() {
+  static const char* const wanted = std::getenv("VPNS_FAST_SPARSE_ISA");
+  return wanted;
 }
+
+int isa_index(const std::string& name);
 
 std::atomic<int>& chosen_isa() {
   static std::atomic<int> chosen([] {
-    const char* wanted = std::getenv("VPNS_FAST_SPARSE_ISA");
+    const char* wanted = isa_environment();
     const int index = wanted ? isa_index(wanted) : -1;
     return index >= 0 ? std::min(index, static_cast<int>(widest_isa())) : static_cast<int>(default_isa());
   }());
@@ -392,28 +394,59 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
   }
 }
 
+// The kernels of each ISA, by Isa index: a new per-ISA kernel is a new member here, chosen with the others.
+using RowsTimesPanelFn = void (*)(const float* src, const int32_t* offsets, const float* values,
+                                  const int64_t* segments, int64_t blocks_per_row, int64_t row_begin, int64_t row_end,
+                                  int64_t positions, float* out, int64_t out_stride, bool exact,
+                                  const InputPrefetch& prefetch);
+
+struct IsaKernels {
+  const char* name;
+  RowsTimesPanelFn rows_times_panel;
+};
+
+void rows_times_panel_portable(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
+                               int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions,
+                               float* out, int64_t out_stride, bool exact, const InputPrefetch&) {
+  rows_times_panel_scalar(src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out,
+                          out_stride, exact);
+}
+
+#if VPNS_X86
+constexpr IsaKernels kIsas[kIsaCount] = {
+    {"scalar", rows_times_panel_portable},
+    {"avx2", rows_times_panel_vector<kLanes, tile_avx2_any<true>, tile_avx2_any<false>>},
+    {"avx512", rows_times_panel_vector<kWideLanes, tile_avx512_any<true>, tile_avx512_any<false>>},
+};
+#else  // widest_isa() is scalar: the vector entries are never chosen
+constexpr IsaKernels kIsas[kIsaCount] = {
+    {"scalar", rows_times_panel_portable}, {"avx2", rows_times_panel_portable}, {"avx512", rows_times_panel_portable}};
+#endif
+
+// -1 if `name` is not an ISA's name.
+int isa_index(const std::string& name) {
+  for (int i = 0; i < kIsaCount; ++i) {
+    if (name == kIsas[i].name) return i;
+  }
+  return -1;
+}
+
+const IsaKernels& isa_kernels() { return kIsas[static_cast<int>(sparse_isa())]; }
+
+// The ISAs' names, widest first, joined by ", ".
+std::string isa_name_list() {
+  std::string names;
+  for (int i = kIsaCount - 1; i >= 0; --i) names += std::string(kIsas[i].name) + (i > 0 ? ", " : "");
+  return names;
+}
+
 // out (zero-filled by the caller) += rows [row_begin, row_end) of the sparse matrix times the
 // panel; row r's nonzeros for input block j are segments[r * blocks_per_row + j] .. [... + 1].
 void rows_times_panel(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
                       int64_t blocks_per_row, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
                       int64_t out_stride, bool exact, const InputPrefetch& prefetch = InputPrefetch()) {
-#if VPNS_X86
-  switch (sparse_isa()) {
-    case Isa::kAvx512:
-      rows_times_panel_vector<kWideLanes, tile_avx512_any<true>, tile_avx512_any<false>>(
-          src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out, out_stride, exact,
-          prefetch);
-      return;
-    case Isa::kAvx2:
-      rows_times_panel_vector<kLanes, tile_avx2_any<true>, tile_avx2_any<false>>(
-          src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out, out_stride, exact,
-          prefetch);
-      return;
-    case Isa::kScalar: break;
-  }
-#endif
-  rows_times_panel_scalar(src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out,
-                          out_stride, exact);
+  isa_kernels().rows_times_panel(src, offsets, values, segments, blocks_per_row, row_begin, row_end, positions, out,
+                                 out_stride, exact, prefetch);
 }
 
 // ---- convolution geometry -----------------------------------------------------------------------
@@ -728,14 +761,27 @@ void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* column
 
 namespace vpns {
 
-std::string sparse_kernel_isa() { return kIsaNames[static_cast<int>(sparse_isa())]; }
+std::string sparse_kernel_isa() { return isa_kernels().name; }
+
+std::vector<std::string> sparse_kernel_isas() {
+  std::vector<std::string> names;
+  for (int i = static_cast<int>(widest_isa()); i >= 0; --i) names.emplace_back(kIsas[i].name);
+  return names;
+}
+
+std::string sparse_kernel_isa_environment_note() {
+  const char* wanted = isa_environment();
+  if (wanted == nullptr || isa_index(wanted) >= 0) return "";
+  return "VPNS_FAST_SPARSE_ISA='" + std::string(wanted) + "' is not one of " + isa_name_list() +
+         ": ignored, the sparse kernels run with " + kIsas[static_cast<int>(default_isa())].name;
+}
 
 std::string set_sparse_kernel_isa(const std::string& name) {
   const int index = isa_index(name);
-  TORCH_CHECK(index >= 0, "set_sparse_kernel_isa: name must be 'scalar', 'avx2' or 'avx512', got '", name, "'");
+  TORCH_CHECK(index >= 0, "set_sparse_kernel_isa: name must be one of ", isa_name_list(), ", got '", name, "'");
   TORCH_CHECK(index <= static_cast<int>(widest_isa()), "set_sparse_kernel_isa: this CPU has no ", name,
-              " (the widest it runs is ", kIsaNames[static_cast<int>(widest_isa())], ")");
-  return kIsaNames[chosen_isa().exchange(index)];
+              " (the widest it runs is ", kIsas[static_cast<int>(widest_isa())].name, ")");
+  return kIsas[chosen_isa().exchange(index)].name;
 }
 
 std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {

@@ -42,6 +42,10 @@ int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limi
 // Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has,
 // unless chosen otherwise).
 std::string sparse_kernel_isa();
+// Names of the ISAs this CPU runs, widest first.
+std::vector<std::string> sparse_kernel_isas();
+// "" unless VPNS_FAST_SPARSE_ISA names no ISA: then what was ignored and what runs instead.
+std::string sparse_kernel_isa_environment_note();
 // Makes the sparse kernels run with `name` (one this CPU has); returns the previous choice.
 std::string set_sparse_kernel_isa(const std::string& name);
 

@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import io
 import math
-import os
 import time
 import warnings
 from collections.abc import Callable
@@ -30,9 +29,11 @@ from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
-                 "sparse_kernel_isa", "set_sparse_kernel_isa")
+                 "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
+                 "sparse_kernel_isa_environment_note")
 POLICIES = ("measure", "sparse", "dense")
-# The sparse kernels' vector instruction sets, widest first (see kernel_isa).
+# The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
+# a test compares with this one, is what it accepts.
 KERNEL_ISAS = ("avx512", "avx2", "scalar")
 # Linear layers kept dense are tried sparse in the whole network only at this density or below (see
 # _prefer_sparse_linears).
@@ -56,10 +57,9 @@ def available() -> tuple[bool, str]:
     if missing:
         return False, (f"the C++ extension vpns_fast._C is out of date (missing {', '.join(missing)}); rebuild it: "
                        f"`python setup.py build_ext --inplace`")
-    wanted = os.environ.get("VPNS_FAST_SPARSE_ISA")
-    if wanted is not None and wanted not in KERNEL_ISAS:
-        warnings.warn(f"VPNS_FAST_SPARSE_ISA={wanted!r} is not one of {', '.join(KERNEL_ISAS)}: ignored, the sparse "
-                      f"kernels run with {module.sparse_kernel_isa()}", stacklevel=2)
+    note = module.sparse_kernel_isa_environment_note()  # the extension reads VPNS_FAST_SPARSE_ISA, once
+    if note:
+        warnings.warn(note, stacklevel=2)
     return True, "sparse CPU kernels available"
 
 
@@ -70,9 +70,14 @@ def kernel_isa() -> str:
     return str(_ops().sparse_kernel_isa())
 
 
+def kernel_isas() -> tuple[str, ...]:
+    """The kernels this CPU runs, widest first (a subset of :data:`KERNEL_ISAS`, ``"scalar"`` always in it)."""
+    return tuple(str(name) for name in _ops().sparse_kernel_isas())
+
+
 def set_kernel_isa(name: str) -> str:
-    """Makes the sparse layers run with the kernel ``name`` (``"avx512"``, ``"avx2"`` or ``"scalar"``, one this
-    CPU runs), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs."""
+    """Makes the sparse layers run with the kernel ``name`` (``"avx512"``, ``"avx2"`` or ``"scalar"``, one of
+    :func:`kernel_isas`), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (one of {', '.join(KERNEL_ISAS)}), got {type(name).__name__}")
     return str(_ops().set_sparse_kernel_isa(name))

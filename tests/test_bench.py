@@ -277,3 +277,29 @@ def test_the_pruned_models_leave_the_random_stream_alone():
     assert torch.equal(torch.rand(2), expected)
     second = infer.pruned_model.__wrapped__("resnet18", 0.1, "uniform", seed=0)
     assert torch.equal(first.conv1.weight, second.conv1.weight)  # the seed still makes the model
+
+
+def test_sparse_isa_rows(tmp_path):
+    """Every kernel this CPU runs is timed on each point after its output was checked against the scalar one;
+    a kernel the CPU lacks is a skipped row naming it; `default` is the kernel the engine picks, and the
+    choice is put back after every call."""
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    if not available:
+        pytest.skip(f"sparse CPU kernels unavailable: {reason}")
+    chosen, here = sparse_cpu.kernel_isa(), sparse_cpu.kernel_isas()
+    rows = run_cases(["sparse_isa"], device="cpu", sizes="small", repeats=2, out_path=str(tmp_path / "rows.jsonl"),
+                     cpu_warmup_seconds=0.0, stream=None, compile_baselines=False)
+    assert sparse_cpu.kernel_isa() == chosen
+    assert {row["params"]["scope"] for row in rows} == {"layer", "model"}
+    assert len({row["shape"] for row in rows}) == 5  # 4 layers and the network
+    for row in rows:
+        assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
+        assert row["case"] == "sparse_isa" and row["params"]["default_isa"] == chosen
+        if row["impl"] in here or row["impl"] == "default":
+            assert row["status"] == "ok", row
+            assert set(row["speedup"]) == set(here) and row["tflop_per_s"] > 0 and row["flops"] > 0
+        else:
+            assert row["status"] == "skipped" and f"this CPU has no {row['impl']}" in row["skip_reason"]
+    assert {row["impl"] for row in rows} == {"scalar", "avx2", "avx512", "default"}

@@ -179,7 +179,7 @@ def _max_error(output, reference) -> tuple[float, float]:
     return float((output - reference).abs().max()), 1.0 + float(reference.abs().max())
 
 
-def _comparer(tolerance: float, what: str):
+def comparer(tolerance: float, what: str):
     def compare(output, reference, impl_name):
         if not isinstance(output, torch.Tensor) or output.shape != reference.shape:
             raise VerificationError(f"infer: {impl_name} returned {getattr(output, 'shape', type(output).__name__)}, "
@@ -222,7 +222,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
                                 None if available else unavailable_reason),
                       Candidate("deployed", "backend", no_grad(deployed) if deployed is not None else None,
                                 None if available else unavailable_reason)]
-        return Workload(config, inputs, candidates, list(LAYER_BASELINES), _comparer(LAYER_TOLERANCE, config.shape),
+        return Workload(config, inputs, candidates, list(LAYER_BASELINES), comparer(LAYER_TOLERANCE, config.shape),
                         images_per_call=p["batch"])
 
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
@@ -250,7 +250,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted), setup_seconds=setup_seconds))
     else:
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
-    return Workload(config, inputs, candidates, list(MODEL_BASELINES), _comparer(MODEL_TOLERANCE, config.shape),
+    return Workload(config, inputs, candidates, list(MODEL_BASELINES), comparer(MODEL_TOLERANCE, config.shape),
                     images_per_call=p["batch"], flops=p.get("nonzero_flops"))
 
 

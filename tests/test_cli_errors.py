@@ -272,6 +272,16 @@ def test_ctrl_c_ignored_at_start_stays_ignored(monkeypatch, sigint_handler):
     assert raised == ["numpy"] and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
+def test_a_sigint_handler_set_outside_python_is_left_alone(monkeypatch):
+    """signal.getsignal says None for a handler an embedding program installed; signal.signal could not put it
+    back, so the import leaves SIGINT as it found it."""
+    calls = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: calls.append((signum, handler)))
+    cli._import_torch_uninterrupted()
+    assert calls == []
+
+
 @pytest.mark.parametrize("raised, pattern", [
     (RuntimeError("[enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: can't allocate memory: you tried to "
                   "allocate 1 bytes"), "out of memory .*can't allocate memory.*; try a smaller --batch$"),

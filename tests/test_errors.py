@@ -1,7 +1,9 @@
-"""vpns_fast.errors.exception_reason: an exception as the one line a message, warning or table shows."""
+"""vpns_fast.errors: an exception as the one line a message, warning or table shows."""
 from __future__ import annotations
 
-from vpns_fast.errors import exception_reason
+import pytest
+
+from vpns_fast.errors import exception_reason, state_dict_mismatch
 
 
 def test_the_first_line_that_is_not_blank_with_the_type():
@@ -22,3 +24,20 @@ def test_long_lines_are_cut_to_the_limit_with_an_ellipsis():
     assert len(reason) == 40 and reason.startswith("ValueError: xxx") and reason.endswith("...")
     assert exception_reason(ValueError("short"), 40) == "ValueError: short"
     assert len(exception_reason(exc)) == 200  # the default limit
+
+
+def test_state_dict_mismatch_names_the_first_problem_and_counts_the_rest():
+    import torch
+    from torch import nn
+
+    with pytest.raises(RuntimeError) as caught:
+        nn.Linear(3, 2).load_state_dict({"weight": torch.zeros(4, 3), "bias": torch.zeros(4)})
+    reason = state_dict_mismatch(caught.value)
+    assert reason.startswith("size mismatch for weight: copying a param with shape torch.Size([4, 3])")
+    assert reason.endswith("(and 1 more)") and "\n" not in reason
+    with pytest.raises(RuntimeError) as caught:
+        nn.Linear(3, 2).load_state_dict({"weight": torch.zeros(2, 3)})
+    assert state_dict_mismatch(caught.value) == 'Missing key(s) in state_dict: "bias"'
+    long = state_dict_mismatch(RuntimeError("Error(s) in loading state_dict for M:\n\t" + "x" * 500 + "\n\ty"), 60)
+    assert len(long) == 60 and long.endswith("... (and 1 more)")
+    assert state_dict_mismatch(RuntimeError("other\nlines")) == "other"  # not load_state_dict's: its first line

@@ -688,10 +688,12 @@ def _import_torch_uninterrupted() -> None:
     with an unrelated traceback."""
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers belong to the main thread: the command imports torch itself
+    found = signal.getsignal(signal.SIGINT)
+    if found is None:
+        return  # a handler set outside Python (an embedding program): Python could not put it back
     interrupted = []
     # started with Ctrl-C ignored (`nohup vpns ... &`): it stays ignored
-    held = signal.SIG_IGN if signal.getsignal(signal.SIGINT) is signal.SIG_IGN else (
-        lambda signum, frame: interrupted.append(signum))
+    held = signal.SIG_IGN if found is signal.SIG_IGN else (lambda signum, frame: interrupted.append(signum))
     previous = signal.signal(signal.SIGINT, held)
     try:
         import numpy  # noqa: F401

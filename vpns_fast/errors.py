@@ -10,3 +10,16 @@ def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = Tru
     if with_type:
         line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
     return line if len(line) <= limit else line[:max(0, limit - 3)] + "..."
+
+
+def state_dict_mismatch(exc: BaseException, limit: int = 300) -> str:
+    """One line for ``load_state_dict``'s RuntimeError, whose first line ("Error(s) in loading state_dict for
+    ResNet:") says nothing: the first problem (missing / unexpected keys, a size mismatch), how many more
+    there are, cut to ``limit`` characters."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[0].startswith("Error(s) in loading state_dict"):
+        return exception_reason(exc, limit, with_type=False)
+    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    first = lines[1].rstrip(".")
+    room = max(0, limit - len(more))
+    return (first if len(first) <= room else first[:max(0, room - 3)] + "...") + more

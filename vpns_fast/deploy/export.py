@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
-from vpns_fast.errors import exception_reason
+from vpns_fast.errors import exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.pruning.checkpoint import tensor_bytes
 
@@ -281,7 +281,8 @@ def _load_state(model: nn.Module, state: dict, path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise ExportFormatError(f"{path}: weights do not fit the model the metadata names ({exc})") from exc
+        raise ExportFormatError(f"{path}: weights do not fit the model the metadata names: "
+                                f"{state_dict_mismatch(exc)}") from exc
 
 
 def _mapping_tensor(meta: dict) -> torch.Tensor | None:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpns_fast.errors import exception_reason
+from vpns_fast.errors import exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.nn.masked_layers import MASKED_TYPES
 from vpns_fast.nn.prompts import VisualPrompt, build_prompt
@@ -212,5 +212,5 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "
-                         f"{exception_reason(exc, 300, with_type=False)}") from exc
+                         f"{state_dict_mismatch(exc)}") from exc
     return model

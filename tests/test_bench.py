@@ -150,7 +150,7 @@ def test_list_entry_point(monkeypatch, capsys):
         runpy.run_module("bench", run_name="__main__", alter_sys=True)
     assert exit_info.value.code == 0
     listing = capsys.readouterr().out
-    assert all(name in listing for name in CASE_NAMES + ["infer"]) and "backends:" in listing
+    assert all(name in listing for name in CASE_NAMES + ["infer", "sparse_isa"]) and "backends:" in listing
 
 
 @pytest.fixture(scope="module")

@@ -148,6 +148,23 @@ def test_deploy_inside_inference_mode(tmp_path, source):
     assert_close(module(x), expected)  # and the engine built there still runs outside it
 
 
+@pytest.mark.parametrize("source", ["checkpoint", "dense", "module"])
+def test_deploy_and_export_under_a_float64_default_dtype(tmp_path, source):
+    """Code that sets torch's default dtype to float64 still deploys and exports a float32 model: the example
+    images deploy() measures with are float32, as forward() passes them on."""
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
+    x = torch.rand(2, 3, size, size)
+    expected = deploy(ckpt if source == "checkpoint" else reference, policy="sparse")(x)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        assert_close(_deployed(tmp_path, source, ckpt, reference, policy="sparse")(x), expected)  # exports too
+        source_path = tmp_path / "m.dense" if source == "dense" else ckpt if source == "checkpoint" else reference
+        assert_close(deploy(source_path, policy="measure")(x), expected)
+    finally:
+        torch.set_default_dtype(previous)
+
+
 def test_out_of_range_pixels_are_refused(tmp_path):
     ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
     module = deploy(ckpt)

@@ -701,7 +701,7 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
                                      "(or pip install onnx)") from exc
     pipeline = onnx_pipeline(folded, meta, slim)
     size = _image_size(meta)
-    model, reason = onnx_model(pipeline, torch.rand(2, 3, size, size), opset)
+    model, reason = onnx_model(pipeline, torch.rand(2, 3, size, size, dtype=torch.float32), opset)
     meta.update(exporter="torch.export" if reason is None else "torchscript", exporter_fallback_reason=reason)
     onnx_meta = dict(meta, slim=slim, image_size=size, input="float32 images in [0, 1], (B, 3, H, W)")
     onnx_meta.pop("prompt", None)  # the program is baked into the graph

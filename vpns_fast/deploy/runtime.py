@@ -252,7 +252,8 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     info: dict[str, Any] = {"device": str(device), "network": network_kind, "policy": policy,
                             "source": source["kind"], "not_slim_because": why_not_slim, "channels_last": False}
     with torch.no_grad():
-        example_images = torch.rand(batch_shape)  # from the stream deploy() forks and puts back
+        # float32, as forward() passes images on, whatever torch's default dtype; from the stream deploy() forks
+        example_images = torch.rand(batch_shape, dtype=torch.float32)
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
     if device.type == "cpu":

@@ -337,3 +337,72 @@ def test_a_rewrite_that_changes_a_structured_output_is_refused_and_redone_withou
     with torch.no_grad():
         raw, activated = converted(x)
         assert float(raw.min()) < 0 and float(activated.min()) >= 0
+
+
+def test_a_trace_does_not_break_modules_called_in_other_threads():
+    """torch.fx patches nn.Module.__call__ for the whole process while it traces; a module another thread calls
+    meanwhile (a server deploying a second model while it serves the first) must run as usual. Two traces at
+    once must each get their whole graph."""
+    import threading
+
+    served, errors, traced_started = threading.Event(), [], threading.Event()
+    layer = nn.Linear(4, 3)
+
+    class WaitsForTheServer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = nn.Linear(4, 4)
+
+        def forward(self, x):  # runs in the tracing thread, with the patches in place
+            traced_started.set()
+            served.wait(timeout=30)
+            return self.inner(x)
+
+    def serve():
+        traced_started.wait(timeout=30)
+        try:
+            with torch.no_grad():
+                layer(torch.ones(2, 4))
+                layer.weight  # noqa: B018 (an attribute read, through nn.Module.__getattr__'s patch too)
+        except Exception as exc:  # noqa: BLE001 - what the test looks for
+            errors.append(f"{type(exc).__name__}: {exc}")
+        served.set()
+
+    server = threading.Thread(target=serve)
+    server.start()
+    graph_module, reason = fusion.trace(WaitsForTheServer())
+    server.join()
+    assert errors == [] and reason == ""
+    assert [node.target for node in graph_module.graph.nodes if node.op == "call_module"] == ["inner"]
+
+    class Pair(nn.Module):
+        def __init__(self, pause):
+            super().__init__()
+            self.first, self.second, self.pause = nn.Linear(4, 4), nn.Linear(4, 4), pause
+
+        def forward(self, x):
+            self.pause()
+            return self.second(self.first(x))
+
+    other_started, first_done, results = threading.Event(), threading.Event(), {}
+
+    def trace_in_thread(name, model):
+        results[name] = fusion.trace(model)
+        if name == "a":
+            first_done.set()
+
+    # Untaken turns would interleave them: the first trace pauses until the second has started, the second
+    # until the first has finished (and restored what it patched). Taking turns, each waits 0.5 s at most.
+    first = threading.Thread(target=trace_in_thread, args=("a", Pair(lambda: other_started.wait(timeout=0.5))))
+    second = threading.Thread(target=trace_in_thread, args=(
+        "b", Pair(lambda: (other_started.set(), first_done.wait(timeout=0.5)))))
+    first.start()
+    second.start()
+    first.join()
+    second.join()
+    for name in ("a", "b"):
+        graph_module, reason = results[name]
+        assert reason == "" and [node.target for node in graph_module.graph.nodes
+                                 if node.op == "call_module"] == ["first", "second"], (name, reason)
+    assert nn.Module.__call__ is nn.Module.__dict__["__call__"] and not hasattr(nn.Module.__call__,
+                                                                              "__fx_already_patched")

@@ -18,8 +18,12 @@ original and converts without the rewrite if they differ. A network that ``torch
 """
 from __future__ import annotations
 
+import builtins
+import contextlib
 import copy
+import functools
 import operator
+import threading
 from collections import Counter
 
 import torch
@@ -72,6 +76,51 @@ def copy_sharing_hooks(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model, memo)
 
 
+# A torch.fx trace patches nn.Module.__call__ and __getattr__ (and the functions it wraps in the traced code's
+# globals) for the whole process while it runs: a module called in another thread meanwhile raised "NameError:
+# module is not installed as a submodule" (a server deploying a second model while it serves the first failed
+# every call during the trace). The traces here patch for their own thread only, one at a time (two traces at
+# once would each restore what the other patched).
+_TRACE_LOCK = threading.Lock()
+
+
+def _in_thread_only(patched, original):
+    """``patched`` when called from the thread that creates this function, ``original`` from any other."""
+    owner = threading.get_ident()
+
+    @functools.wraps(patched)
+    def dispatch(*args, **kwargs):
+        return (patched if threading.get_ident() == owner else original)(*args, **kwargs)
+    return dispatch
+
+
+@contextlib.contextmanager
+def _patches_for_this_thread_only():
+    """While it is open, torch.fx's patcher installs each patch wrapped by ``_in_thread_only``. The patcher is
+    torch's private ``torch.fx._symbolic_trace._Patcher``; without it (another torch) nothing is changed."""
+    from torch.fx import _symbolic_trace
+
+    patcher = getattr(_symbolic_trace, "_Patcher", None)
+    if patcher is None or not hasattr(patcher, "patch") or not hasattr(patcher, "patch_method"):
+        yield
+        return
+    real_patch, real_patch_method = patcher.patch, patcher.patch_method
+
+    def patch(self, frame_dict, name, new_fn, *args, **kwargs):
+        original = frame_dict[name] if name in frame_dict else getattr(builtins, name, None)
+        return real_patch(self, frame_dict, name, new_fn if original is None else _in_thread_only(new_fn, original),
+                          *args, **kwargs)
+
+    def patch_method(self, cls, name, new_fn, *args, **kwargs):
+        return real_patch_method(self, cls, name, _in_thread_only(new_fn, getattr(cls, name)), *args, **kwargs)
+
+    patcher.patch, patcher.patch_method = patch, patch_method
+    try:
+        yield
+    finally:
+        patcher.patch, patcher.patch_method = real_patch, real_patch_method
+
+
 def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
     """``(graph module, "")`` or ``(None, why not)``. A root that is itself one leaf layer (a bare
     Conv2d) is not traced: its trace would inline the layer into a function call; nor is a model with
@@ -85,7 +134,8 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
             return None, (f"{name or 'the model'} has hooks ({', '.join(hooks[:3])}) that a torch.fx trace, "
                           "which inlines it, would not run")
     try:
-        graph_module = fx.symbolic_trace(model)
+        with _TRACE_LOCK, _patches_for_this_thread_only():
+            graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
         return None, f"torch.fx cannot trace {type(model).__name__} ({exception_reason(exc, 160)})"
     registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}

@@ -165,6 +165,37 @@ def test_deploy_and_export_under_a_float64_default_dtype(tmp_path, source):
         torch.set_default_dtype(previous)
 
 
+def test_deploy_leaves_the_global_random_stream_to_other_threads(tmp_path):
+    """The caller's stream is where it was after deploy(); a module is deployed without forking and restoring
+    it, so a thread drawing meanwhile never gets the same numbers again (a restore rewinds its draws)."""
+    import threading
+    import time
+
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
+    for source in (ckpt, reference):
+        torch.manual_seed(7)
+        expected = torch.rand(3)
+        torch.manual_seed(7)
+        deploy(source, policy="measure")
+        assert torch.equal(torch.rand(3), expected)
+    draws, stop = [], threading.Event()
+
+    def sampler():
+        while not stop.is_set():
+            draws.append(int(torch.randint(0, 2**62, (1,))))
+            time.sleep(0.0005)
+
+    thread = threading.Thread(target=sampler)
+    thread.start()
+    try:
+        for _ in range(2):
+            deploy(reference, policy="measure")
+    finally:
+        stop.set()
+        thread.join()
+    assert len(draws) > 10 and len(set(draws)) == len(draws)
+
+
 def test_out_of_range_pixels_are_refused(tmp_path):
     ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
     module = deploy(ckpt)

@@ -223,12 +223,13 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     ResNets and VGGs. For a module, ``prompt`` / ``label_mapping`` / ``mean`` / ``std`` /
     ``image_size`` describe the input path (a PromptedNetwork carries its own). ``model``: for a file whose
     network was passed as an object when training (the file cannot rebuild it), a dense module of the same
-    architecture to load the weights into. Torch's global random stream is left where it was (rebuilding a
-    network from a file initializes its layers before the weights are loaded).
+    architecture to load the weights into. Torch's global random stream is left where it was: a module is
+    deployed without drawing from it; rebuilding a network from a file initializes its layers before the weights
+    are loaded, under ``torch.random.fork_rng`` (which puts the stream back as it found it, so draws that other
+    threads make meanwhile are drawn again after it).
     """
-    with torch.random.fork_rng(devices=[]):
-        return _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std,
-                       image_size, slim, min_speedup, model)
+    return _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std,
+                   image_size, slim, min_speedup, model)
 
 
 def _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std, image_size, slim,
@@ -240,7 +241,11 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     device = resolve_device(device)
     if device.type not in ("cpu", "cuda"):
         raise ValueError(f"device must be cpu, cuda or auto, got {device}")
-    source = _source(model_or_path, prompt, label_mapping, mean, std, image_size, model)
+    if isinstance(model_or_path, nn.Module):
+        source = _source(model_or_path, prompt, label_mapping, mean, std, image_size, model)
+    else:
+        with torch.random.fork_rng(devices=[]):  # the rebuilt network's layers are initialized, then loaded
+            source = _source(model_or_path, prompt, label_mapping, mean, std, image_size, model)
     network, network_kind, why_not_slim = _inference_network(source, slim)
     in_size = source["image_size"]
     # a module without prompt or image_size takes any size; it is measured at 224 unless told
@@ -252,8 +257,8 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     info: dict[str, Any] = {"device": str(device), "network": network_kind, "policy": policy,
                             "source": source["kind"], "not_slim_because": why_not_slim, "channels_last": False}
     with torch.no_grad():
-        # float32, as forward() passes images on, whatever torch's default dtype; from the stream deploy() forks
-        example_images = torch.rand(batch_shape, dtype=torch.float32)
+        # float32, as forward() passes images on, whatever torch's default dtype; from a generator of its own
+        example_images = torch.rand(batch_shape, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
     if device.type == "cpu":

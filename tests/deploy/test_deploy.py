@@ -196,6 +196,51 @@ def test_deploy_leaves_the_global_random_stream_to_other_threads(tmp_path):
     assert len(draws) > 10 and len(set(draws)) == len(draws)
 
 
+def test_input_stage_and_label_mapping_are_checked_when_deploying(tmp_path):
+    """Each bad argument is refused by deploy() with its name, not by every call later (or never: a zero std
+    gave non-finite logits, fractional indices were truncated)."""
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
+    network = reference.model  # a plain module: deploy() takes the input stage from the arguments
+    refused = [({"std": (0.0, 0.2, 0.2)}, "std: expected 3 positive numbers"),
+               ({"std": (-1.0, 0.2, 0.2)}, "std: expected 3 positive"),
+               ({"mean": (0.5, 0.5)}, "mean: expected 3 finite numbers"),
+               ({"mean": (0.5, float("nan"), 0.5)}, "mean: expected 3 finite"),
+               ({"mean": "abc"}, "mean: expected 3 finite"),
+               ({"image_size": 0}, "image_size: expected a positive int, got 0"),
+               ({"image_size": 64.5}, "image_size: expected a positive int, got 64.5"),
+               ({"image_size": True}, "image_size: expected a positive int"),
+               ({"label_mapping": [0.5, 1.7]}, "label_mapping: expected a non-empty list of class indices"),
+               ({"label_mapping": [-1, 2]}, "label_mapping: expected"),
+               ({"label_mapping": [[0, 1], [2, 3]]}, "label_mapping: expected"),
+               ({"label_mapping": []}, "label_mapping: expected"),
+               ({"label_mapping": [0, 1], "policy": "dense"}, None)]
+    outputs = network(normalize(torch.rand(1, 3, size, size))).shape[1]
+    refused.append(({"label_mapping": [0, outputs]}, f"label_mapping: index {outputs} is out of range for the "
+                                                     f"network's {outputs} outputs"))
+    for kwargs, message in refused:
+        if message is None:
+            module = deploy(network, image_size=size, **kwargs)
+            assert module(torch.rand(2, 3, size, size)).shape == (2, 2)
+            continue
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            deploy(network, image_size=kwargs.pop("image_size", size), policy="dense", **kwargs)
+    # a file brings its own input stage: the module-only arguments are refused rather than ignored
+    for name, value in (("mean", (0.5, 0.5, 0.5)), ("label_mapping", [0]), ("image_size", 32)):
+        with pytest.raises(ValueError, match=f"{name}: only for a module; a file carries its own"):
+            deploy(ckpt, **{name: value})
+
+    class TwoHeads(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            return {"out": self.body(x)}
+
+    with pytest.raises(ValueError, match="label_mapping: the network returns dict, not"):
+        deploy(TwoHeads(), image_size=16, label_mapping=[0], policy="dense")
+
+
 def test_out_of_range_pixels_are_refused(tmp_path):
     ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
     module = deploy(ckpt)

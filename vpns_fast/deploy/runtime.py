@@ -46,6 +46,8 @@ class DeployedModel(nn.Module):
         super().__init__()
         self.network, self.prompt = network, prompt
         self.register_buffer("mapping", mapping.long() if mapping is not None else None)
+        # the outputs the mapping reads: checked per call without a device sync
+        self.mapping_end = int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         self.image_size = None if image_size is None else int(image_size)  # None: any size (no prompt)
         self.decisions, self.info = decisions, info
@@ -78,7 +80,15 @@ class DeployedModel(nn.Module):
         if self.info.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         logits = self.network(x)
-        return logits.index_select(1, self.mapping) if self.mapping is not None else logits
+        if self.mapping is None:
+            return logits
+        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+            what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
+            raise ValueError(f"label_mapping: the network returns {what}, not (B, classes) logits to map")
+        if getattr(self, "mapping_end", 0) > logits.shape[1]:
+            raise ValueError(f"label_mapping: index {self.mapping_end - 1} is out of range for the network's "
+                             f"{logits.shape[1]} outputs")
+        return logits.index_select(1, self.mapping)
 
 
 # Float images may overshoot [0, 1] by this much (bicubic / Lanczos resizing rings past the ends); a 0..255
@@ -111,6 +121,11 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     from vpns_fast import ops
 
     if isinstance(model_or_path, (str, os.PathLike)):
+        given = [name for name, value in (("prompt", prompt), ("label_mapping", label_mapping), ("mean", mean),
+                                          ("std", std), ("image_size", image_size)) if value is not None]
+        if given:
+            raise ValueError(f"{given[0]}: only for a module; a file carries its own input stage and label "
+                             "mapping")
         from vpns_fast.deploy.export import load_any
 
         network, file_prompt, mapping, meta = load_any(model_or_path, model=model)
@@ -128,6 +143,17 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     from vpns_fast.pruning.masking import checked_module
 
     model_or_path = checked_module(model_or_path, "model_or_path")
+    mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
+    if image_size is not None:
+        given = image_size
+        try:
+            image_size = operator.index(given)
+        except TypeError:
+            image_size = 0
+        if image_size < 1 or isinstance(given, bool):
+            raise ValueError(f"image_size: expected a positive int, got {given!r}")
+    if label_mapping is not None:
+        label_mapping = _checked_label_mapping(label_mapping)
     other = {str(t.dtype) for t in [*model_or_path.parameters(), *model_or_path.buffers()]
              if t.is_floating_point() and t.dtype != torch.float32}
     if other:
@@ -146,9 +172,45 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     if image_size is None and prompt is not None:
         image_size = prompt.in_size
     return {"network": model_or_path, "prompt": prompt,
-            "mapping": None if label_mapping is None else torch.as_tensor(label_mapping).long().cpu(),
+            "mapping": label_mapping,
             "mean": mean or ops.IMAGENET_MEAN, "std": std or ops.IMAGENET_STD, "image_size": image_size,
             "meta": {}, "kind": "module"}
+
+
+def _channel_values(values, name: str) -> tuple[float, ...] | None:
+    """``values`` (a mean or std of the RGB channels) as 3 floats, finite, and positive for ``std``; None
+    stays None; ValueError naming ``name`` otherwise (a zero std made every logit NaN or infinite)."""
+    if values is None:
+        return None
+    try:
+        numbers = tuple(float(value) for value in values)
+    except (TypeError, ValueError):
+        numbers = ()
+    if len(numbers) != 3 or not all(math.isfinite(value) for value in numbers) or (
+            name == "std" and min(numbers) <= 0):
+        what = "positive" if name == "std" else "finite"
+        raise ValueError(f"{name}: expected 3 {what} numbers (one per RGB channel), got {values!r}")
+    return numbers
+
+
+def _checked_label_mapping(label_mapping) -> torch.Tensor:
+    """``label_mapping`` as a 1-d int64 CPU tensor of indices >= 0 into the network's outputs, at least one;
+    ValueError otherwise (fractions were truncated, and a bad index failed at every call with torch's message).
+    Indices past the network's outputs are refused when deploy() first runs it."""
+    try:
+        mapping = torch.as_tensor(label_mapping).detach().cpu()
+    except (TypeError, ValueError, RuntimeError):
+        mapping = None
+    if (mapping is None or mapping.dim() != 1 or mapping.numel() == 0 or mapping.is_floating_point()
+            or mapping.is_complex() or mapping.dtype == torch.bool or int(mapping.min()) < 0):
+        raise ValueError("label_mapping: expected a non-empty list of class indices >= 0 into the network's "
+                         f"outputs (one per target class), got {_short_repr(label_mapping)}")
+    return mapping.long()
+
+
+def _short_repr(value, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _image_size(meta: dict, prompt) -> int:
@@ -273,8 +335,10 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
             input_prompt = input_prompt.to(device)
     mapping = source["mapping"]
     module = DeployedModel(network, input_prompt, mapping, source["mean"], source["std"], in_size, decisions, info,
-                           source["meta"].get("class_names"))
-    return module.to(device)
+                           source["meta"].get("class_names")).to(device)
+    if mapping is not None:
+        module(example_images)  # a mapping that does not fit the network's outputs is refused now, not per call
+    return module
 
 
 def _example_shape(example_input_size, image_size: int | None) -> tuple[int, ...]:

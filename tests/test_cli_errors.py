@@ -2,6 +2,7 @@
 what was expected, exit status 2, no traceback; Ctrl-C ends in one line (with the resume hint), 130."""
 from __future__ import annotations
 
+import argparse
 import copy
 import json
 import os
@@ -58,6 +59,7 @@ def files(tmp_path_factory):
                         input_size=(3, 32, 32))
     (root / "empty.pt").write_bytes(b"")
     (root / "random.pt").write_bytes(bytes(range(256)) * 4)
+    torch.save({"format": "vpns_fast-checkpoint", "model": argparse.Namespace()}, root / "object.pt")
     os.symlink("loop_b", root / "loop_a")
     os.symlink("loop_a", root / "loop_b")
     return root
@@ -110,7 +112,19 @@ CASES = {
     "report input huge": (["report", "{root}/m.pt", "--input-size", "3", "100000", "100000"],
                           "--input-size: expected .* at most"),
     "report empty file": (["report", "{root}/empty.pt"], r"empty.pt is not a readable checkpoint \(the file is empty"),
-    "report random bytes": (["report", "{root}/random.pt"], "torch's safe loader refused it, and nothing in it"),
+    "report random bytes": (["report", "{root}/random.pt"], "random.pt is not a readable checkpoint \\(not a file "
+                            "torch.save wrote"),
+    "report object file": (["report", "{root}/object.pt"], "torch's safe loader refused it, and nothing in it"),
+    "report text file": (["report", "{root}/afile.txt"],
+                         r"afile.txt is not a readable checkpoint \(not a file torch.save wrote: it is neither"),
+    "bench device mps": (["bench-infer", "{root}/m.pt", "--device", "mps"],
+                         "--device: expected auto, cpu, cuda or cuda:N, got 'mps'"),
+    # argparse's errors: one line too, without the usage block before it
+    "bench policy choice": (["bench-infer", "{root}/m.pt", "--policy", "fast"],
+                            r"argument --policy: invalid choice: 'fast' .*\(see `vpns bench-infer --help`\)"),
+    "export missing arguments": (["export"], "the following arguments are required: checkpoint, --format, --out"),
+    "no command": ([], "the following arguments are required: COMMAND"),
+    "unknown flag": (["report", "{root}/m.pt", "--densty"], "unrecognized arguments: --densty"),
 }
 
 # Raised below the command line (vpns_fast/models.py, vpns_fast/training/trainer.py) as ValueErrors naming the file.
@@ -125,7 +139,10 @@ BELOW_THE_CLI = {
 
 
 def _run(argv, root, capsys):
-    code = main([arg.format(root=root) for arg in argv])
+    try:
+        code = main([arg.format(root=root) for arg in argv])
+    except SystemExit as exc:  # argparse's own errors end the program
+        code = exc.code
     return code, capsys.readouterr().err
 
 
@@ -134,7 +151,7 @@ def _assert_one_line_error(code, err, pattern):
     assert "Traceback" not in err and "weights_only` set to `False" not in err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("vpns ") and ": error: " in lines[0]
+    assert lines[0].startswith(("vpns ", "vpns:")) and ": error: " in lines[0]
     assert re.search(pattern, lines[0]), lines[0]
 
 

@@ -10,6 +10,12 @@ def test_auto_picks_cuda_only_when_available():
     assert resolve_device("cpu") == torch.device("cpu")
 
 
+@pytest.mark.parametrize("name", ["mps", "xpu", "meta", "gpu", "cuda:x"])
+def test_devices_the_package_cannot_run_on_are_refused_by_name(name):
+    with pytest.raises(ValueError, match=f"device: expected auto, cpu, cuda or cuda:N, got '{name}'"):
+        resolve_device(name)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="'cuda:1' was asked for but CUDA is not available"):

@@ -532,9 +532,17 @@ def _cmd_tune(args) -> int:
     return 0
 
 
+class _OneLineErrors(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line on stderr (argparse prints the whole usage first), exit 2;
+    its subcommands' parsers are of this class too."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="vpns", description="vpns_fast: prune vision models with visual "
-                                     "prompts and weight masks (VPNs), fast.")
+    parser = _OneLineErrors(prog="vpns", description="vpns_fast: prune vision models with visual "
+                            "prompts and weight masks (VPNs), fast.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="versions, devices and which backends are available (and why not)",

@@ -58,7 +58,9 @@ def resolve_device(name: str | torch.device) -> torch.device:
     try:
         device = torch.device(name)
     except RuntimeError:
-        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {name!r}") from None
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):  # mps, xpu, meta: no engine of the package runs there
+        raise ValueError(f"device: expected auto, cpu, cuda or cuda:N, got {str(name)!r}")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(name)!r} was asked for but CUDA is not available")
     return device

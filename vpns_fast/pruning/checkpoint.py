@@ -138,13 +138,22 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str | None, model_kwa
     atomic_save(payload, path, overwrite=overwrite)
 
 
-def _load_failure(exc: Exception) -> str:
+def _load_failure(exc: Exception, path: str) -> str:
     """Why ``torch.load(weights_only=True)`` failed, in a few words. Not torch's own text when the file holds
-    other objects than tensors: that suggests loading with ``weights_only=False``, which runs the file's code."""
+    other objects than tensors: that suggests loading with ``weights_only=False``, which runs the file's code;
+    nor for a file that is no torch.save file at all (a text file gave "IndexError: list index out of range")."""
     import pickle
 
     if isinstance(exc, EOFError):
         return "the file is empty or cut short"
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4)
+    except OSError:
+        head = b""
+    # torch.save writes a zip archive, or (legacy format) a pickle stream, whose first byte is PROTO (0x80)
+    if head and not head.startswith(b"PK\x03\x04") and head[:1] != b"\x80":
+        return "not a file torch.save wrote: it is neither a zip archive nor a pickle stream"
     if isinstance(exc, pickle.UnpicklingError) and "weights_only" in str(exc):
         return "not a file of tensors and plain values: torch's safe loader refused it, and nothing in it was run"
     return exception_reason(exc)
@@ -160,7 +169,7 @@ def load_checkpoint(path) -> dict:
     try:
         payload = load_weights_only(path)
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
-        raise CheckpointError(f"{path} is not a readable checkpoint ({_load_failure(exc)})") from exc
+        raise CheckpointError(f"{path} is not a readable checkpoint ({_load_failure(exc, path)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a vpns_fast checkpoint (no format tag {FORMAT!r})")
     version = payload.get("version")

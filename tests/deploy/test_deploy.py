@@ -241,6 +241,18 @@ def test_input_stage_and_label_mapping_are_checked_when_deploying(tmp_path):
         deploy(TwoHeads(), image_size=16, label_mapping=[0], policy="dense")
 
 
+def test_a_module_holding_nan_is_refused_by_the_name_of_the_tensor(tmp_path):
+    """As for a file: the engine's own output check would name the first layer whose output differed."""
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
+    network = reference.model
+    name, weight = next((n, p) for n, p in network.named_parameters() if p.dim() == 4)
+    with torch.no_grad():
+        weight.view(-1)[0] = float("nan")
+    for policy in ("sparse", "measure", "dense"):
+        with pytest.raises(ValueError, match=f"model_or_path: {name} holds NaN values"):
+            deploy(network, image_size=size, policy=policy)
+
+
 def test_out_of_range_pixels_are_refused(tmp_path):
     ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
     module = deploy(ckpt)

@@ -143,6 +143,12 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     from vpns_fast.pruning.masking import checked_module
 
     model_or_path = checked_module(model_or_path, "model_or_path")
+    from vpns_fast.deploy.export import refuse_nan
+
+    # named here, as for a file: the engine's own check would blame whichever layer's output first differed
+    refuse_nan(model_or_path, "model_or_path")
+    if prompt is not None:
+        refuse_nan(prompt, "prompt")
     mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
     if image_size is not None:
         given = image_size

@@ -370,13 +370,13 @@ def _cmd_export(args) -> int:
     return 0
 
 
-def _load_images(paths, size: int):
-    """Decoded and resized exactly as the datasets' test-style transform does."""
+def _load_images(paths, shape: tuple[int, int]):
+    """Decoded and resized exactly as the datasets' test-style transform does, to ``(H, W)``."""
     import torch
 
     from vpns_fast.data import decode_image, resize_batch
 
-    return torch.stack([resize_batch(decode_image(path), size) for path in paths])
+    return torch.stack([resize_batch(decode_image(path), shape) for path in paths])
 
 
 def _cmd_infer(args) -> int:
@@ -386,7 +386,7 @@ def _cmd_infer(args) -> int:
     _check_device(args.device)
     _check_input_file(args.path, "path")
     module = deploy(args.path, args.device, policy=args.policy)
-    images = _load_images(args.images, module.image_size)
+    images = _load_images(args.images, module.image_shape)
     probabilities = module(images).float().softmax(1).cpu()
     nan_rows = probabilities.isnan().any(1).nonzero().flatten().tolist()
     if nan_rows:  # never printed or written as a result

@@ -170,9 +170,14 @@ class TrainAugmentation:
         return f"TrainAugmentation(size={self.size}, resize_to={self.resize_to})"
 
 
-def resize_batch(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Test-style transform on a batch ``(B, C, H, W)`` on any device (same op as per item)."""
-    return _resize_square(images, size)
+def resize_batch(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
+    """Test-style transform on a batch ``(B, C, H, W)`` on any device (same op as per item); ``size`` may be
+    ``(H, W)`` for a network trained on images that are not square."""
+    if isinstance(size, int):
+        return _resize_square(images, size)
+    if tuple(images.shape[-2:]) == tuple(size):
+        return images
+    return TF.resize(images, [int(size[0]), int(size[1])], antialias=True)
 
 
 def augment_batch(

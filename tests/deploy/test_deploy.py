@@ -253,6 +253,34 @@ def test_a_module_holding_nan_is_refused_by_the_name_of_the_tensor(tmp_path):
             deploy(network, image_size=size, policy=policy)
 
 
+def test_a_network_trained_on_images_that_are_not_square(tmp_path, capsys):
+    """A checkpoint saved with input_size (3, 24, 40) deploys for 24x40 images (it was made square, 40x40, and
+    refused the network's own images), and so do its exports and `vpns infer`."""
+    from test_export import make_masked
+
+    from vpns_fast.pruning.checkpoint import save_checkpoint
+
+    model = make_masked("small_resnet", "unstructured", 0.4)
+    path = tmp_path / "wide.pt"
+    save_checkpoint(path, model, model_name="small_resnet", model_kwargs={"num_classes": 10}, input_size=(3, 24, 40))
+    x = torch.rand(2, 3, 24, 40)
+    with torch.no_grad():
+        expected = model.eval()(normalize(x))
+    export(path, "dense", tmp_path / "wide.dense")
+    for source in (path, tmp_path / "wide.dense"):
+        for policy in ("sparse", "dense"):
+            module = deploy(source, policy=policy)
+            assert module.image_shape == (24, 40) and module.image_size is None
+            assert_close(module(x), expected)
+            with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 24, 40\), got \(2, 3, 40, 40\)"):
+                module(torch.rand(2, 3, 40, 40))
+    with pytest.raises(ValueError, match="example_input_size: the module takes 24x40 images, got 40x40"):
+        deploy(path, example_input_size=(1, 3, 40, 40))
+    Image.new("RGB", (64, 48)).save(tmp_path / "img.png")
+    assert main(["infer", str(path), str(tmp_path / "img.png"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["top"]
+
+
 def test_out_of_range_pixels_are_refused(tmp_path):
     ckpt, _, size = make_checkpoint(tmp_path / "m.pt")
     module = deploy(ckpt)

@@ -596,11 +596,14 @@ def onnx_pipeline(folded: nn.Module, meta: dict, slim: bool = False) -> Inferenc
     return InferencePipeline(stage, folded, _mapping_tensor(meta)).eval()
 
 
-def _image_size(meta: dict) -> int:
+def image_size_of(meta: dict) -> int | tuple[int, int]:
+    """The side of the square images a file's pipeline takes (its prompt's input size when it uses one), or
+    ``(H, W)`` when its ``input_size`` is not square (a checkpoint saved with ``input_size=(3, 97, 131)``)."""
     if meta.get("use_prompt") and meta.get("prompt"):
         return int(meta["prompt"]["in_size"])
     if meta.get("input_size"):
-        return int(meta["input_size"][-1])
+        height, width = (int(side) for side in meta["input_size"][-2:])
+        return height if height == width else (height, width)
     from vpns_fast.models import default_input_size
 
     return default_input_size(meta["model"]["name"])
@@ -700,8 +703,9 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
         raise MissingDependencyError("ONNX export needs the onnx package: pip install vpns_fast[onnx] "
                                      "(or pip install onnx)") from exc
     pipeline = onnx_pipeline(folded, meta, slim)
-    size = _image_size(meta)
-    model, reason = onnx_model(pipeline, torch.rand(2, 3, size, size, dtype=torch.float32), opset)
+    size = image_size_of(meta)
+    height, width = (size, size) if isinstance(size, int) else size
+    model, reason = onnx_model(pipeline, torch.rand(2, 3, height, width, dtype=torch.float32), opset)
     meta.update(exporter="torch.export" if reason is None else "torchscript", exporter_fallback_reason=reason)
     onnx_meta = dict(meta, slim=slim, image_size=size, input="float32 images in [0, 1], (B, 3, H, W)")
     onnx_meta.pop("prompt", None)  # the program is baked into the graph

@@ -49,7 +49,10 @@ class DeployedModel(nn.Module):
         # the outputs the mapping reads: checked per call without a device sync
         self.mapping_end = int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
-        self.image_size = None if image_size is None else int(image_size)  # None: any size (no prompt)
+        # (H, W) of the images it takes (None: any size, a module without prompt or image size); image_size is
+        # the side when they are square, else None
+        self.image_shape = _image_shape(image_size)
+        self.image_size = self.image_shape[0] if self.image_shape and len(set(self.image_shape)) == 1 else None
         self.decisions, self.info = decisions, info
         self.class_names = list(class_names) if class_names is not None else None
         self.eval()
@@ -69,9 +72,9 @@ class DeployedModel(nn.Module):
             raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
         if images.device.type == "meta":
             raise ValueError("images: a meta tensor has no values to classify")
-        size = self.image_size
-        if images.dim() != 4 or images.shape[1] != 3 or (size is not None and images.shape[-2:] != (size, size)):
-            shape = f"(B, 3, {size}, {size})" if size is not None else "(B, 3, H, W)"
+        size = getattr(self, "image_shape", _image_shape(self.image_size))  # modules pickled before image_shape
+        if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
+            shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
         images = _checked_pixels(images).to(self.device, non_blocking=True)
         if images.dtype != torch.uint8 and images.dtype != torch.float32:
@@ -126,14 +129,14 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         if given:
             raise ValueError(f"{given[0]}: only for a module; a file carries its own input stage and label "
                              "mapping")
-        from vpns_fast.deploy.export import load_any
+        from vpns_fast.deploy.export import image_size_of, load_any
 
         network, file_prompt, mapping, meta = load_any(model_or_path, model=model)
         use_prompt = meta.get("use_prompt", False)
         file_prompt = file_prompt if use_prompt else None
         return {"network": network, "prompt": file_prompt, "mapping": mapping,
                 "mean": meta["normalization"]["mean"], "std": meta["normalization"]["std"],
-                "image_size": _image_size(meta, file_prompt), "meta": meta, "kind": meta["kind"]}
+                "image_size": image_size_of(meta), "meta": meta, "kind": meta["kind"]}
     if not isinstance(model_or_path, nn.Module):
         raise TypeError(f"deploy takes a file path or an nn.Module, got {type(model_or_path).__name__}")
     if model is not None:
@@ -158,8 +161,6 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
             image_size = 0
         if image_size < 1 or isinstance(given, bool):
             raise ValueError(f"image_size: expected a positive int, got {given!r}")
-    if label_mapping is not None:
-        label_mapping = _checked_label_mapping(label_mapping)
     other = {str(t.dtype) for t in [*model_or_path.parameters(), *model_or_path.buffers()]
              if t.is_floating_point() and t.dtype != torch.float32}
     if other:
@@ -177,10 +178,21 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         mean, std = prompt.mean, prompt.std
     if image_size is None and prompt is not None:
         image_size = prompt.in_size
+    if label_mapping is not None:
+        label_mapping = _checked_label_mapping(label_mapping)
     return {"network": model_or_path, "prompt": prompt,
             "mapping": label_mapping,
             "mean": mean or ops.IMAGENET_MEAN, "std": std or ops.IMAGENET_STD, "image_size": image_size,
             "meta": {}, "kind": "module"}
+
+
+def _image_shape(image_size) -> tuple[int, int] | None:
+    """``(H, W)`` for an image size given as a side or as ``(H, W)``; None for None."""
+    if image_size is None:
+        return None
+    if isinstance(image_size, (tuple, list)):
+        return int(image_size[0]), int(image_size[1])
+    return int(image_size), int(image_size)
 
 
 def _channel_values(values, name: str) -> tuple[float, ...] | None:
@@ -217,16 +229,6 @@ def _checked_label_mapping(label_mapping) -> torch.Tensor:
 def _short_repr(value, limit: int = 80) -> str:
     text = repr(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
-
-
-def _image_size(meta: dict, prompt) -> int:
-    if prompt is not None:
-        return prompt.in_size
-    if meta.get("input_size"):
-        return int(meta["input_size"][-1])
-    from vpns_fast.models import default_input_size
-
-    return default_input_size(meta["model"]["name"])
 
 
 def _granularity(network: nn.Module, meta: dict) -> str | None:
@@ -317,8 +319,9 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     network, network_kind, why_not_slim = _inference_network(source, slim)
     in_size = source["image_size"]
     # a module without prompt or image_size takes any size; it is measured at 224 unless told
-    side = in_size if in_size is not None else 224
-    batch_shape = _example_shape(example_input_size, in_size) if example_input_size is not None else (1, 3, side, side)
+    in_shape = _image_shape(in_size)
+    batch_shape = (_example_shape(example_input_size, in_shape) if example_input_size is not None
+                   else (1, 3, *(in_shape or (224, 224))))
     input_prompt = source["prompt"]
     if input_prompt is not None:
         input_prompt = copy.deepcopy(input_prompt).eval()
@@ -347,9 +350,9 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     return module
 
 
-def _example_shape(example_input_size, image_size: int | None) -> tuple[int, ...]:
-    """``example_input_size`` as a shape the deployed module accepts: ``(B, 3, H, W)`` with positive sizes, ``H``
-    and ``W`` equal to ``image_size`` when the module takes one size only; ValueError naming it otherwise (the
+def _example_shape(example_input_size, image_shape: tuple[int, int] | None) -> tuple[int, ...]:
+    """``example_input_size`` as a shape the deployed module accepts: ``(B, 3, H, W)`` with positive sizes,
+    ``(H, W)`` equal to ``image_shape`` when the module takes one size only; ValueError naming it otherwise (the
     layers would be measured on images the module then refuses)."""
     try:
         shape = tuple(operator.index(size) for size in example_input_size)
@@ -357,8 +360,8 @@ def _example_shape(example_input_size, image_size: int | None) -> tuple[int, ...
         shape = None
     if shape is None or len(shape) != 4 or shape[1] != 3 or min(shape) < 1:
         raise ValueError(f"example_input_size must be (B, 3, H, W) with positive sizes, got {example_input_size!r}")
-    if image_size is not None and shape[2:] != (image_size, image_size):
-        raise ValueError(f"example_input_size: the module takes {image_size}x{image_size} images, got "
+    if image_shape is not None and shape[2:] != image_shape:
+        raise ValueError(f"example_input_size: the module takes {image_shape[0]}x{image_shape[1]} images, got "
                          f"{shape[2]}x{shape[3]}")
     return shape
 
@@ -492,7 +495,7 @@ def _baseline_modules(dense: DeployedModel, images: torch.Tensor, baselines) -> 
                            else normalize(images, dense.mean, dense.std))
             run, exporter = engines.onnxruntime_runner(dense.network, example)
             modules["onnxruntime"] = DeployedModel(_RunnerNetwork(run), dense.prompt, dense.mapping, dense.mean,
-                                                   dense.std, dense.image_size, [],
+                                                   dense.std, dense.image_shape, [],
                                                    {**dense.info, "backend": f"onnxruntime ({exporter})"})
     return modules, skipped
 
@@ -512,8 +515,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     # All run the network the engine runs: the slim one for structured masks (as `vpns export --format slim` /
     # `--format onnx --slim` give a deployer), else the folded one
     dense = deploy(path_or_model, device, policy="dense")
-    size = dense.image_size or 224
-    first_images = torch.randint(0, 256, (batch_sizes[0], 3, size, size), dtype=torch.uint8)
+    height, width = dense.image_shape or (224, 224)
+    first_images = torch.randint(0, 256, (batch_sizes[0], 3, height, width), dtype=torch.uint8)
     extra, skipped = _baseline_modules(dense, first_images.to(dense.device), baselines)
     versions = {"deploy": f"vpns_fast {__version__}", "dense-torch": f"torch {torch.__version__}",
                 "onnxruntime": f"onnxruntime {engines.onnxruntime_version()}"}
@@ -523,8 +526,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     measured_on = {"cpu": cpu_model_name() if dense.device.type == "cpu" else None,
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for batch in batch_sizes:
-        fast = deploy(path_or_model, device, example_input_size=(batch, 3, size, size), policy=policy)
-        images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8).to(dense.device)
+        fast = deploy(path_or_model, device, example_input_size=(batch, 3, height, width), policy=policy)
+        images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8).to(dense.device)
         modules = {"deploy": fast, "dense-torch": dense, **extra}
         _check_same_outputs(modules, images)
         if "dense-torch" not in baselines:

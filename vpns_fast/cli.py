@@ -9,7 +9,7 @@ import sys
 import threading
 import warnings
 
-from vpns_fast.errors import exception_reason
+from vpns_fast.errors import NetworkNotRebuildable, exception_reason
 
 
 def _at_least(value, flag: str, least: int) -> None:
@@ -730,6 +730,12 @@ def main(argv=None) -> int:
     try:
         _import_torch_uninterrupted()
         return args.func(args)
+    except NetworkNotRebuildable as exc:  # its advice (model=...) is for Python code
+        reason = _one_line(exc).split("; pass model=")[0]
+        print(f"vpns {args.command}: error: {reason}; the command line cannot give one: load the file in Python "
+              "with model=<a module of the same architecture> (vpns_fast.deploy, vpns_fast.deploy.export.export)",
+              file=sys.stderr)
+        return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -2,6 +2,11 @@
 from __future__ import annotations
 
 
+class NetworkNotRebuildable(ValueError):
+    """A file whose network was given to training as a module object: the file names its class but cannot
+    rebuild it, so only Python code holding a module of that architecture (``model=...``) can load it."""
+
+
 def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = True) -> str:
     """``Type: first line of the message`` (``with_type=False``: the line alone), the first line that is not
     blank; the type alone when the message is empty. Cut to ``limit`` characters, ending in "..." when cut.

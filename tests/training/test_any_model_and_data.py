@@ -126,6 +126,20 @@ def test_checkpoint_of_a_module_object_needs_model(user_run):
     assert "Error(s) in loading" not in str(refused.value) and "more)" in str(refused.value)
 
 
+def test_the_cli_says_a_module_objects_checkpoint_needs_python(user_run, capsys, tmp_path):
+    """The Python advice (model=...) is no use on the command line: it says where to go instead, in one line."""
+    from vpns_fast.cli import main
+
+    out, *_ = user_run
+    best = os.path.join(out, "runs", "vpns_d0.5", "best.pt")
+    for argv in (["export", best, "--format", "dense", "--out", str(tmp_path / "m.dense")], ["bench-infer", best]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "(user_networks.TinyNetwork) was passed as an object" in err
+        assert "the command line cannot give one: load the file in Python with model=" in err
+        assert "; pass model=" not in err
+
+
 def test_run_given_objects_resumes_from_python_only(user_run, capsys):
     out, network, dataset, results, _ = user_run
     with open(os.path.join(out, "config.json")) as f:

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
-from vpns_fast.errors import exception_reason, state_dict_mismatch
+from vpns_fast.errors import NetworkNotRebuildable, exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.pruning.checkpoint import tensor_bytes
 
@@ -272,8 +272,9 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
     if model is not None:
         return copy.deepcopy(model).cpu()
     if meta["model"]["name"] is None:
-        raise ValueError(f"this file's network ({meta['model'].get('class', 'a module')}) was passed as an object, "
-                         f"which the file cannot rebuild; pass model=<a module of the same architecture>")
+        raise NetworkNotRebuildable(
+            f"this file's network ({meta['model'].get('class', 'a module')}) was passed as an object, which the file "
+            f"cannot rebuild; pass model=<a module of the same architecture>")
     return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
 
 

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpns_fast.errors import exception_reason, state_dict_mismatch
+from vpns_fast.errors import NetworkNotRebuildable, exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.nn.masked_layers import MASKED_TYPES
 from vpns_fast.nn.prompts import VisualPrompt, build_prompt
@@ -203,9 +203,10 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
                              f"{type(model).__name__}")
         model = copy.deepcopy(model).cpu()
     elif record["name"] is None:
-        raise ValueError(f"this checkpoint's network ({record.get('class', 'a module')}) was passed as an object, "
-                         f"which the file cannot rebuild; pass model=<a module of the same architecture> (or name "
-                         f"the model as 'package.module:factory' when training)")
+        raise NetworkNotRebuildable(
+            f"this checkpoint's network ({record.get('class', 'a module')}) was passed as an object, which the file "
+            f"cannot rebuild; pass model=<a module of the same architecture> (or name the model as "
+            f"'package.module:factory' when training)")
     else:
         model = build_model(record["name"], **record["kwargs"])
     if payload["granularity"] is not None:

@@ -30,6 +30,19 @@ def is_out_of_memory(exc: BaseException) -> bool:
         isinstance(exc, RuntimeError) and ("can't allocate memory" in text or "out of memory" in text))
 
 
+def available_memory_bytes() -> int | None:
+    """Memory the kernel says can be allocated without swapping (``MemAvailable`` in /proc/meminfo, Linux);
+    None where it does not say."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def describe() -> dict:
     try:
         import triton

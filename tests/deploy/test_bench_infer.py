@@ -158,3 +158,20 @@ def test_interleaved_rounds_rotate_and_time_everyone():
     times = runtime._interleaved_seconds({"a": Recorder("a"), "b": Recorder("b")}, torch.zeros(1), 4, 0)
     assert calls == ["a", "b", "b", "a", "a", "b", "b", "a"]
     assert all(len(values) == 4 and min(values) >= 0 for values in times.values())
+
+
+def test_a_batch_over_the_machines_memory_is_a_one_line_error(checkpoint, capsys, monkeypatch):
+    """The kernel's out-of-memory killer ends a process without a word: a batch whose estimated peak exceeds the
+    memory available is refused before it is allocated, naming the batch."""
+    from vpns_fast import environment
+
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: 64 << 20)  # 64 MiB
+    with pytest.raises(MemoryError, match=r"batch 4096 needs about .* GiB .* 0.1 GiB are available"):
+        runtime.benchmark_inference(checkpoint, (1, 4096), iters=1, warmup=0, baselines=())
+    assert cli.main(["bench-infer", str(checkpoint), "--batch", "4096", "--iters", "1", "--warmup", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("vpns bench-infer: error: out of memory (batch 4096 needs about") and "\n" not in err
+    assert err.endswith("try a smaller --batch")
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: None)  # unknown: not refused
+    rows = runtime.benchmark_inference(checkpoint, (2,), iters=1, warmup=0, baselines=())
+    assert rows and rows[0]["batch"] == 2

@@ -205,10 +205,26 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, relu: bo
     return torch.relu(out) if relu else out
 
 
+def block_diagonal_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The ``[C_out, C_in, KH, KW]`` weight of the ungrouped convolution that computes what a convolution of
+    ``groups`` groups with ``weight`` (``[C_out, C_in / groups, KH, KW]``) does: group ``g``'s output channels
+    hold their weights at group ``g``'s input channels, zeros elsewhere."""
+    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
+    if groups < 1 or out_channels % groups:
+        raise ValueError(f"groups must divide the weight's {out_channels} output channels, got {groups}")
+    per_group = out_channels // groups
+    full = weight.new_zeros(groups, per_group, groups, in_per_group, kernel_h, kernel_w)
+    group = torch.arange(groups)
+    full[group, :, group] = weight.reshape(groups, per_group, in_per_group, kernel_h, kernel_w)
+    return full.view(out_channels, groups * in_per_group, kernel_h, kernel_w)
+
+
 class SparseConv2d(nn.Module):
-    """A Conv2d (groups = 1, zero padding) whose nonzero weights are packed per output channel and
+    """A Conv2d (zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
-    float32 rounding. Exact zeros of the weight are skipped.
+    float32 rounding. Exact zeros of the weight are skipped. A grouped Conv2d (``from_dense``) is the
+    ungrouped one of its block-diagonal weight: output channel ``o`` has nonzeros in its own group's input
+    channels only, so the same kernel runs it (``groups`` then reads 1, ``in_channels`` all of them).
 
     Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``relu=True``
     applies a ReLU, in the kernel's output loop: ``relu(conv(x) + bias + residual)``."""
@@ -240,11 +256,10 @@ class SparseConv2d(nn.Module):
     def from_dense(cls, conv: nn.Conv2d) -> SparseConv2d:
         if not isinstance(conv, nn.Conv2d):
             raise TypeError(f"SparseConv2d.from_dense expects an nn.Conv2d, got {type(conv).__name__}")
-        if conv.groups != 1:
-            raise ValueError(f"SparseConv2d supports groups=1 only, got groups={conv.groups}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation)
+        weight = conv.weight if conv.groups == 1 else block_diagonal_weight(conv.weight.detach(), conv.groups)
+        return cls(weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation)
 
     # what code written for the nn.Conv2d it replaces may read (``x.to(self.conv.weight.dtype)``,
     # ``self.conv.out_channels``); without them such a model was refused or failed at its first other input size
@@ -674,10 +689,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
         return None
     if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return f"{type(module).__name__}: the sparse kernel is for 2-D convolutions only"
-    reason = _not_plain_reason(module)
-    if reason is None and isinstance(module, nn.Conv2d) and module.groups != 1:
-        return f"groups={module.groups} (the sparse kernel supports groups=1)"
-    return reason
+    return _not_plain_reason(module)
 
 
 def _not_plain_reason(module: nn.Module) -> str | None:

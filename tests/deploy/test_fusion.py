@@ -406,3 +406,26 @@ def test_a_trace_does_not_break_modules_called_in_other_threads():
                                  if node.op == "call_module"] == ["first", "second"], (name, reason)
     assert nn.Module.__call__ is nn.Module.__dict__["__call__"] and not hasattr(nn.Module.__call__,
                                                                               "__fx_already_patched")
+
+
+def test_a_traced_assert_says_the_values_it_was_given():
+    """torch.fx formats an assert's f-string message on the trace's proxies ("got Proxy(getitem_2)"); the
+    trace formats it from the values the call sees, as the model does, and survives pickling."""
+
+    class ChecksItsInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+
+        def forward(self, x):
+            height = x.shape[2]
+            torch._assert(height == 8, f"Wrong image height {{h}}! Expected 8 but got {height} ({x.shape[3]} wide)!")
+            return self.conv(x)
+
+    graph_module, reason = fusion.trace(ChecksItsInput())
+    assert reason == ""
+    assert graph_module(torch.randn(1, 3, 8, 8)).shape == (1, 4, 6, 6)
+    for module in (graph_module, pickle.loads(pickle.dumps(graph_module))):
+        with pytest.raises(AssertionError) as refused:
+            module(torch.randn(1, 3, 9, 7))
+        assert str(refused.value) == "Wrong image height {h}! Expected 8 but got 9 (7 wide)!"

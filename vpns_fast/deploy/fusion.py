@@ -23,6 +23,7 @@ import contextlib
 import copy
 import functools
 import operator
+import re
 import threading
 from collections import Counter
 
@@ -138,6 +139,7 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
             graph_module = fx.symbolic_trace(model)
     except Exception as exc:  # any tracing failure only means "no graph rewrites"
         return None, f"torch.fx cannot trace {type(model).__name__} ({exception_reason(exc, 160)})"
+    _restore_assert_messages(graph_module)
     registered = {name for name, _ in model.named_parameters()} | {name for name, _ in model.named_buffers()}
     for node in graph_module.graph.nodes:
         if node.op == "get_attr" and node.target not in registered:
@@ -151,6 +153,39 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
             return None, (f"torch.fx dropped an in-place update of {type(model).__name__} (`{node.name}`: a `+=` "
                           "into a view or an alias is traced as a new tensor)")
     return graph_module, ""
+
+
+_PROXY_IN_MESSAGE = re.compile(r"Proxy\((\w+)\)")
+
+
+def traced_assert(condition, template: str, *values) -> None:
+    """``torch._assert(condition, template.format(*values))``, the message formatted only when it fails. Traced
+    again (torch.fx re-traces a graph module's code when it is unpickled), it records itself as one call."""
+    if isinstance(condition, fx.Proxy):
+        return condition.tracer.create_proxy("call_function", traced_assert, (condition, template, *values), {})
+    if not condition:
+        raise AssertionError(template.format(*values))
+
+
+def _restore_assert_messages(graph_module: fx.GraphModule) -> None:
+    """A model's ``torch._assert(h == size, f"... got {h}")`` is traced with the message formatted then, on the
+    trace's proxies: a deployed torchvision ViT given 96-px images said "Expected 64 but got Proxy(getitem_2)!".
+    Each such assert is rewritten to format the message from those nodes' values when it fails."""
+    graph = graph_module.graph
+    nodes = {node.name: node for node in graph.nodes}
+    changed = False
+    for node in graph.nodes:
+        if (node.op != "call_function" or node.target is not torch._assert or len(node.args) != 2
+                or not isinstance(node.args[1], str)):
+            continue
+        names = _PROXY_IN_MESSAGE.findall(node.args[1])
+        if not names or not all(name in nodes for name in names):
+            continue
+        template = _PROXY_IN_MESSAGE.sub("{}", node.args[1].replace("{", "{{").replace("}", "}}"))
+        node.target, node.args = traced_assert, (node.args[0], template, *(nodes[name] for name in names))
+        changed = True
+    if changed:
+        graph_module.recompile()
 
 
 def _module(graph_module: fx.GraphModule, node: fx.Node) -> nn.Module | None:

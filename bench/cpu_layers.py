@@ -1,7 +1,8 @@
-"""Where the CPU engine's time goes, layer by layer: a torchvision ResNet (random init, seed 0), every
-Conv2d/Linear pruned by magnitude to the same density, through ``benchmark_inference(..., layers=True)``
-and the table ``vpns bench-infer --layers`` prints (decisions, dense and sparse times, GFLOP/s, share
-of the machine's dense peak measured in the same run: the better of an sgemm and a oneDNN conv).
+"""Where the CPU engine's time goes, layer by layer: a torchvision classification model (ResNets, RegNet,
+MobileNet, EfficientNet, ...; random init, seed 0), every Conv2d/Linear pruned by magnitude to the same
+density, through ``benchmark_inference(..., layers=True)`` and the table ``vpns bench-infer --layers`` prints
+(decisions, dense and sparse times, GFLOP/s, share of the machine's dense peak measured in the same run: the
+better of an sgemm and a oneDNN conv), against dense torch and ONNX Runtime (when installed).
 
     .venv/bin/python -m bench.cpu_layers resnet18 0.1 [--batch 1] [--threads 2] [--iters 15] > report.txt
 """
@@ -20,7 +21,7 @@ from vpns_fast.deploy import baselines, runtime
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", choices=("resnet18", "resnet34", "resnet50", "resnet101"))
+    parser.add_argument("arch", help="a torchvision classification model, e.g. resnet50, regnet_x_400mf")
     parser.add_argument("density", type=float)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
@@ -28,6 +29,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not 0.0 < args.density <= 1.0:
         parser.error(f"density: expected a number in (0, 1], got {args.density}")
+    import torchvision
+
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):
+        parser.error(f"arch: expected a torchvision classification model (torchvision.models.list_models()), "
+                     f"got {args.arch!r}")
     model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), "

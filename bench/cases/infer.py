@@ -89,15 +89,24 @@ DESCRIPTION = ("sparse CPU inference of magnitude-pruned ResNet-18/50 (uniform a
                "CPU only")
 
 
+def sparse_engine_points(device_type: str, dtypes: list[str] | None) -> bool:
+    """Whether a run on ``device_type`` for ``dtypes`` has points of the sparse engine: a CPU float32 engine."""
+    return device_type == "cpu" and (not dtypes or "float32" in dtypes)
+
+
+def distinct_layers(model_name: str, image_size: int, sizes: str) -> tuple:
+    """``conv_layers`` of the model, the first SMALL_LAYER_COUNT only with ``--sizes small``."""
+    layers = conv_layers(model_name, image_size)
+    return layers[:SMALL_LAYER_COUNT] if sizes == "small" else layers
+
+
 def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> list[Config]:
-    if device_type != "cpu" or (dtypes and "float32" not in dtypes):
-        return []  # the sparse engine is a CPU float32 engine
+    if not sparse_engine_points(device_type, dtypes):
+        return []
     layer_models, model_models, image_size = POINTS[sizes]
     points = []
     for model_name in dict.fromkeys(layer_models + model_models):
-        layers = conv_layers(model_name, image_size) if model_name in layer_models else ()
-        if sizes == "small":
-            layers = layers[:SMALL_LAYER_COUNT]
+        layers = distinct_layers(model_name, image_size, sizes) if model_name in layer_models else ()
         for mask in MASKS:
             for density in DENSITIES[sizes]:
                 for batch in BATCHES[sizes]:

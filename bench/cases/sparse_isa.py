@@ -26,8 +26,14 @@ from __future__ import annotations
 import torch
 
 from bench.cases.common import Candidate, Config, Workload, no_grad
-from bench.cases.infer import LAYER_TOLERANCE, MODEL_TOLERANCE, comparer, pruned_model
-from bench.registry import conv_layers
+from bench.cases.infer import (
+    LAYER_TOLERANCE,
+    MODEL_TOLERANCE,
+    comparer,
+    distinct_layers,
+    pruned_model,
+    sparse_engine_points,
+)
 from bench.timing import input_copy_count
 from vpns_fast.deploy import sparse_cpu
 
@@ -38,7 +44,6 @@ DENSITY = 0.1
 # (models per layer, (model, batch) end to end, image size) per --sizes
 POINTS = {"full": (("resnet18", "resnet50"), (("resnet18", 1), ("resnet50", 1), ("resnet18", 32)), 224),
           "small": (("resnet18",), (("resnet18", 1),), 32)}
-SMALL_LAYER_COUNT = 4  # distinct layers with --sizes small
 BASELINES = list(reversed(sparse_cpu.KERNEL_ISAS))  # scalar first: every CPU runs it
 BASELINE_NAMES = tuple(BASELINES)
 EXTRA_IMPLS = ("default",)
@@ -47,13 +52,12 @@ DESCRIPTION = ("the sparse CPU kernel with each instruction set this CPU runs (s
 
 
 def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> list[Config]:
-    if device_type != "cpu" or (dtypes and "float32" not in dtypes):
-        return []  # the sparse engine is a CPU float32 engine
+    if not sparse_engine_points(device_type, dtypes):
+        return []
     layer_models, model_points, image_size = POINTS[sizes]
     points = []
     for model_name in layer_models:
-        layers = conv_layers(model_name, image_size)
-        for name, weight_shape, input_shape, stride in layers[:SMALL_LAYER_COUNT] if sizes == "small" else layers:
+        for name, weight_shape, input_shape, stride in distinct_layers(model_name, image_size, sizes):
             shape = f"{model_name} {name} w={list(weight_shape)} x={[1, *input_shape]} s={stride[0]} density={DENSITY}"
             points.append(Config(NAME, shape, "float32", "fwd", {
                 "model": model_name, "sizes": sizes, "image_size": image_size, "batch": 1, "density": DENSITY,

@@ -105,6 +105,9 @@ def test_grouped_conv2d_runs_as_its_block_diagonal_weight(shape, density, batch,
     x = torch.randn(batch, in_channels, 15, 11, generator=generator)
     sparse = sparse_cpu.SparseConv2d.from_dense(conv)
     assert sparse.nnz == int(torch.count_nonzero(conv.weight)) and sparse.in_channels == in_channels
+    # nn.Conv2d's view of it: the grouped weight, its groups and density
+    assert sparse.groups == groups and torch.equal(sparse.weight, conv.weight)
+    assert sparse.density == pytest.approx(sparse.nnz / conv.weight.numel())
     dense_weight = sparse.to_dense_weight()
     reference = F.conv2d(x.double(), conv.weight.double(), conv.bias.double(), stride, padding, dilation, groups)
     ungrouped = F.conv2d(x.double(), dense_weight.double(), conv.bias.double(), stride, padding, dilation)
@@ -117,6 +120,12 @@ def test_grouped_conv2d_runs_as_its_block_diagonal_weight(shape, density, batch,
         fused.relu = True
         assert_close_to_reference(fused(x, residual), torch.relu(torch_out + residual),
                                   torch.relu(reference + residual.double()), in_channels // groups * kernel * kernel)
+    # gradients through it are a grouped conv's (torch's convolution of the grouped weight)
+    x_grad = x.clone().requires_grad_(True)
+    sparse(x_grad).sum().backward()
+    x_ref = x.clone().requires_grad_(True)
+    conv(x_ref).sum().backward()
+    torch.testing.assert_close(x_grad.grad, x_ref.grad)
     # the block-diagonal weight holds each group's weights at its own input channels, zeros elsewhere
     per_out, per_in = out_channels // groups, in_channels // groups
     for g in range(groups):
@@ -582,8 +591,8 @@ def test_same_padding_of_odd_extent_runs_sparse(kernel, dilation):
 
 
 def test_errors():
-    with pytest.raises(ValueError, match="groups must divide the weight's 4 output channels, got 3"):
-        sparse_cpu.block_diagonal_weight(torch.zeros(4, 1, 3, 3), 3)
+    with pytest.raises(ValueError, match="groups must be an int >= 1 dividing C_out=4, got 3"):
+        sparse_cpu.SparseConv2d(torch.zeros(4, 1, 3, 3), groups=3)
     with pytest.raises(ValueError, match="padding_mode"):
         sparse_cpu.SparseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding_mode="reflect"))
     with pytest.raises(ValueError, match="float32"):
@@ -773,3 +782,20 @@ def test_sparse_conv2d_with_inference_tensors():
         assert moved.channel_index.is_inference()  # buffers replaced there: offsets are not cached
         assert_close(moved(x), expected, baseline=expected, reduction=36)
     assert_close(sparse(x), expected, baseline=expected, reduction=36)
+
+
+def test_the_all_dense_variant_of_a_grouped_sparse_conv_is_grouped():
+    """The whole-network timing's dense side must run a grouped layer as a grouped conv: the ungrouped
+    block-diagonal conv does groups times the work (a 256-channel depthwise conv at 56 px: 10.5 against
+    0.39 ms), which biased the choice toward sparse and slowed a network left dense."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1, groups=16),
+                          nn.Conv2d(16, 32, 3, padding=1, groups=4))
+    x = torch.randn(2, 3, 12, 12)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    variant, names = sparse_cpu._all_convs_dense(converted)
+    for name, groups in (("2", 16), ("3", 4)):
+        dense = variant.get_submodule(name)
+        assert isinstance(dense, sparse_cpu.DenseConv2d) and dense.groups == groups
+        assert torch.equal(dense.weight, model.get_submodule(name).weight.detach())
+    with torch.no_grad():
+        assert_close(variant(x), model(x), rtol=1e-4, atol=1e-5)

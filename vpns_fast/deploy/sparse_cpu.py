@@ -205,39 +205,32 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, relu: bo
     return torch.relu(out) if relu else out
 
 
-def block_diagonal_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
-    """The ``[C_out, C_in, KH, KW]`` weight of the ungrouped convolution that computes what a convolution of
-    ``groups`` groups with ``weight`` (``[C_out, C_in / groups, KH, KW]``) does: group ``g``'s output channels
-    hold their weights at group ``g``'s input channels, zeros elsewhere."""
-    out_channels, in_per_group, kernel_h, kernel_w = weight.shape
-    if groups < 1 or out_channels % groups:
-        raise ValueError(f"groups must divide the weight's {out_channels} output channels, got {groups}")
-    per_group = out_channels // groups
-    full = weight.new_zeros(groups, per_group, groups, in_per_group, kernel_h, kernel_w)
-    group = torch.arange(groups)
-    full[group, :, group] = weight.reshape(groups, per_group, in_per_group, kernel_h, kernel_w)
-    return full.view(out_channels, groups * in_per_group, kernel_h, kernel_w)
-
-
 class SparseConv2d(nn.Module):
     """A Conv2d (zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
-    float32 rounding. Exact zeros of the weight are skipped. A grouped Conv2d (``from_dense``) is the
-    ungrouped one of its block-diagonal weight: output channel ``o`` has nonzeros in its own group's input
-    channels only, so the same kernel runs it (``groups`` then reads 1, ``in_channels`` all of them).
+    float32 rounding. Exact zeros of the weight are skipped. A grouped convolution (``groups`` > 1, ``weight``
+    ``[C_out, C_in / groups, KH, KW]`` as nn.Conv2d's) runs as the ungrouped one of its block-diagonal weight:
+    output channel ``o``'s nonzeros are packed with the input channels of its own group, so the same kernel
+    runs it, and only the grouped weight's nonzeros are stored (the block-diagonal weight is never built).
 
     Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``relu=True``
     applies a ReLU, in the kernel's output loop: ``relu(conv(x) + bias + residual)``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
-                 relu: bool = False):
+                 relu: bool = False, groups: int = 1):
         super().__init__()
         self.relu = bool(relu)
         ops = _ops()
         weight = _check_dense_weight(weight, "SparseConv2d")
         if weight.dim() != 4:
-            raise ValueError(f"SparseConv2d: weight must be 4-d [C_out, C_in, KH, KW], got shape {tuple(weight.shape)}")
-        self.weight_shape = tuple(weight.shape)
+            raise ValueError(f"SparseConv2d: weight must be 4-d [C_out, C_in / groups, KH, KW], got shape "
+                             f"{tuple(weight.shape)}")
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
+            raise ValueError(f"SparseConv2d: groups must be an int >= 1 dividing C_out={weight.shape[0]}, "
+                             f"got {groups!r}")
+        self.groups = groups
+        # the shape the kernel runs: the ungrouped (block-diagonal) weight's
+        self.weight_shape = (weight.shape[0], weight.shape[1] * groups, *weight.shape[2:])
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
         self.dilation = _pair(dilation, "dilation")
@@ -245,6 +238,8 @@ class SparseConv2d(nn.Module):
         # counter, which the geometry cache below keys on
         with torch.inference_mode(False):
             row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+            if groups > 1:  # each nonzero's input channel within its group -> among all input channels
+                channel_index = channel_index + self._group_channel_offsets(row_ptr).to(channel_index.dtype)
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("channel_index", channel_index)
         self.register_buffer("tap_index", tap_index)
@@ -258,13 +253,19 @@ class SparseConv2d(nn.Module):
             raise TypeError(f"SparseConv2d.from_dense expects an nn.Conv2d, got {type(conv).__name__}")
         if conv.padding_mode != "zeros":
             raise ValueError(f"SparseConv2d supports padding_mode='zeros' only, got {conv.padding_mode!r}")
-        weight = conv.weight if conv.groups == 1 else block_diagonal_weight(conv.weight.detach(), conv.groups)
-        return cls(weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation)
+        return cls(conv.weight, conv.bias, conv.stride, _symmetric_padding(conv, "SparseConv2d"), conv.dilation,
+                   groups=conv.groups)
 
     # what code written for the nn.Conv2d it replaces may read (``x.to(self.conv.weight.dtype)``,
     # ``self.conv.out_channels``); without them such a model was refused or failed at its first other input size
-    groups = 1
+    groups = 1  # the class's value: layers pickled before grouped convolutions ran sparse
     padding_mode = "zeros"
+
+    def _group_channel_offsets(self, row_ptr: torch.Tensor) -> torch.Tensor:
+        """Per nonzero, the first input channel of its output channel's group."""
+        out_channels, in_channels = self.weight_shape[:2]
+        rows = torch.repeat_interleave(torch.arange(out_channels), row_ptr.diff())
+        return rows // (out_channels // self.groups) * (in_channels // self.groups)
 
     @property
     def in_channels(self) -> int:
@@ -280,9 +281,10 @@ class SparseConv2d(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """A dense copy of the weight, made on every read (``to_dense_weight``): writing into it does not change
-        the layer, and reading it on every call costs a pass over the dense weight."""
-        return self.to_dense_weight()
+        """A dense copy of the weight as nn.Conv2d holds it (``[C_out, C_in / groups, KH, KW]``), made on every
+        read (``grouped_weight``): writing into it does not change the layer, and reading it on every call costs
+        a pass over the dense weight."""
+        return self.grouped_weight()
 
     @property
     def nnz(self) -> int:
@@ -290,18 +292,31 @@ class SparseConv2d(nn.Module):
 
     @property
     def density(self) -> float:
-        total = 1
-        for size in self.weight_shape:
-            total *= size
+        """Kept fraction of the weight as nn.Conv2d holds it (a grouped layer's, not the block-diagonal one's)."""
+        total = math.prod(self.weight_shape) // self.groups
         return self.nnz / total if total else 0.0
 
     def to_dense_weight(self) -> torch.Tensor:
-        """The dense weight the packed nonzeros stand for (zeros where nothing is stored)."""
+        """The dense weight of the ungrouped convolution the kernel runs (zeros where nothing is stored; for a
+        grouped layer the block-diagonal weight, ``groups`` times the grouped one's size)."""
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
         rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
         weight = self.values.new_zeros(out_channels, in_channels, kernel_h * kernel_w)
         weight[rows, self.channel_index.long(), self.tap_index.long()] = self.values
         return weight.view(self.weight_shape)
+
+    def grouped_weight(self) -> torch.Tensor:
+        """The dense weight as nn.Conv2d holds it: ``[C_out, C_in / groups, KH, KW]`` (``to_dense_weight``'s
+        when ``groups`` is 1)."""
+        groups = self.groups
+        if groups == 1:
+            return self.to_dense_weight()
+        out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
+        rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
+        local = self.channel_index.long() - self._group_channel_offsets(self.row_ptr)
+        weight = self.values.new_zeros(out_channels, in_channels // groups, kernel_h * kernel_w)
+        weight[rows, local, self.tap_index.long()] = self.values
+        return weight.view(out_channels, in_channels // groups, kernel_h, kernel_w)
 
     def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
@@ -341,7 +356,8 @@ class SparseConv2d(nn.Module):
         x, residual = _checked_conv_input(x, residual, "SparseConv2d")
         if _needs_gradient(x, residual):
             # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
-            out = F.conv2d(x, self.to_dense_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation)
+            out = F.conv2d(x, self.grouped_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation,
+                           self.groups)
             return _unfused_epilogue(out, residual, self.relu)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
             return _unfused_epilogue(self._run(x.unsqueeze(0), None, False).squeeze(0), residual, self.relu)
@@ -359,8 +375,9 @@ class SparseConv2d(nn.Module):
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
         return (f"{in_channels}, {out_channels}, kernel_size=({kernel_h}, {kernel_w}), stride={self.stride}, "
-                f"padding={self.padding}, dilation={self.dilation}, bias={self.bias is not None}, "
-                f"density={self.density:.4f}" + (", relu=True" if self.relu else ""))
+                f"padding={self.padding}, dilation={self.dilation}, " + (f"groups={self.groups}, " if self.groups > 1
+                                                                           else "")
+                + f"bias={self.bias is not None}, density={self.density:.4f}" + (", relu=True" if self.relu else ""))
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -1023,8 +1040,8 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
         variant = fusion.copy_sharing_hooks(converted)
     for name in names:
         sparse = variant.get_submodule(name)
-        dense = DenseConv2d(sparse.to_dense_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,
-                            relu=sparse.relu)
+        dense = DenseConv2d(sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,
+                            sparse.groups, relu=sparse.relu)
         if name:
             variant.set_submodule(name, dense)
         else:

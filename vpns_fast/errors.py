@@ -19,12 +19,22 @@ def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = Tru
 
 def state_dict_mismatch(exc: BaseException, limit: int = 300) -> str:
     """One line for ``load_state_dict``'s RuntimeError, whose first line ("Error(s) in loading state_dict for
-    ResNet:") says nothing: the first problem (missing / unexpected keys, a size mismatch), how many more
-    there are, cut to ``limit`` characters."""
+    ResNet:") says nothing: its first problem (missing or unexpected keys, a size mismatch), cut to ``limit``
+    characters, then how many problems of each kind there are in all."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     if len(lines) < 2 or not lines[0].startswith("Error(s) in loading state_dict"):
         return exception_reason(exc, limit, with_type=False)
-    more = f" (and {len(lines) - 2} more)" if len(lines) > 2 else ""
+    counts = {"missing keys": 0, "unexpected keys": 0, "size mismatches": 0}
+    for line in lines[1:]:
+        keys = line.split(": ", 1)[1].count('", "') + 1 if ": " in line else 1  # torch lists them as "a", "b"
+        if line.startswith("Missing key(s)"):
+            counts["missing keys"] += keys
+        elif line.startswith("Unexpected key(s)"):
+            counts["unexpected keys"] += keys
+        elif line.startswith("size mismatch"):
+            counts["size mismatches"] += 1
+    counted = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
+    total = f" (in all: {counted})" if counted else ""
     first = lines[1].rstrip(".")
-    room = max(0, limit - len(more))
-    return (first if len(first) <= room else first[:max(0, room - 3)] + "...") + more
+    room = max(0, limit - len(total))
+    return (first if len(first) <= room else first[:max(0, room - 3)] + "...") + total

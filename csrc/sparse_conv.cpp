@@ -87,10 +87,12 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -143,9 +145,13 @@ Isa default_isa() {
   return widest;
 }
 
-// VPNS_FAST_SPARSE_ISA as the process started with it (nullptr: unset); read here only, once.
-const char* isa_environment() {
-  static const char* const wanted = std::getenv("VPNS_FAST_SPARSE_ISA");
+// VPNS_FAST_SPARSE_ISA as it was at the first sparse call (nullopt: unset); read here only, once, and copied
+// (a later setenv may free the string getenv returned).
+const std::optional<std::string>& isa_environment() {
+  static const std::optional<std::string> wanted = []() -> std::optional<std::string> {
+    const char* value = std::getenv("VPNS_FAST_SPARSE_ISA");
+    return value ? std::optional<std::string>(value) : std::nullopt;
+  }();
   return wanted;
 }
 
@@ -153,8 +159,8 @@ int isa_index(const std::string& name);
 
 std::atomic<int>& chosen_isa() {
   static std::atomic<int> chosen([] {
-    const char* wanted = isa_environment();
-    const int index = wanted ? isa_index(wanted) : -1;
+    const std::optional<std::string>& wanted = isa_environment();
+    const int index = wanted ? isa_index(*wanted) : -1;
     return index >= 0 ? std::min(index, static_cast<int>(widest_isa())) : static_cast<int>(default_isa());
   }());
   return chosen;
@@ -770,9 +776,19 @@ std::vector<std::string> sparse_kernel_isas() {
 }
 
 std::string sparse_kernel_isa_environment_note() {
-  const char* wanted = isa_environment();
-  if (wanted == nullptr || isa_index(wanted) >= 0) return "";
-  return "VPNS_FAST_SPARSE_ISA='" + std::string(wanted) + "' is not one of " + isa_name_list() +
+  const std::optional<std::string>& wanted = isa_environment();
+  if (!wanted || isa_index(*wanted) >= 0) return "";
+  std::string shown;  // control characters escaped: the note is one line
+  for (const unsigned char c : *wanted) {
+    if (c < 0x20 || c == 0x7f) {
+      char escaped[8];
+      std::snprintf(escaped, sizeof(escaped), "\\x%02x", c);
+      shown += escaped;
+    } else {
+      shown += static_cast<char>(c);
+    }
+  }
+  return "VPNS_FAST_SPARSE_ISA='" + shown + "' is not one of " + isa_name_list() +
          ": ignored, the sparse kernels run with " + kIsas[static_cast<int>(default_isa())].name;
 }
 

@@ -733,8 +733,8 @@ def main(argv=None) -> int:
     except NetworkNotRebuildable as exc:  # its advice (model=...) is for Python code
         reason = _one_line(exc).split("; pass model=")[0]
         print(f"vpns {args.command}: error: {reason}; the command line cannot give one: load the file in Python "
-              "with model=<a module of the same architecture> (vpns_fast.deploy, vpns_fast.deploy.export.export)",
-              file=sys.stderr)
+              "with model=<a module of the same architecture> (vpns_fast.deploy, vpns_fast.deploy.export.export), "
+              "or name the model as 'package.module:factory' when training", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -119,10 +119,14 @@ def augmentation_resize_size(image_size: int) -> int:
 
 
 def _resize_square(image: torch.Tensor, size: int) -> torch.Tensor:
-    if image.shape[-2] == size and image.shape[-1] == size:
-        return image
     # The release resizes to a square (aspect not kept), so do we.
-    return TF.resize(image, [size, size], antialias=True)
+    return _resize(image, size, size)
+
+
+def _resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    if image.shape[-2] == height and image.shape[-1] == width:
+        return image
+    return TF.resize(image, [height, width], antialias=True)
 
 
 class ResizeTransform:
@@ -175,9 +179,7 @@ def resize_batch(images: torch.Tensor, size: int | tuple[int, int]) -> torch.Ten
     ``(H, W)`` for a network trained on images that are not square."""
     if isinstance(size, int):
         return _resize_square(images, size)
-    if tuple(images.shape[-2:]) == tuple(size):
-        return images
-    return TF.resize(images, [int(size[0]), int(size[1])], antialias=True)
+    return _resize(images, int(size[0]), int(size[1]))
 
 
 def augment_batch(

@@ -224,6 +224,10 @@ def test_input_stage_and_label_mapping_are_checked_when_deploying(tmp_path):
             continue
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             deploy(network, image_size=kwargs.pop("image_size", size), policy="dense", **kwargs)
+    # a prompt normalizes with its own mean and std: others are refused rather than ignored
+    with pytest.raises(ValueError, match=r"mean: the prompt normalizes with its own mean \(0\.485"):
+        deploy(reference, mean=(0.5, 0.5, 0.5), policy="dense")
+    assert deploy(reference, mean=reference.prompt.mean, policy="dense").mean == tuple(reference.prompt.mean)
     # a file brings its own input stage: the module-only arguments are refused rather than ignored
     for name, value in (("mean", (0.5, 0.5, 0.5)), ("label_mapping", [0]), ("image_size", 32)):
         with pytest.raises(ValueError, match=f"{name}: only for a module; a file carries its own"):
@@ -239,6 +243,26 @@ def test_input_stage_and_label_mapping_are_checked_when_deploying(tmp_path):
 
     with pytest.raises(ValueError, match="label_mapping: the network returns dict, not"):
         deploy(TwoHeads(), image_size=16, label_mapping=[0], policy="dense")
+    # logits with trailing dimensions, (B, classes, 1, 1), map along dimension 1 as before
+    pooled = torch.nn.Sequential(torch.nn.Conv2d(3, 5, 3), torch.nn.AdaptiveAvgPool2d(1))
+    module = deploy(pooled, image_size=16, label_mapping=[4, 0], policy="dense")
+    x16 = torch.rand(2, 3, 16, 16)
+    with torch.no_grad():
+        assert_close(module(x16), pooled(normalize(x16))[:, [4, 0]])
+
+
+def test_a_deployed_module_pickled_before_image_shape_and_mapping_end(tmp_path):
+    """Modules pickled by an earlier version lack the attributes added since: unpickling fills them in."""
+    import pickle
+
+    ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3, prompt=False)
+    module = deploy(ckpt, policy="dense")
+    x = torch.rand(2, 3, size, size)
+    expected = module(x)
+    del module.__dict__["image_shape"], module.__dict__["mapping_end"]
+    restored = pickle.loads(pickle.dumps(module))
+    assert restored.image_shape == (size, size) and restored.mapping_end == int(restored.mapping.max()) + 1
+    assert_close(restored(x), expected)
 
 
 def test_a_module_holding_nan_is_refused_by_the_name_of_the_tensor(tmp_path):
@@ -279,6 +303,11 @@ def test_a_network_trained_on_images_that_are_not_square(tmp_path, capsys):
     Image.new("RGB", (64, 48)).save(tmp_path / "img.png")
     assert main(["infer", str(path), str(tmp_path / "img.png"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)[0]["top"]
+    # evaluation's datasets resize to squares: refused rather than run on 40x40 images
+    from vpns_fast.training.evaluation import evaluate_checkpoint
+
+    with pytest.raises(ValueError, match=r"wide.pt: its network takes 24x40 images .* evaluation resizes to squares"):
+        evaluate_checkpoint(str(path), "synthetic", device="cpu", limit=8)
 
 
 def test_out_of_range_pixels_are_refused(tmp_path):

@@ -667,6 +667,8 @@ def test_kernel_isa_choice_is_checked_and_read_from_the_environment(tmp_path):
     for unknown in ("sse", "AVX2", " avx2", ""):
         got, warned = kernel_in_a_new_process(unknown)
         assert got == default and f"VPNS_FAST_SPARSE_ISA={unknown!r} is not one of avx512, avx2, scalar" in warned
+    got, warned = kernel_in_a_new_process("avx\nfoo")  # control characters escaped: the warning is one line
+    assert got == default and "VPNS_FAST_SPARSE_ISA='avx\\x0afoo' is not one of" in warned
 
 
 GUARD_PAGE_SCRIPT = """

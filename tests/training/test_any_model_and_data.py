@@ -137,7 +137,8 @@ def test_the_cli_says_a_module_objects_checkpoint_needs_python(user_run, capsys,
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "(user_networks.TinyNetwork) was passed as an object" in err
         assert "the command line cannot give one: load the file in Python with model=" in err
-        assert "; pass model=" not in err
+        assert "; pass model=" not in err and err.endswith("or name the model as 'package.module:factory' when "
+                                                          "training")
 
 
 def test_run_given_objects_resumes_from_python_only(user_run, capsys):

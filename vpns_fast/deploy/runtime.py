@@ -59,6 +59,15 @@ class DeployedModel(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
 
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # pickled before these existed: the image shape from the side, the mapping's extent from the mapping
+        if "image_shape" not in self.__dict__:
+            self.image_shape = _image_shape(self.image_size)
+        if "mapping_end" not in self.__dict__:
+            mapping = self._buffers.get("mapping")
+            self.mapping_end = int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
+
     @property
     def device(self) -> torch.device:
         return torch.device(self.info["device"])
@@ -72,7 +81,7 @@ class DeployedModel(nn.Module):
             raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
         if images.device.type == "meta":
             raise ValueError("images: a meta tensor has no values to classify")
-        size = getattr(self, "image_shape", _image_shape(self.image_size))  # modules pickled before image_shape
+        size = self.image_shape
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
             shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
@@ -85,10 +94,10 @@ class DeployedModel(nn.Module):
         logits = self.network(x)
         if self.mapping is None:
             return logits
-        if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
             what = f"shape {tuple(logits.shape)}" if isinstance(logits, torch.Tensor) else type(logits).__name__
-            raise ValueError(f"label_mapping: the network returns {what}, not (B, classes) logits to map")
-        if getattr(self, "mapping_end", 0) > logits.shape[1]:
+            raise ValueError(f"label_mapping: the network returns {what}, not (B, classes, ...) logits to map")
+        if self.mapping_end > logits.shape[1]:
             raise ValueError(f"label_mapping: index {self.mapping_end - 1} is out of range for the network's "
                              f"{logits.shape[1]} outputs")
         return logits.index_select(1, self.mapping)
@@ -153,6 +162,7 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     if prompt is not None:
         refuse_nan(prompt, "prompt")
     mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
+    asked = {"mean": mean, "std": std}  # the caller's own, before a PromptedNetwork's fill them in
     if image_size is not None:
         given = image_size
         try:
@@ -175,6 +185,10 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         mean, std = mean or net.mean, std or net.std
         model_or_path = net.model
     if prompt is not None:
+        for name, given, own in (("mean", asked["mean"], prompt.mean), ("std", asked["std"], prompt.std)):
+            if given is not None and tuple(given) != tuple(float(value) for value in own):
+                # the prompt op normalizes with its own; another value would be ignored, not applied
+                raise ValueError(f"{name}: the prompt normalizes with its own {name} {tuple(own)}; got {given}")
         mean, std = prompt.mean, prompt.std
     if image_size is None and prompt is not None:
         image_size = prompt.in_size
@@ -345,8 +359,8 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     mapping = source["mapping"]
     module = DeployedModel(network, input_prompt, mapping, source["mean"], source["std"], in_size, decisions, info,
                            source["meta"].get("class_names")).to(device)
-    if mapping is not None:
-        module(example_images)  # a mapping that does not fit the network's outputs is refused now, not per call
+    if mapping is not None:  # a mapping that does not fit the network's outputs is refused now, not per call
+        module(example_images[:1])
     return module
 
 

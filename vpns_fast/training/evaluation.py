@@ -67,7 +67,13 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     # A checkpoint written by the trainer carries its config: evaluate on the same split and at
     # the same image size the run used (its val split depends on split_seed and val_fraction).
     run = payload["meta"].get("config") or {}
-    image_size = prompt.in_size if prompt is not None else (run.get("image_size") or payload["input_size"][-1])
+    input_size = payload["input_size"]
+    if prompt is None and not run.get("image_size") and input_size and input_size[-2] != input_size[-1]:
+        # the datasets here resize to squares; the last side alone would evaluate the network on W x W images
+        raise ValueError(f"{path}: its network takes {input_size[-2]}x{input_size[-1]} images (input_size "
+                         f"{list(input_size)}), and evaluation resizes to squares; run it on your images with "
+                         "vpns_fast.deploy(path)")
+    image_size = prompt.in_size if prompt is not None else (run.get("image_size") or input_size[-1])
     same_dataset = run.get("dataset") == dataset
     data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else
                         (run.get("limit") if same_dataset else None),

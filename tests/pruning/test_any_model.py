@@ -353,7 +353,7 @@ def test_mask_launch_batching_covers_attention_and_conv1d(monkeypatch):
         assert_close(layer.scores.grad, expected.scores.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_cpu_engine_keeps_conv1d_conv3d_and_grouped_convs_dense_and_says_why():
+def test_cpu_engine_keeps_conv1d_conv3d_dense_and_says_why_and_runs_a_depthwise_conv_sparse():
     from vpns_fast.deploy import sparse_cpu
 
     class Mixed(nn.Module):
@@ -374,9 +374,11 @@ def test_cpu_engine_keeps_conv1d_conv3d_and_grouped_convs_dense_and_says_why():
     x = torch.randn(2, 2, 8, 8)
     converted, table = sparse_cpu.convert_for_cpu(folded, x, policy="sparse")
     rows = {row["name"]: row for row in table}
-    for name in ("conv1d", "conv3d", "depthwise"):
+    for name in ("conv1d", "conv3d"):
         assert rows[name]["chosen"] == "dense" and rows[name]["reason"], name
-    assert "2-D" in rows["conv1d"]["reason"] and "groups=4" in rows["depthwise"]["reason"]
+    assert "2-D" in rows["conv1d"]["reason"]
+    # a grouped conv runs sparse as its block-diagonal weight (policy "sparse": no measurement decides)
+    assert rows["depthwise"]["chosen"] == "sparse" and converted.depthwise.groups == 4
     with torch.no_grad():
         assert_close(converted(x), model(x), relative_to_max=True, rtol=1e-5)
 

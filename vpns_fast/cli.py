@@ -458,7 +458,7 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
         spread = f"{r['images_per_s_p20']:.1f}-{r['images_per_s_p80']:.1f}"
         print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine'])[:24]:24s} "
               f"{r['images_per_s']:9.1f} {spread:>15s} {r['latency_ms']:10.3f}")
-    from vpns_fast.deploy.sparse_cpu import format_decisions, table_flops
+    from vpns_fast.deploy.sparse_cpu import chosen_layers_ms, format_decisions, table_flops
 
     for r in rows:
         if r["backend"] != "deploy":
@@ -483,6 +483,14 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                 share = f" ({100 * rate / r['peak_gflops']:.0f}% of the peak)" if r.get("peak_gflops") else ""
                 print(f"end to end: {rate:.1f} GFLOP/s on the nonzero weights{share}; the FLOP-ratio limit of "
                       f"the speedup over dense is {dense / nonzero:.1f}x")
+            layers_ms, untimed = chosen_layers_ms(r["decisions"])
+            if layers_ms:
+                rest = r["latency_ms"] - layers_ms
+                print(f"where the time goes: the layers above, each timed alone, sum to {layers_ms:.2f} ms of the "
+                      f"network's {r['latency_ms']:.2f} ms ({100 * layers_ms / r['latency_ms']:.0f}%)"
+                      + (f", {untimed} layers not timed" if untimed else "")
+                      + f"; the other {rest:.2f} ms is the work outside them (activations, adds, pooling not "
+                      f"listed, the input stage, Python) and their cache misses inside the network")
 
 
 def _cmd_tune(args) -> int:

@@ -62,6 +62,23 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
     assert "GFLOP/s on the nonzero weights" in out and "FLOP-ratio limit" in out
     if sparse_cpu.available()[0]:
         assert f"; sparse kernel: {sparse_cpu.kernel_isa()};" in out
+        # the layers' own times against the network's: their sum and the rest add up to the latency
+        import re
+
+        found = re.search(r"where the time goes: the layers above, each timed alone, sum to ([0-9.]+) ms of the "
+                          r"network's ([0-9.]+) ms \((\d+)%\).*; the other (-?[0-9.]+) ms is the work outside them",
+                          out)
+        assert found, out[-800:]
+        layers_ms, network_ms, share, rest = (float(value) for value in found.groups())
+        assert layers_ms > 0 and abs(layers_ms + rest - network_ms) <= 0.011
+        assert abs(share - round(100 * layers_ms / network_ms)) <= 1
+
+
+def test_chosen_layers_ms_sums_what_each_layer_runs():
+    table = [{"chosen": "sparse", "sparse_ms": 1.0, "dense_ms": 3.0}, {"chosen": "dense", "sparse_ms": 0.5,
+                                                                      "dense_ms": 2.0},
+             {"chosen": "dense", "sparse_ms": None, "dense_ms": None}]
+    assert sparse_cpu.chosen_layers_ms(table) == (3.0, 1)
 
 
 def test_onnxruntime_missing_is_a_skipped_row(checkpoint, monkeypatch):

@@ -1235,6 +1235,19 @@ def table_flops(table: list[dict]) -> tuple[int, int]:
     return (sum(row.get("flops") or 0 for row in table), sum(row.get("dense_flops") or 0 for row in table))
 
 
+def chosen_layers_ms(table: list[dict]) -> tuple[float, int]:
+    """``(sum of the chosen implementation's time over the rows timed, rows not timed)``: each layer as it runs
+    in the converted network (sparse or dense), timed alone on its real input during the conversion."""
+    total, untimed = 0.0, 0
+    for row in table:
+        ms = row.get("sparse_ms") if row.get("chosen") == "sparse" else row.get("dense_ms")
+        if ms is None:
+            untimed += 1
+        else:
+            total += ms
+    return total, untimed
+
+
 def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str:
     """The decision table as aligned text, one layer a line: times, speedup, the achieved GFLOP/s of
     the dense layer and of the sparse one (counting only the nonzeros' multiply-adds), what the layer

@@ -1,5 +1,6 @@
 """deploy(): the inference module from every source (checkpoint, dense / sparse / slim exports,
 masked modules) equals the masked PyTorch model; and the export / infer / bench-infer CLI."""
+import copy
 import json
 
 import pytest
@@ -224,10 +225,21 @@ def test_input_stage_and_label_mapping_are_checked_when_deploying(tmp_path):
             continue
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             deploy(network, image_size=kwargs.pop("image_size", size), policy="dense", **kwargs)
-    # a prompt normalizes with its own mean and std: others are refused rather than ignored
-    with pytest.raises(ValueError, match=r"mean: the prompt normalizes with its own mean \(0\.485"):
-        deploy(reference, mean=(0.5, 0.5, 0.5), policy="dense")
-    assert deploy(reference, mean=reference.prompt.mean, policy="dense").mean == tuple(reference.prompt.mean)
+    # a PromptedNetwork carries its own input path and mapping, and a prompt its own normalization and size:
+    # arguments that differ are refused rather than ignored or applied
+    contradictions = [({"mean": (0.5, 0.5, 0.5)}, r"mean: the PromptedNetwork normalizes with its own mean \(0\.485"),
+                      ({"label_mapping": [0, 1]}, "label_mapping: the PromptedNetwork carries its own label mapping"),
+                      ({"prompt": copy.deepcopy(reference.prompt)}, "prompt: the PromptedNetwork carries its own"),
+                      ({"image_size": size + 8}, f"image_size: the prompt takes {size}x{size} images, got {size + 8}")]
+    for kwargs, message in contradictions:
+        with pytest.raises(ValueError, match=message):
+            deploy(reference, policy="dense", **kwargs)
+    with pytest.raises(ValueError, match="mean: the prompt normalizes with its own mean"):
+        deploy(network, prompt=reference.prompt, mean=(0.5, 0.5, 0.5), policy="dense")
+    agreeing = deploy(reference, mean=reference.prompt.mean, label_mapping=reference.mapping.mapping.tolist(),
+                      prompt=reference.prompt, image_size=size, policy="dense")
+    x_same = torch.rand(2, 3, size, size)
+    assert_close(agreeing(x_same), reference(x_same))
     # a file brings its own input stage: the module-only arguments are refused rather than ignored
     for name, value in (("mean", (0.5, 0.5, 0.5)), ("label_mapping", [0]), ("image_size", 32)):
         with pytest.raises(ValueError, match=f"{name}: only for a module; a file carries its own"):

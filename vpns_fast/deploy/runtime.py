@@ -178,12 +178,26 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         raise ValueError(f"model_or_path: float32 models only, got {', '.join(sorted(other))} tensors "
                          "(call .float() on the model first)")
     if isinstance(model_or_path, PromptedNetwork):
+        # it carries its own input path and mapping: an argument that differs would make the deployed module
+        # compute something else than the network it was given
         net = model_or_path
-        prompt = prompt if prompt is not None else net.prompt
-        if label_mapping is None and net.mapping.mode != "none":
-            label_mapping = net.mapping.mapping
+        if prompt is not None and prompt is not net.prompt:
+            raise ValueError("prompt: the PromptedNetwork carries its own prompt; deploy its .model to use another")
+        own_mapping = net.mapping.mapping if net.mapping.mode != "none" else None
+        if label_mapping is not None and (own_mapping is None or not torch.equal(
+                _checked_label_mapping(label_mapping), own_mapping.detach().cpu().long())):
+            raise ValueError("label_mapping: the PromptedNetwork carries its own label mapping ("
+                             + ("none" if own_mapping is None else f"{own_mapping.numel()} classes")
+                             + "); deploy its .model to use another")
+        for name, given, own in (("mean", mean, net.mean), ("std", std, net.std)):
+            if given is not None and tuple(given) != tuple(float(value) for value in own):
+                raise ValueError(f"{name}: the PromptedNetwork normalizes with its own {name} {tuple(own)}; got "
+                                 f"{given}")
+        prompt, label_mapping = net.prompt, own_mapping
         mean, std = mean or net.mean, std or net.std
         model_or_path = net.model
+    if prompt is not None and image_size is not None and image_size != prompt.in_size:
+        raise ValueError(f"image_size: the prompt takes {prompt.in_size}x{prompt.in_size} images, got {image_size}")
     if prompt is not None:
         for name, given, own in (("mean", asked["mean"], prompt.mean), ("std", asked["std"], prompt.std)):
             if given is not None and tuple(given) != tuple(float(value) for value in own):

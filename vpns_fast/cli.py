@@ -739,10 +739,9 @@ def main(argv=None) -> int:
         _import_torch_uninterrupted()
         return args.func(args)
     except NetworkNotRebuildable as exc:  # its advice (model=...) is for Python code
-        reason = _one_line(exc).split("; pass model=")[0]
-        print(f"vpns {args.command}: error: {reason}; the command line cannot give one: load the file in Python "
+        print(f"vpns {args.command}: error: {exc.reason}; the command line cannot give one: load the file in Python "
               "with model=<a module of the same architecture> (vpns_fast.deploy, vpns_fast.deploy.export.export), "
-              "or name the model as 'package.module:factory' when training", file=sys.stderr)
+              f"or {exc.TRAINING_ADVICE}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -4,7 +4,21 @@ from __future__ import annotations
 
 class NetworkNotRebuildable(ValueError):
     """A file whose network was given to training as a module object: the file names its class but cannot
-    rebuild it, so only Python code holding a module of that architecture (``model=...``) can load it."""
+    rebuild it, so only Python code holding a module of that architecture (``model=...``) can load it.
+    ``reason`` is the first part of the message, without the advice, which is for Python code."""
+
+    TRAINING_ADVICE = "name the model as 'package.module:factory' when training"
+
+    def __init__(self, what: str, network_class: str):
+        self.reason = (f"{what}'s network ({network_class}) was passed as an object, which the file cannot "
+                       "rebuild")
+        super().__init__(f"{self.reason}; pass model=<a module of the same architecture> (or "
+                         f"{self.TRAINING_ADVICE})")
+
+
+def shortened(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters, ending in "..." when cut."""
+    return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
 
 
 def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = True) -> str:
@@ -14,7 +28,7 @@ def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = Tru
     line = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
     if with_type:
         line = f"{type(exc).__name__}: {line}" if line else type(exc).__name__
-    return line if len(line) <= limit else line[:max(0, limit - 3)] + "..."
+    return shortened(line, limit)
 
 
 def state_dict_mismatch(exc: BaseException, limit: int = 300) -> str:
@@ -35,6 +49,4 @@ def state_dict_mismatch(exc: BaseException, limit: int = 300) -> str:
             counts["size mismatches"] += 1
     counted = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
     total = f" (in all: {counted})" if counted else ""
-    first = lines[1].rstrip(".")
-    room = max(0, limit - len(total))
-    return (first if len(first) <= room else first[:max(0, room - 3)] + "...") + total
+    return shortened(lines[1].rstrip("."), max(0, limit - len(total))) + total

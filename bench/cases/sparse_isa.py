@@ -23,6 +23,8 @@ Outputs are checked against ``scalar`` before timing, with case ``infer``'s boun
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from bench.cases.common import Candidate, Config, Workload, no_grad
@@ -71,7 +73,7 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
     return points
 
 
-def with_kernel(isa: str, module) -> callable:
+def with_kernel(isa: str, module) -> Callable:
     """``module`` called with the sparse kernel ``isa``, the previous choice put back after the call."""
     def run(x):
         previous = sparse_cpu.set_kernel_isa(isa)

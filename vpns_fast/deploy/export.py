@@ -272,9 +272,7 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
     if model is not None:
         return copy.deepcopy(model).cpu()
     if meta["model"]["name"] is None:
-        raise NetworkNotRebuildable(
-            f"this file's network ({meta['model'].get('class', 'a module')}) was passed as an object, which the file "
-            f"cannot rebuild; pass model=<a module of the same architecture>")
+        raise NetworkNotRebuildable("this file", meta["model"].get("class", "a module"))
     return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
 
 
@@ -597,17 +595,20 @@ def onnx_pipeline(folded: nn.Module, meta: dict, slim: bool = False) -> Inferenc
     return InferencePipeline(stage, folded, _mapping_tensor(meta)).eval()
 
 
-def image_size_of(meta: dict) -> int | tuple[int, int]:
-    """The side of the square images a file's pipeline takes (its prompt's input size when it uses one), or
-    ``(H, W)`` when its ``input_size`` is not square (a checkpoint saved with ``input_size=(3, 97, 131)``)."""
+def image_shape_of(meta: dict) -> tuple[int, int]:
+    """``(H, W)`` of the images a file's pipeline takes: its prompt's input size when it uses one, else its
+    ``input_size`` (which need not be square: a checkpoint saved with ``input_size=(3, 97, 131)``), else the
+    model's default."""
     if meta.get("use_prompt") and meta.get("prompt"):
-        return int(meta["prompt"]["in_size"])
+        side = int(meta["prompt"]["in_size"])
+        return side, side
     if meta.get("input_size"):
         height, width = (int(side) for side in meta["input_size"][-2:])
-        return height if height == width else (height, width)
+        return height, width
     from vpns_fast.models import default_input_size
 
-    return default_input_size(meta["model"]["name"])
+    side = default_input_size(meta["model"]["name"])
+    return side, side
 
 
 class OnnxExporterFallbackWarning(UserWarning):
@@ -704,11 +705,11 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
         raise MissingDependencyError("ONNX export needs the onnx package: pip install vpns_fast[onnx] "
                                      "(or pip install onnx)") from exc
     pipeline = onnx_pipeline(folded, meta, slim)
-    size = image_size_of(meta)
-    height, width = (size, size) if isinstance(size, int) else size
+    height, width = image_shape_of(meta)
     model, reason = onnx_model(pipeline, torch.rand(2, 3, height, width, dtype=torch.float32), opset)
     meta.update(exporter="torch.export" if reason is None else "torchscript", exporter_fallback_reason=reason)
-    onnx_meta = dict(meta, slim=slim, image_size=size, input="float32 images in [0, 1], (B, 3, H, W)")
+    onnx_meta = dict(meta, slim=slim, image_size=height if height == width else [height, width],
+                     input="float32 images in [0, 1], (B, 3, H, W)")
     onnx_meta.pop("prompt", None)  # the program is baked into the graph
     entry = model.metadata_props.add()
     entry.key, entry.value = "vpns_fast.meta", json.dumps(onnx_meta, sort_keys=True, default=_json_default)

@@ -27,6 +27,7 @@ from torch import nn
 
 from vpns_fast._version import __version__
 from vpns_fast.deploy import fusion
+from vpns_fast.errors import shortened
 from vpns_fast.nn.prompts import VisualPrompt, normalize
 
 __all__ = ["DeployedModel", "deploy", "benchmark_inference"]
@@ -46,8 +47,7 @@ class DeployedModel(nn.Module):
         super().__init__()
         self.network, self.prompt = network, prompt
         self.register_buffer("mapping", mapping.long() if mapping is not None else None)
-        # the outputs the mapping reads: checked per call without a device sync
-        self.mapping_end = int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
+        self.mapping_end = _mapping_end(self.mapping)
         self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
         # (H, W) of the images it takes (None: any size, a module without prompt or image size); image_size is
         # the side when they are square, else None
@@ -65,8 +65,7 @@ class DeployedModel(nn.Module):
         if "image_shape" not in self.__dict__:
             self.image_shape = _image_shape(self.image_size)
         if "mapping_end" not in self.__dict__:
-            mapping = self._buffers.get("mapping")
-            self.mapping_end = int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
+            self.mapping_end = _mapping_end(self._buffers.get("mapping"))
 
     @property
     def device(self) -> torch.device:
@@ -101,6 +100,12 @@ class DeployedModel(nn.Module):
             raise ValueError(f"label_mapping: index {self.mapping_end - 1} is out of range for the network's "
                              f"{logits.shape[1]} outputs")
         return logits.index_select(1, self.mapping)
+
+
+def _mapping_end(mapping: torch.Tensor | None) -> int:
+    """The outputs a label mapping reads (its largest index + 1; 0 for none): checked per call without a device
+    sync."""
+    return int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
 
 
 # Float images may overshoot [0, 1] by this much (bicubic / Lanczos resizing rings past the ends); a 0..255
@@ -138,14 +143,14 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
         if given:
             raise ValueError(f"{given[0]}: only for a module; a file carries its own input stage and label "
                              "mapping")
-        from vpns_fast.deploy.export import image_size_of, load_any
+        from vpns_fast.deploy.export import image_shape_of, load_any
 
         network, file_prompt, mapping, meta = load_any(model_or_path, model=model)
         use_prompt = meta.get("use_prompt", False)
         file_prompt = file_prompt if use_prompt else None
         return {"network": network, "prompt": file_prompt, "mapping": mapping,
                 "mean": meta["normalization"]["mean"], "std": meta["normalization"]["std"],
-                "image_size": image_size_of(meta), "meta": meta, "kind": meta["kind"]}
+                "image_size": image_shape_of(meta), "meta": meta, "kind": meta["kind"]}
     if not isinstance(model_or_path, nn.Module):
         raise TypeError(f"deploy takes a file path or an nn.Module, got {type(model_or_path).__name__}")
     if model is not None:
@@ -189,29 +194,30 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
             raise ValueError("label_mapping: the PromptedNetwork carries its own label mapping ("
                              + ("none" if own_mapping is None else f"{own_mapping.numel()} classes")
                              + "); deploy its .model to use another")
-        for name, given, own in (("mean", mean, net.mean), ("std", std, net.std)):
-            if given is not None and tuple(given) != tuple(float(value) for value in own):
-                raise ValueError(f"{name}: the PromptedNetwork normalizes with its own {name} {tuple(own)}; got "
-                                 f"{given}")
+        _refuse_other_normalization(mean, std, net, "the PromptedNetwork")
         prompt, label_mapping = net.prompt, own_mapping
         mean, std = mean or net.mean, std or net.std
         model_or_path = net.model
-    if prompt is not None and image_size is not None and image_size != prompt.in_size:
-        raise ValueError(f"image_size: the prompt takes {prompt.in_size}x{prompt.in_size} images, got {image_size}")
-    if prompt is not None:
-        for name, given, own in (("mean", asked["mean"], prompt.mean), ("std", asked["std"], prompt.std)):
-            if given is not None and tuple(given) != tuple(float(value) for value in own):
-                # the prompt op normalizes with its own; another value would be ignored, not applied
-                raise ValueError(f"{name}: the prompt normalizes with its own {name} {tuple(own)}; got {given}")
-        mean, std = prompt.mean, prompt.std
-    if image_size is None and prompt is not None:
-        image_size = prompt.in_size
+    if prompt is not None:  # the prompt op normalizes with its own and takes one size: other values are refused
+        if image_size is not None and image_size != prompt.in_size:
+            raise ValueError(f"image_size: the prompt takes {prompt.in_size}x{prompt.in_size} images, got "
+                             f"{image_size}")
+        _refuse_other_normalization(asked["mean"], asked["std"], prompt, "the prompt")
+        mean, std, image_size = prompt.mean, prompt.std, prompt.in_size
     if label_mapping is not None:
         label_mapping = _checked_label_mapping(label_mapping)
     return {"network": model_or_path, "prompt": prompt,
             "mapping": label_mapping,
             "mean": mean or ops.IMAGENET_MEAN, "std": std or ops.IMAGENET_STD, "image_size": image_size,
             "meta": {}, "kind": "module"}
+
+
+def _refuse_other_normalization(mean, std, owner, what: str) -> None:
+    """ValueError naming ``mean`` or ``std`` when given and other than ``owner``'s (a PromptedNetwork or a
+    prompt, which normalize with their own)."""
+    for name, given, own in (("mean", mean, owner.mean), ("std", std, owner.std)):
+        if given is not None and tuple(given) != tuple(float(value) for value in own):
+            raise ValueError(f"{name}: {what} normalizes with its own {name} {tuple(own)}; got {given}")
 
 
 def _image_shape(image_size) -> tuple[int, int] | None:
@@ -250,13 +256,8 @@ def _checked_label_mapping(label_mapping) -> torch.Tensor:
     if (mapping is None or mapping.dim() != 1 or mapping.numel() == 0 or mapping.is_floating_point()
             or mapping.is_complex() or mapping.dtype == torch.bool or int(mapping.min()) < 0):
         raise ValueError("label_mapping: expected a non-empty list of class indices >= 0 into the network's "
-                         f"outputs (one per target class), got {_short_repr(label_mapping)}")
+                         f"outputs (one per target class), got {shortened(repr(label_mapping), 80)}")
     return mapping.long()
-
-
-def _short_repr(value, limit: int = 80) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def _granularity(network: nn.Module, meta: dict) -> str | None:
@@ -336,9 +337,7 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     from vpns_fast.environment import resolve_device
 
-    device = resolve_device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be cpu, cuda or auto, got {device}")
+    device = resolve_device(device)  # cpu or cuda: it refuses the others
     if isinstance(model_or_path, nn.Module):
         source = _source(model_or_path, prompt, label_mapping, mean, std, image_size, model)
     else:
@@ -598,8 +597,8 @@ BATCH_MEMORY_FACTOR = 4.0
 
 def _refuse_batches_over_memory(dense: DeployedModel, batch_sizes, image_shape: tuple[int, int]) -> None:
     """MemoryError naming the first batch size whose estimated peak memory is more than the machine has
-    available: the kernel's out-of-memory killer would end the process without a word (a --batch of 100000
-    grew to 24 GB and was killed) where this is a one-line error."""
+    available: the kernel's out-of-memory killer would end the process without a word (a --batch of 100000 was
+    killed so) where this is a one-line error."""
     from vpns_fast.environment import available_memory_bytes
 
     available = available_memory_bytes()

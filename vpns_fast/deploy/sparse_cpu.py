@@ -299,24 +299,23 @@ class SparseConv2d(nn.Module):
     def to_dense_weight(self) -> torch.Tensor:
         """The dense weight of the ungrouped convolution the kernel runs (zeros where nothing is stored; for a
         grouped layer the block-diagonal weight, ``groups`` times the grouped one's size)."""
-        out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
-        rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
-        weight = self.values.new_zeros(out_channels, in_channels, kernel_h * kernel_w)
-        weight[rows, self.channel_index.long(), self.tap_index.long()] = self.values
-        return weight.view(self.weight_shape)
+        return self._scattered(self.channel_index.long(), self.weight_shape[1])
 
     def grouped_weight(self) -> torch.Tensor:
         """The dense weight as nn.Conv2d holds it: ``[C_out, C_in / groups, KH, KW]`` (``to_dense_weight``'s
         when ``groups`` is 1)."""
-        groups = self.groups
-        if groups == 1:
+        if self.groups == 1:
             return self.to_dense_weight()
-        out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
-        rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
         local = self.channel_index.long() - self._group_channel_offsets(self.row_ptr)
-        weight = self.values.new_zeros(out_channels, in_channels // groups, kernel_h * kernel_w)
-        weight[rows, local, self.tap_index.long()] = self.values
-        return weight.view(out_channels, in_channels // groups, kernel_h, kernel_w)
+        return self._scattered(local, self.weight_shape[1] // self.groups)
+
+    def _scattered(self, channels: torch.Tensor, in_channels: int) -> torch.Tensor:
+        """A zero ``[C_out, in_channels, KH, KW]`` weight holding each nonzero at its row, ``channels`` and tap."""
+        out_channels, _, kernel_h, kernel_w = self.weight_shape
+        rows = torch.repeat_interleave(torch.arange(out_channels), self.row_ptr.diff())
+        weight = self.values.new_zeros(out_channels, in_channels, kernel_h * kernel_w)
+        weight[rows, channels, self.tap_index.long()] = self.values
+        return weight.view(out_channels, in_channels, kernel_h, kernel_w)
 
     def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made

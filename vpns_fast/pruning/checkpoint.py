@@ -203,10 +203,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
                              f"{type(model).__name__}")
         model = copy.deepcopy(model).cpu()
     elif record["name"] is None:
-        raise NetworkNotRebuildable(
-            f"this checkpoint's network ({record.get('class', 'a module')}) was passed as an object, which the file "
-            f"cannot rebuild; pass model=<a module of the same architecture> (or name the model as "
-            f"'package.module:factory' when training)")
+        raise NetworkNotRebuildable("this checkpoint", record.get("class", "a module"))
     else:
         model = build_model(record["name"], **record["kwargs"])
     if payload["granularity"] is not None:

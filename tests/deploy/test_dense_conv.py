@@ -171,8 +171,11 @@ def test_convert_for_cpu_runs_the_dense_convs_through_oneDNN():
     assert converted.get_submodule("0").relu  # the ReLU went into its epilogue
     depthwise = table[1]  # measured as the others are (it can run sparse, as its block-diagonal weight)
     assert depthwise["chosen"] == "dense" and depthwise["sparse_ms"] > 0 and "than oneDNN" in depthwise["reason"]
-    # nothing sparse to weigh: no sparse conv, and the dense Linear (all weights kept) is not tried sparse
-    assert "than oneDNN" in table[0]["reason"] and summary["network"] is None
+    # the network is weighed against its every-supported-conv-sparse variant, which would have to be 1e9x faster;
+    # the dense Linear (all weights kept) is not tried sparse
+    assert "than oneDNN" in table[0]["reason"]
+    assert summary["network"].startswith("kept every conv dense: the network ran in ")
+    assert "ms with every supported conv sparse" in summary["network"] and "Linear" not in summary["network"]
     with torch.no_grad():
         expected = model(x)
         assert_close(converted(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
@@ -216,6 +219,34 @@ def test_the_faster_whole_network_is_kept(slow):
     else:
         assert summary["network"].startswith("kept 2 sparse convs")
         assert all(row["chosen"] == "sparse" for row in table)
+    _chosen_modules_agree_with_the_table(converted, table)
+    with torch.no_grad():
+        assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("min_speedup", [1.05, 1e9])
+def test_the_every_supported_conv_sparse_variant_is_kept_when_min_speedup_times_faster(monkeypatch, min_speedup):
+    """Convs that time faster dense alone but make the network slower (layout switches around a dense island)
+    run sparse when the whole network is ``min_speedup`` times faster that way: simulated by per-layer timings
+    that always favour dense and a forward that sleeps while its conv is dense."""
+    model, x = _network_with_delay(when_sparse=False)
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda dense, sparse, repeats, rounds=3: (1.0, 2.0))
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=min_speedup, repeats=2, fuse=False,
+                                                  summary=summary)
+    assert all(row["sparse_ms"] == 2.0 and "sparse not" in row["reason"] for row in table)
+    if min_speedup == 1.05:  # 20 ms against well under 1 ms
+        assert summary["network"].startswith("every supported conv sparse (2 more): the network ran in ")
+        assert all(row["chosen"] == "sparse" for row in table)
+        assert all(row["reason"].endswith("; the network ran faster with every supported conv sparse")
+                   for row in table)
+        assert isinstance(converted.conv, sparse_cpu.SparseConv2d)
+    else:  # not 1e9x faster: the per-layer choices stay
+        assert summary["network"].startswith("kept every conv dense: the network ran in ")
+        assert all(row["chosen"] == "dense" for row in table)
+        assert isinstance(converted.conv, sparse_cpu.DenseConv2d)
     _chosen_modules_agree_with_the_table(converted, table)
     with torch.no_grad():
         assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)

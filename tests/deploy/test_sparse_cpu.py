@@ -277,7 +277,8 @@ def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
     summary = {}
     converted, table = sparse_cpu.convert_for_cpu(dense_head, x, min_speedup=1e9, repeats=2, fuse=False,
                                                   summary=summary)
-    assert type(converted.head) is nn.Linear and summary["network"] is None
+    # the note is the convs' (weighed against every supported conv sparse) alone: no Linear was tried
+    assert type(converted.head) is nn.Linear and "Linear" not in summary["network"]
 
 
 def test_convert_for_cpu_of_one_layer_returns_the_replacement():

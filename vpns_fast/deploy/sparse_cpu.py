@@ -985,7 +985,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     network_note = None
     if policy == "measure":
         converted, network_note, variant_layout = _prefer_faster_network(converted, table, example_input, reference,
-                                                                         repeats)
+                                                                         repeats, min_speedup)
         layout_note = variant_layout or layout_note
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
@@ -1029,23 +1029,42 @@ def _runnable(converted: nn.Module, example_input: torch.Tensor, reference) -> t
     return None, f"dense convolutions return NCHW: with channels_last outputs the model failed ({problem})"
 
 
+def _variant_with(converted: nn.Module, names: list[str], replacement: Callable[[nn.Module], nn.Module]) -> nn.Module:
+    """A copy of ``converted`` whose layers ``names`` are each replaced by ``replacement(layer)``."""
+    with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
+        variant = fusion.copy_sharing_hooks(converted)
+    for name in names:
+        layer = replacement(variant.get_submodule(name))
+        if name:
+            variant.set_submodule(name, layer)
+        else:  # the model is this one layer
+            variant = layer
+    return variant
+
+
 def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None:
     """A copy of ``converted`` with each SparseConv2d replaced by the DenseConv2d of the same weight and
     epilogue, and those layers' names; None when there is none or oneDNN is missing."""
     names = [name for name, module in converted.named_modules() if isinstance(module, SparseConv2d)]
     if not names or not dense_conv_available()[0]:
         return None
-    with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
-        variant = fusion.copy_sharing_hooks(converted)
-    for name in names:
-        sparse = variant.get_submodule(name)
-        dense = DenseConv2d(sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,
-                            sparse.groups, relu=sparse.relu)
-        if name:
-            variant.set_submodule(name, dense)
-        else:
-            variant = dense
-    return variant, names
+    return _variant_with(converted, names, lambda sparse: DenseConv2d(
+        sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation, sparse.groups,
+        relu=sparse.relu)), names
+
+
+def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tuple[nn.Module, list[str]] | None:
+    """A copy of ``converted`` with each DenseConv2d that its own timing kept dense (its sparse layer was built,
+    checked and timed: the row has ``sparse_ms``) replaced by the SparseConv2d of the same weight and epilogue,
+    and those layers' names; None when there is none. Layers dense for another reason stay dense."""
+    measured = {row["name"] for row in table if row["type"] == "Conv2d" and row["sparse_ms"] is not None}
+    names = [name for name, module in converted.named_modules()
+             if isinstance(module, DenseConv2d) and name in measured]
+    if not names:
+        return None
+    return _variant_with(converted, names, lambda dense: SparseConv2d(
+        dense.weight, dense.bias, dense.stride, dense.padding, dense.dilation, relu=dense.relu,
+        groups=dense.groups)), names
 
 
 def _median_times_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
@@ -1067,39 +1086,66 @@ def _record_network_choice(table: list[dict], names: list[str], chosen: str, why
 
 
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
-                           repeats: int) -> tuple[nn.Module, str | None, str | None]:
-    """``(network, note, layout note)``: ``converted``, or its every-conv-dense variant when that runs the example
-    faster end to end; then the same with the Linear layers kept dense made sparse
-    (:func:`_prefer_sparse_linears`). The layout note is the every-conv-dense variant's, when it was chosen and
-    its dense convolutions had to return NCHW (see :func:`_runnable`).
+                           repeats: int, min_speedup: float) -> tuple[nn.Module, str | None, str | None]:
+    """``(network, note, layout note)``: of ``converted`` (each layer as its own timing chose), its
+    every-conv-dense variant and its every-supported-conv-sparse variant, the one that runs the example fastest
+    end to end (the sparse variant only when ``min_speedup`` times faster than the others, as a sparse layer
+    must be); then the same with the Linear layers kept dense made sparse (:func:`_prefer_sparse_linears`).
+    The layout note is the chosen variant's, when its dense convolutions had to return NCHW (see
+    :func:`_runnable`).
 
-    Per layer, each choice is measured on the layer's own input in its own layout, but a sparse conv
-    reads NCHW and a DenseConv2d channels_last, so a network mixing them converts the activation at
-    every switch. Measured 2026-12-03 (ResNet-50, 50% kept, batch 1, 2 threads, two conversions on a noisy
-    machine): 13 of 53 convs measured faster sparse alone, and the network with them took 59.8 and 92.5 ms
-    against 56.2 and 77.9 ms with every conv dense. Both networks are timed in interleaved rounds
-    (medians) and the faster is kept; the table's rows of the layers made dense say so."""
+    Per layer, each choice is measured on the layer's own input, a DenseConv2d on channels_last, the layout
+    it keeps between dense layers. But a sparse conv reads and writes NCHW, so a network mixing them converts
+    the activation at every switch, which no single layer's timing sees:
+    - ResNet-50, 50% kept, batch 1, 2 threads, two conversions on a noisy machine, 2026-12-03: 13 of 53 convs
+      measured faster sparse alone, and the network with them took 59.8 and 92.5 ms against 56.2 and 77.9 ms
+      with every conv dense;
+    - the other way round, 10% kept, batch 1, 2 threads, 2026-12-04 (Intel Xeon, AVX-512): the convs that
+      measured faster dense alone (in MobileNetV3-small the stem and 4 depthwise ones) made the networks
+      slower than ``policy="sparse"`` (every supported layer sparse): per-round ratios (medians of 40
+      interleaved rounds) 1.19x MobileNetV3-small, 1.25x EfficientNet-B0, 1.30x RegNetX-400MF, 1.13x
+      MobileNetV2. A depthwise 3x3 conv
+      on 72 channels at 56x56 took 50 us on channels_last input and 121 us on the NCHW one its sparse
+      neighbour gives it.
+    The variants are timed in interleaved rounds (medians); the table's rows of the layers a variant switched
+    say so."""
     rounds = max(3, min(7, repeats // 2))
-    alternative = _all_convs_dense(converted)
-    if alternative is None:
-        return *_prefer_sparse_linears(converted, None, table, example_input, reference, rounds), None
-    variant, names = alternative
-    problem, variant_layout = _runnable(variant, example_input, reference)
-    if problem is not None:
-        return *_prefer_sparse_linears(converted, f"every-conv-dense variant refused: {problem}", table,
-                                       example_input, reference, rounds), None
+    sparse_count = sum(isinstance(module, SparseConv2d) for module in converted.modules())
+    candidates = {"mixed": (converted, [], None)}  # label -> (network, layers it switched, layout note)
+    refused = []
+    for label, alternative in (("dense", _all_convs_dense(converted)),
+                               ("sparse", _measured_dense_convs_sparse(converted, table))):
+        if alternative is None:
+            continue
+        variant, names = alternative
+        problem, variant_layout = _runnable(variant, example_input, reference)
+        if problem is not None:
+            refused.append(f"every-conv-{label} variant refused: {problem}")
+        else:
+            candidates[label] = (variant, names, variant_layout)
+    if len(candidates) == 1:
+        return *_prefer_sparse_linears(converted, "; ".join(refused) or None, table, example_input, reference,
+                                       rounds), None
     scratch = example_input.clone()  # timed calls may write into it; the checks keep the example's values
-    times = _median_times_ms({"mixed": functools.partial(converted, scratch),
-                              "dense": functools.partial(variant, scratch)}, rounds)
-    mixed_ms, dense_ms = times["mixed"], times["dense"]
-    if mixed_ms <= dense_ms:
-        note = (f"kept {len(names)} sparse convs: the network ran in {mixed_ms:.3g} ms, "
-                f"{dense_ms:.3g} ms with every conv dense (medians of {rounds} interleaved rounds)")
-        return *_prefer_sparse_linears(converted, note, table, example_input, reference, rounds), None
-    _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
-    note = (f"every conv dense: the network ran in {dense_ms:.3g} ms, {mixed_ms:.3g} ms with {len(names)} "
-            f"sparse convs (medians of {rounds} interleaved rounds)")
-    return *_prefer_sparse_linears(variant, note, table, example_input, reference, rounds), variant_layout
+    times = _median_times_ms({label: functools.partial(network, scratch)
+                              for label, (network, _, _) in candidates.items()}, rounds)
+    best = min((label for label in times if label != "sparse"), key=times.get)  # ties keep the per-layer choices
+    if "sparse" in times and min_speedup * times["sparse"] <= times[best]:
+        best = "sparse"
+    switched = len(candidates["sparse"][1]) if "sparse" in candidates else 0
+    mixed = f"{sparse_count} sparse convs" if sparse_count else "every conv dense"
+    headline = {"mixed": f"kept {mixed}", "dense": "every conv dense",
+                "sparse": f"every supported conv sparse ({switched} more)"}
+    alongside = {"mixed": f"with {mixed}", "dense": "with every conv dense", "sparse": "with every supported conv sparse"}
+    note = "; ".join([f"{headline[best]}: the network ran in {times[best]:.3g} ms, "
+                      + ", ".join(f"{times[label]:.3g} ms {alongside[label]}" for label in times if label != best)
+                      + f" (medians of {rounds} interleaved rounds)"] + refused)
+    network, names, variant_layout = candidates[best]
+    if best == "dense":
+        _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
+    elif best == "sparse":
+        _record_network_choice(table, names, "sparse", "the network ran faster with every supported conv sparse")
+    return *_prefer_sparse_linears(network, note, table, example_input, reference, rounds), variant_layout
 
 
 def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dict], example_input: torch.Tensor,

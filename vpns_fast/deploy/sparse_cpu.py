@@ -1136,7 +1136,8 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     mixed = f"{sparse_count} sparse convs" if sparse_count else "every conv dense"
     headline = {"mixed": f"kept {mixed}", "dense": "every conv dense",
                 "sparse": f"every supported conv sparse ({switched} more)"}
-    alongside = {"mixed": f"with {mixed}", "dense": "with every conv dense", "sparse": "with every supported conv sparse"}
+    alongside = {"mixed": f"with {mixed}", "dense": "with every conv dense",
+                 "sparse": "with every supported conv sparse"}
     note = "; ".join([f"{headline[best]}: the network ran in {times[best]:.3g} ms, "
                       + ", ".join(f"{times[label]:.3g} ms {alongside[label]}" for label in times if label != best)
                       + f" (medians of {rounds} interleaved rounds)"] + refused)

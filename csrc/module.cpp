@@ -35,13 +35,14 @@ Callers compute them once per input size and pass them to sparse_conv2d. channel
 per block (0 = chosen so that a block's input tile fits in L1).)doc");
   m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"), py::arg("residual") = py::none(), py::arg("relu") = false,
+        py::arg("dilation"), py::arg("residual") = py::none(), py::arg("activation") = 0,
         // no Python object is touched inside: other Python threads run meanwhile (one deployed model
         // called from several threads)
         py::call_guard<py::gil_scoped_release>(),
         R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
-epilogue, to relu(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; relu: bool).
+epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
+1 relu, 2 silu, each as torch computes it).
 
 input: float32 CPU [N, C_in, H, W]; values from sparse_conv2d_pack(weight); segments and offsets from
 sparse_conv2d_offsets(..., input_size=(H, W), same stride/padding/dilation); bias: float32 [C_out] or None.

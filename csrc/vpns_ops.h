@@ -23,7 +23,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                         const std::optional<at::Tensor>& residual, bool relu);
+                         const std::optional<at::Tensor>& residual, int64_t activation);
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);

@@ -429,3 +429,91 @@ def test_a_traced_assert_says_the_values_it_was_given():
         with pytest.raises(AssertionError) as refused:
             module(torch.randn(1, 3, 9, 7))
         assert str(refused.value) == "Wrong image height {h}! Expected 8 but got 9 (7 wide)!"
+
+
+class _ConvBatchNormSiLU(nn.Module):
+    """conv -> batch norm -> SiLU, as EfficientNet's blocks, the SiLU a module or torch's function."""
+
+    def __init__(self, g, silu: nn.Module | None):
+        super().__init__()
+        self.conv = _sparse_conv(g)
+        self.bn = nn.BatchNorm2d(4).eval()
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
+            self.bn.running_var.uniform_(0.5, 1.5, generator=g)
+        self.silu = silu
+        self.head = _sparse_conv(g)
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        y = self.silu(y) if self.silu is not None else F.silu(y, inplace=True)
+        return self.head(y)
+
+
+class _NotQuiteSiLU(nn.SiLU):
+    def forward(self, x):
+        return super().forward(x) + 1.0
+
+
+@pytest.mark.parametrize("policy", ["sparse", "measure"])
+def test_silu_after_a_conv_runs_in_its_epilogue(policy):
+    """A SiLU (nn.SiLU, in place or not, or F.silu) after a conv and its batch norm goes into the conv's
+    epilogue, sparse or DenseConv2d; an nn.SiLU with a hook stays a module of its own (the hook must run). A
+    subclass of nn.SiLU that computes something more is traced through: its F.silu is fused and the rest
+    stays. Outputs equal the model's."""
+    g = torch.Generator().manual_seed(11)
+    hooked = nn.SiLU()
+    hooked.register_forward_hook(lambda module, args, out: None)
+    cases = [(nn.SiLU(), True), (nn.SiLU(inplace=True), True), (None, True), (_NotQuiteSiLU(), True),
+             (hooked, False)]
+    x = torch.randn(2, 4, 9, 7, generator=g)
+    for silu, fused in cases:
+        model = _ConvBatchNormSiLU(g, silu).eval()
+        with torch.no_grad():
+            expected = model(x.clone())
+        summary = {}
+        converted, table = sparse_cpu.convert_for_cpu(model, x.clone(), policy=policy, repeats=2, summary=summary)
+        conv = converted.get_submodule("conv")
+        row = next(row for row in table if row["name"] == "conv")
+        if fused:
+            assert conv.activation == "silu" and row["fused"] == ["batchnorm", "silu"], (silu, row)
+            assert not any(type(m) is nn.SiLU for m in converted.modules())
+        else:
+            assert conv.activation is None and "silu" not in row["fused"], (silu, row)
+        with torch.no_grad():
+            assert_close(converted(x.clone()), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_activation_attribute_relu_flag_and_old_pickles(dense):
+    """``activation`` is what the epilogue applies; ``relu`` reads and sets it as the flag it was; a name the
+    epilogue does not know, or relu=True with another activation, is refused by name; layers pickled when
+    the flag was an attribute load with it as their activation."""
+    kind = sparse_cpu.DenseConv2d if dense else sparse_cpu.SparseConv2d
+    weight = torch.randn(3, 2, 3, 3) * (torch.rand(3, 2, 3, 3) < 0.5)
+    x = torch.randn(1, 2, 6, 5)
+    layer = kind(weight, activation="silu")
+    assert layer.activation == "silu" and not layer.relu and "activation='silu'" in repr(layer)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), F.silu(F.conv2d(x, weight)), rtol=1e-5, atol=1e-5)
+    layer.relu = False  # clears a ReLU only
+    assert layer.activation == "silu"
+    layer.relu = True
+    assert layer.activation == "relu" and layer.relu
+    layer.relu = False
+    assert layer.activation is None
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of \['relu', 'silu'\], "
+                                         r"got 'gelu'"):
+        kind(weight, activation="gelu")
+    with pytest.raises(ValueError, match="relu=True contradicts activation='silu'"):
+        kind(weight, relu=True, activation="silu")
+    old = kind(weight)
+    state = old.__getstate__()
+    del state["activation"]
+    state["relu"] = True  # as the flag was pickled before
+    revived = kind.__new__(kind)
+    revived.__setstate__(state)
+    assert revived.activation == "relu" and "relu" not in revived.__dict__
+    with torch.no_grad():
+        torch.testing.assert_close(revived(x), torch.relu(F.conv2d(x, weight)), rtol=1e-5, atol=1e-5)
+    assert pickle.loads(pickle.dumps(layer)).activation is None

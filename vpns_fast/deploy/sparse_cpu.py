@@ -197,15 +197,69 @@ def _broadcast_residual(residual: torch.Tensor | None, output_shape: tuple[int, 
     return True
 
 
-def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
-    """A fused layer's epilogue in torch, after a call made without it: ``relu(out + residual)``, the add
+# The activations a layer's fused epilogue can apply last (after the bias and the residual), with the number the
+# C++ kernel knows each by; each is computed as torch computes it (silu: x / (1 + exp(-x)), the exp within
+# float32 rounding), NaN kept.
+EPILOGUE_ACTIVATIONS = {"relu": 1, "silu": 2}
+_TORCH_ACTIVATIONS = {"relu": torch.relu, "silu": F.silu}
+
+
+def _checked_activation(activation, relu: bool, owner: str) -> str | None:
+    if activation is not None and activation not in EPILOGUE_ACTIVATIONS:
+        raise ValueError(f"{owner}: activation must be None or one of {sorted(EPILOGUE_ACTIVATIONS)}, got "
+                         f"{activation!r}")
+    if relu and activation not in (None, "relu"):
+        raise ValueError(f"{owner}: relu=True contradicts activation={activation!r}")
+    return "relu" if relu else activation
+
+
+def _activated(out: torch.Tensor, activation: str | None) -> torch.Tensor:
+    """``activation`` applied to ``out`` by torch, in place unless autograd records ``out``."""
+    if activation is None:
+        return out
+    if out.requires_grad:
+        return _TORCH_ACTIVATIONS[activation](out)
+    return torch.relu_(out) if activation == "relu" else F.silu(out, inplace=True)
+
+
+def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    """A fused layer's epilogue in torch, after a call made without it: ``activation(out + residual)``, the add
     broadcasting as the model's own add did."""
     if residual is not None:
         out = out + residual
-    return torch.relu(out) if relu else out
+    return _TORCH_ACTIVATIONS[activation](out) if activation is not None else out
 
 
-class SparseConv2d(nn.Module):
+class _FusedActivation:
+    """``activation`` (None, "relu" or "silu"): what a layer's fused epilogue applies last. ``relu`` reads and
+    sets it as the flag it was before the epilogue had other activations."""
+
+    activation: str | None = None  # the class's value: read by layers pickled before the attribute existed
+
+    @property
+    def relu(self) -> bool:
+        return self.activation == "relu"
+
+    @relu.setter
+    def relu(self, value: bool) -> None:
+        if value:
+            self.activation = "relu"
+        elif self.activation == "relu":
+            self.activation = None
+
+    def _activation_repr(self) -> str:
+        return f", activation={self.activation!r}" if self.activation is not None else ""
+
+    @staticmethod
+    def _state_with_activation(state: dict) -> dict:
+        """A pickled layer's state with its ``relu`` flag (pickled before ``activation`` existed) as
+        ``activation``: the flag is a property now, which an instance attribute of that name would not reach."""
+        relu = state.pop("relu", False)
+        state.setdefault("activation", "relu" if relu else None)
+        return state
+
+
+class SparseConv2d(_FusedActivation, nn.Module):
     """A Conv2d (zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
     float32 rounding. Exact zeros of the weight are skipped. A grouped convolution (``groups`` > 1, ``weight``
@@ -213,13 +267,14 @@ class SparseConv2d(nn.Module):
     output channel ``o``'s nonzeros are packed with the input channels of its own group, so the same kernel
     runs it, and only the grouped weight's nonzeros are stored (the block-diagonal weight is never built).
 
-    Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``relu=True``
-    applies a ReLU, in the kernel's output loop: ``relu(conv(x) + bias + residual)``."""
+    Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``activation``
+    (``"relu"``, ``"silu"``; ``relu=True`` is ``activation="relu"``) is applied, in the kernel's output loop:
+    ``activation(conv(x) + bias + residual)``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
-                 relu: bool = False, groups: int = 1):
+                 relu: bool = False, groups: int = 1, activation: str | None = None):
         super().__init__()
-        self.relu = bool(relu)
+        self.activation = _checked_activation(activation, bool(relu), "SparseConv2d")
         ops = _ops()
         weight = _check_dense_weight(weight, "SparseConv2d")
         if weight.dim() != 4:
@@ -357,26 +412,27 @@ class SparseConv2d(nn.Module):
             # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
             out = F.conv2d(x, self.grouped_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation,
                            self.groups)
-            return _unfused_epilogue(out, residual, self.relu)
+            return _unfused_epilogue(out, residual, self.activation)
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
-            return _unfused_epilogue(self._run(x.unsqueeze(0), None, False).squeeze(0), residual, self.relu)
+            return _unfused_epilogue(self._run(x.unsqueeze(0), None, None).squeeze(0), residual, self.activation)
         if residual is not None and _broadcast_residual(residual, _conv_output_shape(
                 x, self.weight_shape, self.stride, self.padding, self.dilation), "SparseConv2d"):
-            return _unfused_epilogue(self._run(x, None, False), residual, self.relu)
-        return self._run(x, residual, self.relu)
+            return _unfused_epilogue(self._run(x, None, None), residual, self.activation)
+        return self._run(x, residual, self.activation)
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, relu: bool) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
         offsets, segments = self._geometry(x.shape[2], x.shape[3])
         buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, buffers["values"], self.weight_shape, buffers["bias"],
-                                    self.stride, self.padding, self.dilation, residual, relu)
+                                    self.stride, self.padding, self.dilation, residual,
+                                    EPILOGUE_ACTIVATIONS[activation] if activation is not None else 0)
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
         return (f"{in_channels}, {out_channels}, kernel_size=({kernel_h}, {kernel_w}), stride={self.stride}, "
                 f"padding={self.padding}, dilation={self.dilation}, " + (f"groups={self.groups}, " if self.groups > 1
                                                                            else "")
-                + f"bias={self.bias is not None}, density={self.density:.4f}" + (", relu=True" if self.relu else ""))
+                + f"bias={self.bias is not None}, density={self.density:.4f}" + self._activation_repr())
 
     def __getstate__(self):
         state = self.__dict__.copy()
@@ -384,8 +440,7 @@ class SparseConv2d(nn.Module):
         return state
 
     def __setstate__(self, state):
-        state.setdefault("relu", False)  # pickled before the fused epilogue existed
-        self.__dict__.update(state)
+        self.__dict__.update(self._state_with_activation(state))
 
 
 def _channels_last_activation(x: torch.Tensor) -> torch.Tensor:
@@ -407,11 +462,11 @@ def dense_conv_available() -> tuple[bool, str]:
     return True, "oneDNN convolution with a prepacked weight"
 
 
-class DenseConv2d(nn.Module):
+class DenseConv2d(_FusedActivation, nn.Module):
     """A dense Conv2d (any groups, zero padding) run by oneDNN on channels_last activations, its weight
     reordered once into oneDNN's blocked layout: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
     float32 rounding, with SparseConv2d's fused epilogue (``forward(x, residual)``: ``+ residual`` inside
-    oneDNN's call; ``relu=True``: a ReLU on the result).
+    oneDNN's call; ``activation`` (``"relu"``, ``"silu"``; ``relu=True`` is ``"relu"``) applied to the result).
 
     Why: ``nn.Conv2d`` reorders the weight (and an NCHW input) on every call. The engine runs the layers it
     keeps dense through this module instead. Measured 2026-12-03 (2-core AMD EPYC, AVX-512, 2 threads,
@@ -424,7 +479,7 @@ class DenseConv2d(nn.Module):
     reordered without it ran a 256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again
     on every call.
 
-    The ReLU is applied by torch after the call, not as oneDNN's fused post-op, which turns NaN into 0
+    The activation is applied by torch after the call, not as oneDNN's fused post-op: its ReLU turns NaN into 0
     (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible). Outputs over 32 MiB (ResNet's
     early layers at batch 32) come from the engine's cache of touched buffers, as the sparse layers' do
     (:func:`cached_activation_bytes`), when the C++ extension is built.
@@ -438,7 +493,7 @@ class DenseConv2d(nn.Module):
     inside ``torch.inference_mode``) need :meth:`refresh`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
-                 groups: int = 1, relu: bool = False, contiguous_output: bool = False):
+                 groups: int = 1, relu: bool = False, contiguous_output: bool = False, activation: str | None = None):
         super().__init__()
         ok, reason = dense_conv_available()
         if not ok:
@@ -450,7 +505,7 @@ class DenseConv2d(nn.Module):
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
             raise ValueError(f"DenseConv2d: groups must be an int >= 1 dividing C_out={weight.shape[0]}, "
                              f"got {groups!r}")
-        self.relu = bool(relu)
+        self.activation = _checked_activation(activation, bool(relu), "DenseConv2d")
         self.contiguous_output = bool(contiguous_output)
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -523,14 +578,12 @@ class DenseConv2d(nn.Module):
             raise ValueError(f"DenseConv2d: input has {x.shape[-3]} channels, the layer expects "
                              f"{self.weight.shape[1] * self.groups}")
         if x.dim() == 3:  # unbatched, as nn.Conv2d takes it
-            out = _unfused_epilogue(self._convolution(x.unsqueeze(0), None).squeeze(0), residual, self.relu)
+            out = _unfused_epilogue(self._convolution(x.unsqueeze(0), None).squeeze(0), residual, self.activation)
             return out.contiguous() if self.contiguous_output else out
         if _broadcast_residual(residual, self._output_shape(x), "DenseConv2d"):
-            out = _unfused_epilogue(self._convolution(x, None), residual, self.relu)
+            out = _unfused_epilogue(self._convolution(x, None), residual, self.activation)
             return out.contiguous() if self.contiguous_output else out
-        out = self._convolution(x, residual)
-        if self.relu:
-            out = torch.relu_(out) if not out.requires_grad else torch.relu(out)
+        out = _activated(self._convolution(x, residual), self.activation)
         return out.contiguous() if self.contiguous_output else out
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -576,13 +629,16 @@ class DenseConv2d(nn.Module):
         out_channels, in_per_group, kernel_h, kernel_w = self.weight.shape
         return (f"{in_per_group * self.groups}, {out_channels}, kernel_size=({kernel_h}, {kernel_w}), "
                 f"stride={self.stride}, padding={self.padding}, dilation={self.dilation}, groups={self.groups}, "
-                f"bias={self.bias is not None}" + (", relu=True" if self.relu else "")
+                f"bias={self.bias is not None}" + self._activation_repr()
                 + (", contiguous_output=True" if self.contiguous_output else ""))
 
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_packed"] = {}  # oneDNN's opaque tensor can be neither pickled nor copied: rebuilt on first use
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(self._state_with_activation(state))
 
 
 class SparseLinear(nn.Module):
@@ -972,7 +1028,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         for row in table:
             row["fused"] += epilogues.get(row["name"], [])
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
-                       "add / ReLU epilogues fused into convolutions")
+                       "add / activation epilogues fused into convolutions")
         if problem is None:  # the epilogue rewrite changed the graph since _runnable's check
             problem = _end_to_end_problem(converted, example_input, reference)
     if problem is not None:
@@ -1050,7 +1106,7 @@ def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None
         return None
     return _variant_with(converted, names, lambda sparse: DenseConv2d(
         sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation, sparse.groups,
-        relu=sparse.relu)), names
+        activation=sparse.activation)), names
 
 
 def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tuple[nn.Module, list[str]] | None:
@@ -1063,8 +1119,8 @@ def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tup
     if not names:
         return None
     return _variant_with(converted, names, lambda dense: SparseConv2d(
-        dense.weight, dense.bias, dense.stride, dense.padding, dense.dilation, relu=dense.relu,
-        groups=dense.groups)), names
+        dense.weight, dense.bias, dense.stride, dense.padding, dense.dilation, groups=dense.groups,
+        activation=dense.activation)), names
 
 
 def _median_times_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:

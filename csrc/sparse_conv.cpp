@@ -555,8 +555,8 @@ bool reads_input_directly(const ConvGeometry& g) {
 }
 
 // The activations an epilogue can apply, as sparse_conv2d's `activation` numbers them.
-enum Activation : int64_t { kIdentity = 0, kRelu = 1, kSilu = 2 };
-constexpr int64_t kActivations = 3;
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kSilu = 2, kRelu6 = 3, kHardswish = 4 };
+constexpr int64_t kActivations = 5;
 
 // exp(x) for float32 without a library call, one value at a time (exp_avx2 below takes the same steps on 8
 // lanes): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), exp(r) by a degree-7
@@ -590,11 +590,19 @@ inline float exp_float(float x) {
 }
 
 // The activation of one value, as torch computes it: relu keeps NaN (torch.relu), silu is x / (1 + exp(-x))
-// (torch's formula: -inf gives NaN, large negative x gives -0).
+// (torch's formula: -inf gives NaN, large negative x gives -0), relu6 clamps to [0, 6] keeping NaN and -0,
+// hardswish is x * clamp(x + 3, 0, 6) / 6 in that order (torch's CPU kernel: -inf gives NaN). The compares
+// and selects of relu, relu6 and hardswish vectorize in the epilogue's loop; silu has loops of its own.
 template <int64_t kActivation>
 inline float activate(float value) {
   if (kActivation == kRelu) return value < 0.0f ? 0.0f : value;
   if (kActivation == kSilu) return value / (1.0f + exp_float(-value));
+  if (kActivation == kRelu6) return value < 0.0f ? 0.0f : (value > 6.0f ? 6.0f : value);
+  if (kActivation == kHardswish) {
+    float clamped = value + 3.0f;
+    clamped = clamped < 0.0f ? 0.0f : (clamped > 6.0f ? 6.0f : clamped);
+    return value * clamped / 6.0f;
+  }
   return value;
 }
 
@@ -602,6 +610,8 @@ inline float activate(float value, int64_t activation) {
   switch (activation) {
     case kRelu: return activate<kRelu>(value);
     case kSilu: return activate<kSilu>(value);
+    case kRelu6: return activate<kRelu6>(value);
+    case kHardswish: return activate<kHardswish>(value);
     default: return value;
   }
 }
@@ -780,6 +790,9 @@ inline void epilogue_tile_with(float* dst, const float* sums, const float* resid
   switch (activation) {
     case kRelu: return epilogue_tile_impl<kResidual, kRelu>(dst, sums, residual, q0, count, plane_w, out_w, add);
     case kSilu: return epilogue_tile_impl<kResidual, kSilu>(dst, sums, residual, q0, count, plane_w, out_w, add);
+    case kRelu6: return epilogue_tile_impl<kResidual, kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add);
+    case kHardswish:
+      return epilogue_tile_impl<kResidual, kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add);
     default: return epilogue_tile_impl<kResidual, kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add);
   }
 }
@@ -1094,7 +1107,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& residual, int64_t activation) {
   constexpr const char* op = "sparse_conv2d";
   TORCH_CHECK(activation >= 0 && activation < kActivations, op,
-              ": activation must be 0 (none), 1 (relu) or 2 (silu), got ", activation);
+              ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6) or 4 (hardswish), got ", activation);
   check_float_cpu(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-d [N, C_in, H, W], got ", input.dim(), "-d");
   const ConvGeometry g =

@@ -431,22 +431,23 @@ def test_a_traced_assert_says_the_values_it_was_given():
         assert str(refused.value) == "Wrong image height {h}! Expected 8 but got 9 (7 wide)!"
 
 
-class _ConvBatchNormSiLU(nn.Module):
-    """conv -> batch norm -> SiLU, as EfficientNet's blocks, the SiLU a module or torch's function."""
+class _ConvBatchNormActivation(nn.Module):
+    """conv -> batch norm -> activation, as EfficientNet's and MobileNet's blocks: the activation a module, or
+    (``activation`` None) torch's function ``function``."""
 
-    def __init__(self, g, silu: nn.Module | None):
+    def __init__(self, g, activation: nn.Module | None, function=F.silu):
         super().__init__()
         self.conv = _sparse_conv(g)
         self.bn = nn.BatchNorm2d(4).eval()
         with torch.no_grad():
             self.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
             self.bn.running_var.uniform_(0.5, 1.5, generator=g)
-        self.silu = silu
+        self.activation, self.function = activation, function
         self.head = _sparse_conv(g)
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        y = self.silu(y) if self.silu is not None else F.silu(y, inplace=True)
+        y = self.activation(y) if self.activation is not None else self.function(y, inplace=True)
         return self.head(y)
 
 
@@ -455,20 +456,28 @@ class _NotQuiteSiLU(nn.SiLU):
         return super().forward(x) + 1.0
 
 
+_ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "silu": (nn.SiLU, F.silu), "relu6": (nn.ReLU6, F.relu6),
+                "hardswish": (nn.Hardswish, F.hardswish)}
+
+
 @pytest.mark.parametrize("policy", ["sparse", "measure"])
-def test_silu_after_a_conv_runs_in_its_epilogue(policy):
-    """A SiLU (nn.SiLU, in place or not, or F.silu) after a conv and its batch norm goes into the conv's
-    epilogue, sparse or DenseConv2d; an nn.SiLU with a hook stays a module of its own (the hook must run). A
-    subclass of nn.SiLU that computes something more is traced through: its F.silu is fused and the rest
-    stays. Outputs equal the model's."""
+@pytest.mark.parametrize("name", sorted(_ACTIVATIONS))
+def test_an_activation_after_a_conv_runs_in_its_epilogue(name, policy):
+    """An activation the epilogue computes (its module, in place or not, or torch's function) after a conv and
+    its batch norm goes into the conv's epilogue, sparse or DenseConv2d; the module with a hook stays a module
+    of its own (the hook must run). A subclass of nn.SiLU that computes something more is traced through: its
+    F.silu is fused and the rest stays. Outputs equal the model's."""
+    assert set(_ACTIVATIONS) == set(sparse_cpu.EPILOGUE_ACTIVATIONS)
+    module_type, function = _ACTIVATIONS[name]
     g = torch.Generator().manual_seed(11)
-    hooked = nn.SiLU()
+    hooked = module_type()
     hooked.register_forward_hook(lambda module, args, out: None)
-    cases = [(nn.SiLU(), True), (nn.SiLU(inplace=True), True), (None, True), (_NotQuiteSiLU(), True),
-             (hooked, False)]
-    x = torch.randn(2, 4, 9, 7, generator=g)
-    for silu, fused in cases:
-        model = _ConvBatchNormSiLU(g, silu).eval()
+    cases = [(module_type(), True), (module_type(inplace=True), True), (None, True), (hooked, False)]
+    if name == "silu":
+        cases.append((_NotQuiteSiLU(), True))
+    x = torch.randn(2, 4, 9, 7, generator=g) * 4
+    for activation, fused in cases:
+        model = _ConvBatchNormActivation(g, activation, function).eval()
         with torch.no_grad():
             expected = model(x.clone())
         summary = {}
@@ -476,10 +485,10 @@ def test_silu_after_a_conv_runs_in_its_epilogue(policy):
         conv = converted.get_submodule("conv")
         row = next(row for row in table if row["name"] == "conv")
         if fused:
-            assert conv.activation == "silu" and row["fused"] == ["batchnorm", "silu"], (silu, row)
-            assert not any(type(m) is nn.SiLU for m in converted.modules())
+            assert conv.activation == name and row["fused"] == ["batchnorm", name], (activation, row)
+            assert not any(type(m) is module_type for m in converted.modules())
         else:
-            assert conv.activation is None and "silu" not in row["fused"], (silu, row)
+            assert conv.activation is None and name not in row["fused"], (activation, row)
         with torch.no_grad():
             assert_close(converted(x.clone()), expected, rtol=1e-5, atol=1e-5)
 
@@ -502,8 +511,8 @@ def test_activation_attribute_relu_flag_and_old_pickles(dense):
     assert layer.activation == "relu" and layer.relu
     layer.relu = False
     assert layer.activation is None
-    with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of \['relu', 'silu'\], "
-                                         r"got 'gelu'"):
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of "
+                                         r"\['hardswish', 'relu', 'relu6', 'silu'\], got 'gelu'"):
         kind(weight, activation="gelu")
     with pytest.raises(ValueError, match="relu=True contradicts activation='silu'"):
         kind(weight, relu=True, activation="silu")

@@ -120,9 +120,11 @@ def test_grouped_conv2d_runs_as_its_block_diagonal_weight(shape, density, batch,
         fused.relu = True
         assert_close_to_reference(fused(x, residual), torch.relu(torch_out + residual),
                                   torch.relu(reference + residual.double()), in_channels // groups * kernel * kernel)
-        fused.activation = "silu"
-        assert_close_to_reference(fused(x, residual), F.silu(torch_out + residual),
-                                  F.silu(reference + residual.double()), in_channels // groups * kernel * kernel)
+        for name in ("silu", "relu6", "hardswish"):
+            fused.activation = name
+            function = getattr(F, name)
+            assert_close_to_reference(fused(x, residual), function(torch_out + residual),
+                                      function(reference + residual.double()), in_channels // groups * kernel * kernel)
     # gradients through it are a grouped conv's (torch's convolution of the grouped weight)
     x_grad = x.clone().requires_grad_(True)
     sparse(x_grad).sum().backward()
@@ -394,16 +396,20 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, ker
         plain = sparse(x)
         sparse.relu = True
         fused = sparse(x, residual)
-        sparse.activation = "silu"
-        fused_silu = sparse(x, residual)
+        activated = {}
+        for name in ("silu", "relu6", "hardswish"):
+            sparse.activation = name
+            activated[name] = sparse(x, residual)
     finally:
         torch.set_num_threads(previous)
     reduction = in_channels * kernel * kernel
     assert_close_to_reference(plain, torch_out, reference, reduction)
     assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
                               reduction)
-    assert_close_to_reference(fused_silu, F.silu(torch_out + residual), F.silu(reference + residual.double()),
-                              reduction)
+    for name, got in activated.items():
+        function = getattr(F, name)
+        assert_close_to_reference(got, function(torch_out + residual), function(reference + residual.double()),
+                                  reduction)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -436,14 +442,16 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
     assert_close_to_reference(out, torch_out, reference, 600)
 
 
+@pytest.mark.parametrize("activation", sorted(sparse_cpu.EPILOGUE_ACTIVATIONS))
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 15, 16, 17, 40, 101])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_silu_epilogue_values_as_torch_computes_them(width, with_residual, kernel_isa):
-    """The fused SiLU against torch's on every kind of value: the pre-activation of an identity 1x1 conv (bias
-    0.25) is the input (plus a residual), over rows of every length a vector loop's tail can have (full
+def test_epilogue_activations_give_what_torch_gives(activation, width, with_residual, kernel_isa):
+    """Each fused activation against torch's on every kind of value: the pre-activation of an identity 1x1 conv
+    (bias 0.25) is the input (plus a residual), over rows of every length a vector loop's tail can have (full
     vectors, masked 1-15 value tails) and with padding (garbage columns between rows). NaN and infinities give
-    what torch gives (NaN at -inf, inf at inf), tiny values of large negative inputs stay tiny, and the rest
-    is within 3e-7 of torch relative to the result."""
+    what torch gives (SiLU and hardswish: NaN at -inf, inf at inf), tiny values of large negative inputs stay
+    tiny, and the rest is within 3e-7 of torch relative to the result (the SiLU's own exp)."""
+    function = getattr(F, activation)
     generator = torch.Generator().manual_seed(width)
     values = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 3e38,
                                       -3e38, 88.5, -88.5, 88.8, -88.8, -103.0, -104.0, 20.0, -20.0]),
@@ -453,7 +461,7 @@ def test_silu_epilogue_values_as_torch_computes_them(width, with_residual, kerne
     residual = torch.randn(x.shape, generator=generator) if with_residual else None
     for padding in (0, 1):
         layer = sparse_cpu.SparseConv2d(torch.ones(1, 1, 1, 1), torch.tensor([0.25]), padding=padding,
-                                        activation="silu")
+                                        activation=activation)
         pre = F.pad(x, (padding,) * 4) + 0.25
         if with_residual:
             residual_here = F.pad(residual, (padding,) * 4)
@@ -461,7 +469,7 @@ def test_silu_epilogue_values_as_torch_computes_them(width, with_residual, kerne
             got = layer(x, residual_here)
         else:
             got = layer(x)
-        expected = F.silu(pre)
+        expected = function(pre)
         assert torch.equal(torch.isnan(got), torch.isnan(expected))
         finite = ~torch.isnan(expected)
         assert torch.equal(torch.isinf(got[finite]), torch.isinf(expected[finite]))
@@ -493,14 +501,17 @@ def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch, ke
                                   40)
         got = sparse(x, with_nan)  # NaN stays NaN under the ReLU, as torch.relu keeps it; the rest unchanged
         assert torch.isnan(got[0, 0]).all() and torch.equal(got.flatten()[1:], fused.flatten()[1:])
-        sparse.activation = "silu"
         special = residual.clone()
         special[0, :3, 0, 0] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        got, expected = sparse(x, special), F.silu(torch_out + special)
-        assert torch.equal(torch.isnan(got), torch.isnan(expected)) and torch.isnan(got[0, 0]).item()
-        assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])
-        finite = torch.isfinite(expected)
-        assert_close_to_reference(got[finite], expected[finite], F.silu(reference + special.double())[finite], 40)
+        for name in ("silu", "relu6", "hardswish"):
+            sparse.activation = name
+            function = getattr(F, name)
+            got, expected = sparse(x, special), function(torch_out + special)
+            assert torch.equal(torch.isnan(got), torch.isnan(expected)) and torch.isnan(got[0, 0]).item()
+            assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])
+            finite = torch.isfinite(expected)
+            assert_close_to_reference(got[finite], expected[finite], function(reference + special.double())[finite],
+                                      40)
         sparse.relu = True
     wide = torch.randn(batch, 48, 1, 2, generator=generator)  # broadcasts: added by torch, as the model's add would
     torch.testing.assert_close(sparse(x, wide), torch.relu(torch_out + wide), equal_nan=True)

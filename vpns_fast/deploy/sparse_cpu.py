@@ -199,9 +199,9 @@ def _broadcast_residual(residual: torch.Tensor | None, output_shape: tuple[int, 
 
 # The activations a layer's fused epilogue can apply last (after the bias and the residual), with the number the
 # C++ kernel knows each by; each is computed as torch computes it (silu: x / (1 + exp(-x)), the exp within
-# float32 rounding), NaN kept.
-EPILOGUE_ACTIVATIONS = {"relu": 1, "silu": 2}
-_TORCH_ACTIVATIONS = {"relu": torch.relu, "silu": F.silu}
+# float32 rounding; hardswish: x * clamp(x + 3, 0, 6) / 6), NaN kept.
+EPILOGUE_ACTIVATIONS = {"relu": 1, "silu": 2, "relu6": 3, "hardswish": 4}
+_TORCH_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish}
 
 
 def _checked_activation(activation, relu: bool, owner: str) -> str | None:
@@ -217,9 +217,7 @@ def _activated(out: torch.Tensor, activation: str | None) -> torch.Tensor:
     """``activation`` applied to ``out`` by torch, in place unless autograd records ``out``."""
     if activation is None:
         return out
-    if out.requires_grad:
-        return _TORCH_ACTIVATIONS[activation](out)
-    return torch.relu_(out) if activation == "relu" else F.silu(out, inplace=True)
+    return _TORCH_ACTIVATIONS[activation](out, inplace=not out.requires_grad)
 
 
 def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
@@ -231,8 +229,8 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activati
 
 
 class _FusedActivation:
-    """``activation`` (None, "relu" or "silu"): what a layer's fused epilogue applies last. ``relu`` reads and
-    sets it as the flag it was before the epilogue had other activations."""
+    """``activation`` (None or a name in EPILOGUE_ACTIVATIONS): what a layer's fused epilogue applies last.
+    ``relu`` reads and sets it as the flag it was before the epilogue had other activations."""
 
     activation: str | None = None  # the class's value: read by layers pickled before the attribute existed
 
@@ -268,7 +266,8 @@ class SparseConv2d(_FusedActivation, nn.Module):
     runs it, and only the grouped weight's nonzeros are stored (the block-diagonal weight is never built).
 
     Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``activation``
-    (``"relu"``, ``"silu"``; ``relu=True`` is ``activation="relu"``) is applied, in the kernel's output loop:
+    (``"relu"``, ``"silu"``, ``"relu6"``, ``"hardswish"``; ``relu=True`` is ``activation="relu"``) is applied, in
+    the kernel's output loop:
     ``activation(conv(x) + bias + residual)``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
@@ -466,7 +465,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
     """A dense Conv2d (any groups, zero padding) run by oneDNN on channels_last activations, its weight
     reordered once into oneDNN's blocked layout: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
     float32 rounding, with SparseConv2d's fused epilogue (``forward(x, residual)``: ``+ residual`` inside
-    oneDNN's call; ``activation`` (``"relu"``, ``"silu"``; ``relu=True`` is ``"relu"``) applied to the result).
+    oneDNN's call; ``activation`` (as SparseConv2d's; ``relu=True`` is ``"relu"``) applied to the result).
 
     Why: ``nn.Conv2d`` reorders the weight (and an NCHW input) on every call. The engine runs the layers it
     keeps dense through this module instead. Measured 2026-12-03 (2-core AMD EPYC, AVX-512, 2 threads,

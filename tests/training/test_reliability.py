@@ -112,6 +112,25 @@ def saved_checkpoint(tmp_path):
     return path
 
 
+def test_checkpoint_input_size_is_the_prompts_network_input(tmp_path):
+    """With a prompt the network's input is the prompt's output: save_checkpoint stores that size when none is
+    given and refuses one that contradicts it, by name (it was stored as given, misleading every reader)."""
+    from vpns_fast.nn.prompts import build_prompt
+
+    model = sparsify(build_model("small_resnet", num_classes=10), granularity="unstructured")
+    prompt = build_prompt("pad", 40, 32, 4, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+    save_checkpoint(tmp_path / "a.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    prompt=prompt)
+    assert load_checkpoint(tmp_path / "a.pt")["input_size"] == [3, 40, 40]
+    save_checkpoint(tmp_path / "b.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    prompt=prompt, input_size=(3, 40, 40))
+    with pytest.raises(ValueError, match=r"input_size: expected the network input the prompt gives, \(3, 40, 40\), "
+                                         r"got \(3, 32, 32\)"):
+        save_checkpoint(tmp_path / "c.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                        prompt=prompt, input_size=(3, 32, 32))
+    assert not (tmp_path / "c.pt").exists()
+
+
 def _flip_a_tensor_byte(path):
     payload = torch.load(path, weights_only=True)
     name = next(k for k, v in payload["state_dict"].items() if v.is_floating_point() and v.numel() > 100)

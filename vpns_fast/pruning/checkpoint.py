@@ -123,6 +123,14 @@ def save_checkpoint(path, model: nn.Module, *, model_name: str | None, model_kwa
     granularities = {m.granularity for m in model.modules() if isinstance(m, MASKED_TYPES)}
     if len(granularities) > 1:
         raise ValueError(f"model mixes granularities {sorted(granularities)}; one per checkpoint is supported")
+    if prompt is not None:
+        # the network's input is the prompt's output: a stored input_size of another size would mislead every
+        # reader of the file (deploy and export take the prompt's sizes)
+        network_input = [3, prompt.out_size, prompt.out_size]
+        if input_size is not None and list(input_size)[-2:] != network_input[-2:]:
+            raise ValueError(f"input_size: expected the network input the prompt gives, {tuple(network_input)}, "
+                             f"got {tuple(input_size)}")
+        input_size = network_input if input_size is None else input_size
     payload = {
         "format": FORMAT, "version": VERSION,
         "model": {"name": model_name, "kwargs": dict(model_kwargs or {}), "class": _class_path(model)},

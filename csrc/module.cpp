@@ -42,7 +42,7 @@ per block (0 = chosen so that a block's input tile fits in L1).)doc");
         R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
-1 relu, 2 silu, 3 relu6, 4 hardswish, each as torch computes it).
+1 relu, 2 silu, 3 relu6, 4 hardswish, 5 sigmoid, 6 hardsigmoid, each as torch computes it).
 
 input: float32 CPU [N, C_in, H, W]; values from sparse_conv2d_pack(weight); segments and offsets from
 sparse_conv2d_offsets(..., input_size=(H, W), same stride/padding/dilation); bias: float32 [C_out] or None.

@@ -555,18 +555,39 @@ bool reads_input_directly(const ConvGeometry& g) {
 }
 
 // The activations an epilogue can apply, as sparse_conv2d's `activation` numbers them.
-enum Activation : int64_t { kIdentity = 0, kRelu = 1, kSilu = 2, kRelu6 = 3, kHardswish = 4 };
-constexpr int64_t kActivations = 5;
+enum Activation : int64_t {
+  kIdentity = 0,
+  kRelu = 1,
+  kSilu = 2,
+  kRelu6 = 3,
+  kHardswish = 4,
+  kSigmoid = 5,
+  kHardsigmoid = 6
+};
+constexpr int64_t kActivations = 7;
+// The two made of exp (x / (1 + exp(-x)) and 1 / (1 + exp(-x))), which have vector loops of their own.
+constexpr bool is_logistic(int64_t activation) { return activation == kSilu || activation == kSigmoid; }
 
 // exp(x) for float32 without a library call, one value at a time (exp_avx2 below takes the same steps on 8
 // lanes): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), exp(r) by a degree-7
-// polynomial (the Taylor coefficients up to r^7 / 7!), times 2^n built in the exponent bits. The SiLU made of it
-// is within 2.5e-7 of torch's, relative to the result (200,001 points in [-120, 120], 2026-12-04). Above 88.72
-// it is +inf and below -103.9 it is 0, as expf; in (88, 88.72] it stays exp(88) (2^n must stay finite), where
-// SiLU's result is off by less than 3e-37; NaN stays NaN (comparisons with NaN are false, so the clamps pass it
-// through, and the product with it is NaN).
+// polynomial (the Taylor coefficients up to r^7 / 7!), times 2^n as 2^a * 2^b with a + b = n, each built in the
+// exponent bits (n reaches 128 at the top of the range and -150 at the bottom, beyond one exponent field; with
+// one factor the input had to be clamped to [-87, 88], and exp(88.5) came out as exp(88), twice too small).
+// The SiLU made of it is within 3e-7 of torch's relative to the result where that is a normal float (200,001
+// points in [-120, 120], 2026-12-04). Above 88.72 it is +inf and below -103.97 it is 0, as expf; NaN stays NaN
+// (comparisons with NaN are false, so the clamps pass it through, and the product with it is NaN).
+inline float power_of_two(float n) {    // 2^n for an integer-valued n in [-126, 127]: no float-to-int conversion
+  const float biased = n + 8388735.0f;  // 2^23 + 127: n + 127 in the low mantissa bits
+  int32_t bits;
+  std::memcpy(&bits, &biased, sizeof(bits));
+  bits = static_cast<int32_t>(static_cast<uint32_t>(bits - 0x4B000000) << 23);
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return scale;
+}
+
 inline float exp_float(float x) {
-  const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
+  const float clamped = x < -103.972084f ? -103.972084f : (x > 88.7228391f ? 88.7228391f : x);
   // round to nearest by adding and subtracting 1.5 * 2^23 (exact for |value| < 2^22)
   const float n = (clamped * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (clamped - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -578,25 +599,26 @@ inline float exp_float(float x) {
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  // 2^n from the low mantissa bits of n + 127 + 2^23 (no float-to-int conversion, undefined for NaN)
-  const float biased = n + 8388735.0f;
-  int32_t bits;
-  std::memcpy(&bits, &biased, sizeof(bits));
-  bits = static_cast<int32_t>(static_cast<uint32_t>(bits - 0x4B000000) << 23);
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float result = p * scale;
+  const float half = (n * 0.5f + 12582912.0f) - 12582912.0f;  // n = half + (n - half), each within an exponent
+  const float result = p * power_of_two(half) * power_of_two(n - half);
   return x > 88.7228391f ? std::numeric_limits<float>::infinity() : (x < -103.972084f ? 0.0f : result);
 }
 
 // The activation of one value, as torch computes it: relu keeps NaN (torch.relu), silu is x / (1 + exp(-x))
 // (torch's formula: -inf gives NaN, large negative x gives -0), relu6 clamps to [0, 6] keeping NaN and -0,
-// hardswish is x * clamp(x + 3, 0, 6) / 6 in that order (torch's CPU kernel: -inf gives NaN). The compares
-// and selects of relu, relu6 and hardswish vectorize in the epilogue's loop; silu has loops of its own.
+// hardswish is x * clamp(x + 3, 0, 6) / 6 in that order (torch's CPU kernel: -inf gives NaN), sigmoid is
+// 1 / (1 + exp(-x)) (0 at -inf, 1 at inf), hardsigmoid clamp(x + 3, 0, 6) / 6. The compares and selects of
+// relu, relu6, hardswish and hardsigmoid vectorize in the epilogue's loop; silu and sigmoid have loops of
+// their own.
 template <int64_t kActivation>
 inline float activate(float value) {
   if (kActivation == kRelu) return value < 0.0f ? 0.0f : value;
   if (kActivation == kSilu) return value / (1.0f + exp_float(-value));
+  if (kActivation == kSigmoid) return 1.0f / (1.0f + exp_float(-value));
+  if (kActivation == kHardsigmoid) {
+    const float shifted = value + 3.0f;
+    return (shifted < 0.0f ? 0.0f : (shifted > 6.0f ? 6.0f : shifted)) / 6.0f;
+  }
   if (kActivation == kRelu6) return value < 0.0f ? 0.0f : (value > 6.0f ? 6.0f : value);
   if (kActivation == kHardswish) {
     float clamped = value + 3.0f;
@@ -612,6 +634,8 @@ inline float activate(float value, int64_t activation) {
     case kSilu: return activate<kSilu>(value);
     case kRelu6: return activate<kRelu6>(value);
     case kHardswish: return activate<kHardswish>(value);
+    case kSigmoid: return activate<kSigmoid>(value);
+    case kHardsigmoid: return activate<kHardsigmoid>(value);
     default: return value;
   }
 }
@@ -622,12 +646,19 @@ inline float activate(float value, int64_t activation) {
 // one value at a time. A 96 -> 96 1x1 conv at 112x112 (10% kept, batch 1, 2 threads, medians of 50,
 // 2026-12-04) took 0.33 ms without an activation and 0.66 ms followed by torch's SiLU; with the SiLU in its
 // epilogue 2.92 ms scalar, 0.98 ms compiler-vectorized, 0.54 ms with this exp applied in place after the plain
-// epilogue. In the epilogue's own loop (silu_epilogue_avx2 / _avx512): 0.58 ms with the AVX2 kernel (0.40 ms
+// epilogue. In the epilogue's own loop (logistic_epilogue_avx2 / _avx512): 0.58 ms with the AVX2 kernel (0.40 ms
 // without an activation, 0.70 ms followed by torch's SiLU in the same run), 0.39 ms with the AVX-512 one
 // (0.34 ms, 0.68 ms).
 // max/min take the constant first: they return their second operand when either is NaN, so NaN passes.
+__attribute__((target("avx2,fma"))) inline __m256 power_of_two_avx2(__m256 n) {
+  return _mm256_castsi256_ps(
+      _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(n, _mm256_set1_ps(8388735.0f))),
+                                         _mm256_set1_epi32(0x4B000000)),
+                        23));
+}
+
 __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
-  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.0f), _mm256_max_ps(_mm256_set1_ps(-87.0f), x));
+  const __m256 clamped = _mm256_min_ps(_mm256_set1_ps(88.7228391f), _mm256_max_ps(_mm256_set1_ps(-103.972084f), x));
   const __m256 shift = _mm256_set1_ps(12582912.0f);
   const __m256 n = _mm256_sub_ps(_mm256_fmadd_ps(clamped, _mm256_set1_ps(1.44269504088896341f), shift), shift);
   const __m256 r =
@@ -640,12 +671,9 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  // 2^n from the low mantissa bits of n + 127 + 2^23
-  const __m256i bits =
-      _mm256_slli_epi32(_mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(n, _mm256_set1_ps(8388735.0f))),
-                                         _mm256_set1_epi32(0x4B000000)),
-                        23);
-  const __m256 result = _mm256_mul_ps(p, _mm256_castsi256_ps(bits));
+  const __m256 half = _mm256_sub_ps(_mm256_fmadd_ps(n, _mm256_set1_ps(0.5f), shift), shift);
+  const __m256 result =
+      _mm256_mul_ps(_mm256_mul_ps(p, power_of_two_avx2(half)), power_of_two_avx2(_mm256_sub_ps(n, half)));
   const __m256 over = _mm256_cmp_ps(x, _mm256_set1_ps(88.7228391f), _CMP_GT_OQ);
   const __m256 under = _mm256_cmp_ps(x, _mm256_set1_ps(-103.972084f), _CMP_LT_OQ);
   return _mm256_blendv_ps(_mm256_blendv_ps(result, _mm256_set1_ps(std::numeric_limits<float>::infinity()), over),
@@ -654,30 +682,33 @@ __attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
 
 // v / (1 + exp(-v)), as torch computes it. (A reciprocal refined by a Newton step in place of the division
 // measured no faster: 4.4 against 4.1 ns a 16-lane vector with AVX-512, one thread, 2026-12-04.)
-__attribute__((target("avx2,fma"))) inline __m256 silu_avx2(__m256 v) {
+// (kSigmoid: 1 / (1 + exp(-v)).)
+template <int64_t kActivation>
+__attribute__((target("avx2,fma"))) inline __m256 logistic_avx2(__m256 v) {
   const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), v));
-  return _mm256_div_ps(v, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+  return _mm256_div_ps(kActivation == kSilu ? v : _mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
 // dst[i] = silu(sums[i] + add (+ residual[i])) for i in [lo, hi), the sums in registers from load to store
 // (a SiLU applied in place after the plain epilogue's stores read them back, and stalled where a store of
 // the compiler's scalar loop ends met a vector load: the fused layer was then no faster than torch's pass).
 // The last 1-7 values through masked loads and stores: nothing outside the span is touched.
-__attribute__((target("avx2,fma"))) void silu_epilogue_avx2(float* dst, const float* sums, const float* residual,
-                                                            int64_t lo, int64_t hi, float add) {
+template <int64_t kActivation>
+__attribute__((target("avx2,fma"))) void logistic_epilogue_avx2(float* dst, const float* sums, const float* residual,
+                                                                int64_t lo, int64_t hi, float add) {
   const __m256 bias = _mm256_set1_ps(add);
   int64_t i = lo;
   for (; i + 8 <= hi; i += 8) {
     __m256 value = _mm256_add_ps(_mm256_loadu_ps(sums + i), bias);
     if (residual) value = _mm256_add_ps(value, _mm256_loadu_ps(residual + i));
-    _mm256_storeu_ps(dst + i, silu_avx2(value));
+    _mm256_storeu_ps(dst + i, logistic_avx2<kActivation>(value));
   }
   if (i < hi) {
     const __m256i mask =
         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(hi - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     __m256 value = _mm256_add_ps(_mm256_maskload_ps(sums + i, mask), bias);
     if (residual) value = _mm256_add_ps(value, _mm256_maskload_ps(residual + i, mask));
-    _mm256_maskstore_ps(dst + i, mask, silu_avx2(value));
+    _mm256_maskstore_ps(dst + i, mask, logistic_avx2<kActivation>(value));
   }
 }
 
@@ -705,48 +736,53 @@ __attribute__((target("avx512f"))) inline __m512 exp_avx512(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-__attribute__((target("avx512f"))) inline __m512 silu_avx512(__m512 v) {
+template <int64_t kActivation>
+__attribute__((target("avx512f"))) inline __m512 logistic_avx512(__m512 v) {
   const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_setzero_ps(), v));
-  return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
+  return _mm512_div_ps(kActivation == kSilu ? v : _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
-__attribute__((target("avx512f"))) void silu_epilogue_avx512(float* dst, const float* sums, const float* residual,
-                                                             int64_t lo, int64_t hi, float add) {
+template <int64_t kActivation>
+__attribute__((target("avx512f"))) void logistic_epilogue_avx512(float* dst, const float* sums, const float* residual,
+                                                                 int64_t lo, int64_t hi, float add) {
   const __m512 bias = _mm512_set1_ps(add);
   int64_t i = lo;
   for (; i + 16 <= hi; i += 16) {
     __m512 value = _mm512_add_ps(_mm512_loadu_ps(sums + i), bias);
     if (residual) value = _mm512_add_ps(value, _mm512_loadu_ps(residual + i));
-    _mm512_storeu_ps(dst + i, silu_avx512(value));
+    _mm512_storeu_ps(dst + i, logistic_avx512<kActivation>(value));
   }
   if (i < hi) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (hi - i)) - 1u);
     __m512 value = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + i), bias);
     if (residual) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, residual + i));
-    _mm512_mask_storeu_ps(dst + i, mask, silu_avx512(value));
+    _mm512_mask_storeu_ps(dst + i, mask, logistic_avx512<kActivation>(value));
   }
 }
 #endif
 
-void silu_epilogue_portable(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
+template <int64_t kActivation>
+void logistic_epilogue_portable(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi,
+                                float add) {
   for (int64_t i = lo; i < hi; ++i) {
     float value = sums[i] + add;
     if (residual) value += residual[i];
-    dst[i] = activate<kSilu>(value);
+    dst[i] = activate<kActivation>(value);
   }
 }
 
-// The epilogue of a span with the SiLU, in the vector width of the kernel the sparse layers run (sparse_isa),
-// so that forcing one tests its SiLU too (every CPU with AVX-512 has AVX2 and FMA). EfficientNet-B0 (10% kept,
-// batch 1, 2 threads, every conv sparse, Intel Xeon with AVX-512, 2026-12-04) ran 1.14x faster (p20-p80 of the
+// The epilogue of a span with the SiLU or the sigmoid, in the vector width of the kernel the sparse layers run
+// (sparse_isa), so that forcing one tests its SiLU too (every CPU with AVX-512 has AVX2 and FMA). EfficientNet-B0 (10%
+// kept, batch 1, 2 threads, every conv sparse, Intel Xeon with AVX-512, 2026-12-04) ran 1.14x faster (p20-p80 of the
 // per-round ratio 1.12-1.16x, 30 interleaved rounds) with its 49 SiLUs here than through torch's SiLU.
-void silu_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
+template <int64_t kActivation>
+void logistic_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
 #if VPNS_X86
   const Isa isa = sparse_isa();
-  if (isa == Isa::kAvx512) return silu_epilogue_avx512(dst, sums, residual, lo, hi, add);
-  if (isa == Isa::kAvx2) return silu_epilogue_avx2(dst, sums, residual, lo, hi, add);
+  if (isa == Isa::kAvx512) return logistic_epilogue_avx512<kActivation>(dst, sums, residual, lo, hi, add);
+  if (isa == Isa::kAvx2) return logistic_epilogue_avx2<kActivation>(dst, sums, residual, lo, hi, add);
 #endif
-  silu_epilogue_portable(dst, sums, residual, lo, hi, add);
+  logistic_epilogue_portable<kActivation>(dst, sums, residual, lo, hi, add);
 }
 
 // dst[i] = activation((sums[i] + add) (+ residual[i])) for i in [lo, hi): the convolution's epilogue, in the
@@ -764,8 +800,8 @@ inline void epilogue_span(float* __restrict dst, const float* __restrict sums, c
 template <bool kResidual, int64_t kActivation>
 inline void epilogue_run(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
                          int64_t lo, int64_t hi, float add) {
-  if (kActivation == kSilu) {
-    silu_epilogue(dst, sums, kResidual ? residual : nullptr, lo, hi, add);
+  if (is_logistic(kActivation)) {
+    logistic_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add);
   } else {
     epilogue_span<kResidual, kActivation>(dst, sums, residual, lo, hi, add);
   }
@@ -796,6 +832,9 @@ inline void epilogue_tile_with(float* dst, const float* sums, const float* resid
     case kRelu6: return epilogue_tile_impl<kResidual, kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add);
     case kHardswish:
       return epilogue_tile_impl<kResidual, kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add);
+    case kSigmoid: return epilogue_tile_impl<kResidual, kSigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add);
+    case kHardsigmoid:
+      return epilogue_tile_impl<kResidual, kHardsigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add);
     default: return epilogue_tile_impl<kResidual, kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add);
   }
 }
@@ -1110,7 +1149,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& residual, int64_t activation) {
   constexpr const char* op = "sparse_conv2d";
   TORCH_CHECK(activation >= 0 && activation < kActivations, op,
-              ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6) or 4 (hardswish), got ", activation);
+              ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6), 4 (hardswish), 5 (sigmoid) or 6 "
+              "(hardsigmoid), got ",
+              activation);
   check_float_cpu(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-d [N, C_in, H, W], got ", input.dim(), "-d");
   const ConvGeometry g =

@@ -404,3 +404,53 @@ def test_the_every_conv_dense_variant_made_in_inference_mode_keeps_its_reordered
         layer(x)
         layer(x)
     assert names == ["0"] and not layer.weight.is_inference() and len(layer._packed) == 1
+
+
+def test_the_layout_note_is_the_chosen_networks(monkeypatch):
+    """A model that views the last conv's output needs NCHW there: with its convs dense (every layer timed faster
+    dense) the dense convs return NCHW and the summary says so; when the all-sparse network is kept, nothing
+    returns channels_last any more and the note is gone (it described the network that was not kept)."""
+    class ViewsTheOutput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+            with torch.no_grad():
+                for conv in (self.c1, self.c2):
+                    conv.weight.mul_(torch.rand(conv.weight.shape) < 0.2)
+
+        def forward(self, x):
+            x = self.c2(torch.relu(self.c1(x)))
+            return x.view(x.size(0), -1)
+
+    model, x = ViewsTheOutput().eval(), torch.randn(1, 3, 10, 10)
+    with torch.no_grad():
+        expected = model(x)
+    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda dense, sparse, repeats, rounds=3: (1.0, 2.0))
+    for sparse_wins in (False, True):
+        times = {"mixed": 5.0, "sparse": 1.0 if sparse_wins else 50.0}
+        monkeypatch.setattr(sparse_cpu, "_median_times_ms",
+                            lambda runs, rounds, times=times: {k: times[k] for k in runs})
+        summary = {}
+        converted, table = sparse_cpu.convert_for_cpu(model, x, repeats=2, summary=summary)
+        dense = [m for m in converted.modules() if isinstance(m, sparse_cpu.DenseConv2d)]
+        if sparse_wins:
+            assert summary["network"].startswith("every supported conv sparse") and not dense
+            assert summary["layout"] is None
+        else:
+            assert summary["network"].startswith("kept every conv dense") and dense
+            assert any(m.contiguous_output for m in dense) and "NCHW" in summary["layout"]
+        _chosen_modules_agree_with_the_table(converted, table)
+        with torch.no_grad():
+            assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_layers_built_in_inference_mode_hold_ordinary_tensors():
+    """SparseConv2d, SparseLinear and DenseConv2d built inside torch.inference_mode (as deploy() may be called)
+    hold no inference tensors: their state dict loads back outside it (an inference-tensor bias made that fail)."""
+    conv, linear = nn.Conv2d(4, 6, 3, padding=1), nn.Linear(8, 3)
+    with torch.inference_mode():
+        layers = [sparse_cpu.SparseConv2d.from_dense(conv), sparse_cpu.SparseLinear.from_dense(linear),
+                  sparse_cpu.DenseConv2d.from_dense(conv)]
+    for layer in layers:
+        assert not any(t.is_inference() for t in layer.state_dict().values()), type(layer).__name__
+        layer.load_state_dict(layer.state_dict())

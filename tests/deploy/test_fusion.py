@@ -435,19 +435,22 @@ class _ConvBatchNormActivation(nn.Module):
     """conv -> batch norm -> activation, as EfficientNet's and MobileNet's blocks: the activation a module, or
     (``activation`` None) torch's function ``function``."""
 
-    def __init__(self, g, activation: nn.Module | None, function=F.silu):
+    def __init__(self, g, activation: nn.Module | None, function=F.silu, in_place: bool = True):
         super().__init__()
         self.conv = _sparse_conv(g)
         self.bn = nn.BatchNorm2d(4).eval()
         with torch.no_grad():
             self.bn.running_mean.uniform_(-0.5, 0.5, generator=g)
             self.bn.running_var.uniform_(0.5, 1.5, generator=g)
-        self.activation, self.function = activation, function
+        self.activation, self.function, self.in_place = activation, function, in_place
         self.head = _sparse_conv(g)
 
     def forward(self, x):
         y = self.bn(self.conv(x))
-        y = self.activation(y) if self.activation is not None else self.function(y, inplace=True)
+        if self.activation is not None:
+            y = self.activation(y)
+        else:
+            y = self.function(y, inplace=True) if self.in_place else self.function(y)
         return self.head(y)
 
 
@@ -456,8 +459,10 @@ class _NotQuiteSiLU(nn.SiLU):
         return super().forward(x) + 1.0
 
 
-_ACTIVATIONS = {"relu": (nn.ReLU, F.relu), "silu": (nn.SiLU, F.silu), "relu6": (nn.ReLU6, F.relu6),
-                "hardswish": (nn.Hardswish, F.hardswish)}
+# each activation an epilogue computes: its module, torch's function, whether both take inplace=
+_ACTIVATIONS = {"relu": (nn.ReLU, F.relu, True), "silu": (nn.SiLU, F.silu, True), "relu6": (nn.ReLU6, F.relu6, True),
+                "hardswish": (nn.Hardswish, F.hardswish, True), "sigmoid": (nn.Sigmoid, torch.sigmoid, False),
+                "hardsigmoid": (nn.Hardsigmoid, F.hardsigmoid, True)}
 
 
 @pytest.mark.parametrize("policy", ["sparse", "measure"])
@@ -468,16 +473,22 @@ def test_an_activation_after_a_conv_runs_in_its_epilogue(name, policy):
     of its own (the hook must run). A subclass of nn.SiLU that computes something more is traced through: its
     F.silu is fused and the rest stays. Outputs equal the model's."""
     assert set(_ACTIVATIONS) == set(sparse_cpu.EPILOGUE_ACTIVATIONS)
-    module_type, function = _ACTIVATIONS[name]
+    module_type, function, in_place = _ACTIVATIONS[name]
     g = torch.Generator().manual_seed(11)
     hooked = module_type()
     hooked.register_forward_hook(lambda module, args, out: None)
-    cases = [(module_type(), True), (module_type(inplace=True), True), (None, True), (hooked, False)]
+    cases = [(module_type(), True), (None, True), (hooked, False)]
+    if in_place:
+        cases.append((module_type(inplace=True), True))
     if name == "silu":
         cases.append((_NotQuiteSiLU(), True))
+    if name == "relu6":  # bounds of its own (an nn.Hardtanh's attributes): not the ReLU6 the epilogue computes
+        other_bounds = nn.ReLU6()
+        other_bounds.max_val = 4.0
+        cases.append((other_bounds, False))
     x = torch.randn(2, 4, 9, 7, generator=g) * 4
     for activation, fused in cases:
-        model = _ConvBatchNormActivation(g, activation, function).eval()
+        model = _ConvBatchNormActivation(g, activation, function, in_place).eval()
         with torch.no_grad():
             expected = model(x.clone())
         summary = {}
@@ -511,14 +522,22 @@ def test_activation_attribute_relu_flag_and_old_pickles(dense):
     assert layer.activation == "relu" and layer.relu
     layer.relu = False
     assert layer.activation is None
-    with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of "
-                                         r"\['hardswish', 'relu', 'relu6', 'silu'\], got 'gelu'"):
+    known = r"\['hardsigmoid', 'hardswish', 'relu', 'relu6', 'sigmoid', 'silu'\]"
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of {known}, got 'gelu'"):
         kind(weight, activation="gelu")
+    for bad in ("SiLU", ["relu"], 1):  # refused when set too, not at the next call
+        with pytest.raises(ValueError, match=rf"{kind.__name__}: activation must be None or one of {known}"):
+            layer.activation = bad
+    assert layer.activation is None
     with pytest.raises(ValueError, match="relu=True contradicts activation='silu'"):
         kind(weight, relu=True, activation="silu")
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: relu must be a bool, got 'silu'"):
+        kind(weight, relu="silu")
+    with pytest.raises(ValueError, match=rf"{kind.__name__}: relu must be a bool, got 1"):
+        layer.relu = 1
     old = kind(weight)
     state = old.__getstate__()
-    del state["activation"]
+    state.pop("_activation", None)
     state["relu"] = True  # as the flag was pickled before
     revived = kind.__new__(kind)
     revived.__setstate__(state)

@@ -56,6 +56,13 @@ def masked(shape, density, generator):
     return weight * (torch.rand(shape, generator=generator) < density)
 
 
+# torch's own function for each activation a fused epilogue computes
+TORCH_ACTIVATIONS = {"relu": torch.relu, "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish,
+                     "sigmoid": torch.sigmoid, "hardsigmoid": F.hardsigmoid}
+assert set(TORCH_ACTIVATIONS) == set(sparse_cpu.EPILOGUE_ACTIVATIONS)
+OTHER_ACTIVATIONS = sorted(set(TORCH_ACTIVATIONS) - {"relu"})
+
+
 def assert_close_to_reference(out, torch_out, reference, reduction_length):
     # The sparse kernel sums in another order than oneDNN: a linear atol in the reduction length.
     assert_close(out, reference, baseline=torch_out, atol=1e-6 * reduction_length)
@@ -120,9 +127,9 @@ def test_grouped_conv2d_runs_as_its_block_diagonal_weight(shape, density, batch,
         fused.relu = True
         assert_close_to_reference(fused(x, residual), torch.relu(torch_out + residual),
                                   torch.relu(reference + residual.double()), in_channels // groups * kernel * kernel)
-        for name in ("silu", "relu6", "hardswish"):
+        for name in OTHER_ACTIVATIONS:
             fused.activation = name
-            function = getattr(F, name)
+            function = TORCH_ACTIVATIONS[name]
             assert_close_to_reference(fused(x, residual), function(torch_out + residual),
                                       function(reference + residual.double()), in_channels // groups * kernel * kernel)
     # gradients through it are a grouped conv's (torch's convolution of the grouped weight)
@@ -397,7 +404,7 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, ker
         sparse.relu = True
         fused = sparse(x, residual)
         activated = {}
-        for name in ("silu", "relu6", "hardswish"):
+        for name in OTHER_ACTIVATIONS:
             sparse.activation = name
             activated[name] = sparse(x, residual)
     finally:
@@ -407,7 +414,7 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, ker
     assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
                               reduction)
     for name, got in activated.items():
-        function = getattr(F, name)
+        function = TORCH_ACTIVATIONS[name]
         assert_close_to_reference(got, function(torch_out + residual), function(reference + residual.double()),
                                   reduction)
 
@@ -449,12 +456,15 @@ def test_epilogue_activations_give_what_torch_gives(activation, width, with_resi
     """Each fused activation against torch's on every kind of value: the pre-activation of an identity 1x1 conv
     (bias 0.25) is the input (plus a residual), over rows of every length a vector loop's tail can have (full
     vectors, masked 1-15 value tails) and with padding (garbage columns between rows). NaN and infinities give
-    what torch gives (SiLU and hardswish: NaN at -inf, inf at inf), tiny values of large negative inputs stay
-    tiny, and the rest is within 3e-7 of torch relative to the result (the SiLU's own exp)."""
-    function = getattr(F, activation)
+    what torch gives (SiLU and hardswish: NaN at -inf, inf at inf; sigmoid 0 and 1), tiny values of large
+    negative inputs stay tiny (also between -88.72 and -88, where the exp once lost a factor of up to 2), and
+    the rest is within 3e-7 of torch relative to the result (the SiLU's and sigmoid's own exp), 1e-44 where the
+    result is a denormal."""
+    function = TORCH_ACTIVATIONS[activation]
     generator = torch.Generator().manual_seed(width)
     values = torch.cat([torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 3e38,
-                                      -3e38, 88.5, -88.5, 88.8, -88.8, -103.0, -104.0, 20.0, -20.0]),
+                                      -3e38, 88.5, -88.5, 88.8, -88.8, -103.0, -104.0, 20.0, -20.0, -3.0, 3.0]),
+                        torch.linspace(-88.8, -87.9, 41),
                         torch.randn(64, generator=generator) * 6, torch.linspace(-120, 120, 97)])
     rows = values.numel() // width + 1
     x = values.repeat(rows * width // values.numel() + 1)[:rows * width].view(1, 1, rows, width)
@@ -475,7 +485,7 @@ def test_epilogue_activations_give_what_torch_gives(activation, width, with_resi
         assert torch.equal(torch.isinf(got[finite]), torch.isinf(expected[finite]))
         assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])
         close = finite & ~torch.isinf(expected)
-        torch.testing.assert_close(got[close], expected[close], rtol=3e-7, atol=1e-36)
+        torch.testing.assert_close(got[close], expected[close], rtol=3e-7, atol=1e-44)
 
 
 @pytest.mark.parametrize("batch", [1, 7, 8, 33])
@@ -503,9 +513,9 @@ def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch, ke
         assert torch.isnan(got[0, 0]).all() and torch.equal(got.flatten()[1:], fused.flatten()[1:])
         special = residual.clone()
         special[0, :3, 0, 0] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-        for name in ("silu", "relu6", "hardswish"):
+        for name in OTHER_ACTIVATIONS:
             sparse.activation = name
-            function = getattr(F, name)
+            function = TORCH_ACTIVATIONS[name]
             got, expected = sparse(x, special), function(torch_out + special)
             assert torch.equal(torch.isnan(got), torch.isnan(expected)) and torch.isnan(got[0, 0]).item()
             assert torch.equal(got[torch.isinf(expected)], expected[torch.isinf(expected)])

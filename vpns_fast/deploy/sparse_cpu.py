@@ -199,15 +199,24 @@ def _broadcast_residual(residual: torch.Tensor | None, output_shape: tuple[int, 
 
 # The activations a layer's fused epilogue can apply last (after the bias and the residual), with the number the
 # C++ kernel knows each by; each is computed as torch computes it (silu: x / (1 + exp(-x)), the exp within
-# float32 rounding; hardswish: x * clamp(x + 3, 0, 6) / 6), NaN kept.
-EPILOGUE_ACTIVATIONS = {"relu": 1, "silu": 2, "relu6": 3, "hardswish": 4}
-_TORCH_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish}
+# float32 rounding; hardswish: x * clamp(x + 3, 0, 6) / 6; sigmoid: 1 / (1 + exp(-x))), NaN kept.
+EPILOGUE_ACTIVATIONS = {"relu": 1, "silu": 2, "relu6": 3, "hardswish": 4, "sigmoid": 5, "hardsigmoid": 6}
+
+
+def _sigmoid(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    return x.sigmoid_() if inplace else torch.sigmoid(x)
+
+
+_TORCH_ACTIVATIONS = {"relu": F.relu, "silu": F.silu, "relu6": F.relu6, "hardswish": F.hardswish,
+                      "sigmoid": _sigmoid, "hardsigmoid": F.hardsigmoid}
 
 
 def _checked_activation(activation, relu: bool, owner: str) -> str | None:
-    if activation is not None and activation not in EPILOGUE_ACTIVATIONS:
+    if activation is not None and (not isinstance(activation, str) or activation not in EPILOGUE_ACTIVATIONS):
         raise ValueError(f"{owner}: activation must be None or one of {sorted(EPILOGUE_ACTIVATIONS)}, got "
                          f"{activation!r}")
+    if not isinstance(relu, bool):  # relu="silu" (or a sixth positional argument meant as groups) would read as True
+        raise ValueError(f"{owner}: relu must be a bool, got {relu!r}")
     if relu and activation not in (None, "relu"):
         raise ValueError(f"{owner}: relu=True contradicts activation={activation!r}")
     return "relu" if relu else activation
@@ -229,31 +238,41 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activati
 
 
 class _FusedActivation:
-    """``activation`` (None or a name in EPILOGUE_ACTIVATIONS): what a layer's fused epilogue applies last.
-    ``relu`` reads and sets it as the flag it was before the epilogue had other activations."""
+    """``activation`` (None or a name in EPILOGUE_ACTIVATIONS): what a layer's fused epilogue applies last,
+    checked when set. ``relu`` reads and sets it as the flag it was before the epilogue had other activations."""
 
-    activation: str | None = None  # the class's value: read by layers pickled before the attribute existed
+    _activation: str | None = None  # the class's value: read by layers pickled before the attribute existed
+
+    @property
+    def activation(self) -> str | None:
+        return self._activation
+
+    @activation.setter
+    def activation(self, value: str | None) -> None:
+        self._activation = _checked_activation(value, False, type(self).__name__)
 
     @property
     def relu(self) -> bool:
-        return self.activation == "relu"
+        return self._activation == "relu"
 
     @relu.setter
     def relu(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"{type(self).__name__}: relu must be a bool, got {value!r}")
         if value:
-            self.activation = "relu"
-        elif self.activation == "relu":
-            self.activation = None
+            self._activation = "relu"
+        elif self._activation == "relu":
+            self._activation = None
 
     def _activation_repr(self) -> str:
-        return f", activation={self.activation!r}" if self.activation is not None else ""
+        return f", activation={self._activation!r}" if self._activation is not None else ""
 
     @staticmethod
     def _state_with_activation(state: dict) -> dict:
-        """A pickled layer's state with its ``relu`` flag (pickled before ``activation`` existed) as
-        ``activation``: the flag is a property now, which an instance attribute of that name would not reach."""
+        """A pickled layer's state with its ``relu`` flag (pickled before activations other than ReLU existed) as
+        its activation: the flag is a property now, which an instance attribute of that name would not reach."""
         relu = state.pop("relu", False)
-        state.setdefault("activation", "relu" if relu else None)
+        state.setdefault("_activation", "relu" if relu else None)
         return state
 
 
@@ -266,14 +285,14 @@ class SparseConv2d(_FusedActivation, nn.Module):
     runs it, and only the grouped weight's nonzeros are stored (the block-diagonal weight is never built).
 
     Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``activation``
-    (``"relu"``, ``"silu"``, ``"relu6"``, ``"hardswish"``; ``relu=True`` is ``activation="relu"``) is applied, in
-    the kernel's output loop:
+    (a name in ``EPILOGUE_ACTIVATIONS``: ``"relu"``, ``"silu"``, ``"relu6"``, ``"hardswish"``, ``"sigmoid"``,
+    ``"hardsigmoid"``; ``relu=True`` is ``activation="relu"``) is applied, in the kernel's output loop:
     ``activation(conv(x) + bias + residual)``."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  relu: bool = False, groups: int = 1, activation: str | None = None):
         super().__init__()
-        self.activation = _checked_activation(activation, bool(relu), "SparseConv2d")
+        self._activation = _checked_activation(activation, relu, "SparseConv2d")
         ops = _ops()
         weight = _check_dense_weight(weight, "SparseConv2d")
         if weight.dim() != 4:
@@ -290,15 +309,18 @@ class SparseConv2d(_FusedActivation, nn.Module):
         self.dilation = _pair(dilation, "dilation")
         # packed outside inference mode even when built inside it: inference tensors have no version
         # counter, which the geometry cache below keys on
+        # (the bias too: an inference tensor among the buffers made a later load_state_dict outside
+        # inference mode fail)
         with torch.inference_mode(False):
             row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
             if groups > 1:  # each nonzero's input channel within its group -> among all input channels
                 channel_index = channel_index + self._group_channel_offsets(row_ptr).to(channel_index.dtype)
+            bias = None if bias is None else _check_dense_weight(bias, "SparseConv2d bias").clone()
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("channel_index", channel_index)
         self.register_buffer("tap_index", tap_index)
         self.register_buffer("values", values)
-        self.register_buffer("bias", None if bias is None else _check_dense_weight(bias, "SparseConv2d bias").clone())
+        self.register_buffer("bias", bias)
         self._geometry_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
@@ -439,7 +461,7 @@ class SparseConv2d(_FusedActivation, nn.Module):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(self._state_with_activation(state))
+        super().__setstate__(self._state_with_activation(state))
 
 
 def _channels_last_activation(x: torch.Tensor) -> torch.Tensor:
@@ -504,7 +526,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
         if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or weight.shape[0] % groups:
             raise ValueError(f"DenseConv2d: groups must be an int >= 1 dividing C_out={weight.shape[0]}, "
                              f"got {groups!r}")
-        self.activation = _checked_activation(activation, bool(relu), "DenseConv2d")
+        self._activation = _checked_activation(activation, relu, "DenseConv2d")
         self.contiguous_output = bool(contiguous_output)
         self.stride = _pair(stride, "stride")
         self.padding = _pair(padding, "padding")
@@ -637,7 +659,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
         return state
 
     def __setstate__(self, state):
-        self.__dict__.update(self._state_with_activation(state))
+        super().__setstate__(self._state_with_activation(state))
 
 
 class SparseLinear(nn.Module):
@@ -651,11 +673,13 @@ class SparseLinear(nn.Module):
         if weight.dim() != 2:
             raise ValueError(f"SparseLinear: weight must be 2-d [out_features, in_features], got {tuple(weight.shape)}")
         self.out_features, self.in_features = weight.shape
-        row_ptr, column_index, values = ops.sparse_linear_pack(weight)
+        with torch.inference_mode(False):  # ordinary buffers even when built in inference mode, as SparseConv2d's
+            row_ptr, column_index, values = ops.sparse_linear_pack(weight)
+            bias = None if bias is None else _check_dense_weight(bias, "SparseLinear bias").clone()
         self.register_buffer("row_ptr", row_ptr)
         self.register_buffer("column_index", column_index)
         self.register_buffer("values", values)
-        self.register_buffer("bias", None if bias is None else _check_dense_weight(bias, "SparseLinear bias").clone())
+        self.register_buffer("bias", bias)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear) -> SparseLinear:
@@ -959,11 +983,12 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     same policy; its rows have type "MaxPool2d", density 1.0 and nnz 0.
 
     ``fuse`` (default): on a ``torch.fx`` trace of the model, fold each eval BatchNorm2d into the
-    convolution that feeds it, and let each sparse or DenseConv2d convolution add its residual and apply its ReLU
-    (see :mod:`vpns_fast.deploy.fusion`); each row's ``fused`` lists what its layer absorbed
-    ("batchnorm", "add", "relu"). The converted model is checked end to end against the model on
-    ``example_input`` (max |error| <= 1e-3 (1 + max |output|)). ``summary``: a dict to receive
-    ``fusion`` (what was done, or why not), ``batchnorm_folded`` and ``epilogues_fused``.
+    convolution that feeds it, and let each sparse or DenseConv2d convolution add its residual and apply the
+    activation after it (see :mod:`vpns_fast.deploy.fusion`); each row's ``fused`` lists what its layer
+    absorbed ("batchnorm", "add", and the activation by its name in EPILOGUE_ACTIVATIONS). The converted model is
+    checked end to end against the model on ``example_input`` (max |error| <= 1e-3 (1 + max |output|)).
+    ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded`` and
+    ``epilogues_fused``.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -1039,9 +1064,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         return converted, table
     network_note = None
     if policy == "measure":
-        converted, network_note, variant_layout = _prefer_faster_network(converted, table, example_input, reference,
-                                                                         repeats, min_speedup)
-        layout_note = variant_layout or layout_note
+        converted, network_note, layout_note = _prefer_faster_network(converted, table, example_input, reference,
+                                                                      repeats, min_speedup, layout_note)
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        network=network_note, layout=layout_note)
@@ -1141,13 +1165,15 @@ def _record_network_choice(table: list[dict], names: list[str], chosen: str, why
 
 
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
-                           repeats: int, min_speedup: float) -> tuple[nn.Module, str | None, str | None]:
+                           repeats: int, min_speedup: float,
+                           layout_note: str | None) -> tuple[nn.Module, str | None, str | None]:
     """``(network, note, layout note)``: of ``converted`` (each layer as its own timing chose), its
     every-conv-dense variant and its every-supported-conv-sparse variant, the one that runs the example fastest
     end to end (the sparse variant only when ``min_speedup`` times faster than the others, as a sparse layer
     must be); then the same with the Linear layers kept dense made sparse (:func:`_prefer_sparse_linears`).
-    The layout note is the chosen variant's, when its dense convolutions had to return NCHW (see
-    :func:`_runnable`).
+    The layout note is the chosen network's: ``layout_note`` (``converted``'s) for ``converted``; for a variant,
+    its own when its dense convolutions had to return NCHW (see :func:`_runnable`), else ``layout_note`` when
+    the dense convolutions it kept from ``converted`` still return NCHW, else None.
 
     Per layer, each choice is measured on the layer's own input, a DenseConv2d on channels_last, the layout
     it keeps between dense layers. But a sparse conv reads and writes NCHW, so a network mixing them converts
@@ -1166,7 +1192,7 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     say so."""
     rounds = max(3, min(7, repeats // 2))
     sparse_count = sum(isinstance(module, SparseConv2d) for module in converted.modules())
-    candidates = {"mixed": (converted, [], None)}  # label -> (network, layers it switched, layout note)
+    candidates = {"mixed": (converted, [], layout_note)}  # label -> (network, layers it switched, layout note)
     refused = []
     for label, alternative in (("dense", _all_convs_dense(converted)),
                                ("sparse", _measured_dense_convs_sparse(converted, table))):
@@ -1177,10 +1203,11 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
         if problem is not None:
             refused.append(f"every-conv-{label} variant refused: {problem}")
         else:
-            candidates[label] = (variant, names, variant_layout)
+            kept_nchw = any(isinstance(layer, DenseConv2d) and layer.contiguous_output for layer in variant.modules())
+            candidates[label] = (variant, names, variant_layout or (layout_note if kept_nchw else None))
     if len(candidates) == 1:
         return *_prefer_sparse_linears(converted, "; ".join(refused) or None, table, example_input, reference,
-                                       rounds), None
+                                       rounds), layout_note
     scratch = example_input.clone()  # timed calls may write into it; the checks keep the example's values
     times = _median_times_ms({label: functools.partial(network, scratch)
                               for label, (network, _, _) in candidates.items()}, rounds)
@@ -1196,12 +1223,12 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     note = "; ".join([f"{headline[best]}: the network ran in {times[best]:.3g} ms, "
                       + ", ".join(f"{times[label]:.3g} ms {alongside[label]}" for label in times if label != best)
                       + f" (medians of {rounds} interleaved rounds)"] + refused)
-    network, names, variant_layout = candidates[best]
+    network, names, chosen_layout = candidates[best]
     if best == "dense":
         _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
     elif best == "sparse":
         _record_network_choice(table, names, "sparse", "the network ran faster with every supported conv sparse")
-    return *_prefer_sparse_linears(network, note, table, example_input, reference, rounds), variant_layout
+    return *_prefer_sparse_linears(network, note, table, example_input, reference, rounds), chosen_layout
 
 
 def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dict], example_input: torch.Tensor,

@@ -689,10 +689,12 @@ __attribute__((target("avx2,fma"))) inline __m256 logistic_avx2(__m256 v) {
   return _mm256_div_ps(kActivation == kSilu ? v : _mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
-// dst[i] = silu(sums[i] + add (+ residual[i])) for i in [lo, hi), the sums in registers from load to store
+// dst[i] = silu(sums[i] + add (+ residual[i])) (or the sigmoid) for i in [lo, hi), the sums in registers from
+// load to store
 // (a SiLU applied in place after the plain epilogue's stores read them back, and stalled where a store of
 // the compiler's scalar loop ends met a vector load: the fused layer was then no faster than torch's pass).
-// The last 1-7 values through masked loads and stores: nothing outside the span is touched.
+// The last 1-7 values through masked loads and stores: nothing outside the span is touched. The AVX-512 loop
+// below is the same on 16 lanes (per-ISA code, as the tile kernels are).
 template <int64_t kActivation>
 __attribute__((target("avx2,fma"))) void logistic_epilogue_avx2(float* dst, const float* sums, const float* residual,
                                                                 int64_t lo, int64_t hi, float add) {

@@ -572,7 +572,7 @@ constexpr bool is_logistic(int64_t activation) { return activation == kSilu || a
 // lanes): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts, so n ln2 is exact), exp(r) by a degree-7
 // polynomial (the Taylor coefficients up to r^7 / 7!), times 2^n as 2^a * 2^b with a + b = n, each built in the
 // exponent bits (n reaches 128 at the top of the range and -150 at the bottom, beyond one exponent field; with
-// one factor the input had to be clamped to [-87, 88], and exp(88.5) came out as exp(88), twice too small).
+// one factor the input had to be clamped to [-87, 88], and exp(88.72) came out as exp(88), half its value).
 // The SiLU made of it is within 3e-7 of torch's relative to the result where that is a normal float (200,001
 // points in [-120, 120], 2026-12-04). Above 88.72 it is +inf and below -103.97 it is 0, as expf; NaN stays NaN
 // (comparisons with NaN are false, so the clamps pass it through, and the product with it is NaN).
@@ -690,9 +690,9 @@ __attribute__((target("avx2,fma"))) inline __m256 logistic_avx2(__m256 v) {
 }
 
 // dst[i] = silu(sums[i] + add (+ residual[i])) (or the sigmoid) for i in [lo, hi), the sums in registers from
-// load to store
-// (a SiLU applied in place after the plain epilogue's stores read them back, and stalled where a store of
-// the compiler's scalar loop ends met a vector load: the fused layer was then no faster than torch's pass).
+// load to store. Applied in place after the plain epilogue's stores instead (reading them back), the SiLU made
+// the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x faster than with torch's SiLU;
+// in registers 0.39 ms and 1.14x.
 // The last 1-7 values through masked loads and stores: nothing outside the span is touched. The AVX-512 loop
 // below is the same on 16 lanes (per-ISA code, as the tile kernels are).
 template <int64_t kActivation>
@@ -715,7 +715,7 @@ __attribute__((target("avx2,fma"))) void logistic_epilogue_avx2(float* dst, cons
 }
 
 // exp on 16 lanes, for CPUs whose sparse layers run the AVX-512 kernel: the same reduction and polynomial,
-// with AVX-512's rounding and scaling instructions in place of the bit manipulation, the clamps and the
+// with AVX-512's rounding and scaling instructions in place of the bit manipulation, the range clamps and the
 // blends (scalef gives +inf and 0 where 2^n leaves the float range): fewer instructions, and AVX-512 ones issue
 // on two ports only. The in-place SiLU this replaced took 0.35 ns a value with these steps against 0.40 with
 // exp_float's (a C++ loop over 4096 floats, one thread, 2026-12-04).

@@ -473,6 +473,11 @@ def test_an_activation_after_a_conv_runs_in_its_epilogue(name, policy):
     of its own (the hook must run). A subclass of nn.SiLU that computes something more is traced through: its
     F.silu is fused and the rest stays. Outputs equal the model's."""
     assert set(_ACTIVATIONS) == set(sparse_cpu.EPILOGUE_ACTIVATIONS)
+    # what the rewrite recognizes is what the epilogues compute (fusion cannot import sparse_cpu: the other way)
+    for names in (fusion._ACTIVATION_MODULES.values(), fusion._ACTIVATION_FUNCTIONS.values(),
+                  fusion._ACTIVATION_METHODS.values()):
+        assert set(names) <= set(sparse_cpu.EPILOGUE_ACTIVATIONS)
+    assert set(fusion._ACTIVATION_MODULES.values()) == set(sparse_cpu.EPILOGUE_ACTIVATIONS)
     module_type, function, in_place = _ACTIVATIONS[name]
     g = torch.Generator().manual_seed(11)
     hooked = module_type()

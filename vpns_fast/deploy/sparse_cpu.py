@@ -446,7 +446,7 @@ class SparseConv2d(_FusedActivation, nn.Module):
         buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, buffers["values"], self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
-                                    EPILOGUE_ACTIVATIONS[activation] if activation is not None else 0)
+                                    EPILOGUE_ACTIVATIONS.get(activation, 0))
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
@@ -1185,9 +1185,8 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
       measured faster dense alone (in MobileNetV3-small the stem and 4 depthwise ones) made the networks
       slower than ``policy="sparse"`` (every supported layer sparse): per-round ratios (medians of 40
       interleaved rounds) 1.19x MobileNetV3-small, 1.25x EfficientNet-B0, 1.30x RegNetX-400MF, 1.13x
-      MobileNetV2. A depthwise 3x3 conv
-      on 72 channels at 56x56 took 50 us on channels_last input and 121 us on the NCHW one its sparse
-      neighbour gives it.
+      MobileNetV2. A depthwise 3x3 conv on 72 channels at 56x56 took 50 us on channels_last input and 121 us
+      on the NCHW one its sparse neighbour gives it.
     The variants are timed in interleaved rounds (medians); the table's rows of the layers a variant switched
     say so."""
     rounds = max(3, min(7, repeats // 2))

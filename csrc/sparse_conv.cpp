@@ -116,6 +116,38 @@ constexpr int64_t kL1Budget = 24 * 1024;
 constexpr int64_t kRowBlockBytes = 256 * 1024;
 // Nonzeros a row should have within one input-channel block (see sparse_conv2d_offsets).
 constexpr double kRowBlockNonzeros = 12.0;
+// 1x1 convolutions whose output has at least this many bytes write it with non-temporal (streaming) stores,
+// whole 64-byte lines straight to memory. Otherwise a store that misses the cache first reads its line (the
+// read-for-ownership) and waits for it, and the epilogue writes a short run (one tile) into each of hundreds of
+// output channels in turn, more streams than the hardware prefetchers follow. 2-vCPU Intel Xeon (AVX-512),
+// 2 threads, 10% kept, batch 32, with residual and ReLU, medians of 9 alternating calls (2026-12-04): 64 -> 256
+// at 56x56 25.5 -> 11.6 ms, 128 -> 512 at 28x28 11.9 -> 5.6 ms, 256 -> 1024 at 14x14 6.1 -> 5.7 ms, 256 -> 64
+// at 56x56 9.5 -> 6.6 ms. Whole networks (per-round ratios over 5 interleaved rounds, p20-p80): ResNet-50
+// batch 32 1.22x (1.21-1.23x), batch 8 1.10x (1.10-1.11x), batch 1 1.01x (nothing that large); MobileNetV2
+// batch 32 1.20x (1.20-1.20x); ResNet-18 batch 32 1.00x (0.99-1.01x: its only 1x1 convs are the downsamples).
+// Not streamed:
+// - smaller outputs, which the next layer finds in cache: every 1x1 output streamed made ResNet-50 at batch 1
+//   0.945x as fast (every conv output: ResNet-18 0.92x); 16 MiB rather than 8 gave ResNet-50 at batch 8 1.08x instead
+//   of 1.10x;
+// - the other convolutions (3x3, the 7x7 stem), which do 9-49 times a 1x1's work per output value at the same
+//   density and are not bound by their stores: streamed too, ResNet-18 at batch 32 ran 0.96x as fast, each 3x3
+//   layer at 56x56 and 28x28 5-10% slower, ResNet-50's stem 16.7 -> 19.4 ms and the max pooling after it
+//   8.4 -> 10.1 ms (its input no longer in cache).
+// Tried, not kept: prefetching each tile's residual lines before its rows (64 -> 256 at 56x56 1.01x); output
+// channels in blocks of 16, each over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but
+// 0.66x at 14x14, with it 1.06x at 56x56 and 0.64x at 28x28.
+// (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
+constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+std::atomic<int64_t>& streamed_output_bytes() {
+  static std::atomic<int64_t> bytes{kStreamOutputBytes};
+  return bytes;
+}
+// After a thread's streaming stores, before another thread reads what they wrote: they are weakly ordered.
+inline void store_fence() {
+#if defined(__x86_64__) || defined(__i386__)
+  _mm_sfence();
+#endif
+}
 
 // The vector kernel the sparse layers run: by default AVX-512 on Intel CPUs that have it, else AVX2, else the
 // portable one; set_sparse_kernel_isa (tests check every path on one machine; benchmarks compare them in one
@@ -646,7 +678,7 @@ inline float activate(float value, int64_t activation) {
 // one value at a time. A 96 -> 96 1x1 conv at 112x112 (10% kept, batch 1, 2 threads, medians of 50,
 // 2026-12-04) took 0.33 ms without an activation and 0.66 ms followed by torch's SiLU; with the SiLU in its
 // epilogue 2.92 ms scalar, 0.98 ms compiler-vectorized, 0.54 ms with this exp applied in place after the plain
-// epilogue. In the epilogue's own loop (logistic_epilogue_avx2 / _avx512): 0.58 ms with the AVX2 kernel (0.40 ms
+// epilogue. In the epilogue's own loop (vector_epilogue_avx2 / _avx512): 0.58 ms with the AVX2 kernel (0.40 ms
 // without an activation, 0.70 ms followed by torch's SiLU in the same run), 0.39 ms with the AVX-512 one
 // (0.34 ms, 0.68 ms).
 // max/min take the constant first: they return their second operand when either is NaN, so NaN passes.
@@ -689,31 +721,72 @@ __attribute__((target("avx2,fma"))) inline __m256 logistic_avx2(__m256 v) {
   return _mm256_div_ps(kActivation == kSilu ? v : _mm256_set1_ps(1.0f), _mm256_add_ps(_mm256_set1_ps(1.0f), e));
 }
 
-// dst[i] = silu(sums[i] + add (+ residual[i])) (or the sigmoid) for i in [lo, hi), the sums in registers from
-// load to store. Applied in place after the plain epilogue's stores instead (reading them back), the SiLU made
-// the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x faster than with torch's SiLU;
-// in registers 0.39 ms and 1.14x.
-// The last 1-7 values through masked loads and stores: nothing outside the span is touched. The AVX-512 loop
-// below is the same on 16 lanes (per-ISA code, as the tile kernels are).
+// activation(v) on 8 lanes, the same operations as activate<kActivation> (max/min take the constant first: they
+// return their second operand when either is NaN or both are zeros, as activate's comparisons do), so the vector
+// and scalar epilogues agree bit for bit.
 template <int64_t kActivation>
-__attribute__((target("avx2,fma"))) void logistic_epilogue_avx2(float* dst, const float* sums, const float* residual,
-                                                                int64_t lo, int64_t hi, float add) {
+__attribute__((target("avx2,fma"))) inline __m256 activate_avx2(__m256 v) {
+  const __m256 zero = _mm256_setzero_ps(), six = _mm256_set1_ps(6.0f);
+  if (kActivation == kRelu) return _mm256_max_ps(zero, v);
+  if (kActivation == kRelu6) return _mm256_min_ps(six, _mm256_max_ps(zero, v));
+  if (kActivation == kHardsigmoid) {
+    return _mm256_div_ps(_mm256_min_ps(six, _mm256_max_ps(zero, _mm256_add_ps(v, _mm256_set1_ps(3.0f)))), six);
+  }
+  if (kActivation == kHardswish) {
+    const __m256 clamped = _mm256_min_ps(six, _mm256_max_ps(zero, _mm256_add_ps(v, _mm256_set1_ps(3.0f))));
+    return _mm256_div_ps(_mm256_mul_ps(v, clamped), six);
+  }
+  if (is_logistic(kActivation)) return logistic_avx2<kActivation>(v);
+  return v;
+}
+
+// dst[i] = activation(sums[i] + add (+ residual[i])) for i in [lo, hi), the sums in registers from load to store:
+// the epilogue of the SiLU and the sigmoid (the compiler does not vectorize exp_float well, see exp_avx2), and of
+// every activation when the output is streamed. Applied in place after the plain epilogue's stores instead
+// (reading them back), the SiLU made the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x
+// faster than with torch's SiLU; in registers 0.39 ms and 1.14x.
+// kStream: the whole 32-byte vectors from the first 64-byte line boundary of dst on are written with
+// non-temporal stores (see kStreamOutputBytes), so whole lines go to memory without being read first.
+// The values before that boundary and the last 1-7 go through masked loads and stores: nothing outside the span
+// is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are).
+template <int64_t kActivation>
+__attribute__((target("avx2,fma"))) inline void masked_epilogue_avx2(float* dst, const float* sums,
+                                                                     const float* residual, int64_t i, int64_t count,
+                                                                     __m256 bias) {
+  const __m256i mask =
+      _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  __m256 value = _mm256_add_ps(_mm256_maskload_ps(sums + i, mask), bias);
+  if (residual) value = _mm256_add_ps(value, _mm256_maskload_ps(residual + i, mask));
+  _mm256_maskstore_ps(dst + i, mask, activate_avx2<kActivation>(value));
+}
+
+template <int64_t kActivation, bool kStream>
+__attribute__((target("avx2,fma"))) void vector_epilogue_avx2(float* dst, const float* sums, const float* residual,
+                                                              int64_t lo, int64_t hi, float add) {
   const __m256 bias = _mm256_set1_ps(add);
   int64_t i = lo;
+  if (kStream) {
+    const int64_t head = std::min<int64_t>(hi - lo, (64 - reinterpret_cast<uintptr_t>(dst + lo) % 64) % 64 / 4);
+    for (; i + 8 <= lo + head; i += 8) masked_epilogue_avx2<kActivation>(dst, sums, residual, i, 8, bias);
+    if (i < lo + head) masked_epilogue_avx2<kActivation>(dst, sums, residual, i, lo + head - i, bias);
+    i = lo + head;
+  }
   for (; i + 8 <= hi; i += 8) {
     __m256 value = _mm256_add_ps(_mm256_loadu_ps(sums + i), bias);
     if (residual) value = _mm256_add_ps(value, _mm256_loadu_ps(residual + i));
-    _mm256_storeu_ps(dst + i, logistic_avx2<kActivation>(value));
+    if (kStream) {
+      _mm256_stream_ps(dst + i, activate_avx2<kActivation>(value));
+    } else {
+      _mm256_storeu_ps(dst + i, activate_avx2<kActivation>(value));
+    }
   }
-  if (i < hi) {
-    const __m256i mask =
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(hi - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    __m256 value = _mm256_add_ps(_mm256_maskload_ps(sums + i, mask), bias);
-    if (residual) value = _mm256_add_ps(value, _mm256_maskload_ps(residual + i, mask));
-    _mm256_maskstore_ps(dst + i, mask, logistic_avx2<kActivation>(value));
-  }
+  if (i < hi) masked_epilogue_avx2<kActivation>(dst, sums, residual, i, hi - i, bias);
 }
 
+// GCC 12's AVX-512 max/min intrinsics pass _mm512_undefined_ps() as the unused merge source, which its
+// -Wmaybe-uninitialized reports at every use (75 warnings); nothing here is uninitialised.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 // exp on 16 lanes, for CPUs whose sparse layers run the AVX-512 kernel: the same reduction and polynomial,
 // with AVX-512's rounding and scaling instructions in place of the bit manipulation, the range clamps and the
 // blends (scalef gives +inf and 0 where 2^n leaves the float range): fewer instructions, and AVX-512 ones issue
@@ -744,28 +817,60 @@ __attribute__((target("avx512f"))) inline __m512 logistic_avx512(__m512 v) {
   return _mm512_div_ps(kActivation == kSilu ? v : _mm512_set1_ps(1.0f), _mm512_add_ps(_mm512_set1_ps(1.0f), e));
 }
 
+// activate_avx2 on 16 lanes.
 template <int64_t kActivation>
-__attribute__((target("avx512f"))) void logistic_epilogue_avx512(float* dst, const float* sums, const float* residual,
-                                                                 int64_t lo, int64_t hi, float add) {
+__attribute__((target("avx512f"))) inline __m512 activate_avx512(__m512 v) {
+  const __m512 zero = _mm512_setzero_ps(), six = _mm512_set1_ps(6.0f);
+  if (kActivation == kRelu) return _mm512_max_ps(zero, v);
+  if (kActivation == kRelu6) return _mm512_min_ps(six, _mm512_max_ps(zero, v));
+  if (kActivation == kHardsigmoid) {
+    return _mm512_div_ps(_mm512_min_ps(six, _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_set1_ps(3.0f)))), six);
+  }
+  if (kActivation == kHardswish) {
+    const __m512 clamped = _mm512_min_ps(six, _mm512_max_ps(zero, _mm512_add_ps(v, _mm512_set1_ps(3.0f))));
+    return _mm512_div_ps(_mm512_mul_ps(v, clamped), six);
+  }
+  if (is_logistic(kActivation)) return logistic_avx512<kActivation>(v);
+  return v;
+}
+
+template <int64_t kActivation>
+__attribute__((target("avx512f"))) inline void masked_epilogue_avx512(float* dst, const float* sums,
+                                                                      const float* residual, int64_t i, int64_t count,
+                                                                      __m512 bias) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << count) - 1u);
+  __m512 value = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + i), bias);
+  if (residual) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, residual + i));
+  _mm512_mask_storeu_ps(dst + i, mask, activate_avx512<kActivation>(value));
+}
+
+// vector_epilogue_avx2 on 16 lanes: a streamed vector is one whole 64-byte line.
+template <int64_t kActivation, bool kStream>
+__attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const float* sums, const float* residual,
+                                                               int64_t lo, int64_t hi, float add) {
   const __m512 bias = _mm512_set1_ps(add);
   int64_t i = lo;
+  if (kStream) {
+    const int64_t head = std::min<int64_t>(hi - lo, (64 - reinterpret_cast<uintptr_t>(dst + lo) % 64) % 64 / 4);
+    if (head > 0) masked_epilogue_avx512<kActivation>(dst, sums, residual, i, head, bias);
+    i = lo + head;
+  }
   for (; i + 16 <= hi; i += 16) {
     __m512 value = _mm512_add_ps(_mm512_loadu_ps(sums + i), bias);
     if (residual) value = _mm512_add_ps(value, _mm512_loadu_ps(residual + i));
-    _mm512_storeu_ps(dst + i, logistic_avx512<kActivation>(value));
+    if (kStream) {
+      _mm512_stream_ps(dst + i, activate_avx512<kActivation>(value));
+    } else {
+      _mm512_storeu_ps(dst + i, activate_avx512<kActivation>(value));
+    }
   }
-  if (i < hi) {
-    const __mmask16 mask = static_cast<__mmask16>((1u << (hi - i)) - 1u);
-    __m512 value = _mm512_add_ps(_mm512_maskz_loadu_ps(mask, sums + i), bias);
-    if (residual) value = _mm512_add_ps(value, _mm512_maskz_loadu_ps(mask, residual + i));
-    _mm512_mask_storeu_ps(dst + i, mask, logistic_avx512<kActivation>(value));
-  }
+  if (i < hi) masked_epilogue_avx512<kActivation>(dst, sums, residual, i, hi - i, bias);
 }
+#pragma GCC diagnostic pop
 #endif
 
 template <int64_t kActivation>
-void logistic_epilogue_portable(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi,
-                                float add) {
+void portable_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
   for (int64_t i = lo; i < hi; ++i) {
     float value = sums[i] + add;
     if (residual) value += residual[i];
@@ -773,18 +878,26 @@ void logistic_epilogue_portable(float* dst, const float* sums, const float* resi
   }
 }
 
-// The epilogue of a span with the SiLU or the sigmoid, in the vector width of the kernel the sparse layers run
-// (sparse_isa), so that forcing one tests its SiLU too (every CPU with AVX-512 has AVX2 and FMA). EfficientNet-B0 (10%
-// kept, batch 1, 2 threads, every conv sparse, Intel Xeon with AVX-512, 2026-12-04) ran 1.14x faster (p20-p80 of the
-// per-round ratio 1.12-1.16x, 30 interleaved rounds) with its 49 SiLUs here than through torch's SiLU.
+// The epilogue of a span in the vector width of the kernel the sparse layers run (sparse_isa), so that forcing
+// one tests its SiLU and its streaming stores too (every CPU with AVX-512 has AVX2 and FMA); `stream` has no
+// effect with the portable kernel. EfficientNet-B0 (10% kept, batch 1, 2 threads, every conv sparse, Intel Xeon
+// with AVX-512, 2026-12-04) ran 1.14x faster (p20-p80 of the per-round ratio 1.12-1.16x, 30 interleaved rounds)
+// with its 49 SiLUs here than through torch's SiLU.
 template <int64_t kActivation>
-void logistic_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
+void vector_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add,
+                     bool stream) {
 #if VPNS_X86
   const Isa isa = sparse_isa();
-  if (isa == Isa::kAvx512) return logistic_epilogue_avx512<kActivation>(dst, sums, residual, lo, hi, add);
-  if (isa == Isa::kAvx2) return logistic_epilogue_avx2<kActivation>(dst, sums, residual, lo, hi, add);
+  if (isa == Isa::kAvx512) {
+    return stream ? vector_epilogue_avx512<kActivation, true>(dst, sums, residual, lo, hi, add)
+                  : vector_epilogue_avx512<kActivation, false>(dst, sums, residual, lo, hi, add);
+  }
+  if (isa == Isa::kAvx2) {
+    return stream ? vector_epilogue_avx2<kActivation, true>(dst, sums, residual, lo, hi, add)
+                  : vector_epilogue_avx2<kActivation, false>(dst, sums, residual, lo, hi, add);
+  }
 #endif
-  logistic_epilogue_portable<kActivation>(dst, sums, residual, lo, hi, add);
+  portable_epilogue<kActivation>(dst, sums, residual, lo, hi, add);
 }
 
 // dst[i] = activation((sums[i] + add) (+ residual[i])) for i in [lo, hi): the convolution's epilogue, in the
@@ -801,9 +914,9 @@ inline void epilogue_span(float* __restrict dst, const float* __restrict sums, c
 
 template <bool kResidual, int64_t kActivation>
 inline void epilogue_run(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
-                         int64_t lo, int64_t hi, float add) {
-  if (is_logistic(kActivation)) {
-    logistic_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add);
+                         int64_t lo, int64_t hi, float add, bool stream) {
+  if (stream || is_logistic(kActivation)) {
+    vector_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add, stream);
   } else {
     epilogue_span<kResidual, kActivation>(dst, sums, residual, lo, hi, add);
   }
@@ -811,9 +924,9 @@ inline void epilogue_run(float* __restrict dst, const float* __restrict sums, co
 
 template <bool kResidual, int64_t kActivation>
 inline void epilogue_tile_impl(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count,
-                               int64_t plane_w, int64_t out_w, float add) {
+                               int64_t plane_w, int64_t out_w, float add, bool stream) {
   if (plane_w == out_w) {  // no garbage columns: the tile is one run
-    epilogue_run<kResidual, kActivation>(dst, sums, residual, q0, q0 + count, add);
+    epilogue_run<kResidual, kActivation>(dst, sums, residual, q0, q0 + count, add, stream);
     return;
   }
   // Positions q = oh * plane_w + ow; ow >= out_w is dropped.
@@ -821,23 +934,28 @@ inline void epilogue_tile_impl(float* dst, const float* sums, const float* resid
     const int64_t ow_lo = std::max<int64_t>(0, q0 - oh * plane_w);
     const int64_t ow_hi = std::min(out_w, q0 + count - oh * plane_w);
     epilogue_run<kResidual, kActivation>(dst + oh * out_w, sums + oh * plane_w,
-                                         residual ? residual + oh * out_w : nullptr, ow_lo, ow_hi, add);
+                                         residual ? residual + oh * out_w : nullptr, ow_lo, ow_hi, add, stream);
   }
 }
 
 template <bool kResidual>
 inline void epilogue_tile_with(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count,
-                               int64_t plane_w, int64_t out_w, float add, int64_t activation) {
+                               int64_t plane_w, int64_t out_w, float add, int64_t activation, bool stream) {
   switch (activation) {
-    case kRelu: return epilogue_tile_impl<kResidual, kRelu>(dst, sums, residual, q0, count, plane_w, out_w, add);
-    case kSilu: return epilogue_tile_impl<kResidual, kSilu>(dst, sums, residual, q0, count, plane_w, out_w, add);
-    case kRelu6: return epilogue_tile_impl<kResidual, kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add);
+    case kRelu:
+      return epilogue_tile_impl<kResidual, kRelu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kSilu:
+      return epilogue_tile_impl<kResidual, kSilu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kRelu6:
+      return epilogue_tile_impl<kResidual, kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
     case kHardswish:
-      return epilogue_tile_impl<kResidual, kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add);
-    case kSigmoid: return epilogue_tile_impl<kResidual, kSigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add);
+      return epilogue_tile_impl<kResidual, kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kSigmoid:
+      return epilogue_tile_impl<kResidual, kSigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
     case kHardsigmoid:
-      return epilogue_tile_impl<kResidual, kHardsigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add);
-    default: return epilogue_tile_impl<kResidual, kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add);
+      return epilogue_tile_impl<kResidual, kHardsigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    default:
+      return epilogue_tile_impl<kResidual, kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
   }
 }
 
@@ -849,11 +967,11 @@ inline void epilogue_tile_with(float* dst, const float* sums, const float* resid
 __attribute__((target_clones("avx2", "default")))
 #endif
 void epilogue_tile(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count, int64_t plane_w,
-                   int64_t out_w, float add, int64_t activation) {
+                   int64_t out_w, float add, int64_t activation, bool stream) {
   if (residual) {
-    epilogue_tile_with<true>(dst, sums, residual, q0, count, plane_w, out_w, add, activation);
+    epilogue_tile_with<true>(dst, sums, residual, q0, count, plane_w, out_w, add, activation, stream);
   } else {
-    epilogue_tile_with<false>(dst, sums, residual, q0, count, plane_w, out_w, add, activation);
+    epilogue_tile_with<false>(dst, sums, residual, q0, count, plane_w, out_w, add, activation, stream);
   }
 }
 
@@ -1050,6 +1168,11 @@ std::string set_sparse_kernel_isa(const std::string& name) {
   return kIsas[chosen_isa().exchange(index)].name;
 }
 
+int64_t set_streamed_output_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_streamed_output_bytes: bytes must be >= 0, got ", bytes);
+  return streamed_output_bytes().exchange(bytes);
+}
+
 std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {
   check_float_cpu("sparse_conv2d_pack", "weight", weight);
   TORCH_CHECK(weight.dim() == 4, "sparse_conv2d_pack: weight must be 4-d [C_out, C_in, KH, KW], got ", weight.dim(),
@@ -1183,6 +1306,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     res = contiguous_activation(*residual);
   }
   if (output.numel() == 0) return output;
+  const bool stream =
+      g.kernel_h == 1 && g.kernel_w == 1 &&
+      output.numel() * static_cast<int64_t>(sizeof(float)) >= streamed_output_bytes().load(std::memory_order_relaxed);
 
   const float* x_data = x.const_data_ptr<float>();
   const int64_t used = g.in_channels * g.channel_stride;
@@ -1224,7 +1350,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
       const float* r_row = res_data ? res_data + (n * g.out_channels + o) * g.out_h * g.out_w : nullptr;
       const float add = bias_data ? bias_data[o] : 0.0f;
-      epilogue_tile(dst, w_row, r_row, q0, count, g.plane_w, g.out_w, add, activation);
+      epilogue_tile(dst, w_row, r_row, q0, count, g.plane_w, g.out_w, add, activation, stream);
     }
   };
   auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
@@ -1248,6 +1374,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
         rows_at_tile(images + n * image_floats, n, o0, o1, q0, wide, exact,
                      q0 + kTile < q_end ? std::min(kTile, q_end - q0 - kTile) : 0);
       }
+      if (stream) store_fence();
     });
   };
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.height == 1 && g.width == 1 &&
@@ -1278,6 +1405,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
           rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, false, 0);
         }
       }
+      if (stream) store_fence();
     });
     return output;
   }

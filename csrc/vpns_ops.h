@@ -27,6 +27,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);
+// 1x1 convolution outputs of at least `bytes` are written with streaming stores (AVX2 / AVX-512 kernels); returns
+// the previous threshold.
+int64_t set_streamed_output_bytes(int64_t bytes);
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);

@@ -449,6 +449,66 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
     assert_close_to_reference(out, torch_out, reference, 600)
 
 
+# (C_in, C_out, H, W, kernel, stride): 1x1 read in place (a whole tile and a masked partial vector; row
+# starts at every alignment), 1x1 stride 2 through the planes, and a 3x3 (never streamed) for contrast.
+STREAMED_SHAPES = [(12, 20, 10, 11, 1, 1), (6, 9, 8, 16, 1, 1), (12, 20, 7, 9, 1, 2), (5, 7, 9, 7, 3, 1)]
+
+
+@pytest.fixture
+def restore_streamed_output_bytes():
+    previous = sparse_cpu.set_streamed_output_bytes(sparse_cpu.STREAMED_OUTPUT_BYTES)
+    yield
+    sparse_cpu.set_streamed_output_bytes(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 2, 7])
+@pytest.mark.parametrize("shape", STREAMED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, restore_streamed_output_bytes):
+    """Outputs written with streaming stores (every 1x1 output with the threshold at 0) are the same bits as
+    those written through the cache, for every activation, with and without a residual (NaN and infinities in
+    it), on every work split (batch 1: items of rows and tiles; 7 images: image by image), and right."""
+    in_channels, out_channels, height, width, kernel, stride = shape
+    generator = torch.Generator().manual_seed(in_channels + 100 * batch + threads)
+    weight = masked((out_channels, in_channels, kernel, kernel), 0.4, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator) * 3
+    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=kernel // 2)
+    torch_out = F.conv2d(x, weight, bias, stride, kernel // 2)
+    residual = torch.randn(torch_out.shape, generator=generator)
+    residual[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for activation in [None, *sorted(sparse_cpu.EPILOGUE_ACTIVATIONS)]:
+            sparse.activation = activation
+            for extra in (None, residual):
+                outputs = []
+                for threshold in (1 << 62, 0):
+                    sparse_cpu.set_streamed_output_bytes(threshold)
+                    outputs.append(sparse(x, extra))
+                cached, streamed = outputs
+                assert torch.equal(cached.view(torch.int32), streamed.view(torch.int32)), (activation, extra is None)
+        sparse.activation = "relu"
+        finite = torch.randn(torch_out.shape, generator=generator)
+        streamed = sparse(x, finite)  # the threshold is still 0
+        reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, kernel // 2)
+        assert_close_to_reference(streamed, torch.relu(torch_out + finite), torch.relu(reference + finite.double()),
+                                  in_channels * kernel ** 2)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def test_streamed_output_threshold_is_checked(restore_streamed_output_bytes):
+    assert sparse_cpu.set_streamed_output_bytes(0) == sparse_cpu.STREAMED_OUTPUT_BYTES  # the extension's default
+    assert sparse_cpu.set_streamed_output_bytes(5) == 0
+    for bad in (-1, 1.5, True, "8"):
+        with pytest.raises(ValueError, match="threshold_bytes must be an int >= 0"):
+            sparse_cpu.set_streamed_output_bytes(bad)
+    with pytest.raises(RuntimeError, match="bytes must be >= 0"):
+        sparse_cpu._ops().set_streamed_output_bytes(-1)
+
+
 @pytest.mark.parametrize("activation", sorted(sparse_cpu.EPILOGUE_ACTIVATIONS))
 @pytest.mark.parametrize("width", [1, 7, 8, 9, 15, 16, 17, 40, 101])
 @pytest.mark.parametrize("with_residual", [False, True])

@@ -30,7 +30,7 @@ from vpns_fast.pruning.masking import checked_module
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
-                 "sparse_kernel_isa_environment_note")
+                 "sparse_kernel_isa_environment_note", "set_streamed_output_bytes")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -106,6 +106,20 @@ def set_activation_cache_limit(limit_bytes: int) -> int:
     if isinstance(limit_bytes, bool) or not isinstance(limit_bytes, int) or limit_bytes < 0:
         raise ValueError(f"limit_bytes must be an int >= 0, got {limit_bytes!r}")
     return int(_ops().set_activation_cache_limit(limit_bytes))
+
+
+# The extension's default for set_streamed_output_bytes (its kStreamOutputBytes).
+STREAMED_OUTPUT_BYTES = 8 << 20
+
+
+def set_streamed_output_bytes(threshold_bytes: int) -> int:
+    """Sparse 1x1 convolutions whose output has at least ``threshold_bytes`` bytes (8 MiB by default) write it
+    with non-temporal stores, whole cache lines straight to memory, with the AVX2 and AVX-512 kernels; 0 streams
+    every 1x1 output, a larger number than any output none. The values are the same either way. Returns the
+    previous threshold. For comparing both on a machine; not while a sparse layer runs."""
+    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0:
+        raise ValueError(f"threshold_bytes must be an int >= 0, got {threshold_bytes!r}")
+    return int(_ops().set_streamed_output_bytes(threshold_bytes))
 
 
 def _pair(value, name: str) -> tuple[int, int]:

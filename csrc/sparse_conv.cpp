@@ -125,6 +125,7 @@ constexpr double kRowBlockNonzeros = 12.0;
 // at 56x56 9.5 -> 6.6 ms. Whole networks (per-round ratios over 5 interleaved rounds, p20-p80): ResNet-50
 // batch 32 1.22x (1.21-1.23x), batch 8 1.10x (1.10-1.11x), batch 1 1.01x (nothing that large); MobileNetV2
 // batch 32 1.20x (1.20-1.20x); ResNet-18 batch 32 1.00x (0.99-1.01x: its only 1x1 convs are the downsamples).
+// With the AVX2 kernel on the same machine: ResNet-50 batch 32 1.16x (1.16-1.18x), batch 8 1.06x (1.05-1.06x).
 // Not streamed:
 // - smaller outputs, which the next layer finds in cache: every 1x1 output streamed made ResNet-50 at batch 1
 //   0.945x as fast (every conv output: ResNet-18 0.92x); 16 MiB rather than 8 gave ResNet-50 at batch 8 1.08x instead
@@ -745,10 +746,10 @@ __attribute__((target("avx2,fma"))) inline __m256 activate_avx2(__m256 v) {
 // every activation when the output is streamed. Applied in place after the plain epilogue's stores instead
 // (reading them back), the SiLU made the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x
 // faster than with torch's SiLU; in registers 0.39 ms and 1.14x.
-// kStream: the whole 32-byte vectors from the first 64-byte line boundary of dst on are written with
-// non-temporal stores (see kStreamOutputBytes), so whole lines go to memory without being read first.
-// The values before that boundary and the last 1-7 go through masked loads and stores: nothing outside the span
-// is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are).
+// kStream: the whole 64-byte lines of dst in the span are written with non-temporal stores (see
+// kStreamOutputBytes), so they go to memory without being read first.
+// The values before the first line boundary and after the last one go through plain and masked stores: nothing
+// outside the span is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are).
 template <int64_t kActivation>
 __attribute__((target("avx2,fma"))) inline void masked_epilogue_avx2(float* dst, const float* sums,
                                                                      const float* residual, int64_t i, int64_t count,
@@ -771,14 +772,24 @@ __attribute__((target("avx2,fma"))) void vector_epilogue_avx2(float* dst, const 
     if (i < lo + head) masked_epilogue_avx2<kActivation>(dst, sums, residual, i, lo + head - i, bias);
     i = lo + head;
   }
-  for (; i + 8 <= hi; i += 8) {
+  // Streamed: two vectors a step, one whole line. A line streamed in half and stored in half went out as a
+  // partial write and was then read back for the other half's store: the 256 -> 1024 1x1 conv at 14x14 (rows
+  // of 784 bytes, so tiles start at every offset in a line) took 10.7 ms streamed that way against 6.3 ms not
+  // streamed (batch 32, 2 threads, AVX2 kernel on the Intel Xeon, 2026-12-04).
+  for (; kStream && i + 16 <= hi; i += 16) {
+    __m256 low = _mm256_add_ps(_mm256_loadu_ps(sums + i), bias),
+           high = _mm256_add_ps(_mm256_loadu_ps(sums + i + 8), bias);
+    if (residual) {
+      low = _mm256_add_ps(low, _mm256_loadu_ps(residual + i));
+      high = _mm256_add_ps(high, _mm256_loadu_ps(residual + i + 8));
+    }
+    _mm256_stream_ps(dst + i, activate_avx2<kActivation>(low));
+    _mm256_stream_ps(dst + i + 8, activate_avx2<kActivation>(high));
+  }
+  for (; i + 8 <= hi; i += 8) {  // not streamed: all whole vectors; streamed: at most one, the last line's half
     __m256 value = _mm256_add_ps(_mm256_loadu_ps(sums + i), bias);
     if (residual) value = _mm256_add_ps(value, _mm256_loadu_ps(residual + i));
-    if (kStream) {
-      _mm256_stream_ps(dst + i, activate_avx2<kActivation>(value));
-    } else {
-      _mm256_storeu_ps(dst + i, activate_avx2<kActivation>(value));
-    }
+    _mm256_storeu_ps(dst + i, activate_avx2<kActivation>(value));
   }
   if (i < hi) masked_epilogue_avx2<kActivation>(dst, sums, residual, i, hi - i, bias);
 }

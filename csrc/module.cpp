@@ -78,7 +78,7 @@ equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc
   m.def("set_streamed_output_bytes", &vpns::set_streamed_output_bytes, py::arg("bytes"),
         "Sparse 1x1 convolutions whose output has at least `bytes` bytes write it with non-temporal (streaming)\n"
         "stores (AVX2 and AVX-512 kernels; 8 MiB by default, 0: every such output). Returns the previous threshold.\n"
-        "For tests and for comparing both ways on a machine; not while kernels run.");
+        "Read once per call. For tests and for comparing both ways on a machine.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
         "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");

@@ -1318,7 +1318,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   }
   if (output.numel() == 0) return output;
   const bool stream =
-      g.kernel_h == 1 && g.kernel_w == 1 &&
+      sparse_isa() != Isa::kScalar && g.kernel_h == 1 && g.kernel_w == 1 &&
       output.numel() * static_cast<int64_t>(sizeof(float)) >= streamed_output_bytes().load(std::memory_order_relaxed);
 
   const float* x_data = x.const_data_ptr<float>();

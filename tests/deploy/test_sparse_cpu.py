@@ -449,9 +449,11 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
     assert_close_to_reference(out, torch_out, reference, 600)
 
 
-# (C_in, C_out, H, W, kernel, stride): 1x1 read in place (a whole tile and a masked partial vector; row
-# starts at every alignment), 1x1 stride 2 through the planes, and a 3x3 (never streamed) for contrast.
-STREAMED_SHAPES = [(12, 20, 10, 11, 1, 1), (6, 9, 8, 16, 1, 1), (12, 20, 7, 9, 1, 2), (5, 7, 9, 7, 3, 1)]
+# (C_in, C_out, H, W, kernel, stride): 1x1 read in place (110 positions: a whole tile and a masked partial
+# vector; 49 and 15: output rows that start at odd float offsets, so every head length before a line boundary),
+# 1x1 stride 2 through the planes (even and odd outputs), and a 3x3 (never streamed) for contrast.
+STREAMED_SHAPES = [(12, 20, 10, 11, 1, 1), (6, 9, 8, 16, 1, 1), (12, 20, 7, 7, 1, 1), (7, 5, 3, 5, 1, 1),
+                   (12, 20, 7, 9, 1, 2), (12, 20, 13, 13, 1, 2), (5, 7, 9, 7, 3, 1)]
 
 
 @pytest.fixture
@@ -484,7 +486,7 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
             sparse.activation = activation
             for extra in (None, residual):
                 outputs = []
-                for threshold in (1 << 62, 0):
+                for threshold in ((1 << 63) - 1, 0):
                     sparse_cpu.set_streamed_output_bytes(threshold)
                     outputs.append(sparse(x, extra))
                 cached, streamed = outputs
@@ -502,8 +504,9 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
 def test_streamed_output_threshold_is_checked(restore_streamed_output_bytes):
     assert sparse_cpu.set_streamed_output_bytes(0) == sparse_cpu.STREAMED_OUTPUT_BYTES  # the extension's default
     assert sparse_cpu.set_streamed_output_bytes(5) == 0
-    for bad in (-1, 1.5, True, "8"):
-        with pytest.raises(ValueError, match="threshold_bytes must be an int >= 0"):
+    assert sparse_cpu.set_streamed_output_bytes((1 << 63) - 1) == 5
+    for bad in (-1, 1 << 63, 1.5, True, "8"):
+        with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
             sparse_cpu.set_streamed_output_bytes(bad)
     with pytest.raises(RuntimeError, match="bytes must be >= 0"):
         sparse_cpu._ops().set_streamed_output_bytes(-1)

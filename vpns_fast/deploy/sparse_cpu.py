@@ -115,10 +115,12 @@ STREAMED_OUTPUT_BYTES = 8 << 20
 def set_streamed_output_bytes(threshold_bytes: int) -> int:
     """Sparse 1x1 convolutions whose output has at least ``threshold_bytes`` bytes (8 MiB by default) write it
     with non-temporal stores, whole cache lines straight to memory, with the AVX2 and AVX-512 kernels; 0 streams
-    every 1x1 output, a larger number than any output none. The values are the same either way. Returns the
-    previous threshold. For comparing both on a machine; not while a sparse layer runs."""
-    if isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0:
-        raise ValueError(f"threshold_bytes must be an int >= 0, got {threshold_bytes!r}")
+    every 1x1 output (but those of 1x1 inputs at batch 8 and more, which run as a linear layer), ``2**63 - 1``
+    none. The values are the same either way. Returns the previous threshold. Each call reads it once, so a
+    change applies from the next call on; for comparing both ways on a machine."""
+    if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0
+            or threshold_bytes >= 1 << 63):
+        raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
     return int(_ops().set_streamed_output_bytes(threshold_bytes))
 
 

@@ -134,9 +134,10 @@ constexpr double kRowBlockNonzeros = 12.0;
 //   density and are not bound by their stores: streamed too, ResNet-18 at batch 32 ran 0.96x as fast, each 3x3
 //   layer at 56x56 and 28x28 5-10% slower, ResNet-50's stem 16.7 -> 19.4 ms and the max pooling after it
 //   8.4 -> 10.1 ms (its input no longer in cache).
-// Tried, not kept: prefetching each tile's residual lines before its rows (64 -> 256 at 56x56 1.01x); output
-// channels in blocks of 16, each over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but
-// 0.66x at 14x14, with it 1.06x at 56x56 and 0.64x at 28x28.
+// Tried, not kept (medians of 15 calls, two processes each): prefetching each tile's residual lines before its
+// rows, 1.01-1.08x at 56x56 but 0.97-1.01x at 28x28 and 14x14; output channels in blocks of 16, each over all
+// tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56 and
+// 0.64x at 28x28.
 // (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
 std::atomic<int64_t>& streamed_output_bytes() {

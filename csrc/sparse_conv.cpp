@@ -117,9 +117,10 @@ constexpr int64_t kRowBlockBytes = 256 * 1024;
 // Nonzeros a row should have within one input-channel block (see sparse_conv2d_offsets).
 constexpr double kRowBlockNonzeros = 12.0;
 // 1x1 convolutions whose output has at least this many bytes write it with non-temporal (streaming) stores,
-// whole 64-byte lines straight to memory. Otherwise a store that misses the cache first reads its line (the
-// read-for-ownership) and waits for it, and the epilogue writes a short run (one tile) into each of hundreds of
-// output channels in turn, more streams than the hardware prefetchers follow. 2-vCPU Intel Xeon (AVX-512),
+// whole 64-byte lines straight to memory, where a plain store that misses the cache first reads its line (the
+// read-for-ownership). The epilogue writes a short run (one tile) into each of hundreds of output channels in
+// turn; that the hardware prefetchers lose track of so many streams is the likely reason the plain stores did
+// so badly here, not confirmed (this KVM guest exposes no performance counters). 2-vCPU Intel Xeon (AVX-512),
 // 2 threads, 10% kept, batch 32, with residual and ReLU, medians of 9 alternating calls (2026-12-04): 64 -> 256
 // at 56x56 25.5 -> 11.6 ms, 128 -> 512 at 28x28 11.9 -> 5.6 ms, 256 -> 1024 at 14x14 6.1 -> 5.7 ms, 256 -> 64
 // at 56x56 9.5 -> 6.6 ms. Whole networks (per-round ratios over 5 interleaved rounds, p20-p80): ResNet-50
@@ -131,14 +132,13 @@ constexpr double kRowBlockNonzeros = 12.0;
 //   0.945x as fast (every conv output: ResNet-18 0.92x); 16 MiB rather than 8 gave ResNet-50 at batch 8 1.08x instead
 //   of 1.10x;
 // - the other convolutions (3x3, the 7x7 stem), which do 9-49 times a 1x1's work per output value at the same
-//   density and are not bound by their stores: streamed too, ResNet-18 at batch 32 ran 0.96x as fast, each 3x3
-//   layer at 56x56 and 28x28 5-10% slower, ResNet-50's stem 16.7 -> 19.4 ms and the max pooling after it
-//   8.4 -> 10.1 ms (its input no longer in cache).
-// Tried, not kept (medians of 15 calls, two processes each): prefetching each tile's residual lines before its
-// rows, 1.01-1.08x at 56x56 but 0.97-1.01x at 28x28 and 14x14; output channels in blocks of 16, each over all
-// tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56 and
-// 0.64x at 28x28.
-// (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
+//   density and are not bound by their stores: streamed too, ResNet-18 at batch 32 ran 0.96x as fast, its 3x3
+//   layers at 56x56 and 28x28 3-15% slower each (ResNet-50's 0-11%), ResNet-50's stem 16.7 -> 19.4 ms and the
+//   max pooling after it 8.4 -> 10.1 ms (its input no longer in cache).
+// Tried, not kept (medians of 15 calls; the prefetch in two processes each): prefetching each tile's residual
+// lines before its rows, 1.01-1.08x at 56x56 but 0.97-1.01x at 28x28 and 14x14; output channels in blocks of 16, each
+// over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
+// and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
 std::atomic<int64_t>& streamed_output_bytes() {
   static std::atomic<int64_t> bytes{kStreamOutputBytes};
@@ -881,11 +881,14 @@ __attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const
 #pragma GCC diagnostic pop
 #endif
 
-template <int64_t kActivation>
-void portable_epilogue(float* dst, const float* sums, const float* residual, int64_t lo, int64_t hi, float add) {
+// dst[i] = activation((sums[i] + add) (+ residual[i])) for i in [lo, hi): the convolution's epilogue, in the
+// order the unfused network computes it.
+template <bool kResidual, int64_t kActivation>
+inline void epilogue_span(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
+                          int64_t lo, int64_t hi, float add) {
   for (int64_t i = lo; i < hi; ++i) {
     float value = sums[i] + add;
-    if (residual) value += residual[i];
+    if (kResidual) value += residual[i];
     dst[i] = activate<kActivation>(value);
   }
 }
@@ -909,18 +912,10 @@ void vector_epilogue(float* dst, const float* sums, const float* residual, int64
                   : vector_epilogue_avx2<kActivation, false>(dst, sums, residual, lo, hi, add);
   }
 #endif
-  portable_epilogue<kActivation>(dst, sums, residual, lo, hi, add);
-}
-
-// dst[i] = activation((sums[i] + add) (+ residual[i])) for i in [lo, hi): the convolution's epilogue, in the
-// order the unfused network computes it.
-template <bool kResidual, int64_t kActivation>
-inline void epilogue_span(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
-                          int64_t lo, int64_t hi, float add) {
-  for (int64_t i = lo; i < hi; ++i) {
-    float value = sums[i] + add;
-    if (kResidual) value += residual[i];
-    dst[i] = activate<kActivation>(value);
+  if (residual) {
+    epilogue_span<true, kActivation>(dst, sums, residual, lo, hi, add);
+  } else {
+    epilogue_span<false, kActivation>(dst, sums, residual, lo, hi, add);
   }
 }
 

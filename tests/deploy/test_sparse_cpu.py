@@ -501,15 +501,20 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
         torch.set_num_threads(previous_threads)
 
 
-def test_streamed_output_threshold_is_checked(restore_streamed_output_bytes):
-    assert sparse_cpu.set_streamed_output_bytes(0) == sparse_cpu.STREAMED_OUTPUT_BYTES  # the extension's default
-    assert sparse_cpu.set_streamed_output_bytes(5) == 0
-    assert sparse_cpu.set_streamed_output_bytes((1 << 63) - 1) == 5
-    for bad in (-1, 1 << 63, 1.5, True, "8"):
-        with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
-            sparse_cpu.set_streamed_output_bytes(bad)
-    with pytest.raises(RuntimeError, match="bytes must be >= 0"):
-        sparse_cpu._ops().set_streamed_output_bytes(-1)
+def test_streamed_output_threshold_is_checked():
+    # every test that changes the threshold restores it, so here it is still the extension's own default
+    previous = sparse_cpu.set_streamed_output_bytes(0)
+    try:
+        assert previous == sparse_cpu.STREAMED_OUTPUT_BYTES
+        assert sparse_cpu.set_streamed_output_bytes(5) == 0
+        assert sparse_cpu.set_streamed_output_bytes((1 << 63) - 1) == 5
+        for bad in (-1, 1 << 63, 1.5, True, "8"):
+            with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
+                sparse_cpu.set_streamed_output_bytes(bad)
+        with pytest.raises(RuntimeError, match="bytes must be >= 0"):
+            sparse_cpu._ops().set_streamed_output_bytes(-1)
+    finally:
+        sparse_cpu.set_streamed_output_bytes(previous)
 
 
 @pytest.mark.parametrize("activation", sorted(sparse_cpu.EPILOGUE_ACTIVATIONS))

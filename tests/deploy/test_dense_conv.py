@@ -454,3 +454,82 @@ def test_layers_built_in_inference_mode_hold_ordinary_tensors():
     for layer in layers:
         assert not any(t.is_inference() for t in layer.state_dict().values()), type(layer).__name__
         layer.load_state_dict(layer.state_dict())
+
+
+_ACTIVATIONS = {None: lambda t: t, "relu": torch.relu, "silu": nn.functional.silu}
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=_ids)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("residual_layout", ["channels_last", "nchw"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+def test_reused_residuals_and_repeated_calls_match_conv2d(shape, batch, residual_layout, activation):
+    """The first call at a shape checks it; later ones take the short path the engine's own calls take. With
+    ``residual_reusable`` a channels_last residual receives the output in place (the same tensor comes back);
+    an NCHW one is copied first and left as it was, as is every residual without the flag."""
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation, groups = shape
+    generator = torch.Generator().manual_seed(hash((shape, batch, residual_layout, activation)) % 2**31)
+    conv = nn.Conv2d(in_channels, out_channels, kernel, stride, padding, dilation, groups)
+    x = torch.randn(batch, in_channels, height, width, generator=generator).contiguous(
+        memory_format=torch.channels_last)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    layer.activation = activation
+    with torch.no_grad():
+        residual = torch.randn(conv(x).shape, generator=generator)
+    if residual_layout == "channels_last":
+        residual = residual.contiguous(memory_format=torch.channels_last)
+    torch_out, ref = _reference(conv, x, residual)
+    torch_out, ref = _ACTIVATIONS[activation](torch_out), _ACTIVATIONS[activation](ref)
+    outs = {}
+    for reusable in (False, True):
+        for call in range(2):
+            given = residual.clone()  # preserve_format: the same layout
+            with torch.no_grad():
+                out = layer(x, given, residual_reusable=reusable)
+            assert_close(out, ref, baseline=torch_out, atol=1e-6 * conv.weight[0].numel())
+            in_place = reusable and residual_layout == "channels_last"
+            assert (out.data_ptr() == given.data_ptr()) == in_place
+            if not in_place:
+                assert torch.equal(given, residual)
+            outs[reusable, call] = out
+    assert torch.equal(outs[False, 0], outs[False, 1]) and torch.equal(outs[True, 0], outs[True, 1])
+
+
+def test_a_residual_is_not_written_where_it_must_not_be():
+    """Not when it is the layer's own input (or shares its memory), not an inference tensor outside inference
+    mode (torch would refuse the write), and not through autograd's path."""
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    x = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        expected = conv(x) + x
+        for _ in range(2):  # the general path, then the short one
+            given = x.clone()
+            assert_close(layer(given, given, residual_reusable=True), expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(given, x)
+            whole = x.clone()
+            view = whole[:, :, :, :]
+            assert_close(layer(whole, view, residual_reusable=True), expected, rtol=1e-5, atol=1e-5)
+            assert torch.equal(whole, x)
+    with torch.inference_mode():
+        frozen = x.clone()
+    for _ in range(2):
+        with torch.no_grad():
+            out = layer(x, frozen, residual_reusable=True)
+        assert torch.equal(frozen, x) and out.data_ptr() != frozen.data_ptr()
+        assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    leaf = x.clone().requires_grad_()
+    out = layer(x, leaf, residual_reusable=True)
+    out.sum().backward()
+    assert torch.equal(leaf.detach(), x) and torch.equal(leaf.grad, torch.ones_like(x))
+
+
+def test_a_layer_pickled_before_the_short_path_still_runs():
+    layer = sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(3, 5, 3, padding=1))
+    state = layer.__getstate__()
+    del state["_small_output_shapes"]
+    old = sparse_cpu.DenseConv2d.__new__(sparse_cpu.DenseConv2d)
+    old.__setstate__(state)
+    x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        assert torch.equal(old(x), layer(x)) and torch.equal(old(x), layer(x))

@@ -550,3 +550,113 @@ def test_activation_attribute_relu_flag_and_old_pickles(dense):
     with torch.no_grad():
         torch.testing.assert_close(revived(x), torch.relu(F.conv2d(x, weight)), rtol=1e-5, atol=1e-5)
     assert pickle.loads(pickle.dumps(layer)).activation is None
+
+
+def _marked(converted: nn.Module) -> set[str]:
+    return {node.target for node in converted.graph.nodes if node.kwargs.get("residual_reusable")}
+
+
+@pytest.mark.parametrize("layers", ["sparse", "dense"])
+def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
+    """In a ResNet every block's second conv is the last reader of its residual (the stem's pooling, the
+    downsample conv or the previous block's output): each call is marked, and the outputs stay the model's."""
+    model = pruned_resnet18(0.5)
+    x = torch.randn(2, 3, 64, 64)
+    summary = {}
+    kwargs = {"policy": "sparse"} if layers == "sparse" else {"min_speedup": 1e9, "repeats": 2}
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, **kwargs)
+    kind = sparse_cpu.SparseConv2d if layers == "sparse" else sparse_cpu.DenseConv2d
+    assert all(isinstance(converted.get_submodule(f"layer{i}.{j}.conv2"), kind) for i in range(1, 5) for j in (0, 1))
+    assert _marked(converted) == {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)}
+    assert summary["residuals_reusable"] == 8 and "8 of them may add into their residual" in summary["fusion"]
+    with torch.no_grad():
+        expected = model(x)
+        for _ in range(2):
+            assert_close(converted(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+class ResidualDeadAfter(_TwoConvs):
+    """Either conv may absorb the add: the rewrite takes c0 (met first), with c1's output as its residual."""
+
+    def forward(self, x):
+        r = self.c0(x)
+        return self.c1(x) + r
+
+
+class ResidualReadAfter(_TwoConvs):
+    def forward(self, x):
+        r = self.c0(x)
+        return self.c1(x) + r, r * 2
+
+
+class ResidualIsTheInput(_TwoConvs):
+    def forward(self, x):
+        r = self.c0(x)
+        return self.c1(r) + r
+
+
+class ResidualViewedBefore(_TwoConvs):
+    """A view taken before the conv and returned: its values must stay the residual's."""
+
+    def forward(self, x):
+        r = self.c0(x)
+        flat = r.flatten(1)
+        return self.c1(x) + r, flat
+
+
+class ResidualFromTheInput(_TwoConvs):
+    def forward(self, x):
+        return self.c1(self.c0(x)) + x
+
+
+@pytest.mark.parametrize("cls, marked", [(ResidualDeadAfter, {"c0"}), (ResidualReadAfter, set()),
+                                         (ResidualIsTheInput, set()), (ResidualViewedBefore, set()),
+                                         (ResidualFromTheInput, set())])
+def test_a_residual_is_reused_only_where_nothing_reads_it_later(cls, marked):
+    """The engine's dense convolutions (every conv kept dense) write in place where marked: a wrong mark would
+    change the outputs, which must stay the model's."""
+    g = torch.Generator().manual_seed(11)
+    model = cls(g).eval()
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x.clone(), min_speedup=1e9, repeats=2)
+    assert isinstance(converted.get_submodule("c1"), sparse_cpu.DenseConv2d)
+    assert _marked(converted) == marked
+    with torch.no_grad():
+        expected = sparse_cpu._output_values(model(x.clone()))
+        for _ in range(2):
+            got = sparse_cpu._output_values(converted(x.clone()))
+            assert len(got) == len(expected)
+            for a, b in zip(got, expected):
+                assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_no_residual_is_reused_around_a_layer_with_a_hook():
+    """A hook could keep the tensor (a feature capture): with one on the layer that makes the residual, on one
+    that reads it, or on the layer itself, the call is not marked."""
+    g = torch.Generator().manual_seed(5)
+    dense = [sparse_cpu.DenseConv2d.from_dense(_sparse_conv(g)) for _ in range(3)]
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c0, self.c1, self.c2 = dense
+
+        def forward(self, x):
+            r = self.c0(x)
+            return self.c2(self.c1(r), r)
+
+    class Leaves(fx.Tracer):
+        def is_leaf_module(self, module, name):
+            return isinstance(module, sparse_cpu.DenseConv2d) or super().is_leaf_module(module, name)
+
+    for hooked in (None, "c0", "c1", "c2"):
+        root = Block()
+        graph_module = fx.GraphModule(root, Leaves().trace(root))
+        handle = None
+        if hooked is not None:
+            handle = graph_module.get_submodule(hooked).register_forward_hook(lambda module, args, out: None)
+        reused = fusion.mark_reusable_residuals(graph_module, (sparse_cpu.DenseConv2d,),
+                                                sparse_cpu._FRESH_OUTPUT_LAYERS)
+        assert reused == (["c2"] if hooked is None else []), hooked
+        if handle is not None:
+            handle.remove()

@@ -354,3 +354,34 @@ def fuse_epilogues(graph_module: fx.GraphModule, fusable: type[nn.Module] | tupl
     graph_module.recompile()
     return fused
 
+
+def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn.Module], ...],
+                            fresh: tuple[type[nn.Module], ...]) -> list[str]:
+    """Lets each fused layer of a ``reusing`` class that is the last reader of its residual write its output into
+    the residual (its call gets ``residual_reusable=True``); returns those layers' names. Only where that cannot
+    be seen: the residual comes from a call to a ``fresh`` module (one returning a new tensor, never a view of
+    another: the engine's convolutions and poolings); every reader of it is such a call too, or this layer,
+    coming before it in the graph (a view made of the residual could be read after the write); the residual is
+    not also the layer's input; and no layer involved has a hook, which could keep the tensor. Run after the
+    other rewrites, on the final order."""
+    order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
+    marked = []
+    for node in graph_module.graph.nodes:
+        layer = _module(graph_module, node)
+        if not isinstance(layer, reusing) or len(node.args) != 2 or node.kwargs or module_hooks(layer):
+            continue
+        residual = node.args[1]
+        if residual is node.args[0]:  # the layer reads its input while it writes
+            continue
+        producer = _module(graph_module, residual) if isinstance(residual, fx.Node) else None
+        if not isinstance(producer, fresh) or module_hooks(producer):
+            continue
+        readers = [user for user in residual.users if user is not node]
+        if all(isinstance(_module(graph_module, user), fresh) and not module_hooks(_module(graph_module, user))
+               and order[user] < order[node] and residual not in user.args[1:] for user in readers):
+            node.kwargs = {"residual_reusable": True}
+            marked.append(node.target)
+    graph_module.graph.lint()
+    graph_module.recompile()
+    return marked
+

@@ -712,8 +712,11 @@ class DenseConv2d(_FusedActivation, nn.Module):
                 # the residual later, or into the channels_last copy just made of it: no output to allocate,
                 # and one tensor read where the out-of-place call reads two. ResNet-50 at 50% kept, batch 1,
                 # every conv dense (16 of its 53 calls add into their residual), 2 threads, Intel Xeon
-                # (AVX-512), 2026-12-04: per-call ratio out of place / in place 1.017 (p20-p80 1.00-1.03, 60
-                # interleaved calls each), 30.25 -> 30.10 ms; a 64 -> 256 1x1 conv at 56x56 alone 0.37 -> 0.34 ms.
+                # (AVX-512), 2026-12-04, per-call ratios out of place / in place (p20-p80; the networks and
+                # ONNX Runtime taking turns in rotating order): batch 1 1.029x (1.013-1.037x, 60 calls each),
+                # 29.85 -> 28.95 ms; batch 32 1.075x (1.058-1.092x, 12 calls), 829 -> 765 ms (the large
+                # residuals are no longer copied into a buffer first). A 64 -> 256 1x1 conv at 56x56, batch 1,
+                # alone: 0.37 -> 0.34 ms.
                 torch.ops.mkldnn._convolution_pointwise_.binary(accumulator, x, packed, bias, *args, "add", 1.0,
                                                                 None, [], None)
                 return accumulator

@@ -7,6 +7,9 @@
   use is ``+ residual`` and/or an activation (ReLU, SiLU, ReLU6, Hardswish, Sigmoid, Hardsigmoid) computes them
   in its output loop (``SparseConv2d(x, residual)`` with ``activation="relu"``) instead of two more passes over
   the activation.
+* ``mark_reusable_residuals``: a fused call that is the last reader of its residual (a tensor one of the engine's
+  layers made, no view of it read later, no hook involved) gets ``residual_reusable=True``, and a DenseConv2d then
+  adds the convolution into the residual in place instead of writing a new tensor.
 
 Why (ResNet-18 at 224, batch 1, 10% kept, 2 threads, torch profiler): of 12.9 ms per image the
 unfused engine spent 1.8 ms in batch norm, 0.2 ms in ReLU and 0.16 ms in residual adds.

@@ -533,3 +533,36 @@ def test_a_layer_pickled_before_the_short_path_still_runs():
     x = torch.randn(1, 3, 8, 8).contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         assert torch.equal(old(x), layer(x)) and torch.equal(old(x), layer(x))
+
+
+def test_the_short_path_follows_a_new_geometry_or_weight():
+    """After padding, stride or the weight is set anew, a call goes through the checks again (an outside review's
+    case: a residual of the old output's shape was accepted and the output was wrong)."""
+    layer = sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    old_residual = torch.randn(1, 4, 8, 8).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x), layer(x, old_residual)
+        layer.padding = (2, 2)
+        expected = nn.functional.conv2d(x, layer.weight, layer.bias, 1, 2)
+        assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="does not broadcast"):
+            layer(x, old_residual)
+        layer.weight = torch.randn(6, 4, 3, 3)
+        layer.bias = torch.randn(6)
+        assert_close(layer(x), nn.functional.conv2d(x, layer.weight, layer.bias, 1, 2), rtol=1e-5, atol=1e-5)
+        layer.weight = torch.randn(6, 5, 3, 3)
+        with pytest.raises(ValueError, match="input has 4 channels"):
+            layer(x)
+
+
+def test_a_residual_sharing_memory_with_an_nchw_input_is_not_written():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    whole = torch.randn(2, 4, 6, 6).contiguous(memory_format=torch.channels_last)
+    kept = whole.clone()
+    x = whole.transpose(2, 3)  # NCHW strides over the residual's memory: copied before the call
+    with torch.no_grad():
+        out = layer(x, whole, residual_reusable=True)
+    assert torch.equal(whole, kept)
+    assert_close(out, conv(kept.transpose(2, 3)) + kept, rtol=1e-5, atol=1e-5)

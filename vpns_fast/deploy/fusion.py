@@ -8,8 +8,8 @@
   in its output loop (``SparseConv2d(x, residual)`` with ``activation="relu"``) instead of two more passes over
   the activation.
 * ``mark_reusable_residuals``: a fused call that is the last reader of its residual (a tensor one of the engine's
-  layers made, no view of it read later, no hook involved) gets ``residual_reusable=True``, and a DenseConv2d then
-  adds the convolution into the residual in place instead of writing a new tensor.
+  layers made, no view of it read later, no hook involved) may let a DenseConv2d add the convolution into the
+  residual in place instead of writing a new tensor (``residual_reusable``, checked on every run for hooks).
 
 Why (ResNet-18 at 224, batch 1, 10% kept, 2 threads, torch profiler): of 12.9 ms per image the
 unfused engine spent 1.8 ms in batch norm, 0.2 ms in ReLU and 0.16 ms in residual adds.
@@ -34,6 +34,8 @@ from collections import Counter
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
+from torch.fx import _symbolic_trace
+from torch.nn.modules import module as module_globals
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from vpns_fast.errors import exception_reason
@@ -358,18 +360,41 @@ def fuse_epilogues(graph_module: fx.GraphModule, fusable: type[nn.Module] | tupl
     return fused
 
 
+# torch.fx tracing now (symbolic_trace) or torch.compile / torch.export; is_fx_tracing itself logs a warning.
+_fx_symbolic_tracing = getattr(_symbolic_trace, "is_fx_symbolic_tracing", None) or _symbolic_trace.is_fx_tracing
+
+
+def _tracing() -> bool:
+    return _fx_symbolic_tracing() or torch.compiler.is_compiling()
+
+
+def residual_reuse_allowed(*modules: nn.Module) -> bool:
+    """Whether a call marked by :func:`mark_reusable_residuals` may write into its residual now: not while a hook
+    is registered on one of ``modules`` (the layer that made the residual, the layers that read it, the layer
+    itself) or on every module (``torch.nn.modules.module.register_module_forward_hook``), since a hook may keep
+    the tensor; and not while torch.fx traces the graph again (``create_feature_extractor``, or unpickling, which
+    re-traces): the new graph would keep the answer as a constant although it may read the residual later (a
+    feature it returns). The marked graph calls it on every run, so hooks added after conversion are seen."""
+    if _tracing() or (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                           or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
+                   for m in modules)
+
+
 def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn.Module], ...],
                             fresh: tuple[type[nn.Module], ...]) -> list[str]:
     """Lets each fused layer of a ``reusing`` class that is the last reader of its residual write its output into
-    the residual (its call gets ``residual_reusable=True``); returns those layers' names. Only where that cannot
-    be seen: the residual comes from a call to a ``fresh`` module (one returning a new tensor, never a view of
-    another: the engine's convolutions and poolings); every reader of it is such a call too, or this layer,
-    coming before it in the graph (a view made of the residual could be read after the write); the residual is
-    not also the layer's input; and no layer involved has a hook, which could keep the tensor. Run after the
-    other rewrites, on the final order."""
+    the residual: its call gets ``residual_reusable=residual_reuse_allowed(<the layers involved>)``, which the
+    graph evaluates on every run (see :func:`residual_reuse_allowed`); returns those layers' names. Only where
+    the write cannot be seen: the residual comes from a call to a ``fresh`` module (one returning a new tensor,
+    never a view of another: the engine's convolutions and poolings); every reader of it is such a call too, or
+    this layer, coming before it in the graph (a view made of the residual could be read after the write); the
+    residual is not also the layer's input; and no layer involved has a hook now. Run after the other rewrites,
+    on the final order."""
     order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
     marked = []
-    for node in graph_module.graph.nodes:
+    for node in list(graph_module.graph.nodes):
         layer = _module(graph_module, node)
         if not isinstance(layer, reusing) or len(node.args) != 2 or node.kwargs or module_hooks(layer):
             continue
@@ -381,10 +406,14 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
             continue
         readers = [user for user in residual.users if user is not node]
         if all(isinstance(_module(graph_module, user), fresh) and not module_hooks(_module(graph_module, user))
-               and order[user] < order[node] and residual not in user.args[1:] for user in readers):
-            node.kwargs = {"residual_reusable": True}
+               and order[user] < order[node] for user in readers):
+            with graph_module.graph.inserting_before(node):
+                involved = [graph_module.graph.get_attr(target)
+                            for target in dict.fromkeys([residual.target, *(user.target for user in readers),
+                                                         node.target])]
+                allowed = graph_module.graph.call_function(residual_reuse_allowed, tuple(involved))
+            node.kwargs = {"residual_reusable": allowed}
             marked.append(node.target)
     graph_module.graph.lint()
     graph_module.recompile()
     return marked
-

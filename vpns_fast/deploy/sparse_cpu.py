@@ -568,7 +568,8 @@ class DenseConv2d(_FusedActivation, nn.Module):
             bias = None if bias is None else _check_dense_weight(bias, "DenseConv2d bias").clone()
             self.register_buffer("bias", bias)
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._small_output_shapes: dict[torch.Size, tuple[int, ...]] = {}
+        # input shape -> (weight, stride, padding, dilation, groups, output shape): see _output_shape
+        self._small_output_shapes: dict[torch.Size, tuple] = {}
 
     @classmethod
     def from_dense(cls, conv: nn.Conv2d) -> DenseConv2d:
@@ -604,7 +605,9 @@ class DenseConv2d(_FusedActivation, nn.Module):
         # a new tensor at a freed one's address; the version catches in-place edits (inference tensors have
         # none: only their identity is checked); the input's shape, since oneDNN's layout depends on it
         version = -1 if weight.is_inference() else weight._version
-        key = tuple(input_shape)
+        # (and the geometry: the reordered layout depends on it too, and an attribute set anew must not meet a stale
+        # weight)
+        key = (tuple(input_shape), self.stride, self.padding, self.dilation, self.groups)
         cache = self._packed  # one read: another thread may replace it meanwhile
         entry = cache.get(key)
         if entry is not None and entry[0] is weight and entry[2] == version:
@@ -661,9 +664,13 @@ class DenseConv2d(_FusedActivation, nn.Module):
         if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous(
                 memory_format=torch.channels_last) or x.dim() != 4:
             return None
-        output_shape = self._small_output_shapes.get(x.shape)
-        if output_shape is None:
+        known = self._small_output_shapes.get(x.shape)
+        # the shape was checked for this very weight tensor and geometry (identity: a weight or padding set anew
+        # since goes through the checks again)
+        if (known is None or known[0] is not self._buffers["weight"] or known[1] is not self.stride
+                or known[2] is not self.padding or known[3] is not self.dilation or known[4] != self.groups):
             return None
+        output_shape = known[5]
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
             return None
         packed = self._packed_weight(x.shape)
@@ -692,7 +699,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
             # the shapes the fast path may take: checked here once (channels, size); a new dict, never one
             # changed in place, as another thread may be reading it; at most 8 kept
             known = dict(list(self._small_output_shapes.items())[-7:])
-            known[x.shape] = shape
+            known[x.shape] = (self._buffers["weight"], self.stride, self.padding, self.dilation, self.groups, shape)
             self._small_output_shapes = known
         return shape
 
@@ -704,12 +711,13 @@ class DenseConv2d(_FusedActivation, nn.Module):
             # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
             out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
             return out if residual is None else out + residual
+        given = x
         x = _channels_last_activation(x)
         packed = self._packed_weight(x.shape)
         args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if residual is not None:
             accumulator = _channels_last_activation(residual)
-            if accumulator is not residual or (residual_reusable and _writable(residual, x)):
+            if accumulator is not residual or (residual_reusable and _writable(residual, given)):
                 # oneDNN adds the convolution into the residual in place (its "sum" post-op) where nothing reads
                 # the residual later, or into the channels_last copy just made of it: no output to allocate,
                 # and one tensor read where the out-of-place call reads two. ResNet-50 at 50% kept, batch 1,

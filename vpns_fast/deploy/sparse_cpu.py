@@ -19,7 +19,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion
@@ -1158,11 +1158,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         raise RuntimeError(f"convert_for_cpu: the converted model does not compute what the model does ({problem}); "
                            "refusing to convert")
     if graph_module is not None and problem is None:
-        try:
-            epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input.clone())
-            reused = fusion.mark_reusable_residuals(graph_module, (SparseConv2d, DenseConv2d), _FRESH_OUTPUT_LAYERS)
-        except Exception as exc:  # shape propagation or the rewrite failed: convert without the rewrite
-            problem = exception_reason(exc, 160)
+        epilogues, reused, problem = _fused_epilogues(graph_module, example_input)
         for row in table:
             row["fused"] += epilogues.get(row["name"], [])
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
@@ -1185,6 +1181,17 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        residuals_reusable=len(reused), network=network_note, layout=layout_note)
     return converted, table
+
+
+def _fused_epilogues(graph_module: fx.GraphModule, example_input: torch.Tensor) -> tuple[dict, list, str | None]:
+    """``(epilogues fused, layers marked to reuse their residual, None)`` after the epilogue rewrites of
+    ``graph_module`` (in place), or ``({}, [], why)`` when shape propagation or a rewrite failed."""
+    try:
+        epilogues = fusion.fuse_epilogues(graph_module, (SparseConv2d, DenseConv2d), example_input.clone())
+        return epilogues, fusion.mark_reusable_residuals(graph_module, (SparseConv2d, DenseConv2d),
+                                                         _FRESH_OUTPUT_LAYERS), None
+    except Exception as exc:  # shape propagation or the rewrite failed: convert without the rewrite
+        return {}, [], exception_reason(exc, 160)
 
 
 def _reference_output(model: nn.Module, example_input: torch.Tensor):

@@ -942,3 +942,29 @@ def test_the_all_dense_variant_of_a_grouped_sparse_conv_is_grouped():
         assert torch.equal(dense.weight, model.get_submodule(name).weight.detach())
     with torch.no_grad():
         assert_close(variant(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_a_sparse_layer_follows_a_new_geometry_and_old_pickles_still_run():
+    """Padding, stride or dilation set anew after a call: the offsets and the output's shape are computed again
+    (the offsets were once kept per input size only, and the layer computed with the old padding's)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = sparse_cpu.SparseConv2d.from_dense(conv)
+    x = torch.randn(1, 4, 8, 8)
+    old_residual = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        layer(x), layer(x, old_residual)
+        for stride, padding, dilation in [(1, 2, 1), (2, 2, 1), (1, 2, 2)]:
+            layer.stride, layer.padding, layer.dilation = (stride,) * 2, (padding,) * 2, (dilation,) * 2
+            expected = F.conv2d(x, conv.weight, conv.bias, stride, padding, dilation)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            residual = torch.randn(expected.shape)
+            torch.testing.assert_close(layer(x, residual), expected + residual, rtol=1e-5, atol=1e-5)
+            if expected.shape != old_residual.shape:
+                with pytest.raises(ValueError, match="does not broadcast"):
+                    layer(x, old_residual)
+        state = layer.__getstate__()
+        del state["_output_shapes"]
+        old = sparse_cpu.SparseConv2d.__new__(sparse_cpu.SparseConv2d)
+        old.__setstate__(state)
+        torch.testing.assert_close(old(x, residual), expected + residual, rtol=1e-5, atol=1e-5)

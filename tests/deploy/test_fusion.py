@@ -721,7 +721,7 @@ def test_a_graph_traced_again_from_the_converted_one_does_not_overwrite_what_it_
     x = torch.randn(2, 3, 64, 64)
     converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
     extractor = create_feature_extractor(converted, {"layer1.0.conv2": "feature", "fc": "out"},
-                                         tracer_kwargs={"leaf_modules": [sparse_cpu.DenseConv2d]})
+                                         tracer_kwargs={"leaf_modules": list(sparse_cpu.ENGINE_LAYERS)})
     with torch.no_grad():
         got = extractor(x.clone())
         expected = model.layer1[0](model.maxpool(model.relu(model.bn1(model.conv1(x)))))

@@ -902,6 +902,11 @@ class SeparableMaxPool2d(nn.Module):
 # of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals).
 _FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, SeparableMaxPool2d, nn.MaxPool2d)
 
+# The layers the engine puts into a network. They are not torch.nn classes, so torch.fx traces into them unless told
+# not to: to trace a converted network again (torchvision's create_feature_extractor), pass them as leaf modules
+# (``tracer_kwargs={"leaf_modules": list(ENGINE_LAYERS)}``).
+ENGINE_LAYERS = (SparseConv2d, DenseConv2d, SparseLinear, SeparableMaxPool2d)
+
 
 def _unsupported_reason(module: nn.Module) -> str | None:
     """Why a Conv2d/Linear cannot be converted, or None when it can."""

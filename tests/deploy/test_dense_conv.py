@@ -566,3 +566,41 @@ def test_a_residual_sharing_memory_with_an_nchw_input_is_not_written():
         out = layer(x, whole, residual_reusable=True)
     assert torch.equal(whole, kept)
     assert_close(out, conv(kept.transpose(2, 3)) + kept, rtol=1e-5, atol=1e-5)
+
+
+def test_a_replaced_weight_is_not_kept_and_refresh_forgets_shapes():
+    """An outside review's cases: the short path's shape cache kept every replaced weight alive (and pickled
+    it), and after ``weight.data`` took another shape ``refresh()`` left a stale shape, so a clear ValueError
+    became oneDNN's error."""
+    import gc
+    import weakref
+
+    layer = sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1))
+    x = torch.randn(1, 8, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x), layer(x)
+        old = weakref.ref(layer.weight)
+        size = len(pickle.dumps(layer))
+        layer.load_state_dict(sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(8, 8, 3, padding=1)).state_dict(),
+                              assign=True)
+        layer(x), layer(x[..., :4, :4])
+        gc.collect()
+        assert old() is None and len(pickle.dumps(layer)) <= size + 1024
+        layer.weight.data = torch.randn(8, 4, 3, 3)
+        layer.refresh()
+        with pytest.raises(ValueError, match="input has 8 channels"):
+            layer(x)
+
+
+@pytest.mark.parametrize("dense", [True, False])
+def test_geometry_given_as_lists_still_runs(dense):
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    layer = (sparse_cpu.DenseConv2d if dense else sparse_cpu.SparseConv2d).from_dense(conv)
+    x = torch.randn(1, 4, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        layer(x)
+        layer.padding = [2, 2]
+        for _ in range(2):
+            assert_close(layer(x), nn.functional.conv2d(x, conv.weight, conv.bias, 1, 2), rtol=1e-5, atol=1e-5)
+        layer.padding[0] = 0  # changed in place: a cache keyed on the list's identity would not see it
+        assert_close(layer(x), nn.functional.conv2d(x, conv.weight, conv.bias, 1, (0, 2)), rtol=1e-5, atol=1e-5)

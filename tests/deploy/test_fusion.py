@@ -728,3 +728,65 @@ def test_a_graph_traced_again_from_the_converted_one_does_not_overwrite_what_it_
         assert_close(got["feature"], expected, rtol=1e-4, atol=1e-4)
         assert_close(got["out"], model(x), rtol=1e-4, atol=1e-4)
         assert_close(pickle.loads(pickle.dumps(converted))(x.clone()), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_residual_someone_else_holds_is_not_overwritten():
+    """An outside review's cases: an ``fx.Interpreter`` that records every layer's output, and a wrapper swapped
+    in after conversion that keeps its input. Each recorded tensor must stay the value it was."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(2, 3, 64, 64)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    expected = model.layer1[0](model.maxpool(model.relu(model.bn1(model.conv1(x)))))
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            if node.op == "call_module":
+                self.seen[node.target] = out
+            return out
+
+    recorder = Recorder(converted)
+    recorder.seen = {}
+    with torch.no_grad():
+        out = recorder.run(x.clone())
+    assert_close(recorder.seen["layer1.0.conv2"], expected, rtol=1e-4, atol=1e-4)
+    assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+    class Keep(nn.Module):
+        def __init__(self, layer):
+            super().__init__()
+            self.layer, self.kept = layer, None
+
+        def forward(self, x, *args, **kwargs):
+            self.kept = x
+            return self.layer(x, *args, **kwargs)
+
+    converted.set_submodule("layer1.1.conv1", Keep(converted.get_submodule("layer1.1.conv1")))
+    with torch.no_grad():
+        out = converted(x.clone())
+    assert_close(converted.get_submodule("layer1.1.conv1").kept, expected, rtol=1e-4, atol=1e-4)
+    assert_close(out, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_residual_reuse_allowed_counts_who_holds_the_tensor():
+    """Called as the marked graph calls it: the residual a local variable, passed positionally (a call through
+    ``*args`` would hold it once more in the argument tuple)."""
+    first, second = [sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(2, 2, 1)) for _ in range(2)]
+    fusion._REUSE_SAFE_TYPES.add(sparse_cpu.DenseConv2d)
+
+    def alone():
+        residual = torch.zeros(1, 2, 2, 2)
+        return fusion.residual_reuse_allowed(residual, first, second)
+
+    def kept():
+        residual = torch.zeros(1, 2, 2, 2)
+        holder = [residual]
+        return fusion.residual_reuse_allowed(residual, first, second), holder
+
+    assert alone() and not kept()[0]
+    handle = first.register_forward_hook(lambda *args: None)
+    assert not alone()
+    handle.remove()
+    assert alone() and not fusion.residual_reuse_allowed(torch.zeros(1), nn.Conv2d(1, 1, 1))

@@ -28,6 +28,7 @@ import copy
 import functools
 import operator
 import re
+import sys
 import threading
 from collections import Counter
 
@@ -368,18 +369,40 @@ def _tracing() -> bool:
     return _fx_symbolic_tracing() or torch.compiler.is_compiling()
 
 
-def residual_reuse_allowed(*modules: nn.Module) -> bool:
-    """Whether a call marked by :func:`mark_reusable_residuals` may write into its residual now: not while a hook
-    is registered on one of ``modules`` (the layer that made the residual, the layers that read it, the layer
-    itself) or on every module (``torch.nn.modules.module.register_module_forward_hook``), since a hook may keep
-    the tensor; and not while torch.fx traces the graph again (``create_feature_extractor``, or unpickling, which
-    re-traces): the new graph would keep the answer as a constant although it may read the residual later (a
-    feature it returns). The marked graph calls it on every run, so hooks added after conversion are seen."""
-    if _tracing() or (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
-                           or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+def _references_seen(value) -> int:
+    return sys.getrefcount(value)
+
+
+def _references_of_a_sole_local() -> int:
+    value = object()  # held by this frame's local only, as the marked graph's code holds a residual
+    return _references_seen(value)
+
+
+# What sys.getrefcount reports, one call down, for an object nothing but its caller's local variable holds (3 on
+# CPython 3.11); measured rather than assumed, as interpreters count arguments differently.
+_SOLE_LOCAL_REFERENCES = _references_of_a_sole_local()
+# The module classes a marked call may involve (the engine's own, registered by mark_reusable_residuals): a module
+# swapped in since (a wrapper that keeps its input) turns the reuse off.
+_REUSE_SAFE_TYPES: set[type] = set()
+
+
+def residual_reuse_allowed(residual: torch.Tensor, *modules: nn.Module) -> bool:
+    """Whether a call marked by :func:`mark_reusable_residuals` may write into ``residual`` now. Not when anything
+    but the marked graph's own variable holds the tensor (an ``fx.Interpreter`` recording values, a wrapper or a
+    hook keeping it: its reference count says so); not while a hook is registered on one of ``modules`` (the layer
+    that made the residual, the layers that read it, the layer itself) or on every module
+    (``torch.nn.modules.module.register_module_forward_hook``), since a hook may keep a view of it; not when one of
+    them is no longer a class of the engine's (a module swapped in since); and not while torch.fx traces the graph
+    again (``create_feature_extractor``, or unpickling, which re-traces): the new graph would keep the answer as a
+    constant although it may read the residual later (a feature it returns). The marked graph calls it on every
+    run, with the residual as its own local variable."""
+    if _references_seen(residual) > _SOLE_LOCAL_REFERENCES + 1:  # + 1: this function's own parameter
         return False
-    return not any(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks
-                   for m in modules)
+    if _tracing() or (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                      or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
+        return False
+    return all(type(m) in _REUSE_SAFE_TYPES and not (m._forward_hooks or m._forward_pre_hooks or m._backward_hooks
+                                                     or m._backward_pre_hooks) for m in modules)
 
 
 def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn.Module], ...],
@@ -392,6 +415,7 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
     this layer, coming before it in the graph (a view made of the residual could be read after the write); the
     residual is not also the layer's input; and no layer involved has a hook now. Run after the other rewrites,
     on the final order."""
+    _REUSE_SAFE_TYPES.update(reusing + fresh)
     order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
     marked = []
     for node in list(graph_module.graph.nodes):
@@ -411,7 +435,7 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
                 involved = [graph_module.graph.get_attr(target)
                             for target in dict.fromkeys([residual.target, *(user.target for user in readers),
                                                          node.target])]
-                allowed = graph_module.graph.call_function(residual_reuse_allowed, tuple(involved))
+                allowed = graph_module.graph.call_function(residual_reuse_allowed, (residual, *involved))
             node.kwargs = {"residual_reusable": allowed}
             marked.append(node.target)
     graph_module.graph.lint()

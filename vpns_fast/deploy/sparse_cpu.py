@@ -15,6 +15,7 @@ import io
 import math
 import time
 import warnings
+import weakref
 from collections.abc import Callable
 
 import torch
@@ -190,6 +191,20 @@ def _checked_conv_input(x: torch.Tensor, residual: torch.Tensor | None,
 def _needs_gradient(x: torch.Tensor, residual: torch.Tensor | None = None) -> bool:
     """Whether autograd must see the layer: the C++ kernels and oneDNN's call have no backward formula."""
     return torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad))
+
+
+def _hashable_geometry(layer: nn.Module) -> tuple:
+    """A layer's ``(stride, padding, dilation, groups)`` for a cache key: lists (set by a caller) as tuples."""
+    stride, padding, dilation = layer.stride, layer.padding, layer.dilation
+    if type(stride) is tuple and type(padding) is tuple and type(dilation) is tuple:  # as the layers set them
+        return stride, padding, dilation, layer.groups
+    return tuple(stride), tuple(padding), tuple(dilation), layer.groups
+
+
+def _tuple_geometry(layer: nn.Module) -> bool:
+    """Whether stride, padding and dilation are tuples: only then may a cache check them by identity (a list set
+    by a caller can change in place)."""
+    return type(layer.stride) is tuple and type(layer.padding) is tuple and type(layer.dilation) is tuple
 
 
 def _writable(residual: torch.Tensor, x: torch.Tensor) -> bool:
@@ -430,7 +445,7 @@ class SparseConv2d(_FusedActivation, nn.Module):
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
         # different mask with the same number of nonzeros, whose offsets differ
         key = (height, width, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
-               tap_index._version, self.stride, self.padding, self.dilation)  # an attribute set anew: new offsets
+               tap_index._version, *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
         cached = cache.get(key)
         if cached is None:
@@ -481,6 +496,8 @@ class SparseConv2d(_FusedActivation, nn.Module):
                 and known[2] is self.padding and known[3] is self.dilation):
             return known[4]
         shape = _conv_output_shape(x, self.weight_shape, self.stride, self.padding, self.dilation)
+        if not _tuple_geometry(self):
+            return shape
         kept = dict(list(self._output_shapes.items())[-7:])  # a new dict: another thread may be reading the old
         kept[x.shape] = (self.weight_shape, self.stride, self.padding, self.dilation, shape)
         self._output_shapes = kept
@@ -615,8 +632,9 @@ class DenseConv2d(_FusedActivation, nn.Module):
 
     def refresh(self) -> None:
         """Forgets the reordered copies of the weight (they are made again on the next call): needed after
-        writes to ``weight`` that autograd's version counter does not see."""
+        writes to ``weight`` that autograd's version counter does not see (its shape too: ``weight.data = ...``)."""
         self._packed = {}
+        self._small_output_shapes = {}
 
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         weight = self._buffers["weight"]
@@ -626,7 +644,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
         version = -1 if weight.is_inference() else weight._version
         # (and the geometry: the reordered layout depends on it too, and an attribute set anew must not meet a stale
         # weight)
-        key = (tuple(input_shape), self.stride, self.padding, self.dilation, self.groups)
+        key = (tuple(input_shape), *_hashable_geometry(self))
         cache = self._packed  # one read: another thread may replace it meanwhile
         entry = cache.get(key)
         if entry is not None and entry[0] is weight and entry[2] == version:
@@ -685,8 +703,8 @@ class DenseConv2d(_FusedActivation, nn.Module):
             return None
         known = self._small_output_shapes.get(x.shape)
         # the shape was checked for this very weight tensor and geometry (identity: a weight or padding set anew
-        # since goes through the checks again)
-        if (known is None or known[0] is not self._buffers["weight"] or known[1] is not self.stride
+        # since goes through the checks again; the weight by weak reference, so a replaced one is not kept alive)
+        if (known is None or known[0]() is not self._buffers["weight"] or known[1] is not self.stride
                 or known[2] is not self.padding or known[3] is not self.dilation or known[4] != self.groups):
             return None
         output_shape = known[5]
@@ -714,11 +732,16 @@ class DenseConv2d(_FusedActivation, nn.Module):
         if min(shape[2:]) < 1:
             raise ValueError(f"DenseConv2d: input of size {tuple(x.shape[2:])} is smaller than the "
                              f"(dilated) kernel with padding {self.padding}")
-        if x.dim() == 4 and math.prod(shape) * 4 <= FRESH_PAGES_BYTES:
+        weight = self._buffers["weight"]
+        entry = self._small_output_shapes.get(x.shape)
+        if (x.dim() == 4 and math.prod(shape) * 4 <= FRESH_PAGES_BYTES and _tuple_geometry(self) and not (
+                entry is not None and entry[0]() is weight and entry[1:] == (self.stride, self.padding, self.dilation,
+                                                                             self.groups, shape))):
             # the shapes the fast path may take: checked here once (channels, size); a new dict, never one
-            # changed in place, as another thread may be reading it; at most 8 kept
-            known = dict(list(self._small_output_shapes.items())[-7:])
-            known[x.shape] = (self._buffers["weight"], self.stride, self.padding, self.dilation, self.groups, shape)
+            # changed in place, as another thread may be reading it; at most 8 kept, none of another weight
+            known = {key: value for key, value in list(self._small_output_shapes.items())[-7:]
+                     if value[0]() is weight and key != x.shape}
+            known[x.shape] = (weakref.ref(weight), self.stride, self.padding, self.dilation, self.groups, shape)
             self._small_output_shapes = known
         return shape
 
@@ -779,6 +802,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_packed"] = {}  # oneDNN's opaque tensor can be neither pickled nor copied: rebuilt on first use
+        state["_small_output_shapes"] = {}  # weak references: not picklable, and refilled on the first calls
         return state
 
     def __setstate__(self, state):

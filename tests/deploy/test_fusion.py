@@ -559,7 +559,7 @@ def _marked(converted: nn.Module) -> set[str]:
 @pytest.mark.parametrize("layers", ["sparse", "dense"])
 def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
     """In a ResNet every block's second conv is the last reader of its residual (the stem's pooling, the
-    downsample conv or the previous block's output): each call is marked, and the outputs stay the model's."""
+    downsample conv or the previous block's output): each dense call is marked, and the outputs stay the model's."""
     model = pruned_resnet18(0.5)
     x = torch.randn(2, 3, 64, 64)
     summary = {}
@@ -567,8 +567,13 @@ def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
     converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, **kwargs)
     kind = sparse_cpu.SparseConv2d if layers == "sparse" else sparse_cpu.DenseConv2d
     assert all(isinstance(converted.get_submodule(f"layer{i}.{j}.conv2"), kind) for i in range(1, 5) for j in (0, 1))
-    assert _marked(converted) == {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)}
-    assert summary["residuals_reusable"] == 8 and "8 of them may add into their residual" in summary["fusion"]
+    if layers == "sparse":  # the sparse kernel always writes a new tensor: no call is marked, no check is paid
+        assert _marked(converted) == set() and summary["residuals_reusable"] == 0
+        assert not any(node.op == "get_attr" for node in converted.graph.nodes)
+    else:
+        assert _marked(converted) == {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)}
+        assert summary["residuals_reusable"] == 8
+        assert "8 of them dense convolutions that may add into their residual" in summary["fusion"]
     with torch.no_grad():
         expected = model(x)
         for _ in range(2):
@@ -790,3 +795,18 @@ def test_residual_reuse_allowed_counts_who_holds_the_tensor():
     assert not alone()
     handle.remove()
     assert alone() and not fusion.residual_reuse_allowed(torch.zeros(1), nn.Conv2d(1, 1, 1))
+
+
+def test_unmarking_restores_the_plain_graph():
+    torch.manual_seed(0)
+    model = _ReluBlock().eval()
+    x = torch.randn(2, 3, 16, 16)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    assert _marked(converted) == {"c2"}
+    fusion.unmark_reusable_residuals(converted)
+    assert _marked(converted) == set()
+    assert all(node.op in ("placeholder", "call_module", "call_function", "call_method", "output")
+               and node.target is not fusion.residual_reuse_allowed for node in converted.graph.nodes)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
+

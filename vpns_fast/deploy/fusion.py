@@ -441,3 +441,21 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
     graph_module.graph.lint()
     graph_module.recompile()
     return marked
+
+
+def unmark_reusable_residuals(graph_module: fx.GraphModule) -> None:
+    """Undoes :func:`mark_reusable_residuals`: the calls lose ``residual_reusable`` and the checks go."""
+    graph = graph_module.graph
+    for node in list(graph.nodes):
+        if "residual_reusable" in node.kwargs:
+            node.kwargs = {key: value for key, value in node.kwargs.items() if key != "residual_reusable"}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is residual_reuse_allowed and not node.users:
+            graph.erase_node(node)
+    modules = dict(graph_module.named_modules())
+    for node in list(graph.nodes):
+        if node.op == "get_attr" and not node.users and node.target in modules:  # the checks' module arguments
+            graph.erase_node(node)
+    graph.lint()
+    graph_module.recompile()
+

@@ -15,7 +15,6 @@ import io
 import math
 import time
 import warnings
-import weakref
 from collections.abc import Callable
 
 import torch
@@ -201,10 +200,20 @@ def _hashable_geometry(layer: nn.Module) -> tuple:
     return tuple(stride), tuple(padding), tuple(dilation), layer.groups
 
 
-def _tuple_geometry(layer: nn.Module) -> bool:
-    """Whether stride, padding and dilation are tuples: only then may a cache check them by identity (a list set
-    by a caller can change in place)."""
-    return type(layer.stride) is tuple and type(layer.padding) is tuple and type(layer.dilation) is tuple
+def _known_output_shape(cache: dict, x: torch.Tensor, geometry: tuple) -> tuple[int, ...] | None:
+    """The output shape ``cache`` holds for ``x``'s shape when it was computed for ``geometry`` (the layer's weight
+    shape and :func:`_hashable_geometry`, compared by value: an attribute set anew, or a list changed in place,
+    does not match), else None."""
+    entry = cache.get(x.shape)
+    return entry[1] if entry is not None and entry[0] == geometry else None
+
+
+def _with_output_shape(cache: dict, x: torch.Tensor, geometry: tuple, shape: tuple[int, ...]) -> dict:
+    """A new dict (another thread may be reading ``cache``): ``cache``'s 7 most recent entries of this geometry
+    and ``x``'s shape -> ``shape``."""
+    kept = {key: entry for key, entry in list(cache.items())[-7:] if entry[0] == geometry and key != x.shape}
+    kept[x.shape] = (geometry, shape)
+    return kept
 
 
 def _writable(residual: torch.Tensor, x: torch.Tensor) -> bool:
@@ -264,6 +273,8 @@ def _activated(out: torch.Tensor, activation: str | None) -> torch.Tensor:
     """``activation`` applied to ``out`` by torch, in place unless autograd records ``out``."""
     if activation is None:
         return out
+    if activation == "relu" and not out.requires_grad:
+        return out.relu_()  # F.relu's wrapper costs 1-2 us more a call; NaN stays NaN either way
     return _TORCH_ACTIVATIONS[activation](out, inplace=not out.requires_grad)
 
 
@@ -486,21 +497,16 @@ class SparseConv2d(_FusedActivation, nn.Module):
         return self._run(x, residual, self.activation)
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
-        """The output's shape for a 4-d ``x``, kept per input shape with the geometry it was computed for (an
-        attribute set anew computes it again). A call with a residual on a tiny input (64 -> 64 1x1, 2x2 px,
-        medians of 5000, 2026-12-04) took 11.1 us, 9.6 us with this cache and 8.7 us once ``_checked_input`` read
-        ``is_cpu`` rather than ``device``; the kernel's call alone 4.5-5.0 us. ResNet-50 makes 16 such calls an
+        """The output's shape for a 4-d ``x``, kept per input shape with the geometry it was computed for
+        (:func:`_known_output_shape`). A call with a residual on a tiny input (64 -> 64 1x1, 2x2 px,
+        medians of 5000, 2026-12-04) took 11.1 us, 8.7-9.6 us with this cache and ``_checked_input`` reading ``is_cpu``
+        rather than ``device``; the kernel's call alone 4.5-5.0 us. ResNet-50 makes 16 such calls an
         image."""
-        known = self._output_shapes.get(x.shape)
-        if (known is not None and known[0] is self.weight_shape and known[1] is self.stride
-                and known[2] is self.padding and known[3] is self.dilation):
-            return known[4]
-        shape = _conv_output_shape(x, self.weight_shape, self.stride, self.padding, self.dilation)
-        if not _tuple_geometry(self):
-            return shape
-        kept = dict(list(self._output_shapes.items())[-7:])  # a new dict: another thread may be reading the old
-        kept[x.shape] = (self.weight_shape, self.stride, self.padding, self.dilation, shape)
-        self._output_shapes = kept
+        geometry = (self.weight_shape, *_hashable_geometry(self))
+        shape = _known_output_shape(self._output_shapes, x, geometry)
+        if shape is None:
+            shape = _conv_output_shape(x, self.weight_shape, self.stride, self.padding, self.dilation)
+            self._output_shapes = _with_output_shape(self._output_shapes, x, geometry, shape)
         return shape
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
@@ -604,7 +610,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
             bias = None if bias is None else _check_dense_weight(bias, "DenseConv2d bias").clone()
             self.register_buffer("bias", bias)
         self._packed: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-        # input shape -> (weight, stride, padding, dilation, groups, output shape): see _output_shape
+        # input shape -> (geometry, output shape) for outputs under FRESH_PAGES_BYTES: see _output_shape
         self._small_output_shapes: dict[torch.Size, tuple] = {}
 
     @classmethod
@@ -692,39 +698,28 @@ class DenseConv2d(_FusedActivation, nn.Module):
         """The call as the engine makes it between its own layers, with as little Python as it needs, or None
         for any other (then ``forward`` checks and handles it): a 4-d float32 channels_last CPU input of a
         shape met before whose output is under FRESH_PAGES_BYTES, no residual or a channels_last one of the
-        output's shape, no gradient needed. The same oneDNN calls as ``_convolution``. Why: oneDNN's call costs
-        about 29 us even on a 2x2 input, and the general path added 10 us of Python to it, 4-5 us on this one
+        output's shape, no gradient needed. oneDNN through ``_onednn``, as ``_convolution``. Why: oneDNN's call costs
+        about 29 us even on a 2x2 input, and the general path added 10 us of Python to it, 4-6 us this one
         (64 -> 64 1x1 on a 2x2 input with a residual, medians of 3000 calls: 39.1 and 33.6 us, oneDNN's call
-        alone 28.8 us). On whole networks at 50% kept, every conv dense, batch 1 (2 threads, Intel Xeon with
+        alone 28.8 us; 4.1 and 5.5 us without and with a residual after the checks added since). On whole
+        networks at 50% kept, every conv dense, batch 1 (2 threads, Intel Xeon with
         AVX-512, 2026-12-04, 60 interleaved calls each): ResNet-50 31.25 -> 29.77 ms (per-call ratio 1.050,
         p20-p80 1.041-1.065), ResNet-18 12.25 -> 11.99 ms."""
-        if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous(
+        if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous(
                 memory_format=torch.channels_last) or x.dim() != 4:
             return None
-        known = self._small_output_shapes.get(x.shape)
-        # the shape was checked for this very weight tensor and geometry (identity: a weight or padding set anew
-        # since goes through the checks again; the weight by weak reference, so a replaced one is not kept alive)
-        if (known is None or known[0]() is not self._buffers["weight"] or known[1] is not self.stride
-                or known[2] is not self.padding or known[3] is not self.dilation or known[4] != self.groups):
+        output_shape = _known_output_shape(self._small_output_shapes, x, self._geometry())
+        if output_shape is None:  # not checked for this shape, weight shape and geometry yet
             return None
-        output_shape = known[5]
         if torch.is_grad_enabled() and (x.requires_grad or (residual is not None and residual.requires_grad)):
             return None
-        packed = self._packed_weight(x.shape)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
-        if residual is None:
-            out = torch.ops.mkldnn._convolution_pointwise(x, packed, self._buffers["bias"], *args, "none", [], "")
-        elif (residual.dtype != torch.float32 or residual.device.type != "cpu" or residual.shape != output_shape
-              or not residual.is_contiguous(memory_format=torch.channels_last)):
+        if residual is not None and (residual.dtype != torch.float32 or not residual.is_cpu
+                                     or residual.shape != output_shape
+                                     or not residual.is_contiguous(memory_format=torch.channels_last)):
             return None
-        elif residual_reusable and _writable(residual, x):
-            out = torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, packed, self._buffers["bias"], *args,
-                                                                  "add", 1.0, None, [], None)
-        else:
-            out = torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, self._buffers["bias"], *args,
-                                                                 "add", None, None, [], "")
-        # torch's in-place ReLU straight away (F.relu's wrapper costs another 1-2 us); NaN stays NaN
-        out = out.relu_() if self._activation == "relu" else _activated(out, self._activation)
+        out = self._onednn(x, self._packed_weight(x.shape), residual,
+                           residual is not None and residual_reusable and _writable(residual, x))
+        out = _activated(out, self._activation)
         return out.contiguous() if self.contiguous_output else out
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -732,18 +727,30 @@ class DenseConv2d(_FusedActivation, nn.Module):
         if min(shape[2:]) < 1:
             raise ValueError(f"DenseConv2d: input of size {tuple(x.shape[2:])} is smaller than the "
                              f"(dilated) kernel with padding {self.padding}")
-        weight = self._buffers["weight"]
-        entry = self._small_output_shapes.get(x.shape)
-        if (x.dim() == 4 and math.prod(shape) * 4 <= FRESH_PAGES_BYTES and _tuple_geometry(self) and not (
-                entry is not None and entry[0]() is weight and entry[1:] == (self.stride, self.padding, self.dilation,
-                                                                             self.groups, shape))):
-            # the shapes the fast path may take: checked here once (channels, size); a new dict, never one
-            # changed in place, as another thread may be reading it; at most 8 kept, none of another weight
-            known = {key: value for key, value in list(self._small_output_shapes.items())[-7:]
-                     if value[0]() is weight and key != x.shape}
-            known[x.shape] = (weakref.ref(weight), self.stride, self.padding, self.dilation, self.groups, shape)
-            self._small_output_shapes = known
+        if x.dim() == 4 and math.prod(shape) * 4 <= FRESH_PAGES_BYTES:
+            # the shapes the short path may take, checked here (channels, size) for this geometry
+            geometry = self._geometry()
+            if _known_output_shape(self._small_output_shapes, x, geometry) != shape:
+                self._small_output_shapes = _with_output_shape(self._small_output_shapes, x, geometry, shape)
         return shape
+
+    def _geometry(self) -> tuple:
+        """What the checked output shapes depend on: the weight's shape and :func:`_hashable_geometry`."""
+        return (self._buffers["weight"].shape, *_hashable_geometry(self))
+
+    def _onednn(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None,
+                into_residual: bool) -> torch.Tensor:
+        """oneDNN's ``conv(x) + bias (+ residual)`` on channels_last ``x``: added into ``residual`` in place and
+        returned (its "sum" post-op) when ``into_residual``, else a new tensor."""
+        bias = self._buffers["bias"]
+        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
+        if residual is None:
+            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
+        if into_residual:
+            return torch.ops.mkldnn._convolution_pointwise_.binary(residual, x, packed, bias, *args, "add", 1.0, None,
+                                                                   [], None)
+        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, None, [],
+                                                              "")
 
     def _convolution(self, x: torch.Tensor, residual: torch.Tensor | None, output_shape: tuple[int, ...],
                      residual_reusable: bool) -> torch.Tensor:
@@ -756,7 +763,6 @@ class DenseConv2d(_FusedActivation, nn.Module):
         given = x
         x = _channels_last_activation(x)
         packed = self._packed_weight(x.shape)
-        args = (list(self.padding), list(self.stride), list(self.dilation), self.groups)
         if residual is not None:
             accumulator = _channels_last_activation(residual)
             if accumulator is not residual or (residual_reusable and _writable(residual, given)):
@@ -769,9 +775,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
                 # 29.85 -> 28.95 ms; batch 32 1.075x (1.058-1.092x, 12 calls), 829 -> 765 ms (the large
                 # residuals are no longer copied into a buffer first). A 64 -> 256 1x1 conv at 56x56, batch 1,
                 # alone: 0.37 -> 0.34 ms.
-                torch.ops.mkldnn._convolution_pointwise_.binary(accumulator, x, packed, bias, *args, "add", 1.0,
-                                                                None, [], None)
-                return accumulator
+                return self._onednn(x, packed, accumulator, True)
         if math.prod(output_shape) * 4 > FRESH_PAGES_BYTES and available()[0]:
             # An output this large would be mapped afresh by malloc and faulted in page by page on every
             # call: it comes from the engine's cache of touched buffers instead, holding the residual
@@ -785,12 +789,8 @@ class DenseConv2d(_FusedActivation, nn.Module):
                 out.zero_()
             else:
                 out.copy_(residual)
-            torch.ops.mkldnn._convolution_pointwise_.binary(out, x, packed, bias, *args, "add", 1.0, None, [], None)
-            return out
-        if residual is None:
-            return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, *args, "none", [], "")
-        return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, None, [],
-                                                              "")
+            return self._onednn(x, packed, out, True)
+        return self._onednn(x, packed, residual, False)
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kernel_h, kernel_w = self.weight.shape
@@ -802,7 +802,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
     def __getstate__(self):
         state = self.__dict__.copy()
         state["_packed"] = {}  # oneDNN's opaque tensor can be neither pickled nor copied: rebuilt on first use
-        state["_small_output_shapes"] = {}  # weak references: not picklable, and refilled on the first calls
+        state["_small_output_shapes"] = {}  # refilled on the first calls
         return state
 
     def __setstate__(self, state):
@@ -1148,7 +1148,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     checked end to end against the model on ``example_input`` (max |error| <= 1e-3 (1 + max |output|)).
     ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded``,
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
-    get ``residual_reusable=True``: a DenseConv2d adds into that residual in place; see
+    get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
     :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`).
     """
     if policy not in POLICIES:
@@ -1246,7 +1246,8 @@ def _with_reused_residuals(network: nn.Module, example_input: torch.Tensor, refe
     """Marks the chosen network's DenseConv2d calls that may add into their residual in place
     (:func:`fusion.mark_reusable_residuals`) and returns their names; unmarks them again (returning []) if the
     network then no longer reproduces ``reference``. Done last, on the network kept: only DenseConv2d writes in
-    place, and a mark costs a check on every run (4-5 us), which sparse layers would pay for nothing (ResNet-50 at
+    place, and a mark costs a check on every run (5.8 us a marked call in ResNet-50's graph with the layers' own
+    work taken out), which sparse layers would pay for nothing (ResNet-50 at
     10% kept, batch 1, every sparse call marked: 1.017x slower, 2026-12-04)."""
     if not isinstance(network, fx.GraphModule):
         return []

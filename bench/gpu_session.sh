@@ -9,11 +9,14 @@
 # pure-python test dependencies (and safetensors' abi3 wheel) for CPython 3.12 in .gpu_deps/, which
 # the device call must carry. Everything lands in $OUT (the device tool's folder), else out/gpu:
 # tests.log + tests.xml, cuda.jsonl (bench rows), conv_dispatch.json (the tuned table), *.log.
-# Each stage runs under `timeout $STAGE_SECONDS` (default 540 s), so a slow stage still returns what
-# it measured (bench rows are appended per measurement point); the script exits 1 when any stage
-# failed or timed out.
+# Each stage runs under `timeout $STAGE_SECONDS` (default 540 s; stage `first` gives each part its
+# own share), so a slow stage still returns what it measured (bench rows are appended per
+# measurement point); the script exits 1 when any stage failed or timed out. The tests run on
+# pytest-xdist workers when it is installed (Triton compiles in each worker: TEST_WORKERS, default 8).
 #
 # Stages, in the order a first GPU session should run them:
+#   first    - one device call of at most 8 minutes: env, tests (180 s), threshold + prompt (90 s),
+#              the stage-1 step at B=256 and slim (130 s), ResNet-18 convs bf16 B=256 untuned (80 s)
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -62,7 +65,11 @@ EOF
 }
 
 stage_tests() {  # one igemm config (no autotuning per test shape); the compile-only check is CI's
-    VPNS_FAST_IGEMM_AUTOTUNE=0 run tests "$PY" -m pytest -q -p no:cacheprovider --junitxml="$OUT/tests.xml" \
+    local parallel=()
+    "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    "$PY" -c 'import pytest_timeout' 2> /dev/null && parallel+=(--timeout 150)
+    VPNS_FAST_IGEMM_AUTOTUNE=0 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
+        --junitxml="$OUT/tests.xml" \
         tests/kernels/test_triton_prompt.py tests/kernels/test_triton_threshold.py tests/kernels/test_triton_masked.py \
         tests/kernels/test_triton_masked_conv.py tests/nn/test_mask_batching.py tests/ops/test_conv_dispatch.py \
         tests/ops/test_ops_prompt.py tests/ops/test_ops_threshold.py tests/ops/test_ops_masked.py tests/ops/test_backends.py
@@ -90,6 +97,18 @@ stage_step() {
     run step "$PY" -m bench train_step slim --device cuda --no-compile --out "$ROWS"
 }
 
+stage_first() {  # the first session's one call: what the project lacks most, in order of need
+    stage_env
+    STAGE_SECONDS=180 stage_tests
+    STAGE_SECONDS=90 run kernels "$PY" -m bench threshold prompt --device cuda --no-compile --repeats 50 \
+        --out "$ROWS"
+    STAGE_SECONDS=130 run step "$PY" -m bench train_step slim --device cuda --no-compile --repeats 20 \
+        --match 'B=256 224px|channel_density' --out "$ROWS"
+    # ResNet-18's convs in bf16 at B=256 with one igemm config (no autotuning: it compiles ~10 per shape)
+    VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=80 run conv "$PY" -m bench conv --device cuda --no-compile \
+        --repeats 20 --dtype bf16 --match '^resnet18 .*x=\[256,.*unstructured$' --out "$ROWS"
+}
+
 stage_compiled() {
     run compiled "$PY" -m bench prompt masked slim --device cuda --out "$ROWS"
 }
@@ -100,7 +119,7 @@ if [ $# -eq 0 ]; then
 fi
 for stage in "$@"; do
     if ! declare -F "stage_$stage" > /dev/null; then
-        echo "unknown stage $stage (env tests kernels tune conv conv_all step compiled)" >&2
+        echo "unknown stage $stage (first env tests kernels tune conv conv_all step compiled)" >&2
         exit 2
     fi
     "stage_$stage"

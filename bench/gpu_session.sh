@@ -17,6 +17,8 @@
 # Stages, in the order a first GPU session should run them:
 #   first    - one device call of at most 8 minutes: env, tests (180 s), threshold + prompt (90 s),
 #              the stage-1 step at B=256 and slim (130 s), ResNet-18 convs bf16 B=256 untuned (80 s)
+#   recheck  - a second call of about 6 minutes: the tests fixed after `first`, bench/threshold_radix.py's
+#              schedules, prompt at B=256, threshold with 10 repeats
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -109,6 +111,19 @@ stage_first() {  # the first session's one call: what the project lacks most, in
         --repeats 20 --dtype bf16 --match '^resnet18 .*x=\[256,.*unstructured$' --out "$ROWS"
 }
 
+stage_recheck() {  # a second call after `first`: the fixed tests, the radix schedules, the rows it missed
+    stage_env
+    local parallel=()
+    "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    STAGE_SECONDS=80 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
+        --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py tests/ops/test_ops_threshold.py \
+        tests/ops/test_conv_dispatch.py
+    STAGE_SECONDS=150 run radix "$PY" -m bench.threshold_radix --out "$OUT/threshold_radix.jsonl"
+    STAGE_SECONDS=50 run kernels "$PY" -m bench prompt --device cuda --no-compile --repeats 50 --match 'B=256' \
+        --out "$ROWS"
+    STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
+}
+
 stage_compiled() {
     run compiled "$PY" -m bench prompt masked slim --device cuda --out "$ROWS"
 }
@@ -119,7 +134,7 @@ if [ $# -eq 0 ]; then
 fi
 for stage in "$@"; do
     if ! declare -F "stage_$stage" > /dev/null; then
-        echo "unknown stage $stage (first env tests kernels tune conv conv_all step compiled)" >&2
+        echo "unknown stage $stage (first recheck env tests kernels tune conv conv_all step compiled)" >&2
         exit 2
     fi
     "stage_$stage"

@@ -58,8 +58,14 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 #   2048 bins (older Triton lowers it with warp ballots, newer with shared-memory atomics), and
 #   whether compacting the candidates after pass 1 beats re-reading all scores in later passes.
 
+import inspect
+
 from vpns_fast.kernels._library import custom_op
-from vpns_fast.kernels._triton import tl, triton
+from vpns_fast.kernels._triton import HAS_TRITON, tl, triton
+
+# tl.histogram's `mask` (newer Triton): keys outside the prefix are left out rather than counted
+# into bin 0 and subtracted, which also spares bin 0 the contention of nearly every key.
+_MASKED_HISTOGRAM = HAS_TRITON and "mask" in inspect.signature(tl.histogram).parameters
 
 # (shift, width) of each digit, most significant first, per score dtype; and the band shift S.
 _RADIX_PASSES = {
@@ -69,7 +75,7 @@ _RADIX_PASSES = {
     torch.float64: ((52, 11), (41, 11), (30, 11), (20, 10), (10, 10), (0, 10)),
 }
 _BAND_SHIFT = {torch.float32: 10, torch.float16: 0, torch.bfloat16: 0, torch.float64: 41}
-_BAND_WIDTH = 11  # 2048 bins in the warm-start band
+_BAND_WIDTH = {torch.float32: 11, torch.float16: 11, torch.bfloat16: 11, torch.float64: 11}  # log2 band bins
 _BLOCK = 4096  # scores per program of a histogram pass
 # State buffer (int64): [0] resolved key prefix, [1] rank left inside it (1-based), [2] keys
 # below the band (warm start), [3] band hit flag (1: cold passes at or above the band shift
@@ -100,7 +106,7 @@ def _band_base(hint_ptr, BAND_SHIFT: tl.constexpr, BAND_BINS: tl.constexpr):
 def _topk_threshold_hist_kernel(
     ptr_table, numel_table, block_table, first_scores, state, hist, hint_ptr,
     SHIFT: tl.constexpr, WIDTH: tl.constexpr, BAND: tl.constexpr, SKIPPABLE: tl.constexpr,
-    FIRST: tl.constexpr, BLOCK: tl.constexpr,
+    FIRST: tl.constexpr, BLOCK: tl.constexpr, MASKED_HISTOGRAM: tl.constexpr,
 ):
     """Histogram of one digit over one block of one score tensor, added into ``hist``.
 
@@ -109,6 +115,9 @@ def _topk_threshold_hist_kernel(
     ``(key >> SHIFT) & (2**WIDTH - 1)`` of the keys whose ``key >> (SHIFT + WIDTH)`` equals the
     resolved prefix (all keys when FIRST). SKIPPABLE passes do nothing after a band hit.
     """
+    if SKIPPABLE:
+        if tl.load(state + 3) != 0:  # the band resolved this digit: no work, not even the histogram
+            return
     pid = tl.program_id(0)
     t = tl.load(block_table + 2 * pid)
     start = tl.load(block_table + 2 * pid + 1)
@@ -116,8 +125,6 @@ def _topk_threshold_hist_kernel(
     scores = tl.load(ptr_table + t).to(tl.pointer_type(first_scores.dtype.element_ty))
     offs = start + tl.arange(0, BLOCK)
     valid = offs < numel
-    if SKIPPABLE:
-        valid = valid & (tl.load(state + 3) == 0)
     x = tl.load(scores + offs, mask=valid, other=0.0)
     # _magnitude_key(x), inlined: every nested jit call costs milliseconds under the interpreter.
     if x.dtype == tl.float64:
@@ -139,10 +146,12 @@ def _topk_threshold_hist_kernel(
         if not FIRST:
             prefix = tl.load(state + 0).to(key.dtype)
             counted = counted & ((high >> WIDTH) == prefix)
-    # Keys outside the prefix or the band are histogrammed in bin 0 and taken out again.
-    bins = tl.histogram(tl.where(counted, digit, 0).to(tl.int32), 1 << WIDTH)
-    n_out = tl.sum((~counted).to(tl.int32), axis=0)
-    bins = bins - tl.where(tl.arange(0, 1 << WIDTH) == 0, n_out, 0)
+    if MASKED_HISTOGRAM:
+        bins = tl.histogram(tl.where(counted, digit, 0).to(tl.int32), 1 << WIDTH, mask=counted)
+    else:  # Triton without histogram masks: keys outside go to bin 0 and are taken out again
+        bins = tl.histogram(tl.where(counted, digit, 0).to(tl.int32), 1 << WIDTH)
+        n_out = tl.sum((~counted).to(tl.int32), axis=0)
+        bins = bins - tl.where(tl.arange(0, 1 << WIDTH) == 0, n_out, 0)
     # Relaxed: the counts are read only by the next launch, which kernel boundaries order; the
     # default acq_rel adds fences per atomic (sm_90 PTX: atom.global.gpu.acq_rel vs .relaxed).
     tl.atomic_add(hist + tl.arange(0, 1 << WIDTH), bins.to(tl.int64), mask=bins > 0, sem="relaxed")
@@ -271,7 +280,7 @@ def topk_threshold_fwd(tensors: Sequence[torch.Tensor], k: int, hint=None) -> to
     steps = []  # (shift, width, band, skippable)
     if hint is not None:
         hint = torch.as_tensor(hint).detach().to(device=device, dtype=dtype).reshape(1)
-        steps.append((band_shift, _BAND_WIDTH, True, False))
+        steps.append((band_shift, _BAND_WIDTH[dtype], True, False))
     for shift, width in passes:
         steps.append((shift, width, False, hint is not None and shift >= band_shift))
     offsets, total = [], 0
@@ -289,7 +298,7 @@ def topk_threshold_fwd(tensors: Sequence[torch.Tensor], k: int, hint=None) -> to
         _topk_threshold_hist_kernel[grid](
             ptr_table, numel_table, block_table, tensors[0], state, hist, hint_arg,
             SHIFT=shift, WIDTH=width, BAND=band, SKIPPABLE=skippable, FIRST=first, BLOCK=_BLOCK,
-            num_warps=8,
+            MASKED_HISTOGRAM=_MASKED_HISTOGRAM, num_warps=8,
         )
         _topk_threshold_select_kernel[(1,)](
             hist, state, hint_arg, out, k,

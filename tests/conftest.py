@@ -27,3 +27,13 @@ def cuda_or_skip():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     return torch.device("cuda")
+
+
+@pytest.fixture
+def ieee_fp32():
+    """float32 convolutions at float32 precision: no TF32 (cuDNN's default for convs on CUDA,
+    which the Triton conv follows; it only exists there)."""
+    previous = torch.backends.cudnn.conv.fp32_precision
+    torch.backends.cudnn.conv.fp32_precision = "ieee"
+    yield
+    torch.backends.cudnn.conv.fp32_precision = previous

@@ -32,7 +32,8 @@ from vpns_fast.kernels._triton import triton
 from vpns_fast.kernels.masked import masked_conv2d_ref
 from vpns_fast.nn.masked_layers import score_shape
 
-pytestmark = requires_triton
+# float32 tests compare at float32 precision (conftest's ieee_fp32: no TF32)
+pytestmark = [requires_triton, pytest.mark.usefixtures("ieee_fp32")]
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 GRANULARITIES = ("unstructured", "kernel", "channel")
@@ -40,13 +41,6 @@ EXACT = dict(rtol=0, atol=0)
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-@pytest.fixture(autouse=True)
-def _ieee_fp32():
-    """float32 tests compare at float32 precision: no TF32 (it only exists on CUDA)."""
-    previous = torch.backends.cudnn.conv.fp32_precision
-    torch.backends.cudnn.conv.fp32_precision = "ieee"
-    yield
-    torch.backends.cudnn.conv.fp32_precision = previous
 
 
 def random_scores(shape, dtype):

@@ -18,7 +18,7 @@
 #   first    - one device call of at most 8 minutes: env, tests (180 s), threshold + prompt (90 s),
 #              the stage-1 step at B=256 and slim (130 s), ResNet-18 convs bf16 B=256 untuned (80 s)
 #   recheck  - a second call of about 6 minutes: the tests fixed after `first`, bench/threshold_radix.py's
-#              schedules, prompt at B=256, threshold with 10 repeats
+#              schedules, prompt at B=256, the bf16 channels_last step at B=256, threshold with 10 repeats
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -115,12 +115,14 @@ stage_recheck() {  # a second call after `first`: the fixed tests, the radix sch
     stage_env
     local parallel=()
     "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
-    STAGE_SECONDS=80 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
+    VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=70 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
         --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py tests/ops/test_ops_threshold.py \
         tests/ops/test_conv_dispatch.py
-    STAGE_SECONDS=150 run radix "$PY" -m bench.threshold_radix --out "$OUT/threshold_radix.jsonl"
+    STAGE_SECONDS=130 run radix "$PY" -m bench.threshold_radix --out "$OUT/threshold_radix.jsonl"
     STAGE_SECONDS=50 run kernels "$PY" -m bench prompt --device cuda --no-compile --repeats 50 --match 'B=256' \
         --out "$ROWS"
+    STAGE_SECONDS=40 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 --dtype bf16 \
+        --match 'B=256 224px pad=16 channels_last' --out "$ROWS"
     STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
 }
 

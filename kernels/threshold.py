@@ -31,32 +31,43 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 #   (tensor index, start offset); program b of a pass reads block b of its tensor through
 #   ``tl.load(ptr_table + t).to(tl.pointer_type(dtype))`` (the cast Triton's grouped-GEMM
 #   tutorial uses; checked to work under TRITON_INTERPRET=1 too). Blocks never straddle tensors.
-# * Passes. Digits of the key from the top, (shift, width): fp32 31-bit keys in 11/10/10 bits
-#   (3 passes), fp16/bf16 15-bit keys in 7/8 (2 passes), fp64 63-bit keys in 11/11/11/10/10/10.
+# * Passes. Digits of the key from the top, (shift, width): fp32 31-bit keys in 8/8/8/7 bits
+#   (4 passes), fp16/bf16 15-bit keys in 7/8 (2 passes), fp64 63-bit keys in 11/11/11/10/10/10.
 #   Each pass histograms the digit of the keys whose higher bits equal the prefix resolved so
-#   far: a per-program ``tl.histogram`` of the block (elements outside the prefix go to bin 0 and
-#   are subtracted again, so no histogram ``mask`` argument is needed), then one integer
+#   far: a per-program ``tl.histogram`` of the block (keys outside the prefix left out by its
+#   ``mask`` where Triton has one, else counted into bin 0 and subtracted again), then one integer
 #   ``atomic_add`` per non-empty bin into a global int64 histogram. Integer atomics are
 #   order-independent, so the result is deterministic.
+#   Why 8-bit digits: ``tl.histogram`` costs grow with the bins (Triton lowers it with one warp
+#   ballot per bit of the bin index and a popcount per bin a thread owns), far more than a pass
+#   over the scores costs in bandwidth. On an H200 (Triton 3.6, bench/threshold_radix.py, CUDA
+#   events, 5 rounds): fp32 ResNet-18 scores (11.7M) 0.26-0.29 ms in 4 passes of 256 bins
+#   against 0.75-0.77 ms in 3 passes of 2048/1024/1024, ResNet-50 (25.5M) 0.44-0.46 against
+#   1.61-1.66 ms; 5-bit digits (6 passes) 0.41-0.44 / 0.51 ms. fp16/bf16 7/8 measured level with
+#   8/7 and ahead of 5/5/5 (0.20-0.21 against 0.27 ms).
 # * Between passes a one-program select kernel does cumsum over the histogram, finds the bin
 #   holding rank k, and writes the new prefix and the rank left inside that bin to a small int64
 #   state buffer on the device. The next pass reads the prefix from there: nothing ever comes
 #   back to the host, there is no .item() and no synchronisation; the last select kernel writes
 #   the threshold, bit-cast to the score dtype, into the 0-dim output. One call is one memset
 #   (histograms + state in one zeroed workspace) and two launches per pass.
-# * Warm start (``hint``). A band pass histograms 2048 bins of width 2**S centred on the hint's
-#   key (fp32: S = 10, a band of 2**21 ulps, a quarter of a binade; fp16/bf16: S = 0, 2048 single
-#   keys, i.e. the threshold exactly; fp64: S = 41) and counts the keys below the band. If rank k
+# * Warm start (``hint``). A band pass histograms 256 bins of width 2**S centred on the hint's
+#   key (fp32: S = 7, a band of 2**15 ulps, +-0.2% of the value; fp16/bf16: S = 0, 256 single
+#   keys, +-1 binade; fp64: 2048 bins, S = 41) and counts the keys below the band. If rank k
 #   falls inside the band, the band resolves ``key >> S`` in one pass and the cold passes whose
-#   digits lie at or above S see a "skip" flag in the state and do no work (every load masked
-#   off); otherwise they run as in a cold start. Either way the remaining passes finish the
-#   select, so the result is exact for any hint (inf, NaN, negative, far off). The fallback is
-#   decided on the device too: a missed hint costs one extra pass, never a host round trip.
-#   fp32 warm: 2 data passes instead of 3; fp16/bf16: 1 instead of 2.
-# * When to pass a hint is the backend's warm-start policy (vpns_fast/ops/warm_start.py).
-# * Open performance questions on the GPU: BLOCK / num_warps, the cost of ``tl.histogram`` with
-#   2048 bins (older Triton lowers it with warp ballots, newer with shared-memory atomics), and
-#   whether compacting the candidates after pass 1 beats re-reading all scores in later passes.
+#   digits lie at or above S see a "skip" flag in the state and return at once; otherwise they
+#   run as in a cold start. Either way the remaining passes finish the select, so the result is
+#   exact for any hint (inf, NaN, negative, far off). The fallback is decided on the device too:
+#   a missed hint costs one extra pass, never a host round trip. fp32 warm: 2 data passes
+#   instead of 4; fp16/bf16: 1 instead of 2. Measured on the H200 it does not pay: ResNet-18
+#   fp32 0.25-0.37 ms warm against 0.26-0.29 cold, bf16 0.27-0.28 against 0.21 (the skipped
+#   passes still launch, and launches dominate: ResNet-18's 21 per-layer selects, 9 launches each,
+#   take 6-7 ms, about 30 us a launch), so the ``triton`` backend selects cold; the hint stays
+#   for callers that pass one.
+# * Open performance questions on the GPU: BLOCK / num_warps; fusing each select kernel into the
+#   next pass's programs (halves the launches, which now cost about as much as the passes); one
+#   launch per pass for all layers of a layer-scope threshold (today each layer is its own
+#   select: 6-7 ms for ResNet-18's 21 layers on the H200, where a per-layer sort takes 1.8 ms).
 
 import inspect
 
@@ -69,13 +80,13 @@ _MASKED_HISTOGRAM = HAS_TRITON and "mask" in inspect.signature(tl.histogram).par
 
 # (shift, width) of each digit, most significant first, per score dtype; and the band shift S.
 _RADIX_PASSES = {
-    torch.float32: ((20, 11), (10, 10), (0, 10)),
+    torch.float32: ((23, 8), (15, 8), (7, 8), (0, 7)),
     torch.float16: ((8, 7), (0, 8)),
     torch.bfloat16: ((8, 7), (0, 8)),
     torch.float64: ((52, 11), (41, 11), (30, 11), (20, 10), (10, 10), (0, 10)),
 }
-_BAND_SHIFT = {torch.float32: 10, torch.float16: 0, torch.bfloat16: 0, torch.float64: 41}
-_BAND_WIDTH = {torch.float32: 11, torch.float16: 11, torch.bfloat16: 11, torch.float64: 11}  # log2 band bins
+_BAND_SHIFT = {torch.float32: 7, torch.float16: 0, torch.bfloat16: 0, torch.float64: 41}
+_BAND_WIDTH = {torch.float32: 8, torch.float16: 8, torch.bfloat16: 8, torch.float64: 11}  # log2 band bins
 _BLOCK = 4096  # scores per program of a histogram pass
 # State buffer (int64): [0] resolved key prefix, [1] rank left inside it (1-based), [2] keys
 # below the band (warm start), [3] band hit flag (1: cold passes at or above the band shift

@@ -6,11 +6,6 @@ Baselines:
 * ``topk``       - ``torch.topk(..., sorted=False)`` on the smaller side of the k-th element;
 * ``hydra_sort`` - HYDRA's per-layer ``sort`` of ``|s|`` then indexing (layer scope only).
 All return the k-th smallest magnitude exactly, so outputs are compared with ``torch.equal``.
-
-The backends warm-start their radix select from the threshold they last computed for the same
-tensors (``vpns_fast/ops/warm_start.py``). The timed calls repeat on unchanged scores, so a
-backend's own row is its warm path at its best (the hint is the answer); ``<backend>_cold`` rows
-time the same select with the warm start off, as the first step of a run computes it.
 """
 from __future__ import annotations
 
@@ -22,8 +17,6 @@ from bench.cases.common import Candidate, Config, VerificationError, Workload, b
 from bench.registry import SCORE_MODELS, score_shapes
 from bench.timing import input_copy_count
 from vpns_fast import ops
-from vpns_fast.ops import backends
-from vpns_fast.ops.warm_start import WarmStartThreshold
 
 NAME = "threshold"
 OP_NAME = "topk_threshold"
@@ -123,26 +116,8 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
                 return ops.topk_threshold(scores, DENSITY, scope)
         return run
 
-    def cold_backend_run(backend):
-        def run(scores):
-            with ops.use_backend(backend):
-                warm_start = backends.resolve(OP_NAME, device_type)[1]
-                warm_start.enabled = False
-                try:
-                    return ops.topk_threshold(scores, DENSITY, scope)
-                finally:
-                    warm_start.enabled = True
-        return run
-
     baselines = {"release": release_kthvalue, "topk": topk_kth_smallest, "hydra_sort": hydra_sort}
     candidates = [Candidate(name, "baseline", _per_scope(baselines[name], scope)) for name in BASELINES[scope]]
     candidates += backend_candidates(OP_NAME, device_type, backend_run)
-    candidates += [Candidate(f"{c.name}_cold", "backend", cold_backend_run(c.name)) for c in list(candidates)
-                   if c.kind == "backend" and c.run is not None and _warm_started(c.name, device_type)]
     return Workload(config, copies, candidates, list(BASELINES[scope]), compare_exact,
                     bytes_moved=bytes_per_copy, notes={"bytes_moved": "one read of every score"})
-
-
-def _warm_started(backend: str, device_type: str) -> bool:
-    with ops.use_backend(backend):
-        return isinstance(backends.resolve(OP_NAME, device_type)[1], WarmStartThreshold)

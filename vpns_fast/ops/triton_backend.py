@@ -13,11 +13,10 @@ if HAS_TRITON:
     from vpns_fast.kernels.prompt import prompt_normalize_triton
     from vpns_fast.kernels.threshold import topk_threshold_triton
     from vpns_fast.ops.conv_dispatch import masked_conv2d_dispatch
-    from vpns_fast.ops.warm_start import WarmStartThreshold
 
     register("triton", "prompt_normalize", prompt_normalize_triton)
-    # Warm-started by the policy of vpns_fast/ops/warm_start.py (every float dtype, no band check).
-    register("triton", "topk_threshold", WarmStartThreshold(topk_threshold_triton))
+    # Always cold: on an H200 the warm start measured no faster than a cold select (kernels/threshold.py).
+    register("triton", "topk_threshold", topk_threshold_triton)
     # masked_conv2d: per call shape the measured faster of the implicit-GEMM conv and the fused
     # mask kernel + cuDNN (vpns_fast/ops/conv_dispatch.py); cuDNN where nothing was measured.
     register("triton", "masked_conv2d", masked_conv2d_dispatch)

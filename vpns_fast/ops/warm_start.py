@@ -1,4 +1,4 @@
-"""Warm start of the top-k threshold: one policy for the ``triton`` and ``cpp`` backends.
+"""Warm start of the top-k threshold: the policy of the ``cpp`` backend.
 
 Mask search recomputes the threshold after every optimizer step over the same score tensors,
 updated in place, and the threshold moves very little between steps. Both backends' radix
@@ -6,7 +6,7 @@ selects accept a *hint* (a guess of the result): a warm band around it resolves 
 in one pass when the answer falls inside, and the result is exact for any hint, so a hint only
 ever changes speed.
 
-The rule, for both backends: the hint is the threshold last computed for the same score tensors
+The rule: the hint is the threshold last computed for the same score tensors
 (same storage, sizes, dtype and device) and the same ``k``; it is withheld
 
 * for dtypes the backend's kernel does not warm-start (``hinted_dtypes``), and
@@ -16,8 +16,8 @@ The rule, for both backends: the hint is the threshold last computed for the sam
 
   - ``cpp`` (CPU tensors): band 2^-9; a warm hit is about 2-3x faster than a cold select and a miss
     costs about 40% more (ResNet-18 / ResNet-50 score sizes; the timings are in csrc/threshold.cpp's header).
-  - ``triton``: no band check; reading the threshold back would synchronise the GPU every step.
-    A miss costs one pass on the device (kernels/threshold.py).
+  - ``triton``: not warm-started. Its kernel takes a hint, but on an H200 a hinted select
+    measured no faster than a cold one (kernels/threshold.py), so the backend selects cold.
 """
 from __future__ import annotations
 

@@ -97,12 +97,13 @@ def compile_only(arch: int):
 # --------------------------------------------------------------------------- what is compiled
 
 def exercise_threshold():
-    from vpns_fast.kernels.threshold import topk_threshold_fwd
+    from vpns_fast.kernels.threshold import topk_threshold_fwd, topk_thresholds_per_tensor
 
     for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
         scores = [torch.randn(1000, dtype=dtype), torch.randn(37, dtype=dtype)]
         topk_threshold_fwd(scores, 10)
         topk_threshold_fwd(scores, 10, hint=0.5)  # warm start: band pass, skippable passes
+        topk_thresholds_per_tensor(scores, [10, 3])  # layer scope: segmented passes
 
 
 def exercise_masked():

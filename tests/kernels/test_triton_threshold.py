@@ -15,7 +15,11 @@ from vpns_fast.kernels._triton import HAS_TRITON
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 
-from vpns_fast.kernels.threshold import topk_threshold_fwd, topk_threshold_triton  # noqa: E402
+from vpns_fast.kernels.threshold import (  # noqa: E402
+    topk_threshold_fwd,
+    topk_threshold_triton,
+    topk_thresholds_per_tensor,
+)
 from vpns_fast.ops import topk_threshold, use_backend  # noqa: E402
 from vpns_fast.ops.warm_start import WarmStartThreshold  # noqa: E402
 
@@ -119,6 +123,65 @@ def test_public_api_global_and_layer(dtype):
                 assert_same(t_i, kth_magnitude([s], k))
             else:
                 assert t_i.item() == -math.inf
+
+
+# --------------------------------------------------------------------------- one select per tensor
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_per_tensor_selects_equal_each_tensor_alone(dtype, histogram_kind):
+    tensors = [torch.randn(s, device=DEVICE).to(dtype) for s in ODD_SHAPES]
+    tensors.append(torch.randint(-3, 4, (200,), device=DEVICE).to(dtype))  # runs of ties
+    for pick in (lambda n: 1, lambda n: n // 2 + 1, lambda n: n):
+        ks = [pick(s.numel()) for s in tensors]
+        got = topk_thresholds_per_tensor(tensors, ks)
+        assert got.shape == (len(tensors),) and got.dtype == dtype
+        for t, s, k in zip(got, tensors, ks):
+            assert_same(t, kth_magnitude([s], k))
+
+
+def test_per_tensor_select_is_one_launch_per_pass(monkeypatch):
+    """The point of the segmented select: one histogram launch per pass for all tensors, where a
+    select per tensor launches a pass per tensor (launch-bound on a GPU)."""
+    import vpns_fast.kernels.threshold as threshold_module
+
+    hist_kernel = threshold_module._topk_threshold_hist_kernel
+    launches = []
+
+    class Counter:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launches.append(grid)
+                return hist_kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(threshold_module, "_topk_threshold_hist_kernel", Counter())
+    tensors = [torch.randn(n, device=DEVICE) for n in (50, 300, 7, 4097)]
+    with use_backend("triton"):
+        thresholds = topk_threshold(tensors, 0.3, scope="layer")
+    assert len(launches) == len(threshold_module._RADIX_PASSES[torch.float32])
+    for t, s in zip(thresholds, tensors):
+        assert_same(t, kth_magnitude([s], int(0.7 * s.numel())))
+
+
+def test_per_tensor_select_rejects_bad_ks():
+    s = torch.randn(10, device=DEVICE)
+    with pytest.raises(ValueError, match="one k per tensor"):
+        topk_thresholds_per_tensor([s, s], [3])
+    with pytest.raises(ValueError, match=r"ks\[1\] must be an integer in \[1, 4\]"):
+        topk_thresholds_per_tensor([s, s[:4]], [3, 5])
+    with pytest.raises(ValueError, match="dtype and device"):
+        topk_thresholds_per_tensor([s, s.half()], [3, 3])
+
+
+def test_layer_scope_with_a_layer_that_keeps_everything():
+    """k < 1 for a one-element layer at density 0.5: that layer keeps all (-inf), the others are
+    selected exactly (the layers then take a select each)."""
+    tensors = [torch.randn(1, device=DEVICE), torch.randn(31, device=DEVICE), torch.randn(64, device=DEVICE)]
+    with use_backend("triton"):
+        thresholds = topk_threshold(tensors, 0.5, scope="layer")
+    assert thresholds[0].item() == -math.inf
+    for t, s in zip(thresholds[1:], tensors[1:]):
+        assert_same(t, kth_magnitude([s], int(0.5 * s.numel())))
 
 
 def test_custom_op_and_fake():

@@ -24,6 +24,7 @@ from vpns_fast.ops import cpp_backend, triton_backend  # noqa: F401
 from vpns_fast.ops.backends import (
     BACKEND_NAMES,
     BackendError,
+    backend_op,
     backend_report,
     dispatch,
     forced_backend,
@@ -175,7 +176,12 @@ def topk_threshold(scores: torch.Tensor | Sequence[torch.Tensor], density: float
     else:
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     kth_index(density, 1)  # validates density before any work
-    _, impl = resolve("topk_threshold", tensors[0].device.type)
+    backend, impl = resolve("topk_threshold", tensors[0].device.type)
+    per_layer = backend_op(backend, "topk_threshold_layers")
+    if scope == "layer" and per_layer is not None:
+        ks = [kth_index(density, s.numel()) for s in tensors]
+        if min(ks) >= 1:
+            return per_layer(tensors, ks)
     thresholds = []
     for group in groups:
         k = kth_index(density, sum(s.numel() for s in group))

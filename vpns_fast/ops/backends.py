@@ -148,6 +148,12 @@ def resolve(op_name: str, device_type: str) -> tuple[str, Callable]:
     raise BackendError(f"no backend implements {op_name!r} for {device_type} tensors")
 
 
+def backend_op(backend: str, op_name: str) -> Callable | None:
+    """``op_name`` of ``backend`` when it registered one (an optional companion of an op that
+    :func:`resolve` chose this backend for), else None."""
+    return _BACKENDS[backend].ops.get(op_name)
+
+
 def dispatch(op_name: str, device_type: str, *args: Any, **kwargs: Any) -> Any:
     """Call the implementation :func:`resolve` picks with ``args`` and ``kwargs``."""
     return resolve(op_name, device_type)[1](*args, **kwargs)

@@ -310,3 +310,11 @@ def test_a_file_system_without_locks_still_gets_the_table(table_path, monkeypatc
     with pytest.warns(UserWarning, match="no lock .* writing it unlocked"):
         table.save()
     assert cd.DispatchTable(table_path).lookup("dev", "a") == "igemm"
+
+
+def test_default_table_is_per_user_and_follows_home(monkeypatch, tmp_path):
+    """The per-user default path is cached (it is looked up on every conv call), by $HOME."""
+    monkeypatch.delenv("VPNS_FAST_CONV_TABLE")
+    for home in (tmp_path / "a", tmp_path / "b"):
+        monkeypatch.setenv("HOME", str(home))
+        assert cd.default_table_path() == str(home / ".cache" / "vpns_fast" / "conv_dispatch.json")

@@ -19,6 +19,8 @@
 #              the stage-1 step at B=256 and slim (130 s), ResNet-18 convs bf16 B=256 untuned (80 s)
 #   recheck  - a second call of about 6 minutes: the tests fixed after `first`, bench/threshold_radix.py's
 #              schedules, prompt at B=256, the bf16 channels_last step at B=256, threshold with 10 repeats
+#   second   - a later session's 8-minute call: threshold tests and rows after the 8-bit and layer-scope
+#              changes, the step with them, vpns tune + the tuned conv dispatch for ResNet-18 bf16 B=256
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -126,6 +128,22 @@ stage_recheck() {  # a second call after `first`: the fixed tests, the radix sch
     STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
 }
 
+stage_second() {  # a later session's one call: what the first two did not measure (bench/results/GPU.md)
+    stage_env
+    local parallel=()
+    "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
+    VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=70 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE \
+        "${parallel[@]}" --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py \
+        tests/ops/test_ops_threshold.py tests/ops/test_conv_dispatch.py
+    STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
+    STAGE_SECONDS=100 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 \
+        --match 'B=256 224px' --out "$ROWS"
+    STAGE_SECONDS=120 run tune "$PY" -m vpns_fast tune --model resnet18 --batch 256 --amp bf16 --channels-last \
+        --stage all
+    STAGE_SECONDS=90 run conv "$PY" -m bench conv --device cuda --no-compile --repeats 20 --dtype bf16 \
+        --match '^resnet18 .*x=\[256,.*unstructured$' --out "$ROWS"
+}
+
 stage_compiled() {
     run compiled "$PY" -m bench prompt masked slim --device cuda --out "$ROWS"
 }
@@ -136,7 +154,7 @@ if [ $# -eq 0 ]; then
 fi
 for stage in "$@"; do
     if ! declare -F "stage_$stage" > /dev/null; then
-        echo "unknown stage $stage (first recheck env tests kernels tune conv conv_all step compiled)" >&2
+        echo "unknown stage $stage (first recheck second env tests kernels tune conv conv_all step compiled)" >&2
         exit 2
     fi
     "stage_$stage"

@@ -138,7 +138,9 @@ stage_second() {  # a later session's one call: what the first two did not measu
     STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
     STAGE_SECONDS=100 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 \
         --match 'B=256 224px' --out "$ROWS"
-    STAGE_SECONDS=120 run tune "$PY" -m vpns_fast tune --model resnet18 --batch 256 --amp bf16 --channels-last \
+    STAGE_SECONDS=30 run kernels "$PY" -m bench prompt --device cuda --no-compile --repeats 50 \
+        --match 'B=256 .*bf16-out' --out "$ROWS"
+    STAGE_SECONDS=100 run tune "$PY" -m vpns_fast tune --model resnet18 --batch 256 --amp bf16 --channels-last \
         --stage all
     STAGE_SECONDS=90 run conv "$PY" -m bench conv --device cuda --no-compile --repeats 20 --dtype bf16 \
         --match '^resnet18 .*x=\[256,.*unstructured$' --out "$ROWS"

@@ -6,12 +6,14 @@ kind (``tl.histogram``'s mask or bin 0 taken out again) and warm-start band to s
 Each schedule is checked bit for bit against ``torch.kthvalue`` before it is timed, on the score
 sets of the ``threshold`` case (HYDRA-scaled scores of ResNet-18 / ResNet-50, density 0.1):
 global scope cold, global scope warm (the hint is the threshold moved by 0.1%, as one training
-step moves it), and ResNet-18 per layer cold. Times are CUDA-event medians of 5 rounds of 20
+step moves it; 4 ulps in bfloat16), and ResNet-18 per layer: a cold select per layer, and the
+segmented select of all layers at once. Times are CUDA-event medians of 5 rounds of 20
 calls; schedules take turns within each round. Rows are appended per measurement.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
 import json
 import statistics
@@ -22,12 +24,13 @@ import triton
 
 import vpns_fast.kernels.threshold as radix
 from bench.cases.threshold import DENSITY, hydra_scaled_scores
+from bench.environment import git_state
 from bench.registry import score_shapes
 from vpns_fast import ops
 
 # name -> {dtype: (passes, band shift, band width)}; a band must end on a pass boundary.
 SCHEDULES = {
-    "shipped": {torch.float32: (((20, 11), (10, 10), (0, 10)), 10, 11),
+    "wide": {torch.float32: (((20, 11), (10, 10), (0, 10)), 10, 11),
                 torch.bfloat16: (((8, 7), (0, 8)), 0, 11)},
     "8-bit": {torch.float32: (((23, 8), (15, 8), (7, 8), (0, 7)), 7, 8),
               torch.bfloat16: (((8, 7), (0, 8)), 0, 8)},
@@ -42,6 +45,7 @@ def _install(schedule: str, dtype: torch.dtype, masked: bool) -> None:
     radix._BAND_SHIFT[dtype] = band_shift
     radix._BAND_WIDTH[dtype] = band_width
     radix._MASKED_HISTOGRAM = masked
+    radix._check_schedule(dtype)
 
 
 def _repeat(call, times: int) -> None:
@@ -94,6 +98,9 @@ def main() -> int:
     originals = ({d: v for d, v in radix._RADIX_PASSES.items()}, dict(radix._BAND_SHIFT), dict(radix._BAND_WIDTH),
                  radix._MASKED_HISTOGRAM)
     kinds = [False, True] if originals[3] else [False]
+    commit, dirty = git_state()
+    fields = {"torch": torch.__version__, "triton": triton.__version__, "git_commit": commit, "git_dirty": dirty,
+              "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     generator = torch.Generator(device=device).manual_seed(0)
     with open(args.out, "a") as out:
         for dtype in (torch.float32, torch.bfloat16):
@@ -102,7 +109,8 @@ def main() -> int:
                 n = sum(s.numel() for s in scores)
                 k = ops.kth_index(DENSITY, n)
                 expected = torch.kthvalue(torch.cat([s.abs().flatten() for s in scores]), k).values
-                hint = (expected.double() * 1.001).to(dtype)
+                # a hint a training step's move away (0.1%; 4 ulps in bf16, where 0.1% rounds to the answer)
+                hint = (expected.double() * (1.001 if dtype == torch.float32 else 1 + 2**-5)).to(dtype)
                 layer_ks = [ops.kth_index(DENSITY, s.numel()) for s in scores]
                 layer_expected = [torch.kthvalue(s.abs().flatten(), lk).values for s, lk in zip(scores, layer_ks)]
                 calls = {}
@@ -114,8 +122,10 @@ def main() -> int:
                         cold = functools.partial(radix.topk_threshold_fwd, scores, k)
                         warm = functools.partial(radix.topk_threshold_fwd, scores, k, hint)
                         layers = functools.partial(_per_layer, scores, layer_ks)
+                        segmented = radix.topk_thresholds_per_tensor(scores, layer_ks)
                         if not (torch.equal(cold(), expected) and torch.equal(warm(), expected)
-                                and all(torch.equal(a, b) for a, b in zip(layers(), layer_expected))):
+                                and all(torch.equal(a, b) for a, b in zip(layers(), layer_expected))
+                                and torch.equal(segmented, torch.stack(layer_expected))):
                             print(f"{model} {dtype} {label}: NOT EXACT", flush=True)
                             out.write(json.dumps({"case": "threshold_radix", "model": model, "dtype": str(dtype),
                                                   "schedule": label, "status": "error"}) + "\n")
@@ -124,6 +134,8 @@ def main() -> int:
                         calls[f"{label} | global warm"] = (install, warm)
                         if model == "resnet18":
                             calls[f"{label} | layer cold"] = (install, layers)
+                            calls[f"{label} | layer segmented"] = (install, functools.partial(
+                                radix.topk_thresholds_per_tensor, scores, layer_ks))
                 calls["torch.topk | global"] = (lambda: None, functools.partial(_topk, scores, n - k + 1))
                 rounds = (5, 20) if device == "cuda" else (2, 1)
                 for name, (median, low, high) in _time_rounds(calls, device, *rounds).items():
@@ -131,7 +143,7 @@ def main() -> int:
                            "impl": name, "median_ms": median, "min_ms": low, "max_ms": high,
                            "gb_per_s_one_read": n * scores[0].element_size() / median / 1e6,
                            "device": torch.cuda.get_device_name() if device == "cuda" else device,
-                           "torch": torch.__version__, "triton": triton.__version__}
+                           **fields}
                     print(f"{model:9} {str(dtype):15} {name:34} {median:8.3f} ms ({low:.3f}-{high:.3f})",
                           flush=True)
                     out.write(json.dumps(row) + "\n")

@@ -38,13 +38,14 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 #   ``mask`` where Triton has one, else counted into bin 0 and subtracted again), then one integer
 #   ``atomic_add`` per non-empty bin into a global int64 histogram. Integer atomics are
 #   order-independent, so the result is deterministic.
-#   Why 8-bit digits: ``tl.histogram`` costs grow with the bins (Triton lowers it with one warp
-#   ballot per bit of the bin index and a popcount per bin a thread owns), far more than a pass
-#   over the scores costs in bandwidth. On an H200 (Triton 3.6, bench/threshold_radix.py, CUDA
-#   events, 5 rounds): fp32 ResNet-18 scores (11.7M) 0.26-0.29 ms in 4 passes of 256 bins
-#   against 0.75-0.77 ms in 3 passes of 2048/1024/1024, ResNet-50 (25.5M) 0.44-0.46 against
-#   1.61-1.66 ms; 5-bit digits (6 passes) 0.41-0.44 / 0.51 ms. fp16/bf16 7/8 measured level with
-#   8/7 and ahead of 5/5/5 (0.20-0.21 against 0.27 ms).
+#   Why 8-bit digits for fp32: on an H200 with Triton 3.6 (bench/threshold_radix.py, CUDA events,
+#   5 rounds of 20 calls, global scope, cold, masked histogram) ResNet-18's 11.7M scores took
+#   0.263 ms in 4 passes of 256 bins against 0.746 ms in 3 passes of 2048/1024/1024, ResNet-50's
+#   25.5M 0.440 against 1.611 ms, and 6 passes of 32-64 bins 0.413 / 0.516 ms: the histogram's
+#   cost grew with its bins far more than a pass over the scores costs in bandwidth. bf16 7/8
+#   (0.20-0.21 ms) beat 5/5/5 (0.27); fp16 and fp64 were not timed. Triton 3.8 (this machine's)
+#   lowers ``tl.histogram`` differently, with one shared-memory atomic per key (its sm_90 PTX of the
+#   pass kernel, checked here), so there the balance may differ: re-measure before changing it.
 # * Between passes a one-program select kernel does cumsum over the histogram, finds the bin
 #   holding rank k, and writes the new prefix and the rank left inside that bin to a small int64
 #   state buffer on the device. The next pass reads the prefix from there: nothing ever comes
@@ -52,23 +53,24 @@ def topk_threshold_ref(scores: Sequence[torch.Tensor], k: int) -> torch.Tensor:
 #   the threshold, bit-cast to the score dtype, into the 0-dim output. One call is one memset
 #   (histograms + state in one zeroed workspace) and two launches per pass.
 # * Warm start (``hint``). A band pass histograms 256 bins of width 2**S centred on the hint's
-#   key (fp32: S = 7, a band of 2**15 ulps, +-0.2% of the value; fp16/bf16: S = 0, 256 single
-#   keys, +-1 binade; fp64: 2048 bins, S = 41) and counts the keys below the band. If rank k
-#   falls inside the band, the band resolves ``key >> S`` in one pass and the cold passes whose
-#   digits lie at or above S see a "skip" flag in the state and return at once; otherwise they
-#   run as in a cold start. Either way the remaining passes finish the select, so the result is
-#   exact for any hint (inf, NaN, negative, far off). The fallback is decided on the device too:
-#   a missed hint costs one extra pass, never a host round trip. fp32 warm: 2 data passes
-#   instead of 4; fp16/bf16: 1 instead of 2. Measured on the H200 it does not pay: ResNet-18
-#   fp32 0.25-0.37 ms warm against 0.26-0.29 cold, bf16 0.27-0.28 against 0.21 (the skipped
-#   passes still launch, and launches dominate: ResNet-18's 21 per-layer selects, 9 launches each,
-#   take 6-7 ms, about 30 us a launch), so the ``triton`` backend selects cold; the hint stays
-#   for callers that pass one.
+#   key (fp32: S = 7, a band of +-2**14 ulps, +-0.1-0.2% of the value; bf16: S = 0, +-128 keys,
+#   +-1 binade; fp16: +-1/8 binade; fp64: 2048 bins, S = 41) and counts the keys below the band.
+#   If rank k falls inside the band, the band resolves ``key >> S`` in one pass and the cold passes
+#   whose digits lie at or above S see a "skip" flag in the state and return at once; otherwise
+#   they run as in a cold start. Either way the remaining passes finish the select, so the result
+#   is exact for any hint (inf, NaN, negative, far off). The fallback is decided on the device
+#   too: a missed hint costs one extra pass, never a host round trip. fp32 warm: 2 data passes
+#   instead of 4; bf16/fp16: 1 instead of 2. Measured on the H200 (ResNet-18 fp32, hint 0.1% off)
+#   it did not pay with the masked histogram the kernel uses there (0.372 ms warm against 0.263
+#   cold; with the bin-0 histogram 0.249 against 0.285), nor in bf16 (0.27-0.28 against 0.21, a hint
+#   equal to the answer), so the ``triton`` backend selects cold; the hint stays for callers.
 # * Layer scope (``topk_thresholds_per_tensor``): every tensor is its own segment, with its own
 #   state slots, histograms and k; one histogram launch per pass covers all tensors' blocks and
-#   one select launch has a program per tensor. A select per layer measured 5.4-7.4 ms for
-#   ResNet-18's 21 layers on the H200 (9 launches each), against 1.8-1.9 ms for a per-layer sort;
-#   the segmented select makes that 9 launches in all (not yet timed on a GPU).
+#   one select launch has a program per tensor. A select per layer measured 5.4-7.1 ms in fp32 for
+#   ResNet-18's 21 layers on the H200 (5.4 with 3 passes, 7 launches a layer; 6.3-7.1 with 4, 9
+#   launches), against 1.8-1.9 ms for a per-layer sort; the segmented select makes that 9 launches
+#   in all and keeps its per-layer k table on the device between calls (no host copy, no sync). It
+#   has not run on a GPU yet (compiled for sm_90 / sm_80 only).
 # * Open performance questions on the GPU: BLOCK / num_warps; fusing each select kernel into the
 #   next pass's programs (halves the launches, which now cost about as much as the passes).
 
@@ -131,6 +133,7 @@ def _topk_threshold_hist_kernel(
     resolved prefix (all keys when FIRST). SKIPPABLE passes do nothing after a band hit.
     SEGMENTED: every tensor is its own select, with its own state slots and histogram.
     """
+    tl.static_assert(not (SKIPPABLE and SEGMENTED), "a segmented select takes no hint")
     if SKIPPABLE:
         if tl.load(state + 3) != 0:  # the band resolved this digit: no work, not even the histogram
             return
@@ -261,6 +264,36 @@ def _block_tables(tensors: Sequence[torch.Tensor], block: int):
     return tables
 
 
+def _k_table(ks: Sequence[int], device: torch.device) -> torch.Tensor:
+    """The per-tensor ranks as an int64 tensor on ``device``, cached like the block tables: the
+    density, hence every k, stays the same step after step, and a host-to-device copy of a fresh
+    CPU tensor would synchronise the stream on every call."""
+    key = ("k", device, tuple(ks))
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = torch.tensor(list(ks), dtype=torch.int64).to(device)
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        _TABLE_CACHE[key] = table
+    return table
+
+
+def _check_schedule(dtype: torch.dtype) -> None:
+    """The pass digits must tile the key from its top bit down to bit 0, and the warm band must end
+    where a pass begins (the passes after it extend the prefix the band resolved)."""
+    passes, band_shift = _RADIX_PASSES[dtype], _BAND_SHIFT[dtype]
+    key_bits = {torch.float64: 63, torch.float32: 31}.get(dtype, 15)
+    tops = [shift + width for shift, width in passes]
+    if tops[0] != key_bits or passes[-1][0] != 0 or any(t != s for t, (s, _) in zip(tops[1:], passes)):
+        raise ValueError(f"radix passes {passes} do not tile the {key_bits}-bit keys of {dtype}")
+    if band_shift not in [shift for shift, _ in passes]:
+        raise ValueError(f"warm band shift {band_shift} of {dtype} is not where a pass begins in {passes}")
+
+
+for _dtype in _RADIX_PASSES:
+    _check_schedule(_dtype)
+
+
 def _check_scores(tensors) -> list[torch.Tensor]:
     """What the launch needs to address the scores safely: one dtype the radix passes know and one
     device for all (the pointer table is typed by the first tensor), each read as one flat range.
@@ -339,7 +372,7 @@ def _radix_select(tensors: list[torch.Tensor], k: int, ks: list[int] | None, hin
     workspace = torch.zeros(state_size + total, dtype=torch.int64, device=device)
     state = workspace[:state_size]
     out = torch.empty(() if ks is None else (segments,), dtype=dtype, device=device)
-    k_table = out if ks is None else torch.tensor(ks, dtype=torch.int64).to(device)
+    k_table = out if ks is None else _k_table(ks, device)
     hint_arg = hint if hint is not None else out  # never read without a band step
     segmented = ks is not None
     for i, ((shift, width, band, skippable), offset) in enumerate(zip(steps, offsets)):

@@ -41,8 +41,6 @@ EXACT = dict(rtol=0, atol=0)
 ULP = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
 
 
-
-
 def random_scores(shape, dtype):
     s = torch.randn(shape, dtype=torch.float64)
     if s.numel() > 2:

@@ -127,21 +127,9 @@ def test_public_api_global_and_layer(dtype):
 
 # --------------------------------------------------------------------------- one select per tensor
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
-def test_per_tensor_selects_equal_each_tensor_alone(dtype, histogram_kind):
-    tensors = [torch.randn(s, device=DEVICE).to(dtype) for s in ODD_SHAPES]
-    tensors.append(torch.randint(-3, 4, (200,), device=DEVICE).to(dtype))  # runs of ties
-    for pick in (lambda n: 1, lambda n: n // 2 + 1, lambda n: n):
-        ks = [pick(s.numel()) for s in tensors]
-        got = topk_thresholds_per_tensor(tensors, ks)
-        assert got.shape == (len(tensors),) and got.dtype == dtype
-        for t, s, k in zip(got, tensors, ks):
-            assert_same(t, kth_magnitude([s], k))
-
-
-def test_per_tensor_select_is_one_launch_per_pass(monkeypatch):
-    """The point of the segmented select: one histogram launch per pass for all tensors, where a
-    select per tensor launches a pass per tensor (launch-bound on a GPU)."""
+@pytest.fixture
+def hist_launches(monkeypatch):
+    """The grids of the pass kernel's launches, recorded as they happen."""
     import vpns_fast.kernels.threshold as threshold_module
 
     hist_kernel = threshold_module._topk_threshold_hist_kernel
@@ -155,10 +143,45 @@ def test_per_tensor_select_is_one_launch_per_pass(monkeypatch):
             return launch
 
     monkeypatch.setattr(threshold_module, "_topk_threshold_hist_kernel", Counter())
-    tensors = [torch.randn(n, device=DEVICE) for n in (50, 300, 7, 4097)]
+    return launches
+
+
+# Tensors of several 4096-score blocks first and in the middle: a segment indexed by block rather
+# than by tensor gives wrong thresholds here (one-block tensors cannot tell the two apart).
+SEGMENT_SHAPES = [(9000,), (7,), (5000,), (1,), (3, 37), (4097,)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_per_tensor_selects_equal_each_tensor_alone(dtype, histogram_kind):
+    tensors = [torch.randn(s, device=DEVICE).to(dtype) for s in SEGMENT_SHAPES]
+    tensors.append(torch.randint(-3, 4, (200,), device=DEVICE).to(dtype))  # runs of ties
+    for pick in (lambda n: 1, lambda n: n // 2 + 1, lambda n: max(1, n - 1), lambda n: n):
+        ks = [pick(s.numel()) for s in tensors]
+        got = topk_thresholds_per_tensor(tensors, ks)
+        assert got.shape == (len(tensors),) and got.dtype == dtype
+        for t, s, k in zip(got, tensors, ks):
+            assert_same(t, kth_magnitude([s], k))
+
+
+def test_per_tensor_selects_with_specials():
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-42, -3.0, 2.0], device=DEVICE)
+    tensors = [torch.randn(5000, device=DEVICE), specials, torch.zeros(9, device=DEVICE)]
+    tensors[0][[0, 4500, 4999]] = torch.tensor([math.nan, -math.inf, -0.0], device=DEVICE)
+    for ks in ([1, 1, 1], [2500, 4, 5], [5000, 8, 9], [4998, 6, 9]):
+        for t, s, k in zip(topk_thresholds_per_tensor(tensors, ks), tensors, ks):
+            expected = kth_magnitude([s], k)
+            assert torch.equal(t.cpu(), expected) or (t.isnan().item() and expected.isnan().item())
+
+
+def test_per_tensor_select_is_one_launch_per_pass(hist_launches):
+    """The point of the segmented select: one histogram launch per pass for all tensors, where a
+    select per tensor launches a pass per tensor (launch-bound on a GPU)."""
+    import vpns_fast.kernels.threshold as threshold_module
+
+    tensors = [torch.randn(s, device=DEVICE) for s in SEGMENT_SHAPES if math.prod(s) > 1]
     with use_backend("triton"):
         thresholds = topk_threshold(tensors, 0.3, scope="layer")
-    assert len(launches) == len(threshold_module._RADIX_PASSES[torch.float32])
+    assert len(hist_launches) == len(threshold_module._RADIX_PASSES[torch.float32])
     for t, s in zip(thresholds, tensors):
         assert_same(t, kth_magnitude([s], int(0.7 * s.numel())))
 
@@ -173,15 +196,16 @@ def test_per_tensor_select_rejects_bad_ks():
         topk_thresholds_per_tensor([s, s.half()], [3, 3])
 
 
-def test_layer_scope_with_a_layer_that_keeps_everything():
+def test_layer_scope_with_a_layer_that_keeps_everything(hist_launches):
     """k < 1 for a one-element layer at density 0.5: that layer keeps all (-inf), the others are
-    selected exactly (the layers then take a select each)."""
-    tensors = [torch.randn(1, device=DEVICE), torch.randn(31, device=DEVICE), torch.randn(64, device=DEVICE)]
+    selected exactly, still in one segmented select."""
+    tensors = [torch.randn(31, device=DEVICE), torch.randn(1, device=DEVICE), torch.randn(6000, device=DEVICE)]
     with use_backend("triton"):
         thresholds = topk_threshold(tensors, 0.5, scope="layer")
-    assert thresholds[0].item() == -math.inf
-    for t, s in zip(thresholds[1:], tensors[1:]):
+    assert thresholds[1].item() == -math.inf
+    for t, s in zip(thresholds[::2], tensors[::2]):
         assert_same(t, kth_magnitude([s], int(0.5 * s.numel())))
+    assert len(hist_launches) == 4  # float32: 4 passes for both selected layers together
 
 
 def test_custom_op_and_fake():
@@ -197,7 +221,7 @@ def test_custom_op_and_fake():
 
 # --------------------------------------------------------------------------- warm start
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64], ids=str)
 def test_warm_start_exact_for_any_hint(dtype, histogram_kind):
     tensors = [torch.randn(s, device=DEVICE).to(dtype) for s in [(300,), (7, 11)]]
     n = sum(s.numel() for s in tensors)
@@ -287,6 +311,10 @@ def test_resnet18_sized_scores_on_gpu(cuda_or_skip):
             assert_same(topk_threshold_triton(scores, k), expected)
             assert_same(selector(scores, k), expected)
             assert_same(selector(scores, k), expected)  # warm: hint is the exact answer
+            ks = [int((1 - density) * s.numel()) for s in scores]
+            per_layer = topk_thresholds_per_tensor(scores, ks)
+            for t, s, layer_k in zip(per_layer, scores, ks):
+                assert_same(t, kth_magnitude([s], layer_k))
 
 
 def test_custom_op_is_defined_once():

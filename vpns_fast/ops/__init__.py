@@ -180,8 +180,14 @@ def topk_threshold(scores: torch.Tensor | Sequence[torch.Tensor], density: float
     per_layer = backend_op(backend, "topk_threshold_layers")
     if scope == "layer" and per_layer is not None:
         ks = [kth_index(density, s.numel()) for s in tensors]
-        if min(ks) >= 1:
+        selected = [i for i, k in enumerate(ks) if k >= 1]  # k < 1 keeps a whole (tiny) layer
+        if len(selected) == len(tensors):
             return per_layer(tensors, ks)
+        thresholds = [keep_all_threshold(s) for s in tensors]
+        if selected:
+            for i, t in zip(selected, per_layer([tensors[i] for i in selected], [ks[i] for i in selected])):
+                thresholds[i] = t
+        return torch.stack(thresholds)
     thresholds = []
     for group in groups:
         k = kth_index(density, sum(s.numel() for s in group))

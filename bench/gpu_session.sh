@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # A GPU session's checks and benchmarks, in stages that each fit one call of the device tool
-# (10 minutes a call, 30 minutes of device time a session).
+# (10 minutes a call; 15 minutes of device time a session, machine starts included).
 #
-#   make gpu-deps                                  # here, once: pytest & co. for the GPU's python
 #   bash bench/gpu_session.sh STAGE [STAGE ...]    # there, from the repository root
 #
-# The GPU machine has torch, triton and torchvision but no package registry: `make gpu-deps` puts
-# pure-python test dependencies (and safetensors' abi3 wheel) for CPython 3.12 in .gpu_deps/, which
-# the device call must carry. Everything lands in $OUT (the device tool's folder), else out/gpu:
+# The H200 machine of 2026-12-04 had torch 2.11, Triton 3.6, torchvision, pytest, pytest-xdist,
+# hypothesis, pytest-benchmark and safetensors, and no package registry. Where the test packages are
+# missing, `make gpu-deps` (here, once) puts them for CPython 3.12 in .gpu_deps/, which the device
+# call must then carry. Everything lands in $OUT (the device tool's folder), else out/gpu:
 # tests.log + tests.xml, cuda.jsonl (bench rows), conv_dispatch.json (the tuned table), *.log.
 # Each stage runs under `timeout $STAGE_SECONDS` (default 540 s; stage `first` gives each part its
 # own share), so a slow stage still returns what it measured (bench rows are appended per

@@ -134,7 +134,8 @@ stage_second() {  # a later session's one call: what the first two did not measu
     "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
     VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=70 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE \
         "${parallel[@]}" --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py \
-        tests/ops/test_ops_threshold.py tests/ops/test_conv_dispatch.py
+        tests/ops/test_ops_threshold.py tests/ops/test_conv_dispatch.py tests/test_environment.py \
+        tests/training/test_config_file.py tests/deploy/test_deploy.py::test_cuda_matches_the_masked_model
     STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
     STAGE_SECONDS=100 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 \
         --match 'B=256 224px' --out "$ROWS"

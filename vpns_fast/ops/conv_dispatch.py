@@ -55,7 +55,7 @@ def default_table_path() -> str:
 
 @functools.lru_cache(maxsize=8)  # the table is looked up per conv call: expanduser alone took 3 us of 11
 def _per_user_table_path(home: str | None) -> str:
-    return os.path.join(os.path.expanduser("~"), ".cache", "vpns_fast", "conv_dispatch.json")
+    return os.path.join(home or os.path.expanduser("~"), ".cache", "vpns_fast", "conv_dispatch.json")
 
 
 def autotune_enabled() -> bool:

@@ -19,8 +19,9 @@
 #              the stage-1 step at B=256 and slim (130 s), ResNet-18 convs bf16 B=256 untuned (80 s)
 #   recheck  - a second call of about 6 minutes: the tests fixed after `first`, bench/threshold_radix.py's
 #              schedules, prompt at B=256, the bf16 channels_last step at B=256, threshold with 10 repeats
-#   second   - a later session's 8-minute call: threshold tests and rows after the 8-bit and layer-scope
-#              changes, the step with them, vpns tune + the tuned conv dispatch for ResNet-18 bf16 B=256
+#   second   - a later session's 9-minute call: threshold tests and rows after the 8-bit and layer-scope
+#              changes, the step with them, a profile of the bf16 channels_last step (bench/profile_step.py),
+#              vpns tune + the tuned conv dispatch for ResNet-18 bf16 B=256
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -40,6 +41,16 @@ export VPNS_FAST_CONV_TABLE="$OUT/conv_dispatch.json"
 # Triton's compile cache in the tree: it survives between calls while the machine stays warm.
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}
 ROWS="$OUT/cuda.jsonl"
+
+# The device tool returns at most 8 files from $OUT: where a session wrote more, they go back as one
+# archive (gpu_session.tar.gz), packed on any exit of this script.
+pack_out() {
+    if [ "$(find "$OUT" -type f | wc -l)" -gt 8 ]; then
+        local archive="/tmp/gpu_session.$$.tar.gz"
+        tar czf "$archive" -C "$OUT" . && find "$OUT" -mindepth 1 -delete && mv "$archive" "$OUT/gpu_session.tar.gz"
+    fi
+}
+trap pack_out EXIT
 
 FAILED=""
 run() {  # run NAME COMMAND...: time-limited, output to the terminal and $OUT/NAME.log
@@ -141,6 +152,7 @@ stage_second() {  # a later session's one call: what the first two did not measu
         --match 'B=256 224px' --out "$ROWS"
     STAGE_SECONDS=30 run kernels "$PY" -m bench prompt --device cuda --no-compile --repeats 50 \
         --match 'B=256 .*bf16-out' --out "$ROWS"
+    STAGE_SECONDS=60 run profile "$PY" -m bench.profile_step --out "$OUT/profile" --steps 10
     STAGE_SECONDS=100 run tune "$PY" -m vpns_fast tune --model resnet18 --batch 256 --amp bf16 --channels-last \
         --stage all
     STAGE_SECONDS=90 run conv "$PY" -m bench conv --device cuda --no-compile --repeats 20 --dtype bf16 \

@@ -303,3 +303,44 @@ def test_sparse_isa_rows(tmp_path):
         else:
             assert row["status"] == "skipped" and f"this CPU has no {row['impl']}" in row["skip_reason"]
     assert {row["impl"] for row in rows} == {"scalar", "avx2", "avx512", "default"}
+
+
+def test_profile_step_dry_run_on_the_cpu(tmp_path, monkeypatch):
+    """bench/profile_step.py (prepared for a GPU session) runs on a CPU: a table per implementation and
+    a summary row each with the step's wall time."""
+    out = tmp_path / "profile"
+    monkeypatch.setattr(sys, "argv", ["profile_step", "--out", str(out), "--device", "cpu", "--sizes", "small",
+                                      "--match", ".", "--steps", "1", "--warmup", "1", "--rows", "5"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module("bench.profile_step", run_name="__main__")
+    assert done.value.code == 0
+    rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
+    assert {row["impl"] for row in rows} == {"release", "dense", "vpns_fast"}
+    assert all(row["wall_ms_per_step"] > 0 and row["device_busy_ms_per_step"] is None for row in rows)
+    assert len(list(out.glob("*.txt"))) == 3
+
+
+def test_threshold_radix_schedules_are_valid():
+    """Every digit schedule bench/threshold_radix.py times tiles the keys and ends its band on a pass."""
+    import torch
+
+    import vpns_fast.kernels.threshold as radix
+    from bench import threshold_radix
+
+    saved = ({**radix._RADIX_PASSES}, {**radix._BAND_SHIFT}, {**radix._BAND_WIDTH}, radix._MASKED_HISTOGRAM)
+    try:
+        for schedule, by_dtype in threshold_radix.SCHEDULES.items():
+            for dtype in by_dtype:
+                threshold_radix._install(schedule, dtype, masked=False)  # raises on an invalid schedule
+        radix._RADIX_PASSES[torch.float32] = ((23, 8), (15, 8), (7, 8))  # bits 0-6 never resolved
+        with pytest.raises(ValueError, match="do not tile"):
+            radix._check_schedule(torch.float32)
+        radix._RADIX_PASSES[torch.float32] = ((23, 8), (15, 8), (7, 8), (0, 7))
+        radix._BAND_SHIFT[torch.float32] = 10  # inside a pass's digit
+        with pytest.raises(ValueError, match="not where a pass begins"):
+            radix._check_schedule(torch.float32)
+    finally:
+        radix._RADIX_PASSES.update(saved[0])
+        radix._BAND_SHIFT.update(saved[1])
+        radix._BAND_WIDTH.update(saved[2])
+        radix._MASKED_HISTOGRAM = saved[3]

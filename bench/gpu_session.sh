@@ -79,15 +79,19 @@ for name in ("pytest", "hypothesis", "safetensors", "torchvision", "numpy"):
 EOF
 }
 
-stage_tests() {  # one igemm config (no autotuning per test shape); the compile-only check is CI's
+native_tests() {  # native_tests TEST...: the tests natively, one igemm config (no autotuning per test shape)
     local parallel=()
     "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
     "$PY" -c 'import pytest_timeout' 2> /dev/null && parallel+=(--timeout 150)
     VPNS_FAST_IGEMM_AUTOTUNE=0 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
-        --junitxml="$OUT/tests.xml" \
-        tests/kernels/test_triton_prompt.py tests/kernels/test_triton_threshold.py tests/kernels/test_triton_masked.py \
-        tests/kernels/test_triton_masked_conv.py tests/nn/test_mask_batching.py tests/ops/test_conv_dispatch.py \
-        tests/ops/test_ops_prompt.py tests/ops/test_ops_threshold.py tests/ops/test_ops_masked.py tests/ops/test_backends.py
+        --junitxml="$OUT/tests.xml" "$@"
+}
+
+stage_tests() {  # the Triton kernel tests natively; the compile-only check is CI's
+    native_tests tests/kernels/test_triton_prompt.py tests/kernels/test_triton_threshold.py \
+        tests/kernels/test_triton_masked.py tests/kernels/test_triton_masked_conv.py tests/nn/test_mask_batching.py \
+        tests/ops/test_conv_dispatch.py tests/ops/test_ops_prompt.py tests/ops/test_ops_threshold.py \
+        tests/ops/test_ops_masked.py tests/ops/test_backends.py
 }
 
 stage_kernels() {
@@ -126,10 +130,7 @@ stage_first() {  # the first session's one call: what the project lacks most, in
 
 stage_recheck() {  # a second call after `first`: the fixed tests, the radix schedules, the rows it missed
     stage_env
-    local parallel=()
-    "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
-    VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=70 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE "${parallel[@]}" \
-        --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py tests/ops/test_ops_threshold.py \
+    STAGE_SECONDS=70 native_tests tests/kernels/test_triton_threshold.py tests/ops/test_ops_threshold.py \
         tests/ops/test_conv_dispatch.py
     STAGE_SECONDS=130 run radix "$PY" -m bench.threshold_radix --out "$OUT/threshold_radix.jsonl"
     STAGE_SECONDS=50 run kernels "$PY" -m bench prompt --device cuda --no-compile --repeats 50 --match 'B=256' \
@@ -141,12 +142,9 @@ stage_recheck() {  # a second call after `first`: the fixed tests, the radix sch
 
 stage_second() {  # a later session's one call: what the first two did not measure (bench/results/GPU.md)
     stage_env
-    local parallel=()
-    "$PY" -c 'import xdist' 2> /dev/null && parallel=(-n "${TEST_WORKERS:-8}")
-    VPNS_FAST_IGEMM_AUTOTUNE=0 STAGE_SECONDS=70 run tests "$PY" -m pytest -q -p no:cacheprovider -rfE \
-        "${parallel[@]}" --junitxml="$OUT/tests.xml" tests/kernels/test_triton_threshold.py \
-        tests/ops/test_ops_threshold.py tests/ops/test_conv_dispatch.py tests/test_environment.py \
-        tests/training/test_config_file.py tests/deploy/test_deploy.py::test_cuda_matches_the_masked_model
+    STAGE_SECONDS=70 native_tests tests/kernels/test_triton_threshold.py tests/ops/test_ops_threshold.py \
+        tests/ops/test_conv_dispatch.py tests/test_environment.py tests/training/test_config_file.py \
+        tests/deploy/test_deploy.py::test_cuda_matches_the_masked_model
     STAGE_SECONDS=70 run kernels "$PY" -m bench threshold --device cuda --no-compile --repeats 10 --out "$ROWS"
     STAGE_SECONDS=100 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 \
         --match 'B=256 224px' --out "$ROWS"

@@ -13,6 +13,7 @@ calls; schedules take turns within each round. Rows are appended per measurement
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import functools
 import json
@@ -37,6 +38,19 @@ SCHEDULES = {
     "5-bit": {torch.float32: (((25, 6), (20, 5), (15, 5), (10, 5), (5, 5), (0, 5)), 10, 8),
               torch.bfloat16: (((10, 5), (5, 5), (0, 5)), 0, 8)},
 }
+
+
+@contextlib.contextmanager
+def schedules_restored():
+    """The kernel's own schedules and histogram kind again on leaving, whatever :func:`_install` set."""
+    saved = ({**radix._RADIX_PASSES}, {**radix._BAND_SHIFT}, {**radix._BAND_WIDTH}, radix._MASKED_HISTOGRAM)
+    try:
+        yield
+    finally:
+        radix._RADIX_PASSES.update(saved[0])
+        radix._BAND_SHIFT.update(saved[1])
+        radix._BAND_WIDTH.update(saved[2])
+        radix._MASKED_HISTOGRAM = saved[3]
 
 
 def _install(schedule: str, dtype: torch.dtype, masked: bool) -> None:
@@ -95,14 +109,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="full", help="small: the first 4 score tensors (a CPU dry run)")
     args = parser.parse_args()
     device = args.device
-    originals = ({d: v for d, v in radix._RADIX_PASSES.items()}, dict(radix._BAND_SHIFT), dict(radix._BAND_WIDTH),
-                 radix._MASKED_HISTOGRAM)
-    kinds = [False, True] if originals[3] else [False]
+    kinds = [False, True] if radix._MASKED_HISTOGRAM else [False]
     commit, dirty = git_state()
     fields = {"torch": torch.__version__, "triton": triton.__version__, "git_commit": commit, "git_dirty": dirty,
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
     generator = torch.Generator(device=device).manual_seed(0)
-    with open(args.out, "a") as out:
+    with open(args.out, "a") as out, schedules_restored():
         for dtype in (torch.float32, torch.bfloat16):
             for model in args.models.split(","):
                 scores = [hydra_scaled_scores(s, dtype, device, generator) for s in score_shapes(model, args.sizes)]
@@ -148,10 +160,6 @@ def main() -> int:
                           flush=True)
                     out.write(json.dumps(row) + "\n")
                     out.flush()
-    radix._RADIX_PASSES.update(originals[0])
-    radix._BAND_SHIFT.update(originals[1])
-    radix._BAND_WIDTH.update(originals[2])
-    radix._MASKED_HISTOGRAM = originals[3]
     return 0
 
 

@@ -242,6 +242,17 @@ _TABLE_CACHE: dict = {}
 _TABLE_CACHE_SIZE = 16  # score lists are the same parameters every step: a handful of entries
 
 
+def _cached_table(key: tuple, make) -> object:
+    """``_TABLE_CACHE[key]``, made by ``make()`` on a miss (the oldest entry dropped when full)."""
+    table = _TABLE_CACHE.get(key)
+    if table is None:
+        table = make()
+        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
+            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
+        _TABLE_CACHE[key] = table
+    return table
+
+
 def _block_tables(tensors: Sequence[torch.Tensor], block: int):
     """(pointer table, size table, block table) on the scores' device, cached per pointer list.
 
@@ -249,33 +260,28 @@ def _block_tables(tensors: Sequence[torch.Tensor], block: int):
     reused by another tensor of the same size maps to the same (still correct) tables.
     """
     device = tensors[0].device
-    key = (device, tensors[0].dtype, block, tuple((s.data_ptr(), s.numel()) for s in tensors))
-    tables = _TABLE_CACHE.get(key)
-    if tables is None:
+
+    def make():
         blocks = [(i, start) for i, s in enumerate(tensors) for start in range(0, s.numel(), block)]
-        tables = (
+        return (
             torch.tensor([s.data_ptr() for s in tensors], dtype=torch.int64).to(device),
             torch.tensor([s.numel() for s in tensors], dtype=torch.int64).to(device),
             torch.tensor(blocks, dtype=torch.int64).reshape(-1).to(device),
         )
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        _TABLE_CACHE[key] = tables
-    return tables
+    return _cached_table((device, tensors[0].dtype, block, tuple((s.data_ptr(), s.numel()) for s in tensors)), make)
 
 
 def _k_table(ks: Sequence[int], device: torch.device) -> torch.Tensor:
     """The per-tensor ranks as an int64 tensor on ``device``, cached like the block tables: the
     density, hence every k, stays the same step after step, and a host-to-device copy of a fresh
     CPU tensor would synchronise the stream on every call."""
-    key = ("k", device, tuple(ks))
-    table = _TABLE_CACHE.get(key)
-    if table is None:
-        table = torch.tensor(list(ks), dtype=torch.int64).to(device)
-        if len(_TABLE_CACHE) >= _TABLE_CACHE_SIZE:
-            _TABLE_CACHE.pop(next(iter(_TABLE_CACHE)))
-        _TABLE_CACHE[key] = table
-    return table
+    return _cached_table(("k", device, tuple(ks)), lambda: torch.tensor(list(ks), dtype=torch.int64).to(device))
+
+
+def _check_rank(k, n: int, name: str, upper: str, note: str = "") -> None:
+    """ValueError unless ``k`` is an int (not a bool) in [1, n]; ``upper`` names n in the message."""
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"{name} must be an integer in [1, {upper}]{note}, got {k!r}")
 
 
 def _check_schedule(dtype: torch.dtype) -> None:
@@ -329,8 +335,7 @@ def topk_threshold_fwd(tensors: Sequence[torch.Tensor], k: int, hint=None) -> to
     previous step's threshold); any hint gives the exact result, a close one saves passes."""
     tensors = _check_scores(tensors)
     n = sum(s.numel() for s in tensors)
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer in [1, N = {n}], got {k!r}")
+    _check_rank(k, n, "k", f"N = {n}")
     return _radix_select(tensors, k, None, hint)
 
 
@@ -343,9 +348,7 @@ def topk_thresholds_per_tensor(tensors: Sequence[torch.Tensor], ks: Sequence[int
     if len(ks) != len(tensors):
         raise ValueError(f"need one k per tensor: {len(tensors)} tensors, {len(ks)} ks")
     for i, (s, k) in enumerate(zip(tensors, ks)):
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s.numel():
-            raise ValueError(f"ks[{i}] must be an integer in [1, {s.numel()}] (scores[{i}] has {s.numel()} "
-                             f"elements), got {k!r}")
+        _check_rank(k, s.numel(), f"ks[{i}]", str(s.numel()), f" (scores[{i}] has {s.numel()} elements)")
     return _radix_select(tensors, 0, ks, None)
 
 

@@ -327,8 +327,8 @@ def test_threshold_radix_schedules_are_valid():
     import vpns_fast.kernels.threshold as radix
     from bench import threshold_radix
 
-    saved = ({**radix._RADIX_PASSES}, {**radix._BAND_SHIFT}, {**radix._BAND_WIDTH}, radix._MASKED_HISTOGRAM)
-    try:
+    shipped_band_shift = radix._BAND_SHIFT[torch.float32]
+    with threshold_radix.schedules_restored():
         for schedule, by_dtype in threshold_radix.SCHEDULES.items():
             for dtype in by_dtype:
                 threshold_radix._install(schedule, dtype, masked=False)  # raises on an invalid schedule
@@ -339,8 +339,4 @@ def test_threshold_radix_schedules_are_valid():
         radix._BAND_SHIFT[torch.float32] = 10  # inside a pass's digit
         with pytest.raises(ValueError, match="not where a pass begins"):
             radix._check_schedule(torch.float32)
-    finally:
-        radix._RADIX_PASSES.update(saved[0])
-        radix._BAND_SHIFT.update(saved[1])
-        radix._BAND_WIDTH.update(saved[2])
-        radix._MASKED_HISTOGRAM = saved[3]
+    assert radix._BAND_SHIFT[torch.float32] == shipped_band_shift

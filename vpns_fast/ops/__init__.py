@@ -177,21 +177,17 @@ def topk_threshold(scores: torch.Tensor | Sequence[torch.Tensor], density: float
         raise ValueError(f"scope must be 'global' or 'layer', got {scope!r}")
     kth_index(density, 1)  # validates density before any work
     backend, impl = resolve("topk_threshold", tensors[0].device.type)
-    per_layer = backend_op(backend, "topk_threshold_layers")
-    if scope == "layer" and per_layer is not None:
-        ks = [kth_index(density, s.numel()) for s in tensors]
-        selected = [i for i, k in enumerate(ks) if k >= 1]  # k < 1 keeps a whole (tiny) layer
-        if len(selected) == len(tensors):
-            return per_layer(tensors, ks)
-        thresholds = [keep_all_threshold(s) for s in tensors]
-        if selected:
-            for i, t in zip(selected, per_layer([tensors[i] for i in selected], [ks[i] for i in selected])):
-                thresholds[i] = t
-        return torch.stack(thresholds)
-    thresholds = []
-    for group in groups:
-        k = kth_index(density, sum(s.numel() for s in group))
-        thresholds.append(impl(group, k) if k >= 1 else keep_all_threshold(group[0]))
+    ks = [kth_index(density, sum(s.numel() for s in group)) for group in groups]
+    selected = [i for i, k in enumerate(ks) if k >= 1]  # k < 1: the group keeps every weight
+    # layer scope: all layers' selects in one call where the backend has one (the triton backend)
+    per_layer = backend_op(backend, "topk_threshold_layers") if scope == "layer" else None
+    if per_layer is not None and len(selected) == len(groups):
+        return per_layer(tensors, ks)
+    if per_layer is not None and selected:
+        found = dict(zip(selected, per_layer([tensors[i] for i in selected], [ks[i] for i in selected])))
+    else:
+        found = {i: impl(groups[i], ks[i]) for i in selected}
+    thresholds = [found[i] if i in found else keep_all_threshold(group[0]) for i, group in enumerate(groups)]
     return thresholds[0] if scope == "global" else torch.stack(thresholds)
 
 

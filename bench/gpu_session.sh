@@ -22,6 +22,8 @@
 #   second   - a later session's 9-minute call: threshold tests and rows after the 8-bit and layer-scope
 #              changes, the step with them, a profile of the bf16 channels_last step (bench/profile_step.py),
 #              vpns tune + the tuned conv dispatch for ResNet-18 bf16 B=256
+#   third    - session 19's 5-minute call: the region input-gradient tests natively, the step (with and
+#              without the narrowed input gradient), the profile of the bf16 channels_last step
 #   env      - device, driver and versions (seconds)
 #   tests    - the Triton kernel tests natively (no interpreter): ops, conv, batching, dispatch
 #   kernels  - bench threshold, prompt, masked (eager baselines; --no-compile)
@@ -157,6 +159,14 @@ stage_second() {  # a later session's one call: what the first two did not measu
         --match '^resnet18 .*x=\[256,.*unstructured$' --out "$ROWS"
 }
 
+stage_third() {  # session 19's call: the first convolution's input gradient narrowed to the prompt's frame
+    stage_env
+    STAGE_SECONDS=60 native_tests tests/ops/test_region_grad.py tests/nn/test_prompt_modules.py
+    STAGE_SECONDS=150 run step "$PY" -m bench train_step --device cuda --no-compile --repeats 20 \
+        --match 'B=256 224px' --out "$ROWS"
+    STAGE_SECONDS=80 run profile "$PY" -m bench.profile_step --out "$OUT/profile" --steps 10
+}
+
 stage_compiled() {
     run compiled "$PY" -m bench prompt masked slim --device cuda --out "$ROWS"
 }
@@ -167,7 +177,7 @@ if [ $# -eq 0 ]; then
 fi
 for stage in "$@"; do
     if ! declare -F "stage_$stage" > /dev/null; then
-        echo "unknown stage $stage (first recheck second env tests kernels tune conv conv_all step compiled)" >&2
+        echo "unknown stage $stage (first recheck second third env tests kernels tune conv conv_all step compiled)" >&2
         exit 2
     fi
     "stage_$stage"

@@ -326,6 +326,17 @@ def _region_box(kind: str, out_size: int, in_size: int, pad: int, mask_size: int
     raise ValueError(f"kind must be one of {PROMPT_KINDS}, got {kind!r}")
 
 
+def prompt_region_boxes(kind: str, out_size: int, in_size: int, pad: int = 0, mask_size: int = 0, row: int = 0,
+                        col: int = 0) -> list[tuple[int, int, int, int]]:
+    """The region as disjoint boxes (y0, y1, x0, x1), rows [y0, y1) x columns [x0, x1): the box
+    itself, or for a frame its top band, the parts left and right of the box, its bottom band."""
+    y0, y1, x0, x1, outside = _region_box(kind, out_size, in_size, pad, mask_size, row, col)
+    if not outside:
+        return [(y0, y1, x0, x1)]
+    boxes = [(0, y0, 0, out_size), (y0, y1, 0, x0), (y0, y1, x1, out_size), (y1, out_size, 0, out_size)]
+    return [box for box in boxes if box[0] < box[1] and box[2] < box[3]]
+
+
 def check_prompt_region(kind: str, out_size: int, pad: int, mask_size: int, row: int, col: int) -> None:
     """The prompt region lies inside the output (the program gradient writes only there); the
     public op :func:`vpns_fast.ops.prompt_normalize` runs this same check for every backend."""

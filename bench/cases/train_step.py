@@ -6,7 +6,9 @@ BN affine frozen, BN running statistics updating), and the global threshold (den
 recomputed from the updated scores. Implementations, each with its own copy of the same model:
 * ``vpns_fast`` - the library path: ``PadPrompt`` + ``sparsify``'d model in a ``PromptedNetwork``,
   ``prepare_mask_search`` / ``parameter_groups`` for the optimizers, ``set_density`` after the
-  step; every op dispatched to the backend chosen automatically on this device.
+  step; every op dispatched to the backend chosen automatically on this device; the first
+  convolution's input gradient computed on the prompt's frame only (``PromptedNetwork``'s default);
+* ``vpns_fast_whole_input_grad`` - the same with the whole input gradient (``narrow_input_grad=False``).
 Baselines:
 * ``release`` - the release code's step written in eager torch: ``F.pad + program * mask + clamp
   + normalize`` (bench/cases/prompt.py), layers masking their weight with the plain autograd STE
@@ -60,7 +62,9 @@ VARIANTS = {"cuda": (("float32", False), ("bfloat16", False), ("bfloat16", True)
             "cpu": (("float32", False), ("bfloat16", False))}
 BASELINES = ["release", "dense"]
 BASELINE_NAMES = tuple(BASELINES)
-EXTRA_IMPLS = ("vpns_fast",)
+# vpns_fast_whole_input_grad: the library step with the first convolution's whole input gradient
+# (PromptedNetwork(narrow_input_grad=False)), to show what narrowing it to the prompt's region gives.
+EXTRA_IMPLS = ("vpns_fast", "vpns_fast_whole_input_grad")
 # Relative L2 error of the loss and of the score / program gradients, release vs vpns_fast.
 GRADIENT_TOLERANCE = {"float32": 1e-3, "bfloat16": 5e-2}
 DESCRIPTION = ("one stage-1 step (prompt, masked forward/backward, Adam on scores + prompt, global threshold) "
@@ -192,7 +196,7 @@ class ReleaseStep(_Step):
 
 
 class LibraryStep(_Step):
-    def __init__(self, dense, p, device_type, autocast):
+    def __init__(self, dense, p, device_type, autocast, narrow_input_grad=True):
         model = sparsify(copy.deepcopy(dense), "unstructured", "scaled")
         model.to(device_type)
         if p["channels_last"]:
@@ -201,7 +205,7 @@ class LibraryStep(_Step):
         self.prompt = PadPrompt(out_size=size, in_size=size, pad=p["pad"]).to(device_type)
         mapping = LabelMapping(TRAIN_STEP_TARGET_CLASSES, "flm", source_num_classes(model))
         self.network = PromptedNetwork(model, self.prompt, mapping, self.prompt.mean, self.prompt.std,
-                                       p["channels_last"]).to(device_type)
+                                       p["channels_last"], narrow_input_grad).to(device_type)
         self.model = model
         prepare_mask_search(model)
         self.scores = parameter_groups(model)["scores"]
@@ -318,6 +322,8 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         candidates.append(Candidate("vpns_fast", "backend", failing_step))
     else:
         candidates.append(Candidate("vpns_fast", "backend", library.step))
+        whole = LibraryStep(dense, p, device_type, autocast, narrow_input_grad=False)
+        candidates.append(Candidate("vpns_fast_whole_input_grad", "backend", whole.step))
     return Workload(config, copies, candidates, list(BASELINES), compare_finite_loss, bytes_moved=None,
                     images_per_call=batch,
                     notes={"verification": "release vs vpns_fast loss and gradients from one common state, in setup"})

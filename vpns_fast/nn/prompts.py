@@ -52,6 +52,12 @@ class VisualPrompt(nn.Module):
 
         return prompt_region_ref(self.kind, self.out_size, self.in_size, **self._region_args())
 
+    def region_boxes(self) -> list[tuple[int, int, int, int]]:
+        """The region as disjoint boxes (y0, y1, x0, x1): rows [y0, y1) x columns [x0, x1)."""
+        from vpns_fast.kernels.prompt import prompt_region_boxes
+
+        return prompt_region_boxes(self.kind, self.out_size, self.in_size, **self._region_args())
+
     def _region_args(self) -> dict:
         return {}
 

@@ -32,6 +32,7 @@ from vpns_fast.ops.backends import (
     resolve,
     use_backend,
 )
+from vpns_fast.ops.region_grad import conv2d_input_grad_in_boxes, narrow_input_grad
 
 register("torch", "prompt_normalize", prompt_normalize_ref)
 register("torch", "topk_threshold", topk_threshold_ref)
@@ -47,7 +48,7 @@ __all__ = [
     "backend_report", "forced_backend", "resolve", "use_backend",
     "pad_prompt", "fix_prompt", "random_prompt", "expansive_prompt", "prompt_normalize",
     "kth_index", "topk_threshold", "keep_all_threshold", "score_mask", "masked_conv2d", "masked_linear",
-    "masked_weights",
+    "masked_weights", "conv2d_input_grad_in_boxes", "narrow_input_grad",
 ]
 
 

@@ -315,9 +315,9 @@ def test_profile_step_dry_run_on_the_cpu(tmp_path, monkeypatch):
         runpy.run_module("bench.profile_step", run_name="__main__")
     assert done.value.code == 0
     rows = [json.loads(line) for line in (out / "summary.jsonl").read_text().splitlines()]
-    assert {row["impl"] for row in rows} == {"release", "dense", "vpns_fast"}
+    assert {row["impl"] for row in rows} == {"release", "dense", "vpns_fast", "vpns_fast_whole_input_grad"}
     assert all(row["wall_ms_per_step"] > 0 and row["device_busy_ms_per_step"] is None for row in rows)
-    assert len(list(out.glob("*.txt"))) == 3
+    assert len(list(out.glob("*.txt"))) == 4
 
 
 def test_threshold_radix_schedules_are_valid():

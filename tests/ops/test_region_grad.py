@@ -7,6 +7,7 @@ import itertools
 import pytest
 import torch
 import torchvision
+from helpers import run_in_threads
 from tolerance import assert_close
 from torch import nn
 
@@ -82,15 +83,104 @@ def test_region_boxes_tile_the_region(kind, out, in_size, args):
     assert torch.equal(cover.bool(), prompt_region_ref(kind, out, in_size, **args))
 
 
-def test_narrowed_output_is_the_convolution_output_itself():
-    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+# --------------------------------------------------------------------------- the marked input
+
+def _whole_and_narrowed(model, x, boxes, create_graph=False):
+    """Every gradient of sum(model(x)**2) w.r.t. x (inside the boxes) and model's parameters, with
+    and without the marked input."""
+    results = []
+    for narrowed in (False, True):
+        leaf = x.detach().clone().requires_grad_(True)
+        source = leaf * 1.0  # x as a network sees it: a non-leaf with history
+        marked = ops.narrow_input_grad(source, boxes) if narrowed else source
+        loss = model(marked).pow(2).sum()
+        params = [p for p in model.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, [leaf, *params], create_graph=create_graph)
+        results.append((grads, marked.narrowed_convs if narrowed else 0))
+    (whole, _), (narrow, count) = results
+    inside = torch.zeros(x.shape[-2:], dtype=torch.bool)
+    for y0, y1, x0, x1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    whole = (whole[0] * inside, *whole[1:])
+    return whole, narrow, count
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_marked_input_gives_the_whole_gradient_inside_the_boxes(memory_format):
+    model = nn.Sequential(nn.Conv2d(3, 5, 3, 2, 1), nn.ReLU(inplace=True), nn.Conv2d(5, 4, 3)).double()
+    x = torch.randn(2, 3, 17, 15, dtype=torch.float64).to(memory_format=memory_format)
+    boxes = [(0, 3, 0, 15), (3, 17, 0, 2)]
+    whole, narrow, count = _whole_and_narrowed(model, x, boxes)
+    assert count == 1  # the first conv only: the second reads the first's output
+    for a, b in zip(narrow, whole):
+        assert_close(a, b, rtol=1e-12, atol=1e-12)
+    assert narrow[0].abs().sum() > 0
+
+
+def test_other_ops_see_a_plain_tensor():
+    x = ops.narrow_input_grad(torch.randn(1, 3, 8, 8, requires_grad=True) * 1.0, [(0, 1, 0, 8)])
+    assert type(x) is not torch.Tensor
+    weight = torch.randn(2, 3, 1, 1)
+    for result in (x + 1, torch.relu(x), x[:, :1], x.to(torch.float64), nn.functional.conv2d(x + 0, weight)):
+        assert type(result) is torch.Tensor
+    assert x.contiguous() is x  # a no-op returns the tensor itself, as for any tensor
+    assert type(nn.functional.conv2d(x, torch.randn(2, 3, 1, 1))) is torch.Tensor
+    assert x.narrowed_convs == 1
+
+
+def test_not_narrowed_after_an_in_place_change():
+    """An in-place op may move pixels (the gradient inside would come from outside): the whole gradient."""
+    conv = nn.Conv2d(3, 2, 3, padding=1).double()
+    leaf = torch.randn(1, 3, 6, 6, dtype=torch.float64, requires_grad=True)
+    x = ops.narrow_input_grad(leaf * 1.0, [(0, 1, 0, 6)])
+    x.copy_(x.flip(-1) * 1.0)
+    conv(x).sum().backward()
+    assert x.narrowed_convs == 0
+    reference = leaf.detach().clone().requires_grad_(True)
+    y = reference * 1.0
+    y.copy_(y.flip(-1) * 1.0)
+    conv(y).sum().backward()
+    assert_close(leaf.grad, reference.grad)
+
+
+def test_double_backward_through_the_narrowed_conv():
+    """create_graph=True: the box gradient's own derivative (through the weight) is kept."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 2, 1), nn.Tanh(), nn.Flatten(), nn.LazyLinear(2)).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    model(x)
+    boxes = [(0, 2, 0, 8)]
+    whole, narrow, count = _whole_and_narrowed(model, x, boxes, create_graph=True)
+    assert count == 1
+    for grads in (whole, narrow):
+        for p in model.parameters():
+            p.grad = None
+        grads[0].pow(2).sum().backward()  # d/dparams of |dL/dx inside|^2
+        grads_of_grad = [p.grad.clone() for p in model.parameters()]
+        if grads is whole:
+            expected = grads_of_grad
+    for a, b in zip(grads_of_grad, expected):
+        assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_autocast_casts_as_conv2d_does():
     conv = nn.Conv2d(3, 4, 3, 2, 1)
-    out = conv(x.detach())
-    narrowed = ops.narrow_input_grad(out, x, conv.weight, [(0, 2, 0, 12)], 2, 1)
-    assert narrowed is out  # no copy, no view: an in-place ReLU after it is allowed
-    torch.relu_(narrowed).sum().backward()
-    assert x.grad[:, :, 2:].abs().sum() == 0 and x.grad[:, :, :2].abs().sum() > 0
-    assert conv.weight.grad is not None and conv.bias.grad is not None
+    x = torch.randn(2, 3, 12, 12, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        marked = ops.narrow_input_grad(x * 1.0, [(0, 12, 0, 12)])
+        out, reference = conv(marked), conv(x * 1.0)
+    assert out.dtype == reference.dtype == torch.bfloat16 and torch.equal(out, reference)
+    (grad_narrow,) = torch.autograd.grad(out.float().sum(), x)
+    (grad_whole,) = torch.autograd.grad(reference.float().sum(), x)
+    assert grad_narrow.dtype == torch.float32
+    assert_close(grad_narrow, grad_whole, rtol=2e-2, atol=2e-2)
+
+
+def test_no_narrowing_without_grad_or_with_string_padding():
+    x = ops.narrow_input_grad(torch.randn(1, 3, 8, 8, requires_grad=True) * 1.0, [(0, 1, 0, 8)])
+    with torch.no_grad():
+        nn.functional.conv2d(x, torch.randn(2, 3, 3, 3))
+    nn.functional.conv2d(x, torch.randn(2, 3, 3, 3), padding="same")
+    assert x.narrowed_convs == 0
 
 
 # --------------------------------------------------------------------------- PromptedNetwork
@@ -101,12 +191,12 @@ def _gradients(network, images, labels):
     return {name: p.grad.clone() for name, p in network.named_parameters() if p.grad is not None}
 
 
-def _pair_of_networks(model, kind, out, in_size, channels_last=False, dtype=torch.float64):
-    prompt = build_prompt(kind, out, in_size, size=6)
+def _pair_of_networks(model, kind, out, in_size, channels_last=False, dtype=torch.float64, prompt=None):
+    prompt = prompt or build_prompt(kind, out, in_size, size=6)
     with torch.no_grad():
         prompt.program.normal_(0, 0.5)  # some pixels clamp: the clamp's gradient mask matters
     network = PromptedNetwork(model, prompt, LabelMapping(10, "none"), prompt.mean, prompt.std,
-                                channels_last).to(dtype)
+                              channels_last).to(dtype)
     if channels_last:
         network.to(memory_format=torch.channels_last)
     whole = copy.deepcopy(network)
@@ -122,7 +212,7 @@ def _assert_same_gradients(network, whole, images, labels, rtol=1e-9):
     assert got.keys() == expected.keys() and "prompt.program" in got
     for name in got:
         assert_close(got[name], expected[name], rtol=rtol, atol=rtol * expected[name].abs().max().item(), msg=name)
-    assert whole.narrowed_layers == ()
+    assert whole.narrowed_convs == 0
 
 
 @pytest.mark.parametrize("kind,in_size", [("pad", 48), ("fix", 48), ("random", 48), ("expansive", 36)])
@@ -134,7 +224,22 @@ def test_resnet_gradients_equal_the_whole_input_gradient(kind, in_size, channels
     network, whole = _pair_of_networks(model, kind, 48, in_size, channels_last)
     images = torch.randint(0, 256, (3, 3, in_size, in_size), dtype=torch.uint8)
     _assert_same_gradients(network, whole, images, torch.randint(0, 10, (3,)))
-    assert network.narrowed_layers == ("conv1",)
+    assert network.narrowed_convs == 1
+
+
+def test_compiled_models_get_the_plain_input():
+    """A tensor subclass input fails inside AOTAutograd: under torch.compile nothing is narrowed."""
+    model = _Stem(nn.Conv2d(3, 4, 3, 2, 1)).double()
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    network, whole = _pair_of_networks(model, "pad", 24, 24)
+    network.model = torch.compile(network.model, backend="aot_eager")
+    whole.model = torch.compile(whole.model, backend="aot_eager")
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == 0
+    network.model, whole.model = network.model._orig_mod, whole.model._orig_mod
+    network.model.conv.compile(backend="aot_eager")  # a submodule compiled in place
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == 0
 
 
 class _InputReadTwice(nn.Module):
@@ -152,6 +257,127 @@ class _InputReadTwice(nn.Module):
         return self.fc(torch.cat(features, 1).flatten(1))
 
 
+class _StandardizedConv(nn.Conv2d):
+    """A conv subclass with its own forward (weight standardization, as timm's StdConv2d)."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.std((1, 2, 3), keepdim=True) + 1e-5)
+        return nn.functional.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class _PaddedFirst(nn.Conv2d):
+    """Pads its input itself before the conv (as timm's Conv2dSame): the conv reads another tensor."""
+
+    def forward(self, x):
+        return nn.functional.conv2d(nn.functional.pad(x, (1, 0, 1, 0)), self.weight, self.bias, self.stride)
+
+
+class _Stem(nn.Module):
+    def __init__(self, conv):
+        super().__init__()
+        self.conv, self.pool, self.fc = conv, nn.AdaptiveAvgPool2d(1), nn.LazyLinear(10)
+
+    def forward(self, x):
+        return self.fc(self.pool(torch.sigmoid(self.conv(x))).flatten(1))
+
+
+@pytest.mark.parametrize("conv,count", [(_StandardizedConv(3, 4, 3, 2, 1), 1), (_PaddedFirst(3, 4, 3, 2), 0)])
+def test_conv_subclasses_with_their_own_forward(conv, count):
+    model = _Stem(conv).double()
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    network, whole = _pair_of_networks(model, "pad", 24, 24)
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == count
+
+
+def test_hooks_and_saved_outputs_of_the_conv():
+    """A user's forward hook that replaces the conv's output, another that keeps it for a regularizer."""
+    model = _Stem(nn.Conv2d(3, 4, 3, 2, 1)).double()
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    kept = {}
+    model.conv.register_forward_hook(lambda module, args, out: out * 2)
+    model.conv.register_forward_hook(lambda module, args, out: kept.__setitem__("reg", out.pow(2).mean()))
+    network, whole = _pair_of_networks(model, "pad", 24, 24)
+    images, labels = torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1])
+    results = []
+    for net in (network, whole):
+        net.zero_grad(set_to_none=True)
+        (nn.functional.cross_entropy(net(images), labels) + kept["reg"]).backward()
+        results.append({n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None})
+    assert network.narrowed_convs == 1
+    for name in results[1]:
+        assert_close(results[0][name], results[1][name], rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_checkpointed_stem():
+    class Checkpointed(_Stem):
+        def forward(self, x):
+            y = torch.utils.checkpoint.checkpoint(self.conv, x, use_reentrant=False)
+            return self.fc(self.pool(y).flatten(1))
+
+    model = Checkpointed(nn.Conv2d(3, 4, 3, 2, 1)).double()
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    network, whole = _pair_of_networks(model, "pad", 24, 24)
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == 1
+
+
+@pytest.mark.parametrize("kind", ["pad", "fix"])
+def test_input_read_by_several_layers(kind):
+    network, whole = _pair_of_networks(_InputReadTwice(), kind, 24, 24)
+    images = torch.rand(4, 3, 24, 24, dtype=torch.float64)
+    _assert_same_gradients(network, whole, images, torch.randint(0, 10, (4,)))
+    assert network.narrowed_convs == 2
+
+
+def test_prompt_subclasses_and_other_prompt_modules_are_not_narrowed():
+    """A subclass may add to the program outside the region; a module of the user's has no region."""
+
+    class PadWithBias(V.PadPrompt):
+        def __init__(self):
+            super().__init__(24, 24, pad=4)
+            self.bias = nn.Parameter(torch.zeros(3, 24, 24))
+
+        def forward(self, images, out_dtype=None):
+            return super().forward(images, out_dtype) + self.bias
+
+    class Plain(nn.Module):
+        kind, mean, std = "plain", (0.5,) * 3, (0.5,) * 3
+
+        def __init__(self):
+            super().__init__()
+            self.program = nn.Parameter(torch.zeros(3, 24, 24))
+
+        def forward(self, images):
+            return images + self.program
+
+    for prompt in (PadWithBias(), Plain()):
+        network, whole = _pair_of_networks(_InputReadTwice(), "pad", 24, 24, prompt=prompt)
+        _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+        assert network.narrowed_convs == 0
+
+
+def test_two_threads_on_one_network():
+    network, whole = _pair_of_networks(_InputReadTwice(), "pad", 24, 24)
+    batches = [torch.rand(2, 3, 24, 24, dtype=torch.float64) for _ in range(2)]
+    expected = [torch.autograd.grad(whole(b).pow(2).sum(), whole.prompt.program)[0] for b in batches]
+
+    def work(thread):
+        return [torch.autograd.grad(network(batches[thread]).pow(2).sum(), network.prompt.program)[0]
+                for _ in range(20)]
+
+    for thread, grads in enumerate(run_in_threads(work, 2)):
+        for grad in grads:
+            assert_close(grad, expected[thread], rtol=1e-9, atol=1e-12)
+
+
+def test_first_layer_not_a_convolution():
+    network, whole = _pair_of_networks(_NormFirst(), "pad", 16, 16)
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 16, 16, dtype=torch.float64), torch.randint(0, 10, (2,)))
+    assert network.narrowed_convs == 0
+
+
 class _NormFirst(nn.Module):
     """The input reaches the first convolution through another op: nothing to narrow."""
 
@@ -164,41 +390,6 @@ class _NormFirst(nn.Module):
         return self.body(x)
 
 
-@pytest.mark.parametrize("kind", ["pad", "fix"])
-def test_input_read_by_several_layers(kind):
-    network, whole = _pair_of_networks(_InputReadTwice(), kind, 24, 24)
-    images = torch.rand(4, 3, 24, 24, dtype=torch.float64)
-    _assert_same_gradients(network, whole, images, torch.randint(0, 10, (4,)))
-    assert network.narrowed_layers == ("a", "b")
-    # the second forward watches only the two readers, found by the first
-    assert network._input_convs[1] == ("a", "b")
-    _assert_same_gradients(network, whole, images, torch.randint(0, 10, (4,)))
-    assert network.narrowed_layers == ("a", "b")
-
-
-def test_first_layer_not_a_convolution():
-    network, whole = _pair_of_networks(_NormFirst(), "pad", 16, 16)
-    images = torch.rand(2, 3, 16, 16, dtype=torch.float64)
-    _assert_same_gradients(network, whole, images, torch.randint(0, 10, (2,)))
-    assert network.narrowed_layers == () and network._input_convs[1] == ()
-
-
-def test_replaced_first_convolution_is_found_again():
-    model = torchvision.models.resnet18(num_classes=10)
-    network, _ = _pair_of_networks(model, "pad", 32, 32)
-    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
-    _gradients(network, images, torch.tensor([1, 2]))
-    assert network.narrowed_layers == ("conv1",)
-    # the stem replaced: the watched name now reads nothing, so the next forward looks again
-    model.conv1 = nn.Sequential(nn.Identity(), nn.Conv2d(3, 64, 7, 2, 3, bias=False).double())
-    whole = copy.deepcopy(network)
-    whole.narrow_input_grad = False
-    _assert_same_gradients(network, whole, images, torch.tensor([1, 2]))
-    assert network.narrowed_layers == ()
-    _assert_same_gradients(network, whole, images, torch.tensor([1, 2]))
-    assert network.narrowed_layers == ("conv1.1",)
-
-
 def test_images_that_require_grad_get_their_whole_gradient():
     network, whole = _pair_of_networks(_InputReadTwice(), "pad", 24, 24)
     images = torch.rand(2, 3, 24, 24, dtype=torch.float64, requires_grad=True)
@@ -207,7 +398,7 @@ def test_images_that_require_grad_get_their_whole_gradient():
     got_images = images.grad.clone()
     images.grad = None
     expected_params = _gradients(whole, images, labels)
-    assert network.narrowed_layers == ()
+    assert network.narrowed_convs == 0
     assert_close(got_images, images.grad)
     assert_close(got_params["prompt.program"], expected_params["prompt.program"])
 
@@ -217,32 +408,31 @@ def test_not_narrowed_without_a_program_gradient():
     images = torch.rand(2, 3, 24, 24, dtype=torch.float64)
     with torch.no_grad():
         network(images)
-    assert network.narrowed_layers == ()
+    assert network.narrowed_convs == 0
     network.prompt.program.requires_grad_(False)
     network(images).sum().backward()
-    assert network.narrowed_layers == ()
+    assert network.narrowed_convs == 0
     network(images, use_prompt=False)
-    assert network.narrowed_layers == ()
+    assert network.narrowed_convs == 0
 
 
 def test_prompt_only_training_with_frozen_weights():
-    """The convolution's output needs no gradient of its own: the narrowing still reaches the program."""
     model = torchvision.models.resnet18(num_classes=10)
     model.requires_grad_(False)
     network, whole = _pair_of_networks(model, "pad", 32, 32)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     _assert_same_gradients(network, whole, images, torch.tensor([3, 4]))
-    assert network.narrowed_layers == ("conv1",)
+    assert network.narrowed_convs == 1
 
 
 def test_bfloat16_autocast_gradients():
     model = V.sparsify(torchvision.models.resnet18(num_classes=10), "unstructured", "scaled")
-    network, whole = _pair_of_networks(model, "pad", 32, 32, channels_last=True, dtype=torch.float32)
+    network, whole = _pair_of_networks(model, "pad", 32, 32, dtype=torch.float32)
     images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8)
     labels = torch.randint(0, 10, (4,))
     with torch.autocast("cpu", torch.bfloat16):
         got = _gradients(network, images, labels)
         expected = _gradients(whole, images, labels)
-    assert network.narrowed_layers == ("conv1",)
+    assert network.narrowed_convs == 1
     program, reference = got["prompt.program"], expected["prompt.program"]
     assert ((program - reference).norm() / reference.norm()).item() < 2e-2

@@ -11,7 +11,7 @@ which never needs it (torch.profiler, bench/profile_step.py).
 :func:`conv2d_input_grad_in_boxes` computes the input gradient inside the given boxes, exactly
 (the transposed convolution of the output-gradient rows and columns that reach each box) and
 zero elsewhere; :func:`conv2d_input_grad_in_boxes_ref` is the whole gradient, masked.
-:func:`narrow_input_grad` attaches it to a convolution's output.
+:func:`narrow_input_grad` marks a network input so that the ``conv2d`` calls on it use it.
 """
 from __future__ import annotations
 
@@ -79,28 +79,34 @@ def conv2d_input_grad_in_boxes_ref(grad_output: torch.Tensor, weight: torch.Tens
     return full * inside
 
 
-class _InputGradInBoxes(torch.autograd.Function):
-    """Identity on the convolution's output (marked dirty, so no copy and no view); its backward
-    passes the output gradient on and gives the input the gradient inside the boxes."""
+class _ConvWithInputGradInBoxes(torch.autograd.Function):
+    """``conv2d(x, weight, bias)`` whose backward gives ``x`` the gradient inside the boxes only and
+    the weight and bias their whole gradients (``torch.nn.grad.conv2d_weight``: the same
+    ``convolution_backward`` autograd runs). The backward is written in differentiable ops, so a
+    double backward (``create_graph=True``) is right too."""
 
     @staticmethod
-    def forward(ctx, output, conv_input, weight, boxes, stride, padding, dilation, groups):
-        ctx.mark_dirty(output)
-        ctx.save_for_backward(weight)
-        ctx.geometry = (tuple(boxes), stride, padding, dilation, groups)
-        ctx.input_meta = (conv_input.shape, conv_input.dtype, _memory_format(conv_input))
-        return output
+    def forward(ctx, x, weight, bias, boxes, stride, padding, dilation, groups):
+        ctx.save_for_backward(x, weight)
+        ctx.geometry = (boxes, stride, padding, dilation, groups)
+        ctx.has_bias = bias is not None
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_input = None
-        if ctx.needs_input_grad[1]:
-            (weight,) = ctx.saved_tensors
+        with torch._C.DisableTorchFunctionSubclass():  # x may be a RegionGradInput
+            x, weight = ctx.saved_tensors
             boxes, stride, padding, dilation, groups = ctx.geometry
-            shape, dtype, memory_format = ctx.input_meta
-            grad_input = conv2d_input_grad_in_boxes(grad_output, weight, shape, boxes, stride, padding, dilation,
-                                                    groups, memory_format).to(dtype)
-        return grad_output, grad_input, None, None, None, None, None, None
+            grad_x = grad_weight = grad_bias = None
+            if ctx.needs_input_grad[0]:
+                grad_x = conv2d_input_grad_in_boxes(grad_output, weight, x.shape, boxes, stride, padding, dilation,
+                                                    groups, _memory_format(x)).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_output, stride, padding, dilation,
+                                                          groups)
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_bias = grad_output.sum((0, 2, 3))
+        return grad_x, grad_weight, grad_bias, None, None, None, None, None
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -109,13 +115,59 @@ def _memory_format(x: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def narrow_input_grad(output: torch.Tensor, conv_input: torch.Tensor, weight: torch.Tensor, boxes: Sequence[Box],
-                      stride=1, padding=0, dilation=1, groups: int = 1) -> torch.Tensor:
-    """``output`` (a convolution of ``conv_input.detach()``), now also differentiable in
-    ``conv_input``, whose gradient is exact inside ``boxes`` and zero outside them.
+_CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV2D_DEFAULTS = {"bias": None, "stride": 1, "padding": 0, "dilation": 1, "groups": 1}
 
-    Only for an input whose gradient is read inside the boxes alone (a prompt's program gradient
-    reads its region's pixels): anything reading the rest would see zeros. ``weight`` is the
-    weight the convolution used (detached; for a masked layer, the masked weight)."""
-    return _InputGradInBoxes.apply(output, conv_input, weight.detach(), tuple(tuple(b) for b in boxes),
-                                   _pair(stride), _pair(padding), _pair(dilation), int(groups))
+
+class RegionGradInput(torch.Tensor):
+    """A network input (the same data and autograd history as the tensor it was made from) whose
+    gradient is read inside ``region_boxes`` only. A ``conv2d`` called on this very tensor, with
+    grad enabled and the tensor not modified in place since, computes its input gradient inside
+    the boxes only (:class:`_ConvWithInputGradInBoxes`; ``narrowed_convs`` counts them); every
+    other op sees a plain tensor and returns one. Made by :func:`narrow_input_grad`."""
+
+    region_boxes: tuple[Box, ...]
+    created_version: int
+    narrowed_convs: int
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func is torch.conv2d and not torch.compiler.is_compiling():
+                call = dict(zip(_CONV2D_ARGS, args), **kwargs)
+                x = call.get("input")
+                if isinstance(x, cls) and x._narrowable(call):
+                    x.narrowed_convs += 1
+                    return _narrowed_conv2d(x, {**_CONV2D_DEFAULTS, **call})
+            return func(*args, **kwargs)
+
+    def _narrowable(self, call: dict) -> bool:
+        weight = call.get("weight")
+        return (torch.is_grad_enabled() and self.requires_grad and self._version == self.created_version
+                and self.dim() == 4 and isinstance(weight, torch.Tensor) and weight.dim() == 4
+                and not isinstance(call.get("padding", 0), str))
+
+
+def _narrowed_conv2d(x: torch.Tensor, call: dict) -> torch.Tensor:
+    """conv2d as autocast would run it (operands cast to its dtype), input gradient in the boxes."""
+    weight, bias, boxes = call["weight"], call["bias"], call["input"].region_boxes
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    with torch.autocast(x.device.type, enabled=False):
+        return _ConvWithInputGradInBoxes.apply(x, weight, bias, boxes, _pair(call["stride"]),
+                                               _pair(call["padding"]), _pair(call["dilation"]), int(call["groups"]))
+
+
+def narrow_input_grad(x: torch.Tensor, boxes: Sequence[Box]) -> RegionGradInput:
+    """``x`` (same data, same autograd history) for a network whose only reader of ``x``'s gradient
+    reads it inside ``boxes`` (a prompt's program reads its region's pixels): the ``conv2d`` calls
+    on ``x`` itself then compute their input gradient inside the boxes only, exactly, and zero
+    elsewhere. Their weight and bias gradients are whole."""
+    narrowed = x.as_subclass(RegionGradInput)
+    narrowed.region_boxes = tuple(tuple(int(v) for v in box) for box in boxes)
+    narrowed.created_version = x._version
+    narrowed.narrowed_convs = 0
+    return narrowed

@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 Box = tuple[int, int, int, int]  # rows [y0, y1) x columns [x0, x1)
 
+# RegionGradInput is a torch.Tensor subclass: its hundreds of inherited members stay out of the API pages.
+__all__ = ["conv2d_input_grad_in_boxes", "conv2d_input_grad_in_boxes_ref", "narrow_input_grad"]
+
 
 def _pair(value) -> tuple[int, int]:
     return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))

@@ -3,6 +3,7 @@ the box gradient against the whole gradient masked, and a PromptedNetwork's ever
 narrowing against the same network without it."""
 import copy
 import itertools
+import threading
 
 import pytest
 import torch
@@ -364,12 +365,12 @@ def test_two_threads_on_one_network():
     expected = [torch.autograd.grad(whole(b).pow(2).sum(), whole.prompt.program)[0] for b in batches]
 
     def work(thread):
-        return [torch.autograd.grad(network(batches[thread]).pow(2).sum(), network.prompt.program)[0]
-                for _ in range(20)]
-
-    for thread, grads in enumerate(run_in_threads(work, 2)):
-        for grad in grads:
+        for _ in range(20):
+            grad = torch.autograd.grad(network(batches[thread]).pow(2).sum(), network.prompt.program)[0]
             assert_close(grad, expected[thread], rtol=1e-9, atol=1e-12)
+            assert network.narrowed_convs == 2
+
+    assert run_in_threads(work, 2) == []  # the threads' failures, with their index
 
 
 def test_first_layer_not_a_convolution():
@@ -436,3 +437,117 @@ def test_bfloat16_autocast_gradients():
     assert network.narrowed_convs == 1
     program, reference = got["prompt.program"], expected["prompt.program"]
     assert ((program - reference).norm() / reference.norm()).item() < 2e-2
+
+
+# --------------------------------------------------------------------------- found in review
+
+def test_batched_backward():
+    """is_grads_batched (and a vectorized jacobian) runs the backward under vmap."""
+    weight = torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    leaf = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    boxes = [(0, 2, 0, 8), (2, 8, 0, 1)]
+    results = []
+    for marked in (ops.narrow_input_grad(leaf * 1.0, boxes), leaf * 1.0):
+        out = nn.functional.conv2d(marked, weight, None, 2, 1).flatten()[:5]
+        (grads,) = torch.autograd.grad(out, leaf, torch.eye(5, dtype=torch.float64), is_grads_batched=True)
+        results.append(grads)
+    inside = torch.zeros(8, 8, dtype=torch.bool)
+    for y0, y1, x0, x1 in boxes:
+        inside[y0:y1, x0:x1] = True
+    assert_close(results[0], results[1] * inside, rtol=1e-12, atol=1e-12)
+    assert results[0].abs().sum() > 0
+
+
+def test_other_subclasses_keep_their_own_torch_function():
+    class Doubled(torch.Tensor):  # a weight whose conv uses 2 * w (as a fake-quant weight might)
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            if func is torch.conv2d:
+                args = (args[0], args[1].as_subclass(torch.Tensor) * 2, *args[2:])
+            with torch._C.DisableTorchFunctionSubclass():
+                return func(*args, **(kwargs or {}))
+
+    weight = torch.randn(2, 3, 3, 3).as_subclass(Doubled)
+    plain = torch.randn(1, 3, 6, 6, requires_grad=True) * 1.0
+    marked = ops.narrow_input_grad(plain, [(0, 1, 0, 6)])
+    assert torch.equal(nn.functional.conv2d(marked, weight), nn.functional.conv2d(plain, weight))
+
+
+@pytest.mark.parametrize("stride,padding", [([2], [1]), ((2,), 1), (torch.tensor(2), torch.tensor(1))])
+def test_conv_arguments_in_every_form_conv2d_takes(stride, padding):
+    class Conv(nn.Conv2d):
+        def forward(self, x):
+            return nn.functional.conv2d(x, self.weight, None, stride, padding)
+
+    x = torch.randn(1, 3, 9, 9, dtype=torch.float64)
+    whole, narrow, count = _whole_and_narrowed(Conv(3, 2, 3, bias=False).double(), x, [(0, 9, 0, 3)])
+    assert count == 1
+    assert_close(narrow[0], whole[0], rtol=1e-12, atol=1e-12)
+
+
+def test_float64_conv_under_autocast_stays_float64():
+    conv = nn.Conv2d(3, 4, 3, padding=1).double()
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64, requires_grad=True)
+    with torch.autocast("cpu", torch.bfloat16):
+        out, reference = conv(ops.narrow_input_grad(x * 1.0, [(0, 8, 0, 8)])), conv(x * 1.0)
+    assert out.dtype == torch.float64 and torch.equal(out, reference)
+
+
+def test_inputs_needing_no_gradient_are_returned_as_they_are():
+    x = torch.randn(1, 3, 4, 4)
+    assert ops.narrow_input_grad(x, [(0, 1, 0, 4)]) is x
+    with torch.inference_mode():
+        y = torch.randn(1, 3, 4, 4)
+    assert ops.narrow_input_grad(y, [(0, 1, 0, 4)]) is y
+
+
+def test_random_prompt_region_of_each_thread_is_its_own():
+    """Each thread narrows to the square its own prompt call drew, not to another thread's last_offset."""
+    model = _Stem(nn.Conv2d(3, 4, 3, 2, 1)).double()  # the input read by the conv alone
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    network, whole = _pair_of_networks(model, "random", 24, 24)
+    images = torch.rand(2, 3, 24, 24, dtype=torch.float64)
+    # both threads' prompts draw before either takes its region: the race made certain
+    barrier, narrows = threading.Barrier(2, timeout=30), network._narrows
+    network._narrows = lambda *args: barrier.wait() is None or narrows(*args)
+
+    def work(thread):
+        for _ in range(10):
+            grad = torch.autograd.grad(network(images).pow(2).sum(), network.prompt.program)[0]
+            rows, cols = (grad.abs().sum(0) > 0).nonzero(as_tuple=True)
+            # the whole 6-pixel square of this call (narrowed to another call's square, it would be cut to
+            # the overlap of the two, or to nothing)
+            assert len(rows) and rows.max() - rows.min() == 5 and cols.max() - cols.min() == 5
+
+    assert run_in_threads(work, 2) == []  # the threads' failures, with their index
+
+
+def test_compiled_forward_methods_and_functions():
+    model = _Stem(nn.Conv2d(3, 4, 3, 2, 1)).double()
+    model(torch.rand(1, 3, 24, 24, dtype=torch.float64))
+    network, whole = _pair_of_networks(model, "pad", 24, 24)
+    network.model.forward = torch.compile(network.model.forward, backend="aot_eager")
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == 0
+
+    class CallsACompiledFunction(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 10)
+            self.pool = torch.compile(lambda x: x.mean((2, 3)), backend="aot_eager")
+
+        def forward(self, x):
+            return self.fc(self.pool(x))
+
+    network, _ = _pair_of_networks(CallsACompiledFunction().double(), "pad", 24, 24)
+    with pytest.raises(TypeError, match="narrow_input_grad=False"):
+        network(torch.rand(2, 3, 24, 24, dtype=torch.float64))
+
+
+def test_prompts_with_hooks_are_not_narrowed():
+    network, whole = _pair_of_networks(_InputReadTwice(), "pad", 24, 24)
+    bias = nn.Parameter(torch.zeros(3, 24, 24, dtype=torch.float64))
+    for net in (network, whole):
+        net.prompt.register_forward_hook(lambda module, args, out: out + bias)
+    _assert_same_gradients(network, whole, torch.rand(2, 3, 24, 24, dtype=torch.float64), torch.tensor([0, 1]))
+    assert network.narrowed_convs == 0

@@ -7,12 +7,17 @@ Each module's output equals the VPNs release module of the same kind given the s
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from vpns_fast import ops
+
+# Per thread: (id of the prompt, its region arguments) of the last forward, for the region of that very call
+# (a random prompt draws its square anew each call; threads sharing one prompt must not see each other's).
+_LAST_CALL = threading.local()
 
 
 class VisualPrompt(nn.Module):
@@ -62,9 +67,24 @@ class VisualPrompt(nn.Module):
         return {}
 
     def forward(self, images: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self._prompted(images, out_dtype, self._region_args())
+
+    def _prompted(self, images: torch.Tensor, out_dtype: torch.dtype | None, region_args: dict) -> torch.Tensor:
         self._check_images(images)
-        return ops.prompt_normalize(images, self.program, self.kind, mean=self.mean, std=self.std,
-                                    out_dtype=out_dtype, **self._region_args())
+        out = ops.prompt_normalize(images, self.program, self.kind, mean=self.mean, std=self.std,
+                                   out_dtype=out_dtype, **region_args)
+        _LAST_CALL.call = (id(self), dict(region_args))
+        return out
+
+    def last_region_boxes(self) -> list[tuple[int, int, int, int]] | None:
+        """The region of this thread's last forward of this prompt, as disjoint boxes; None if this thread's
+        last prompt call was another prompt's."""
+        from vpns_fast.kernels.prompt import prompt_region_boxes
+
+        call = getattr(_LAST_CALL, "call", None)
+        if call is None or call[0] != id(self):
+            return None
+        return prompt_region_boxes(self.kind, self.out_size, self.in_size, **call[1])
 
     def extra_repr(self) -> str:
         extra = "".join(f", {k}={v}" for k, v in self._region_args().items())
@@ -128,7 +148,8 @@ class RandomPrompt(FixPrompt):
         span = self.out_size - self.mask_size
         row, col = torch.randint(span, (2,), generator=self.generator).tolist()
         self.last_offset = (row, col)
-        return super().forward(images, out_dtype)
+        # this call's square, not last_offset read back (another thread may have drawn since)
+        return self._prompted(images, out_dtype, {"mask_size": self.mask_size, "row": row, "col": col})
 
 
 class ExpansivePrompt(VisualPrompt):

@@ -27,7 +27,14 @@ __all__ = ["conv2d_input_grad_in_boxes", "conv2d_input_grad_in_boxes_ref", "narr
 
 
 def _pair(value) -> tuple[int, int]:
-    return (int(value), int(value)) if isinstance(value, int) else (int(value[0]), int(value[1]))
+    """(h, w) from an int, a numpy or 0-d tensor integer, or a sequence of one or two, as conv2d takes them."""
+    if isinstance(value, (list, tuple)):
+        return (int(value[0]), int(value[-1])) if len(value) in (1, 2) else _too_many(value)
+    return int(value), int(value)
+
+
+def _too_many(value) -> tuple[int, int]:
+    raise ValueError(f"expected an int or a sequence of 1 or 2 ints, got {value!r}")
 
 
 def _reaching_outputs(start: int, stop: int, size_out: int, kernel: int, stride: int, padding: int,
@@ -47,9 +54,13 @@ def conv2d_input_grad_in_boxes(grad_output: torch.Tensor, weight: torch.Tensor, 
     output-gradient rows and columns that reach it (the box plus the kernel's reach)."""
     stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
     kernel = weight.shape[-2:]
-    grad_input = torch.empty(tuple(input_shape), dtype=grad_output.dtype, device=grad_output.device,
-                             memory_format=memory_format).zero_()
+    # Under vmap (is_grads_batched, a vectorized jacobian) the parts are batched: summed out of place, each
+    # padded to the whole input, since a batched part cannot be written into an unbatched tensor.
+    batched = _is_batched(grad_output)
+    grad_input = None if batched else torch.empty(tuple(input_shape), dtype=grad_output.dtype,
+                                                  device=grad_output.device, memory_format=memory_format).zero_()
     weight = weight.to(grad_output.dtype)
+    height, width = input_shape[-2:]
     for y0, y1, x0, x1 in boxes:
         bounds = []
         for axis, (start, stop) in enumerate(((y0, y1), (x0, x1))):
@@ -66,8 +77,22 @@ def conv2d_input_grad_in_boxes(grad_output: torch.Tensor, weight: torch.Tensor, 
         top, bottom = max(y0, oy), min(y1, oy + part.shape[2])
         left, right = max(x0, ox), min(x1, ox + part.shape[3])
         if top < bottom and left < right:
-            grad_input[:, :, top:bottom, left:right] = part[:, :, top - oy:bottom - oy, left - ox:right - ox]
+            inside = part[:, :, top - oy:bottom - oy, left - ox:right - ox]
+            if batched:
+                padded = F.pad(inside, (left, width - right, top, height - bottom))
+                grad_input = padded if grad_input is None else grad_input + padded
+            else:
+                grad_input[:, :, top:bottom, left:right] = inside
+    if grad_input is None:  # batched, and no box read by any output
+        grad_input = grad_output.new_zeros(tuple(input_shape))
     return grad_input
+
+
+def _is_batched(t: torch.Tensor) -> bool:
+    """A vmapped tensor: torch.vmap's, or the legacy one autograd's is_grads_batched uses."""
+    functorch = torch._C._functorch
+    return any(check is not None and check(t) for check in
+               (getattr(functorch, "is_batchedtensor", None), getattr(functorch, "is_legacy_batchedtensor", None)))
 
 
 def conv2d_input_grad_in_boxes_ref(grad_output: torch.Tensor, weight: torch.Tensor, input_shape: Sequence[int],
@@ -136,6 +161,8 @@ class RegionGradInput(torch.Tensor):
     @classmethod
     def __torch_function__(cls, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if any(t is not cls and not issubclass(cls, t) for t in types):
+            return NotImplemented  # another subclass's own __torch_function__ decides (we then see none)
         with torch._C.DisableTorchFunctionSubclass():
             if func is torch.conv2d and not torch.compiler.is_compiling():
                 call = dict(zip(_CONV2D_ARGS, args), **kwargs)
@@ -157,18 +184,27 @@ def _narrowed_conv2d(x: torch.Tensor, call: dict) -> torch.Tensor:
     weight, bias, boxes = call["weight"], call["bias"], call["input"].region_boxes
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = None if bias is None else bias.to(dtype)
+        x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
         return _ConvWithInputGradInBoxes.apply(x, weight, bias, boxes, _pair(call["stride"]),
                                                _pair(call["padding"]), _pair(call["dilation"]), int(call["groups"]))
 
 
-def narrow_input_grad(x: torch.Tensor, boxes: Sequence[Box]) -> RegionGradInput:
+def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """As autocast casts an operand of conv2d: floating point other than float64."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def narrow_input_grad(x: torch.Tensor, boxes: Sequence[Box]) -> torch.Tensor:
     """``x`` (same data, same autograd history) for a network whose only reader of ``x``'s gradient
     reads it inside ``boxes`` (a prompt's program reads its region's pixels): the ``conv2d`` calls
     on ``x`` itself then compute their input gradient inside the boxes only, exactly, and zero
-    elsewhere. Their weight and bias gradients are whole."""
+    elsewhere. Their weight and bias gradients are whole. A tensor that needs no gradient (or an
+    inference tensor) is returned as it is."""
+    if x.is_inference() or not x.requires_grad:
+        return x
     narrowed = x.as_subclass(RegionGradInput)
     narrowed.region_boxes = tuple(tuple(int(v) for v in box) for box in boxes)
     narrowed.created_version = x._version

@@ -25,13 +25,15 @@ Returns [row_ptr (int64, C_out + 1), channel_index (int32, nnz), tap_index (int3
 values (float32, nnz)]: for each output channel, its nonzero weights in (c_in, kh, kw) order.
 Exact zeros are skipped (NaN and inf are kept).)doc");
   m.def("sparse_conv2d_offsets", &vpns::sparse_conv2d_offsets, py::arg("row_ptr"), py::arg("channel_index"),
-        py::arg("tap_index"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"), py::arg("channel_block") = 0,
+        py::arg("tap_index"), py::arg("values"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"), py::arg("channel_block") = 0,
         R"doc(The input-size-dependent part of a packed weight, for inputs of spatial size input_size = (H, W):
 [offsets (int32, nnz): where each nonzero reads the padded input planes,
- segments (int64, C_out * blocks + 1): each output channel's nonzeros split by input-channel block].
+ segments (int64, C_out * blocks + 1): the nonzeros split by input-channel block, block-major (block j's
+   output channels one after another: channel o's run is segments[j * C_out + o] .. [j * C_out + o + 1]),
+ values (float32, nnz): the packed values in that order].
 
-Callers compute them once per input size and pass them to sparse_conv2d. channel_block: input channels
+Callers compute them once per input size and pass all three to sparse_conv2d. channel_block: input channels
 per block (0 = chosen so that a block's input tile fits in L1).)doc");
   m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
@@ -44,8 +46,8 @@ F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
 1 relu, 2 silu, 3 relu6, 4 hardswish, 5 sigmoid, 6 hardsigmoid, each as torch computes it).
 
-input: float32 CPU [N, C_in, H, W]; values from sparse_conv2d_pack(weight); segments and offsets from
-sparse_conv2d_offsets(..., input_size=(H, W), same stride/padding/dilation); bias: float32 [C_out] or None.
+input: float32 CPU [N, C_in, H, W]; segments, offsets and values from sparse_conv2d_offsets(..., input_size=(H, W),
+same stride/padding/dilation) (values in its order, not the pack function's); bias: float32 [C_out] or None.
 Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded input.)doc");
   m.def("sparse_linear_pack", &vpns::sparse_linear_pack, py::arg("weight"),
         R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:

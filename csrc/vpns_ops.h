@@ -15,10 +15,10 @@ at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std
 // csrc/sparse_conv.cpp
 std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight);
 std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const at::Tensor& channel_index,
-                                              const at::Tensor& tap_index, std::vector<int64_t> weight_shape,
-                                              std::vector<int64_t> input_size, std::vector<int64_t> stride,
-                                              std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                                              int64_t channel_block);
+                                              const at::Tensor& tap_index, const at::Tensor& values,
+                                              std::vector<int64_t> weight_shape, std::vector<int64_t> input_size,
+                                              std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                              std::vector<int64_t> dilation, int64_t channel_block);
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,

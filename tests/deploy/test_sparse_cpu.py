@@ -433,8 +433,8 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
     x = torch.randn(batch, 600, 13, 17, generator=generator)
     ops = sparse_cpu._ops()
     row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
-    offsets, segments = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, [20, 600, 1, 1], [13, 17],
-                                                  [1, 1], [0, 0], [1, 1], channel_block)
+    offsets, segments, values = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, [20, 600, 1, 1],
+                                                          [13, 17], [1, 1], [0, 0], [1, 1], channel_block)
     blocks = (segments.numel() - 1) // 20
     assert blocks == -(-600 // channel_block) if channel_block else blocks > 1  # several blocks by default too
     previous = torch.get_num_threads()
@@ -755,13 +755,14 @@ def test_errors():
 
     ops = _extension.load()
     packed = ops.sparse_conv2d_pack(torch.randn(4, 4, 3, 3))
-    offsets, segments = ops.sparse_conv2d_offsets(packed[0], packed[1], packed[2], [4, 4, 3, 3], [16, 16],
-                                                  [1], [1], [1])
+    offsets, segments, values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [16, 16], [1], [1], [1])
     with pytest.raises(RuntimeError, match="offsets do not fit"):  # offsets built for a larger input
-        ops.sparse_conv2d(torch.randn(1, 4, 8, 8), segments, offsets, packed[3], [4, 4, 3, 3], None, [1], [1], [1])
+        ops.sparse_conv2d(torch.randn(1, 4, 8, 8), segments, offsets, values, [4, 4, 3, 3], None, [1], [1], [1])
     with pytest.raises(RuntimeError, match="int64"):
-        ops.sparse_conv2d(torch.randn(1, 4, 16, 16), segments.int(), offsets, packed[3], [4, 4, 3, 3], None,
+        ops.sparse_conv2d(torch.randn(1, 4, 16, 16), segments.int(), offsets, values, [4, 4, 3, 3], None,
                           [1], [1], [1])
+    with pytest.raises(RuntimeError, match="values must be"):  # values of another weight
+        ops.sparse_conv2d_offsets(*packed[:3], packed[3][:-1], [4, 4, 3, 3], [16, 16], [1], [1], [1])
 
 
 def test_kernel_isa_choice_is_checked_and_read_from_the_environment(tmp_path):
@@ -968,3 +969,25 @@ def test_a_sparse_layer_follows_a_new_geometry_and_old_pickles_still_run():
         old = sparse_cpu.SparseConv2d.__new__(sparse_cpu.SparseConv2d)
         old.__setstate__(state)
         torch.testing.assert_close(old(x, residual), expected + residual, rtol=1e-5, atol=1e-5)
+
+
+def test_offsets_lay_the_nonzeros_out_block_major():
+    """sparse_conv2d_offsets orders the nonzeros by input-channel block, then output channel (each block's
+    rows one sequential run, SegmentLayout in csrc/sparse_conv.cpp), and returns the values in that order."""
+    generator = torch.Generator().manual_seed(5)
+    weight = masked((6, 40, 3, 3), 0.3, generator)
+    ops = sparse_cpu._ops()
+    row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+    offsets, segments, ordered = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, [6, 40, 3, 3],
+                                                           [9, 9], [1, 1], [1, 1], [1, 1], 7)
+    blocks, rows, stride = -(-40 // 7), 6, 11 * 11  # the padded 11x11 plane of each input channel
+    assert segments.numel() == rows * blocks + 1 and torch.all(segments.diff() >= 0)
+    for j in range(blocks):
+        for r in range(rows):
+            run = slice(segments[j * rows + r].item(), segments[j * rows + r + 1].item())
+            channels = offsets[run] // stride
+            assert torch.all((channels >= 7 * j) & (channels < 7 * (j + 1)))
+            taps = offsets[run] % stride
+            expected = weight[r, channels, taps // 11, taps % 11]
+            assert torch.equal(ordered[run], expected)
+    assert sorted(ordered.tolist()) == sorted(values.tolist())

@@ -443,20 +443,24 @@ class SparseConv2d(_FusedActivation, nn.Module):
         weight[rows, channels, self.tap_index.long()] = self.values
         return weight.view(out_channels, in_channels, kernel_h, kernel_w)
 
-    def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offsets, segments, values in the kernel's block-major order) for inputs of height x width. The
+        ordered values are a copy kept per cached input size (4 bytes a nonzero each): the block size, and so
+        the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout)."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
         buffers = self._buffers
-        channel_index, tap_index = buffers["channel_index"], buffers["tap_index"]
-        if channel_index.is_inference() or tap_index.is_inference():
+        channel_index, tap_index, values = buffers["channel_index"], buffers["tap_index"], buffers["values"]
+        if channel_index.is_inference() or tap_index.is_inference() or values.is_inference():
             # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
-            # counter to reveal an in-place change: recompute rather than risk stale offsets
+            # counter to reveal an in-place change: recompute rather than risk stale offsets or values
             return self._compute_geometry(height, width)
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
-        # different mask with the same number of nonzeros, whose offsets differ
+        # different mask with the same number of nonzeros, whose offsets differ, or other values
         key = (height, width, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
-               tap_index._version, *_hashable_geometry(self))  # an attribute set anew: new offsets
+               tap_index._version, values.data_ptr(), values._version,
+               *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
         cached = cache.get(key)
         if cached is None:
@@ -472,10 +476,10 @@ class SparseConv2d(_FusedActivation, nn.Module):
         self._geometry_cache = kept
         return cached
 
-    def _compute_geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _compute_geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(_ops().sparse_conv2d_offsets(
-            self.row_ptr, self.channel_index, self.tap_index, list(self.weight_shape), [height, width],
-            list(self.stride), list(self.padding), list(self.dilation)))
+            self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
+            [height, width], list(self.stride), list(self.padding), list(self.dilation)))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
                 residual_reusable: bool = False) -> torch.Tensor:
@@ -510,9 +514,9 @@ class SparseConv2d(_FusedActivation, nn.Module):
         return shape
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-        offsets, segments = self._geometry(x.shape[2], x.shape[3])
+        offsets, segments, values = self._geometry(x.shape[2], x.shape[3])
         buffers = self._buffers
-        return _ops().sparse_conv2d(x, segments, offsets, buffers["values"], self.weight_shape, buffers["bias"],
+        return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
                                     EPILOGUE_ACTIVATIONS.get(activation, 0))
 

@@ -533,9 +533,18 @@ def _cmd_tune(args) -> int:
         print(json.dumps({"table": path, "rows": rows}, indent=2))
         return 0
     print(f"{'batch':>5s}  {'stage':8s}  {'layer':24s} {'igemm ms':>9s} {'cudnn ms':>9s}  choice")
+    refused = False
     for r in rows:
-        ms = {name: f"{r['ms'][name]:9.3f}" if name in r["ms"] else f"{'-':>9s}" for name in ("igemm", "cudnn")}
+        ms = {}
+        for name in ("igemm", "cudnn"):
+            value = r["ms"].get(name)
+            refused |= value == float("inf")
+            text = "-" if value is None else "refused" if value == float("inf") else f"{value:.3f}"
+            ms[name] = f"{text:>9s}"
         print(f"{r['batch']:5d}  {r['stage']:8s}  {r['layer']:24s} {ms['igemm']} {ms['cudnn']}  {r['choice']}")
+    if refused:
+        print("refused: the candidate does not take this call (the implicit GEMM: groups > 1, or bf16/fp16 autocast "
+              "over float32 weights, whose straight-through gradient would see the rounded weight)")
     print(f"table: {path}")
     return 0
 

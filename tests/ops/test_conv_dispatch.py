@@ -260,6 +260,19 @@ def test_vpns_tune_writes_the_table(table_path, monkeypatch, capsys):
     assert len(saved) == len(out["rows"]) > 0
 
 
+def test_vpns_tune_says_why_a_candidate_has_no_time(table_path, monkeypatch, capsys):
+    """A candidate that refuses the call is printed as refused, with the reasons, not as inf."""
+    from vpns_fast.cli import main
+
+    FakeCandidates(monkeypatch, refuse_igemm=True)
+    monkeypatch.setattr(cd, "_wall_timer", lambda fn: (fn(), 1.0)[1])
+    with pytest.warns(UserWarning, match="Triton interpreter"):
+        assert main(["tune", "--model", "small_resnet", "--input-size", "16", "--batch", "2", "--stage", "infer",
+                     "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert " inf " not in out and "  refused" in out and "refused: the candidate does not take this call" in out
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 def test_igemm_candidate_matches_the_reference_and_follows_autocast(ieee_fp32):
     """The real igemm candidate (on CUDA, else interpreted on a CPU): plain, and under bf16 autocast

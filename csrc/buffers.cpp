@@ -48,6 +48,9 @@ class BufferCache {
     return buffer;
   }
 
+  // Equal-sized idle buffers go out oldest first. Tried, not kept: the one given back last first (the likeliest
+  // still in cache): ResNet-50 / ResNet-18 at 10% kept, batch 1, 2 threads, 16 interleaved rounds in one process
+  // (2-core AMD EPYC, 2026-12-04): 1.010x (p20-p80 0.90-1.07x) / 0.977x (0.93-1.03x).
   void give_back(void* buffer, size_t bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);

@@ -1,6 +1,7 @@
 """Host-side helpers shared by the kernel files: layouts, conv geometry arguments, offset limits."""
 from __future__ import annotations
 
+import operator
 import os
 
 import torch
@@ -33,16 +34,25 @@ def as_pair(value) -> tuple:
     return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
 
 
+def memory_format_of(t: torch.Tensor) -> torch.memory_format:
+    """The memory format a conv gives its output and input gradient for input ``t`` (as F.conv2d does)."""
+    return torch.channels_last if is_channels_last(t) else torch.contiguous_format
+
+
 def int_pair(value, name: str) -> tuple[int, int]:
-    """A conv stride / padding / dilation as ``(h, w)`` ints: an int, or a sequence of one or two."""
+    """A conv stride / padding / dilation as ``(h, w)`` ints: an integer (a Python, numpy or 0-d tensor
+    one, as F.conv2d takes), or a sequence of one or two."""
     if isinstance(value, str):
         raise ValueError(f"{name}={value!r}: string {name} is not supported by the implicit-GEMM conv; "
                          f"pass integers")
-    if isinstance(value, int):
-        return value, value
-    value = tuple(value)
+    if not isinstance(value, (tuple, list)):
+        value = (value,)
     if len(value) == 1:
-        value = value * 2
-    if len(value) != 2 or not all(isinstance(v, int) for v in value):
+        value = tuple(value) * 2
+    try:
+        pair = tuple(operator.index(v) for v in value)
+    except TypeError:
+        pair = ()
+    if len(pair) != 2:
         raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
-    return value
+    return pair

@@ -67,7 +67,12 @@ import os
 
 import torch
 
-from vpns_fast.kernels._common import MAX_INT32_OFFSET, TRITON_INTERPRETED, int_pair, is_channels_last
+from vpns_fast.kernels._common import (
+    MAX_INT32_OFFSET,
+    TRITON_INTERPRETED,
+    int_pair,
+    memory_format_of,
+)
 from vpns_fast.kernels._library import custom_op
 from vpns_fast.kernels._triton import HAS_TRITON, tl, triton
 from vpns_fast.kernels.masked import (
@@ -498,13 +503,8 @@ def _conv_geometry(x, weight, scores, bias, stride, padding, dilation, groups=1)
     return _Geometry(n, c_in, h, w, c_out, kh, kw, oh, ow, stride, padding, dilation, group)
 
 
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The input's memory format, which the output and dL/dx take (as F.conv2d does)."""
-    return torch.channels_last if is_channels_last(x) else torch.contiguous_format
-
-
 def _new_like_input(x, shape):
-    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=memory_format_of(x))
 
 
 def _kernel_options(x, weight, scores):

@@ -426,3 +426,19 @@ def test_int32_offsets_are_checked_on_the_reach_of_strided_views():
     with pytest.raises(ValueError, match="x reaches offset"):
         C._conv_geometry(x, w, w, None, 1, 0, 1)
     C._conv_geometry(huge.as_strided((2, 1, 3, 3), (9, 9, 3, 1)), w, w, None, 1, 0, 1)  # a small reach is fine
+
+
+def test_int_pair_takes_what_conv2d_takes():
+    """Conv geometry arguments as F.conv2d takes them (also numpy and 0-d tensor integers), and the rest refused."""
+    import numpy as np
+
+    from vpns_fast.kernels._common import int_pair
+
+    for value, pair in ((2, (2, 2)), ([3], (3, 3)), ((1, 2), (1, 2)), (np.int64(2), (2, 2)),
+                        (torch.tensor(4), (4, 4)), ([np.int32(1), 5], (1, 5))):
+        assert int_pair(value, "stride") == pair
+    for bad in (2.0, (1, 2, 3), (1.5, 1)):
+        with pytest.raises(ValueError, match="stride must be an int or a pair of ints"):
+            int_pair(bad, "stride")
+    with pytest.raises(ValueError, match="string stride"):
+        int_pair("same", "stride")

@@ -57,12 +57,6 @@ class VisualPrompt(nn.Module):
 
         return prompt_region_ref(self.kind, self.out_size, self.in_size, **self._region_args())
 
-    def region_boxes(self) -> list[tuple[int, int, int, int]]:
-        """The region as disjoint boxes (y0, y1, x0, x1): rows [y0, y1) x columns [x0, x1)."""
-        from vpns_fast.kernels.prompt import prompt_region_boxes
-
-        return prompt_region_boxes(self.kind, self.out_size, self.in_size, **self._region_args())
-
     def _region_args(self) -> dict:
         return {}
 
@@ -73,12 +67,12 @@ class VisualPrompt(nn.Module):
         self._check_images(images)
         out = ops.prompt_normalize(images, self.program, self.kind, mean=self.mean, std=self.std,
                                    out_dtype=out_dtype, **region_args)
-        _LAST_CALL.call = (id(self), dict(region_args))
+        _LAST_CALL.call = (id(self), region_args)
         return out
 
     def last_region_boxes(self) -> list[tuple[int, int, int, int]] | None:
-        """The region of this thread's last forward of this prompt, as disjoint boxes; None if this thread's
-        last prompt call was another prompt's."""
+        """The region of this thread's last forward of this prompt, as disjoint boxes (y0, y1, x0, x1): rows
+        [y0, y1) x columns [x0, x1); None if this thread's last prompt call was another prompt's."""
         from vpns_fast.kernels.prompt import prompt_region_boxes
 
         call = getattr(_LAST_CALL, "call", None)

@@ -20,21 +20,16 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from vpns_fast.kernels._common import int_pair, memory_format_of
+
 Box = tuple[int, int, int, int]  # rows [y0, y1) x columns [x0, x1)
 
 # RegionGradInput is a torch.Tensor subclass: its hundreds of inherited members stay out of the API pages.
 __all__ = ["conv2d_input_grad_in_boxes", "conv2d_input_grad_in_boxes_ref", "narrow_input_grad"]
 
 
-def _pair(value) -> tuple[int, int]:
-    """(h, w) from an int, a numpy or 0-d tensor integer, or a sequence of one or two, as conv2d takes them."""
-    if isinstance(value, (list, tuple)):
-        return (int(value[0]), int(value[-1])) if len(value) in (1, 2) else _too_many(value)
-    return int(value), int(value)
-
-
-def _too_many(value) -> tuple[int, int]:
-    raise ValueError(f"expected an int or a sequence of 1 or 2 ints, got {value!r}")
+def _conv_pairs(stride, padding, dilation) -> tuple[tuple[int, int], ...]:
+    return tuple(int_pair(v, name) for v, name in ((stride, "stride"), (padding, "padding"), (dilation, "dilation")))
 
 
 def _reaching_outputs(start: int, stop: int, size_out: int, kernel: int, stride: int, padding: int,
@@ -52,7 +47,7 @@ def conv2d_input_grad_in_boxes(grad_output: torch.Tensor, weight: torch.Tensor, 
     """The input gradient of ``conv2d(input, weight, stride, padding, dilation, groups)`` inside
     ``boxes`` (disjoint), zero outside them. Each box costs one transposed convolution over the
     output-gradient rows and columns that reach it (the box plus the kernel's reach)."""
-    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    stride, padding, dilation = _conv_pairs(stride, padding, dilation)
     kernel = weight.shape[-2:]
     # Under vmap (is_grads_batched, a vectorized jacobian) the parts are batched: summed out of place, each
     # padded to the whole input, since a batched part cannot be written into an unbatched tensor.
@@ -100,7 +95,7 @@ def conv2d_input_grad_in_boxes_ref(grad_output: torch.Tensor, weight: torch.Tens
                                    groups: int = 1) -> torch.Tensor:
     """Reference: the whole input gradient (torch.nn.grad.conv2d_input), zeroed outside ``boxes``."""
     full = torch.nn.grad.conv2d_input(tuple(input_shape), weight.to(grad_output.dtype), grad_output,
-                                      _pair(stride), _pair(padding), _pair(dilation), groups)
+                                      *_conv_pairs(stride, padding, dilation), groups)
     inside = torch.zeros(tuple(input_shape[-2:]), dtype=torch.bool, device=grad_output.device)
     for y0, y1, x0, x1 in boxes:
         inside[y0:y1, x0:x1] = True
@@ -128,19 +123,13 @@ class _ConvWithInputGradInBoxes(torch.autograd.Function):
             grad_x = grad_weight = grad_bias = None
             if ctx.needs_input_grad[0]:
                 grad_x = conv2d_input_grad_in_boxes(grad_output, weight, x.shape, boxes, stride, padding, dilation,
-                                                    groups, _memory_format(x)).to(x.dtype)
+                                                    groups, memory_format_of(x)).to(x.dtype)
             if ctx.needs_input_grad[1]:
                 grad_weight = torch.nn.grad.conv2d_weight(x, weight.shape, grad_output, stride, padding, dilation,
                                                           groups)
             if ctx.has_bias and ctx.needs_input_grad[2]:
                 grad_bias = grad_output.sum((0, 2, 3))
         return grad_x, grad_weight, grad_bias, None, None, None, None, None
-
-
-def _memory_format(x: torch.Tensor) -> torch.memory_format:
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 _CONV2D_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -186,8 +175,9 @@ def _narrowed_conv2d(x: torch.Tensor, call: dict) -> torch.Tensor:
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight, bias = (_autocast_cast(t, dtype) for t in (x, weight, bias))
     with torch.autocast(x.device.type, enabled=False):
-        return _ConvWithInputGradInBoxes.apply(x, weight, bias, boxes, _pair(call["stride"]),
-                                               _pair(call["padding"]), _pair(call["dilation"]), int(call["groups"]))
+        return _ConvWithInputGradInBoxes.apply(x, weight, bias, boxes,
+                                               *_conv_pairs(call["stride"], call["padding"], call["dilation"]),
+                                               int(call["groups"]))
 
 
 def _autocast_cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:

@@ -18,7 +18,8 @@ if HAS_TRITON:
     # Always cold: on an H200 the warm start measured no faster than a cold select (kernels/threshold.py).
     register("triton", "topk_threshold", topk_threshold_triton)
     # Layer scope: every layer's select in one launch per pass (a select per layer is launch-bound:
-    # 5.4-7.1 ms for ResNet-18's 21 layers on an H200, against 1.8 ms for a per-layer sort).
+    # 5.4-7.1 ms for ResNet-18's 21 layers on an H200, against 1.8 ms for a per-layer sort; segmented,
+    # 0.41 ms against 2.29 ms for the sort, bench/results/GPU.md run 3).
     register("triton", "topk_threshold_layers", topk_threshold_layers_triton)
     # masked_conv2d: per call shape the measured faster of the implicit-GEMM conv and the fused
     # mask kernel + cuDNN (vpns_fast/ops/conv_dispatch.py); cuDNN where nothing was measured.

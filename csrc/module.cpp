@@ -61,6 +61,17 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
         py::arg("padding"), py::call_guard<py::gil_scoped_release>(),
         R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
+  m.def("winograd_conv2d", &vpns::winograd_conv2d, py::arg("input"), py::arg("weight"), py::arg("bias"),
+        py::arg("padding"), py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("chunk_tiles") = 0,
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(Dense 3x3 convolution, stride 1, dilation 1, groups 1, zero padding, by Winograd's F(4x4, 3x3):
+act(F.conv2d(input, w, bias, padding=padding) + residual) within float32 rounding (about 5e-6 of the output's
+largest magnitude), as a channels_last tensor.
+
+input: float32 CPU [N, C_in, H, W] (channels_last is read in place, anything else copied); weight: the
+[36, C_in, C_out] float32 transform of w made by vpns_fast.deploy.sparse_cpu.winograd_weight; bias: float32
+[C_out] or None; residual: float32 of the output's shape, or None; activation: 0 none, 1 relu (NaN kept);
+chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed data).)doc");
   m.def(
       "activation_buffer",
       [](std::vector<int64_t> sizes, bool channels_last) {

@@ -34,6 +34,11 @@ int64_t set_streamed_output_bytes(int64_t bytes);
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);
 
+// csrc/winograd.cpp: act(conv3x3(input) + bias (+ residual)), stride 1, by F(4x4, 3x3); weight from winograd_weight.
+at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                           std::vector<int64_t> padding, const std::optional<at::Tensor>& residual, int64_t activation,
+                           int64_t chunk_tiles);
+
 // csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.
 at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
 // t itself when contiguous, else a contiguous copy in such a tensor (a channels_last activation from a dense

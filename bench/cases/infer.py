@@ -249,6 +249,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
         p["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
+        p["winograd_layers"] = sum(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
         p["convert_repeats"] = repeats
         with torch.no_grad():
             error, _scale = _max_error(converted(inputs[0]), model(inputs[0]))

@@ -219,7 +219,8 @@ def test_convert_for_cpu_table_schema_and_policies():
                           nn.Flatten(), nn.Linear(8 * 6 * 6, 5), nn.Linear(5, 5))
     x = torch.randn(1, 3, 8, 8)
     keys = {"name", "type", "weight_shape", "input_shape", "density", "nnz", "dense_ms", "sparse_ms", "speedup",
-            "chosen", "reason", "fused", "flops", "dense_flops"}
+            "chosen", "reason", "fused", "flops", "dense_flops", "dense_algorithm", "onednn_ms", "winograd_ms",
+            "winograd_note"}
     converted, table = sparse_cpu.convert_for_cpu(model, x, policy="measure", repeats=3)
     assert [row["name"] for row in table] == ["0", "2", "4", "5"]
     for row in table:
@@ -235,6 +236,10 @@ def test_convert_for_cpu_table_schema_and_policies():
         made_sparse = "network ran faster with it sparse" in row["reason"]
         assert (row["chosen"] == "sparse") == ((faster and not flipped) or made_sparse)
     assert table[0]["input_shape"] == [1, 3, 8, 8] and table[0]["weight_shape"] == [8, 3, 3, 3]
+    # the dense stand-ins: oneDNN or Winograd for the 3x3 stride-1 conv (both timed), oneDNN for the grouped one
+    assert table[0]["dense_algorithm"] in ("oneDNN", "Winograd") and table[0]["winograd_ms"] > 0
+    assert table[1]["dense_algorithm"] == "oneDNN" and table[1]["winograd_note"] == "not stride 1, dilation 1, groups 1"
+    assert table[2]["dense_algorithm"] is None and table[2]["winograd_ms"] is None  # a Linear
     with torch.no_grad():
         assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
     dense_copy, dense_table = sparse_cpu.convert_for_cpu(model, x, policy="dense")
@@ -936,7 +941,7 @@ def test_the_all_dense_variant_of_a_grouped_sparse_conv_is_grouped():
                           nn.Conv2d(16, 32, 3, padding=1, groups=4))
     x = torch.randn(2, 3, 12, 12)
     converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
-    variant, names = sparse_cpu._all_convs_dense(converted)
+    variant, names = sparse_cpu._all_convs_dense(converted, table=[])
     for name, groups in (("2", 16), ("3", 4)):
         dense = variant.get_submodule(name)
         assert isinstance(dense, sparse_cpu.DenseConv2d) and dense.groups == groups

@@ -311,7 +311,8 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
            example_input_size: Sequence[int] | None = None, policy: str = "measure", *,
            prompt: VisualPrompt | None = None, label_mapping: torch.Tensor | Sequence[int] | None = None,
            mean: Sequence[float] | None = None, std: Sequence[float] | None = None, image_size: int | None = None,
-           slim: bool = True, min_speedup: float = 1.05, model: nn.Module | None = None) -> DeployedModel:
+           slim: bool = True, min_speedup: float = 1.05, model: nn.Module | None = None,
+           winograd: bool = True) -> DeployedModel:
     """An inference module for a checkpoint path, an export path (dense / sparse / slim), or a
     (masked, plain or :class:`~vpns_fast.nn.PromptedNetwork`) module.
 
@@ -325,14 +326,17 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     architecture to load the weights into. Torch's global random stream is left where it was: a module is
     deployed without drawing from it; rebuilding a network from a file initializes its layers before the weights
     are loaded, under ``torch.random.fork_rng`` (which puts the stream back as it found it, so draws that other
-    threads make meanwhile are drawn again after it).
+    threads make meanwhile are drawn again after it). ``winograd``: the CPU engine may run dense 3x3 convolutions
+    (stride 1) by Winograd's F(4x4, 3x3) where that measured faster than oneDNN on the layer (False: never;
+    its float32 results differ from the exact ones by about 5e-6 of the output's largest magnitude, against
+    3e-7 for a direct convolution).
     """
     return _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std,
-                   image_size, slim, min_speedup, model)
+                   image_size, slim, min_speedup, model, winograd)
 
 
 def _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std, image_size, slim,
-            min_speedup, model) -> DeployedModel:
+            min_speedup, model, winograd=True) -> DeployedModel:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     from vpns_fast.environment import resolve_device
@@ -360,7 +364,7 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
     if device.type == "cpu":
-        network, decisions = _convert_cpu(network, example, policy, min_speedup, info)
+        network, decisions = _convert_cpu(network, example, policy, min_speedup, info, winograd)
     else:
         # cuDNN runs the (slim) dense network; channels_last lets it use its NHWC kernels.
         network = network.to(device).to(memory_format=torch.channels_last)
@@ -394,7 +398,7 @@ def _example_shape(example_input_size, image_shape: tuple[int, int] | None) -> t
 
 
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,
-                 info: dict) -> tuple[nn.Module, list]:
+                 info: dict, winograd: bool = True) -> tuple[nn.Module, list]:
     if policy == "dense":
         info.update(backend="torch-dense", reason="policy=dense")
         return network, _dense_decisions(network, "policy=dense")
@@ -407,7 +411,7 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
         if ok:
             summary: dict = {}
             network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
-                                                            summary=summary)
+                                                            summary=summary, winograd=winograd)
             info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
                         layout=summary.get("layout"))
             return network, decisions
@@ -460,7 +464,8 @@ def _interleaved_seconds(modules: dict[str, nn.Module], images: torch.Tensor, ro
 
 def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu", threads: int | None = None,
                         iters: int = 10, warmup: int = 2, policy: str = "measure", *,
-                        baselines: Sequence[str] = BENCH_BASELINES, layers: bool = False) -> list[dict]:
+                        baselines: Sequence[str] = BENCH_BASELINES, layers: bool = False,
+                        winograd: bool = True) -> list[dict]:
     """Images/s of the deployed module and of the baselines on the same network and input stage,
     for each batch size: ``dense-torch`` (the folded network in torch) and ``onnxruntime`` (that
     network exported to ONNX, CPU only, when onnxruntime is installed; otherwise a row with
@@ -469,7 +474,8 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
     One row per (batch, backend): ``images_per_s`` (median over rounds) with ``images_per_s_p20`` /
     ``_p80``, ``latency_ms`` (median), and for the deployed module ``speedup_vs_<baseline>``: the
     median of the per-round ratios with ``_p20`` / ``_p80``. ``layers``: the deployed row also carries
-    its per-layer ``decisions``, ``fusion`` and the machine's ``peak_gflops`` measured in the run."""
+    its per-layer ``decisions``, ``fusion`` and the machine's ``peak_gflops`` measured in the run. ``winograd``:
+    as :func:`deploy`'s, for the deployed module."""
     batch_sizes = tuple(batch_sizes)
     if not batch_sizes:
         raise ValueError("batch_sizes: expected at least one batch size")
@@ -486,7 +492,7 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
     try:
         with torch.random.fork_rng(devices=[]):  # the caller's random stream is left where it was
             return _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, tuple(baselines),
-                                   layers)
+                                   layers, winograd)
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -532,7 +538,8 @@ def _ratio_stats(numerators: list[float], denominators: list[float]) -> tuple[fl
     return _percentile(ratios, 0.5), _percentile(ratios, 0.2), _percentile(ratios, 0.8)
 
 
-def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, baselines, layers) -> list[dict]:
+def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, baselines, layers,
+                    winograd=True) -> list[dict]:
     from vpns_fast.deploy import baselines as engines
     from vpns_fast.deploy import sparse_cpu
 
@@ -555,7 +562,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
     measured_on = {"cpu": cpu_model_name() if dense.device.type == "cpu" else None,
                    "date": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     for batch in batch_sizes:
-        fast = deploy(path_or_model, device, example_input_size=(batch, 3, height, width), policy=policy)
+        fast = deploy(path_or_model, device, example_input_size=(batch, 3, height, width), policy=policy,
+                      winograd=winograd)
         images = torch.randint(0, 256, (batch, 3, height, width), dtype=torch.uint8).to(dense.device)
         modules = {"deploy": fast, "dense-torch": dense, **extra}
         _check_same_outputs(modules, images)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from vpns_fast import _extension
-from vpns_fast.deploy import fusion
+from vpns_fast.deploy import fusion, winograd
 from vpns_fast.environment import is_out_of_memory
 from vpns_fast.errors import exception_reason
 from vpns_fast.pruning.masking import checked_module
@@ -30,7 +30,7 @@ from vpns_fast.pruning.masking import checked_module
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
-                 "sparse_kernel_isa_environment_note", "set_streamed_output_bytes")
+                 "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "winograd_conv2d")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -694,7 +694,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
         if _broadcast_residual(residual, output_shape, "DenseConv2d"):
             out = _unfused_epilogue(self._convolution(x, None, output_shape, False), residual, self.activation)
             return out.contiguous() if self.contiguous_output else out
-        out = _activated(self._convolution(x, residual, output_shape, residual_reusable), self.activation)
+        out = self._convolution(x, residual, output_shape, residual_reusable, self.activation)
         return out.contiguous() if self.contiguous_output else out
 
     def _engine_call(self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -721,9 +721,8 @@ class DenseConv2d(_FusedActivation, nn.Module):
                                      or residual.shape != output_shape
                                      or not residual.is_contiguous(memory_format=torch.channels_last)):
             return None
-        out = self._onednn(x, self._packed_weight(x.shape), residual,
-                           residual is not None and residual_reusable and _writable(residual, x))
-        out = _activated(out, self._activation)
+        out = self._run(x, self._packed_weight(x.shape), residual,
+                        residual is not None and residual_reusable and _writable(residual, x), self._activation)
         return out.contiguous() if self.contiguous_output else out
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
@@ -756,14 +755,20 @@ class DenseConv2d(_FusedActivation, nn.Module):
         return torch.ops.mkldnn._convolution_pointwise.binary(x, residual, packed, bias, *args, "add", None, None, [],
                                                               "")
 
+    def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
+             activation: str | None) -> torch.Tensor:
+        """``activation(conv(x) + bias (+ residual))`` for a channels_last float32 ``x`` that needs no gradient,
+        ``packed`` from ``_packed_weight``: what a subclass with another algorithm replaces."""
+        return _activated(self._onednn(x, packed, residual, into_residual), activation)
+
     def _convolution(self, x: torch.Tensor, residual: torch.Tensor | None, output_shape: tuple[int, ...],
-                     residual_reusable: bool) -> torch.Tensor:
-        """``conv(x) + bias (+ residual)`` for a 4-d ``x``; ``residual`` has the output's shape."""
+                     residual_reusable: bool, activation: str | None = None) -> torch.Tensor:
+        """``activation(conv(x) + bias (+ residual))`` for a 4-d ``x``; ``residual`` has the output's shape."""
         bias = self._buffers["bias"]
         if _needs_gradient(x, residual):
             # oneDNN's call has no autograd formula: torch's convolution keeps gradients right
             out = F.conv2d(x, self.weight, bias, self.stride, self.padding, self.dilation, self.groups)
-            return out if residual is None else out + residual
+            return _activated(out if residual is None else out + residual, activation)
         given = x
         x = _channels_last_activation(x)
         packed = self._packed_weight(x.shape)
@@ -779,7 +784,7 @@ class DenseConv2d(_FusedActivation, nn.Module):
                 # 29.85 -> 28.95 ms; batch 32 1.075x (1.058-1.092x, 12 calls), 829 -> 765 ms (the large
                 # residuals are no longer copied into a buffer first). A 64 -> 256 1x1 conv at 56x56, batch 1,
                 # alone: 0.37 -> 0.34 ms.
-                return self._onednn(x, packed, accumulator, True)
+                return self._run(x, packed, accumulator, True, activation)
         if math.prod(output_shape) * 4 > FRESH_PAGES_BYTES and available()[0]:
             # An output this large would be mapped afresh by malloc and faulted in page by page on every
             # call: it comes from the engine's cache of touched buffers instead, holding the residual
@@ -793,8 +798,8 @@ class DenseConv2d(_FusedActivation, nn.Module):
                 out.zero_()
             else:
                 out.copy_(residual)
-            return self._onednn(x, packed, out, True)
-        return self._onednn(x, packed, residual, False)
+            return self._run(x, packed, out, True, activation)
+        return self._run(x, packed, residual, False, activation)
 
     def extra_repr(self) -> str:
         out_channels, in_per_group, kernel_h, kernel_w = self.weight.shape
@@ -813,6 +818,84 @@ class DenseConv2d(_FusedActivation, nn.Module):
         state = self._state_with_activation(state)
         state.setdefault("_small_output_shapes", {})  # pickled before the fast path existed
         super().__setstate__(state)
+
+
+def winograd_unsupported_reason(conv: nn.Module) -> str | None:
+    """Why :class:`WinogradConv2d` cannot compute ``conv`` (an ``nn.Conv2d`` or one of the engine's dense
+    convolutions), or None: it computes 3x3 kernels at stride 1, dilation 1, groups 1, with zero padding, in
+    float32, and needs the C++ extension."""
+    ok, reason = available()
+    if not ok:
+        return reason
+    weight = getattr(conv, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3):
+        return "not a 3x3 kernel"
+    if weight.dtype != torch.float32:
+        return f"weight is {weight.dtype}, not float32"
+    if tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+        return "not stride 1, dilation 1, groups 1"
+    if getattr(conv, "padding_mode", "zeros") != "zeros":
+        return "padding other than zeros"
+    return None
+
+
+class WinogradConv2d(DenseConv2d):
+    """A dense 3x3 convolution (stride 1, dilation 1, groups 1, zero padding) computed by Winograd's F(4x4, 3x3)
+    (the C++ kernel ``winograd_conv2d``, csrc/winograd.cpp; plain-PyTorch reference
+    :func:`vpns_fast.deploy.winograd.winograd_conv2d_reference`): 36 multiplies per 16 outputs and input channel
+    instead of 144. Everything else is :class:`DenseConv2d`'s (fused residual and activation, channels_last
+    outputs, the gradient path through ``F.conv2d``); a ReLU is applied inside the kernel's output loop
+    (NaN kept), other activations by torch after it.
+
+    Its float32 result differs from the exact convolution by about 5e-6 of the output's largest magnitude (a
+    direct convolution: 3e-7). ``convert_for_cpu`` times it against :class:`DenseConv2d` on each eligible
+    layer's real input and keeps the faster (``winograd=False`` never uses it). Measured 2026-12-04 (2-core AMD
+    EPYC, 2 threads, medians of 30), against DenseConv2d: batch 1, 64 channels at 56x56 1.77x, 128 at 28x28
+    2.67x, 256 at 14x14 1.79x, 512 at 7x7 0.43x (the transformed weight, 4x the weight, is read for 4 tiles);
+    batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4-1.7x."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
+                 groups: int = 1, relu: bool = False, contiguous_output: bool = False, activation: str | None = None):
+        super().__init__(weight, bias, stride, padding, dilation, groups, relu, contiguous_output, activation)
+        reason = winograd_unsupported_reason(self)
+        if reason is not None:
+            raise ValueError(f"WinogradConv2d: {reason}")
+
+    def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
+        """The weight in the transform domain ([36, C_in, C_out], whatever the input's shape), made again when
+        the weight is replaced or changed in place (as DenseConv2d's reordered copy)."""
+        weight = self._buffers["weight"]
+        version = -1 if weight.is_inference() else weight._version
+        entry = self._packed.get("winograd")
+        if entry is not None and entry[0] is weight and entry[2] == version:
+            return entry[1]
+        with torch.no_grad():
+            packed = winograd.winograd_weight(weight)
+        self._packed = {"winograd": (weight, packed, version)}
+        return packed
+
+    def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
+             activation: str | None) -> torch.Tensor:
+        if self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1:
+            raise ValueError(f"WinogradConv2d computes stride 1, dilation 1, groups 1 only; this layer now has "
+                             f"stride={self.stride}, dilation={self.dilation}, groups={self.groups}")
+        # a fresh output (from the buffer cache when large) whatever into_residual says: the kernel reads the
+        # residual while it writes its output
+        fused = activation == "relu"
+        out = _ops().winograd_conv2d(x, packed, self._buffers["bias"], list(self.padding), residual,
+                                     EPILOGUE_ACTIVATIONS["relu"] if fused else 0)
+        return out if fused else _activated(out, activation)
+
+    def _convolution(self, x: torch.Tensor, residual: torch.Tensor | None, output_shape: tuple[int, ...],
+                     residual_reusable: bool, activation: str | None = None) -> torch.Tensor:
+        if _needs_gradient(x, residual):
+            return super()._convolution(x, residual, output_shape, residual_reusable, activation)
+        x = _channels_last_activation(x)
+        residual = None if residual is None else _channels_last_activation(residual)
+        return self._run(x, self._packed_weight(x.shape), residual, False, activation)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ", algorithm='winograd F(4x4, 3x3)'"
 
 
 class SparseLinear(nn.Module):
@@ -1036,7 +1119,8 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
            "input_shape": list(captured[name].shape) if name in captured else None,
            "density": (nnz / weight.numel() if weight.numel() else 0.0) if weight is not None else 1.0, "nnz": nnz,
            "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "",
-           "fused": ["batchnorm"] if name in folded else [], "flops": None, "dense_flops": None}
+           "fused": ["batchnorm"] if name in folded else [], "flops": None, "dense_flops": None,
+           "dense_algorithm": None, "onednn_ms": None, "winograd_ms": None, "winograd_note": None}
     if weight is not None and name in output_shapes:
         # multiply-adds: every output position of every output channel reads each of its weights
         shape = output_shapes[name]
@@ -1047,11 +1131,14 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
     return row
 
 
-def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
-                       expected: torch.Tensor | None = None) -> nn.Module | None:
-    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`), checked against the layer's output on
-    its captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a
-    plain float32 CPU Conv2d without hooks, or padding it cannot express."""
+def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor | None = None, *,
+                       winograd: bool = True, repeats: int = 15, row: dict | None = None) -> nn.Module | None:
+    """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`, or :class:`WinogradConv2d` where ``winograd``,
+    the layer is one it computes and it measured faster on ``x``), checked against the layer's output on its
+    captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a plain
+    float32 CPU Conv2d without hooks, or padding it cannot express. Records the choice in ``row``
+    (``dense_algorithm``, ``onednn_ms``, ``winograd_ms``, and ``winograd_note`` when Winograd was not tried or
+    refused)."""
     if (type(module) is not nn.Conv2d or fusion.module_hooks(module) or not dense_conv_available()[0]
             or _not_plain_reason(module) is not None):
         return None
@@ -1060,7 +1147,34 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor,
         with torch.no_grad():
             expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
-    return stand_in
+    row = {} if row is None else row
+    row["dense_algorithm"] = "oneDNN"
+    reason = "winograd=False" if not winograd else winograd_unsupported_reason(module)
+    if reason is not None:
+        row["winograd_note"] = reason
+        return stand_in
+    return _faster_of(stand_in, WinogradConv2d.from_dense(module), x, expected, repeats, row)
+
+
+def _faster_of(onednn: DenseConv2d, fast: WinogradConv2d, x: torch.Tensor, expected: torch.Tensor, repeats: int,
+               row: dict) -> DenseConv2d:
+    """``fast`` when it reproduces ``expected`` (within the 1e-4 every layer meets) and ran faster than
+    ``onednn`` on ``x`` (channels_last, as the engine keeps it between dense layers; interleaved rounds), else
+    ``onednn``: a Winograd result outside the bound is not used, never a reason to refuse the conversion."""
+    with torch.no_grad():
+        problem = tensor_difference(fast(x), expected, 1e-4, "the Conv2d's output")
+    if problem is not None:
+        row["winograd_note"] = f"Winograd {problem}: not used"
+        return onednn
+    x = x.contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        onednn_ms, winograd_ms = compare_layer_times(functools.partial(onednn, x), functools.partial(fast, x),
+                                                     repeats)
+    row.update(onednn_ms=onednn_ms, winograd_ms=winograd_ms)
+    if winograd_ms < onednn_ms:
+        row["dense_algorithm"] = "Winograd"
+        return fast
+    return onednn
 
 
 def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.Module, x: torch.Tensor,
@@ -1078,11 +1192,11 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
-            repeats: int) -> nn.Module | None:
+            repeats: int, winograd: bool = True) -> nn.Module | None:
     """The replacement of one supported layer, checked against it on its captured input ``x``: the sparse
     layer, or (``policy="measure"`` finding it not ``min_speedup`` times faster than the dense one) the
-    dense stand-in of a Conv2d (:class:`DenseConv2d`), or None (keep the layer). Fills ``row``'s times,
-    choice and reason."""
+    dense stand-in of a Conv2d (:class:`DenseConv2d` or :class:`WinogradConv2d`), or None (keep the layer).
+    Fills ``row``'s times, choice and reason."""
     if isinstance(module, nn.MaxPool2d):
         sparse = SeparableMaxPool2d.from_module(module)
     elif isinstance(module, nn.Conv2d):
@@ -1096,10 +1210,11 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
     dense, dense_input, dense_label = module, x, ""
-    stand_in = _dense_replacement(name, module, x, expected)
+    stand_in = _dense_replacement(name, module, x, expected, winograd=winograd, repeats=repeats, row=row)
     if stand_in is not None:
         # the stand-in measured on channels_last input, the layout it keeps between dense layers
-        dense, dense_input, dense_label = stand_in, x.contiguous(memory_format=torch.channels_last), " than oneDNN"
+        dense, dense_input = stand_in, x.contiguous(memory_format=torch.channels_last)
+        dense_label = f" than {row['dense_algorithm']}"
     with torch.no_grad():
         dense_call, sparse_call = functools.partial(dense, dense_input), functools.partial(sparse, x)
         dense_ms, sparse_ms = compare_layer_times(dense_call, sparse_call, repeats)
@@ -1119,7 +1234,7 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
 def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str = "measure",
                     min_speedup: float = 1.05, repeats: int = 15,
                     replace_pooling: bool = True, fuse: bool = True,
-                    summary: dict | None = None) -> tuple[nn.Module, list[dict]]:
+                    summary: dict | None = None, winograd: bool = True) -> tuple[nn.Module, list[dict]]:
     """A copy of ``model`` (plain layers, masks already folded into the weights) in eval mode where
     each nn.Conv2d / nn.Linear is replaced by SparseConv2d / SparseLinear
 
@@ -1130,7 +1245,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
 
     A Conv2d that stays dense (the sparse layer measured too slow, or it cannot run the layer: groups)
     becomes a :class:`DenseConv2d` (oneDNN, weight reordered once, channels_last), the faster dense
-    convolution here; the measured dense time is that one's, on a channels_last copy of the input. Without
+    convolution here, or, for a 3x3 kernel at stride 1 (groups 1, dilation 1), a :class:`WinogradConv2d`
+    where that measured faster still on the layer's input (``winograd=False``: never; its float32 results
+    are about 20x further from the exact ones than a direct convolution's, 5e-6 of the output's largest
+    magnitude); the measured dense time is the chosen one's, on a channels_last copy of the input. Without
     oneDNN, or for padding neither can express ("same" with an even kernel extent pads one side more), the
     nn.Conv2d stays. Under
     ``policy="dense"`` every layer stays as it is.
@@ -1140,7 +1258,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
 
     Returns ``(model_copy, table)``; the table has one dict per Conv1d/2d/3d and Linear, in forward order:
     name, type, weight_shape, input_shape, density, nnz, dense_ms, sparse_ms, speedup (dense_ms /
-    sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason.
+    sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason; for a Conv2d with a
+    dense stand-in also dense_algorithm ("oneDNN" / "Winograd"), onednn_ms and winograd_ms (when both were
+    timed) and winograd_note (why Winograd was not tried or not used).
     Every sparse layer is checked against the dense one on the captured input before use.
     ``replace_pooling``: also swap each nn.MaxPool2d for SeparableMaxPool2d (same values), under the
     same policy; its rows have type "MaxPool2d", density 1.0 and nnz 0.
@@ -1194,10 +1314,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             row["reason"] = reason or "not called by the example input"
             continue
         if reason is not None:
-            replacement = _dense_replacement(name, module, captured[name])
-            row["reason"] = reason + ("; dense through oneDNN" if replacement is not None else "")
+            replacement = _dense_replacement(name, module, captured[name], winograd=winograd, repeats=repeats,
+                                             row=row)
+            row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
         else:
-            replacement = _decide(name, module, captured[name], row, policy, min_speedup, repeats)
+            replacement = _decide(name, module, captured[name], row, policy, min_speedup, repeats, winograd)
         if replacement is None:
             continue
         if name:
@@ -1220,7 +1341,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     if problem is not None:
         # the rewrite changed what the model computes (or could not be made): every layer again, without it
         converted, table = convert_for_cpu(model, example_input, policy, min_speedup, repeats, replace_pooling,
-                                           fuse=False, summary=summary)
+                                           fuse=False, summary=summary, winograd=winograd)
         if summary is not None:
             summary["fusion"] = f"graph rewrite refused ({problem}); converted without it"
         return converted, table
@@ -1298,12 +1419,13 @@ def _runnable(converted: nn.Module, example_input: torch.Tensor, reference) -> t
     return None, f"dense convolutions return NCHW: with channels_last outputs the model failed ({problem})"
 
 
-def _variant_with(converted: nn.Module, names: list[str], replacement: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """A copy of ``converted`` whose layers ``names`` are each replaced by ``replacement(layer)``."""
+def _variant_with(converted: nn.Module, names: list[str],
+                  replacement: Callable[[str, nn.Module], nn.Module]) -> nn.Module:
+    """A copy of ``converted`` whose layers ``names`` are each replaced by ``replacement(name, layer)``."""
     with torch.inference_mode(False):  # a copy made inside inference mode would hold inference tensors
         variant = fusion.copy_sharing_hooks(converted)
     for name in names:
-        layer = replacement(variant.get_submodule(name))
+        layer = replacement(name, variant.get_submodule(name))
         if name:
             variant.set_submodule(name, layer)
         else:  # the model is this one layer
@@ -1311,15 +1433,21 @@ def _variant_with(converted: nn.Module, names: list[str], replacement: Callable[
     return variant
 
 
-def _all_convs_dense(converted: nn.Module) -> tuple[nn.Module, list[str]] | None:
-    """A copy of ``converted`` with each SparseConv2d replaced by the DenseConv2d of the same weight and
-    epilogue, and those layers' names; None when there is none or oneDNN is missing."""
+def _all_convs_dense(converted: nn.Module, table: list[dict]) -> tuple[nn.Module, list[str]] | None:
+    """A copy of ``converted`` with each SparseConv2d replaced by the dense convolution of the same weight and
+    epilogue (a WinogradConv2d where the layer's row measured it faster than oneDNN, else a DenseConv2d), and
+    those layers' names; None when there is none or oneDNN is missing."""
     names = [name for name, module in converted.named_modules() if isinstance(module, SparseConv2d)]
     if not names or not dense_conv_available()[0]:
         return None
-    return _variant_with(converted, names, lambda sparse: DenseConv2d(
-        sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation, sparse.groups,
-        activation=sparse.activation)), names
+    winograd_layers = {row["name"] for row in table if row.get("dense_algorithm") == "Winograd"}
+
+    def dense(name: str, sparse: SparseConv2d) -> DenseConv2d:
+        layer = WinogradConv2d if name in winograd_layers else DenseConv2d
+        return layer(sparse.grouped_weight(), sparse.bias, sparse.stride, sparse.padding, sparse.dilation,
+                     sparse.groups, activation=sparse.activation)
+
+    return _variant_with(converted, names, dense), names
 
 
 def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tuple[nn.Module, list[str]] | None:
@@ -1331,7 +1459,7 @@ def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tup
              if isinstance(module, DenseConv2d) and name in measured]
     if not names:
         return None
-    return _variant_with(converted, names, lambda dense: SparseConv2d(
+    return _variant_with(converted, names, lambda _name, dense: SparseConv2d(
         dense.weight, dense.bias, dense.stride, dense.padding, dense.dilation, groups=dense.groups,
         activation=dense.activation)), names
 
@@ -1383,7 +1511,7 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     sparse_count = sum(isinstance(module, SparseConv2d) for module in converted.modules())
     candidates = {"mixed": (converted, [], layout_note)}  # label -> (network, layers it switched, layout note)
     refused = []
-    for label, alternative in (("dense", _all_convs_dense(converted)),
+    for label, alternative in (("dense", _all_convs_dense(converted, table)),
                                ("sparse", _measured_dense_convs_sparse(converted, table))):
         if alternative is None:
             continue

@@ -1,0 +1,231 @@
+"""Winograd's F(4x4, 3x3) for the engine's dense 3x3 convolutions: the C++ kernel ``winograd_conv2d`` against its
+plain-PyTorch reference (same tiles and transforms) and against the exact convolution (float64), the
+``WinogradConv2d`` layer, and how ``convert_for_cpu`` chooses it.
+
+Float rules: kernel against reference, both float32 with the same transforms in another order of operations, within
+1e-5 of the largest output; against the float64 convolution within 2e-5 of the largest output (measured 1-8e-6 on
+these shapes; a direct float32 convolution: 3e-7)."""
+from __future__ import annotations
+
+import copy
+import pickle
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import outputs_from_two_threads
+from tolerance import assert_close
+from torch import nn
+
+from vpns_fast.deploy import sparse_cpu
+from vpns_fast.deploy.winograd import winograd_conv2d_reference, winograd_weight
+
+_OK, _REASON = sparse_cpu.available()
+pytestmark = pytest.mark.skipif(not (_OK and sparse_cpu.dense_conv_available()[0]),
+                                reason=_REASON if not _OK else sparse_cpu.dense_conv_available()[1])
+
+EXACT_RTOL = 2e-5  # of the largest |output|, against the float64 convolution
+REFERENCE_RTOL = 1e-5  # of the largest |output|, against the same algorithm in torch (each within ~5e-6 of exact)
+
+# (batch, C_in, C_out, H, W, padding): ResNet-like, odd sizes whose tiles overhang the output, more channels than
+# one block of the transforms (64), no padding and more padding than the kernel needs, a 1x1 output.
+SHAPES = [
+    (1, 64, 64, 56, 56, 1),
+    (2, 5, 7, 9, 11, 1),
+    (3, 70, 130, 13, 6, 0),
+    (1, 3, 4, 6, 7, 2),
+    (33, 4, 3, 5, 5, 1),
+    (1, 2, 3, 3, 3, 0),
+]
+
+
+def _exact(x, weight, bias, padding, residual=None, relu=False):
+    out = F.conv2d(x.double(), weight.double(), None if bias is None else bias.double(), padding=padding)
+    if residual is not None:
+        out = out + residual.double()
+    return out.relu() if relu else out
+
+
+def _inputs(shape, seed):
+    batch, c_in, c_out, height, width, padding = shape
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, c_in, height, width, generator=generator)
+    weight = torch.randn(c_out, c_in, 3, 3, generator=generator) * (2 / (9 * c_in)) ** 0.5
+    bias = torch.randn(c_out, generator=generator)
+    residual = torch.randn(batch, c_out, height + 2 * padding - 2, width + 2 * padding - 2, generator=generator)
+    return x, weight, bias, residual
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("epilogue", ["none", "relu", "add+relu"])
+@pytest.mark.parametrize("chunk_tiles", [0, 1, 5])
+def test_kernel_matches_its_reference_and_the_exact_convolution(shape, epilogue, chunk_tiles):
+    x, weight, bias, residual = _inputs(shape, hash((shape, epilogue, chunk_tiles)) % 2**31)
+    padding = shape[-1]
+    relu = "relu" in epilogue
+    residual = residual if "add" in epilogue else None
+    with torch.no_grad():
+        out = sparse_cpu._ops().winograd_conv2d(x.contiguous(memory_format=torch.channels_last),
+                                                winograd_weight(weight), bias, [padding, padding], residual,
+                                                int(relu), chunk_tiles)
+    reference = winograd_conv2d_reference(x, weight, bias, (padding, padding), residual, relu)
+    exact = _exact(x, weight, bias, padding, residual, relu)
+    assert out.shape == exact.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert_close(out, reference, rtol=REFERENCE_RTOL, relative_to_max=True)
+    assert_close(out, exact, rtol=EXACT_RTOL, relative_to_max=True)
+    assert_close(reference, exact, rtol=EXACT_RTOL, relative_to_max=True)
+
+
+def test_nchw_input_no_bias_and_a_nan_kept_by_relu_within_its_tiles():
+    x, weight, _, _ = _inputs((2, 6, 5, 10, 9, 1), 1)
+    x[0, 2, 4, 4] = float("nan")
+    out = sparse_cpu._ops().winograd_conv2d(x, winograd_weight(weight), None, [1, 1], None, 1)
+    exact = _exact(x, weight, None, 1, relu=True)
+    # torch: NaN at the 3x3 outputs whose window reads the pixel (rows and columns 3-5), kept by ReLU. Winograd: at
+    # outputs of the two tiles each way whose 6x6 input reads it (output rows and columns 0-7), those its transform
+    # reaches (the transforms' zero entries spare the others): rows and columns 3-7. ReLU keeps it there too: the
+    # fault stays visible, over a wider patch
+    patch = torch.zeros_like(out, dtype=torch.bool)
+    patch[0, :, 3:8, 3:8] = True
+    assert torch.equal(out.isnan(), patch)
+    assert torch.equal(exact.isnan(), exact.isnan() & patch) and bool(exact.isnan()[0, :, 3:6, 3:6].all())
+    assert_close(out[~patch], exact[~patch], rtol=EXACT_RTOL, relative_to_max=True)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda ops, x, u: ops.winograd_conv2d(x, u[:, :3].contiguous(), None, [1, 1]), "input has 4 channels"),
+    (lambda ops, x, u: ops.winograd_conv2d(x, u.reshape(6, 6, 4, 5), None, [1, 1]), "[36, C_in, C_out]"),
+    (lambda ops, x, u: ops.winograd_conv2d(x[:, :, :2, :2], u, None, [0, 0]), "smaller than the 3x3 kernel"),
+    (lambda ops, x, u: ops.winograd_conv2d(x, u, None, [1, 1], None, 2), "activation must be 0 (none) or 1"),
+    (lambda ops, x, u: ops.winograd_conv2d(x.double(), u, None, [1, 1]), "float32 CPU"),
+    (lambda ops, x, u: ops.winograd_conv2d(x, u, None, [1, 1], torch.zeros(1, 5, 3, 3)), "residual must be"),
+])
+def test_kernel_refuses_what_it_cannot_compute(call, message):
+    x, weight, _, _ = _inputs((1, 4, 5, 6, 6, 1), 2)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call(sparse_cpu._ops(), x, winograd_weight(weight))
+
+
+def test_kernel_refuses_an_input_that_needs_a_gradient():
+    x, weight, _, _ = _inputs((1, 4, 5, 6, 6, 1), 3)
+    with pytest.raises(RuntimeError, match="no gradient"):
+        sparse_cpu._ops().winograd_conv2d(x.requires_grad_(), winograd_weight(weight), None, [1, 1])
+
+
+def test_winograd_weight_refuses_other_kernels():
+    with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
+        winograd_weight(torch.randn(4, 3, 5, 5))
+
+
+@pytest.mark.parametrize("conv, reason", [
+    (nn.Conv2d(4, 4, 3, stride=2, padding=1), "not stride 1, dilation 1, groups 1"),
+    (nn.Conv2d(4, 4, 3, padding=2, dilation=2), "not stride 1, dilation 1, groups 1"),
+    (nn.Conv2d(4, 4, 3, padding=1, groups=2), "not stride 1, dilation 1, groups 1"),
+    (nn.Conv2d(4, 4, 5, padding=2), "not a 3x3 kernel"),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), "padding other than zeros"),
+])
+def test_the_layer_takes_only_what_the_kernel_computes(conv, reason):
+    assert sparse_cpu.winograd_unsupported_reason(conv) == reason
+    with pytest.raises(ValueError, match=reason if conv.padding_mode == "zeros" else "padding_mode='zeros' only"):
+        sparse_cpu.WinogradConv2d.from_dense(conv)
+
+
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("layout", ["nchw", "channels_last"])
+def test_the_layer_matches_conv2d_with_its_epilogue(activation, with_residual, layout):
+    conv = nn.Conv2d(6, 9, 3, padding=1)
+    x, residual = torch.randn(3, 6, 11, 13), torch.randn(3, 9, 11, 13)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    layer = sparse_cpu.WinogradConv2d.from_dense(conv)
+    layer.activation = activation
+    with torch.no_grad():
+        out = layer(x, residual) if with_residual else layer(x)
+        expected = conv(x) + (residual if with_residual else 0)
+        expected = {None: expected, "relu": F.relu(expected), "silu": F.silu(expected)}[activation]
+    assert "winograd" in repr(layer)
+    assert_close(out, expected, rtol=EXACT_RTOL, relative_to_max=True)
+
+
+def test_the_layer_gives_conv2d_gradients_and_follows_its_weight():
+    conv = nn.Conv2d(5, 4, 3, padding=1)
+    layer = sparse_cpu.WinogradConv2d.from_dense(conv)
+    layer.relu = True
+    x = torch.randn(2, 5, 8, 8, requires_grad=True)
+    layer(x).sum().backward()
+    x_ref = x.detach().clone().requires_grad_()
+    F.relu(conv(x_ref)).sum().backward()
+    assert_close(x.grad, x_ref.grad)
+    with torch.no_grad():
+        before = layer(x)
+        layer.weight.mul_(2)  # in place: the version counter tells the layer to transform it again
+        after = layer(x)
+        expected = F.relu(F.conv2d(x, 2 * conv.weight, conv.bias, padding=1))
+    assert not torch.equal(before, after)
+    assert_close(after, expected, rtol=EXACT_RTOL, relative_to_max=True)
+
+
+def test_pickle_deepcopy_inference_mode_and_two_threads():
+    conv = nn.Conv2d(6, 7, 3, padding=1)
+    x = torch.randn(2, 6, 15, 14)
+    with torch.inference_mode():
+        built_inside = sparse_cpu.WinogradConv2d.from_dense(conv)
+        inside = built_inside(x)
+    layer = sparse_cpu.WinogradConv2d.from_dense(conv)
+    with torch.no_grad():
+        layer(x)  # holds its transformed weight now
+        outs = [c(x) for c in (pickle.loads(pickle.dumps(layer)), copy.deepcopy(layer), built_inside)]
+        expected = conv(x)
+    assert_close(inside, expected, rtol=EXACT_RTOL, relative_to_max=True)
+    for out in outs:
+        assert torch.equal(out, inside)
+    inputs = [torch.randn(batch, 6, size, size) for batch, size in [(1, 9), (3, 12), (2, 9), (1, 15)]]
+    with torch.no_grad():
+        references = [conv(x) for x in inputs]
+    for index, got in outputs_from_two_threads(layer, inputs, rounds=10):
+        assert_close(got, references[index], rtol=EXACT_RTOL, relative_to_max=True)
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)).eval()
+
+
+def test_convert_for_cpu_runs_eligible_dense_convs_by_winograd_where_faster(monkeypatch):
+    # every timing says "the second is twice as fast": Winograd beats oneDNN, and with min_speedup 1e9 no sparse
+    # layer is fast enough
+    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda first, second, repeats, rounds=3: (2.0, 1.0))
+    model, x = _net(), torch.randn(2, 3, 10, 10)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1)
+    kinds = {name: type(module) for name, module in converted.named_modules()}
+    assert kinds["0"] is kinds["2"] is sparse_cpu.WinogradConv2d and kinds["4"] is sparse_cpu.DenseConv2d
+    rows = {row["name"]: row for row in table}
+    assert rows["0"]["dense_algorithm"] == "Winograd" and "than Winograd" in rows["0"]["reason"]
+    assert rows["0"]["onednn_ms"] == 2.0 and rows["0"]["winograd_ms"] == 1.0
+    assert rows["4"]["dense_algorithm"] == "oneDNN"
+    assert rows["4"]["winograd_note"] == "not stride 1, dilation 1, groups 1"
+    assert converted.get_submodule("0").relu  # the fused ReLU, applied in the kernel's output loop
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, relative_to_max=True)
+    # the every-conv-dense variant keeps the algorithm each row measured faster
+    sparse_everywhere, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    variant, names = sparse_cpu._all_convs_dense(sparse_everywhere, table)
+    assert isinstance(variant.get_submodule("0"), sparse_cpu.WinogradConv2d)
+    assert type(variant.get_submodule("4")) is sparse_cpu.DenseConv2d and "4" in names
+
+
+def test_winograd_false_and_a_result_outside_the_bound_keep_onednn(monkeypatch):
+    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda first, second, repeats, rounds=3: (2.0, 1.0))
+    model, x = _net(), torch.randn(1, 3, 10, 10)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1, winograd=False)
+    assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
+    assert table[0]["winograd_note"] == "winograd=False" and table[0]["dense_algorithm"] == "oneDNN"
+    original = sparse_cpu.WinogradConv2d._run
+    monkeypatch.setattr(sparse_cpu.WinogradConv2d, "_run", lambda *args: original(*args) + 1.0)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1)
+    assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
+    assert table[0]["winograd_note"].startswith("Winograd differs by") and table[0]["winograd_note"].endswith(
+        "not used")

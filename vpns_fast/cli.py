@@ -477,6 +477,8 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
             print(format_decisions(r["decisions"], r.get("peak_gflops")))
             if r.get("network_choice"):
                 print(f"whole network: {r['network_choice']}")
+            if r.get("winograd"):
+                print(f"Winograd in the whole network: {r['winograd']}")
             nonzero, dense = table_flops(r["decisions"])
             if nonzero and dense:
                 rate = nonzero / (r["latency_ms"] * 1e6)

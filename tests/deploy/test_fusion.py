@@ -563,7 +563,8 @@ def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
     model = pruned_resnet18(0.5)
     x = torch.randn(2, 3, 64, 64)
     summary = {}
-    kwargs = {"policy": "sparse"} if layers == "sparse" else {"min_speedup": 1e9, "repeats": 2}
+    # dense: by oneDNN (Winograd's layers write a new tensor, test_winograd.py)
+    kwargs = {"policy": "sparse"} if layers == "sparse" else {"min_speedup": 1e9, "repeats": 2, "winograd": False}
     converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, **kwargs)
     kind = sparse_cpu.SparseConv2d if layers == "sparse" else sparse_cpu.DenseConv2d
     assert all(isinstance(converted.get_submodule(f"layer{i}.{j}.conv2"), kind) for i in range(1, 5) for j in (0, 1))
@@ -623,7 +624,7 @@ def test_a_residual_is_reused_only_where_nothing_reads_it_later(cls, marked):
     g = torch.Generator().manual_seed(11)
     model = cls(g).eval()
     x = torch.randn(2, 4, 8, 8, generator=g)
-    converted, _ = sparse_cpu.convert_for_cpu(model, x.clone(), min_speedup=1e9, repeats=2)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x.clone(), min_speedup=1e9, repeats=2, winograd=False)
     assert isinstance(converted.get_submodule("c1"), sparse_cpu.DenseConv2d)
     assert _marked(converted) == marked
     with torch.no_grad():
@@ -687,7 +688,7 @@ def test_a_hook_added_after_conversion_sees_the_residual_unchanged(where):
     torch.manual_seed(0)
     model = _ReluBlock().eval()
     x = torch.randn(2, 3, 16, 16)
-    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, winograd=False)
     assert _marked(converted) == {"c2"}
     seen = {}
 
@@ -724,7 +725,7 @@ def test_a_graph_traced_again_from_the_converted_one_does_not_overwrite_what_it_
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, winograd=False)
     extractor = create_feature_extractor(converted, {"layer1.0.conv2": "feature", "fc": "out"},
                                          tracer_kwargs={"leaf_modules": list(sparse_cpu.ENGINE_LAYERS)})
     with torch.no_grad():
@@ -742,7 +743,7 @@ def test_a_residual_someone_else_holds_is_not_overwritten():
     torch.manual_seed(0)
     model = torchvision.models.resnet18(num_classes=10).eval()
     x = torch.randn(2, 3, 64, 64)
-    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, winograd=False)
     expected = model.layer1[0](model.maxpool(model.relu(model.bn1(model.conv1(x)))))
 
     class Recorder(fx.Interpreter):
@@ -801,7 +802,7 @@ def test_unmarking_restores_the_plain_graph():
     torch.manual_seed(0)
     model = _ReluBlock().eval()
     x = torch.randn(2, 3, 16, 16)
-    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2, winograd=False)
     assert _marked(converted) == {"c2"}
     fusion.unmark_reusable_residuals(converted)
     assert _marked(converted) == set()

@@ -250,7 +250,9 @@ def test_convert_for_cpu_table_schema_and_policies():
     assert table[0]["dense_flops"] == 2 * 8 * 64 * 27 and table[0]["flops"] == 2 * 64 * table[0]["nnz"]
     assert table[2]["dense_flops"] == 2 * 5 * 288 and table[3]["flops"] == 2 * table[3]["nnz"]
     text = sparse_cpu.format_decisions(table, peak_gflops=100.0)
-    assert "nzGF/s" in text and "%peak" in text and len(text.splitlines()) == 1 + len(table)
+    winograd = any(row["dense_algorithm"] == "Winograd" for row in table)  # then a line says how to read dGF/s
+    assert "nzGF/s" in text and "%peak" in text and "dense by" in text
+    assert len(text.splitlines()) == 1 + len(table) + winograd and ("exceed the peak" in text) == winograd
     assert sparse_cpu.measure_peak_gflops(size=64, repeats=2) > 0
 
 

@@ -18,7 +18,7 @@ from helpers import outputs_from_two_threads
 from tolerance import assert_close
 from torch import nn
 
-from vpns_fast.deploy import sparse_cpu
+from vpns_fast.deploy import fusion, sparse_cpu
 from vpns_fast.deploy.winograd import winograd_conv2d_reference, winograd_weight
 
 _OK, _REASON = sparse_cpu.available()
@@ -194,10 +194,17 @@ def _net():
                          nn.Conv2d(8, 8, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(8 * 5 * 5, 3)).eval()
 
 
-def test_convert_for_cpu_runs_eligible_dense_convs_by_winograd_where_faster(monkeypatch):
-    # every timing says "the second is twice as fast": Winograd beats oneDNN, and with min_speedup 1e9 no sparse
-    # layer is fast enough
+def _winograd_always_faster(monkeypatch):
+    """Every layer timing says the second call is twice as fast (Winograd beats oneDNN, and a sparse layer its
+    dense stand-in, which min_speedup=1e9 then refuses); whole networks time alike, except that one with
+    Winograd layers by oneDNN again is slower."""
     monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda first, second, repeats, rounds=3: (2.0, 1.0))
+    monkeypatch.setattr(sparse_cpu, "_median_times_ms",
+                        lambda runs, rounds: {label: 3.0 if label == "onednn" else 2.0 for label in runs})
+
+
+def test_convert_for_cpu_runs_eligible_dense_convs_by_winograd_where_faster(monkeypatch):
+    _winograd_always_faster(monkeypatch)
     model, x = _net(), torch.randn(2, 3, 10, 10)
     converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1)
     kinds = {name: type(module) for name, module in converted.named_modules()}
@@ -218,7 +225,7 @@ def test_convert_for_cpu_runs_eligible_dense_convs_by_winograd_where_faster(monk
 
 
 def test_winograd_false_and_a_result_outside_the_bound_keep_onednn(monkeypatch):
-    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda first, second, repeats, rounds=3: (2.0, 1.0))
+    _winograd_always_faster(monkeypatch)
     model, x = _net(), torch.randn(1, 3, 10, 10)
     converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1, winograd=False)
     assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
@@ -229,3 +236,69 @@ def test_winograd_false_and_a_result_outside_the_bound_keep_onednn(monkeypatch):
     assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
     assert table[0]["winograd_note"].startswith("Winograd differs by") and table[0]["winograd_note"].endswith(
         "not used")
+
+
+class _TwoBranches(nn.Module):
+    """A 1x1 conv whose residual a 3x3 conv made, and a 3x3 conv that takes a residual: the first may add into its
+    residual in place (a Winograd output is a fresh tensor), the second always writes a new tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.d = nn.Conv2d(4, 6, 3, padding=1), nn.Conv2d(4, 6, 3, padding=1)
+        self.b, self.c = nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 3, padding=1)
+
+    def forward(self, x):
+        y1 = self.a(x)
+        t = self.b(y1)  # traced before d: the add goes into b (the first conv whose only use it is)
+        z = torch.relu(t + self.d(x))
+        return torch.relu(self.c(z) + y1)
+
+
+def test_winograd_layers_make_fresh_residuals_and_are_not_marked_to_write_into_theirs(monkeypatch):
+    _winograd_always_faster(monkeypatch)
+    torch.manual_seed(0)
+    model, x = _TwoBranches().eval(), torch.randn(2, 4, 9, 9)
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1, summary=summary)
+    kinds = {name: type(module) for name, module in converted.named_modules()}
+    assert kinds["a"] is kinds["c"] is kinds["d"] is sparse_cpu.WinogradConv2d and kinds["b"] is sparse_cpu.DenseConv2d
+    marked = [node.target for node in converted.graph.nodes if "residual_reusable" in node.kwargs]
+    assert marked == ["b"] and summary["residuals_reusable"] == 1
+    # and the run-time check lets b write into d's output: a Winograd layer counts as one making fresh tensors
+    assert fusion.residual_reuse_allowed(torch.zeros(3), converted.d, converted.b)
+    with torch.no_grad():
+        for _ in range(2):  # the in-place add must not change what a second call computes
+            assert_close(converted(x), model(x), rtol=1e-4, relative_to_max=True)
+
+
+@pytest.mark.parametrize("onednn_faster_times, kept", [(0, ["0", "2"]), (1, ["0"]), (2, [])])
+def test_the_whole_network_drops_winograd_from_its_largest_layers_while_that_is_faster(monkeypatch,
+                                                                                      onednn_faster_times, kept):
+    """Layer by layer Winograd wins (the timings are faked); the whole network is then timed with the layers of the
+    largest transformed weights by oneDNN again (layer "2": 8 -> 8 channels, then "0": 3 -> 8), one size class at a
+    time, while that is faster: the first ``onednn_faster_times`` comparisons say it is."""
+    monkeypatch.setattr(sparse_cpu, "compare_layer_times", lambda first, second, repeats, rounds=3: (2.0, 1.0))
+    answers = iter([True] * onednn_faster_times + [False] * 3)
+
+    def fake_times(runs, rounds):
+        if set(runs) != {"winograd", "onednn"}:
+            return {label: 2.0 for label in runs}  # the variants of _prefer_faster_network tie: the mixed one stays
+        return {"winograd": 2.0, "onednn": 1.0 if next(answers) else 3.0}
+
+    monkeypatch.setattr(sparse_cpu, "_median_times_ms", fake_times)
+    model, x = _net(), torch.randn(1, 3, 10, 10)
+    summary = {}
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=1, summary=summary)
+    winograd_layers = [name for name, m in converted.named_modules() if isinstance(m, sparse_cpu.WinogradConv2d)]
+    assert winograd_layers == kept
+    rows = {row["name"]: row for row in table}
+    for name in ("0", "2"):
+        assert (rows[name]["dense_algorithm"] == "Winograd") == (name in kept)
+        assert ("network ran faster without Winograd" in rows[name]["reason"]) == (name not in kept)
+        assert isinstance(converted.get_submodule(name), sparse_cpu.DenseConv2d)  # oneDNN or Winograd, fused
+        assert converted.get_submodule(name).relu == (name != "4")
+    expected_note = f"{len(kept)} of 2 Winograd layers kept" if kept else "none of 2 Winograd layers kept"
+    assert summary["winograd"].startswith(expected_note + ": 1 by oneDNN")
+    assert summary["winograd"].count(" ms against ") == min(onednn_faster_times + 1, 2)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, relative_to_max=True)

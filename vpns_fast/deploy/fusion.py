@@ -414,13 +414,15 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
     never a view of another: the engine's convolutions and poolings); every reader of it is such a call too, or
     this layer, coming before it in the graph (a view made of the residual could be read after the write); the
     residual is not also the layer's input; and no layer involved has a hook now. Run after the other rewrites,
-    on the final order."""
+    on the final order. A layer whose class sets ``adds_into_residual = False`` (it always writes a new output) is
+    not marked: the mark's check would cost every run for nothing."""
     _REUSE_SAFE_TYPES.update(reusing + fresh)
     order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
     marked = []
     for node in list(graph_module.graph.nodes):
         layer = _module(graph_module, node)
-        if not isinstance(layer, reusing) or len(node.args) != 2 or node.kwargs or module_hooks(layer):
+        if (not isinstance(layer, reusing) or not getattr(layer, "adds_into_residual", True) or len(node.args) != 2
+                or node.kwargs or module_hooks(layer)):
             continue
         residual = node.args[1]
         if residual is node.args[0]:  # the layer reads its input while it writes

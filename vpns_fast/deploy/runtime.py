@@ -413,7 +413,7 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
             network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
                                                             summary=summary, winograd=winograd)
             info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
-                        layout=summary.get("layout"))
+                        layout=summary.get("layout"), winograd=summary.get("winograd"))
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
     info.update(backend="torch-dense", reason=reason)
@@ -590,7 +590,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
                                     f"speedup_vs_{other}_p80": high})
                 if layers:
                     row.update(decisions=fast.decisions, fusion=fast.info.get("fusion"),
-                               network_choice=fast.info.get("network_choice"), peak_gflops=_peak_gflops(fast.device))
+                               network_choice=fast.info.get("network_choice"), winograd=fast.info.get("winograd"),
+                               peak_gflops=_peak_gflops(fast.device))
             rows.append(row)
         for label, reason in skipped.items():
             rows.append({"batch": batch, "backend": label, "skipped": reason, "device": str(dense.device)})

@@ -854,6 +854,10 @@ class WinogradConv2d(DenseConv2d):
     2.67x, 256 at 14x14 1.79x, 512 at 7x7 0.43x (the transformed weight, 4x the weight, is read for 4 tiles);
     batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4-1.7x."""
 
+    # its output is always a new tensor (the kernel reads the residual while it writes): calls are not marked
+    # residual_reusable (fusion.mark_reusable_residuals)
+    adds_into_residual = False
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  groups: int = 1, relu: bool = False, contiguous_output: bool = False, activation: str | None = None):
         super().__init__(weight, bias, stride, padding, dilation, groups, relu, contiguous_output, activation)
@@ -876,7 +880,7 @@ class WinogradConv2d(DenseConv2d):
 
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
              activation: str | None) -> torch.Tensor:
-        if self.stride != (1, 1) or self.dilation != (1, 1) or self.groups != 1:
+        if tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1) or self.groups != 1:
             raise ValueError(f"WinogradConv2d computes stride 1, dilation 1, groups 1 only; this layer now has "
                              f"stride={self.stride}, dilation={self.dilation}, groups={self.groups}")
         # a fresh output (from the buffer cache when large) whatever into_residual says: the kernel reads the
@@ -1011,12 +1015,12 @@ class SeparableMaxPool2d(nn.Module):
 
 # Layers whose output is always a new tensor, never a view of their input or of a tensor they keep: a value one
 # of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals).
-_FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, SeparableMaxPool2d, nn.MaxPool2d)
+_FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SeparableMaxPool2d, nn.MaxPool2d)
 
 # The layers the engine puts into a network. They are not torch.nn classes, so torch.fx traces into them unless told
 # not to: to trace a converted network again (torchvision's create_feature_extractor), pass them as leaf modules
 # (``tracer_kwargs={"leaf_modules": list(ENGINE_LAYERS)}``).
-ENGINE_LAYERS = (SparseConv2d, DenseConv2d, SparseLinear, SeparableMaxPool2d)
+ENGINE_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SparseLinear, SeparableMaxPool2d)
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
@@ -1273,7 +1277,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded``,
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
     get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
-    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`).
+    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`) and ``winograd`` (None without WinogradConv2d
+    layers, else which were kept after the whole network was timed with the largest of them by oneDNN again:
+    a layer timed alone finds its transformed weight, 4x the weight, in cache, which in the network comes
+    from memory).
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
@@ -1345,16 +1352,19 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         if summary is not None:
             summary["fusion"] = f"graph rewrite refused ({problem}); converted without it"
         return converted, table
-    network_note = None
+    network_note = winograd_note = None
     if policy == "measure":
         converted, network_note, layout_note = _prefer_faster_network(converted, table, example_input, reference,
                                                                       repeats, min_speedup, layout_note)
+        converted, winograd_note = _prefer_winograd_where_it_pays(converted, table, example_input, reference,
+                                                                  max(3, min(7, repeats // 2)))
     reused = _with_reused_residuals(converted, example_input, reference) if graph_module is not None else []
     if reused:
         fusion_note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
-                       residuals_reusable=len(reused), network=network_note, layout=layout_note)
+                       residuals_reusable=len(reused), network=network_note, layout=layout_note,
+                       winograd=winograd_note)
     return converted, table
 
 
@@ -1480,6 +1490,56 @@ def _record_network_choice(table: list[dict], names: list[str], chosen: str, why
     for row in table:
         if row["name"] in switched:
             row.update(chosen=chosen, reason=f"{row['reason']}; {why}")
+
+
+def _transformed_weight_bytes(layer: WinogradConv2d) -> int:
+    out_channels, in_channels = layer.weight.shape[:2]
+    return winograd.POINTS * in_channels * out_channels * 4
+
+
+def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
+                                   rounds: int) -> tuple[nn.Module, str | None]:
+    """``(network, note)``: ``network`` with its WinogradConv2d layers of the largest transformed weights run by
+    oneDNN again (DenseConv2d) as long as that makes the whole network faster (medians of ``rounds``
+    interleaved rounds, one size class at a time, largest first); ``note`` says what was measured (None without
+    Winograd layers).
+
+    Why: a layer timed alone finds its weight in cache from the call before, but in the network it comes from
+    memory, and Winograd's transformed weight is 4x the weight (36 points for 9 taps). ResNet-50 at 50% kept,
+    batch 1, 2 threads (the 2-core AMD EPYC, 2026-12-04, 30 interleaved rounds in one process): with Winograd in
+    its 11 eligible layers (each 1.3-2.6x faster than oneDNN alone) the network took 49.6 ms, with none 50.0 ms,
+    with Winograd only where the transformed weight is 2.4 MB or less (layer1-2; layer3's are 9.4 MB) 48.5 ms;
+    in a quieter moment earlier the same three took 41.0, 44.4 and 41.9 ms."""
+    layers = {name: layer for name, layer in network.named_modules() if isinstance(layer, WinogradConv2d)}
+    if not layers:
+        return network, None
+    scratch = example_input.clone()  # timed calls may write into it; the checks keep the example's values
+    measured, kept_size = [], None
+    for size in sorted({_transformed_weight_bytes(layer) for layer in layers.values()}, reverse=True):
+        names = [name for name, layer in network.named_modules()
+                 if isinstance(layer, WinogradConv2d) and _transformed_weight_bytes(layer) >= size]
+        variant = _variant_with(network, names, lambda _name, layer: DenseConv2d(
+            layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+            contiguous_output=layer.contiguous_output, activation=layer.activation))
+        if _end_to_end_problem(variant, example_input, reference) is not None:
+            kept_size = size
+            break
+        times = _median_times_ms({"winograd": functools.partial(network, scratch),
+                                  "onednn": functools.partial(variant, scratch)}, rounds)
+        measured.append(f"{len(names)} by oneDNN (transformed weights of {size / 2**20:.2g} MiB and more) "
+                        f"{times['onednn']:.3g} ms against {times['winograd']:.3g} ms")
+        if not times["onednn"] < times["winograd"]:
+            kept_size = size
+            break
+        network = variant
+        for row in table:
+            if row["name"] in names:
+                row.update(dense_algorithm="oneDNN",
+                           reason=f"{row['reason']}; oneDNN: the network ran faster without Winograd there")
+    left = sum(isinstance(layer, WinogradConv2d) for layer in network.modules())
+    verdict = (f"{left} of {len(layers)} Winograd layers kept" if kept_size is not None
+               else f"none of {len(layers)} Winograd layers kept")
+    return network, f"{verdict}: " + "; ".join(measured) + f" (medians of {rounds} interleaved rounds)"
 
 
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
@@ -1704,8 +1764,9 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
     def rate(flops, milliseconds):
         return f"{flops / milliseconds / 1e6:7.1f}" if flops and milliseconds else f"{'-':>7}"
 
-    lines = [f"{'layer':<24} {'weight shape':<20} {'input':<18} {'density':>7} {'dense ms':>9} {'sparse ms':>9} "
-             f"{'speedup':>7} {'dGF/s':>7} {'nzGF/s':>7}{' %peak' if peak_gflops else ''}  {'fused':<18} chosen  why"]
+    lines = [f"{'layer':<24} {'weight shape':<20} {'input':<18} {'density':>7} {'dense ms':>9} {'dense by':<8} "
+             f"{'sparse ms':>9} {'speedup':>7} {'dGF/s':>7} {'nzGF/s':>7}{' %peak' if peak_gflops else ''}  "
+             f"{'fused':<18} chosen  why"]
     for row in table:
         speedup = f"{row['speedup']:7.2f}" if row["speedup"] is not None else f"{'-':>7}"
         sparse_rate = rate(row.get("flops"), row["sparse_ms"])
@@ -1715,9 +1776,13 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
                      if row.get("flops") and row["sparse_ms"] else f" {'-':>5}")
         lines.append(f"{row['name'] or '(model)':<24} {str(tuple(row['weight_shape'])):<20} "
                      f"{str(tuple(row['input_shape'] or ())):<18} {row['density']:7.3f} {ms(row['dense_ms'])} "
+                     f"{row.get('dense_algorithm') or '-':<8} "
                      f"{ms(row['sparse_ms'])} {speedup} {rate(row.get('dense_flops'), row['dense_ms'])} "
                      f"{sparse_rate}{share}  {'+'.join(row.get('fused', [])) or '-':<18} {row['chosen']:<6}  "
                      f"{row['reason']}")
+    if any(row.get("dense_algorithm") == "Winograd" for row in table):
+        lines.append("dGF/s counts a direct convolution's multiply-adds; Winograd does 36 where it does 144, so a "
+                     "Winograd layer's rate may exceed the peak")
     return "\n".join(lines)
 
 

@@ -340,3 +340,23 @@ def test_threshold_radix_schedules_are_valid():
         with pytest.raises(ValueError, match="not where a pass begins"):
             radix._check_schedule(torch.float32)
     assert radix._BAND_SHIFT[torch.float32] == shipped_band_shift
+
+
+def test_winograd_ab_runs_both_conversions_and_onnx_runtime(capsys):
+    """bench/winograd_ab.py converts one pruned model with and without Winograd and times both against ONNX
+    Runtime: what each conversion chose, three medians and three ratios."""
+    from vpns_fast.deploy import baselines, sparse_cpu
+
+    if not sparse_cpu.available()[0] or baselines.onnxruntime_version() is None:
+        pytest.skip("needs the C++ extension and onnxruntime")
+    from bench import winograd_ab
+
+    assert winograd_ab.main(["resnet18", "0.5", "--rounds", "2", "--image-size", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# resnet18 at 32, 0.5 kept per layer, batch 1, 2 threads")
+    assert lines[1].startswith("winograd: converted in ") and lines[2].startswith("oneDNN only: converted in ")
+    assert "0 by Winograd; Winograd: None" in lines[2]  # winograd=False: none, and no whole-network note
+    assert [line.split(":")[0] for line in lines[3:6]] == ["winograd", "oneDNN only", "onnxruntime"]
+    assert all(" against " in line and "(p20-p80 " in line for line in lines[6:9]) and len(lines) == 9
+    with pytest.raises(SystemExit):
+        winograd_ab.main(["resnet18", "1.5"])

@@ -1,0 +1,82 @@
+"""Winograd's F(4x4, 3x3) in the CPU engine, end to end: the same pruned torchvision model converted twice by
+``convert_for_cpu(policy="measure")``, with Winograd allowed and with ``winograd=False``, and ONNX Runtime on the
+same network, the three taking turns in rotating order call by call in one process; prints what each conversion
+chose and the per-round ratios (median, p20-p80).
+
+    .venv/bin/python -m bench.winograd_ab resnet50 0.5 [--batch 1] [--threads 2] [--rounds 30] [--image-size 224]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import time
+
+import torch
+
+from bench.cases.infer import pruned_model
+from vpns_fast.deploy import baselines, sparse_cpu
+
+
+def _quantiles(values: list[float]) -> tuple[float, float, float]:
+    ordered = sorted(values)
+    pick = lambda q: ordered[int(q * (len(ordered) - 1))]  # noqa: E731
+    return pick(0.5), pick(0.2), pick(0.8)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("arch", help="a torchvision classification model, e.g. resnet18")
+    parser.add_argument("density", type=float)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--image-size", type=int, default=224)
+    args = parser.parse_args(argv)
+    if not 0.0 < args.density <= 1.0:
+        parser.error(f"density: expected a number in (0, 1], got {args.density}")
+    if min(args.rounds, args.batch, args.threads) < 1 or args.image_size < 32:
+        parser.error("--rounds, --batch, --threads: expected integers >= 1; --image-size: >= 32")
+    torch.set_num_threads(args.threads)
+    model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
+    x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# {args.arch} at {args.image_size}, {args.density} kept per layer, batch {args.batch}, {args.threads} "
+          f"threads; torch {torch.__version__}, onnxruntime {baselines.onnxruntime_version()}, "
+          f"{platform.processor() or 'cpu'}, {now}")
+    runs = {}
+    for label, winograd in (("winograd", True), ("oneDNN only", False)):
+        summary: dict = {}
+        start = time.perf_counter()
+        runs[label], _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, winograd=winograd,
+                                                    repeats=15 if args.batch == 1 else 5)
+        layers = list(runs[label].modules())
+        print(f"{label}: converted in {time.perf_counter() - start:.1f} s, "
+              f"{sum(isinstance(m, sparse_cpu.SparseConv2d) for m in layers)} sparse convs, "
+              f"{sum(isinstance(m, sparse_cpu.WinogradConv2d) for m in layers)} by Winograd; "
+              f"Winograd: {summary.get('winograd')}; whole network: {summary.get('network')}")
+    run_ort, _ = baselines.onnxruntime_runner(model, x)
+    runs["onnxruntime"] = run_ort
+    times: dict[str, list[float]] = {label: [] for label in runs}
+    labels = list(runs)
+    with torch.no_grad():
+        for run in runs.values():
+            run(x)
+            run(x)
+        for index in range(args.rounds):
+            for label in labels[index % 3:] + labels[:index % 3]:
+                start = time.perf_counter()
+                runs[label](x)
+                times[label].append((time.perf_counter() - start) * 1e3)
+    for label, values in times.items():
+        print(f"{label}: median {_quantiles(values)[0]:.2f} ms")
+    for numerator, denominator in (("onnxruntime", "winograd"), ("onnxruntime", "oneDNN only"),
+                                   ("oneDNN only", "winograd")):
+        median, low, high = _quantiles([a / b for a, b in zip(times[numerator], times[denominator])])
+        print(f"{denominator} against {numerator}: {median:.3f}x (p20-p80 {low:.3f}-{high:.3f}x, "
+              f"{args.rounds} rounds)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -3,7 +3,7 @@
 // domain, where the convolution is 36 independent matrix products (tiles x C_in times C_in x C_out, torch's
 // batched sgemm), and each product's 6x6 result comes back as a 4x4 output tile: 36 multiplies per 16 outputs
 // and input channel instead of 144. The filters are transformed once, in float64, by
-// vpns_fast.deploy.sparse_cpu.winograd_weight (also this kernel's plain-PyTorch reference,
+// vpns_fast.deploy.winograd.winograd_weight (next to this kernel's plain-PyTorch reference,
 // winograd_conv2d_reference, with the same tiles and transforms). Inputs and outputs are channels_last, so every
 // transform runs along contiguous channels (vectorised).
 //
@@ -137,7 +137,8 @@ namespace vpns {
 at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            std::vector<int64_t> padding, const std::optional<at::Tensor>& residual, int64_t activation,
                            int64_t chunk_tiles) {
-  TORCH_CHECK(!at::GradMode::is_enabled() || !input.requires_grad(),
+  TORCH_CHECK(!at::GradMode::is_enabled() || !(input.requires_grad() || (residual.has_value() && residual->defined() &&
+                                                                         residual->requires_grad())),
               "winograd_conv2d has no gradient; call it under torch.no_grad()");
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
               "winograd_conv2d: input must be a 4-d float32 CPU tensor, got ", input.scalar_type(), " ", input.sizes());
@@ -172,7 +173,9 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
 
   const int64_t tiles_h = (out_h + 3) / 4, tiles_w = (out_w + 3) / 4, tiles = batch * tiles_h * tiles_w;
   const int64_t chunk_bytes = std::max<int64_t>(kChunkBytes, weight.numel() * 4);
-  int64_t chunk = chunk_tiles > 0 ? chunk_tiles : chunk_bytes / (kPoints * 4 * (channels + out_channels));
+  // (no channels at all: any chunk, and no division by zero)
+  int64_t chunk =
+      chunk_tiles > 0 ? chunk_tiles : chunk_bytes / (kPoints * 4 * std::max<int64_t>(1, channels + out_channels));
   chunk = std::max<int64_t>(1, std::min(chunk, tiles));
   at::Tensor transformed = empty_activation({kPoints, chunk, channels});
   at::Tensor products = empty_activation({kPoints, chunk, out_channels});

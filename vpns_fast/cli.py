@@ -559,6 +559,18 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
 
 
+NO_WINOGRAD_HELP = ("never run dense 3x3 convolutions by Winograd's F(4x4, 3x3) (used where it measures faster than "
+                    "oneDNN; its float32 results are about 20x further from the exact ones than a direct "
+                    "convolution's, and an infinite or huge (1e37) activation gives NaN over a wider patch)")
+
+
+def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """The CPU engine's choices, as ``vpns infer`` and ``vpns bench-infer`` take them."""
+    parser.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure",
+                        help="CPU sparse engine policy")
+    parser.add_argument("--no-winograd", action="store_true", help=NO_WINOGRAD_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vpns", description="vpns_fast: prune vision models with visual "
                             "prompts and weight masks (VPNs), fast.")
@@ -635,13 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+")
     infer.add_argument("--top", type=int, default=5)
     infer.add_argument("--device", default="cpu")
-    infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure",
-                       help="CPU sparse engine policy")
+    _add_engine_flags(infer)
     infer.add_argument("--json", action="store_true")
-    infer.add_argument("--no-winograd", action="store_true",
-                       help="never run dense 3x3 convolutions by Winograd's F(4x4, 3x3) (used where it measures "
-                       "faster than oneDNN; its float32 results are about 20x further from the exact ones than "
-                       "a direct convolution's)")
     infer.set_defaults(func=_cmd_infer)
 
     bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch and "
@@ -655,12 +662,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench_infer.add_argument("--device", default="cpu")
     bench_infer.add_argument("--iters", type=int, default=10)
     bench_infer.add_argument("--warmup", type=int, default=2)
-    bench_infer.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure")
+    _add_engine_flags(bench_infer)
     bench_infer.add_argument("--json", action="store_true")
-    bench_infer.add_argument("--no-winograd", action="store_true",
-                             help="never run dense 3x3 convolutions by Winograd's F(4x4, 3x3) (used where it measures "
-                             "faster than oneDNN; its float32 results are about 20x further from the exact ones "
-                             "than a direct convolution's)")
     bench_infer.add_argument("--layers", action="store_true",
                              help="also show each layer's decision (dense/sparse), measured times, GFLOP/s and why")
     bench_infer.set_defaults(func=_cmd_bench_infer)

@@ -193,3 +193,30 @@ def test_a_batch_over_the_machines_memory_is_a_one_line_error(checkpoint, capsys
     monkeypatch.setattr(environment, "available_memory_bytes", lambda: None)  # unknown: not refused
     rows = runtime.benchmark_inference(checkpoint, (2,), iters=1, warmup=0, baselines=())
     assert rows and rows[0]["batch"] == 2
+
+
+def test_no_winograd_reaches_the_deployed_module(checkpoint, capsys, monkeypatch):
+    """``--no-winograd`` (bench-infer) and ``deploy(..., winograd=False)`` convert without Winograd: no layer is
+    timed or run by it, and each eligible 3x3 layer's row says why."""
+    from vpns_fast.deploy import runtime
+
+    if not sparse_cpu.available()[0]:
+        pytest.skip("the C++ extension is not built")
+    seen = []
+    real_deploy = runtime.deploy
+
+    def recording_deploy(*args, **kwargs):
+        seen.append(kwargs.get("winograd", True))
+        return real_deploy(*args, **kwargs)
+
+    monkeypatch.setattr(runtime, "deploy", recording_deploy)
+    assert cli.main(["bench-infer", str(checkpoint), "--batch", "1", "--iters", "1", "--warmup", "0", "--threads",
+                     "1", "--json", "--layers", "--no-winograd"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["backend"] == "deploy")
+    assert False in seen and row["winograd"] is None
+    assert all(d.get("dense_algorithm") != "Winograd" and d.get("winograd_ms") is None for d in row["decisions"])
+    eligible = [d for d in row["decisions"] if d["type"] == "Conv2d" and d["weight_shape"][2:] == [3, 3]
+                and d.get("dense_algorithm") is not None]
+    assert all(d["winograd_note"] == "winograd=False" for d in eligible)
+    module = real_deploy(checkpoint, winograd=False)
+    assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in module.modules())

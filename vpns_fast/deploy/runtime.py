@@ -339,6 +339,8 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
             min_speedup, model, winograd=True) -> DeployedModel:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not isinstance(winograd, bool):
+        raise TypeError(f"winograd must be a bool, got {winograd!r}")
     from vpns_fast.environment import resolve_device
 
     device = resolve_device(device)  # cpu or cuda: it refuses the others

@@ -848,7 +848,11 @@ class WinogradConv2d(DenseConv2d):
     (NaN kept), other activations by torch after it.
 
     Its float32 result differs from the exact convolution by about 5e-6 of the output's largest magnitude (a
-    direct convolution: 3e-7). ``convert_for_cpu`` times it against :class:`DenseConv2d` on each eligible
+    direct convolution: 3e-7). The transforms add and subtract neighbouring pixels, so a NaN or an infinity in
+    the input gives NaN over more of the tiles reading it (an infinity: NaN where a direct convolution gives
+    an infinity), and finite inputs near the float32 limit (1e37) can overflow where a direct convolution
+    stays finite. A stride, dilation or groups set after construction that Winograd cannot compute goes to
+    oneDNN, as DenseConv2d. ``convert_for_cpu`` times it against :class:`DenseConv2d` on each eligible
     layer's real input and keeps the faster (``winograd=False`` never uses it). Measured 2026-12-04 (2-core AMD
     EPYC, 2 threads, medians of 30), against DenseConv2d: batch 1, 64 channels at 56x56 1.77x, 128 at 28x28
     2.67x, 256 at 14x14 1.79x, 512 at 7x7 0.43x (the transformed weight, 4x the weight, is read for 4 tiles);
@@ -868,6 +872,8 @@ class WinogradConv2d(DenseConv2d):
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         """The weight in the transform domain ([36, C_in, C_out], whatever the input's shape), made again when
         the weight is replaced or changed in place (as DenseConv2d's reordered copy)."""
+        if tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1) or self.groups != 1:
+            return DenseConv2d._packed_weight(self, input_shape)  # _run hands such a layer to oneDNN
         weight = self._buffers["weight"]
         version = -1 if weight.is_inference() else weight._version
         entry = self._packed.get("winograd")
@@ -881,8 +887,9 @@ class WinogradConv2d(DenseConv2d):
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
              activation: str | None) -> torch.Tensor:
         if tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1) or self.groups != 1:
-            raise ValueError(f"WinogradConv2d computes stride 1, dilation 1, groups 1 only; this layer now has "
-                             f"stride={self.stride}, dilation={self.dilation}, groups={self.groups}")
+            # geometry set anew since the layer was built: what Winograd cannot compute, oneDNN does (``packed``
+            # is then oneDNN's, see _packed_weight)
+            return super()._run(x, packed, residual, into_residual, activation)
         # a fresh output (from the buffer cache when large) whatever into_residual says: the kernel reads the
         # residual while it writes its output
         fused = activation == "relu"
@@ -1235,6 +1242,23 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     return sparse
 
 
+def _check_conversion_arguments(example_input, policy: str, min_speedup: float, repeats: int, winograd) -> None:
+    """convert_for_cpu's argument checks (ValueError / TypeError naming the argument), and the extension's
+    when a layer may be replaced."""
+    if policy not in POLICIES:
+        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if not min_speedup > 0:
+        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if not isinstance(winograd, bool):
+        raise TypeError(f"winograd must be a bool, got {winograd!r}")
+    if not isinstance(example_input, torch.Tensor):
+        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
+    if policy != "dense":
+        _ops()
+
+
 def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str = "measure",
                     min_speedup: float = 1.05, repeats: int = 15,
                     replace_pooling: bool = True, fuse: bool = True,
@@ -1249,10 +1273,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
 
     A Conv2d that stays dense (the sparse layer measured too slow, or it cannot run the layer: groups)
     becomes a :class:`DenseConv2d` (oneDNN, weight reordered once, channels_last), the faster dense
-    convolution here, or, for a 3x3 kernel at stride 1 (groups 1, dilation 1), a :class:`WinogradConv2d`
-    where that measured faster still on the layer's input (``winograd=False``: never; its float32 results
-    are about 20x further from the exact ones than a direct convolution's, 5e-6 of the output's largest
-    magnitude); the measured dense time is the chosen one's, on a channels_last copy of the input. Without
+    convolution here, or, for a 3x3 kernel at stride 1 (groups 1, dilation 1), a :class:`WinogradConv2d` where
+    that measured faster still (``winograd=False``: never; see its accuracy there); the measured dense time is
+    the chosen one's, on a channels_last copy of the input. Without
     oneDNN, or for padding neither can express ("same" with an even kernel extent pads one side more), the
     nn.Conv2d stays. Under
     ``policy="dense"`` every layer stays as it is.
@@ -1278,20 +1301,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
     get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
     :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`) and ``winograd`` (None without WinogradConv2d
-    layers, else which were kept after the whole network was timed with the largest of them by oneDNN again:
-    a layer timed alone finds its transformed weight, 4x the weight, in cache, which in the network comes
-    from memory).
+    layers, else which were kept after the whole network was timed with the largest of them by oneDNN again,
+    :func:`_prefer_winograd_where_it_pays`).
     """
-    if policy not in POLICIES:
-        raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not min_speedup > 0:
-        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    if not isinstance(example_input, torch.Tensor):
-        raise TypeError(f"example_input must be a tensor, got {type(example_input).__name__}")
-    if policy != "dense":
-        _ops()
+    _check_conversion_arguments(example_input, policy, min_speedup, repeats, winograd)
     model = checked_module(model)
     # the caller's tensor is never passed to the model (which may write into its input), and every check runs
     # on a fresh copy of the same values
@@ -1540,8 +1553,14 @@ def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], exampl
     network, names = candidates[best]
     for row in table:
         if row["name"] in names:
-            row.update(dense_algorithm="oneDNN",
-                       reason=f"{row['reason']}; oneDNN: the network ran faster without Winograd there")
+            # the row's dense time becomes oneDNN's; a sparse layer that measured faster than oneDNN but not
+            # than Winograd stays dense (the whole network was timed with it dense), and its reason says so
+            sparse_ms, onednn_ms = row["sparse_ms"], row["onednn_ms"]
+            faster_sparse = sparse_ms is not None and onednn_ms is not None and onednn_ms > sparse_ms
+            row.update(dense_algorithm="oneDNN", dense_ms=onednn_ms,
+                       speedup=onednn_ms / sparse_ms if sparse_ms and onednn_ms is not None else row["speedup"],
+                       reason=f"{row['reason']}; oneDNN: the network ran faster without Winograd there"
+                              + (" (sparse measured faster than oneDNN alone)" if faster_sparse else ""))
     kept = len(layers) - len(names)
     measured = ", ".join(f"{times[label]:.3g} ms {label}" for label in times)
     return network, "; ".join([f"{kept} of {len(layers)} Winograd layers kept: {measured} "

@@ -50,10 +50,11 @@ def winograd_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     tiles = padded.unfold(2, 6, TILE).unfold(3, 6, TILE)  # [N, C_in, tiles_h, tiles_w, 6, 6]
     b_t = torch.tensor(_INPUT_TRANSFORM, dtype=torch.float32)
     a_t = torch.tensor(_OUTPUT_TRANSFORM, dtype=torch.float32)
-    transformed = torch.einsum("ik,nchwkl,jl->ijnhwc", b_t, tiles, b_t).reshape(POINTS, -1, x.shape[1])
-    products = torch.bmm(transformed, winograd_weight(weight)).reshape(6, 6, n, tiles_h, tiles_w, -1)
+    tile_count, out_channels = n * tiles_h * tiles_w, weight.shape[0]  # sizes spelled out: batch 0 has no -1
+    transformed = torch.einsum("ik,nchwkl,jl->ijnhwc", b_t, tiles, b_t).reshape(POINTS, tile_count, x.shape[1])
+    products = torch.bmm(transformed, winograd_weight(weight)).reshape(6, 6, n, tiles_h, tiles_w, out_channels)
     out = torch.einsum("ai,ijnhwk,bj->nkhawb", a_t, products, a_t)
-    out = out.reshape(n, -1, TILE * tiles_h, TILE * tiles_w)[:, :, :out_h, :out_w]
+    out = out.reshape(n, out_channels, TILE * tiles_h, TILE * tiles_w)[:, :, :out_h, :out_w]
     if bias is not None:
         out = out + bias.float().view(1, -1, 1, 1)
     if residual is not None:

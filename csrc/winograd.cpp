@@ -11,7 +11,7 @@
 // as fast as ONNX Runtime's, so the network could not be faster. The products alone, measured against oneDNN's
 // whole 3x3 convolution (2 threads, 2-core AMD EPYC, 2026-12-04, medians of 30): batch 1, 64 channels at 56x56
 // 0.32 against 1.05 ms, 128 at 28x28 0.33 against 1.01 ms, 256 at 14x14 0.48 against 0.96 ms, 512 at 7x7 1.97
-// against 0.89 ms (the transformed filters, 4x the weight's size, are read for 4 tiles); batch 32 2.3-2.6x
+// against 0.89 ms (the transformed filters, 4x the weight's size, are read for 4 tiles); batch 32 2.0-2.6x
 // faster. The engine times both on each layer's real input and keeps the faster (``convert_for_cpu``).
 //
 // Accuracy: the transforms' constants (up to 8 in the output transform, 1/24 in the filter's) make the float32
@@ -22,6 +22,7 @@
 // Tiles go through in chunks (transform, products, inverse transform): the transformed chunk stays in cache
 // between the three steps instead of going to memory and back at batch 32 (there the whole layer's transformed
 // input is 58 MB for 64 channels at 56x56).
+#include "activation.h"
 #include "vpns_ops.h"
 
 #include <ATen/Parallel.h>
@@ -33,6 +34,8 @@
 #include <vector>
 
 namespace {
+
+using namespace vpns::epilogue;
 
 constexpr int64_t kPoints = 36;        // 6 x 6 transform points
 constexpr int64_t kChannelBlock = 64;  // channels a transform handles at once (its temporaries: 9 KiB)
@@ -113,7 +116,7 @@ VPNS_WINOGRAD_LOOP void output_tile(const float* src, int64_t point_stride, cons
         for (int64_t l = 0; l < width; ++l) y[b][l] += r[l];
       }
       if (relu) {
-        for (int64_t l = 0; l < width; ++l) o[l] = y[b][l] < 0.0f ? 0.0f : y[b][l];
+        for (int64_t l = 0; l < width; ++l) o[l] = activate<kRelu>(y[b][l]);
       } else {
         for (int64_t l = 0; l < width; ++l) o[l] = y[b][l];
       }
@@ -127,7 +130,7 @@ VPNS_WINOGRAD_LOOP void output_tile(const float* src, int64_t point_stride, cons
 // Batch 32, 2 threads, 2-core AMD EPYC, 2026-12-04, medians of 30, ms for chunks of 32 / 64 / 128 / 256 / 512 tiles:
 // 64 channels at 56x56 21.1 / 18.1 / 16.1 / 16.1 / 16.2 (2 MiB: 113 tiles), 128 at 28x28 14.5 / 13.9 / 13.6 /
 // 18.9 / 17.4 (2 MiB: 56 tiles, 13.6), 256 at 14x14 18.7 / 17.7 / 17.7 / 18.1 / 17.6, 512 at 7x7 (its 128 tiles)
-// 30.3 / 21.3 / 19.3 / 19.3 / 19.5 (2 MiB: 7 tiles, 40.6).
+// 30.3 / 21.3 / 19.3 / 19.3 / 19.5 (2 MiB: 14 tiles, 40.6).
 constexpr int64_t kChunkBytes = int64_t{2} << 20;
 
 }  // namespace
@@ -148,8 +151,8 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
               weight.sizes());
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
               "winograd_conv2d: padding must be 2 integers >= 0");
-  TORCH_CHECK(activation == 0 || activation == 1, "winograd_conv2d: activation must be 0 (none) or 1 (relu), got ",
-              activation);
+  TORCH_CHECK(activation == kIdentity || activation == kRelu,
+              "winograd_conv2d: activation must be 0 (none) or 1 (relu), got ", activation);
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
   const int64_t out_channels = weight.size(2);
   TORCH_CHECK(weight.size(1) == channels, "winograd_conv2d: input has ", channels, " channels, the weight expects ",
@@ -235,7 +238,7 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
           }
         }
         output_tile(products_data + local * out_channels + k0, point_stride, bias_data + k0, pixels, adds,
-                    activation == 1, std::min(kChannelBlock, out_channels - k0));
+                    activation == kRelu, std::min(kChannelBlock, out_channels - k0));
       }
     });
   }

@@ -820,6 +820,11 @@ class DenseConv2d(_FusedActivation, nn.Module):
         super().__setstate__(state)
 
 
+def _winograd_geometry(conv: nn.Module) -> bool:
+    """Whether ``conv``'s stride, dilation and groups are those Winograd computes (1, 1, 1)."""
+    return tuple(conv.stride) == (1, 1) and tuple(conv.dilation) == (1, 1) and conv.groups == 1
+
+
 def winograd_unsupported_reason(conv: nn.Module) -> str | None:
     """Why :class:`WinogradConv2d` cannot compute ``conv`` (an ``nn.Conv2d`` or one of the engine's dense
     convolutions), or None: it computes 3x3 kernels at stride 1, dilation 1, groups 1, with zero padding, in
@@ -832,7 +837,7 @@ def winograd_unsupported_reason(conv: nn.Module) -> str | None:
         return "not a 3x3 kernel"
     if weight.dtype != torch.float32:
         return f"weight is {weight.dtype}, not float32"
-    if tuple(conv.stride) != (1, 1) or tuple(conv.dilation) != (1, 1) or conv.groups != 1:
+    if not _winograd_geometry(conv):
         return "not stride 1, dilation 1, groups 1"
     if getattr(conv, "padding_mode", "zeros") != "zeros":
         return "padding other than zeros"
@@ -856,7 +861,7 @@ class WinogradConv2d(DenseConv2d):
     layer's real input and keeps the faster (``winograd=False`` never uses it). Measured 2026-12-04 (2-core AMD
     EPYC, 2 threads, medians of 30), against DenseConv2d: batch 1, 64 channels at 56x56 1.77x, 128 at 28x28
     2.67x, 256 at 14x14 1.79x, 512 at 7x7 0.43x (the transformed weight, 4x the weight, is read for 4 tiles);
-    batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4-1.7x."""
+    batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4x (19.3 against 27.5 ms)."""
 
     # its output is always a new tensor (the kernel reads the residual while it writes): calls are not marked
     # residual_reusable (fusion.mark_reusable_residuals)
@@ -872,8 +877,8 @@ class WinogradConv2d(DenseConv2d):
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         """The weight in the transform domain ([36, C_in, C_out], whatever the input's shape), made again when
         the weight is replaced or changed in place (as DenseConv2d's reordered copy)."""
-        if tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1) or self.groups != 1:
-            return DenseConv2d._packed_weight(self, input_shape)  # _run hands such a layer to oneDNN
+        if not _winograd_geometry(self):
+            return DenseConv2d._packed_weight(self, input_shape)  # oneDNN's: _run hands it to oneDNN
         weight = self._buffers["weight"]
         version = -1 if weight.is_inference() else weight._version
         entry = self._packed.get("winograd")
@@ -886,9 +891,9 @@ class WinogradConv2d(DenseConv2d):
 
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
              activation: str | None) -> torch.Tensor:
-        if tuple(self.stride) != (1, 1) or tuple(self.dilation) != (1, 1) or self.groups != 1:
-            # geometry set anew since the layer was built: what Winograd cannot compute, oneDNN does (``packed``
-            # is then oneDNN's, see _packed_weight)
+        if packed.is_mkldnn:
+            # geometry set anew since the layer was built: what Winograd cannot compute, oneDNN does
+            # (_packed_weight gave oneDNN's reordered weight)
             return super()._run(x, packed, residual, into_residual, activation)
         # a fresh output (from the buffer cache when large) whatever into_residual says: the kernel reads the
         # residual while it writes its output
@@ -1370,7 +1375,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         converted, network_note, layout_note = _prefer_faster_network(converted, table, example_input, reference,
                                                                       repeats, min_speedup, layout_note)
         converted, winograd_note = _prefer_winograd_where_it_pays(converted, table, example_input, reference,
-                                                                  max(3, min(7, repeats // 2)))
+                                                                  _network_rounds(repeats))
     reused = _with_reused_residuals(converted, example_input, reference) if graph_module is not None else []
     if reused:
         fusion_note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
@@ -1505,6 +1510,11 @@ def _record_network_choice(table: list[dict], names: list[str], chosen: str, why
             row.update(chosen=chosen, reason=f"{row['reason']}; {why}")
 
 
+def _network_rounds(repeats: int) -> int:
+    """Interleaved rounds of a whole-network timing, for ``repeats`` timed calls a layer."""
+    return max(3, min(7, repeats // 2))
+
+
 def _transformed_weight_bytes(layer: WinogradConv2d) -> int:
     out_channels, in_channels = layer.weight.shape[:2]
     return winograd.POINTS * in_channels * out_channels * 4
@@ -1521,19 +1531,20 @@ def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], exampl
     Why: a layer timed alone finds its weight in cache from the call before, but in the network it comes from
     memory, and Winograd's transformed weight is 4x the weight (36 points for 9 taps). ResNet-50 at 50% kept,
     batch 1, 2 threads (the 2-core AMD EPYC, 2026-12-04, 30 interleaved rounds in one process): with Winograd in
-    its 11 eligible layers (each 1.3-2.6x faster than oneDNN alone) the network took 49.6 ms, with none 50.0 ms,
+    its 11 eligible layers (each 1.4-2.5x faster than oneDNN alone) the network took 49.6 ms, with none 50.0 ms,
     with Winograd only where the transformed weight is 2.4 MB or less (layer1-2; layer3's are 9.4 MB) 48.5 ms;
     in a quieter moment earlier the same three took 41.0, 44.4 and 41.9 ms. The variants are timed together, not
     one after the other: a first version that dropped one size class at a time while that measured faster, on 7
     rounds each, dropped all 11 layers of that network on one noisy reading (46.2 against 51.5 ms)."""
-    layers = {name: layer for name, layer in network.named_modules() if isinstance(layer, WinogradConv2d)}
-    if not layers:
+    sizes = {name: _transformed_weight_bytes(layer) for name, layer in network.named_modules()
+             if isinstance(layer, WinogradConv2d)}
+    if not sizes:
         return network, None
     candidates = {"as chosen": (network, [])}
     names_by_size: list[str] = []
     refused = []
-    for size in sorted({_transformed_weight_bytes(layer) for layer in layers.values()}, reverse=True):
-        names_by_size += [name for name, layer in layers.items() if _transformed_weight_bytes(layer) == size]
+    for size in sorted(set(sizes.values()), reverse=True):
+        names_by_size += [name for name, layer_size in sizes.items() if layer_size == size]
         variant = _variant_with(network, names_by_size, lambda _name, layer: DenseConv2d(
             layer.weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups,
             contiguous_output=layer.contiguous_output, activation=layer.activation))
@@ -1561,9 +1572,9 @@ def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], exampl
                        speedup=onednn_ms / sparse_ms if sparse_ms and onednn_ms is not None else row["speedup"],
                        reason=f"{row['reason']}; oneDNN: the network ran faster without Winograd there"
                               + (" (sparse measured faster than oneDNN alone)" if faster_sparse else ""))
-    kept = len(layers) - len(names)
+    kept = len(sizes) - len(names)
     measured = ", ".join(f"{times[label]:.3g} ms {label}" for label in times)
-    return network, "; ".join([f"{kept} of {len(layers)} Winograd layers kept: {measured} "
+    return network, "; ".join([f"{kept} of {len(sizes)} Winograd layers kept: {measured} "
                                f"(medians of {rounds} interleaved rounds)"] + refused)
 
 
@@ -1592,7 +1603,7 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
       on the NCHW one its sparse neighbour gives it.
     The variants are timed in interleaved rounds (medians); the table's rows of the layers a variant switched
     say so."""
-    rounds = max(3, min(7, repeats // 2))
+    rounds = _network_rounds(repeats)
     sparse_count = sum(isinstance(module, SparseConv2d) for module in converted.modules())
     candidates = {"mixed": (converted, [], layout_note)}  # label -> (network, layers it switched, layout note)
     refused = []

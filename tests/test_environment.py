@@ -16,6 +16,15 @@ def test_devices_the_package_cannot_run_on_are_refused_by_name(name):
         resolve_device(name)
 
 
+def test_a_tensor_for_the_device_names_the_argument_and_the_likely_mistake():
+    # vf.deploy(model, example) put the example where the device goes; torch.device's own TypeError listed overloads
+    with pytest.raises(TypeError, match=r"device: expected .*got Tensor \(an example input\? pass its shape as "
+                                        r"example_input_size="):
+        resolve_device(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(TypeError, match="device: expected .*got NoneType$"):
+        resolve_device(None)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="'cuda:1' was asked for but CUDA is not available"):

@@ -66,6 +66,12 @@ def describe() -> dict:
 
 def resolve_device(name: str | torch.device) -> torch.device:
     """``"auto"`` is CUDA when available, else CPU; asking for CUDA without it is a clear error."""
+    if not isinstance(name, (str, torch.device)):
+        # deploy(model, example) reached torch.device(tensor), whose TypeError listed torch.device's overloads
+        hint = (" (an example input? pass its shape as example_input_size=tuple(x.shape))"
+                if isinstance(name, torch.Tensor) else "")
+        raise TypeError(f"device: expected auto, cpu, cuda or cuda:N (a str or torch.device), got "
+                        f"{type(name).__name__}{hint}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

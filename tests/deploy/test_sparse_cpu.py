@@ -256,6 +256,20 @@ def test_convert_for_cpu_table_schema_and_policies():
     assert sparse_cpu.measure_peak_gflops(size=64, repeats=2) > 0
 
 
+def test_whole_network_timings_rotate_the_order_and_judge_each_run_by_its_rounds_ratio(monkeypatch):
+    """The machine's speed changes 3x from round to round; within every round "b" takes 0.9x and "c" 1.1x the time
+    of "a": each comes out as "a"'s median times its ratio, and each round starts with another run."""
+    order = []
+    speed = iter([1.0] * 3 + [3.0] * 3 + [3.0] * 3 + [1.0] * 3 + [3.0] * 3 + [3.0] * 3)
+    monkeypatch.setattr(sparse_cpu, "_times_ms", lambda run, repeats: [run() * next(speed)])
+    share = {"a": 10.0, "b": 9.0, "c": 11.0}
+    runs = {label: (lambda label=label: order.append(label) or share[label]) for label in share}
+    times = sparse_cpu._median_times_ms(runs, rounds=6)
+    assert times["a"] == 30.0 and times["b"] == pytest.approx(27.0) and times["c"] == pytest.approx(33.0)
+    assert [order[i] for i in range(0, 18, 3)] == ["a", "b", "c", "a", "b", "c"]
+    assert sorted(order) == ["a"] * 6 + ["b"] * 6 + ["c"] * 6
+
+
 @pytest.mark.parametrize("slow", ["dense", "sparse"])
 def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
     """A Linear that measured faster dense alone is made sparse when the whole network then runs faster (its

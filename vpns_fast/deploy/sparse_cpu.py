@@ -1492,14 +1492,36 @@ def _measured_dense_convs_sparse(converted: nn.Module, table: list[dict]) -> tup
         activation=dense.activation)), names
 
 
+def _median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
+# how the whole-network notes say they timed (_median_times_ms)
+_ROUNDS_NOTE = "{} rounds, rotating order; the first's median, the others' by their per-round ratio to it"
+
+
 def _median_times_ms(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Each run's median time over ``rounds`` rounds, the runs taking turns."""
-    times = {label: [] for label in runs}
+    """Milliseconds of each run over ``rounds`` rounds in which the runs take turns, the order rotating from
+    round to round: the first run's median time, and each other's the first's median times the median of its
+    per-round ratio to the first (a run slower or faster as a whole is judged on its own round's partner, so a
+    burst of load that spans a few rounds moves both sides of a ratio).
+
+    Why the rotation and the ratios: the order was fixed, and the medians taken run by run. On this kind of
+    shared machine ResNet-50 at batch 1 swings 10-20% within minutes, and the whole-network stages compare
+    variants 1-8% apart (ResNet-50 at 50% kept, batch 1: its Winograd variants measured 45.9-47.6 ms and 46.1-48.6
+    ms in two conversions, 2026-12-04); the per-round ratio is what the benchmarks report for the same reason."""
+    labels = list(runs)
+    times: dict[str, list[float]] = {label: [] for label in labels}
     with torch.no_grad():
-        for _ in range(rounds):
-            for label, run in runs.items():
-                times[label] += _times_ms(run, 1)
-    return {label: sorted(values)[len(values) // 2] for label, values in times.items()}
+        for index in range(rounds):
+            shift = index % len(labels)
+            for label in labels[shift:] + labels[:shift]:
+                times[label] += _times_ms(runs[label], 1)
+    first = labels[0]
+    base = _median(times[first])
+    return {label: base if label == first else
+            base * _median([mine / max(theirs, 1e-9) for mine, theirs in zip(times[label], times[first])])
+            for label in labels}
 
 
 def _record_network_choice(table: list[dict], names: list[str], chosen: str, why: str) -> None:
@@ -1524,8 +1546,8 @@ def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], exampl
                                    rounds: int) -> tuple[nn.Module, str | None]:
     """``(network, note)``: of ``network`` and its variants with the WinogradConv2d layers of the largest
     transformed weights run by oneDNN again (DenseConv2d: the largest size class, then the two largest, ...,
-    then none by Winograd), the one that runs the example fastest end to end (medians of interleaved rounds:
-    ``rounds``, or more where a round is short, up to about 3 s of timing); ``note`` says what was measured
+    then none by Winograd), the one that runs the example fastest end to end (:func:`_median_times_ms` over
+    ``rounds`` rounds, or more where a round is short, up to about 3 s of timing); ``note`` says what was measured
     (None without Winograd layers). Ties keep the layers as they are.
 
     Why: a layer timed alone finds its weight in cache from the call before, but in the network it comes from
@@ -1575,7 +1597,7 @@ def _prefer_winograd_where_it_pays(network: nn.Module, table: list[dict], exampl
     kept = len(sizes) - len(names)
     measured = ", ".join(f"{times[label]:.3g} ms {label}" for label in times)
     return network, "; ".join([f"{kept} of {len(sizes)} Winograd layers kept: {measured} "
-                               f"(medians of {rounds} interleaved rounds)"] + refused)
+                               f"({_ROUNDS_NOTE.format(rounds)})"] + refused)
 
 
 def _prefer_faster_network(converted: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
@@ -1601,8 +1623,8 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
       interleaved rounds) 1.19x MobileNetV3-small, 1.25x EfficientNet-B0, 1.30x RegNetX-400MF, 1.13x
       MobileNetV2. A depthwise 3x3 conv on 72 channels at 56x56 took 50 us on channels_last input and 121 us
       on the NCHW one its sparse neighbour gives it.
-    The variants are timed in interleaved rounds (medians); the table's rows of the layers a variant switched
-    say so."""
+    The variants are timed in interleaved rounds (:func:`_median_times_ms`); the table's rows of the layers a
+    variant switched say so."""
     rounds = _network_rounds(repeats)
     sparse_count = sum(isinstance(module, SparseConv2d) for module in converted.modules())
     candidates = {"mixed": (converted, [], layout_note)}  # label -> (network, layers it switched, layout note)
@@ -1635,7 +1657,7 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
                  "sparse": "with every supported conv sparse"}
     note = "; ".join([f"{headline[best]}: the network ran in {times[best]:.3g} ms, "
                       + ", ".join(f"{times[label]:.3g} ms {alongside[label]}" for label in times if label != best)
-                      + f" (medians of {rounds} interleaved rounds)"] + refused)
+                      + f" ({_ROUNDS_NOTE.format(rounds)})"] + refused)
     network, names, chosen_layout = candidates[best]
     if best == "dense":
         _record_network_choice(table, names, "dense", "the network ran faster with every conv dense")
@@ -1687,7 +1709,7 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dic
                                            f"{times['dense']:.3g} ms, {times['sparse']:.3g} ms with them sparse")
     _record_network_choice(table, names, "sparse", "the network ran faster with it sparse")
     note = (f"{joined}{len(names)} Linear layers made sparse: the network ran in {times['sparse']:.3g} ms, "
-            f"{times['dense']:.3g} ms with them dense (medians of {rounds} interleaved rounds)")
+            f"{times['dense']:.3g} ms with them dense ({_ROUNDS_NOTE.format(rounds)})")
     return with_layers(sparse_layers), note
 
 

@@ -27,7 +27,8 @@ def test_api_reference_builds_without_warnings(tmp_path):
     assert not missing, f"no API page for {missing}"
 
 
-@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md", "docs/method.md", "bench/README.md"])
+@pytest.mark.parametrize("doc", ["README.md", "docs/ARCHITECTURE.md", "docs/method.md", "docs/cpu-engine-runs.md",
+                                 "bench/README.md"])
 def test_docs_link_only_files_the_repository_has(doc):
     text = (ROOT / doc).read_text()
     links = re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", text)

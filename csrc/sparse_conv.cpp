@@ -265,13 +265,15 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // 2 threads, 10% kept, every conv sparse; a noisy afternoon, bench/results/cpu-block-major-2026-12-04-amd.txt):
 // batch 1 ResNet-50 1.085x / 1.059x (two runs of 12 / 16 rounds; p20-p80 0.95-1.16x), ResNet-18 1.081x
 // (1.00-1.20x); batch 32 ResNet-18 1.022x (0.98-1.08x), ResNet-50 1.029x (1.02-1.03x).
+// `blocks`: input-channel blocks a row's nonzeros are split into; row r's run for block j is
+// segments[at(r, j)] .. segments[at(r, j) + 1].
 struct SegmentLayout {
-  int64_t row_step, block_step;
+  int64_t row_step, block_step, blocks;
   int64_t at(int64_t r, int64_t j) const { return r * row_step + j * block_step; }
 };
 
-inline SegmentLayout row_major(int64_t blocks_per_row) { return {blocks_per_row, 1}; }
-inline SegmentLayout block_major(int64_t rows) { return {1, rows}; }
+inline SegmentLayout row_major(int64_t blocks) { return {blocks, 1, blocks}; }
+inline SegmentLayout block_major(int64_t rows, int64_t blocks) { return {1, rows, blocks}; }
 
 // Input lines to request ahead of use, for a panel read in place from a tensor that is not in cache (a 1x1
 // conv's input): the window of input channel c for the tile at src is src + c * channel_stride, `width` floats.
@@ -398,17 +400,16 @@ struct WindowPrefetcher {
 template <int kVectorLanes, void (*kTileMasked)(int64_t, const float*, const int32_t*, const float*, int64_t, float*),
           void (*kTileWhole)(int64_t, const float*, const int32_t*, const float*, int64_t, float*)>
 void rows_times_panel_vector(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                             SegmentLayout layout, int64_t blocks_per_row, int64_t row_begin, int64_t row_end,
-                             int64_t positions, float* out, int64_t out_stride, bool exact,
-                             const InputPrefetch& prefetch) {
+                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
+                             int64_t out_stride, bool exact, const InputPrefetch& prefetch) {
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
     const int64_t width = std::min<int64_t>(kTile, positions - t0);
     const bool masked = exact && width % kVectorLanes != 0;
     const float* s = src + t0;
     WindowPrefetcher ahead;
-    for (int64_t j = 0; j < blocks_per_row; ++j) {
+    for (int64_t j = 0; j < layout.blocks; ++j) {
       if (prefetch.channel_stride > 0) {
-        if (j + 1 < blocks_per_row) {
+        if (j + 1 < layout.blocks) {
           ahead.start(s, prefetch, (j + 1) * prefetch.block_channels, width, row_end - row_begin);
         } else if (t0 + kTile < positions) {
           ahead.start(s + kTile, prefetch, 0, std::min<int64_t>(kTile, positions - t0 - kTile), row_end - row_begin);
@@ -435,13 +436,13 @@ void rows_times_panel_vector(const float* src, const int32_t* offsets, const flo
 // Portable path (any CPU): same tiling, a fixed-width accumulator the compiler vectorizes for
 // the baseline instruction set.
 void rows_times_panel_scalar(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                             SegmentLayout layout, int64_t blocks_per_row, int64_t row_begin, int64_t row_end,
-                             int64_t positions, float* out, int64_t out_stride, bool exact) {
+                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
+                             int64_t out_stride, bool exact) {
   for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
     const int64_t width = round_up(std::min<int64_t>(kTile, positions - t0), kLanes);
     // whole vectors, like the AVX2 tile (never past round_up(positions, kLanes)), unless exact
     const int64_t reads = exact ? std::min<int64_t>(kTile, positions - t0) : width;
-    for (int64_t j = 0; j < blocks_per_row; ++j) {
+    for (int64_t j = 0; j < layout.blocks; ++j) {
       for (int64_t r = row_begin; r < row_end; ++r) {
         float* o = out + (r - row_begin) * out_stride + t0;
         float acc[kTile] = {};
@@ -460,9 +461,9 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
 
 // The kernels of each ISA, by Isa index: a new per-ISA kernel is a new member here, chosen with the others.
 using RowsTimesPanelFn = void (*)(const float* src, const int32_t* offsets, const float* values,
-                                  const int64_t* segments, SegmentLayout layout, int64_t blocks_per_row,
-                                  int64_t row_begin, int64_t row_end, int64_t positions, float* out, int64_t out_stride,
-                                  bool exact, const InputPrefetch& prefetch);
+                                  const int64_t* segments, SegmentLayout layout, int64_t row_begin, int64_t row_end,
+                                  int64_t positions, float* out, int64_t out_stride, bool exact,
+                                  const InputPrefetch& prefetch);
 
 struct IsaKernels {
   const char* name;
@@ -470,10 +471,10 @@ struct IsaKernels {
 };
 
 void rows_times_panel_portable(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                               SegmentLayout layout, int64_t blocks_per_row, int64_t row_begin, int64_t row_end,
-                               int64_t positions, float* out, int64_t out_stride, bool exact, const InputPrefetch&) {
-  rows_times_panel_scalar(src, offsets, values, segments, layout, blocks_per_row, row_begin, row_end, positions, out,
-                          out_stride, exact);
+                               SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
+                               int64_t out_stride, bool exact, const InputPrefetch&) {
+  rows_times_panel_scalar(src, offsets, values, segments, layout, row_begin, row_end, positions, out, out_stride,
+                          exact);
 }
 
 #if VPNS_X86
@@ -507,11 +508,10 @@ std::string isa_name_list() {
 // out (zero-filled by the caller) += rows [row_begin, row_end) of the sparse matrix times the
 // panel; row r's nonzeros for input block j are segments[layout.at(r, j)] .. [layout.at(r, j) + 1].
 void rows_times_panel(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                      SegmentLayout layout, int64_t blocks_per_row, int64_t row_begin, int64_t row_end,
-                      int64_t positions, float* out, int64_t out_stride, bool exact,
-                      const InputPrefetch& prefetch = InputPrefetch()) {
-  isa_kernels().rows_times_panel(src, offsets, values, segments, layout, blocks_per_row, row_begin, row_end, positions,
-                                 out, out_stride, exact, prefetch);
+                      SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
+                      int64_t out_stride, bool exact, const InputPrefetch& prefetch = InputPrefetch()) {
+  isa_kernels().rows_times_panel(src, offsets, values, segments, layout, row_begin, row_end, positions, out, out_stride,
+                                 exact, prefetch);
 }
 
 // ---- convolution geometry -----------------------------------------------------------------------
@@ -1046,14 +1046,14 @@ WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t
 
 // out[n * out_features + o] for a [batch, features] input x with the batch as the vector dimension: x is
 // transposed into a panel [features, batch] and output feature o is the sparse combination of its rows given
-// by segments (blocks_per_row per feature, as for rows_times_panel); columns[k] is nonzero k's feature. Then
+// by segments (laid out as `layout` says, as for rows_times_panel); columns[k] is nonzero k's feature. Then
 // the convolution's epilogue: (sum + bias) + residual (same layout as out), then the ReLU (NaN kept). For
 // batch >= kLanes: the linear layer, and 1x1 convolutions of 1x1 inputs (squeeze-excitation blocks; 2048x512
 // at 10% kept, batch 32: 0.31 ms against 1.9 ms through the convolution's tiles of one position).
 void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* columns, const float* vals,
-                      const int64_t* segments, SegmentLayout layout, int64_t blocks_per_row, int64_t out_features,
-                      const float* bias, const float* residual, int64_t activation, float* out) {
-  const int64_t batch = x.size(0), features = x.size(1), nnz = segments[out_features * blocks_per_row];
+                      const int64_t* segments, SegmentLayout layout, int64_t out_features, const float* bias,
+                      const float* residual, int64_t activation, float* out) {
+  const int64_t batch = x.size(0), features = x.size(1), nnz = segments[out_features * layout.blocks];
   at::Tensor panel = at::zeros({features * batch + kTile}, x.options());
   panel.narrow(0, 0, features * batch).view({features, batch}).copy_(x.t());
   TORCH_CHECK(features * batch < std::numeric_limits<int32_t>::max(), op, ": input too large for 32-bit offsets");
@@ -1066,8 +1066,7 @@ void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* column
   parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
     const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
     std::fill(wide, wide + block * wide_stride, 0.0f);
-    rows_times_panel(panel_data, offsets.data(), vals, segments, layout, blocks_per_row, o0, o1, batch, wide,
-                     wide_stride, false);
+    rows_times_panel(panel_data, offsets.data(), vals, segments, layout, o0, o1, batch, wide, wide_stride, false);
     for (int64_t o = o0; o < o1; ++o) {
       const float add = bias ? bias[o] : 0.0f;
       const float* w_row = wide + (o - o0) * wide_stride;
@@ -1252,8 +1251,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   TORCH_CHECK(input.size(1) == g.in_channels, op, ": input has ", input.size(1), " channels, the weight expects ",
               g.in_channels, " (groups > 1 is not supported)");
   check_packed(op, segments, offsets, "offsets", values, g.out_channels);
-  const int64_t blocks_per_row = g.out_channels > 0 ? (segments.numel() - 1) / g.out_channels : 1;
-  const SegmentLayout layout = block_major(g.out_channels);  // as sparse_conv2d_offsets orders the nonzeros
+  // as sparse_conv2d_offsets orders the nonzeros
+  const SegmentLayout layout =
+      block_major(g.out_channels, g.out_channels > 0 ? (segments.numel() - 1) / g.out_channels : 1);
   const std::optional<at::Tensor> b = checked_bias(op, bias, g.out_channels);
   // Offsets are computed for one input geometry; a stale set must not read outside the planes.
   const int64_t nnz = values.numel();
@@ -1297,9 +1297,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   in_place_prefetch.channel_stride = g.height * g.width;
   in_place_prefetch.channels = g.in_channels;
   const int64_t default_block = default_channel_block(g, nnz);
-  in_place_prefetch.block_channels = (g.in_channels + default_block - 1) / default_block == blocks_per_row
+  in_place_prefetch.block_channels = (g.in_channels + default_block - 1) / default_block == layout.blocks
                                          ? default_block
-                                         : (g.in_channels + blocks_per_row - 1) / blocks_per_row;
+                                         : (g.in_channels + layout.blocks - 1) / layout.blocks;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
   // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `exact`:
   // read nothing past a window (the input read in place, where the last image ends at the tensor's end).
@@ -1313,8 +1313,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
-    rows_times_panel(image_planes + q0, off, vals, seg, layout, blocks_per_row, o0, o1, count, wide, kTile, exact,
-                     prefetch);
+    rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
       float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
@@ -1351,8 +1350,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       g.batch >= kLanes) {
     // One pixel per channel: a linear layer over [N, C_in] (one stored plane of one float a channel, so each
     // offset is its nonzero's input channel, checked above to be below in_channels).
-    batch_as_vectors(op, x.view({g.batch, g.in_channels}), off, vals, seg, layout, blocks_per_row, g.out_channels,
-                     bias_data, res_data, activation, out_data);
+    batch_as_vectors(op, x.view({g.batch, g.in_channels}), off, vals, seg, layout, g.out_channels, bias_data, res_data,
+                     activation, out_data);
     return output;
   }
   // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
@@ -1456,7 +1455,7 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
     });
     return output.reshape(out_shape);
   }
-  batch_as_vectors(op, x, col, vals, rp, row_major(1), 1, out_features, bias_data, nullptr, kIdentity, out_data);
+  batch_as_vectors(op, x, col, vals, rp, row_major(1), out_features, bias_data, nullptr, kIdentity, out_data);
   return output.reshape(out_shape);
 }
 

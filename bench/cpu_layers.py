@@ -14,26 +14,19 @@ import platform
 
 import torch
 
-from bench.cases.infer import pruned_model
+from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
 from vpns_fast.cli import _print_bench_rows
 from vpns_fast.deploy import baselines, runtime
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", help="a torchvision classification model, e.g. resnet50, regnet_x_400mf")
-    parser.add_argument("density", type=float)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    add_pruned_model_arguments(parser)
     parser.add_argument("--iters", type=int, default=15)
     args = parser.parse_args(argv)
-    if not 0.0 < args.density <= 1.0:
-        parser.error(f"density: expected a number in (0, 1], got {args.density}")
-    import torchvision
-
-    if args.arch not in torchvision.models.list_models(module=torchvision.models):
-        parser.error(f"arch: expected a torchvision classification model (torchvision.models.list_models()), "
-                     f"got {args.arch!r}")
+    checked_pruned_model_arguments(parser, args)
+    if args.iters < 1:
+        parser.error(f"--iters: expected an integer >= 1, got {args.iters}")
     model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), "

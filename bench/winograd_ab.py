@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from bench.cases.infer import pruned_model
+from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
 from vpns_fast.deploy import baselines, sparse_cpu
 
 
@@ -26,17 +26,13 @@ def _quantiles(values: list[float]) -> tuple[float, float, float]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("arch", help="a torchvision classification model, e.g. resnet18")
-    parser.add_argument("density", type=float)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--threads", type=int, default=2)
+    add_pruned_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=224)
     args = parser.parse_args(argv)
-    if not 0.0 < args.density <= 1.0:
-        parser.error(f"density: expected a number in (0, 1], got {args.density}")
-    if min(args.rounds, args.batch, args.threads) < 1 or args.image_size < 32:
-        parser.error("--rounds, --batch, --threads: expected integers >= 1; --image-size: >= 32")
+    checked_pruned_model_arguments(parser, args)
+    if args.rounds < 1 or args.image_size < 32:
+        parser.error(f"--rounds: expected an integer >= 1, --image-size: >= 32; got {args.rounds}, {args.image_size}")
     torch.set_num_threads(args.threads)
     model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))

@@ -358,5 +358,18 @@ def test_winograd_ab_runs_both_conversions_and_onnx_runtime(capsys):
     assert "0 by Winograd; Winograd: None" in lines[2]  # winograd=False: none, and no whole-network note
     assert [line.split(":")[0] for line in lines[3:6]] == ["winograd", "oneDNN only", "onnxruntime"]
     assert all(" against " in line and "(p20-p80 " in line for line in lines[6:9]) and len(lines) == 9
-    with pytest.raises(SystemExit):
-        winograd_ab.main(["resnet18", "1.5"])
+
+
+@pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers"])
+@pytest.mark.parametrize("argv, message", [(["resnet18", "1.5"], "density: expected a number in (0, 1], got 1.5"),
+                                           (["resnet18", "0.1", "--batch", "0"], "--batch, --threads: expected"),
+                                           (["resnet_18", "0.1"], "arch: expected a torchvision classification")])
+def test_the_one_model_scripts_refuse_bad_arguments_by_name(script, argv, message, capsys):
+    """bench.winograd_ab and bench.cpu_layers share their model arguments and checks: one line, exit 2, before
+    any model is built (an unknown arch was a traceback in winograd_ab)."""
+    import importlib
+
+    module = importlib.import_module(f"bench.{script}")
+    with pytest.raises(SystemExit) as exited:
+        module.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err

@@ -150,6 +150,28 @@ def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> n
     return model
 
 
+def add_pruned_model_arguments(parser) -> None:
+    """The arguments of the scripts that run one :func:`pruned_model` (bench.cpu_layers, bench.winograd_ab):
+    ``arch density [--batch] [--threads]``; :func:`checked_pruned_model_arguments` checks them."""
+    parser.add_argument("arch", help="a torchvision classification model, e.g. resnet50, regnet_x_400mf")
+    parser.add_argument("density", type=float, help="the fraction of each Conv2d/Linear weight kept")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=2)
+
+
+def checked_pruned_model_arguments(parser, args) -> None:
+    """``parser.error`` (one line, exit 2) for arguments of :func:`add_pruned_model_arguments` out of range."""
+    import torchvision
+
+    if not 0.0 < args.density <= 1.0:
+        parser.error(f"density: expected a number in (0, 1], got {args.density}")
+    if min(args.batch, args.threads) < 1:
+        parser.error(f"--batch, --threads: expected integers >= 1, got {args.batch}, {args.threads}")
+    if args.arch not in torchvision.models.list_models(module=torchvision.models):
+        parser.error(f"arch: expected a torchvision classification model (torchvision.models.list_models()), "
+                     f"got {args.arch!r}")
+
+
 def csr_unfold_conv(conv: nn.Conv2d):
     """Baseline ``torch_sparse_csr``: the CSR weight [C_out, C_in*KH*KW] times F.unfold's im2col matrix."""
     weight = conv.weight.detach()

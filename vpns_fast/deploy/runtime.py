@@ -336,7 +336,7 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
 
 
 def _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std, image_size, slim,
-            min_speedup, model, winograd=True) -> DeployedModel:
+            min_speedup, model, winograd) -> DeployedModel:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
     if not isinstance(winograd, bool):
@@ -400,7 +400,7 @@ def _example_shape(example_input_size, image_shape: tuple[int, int] | None) -> t
 
 
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,
-                 info: dict, winograd: bool = True) -> tuple[nn.Module, list]:
+                 info: dict, winograd: bool) -> tuple[nn.Module, list]:
     if policy == "dense":
         info.update(backend="torch-dense", reason="policy=dense")
         return network, _dense_decisions(network, "policy=dense")
@@ -541,7 +541,7 @@ def _ratio_stats(numerators: list[float], denominators: list[float]) -> tuple[fl
 
 
 def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, baselines, layers,
-                    winograd=True) -> list[dict]:
+                    winograd) -> list[dict]:
     from vpns_fast.deploy import baselines as engines
     from vpns_fast.deploy import sparse_cpu
 

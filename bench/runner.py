@@ -104,7 +104,7 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                "repeats": None, "input_copies": len(workload.inputs), "bytes_moved": workload.bytes_moved,
                "gb_per_s": None, "ceiling_gb_per_s": ceiling_bytes_per_s / 1e9 if ceiling_bytes_per_s else None,
                "fraction_of_ceiling": None, "images_per_s": None, "speedup": {}, "speedup_rounds": {},
-               "speedup_p20": {}, "speedup_p80": {},
+               "speedup_p20": {}, "speedup_p80": {}, "speedup_round_median": {},
                "setup_seconds": candidate.setup_seconds, "flops": workload.flops, "tflop_per_s": None,
                "peak_tflop_per_s": peak_flops / 1e12 if peak_flops else None, "fraction_of_peak": None}
         if timing:
@@ -118,6 +118,7 @@ def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling
                     row["speedup_rounds"][name] = ratios
                     row["speedup_p20"][name] = float(np.quantile(ratios, 0.2))
                     row["speedup_p80"][name] = float(np.quantile(ratios, 0.8))
+                    row["speedup_round_median"][name] = float(np.median(ratios))
             if workload.images_per_call:
                 row["images_per_s"] = workload.images_per_call / (timing.median_ms / 1e3)
             if workload.flops:

@@ -21,7 +21,7 @@ ROW_FIELDS = {
     "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
-    "speedup", "speedup_rounds", "speedup_p20", "speedup_p80",
+    "speedup", "speedup_rounds", "speedup_p20", "speedup_p80", "speedup_round_median",
     "setup_seconds", "flops", "tflop_per_s", "peak_tflop_per_s", "fraction_of_peak", "timing_env",
 }
 CASE_NAMES = ["threshold", "prompt", "masked", "conv", "train_step", "slim"]
@@ -76,6 +76,8 @@ def test_measured_rows_have_positive_times_and_speedups(smoke_rows):
         for baseline, ratios in row["speedup_rounds"].items():
             assert len(ratios) == 2 and row["speedup_p20"][baseline] <= row["speedup_p80"][baseline]
             assert min(ratios) <= row["speedup_p20"][baseline] and row["speedup_p80"][baseline] <= max(ratios)
+            # the per-round median lies inside its own range, which the ratio of the two medians need not
+            assert row["speedup_p20"][baseline] <= row["speedup_round_median"][baseline] <= row["speedup_p80"][baseline]
 
 
 def test_masked_rows(smoke_rows):
@@ -373,3 +375,33 @@ def test_the_one_model_scripts_refuse_bad_arguments_by_name(script, argv, messag
     with pytest.raises(SystemExit) as exited:
         module.main(argv)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):
+    """bench/engines_table.py prints the README's table from `bench infer` rows: the per-round median (inside its
+    own p20-p80, where the ratio of two medians need not be), computed from speedup_rounds for older rows,
+    DeepSparse's in-process time over the engine's median, "-" for an engine missing at a point."""
+    from bench import engines_table
+
+    def row(impl, median_ms, rounds=None, round_median=None, **params):
+        return {"status": "ok", "impl": impl, "median_ms": median_ms, "images_per_s": 1e3 / median_ms,
+                "params": {"model": "resnet50", "density": 0.1, "batch": 1, "scope": "model", **params},
+                "speedup_rounds": rounds or {}, **({"speedup_round_median": round_median} if round_median else {})}
+
+    rows = [row("dense", 50.0), row("onnxruntime", 40.0),
+            row("deepsparse", 25.0, deepsparse_engine_ms=[21.0, 22.0, 99.0]),
+            # the ratio of medians would be 2.0x ORT; the rounds say 2.5x
+            row("sparse_cpu", 20.0, rounds={"onnxruntime": [2.5, 2.4, 2.6, 1.0, 2.5], "deepsparse": [1.1, 1.3, 1.2]}),
+            row("sparse_cpu", 10.0, rounds={"onnxruntime": [4.0, 5.0]}, round_median={"onnxruntime": 4.4})]
+    rows[-1]["params"]["batch"] = 32
+    path = tmp_path / "rows.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    assert engines_table.main([str(path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == engines_table.HEADER.splitlines()[0] and len(lines) == 4
+    assert lines[2] == ("| ResNet-50, 10% | 1 | 20.0 | 25.0 | 40.0 | 50.0 | 2.50x (2.12-2.52) | 1.20x (1.14-1.26) "
+                        "| 1.10x |")
+    assert lines[3] == "| ResNet-50, 10% | 32 | - | - | - | 100.0 | 4.40x (4.20-4.80) | - | - |"
+    with pytest.raises(SystemExit) as exited:
+        engines_table.main([str(tmp_path / "missing.jsonl")])
+    assert exited.value.code == 2

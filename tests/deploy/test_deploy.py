@@ -67,6 +67,53 @@ def test_decisions_cover_every_layer_and_record_why_dense(tmp_path):
     assert all(row["chosen"] == "dense" and row["reason"] == "policy=dense" for row in dense.decisions)
 
 
+def test_without_the_sparse_engine_deploy_says_so_and_runs_dense(tmp_path, monkeypatch):
+    """No silent fallback: the engine's absence (extension not built, CPU not supported) is a warning naming the
+    reason, and .info records it; policy="dense" asked for dense and warns nothing."""
+    import warnings
+
+    from vpns_fast.deploy import SparseEngineUnavailableWarning, sparse_cpu
+
+    ckpt, _, _ = make_checkpoint(tmp_path / "m.pt", granularity="unstructured")
+    monkeypatch.setattr(sparse_cpu, "available", lambda: (False, "the C++ extension is not built"))
+    with pytest.warns(SparseEngineUnavailableWarning,
+                      match="deploy: sparse CPU engine unavailable: the C\\+\\+ extension is not built; the network "
+                            "runs dense with torch") as caught:
+        module = deploy(ckpt, slim=False)
+    assert caught[0].filename == __file__  # pointed at the caller's line
+    assert module.info["backend"] == "torch-dense" and "not built" in module.info["reason"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        deploy(ckpt, policy="dense", slim=False)
+
+
+def test_the_readmes_own_module_example():
+    """The README's example of a pruned module of one's own: mean 0 / std 1 gives the model's own logits on
+    [0, 1] images (left out, ImageNet's normalization is applied); the output carries no gradient, the network
+    alone keeps the input's; .info and .decisions hold what the example prints."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4)).eval()
+    with torch.no_grad():
+        for weight in (model[0].weight, model[5].weight):
+            weight.mul_(torch.rand(weight.shape) < 0.3)
+    images = torch.rand(2, 3, 16, 16)
+    engine = deploy(model, example_input_size=(2, 3, 16, 16), mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
+    with torch.inference_mode():
+        logits = engine(images)
+    assert_close(logits, model(images).detach(), rtol=1e-4)
+    assert engine.info["backend"] == "torch-dense" or engine.info["network_choice"]
+    assert {"name", "chosen", "reason", "dense_ms", "sparse_ms"} <= set(engine.decisions[0])
+    imagenet = deploy(model, example_input_size=(2, 3, 16, 16), policy="dense")
+    assert imagenet.mean == (0.485, 0.456, 0.406) and imagenet.std == (0.229, 0.224, 0.225)
+    x = images.clone().requires_grad_()
+    assert not engine(x).requires_grad
+    engine.network(x).sum().backward()
+    expected = images.clone().requires_grad_()
+    model(expected).sum().backward()
+    assert_close(x.grad, expected.grad, rtol=1e-4)
+
+
 def test_release_protocol_checkpoints_run_without_the_prompt(tmp_path):
     ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", protocol="release")
     module = deploy(ckpt)

@@ -19,6 +19,7 @@ import math
 import operator
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -399,6 +400,11 @@ def _example_shape(example_input_size, image_shape: tuple[int, int] | None) -> t
     return shape
 
 
+class SparseEngineUnavailableWarning(UserWarning):
+    """``deploy()`` on the CPU could not use the sparse engine (the C++ extension is not built, or not for this
+    CPU): the network runs dense with torch. The message carries the reason, as ``.info["reason"]`` does."""
+
+
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,
                  info: dict, winograd: bool) -> tuple[nn.Module, list]:
     if policy == "dense":
@@ -418,6 +424,9 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
                         layout=summary.get("layout"), winograd=summary.get("winograd"))
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
+    # said, not only recorded: a deployer who asked for the sparse engine would otherwise time a dense network
+    warnings.warn(f"deploy: {reason}; the network runs dense with torch", SparseEngineUnavailableWarning,
+                  stacklevel=4)
     info.update(backend="torch-dense", reason=reason)
     return network, _dense_decisions(network, reason)
 

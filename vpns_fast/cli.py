@@ -379,12 +379,34 @@ def _load_images(paths, shape: tuple[int, int]):
     return torch.stack([resize_batch(decode_image(path), shape) for path in paths])
 
 
+def _check_threads(threads: int | None) -> None:
+    """``--threads`` of infer / bench-infer: None (torch's) or 1 to 4 per CPU."""
+    _at_least(threads, "--threads", 1)
+    most_threads = 4 * (os.cpu_count() or 1)
+    if threads is not None and threads > most_threads:  # OpenMP fails to start, or crashes, far above
+        raise ValueError(f"--threads: expected at most {most_threads} (4 per CPU), got {threads}")
+
+
 def _cmd_infer(args) -> int:
-    from vpns_fast.deploy.runtime import deploy
+    import torch
 
     _at_least(args.top, "--top", 1)
     _check_device(args.device)
+    _check_threads(args.threads)
     _check_input_file(args.path, "path")
+    previous_threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    try:  # main() called in a process that goes on (tests, notebooks) gets its thread count back
+        return _classify(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+
+
+def _classify(args) -> int:
+    """``vpns infer``'s work once its arguments are checked: deploy, decode, classify, print."""
+    from vpns_fast.deploy.runtime import deploy
+
     module = deploy(args.path, args.device, policy=args.policy, winograd=not args.no_winograd)
     images = _load_images(args.images, module.image_shape)
     probabilities = module(images).float().softmax(1).cpu()
@@ -416,11 +438,9 @@ def _cmd_bench_infer(args) -> int:
         raise ValueError("--batch: expected comma-separated batch sizes, got none")
     for batch in args.batch:
         _at_least(batch, "--batch", 1)
-    for flag, least in (("threads", 1), ("iters", 1), ("warmup", 0)):
+    for flag, least in (("iters", 1), ("warmup", 0)):
         _at_least(getattr(args, flag), f"--{flag}", least)
-    most_threads = 4 * (os.cpu_count() or 1)
-    if args.threads is not None and args.threads > most_threads:  # OpenMP fails to start, or crashes, far above
-        raise ValueError(f"--threads: expected at most {most_threads} (4 per CPU), got {args.threads}")
+    _check_threads(args.threads)
     _check_device(args.device)
     _check_input_file(args.path, "path")
     rows = benchmark_inference(args.path, args.batch, args.device, args.threads, args.iters, args.warmup,
@@ -564,11 +584,13 @@ NO_WINOGRAD_HELP = ("never run dense 3x3 convolutions by Winograd's F(4x4, 3x3) 
                     "convolution's, and an infinite or huge (1e37) activation gives NaN over a wider patch)")
 
 
-def _add_engine_flags(parser: argparse.ArgumentParser) -> None:
-    """The CPU engine's choices, as ``vpns infer`` and ``vpns bench-infer`` take them."""
-    parser.add_argument("--policy", choices=("measure", "sparse", "dense"), default="measure",
-                        help="CPU sparse engine policy")
+def _add_engine_flags(parser: argparse.ArgumentParser, policy: str) -> None:
+    """The CPU engine's choices, as ``vpns infer`` and ``vpns bench-infer`` take them (``policy``: the default)."""
+    parser.add_argument("--policy", choices=("measure", "sparse", "dense"), default=policy,
+                        help=f"CPU engine: measure (each layer timed sparse against dense, the faster kept), sparse "
+                             f"(every supported layer sparse, untimed) or dense; default {policy}")
     parser.add_argument("--no-winograd", action="store_true", help=NO_WINOGRAD_HELP)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -647,7 +669,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+")
     infer.add_argument("--top", type=int, default=5)
     infer.add_argument("--device", default="cpu")
-    _add_engine_flags(infer)
+    # sparse by default: measuring each layer (what deploy() does) takes seconds to minutes on a small CPU and
+    # pays back only over many calls; the results are the same either way, within float32 rounding
+    _add_engine_flags(infer, "sparse")
     infer.add_argument("--json", action="store_true")
     infer.set_defaults(func=_cmd_infer)
 
@@ -658,11 +682,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "call by call; the deployed module's speedups with their spread.")
     bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
     bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32), help="comma-separated batch sizes")
-    bench_infer.add_argument("--threads", type=int, help="torch CPU threads")
     bench_infer.add_argument("--device", default="cpu")
     bench_infer.add_argument("--iters", type=int, default=10)
     bench_infer.add_argument("--warmup", type=int, default=2)
-    _add_engine_flags(bench_infer)
+    _add_engine_flags(bench_infer, "measure")
     bench_infer.add_argument("--json", action="store_true")
     bench_infer.add_argument("--layers", action="store_true",
                              help="also show each layer's decision (dense/sparse), measured times, GFLOP/s and why")

@@ -123,8 +123,8 @@ def _csv(kind):
     def parse(text):
         try:
             return tuple(kind(x) for x in text.split(",") if x.strip())
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from exc
+        except ValueError as exc:  # int()'s own message ("invalid literal for int() with base 10") named no flag
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from exc
     return parse
 
 
@@ -469,14 +469,16 @@ def _warn_where_not_faster(rows: list[dict]) -> None:
 def _print_bench_rows(rows: list[dict], layers: bool) -> None:
     """The benchmark as a table (images/s with its p20-p80 spread over rounds), the deployed module's
     speedups with theirs, and with ``layers`` its per-layer decisions."""
-    print(f"{'batch':>5s}  {'backend':12s} {'network':8s} {'engine':24s} {'images/s':>9s} {'p20-p80':>15s} "
+    # as wide as the longest engine name (ONNX Runtime's names its exporter): cut, it read "onnxruntime (torch.expor"
+    width = max([24] + [len(str(r["engine"])) for r in rows if "skipped" not in r])
+    print(f"{'batch':>5s}  {'backend':12s} {'network':8s} {'engine':{width}s} {'images/s':>9s} {'p20-p80':>15s} "
           f"{'latency ms':>10s}")
     for r in rows:
         if "skipped" in r:
             print(f"{r['batch']:5d}  {r['backend']:12s} skipped: {r['skipped']}")
             continue
         spread = f"{r['images_per_s_p20']:.1f}-{r['images_per_s_p80']:.1f}"
-        print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine'])[:24]:24s} "
+        print(f"{r['batch']:5d}  {r['backend']:12s} {r['network']:8s} {str(r['engine']):{width}s} "
               f"{r['images_per_s']:9.1f} {spread:>15s} {r['latency_ms']:10.3f}")
     from vpns_fast.deploy.sparse_cpu import chosen_layers_ms, format_decisions, table_flops
 
@@ -577,6 +579,16 @@ class _OneLineErrors(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a subcommand's unknown options from the top parser, as "vpns: error: ...": named here
+        # by the subcommand, whose --help lists what it takes
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = getattr(namespace, "command", None)
+            prog = f"{self.prog} {command}" if command else self.prog
+            self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see `{prog} --help`)\n")
+        return namespace
 
 
 NO_WINOGRAD_HELP = ("never run dense 3x3 convolutions by Winograd's F(4x4, 3x3) (used where it measures faster than "

@@ -55,6 +55,14 @@
 //   per-round ratio 1.02-1.10x). Tried with it, not kept: 13-vector tiles (196 positions in 2 passes
 //   instead of 3): 0.96-1.14x per layer, 1.03x in total, i.e. slower.
 // * Tried, not kept (2 threads, 10% kept unless said; end to end: interleaved rounds of one model):
+//   - 1x1 stride-1 convs at batch 32 with the batch's pixels as one row of positions (the input copied
+//     channel-major, [C_in, N * H * W]: every tile full and every load aligned; outputs written back per image
+//     by the epilogue), 2-core AMD EPYC, 2026-12-04, medians of 9 interleaved calls, ResNet-50's shapes. The
+//     kernel alone on an input already laid out that way: 256 -> 1024 at 14x14 1.55x, 512 -> 2048 at 7x7 1.93x,
+//     the reducing 1024 -> 256 / 2048 -> 512 1.00x / 1.07x. With the copy and the per-image epilogue: 0.84x and
+//     0.96x (the per-image runs cannot be streamed, 784-byte planes start mid-line), 1.08x and 1.28x with plain
+//     stores there, 0.78x / 0.85x reducing: about 7 ms of ResNet-50's 480 at best; activations kept channel-major
+//     between layers would be needed for the rest;
 //   - the epilogue done by the tile kernel on the last input-channel block of 1x1 convs, storing straight
 //     into the output: ResNet-50 1.00x at batch 1 (12 rounds), 0.98x at batch 32 (8 rounds); its cost is
 //     the output and residual traffic, which stays;

@@ -5,8 +5,10 @@ DeepSparse's own time per call (measured inside its process) over the engine's m
 
     .venv/bin/python -m bench.engines_table bench/results/cpu-engines-2026-12-04-amd-q.jsonl
 
-Rows written before ``speedup_round_median`` existed get it from their ``speedup_rounds``. A point the engine
-(``sparse_cpu``) did not run is left out; an engine missing at a point prints "-".
+Rows written before ``speedup_round_median`` existed get it from their ``speedup_rounds``; rows older still
+(before 2026-12-03's run j) have no per-round ratios, and their speedup columns print "-". A point the engine
+(``sparse_cpu``) did not run is left out; an engine missing at a point prints "-". A point measured twice in
+the rows given (two runs' files) is refused: one table is one run.
 """
 from __future__ import annotations
 
@@ -33,12 +35,17 @@ def _speedup(row: dict, baseline: str) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    """The markdown table of the end-to-end points in ``rows``, ResNet-18 before ResNet-50, the most kept first."""
+    """The markdown table of the end-to-end points in ``rows``, ResNet-18 before ResNet-50, the most kept first;
+    ValueError for a point and engine measured twice."""
     points: dict[tuple, dict[str, dict]] = {}
     for row in rows:
         params = row.get("params") or {}
         if row.get("status") == "ok" and params.get("scope") == "model":
-            points.setdefault((params["model"], params["density"], params["batch"]), {})[row["impl"]] = row
+            point = (params["model"], params["density"], params["batch"])
+            impls = points.setdefault(point, {})
+            if row["impl"] in impls:
+                raise ValueError(f"{row['impl']} at {point} appears twice: pass one run's rows at a time")
+            impls[row["impl"]] = row
     lines = [HEADER]
     for (model, density, batch), impls in sorted(points.items(), key=lambda item: (item[0][0], -item[0][1],
                                                                                    item[0][2])):
@@ -66,7 +73,10 @@ def main(argv=None) -> int:
             rows += [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
         except (OSError, json.JSONDecodeError) as error:
             parser.error(f"rows: cannot read {path} as JSON lines ({error})")
-    print(table(rows))
+    try:
+        print(table(rows))
+    except ValueError as error:
+        parser.error(f"rows: {error}")
     return 0
 
 

@@ -405,3 +405,6 @@ def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsy
     with pytest.raises(SystemExit) as exited:
         engines_table.main([str(tmp_path / "missing.jsonl")])
     assert exited.value.code == 2
+    with pytest.raises(SystemExit) as exited:  # two runs' rows of the same point: refused, not mixed
+        engines_table.main([str(path), str(path)])
+    assert exited.value.code == 2 and "appears twice" in capsys.readouterr().err

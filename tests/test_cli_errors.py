@@ -88,6 +88,8 @@ CASES = {
                         "--threads: expected an integer >= 1"),
     "infer unknown option": (["infer", "{root}/m.pt", "{root}/img.png", "--foo"],
                              "vpns infer: error: unrecognized arguments: --foo .see `vpns infer --help`"),
+    "unknown option before the command": (["--foo", "infer", "{root}/m.pt", "{root}/img.png"],
+                                          "^vpns: error: unrecognized arguments: --foo .see `vpns --help`"),
     "bench batch not an int": (["bench-infer", "{root}/m.pt", "--batch", "1,x"],
                                "--batch: expected comma-separated int values, got '1,x'"),
     "bench iters 0": (["bench-infer", "{root}/m.pt", "--iters", "0"], "--iters: expected an integer >= 1"),

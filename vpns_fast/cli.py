@@ -586,7 +586,10 @@ class _OneLineErrors(argparse.ArgumentParser):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:
             command = getattr(namespace, "command", None)
-            prog = f"{self.prog} {command}" if command else self.prog
+            argv = list(sys.argv[1:] if args is None else args)
+            # the subcommand's name only for options given after it (`vpns --foo infer ...` is the top parser's)
+            after = command in argv and all(extra in argv[argv.index(command) + 1:] for extra in extras)
+            prog = f"{self.prog} {command}" if after else self.prog
             self.exit(2, f"{prog}: error: unrecognized arguments: {' '.join(extras)} (see `{prog} --help`)\n")
         return namespace
 
@@ -681,9 +684,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("images", nargs="+")
     infer.add_argument("--top", type=int, default=5)
     infer.add_argument("--device", default="cpu")
-    # sparse by default: measuring each layer (what deploy() does) takes seconds to minutes on a small CPU and
-    # pays back only over many calls; the results are the same either way, within float32 rounding
-    _add_engine_flags(infer, "sparse")
+    # measure by default, as deploy(): "sparse" is faster to start for a pruned model but runs a dense or lightly
+    # pruned one (a slim or dense export) through the sparse kernel too; the README says when to pass it
+    _add_engine_flags(infer, "measure")
     infer.add_argument("--json", action="store_true")
     infer.set_defaults(func=_cmd_infer)
 

@@ -174,8 +174,8 @@ def test_cli_export_infer_bench(tmp_path, capsys):
     assert "class-" in capsys.readouterr().out
     assert main(["infer", str(tmp_path / "m.slim"), str(tmp_path / "missing.png")]) == 2
 
-    # infer deploys with policy sparse unless told (measuring each layer pays back only over many calls), on
-    # --threads threads, and gives the caller's thread count back
+    # infer deploys with policy measure unless told (as deploy()), on --threads threads, and gives the caller's
+    # thread count back
     from vpns_fast.deploy import runtime as runtime_module
 
     seen = []
@@ -189,8 +189,8 @@ def test_cli_export_infer_bench(tmp_path, capsys):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(runtime_module, "deploy", recording_deploy)
         assert main(["infer", str(tmp_path / "m.sparse"), images[0], "--threads", "1"]) == 0
-        assert main(["infer", str(tmp_path / "m.sparse"), images[0], "--policy", "measure"]) == 0
-    assert seen == [("sparse", 1), ("measure", threads)] and torch.get_num_threads() == threads
+        assert main(["infer", str(tmp_path / "m.sparse"), images[0], "--policy", "sparse"]) == 0
+    assert seen == [("measure", 1), ("sparse", threads)] and torch.get_num_threads() == threads
 
     capsys.readouterr()
     assert main(["bench-infer", str(ckpt), "--batch", "1,2", "--iters", "1", "--warmup", "0", "--threads", "1",

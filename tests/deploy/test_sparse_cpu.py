@@ -270,6 +270,15 @@ def test_whole_network_timings_rotate_the_order_and_judge_each_run_by_its_rounds
     assert sorted(order) == ["a"] * 6 + ["b"] * 6 + ["c"] * 6
 
 
+def test_a_burst_that_hits_one_variants_call_does_not_decide(monkeypatch):
+    """Round 2's burst slows "b" alone, round 3's both: run by run the medians would call "b" slower (27 against
+    10 ms); its per-round ratios to "a" (0.9, 2.7, 0.9) say 0.9x."""
+    scripted = {"a": iter([10.0, 10.0, 30.0]), "b": iter([9.0, 27.0, 27.0])}
+    monkeypatch.setattr(sparse_cpu, "_times_ms", lambda run, repeats: [next(scripted[run()])])
+    times = sparse_cpu._median_times_ms({"a": lambda: "a", "b": lambda: "b"}, rounds=3)
+    assert times == {"a": 10.0, "b": pytest.approx(9.0)}
+
+
 @pytest.mark.parametrize("slow", ["dense", "sparse"])
 def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
     """A Linear that measured faster dense alone is made sparse when the whole network then runs faster (its

@@ -330,7 +330,8 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     threads make meanwhile are drawn again after it). ``winograd``: the CPU engine may run dense 3x3 convolutions
     (stride 1) by Winograd's F(4x4, 3x3) where that measured faster than oneDNN on the layer (False: never;
     its float32 results differ from the exact ones by about 5e-6 of the output's largest magnitude, against
-    3e-7 for a direct convolution).
+    3e-7 for a direct convolution). On the CPU without the sparse engine (the C++ extension not built, or not for
+    this CPU) the network runs dense with torch, with a :class:`SparseEngineUnavailableWarning` saying why.
     """
     return _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std,
                    image_size, slim, min_speedup, model, winograd)

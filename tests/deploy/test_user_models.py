@@ -145,6 +145,26 @@ def test_the_output_check_compares_nan_and_infinities_by_place():
                                                                        float("-inf")]), b)
 
 
+def test_the_output_check_reads_every_slice_of_a_large_tensor():
+    """The finite case runs in slices along the first dimension (about 2^20 elements each): a difference or a
+    NaN in the last slice only is still found, the bound uses the largest magnitude of any slice, and two
+    layouts of the same values agree."""
+    b = torch.randn(6, 3, 300, 300)  # 6 slices of one image each
+    b[0, 0, 0, 0] = 1000.0  # the largest magnitude, in the first slice: bound 1e-3 * 1001
+    assert sparse_cpu.tensor_difference(b.contiguous(memory_format=torch.channels_last), b) is None
+    late = b.clone()
+    late[5, 2, 299, 299] += 0.9  # within the bound the first slice sets
+    assert sparse_cpu.tensor_difference(late, b) is None
+    late[5, 2, 299, 299] += 0.2
+    assert "differs by 1.1" in sparse_cpu.tensor_difference(late, b)
+    nan = b.clone()
+    nan[5, 0, 0, 0] = float("nan")
+    assert "NaN or infinities" in sparse_cpu.tensor_difference(nan, b)
+    assert "NaN or infinities" in sparse_cpu.tensor_difference(b, nan)
+    assert sparse_cpu.tensor_difference(torch.tensor(2.0), torch.tensor(2.0)) is None  # no first dimension
+    assert "differs" in sparse_cpu.tensor_difference(torch.tensor(3.0), torch.tensor(2.0))
+
+
 class NormalizesInPlace(nn.Module):
     def __init__(self):
         super().__init__()

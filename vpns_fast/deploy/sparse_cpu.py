@@ -1738,6 +1738,25 @@ def _output_values(value) -> list | None:
     return values
 
 
+def _finite_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] | None:
+    """``(max |a - b|, max |b|)`` of two floating tensors of one shape when neither holds NaN or an infinity, else
+    None; taken in slices along the first dimension of about 2^20 elements, each pass over a slice still in cache.
+
+    Why: the whole-tensor way (masks of NaN and infinities, the finite values gathered, then the difference) took
+    1.15 s on a 103 MB batch-32 activation and 0.24 s on a 25.7 MB one (2 threads, 2-core AMD EPYC, 2026-12-04);
+    convert_for_cpu checks every replacement that way, 108 checks in ResNet-50 at batch 32."""
+    rows = a.shape[0] if a.dim() else 1
+    step = max(1, rows * (1 << 20) // max(1, a.numel()))
+    error = largest = 0.0
+    for start in range(0, rows, step):
+        x, y = (a[start:start + step], b[start:start + step]) if a.dim() else (a, b)
+        if not (bool(torch.isfinite(x).all()) and bool(torch.isfinite(y).all())):
+            return None
+        error = max(error, float((x - y).abs().max()))
+        largest = max(largest, float(y.abs().max()))
+    return error, largest
+
+
 def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3,
                       reference: str = "the model's output") -> str | None:
     """Why ``a`` is not ``b`` within float32 rounding, or None: NaN and infinities must sit in the same
@@ -1747,6 +1766,11 @@ def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3,
         return f"has shape {tuple(a.shape)}, not {tuple(b.shape)}"
     if not b.numel() or not b.is_floating_point():
         return None if torch.equal(a, b) else "differs"
+    finite = _finite_difference(a, b)
+    if finite is not None:  # the usual case: no NaN or infinity on either side
+        error, largest = finite
+        bound = tolerance * (1.0 + largest)
+        return None if error <= bound else f"differs by {error:.3g} (bound {bound:.3g})"
     nan, infinite = b.isnan(), b.isinf()
     if not torch.equal(a.isnan(), nan) or not torch.equal(a.isinf(), infinite) or \
             not torch.equal(a[infinite], b[infinite]):

@@ -211,6 +211,8 @@ def test_infer_rows(infer_rows):
             assert 0 <= p["sparse_layers"] <= p["layers"] == 21
             assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
             assert 0 <= p["end_to_end_error"] < float("inf")
+            # the whole-network stage always runs under policy="measure" (every-conv-dense variant at least)
+            assert "the network ran in" in p["network_choice"] and "winograd_choice" in p
             assert 0 < p["nonzero_flops"] < p["dense_flops"] and row["flops"] == p["nonzero_flops"]
             assert row["tflop_per_s"] > 0 and row["fraction_of_peak"] > 0
             if row["impl"] in ("sparse_cpu", "onnxruntime"):  # the conversion's measuring, the export and session

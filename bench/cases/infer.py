@@ -18,6 +18,8 @@ Implementations:
   ``convert_for_cpu(policy="measure")`` (a layer goes sparse only where it measured faster; max
   pooling swapped for the separable one under the same rule); ``params.sparse_layers`` /
   ``params.layers`` count the Conv2d/Linear it made sparse, ``params.pool_swapped`` the pooling;
+  ``params.network_choice`` / ``params.winograd_choice`` the notes of the whole-network timings (None where none
+  ran);
 * ``deployed`` (backend, per layer only) - the layer as ``convert_for_cpu(policy="measure")`` deploys
   it: sparse where its own measurement found the sparse kernel ``min_speedup`` times faster, else the
   dense module. Timed afresh after that decision, so these rows check the target "no layer slower
@@ -266,8 +268,13 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     if available:
         repeats = CONVERT_REPEATS.get((p["batch"], p["sizes"]), 1)
         start = time.perf_counter()  # the conversion measures every layer: its setup, as the baselines' compiles
-        converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats)
+        summary: dict = {}
+        converted, table = sparse_cpu.convert_for_cpu(model, inputs[0], policy="measure", repeats=repeats,
+                                                      summary=summary)
         setup_seconds = time.perf_counter() - start
+        # what the whole-network timings measured and chose (a row alone did not say why run r kept 3 of
+        # ResNet-18's Winograd layers where the A/B before kept all 10)
+        p["network_choice"], p["winograd_choice"] = summary.get("network"), summary.get("winograd")
         p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
         p["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)

@@ -18,6 +18,7 @@ from bench.cases.common import Workload, canonical_dtype_name
 from bench.environment import REPO_ROOT, environment_fields
 from bench.timing import CPU_WARMUP_SECONDS, Timing, measured_copy_bandwidth, measured_matmul_peak, time_calls
 from vpns_fast import ops
+from vpns_fast.environment import torch_threads
 
 SCHEMA = "vpns_fast.bench/1"
 DEFAULT_REPEATS = {"cpu": 10, "cuda": 100}
@@ -171,14 +172,10 @@ def run_cases(case_names: Iterable[str], *, device: str = "cpu", sizes: str = "f
         raise ValueError(f"unknown case(s) {unknown}; known: {sorted(CASES)}")
     if device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("--device cuda was asked for but no CUDA device is available")
-    previous_threads = torch.get_num_threads()
-    try:
-        if device == "cpu":
-            torch.set_num_threads(threads or os.cpu_count() or 1)
+    # the caller's count is given back, whatever the run set
+    with torch_threads((threads or os.cpu_count() or 1) if device == "cpu" else None):
         return _run_cases(case_names, device, sizes, dtypes, repeats, out_path, compile_baselines, cpu_warmup_seconds,
                           stream, match)
-    finally:
-        torch.set_num_threads(previous_threads)  # the caller's count, whatever the run set
 
 
 def _run_cases(case_names, device, sizes, dtypes, repeats, out_path, compile_baselines, cpu_warmup_seconds, stream,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from vpns_fast.environment import describe, resolve_device
+from vpns_fast.environment import describe, resolve_device, torch_threads
 
 
 def test_auto_picks_cuda_only_when_available():
@@ -35,3 +35,14 @@ def test_describe_names_versions_and_backends():
     info = describe()
     assert info["torch"] == torch.__version__ and info["devices"][0] == "cpu"
     assert set(info["backends"]) == {"torch", "triton", "cpp"}
+
+
+def test_torch_threads_sets_the_count_inside_and_gives_it_back_even_after_an_error():
+    before = torch.get_num_threads()
+    with torch_threads(None):
+        assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="inside"):
+        with torch_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("inside")
+    assert torch.get_num_threads() == before

@@ -2,7 +2,9 @@
 One description for `vpns info` and for the `env` block of every results.json."""
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
 
 import torch
 
@@ -62,6 +64,20 @@ def describe() -> dict:
         "forced_backend": ops.forced_backend(),
         "backends": ops.backend_report(),
     }
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Torch's CPU thread count set to ``threads`` (None: left as it is) inside the block and given back after it,
+    whatever the block did: a command or benchmark run inside a process that goes on (tests, notebooks) leaves
+    that process's count as it found it."""
+    previous = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def resolve_device(name: str | torch.device) -> torch.device:

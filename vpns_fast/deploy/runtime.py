@@ -498,15 +498,12 @@ def benchmark_inference(path_or_model, batch_sizes=(1, 32), device: str = "cpu",
     unknown = [name for name in baselines if name not in BENCH_BASELINES]
     if unknown:
         raise ValueError(f"baselines: expected names among {BENCH_BASELINES}, got {unknown}")
-    previous_threads = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(int(threads))
-    try:
-        with torch.random.fork_rng(devices=[]):  # the caller's random stream is left where it was
-            return _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, tuple(baselines),
-                                   layers, winograd)
-    finally:
-        torch.set_num_threads(previous_threads)
+    from vpns_fast.environment import torch_threads
+
+    # the caller's thread count and random stream are left where they were
+    with torch_threads(threads), torch.random.fork_rng(devices=[]):
+        return _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, tuple(baselines),
+                               layers, winograd)
 
 
 def _check_same_outputs(modules: dict[str, nn.Module], images: torch.Tensor) -> None:

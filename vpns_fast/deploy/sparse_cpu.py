@@ -1147,8 +1147,8 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
     return row
 
 
-def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor | None = None, *,
-                       winograd: bool = True, repeats: int = 15, row: dict | None = None) -> nn.Module | None:
+def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor | None, *,
+                       winograd: bool, repeats: int, row: dict) -> nn.Module | None:
     """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`, or :class:`WinogradConv2d` where ``winograd``,
     the layer is one it computes and it measured faster on ``x``), checked against the layer's output on its
     captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a plain
@@ -1163,7 +1163,6 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: 
         with torch.no_grad():
             expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
-    row = {} if row is None else row
     row["dense_algorithm"] = "oneDNN"
     reason = "winograd=False" if not winograd else winograd_unsupported_reason(module)
     if reason is not None:
@@ -1208,7 +1207,7 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
-            repeats: int, winograd: bool = True) -> nn.Module | None:
+            repeats: int, winograd: bool) -> nn.Module | None:
     """The replacement of one supported layer, checked against it on its captured input ``x``: the sparse
     layer, or (``policy="measure"`` finding it not ``min_speedup`` times faster than the dense one) the
     dense stand-in of a Conv2d (:class:`DenseConv2d` or :class:`WinogradConv2d`), or None (keep the layer).
@@ -1339,7 +1338,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             row["reason"] = reason or "not called by the example input"
             continue
         if reason is not None:
-            replacement = _dense_replacement(name, module, captured[name], winograd=winograd, repeats=repeats,
+            replacement = _dense_replacement(name, module, captured[name], None, winograd=winograd, repeats=repeats,
                                              row=row)
             row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
         else:

@@ -12,16 +12,12 @@ import datetime
 import platform
 import time
 
+import numpy as np
 import torch
 
 from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
+from bench.runner import round_ratios
 from vpns_fast.deploy import baselines, sparse_cpu
-
-
-def _quantiles(values: list[float]) -> tuple[float, float, float]:
-    ordered = sorted(values)
-    pick = lambda q: ordered[int(q * (len(ordered) - 1))]  # noqa: E731
-    return pick(0.5), pick(0.2), pick(0.8)
 
 
 def main(argv=None) -> int:
@@ -65,11 +61,13 @@ def main(argv=None) -> int:
                 runs[label](x)
                 times[label].append((time.perf_counter() - start) * 1e3)
     for label, values in times.items():
-        print(f"{label}: median {_quantiles(values)[0]:.2f} ms")
+        print(f"{label}: median {np.median(values):.2f} ms")
     for numerator, denominator in (("onnxruntime", "winograd"), ("onnxruntime", "oneDNN only"),
                                    ("oneDNN only", "winograd")):
-        median, low, high = _quantiles([a / b for a, b in zip(times[numerator], times[denominator])])
-        print(f"{denominator} against {numerator}: {median:.3f}x (p20-p80 {low:.3f}-{high:.3f}x, "
+        # p20/p80 interpolated, as the harness's rows and bench.engines_table quote them
+        ratios = round_ratios(times[numerator], times[denominator])
+        print(f"{denominator} against {numerator}: {np.median(ratios):.3f}x (p20-p80 {np.quantile(ratios, 0.2):.3f}-"
+              f"{np.quantile(ratios, 0.8):.3f}x, "
               f"{args.rounds} rounds)")
     return 0
 

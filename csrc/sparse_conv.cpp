@@ -63,6 +63,13 @@
 //     0.96x (the per-image runs cannot be streamed, 784-byte planes start mid-line), 1.08x and 1.28x with plain
 //     stores there, 0.78x / 0.85x reducing: about 7 ms of ResNet-50's 480 at best; activations kept channel-major
 //     between layers would be needed for the rest;
+//   - 3x3 convs at batch 32 over planes of 8 images interleaved element by element ([C, H+2, (W+2) * 8]: every
+//     tap's load aligned, no straddled cache line), emulated with this kernel as a dilation (1, 8) conv on such an
+//     input, 2 threads, 10% kept, medians of 9 alternating calls, 2-core AMD EPYC, 2026-12-04: 64 @56 0.88x,
+//     128 @28 0.86x, 256 @14 1.06x, 512 @7 0.90x, before the cost of interleaving the input. A tile of 12
+//     positions x 8 images needs 2 rows more of window per channel (fewer channels an L1 block at 56x56), and even
+//     at 7x7, where the window is small, the aligned loads did not pay: the 1.4x of aligned tiles in L1 (below)
+//     is not what bounds a whole layer;
 //   - the epilogue done by the tile kernel on the last input-channel block of 1x1 convs, storing straight
 //     into the output: ResNet-50 1.00x at batch 1 (12 rounds), 0.98x at batch 32 (8 rounds); its cost is
 //     the output and residual traffic, which stays;

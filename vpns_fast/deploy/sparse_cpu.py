@@ -1026,7 +1026,9 @@ class SeparableMaxPool2d(nn.Module):
 
 
 # Layers whose output is always a new tensor, never a view of their input or of a tensor they keep: a value one
-# of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals).
+# of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals). Each class is listed,
+# subclasses too: the check run on every call (fusion.residual_reuse_allowed) compares exact types, so a subclass a
+# user derives (with a forward that may return a view) is not trusted for being one of these.
 _FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SeparableMaxPool2d, nn.MaxPool2d)
 
 # The layers the engine puts into a network. They are not torch.nn classes, so torch.fx traces into them unless told

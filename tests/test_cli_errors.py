@@ -32,6 +32,9 @@ def files(tmp_path_factory):
     save_checkpoint(root / "m.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
                     input_size=(3, 32, 32))
     Image.new("RGB", (32, 32)).save(root / "img.png")
+    Image.effect_noise((64, 64), 64).convert("RGB").save(root / "whole.png")
+    whole = (root / "whole.png").read_bytes()
+    (root / "cut.png").write_bytes(whole[:len(whole) // 2])  # a download cut off halfway
     (root / "afile.txt").write_text("not a folder")
     (root / "afolder").mkdir()
     (root / "model.onnx").write_bytes(b"\x08\x07\x12\x07pytorch" * 10)
@@ -116,6 +119,15 @@ CASES = {
     "bench threads too many": (["bench-infer", "{root}/m.pt", "--threads", "100000"], "--threads: expected at most"),
     "infer threads too many": (["infer", "{root}/m.pt", "{root}/img.png", "--threads", "100000"],
                                "--threads: expected at most"),
+    "bench batch empty entry": (["bench-infer", "{root}/m.pt", "--batch", "1,,2"],
+                                "--batch: expected comma-separated int values, got an empty entry in '1,,2'"),
+    "export over its checkpoint": (["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/m.pt", "--force"],
+                                   "m.pt: is the checkpoint being exported; write the export to another file"),
+    "export out exists": (["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/afile.txt"],
+                          "--out .*afile.txt: exists; pass --force to replace it$"),
+    "infer cut-off image": (["infer", "{root}/m.pt", "{root}/cut.png", "--policy", "dense"],
+                            "cut.png: cannot read the image: image file is truncated"),
+    "infer empty file": (["infer", "{root}/empty.pt", "{root}/img.png"], "empty.pt"),
     "bench batch empty": (["bench-infer", "{root}/m.pt", "--batch", ","], "--batch: expected comma-separated"),
     "report input channels": (["report", "{root}/m.pt", "--input-size", "1", "32", "32"],
                               "--input-size 1 32 32: the model cannot run on it .*channels"),
@@ -207,7 +219,7 @@ def test_a_link_at_out_is_the_users_and_kept_without_force(files, capsys):
     link = files / "dangling"
     os.symlink(files / "missing_folder" / "m.safetensors", link)
     _assert_one_line_error(*_run(["export", "{root}/m.pt", "--format", "dense", "--out", str(link)], files, capsys),
-                           "dangling exists; pass")
+                           "--out .*dangling: exists; pass --force")
     assert os.path.islink(link)
 
 

@@ -65,6 +65,8 @@ exec('from vpns_fast import sparsify, deploy, ops, TrainConfig', ns)
 star = {}
 exec('from vpns_fast import *', star)
 import vpns_fast.deploy.export  # a submodule of the deploy subpackage: vpns_fast.deploy stays the function
+import vpns_fast.deploy.sparse_cpu as engine  # the "as" form walks attributes through the function (was ImportError)
+assert engine is sys.modules["vpns_fast.deploy.sparse_cpu"]
 for name in ("no_such_name", "_private", "bench", "tests"):  # the lazy lookup invents nothing
     try:
         getattr(vpns_fast, name)

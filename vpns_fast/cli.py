@@ -121,8 +121,12 @@ def _cmd_report(args) -> int:
 
 def _csv(kind):
     def parse(text):
+        entries = text.split(",")
+        if text.strip() and not all(entry.strip() for entry in entries):  # "1,,2" or "1,": a value lost, not ignored
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got an empty entry "
+                                             f"in {text!r}")
         try:
-            return tuple(kind(x) for x in text.split(",") if x.strip())
+            return tuple(kind(x) for x in entries if x.strip())
         except ValueError as exc:  # int()'s own message ("invalid literal for int() with base 10") named no flag
             raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from exc
     return parse
@@ -344,6 +348,8 @@ def _cmd_export(args) -> int:
 
     _check_input_file(args.checkpoint, "checkpoint")
     _check_output_file(args.out)
+    if os.path.lexists(args.out) and not args.force:  # export()'s own message names its argument, force=True
+        raise ValueError(f"--out {args.out}: exists; pass --force to replace it")
     if args.slim and args.format != "onnx":
         raise ValueError(f"--slim: only for --format onnx (--format {args.format} would ignore it; --format slim "
                          "writes the slimmed network)")

@@ -296,7 +296,7 @@ def _rgb_array(pil, path) -> np.ndarray:
     else:
         try:
             return np.asarray(pil.convert("RGB")).copy()
-        except (ValueError, OSError) as exc:
+        except ValueError as exc:  # an OSError (a cut-off file, decoded here on first use) is decode_image's
             raise ValueError(f"{path}: image mode {mode} cannot be converted to RGB ({exc})") from None
     return np.repeat(gray[:, :, None], 3, axis=2)
 

@@ -1,6 +1,9 @@
 """Exceptions told in one line: the reason a one-line error, a warning or a table cell gives."""
 from __future__ import annotations
 
+import os
+import sys
+
 
 class NetworkNotRebuildable(ValueError):
     """A file whose network was given to training as a module object: the file names its class but cannot
@@ -50,3 +53,14 @@ def state_dict_mismatch(exc: BaseException, limit: int = 300) -> str:
     counted = ", ".join(f"{count} {kind}" for kind, count in counts.items() if count)
     total = f" (in all: {counted})" if counted else ""
     return shortened(lines[1].rstrip("."), max(0, limit - len(total))) + total
+
+
+def caller_stacklevel() -> int:
+    """The ``stacklevel`` for a ``warnings.warn`` made by the function calling this one that points at the first
+    frame outside the vpns_fast package: the user's line, whichever public function led there (Python 3.12's
+    ``skip_file_prefixes``, which 3.11 lacks)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    return level

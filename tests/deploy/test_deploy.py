@@ -2,6 +2,7 @@
 masked modules) equals the masked PyTorch model; and the export / infer / bench-infer CLI."""
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from test_export import MAPPING, assert_close, make_checkpoint, make_masked
 from vpns_fast.cli import main
 from vpns_fast.deploy.export import export
 from vpns_fast.deploy.runtime import DeployedModel, deploy
+from vpns_fast.deploy.sparse_cpu import PrunedWeightsLeftDenseWarning
 from vpns_fast.nn.prompts import normalize
 
 SOURCES = ("checkpoint", "dense", "sparse", "slim", "module")
@@ -217,7 +219,8 @@ def test_deploy_inside_inference_mode(tmp_path, source):
 @pytest.mark.parametrize("source", ["checkpoint", "dense", "module"])
 def test_deploy_and_export_under_a_float64_default_dtype(tmp_path, source):
     """Code that sets torch's default dtype to float64 still deploys and exports a float32 model: the example
-    images deploy() measures with are float32, as forward() passes them on."""
+    images deploy() measures with are float32, as forward() passes them on, and every layer stays float32 (the
+    slimmed network's rebuilt layers were float64, and the engine ran them dense: PrunedWeightsLeftDenseWarning)."""
     ckpt, reference, size = make_checkpoint(tmp_path / "m.pt", density=0.3)
     x = torch.rand(2, 3, size, size)
     expected = deploy(ckpt if source == "checkpoint" else reference, policy="sparse")(x)
@@ -226,7 +229,11 @@ def test_deploy_and_export_under_a_float64_default_dtype(tmp_path, source):
     try:
         assert_close(_deployed(tmp_path, source, ckpt, reference, policy="sparse")(x), expected)  # exports too
         source_path = tmp_path / "m.dense" if source == "dense" else ckpt if source == "checkpoint" else reference
-        assert_close(deploy(source_path, policy="measure")(x), expected)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", PrunedWeightsLeftDenseWarning)
+            deployed = deploy(source_path, policy="measure")
+        assert_close(deployed(x), expected)
+        assert {t.dtype for t in deployed.state_dict().values() if t.is_floating_point()} == {torch.float32}
     finally:
         torch.set_default_dtype(previous)
 

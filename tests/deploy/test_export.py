@@ -338,6 +338,18 @@ def test_never_overwrites_without_force(tmp_path, fmt):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt", f"out.{fmt}"]  # no temporary file left
 
 
+def test_an_export_never_replaces_its_own_checkpoint(tmp_path):
+    """Found by an outside trial: ``--out`` naming the checkpoint itself, with ``--force``, replaced the only copy
+    of the trained weights by the export. A link to it is the same file."""
+    path, _, _ = make_checkpoint(tmp_path / "m.pt", prompt=False)
+    before = path.read_bytes()
+    os.symlink(path, tmp_path / "link.pt")
+    for out in (path, tmp_path / "link.pt"):
+        with pytest.raises(ValueError, match=r"is the checkpoint being exported; write the export to another file"):
+            export(path, "dense", out, force=True)
+    assert path.read_bytes() == before
+
+
 def test_unknown_format_and_missing_file(tmp_path):
     path, _, _ = make_checkpoint(tmp_path / "m.pt", prompt=False)
     with pytest.raises(ValueError, match="format must be one of"):

@@ -4,6 +4,7 @@ batch size, infinite logits, gradients, unbatched inputs, torch.nn.utils.prune m
 the caller's module as it was. Each converted model equals the model, or the conversion is refused."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -532,3 +533,212 @@ def test_running_out_of_memory_on_the_example_is_not_blamed_on_it():
 
     with pytest.raises(MemoryError):
         sparse_cpu.convert_for_cpu(Hungry(), torch.randn(1, 3, 8, 8))
+
+
+class AttentionAndTransposed(nn.Module):
+    """nn.MultiheadAttention computes with its in_proj_weight and out_proj's weight itself (out_proj is never
+    called as a module): the engine runs it as a SparseMultiheadAttention when it can (``kdim`` other than the
+    embedding: it cannot; ``need_weights``: the call needs the dense module). ConvTranspose2d is no layer it
+    replaces."""
+
+    def __init__(self, kdim=None, need_weights=False):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.attention = nn.MultiheadAttention(8, 2, batch_first=True, kdim=kdim, vdim=kdim)
+        self.up = nn.ConvTranspose2d(8, 8, 2, stride=2)
+        self.head = nn.Linear(8, 5)
+        self.need_weights = need_weights
+
+    def forward(self, x):
+        y = self.conv(x)
+        tokens = y.flatten(2).transpose(1, 2)
+        keys = tokens if self.attention._qkv_same_embed_dim else tokens.repeat(1, 1, 2)
+        tokens = self.attention(tokens, keys, keys, need_weights=self.need_weights)[0]
+        y = self.up(tokens.transpose(1, 2).reshape(y.shape))
+        return self.head(y.mean((2, 3)))
+
+
+def _zeroed(model: nn.Module, density: float) -> nn.Module:
+    """``model`` in eval mode with every weight of two or more dimensions keeping ``density`` of its entries."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2:
+                parameter.mul_(torch.rand_like(parameter) < density)
+    return model.eval()
+
+
+@pytest.mark.parametrize("attention", ["sparse", "kdim", "need_weights"])
+def test_pruned_weights_the_engine_cannot_run_are_listed_and_warned_about(attention):
+    """Found by an outside trial on ViT-B/16 at 10% kept: a third of its Linear weights (MultiheadAttention's)
+    ran dense with no row in the decisions and no warning. Now the attention runs sparse where it can; what
+    cannot has a row and a warning."""
+    model = _zeroed(AttentionAndTransposed(kdim=16 if attention == "kdim" else None,
+                                           need_weights=attention == "need_weights"), 0.1)
+    x = torch.randn(2, 3, 8, 8)
+    left = {"sparse": 1, "kdim": 5, "need_weights": 2}[attention]
+    warning = sparse_cpu.PrunedWeightsLeftDenseWarning
+    with pytest.warns(warning, match=rf"^{left} pruned weights? runs? dense") as caught:
+        converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    assert len(caught) == 1 and caught[0].filename == __file__  # the user's line, not the package's
+    rows = {row["name"]: row for row in table}
+    assert rows["conv"]["chosen"] == rows["head"]["chosen"] == "sparse"
+    assert rows["up.weight"]["type"] == "ConvTranspose2d" and rows["up.weight"]["chosen"] == "dense"
+    if attention == "kdim":  # separate q, k, v weights: the torch module stays, each pruned weight in a row
+        assert "not called as a module" in rows["attention.out_proj"]["reason"]
+        assert {"attention.q_proj_weight", "attention.k_proj_weight", "attention.v_proj_weight"} <= set(rows)
+        assert "kdim/vdim other than embed_dim" in rows["attention.q_proj_weight"]["reason"]
+    else:
+        assert "attention.out_proj" not in rows and "attention.in_proj_weight" not in rows  # one row for the module
+        row = rows["attention"]
+        assert row["type"] == "MultiheadAttention" and 0 < row["density"] < 0.3
+        assert row["chosen"] == ("sparse" if attention == "sparse" else "dense"), row
+        assert isinstance(converted.get_submodule("attention"), sparse_cpu.SparseMultiheadAttention) == (
+            attention == "sparse")
+        if attention == "need_weights":
+            assert row["reason"].startswith("called with what only the dense module computes")
+    for row in rows.values():
+        if row["chosen"] == "dense":
+            assert 0 < row["density"] < 0.3, row
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_no_warning_for_unpruned_weights_for_measured_choices_or_under_policy_dense():
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", sparse_cpu.PrunedWeightsLeftDenseWarning)
+        sparse_cpu.convert_for_cpu(nn.Sequential(nn.ConvTranspose2d(3, 4, 2)).eval(), torch.randn(1, 3, 8, 8),
+                                   policy="sparse")
+        sparse_cpu.convert_for_cpu(_zeroed(AttentionAndTransposed(), 0.1), torch.randn(1, 3, 8, 8), policy="dense")
+        # a pruned Conv2d measured slower sparse stays dense by measurement, which its row records
+        _, table = sparse_cpu.convert_for_cpu(_zeroed(nn.Sequential(nn.Conv2d(3, 8, 3)), 0.5),
+                                              torch.randn(1, 3, 8, 8), min_speedup=1e9, repeats=2)
+        assert table[0]["chosen"] == "dense" and table[0]["sparse_ms"] is not None
+
+
+class TwiceScaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+@pytest.mark.parametrize("kind", ["subclass", "parametrized"])
+def test_layers_kept_as_they_are_say_why_in_their_own_terms(kind, fuse):
+    """A subclass or a parametrized layer was told to "fold masks into the weights first" (there were none). Traced
+    (``fuse``), torch.fx turns such a layer into a holder of its weights: its row still names the user's class."""
+    layer = _zeroed(TwiceScaled(6, 4), 0.2) if kind == "subclass" else _zeroed(nn.Linear(6, 4), 0.2)
+    if kind == "parametrized":
+        torch.nn.utils.parametrize.register_parametrization(layer, "weight", nn.Identity())
+    model = nn.Sequential(layer).eval()
+    with pytest.warns(sparse_cpu.PrunedWeightsLeftDenseWarning):
+        converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(3, 6), policy="sparse", fuse=fuse)
+    kind_name = "TwiceScaled" if kind == "subclass" else "ParametrizedLinear"
+    if fuse and kind == "subclass":
+        expected = f"weight of a {kind_name}, which the engine leaves as it is"
+    else:
+        expected = ("TwiceScaled subclasses nn.Linear; the engine replaces the plain class only" if kind == "subclass"
+                    else "ParametrizedLinear: its weight is computed by a parametrization on every call")
+    assert len(table) == 1 and expected in table[0]["reason"] and table[0]["chosen"] == "dense", table
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))
+
+
+@pytest.mark.parametrize("cast", ["half", "double", "bfloat16", "meta"])
+def test_casting_a_deployed_module_is_refused_before_anything_changes(cast):
+    """``.half()`` on a deployed module used to succeed, and its next call failed inside the kernel's checks."""
+    deployed = runtime.deploy(_zeroed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4)), 0.1)
+                              if False else _zeroed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 0.1),
+                              example_input_size=(1, 3, 8, 8), policy="sparse")
+    images = torch.rand(2, 3, 8, 8)
+    expected = deployed(images)
+    apply = {"half": lambda m: m.half(), "double": lambda m: m.double(),
+             "bfloat16": lambda m: m.to(torch.bfloat16), "meta": lambda m: m.to("meta")}[cast]
+    with pytest.raises(TypeError, match=r"^DeployedModel runs float32 on cpu, as deployed; this call would make it"):
+        apply(deployed)
+    layer = next(m for m in deployed.modules() if isinstance(m, sparse_cpu.SparseConv2d))
+    with pytest.raises(TypeError, match=r"^SparseConv2d: the CPU engine's layers run float32 on the CPU only"):
+        apply(layer)
+    deployed.float().to("cpu").to(memory_format=torch.channels_last)  # what leaves it as it is stays allowed
+    assert torch.equal(deployed(images), expected)
+    assert all(t.dtype in (torch.float32, torch.int32, torch.int64) for t in deployed.state_dict().values())
+
+
+def _pruned_attention(batch_first: bool, bias: bool, heads: int = 4, embed: int = 32) -> nn.MultiheadAttention:
+    attention = nn.MultiheadAttention(embed, heads, batch_first=batch_first, bias=bias)
+    with torch.no_grad():
+        if bias:
+            attention.in_proj_bias.normal_()
+            attention.out_proj.bias.normal_()
+    return _zeroed(attention, 0.2)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("bias", [True, False])
+def test_sparse_attention_computes_what_multihead_attention_does(batch_first, bias):
+    """Self-attention without masks or weights runs the sparse projections and scaled_dot_product_attention (the
+    dense module is not called); every other call runs the dense module, as it would alone."""
+    attention = _pruned_attention(batch_first, bias)
+    sparse = sparse_cpu.SparseMultiheadAttention(copy.deepcopy(attention))  # its own dense module: hooked below
+    assert not sparse.training  # as the module it replaces
+    dense_calls = []
+    sparse.dense.register_forward_hook(lambda *_: dense_calls.append(1))
+    x = torch.randn(3, 7, 32)  # (N, L, E) or (L, N, E)
+    with torch.no_grad():
+        got, weights = sparse(x, x, x, need_weights=False)
+        expected, _ = attention(x, x, x, need_weights=False)
+    assert weights is None and not dense_calls
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    other = torch.randn(3, 7, 32)
+    length = x.shape[1] if batch_first else x.shape[0]
+    mask = torch.rand(length, length) < 0.3
+    for args, kwargs in [((x, x, x), {}),  # need_weights defaults to True
+                         ((x, x, x), {"need_weights": False, "attn_mask": mask}),
+                         ((x, other, other), {"need_weights": False}),
+                         ((x[0], x[0], x[0]), {"need_weights": False})]:  # unbatched
+        with torch.no_grad():
+            for got, expected in zip(sparse(*args, **kwargs), attention(*args, **kwargs)):
+                assert (got is None) == (expected is None)
+                if got is not None:
+                    torch.testing.assert_close(got, expected)
+    assert len(dense_calls) == 4
+    sparse.train()
+    with torch.no_grad():
+        sparse(x, x, x, need_weights=False)
+    assert len(dense_calls) == 5
+
+
+def test_sparse_attention_is_timed_under_measure_and_refuses_what_it_cannot_run():
+    model = _zeroed(AttentionAndTransposed(), 0.1)
+    _, table = sparse_cpu.convert_for_cpu(model, torch.randn(2, 3, 8, 8), repeats=2)
+    row = next(row for row in table if row["name"] == "attention")
+    assert row["dense_ms"] > 0 and row["sparse_ms"] > 0 and "faster" in row["reason"]
+    with pytest.raises(ValueError, match="kdim/vdim other than embed_dim"):
+        sparse_cpu.SparseMultiheadAttention(nn.MultiheadAttention(8, 2, kdim=4, vdim=4))
+    with pytest.raises(TypeError, match="run float32 on the CPU only"):
+        sparse_cpu.SparseMultiheadAttention(_pruned_attention(True, True)).half()
+
+
+def test_a_pruned_vision_transformer_deploys_with_sparse_attention():
+    """torchvision's ViT calls its attention as ``self_attention(x, x, x, need_weights=False)``: the path the
+    sparse attention runs. The deployed module equals the model, and pickles."""
+    import pickle
+
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = VisionTransformer(image_size=32, patch_size=8, num_layers=2, hidden_dim=32, mlp_dim=64, num_heads=4,
+                              num_classes=10)
+    nn.init.normal_(model.heads.head.weight)  # torchvision initializes it to zeros: every output would be 0
+    model = _zeroed(model, 0.1)
+    deployed = runtime.deploy(model, example_input_size=(2, 3, 32, 32), policy="sparse", mean=(0.5,) * 3,
+                              std=(0.5,) * 3)
+    attention = [row for row in deployed.decisions if row["type"] == "MultiheadAttention"]
+    assert len(attention) == 2 and all(row["chosen"] == "sparse" for row in attention)
+    images = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        expected = model((images - 0.5) / 0.5)
+    torch.testing.assert_close(deployed(images), expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(pickle.loads(pickle.dumps(deployed))(images), expected, rtol=1e-4, atol=1e-5)

@@ -156,7 +156,8 @@ def read_export(path, kind: str | None = None) -> tuple[dict[str, torch.Tensor],
 
 def _header_metadata(data: bytes, path: str) -> dict:
     if len(data) < 8:
-        raise ExportFormatError(f"{path} is truncated or not a safetensors file ({len(data)} bytes)")
+        raise ExportFormatError(f"{path} is empty" if not data else
+                                f"{path} is truncated or not a vpns_fast file (only {len(data)} bytes)")
     (size,) = struct.unpack("<Q", data[:8])
     if size > len(data) - 8 or size > 100_000_000:
         raise ExportFormatError(f"{path} is neither a vpns_fast checkpoint nor a safetensors export (or it is "
@@ -164,7 +165,8 @@ def _header_metadata(data: bytes, path: str) -> dict:
     try:
         header = json.loads(data[8:8 + size].decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
-        raise ExportFormatError(f"{path} is not a safetensors file (unreadable header)") from exc
+        raise ExportFormatError(f"{path} is neither a vpns_fast checkpoint nor a safetensors export (unreadable "
+                                "header)") from exc
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
     if not isinstance(metadata, dict):
         raise ExportFormatError(f"{path} is a safetensors file without vpns_fast metadata")
@@ -277,8 +279,10 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: dict, path) -> None:
+    from vpns_fast.pruning.checkpoint import in_saved_dtype
+
     try:
-        model.load_state_dict(state)
+        in_saved_dtype(model, state).load_state_dict(state)
     except RuntimeError as exc:
         raise ExportFormatError(f"{path}: weights do not fit the model the metadata names: "
                                 f"{state_dict_mismatch(exc)}") from exc
@@ -406,8 +410,12 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
         raise ValueError(f"slim: only for format onnx (format {format!r} ignores it; format 'slim' writes the "
                          "slimmed network)")
     path = os.fspath(path)
+    if (not isinstance(checkpoint_or_payload, dict) and os.path.exists(path)
+            and os.path.exists(checkpoint_or_payload) and os.path.samefile(path, checkpoint_or_payload)):
+        # even with force: the export would replace the only copy of what it is made from
+        raise ValueError(f"path {path}: is the checkpoint being exported; write the export to another file")
     if os.path.lexists(path) and not force:
-        raise FileExistsError(f"{path} exists; pass force=True (CLI: --force) to replace it")
+        raise FileExistsError(f"{path} exists; pass force=True to replace it")
     payload = _load_payload(checkpoint_or_payload)
     meta = _common_meta(payload, use_prompt, class_names)
     folded = _folded_model(payload, model)

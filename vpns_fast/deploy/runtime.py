@@ -72,6 +72,19 @@ class DeployedModel(nn.Module):
     def device(self) -> torch.device:
         return torch.device(self.info["device"])
 
+    def _apply(self, fn, recurse=True):
+        """``.half()``, ``.to(...)`` and the like are refused (TypeError) unless they leave the module float32 on
+        its device, before any tensor changes: ``forward`` feeds the network float32 images on ``device``, so a
+        cast module would fail on its next call, partly converted."""
+        from vpns_fast.deploy.sparse_cpu import cast_by
+
+        probe = cast_by(fn)
+        if probe.dtype != torch.float32 or probe.device.type != self.device.type:
+            raise TypeError(f"DeployedModel runs float32 on {self.device}, as deployed; this call would make it "
+                            f"{probe.dtype} on {probe.device} (deploy again for another device; images of any "
+                            "float dtype or uint8 are converted by forward)")
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True):  # an inference module stays in eval mode
         return super().train(False)
 
@@ -141,6 +154,8 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     if isinstance(model_or_path, (str, os.PathLike)):
         given = [name for name, value in (("prompt", prompt), ("label_mapping", label_mapping), ("mean", mean),
                                           ("std", std), ("image_size", image_size)) if value is not None]
+        if given and not os.path.exists(model_or_path):  # the missing file first: the arguments may be right for it
+            raise FileNotFoundError(f"{os.fspath(model_or_path)} does not exist")
         if given:
             raise ValueError(f"{given[0]}: only for a module; a file carries its own input stage and label "
                              "mapping")
@@ -335,6 +350,14 @@ def deploy(model_or_path: str | os.PathLike | nn.Module, device: str | torch.dev
     """
     return _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std,
                    image_size, slim, min_speedup, model, winograd)
+
+
+# ``vpns_fast.deploy`` is this function and also the name of the subpackage it lives in. ``import
+# vpns_fast.deploy.export as E`` walks attributes: ``vpns_fast.deploy`` (this function), then ``.export``, which a
+# function lacks; Python then looks for the module "<that object's __name__>.export" in sys.modules, so naming the
+# function after the subpackage lets such imports find their module. Its qualified name (repr, pickling with
+# __module__) stays "deploy"; tracebacks name the code object, "deploy".
+deploy.__name__ = "vpns_fast.deploy"
 
 
 def _deploy(model_or_path, device, example_input_size, policy, prompt, label_mapping, mean, std, image_size, slim,

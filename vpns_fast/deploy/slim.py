@@ -402,14 +402,17 @@ def build_slim(base: nn.Module, architecture: dict) -> nn.Module:
         if not isinstance(conv, nn.Conv2d) or len(counts) != 2:
             raise SlimError(f"slim architecture entry {name!r}: {counts!r} does not describe a Conv2d")
         in_channels, out_channels = int(counts[0]), int(counts[1])
+        # the replaced layer's dtype, not torch's default: under a float64 default the rebuilt layer was float64,
+        # the loaded weights were cast to it, and the CPU engine ran that layer dense
         new = nn.Conv2d(in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
-                        conv.groups, True, conv.padding_mode)
+                        conv.groups, True, conv.padding_mode, dtype=conv.weight.dtype, device=conv.weight.device)
         base.set_submodule(name, new)
     for name, counts in architecture.get("linears", {}).items():  # classifier inputs (dropped stream channels)
         linear = _named_submodule(base, name, "linear")
         if not isinstance(linear, nn.Linear) or len(counts) != 2:
             raise SlimError(f"slim architecture entry {name!r}: {counts!r} does not describe a Linear")
-        base.set_submodule(name, nn.Linear(int(counts[0]), int(counts[1]), True))
+        base.set_submodule(name, nn.Linear(int(counts[0]), int(counts[1]), True, dtype=linear.weight.dtype,
+                                           device=linear.weight.device))
     for name in folded:
         _named_submodule(base, name, "BatchNorm")
         base.set_submodule(name, nn.Identity())

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import inspect
 import io
 import math
 import time
@@ -24,7 +25,7 @@ from torch import fx, nn
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion, winograd
 from vpns_fast.environment import is_out_of_memory
-from vpns_fast.errors import exception_reason
+from vpns_fast.errors import caller_stacklevel, exception_reason
 from vpns_fast.pruning.masking import checked_module
 
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
@@ -286,6 +287,27 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activati
     return _TORCH_ACTIVATIONS[activation](out) if activation is not None else out
 
 
+def cast_by(fn) -> torch.Tensor:
+    """What ``nn.Module._apply``'s ``fn`` (``.half()``, ``.to(dtype or device)``, ``.cuda()``...) makes of a float32
+    CPU tensor: its dtype and device are what the call would give a module's weights."""
+    return fn(torch.zeros(1, dtype=torch.float32))  # float32 whatever the default dtype
+
+
+class _Float32CpuLayer:
+    """The engine's layers run float32 on the CPU only. ``.half()``, ``.double()``, ``.to(dtype)`` or a move to
+    another device is refused (TypeError naming the layer) before any tensor changes: it used to succeed and leave
+    the next call to fail inside the kernel's argument checks. Inputs of other dtypes are the deployed module's to
+    convert; for another device, deploy again."""
+
+    def _apply(self, fn, recurse=True):
+        probe = cast_by(fn)
+        if probe.dtype != torch.float32 or probe.device.type != "cpu":
+            raise TypeError(f"{type(self).__name__}: the CPU engine's layers run float32 on the CPU only; this call "
+                            f"would make them {probe.dtype} on {probe.device} (deploy again for another device; "
+                            "inputs of other float dtypes are converted by the deployed module)")
+        return super()._apply(fn, recurse)
+
+
 class _FusedActivation:
     """``activation`` (None or a name in EPILOGUE_ACTIVATIONS): what a layer's fused epilogue applies last,
     checked when set. ``relu`` reads and sets it as the flag it was before the epilogue had other activations."""
@@ -325,7 +347,7 @@ class _FusedActivation:
         return state
 
 
-class SparseConv2d(_FusedActivation, nn.Module):
+class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     """A Conv2d (zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
     float32 rounding. Exact zeros of the weight are skipped. A grouped convolution (``groups`` > 1, ``weight``
@@ -558,7 +580,7 @@ def dense_conv_available() -> tuple[bool, str]:
     return True, "oneDNN convolution with a prepacked weight"
 
 
-class DenseConv2d(_FusedActivation, nn.Module):
+class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     """A dense Conv2d (any groups, zero padding) run by oneDNN on channels_last activations, its weight
     reordered once into oneDNN's blocked layout: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
     float32 rounding, with SparseConv2d's fused epilogue (``forward(x, residual)``: ``+ residual`` inside
@@ -914,7 +936,7 @@ class WinogradConv2d(DenseConv2d):
         return super().extra_repr() + ", algorithm='winograd F(4x4, 3x3)'"
 
 
-class SparseLinear(nn.Module):
+class SparseLinear(_Float32CpuLayer, nn.Module):
     """A Linear layer with its nonzero weights in CSR: ``forward(x) == F.linear(x, weight, bias)``
     within float32 rounding, for inputs [..., in_features]."""
 
@@ -969,6 +991,69 @@ class SparseLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"density={self.density:.4f}")
+
+
+def attention_unsupported_reason(attention: nn.MultiheadAttention) -> str | None:
+    """Why :class:`SparseMultiheadAttention` cannot stand in for ``attention``, or None."""
+    if not attention._qkv_same_embed_dim:
+        return "MultiheadAttention with kdim/vdim other than embed_dim (separate q, k, v weights)"
+    if attention.bias_k is not None or attention.add_zero_attn:
+        return "MultiheadAttention with add_bias_kv or add_zero_attn"
+    if attention.in_proj_weight.dtype != torch.float32 or attention.in_proj_weight.device.type != "cpu":
+        return f"weight is {attention.in_proj_weight.dtype} on {attention.in_proj_weight.device}; float32 CPU only"
+    return None
+
+
+class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
+    """An nn.MultiheadAttention whose input and output projections are :class:`SparseLinear` layers, for
+    self-attention (``query is key is value``, batched) without masks or attention weights, in eval mode:
+    ``(out_proj(scaled_dot_product_attention(q, k, v)), None)`` with ``q, k, v`` from the packed input
+    projection, what ``F.multi_head_attention_forward`` computes within float32 rounding. Every other call
+    (masks, ``need_weights=True``, cross-attention, an unbatched input, training mode, a gradient) runs the
+    original module, kept as ``dense`` (so its dense weights stay in memory too)."""
+
+    def __init__(self, attention: nn.MultiheadAttention):
+        super().__init__()
+        reason = attention_unsupported_reason(attention)
+        if reason is not None:
+            raise ValueError(f"SparseMultiheadAttention: {reason}")
+        self.dense = attention
+        self.embed_dim, self.num_heads, self.batch_first = attention.embed_dim, attention.num_heads, \
+            attention.batch_first
+        self.in_proj = SparseLinear(attention.in_proj_weight.detach(),
+                                    None if attention.in_proj_bias is None else attention.in_proj_bias.detach())
+        self.out_proj = SparseLinear.from_dense(attention.out_proj)
+        self.train(attention.training)  # as the module it replaces: in training mode every call runs the dense one
+
+    @staticmethod
+    def runs_sparse(query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                    average_attn_weights=True, is_causal=False) -> bool:
+        """Whether a call with these arguments (nn.MultiheadAttention.forward's) takes the sparse path."""
+        return (query is key and key is value and isinstance(query, torch.Tensor) and query.dim() == 3
+                and key_padding_mask is None and attn_mask is None and not need_weights and not is_causal
+                and not _needs_gradient(query))
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
+                average_attn_weights=True, is_causal=False):
+        if self.training or not self.runs_sparse(query, key, value, key_padding_mask, need_weights, attn_mask,
+                                                 average_attn_weights, is_causal):
+            return self.dense(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
+                              attn_mask=attn_mask, average_attn_weights=average_attn_weights, is_causal=is_causal)
+        x = query if self.batch_first else query.transpose(0, 1)  # [N, L, E]
+        batch, length, _ = x.shape
+        heads = self.num_heads
+        q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, heads, L, E / heads]
+                   for part in self.in_proj(x).chunk(3, dim=-1))
+        out = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, -1))
+        return (out if self.batch_first else out.transpose(0, 1)), None
+
+    @property
+    def nnz(self) -> int:
+        return self.in_proj.nnz + self.out_proj.nnz
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}, "
+                f"in_proj density={self.in_proj.density:.4f}, out_proj density={self.out_proj.density:.4f}")
 
 
 class SeparableMaxPool2d(nn.Module):
@@ -1034,7 +1119,7 @@ _FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SeparableMaxP
 # The layers the engine puts into a network. They are not torch.nn classes, so torch.fx traces into them unless told
 # not to: to trace a converted network again (torchvision's create_feature_extractor), pass them as leaf modules
 # (``tracer_kwargs={"leaf_modules": list(ENGINE_LAYERS)}``).
-ENGINE_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SparseLinear, SeparableMaxPool2d)
+ENGINE_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SparseLinear, SparseMultiheadAttention, SeparableMaxPool2d)
 
 
 def _unsupported_reason(module: nn.Module) -> str | None:
@@ -1055,7 +1140,14 @@ def _not_plain_reason(module: nn.Module) -> str | None:
     """Why a layer is not one the engine's layers (sparse or :class:`DenseConv2d`) can stand in for: not a
     plain float32 CPU nn.Conv2d / nn.Linear, or a Conv2d padding they cannot express; None when it is."""
     if type(module) not in (nn.Conv2d, nn.Linear):
-        return f"{type(module).__name__} is not a plain nn.Conv2d/nn.Linear (fold masks into the weights first)"
+        name = type(module).__name__
+        if torch.nn.utils.parametrize.is_parametrized(module):
+            return (f"{name}: its weight is computed by a parametrization on every call (remove it with "
+                    "torch.nn.utils.parametrize.remove_parametrizations to run the layer sparse)")
+        if hasattr(module, "scores"):  # a vpns_fast masked layer (MaskedConv2d, MaskedLinear, ...)
+            return f"{name} is a masked layer: fold its masks into the weights first (vpns_fast.fold)"
+        base = "nn.Conv2d" if isinstance(module, nn.Conv2d) else "nn.Linear"
+        return f"{name} subclasses {base}; the engine replaces the plain class only (a subclass's forward may differ)"
     if module.weight.dtype != torch.float32 or module.weight.device.type != "cpu":
         return f"weight is {module.weight.dtype} on {module.weight.device}; float32 CPU only"
     if isinstance(module, nn.Conv2d):
@@ -1248,6 +1340,25 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     return sparse
 
 
+def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row: dict, policy: str,
+                       min_speedup: float, repeats: int, winograd: bool) -> nn.Module | None:
+    """What replaces one layer of the table (None: it stays as it is), ``x`` its captured input (None: never
+    called as a module); fills ``row``'s reason and, for the layers it times, its times."""
+    if policy == "dense":
+        row["reason"] = "policy=dense"
+        return None
+    if x is None:
+        row["reason"] = ("not called as a module by the example input (a parent may use its weight directly, as "
+                         "nn.MultiheadAttention does its out_proj's)")
+        return None
+    reason = _unsupported_reason(module)
+    if reason is None:
+        return _decide(name, module, x, row, policy, min_speedup, repeats, winograd)
+    replacement = _dense_replacement(name, module, x, None, winograd=winograd, repeats=repeats, row=row)
+    row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
+    return replacement
+
+
 def _check_conversion_arguments(example_input, policy: str, min_speedup: float, repeats: int, winograd) -> None:
     """convert_for_cpu's argument checks (ValueError / TypeError naming the argument), and the extension's
     when a layer may be replaced."""
@@ -1293,7 +1404,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     name, type, weight_shape, input_shape, density, nnz, dense_ms, sparse_ms, speedup (dense_ms /
     sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason; for a Conv2d with a
     dense stand-in also dense_algorithm ("oneDNN" / "Winograd"), onednn_ms and winograd_ms (when both were
-    timed) and winograd_note (why Winograd was not tried or not used).
+    timed) and winograd_note (why Winograd was not tried or not used). After them, a row (chosen "dense", times
+    None) for each other pruned weight the engine leaves in its torch module (:data:`PRUNED_DENSITY`: a
+    ConvTranspose2d's, nn.MultiheadAttention's ``in_proj_weight``), named ``<module>.<parameter>``; unless
+    ``policy="dense"``, a :class:`PrunedWeightsLeftDenseWarning` names the pruned weights that stay dense without
+    having been measured.
     Every sparse layer is checked against the dense one on the captured input before use.
     ``replace_pooling``: also swap each nn.MaxPool2d for SeparableMaxPool2d (same values), under the
     same policy; its rows have type "MaxPool2d", density 1.0 and nnz 0.
@@ -1316,6 +1431,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     # on a fresh copy of the same values
     example_input = example_input.detach().clone()
     converted = fusion.copy_sharing_hooks(model).eval()
+    untraced = converted  # its modules' classes, which a torch.fx trace may replace by plain holders of their weights
     reference = _reference_output(converted, example_input)
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
@@ -1323,34 +1439,25 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         if graph_module is not None:
             converted = graph_module
             folded = fusion.fold_batchnorm(graph_module)
-    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
-    layers = [(name, module) for name, module in converted.named_modules() if isinstance(module, kinds)]
+    layers, attentions = _tabled_modules(converted, replace_pooling)
     captured, order, output_shapes = _capture_layer_io(converted, layers, example_input.clone())
     modules = dict(layers)
+    other_rows = _other_pruned_weights(converted, {**modules, **attentions}, untraced)
     table = []
     for name in order + [name for name, _ in layers if name not in captured]:
         module = modules[name]
         row = _layer_row(name, module, captured, output_shapes, folded)
         table.append(row)
-        reason = _unsupported_reason(module)
-        if policy == "dense":
-            row["reason"] = "policy=dense"
-            continue
-        if name not in captured:
-            row["reason"] = reason or "not called by the example input"
-            continue
-        if reason is not None:
-            replacement = _dense_replacement(name, module, captured[name], None, winograd=winograd, repeats=repeats,
-                                             row=row)
-            row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
-        else:
-            replacement = _decide(name, module, captured[name], row, policy, min_speedup, repeats, winograd)
+        replacement = _layer_replacement(name, module, captured.get(name), row, policy, min_speedup, repeats,
+                                         winograd)
         if replacement is None:
             continue
         if name:
             converted.set_submodule(name, replacement)
         else:  # ``model`` is itself one layer
             converted = replacement
+    table += _attention_decisions(converted, attentions, example_input, policy, min_speedup, repeats)
+    table += other_rows
     epilogues = {}
     problem, layout_note = _runnable(converted, example_input, reference)
     if problem is not None and graph_module is None:
@@ -1384,7 +1491,166 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
                        residuals_reusable=len(reused), network=network_note, layout=layout_note,
                        winograd=winograd_note)
+    if policy != "dense":
+        _warn_pruned_left_dense(table)
     return converted, table
+
+
+# A weight with at most this share of its entries nonzero is a pruned one (trained and initialized weights have
+# no exact zeros; an all-zero one is a placeholder, not pruned).
+PRUNED_DENSITY = 0.8
+
+
+class PrunedWeightsLeftDenseWarning(UserWarning):
+    """``convert_for_cpu`` (so ``deploy()``) found pruned weights that run dense because the engine cannot run
+    them (not chosen by measurement): a layer it does not replace (ConvTranspose2d, Conv1d, a subclass, hooks), a
+    weight its module uses itself (nn.MultiheadAttention's ``in_proj_weight``), one never called as a module. The
+    decision table lists each with its reason."""
+
+
+def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untraced: nn.Module) -> list[dict]:
+    """Decision rows (chosen "dense") for the pruned weights (:data:`PRUNED_DENSITY`, two or more dimensions) of
+    ``model`` that are not the ``weight`` of one of ``layers``: the engine leaves them in their torch modules, which
+    are named by their class in ``untraced`` (the model before a torch.fx trace, which turns a module it traces
+    into, such as a user's subclass of nn.Linear, into a plain holder of its weights)."""
+    rows = []
+    for owner_name, owner in model.named_modules():
+        if owner_name in layers or _held_by(owner_name, layers):
+            continue  # a layer in the table, or held by one (a parametrization's original weight)
+        for parameter_name, parameter in owner.named_parameters(recurse=False):
+            if parameter.dim() < 2:
+                continue
+            nnz = int(torch.count_nonzero(parameter))
+            if not 0 < nnz <= PRUNED_DENSITY * parameter.numel():
+                continue
+            try:
+                kind = type(untraced.get_submodule(owner_name)).__name__
+            except AttributeError:  # pragma: no cover - a trace keeps the qualified names
+                kind = type(owner).__name__
+            reason = (f"{parameter_name} of a {kind}, which the engine leaves as it is (it runs nn.Conv2d and "
+                      "nn.Linear layers)")
+            if isinstance(owner, nn.MultiheadAttention):
+                reason = (f"{parameter_name}: the sparse attention cannot run this one "
+                          f"({attention_unsupported_reason(owner)})")
+            rows.append({
+                "name": f"{owner_name}.{parameter_name}" if owner_name else parameter_name, "type": kind,
+                "weight_shape": list(parameter.shape), "input_shape": None, "density": nnz / parameter.numel(),
+                "nnz": nnz, "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense",
+                "reason": reason,
+                "fused": [], "flops": None, "dense_flops": None, "dense_algorithm": None, "onednn_ms": None,
+                "winograd_ms": None, "winograd_note": None})
+    return rows
+
+
+def _tabled_modules(network: nn.Module, replace_pooling: bool) -> tuple[list[tuple[str, nn.Module]], dict]:
+    """``(layers, attentions)``: the (name, module) of each Conv1d/2d/3d, Linear (and MaxPool2d with
+    ``replace_pooling``) in ``network``, and ``{name: module}`` of each nn.MultiheadAttention that
+    :class:`SparseMultiheadAttention` can stand in for, whose out_proj is in its own row, not among the layers."""
+    kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
+    attentions = {name: module for name, module in network.named_modules()
+                  if name and type(module) is nn.MultiheadAttention and attention_unsupported_reason(module) is None}
+    layers = [(name, module) for name, module in network.named_modules()
+              if isinstance(module, kinds) and not _held_by(name, attentions)]
+    return layers, attentions
+
+
+def _held_by(name: str, modules: dict[str, nn.Module]) -> bool:
+    """Whether the module called ``name`` lies inside one of ``modules`` (by qualified name)."""
+    parts = name.split(".")
+    return any(".".join(parts[:end]) in modules for end in range(1, len(parts)))
+
+
+def _capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: torch.Tensor) -> dict:
+    """``{name: (args, kwargs)}`` of each of ``modules``' first call when ``example_input`` runs through
+    ``model`` (tensors cloned, the same tensor given twice kept the same: self-attention passes ``x, x, x``)."""
+    calls: dict[str, tuple] = {}
+
+    def capture(name):
+        def hook(module, args, kwargs):
+            if name not in calls:
+                clones: dict[int, torch.Tensor] = {}
+                copy = lambda v: clones.setdefault(id(v), v.detach().clone()) if torch.is_tensor(v) else v  # noqa: E731
+                calls[name] = (tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()})
+        return hook
+
+    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True) for name, module in modules.items()]
+    try:
+        with torch.no_grad():
+            model(example_input.clone())
+    finally:
+        for handle in handles:
+            handle.remove()
+    return calls
+
+
+def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadAttention],
+                         example_input: torch.Tensor, policy: str, min_speedup: float, repeats: int) -> list[dict]:
+    """Decision rows for ``network``'s supported nn.MultiheadAttention modules, each replaced in place by a
+    :class:`SparseMultiheadAttention` where ``policy`` says so (``measure``: at least ``min_speedup`` times faster
+    on its captured call) and its calls take the sparse path; the replacement is checked against the module."""
+    if not attentions:
+        return []
+    calls = _capture_calls(network, attentions, example_input) if policy != "dense" else {}
+    signature = inspect.signature(nn.MultiheadAttention.forward)
+    rows = []
+    for name, module in attentions.items():
+        weights = (module.in_proj_weight, module.out_proj.weight)
+        nnz = sum(int(torch.count_nonzero(w)) for w in weights)
+        row = {"name": name, "type": "MultiheadAttention", "weight_shape": list(module.in_proj_weight.shape),
+               "input_shape": None, "density": nnz / sum(w.numel() for w in weights), "nnz": nnz, "dense_ms": None,
+               "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "policy=dense", "fused": [],
+               "flops": None, "dense_flops": None, "dense_algorithm": None, "onednn_ms": None, "winograd_ms": None,
+               "winograd_note": None}
+        rows.append(row)
+        if policy == "dense":
+            continue
+        if name not in calls:
+            row["reason"] = "not called by the example input"
+            continue
+        args, kwargs = calls[name]
+        bound = signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        row["input_shape"] = list(args[0].shape) if args and torch.is_tensor(args[0]) else None
+        if not SparseMultiheadAttention.runs_sparse(*list(bound.arguments.values())[1:]):
+            row["reason"] = ("called with what only the dense module computes (masks, need_weights=True, "
+                             "cross-attention or an unbatched input)")
+            continue
+        sparse = SparseMultiheadAttention(module)
+        with torch.no_grad():
+            expected, got = module(*args, **kwargs)[0], sparse(*args, **kwargs)[0]
+        problem = tensor_difference(got, expected, 1e-4, "the MultiheadAttention's output")
+        if problem is not None:
+            raise RuntimeError(f"convert_for_cpu: the sparse replacement of {name} does not compute what it does "
+                               f"({problem}); refusing to convert")
+        if policy == "measure":
+            with torch.no_grad():
+                dense_ms, sparse_ms = compare_layer_times(functools.partial(module, *args, **kwargs),
+                                                          functools.partial(sparse, *args, **kwargs), repeats)
+            row.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms if sparse_ms else None)
+            if not dense_ms >= min_speedup * sparse_ms:
+                row["reason"] = f"sparse not {min_speedup:g}x faster"
+                continue
+            row["reason"] = f"sparse >= {min_speedup:g}x faster"
+        else:
+            row["reason"] = "policy=sparse"
+        row["chosen"] = "sparse"
+        network.set_submodule(name, sparse)
+    return rows
+
+
+def _warn_pruned_left_dense(table: list[dict]) -> None:
+    """One :class:`PrunedWeightsLeftDenseWarning` naming the pruned weights in ``table`` that stay dense without
+    having been measured against the sparse kernel."""
+    left = [row for row in table if row["chosen"] == "dense" and row["sparse_ms"] is None
+            and row["weight_shape"] and 0 < row["density"] <= PRUNED_DENSITY]
+    if not left:
+        return
+    named = "; ".join(f"{row['name'] or '(model)'} ({row['density']:.0%} kept: {row['reason']})" for row in left[:3])
+    more = f"; and {len(left) - 3} more" if len(left) > 3 else ""
+    several = len(left) > 1
+    warnings.warn(f"{len(left)} pruned weight{'s run' if several else ' runs'} dense, the engine cannot run "
+                  f"{'them' if several else 'it'} sparse: {named}{more} (the decision table lists each)",
+                  PrunedWeightsLeftDenseWarning, stacklevel=caller_stacklevel())
 
 
 def _fused_epilogues(graph_module: fx.GraphModule, example_input: torch.Tensor) -> tuple[dict, str | None]:

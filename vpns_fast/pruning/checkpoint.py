@@ -110,8 +110,19 @@ def prompt_spec(prompt: VisualPrompt) -> dict:
             "mean": list(prompt.mean), "std": list(prompt.std), "program": prompt.program.detach().cpu()}
 
 
+def in_saved_dtype(model: nn.Module, state: dict) -> nn.Module:
+    """``model`` (changed in place) in the one floating dtype of the saved ``state``, where a network is rebuilt to
+    load it: built under a float64 default dtype, every layer was float64 and the loaded float32 weights were cast
+    to it (the CPU engine then ran every layer dense). ``Module.to`` keeps shared parameters shared (structured
+    masks share their scores), which ``load_state_dict(assign=True)`` would not."""
+    dtypes = {tensor.dtype for tensor in state.values() if torch.is_tensor(tensor) and tensor.is_floating_point()}
+    return model.to(dtypes.pop()) if len(dtypes) == 1 else model
+
+
 def prompt_from_spec(spec: dict) -> VisualPrompt:
-    prompt = build_prompt(spec["kind"], spec["out_size"], spec["in_size"], spec["size"], spec["mean"], spec["std"])
+    # float32 as saved, whatever torch's default dtype (under float64 the rebuilt prompt fed float64 to the network)
+    prompt = build_prompt(spec["kind"], spec["out_size"], spec["in_size"], spec["size"], spec["mean"],
+                          spec["std"]).to(spec["program"].dtype)
     with torch.no_grad():
         prompt.program.copy_(spec["program"])
     return prompt
@@ -223,7 +234,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
                  exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
                  **({"structured": True, **structured} if structured else {}))
     try:
-        model.load_state_dict(payload["state_dict"])
+        in_saved_dtype(model, payload["state_dict"]).load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "

@@ -348,6 +348,8 @@ def _cmd_export(args) -> int:
 
     _check_input_file(args.checkpoint, "checkpoint")
     _check_output_file(args.out)
+    if os.path.exists(args.out) and os.path.samefile(args.out, args.checkpoint):  # even with --force
+        raise ValueError(f"--out {args.out}: is the checkpoint being exported; write the export to another file")
     if os.path.lexists(args.out) and not args.force:  # export()'s own message names its argument, force=True
         raise ValueError(f"--out {args.out}: exists; pass --force to replace it")
     if args.slim and args.format != "onnx":

@@ -128,7 +128,8 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
 
 @functools.lru_cache(maxsize=1)  # configs come grouped by (model, mask, density): one pruned model alive
 def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> nn.Module:
-    """torchvision ``model_name`` (random init, eval) with its Conv2d/Linear weights pruned by magnitude."""
+    """torchvision ``model_name`` (random init, eval) with its Conv2d/Linear weights, and the packed input
+    projection of each nn.MultiheadAttention (its out_proj is a Linear), pruned by magnitude."""
     import torchvision
 
     if mask not in MASKS:
@@ -137,6 +138,8 @@ def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> n
         torch.manual_seed(seed)
         model = getattr(torchvision.models, model_name)().eval()
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    weights += [m.in_proj_weight for m in model.modules()
+                if isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None]
     with torch.no_grad():
         if mask == "global":
             magnitudes = torch.cat([w.abs().flatten() for w in weights])
@@ -156,7 +159,8 @@ def add_pruned_model_arguments(parser) -> None:
     """The arguments of the scripts that run one :func:`pruned_model` (bench.cpu_layers, bench.winograd_ab):
     ``arch density [--batch] [--threads]``; :func:`checked_pruned_model_arguments` checks them."""
     parser.add_argument("arch", help="a torchvision classification model, e.g. resnet50, regnet_x_400mf")
-    parser.add_argument("density", type=float, help="the fraction of each Conv2d/Linear weight kept")
+    parser.add_argument("density", type=float, help="the fraction of each Conv2d/Linear weight (and attention input "
+                        "projection) kept")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
 

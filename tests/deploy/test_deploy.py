@@ -405,3 +405,18 @@ def test_out_of_range_pixels_are_refused(tmp_path):
                             (x.masked_fill(x > 0.9, float("inf")), "NaN or Inf")):
         with pytest.raises(ValueError, match=f"images: .*{message}"):
             module(images)
+
+
+def test_a_checkpoint_saved_in_half_precision_deploys_in_float32(tmp_path):
+    """Found in review: loading into the saved dtype made a float16 checkpoint's network float16, which deploy()
+    could not run; it is rebuilt in float32, as before."""
+    import vpns_fast as V
+    from vpns_fast.models import build_model
+    from vpns_fast.pruning.checkpoint import save_checkpoint
+
+    model = V.sparsify(build_model("small_resnet", num_classes=10), "unstructured").half()
+    save_checkpoint(tmp_path / "half.pt", model, model_name="small_resnet", model_kwargs={"num_classes": 10},
+                    input_size=(3, 32, 32))
+    deployed = deploy(tmp_path / "half.pt", policy="sparse")
+    assert {t.dtype for t in deployed.state_dict().values() if t.is_floating_point()} == {torch.float32}
+    assert deployed(torch.rand(2, 3, 32, 32)).isfinite().all()

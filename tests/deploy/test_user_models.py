@@ -585,7 +585,7 @@ def test_pruned_weights_the_engine_cannot_run_are_listed_and_warned_about(attent
     assert rows["conv"]["chosen"] == rows["head"]["chosen"] == "sparse"
     assert rows["up.weight"]["type"] == "ConvTranspose2d" and rows["up.weight"]["chosen"] == "dense"
     if attention == "kdim":  # separate q, k, v weights: the torch module stays, each pruned weight in a row
-        assert "not called as a module" in rows["attention.out_proj"]["reason"]
+        assert "in an attention the engine leaves: MultiheadAttention with kdim" in rows["attention.out_proj"]["reason"]
         assert {"attention.q_proj_weight", "attention.k_proj_weight", "attention.v_proj_weight"} <= set(rows)
         assert "kdim/vdim other than embed_dim" in rows["attention.q_proj_weight"]["reason"]
     else:
@@ -649,8 +649,7 @@ def test_layers_kept_as_they_are_say_why_in_their_own_terms(kind, fuse):
 @pytest.mark.parametrize("cast", ["half", "double", "bfloat16", "meta"])
 def test_casting_a_deployed_module_is_refused_before_anything_changes(cast):
     """``.half()`` on a deployed module used to succeed, and its next call failed inside the kernel's checks."""
-    deployed = runtime.deploy(_zeroed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.LazyLinear(4)), 0.1)
-                              if False else _zeroed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 0.1),
+    deployed = runtime.deploy(_zeroed(nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()), 0.1),
                               example_input_size=(1, 3, 8, 8), policy="sparse")
     images = torch.rand(2, 3, 8, 8)
     expected = deployed(images)
@@ -742,3 +741,73 @@ def test_a_pruned_vision_transformer_deploys_with_sparse_attention():
         expected = model((images - 0.5) / 0.5)
     torch.testing.assert_close(deployed(images), expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(pickle.loads(pickle.dumps(deployed))(images), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sparse_attention_returns_what_callers_may_view_and_leaves_empty_inputs_to_the_dense_module():
+    """Found in review: the (L, N, E) output was a transposed view (a caller's .view() failed), and an empty batch
+    raised in the reshape."""
+    attention = _pruned_attention(batch_first=False, bias=True)
+    sparse = sparse_cpu.SparseMultiheadAttention(copy.deepcopy(attention))
+    x = torch.randn(5, 3, 32)
+    with torch.no_grad():
+        out = sparse(x, x, x, need_weights=False)[0]
+        assert out.is_contiguous() and out.view(15, 32).shape == (15, 32)
+        for empty in (torch.randn(0, 3, 32), torch.randn(5, 0, 32)):
+            torch.testing.assert_close(sparse(empty, empty, empty, need_weights=False)[0],
+                                       attention(empty, empty, empty, need_weights=False)[0])
+
+
+class SubclassedAttention(nn.MultiheadAttention):
+    pass
+
+
+@pytest.mark.parametrize("case", ["transformer layer", "hooked", "subclass"])
+def test_attention_the_engine_cannot_swap_stays_with_its_reason(case):
+    """A torch nn.TransformerEncoderLayer reads its attention's weights itself (the conversion failed at first);
+    a hook must keep running; a subclass's forward may differ. Each stays the torch module, its row and the
+    warning say why, and the converted model equals the model."""
+    if case == "transformer layer":
+        model = nn.Sequential(nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True), nn.Linear(16, 4))
+        name, why = "0.self_attn", "inside an nn.TransformerEncoderLayer"
+    else:
+        model = AttentionAndTransposed()
+        name = "attention"
+        if case == "hooked":
+            calls = []
+            model.attention.register_forward_hook(lambda *_: calls.append(1))
+            why = "has hooks"
+        else:
+            model.attention = SubclassedAttention(8, 2, batch_first=True)
+            why = "SubclassedAttention subclasses nn.MultiheadAttention"
+    model = _zeroed(model, 0.1)
+    x = torch.randn(2, 5, 16) if case == "transformer layer" else torch.randn(2, 3, 8, 8)
+    with pytest.warns(sparse_cpu.PrunedWeightsLeftDenseWarning, match=why):
+        converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    assert not any(isinstance(m, sparse_cpu.SparseMultiheadAttention) for m in converted.modules())
+    rows = {row["name"]: row for row in table}
+    assert why in rows[f"{name}.in_proj_weight"]["reason"] and why in rows[f"{name}.out_proj"]["reason"]
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+    if case == "hooked":
+        assert calls
+
+
+def test_a_swap_that_breaks_the_network_is_undone_and_said():
+    """Code around an attention module that reads its attributes (as nn.TransformerEncoderLayer does) fails with the
+    sparse one: the conversion puts the module back instead of refusing the model."""
+
+    class ReadsBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, x):
+            return self.attention(x, x, x, need_weights=False)[0] + self.attention.in_proj_bias[:8]
+
+    model = _zeroed(ReadsBias(), 0.1)
+    x = torch.randn(2, 5, 8)
+    with pytest.warns(sparse_cpu.PrunedWeightsLeftDenseWarning, match="the network did not run with it sparse"):
+        converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", fuse=False)
+    assert table[-1]["name"] == "attention" and table[-1]["chosen"] == "dense"
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x))

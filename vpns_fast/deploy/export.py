@@ -279,10 +279,10 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
 
 
 def _load_state(model: nn.Module, state: dict, path) -> None:
-    from vpns_fast.pruning.checkpoint import in_saved_dtype
+    from vpns_fast.pruning.checkpoint import in_float32
 
     try:
-        in_saved_dtype(model, state).load_state_dict(state)
+        in_float32(model).load_state_dict(state)
     except RuntimeError as exc:
         raise ExportFormatError(f"{path}: weights do not fit the model the metadata names: "
                                 f"{state_dict_mismatch(exc)}") from exc

@@ -78,8 +78,8 @@ class DeployedModel(nn.Module):
         cast module would fail on its next call, partly converted."""
         from vpns_fast.deploy.sparse_cpu import cast_by
 
-        probe = cast_by(fn)
-        if probe.dtype != torch.float32 or probe.device.type != self.device.type:
+        probe = cast_by(fn, self.device)
+        if probe.dtype != torch.float32 or probe.device != torch.zeros(0, device=self.device).device:
             raise TypeError(f"DeployedModel runs float32 on {self.device}, as deployed; this call would make it "
                             f"{probe.dtype} on {probe.device} (deploy again for another device; images of any "
                             "float dtype or uint8 are converted by forward)")

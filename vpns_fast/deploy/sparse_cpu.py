@@ -287,17 +287,18 @@ def _unfused_epilogue(out: torch.Tensor, residual: torch.Tensor | None, activati
     return _TORCH_ACTIVATIONS[activation](out) if activation is not None else out
 
 
-def cast_by(fn) -> torch.Tensor:
+def cast_by(fn, device: torch.device | str = "cpu") -> torch.Tensor:
     """What ``nn.Module._apply``'s ``fn`` (``.half()``, ``.to(dtype or device)``, ``.cuda()``...) makes of a float32
-    CPU tensor: its dtype and device are what the call would give a module's weights."""
-    return fn(torch.zeros(1, dtype=torch.float32))  # float32 whatever the default dtype
+    tensor on ``device``: its dtype and device are what the call would give a module's weights there."""
+    return fn(torch.zeros(1, dtype=torch.float32, device=device))  # float32 whatever the default dtype
 
 
 class _Float32CpuLayer:
     """The engine's layers run float32 on the CPU only. ``.half()``, ``.double()``, ``.to(dtype)`` or a move to
     another device is refused (TypeError naming the layer) before any tensor changes: it used to succeed and leave
     the next call to fail inside the kernel's argument checks. Inputs of other dtypes are the deployed module's to
-    convert; for another device, deploy again."""
+    convert; for another device, deploy again. (A network holding these layers beside torch ones may have cast
+    those before the refusal: cast-check the deployed module, which refuses first.)"""
 
     def _apply(self, fn, recurse=True):
         probe = cast_by(fn)
@@ -1030,8 +1031,8 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
                     average_attn_weights=True, is_causal=False) -> bool:
         """Whether a call with these arguments (nn.MultiheadAttention.forward's) takes the sparse path."""
         return (query is key and key is value and isinstance(query, torch.Tensor) and query.dim() == 3
-                and key_padding_mask is None and attn_mask is None and not need_weights and not is_causal
-                and not _needs_gradient(query))
+                and query.numel() > 0 and key_padding_mask is None and attn_mask is None and not need_weights
+                and not is_causal and not _needs_gradient(query))
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
@@ -1045,7 +1046,8 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
         q, k, v = (part.unflatten(-1, (heads, -1)).transpose(1, 2)  # [N, heads, L, E / heads]
                    for part in self.in_proj(x).chunk(3, dim=-1))
         out = self.out_proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(batch, length, -1))
-        return (out if self.batch_first else out.transpose(0, 1)), None
+        # contiguous (L, N, E) as the dense module returns it: a caller may .view() it
+        return (out if self.batch_first else out.transpose(0, 1).contiguous()), None
 
     @property
     def nnz(self) -> int:
@@ -1220,17 +1222,23 @@ def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], exa
     return captured, order, output_shapes
 
 
+def _decision_row(name: str, kind: str, weight_shape: list, nnz: int, numel: int, **fields) -> dict:
+    """A decision table row, chosen "dense" and nothing measured until ``fields`` (or the decision) say otherwise."""
+    return {"name": name, "type": kind, "weight_shape": weight_shape, "input_shape": None,
+            "density": (nnz / numel if numel else 0.0) if weight_shape else 1.0, "nnz": nnz, "dense_ms": None,
+            "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "", "fused": [], "flops": None,
+            "dense_flops": None, "dense_algorithm": None, "onednn_ms": None, "winograd_ms": None,
+            "winograd_note": None, **fields}
+
+
 def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict, folded: list[str]) -> dict:
     """The decision table's row of one layer, before any decision."""
     weight = getattr(module, "weight", None)
     nnz = int(torch.count_nonzero(weight)) if weight is not None else 0
-    row = {"name": name, "type": type(module).__name__,
-           "weight_shape": list(weight.shape) if weight is not None else [],
-           "input_shape": list(captured[name].shape) if name in captured else None,
-           "density": (nnz / weight.numel() if weight.numel() else 0.0) if weight is not None else 1.0, "nnz": nnz,
-           "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "",
-           "fused": ["batchnorm"] if name in folded else [], "flops": None, "dense_flops": None,
-           "dense_algorithm": None, "onednn_ms": None, "winograd_ms": None, "winograd_note": None}
+    row = _decision_row(name, type(module).__name__, list(weight.shape) if weight is not None else [], nnz,
+                        weight.numel() if weight is not None else 0,
+                        input_shape=list(captured[name].shape) if name in captured else None,
+                        fused=["batchnorm"] if name in folded else [])
     if weight is not None and name in output_shapes:
         # multiply-adds: every output position of every output channel reads each of its weights
         shape = output_shapes[name]
@@ -1340,16 +1348,21 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     return sparse
 
 
+# The reason of a layer the example input never reaches (an auxiliary head): no pruned weight of it runs at all.
+NOT_CALLED = "not called by the example input"
+
+
 def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row: dict, policy: str,
-                       min_speedup: float, repeats: int, winograd: bool) -> nn.Module | None:
+                       min_speedup: float, repeats: int, winograd: bool, refused: dict[str, str]) -> nn.Module | None:
     """What replaces one layer of the table (None: it stays as it is), ``x`` its captured input (None: never
-    called as a module); fills ``row``'s reason and, for the layers it times, its times."""
+    called as a module); fills ``row``'s reason and, for the layers it times, its times. ``refused``: why each
+    attention module the engine leaves is left (its out_proj is never called: the attention reads its weight)."""
     if policy == "dense":
         row["reason"] = "policy=dense"
         return None
     if x is None:
-        row["reason"] = ("not called as a module by the example input (a parent may use its weight directly, as "
-                         "nn.MultiheadAttention does its out_proj's)")
+        owner = name.rpartition(".")[0]
+        row["reason"] = f"in an attention the engine leaves: {refused[owner]}" if owner in refused else NOT_CALLED
         return None
     reason = _unsupported_reason(module)
     if reason is None:
@@ -1400,13 +1413,14 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     Conv1d / Conv3d stay as they are, grouped or depthwise Conv2d run dense (the sparse kernel is 2-D with
     groups=1), with the reason in their rows.
 
-    Returns ``(model_copy, table)``; the table has one dict per Conv1d/2d/3d and Linear, in forward order:
+    Returns ``(model_copy, table)``; the table has one dict per Conv1d/2d/3d and Linear, in forward order (those
+    never called after), then one per nn.MultiheadAttention the engine can run:
     name, type, weight_shape, input_shape, density, nnz, dense_ms, sparse_ms, speedup (dense_ms /
     sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason; for a Conv2d with a
     dense stand-in also dense_algorithm ("oneDNN" / "Winograd"), onednn_ms and winograd_ms (when both were
     timed) and winograd_note (why Winograd was not tried or not used). After them, a row (chosen "dense", times
     None) for each other pruned weight the engine leaves in its torch module (:data:`PRUNED_DENSITY`: a
-    ConvTranspose2d's, nn.MultiheadAttention's ``in_proj_weight``), named ``<module>.<parameter>``; unless
+    ConvTranspose2d's, the ``in_proj_weight`` of an attention it leaves), named ``<module>.<parameter>``; unless
     ``policy="dense"``, a :class:`PrunedWeightsLeftDenseWarning` names the pruned weights that stay dense without
     having been measured.
     Every sparse layer is checked against the dense one on the captured input before use.
@@ -1439,27 +1453,27 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
         if graph_module is not None:
             converted = graph_module
             folded = fusion.fold_batchnorm(graph_module)
-    layers, attentions = _tabled_modules(converted, replace_pooling)
+    layers, attentions, refused = _tabled_modules(converted, replace_pooling)
     captured, order, output_shapes = _capture_layer_io(converted, layers, example_input.clone())
     modules = dict(layers)
-    other_rows = _other_pruned_weights(converted, {**modules, **attentions}, untraced)
+    other_rows = _other_pruned_weights(converted, {**modules, **attentions}, untraced, refused)
     table = []
     for name in order + [name for name, _ in layers if name not in captured]:
         module = modules[name]
         row = _layer_row(name, module, captured, output_shapes, folded)
         table.append(row)
         replacement = _layer_replacement(name, module, captured.get(name), row, policy, min_speedup, repeats,
-                                         winograd)
+                                         winograd, refused)
         if replacement is None:
             continue
         if name:
             converted.set_submodule(name, replacement)
         else:  # ``model`` is itself one layer
             converted = replacement
-    table += _attention_decisions(converted, attentions, example_input, policy, min_speedup, repeats)
-    table += other_rows
+    attention_rows, swapped = _attention_decisions(converted, attentions, example_input, policy, min_speedup, repeats)
+    table += attention_rows + other_rows
     epilogues = {}
-    problem, layout_note = _runnable(converted, example_input, reference)
+    problem, layout_note = _runnable_or_attention_undone(converted, swapped, attention_rows, example_input, reference)
     if problem is not None and graph_module is None:
         raise RuntimeError(f"convert_for_cpu: the converted model does not compute what the model does ({problem}); "
                            "refusing to convert")
@@ -1496,8 +1510,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     return converted, table
 
 
-# A weight with at most this share of its entries nonzero is a pruned one (trained and initialized weights have
-# no exact zeros; an all-zero one is a placeholder, not pruned).
+# A weight with at most this share of its entries nonzero is taken as pruned: trained weights and the usual random
+# initializations hold no exact zeros. An all-zero weight is a placeholder, not pruned. Structured initializations
+# (dirac, eye, a bilinear upsampling kernel) are counted too: a warning about them is a false alarm, said once.
 PRUNED_DENSITY = 0.8
 
 
@@ -1508,11 +1523,13 @@ class PrunedWeightsLeftDenseWarning(UserWarning):
     decision table lists each with its reason."""
 
 
-def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untraced: nn.Module) -> list[dict]:
+def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untraced: nn.Module,
+                          refused: dict[str, str]) -> list[dict]:
     """Decision rows (chosen "dense") for the pruned weights (:data:`PRUNED_DENSITY`, two or more dimensions) of
     ``model`` that are not the ``weight`` of one of ``layers``: the engine leaves them in their torch modules, which
     are named by their class in ``untraced`` (the model before a torch.fx trace, which turns a module it traces
-    into, such as a user's subclass of nn.Linear, into a plain holder of its weights)."""
+    into, such as a user's subclass of nn.Linear, into a plain holder of its weights); ``refused``: why each
+    attention module the engine leaves is left."""
     rows = []
     for owner_name, owner in model.named_modules():
         if owner_name in layers or _held_by(owner_name, layers):
@@ -1529,29 +1546,42 @@ def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untrac
                 kind = type(owner).__name__
             reason = (f"{parameter_name} of a {kind}, which the engine leaves as it is (it runs nn.Conv2d and "
                       "nn.Linear layers)")
-            if isinstance(owner, nn.MultiheadAttention):
-                reason = (f"{parameter_name}: the sparse attention cannot run this one "
-                          f"({attention_unsupported_reason(owner)})")
-            rows.append({
-                "name": f"{owner_name}.{parameter_name}" if owner_name else parameter_name, "type": kind,
-                "weight_shape": list(parameter.shape), "input_shape": None, "density": nnz / parameter.numel(),
-                "nnz": nnz, "dense_ms": None, "sparse_ms": None, "speedup": None, "chosen": "dense",
-                "reason": reason,
-                "fused": [], "flops": None, "dense_flops": None, "dense_algorithm": None, "onednn_ms": None,
-                "winograd_ms": None, "winograd_note": None})
+            if owner_name in refused:
+                reason = f"{parameter_name} of an attention the engine leaves: {refused[owner_name]}"
+            rows.append(_decision_row(f"{owner_name}.{parameter_name}" if owner_name else parameter_name, kind,
+                                      list(parameter.shape), nnz, parameter.numel(), reason=reason))
     return rows
 
 
-def _tabled_modules(network: nn.Module, replace_pooling: bool) -> tuple[list[tuple[str, nn.Module]], dict]:
-    """``(layers, attentions)``: the (name, module) of each Conv1d/2d/3d, Linear (and MaxPool2d with
-    ``replace_pooling``) in ``network``, and ``{name: module}`` of each nn.MultiheadAttention that
-    :class:`SparseMultiheadAttention` can stand in for, whose out_proj is in its own row, not among the layers."""
+def _tabled_modules(network: nn.Module, replace_pooling: bool) -> tuple[list[tuple[str, nn.Module]], dict, dict]:
+    """``(layers, attentions, refused)``: the (name, module) of each Conv1d/2d/3d, Linear (and MaxPool2d with
+    ``replace_pooling``) in ``network``; ``{name: module}`` of each nn.MultiheadAttention that
+    :class:`SparseMultiheadAttention` can stand in for (its out_proj is in its row, not among the layers); and
+    ``{name: why}`` of the other attention modules."""
     kinds = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear) + ((nn.MaxPool2d,) if replace_pooling else ())
-    attentions = {name: module for name, module in network.named_modules()
-                  if name and type(module) is nn.MultiheadAttention and attention_unsupported_reason(module) is None}
-    layers = [(name, module) for name, module in network.named_modules()
+    modules = dict(network.named_modules())
+    reasons = {name: _attention_reason(name, module, modules) for name, module in modules.items()
+               if isinstance(module, nn.MultiheadAttention)}
+    attentions = {name: modules[name] for name, reason in reasons.items() if reason is None}
+    refused = {name: reason for name, reason in reasons.items() if reason is not None}
+    layers = [(name, module) for name, module in modules.items()
               if isinstance(module, kinds) and not _held_by(name, attentions)]
-    return layers, attentions
+    return layers, attentions, refused
+
+
+def _attention_reason(name: str, module: nn.MultiheadAttention, modules: dict[str, nn.Module]) -> str | None:
+    """Why the engine leaves the attention module ``name`` as it is, or None."""
+    parent = modules.get(name.rpartition(".")[0]) if name else None
+    if type(module) is not nn.MultiheadAttention:
+        return f"{type(module).__name__} subclasses nn.MultiheadAttention; the engine replaces the plain class only"
+    if fusion.module_hooks(module):
+        return f"has hooks ({', '.join(fusion.module_hooks(module)[:3])}); kept as the torch module so that they run"
+    if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
+        # they read the attention's weights themselves (and have a fused fast path of their own)
+        return f"inside an nn.{type(parent).__name__}, which reads its attention's weights itself"
+    if not name:
+        return "the model itself"
+    return attention_unsupported_reason(module)
 
 
 def _held_by(name: str, modules: dict[str, nn.Module]) -> bool:
@@ -1584,28 +1614,28 @@ def _capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_inpu
 
 
 def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadAttention],
-                         example_input: torch.Tensor, policy: str, min_speedup: float, repeats: int) -> list[dict]:
+                         example_input: torch.Tensor, policy: str, min_speedup: float,
+                         repeats: int) -> tuple[list[dict], dict[str, nn.MultiheadAttention]]:
     """Decision rows for ``network``'s supported nn.MultiheadAttention modules, each replaced in place by a
     :class:`SparseMultiheadAttention` where ``policy`` says so (``measure``: at least ``min_speedup`` times faster
-    on its captured call) and its calls take the sparse path; the replacement is checked against the module."""
+    on its captured call) and its calls take the sparse path; the replacement is checked against the module.
+    Returns the rows and ``{name: the module replaced}``."""
+    swapped: dict[str, nn.MultiheadAttention] = {}
     if not attentions:
-        return []
+        return [], swapped
     calls = _capture_calls(network, attentions, example_input) if policy != "dense" else {}
     signature = inspect.signature(nn.MultiheadAttention.forward)
     rows = []
     for name, module in attentions.items():
         weights = (module.in_proj_weight, module.out_proj.weight)
-        nnz = sum(int(torch.count_nonzero(w)) for w in weights)
-        row = {"name": name, "type": "MultiheadAttention", "weight_shape": list(module.in_proj_weight.shape),
-               "input_shape": None, "density": nnz / sum(w.numel() for w in weights), "nnz": nnz, "dense_ms": None,
-               "sparse_ms": None, "speedup": None, "chosen": "dense", "reason": "policy=dense", "fused": [],
-               "flops": None, "dense_flops": None, "dense_algorithm": None, "onednn_ms": None, "winograd_ms": None,
-               "winograd_note": None}
+        row = _decision_row(name, "MultiheadAttention", list(module.in_proj_weight.shape),
+                            sum(int(torch.count_nonzero(w)) for w in weights), sum(w.numel() for w in weights),
+                            reason="policy=dense")
         rows.append(row)
         if policy == "dense":
             continue
         if name not in calls:
-            row["reason"] = "not called by the example input"
+            row["reason"] = NOT_CALLED
             continue
         args, kwargs = calls[name]
         bound = signature.bind(module, *args, **kwargs)
@@ -1635,14 +1665,31 @@ def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadA
             row["reason"] = "policy=sparse"
         row["chosen"] = "sparse"
         network.set_submodule(name, sparse)
-    return rows
+        swapped[name] = module
+    return rows, swapped
+
+
+def _runnable_or_attention_undone(network: nn.Module, swapped: dict[str, nn.MultiheadAttention], rows: list[dict],
+                                  example_input: torch.Tensor, reference) -> tuple[str | None, str | None]:
+    """:func:`_runnable` of ``network``; where it finds a problem and attention modules were swapped (``swapped``),
+    they are put back (their ``rows`` say why) and the network checked again: code around an attention module may
+    read its attributes (an ``nn.TransformerEncoderLayer`` reads its weights), which the sparse one lacks."""
+    problem, layout_note = _runnable(network, example_input, reference)
+    if problem is None or not swapped:
+        return problem, layout_note
+    for name, module in swapped.items():
+        network.set_submodule(name, module)
+    for row in rows:
+        if row["name"] in swapped:
+            row.update(chosen="dense", sparse_ms=None, reason=f"the network did not run with it sparse ({problem})")
+    return _runnable(network, example_input, reference)
 
 
 def _warn_pruned_left_dense(table: list[dict]) -> None:
     """One :class:`PrunedWeightsLeftDenseWarning` naming the pruned weights in ``table`` that stay dense without
     having been measured against the sparse kernel."""
     left = [row for row in table if row["chosen"] == "dense" and row["sparse_ms"] is None
-            and row["weight_shape"] and 0 < row["density"] <= PRUNED_DENSITY]
+            and row["reason"] != NOT_CALLED and row["weight_shape"] and 0 < row["density"] <= PRUNED_DENSITY]
     if not left:
         return
     named = "; ".join(f"{row['name'] or '(model)'} ({row['density']:.0%} kept: {row['reason']})" for row in left[:3])

@@ -110,19 +110,18 @@ def prompt_spec(prompt: VisualPrompt) -> dict:
             "mean": list(prompt.mean), "std": list(prompt.std), "program": prompt.program.detach().cpu()}
 
 
-def in_saved_dtype(model: nn.Module, state: dict) -> nn.Module:
-    """``model`` (changed in place) in the one floating dtype of the saved ``state``, where a network is rebuilt to
-    load it: built under a float64 default dtype, every layer was float64 and the loaded float32 weights were cast
-    to it (the CPU engine then ran every layer dense). ``Module.to`` keeps shared parameters shared (structured
-    masks share their scores), which ``load_state_dict(assign=True)`` would not."""
-    dtypes = {tensor.dtype for tensor in state.values() if torch.is_tensor(tensor) and tensor.is_floating_point()}
-    return model.to(dtypes.pop()) if len(dtypes) == 1 else model
+def in_float32(model: nn.Module) -> nn.Module:
+    """``model`` (changed in place) in float32, where a network is rebuilt to load saved weights into: built under a
+    float64 default dtype every layer was float64, the loaded weights were cast to it, and the CPU engine ran every
+    layer dense; weights saved in float16 are loaded into float32 layers, as before. ``Module.float`` keeps shared
+    parameters shared (structured masks share their scores), which ``load_state_dict(assign=True)`` would not."""
+    return model.float()
 
 
 def prompt_from_spec(spec: dict) -> VisualPrompt:
-    # float32 as saved, whatever torch's default dtype (under float64 the rebuilt prompt fed float64 to the network)
-    prompt = build_prompt(spec["kind"], spec["out_size"], spec["in_size"], spec["size"], spec["mean"],
-                          spec["std"]).to(spec["program"].dtype)
+    # float32 whatever torch's default dtype (under float64 the rebuilt prompt fed float64 to the network)
+    prompt = in_float32(build_prompt(spec["kind"], spec["out_size"], spec["in_size"], spec["size"], spec["mean"],
+                                     spec["std"]))
     with torch.no_grad():
         prompt.program.copy_(spec["program"])
     return prompt
@@ -234,7 +233,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
                  exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
                  **({"structured": True, **structured} if structured else {}))
     try:
-        in_saved_dtype(model, payload["state_dict"]).load_state_dict(payload["state_dict"])
+        in_float32(model).load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "

@@ -420,3 +420,24 @@ def test_a_checkpoint_saved_in_half_precision_deploys_in_float32(tmp_path):
     deployed = deploy(tmp_path / "half.pt", policy="sparse")
     assert {t.dtype for t in deployed.state_dict().values() if t.is_floating_point()} == {torch.float32}
     assert deployed(torch.rand(2, 3, 32, 32)).isfinite().all()
+
+
+def test_a_users_module_keeps_its_own_dtypes_when_a_checkpoint_is_loaded_into_it(tmp_path):
+    """Found in review: rebuilding in float32 is for stock networks; a module passed as ``model=`` with a float64
+    head its forward casts to must keep that head float64."""
+    from torch import nn
+
+    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    class Float64Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 8, 3), nn.Linear(8, 4).double()
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)).double()).float()
+
+    save_checkpoint(tmp_path / "mixed.pt", Float64Head().eval(), model_name=None, input_size=(3, 8, 8))
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "mixed.pt"), Float64Head())
+    assert rebuilt.head.weight.dtype == torch.float64 and rebuilt.conv.weight.dtype == torch.float32
+    assert deploy(tmp_path / "mixed.pt", model=Float64Head(), policy="dense")(torch.rand(2, 3, 8, 8)).shape == (2, 4)

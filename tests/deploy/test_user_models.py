@@ -811,3 +811,33 @@ def test_a_swap_that_breaks_the_network_is_undone_and_said():
     assert table[-1]["name"] == "attention" and table[-1]["chosen"] == "dense"
     with torch.no_grad():
         torch.testing.assert_close(converted(x), model(x))
+
+
+@pytest.mark.skipif(not sparse_cpu.dense_conv_available()[0], reason="needs oneDNN")
+def test_undoing_an_attention_swap_also_undoes_the_layout_search_and_the_rows_times():
+    """Found in review: the failed check had already switched the dense convolutions to NCHW outputs (slower), and
+    the row kept its times and speedup although chosen dense."""
+
+    class ConvThenReadsBias(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.attention = nn.MultiheadAttention(8, 2, batch_first=True)
+
+        def forward(self, images):
+            x = self.conv(images).flatten(2).transpose(1, 2)
+            return self.attention(x, x, x, need_weights=False)[0] + self.attention.in_proj_bias[:8]
+
+    network = _zeroed(ConvThenReadsBias(), 0.3)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        reference = network(x)
+    original = network.attention
+    network.conv = sparse_cpu.DenseConv2d.from_dense(network.conv)
+    network.attention = sparse_cpu.SparseMultiheadAttention(original)
+    rows = [sparse_cpu._decision_row("attention", "MultiheadAttention", [24, 8], 10, 100, chosen="sparse",
+                                     dense_ms=2.0, sparse_ms=1.0, speedup=2.0)]
+    assert sparse_cpu._runnable_or_attention_undone(network, {"attention": original}, rows, x, reference) == (None,
+                                                                                                            None)
+    assert network.attention is original and not network.conv.contiguous_output
+    assert rows[0]["chosen"] == "dense" and rows[0]["speedup"] is None and rows[0]["dense_ms"] is None

@@ -275,14 +275,14 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
         return copy.deepcopy(model).cpu()
     if meta["model"]["name"] is None:
         raise NetworkNotRebuildable("this file", meta["model"].get("class", "a module"))
-    return build_model(meta["model"]["name"], **meta["model"]["kwargs"])
+    from vpns_fast.pruning.checkpoint import in_float32
+
+    return in_float32(build_model(meta["model"]["name"], **meta["model"]["kwargs"]))
 
 
 def _load_state(model: nn.Module, state: dict, path) -> None:
-    from vpns_fast.pruning.checkpoint import in_float32
-
     try:
-        in_float32(model).load_state_dict(state)
+        model.load_state_dict(state)
     except RuntimeError as exc:
         raise ExportFormatError(f"{path}: weights do not fit the model the metadata names: "
                                 f"{state_dict_mismatch(exc)}") from exc

@@ -1348,8 +1348,8 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     return sparse
 
 
-# The reason of a layer the example input never reaches (an auxiliary head): no pruned weight of it runs at all.
-NOT_CALLED = "not called by the example input"
+# The reason of a layer the example input never reaches (an auxiliary head, a branch other inputs take).
+NOT_CALLED = "not called by the example input (an input that reaches it runs it dense)"
 
 
 def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row: dict, policy: str,
@@ -1674,14 +1674,18 @@ def _runnable_or_attention_undone(network: nn.Module, swapped: dict[str, nn.Mult
     """:func:`_runnable` of ``network``; where it finds a problem and attention modules were swapped (``swapped``),
     they are put back (their ``rows`` say why) and the network checked again: code around an attention module may
     read its attributes (an ``nn.TransformerEncoderLayer`` reads its weights), which the sparse one lacks."""
+    outputs = {module: module.contiguous_output for module in network.modules() if isinstance(module, DenseConv2d)}
     problem, layout_note = _runnable(network, example_input, reference)
     if problem is None or not swapped:
         return problem, layout_note
+    for module, contiguous in outputs.items():  # _runnable's search for a layout that works, undone too
+        module.contiguous_output = contiguous
     for name, module in swapped.items():
         network.set_submodule(name, module)
     for row in rows:
         if row["name"] in swapped:
-            row.update(chosen="dense", sparse_ms=None, reason=f"the network did not run with it sparse ({problem})")
+            row.update(chosen="dense", dense_ms=None, sparse_ms=None, speedup=None,
+                       reason=f"the network did not run with it sparse ({problem})")
     return _runnable(network, example_input, reference)
 
 
@@ -1689,7 +1693,7 @@ def _warn_pruned_left_dense(table: list[dict]) -> None:
     """One :class:`PrunedWeightsLeftDenseWarning` naming the pruned weights in ``table`` that stay dense without
     having been measured against the sparse kernel."""
     left = [row for row in table if row["chosen"] == "dense" and row["sparse_ms"] is None
-            and row["reason"] != NOT_CALLED and row["weight_shape"] and 0 < row["density"] <= PRUNED_DENSITY]
+            and row["weight_shape"] and 0 < row["density"] <= PRUNED_DENSITY]
     if not left:
         return
     named = "; ".join(f"{row['name'] or '(model)'} ({row['density']:.0%} kept: {row['reason']})" for row in left[:3])

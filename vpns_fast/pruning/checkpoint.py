@@ -111,10 +111,12 @@ def prompt_spec(prompt: VisualPrompt) -> dict:
 
 
 def in_float32(model: nn.Module) -> nn.Module:
-    """``model`` (changed in place) in float32, where a network is rebuilt to load saved weights into: built under a
-    float64 default dtype every layer was float64, the loaded weights were cast to it, and the CPU engine ran every
-    layer dense; weights saved in float16 are loaded into float32 layers, as before. ``Module.float`` keeps shared
-    parameters shared (structured masks share their scores), which ``load_state_dict(assign=True)`` would not."""
+    """``model`` (changed in place) in float32, where a stock network is rebuilt to load saved weights into: built
+    under a float64 default dtype every layer was float64, the loaded weights were cast to it, and the CPU engine ran
+    every layer dense; weights saved in float16 are loaded into float32 layers, as before. Not for a module a user
+    passes (``model=``): its dtypes are its own (a float64 head cast to in its forward). ``Module.float`` keeps
+    shared parameters shared (structured masks share their scores), which ``load_state_dict(assign=True)`` would
+    not."""
     return model.float()
 
 
@@ -215,6 +217,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     from vpns_fast.pruning.masking import maskable_names, sparsify
 
     record = payload["model"]
+    built = model is None  # rebuilt here, under torch's default dtype: made float32 below (a user's module is not)
     if model is not None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model: expected an nn.Module of the checkpoint's architecture, got "
@@ -233,7 +236,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
                  exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
                  **({"structured": True, **structured} if structured else {}))
     try:
-        in_float32(model).load_state_dict(payload["state_dict"])
+        (in_float32(model) if built else model).load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
-from vpns_fast.errors import NetworkNotRebuildable, exception_reason, state_dict_mismatch
+from vpns_fast.errors import NetworkNotRebuildable, caller_stacklevel, exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.pruning.checkpoint import tensor_bytes
 
@@ -724,6 +724,6 @@ def _export_onnx(folded: nn.Module, meta: dict, path: str, force: bool, slim: bo
     onnx.checker.check_model(model)
     atomic_write_bytes(model.SerializeToString(), path, overwrite=force)
     if reason is not None:
-        # stacklevel 3: the caller of export(), so Python's default filter shows it once per call site
+        # at the caller's line, so Python's default filter shows it once per call site
         warnings.warn(f"ONNX export of {path} fell back to the TorchScript exporter: {reason}",
-                      OnnxExporterFallbackWarning, stacklevel=3)
+                      OnnxExporterFallbackWarning, stacklevel=caller_stacklevel())

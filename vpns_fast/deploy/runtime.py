@@ -28,7 +28,7 @@ from torch import nn
 
 from vpns_fast._version import __version__
 from vpns_fast.deploy import fusion
-from vpns_fast.errors import shortened
+from vpns_fast.errors import caller_stacklevel, shortened
 from vpns_fast.nn.prompts import VisualPrompt, normalize
 
 __all__ = ["DeployedModel", "deploy", "benchmark_inference"]
@@ -450,7 +450,7 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
         reason = f"sparse CPU engine unavailable: {reason}"
     # said, not only recorded: a deployer who asked for the sparse engine would otherwise time a dense network
     warnings.warn(f"deploy: {reason}; the network runs dense with torch", SparseEngineUnavailableWarning,
-                  stacklevel=4)
+                  stacklevel=caller_stacklevel())
     info.update(backend="torch-dense", reason=reason)
     return network, _dense_decisions(network, reason)
 

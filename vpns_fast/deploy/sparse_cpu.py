@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import io
 import math
 import time
@@ -1192,18 +1191,35 @@ def compare_layer_times(dense: Callable[[], object], sparse: Callable[[], object
     return min(dense_times), min(sparse_times)
 
 
-def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: torch.Tensor):
-    """Runs ``example_input`` through ``model``: each layer's first input (a copy), the order the
-    layers were first called in, and each layer's output shape."""
+def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: torch.Tensor,
+                      whole_calls: dict[str, nn.Module]):
+    """Runs ``example_input`` through ``model`` once: each layer's first input (a copy), the order the
+    layers were first called in, each layer's output shape, and ``{name: (args, kwargs)}`` of the first call of
+    each of ``whole_calls`` (tensors copied, one copy of a tensor passed twice: self-attention gets ``x, x, x``)."""
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []
     output_shapes: dict[str, tuple[int, ...]] = {}
+    calls: dict[str, tuple] = {}
 
     def capture(name):
         def hook(module, inputs):
             if name not in captured:
                 captured[name] = inputs[0].detach().clone()
                 order.append(name)
+        return hook
+
+    def capture_call(name):
+        def hook(module, args, kwargs):
+            if name in calls:
+                return
+            copies: dict[int, torch.Tensor] = {}
+
+            def copied(value):
+                if torch.is_tensor(value) and id(value) not in copies:
+                    copies[id(value)] = value.detach().clone()
+                return copies[id(value)] if torch.is_tensor(value) else value
+
+            calls[name] = (tuple(map(copied, args)), {key: copied(value) for key, value in kwargs.items()})
         return hook
 
     def output_shape(name):
@@ -1213,13 +1229,15 @@ def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], exa
 
     handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers]
     handles += [module.register_forward_hook(output_shape(name)) for name, module in layers]
+    handles += [module.register_forward_pre_hook(capture_call(name), with_kwargs=True)
+                for name, module in whole_calls.items()]
     try:
         with torch.no_grad():
             model(example_input)
     finally:
         for handle in handles:
             handle.remove()
-    return captured, order, output_shapes
+    return captured, order, output_shapes, calls
 
 
 def _decision_row(name: str, kind: str, weight_shape: list, nnz: int, numel: int, **fields) -> dict:
@@ -1454,7 +1472,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             converted = graph_module
             folded = fusion.fold_batchnorm(graph_module)
     layers, attentions, refused = _tabled_modules(converted, replace_pooling)
-    captured, order, output_shapes = _capture_layer_io(converted, layers, example_input.clone())
+    captured, order, output_shapes, calls = _capture_layer_io(converted, layers, example_input.clone(), attentions)
     modules = dict(layers)
     other_rows = _other_pruned_weights(converted, {**modules, **attentions}, untraced, refused)
     table = []
@@ -1470,7 +1488,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             converted.set_submodule(name, replacement)
         else:  # ``model`` is itself one layer
             converted = replacement
-    attention_rows, swapped = _attention_decisions(converted, attentions, example_input, policy, min_speedup, repeats)
+    attention_rows, swapped = _attention_decisions(converted, attentions, calls, policy, min_speedup, repeats)
     table += attention_rows + other_rows
     epilogues = {}
     problem, layout_note = _runnable_or_attention_undone(converted, swapped, attention_rows, example_input, reference)
@@ -1530,6 +1548,7 @@ def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untrac
     are named by their class in ``untraced`` (the model before a torch.fx trace, which turns a module it traces
     into, such as a user's subclass of nn.Linear, into a plain holder of its weights); ``refused``: why each
     attention module the engine leaves is left."""
+    classes = {name: type(module).__name__ for name, module in untraced.named_modules()}
     rows = []
     for owner_name, owner in model.named_modules():
         if owner_name in layers or _held_by(owner_name, layers):
@@ -1540,14 +1559,11 @@ def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untrac
             nnz = int(torch.count_nonzero(parameter))
             if not 0 < nnz <= PRUNED_DENSITY * parameter.numel():
                 continue
-            try:
-                kind = type(untraced.get_submodule(owner_name)).__name__
-            except AttributeError:  # pragma: no cover - a trace keeps the qualified names
-                kind = type(owner).__name__
-            reason = (f"{parameter_name} of a {kind}, which the engine leaves as it is (it runs nn.Conv2d and "
+            kind = classes.get(owner_name, type(owner).__name__)
+            reason = (f"{parameter_name} of an attention the engine leaves: {refused[owner_name]}"
+                      if owner_name in refused else
+                      f"{parameter_name} of a {kind}, which the engine leaves as it is (it runs nn.Conv2d and "
                       "nn.Linear layers)")
-            if owner_name in refused:
-                reason = f"{parameter_name} of an attention the engine leaves: {refused[owner_name]}"
             rows.append(_decision_row(f"{owner_name}.{parameter_name}" if owner_name else parameter_name, kind,
                                       list(parameter.shape), nnz, parameter.numel(), reason=reason))
     return rows
@@ -1572,10 +1588,11 @@ def _tabled_modules(network: nn.Module, replace_pooling: bool) -> tuple[list[tup
 def _attention_reason(name: str, module: nn.MultiheadAttention, modules: dict[str, nn.Module]) -> str | None:
     """Why the engine leaves the attention module ``name`` as it is, or None."""
     parent = modules.get(name.rpartition(".")[0]) if name else None
+    hooks = fusion.module_hooks(module)
     if type(module) is not nn.MultiheadAttention:
         return f"{type(module).__name__} subclasses nn.MultiheadAttention; the engine replaces the plain class only"
-    if fusion.module_hooks(module):
-        return f"has hooks ({', '.join(fusion.module_hooks(module)[:3])}); kept as the torch module so that they run"
+    if hooks:
+        return f"has hooks ({', '.join(hooks[:3])}); kept as the torch module so that they run"
     if isinstance(parent, (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)):
         # they read the attention's weights themselves (and have a fused fast path of their own)
         return f"inside an nn.{type(parent).__name__}, which reads its attention's weights itself"
@@ -1590,41 +1607,14 @@ def _held_by(name: str, modules: dict[str, nn.Module]) -> bool:
     return any(".".join(parts[:end]) in modules for end in range(1, len(parts)))
 
 
-def _capture_calls(model: nn.Module, modules: dict[str, nn.Module], example_input: torch.Tensor) -> dict:
-    """``{name: (args, kwargs)}`` of each of ``modules``' first call when ``example_input`` runs through
-    ``model`` (tensors cloned, the same tensor given twice kept the same: self-attention passes ``x, x, x``)."""
-    calls: dict[str, tuple] = {}
-
-    def capture(name):
-        def hook(module, args, kwargs):
-            if name not in calls:
-                clones: dict[int, torch.Tensor] = {}
-                copy = lambda v: clones.setdefault(id(v), v.detach().clone()) if torch.is_tensor(v) else v  # noqa: E731
-                calls[name] = (tuple(copy(a) for a in args), {k: copy(v) for k, v in kwargs.items()})
-        return hook
-
-    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True) for name, module in modules.items()]
-    try:
-        with torch.no_grad():
-            model(example_input.clone())
-    finally:
-        for handle in handles:
-            handle.remove()
-    return calls
-
-
-def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadAttention],
-                         example_input: torch.Tensor, policy: str, min_speedup: float,
+def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadAttention], calls: dict,
+                         policy: str, min_speedup: float,
                          repeats: int) -> tuple[list[dict], dict[str, nn.MultiheadAttention]]:
     """Decision rows for ``network``'s supported nn.MultiheadAttention modules, each replaced in place by a
     :class:`SparseMultiheadAttention` where ``policy`` says so (``measure``: at least ``min_speedup`` times faster
-    on its captured call) and its calls take the sparse path; the replacement is checked against the module.
-    Returns the rows and ``{name: the module replaced}``."""
+    on its captured call, ``calls[name]`` as ``(args, kwargs)``) and its calls take the sparse path; the
+    replacement is checked against the module. Returns the rows and ``{name: the module replaced}``."""
     swapped: dict[str, nn.MultiheadAttention] = {}
-    if not attentions:
-        return [], swapped
-    calls = _capture_calls(network, attentions, example_input) if policy != "dense" else {}
-    signature = inspect.signature(nn.MultiheadAttention.forward)
     rows = []
     for name, module in attentions.items():
         weights = (module.in_proj_weight, module.out_proj.weight)
@@ -1638,10 +1628,8 @@ def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadA
             row["reason"] = NOT_CALLED
             continue
         args, kwargs = calls[name]
-        bound = signature.bind(module, *args, **kwargs)
-        bound.apply_defaults()
         row["input_shape"] = list(args[0].shape) if args and torch.is_tensor(args[0]) else None
-        if not SparseMultiheadAttention.runs_sparse(*list(bound.arguments.values())[1:]):
+        if not SparseMultiheadAttention.runs_sparse(*args, **kwargs):  # its signature is forward's
             row["reason"] = ("called with what only the dense module computes (masks, need_weights=True, "
                              "cross-attention or an unbatched input)")
             continue

@@ -76,7 +76,8 @@
 //   - a thread-local scratch kept between calls: ResNet-50 / ResNet-18 at batch 32 1.01x / 0.97x (16 rounds);
 //   - batch 1, 12-14 rounds: tile runs shrinking towards the end of each row block (guided) ResNet-18 1.04x,
 //     ResNet-50 0.97x; the first input-channel block's sums started at zero instead of zero-filled ResNet-50
-//     1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines 0.99x at 5% kept;
+//     1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines 0.99x at 5% kept (the next tile's
+//     are requested now, at batch 32: prefetch_floats);
 //   - an aligned plane layout (rows padded to a multiple of 8 floats, one copy of each plane per column
 //     shift of the taps, so every load of a 3x3 tap is aligned). In L1 an aligned 12-vector tile runs at
 //     90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was 0.95-1.14x the time at 14x14
@@ -152,7 +153,8 @@ constexpr double kRowBlockNonzeros = 12.0;
 //   layers at 56x56 and 28x28 3-15% slower each (ResNet-50's 0-11%), ResNet-50's stem 16.7 -> 19.4 ms and the
 //   max pooling after it 8.4 -> 10.1 ms (its input no longer in cache).
 // Tried, not kept (medians of 15 calls; the prefetch in two processes each): prefetching each tile's residual
-// lines before its rows, 1.01-1.08x at 56x56 but 0.97-1.01x at 28x28 and 14x14; output channels in blocks of 16, each
+// lines before its rows, 1.01-1.08x at 56x56 but 0.97-1.01x at 28x28 and 14x14 (the next tile's, requested during
+// this tile's epilogue, are kept: prefetch_floats); output channels in blocks of 16, each
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
@@ -297,7 +299,8 @@ inline SegmentLayout block_major(int64_t rows, int64_t blocks) { return {1, rows
 // streams that the hardware prefetchers do not follow; at batch 32 every image's input comes from memory.
 // ResNet-50, 10% kept, 2 threads, per-round ratios of 8 interleaved rounds: batch 32 1.048x (p20-p80
 // 1.005-1.069x), batch 1 1.016x (0.96-1.06x). Tried with it, not kept: prefetching the epilogue's output
-// and residual lines during the first block, batch 32 0.99x (0.92-1.05x); the next rows' nonzeros, batch 1
+// and residual lines during the first block, batch 32 0.99x (0.92-1.05x; the next tile's lines during this tile's
+// epilogue pay: prefetch_floats); the next rows' nonzeros, batch 1
 // 1.01x (0.93-1.08x).
 struct InputPrefetch {
   int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_width = 0;
@@ -409,6 +412,29 @@ struct WindowPrefetcher {
     }
   }
 };
+
+// Requests the cache lines of base[lo, hi) into L2. rows_at_tile does it for the output and residual lines of the
+// tile an item computes next, while the current tile's epilogue runs: a tile's epilogue reads 96 floats (384
+// bytes) of each of hundreds of output channels' residual planes and writes as many into the output, hundreds
+// of streams too short for the hardware prefetchers to follow, so each line was a demand miss. Measured on the
+// 2-core AMD EPYC (2 threads, 10% kept, batch 32, bias and ReLU fused, medians of 15 alternating calls in one
+// process, 2026-12-05): reading the residual cost ResNet-50's 64 -> 256 1x1 conv at 56x56 9.3 ms (15.2 against
+// 5.9 ms without one: its 103 MB at 11 GB/s, where one pass over a tensor reads 35 GB/s here), and it took 8.4
+// ms once the residual's lines were requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28
+// 9.2 -> 6.4 ms; at
+// 14x14 and 7x7 no change (7.9 -> 8.1, 7.1 -> 7.1 ms). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.8
+// -> 8.9 ms without a residual, 11.3 -> 9.7 ms with one; 128 -> 128 at 28x28 8.3 -> 8.0 and 9.3 -> 8.6 ms;
+// batch 1 unchanged. Whole networks, per-round ratios over 10 interleaved rounds (p20-p80): ResNet-50 at batch
+// 32 1.098x (1.084-1.125x), ResNet-18 1.068x (1.035-1.075x); at batch 1 (40 rounds) 1.021x (1.009-1.028x) and
+// 1.011x (0.987-1.031x). The residual's lines alone gave ResNet-50 1.086x and ResNet-18 1.011x at batch 32.
+// Requesting the current tile's lines instead (before its rows, or during its first channel block) did not pay
+// (kStreamOutputBytes, InputPrefetch): they were wanted too soon after.
+// Addresses 64 bytes apart and the last one reach every line. (GCC 12 -O3 dropped the whole loop when it
+// walked line-aligned addresses made by rounding a pointer down: no prefetch left in the object code.)
+inline void prefetch_floats(const float* base, int64_t lo, int64_t hi) {
+  for (int64_t i = lo; i < hi; i += 16) __builtin_prefetch(base + i, 0, 2);
+  if (hi > lo) __builtin_prefetch(base + hi - 1, 0, 2);
+}
 
 // Tile outer, then input-channel block, then rows: one tile of one channel block of the input stays in L1
 // while every output channel of the work item reads it. kVectorLanes: the tile kernel's vector width.
@@ -1324,7 +1350,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
   // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `exact`:
   // read nothing past a window (the input read in place, where the last image ends at the tensor's end).
-  // `next_width`: positions of the tile this item computes next (0: none), whose input an in-place read prefetches.
+  // `next_width`: positions of the tile this item computes next (0: none), whose input an in-place read prefetches
+  // and whose output and residual lines are requested during this tile's epilogue.
   auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide,
                           bool exact, int64_t next_width) {
     const int64_t count = std::min(kTile, positions - q0);
@@ -1335,10 +1362,21 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       prefetch.next_tile_width = next_width;
     }
     rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
+    // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
+    // runs (see prefetch_floats).
+    const int64_t plane = g.out_h * g.out_w;
+    int64_t next_lo = plane, next_hi = plane;
+    if (next_width > 0) {
+      const int64_t q = q0 + count, q_last = q + next_width - 1;
+      next_lo = std::min(plane, q / g.plane_w * g.out_w + std::min(q % g.plane_w, g.out_w));
+      next_hi = std::min(plane, q_last / g.plane_w * g.out_w + std::min(q_last % g.plane_w, g.out_w - 1) + 1);
+    }
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
-      float* dst = out_data + (n * g.out_channels + o) * g.out_h * g.out_w;
-      const float* r_row = res_data ? res_data + (n * g.out_channels + o) * g.out_h * g.out_w : nullptr;
+      float* dst = out_data + (n * g.out_channels + o) * plane;
+      const float* r_row = res_data ? res_data + (n * g.out_channels + o) * plane : nullptr;
+      if (r_row) prefetch_floats(r_row, next_lo, next_hi);
+      if (!stream) prefetch_floats(dst, next_lo, next_hi);
       const float add = bias_data ? bias_data[o] : 0.0f;
       epilogue_tile(dst, w_row, r_row, q0, count, g.plane_w, g.out_w, add, activation, stream);
     }
@@ -1392,7 +1430,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {
         for (int64_t q0 = 0; q0 < positions; q0 += kTile) {
-          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, false, 0);
+          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, false,
+                       std::min(kTile, std::max<int64_t>(0, positions - q0 - kTile)));
         }
       }
       if (stream) store_fence();

@@ -421,8 +421,8 @@ struct WindowPrefetcher {
 // process, 2026-12-05): reading the residual cost ResNet-50's 64 -> 256 1x1 conv at 56x56 9.3 ms (15.2 against
 // 5.9 ms without one: its 103 MB at 11 GB/s, where one pass over a tensor reads 35 GB/s here), and it took 8.4
 // ms once the residual's lines were requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28
-// 9.2 -> 6.4 ms; at
-// 14x14 and 7x7 no change (7.9 -> 8.1, 7.1 -> 7.1 ms). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.8
+// 9.2 -> 6.4 ms; at 14x14 and 7x7 no change (7.9 -> 8.1, 7.1 -> 7.1 ms). A 64 -> 64 3x3 conv at 56x56 (output
+// not streamed) 9.8
 // -> 8.9 ms without a residual, 11.3 -> 9.7 ms with one; 128 -> 128 at 28x28 8.3 -> 8.0 and 9.3 -> 8.6 ms;
 // batch 1 unchanged. Whole networks, per-round ratios over 10 interleaved rounds (p20-p80): ResNet-50 at batch
 // 32 1.098x (1.084-1.125x), ResNet-18 1.068x (1.035-1.075x); at batch 1 (40 rounds) 1.021x (1.009-1.028x) and

@@ -92,6 +92,10 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Sparse 1x1 convolutions whose output has at least `bytes` bytes write it with non-temporal (streaming)\n"
         "stores (AVX2 and AVX-512 kernels; 8 MiB by default, 0: every such output). Returns the previous threshold.\n"
         "Read once per call. For tests and for comparing both ways on a machine.");
+  m.def("set_next_tile_prefetch", &vpns::set_next_tile_prefetch, py::arg("enabled"),
+        "Whether sparse convolutions request the next tile's output and residual lines into L2 while each tile's\n"
+        "epilogue runs (on by default). Returns the previous setting. Read once per call. For tests and for\n"
+        "comparing both ways on a machine.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
         "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");

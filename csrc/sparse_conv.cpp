@@ -77,7 +77,7 @@
 //   - batch 1, 12-14 rounds: tile runs shrinking towards the end of each row block (guided) ResNet-18 1.04x,
 //     ResNet-50 0.97x; the first input-channel block's sums started at zero instead of zero-filled ResNet-50
 //     1.01x, ResNet-18 at 5% 0.99x; prefetching each tile's output and residual lines 0.99x at 5% kept (the next tile's
-//     are requested now, at batch 32: prefetch_floats);
+//     are requested now, at every batch, measured at batch 32: prefetch_floats);
 //   - an aligned plane layout (rows padded to a multiple of 8 floats, one copy of each plane per column
 //     shift of the taps, so every load of a 3x3 tap is aligned). In L1 an aligned 12-vector tile runs at
 //     90-98 GFLOP/s on one core against 64-68 unaligned, but per layer it was 0.95-1.14x the time at 14x14
@@ -158,6 +158,12 @@ constexpr double kRowBlockNonzeros = 12.0;
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+// Whether rows_at_tile requests the next tile's output and residual lines (prefetch_floats); on by default.
+std::atomic<bool>& next_tile_prefetch() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
+
 std::atomic<int64_t>& streamed_output_bytes() {
   static std::atomic<int64_t> bytes{kStreamOutputBytes};
   return bytes;
@@ -413,22 +419,22 @@ struct WindowPrefetcher {
   }
 };
 
-// Requests the cache lines of base[lo, hi) into L2. rows_at_tile does it for the output and residual lines of the
-// tile an item computes next, while the current tile's epilogue runs: a tile's epilogue reads 96 floats (384
-// bytes) of each of hundreds of output channels' residual planes and writes as many into the output, hundreds
-// of streams too short for the hardware prefetchers to follow, so each line was a demand miss. Measured on the
-// 2-core AMD EPYC (2 threads, 10% kept, batch 32, bias and ReLU fused, medians of 15 alternating calls in one
-// process, 2026-12-05): reading the residual cost ResNet-50's 64 -> 256 1x1 conv at 56x56 9.3 ms (15.2 against
-// 5.9 ms without one: its 103 MB at 11 GB/s, where one pass over a tensor reads 35 GB/s here), and it took 8.4
-// ms once the residual's lines were requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28
-// 9.2 -> 6.4 ms; at 14x14 and 7x7 no change (7.9 -> 8.1, 7.1 -> 7.1 ms). A 64 -> 64 3x3 conv at 56x56 (output
-// not streamed) 9.8
-// -> 8.9 ms without a residual, 11.3 -> 9.7 ms with one; 128 -> 128 at 28x28 8.3 -> 8.0 and 9.3 -> 8.6 ms;
-// batch 1 unchanged. Whole networks, per-round ratios over 10 interleaved rounds (p20-p80): ResNet-50 at batch
-// 32 1.098x (1.084-1.125x), ResNet-18 1.068x (1.035-1.075x); at batch 1 (40 rounds) 1.021x (1.009-1.028x) and
-// 1.011x (0.987-1.031x). The residual's lines alone gave ResNet-50 1.086x and ResNet-18 1.011x at batch 32.
-// Requesting the current tile's lines instead (before its rows, or during its first channel block) did not pay
-// (kStreamOutputBytes, InputPrefetch): they were wanted too soon after.
+// Requests the cache lines of base[lo, hi) into L2. rows_at_tile does it for the output and residual lines of the tile
+// an item computes next, while the current tile's epilogue runs (set_next_tile_prefetch turns it off): a tile's
+// epilogue reads 96 floats (384 bytes) of each of hundreds of output channels' residual planes and writes as many into
+// the output, hundreds of streams too short for the hardware prefetchers to follow, so each line was a demand miss.
+// Measured by `python -m bench.prefetch_ab` (bench/results/cpu-prefetch-ab-2026-12-05-amd.txt: 2-core AMD EPYC, 2
+// threads, AVX2 kernel, 10% kept, batch 32, bias and ReLU fused, medians of 15 alternating calls, off -> on):
+// ResNet-50's 64 -> 256 1x1 conv at 56x56 took 15.3 ms with a residual and 6.2 ms without (its 103 MB residual read at
+// about 11 GB/s, where torch.sum read a 400 MB tensor at 35 GB/s, a one-off check), 8.6 ms with the residual's lines
+// requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28 9.1 -> 6.2 ms; at 14x14 and 7x7 no change
+// (7.5 and 6.1 ms either way). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.5 -> 9.0 ms without a residual,
+// 11.0 -> 9.9 ms with one; 128 -> 128 at 28x28 8.1 -> 7.9 and 9.1 -> 8.6 ms. Whole networks, per-round ratios off / on
+// in one process (p20-p80): ResNet-50 at batch 32 1.087x (1.081-1.103x, 10 rounds), ResNet-18 1.036x (1.030-1.050x); at
+// batch 1 1.002x for both (40 rounds). Requesting the current tile's lines instead (before its rows, or during its
+// first channel block) did not pay (kStreamOutputBytes, InputPrefetch): they were wanted too soon after; nor did
+// requesting the first tile of the item a thread takes next (14x14 and 7x7 layers 0.97-1.09x, one process, not
+// kept).
 // Addresses 64 bytes apart and the last one reach every line. (GCC 12 -O3 dropped the whole loop when it
 // walked line-aligned addresses made by rounding a pointer down: no prefetch left in the object code.)
 inline void prefetch_floats(const float* base, int64_t lo, int64_t hi) {
@@ -1163,6 +1169,8 @@ std::string set_sparse_kernel_isa(const std::string& name) {
   return kIsas[chosen_isa().exchange(index)].name;
 }
 
+bool set_next_tile_prefetch(bool enabled) { return next_tile_prefetch().exchange(enabled); }
+
 int64_t set_streamed_output_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "set_streamed_output_bytes: bytes must be >= 0, got ", bytes);
   return streamed_output_bytes().exchange(bytes);
@@ -1326,6 +1334,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       sparse_isa() != Isa::kScalar && g.kernel_h == 1 && g.kernel_w == 1 &&
       output.numel() * static_cast<int64_t>(sizeof(float)) >= streamed_output_bytes().load(std::memory_order_relaxed);
 
+  const bool prefetch_next = next_tile_prefetch().load(std::memory_order_relaxed);
   const float* x_data = x.const_data_ptr<float>();
   const int64_t used = g.in_channels * g.channel_stride;
   const int64_t positions = g.positions();
@@ -1366,10 +1375,11 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     // runs (see prefetch_floats).
     const int64_t plane = g.out_h * g.out_w;
     int64_t next_lo = plane, next_hi = plane;
-    if (next_width > 0) {
+    if (next_width > 0 && prefetch_next) {
       const int64_t q = q0 + count, q_last = q + next_width - 1;
       next_lo = std::min(plane, q / g.plane_w * g.out_w + std::min(q % g.plane_w, g.out_w));
       next_hi = std::min(plane, q_last / g.plane_w * g.out_w + std::min(q_last % g.plane_w, g.out_w - 1) + 1);
+      TORCH_INTERNAL_ASSERT_DEBUG_ONLY(0 <= next_lo && next_lo <= next_hi && next_hi <= plane);
     }
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q

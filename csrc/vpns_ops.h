@@ -30,6 +30,9 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
 // 1x1 convolution outputs of at least `bytes` are written with streaming stores (AVX2 / AVX-512 kernels); returns
 // the previous threshold.
 int64_t set_streamed_output_bytes(int64_t bytes);
+// Whether sparse convolutions request the next tile's output and residual lines during each tile's epilogue;
+// returns the previous setting.
+bool set_next_tile_prefetch(bool enabled);
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);

@@ -531,6 +531,74 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
         torch.set_num_threads(previous_threads)
 
 
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): every work split that hands the epilogue a next tile, with
+# garbage columns (planes wider than the output) and without
+NEXT_TILE_SHAPES = [
+    (6, 9, 1, 301, (1, 3), 1, (0, 1), 1),  # one output row of 301 on rows of 303: 4 tiles, the last 13 + 2 garbage
+    (5, 7, 23, 29, 3, 1, 2, 2),  # dilation 2: rows of 33, 8 tiles
+    (5, 7, 31, 27, 3, 2, 1, 1),  # stride 2, odd width: 16 x 14 outputs on rows of 15
+    (6, 8, 61, 61, 1, 2, 0, 1),  # 1x1 stride 2 through the planes: no garbage, 31 x 31, 11 tiles
+    (12, 8, 19, 23, 1, 1, 0, 1),  # 1x1 read in place: 437 positions, 5 tiles
+]
+
+
+@pytest.fixture
+def restore_next_tile_prefetch():
+    previous = sparse_cpu.set_next_tile_prefetch(True)
+    yield
+    sparse_cpu.set_next_tile_prefetch(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("shape", NEXT_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, restore_streamed_output_bytes,
+                                           restore_next_tile_prefetch):
+    """The epilogue's requests for the next tile's output and residual lines (csrc prefetch_floats) on every split
+    that passes a next tile (batch 1: items of rows and tiles, from planes or in place; 5 images: image by image),
+    streamed and cached outputs, with and without a residual: the same bits with them off, and right. (A request
+    cannot fault or change a value: this shows the paths run, not that the requested range is the right one.)"""
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
+    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
+    generator = torch.Generator().manual_seed(in_channels * 31 + batch * 7 + threads)
+    weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation, relu=True)
+    torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    residual = torch.randn(torch_out.shape, generator=generator)
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outputs = {}
+        for threshold in ((1 << 63) - 1, 0):  # cached, then streamed where the kernel is 1x1
+            sparse_cpu.set_streamed_output_bytes(threshold)
+            for requests in (True, False):
+                sparse_cpu.set_next_tile_prefetch(requests)
+                outputs[threshold, requests] = (sparse(x, residual), sparse(x))
+    finally:
+        torch.set_num_threads(previous)
+    fused, plain = outputs[(1 << 63) - 1, True]
+    for key, (other_fused, other_plain) in outputs.items():
+        assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), key
+    assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
+                              in_channels * kernel_h * kernel_w)
+    assert_close_to_reference(plain, torch.relu(torch_out), torch.relu(reference), in_channels * kernel_h * kernel_w)
+
+
+def test_next_tile_prefetch_switch():
+    previous = sparse_cpu.set_next_tile_prefetch(False)
+    try:
+        assert previous is True  # every test that changes it restores it: still the default
+        assert sparse_cpu.set_next_tile_prefetch(True) is False
+        for bad in (1, 0, "yes", None):
+            with pytest.raises(TypeError, match="enabled must be a bool"):
+                sparse_cpu.set_next_tile_prefetch(bad)
+    finally:
+        sparse_cpu.set_next_tile_prefetch(previous)
+
+
 def test_streamed_output_threshold_is_checked():
     # every test that changes the threshold restores it, so here it is still the extension's own default
     previous = sparse_cpu.set_streamed_output_bytes(0)

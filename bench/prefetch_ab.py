@@ -1,0 +1,126 @@
+"""What the sparse kernel's next-tile requests change (``sparse_cpu.set_next_tile_prefetch``): the same
+converted network or layer with them on and off, taking turns call by call in one process.
+
+Layers: ResNet-50's 1x1 convolutions that add a residual and two 3x3 ones, at 10% kept (magnitude of a random
+weight), bias and ReLU fused, with and without a residual of the output's shape. Networks: torchvision ResNet-50
+and ResNet-18, every Conv2d/Linear pruned by magnitude to ``density`` (as ``bench infer``), converted once;
+medians of the per-round ratios off / on (above 1: the requests pay), with their p20-p80.
+
+    .venv/bin/python -m bench.prefetch_ab [--threads 2] [--density 0.1] > report.txt
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import time
+
+import torch
+
+from bench.cases.infer import pruned_model
+from vpns_fast.deploy import sparse_cpu
+
+# (C_in, C_out, size, kernel) at batch 32: ResNet-50's expanding 1x1 convs at each stage, and 3x3 ones
+LAYER_SHAPES = [(64, 256, 56, 1), (128, 512, 28, 1), (256, 1024, 14, 1), (512, 2048, 7, 1),
+                (64, 64, 56, 3), (128, 128, 28, 3)]
+# (model, batch, rounds)
+NETWORKS = [("resnet50", 32, 10), ("resnet18", 32, 10), ("resnet50", 1, 40), ("resnet18", 1, 40)]
+
+
+def _quantile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[round(q * (len(ordered) - 1))]
+
+
+def _alternating_ms(calls: dict[str, tuple[bool, object]], rounds: int) -> dict[str, list[float]]:
+    """Each call's times in ms over ``rounds``, taking turns in an order that rotates round by round; a call is
+    ``(prefetch, function)``."""
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
+    for round_index in range(rounds):
+        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
+            prefetch, function = calls[name]
+            sparse_cpu.set_next_tile_prefetch(prefetch)
+            start = time.perf_counter()
+            function()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def _layer_lines(density: float, calls: int) -> list[str]:
+    lines = [f"## layers at batch 32, {density} kept, bias + ReLU fused; medians of {calls} alternating calls, ms"]
+    generator = torch.Generator().manual_seed(0)
+    for in_channels, out_channels, size, kernel in LAYER_SHAPES:
+        weight = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator)
+        weight[torch.rand(weight.shape, generator=generator) >= density] = 0
+        conv = sparse_cpu.SparseConv2d(weight, torch.randn(out_channels, generator=generator), padding=kernel // 2,
+                                       activation="relu")
+        x = torch.randn(32, in_channels, size, size, generator=generator)
+        residual = torch.randn(32, out_channels, size, size, generator=generator)
+        with torch.inference_mode():
+            results = {(prefetch, r is not None): conv(x, r) for prefetch in (False, True) for r in (None, residual)}
+            if not (torch.equal(results[False, True], results[True, True])
+                    and torch.equal(results[False, False], results[True, False])):
+                raise AssertionError("the requests changed the values")
+            del results  # their buffers go back to the engine's cache: no timed call maps fresh pages
+            plain, fused = functools.partial(conv, x), functools.partial(conv, x, residual)
+            times = _alternating_ms({"plain off": (False, plain), "plain on": (True, plain),
+                                     "residual off": (False, fused), "residual on": (True, fused)}, calls)
+        medians = {name: _quantile(values, 0.5) for name, values in times.items()}
+        lines.append(f"{in_channels:4d} -> {out_channels:4d} {kernel}x{kernel} at {size}x{size}: "
+                     f"without residual {medians['plain off']:6.2f} -> {medians['plain on']:6.2f}, "
+                     f"with residual {medians['residual off']:6.2f} -> {medians['residual on']:6.2f}  (off -> on)")
+    return lines
+
+
+def _network_lines(density: float) -> list[str]:
+    lines = [f"## networks, {density} kept per layer, converted once; per-round ratios off / on"]
+    for model_name, batch, rounds in NETWORKS:
+        model = pruned_model(model_name, density, "uniform")
+        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            converted, _table = sparse_cpu.convert_for_cpu(model, x)
+            expected = converted(x)
+            sparse_cpu.set_next_tile_prefetch(False)
+            if not torch.equal(converted(x), expected):
+                raise AssertionError("the requests changed the network's output")
+            run = functools.partial(converted, x)
+            times = _alternating_ms({"off": (False, run), "on": (True, run)}, rounds)
+        ratios = [off / on for off, on in zip(times["off"], times["on"])]
+        lines.append(f"{model_name} batch {batch:2d}: off {_quantile(times['off'], 0.5):7.2f} ms, on "
+                     f"{_quantile(times['on'], 0.5):7.2f} ms; off / on {_quantile(ratios, 0.5):.3f}x (p20-p80 "
+                     f"{_quantile(ratios, 0.2):.3f}-{_quantile(ratios, 0.8):.3f}x, {rounds} rounds)")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--calls", type=int, default=15, help="alternating calls per layer variant")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if not 0 < args.density <= 1:
+        parser.error(f"--density: expected a fraction in (0, 1], got {args.density}")
+    if args.calls < 1:
+        parser.error(f"--calls: expected an integer >= 1, got {args.calls}")
+    available, reason = sparse_cpu.available()
+    if not available:
+        parser.error(f"the sparse CPU engine is unavailable: {reason}")
+    torch.set_num_threads(args.threads)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# sparse_cpu.set_next_tile_prefetch off / on; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; "
+          f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or 'cpu'}; {now}")
+    previous = sparse_cpu.set_next_tile_prefetch(True)
+    try:
+        for line in _layer_lines(args.density, args.calls) + _network_lines(args.density):
+            print(line, flush=True)
+    finally:
+        sparse_cpu.set_next_tile_prefetch(previous)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -14,11 +14,13 @@ import argparse
 import datetime
 import functools
 import platform
-import time
 
+import numpy as np
 import torch
 
 from bench.cases.infer import pruned_model
+from bench.runner import round_ratios
+from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
 
 # (C_in, C_out, size, kernel) at batch 32: ResNet-50's expanding 1x1 convs at each stage, and 3x3 ones
@@ -28,24 +30,9 @@ LAYER_SHAPES = [(64, 256, 56, 1), (128, 512, 28, 1), (256, 1024, 14, 1), (512, 2
 NETWORKS = [("resnet50", 32, 10), ("resnet18", 32, 10), ("resnet50", 1, 40), ("resnet18", 1, 40)]
 
 
-def _quantile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[round(q * (len(ordered) - 1))]
-
-
-def _alternating_ms(calls: dict[str, tuple[bool, object]], rounds: int) -> dict[str, list[float]]:
-    """Each call's times in ms over ``rounds``, taking turns in an order that rotates round by round; a call is
-    ``(prefetch, function)``."""
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    names = list(calls)
-    for round_index in range(rounds):
-        for name in names[round_index % len(names):] + names[:round_index % len(names)]:
-            prefetch, function = calls[name]
-            sparse_cpu.set_next_tile_prefetch(prefetch)
-            start = time.perf_counter()
-            function()
-            times[name].append((time.perf_counter() - start) * 1e3)
-    return times
+def _prefetch_for(name: str) -> None:
+    """Sets the requests on or off as a run's name ends in " on" / " off" (before its call, untimed)."""
+    sparse_cpu.set_next_tile_prefetch(name.endswith(" on"))
 
 
 def _layer_lines(density: float, calls: int) -> list[str]:
@@ -65,9 +52,9 @@ def _layer_lines(density: float, calls: int) -> list[str]:
                 raise AssertionError("the requests changed the values")
             del results  # their buffers go back to the engine's cache: no timed call maps fresh pages
             plain, fused = functools.partial(conv, x), functools.partial(conv, x, residual)
-            times = _alternating_ms({"plain off": (False, plain), "plain on": (True, plain),
-                                     "residual off": (False, fused), "residual on": (True, fused)}, calls)
-        medians = {name: _quantile(values, 0.5) for name, values in times.items()}
+            times = rotating_times_ms({"plain off": plain, "plain on": plain, "residual off": fused,
+                                       "residual on": fused}, calls, _prefetch_for)
+        medians = {name: np.median(values) for name, values in times.items()}
         lines.append(f"{in_channels:4d} -> {out_channels:4d} {kernel}x{kernel} at {size}x{size}: "
                      f"without residual {medians['plain off']:6.2f} -> {medians['plain on']:6.2f}, "
                      f"with residual {medians['residual off']:6.2f} -> {medians['residual on']:6.2f}  (off -> on)")
@@ -86,11 +73,12 @@ def _network_lines(density: float) -> list[str]:
             if not torch.equal(converted(x), expected):
                 raise AssertionError("the requests changed the network's output")
             run = functools.partial(converted, x)
-            times = _alternating_ms({"off": (False, run), "on": (True, run)}, rounds)
-        ratios = [off / on for off, on in zip(times["off"], times["on"])]
-        lines.append(f"{model_name} batch {batch:2d}: off {_quantile(times['off'], 0.5):7.2f} ms, on "
-                     f"{_quantile(times['on'], 0.5):7.2f} ms; off / on {_quantile(ratios, 0.5):.3f}x (p20-p80 "
-                     f"{_quantile(ratios, 0.2):.3f}-{_quantile(ratios, 0.8):.3f}x, {rounds} rounds)")
+            times = rotating_times_ms({"network off": run, "network on": run}, rounds, _prefetch_for)
+        # p20/p80 interpolated, as the harness's rows and bench.engines_table quote them
+        ratios = round_ratios(times["network off"], times["network on"])
+        lines.append(f"{model_name} batch {batch:2d}: off {np.median(times['network off']):7.2f} ms, on "
+                     f"{np.median(times['network on']):7.2f} ms; off / on {np.median(ratios):.3f}x (p20-p80 "
+                     f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x, {rounds} rounds)")
     return lines
 
 

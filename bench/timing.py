@@ -71,6 +71,24 @@ def time_calls(run: Callable[[Any], Any], inputs: Sequence[Any], repeats: int, d
     return _time_cpu(run, inputs, repeats, cpu_warmup_seconds)
 
 
+def rotating_times_ms(runs: dict[str, Callable[[], Any]], rounds: int,
+                      prepare: Callable[[str], Any] | None = None) -> dict[str, list[float]]:
+    """Each run's time in ms, one call a round, the runs taking turns in an order that rotates round by round (so
+    none always follows the same one); ``prepare(name)``, untimed, before each call. For the one-process A/B
+    scripts (``bench.winograd_ab``, ``bench.prefetch_ab``); ratios round by round with ``runner.round_ratios``."""
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            if prepare is not None:
+                prepare(name)
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append((time.perf_counter() - start) * 1e3)
+    return times
+
+
 def _time_cpu(run, inputs, repeats, warmup_seconds) -> Timing:
     call = 0
     warm_start = time.perf_counter()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import platform
 import time
 
@@ -17,6 +18,7 @@ import torch
 
 from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
 from bench.runner import round_ratios
+from bench.timing import rotating_times_ms
 from vpns_fast.deploy import baselines, sparse_cpu
 
 
@@ -49,17 +51,11 @@ def main(argv=None) -> int:
               f"Winograd: {summary.get('winograd')}; whole network: {summary.get('network')}")
     run_ort, _ = baselines.onnxruntime_runner(model, x)
     runs["onnxruntime"] = run_ort
-    times: dict[str, list[float]] = {label: [] for label in runs}
-    labels = list(runs)
     with torch.no_grad():
         for run in runs.values():
             run(x)
             run(x)
-        for index in range(args.rounds):
-            for label in labels[index % 3:] + labels[:index % 3]:
-                start = time.perf_counter()
-                runs[label](x)
-                times[label].append((time.perf_counter() - start) * 1e3)
+        times = rotating_times_ms({label: functools.partial(run, x) for label, run in runs.items()}, args.rounds)
     for label, values in times.items():
         print(f"{label}: median {np.median(values):.2f} ms")
     for numerator, denominator in (("onnxruntime", "winograd"), ("onnxruntime", "oneDNN only"),

@@ -112,6 +112,7 @@
 #include <optional>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -918,6 +919,18 @@ inline void epilogue_run(float* __restrict dst, const float* __restrict sums, co
   }
 }
 
+// The output pixels [first, second) that the epilogue of the tile of positions [q0, q0 + count) writes in an
+// out_h x out_w plane of `plane` pixels (positions q = oh * plane_w + ow; ow >= out_w is dropped, see
+// epilogue_tile_impl): first == second when the tile holds only dropped columns.
+inline std::pair<int64_t, int64_t> tile_output_span(int64_t q0, int64_t count, int64_t plane_w, int64_t out_w,
+                                                    int64_t plane) {
+  const int64_t q_last = q0 + count - 1;
+  const int64_t lo = std::min(plane, q0 / plane_w * out_w + std::min(q0 % plane_w, out_w));
+  const int64_t hi = std::min(plane, q_last / plane_w * out_w + std::min(q_last % plane_w, out_w - 1) + 1);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(0 <= lo && lo <= hi && hi <= plane);
+  return {lo, hi};
+}
+
 template <bool kResidual, int64_t kActivation>
 inline void epilogue_tile_impl(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count,
                                int64_t plane_w, int64_t out_w, float add, bool stream) {
@@ -1374,13 +1387,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
     const int64_t plane = g.out_h * g.out_w;
-    int64_t next_lo = plane, next_hi = plane;
-    if (next_width > 0 && prefetch_next) {
-      const int64_t q = q0 + count, q_last = q + next_width - 1;
-      next_lo = std::min(plane, q / g.plane_w * g.out_w + std::min(q % g.plane_w, g.out_w));
-      next_hi = std::min(plane, q_last / g.plane_w * g.out_w + std::min(q_last % g.plane_w, g.out_w - 1) + 1);
-      TORCH_INTERNAL_ASSERT_DEBUG_ONLY(0 <= next_lo && next_lo <= next_hi && next_hi <= plane);
-    }
+    const auto [next_lo, next_hi] = next_width > 0 && prefetch_next
+                                        ? tile_output_span(q0 + count, next_width, g.plane_w, g.out_w, plane)
+                                        : std::pair<int64_t, int64_t>{plane, plane};
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
       float* dst = out_data + (n * g.out_channels + o) * plane;

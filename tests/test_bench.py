@@ -2,6 +2,7 @@
 and the `python -m bench list` entry point. Numbers are not checked, only their shape."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -410,3 +411,15 @@ def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsy
     with pytest.raises(SystemExit) as exited:  # two runs' rows of the same point: refused, not mixed
         engines_table.main([str(path), str(path)])
     assert exited.value.code == 2 and "appears twice" in capsys.readouterr().err
+
+
+def test_rotating_times_take_turns_in_a_rotating_order():
+    from bench.timing import rotating_times_ms
+
+    calls, prepared = [], []
+    runs = {name: functools.partial(calls.append, name) for name in ("a", "b", "c")}
+    times = rotating_times_ms(runs, 4, prepared.append)
+    assert calls == ["a", "b", "c", "b", "c", "a", "c", "a", "b", "a", "b", "c"]
+    assert prepared == calls  # each call prepared right before it
+    assert {name: len(values) for name, values in times.items()} == {"a": 4, "b": 4, "c": 4}
+    assert all(value >= 0 for values in times.values() for value in values)

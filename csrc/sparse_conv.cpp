@@ -426,16 +426,16 @@ struct WindowPrefetcher {
 // the output, hundreds of streams too short for the hardware prefetchers to follow, so each line was a demand miss.
 // Measured by `python -m bench.prefetch_ab` (bench/results/cpu-prefetch-ab-2026-12-05-amd.txt: 2-core AMD EPYC, 2
 // threads, AVX2 kernel, 10% kept, batch 32, bias and ReLU fused, medians of 15 alternating calls, off -> on):
-// ResNet-50's 64 -> 256 1x1 conv at 56x56 took 15.3 ms with a residual and 6.2 ms without (its 103 MB residual read at
-// about 11 GB/s, where torch.sum read a 400 MB tensor at 35 GB/s, a one-off check), 8.6 ms with the residual's lines
-// requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28 9.1 -> 6.2 ms; at 14x14 and 7x7 no change
-// (7.5 and 6.1 ms either way). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.5 -> 9.0 ms without a residual,
-// 11.0 -> 9.9 ms with one; 128 -> 128 at 28x28 8.1 -> 7.9 and 9.1 -> 8.6 ms. Whole networks, per-round ratios off / on
-// in one process (p20-p80): ResNet-50 at batch 32 1.087x (1.081-1.103x, 10 rounds), ResNet-18 1.036x (1.030-1.050x); at
-// batch 1 1.002x for both (40 rounds). Requesting the current tile's lines instead (before its rows, or during its
-// first channel block) did not pay (kStreamOutputBytes, InputPrefetch): they were wanted too soon after; nor did
-// requesting the first tile of the item a thread takes next (14x14 and 7x7 layers 0.97-1.09x, one process, not
-// kept).
+// ResNet-50's 64 -> 256 1x1 conv at 56x56 took 17.6 ms with a residual and 6.9 ms without (its 103 MB residual read at
+// about 10 GB/s, where torch.sum read a 400 MB tensor at 35 GB/s, a one-off check), 9.7 ms with the residual's lines
+// requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28 9.7 -> 6.6 ms; at 14x14 and 7x7 no change
+// (7.7 -> 7.8, 6.3 -> 6.4 ms). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.8 -> 9.4 ms without a residual,
+// 11.4 -> 10.2 ms with one; 128 -> 128 at 28x28 8.2 -> 8.1 and 9.2 -> 8.8 ms. Whole networks, per-round ratios off / on
+// in one process (median, p20-p80): ResNet-50 at batch 32 1.080x (1.033-1.101x, 10 rounds), ResNet-18 1.026x
+// (1.002-1.041x); at batch 1 (40 rounds) 1.034x (0.989-1.051x) and 1.018x (0.974-1.042x). Requesting the current tile's
+// lines instead (before its rows, or during its first channel block) did not pay (kStreamOutputBytes, InputPrefetch):
+// they were wanted too soon after; nor did requesting the first tile of the item a thread takes next (14x14 and 7x7
+// layers 0.97-1.09x, one process, not kept).
 // Addresses 64 bytes apart and the last one reach every line. (GCC 12 -O3 dropped the whole loop when it
 // walked line-aligned addresses made by rounding a pointer down: no prefetch left in the object code.)
 inline void prefetch_floats(const float* base, int64_t lo, int64_t hi) {

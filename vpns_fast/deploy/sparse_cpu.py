@@ -128,7 +128,7 @@ def set_streamed_output_bytes(threshold_bytes: int) -> int:
 def set_next_tile_prefetch(enabled: bool) -> bool:
     """Whether sparse convolutions request the cache lines of the next tile's output and residual while each
     tile's results are written (on by default): at batch 32 a tile's residual is a short run in each of hundreds
-    of channels, which the hardware prefetchers do not follow (ResNet-50 at 10% kept, batch 32, ran 1.087x faster
+    of channels, which the hardware prefetchers do not follow (ResNet-50 at 10% kept, batch 32, ran 1.080x faster
     with the requests on a 2-core AMD EPYC, ``python -m bench.prefetch_ab``). The values are the same either way.
     Returns the previous setting; each call reads it once. For comparing both ways on a machine."""
     if not isinstance(enabled, bool):

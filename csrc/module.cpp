@@ -96,6 +96,15 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Whether sparse convolutions request the next tile's output and residual lines into L2 while each tile's\n"
         "epilogue runs (on by default). Returns the previous setting. Read once per call. For tests and for\n"
         "comparing both ways on a machine.");
+  m.def("set_private_planes_bytes", &vpns::set_private_planes_bytes, py::arg("bytes"),
+        "Sparse convolutions of fewer than two images a thread whose input planes take at most `bytes` bytes have\n"
+        "every thread build them in its own buffer (512 KiB by default, 0: never). Returns the previous threshold.\n"
+        "Read once per call. For tests and for comparing both ways on a machine.");
+  m.def(
+      "core_round_trip_ns", &vpns::core_round_trip_ns, py::arg("rounds") = 20000, py::arg("first_cpu") = 0,
+      py::arg("second_cpu") = 1,
+      "Nanoseconds of one cache-line round trip between two threads pinned to two of the CPUs this process may\n"
+      "run on (indices into that set), the mean over `rounds`. Linux only. Holds the GIL: run nothing else meanwhile.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
         "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");

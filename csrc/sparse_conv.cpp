@@ -165,6 +165,27 @@ std::atomic<bool>& next_tile_prefetch() {
   return enabled;
 }
 
+// Planes of at most this many bytes (all images of a call of fewer than 2 images a thread) are built by every thread
+// in its own buffer (thread_planes) rather than once and shared. Why: a thread that reads planes another thread has
+// just written (the shared way: each thread fills a share of the channels, then reads every channel) waits for each
+// of those cache lines in turn, since a tile reads a short window of each channel, which the hardware prefetchers
+// do not follow. Where the two cores share an L3 that wait is short; where they do not, it is the cost of the call.
+// The 2-vCPU KVM guest measured (AMD EPYC, Zen 4) finds its vCPUs either way (core_round_trip_ns: 50-65 ns or
+// 310-360 ns), the host moving them every few seconds to minutes. 2 threads, batch 1, one layer of 10% kept
+// (2026-12-05, medians of 30 calls over 60 s), shared -> private: 128 -> 256 3x3 stride 2 at 28x28 (460 KB of
+// planes) 0.707 -> 0.247 ms apart (one thread alone: 0.357 ms), 0.264 -> 0.227 ms sharing the L3; 256 -> 256 3x3 at
+// 14x14 (262 KB) 0.580 -> 0.325 ms and 0.339 -> 0.302 ms; 64 -> 64 3x3 at 56x56 (861 KB) 0.458 -> 0.323 ms and
+// 0.301 -> 0.311 ms. Built privately, the other thread's lines are read once, in order (its output, by the copy),
+// and the buffer is written by the same thread each call. Whole networks: bench/private_planes_ab.py. 512 KiB
+// rather than 1 MiB: sharing the L3, each thread copying ResNet-18's 861 KB planes at 56x56 cost more than it saved
+// (ResNet-18 at 10% kept 0.947x with 1 MiB, 0.983x with 512 KiB; cores apart 1.208x and 1.157x; ResNet-50 0.979x /
+// 0.998x and 1.062x / 1.055x; 17-208 rounds of 20 calls, one process each).
+constexpr int64_t kPrivatePlanesBytes = int64_t{512} << 10;
+std::atomic<int64_t>& private_planes_bytes() {
+  static std::atomic<int64_t> bytes{kPrivatePlanesBytes};
+  return bytes;
+}
+
 std::atomic<int64_t>& streamed_output_bytes() {
   static std::atomic<int64_t> bytes{kStreamOutputBytes};
   return bytes;
@@ -247,8 +268,9 @@ struct alignas(64) ItemRange {
   int64_t end = 0;
 };
 
-template <typename Body>
-void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
+// `start()` runs once on each thread that takes part, before its first item.
+template <typename Start, typename Body>
+void parallel_items(int64_t total, int64_t scratch_floats, const Start& start, const Body& body) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
   std::vector<ItemRange> ranges(static_cast<size_t>(workers));
   for (int64_t w = 0; w < workers; ++w) {
@@ -256,6 +278,7 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
     ranges[w].end = total * (w + 1) / workers;
   }
   at::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    start();
     // uninitialised: every user writes its scratch before reading it (zero-filling megabytes of planes per
     // call would cost a pass over them)
     const std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(std::max<int64_t>(1, scratch_floats))]);
@@ -266,6 +289,26 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
       }
     }
   });
+}
+
+template <typename Body>
+void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
+  parallel_items(total, scratch_floats, [] {}, body);
+}
+
+// This thread's buffer for the planes it builds for itself (PRIVATE_PLANES), at least `floats` long. Kept for the
+// thread's life, so that the same thread writes the same lines call after call: they stay in its own cache, and no
+// other core holds a copy that a write must first invalidate. At most private_planes_bytes() (512 KiB by default) a
+// thread.
+float* thread_planes(int64_t floats) {
+  thread_local std::unique_ptr<float[]> buffer;
+  thread_local int64_t size = 0;
+  if (size < floats) {
+    buffer.reset();
+    buffer.reset(new float[static_cast<size_t>(floats)]);
+    size = floats;
+  }
+  return buffer.get();
 }
 
 // ---- the one inner kernel: rows of a sparse matrix times shifted windows of a dense panel -------
@@ -1184,6 +1227,11 @@ std::string set_sparse_kernel_isa(const std::string& name) {
 
 bool set_next_tile_prefetch(bool enabled) { return next_tile_prefetch().exchange(enabled); }
 
+int64_t set_private_planes_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_private_planes_bytes: bytes must be >= 0, got ", bytes);
+  return private_planes_bytes().exchange(bytes);
+}
+
 int64_t set_streamed_output_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "set_streamed_output_bytes: bytes must be >= 0, got ", bytes);
   return streamed_output_bytes().exchange(bytes);
@@ -1409,16 +1457,21 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Items of (row block, image, run of tiles) over images `image_floats` apart from `images`, a few per thread.
-  auto share_out = [&](const float* images, int64_t image_floats, bool exact) {
+  // `start`: what each thread does first (parallel_items); `images_of_thread`: where the images are for the thread
+  // that runs an item (nullptr: `images`).
+  auto share_out = [&](const float* images, int64_t image_floats, bool exact, const auto& start,
+                       auto images_of_thread) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
-    parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, [&](int64_t item, float* wide) {
+    parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
+      const float* base = images;
+      if constexpr (!std::is_same_v<decltype(images_of_thread), std::nullptr_t>) base = images_of_thread();
       // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
       const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
       const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
       for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-        rows_at_tile(images + n * image_floats, n, o0, o1, q0, wide, exact,
+        rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, exact,
                      q0 + kTile < q_end ? std::min(kTile, q_end - q0 - kTile) : 0);
       }
       if (stream) store_fence();
@@ -1436,7 +1489,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
     // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
-    share_out(x_data, g.in_channels * g.height * g.width, true);
+    share_out(x_data, g.in_channels * g.height * g.width, true, [] {}, nullptr);
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -1457,6 +1510,21 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     });
     return output;
   }
+  if (g.batch * g.image_stride * static_cast<int64_t>(sizeof(float)) <=
+      private_planes_bytes().load(std::memory_order_relaxed)) {
+    // PRIVATE_PLANES: every thread builds all the planes in its own buffer, then takes items as below.
+    const int64_t floats = g.batch * g.image_stride;
+    share_out(
+        nullptr, g.image_stride, false,
+        [&] {
+          float* own = thread_planes(floats);
+          for (int64_t n = 0; n < g.batch; ++n) {
+            for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, own + n * g.image_stride);
+          }
+        },
+        [&] { return static_cast<const float*>(thread_planes(floats)); });
+    return output;
+  }
   at::Tensor planes = at::empty({g.batch, g.image_stride}, x.options());
   float* planes_data = planes.mutable_data_ptr<float>();
   // Channels copied per item: about 64 KiB of planes, so that taking an item (an atomic increment whose
@@ -1470,7 +1538,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out(planes_data, g.image_stride, false);
+  share_out(planes_data, g.image_stride, false, [] {}, nullptr);
   return output;
 }
 

@@ -33,6 +33,9 @@ int64_t set_streamed_output_bytes(int64_t bytes);
 // Whether sparse convolutions request the next tile's output and residual lines during each tile's epilogue;
 // returns the previous setting.
 bool set_next_tile_prefetch(bool enabled);
+// Sparse convolutions of fewer than 2 images a thread whose planes take at most `bytes` have every thread build them
+// in its own buffer; returns the previous threshold.
+int64_t set_private_planes_bytes(int64_t bytes);
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);
@@ -41,6 +44,10 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
 at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                            std::vector<int64_t> padding, const std::optional<at::Tensor>& residual, int64_t activation,
                            int64_t chunk_tiles);
+
+// csrc/core_latency.cpp: nanoseconds of one cache-line round trip between two threads pinned to CPUs first_cpu and
+// second_cpu (indices into the CPUs this process may run on), over `rounds` round trips. Linux only.
+double core_round_trip_ns(int64_t rounds, int64_t first_cpu, int64_t second_cpu);
 
 // csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.
 at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);

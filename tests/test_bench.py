@@ -380,6 +380,41 @@ def test_the_one_model_scripts_refuse_bad_arguments_by_name(script, argv, messag
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [(["--threads", "1"], "--threads: expected an integer >= 2"),
+                                           (["--density", "0"], "--density: expected a fraction in (0, 1]"),
+                                           (["--seconds", "0"], "--seconds: expected a positive number")])
+def test_private_planes_ab_refuses_bad_arguments_by_name(argv, message, capsys):
+    from bench import private_planes_ab
+
+    with pytest.raises(SystemExit) as exited:
+        private_planes_ab.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
+    """bench/private_planes_ab.py: each run goes with its own threshold set, and each round lands in the group its
+    measured round trip says (the smaller of two measurements), or in "between"; the summary quotes the per-round
+    ratio shared / private."""
+    from bench import private_planes_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    trips = iter([60.0, 400.0, 300.0, 320.0, 200.0, 180.0])  # two a round: 60, 300, 180 ns
+    monkeypatch.setattr(sparse_cpu, "core_round_trip_ns", lambda rounds: next(trips))
+    current = {}
+    monkeypatch.setattr(sparse_cpu, "set_private_planes_bytes", lambda value: current.update(value=value))
+    seen = []
+    runs = {name: functools.partial(lambda name: seen.append((name, current["value"])), name)
+            for name in ("shared", "private")}
+    groups = private_planes_ab._grouped(runs, {"shared": 0, "private": 512}, 60.0, max_rounds=3)
+    assert [len(groups[name]) for name in ("shared", "apart", "between")] == [1, 1, 1]
+    assert set(seen) == {("shared", 0), ("private", 512)}
+    assert len(seen) == 3 * 2 * private_planes_ab.CALLS_PER_ROUND
+    rounds = [{"shared": 2.0, "private": 1.0}, {"shared": 3.0, "private": 2.0}]
+    line = private_planes_ab._summary("net", rounds, "shared", "private")
+    assert line.startswith("net:   2 rounds, shared   2.500 ms, private   1.500 ms; shared / private 1.750x")
+    assert private_planes_ab._summary("net", [], "shared", "private") == "net: no round"
+
+
 def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):
     """bench/engines_table.py prints the README's table from `bench infer` rows: the per-round median (inside its
     own p20-p80, where the ratio of two medians need not be), computed from speedup_rounds for older rows,

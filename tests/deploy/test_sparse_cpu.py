@@ -6,7 +6,10 @@ reduction length.
 """
 from __future__ import annotations
 
+import math
+import os
 import pickle
+import sys
 import time
 
 import pytest
@@ -597,6 +600,116 @@ def test_next_tile_prefetch_switch():
                 sparse_cpu.set_next_tile_prefetch(bad)
     finally:
         sparse_cpu.set_next_tile_prefetch(previous)
+
+
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): convolutions that copy their input into planes (every one
+# but the unpadded 1x1 stride-1 ones), of one to a few tiles and several phases
+PRIVATE_PLANES_SHAPES = [
+    (5, 7, 17, 23, 3, 1, 1, 1),  # 3 tiles of rows 25 wide
+    (6, 9, 31, 27, 3, 2, 1, 1),  # stride 2: 4 phase planes
+    (4, 5, 23, 29, 3, 1, 2, 2),  # dilation 2
+    (3, 8, 38, 30, 7, 2, 3, 1),  # the stem's kernel
+    (7, 6, 61, 61, 1, 2, 0, 1),  # 1x1 stride 2: 11 tiles from one phase of four
+    (9, 300, 7, 7, 3, 1, 1, 1),  # one tile: the rows split across threads
+    (4, 3, 9, 9, (3, 5), (2, 1), (0, 2), (1, 2)),
+]
+
+
+@pytest.fixture
+def restore_private_planes_bytes():
+    previous = sparse_cpu.set_private_planes_bytes(sparse_cpu.PRIVATE_PLANES_BYTES)
+    yield
+    sparse_cpu.set_private_planes_bytes(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("batch", [1, 2, 5])
+@pytest.mark.parametrize("shape", PRIVATE_PLANES_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_private_planes_equal_shared_ones(shape, batch, threads, kernel_isa, restore_private_planes_bytes):
+    """Planes each thread builds for itself (csrc thread_planes) against one shared copy: the same bits, with and
+    without a residual, and right. Batch 5 at 1-2 threads takes the image-by-image path, which has no shared copy:
+    the threshold must change nothing there either."""
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
+    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
+    generator = torch.Generator().manual_seed(in_channels * 37 + batch * 5 + threads)
+    weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                     activation="relu")
+    torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    residual = torch.randn(torch_out.shape, generator=generator)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outputs = {}
+        for threshold in (0, 1 << 40, 64):  # shared, private, private only where the planes take <= 64 bytes
+            sparse_cpu.set_private_planes_bytes(threshold)
+            outputs[threshold] = (sparse(x, residual), sparse(x))
+    finally:
+        torch.set_num_threads(previous)
+    fused, plain = outputs[0]
+    for threshold, (other_fused, other_plain) in outputs.items():
+        assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), threshold
+    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+    assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
+                              in_channels * kernel_h * kernel_w)
+    assert_close_to_reference(plain, torch.relu(torch_out), torch.relu(reference), in_channels * kernel_h * kernel_w)
+
+
+def test_private_planes_from_several_threads_and_sizes(restore_private_planes_bytes):
+    """Two Python threads calling at once, each with its own OpenMP team, alternating a large and a small layer:
+    each thread's buffer grows and is reused (csrc thread_planes), and no call reads another's planes."""
+    generator = torch.Generator().manual_seed(11)
+    layers = []
+    for in_channels, size in ((16, 40), (3, 9)):
+        weight = masked((8, in_channels, 3, 3), 0.3, generator)
+        layers.append((sparse_cpu.SparseConv2d(weight, padding=1), torch.randn(1, in_channels, size, size,
+                                                                             generator=generator), weight))
+    expected = [F.conv2d(x, weight, padding=1) for _, x, weight in layers]
+    sparse_cpu.set_private_planes_bytes(1 << 40)
+    mismatches = []
+
+    def work(index):
+        torch.set_num_threads(2)
+        with torch.inference_mode():
+            for step in range(40):
+                which = (step + index) % 2
+                layer, x, _ = layers[which]
+                out = layer(x)
+                if not torch.allclose(out, expected[which], rtol=1e-4, atol=1e-4):
+                    mismatches.append((index, step))
+
+    assert not run_in_threads(work) and not mismatches
+
+
+def test_private_planes_threshold_is_checked(restore_private_planes_bytes):
+    previous = sparse_cpu.set_private_planes_bytes(0)
+    assert previous == sparse_cpu.PRIVATE_PLANES_BYTES == 512 * 1024
+    assert sparse_cpu.set_private_planes_bytes(5) == 0
+    for bad in (-1, 1 << 63, 1.5, True, "8"):
+        with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
+            sparse_cpu.set_private_planes_bytes(bad)
+    with pytest.raises(RuntimeError, match="bytes must be >= 0"):
+        sparse_cpu._ops().set_private_planes_bytes(-1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux and two CPUs this process may run on")
+def test_core_round_trip_is_a_time_and_checks_its_arguments():
+    trip = sparse_cpu.core_round_trip_ns(2000)
+    assert math.isfinite(trip) and trip > 0
+    before = os.sched_getaffinity(0)
+    sparse_cpu.core_round_trip_ns(100, 1, 0)
+    assert os.sched_getaffinity(0) == before
+    for name, kwargs in (("rounds", {"rounds": 0}), ("first_cpu", {"first_cpu": -1}),
+                         ("second_cpu", {"second_cpu": 1.0}), ("rounds", {"rounds": True})):
+        with pytest.raises(ValueError, match=f"{name} must be an int"):
+            sparse_cpu.core_round_trip_ns(**kwargs)
+    with pytest.raises(RuntimeError, match="two different indices"):
+        sparse_cpu.core_round_trip_ns(10, 0, 0)
+    with pytest.raises(RuntimeError, match="two different indices"):
+        sparse_cpu.core_round_trip_ns(10, 0, len(before))
 
 
 def test_streamed_output_threshold_is_checked():

@@ -31,7 +31,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "winograd_conv2d")
+                 "set_private_planes_bytes", "core_round_trip_ns", "winograd_conv2d")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -111,6 +111,8 @@ def set_activation_cache_limit(limit_bytes: int) -> int:
 
 # The extension's default for set_streamed_output_bytes (its kStreamOutputBytes).
 STREAMED_OUTPUT_BYTES = 8 << 20
+# The extension's default for set_private_planes_bytes (its kPrivatePlanesBytes).
+PRIVATE_PLANES_BYTES = 512 << 10
 
 
 def set_streamed_output_bytes(threshold_bytes: int) -> int:
@@ -123,6 +125,40 @@ def set_streamed_output_bytes(threshold_bytes: int) -> int:
             or threshold_bytes >= 1 << 63):
         raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
     return int(_ops().set_streamed_output_bytes(threshold_bytes))
+
+
+def set_private_planes_bytes(threshold_bytes: int) -> int:
+    """Sparse convolutions of fewer than two images a thread that copy their input into zero-padded planes have
+    every thread build all of them in a buffer of its own, kept between calls, when they take at most
+    ``threshold_bytes`` bytes (512 KiB by default; 0: never). Otherwise one copy is built, each thread filling a
+    share, and every thread reads all of it. The values are the same either way.
+
+    Why: where two cores do not share their last-level cache (on the 2-vCPU virtual machine measured, the host
+    places its vCPUs that way for seconds to minutes at a time: :func:`core_round_trip_ns`), a thread reading the
+    planes the other thread has just written waits for each cache line in turn. ResNet-18 at 10% kept, batch 1,
+    2 threads measured 1.16x faster with private planes that way, and 0.98x while the cores shared their cache
+    (``python -m bench.private_planes_ab``; the README's CPU section). Each call reads the threshold once; for
+    comparing both ways on a machine."""
+    if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0
+            or threshold_bytes >= 1 << 63):
+        raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
+    return int(_ops().set_private_planes_bytes(threshold_bytes))
+
+
+def core_round_trip_ns(rounds: int = 20000, first_cpu: int = 0, second_cpu: int = 1) -> float:
+    """Nanoseconds one cache line takes to go from one CPU to another and back: two threads pinned to CPUs
+    ``first_cpu`` and ``second_cpu`` (indices into the CPUs this process may run on) pass it back and forth
+    ``rounds`` times; the mean. Linux only; it holds the GIL and spins both CPUs while it runs, so run nothing else
+    meanwhile (and not while the engine's threads are busy).
+
+    What it tells: whether those two CPUs share a last-level cache. On the 2-vCPU AMD EPYC virtual machine this
+    project measures on, 50-65 ns when they do and 310-360 ns when they do not; the host switches between the two
+    placements every few seconds to minutes, and the engine at batch 1 is much slower in the second (the README's
+    CPU section). Benchmarks record it beside their times."""
+    for name, value, low in (("rounds", rounds, 1), ("first_cpu", first_cpu, 0), ("second_cpu", second_cpu, 0)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    return float(_ops().core_round_trip_ns(rounds, first_cpu, second_cpu))
 
 
 def set_next_tile_prefetch(enabled: bool) -> bool:

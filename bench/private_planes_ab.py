@@ -1,0 +1,170 @@
+"""What private planes change (``sparse_cpu.set_private_planes_bytes``), by where the host put the two cores: the
+same converted network or layer with planes shared (threshold 0) and private (the default threshold), taking turns
+in one process, each round tagged with the two CPUs' cache-line round trip (``sparse_cpu.core_round_trip_ns``).
+
+A round is 20 calls of each way (their medians), the order rotating round by round, then the round trip measured
+with the engine idle. Rounds are grouped as the cores sharing an L3 (round trip < 150 ns) or not (>= 250 ns; the
+machine this was written on measured 50-65 and 310-360 ns); per group, the medians of each way's round medians and
+of the per-round ratios shared / private (above 1: private planes pay), with their p20-p80. Layers (batch 1, 10%
+kept, bias and ReLU fused) also with one thread, which the placement does not touch. Networks: torchvision
+ResNet-18 / ResNet-50 pruned by magnitude to ``density`` (as ``bench infer``), batch 1, converted once. A group with
+no round is reported as such: the host may keep one placement for the whole run.
+
+    .venv/bin/python -m bench.private_planes_ab [--seconds 120] [--density 0.1] > report.txt
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import platform
+import time
+
+import numpy as np
+import torch
+
+from bench.cases.infer import pruned_model
+from bench.runner import round_ratios
+from bench.timing import rotating_times_ms
+from vpns_fast.deploy import sparse_cpu
+
+# (C_in, C_out, size, kernel, stride) at batch 1: planes of 460 KB, 262 KB and 861 KB
+LAYER_SHAPES = [(128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (64, 64, 56, 3, 1)]
+NETWORKS = ["resnet18", "resnet50"]
+CALLS_PER_ROUND = 20
+SHARED_BELOW_NS, APART_FROM_NS = 150.0, 250.0
+
+
+def _round(runs: dict[str, functools.partial], thresholds: dict[str, int], round_index: int) -> dict[str, float]:
+    """Each run's median ms over CALLS_PER_ROUND calls, in an order rotated by ``round_index``."""
+    names = list(runs)
+    shift = round_index % len(names)
+    medians = {}
+    for name in names[shift:] + names[:shift]:
+        sparse_cpu.set_private_planes_bytes(thresholds[name])
+        medians[name] = float(np.median(rotating_times_ms({name: runs[name]}, CALLS_PER_ROUND)[name]))
+    return medians
+
+
+def _grouped(runs: dict[str, functools.partial], thresholds: dict[str, int], seconds: float,
+             max_rounds: int | None = None) -> dict[str, list]:
+    """Rounds for ``seconds`` (at most ``max_rounds``), grouped by placement: {"shared": [round medians, ...],
+    "apart": [...], "between": [...]}."""
+    groups: dict[str, list] = {"shared": [], "apart": [], "between": []}
+    deadline = time.monotonic() + seconds
+    index = 0
+    while time.monotonic() < deadline and (max_rounds is None or index < max_rounds):
+        medians = _round(runs, thresholds, index)
+        index += 1
+        time.sleep(0.02)  # the engine's threads stop spinning before the round trip is measured
+        trip = min(sparse_cpu.core_round_trip_ns(20000) for _ in range(2))
+        group = "shared" if trip < SHARED_BELOW_NS else "apart" if trip >= APART_FROM_NS else "between"
+        groups[group].append(medians)
+    return groups
+
+
+def _summary(label: str, rounds: list[dict[str, float]], shared: str, private: str) -> str:
+    if not rounds:
+        return f"{label}: no round"
+    ratios = round_ratios([r[shared] for r in rounds], [r[private] for r in rounds])
+    return (f"{label}: {len(rounds):3d} rounds, shared {np.median([r[shared] for r in rounds]):7.3f} ms, private "
+            f"{np.median([r[private] for r in rounds]):7.3f} ms; shared / private {np.median(ratios):.3f}x (p20-p80 "
+            f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x)")
+
+
+def _layer_lines(density: float, seconds: float, threads: int) -> list[str]:
+    lines = [f"## layers at batch 1, {density} kept, bias + ReLU fused; ms (medians of round medians)"]
+    generator = torch.Generator().manual_seed(0)
+    runs, thresholds = {}, {}
+    for in_channels, out_channels, size, kernel, stride in LAYER_SHAPES:
+        weight = torch.randn(out_channels, in_channels, kernel, kernel, generator=generator)
+        weight[torch.rand(weight.shape, generator=generator) >= density] = 0
+        conv = sparse_cpu.SparseConv2d(weight, torch.randn(out_channels, generator=generator), stride=stride,
+                                       padding=kernel // 2, activation="relu")
+        x = torch.randn(1, in_channels, size, size, generator=generator)
+        name = f"{in_channels:4d} -> {out_channels:4d} {kernel}x{kernel} stride {stride} at {size}x{size}"
+        with torch.inference_mode():
+            sparse_cpu.set_private_planes_bytes(0)
+            expected = conv(x)
+            sparse_cpu.set_private_planes_bytes(1 << 40)
+            if not torch.equal(conv(x), expected):
+                raise AssertionError(f"{name}: private planes changed the values")
+        for way, threshold in (("shared", 0), ("private", 1 << 40)):
+            runs[f"{name} {way}"] = functools.partial(_inference, conv, x)
+            thresholds[f"{name} {way}"] = threshold
+    for thread_count in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(thread_count)
+        groups = _grouped(runs, thresholds, seconds)
+        for name in dict.fromkeys(key.rsplit(" ", 1)[0] for key in runs):
+            for group in ("shared", "apart"):
+                lines.append(_summary(f"{name}, {thread_count} thread(s), cores {group:6s}", groups[group],
+                                      f"{name} shared", f"{name} private"))
+    torch.set_num_threads(threads)
+    return lines
+
+
+def _inference(module, x):
+    with torch.inference_mode():
+        return module(x)
+
+
+def _network_lines(density: float, seconds: float, default_threshold: int) -> list[str]:
+    lines = [f"## networks at batch 1, {density} kept per layer, converted once; shared: threshold 0, private: "
+             f"{default_threshold} bytes (the default)"]
+    for model_name in NETWORKS:
+        model = pruned_model(model_name, density, "uniform")
+        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            converted, _table = sparse_cpu.convert_for_cpu(model, x)
+            sparse_cpu.set_private_planes_bytes(0)
+            expected = converted(x)
+            sparse_cpu.set_private_planes_bytes(default_threshold)
+            if not torch.equal(converted(x), expected):
+                raise AssertionError(f"{model_name}: private planes changed the network's output")
+        run = functools.partial(_inference, converted, x)
+        groups = _grouped({"shared": run, "private": run}, {"shared": 0, "private": default_threshold}, seconds)
+        for group in ("shared", "apart"):
+            lines.append(_summary(f"{model_name} cores {group:6s}", groups[group], "shared", "private"))
+        if groups["between"]:
+            lines.append(f"{model_name}: {len(groups['between'])} rounds with a round trip between "
+                         f"{SHARED_BELOW_NS:.0f} and {APART_FROM_NS:.0f} ns left out")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--density", type=float, default=0.1)
+    parser.add_argument("--seconds", type=float, default=120.0, help="seconds of rounds per layer set and network")
+    args = parser.parse_args(argv)
+    if args.threads < 2:
+        parser.error(f"--threads: expected an integer >= 2 (one thread shares nothing), got {args.threads}")
+    if not 0 < args.density <= 1:
+        parser.error(f"--density: expected a fraction in (0, 1], got {args.density}")
+    if not args.seconds > 0:
+        parser.error(f"--seconds: expected a positive number, got {args.seconds}")
+    available, reason = sparse_cpu.available()
+    if not available:
+        parser.error(f"the sparse CPU engine is unavailable: {reason}")
+    try:
+        trip = sparse_cpu.core_round_trip_ns(20000)
+    except RuntimeError as error:
+        parser.error(f"cannot measure the cores' round trip here: {str(error).splitlines()[0]}")
+    torch.set_num_threads(args.threads)
+    default_threshold = sparse_cpu.set_private_planes_bytes(0)
+    sparse_cpu.set_private_planes_bytes(default_threshold)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# sparse_cpu.set_private_planes_bytes shared / private; {args.threads} threads, kernel "
+          f"{sparse_cpu.kernel_isa()}; torch {torch.__version__}, python {platform.python_version()}, "
+          f"{platform.processor() or 'cpu'}; {now}; CPUs 0 and 1 round trip {trip:.0f} ns at the start")
+    try:
+        for line in (_layer_lines(args.density, args.seconds, args.threads)
+                     + _network_lines(args.density, args.seconds, default_threshold)):
+            print(line, flush=True)
+    finally:
+        sparse_cpu.set_private_planes_bytes(default_threshold)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

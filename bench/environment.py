@@ -6,6 +6,7 @@ import functools
 import os
 import platform
 import subprocess
+import time
 
 import torch
 
@@ -80,6 +81,23 @@ TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPI
               "VPNS_FAST_IGEMM_AUTOTUNE", "VPNS_FAST_CONV_AUTOTUNE", "VPNS_FAST_CONV_TABLE")
 
 
+def core_round_trip_ns() -> float | None:
+    """The cache-line round trip between the first two CPUs this process may run on
+    (``sparse_cpu.core_round_trip_ns``, the smaller of two measurements), or None where it cannot be measured (one
+    CPU, not Linux, no C++ extension). Why: a 2-vCPU virtual machine runs the sparse engine at batch 1 about 1.5x
+    slower while its host keeps the two vCPUs on cores that do not share an L3 (310-360 ns here, against 50-65 ns),
+    and moves them every few seconds to minutes; a row says which it was when its measurement began."""
+    from vpns_fast.deploy import sparse_cpu
+
+    if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2 or not sparse_cpu.available()[0]:
+        return None
+    time.sleep(0.02)  # OpenMP's threads stop spinning after the last parallel region first
+    try:
+        return round(min(sparse_cpu.core_round_trip_ns(20000) for _ in range(2)), 1)
+    except RuntimeError:  # e.g. pinning refused
+        return None
+
+
 def environment_fields(device_type: str) -> dict:
     commit, dirty = git_state()
     return {
@@ -94,5 +112,6 @@ def environment_fields(device_type: str) -> dict:
         "git_dirty": dirty,
         # Other processes on a small CPU machine skew timings; the row says how busy it was.
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "core_round_trip_ns": core_round_trip_ns() if device_type == "cpu" else None,
         "timing_env": {name: os.environ[name] for name in TIMING_ENV if name in os.environ},
     }

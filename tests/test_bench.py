@@ -19,7 +19,8 @@ from bench.runner import run_cases  # noqa: E402
 
 ROW_FIELDS = {
     "schema", "device_type", "device_name", "threads", "torch_version", "triton_version", "python_version",
-    "date_utc", "git_commit", "git_dirty", "load_average_1m", "case", "impl", "impl_kind", "status",
+    "date_utc", "git_commit", "git_dirty", "load_average_1m", "core_round_trip_ns", "case", "impl", "impl_kind",
+    "status",
     "skip_reason", "error", "dtype", "shape", "mode", "params", "median_ms", "p20_ms", "p80_ms", "repeats",
     "input_copies", "bytes_moved", "gb_per_s", "ceiling_gb_per_s", "fraction_of_ceiling", "images_per_s",
     "speedup", "speedup_rounds", "speedup_p20", "speedup_p80", "speedup_round_median",
@@ -378,6 +379,19 @@ def test_the_one_model_scripts_refuse_bad_arguments_by_name(script, argv, messag
     with pytest.raises(SystemExit) as exited:
         module.main(argv)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cpu_rows_record_the_cores_round_trip():
+    """bench.environment: the CPU rows say how far apart the first two CPUs were when their measurement began (a
+    positive time, or None where it cannot be measured)."""
+    from bench.environment import environment_fields
+    from vpns_fast.deploy import sparse_cpu
+
+    trip = environment_fields("cpu")["core_round_trip_ns"]
+    if sparse_cpu.available()[0] and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
+        assert isinstance(trip, float) and 0 < trip < 1e6
+    else:
+        assert trip is None
 
 
 @pytest.mark.parametrize("argv, message", [(["--threads", "1"], "--threads: expected an integer >= 2"),

@@ -171,15 +171,15 @@ std::atomic<bool>& next_tile_prefetch() {
 // of those cache lines in turn, since a tile reads a short window of each channel, which the hardware prefetchers
 // do not follow. Where the two cores share an L3 that wait is short; where they do not, it is the cost of the call.
 // The 2-vCPU KVM guest measured (AMD EPYC, Zen 4) finds its vCPUs either way (core_round_trip_ns: 50-65 ns or
-// 310-360 ns), the host moving them every few seconds to minutes. 2 threads, batch 1, one layer of 10% kept
-// (2026-12-05, medians of 30 calls over 60 s), shared -> private: 128 -> 256 3x3 stride 2 at 28x28 (460 KB of
-// planes) 0.707 -> 0.247 ms apart (one thread alone: 0.357 ms), 0.264 -> 0.227 ms sharing the L3; 256 -> 256 3x3 at
-// 14x14 (262 KB) 0.580 -> 0.325 ms and 0.339 -> 0.302 ms; 64 -> 64 3x3 at 56x56 (861 KB) 0.458 -> 0.323 ms and
-// 0.301 -> 0.311 ms. Built privately, the other thread's lines are read once, in order (its output, by the copy),
-// and the buffer is written by the same thread each call. Whole networks: bench/private_planes_ab.py. 512 KiB
-// rather than 1 MiB: sharing the L3, each thread copying ResNet-18's 861 KB planes at 56x56 cost more than it saved
-// (ResNet-18 at 10% kept 0.947x with 1 MiB, 0.983x with 512 KiB; cores apart 1.208x and 1.157x; ResNet-50 0.979x /
-// 0.998x and 1.062x / 1.055x; 17-208 rounds of 20 calls, one process each).
+// 310-360 ns), the host moving them every few seconds to minutes. Built privately, the other thread's lines are
+// read once, in order (its output, by the copy), and the buffer is written by the same thread each call.
+// bench/results/cpu-private-planes-ab-2026-12-05-amd.txt (2 threads, batch 1, 10% kept, rounds grouped by the round
+// trip), shared -> private, cores apart / sharing the L3: 128 -> 256 3x3 stride 2 at 28x28 (460 KB of planes)
+// 0.747 -> 0.249 / 0.266 -> 0.229 ms; 256 -> 256 3x3 at 14x14 (262 KB) 0.590 -> 0.323 / 0.339 -> 0.305 ms; 64 -> 64
+// 3x3 at 56x56 (861 KB) 0.558 -> 0.332 / 0.322 -> 0.320 ms; ResNet-18 1.162x / 1.016x, ResNet-50 1.068x / 1.000x.
+// 512 KiB rather than 1 MiB, in a scratch A/B of the same kind (17-208 rounds): sharing the L3, each thread copying
+// ResNet-18's 861 KB planes at 56x56 cost more than it saved (ResNet-18 0.947x with 1 MiB, 0.983x with 512 KiB;
+// cores apart 1.208x and 1.157x; ResNet-50 0.979x / 0.998x and 1.062x / 1.055x).
 constexpr int64_t kPrivatePlanesBytes = int64_t{512} << 10;
 std::atomic<int64_t>& private_planes_bytes() {
   static std::atomic<int64_t> bytes{kPrivatePlanesBytes};
@@ -296,7 +296,7 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
   parallel_items(total, scratch_floats, [] {}, body);
 }
 
-// This thread's buffer for the planes it builds for itself (PRIVATE_PLANES), at least `floats` long. Kept for the
+// This thread's buffer for the planes it builds for itself (kPrivatePlanesBytes), at least `floats` long. Kept for the
 // thread's life, so that the same thread writes the same lines call after call: they stay in its own cache, and no
 // other core holds a copy that a write must first invalidate. At most private_planes_bytes() (512 KiB by default) a
 // thread.
@@ -1512,7 +1512,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   }
   if (g.batch * g.image_stride * static_cast<int64_t>(sizeof(float)) <=
       private_planes_bytes().load(std::memory_order_relaxed)) {
-    // PRIVATE_PLANES: every thread builds all the planes in its own buffer, then takes items as below.
+    // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
     share_out(
         nullptr, g.image_stride, false,

@@ -136,7 +136,7 @@ def set_private_planes_bytes(threshold_bytes: int) -> int:
     Why: where two cores do not share their last-level cache (on the 2-vCPU virtual machine measured, the host
     places its vCPUs that way for seconds to minutes at a time: :func:`core_round_trip_ns`), a thread reading the
     planes the other thread has just written waits for each cache line in turn. ResNet-18 at 10% kept, batch 1,
-    2 threads measured 1.16x faster with private planes that way, and 0.98x while the cores shared their cache
+    2 threads measured 1.162x faster with private planes that way, and 1.016x while the cores shared their cache
     (``python -m bench.private_planes_ab``; the README's CPU section). Each call reads the threshold once; for
     comparing both ways on a machine."""
     if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0

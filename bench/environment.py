@@ -82,10 +82,11 @@ TIMING_ENV = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPI
 
 
 def core_round_trip_ns() -> float | None:
-    """The cache-line round trip between the first two CPUs this process may run on
+    """The cache-line round trip between the first two CPUs the calling thread may run on
     (``sparse_cpu.core_round_trip_ns``, the smaller of two measurements), or None where it cannot be measured (one
-    CPU, not Linux, no C++ extension). Why: a 2-vCPU virtual machine runs the sparse engine at batch 1 about 1.5x
-    slower while its host keeps the two vCPUs on cores that do not share an L3 (310-360 ns here, against 50-65 ns),
+    CPU, not Linux, no C++ extension). Why: a 2-vCPU virtual machine ran the sparse engine at batch 1
+    1.22-1.35x slower (1.39-1.45x before private planes) while its host kept the two vCPUs on cores that do not share
+    an L3 (310-360 ns here, against 50-110 ns),
     and moves them every few seconds to minutes; a row says which it was when its measurement began."""
     from vpns_fast.deploy import sparse_cpu
 

@@ -1,10 +1,11 @@
 """What private planes change (``sparse_cpu.set_private_planes_bytes``), by where the host put the two cores: the
-same converted network or layer with planes shared (threshold 0) and private (the default threshold), taking turns
+same converted network or layer with planes shared (threshold 0) and private (layers: every plane, whatever its
+size; networks: the default threshold), taking turns
 in one process, each round tagged with the two CPUs' cache-line round trip (``sparse_cpu.core_round_trip_ns``).
 
 A round is 20 calls of each way (their medians), the order rotating round by round, then the round trip measured
 with the engine idle. Rounds are grouped as the cores sharing an L3 (round trip < 150 ns) or not (>= 250 ns; the
-machine this was written on measured 50-65 and 310-360 ns); per group, the medians of each way's round medians and
+machine this was written on measured 50-110 and 310-360 ns); per group, the medians of each way's round medians and
 of the per-round ratios shared / private (above 1: private planes pay), with their p20-p80. Layers (batch 1, 10%
 kept, bias and ReLU fused) also with one thread, which the placement does not touch. Networks: torchvision
 ResNet-18 / ResNet-50 pruned by magnitude to ``density`` (as ``bench infer``), batch 1, converted once. A group with
@@ -151,18 +152,19 @@ def main(argv=None) -> int:
     except RuntimeError as error:
         parser.error(f"cannot measure the cores' round trip here: {str(error).splitlines()[0]}")
     torch.set_num_threads(args.threads)
-    default_threshold = sparse_cpu.set_private_planes_bytes(0)
-    sparse_cpu.set_private_planes_bytes(default_threshold)
+    default_threshold = sparse_cpu.PRIVATE_PLANES_BYTES
+    previous = sparse_cpu.set_private_planes_bytes(default_threshold)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# sparse_cpu.set_private_planes_bytes shared / private; {args.threads} threads, kernel "
           f"{sparse_cpu.kernel_isa()}; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or 'cpu'}; {now}; CPUs 0 and 1 round trip {trip:.0f} ns at the start")
+          f"{platform.processor() or 'cpu'}; {now}; --seconds {args.seconds:g} --density {args.density:g}; CPUs 0 "
+          f"and 1 round trip {trip:.0f} ns at the start")
     try:
         for line in (_layer_lines(args.density, args.seconds, args.threads)
                      + _network_lines(args.density, args.seconds, default_threshold)):
             print(line, flush=True)
     finally:
-        sparse_cpu.set_private_planes_bytes(default_threshold)
+        sparse_cpu.set_private_planes_bytes(previous)
     return 0
 
 

@@ -103,7 +103,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
   m.def(
       "core_round_trip_ns", &vpns::core_round_trip_ns, py::arg("rounds") = 20000, py::arg("first_cpu") = 0,
       py::arg("second_cpu") = 1,
-      "Nanoseconds of one cache-line round trip between two threads pinned to two of the CPUs this process may\n"
+      "Nanoseconds of one cache-line round trip between two threads pinned to two of the CPUs the calling thread may\n"
       "run on (indices into that set), the mean over `rounds`. Linux only. Holds the GIL: run nothing else meanwhile.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"

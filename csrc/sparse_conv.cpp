@@ -170,11 +170,13 @@ std::atomic<bool>& next_tile_prefetch() {
 // just written (the shared way: each thread fills a share of the channels, then reads every channel) waits for each
 // of those cache lines in turn, since a tile reads a short window of each channel, which the hardware prefetchers
 // do not follow. Where the two cores share an L3 that wait is short; where they do not, it is the cost of the call.
-// The 2-vCPU KVM guest measured (AMD EPYC, Zen 4) finds its vCPUs either way (core_round_trip_ns: 50-65 ns or
-// 310-360 ns), the host moving them every few seconds to minutes. Built privately, the other thread's lines are
-// read once, in order (its output, by the copy), and the buffer is written by the same thread each call.
-// bench/results/cpu-private-planes-ab-2026-12-05-amd.txt (2 threads, batch 1, 10% kept, rounds grouped by the round
-// trip), shared -> private, cores apart / sharing the L3: 128 -> 256 3x3 stride 2 at 28x28 (460 KB of planes)
+// The 2-vCPU KVM guest measured (AMD EPYC, Zen 4) finds its vCPUs either way (core_round_trip_ns: 50-110 ns or
+// 310-360 ns), the host moving them every few seconds to minutes. Measured with 2 threads only: with more, each
+// thread still copies every plane (T copies, T x the threshold of cache), which may not pay. Built privately, the other
+// thread's lines are read once, in order (its output, by the copy), and the buffer is written by the same thread each
+// call. bench/results/cpu-private-planes-ab-2026-12-05-amd.txt (2 threads, batch 1, 10% kept, rounds grouped by the
+// round trip; the layers with every plane private whatever its size), shared -> private, cores apart / sharing the L3:
+// 128 -> 256 3x3 stride 2 at 28x28 (460 KB of planes)
 // 0.747 -> 0.249 / 0.266 -> 0.229 ms; 256 -> 256 3x3 at 14x14 (262 KB) 0.590 -> 0.323 / 0.339 -> 0.305 ms; 64 -> 64
 // 3x3 at 56x56 (861 KB) 0.558 -> 0.332 / 0.322 -> 0.320 ms; ResNet-18 1.162x / 1.016x, ResNet-50 1.068x / 1.000x.
 // 512 KiB rather than 1 MiB, in a scratch A/B of the same kind (17-208 rounds): sharing the L3, each thread copying
@@ -268,7 +270,8 @@ struct alignas(64) ItemRange {
   int64_t end = 0;
 };
 
-// `start()` runs once on each thread that takes part, before its first item.
+// `start()` runs on each thread that takes part before its first item: once per chunk of at::parallel_for (with
+// OpenMP, once per thread).
 template <typename Start, typename Body>
 void parallel_items(int64_t total, int64_t scratch_floats, const Start& start, const Body& body) {
   const int64_t workers = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), total));
@@ -298,13 +301,14 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 
 // This thread's buffer for the planes it builds for itself (kPrivatePlanesBytes), at least `floats` long. Kept for the
 // thread's life, so that the same thread writes the same lines call after call: they stay in its own cache, and no
-// other core holds a copy that a write must first invalidate. At most private_planes_bytes() (512 KiB by default) a
-// thread.
+// other core holds a copy that a write must first invalidate. It never shrinks: as large as the largest planes a call
+// on this thread built privately (at most the threshold in force then; 512 KiB by default).
 float* thread_planes(int64_t floats) {
   thread_local std::unique_ptr<float[]> buffer;
   thread_local int64_t size = 0;
   if (size < floats) {
     buffer.reset();
+    size = 0;  // a throwing allocation leaves no stale size behind
     buffer.reset(new float[static_cast<size_t>(floats)]);
     size = floats;
   }

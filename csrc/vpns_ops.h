@@ -46,7 +46,7 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
                            int64_t chunk_tiles);
 
 // csrc/core_latency.cpp: nanoseconds of one cache-line round trip between two threads pinned to CPUs first_cpu and
-// second_cpu (indices into the CPUs this process may run on), over `rounds` round trips. Linux only.
+// second_cpu (indices into the CPUs the calling thread may run on), over `rounds` round trips. Linux only.
 double core_round_trip_ns(int64_t rounds, int64_t first_cpu, int64_t second_cpu);
 
 // csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.

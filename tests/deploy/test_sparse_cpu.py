@@ -635,26 +635,30 @@ def test_private_planes_equal_shared_ones(shape, batch, threads, kernel_isa, res
     weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
     bias = torch.randn(out_channels, generator=generator)
     x = torch.randn(batch, in_channels, height, width, generator=generator)
+    other_x = torch.randn(batch, in_channels, height, width, generator=generator)
     sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
                                      activation="relu")
     torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    other_out = F.conv2d(other_x, weight, bias, stride, padding, dilation)
     residual = torch.randn(torch_out.shape, generator=generator)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         outputs = {}
-        for threshold in (0, 1 << 40, 64):  # shared, private, private only where the planes take <= 64 bytes
+        for threshold in (0, 1 << 40):  # shared, private
             sparse_cpu.set_private_planes_bytes(threshold)
-            outputs[threshold] = (sparse(x, residual), sparse(x))
+            outputs[threshold] = (sparse(x, residual), sparse(other_x))  # a new input: no planes left from before
     finally:
         torch.set_num_threads(previous)
     fused, plain = outputs[0]
     for threshold, (other_fused, other_plain) in outputs.items():
         assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), threshold
     reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+    other_reference = F.conv2d(other_x.double(), weight.double(), bias.double(), stride, padding, dilation)
     assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
                               in_channels * kernel_h * kernel_w)
-    assert_close_to_reference(plain, torch.relu(torch_out), torch.relu(reference), in_channels * kernel_h * kernel_w)
+    assert_close_to_reference(plain, torch.relu(other_out), torch.relu(other_reference),
+                              in_channels * kernel_h * kernel_w)
 
 
 def test_private_planes_from_several_threads_and_sizes(restore_private_planes_bytes):

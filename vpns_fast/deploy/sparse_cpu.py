@@ -147,12 +147,12 @@ def set_private_planes_bytes(threshold_bytes: int) -> int:
 
 def core_round_trip_ns(rounds: int = 20000, first_cpu: int = 0, second_cpu: int = 1) -> float:
     """Nanoseconds one cache line takes to go from one CPU to another and back: two threads pinned to CPUs
-    ``first_cpu`` and ``second_cpu`` (indices into the CPUs this process may run on) pass it back and forth
+    ``first_cpu`` and ``second_cpu`` (indices into the CPUs the calling thread may run on) pass it back and forth
     ``rounds`` times; the mean. Linux only; it holds the GIL and spins both CPUs while it runs, so run nothing else
     meanwhile (and not while the engine's threads are busy).
 
     What it tells: whether those two CPUs share a last-level cache. On the 2-vCPU AMD EPYC virtual machine this
-    project measures on, 50-65 ns when they do and 310-360 ns when they do not; the host switches between the two
+    project measures on, 50-110 ns when they do and 310-360 ns when they do not; the host switches between the two
     placements every few seconds to minutes, and the engine at batch 1 is much slower in the second (the README's
     CPU section). Benchmarks record it beside their times."""
     for name, value, low in (("rounds", rounds, 1), ("first_cpu", first_cpu, 0), ("second_cpu", second_cpu, 0)):

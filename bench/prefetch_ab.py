@@ -18,7 +18,7 @@ import platform
 import numpy as np
 import torch
 
-from bench.cases.infer import pruned_model
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
@@ -84,19 +84,12 @@ def _network_lines(density: float) -> list[str]:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--density", type=float, default=0.1)
+    add_switch_ab_arguments(parser)
     parser.add_argument("--calls", type=int, default=15, help="alternating calls per layer variant")
     args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
-    if not 0 < args.density <= 1:
-        parser.error(f"--density: expected a fraction in (0, 1], got {args.density}")
+    checked_switch_ab_arguments(parser, args)
     if args.calls < 1:
         parser.error(f"--calls: expected an integer >= 1, got {args.calls}")
-    available, reason = sparse_cpu.available()
-    if not available:
-        parser.error(f"the sparse CPU engine is unavailable: {reason}")
     torch.set_num_threads(args.threads)
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# sparse_cpu.set_next_tile_prefetch off / on; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; "

@@ -24,7 +24,7 @@ import time
 import numpy as np
 import torch
 
-from bench.cases.infer import pruned_model
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
@@ -134,19 +134,12 @@ def _network_lines(density: float, seconds: float, default_threshold: int) -> li
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--density", type=float, default=0.1)
+    add_switch_ab_arguments(parser)
     parser.add_argument("--seconds", type=float, default=120.0, help="seconds of rounds per layer set and network")
     args = parser.parse_args(argv)
-    if args.threads < 2:
-        parser.error(f"--threads: expected an integer >= 2 (one thread shares nothing), got {args.threads}")
-    if not 0 < args.density <= 1:
-        parser.error(f"--density: expected a fraction in (0, 1], got {args.density}")
+    checked_switch_ab_arguments(parser, args, min_threads=2)  # one thread shares nothing
     if not args.seconds > 0:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
-    available, reason = sparse_cpu.available()
-    if not available:
-        parser.error(f"the sparse CPU engine is unavailable: {reason}")
     try:
         trip = sparse_cpu.core_round_trip_ns(20000)
     except RuntimeError as error:

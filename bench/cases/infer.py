@@ -178,6 +178,27 @@ def checked_pruned_model_arguments(parser, args) -> None:
                      f"got {args.arch!r}")
 
 
+def add_switch_ab_arguments(parser) -> None:
+    """The arguments the one-process A/B scripts of an engine switch share (bench.prefetch_ab,
+    bench.private_planes_ab): ``[--threads] [--density]``; :func:`checked_switch_ab_arguments` checks them."""
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--density", type=float, default=0.1)
+
+
+def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:
+    """``parser.error`` (one line, exit 2) for arguments of :func:`add_switch_ab_arguments` out of range, or when the
+    sparse CPU engine is unavailable."""
+    from vpns_fast.deploy import sparse_cpu
+
+    if args.threads < min_threads:
+        parser.error(f"--threads: expected an integer >= {min_threads}, got {args.threads}")
+    if not 0 < args.density <= 1:
+        parser.error(f"--density: expected a fraction in (0, 1], got {args.density}")
+    available, reason = sparse_cpu.available()
+    if not available:
+        parser.error(f"the sparse CPU engine is unavailable: {reason}")
+
+
 def csr_unfold_conv(conv: nn.Conv2d):
     """Baseline ``torch_sparse_csr``: the CSR weight [C_out, C_in*KH*KW] times F.unfold's im2col matrix."""
     weight = conv.weight.detach()

@@ -100,6 +100,9 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Sparse convolutions of fewer than two images a thread whose input planes take at most `bytes` bytes have\n"
         "every thread build them in its own buffer (512 KiB by default, 0: never). Returns the previous threshold.\n"
         "Read once per call. For tests and for comparing both ways on a machine.");
+  m.def("private_planes_held_bytes", &vpns::private_planes_held_bytes,
+        "Bytes the calling thread holds for the planes it builds privately (0 until it built some); each thread of\n"
+        "the engine holds its own, kept for the thread's life.");
   m.def(
       "core_round_trip_ns", &vpns::core_round_trip_ns, py::arg("rounds") = 20000, py::arg("first_cpu") = 0,
       py::arg("second_cpu") = 1,

@@ -303,16 +303,25 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // thread's life, so that the same thread writes the same lines call after call: they stay in its own cache, and no
 // other core holds a copy that a write must first invalidate. It never shrinks: as large as the largest planes a call
 // on this thread built privately (at most the threshold in force then; 512 KiB by default).
+struct ThreadPlanes {
+  std::unique_ptr<float[]> buffer;
+  int64_t floats = 0;
+};
+
+ThreadPlanes& this_thread_planes() {
+  thread_local ThreadPlanes planes;
+  return planes;
+}
+
 float* thread_planes(int64_t floats) {
-  thread_local std::unique_ptr<float[]> buffer;
-  thread_local int64_t size = 0;
-  if (size < floats) {
-    buffer.reset();
-    size = 0;  // a throwing allocation leaves no stale size behind
-    buffer.reset(new float[static_cast<size_t>(floats)]);
-    size = floats;
+  ThreadPlanes& own = this_thread_planes();
+  if (own.floats < floats) {
+    own.buffer.reset();
+    own.floats = 0;  // a throwing allocation leaves no stale size behind
+    own.buffer.reset(new float[static_cast<size_t>(floats)]);
+    own.floats = floats;
   }
-  return buffer.get();
+  return own.buffer.get();
 }
 
 // ---- the one inner kernel: rows of a sparse matrix times shifted windows of a dense panel -------
@@ -1230,6 +1239,8 @@ std::string set_sparse_kernel_isa(const std::string& name) {
 }
 
 bool set_next_tile_prefetch(bool enabled) { return next_tile_prefetch().exchange(enabled); }
+
+int64_t private_planes_held_bytes() { return this_thread_planes().floats * static_cast<int64_t>(sizeof(float)); }
 
 int64_t set_private_planes_bytes(int64_t bytes) {
   TORCH_CHECK(bytes >= 0, "set_private_planes_bytes: bytes must be >= 0, got ", bytes);

@@ -36,6 +36,8 @@ bool set_next_tile_prefetch(bool enabled);
 // Sparse convolutions of fewer than 2 images a thread whose planes take at most `bytes` have every thread build them
 // in its own buffer; returns the previous threshold.
 int64_t set_private_planes_bytes(int64_t bytes);
+// Bytes of the calling thread's own planes buffer (0 until a call on this thread built planes privately).
+int64_t private_planes_held_bytes();
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);

@@ -687,6 +687,30 @@ def test_private_planes_from_several_threads_and_sizes(restore_private_planes_by
     assert not run_in_threads(work) and not mismatches
 
 
+def test_private_planes_are_built_where_the_threshold_says(restore_private_planes_bytes):
+    """The private path is taken, on the calling thread with one thread (at::parallel_for runs inline): a new thread
+    holds no planes, none after a call with the threshold 0 or below the planes' size, its planes (4 channels of
+    22 x 22 plus slack) after one above it, and keeps them."""
+    generator = torch.Generator().manual_seed(3)
+    layer = sparse_cpu.SparseConv2d(masked((5, 4, 3, 3), 0.5, generator), padding=1)
+    x = torch.randn(1, 4, 20, 20, generator=generator)
+    plane_bytes = 4 * 22 * 22 * 4
+    held = []
+
+    def work(index):
+        torch.set_num_threads(1)
+        with torch.inference_mode():
+            held.append(sparse_cpu.private_planes_held_bytes())
+            for threshold in (0, plane_bytes - 1, 1 << 20, 0):
+                sparse_cpu.set_private_planes_bytes(threshold)
+                layer(x)
+                held.append(sparse_cpu.private_planes_held_bytes())
+
+    assert not run_in_threads(work, count=1)
+    assert held[:3] == [0, 0, 0]
+    assert plane_bytes < held[3] < 2 * plane_bytes and held[4] == held[3]
+
+
 def test_private_planes_threshold_is_checked(restore_private_planes_bytes):
     previous = sparse_cpu.set_private_planes_bytes(0)
     assert previous == sparse_cpu.PRIVATE_PLANES_BYTES == 512 * 1024

@@ -31,7 +31,8 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "set_private_planes_bytes", "core_round_trip_ns", "winograd_conv2d")
+                 "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
+                 "winograd_conv2d")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -143,6 +144,13 @@ def set_private_planes_bytes(threshold_bytes: int) -> int:
             or threshold_bytes >= 1 << 63):
         raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
     return int(_ops().set_private_planes_bytes(threshold_bytes))
+
+
+def private_planes_held_bytes() -> int:
+    """Bytes the calling thread holds for the planes it builds privately (:func:`set_private_planes_bytes`): 0 until
+    a call ran part of its work on this thread with private planes, then the largest such planes, kept for the
+    thread's life. Each of the engine's threads holds its own."""
+    return int(_ops().private_planes_held_bytes())
 
 
 def core_round_trip_ns(rounds: int = 20000, first_cpu: int = 0, second_cpu: int = 1) -> float:

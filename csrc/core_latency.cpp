@@ -1,11 +1,12 @@
 // How far apart two CPUs are, as the sparse engine's threads see it: the round trip of one cache line between
 // two threads pinned to two CPUs the calling thread may run on.
 //
-// Why: on a 2-vCPU KVM guest of a 2-socket AMD EPYC host (Zen 4, 2026-12-05) the host places the two vCPUs either
-// on cores that share an L3 (a round trip of 50-110 ns) or on cores that do not (310-360 ns), and moves them every
-// few seconds to minutes; the guest sees neither. The sparse engine at batch 1 ran 1.39x (ResNet-18) and 1.45x
-// (ResNet-50) slower in the second placement, 1.22x and 1.35x since private planes (docs/cpu-engine-runs.md), so its
-// benchmarks record this figure beside the times they take (bench/private_planes_ab.py). Linux only.
+// Why: on a 2-vCPU KVM guest of an AMD EPYC host (Zen 4, 2026-12-05) the host places the two vCPUs either on cores
+// that share an L3 (a round trip of 50-110 ns) or on cores that do not (310-360 ns; so the latencies say, the guest
+// cannot see the host's topology), and moves them every few seconds to minutes. The sparse engine at batch 1 ran 1.39x
+// (ResNet-18) and 1.45x (ResNet-50) slower in the second placement, 1.22x and 1.35x since private planes
+// (docs/cpu-engine-runs.md), so its benchmarks record this figure beside the times they take
+// (bench/private_planes_ab.py). Linux only.
 #include "vpns_ops.h"
 
 #include <c10/util/Exception.h>

@@ -176,9 +176,9 @@ std::atomic<bool>& next_tile_prefetch() {
 // thread's lines are read once, in order (its output, by the copy), and the buffer is written by the same thread each
 // call. bench/results/cpu-private-planes-ab-2026-12-05-amd.txt (2 threads, batch 1, 10% kept, rounds grouped by the
 // round trip; the layers with every plane private whatever its size), shared -> private, cores apart / sharing the L3:
-// 128 -> 256 3x3 stride 2 at 28x28 (460 KB of planes)
-// 0.747 -> 0.249 / 0.266 -> 0.229 ms; 256 -> 256 3x3 at 14x14 (262 KB) 0.590 -> 0.323 / 0.339 -> 0.305 ms; 64 -> 64
-// 3x3 at 56x56 (861 KB) 0.558 -> 0.332 / 0.322 -> 0.320 ms; ResNet-18 1.162x / 1.016x, ResNet-50 1.068x / 1.000x.
+// 128 -> 256 3x3 stride 2 at 28x28 (460 KB of planes) 0.747 -> 0.249 / 0.266 -> 0.229 ms; 256 -> 256 3x3 at 14x14
+// (262 KB) 0.590 -> 0.323 / 0.339 -> 0.305 ms; 64 -> 64 3x3 at 56x56 (861 KB) 0.558 -> 0.332 / 0.322 -> 0.320 ms;
+// ResNet-18 1.162x / 1.016x, ResNet-50 1.068x / 1.000x.
 // 512 KiB rather than 1 MiB, in a scratch A/B of the same kind (17-208 rounds): sharing the L3, each thread copying
 // ResNet-18's 861 KB planes at 56x56 cost more than it saved (ResNet-18 0.947x with 1 MiB, 0.983x with 512 KiB;
 // cores apart 1.208x and 1.157x; ResNet-50 0.979x / 0.998x and 1.062x / 1.055x).
@@ -1471,16 +1471,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   };
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  // Items of (row block, image, run of tiles) over images `image_floats` apart from `images`, a few per thread.
-  // `start`: what each thread does first (parallel_items); `images_of_thread`: where the images are for the thread
-  // that runs an item (nullptr: `images`).
-  auto share_out = [&](const float* images, int64_t image_floats, bool exact, const auto& start,
-                       auto images_of_thread) {
+  // Items of (row block, image, run of tiles) over images `image_floats` apart from images_of_thread() (where they
+  // are for the thread that runs an item), a few per thread; `start`: what each thread does first (parallel_items).
+  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, bool exact, const auto& start) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
-      const float* base = images;
-      if constexpr (!std::is_same_v<decltype(images_of_thread), std::nullptr_t>) base = images_of_thread();
+      const float* base = images_of_thread();
       // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
       const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
@@ -1504,7 +1501,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
     // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
-    share_out(x_data, g.in_channels * g.height * g.width, true, [] {}, nullptr);
+    share_out([&] { return x_data; }, g.in_channels * g.height * g.width, true, [] {});
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -1529,15 +1526,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       private_planes_bytes().load(std::memory_order_relaxed)) {
     // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
-    share_out(
-        nullptr, g.image_stride, false,
-        [&] {
-          float* own = thread_planes(floats);
-          for (int64_t n = 0; n < g.batch; ++n) {
-            for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, own + n * g.image_stride);
-          }
-        },
-        [&] { return static_cast<const float*>(thread_planes(floats)); });
+    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, false,
+              [&] {
+                float* own = thread_planes(floats);
+                for (int64_t n = 0; n < g.batch; ++n) {
+                  for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, own + n * g.image_stride);
+                }
+              });
     return output;
   }
   at::Tensor planes = at::empty({g.batch, g.image_stride}, x.options());
@@ -1553,7 +1548,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out(planes_data, g.image_stride, false, [] {}, nullptr);
+  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, false, [] {});
   return output;
 }
 

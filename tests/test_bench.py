@@ -381,15 +381,18 @@ def test_the_one_model_scripts_refuse_bad_arguments_by_name(script, argv, messag
     assert exited.value.code == 2 and message in capsys.readouterr().err
 
 
-def test_cpu_rows_record_the_cores_round_trip():
+def test_cpu_rows_record_the_cores_round_trip(monkeypatch):
     """bench.environment: the CPU rows say how far apart the first two CPUs were when their measurement began (a
-    positive time, or None where it cannot be measured)."""
-    from bench.environment import environment_fields
+    positive time, the smaller of two measurements, or None where it cannot be measured)."""
+    from bench import environment
     from vpns_fast.deploy import sparse_cpu
 
-    trip = environment_fields("cpu")["core_round_trip_ns"]
+    trip = environment.environment_fields("cpu")["core_round_trip_ns"]
     if sparse_cpu.available()[0] and hasattr(os, "sched_getaffinity") and len(os.sched_getaffinity(0)) >= 2:
         assert isinstance(trip, float) and 0 < trip < 1e6
+        measurements = iter([400.0, 300.0])
+        monkeypatch.setattr(sparse_cpu, "core_round_trip_ns", lambda rounds: next(measurements))
+        assert environment.core_round_trip_ns() == 300.0
     else:
         assert trip is None
 
@@ -407,22 +410,22 @@ def test_private_planes_ab_refuses_bad_arguments_by_name(argv, message, capsys):
 
 def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
     """bench/private_planes_ab.py: each run goes with its own threshold set, and each round lands in the group its
-    measured round trip says (the smaller of two measurements), or in "between"; the summary quotes the per-round
-    ratio shared / private."""
+    measured round trip says (bench.environment.core_round_trip_ns), or in "between" (also when none could be
+    measured); the summary quotes the per-round ratio shared / private."""
     from bench import private_planes_ab
     from vpns_fast.deploy import sparse_cpu
 
-    trips = iter([60.0, 400.0, 300.0, 320.0, 200.0, 180.0])  # two a round: 60, 300, 180 ns
-    monkeypatch.setattr(sparse_cpu, "core_round_trip_ns", lambda rounds: next(trips))
+    trips = iter([60.0, 300.0, 180.0, None])
+    monkeypatch.setattr(private_planes_ab, "core_round_trip_ns", lambda: next(trips))
     current = {}
     monkeypatch.setattr(sparse_cpu, "set_private_planes_bytes", lambda value: current.update(value=value))
     seen = []
     runs = {name: functools.partial(lambda name: seen.append((name, current["value"])), name)
             for name in ("shared", "private")}
-    groups = private_planes_ab._grouped(runs, {"shared": 0, "private": 512}, 60.0, max_rounds=3)
-    assert [len(groups[name]) for name in ("shared", "apart", "between")] == [1, 1, 1]
+    groups = private_planes_ab._grouped(runs, {"shared": 0, "private": 512}, 60.0, max_rounds=4)
+    assert [len(groups[name]) for name in ("shared", "apart", "between")] == [1, 1, 2]
     assert set(seen) == {("shared", 0), ("private", 512)}
-    assert len(seen) == 3 * 2 * private_planes_ab.CALLS_PER_ROUND
+    assert len(seen) == 4 * 2 * private_planes_ab.CALLS_PER_ROUND
     rounds = [{"shared": 2.0, "private": 1.0}, {"shared": 3.0, "private": 2.0}]
     line = private_planes_ab._summary("net", rounds, "shared", "private")
     assert line.startswith("net:   2 rounds, shared   2.500 ms, private   1.500 ms; shared / private 1.750x")

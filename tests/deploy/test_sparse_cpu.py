@@ -6,11 +6,13 @@ reduction length.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
 import sys
 import time
+import types
 
 import pytest
 import torch
@@ -545,6 +547,42 @@ NEXT_TILE_SHAPES = [
 ]
 
 
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """torch's intra-op threads set to ``count`` inside the block, given back after it."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def fused_conv_case(shape, batch: int, seed: int) -> types.SimpleNamespace:
+    """A conv of ``shape`` ((C_in, C_out, H, W, kernel, stride, padding, dilation), 40% of its weight kept) as a
+    SparseConv2d with bias and ReLU fused; two inputs ``x`` and ``other_x``, a ``residual`` of the output's shape, and
+    ``check(out, x, residual=None)``, which compares ``out`` with F.conv2d in float32 and float64."""
+    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
+    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
+    generator = torch.Generator().manual_seed(seed)
+    weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    x = torch.randn(batch, in_channels, height, width, generator=generator)
+    other_x = torch.randn(batch, in_channels, height, width, generator=generator)
+    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
+                                     activation="relu")
+    residual = torch.randn(F.conv2d(x, weight, bias, stride, padding, dilation).shape, generator=generator)
+
+    def check(out, x, residual=None):
+        torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
+        reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
+        if residual is not None:
+            torch_out, reference = torch_out + residual, reference + residual.double()
+        assert_close_to_reference(out, torch.relu(torch_out), torch.relu(reference), in_channels * kernel_h * kernel_w)
+
+    return types.SimpleNamespace(sparse=sparse, x=x, other_x=other_x, residual=residual, check=check)
+
+
 @pytest.fixture
 def restore_next_tile_prefetch():
     previous = sparse_cpu.set_next_tile_prefetch(True)
@@ -561,33 +599,19 @@ def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, re
     that passes a next tile (batch 1: items of rows and tiles, from planes or in place; 5 images: image by image),
     streamed and cached outputs, with and without a residual: the same bits with them off, and right. (A request
     cannot fault or change a value: this shows the paths run, not that the requested range is the right one.)"""
-    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
-    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
-    generator = torch.Generator().manual_seed(in_channels * 31 + batch * 7 + threads)
-    weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
-    bias = torch.randn(out_channels, generator=generator)
-    x = torch.randn(batch, in_channels, height, width, generator=generator)
-    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation, relu=True)
-    torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
-    residual = torch.randn(torch_out.shape, generator=generator)
-    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        outputs = {}
+    case = fused_conv_case(shape, batch, seed=shape[0] * 31 + batch * 7 + threads)
+    outputs = {}
+    with torch_threads(threads):
         for threshold in ((1 << 63) - 1, 0):  # cached, then streamed where the kernel is 1x1
             sparse_cpu.set_streamed_output_bytes(threshold)
             for requests in (True, False):
                 sparse_cpu.set_next_tile_prefetch(requests)
-                outputs[threshold, requests] = (sparse(x, residual), sparse(x))
-    finally:
-        torch.set_num_threads(previous)
+                outputs[threshold, requests] = (case.sparse(case.x, case.residual), case.sparse(case.x))
     fused, plain = outputs[(1 << 63) - 1, True]
     for key, (other_fused, other_plain) in outputs.items():
         assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), key
-    assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
-                              in_channels * kernel_h * kernel_w)
-    assert_close_to_reference(plain, torch.relu(torch_out), torch.relu(reference), in_channels * kernel_h * kernel_w)
+    case.check(fused, case.x, case.residual)
+    case.check(plain, case.x)
 
 
 def test_next_tile_prefetch_switch():
@@ -629,36 +653,18 @@ def test_private_planes_equal_shared_ones(shape, batch, threads, kernel_isa, res
     """Planes each thread builds for itself (csrc thread_planes) against one shared copy: the same bits, with and
     without a residual, and right. Batch 5 at 1-2 threads takes the image-by-image path, which has no shared copy:
     the threshold must change nothing there either."""
-    in_channels, out_channels, height, width, kernel, stride, padding, dilation = shape
-    kernel_h, kernel_w = (kernel, kernel) if isinstance(kernel, int) else kernel
-    generator = torch.Generator().manual_seed(in_channels * 37 + batch * 5 + threads)
-    weight = masked((out_channels, in_channels, kernel_h, kernel_w), 0.4, generator)
-    bias = torch.randn(out_channels, generator=generator)
-    x = torch.randn(batch, in_channels, height, width, generator=generator)
-    other_x = torch.randn(batch, in_channels, height, width, generator=generator)
-    sparse = sparse_cpu.SparseConv2d(weight, bias, stride=stride, padding=padding, dilation=dilation,
-                                     activation="relu")
-    torch_out = F.conv2d(x, weight, bias, stride, padding, dilation)
-    other_out = F.conv2d(other_x, weight, bias, stride, padding, dilation)
-    residual = torch.randn(torch_out.shape, generator=generator)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        outputs = {}
+    case = fused_conv_case(shape, batch, seed=shape[0] * 37 + batch * 5 + threads)
+    outputs = {}
+    with torch_threads(threads):
         for threshold in (0, 1 << 40):  # shared, private
             sparse_cpu.set_private_planes_bytes(threshold)
-            outputs[threshold] = (sparse(x, residual), sparse(other_x))  # a new input: no planes left from before
-    finally:
-        torch.set_num_threads(previous)
+            # the second call on a new input: no planes left from the first
+            outputs[threshold] = (case.sparse(case.x, case.residual), case.sparse(case.other_x))
     fused, plain = outputs[0]
     for threshold, (other_fused, other_plain) in outputs.items():
         assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), threshold
-    reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding, dilation)
-    other_reference = F.conv2d(other_x.double(), weight.double(), bias.double(), stride, padding, dilation)
-    assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
-                              in_channels * kernel_h * kernel_w)
-    assert_close_to_reference(plain, torch.relu(other_out), torch.relu(other_reference),
-                              in_channels * kernel_h * kernel_w)
+    case.check(fused, case.x, case.residual)
+    case.check(plain, case.other_x)
 
 
 def test_private_planes_from_several_threads_and_sizes(restore_private_planes_bytes):
@@ -711,17 +717,6 @@ def test_private_planes_are_built_where_the_threshold_says(restore_private_plane
     assert plane_bytes < held[3] < 2 * plane_bytes and held[4] == held[3]
 
 
-def test_private_planes_threshold_is_checked(restore_private_planes_bytes):
-    previous = sparse_cpu.set_private_planes_bytes(0)
-    assert previous == sparse_cpu.PRIVATE_PLANES_BYTES == 512 * 1024
-    assert sparse_cpu.set_private_planes_bytes(5) == 0
-    for bad in (-1, 1 << 63, 1.5, True, "8"):
-        with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
-            sparse_cpu.set_private_planes_bytes(bad)
-    with pytest.raises(RuntimeError, match="bytes must be >= 0"):
-        sparse_cpu._ops().set_private_planes_bytes(-1)
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and two CPUs this process may run on")
 def test_core_round_trip_is_a_time_and_checks_its_arguments():
@@ -740,20 +735,24 @@ def test_core_round_trip_is_a_time_and_checks_its_arguments():
         sparse_cpu.core_round_trip_ns(10, 0, len(before))
 
 
-def test_streamed_output_threshold_is_checked():
-    # every test that changes the threshold restores it, so here it is still the extension's own default
-    previous = sparse_cpu.set_streamed_output_bytes(0)
+@pytest.mark.parametrize("setter, default, default_bytes", [
+    ("set_streamed_output_bytes", sparse_cpu.STREAMED_OUTPUT_BYTES, 8 << 20),
+    ("set_private_planes_bytes", sparse_cpu.PRIVATE_PLANES_BYTES, 512 << 10)])
+def test_engine_thresholds_are_checked(setter, default, default_bytes):
+    # every test that changes a threshold restores it, so here it is still the extension's own default
+    set_threshold = getattr(sparse_cpu, setter)
+    previous = set_threshold(0)
     try:
-        assert previous == sparse_cpu.STREAMED_OUTPUT_BYTES
-        assert sparse_cpu.set_streamed_output_bytes(5) == 0
-        assert sparse_cpu.set_streamed_output_bytes((1 << 63) - 1) == 5
+        assert previous == default == default_bytes
+        assert set_threshold(5) == 0
+        assert set_threshold((1 << 63) - 1) == 5
         for bad in (-1, 1 << 63, 1.5, True, "8"):
             with pytest.raises(ValueError, match=r"threshold_bytes must be an int in \[0, 2\*\*63\)"):
-                sparse_cpu.set_streamed_output_bytes(bad)
+                set_threshold(bad)
         with pytest.raises(RuntimeError, match="bytes must be >= 0"):
-            sparse_cpu._ops().set_streamed_output_bytes(-1)
+            getattr(sparse_cpu._ops(), setter)(-1)
     finally:
-        sparse_cpu.set_streamed_output_bytes(previous)
+        set_threshold(previous)
 
 
 @pytest.mark.parametrize("activation", sorted(sparse_cpu.EPILOGUE_ACTIVATIONS))

@@ -116,16 +116,21 @@ STREAMED_OUTPUT_BYTES = 8 << 20
 PRIVATE_PLANES_BYTES = 512 << 10
 
 
+def _checked_threshold_bytes(threshold_bytes: int) -> int:
+    """``threshold_bytes`` when it is an int the extension's int64 thresholds take, [0, 2**63); else ValueError."""
+    if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0
+            or threshold_bytes >= 1 << 63):
+        raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
+    return threshold_bytes
+
+
 def set_streamed_output_bytes(threshold_bytes: int) -> int:
     """Sparse 1x1 convolutions whose output has at least ``threshold_bytes`` bytes (8 MiB by default) write it
     with non-temporal stores, whole cache lines straight to memory, with the AVX2 and AVX-512 kernels; 0 streams
     every 1x1 output (but those of 1x1 inputs at batch 8 and more, which run as a linear layer), ``2**63 - 1``
     none. The values are the same either way. Returns the previous threshold. Each call reads it once, so a
     change applies from the next call on; for comparing both ways on a machine."""
-    if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0
-            or threshold_bytes >= 1 << 63):
-        raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
-    return int(_ops().set_streamed_output_bytes(threshold_bytes))
+    return int(_ops().set_streamed_output_bytes(_checked_threshold_bytes(threshold_bytes)))
 
 
 def set_private_planes_bytes(threshold_bytes: int) -> int:
@@ -140,10 +145,7 @@ def set_private_planes_bytes(threshold_bytes: int) -> int:
     2 threads measured 1.162x faster with private planes that way, and 1.016x while the cores shared their cache
     (``python -m bench.private_planes_ab``; the README's CPU section). Each call reads the threshold once; for
     comparing both ways on a machine."""
-    if (isinstance(threshold_bytes, bool) or not isinstance(threshold_bytes, int) or threshold_bytes < 0
-            or threshold_bytes >= 1 << 63):
-        raise ValueError(f"threshold_bytes must be an int in [0, 2**63), got {threshold_bytes!r}")
-    return int(_ops().set_private_planes_bytes(threshold_bytes))
+    return int(_ops().set_private_planes_bytes(_checked_threshold_bytes(threshold_bytes)))
 
 
 def private_planes_held_bytes() -> int:

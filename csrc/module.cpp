@@ -26,7 +26,7 @@ values (float32, nnz)]: for each output channel, its nonzero weights in (c_in, k
 Exact zeros are skipped (NaN and inf are kept).)doc");
   m.def("sparse_conv2d_offsets", &vpns::sparse_conv2d_offsets, py::arg("row_ptr"), py::arg("channel_index"),
         py::arg("tap_index"), py::arg("values"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"),
-        py::arg("padding"), py::arg("dilation"), py::arg("channel_block") = 0,
+        py::arg("padding"), py::arg("dilation"), py::arg("channel_block") = 0, py::arg("input_channel_stride") = 0,
         R"doc(The input-size-dependent part of a packed weight, for inputs of spatial size input_size = (H, W):
 [offsets (int32, nnz): where each nonzero reads the padded input planes,
  segments (int64, C_out * blocks + 1): the nonzeros split by input-channel block, block-major (block j's
@@ -34,10 +34,13 @@ Exact zeros are skipped (NaN and inf are kept).)doc");
  values (float32, nnz): the packed values in that order].
 
 Callers compute them once per input size and pass all three to sparse_conv2d. channel_block: input channels
-per block (0 = chosen so that a block's input tile fits in L1).)doc");
+per block (0 = chosen so that a block's input tile fits in L1). input_channel_stride: floats from one input
+channel to the next in the inputs these offsets are for (0 = H * W, contiguous); a 1x1, stride-1, unpadded conv
+reads its input in place, so its offsets depend on it; pass sparse_conv2d the same value.)doc");
   m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("residual") = py::none(), py::arg("activation") = 0,
+        py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
         // no Python object is touched inside: other Python threads run meanwhile (one deployed model
         // called from several threads)
         py::call_guard<py::gil_scoped_release>(),
@@ -48,7 +51,13 @@ epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shap
 
 input: float32 CPU [N, C_in, H, W]; segments, offsets and values from sparse_conv2d_offsets(..., input_size=(H, W),
 same stride/padding/dilation) (values in its order, not the pack function's); bias: float32 [C_out] or None.
-Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded input.)doc");
+input_channel_stride: 0 (the input is read as a contiguous tensor, copied if it is not one), or S >= H * W for an
+input with strides (C_in * S, S, W, 1), read as it is (the offsets made with the same value). aligned_output: the
+output's channels start a whole number of 8-float vectors apart (strides (C_out * P, P, W_out, 1), P = H_out * W_out
+rounded up to a multiple of 8 when it is above 8; the floats between channels are zeros), so that a 1x1 conv
+reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
+1) is read as it is. Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded
+input.)doc");
   m.def("sparse_linear_pack", &vpns::sparse_linear_pack, py::arg("weight"),
         R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:
 [row_ptr (int64, out_features + 1), column_index (int32, nnz), values (float32, nnz)]; exact zeros skipped.)doc");

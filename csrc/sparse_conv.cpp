@@ -629,6 +629,7 @@ struct ConvGeometry {
   int64_t batch, in_channels, height, width, out_channels, kernel_h, kernel_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   int64_t out_h, out_w, plane_h, plane_w, plane_size, planes, channel_stride, image_stride;
+  int64_t input_channel_stride;     // floats from one input channel to the next (H * W when contiguous)
   std::vector<int64_t> plane_slot;  // [stride_h * stride_w] -> index among stored planes, -1 if no tap uses it
   std::vector<int64_t> tap_offset;  // [kernel_h * kernel_w] -> offset within a channel's planes
   int64_t channel_block;            // input channels whose tile windows fit in L1 together
@@ -642,9 +643,44 @@ std::vector<int64_t> pair_arg(const char* op, const char* name, std::vector<int6
   return value;
 }
 
+// A 1x1, stride-1, unpadded convolution reads the input in place of its one phase plane (its channels
+// input_channel_stride apart), with exact reads (a masked last vector) where that leaves no whole last vector.
+bool reads_input_directly(const ConvGeometry& g) {
+  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
+}
+
+// What a convolution's tiles read: its planes, or its input in place in whole vectors or exactly.
+enum class Source { kPlanes, kInputWhole, kInputExact };
+
+// S when t is an [N, C, H, W] activation whose channels are S >= H * W floats apart, images C * S apart
+// (strides (C * S, S, W, 1): a contiguous tensor, S = H * W, or an aligned output), else -1.
+int64_t planar_channel_stride(const at::Tensor& t) {
+  if (t.dim() != 4) return -1;
+  const int64_t s = t.stride(1);
+  const bool planar =
+      s >= t.size(2) * t.size(3) && t.stride(0) == t.size(1) * s && t.stride(2) == t.size(3) && t.stride(3) == 1;
+  return planar ? s : -1;
+}
+
+// Floats from one output channel to the next in an aligned output (sparse_conv2d's aligned_output): whole vectors,
+// so that every channel starts where a vector load of the next 1x1 conv, reading it in place, is aligned. Planes of
+// less than a vector are left as they are (a 1x1-pixel output would grow 8x).
+//
+// Why: a 1x1 conv reads its input in place, a channel's positions at c * H * W; at 14x14 (196 floats) every other
+// channel starts 16 bytes off a 32-byte boundary, at 7x7 seven channels of eight are off, and each load that
+// straddles two cache lines costs two. bench/results/cpu-aligned-outputs-ab-2026-12-05-amd.txt (2-core AMD EPYC,
+// 2 threads, AVX2, 10% kept, bias + ReLU fused, per-call ratios contiguous / aligned input, residual and output):
+// batch 32 256 -> 1024 @14 with residual 1.03x, 1024 -> 256 @14 1.10x, 512 -> 2048 @7 with residual 1.30x,
+// 2048 -> 512 @7 1.17x; batch 1 1.07-1.10x. ResNet-50 end to end 1.040x at batch 32 (p20-p80 1.023-1.049x; 1.009x in
+// a first run), 1.002x at batch 1 (1.017x): those layers are a small part of it. The sparse layer marks only outputs
+// that a 1x1 conv reads in place (ResNet-18 has none).
+int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLanes) : plane; }
+
+// input_channel_stride: floats from one input channel to the next (0: height * width, a contiguous input); a 1x1,
+// stride-1, unpadded conv reads its input in place (reads_input_directly), so its offsets depend on it.
 ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, int64_t batch, int64_t height,
                            int64_t width, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                           std::vector<int64_t> dilation) {
+                           std::vector<int64_t> dilation, int64_t input_channel_stride) {
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_out, C_in, KH, KW], got ", weight_shape.size(),
               " elements");
   stride = pair_arg(op, "stride", stride);
@@ -688,7 +724,10 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
       if (g.plane_slot[phase] < 0) g.plane_slot[phase] = g.planes++;
     }
   }
-  g.channel_stride = g.planes * g.plane_size;
+  TORCH_CHECK(input_channel_stride == 0 || input_channel_stride >= height * width, op,
+              ": input_channel_stride must be 0 or at least H * W = ", height * width, ", got ", input_channel_stride);
+  g.input_channel_stride = input_channel_stride > 0 ? input_channel_stride : height * width;
+  g.channel_stride = reads_input_directly(g) ? g.input_channel_stride : g.planes * g.plane_size;
   // Tiles read up to kTile floats past the last position; the slack keeps that inside the buffer.
   g.image_stride = g.in_channels * g.channel_stride + round_up(g.positions(), kTile) + kTile;
   TORCH_CHECK(g.image_stride < std::numeric_limits<int32_t>::max(), op, ": one image is too large for 32-bit offsets");
@@ -709,12 +748,6 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   const int64_t window = g.planes * (tile + (g.plane_h - g.out_h) * g.plane_w + (g.plane_w - g.out_w)) * 4;
   g.channel_block = std::max<int64_t>(1, kL1Budget / window);
   return g;
-}
-
-// A 1x1, stride-1, unpadded convolution reads the input in place of its one phase plane (same layout),
-// with exact reads (a masked last vector) where H * W is not a multiple of kLanes.
-bool reads_input_directly(const ConvGeometry& g) {
-  return g.kernel_h == 1 && g.kernel_w == 1 && g.stride_h == 1 && g.stride_w == 1 && g.pad_h == 0 && g.pad_w == 0;
 }
 
 // The activations (kRelu, ..., activate<kActivation>) live in activation.h, shared with csrc/winograd.cpp.
@@ -1058,7 +1091,7 @@ void offset_range(const int32_t* __restrict offsets, int64_t count, int32_t* lo,
 
 // Writes image n's phase planes (zero padding included) into `dst` (g.image_stride floats).
 void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst) {
-  const float* x = input + c * g.height * g.width;
+  const float* x = input + c * g.input_channel_stride;
   for (int64_t a = 0; a < g.stride_h; ++a) {
     for (int64_t b = 0; b < g.stride_w; ++b) {
       const int64_t slot = g.plane_slot[a * g.stride_w + b];
@@ -1311,10 +1344,12 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
                                               const at::Tensor& tap_index, const at::Tensor& values,
                                               std::vector<int64_t> weight_shape, std::vector<int64_t> input_size,
                                               std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                              std::vector<int64_t> dilation, int64_t channel_block) {
+                                              std::vector<int64_t> dilation, int64_t channel_block,
+                                              int64_t input_channel_stride) {
   constexpr const char* op = "sparse_conv2d_offsets";
   TORCH_CHECK(input_size.size() == 2, op, ": input_size must be (H, W), got ", input_size.size(), " elements");
-  const ConvGeometry g = make_geometry(op, weight_shape, 1, input_size[0], input_size[1], stride, padding, dilation);
+  const ConvGeometry g =
+      make_geometry(op, weight_shape, 1, input_size[0], input_size[1], stride, padding, dilation, input_channel_stride);
   check_packed(op, row_ptr, channel_index, "channel_index", tap_index, g.out_channels, at::kInt);
   const int64_t nnz = channel_index.numel(), taps = g.kernel_h * g.kernel_w, rows = g.out_channels;
   TORCH_CHECK(values.device().is_cpu() && values.scalar_type() == at::kFloat && values.dim() == 1 &&
@@ -1369,7 +1404,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                         const std::optional<at::Tensor>& residual, int64_t activation) {
+                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
+                         bool aligned_output) {
   constexpr const char* op = "sparse_conv2d";
   TORCH_CHECK(activation >= 0 && activation < kActivations, op,
               ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6), 4 (hardswish), 5 (sigmoid) or 6 "
@@ -1377,8 +1413,11 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
               activation);
   check_float_cpu(op, "input", input);
   TORCH_CHECK(input.dim() == 4, op, ": input must be 4-d [N, C_in, H, W], got ", input.dim(), "-d");
-  const ConvGeometry g =
-      make_geometry(op, weight_shape, input.size(0), input.size(2), input.size(3), stride, padding, dilation);
+  const ConvGeometry g = make_geometry(op, weight_shape, input.size(0), input.size(2), input.size(3), stride, padding,
+                                       dilation, input_channel_stride);
+  TORCH_CHECK(input_channel_stride == 0 || planar_channel_stride(input) == input_channel_stride, op,
+              ": input_channel_stride ", input_channel_stride, " does not match the input's strides ", input.strides(),
+              " (expected (C_in * S, S, W, 1) with S = input_channel_stride)");
   TORCH_CHECK(input.size(1) == g.in_channels, op, ": input has ", input.size(1), " channels, the weight expects ",
               g.in_channels, " (groups > 1 is not supported)");
   check_packed(op, segments, offsets, "offsets", values, g.out_channels);
@@ -1396,14 +1435,24 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
               "); compute them with sparse_conv2d_offsets for this input size and the same stride/padding/dilation");
 
   at::NoGradGuard no_grad;
-  const at::Tensor x = contiguous_activation(input);
-  at::Tensor output = empty_activation({g.batch, g.out_channels, g.out_h, g.out_w});
+  const at::Tensor x = input_channel_stride > 0 ? input : contiguous_activation(input);
+  const int64_t plane = g.out_h * g.out_w;
+  // Floats from one output channel to the next: whole vectors when asked (aligned_plane_stride).
+  const int64_t out_stride = aligned_output ? aligned_plane_stride(plane) : plane;
+  at::Tensor output = out_stride == plane ? empty_activation({g.batch, g.out_channels, g.out_h, g.out_w})
+                                          : empty_activation({g.batch, g.out_channels, out_stride})
+                                                .as_strided({g.batch, g.out_channels, g.out_h, g.out_w},
+                                                            {g.out_channels * out_stride, out_stride, g.out_w, 1});
   at::Tensor res;
+  int64_t res_stride = plane;
   if (residual && residual->defined()) {
     check_float_cpu(op, "residual", *residual);
     TORCH_CHECK(residual->sizes() == output.sizes(), op, ": residual must have the output's shape ", output.sizes(),
                 ", got ", residual->sizes());
-    res = contiguous_activation(*residual);
+    // an aligned activation (a former output) is read as it is
+    res_stride = planar_channel_stride(*residual);
+    res = res_stride > 0 ? *residual : contiguous_activation(*residual);
+    if (res_stride <= 0) res_stride = plane;
   }
   if (output.numel() == 0) return output;
   const bool stream =
@@ -1426,45 +1475,48 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // once blocks grew it prefetched windows that did not match them: ResNet-50, 10% kept, batch 32, 2 threads,
   // 3 alternating processes of 6 calls, medians 723 / 697 / 676 ms before, 678 / 593 / 639 ms after.)
   InputPrefetch in_place_prefetch;
-  in_place_prefetch.channel_stride = g.height * g.width;
+  in_place_prefetch.channel_stride = g.channel_stride;
   in_place_prefetch.channels = g.in_channels;
   const int64_t default_block = default_channel_block(g, nnz);
   in_place_prefetch.block_channels = (g.in_channels + default_block - 1) / default_block == layout.blocks
                                          ? default_block
                                          : (g.in_channels + layout.blocks - 1) / layout.blocks;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
-  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `exact`:
-  // read nothing past a window (the input read in place, where the last image ends at the tensor's end).
+  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `source`: planes,
+  // or the input read in place (which prefetches its next windows) in whole vectors or exactly (nothing past a
+  // window: where the storage ends after the last position).
   // `next_width`: positions of the tile this item computes next (0: none), whose input an in-place read prefetches
   // and whose output and residual lines are requested during this tile's epilogue.
   auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide,
-                          bool exact, int64_t next_width) {
+                          Source source, int64_t next_width) {
     const int64_t count = std::min(kTile, positions - q0);
     std::fill(wide, wide + (o1 - o0) * kTile, 0.0f);
+    const bool exact = source == Source::kInputExact;
     InputPrefetch prefetch;
-    if (exact) {
+    if (source != Source::kPlanes) {
       prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
     rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
-    const int64_t plane = g.out_h * g.out_w;
     const auto [next_lo, next_hi] = next_width > 0 && prefetch_next
                                         ? tile_output_span(q0 + count, next_width, g.plane_w, g.out_w, plane)
                                         : std::pair<int64_t, int64_t>{plane, plane};
     for (int64_t o = o0; o < o1; ++o) {
       const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
-      float* dst = out_data + (n * g.out_channels + o) * plane;
-      const float* r_row = res_data ? res_data + (n * g.out_channels + o) * plane : nullptr;
+      float* dst = out_data + (n * g.out_channels + o) * out_stride;
+      const float* r_row = res_data ? res_data + (n * g.out_channels + o) * res_stride : nullptr;
       if (r_row) prefetch_floats(r_row, next_lo, next_hi);
       if (!stream) prefetch_floats(dst, next_lo, next_hi);
       const float add = bias_data ? bias_data[o] : 0.0f;
       epilogue_tile(dst, w_row, r_row, q0, count, g.plane_w, g.out_w, add, activation, stream);
+      // an aligned output's padding holds zeros (a 1x1 conv reading it in place sums it into positions it drops)
+      if (out_stride > plane && q0 + count == positions) std::fill(dst + plane, dst + out_stride, 0.0f);
     }
   };
   auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
-    fill_phase_planes(g, x_data + n * g.in_channels * g.height * g.width, c, image_planes);
+    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes);
     if (c == g.in_channels - 1) {
       std::memset(image_planes + used, 0, static_cast<size_t>(g.image_stride - used) * sizeof(float));
     }
@@ -1473,7 +1525,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Items of (row block, image, run of tiles) over images `image_floats` apart from images_of_thread() (where they
   // are for the thread that runs an item), a few per thread; `start`: what each thread does first (parallel_items).
-  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, bool exact, const auto& start) {
+  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, Source source, const auto& start) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
@@ -1483,14 +1535,14 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
       const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
       for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-        rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, exact,
+        rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, source,
                      q0 + kTile < q_end ? std::min(kTile, q_end - q0 - kTile) : 0);
       }
       if (stream) store_fence();
     });
   };
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.height == 1 && g.width == 1 &&
-      g.batch >= kLanes) {
+      g.batch >= kLanes && res_stride == plane) {
     // One pixel per channel: a linear layer over [N, C_in] (one stored plane of one float a channel, so each
     // offset is its nonzero's input channel, checked above to be below in_channels).
     batch_as_vectors(op, x.view({g.batch, g.in_channels}), off, vals, seg, layout, g.out_channels, bias_data, res_data,
@@ -1500,8 +1552,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
-    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image).
-    share_out([&] { return x_data; }, g.in_channels * g.height * g.width, true, [] {});
+    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image). Whole last
+    // vectors where every one stays inside the input's storage (an aligned activation, see aligned_plane_stride, or
+    // an input that fills its vectors), else the last vector masked.
+    const int64_t readable = static_cast<int64_t>(x.storage().nbytes() / sizeof(float)) - x.storage_offset();
+    const int64_t lanes = sparse_isa() == Isa::kAvx512 ? 2 * kLanes : kLanes;  // the tile's vector width
+    const bool exact = (g.batch - 1) * used + max_offset + round_up(positions, lanes) > readable;
+    share_out([&] { return x_data; }, used, exact ? Source::kInputExact : Source::kInputWhole, [] {});
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -1514,7 +1571,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {
         for (int64_t q0 = 0; q0 < positions; q0 += kTile) {
-          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, false,
+          rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, Source::kPlanes,
                        std::min(kTile, std::max<int64_t>(0, positions - q0 - kTile)));
         }
       }
@@ -1526,7 +1583,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       private_planes_bytes().load(std::memory_order_relaxed)) {
     // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
-    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, false,
+    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, Source::kPlanes,
               [&] {
                 float* own = thread_planes(floats);
                 for (int64_t n = 0; n < g.batch; ++n) {
@@ -1548,7 +1605,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, false, [] {});
+  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, Source::kPlanes, [] {});
   return output;
 }
 

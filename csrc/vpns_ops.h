@@ -18,12 +18,14 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
                                               const at::Tensor& tap_index, const at::Tensor& values,
                                               std::vector<int64_t> weight_shape, std::vector<int64_t> input_size,
                                               std::vector<int64_t> stride, std::vector<int64_t> padding,
-                                              std::vector<int64_t> dilation, int64_t channel_block);
+                                              std::vector<int64_t> dilation, int64_t channel_block,
+                                              int64_t input_channel_stride);
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
                          const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                          std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                         const std::optional<at::Tensor>& residual, int64_t activation);
+                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
+                         bool aligned_output);
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);

@@ -432,6 +432,39 @@ def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
     assert private_planes_ab._summary("net", [], "shared", "private") == "net: no round"
 
 
+@pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads: expected an integer >= 1"),
+                                           (["--density", "1.5"], "--density: expected a fraction in (0, 1]"),
+                                           (["--rounds", "0"], "--rounds: expected an integer >= 1")])
+def test_aligned_outputs_ab_refuses_bad_arguments_by_name(argv, message, capsys):
+    from bench import aligned_outputs_ab
+
+    with pytest.raises(SystemExit) as exited:
+        aligned_outputs_ab.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
+    """bench/aligned_outputs_ab.py: its aligned copy is the layout a sparse conv writes (zeros between channels,
+    the same values), each run sets the marked layers' layout by its name, and its line quotes the per-round ratio
+    plain / aligned."""
+    import torch
+
+    from bench import aligned_outputs_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    x = torch.randn(2, 3, 7, 7)
+    copy = aligned_outputs_ab.aligned_copy(x)
+    assert copy.stride() == (3 * 56, 56, 7, 1) and torch.equal(copy, x)
+    assert torch.equal(copy.as_strided((2, 3, 56), (168, 56, 1))[:, :, 49:], torch.zeros(2, 3, 7))
+    layers = [sparse_cpu.SparseConv2d(torch.ones(2, 3, 1, 1)) for _ in range(2)]
+    aligned_outputs_ab._set_layout(layers, "aligned")
+    assert all(layer.aligned_output for layer in layers)
+    aligned_outputs_ab._set_layout(layers, "plain")
+    assert not any(layer.aligned_output for layer in layers)
+    line = aligned_outputs_ab._ratio_line("net", {"plain": [2.0, 3.0], "aligned": [1.0, 2.0]}, "plain", "aligned")
+    assert line.startswith("net: plain    2.500 ms, aligned    1.500 ms; plain / aligned 1.750x")
+
+
 def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):
     """bench/engines_table.py prints the README's table from `bench infer` rows: the per-round median (inside its
     own p20-p80, where the ratio of two medians need not be), computed from speedup_rounds for older rows,

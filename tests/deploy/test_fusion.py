@@ -811,3 +811,55 @@ def test_unmarking_restores_the_plain_graph():
     with torch.no_grad():
         assert_close(converted(x), model(x), rtol=1e-4, atol=1e-4)
 
+
+
+class AlignedReaders(nn.Module):
+    """a is read by a 1x1 conv only (aligned); b by a 3x3 conv (no in-place reader: not aligned); c by d, as its input
+    and its fused residual (aligned); d by the graph's output; e (1x1) by f and by a ``.view`` (not aligned)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 16, 3, padding=1)
+        self.b = nn.Conv2d(16, 24, 1)
+        self.c = nn.Conv2d(24, 16, 3, padding=1)
+        self.d = nn.Conv2d(16, 16, 1)
+        self.e = nn.Conv2d(16, 8, 3, padding=1)
+        self.f = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        c = self.c(self.b(self.a(x)))
+        d = torch.relu(self.d(c) + c)
+        e = self.e(d)
+        return self.f(e), e.view(e.shape[0], -1)
+
+
+def test_outputs_only_sparse_readers_see_are_aligned():
+    """convert_for_cpu lays out channel-aligned (SparseConv2d.aligned_output) exactly the outputs whose every reader
+    is a sparse conv, one reading it in place (1x1); the outputs stay the model's, from two threads at once too, and
+    unmarking gives the same bits."""
+    torch.manual_seed(0)
+    model = AlignedReaders().eval()
+    with torch.no_grad():
+        for conv in model.modules():
+            if isinstance(conv, nn.Conv2d):
+                conv.weight.mul_(torch.rand_like(conv.weight) < 0.4)
+    x = torch.randn(2, 3, 7, 7)  # planes of 49 floats, laid out 56 apart
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
+    aligned = {name for name, module in converted.named_modules()
+               if isinstance(module, sparse_cpu.SparseConv2d) and module.aligned_output}
+    assert aligned == {"a", "c"} and summary["aligned_outputs"] == 2
+    assert "2 sparse convolutions write channel-aligned outputs" in summary["fusion"]
+    with torch.no_grad():
+        expected = model(x)
+        got = converted(x)
+        for out, reference in zip(got, expected):
+            assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
+        assert all(out.is_contiguous() for out in got)
+    for _index, outputs in outputs_from_two_threads(converted, [x, x], rounds=3):
+        assert all(torch.equal(out, first) for out, first in zip(outputs, got))
+    with torch.no_grad():
+        fusion.unmark_aligned_outputs(converted, sparse_cpu.SparseConv2d)
+        assert not any(getattr(module, "aligned_output", False) for module in converted.modules())
+        for out, plain in zip(got, converted(x)):
+            assert torch.equal(out, plain)

@@ -639,6 +639,78 @@ PRIVATE_PLANES_SHAPES = [
 ]
 
 
+
+def aligned_copy(x: torch.Tensor) -> torch.Tensor:
+    """``x`` laid out as an aligned output (channels ``aligned_channel_stride`` floats apart), NaN between them: a
+    layer that summed the padding into a value it keeps would show it."""
+    batch, channels, height, width = x.shape
+    stride = sparse_cpu.aligned_channel_stride(height, width)
+    buffer = torch.full((batch, channels, stride), float("nan"))
+    buffer[:, :, :height * width] = x.flatten(2)
+    return buffer.as_strided(x.shape, (channels * stride, stride, width, 1))
+
+
+ALIGNED_SHAPES = [
+    (6, 9, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: plane 196, channels 200 apart
+    (5, 7, 7, 7, 1, 1, 0, 1),  # plane 49 -> 56
+    (4, 6, 3, 5, 1, 1, 0, 1),  # plane 15 -> 16
+    (3, 5, 2, 2, 1, 1, 0, 1),  # plane 4: less than a vector, not padded
+    (20, 9, 1, 1, 1, 1, 0, 1),  # one pixel (the linear path at batch >= 8)
+    (5, 7, 7, 7, 3, 1, 1, 1),  # 3x3: the input copied into planes from the aligned layout
+    (6, 4, 13, 11, 1, 2, 0, 1),  # 1x1 stride 2: one phase of four
+    (4, 300, 9, 9, 3, 2, 1, 1),  # many output channels, stride 2
+]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3, 9])
+@pytest.mark.parametrize("shape", ALIGNED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, kernel_isa):
+    """SparseConv2d.aligned_output and inputs / residuals in that layout (read as they are): the same bits as the
+    contiguous layout, in every combination, right against F.conv2d; an aligned output has the promised strides
+    and zeros between its channels."""
+    case = fused_conv_case(shape, batch, seed=shape[0] * 31 + batch * 7 + threads)
+    plain = case.sparse
+    aligned = sparse_cpu.SparseConv2d(plain.weight, plain.bias, stride=plain.stride, padding=plain.padding,
+                                      dilation=plain.dilation, activation="relu")
+    aligned.aligned_output = True
+    with torch_threads(threads), torch.inference_mode():
+        expected = plain(case.x, case.residual)
+        for layer in (plain, aligned):
+            for x in (case.x, aligned_copy(case.x)):
+                for residual in (case.residual, aligned_copy(case.residual)):
+                    assert torch.equal(layer(x, residual), expected), (layer.aligned_output, x.stride(),
+                                                                       residual.stride())
+        out = aligned(aligned_copy(case.x))
+    case.check(expected, case.x, case.residual)
+    case.check(out, case.x)
+    batch_, channels, height, width = out.shape
+    stride = sparse_cpu.aligned_channel_stride(height, width)
+    assert out.stride() == (channels * stride, stride, width, 1)
+    assert stride == height * width or (stride % 8 == 0 and stride - 8 < height * width < stride)
+    whole = out.as_strided((batch_, channels, stride), (channels * stride, stride, 1))
+    assert torch.equal(whole[:, :, height * width:], torch.zeros(batch_, channels, stride - height * width))
+
+
+def test_an_input_channel_stride_that_does_not_match_is_refused():
+    """The raw op reads an input in the aligned layout only when told its channel stride, and refuses a stride
+    that is not the input's (the offsets of a 1x1 conv depend on it: a wrong one would read other channels), or
+    one below H * W."""
+    ops = sparse_cpu._ops()
+    layer = sparse_cpu.SparseConv2d(masked((4, 3, 1, 1), 0.7, torch.Generator().manual_seed(1)))
+    x = aligned_copy(torch.randn(2, 3, 7, 7))
+    offsets, segments, values = layer._geometry(7, 7, 56)
+    args = (segments, offsets, values, list(layer.weight_shape), None, [1, 1], [0, 0], [1, 1])
+    with pytest.raises(RuntimeError, match=r"input_channel_stride 64 does not match the input's strides"):
+        ops.sparse_conv2d(x, *args, input_channel_stride=64)
+    with pytest.raises(RuntimeError, match=r"input_channel_stride 56 does not match"):
+        ops.sparse_conv2d(x.contiguous(), *args, input_channel_stride=56)
+    with pytest.raises(RuntimeError, match=r"input_channel_stride must be 0 or at least H \* W = 49, got 40"):
+        ops.sparse_conv2d_offsets(layer.row_ptr, layer.channel_index, layer.tap_index, layer.values,
+                                  list(layer.weight_shape), [7, 7], [1, 1], [0, 0], [1, 1], input_channel_stride=40)
+    assert torch.equal(ops.sparse_conv2d(x, *args, input_channel_stride=56), layer(x.contiguous()))
+
+
 @pytest.fixture
 def restore_private_planes_bytes():
     previous = sparse_cpu.set_private_planes_bytes(sparse_cpu.PRIVATE_PLANES_BYTES)
@@ -1076,6 +1148,12 @@ for shape in ((1, 3, 3, 5), (4, 3, 3, 5), (1, 2, 7, 15), (4, 2, 7, 15)):
     x.copy_(torch.randn(shape))
     weight = torch.randn(6, shape[1], 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, shape
+# the aligned layout (channels 16 floats apart) where the last channel's padding lies past the storage: masked
+count = (2 * 3 - 1) * 16 + 15
+x = at_page_end((count,)).as_strided((2, 3, 3, 5), (48, 16, 5, 1))
+x.copy_(torch.randn(2, 3, 3, 5))
+weight = torch.randn(6, 3, 1, 1)
+assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5
 x = at_page_end((2, 4, 2, 4))
 ops = _extension.load()  # a raw call with the last valid offset of the input: taken through the copy
 y = ops.sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([4 * 8 - 1], dtype=torch.int32), torch.tensor([1.0]),

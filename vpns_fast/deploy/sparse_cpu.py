@@ -405,6 +405,25 @@ class _FusedActivation:
         return state
 
 
+def aligned_channel_stride(height: int, width: int) -> int:
+    """Floats from one channel to the next in an aligned output of a sparse conv (``SparseConv2d.aligned_output``):
+    the plane ``height * width`` rounded up to whole 8-float vectors when it is above 8, else the plane. A 1x1 conv
+    reads its input in place; with channels 196 floats apart (14x14) every other channel starts 16 bytes off a
+    32-byte boundary, and a vector load across two cache lines costs two (csrc/sparse_conv.cpp,
+    aligned_plane_stride, has the measurements)."""
+    plane = height * width
+    return -(-plane // 8) * 8 if plane > 8 else plane
+
+
+def _padded_channel_stride(x: torch.Tensor) -> int:
+    """S when the 4-d ``x`` is laid out as an aligned output, channels S > H * W floats apart (strides
+    ``(C * S, S, W, 1)``), which the kernel then reads as it is; else 0 (read as a contiguous tensor)."""
+    stride = x.stride(1)
+    if stride > x.shape[2] * x.shape[3] and x.stride() == (x.shape[1] * stride, stride, x.shape[3], 1):
+        return stride
+    return 0
+
+
 class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     """A Conv2d (zero padding) whose nonzero weights are packed per output channel and
     run by the direct sparse convolution: ``forward(x) == F.conv2d(x, weight, bias, ...)`` within
@@ -416,7 +435,14 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     Fused epilogue: ``forward(x, residual)`` adds ``residual`` (the output's shape) and ``activation``
     (a name in ``EPILOGUE_ACTIVATIONS``: ``"relu"``, ``"silu"``, ``"relu6"``, ``"hardswish"``, ``"sigmoid"``,
     ``"hardsigmoid"``; ``relu=True`` is ``activation="relu"``) is applied, in the kernel's output loop:
-    ``activation(conv(x) + bias + residual)``."""
+    ``activation(conv(x) + bias + residual)``.
+
+    ``aligned_output`` (False unless set; the engine sets it where every reader of the output is a SparseConv2d):
+    the output's channels start a whole number of 8-float vectors apart, strides ``(C * P, P, W, 1)`` with ``P`` the
+    plane ``H * W`` rounded up to a multiple of 8 (when above 8), zeros in between. The values are the same; a 1x1
+    conv reading such an input in place loads aligned vectors (see :func:`aligned_channel_stride`)."""
+
+    aligned_output = False  # the class's value: layers pickled before it existed
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  relu: bool = False, groups: int = 1, activation: str | None = None):
@@ -523,8 +549,16 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         weight[rows, channels, self.tap_index.long()] = self.values
         return weight.view(out_channels, in_channels, kernel_h, kernel_w)
 
-    def _geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offsets, segments, values in the kernel's block-major order) for inputs of height x width. The
+    @property
+    def reads_input_in_place(self) -> bool:
+        """Whether the kernel reads the input itself rather than a padded copy (a 1x1, stride-1, unpadded conv),
+        so that its offsets depend on the input's channel stride."""
+        return self.weight_shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _geometry(self, height: int, width: int,
+                  channel_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(offsets, segments, values in the kernel's block-major order) for inputs of height x width whose
+        channels are ``channel_stride`` floats apart (0: height * width; see :func:`aligned_channel_stride`). The
         ordered values are a copy kept per cached input size (4 bytes a nonzero each): the block size, and so
         the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout)."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
@@ -535,16 +569,16 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         if channel_index.is_inference() or tap_index.is_inference() or values.is_inference():
             # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
             # counter to reveal an in-place change: recompute rather than risk stale offsets or values
-            return self._compute_geometry(height, width)
+            return self._compute_geometry(height, width, channel_stride)
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
         # different mask with the same number of nonzeros, whose offsets differ, or other values
-        key = (height, width, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
+        key = (height, width, channel_stride, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
                tap_index._version, values.data_ptr(), values._version,
                *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
         cached = cache.get(key)
         if cached is None:
-            cached = self._compute_geometry(height, width)
+            cached = self._compute_geometry(height, width, channel_stride)
         elif next(reversed(cache)) == key:  # the size used last: nothing to reorder
             return cached
         # a new dict, never one changed in place, so a thread reading the old one is not disturbed; the size just
@@ -556,10 +590,12 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._geometry_cache = kept
         return cached
 
-    def _compute_geometry(self, height: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _compute_geometry(self, height: int, width: int,
+                          channel_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(_ops().sparse_conv2d_offsets(
             self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
-            [height, width], list(self.stride), list(self.padding), list(self.dilation)))
+            [height, width], list(self.stride), list(self.padding), list(self.dilation),
+            input_channel_stride=channel_stride))
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
                 residual_reusable: bool = False) -> torch.Tensor:
@@ -594,11 +630,15 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         return shape
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
-        offsets, segments, values = self._geometry(x.shape[2], x.shape[3])
+        channel_stride = _padded_channel_stride(x)
+        # only an in-place read's offsets depend on it: the others share one set
+        offsets, segments, values = self._geometry(x.shape[2], x.shape[3],
+                                                   channel_stride if self.reads_input_in_place else 0)
         buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
-                                    EPILOGUE_ACTIVATIONS.get(activation, 0))
+                                    EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
+                                    aligned_output=self.aligned_output)
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
@@ -1511,7 +1551,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded``,
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
     get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
-    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`) and ``winograd`` (None without WinogradConv2d
+    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`), ``aligned_outputs`` (the sparse convolutions that
+    write channel-aligned outputs, ``SparseConv2d.aligned_output``, for sparse readers only:
+    :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and ``winograd`` (None without WinogradConv2d
     layers, else which were kept after the whole network was timed with the largest of them by oneDNN again,
     :func:`_prefer_winograd_where_it_pays`).
     """
@@ -1577,10 +1619,13 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     reused = _with_reused_residuals(converted, example_input, reference) if graph_module is not None else []
     if reused:
         fusion_note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
+    aligned = _with_aligned_outputs(converted, example_input, reference) if graph_module is not None else []
+    if aligned:
+        fusion_note += f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers"
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
-                       residuals_reusable=len(reused), network=network_note, layout=layout_note,
-                       winograd=winograd_note)
+                       residuals_reusable=len(reused), aligned_outputs=len(aligned), network=network_note,
+                       layout=layout_note, winograd=winograd_note)
     if policy != "dense":
         _warn_pruned_left_dense(table)
     return converted, table
@@ -1773,6 +1818,20 @@ def _with_reused_residuals(network: nn.Module, example_input: torch.Tensor, refe
         fusion.unmark_reusable_residuals(network)
         return []
     return reused
+
+
+def _with_aligned_outputs(network: nn.Module, example_input: torch.Tensor, reference) -> list[str]:
+    """Marks the chosen network's SparseConv2d layers whose outputs only sparse convolutions read
+    (:func:`fusion.mark_aligned_outputs`) and returns their names; unmarks them again (returning []) if the network
+    then no longer reproduces ``reference``. Done last, on the network kept: a layer swapped for a dense one
+    afterwards would read such an output through a copy."""
+    if not isinstance(network, fx.GraphModule):
+        return []
+    aligned = fusion.mark_aligned_outputs(network, SparseConv2d)
+    if aligned and _end_to_end_problem(network, example_input, reference) is not None:
+        fusion.unmark_aligned_outputs(network, SparseConv2d)
+        return []
+    return aligned
 
 
 def _reference_output(model: nn.Module, example_input: torch.Tensor):

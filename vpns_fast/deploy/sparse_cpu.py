@@ -1551,11 +1551,10 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded``,
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
     get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
-    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`), ``aligned_outputs`` (the sparse convolutions that
-    write channel-aligned outputs, ``SparseConv2d.aligned_output``, for sparse readers only:
-    :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and ``winograd`` (None without WinogradConv2d
-    layers, else which were kept after the whole network was timed with the largest of them by oneDNN again,
-    :func:`_prefer_winograd_where_it_pays`).
+    :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`), ``aligned_outputs`` (sparse convolutions writing
+    ``SparseConv2d.aligned_output`` for sparse readers: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and
+    ``winograd`` (None without WinogradConv2d layers, else which were kept after the whole network was timed with
+    the largest of them by oneDNN again, :func:`_prefer_winograd_where_it_pays`).
     """
     _check_conversion_arguments(example_input, policy, min_speedup, repeats, winograd)
     model = checked_module(model)
@@ -1616,15 +1615,12 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
                                                                       repeats, min_speedup, layout_note)
         converted, winograd_note = _prefer_winograd_where_it_pays(converted, table, example_input, reference,
                                                                   _network_rounds(repeats))
-    reused = _with_reused_residuals(converted, example_input, reference) if graph_module is not None else []
-    if reused:
-        fusion_note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
-    aligned = _with_aligned_outputs(converted, example_input, reference) if graph_module is not None else []
-    if aligned:
-        fusion_note += f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers"
+    reused = aligned = 0
+    if graph_module is not None:
+        fusion_note, reused, aligned = _marked_last(converted, example_input, reference, fusion_note)
     if summary is not None:
         summary.update(fusion=fusion_note, batchnorm_folded=len(folded), epilogues_fused=len(epilogues),
-                       residuals_reusable=len(reused), aligned_outputs=len(aligned), network=network_note,
+                       residuals_reusable=reused, aligned_outputs=aligned, network=network_note,
                        layout=layout_note, winograd=winograd_note)
     if policy != "dense":
         _warn_pruned_left_dense(table)
@@ -1818,6 +1814,18 @@ def _with_reused_residuals(network: nn.Module, example_input: torch.Tensor, refe
         fusion.unmark_reusable_residuals(network)
         return []
     return reused
+
+
+def _marked_last(network: nn.Module, example_input: torch.Tensor, reference, note: str) -> tuple[str, int, int]:
+    """The marks made on the network kept, each checked end to end (:func:`_with_reused_residuals`,
+    :func:`_with_aligned_outputs`): ``note`` with what was marked, and how many calls of each kind."""
+    reused = _with_reused_residuals(network, example_input, reference)
+    if reused:
+        note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
+    aligned = _with_aligned_outputs(network, example_input, reference)
+    if aligned:
+        note += f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers"
+    return note, len(reused), len(aligned)
 
 
 def _with_aligned_outputs(network: nn.Module, example_input: torch.Tensor, reference) -> list[str]:

@@ -19,59 +19,25 @@ import argparse
 import datetime
 import functools
 import platform
-import time
 
-import numpy as np
 import torch
 
 from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
-from bench.environment import core_round_trip_ns
-from bench.runner import round_ratios
-from bench.timing import rotating_times_ms
+from bench.placement import APART_FROM_NS, SHARED_BELOW_NS, grouped_summary, placement_grouped_rounds
 from vpns_fast.deploy import sparse_cpu
 
 # (C_in, C_out, size, kernel, stride) at batch 1: planes of 460 KB, 262 KB and 861 KB
 LAYER_SHAPES = [(128, 256, 28, 3, 2), (256, 256, 14, 3, 1), (64, 64, 56, 3, 1)]
 NETWORKS = ["resnet18", "resnet50"]
 CALLS_PER_ROUND = 20
-SHARED_BELOW_NS, APART_FROM_NS = 150.0, 250.0
-
-
-def _round(runs: dict[str, functools.partial], thresholds: dict[str, int], round_index: int) -> dict[str, float]:
-    """Each run's median ms over CALLS_PER_ROUND calls, in an order rotated by ``round_index``."""
-    names = list(runs)
-    shift = round_index % len(names)
-    medians = {}
-    for name in names[shift:] + names[:shift]:
-        sparse_cpu.set_private_planes_bytes(thresholds[name])
-        medians[name] = float(np.median(rotating_times_ms({name: runs[name]}, CALLS_PER_ROUND)[name]))
-    return medians
 
 
 def _grouped(runs: dict[str, functools.partial], thresholds: dict[str, int], seconds: float,
              max_rounds: int | None = None) -> dict[str, list]:
-    """Rounds for ``seconds`` (at most ``max_rounds``), grouped by placement: {"shared": [round medians, ...],
-    "apart": [...], "between": [...]}."""
-    groups: dict[str, list] = {"shared": [], "apart": [], "between": []}
-    deadline = time.monotonic() + seconds
-    index = 0
-    while time.monotonic() < deadline and (max_rounds is None or index < max_rounds):
-        medians = _round(runs, thresholds, index)
-        index += 1
-        trip = core_round_trip_ns()  # None: it could not be measured this time
-        group = ("between" if trip is None or SHARED_BELOW_NS <= trip < APART_FROM_NS
-                 else "shared" if trip < SHARED_BELOW_NS else "apart")
-        groups[group].append(medians)
-    return groups
-
-
-def _summary(label: str, rounds: list[dict[str, float]], shared: str, private: str) -> str:
-    if not rounds:
-        return f"{label}: no round"
-    ratios = round_ratios([r[shared] for r in rounds], [r[private] for r in rounds])
-    return (f"{label}: {len(rounds):3d} rounds, shared {np.median([r[shared] for r in rounds]):7.3f} ms, private "
-            f"{np.median([r[private] for r in rounds]):7.3f} ms; shared / private {np.median(ratios):.3f}x (p20-p80 "
-            f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x)")
+    """Rounds of CALLS_PER_ROUND calls each way, each run with its threshold set, grouped by placement
+    (bench.placement)."""
+    return placement_grouped_rounds(runs, lambda name: sparse_cpu.set_private_planes_bytes(thresholds[name]), seconds,
+                                    CALLS_PER_ROUND, max_rounds)
 
 
 def _layer_lines(density: float, seconds: float, threads: int) -> list[str]:
@@ -99,8 +65,8 @@ def _layer_lines(density: float, seconds: float, threads: int) -> list[str]:
         groups = _grouped(runs, thresholds, seconds)
         for name in dict.fromkeys(key.rsplit(" ", 1)[0] for key in runs):
             for group in ("shared", "apart"):
-                lines.append(_summary(f"{name}, {thread_count} thread(s), cores {group:6s}", groups[group],
-                                      f"{name} shared", f"{name} private"))
+                lines.append(grouped_summary(f"{name}, {thread_count} thread(s), cores {group:6s}", groups[group],
+                                             f"{name} shared", f"{name} private", ("shared", "private")))
     torch.set_num_threads(threads)
     return lines
 
@@ -126,7 +92,7 @@ def _network_lines(density: float, seconds: float, default_threshold: int) -> li
         run = functools.partial(_inference, converted, x)
         groups = _grouped({"shared": run, "private": run}, {"shared": 0, "private": default_threshold}, seconds)
         for group in ("shared", "apart"):
-            lines.append(_summary(f"{model_name} cores {group:6s}", groups[group], "shared", "private"))
+            lines.append(grouped_summary(f"{model_name} cores {group:6s}", groups[group], "shared", "private"))
         if groups["between"]:
             lines.append(f"{model_name}: {len(groups['between'])} rounds with a round trip between "
                          f"{SHARED_BELOW_NS:.0f} and {APART_FROM_NS:.0f} ns, or none measured, left out")

@@ -105,6 +105,10 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Whether sparse convolutions request the next tile's output and residual lines into L2 while each tile's\n"
         "epilogue runs (on by default). Returns the previous setting. Read once per call. For tests and for\n"
         "comparing both ways on a machine.");
+  m.def("set_output_prefetch_for_write", &vpns::set_output_prefetch_for_write, py::arg("enabled"),
+        "Whether the next tile's output lines are requested for writing (prefetchw: exclusive, the other core's copy\n"
+        "invalidated; on by default) rather than for reading. Returns the previous setting. Read once per call. For\n"
+        "tests and for comparing both ways on a machine.");
   m.def("set_private_planes_bytes", &vpns::set_private_planes_bytes, py::arg("bytes"),
         "Sparse convolutions of fewer than two images a thread whose input planes take at most `bytes` bytes have\n"
         "every thread build them in its own buffer (512 KiB by default, 0: never). Returns the previous threshold.\n"

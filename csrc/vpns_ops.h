@@ -40,6 +40,9 @@ bool set_next_tile_prefetch(bool enabled);
 int64_t set_private_planes_bytes(int64_t bytes);
 // Bytes of the calling thread's own planes buffer (0 until a call on this thread built planes privately).
 int64_t private_planes_held_bytes();
+// Whether those requests ask for the output lines for writing (prefetchw; on by default) rather than reading;
+// returns the previous setting.
+bool set_output_prefetch_for_write(bool enabled);
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);

@@ -409,14 +409,14 @@ def test_private_planes_ab_refuses_bad_arguments_by_name(argv, message, capsys):
 
 
 def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
-    """bench/private_planes_ab.py: each run goes with its own threshold set, and each round lands in the group its
-    measured round trip says (bench.environment.core_round_trip_ns), or in "between" (also when none could be
-    measured); the summary quotes the per-round ratio shared / private."""
-    from bench import private_planes_ab
+    """bench/private_planes_ab.py through bench/placement.py: each run goes with its own threshold set, and each
+    round lands in the group its measured round trip says (bench.environment.core_round_trip_ns), or in "between"
+    (also when none could be measured); the summary quotes the per-round ratio shared / private."""
+    from bench import placement, private_planes_ab
     from vpns_fast.deploy import sparse_cpu
 
     trips = iter([60.0, 300.0, 180.0, None])
-    monkeypatch.setattr(private_planes_ab, "core_round_trip_ns", lambda: next(trips))
+    monkeypatch.setattr(placement, "core_round_trip_ns", lambda: next(trips))
     current = {}
     monkeypatch.setattr(sparse_cpu, "set_private_planes_bytes", lambda value: current.update(value=value))
     seen = []
@@ -427,9 +427,36 @@ def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
     assert set(seen) == {("shared", 0), ("private", 512)}
     assert len(seen) == 4 * 2 * private_planes_ab.CALLS_PER_ROUND
     rounds = [{"shared": 2.0, "private": 1.0}, {"shared": 3.0, "private": 2.0}]
-    line = private_planes_ab._summary("net", rounds, "shared", "private")
+    line = placement.grouped_summary("net", rounds, "shared", "private")
     assert line.startswith("net:   2 rounds, shared   2.500 ms, private   1.500 ms; shared / private 1.750x")
-    assert private_planes_ab._summary("net", [], "shared", "private") == "net: no round"
+    assert placement.grouped_summary("net", [], "shared", "private") == "net: no round"
+    named = [{"a x": 2.0, "a y": 1.0}]
+    assert placement.grouped_summary("l", named, "a x", "a y", ("x", "y")).startswith("l:   1 rounds, x   2.000 ms")
+
+
+@pytest.mark.parametrize("argv, message", [(["--threads", "1"], "--threads: expected an integer >= 2"),
+                                           (["--seconds", "-1"], "--seconds: expected a positive number"),
+                                           (["--rounds", "0"], "--rounds: expected an integer >= 1")])
+def test_output_prefetch_ab_refuses_bad_arguments_by_name(argv, message, capsys):
+    from bench import output_prefetch_ab
+
+    with pytest.raises(SystemExit) as exited:
+        output_prefetch_ab.main(argv)
+    assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_output_prefetch_ab_sets_the_request_by_run_name():
+    from bench import output_prefetch_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    previous = sparse_cpu.set_output_prefetch_for_write(True)
+    try:
+        output_prefetch_ab._request_for("read")
+        assert sparse_cpu.set_output_prefetch_for_write(False) is False
+        output_prefetch_ab._request_for("write")
+        assert sparse_cpu.set_output_prefetch_for_write(True) is True
+    finally:
+        sparse_cpu.set_output_prefetch_for_write(previous)
 
 
 @pytest.mark.parametrize("argv, message", [(["--threads", "0"], "--threads: expected an integer >= 1"),

@@ -585,9 +585,10 @@ def fused_conv_case(shape, batch: int, seed: int) -> types.SimpleNamespace:
 
 @pytest.fixture
 def restore_next_tile_prefetch():
-    previous = sparse_cpu.set_next_tile_prefetch(True)
+    previous = sparse_cpu.set_next_tile_prefetch(True), sparse_cpu.set_output_prefetch_for_write(True)
     yield
-    sparse_cpu.set_next_tile_prefetch(previous)
+    sparse_cpu.set_next_tile_prefetch(previous[0])
+    sparse_cpu.set_output_prefetch_for_write(previous[1])
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -595,35 +596,39 @@ def restore_next_tile_prefetch():
 @pytest.mark.parametrize("shape", NEXT_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, restore_streamed_output_bytes,
                                            restore_next_tile_prefetch):
-    """The epilogue's requests for the next tile's output and residual lines (csrc prefetch_floats) on every split
-    that passes a next tile (batch 1: items of rows and tiles, from planes or in place; 5 images: image by image),
-    streamed and cached outputs, with and without a residual: the same bits with them off, and right. (A request
+    """The epilogue's requests for the next tile's output and residual lines (csrc prefetch_floats, and
+    prefetch_floats_for_write for the output) on every split that passes a next tile (batch 1: items of rows and
+    tiles, from planes or in place; 5 images: image by image), streamed and cached outputs, with and without a
+    residual: the same bits with them off and with the output's lines requested for reading, and right. (A request
     cannot fault or change a value: this shows the paths run, not that the requested range is the right one.)"""
     case = fused_conv_case(shape, batch, seed=shape[0] * 31 + batch * 7 + threads)
     outputs = {}
     with torch_threads(threads):
         for threshold in ((1 << 63) - 1, 0):  # cached, then streamed where the kernel is 1x1
             sparse_cpu.set_streamed_output_bytes(threshold)
-            for requests in (True, False):
+            for requests, for_write in ((True, True), (True, False), (False, True)):
                 sparse_cpu.set_next_tile_prefetch(requests)
-                outputs[threshold, requests] = (case.sparse(case.x, case.residual), case.sparse(case.x))
-    fused, plain = outputs[(1 << 63) - 1, True]
+                sparse_cpu.set_output_prefetch_for_write(for_write)
+                outputs[threshold, requests, for_write] = (case.sparse(case.x, case.residual), case.sparse(case.x))
+    fused, plain = outputs[(1 << 63) - 1, True, True]
     for key, (other_fused, other_plain) in outputs.items():
         assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), key
     case.check(fused, case.x, case.residual)
     case.check(plain, case.x)
 
 
-def test_next_tile_prefetch_switch():
-    previous = sparse_cpu.set_next_tile_prefetch(False)
+@pytest.mark.parametrize("switch", [sparse_cpu.set_next_tile_prefetch, sparse_cpu.set_output_prefetch_for_write],
+                         ids=lambda switch: switch.__name__)
+def test_next_tile_prefetch_switches(switch):
+    previous = switch(False)
     try:
         assert previous is True  # every test that changes it restores it: still the default
-        assert sparse_cpu.set_next_tile_prefetch(True) is False
+        assert switch(True) is False
         for bad in (1, 0, "yes", None):
             with pytest.raises(TypeError, match="enabled must be a bool"):
-                sparse_cpu.set_next_tile_prefetch(bad)
+                switch(bad)
     finally:
-        sparse_cpu.set_next_tile_prefetch(previous)
+        switch(previous)
 
 
 # (C_in, C_out, H, W, kernel, stride, padding, dilation): convolutions that copy their input into planes (every one

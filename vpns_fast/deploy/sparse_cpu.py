@@ -31,6 +31,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d",
                  "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
                  "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
+                 "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d")
 POLICIES = ("measure", "sparse", "dense")
@@ -180,6 +181,17 @@ def set_next_tile_prefetch(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(_ops().set_next_tile_prefetch(enabled))
+
+
+def set_output_prefetch_for_write(enabled: bool) -> bool:
+    """Whether those requests ask for the next tile's output lines for writing (x86 ``prefetchw``, on by default:
+    the line comes exclusive, another core's copy invalidated) rather than for reading, after which each store must
+    still take the line over from the core that read it last (at batch 1 both threads read every activation).
+    ``python -m bench.output_prefetch_ab`` compares both. The values are the same either way. Returns the previous
+    setting; each call reads it once."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return bool(_ops().set_output_prefetch_for_write(enabled))
 
 
 def _pair(value, name: str) -> tuple[int, int]:

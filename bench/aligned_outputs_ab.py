@@ -1,13 +1,13 @@
-"""What channel-aligned outputs change (``SparseConv2d.aligned_output``, which the engine sets where a 1x1 conv
-reads the output in place): the same layer or converted network with its outputs laid out aligned and contiguous,
-taking turns call by call in one process.
+"""What channel-aligned outputs change (SparseConv2d's ``aligned_output=True``, which the engine's graph passes where
+a 1x1 conv reads the output in place): the same layer or converted network with its outputs laid out aligned and
+contiguous, taking turns call by call in one process.
 
 Layers: ResNet-50's 1x1 convolutions at 14x14 and 7x7 (the sizes whose planes, 196 and 49 floats, leave channels
 off a 32-byte boundary), 10% kept (magnitude of a random weight), bias and ReLU fused, the expanding ones with a
 residual; "aligned" gives each its input and residual as aligned outputs and asks for one. Networks: torchvision
 ResNet-50 and ResNet-18, every Conv2d/Linear pruned by magnitude to ``density`` (as ``bench infer``), converted
-once; the layers the engine marked are switched. Medians of the per-round ratios plain / aligned (above 1: the
-layout pays), with their p20-p80.
+once; the calls the engine marks are switched (marked and unmarked between runs). Medians of the per-round ratios
+plain / aligned (above 1: the layout pays), with their p20-p80.
 
     .venv/bin/python -m bench.aligned_outputs_ab [--threads 2] [--density 0.1] [--rounds 30] > report.txt
 """
@@ -24,7 +24,7 @@ import torch
 from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
-from vpns_fast.deploy import sparse_cpu
+from vpns_fast.deploy import fusion, sparse_cpu
 
 # (C_in, C_out, size, with residual)
 LAYER_SHAPES = [(256, 1024, 14, True), (1024, 256, 14, False), (512, 2048, 7, True), (2048, 512, 7, False)]
@@ -42,10 +42,12 @@ def aligned_copy(x: torch.Tensor) -> torch.Tensor:
     return buffer.as_strided(x.shape, (channels * stride, stride, width, 1))
 
 
-def _set_layout(layers: list[sparse_cpu.SparseConv2d], name: str) -> None:
-    """The marked ``layers`` write aligned outputs when a run's name is "aligned", contiguous ones otherwise."""
-    for layer in layers:
-        layer.aligned_output = name == "aligned"
+def _set_layout(network: torch.fx.GraphModule, name: str) -> None:
+    """The network's sparse calls that may write aligned outputs do when a run's name is "aligned"; none does
+    otherwise."""
+    fusion.unmark_aligned_outputs(network)
+    if name == "aligned":
+        fusion.mark_aligned_outputs(network, sparse_cpu.SparseConv2d)
 
 
 def _ratio_line(label: str, times: dict[str, list[float]], plain: str, aligned: str) -> str:
@@ -62,19 +64,17 @@ def _layer_lines(density: float, rounds: int) -> list[str]:
         weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator)
         weight[torch.rand(weight.shape, generator=generator) >= density] = 0
         bias = torch.randn(out_channels, generator=generator)
-        plain = sparse_cpu.SparseConv2d(weight, bias, activation="relu")
-        aligned = sparse_cpu.SparseConv2d(weight, bias, activation="relu")
-        aligned.aligned_output = True
+        layer = sparse_cpu.SparseConv2d(weight, bias, activation="relu")
         for batch in (32, 1):
             x = torch.randn(batch, in_channels, size, size, generator=generator)
             residual = torch.randn(batch, out_channels, size, size, generator=generator) if with_residual else None
             x_aligned = aligned_copy(x)
             residual_aligned = aligned_copy(residual) if with_residual else None
             with torch.inference_mode():
-                if not torch.equal(plain(x, residual), aligned(x_aligned, residual_aligned)):
+                aligned = functools.partial(layer, x_aligned, residual_aligned, aligned_output=True)
+                if not torch.equal(layer(x, residual), aligned()):
                     raise AssertionError("the aligned layout changed the values")
-                times = rotating_times_ms({"plain": functools.partial(plain, x, residual),
-                                           "aligned": functools.partial(aligned, x_aligned, residual_aligned)},
+                times = rotating_times_ms({"plain": functools.partial(layer, x, residual), "aligned": aligned},
                                           rounds if batch == 1 else max(3, rounds // 4))
             lines.append(_ratio_line(f"{in_channels:4d} -> {out_channels:4d} at {size}x{size}, batch {batch:2d}"
                                      + (", residual" if with_residual else ""), times, "plain", "aligned"))
@@ -88,9 +88,9 @@ def _network_lines(density: float, rounds: int) -> list[str]:
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             converted, _table = sparse_cpu.convert_for_cpu(model, x)
-            marked = [m for m in converted.modules() if isinstance(m, sparse_cpu.SparseConv2d) and m.aligned_output]
-
-            layout = functools.partial(_set_layout, marked)
+            fusion.unmark_aligned_outputs(converted)
+            marked = len(fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d))
+            layout = functools.partial(_set_layout, converted)
             layout("aligned")
             expected = converted(x)
             layout("plain")
@@ -99,7 +99,7 @@ def _network_lines(density: float, rounds: int) -> list[str]:
             run = functools.partial(converted, x)
             times = rotating_times_ms({"plain": run, "aligned": run}, max(3, int(rounds * share)), layout)
             layout("aligned")
-        lines.append(_ratio_line(f"{model_name} batch {batch:2d} ({len(marked)} layers aligned)", times, "plain",
+        lines.append(_ratio_line(f"{model_name} batch {batch:2d} ({marked} calls aligned)", times, "plain",
                                  "aligned"))
     return lines
 

@@ -47,8 +47,8 @@
 //   all 11 ResNet layer shapes 5.82 -> 5.06 ms; batch 32: 3x3 0.52-0.92x, 1x1 0.16-0.43x, total
 //   324 -> 139 ms (with the activation cache of csrc/buffers.cpp: the 103 MB outputs no longer fault
 //   in fresh pages).
-// * 1x1 stride-1 convs read their input in place at any H * W: where H * W is not a multiple of 8 the
-//   last vector of a tile is a masked load, so nothing past the input is read (at 14x14 and 7x7 they
+// * 1x1 stride-1 convs read their input in place at any H * W: where a tile's whole last vector would reach past
+//   the input's storage (the last image) it is a masked load, so nothing past the input is read (at 14x14 and 7x7 they
 //   copied the input into planes and swept 196 positions in 3 tiles). 2 threads, batch 1, density 0.1,
 //   medians of 9 interleaved rounds against the copy: 256x1024 @14 0.52x, 1024x256 @14 0.84x,
 //   2048x512 @7 0.84x, 512x2048 @7 0.74x; ResNet-50 end to end 22.9 -> 21.6 ms (p20-p80 of the
@@ -116,6 +116,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define VPNS_X86 1
 #else
@@ -513,8 +514,21 @@ std::atomic<bool>& output_prefetch_for_write() {
 // trip): batch 1 ResNet-50 1.004x with the cores sharing the L3 (p20-p80 0.997-1.015x), 1.016x apart (1.006-1.034x),
 // ResNet-18 1.017x / 1.022x (1.010-1.039x apart); batch 32 ResNet-50 1.028x (1.014-1.034x), ResNet-18 1.017x. A first
 // scratch A/B of the same change: 1.008x / 1.016x, 1.015x / 1.019x, batch 32 1.002x / 1.014x. (__builtin_prefetch(p, 1)
-// needs the prfchw target to emit it, which GCC 12 did not honour in this file; inline assembly always does, on every
-// x86-64 CPU.)
+// needs the prfchw target to emit it, which GCC 12 did not honour in this file: inline assembly, run only on CPUs
+// that report the PRFCHW feature, see cpu_has_prefetchw.)
+// Whether this CPU reports prefetchw (CPUID 0x80000001, ECX bit 8: PRFCHW); the others get read requests.
+bool cpu_has_prefetchw() {
+#if VPNS_X86
+  static const bool has = [] {
+    unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+    return __get_cpuid(0x80000001u, &eax, &ebx, &ecx, &edx) != 0 && (ecx & (1u << 8)) != 0;
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 inline void prefetch_floats_for_write(float* base, int64_t lo, int64_t hi) {
 #if VPNS_X86
   for (int64_t i = lo; i < hi; i += 16) asm volatile("prefetchw %0" : : "m"(base[i]));
@@ -597,6 +611,7 @@ using RowsTimesPanelFn = void (*)(const float* src, const int32_t* offsets, cons
 struct IsaKernels {
   const char* name;
   RowsTimesPanelFn rows_times_panel;
+  int64_t lanes;  // floats a tile reads at once: without `exact`, a window's reads end at a multiple of it
 };
 
 void rows_times_panel_portable(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
@@ -608,13 +623,14 @@ void rows_times_panel_portable(const float* src, const int32_t* offsets, const f
 
 #if VPNS_X86
 constexpr IsaKernels kIsas[kIsaCount] = {
-    {"scalar", rows_times_panel_portable},
-    {"avx2", rows_times_panel_vector<kLanes, tile_avx2_any<true>, tile_avx2_any<false>>},
-    {"avx512", rows_times_panel_vector<kWideLanes, tile_avx512_any<true>, tile_avx512_any<false>>},
+    {"scalar", rows_times_panel_portable, kLanes},
+    {"avx2", rows_times_panel_vector<kLanes, tile_avx2_any<true>, tile_avx2_any<false>>, kLanes},
+    {"avx512", rows_times_panel_vector<kWideLanes, tile_avx512_any<true>, tile_avx512_any<false>>, kWideLanes},
 };
 #else  // widest_isa() is scalar: the vector entries are never chosen
-constexpr IsaKernels kIsas[kIsaCount] = {
-    {"scalar", rows_times_panel_portable}, {"avx2", rows_times_panel_portable}, {"avx512", rows_times_panel_portable}};
+constexpr IsaKernels kIsas[kIsaCount] = {{"scalar", rows_times_panel_portable, kLanes},
+                                         {"avx2", rows_times_panel_portable, kLanes},
+                                         {"avx512", rows_times_panel_portable, kLanes}};
 #endif
 
 // -1 if `name` is not an ISA's name.
@@ -693,12 +709,12 @@ int64_t planar_channel_stride(const at::Tensor& t) {
 //
 // Why: a 1x1 conv reads its input in place, a channel's positions at c * H * W; at 14x14 (196 floats) every other
 // channel starts 16 bytes off a 32-byte boundary, at 7x7 seven channels of eight are off, and each load that
-// straddles two cache lines costs two. bench/results/cpu-aligned-outputs-ab-2026-12-05-amd.txt (2-core AMD EPYC,
-// 2 threads, AVX2, 10% kept, bias + ReLU fused, per-call ratios contiguous / aligned input, residual and output):
-// batch 32 256 -> 1024 @14 with residual 1.03x, 1024 -> 256 @14 1.10x, 512 -> 2048 @7 with residual 1.30x,
-// 2048 -> 512 @7 1.17x; batch 1 1.07-1.10x. ResNet-50 end to end 1.040x at batch 32 (p20-p80 1.023-1.049x; 1.009x in
-// a first run), 1.002x at batch 1 (1.017x): those layers are a small part of it. The sparse layer marks only outputs
-// that a 1x1 conv reads in place (ResNet-18 has none).
+// straddles two cache lines costs two. bench/results/cpu-aligned-outputs-ab-2026-12-05-amd-b.txt (2-core AMD EPYC,
+// 2 threads, AVX2, 10% kept, bias + ReLU fused, per-call ratios contiguous / aligned input, residual and output; the
+// contiguous input read in whole last vectors but for its last image): batch 32 256 -> 1024 @14 with residual 1.04x,
+// 1024 -> 256 @14 1.08x, 512 -> 2048 @7 with residual 1.35x, 2048 -> 512 @7 1.12x; batch 1 1.03-1.09x. ResNet-50 end
+// to end 1.038x at batch 32 (p20-p80 0.990-1.062x), batch 1 within the noise: those layers are a small part of it.
+// The engine asks for it only where a 1x1 conv reads the output in place (ResNet-18 has none).
 int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLanes) : plane; }
 
 // input_channel_stride: floats from one input channel to the next (0: height * width, a contiguous input); a 1x1,
@@ -1487,7 +1503,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       output.numel() * static_cast<int64_t>(sizeof(float)) >= streamed_output_bytes().load(std::memory_order_relaxed);
 
   const bool prefetch_next = next_tile_prefetch().load(std::memory_order_relaxed);
-  const bool for_write = output_prefetch_for_write().load(std::memory_order_relaxed);
+  // Chosen once a call: whether a tile may read whole last vectors depends on the width it reads (another thread
+  // may change the choice meanwhile).
+  const IsaKernels& kernels = isa_kernels();
+  const bool for_write = output_prefetch_for_write().load(std::memory_order_relaxed) && cpu_has_prefetchw();
   const float* x_data = x.const_data_ptr<float>();
   const int64_t used = g.in_channels * g.channel_stride;
   const int64_t positions = g.positions();
@@ -1525,7 +1544,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
-    rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
+    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
     const auto [next_lo, next_hi] = next_width > 0 && prefetch_next
@@ -1551,6 +1570,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   };
   auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
     fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes);
+    // a copy for an in-place geometry (offsets that reach past the input) leaves a gap between channels
+    float* gap = image_planes + c * g.channel_stride + g.planes * g.plane_size;
+    std::fill(gap, image_planes + (c + 1) * g.channel_stride, 0.0f);
     if (c == g.in_channels - 1) {
       std::memset(image_planes + used, 0, static_cast<size_t>(g.image_stride - used) * sizeof(float));
     }
@@ -1559,7 +1581,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Items of (row block, image, run of tiles) over images `image_floats` apart from images_of_thread() (where they
   // are for the thread that runs an item), a few per thread; `start`: what each thread does first (parallel_items).
-  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, Source source, const auto& start) {
+  // `source_of(n)`: how image n is read.
+  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
@@ -1569,16 +1592,16 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
       const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
       for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
-        rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, source,
+        rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, source_of(n),
                      q0 + kTile < q_end ? std::min(kTile, q_end - q0 - kTile) : 0);
       }
       if (stream) store_fence();
     });
   };
   if (g.kernel_h == 1 && g.kernel_w == 1 && g.pad_h == 0 && g.pad_w == 0 && g.height == 1 && g.width == 1 &&
-      g.batch >= kLanes && res_stride == plane) {
-    // One pixel per channel: a linear layer over [N, C_in] (one stored plane of one float a channel, so each
-    // offset is its nonzero's input channel, checked above to be below in_channels).
+      g.batch >= kLanes && g.channel_stride == 1 && res_stride == plane) {
+    // One pixel per channel: a linear layer over [N, C_in] (one stored plane of one float a channel, channels one
+    // float apart, so each offset is its nonzero's input channel, checked above to be below in_channels).
     batch_as_vectors(op, x.view({g.batch, g.in_channels}), off, vals, seg, layout, g.out_channels, bias_data, res_data,
                      activation, out_data);
     return output;
@@ -1586,13 +1609,14 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // In place of planes a tile reads up to offset + positions floats into the image; other offsets take
   // the copy, whose slack covers any offset below in_channels * channel_stride.
   if (reads_input_directly(g) && max_offset + positions <= used) {
-    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image). Whole last
-    // vectors where every one stays inside the input's storage (an aligned activation, see aligned_plane_stride, or
-    // an input that fills its vectors), else the last vector masked.
+    // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image). An image
+    // is read in whole last vectors where every one stays inside the input's storage (the next image's channels, or
+    // the padding of an aligned activation, see aligned_plane_stride), else with the last vector masked.
     const int64_t readable = static_cast<int64_t>(x.storage().nbytes() / sizeof(float)) - x.storage_offset();
-    const int64_t lanes = sparse_isa() == Isa::kAvx512 ? 2 * kLanes : kLanes;  // the tile's vector width
-    const bool exact = (g.batch - 1) * used + max_offset + round_up(positions, lanes) > readable;
-    share_out([&] { return x_data; }, used, exact ? Source::kInputExact : Source::kInputWhole, [] {});
+    const int64_t reach = max_offset + round_up(positions, kernels.lanes);
+    share_out([&] { return x_data; }, used,
+              [&](int64_t n) { return n * used + reach <= readable ? Source::kInputWhole : Source::kInputExact; },
+              [] {});
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -1617,7 +1641,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       private_planes_bytes().load(std::memory_order_relaxed)) {
     // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
-    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, Source::kPlanes,
+    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride,
+              [](int64_t) { return Source::kPlanes; },
               [&] {
                 float* own = thread_planes(floats);
                 for (int64_t n = 0; n < g.batch; ++n) {
@@ -1639,7 +1664,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, Source::kPlanes, [] {});
+  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride,
+            [](int64_t) { return Source::kPlanes; }, [] {});
   return output;
 }
 

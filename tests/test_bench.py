@@ -483,11 +483,17 @@ def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
     copy = aligned_outputs_ab.aligned_copy(x)
     assert copy.stride() == (3 * 56, 56, 7, 1) and torch.equal(copy, x)
     assert torch.equal(copy.as_strided((2, 3, 56), (168, 56, 1))[:, :, 49:], torch.zeros(2, 3, 7))
-    layers = [sparse_cpu.SparseConv2d(torch.ones(2, 3, 1, 1)) for _ in range(2)]
-    aligned_outputs_ab._set_layout(layers, "aligned")
-    assert all(layer.aligned_output for layer in layers)
-    aligned_outputs_ab._set_layout(layers, "plain")
-    assert not any(layer.aligned_output for layer in layers)
+    network = torch.fx.symbolic_trace(torch.nn.Sequential(torch.nn.Conv2d(3, 3, 3), torch.nn.Conv2d(3, 2, 1)))
+    for name in ("0", "1"):  # as the engine swaps its layers into the traced graph
+        network.set_submodule(name, sparse_cpu.SparseConv2d.from_dense(network.get_submodule(name)))
+
+    def aligned_calls():
+        return [node.target for node in network.graph.nodes if node.kwargs.get("aligned_output")]
+
+    aligned_outputs_ab._set_layout(network, "aligned")
+    assert aligned_calls() == ["0"]
+    aligned_outputs_ab._set_layout(network, "plain")
+    assert aligned_calls() == []
     line = aligned_outputs_ab._ratio_line("net", {"plain": [2.0, 3.0], "aligned": [1.0, 2.0]}, "plain", "aligned")
     assert line.startswith("net: plain    2.500 ms, aligned    1.500 ms; plain / aligned 1.750x")
 

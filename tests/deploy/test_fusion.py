@@ -814,8 +814,9 @@ def test_unmarking_restores_the_plain_graph():
 
 
 class AlignedReaders(nn.Module):
-    """a is read by a 1x1 conv only (aligned); b by a 3x3 conv (no in-place reader: not aligned); c by d, as its input
-    and its fused residual (aligned); d by the graph's output; e (1x1) by f and by a ``.view`` (not aligned)."""
+    """a is read by b, a 1x1 conv, only (aligned); b by c, a 3x3 conv (no in-place reader: not aligned); c by d, a
+    1x1, as its input and its fused residual (aligned); d by e, a 3x3 (not aligned); e by f, a 1x1, and by a
+    ``.view`` (not aligned); f by g, a 1x1, and returned (not aligned)."""
 
     def __init__(self):
         super().__init__()
@@ -825,18 +826,24 @@ class AlignedReaders(nn.Module):
         self.d = nn.Conv2d(16, 16, 1)
         self.e = nn.Conv2d(16, 8, 3, padding=1)
         self.f = nn.Conv2d(8, 8, 1)
+        self.g = nn.Conv2d(8, 8, 1)
 
     def forward(self, x):
         c = self.c(self.b(self.a(x)))
         d = torch.relu(self.d(c) + c)
         e = self.e(d)
-        return self.f(e), e.view(e.shape[0], -1)
+        f = self.f(e)
+        return self.g(f), f, e.view(e.shape[0], -1)
+
+
+def _aligned_calls(converted: fx.GraphModule) -> set[str]:
+    return {node.target for node in converted.graph.nodes if node.kwargs.get("aligned_output")}
 
 
 def test_outputs_only_sparse_readers_see_are_aligned():
-    """convert_for_cpu lays out channel-aligned (SparseConv2d.aligned_output) exactly the outputs whose every reader
-    is a sparse conv, one reading it in place (1x1); the outputs stay the model's, from two threads at once too, and
-    unmarking gives the same bits."""
+    """convert_for_cpu passes ``aligned_output=True`` exactly to the calls whose output every reader is a sparse
+    conv, one reading it in place (1x1), none hooked; the outputs stay the model's and contiguous, from two threads
+    at once too; unmarking gives the same bits; a layer called directly returns a contiguous output."""
     torch.manual_seed(0)
     model = AlignedReaders().eval()
     with torch.no_grad():
@@ -846,9 +853,7 @@ def test_outputs_only_sparse_readers_see_are_aligned():
     x = torch.randn(2, 3, 7, 7)  # planes of 49 floats, laid out 56 apart
     summary = {}
     converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
-    aligned = {name for name, module in converted.named_modules()
-               if isinstance(module, sparse_cpu.SparseConv2d) and module.aligned_output}
-    assert aligned == {"a", "c"} and summary["aligned_outputs"] == 2
+    assert _aligned_calls(converted) == {"a", "c"} and summary["aligned_outputs"] == 2
     assert "2 sparse convolutions write channel-aligned outputs" in summary["fusion"]
     with torch.no_grad():
         expected = model(x)
@@ -856,10 +861,14 @@ def test_outputs_only_sparse_readers_see_are_aligned():
         for out, reference in zip(got, expected):
             assert_close(out, reference, rtol=1e-4, atol=1e-4 * float(reference.abs().max()))
         assert all(out.is_contiguous() for out in got)
+        assert converted.a(x).is_contiguous()
     for _index, outputs in outputs_from_two_threads(converted, [x, x], rounds=3):
         assert all(torch.equal(out, first) for out, first in zip(outputs, got))
     with torch.no_grad():
-        fusion.unmark_aligned_outputs(converted, sparse_cpu.SparseConv2d)
-        assert not any(getattr(module, "aligned_output", False) for module in converted.modules())
+        fusion.unmark_aligned_outputs(converted)
+        assert _aligned_calls(converted) == set()
         for out, plain in zip(got, converted(x)):
             assert torch.equal(out, plain)
+    model.b.register_forward_hook(lambda module, args, output: None)  # a's reader now has a hook
+    hooked, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    assert _aligned_calls(hooked) == {"c"}

@@ -432,9 +432,7 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, ker
     torch_out = F.conv2d(x, weight, bias, stride, padding)
     residual = torch.randn(torch_out.shape, generator=generator)
     reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, padding)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         plain = sparse(x)
         sparse.relu = True
         fused = sparse(x, residual)
@@ -442,8 +440,6 @@ def test_sparse_conv2d_every_work_split_with_epilogue(shape, batch, threads, ker
         for name in OTHER_ACTIVATIONS:
             sparse.activation = name
             activated[name] = sparse(x, residual)
-    finally:
-        torch.set_num_threads(previous)
     reduction = in_channels * kernel * kernel
     assert_close_to_reference(plain, torch_out, reference, reduction)
     assert_close_to_reference(fused, torch.relu(torch_out + residual), torch.relu(reference + residual.double()),
@@ -472,13 +468,9 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
                                                           [13, 17], [1, 1], [0, 0], [1, 1], channel_block)
     blocks = (segments.numel() - 1) // 20
     assert blocks == -(-600 // channel_block) if channel_block else blocks > 1  # several blocks by default too
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         out = ops.sparse_conv2d(x, segments, offsets, values, [20, 600, 1, 1], bias, [1, 1], [0, 0], [1, 1], None,
                                 sparse_cpu.EPILOGUE_ACTIVATIONS["relu"])
-    finally:
-        torch.set_num_threads(previous)
     torch_out = torch.relu(F.conv2d(x, weight, bias))
     reference = torch.relu(F.conv2d(x.double(), weight.double(), bias.double()))
     assert_close_to_reference(out, torch_out, reference, 600)
@@ -514,9 +506,7 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
     torch_out = F.conv2d(x, weight, bias, stride, kernel // 2)
     residual = torch.randn(torch_out.shape, generator=generator)
     residual[0, 0, 0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         for activation in [None, *sorted(sparse_cpu.EPILOGUE_ACTIVATIONS)]:
             sparse.activation = activation
             for extra in (None, residual):
@@ -532,8 +522,6 @@ def test_streamed_outputs_equal_cached_ones(shape, batch, threads, kernel_isa, r
         reference = F.conv2d(x.double(), weight.double(), bias.double(), stride, kernel // 2)
         assert_close_to_reference(streamed, torch.relu(torch_out + finite), torch.relu(reference + finite.double()),
                                   in_channels * kernel ** 2)
-    finally:
-        torch.set_num_threads(previous_threads)
 
 
 # (C_in, C_out, H, W, kernel, stride, padding, dilation): every work split that hands the epilogue a next tile, with
@@ -645,9 +633,9 @@ PRIVATE_PLANES_SHAPES = [
 
 
 
-def aligned_copy(x: torch.Tensor) -> torch.Tensor:
-    """``x`` laid out as an aligned output (channels ``aligned_channel_stride`` floats apart), NaN between them: a
-    layer that summed the padding into a value it keeps would show it."""
+def aligned_copy_nan_padded(x: torch.Tensor) -> torch.Tensor:
+    """``x`` laid out as an aligned output (channels ``aligned_channel_stride`` floats apart), NaN between them where
+    a conv writes zeros: a layer that summed the padding into a value it keeps would show it."""
     batch, channels, height, width = x.shape
     stride = sparse_cpu.aligned_channel_stride(height, width)
     buffer = torch.full((batch, channels, stride), float("nan"))
@@ -667,26 +655,28 @@ ALIGNED_SHAPES = [
 ]
 
 
+@pytest.mark.parametrize("streamed", [False, True], ids=["cached", "streamed"])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("batch", [1, 3, 9])
 @pytest.mark.parametrize("shape", ALIGNED_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, kernel_isa):
-    """SparseConv2d.aligned_output and inputs / residuals in that layout (read as they are): the same bits as the
-    contiguous layout, in every combination, right against F.conv2d; an aligned output has the promised strides
-    and zeros between its channels."""
+def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, streamed, kernel_isa,
+                                                         restore_streamed_output_bytes):
+    """SparseConv2d's ``aligned_output=True`` and inputs / residuals in that layout (read as they are): the same bits
+    as the contiguous layout, in every combination, right against F.conv2d, with 1x1 outputs written through the
+    cache and streamed; an aligned output has the promised strides and zeros between its channels, any other a
+    contiguous one."""
+    sparse_cpu.set_streamed_output_bytes(0 if streamed else (1 << 63) - 1)
     case = fused_conv_case(shape, batch, seed=shape[0] * 31 + batch * 7 + threads)
-    plain = case.sparse
-    aligned = sparse_cpu.SparseConv2d(plain.weight, plain.bias, stride=plain.stride, padding=plain.padding,
-                                      dilation=plain.dilation, activation="relu")
-    aligned.aligned_output = True
+    layer = case.sparse
     with torch_threads(threads), torch.inference_mode():
-        expected = plain(case.x, case.residual)
-        for layer in (plain, aligned):
-            for x in (case.x, aligned_copy(case.x)):
-                for residual in (case.residual, aligned_copy(case.residual)):
-                    assert torch.equal(layer(x, residual), expected), (layer.aligned_output, x.stride(),
-                                                                       residual.stride())
-        out = aligned(aligned_copy(case.x))
+        expected = layer(case.x, case.residual)
+        for aligned in (False, True):
+            for x in (case.x, aligned_copy_nan_padded(case.x)):
+                for residual in (case.residual, aligned_copy_nan_padded(case.residual)):
+                    got = layer(x, residual, aligned_output=aligned)
+                    assert torch.equal(got, expected), (aligned, x.stride(), residual.stride())
+                    assert got.is_contiguous() or aligned
+        out = layer(aligned_copy_nan_padded(case.x), aligned_output=True)
     case.check(expected, case.x, case.residual)
     case.check(out, case.x)
     batch_, channels, height, width = out.shape
@@ -697,13 +687,43 @@ def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, 
     assert torch.equal(whole[:, :, height * width:], torch.zeros(batch_, channels, stride - height * width))
 
 
+
+def test_padding_is_zeroed_in_a_recycled_buffer():
+    """An aligned output of 1 MiB and more comes from the engine's cache of buffers: its padding is written as zeros,
+    not left as what the buffer held (here NaN)."""
+    ops = sparse_cpu._ops()
+    generator = torch.Generator().manual_seed(5)
+    layer = sparse_cpu.SparseConv2d(masked((64, 8, 1, 1), 0.5, generator))
+    x = torch.randn(32, 8, 14, 14, generator=generator)
+    for _ in range(2):
+        ops.activation_buffer([32, 64, 200]).fill_(float("nan"))  # back to the cache when dropped
+        out = layer(x, aligned_output=True)
+        whole = out.as_strided((32, 64, 200), (64 * 200, 200, 1))
+        assert torch.equal(whole[:, :, 196:], torch.zeros(32, 64, 4)) and not out.isnan().any()
+
+
+@pytest.mark.parametrize("size", [1, 7])
+def test_inputs_and_residuals_with_other_strides_are_copied(size, kernel_isa):
+    """Only the aligned layout is read as it is: a channel slice of a tensor (strides (2 C H W, 2 H W, W, 1)), input
+    or residual, is copied or read through its strides, including at one pixel a channel and batch 9 (the linear
+    path, which takes channels one float apart only), and gives F.conv2d's values."""
+    generator = torch.Generator().manual_seed(size)
+    weight = masked((5, 16, 1, 1), 0.5, generator)
+    bias = torch.randn(5, generator=generator)
+    x = torch.randn(9, 32, size, size, generator=generator)[:, ::2]
+    residual = torch.randn(9, 10, size, size, generator=generator)[:, ::2]
+    layer = sparse_cpu.SparseConv2d(weight, bias)
+    for aligned in (False, True):
+        out = layer(x, residual, aligned_output=aligned)
+        torch.testing.assert_close(out, F.conv2d(x, weight, bias) + residual, rtol=1e-5, atol=1e-5)
+
 def test_an_input_channel_stride_that_does_not_match_is_refused():
     """The raw op reads an input in the aligned layout only when told its channel stride, and refuses a stride
     that is not the input's (the offsets of a 1x1 conv depend on it: a wrong one would read other channels), or
     one below H * W."""
     ops = sparse_cpu._ops()
     layer = sparse_cpu.SparseConv2d(masked((4, 3, 1, 1), 0.7, torch.Generator().manual_seed(1)))
-    x = aligned_copy(torch.randn(2, 3, 7, 7))
+    x = aligned_copy_nan_padded(torch.randn(2, 3, 7, 7))
     offsets, segments, values = layer._geometry(7, 7, 56)
     args = (segments, offsets, values, list(layer.weight_shape), None, [1, 1], [0, 0], [1, 1])
     with pytest.raises(RuntimeError, match=r"input_channel_stride 64 does not match the input's strides"):
@@ -1153,12 +1173,13 @@ for shape in ((1, 3, 3, 5), (4, 3, 3, 5), (1, 2, 7, 15), (4, 2, 7, 15)):
     x.copy_(torch.randn(shape))
     weight = torch.randn(6, shape[1], 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, shape
-# the aligned layout (channels 16 floats apart) where the last channel's padding lies past the storage: masked
-count = (2 * 3 - 1) * 16 + 15
-x = at_page_end((count,)).as_strided((2, 3, 3, 5), (48, 16, 5, 1))
-x.copy_(torch.randn(2, 3, 3, 5))
-weight = torch.randn(6, 3, 1, 1)
-assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5
+# the aligned layout (channels 16 floats apart) where the last channel's padding lies past the storage (masked),
+# and where the storage ends with it, so that whole last vectors of 8 or 16 floats end exactly at the guard page
+for count in ((2 * 3 - 1) * 16 + 15, 2 * 3 * 16):
+    x = at_page_end((count,)).as_strided((2, 3, 3, 5), (48, 16, 5, 1))
+    x.copy_(torch.randn(2, 3, 3, 5))
+    weight = torch.randn(6, 3, 1, 1)
+    assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, count
 x = at_page_end((2, 4, 2, 4))
 ops = _extension.load()  # a raw call with the last valid offset of the input: taken through the copy
 y = ops.sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([4 * 8 - 1], dtype=torch.int32), torch.tensor([1.0]),

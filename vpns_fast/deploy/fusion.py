@@ -446,31 +446,35 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
 
 
 def mark_aligned_outputs(graph_module: fx.GraphModule, aligned: type[nn.Module]) -> list[str]:
-    """Sets ``aligned_output`` on each ``aligned`` layer (SparseConv2d) called from one place whose output is read
-    only by such layers (as their input or their fused residual), none of them with hooks, one of them reading it in
-    place as its input (``reads_input_in_place``: a 1x1 conv, the reader whose loads the layout aligns), and returns
-    their names: its output's channels may then lie apart by whole vectors (``SparseConv2d.aligned_output``), a
-    layout only those readers see. Not for an output the graph returns or anything else reads (code written for
-    NCHW may ``.view`` it)."""
+    """Passes ``aligned_output=True`` to each call of an ``aligned`` layer (exactly that class: SparseConv2d) made
+    from one place whose output is read only by calls of such layers (as their input or their fused residual), none
+    of them with hooks, one of them reading it in place as its input (``reads_input_in_place``: a 1x1 conv, the
+    reader whose loads the layout aligns), and returns the layers' names: that output's channels may then lie apart
+    by whole vectors (see SparseConv2d), a layout only those readers see. Not for an output the graph returns or
+    anything else reads (code written for NCHW may ``.view`` it), nor for the layer called by other code."""
     single = _called_once(graph_module)
     marked = []
     for node in graph_module.graph.nodes:
         layer = _module(graph_module, node)
-        if not isinstance(layer, aligned) or node.target not in single or module_hooks(layer) or not node.users:
+        if (type(layer) is not aligned or node.target not in single or module_hooks(layer) or not node.users
+                or "aligned_output" in node.kwargs):
             continue
         readers = {user: _module(graph_module, user) for user in node.users}
-        if (all(isinstance(reader, aligned) and not module_hooks(reader) for reader in readers.values())
-                and any(user.args[0] is node and reader.reads_input_in_place for user, reader in readers.items())):
-            layer.aligned_output = True
+        if (all(type(reader) is aligned and not module_hooks(reader) for reader in readers.values())
+                and any(user.args[:1] == (node,) and reader.reads_input_in_place for user, reader in readers.items())):
+            node.kwargs = {**node.kwargs, "aligned_output": True}
             marked.append(node.target)
+    graph_module.graph.lint()
+    graph_module.recompile()
     return marked
 
 
-def unmark_aligned_outputs(graph_module: fx.GraphModule, aligned: type[nn.Module]) -> None:
-    """Undoes :func:`mark_aligned_outputs`: every ``aligned`` layer writes contiguous outputs again."""
-    for module in graph_module.modules():
-        if isinstance(module, aligned) and module.aligned_output:
-            module.aligned_output = False
+def unmark_aligned_outputs(graph_module: fx.GraphModule) -> None:
+    """Undoes :func:`mark_aligned_outputs`: every call writes a contiguous output again."""
+    for node in graph_module.graph.nodes:
+        if "aligned_output" in node.kwargs:
+            node.kwargs = {key: value for key, value in node.kwargs.items() if key != "aligned_output"}
+    graph_module.recompile()
 
 
 def unmark_reusable_residuals(graph_module: fx.GraphModule) -> None:

@@ -428,10 +428,13 @@ def aligned_channel_stride(height: int, width: int) -> int:
 
 
 def _padded_channel_stride(x: torch.Tensor) -> int:
-    """S when the 4-d ``x`` is laid out as an aligned output, channels S > H * W floats apart (strides
-    ``(C * S, S, W, 1)``), which the kernel then reads as it is; else 0 (read as a contiguous tensor)."""
-    stride = x.stride(1)
-    if stride > x.shape[2] * x.shape[3] and x.stride() == (x.shape[1] * stride, stride, x.shape[3], 1):
+    """S when the 4-d ``x`` is laid out as an aligned output, channels S = :func:`aligned_channel_stride` > H * W
+    floats apart (strides ``(C * S, S, W, 1)``), which the kernel then reads as it is; else 0 (read as a contiguous
+    tensor: any other strides, a channel slice for one, are copied as before, so that no stride a user makes reaches
+    the offsets)."""
+    _, channels, height, width = x.shape
+    stride = aligned_channel_stride(height, width)
+    if stride > height * width and x.stride() == (channels * stride, stride, width, 1):
         return stride
     return 0
 
@@ -449,12 +452,12 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     ``"hardsigmoid"``; ``relu=True`` is ``activation="relu"``) is applied, in the kernel's output loop:
     ``activation(conv(x) + bias + residual)``.
 
-    ``aligned_output`` (False unless set; the engine sets it where every reader of the output is a SparseConv2d):
-    the output's channels start a whole number of 8-float vectors apart, strides ``(C * P, P, W, 1)`` with ``P`` the
-    plane ``H * W`` rounded up to a multiple of 8 (when above 8), zeros in between. The values are the same; a 1x1
-    conv reading such an input in place loads aligned vectors (see :func:`aligned_channel_stride`)."""
-
-    aligned_output = False  # the class's value: layers pickled before it existed
+    ``forward(..., aligned_output=True)`` (the engine's graph passes it where only sparse convolutions read the
+    output, one of them a 1x1 reading it in place: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`): the
+    output's channels start a whole number of 8-float vectors apart, strides ``(C * P, P, W, 1)`` with ``P`` the plane
+    ``H * W`` rounded up to a multiple of 8 (when above 8), zeros in between. The values are the same; a 1x1 conv
+    reading such an input in place loads aligned vectors (see :func:`aligned_channel_stride`), and every sparse conv
+    reads it, as input or residual, without a copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  relu: bool = False, groups: int = 1, activation: str | None = None):
@@ -609,9 +612,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             [height, width], list(self.stride), list(self.padding), list(self.dilation),
             input_channel_stride=channel_stride))
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
-                residual_reusable: bool = False) -> torch.Tensor:
-        """``activation(conv(x) + bias (+ residual))``, a new tensor. ``residual_reusable`` is accepted as
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
+                aligned_output: bool = False) -> torch.Tensor:
+        """``activation(conv(x) + bias (+ residual))``, a new tensor (``aligned_output``: laid out as the class
+        says; a path that does not run the kernel returns it contiguous). ``residual_reusable`` is accepted as
         DenseConv2d takes it (the engine's graph rewrite may swap one layer for the other) and not used: the
         sparse kernel always writes a new output. (Tried, 2026-12-04: the kernel writing into the residual in
         place measured 1.009x at batch 1 and 0.999x at batch 32 on ResNet-50 at 10% kept, per-call ratios
@@ -626,7 +630,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             return _unfused_epilogue(self._run(x.unsqueeze(0), None, None).squeeze(0), residual, self.activation)
         if residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d"):
             return _unfused_epilogue(self._run(x, None, None), residual, self.activation)
-        return self._run(x, residual, self.activation)
+        return self._run(x, residual, self.activation, aligned_output)
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """The output's shape for a 4-d ``x``, kept per input shape with the geometry it was computed for
@@ -641,7 +645,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             self._output_shapes = _with_output_shape(self._output_shapes, x, geometry, shape)
         return shape
 
-    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
+             aligned_output: bool = False) -> torch.Tensor:
         channel_stride = _padded_channel_stride(x)
         # only an in-place read's offsets depend on it: the others share one set
         offsets, segments, values = self._geometry(x.shape[2], x.shape[3],
@@ -650,7 +655,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
                                     EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
-                                    aligned_output=self.aligned_output)
+                                    aligned_output=aligned_output)
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
@@ -1460,20 +1465,29 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
         # the stand-in measured on channels_last input, the layout it keeps between dense layers
         dense, dense_input = stand_in, x.contiguous(memory_format=torch.channels_last)
         dense_label = f" than {row['dense_algorithm']}"
+    if not _measured_choice(functools.partial(dense, dense_input), functools.partial(sparse, x), repeats, min_speedup,
+                            row, dense_label):
+        return stand_in
+    row["chosen"] = "sparse"
+    return sparse
+
+
+def _measured_choice(dense_call: Callable[[], object], sparse_call: Callable[[], object], repeats: int,
+                     min_speedup: float, row: dict, dense_label: str = "") -> bool:
+    """Whether ``sparse_call`` runs at least ``min_speedup`` times faster than ``dense_call``, timed in interleaved
+    rounds (:func:`compare_layer_times`; twice as many where the ratio lands within CLOSE_CALL of ``min_speedup``,
+    rather than deciding on one noisy reading). Fills ``row``'s dense_ms, sparse_ms, speedup and reason."""
     with torch.no_grad():
-        dense_call, sparse_call = functools.partial(dense, dense_input), functools.partial(sparse, x)
         dense_ms, sparse_ms = compare_layer_times(dense_call, sparse_call, repeats)
         close_call = abs(dense_ms / max(sparse_ms, 1e-9) / min_speedup - 1) < CLOSE_CALL
-        if close_call:  # decide on twice the interleaved rounds rather than on one noisy reading
+        if close_call:
             dense_again, sparse_again = compare_layer_times(dense_call, sparse_call, repeats, rounds=6)
             dense_ms, sparse_ms = min(dense_ms, dense_again), min(sparse_ms, sparse_again)
     row.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms if sparse_ms > 0 else None)
+    faster = dense_ms >= min_speedup * sparse_ms
     again = ", measured twice" if close_call else ""
-    if not dense_ms >= min_speedup * sparse_ms:
-        row["reason"] = f"sparse not {min_speedup:g}x faster{dense_label}{again}"
-        return stand_in
-    row.update(chosen="sparse", reason=f"sparse >= {min_speedup:g}x faster{dense_label}{again}")
-    return sparse
+    row["reason"] = f"sparse {'>=' if faster else 'not'} {min_speedup:g}x faster{dense_label}{again}"
+    return faster
 
 
 # The reason of a layer the example input never reaches (an auxiliary head, a branch other inputs take).
@@ -1564,7 +1578,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
     get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
     :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`), ``aligned_outputs`` (sparse convolutions writing
-    ``SparseConv2d.aligned_output`` for sparse readers: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and
+    ``aligned_output=True`` for sparse readers: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and
     ``winograd`` (None without WinogradConv2d layers, else which were kept after the whole network was timed with
     the largest of them by oneDNN again, :func:`_prefer_winograd_where_it_pays`).
     """
@@ -1752,14 +1766,9 @@ def _attention_decisions(network: nn.Module, attentions: dict[str, nn.MultiheadA
             raise RuntimeError(f"convert_for_cpu: the sparse replacement of {name} does not compute what it does "
                                f"({problem}); refusing to convert")
         if policy == "measure":
-            with torch.no_grad():
-                dense_ms, sparse_ms = compare_layer_times(functools.partial(module, *args, **kwargs),
-                                                          functools.partial(sparse, *args, **kwargs), repeats)
-            row.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms if sparse_ms else None)
-            if not dense_ms >= min_speedup * sparse_ms:
-                row["reason"] = f"sparse not {min_speedup:g}x faster"
+            if not _measured_choice(functools.partial(module, *args, **kwargs),
+                                    functools.partial(sparse, *args, **kwargs), repeats, min_speedup, row):
                 continue
-            row["reason"] = f"sparse >= {min_speedup:g}x faster"
         else:
             row["reason"] = "policy=sparse"
         row["chosen"] = "sparse"
@@ -1836,7 +1845,8 @@ def _marked_last(network: nn.Module, example_input: torch.Tensor, reference, not
         note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
     aligned = _with_aligned_outputs(network, example_input, reference)
     if aligned:
-        note += f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers"
+        note += (f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers (a new "
+                 "layout where a plane is not whole vectors)")
     return note, len(reused), len(aligned)
 
 
@@ -1849,7 +1859,7 @@ def _with_aligned_outputs(network: nn.Module, example_input: torch.Tensor, refer
         return []
     aligned = fusion.mark_aligned_outputs(network, SparseConv2d)
     if aligned and _end_to_end_problem(network, example_input, reference) is not None:
-        fusion.unmark_aligned_outputs(network, SparseConv2d)
+        fusion.unmark_aligned_outputs(network)
         return []
     return aligned
 

@@ -14,15 +14,12 @@ plain / aligned (above 1: the layout pays), with their p20-p80.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 
-import numpy as np
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
-from bench.runner import round_ratios
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import fusion, sparse_cpu
 
@@ -50,13 +47,6 @@ def _set_layout(network: torch.fx.GraphModule, name: str) -> None:
         fusion.mark_aligned_outputs(network, sparse_cpu.SparseConv2d)
 
 
-def _ratio_line(label: str, times: dict[str, list[float]], plain: str, aligned: str) -> str:
-    ratios = round_ratios(times[plain], times[aligned])  # p20/p80 interpolated, as bench.engines_table quotes them
-    return (f"{label}: plain {np.median(times[plain]):8.3f} ms, aligned {np.median(times[aligned]):8.3f} ms; "
-            f"plain / aligned {np.median(ratios):.3f}x (p20-p80 {np.quantile(ratios, 0.2):.3f}-"
-            f"{np.quantile(ratios, 0.8):.3f}x, {len(ratios)} rounds)")
-
-
 def _layer_lines(density: float, rounds: int) -> list[str]:
     lines = [f"## 1x1 layers, {density} kept, bias + ReLU fused; one call a round, ms"]
     generator = torch.Generator().manual_seed(0)
@@ -76,8 +66,9 @@ def _layer_lines(density: float, rounds: int) -> list[str]:
                     raise AssertionError("the aligned layout changed the values")
                 times = rotating_times_ms({"plain": functools.partial(layer, x, residual), "aligned": aligned},
                                           rounds if batch == 1 else max(3, rounds // 4))
-            lines.append(_ratio_line(f"{in_channels:4d} -> {out_channels:4d} at {size}x{size}, batch {batch:2d}"
-                                     + (", residual" if with_residual else ""), times, "plain", "aligned"))
+            lines.append(round_ratio_line(f"{in_channels:4d} -> {out_channels:4d} at {size}x{size}, batch {batch:2d}"
+                                          + (", residual" if with_residual else ""), times["plain"], times["aligned"],
+                                          ("plain", "aligned")))
     return lines
 
 
@@ -99,8 +90,8 @@ def _network_lines(density: float, rounds: int) -> list[str]:
             run = functools.partial(converted, x)
             times = rotating_times_ms({"plain": run, "aligned": run}, max(3, int(rounds * share)), layout)
             layout("aligned")
-        lines.append(_ratio_line(f"{model_name} batch {batch:2d} ({marked} calls aligned)", times, "plain",
-                                 "aligned"))
+        lines.append(round_ratio_line(f"{model_name} batch {batch:2d} ({marked} calls aligned)", times["plain"],
+                                      times["aligned"], ("plain", "aligned")))
     return lines
 
 
@@ -113,10 +104,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# SparseConv2d.aligned_output plain / aligned; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; "
-          f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or 'cpu'}; {now}; "
-          f"{vars(args)}")
+    print(switch_ab_header("SparseConv2d's aligned_output plain / aligned", args))
     for line in _layer_lines(args.density, args.rounds) + _network_lines(args.density, args.rounds):
         print(line, flush=True)
     return 0

@@ -13,16 +13,13 @@ one call each way a round, ``--rounds`` rounds in rotating order. Medians of the
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 
-import numpy as np
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
 from bench.placement import grouped_summary, placement_grouped_rounds
-from bench.runner import round_ratios
+from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
 
@@ -67,10 +64,7 @@ def _network_lines(density: float, seconds: float, rounds: int) -> list[str]:
         converted, x = _converted(model_name, density, 32)
         run = functools.partial(_inference, converted, x)
         times = rotating_times_ms({"read": run, "write": run}, rounds, _request_for)
-        ratios = round_ratios(times["read"], times["write"])
-        lines.append(f"{model_name} batch 32: read {np.median(times['read']):7.2f} ms, write "
-                     f"{np.median(times['write']):7.2f} ms; read / write {np.median(ratios):.3f}x (p20-p80 "
-                     f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x)")
+        lines.append(round_ratio_line(f"{model_name} batch 32", times["read"], times["write"], ("read", "write")))
     return lines
 
 
@@ -86,10 +80,7 @@ def main(argv=None) -> int:
     if args.rounds < 1:
         parser.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
     torch.set_num_threads(args.threads)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# sparse_cpu.set_output_prefetch_for_write read / write; {args.threads} threads, kernel "
-          f"{sparse_cpu.kernel_isa()}; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or 'cpu'}; {now}; {vars(args)}")
+    print(switch_ab_header("sparse_cpu.set_output_prefetch_for_write read / write", args))
     previous = sparse_cpu.set_output_prefetch_for_write(True)
     try:
         for line in _network_lines(args.density, args.seconds, args.rounds):

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from bench.environment import core_round_trip_ns
-from bench.runner import round_ratios
+from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 
 SHARED_BELOW_NS, APART_FROM_NS = 150.0, 250.0
@@ -59,8 +59,4 @@ def grouped_summary(label: str, rounds: list[dict[str, float]], first: str, seco
     ratios first / second (above 1: ``second`` is faster); the two runs called ``shown`` (default: their names)."""
     if not rounds:
         return f"{label}: no round"
-    one, two = shown or (first, second)
-    ratios = round_ratios([r[first] for r in rounds], [r[second] for r in rounds])
-    return (f"{label}: {len(rounds):3d} rounds, {one} {np.median([r[first] for r in rounds]):7.3f} ms, {two} "
-            f"{np.median([r[second] for r in rounds]):7.3f} ms; {one} / {two} {np.median(ratios):.3f}x (p20-p80 "
-            f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x)")
+    return round_ratio_line(label, [r[first] for r in rounds], [r[second] for r in rounds], shown or (first, second))

@@ -11,15 +11,13 @@ medians of the per-round ratios off / on (above 1: the requests pay), with their
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 
 import numpy as np
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
-from bench.runner import round_ratios
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
 
@@ -74,11 +72,8 @@ def _network_lines(density: float) -> list[str]:
                 raise AssertionError("the requests changed the network's output")
             run = functools.partial(converted, x)
             times = rotating_times_ms({"network off": run, "network on": run}, rounds, _prefetch_for)
-        # p20/p80 interpolated, as the harness's rows and bench.engines_table quote them
-        ratios = round_ratios(times["network off"], times["network on"])
-        lines.append(f"{model_name} batch {batch:2d}: off {np.median(times['network off']):7.2f} ms, on "
-                     f"{np.median(times['network on']):7.2f} ms; off / on {np.median(ratios):.3f}x (p20-p80 "
-                     f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x, {rounds} rounds)")
+        lines.append(round_ratio_line(f"{model_name} batch {batch:2d}", times["network off"], times["network on"],
+                                      ("off", "on")))
     return lines
 
 
@@ -91,9 +86,7 @@ def main(argv=None) -> int:
     if args.calls < 1:
         parser.error(f"--calls: expected an integer >= 1, got {args.calls}")
     torch.set_num_threads(args.threads)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# sparse_cpu.set_next_tile_prefetch off / on; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; "
-          f"torch {torch.__version__}, python {platform.python_version()}, {platform.processor() or 'cpu'}; {now}")
+    print(switch_ab_header("sparse_cpu.set_next_tile_prefetch off / on", args))
     previous = sparse_cpu.set_next_tile_prefetch(True)
     try:
         for line in _layer_lines(args.density, args.calls) + _network_lines(args.density):

@@ -16,13 +16,11 @@ no round is reported as such: the host may keep one placement for the whole run.
 from __future__ import annotations
 
 import argparse
-import datetime
 import functools
-import platform
 
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model
+from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
 from bench.placement import APART_FROM_NS, SHARED_BELOW_NS, grouped_summary, placement_grouped_rounds
 from vpns_fast.deploy import sparse_cpu
 
@@ -114,11 +112,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     default_threshold = sparse_cpu.PRIVATE_PLANES_BYTES
     previous = sparse_cpu.set_private_planes_bytes(default_threshold)
-    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    print(f"# sparse_cpu.set_private_planes_bytes shared / private; {args.threads} threads, kernel "
-          f"{sparse_cpu.kernel_isa()}; torch {torch.__version__}, python {platform.python_version()}, "
-          f"{platform.processor() or 'cpu'}; {now}; --seconds {args.seconds:g} --density {args.density:g}; CPUs 0 "
-          f"and 1 round trip {trip:.0f} ns at the start")
+    print(switch_ab_header("sparse_cpu.set_private_planes_bytes shared / private", args,
+                           f"; CPUs 0 and 1 round trip {trip:.0f} ns at the start"))
     try:
         for line in (_layer_lines(args.density, args.seconds, args.threads)
                      + _network_lines(args.density, args.seconds, default_threshold)):

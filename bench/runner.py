@@ -84,6 +84,18 @@ def round_ratios(baseline_rounds: list[float], candidate_rounds: list[float]) ->
     return [base / mine for base, mine in zip(baseline_rounds, candidate_rounds) if mine > 0]
 
 
+def round_ratio_line(label: str, baseline_rounds: list[float], candidate_rounds: list[float],
+                     names: tuple[str, str]) -> str:
+    """One line of an A/B script's report: the rounds, each side's median ms (``names``: baseline, candidate), and
+    the median of the per-round ratios baseline / candidate with their p20-p80 (interpolated, as the harness's rows
+    and bench.engines_table quote them)."""
+    ratios = round_ratios(baseline_rounds, candidate_rounds)
+    first, second = names
+    return (f"{label}: {len(ratios):3d} rounds, {first} {np.median(baseline_rounds):8.3f} ms, {second} "
+            f"{np.median(candidate_rounds):8.3f} ms; {first} / {second} {np.median(ratios):.3f}x (p20-p80 "
+            f"{np.quantile(ratios, 0.2):.3f}-{np.quantile(ratios, 0.8):.3f}x)")
+
+
 def measure_workload(workload: Workload, device_type: str, repeats: int, ceiling_bytes_per_s: float | None,
                      environment: dict, cpu_warmup_seconds: float = CPU_WARMUP_SECONDS) -> list[dict]:
     errors = verify_workload(workload)

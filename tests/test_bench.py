@@ -2,6 +2,7 @@
 and the `python -m bench list` entry point. Numbers are not checked, only their shape."""
 from __future__ import annotations
 
+import argparse
 import functools
 import json
 import math
@@ -428,10 +429,11 @@ def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
     assert len(seen) == 4 * 2 * private_planes_ab.CALLS_PER_ROUND
     rounds = [{"shared": 2.0, "private": 1.0}, {"shared": 3.0, "private": 2.0}]
     line = placement.grouped_summary("net", rounds, "shared", "private")
-    assert line.startswith("net:   2 rounds, shared   2.500 ms, private   1.500 ms; shared / private 1.750x")
+    assert line == ("net:   2 rounds, shared    2.500 ms, private    1.500 ms; shared / private 1.750x (p20-p80 "
+                    "1.600-1.900x)")
     assert placement.grouped_summary("net", [], "shared", "private") == "net: no round"
     named = [{"a x": 2.0, "a y": 1.0}]
-    assert placement.grouped_summary("l", named, "a x", "a y", ("x", "y")).startswith("l:   1 rounds, x   2.000 ms")
+    assert placement.grouped_summary("l", named, "a x", "a y", ("x", "y")).startswith("l:   1 rounds, x    2.000 ms")
 
 
 @pytest.mark.parametrize("argv, message", [(["--threads", "1"], "--threads: expected an integer >= 2"),
@@ -472,8 +474,8 @@ def test_aligned_outputs_ab_refuses_bad_arguments_by_name(argv, message, capsys)
 
 def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
     """bench/aligned_outputs_ab.py: its aligned copy is the layout a sparse conv writes (zeros between channels,
-    the same values), each run sets the marked layers' layout by its name, and its line quotes the per-round ratio
-    plain / aligned."""
+    the same values), and each run sets the graph's layout by its name; the A/B scripts' header names what they
+    compare and their arguments."""
     import torch
 
     from bench import aligned_outputs_ab
@@ -494,8 +496,10 @@ def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
     assert aligned_calls() == ["0"]
     aligned_outputs_ab._set_layout(network, "plain")
     assert aligned_calls() == []
-    line = aligned_outputs_ab._ratio_line("net", {"plain": [2.0, 3.0], "aligned": [1.0, 2.0]}, "plain", "aligned")
-    assert line.startswith("net: plain    2.500 ms, aligned    1.500 ms; plain / aligned 1.750x")
+    from bench.cases.infer import switch_ab_header
+
+    header = switch_ab_header("a / b", argparse.Namespace(threads=2, density=0.1), "; more")
+    assert header.startswith("# a / b; 2 threads, kernel ") and header.endswith("{'threads': 2, 'density': 0.1}; more")
 
 
 def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):

@@ -45,8 +45,10 @@ made sparse, end-to-end error) to the config's params, which the rows carry.
 from __future__ import annotations
 
 import copy
+import datetime
 import functools
 import os
+import platform
 import signal
 import time
 import warnings
@@ -183,6 +185,16 @@ def add_switch_ab_arguments(parser) -> None:
     bench.private_planes_ab): ``[--threads] [--density]``; :func:`checked_switch_ab_arguments` checks them."""
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.1)
+
+
+def switch_ab_header(what: str, args, more: str = "") -> str:
+    """The first line of a switch A/B script's report: ``what`` it compares, its threads, the sparse kernel, the
+    versions, the machine, the time (UTC), its arguments and ``more``."""
+    from vpns_fast.deploy import sparse_cpu
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return (f"# {what}; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; torch {torch.__version__}, python "
+            f"{platform.python_version()}, {platform.processor() or 'cpu'}; {now}; {vars(args)}{more}")
 
 
 def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:

@@ -6,7 +6,6 @@ reduction length.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import pickle
@@ -22,6 +21,7 @@ from tolerance import assert_close
 from torch import nn
 
 from vpns_fast.deploy import sparse_cpu
+from vpns_fast.environment import torch_threads
 
 _OK, _REASON = sparse_cpu.available()
 pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
@@ -533,17 +533,6 @@ NEXT_TILE_SHAPES = [
     (6, 8, 61, 61, 1, 2, 0, 1),  # 1x1 stride 2 through the planes: no garbage, 31 x 31, 11 tiles
     (12, 8, 19, 23, 1, 1, 0, 1),  # 1x1 read in place: 437 positions, 5 tiles
 ]
-
-
-@contextlib.contextmanager
-def torch_threads(count: int):
-    """torch's intra-op threads set to ``count`` inside the block, given back after it."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def fused_conv_case(shape, batch: int, seed: int) -> types.SimpleNamespace:

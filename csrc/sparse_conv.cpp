@@ -109,6 +109,7 @@
 #include <cstring>
 #include <limits>
 #include <memory>
+#include <new>
 #include <optional>
 #include <string>
 #include <type_traits>
@@ -271,6 +272,24 @@ struct alignas(64) ItemRange {
   int64_t end = 0;
 };
 
+// Buffers of floats on 64-byte boundaries (a cache line, two AVX2 vectors). new float[] gives 16 (glibc's large
+// chunks start 16 bytes into a page), so planes whose channels are whole vectors apart (aligned_plane_stride) would
+// still load across lines, and the tiles' sums (`wide`, 12 vectors a row loaded and stored around every run) too.
+// Two builds in alternating processes, with the strided 1x1 planes below
+// (bench/results/cpu-aligned-buffers-two-builds-2026-12-05-amd.txt: 2-core AMD EPYC, 2 threads, 10% kept, batch 32,
+// before / after per process pair): 256 -> 1024 1x1 at 14x14 1.096-1.130x (only the sums moved), 256 -> 256 3x3 at
+// 14x14 1.048-1.055x, 128 -> 128 3x3 stride 2 at 28x28 1.063-1.135x, 64 -> 64 3x3 at 56x56 1.000-1.017x; ResNet-50
+// 1.015-1.105x (three pairs; at batch 1 the vCPUs' placement moved the times more than the change).
+struct AlignedDelete {
+  void operator()(float* data) const { ::operator delete[](data, std::align_val_t{64}); }
+};
+using AlignedFloats = std::unique_ptr<float[], AlignedDelete>;
+
+AlignedFloats aligned_floats(int64_t count) {
+  const size_t bytes = static_cast<size_t>(std::max<int64_t>(1, count)) * sizeof(float);
+  return AlignedFloats(static_cast<float*>(::operator new[](bytes, std::align_val_t{64})));
+}
+
 // `start()` runs on each thread that takes part before its first item: once per chunk of at::parallel_for (with
 // OpenMP, once per thread).
 template <typename Start, typename Body>
@@ -285,7 +304,7 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Start& start, c
     start();
     // uninitialised: every user writes its scratch before reading it (zero-filling megabytes of planes per
     // call would cost a pass over them)
-    const std::unique_ptr<float[]> scratch(new float[static_cast<size_t>(std::max<int64_t>(1, scratch_floats))]);
+    const AlignedFloats scratch = aligned_floats(scratch_floats);
     for (int64_t w = begin; w < end; ++w) {
       for (int64_t v = 0; v < workers; ++v) {
         ItemRange& range = ranges[(w + v) % workers];
@@ -305,7 +324,7 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // other core holds a copy that a write must first invalidate. It never shrinks: as large as the largest planes a call
 // on this thread built privately (at most the threshold in force then; 512 KiB by default).
 struct ThreadPlanes {
-  std::unique_ptr<float[]> buffer;
+  AlignedFloats buffer;
   int64_t floats = 0;
 };
 
@@ -319,7 +338,7 @@ float* thread_planes(int64_t floats) {
   if (own.floats < floats) {
     own.buffer.reset();
     own.floats = 0;  // a throwing allocation leaves no stale size behind
-    own.buffer.reset(new float[static_cast<size_t>(floats)]);
+    own.buffer = aligned_floats(floats);
     own.floats = floats;
   }
   return own.buffer.get();
@@ -770,10 +789,12 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   g.input_channel_stride = input_channel_stride > 0 ? input_channel_stride : height * width;
   // The copy of a 1x1 conv's input (stride 2: one phase plane of four) puts each channel on a vector boundary, as
   // aligned outputs do for the in-place reads (aligned_plane_stride): every tap of a 1x1 kernel is at the channel's
-  // start, so every load is then aligned. 2 threads, 10% kept, ReLU fused, 12 alternating calls, a scratch A/B
-  // (2026-12-05, 2-core AMD EPYC, AVX2): 512 -> 1024 1x1/2 from 28x28 1.085x at batch 32, 1.06x at batch 1; 1024 ->
-  // 2048 1x1/2 from 14x14 1.107x / 1.10x; from 56x56 (planes of 784 floats, aligned already) 1.00x. Not for larger
-  // kernels, whose taps start off the channel's start anyway: a 3x3 at 7x7 (81 -> 88 floats) measured 0.98x.
+  // start, so every load is then aligned (with aligned_floats' buffers). 2 threads, 10% kept, ReLU fused, 12
+  // alternating calls, a scratch A/B (2026-12-05, 2-core AMD EPYC, AVX2): 512 -> 1024 1x1/2 from 28x28 1.085x at batch
+  // 32, 1.06x at batch 1; 1024 -> 2048 1x1/2 from 14x14 1.107x / 1.10x; from 56x56 (planes of 784 floats, aligned
+  // already) 1.00x; with the aligned buffers, against the build before both (two builds in alternating processes,
+  // bench/results/cpu-aligned-buffers-two-builds-2026-12-05-amd.txt) 0.990-1.125x and 1.119-1.176x at batch 32. Not for
+  // larger kernels, whose taps start off the channel's start anyway: a 3x3 at 7x7 (81 -> 88 floats) measured 0.98x.
   const int64_t planes_stride = g.planes * g.plane_size;
   g.channel_stride = reads_input_directly(g)              ? g.input_channel_stride
                      : g.kernel_h == 1 && g.kernel_w == 1 ? aligned_plane_stride(planes_stride)
@@ -1633,8 +1654,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     // scratch and reads back from L2 rather than from a batch-sized buffer (ResNet-50's layer1 1x1
     // convs at batch 32 would need 103 MB of planes).
     const WorkSplit split = split_work(g.out_channels, 1, positions, nnz, 1);
-    parallel_items(g.batch, g.image_stride + split.rows * kTile, [&](int64_t n, float* scratch) {
-      float* wide = scratch + g.image_stride;
+    const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
+    parallel_items(g.batch, planes_floats + split.rows * kTile, [&](int64_t n, float* scratch) {
+      float* wide = scratch + planes_floats;
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {
         for (int64_t q0 = 0; q0 < positions; q0 += kTile) {

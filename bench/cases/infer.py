@@ -189,12 +189,16 @@ def add_switch_ab_arguments(parser) -> None:
 
 def switch_ab_header(what: str, args, more: str = "") -> str:
     """The first line of a switch A/B script's report: ``what`` it compares, its threads, the sparse kernel, the
-    versions, the machine, the time (UTC), its arguments and ``more``."""
+    versions, the machine, the commit (with "+changes" when the tree differs from it), the time (UTC), its arguments
+    and ``more``."""
+    from bench.environment import git_state
     from vpns_fast.deploy import sparse_cpu
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    commit, dirty = git_state()
+    tree = f"commit {(commit or 'unknown')[:7]}{'+changes' if dirty else ''}"
     return (f"# {what}; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; torch {torch.__version__}, python "
-            f"{platform.python_version()}, {platform.processor() or 'cpu'}; {now}; {vars(args)}{more}")
+            f"{platform.python_version()}, {platform.processor() or 'cpu'}; {tree}; {now}; {vars(args)}{more}")
 
 
 def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:

@@ -869,6 +869,6 @@ def test_outputs_only_sparse_readers_see_are_aligned():
         assert _aligned_calls(converted) == set()
         for out, plain in zip(got, converted(x)):
             assert torch.equal(out, plain)
-    model.b.register_forward_hook(lambda module, args, output: None)  # a's reader now has a hook
-    hooked, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
-    assert _aligned_calls(hooked) == {"c"}
+    converted.b.register_forward_hook(lambda module, args, output: None)  # a's reader now has a hook
+    fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d)
+    assert _aligned_calls(converted) == {"c"}

@@ -706,6 +706,18 @@ def test_inputs_and_residuals_with_other_strides_are_copied(size, kernel_isa):
         out = layer(x, residual, aligned_output=aligned)
         torch.testing.assert_close(out, F.conv2d(x, weight, bias) + residual, rtol=1e-5, atol=1e-5)
 
+def test_the_linear_path_takes_channels_one_float_apart_only(kernel_isa):
+    """At one pixel a channel and batch >= 8 the kernel runs as a linear layer, which reads channel numbers from the
+    offsets: an input read in place with channels 2 floats apart (offsets 2 * channel) takes the general path."""
+    generator = torch.Generator().manual_seed(9)
+    layer = sparse_cpu.SparseConv2d(masked((5, 16, 1, 1), 0.5, generator))
+    x = torch.randn(9, 32, 1, 1, generator=generator)[:, ::2]
+    offsets, segments, values = layer._geometry(1, 1, 2)
+    out = sparse_cpu._ops().sparse_conv2d(x, segments, offsets, values, list(layer.weight_shape), None, [1, 1],
+                                          [0, 0], [1, 1], input_channel_stride=2)
+    torch.testing.assert_close(out, F.conv2d(x, layer.weight), rtol=1e-5, atol=1e-5)
+
+
 def test_an_input_channel_stride_that_does_not_match_is_refused():
     """The raw op reads an input in the aligned layout only when told its channel stride, and refuses a stride
     that is not the input's (the offsets of a 1x1 conv depend on it: a wrong one would read other channels), or
@@ -1163,10 +1175,12 @@ for shape in ((1, 3, 3, 5), (4, 3, 3, 5), (1, 2, 7, 15), (4, 2, 7, 15)):
     weight = torch.randn(6, shape[1], 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, shape
 # the aligned layout (channels 16 floats apart) where the last channel's padding lies past the storage (masked),
-# and where the storage ends with it, so that whole last vectors of 8 or 16 floats end exactly at the guard page
-for count in ((2 * 3 - 1) * 16 + 15, 2 * 3 * 16):
-    x = at_page_end((count,)).as_strided((2, 3, 3, 5), (48, 16, 5, 1))
-    x.copy_(torch.randn(2, 3, 3, 5))
+# and where the storage ends with it, so that whole last vectors of 8 or 16 floats end exactly at the guard page;
+# 4x5 planes, 24 floats apart: 8-float vectors end at the page, 16-float ones would run past it (read exactly)
+for shape, strides, count in (((2, 3, 3, 5), (48, 16, 5, 1), (2 * 3 - 1) * 16 + 15),
+                              ((2, 3, 3, 5), (48, 16, 5, 1), 2 * 3 * 16), ((2, 3, 4, 5), (72, 24, 5, 1), 2 * 3 * 24)):
+    x = at_page_end((count,)).as_strided(shape, strides)
+    x.copy_(torch.randn(shape))
     weight = torch.randn(6, 3, 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, count
 x = at_page_end((2, 4, 2, 4))

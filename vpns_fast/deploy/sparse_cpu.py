@@ -418,7 +418,7 @@ class _FusedActivation:
 
 
 def aligned_channel_stride(height: int, width: int) -> int:
-    """Floats from one channel to the next in an aligned output of a sparse conv (``SparseConv2d.aligned_output``):
+    """Floats from one channel to the next in an aligned output of a sparse conv (SparseConv2d's ``aligned_output``):
     the plane ``height * width`` rounded up to whole 8-float vectors when it is above 8, else the plane. A 1x1 conv
     reads its input in place; with channels 196 floats apart (14x14) every other channel starts 16 bytes off a
     32-byte boundary, and a vector load across two cache lines costs two (csrc/sparse_conv.cpp,
@@ -810,11 +810,13 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._packed = kept
         return packed
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *,
-                residual_reusable: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
+                aligned_output: bool = False) -> torch.Tensor:
         """``activation(conv(x) + bias (+ residual))``. ``residual_reusable=True`` tells the layer that nothing
         reads ``residual`` after this call (the engine's graph rewrite sets it where that is so): the layer may
-        then add the convolution into it in place and return it, rather than write a new tensor."""
+        then add the convolution into it in place and return it, rather than write a new tensor. ``aligned_output``
+        is accepted as SparseConv2d takes it (this layer swapped into a graph the engine marked) and not used: the
+        output has this layer's own layout."""
         out = self._engine_call(x, residual, residual_reusable)
         if out is not None:
             return out

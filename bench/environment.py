@@ -87,7 +87,7 @@ def core_round_trip_ns() -> float | None:
     CPU, not Linux, no C++ extension, pinning refused). Why: a 2-vCPU virtual machine ran the sparse engine at batch 1
     1.22-1.35x slower (1.39-1.45x before private planes) while its host kept the two vCPUs on cores that do not share
     an L3 (310-360 ns here, against 50-110 ns), and moves them every few seconds to minutes; a row says which it was
-    when its measurement began. bench.private_planes_ab groups its rounds by it."""
+    when its measurement began. bench/placement.py groups the A/B scripts' rounds by it."""
     from vpns_fast.deploy import sparse_cpu
 
     if not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2 or not sparse_cpu.available()[0]:

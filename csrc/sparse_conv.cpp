@@ -525,17 +525,8 @@ std::atomic<bool>& output_prefetch_for_write() {
   return enabled;
 }
 
-// As prefetch_floats, for lines about to be written: prefetchw brings each line in exclusive, the other core's copy
-// invalidated, where a read request brings it shared and the store must then still take it over. At batch 1 both
-// threads read every activation (each reads all channels for its positions), so a call's stores find the lines held
-// by the other core. bench/results/cpu-output-prefetch-ab-2026-12-05-amd.txt (2-core AMD EPYC, 2 threads, AVX2,
-// 10% kept; medians of per-round ratios read request / write request, batch-1 rounds grouped by the cores' round
-// trip): batch 1 ResNet-50 1.004x with the cores sharing the L3 (p20-p80 0.997-1.015x), 1.016x apart (1.006-1.034x),
-// ResNet-18 1.017x / 1.022x (1.010-1.039x apart); batch 32 ResNet-50 1.028x (1.014-1.034x), ResNet-18 1.017x. A first
-// scratch A/B of the same change: 1.008x / 1.016x, 1.015x / 1.019x, batch 32 1.002x / 1.014x. (__builtin_prefetch(p, 1)
-// needs the prfchw target to emit it, which GCC 12 did not honour in this file: inline assembly, run only on CPUs
-// that report the PRFCHW feature, see cpu_has_prefetchw.)
-// Whether this CPU reports prefetchw (CPUID 0x80000001, ECX bit 8: PRFCHW); the others get read requests.
+// For prefetch_floats_for_write: whether this CPU reports prefetchw (CPUID 0x80000001, ECX bit 8: PRFCHW); the
+// others get read requests.
 bool cpu_has_prefetchw() {
 #if VPNS_X86
   static const bool has = [] {
@@ -548,6 +539,16 @@ bool cpu_has_prefetchw() {
 #endif
 }
 
+// As prefetch_floats, for lines about to be written: prefetchw brings each line in exclusive, the other core's copy
+// invalidated, where a read request brings it shared and the store must then still take it over. At batch 1 both
+// threads read every activation (each reads all channels for its positions), so a call's stores find the lines held
+// by the other core. bench/results/cpu-output-prefetch-ab-2026-12-05-amd.txt (2-core AMD EPYC, 2 threads, AVX2,
+// 10% kept; medians of per-round ratios read request / write request, batch-1 rounds grouped by the cores' round
+// trip): batch 1 ResNet-50 1.004x with the cores sharing the L3 (p20-p80 0.997-1.015x), 1.016x apart (1.006-1.034x),
+// ResNet-18 1.017x / 1.022x (1.010-1.039x apart); batch 32 ResNet-50 1.028x (1.014-1.034x), ResNet-18 1.017x. A first
+// scratch A/B of the same change: 1.008x / 1.016x, 1.015x / 1.019x, batch 32 1.002x / 1.014x. (__builtin_prefetch(p, 1)
+// needs the prfchw target to emit it, which GCC 12 did not honour in this file: inline assembly, run only on CPUs
+// that report the PRFCHW feature, see cpu_has_prefetchw.)
 inline void prefetch_floats_for_write(float* base, int64_t lo, int64_t hi) {
 #if VPNS_X86
   for (int64_t i = lo; i < hi; i += 16) asm volatile("prefetchw %0" : : "m"(base[i]));
@@ -1522,10 +1523,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     check_float_cpu(op, "residual", *residual);
     TORCH_CHECK(residual->sizes() == output.sizes(), op, ": residual must have the output's shape ", output.sizes(),
                 ", got ", residual->sizes());
-    // an aligned activation (a former output) is read as it is
-    res_stride = planar_channel_stride(*residual);
-    res = res_stride > 0 ? *residual : contiguous_activation(*residual);
-    if (res_stride <= 0) res_stride = plane;
+    // an aligned activation (a former output) is read as it is, anything else made contiguous
+    const int64_t planar = planar_channel_stride(*residual);
+    res = planar > 0 ? *residual : contiguous_activation(*residual);
+    res_stride = planar > 0 ? planar : plane;
   }
   if (output.numel() == 0) return output;
   const bool stream =
@@ -1600,7 +1601,8 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   };
   auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
     fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes);
-    // a copy for an in-place geometry (offsets that reach past the input) leaves a gap between channels
+    // channels more than their planes apart (a 1x1 conv's: aligned_plane_stride, or its input's stride when its
+    // offsets reach past the input) leave a gap, zeroed as an aligned output's padding is
     float* gap = image_planes + c * g.channel_stride + g.planes * g.plane_size;
     std::fill(gap, image_planes + (c + 1) * g.channel_stride, 0.0f);
     if (c == g.in_channels - 1) {
@@ -1612,6 +1614,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // Items of (row block, image, run of tiles) over images `image_floats` apart from images_of_thread() (where they
   // are for the thread that runs an item), a few per thread; `start`: what each thread does first (parallel_items).
   // `source_of(n)`: how image n is read.
+  const auto from_planes = [](int64_t) { return Source::kPlanes; };
   auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start) {
     const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
@@ -1672,8 +1675,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       private_planes_bytes().load(std::memory_order_relaxed)) {
     // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
-    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride,
-              [](int64_t) { return Source::kPlanes; },
+    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, from_planes,
               [&] {
                 float* own = thread_planes(floats);
                 for (int64_t n = 0; n < g.batch; ++n) {
@@ -1695,8 +1697,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride,
-            [](int64_t) { return Source::kPlanes; }, [] {});
+  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, from_planes, [] {});
   return output;
 }
 

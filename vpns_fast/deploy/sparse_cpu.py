@@ -431,7 +431,9 @@ def _padded_channel_stride(x: torch.Tensor) -> int:
     """S when the 4-d ``x`` is laid out as an aligned output, channels S = :func:`aligned_channel_stride` > H * W
     floats apart (strides ``(C * S, S, W, 1)``), which the kernel then reads as it is; else 0 (read as a contiguous
     tensor: any other strides, a channel slice for one, are copied as before, so that no stride a user makes reaches
-    the offsets)."""
+    the offsets). A contiguous input, the common case, is answered without reading its strides."""
+    if x.is_contiguous():
+        return 0
     _, channels, height, width = x.shape
     stride = aligned_channel_stride(height, width)
     if stride > height * width and x.stride() == (channels * stride, stride, width, 1):
@@ -649,8 +651,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
              aligned_output: bool = False) -> torch.Tensor:
         channel_stride = _padded_channel_stride(x)
         # only an in-place read's offsets depend on it: the others share one set
-        offsets, segments, values = self._geometry(x.shape[2], x.shape[3],
-                                                   channel_stride if self.reads_input_in_place else 0)
+        offsets, segments, values = self._geometry(
+            x.shape[2], x.shape[3], channel_stride if channel_stride and self.reads_input_in_place else 0)
         buffers = self._buffers
         return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,

@@ -385,8 +385,10 @@ inline SegmentLayout block_major(int64_t rows, int64_t blocks) { return {1, rows
 // and residual lines during the first block, batch 32 0.99x (0.92-1.05x; the next tile's lines during this tile's
 // epilogue pay: prefetch_floats); the next rows' nonzeros, batch 1
 // 1.01x (0.93-1.08x).
+// next_tile_offset: floats from a call's last tile to the next tile its work item computes (a convolution calls
+// with one tile of its even tiles, see even_tile), next_tile_width: that tile's positions (0: none).
 struct InputPrefetch {
-  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_width = 0;
+  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_offset = 0, next_tile_width = 0;
 };
 
 #if VPNS_X86
@@ -577,7 +579,7 @@ void rows_times_panel_vector(const float* src, const int32_t* offsets, const flo
         } else if (t0 + kTile < positions) {
           ahead.start(s + kTile, prefetch, 0, std::min<int64_t>(kTile, positions - t0 - kTile), row_end - row_begin);
         } else {
-          ahead.start(s + kTile, prefetch, 0, prefetch.next_tile_width, row_end - row_begin);
+          ahead.start(s + prefetch.next_tile_offset, prefetch, 0, prefetch.next_tile_width, row_end - row_begin);
         }
       }
       for (int64_t r = row_begin; r < row_end; ++r) {
@@ -1228,6 +1230,21 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
   return bias->contiguous();
 }
 
+// Positions a convolution's tile computes: the image's positions cut into as few tiles of at most kTile as they
+// need, of equal whole vectors of `lanes` floats (the last may be shorter). Why: a tile of v vectors runs v chains of
+// FMAs, one per accumulator, each waiting on its last (4 cycles on Zen 4), so a tile of one vector costs about what
+// one of eight does. Cut in kTile-wide tiles, ResNet's 14x14 planes (196 positions; a 3x3 conv's 224) left a last
+// tile of 4 (32) positions: a 256 -> 256 1x1 conv at 14x14 took 0.077 ms where at 12x16 (192 positions, two whole
+// tiles) it took 0.065 ms. Even tiles (9, 8 and 8 vectors): 0.071 ms; 1024 -> 256 and 256 -> 1024 at 14x14 0.231 ->
+// 0.212 and 0.275 -> 0.254 ms, at batch 32 12.32 -> 11.94 ms; a 3x3 at 14x14 (12, 12, 4 -> 10, 9, 9 vectors) 0.540 ->
+// 0.538 ms: its unaligned loads bound it, not the chains (1 thread, 10% kept, inputs laid out as aligned outputs, best
+// of 9 runs of 0.1 s, the two builds one after the other, a scratch run on the 2-core AMD EPYC, 2026-12-05).
+int64_t even_tile(int64_t positions, int64_t lanes) {
+  const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = kTile / lanes;
+  const int64_t tiles = (vectors + most - 1) / most;
+  return (vectors + tiles - 1) / tiles * lanes;
+}
+
 // Output channels per work item: enough items to balance the threads, few enough channels that
 // their wide output rows stay in L2 beside the input tile.
 int64_t rows_per_block(int64_t rows, int64_t batch, int64_t row_floats) {
@@ -1245,9 +1262,9 @@ struct WorkSplit {
   int64_t rows, row_blocks, chunk_tiles, chunks;
 };
 
-// `target`: items wanted, for the dynamic scheduling to balance (a few per thread).
-WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t nnz, int64_t target) {
-  const int64_t tiles = std::max<int64_t>(1, (positions + kTile - 1) / kTile);
+// `target`: items wanted, for the dynamic scheduling to balance (a few per thread); `tile`: positions a tile.
+WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t tile, int64_t nnz, int64_t target) {
+  const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
   WorkSplit s;
   // A block's nonzeros (8 bytes each) should stay in L2 across the images and tiles that reuse them,
   // and its accumulators (kTile floats a row) beside them.
@@ -1541,6 +1558,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const float* x_data = x.const_data_ptr<float>();
   const int64_t used = g.in_channels * g.channel_stride;
   const int64_t positions = g.positions();
+  const int64_t tile = even_tile(positions, kernels.lanes);
   const int64_t* seg = segments.const_data_ptr<int64_t>();
   const float* vals = values.const_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
@@ -1567,12 +1585,13 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // and whose output and residual lines are requested during this tile's epilogue.
   auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide,
                           Source source, int64_t next_width) {
-    const int64_t count = std::min(kTile, positions - q0);
+    const int64_t count = std::min(tile, positions - q0);
     std::fill(wide, wide + (o1 - o0) * kTile, 0.0f);
     const bool exact = source == Source::kInputExact;
     InputPrefetch prefetch;
     if (source != Source::kPlanes) {
       prefetch = in_place_prefetch;
+      prefetch.next_tile_offset = tile;
       prefetch.next_tile_width = next_width;
     }
     kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
@@ -1616,17 +1635,17 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // `source_of(n)`: how image n is read.
   const auto from_planes = [](int64_t) { return Source::kPlanes; };
   auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start) {
-    const WorkSplit split = split_work(g.out_channels, g.batch, positions, nnz, 4 * threads);
+    const WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
     const int64_t items_per_rows = g.batch * split.chunks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
       const float* base = images_of_thread();
       // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
       const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
-      const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * kTile);
-      for (int64_t q0 = chunk * split.chunk_tiles * kTile; q0 < q_end; q0 += kTile) {
+      const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * tile);
+      for (int64_t q0 = chunk * split.chunk_tiles * tile; q0 < q_end; q0 += tile) {
         rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, source_of(n),
-                     q0 + kTile < q_end ? std::min(kTile, q_end - q0 - kTile) : 0);
+                     q0 + tile < q_end ? std::min(tile, q_end - q0 - tile) : 0);
       }
       if (stream) store_fence();
     });
@@ -1656,15 +1675,15 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     // Enough images to share out: each item is one image, whose planes its thread builds in its own
     // scratch and reads back from L2 rather than from a batch-sized buffer (ResNet-50's layer1 1x1
     // convs at batch 32 would need 103 MB of planes).
-    const WorkSplit split = split_work(g.out_channels, 1, positions, nnz, 1);
+    const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1);
     const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
     parallel_items(g.batch, planes_floats + split.rows * kTile, [&](int64_t n, float* scratch) {
       float* wide = scratch + planes_floats;
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {
-        for (int64_t q0 = 0; q0 < positions; q0 += kTile) {
+        for (int64_t q0 = 0; q0 < positions; q0 += tile) {
           rows_at_tile(scratch, n, o0, std::min(g.out_channels, o0 + split.rows), q0, wide, Source::kPlanes,
-                       std::min(kTile, std::max<int64_t>(0, positions - q0 - kTile)));
+                       std::min(tile, std::max<int64_t>(0, positions - q0 - tile)));
         }
       }
       if (stream) store_fence();

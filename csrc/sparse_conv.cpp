@@ -345,7 +345,12 @@ float* thread_planes(int64_t floats) {
 }
 
 // ---- the one inner kernel: rows of a sparse matrix times shifted windows of a dense panel -------
-// out[r][p] = sum_{k in row r} values[k] * src[offsets[k] + p] for p in [0, positions). Used by the
+// out[r][p] = sum_{k in row r} values[k] * src[offsets[k] + p] for p in [0, positions), written over whatever `out`
+// held: each row's first channel block starts its sums from zero, later blocks add to them. (Until 2026-12-05 the
+// callers zero-filled `out` for every tile and the first block loaded those zeros. One thread, 10% kept, ReLU, the
+// two builds in alternating processes, bench/results/cpu-first-block-sums-two-builds-2026-12-05-amd.txt: 1x1 layers
+// 0.99-1.12x at batch 1 and 0.99-1.10x at batch 8, 64 -> 256 at 56x56 with a residual the most; 3x3 layers
+// 1.00-1.03x.) Used by the
 // convolution (src = phase planes of the padded input, p = flattened output position) and by the
 // linear layer (src = transposed input, p = batch index). `out` rows are `out_stride` apart, a multiple of
 // kTile (a tile's vectors are stored whole). With `exact` false, src must be readable up to kTile floats
@@ -392,15 +397,16 @@ struct InputPrefetch {
 };
 
 #if VPNS_X86
-// kMasked: the last vector loads only the lanes set in `last` (positions past the window are not read).
-template <int NV, bool kMasked>
+// kMasked: the last vector loads only the lanes set in `last` (positions past the window are not read). kFirst: the
+// sums start from zero rather than from `out` (a row's first channel block).
+template <int NV, bool kMasked, bool kFirst>
 __attribute__((target("avx2,fma"))) inline void tile_avx2(const float* src, const int32_t* offsets, const float* values,
                                                           int64_t count, float* out, int64_t width) {
   const __m256i last = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(width % kLanes)),
                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
   __m256 acc[NV];
 #pragma GCC unroll 16
-  for (int v = 0; v < NV; ++v) acc[v] = _mm256_loadu_ps(out + v * kLanes);
+  for (int v = 0; v < NV; ++v) acc[v] = kFirst ? _mm256_setzero_ps() : _mm256_loadu_ps(out + v * kLanes);
   for (int64_t k = 0; k < count; ++k) {
     const float* p = src + offsets[k];
     const __m256 w = _mm256_broadcast_ss(values + k);
@@ -425,12 +431,16 @@ inline void with_vector_count(int64_t vectors, const Body& body) {
 }
 
 // `width` positions (1..kTile) from src to out; kMasked: width % 8 != 0 and the last vector's lanes past
-// the window are not read.
+// the window are not read; `first`: out is overwritten rather than added to.
 template <bool kMasked>
 __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const float* src, const int32_t* offsets,
-                                                       const float* values, int64_t count, float* out) {
+                                                       const float* values, int64_t count, float* out, bool first) {
   with_vector_count<kMaxVectors>((width + kLanes - 1) / kLanes, [&](auto vectors) {
-    tile_avx2<decltype(vectors)::value, kMasked>(src, offsets, values, count, out, width);
+    if (first) {
+      tile_avx2<decltype(vectors)::value, kMasked, true>(src, offsets, values, count, out, width);
+    } else {
+      tile_avx2<decltype(vectors)::value, kMasked, false>(src, offsets, values, count, out, width);
+    }
   });
 }
 
@@ -441,14 +451,14 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // 6-zmm variant measured 0.97-1.00x of the AVX2 tile end to end there). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
-template <int NV, bool kMasked>
+template <int NV, bool kMasked, bool kFirst>
 __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, const int32_t* offsets,
                                                            const float* values, int64_t count, float* out,
                                                            int64_t width) {
   const __mmask16 last = static_cast<__mmask16>((1u << (width % kWideLanes)) - 1u);
   __m512 acc[NV];
 #pragma GCC unroll 8
-  for (int v = 0; v < NV; ++v) acc[v] = _mm512_loadu_ps(out + v * kWideLanes);
+  for (int v = 0; v < NV; ++v) acc[v] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(out + v * kWideLanes);
   for (int64_t k = 0; k < count; ++k) {
     const float* p = src + offsets[k];
     const __m512 w = _mm512_set1_ps(values[k]);
@@ -466,10 +476,14 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, con
 // As tile_avx2_any, with kMasked: width % 16 != 0.
 template <bool kMasked>
 __attribute__((target("avx512f"))) void tile_avx512_any(int64_t width, const float* src, const int32_t* offsets,
-                                                        const float* values, int64_t count, float* out) {
+                                                        const float* values, int64_t count, float* out, bool first) {
   static_assert(kTile == 6 * kWideLanes, "a tile is 6 zmm vectors");
   with_vector_count<6>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
-    tile_avx512<decltype(vectors)::value, kMasked>(src, offsets, values, count, out, width);
+    if (first) {
+      tile_avx512<decltype(vectors)::value, kMasked, true>(src, offsets, values, count, out, width);
+    } else {
+      tile_avx512<decltype(vectors)::value, kMasked, false>(src, offsets, values, count, out, width);
+    }
   });
 }
 
@@ -562,8 +576,9 @@ inline void prefetch_floats_for_write(float* base, int64_t lo, int64_t hi) {
 
 // Tile outer, then input-channel block, then rows: one tile of one channel block of the input stays in L1
 // while every output channel of the work item reads it. kVectorLanes: the tile kernel's vector width.
-template <int kVectorLanes, void (*kTileMasked)(int64_t, const float*, const int32_t*, const float*, int64_t, float*),
-          void (*kTileWhole)(int64_t, const float*, const int32_t*, const float*, int64_t, float*)>
+template <int kVectorLanes,
+          void (*kTileMasked)(int64_t, const float*, const int32_t*, const float*, int64_t, float*, bool),
+          void (*kTileWhole)(int64_t, const float*, const int32_t*, const float*, int64_t, float*, bool)>
 void rows_times_panel_vector(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
                              SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
                              int64_t out_stride, bool exact, const InputPrefetch& prefetch) {
@@ -585,12 +600,12 @@ void rows_times_panel_vector(const float* src, const int32_t* offsets, const flo
       for (int64_t r = row_begin; r < row_end; ++r) {
         ahead.step();
         const int64_t at = layout.at(r, j), b = segments[at], count = segments[at + 1] - b;
-        if (count == 0) continue;
+        if (count == 0 && j > 0) continue;  // the first block writes the row's sums, zeros if it has no nonzero
         float* o = out + (r - row_begin) * out_stride + t0;
         if (masked) {
-          kTileMasked(width, s, offsets + b, values + b, count, o);
+          kTileMasked(width, s, offsets + b, values + b, count, o, j == 0);
         } else {
-          kTileWhole(width, s, offsets + b, values + b, count, o);
+          kTileWhole(width, s, offsets + b, values + b, count, o, j == 0);
         }
       }
     }
@@ -611,7 +626,7 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
       for (int64_t r = row_begin; r < row_end; ++r) {
         float* o = out + (r - row_begin) * out_stride + t0;
         float acc[kTile] = {};
-        std::memcpy(acc, o, static_cast<size_t>(width) * sizeof(float));
+        if (j > 0) std::memcpy(acc, o, static_cast<size_t>(width) * sizeof(float));
         const int64_t at = layout.at(r, j);
         for (int64_t k = segments[at]; k < segments[at + 1]; ++k) {
           const float* p = src + t0 + offsets[k];
@@ -672,8 +687,9 @@ std::string isa_name_list() {
   return names;
 }
 
-// out (zero-filled by the caller) += rows [row_begin, row_end) of the sparse matrix times the
-// panel; row r's nonzeros for input block j are segments[layout.at(r, j)] .. [layout.at(r, j) + 1].
+// out = rows [row_begin, row_end) of the sparse matrix times the panel (whole vectors a tile: out's rows are
+// written up to positions rounded up to whole vectors); row r's nonzeros for input block j are
+// segments[layout.at(r, j)] .. [layout.at(r, j) + 1].
 void rows_times_panel(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
                       SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
                       int64_t out_stride, bool exact, const InputPrefetch& prefetch = InputPrefetch()) {
@@ -1134,7 +1150,13 @@ inline void epilogue_tile_with(float* dst, const float* sums, const float* resid
 // One output channel's epilogue over the tile of positions [q0, q0 + count): sums indexed by position q
 // (rows of plane_w), dst and residual by output pixel (rows of out_w). One call per channel and tile, cloned
 // for AVX2 (the baseline build is SSE2): called per output row it took 18% of ResNet-50's time at batch 1
-// (perf, 2 threads, 10% kept; 7-14 pixels a call at 14x14 and 7x7).
+// (perf, 2 threads, 10% kept; 7-14 pixels a call at 14x14 and 7x7). Only this shell is cloned: epilogue_tile_with
+// and the loops below it are compiled once, for SSE2 (4-wide adds and stores; the streamed and logistic spans call
+// the ISA's own vector_epilogue). Tried, not kept: `flatten`, which inlines them into each clone (AVX2 loops). One
+// thread, 10% kept, ReLU, the builds in alternating processes (2026-12-05, 2-core AMD EPYC): batch 1 1x1 layers
+// with a residual 1.03-1.13x faster, batch 8 1x1 layers at 14x14 and 56x56 0.89-0.93x (4 rounds, medians of 60
+// calls), 3x3 layers unchanged; ResNet-50 and -18 with 2 threads within the noise at batch 1 and 32
+// (bench/results/cpu-epilogue-flatten-three-builds-2026-12-05-amd.txt).
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx2", "default")))
 #endif
@@ -1309,7 +1331,6 @@ void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* column
   const int64_t blocks = (out_features + block - 1) / block;
   parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
     const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
-    std::fill(wide, wide + block * wide_stride, 0.0f);
     rows_times_panel(panel_data, offsets.data(), vals, segments, layout, o0, o1, batch, wide, wide_stride, false);
     for (int64_t n = 0; n < batch; ++n) {
       float* out_row = out + n * out_features;
@@ -1586,7 +1607,6 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   auto rows_at_tile = [&](const float* image_planes, int64_t n, int64_t o0, int64_t o1, int64_t q0, float* wide,
                           Source source, int64_t next_width) {
     const int64_t count = std::min(tile, positions - q0);
-    std::fill(wide, wide + (o1 - o0) * kTile, 0.0f);
     const bool exact = source == Source::kInputExact;
     InputPrefetch prefetch;
     if (source != Source::kPlanes) {

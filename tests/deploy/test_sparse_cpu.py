@@ -1336,3 +1336,28 @@ def test_offsets_lay_the_nonzeros_out_block_major():
             expected = weight[r, channels, taps // 11, taps % 11]
             assert torch.equal(ordered[run], expected)
     assert sorted(ordered.tolist()) == sorted(values.tolist())
+
+
+@pytest.mark.parametrize("shape, batch, size", [((6, 512, 1, 1), 1, 7), ((6, 512, 3, 3), 2, 5), ((6, 512, 1, 1), 9, 1)],
+                         ids=["1x1 in place", "3x3 planes", "linear path"])
+def test_sums_start_from_zero_in_a_reused_scratch(shape, batch, size, kernel_isa):
+    """A row's first input-channel block writes its sums (zeros where it has no nonzero), later blocks add to them:
+    the tiles' scratch is not zero-filled, so a row with no nonzero at all, or none in its first block (channels
+    0-399 of 512 here, several blocks), would otherwise give what the scratch held. Here it held NaN: one thread, a
+    layer of the same shape with every weight nonzero called first on a NaN input, whose freed scratch the next
+    call's allocation of the same size gets back."""
+    generator = torch.Generator().manual_seed(batch)
+    weight = masked(shape, 0.3, generator)
+    weight[0] = 0  # no nonzero
+    weight[1, :400] = 0  # nonzeros in the last blocks only
+    bias = torch.randn(shape[0], generator=generator)
+    layer = sparse_cpu.SparseConv2d(weight, bias, padding=shape[2] // 2)
+    poisoner = sparse_cpu.SparseConv2d(masked(shape, 1.0, generator), padding=shape[2] // 2)
+    x = torch.randn(batch, shape[1], size, size, generator=generator)
+    poisoned = torch.full_like(x, float("nan"))
+    with torch_threads(1), torch.inference_mode():
+        for _ in range(3):
+            assert poisoner(poisoned).isnan().all()
+            out = layer(x)
+            torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=shape[2] // 2), rtol=1e-4, atol=1e-4)
+            assert torch.equal(out[:, 0], bias[0].expand_as(out[:, 0]))

@@ -350,8 +350,8 @@ float* thread_planes(int64_t floats) {
 // callers zero-filled `out` for every tile and the first block loaded those zeros. One thread, 10% kept, ReLU, the
 // two builds in alternating processes, bench/results/cpu-first-block-sums-two-builds-2026-12-05-amd.txt: 1x1 layers
 // 0.99-1.12x at batch 1 and 0.99-1.10x at batch 8, 64 -> 256 at 56x56 with a residual the most; 3x3 layers
-// 1.00-1.03x.) Used by the
-// convolution (src = phase planes of the padded input, p = flattened output position) and by the
+// 1.00-1.03x; the per-pair ratios at batch 8 spread widely, 2048 -> 512 at 7x7 0.80-1.08x.)
+// Used by the convolution (src = phase planes of the padded input, p = flattened output position) and by the
 // linear layer (src = transposed input, p = batch index). `out` rows are `out_stride` apart, a multiple of
 // kTile (a tile's vectors are stored whole). With `exact` false, src must be readable up to kTile floats
 // past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] + positions)
@@ -831,7 +831,8 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
     }
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
-  // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions) plus the reach of the taps (whole rows
+  // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
+  // narrower, see even_tile, so blocks made from kTile are on the safe side) plus the reach of the taps (whole rows
   // of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too small: 2 threads,
   // batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));
@@ -1252,15 +1253,18 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
   return bias->contiguous();
 }
 
-// Positions a convolution's tile computes: the image's positions cut into as few tiles of at most kTile as they
-// need, of equal whole vectors of `lanes` floats (the last may be shorter). Why: a tile of v vectors runs v chains of
-// FMAs, one per accumulator, each waiting on its last (4 cycles on Zen 4), so a tile of one vector costs about what
-// one of eight does. Cut in kTile-wide tiles, ResNet's 14x14 planes (196 positions; a 3x3 conv's 224) left a last
-// tile of 4 (32) positions: a 256 -> 256 1x1 conv at 14x14 took 0.077 ms where at 12x16 (192 positions, two whole
-// tiles) it took 0.065 ms. Even tiles (9, 8 and 8 vectors): 0.071 ms; 1024 -> 256 and 256 -> 1024 at 14x14 0.231 ->
-// 0.212 and 0.275 -> 0.254 ms, at batch 32 12.32 -> 11.94 ms; a 3x3 at 14x14 (12, 12, 4 -> 10, 9, 9 vectors) 0.540 ->
-// 0.538 ms: its unaligned loads bound it, not the chains (1 thread, 10% kept, inputs laid out as aligned outputs, best
-// of 9 runs of 0.1 s, the two builds one after the other, a scratch run on the 2-core AMD EPYC, 2026-12-05).
+// Positions a convolution's tile computes: as many tiles as kTile-wide ones would need, each ceil(vectors / tiles)
+// whole vectors of `lanes` floats, the last taking what is left. Why: a tile of v vectors runs v chains of FMAs, one
+// per accumulator, each waiting on its last (4 cycles on Zen 4), so a tile of one vector costs about what one of eight
+// does. Cut in kTile-wide tiles, ResNet's 14x14 planes (196 positions; a 3x3 conv's 224) left a last tile of 4 (32)
+// positions; now 9, 9 and 7 vectors (10, 10 and 8). Where 12 tiles or more are needed the width is kTile again and the
+// last tile may still be short (47x47: 2209 positions, 24 tiles of 12 vectors, the last of one position): one tile of
+// many. AVX2 kernel, 1 thread, 10% kept, inputs laid out as aligned outputs, best of 9 runs of 0.1 s, the two builds
+// one after the other (bench/results/cpu-even-tiles-two-builds-2026-12-05-amd.txt, a scratch run on the 2-core AMD
+// EPYC): 256 -> 256 1x1 at 14x14 0.077 -> 0.071 ms (at 12x16, 192 positions in two whole tiles: 0.065 ms), 1024 -> 256
+// and 256 -> 1024 0.231 -> 0.212 and 0.275 -> 0.254 ms, 256 -> 1024 at batch 32 12.32 -> 11.94 ms; a 3x3 at 14x14
+// 0.540 -> 0.538 ms: its unaligned loads bound it, not the chains. The AVX-512 kernel's tiles (16 lanes) were not
+// measured.
 int64_t even_tile(int64_t positions, int64_t lanes) {
   const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = kTile / lanes;
   const int64_t tiles = (vectors + most - 1) / most;
@@ -1533,6 +1537,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   TORCH_CHECK(input.size(1) == g.in_channels, op, ": input has ", input.size(1), " channels, the weight expects ",
               g.in_channels, " (groups > 1 is not supported)");
   check_packed(op, segments, offsets, "offsets", values, g.out_channels);
+  TORCH_CHECK(g.out_channels == 0 || segments.numel() > g.out_channels, op, ": segments has ", segments.numel(),
+              " entries, expected at least one channel block a row: out_channels * blocks + 1 with blocks >= 1 (from "
+              "sparse_conv2d_offsets)");
   // as sparse_conv2d_offsets orders the nonzeros
   const SegmentLayout layout =
       block_major(g.out_channels, g.out_channels > 0 ? (segments.numel() - 1) / g.out_channels : 1);

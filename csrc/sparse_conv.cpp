@@ -352,10 +352,11 @@ float* thread_planes(int64_t floats) {
 // 0.99-1.12x at batch 1 and 0.99-1.10x at batch 8, 64 -> 256 at 56x56 with a residual the most; 3x3 layers
 // 1.00-1.03x; the per-pair ratios at batch 8 spread widely, 2048 -> 512 at 7x7 0.80-1.08x.)
 // Used by the convolution (src = phase planes of the padded input, p = flattened output position) and by the
-// linear layer (src = transposed input, p = batch index). `out` rows are `out_stride` apart, a multiple of
-// kTile (a tile's vectors are stored whole). With `exact` false, src must be readable up to kTile floats
-// past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] + positions)
-// is read (the last, partial vector is a masked load), so a convolution can read its input in place.
+// linear layer (src = transposed input, p = batch index). Positions go `tile` at a time (whole vectors, at most
+// kTile; a convolution passes one of its even tiles, see even_tile, the linear layer kTile). `out` rows are
+// `out_stride` apart, a multiple of kTile (a tile's vectors are stored whole). With `exact` false, src must be readable
+// up to kTile floats past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] +
+// positions) is read (the last, partial vector is a masked load), so a convolution can read its input in place.
 
 // Where row r's nonzeros of input-channel block j start in `segments` (and in offsets/values): entry
 // r * row_step + j * block_step, ending where the next entry starts. Row-major (row_step = blocks, block_step
@@ -390,10 +391,10 @@ inline SegmentLayout block_major(int64_t rows, int64_t blocks) { return {1, rows
 // and residual lines during the first block, batch 32 0.99x (0.92-1.05x; the next tile's lines during this tile's
 // epilogue pay: prefetch_floats); the next rows' nonzeros, batch 1
 // 1.01x (0.93-1.08x).
-// next_tile_offset: floats from a call's last tile to the next tile its work item computes (a convolution calls
-// with one tile of its even tiles, see even_tile), next_tile_width: that tile's positions (0: none).
+// next_tile_width: positions of the tile the work item computes after a call's last tile (0: none), which starts one
+// tile width after it.
 struct InputPrefetch {
-  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_offset = 0, next_tile_width = 0;
+  int64_t channel_stride = 0, block_channels = 0, channels = 0, next_tile_width = 0;
 };
 
 #if VPNS_X86
@@ -430,17 +431,25 @@ inline void with_vector_count(int64_t vectors, const Body& body) {
   body(std::integral_constant<int, kMax>());
 }
 
+// body(std::bool_constant<flag>()): a runtime flag as a constant.
+template <typename Body>
+inline void with_flag(bool flag, const Body& body) {
+  if (flag) {
+    body(std::true_type());
+  } else {
+    body(std::false_type());
+  }
+}
+
 // `width` positions (1..kTile) from src to out; kMasked: width % 8 != 0 and the last vector's lanes past
 // the window are not read; `first`: out is overwritten rather than added to.
 template <bool kMasked>
 __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const float* src, const int32_t* offsets,
                                                        const float* values, int64_t count, float* out, bool first) {
   with_vector_count<kMaxVectors>((width + kLanes - 1) / kLanes, [&](auto vectors) {
-    if (first) {
-      tile_avx2<decltype(vectors)::value, kMasked, true>(src, offsets, values, count, out, width);
-    } else {
-      tile_avx2<decltype(vectors)::value, kMasked, false>(src, offsets, values, count, out, width);
-    }
+    with_flag(first, [&](auto starts) {
+      tile_avx2<decltype(vectors)::value, kMasked, decltype(starts)::value>(src, offsets, values, count, out, width);
+    });
   });
 }
 
@@ -479,11 +488,9 @@ __attribute__((target("avx512f"))) void tile_avx512_any(int64_t width, const flo
                                                         const float* values, int64_t count, float* out, bool first) {
   static_assert(kTile == 6 * kWideLanes, "a tile is 6 zmm vectors");
   with_vector_count<6>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
-    if (first) {
-      tile_avx512<decltype(vectors)::value, kMasked, true>(src, offsets, values, count, out, width);
-    } else {
-      tile_avx512<decltype(vectors)::value, kMasked, false>(src, offsets, values, count, out, width);
-    }
+    with_flag(first, [&](auto starts) {
+      tile_avx512<decltype(vectors)::value, kMasked, decltype(starts)::value>(src, offsets, values, count, out, width);
+    });
   });
 }
 
@@ -580,10 +587,10 @@ template <int kVectorLanes,
           void (*kTileMasked)(int64_t, const float*, const int32_t*, const float*, int64_t, float*, bool),
           void (*kTileWhole)(int64_t, const float*, const int32_t*, const float*, int64_t, float*, bool)>
 void rows_times_panel_vector(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                             int64_t out_stride, bool exact, const InputPrefetch& prefetch) {
-  for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
-    const int64_t width = std::min<int64_t>(kTile, positions - t0);
+                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, int64_t tile,
+                             float* out, int64_t out_stride, bool exact, const InputPrefetch& prefetch) {
+  for (int64_t t0 = 0; t0 < positions; t0 += tile) {
+    const int64_t width = std::min<int64_t>(tile, positions - t0);
     const bool masked = exact && width % kVectorLanes != 0;
     const float* s = src + t0;
     WindowPrefetcher ahead;
@@ -591,10 +598,10 @@ void rows_times_panel_vector(const float* src, const int32_t* offsets, const flo
       if (prefetch.channel_stride > 0) {
         if (j + 1 < layout.blocks) {
           ahead.start(s, prefetch, (j + 1) * prefetch.block_channels, width, row_end - row_begin);
-        } else if (t0 + kTile < positions) {
-          ahead.start(s + kTile, prefetch, 0, std::min<int64_t>(kTile, positions - t0 - kTile), row_end - row_begin);
         } else {
-          ahead.start(s + prefetch.next_tile_offset, prefetch, 0, prefetch.next_tile_width, row_end - row_begin);
+          const int64_t next_width =
+              t0 + tile < positions ? std::min<int64_t>(tile, positions - t0 - tile) : prefetch.next_tile_width;
+          ahead.start(s + tile, prefetch, 0, next_width, row_end - row_begin);
         }
       }
       for (int64_t r = row_begin; r < row_end; ++r) {
@@ -616,12 +623,12 @@ void rows_times_panel_vector(const float* src, const int32_t* offsets, const flo
 // Portable path (any CPU): same tiling, a fixed-width accumulator the compiler vectorizes for
 // the baseline instruction set.
 void rows_times_panel_scalar(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                             int64_t out_stride, bool exact) {
-  for (int64_t t0 = 0; t0 < positions; t0 += kTile) {
-    const int64_t width = round_up(std::min<int64_t>(kTile, positions - t0), kLanes);
+                             SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, int64_t tile,
+                             float* out, int64_t out_stride, bool exact) {
+  for (int64_t t0 = 0; t0 < positions; t0 += tile) {
+    const int64_t width = round_up(std::min<int64_t>(tile, positions - t0), kLanes);
     // whole vectors, like the AVX2 tile (never past round_up(positions, kLanes)), unless exact
-    const int64_t reads = exact ? std::min<int64_t>(kTile, positions - t0) : width;
+    const int64_t reads = exact ? std::min<int64_t>(tile, positions - t0) : width;
     for (int64_t j = 0; j < layout.blocks; ++j) {
       for (int64_t r = row_begin; r < row_end; ++r) {
         float* o = out + (r - row_begin) * out_stride + t0;
@@ -642,7 +649,7 @@ void rows_times_panel_scalar(const float* src, const int32_t* offsets, const flo
 // The kernels of each ISA, by Isa index: a new per-ISA kernel is a new member here, chosen with the others.
 using RowsTimesPanelFn = void (*)(const float* src, const int32_t* offsets, const float* values,
                                   const int64_t* segments, SegmentLayout layout, int64_t row_begin, int64_t row_end,
-                                  int64_t positions, float* out, int64_t out_stride, bool exact,
+                                  int64_t positions, int64_t tile, float* out, int64_t out_stride, bool exact,
                                   const InputPrefetch& prefetch);
 
 struct IsaKernels {
@@ -652,9 +659,9 @@ struct IsaKernels {
 };
 
 void rows_times_panel_portable(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                               SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                               int64_t out_stride, bool exact, const InputPrefetch&) {
-  rows_times_panel_scalar(src, offsets, values, segments, layout, row_begin, row_end, positions, out, out_stride,
+                               SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions,
+                               int64_t tile, float* out, int64_t out_stride, bool exact, const InputPrefetch&) {
+  rows_times_panel_scalar(src, offsets, values, segments, layout, row_begin, row_end, positions, tile, out, out_stride,
                           exact);
 }
 
@@ -691,10 +698,10 @@ std::string isa_name_list() {
 // written up to positions rounded up to whole vectors); row r's nonzeros for input block j are
 // segments[layout.at(r, j)] .. [layout.at(r, j) + 1].
 void rows_times_panel(const float* src, const int32_t* offsets, const float* values, const int64_t* segments,
-                      SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, float* out,
-                      int64_t out_stride, bool exact, const InputPrefetch& prefetch = InputPrefetch()) {
-  isa_kernels().rows_times_panel(src, offsets, values, segments, layout, row_begin, row_end, positions, out, out_stride,
-                                 exact, prefetch);
+                      SegmentLayout layout, int64_t row_begin, int64_t row_end, int64_t positions, int64_t tile,
+                      float* out, int64_t out_stride, bool exact, const InputPrefetch& prefetch = InputPrefetch()) {
+  isa_kernels().rows_times_panel(src, offsets, values, segments, layout, row_begin, row_end, positions, tile, out,
+                                 out_stride, exact, prefetch);
 }
 
 // ---- convolution geometry -----------------------------------------------------------------------
@@ -1335,7 +1342,8 @@ void batch_as_vectors(const char* op, const at::Tensor& x, const int32_t* column
   const int64_t blocks = (out_features + block - 1) / block;
   parallel_items(blocks, block * wide_stride, [&](int64_t item, float* wide) {
     const int64_t o0 = item * block, o1 = std::min(out_features, o0 + block);
-    rows_times_panel(panel_data, offsets.data(), vals, segments, layout, o0, o1, batch, wide, wide_stride, false);
+    rows_times_panel(panel_data, offsets.data(), vals, segments, layout, o0, o1, batch, kTile, wide, wide_stride,
+                     false);
     for (int64_t n = 0; n < batch; ++n) {
       float* out_row = out + n * out_features;
       const float* residual_row = residual ? residual + n * out_features : nullptr;
@@ -1618,10 +1626,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
     InputPrefetch prefetch;
     if (source != Source::kPlanes) {
       prefetch = in_place_prefetch;
-      prefetch.next_tile_offset = tile;
       prefetch.next_tile_width = next_width;
     }
-    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, wide, kTile, exact, prefetch);
+    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, tile, wide, kTile, exact,
+                             prefetch);
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
     const auto [next_lo, next_hi] = next_width > 0 && prefetch_next

@@ -1262,8 +1262,8 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 
 // Positions a convolution's tile computes: as many tiles as kTile-wide ones would need, each ceil(vectors / tiles)
 // whole vectors of `lanes` floats, the last taking what is left. Why: a tile of v vectors runs v chains of FMAs, one
-// per accumulator, each waiting on its last (4 cycles on Zen 4), so a tile of one vector costs about what one of eight
-// does. Cut in kTile-wide tiles, ResNet's 14x14 planes (196 positions; a 3x3 conv's 224) left a last tile of 4 (32)
+// per accumulator, each waiting on its last, so a short tile costs far more than its share of positions. Cut in
+// kTile-wide tiles, ResNet's 14x14 planes (196 positions; a 3x3 conv's 224) left a last tile of 4 (32)
 // positions; now 9, 9 and 7 vectors (10, 10 and 8). Where 12 tiles or more are needed the width is kTile again and the
 // last tile may still be short (47x47: 2209 positions, 24 tiles of 12 vectors, the last of one position): one tile of
 // many. AVX2 kernel, 1 thread, 10% kept, inputs laid out as aligned outputs, best of 9 runs of 0.1 s, the two builds

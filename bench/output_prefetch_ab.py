@@ -17,7 +17,13 @@ import functools
 
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.cases.infer import (
+    add_switch_ab_arguments,
+    checked_switch_ab_arguments,
+    print_switch_ab_report,
+    pruned_model,
+    switch_ab_header,
+)
 from bench.placement import grouped_summary, placement_grouped_rounds
 from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
@@ -79,15 +85,9 @@ def main(argv=None) -> int:
         parser.error(f"--seconds: expected a positive number, got {args.seconds}")
     if args.rounds < 1:
         parser.error(f"--rounds: expected an integer >= 1, got {args.rounds}")
-    torch.set_num_threads(args.threads)
-    print(switch_ab_header("sparse_cpu.set_output_prefetch_for_write read / write", args))
-    previous = sparse_cpu.set_output_prefetch_for_write(True)
-    try:
-        for line in _network_lines(args.density, args.seconds, args.rounds):
-            print(line, flush=True)
-    finally:
-        sparse_cpu.set_output_prefetch_for_write(previous)
-    return 0
+    return print_switch_ab_report(args, switch_ab_header("sparse_cpu.set_output_prefetch_for_write read / write", args),
+                                  sparse_cpu.set_output_prefetch_for_write, True,
+                                  lambda: _network_lines(args.density, args.seconds, args.rounds))
 
 
 if __name__ == "__main__":

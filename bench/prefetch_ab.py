@@ -16,7 +16,13 @@ import functools
 import numpy as np
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.cases.infer import (
+    add_switch_ab_arguments,
+    checked_switch_ab_arguments,
+    print_switch_ab_report,
+    pruned_model,
+    switch_ab_header,
+)
 from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
@@ -85,15 +91,9 @@ def main(argv=None) -> int:
     checked_switch_ab_arguments(parser, args)
     if args.calls < 1:
         parser.error(f"--calls: expected an integer >= 1, got {args.calls}")
-    torch.set_num_threads(args.threads)
-    print(switch_ab_header("sparse_cpu.set_next_tile_prefetch off / on", args))
-    previous = sparse_cpu.set_next_tile_prefetch(True)
-    try:
-        for line in _layer_lines(args.density, args.calls) + _network_lines(args.density):
-            print(line, flush=True)
-    finally:
-        sparse_cpu.set_next_tile_prefetch(previous)
-    return 0
+    return print_switch_ab_report(args, switch_ab_header("sparse_cpu.set_next_tile_prefetch off / on", args),
+                                  sparse_cpu.set_next_tile_prefetch, True,
+                                  lambda: _layer_lines(args.density, args.calls) + _network_lines(args.density))
 
 
 if __name__ == "__main__":

@@ -20,7 +20,13 @@ import functools
 
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.cases.infer import (
+    add_switch_ab_arguments,
+    checked_switch_ab_arguments,
+    print_switch_ab_report,
+    pruned_model,
+    switch_ab_header,
+)
 from bench.placement import APART_FROM_NS, SHARED_BELOW_NS, grouped_summary, placement_grouped_rounds
 from vpns_fast.deploy import sparse_cpu
 
@@ -109,18 +115,12 @@ def main(argv=None) -> int:
         trip = sparse_cpu.core_round_trip_ns(20000)
     except RuntimeError as error:
         parser.error(f"cannot measure the cores' round trip here: {str(error).splitlines()[0]}")
-    torch.set_num_threads(args.threads)
     default_threshold = sparse_cpu.PRIVATE_PLANES_BYTES
-    previous = sparse_cpu.set_private_planes_bytes(default_threshold)
-    print(switch_ab_header("sparse_cpu.set_private_planes_bytes shared / private", args,
-                           f"; CPUs 0 and 1 round trip {trip:.0f} ns at the start"))
-    try:
-        for line in (_layer_lines(args.density, args.seconds, args.threads)
-                     + _network_lines(args.density, args.seconds, default_threshold)):
-            print(line, flush=True)
-    finally:
-        sparse_cpu.set_private_planes_bytes(previous)
-    return 0
+    header = switch_ab_header("sparse_cpu.set_private_planes_bytes shared / private", args,
+                              f"; CPUs 0 and 1 round trip {trip:.0f} ns at the start")
+    return print_switch_ab_report(args, header, sparse_cpu.set_private_planes_bytes, default_threshold,
+                                  lambda: (_layer_lines(args.density, args.seconds, args.threads)
+                                           + _network_lines(args.density, args.seconds, default_threshold)))
 
 
 if __name__ == "__main__":

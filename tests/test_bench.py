@@ -531,3 +531,39 @@ def test_rotating_times_take_turns_in_a_rotating_order():
     assert prepared == calls  # each call prepared right before it
     assert {name: len(values) for name, values in times.items()} == {"a": 4, "b": 4, "c": 4}
     assert all(value >= 0 for values in times.values() for value in values)
+
+
+def test_switch_ab_report_prints_with_the_default_and_restores_the_switch(capsys):
+    """bench.cases.infer.print_switch_ab_report: the header, then the lines, computed with the switch at the default,
+    and the switch set back to what it was, also when computing the lines fails; the thread count is the argument's."""
+    import argparse
+
+    import pytest
+    import torch
+
+    from bench.cases.infer import print_switch_ab_report
+    from vpns_fast.deploy import sparse_cpu
+
+    threads = torch.get_num_threads()
+    previous = sparse_cpu.set_next_tile_prefetch(False)
+    seen = []
+    try:
+        def lines():
+            seen.append(sparse_cpu.set_next_tile_prefetch(True))  # the value during the lines
+            sparse_cpu.set_next_tile_prefetch(seen[-1])
+            return ["one", "two"]
+
+        args = argparse.Namespace(threads=1)
+        assert print_switch_ab_report(args, "# header", sparse_cpu.set_next_tile_prefetch, True, lines) == 0
+        assert capsys.readouterr().out == "# header\none\ntwo\n" and seen == [True] and torch.get_num_threads() == 1
+        assert sparse_cpu.set_next_tile_prefetch(False) is False  # restored
+
+        def failing():
+            raise RuntimeError("measurement failed")
+
+        with pytest.raises(RuntimeError, match="measurement failed"):
+            print_switch_ab_report(args, "# header", sparse_cpu.set_next_tile_prefetch, True, failing)
+        assert sparse_cpu.set_next_tile_prefetch(False) is False
+    finally:
+        sparse_cpu.set_next_tile_prefetch(previous)
+        torch.set_num_threads(threads)

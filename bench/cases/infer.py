@@ -202,6 +202,21 @@ def switch_ab_header(what: str, args, more: str = "") -> str:
             f"{platform.python_version()}, {platform.processor() or 'cpu'}; {tree}; {now}; {vars(args)}{more}")
 
 
+def print_switch_ab_report(args, header: str, switch, default, lines) -> int:
+    """The body of a switch A/B script's ``main`` once its arguments are checked: ``args.threads`` threads, the
+    ``header`` line, then the lines ``lines()`` returns, with the engine ``switch`` (a ``sparse_cpu.set_*`` function)
+    at ``default`` meanwhile and set back to what it was afterwards, even on an error. Returns 0, the exit status."""
+    torch.set_num_threads(args.threads)
+    print(header)
+    previous = switch(default)
+    try:
+        for line in lines():
+            print(line, flush=True)
+    finally:
+        switch(previous)
+    return 0
+
+
 def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:
     """``parser.error`` (one line, exit 2) for arguments of :func:`add_switch_ab_arguments` out of range, or when the
     sparse CPU engine is unavailable."""

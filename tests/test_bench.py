@@ -367,7 +367,7 @@ def test_winograd_ab_runs_both_conversions_and_onnx_runtime(capsys):
     assert all(" against " in line and "(p20-p80 " in line for line in lines[6:9]) and len(lines) == 9
 
 
-@pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers"])
+@pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers", "deepsparse_layers"])
 @pytest.mark.parametrize("argv, message", [(["resnet18", "1.5"], "density: expected a number in (0, 1], got 1.5"),
                                            (["resnet18", "0.1", "--batch", "0"], "--batch, --threads: expected"),
                                            (["resnet_18", "0.1"], "arch: expected a torchvision classification")])
@@ -567,3 +567,43 @@ def test_switch_ab_report_prints_with_the_default_and_restores_the_switch(capsys
     finally:
         sparse_cpu.set_next_tile_prefetch(previous)
         torch.set_num_threads(threads)
+
+
+def test_deepsparse_layers_maps_onnx_names_to_modules_and_sums_what_a_subgraph_covers():
+    """bench.deepsparse_layers: DeepSparse's subgraphs name the ONNX outputs they produce; each is set against the
+    sum of the layers it covers, as they run (sparse or dense), by the shares of each side's time; a subgraph that
+    covers none is shown without them and left out of the sums."""
+    from bench import deepsparse_layers as layers
+
+    assert layers.module_name("/layer1/layer1.0/downsample/downsample.0/Conv_output_0") == "layer1.0.downsample.0"
+    assert layers.module_name("/layer3/layer3.5/conv2/Conv_output_0") == "layer3.5.conv2"
+    assert layers.module_name("/maxpool/MaxPool_output_0") == "maxpool"
+    assert layers.module_name("logits") is None
+    analysis = {"layer_info": [
+        {"name": "pyramid_2", "average_run_time_in_ms": 4.0,
+         "canonical_name": "/layer1/layer1.0/conv2/Conv_output_0,/layer1/layer1.0/conv3/Conv_output_0"},
+        {"name": "ks_convolution", "average_run_time_in_ms": 2.0,
+         "canonical_name": "/layer2/layer2.0/conv1/Conv_output_0"},
+        {"name": "ks_gevm_be", "average_run_time_in_ms": 1.0, "canonical_name": "logits"}]}
+    decisions = [{"name": "layer1.0.conv2", "chosen": "sparse", "sparse_ms": 3.0, "dense_ms": 9.0},
+                 {"name": "layer1.0.conv3", "chosen": "dense", "sparse_ms": 7.0, "dense_ms": 2.0},
+                 {"name": "layer2.0.conv1", "chosen": "sparse", "sparse_ms": 3.0, "dense_ms": 5.0}]
+    rows = layers.side_by_side(analysis, decisions)
+    assert [(row["ours_ms"], row["layers"]) for row in rows] == [
+        (5.0, ["layer1.0.conv2", "layer1.0.conv3"]), (3.0, ["layer2.0.conv1"]), (None, [])]
+    text = layers.format_side_by_side(rows).splitlines()
+    # shares of the rows both timed (6 ms DeepSparse, 8 ms ours): 4/6 against 5/8, 2/6 against 3/8
+    assert text[1].split()[1:6] == ["4.000", "66.7%", "5.000", "62.5%", "0.94"]
+    assert text[2].split()[1:6] == ["2.000", "33.3%", "3.000", "37.5%", "1.12"]
+    assert text[3].split()[1:] == ["1.000", "-", "-", "-", "-", "-"]
+    assert text[-1].split()[-4:] == ["6.000", "100%", "8.000", "100%"]
+
+
+def test_deepsparse_layers_without_deepsparse_says_how_to_get_it(monkeypatch, capsys):
+    from bench import deepsparse_layers
+    from bench.cases.infer import DEEPSPARSE_PYTHON
+
+    monkeypatch.delenv(DEEPSPARSE_PYTHON, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        deepsparse_layers.main(["resnet18", "0.1"])
+    assert exited.value.code == 2 and f"set {DEEPSPARSE_PYTHON} to a python with deepsparse" in capsys.readouterr().err

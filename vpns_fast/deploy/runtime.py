@@ -169,6 +169,9 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
                 "image_size": image_shape_of(meta), "meta": meta, "kind": meta["kind"]}
     if not isinstance(model_or_path, nn.Module):
         raise TypeError(f"deploy takes a file path or an nn.Module, got {type(model_or_path).__name__}")
+    if isinstance(model_or_path, DeployedModel):  # it takes images, not its network's normalized input
+        raise ValueError("model_or_path: already a deployed module (DeployedModel); deploy the model or file it "
+                         "came from (for another device or example size), or call it as it is")
     if model is not None:
         raise ValueError("model: only for a file path (the architecture to load its weights into); deploy a "
                          "module directly")

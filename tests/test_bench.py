@@ -607,3 +607,35 @@ def test_deepsparse_layers_without_deepsparse_says_how_to_get_it(monkeypatch, ca
     with pytest.raises(SystemExit) as exited:
         deepsparse_layers.main(["resnet18", "0.1"])
     assert exited.value.code == 2 and f"set {DEEPSPARSE_PYTHON} to a python with deepsparse" in capsys.readouterr().err
+
+
+def test_zoo_sweep_reports_ok_refused_and_wrong_by_model(monkeypatch, capsys):
+    """bench.zoo_sweep: a model the engine runs right is ``ok``, one deploy refuses is ``refused`` (right or refused),
+    and an engine whose outputs differ beyond rounding is ``WRONG`` with exit status 1."""
+    import vpns_fast
+    from bench import zoo_sweep
+
+    assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# deploy() on torchvision models, 0.1 kept, 1 threads")
+    assert lines[2].split()[:2] == ["squeezenet1_1", "64"] and lines[2].split()[-1] == "ok"
+    deploy = vpns_fast.deploy
+
+    def off_by_a_little(model, **kwargs):
+        engine = deploy(model, **kwargs)
+        return lambda images: engine(images) * 1.01
+
+    monkeypatch.setattr(vpns_fast, "deploy", off_by_a_little)
+    assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 1
+    assert capsys.readouterr().out.splitlines()[2].split()[-1] == "WRONG"
+
+    def refusing(model, **kwargs):
+        raise RuntimeError("convert_for_cpu: refusing to convert")
+
+    monkeypatch.setattr(vpns_fast, "deploy", refusing)
+    assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 0
+    assert "refused  RuntimeError: convert_for_cpu: refusing to convert" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        zoo_sweep.main(["--models", "resnet_18"])
+    assert exited.value.code == 2 and "--models: expected torchvision classification models, got resnet_18" in \
+        capsys.readouterr().err

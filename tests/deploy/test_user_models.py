@@ -855,8 +855,7 @@ def test_undoing_an_attention_swap_also_undoes_the_layout_search_and_the_rows_ti
 
     network = _zeroed(ConvThenReadsBias(), 0.3)
     x = torch.randn(2, 3, 6, 6)
-    with torch.no_grad():
-        reference = network(x)
+    reference = sparse_cpu._Reference(copy.deepcopy(network), network, x)
     original = network.attention
     network.conv = sparse_cpu.DenseConv2d.from_dense(network.conv)
     network.attention = sparse_cpu.SparseMultiheadAttention(original)
@@ -875,17 +874,21 @@ class AmplifiesRounding(nn.Module):
 
     def __init__(self, gain: float = 1e5, cast_to_float: bool = False):
         super().__init__()
-        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.conv, self.drop = nn.Conv2d(3, 16, 3, padding=1), nn.Dropout(0.5)
         self.gain, self.cast_to_float = gain, cast_to_float
 
     def forward(self, x):
         y = self.conv(x.float() if self.cast_to_float else x)  # float() fails on a float64 copy of the model
-        return torch.sin(self.gain * y)
+        return torch.sin(self.gain * self.drop(y))
 
 
 def rounding_of(model: nn.Module, x: torch.Tensor) -> float:
+    """The larger distance of the model's float32 outputs, NCHW and channels_last, from its float64 output."""
     with torch.no_grad():
-        return float((model(x).double() - copy.deepcopy(model).double()(x.double())).abs().max())
+        exact = copy.deepcopy(model).double()(x.double())
+        channels_last = torch.channels_last
+        last = copy.deepcopy(model).to(memory_format=channels_last)(x.contiguous(memory_format=channels_last))
+        return max(float((model(x).double() - exact).abs().max()), float((last.double() - exact).abs().max()))
 
 
 def test_a_model_that_amplifies_float32_rounding_converts_with_a_warning_that_says_how_much():
@@ -921,6 +924,8 @@ def test_the_widened_bound_still_refuses_what_rounding_does_not_explain():
     assert reference.accepts(0, out + 2 * rounding, out)
     assert not reference.accepts(0, out + 4 * rounding + 3e-3, out)
     assert not reference.accepts(0, torch.where(out > 0, torch.nan, out), out)
+    training = copy.deepcopy(model).train()  # the caller's model in training mode: its float64 copy runs in eval
+    assert sparse_cpu._Reference(training, model, x).rounding(0) == reference.rounding(0)
     float_only = copy.deepcopy(model)
     float_only.cast_to_float = True
     float_only = sparse_cpu._Reference(float_only, float_only, x)

@@ -21,12 +21,9 @@ from vpns_fast.deploy import baselines, runtime
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_pruned_model_arguments(parser)
-    parser.add_argument("--iters", type=int, default=15)
+    add_pruned_model_arguments(parser, iters=15)
     args = parser.parse_args(argv)
     checked_pruned_model_arguments(parser, args)
-    if args.iters < 1:
-        parser.error(f"--iters: expected an integer >= 1, got {args.iters}")
     model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), "

@@ -135,12 +135,9 @@ def deepsparse_analysis(python: str, model: torch.nn.Module, batch: int, threads
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_pruned_model_arguments(parser)
-    parser.add_argument("--iters", type=int, default=10)
+    add_pruned_model_arguments(parser, iters=10)
     args = parser.parse_args(argv)
     checked_pruned_model_arguments(parser, args)
-    if args.iters < 1:
-        parser.error(f"--iters: expected an integer >= 1, got {args.iters}")
     python = os.environ.get(DEEPSPARSE_PYTHON)
     if not python:
         parser.error(f"set {DEEPSPARSE_PYTHON} to a python with deepsparse 1.8 installed (bench/README.md)")

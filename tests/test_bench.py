@@ -599,6 +599,15 @@ def test_deepsparse_layers_maps_onnx_names_to_modules_and_sums_what_a_subgraph_c
     assert text[-1].split()[-4:] == ["6.000", "100%", "8.000", "100%"]
 
 
+@pytest.mark.parametrize("script", ["cpu_layers", "deepsparse_layers"])
+def test_the_timing_scripts_refuse_no_rounds(script, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(f"bench.{script}").main(["resnet18", "0.1", "--iters", "0"])
+    assert exited.value.code == 2 and "--iters: expected an integer >= 1, got 0" in capsys.readouterr().err
+
+
 def test_deepsparse_layers_without_deepsparse_says_how_to_get_it(monkeypatch, capsys):
     from bench import deepsparse_layers
     from bench.cases.infer import DEEPSPARSE_PYTHON

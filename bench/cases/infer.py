@@ -157,14 +157,17 @@ def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> n
     return model
 
 
-def add_pruned_model_arguments(parser) -> None:
-    """The arguments of the scripts that run one :func:`pruned_model` (bench.cpu_layers, bench.winograd_ab):
-    ``arch density [--batch] [--threads]``; :func:`checked_pruned_model_arguments` checks them."""
+def add_pruned_model_arguments(parser, iters: int | None = None) -> None:
+    """The arguments of the scripts that run one :func:`pruned_model` (bench.cpu_layers, bench.winograd_ab,
+    bench.deepsparse_layers): ``arch density [--batch] [--threads]``, and ``[--iters]`` (default ``iters``) when
+    ``iters`` is given; :func:`checked_pruned_model_arguments` checks them."""
     parser.add_argument("arch", help="a torchvision classification model, e.g. resnet50, regnet_x_400mf")
     parser.add_argument("density", type=float, help="the fraction of each Conv2d/Linear weight (and attention input "
                         "projection) kept")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2)
+    if iters is not None:
+        parser.add_argument("--iters", type=int, default=iters)
 
 
 def checked_pruned_model_arguments(parser, args) -> None:
@@ -175,6 +178,8 @@ def checked_pruned_model_arguments(parser, args) -> None:
         parser.error(f"density: expected a number in (0, 1], got {args.density}")
     if min(args.batch, args.threads) < 1:
         parser.error(f"--batch, --threads: expected integers >= 1, got {args.batch}, {args.threads}")
+    if getattr(args, "iters", 1) < 1:
+        parser.error(f"--iters: expected an integer >= 1, got {args.iters}")
     if args.arch not in torchvision.models.list_models(module=torchvision.models):
         parser.error(f"arch: expected a torchvision classification model (torchvision.models.list_models()), "
                      f"got {args.arch!r}")

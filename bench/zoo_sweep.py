@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 # Sizes the models require (their own positional embeddings or pooling); 64 for the others.
-FIXED_SIZES = {"inception_v3": 75}
+FIXED_SIZES = {"inception_v3": 299}  # its auxiliary head, which runs while the BatchNorm statistics are taken
 FIXED_SIZE_PREFIXES = ("vit_", "swin_", "maxvit_")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -94,11 +94,14 @@ def check(name: str, density: float) -> dict:
     from vpns_fast.nn.prompts import normalize
 
     size = image_size(name)
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        model = conditioned(torchvision.models.get_model(name).eval(), density, size)
     row = {"model": name, "size": size, "error": None, "rounding": None, "status": "ok", "why": ""}
+    torch.manual_seed(0)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = conditioned(torchvision.models.get_model(name).eval(), density, size)
+    except Exception as exc:  # the sweep's own preparation failed: no verdict on the engine
+        return {**row, "status": "not run", "why": f"preparing the model: {type(exc).__name__}: {str(exc)[:120]}"}
     start = time.perf_counter()
     try:
         with warnings.catch_warnings():

@@ -644,6 +644,13 @@ def test_zoo_sweep_reports_ok_refused_and_wrong_by_model(monkeypatch, capsys):
     monkeypatch.setattr(vpns_fast, "deploy", refusing)
     assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 0
     assert "refused  RuntimeError: convert_for_cpu: refusing to convert" in capsys.readouterr().out
+
+    def unpreparable(model, density, size):  # inception_v3's auxiliary head at 75 px, while taking BN statistics
+        raise RuntimeError("Output size is too small")
+
+    monkeypatch.setattr(zoo_sweep, "conditioned", unpreparable)
+    assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 0  # no verdict on the engine, and the sweep goes on
+    assert "not run  preparing the model: RuntimeError: Output size is too small" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exited:
         zoo_sweep.main(["--models", "resnet_18"])
     assert exited.value.code == 2 and "--models: expected torchvision classification models, got resnet_18" in \

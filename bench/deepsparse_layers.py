@@ -86,8 +86,8 @@ def format_side_by_side(rows: list[dict]) -> str:
 
 
 # DeepSparse's plain calls, timed in its own python: its analysis mode runs each subgraph apart. ResNet-50 at batch
-# 32 (2026-12-05): its total there was 0.99x its plain calls on a quiet machine, 1.5x with another process on one of
-# the two cores, so the report gives both.
+# 32 and 1 (2026-12-05): its total there was 0.78-1.19x its plain calls on a quiet machine, so the report gives
+# both.
 PLAIN_CALLS = """
 import sys, time, numpy, deepsparse
 path, batch, threads, iters = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])

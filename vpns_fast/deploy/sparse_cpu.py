@@ -1875,6 +1875,9 @@ def _with_aligned_outputs(network: nn.Module, example_input: torch.Tensor, refer
     return aligned
 
 
+# A converted model's output may lie this far from the model's, times 1 + its largest magnitude (tensor_difference).
+END_TO_END_TOLERANCE = 1e-3
+
 # How far a converted model's output may lie from the model's when the model itself amplifies float32 rounding:
 # this many times the distance between the model's own float32 output and the same model run in float64. Two
 # float32 computations in different orders (the engine's kernels against oneDNN's) each lie about that far from the
@@ -1921,7 +1924,7 @@ class _Reference:
         if not rounding:
             return False
         error, largest = finite
-        bound = 1e-3 * (1.0 + largest)
+        bound = END_TO_END_TOLERANCE * (1.0 + largest)
         if error > bound + ROUNDING_AMPLIFIED_FACTOR * rounding:
             return False
         if self.widened is None or error > self.widened[1]:
@@ -2324,7 +2327,7 @@ def _finite_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float] 
     return error, largest
 
 
-def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = 1e-3,
+def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = END_TO_END_TOLERANCE,
                       reference: str = "the model's output") -> str | None:
     """Why ``a`` is not ``b`` within float32 rounding, or None: NaN and infinities must sit in the same
     places (an infinite logit of a masked class is no error), the finite values within

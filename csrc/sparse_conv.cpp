@@ -61,8 +61,14 @@
 //     kernel alone on an input already laid out that way: 256 -> 1024 at 14x14 1.55x, 512 -> 2048 at 7x7 1.93x,
 //     the reducing 1024 -> 256 / 2048 -> 512 1.00x / 1.07x. With the copy and the per-image epilogue: 0.84x and
 //     0.96x (the per-image runs cannot be streamed, 784-byte planes start mid-line), 1.08x and 1.28x with plain
-//     stores there, 0.78x / 0.85x reducing: about 7 ms of ResNet-50's 480 at best; activations kept channel-major
-//     between layers would be needed for the rest;
+//     stores there, 0.78x / 0.85x reducing: about 7 ms of ResNet-50's 480 at best. Then (2026-12-05) activations
+//     kept channel-major between layers: every sparse conv read only by sparse convs wrote [C, N, H, W] storage, 1x1
+//     stride-1 convs read it as one image of N * H rows, the others built their planes from it. Against the aligned
+//     outputs that had come since, 2 threads, batch 32, medians of 9 interleaved calls (2-core AMD EPYC, AVX2): only
+//     the expanding 1x1 convs gained (256 -> 1024 at 14x14 1.04x, 512 -> 2048 at 7x7 1.07x); 1x1 convs at 56x56 and
+//     28x28 0.84-0.93x, reducing ones at 14x14 and 7x7 0.86x / 0.94x, 3x3 0.98-0.99x, stride-2 1x1 0.82-0.84x
+//     (planes gathered from channels N * H * W apart). ResNet-50 end to end 0.92x at batch 32 and 8, ResNet-18 0.94x
+//     (bench/results/cpu-channel-major-ab-2026-12-05-amd-scratch.txt); removed;
 //   - 3x3 convs at batch 32 over planes of 8 images interleaved element by element ([C, H+2, (W+2) * 8]: every
 //     tap's load aligned, no straddled cache line), emulated with this kernel as a dilation (1, 8) conv on such an
 //     input, 2 threads, 10% kept, medians of 9 alternating calls, 2-core AMD EPYC, 2026-12-04: 64 @56 0.88x,

@@ -58,6 +58,18 @@ rounded up to a multiple of 8 when it is above 8; the floats between channels ar
 reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
 1) is read as it is. Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded
 input.)doc");
+  m.def("pointwise_conv_supported", &vpns::pointwise_conv_supported,
+        "Whether pointwise_conv can run here (a CPU with AVX2 and FMA).");
+  m.def("pointwise_conv_pack", &vpns::pointwise_conv_pack, py::arg("weight"),
+        R"doc(Packs a dense float32 1x1 conv weight [C_out, C_in, 1, 1] (C_out a multiple of 16) for pointwise_conv:
+[C_out / 16, C_in, 16], panels of 16 output channels.)doc");
+  m.def("pointwise_conv", &vpns::pointwise_conv, py::arg("input"), py::arg("packed"), py::arg("bias") = py::none(),
+        py::arg("residual") = py::none(), py::arg("relu") = false, py::arg("into_residual") = false,
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(Dense 1x1, stride-1, unpadded convolution of a channels_last float32 input [N, C_in, H, W]: equal to
+act(F.conv2d(input, weight, bias) + residual) within float32 rounding (act: ReLU when relu, NaN kept; residual of the
+output's shape or None), the output channels_last: a new tensor, or the residual itself, written in place, with
+into_residual (a channels_last residual). packed from pointwise_conv_pack; needs AVX2 and FMA.)doc");
   m.def("sparse_linear_pack", &vpns::sparse_linear_pack, py::arg("weight"),
         R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:
 [row_ptr (int64, out_features + 1), column_index (int32, nnz), values (float32, nnz)]; exact zeros skipped.)doc");

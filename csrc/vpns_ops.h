@@ -26,6 +26,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          std::vector<int64_t> padding, std::vector<int64_t> dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output);
+bool pointwise_conv_supported();
+at::Tensor pointwise_conv_pack(const at::Tensor& weight);
+at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, bool relu, bool into_residual);
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);

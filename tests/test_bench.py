@@ -367,7 +367,7 @@ def test_winograd_ab_runs_both_conversions_and_onnx_runtime(capsys):
     assert all(" against " in line and "(p20-p80 " in line for line in lines[6:9]) and len(lines) == 9
 
 
-@pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers", "deepsparse_layers"])
+@pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers", "deepsparse_layers", "ort_layers"])
 @pytest.mark.parametrize("argv, message", [(["resnet18", "1.5"], "density: expected a number in (0, 1], got 1.5"),
                                            (["resnet18", "0.1", "--batch", "0"], "--batch, --threads: expected"),
                                            (["resnet_18", "0.1"], "arch: expected a torchvision classification")])
@@ -407,7 +407,9 @@ def test_cpu_rows_record_the_cores_round_trip(monkeypatch):
     ("output_prefetch_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1"),
     ("aligned_outputs_ab", ["--threads", "0"], "--threads: expected an integer >= 1"),
     ("aligned_outputs_ab", ["--density", "1.5"], "--density: expected a fraction in (0, 1]"),
-    ("aligned_outputs_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1")])
+    ("aligned_outputs_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1"),
+    ("pointwise_ab", ["--density", "1.5"], "--density: expected a fraction in (0, 1]"),
+    ("pointwise_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1")])
 def test_the_switch_scripts_refuse_bad_arguments_by_name(script, argv, message, capsys):
     """The one-process A/B scripts of an engine switch: one line naming the argument, exit 2."""
     import importlib
@@ -599,7 +601,7 @@ def test_deepsparse_layers_maps_onnx_names_to_modules_and_sums_what_a_subgraph_c
     assert text[-1].split()[-4:] == ["6.000", "100%", "8.000", "100%"]
 
 
-@pytest.mark.parametrize("script", ["cpu_layers", "deepsparse_layers"])
+@pytest.mark.parametrize("script", ["cpu_layers", "deepsparse_layers", "ort_layers"])
 def test_the_timing_scripts_refuse_no_rounds(script, capsys):
     import importlib
 
@@ -655,3 +657,58 @@ def test_zoo_sweep_reports_ok_refused_and_wrong_by_model(monkeypatch, capsys):
         zoo_sweep.main(["--models", "resnet_18"])
     assert exited.value.code == 2 and "--models: expected torchvision classification models, got resnet_18" in \
         capsys.readouterr().err
+
+
+def test_ort_layers_times_each_layer_where_it_runs_and_reads_onnx_runtimes_profile():
+    """bench.ort_layers on a small network: this engine's layers timed node by node (each module call by its path,
+    the rest as "(no module)"); ONNX Runtime's own profile of the same network, each node's kernel time counted for
+    the module its value comes from (a fused conv + ReLU for the conv, through the weight it reads), the warm-up
+    runs left out; the rows side by side with their sums."""
+    from vpns_fast.deploy import baselines
+
+    if baselines.onnxruntime_version() is None:
+        pytest.skip("needs onnxruntime")
+    import torch
+    from torch import fx, nn
+
+    from bench import ort_layers
+
+    class Small(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 16, 3, padding=1)
+            self.expand = nn.Conv2d(16, 32, 1)
+            self.pool = nn.AdaptiveAvgPool2d(1)
+            self.head = nn.Linear(32, 10)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            x = torch.relu(self.expand(x) + x.repeat(1, 2, 1, 1))
+            return self.head(self.pool(x).flatten(1))
+
+    network = Small().eval()
+    x = torch.randn(2, 3, 16, 16)
+    ours, interpreted, plain = ort_layers.our_layer_ms(fx.symbolic_trace(network), x, iters=2)
+    assert {"stem", "expand", "pool", "head", ort_layers.OTHER} <= set(ours) and interpreted > 0 and plain > 0
+    assert all(ms >= 0 for ms in ours.values())
+    ort, ops, profiled, ort_plain = ort_layers.ort_layer_ms(network, x, threads=1, iters=2)
+    assert {"stem", "expand", "head"} <= set(ort) and profiled > 0 and ort_plain > 0
+    assert "Conv" in ops["stem"] or "FusedConv" in ops["stem"]
+    assert sum(ort.values()) <= profiled * 1.01
+    text = ort_layers.format_rows({"stem": 2.0, "head": 1.0}, {"stem": 1.0, "pool": 0.5}, {"stem": "FusedConv"})
+    lines = text.splitlines()
+    assert lines[1].split() == ["stem", "1.000", "2.000", "2.00", "FusedConv"]
+    assert lines[2].split() == ["head", "-", "1.000", "-", "-"] and lines[3].split()[:4] == ["pool", "0.500", "-", "-"]
+    assert lines[-1].split() == ["sum", "1.500", "3.000", "2.00"]
+    # the warm-up runs' nodes are left out; a node of no module counts for "(no module)"
+    events = [{"cat": "Session", "name": "model_run", "ts": 0, "dur": 10},
+              {"cat": "Node", "name": "relu_nchwc_kernel_time", "ts": 1, "dur": 5000, "args": {"op_name": "Conv"}},
+              {"cat": "Session", "name": "model_run", "ts": 100, "dur": 10},
+              {"cat": "Node", "name": "relu_nchwc_kernel_time", "ts": 101, "dur": 3000, "args": {"op_name": "Conv"}},
+              {"cat": "Node", "name": "ReorderOutput_kernel_time", "ts": 102, "dur": 1000,
+               "args": {"op_name": "ReorderOutput"}}]
+    layers, ops, run_ms = ort_layers.ort_profile_layers(events, {"relu": "stem"}, warmup=1)
+    assert layers == {"stem": 3.0, ort_layers.OTHER: 1.0} and ops == {"stem": "Conv", ort_layers.OTHER: "ReorderOutput"}
+    assert run_ms == 0.01
+    with pytest.raises(ValueError, match="no timed model_run"):
+        ort_layers.ort_profile_layers(events, {}, warmup=2)

@@ -187,8 +187,8 @@ def checked_pruned_model_arguments(parser, args) -> None:
 
 def add_switch_ab_arguments(parser) -> None:
     """The arguments the one-process A/B scripts of an engine switch share (bench.prefetch_ab,
-    bench.private_planes_ab, bench.output_prefetch_ab, bench.aligned_outputs_ab): ``[--threads] [--density]``;
-    :func:`checked_switch_ab_arguments` checks them."""
+    bench.private_planes_ab, bench.output_prefetch_ab, bench.aligned_outputs_ab, bench.pointwise_ab): ``[--threads]
+    [--density]``; :func:`checked_switch_ab_arguments` checks them."""
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--density", type=float, default=0.1)
 

@@ -30,6 +30,11 @@ SHAPES = [
     (6, 4, 9, 7, 3, 2, 1, 1, 2),
     (8, 8, 12, 11, 3, 1, 2, 2, 8),
     (4, 6, 9, 9, (3, 5), (2, 1), (0, 2), (1, 2), 2),
+    # 1x1 stride 1 with output channels a multiple of 16: the engine's own dense kernel (pointwise_conv), at odd
+    # sizes, a 1x1 input and one input channel
+    (24, 32, 13, 19, 1, 1, 0, 1, 1),
+    (5, 16, 1, 1, 1, 1, 0, 1, 1),
+    (1, 48, 7, 3, 1, 1, 0, 1, 1),
 ]
 
 
@@ -489,7 +494,8 @@ def test_reused_residuals_and_repeated_calls_match_conv2d(shape, batch, residual
             with torch.no_grad():
                 out = layer(x, given, residual_reusable=reusable)
             assert_close(out, ref, baseline=torch_out, atol=1e-6 * conv.weight[0].numel())
-            in_place = reusable and residual_layout == "channels_last"
+            # (a 1x1-pixel NCHW residual is channels_last too)
+            in_place = reusable and residual.is_contiguous(memory_format=torch.channels_last)
             assert (out.data_ptr() == given.data_ptr()) == in_place
             if not in_place:
                 assert torch.equal(given, residual)
@@ -606,3 +612,117 @@ def test_geometry_given_as_lists_still_runs(dense):
             assert_close(layer(x), nn.functional.conv2d(x, conv.weight, conv.bias, 1, 2), rtol=1e-5, atol=1e-5)
         layer.padding[0] = 0  # changed in place: a cache keyed on the list's identity would not see it
         assert_close(layer(x), nn.functional.conv2d(x, conv.weight, conv.bias, 1, (0, 2)), rtol=1e-5, atol=1e-5)
+
+
+_POINTWISE = pytest.mark.skipif(not sparse_cpu.pointwise_conv_supported(),
+                                reason="the engine's dense 1x1 kernel needs the C++ extension and AVX2 + FMA")
+
+
+def _pointwise_calls(monkeypatch) -> list:
+    """The calls the C++ extension's pointwise_conv gets from now on (the op still runs)."""
+    module = sparse_cpu._ops()
+    calls, op = [], module.pointwise_conv
+    monkeypatch.setattr(module, "pointwise_conv", lambda *args, **kwargs: calls.append(args) or op(*args, **kwargs))
+    return calls
+
+
+@_POINTWISE
+@pytest.mark.parametrize("activation", [None, "relu", "silu"])
+@pytest.mark.parametrize("out_channels", [32, 24])
+def test_1x1_convs_run_through_the_pointwise_kernel_where_it_applies(monkeypatch, activation, out_channels):
+    """A 1x1, stride-1, ungrouped layer of a multiple of 16 output channels with no activation or ReLU runs through
+    pointwise_conv, any other through oneDNN (SiLU, 24 channels, stride 2, groups, the switch off); each equal to
+    the float64 convolution within float32 rounding."""
+    calls = _pointwise_calls(monkeypatch)
+    generator = torch.Generator().manual_seed(out_channels)
+    conv = nn.Conv2d(40, out_channels, 1)
+    x = torch.randn(3, 40, 9, 11, generator=generator)
+    residual = torch.randn(3, out_channels, 9, 11, generator=generator)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    layer.activation = activation
+    with torch.no_grad():
+        torch_out, ref = conv(x) + residual, nn.functional.conv2d(x.double(), conv.weight.double(),
+                                                                   conv.bias.double()) + residual.double()
+        if activation is not None:
+            torch_out, ref = _ACTIVATIONS[activation](torch_out), _ACTIVATIONS[activation](ref)
+        out = layer(x, residual)
+    assert_close(out, ref, baseline=torch_out, atol=1e-6 * 40)
+    assert len(calls) == (1 if activation != "silu" and out_channels % 16 == 0 else 0)
+    calls.clear()
+    others = [sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(40, 32, 1, stride=2)),
+              sparse_cpu.DenseConv2d.from_dense(nn.Conv2d(40, 32, 1, groups=2))]
+    with torch.no_grad():
+        for other in others:
+            other(x)
+        previous = sparse_cpu.set_pointwise_conv(False)
+        try:
+            assert_close(layer(x, residual), ref, baseline=torch_out, atol=1e-6 * 40)
+        finally:
+            sparse_cpu.set_pointwise_conv(previous)
+    assert calls == []
+
+
+@_POINTWISE
+def test_the_pointwise_kernel_follows_the_weight_keeps_nan_and_leaves_the_residual(monkeypatch):
+    calls = _pointwise_calls(monkeypatch)
+    layer = sparse_cpu.DenseConv2d(torch.randn(16, 8, 1, 1), torch.randn(16), activation="relu")
+    x = torch.randn(2, 8, 5, 5)
+    x[1, 3, 2, 2] = float("nan")
+    residual = torch.randn(2, 16, 5, 5)
+    kept = residual.clone()
+    with torch.no_grad():
+        out = layer(x, residual, residual_reusable=True)
+        expected = torch.relu(nn.functional.conv2d(x, layer.weight, layer.bias) + residual)
+        assert torch.equal(out.isnan(), expected.isnan()) and int(out.isnan().sum()) == 16
+        assert torch.equal(residual, kept)
+        layer.weight.mul_(0)  # in place: the version counter moves, the panels are packed again
+        assert torch.equal(layer(x[:1]), torch.relu(layer.bias).view(1, 16, 1, 1).expand(1, 16, 5, 5))
+        layer.weight = torch.ones(16, 8, 1, 1)  # a new tensor
+        assert_close(layer(x[:1]), torch.relu(x[:1].sum(1, keepdim=True) + layer.bias.view(1, 16, 1, 1)),
+                     rtol=1e-5, atol=1e-5)
+        layer.weight.data.fill_(2)  # not seen by the version counter: refresh
+        layer.refresh()
+        assert_close(layer(x[:1]), torch.relu(2 * x[:1].sum(1, keepdim=True) + layer.bias.view(1, 16, 1, 1)),
+                     rtol=1e-5, atol=1e-5)
+    assert len(calls) == 4
+    with torch.no_grad():  # written into a reusable channels_last residual, as oneDNN does
+        given = residual.contiguous(memory_format=torch.channels_last)
+        assert layer(x, given, residual_reusable=True).data_ptr() == given.data_ptr()
+
+
+@_POINTWISE
+def test_two_threads_calling_one_pointwise_layer_at_different_shapes():
+    conv = nn.Conv2d(24, 32, 1)
+    layer = sparse_cpu.DenseConv2d.from_dense(conv)
+    inputs = [torch.randn(batch, 24, size, size) for batch, size in [(1, 9), (3, 12), (2, 9), (1, 15)]]
+    with torch.no_grad():
+        expected = [conv(x) for x in inputs]
+    for index, got in outputs_from_two_threads(layer, inputs, rounds=10):
+        assert_close(got, expected[index], rtol=1e-4, atol=1e-4)
+
+
+@_POINTWISE
+def test_the_pointwise_op_refuses_what_it_cannot_run():
+    ops = sparse_cpu._ops()
+    weight = torch.randn(32, 8, 1, 1)
+    packed = ops.pointwise_conv_pack(weight)
+    assert packed.shape == (2, 8, 16)
+    x = torch.randn(1, 8, 4, 4).contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match="C_out must be a positive multiple of 16"):
+        ops.pointwise_conv_pack(torch.randn(24, 8, 1, 1))
+    with pytest.raises(RuntimeError, match=r"weight must be \[C_out, C_in, 1, 1\]"):
+        ops.pointwise_conv_pack(torch.randn(32, 8, 3, 3))
+    with pytest.raises(RuntimeError, match="input must be a 4-d float32 CPU tensor in channels_last"):
+        ops.pointwise_conv(x.contiguous(), packed)
+    with pytest.raises(RuntimeError, match="input has 4 channels, the weight expects 8"):
+        ops.pointwise_conv(torch.randn(1, 4, 4, 4).contiguous(memory_format=torch.channels_last), packed)
+    with pytest.raises(RuntimeError, match="bias must be a contiguous float32 CPU tensor of 32 values"):
+        ops.pointwise_conv(x, packed, torch.randn(16))
+    with pytest.raises(RuntimeError, match="residual must have the output's shape"):
+        ops.pointwise_conv(x, packed, None, torch.randn(1, 32, 4, 5))
+    # an NCHW residual is read through a copy; an empty batch gives an empty output
+    residual = torch.randn(1, 32, 4, 4)
+    expected = nn.functional.conv2d(x, weight) + residual
+    assert_close(ops.pointwise_conv(x, packed, None, residual), expected, rtol=1e-5, atol=1e-5)
+    assert ops.pointwise_conv(torch.randn(0, 8, 4, 4).contiguous(memory_format=torch.channels_last),
+                              packed).shape == (0, 32, 4, 4)

@@ -32,15 +32,12 @@ ONNXRUNTIME_SETTINGS = ("CPU execution provider, intra-op threads as torch's, in
                         "optimizations, thread spinning off")
 
 
-def onnxruntime_runner(network: nn.Module, example: torch.Tensor, threads: int | None = None) -> tuple[Runner, str]:
-    """``(run, how it was exported)``: ``network`` exported to ONNX (batch axis dynamic) and run by an
-    ONNX Runtime session with ``threads`` intra-op threads (default: torch's current count).
-    ImportError when onnxruntime (or onnx) is not installed."""
+def onnxruntime_session(graph, threads: int | None = None, profile_prefix: str | None = None):
+    """An ONNX Runtime session of the ONNX model ``graph`` configured as ``ONNXRUNTIME_SETTINGS`` says, with
+    ``threads`` intra-op threads (default: torch's current count); ``profile_prefix``: ONNX Runtime's own per-node
+    profiling on, its JSON file named from that prefix (``session.end_profiling()`` writes it)."""
     import onnxruntime
 
-    from vpns_fast.deploy.export import ONNX_OPSET, onnx_model
-
-    model, fallback_reason = onnx_model(network.eval(), example, ONNX_OPSET)
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = int(threads or torch.get_num_threads())
     options.inter_op_num_threads = 1
@@ -50,7 +47,22 @@ def onnxruntime_runner(network: nn.Module, example: torch.Tensor, threads: int |
     # 2-core machine the engine timed right after it took 16.4 ms instead of 8.5-9 ms (ResNet-18, 10%
     # kept, batch 1). Without spinning ONNX Runtime itself is 1-2% slower (17.8-18.1 vs 17.4-17.8 ms).
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    if profile_prefix is not None:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
+    return onnxruntime.InferenceSession(graph.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def onnxruntime_runner(network: nn.Module, example: torch.Tensor, threads: int | None = None) -> tuple[Runner, str]:
+    """``(run, how it was exported)``: ``network`` exported to ONNX (batch axis dynamic) and run by an
+    :func:`onnxruntime_session` with ``threads`` intra-op threads (default: torch's current count).
+    ImportError when onnxruntime (or onnx) is not installed."""
+    import onnxruntime  # noqa: F401  (the ImportError before the export's work)
+
+    from vpns_fast.deploy.export import ONNX_OPSET, onnx_model
+
+    graph, fallback_reason = onnx_model(network.eval(), example, ONNX_OPSET)
+    session = onnxruntime_session(graph, threads)
     input_name = session.get_inputs()[0].name
 
     def run(x: torch.Tensor) -> torch.Tensor:

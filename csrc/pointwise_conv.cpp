@@ -1,0 +1,208 @@
+// Dense 1x1, stride-1 convolution of channels_last (NHWC) float32 activations: the GEMM out[p, o] = act(bias[o] +
+// sum_c x[p, c] * w[c, o] (+ residual[p, o])) over positions p, with a register tile of 6 positions x 16 output
+// channels (12 AVX2 accumulators; per input channel two loads of the packed weight, six broadcasts, twelve FMAs) and
+// the epilogue (residual, ReLU keeping NaN) applied to the tile before it is stored. The weight is packed once
+// into panels of 16 output channels, [C_out / 16][C_in][16].
+//
+// Why: the engine runs the layers it keeps dense through oneDNN (vpns_fast.deploy.sparse_cpu.DenseConv2d), and its
+// 1x1 convolutions ran at 121-157 GFLOP/s, ONNX Runtime's (MLAS, NCHWc) faster: bench.ort_layers on ResNet-50 at 50%
+// kept, batch 1, had each 1x1 conv 1.1-1.5x ONNX Runtime's time, the 3x3 convs (Winograd) 0.5-1.15x. This tile,
+// 2 threads, batch 1, bias + residual + ReLU, medians of 40 alternating calls against DenseConv2d's oneDNN call
+// (2-core AMD EPYC, AVX2, 2026-12-05): ResNet-50's ten 1x1 shapes 1.07-1.46x (64 -> 64 at 56x56 0.363 -> 0.249 ms,
+// 256 -> 1024 at 14x14 0.742 -> 0.586 ms, 2048 -> 512 at 7x7 0.734 -> 0.587 ms), 103-183 GFLOP/s. First tries,
+// not kept: the accumulators as an array (GCC kept it on the stack, a store after every FMA: 33-64 GFLOP/s); rows
+// cut in blocks of 48, which left one row alone at 7x7 (49 positions): 0.75x oneDNN there.
+#include "vpns_ops.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+namespace vpns {
+namespace {
+
+bool cpu_has_avx2_fma() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
+
+constexpr int64_t kPanel = 16;  // output channels a packed panel holds (two AVX2 vectors)
+constexpr int64_t kRows = 6;    // positions a register tile holds
+
+#if defined(__x86_64__)
+__attribute__((target("avx2,fma"))) inline void finish(float* c, int64_t ldc, const float* residual, int64_t ldr,
+                                                       bool relu, int i, __m256 v0, __m256 v1) {
+  if (residual) {
+    v0 = _mm256_add_ps(v0, _mm256_loadu_ps(residual + i * ldr));
+    v1 = _mm256_add_ps(v1, _mm256_loadu_ps(residual + i * ldr + 8));
+  }
+  if (relu) {  // max(0, v): NaN (the second operand) kept
+    const __m256 zero = _mm256_setzero_ps();
+    v0 = _mm256_max_ps(zero, v0);
+    v1 = _mm256_max_ps(zero, v1);
+  }
+  _mm256_storeu_ps(c + i * ldc, v0);
+  _mm256_storeu_ps(c + i * ldc + 8, v1);
+}
+
+template <int kTileRows>
+// c and residual may be one tensor (pointwise_conv's into_residual): each value is read before it is written.
+__attribute__((target("avx2,fma"))) inline void tile(const float* __restrict a, int64_t lda, const float* __restrict b,
+                                                     int64_t k, float* c, int64_t ldc, const float* __restrict bias,
+                                                     const float* residual, int64_t ldr, bool relu) {
+  const __m256 bias0 = bias ? _mm256_loadu_ps(bias) : _mm256_setzero_ps();
+  const __m256 bias1 = bias ? _mm256_loadu_ps(bias + 8) : _mm256_setzero_ps();
+  // named accumulators: GCC kept an array of them on the stack, a store after every FMA
+  __m256 c00 = bias0, c01 = bias1, c10 = bias0, c11 = bias1, c20 = bias0, c21 = bias1;
+  __m256 c30 = bias0, c31 = bias1, c40 = bias0, c41 = bias1, c50 = bias0, c51 = bias1;
+  const float* a0 = a;
+  const float* a1 = a + lda;
+  const float* a2 = a + 2 * lda;
+  const float* a3 = a + 3 * lda;
+  const float* a4 = a + 4 * lda;
+  const float* a5 = a + 5 * lda;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m256 b0 = _mm256_load_ps(b + kk * kPanel);
+    const __m256 b1 = _mm256_load_ps(b + kk * kPanel + 8);
+    __m256 av = _mm256_broadcast_ss(a0 + kk);
+    c00 = _mm256_fmadd_ps(av, b0, c00);
+    c01 = _mm256_fmadd_ps(av, b1, c01);
+    if constexpr (kTileRows > 1) {
+      av = _mm256_broadcast_ss(a1 + kk);
+      c10 = _mm256_fmadd_ps(av, b0, c10);
+      c11 = _mm256_fmadd_ps(av, b1, c11);
+    }
+    if constexpr (kTileRows > 2) {
+      av = _mm256_broadcast_ss(a2 + kk);
+      c20 = _mm256_fmadd_ps(av, b0, c20);
+      c21 = _mm256_fmadd_ps(av, b1, c21);
+    }
+    if constexpr (kTileRows > 3) {
+      av = _mm256_broadcast_ss(a3 + kk);
+      c30 = _mm256_fmadd_ps(av, b0, c30);
+      c31 = _mm256_fmadd_ps(av, b1, c31);
+    }
+    if constexpr (kTileRows > 4) {
+      av = _mm256_broadcast_ss(a4 + kk);
+      c40 = _mm256_fmadd_ps(av, b0, c40);
+      c41 = _mm256_fmadd_ps(av, b1, c41);
+    }
+    if constexpr (kTileRows > 5) {
+      av = _mm256_broadcast_ss(a5 + kk);
+      c50 = _mm256_fmadd_ps(av, b0, c50);
+      c51 = _mm256_fmadd_ps(av, b1, c51);
+    }
+  }
+  finish(c, ldc, residual, ldr, relu, 0, c00, c01);
+  if constexpr (kTileRows > 1) finish(c, ldc, residual, ldr, relu, 1, c10, c11);
+  if constexpr (kTileRows > 2) finish(c, ldc, residual, ldr, relu, 2, c20, c21);
+  if constexpr (kTileRows > 3) finish(c, ldc, residual, ldr, relu, 3, c30, c31);
+  if constexpr (kTileRows > 4) finish(c, ldc, residual, ldr, relu, 4, c40, c41);
+  if constexpr (kTileRows > 5) finish(c, ldc, residual, ldr, relu, 5, c50, c51);
+}
+
+using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*, const float*,
+                        int64_t, bool);
+constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+#endif
+
+}  // namespace
+
+bool pointwise_conv_supported() { return cpu_has_avx2_fma(); }
+
+at::Tensor pointwise_conv_pack(const at::Tensor& weight) {
+  constexpr const char* op = "pointwise_conv_pack";
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat, op,
+              ": weight must be a float32 CPU tensor, got ", weight.scalar_type(), " on ", weight.device());
+  TORCH_CHECK(weight.dim() == 4 && weight.size(2) == 1 && weight.size(3) == 1, op,
+              ": weight must be [C_out, C_in, 1, 1], got ", weight.sizes());
+  const int64_t out = weight.size(0), in = weight.size(1);
+  TORCH_CHECK(out > 0 && out % kPanel == 0 && in > 0, op,
+              ": C_out must be a positive multiple of 16 and C_in > 0, got ", weight.sizes());
+  return weight.reshape({out / kPanel, kPanel, in}).transpose(1, 2).contiguous();
+}
+
+at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
+                          const std::optional<at::Tensor>& residual, bool relu, bool into_residual) {
+  constexpr const char* op = "pointwise_conv";
+  TORCH_CHECK(cpu_has_avx2_fma(), op, ": needs a CPU with AVX2 and FMA (pointwise_conv_supported())");
+  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4 &&
+                  input.is_contiguous(at::MemoryFormat::ChannelsLast),
+              op, ": input must be a 4-d float32 CPU tensor in channels_last, got ", input.scalar_type(), " ",
+              input.sizes(), " strides ", input.strides());
+  TORCH_CHECK(packed.device().is_cpu() && packed.scalar_type() == at::kFloat && packed.dim() == 3 &&
+                  packed.size(2) == kPanel && packed.is_contiguous(),
+              op, ": packed must come from pointwise_conv_pack ([C_out / 16, C_in, 16] float32), got ", packed.sizes());
+  TORCH_CHECK(packed.size(1) == input.size(1), op, ": input has ", input.size(1), " channels, the weight expects ",
+              packed.size(1));
+  const int64_t out_channels = packed.size(0) * kPanel;
+  if (bias && bias->defined()) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->numel() == out_channels && bias->is_contiguous(),
+                op, ": bias must be a contiguous float32 CPU tensor of ", out_channels, " values");
+  }
+  if (residual && residual->defined()) {
+    TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == at::kFloat, op,
+                ": residual must be a float32 CPU tensor");
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef({input.size(0), out_channels, input.size(2), input.size(3)}), op,
+                ": residual must have the output's shape [", input.size(0), ", ", out_channels, ", ", input.size(2),
+                ", ", input.size(3), "], got ", residual->sizes());
+  }
+  at::NoGradGuard no_grad;
+  const int64_t batch = input.size(0), in = input.size(1), h = input.size(2), w = input.size(3);
+  const int64_t panels = packed.size(0), out = panels * kPanel, positions = batch * h * w;
+  at::Tensor res;
+  if (residual && residual->defined()) res = residual->contiguous(at::MemoryFormat::ChannelsLast);
+  // from the engine's cache of touched buffers, as the sparse kernel's outputs (csrc/buffers.cpp): ResNet-50's
+  // 64 -> 256 1x1 at 56x56, batch 32, faulted its 103 MB output in afresh on every call at 0.6x oneDNN's speed
+  TORCH_CHECK(!into_residual || (res.defined() && res.is_same(*residual)), op,
+              ": into_residual needs a channels_last residual to write into");
+  at::Tensor output = into_residual ? res : empty_activation({batch, out, h, w}, at::MemoryFormat::ChannelsLast);
+  if (output.numel() == 0) return output;
+  const float* x = input.const_data_ptr<float>();
+  const float* b = packed.const_data_ptr<float>();
+  const float* bias_data = bias && bias->defined() ? bias->const_data_ptr<float>() : nullptr;
+  const float* r = res.defined() ? res.const_data_ptr<float>() : nullptr;
+  float* y = into_residual ? output.data_ptr<float>() : output.mutable_data_ptr<float>();
+#if defined(__x86_64__)
+  // Items of (block of about 48 positions) x (group of panels), at least 4 a thread where the panels allow: a block's
+  // rows of x (48 x C_in floats) stay in L2 while the group's panels go by.
+  const int64_t row_blocks = std::max<int64_t>(1, positions / 48);
+  const int64_t row_block = (positions + row_blocks - 1) / row_blocks;
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  int64_t panel_group = panels;
+  while (panel_group > 1 && row_blocks * ((panels + panel_group - 1) / panel_group) < 4 * threads) panel_group /= 2;
+  const int64_t groups = (panels + panel_group - 1) / panel_group;
+  at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t rb = item / groups, g = item % groups;
+      const int64_t p0 = rb * row_block, p1 = std::min(positions, p0 + row_block);
+      if (p1 <= p0) continue;
+      // tiles of as even a height as the block allows (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and one of 1)
+      const int64_t tiles = (p1 - p0 + kRows - 1) / kRows, base = (p1 - p0) / tiles, taller = (p1 - p0) % tiles;
+      for (int64_t j = g * panel_group; j < std::min(panels, (g + 1) * panel_group); ++j) {
+        for (int64_t t = 0, p = p0; t < tiles; ++t) {
+          const int64_t rows = base + (t < taller ? 1 : 0);
+          kTiles[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out + j * kPanel, out,
+                       bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out + j * kPanel : nullptr, out, relu);
+          p += rows;
+        }
+      }
+    }
+  });
+#endif
+  return output;
+}
+
+}  // namespace vpns

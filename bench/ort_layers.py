@@ -29,7 +29,10 @@ from torch import fx
 
 from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
 
-OTHER = "(no module)"  # what maps to no torch module: ONNX Runtime's layout reorders, the graph's own adds
+# What maps to no torch module: ONNX Runtime's layout reorders and reshapes, and this engine's function and method
+# calls (flatten, an add left unfused). An elementwise ONNX node ONNX Runtime runs on its own counts for the layer
+# whose output it reads (onnx_module_names), not here.
+OTHER = "(no module)"
 
 
 class TimedInterpreter(fx.Interpreter):

@@ -14,6 +14,7 @@
 // cut in blocks of 48, which left one row alone at 7x7 (49 positions): 0.75x oneDNN there.
 #include "vpns_ops.h"
 
+#include <ATen/MemoryOverlap.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
@@ -73,8 +74,9 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* __restrict a, 
   const float* a4 = a + 4 * lda;
   const float* a5 = a + 5 * lda;
   for (int64_t kk = 0; kk < k; ++kk) {
-    const __m256 b0 = _mm256_load_ps(b + kk * kPanel);
-    const __m256 b1 = _mm256_load_ps(b + kk * kPanel + 8);
+    // unaligned loads: a packed tensor the caller made need not start on 32 bytes (the aligned load faulted there)
+    const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
+    const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
     __m256 av = _mm256_broadcast_ss(a0 + kk);
     c00 = _mm256_fmadd_ps(av, b0, c00);
     c01 = _mm256_fmadd_ps(av, b1, c01);
@@ -130,7 +132,8 @@ at::Tensor pointwise_conv_pack(const at::Tensor& weight) {
   const int64_t out = weight.size(0), in = weight.size(1);
   TORCH_CHECK(out > 0 && out % kPanel == 0 && in > 0, op,
               ": C_out must be a positive multiple of 16 and C_in > 0, got ", weight.sizes());
-  return weight.reshape({out / kPanel, kPanel, in}).transpose(1, 2).contiguous();
+  // a copy always (with one input channel the transposed view is contiguous already: it would be the weight itself)
+  return weight.reshape({out / kPanel, kPanel, in}).transpose(1, 2).clone(at::MemoryFormat::Contiguous);
 }
 
 at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
@@ -168,6 +171,9 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
   // 64 -> 256 1x1 at 56x56, batch 32, faulted its 103 MB output in afresh on every call at 0.6x oneDNN's speed
   TORCH_CHECK(!into_residual || (res.defined() && res.is_same(*residual)), op,
               ": into_residual needs a channels_last residual to write into");
+  // the output's first panels would be written over input channels that later panels still read
+  TORCH_CHECK(!into_residual || at::get_overlap_status(input, *residual) == at::MemOverlapStatus::No, op,
+              ": into_residual needs a residual that shares no memory with the input");
   at::Tensor output = into_residual ? res : empty_activation({batch, out, h, w}, at::MemoryFormat::ChannelsLast);
   if (output.numel() == 0) return output;
   const float* x = input.const_data_ptr<float>();

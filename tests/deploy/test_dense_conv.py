@@ -720,6 +720,19 @@ def test_the_pointwise_op_refuses_what_it_cannot_run():
         ops.pointwise_conv(x, packed, torch.randn(16))
     with pytest.raises(RuntimeError, match="residual must have the output's shape"):
         ops.pointwise_conv(x, packed, None, torch.randn(1, 32, 4, 5))
+    with pytest.raises(RuntimeError, match="into_residual needs a residual that shares no memory with the input"):
+        square = ops.pointwise_conv_pack(torch.randn(32, 32, 1, 1))
+        same = torch.randn(1, 32, 4, 4).contiguous(memory_format=torch.channels_last)
+        ops.pointwise_conv(same, square, None, same, False, True)
+    with pytest.raises(RuntimeError, match="into_residual needs a channels_last residual"):
+        ops.pointwise_conv(x, packed, None, None, False, True)
+    # a packed weight that does not start on 32 bytes (a view 4 bytes in), and one input channel, whose packing is a
+    # copy, not a view of the weight
+    shifted = torch.empty(packed.numel() + 1)[1:].view(packed.shape).copy_(packed)
+    assert shifted.data_ptr() % 32 != 0
+    assert_close(ops.pointwise_conv(x, shifted), nn.functional.conv2d(x, weight), rtol=1e-5, atol=1e-5)
+    one_channel = torch.randn(16, 1, 1, 1)
+    assert ops.pointwise_conv_pack(one_channel).data_ptr() != one_channel.data_ptr()
     # an NCHW residual is read through a copy; an empty batch gives an empty output
     residual = torch.randn(1, 32, 4, 4)
     expected = nn.functional.conv2d(x, weight) + residual

@@ -739,3 +739,23 @@ def test_the_pointwise_op_refuses_what_it_cannot_run():
     assert_close(ops.pointwise_conv(x, packed, None, residual), expected, rtol=1e-5, atol=1e-5)
     assert ops.pointwise_conv(torch.randn(0, 8, 4, 4).contiguous(memory_format=torch.channels_last),
                               packed).shape == (0, 32, 4, 4)
+
+
+@_POINTWISE
+def test_the_decision_table_says_which_dense_layers_run_through_the_pointwise_kernel():
+    """A 1x1 layer kept dense whose fused activation the kernel applies (ReLU) is "pointwise" in its row's "dense
+    by"; one whose fused activation it does not (SiLU) is "oneDNN", as it runs; the converted network computes what
+    the model does."""
+    model = nn.Sequential(nn.Conv2d(8, 32, 1), nn.ReLU(), nn.Conv2d(32, 16, 1), nn.SiLU(), nn.Conv2d(16, 16, 3),
+                          nn.Flatten(), nn.Linear(16 * 4 * 4, 3)).eval()
+    x = torch.randn(2, 8, 6, 6)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="measure", min_speedup=1e9, repeats=2)
+    rows = {row["name"]: row for row in table}
+    modules = dict(converted.named_modules())
+    assert rows["0"]["chosen"] == rows["2"]["chosen"] == "dense"
+    assert (rows["0"]["dense_algorithm"], rows["2"]["dense_algorithm"]) == ("pointwise", "oneDNN")
+    assert modules["0"].dense_algorithm == "pointwise" and modules["2"].activation == "silu"
+    assert rows["4"]["dense_algorithm"] in ("oneDNN", "Winograd")
+    assert "pointwise" in sparse_cpu.format_decisions(table)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)

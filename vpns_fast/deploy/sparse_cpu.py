@@ -811,16 +811,27 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._packed = {}
         self._small_output_shapes = {}
 
+    def _runs_pointwise(self, activation: str | None) -> bool:
+        """Whether a call with ``activation`` runs through the engine's dense 1x1 kernel (see the class)."""
+        weight = self._buffers["weight"]
+        return (activation in (None, "relu") and _POINTWISE["enabled"] and self.groups == 1
+                and weight.shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+                and weight.shape[0] % 16 == 0 and pointwise_conv_supported())
+
+    @property
+    def dense_algorithm(self) -> str:
+        """What runs this layer as the engine calls it (with its fused activation): ``"pointwise"`` (the engine's
+        dense 1x1 kernel) or ``"oneDNN"`` (WinogradConv2d: ``"Winograd"``); the decision table's "dense by"."""
+        return "pointwise" if self._runs_pointwise(self._activation) else "oneDNN"
+
     def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
                    into_residual: bool) -> torch.Tensor | None:
         """``activation(conv(x) + bias (+ residual))`` through the engine's dense 1x1 kernel for a channels_last
         ``x`` that needs no gradient, written into ``residual`` when ``into_residual`` and that is channels_last (as
         oneDNN's "sum" post-op), or None where that kernel does not run this layer (see the class)."""
-        weight = self._buffers["weight"]
-        if (activation not in (None, "relu") or not _POINTWISE["enabled"] or self.groups != 1
-                or weight.shape[2:] != (1, 1) or self.stride != (1, 1) or self.padding != (0, 0)
-                or weight.shape[0] % 16 or not pointwise_conv_supported()):
+        if not self._runs_pointwise(activation):
             return None
+        weight = self._buffers["weight"]
         version = -1 if weight.is_inference() else weight._version
         cache = self._packed
         entry = cache.get("pointwise")
@@ -1068,6 +1079,10 @@ class WinogradConv2d(DenseConv2d):
         reason = winograd_unsupported_reason(self)
         if reason is not None:
             raise ValueError(f"WinogradConv2d: {reason}")
+
+    @property
+    def dense_algorithm(self) -> str:
+        return "Winograd"
 
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         """The weight in the transform domain ([36, C_in, C_out], whatever the input's shape), made again when
@@ -1456,7 +1471,7 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: 
         with torch.no_grad():
             expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
-    row["dense_algorithm"] = "oneDNN"
+    row["dense_algorithm"] = stand_in.dense_algorithm
     reason = "winograd=False" if not winograd else winograd_unsupported_reason(module)
     if reason is not None:
         row["winograd_note"] = reason
@@ -1615,7 +1630,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     never called after), then one per nn.MultiheadAttention the engine can run:
     name, type, weight_shape, input_shape, density, nnz, dense_ms, sparse_ms, speedup (dense_ms /
     sparse_ms; times are None unless measured), chosen ("sparse" / "dense") and reason; for a Conv2d with a
-    dense stand-in also dense_algorithm ("oneDNN" / "Winograd"), onednn_ms and winograd_ms (when both were
+    dense stand-in also dense_algorithm ("oneDNN" / "pointwise" / "Winograd"), onednn_ms and winograd_ms (when both were
     timed) and winograd_note (why Winograd was not tried or not used). After them, a row (chosen "dense", times
     None) for each other pruned weight the engine leaves in its torch module (:data:`PRUNED_DENSITY`: a
     ConvTranspose2d's, the ``in_proj_weight`` of an attention it leaves), named ``<module>.<parameter>``; unless
@@ -1679,8 +1694,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
                            "refusing to convert")
     if graph_module is not None and problem is None:
         epilogues, problem = _fused_epilogues(graph_module, example_input)
+        modules = dict(graph_module.named_modules())
         for row in table:
             row["fused"] += epilogues.get(row["name"], [])
+            if type(modules.get(row["name"])) is DenseConv2d:  # its fused activation may have moved it off pointwise
+                row["dense_algorithm"] = modules[row["name"]].dense_algorithm
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
                        "add / activation epilogues fused into convolutions")
         if problem is None:  # the epilogue rewrite changed the graph since _runnable's check
@@ -2469,7 +2487,7 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
     def rate(flops, milliseconds):
         return f"{flops / milliseconds / 1e6:7.1f}" if flops and milliseconds else f"{'-':>7}"
 
-    lines = [f"{'layer':<24} {'weight shape':<20} {'input':<18} {'density':>7} {'dense ms':>9} {'dense by':<8} "
+    lines = [f"{'layer':<24} {'weight shape':<20} {'input':<18} {'density':>7} {'dense ms':>9} {'dense by':<9} "
              f"{'sparse ms':>9} {'speedup':>7} {'dGF/s':>7} {'nzGF/s':>7}{' %peak' if peak_gflops else ''}  "
              f"{'fused':<18} chosen  why"]
     for row in table:
@@ -2481,7 +2499,7 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
                      if row.get("flops") and row["sparse_ms"] else f" {'-':>5}")
         lines.append(f"{row['name'] or '(model)':<24} {str(tuple(row['weight_shape'])):<20} "
                      f"{str(tuple(row['input_shape'] or ())):<18} {row['density']:7.3f} {ms(row['dense_ms'])} "
-                     f"{row.get('dense_algorithm') or '-':<8} "
+                     f"{row.get('dense_algorithm') or '-':<9} "
                      f"{ms(row['sparse_ms'])} {speedup} {rate(row.get('dense_flops'), row['dense_ms'])} "
                      f"{sparse_rate}{share}  {'+'.join(row.get('fused', [])) or '-':<18} {row['chosen']:<6}  "
                      f"{row['reason']}")

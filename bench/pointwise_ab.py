@@ -7,7 +7,8 @@ residuals channels_last (as the engine hands them over). Networks: torchvision R
 Conv2d/Linear pruned by magnitude to ``density`` (default 0.5, where the engine keeps most convolutions dense; as
 ``bench infer`` prunes), converted once with the switch on; the switch is flipped between runs, so both sides run the
 same per-layer choices. Medians of the per-round ratios oneDNN / pointwise (above 1: the kernel pays), with their
-p20-p80.
+p20-p80, and the two CPUs' cache-line round trip measured after each line (``sparse_cpu.core_round_trip_ns``): on
+the 2-vCPU KVM guest measured, oneDNN's 1x1 calls slowed more than this kernel's when the vCPUs were apart.
 
     .venv/bin/python -m bench.pointwise_ab [--threads 2] [--density 0.5] [--rounds 30] > report.txt
 """
@@ -35,6 +36,10 @@ def _switch(name: str) -> None:
     sparse_cpu.set_pointwise_conv(name == "pointwise")
 
 
+def _round_trip() -> str:
+    return f"; round trip {sparse_cpu.core_round_trip_ns():.0f} ns"
+
+
 def _layer_lines(rounds: int) -> list[str]:
     lines = ["## 1x1 layers, dense, bias + residual + ReLU fused; one call a round, ms"]
     generator = torch.Generator().manual_seed(0)
@@ -57,7 +62,7 @@ def _layer_lines(rounds: int) -> list[str]:
                 times = rotating_times_ms({name: run for name in NAMES}, rounds if batch == 1 else max(3, rounds // 5),
                                           _switch)
             lines.append(round_ratio_line(f"{in_channels:4d} -> {out_channels:4d} at {size}x{size}, batch {batch:2d}",
-                                          times["oneDNN"], times["pointwise"], NAMES))
+                                          times["oneDNN"], times["pointwise"], NAMES) + _round_trip())
     return lines
 
 
@@ -79,7 +84,7 @@ def _network_lines(density: float, rounds: int) -> list[str]:
             times = rotating_times_ms({name: run for name in NAMES}, max(3, int(rounds * share)), _switch)
         _switch("pointwise")
         lines.append(round_ratio_line(f"{model_name} batch {batch:2d} ({dense_1x1} dense 1x1 stride-1 layers)",
-                                      times["oneDNN"], times["pointwise"], NAMES))
+                                      times["oneDNN"], times["pointwise"], NAMES) + _round_trip())
     return lines
 
 

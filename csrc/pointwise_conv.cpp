@@ -7,9 +7,10 @@
 // Why: the engine runs the layers it keeps dense through oneDNN (vpns_fast.deploy.sparse_cpu.DenseConv2d), and its
 // 1x1 convolutions ran at 121-157 GFLOP/s, ONNX Runtime's (MLAS, NCHWc) faster: bench.ort_layers on ResNet-50 at 50%
 // kept, batch 1, had each 1x1 conv 1.1-1.5x ONNX Runtime's time, the 3x3 convs (Winograd) 0.5-1.15x. This tile,
-// 2 threads, batch 1, bias + residual + ReLU, medians of 40 alternating calls against DenseConv2d's oneDNN call
-// (2-core AMD EPYC, AVX2, 2026-12-05): ResNet-50's ten 1x1 shapes 1.07-1.46x (64 -> 64 at 56x56 0.363 -> 0.249 ms,
-// 256 -> 1024 at 14x14 0.742 -> 0.586 ms, 2048 -> 512 at 7x7 0.734 -> 0.587 ms), 103-183 GFLOP/s. First tries,
+// 2 threads, bias + residual + ReLU, one call each way a round in rotating order, two runs an hour apart
+// (bench.pointwise_ab, bench/results/cpu-pointwise-ab-2026-12-05-amd.txt and -amd-b.txt; 2-core AMD EPYC, AVX2):
+// ResNet-50's ten 1x1 shapes 1.08-1.38x oneDNN at batch 1 (e.g. 256 -> 1024 at 14x14 0.705 -> 0.594 ms), 0.93-1.29x
+// at batch 32; ResNet-50 at 50% kept 1.064x and 1.068x at batch 1, 1.01x at batch 32. First tries,
 // not kept: the accumulators as an array (GCC kept it on the stack, a store after every FMA: 33-64 GFLOP/s); rows
 // cut in blocks of 48, which left one row alone at 7x7 (49 positions): 0.75x oneDNN there.
 #include "vpns_ops.h"

@@ -737,7 +737,7 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     A 1x1, stride-1, unpadded, ungrouped layer of a multiple of 16 output channels, with no activation or ReLU, runs
     through the engine's own dense kernel instead (the C++ extension's ``pointwise_conv``: a GEMM over positions
     with the epilogue fused; where the CPU has AVX2 and FMA, see :func:`set_pointwise_conv`): ResNet-50's ten 1x1
-    shapes at batch 1 ran 1.07-1.46x as fast as through oneDNN (2 threads, 2-core AMD EPYC, AVX2, 2026-12-05;
+    shapes at batch 1 ran 1.08-1.38x as fast as through oneDNN (2 threads, 2-core AMD EPYC, AVX2, 2026-12-05;
     csrc/pointwise_conv.cpp has the numbers).
 
     The activation is applied by torch after the call, not as oneDNN's fused post-op: its ReLU turns NaN into 0

@@ -58,8 +58,15 @@ __attribute__((target("avx2,fma"))) inline void finish(float* c, int64_t ldc, co
   _mm256_storeu_ps(c + i * ldc + 8, v1);
 }
 
-template <int kTileRows>
+// One position's row of the tile: its input value at one input channel times the panel's 16 weights.
+__attribute__((target("avx2,fma"))) inline void row_fma(const float* a, __m256 b0, __m256 b1, __m256& c0, __m256& c1) {
+  const __m256 av = _mm256_broadcast_ss(a);
+  c0 = _mm256_fmadd_ps(av, b0, c0);
+  c1 = _mm256_fmadd_ps(av, b1, c1);
+}
+
 // c and residual may be one tensor (pointwise_conv's into_residual): each value is read before it is written.
+template <int kTileRows>
 __attribute__((target("avx2,fma"))) inline void tile(const float* __restrict a, int64_t lda, const float* __restrict b,
                                                      int64_t k, float* c, int64_t ldc, const float* __restrict bias,
                                                      const float* residual, int64_t ldr, bool relu) {
@@ -78,34 +85,12 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* __restrict a, 
     // unaligned loads: a packed tensor the caller made need not start on 32 bytes (the aligned load faulted there)
     const __m256 b0 = _mm256_loadu_ps(b + kk * kPanel);
     const __m256 b1 = _mm256_loadu_ps(b + kk * kPanel + 8);
-    __m256 av = _mm256_broadcast_ss(a0 + kk);
-    c00 = _mm256_fmadd_ps(av, b0, c00);
-    c01 = _mm256_fmadd_ps(av, b1, c01);
-    if constexpr (kTileRows > 1) {
-      av = _mm256_broadcast_ss(a1 + kk);
-      c10 = _mm256_fmadd_ps(av, b0, c10);
-      c11 = _mm256_fmadd_ps(av, b1, c11);
-    }
-    if constexpr (kTileRows > 2) {
-      av = _mm256_broadcast_ss(a2 + kk);
-      c20 = _mm256_fmadd_ps(av, b0, c20);
-      c21 = _mm256_fmadd_ps(av, b1, c21);
-    }
-    if constexpr (kTileRows > 3) {
-      av = _mm256_broadcast_ss(a3 + kk);
-      c30 = _mm256_fmadd_ps(av, b0, c30);
-      c31 = _mm256_fmadd_ps(av, b1, c31);
-    }
-    if constexpr (kTileRows > 4) {
-      av = _mm256_broadcast_ss(a4 + kk);
-      c40 = _mm256_fmadd_ps(av, b0, c40);
-      c41 = _mm256_fmadd_ps(av, b1, c41);
-    }
-    if constexpr (kTileRows > 5) {
-      av = _mm256_broadcast_ss(a5 + kk);
-      c50 = _mm256_fmadd_ps(av, b0, c50);
-      c51 = _mm256_fmadd_ps(av, b1, c51);
-    }
+    row_fma(a0 + kk, b0, b1, c00, c01);
+    if constexpr (kTileRows > 1) row_fma(a1 + kk, b0, b1, c10, c11);
+    if constexpr (kTileRows > 2) row_fma(a2 + kk, b0, b1, c20, c21);
+    if constexpr (kTileRows > 3) row_fma(a3 + kk, b0, b1, c30, c31);
+    if constexpr (kTileRows > 4) row_fma(a4 + kk, b0, b1, c40, c41);
+    if constexpr (kTileRows > 5) row_fma(a5 + kk, b0, b1, c50, c51);
   }
   finish(c, ldc, residual, ldr, relu, 0, c00, c01);
   if constexpr (kTileRows > 1) finish(c, ldc, residual, ldr, relu, 1, c10, c11);

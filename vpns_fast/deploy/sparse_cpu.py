@@ -1604,6 +1604,16 @@ def _check_conversion_arguments(example_input, policy: str, min_speedup: float, 
         _ops()
 
 
+def _record_fused(table: list[dict], network: nn.Module, epilogues: dict[str, list[str]]) -> None:
+    """Adds to each row what its layer absorbed (``epilogues``, by layer name) and, for a DenseConv2d, what runs it
+    now: its fused activation may have moved it off the pointwise kernel (DenseConv2d.dense_algorithm)."""
+    modules = dict(network.named_modules())
+    for row in table:
+        row["fused"] += epilogues.get(row["name"], [])
+        if type(modules.get(row["name"])) is DenseConv2d:
+            row["dense_algorithm"] = modules[row["name"]].dense_algorithm
+
+
 def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str = "measure",
                     min_speedup: float = 1.05, repeats: int = 15,
                     replace_pooling: bool = True, fuse: bool = True,
@@ -1694,11 +1704,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
                            "refusing to convert")
     if graph_module is not None and problem is None:
         epilogues, problem = _fused_epilogues(graph_module, example_input)
-        modules = dict(graph_module.named_modules())
-        for row in table:
-            row["fused"] += epilogues.get(row["name"], [])
-            if type(modules.get(row["name"])) is DenseConv2d:  # its fused activation may have moved it off pointwise
-                row["dense_algorithm"] = modules[row["name"]].dense_algorithm
+        _record_fused(table, graph_module, epilogues)
         fusion_note = (f"torch.fx: {len(folded)} batch norms folded into convolutions, {len(epilogues)} residual "
                        "add / activation epilogues fused into convolutions")
         if problem is None:  # the epilogue rewrite changed the graph since _runnable's check

@@ -5,8 +5,9 @@
 // into panels of 16 output channels, [C_out / 16][C_in][16].
 //
 // Why: the engine runs the layers it keeps dense through oneDNN (vpns_fast.deploy.sparse_cpu.DenseConv2d), and its
-// 1x1 convolutions ran at 121-157 GFLOP/s, ONNX Runtime's (MLAS, NCHWc) faster: bench.ort_layers on ResNet-50 at 50%
-// kept, batch 1, had each 1x1 conv 1.1-1.5x ONNX Runtime's time, the 3x3 convs (Winograd) 0.5-1.15x. This tile,
+// 1x1 convolutions ran at 84-164 GFLOP/s (ResNet-50's shapes, batch 1, the runs below), ONNX Runtime's (MLAS, NCHWc)
+// faster: bench.ort_layers on ResNet-50 at 50% kept, batch 1, had each stride-1 1x1 conv 1.05-1.67x ONNX Runtime's
+// time, the 3x3 convs 0.52-1.15x. This tile (109-191 GFLOP/s there),
 // 2 threads, bias + residual + ReLU, one call each way a round in rotating order, two runs an hour apart
 // (bench.pointwise_ab, bench/results/cpu-pointwise-ab-2026-12-05-amd.txt and -amd-b.txt; 2-core AMD EPYC, AVX2):
 // ResNet-50's ten 1x1 shapes 1.08-1.38x oneDNN at batch 1 (e.g. 256 -> 1024 at 14x14 0.705 -> 0.594 ms), 0.93-1.29x
@@ -21,7 +22,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -150,23 +150,24 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
   }
   at::NoGradGuard no_grad;
   const int64_t batch = input.size(0), in = input.size(1), h = input.size(2), w = input.size(3);
-  const int64_t panels = packed.size(0), out = panels * kPanel, positions = batch * h * w;
+  const int64_t panels = packed.size(0), positions = batch * h * w;
   at::Tensor res;
   if (residual && residual->defined()) res = residual->contiguous(at::MemoryFormat::ChannelsLast);
-  // from the engine's cache of touched buffers, as the sparse kernel's outputs (csrc/buffers.cpp): ResNet-50's
-  // 64 -> 256 1x1 at 56x56, batch 32, faulted its 103 MB output in afresh on every call at 0.6x oneDNN's speed
   TORCH_CHECK(!into_residual || (res.defined() && res.is_same(*residual)), op,
               ": into_residual needs a channels_last residual to write into");
   // the output's first panels would be written over input channels that later panels still read
   TORCH_CHECK(!into_residual || at::get_overlap_status(input, *residual) == at::MemOverlapStatus::No, op,
               ": into_residual needs a residual that shares no memory with the input");
-  at::Tensor output = into_residual ? res : empty_activation({batch, out, h, w}, at::MemoryFormat::ChannelsLast);
+  // else from the engine's cache of touched buffers, as the sparse kernel's outputs (csrc/buffers.cpp): ResNet-50's
+  // 64 -> 256 1x1 at 56x56, batch 32, faulted its 103 MB output in afresh on every call at 0.6x oneDNN's speed
+  at::Tensor output =
+      into_residual ? res : empty_activation({batch, out_channels, h, w}, at::MemoryFormat::ChannelsLast);
   if (output.numel() == 0) return output;
   const float* x = input.const_data_ptr<float>();
   const float* b = packed.const_data_ptr<float>();
   const float* bias_data = bias && bias->defined() ? bias->const_data_ptr<float>() : nullptr;
   const float* r = res.defined() ? res.const_data_ptr<float>() : nullptr;
-  float* y = into_residual ? output.data_ptr<float>() : output.mutable_data_ptr<float>();
+  float* y = output.mutable_data_ptr<float>();
 #if defined(__x86_64__)
   // Items of (block of about 48 positions) x (group of panels), at least 4 a thread where the panels allow: a block's
   // rows of x (48 x C_in floats) stay in L2 while the group's panels go by.
@@ -186,8 +187,9 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
       for (int64_t j = g * panel_group; j < std::min(panels, (g + 1) * panel_group); ++j) {
         for (int64_t t = 0, p = p0; t < tiles; ++t) {
           const int64_t rows = base + (t < taller ? 1 : 0);
-          kTiles[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out + j * kPanel, out,
-                       bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out + j * kPanel : nullptr, out, relu);
+          kTiles[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out_channels + j * kPanel, out_channels,
+                       bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out_channels + j * kPanel : nullptr,
+                       out_channels, relu);
           p += rows;
         }
       }

@@ -67,8 +67,8 @@
 //     outputs that had come since, 2 threads, batch 32, medians of 9 interleaved calls (2-core AMD EPYC, AVX2): only
 //     the expanding 1x1 convs gained (256 -> 1024 at 14x14 1.04x, 512 -> 2048 at 7x7 1.07x); 1x1 convs at 56x56 and
 //     28x28 0.84-0.93x, reducing ones at 14x14 and 7x7 0.86x / 0.94x, 3x3 0.98-0.99x, stride-2 1x1 0.82-0.84x
-//     (planes gathered from channels N * H * W apart). ResNet-50 end to end 0.92x at batch 32 and 8, ResNet-18 0.94x
-//     (bench/results/cpu-channel-major-ab-2026-12-05-amd-scratch.txt); removed;
+//     (planes gathered from channels N * H * W apart). ResNet-50 end to end 0.92x at batch 32, 0.93x at 8, ResNet-18
+//     0.94x (bench/results/cpu-channel-major-ab-2026-12-05-amd-scratch.txt); removed;
 //   - 3x3 convs at batch 32 over planes of 8 images interleaved element by element ([C, H+2, (W+2) * 8]: every
 //     tap's load aligned, no straddled cache line), emulated with this kernel as a dilation (1, 8) conv on such an
 //     input, 2 threads, 10% kept, medians of 9 alternating calls, 2-core AMD EPYC, 2026-12-04: 64 @56 0.88x,

@@ -700,7 +700,7 @@ def set_pointwise_conv(enabled: bool) -> bool:
     return previous
 
 
-@functools.lru_cache(maxsize=1)
+@functools.cache
 def pointwise_conv_supported() -> bool:
     """Whether the engine's dense 1x1 kernel can run here: the C++ extension is built and the CPU has AVX2 and
     FMA."""
@@ -824,25 +824,30 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         dense 1x1 kernel) or ``"oneDNN"`` (WinogradConv2d: ``"Winograd"``); the decision table's "dense by"."""
         return "pointwise" if self._runs_pointwise(self._activation) else "oneDNN"
 
-    def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
-                   into_residual: bool) -> torch.Tensor | None:
-        """``activation(conv(x) + bias (+ residual))`` through the engine's dense 1x1 kernel for a channels_last
-        ``x`` that needs no gradient, written into ``residual`` when ``into_residual`` and that is channels_last (as
-        oneDNN's "sum" post-op), or None where that kernel does not run this layer (see the class)."""
-        if not self._runs_pointwise(activation):
-            return None
+    def _weight_copy(self, key: str, make) -> torch.Tensor:
+        """``make(weight)`` for the current weight, kept in ``_packed`` under ``key`` and made again when the weight
+        is replaced or changed in place (its identity and version counter, as ``_packed_weight``'s); copies made from
+        an earlier weight are dropped. The pointwise kernel's panels and WinogradConv2d's transformed weight."""
         weight = self._buffers["weight"]
         version = -1 if weight.is_inference() else weight._version
-        cache = self._packed
-        entry = cache.get("pointwise")
+        cache = self._packed  # one read: another thread may replace it meanwhile
+        entry = cache.get(key)
         if entry is None or entry[0] is not weight or entry[2] != version:
             with torch.no_grad():
-                entry = (weight, _ops().pointwise_conv_pack(weight), version)
-            self._packed = {**{k: v for k, v in cache.items() if k != "pointwise"}, "pointwise": entry}
+                entry = (weight, make(weight), version)
+            self._packed = {**{k: v for k, v in cache.items() if k != key and v[0] is weight and v[2] == version},
+                            key: entry}
+        return entry[1]
+
+    def _pointwise(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
+                   into_residual: bool) -> torch.Tensor:
+        """``activation(conv(x) + bias (+ residual))`` through the engine's dense 1x1 kernel for a channels_last
+        ``x`` that needs no gradient, where ``_runs_pointwise(activation)``; written into ``residual`` when
+        ``into_residual`` and that is channels_last (as oneDNN's "sum" post-op)."""
         into_residual = (into_residual and residual is not None
                          and residual.is_contiguous(memory_format=torch.channels_last))
-        return _ops().pointwise_conv(x, entry[1], self._buffers["bias"], residual, activation == "relu",
-                                     into_residual)
+        return _ops().pointwise_conv(x, self._weight_copy("pointwise", _ops().pointwise_conv_pack),
+                                     self._buffers["bias"], residual, activation == "relu", into_residual)
 
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         weight = self._buffers["weight"]
@@ -922,8 +927,9 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                                      or not residual.is_contiguous(memory_format=torch.channels_last)):
             return None
         into_residual = residual is not None and residual_reusable and _writable(residual, x)
-        out = self._pointwise(x, residual, self._activation, into_residual)
-        if out is None:
+        if self._runs_pointwise(self._activation):
+            out = self._pointwise(x, residual, self._activation, into_residual)
+        else:
             out = self._run(x, self._packed_weight(x.shape), residual, into_residual, self._activation)
         return out.contiguous() if self.contiguous_output else out
 
@@ -973,10 +979,9 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             return _activated(out if residual is None else out + residual, activation)
         given = x
         x = _channels_last_activation(x)
-        out = self._pointwise(x, residual, activation,
-                              residual is not None and residual_reusable and _writable(residual, given))
-        if out is not None:
-            return out
+        if self._runs_pointwise(activation):
+            return self._pointwise(x, residual, activation,
+                                   residual is not None and residual_reusable and _writable(residual, given))
         packed = self._packed_weight(x.shape)
         if residual is not None:
             accumulator = _channels_last_activation(residual)
@@ -1089,15 +1094,7 @@ class WinogradConv2d(DenseConv2d):
         the weight is replaced or changed in place (as DenseConv2d's reordered copy)."""
         if not _winograd_geometry(self):
             return DenseConv2d._packed_weight(self, input_shape)  # oneDNN's: _run hands it to oneDNN
-        weight = self._buffers["weight"]
-        version = -1 if weight.is_inference() else weight._version
-        entry = self._packed.get("winograd")
-        if entry is not None and entry[0] is weight and entry[2] == version:
-            return entry[1]
-        with torch.no_grad():
-            packed = winograd.winograd_weight(weight)
-        self._packed = {"winograd": (weight, packed, version)}
-        return packed
+        return self._weight_copy("winograd", winograd.winograd_weight)
 
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
              activation: str | None) -> torch.Tensor:

@@ -1463,11 +1463,26 @@ std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {
 // to at most 4 L1 windows (read from L2 then). ResNet-50, 2 threads, per-round ratios of 16 interleaved
 // rounds: batch 1 at 5% kept 1.05x (p20-p80 1.04-1.06x), at 10% 1.01x (1.00-1.02x); batch 32 at 5% and
 // ResNet-18 (few 1x1 convs) 1.00x. 24 nonzeros rather than 12: 1.02x / 1.01x more, within the spread.
+// The channels are then split evenly over the blocks: the number of blocks rounded to the nearest (at least as many
+// as the bound allows: 4 L1 windows, or one where the L1 window decides), every block within one channel of the
+// others. Cut at the block size, the last block held what was left: ResNet-50's 256 -> 1024 1x1 conv at 10% kept
+// had blocks of 120, 120 and 16 channels (1.6 nonzeros a row in the last, which still loads and stores every row's
+// accumulators), now 2 of 128; 512 -> 512 3x3 at 7x7 seven of 73 and one of 1, now 8 of 64. 2-core AMD EPYC, 2
+// threads, 10% kept, both ways in one process (bench/results/cpu-even-channel-blocks-ab-2026-12-05-amd-scratch.txt):
+// the expanding 1x1 convs at batch 1 1.10x (256 -> 1024 at 14x14, 512 -> 2048 at 7x7), at batch 32 1.02-1.05x with
+// their residual, 256 -> 64 at 56x56 1.07-1.10x, the 3x3 layers 0.997-1.027x; ResNet-50 at batch 32 1.015x (p20-p80
+// 1.008-1.023x, 16 rounds), at batch 1 1.021x (0.996-1.042x, 60 rounds), ResNet-18 1.007x / 1.009x, MobileNetV2 at
+// batch 32 1.008x (0.977-1.028x).
 int64_t default_channel_block(const ConvGeometry& g, int64_t nnz) {
   const double per_channel =
       static_cast<double>(nnz) / static_cast<double>(std::max<int64_t>(1, g.out_channels) * g.in_channels);
   const int64_t wanted = per_channel > 0 ? static_cast<int64_t>(kRowBlockNonzeros / per_channel) : g.channel_block;
-  return std::max(g.channel_block, std::min(4 * g.channel_block, wanted));
+  const int64_t size = std::max(g.channel_block, std::min(4 * g.channel_block, wanted));
+  const int64_t largest = wanted <= g.channel_block ? g.channel_block : 4 * g.channel_block;
+  const int64_t channels = std::max<int64_t>(1, g.in_channels);
+  const int64_t nearest = static_cast<int64_t>(static_cast<double>(channels) / static_cast<double>(size) + 0.5);
+  const int64_t blocks = std::max({(channels + largest - 1) / largest, nearest, int64_t{1}});
+  return (channels + blocks - 1) / blocks;
 }
 
 std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const at::Tensor& channel_index,

@@ -476,6 +476,45 @@ def test_in_place_1x1_conv_with_any_channel_blocks(channel_block, batch, threads
     assert_close_to_reference(out, torch_out, reference, 600)
 
 
+# (C_in, C_out, H, W, density, blocks expected by default): 1x1 convs whose blocks grow to about 12 nonzeros a row
+# (256 channels at 10%: 120 a block, cut as 120 + 120 + 16 until the blocks were made even; 600 at 5%: 240, so 2.5
+# blocks, rounded to 3 of 200), and one dense enough that the L1 window bounds them (64 channels a block at 14x14:
+# 256 at 50% needs 4)
+EVEN_BLOCK_CASES = [(256, 64, 14, 14, 0.1, 2), (600, 20, 13, 17, 0.05, 3), (256, 32, 14, 14, 0.5, 4),
+                    (1000, 16, 7, 7, 0.1, None)]
+
+
+@pytest.mark.parametrize("case", EVEN_BLOCK_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_default_channel_blocks_are_even(case):
+    """The default input-channel blocks split the channels evenly: block j holds channels [j * b, (j + 1) * b) with
+    b = ceil(C_in / blocks), so no block is left with the few channels the others did not take (each block costs every
+    row a load and a store of its accumulators, however few nonzeros it holds). Read from the offsets of a 1x1 conv
+    (channel = offset // channel stride) and the block-major segments."""
+    in_channels, out_channels, height, width, density, expected_blocks = case
+    generator = torch.Generator().manual_seed(in_channels + out_channels)
+    weight = masked((out_channels, in_channels, 1, 1), density, generator)
+    ops = sparse_cpu._ops()
+
+    def offsets_of(w):
+        packed = ops.sparse_conv2d_pack(w)
+        return ops.sparse_conv2d_offsets(*packed, list(w.shape), [height, width], [1, 1], [0, 0], [1, 1])
+
+    probe = torch.zeros(1, in_channels, 1, 1)
+    probe[0, 1] = 1.0  # one nonzero on channel 1: its offset is the channel stride
+    channel_stride = int(offsets_of(probe)[0][0])
+    assert channel_stride >= height * width
+    offsets, segments, _ = offsets_of(weight)
+    blocks = (segments.numel() - 1) // out_channels
+    if expected_blocks is not None:
+        assert blocks == expected_blocks
+    size = -(-in_channels // blocks)
+    channels = offsets // channel_stride
+    for j in range(blocks):
+        run = channels[int(segments[j * out_channels]):int(segments[(j + 1) * out_channels])]
+        assert run.numel() > 0
+        assert int(run.min()) >= j * size and int(run.max()) < (j + 1) * size, (j, size)
+
+
 # (C_in, C_out, H, W, kernel, stride): 1x1 read in place (110 positions: a whole tile and a masked partial
 # vector; 49 and 15: output rows that start at odd float offsets, so every head length before a line boundary),
 # 1x1 stride 2 through the planes (even and odd outputs), and a 3x3 (never streamed) for contrast.

@@ -1463,9 +1463,10 @@ std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {
 // to at most 4 L1 windows (read from L2 then). ResNet-50, 2 threads, per-round ratios of 16 interleaved
 // rounds: batch 1 at 5% kept 1.05x (p20-p80 1.04-1.06x), at 10% 1.01x (1.00-1.02x); batch 32 at 5% and
 // ResNet-18 (few 1x1 convs) 1.00x. 24 nonzeros rather than 12: 1.02x / 1.01x more, within the spread.
-// The channels are then split evenly over the blocks: the number of blocks rounded to the nearest (at least as many
-// as the bound allows: 4 L1 windows, or one where the L1 window decides), every block within one channel of the
-// others. Cut at the block size, the last block held what was left: ResNet-50's 256 -> 1024 1x1 conv at 10% kept
+// The channels are then shared out over the blocks: the number of blocks rounded to the nearest (at least as many
+// as the bound allows: 4 L1 windows, or one where the L1 window decides), each block ceil(C_in / blocks) channels
+// (only the last may be smaller, by fewer channels than there are blocks: 1024 channels at 10% kept are 8 x 114 +
+// 112). Cut at the block size, the last block held what was left: ResNet-50's 256 -> 1024 1x1 conv at 10% kept
 // had blocks of 120, 120 and 16 channels (1.6 nonzeros a row in the last, which still loads and stores every row's
 // accumulators), now 2 of 128; 512 -> 512 3x3 at 7x7 seven of 73 and one of 1, now 8 of 64. 2-core AMD EPYC, 2
 // threads, 10% kept, both ways in one process (bench/results/cpu-even-channel-blocks-ab-2026-12-05-amd-scratch.txt):

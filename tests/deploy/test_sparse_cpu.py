@@ -487,9 +487,9 @@ EVEN_BLOCK_CASES = [(256, 64, 14, 14, 0.1, 2), (600, 20, 13, 17, 0.05, 3), (256,
 @pytest.mark.parametrize("case", EVEN_BLOCK_CASES, ids=lambda c: "x".join(map(str, c[:5])))
 def test_default_channel_blocks_are_even(case):
     """The default input-channel blocks share the channels out evenly: block j holds channels [j * b, (j + 1) * b)
-    with b = ceil(C_in / blocks), so no block is left with the few channels the others did not take (each block costs every
-    row a load and a store of its accumulators, however few nonzeros it holds). Read from the offsets of a 1x1 conv
-    (channel = offset // channel stride) and the block-major segments."""
+    with b = ceil(C_in / blocks), so no block is left with the few channels the others did not take (each block
+    costs every row a load and a store of its accumulators, however few nonzeros it holds). Read from the offsets
+    of a 1x1 conv (channel = offset // channel stride) and the block-major segments."""
     in_channels, out_channels, height, width, density, expected_blocks = case
     generator = torch.Generator().manual_seed(in_channels + out_channels)
     weight = masked((out_channels, in_channels, 1, 1), density, generator)

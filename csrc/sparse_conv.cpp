@@ -1623,18 +1623,16 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   const float* res_data = res.defined() ? res.const_data_ptr<float>() : nullptr;
   float* out_data = output.mutable_data_ptr<float>();
 
-  // What a tile read in place prefetches: the next block's window of input channels. Blocks of the default
-  // size (default_channel_block, as sparse_conv2d_offsets made them); for offsets made with another block
-  // size, the even split that gives as many blocks. (Until 2026-12-03 this assumed the L1 block alone, so
-  // once blocks grew it prefetched windows that did not match them: ResNet-50, 10% kept, batch 32, 2 threads,
-  // 3 alternating processes of 6 calls, medians 723 / 697 / 676 ms before, 678 / 593 / 639 ms after.)
+  // What a tile read in place prefetches: the next block's window of input channels, blocks of
+  // ceil(C_in / blocks) channels. That is the default blocks' size (default_channel_block shares the channels out
+  // so; its block count gives it back); offsets made with another block size get the even split that gives as
+  // many blocks. (Until 2026-12-03 this assumed the L1 block alone, so once blocks grew it prefetched windows that
+  // did not match them: ResNet-50, 10% kept, batch 32, 2 threads, 3 alternating processes of 6 calls, medians
+  // 723 / 697 / 676 ms before, 678 / 593 / 639 ms after.)
   InputPrefetch in_place_prefetch;
   in_place_prefetch.channel_stride = g.channel_stride;
   in_place_prefetch.channels = g.in_channels;
-  const int64_t default_block = default_channel_block(g, nnz);
-  in_place_prefetch.block_channels = (g.in_channels + default_block - 1) / default_block == layout.blocks
-                                         ? default_block
-                                         : (g.in_channels + layout.blocks - 1) / layout.blocks;
+  in_place_prefetch.block_channels = (g.in_channels + layout.blocks - 1) / layout.blocks;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
   // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `source`: planes,
   // or the input read in place (which prefetches its next windows) in whole vectors or exactly (nothing past a

@@ -846,8 +846,9 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         ``into_residual`` and that is channels_last (as oneDNN's "sum" post-op)."""
         into_residual = (into_residual and residual is not None
                          and residual.is_contiguous(memory_format=torch.channels_last))
-        return _ops().pointwise_conv(x, self._weight_copy("pointwise", _ops().pointwise_conv_pack),
-                                     self._buffers["bias"], residual, activation == "relu", into_residual)
+        ops = _ops()
+        return ops.pointwise_conv(x, self._weight_copy("pointwise", ops.pointwise_conv_pack), self._buffers["bias"],
+                                  residual, activation == "relu", into_residual)
 
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
         weight = self._buffers["weight"]

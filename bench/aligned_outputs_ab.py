@@ -18,7 +18,13 @@ import functools
 
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.cases.infer import (
+    add_switch_ab_arguments,
+    checked_switch_ab_arguments,
+    pruned_model,
+    switch_ab_header,
+    switched_network_times,
+)
 from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import fusion, sparse_cpu
@@ -79,17 +85,10 @@ def _network_lines(density: float, rounds: int) -> list[str]:
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             converted, _table = sparse_cpu.convert_for_cpu(model, x)
-            fusion.unmark_aligned_outputs(converted)
-            marked = len(fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d))
-            layout = functools.partial(_set_layout, converted)
-            layout("aligned")
-            expected = converted(x)
-            layout("plain")
-            if not torch.equal(converted(x), expected):
-                raise AssertionError("the aligned layout changed the network's output")
-            run = functools.partial(converted, x)
-            times = rotating_times_ms({"plain": run, "aligned": run}, max(3, int(rounds * share)), layout)
-            layout("aligned")
+        fusion.unmark_aligned_outputs(converted)
+        marked = len(fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d))
+        times = switched_network_times(converted, x, ("plain", "aligned"), functools.partial(_set_layout, converted),
+                                       max(3, int(rounds * share)), torch.equal)
         lines.append(round_ratio_line(f"{model_name} batch {batch:2d} ({marked} calls aligned)", times["plain"],
                                       times["aligned"], ("plain", "aligned")))
     return lines

@@ -19,7 +19,13 @@ import functools
 
 import torch
 
-from bench.cases.infer import add_switch_ab_arguments, checked_switch_ab_arguments, pruned_model, switch_ab_header
+from bench.cases.infer import (
+    add_switch_ab_arguments,
+    checked_switch_ab_arguments,
+    pruned_model,
+    switch_ab_header,
+    switched_network_times,
+)
 from bench.runner import round_ratio_line
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
@@ -73,16 +79,11 @@ def _network_lines(density: float, rounds: int) -> list[str]:
         x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             _switch("pointwise")
-            converted, table = sparse_cpu.convert_for_cpu(model, x)
-            dense_1x1 = sum(1 for module in converted.modules() if type(module) is sparse_cpu.DenseConv2d
-                            and module.weight.shape[2:] == (1, 1) and module.stride == (1, 1))
-            expected = converted(x)
-            _switch("oneDNN")
-            if not torch.allclose(converted(x), expected, rtol=1e-4, atol=1e-4):
-                raise AssertionError("the pointwise kernel changed the network's output")
-            run = functools.partial(converted, x)
-            times = rotating_times_ms({name: run for name in NAMES}, max(3, int(rounds * share)), _switch)
-        _switch("pointwise")
+            converted, _table = sparse_cpu.convert_for_cpu(model, x)
+        dense_1x1 = sum(1 for module in converted.modules() if type(module) is sparse_cpu.DenseConv2d
+                        and module.weight.shape[2:] == (1, 1) and module.stride == (1, 1))
+        times = switched_network_times(converted, x, NAMES, _switch, max(3, int(rounds * share)),
+                                       functools.partial(torch.allclose, rtol=1e-4, atol=1e-4))
         lines.append(round_ratio_line(f"{model_name} batch {batch:2d} ({dense_1x1} dense 1x1 stride-1 layers)",
                                       times["oneDNN"], times["pointwise"], NAMES) + _round_trip())
     return lines

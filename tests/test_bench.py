@@ -490,6 +490,34 @@ def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
     assert header.startswith("# a / b; 2 threads, kernel ") and header.endswith("{'threads': 2, 'density': 0.1}; more")
 
 
+
+def test_switched_network_times_checks_the_outputs_then_times_both_ways():
+    """bench.cases.infer.switched_network_times (the network part of the switch A/B scripts): one timed call a round
+    each way with the switch set for it, the switch left as the network was converted, and no timing at all when the
+    two ways' outputs disagree (the switch left as converted then too)."""
+    import torch
+
+    from bench.cases.infer import switched_network_times
+
+    state = {"way": None, "calls": []}
+
+    class Switched(torch.nn.Module):
+        def forward(self, x):
+            state["calls"].append(state["way"])
+            return x * (2.0 if state["way"] == "changed" else 1.0)
+
+    def switch(name):
+        state["way"] = name
+
+    x = torch.ones(3)
+    times = switched_network_times(Switched(), x, ("base", "new"), switch, 4, torch.equal)
+    assert sorted(times) == ["base", "new"] and all(len(ms) == 4 and min(ms) >= 0 for ms in times.values())
+    assert state["calls"] == ["new", "base"] + ["base", "new", "new", "base"] * 2 and state["way"] == "new"
+    state["calls"].clear()
+    with pytest.raises(AssertionError, match="base and changed gave different outputs"):
+        switched_network_times(Switched(), x, ("base", "changed"), switch, 4, torch.equal)
+    assert state["calls"] == ["changed", "base"] and state["way"] == "changed"
+
 def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):
     """bench/engines_table.py prints the README's table from `bench infer` rows: the per-round median (inside its
     own p20-p80, where the ratio of two medians need not be), computed from speedup_rounds for older rows,

@@ -59,7 +59,7 @@ from torch import nn
 
 from bench.cases.common import Candidate, Config, VerificationError, Workload, no_grad
 from bench.registry import conv_layers
-from bench.timing import input_copy_count
+from bench.timing import input_copy_count, rotating_times_ms
 from vpns_fast.deploy import sparse_cpu
 from vpns_fast.errors import exception_reason
 
@@ -235,6 +235,26 @@ def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:
     if not available:
         parser.error(f"the sparse CPU engine is unavailable: {reason}")
 
+
+def switched_network_times(network: nn.Module, x: torch.Tensor, names: tuple[str, str], switch, rounds: int,
+                           agree) -> dict[str, list[float]]:
+    """A converted network's calls on ``x`` both ways of an engine switch, in one process (the network part of the
+    switch A/B scripts): ``switch(name)`` sets the switch for a run's name, ``names`` the baseline, then the way
+    ``network`` was converted. The outputs are compared first (``agree(baseline's, the other's)``; AssertionError
+    when they disagree: a switch that changes the values is not timed), then ``rounds`` rounds of one call each,
+    in rotating order (``bench.timing.rotating_times_ms``): {name: ms a call}. The switch is left at ``names[1]``."""
+    baseline, converted_as = names
+    run = functools.partial(network, x)
+    with torch.inference_mode():
+        try:
+            switch(converted_as)
+            expected = run()
+            switch(baseline)
+            if not agree(run(), expected):
+                raise AssertionError(f"{baseline} and {converted_as} gave different outputs")
+            return rotating_times_ms({name: run for name in names}, rounds, switch)
+        finally:
+            switch(converted_as)
 
 def csr_unfold_conv(conv: nn.Conv2d):
     """Baseline ``torch_sparse_csr``: the CSR weight [C_out, C_in*KH*KW] times F.unfold's im2col matrix."""

@@ -21,7 +21,7 @@ import torch
 from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
-    pruned_model,
+    converted_pruned_network,
     switch_ab_header,
     switched_network_times,
 )
@@ -81,10 +81,7 @@ def _layer_lines(density: float, rounds: int) -> list[str]:
 def _network_lines(density: float, rounds: int) -> list[str]:
     lines = [f"## networks, {density} kept per layer, converted once; one call a round"]
     for model_name, batch, share in NETWORKS:
-        model = pruned_model(model_name, density, "uniform")
-        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            converted, _table = sparse_cpu.convert_for_cpu(model, x)
+        converted, x = converted_pruned_network(model_name, density, batch)
         fusion.unmark_aligned_outputs(converted)
         marked = len(fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d))
         times = switched_network_times(converted, x, ("plain", "aligned"), functools.partial(_set_layout, converted),

@@ -20,8 +20,8 @@ import torch
 from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
+    converted_pruned_network,
     print_switch_ab_report,
-    pruned_model,
     switch_ab_header,
 )
 from bench.placement import grouped_summary, placement_grouped_rounds
@@ -44,10 +44,8 @@ def _inference(module, x):
 
 def _converted(model_name: str, density: float, batch: int):
     """(network converted for ``batch``, its input), after checking that the requests change no value."""
-    model = pruned_model(model_name, density, "uniform")
-    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    converted, x = converted_pruned_network(model_name, density, batch)
     with torch.inference_mode():
-        converted, _table = sparse_cpu.convert_for_cpu(model, x)
         _request_for("read")
         expected = converted(x)
         _request_for("write")

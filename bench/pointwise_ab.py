@@ -22,7 +22,7 @@ import torch
 from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
-    pruned_model,
+    converted_pruned_network,
     switch_ab_header,
     switched_network_times,
 )
@@ -75,11 +75,8 @@ def _layer_lines(rounds: int) -> list[str]:
 def _network_lines(density: float, rounds: int) -> list[str]:
     lines = [f"## networks, {density} kept per layer, converted once (the kernel on); one call a round"]
     for model_name, batch, share in NETWORKS:
-        model = pruned_model(model_name, density, "uniform")
-        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        with torch.inference_mode():
-            _switch("pointwise")
-            converted, _table = sparse_cpu.convert_for_cpu(model, x)
+        _switch("pointwise")
+        converted, x = converted_pruned_network(model_name, density, batch)
         dense_1x1 = sum(1 for module in converted.modules() if type(module) is sparse_cpu.DenseConv2d
                         and module.weight.shape[2:] == (1, 1) and module.stride == (1, 1))
         times = switched_network_times(converted, x, NAMES, _switch, max(3, int(rounds * share)),

@@ -19,8 +19,8 @@ import torch
 from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
+    converted_pruned_network,
     print_switch_ab_report,
-    pruned_model,
     switch_ab_header,
 )
 from bench.runner import round_ratio_line
@@ -68,10 +68,8 @@ def _layer_lines(density: float, calls: int) -> list[str]:
 def _network_lines(density: float) -> list[str]:
     lines = [f"## networks, {density} kept per layer, converted once; per-round ratios off / on"]
     for model_name, batch, rounds in NETWORKS:
-        model = pruned_model(model_name, density, "uniform")
-        x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        converted, x = converted_pruned_network(model_name, density, batch)
         with torch.inference_mode():
-            converted, _table = sparse_cpu.convert_for_cpu(model, x)
             expected = converted(x)
             sparse_cpu.set_next_tile_prefetch(False)
             if not torch.equal(converted(x), expected):

@@ -23,8 +23,8 @@ import torch
 from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
+    converted_pruned_network,
     print_switch_ab_report,
-    pruned_model,
     switch_ab_header,
 )
 from bench.placement import APART_FROM_NS, SHARED_BELOW_NS, grouped_summary, placement_grouped_rounds
@@ -84,10 +84,8 @@ def _network_lines(density: float, seconds: float, default_threshold: int) -> li
     lines = [f"## networks at batch 1, {density} kept per layer, converted once; shared: threshold 0, private: "
              f"{default_threshold} bytes (the default)"]
     for model_name in NETWORKS:
-        model = pruned_model(model_name, density, "uniform")
-        x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+        converted, x = converted_pruned_network(model_name, density, 1)
         with torch.inference_mode():
-            converted, _table = sparse_cpu.convert_for_cpu(model, x)
             sparse_cpu.set_private_planes_bytes(0)
             expected = converted(x)
             sparse_cpu.set_private_planes_bytes(default_threshold)

@@ -236,6 +236,16 @@ def checked_switch_ab_arguments(parser, args, min_threads: int = 1) -> None:
         parser.error(f"the sparse CPU engine is unavailable: {reason}")
 
 
+def converted_pruned_network(model_name: str, density: float, batch: int) -> tuple[nn.Module, torch.Tensor]:
+    """(``pruned_model(model_name, density, "uniform")`` converted by ``sparse_cpu.convert_for_cpu`` for ``batch``
+    images at 224, that input): the network part of the engine-switch A/B scripts, with the engine's switches as
+    they stand when it is called (its per-layer choices are measured then)."""
+    model = pruned_model(model_name, density, "uniform")
+    x = torch.randn(batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        converted, _table = sparse_cpu.convert_for_cpu(model, x)
+    return converted, x
+
 def switched_network_times(network: nn.Module, x: torch.Tensor, names: tuple[str, str], switch, rounds: int,
                            agree) -> dict[str, list[float]]:
     """A converted network's calls on ``x`` both ways of an engine switch, in one process (the network part of the

@@ -768,6 +768,22 @@ int64_t planar_channel_stride(const at::Tensor& t) {
 // The engine asks for it only where a 1x1 conv reads the output in place (ResNet-18 has none).
 int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLanes) : plane; }
 
+// The floats from one input channel's copied planes to the next: the planes' size, one 64-byte line more when that
+// size is a multiple of 256 bytes. Why: L1d (32 KiB, 8 ways on the CPUs measured) has 64 sets, and addresses 4 KiB
+// apart share one. A 3x3 conv at 14x14 copies 16x16 planes, 1 KiB a channel, so channels c, c + 4, c + 8, ... start on
+// the same set, and a tile's window (8 of each channel's 16 lines) fell on half of the sets: a channel block sized for
+// 24 KiB of L1 had 16 KiB to live in. With 17 lines a channel the starts cover all 64 sets. Scratch A/B in one process
+// (each side its own copy of the layer and its offsets, alternating calls, medians of per-call ratios over 15 rounds;
+// 2-core AMD EPYC, AVX2, 2 threads, 10% kept, ReLU fused, 2026-12-05;
+// bench/results/cpu-cache-set-spread-ab-2026-12-05-amd-scratch.txt): 256 -> 256 3x3 at 14x14 1.11x at batch 32, 1.09x
+// at batch 1; 128 -> 128 at 14x14 1.10x; 64 -> 64 at 30x30 (32x32 planes, 4 KiB) 1.21x / 1.18x; where the window is
+// the whole channel (3x3/2 at 14x14: four 8x8 phase planes) 1.00x. Whole networks, in which only the 3x3 convs at
+// 14x14 change (about a tenth of the time), within the noise: ResNet-50 at batch 32 1.003x and 1.014x in two runs
+// (p20-p80 of the second 0.989-1.049x), at batch 1 1.006x; ResNet-18 0.998x-1.002x.
+int64_t spread_over_cache_sets(int64_t planes_stride) {
+  return planes_stride % 64 == 0 ? planes_stride + 16 : planes_stride;
+}
+
 // input_channel_stride: floats from one input channel to the next (0: height * width, a contiguous input); a 1x1,
 // stride-1, unpadded conv reads its input in place (reads_input_directly), so its offsets depend on it.
 ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, int64_t batch, int64_t height,
@@ -830,7 +846,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   const int64_t planes_stride = g.planes * g.plane_size;
   g.channel_stride = reads_input_directly(g)              ? g.input_channel_stride
                      : g.kernel_h == 1 && g.kernel_w == 1 ? aligned_plane_stride(planes_stride)
-                                                          : planes_stride;
+                                                          : spread_over_cache_sets(planes_stride);
   // Tiles read up to kTile floats past the last position; the slack keeps that inside the buffer.
   g.image_stride = g.in_channels * g.channel_stride + round_up(g.positions(), kTile) + kTile;
   TORCH_CHECK(g.image_stride < std::numeric_limits<int32_t>::max(), op, ": one image is too large for 32-bit offsets");

@@ -515,6 +515,42 @@ def test_default_channel_blocks_are_even(case):
         assert int(run.min()) >= j * size and int(run.max()) < (j + 1) * size, (j, size)
 
 
+# (H, W, kernel, stride, padding, floats from one input channel's planes to the next): 3x3 at 14x14 and 30x30 copy
+# planes of 256 and 1024 floats (1 and 4 KiB), moved one 64-byte line apart; 28x28's 900 floats and the stride-2
+# phase planes of 7x7 (4 x 25 floats) stay as they are; 3x3/2 at 14x14 copies 4 phase planes of 8x8 (256 floats).
+SPREAD_PLANE_CASES = [(14, 14, 3, 1, 1, 272), (30, 30, 3, 1, 1, 1040), (28, 28, 3, 1, 1, 900),
+                      (7, 7, 3, 2, 1, 100), (14, 14, 3, 2, 1, 272), (12, 12, 5, 1, 2, 272), (13, 11, 3, 1, 1, 195)]
+
+
+@pytest.mark.parametrize("case", SPREAD_PLANE_CASES, ids=lambda c: "x".join(map(str, c[:5])))
+def test_copied_planes_spread_over_cache_sets(case):
+    """Input planes whose size is a multiple of 256 bytes are copied one 64-byte line apart (addresses 4 KiB apart
+    share an L1 set: with 1 KiB a channel, every 4th channel's window fell on the same sets), others at their size,
+    and the conv's outputs do not change. The stride is read from the offsets: one nonzero on input channel 1, tap
+    (0, 0), sits one channel stride from the same tap of channel 0."""
+    height, width, kernel, stride, padding, expected = case
+    ops = sparse_cpu._ops()
+
+    def offsets_of(w):
+        packed = ops.sparse_conv2d_pack(w)
+        return ops.sparse_conv2d_offsets(*packed, list(w.shape), [height, width], [stride] * 2, [padding] * 2,
+                                         [1, 1])[0]
+
+    probe = torch.zeros(1, 2, kernel, kernel)
+    probe[0, 0, 0, 0] = 1.0
+    probe[0, 1, 0, 0] = 1.0
+    first, second = offsets_of(probe).tolist()
+    assert second - first == expected
+    generator = torch.Generator().manual_seed(height * kernel)
+    conv = nn.Conv2d(6, 5, kernel, stride=stride, padding=padding)
+    with torch.no_grad():
+        conv.weight.copy_(masked(tuple(conv.weight.shape), 0.3, generator))
+    sparse = sparse_cpu.SparseConv2d.from_dense(conv)
+    x = torch.randn(3, 6, height, width, generator=generator)
+    with torch.inference_mode():
+        assert_close(sparse(x), conv(x), reduction=6 * kernel * kernel)
+
+
 # (C_in, C_out, H, W, kernel, stride): 1x1 read in place (110 positions: a whole tile and a masked partial
 # vector; 49 and 15: output rows that start at odd float offsets, so every head length before a line boundary),
 # 1x1 stride 2 through the planes (even and odd outputs), and a 3x3 (never streamed) for contrast.

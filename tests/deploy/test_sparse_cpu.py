@@ -527,7 +527,7 @@ def test_copied_planes_spread_over_cache_sets(case):
     """Input planes whose size is a multiple of 256 bytes are copied one 64-byte line apart (addresses 4 KiB apart
     share an L1 set: with 1 KiB a channel, every 4th channel's window fell on the same sets), others at their size,
     and the conv's outputs do not change. The stride is read from the offsets: one nonzero on input channel 1, tap
-    (0, 0), sits one channel stride from the same tap of channel 0."""
+    (0, 0), sits one channel stride from the same tap of channel 0. Grouped convs copy their planes the same way."""
     height, width, kernel, stride, padding, expected = case
     ops = sparse_cpu._ops()
 
@@ -542,13 +542,14 @@ def test_copied_planes_spread_over_cache_sets(case):
     first, second = offsets_of(probe).tolist()
     assert second - first == expected
     generator = torch.Generator().manual_seed(height * kernel)
-    conv = nn.Conv2d(6, 5, kernel, stride=stride, padding=padding)
-    with torch.no_grad():
-        conv.weight.copy_(masked(tuple(conv.weight.shape), 0.3, generator))
-    sparse = sparse_cpu.SparseConv2d.from_dense(conv)
-    x = torch.randn(3, 6, height, width, generator=generator)
-    with torch.inference_mode():
-        assert_close(sparse(x), conv(x), reduction=6 * kernel * kernel)
+    for groups in (1, 2):
+        conv = nn.Conv2d(6, 4, kernel, stride=stride, padding=padding, groups=groups)
+        with torch.no_grad():
+            conv.weight.copy_(masked(tuple(conv.weight.shape), 0.3, generator))
+        sparse = sparse_cpu.SparseConv2d.from_dense(conv)
+        x = torch.randn(3, 6, height, width, generator=generator)
+        with torch.inference_mode():
+            assert_close(sparse(x), conv(x), reduction=6 * kernel * kernel)
 
 
 # (C_in, C_out, H, W, kernel, stride): 1x1 read in place (110 positions: a whole tile and a masked partial

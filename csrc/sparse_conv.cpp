@@ -207,12 +207,16 @@ inline void store_fence() {
 #endif
 }
 
-// The vector kernel the sparse layers run: by default AVX-512 on Intel CPUs that have it, else AVX2, else the
-// portable one; set_sparse_kernel_isa (tests check every path on one machine; benchmarks compare them in one
-// process) or VPNS_FAST_SPARSE_ISA=scalar|avx2|avx512 before the first call chooses another the CPU has.
-// Why not AVX-512 on AMD: a 6-zmm tile measured 0.97x (ResNet-18) and 1.00x (ResNet-50) the AVX2 tile end to
-// end on a 2-core EPYC (Zen 4, 10% kept, 2026-12-03); the cause was not measured (Zen 4 is documented to run
-// 512-bit FMAs as two 256-bit halves).
+// The vector kernel the sparse layers run: by default AVX-512 on Intel CPUs that have it and on AMD's from Zen 5
+// (family 0x1A) on, else AVX2, else the portable one; set_sparse_kernel_isa (tests check every path on one machine;
+// benchmarks compare them in one process) or VPNS_FAST_SPARSE_ISA=scalar|avx2|avx512 before the first call chooses
+// another the CPU has. Why not AVX-512 on Zen 4 (family 0x19): a 6-zmm tile measured 0.97x (ResNet-18) and 1.00x
+// (ResNet-50) the AVX2 tile end to end on a 2-core EPYC (10% kept, 2026-12-03); the cause was not measured (Zen 4 is
+// documented to run 512-bit FMAs as two 256-bit halves). Why on Zen 5: on a 2-core EPYC of family 0x1A, model 2 (48
+// KiB L1d), the same tile measured 1.10x (ResNet-18), 1.12x (ResNet-50) at batch 1 and 1.11x (ResNet-18) at batch 32,
+// per layer 0.96-1.33x (2 threads, 10% kept, 2026-12-05, bench/results/cpu-sparse-isa-2026-12-05-amd-zen5.jsonl).
+// Zen 5's laptop parts are documented to split 512-bit operations as Zen 4 does; none was measured, and on Zen 4 that
+// cost 0-3%.
 // The ISAs are the indices of kIsas (below, with their kernels), narrowest first.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kIsaCount = 3;
@@ -225,10 +229,21 @@ Isa widest_isa() {
   return Isa::kScalar;
 }
 
+#if VPNS_X86
+// The CPU's family as CPUID leaf 1 gives it (the base family, plus the extended one when the base is 0xF); 0 when
+// the leaf is missing. AMD: 0x19 Zen 3 and Zen 4, 0x1A Zen 5.
+unsigned cpu_family() {
+  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
+  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return 0;
+  const unsigned base = (eax >> 8) & 0xFu;
+  return base == 0xFu ? base + ((eax >> 20) & 0xFFu) : base;
+}
+#endif
+
 Isa default_isa() {
   const Isa widest = widest_isa();
 #if VPNS_X86
-  if (widest == Isa::kAvx512 && __builtin_cpu_is("amd")) {
+  if (widest == Isa::kAvx512 && __builtin_cpu_is("amd") && cpu_family() < 0x1Au) {
     return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kScalar;
   }
 #endif
@@ -463,7 +478,8 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // and nonzero as in the AVX2 tile, so half the instructions for the same positions. The loads bound it:
 // 15 of 16 unaligned 64-byte loads straddle two cache lines, so it gains 1.04-1.14x per 3x3 layer on the
 // Intel Xeon measured (see default_isa), not 2x. AMD's Zen 4 splits 512-bit FMAs in halves (an earlier
-// 6-zmm variant measured 0.97-1.00x of the AVX2 tile end to end there). Other Intel CPUs are not measured.
+// 6-zmm variant measured 0.97-1.00x of the AVX2 tile end to end there); on Zen 5 this tile gains 0.96-1.33x per
+// layer, 1.10-1.12x end to end (default_isa). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
 template <int NV, bool kMasked, bool kFirst>

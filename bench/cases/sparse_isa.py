@@ -1,8 +1,9 @@
 """Case `sparse_isa`: the sparse CPU kernel's vector instruction sets against each other, in one process.
 
 The engine picks one kernel per CPU (``vpns_fast.deploy.sparse_cpu.kernel_isa()``: AVX-512 on Intel CPUs that
-have it, AVX2 elsewhere, a portable loop without AVX2). This case times every kernel the CPU runs on the same
-layers and networks, so the choice (and the README's A/B figures) can be checked on any machine.
+have it and on AMD ones from Zen 5 on, AVX2 elsewhere, a portable loop without AVX2). This case times every kernel
+the CPU runs on the same layers and networks, so the choice (and the README's A/B figures) can be checked on any
+machine.
 
 Measurement points (CPU only, float32, no grad), weights as in case ``infer`` (torchvision random init, seed
 0, every Conv2d/Linear pruned by magnitude to ``density`` = 0.1, uniform):

@@ -68,8 +68,8 @@ def available() -> tuple[bool, str]:
 
 
 def kernel_isa() -> str:
-    """The vector kernel the sparse layers run with: ``"avx512"`` (Intel CPUs with AVX-512), ``"avx2"``
-    (other x86 CPUs with AVX2 and FMA, AMD's AVX-512 ones included), or ``"scalar"`` (the portable loop),
+    """The vector kernel the sparse layers run with: ``"avx512"`` (Intel CPUs with AVX-512, AMD ones from Zen 5
+    on), ``"avx2"`` (other x86 CPUs with AVX2 and FMA, AMD's Zen 4 included), or ``"scalar"`` (the portable loop),
     unless :func:`set_kernel_isa` or ``VPNS_FAST_SPARSE_ISA`` (read at the first call) chose another."""
     return str(_ops().sparse_kernel_isa())
 

@@ -14,6 +14,10 @@
 // at batch 32; ResNet-50 at 50% kept 1.064x and 1.068x at batch 1, 1.01x at batch 32. First tries,
 // not kept: the accumulators as an array (GCC kept it on the stack, a store after every FMA: 33-64 GFLOP/s); rows
 // cut in blocks of 48, which left one row alone at 7x7 (49 positions): 0.75x oneDNN there.
+// Where the engine's kernels run AVX-512 (avx512_kernels_chosen), the tile is 6 positions x 32 output channels of
+// 16-lane vectors (tile_wide). 2-vCPU AMD EPYC of family 0x1A (Zen 5), 2 threads, calls alternating in one process
+// (bench/results/cpu-pointwise-avx512-ab-2026-12-05-amd-zen5-scratch.txt): ResNet-50's ten 1x1 shapes 1.81-1.90x the
+// AVX2 tile at batch 1 (440-482 GFLOP/s; 64 -> 64 at 56x56 1.56x), 1.15-1.73x at batch 32.
 #include "vpns_ops.h"
 
 #include <ATen/MemoryOverlap.h>
@@ -103,6 +107,79 @@ __attribute__((target("avx2,fma"))) inline void tile(const float* __restrict a, 
 using TileFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, const float*, const float*,
                         int64_t, bool);
 constexpr TileFn kTiles[kRows + 1] = {nullptr, tile<1>, tile<2>, tile<3>, tile<4>, tile<5>, tile<6>};
+
+// The same GEMM with 16-lane vectors, where the engine's kernels run AVX-512 (avx512_kernels_chosen): a tile of 6
+// positions x 32 output channels, two packed panels side by side (12 zmm accumulators, per input channel two loads of
+// the weight, six broadcasts, twelve FMAs), or x 16 for a group's odd last panel (6 accumulators).
+// GCC 12's _mm512_max_ps passes _mm512_undefined_ps() as its unused merge source, which -Wmaybe-uninitialized reports
+// at every use; nothing here is uninitialised (as in csrc/sparse_conv.cpp).
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+template <int kPanels>
+__attribute__((target("avx512f"))) inline void finish_wide(float* c, int64_t ldc, const float* residual, int64_t ldr,
+                                                           bool relu, int i, __m512 v0, __m512 v1) {
+  if (residual) {
+    v0 = _mm512_add_ps(v0, _mm512_loadu_ps(residual + i * ldr));
+    if constexpr (kPanels > 1) v1 = _mm512_add_ps(v1, _mm512_loadu_ps(residual + i * ldr + kPanel));
+  }
+  if (relu) {  // max(0, v): NaN (the second operand) kept
+    const __m512 zero = _mm512_setzero_ps();
+    v0 = _mm512_max_ps(zero, v0);
+    if constexpr (kPanels > 1) v1 = _mm512_max_ps(zero, v1);
+  }
+  _mm512_storeu_ps(c + i * ldc, v0);
+  if constexpr (kPanels > 1) _mm512_storeu_ps(c + i * ldc + kPanel, v1);
+}
+
+template <int kPanels>
+__attribute__((target("avx512f"))) inline void row_fma_wide(const float* a, __m512 b0, __m512 b1, __m512& c0,
+                                                            __m512& c1) {
+  const __m512 av = _mm512_set1_ps(*a);
+  c0 = _mm512_fmadd_ps(av, b0, c0);
+  if constexpr (kPanels > 1) c1 = _mm512_fmadd_ps(av, b1, c1);
+}
+
+// b: the first panel ([C_in][16]); the second, with kPanels 2, follows it (panels are C_in x 16 floats apart).
+template <int kTileRows, int kPanels>
+__attribute__((target("avx512f"))) inline void tile_wide(const float* __restrict a, int64_t lda,
+                                                         const float* __restrict b, int64_t k, float* c, int64_t ldc,
+                                                         const float* __restrict bias, const float* residual,
+                                                         int64_t ldr, bool relu) {
+  const __m512 bias0 = bias ? _mm512_loadu_ps(bias) : _mm512_setzero_ps();
+  const __m512 bias1 = bias && kPanels > 1 ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
+  __m512 c00 = bias0, c01 = bias1, c10 = bias0, c11 = bias1, c20 = bias0, c21 = bias1;
+  __m512 c30 = bias0, c31 = bias1, c40 = bias0, c41 = bias1, c50 = bias0, c51 = bias1;
+  const float* a0 = a;
+  const float* a1 = a + lda;
+  const float* a2 = a + 2 * lda;
+  const float* a3 = a + 3 * lda;
+  const float* a4 = a + 4 * lda;
+  const float* a5 = a + 5 * lda;
+  const float* second = b + k * kPanel;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const __m512 b0 = _mm512_loadu_ps(b + kk * kPanel);
+    const __m512 b1 = kPanels > 1 ? _mm512_loadu_ps(second + kk * kPanel) : b0;
+    row_fma_wide<kPanels>(a0 + kk, b0, b1, c00, c01);
+    if constexpr (kTileRows > 1) row_fma_wide<kPanels>(a1 + kk, b0, b1, c10, c11);
+    if constexpr (kTileRows > 2) row_fma_wide<kPanels>(a2 + kk, b0, b1, c20, c21);
+    if constexpr (kTileRows > 3) row_fma_wide<kPanels>(a3 + kk, b0, b1, c30, c31);
+    if constexpr (kTileRows > 4) row_fma_wide<kPanels>(a4 + kk, b0, b1, c40, c41);
+    if constexpr (kTileRows > 5) row_fma_wide<kPanels>(a5 + kk, b0, b1, c50, c51);
+  }
+  finish_wide<kPanels>(c, ldc, residual, ldr, relu, 0, c00, c01);
+  if constexpr (kTileRows > 1) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 1, c10, c11);
+  if constexpr (kTileRows > 2) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 2, c20, c21);
+  if constexpr (kTileRows > 3) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 3, c30, c31);
+  if constexpr (kTileRows > 4) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 4, c40, c41);
+  if constexpr (kTileRows > 5) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 5, c50, c51);
+}
+
+// By panels (1 or 2), then rows.
+constexpr TileFn kWideTiles[3][kRows + 1] = {
+    {},
+    {nullptr, tile_wide<1, 1>, tile_wide<2, 1>, tile_wide<3, 1>, tile_wide<4, 1>, tile_wide<5, 1>, tile_wide<6, 1>},
+    {nullptr, tile_wide<1, 2>, tile_wide<2, 2>, tile_wide<3, 2>, tile_wide<4, 2>, tile_wide<5, 2>, tile_wide<6, 2>}};
+#pragma GCC diagnostic pop
 #endif
 
 }  // namespace
@@ -174,8 +251,13 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
   const int64_t row_blocks = std::max<int64_t>(1, positions / 48);
   const int64_t row_block = (positions + row_blocks - 1) / row_blocks;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  // the wide tiles take panels in pairs: groups of two at least where there are two
+  const bool wide = avx512_kernels_chosen();
+  const int64_t fewest = wide ? std::min<int64_t>(2, panels) : 1;
   int64_t panel_group = panels;
-  while (panel_group > 1 && row_blocks * ((panels + panel_group - 1) / panel_group) < 4 * threads) panel_group /= 2;
+  while (panel_group > fewest && row_blocks * ((panels + panel_group - 1) / panel_group) < 4 * threads) {
+    panel_group = std::max(fewest, panel_group / 2);
+  }
   const int64_t groups = (panels + panel_group - 1) / panel_group;
   at::parallel_for(0, row_blocks * groups, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
@@ -184,14 +266,18 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
       if (p1 <= p0) continue;
       // tiles of as even a height as the block allows (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and one of 1)
       const int64_t tiles = (p1 - p0 + kRows - 1) / kRows, base = (p1 - p0) / tiles, taller = (p1 - p0) % tiles;
-      for (int64_t j = g * panel_group; j < std::min(panels, (g + 1) * panel_group); ++j) {
+      const int64_t group_end = std::min(panels, (g + 1) * panel_group);
+      for (int64_t j = g * panel_group; j < group_end;) {
+        const int64_t step = wide && j + 1 < group_end ? 2 : 1;
+        const TileFn* tiles_of = wide ? kWideTiles[step] : kTiles;
         for (int64_t t = 0, p = p0; t < tiles; ++t) {
           const int64_t rows = base + (t < taller ? 1 : 0);
-          kTiles[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out_channels + j * kPanel, out_channels,
-                       bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out_channels + j * kPanel : nullptr,
-                       out_channels, relu);
+          tiles_of[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out_channels + j * kPanel, out_channels,
+                         bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out_channels + j * kPanel : nullptr,
+                         out_channels, relu);
           p += rows;
         }
+        j += step;
       }
     }
   });

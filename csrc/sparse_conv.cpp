@@ -1400,6 +1400,8 @@ namespace vpns {
 
 std::string sparse_kernel_isa() { return isa_kernels().name; }
 
+bool avx512_kernels_chosen() { return sparse_isa() == Isa::kAvx512; }
+
 std::vector<std::string> sparse_kernel_isas() {
   std::vector<std::string> names;
   for (int i = static_cast<int>(widest_isa()); i >= 0; --i) names.emplace_back(kIsas[i].name);

@@ -71,6 +71,9 @@ int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limi
 // Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has,
 // unless chosen otherwise).
 std::string sparse_kernel_isa();
+// Whether that ISA is "avx512": the dense 1x1 kernel (pointwise_conv) then runs 16-lane vectors too, one choice for
+// both.
+bool avx512_kernels_chosen();
 // Names of the ISAs this CPU runs, widest first.
 std::vector<std::string> sparse_kernel_isas();
 // "" unless VPNS_FAST_SPARSE_ISA names no ISA: then what was ignored and what runs instead.

@@ -733,6 +733,38 @@ def test_the_pointwise_op_refuses_what_it_cannot_run():
 
 
 @_POINTWISE
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_pointwise_kernel_equals_the_conv_with_each_vector_width(kernel_isa, batch):
+    """Every tile the dense 1x1 kernel has (1-6 positions; AVX2 16 output channels, AVX-512 32 or an odd last 16)
+    gives the float64 convolution with bias, residual and ReLU within float32 rounding: positions 1 to 61 (7x7 cut
+    in tiles of 6, 6, 6, 6, 5, ...), 16 to 80 output channels (odd and even panel counts, panel groups of one), and
+    with one thread and two."""
+    ops = sparse_cpu._ops()
+    generator = torch.Generator().manual_seed(batch)
+    for in_channels, out_channels, height, width in [(3, 16, 1, 1), (40, 48, 7, 7), (64, 80, 5, 11), (17, 32, 1, 5),
+                                                     (256, 64, 6, 6), (8, 96, 61, 1)]:
+        weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator) / in_channels ** 0.5
+        bias = torch.randn(out_channels, generator=generator)
+        x = torch.randn(batch, in_channels, height, width, generator=generator)
+        residual = torch.randn(batch, out_channels, height, width, generator=generator)
+        x, residual = (t.contiguous(memory_format=torch.channels_last) for t in (x, residual))
+        packed = ops.pointwise_conv_pack(weight)
+        exact = nn.functional.conv2d(x.double(), weight.double(), bias.double())
+        for threads in (1, 2):
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                plain = ops.pointwise_conv(x, packed, bias)
+                fused = ops.pointwise_conv(x, packed, bias, residual, True)
+            finally:
+                torch.set_num_threads(previous)
+            what = (kernel_isa, in_channels, out_channels, height, width, threads)
+            assert_close(plain, exact.float(), rtol=1e-5, atol=1e-6 * in_channels, msg=f"{what}")
+            assert_close(fused, torch.relu(exact + residual.double()).float(), rtol=1e-5, atol=1e-6 * in_channels,
+                         msg=f"{what}")
+
+
+@_POINTWISE
 def test_the_decision_table_says_which_dense_layers_run_through_the_pointwise_kernel():
     """A 1x1 layer kept dense whose fused activation the kernel applies (ReLU) is "pointwise" in its row's "dense
     by"; one whose fused activation it does not (SiLU) is "oneDNN", as it runs; the converted network computes what

@@ -44,16 +44,7 @@ CONV_SHAPES = [
 KERNEL_ISAS = sparse_cpu.KERNEL_ISAS
 
 
-@pytest.fixture(params=KERNEL_ISAS)
-def kernel_isa(request):
-    """Runs the test with each vector kernel this CPU has (the default is one of them), then restores the
-    choice."""
-    try:
-        previous = sparse_cpu.set_kernel_isa(request.param)
-    except RuntimeError as exc:  # "this CPU has no avx512"
-        pytest.skip(str(exc).splitlines()[0])
-    yield request.param
-    sparse_cpu.set_kernel_isa(previous)
+# the fixture kernel_isa (tests/deploy/conftest.py) runs a test with each of these the CPU has
 
 
 def masked(shape, density, generator):

@@ -81,7 +81,9 @@ def kernel_isas() -> tuple[str, ...]:
 
 def set_kernel_isa(name: str) -> str:
     """Makes the sparse layers run with the kernel ``name`` (``"avx512"``, ``"avx2"`` or ``"scalar"``, one of
-    :func:`kernel_isas`), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs."""
+    :func:`kernel_isas`), e.g. to compare them on a machine; returns the previous one. Not while a sparse layer runs.
+    The dense 1x1 kernel (:class:`DenseConv2d`'s ``"pointwise"``) follows: 16-lane vectors with ``"avx512"``, AVX2
+    with the others."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (one of {', '.join(KERNEL_ISAS)}), got {type(name).__name__}")
     return str(_ops().set_sparse_kernel_isa(name))

@@ -770,9 +770,10 @@ int64_t planar_channel_stride(const at::Tensor& t) {
   return planar ? s : -1;
 }
 
-// Floats from one output channel to the next in an aligned output (sparse_conv2d's aligned_output): whole vectors,
-// so that every channel starts where a vector load of the next 1x1 conv, reading it in place, is aligned. Planes of
-// less than a vector are left as they are (a 1x1-pixel output would grow 8x).
+// Floats from one output channel to the next in an aligned output (sparse_conv2d's aligned_output): whole 64-byte
+// cache lines (16 floats), so that every channel starts where a vector load of the next 1x1 conv, reading it in place,
+// is aligned, for the AVX2 kernel and the AVX-512 one alike. Planes of 8 floats or less are left as they are (a
+// 1x1-pixel output would grow 16x).
 //
 // Why: a 1x1 conv reads its input in place, a channel's positions at c * H * W; at 14x14 (196 floats) every other
 // channel starts 16 bytes off a 32-byte boundary, at 7x7 seven channels of eight are off, and each load that
@@ -782,7 +783,15 @@ int64_t planar_channel_stride(const at::Tensor& t) {
 // 1024 -> 256 @14 1.08x, 512 -> 2048 @7 with residual 1.35x, 2048 -> 512 @7 1.12x; batch 1 1.03-1.09x. ResNet-50 end
 // to end 1.038x at batch 32 (p20-p80 0.990-1.062x), batch 1 within the noise: those layers are a small part of it.
 // The engine asks for it only where a 1x1 conv reads the output in place (ResNet-18 has none).
-int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLanes) : plane; }
+// Whole lines rather than whole 8-float vectors: with 64-byte loads, channels 200 floats apart (14x14) start every
+// other one mid-line, so each of its loads straddles two lines. 2-vCPU AMD EPYC of family 0x1A (Zen 5), 2 threads,
+// 10% kept, ResNet-50 both ways in one process (rotating rounds, a network each): AVX-512 kernel 1.056x at batch 32
+// (p20-p80 1.038-1.081x, 12 rounds; 1.066x in a first run), 1.028x at batch 1 (1.012-1.065x, 40 rounds); the AVX2
+// kernel 1.011x and 0.993x, within the A/B's own noise (the same network both ways: 0.993-1.006x;
+// bench/results/cpu-aligned-lines-ab-2026-12-05-amd-zen5-scratch.txt). It costs 4% more
+// memory for these activations at 14x14 (208 floats), 14% at 7x7 (64).
+constexpr int64_t kLineFloats = 16;
+int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLineFloats) : plane; }
 
 // The floats from one input channel's copied planes to the next: the planes' size, one 64-byte line more when that
 // size is a multiple of 256 bytes. Why: L1d (32 KiB, 8 ways on the CPUs measured) has 64 sets, and addresses 4 KiB

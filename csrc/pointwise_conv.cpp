@@ -149,22 +149,17 @@ __attribute__((target("avx512f"))) inline void tile_wide(const float* __restrict
   const __m512 bias1 = bias && kPanels > 1 ? _mm512_loadu_ps(bias + kPanel) : _mm512_setzero_ps();
   __m512 c00 = bias0, c01 = bias1, c10 = bias0, c11 = bias1, c20 = bias0, c21 = bias1;
   __m512 c30 = bias0, c31 = bias1, c40 = bias0, c41 = bias1, c50 = bias0, c51 = bias1;
-  const float* a0 = a;
-  const float* a1 = a + lda;
-  const float* a2 = a + 2 * lda;
-  const float* a3 = a + 3 * lda;
-  const float* a4 = a + 4 * lda;
-  const float* a5 = a + 5 * lda;
   const float* second = b + k * kPanel;
   for (int64_t kk = 0; kk < k; ++kk) {
     const __m512 b0 = _mm512_loadu_ps(b + kk * kPanel);
     const __m512 b1 = kPanels > 1 ? _mm512_loadu_ps(second + kk * kPanel) : b0;
-    row_fma_wide<kPanels>(a0 + kk, b0, b1, c00, c01);
-    if constexpr (kTileRows > 1) row_fma_wide<kPanels>(a1 + kk, b0, b1, c10, c11);
-    if constexpr (kTileRows > 2) row_fma_wide<kPanels>(a2 + kk, b0, b1, c20, c21);
-    if constexpr (kTileRows > 3) row_fma_wide<kPanels>(a3 + kk, b0, b1, c30, c31);
-    if constexpr (kTileRows > 4) row_fma_wide<kPanels>(a4 + kk, b0, b1, c40, c41);
-    if constexpr (kTileRows > 5) row_fma_wide<kPanels>(a5 + kk, b0, b1, c50, c51);
+    const float* column = a + kk;  // position r's input at this channel: column[r * lda]
+    row_fma_wide<kPanels>(column, b0, b1, c00, c01);
+    if constexpr (kTileRows > 1) row_fma_wide<kPanels>(column + lda, b0, b1, c10, c11);
+    if constexpr (kTileRows > 2) row_fma_wide<kPanels>(column + 2 * lda, b0, b1, c20, c21);
+    if constexpr (kTileRows > 3) row_fma_wide<kPanels>(column + 3 * lda, b0, b1, c30, c31);
+    if constexpr (kTileRows > 4) row_fma_wide<kPanels>(column + 4 * lda, b0, b1, c40, c41);
+    if constexpr (kTileRows > 5) row_fma_wide<kPanels>(column + 5 * lda, b0, b1, c50, c51);
   }
   finish_wide<kPanels>(c, ldc, residual, ldr, relu, 0, c00, c01);
   if constexpr (kTileRows > 1) finish_wide<kPanels>(c, ldc, residual, ldr, relu, 1, c10, c11);

@@ -850,7 +850,7 @@ def test_outputs_only_sparse_readers_see_are_aligned():
         for conv in model.modules():
             if isinstance(conv, nn.Conv2d):
                 conv.weight.mul_(torch.rand_like(conv.weight) < 0.4)
-    x = torch.randn(2, 3, 7, 7)  # planes of 49 floats, laid out 56 apart
+    x = torch.randn(2, 3, 7, 7)  # planes of 49 floats, laid out 64 apart
     summary = {}
     converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
     assert _aligned_calls(converted) == {"a", "c"} and summary["aligned_outputs"] == 2

@@ -53,8 +53,8 @@ input: float32 CPU [N, C_in, H, W]; segments, offsets and values from sparse_con
 same stride/padding/dilation) (values in its order, not the pack function's); bias: float32 [C_out] or None.
 input_channel_stride: 0 (the input is read as a contiguous tensor, copied if it is not one), or S >= H * W for an
 input with strides (C_in * S, S, W, 1), read as it is (the offsets made with the same value). aligned_output: the
-output's channels start a whole number of 8-float vectors apart (strides (C_out * P, P, W_out, 1), P = H_out * W_out
-rounded up to a multiple of 8 when it is above 8; the floats between channels are zeros), so that a 1x1 conv
+output's channels start a whole number of 64-byte lines apart (strides (C_out * P, P, W_out, 1), P = H_out * W_out
+rounded up to a multiple of 16 when it is above 8; the floats between channels are zeros), so that a 1x1 conv
 reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
 1) is read as it is. Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded
 input.)doc");
@@ -135,7 +135,8 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       "run on (indices into that set), the mean over `rounds`. Linux only. Holds the GIL: run nothing else meanwhile.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
-        "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
+        "this CPU has (but AVX2 on AMD CPUs before Zen 5, family 0x1A) unless set_sparse_kernel_isa or\n"
+        "VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
   m.def("sparse_kernel_isas", &vpns::sparse_kernel_isas,
         "Names of the sparse kernels' instruction sets this CPU runs, widest first.");
   m.def("sparse_kernel_isa_environment_note", &vpns::sparse_kernel_isa_environment_note,
@@ -143,5 +144,6 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "saying it was ignored and which one runs.");
   m.def("set_sparse_kernel_isa", &vpns::set_sparse_kernel_isa, py::arg("name"),
         "Makes the sparse kernels use 'avx512', 'avx2' or 'scalar' (one of sparse_kernel_isas(); for tests and for\n"
-        "comparing them in one process). Returns the previous choice. Not for use while kernels run.");
+        "comparing them in one process); the dense 1x1 kernel (pointwise_conv) runs 16-lane vectors with 'avx512'.\n"
+        "Returns the previous choice. Not for use while kernels run.");
 }

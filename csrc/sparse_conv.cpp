@@ -790,8 +790,14 @@ int64_t planar_channel_stride(const at::Tensor& t) {
 // kernel 1.011x and 0.993x, within the A/B's own noise (the same network both ways: 0.993-1.006x;
 // bench/results/cpu-aligned-lines-ab-2026-12-05-amd-zen5-scratch.txt). It costs 4% more
 // memory for these activations at 14x14 (208 floats), 14% at 7x7 (64).
+// vpns_fast.deploy.sparse_cpu.aligned_channel_stride states the same rule in Python: the two must agree.
+// The copied input plane of a strided 1x1 conv (make_geometry) is padded by the same rule; its per-layer figures
+// there were measured with 8-float vectors, the whole-line rounding only within the networks above.
 constexpr int64_t kLineFloats = 16;
-int64_t aligned_plane_stride(int64_t plane) { return plane > kLanes ? round_up(plane, kLineFloats) : plane; }
+constexpr int64_t kUnpaddedMaxFloats = 8;  // planes of this many floats or fewer are not padded
+int64_t aligned_plane_stride(int64_t plane) {
+  return plane > kUnpaddedMaxFloats ? round_up(plane, kLineFloats) : plane;
+}
 
 // The floats from one input channel's copied planes to the next: the planes' size, one 64-byte line more when that
 // size is a multiple of 256 bytes. Why: L1d (32 KiB, 8 ways on the CPUs measured) has 64 sets, and addresses 4 KiB
@@ -860,7 +866,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   TORCH_CHECK(input_channel_stride == 0 || input_channel_stride >= height * width, op,
               ": input_channel_stride must be 0 or at least H * W = ", height * width, ", got ", input_channel_stride);
   g.input_channel_stride = input_channel_stride > 0 ? input_channel_stride : height * width;
-  // The copy of a 1x1 conv's input (stride 2: one phase plane of four) puts each channel on a vector boundary, as
+  // The copy of a 1x1 conv's input (stride 2: one phase plane of four) puts each channel on a 64-byte line, as
   // aligned outputs do for the in-place reads (aligned_plane_stride): every tap of a 1x1 kernel is at the channel's
   // start, so every load is then aligned (with aligned_floats' buffers). 2 threads, 10% kept, ReLU fused, 12
   // alternating calls, a scratch A/B (2026-12-05, 2-core AMD EPYC, AVX2): 512 -> 1024 1x1/2 from 28x28 1.085x at batch

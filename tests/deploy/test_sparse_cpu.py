@@ -700,8 +700,8 @@ def aligned_copy_nan_padded(x: torch.Tensor) -> torch.Tensor:
 
 
 ALIGNED_SHAPES = [
-    (6, 9, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: plane 196, channels 200 apart
-    (5, 7, 7, 7, 1, 1, 0, 1),  # plane 49 -> 56
+    (6, 9, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: plane 196, channels 208 apart
+    (5, 7, 7, 7, 1, 1, 0, 1),  # plane 49 -> 64
     (4, 6, 3, 5, 1, 1, 0, 1),  # plane 15 -> 16
     (3, 5, 2, 2, 1, 1, 0, 1),  # plane 4: less than a vector, not padded
     (20, 9, 1, 1, 1, 1, 0, 1),  # one pixel (the linear path at batch >= 8)
@@ -1280,14 +1280,24 @@ for shape in ((1, 3, 3, 5), (4, 3, 3, 5), (1, 2, 7, 15), (4, 2, 7, 15)):
     weight = torch.randn(6, shape[1], 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, shape
 # the aligned layout (channels 16 floats apart) where the last channel's padding lies past the storage (masked),
-# and where the storage ends with it, so that whole last vectors of 8 or 16 floats end exactly at the guard page;
-# 4x5 planes, 24 floats apart: 8-float vectors end at the page, 16-float ones would run past it (read exactly)
+# and where the storage ends with it, so that whole last vectors of 8 or 16 floats end exactly at the guard page
 for shape, strides, count in (((2, 3, 3, 5), (48, 16, 5, 1), (2 * 3 - 1) * 16 + 15),
-                              ((2, 3, 3, 5), (48, 16, 5, 1), 2 * 3 * 16), ((2, 3, 4, 5), (72, 24, 5, 1), 2 * 3 * 24)):
+                              ((2, 3, 3, 5), (48, 16, 5, 1), 2 * 3 * 16)):
     x = at_page_end((count,)).as_strided(shape, strides)
     x.copy_(torch.randn(shape))
     weight = torch.randn(6, 3, 1, 1)
     assert (sparse_cpu.SparseConv2d(weight, None)(x) - F.conv2d(x, weight)).abs().max().item() < 1e-5, count
+# 4x5 planes 24 floats apart, through the raw op (the engine's aligned layout puts them 32 apart, but the op reads
+# any channel stride >= H * W it is told): 8-float vectors end at the page, 16-float ones would run past it (read
+# exactly)
+x = at_page_end((2 * 3 * 24,)).as_strided((2, 3, 4, 5), (72, 24, 5, 1))
+x.copy_(torch.randn(2, 3, 4, 5))
+weight = torch.randn(6, 3, 1, 1)
+layer = sparse_cpu.SparseConv2d(weight, None)
+offsets, segments, values = layer._geometry(4, 5, 24)
+y = _extension.load().sparse_conv2d(x, segments, offsets, values, [6, 3, 1, 1], None, [1, 1], [0, 0], [1, 1],
+                                    input_channel_stride=24)
+assert (y - F.conv2d(x, weight)).abs().max().item() < 1e-5
 x = at_page_end((2, 4, 2, 4))
 ops = _extension.load()  # a raw call with the last valid offset of the input: taken through the copy
 y = ops.sparse_conv2d(x, torch.tensor([0, 1]), torch.tensor([4 * 8 - 1], dtype=torch.int32), torch.tensor([1.0]),

@@ -426,7 +426,7 @@ def aligned_channel_stride(height: int, width: int) -> int:
     plane. A 1x1 conv reads its input in place; with channels 196 floats apart (14x14) every other channel starts 16
     bytes off a 32-byte boundary, and a vector load across two cache lines costs two (csrc/sparse_conv.cpp,
     aligned_plane_stride, has the measurements)."""
-    plane = height * width
+    plane = height * width  # the rule of csrc/sparse_conv.cpp's aligned_plane_stride: the two must agree
     return -(-plane // 16) * 16 if plane > 8 else plane
 
 
@@ -459,10 +459,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     ``forward(..., aligned_output=True)`` (the engine's graph passes it where only sparse convolutions read the
     output, one of them a 1x1 reading it in place: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`): the
-    output's channels start a whole number of 8-float vectors apart, strides ``(C * P, P, W, 1)`` with ``P`` the plane
-    ``H * W`` rounded up to a multiple of 8 (when above 8), zeros in between. The values are the same; a 1x1 conv
-    reading such an input in place loads aligned vectors (see :func:`aligned_channel_stride`), and every sparse conv
-    reads it, as input or residual, without a copy."""
+    output's channels start a whole number of 64-byte cache lines apart, strides ``(C * P, P, W, 1)`` with ``P`` the
+    plane ``H * W`` rounded up to a multiple of 16 floats (when above 8), zeros in between. The values are the same;
+    a 1x1 conv reading such an input in place loads aligned vectors (see :func:`aligned_channel_stride`), and every
+    sparse conv reads it, as input or residual, without a copy."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, stride=1, padding=0, dilation=1,
                  relu: bool = False, groups: int = 1, activation: str | None = None):

@@ -518,6 +518,26 @@ def test_switched_network_times_checks_the_outputs_then_times_both_ways():
         switched_network_times(Switched(), x, ("base", "changed"), switch, 4, torch.equal)
     assert state["calls"] == ["changed", "base"] and state["way"] == "changed"
 
+def test_converted_pruned_network_is_the_pruned_model_converted_for_its_seeded_input():
+    """bench.cases.infer.converted_pruned_network (the network part of the switch A/B scripts): the same seeded input
+    each time, a network that runs sparse layers, and outputs equal to the pruned torchvision model's on it."""
+    import torch
+
+    from bench.cases.infer import converted_pruned_network, pruned_model
+    from vpns_fast.deploy import sparse_cpu
+
+    if not sparse_cpu.available()[0]:
+        pytest.skip(sparse_cpu.available()[1])
+    network, x = converted_pruned_network("resnet18", 0.1, 2)
+    _, again = converted_pruned_network("resnet18", 0.1, 2)
+    assert x.shape == (2, 3, 224, 224) and torch.equal(x, again)
+    assert any(isinstance(module, sparse_cpu.SparseConv2d) for module in network.modules())
+    with torch.inference_mode():
+        got, expected = network(x), pruned_model("resnet18", 0.1, "uniform")(x)
+    scale = float(expected.abs().max())
+    assert got.shape == expected.shape and float((got - expected).abs().max()) <= 1e-4 * scale
+
+
 def test_engines_table_quotes_the_median_of_the_per_round_ratios(tmp_path, capsys):
     """bench/engines_table.py prints the README's table from `bench infer` rows: the per-round median (inside its
     own p20-p80, where the ratio of two medians need not be), computed from speedup_rounds for older rows,

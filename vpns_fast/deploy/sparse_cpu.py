@@ -694,7 +694,7 @@ _POINTWISE = {"enabled": True}
 
 
 def set_pointwise_conv(enabled: bool) -> bool:
-    """Whether DenseConv2d runs its unpadded 1x1 convolutions through the engine's own dense kernel (on by default,
+    """Whether DenseConv2d runs its 1x1, stride-1 convolutions through the engine's own dense kernel (on by default,
     where the CPU has AVX2 and FMA; else oneDNN, as with it off); returns the previous setting. For A/B
     measurements."""
     previous = _POINTWISE["enabled"]
@@ -736,11 +736,11 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     reordered without it ran a 256 -> 1024 1x1 conv at 14x14 in 7.3 ms instead of 0.49 ms, reordering it again
     on every call.
 
-    A 1x1, unpadded, ungrouped layer of a multiple of 16 output channels (any stride: a strided one reads a copy of
-    the positions it uses), with no activation or ReLU, runs through the engine's own dense kernel instead (the C++
-    extension's ``pointwise_conv``: a GEMM over positions with the epilogue fused; where the CPU has AVX2 and FMA,
-    see :func:`set_pointwise_conv`): ResNet-50's ten stride-1 1x1 shapes at batch 1 ran 1.08-1.38x as fast as
-    through oneDNN (2 threads, 2-core AMD EPYC, AVX2, 2026-12-05; csrc/pointwise_conv.cpp has the numbers).
+    A 1x1, stride-1, unpadded, ungrouped layer of a multiple of 16 output channels, with no activation or ReLU, runs
+    through the engine's own dense kernel instead (the C++ extension's ``pointwise_conv``: a GEMM over positions
+    with the epilogue fused; where the CPU has AVX2 and FMA, see :func:`set_pointwise_conv`): ResNet-50's ten 1x1
+    shapes at batch 1 ran 1.08-1.38x as fast as through oneDNN (2 threads, 2-core AMD EPYC, AVX2, 2026-12-05;
+    csrc/pointwise_conv.cpp has the numbers).
 
     The activation is applied by torch after the call, not as oneDNN's fused post-op: its ReLU turns NaN into 0
     (``nn.ReLU`` and the sparse layers keep NaN: a fault must stay visible). Outputs over 32 MiB (ResNet's
@@ -817,7 +817,7 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         """Whether a call with ``activation`` runs through the engine's dense 1x1 kernel (see the class)."""
         weight = self._buffers["weight"]
         return (activation in (None, "relu") and _POINTWISE["enabled"] and self.groups == 1
-                and weight.shape[2:] == (1, 1) and self.padding == (0, 0)
+                and weight.shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
                 and weight.shape[0] % 16 == 0 and pointwise_conv_supported())
 
     @property
@@ -845,13 +845,7 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                    into_residual: bool) -> torch.Tensor:
         """``activation(conv(x) + bias (+ residual))`` through the engine's dense 1x1 kernel for a channels_last
         ``x`` that needs no gradient, where ``_runs_pointwise(activation)``; written into ``residual`` when
-        ``into_residual`` and that is channels_last (as oneDNN's "sum" post-op). A strided layer reads a copy of the
-        positions it uses (a 1x1 kernel with stride s and no padding is the stride-1 one on every s-th row and
-        column): 64 -> 128 from 56x56 at stride 2, batch 1, took 0.041 ms with the copy against oneDNN's 0.088 ms;
-        ResNet-50's stride-2 shapes 1.16-1.89x at batch 1, 1.38-2.40x at batch 32 (2 threads, Zen 5, 2026-12-05,
-        40 and 6 alternating calls)."""
-        if self.stride != (1, 1):
-            x = _channels_last_activation(x[:, :, ::self.stride[0], ::self.stride[1]])
+        ``into_residual`` and that is channels_last (as oneDNN's "sum" post-op)."""
         into_residual = (into_residual and residual is not None
                          and residual.is_contiguous(memory_format=torch.channels_last))
         ops = _ops()

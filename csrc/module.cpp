@@ -105,6 +105,9 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       "An uninitialised float32 CPU tensor of these sizes (contiguous, or channels_last strides) whose storage comes\n"
       "from the engine's cache of already touched buffers (1 MiB and more; smaller ones from torch's allocator); it\n"
       "goes back to the cache when freed.");
+  m.def("aligned_channel_stride", &vpns::aligned_channel_stride, py::arg("plane"),
+        "Floats from one channel to the next in sparse_conv2d's aligned_output for planes of `plane` floats: the\n"
+        "plane rounded up to whole 64-byte lines (16 floats) when it is above 8 floats, else the plane.");
   m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
         "Bytes of idle activation buffers the engine keeps for reuse (buffers of 1 MiB and more).");
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),

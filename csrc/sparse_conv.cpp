@@ -790,7 +790,7 @@ int64_t planar_channel_stride(const at::Tensor& t) {
 // kernel 1.011x and 0.993x, within the A/B's own noise (the same network both ways: 0.993-1.006x;
 // bench/results/cpu-aligned-lines-ab-2026-12-05-amd-zen5-scratch.txt). It costs 4% more
 // memory for these activations at 14x14 (208 floats), 14% at 7x7 (64).
-// vpns_fast.deploy.sparse_cpu.aligned_channel_stride states the same rule in Python: the two must agree.
+// Python reads it through vpns::aligned_channel_stride (vpns_fast.deploy.sparse_cpu.aligned_channel_stride).
 // The copied input plane of a strided 1x1 conv (make_geometry) is padded by the same rule; its per-layer figures
 // there were measured with 8-float vectors, the whole-line rounding only within the networks above.
 constexpr int64_t kLineFloats = 16;
@@ -1417,6 +1417,11 @@ std::string sparse_kernel_isa() { return isa_kernels().name; }
 
 bool avx512_kernels_chosen() { return sparse_isa() == Isa::kAvx512; }
 
+int64_t aligned_channel_stride(int64_t plane) {
+  TORCH_CHECK(plane >= 0, "aligned_channel_stride: plane must be >= 0 floats, got ", plane);
+  return aligned_plane_stride(plane);
+}
+
 std::vector<std::string> sparse_kernel_isas() {
   std::vector<std::string> names;
   for (int i = static_cast<int>(widest_isa()); i >= 0; --i) names.emplace_back(kIsas[i].name);
@@ -1635,7 +1640,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   at::NoGradGuard no_grad;
   const at::Tensor x = input_channel_stride > 0 ? input : contiguous_activation(input);
   const int64_t plane = g.out_h * g.out_w;
-  // Floats from one output channel to the next: whole vectors when asked (aligned_plane_stride).
+  // Floats from one output channel to the next: whole 64-byte lines when asked (aligned_plane_stride).
   const int64_t out_stride = aligned_output ? aligned_plane_stride(plane) : plane;
   at::Tensor output = out_stride == plane ? empty_activation({g.batch, g.out_channels, g.out_h, g.out_w})
                                           : empty_activation({g.batch, g.out_channels, out_stride})

@@ -74,6 +74,9 @@ std::string sparse_kernel_isa();
 // Whether that ISA is "avx512": the dense 1x1 kernel (pointwise_conv) then runs 16-lane vectors too, one choice for
 // both.
 bool avx512_kernels_chosen();
+// Floats from one channel to the next in an aligned output whose planes hold `plane` floats (sparse_conv2d's
+// aligned_output; the one statement of the rule, which Python reads too).
+int64_t aligned_channel_stride(int64_t plane);
 // Names of the ISAs this CPU runs, widest first.
 std::vector<std::string> sparse_kernel_isas();
 // "" unless VPNS_FAST_SPARSE_ISA names no ISA: then what was ignored and what runs instead.

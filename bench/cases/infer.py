@@ -246,6 +246,7 @@ def converted_pruned_network(model_name: str, density: float, batch: int) -> tup
         converted, _table = sparse_cpu.convert_for_cpu(model, x)
     return converted, x
 
+
 def switched_network_times(network: nn.Module, x: torch.Tensor, names: tuple[str, str], switch, rounds: int,
                            agree) -> dict[str, list[float]]:
     """A converted network's calls on ``x`` both ways of an engine switch, in one process (the network part of the

@@ -34,7 +34,8 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
                  "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
-                 "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv")
+                 "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
+                 "aligned_channel_stride")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -425,9 +426,13 @@ def aligned_channel_stride(height: int, width: int) -> int:
     the plane ``height * width`` rounded up to whole 64-byte cache lines (16 floats) when it is above 8, else the
     plane. A 1x1 conv reads its input in place; with channels 196 floats apart (14x14) every other channel starts 16
     bytes off a 32-byte boundary, and a vector load across two cache lines costs two (csrc/sparse_conv.cpp,
-    aligned_plane_stride, has the measurements)."""
-    plane = height * width  # the rule of csrc/sparse_conv.cpp's aligned_plane_stride: the two must agree
-    return -(-plane // 16) * 16 if plane > 8 else plane
+    aligned_plane_stride, has the measurements). The rule is the C++ extension's, read from it (once per size)."""
+    return _aligned_plane_stride(height * width)
+
+
+@functools.lru_cache(maxsize=256)
+def _aligned_plane_stride(plane: int) -> int:
+    return int(_ops().aligned_channel_stride(plane))
 
 
 def _padded_channel_stride(x: torch.Tensor) -> int:

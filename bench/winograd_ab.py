@@ -3,7 +3,12 @@
 same network, the three taking turns in rotating order call by call in one process; prints what each conversion
 chose and the per-round ratios (median, p20-p80).
 
+With ``--layers``, first ResNet's four 3x3 stride-1 shapes at the batch (dense, bias and ReLU fused, channels_last):
+oneDNN (``DenseConv2d``) against the kernel with its products in torch's batched sgemm (the [36, C_in, C_out] weight)
+and in the engine's 1x1 tile (the packed panels, once per vector kernel this CPU runs), one call each a round.
+
     .venv/bin/python -m bench.winograd_ab resnet50 0.5 [--batch 1] [--threads 2] [--rounds 30] [--image-size 224]
+        [--layers]
 """
 from __future__ import annotations
 
@@ -19,7 +24,52 @@ import torch
 from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
-from vpns_fast.deploy import baselines, sparse_cpu
+from vpns_fast.deploy import baselines, sparse_cpu, winograd
+
+# (channels, size): ResNet's 3x3 stride-1 convolutions (C_in = C_out)
+LAYER_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
+
+
+def _with_kernel(isa: str, run):
+    """``run`` with the engine's kernels set to ``isa`` for the call (the previous choice restored)."""
+    def call():
+        previous = sparse_cpu.set_kernel_isa(isa)
+        try:
+            return run()
+        finally:
+            sparse_cpu.set_kernel_isa(previous)
+    return call
+
+
+def _layer_lines(batch: int, rounds: int) -> list[str]:
+    lines = [f"## 3x3 stride-1 layers, dense, bias + ReLU fused, batch {batch}; one call each a round, median ms"]
+    generator = torch.Generator().manual_seed(0)
+    ops = sparse_cpu._ops()
+    for channels, size in LAYER_SHAPES:
+        weight = torch.randn(channels, channels, 3, 3, generator=generator) * (2 / (9 * channels)) ** 0.5
+        bias = torch.randn(channels, generator=generator)
+        x = torch.randn(batch, channels, size, size, generator=generator).contiguous(memory_format=torch.channels_last)
+        onednn = sparse_cpu.DenseConv2d(weight, bias, padding=1, activation="relu")
+        batched, panels = winograd.winograd_weight(weight), winograd.winograd_panels(weight)
+        runs = {"oneDNN": functools.partial(onednn, x),
+                "batched sgemm": functools.partial(ops.winograd_conv2d, x, batched, bias, [1, 1], None, 1)}
+        for isa in sparse_cpu.kernel_isas():
+            if isa != "scalar":
+                runs[f"panels {isa}"] = _with_kernel(
+                    isa, functools.partial(ops.winograd_conv2d, x, panels, bias, [1, 1], None, 1))
+        with torch.inference_mode():
+            expected = onednn(x)
+            for label, run in runs.items():
+                if not torch.allclose(run(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max())):
+                    raise AssertionError(f"{label} and oneDNN disagree")
+            times = rotating_times_ms(runs, rounds if batch == 1 else max(3, rounds // 5))
+        medians = {label: float(np.median(values)) for label, values in times.items()}
+        fastest = min((label for label in runs if label.startswith("panels")), key=medians.get)
+        ratios = ", ".join(f"{label} / {fastest} {np.median(round_ratios(times[label], times[fastest])):.2f}x"
+                           for label in runs if label != fastest)
+        lines.append(f"{channels:3d} channels at {size}x{size}: "
+                     + ", ".join(f"{label} {value:.3f}" for label, value in medians.items()) + f"; {ratios}")
+    return lines
 
 
 def main(argv=None) -> int:
@@ -27,10 +77,13 @@ def main(argv=None) -> int:
     add_pruned_model_arguments(parser)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--layers", action="store_true", help="time ResNet's 3x3 stride-1 layers first")
     args = parser.parse_args(argv)
     checked_pruned_model_arguments(parser, args)
     if args.rounds < 1 or args.image_size < 32:
         parser.error(f"--rounds: expected an integer >= 1, --image-size: >= 32; got {args.rounds}, {args.image_size}")
+    if args.layers and not sparse_cpu.pointwise_conv_supported():
+        parser.error("--layers: the packed panels need the C++ extension and a CPU with AVX2 + FMA")
     torch.set_num_threads(args.threads)
     model = pruned_model(args.arch, args.density, "uniform")  # the same pruning as the `infer` case
     x = torch.randn(args.batch, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0))
@@ -38,6 +91,9 @@ def main(argv=None) -> int:
     print(f"# {args.arch} at {args.image_size}, {args.density} kept per layer, batch {args.batch}, {args.threads} "
           f"threads; torch {torch.__version__}, onnxruntime {baselines.onnxruntime_version()}, "
           f"{platform.processor() or 'cpu'}, {now}")
+    if args.layers:
+        for line in _layer_lines(args.batch, args.rounds):
+            print(line, flush=True)
     runs = {}
     for label, winograd in (("winograd", True), ("oneDNN only", False)):
         summary: dict = {}

@@ -90,7 +90,9 @@ act(F.conv2d(input, w, bias, padding=padding) + residual) within float32 roundin
 largest magnitude), as a channels_last tensor.
 
 input: float32 CPU [N, C_in, H, W] (channels_last is read in place, anything else copied); weight: the
-[36, C_in, C_out] float32 transform of w made by vpns_fast.deploy.winograd.winograd_weight; bias: float32
+[36, C_in, C_out] float32 transform of w made by vpns_fast.deploy.winograd.winograd_weight (products by torch's
+batched sgemm) or the same in packed panels, [36, C_out / 16, C_in, 16] from winograd_panels (products by the
+engine's 1x1 tile; needs pointwise_conv_supported()); bias: float32
 [C_out] or None; residual: float32 of the output's shape, or None; activation: 0 none, 1 relu (NaN kept);
 chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed data).)doc");
   m.def(

@@ -183,6 +183,32 @@ constexpr TileFn kWideTiles[3][kRows + 1] = {
 
 bool pointwise_conv_supported() { return cpu_has_avx2_fma(); }
 
+void packed_panels_product(const float* a, int64_t rows, int64_t k, const float* panels, int64_t first_panel,
+                           int64_t last_panel, float* c, int64_t ldc, const float* bias, const float* residual,
+                           bool relu) {
+#if defined(__x86_64__)
+  TORCH_CHECK(cpu_has_avx2_fma(), "packed_panels_product: needs a CPU with AVX2 and FMA");
+  if (rows <= 0) return;
+  const bool wide = avx512_kernels_chosen();
+  // tiles of as even a height as the rows allow (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and one of 1)
+  const int64_t tiles = (rows + kRows - 1) / kRows, base = rows / tiles, taller = rows % tiles;
+  for (int64_t j = first_panel; j < last_panel;) {
+    const int64_t step = wide && j + 1 < last_panel ? 2 : 1;
+    const TileFn* tiles_of = wide ? kWideTiles[step] : kTiles;
+    for (int64_t t = 0, p = 0; t < tiles; ++t) {
+      const int64_t height = base + (t < taller ? 1 : 0);
+      tiles_of[height](a + p * k, k, panels + j * k * kPanel, k, c + p * ldc + j * kPanel, ldc,
+                       bias ? bias + j * kPanel : nullptr, residual ? residual + p * ldc + j * kPanel : nullptr, ldc,
+                       relu);
+      p += height;
+    }
+    j += step;
+  }
+#else
+  TORCH_CHECK(false, "packed_panels_product: needs an x86-64 CPU with AVX2 and FMA");
+#endif
+}
+
 at::Tensor pointwise_conv_pack(const at::Tensor& weight) {
   constexpr const char* op = "pointwise_conv_pack";
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat, op,
@@ -261,21 +287,8 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
       const int64_t rb = item / groups, g = item % groups;
       const int64_t p0 = rb * row_block, p1 = std::min(positions, p0 + row_block);
       if (p1 <= p0) continue;
-      // tiles of as even a height as the block allows (49 rows: 6,6,6,6,5,5,5,5,5, not eight of 6 and one of 1)
-      const int64_t tiles = (p1 - p0 + kRows - 1) / kRows, base = (p1 - p0) / tiles, taller = (p1 - p0) % tiles;
-      const int64_t group_end = std::min(panels, (g + 1) * panel_group);
-      for (int64_t j = g * panel_group; j < group_end;) {
-        const int64_t step = wide && j + 1 < group_end ? 2 : 1;
-        const TileFn* tiles_of = wide ? kWideTiles[step] : kTiles;
-        for (int64_t t = 0, p = p0; t < tiles; ++t) {
-          const int64_t rows = base + (t < taller ? 1 : 0);
-          tiles_of[rows](x + p * in, in, b + j * in * kPanel, in, y + p * out_channels + j * kPanel, out_channels,
-                         bias_data ? bias_data + j * kPanel : nullptr, r ? r + p * out_channels + j * kPanel : nullptr,
-                         out_channels, relu);
-          p += rows;
-        }
-        j += step;
-      }
+      packed_panels_product(x + p0 * in, p1 - p0, in, b, g * panel_group, std::min(panels, (g + 1) * panel_group),
+                            y + p0 * out_channels, out_channels, bias_data, r ? r + p0 * out_channels : nullptr, relu);
     }
   });
 #endif

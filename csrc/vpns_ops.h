@@ -30,6 +30,13 @@ bool pointwise_conv_supported();
 at::Tensor pointwise_conv_pack(const at::Tensor& weight);
 at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& residual, bool relu, bool into_residual);
+// c[i, j] = act(bias[j] + sum_l a[i, l] * w[l, j] (+ residual[i, j])) for rows i < `rows` of `a` (k floats apart) and
+// the output channels of panels [first_panel, last_panel) of `panels` (pointwise_conv_pack's layout, [panels][k][16]);
+// c and residual rows ldc floats apart, bias and residual optional (nullptr). One thread; the wide or AVX2 tile as
+// avx512_kernels_chosen() says. Needs pointwise_conv_supported().
+void packed_panels_product(const float* a, int64_t rows, int64_t k, const float* panels, int64_t first_panel,
+                           int64_t last_panel, float* c, int64_t ldc, const float* bias, const float* residual,
+                           bool relu);
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight);
 at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, const at::Tensor& column_index,
                          const at::Tensor& values, int64_t in_features, const std::optional<at::Tensor>& bias);

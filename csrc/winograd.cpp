@@ -1,8 +1,10 @@
 // Dense 3x3 convolution (stride 1, dilation 1, groups 1, zero padding) by Winograd's minimal filtering
 // F(4x4, 3x3) for the CPU engine's dense layers: each 6x6 input tile and 3x3 filter go to a 36-point transform
-// domain, where the convolution is 36 independent matrix products (tiles x C_in times C_in x C_out, torch's
-// batched sgemm), and each product's 6x6 result comes back as a 4x4 output tile: 36 multiplies per 16 outputs
-// and input channel instead of 144. The filters are transformed once, in float64, by
+// domain, where the convolution is 36 independent matrix products (tiles x C_in times C_in x C_out), and each
+// product's 6x6 result comes back as a 4x4 output tile: 36 multiplies per 16 outputs and input channel instead
+// of 144. The products run through the engine's dense 1x1 tile (vpns::packed_panels_product, csrc/pointwise_conv.cpp)
+// when the weight comes in its packed panels, [36, C_out / 16, C_in, 16] (winograd_panels), else through torch's
+// batched sgemm ([36, C_in, C_out], winograd_weight). The filters are transformed once, in float64, by
 // vpns_fast.deploy.winograd.winograd_weight (next to this kernel's plain-PyTorch reference,
 // winograd_conv2d_reference, with the same tiles and transforms). Inputs and outputs are channels_last, so every
 // transform runs along contiguous channels (vectorised).
@@ -13,6 +15,12 @@
 // 0.32 against 1.05 ms, 128 at 28x28 0.33 against 1.01 ms, 256 at 14x14 0.48 against 0.96 ms, 512 at 7x7 1.97
 // against 0.89 ms (the transformed filters, 4x the weight's size, are read for 4 tiles); batch 32 2.0-2.6x
 // faster. The engine times both on each layer's real input and keeps the faster (``convert_for_cpu``).
+//
+// The panels, because torch's sgemm (MKL) ran at about half the 16-lane tile's rate on a 2-vCPU AMD EPYC of family
+// 0x1A (Zen 5; 170-196 GFLOP/s on these products at batch 1). There, 2 threads, bias + ReLU, one call each a round
+// (bench.winograd_ab --layers, bench/results/cpu-winograd-panels-ab-2026-12-05-amd-zen5-*.txt), the whole layer at
+// batch 1 ran 1.75-2.37x as fast with the 16-lane panels as with the sgemm (64, 128, 256 channels at 56, 28, 14;
+// 1.94x at 512 at 7x7), and 1.2-1.8x with the AVX2 tile. Intel CPUs, where MKL takes its AVX-512 path, unmeasured.
 //
 // Accuracy: the transforms' constants (up to 8 in the output transform, 1/24 in the filter's) make the float32
 // result differ from the exact one by about 5e-6 of the output's largest magnitude, against 3e-7 for a direct
@@ -133,6 +141,26 @@ VPNS_WINOGRAD_LOOP void output_tile(const float* src, int64_t point_stride, cons
 // 30.3 / 21.3 / 19.3 / 19.3 / 19.5 (2 MiB: 14 tiles, 40.6).
 constexpr int64_t kChunkBytes = int64_t{2} << 20;
 
+constexpr int64_t kPanelWidth = 16;  // output channels in a packed panel (pointwise_conv_pack's)
+
+// The chunk's 36 products through the engine's 1x1 tile (vpns::packed_panels_product): point p's `count` rows of
+// the transformed input (v + p * chunk * channels) times its panels, into products + p * chunk * out_channels.
+// Items of (point, block of about 48 rows): every point's products at once, not 36 parallel calls one after another.
+void panel_products(const float* v, int64_t chunk, int64_t count, int64_t channels, const float* weight,
+                    int64_t panel_count, float* products) {
+  const int64_t out_channels = panel_count * kPanelWidth;
+  const int64_t row_blocks = std::max<int64_t>(1, count / 48), row_block = (count + row_blocks - 1) / row_blocks;
+  at::parallel_for(0, kPoints * row_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t p = item / row_blocks, r0 = item % row_blocks * row_block;
+      const int64_t rows = std::min(count, r0 + row_block) - r0;
+      vpns::packed_panels_product(v + (p * chunk + r0) * channels, rows, channels,
+                                  weight + p * panel_count * channels * kPanelWidth, 0, panel_count,
+                                  products + (p * chunk + r0) * out_channels, out_channels, nullptr, nullptr, false);
+    }
+  });
+}
+
 }  // namespace
 
 namespace vpns {
@@ -145,18 +173,23 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
               "winograd_conv2d has no gradient; call it under torch.no_grad()");
   TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && input.dim() == 4,
               "winograd_conv2d: input must be a 4-d float32 CPU tensor, got ", input.scalar_type(), " ", input.sizes());
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.dim() == 3 &&
-                  weight.size(0) == kPoints && weight.is_contiguous(),
-              "winograd_conv2d: weight must be the contiguous float32 [36, C_in, C_out] of winograd_weight, got ",
+  // [36, C_in, C_out] (torch's batched product) or [36, C_out / 16, C_in, 16] (the engine's packed panels)
+  const bool panels = weight.dim() == 4;
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.size(0) == kPoints &&
+                  weight.is_contiguous() && (weight.dim() == 3 || (panels && weight.size(3) == kPanelWidth)),
+              "winograd_conv2d: weight must be the contiguous float32 [36, C_in, C_out] of winograd_weight or the "
+              "[36, C_out / 16, C_in, 16] of winograd_panels, got ",
               weight.sizes());
+  TORCH_CHECK(!panels || pointwise_conv_supported(),
+              "winograd_conv2d: packed panels need a CPU with AVX2 and FMA (pointwise_conv_supported())");
   TORCH_CHECK(padding.size() == 2 && padding[0] >= 0 && padding[1] >= 0,
               "winograd_conv2d: padding must be 2 integers >= 0");
   TORCH_CHECK(activation == kIdentity || activation == kRelu,
               "winograd_conv2d: activation must be 0 (none) or 1 (relu), got ", activation);
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  const int64_t out_channels = weight.size(2);
-  TORCH_CHECK(weight.size(1) == channels, "winograd_conv2d: input has ", channels, " channels, the weight expects ",
-              weight.size(1));
+  const int64_t out_channels = panels ? weight.size(1) * kPanelWidth : weight.size(2);
+  TORCH_CHECK(weight.size(panels ? 2 : 1) == channels, "winograd_conv2d: input has ", channels,
+              " channels, the weight expects ", weight.size(panels ? 2 : 1));
   const int64_t pad_h = padding[0], pad_w = padding[1];
   const int64_t out_h = height + 2 * pad_h - 2, out_w = width + 2 * pad_w - 2;
   TORCH_CHECK(out_h >= 1 && out_w >= 1, "winograd_conv2d: input of size ", height, "x", width,
@@ -217,8 +250,13 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
         input_tile(rows, v + local * channels + c0, chunk * channels, std::min(kChannelBlock, channels - c0));
       }
     });
-    // one batched product per chunk: point p's [count, C_in] times [C_in, C_out]
-    at::bmm_out(m_chunk, v_chunk, weight);
+    // point p's [count, C_in] times [C_in, C_out]
+    if (panels) {
+      panel_products(v, chunk, count, channels, weight.const_data_ptr<float>(), weight.size(1),
+                     m_chunk.data_ptr<float>());
+    } else {
+      at::bmm_out(m_chunk, v_chunk, weight);
+    }
     const float* products_data = m_chunk.data_ptr<float>();
     const int64_t point_stride = m_chunk.stride(0);
     at::parallel_for(0, count * out_blocks, 1, [&](int64_t begin, int64_t end) {

@@ -20,7 +20,7 @@ from tolerance import assert_close
 from torch import nn
 
 from vpns_fast.deploy import fusion, sparse_cpu
-from vpns_fast.deploy.winograd import winograd_conv2d_reference, winograd_weight
+from vpns_fast.deploy.winograd import winograd_conv2d_reference, winograd_panels, winograd_weight
 
 _OK, _REASON = sparse_cpu.available()
 pytestmark = pytest.mark.skipif(not (_OK and sparse_cpu.dense_conv_available()[0]),
@@ -80,6 +80,52 @@ def test_kernel_matches_its_reference_and_the_exact_convolution(shape, epilogue,
     assert_close(reference, exact.float(), rtol=0.0, atol=EXACT_RTOL * scale)
 
 
+# (batch, C_in, C_out, H, W, padding) with C_out a multiple of 16 for the packed panels: one panel, three (the
+# 16-lane tile takes two, then one), 1 input channel, 1-6 tiles' rows at a point (batch 1 at 7x7: 4 tiles), more
+# tiles than a block of 48 rows
+PANEL_SHAPES = [
+    (1, 64, 64, 56, 56, 1),
+    (2, 5, 48, 9, 11, 1),
+    (1, 1, 16, 7, 7, 1),
+    (3, 70, 32, 13, 6, 0),
+    (1, 512, 16, 7, 7, 1),
+    (33, 4, 48, 5, 5, 1),
+]
+
+
+@pytest.mark.parametrize("shape", PANEL_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("chunk_tiles", [0, 5])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_packed_panels_give_the_batched_products_with_each_vector_width(kernel_isa, shape, chunk_tiles, threads):
+    """The products through the engine's 1x1 tile (weight from winograd_panels) equal the reference and the exact
+    convolution, with the AVX2 and the 16-lane tile, whole chunks and short ones, one thread and two."""
+    x, weight, bias, residual = _inputs(shape, zlib.crc32(repr((shape, chunk_tiles, kernel_isa)).encode()))
+    padding = shape[-1]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            out = sparse_cpu._ops().winograd_conv2d(x.contiguous(memory_format=torch.channels_last),
+                                                    winograd_panels(weight), bias, [padding, padding], residual, 1,
+                                                    chunk_tiles)
+    finally:
+        torch.set_num_threads(previous)
+    scale = float(_exact(x, weight, bias, padding, residual).abs().max())
+    assert_close(out, winograd_conv2d_reference(x, weight, bias, (padding, padding), residual, True), rtol=0.0,
+                 atol=REFERENCE_RTOL * scale)
+    assert_close(out, _exact(x, weight, bias, padding, residual, True).float(), rtol=0.0, atol=EXACT_RTOL * scale)
+
+
+def test_winograd_panels_are_the_transformed_weight_cut_in_16_channels():
+    weight = torch.randn(48, 5, 3, 3)
+    panels, transformed = winograd_panels(weight), winograd_weight(weight)
+    assert panels.shape == (36, 3, 5, 16) and panels.is_contiguous()
+    for panel in range(3):
+        assert torch.equal(panels[:, panel], transformed[:, :, 16 * panel:16 * (panel + 1)])
+    with pytest.raises(ValueError, match="C_out a multiple of 16"):
+        winograd_panels(torch.randn(40, 5, 3, 3))
+
+
 def test_nchw_input_no_bias_and_a_nan_kept_by_relu_within_its_tiles():
     x, weight, _, _ = _inputs((2, 6, 5, 10, 9, 1), 1)
     x[0, 2, 4, 4] = float("nan")
@@ -108,6 +154,17 @@ def test_kernel_refuses_what_it_cannot_compute(call, message):
     x, weight, _, _ = _inputs((1, 4, 5, 6, 6, 1), 2)
     with pytest.raises(RuntimeError, match=re.escape(message)):
         call(sparse_cpu._ops(), x, winograd_weight(weight))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda ops, x, p: ops.winograd_conv2d(x[:, :3].contiguous(), p, None, [1, 1]), "input has 3 channels"),
+    (lambda ops, x, p: ops.winograd_conv2d(x, p.reshape(36, 2, 2, 32), None, [1, 1]), "[36, C_out / 16, C_in, 16]"),
+    (lambda ops, x, p: ops.winograd_conv2d(x, p.transpose(1, 2), None, [1, 1]), "contiguous"),
+])
+def test_kernel_refuses_panels_it_cannot_use(call, message):
+    x, weight, _, _ = _inputs((1, 4, 32, 6, 6, 1), 6)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        call(sparse_cpu._ops(), x, winograd_panels(weight))
 
 
 def test_kernel_refuses_an_input_that_needs_a_gradient():
@@ -152,9 +209,11 @@ def test_the_layer_takes_only_what_the_kernel_computes(conv, reason):
 @pytest.mark.parametrize("activation", [None, "relu", "silu"])
 @pytest.mark.parametrize("with_residual", [False, True])
 @pytest.mark.parametrize("layout", ["nchw", "channels_last"])
-def test_the_layer_matches_conv2d_with_its_epilogue(activation, with_residual, layout):
-    conv = nn.Conv2d(6, 9, 3, padding=1)
-    x, residual = torch.randn(3, 6, 11, 13), torch.randn(3, 9, 11, 13)
+@pytest.mark.parametrize("out_channels", [9, 32])
+def test_the_layer_matches_conv2d_with_its_epilogue(activation, with_residual, layout, out_channels):
+    """Its products in packed panels where C_out is a multiple of 16 (and the CPU has AVX2), else batched."""
+    conv = nn.Conv2d(6, out_channels, 3, padding=1)
+    x, residual = torch.randn(3, 6, 11, 13), torch.randn(3, out_channels, 11, 13)
     if layout == "channels_last":
         x = x.contiguous(memory_format=torch.channels_last)
     layer = sparse_cpu.WinogradConv2d.from_dense(conv)
@@ -164,6 +223,8 @@ def test_the_layer_matches_conv2d_with_its_epilogue(activation, with_residual, l
         expected = conv(x) + (residual if with_residual else 0)
         expected = {None: expected, "relu": F.relu(expected), "silu": F.silu(expected)}[activation]
     assert "winograd" in repr(layer)
+    panels = out_channels % 16 == 0 and sparse_cpu.pointwise_conv_supported()
+    assert layer._packed_weight(x.shape).shape == ((36, 2, 6, 16) if panels else (36, 6, out_channels))
     assert_close(out, expected, rtol=EXACT_RTOL, relative_to_max=True)
 
 

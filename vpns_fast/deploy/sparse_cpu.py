@@ -1080,7 +1080,10 @@ class WinogradConv2d(DenseConv2d):
     layer's real input and keeps the faster (``winograd=False`` never uses it). Measured 2026-12-04 (2-core AMD
     EPYC, 2 threads, medians of 30), against DenseConv2d: batch 1, 64 channels at 56x56 1.77x, 128 at 28x28
     2.67x, 256 at 14x14 1.79x, 512 at 7x7 0.43x (the transformed weight, 4x the weight, is read for 4 tiles);
-    batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4x (19.3 against 27.5 ms)."""
+    batch 32 1.78x, 2.33x, 1.76x and, with the whole layer in one chunk, 1.4x (19.3 against 27.5 ms). Its products
+    run through the engine's 1x1 tile (the transformed weight in that kernel's packed panels) where that kernel
+    runs, else through torch's batched sgemm: on a Zen 5 host, 2026-12-05, batch 1, the tile made the layer
+    2.72x / 3.01x / 1.74x / 0.95x as fast as DenseConv2d at the four sizes above."""
 
     # its output is always a new tensor (the kernel reads the residual while it writes): calls are not marked
     # residual_reusable (fusion.mark_reusable_residuals)
@@ -1098,10 +1101,14 @@ class WinogradConv2d(DenseConv2d):
         return "Winograd"
 
     def _packed_weight(self, input_shape: torch.Size) -> torch.Tensor:
-        """The weight in the transform domain ([36, C_in, C_out], whatever the input's shape), made again when
-        the weight is replaced or changed in place (as DenseConv2d's reordered copy)."""
+        """The weight in the transform domain, made again when the weight is replaced or changed in place (as
+        DenseConv2d's reordered copy), whatever the input's shape: in the packed panels of the engine's 1x1 tile
+        ([36, C_out / 16, C_in, 16]) where that runs (AVX2 and C_out a multiple of 16), else [36, C_in, C_out] for
+        torch's batched product."""
         if not _winograd_geometry(self):
             return DenseConv2d._packed_weight(self, input_shape)  # oneDNN's: _run hands it to oneDNN
+        if self._buffers["weight"].shape[0] % winograd.PANEL == 0 and pointwise_conv_supported():
+            return self._weight_copy("winograd_panels", winograd.winograd_panels)
         return self._weight_copy("winograd", winograd.winograd_weight)
 
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,

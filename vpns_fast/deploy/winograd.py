@@ -35,6 +35,21 @@ def winograd_weight(weight: torch.Tensor) -> torch.Tensor:
     return transformed.reshape(POINTS, weight.shape[1], weight.shape[0]).to(torch.float32).contiguous()
 
 
+PANEL = 16  # output channels in a packed panel, as the engine's 1x1 kernel packs them
+
+
+def winograd_panels(weight: torch.Tensor) -> torch.Tensor:
+    """:func:`winograd_weight` in the packed panels the engine's 1x1 tile multiplies by, [36, C_out / 16, C_in, 16]
+    (each point's [C_in, C_out] cut into 16 output channels at a time, as ``pointwise_conv_pack`` cuts a 1x1
+    weight). ``C_out`` must be a multiple of 16."""
+    if weight.dim() != 4 or weight.shape[0] % PANEL:
+        raise ValueError(f"winograd_panels: weight must be [C_out, C_in, 3, 3] with C_out a multiple of {PANEL}, "
+                         f"got shape {tuple(weight.shape)}")
+    transformed = winograd_weight(weight)  # [36, C_in, C_out]
+    points, in_channels, out_channels = transformed.shape
+    return transformed.reshape(points, in_channels, out_channels // PANEL, PANEL).transpose(1, 2).contiguous()
+
+
 def winograd_conv2d_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               padding: tuple[int, int], residual: torch.Tensor | None = None,
                               relu: bool = False) -> torch.Tensor:

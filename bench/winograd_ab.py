@@ -95,10 +95,10 @@ def main(argv=None) -> int:
         for line in _layer_lines(args.batch, args.rounds):
             print(line, flush=True)
     runs = {}
-    for label, winograd in (("winograd", True), ("oneDNN only", False)):
+    for label, allowed in (("winograd", True), ("oneDNN only", False)):
         summary: dict = {}
         start = time.perf_counter()
-        runs[label], _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, winograd=winograd,
+        runs[label], _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, winograd=allowed,
                                                     repeats=15 if args.batch == 1 else 5)
         layers = list(runs[label].modules())
         print(f"{label}: converted in {time.perf_counter() - start:.1f} s, "

@@ -116,18 +116,32 @@ void release_block(void* context) {
 // CPU allocator).
 class ActivationAllocator final : public c10::Allocator {
  public:
+  explicit ActivationAllocator(size_t min_bytes) : min_bytes_(min_bytes) {}
+
   c10::DataPtr allocate(size_t bytes) override {
-    if (bytes < kMinBytes) return c10::GetDefaultCPUAllocator()->allocate(bytes);
+    if (bytes < min_bytes_) return c10::GetDefaultCPUAllocator()->allocate(bytes);
     size_t held = 0;
     void* data = cache().take(bytes, &held);
     return {data, new CachedBlock{data, held}, &release_block, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
+
+ private:
+  size_t min_bytes_;  // smaller blocks come from torch's CPU allocator
 };
 
 ActivationAllocator& allocator() {
-  static ActivationAllocator* instance = new ActivationAllocator();
+  static ActivationAllocator* instance = new ActivationAllocator(kMinBytes);
+  return *instance;
+}
+
+// Every size from the cache: a kernel's scratch of any size, taken and given back on every call. Below kMinBytes
+// from malloc, Winograd's two chunk buffers (1.04 MB each for 64 channels at 56x56, batch 1) and its output made glibc
+// give the heap's top back and fault it in again on every call in about one process in five (672 page faults a call,
+// 0.19 -> 0.94-1.0 ms; its trim threshold follows the largest block freed so far, which differs between processes).
+ActivationAllocator& scratch_allocator() {
+  static ActivationAllocator* instance = new ActivationAllocator(1);
   return *instance;
 }
 
@@ -145,6 +159,10 @@ at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_forma
                                    memory_format);
 }
 
+at::Tensor empty_scratch(at::IntArrayRef sizes) {
+  return at::detail::empty_generic(sizes, &scratch_allocator(), c10::DispatchKeySet(c10::DispatchKey::CPU), at::kFloat,
+                                   std::nullopt);
+}
 at::Tensor contiguous_activation(const at::Tensor& t) {
   if (t.is_contiguous()) return t;
   at::Tensor out = empty_activation(t.sizes());

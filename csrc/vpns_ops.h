@@ -69,6 +69,8 @@ double core_round_trip_ns(int64_t rounds, int64_t first_cpu, int64_t second_cpu)
 
 // csrc/buffers.cpp: float32 tensors for the engine's large activations, from a cache of touched buffers.
 at::Tensor empty_activation(at::IntArrayRef sizes, at::MemoryFormat memory_format = at::MemoryFormat::Contiguous);
+// A contiguous float32 tensor from that cache whatever its size: a kernel's scratch, taken on every call.
+at::Tensor empty_scratch(at::IntArrayRef sizes);
 // t itself when contiguous, else a contiguous copy in such a tensor (a channels_last activation from a dense
 // layer: at batch 32 a 103 MB copy from malloc faults in every page again on each call).
 at::Tensor contiguous_activation(const at::Tensor& t);

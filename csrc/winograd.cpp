@@ -213,8 +213,8 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
   int64_t chunk =
       chunk_tiles > 0 ? chunk_tiles : chunk_bytes / (kPoints * 4 * std::max<int64_t>(1, channels + out_channels));
   chunk = std::max<int64_t>(1, std::min(chunk, tiles));
-  at::Tensor transformed = empty_activation({kPoints, chunk, channels});
-  at::Tensor products = empty_activation({kPoints, chunk, out_channels});
+  at::Tensor transformed = empty_scratch({kPoints, chunk, channels});
+  at::Tensor products = empty_scratch({kPoints, chunk, out_channels});
   const std::vector<float> zeros(static_cast<size_t>(std::max(channels, out_channels)), 0.0f);
   const float* src = x.data_ptr<float>();
   const float* bias_data = b.data_ptr<float>();

@@ -188,6 +188,23 @@ def test_kernel_refuses_a_residual_that_needs_a_gradient_and_takes_empty_shapes(
                 assert torch.equal(out, bias.view(1, -1, 1, 1).expand_as(out))
 
 
+def test_the_chunk_buffers_come_from_the_cache_whatever_their_size():
+    """The transformed chunk and its products (36 x 10 tiles x 4 and x 16 channels: 5.8 and 23 KB, far under the 1 MiB
+    from which outputs use the cache) go back to the engine's buffer cache after the call, not to malloc: from malloc
+    they made glibc trim and fault in its heap again on every call in some processes."""
+    x, weight, bias, _ = _inputs((1, 4, 16, 20, 8, 1), 7)
+    previous = sparse_cpu.set_activation_cache_limit(1 << 30)
+    try:
+        sparse_cpu.set_activation_cache_limit(0)  # empties the cache
+        sparse_cpu.set_activation_cache_limit(1 << 30)
+        with torch.no_grad():
+            out = sparse_cpu._ops().winograd_conv2d(x, winograd_weight(weight), bias, [1, 1])
+        assert sparse_cpu.cached_activation_bytes() == 36 * 10 * (4 + 16) * 4
+        assert_close(out, _exact(x, weight, bias, 1).float(), rtol=EXACT_RTOL, relative_to_max=True)
+    finally:
+        sparse_cpu.set_activation_cache_limit(previous)
+
+
 def test_winograd_weight_refuses_other_kernels():
     with pytest.raises(ValueError, match=r"\[C_out, C_in, 3, 3\]"):
         winograd_weight(torch.randn(4, 3, 5, 5))

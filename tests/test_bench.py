@@ -367,6 +367,28 @@ def test_winograd_ab_runs_both_conversions_and_onnx_runtime(capsys):
     assert all(" against " in line and "(p20-p80 " in line for line in lines[6:9]) and len(lines) == 9
 
 
+def test_winograd_ab_layers_time_each_way_of_computing_the_products(capsys):
+    """``--layers``: one line per ResNet 3x3 shape with oneDNN, the batched sgemm and the panels once per vector
+    kernel (the outputs checked against oneDNN's before timing), then the networks as without it."""
+    from vpns_fast.deploy import baselines, sparse_cpu
+
+    if not sparse_cpu.pointwise_conv_supported() or baselines.onnxruntime_version() is None:
+        pytest.skip("needs the C++ extension, AVX2 + FMA and onnxruntime")
+    from bench import winograd_ab
+
+    assert winograd_ab.main(["resnet18", "0.5", "--rounds", "1", "--image-size", "32", "--layers"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].startswith("## 3x3 stride-1 layers, dense, bias + ReLU fused, batch 1")
+    layer_lines = lines[2:6]
+    assert [line.split(":")[0] for line in layer_lines] == [
+        " 64 channels at 56x56", "128 channels at 28x28", "256 channels at 14x14", "512 channels at 7x7"]
+    panels = [f"panels {isa}" for isa in sparse_cpu.kernel_isas() if isa != "scalar"]
+    for line in layer_lines:
+        assert all(f"{label} " in line for label in ["oneDNN", "batched sgemm", *panels])
+        assert line.count(" / ") == 1 + len(panels)  # every other contender against the fastest panels
+    assert lines[6].startswith("winograd: converted in ") and len(lines) == 6 + 8
+
+
 @pytest.mark.parametrize("script", ["winograd_ab", "cpu_layers", "deepsparse_layers", "ort_layers"])
 @pytest.mark.parametrize("argv, message", [(["resnet18", "1.5"], "density: expected a number in (0, 1], got 1.5"),
                                            (["resnet18", "0.1", "--batch", "0"], "--batch, --threads: expected"),

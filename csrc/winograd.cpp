@@ -48,10 +48,21 @@ using namespace vpns::epilogue;
 constexpr int64_t kPoints = 36;        // 6 x 6 transform points
 constexpr int64_t kChannelBlock = 64;  // channels a transform handles at once (its temporaries: 9 KiB)
 
+// The transforms are plain loops over channels that the compiler vectorises: inlined (always_inline) into one copy
+// built for AVX-512 and one for AVX2 (or none), chosen per call as the engine's other kernels are
+// (avx512_kernels_chosen). 16-lane loops against 8-lane ones, 2 threads, the Zen 5 host, two builds in alternating
+// processes, two sets of three pairs (bench/results/cpu-winograd-transforms-avx512-two-builds-2026-12-06-amd-zen5.txt):
+// batch 1, 64 channels at 56x56 0.179-0.196 -> 0.168-0.174 ms, 128 at 28x28 0.148-0.159 -> 0.142-0.145 ms; batch 32
+// (64, 128 and 256 channels) within the noise, 0.93-1.10x.
 #if defined(__x86_64__) && defined(__GNUC__)
-#define VPNS_WINOGRAD_LOOP __attribute__((target_clones("avx2", "default")))
+#define VPNS_WINOGRAD_LOOP __attribute__((always_inline)) inline
+#define VPNS_WINOGRAD_AVX2 __attribute__((target_clones("avx2", "default")))
+#define VPNS_WINOGRAD_AVX512 __attribute__((target("avx512f")))
+#define VPNS_WINOGRAD_WIDE 1
 #else
-#define VPNS_WINOGRAD_LOOP
+#define VPNS_WINOGRAD_LOOP inline
+#define VPNS_WINOGRAD_AVX2
+#define VPNS_WINOGRAD_WIDE 0
 #endif
 
 // B^T d B of one 6x6 input tile over `width` channels: rows[r][s] points at input pixel (r, s) of the tile (the
@@ -132,6 +143,31 @@ VPNS_WINOGRAD_LOOP void output_tile(const float* src, int64_t point_stride, cons
   }
 }
 
+using InputTile = void (*)(const float* const (&)[6][6], float*, int64_t, int64_t);
+using OutputTile = void (*)(const float*, int64_t, const float*, float* const (&)[4][4], const float* const (&)[4][4],
+                            bool, int64_t);
+
+VPNS_WINOGRAD_AVX2 void input_tile_avx2(const float* const (&rows)[6][6], float* dst, int64_t point_stride,
+                                        int64_t width) {
+  input_tile(rows, dst, point_stride, width);
+}
+VPNS_WINOGRAD_AVX2 void output_tile_avx2(const float* src, int64_t point_stride, const float* bias,
+                                         float* const (&out)[4][4], const float* const (&residual)[4][4], bool relu,
+                                         int64_t width) {
+  output_tile(src, point_stride, bias, out, residual, relu, width);
+}
+#if VPNS_WINOGRAD_WIDE
+VPNS_WINOGRAD_AVX512 void input_tile_avx512(const float* const (&rows)[6][6], float* dst, int64_t point_stride,
+                                            int64_t width) {
+  input_tile(rows, dst, point_stride, width);
+}
+VPNS_WINOGRAD_AVX512 void output_tile_avx512(const float* src, int64_t point_stride, const float* bias,
+                                             float* const (&out)[4][4], const float* const (&residual)[4][4], bool relu,
+                                             int64_t width) {
+  output_tile(src, point_stride, bias, out, residual, relu, width);
+}
+#endif
+
 // Tiles in a chunk: the chunk's transformed input and products (36 x (C_in + C_out) floats a tile) about
 // kChunkBytes, or as large as the transformed weight where that is larger: every chunk reads the whole weight
 // (4x the layer's), so a chunk smaller than it spends more time reading the weight than its own data.
@@ -149,7 +185,9 @@ constexpr int64_t kPanelWidth = 16;  // output channels in a packed panel (point
 void panel_products(const float* v, int64_t chunk, int64_t count, int64_t channels, const float* weight,
                     int64_t panel_count, float* products) {
   const int64_t out_channels = panel_count * kPanelWidth;
-  const int64_t row_blocks = std::max<int64_t>(1, count / 48), row_block = (count + row_blocks - 1) / row_blocks;
+  // blocks of about 48 rows, none empty (count 10000: 205 blocks of 49, not 208 with the last three past the end)
+  const int64_t blocks = std::max<int64_t>(1, count / 48);
+  const int64_t row_block = (count + blocks - 1) / blocks, row_blocks = (count + row_block - 1) / row_block;
   at::parallel_for(0, kPoints * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / row_blocks, r0 = item % row_blocks * row_block;
@@ -175,8 +213,9 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
               "winograd_conv2d: input must be a 4-d float32 CPU tensor, got ", input.scalar_type(), " ", input.sizes());
   // [36, C_in, C_out] (torch's batched product) or [36, C_out / 16, C_in, 16] (the engine's packed panels)
   const bool panels = weight.dim() == 4;
-  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat && weight.size(0) == kPoints &&
-                  weight.is_contiguous() && (weight.dim() == 3 || (panels && weight.size(3) == kPanelWidth)),
+  TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat &&
+                  (weight.dim() == 3 || (panels && weight.size(3) == kPanelWidth)) && weight.size(0) == kPoints &&
+                  weight.is_contiguous(),
               "winograd_conv2d: weight must be the contiguous float32 [36, C_in, C_out] of winograd_weight or the "
               "[36, C_out / 16, C_in, 16] of winograd_panels, got ",
               weight.sizes());
@@ -221,6 +260,14 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
   const float* res_data = res.defined() ? res.data_ptr<float>() : nullptr;
   float* dst = out.data_ptr<float>();
   float* v = transformed.data_ptr<float>();
+  InputTile transform_in = input_tile_avx2;
+  OutputTile transform_out = output_tile_avx2;
+#if VPNS_WINOGRAD_WIDE
+  if (avx512_kernels_chosen()) {
+    transform_in = input_tile_avx512;
+    transform_out = output_tile_avx512;
+  }
+#endif
   const int64_t channel_blocks = (channels + kChannelBlock - 1) / kChannelBlock;
   const int64_t out_blocks = (out_channels + kChannelBlock - 1) / kChannelBlock;
 
@@ -247,7 +294,7 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
                              : zeros.data();
           }
         }
-        input_tile(rows, v + local * channels + c0, chunk * channels, std::min(kChannelBlock, channels - c0));
+        transform_in(rows, v + local * channels + c0, chunk * channels, std::min(kChannelBlock, channels - c0));
       }
     });
     // point p's [count, C_in] times [C_in, C_out]
@@ -275,8 +322,8 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
             adds[a][c] = inside && res_data != nullptr ? res_data + offset : nullptr;
           }
         }
-        output_tile(products_data + local * out_channels + k0, point_stride, bias_data + k0, pixels, adds,
-                    activation == kRelu, std::min(kChannelBlock, out_channels - k0));
+        transform_out(products_data + local * out_channels + k0, point_stride, bias_data + k0, pixels, adds,
+                      activation == kRelu, std::min(kChannelBlock, out_channels - k0));
       }
     });
   }

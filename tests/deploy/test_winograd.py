@@ -116,6 +116,24 @@ def test_packed_panels_give_the_batched_products_with_each_vector_width(kernel_i
     assert_close(out, _exact(x, weight, bias, padding, residual, True).float(), rtol=0.0, atol=EXACT_RTOL * scale)
 
 
+def test_packed_panels_over_a_chunk_of_2401_tiles():
+    """2401 tiles in one chunk: blocks of 49 rows, the last one full (cut as 2401 / 48 = 50 blocks of 49, the last
+    would start past the chunk's end)."""
+    x, weight, bias, _ = _inputs((1, 1, 16, 196, 196, 1), 8)
+    with torch.no_grad():
+        out = sparse_cpu._ops().winograd_conv2d(x, winograd_panels(weight), bias, [1, 1], None, 0, 2401)
+    assert_close(out, _exact(x, weight, bias, 1).float(), rtol=EXACT_RTOL, relative_to_max=True)
+
+
+def test_the_layer_keeps_the_batched_layout_where_the_tile_cannot_run(monkeypatch):
+    monkeypatch.setattr(sparse_cpu, "pointwise_conv_supported", lambda: False)
+    conv = nn.Conv2d(6, 32, 3, padding=1)
+    layer, x = sparse_cpu.WinogradConv2d.from_dense(conv), torch.randn(2, 6, 9, 10)
+    with torch.no_grad():
+        assert layer._packed_weight(x.shape).shape == (36, 6, 32)
+        assert_close(layer(x), conv(x), rtol=EXACT_RTOL, relative_to_max=True)
+
+
 def test_winograd_panels_are_the_transformed_weight_cut_in_16_channels():
     weight = torch.randn(48, 5, 3, 3)
     panels, transformed = winograd_panels(weight), winograd_weight(weight)
@@ -160,6 +178,7 @@ def test_kernel_refuses_what_it_cannot_compute(call, message):
     (lambda ops, x, p: ops.winograd_conv2d(x[:, :3].contiguous(), p, None, [1, 1]), "input has 3 channels"),
     (lambda ops, x, p: ops.winograd_conv2d(x, p.reshape(36, 2, 2, 32), None, [1, 1]), "[36, C_out / 16, C_in, 16]"),
     (lambda ops, x, p: ops.winograd_conv2d(x, p.transpose(1, 2), None, [1, 1]), "contiguous"),
+    (lambda ops, x, p: ops.winograd_conv2d(x, torch.zeros(()), None, [1, 1]), "weight must be the contiguous"),
 ])
 def test_kernel_refuses_panels_it_cannot_use(call, message):
     x, weight, _, _ = _inputs((1, 4, 32, 6, 6, 1), 6)

@@ -1063,6 +1063,14 @@ def winograd_unsupported_reason(conv: nn.Module) -> str | None:
     return None
 
 
+def _winograd_layout(weight: torch.Tensor) -> torch.Tensor:
+    """``weight`` in the transform domain as WinogradConv2d runs it: in the 1x1 tile's packed panels where that
+    kernel runs (AVX2 and C_out a multiple of 16), else [36, C_in, C_out] for torch's batched product."""
+    if weight.shape[0] % winograd.PANEL == 0 and pointwise_conv_supported():
+        return winograd.winograd_panels(weight)
+    return winograd.winograd_weight(weight)
+
+
 class WinogradConv2d(DenseConv2d):
     """A dense 3x3 convolution (stride 1, dilation 1, groups 1, zero padding) computed by Winograd's F(4x4, 3x3)
     (the C++ kernel ``winograd_conv2d``, csrc/winograd.cpp; plain-PyTorch reference
@@ -1107,9 +1115,10 @@ class WinogradConv2d(DenseConv2d):
         torch's batched product."""
         if not _winograd_geometry(self):
             return DenseConv2d._packed_weight(self, input_shape)  # oneDNN's: _run hands it to oneDNN
-        if self._buffers["weight"].shape[0] % winograd.PANEL == 0 and pointwise_conv_supported():
-            return self._weight_copy("winograd_panels", winograd.winograd_panels)
-        return self._weight_copy("winograd", winograd.winograd_weight)
+        # one cache entry for either layout: a weight whose output channels change under ``.data`` (without
+        # refresh()) then meets its old copy and fails the kernel's shape checks rather than finding an older
+        # copy of the other layout that fits
+        return self._weight_copy("winograd", _winograd_layout)
 
     def _run(self, x: torch.Tensor, packed: torch.Tensor, residual: torch.Tensor | None, into_residual: bool,
              activation: str | None) -> torch.Tensor:

@@ -147,25 +147,20 @@ using InputTile = void (*)(const float* const (&)[6][6], float*, int64_t, int64_
 using OutputTile = void (*)(const float*, int64_t, const float*, float* const (&)[4][4], const float* const (&)[4][4],
                             bool, int64_t);
 
-VPNS_WINOGRAD_AVX2 void input_tile_avx2(const float* const (&rows)[6][6], float* dst, int64_t point_stride,
-                                        int64_t width) {
-  input_tile(rows, dst, point_stride, width);
-}
-VPNS_WINOGRAD_AVX2 void output_tile_avx2(const float* src, int64_t point_stride, const float* bias,
-                                         float* const (&out)[4][4], const float* const (&residual)[4][4], bool relu,
-                                         int64_t width) {
-  output_tile(src, point_stride, bias, out, residual, relu, width);
-}
+// The two transforms compiled for one instruction set (`target`), named input_tile_<suffix> and output_tile_<suffix>.
+#define VPNS_WINOGRAD_TRANSFORMS(suffix, target)                                                                      \
+  target void input_tile_##suffix(const float* const(&rows)[6][6], float* dst, int64_t point_stride, int64_t width) { \
+    input_tile(rows, dst, point_stride, width);                                                                       \
+  }                                                                                                                   \
+  target void output_tile_##suffix(const float* src, int64_t point_stride, const float* bias,                         \
+                                   float* const(&out)[4][4], const float* const(&residual)[4][4], bool relu,          \
+                                   int64_t width) {                                                                   \
+    output_tile(src, point_stride, bias, out, residual, relu, width);                                                 \
+  }
+
+VPNS_WINOGRAD_TRANSFORMS(avx2, VPNS_WINOGRAD_AVX2)
 #if VPNS_WINOGRAD_WIDE
-VPNS_WINOGRAD_AVX512 void input_tile_avx512(const float* const (&rows)[6][6], float* dst, int64_t point_stride,
-                                            int64_t width) {
-  input_tile(rows, dst, point_stride, width);
-}
-VPNS_WINOGRAD_AVX512 void output_tile_avx512(const float* src, int64_t point_stride, const float* bias,
-                                             float* const (&out)[4][4], const float* const (&residual)[4][4], bool relu,
-                                             int64_t width) {
-  output_tile(src, point_stride, bias, out, residual, relu, width);
-}
+VPNS_WINOGRAD_TRANSFORMS(avx512, VPNS_WINOGRAD_AVX512)
 #endif
 
 // Tiles in a chunk: the chunk's transformed input and products (36 x (C_in + C_out) floats a tile) about

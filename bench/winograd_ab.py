@@ -22,23 +22,13 @@ import numpy as np
 import torch
 
 from bench.cases.infer import add_pruned_model_arguments, checked_pruned_model_arguments, pruned_model
+from bench.cases.sparse_isa import with_kernel
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import baselines, sparse_cpu, winograd
 
 # (channels, size): ResNet's 3x3 stride-1 convolutions (C_in = C_out)
 LAYER_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
-
-
-def _with_kernel(isa: str, run):
-    """``run`` with the engine's kernels set to ``isa`` for the call (the previous choice restored)."""
-    def call():
-        previous = sparse_cpu.set_kernel_isa(isa)
-        try:
-            return run()
-        finally:
-            sparse_cpu.set_kernel_isa(previous)
-    return call
 
 
 def _layer_lines(batch: int, rounds: int) -> list[str]:
@@ -55,8 +45,8 @@ def _layer_lines(batch: int, rounds: int) -> list[str]:
                 "batched sgemm": functools.partial(ops.winograd_conv2d, x, batched, bias, [1, 1], None, 1)}
         for isa in sparse_cpu.kernel_isas():
             if isa != "scalar":
-                runs[f"panels {isa}"] = _with_kernel(
-                    isa, functools.partial(ops.winograd_conv2d, x, panels, bias, [1, 1], None, 1))
+                conv = functools.partial(ops.winograd_conv2d, weight=panels, bias=bias, padding=[1, 1], activation=1)
+                runs[f"panels {isa}"] = functools.partial(with_kernel(isa, conv), x)
         with torch.inference_mode():
             expected = onednn(x)
             for label, run in runs.items():

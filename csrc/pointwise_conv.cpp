@@ -45,8 +45,8 @@ bool cpu_has_avx2_fma() {
 #endif
 }
 
-constexpr int64_t kPanel = 16;  // output channels a packed panel holds (two AVX2 vectors)
-constexpr int64_t kRows = 6;    // positions a register tile holds
+constexpr int64_t kPanel = kPanelWidth;  // output channels a packed panel holds (two AVX2 vectors)
+constexpr int64_t kRows = 6;             // positions a register tile holds
 
 #if defined(__x86_64__)
 __attribute__((target("avx2,fma"))) inline void finish(float* c, int64_t ldc, const float* residual, int64_t ldr,
@@ -183,6 +183,13 @@ constexpr TileFn kWideTiles[3][kRows + 1] = {
 
 bool pointwise_conv_supported() { return cpu_has_avx2_fma(); }
 
+RowBlocks even_row_blocks(int64_t count) {
+  // (count 10000: 205 blocks of 49, not 208 with the last three past the end)
+  const int64_t blocks = std::max<int64_t>(1, count / 48);
+  const int64_t rows = std::max<int64_t>(1, (count + blocks - 1) / blocks);
+  return {rows, std::max<int64_t>(1, (count + rows - 1) / rows)};
+}
+
 void packed_panels_product(const float* a, int64_t rows, int64_t k, const float* panels, int64_t first_panel,
                            int64_t last_panel, float* c, int64_t ldc, const float* bias, const float* residual,
                            bool relu) {
@@ -271,8 +278,8 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
 #if defined(__x86_64__)
   // Items of (block of about 48 positions) x (group of panels), at least 4 a thread where the panels allow: a block's
   // rows of x (48 x C_in floats) stay in L2 while the group's panels go by.
-  const int64_t row_blocks = std::max<int64_t>(1, positions / 48);
-  const int64_t row_block = (positions + row_blocks - 1) / row_blocks;
+  const RowBlocks blocks = even_row_blocks(positions);
+  const int64_t row_block = blocks.rows, row_blocks = blocks.count;
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // the wide tiles take panels in pairs: groups of two at least where there are two
   const bool wide = avx512_kernels_chosen();
@@ -286,7 +293,6 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
     for (int64_t item = begin; item < end; ++item) {
       const int64_t rb = item / groups, g = item % groups;
       const int64_t p0 = rb * row_block, p1 = std::min(positions, p0 + row_block);
-      if (p1 <= p0) continue;
       packed_panels_product(x + p0 * in, p1 - p0, in, b, g * panel_group, std::min(panels, (g + 1) * panel_group),
                             y + p0 * out_channels, out_channels, bias_data, r ? r + p0 * out_channels : nullptr, relu);
     }

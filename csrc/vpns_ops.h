@@ -30,6 +30,14 @@ bool pointwise_conv_supported();
 at::Tensor pointwise_conv_pack(const at::Tensor& weight);
 at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& residual, bool relu, bool into_residual);
+// Output channels in a packed panel of pointwise_conv_pack's layout, [C_out / 16][C_in][16] (Winograd's panels too).
+constexpr int64_t kPanelWidth = 16;
+// `count` rows cut into blocks of about 48 rows, as even as they can be and none empty: {rows a block, blocks}.
+struct RowBlocks {
+  int64_t rows;
+  int64_t count;
+};
+RowBlocks even_row_blocks(int64_t count);
 // c[i, j] = act(bias[j] + sum_l a[i, l] * w[l, j] (+ residual[i, j])) for rows i < `rows` of `a` (k floats apart) and
 // the output channels of panels [first_panel, last_panel) of `panels` (pointwise_conv_pack's layout, [panels][k][16]);
 // c and residual rows ldc floats apart, bias and residual optional (nullptr). One thread; the wide or AVX2 tile as

@@ -172,23 +172,20 @@ VPNS_WINOGRAD_TRANSFORMS(avx512, VPNS_WINOGRAD_AVX512)
 // 30.3 / 21.3 / 19.3 / 19.3 / 19.5 (2 MiB: 14 tiles, 40.6).
 constexpr int64_t kChunkBytes = int64_t{2} << 20;
 
-constexpr int64_t kPanelWidth = 16;  // output channels in a packed panel (pointwise_conv_pack's)
-
 // The chunk's 36 products through the engine's 1x1 tile (vpns::packed_panels_product): point p's `count` rows of
 // the transformed input (v + p * chunk * channels) times its panels, into products + p * chunk * out_channels.
 // Items of (point, block of about 48 rows): every point's products at once, not 36 parallel calls one after another.
 void panel_products(const float* v, int64_t chunk, int64_t count, int64_t channels, const float* weight,
                     int64_t panel_count, float* products) {
-  const int64_t out_channels = panel_count * kPanelWidth;
-  // blocks of about 48 rows, none empty (count 10000: 205 blocks of 49, not 208 with the last three past the end)
-  const int64_t blocks = std::max<int64_t>(1, count / 48);
-  const int64_t row_block = (count + blocks - 1) / blocks, row_blocks = (count + row_block - 1) / row_block;
+  const int64_t out_channels = panel_count * vpns::kPanelWidth;
+  const vpns::RowBlocks blocks = vpns::even_row_blocks(count);
+  const int64_t row_block = blocks.rows, row_blocks = blocks.count;
   at::parallel_for(0, kPoints * row_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t p = item / row_blocks, r0 = item % row_blocks * row_block;
       const int64_t rows = std::min(count, r0 + row_block) - r0;
       vpns::packed_panels_product(v + (p * chunk + r0) * channels, rows, channels,
-                                  weight + p * panel_count * channels * kPanelWidth, 0, panel_count,
+                                  weight + p * panel_count * channels * vpns::kPanelWidth, 0, panel_count,
                                   products + (p * chunk + r0) * out_channels, out_channels, nullptr, nullptr, false);
     }
   });
@@ -209,7 +206,7 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
   // [36, C_in, C_out] (torch's batched product) or [36, C_out / 16, C_in, 16] (the engine's packed panels)
   const bool panels = weight.dim() == 4;
   TORCH_CHECK(weight.device().is_cpu() && weight.scalar_type() == at::kFloat &&
-                  (weight.dim() == 3 || (panels && weight.size(3) == kPanelWidth)) && weight.size(0) == kPoints &&
+                  (weight.dim() == 3 || (panels && weight.size(3) == vpns::kPanelWidth)) && weight.size(0) == kPoints &&
                   weight.is_contiguous(),
               "winograd_conv2d: weight must be the contiguous float32 [36, C_in, C_out] of winograd_weight or the "
               "[36, C_out / 16, C_in, 16] of winograd_panels, got ",
@@ -221,7 +218,7 @@ at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, co
   TORCH_CHECK(activation == kIdentity || activation == kRelu,
               "winograd_conv2d: activation must be 0 (none) or 1 (relu), got ", activation);
   const int64_t batch = input.size(0), channels = input.size(1), height = input.size(2), width = input.size(3);
-  const int64_t out_channels = panels ? weight.size(1) * kPanelWidth : weight.size(2);
+  const int64_t out_channels = panels ? weight.size(1) * vpns::kPanelWidth : weight.size(2);
   TORCH_CHECK(weight.size(panels ? 2 : 1) == channels, "winograd_conv2d: input has ", channels,
               " channels, the weight expects ", weight.size(panels ? 2 : 1));
   const int64_t pad_h = padding[0], pad_w = padding[1];

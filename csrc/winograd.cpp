@@ -17,10 +17,11 @@
 // faster. The engine times both on each layer's real input and keeps the faster (``convert_for_cpu``).
 //
 // The panels, because torch's sgemm (MKL) ran at about half the 16-lane tile's rate on a 2-vCPU AMD EPYC of family
-// 0x1A (Zen 5; 170-196 GFLOP/s on these products at batch 1). There, 2 threads, bias + ReLU, one call each a round
-// (bench.winograd_ab --layers, bench/results/cpu-winograd-panels-ab-2026-12-05-amd-zen5-*.txt), the whole layer at
-// batch 1 ran 1.75-2.37x as fast with the 16-lane panels as with the sgemm (64, 128, 256 channels at 56, 28, 14;
-// 1.94x at 512 at 7x7), and 1.2-1.8x with the AVX2 tile. Intel CPUs unmeasured.
+// 0x1A (Zen 5; 167-196 GFLOP/s on these products at batch 1 for 64-256 channels, 57 at 512). There, 2 threads, bias +
+// ReLU, one call each a round (bench.winograd_ab --layers,
+// bench/results/cpu-winograd-panels-ab-2026-12-05-amd-zen5-*.txt), the whole layer at batch 1 ran 1.75-2.37x as fast
+// with the 16-lane panels as with the sgemm (64, 128, 256 channels at 56, 28, 14; 1.94x at 512 at 7x7), and 1.37-1.76x
+// with the AVX2 tile (ratios of medians). Intel CPUs unmeasured.
 //
 // Accuracy: the transforms' constants (up to 8 in the output transform, 1/24 in the filter's) make the float32
 // result differ from the exact one by about 5e-6 of the output's largest magnitude, against 3e-7 for a direct

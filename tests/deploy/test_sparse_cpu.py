@@ -1134,6 +1134,41 @@ def test_same_padding_of_odd_extent_runs_sparse(kernel, dilation):
         assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_offsets_changed_in_place_after_a_call_are_checked_again():
+    """The kernel checks that offsets fit the input once per version of the offsets tensor (checked_offset_range):
+    a set that fitted, then changed in place, must be refused at its next call, not read with; so must inference
+    tensors, which have no version, at every call. The engine's own offsets are made with a version, even inside
+    inference mode."""
+    from vpns_fast import _extension
+
+    ops = _extension.load()
+    packed = ops.sparse_conv2d_pack(torch.randn(4, 4, 3, 3))
+    x = torch.randn(1, 4, 8, 8)
+    args = ([4, 4, 3, 3], None, [1], [1], [1])
+    offsets, segments, values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [8, 8], [1], [1], [1])
+    expected = ops.sparse_conv2d(x, segments, offsets, values, *args)
+    assert torch.equal(ops.sparse_conv2d(x, segments, offsets, values, *args), expected)  # the range from the table
+    offsets[-1] += 10**6  # now past the input's planes
+    with pytest.raises(RuntimeError, match="offsets do not fit"):
+        ops.sparse_conv2d(x, segments, offsets, values, *args)
+    offsets[-1] -= 10**6
+    assert torch.equal(ops.sparse_conv2d(x, segments, offsets, values, *args), expected)
+    offsets[0] = -1
+    with pytest.raises(RuntimeError, match="offsets do not fit"):
+        ops.sparse_conv2d(x, segments, offsets, values, *args)
+    layer = sparse_cpu.SparseConv2d(torch.randn(4, 4, 3, 3), None, padding=1)
+    with torch.inference_mode():
+        frozen, frozen_segments, frozen_values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [8, 8], [1], [1], [1])
+        assert frozen.is_inference()
+        assert torch.equal(ops.sparse_conv2d(x, frozen_segments, frozen, frozen_values, *args), expected)
+        frozen[-1] += 10**6  # no version to bump: scanned again at the call
+        with pytest.raises(RuntimeError, match="offsets do not fit"):
+            ops.sparse_conv2d(x, frozen_segments, frozen, frozen_values, *args)
+        layer(x)  # its offsets made in the call, inside inference mode
+    made = [t for geometry in layer._geometry_cache.values() for t in geometry]
+    assert len(made) == 3 and not any(t.is_inference() for t in made)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="groups must be an int >= 1 dividing C_out=4, got 3"):
         sparse_cpu.SparseConv2d(torch.zeros(4, 1, 3, 3), groups=3)

@@ -37,10 +37,14 @@ Callers compute them once per input size and pass all three to sparse_conv2d. ch
 per block (0 = chosen so that a block's input tile fits in L1). input_channel_stride: floats from one input
 channel to the next in the inputs these offsets are for (0 = H * W, contiguous); a 1x1, stride-1, unpadded conv
 reads its input in place, so its offsets depend on it; pass sparse_conv2d the same value.)doc");
-  m.def("sparse_conv2d", &vpns::sparse_conv2d, py::arg("input"), py::arg("segments"), py::arg("offsets"),
-        py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
-        py::arg("dilation"), py::arg("residual") = py::none(), py::arg("activation") = 0,
-        py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
+  m.def("sparse_conv2d",
+        py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          std::vector<int64_t>, const std::optional<at::Tensor>&, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t,
+                          int64_t, bool>(&vpns::sparse_conv2d),
+        py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
+        py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
         // no Python object is touched inside: other Python threads run meanwhile (one deployed model
         // called from several threads)
         py::call_guard<py::gil_scoped_release>(),
@@ -50,7 +54,9 @@ epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shap
 1 relu, 2 silu, 3 relu6, 4 hardswish, 5 sigmoid, 6 hardsigmoid, each as torch computes it).
 
 input: float32 CPU [N, C_in, H, W]; segments, offsets and values from sparse_conv2d_offsets(..., input_size=(H, W),
-same stride/padding/dilation) (values in its order, not the pack function's); bias: float32 [C_out] or None.
+same stride/padding/dilation) (values in its order, not the pack function's); offsets may also be
+check_offsets(offsets), whose range is checked against the input without reading them all at every call (a plain
+tensor is read in full at every call: no offset may point outside the input); bias: float32 [C_out] or None.
 input_channel_stride: 0 (the input is read as a contiguous tensor, copied if it is not one), or S >= H * W for an
 input with strides (C_in * S, S, W, 1), read as it is (the offsets made with the same value). aligned_output: the
 output's channels start a whole number of 64-byte lines apart (strides (C_out * P, P, W_out, 1), P = H_out * W_out
@@ -58,6 +64,30 @@ rounded up to a multiple of 16 when it is above 8; the floats between channels a
 reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
 1) is read as it is. Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded
 input.)doc");
+  py::class_<vpns::CheckedOffsets, std::shared_ptr<vpns::CheckedOffsets>>(
+      m, "CheckedOffsets",
+      "Offsets for sparse_conv2d, copied and their range found once (from check_offsets); their copy cannot be "
+      "reached or changed from Python.")
+      .def_property_readonly("numel", [](const vpns::CheckedOffsets& self) { return self.offsets.numel(); })
+      .def("__repr__", [](const vpns::CheckedOffsets& self) {
+        return "CheckedOffsets(numel=" + std::to_string(self.offsets.numel()) + ", min=" + std::to_string(self.lo) +
+               ", max=" + std::to_string(self.hi) + ")";
+      });
+  m.def(
+      "check_offsets", [](const at::Tensor& offsets) { return std::make_shared<vpns::CheckedOffsets>(offsets); },
+      py::arg("offsets"),
+      R"doc(A private copy of `offsets` (int32, from sparse_conv2d_offsets) with its smallest and largest value,
+for sparse_conv2d's `offsets` argument: the call then checks the range against its input instead of reading every
+offset. Later changes to `offsets` do not reach the copy.)doc");
+  m.def("sparse_conv2d",
+        py::overload_cast<const at::Tensor&, const at::Tensor&, const vpns::CheckedOffsets&, const at::Tensor&,
+                          std::vector<int64_t>, const std::optional<at::Tensor>&, std::vector<int64_t>,
+                          std::vector<int64_t>, std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t,
+                          int64_t, bool>(&vpns::sparse_conv2d),
+        py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
+        py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
+        py::call_guard<py::gil_scoped_release>());
   m.def("pointwise_conv_supported", &vpns::pointwise_conv_supported,
         "Whether pointwise_conv can run here (a CPU with AVX2 and FMA).");
   m.def("pointwise_conv_pack", &vpns::pointwise_conv_pack, py::arg("weight"),

@@ -115,12 +115,11 @@
 #include <cstring>
 #include <limits>
 #include <memory>
-#include <mutex>
 #include <new>
 #include <optional>
 #include <string>
+#include <tuple>
 #include <type_traits>
-#include <unordered_map>
 #include <utility>
 #include <vector>
 
@@ -1248,53 +1247,6 @@ void offset_range(const int32_t* __restrict offsets, int64_t count, int32_t* lo,
   *hi = high;
 }
 
-// The smallest and largest of `offsets` (a contiguous int32 CPU tensor), scanned once per version of the tensor:
-// the range of a set seen before, at the same version, address and length, comes from a table. Why: the scan read
-// every offset of a layer from memory, on one core, before the threads started, at every call; on ResNet-50 at 10%
-// kept and batch 1 (2 threads, 2-core AMD EPYC, rounds alternating in one process with the scan skipped) that cost
-// 2.8% of the network's time (per-round ratio 1.028, p20-p80 1.014-1.044), ResNet-18 2.3%. Checking each work item's
-// offsets inside the threads instead, just before its sums read them, did not pay (0.99x). An entry holds a weak
-// reference to its tensor, so the tensor's address cannot be reused by another while the entry stands. Inference
-// tensors have no version counter to reveal an in-place change: theirs are scanned at every call (the engine makes
-// its offsets outside inference mode, SparseConv2d._compute_geometry). Not seen: writes that bypass the version
-// counter (through `.data` or a NumPy view of the tensor).
-std::pair<int32_t, int32_t> checked_offset_range(const at::Tensor& offsets) {
-  const int32_t* data = offsets.const_data_ptr<int32_t>();
-  const int64_t count = offsets.numel();
-  int32_t lo = 0, hi = 0;
-  if (offsets.is_inference()) {
-    offset_range(data, count, &lo, &hi);
-    return {lo, hi};
-  }
-  using WeakTensor = c10::weak_intrusive_ptr<c10::TensorImpl, c10::UndefinedTensorImpl>;
-  struct Entry {
-    WeakTensor tensor;
-    int64_t version, count;
-    const int32_t* data;
-    int32_t lo, hi;
-  };
-  static std::mutex mutex;
-  static std::unordered_map<const c10::TensorImpl*, Entry> ranges;
-  const c10::TensorImpl* key = offsets.unsafeGetTensorImpl();
-  const int64_t version = offsets._version();
-  {
-    const std::lock_guard<std::mutex> lock(mutex);
-    const auto found = ranges.find(key);
-    if (found != ranges.end()) {
-      const Entry& e = found->second;
-      if (!e.tensor.expired() && e.version == version && e.data == data && e.count == count) return {e.lo, e.hi};
-    }
-  }
-  offset_range(data, count, &lo, &hi);
-  const std::lock_guard<std::mutex> lock(mutex);
-  if (ranges.size() >= 4096) {  // dead tensors' entries go first; then all, rather than grow without bound
-    for (auto it = ranges.begin(); it != ranges.end();) it = it->second.tensor.expired() ? ranges.erase(it) : ++it;
-    if (ranges.size() >= 4096) ranges.clear();
-  }
-  ranges.insert_or_assign(key, Entry{WeakTensor(offsets.getIntrusivePtr()), version, count, data, lo, hi});
-  return {lo, hi};
-}
-
 // Writes image n's phase planes (zero padding included) into `dst` (g.image_stride floats).
 void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst) {
   const float* x = input + c * g.input_channel_stride;
@@ -1649,12 +1601,15 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
   return {offsets, segments, ordered};
 }
 
-at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
-                         const at::Tensor& values, std::vector<int64_t> weight_shape,
-                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output) {
+namespace {
+
+// sparse_conv2d with the offsets' smallest and largest value known (`range`, from a CheckedOffsets) or not (scanned).
+at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
+                              std::optional<std::pair<int32_t, int32_t>> range, const at::Tensor& values,
+                              std::vector<int64_t> weight_shape, const std::optional<at::Tensor>& bias,
+                              std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                              const std::optional<at::Tensor>& residual, int64_t activation,
+                              int64_t input_channel_stride, bool aligned_output) {
   constexpr const char* op = "sparse_conv2d";
   TORCH_CHECK(activation >= 0 && activation < kActivations, op,
               ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6), 4 (hardswish), 5 (sigmoid) or 6 "
@@ -1680,7 +1635,12 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   // Offsets are computed for one input geometry; a stale set must not read outside the planes.
   const int64_t nnz = values.numel();
   const int32_t* off = offsets.const_data_ptr<int32_t>();
-  const auto [min_offset, max_offset] = checked_offset_range(offsets);
+  int32_t min_offset = 0, max_offset = 0;
+  if (range) {
+    std::tie(min_offset, max_offset) = *range;
+  } else {
+    offset_range(off, nnz, &min_offset, &max_offset);
+  }
   TORCH_CHECK(min_offset >= 0 && max_offset < g.in_channels * g.channel_stride, op, ": offsets do not fit this input (",
               g.height, "x", g.width,
               "); compute them with sparse_conv2d_offsets for this input size and the same stride/padding/dilation");
@@ -1875,6 +1835,41 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
   });
   share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, from_planes, [] {});
   return output;
+}
+
+}  // namespace
+
+CheckedOffsets::CheckedOffsets(const at::Tensor& source) {
+  TORCH_CHECK(source.device().is_cpu() && source.scalar_type() == at::kInt && source.dim() == 1,
+              "check_offsets: ", "offsets must be a 1-d int32 CPU tensor (from sparse_conv2d_offsets), got ",
+              source.scalar_type(), " ", source.sizes(), " on ", source.device());
+  at::NoGradGuard no_grad;
+  offsets = source.clone(at::MemoryFormat::Contiguous);  // its own: no tensor outside this object shares its memory
+  lo = 0;
+  hi = 0;
+  offset_range(offsets.const_data_ptr<int32_t>(), offsets.numel(), &lo, &hi);
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
+                         const at::Tensor& values, std::vector<int64_t> weight_shape,
+                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
+                         bool aligned_output) {
+  return sparse_conv2d_with(input, segments, offsets, std::nullopt, values, std::move(weight_shape), bias,
+                            std::move(stride), std::move(padding), std::move(dilation), residual, activation,
+                            input_channel_stride, aligned_output);
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const CheckedOffsets& offsets,
+                         const at::Tensor& values, std::vector<int64_t> weight_shape,
+                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
+                         bool aligned_output) {
+  return sparse_conv2d_with(input, segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), values,
+                            std::move(weight_shape), bias, std::move(stride), std::move(padding), std::move(dilation),
+                            residual, activation, input_channel_stride, aligned_output);
 }
 
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight) {

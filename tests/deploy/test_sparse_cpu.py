@@ -1134,11 +1134,11 @@ def test_same_padding_of_odd_extent_runs_sparse(kernel, dilation):
         assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
-def test_offsets_changed_in_place_after_a_call_are_checked_again():
-    """The kernel checks that offsets fit the input once per version of the offsets tensor (checked_offset_range):
-    a set that fitted, then changed in place, must be refused at its next call, not read with; so must inference
-    tensors, which have no version, at every call. The engine's own offsets are made with a version, even inside
-    inference mode."""
+def test_offsets_are_checked_at_every_call_or_kept_as_a_private_checked_copy():
+    """A plain offsets tensor is checked against the input at every call, however it was changed since the last one
+    (in place, through ``.data`` or a NumPy view, which bypass its version counter); check_offsets makes a private
+    copy whose range is found once, so later changes to the source cannot reach what the kernel reads; a checked
+    copy that does not fit the input is refused like a plain tensor. The engine's layers keep checked copies."""
     from vpns_fast import _extension
 
     ops = _extension.load()
@@ -1146,27 +1146,46 @@ def test_offsets_changed_in_place_after_a_call_are_checked_again():
     x = torch.randn(1, 4, 8, 8)
     args = ([4, 4, 3, 3], None, [1], [1], [1])
     offsets, segments, values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [8, 8], [1], [1], [1])
+    first_outside = 4 * 10 * 10  # 4 channels of 10x10 padded planes: the first offset past them
+    assert int(offsets.max()) < first_outside
     expected = ops.sparse_conv2d(x, segments, offsets, values, *args)
-    assert torch.equal(ops.sparse_conv2d(x, segments, offsets, values, *args), expected)  # the range from the table
-    offsets[-1] += 10**6  # now past the input's planes
-    with pytest.raises(RuntimeError, match="offsets do not fit"):
-        ops.sparse_conv2d(x, segments, offsets, values, *args)
-    offsets[-1] -= 10**6
-    assert torch.equal(ops.sparse_conv2d(x, segments, offsets, values, *args), expected)
+    assert_close(expected, F.conv2d(x, ops_dense(packed, (4, 4, 3, 3)), padding=1), rtol=1e-5, atol=1e-5)
+    checked = ops.check_offsets(offsets)
+    assert checked.numel == offsets.numel() and "CheckedOffsets" in repr(checked)
+    source = offsets.clone()
+    for change in (lambda t: t.__setitem__(-1, first_outside),  # in place: a new version
+                   lambda t: t.data.__setitem__(-1, first_outside),  # no new version
+                   lambda t: t.numpy().__setitem__(-1, first_outside)):
+        offsets.copy_(source)
+        assert torch.equal(ops.sparse_conv2d(x, segments, offsets, values, *args), expected)
+        change(offsets)
+        with pytest.raises(RuntimeError, match="offsets do not fit"):
+            ops.sparse_conv2d(x, segments, offsets, values, *args)
+        # the checked copy was made before the change and is not reached by it
+        assert torch.equal(ops.sparse_conv2d(x, segments, checked, values, *args), expected)
+    offsets.copy_(source)
     offsets[0] = -1
     with pytest.raises(RuntimeError, match="offsets do not fit"):
-        ops.sparse_conv2d(x, segments, offsets, values, *args)
+        ops.sparse_conv2d(x, segments, ops.check_offsets(offsets), values, *args)
+    larger, larger_segments, larger_values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [16, 16], [1], [1], [1])
+    with pytest.raises(RuntimeError, match="offsets do not fit"):  # made for a larger input
+        ops.sparse_conv2d(x, larger_segments, ops.check_offsets(larger), larger_values, *args)
+    with pytest.raises(RuntimeError, match="int32"):
+        ops.check_offsets(offsets.long())
     layer = sparse_cpu.SparseConv2d(torch.randn(4, 4, 3, 3), None, padding=1)
     with torch.inference_mode():
-        frozen, frozen_segments, frozen_values = ops.sparse_conv2d_offsets(*packed, [4, 4, 3, 3], [8, 8], [1], [1], [1])
-        assert frozen.is_inference()
-        assert torch.equal(ops.sparse_conv2d(x, frozen_segments, frozen, frozen_values, *args), expected)
-        frozen[-1] += 10**6  # no version to bump: scanned again at the call
-        with pytest.raises(RuntimeError, match="offsets do not fit"):
-            ops.sparse_conv2d(x, frozen_segments, frozen, frozen_values, *args)
-        layer(x)  # its offsets made in the call, inside inference mode
-    made = [t for geometry in layer._geometry_cache.values() for t in geometry]
-    assert len(made) == 3 and not any(t.is_inference() for t in made)
+        layer(x)
+    (geometry,) = layer._geometry_cache.values()
+    assert type(geometry[0]).__name__ == "CheckedOffsets"
+
+
+def ops_dense(packed, shape):
+    """The dense weight a sparse_conv2d_pack result holds."""
+    row_ptr, channel_index, tap_index, values = packed
+    rows = torch.repeat_interleave(torch.arange(shape[0]), row_ptr.diff())
+    dense = torch.zeros(shape[0], shape[1], shape[2] * shape[3])
+    dense[rows, channel_index.long(), tap_index.long()] = values
+    return dense.view(shape)
 
 
 def test_errors():

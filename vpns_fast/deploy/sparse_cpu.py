@@ -28,9 +28,9 @@ from vpns_fast.environment import is_out_of_memory
 from vpns_fast.errors import caller_stacklevel, exception_reason
 from vpns_fast.pruning.masking import checked_module
 
-_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "sparse_conv2d", "sparse_linear_pack", "sparse_linear",
-                 "max_pool2d", "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit",
-                 "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
+_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets", "sparse_conv2d", "sparse_linear_pack",
+                 "sparse_linear", "max_pool2d", "activation_buffer", "cached_activation_bytes",
+                 "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
                  "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
@@ -580,12 +580,11 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         so that its offsets depend on the input's channel stride."""
         return self.weight_shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _geometry(self, height: int, width: int,
-                  channel_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(offsets, segments, values in the kernel's block-major order) for inputs of height x width whose
-        channels are ``channel_stride`` floats apart (0: height * width; see :func:`aligned_channel_stride`). The
-        ordered values are a copy kept per cached input size (4 bytes a nonzero each): the block size, and so
-        the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout)."""
+    def _geometry(self, height: int, width: int, channel_stride: int = 0) -> tuple:
+        """(offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major order) for inputs
+        of height x width whose channels are ``channel_stride`` floats apart (0: height * width; see
+        :func:`aligned_channel_stride`). The ordered values are a copy kept per cached input size (4 bytes a nonzero
+        each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout)."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
@@ -615,16 +614,15 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._geometry_cache = kept
         return cached
 
-    def _compute_geometry(self, height: int, width: int,
-                          channel_stride: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        # made outside inference mode even when called inside it: a normal tensor has a version counter, so the
-        # kernel checks that its offsets fit the input once per version rather than at every call
-        # (csrc/sparse_conv.cpp, checked_offset_range: 2.8% of ResNet-50's time at 10% kept, batch 1)
-        with torch.inference_mode(False):
-            return tuple(_ops().sparse_conv2d_offsets(
-                self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
-                [height, width], list(self.stride), list(self.padding), list(self.dilation),
-                input_channel_stride=channel_stride))
+    def _compute_geometry(self, height: int, width: int, channel_stride: int) -> tuple:
+        ops = _ops()
+        offsets, segments, values = ops.sparse_conv2d_offsets(
+            self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
+            [height, width], list(self.stride), list(self.padding), list(self.dilation),
+            input_channel_stride=channel_stride)
+        # the offsets as the kernel's own checked copy: each call then checks their range against the input rather
+        # than reading every offset (that pass cost ResNet-50 2.8% of its time at 10% kept, batch 1)
+        return ops.check_offsets(offsets), segments, values
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:

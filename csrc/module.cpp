@@ -4,6 +4,22 @@
 
 #include <torch/extension.h>
 
+// sparse_conv2d for one type of `offsets` (a tensor, read in full at every call, or a CheckedOffsets).
+template <typename Offsets>
+void bind_sparse_conv2d(py::module_& m, const char* doc) {
+  m.def("sparse_conv2d",
+        py::overload_cast<const at::Tensor&, const at::Tensor&, const Offsets&, const at::Tensor&, std::vector<int64_t>,
+                          const std::optional<at::Tensor>&, std::vector<int64_t>, std::vector<int64_t>,
+                          std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t, int64_t, bool>(
+            &vpns::sparse_conv2d),
+        py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
+        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
+        py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
+        // no Python object is touched inside: other Python threads run meanwhile (one deployed model
+        // called from several threads)
+        py::call_guard<py::gil_scoped_release>(), doc);
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vpns_fast C++ CPU kernels";
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
@@ -37,18 +53,7 @@ Callers compute them once per input size and pass all three to sparse_conv2d. ch
 per block (0 = chosen so that a block's input tile fits in L1). input_channel_stride: floats from one input
 channel to the next in the inputs these offsets are for (0 = H * W, contiguous); a 1x1, stride-1, unpadded conv
 reads its input in place, so its offsets depend on it; pass sparse_conv2d the same value.)doc");
-  m.def("sparse_conv2d",
-        py::overload_cast<const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-                          std::vector<int64_t>, const std::optional<at::Tensor>&, std::vector<int64_t>,
-                          std::vector<int64_t>, std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t,
-                          int64_t, bool>(&vpns::sparse_conv2d),
-        py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
-        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
-        py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
-        // no Python object is touched inside: other Python threads run meanwhile (one deployed model
-        // called from several threads)
-        py::call_guard<py::gil_scoped_release>(),
-        R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
+  bind_sparse_conv2d<at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
 1 relu, 2 silu, 3 relu6, 4 hardswish, 5 sigmoid, 6 hardsigmoid, each as torch computes it).
@@ -79,15 +84,7 @@ input.)doc");
       R"doc(A private copy of `offsets` (int32, from sparse_conv2d_offsets) with its smallest and largest value,
 for sparse_conv2d's `offsets` argument: the call then checks the range against its input instead of reading every
 offset. Later changes to `offsets` do not reach the copy.)doc");
-  m.def("sparse_conv2d",
-        py::overload_cast<const at::Tensor&, const at::Tensor&, const vpns::CheckedOffsets&, const at::Tensor&,
-                          std::vector<int64_t>, const std::optional<at::Tensor>&, std::vector<int64_t>,
-                          std::vector<int64_t>, std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t,
-                          int64_t, bool>(&vpns::sparse_conv2d),
-        py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
-        py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
-        py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
-        py::call_guard<py::gil_scoped_release>());
+  bind_sparse_conv2d<vpns::CheckedOffsets>(m, "sparse_conv2d with offsets from check_offsets (see above).");
   m.def("pointwise_conv_supported", &vpns::pointwise_conv_supported,
         "Whether pointwise_conv can run here (a CPU with AVX2 and FMA).");
   m.def("pointwise_conv_pack", &vpns::pointwise_conv_pack, py::arg("weight"),

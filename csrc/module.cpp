@@ -97,6 +97,11 @@ offset. Later changes to `offsets` do not reach the copy.)doc");
 act(F.conv2d(input, weight, bias) + residual) within float32 rounding (act: ReLU when relu, NaN kept; residual of the
 output's shape or None), the output channels_last: a new tensor, or the residual itself, written in place, with
 into_residual (a channels_last residual). packed from pointwise_conv_pack; needs AVX2 and FMA.)doc");
+  m.def("dense_linear", &vpns::dense_linear, py::arg("input"), py::arg("weight"), py::arg("bias") = py::none(),
+        py::call_guard<py::gil_scoped_release>(),
+        R"doc(Dense linear layer for a 2-d float32 input [rows, in_features] of a few rows: equal to F.linear(input,
+weight, bias) within float32 rounding, each thread reading its share of the weight's rows once for every input row
+(for the engine's layers kept dense at small batch); needs AVX2 and FMA.)doc");
   m.def("sparse_linear_pack", &vpns::sparse_linear_pack, py::arg("weight"),
         R"doc(Packs a dense float32 weight [out_features, in_features] as CSR:
 [row_ptr (int64, out_features + 1), column_index (int32, nnz), values (float32, nnz)]; exact zeros skipped.)doc");

@@ -41,6 +41,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output);
 bool pointwise_conv_supported();
+// F.linear(input, weight, bias) for a 2-d float32 input of a few rows, the output features shared out over the
+// threads; needs pointwise_conv_supported().
+at::Tensor dense_linear(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 at::Tensor pointwise_conv_pack(const at::Tensor& weight);
 at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, const std::optional<at::Tensor>& bias,
                           const std::optional<at::Tensor>& residual, bool relu, bool into_residual);

@@ -6,6 +6,7 @@ reduction length.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -24,6 +25,8 @@ from vpns_fast.deploy import sparse_cpu
 from vpns_fast.environment import torch_threads
 
 _OK, _REASON = sparse_cpu.available()
+# what a Linear layer the engine keeps dense becomes: its small-batch kernel where the CPU runs it
+KEPT_LINEAR = sparse_cpu.DenseLinear if sparse_cpu.pointwise_conv_supported() else nn.Linear
 pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
 
 DENSITIES = [1.0, 0.5, 0.1, 0.05, 0.0]
@@ -235,7 +238,10 @@ def test_convert_for_cpu_table_schema_and_policies():
     # the dense stand-ins: oneDNN or Winograd for the 3x3 stride-1 conv (both timed), oneDNN for the grouped one
     assert table[0]["dense_algorithm"] in ("oneDNN", "Winograd") and table[0]["winograd_ms"] > 0
     assert table[1]["dense_algorithm"] == "oneDNN" and table[1]["winograd_note"] == "not stride 1, dilation 1, groups 1"
-    assert table[2]["dense_algorithm"] is None and table[2]["winograd_ms"] is None  # a Linear
+    # a Linear: kept dense, through the engine's small-batch kernel where the CPU runs it
+    kept_by_kernel = table[2]["chosen"] == "dense" and KEPT_LINEAR is sparse_cpu.DenseLinear
+    assert table[2]["dense_algorithm"] == ("dense_linear" if kept_by_kernel else None)
+    assert table[2]["winograd_ms"] is None
     with torch.no_grad():
         assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
     dense_copy, dense_table = sparse_cpu.convert_for_cpu(model, x, policy="dense")
@@ -307,7 +313,7 @@ def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
         assert "network ran faster with it sparse" in head["reason"]
         assert "1 Linear layers made sparse" in summary["network"]
     else:
-        assert type(converted.head) is nn.Linear and head["chosen"] == "dense"
+        assert type(converted.head) is KEPT_LINEAR and head["chosen"] == "dense"
         assert "kept 1 Linear layers dense" in summary["network"]
     with torch.no_grad():
         assert_close(converted(x), expected, rtol=1e-4, atol=1e-5)
@@ -316,7 +322,7 @@ def test_linear_layers_kept_dense_are_tried_sparse_in_the_whole_network(slow):
     converted, table = sparse_cpu.convert_for_cpu(dense_head, x, min_speedup=1e9, repeats=2, fuse=False,
                                                   summary=summary)
     # the note is the convs' (weighed against every supported conv sparse) alone: no Linear was tried
-    assert type(converted.head) is nn.Linear and "Linear" not in summary["network"]
+    assert type(converted.head) is KEPT_LINEAR and "Linear" not in summary["network"]
 
 
 def test_convert_for_cpu_of_one_layer_returns_the_replacement():
@@ -1534,3 +1540,73 @@ def test_sums_start_from_zero_in_a_reused_scratch(shape, batch, size, kernel_isa
             out = layer(x)
             torch.testing.assert_close(out, F.conv2d(x, weight, bias, padding=shape[2] // 2), rtol=1e-4, atol=1e-4)
             assert torch.equal(out[:, 0], bias[0].expand_as(out[:, 0]))
+
+
+@pytest.mark.skipif(not sparse_cpu.pointwise_conv_supported(), reason="needs the extension on a CPU with AVX2 and FMA")
+def test_dense_linear_equals_torch_with_each_kernel_and_falls_back_beyond_its_rows(monkeypatch):
+    """DenseLinear (the Linear layers the engine keeps dense) runs its own kernel for inputs of 1-8 rows (the product
+    of the leading dimensions), with both vector kernels, within float32 rounding of a float64 reference; more rows, or
+    an input that needs a gradient, go through F.linear unchanged; NaN and infinities propagate as in F.linear."""
+    generator = torch.Generator().manual_seed(5)
+    checked = 0
+    for in_features, out_features, bias in [(2048, 1000, True), (7, 5, False), (33, 17, True), (100, 3, True)]:
+        linear = nn.Linear(in_features, out_features, bias=bias)
+        layer = sparse_cpu.DenseLinear.from_dense(linear)
+        for shape in [(1, in_features), (8, in_features), (2, 3, in_features), (in_features,)]:
+            x = torch.randn(shape, generator=generator)
+            expected = F.linear(x.double(), linear.weight.detach().double(),
+                                None if not bias else linear.bias.detach().double())
+            torch_linear = F.linear
+            monkeypatch.setattr(F, "linear", lambda *args: (_ for _ in ()).throw(AssertionError("torch's linear ran")))
+            for isa in [isa for isa in ("avx2", "avx512") if isa in sparse_cpu.kernel_isas()]:
+                previous = sparse_cpu.set_kernel_isa(isa)
+                try:
+                    with torch.no_grad():
+                        got = layer(x)
+                finally:
+                    sparse_cpu.set_kernel_isa(previous)
+                assert got.shape == expected.shape and got.dtype == torch.float32
+                assert_close(got.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+                checked += 1
+            monkeypatch.setattr(F, "linear", torch_linear)
+    assert checked >= 16
+    linear = nn.Linear(12, 4)
+    layer = sparse_cpu.DenseLinear.from_dense(linear)
+    many = torch.randn(9, 12, generator=generator)  # beyond the kernel's rows: torch's linear, bit for bit
+    with torch.no_grad():
+        assert torch.equal(layer(many), linear(many))
+    x = torch.randn(1, 12, generator=generator, requires_grad=True)
+    layer(x).sum().backward()  # an input that needs a gradient: torch's linear keeps autograd right
+    assert torch.equal(x.grad, linear.weight.sum(0).detach().expand(1, 12))
+    special = torch.randn(1, 12, generator=generator)
+    special[0, 3] = float("nan")
+    with torch.no_grad():
+        got = layer(special)
+    assert torch.isnan(got).all()
+    special[0, 3] = float("inf")
+    with torch.no_grad():
+        assert torch.equal(torch.isinf(layer(special)), torch.isinf(linear(special)))
+    with pytest.raises(RuntimeError):
+        layer(torch.randn(1, 11))
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        with torch.no_grad():
+            assert torch.equal(clone(special), layer(special))
+
+
+@pytest.mark.skipif(not sparse_cpu.pointwise_conv_supported(), reason="needs the extension on a CPU with AVX2 and FMA")
+def test_a_linear_kept_dense_in_a_converted_network_runs_the_engines_kernel():
+    """After the choices, convert_for_cpu swaps each plain float32 Linear it keeps dense for DenseLinear and checks
+    the network again; policy="dense" keeps torch's layers; a Linear with a hook stays the torch layer."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
+    x = torch.randn(1, 3, 6, 6)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    head = next(row for row in table if row["type"] == "Linear")
+    assert head["chosen"] == "dense" and head["dense_algorithm"] == "dense_linear"
+    assert isinstance(converted.get_submodule(head["name"]), sparse_cpu.DenseLinear)
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    kept, _ = sparse_cpu.convert_for_cpu(model, x, policy="dense")
+    assert not any(isinstance(m, sparse_cpu.DenseLinear) for m in kept.modules())
+    model[3].register_forward_hook(lambda module, args, output: None)
+    hooked, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    assert not any(isinstance(m, sparse_cpu.DenseLinear) for m in hooked.modules())

@@ -1147,16 +1147,32 @@ class WinogradConv2d(DenseConv2d):
         return super().extra_repr() + ", algorithm='winograd F(4x4, 3x3)'"
 
 
-class SparseLinear(_Float32CpuLayer, nn.Module):
+def _checked_linear_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
+    """A Linear layer's weight as the engine's layers take it: float32, 2-d [out_features, in_features]."""
+    weight = _check_dense_weight(weight, what)
+    if weight.dim() != 2:
+        raise ValueError(f"{what}: weight must be 2-d [out_features, in_features], got {tuple(weight.shape)}")
+    return weight
+
+
+class _FromLinear:
+    """``from_dense(linear)``: the layer made from an nn.Linear's weight and bias."""
+
+    @classmethod
+    def from_dense(cls, linear: nn.Linear):
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_dense expects an nn.Linear, got {type(linear).__name__}")
+        return cls(linear.weight, linear.bias)
+
+
+class SparseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     """A Linear layer with its nonzero weights in CSR: ``forward(x) == F.linear(x, weight, bias)``
     within float32 rounding, for inputs [..., in_features]."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
         ops = _ops()
-        weight = _check_dense_weight(weight, "SparseLinear")
-        if weight.dim() != 2:
-            raise ValueError(f"SparseLinear: weight must be 2-d [out_features, in_features], got {tuple(weight.shape)}")
+        weight = _checked_linear_weight(weight, "SparseLinear")
         self.out_features, self.in_features = weight.shape
         with torch.inference_mode(False):  # ordinary buffers even when built in inference mode, as SparseConv2d's
             row_ptr, column_index, values = ops.sparse_linear_pack(weight)
@@ -1165,12 +1181,6 @@ class SparseLinear(_Float32CpuLayer, nn.Module):
         self.register_buffer("column_index", column_index)
         self.register_buffer("values", values)
         self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear) -> SparseLinear:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"SparseLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.weight, linear.bias)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -1211,7 +1221,7 @@ class SparseLinear(_Float32CpuLayer, nn.Module):
 DENSE_LINEAR_MAX_ROWS = 8
 
 
-class DenseLinear(_Float32CpuLayer, nn.Module):
+class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     """A Linear layer the engine keeps dense: ``forward(x) == F.linear(x, weight, bias)`` within float32 rounding.
     Inputs of up to DENSE_LINEAR_MAX_ROWS rows that need no gradient run the engine's kernel (``dense_linear`` in
     csrc/pointwise_conv.cpp: each thread reads its share of the weight's rows once), the rest ``F.linear``. Why: at
@@ -1223,20 +1233,12 @@ class DenseLinear(_Float32CpuLayer, nn.Module):
         super().__init__()
         if not pointwise_conv_supported():
             raise RuntimeError("DenseLinear is unavailable: it needs the C++ extension on a CPU with AVX2 and FMA")
-        weight = _check_dense_weight(weight, "DenseLinear")
-        if weight.dim() != 2:
-            raise ValueError(f"DenseLinear: weight must be 2-d [out_features, in_features], got {tuple(weight.shape)}")
+        weight = _checked_linear_weight(weight, "DenseLinear")
         self.out_features, self.in_features = weight.shape
         with torch.inference_mode(False):  # ordinary buffers even when built in inference mode, as the others'
             self.register_buffer("weight", weight.clone())
             bias = None if bias is None else _check_dense_weight(bias, "DenseLinear bias").clone()
             self.register_buffer("bias", bias)
-
-    @classmethod
-    def from_dense(cls, linear: nn.Linear) -> DenseLinear:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"DenseLinear.from_dense expects an nn.Linear, got {type(linear).__name__}")
-        return cls(linear.weight, linear.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _checked_input(x, "DenseLinear")

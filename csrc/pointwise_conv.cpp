@@ -303,10 +303,10 @@ at::Tensor pointwise_conv(const at::Tensor& input, const at::Tensor& packed, con
 
 // Dense linear layer for a few input rows: out[b, o] = bias[o] + sum_i x[b, i] * w[o, i], each thread taking a
 // contiguous share of the output features and reading its rows of the weight once for every input row. Why: at batch
-// 1 torch's linear (MKL's sgemv) read ResNet-50's 2048 -> 1000 classifier (8 MB) at 0.100 ms warm and 0.35 ms with
-// the caches flushed, where a two-thread prototype of this loop took 0.045 and 0.095 ms (2-vCPU Zen 5, 2 threads,
-// medians of 80 calls, 2026-12-06); inside the network the classifier comes after 94 MB of other weights, so its
-// weight is cold. 16 lanes where the engine's kernels run AVX-512, else 8.
+// 1 torch's linear ran ResNet-50's 2048 -> 1000 classifier (8 MB) at 0.103 ms warm and 0.376 ms with the caches
+// flushed, this kernel at 0.048 and 0.166 ms (2-vCPU Zen 5, 2 threads, medians of 60 calls, 2026-12-06,
+// bench/results/cpu-dense-linear-ab-2026-12-06-amd.txt); inside the network the classifier comes after the
+// convolutions' weights, so its own is cold. 16 lanes where the engine's kernels run AVX-512, else 8.
 #if defined(__x86_64__)
 __attribute__((target("avx512f"))) inline float dot_avx512(const float* __restrict w, const float* __restrict x,
                                                            int64_t k) {

@@ -1845,9 +1845,9 @@ CheckedOffsets::CheckedOffsets(const at::Tensor& source) {
               source.scalar_type(), " ", source.sizes(), " on ", source.device());
   at::NoGradGuard no_grad;
   offsets = source.clone(at::MemoryFormat::Contiguous);  // its own: no tensor outside this object shares its memory
-  lo = 0;
-  hi = 0;
-  offset_range(offsets.const_data_ptr<int32_t>(), offsets.numel(), &lo, &hi);
+  const int32_t* data = offsets.const_data_ptr<int32_t>();
+  lo = hi = offsets.numel() > 0 ? data[0] : 0;  // the set's own extremes (the call checks lo >= 0, hi < its input)
+  offset_range(data, offsets.numel(), &lo, &hi);
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,

@@ -1215,9 +1215,9 @@ class SparseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
 
 
 # Input rows (the product of the leading dimensions) up to which DenseLinear runs the engine's kernel: on ResNet-50's
-# 2048 -> 1000 classifier, 2 threads, a 2-vCPU Zen 5 EPYC, 1 to 8 rows took 0.043-0.230 ms against torch's linear's
-# 0.106-0.356 ms warm, 0.150-0.314 against 0.361-0.615 ms with the caches flushed (512 -> 1000 and 768 -> 10 alike);
-# beyond 8 rows not measured, so torch's.
+# 2048 -> 1000 classifier, 2 threads, a 2-vCPU Zen 5 EPYC, 1 to 8 rows took 0.048-0.227 ms against torch's linear's
+# 0.103-0.358 ms warm, 0.166-0.295 against 0.376-0.617 ms with the caches flushed (512 -> 1000 and 768 -> 10 alike;
+# bench/results/cpu-dense-linear-ab-2026-12-06-amd.txt); beyond 8 rows not measured, so torch's.
 DENSE_LINEAR_MAX_ROWS = 8
 
 
@@ -1225,9 +1225,9 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     """A Linear layer the engine keeps dense: ``forward(x) == F.linear(x, weight, bias)`` within float32 rounding.
     Inputs of up to DENSE_LINEAR_MAX_ROWS rows that need no gradient run the engine's kernel (``dense_linear`` in
     csrc/pointwise_conv.cpp: each thread reads its share of the weight's rows once), the rest ``F.linear``. Why: at
-    batch 1 torch's linear read ResNet-50's classifier weight (8 MB) on about one core's bandwidth; inside the network,
-    after the convolutions' weights, that weight comes from memory (0.35 ms against the kernel's 0.15 ms, caches
-    flushed)."""
+    batch 1 torch's linear ran ResNet-50's classifier (an 8 MB weight) barely faster on 2 threads than on 1 (0.33
+    against 0.38 ms, caches flushed); inside the network, after the convolutions' weights, that weight is cold (0.376
+    ms against the kernel's 0.166 ms, caches flushed)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -1243,9 +1243,8 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _checked_input(x, "DenseLinear")
         weight, bias = self._buffers["weight"], self._buffers["bias"]
-        rows = math.prod(x.shape[:-1]) if x.dim() >= 1 else 0
         if (_needs_gradient(x) or x.dim() == 0 or x.shape[-1] != self.in_features
-                or not 1 <= rows <= DENSE_LINEAR_MAX_ROWS):
+                or not 1 <= (rows := math.prod(x.shape[:-1])) <= DENSE_LINEAR_MAX_ROWS):
             return F.linear(x, weight, bias)
         out = _ops().dense_linear(x.reshape(rows, self.in_features), weight, bias)
         return out.reshape(*x.shape[:-1], self.out_features)

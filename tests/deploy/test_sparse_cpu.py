@@ -1588,19 +1588,30 @@ def test_dense_linear_equals_torch_with_each_kernel_and_falls_back_beyond_its_ro
 
 
 @pytest.mark.skipif(not sparse_cpu.pointwise_conv_supported(), reason="needs the extension on a CPU with AVX2 and FMA")
-def test_a_linear_kept_dense_in_a_converted_network_runs_the_engines_kernel():
-    """After the choices, convert_for_cpu swaps each plain float32 Linear it keeps dense for DenseLinear and checks
-    the network again; policy="dense" keeps torch's layers; a Linear with a hook stays the torch layer."""
+def test_a_linear_is_weighed_against_the_engines_dense_kernel_and_kept_through_it():
+    """A plain float32 Linear's dense side is DenseLinear, as a conv's is DenseConv2d: its sparse layer is timed
+    against it (the reason says so), it is what a Linear kept dense becomes, and the table's "dense by" says what
+    runs it on the example (the kernel for 1-8 rows, torch's linear beyond); a model that is one Linear becomes
+    one; policy="dense" keeps torch's layers and a Linear with a hook stays the torch layer."""
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 10))
-    x = torch.randn(1, 3, 6, 6)
-    converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
-    head = next(row for row in table if row["type"] == "Linear")
-    assert head["chosen"] == "dense" and head["dense_algorithm"] == "dense_linear"
-    assert isinstance(converted.get_submodule(head["name"]), sparse_cpu.DenseLinear)
+    for batch, algorithm in ((1, "dense_linear"), (sparse_cpu.DENSE_LINEAR_MAX_ROWS + 1, "torch")):
+        x = torch.randn(batch, 3, 6, 6)
+        converted, table = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+        head = next(row for row in table if row["type"] == "Linear")
+        assert head["chosen"] == "dense" and head["dense_algorithm"] == algorithm
+        assert head["reason"].startswith(f"sparse not 1e+09x faster than {algorithm}")
+        assert isinstance(converted.get_submodule(head["name"]), sparse_cpu.DenseLinear)
+        with torch.no_grad():
+            assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    alone = nn.Linear(12, 5)
+    x = torch.randn(2, 12)
+    converted, table = sparse_cpu.convert_for_cpu(alone, x, min_speedup=1e9, repeats=2)
+    assert isinstance(converted, sparse_cpu.DenseLinear) and table[0]["dense_algorithm"] == "dense_linear"
     with torch.no_grad():
-        assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
-    kept, _ = sparse_cpu.convert_for_cpu(model, x, policy="dense")
+        assert_close(converted(x), alone(x), rtol=1e-5, atol=1e-5)
+    kept, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 6, 6), policy="dense")
     assert not any(isinstance(m, sparse_cpu.DenseLinear) for m in kept.modules())
     model[3].register_forward_hook(lambda module, args, output: None)
-    hooked, _ = sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)
+    hooked, table = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 6, 6), min_speedup=1e9, repeats=2)
     assert not any(isinstance(m, sparse_cpu.DenseLinear) for m in hooked.modules())
+    assert next(row for row in table if row["type"] == "Linear")["dense_algorithm"] is None

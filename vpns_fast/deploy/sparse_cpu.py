@@ -1243,11 +1243,21 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _checked_input(x, "DenseLinear")
         weight, bias = self._buffers["weight"], self._buffers["bias"]
-        if (_needs_gradient(x) or x.dim() == 0 or x.shape[-1] != self.in_features
-                or not 1 <= (rows := math.prod(x.shape[:-1])) <= DENSE_LINEAR_MAX_ROWS):
+        if not self.runs_kernel(x):
             return F.linear(x, weight, bias)
+        rows = math.prod(x.shape[:-1])
         out = _ops().dense_linear(x.reshape(rows, self.in_features), weight, bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def runs_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``self(x)`` runs the engine's kernel (else ``F.linear``)."""
+        return (not _needs_gradient(x) and x.dim() > 0 and x.shape[-1] == self.in_features
+                and 1 <= math.prod(x.shape[:-1]) <= DENSE_LINEAR_MAX_ROWS)
+
+    def dense_algorithm(self, x: torch.Tensor) -> str:
+        """What runs ``self(x)``: ``"dense_linear"`` (the engine's kernel) or ``"torch"`` (``F.linear``); the
+        decision table's "dense by" for the example's input."""
+        return "dense_linear" if self.runs_kernel(x) else "torch"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -1533,19 +1543,23 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
 def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: torch.Tensor | None, *,
                        winograd: bool, repeats: int, row: dict) -> nn.Module | None:
     """The faster dense stand-in for a Conv2d (:class:`DenseConv2d`, or :class:`WinogradConv2d` where ``winograd``,
-    the layer is one it computes and it measured faster on ``x``), checked against the layer's output on its
-    captured input ``x`` (``expected``, computed here when not given); or None: oneDNN missing, not a plain
-    float32 CPU Conv2d without hooks, or padding it cannot express. Records the choice in ``row``
-    (``dense_algorithm``, ``onednn_ms``, ``winograd_ms``, and ``winograd_note`` when Winograd was not tried or
-    refused)."""
-    if (type(module) is not nn.Conv2d or fusion.module_hooks(module) or not dense_conv_available()[0]
-            or _not_plain_reason(module) is not None):
+    the layer is one it computes and it measured faster on ``x``) or a Linear (:class:`DenseLinear`), checked
+    against the layer's output on its captured input ``x`` (``expected``, computed here when not given); or None:
+    the kernel missing (oneDNN; AVX2 and FMA for DenseLinear), not a plain float32 CPU Conv2d / Linear without
+    hooks, or padding it cannot express. Records the choice in ``row`` (``dense_algorithm``, ``onednn_ms``,
+    ``winograd_ms``, and ``winograd_note`` when Winograd was not tried or refused)."""
+    available = {nn.Conv2d: lambda: dense_conv_available()[0], nn.Linear: pointwise_conv_supported}
+    if (type(module) not in available or fusion.module_hooks(module) or _not_plain_reason(module) is not None
+            or not available[type(module)]()):
         return None
-    stand_in = DenseConv2d.from_dense(module)
+    stand_in = (DenseConv2d if type(module) is nn.Conv2d else DenseLinear).from_dense(module)
     if expected is None:
         with torch.no_grad():
             expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
+    if isinstance(stand_in, DenseLinear):
+        row["dense_algorithm"] = stand_in.dense_algorithm(x)
+        return stand_in
     row["dense_algorithm"] = stand_in.dense_algorithm
     reason = "winograd=False" if not winograd else winograd_unsupported_reason(module)
     if reason is not None:
@@ -1610,8 +1624,9 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     dense, dense_input, dense_label = module, x, ""
     stand_in = _dense_replacement(name, module, x, expected, winograd=winograd, repeats=repeats, row=row)
     if stand_in is not None:
-        # the stand-in measured on channels_last input, the layout it keeps between dense layers
-        dense, dense_input = stand_in, x.contiguous(memory_format=torch.channels_last)
+        # a conv's stand-in measured on channels_last input, the layout it keeps between dense layers
+        dense, dense_input = stand_in, (x if isinstance(stand_in, DenseLinear)
+                                        else x.contiguous(memory_format=torch.channels_last))
         dense_label = f" than {row['dense_algorithm']}"
     if not _measured_choice(functools.partial(dense, dense_input), functools.partial(sparse, x), repeats, min_speedup,
                             row, dense_label):
@@ -1797,7 +1812,6 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
                                                                       repeats, min_speedup, layout_note)
         converted, winograd_note = _prefer_winograd_where_it_pays(converted, table, example_input, reference,
                                                                   _network_rounds(repeats))
-    converted = _dense_linears(converted, table, example_input, reference, policy)
     reused = aligned = 0
     if graph_module is not None:
         fusion_note, reused, aligned = _marked_last(converted, example_input, reference, fusion_note)
@@ -2389,33 +2403,6 @@ def _prefer_faster_network(converted: nn.Module, table: list[dict], example_inpu
     return *_prefer_sparse_linears(network, note, table, example_input, reference, rounds), chosen_layout
 
 
-def _dense_linears(network: nn.Module, table: list[dict], example_input: torch.Tensor, reference,
-                   policy: str) -> nn.Module:
-    """``network`` with each Linear layer it keeps dense (a plain float32 ``nn.Linear`` without hooks, after the
-    choices above) as a :class:`DenseLinear`, the network then checked against ``reference`` on ``example_input``;
-    as it was where the kernel is unavailable, the check fails or ``policy`` is "dense" (torch's layers kept). The
-    rows of the layers swapped get ``dense_algorithm`` = "dense_linear"."""
-    if policy == "dense" or not pointwise_conv_supported():
-        return network
-    modules = dict(network.named_modules())
-    names = [row["name"] for row in table if row["type"] == "Linear" and type(modules.get(row["name"])) is nn.Linear
-             and not fusion.module_hooks(modules[row["name"]]) and modules[row["name"]].weight.dtype == torch.float32
-             and modules[row["name"]].weight.is_cpu]
-    if not names or "" in names:  # a model that is one Linear stays as it is
-        return network
-    kept = {name: modules[name] for name in names}
-    for name, layer in kept.items():
-        network.set_submodule(name, DenseLinear.from_dense(layer))
-    if _end_to_end_problem(network, example_input, reference) is not None:
-        for name, layer in kept.items():
-            network.set_submodule(name, layer)
-        return network
-    for row in table:
-        if row["name"] in kept:
-            row["dense_algorithm"] = "dense_linear"
-    return network
-
-
 def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dict], example_input: torch.Tensor,
                            reference, rounds: int) -> tuple[nn.Module, str | None]:
     """``(network, note)``: ``network`` with its Linear layers that measured faster dense made sparse, when it
@@ -2427,18 +2414,23 @@ def _prefer_sparse_linears(network: nn.Module, note: str | None, table: list[dic
     the convolutions) the weight comes from memory, 4 bytes per weight dense against 8 per nonzero sparse.
     Measured 2026-12-03 (ResNet-50, 10% kept, batch 1, 2 threads): its fc timed alone 0.141 ms dense, 0.182
     sparse, so kept dense; in the network the sparse fc made it 1.031x faster (p20-p80 of the per-round ratio
-    0.996-1.095x, 30 interleaved rounds; 18.44 against 19.10 ms)."""
+    0.996-1.095x, 30 interleaved rounds; 18.44 against 19.10 ms). That was against torch's linear; against
+    DenseLinear, the dense side since, the two run the network equally fast at 5-10% kept (ResNet-18 and ResNet-50,
+    batch 1, 2026-12-06: SparseLinear at 1.000-1.014x of DenseLinear's speed, p20-p80 within 0.959-1.057;
+    bench/results/cpu-linear-choice-ab-2026-12-06-amd.txt),
+    so this check is a tie-break that costs at most the noise."""
     modules = dict(network.named_modules())
     # only where the sparse layer moves at most half the dense layer's bytes (8 per nonzero against 4 per
     # weight: 25% kept or less); at 50% kept the choice would be a coin toss on noise (ResNet-50: 63.4 against
     # 63.5 ms in one conversion)
     names = [row["name"] for row in table
              if row["type"] == "Linear" and row["chosen"] == "dense" and row["sparse_ms"] is not None
-             and row["density"] <= SPARSE_LINEAR_MAX_DENSITY and type(modules.get(row["name"])) is nn.Linear]
+             and row["density"] <= SPARSE_LINEAR_MAX_DENSITY
+             and type(modules.get(row["name"])) in (nn.Linear, DenseLinear)]
     if not names:
         return network, note
     dense_layers = {name: modules[name] for name in names}
-    sparse_layers = {name: SparseLinear.from_dense(layer) for name, layer in dense_layers.items()}
+    sparse_layers = {name: SparseLinear(layer.weight, layer.bias) for name, layer in dense_layers.items()}
 
     def with_layers(layers: dict[str, nn.Module]) -> nn.Module:
         if "" in layers:  # the model is this one Linear

@@ -1441,6 +1441,29 @@ def test_sparse_conv2d_with_inference_tensors():
     assert_close(sparse(x), expected, baseline=expected, reduction=36)
 
 
+def test_a_network_converted_in_inference_mode_runs_in_grad_mode():
+    """convert_for_cpu called inside torch.inference_mode returns what it returns outside it: no inference tensors
+    among the parameters its torch layers keep (a LayerNorm's weight requiring a gradient made a later call in grad
+    mode fail: inference tensors cannot be saved for backward), the same outputs in both modes."""
+    generator = torch.Generator().manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Flatten(2), nn.LayerNorm(64), nn.Flatten(),
+                          nn.Linear(1024, 10)).eval()
+    with torch.no_grad():
+        for layer in (model[0], model[4]):
+            layer.weight.mul_(torch.rand(layer.weight.shape, generator=generator) < 0.1)
+    x = torch.randn(2, 3, 8, 8, generator=generator)
+    # policy="sparse": no whole-network variant (copied outside inference mode) can replace the first copy
+    for policy in ("sparse", "measure"):
+        with torch.inference_mode():
+            converted, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 8, 8, generator=generator),
+                                                      policy=policy, repeats=2)
+        assert not any(tensor.is_inference() for tensor in [*converted.parameters(), *converted.buffers()])
+        out = converted(x)
+        assert out.requires_grad  # the LayerNorm's weight is a parameter as in the model
+        with torch.no_grad():
+            assert_close(out.detach(), model(x), rtol=1e-4, atol=1e-5)
+
+
 def test_the_all_dense_variant_of_a_grouped_sparse_conv_is_grouped():
     """The whole-network timing's dense side must run a grouped layer as a grouped conv: the ungrouped
     block-diagonal conv does groups times the work (a 256-channel depthwise 3x3 conv at 56 px, batch 1, 2 threads:

@@ -1755,6 +1755,13 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     the largest of them by oneDNN again, :func:`_prefer_winograd_where_it_pays`).
     """
     _check_conversion_arguments(example_input, policy, min_speedup, repeats, winograd)
+    if torch.is_inference_mode_enabled():
+        # the copy made inside inference mode would hold inference tensors: its torch layers' parameters (a
+        # LayerNorm's weight, still requiring a gradient) would then fail a later call in grad mode that records
+        # them for backward; outside it the conversion is the same as a caller's outside it
+        with torch.inference_mode(False):
+            return convert_for_cpu(model, example_input, policy, min_speedup, repeats, replace_pooling, fuse,
+                                   summary, winograd)
     model = checked_module(model)
     # the caller's tensor is never passed to the model (which may write into its input), and every check runs
     # on a fresh copy of the same values

@@ -1677,6 +1677,30 @@ def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row
     return replacement
 
 
+def _with_layers_replaced(converted: nn.Module, layers: list[tuple[str, nn.Module]], order: list[str],
+                          capture: tuple[dict, dict], folded: list[str], refused: dict[str, str], policy: str,
+                          min_speedup: float, repeats: int, winograd: bool) -> tuple[nn.Module, list[dict]]:
+    """``(network, table)``: ``converted`` with each of ``layers`` replaced as :func:`_layer_replacement` decides (in
+    the order the example called them, ``order``, then those it never called), and the table's rows of those layers.
+    ``capture``: each layer's captured input and output shape (:func:`_capture_layer_io`)."""
+    captured, output_shapes = capture
+    modules = dict(layers)
+    table = []
+    for name in order + [name for name, _ in layers if name not in captured]:
+        module = modules[name]
+        row = _layer_row(name, module, captured, output_shapes, folded)
+        table.append(row)
+        replacement = _layer_replacement(name, module, captured.get(name), row, policy, min_speedup, repeats,
+                                         winograd, refused)
+        if replacement is None:
+            continue
+        if name:
+            converted.set_submodule(name, replacement)
+        else:  # ``model`` is itself one layer
+            converted = replacement
+    return converted, table
+
+
 def _check_conversion_arguments(example_input, policy: str, min_speedup: float, repeats: int, winograd) -> None:
     """convert_for_cpu's argument checks (ValueError / TypeError naming the argument), and the extension's
     when a layer may be replaced."""
@@ -1777,21 +1801,9 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
             folded = fusion.fold_batchnorm(graph_module)
     layers, attentions, refused = _tabled_modules(converted, replace_pooling)
     captured, order, output_shapes, calls = _capture_layer_io(converted, layers, example_input.clone(), attentions)
-    modules = dict(layers)
-    other_rows = _other_pruned_weights(converted, {**modules, **attentions}, untraced, refused)
-    table = []
-    for name in order + [name for name, _ in layers if name not in captured]:
-        module = modules[name]
-        row = _layer_row(name, module, captured, output_shapes, folded)
-        table.append(row)
-        replacement = _layer_replacement(name, module, captured.get(name), row, policy, min_speedup, repeats,
-                                         winograd, refused)
-        if replacement is None:
-            continue
-        if name:
-            converted.set_submodule(name, replacement)
-        else:  # ``model`` is itself one layer
-            converted = replacement
+    other_rows = _other_pruned_weights(converted, {**dict(layers), **attentions}, untraced, refused)
+    converted, table = _with_layers_replaced(converted, layers, order, (captured, output_shapes), folded, refused,
+                                             policy, min_speedup, repeats, winograd)
     attention_rows, swapped = _attention_decisions(converted, attentions, calls, policy, min_speedup, repeats)
     table += attention_rows + other_rows
     epilogues = {}

@@ -1247,8 +1247,10 @@ void offset_range(const int32_t* __restrict offsets, int64_t count, int32_t* lo,
   *hi = high;
 }
 
-// Writes image n's phase planes (zero padding included) into `dst` (g.image_stride floats).
-void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst) {
+// Writes rows [row_lo, row_hi) of each of channel c's phase planes of an image (zero padding included) into `dst`
+// (that image's g.image_stride floats).
+void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst, int64_t row_lo,
+                       int64_t row_hi) {
   const float* x = input + c * g.input_channel_stride;
   for (int64_t a = 0; a < g.stride_h; ++a) {
     for (int64_t b = 0; b < g.stride_w; ++b) {
@@ -1258,7 +1260,7 @@ void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, flo
       // Plane column j reads input column j * sw + b - pw: valid for j in [j_lo, j_hi).
       const int64_t j_lo = std::min(g.plane_w, std::max<int64_t>(0, (g.pad_w - b + g.stride_w - 1) / g.stride_w));
       const int64_t j_hi = std::max(j_lo, std::min(g.plane_w, (g.width + g.pad_w - b + g.stride_w - 1) / g.stride_w));
-      for (int64_t i = 0; i < g.plane_h; ++i) {
+      for (int64_t i = row_lo; i < row_hi; ++i) {
         float* row = plane + i * g.plane_w;
         const int64_t r = i * g.stride_h + a - g.pad_h;
         if (r < 0 || r >= g.height || j_lo >= j_hi) {
@@ -1736,7 +1738,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     }
   };
   auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
-    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes);
+    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes, 0, g.plane_h);
     // channels more than their planes apart (a 1x1 conv's: aligned_plane_stride, or its input's stride when its
     // offsets reach past the input) leave a gap, zeroed as an aligned output's padding is
     float* gap = image_planes + c * g.channel_stride + g.planes * g.plane_size;
@@ -1807,8 +1809,73 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     });
     return output;
   }
-  if (g.batch * g.image_stride * static_cast<int64_t>(sizeof(float)) <=
-      private_planes_bytes().load(std::memory_order_relaxed)) {
+  const int64_t planes_bytes = g.batch * g.image_stride * static_cast<int64_t>(sizeof(float));
+  const int64_t private_bytes = private_planes_bytes().load(std::memory_order_relaxed);
+  if (threads > 1 && planes_bytes <= 2 * private_bytes) {
+    // Private planes by position bands: the items go chunk of positions first (at least two chunks a thread), so a
+    // thread's own share is a band of output rows, and each thread fills in its own buffer only the plane rows its
+    // items' kept outputs read (marked per call: an item taken over from the other thread fills what it lacks).
+    // Each thread then copies about its share of the planes rather than all of them, and in a chain of such layers
+    // reads mostly rows it wrote itself. Up to twice the private threshold, as a thread fills about half.
+    // 2-vCPU AMD EPYC Zen 5, 2 threads, 10% kept, batch 1, against every thread filling all the planes (the shared
+    // copy above 512 KiB), rounds grouped by the vCPUs' measured round trip, 150 s a network, one process
+    // (bench/results/cpu-position-band-planes-ab-2026-12-06-amd.txt): ResNet-18 1.025x (p20-p80 1.009-1.043x, 4354
+    // rounds) with the vCPUs sharing the L3 and 1.061x (1.035-1.086x, 1028 rounds) apart; ResNet-50, whose 1x1
+    // layers read their input in place by output channels, 1.000x and 1.008x. Taking the 1x1 layers' items by
+    // position too did not change ResNet-50 (0.996x / 1.008x).
+    const int64_t floats = g.batch * g.image_stride;
+    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
+    const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
+    split.chunks = std::min(tiles, std::max(split.chunks, 2 * threads));
+    split.chunk_tiles = (tiles + split.chunks - 1) / split.chunks;
+    split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
+    const int64_t per_chunk = g.batch * split.row_blocks;
+    // The rows below a position's row that its taps reach, and the columns right of it.
+    const int64_t span_rows = g.plane_h - g.out_h, span_cols = g.plane_w - g.out_w;
+    static thread_local std::vector<uint8_t> filled_rows;  // this thread's rows filled this call, [batch][plane_h]
+    parallel_items(
+        split.chunks * per_chunk, split.rows * kTile,
+        [&] {
+          float* own = thread_planes(floats);
+          filled_rows.assign(static_cast<size_t>(g.batch * g.plane_h), 0);
+          for (int64_t n = 0; n < g.batch; ++n) {  // the floats after each channel's planes, and the image's slack
+            float* image = own + n * g.image_stride;
+            for (int64_t c = 0; c < g.in_channels; ++c) {
+              std::fill(image + c * g.channel_stride + g.planes * g.plane_size, image + (c + 1) * g.channel_stride,
+                        0.0f);
+            }
+            std::fill(image + used, image + g.image_stride, 0.0f);
+          }
+        },
+        [&](int64_t item, float* wide) {
+          const int64_t chunk = item / per_chunk, n = item % per_chunk / split.row_blocks;
+          const int64_t o0 = item % split.row_blocks * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
+          const int64_t q_lo = chunk * split.chunk_tiles * tile;
+          const int64_t q_end = std::min(positions, q_lo + split.chunk_tiles * tile);
+          float* image = thread_planes(floats) + n * g.image_stride;
+          const int64_t row_hi = std::min(g.plane_h, (q_end - 1 + span_cols) / g.plane_w + span_rows + 1);
+          uint8_t* filled = filled_rows.data() + n * g.plane_h;
+          for (int64_t r = q_lo / g.plane_w; r < row_hi;) {  // each run of rows not filled yet, in one pass
+            if (filled[r]) {
+              ++r;
+              continue;
+            }
+            int64_t end = r;
+            while (end < row_hi && !filled[end]) filled[end++] = 1;
+            for (int64_t c = 0; c < g.in_channels; ++c) {
+              fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image, r, end);
+            }
+            r = end;
+          }
+          for (int64_t q0 = q_lo; q0 < q_end; q0 += tile) {
+            rows_at_tile(image, n, o0, o1, q0, wide, Source::kPlanes,
+                         q0 + tile < q_end ? std::min(tile, q_end - q0 - tile) : 0);
+          }
+          if (stream) store_fence();
+        });
+    return output;
+  }
+  if (planes_bytes <= private_bytes) {
     // Every thread builds all the planes in its own buffer (kPrivatePlanesBytes), then takes items as below.
     const int64_t floats = g.batch * g.image_stride;
     share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, from_planes,

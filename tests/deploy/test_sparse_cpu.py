@@ -889,6 +889,43 @@ def test_private_planes_are_built_where_the_threshold_says(restore_private_plane
     assert plane_bytes < held[3] < 2 * plane_bytes and held[4] == held[3]
 
 
+def test_planes_up_to_twice_the_threshold_are_built_by_bands_with_two_threads(restore_private_planes_bytes):
+    """With two threads, planes above the threshold but at most twice it are built privately by position bands: the
+    calling thread (OpenMP's first) then holds a buffer for them, where one thread holds none (the shared copy), and
+    the values are those of the shared copy bit for bit and right, with stride 1 and 2, batch 1 and 3."""
+    generator = torch.Generator().manual_seed(8)
+
+    def call(layer, images, threads, threshold):
+        """(output, bytes the calling thread then holds for private planes), in a new thread."""
+        result = []
+
+        def work(index):
+            torch.set_num_threads(threads)
+            sparse_cpu.set_private_planes_bytes(threshold)
+            with torch.inference_mode():
+                result.append(layer(images))
+            result.append(sparse_cpu.private_planes_held_bytes())
+
+        assert not run_in_threads(work, count=1)
+        return result
+
+    for stride, batch in ((1, 1), (2, 1), (1, 3)):
+        weight = masked((6, 4, 3, 3), 0.4, generator)
+        layer = sparse_cpu.SparseConv2d(weight, padding=1, stride=stride)
+        x = torch.randn(batch, 4, 21, 19, generator=generator)
+        # the planes' size: what one thread holds once it may build one image's privately, times the images
+        planes_bytes = call(layer, x[:1], 1, 1 << 30)[1] * batch
+        assert planes_bytes > 0
+        threshold = planes_bytes * 3 // 4
+        shared, shared_held = call(layer, x, 2, 0)
+        alone, alone_held = call(layer, x, 1, threshold)
+        banded, banded_held = call(layer, x, 2, threshold)
+        assert shared_held == 0 and alone_held == 0  # the shared copy (one thread: per image at batch 3)
+        assert banded_held == planes_bytes  # bands, in a buffer of the planes' size
+        assert torch.equal(banded, shared) and torch.equal(alone, shared)
+        assert_close(shared, F.conv2d(x, weight, None, stride, 1), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux") or len(os.sched_getaffinity(0)) < 2,
                     reason="needs Linux and two CPUs this process may run on")
 def test_core_round_trip_is_a_time_and_checks_its_arguments():

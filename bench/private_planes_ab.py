@@ -1,6 +1,7 @@
 """What private planes change (``sparse_cpu.set_private_planes_bytes``), by where the host put the two cores: the
 same converted network or layer with planes shared (threshold 0) and private (layers: every plane, whatever its
-size; networks: the default threshold), taking turns
+size; networks: the default threshold; with two threads, by position bands: each thread fills only the rows its
+share of positions reads), taking turns
 in one process, each round tagged with the two CPUs' cache-line round trip (``sparse_cpu.core_round_trip_ns``).
 
 A round is 20 calls of each way (their medians), the order rotating round by round, then the round trip measured

@@ -159,9 +159,10 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "invalidated; on by default) rather than for reading. Returns the previous setting. Read once per call. For\n"
         "tests and for comparing both ways on a machine.");
   m.def("set_private_planes_bytes", &vpns::set_private_planes_bytes, py::arg("bytes"),
-        "Sparse convolutions of fewer than two images a thread whose input planes take at most `bytes` bytes have\n"
-        "every thread build them in its own buffer (512 KiB by default, 0: never). Returns the previous threshold.\n"
-        "Read once per call. For tests and for comparing both ways on a machine.");
+        "Sparse convolutions of fewer than two images a thread whose input planes take at most `bytes` bytes (one\n"
+        "thread), or twice that (two threads or more), have every thread build them in its own buffer, with two\n"
+        "threads or more only the rows its share of output positions reads (512 KiB by default, 0: never). Returns\n"
+        "the previous threshold. Read once per call. For tests and for comparing both ways on a machine.");
   m.def("private_planes_held_bytes", &vpns::private_planes_held_bytes,
         "Bytes the calling thread holds for the planes it builds privately (0 until it built some); each thread of\n"
         "the engine holds its own, kept for the thread's life.");

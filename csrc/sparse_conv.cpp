@@ -191,6 +191,9 @@ std::atomic<bool>& next_tile_prefetch() {
 // 512 KiB rather than 1 MiB, in a scratch A/B of the same kind (17-208 rounds): sharing the L3, each thread copying
 // ResNet-18's 861 KB planes at 56x56 cost more than it saved (ResNet-18 0.947x with 1 MiB, 0.983x with 512 KiB;
 // cores apart 1.208x and 1.157x; ResNet-50 0.979x / 0.998x and 1.062x / 1.055x).
+// Since 2026-12-06, with two threads or more, planes of up to twice this are private too, and each thread fills only
+// the rows its share of output positions reads (the position bands in sparse_conv2d_with); every thread filling all
+// of them, as above, remains the one-thread path. The figures above are the earlier way's.
 constexpr int64_t kPrivatePlanesBytes = int64_t{512} << 10;
 std::atomic<int64_t>& private_planes_bytes() {
   static std::atomic<int64_t> bytes{kPrivatePlanesBytes};
@@ -344,7 +347,10 @@ void parallel_items(int64_t total, int64_t scratch_floats, const Body& body) {
 // This thread's buffer for the planes it builds for itself (kPrivatePlanesBytes), at least `floats` long. Kept for the
 // thread's life, so that the same thread writes the same lines call after call: they stay in its own cache, and no
 // other core holds a copy that a write must first invalidate. It never shrinks: as large as the largest planes a call
-// on this thread built privately (at most the threshold in force then; 512 KiB by default).
+// on this thread built privately (at most the threshold in force then, twice it with two threads or more; 512 KiB by
+// default). Zeroed when allocated: the position bands fill only the rows a thread's items read, and a call given
+// offsets made for another input size (which pass the range check) then reads zeros or this thread's earlier planes,
+// never memory no call wrote.
 struct ThreadPlanes {
   AlignedFloats buffer;
   int64_t floats = 0;
@@ -361,6 +367,7 @@ float* thread_planes(int64_t floats) {
     own.buffer.reset();
     own.floats = 0;  // a throwing allocation leaves no stale size behind
     own.buffer = aligned_floats(floats);
+    std::fill(own.buffer.get(), own.buffer.get() + floats, 0.0f);
     own.floats = floats;
   }
   return own.buffer.get();
@@ -1811,7 +1818,10 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   }
   const int64_t planes_bytes = g.batch * g.image_stride * static_cast<int64_t>(sizeof(float));
   const int64_t private_bytes = private_planes_bytes().load(std::memory_order_relaxed);
-  if (threads > 1 && planes_bytes <= 2 * private_bytes) {
+  // twice the threshold, saturating (set_private_planes_bytes takes any value below 2**63)
+  const int64_t banded_bytes =
+      private_bytes > std::numeric_limits<int64_t>::max() / 2 ? std::numeric_limits<int64_t>::max() : 2 * private_bytes;
+  if (threads > 1 && planes_bytes <= banded_bytes) {
     // Private planes by position bands: the items go chunk of positions first (at least two chunks a thread), so a
     // thread's own share is a band of output rows, and each thread fills in its own buffer only the plane rows its
     // items' kept outputs read (marked per call: an item taken over from the other thread fills what it lacks).

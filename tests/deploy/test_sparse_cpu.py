@@ -892,7 +892,8 @@ def test_private_planes_are_built_where_the_threshold_says(restore_private_plane
 def test_planes_up_to_twice_the_threshold_are_built_by_bands_with_two_threads(restore_private_planes_bytes):
     """With two threads, planes above the threshold but at most twice it are built privately by position bands: the
     calling thread (OpenMP's first) then holds a buffer for them, where one thread holds none (the shared copy), and
-    the values are those of the shared copy bit for bit and right, with stride 1 and 2, batch 1 and 3."""
+    the values are those of the shared copy bit for bit and right, with stride 1 and 2, batch 1 and 3, and with the
+    largest threshold accepted, 2**63 - 1."""
     generator = torch.Generator().manual_seed(8)
 
     def call(layer, images, threads, threshold):
@@ -920,9 +921,12 @@ def test_planes_up_to_twice_the_threshold_are_built_by_bands_with_two_threads(re
         shared, shared_held = call(layer, x, 2, 0)
         alone, alone_held = call(layer, x, 1, threshold)
         banded, banded_held = call(layer, x, 2, threshold)
+        # the largest threshold accepted (twice it saturates in the extension rather than overflowing: undefined
+        # behaviour in C++; which private path runs is not visible here, only that the call is right)
+        largest, largest_held = call(layer, x, 2, (1 << 63) - 1)
         assert shared_held == 0 and alone_held == 0  # the shared copy (one thread: per image at batch 3)
-        assert banded_held == planes_bytes  # bands, in a buffer of the planes' size
-        assert torch.equal(banded, shared) and torch.equal(alone, shared)
+        assert banded_held == planes_bytes == largest_held  # bands, in a buffer of the planes' size
+        assert torch.equal(banded, shared) and torch.equal(alone, shared) and torch.equal(largest, shared)
         assert_close(shared, F.conv2d(x, weight, None, stride, 1), rtol=1e-5, atol=1e-5)
 
 

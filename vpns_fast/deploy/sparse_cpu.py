@@ -141,8 +141,9 @@ def set_streamed_output_bytes(threshold_bytes: int) -> int:
 def set_private_planes_bytes(threshold_bytes: int) -> int:
     """Sparse convolutions of fewer than two images a thread that copy their input into zero-padded planes have
     every thread build them in a buffer of its own, kept between calls, when they take at most ``threshold_bytes``
-    bytes (512 KiB by default; 0: never), or, with two threads or more, at most twice that: then each thread fills
-    only the rows of the planes that its share of output positions reads (ResNet-18 at 10% kept, batch 1, 2 threads:
+    bytes with one thread, at most twice that with two threads or more (512 KiB by default; 0: never). With two
+    threads or more each thread then fills only the rows of the planes that its share of output positions reads,
+    whatever their size (ResNet-18 at 10% kept, batch 1, 2 threads, against every thread filling all of them:
     1.025x with the cores sharing their cache, 1.061x apart; ResNet-50 1.00x). Otherwise one copy is built, each
     thread filling a share, and every thread reads all of it. The values are the same either way.
 

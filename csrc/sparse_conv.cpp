@@ -1744,32 +1744,52 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       if (out_stride > plane && q0 + count == positions) std::fill(dst + plane, dst + out_stride, 0.0f);
     }
   };
-  auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
-    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes, 0, g.plane_h);
-    // channels more than their planes apart (a 1x1 conv's: aligned_plane_stride, or its input's stride when its
-    // offsets reach past the input) leave a gap, zeroed as an aligned output's padding is
+  // Zeros the floats after channel c's planes in an image's planes, and after the last channel the image's slack:
+  // channels more than their planes apart (a 1x1 conv's: aligned_plane_stride, or its input's stride when its offsets
+  // reach past the input) leave a gap, zeroed as an aligned output's padding is.
+  auto clear_past_planes = [&](int64_t c, float* image_planes) {
     float* gap = image_planes + c * g.channel_stride + g.planes * g.plane_size;
     std::fill(gap, image_planes + (c + 1) * g.channel_stride, 0.0f);
     if (c == g.in_channels - 1) {
       std::memset(image_planes + used, 0, static_cast<size_t>(g.image_stride - used) * sizeof(float));
     }
   };
+  auto fill_image = [&](int64_t n, int64_t c, float* image_planes) {
+    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image_planes, 0, g.plane_h);
+    clear_past_planes(c, image_planes);
+  };
 
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   // Items of (row block, image, run of tiles) over images `image_floats` apart from images_of_thread() (where they
   // are for the thread that runs an item), a few per thread; `start`: what each thread does first (parallel_items).
-  // `source_of(n)`: how image n is read.
+  // `source_of(n)`: how image n is read. Row block first: the items a thread takes one after another mostly share
+  // their rows' nonzeros. `position_first`: run of tiles first instead (at least two runs a thread), so that a
+  // thread's own share is a band of output rows; `before_item(n, q_lo, q_end)` then runs before each item's tiles
+  // (the position bands below fill the plane rows those positions read).
   const auto from_planes = [](int64_t) { return Source::kPlanes; };
-  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start) {
-    const WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
-    const int64_t items_per_rows = g.batch * split.chunks;
+  const auto nothing_first = [] {};
+  const auto nothing_before = [](int64_t, int64_t, int64_t) {};
+  auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start,
+                       bool position_first, const auto& before_item) {
+    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
+    if (position_first) {
+      const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
+      split.chunks = std::min(tiles, std::max(split.chunks, 2 * threads));
+      split.chunk_tiles = (tiles + split.chunks - 1) / split.chunks;
+      split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
+    }
+    const int64_t items_per_rows = g.batch * split.chunks, items_per_chunk = g.batch * split.row_blocks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
       const float* base = images_of_thread();
-      // Row block major: the items a thread takes one after another mostly share their rows' nonzeros.
-      const int64_t rb = item / items_per_rows, n = item % items_per_rows / split.chunks, chunk = item % split.chunks;
+      const int64_t rb = position_first ? item % split.row_blocks : item / items_per_rows;
+      const int64_t n =
+          position_first ? item % items_per_chunk / split.row_blocks : item % items_per_rows / split.chunks;
+      const int64_t chunk = position_first ? item / items_per_chunk : item % split.chunks;
       const int64_t o0 = rb * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
-      const int64_t q_end = std::min(positions, (chunk + 1) * split.chunk_tiles * tile);
-      for (int64_t q0 = chunk * split.chunk_tiles * tile; q0 < q_end; q0 += tile) {
+      const int64_t q_lo = chunk * split.chunk_tiles * tile,
+                    q_end = std::min(positions, q_lo + split.chunk_tiles * tile);
+      before_item(n, q_lo, q_end);
+      for (int64_t q0 = q_lo; q0 < q_end; q0 += tile) {
         rows_at_tile(base + n * image_floats, n, o0, o1, q0, wide, source_of(n),
                      q0 + tile < q_end ? std::min(tile, q_end - q0 - tile) : 0);
       }
@@ -1794,7 +1814,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     const int64_t reach = max_offset + round_up(positions, kernels.lanes);
     share_out([&] { return x_data; }, used,
               [&](int64_t n) { return n * used + reach <= readable ? Source::kInputWhole : Source::kInputExact; },
-              [] {});
+              nothing_first, false, nothing_before);
     return output;
   }
   if (g.batch >= 2 * threads) {
@@ -1834,55 +1854,35 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // layers read their input in place by output channels, 1.000x and 1.008x. Taking the 1x1 layers' items by
     // position too did not change ResNet-50 (0.996x / 1.008x).
     const int64_t floats = g.batch * g.image_stride;
-    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
-    const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
-    split.chunks = std::min(tiles, std::max(split.chunks, 2 * threads));
-    split.chunk_tiles = (tiles + split.chunks - 1) / split.chunks;
-    split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
-    const int64_t per_chunk = g.batch * split.row_blocks;
     // The rows below a position's row that its taps reach, and the columns right of it.
     const int64_t span_rows = g.plane_h - g.out_h, span_cols = g.plane_w - g.out_w;
     static thread_local std::vector<uint8_t> filled_rows;  // this thread's rows filled this call, [batch][plane_h]
-    parallel_items(
-        split.chunks * per_chunk, split.rows * kTile,
-        [&] {
-          float* own = thread_planes(floats);
-          filled_rows.assign(static_cast<size_t>(g.batch * g.plane_h), 0);
-          for (int64_t n = 0; n < g.batch; ++n) {  // the floats after each channel's planes, and the image's slack
-            float* image = own + n * g.image_stride;
-            for (int64_t c = 0; c < g.in_channels; ++c) {
-              std::fill(image + c * g.channel_stride + g.planes * g.plane_size, image + (c + 1) * g.channel_stride,
-                        0.0f);
-            }
-            std::fill(image + used, image + g.image_stride, 0.0f);
-          }
-        },
-        [&](int64_t item, float* wide) {
-          const int64_t chunk = item / per_chunk, n = item % per_chunk / split.row_blocks;
-          const int64_t o0 = item % split.row_blocks * split.rows, o1 = std::min(g.out_channels, o0 + split.rows);
-          const int64_t q_lo = chunk * split.chunk_tiles * tile;
-          const int64_t q_end = std::min(positions, q_lo + split.chunk_tiles * tile);
-          float* image = thread_planes(floats) + n * g.image_stride;
-          const int64_t row_hi = std::min(g.plane_h, (q_end - 1 + span_cols) / g.plane_w + span_rows + 1);
-          uint8_t* filled = filled_rows.data() + n * g.plane_h;
-          for (int64_t r = q_lo / g.plane_w; r < row_hi;) {  // each run of rows not filled yet, in one pass
-            if (filled[r]) {
-              ++r;
-              continue;
-            }
-            int64_t end = r;
-            while (end < row_hi && !filled[end]) filled[end++] = 1;
-            for (int64_t c = 0; c < g.in_channels; ++c) {
-              fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image, r, end);
-            }
-            r = end;
-          }
-          for (int64_t q0 = q_lo; q0 < q_end; q0 += tile) {
-            rows_at_tile(image, n, o0, o1, q0, wide, Source::kPlanes,
-                         q0 + tile < q_end ? std::min(tile, q_end - q0 - tile) : 0);
-          }
-          if (stream) store_fence();
-        });
+    share_out([&] { return static_cast<const float*>(thread_planes(floats)); }, g.image_stride, from_planes,
+              [&] {
+                float* own = thread_planes(floats);
+                filled_rows.assign(static_cast<size_t>(g.batch * g.plane_h), 0);
+                for (int64_t n = 0; n < g.batch; ++n) {
+                  for (int64_t c = 0; c < g.in_channels; ++c) clear_past_planes(c, own + n * g.image_stride);
+                }
+              },
+              true,
+              [&](int64_t n, int64_t q_lo, int64_t q_end) {  // each run of the rows these positions read not filled yet
+                float* image = thread_planes(floats) + n * g.image_stride;
+                const int64_t row_hi = std::min(g.plane_h, (q_end - 1 + span_cols) / g.plane_w + span_rows + 1);
+                uint8_t* filled = filled_rows.data() + n * g.plane_h;
+                for (int64_t r = q_lo / g.plane_w; r < row_hi;) {
+                  if (filled[r]) {
+                    ++r;
+                    continue;
+                  }
+                  int64_t end = r;
+                  while (end < row_hi && !filled[end]) filled[end++] = 1;
+                  for (int64_t c = 0; c < g.in_channels; ++c) {
+                    fill_phase_planes(g, x_data + n * g.in_channels * g.input_channel_stride, c, image, r, end);
+                  }
+                  r = end;
+                }
+              });
     return output;
   }
   if (planes_bytes <= private_bytes) {
@@ -1894,7 +1894,8 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
                 for (int64_t n = 0; n < g.batch; ++n) {
                   for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, own + n * g.image_stride);
                 }
-              });
+              },
+              false, nothing_before);
     return output;
   }
   at::Tensor planes = at::empty({g.batch, g.image_stride}, x.options());
@@ -1910,7 +1911,8 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       fill_image(n, c, planes_data + n * g.image_stride);
     }
   });
-  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, from_planes, [] {});
+  share_out([&] { return static_cast<const float*>(planes_data); }, g.image_stride, from_planes, nothing_first, false,
+            nothing_before);
   return output;
 }
 

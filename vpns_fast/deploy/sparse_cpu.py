@@ -1228,9 +1228,9 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     """A Linear layer the engine keeps dense: ``forward(x) == F.linear(x, weight, bias)`` within float32 rounding.
     Inputs of up to DENSE_LINEAR_MAX_ROWS rows that need no gradient run the engine's kernel (``dense_linear`` in
     csrc/pointwise_conv.cpp: each thread reads its share of the weight's rows once), the rest ``F.linear``. Why: at
-    batch 1 torch's linear ran ResNet-50's classifier (an 8 MB weight) barely faster on 2 threads than on 1 (0.33
-    against 0.38 ms, caches flushed); inside the network, after the convolutions' weights, that weight is cold (0.376
-    ms against the kernel's 0.166 ms, caches flushed)."""
+    batch 1 torch's linear ran ResNet-50's classifier (an 8 MB weight) no faster on 2 threads than on 1 (0.356-0.368
+    against 0.368-0.372 ms, caches flushed); inside the network, after the convolutions' weights, that weight is cold
+    (0.376 ms against the kernel's 0.166 ms, caches flushed; bench/results/cpu-dense-linear-ab-2026-12-06-amd.txt)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
@@ -1246,21 +1246,24 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = _checked_input(x, "DenseLinear")
         weight, bias = self._buffers["weight"], self._buffers["bias"]
-        if not self.runs_kernel(x):
+        rows = self._kernel_rows(x)
+        if not rows:
             return F.linear(x, weight, bias)
-        rows = math.prod(x.shape[:-1])
         out = _ops().dense_linear(x.reshape(rows, self.in_features), weight, bias)
         return out.reshape(*x.shape[:-1], self.out_features)
 
-    def runs_kernel(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the engine's kernel (else ``F.linear``)."""
-        return (not _needs_gradient(x) and x.dim() > 0 and x.shape[-1] == self.in_features
-                and 1 <= math.prod(x.shape[:-1]) <= DENSE_LINEAR_MAX_ROWS)
+    def _kernel_rows(self, x: torch.Tensor) -> int:
+        """The rows ``self(x)`` gives the engine's kernel, or 0 where ``F.linear`` runs it."""
+        if _needs_gradient(x) or x.dim() == 0 or x.shape[-1] != self.in_features:
+            return 0
+        rows = math.prod(x.shape[:-1])
+        return rows if 1 <= rows <= DENSE_LINEAR_MAX_ROWS else 0
 
-    def dense_algorithm(self, x: torch.Tensor) -> str:
+    def algorithm_for(self, x: torch.Tensor) -> str:
         """What runs ``self(x)``: ``"dense_linear"`` (the engine's kernel) or ``"torch"`` (``F.linear``); the
-        decision table's "dense by" for the example's input."""
-        return "dense_linear" if self.runs_kernel(x) else "torch"
+        decision table's "dense by" for the example's input (DenseConv2d's ``dense_algorithm`` depends on the layer
+        alone, this one on the input's rows)."""
+        return "dense_linear" if self._kernel_rows(x) else "torch"
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
@@ -1551,9 +1554,9 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: 
     the kernel missing (oneDNN; AVX2 and FMA for DenseLinear), not a plain float32 CPU Conv2d / Linear without
     hooks, or padding it cannot express. Records the choice in ``row`` (``dense_algorithm``, ``onednn_ms``,
     ``winograd_ms``, and ``winograd_note`` when Winograd was not tried or refused)."""
-    available = {nn.Conv2d: lambda: dense_conv_available()[0], nn.Linear: pointwise_conv_supported}
-    if (type(module) not in available or fusion.module_hooks(module) or _not_plain_reason(module) is not None
-            or not available[type(module)]()):
+    if type(module) not in (nn.Conv2d, nn.Linear) or fusion.module_hooks(module) or _not_plain_reason(module):
+        return None
+    if not (dense_conv_available()[0] if type(module) is nn.Conv2d else pointwise_conv_supported()):
         return None
     stand_in = (DenseConv2d if type(module) is nn.Conv2d else DenseLinear).from_dense(module)
     if expected is None:
@@ -1561,7 +1564,7 @@ def _dense_replacement(name: str, module: nn.Module, x: torch.Tensor, expected: 
             expected = module(x)
     _check_replacement(name, "dense stand-in", module, stand_in, x, expected)
     if isinstance(stand_in, DenseLinear):
-        row["dense_algorithm"] = stand_in.dense_algorithm(x)
+        row["dense_algorithm"] = stand_in.algorithm_for(x)
         return stand_in
     row["dense_algorithm"] = stand_in.dense_algorithm
     reason = "winograd=False" if not winograd else winograd_unsupported_reason(module)

@@ -139,6 +139,72 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       "An uninitialised float32 CPU tensor of these sizes (contiguous, or channels_last strides) whose storage comes\n"
       "from the engine's cache of already touched buffers (1 MiB and more; smaller ones from torch's allocator); it\n"
       "goes back to the cache when freed.");
+  py::class_<vpns::CallPlan, std::shared_ptr<vpns::CallPlan>>(
+      m, "CallPlan",
+      "A converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan builds it; "
+      "see csrc/vpns_ops.h for each method).")
+      .def(py::init<int64_t, int64_t>(), py::arg("slots"), py::arg("output_slot"))
+      .def("watch", &vpns::CallPlan::watch, py::arg("tensor"))
+      .def("release_after_last_step", &vpns::CallPlan::release_after_last_step, py::arg("slots"))
+      .def("add_sparse_conv", &vpns::CallPlan::add_sparse_conv, py::arg("input"), py::arg("residual"),
+           py::arg("output"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
+           py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"),
+           py::arg("input_channel_stride"), py::arg("aligned_output"))
+      .def("add_pointwise_conv", &vpns::CallPlan::add_pointwise_conv, py::arg("input"), py::arg("residual"),
+           py::arg("output"), py::arg("packed"), py::arg("bias"), py::arg("relu"), py::arg("into_residual"))
+      .def("add_onednn_conv", &vpns::CallPlan::add_onednn_conv, py::arg("input"), py::arg("residual"),
+           py::arg("output"), py::arg("packed"), py::arg("bias"), py::arg("padding"), py::arg("stride"),
+           py::arg("dilation"), py::arg("groups"), py::arg("into_residual"), py::arg("activation"))
+      .def("add_winograd_conv", &vpns::CallPlan::add_winograd_conv, py::arg("input"), py::arg("residual"),
+           py::arg("output"), py::arg("weight"), py::arg("bias"), py::arg("padding"), py::arg("activation"))
+      .def("add_channels_last_copy", &vpns::CallPlan::add_channels_last_copy, py::arg("input"), py::arg("output"))
+      .def("add_contiguous", &vpns::CallPlan::add_contiguous, py::arg("input"), py::arg("output"))
+      .def("add_max_pool", &vpns::CallPlan::add_max_pool, py::arg("input"), py::arg("output"), py::arg("kernel_size"),
+           py::arg("stride"), py::arg("padding"))
+      .def("add_adaptive_avg_pool", &vpns::CallPlan::add_adaptive_avg_pool, py::arg("input"), py::arg("output"),
+           py::arg("output_size"))
+      .def("add_flatten", &vpns::CallPlan::add_flatten, py::arg("input"), py::arg("output"), py::arg("start_dim"),
+           py::arg("end_dim"))
+      .def("add_dense_linear", &vpns::CallPlan::add_dense_linear, py::arg("input"), py::arg("output"),
+           py::arg("weight"), py::arg("bias"))
+      .def("add_sparse_linear", &vpns::CallPlan::add_sparse_linear, py::arg("input"), py::arg("output"),
+           py::arg("row_ptr"), py::arg("column_index"), py::arg("values"), py::arg("in_features"), py::arg("bias"))
+      .def(
+          "add_python_call",
+          [](vpns::CallPlan& self, const std::string& name, std::vector<int64_t> inputs, std::vector<int64_t> outputs,
+             py::object function) {
+            for (const int64_t slot : inputs) self.check_slots({slot});
+            TORCH_CHECK(!outputs.empty(), "CallPlan.add_python_call: no output slot");
+            for (const int64_t slot : outputs) self.check_slots({slot});
+            // the callable is dropped with the GIL held, whichever thread drops the plan's last reference
+            auto held = std::shared_ptr<py::object>(new py::object(std::move(function)), [](py::object* object) {
+              py::gil_scoped_acquire gil;
+              delete object;
+            });
+            self.add("python:" + name, [inputs, outputs, held](std::vector<at::Tensor>& slot) {
+              py::gil_scoped_acquire gil;
+              py::tuple args(inputs.size());
+              for (size_t i = 0; i < inputs.size(); ++i) args[i] = py::cast(slot[inputs[i]]);
+              const py::object result = (*held)(*args);
+              if (outputs.size() == 1) {
+                slot[outputs[0]] = result.cast<at::Tensor>();
+                return;
+              }
+              const auto tensors = result.cast<std::vector<at::Tensor>>();
+              TORCH_CHECK(tensors.size() == outputs.size(), "CallPlan: a Python step gave ", tensors.size(),
+                          " tensors for ", outputs.size(), " slots");
+              for (size_t i = 0; i < outputs.size(); ++i) slot[outputs[i]] = tensors[i];
+            });
+          },
+          py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("function"),
+          "A step that calls function(*the tensors in inputs) in Python (the GIL taken for it) and keeps its "
+          "tensor in the one output slot, or the tensors of the sequence it returns in the output slots: a graph "
+          "node the plan has no C++ step for.")
+      // the GIL is released while it runs (taken again only by Python steps): other Python threads run meanwhile
+      .def("run", &vpns::CallPlan::run, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
+           "The network's output for input, or None when a watched tensor changed in place since the plan was made.")
+      .def_property_readonly("steps", &vpns::CallPlan::steps)
+      .def_property_readonly("step_names", &vpns::CallPlan::step_names);
   m.def("aligned_channel_stride", &vpns::aligned_channel_stride, py::arg("plane"),
         "Floats from one channel to the next in sparse_conv2d's aligned_output for planes of `plane` floats: the\n"
         "plane rounded up to whole 64-byte lines (16 floats) when it is above 8 floats, else the plane.");

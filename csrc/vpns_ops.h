@@ -3,8 +3,11 @@
 
 #include <ATen/ATen.h>
 
+#include <functional>
+#include <memory>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 namespace vpns {
@@ -117,5 +120,64 @@ std::vector<std::string> sparse_kernel_isas();
 std::string sparse_kernel_isa_environment_note();
 // Makes the sparse kernels run with `name` (one this CPU has); returns the previous choice.
 std::string set_sparse_kernel_isa(const std::string& name);
+
+// csrc/call_plan.cpp: a converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan
+// records them). Values live in numbered slots: slot 0 holds the input, each step reads slots (-1: none) and writes
+// one; a step's arguments are the ones the layer's own forward computed for that input.
+class CallPlan {
+ public:
+  CallPlan(int64_t slots, int64_t output_slot);
+  // run() gives nullopt once `tensor` has changed in place (its version counter moved) or been given other memory
+  // since this call.
+  void watch(const at::Tensor& tensor);
+  // Slots emptied after the last step added (nothing later reads them), as the traced graph drops its values.
+  void release_after_last_step(std::vector<int64_t> slots);
+  void add_sparse_conv(int64_t input, int64_t residual, int64_t output, at::Tensor segments,
+                       std::shared_ptr<CheckedOffsets> offsets, at::Tensor values, std::vector<int64_t> weight_shape,
+                       std::optional<at::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
+                       std::vector<int64_t> dilation, int64_t activation, int64_t input_channel_stride,
+                       bool aligned_output);
+  void add_pointwise_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
+                          std::optional<at::Tensor> bias, bool relu, bool into_residual);
+  // oneDNN's convolution (torch's mkldnn::_convolution_pointwise overloads), then ReLU in place when activation is 1.
+  void add_onednn_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
+                       std::optional<at::Tensor> bias, std::vector<int64_t> padding, std::vector<int64_t> stride,
+                       std::vector<int64_t> dilation, int64_t groups, bool into_residual, int64_t activation);
+  void add_winograd_conv(int64_t input, int64_t residual, int64_t output, at::Tensor weight,
+                         std::optional<at::Tensor> bias, std::vector<int64_t> padding, int64_t activation);
+  // input itself when channels_last, else a channels_last copy in an activation buffer.
+  void add_channels_last_copy(int64_t input, int64_t output);
+  void add_contiguous(int64_t input, int64_t output);
+  void add_max_pool(int64_t input, int64_t output, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
+                    std::vector<int64_t> padding);
+  void add_adaptive_avg_pool(int64_t input, int64_t output, std::vector<int64_t> output_size);
+  void add_flatten(int64_t input, int64_t output, int64_t start_dim, int64_t end_dim);
+  void add_dense_linear(int64_t input, int64_t output, at::Tensor weight, std::optional<at::Tensor> bias);
+  void add_sparse_linear(int64_t input, int64_t output, at::Tensor row_ptr, at::Tensor column_index, at::Tensor values,
+                         int64_t in_features, std::optional<at::Tensor> bias);
+  using Step = std::function<void(std::vector<at::Tensor>&)>;
+  // A step of another kind (csrc/module.cpp adds the one that calls back into Python), named `name`.
+  void add(std::string name, Step step);
+  // TORCH_CHECKs that each slot is -1 or one of the plan's.
+  void check_slots(std::initializer_list<int64_t> slots) const;
+  // The network's output for `input`, or nullopt when a watched tensor changed (the plan is stale). Safe to call
+  // from several threads at once: each call has its own slots.
+  std::optional<at::Tensor> run(const at::Tensor& input) const;
+  int64_t steps() const { return static_cast<int64_t>(steps_.size()); }
+  // The kind of each step, in order ("sparse_conv", "onednn_conv+=residual", ...): what the plan calls.
+  const std::vector<std::string>& step_names() const { return names_; }
+
+ private:
+  int64_t slots_, output_slot_;
+  std::vector<Step> steps_;
+  std::vector<std::string> names_;
+  std::vector<std::vector<int64_t>> releases_;
+  struct Watched {
+    at::Tensor tensor;
+    int64_t version;
+    const void* data;
+  };
+  std::vector<Watched> watched_;
+};
 
 }  // namespace vpns

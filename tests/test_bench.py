@@ -431,7 +431,11 @@ def test_cpu_rows_record_the_cores_round_trip(monkeypatch):
     ("aligned_outputs_ab", ["--density", "1.5"], "--density: expected a fraction in (0, 1]"),
     ("aligned_outputs_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1"),
     ("pointwise_ab", ["--density", "1.5"], "--density: expected a fraction in (0, 1]"),
-    ("pointwise_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1")])
+    ("pointwise_ab", ["--rounds", "0"], "--rounds: expected an integer >= 1"),
+    ("call_plan_ab", ["--densities", "0.1,x"], "--densities: expected fractions separated by commas"),
+    ("call_plan_ab", ["--densities", "0"], "--densities: expected fractions in (0, 1]"),
+    ("call_plan_ab", ["--batch", "0"], "--batch: expected a positive integer"),
+    ("call_plan_ab", ["--seconds", "0"], "--seconds: expected a positive number")])
 def test_the_switch_scripts_refuse_bad_arguments_by_name(script, argv, message, capsys):
     """The one-process A/B scripts of an engine switch: one line naming the argument, exit 2."""
     import importlib
@@ -782,3 +786,22 @@ def test_ort_layers_times_each_layer_where_it_runs_and_reads_onnx_runtimes_profi
     assert run_ms == 0.01
     with pytest.raises(ValueError, match="no timed model_run"):
         ort_layers.ort_profile_layers(events, {}, warmup=2)
+
+
+def test_call_plan_ab_reports_each_network_with_its_plan(monkeypatch, capsys):
+    """bench/call_plan_ab.py on a tiny network: the outputs compared, then rounds of both ways, one line a group."""
+    from torch import nn
+
+    from bench import call_plan_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    if not sparse_cpu.available()[0]:
+        pytest.skip("the C++ extension is not built")
+    monkeypatch.setattr(call_plan_ab, "pruned_model", lambda name, density, mask: nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)).eval())
+    assert call_plan_ab.main(["--networks", "tiny", "--densities", "0.5", "--seconds", "0.2", "--calls", "2",
+                              "--threads", "1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# call_plan.set_call_plans graph / plan; 1 threads")
+    assert lines[1:] and all(line.startswith("tiny 0.5 kept batch 1 (") and " steps), cores " in line
+                             for line in lines[1:])

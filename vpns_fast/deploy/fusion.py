@@ -398,6 +398,13 @@ def residual_reuse_allowed(residual: torch.Tensor, *modules: nn.Module) -> bool:
     run, with the residual as its own local variable."""
     if _references_seen(residual) > _SOLE_LOCAL_REFERENCES + 1:  # + 1: this function's own parameter
         return False
+    return reuse_allowed_by_modules(*modules)
+
+
+def reuse_allowed_by_modules(*modules: nn.Module) -> bool:
+    """:func:`residual_reuse_allowed` less its reference count: no tracing, no hook on ``modules`` or on every
+    module, and each of them a class of the engine's. A compiled call plan (vpns_fast.deploy.call_plan), whose
+    values nothing outside it holds, decides by this when it is made, and checks the hooks again on every run."""
     if _tracing() or (module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
                       or module_globals._global_backward_hooks or module_globals._global_backward_pre_hooks):
         return False

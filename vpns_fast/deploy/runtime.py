@@ -60,6 +60,11 @@ class DeployedModel(nn.Module):
         for param in self.parameters():
             param.requires_grad_(False)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_call_plans", None)  # made again on the next call (the extension's plans do not pickle)
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         # pickled before these existed: the image shape from the side, the mapping's extent from the mapping
@@ -104,7 +109,7 @@ class DeployedModel(nn.Module):
         x = self.prompt(images) if self.prompt is not None else normalize(images, self.mean, self.std)
         if self.info.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self.network(x)
+        logits = self._network_output(x)
         if self.mapping is None:
             return logits
         if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
@@ -114,6 +119,42 @@ class DeployedModel(nn.Module):
             raise ValueError(f"label_mapping: index {self.mapping_end - 1} is out of range for the network's "
                              f"{logits.shape[1]} outputs")
         return logits.index_select(1, self.mapping)
+
+
+    def _network_output(self, x: torch.Tensor):
+        """``self.network(x)``, through a compiled call plan where the CPU engine runs the network and one is made
+        for ``x`` (vpns_fast.deploy.call_plan: the same calls, as one C++ call)."""
+        if self.info.get("backend") != "sparse_cpu":
+            return self.network(x)
+        from vpns_fast.deploy import call_plan
+
+        if not call_plan.call_plans_enabled() or call_plan.hooks_on(self.network):
+            return self.network(x)  # a plan would call around the hooks
+        plans = self.__dict__.get("_call_plans") or {}
+        key = call_plan.plan_key(x)
+        entry = plans.get(key)
+        if entry is not None and entry.current(self.network):
+            if entry.plan is None or entry.plan.hooks_on_called():
+                return self.network(x)  # refused, and nothing it depends on has changed; or hooks to run
+            out = entry.plan.run(x)
+            if out is not None:
+                return out
+            # else a tensor it was made from changed in place: a new plan
+        with call_plan.BUILD_LOCK:
+            entry, out = call_plan.PlanEntry.made(self.network, x)
+            # a new dict, never one changed in place: another thread may be reading the old one
+            kept = {k: v for k, v in plans.items() if k != key}
+            while len(kept) >= call_plan.MAX_PLANS:
+                del kept[next(iter(kept))]
+            kept[key] = entry
+            self.__dict__["_call_plans"] = kept
+        return out
+
+    def call_plans(self) -> list[dict]:
+        """The compiled call plans this module holds, one per input shape met: ``input_shape``, ``steps`` (0 where
+        refused) and ``refused`` (why not, or "")."""
+        return [{"input_shape": key[0], "steps": entry.plan.steps if entry.plan else 0, "refused": entry.reason}
+                for key, entry in (self.__dict__.get("_call_plans") or {}).items()]
 
 
 def _mapping_end(mapping: torch.Tensor | None) -> int:

@@ -369,7 +369,46 @@ def cast_by(fn, device: torch.device | str = "cpu") -> torch.Tensor:
     return fn(torch.zeros(1, dtype=torch.float32, device=device))  # float32 whatever the default dtype
 
 
-class _Float32CpuLayer:
+# Attributes the engine's layers write during their calls (caches of geometry, packed weights and output shapes): not
+# edits of the layer.
+_CALL_CACHES = frozenset({"_geometry_cache", "_output_shapes", "_packed", "_small_output_shapes"})
+_LAYER_EDITS = [0]
+
+
+def layer_edits() -> int:
+    """A count that moves whenever one of the engine's layers is edited (an attribute set or deleted, a buffer
+    registered, ``.to()`` and the like, ``refresh()``) or an engine switch of this module is set: what a compiled
+    call plan (vpns_fast.deploy.call_plan) compares on every run, since those edits change what the layers compute
+    without changing a tensor it watches."""
+    return _LAYER_EDITS[0]
+
+
+def _count_layer_edit() -> None:
+    _LAYER_EDITS[0] += 1
+
+
+class _CountedEdits:
+    """Counts this layer's edits in :func:`layer_edits` (its own call caches excepted)."""
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name not in _CALL_CACHES:
+            _count_layer_edit()
+
+    def __delattr__(self, name):
+        super().__delattr__(name)
+        _count_layer_edit()
+
+    def register_buffer(self, name, tensor, persistent=True):
+        super().register_buffer(name, tensor, persistent)
+        _count_layer_edit()
+
+    def _apply(self, fn, recurse=True):
+        _count_layer_edit()
+        return super()._apply(fn, recurse)
+
+
+class _Float32CpuLayer(_CountedEdits):
     """The engine's layers run float32 on the CPU only. ``.half()``, ``.double()``, ``.to(dtype)`` or a move to
     another device is refused (TypeError naming the layer) before any tensor changes: it used to succeed and leave
     the next call to fail inside the kernel's argument checks. Inputs of other dtypes are the deployed module's to
@@ -662,15 +701,35 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
              aligned_output: bool = False) -> torch.Tensor:
+        segments, offsets, values, channel_stride = self._kernel_arguments(x)
+        return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, self._buffers["bias"],
+                                    self.stride, self.padding, self.dilation, residual,
+                                    EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
+                                    aligned_output=aligned_output)
+
+    def _kernel_arguments(self, x: torch.Tensor) -> tuple:
+        """(segments, offsets, values, input channel stride): the kernel's arguments for the 4-d ``x``, as ``_run``
+        and a compiled call plan pass them."""
         channel_stride = _padded_channel_stride(x)
         # only an in-place read's offsets depend on it: the others share one set
         offsets, segments, values = self._geometry(
             x.shape[2], x.shape[3], channel_stride if channel_stride and self.reads_input_in_place else 0)
-        buffers = self._buffers
-        return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, buffers["bias"],
-                                    self.stride, self.padding, self.dilation, residual,
-                                    EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
-                                    aligned_output=aligned_output)
+        return segments, offsets, values, channel_stride
+
+    def add_to_plan(self, plan, slots: tuple[int, int, int], x: torch.Tensor, residual: torch.Tensor | None = None,
+                    *, residual_reusable: bool = False, aligned_output: bool = False) -> bool:
+        """Adds to ``plan`` (a ``CallPlan`` of the extension) the call ``self(x, residual, ...)`` makes, reading
+        and writing ``slots`` (input, residual or -1, output), and returns True; False (nothing added) where that
+        call is not the kernel's (``x`` needs a gradient, is unbatched, or the residual broadcasts). The plan is
+        made for ``x``'s shape and layout only."""
+        if _needs_gradient(x, residual) or x.dim() != 4 or (
+                residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d")):
+            return False
+        segments, offsets, values, channel_stride = self._kernel_arguments(x)
+        plan.add_sparse_conv(*slots, segments, offsets, values, list(self.weight_shape), self._buffers["bias"],
+                             list(self.stride), list(self.padding), list(self.dilation),
+                             EPILOGUE_ACTIVATIONS.get(self._activation, 0), channel_stride, aligned_output)
+        return True
 
     def extra_repr(self) -> str:
         out_channels, in_channels, kernel_h, kernel_w = self.weight_shape
@@ -709,6 +768,7 @@ def set_pointwise_conv(enabled: bool) -> bool:
     measurements."""
     previous = _POINTWISE["enabled"]
     _POINTWISE["enabled"] = bool(enabled)
+    _count_layer_edit()
     return previous
 
 
@@ -822,6 +882,7 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         writes to ``weight`` that autograd's version counter does not see (its shape too: ``weight.data = ...``)."""
         self._packed = {}
         self._small_output_shapes = {}
+        _count_layer_edit()  # a compiled call plan holding the old copies is made again
 
     def _runs_pointwise(self, activation: str | None) -> bool:
         """Whether a call with ``activation`` runs through the engine's dense 1x1 kernel (see the class)."""
@@ -927,6 +988,17 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         networks at 50% kept, every conv dense, batch 1 (2 threads, Intel Xeon with
         AVX-512, 2026-12-04, 60 interleaved calls each): ResNet-50 31.25 -> 29.77 ms (per-call ratio 1.050,
         p20-p80 1.041-1.065), ResNet-18 12.25 -> 11.99 ms."""
+        into_residual = self._engine_route(x, residual, residual_reusable)
+        if into_residual is None:
+            return None
+        if self._runs_pointwise(self._activation):
+            out = self._pointwise(x, residual, self._activation, into_residual)
+        else:
+            out = self._run(x, self._packed_weight(x.shape), residual, into_residual, self._activation)
+        return out.contiguous() if self.contiguous_output else out
+
+    def _engine_route(self, x: torch.Tensor, residual: torch.Tensor | None, residual_reusable: bool) -> bool | None:
+        """None where ``_engine_call`` does not take the call, else whether it adds into ``residual`` in place."""
         if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous(
                 memory_format=torch.channels_last) or x.dim() != 4:
             return None
@@ -939,12 +1011,37 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                                      or residual.shape != output_shape
                                      or not residual.is_contiguous(memory_format=torch.channels_last)):
             return None
-        into_residual = residual is not None and residual_reusable and _writable(residual, x)
-        if self._runs_pointwise(self._activation):
-            out = self._pointwise(x, residual, self._activation, into_residual)
+        return residual is not None and residual_reusable and _writable(residual, x)
+
+    def add_to_plan(self, plan, slots: tuple[int, int, int], x: torch.Tensor, residual: torch.Tensor | None = None,
+                    *, residual_reusable: bool = False, aligned_output: bool = False) -> bool:
+        """As SparseConv2d's: True only where the call takes ``_engine_call``'s path with an activation the plan
+        applies (none or ReLU), or, for an input not channels_last and no residual (a network's first layer), the
+        general path: a channels_last copy, then the same call."""
+        copied = (residual is None and x.dim() == 4 and x.dtype == torch.float32 and x.is_cpu
+                  and not x.is_contiguous(memory_format=torch.channels_last))
+        x = x.contiguous(memory_format=torch.channels_last) if copied else x  # _convolution's copy
+        into_residual, activation = self._engine_route(x, residual, residual_reusable), self._activation
+        pointwise = self._runs_pointwise(activation)
+        if into_residual is None or not (pointwise or activation in (None, "relu")):
+            return False
+        if copied:
+            plan.add_channels_last_copy(slots[0], slots[2])
+            slots = (slots[2], -1, slots[2])
+        if pointwise:  # as _pointwise
+            plan.add_pointwise_conv(*slots, self._weight_copy("pointwise", _ops().pointwise_conv_pack),
+                                    self._buffers["bias"], activation == "relu", into_residual)
         else:
-            out = self._run(x, self._packed_weight(x.shape), residual, into_residual, self._activation)
-        return out.contiguous() if self.contiguous_output else out
+            self._add_run_to_plan(plan, slots, self._packed_weight(x.shape), into_residual, activation)
+        if self.contiguous_output:
+            plan.add_contiguous(slots[2], slots[2])
+        return True
+
+    def _add_run_to_plan(self, plan, slots: tuple[int, int, int], packed: torch.Tensor, into_residual: bool,
+                         activation: str | None) -> None:
+        """``_run``'s call added to a plan (activation none or ReLU); what a subclass replaces with ``_run``."""
+        plan.add_onednn_conv(*slots, packed, self._buffers["bias"], list(self.padding), list(self.stride),
+                             list(self.dilation), self.groups, into_residual, EPILOGUE_ACTIVATIONS.get(activation, 0))
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         shape = _conv_output_shape(x, self.weight.shape, self.stride, self.padding, self.dilation)
@@ -1138,6 +1235,14 @@ class WinogradConv2d(DenseConv2d):
                                      EPILOGUE_ACTIVATIONS["relu"] if fused else 0)
         return out if fused else _activated(out, activation)
 
+    def _add_run_to_plan(self, plan, slots: tuple[int, int, int], packed: torch.Tensor, into_residual: bool,
+                         activation: str | None) -> None:
+        if packed.is_mkldnn:  # as _run
+            super()._add_run_to_plan(plan, slots, packed, into_residual, activation)
+        else:
+            plan.add_winograd_conv(*slots, packed, self._buffers["bias"], list(self.padding),
+                                   EPILOGUE_ACTIVATIONS.get(activation, 0))
+
     def _convolution(self, x: torch.Tensor, residual: torch.Tensor | None, output_shape: tuple[int, ...],
                      residual_reusable: bool, activation: str | None = None) -> torch.Tensor:
         if _needs_gradient(x, residual):
@@ -1212,6 +1317,15 @@ class SparseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
             return F.linear(x, self.to_dense_weight(), self._buffers["bias"])
         return _ops().sparse_linear(x, self.row_ptr, self.column_index, self.values, self.in_features, self.bias)
 
+    def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
+        """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output); False where ``x`` needs a gradient."""
+        if _needs_gradient(x):
+            return False
+        buffers = self._buffers
+        plan.add_sparse_linear(*slots, buffers["row_ptr"], buffers["column_index"], buffers["values"],
+                               self.in_features, buffers["bias"])
+        return True
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
                 f"density={self.density:.4f}")
@@ -1251,6 +1365,13 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
             return F.linear(x, weight, bias)
         out = _ops().dense_linear(x.reshape(rows, self.in_features), weight, bias)
         return out.reshape(*x.shape[:-1], self.out_features)
+
+    def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
+        """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output) for a 2-d ``x`` the kernel takes."""
+        if x.dim() != 2 or not self._kernel_rows(x):
+            return False
+        plan.add_dense_linear(*slots, self._buffers["weight"], self._buffers["bias"])
+        return True
 
     def _kernel_rows(self, x: torch.Tensor) -> int:
         """The rows ``self(x)`` gives the engine's kernel, or 0 where ``F.linear`` runs it."""
@@ -1333,7 +1454,7 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
                 f"in_proj density={self.in_proj.density:.4f}, out_proj density={self.out_proj.density:.4f}")
 
 
-class SeparableMaxPool2d(nn.Module):
+class SeparableMaxPool2d(_CountedEdits, nn.Module):
     """Max pooling (dilation 1, floor mode) as a max over rows then over columns: the same values as
     nn.MaxPool2d (max is exact; NaN propagates in both). Contiguous float32 inputs that need no gradient
     run the C++ kernel (``csrc/max_pool.cpp``, one pass, no padded copy); ``reference`` is the same
@@ -1369,6 +1490,15 @@ class SeparableMaxPool2d(nn.Module):
             if x.is_contiguous(memory_format=torch.channels_last):
                 return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
         return self.reference(x)
+
+    def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
+        """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output) where ``forward`` runs the kernel."""
+        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and not (x.requires_grad and torch.is_grad_enabled()) and available()[0]
+                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+            return False
+        plan.add_max_pool(*slots, list(self.kernel_size), list(self.stride), list(self.padding))
+        return True
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
         """The pooling in plain torch: -inf padding, strided maxima over columns, then over rows."""

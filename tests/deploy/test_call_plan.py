@@ -1,0 +1,302 @@
+"""Compiled call plans (vpns_fast.deploy.call_plan): the same output as the traced graph, bit for bit, for every step
+kind; and never a stale plan: edits of weights, attributes, the module tree, hooks and switches are all seen."""
+import copy
+import pickle
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from vpns_fast.deploy import call_plan, runtime, sparse_cpu
+
+pytestmark = pytest.mark.skipif(not sparse_cpu.available()[0], reason="the C++ extension is not built")
+torchvision = pytest.importorskip("torchvision")
+
+
+@pytest.fixture
+def plans_restored():
+    previous = call_plan.set_call_plans(True)
+    yield
+    call_plan.set_call_plans(previous)
+
+
+def _pruned_resnet(block: str, density: float = 0.3) -> nn.Module:
+    from torchvision.models.resnet import BasicBlock, Bottleneck, ResNet
+
+    torch.manual_seed(0)
+    model = ResNet(Bottleneck if block == "bottleneck" else BasicBlock, [1, 1, 1, 1], num_classes=10).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):  # statistics that make folding change the weights
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                m.weight.mul_(torch.rand_like(m.weight) < density)
+    return model
+
+
+def _converted(block: str, choice: str, x: torch.Tensor) -> nn.Module:
+    model = _pruned_resnet(block)
+    if choice == "sparse":
+        return sparse_cpu.convert_for_cpu(model, x, policy="sparse")[0]
+    # min_speedup no sparse layer reaches: every conv dense (oneDNN, Winograd, the 1x1 kernel)
+    return sparse_cpu.convert_for_cpu(model, x, min_speedup=1e9, repeats=2)[0]
+
+
+def _graph_output(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return network(x)
+
+
+@pytest.mark.parametrize("block", ["basic", "bottleneck"])
+@pytest.mark.parametrize("choice", ["dense", "sparse"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_the_plan_gives_the_graphs_output_bit_for_bit(block, choice, batch):
+    x = torch.randn(batch, 3, 40, 40)
+    network = _converted(block, choice, x)
+    expected = _graph_output(network, x)
+    with torch.no_grad():
+        plan, reason, output = call_plan.build(network, x)
+    assert reason == "" and plan is not None
+    assert torch.equal(output, expected)
+    names = plan.compiled.step_names
+    if choice == "sparse":
+        assert "sparse_conv+residual" in names and "sparse_conv" in names and "max_pool" in names
+    else:
+        assert "channels_last_copy" in names  # the NCHW image into the dense stem
+        assert any(name.startswith("onednn_conv") for name in names)
+        if block == "bottleneck" and sparse_cpu.pointwise_conv_supported():
+            assert "pointwise_conv" in names and "pointwise_conv+=residual" in names
+    assert names[-3:] == ["adaptive_avg_pool", "flatten", names[-1]] and names[-1].endswith("_linear")
+    for _ in range(2):  # a plan runs again and again, in and out of inference mode
+        with torch.no_grad():
+            assert torch.equal(plan.run(x), expected)
+        with torch.inference_mode():
+            assert torch.equal(plan.run(x), expected)
+
+
+def test_a_plan_mixes_sparse_and_dense_layers():
+    """Dense layers fed by sparse ones (NCHW, channel-aligned outputs copied to channels_last) and sparse layers fed
+    by dense ones (channels_last inputs), as a measured conversion mixes them."""
+    x = torch.randn(2, 3, 40, 40)
+    network = _converted("bottleneck", "sparse", x)
+    swapped = 0
+    for name, module in list(network.named_modules()):
+        if isinstance(module, sparse_cpu.SparseConv2d) and name.endswith("conv2"):  # no residual: any dense layer
+            dense_class = sparse_cpu.WinogradConv2d if module.stride == (1, 1) else sparse_cpu.DenseConv2d
+            network.set_submodule(name, dense_class(module.to_dense_weight(), module.bias, module.stride,
+                                                    module.padding, module.dilation, module.groups,
+                                                    activation=module.activation))
+            swapped += 1
+    assert swapped == 4
+    expected = _graph_output(network, x)
+    with torch.no_grad():
+        plan, reason, _ = call_plan.build(network, x)
+    assert reason == "", reason
+    assert "winograd_conv" in plan.compiled.step_names and "channels_last_copy" in plan.compiled.step_names
+    with torch.no_grad():
+        assert torch.equal(plan.run(x), expected)
+
+
+class _Scaled(nn.Module):
+    """A conv, then work the plan has no C++ step for: a torch function, a method, a shape query and a module."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, x):
+        y = torch.sigmoid(self.conv(x)) * 2
+        return self.pool(y).reshape(y.size(0), -1).add_(1)
+
+
+def test_nodes_without_a_kernel_step_are_called_back_in_python():
+    x = torch.randn(2, 3, 8, 8)
+    network = sparse_cpu.convert_for_cpu(_Scaled().eval(), x, policy="sparse")[0]
+    expected = _graph_output(network, x)
+    with torch.no_grad():
+        plan, reason, output = call_plan.build(network, x)
+        assert reason == "" and torch.equal(output, expected)
+        names = plan.compiled.step_names
+        assert names[0] == "sparse_conv" and all(name.startswith("python:") for name in names[1:]), names
+        assert any("pool" in name for name in names) and any("reshape" in name for name in names)
+        assert torch.equal(plan.run(x), expected)
+        # the shape query was answered when the plan was made: a plan is for one input shape (its key)
+        assert call_plan.plan_key(x) != call_plan.plan_key(x[:1])
+
+
+def test_a_value_the_input_shape_does_not_decide_refuses_the_plan():
+    class DataDependent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 16, 3, padding=1)
+
+        def forward(self, x):
+            return self.conv(x) * x.mean().item()
+
+    x = torch.randn(1, 3, 8, 8)
+    network = sparse_cpu.convert_for_cpu(DataDependent().eval(), x, policy="sparse")[0]
+    with torch.no_grad():
+        plan, reason, output = call_plan.build(network, x)
+        assert plan is None and "gives a float, not a tensor" in reason
+        assert torch.equal(output, network(x))
+
+
+def _deployed(block: str = "basic") -> runtime.DeployedModel:
+    return runtime.deploy(_pruned_resnet(block), policy="sparse", example_input_size=(1, 3, 40, 40))
+
+
+def _images(batch: int = 1) -> torch.Tensor:
+    return torch.rand(batch, 3, 40, 40, generator=torch.Generator().manual_seed(batch))
+
+
+def _without_plans(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    previous = call_plan.set_call_plans(False)
+    try:
+        return model(images)
+    finally:
+        call_plan.set_call_plans(previous)
+
+
+def test_deploy_runs_its_network_through_a_plan_per_input_shape(plans_restored):
+    model = _deployed()
+    for batch in (1, 2):
+        images = _images(batch)
+        first, second = model(images), model(images)
+        with torch.inference_mode():
+            inside = model(images)
+        expected = _without_plans(model, images)
+        assert torch.equal(first, expected) and torch.equal(second, expected) and torch.equal(inside, expected)
+    plans = model.call_plans()
+    assert [p["input_shape"] for p in plans] == [(1, 3, 40, 40), (2, 3, 40, 40)]
+    assert all(p["steps"] > 10 and p["refused"] == "" for p in plans)
+
+
+def _plan_runs(monkeypatch) -> list:
+    runs = []
+    original = call_plan.NetworkPlan.run
+
+    def counted(self, x):
+        runs.append(x.shape)
+        return original(self, x)
+
+    monkeypatch.setattr(call_plan.NetworkPlan, "run", counted)
+    return runs
+
+
+def _first_sparse_conv(model: runtime.DeployedModel) -> sparse_cpu.SparseConv2d:
+    return next(m for m in model.network.modules() if isinstance(m, sparse_cpu.SparseConv2d))
+
+
+@pytest.mark.parametrize("edit", ["in place", "data", "attribute", "module", "switch"])
+def test_an_edit_after_the_plan_was_made_is_seen(plans_restored, monkeypatch, edit):
+    model, images = _deployed(), _images()
+    before = model(images)
+    runs = _plan_runs(monkeypatch)
+    assert torch.equal(model(images), before) and len(runs) == 1
+    conv = _first_sparse_conv(model)
+    edits = sparse_cpu.layer_edits()
+    with torch.no_grad():
+        if edit == "in place":
+            conv.values.mul_(2)
+        elif edit == "data":
+            conv.values.data = conv.values.data * 2  # new memory, no version bump
+        elif edit == "attribute":
+            conv.activation = None
+        elif edit == "module":  # a layer of the tree replaced (through a torch container, not an engine layer)
+            block = model.network.layer1.get_submodule("0")
+            replacement = copy.deepcopy(block.conv1)
+            replacement.values.mul_(2)
+            block.conv1 = replacement
+        else:
+            sparse_cpu.set_pointwise_conv(sparse_cpu.set_pointwise_conv(False))
+    assert (sparse_cpu.layer_edits() != edits) == (edit in ("attribute", "switch"))
+    got = model(images)
+    expected = _without_plans(model, images)
+    assert torch.equal(got, expected)
+    assert torch.equal(got, before) == (edit == "switch")
+    assert torch.equal(model(images), expected)
+    # a watched tensor changed: the old plan ran and said it was stale; else it was not run; then a new plan ran
+    assert len(runs) == (3 if edit in ("in place", "data") else 2)
+    assert model.call_plans()[0]["steps"] > 0
+
+
+def test_a_dense_layers_refresh_counts_as_an_edit():
+    layer = sparse_cpu.DenseConv2d(torch.randn(4, 3, 3, 3))
+    edits = sparse_cpu.layer_edits()
+    layer.refresh()
+    assert sparse_cpu.layer_edits() == edits + 1
+
+
+def test_hooks_run_and_the_plan_comes_back_when_they_are_removed(plans_restored, monkeypatch):
+    model, images = _deployed(), _images()
+    model(images)
+    runs = _plan_runs(monkeypatch)
+    seen = []
+    conv = _first_sparse_conv(model)
+    for register in (conv.register_forward_hook, model.network.register_forward_pre_hook,
+                     nn.modules.module.register_module_forward_hook):
+        handle = register(lambda *args: seen.append(1))
+        model(images)
+        assert seen and not runs, register
+        handle.remove()
+        seen.clear()
+    model(images)
+    assert len(runs) == 1 and not seen
+
+
+def test_two_threads_call_one_planned_model(plans_restored):
+    model = _deployed("bottleneck")
+    inputs = [_images(1), _images(2)]
+    expected = [_without_plans(model, images) for images in inputs]
+    problems = []
+
+    def calls(index):
+        for _ in range(15):
+            if not torch.equal(model(inputs[index]), expected[index]):
+                problems.append(index)
+
+    threads = [threading.Thread(target=calls, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not problems
+    assert len(model.call_plans()) == 2
+
+
+def test_a_planned_model_pickles_and_copies_without_its_plans(plans_restored):
+    model, images = _deployed(), _images()
+    expected = model(images)
+    model(images)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert clone.call_plans() == []
+        assert torch.equal(clone(images), expected)
+        assert clone.call_plans()[0]["steps"] > 0
+
+
+def test_the_extension_plan_checks_its_arguments_and_goes_stale():
+    ops = sparse_cpu._ops()
+    with pytest.raises(RuntimeError, match="output slot 3 out of 3"):
+        ops.CallPlan(3, 3)
+    plan = ops.CallPlan(3, 2)
+    with pytest.raises(RuntimeError, match="no step yet"):
+        plan.release_after_last_step([1])
+    with pytest.raises(RuntimeError, match="slot 5 out of 3"):
+        plan.add_flatten(0, 5, 1, -1)
+    with torch.inference_mode():
+        inference = torch.zeros(2)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        plan.watch(inference)
+    plan.add_adaptive_avg_pool(0, 1, [1, 1])
+    plan.add_flatten(1, 2, 1, -1)
+    plan.release_after_last_step([1])
+    watched = torch.ones(3)
+    plan.watch(watched)
+    x = torch.randn(2, 4, 5, 5)
+    assert torch.equal(plan.run(x), torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+    assert plan.step_names == ["adaptive_avg_pool", "flatten"]
+    watched.add_(1)
+    assert plan.run(x) is None

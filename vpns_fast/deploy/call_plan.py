@@ -1,0 +1,381 @@
+"""Compiled call plans: a converted network's calls for one input shape, run as one C++ call.
+
+``convert_for_cpu`` gives a traced graph (``torch.fx``) whose forward reaches each layer through the module tree and
+runs each layer's Python (checks, caches of offsets and packed weights, the choice of kernel) on every call. For a
+given input shape those calls are the same every time: :func:`build` walks the graph once, calls each layer as the
+graph would, and records the kernel call each one made, with the arguments it computed, into the extension's
+``CallPlan``; :meth:`NetworkPlan.run` then runs them back to back in C++ (the GIL released), dropping each value
+after its last use as the graph does.
+
+Why: at batch 1 with sparse layers that Python is a measurable share of a call. ResNet-50 at 5% kept spent
+0.86-0.94 ms of a 17.3-18.4 ms call outside the extension's kernels (a replay of its calls, 2-vCPU AVX2 host), and on
+a Zen 5 host 12% of the main thread's samples, while the second thread waited (docs/cpu-engine-runs.md).
+
+A plan is right or not used:
+- :func:`build` compares the plan's output with the network's own on the example, bit for bit, and refuses the plan
+  (with the reason) where they differ, or where the graph has a node or a layer call the plan cannot make (a module
+  class it does not know, a call that needs a gradient, an activation other than ReLU after oneDNN...).
+- :meth:`NetworkPlan.usable`, on every call: the graph's forward and the module tree along every called path are the
+  ones the plan was made from, no forward hook is registered on a called module, on the network or on every module,
+  no engine layer was edited since (:func:`vpns_fast.deploy.sparse_cpu.layer_edits`) and the few torch modules'
+  attributes it read are unchanged; the C++ side checks that no tensor it was made from changed in place.
+Where any of that fails, the network's own forward runs (and a new plan is made on a later call).
+"""
+from __future__ import annotations
+
+import dataclasses
+import operator
+import threading
+
+import torch
+from torch import fx, nn
+from torch.nn.modules import module as module_globals
+from torch.nn.modules.utils import _list_with_default
+
+from vpns_fast.deploy import fusion, sparse_cpu
+
+_ENABLED = {"on": True}
+# Plans (and refusals) a module keeps, one per input shape: the least recently made goes first.
+MAX_PLANS = 8
+
+
+def set_call_plans(enabled: bool) -> bool:
+    """Whether deployed CPU models run their network through a compiled call plan (on by default; off: the traced
+    graph's forward on every call); returns the previous setting. For A/B measurements."""
+    previous = _ENABLED["on"]
+    _ENABLED["on"] = bool(enabled)
+    return previous
+
+
+def call_plans_enabled() -> bool:
+    return _ENABLED["on"]
+
+
+def plan_key(x: torch.Tensor) -> tuple:
+    """What a plan is made for: the input's shape, strides, dtype and device."""
+    return tuple(x.shape), x.stride(), x.dtype, x.device
+
+
+def hooks_on(network: nn.Module) -> bool:
+    """Whether a forward hook is registered on ``network`` or on every module: its call then goes through the
+    network's own forward, which runs them (a plan would call around them)."""
+    return bool(module_globals._global_forward_hooks or module_globals._global_forward_pre_hooks
+                or network._forward_hooks or network._forward_pre_hooks)
+
+
+# Plans are made one at a time (a second thread meeting a new shape waits rather than making the same plan).
+BUILD_LOCK = threading.Lock()
+
+
+@dataclasses.dataclass(frozen=True)
+class NetworkPlan:
+    """A compiled plan and the modules it calls (see the module's docstring)."""
+
+    compiled: object  # the extension's CallPlan
+    edges: tuple  # (parent, name, child) along every called module's path
+    called: tuple  # every module the graph calls
+    attributes: tuple  # (module, name, value) the plan read from torch modules
+    tensor_attributes: tuple  # (module, name, tensor) that get_attr nodes read
+
+    @property
+    def steps(self) -> int:
+        return self.compiled.steps
+
+    def tree_unchanged(self) -> bool:
+        """Whether the module tree along every called path, and the torch modules' attributes read, are as when the
+        plan was made."""
+        if any(parent._modules.get(name) is not child for parent, name, child in self.edges):
+            return False
+        if any(getattr(owner, name, None) is not tensor for owner, name, tensor in self.tensor_attributes):
+            return False
+        return all(getattr(module, name) == value for module, name, value in self.attributes)
+
+    def hooks_on_called(self) -> bool:
+        return any(m._forward_hooks or m._forward_pre_hooks for m in self.called)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The network's output for ``x`` (of the plan's key), or None when a tensor the plan was made from has
+        changed in place since (the plan is stale)."""
+        return self.compiled.run(x)
+
+
+@dataclasses.dataclass(frozen=True)
+class PlanEntry:
+    """What a module keeps for one input shape: a plan, or why none (``reason``), and what it was made from."""
+
+    plan: NetworkPlan | None
+    reason: str
+    network: nn.Module
+    forward: object  # the graph's forward function then
+    edits: int  # sparse_cpu.layer_edits() then
+
+    @classmethod
+    def made(cls, network: nn.Module, x: torch.Tensor) -> tuple[PlanEntry, torch.Tensor]:
+        """(entry, the network's output for ``x``): a plan made by :func:`build`, or the reason why not."""
+        edits, forward = sparse_cpu.layer_edits(), type(network).forward
+        plan, reason, output = build(network, x)
+        return cls(plan, reason, network, forward, edits), output
+
+    def current(self, network: nn.Module) -> bool:
+        """Whether the entry still describes ``network``: the same network, graph forward and engine layers (no
+        edit since), and for a plan the same module tree."""
+        return (network is self.network and sparse_cpu.layer_edits() == self.edits
+                and type(network).forward is self.forward and (self.plan is None or self.plan.tree_unchanged()))
+
+
+class PlanRefused(Exception):
+    """Why a network gets no plan for an input (the message)."""
+
+
+_ENGINE_CONVS = (sparse_cpu.SparseConv2d, sparse_cpu.DenseConv2d, sparse_cpu.WinogradConv2d)
+_ENGINE_ONE_INPUT = (sparse_cpu.SeparableMaxPool2d, sparse_cpu.SparseLinear, sparse_cpu.DenseLinear)
+_CONV_KEYWORDS = frozenset({"residual", "residual_reusable", "aligned_output"})
+
+
+def build(network: nn.Module, x: torch.Tensor) -> tuple[NetworkPlan | None, str, torch.Tensor]:
+    """(plan or None, why not, the network's output for ``x``): ``x``'s call through the graph, each layer called as
+    the graph calls it, recorded into a plan where every call can be. The output is the call's own, whether or not
+    a plan was made."""
+    builder = _Builder(network)
+    try:
+        plan, output = builder.walk(x)
+    except PlanRefused as refused:
+        return None, str(refused), builder.output_or_run(x)
+    got = plan.run(x)
+    if got is None or got.shape != output.shape or got.stride() != output.stride() or not torch.equal(got, output):
+        return None, "the plan's output differed from the network's on the example", output
+    watched = {id(t): t for m in builder.called for t in (*m.buffers(recurse=False), *m.parameters(recurse=False))}
+    for tensor in watched.values():
+        if tensor.is_inference():
+            return None, ("a layer holds an inference tensor (made in torch.inference_mode), whose changes no "
+                          "version counter shows"), output
+        plan.watch(tensor)
+    return NetworkPlan(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
+                       tuple(builder.tensor_attributes)), "", output
+
+
+class _Builder:
+    def __init__(self, network: nn.Module):
+        self.network = network
+        self.edges: dict[tuple[int, str], tuple] = {}
+        self.called: list[nn.Module] = []
+        self.attributes: list[tuple] = []
+        self.values: dict[fx.Node, object] = {}
+        self.slots: dict[fx.Node, int] = {}
+        self.slotted: set[fx.Node] = set()  # the nodes whose tensors the plan holds in their slots when it runs
+        self.tensor_attributes: list[tuple] = []  # (module, name, tensor) read by get_attr nodes
+        self.split: set[fx.Node] = set()  # nodes giving a sequence whose tensors their step keeps item by item
+        self.finished = None
+
+    def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
+        return self.finished if self.finished is not None else self.network(x)
+
+    def walk(self, x: torch.Tensor):
+        network = self.network
+        if not isinstance(network, fx.GraphModule):
+            raise PlanRefused(f"the network is a {type(network).__name__}, not a traced graph")
+        if not sparse_cpu.available()[0]:
+            raise PlanRefused("the C++ extension is not available")
+        if torch.is_grad_enabled() and x.requires_grad:
+            raise PlanRefused("the input needs a gradient")
+        nodes = list(network.graph.nodes)
+        placeholders = [n for n in nodes if n.op == "placeholder"]
+        outputs = [n for n in nodes if n.op == "output"]
+        if len(placeholders) != 1 or len(outputs) != 1 or not isinstance(outputs[0].args[0], fx.Node):
+            raise PlanRefused("the graph does not take one tensor and return one")
+        last_use = {}
+        for index, node in enumerate(nodes):
+            for used in node.all_input_nodes:
+                last_use[used] = index
+        self.slots = {node: index for index, node in enumerate(nodes)}  # slot 0: the placeholder, first node
+        if nodes[0] is not placeholders[0]:
+            raise PlanRefused("the graph's input is not its first node")
+        result = outputs[0].args[0]
+        plan = sparse_cpu._ops().CallPlan(len(nodes), self.slots[result])
+        for index, node in enumerate(nodes):
+            if node.op == "placeholder":
+                self.values[node] = x
+                self.slotted.add(node)
+                continue
+            if node.op == "output":
+                break
+            self.values[node] = self._step(plan, node)
+            if node.op != "get_attr" and isinstance(self.values[node], torch.Tensor):
+                self.slotted.add(node)
+            released = [self.slots[used] for used in node.all_input_nodes
+                        if last_use[used] == index and used is not result and used in self.slotted]
+            if last_use.get(node) is None and node is not result and node in self.slotted:
+                released.append(self.slots[node])  # nothing reads it
+            if released and plan.steps:
+                plan.release_after_last_step(released)
+        output = self.values[result]
+        if result not in self.slotted:
+            raise PlanRefused("the graph returns no tensor it made")
+        self.finished = output
+        return plan, output
+
+    def _attribute(self, target: str):
+        """A get_attr node's value: a submodule (kept on the tree's checked paths), or a parameter or buffer (its
+        owner's attribute checked on every run too: the Python steps that read it hold the tensor itself)."""
+        owner_path, _, name = target.rpartition(".")
+        owner = self._module(owner_path) if owner_path else self.network
+        if name in owner._modules:
+            return self._module(target)
+        value = getattr(owner, name, None)
+        if not isinstance(value, torch.Tensor):
+            raise PlanRefused(f"{target} is neither a submodule nor a tensor")
+        self.tensor_attributes.append((owner, name, value))
+        return value
+
+    def _module(self, target: str) -> nn.Module:
+        module = self.network
+        for name in target.split(".") if target else ():
+            child = module._modules.get(name)
+            if child is None:
+                raise PlanRefused(f"{target} is not a submodule")
+            self.edges[(id(module), name)] = (module, name, child)
+            module = child
+        return module
+
+    def _value(self, arg):
+        return fx.node.map_arg(arg, self.values.__getitem__)
+
+    def _tensor_slot(self, arg, node: fx.Node, what: str) -> int:
+        if not isinstance(arg, fx.Node) or not isinstance(self.values[arg], torch.Tensor):
+            raise PlanRefused(f"{node.name}: its {what} is not a tensor the graph made")
+        return self.slots[arg]
+
+    def _step(self, plan, node: fx.Node):
+        """Adds ``node``'s call to ``plan`` and returns its value for the example."""
+        if node.op == "get_attr":
+            return self._attribute(node.target)
+        if node.op not in ("call_function", "call_module", "call_method"):
+            raise PlanRefused(f"{node.name}: a {node.op} node")
+        if node.target is fusion.residual_reuse_allowed:
+            # its reference count is the graph's own business: a plan's values are held by nothing else
+            return fusion.reuse_allowed_by_modules(*self._value(node.args[1:]))
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.split:
+            return self.values[node.args[0]][node.args[1]]  # its slot filled by the step that made the sequence
+        function = self._callable(node)
+        args, kwargs = self._value(node.args), self._value(node.kwargs)
+        out = function(*args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            if not self._kernel_step(plan, node, args, kwargs, out):
+                self._python_step(plan, node, function)
+        elif self._constant_for_the_shape(node):
+            pass
+        elif isinstance(out, (tuple, list)):
+            self._python_step(plan, node, function, self._taken_items(node, out))
+        else:
+            raise PlanRefused(f"{node.name}: gives a {type(out).__name__}, not a tensor (a plan passes tensors "
+                              "only, and values that the input's shape alone decides)")
+        return out
+
+    def _taken_items(self, node: fx.Node, out) -> list[fx.Node]:
+        """The getitem nodes that take ``node``'s sequence apart, those of them that take a tensor (their slots the
+        step fills); refused where anything else reads the sequence or an item that is no tensor is read."""
+        taken = []
+        for user in node.users:
+            if user.op != "call_function" or user.target is not operator.getitem or not isinstance(user.args[1], int):
+                raise PlanRefused(f"{node.name}: gives a {type(out).__name__} that {user.name} reads whole (a plan "
+                                  "passes tensors only)")
+            item = out[user.args[1]]
+            if isinstance(item, torch.Tensor):
+                taken.append(user)
+            elif user.users:
+                raise PlanRefused(f"{user.name}: takes a {type(item).__name__} from {node.name}, not a tensor")
+        self.split.add(node)
+        return taken
+
+    def _callable(self, node: fx.Node):
+        if node.op == "call_module":
+            module = self._module(node.target)
+            self.called.append(module)
+            return module
+        if node.op == "call_method":
+            name = node.target
+            return lambda receiver, *args, **kwargs: getattr(receiver, name)(*args, **kwargs)
+        return node.target
+
+    def _constant_for_the_shape(self, node: fx.Node) -> bool:
+        """Whether ``node``'s (non-tensor) value is fixed by the input's shape: a shape query of a tensor, or an
+        operator, a builtin, a ``math`` function or an assert (``torch._assert``, or the engine's rewrite of it that
+        formats its message late: a check on the shape) of values that are no tensors."""
+        if node.op == "call_method" and node.target in ("size", "dim"):
+            return True
+        if node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)):
+            return True
+        inputs_constant = all(not isinstance(self.values[n], torch.Tensor) for n in node.all_input_nodes)
+        return inputs_constant and node.op == "call_function" and (
+            node.target in (torch._assert, fusion.traced_assert)
+            or getattr(node.target, "__module__", None) in ("_operator", "operator", "builtins", "math"))
+
+    def _python_step(self, plan, node: fx.Node, function, taken: list[fx.Node] | None = None) -> None:
+        """``node``'s call as a Python step; ``taken``: where it gives a sequence, the getitem nodes whose tensors
+        the step keeps (in their slots)."""
+        tensor_nodes = [n for n in node.all_input_nodes if n in self.slotted]
+        constants = {n: self.values[n] for n in node.all_input_nodes if n not in tensor_nodes}
+        call = _NodeCall(function, node.args, node.kwargs, tensor_nodes, constants,
+                         None if taken is None else [user.args[1] for user in taken])
+        outputs = [self.slots[node]] if taken is None else [self.slots[user] for user in taken]
+        if outputs:
+            plan.add_python_call(str(node.target) if node.op != "call_function" else node.name,
+                                 [self.slots[n] for n in tensor_nodes], outputs, call)
+
+    def _kernel_step(self, plan, node: fx.Node, args, kwargs, out) -> bool:
+        """Adds ``node``'s call as the extension's own step where it has one (False: it has not)."""
+        target, slot = node.target, self.slots[node]
+        if node.op == "call_function":
+            if target is torch.flatten and not kwargs and 1 <= len(args) <= 3 and node.args[0] in self.slotted:
+                start, end = (list(args[1:]) + [0, -1][len(args) - 1:])[:2]
+                plan.add_flatten(self.slots[node.args[0]], slot, start, end)
+                return True
+            return False
+        if node.op != "call_module" or not node.args or node.args[0] not in self.slotted:
+            return False
+        module, input_slot, x = self.called[-1], self.slots[node.args[0]], args[0]
+        kind = type(module)
+        if kind in _ENGINE_CONVS:
+            if len(args) > 2 or set(kwargs) - _CONV_KEYWORDS:
+                return False
+            residual_arg = node.args[1] if len(node.args) > 1 else node.kwargs.get("residual")
+            if residual_arg is not None and residual_arg not in self.slotted:
+                return False
+            residual = None if residual_arg is None else self.values[residual_arg]
+            residual_slot = -1 if residual_arg is None else self.slots[residual_arg]
+            return module.add_to_plan(plan, (input_slot, residual_slot, slot), x, residual,
+                                      **{k: v for k, v in kwargs.items() if k != "residual"})
+        if len(args) != 1 or kwargs:
+            return False
+        if kind in _ENGINE_ONE_INPUT:
+            return module.add_to_plan(plan, (input_slot, slot), x)
+        if kind is nn.AdaptiveAvgPool2d and x.dim() == 4:
+            self.attributes.append((module, "output_size", module.output_size))
+            size = _list_with_default(module.output_size, x.size())  # as F.adaptive_avg_pool2d
+            plan.add_adaptive_avg_pool(input_slot, slot, [size, size] if isinstance(size, int) else list(size))
+            return True
+        if kind is nn.Flatten:
+            self.attributes += [(module, "start_dim", module.start_dim), (module, "end_dim", module.end_dim)]
+            plan.add_flatten(input_slot, slot, module.start_dim, module.end_dim)
+            return True
+        return False
+
+
+class _NodeCall:
+    """A graph node's call as a plan's Python step: ``function`` with the node's arguments, its tensors the step's
+    inputs (in ``tensor_nodes``' order) and its other values as they were when the plan was made."""
+
+    def __init__(self, function, args, kwargs, tensor_nodes: list[fx.Node], constants: dict,
+                 items: list[int] | None = None):
+        self.function, self.args, self.kwargs = function, args, kwargs
+        self.tensor_nodes, self.constants, self.items = tensor_nodes, constants, items
+
+    def __call__(self, *tensors):
+        values = dict(zip(self.tensor_nodes, tensors))
+        values.update(self.constants)
+        args = fx.node.map_arg(self.args, values.__getitem__)
+        kwargs = fx.node.map_arg(self.kwargs, values.__getitem__)
+        out = self.function(*args, **kwargs)
+        if self.items is None:
+            return out
+        return out[self.items[0]] if len(self.items) == 1 else [out[i] for i in self.items]  # the step's slots

@@ -14,7 +14,10 @@ normalized images, relative to the model's largest output. The model's own float
 (``sparse_cpu.float32_rounding``: its float32 outputs, NCHW and channels_last, against a float64 copy's, the same
 measure) is reported next to it: a model that amplifies rounding is no engine error. Status: ``ok`` (within 1e-4,
 or within 4 times the model's own rounding, as deploy's end-to-end check), ``refused`` (deploy raised: right or
-refused) or ``WRONG``; the exit status is 1 when any is ``WRONG``.
+refused) or ``WRONG``; the exit status is 1 when any is ``WRONG``. Each shape is called twice, the second call
+through the compiled call plan the first made (vpns_fast.deploy.call_plan): both are checked, the second must equal
+the first bit for bit, and the "call plan" column gives the plan's step count (its smaller one over the two shapes) or
+"none" with the reason.
 """
 from __future__ import annotations
 
@@ -111,17 +114,25 @@ def check(name: str, density: float) -> dict:
         return {**row, "status": "refused", "why": f"{type(exc).__name__}: {str(exc)[:160]}"}
     row["deploy_s"] = time.perf_counter() - start
     generator = torch.Generator().manual_seed(1)
-    errors, roundings = [], []
+    errors, roundings, planned_apart = [], [], []
     for batch in (1, 3):
         images = torch.rand(batch, 3, size, size, generator=generator)
         with torch.inference_mode():
             reference = model(normalize(images, MEAN, STD))
-            errors.append(relative_difference(engine(images), reference))
+            first = engine(images)  # the call that makes the compiled call plan for this shape
+            planned = engine(images)  # through it, where one was made
+            errors += [relative_difference(first, reference), relative_difference(planned, reference)]
+            planned_apart.append(not torch.equal(first, planned))
         rounding = float32_rounding(model, normalize(images, MEAN, STD), reference)
-        roundings.append(rounding[0] / max(float(reference.abs().max()), 1e-30) if rounding else float("nan"))
+        roundings += [rounding[0] / max(float(reference.abs().max()), 1e-30) if rounding else float("nan")] * 2
     row["error"], row["rounding"] = max(errors), max(roundings)
+    plans = engine.call_plans()
+    row["plan"] = (f"{min(p['steps'] for p in plans)} steps" if plans and all(p["steps"] for p in plans)
+                   else "no plan: " + next((p["refused"] for p in plans if p["refused"]), "none made"))
     if not all(e <= max(1e-4, 4 * r) for e, r in zip(errors, roundings)):
         row["status"] = "WRONG"
+    elif any(planned_apart):
+        row.update(status="WRONG", why="the call through its plan differed from the call that made it")
     return row
 
 
@@ -147,7 +158,7 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# deploy() on torchvision models, {args.density} kept, {args.threads} threads; torch {torch.__version__}, "
           f"torchvision {torchvision.__version__}, python {platform.python_version()}; {now}")
-    print(f"{'model':<22} {'px':>4} {'error':>9} {'rounding':>9} {'deploy s':>8}  status")
+    print(f"{'model':<22} {'px':>4} {'error':>9} {'rounding':>9} {'deploy s':>8}  {'call plan':<11} status")
     wrong = 0
     for name in names:
         parameters = parameter_count(name)
@@ -158,8 +169,10 @@ def main(argv=None) -> int:
         wrong += row["status"] == "WRONG"
         error = f"{row['error']:9.1e}" if row["error"] is not None else f"{'-':>9}"
         rounding = f"{row['rounding']:9.1e}" if row["rounding"] is not None else f"{'-':>9}"
-        print(f"{name:<22} {row['size']:4d} {error} {rounding} {row.get('deploy_s', 0):8.1f}  {row['status']}"
-              f"{'  ' + row['why'] if row['why'] else ''}", flush=True)
+        plan = row.get("plan", "-")
+        print(f"{name:<22} {row['size']:4d} {error} {rounding} {row.get('deploy_s', 0):8.1f}  "
+              f"{plan if len(plan) <= 11 else 'none':<11} {row['status']}{'  ' + row['why'] if row['why'] else ''}"
+              f"{'  (' + plan + ')' if len(plan) > 11 else ''}", flush=True)
     return 1 if wrong else 0
 
 

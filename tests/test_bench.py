@@ -704,15 +704,29 @@ def test_zoo_sweep_reports_ok_refused_and_wrong_by_model(monkeypatch, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# deploy() on torchvision models, 0.1 kept, 1 threads")
     assert lines[2].split()[:2] == ["squeezenet1_1", "64"] and lines[2].split()[-1] == "ok"
+    assert lines[2].split()[-3] == "steps"  # called through its compiled call plan the second time
     deploy = vpns_fast.deploy
 
-    def off_by_a_little(model, **kwargs):
-        engine = deploy(model, **kwargs)
-        return lambda images: engine(images) * 1.01
+    class Changed:
+        def __init__(self, engine, change):
+            self.engine, self.change, self.calls = engine, change, 0
 
-    monkeypatch.setattr(vpns_fast, "deploy", off_by_a_little)
+        def __call__(self, images):
+            self.calls += 1
+            return self.change(self.engine(images), self.calls)
+
+        def call_plans(self):
+            return self.engine.call_plans()
+
+    monkeypatch.setattr(vpns_fast, "deploy", lambda model, **kwargs: Changed(
+        deploy(model, **kwargs), lambda out, calls: out * 1.01))
     assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 1
     assert capsys.readouterr().out.splitlines()[2].split()[-1] == "WRONG"
+    # within rounding of the model, but the planned call not equal to the first bit for bit
+    monkeypatch.setattr(vpns_fast, "deploy", lambda model, **kwargs: Changed(
+        deploy(model, **kwargs), lambda out, calls: out * (1 + 1e-7 * (calls % 2))))
+    assert zoo_sweep.main(["--models", "squeezenet1_1"]) == 1
+    assert "WRONG  the call through its plan differed" in capsys.readouterr().out
 
     def refusing(model, **kwargs):
         raise RuntimeError("convert_for_cpu: refusing to convert")

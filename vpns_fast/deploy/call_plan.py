@@ -208,6 +208,9 @@ class _Builder:
                 released.append(self.slots[node])  # nothing reads it
             if released and plan.steps:
                 plan.release_after_last_step(released)
+            for used in node.all_input_nodes:  # dropped here too, as the graph drops them: a batch-32 call's
+                if used in self.slotted and last_use[used] == index and used is not result:  # activations
+                    self.values[used] = None  # would otherwise all be held at once (gigabytes on ResNet-50)
         output = self.values[result]
         if result not in self.slotted:
             raise PlanRefused("the graph returns no tensor it made")

@@ -482,6 +482,8 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
     for r in rows:
         if r["backend"] != "deploy":
             continue
+        if r.get("call_plan"):
+            print(f"batch {r['batch']}: the deployed module ran through {r['call_plan']}")
         for other in ("dense-torch", "onnxruntime"):
             if f"speedup_vs_{other}" in r:
                 print(f"batch {r['batch']}: deployed vs {other}: {r[f'speedup_vs_{other}']:.2f}x "

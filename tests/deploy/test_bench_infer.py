@@ -58,10 +58,13 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
             # the kernel's ISA is reported where a sparse kernel ran (a layer chosen sparse), and only there
             any_sparse = any(d["chosen"] == "sparse" for d in r["decisions"])
             assert r.get("sparse_kernel_isa") == (sparse_cpu.kernel_isa() if any_sparse else None)
+            # made on the outputs' check, before the timed calls
+            assert r["call_plan"].startswith("a compiled call plan of ") and r["call_plan"].endswith(" steps")
     assert cli.main(["bench-infer", str(checkpoint), "--batch", "2", "--iters", "2", "--warmup", "0",
                      "--threads", "1", "--layers"]) == 0
     out = capsys.readouterr().out
     assert "deployed vs onnxruntime:" in out and "p20-p80 over 2 rounds" in out
+    assert "batch 2: the deployed module ran through a compiled call plan of " in out
     assert "per-layer decisions" in out and "nzGF/s" in out and "GFLOP/s (best of a 1024^3 sgemm" in out
     assert "GFLOP/s on the nonzero weights" in out and "FLOP-ratio limit" in out
     if sparse_cpu.available()[0]:
@@ -224,3 +227,15 @@ def test_no_winograd_reaches_the_deployed_module(checkpoint, capsys, monkeypatch
     assert all(d["winograd_note"] == "winograd=False" for d in eligible)
     module = real_deploy(checkpoint, winograd=False)
     assert not any(isinstance(m, sparse_cpu.WinogradConv2d) for m in module.modules())
+
+
+def test_a_row_says_why_the_deployed_module_ran_without_a_plan(checkpoint, monkeypatch):
+    from vpns_fast.deploy import call_plan
+
+    monkeypatch.setattr(call_plan, "_ENABLED", {"on": False})
+    (row,) = [r for r in runtime.benchmark_inference(checkpoint, (1,), iters=1, warmup=0, threads=1,
+                                                     baselines=("dense-torch",)) if r["backend"] == "deploy"]
+    if row["engine"] == "sparse_cpu":
+        assert row["call_plan"] == "its traced graph (no compiled call plan: turned off (call_plan.set_call_plans))"
+    else:  # no extension: no engine to plan for
+        assert "call_plan" not in row

@@ -658,6 +658,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
             if (label == "deploy" and module.device.type == "cpu" and sparse_cpu.available()[0]
                     and any(d.get("chosen") == "sparse" for d in fast.decisions or [])):  # a sparse kernel ran
                 row["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
+            if label == "deploy" and module.info.get("backend") == "sparse_cpu":
+                row["call_plan"] = _call_plan_note(module, batch)
             if label == "deploy":
                 for other in modules:
                     if other != "deploy":
@@ -672,6 +674,19 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
         for label, reason in skipped.items():
             rows.append({"batch": batch, "backend": label, "skipped": reason, "device": str(dense.device)})
     return rows
+
+
+def _call_plan_note(module: DeployedModel, batch: int) -> str:
+    """How ``module`` ran its network for a batch of ``batch`` images: through a compiled call plan, or why not. (A
+    plan's input shape is the network's, which a prompt may make larger than the images.)"""
+    from vpns_fast.deploy import call_plan
+
+    plan = next((p for p in module.call_plans() if p["input_shape"][0] == batch), None)
+    if plan is not None and plan["steps"]:
+        return f"a compiled call plan of {plan['steps']} steps"
+    why = (plan["refused"] if plan is not None else "turned off (call_plan.set_call_plans)"
+           if not call_plan.call_plans_enabled() else "none made")
+    return f"its traced graph (no compiled call plan: {why})"
 
 
 # A batch's peak memory over (its largest layer's input + output, measured at batch 1) x batch. Measured as the

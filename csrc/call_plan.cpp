@@ -40,10 +40,12 @@ CallPlan::CallPlan(int64_t slots, int64_t output_slot) : slots_(slots), output_s
               slots, " slots");
 }
 
-void CallPlan::check_slots(std::initializer_list<int64_t> slots) const {
+void CallPlan::check_slots(std::initializer_list<int64_t> slots, int64_t residual) const {
   for (const int64_t slot : slots) {
-    TORCH_CHECK(slot >= -1 && slot < slots_, "CallPlan: slot ", slot, " out of ", slots_);
+    TORCH_CHECK(slot >= 0 && slot < slots_, "CallPlan: slot ", slot, " out of ", slots_);
   }
+  TORCH_CHECK(residual >= -1 && residual < slots_, "CallPlan: residual slot ", residual, " out of ", slots_,
+              " (-1: none)");
 }
 
 void CallPlan::watch(const at::Tensor& tensor) {
@@ -68,7 +70,7 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output, 
                                std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,
                                std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                                int64_t activation, int64_t input_channel_stride, bool aligned_output) {
-  check_slots({input, residual, output});
+  check_slots({input, output}, residual);
   TORCH_CHECK(offsets != nullptr, "CallPlan.add_sparse_conv: offsets is None");
   add(with_residual("sparse_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
@@ -79,7 +81,7 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output, 
 
 void CallPlan::add_pointwise_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
                                   std::optional<at::Tensor> bias, bool relu, bool into_residual) {
-  check_slots({input, residual, output});
+  check_slots({input, output}, residual);
   add(with_residual("pointwise_conv", residual, into_residual), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
     slot[output] = pointwise_conv(slot[input], packed, bias, added, relu, into_residual);
@@ -90,7 +92,7 @@ void CallPlan::add_onednn_conv(int64_t input, int64_t residual, int64_t output, 
                                std::optional<at::Tensor> bias, std::vector<int64_t> padding,
                                std::vector<int64_t> stride, std::vector<int64_t> dilation, int64_t groups,
                                bool into_residual, int64_t activation) {
-  check_slots({input, residual, output});
+  check_slots({input, output}, residual);
   TORCH_CHECK(activation == 0 || activation == kRelu, "CallPlan.add_onednn_conv: activation ", activation,
               " (only none or relu)");
   // the overloads DenseConv2d._onednn calls, with the same arguments
@@ -119,7 +121,7 @@ void CallPlan::add_onednn_conv(int64_t input, int64_t residual, int64_t output, 
 
 void CallPlan::add_winograd_conv(int64_t input, int64_t residual, int64_t output, at::Tensor weight,
                                  std::optional<at::Tensor> bias, std::vector<int64_t> padding, int64_t activation) {
-  check_slots({input, residual, output});
+  check_slots({input, output}, residual);
   TORCH_CHECK(activation == 0 || activation == kRelu, "CallPlan.add_winograd_conv: activation ", activation,
               " (only none or relu)");
   add(with_residual("winograd_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
@@ -171,6 +173,13 @@ void CallPlan::add_sparse_linear(int64_t input, int64_t output, at::Tensor row_p
   check_slots({input, output});
   add("sparse_linear", [=](std::vector<at::Tensor>& slot) {
     slot[output] = sparse_linear(slot[input], row_ptr, column_index, values, in_features, bias);
+  });
+}
+
+void CallPlan::add_expect_sizes(int64_t input, std::vector<int64_t> sizes) {
+  check_slots({input});
+  add("expect_sizes", [=](std::vector<at::Tensor>& slot) {
+    if (slot[input].sizes() != at::IntArrayRef(sizes)) throw ShapeChanged();
   });
 }
 

@@ -22,6 +22,7 @@ void bind_sparse_conv2d(py::module_& m, const char* doc) {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vpns_fast C++ CPU kernels";
+  py::register_exception<vpns::ShapeChanged>(m, "ShapeChanged", PyExc_RuntimeError);
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
         R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
 
@@ -157,6 +158,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
            py::arg("dilation"), py::arg("groups"), py::arg("into_residual"), py::arg("activation"))
       .def("add_winograd_conv", &vpns::CallPlan::add_winograd_conv, py::arg("input"), py::arg("residual"),
            py::arg("output"), py::arg("weight"), py::arg("bias"), py::arg("padding"), py::arg("activation"))
+      .def("add_expect_sizes", &vpns::CallPlan::add_expect_sizes, py::arg("input"), py::arg("sizes"))
       .def("add_channels_last_copy", &vpns::CallPlan::add_channels_last_copy, py::arg("input"), py::arg("output"))
       .def("add_contiguous", &vpns::CallPlan::add_contiguous, py::arg("input"), py::arg("output"))
       .def("add_max_pool", &vpns::CallPlan::add_max_pool, py::arg("input"), py::arg("output"), py::arg("kernel_size"),

@@ -6,6 +6,7 @@
 #include <functional>
 #include <memory>
 #include <optional>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
@@ -124,6 +125,12 @@ std::string set_sparse_kernel_isa(const std::string& name);
 // csrc/call_plan.cpp: a converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan
 // records them). Values live in numbered slots: slot 0 holds the input, each step reads slots (-1: none) and writes
 // one; a step's arguments are the ones the layer's own forward computed for that input.
+// What CallPlan::run throws when a tensor's shape differs from the one the plan was made with (add_expect_sizes): the
+// plan does not apply to this input.
+struct ShapeChanged : std::runtime_error {
+  ShapeChanged() : std::runtime_error("CallPlan: a shape the plan kept as a value changed") {}
+};
+
 class CallPlan {
  public:
   CallPlan(int64_t slots, int64_t output_slot);
@@ -158,8 +165,11 @@ class CallPlan {
   using Step = std::function<void(std::vector<at::Tensor>&)>;
   // A step of another kind (csrc/module.cpp adds the one that calls back into Python), named `name`.
   void add(std::string name, Step step);
-  // TORCH_CHECKs that each slot is -1 or one of the plan's.
-  void check_slots(std::initializer_list<int64_t> slots) const;
+  // TORCH_CHECKs that each slot is one of the plan's, and `residual` too or -1 (none).
+  void check_slots(std::initializer_list<int64_t> slots, int64_t residual = -1) const;
+  // A step that throws ShapeChanged unless the tensor in `input` has these sizes: where the plan kept a value that the
+  // tensor's shape gave when the plan was made (an `x.size(0)`), and that shape is not the input's own.
+  void add_expect_sizes(int64_t input, std::vector<int64_t> sizes);
   // The network's output for `input`, or nullopt when a watched tensor changed (the plan is stale). Safe to call
   // from several threads at once: each call has its own slots.
   std::optional<at::Tensor> run(const at::Tensor& input) const;

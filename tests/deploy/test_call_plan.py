@@ -6,6 +6,7 @@ import threading
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vpns_fast.deploy import call_plan, runtime, sparse_cpu
@@ -120,7 +121,8 @@ def test_nodes_without_a_kernel_step_are_called_back_in_python():
         plan, reason, output = call_plan.build(network, x)
         assert reason == "" and torch.equal(output, expected)
         names = plan.compiled.step_names
-        assert names[0] == "sparse_conv" and all(name.startswith("python:") for name in names[1:]), names
+        assert names[0] == "sparse_conv" and "expect_sizes" in names, names  # y.size(0): checked on every run
+        assert all(name.startswith("python:") or name == "expect_sizes" for name in names[1:]), names
         assert any("pool" in name for name in names) and any("reshape" in name for name in names)
         assert torch.equal(plan.run(x), expected)
         # the shape query was answered when the plan was made: a plan is for one input shape (its key)
@@ -286,12 +288,21 @@ def test_the_extension_plan_checks_its_arguments_and_goes_stale():
         plan.release_after_last_step([1])
     with pytest.raises(RuntimeError, match="slot 5 out of 3"):
         plan.add_flatten(0, 5, 1, -1)
+    for bad in ((-1, 1), (0, -1)):  # only a residual may be -1 (none)
+        with pytest.raises(RuntimeError, match="slot -1 out of 3"):
+            plan.add_flatten(*bad, 1, -1)
+    with pytest.raises(RuntimeError, match="residual slot -2"):
+        plan.add_pointwise_conv(0, -2, 1, torch.zeros(1, 1, 16), None, False, False)
+    with pytest.raises(RuntimeError, match="slot -1 out of 3"):
+        plan.add_python_call("f", [-1], [1], lambda t: t)
     with torch.inference_mode():
         inference = torch.zeros(2)
     with pytest.raises(RuntimeError, match="inference tensor"):
         plan.watch(inference)
     plan.add_adaptive_avg_pool(0, 1, [1, 1])
     plan.add_flatten(1, 2, 1, -1)
+    with pytest.raises(RuntimeError, match="slot -1 out of 3"):
+        plan.release_after_last_step([-1])
     plan.release_after_last_step([1])
     watched = torch.ones(3)
     plan.watch(watched)
@@ -300,3 +311,121 @@ def test_the_extension_plan_checks_its_arguments_and_goes_stale():
     assert plan.step_names == ["adaptive_avg_pool", "flatten"]
     watched.add_(1)
     assert plan.run(x) is None
+
+
+def _tiny_deployed(module: nn.Module) -> runtime.DeployedModel:
+    torch.manual_seed(0)
+    return runtime.deploy(module.eval(), policy="sparse", example_input_size=(1, 3, 16, 16), image_size=16,
+                          mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+def _plan_agrees(model: nn.Module, images: torch.Tensor) -> bool:
+    with torch.no_grad():
+        return torch.equal(model(images), _without_plans(model, images))
+
+
+class _Pooled(nn.Module):
+    def __init__(self, output_size=1):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.pool, self.flat = nn.AdaptiveAvgPool2d(output_size), nn.Flatten()
+        self.fc = nn.Linear(8 * (output_size if isinstance(output_size, int) else output_size[0] * output_size[1]), 4)
+
+    def forward(self, x):
+        return self.fc(self.flat(self.pool(self.conv(x))))
+
+
+def test_a_shape_the_data_decides_is_checked_on_every_run(plans_restored):
+    class Selected(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.conv(x).mean((2, 3))
+            chosen = y[y > 0]  # how many: the data decides
+            return self.fc(y) + chosen.sum() / chosen.shape[0]
+
+    model = _tiny_deployed(Selected())
+    images = [torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(i)) * (i / 4) for i in range(1, 5)]
+    for image in images:
+        assert _plan_agrees(model, image) and _plan_agrees(model, image)
+    assert "a shape that the data decides" in model.call_plans()[0]["refused"]
+
+
+def test_swapped_tensors_patched_forwards_and_edited_lists_are_seen(plans_restored):
+    model, images = _tiny_deployed(_Pooled([2, 2])), _images()[:, :, :16, :16]
+    model(images)
+    assert model.call_plans()[0]["steps"] and _plan_agrees(model, images)
+    conv = model.network.conv
+    with torch.no_grad():
+        new_bias = {"network.conv.bias": torch.full((8,), 5.0)}
+        with_plan = torch.func.functional_call(model, new_bias, (images,))
+        call_plan.set_call_plans(False)
+        expected = torch.func.functional_call(model, new_bias, (images,))
+        call_plan.set_call_plans(True)
+    assert torch.equal(with_plan, expected)
+    conv._buffers["values"] = conv.values * 2  # no setattr
+    assert _plan_agrees(model, images)
+    model.network.pool.output_size[:] = [4, 1]  # the list edited in place (as many features)
+    assert _plan_agrees(model, images)
+    model.network.pool.forward = lambda t: F.adaptive_max_pool2d(t, (4, 1))  # patched on the instance
+    assert _plan_agrees(model, images)
+    del model.network.pool.forward
+
+    class Maximum(nn.AdaptiveAvgPool2d):
+        def forward(self, x):
+            return F.adaptive_max_pool2d(x, self.output_size)
+
+    model.network.pool.__class__ = Maximum
+    assert _plan_agrees(model, images)
+    model.network.pool.__class__ = nn.AdaptiveAvgPool2d
+    assert _plan_agrees(model, images)
+    network = model.network
+    network.forward = lambda x: network.fc(network.flat(network.pool(network.conv(x)))) * 2
+    assert _plan_agrees(model, images) and "forward of its own" in model.call_plans()[0]["refused"]
+
+
+_INNER: dict = {}
+
+
+@torch.fx.wrap
+def _inner_logits(x):
+    """A deployed model called from inside another one's traced graph (as one call: fx does not trace into it)."""
+    return _INNER["model"](x.clamp(0, 1))
+
+
+class _Outer(_Pooled):
+    def forward(self, x):
+        return super().forward(x) + _inner_logits(x)
+
+
+def test_a_deployed_model_called_inside_another_ones_graph(plans_restored):
+    inner = _INNER["model"] = _tiny_deployed(_Pooled())
+    Outer = _Outer
+
+    outer, images = _tiny_deployed(Outer()), _images()[:, :, :16, :16]
+    results = []
+    thread = threading.Thread(target=lambda: results.extend(outer(images) for _ in range(3)))
+    thread.start()
+    thread.join(timeout=60)
+    assert not thread.is_alive(), "a call that makes a plan while another model makes its own never returned"
+    expected = _without_plans(outer, images)
+    assert all(torch.equal(result, expected) for result in results)
+    assert outer.call_plans()[0]["steps"] and inner.call_plans()[0]["steps"]
+
+
+def test_entries_of_a_replaced_network_are_dropped(plans_restored):
+    import weakref
+
+    model = _tiny_deployed(_Pooled())
+    model(_images(1)[:, :, :16, :16])
+    model(_images(2)[:, :, :16, :16])
+    old = weakref.ref(model.network)
+    model.network = copy.deepcopy(model.network)
+    model(_images(1)[:, :, :16, :16])
+    assert [p["input_shape"][0] for p in model.call_plans()] == [1]
+    import gc
+
+    gc.collect()
+    assert old() is None

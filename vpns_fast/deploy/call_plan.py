@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-import threading
 
 import torch
 from torch import fx, nn
@@ -51,6 +50,14 @@ def call_plans_enabled() -> bool:
     return _ENABLED["on"]
 
 
+class _NeverRaised(Exception):
+    """Stands for the extension's ShapeChanged where the extension is not built (no plan runs there)."""
+
+
+# What a plan's run raises where a shape it kept as a value differs on this input (csrc/vpns_ops.h, ShapeChanged).
+ShapeChanged: type[Exception] = sparse_cpu._ops().ShapeChanged if sparse_cpu.available()[0] else _NeverRaised
+
+
 def plan_key(x: torch.Tensor) -> tuple:
     """What a plan is made for: the input's shape, strides, dtype and device."""
     return tuple(x.shape), x.stride(), x.dtype, x.device
@@ -63,10 +70,6 @@ def hooks_on(network: nn.Module) -> bool:
                 or network._forward_hooks or network._forward_pre_hooks)
 
 
-# Plans are made one at a time (a second thread meeting a new shape waits rather than making the same plan).
-BUILD_LOCK = threading.Lock()
-
-
 @dataclasses.dataclass(frozen=True)
 class NetworkPlan:
     """A compiled plan and the modules it calls (see the module's docstring)."""
@@ -74,8 +77,10 @@ class NetworkPlan:
     compiled: object  # the extension's CallPlan
     edges: tuple  # (parent, name, child) along every called module's path
     called: tuple  # every module the graph calls
-    attributes: tuple  # (module, name, value) the plan read from torch modules
+    attributes: tuple  # (module, name, value frozen) the plan read from torch modules
     tensor_attributes: tuple  # (module, name, tensor) that get_attr nodes read
+    kernels: tuple  # (module, its class, the class's forward) of every module the plan runs as its own step
+    tensors: tuple  # (module, "_buffers" or "_parameters", name, tensor) of those modules
 
     @property
     def steps(self) -> int:
@@ -88,15 +93,28 @@ class NetworkPlan:
             return False
         if any(getattr(owner, name, None) is not tensor for owner, name, tensor in self.tensor_attributes):
             return False
-        return all(getattr(module, name) == value for module, name, value in self.attributes)
+        # a module the plan runs itself: the same class and forward (none patched on the instance or the class), and
+        # the same tensors (torch.func.functional_call and direct writes swap them in the dicts, with no setattr)
+        if any(type(m) is not kind or kind.forward is not forward or "forward" in m.__dict__
+               for m, kind, forward in self.kernels):
+            return False
+        if any(getattr(m, where).get(name) is not tensor for m, where, name, tensor in self.tensors):
+            return False
+        return all(_frozen(getattr(module, name)) == value for module, name, value in self.attributes)
 
     def hooks_on_called(self) -> bool:
         return any(m._forward_hooks or m._forward_pre_hooks for m in self.called)
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The network's output for ``x`` (of the plan's key), or None when a tensor the plan was made from has
-        changed in place since (the plan is stale)."""
+        changed in place since (the plan is stale). Raises ``ShapeChanged`` (of the extension) where a tensor's shape
+        that the plan kept as a value differs on this input (a shape the data decides)."""
         return self.compiled.run(x)
+
+
+def _frozen(value):
+    """A value as compared on every run: a list (which may change in place) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,11 +134,16 @@ class PlanEntry:
         plan, reason, output = build(network, x)
         return cls(plan, reason, network, forward, edits), output
 
+    def refused(self, reason: str) -> PlanEntry:
+        """This entry without its plan, for ``reason``."""
+        return dataclasses.replace(self, plan=None, reason=reason)
+
     def current(self, network: nn.Module) -> bool:
-        """Whether the entry still describes ``network``: the same network, graph forward and engine layers (no
-        edit since), and for a plan the same module tree."""
+        """Whether the entry still describes ``network``: the same network, graph forward (none set on the
+        instance) and engine layers (no edit since), and for a plan the same module tree."""
         return (network is self.network and sparse_cpu.layer_edits() == self.edits
-                and type(network).forward is self.forward and (self.plan is None or self.plan.tree_unchanged()))
+                and type(network).forward is self.forward and "forward" not in network.__dict__
+                and (self.plan is None or self.plan.tree_unchanged()))
 
 
 class PlanRefused(Exception):
@@ -151,7 +174,7 @@ def build(network: nn.Module, x: torch.Tensor) -> tuple[NetworkPlan | None, str,
                           "version counter shows"), output
         plan.watch(tensor)
     return NetworkPlan(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
-                       tuple(builder.tensor_attributes)), "", output
+                       tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors)), "", output
 
 
 class _Builder:
@@ -165,6 +188,9 @@ class _Builder:
         self.slotted: set[fx.Node] = set()  # the nodes whose tensors the plan holds in their slots when it runs
         self.tensor_attributes: list[tuple] = []  # (module, name, tensor) read by get_attr nodes
         self.split: set[fx.Node] = set()  # nodes giving a sequence whose tensors their step keeps item by item
+        self.kernels: list[tuple] = []  # (module, class, forward) of the modules run as the plan's own steps
+        self.tensors: list[tuple] = []  # (module, "_buffers" / "_parameters", name, tensor) of those
+        self.expected_sizes: set[fx.Node] = set()  # the tensors whose sizes a step checks on every run
         self.finished = None
 
     def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
@@ -174,6 +200,8 @@ class _Builder:
         network = self.network
         if not isinstance(network, fx.GraphModule):
             raise PlanRefused(f"the network is a {type(network).__name__}, not a traced graph")
+        if "forward" in network.__dict__:
+            raise PlanRefused("the network has a forward of its own, set on the instance, which its graph is not")
         if not sparse_cpu.available()[0]:
             raise PlanRefused("the C++ extension is not available")
         if torch.is_grad_enabled() and x.requires_grad:
@@ -263,9 +291,11 @@ class _Builder:
         args, kwargs = self._value(node.args), self._value(node.kwargs)
         out = function(*args, **kwargs)
         if isinstance(out, torch.Tensor):
-            if not self._kernel_step(plan, node, args, kwargs, out):
+            if self._kernel_step(plan, node, args, kwargs, out):
+                self._kernel_module_recorded(node)
+            else:
                 self._python_step(plan, node, function)
-        elif self._constant_for_the_shape(node):
+        elif self._constant_for_the_shape(plan, node):
             pass
         elif isinstance(out, (tuple, list)):
             self._python_step(plan, node, function, self._taken_items(node, out))
@@ -300,18 +330,34 @@ class _Builder:
             return lambda receiver, *args, **kwargs: getattr(receiver, name)(*args, **kwargs)
         return node.target
 
-    def _constant_for_the_shape(self, node: fx.Node) -> bool:
+    def _constant_for_the_shape(self, plan, node: fx.Node) -> bool:
         """Whether ``node``'s (non-tensor) value is fixed by the input's shape: a shape query of a tensor, or an
         operator, a builtin, a ``math`` function or an assert (``torch._assert``, or the engine's rewrite of it that
         formats its message late: a check on the shape) of values that are no tensors."""
-        if node.op == "call_method" and node.target in ("size", "dim"):
-            return True
-        if node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)):
+        queried = ((node.op == "call_method" and node.target in ("size", "dim"))
+                   or (node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",),
+                                                                                                 ("ndim",))))
+        if queried:
+            tensor = node.args[0]
+            # the input's shape is the plan's key; an intermediate's may depend on the data (a boolean mask's
+            # selection, nonzero), so a step checks it on every run
+            if tensor in self.slotted and tensor.op != "placeholder" and tensor not in self.expected_sizes:
+                plan.add_expect_sizes(self.slots[tensor], list(self.values[tensor].shape))
+                self.expected_sizes.add(tensor)
             return True
         inputs_constant = all(not isinstance(self.values[n], torch.Tensor) for n in node.all_input_nodes)
         return inputs_constant and node.op == "call_function" and (
             node.target in (torch._assert, fusion.traced_assert)
             or getattr(node.target, "__module__", None) in ("_operator", "operator", "builtins", "math"))
+
+    def _kernel_module_recorded(self, node: fx.Node) -> None:
+        """For a module call the plan now makes itself: its class, forward and tensors, checked on every run."""
+        if node.op != "call_module":
+            return
+        module = self.called[-1]
+        self.kernels.append((module, type(module), type(module).forward))
+        self.tensors += [(module, where, name, tensor) for where in ("_buffers", "_parameters")
+                         for name, tensor in getattr(module, where).items()]
 
     def _python_step(self, plan, node: fx.Node, function, taken: list[fx.Node] | None = None) -> None:
         """``node``'s call as a Python step; ``taken``: where it gives a sequence, the getitem nodes whose tensors
@@ -353,7 +399,7 @@ class _Builder:
         if kind in _ENGINE_ONE_INPUT:
             return module.add_to_plan(plan, (input_slot, slot), x)
         if kind is nn.AdaptiveAvgPool2d and x.dim() == 4:
-            self.attributes.append((module, "output_size", module.output_size))
+            self.attributes.append((module, "output_size", _frozen(module.output_size)))
             size = _list_with_default(module.output_size, x.size())  # as F.adaptive_avg_pool2d
             plan.add_adaptive_avg_pool(input_slot, slot, [size, size] if isinstance(size, int) else list(size))
             return True

@@ -136,19 +136,32 @@ class DeployedModel(nn.Module):
         if entry is not None and entry.current(self.network):
             if entry.plan is None or entry.plan.hooks_on_called():
                 return self.network(x)  # refused, and nothing it depends on has changed; or hooks to run
-            out = entry.plan.run(x)
+            try:
+                out = entry.plan.run(x)
+            except call_plan.ShapeChanged:  # a shape the data decides: no plan for this network and shape
+                self._keep_plan(key, entry.refused("a shape that the data decides (not the input's) changed "
+                                                   "between calls"), plans)
+                return self.network(x)
             if out is not None:
                 return out
             # else a tensor it was made from changed in place: a new plan
-        with call_plan.BUILD_LOCK:
-            entry, out = call_plan.PlanEntry.made(self.network, x)
-            # a new dict, never one changed in place: another thread may be reading the old one
-            kept = {k: v for k, v in plans.items() if k != key}
-            while len(kept) >= call_plan.MAX_PLANS:
-                del kept[next(iter(kept))]
-            kept[key] = entry
-            self.__dict__["_call_plans"] = kept
+        # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
+        # network's own code runs could deadlock, a deployed model called inside another's graph)
+        entry, out = call_plan.PlanEntry.made(self.network, x)
+        self._keep_plan(key, entry, plans)
         return out
+
+    def _keep_plan(self, key: tuple, entry, plans: dict) -> None:
+        """``plans`` with ``entry`` for ``key``, less the entries no longer current (they hold a replaced network's
+        or the old weights' copies) and the least recently made beyond MAX_PLANS, as a new dict (another thread may
+        be reading the old one)."""
+        from vpns_fast.deploy import call_plan
+
+        kept = {k: v for k, v in plans.items() if k != key and v.current(self.network)}
+        while len(kept) >= call_plan.MAX_PLANS:
+            del kept[next(iter(kept))]
+        kept[key] = entry
+        self.__dict__["_call_plans"] = kept
 
     def call_plans(self) -> list[dict]:
         """The compiled call plans this module holds, one per input shape met: ``input_shape``, ``steps`` (0 where

@@ -35,7 +35,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
-                 "aligned_channel_stride")
+                 "aligned_channel_stride", "CallPlan", "ShapeChanged")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.

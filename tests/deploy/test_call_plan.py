@@ -384,6 +384,8 @@ def test_swapped_tensors_patched_forwards_and_edited_lists_are_seen(plans_restor
     network = model.network
     network.forward = lambda x: network.fc(network.flat(network.pool(network.conv(x)))) * 2
     assert _plan_agrees(model, images) and "forward of its own" in model.call_plans()[0]["refused"]
+    del network.forward  # the refusal goes with it
+    assert _plan_agrees(model, images) and model.call_plans()[0]["steps"]
 
 
 _INNER: dict = {}

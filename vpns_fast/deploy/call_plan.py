@@ -2,24 +2,28 @@
 
 ``convert_for_cpu`` gives a traced graph (``torch.fx``) whose forward reaches each layer through the module tree and
 runs each layer's Python (checks, caches of offsets and packed weights, the choice of kernel) on every call. For a
-given input shape those calls are the same every time: :func:`build` walks the graph once, calls each layer as the
-graph would, and records the kernel call each one made, with the arguments it computed, into the extension's
-``CallPlan``; :meth:`NetworkPlan.run` then runs them back to back in C++ (the GIL released), dropping each value
-after its last use as the graph does.
+given input shape those calls are the same every time: :func:`build` walks the graph once, calls each node as the
+graph would, and records the kernel call each layer made, with the arguments it computed (each layer class's
+``add_to_plan``), into the extension's ``CallPlan`` (csrc/call_plan.cpp); a node with no kernel step of its own (a
+torch function, a layer the engine leaves, a tensor method) becomes a step that calls it back in Python. The plan
+then runs them back to back in C++ (the GIL released), dropping each value after its last use as the graph does.
 
-Why: at batch 1 with sparse layers that Python is a measurable share of a call. ResNet-50 at 5% kept spent
-0.86-0.94 ms of a 17.3-18.4 ms call outside the extension's kernels (a replay of its calls, 2-vCPU AVX2 host), and on
-a Zen 5 host 12% of the main thread's samples, while the second thread waited (docs/cpu-engine-runs.md).
+Why: at batch 1 with sparse layers that Python was a measurable share of a call (ResNet-50 at 5% kept: 12% of the
+main thread's samples on a Zen 5 host, while the second thread waited). With plans, in one process, batch 1, 2
+threads, the same deployed module with and without: ResNet-18 and ResNet-50 at 5-50% kept 1.06-1.12x, mobile networks
+1.14-1.43x, a ViT 1.01-1.03x; batch 32 0.99-1.04x (bench/results/cpu-call-plan-ab-2026-12-06-amd*.txt).
 
-A plan is right or not used:
-- :func:`build` compares the plan's output with the network's own on the example, bit for bit, and refuses the plan
-  (with the reason) where they differ, or where the graph has a node or a layer call the plan cannot make (a module
-  class it does not know, a call that needs a gradient, an activation other than ReLU after oneDNN...).
-- :meth:`NetworkPlan.usable`, on every call: the graph's forward and the module tree along every called path are the
-  ones the plan was made from, no forward hook is registered on a called module, on the network or on every module,
-  no engine layer was edited since (:func:`vpns_fast.deploy.sparse_cpu.layer_edits`) and the few torch modules'
-  attributes it read are unchanged; the C++ side checks that no tensor it was made from changed in place.
-Where any of that fails, the network's own forward runs (and a new plan is made on a later call).
+A plan gives the graph's output or is not used:
+- :func:`build` compares the plan's output with the graph's on the call that makes it, bit for bit, and refuses the
+  plan (with the reason) where they differ, or where the graph computes a value that is no tensor and that the
+  input's shape does not decide (an ``.item()``); a shape of an intermediate tensor kept as a value is checked on
+  every run (``expect_sizes``: a shape the data decides raises ShapeChanged, and that input shape is refused).
+- :meth:`PlanEntry.current` and :meth:`NetworkPlan.hooks_on_called`, on every call: the same network, graph forward
+  and module tree along every called path; no engine layer edited since (:func:`sparse_cpu.layer_edits`); the modules
+  the plan runs itself with their class, forward and tensor objects, and the torch modules' attributes it read, as
+  they were; no forward hook on a called module (:func:`hooks_on`: nor on the network or every module). The C++ side
+  checks that no weight or buffer of a called module changed in place or was given other memory.
+Where any of that fails, the network's own forward runs, and a new plan is made where one can be.
 """
 from __future__ import annotations
 
@@ -126,23 +130,24 @@ class PlanEntry:
     network: nn.Module
     forward: object  # the graph's forward function then
     edits: int  # sparse_cpu.layer_edits() then
+    instance_forward: object = None  # a forward set on the network instance then (no plan is made with one)
 
     @classmethod
     def made(cls, network: nn.Module, x: torch.Tensor) -> tuple[PlanEntry, torch.Tensor]:
         """(entry, the network's output for ``x``): a plan made by :func:`build`, or the reason why not."""
         edits, forward = sparse_cpu.layer_edits(), type(network).forward
         plan, reason, output = build(network, x)
-        return cls(plan, reason, network, forward, edits), output
+        return cls(plan, reason, network, forward, edits, network.__dict__.get("forward")), output
 
     def refused(self, reason: str) -> PlanEntry:
         """This entry without its plan, for ``reason``."""
         return dataclasses.replace(self, plan=None, reason=reason)
 
     def current(self, network: nn.Module) -> bool:
-        """Whether the entry still describes ``network``: the same network, graph forward (none set on the
-        instance) and engine layers (no edit since), and for a plan the same module tree."""
+        """Whether the entry still describes ``network``: the same network, graph forward, forward set on the
+        instance (or none) and engine layers (no edit since), and for a plan the same module tree."""
         return (network is self.network and sparse_cpu.layer_edits() == self.edits
-                and type(network).forward is self.forward and "forward" not in network.__dict__
+                and type(network).forward is self.forward and network.__dict__.get("forward") is self.instance_forward
                 and (self.plan is None or self.plan.tree_unchanged()))
 
 

@@ -11,7 +11,7 @@ then runs them back to back in C++ (the GIL released), dropping each value after
 Why: at batch 1 with sparse layers that Python was a measurable share of a call (ResNet-50 at 5% kept: 12% of the
 main thread's samples on a Zen 5 host, while the second thread waited). With plans, in one process, batch 1, 2
 threads, the same deployed module with and without: ResNet-18 and ResNet-50 at 5-50% kept 1.06-1.12x, mobile networks
-1.14-1.43x, a ViT 1.01-1.03x; batch 32 0.99-1.04x (bench/results/cpu-call-plan-ab-2026-12-06-amd*.txt).
+1.06-1.43x, a ViT 1.01-1.03x; batch 32 0.99-1.04x (bench/results/cpu-call-plan-ab-2026-12-06-amd*.txt).
 
 A plan gives the graph's output or is not used:
 - :func:`build` compares the plan's output with the graph's on the call that makes it, bit for bit, and refuses the

@@ -176,10 +176,15 @@ void CallPlan::add_sparse_linear(int64_t input, int64_t output, at::Tensor row_p
   });
 }
 
-void CallPlan::add_expect_sizes(int64_t input, std::vector<int64_t> sizes) {
+void CallPlan::add_expect_sizes(int64_t input, std::vector<int64_t> sizes, std::vector<int64_t> strides) {
   check_slots({input});
+  TORCH_CHECK(strides.empty() || strides.size() == sizes.size(), "CallPlan.add_expect_sizes: ", strides.size(),
+              " strides for ", sizes.size(), " sizes");
   add("expect_sizes", [=](std::vector<at::Tensor>& slot) {
-    if (slot[input].sizes() != at::IntArrayRef(sizes)) throw ShapeChanged();
+    const at::Tensor& x = slot[input];
+    if (x.sizes() != at::IntArrayRef(sizes) || (!strides.empty() && x.strides() != at::IntArrayRef(strides))) {
+      throw ShapeChanged();
+    }
   });
 }
 

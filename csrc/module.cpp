@@ -158,7 +158,8 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
            py::arg("dilation"), py::arg("groups"), py::arg("into_residual"), py::arg("activation"))
       .def("add_winograd_conv", &vpns::CallPlan::add_winograd_conv, py::arg("input"), py::arg("residual"),
            py::arg("output"), py::arg("weight"), py::arg("bias"), py::arg("padding"), py::arg("activation"))
-      .def("add_expect_sizes", &vpns::CallPlan::add_expect_sizes, py::arg("input"), py::arg("sizes"))
+      .def("add_expect_sizes", &vpns::CallPlan::add_expect_sizes, py::arg("input"), py::arg("sizes"),
+           py::arg("strides") = std::vector<int64_t>())
       .def("add_channels_last_copy", &vpns::CallPlan::add_channels_last_copy, py::arg("input"), py::arg("output"))
       .def("add_contiguous", &vpns::CallPlan::add_contiguous, py::arg("input"), py::arg("output"))
       .def("add_max_pool", &vpns::CallPlan::add_max_pool, py::arg("input"), py::arg("output"), py::arg("kernel_size"),

@@ -167,9 +167,10 @@ class CallPlan {
   void add(std::string name, Step step);
   // TORCH_CHECKs that each slot is one of the plan's, and `residual` too or -1 (none).
   void check_slots(std::initializer_list<int64_t> slots, int64_t residual = -1) const;
-  // A step that throws ShapeChanged unless the tensor in `input` has these sizes: where the plan kept a value that the
-  // tensor's shape gave when the plan was made (an `x.size(0)`), and that shape is not the input's own.
-  void add_expect_sizes(int64_t input, std::vector<int64_t> sizes);
+  // A step that throws ShapeChanged unless the tensor in `input` has these sizes (and strides, unless empty): where the
+  // plan kept a value that the tensor's shape gave when the plan was made (an `x.size(0)`), or before a kernel step
+  // made for that shape reads a tensor that a Python step made (whose shape the data may decide).
+  void add_expect_sizes(int64_t input, std::vector<int64_t> sizes, std::vector<int64_t> strides = {});
   // The network's output for `input`, or nullopt when a watched tensor changed (the plan is stale). Safe to call
   // from several threads at once: each call has its own slots.
   std::optional<at::Tensor> run(const at::Tensor& input) const;

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vpns_fast.deploy import call_plan, runtime, sparse_cpu
+from vpns_fast.nn.prompts import normalize
 
 pytestmark = pytest.mark.skipif(not sparse_cpu.available()[0], reason="the C++ extension is not built")
 torchvision = pytest.importorskip("torchvision")
@@ -431,3 +432,32 @@ def test_entries_of_a_replaced_network_are_dropped(plans_restored):
 
     gc.collect()
     assert old() is None
+
+
+def test_a_tensor_a_python_step_shapes_from_the_data_is_checked_before_a_kernel_reads_it(plans_restored):
+    """A kernel step is made for its input's shape: where a Python step made that input (rows kept by a mask), its
+    sizes and strides are checked first, and a change ends the plan for that input shape rather than run the
+    kernel on a shape it was not made for."""
+
+    class MaskedRows(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+            self.fc = nn.Linear(8, 4)
+
+        def forward(self, x):
+            y = self.c1(x)
+            y = y[:, :, y.mean((0, 1, 3)) > 0.0]  # how many rows: the data decides
+            return self.fc(self.c2(y).mean((2, 3)))
+
+    model = _tiny_deployed(MaskedRows())
+    base = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    rows = set()
+    for scale in (1.0, 1.0, 0.5, 0.2, 0.8, 0.1, 0.3):
+        images = base * scale
+        assert _plan_agrees(model, images), scale
+        with torch.no_grad():
+            c1 = model.network.c1(normalize(images, model.mean, model.std))
+        rows.add(int((c1.mean((0, 1, 3)) > 0).sum()))
+    assert len(rows) > 1  # the shape did change, and the plan gave way
+    assert model.call_plans()[0]["refused"].startswith("a shape that the data decides")

@@ -16,8 +16,9 @@ threads, the same deployed module with and without: ResNet-18 and ResNet-50 at 5
 A plan gives the graph's output or is not used:
 - :func:`build` compares the plan's output with the graph's on the call that makes it, bit for bit, and refuses the
   plan (with the reason) where they differ, or where the graph computes a value that is no tensor and that the
-  input's shape does not decide (an ``.item()``); a shape of an intermediate tensor kept as a value is checked on
-  every run (``expect_sizes``: a shape the data decides raises ShapeChanged, and that input shape is refused).
+  input's shape does not decide (an ``.item()``); a shape of an intermediate tensor kept as a value, and the shape
+  and strides of a tensor a Python step made before a kernel step reads it, are checked on every run
+  (``expect_sizes``: a shape the data decides raises ShapeChanged, and that input shape is refused).
 - :meth:`PlanEntry.current` and :meth:`NetworkPlan.hooks_on_called`, on every call: the same network, graph forward
   and module tree along every called path; no engine layer edited since (:func:`sparse_cpu.layer_edits`); the modules
   the plan runs itself with their class, forward and tensor objects, and the torch modules' attributes it read, as
@@ -196,6 +197,8 @@ class _Builder:
         self.kernels: list[tuple] = []  # (module, class, forward) of the modules run as the plan's own steps
         self.tensors: list[tuple] = []  # (module, "_buffers" / "_parameters", name, tensor) of those
         self.expected_sizes: set[fx.Node] = set()  # the tensors whose sizes a step checks on every run
+        self.python_made: set[fx.Node] = set()  # the tensors Python steps make (their shapes the data may decide)
+        self.expected_layouts: set[fx.Node] = set()  # those whose sizes and strides a step checks before a kernel
         self.finished = None
 
     def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
@@ -291,6 +294,7 @@ class _Builder:
             # its reference count is the graph's own business: a plan's values are held by nothing else
             return fusion.reuse_allowed_by_modules(*self._value(node.args[1:]))
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] in self.split:
+            self.python_made.add(node)
             return self.values[node.args[0]][node.args[1]]  # its slot filled by the step that made the sequence
         function = self._callable(node)
         args, kwargs = self._value(node.args), self._value(node.kwargs)
@@ -300,6 +304,7 @@ class _Builder:
                 self._kernel_module_recorded(node)
             else:
                 self._python_step(plan, node, function)
+                self.python_made.add(node)
         elif self._constant_for_the_shape(plan, node):
             pass
         elif isinstance(out, (tuple, list)):
@@ -376,12 +381,25 @@ class _Builder:
             plan.add_python_call(str(node.target) if node.op != "call_function" else node.name,
                                  [self.slots[n] for n in tensor_nodes], outputs, call)
 
+    def _expect_layouts(self, plan, nodes) -> None:
+        """Before a kernel step made for its inputs' shapes: a check of the sizes and strides of each input that a
+        Python step made (the data may decide them: ``y[:, :, mask]``); the others follow from the plan's input."""
+        for used in nodes:
+            if used in self.python_made and used not in self.expected_layouts:
+                value = self.values[used]
+                plan.add_expect_sizes(self.slots[used], list(value.shape), list(value.stride()))
+                self.expected_layouts.add(used)
+
     def _kernel_step(self, plan, node: fx.Node, args, kwargs, out) -> bool:
-        """Adds ``node``'s call as the extension's own step where it has one (False: it has not)."""
+        """Adds ``node``'s call as the extension's own step where it has one (False: it has not), after the checks of
+        :meth:`_expect_layouts` on its inputs (an engine layer's ``add_to_plan`` that then declines leaves them before
+        the Python step that follows: they only make the plan give way to the graph sooner)."""
         target, slot = node.target, self.slots[node]
+        inputs = [n for n in node.all_input_nodes if n in self.slotted]
         if node.op == "call_function":
             if target is torch.flatten and not kwargs and 1 <= len(args) <= 3 and node.args[0] in self.slotted:
                 start, end = (list(args[1:]) + [0, -1][len(args) - 1:])[:2]
+                self._expect_layouts(plan, inputs)
                 plan.add_flatten(self.slots[node.args[0]], slot, start, end)
                 return True
             return False
@@ -397,10 +415,13 @@ class _Builder:
                 return False
             residual = None if residual_arg is None else self.values[residual_arg]
             residual_slot = -1 if residual_arg is None else self.slots[residual_arg]
+            self._expect_layouts(plan, inputs)
             return module.add_to_plan(plan, (input_slot, residual_slot, slot), x, residual,
                                       **{k: v for k, v in kwargs.items() if k != "residual"})
         if len(args) != 1 or kwargs:
             return False
+        if kind in (*_ENGINE_ONE_INPUT, nn.AdaptiveAvgPool2d, nn.Flatten):
+            self._expect_layouts(plan, inputs)
         if kind in _ENGINE_ONE_INPUT:
             return module.add_to_plan(plan, (input_slot, slot), x)
         if kind is nn.AdaptiveAvgPool2d and x.dim() == 4:

@@ -152,6 +152,53 @@ class PlanEntry:
                 and (self.plan is None or self.plan.tree_unchanged()))
 
 
+class NetworkPlans:
+    """A deployed module's plans, one entry per input shape (at most MAX_PLANS, the least recently made dropped
+    first), and when each is used. Not pickled: the module drops it and makes a new one on its next call."""
+
+    def __init__(self):
+        self.entries: dict[tuple, PlanEntry] = {}  # replaced, never changed in place: other threads may read it
+
+    def output(self, network: nn.Module, x: torch.Tensor):
+        """``network(x)``: through the plan for ``x``'s key where it is current and no hook is registered, else the
+        graph (a new plan made where the entry is missing or stale)."""
+        if not call_plans_enabled() or hooks_on(network):
+            return network(x)  # a plan would call around the hooks
+        entries, key = self.entries, plan_key(x)
+        entry = entries.get(key)
+        if entry is not None and entry.current(network):
+            if entry.plan is None or entry.plan.hooks_on_called():
+                return network(x)  # refused, and nothing it depends on has changed; or hooks to run
+            try:
+                out = entry.plan.run(x)
+            except ShapeChanged:  # a shape the data decides: no plan for this network and shape
+                self._keep(key, entry.refused("a shape that the data decides (not the input's) changed between "
+                                              "calls"), entries, network)
+                return network(x)
+            if out is not None:
+                return out
+            # else a tensor it was made from changed in place: a new plan
+        # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
+        # network's own code runs could deadlock, a deployed model called inside another's graph)
+        entry, out = PlanEntry.made(network, x)
+        self._keep(key, entry, entries, network)
+        return out
+
+    def _keep(self, key: tuple, entry: PlanEntry, entries: dict, network: nn.Module) -> None:
+        """``entries`` with ``entry`` for ``key``, less the entries no longer current (they hold a replaced network's
+        or the old weights' copies) and the least recently made beyond MAX_PLANS, as a new dict."""
+        kept = {k: v for k, v in entries.items() if k != key and v.current(network)}
+        while len(kept) >= MAX_PLANS:
+            del kept[next(iter(kept))]
+        kept[key] = entry
+        self.entries = kept
+
+    def summary(self) -> list[dict]:
+        """One dict an entry: ``input_shape``, ``steps`` (0 where refused) and ``refused`` (why not, or "")."""
+        return [{"input_shape": key[0], "steps": entry.plan.steps if entry.plan else 0, "refused": entry.reason}
+                for key, entry in self.entries.items()]
+
+
 class PlanRefused(Exception):
     """Why a network gets no plan for an input (the message)."""
 
@@ -196,9 +243,9 @@ class _Builder:
         self.split: set[fx.Node] = set()  # nodes giving a sequence whose tensors their step keeps item by item
         self.kernels: list[tuple] = []  # (module, class, forward) of the modules run as the plan's own steps
         self.tensors: list[tuple] = []  # (module, "_buffers" / "_parameters", name, tensor) of those
-        self.expected_sizes: set[fx.Node] = set()  # the tensors whose sizes a step checks on every run
         self.python_made: set[fx.Node] = set()  # the tensors Python steps make (their shapes the data may decide)
-        self.expected_layouts: set[fx.Node] = set()  # those whose sizes and strides a step checks before a kernel
+        # the tensors a step checks on every run: their sizes (False), or their sizes and strides (True)
+        self.expected: dict[fx.Node, bool] = {}
         self.finished = None
 
     def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
@@ -238,15 +285,15 @@ class _Builder:
             self.values[node] = self._step(plan, node)
             if node.op != "get_attr" and isinstance(self.values[node], torch.Tensor):
                 self.slotted.add(node)
-            released = [self.slots[used] for used in node.all_input_nodes
-                        if last_use[used] == index and used is not result and used in self.slotted]
+            done = [used for used in node.all_input_nodes
+                    if last_use[used] == index and used is not result and used in self.slotted]
+            released = [self.slots[used] for used in done]
             if last_use.get(node) is None and node is not result and node in self.slotted:
                 released.append(self.slots[node])  # nothing reads it
             if released and plan.steps:
                 plan.release_after_last_step(released)
-            for used in node.all_input_nodes:  # dropped here too, as the graph drops them: a batch-32 call's
-                if used in self.slotted and last_use[used] == index and used is not result:  # activations
-                    self.values[used] = None  # would otherwise all be held at once (gigabytes on ResNet-50)
+            for used in done:  # dropped here too, as the graph drops them: a batch-32 call's activations would
+                self.values[used] = None  # otherwise all be held at once (gigabytes on ResNet-50)
         output = self.values[result]
         if result not in self.slotted:
             raise PlanRefused("the graph returns no tensor it made")
@@ -278,11 +325,6 @@ class _Builder:
 
     def _value(self, arg):
         return fx.node.map_arg(arg, self.values.__getitem__)
-
-    def _tensor_slot(self, arg, node: fx.Node, what: str) -> int:
-        if not isinstance(arg, fx.Node) or not isinstance(self.values[arg], torch.Tensor):
-            raise PlanRefused(f"{node.name}: its {what} is not a tensor the graph made")
-        return self.slots[arg]
 
     def _step(self, plan, node: fx.Node):
         """Adds ``node``'s call to ``plan`` and returns its value for the example."""
@@ -351,9 +393,8 @@ class _Builder:
             tensor = node.args[0]
             # the input's shape is the plan's key; an intermediate's may depend on the data (a boolean mask's
             # selection, nonzero), so a step checks it on every run
-            if tensor in self.slotted and tensor.op != "placeholder" and tensor not in self.expected_sizes:
-                plan.add_expect_sizes(self.slots[tensor], list(self.values[tensor].shape))
-                self.expected_sizes.add(tensor)
+            if tensor in self.slotted and tensor.op != "placeholder":
+                self._expect(plan, tensor, strides=False)
             return True
         inputs_constant = all(not isinstance(self.values[n], torch.Tensor) for n in node.all_input_nodes)
         return inputs_constant and node.op == "call_function" and (
@@ -381,14 +422,20 @@ class _Builder:
             plan.add_python_call(str(node.target) if node.op != "call_function" else node.name,
                                  [self.slots[n] for n in tensor_nodes], outputs, call)
 
+    def _expect(self, plan, tensor: fx.Node, strides: bool) -> None:
+        """A step that checks ``tensor``'s sizes (and ``strides``) on every run, unless one already checks as much."""
+        if self.expected.get(tensor, False) or (tensor in self.expected and not strides):
+            return
+        value = self.values[tensor]
+        plan.add_expect_sizes(self.slots[tensor], list(value.shape), list(value.stride()) if strides else [])
+        self.expected[tensor] = strides
+
     def _expect_layouts(self, plan, nodes) -> None:
         """Before a kernel step made for its inputs' shapes: a check of the sizes and strides of each input that a
         Python step made (the data may decide them: ``y[:, :, mask]``); the others follow from the plan's input."""
         for used in nodes:
-            if used in self.python_made and used not in self.expected_layouts:
-                value = self.values[used]
-                plan.add_expect_sizes(self.slots[used], list(value.shape), list(value.stride()))
-                self.expected_layouts.add(used)
+            if used in self.python_made:
+                self._expect(plan, used, strides=True)
 
     def _kernel_step(self, plan, node: fx.Node, args, kwargs, out) -> bool:
         """Adds ``node``'s call as the extension's own step where it has one (False: it has not), after the checks of

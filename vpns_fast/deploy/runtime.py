@@ -120,7 +120,6 @@ class DeployedModel(nn.Module):
                              f"{logits.shape[1]} outputs")
         return logits.index_select(1, self.mapping)
 
-
     def _network_output(self, x: torch.Tensor):
         """``self.network(x)``, through a compiled call plan where the CPU engine runs the network and one is made
         for ``x`` (vpns_fast.deploy.call_plan: the same calls, as one C++ call)."""
@@ -128,46 +127,16 @@ class DeployedModel(nn.Module):
             return self.network(x)
         from vpns_fast.deploy import call_plan
 
-        if not call_plan.call_plans_enabled() or call_plan.hooks_on(self.network):
-            return self.network(x)  # a plan would call around the hooks
-        plans = self.__dict__.get("_call_plans") or {}
-        key = call_plan.plan_key(x)
-        entry = plans.get(key)
-        if entry is not None and entry.current(self.network):
-            if entry.plan is None or entry.plan.hooks_on_called():
-                return self.network(x)  # refused, and nothing it depends on has changed; or hooks to run
-            try:
-                out = entry.plan.run(x)
-            except call_plan.ShapeChanged:  # a shape the data decides: no plan for this network and shape
-                self._keep_plan(key, entry.refused("a shape that the data decides (not the input's) changed "
-                                                   "between calls"), plans)
-                return self.network(x)
-            if out is not None:
-                return out
-            # else a tensor it was made from changed in place: a new plan
-        # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
-        # network's own code runs could deadlock, a deployed model called inside another's graph)
-        entry, out = call_plan.PlanEntry.made(self.network, x)
-        self._keep_plan(key, entry, plans)
-        return out
-
-    def _keep_plan(self, key: tuple, entry, plans: dict) -> None:
-        """``plans`` with ``entry`` for ``key``, less the entries no longer current (they hold a replaced network's
-        or the old weights' copies) and the least recently made beyond MAX_PLANS, as a new dict (another thread may
-        be reading the old one)."""
-        from vpns_fast.deploy import call_plan
-
-        kept = {k: v for k, v in plans.items() if k != key and v.current(self.network)}
-        while len(kept) >= call_plan.MAX_PLANS:
-            del kept[next(iter(kept))]
-        kept[key] = entry
-        self.__dict__["_call_plans"] = kept
+        plans = self.__dict__.get("_call_plans")
+        if plans is None:  # made on the first call, and again after unpickling or a copy
+            plans = self.__dict__.setdefault("_call_plans", call_plan.NetworkPlans())
+        return plans.output(self.network, x)
 
     def call_plans(self) -> list[dict]:
         """The compiled call plans this module holds, one per input shape met: ``input_shape``, ``steps`` (0 where
         refused) and ``refused`` (why not, or "")."""
-        return [{"input_shape": key[0], "steps": entry.plan.steps if entry.plan else 0, "refused": entry.reason}
-                for key, entry in (self.__dict__.get("_call_plans") or {}).items()]
+        plans = self.__dict__.get("_call_plans")
+        return plans.summary() if plans is not None else []
 
 
 def _mapping_end(mapping: torch.Tensor | None) -> int:
@@ -697,8 +666,10 @@ def _call_plan_note(module: DeployedModel, batch: int) -> str:
     plan = next((p for p in module.call_plans() if p["input_shape"][0] == batch), None)
     if plan is not None and plan["steps"]:
         return f"a compiled call plan of {plan['steps']} steps"
-    why = (plan["refused"] if plan is not None else "turned off (call_plan.set_call_plans)"
-           if not call_plan.call_plans_enabled() else "none made")
+    if plan is not None:
+        why = plan["refused"]
+    else:
+        why = "none made" if call_plan.call_plans_enabled() else "turned off (call_plan.set_call_plans)"
     return f"its traced graph (no compiled call plan: {why})"
 
 

@@ -1483,19 +1483,26 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
-        if (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and not (x.requires_grad and torch.is_grad_enabled())):
-            if ((x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) and available()[0]):
-                return _ops().max_pool2d(x, list(self.kernel_size), list(self.stride), list(self.padding))
-            if x.is_contiguous(memory_format=torch.channels_last):
-                return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
+        if self._runs_kernel(x):
+            return _ops().max_pool2d(x, list(self.kernel_size), list(self.stride), list(self.padding))
+        if self._plain(x) and x.is_contiguous(memory_format=torch.channels_last):
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
         return self.reference(x)
+
+    @staticmethod
+    def _plain(x: torch.Tensor) -> bool:
+        """A 4-d float32 CPU input that needs no gradient."""
+        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+                and not (x.requires_grad and torch.is_grad_enabled()))
+
+    def _runs_kernel(self, x: torch.Tensor) -> bool:
+        """Whether ``self(x)`` runs the C++ kernel: a plain input, contiguous or channels_last, and the extension."""
+        return (self._plain(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+                and available()[0])
 
     def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
         """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output) where ``forward`` runs the kernel."""
-        if not (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and not (x.requires_grad and torch.is_grad_enabled()) and available()[0]
-                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))):
+        if not self._runs_kernel(x):
             return False
         plan.add_max_pool(*slots, list(self.kernel_size), list(self.stride), list(self.padding))
         return True

@@ -9,6 +9,8 @@
 // vpns_fast.deploy.call_plan checks, when it builds a plan, that the plan's output equals the network's bit for bit.
 #include "vpns_ops.h"
 
+#include "activation.h"
+
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <functional>
@@ -19,9 +21,10 @@ namespace vpns {
 
 namespace {
 
-// Activation codes of the epilogues (vpns_fast.deploy.sparse_cpu.EPILOGUE_ACTIVATIONS); a plan applies only ReLU
-// itself, after a call that has no epilogue of its own (oneDNN, an unfused Winograd).
-constexpr int64_t kRelu = 1;
+// The epilogues' activation codes (activation.h): oneDNN's steps take none or ReLU, which the plan applies after the
+// call (oneDNN's own ReLU turns NaN into 0); Winograd's kernel applies ReLU in its output loop.
+using epilogue::kIdentity;
+using epilogue::kRelu;
 
 c10::OperatorHandle onednn_op(const char* name, const char* overload) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, overload);
@@ -93,7 +96,7 @@ void CallPlan::add_onednn_conv(int64_t input, int64_t residual, int64_t output, 
                                std::vector<int64_t> stride, std::vector<int64_t> dilation, int64_t groups,
                                bool into_residual, int64_t activation) {
   check_slots({input, output}, residual);
-  TORCH_CHECK(activation == 0 || activation == kRelu, "CallPlan.add_onednn_conv: activation ", activation,
+  TORCH_CHECK(activation == kIdentity || activation == kRelu, "CallPlan.add_onednn_conv: activation ", activation,
               " (only none or relu)");
   // the overloads DenseConv2d._onednn calls, with the same arguments
   const c10::OperatorHandle op = residual < 0    ? onednn_op("mkldnn::_convolution_pointwise", "")
@@ -122,7 +125,7 @@ void CallPlan::add_onednn_conv(int64_t input, int64_t residual, int64_t output, 
 void CallPlan::add_winograd_conv(int64_t input, int64_t residual, int64_t output, at::Tensor weight,
                                  std::optional<at::Tensor> bias, std::vector<int64_t> padding, int64_t activation) {
   check_slots({input, output}, residual);
-  TORCH_CHECK(activation == 0 || activation == kRelu, "CallPlan.add_winograd_conv: activation ", activation,
+  TORCH_CHECK(activation == kIdentity || activation == kRelu, "CallPlan.add_winograd_conv: activation ", activation,
               " (only none or relu)");
   add(with_residual("winograd_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);

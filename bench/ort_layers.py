@@ -1,8 +1,9 @@
 """Layer by layer against ONNX Runtime: where each engine's time goes in one whole call, on the same network.
 
 This engine: the deployed network (``vpns_fast.deploy.deploy`` at the batch given, its per-layer choices measured)
-run node by node by a torch.fx interpreter that times each layer where it runs, in the middle of a whole call (its
-caches as a call leaves them, unlike the isolated timings of ``vpns bench-infer --layers``). ONNX Runtime: the
+run through its compiled call plan with each step timed where it runs, in the middle of a whole call (its caches as
+a call leaves them, unlike the isolated timings of ``vpns bench-infer --layers``); where no plan is made, a torch.fx
+interpreter times each node instead. ONNX Runtime: the
 dense folded network exported as ``bench infer`` exports it, in the same session settings, with its own per-node
 profiling on; its fused and layout-reordering nodes are mapped back to the torch module each came from, and what
 maps to no module (ONNX Runtime's NCHWc reorders, for one) gets a row of its own. Medians over ``--iters`` calls
@@ -52,25 +53,43 @@ class TimedInterpreter(fx.Interpreter):
         return result
 
 
-def our_layer_ms(network: fx.GraphModule, x: torch.Tensor, iters: int) -> tuple[dict[str, float], float, float]:
-    """({layer: median ms over the calls}, median ms of an interpreted call, median ms of a plain call)."""
+def our_layer_ms(network: fx.GraphModule, x: torch.Tensor,
+                 iters: int) -> tuple[dict[str, float], float, float, str]:
+    """({layer: median ms over the calls}, median ms of a timed call, median ms of a plain call, how the layers were
+    timed): each step of the network's compiled call plan timed inside the whole call (the plain calls run the plan
+    too), or where no plan is made, the graph interpreted node by node (the plain calls: the graph's forward)."""
+    from vpns_fast.deploy import call_plan
+
+    plans = call_plan.NetworkPlans()
     per_call: list[dict[str, float]] = []
-    interpreted, plain = [], []
+    timed, plain = [], []
     with torch.inference_mode():
         for _ in range(2):
-            network(x)
+            plans.output(network, x)
+        (entry,) = plans.summary()
+        how = (f"its compiled call plan's {entry['steps']} steps timed inside each call" if entry["steps"] else
+               f"interpreted node by node (no compiled call plan: {entry['refused']})")
         for _ in range(iters):
-            interpreter = TimedInterpreter(network)
+            seconds: dict[str, float] = collections.defaultdict(float)
             start = time.perf_counter()
-            interpreter.run(x)
-            interpreted.append(time.perf_counter() - start)
-            per_call.append(dict(interpreter.seconds))
+            if entry["steps"]:
+                _, steps = plans.timed_output(network, x)
+                if steps is None:
+                    raise RuntimeError("the compiled call plan was not run (stale or refused)")
+                for op, target, _, step_seconds in steps:
+                    seconds[target if op == "call_module" else OTHER] += step_seconds
+            else:
+                interpreter = TimedInterpreter(network)
+                interpreter.run(x)
+                seconds = interpreter.seconds
+            timed.append(time.perf_counter() - start)
+            per_call.append(dict(seconds))
             start = time.perf_counter()
-            network(x)
+            plans.output(network, x)
             plain.append(time.perf_counter() - start)
     names = dict.fromkeys(name for call in per_call for name in call)
     return ({name: 1e3 * statistics.median(call.get(name, 0.0) for call in per_call) for name in names},
-            1e3 * statistics.median(interpreted), 1e3 * statistics.median(plain))
+            1e3 * statistics.median(timed), 1e3 * statistics.median(plain), how)
 
 
 # ONNX ops that ONNX Runtime fuses into the convolution or linear layer before them: a fused node is named after its
@@ -215,14 +234,14 @@ def main(argv=None) -> int:
                   "nothing to time layer by layer", flush=True)
             return 1
         x = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-        ours, interpreted, plain = our_layer_ms(deployed.network, x, args.iters)
+        ours, timed, plain, how = our_layer_ms(deployed.network, x, args.iters)
         ort, ort_ops, profiled, ort_plain = ort_layer_ms(dense.network, x, args.threads, args.iters)
     print(f"# {args.arch} at 224, {args.density} kept per layer (torchvision random init, magnitude), batch "
           f"{args.batch}, {args.threads} threads; torch {torch.__version__}, onnxruntime "
           f"{baselines.onnxruntime_version()}, python {platform.python_version()}, sparse kernel "
           f"{sparse_cpu.kernel_isa()}; {args.iters} calls after 2 warm-up calls, medians; {now}; core round trip "
           f"{sparse_cpu.core_round_trip_ns():.0f} ns")
-    print(f"this engine: {plain:.2f} ms a plain call, {interpreted:.2f} ms interpreted node by node; ONNX Runtime: "
+    print(f"this engine: {plain:.2f} ms a plain call, {timed:.2f} ms a timed call ({how}); ONNX Runtime: "
           f"{ort_plain:.2f} ms a plain call, {profiled:.2f} ms a profiled run; plain calls ours / ONNX Runtime "
           f"{plain / ort_plain:.2f}x")
     print(format_rows(ours, ort, ort_ops))

@@ -13,6 +13,7 @@
 
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <chrono>
 #include <functional>
 #include <memory>
 #include <utility>
@@ -191,7 +192,15 @@ void CallPlan::add_expect_sizes(int64_t input, std::vector<int64_t> sizes, std::
   });
 }
 
-std::optional<at::Tensor> CallPlan::run(const at::Tensor& input) const {
+std::optional<at::Tensor> CallPlan::run(const at::Tensor& input) const { return run_steps(input, nullptr); }
+
+std::pair<std::optional<at::Tensor>, std::vector<double>> CallPlan::run_timed(const at::Tensor& input) const {
+  std::vector<double> seconds;
+  std::optional<at::Tensor> output = run_steps(input, &seconds);
+  return {std::move(output), std::move(seconds)};
+}
+
+std::optional<at::Tensor> CallPlan::run_steps(const at::Tensor& input, std::vector<double>* seconds) const {
   for (const Watched& watched : watched_) {
     // changed in place since the plan was made, or given other memory (`.data = ...`, which the version misses)
     if (watched.tensor._version() != watched.version || watched.tensor.data_ptr() != watched.data) {
@@ -200,11 +209,16 @@ std::optional<at::Tensor> CallPlan::run(const at::Tensor& input) const {
   }
   std::vector<at::Tensor> slot(static_cast<size_t>(slots_));
   slot[0] = input;
+  if (seconds != nullptr) seconds->reserve(steps_.size());
   for (size_t i = 0; i < steps_.size(); ++i) {
+    const auto start = std::chrono::steady_clock::now();
     steps_[i](slot);
     // the traced graph's forward drops each value after its last use too: an activation buffer goes back to
     // the cache (csrc/buffers.cpp) for the next layer's output
     for (const int64_t released : releases_[i]) slot[released].reset();
+    if (seconds != nullptr) {
+      seconds->push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count());
+    }
   }
   return slot[output_slot_];
 }

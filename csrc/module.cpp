@@ -4,6 +4,11 @@
 
 #include <torch/extension.h>
 
+namespace vpns {
+// csrc/object_checks.cpp
+void bind_object_checks(py::module_& m);
+}  // namespace vpns
+
 // sparse_conv2d for one type of `offsets` (a tensor, read in full at every call, or a CheckedOffsets).
 template <typename Offsets>
 void bind_sparse_conv2d(py::module_& m, const char* doc) {
@@ -23,6 +28,7 @@ void bind_sparse_conv2d(py::module_& m, const char* doc) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vpns_fast C++ CPU kernels";
   py::register_exception<vpns::ShapeChanged>(m, "ShapeChanged", PyExc_RuntimeError);
+  vpns::bind_object_checks(m);
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
         R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
 
@@ -206,6 +212,8 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       // the GIL is released while it runs (taken again only by Python steps): other Python threads run meanwhile
       .def("run", &vpns::CallPlan::run, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
            "The network's output for input, or None when a watched tensor changed in place since the plan was made.")
+      .def("run_timed", &vpns::CallPlan::run_timed, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
+           "(run(input), the seconds each step took, in step_names' order; empty when the plan is stale).")
       .def_property_readonly("steps", &vpns::CallPlan::steps)
       .def_property_readonly("step_names", &vpns::CallPlan::step_names);
   m.def("aligned_channel_stride", &vpns::aligned_channel_stride, py::arg("plane"),

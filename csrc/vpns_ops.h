@@ -174,6 +174,9 @@ class CallPlan {
   // The network's output for `input`, or nullopt when a watched tensor changed (the plan is stale). Safe to call
   // from several threads at once: each call has its own slots.
   std::optional<at::Tensor> run(const at::Tensor& input) const;
+  // run(), and the seconds each step took (empty when the plan is stale): where the time goes inside a whole call,
+  // each step's caches as the steps before it leave them.
+  std::pair<std::optional<at::Tensor>, std::vector<double>> run_timed(const at::Tensor& input) const;
   int64_t steps() const { return static_cast<int64_t>(steps_.size()); }
   // The kind of each step, in order ("sparse_conv", "onednn_conv+=residual", ...): what the plan calls.
   const std::vector<std::string>& step_names() const { return names_; }
@@ -183,6 +186,8 @@ class CallPlan {
   std::vector<Step> steps_;
   std::vector<std::string> names_;
   std::vector<std::vector<int64_t>> releases_;
+  // run() and run_timed(): `seconds` (when not null) gets each step's time
+  std::optional<at::Tensor> run_steps(const at::Tensor& input, std::vector<double>* seconds) const;
   struct Watched {
     at::Tensor tensor;
     int64_t version;

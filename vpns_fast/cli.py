@@ -495,7 +495,9 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                     if r.get("peak_gflops") else "")
             kernel = f"; sparse kernel: {r['sparse_kernel_isa']}" if r.get("sparse_kernel_isa") else ""
             print(f"\nbatch {r['batch']}: per-layer decisions ({r.get('fusion') or 'no graph rewrites'}){kernel}{peak}")
-            print(format_decisions(r["decisions"], r.get("peak_gflops")))
+            in_call = r.get("in_call")
+            print(format_decisions(r["decisions"], r.get("peak_gflops"),
+                                   in_call["layers_ms"] if in_call else None))
             if r.get("network_choice"):
                 print(f"whole network: {r['network_choice']}")
             if r.get("winograd"):
@@ -514,6 +516,15 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                       + (f", {untimed} layers not timed" if untimed else "")
                       + f"; the other {rest:.2f} ms is the work outside them (activations, adds, pooling not "
                       f"listed, the input stage, Python) and their cache misses inside the network")
+            if in_call:
+                listed = {d["name"] for d in r["decisions"]}
+                ours = sum(ms for name, ms in in_call["layers_ms"].items() if name in listed)
+                others = sum(ms for name, ms in in_call["layers_ms"].items() if name not in listed)
+                print(f"inside whole calls (the compiled call plan's {in_call['steps']} steps each timed, medians of "
+                      f"{in_call['calls']} calls of {in_call['total_ms']:.2f} ms): the layers above {ours:.2f} ms "
+                      f"(column 'in call'), other modules {others:.2f} ms, torch functions and tensor methods "
+                      f"{in_call['other_ms']:.2f} ms, the input stage (checks, normalization or prompt) "
+                      f"{in_call['input_ms']:.2f} ms")
 
 
 def _cmd_tune(args) -> int:

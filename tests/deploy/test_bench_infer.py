@@ -60,6 +60,13 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
             assert r.get("sparse_kernel_isa") == (sparse_cpu.kernel_isa() if any_sparse else None)
             # made on the outputs' check, before the timed calls
             assert r["call_plan"].startswith("a compiled call plan of ") and r["call_plan"].endswith(" steps")
+            # each layer's steps timed inside whole calls: every timed module is one the graph calls, every
+            # decided layer is timed, and the parts add up to no more than the calls
+            in_call = r["in_call"]
+            assert in_call["calls"] == 3 and in_call["steps"] == int(r["call_plan"].split()[-2])
+            assert {d["name"] for d in r["decisions"]} <= set(in_call["layers_ms"])
+            parts = sum(in_call["layers_ms"].values()) + in_call["other_ms"] + in_call["input_ms"]
+            assert all(ms >= 0 for ms in in_call["layers_ms"].values()) and 0 < parts <= in_call["total_ms"] * 1.5
     assert cli.main(["bench-infer", str(checkpoint), "--batch", "2", "--iters", "2", "--warmup", "0",
                      "--threads", "1", "--layers"]) == 0
     out = capsys.readouterr().out
@@ -80,6 +87,10 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
         layers_ms, network_ms, share, rest = (float(value) for value in found.groups())
         assert layers_ms > 0 and abs(layers_ms + rest - network_ms) <= 0.011
         assert abs(share - round(100 * layers_ms / network_ms)) <= 1
+        assert " in call " in out.split("per-layer decisions")[1].splitlines()[1]  # the column's header
+        assert re.search(r"inside whole calls \(the compiled call plan's \d+ steps each timed, medians of 2 calls of "
+                         r"[0-9.]+ ms\): the layers above [0-9.]+ ms \(column 'in call'\), other modules [0-9.]+ ms, "
+                         r"torch functions and tensor methods [0-9.]+ ms, the input stage", out), out[-800:]
 
 
 def test_chosen_layers_ms_sums_what_each_layer_runs():

@@ -177,6 +177,32 @@ def test_deploy_runs_its_network_through_a_plan_per_input_shape(plans_restored):
     assert all(p["steps"] > 10 and p["refused"] == "" for p in plans)
 
 
+def test_each_step_is_timed_and_named_after_its_graph_node(plans_restored):
+    model, images = _deployed("bottleneck"), _images()
+    x = normalize(images, model.mean, model.std)
+    plans = call_plan.NetworkPlans()
+    assert plans.timed_output(model.network, x)[1] is None  # no plan yet: the graph runs (and one is made)
+    expected = plans.output(model.network, x)
+    out, steps = plans.timed_output(model.network, x)
+    assert torch.equal(out, expected) and torch.equal(out, _graph_output(model.network, x))
+    (entry,) = plans.summary()
+    assert len(steps) == entry["steps"] and all(seconds >= 0 for *_, seconds in steps)
+    called = {node.target for node in model.network.graph.nodes if node.op == "call_module"}
+    timed = {target for op, target, _, _ in steps if op == "call_module"}
+    assert "conv1" in timed and timed <= called
+    assert any(name.startswith("sparse_conv") for op, target, name, _ in steps if target == "conv1")
+    call_plan.set_call_plans(False)
+    assert plans.timed_output(model.network, x)[1] is None  # plans turned off: the graph, untimed
+    logits, timing = model.timed_call(images)
+    assert torch.equal(logits, model(images)) and timing["steps"] is None
+    call_plan.set_call_plans(True)
+    model(images)
+    logits, timing = model.timed_call(images)
+    assert torch.equal(logits, model(images)) and len(timing["steps"]) == model.call_plans()[0]["steps"]
+    assert 0 < timing["input_ms"] + timing["network_ms"] <= timing["total_ms"]
+    assert sum(ms for *_, ms in timing["steps"]) <= timing["network_ms"]
+
+
 def _plan_runs(monkeypatch) -> list:
     runs = []
     original = call_plan.NetworkPlan.run
@@ -310,8 +336,11 @@ def test_the_extension_plan_checks_its_arguments_and_goes_stale():
     x = torch.randn(2, 4, 5, 5)
     assert torch.equal(plan.run(x), torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
     assert plan.step_names == ["adaptive_avg_pool", "flatten"]
+    out, seconds = plan.run_timed(x)
+    assert torch.equal(out, plan.run(x)) and len(seconds) == 2 and all(0 <= s < 1 for s in seconds)
     watched.add_(1)
     assert plan.run(x) is None
+    assert plan.run_timed(x) == (None, [])
 
 
 def _tiny_deployed(module: nn.Module) -> runtime.DeployedModel:
@@ -387,6 +416,50 @@ def test_swapped_tensors_patched_forwards_and_edited_lists_are_seen(plans_restor
     assert _plan_agrees(model, images) and "forward of its own" in model.call_plans()[0]["refused"]
     del network.forward  # the refusal goes with it
     assert _plan_agrees(model, images) and model.call_plans()[0]["steps"]
+    # a module dict replaced whole, with no setattr, and the instance dict replaced
+    network.__dict__["_modules"] = {**network._modules, "pool": nn.AdaptiveMaxPool2d([2, 2])}
+    assert _plan_agrees(model, images) and model.call_plans()[0]["steps"]
+    network.__dict__ = {**network.__dict__, "_modules": {**network._modules, "pool": nn.AdaptiveAvgPool2d([2, 2])}}
+    assert _plan_agrees(model, images) and model.call_plans()[0]["steps"]
+    conv.__dict__["_buffers"] = {**conv._buffers, "values": conv.values + 1}
+    assert _plan_agrees(model, images)
+
+
+def test_object_checks_hold_until_an_object_changes():
+    class Holder:
+        def forward(self):
+            return 1
+
+    owner, child, other = Holder(), object(), object()
+    mapping, hooks = {"child": child}, {}
+    owner.__dict__["mapping"] = mapping
+    checks = sparse_cpu._ops().ObjectChecks()
+    checks.add_item(mapping, "child", child)
+    checks.add_absent(mapping, "missing")
+    checks.add_instance_dict(owner, owner.__dict__)
+    checks.add_attribute(Holder, "forward", Holder.forward)
+    checks.add_type(owner, Holder)
+    checks.add_empty(hooks)
+    assert len(checks) == 6 and checks()
+    forward = Holder.forward
+    for change, undo in [(lambda: mapping.__setitem__("child", other), lambda: mapping.__setitem__("child", child)),
+                         (lambda: mapping.__setitem__("missing", None), lambda: mapping.pop("missing")),
+                         (lambda: hooks.__setitem__(0, print), hooks.clear),
+                         (lambda: setattr(Holder, "forward", lambda self: 2),
+                          lambda: setattr(Holder, "forward", forward)),
+                         (lambda: setattr(owner, "__class__", type("Other", (Holder,), {})),
+                          lambda: setattr(owner, "__class__", Holder))]:
+        change()
+        assert not checks()
+        undo()
+        assert checks()
+    kept = owner.__dict__
+    owner.__dict__ = dict(kept)  # equal, but another dict
+    assert not checks()
+    owner.__dict__ = kept
+    assert checks()
+    del Holder.forward  # an attribute gone reads as changed, not as an error
+    assert not checks()
 
 
 _INNER: dict = {}

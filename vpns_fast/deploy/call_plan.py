@@ -86,35 +86,90 @@ class NetworkPlan:
     tensor_attributes: tuple  # (module, name, tensor) that get_attr nodes read
     kernels: tuple  # (module, its class, the class's forward) of every module the plan runs as its own step
     tensors: tuple  # (module, "_buffers" or "_parameters", name, tensor) of those modules
+    step_nodes: tuple = ()  # for each step, the graph node it was made for: (its op, its target or name)
+    unchanged: object = None  # the extension's ObjectChecks of edges, tensor_attributes, kernels and tensors
+    hookless: object = None  # the extension's ObjectChecks that no called module has a forward hook
+
+    @classmethod
+    def checked(cls, compiled, edges: tuple, called: tuple, attributes: tuple, tensor_attributes: tuple,
+                kernels: tuple, tensors: tuple, step_nodes: tuple) -> NetworkPlan:
+        """The plan with its per-run checks compiled (:func:`_unchanged_checks`, :func:`_hookless_checks`)."""
+        return cls(compiled, edges, called, attributes, tensor_attributes, kernels, tensors, step_nodes,
+                   _unchanged_checks(edges, tensor_attributes, kernels, tensors), _hookless_checks(called))
 
     @property
     def steps(self) -> int:
         return self.compiled.steps
 
     def tree_unchanged(self) -> bool:
-        """Whether the module tree along every called path, and the torch modules' attributes read, are as when the
-        plan was made."""
-        if any(parent._modules.get(name) is not child for parent, name, child in self.edges):
-            return False
-        if any(getattr(owner, name, None) is not tensor for owner, name, tensor in self.tensor_attributes):
-            return False
-        # a module the plan runs itself: the same class and forward (none patched on the instance or the class), and
-        # the same tensors (torch.func.functional_call and direct writes swap them in the dicts, with no setattr)
-        if any(type(m) is not kind or kind.forward is not forward or "forward" in m.__dict__
-               for m, kind, forward in self.kernels):
-            return False
-        if any(getattr(m, where).get(name) is not tensor for m, where, name, tensor in self.tensors):
-            return False
-        return all(_frozen(getattr(module, name)) == value for module, name, value in self.attributes)
+        """Whether the module tree along every called path, the tensors the graph reads, the modules the plan runs
+        itself (class, forward, tensors) and the torch modules' attributes read are as when the plan was made."""
+        return self.unchanged() and all(_frozen(getattr(module, name)) == value
+                                        for module, name, value in self.attributes)
 
     def hooks_on_called(self) -> bool:
-        return any(m._forward_hooks or m._forward_pre_hooks for m in self.called)
+        return not self.hookless()
 
     def run(self, x: torch.Tensor) -> torch.Tensor | None:
         """The network's output for ``x`` (of the plan's key), or None when a tensor the plan was made from has
         changed in place since (the plan is stale). Raises ``ShapeChanged`` (of the extension) where a tensor's shape
         that the plan kept as a value differs on this input (a shape the data decides)."""
         return self.compiled.run(x)
+
+    def run_timed(self, x: torch.Tensor) -> tuple[torch.Tensor | None, list[tuple[str, str, str, float]]]:
+        """:meth:`run`, and for each step (op, target, step name, seconds): the graph node it was made for (``op``
+        ``call_module``: ``target`` is the module's path; else the node's name), the extension's step, and its time
+        inside the whole call. No steps where the plan is stale."""
+        output, seconds = self.compiled.run_timed(x)
+        return output, [(*node, name, time)
+                        for node, name, time in zip(self.step_nodes, self.compiled.step_names, seconds)]
+
+
+def _instance_dict_checked(checks, owner, seen: set) -> dict:
+    """``owner.__dict__``, with a check (once per owner) that it stays that dict."""
+    mapping = owner.__dict__
+    if id(owner) not in seen:
+        seen.add(id(owner))
+        checks.add_instance_dict(owner, mapping)
+    return mapping
+
+
+def _attribute_dict_checked(checks, owner, where: str, seen: set) -> dict:
+    """``owner``'s ``where`` dict (``_modules``, ``_buffers``, ...), checked to stay the one its ``__dict__`` holds."""
+    mapping = _instance_dict_checked(checks, owner, seen)[where]
+    if (id(owner), where) not in seen:
+        seen.add((id(owner), where))
+        checks.add_item(owner.__dict__, where, mapping)
+    return mapping
+
+
+def _unchanged_checks(edges, tensor_attributes, kernels, tensors):
+    """The extension's ObjectChecks of what :meth:`NetworkPlan.tree_unchanged` compares, each as the lookup Python
+    makes: ``parent._modules[name] is child`` along every called path; ``getattr(owner, name) is tensor`` for the
+    graph's get_attr tensors; for every module the plan runs itself its class, its class's forward, no forward on the
+    instance, and each of its parameters and buffers. The dicts themselves are checked to stay the instance's."""
+    checks, seen = sparse_cpu._ops().ObjectChecks(), set()
+    for parent, name, child in edges:
+        checks.add_item(_attribute_dict_checked(checks, parent, "_modules", seen), name, child)
+    for owner, name, tensor in tensor_attributes:  # few (a traced graph's constants): the full lookup, __getattr__
+        checks.add_attribute(owner, name, tensor)
+    for kind, forward in dict.fromkeys((kind, forward) for _, kind, forward in kernels):  # a few classes
+        checks.add_attribute(kind, "forward", forward)
+    for module, kind, _ in kernels:
+        checks.add_type(module, kind)
+        checks.add_absent(_instance_dict_checked(checks, module, seen), "forward")
+    for module, where, name, tensor in tensors:
+        checks.add_item(_attribute_dict_checked(checks, module, where, seen), name, tensor)
+    return checks
+
+
+def _hookless_checks(called):
+    """The extension's ObjectChecks that every called module's forward hook dicts are empty (and its own)."""
+    checks, seen = sparse_cpu._ops().ObjectChecks(), set()
+    for module in called:
+        for where in ("_forward_hooks", "_forward_pre_hooks"):
+            checks.add_empty(_attribute_dict_checked(checks, module, where, seen))
+    return checks
 
 
 def _frozen(value):
@@ -193,6 +248,20 @@ class NetworkPlans:
         kept[key] = entry
         self.entries = kept
 
+    def timed_output(self, network: nn.Module, x: torch.Tensor):
+        """(``network(x)``, each step's (op, target, step name, seconds) as :meth:`NetworkPlan.run_timed` gives them):
+        through the plan for ``x``'s key where :meth:`output` would run it, else the graph (a plan made for the next
+        call where none is kept) and None for the steps."""
+        entry = self.entries.get(plan_key(x))
+        if (not call_plans_enabled() or hooks_on(network) or entry is None or not entry.current(network)
+                or entry.plan is None or entry.plan.hooks_on_called()):
+            return self.output(network, x), None
+        try:
+            out, steps = entry.plan.run_timed(x)
+        except ShapeChanged:
+            return self.output(network, x), None  # which refuses the entry, as a plain call would
+        return (out, steps) if out is not None else (self.output(network, x), None)
+
     def summary(self) -> list[dict]:
         """One dict an entry: ``input_shape``, ``steps`` (0 where refused) and ``refused`` (why not, or "")."""
         return [{"input_shape": key[0], "steps": entry.plan.steps if entry.plan else 0, "refused": entry.reason}
@@ -226,8 +295,9 @@ def build(network: nn.Module, x: torch.Tensor) -> tuple[NetworkPlan | None, str,
             return None, ("a layer holds an inference tensor (made in torch.inference_mode), whose changes no "
                           "version counter shows"), output
         plan.watch(tensor)
-    return NetworkPlan(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
-                       tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors)), "", output
+    return NetworkPlan.checked(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
+                               tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors),
+                               tuple(builder.step_nodes)), "", output
 
 
 class _Builder:
@@ -246,6 +316,7 @@ class _Builder:
         self.python_made: set[fx.Node] = set()  # the tensors Python steps make (their shapes the data may decide)
         # the tensors a step checks on every run: their sizes (False), or their sizes and strides (True)
         self.expected: dict[fx.Node, bool] = {}
+        self.step_nodes: list[tuple[str, str]] = []  # (op, module path or node name) for each step added
         self.finished = None
 
     def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,7 +353,10 @@ class _Builder:
                 continue
             if node.op == "output":
                 break
+            before = plan.steps
             self.values[node] = self._step(plan, node)
+            label = (node.op, node.target if node.op == "call_module" else node.name)
+            self.step_nodes += [label] * (plan.steps - before)
             if node.op != "get_attr" and isinstance(self.values[node], torch.Tensor):
                 self.slotted.add(node)
             done = [used for used in node.all_input_nodes

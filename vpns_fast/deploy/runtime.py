@@ -95,6 +95,40 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self._mapped(self._network_output(self._network_input(images)))
+
+    @torch.no_grad()
+    def timed_call(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """``forward(images)``, and where its time went: ``input_ms`` (the checks and the input stage),
+        ``network_ms``, ``total_ms``, and ``steps``: where the network ran through a compiled call plan, each step's
+        ``(op, target, step, ms)`` timed inside the call (``op`` ``call_module``: ``target`` is the layer's path,
+        as in ``decisions``; else a graph node's name), else None (no plan, or not the CPU engine)."""
+        self._synchronized()
+        start = time.perf_counter()
+        x = self._network_input(images)
+        self._synchronized()
+        ready = time.perf_counter()
+        steps = None
+        if self.info.get("backend") == "sparse_cpu":
+            logits, steps = self._network_plans().timed_output(self.network, x)
+        else:
+            logits = self.network(x)
+        self._synchronized()
+        done = time.perf_counter()
+        out = self._mapped(logits)
+        self._synchronized()
+        timing = {"input_ms": 1e3 * (ready - start), "network_ms": 1e3 * (done - ready),
+                  "total_ms": 1e3 * (time.perf_counter() - start),
+                  "steps": None if steps is None else [(op, target, step, 1e3 * s) for op, target, step, s in steps]}
+        return out, timing
+
+    def _synchronized(self) -> None:
+        """Waits for the GPU's queued work, where the module runs on one (a timing must not stop before it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _network_input(self, images: torch.Tensor) -> torch.Tensor:
+        """The network's input for ``images``: checked, on the device, through the prompt or the normalization."""
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
         if images.device.type == "meta":
@@ -109,7 +143,10 @@ class DeployedModel(nn.Module):
         x = self.prompt(images) if self.prompt is not None else normalize(images, self.mean, self.std)
         if self.info.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
-        logits = self._network_output(x)
+        return x
+
+    def _mapped(self, logits):
+        """``logits`` through the label mapping, where the module has one."""
         if self.mapping is None:
             return logits
         if not isinstance(logits, torch.Tensor) or logits.dim() < 2:
@@ -125,12 +162,15 @@ class DeployedModel(nn.Module):
         for ``x`` (vpns_fast.deploy.call_plan: the same calls, as one C++ call)."""
         if self.info.get("backend") != "sparse_cpu":
             return self.network(x)
+        return self._network_plans().output(self.network, x)
+
+    def _network_plans(self):
         from vpns_fast.deploy import call_plan
 
         plans = self.__dict__.get("_call_plans")
         if plans is None:  # made on the first call, and again after unpickling or a copy
             plans = self.__dict__.setdefault("_call_plans", call_plan.NetworkPlans())
-        return plans.output(self.network, x)
+        return plans
 
     def call_plans(self) -> list[dict]:
         """The compiled call plans this module holds, one per input shape met: ``input_shape``, ``steps`` (0 where
@@ -642,6 +682,8 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
                 row["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
             if label == "deploy" and module.info.get("backend") == "sparse_cpu":
                 row["call_plan"] = _call_plan_note(module, batch)
+                if layers:
+                    row["in_call"] = _in_call_profile(module, images, iters)
             if label == "deploy":
                 for other in modules:
                     if other != "deploy":
@@ -656,6 +698,29 @@ def _benchmark_rows(path_or_model, batch_sizes, device, iters, warmup, policy, b
         for label, reason in skipped.items():
             rows.append({"batch": batch, "backend": label, "skipped": reason, "device": str(dense.device)})
     return rows
+
+
+def _in_call_profile(module: DeployedModel, images: torch.Tensor, calls: int) -> dict | None:
+    """Where ``module``'s calls on ``images`` spend their time, medians of ``calls`` timed calls
+    (:meth:`DeployedModel.timed_call`): ``layers_ms`` {layer path: its steps' ms}, ``other_ms`` (the steps of no
+    layer: torch functions and tensor methods), ``input_ms``, ``total_ms``, ``steps`` and ``calls``; None where the
+    network does not run through a compiled call plan."""
+    timings = [module.timed_call(images)[1] for _ in range(calls)]
+    if any(t["steps"] is None for t in timings):
+        return None
+    per_call = []
+    for timing in timings:
+        layers: dict[str, float] = {}
+        for op, target, _, ms in timing["steps"]:
+            key = target if op == "call_module" else None
+            layers[key] = layers.get(key, 0.0) + ms
+        per_call.append(layers)
+    names = [name for name in per_call[0] if name is not None]
+    return {"layers_ms": {name: _percentile([c[name] for c in per_call], 0.5) for name in names},
+            "other_ms": _percentile([c.get(None, 0.0) for c in per_call], 0.5),
+            "input_ms": _percentile([t["input_ms"] for t in timings], 0.5),
+            "total_ms": _percentile([t["total_ms"] for t in timings], 0.5),
+            "steps": len(timings[0]["steps"]), "calls": calls}
 
 
 def _call_plan_note(module: DeployedModel, batch: int) -> str:

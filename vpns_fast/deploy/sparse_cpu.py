@@ -35,7 +35,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
-                 "aligned_channel_stride", "CallPlan", "ShapeChanged")
+                 "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -2739,11 +2739,13 @@ def chosen_layers_ms(table: list[dict]) -> tuple[float, int]:
     return total, untimed
 
 
-def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str:
+def format_decisions(table: list[dict], peak_gflops: float | None = None,
+                     in_call_ms: dict[str, float] | None = None) -> str:
     """The decision table as aligned text, one layer a line: times, speedup, the achieved GFLOP/s of
     the dense layer and of the sparse one (counting only the nonzeros' multiply-adds), what the layer
     absorbed, the choice and why. With ``peak_gflops`` (the machine's dense peak measured in the same
-    run) the sparse rate is also shown as a percentage of it."""
+    run) the sparse rate is also shown as a percentage of it; with ``in_call_ms`` ({layer: ms}, the layer's
+    steps timed inside whole calls of the deployed module), a column of those times."""
     def ms(value):
         return f"{value:9.3f}" if value is not None else f"{'-':>9}"
 
@@ -2751,8 +2753,8 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
         return f"{flops / milliseconds / 1e6:7.1f}" if flops and milliseconds else f"{'-':>7}"
 
     lines = [f"{'layer':<24} {'weight shape':<20} {'input':<18} {'density':>7} {'dense ms':>9} {'dense by':<9} "
-             f"{'sparse ms':>9} {'speedup':>7} {'dGF/s':>7} {'nzGF/s':>7}{' %peak' if peak_gflops else ''}  "
-             f"{'fused':<18} chosen  why"]
+             f"{'sparse ms':>9} {'speedup':>7} {'dGF/s':>7} {'nzGF/s':>7}{' %peak' if peak_gflops else ''}"
+             f"{' in call' if in_call_ms is not None else ''}  {'fused':<18} chosen  why"]
     for row in table:
         speedup = f"{row['speedup']:7.2f}" if row["speedup"] is not None else f"{'-':>7}"
         sparse_rate = rate(row.get("flops"), row["sparse_ms"])
@@ -2760,6 +2762,8 @@ def format_decisions(table: list[dict], peak_gflops: float | None = None) -> str
         if peak_gflops:
             share = (f" {100 * row['flops'] / row['sparse_ms'] / 1e6 / peak_gflops:5.0f}"
                      if row.get("flops") and row["sparse_ms"] else f" {'-':>5}")
+        if in_call_ms is not None:
+            share += f" {in_call_ms[row['name']]:7.3f}" if row["name"] in in_call_ms else f" {'-':>7}"
         lines.append(f"{row['name'] or '(model)':<24} {str(tuple(row['weight_shape'])):<20} "
                      f"{str(tuple(row['input_shape'] or ())):<18} {row['density']:7.3f} {ms(row['dense_ms'])} "
                      f"{row.get('dense_algorithm') or '-':<9} "

@@ -137,11 +137,21 @@ class DeployedModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
             shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
+        channels_last = bool(self.info.get("channels_last"))
+        if (self.info.get("backend") == "sparse_cpu" and self.prompt is None and images.device.type == "cpu"
+                and images.dtype in (torch.uint8, torch.float32) and not images.requires_grad):
+            # the checks, normalization and layout in one pass (csrc/input_stage.cpp), bit for bit normalize's
+            from vpns_fast.deploy import sparse_cpu
+
+            x, low, high = sparse_cpu._ops().normalize_images(images, list(self.mean), list(self.std), channels_last)
+            if images.dtype != torch.uint8 and images.numel():
+                _check_pixel_range(low, high)
+            return x
         images = _checked_pixels(images).to(self.device, non_blocking=True)
         if images.dtype != torch.uint8 and images.dtype != torch.float32:
             images = images.float()
         x = self.prompt(images) if self.prompt is not None else normalize(images, self.mean, self.std)
-        if self.info.get("channels_last"):
+        if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -198,13 +208,18 @@ def _checked_pixels(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images: expected uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
     if images.numel():
-        low, high = (value.item() for value in torch.aminmax(images.detach()))
-        if not (math.isfinite(low) and math.isfinite(high)):
-            raise ValueError("images: NaN or Inf pixels")
-        if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
-            raise ValueError(f"images: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
-                             "(0..255 images: pass them as uint8, or divide by 255)")
+        _check_pixel_range(*(value.item() for value in torch.aminmax(images.detach())))
     return images
+
+
+def _check_pixel_range(low: float, high: float) -> None:
+    """ValueError unless float pixels from ``low`` to ``high`` (their smallest and largest, NaN where any is) are
+    finite and in [0, 1] within FLOAT_PIXEL_SLACK."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError("images: NaN or Inf pixels")
+    if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
+        raise ValueError(f"images: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
+                         "(0..255 images: pass them as uint8, or divide by 255)")
 
 
 # --------------------------------------------------------------------------- sources
@@ -511,7 +526,8 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
             network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
                                                             summary=summary, winograd=winograd)
             info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
-                        layout=summary.get("layout"), winograd=summary.get("winograd"))
+                        layout=summary.get("layout"), winograd=summary.get("winograd"),
+                        channels_last=sparse_cpu.reads_channels_last(network))
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
     # said, not only recorded: a deployer who asked for the sparse engine would otherwise time a dense network

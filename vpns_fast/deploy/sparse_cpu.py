@@ -35,7 +35,8 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "set_output_prefetch_for_write",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
-                 "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks")
+                 "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
+                 "normalize_images")
 POLICIES = ("measure", "sparse", "dense")
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
@@ -2724,6 +2725,20 @@ def table_flops(table: list[dict]) -> tuple[int, int]:
     """FLOPs of one call over the decision table's Conv2d / Linear rows (2 per multiply-add):
     ``(on the nonzero weights, on the dense weights)``; their ratio is the FLOP-ratio limit of a speedup."""
     return (sum(row.get("flops") or 0 for row in table), sum(row.get("dense_flops") or 0 for row in table))
+
+
+def reads_channels_last(network: nn.Module) -> bool:
+    """Whether every layer that reads a converted network's input reads it channels_last (a dense convolution:
+    ``DenseConv2d`` copies an NCHW input first): its input is then best made in that layout. False for a network
+    that is no traced graph, or whose input goes anywhere else (a sparse convolution reads NCHW planes)."""
+    if not isinstance(network, fx.GraphModule):
+        return False
+    placeholders = [node for node in network.graph.nodes if node.op == "placeholder"]
+    if len(placeholders) != 1 or not placeholders[0].users:
+        return False
+    modules = dict(network.named_modules())
+    return all(user.op == "call_module" and isinstance(modules.get(user.target), DenseConv2d)
+               and user.args and user.args[0] is placeholders[0] for user in placeholders[0].users)
 
 
 def chosen_layers_ms(table: list[dict]) -> tuple[float, int]:

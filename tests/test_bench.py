@@ -214,6 +214,8 @@ def test_infer_rows(infer_rows):
             assert 0 <= p["sparse_layers"] <= p["layers"] == 21
             assert p["model_density"] == pytest.approx(p["density"], rel=0.05)
             assert 0 <= p["end_to_end_error"] < float("inf")
+            # timed as deploy()'s module runs it: through its compiled call plan
+            assert p["call_plan"].endswith(" steps") and int(p["call_plan"].split()[0]) > 10
             # the whole-network stage always runs under policy="measure" (every-conv-dense variant at least)
             assert "the network ran in" in p["network_choice"] and "winograd_choice" in p
             assert 0 < p["nonzero_flops"] < p["dense_flops"] and row["flops"] == p["nonzero_flops"]

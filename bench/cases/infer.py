@@ -16,7 +16,9 @@ Weights: torchvision's random init (seed 0, eval mode), pruned unstructured by m
 Implementations:
 * ``sparse_cpu`` (backend) - per layer the raw ``SparseConv2d.from_dense``; end to end
   ``convert_for_cpu(policy="measure")`` (a layer goes sparse only where it measured faster; max
-  pooling swapped for the separable one under the same rule); ``params.sparse_layers`` /
+  pooling swapped for the separable one under the same rule), called as ``deploy()``'s module calls it: through
+  its compiled call plan (``call_plan.NetworkPlans``; ``params.call_plan`` gives its steps, or why none was made;
+  before 2026-12-06's run ag the rows timed the traced graph's forward); ``params.sparse_layers`` /
   ``params.layers`` count the Conv2d/Linear it made sparse, ``params.pool_swapped`` the pooling;
   ``params.network_choice`` / ``params.winograd_choice`` the notes of the whole-network timings (None where none
   ran);
@@ -60,7 +62,7 @@ from torch import nn
 from bench.cases.common import Candidate, Config, VerificationError, Workload, no_grad
 from bench.registry import conv_layers
 from bench.timing import input_copy_count, rotating_times_ms
-from vpns_fast.deploy import sparse_cpu
+from vpns_fast.deploy import call_plan, sparse_cpu
 from vpns_fast.errors import exception_reason
 
 NAME = "infer"
@@ -373,13 +375,23 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
         p["winograd_layers"] = sum(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())
         p["convert_repeats"] = repeats
+        # as deploy()'s module runs it: through a compiled call plan, made on the first call; the error is the
+        # plan's own (the second call's)
+        plans = call_plan.NetworkPlans()
+
+        def planned(x, plans=plans, converted=converted):
+            return plans.output(converted, x)
+
         with torch.no_grad():
-            error, _scale = _max_error(converted(inputs[0]), model(inputs[0]))
+            planned(inputs[0])
+            error, _scale = _max_error(planned(inputs[0]), model(inputs[0]))
+        (plan,) = plans.summary()
+        p["call_plan"] = f"{plan['steps']} steps" if plan["steps"] else f"none: {plan['refused']}"
         p["end_to_end_error"] = error
         # the multiply-adds of the nonzero weights (Conv2d / Linear), what every implementation must do at
         # least: the rows' TFLOP/s and fraction_of_peak then compare each to the measured sgemm peak
         p["nonzero_flops"], p["dense_flops"] = sparse_cpu.table_flops(table)
-        candidates.append(Candidate("sparse_cpu", "backend", no_grad(converted), setup_seconds=setup_seconds))
+        candidates.append(Candidate("sparse_cpu", "backend", no_grad(planned), setup_seconds=setup_seconds))
     else:
         candidates.append(Candidate("sparse_cpu", "backend", None, unavailable_reason))
     return Workload(config, inputs, candidates, list(MODEL_BASELINES), comparer(MODEL_TOLERANCE, config.shape),

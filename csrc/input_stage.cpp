@@ -1,14 +1,15 @@
 // A deployed CPU model's input stage in one pass: images (uint8 in [0, 255] or float32 in [0, 1]) normalized per
 // channel as vpns_fast.nn.prompts.normalize does, bit for bit ((x / 255 - mean) / std for uint8, (x - mean) / std for
-// float32, each operation rounded to float32 as torch's are), optionally written channels_last for a first layer
-// that reads that layout, with the float pixels' smallest and largest value found on the way (the range check).
+// float32, each operation rounded to float32 as torch's are), with the float pixels' smallest and largest value found
+// on the way (the range check).
 //
-// Why: DeployedModel's input stage was five torch calls (aminmax, float, divide, subtract, divide) and the plan's
-// channels_last copy where a dense stem reads NHWC; right after a call of the network (whose kernels evict
-// everything from the caches) they took 0.16-0.19 ms of ResNet-50's 10 ms at 10% kept, batch 1, and the copy
-// 0.07-0.09 ms more at 50% kept (2-vCPU Zen 5, 2 threads, medians of 100 calls, 2026-12-06). This pass: 0.07 ms in
-// the call; end to end 1.003-1.019x (ResNet-18 and -50 at 10% and 50% kept, batch 1, uint8 and float32 images,
-// bench/results/cpu-input-stage-ab-2026-12-06-amd-scratch.txt).
+// Why: DeployedModel's input stage was five torch calls (aminmax, float, divide, subtract, divide); right after a call
+// of the network (whose kernels evict everything from the caches) they took 0.16-0.19 ms of ResNet-50's 10 ms at 10%
+// kept, batch 1 (2-vCPU Zen 5, 2 threads, medians of 100 calls, 2026-12-06). This pass: 0.07 ms in the call; end to
+// end 1.003-1.019x (ResNet-18 and -50 at 10% and 50% kept, batch 1, uint8 and float32 images,
+// bench/results/cpu-input-stage-ab-2026-12-06-amd-scratch.txt; that A/B also wrote the input channels_last where
+// the first layer is a dense convolution, a version removed since: a first layer the user swaps in later would still
+// have got that layout).
 #include "vpns_ops.h"
 
 #include <ATen/Parallel.h>
@@ -22,15 +23,15 @@ namespace vpns {
 
 namespace {
 
-// One image row of channel c: src[0, width) -> dst at dst_step floats apart. Plain loops: the compiler vectorizes the
-// contiguous case; -ffp-contract stays off in ISO C++, so (x - m) / s is two roundings, as torch's.
+// One image row of channel c: src[0, width) -> dst[0, width). Plain loops, which the compiler vectorizes;
+// -ffp-contract stays off in ISO C++, so (x - m) / s is two roundings, as torch's.
 template <typename T>
-void normalize_row(const T* src, int64_t width, float mean, float stdev, float* dst, int64_t dst_step, float* low,
-                   float* high, bool* nan) {
+void normalize_row(const T* src, int64_t width, float mean, float stdev, float* dst, float* low, float* high,
+                   bool* nan) {
   if constexpr (std::is_same_v<T, uint8_t>) {
     for (int64_t j = 0; j < width; ++j) {
       const float x = static_cast<float>(src[j]) / 255.0f;
-      dst[j * dst_step] = (x - mean) / stdev;
+      dst[j] = (x - mean) / stdev;
     }
   } else {
     float lo = *low, hi = *high;
@@ -40,7 +41,7 @@ void normalize_row(const T* src, int64_t width, float mean, float stdev, float* 
       seen |= x != x;
       lo = std::min(lo, x);
       hi = std::max(hi, x);
-      dst[j * dst_step] = (x - mean) / stdev;
+      dst[j] = (x - mean) / stdev;
     }
     *low = lo;
     *high = hi;
@@ -51,7 +52,7 @@ void normalize_row(const T* src, int64_t width, float mean, float stdev, float* 
 }  // namespace
 
 std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
-                                                        std::vector<double> stdev, bool channels_last) {
+                                                        std::vector<double> stdev) {
   constexpr const char* op = "normalize_images";
   TORCH_CHECK(images.device().is_cpu() && images.dim() == 4 &&
                   (images.scalar_type() == at::kByte || images.scalar_type() == at::kFloat),
@@ -62,11 +63,9 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
               ": one mean and one std per channel (", channels, "), got ", mean.size(), " and ", stdev.size());
   const at::Tensor x = images.contiguous();
   // from the engine's cache of touched buffers where 1 MiB or more (csrc/buffers.cpp), as the layers' outputs
-  at::Tensor out = empty_activation({batch, channels, height, width},
-                                    channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous);
+  at::Tensor out = empty_activation({batch, channels, height, width});
   const bool bytes = images.scalar_type() == at::kByte;
-  // work items: image rows (n, y), all channels of a row on one thread, so that a channels_last output line (the
-  // row's channels interleaved) is written by one thread only
+  // work items: image rows (n, y), each with all its channels
   const int64_t rows = batch * height;
   // each thread's range, folded after (no shared writes inside the loop)
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
@@ -83,13 +82,12 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
       const int64_t n = r / height, row = r % height;
       for (int64_t c = 0; c < channels; ++c) {
         const int64_t source = ((n * channels + c) * height + row) * width;  // NCHW
-        float* dst = channels_last ? y + r * width * channels + c : y + source;
-        const int64_t step = channels_last ? channels : 1;
+        float* dst = y + source;
         const float m = static_cast<float>(mean[c]), s = static_cast<float>(stdev[c]);
         if (bytes) {
-          normalize_row(x.const_data_ptr<uint8_t>() + source, width, m, s, dst, step, &low, &high, &nan);
+          normalize_row(x.const_data_ptr<uint8_t>() + source, width, m, s, dst, &low, &high, &nan);
         } else {
-          normalize_row(x.const_data_ptr<float>() + source, width, m, s, dst, step, &low, &high, &nan);
+          normalize_row(x.const_data_ptr<float>() + source, width, m, s, dst, &low, &high, &nan);
         }
       }
     }

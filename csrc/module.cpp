@@ -30,10 +30,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   py::register_exception<vpns::ShapeChanged>(m, "ShapeChanged", PyExc_RuntimeError);
   vpns::bind_object_checks(m);
   m.def("normalize_images", &vpns::normalize_images, py::arg("images"), py::arg("mean"), py::arg("std"),
-        py::arg("channels_last") = false, py::call_guard<py::gil_scoped_release>(),
+        py::call_guard<py::gil_scoped_release>(),
         "(normalized, low, high): images (4-d uint8 in [0, 255] or float32 CPU) as vpns_fast.nn.prompts.normalize\n"
-        "gives them, bit for bit, contiguous or channels_last; low and high: the float pixels' smallest and largest\n"
-        "value (NaN for both where one is NaN; 0 and 255 for uint8).");
+        "gives them, bit for bit, contiguous; low and high: the float pixels' smallest and largest value (NaN for\n"
+        "both where one is NaN; 0 and 255 for uint8).");
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
         R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
 

@@ -67,6 +67,39 @@ class ObjectChecks {
     return true;
   }
 
+  // The cycle collector's view (tp_traverse, tp_clear): the objects held are visited, so that a cycle through them
+  // (a layer holding the module that holds the plan) is collected.
+  int traverse(visitproc visit, void* arg) const {
+    for (const Item& item : items_) {
+      Py_VISIT(item.mapping.ptr());
+      Py_VISIT(item.key.ptr());
+      Py_VISIT(item.value.ptr());
+    }
+    for (const Attribute& attribute : attributes_) {
+      Py_VISIT(attribute.owner.ptr());
+      Py_VISIT(attribute.name.ptr());
+      Py_VISIT(attribute.value.ptr());
+    }
+    for (const auto& [owner, mapping] : dicts_) {
+      Py_VISIT(owner.ptr());
+      Py_VISIT(mapping.ptr());
+    }
+    for (const auto& [instance, kind] : types_) {
+      Py_VISIT(instance.ptr());
+      Py_VISIT(kind.ptr());
+    }
+    for (const py::dict& mapping : empty_) Py_VISIT(mapping.ptr());
+    return 0;
+  }
+  // Drops every check (and reference); checks() then holds trivially, but a cleared object is being collected.
+  void clear() {
+    items_.clear();
+    attributes_.clear();
+    dicts_.clear();
+    types_.clear();
+    empty_.clear();
+  }
+
   size_t size() const { return items_.size() + attributes_.size() + dicts_.size() + types_.size() + empty_.size(); }
 
  private:
@@ -86,6 +119,11 @@ class ObjectChecks {
   std::vector<py::dict> empty_;
 };
 
+// Whether the Python object's C++ value exists yet (the collector may visit it between allocation and __init__).
+bool constructed(PyObject* self) {
+  return reinterpret_cast<py::detail::instance*>(self)->get_value_and_holder().holder_constructed();
+}
+
 }  // namespace
 
 namespace vpns {
@@ -93,7 +131,20 @@ namespace vpns {
 void bind_object_checks(py::module_& m) {
   py::class_<ObjectChecks>(m, "ObjectChecks",
                            "Identity checks of Python objects run as one call (csrc/object_checks.cpp): each added "
-                           "check, then checks() is whether all hold. The objects are held until it is freed.")
+                           "check, then checks() is whether all hold. The objects are held until it is freed.",
+                           py::custom_type_setup([](PyHeapTypeObject* heap_type) {
+                             PyTypeObject* type = &heap_type->ht_type;
+                             type->tp_flags |= Py_TPFLAGS_HAVE_GC;
+                             type->tp_traverse = [](PyObject* self, visitproc visit, void* arg) {
+                               Py_VISIT(Py_TYPE(self));  // a heap type's instances visit their type
+                               if (!constructed(self)) return 0;
+                               return py::cast<const ObjectChecks&>(py::handle(self)).traverse(visit, arg);
+                             };
+                             type->tp_clear = [](PyObject* self) {
+                               if (constructed(self)) py::cast<ObjectChecks&>(py::handle(self)).clear();
+                               return 0;
+                             };
+                           }))
       .def(py::init<>())
       .def("add_item", &ObjectChecks::add_item, py::arg("mapping"), py::arg("key"), py::arg("value"),
            "mapping[key] is value (the dict's own lookup).")

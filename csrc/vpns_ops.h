@@ -124,10 +124,10 @@ std::string sparse_kernel_isa_environment_note();
 std::string set_sparse_kernel_isa(const std::string& name);
 
 // csrc/input_stage.cpp: images (uint8 or float32, NCHW) normalized per channel as vpns_fast.nn.prompts.normalize does,
-// bit for bit, as a contiguous or (channels_last) a channels_last float32 tensor; with the float pixels' smallest and
-// largest value (NaN for both where one is NaN; 0 and 255 for uint8).
+// bit for bit, as a contiguous float32 tensor; with the float pixels' smallest and largest value (NaN for both where
+// one is NaN; 0 and 255 for uint8).
 std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
-                                                        std::vector<double> stdev, bool channels_last);
+                                                        std::vector<double> stdev);
 
 // csrc/call_plan.cpp: a converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan
 // records them). Values live in numbered slots: slot 0 holds the input, each step reads slots (-1: none) and writes

@@ -423,6 +423,43 @@ def test_swapped_tensors_patched_forwards_and_edited_lists_are_seen(plans_restor
     assert _plan_agrees(model, images) and model.call_plans()[0]["steps"]
     conv.__dict__["_buffers"] = {**conv._buffers, "values": conv.values + 1}
     assert _plan_agrees(model, images)
+    # found in review: a module in the instance dict, which the traced forward's self.fc finds before _modules
+    network.__dict__["fc"] = nn.Linear(8 * 4, 4)
+    assert _plan_agrees(model, images) and "hides the submodule" in model.call_plans()[0]["refused"]
+    del network.__dict__["fc"]
+    assert _plan_agrees(model, images)
+
+
+def test_hook_dicts_replaced_whole_make_a_new_plan(plans_restored, monkeypatch):
+    """Found in review: ``m._forward_hooks = OrderedDict()`` (a way to drop every hook) left the plan checking the
+    old dict, which kept its hook: the graph ran from then on. The new dict now makes the plan stale."""
+    import collections
+
+    model, images = _tiny_deployed(_Pooled()), _images()[:, :, :16, :16]
+    model(images)
+    runs = _plan_runs(monkeypatch)
+    pool = model.network.pool
+    pool.register_forward_hook(lambda module, args, out: out)
+    assert _plan_agrees(model, images) and not runs
+    pool._forward_hooks = collections.OrderedDict()
+    model(images)  # a new plan made on this call
+    model(images)
+    assert len(runs) == 1 and _plan_agrees(model, images)
+
+
+def test_a_cycle_through_a_plan_is_collected(plans_restored):
+    """Found in review: the extension's ObjectChecks held their objects out of the cycle collector's sight, so a
+    deployed module in a cycle through its own plan was never freed."""
+    import gc
+    import weakref
+
+    model, images = _tiny_deployed(_Pooled()), _images()[:, :, :16, :16]
+    model(images)
+    model.network.conv.owner = [model]  # the plan's checks hold the conv, which holds the module
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
 
 
 def test_object_checks_hold_until_an_object_changes():

@@ -95,7 +95,7 @@ class NetworkPlan:
                 kernels: tuple, tensors: tuple, step_nodes: tuple) -> NetworkPlan:
         """The plan with its per-run checks compiled (:func:`_unchanged_checks`, :func:`_hookless_checks`)."""
         return cls(compiled, edges, called, attributes, tensor_attributes, kernels, tensors, step_nodes,
-                   _unchanged_checks(edges, tensor_attributes, kernels, tensors), _hookless_checks(called))
+                   _unchanged_checks(edges, called, tensor_attributes, kernels, tensors), _hookless_checks(called))
 
     @property
     def steps(self) -> int:
@@ -121,8 +121,10 @@ class NetworkPlan:
         ``call_module``: ``target`` is the module's path; else the node's name), the extension's step, and its time
         inside the whole call. No steps where the plan is stale."""
         output, seconds = self.compiled.run_timed(x)
+        if not seconds:  # stale
+            return output, []
         return output, [(*node, name, time)
-                        for node, name, time in zip(self.step_nodes, self.compiled.step_names, seconds)]
+                        for node, name, time in zip(self.step_nodes, self.compiled.step_names, seconds, strict=True)]
 
 
 def _instance_dict_checked(checks, owner, seen: set) -> dict:
@@ -143,14 +145,21 @@ def _attribute_dict_checked(checks, owner, where: str, seen: set) -> dict:
     return mapping
 
 
-def _unchanged_checks(edges, tensor_attributes, kernels, tensors):
+def _unchanged_checks(edges, called, tensor_attributes, kernels, tensors):
     """The extension's ObjectChecks of what :meth:`NetworkPlan.tree_unchanged` compares, each as the lookup Python
-    makes: ``parent._modules[name] is child`` along every called path; ``getattr(owner, name) is tensor`` for the
-    graph's get_attr tensors; for every module the plan runs itself its class, its class's forward, no forward on the
-    instance, and each of its parameters and buffers. The dicts themselves are checked to stay the instance's."""
+    makes: ``parent._modules[name] is child`` along every called path, with no attribute of that name in the
+    parent's instance dict (which the traced forward's ``self.name`` would find first); ``getattr(owner, name) is
+    tensor`` for the graph's get_attr tensors; for every module the plan runs itself its class, its class's forward,
+    no forward on the instance, and each of its parameters and buffers. The dicts themselves are checked to stay the
+    instance's, the called modules' hook dicts too (:func:`_hookless_checks` reads them: one replaced, by
+    ``m._forward_hooks = OrderedDict()``, makes the plan stale and a new one is made)."""
     checks, seen = sparse_cpu._ops().ObjectChecks(), set()
     for parent, name, child in edges:
         checks.add_item(_attribute_dict_checked(checks, parent, "_modules", seen), name, child)
+        checks.add_absent(parent.__dict__, name)
+    for module in called:
+        for where in _HOOK_DICTS:
+            _attribute_dict_checked(checks, module, where, seen)
     for owner, name, tensor in tensor_attributes:  # few (a traced graph's constants): the full lookup, __getattr__
         checks.add_attribute(owner, name, tensor)
     for kind, forward in dict.fromkeys((kind, forward) for _, kind, forward in kernels):  # a few classes
@@ -163,12 +172,16 @@ def _unchanged_checks(edges, tensor_attributes, kernels, tensors):
     return checks
 
 
+_HOOK_DICTS = ("_forward_hooks", "_forward_pre_hooks")
+
+
 def _hookless_checks(called):
-    """The extension's ObjectChecks that every called module's forward hook dicts are empty (and its own)."""
-    checks, seen = sparse_cpu._ops().ObjectChecks(), set()
-    for module in called:
-        for where in ("_forward_hooks", "_forward_pre_hooks"):
-            checks.add_empty(_attribute_dict_checked(checks, module, where, seen))
+    """The extension's ObjectChecks that every called module's forward hook dicts are empty (that they are still
+    the module's is :func:`_unchanged_checks`' part)."""
+    checks = sparse_cpu._ops().ObjectChecks()
+    for module in dict.fromkeys(called):
+        for where in _HOOK_DICTS:
+            checks.add_empty(module.__dict__[where])
     return checks
 
 
@@ -393,6 +406,8 @@ class _Builder:
             child = module._modules.get(name)
             if child is None:
                 raise PlanRefused(f"{target} is not a submodule")
+            if name in module.__dict__:  # what the graph's self.name finds first
+                raise PlanRefused(f"{target}: an attribute of the instance hides the submodule of that name")
             self.edges[(id(module), name)] = (module, name, child)
             module = child
         return module

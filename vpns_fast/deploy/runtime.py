@@ -137,13 +137,15 @@ class DeployedModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
             shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
-        channels_last = bool(self.info.get("channels_last"))
         if (self.info.get("backend") == "sparse_cpu" and self.prompt is None and images.device.type == "cpu"
-                and images.dtype in (torch.uint8, torch.float32) and not images.requires_grad):
-            # the checks, normalization and layout in one pass (csrc/input_stage.cpp), bit for bit normalize's
+                and images.dtype in (torch.uint8, torch.float32) and not images.requires_grad
+                and len(self.mean) in (1, 3) and len(self.std) in (1, 3)):
+            # the checks and the normalization in one pass (csrc/input_stage.cpp), bit for bit normalize's; one
+            # value for every channel broadcast as normalize broadcasts it
             from vpns_fast.deploy import sparse_cpu
 
-            x, low, high = sparse_cpu._ops().normalize_images(images, list(self.mean), list(self.std), channels_last)
+            mean, std = (list(v) * (3 // len(v)) for v in (self.mean, self.std))
+            x, low, high = sparse_cpu._ops().normalize_images(images, mean, std)
             if images.dtype != torch.uint8 and images.numel():
                 _check_pixel_range(low, high)
             return x
@@ -151,7 +153,7 @@ class DeployedModel(nn.Module):
         if images.dtype != torch.uint8 and images.dtype != torch.float32:
             images = images.float()
         x = self.prompt(images) if self.prompt is not None else normalize(images, self.mean, self.std)
-        if channels_last:
+        if self.info.get("channels_last"):
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -526,8 +528,7 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
             network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
                                                             summary=summary, winograd=winograd)
             info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
-                        layout=summary.get("layout"), winograd=summary.get("winograd"),
-                        channels_last=sparse_cpu.reads_channels_last(network))
+                        layout=summary.get("layout"), winograd=summary.get("winograd"))
             return network, decisions
         reason = f"sparse CPU engine unavailable: {reason}"
     # said, not only recorded: a deployer who asked for the sparse engine would otherwise time a dense network

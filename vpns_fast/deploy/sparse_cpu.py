@@ -2727,20 +2727,6 @@ def table_flops(table: list[dict]) -> tuple[int, int]:
     return (sum(row.get("flops") or 0 for row in table), sum(row.get("dense_flops") or 0 for row in table))
 
 
-def reads_channels_last(network: nn.Module) -> bool:
-    """Whether every layer that reads a converted network's input reads it channels_last (a dense convolution:
-    ``DenseConv2d`` copies an NCHW input first): its input is then best made in that layout. False for a network
-    that is no traced graph, or whose input goes anywhere else (a sparse convolution reads NCHW planes)."""
-    if not isinstance(network, fx.GraphModule):
-        return False
-    placeholders = [node for node in network.graph.nodes if node.op == "placeholder"]
-    if len(placeholders) != 1 or not placeholders[0].users:
-        return False
-    modules = dict(network.named_modules())
-    return all(user.op == "call_module" and isinstance(modules.get(user.target), DenseConv2d)
-               and user.args and user.args[0] is placeholders[0] for user in placeholders[0].users)
-
-
 def chosen_layers_ms(table: list[dict]) -> tuple[float, int]:
     """``(sum of the chosen implementation's time over the rows timed, rows not timed)``: each layer as it runs
     in the converted network (sparse or dense), timed alone on its real input during the conversion."""

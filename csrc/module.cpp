@@ -190,16 +190,24 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
             for (const int64_t slot : inputs) self.check_slots({slot});
             TORCH_CHECK(!outputs.empty(), "CallPlan.add_python_call: no output slot");
             for (const int64_t slot : outputs) self.check_slots({slot});
-            // the callable is dropped with the GIL held, whichever thread drops the plan's last reference
-            auto held = std::shared_ptr<py::object>(new py::object(std::move(function)), [](py::object* object) {
+            // A weak reference: whoever builds the plan keeps the callable (vpns_fast.deploy.call_plan's NetworkPlan
+            // does), where the cycle collector sees it; a strong one here would hide a cycle through the plan (a
+            // layer holding the module that holds the plan) from it. Dropped with the GIL held, whichever thread
+            // drops the plan's last reference.
+            auto held = std::shared_ptr<py::weakref>(new py::weakref(function), [](py::weakref* reference) {
               py::gil_scoped_acquire gil;
-              delete object;
+              delete reference;
             });
-            self.add("python:" + name, [inputs, outputs, held](std::vector<at::Tensor>& slot) {
+            self.add("python:" + name, [inputs, outputs, held, name](std::vector<at::Tensor>& slot) {
               py::gil_scoped_acquire gil;
+              const py::object callable = (*held)();
+              if (callable.is_none()) {
+                throw std::runtime_error("CallPlan: the Python step " + name +
+                                         "'s callable is gone (its owner dropped it)");
+              }
               py::tuple args(inputs.size());
               for (size_t i = 0; i < inputs.size(); ++i) args[i] = py::cast(slot[inputs[i]]);
-              const py::object result = (*held)(*args);
+              const py::object result = callable(*args);
               if (outputs.size() == 1) {
                 slot[outputs[0]] = result.cast<at::Tensor>();
                 return;
@@ -213,7 +221,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
           py::arg("name"), py::arg("inputs"), py::arg("outputs"), py::arg("function"),
           "A step that calls function(*the tensors in inputs) in Python (the GIL taken for it) and keeps its "
           "tensor in the one output slot, or the tensors of the sequence it returns in the output slots: a graph "
-          "node the plan has no C++ step for.")
+          "node the plan has no C++ step for. The plan holds function weakly: the caller keeps it alive.")
       // the GIL is released while it runs (taken again only by Python steps): other Python threads run meanwhile
       .def("run", &vpns::CallPlan::run, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
            "The network's output for input, or None when a watched tensor changed in place since the plan was made.")

@@ -462,6 +462,35 @@ def test_a_cycle_through_a_plan_is_collected(plans_restored):
     assert alive() is None
 
 
+def test_a_cycle_through_a_python_step_is_collected(plans_restored):
+    """A layer the engine leaves to torch (here GELU) runs as a Python step, which the compiled plan holds weakly
+    (the NetworkPlan holds it, where the cycle collector sees it); the plan without its holder says so."""
+    import gc
+    import weakref
+
+    class Gelu(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.act = nn.Conv2d(3, 8, 3, padding=1), nn.GELU()
+            self.pool, self.flat, self.fc = nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)
+
+        def forward(self, x):
+            return self.fc(self.flat(self.pool(self.act(self.conv(x)))))
+
+    model, images = _tiny_deployed(Gelu()), _images()[:, :, :16, :16]
+    assert _plan_agrees(model, images) and _plan_agrees(model, images)
+    (entry,) = model.__dict__["_call_plans"].entries.values()
+    assert any(name.startswith("python:") for name in entry.plan.compiled.step_names) and entry.plan.python_calls
+    compiled, x = entry.plan.compiled, normalize(images, model.mean, model.std)
+    model.network.act.owner = [model]
+    alive = weakref.ref(model)
+    del model, entry
+    gc.collect()
+    assert alive() is None
+    with pytest.raises(RuntimeError, match="callable is gone"):
+        compiled.run(x)
+
+
 def test_object_checks_hold_until_an_object_changes():
     class Holder:
         def forward(self):

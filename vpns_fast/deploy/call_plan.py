@@ -89,13 +89,15 @@ class NetworkPlan:
     step_nodes: tuple = ()  # for each step, the graph node it was made for: (its op, its target or name)
     unchanged: object = None  # the extension's ObjectChecks of edges, tensor_attributes, kernels and tensors
     hookless: object = None  # the extension's ObjectChecks that no called module has a forward hook
+    python_calls: tuple = ()  # the Python steps' callables, which the compiled plan holds weakly
 
     @classmethod
     def checked(cls, compiled, edges: tuple, called: tuple, attributes: tuple, tensor_attributes: tuple,
-                kernels: tuple, tensors: tuple, step_nodes: tuple) -> NetworkPlan:
+                kernels: tuple, tensors: tuple, step_nodes: tuple, python_calls: tuple) -> NetworkPlan:
         """The plan with its per-run checks compiled (:func:`_unchanged_checks`, :func:`_hookless_checks`)."""
         return cls(compiled, edges, called, attributes, tensor_attributes, kernels, tensors, step_nodes,
-                   _unchanged_checks(edges, called, tensor_attributes, kernels, tensors), _hookless_checks(called))
+                   _unchanged_checks(edges, called, tensor_attributes, kernels, tensors), _hookless_checks(called),
+                   python_calls)
 
     @property
     def steps(self) -> int:
@@ -310,7 +312,7 @@ def build(network: nn.Module, x: torch.Tensor) -> tuple[NetworkPlan | None, str,
         plan.watch(tensor)
     return NetworkPlan.checked(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
                                tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors),
-                               tuple(builder.step_nodes)), "", output
+                               tuple(builder.step_nodes), tuple(builder.python_calls)), "", output
 
 
 class _Builder:
@@ -330,6 +332,7 @@ class _Builder:
         # the tensors a step checks on every run: their sizes (False), or their sizes and strides (True)
         self.expected: dict[fx.Node, bool] = {}
         self.step_nodes: list[tuple[str, str]] = []  # (op, module path or node name) for each step added
+        self.python_calls: list[_NodeCall] = []  # kept alive here and by the NetworkPlan: the plan holds them weakly
         self.finished = None
 
     def output_or_run(self, x: torch.Tensor) -> torch.Tensor:
@@ -508,6 +511,7 @@ class _Builder:
                          None if taken is None else [user.args[1] for user in taken])
         outputs = [self.slots[node]] if taken is None else [self.slots[user] for user in taken]
         if outputs:
+            self.python_calls.append(call)
             plan.add_python_call(str(node.target) if node.op != "call_function" else node.name,
                                  [self.slots[n] for n in tensor_nodes], outputs, call)
 

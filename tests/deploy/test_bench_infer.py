@@ -86,7 +86,10 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
         assert found, out[-800:]
         layers_ms, network_ms, share, rest = (float(value) for value in found.groups())
         assert layers_ms > 0 and abs(layers_ms + rest - network_ms) <= 0.011
-        assert abs(share - round(100 * layers_ms / network_ms)) <= 1
+        # the share is of the unrounded times: within what the two printed with 2 decimals allow (a clean-clone CI
+        # printed 0.33 of 0.47 ms as 72%)
+        low, high = 100 * (layers_ms - 0.005) / (network_ms + 0.005), 100 * (layers_ms + 0.005) / (network_ms - 0.005)
+        assert low - 1 <= share <= high + 1
         assert " in call " in out.split("per-layer decisions")[1].splitlines()[1]  # the column's header
         assert re.search(r"inside whole calls \(the compiled call plan's \d+ steps each timed, medians of 2 calls of "
                          r"[0-9.]+ ms\): the layers above [0-9.]+ ms \(column 'in call'\), other modules [0-9.]+ ms, "

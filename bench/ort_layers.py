@@ -70,14 +70,13 @@ def our_layer_ms(network: fx.GraphModule, x: torch.Tensor,
         how = (f"its compiled call plan's {entry['steps']} steps timed inside each call" if entry["steps"] else
                f"interpreted node by node (no compiled call plan: {entry['refused']})")
         for _ in range(iters):
-            seconds: dict[str, float] = collections.defaultdict(float)
             start = time.perf_counter()
             if entry["steps"]:
                 _, steps = plans.timed_output(network, x)
                 if steps is None:
                     raise RuntimeError("the compiled call plan was not run (stale or refused)")
-                for op, target, _, step_seconds in steps:
-                    seconds[target if op == "call_module" else OTHER] += step_seconds
+                seconds = {OTHER if module is None else module: step_seconds
+                           for module, step_seconds in call_plan.seconds_by_module(steps).items()}
             else:
                 interpreter = TimedInterpreter(network)
                 interpreter.run(x)

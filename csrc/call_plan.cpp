@@ -210,8 +210,9 @@ std::optional<at::Tensor> CallPlan::run_steps(const at::Tensor& input, std::vect
   std::vector<at::Tensor> slot(static_cast<size_t>(slots_));
   slot[0] = input;
   if (seconds != nullptr) seconds->reserve(steps_.size());
+  std::chrono::steady_clock::time_point start;
   for (size_t i = 0; i < steps_.size(); ++i) {
-    const auto start = std::chrono::steady_clock::now();
+    if (seconds != nullptr) start = std::chrono::steady_clock::now();  // not on a plain run's path
     steps_[i](slot);
     // the traced graph's forward drops each value after its last use too: an activation buffer goes back to
     // the cache (csrc/buffers.cpp) for the next layer's output

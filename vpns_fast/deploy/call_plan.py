@@ -86,18 +86,17 @@ class NetworkPlan:
     tensor_attributes: tuple  # (module, name, tensor) that get_attr nodes read
     kernels: tuple  # (module, its class, the class's forward) of every module the plan runs as its own step
     tensors: tuple  # (module, "_buffers" or "_parameters", name, tensor) of those modules
-    step_nodes: tuple = ()  # for each step, the graph node it was made for: (its op, its target or name)
-    unchanged: object = None  # the extension's ObjectChecks of edges, tensor_attributes, kernels and tensors
-    hookless: object = None  # the extension's ObjectChecks that no called module has a forward hook
-    python_calls: tuple = ()  # the Python steps' callables, which the compiled plan holds weakly
+    step_nodes: tuple  # for each step, the graph node it was made for: (its op, its target or name)
+    python_calls: tuple  # the Python steps' callables, which the compiled plan holds weakly
+    # the extension's ObjectChecks, made from the fields above: of edges, tensor_attributes, kernels and tensors
+    # (:func:`_unchanged_checks`), and that no called module has a forward hook (:func:`_hookless_checks`)
+    unchanged: object = dataclasses.field(init=False, repr=False)
+    hookless: object = dataclasses.field(init=False, repr=False)
 
-    @classmethod
-    def checked(cls, compiled, edges: tuple, called: tuple, attributes: tuple, tensor_attributes: tuple,
-                kernels: tuple, tensors: tuple, step_nodes: tuple, python_calls: tuple) -> NetworkPlan:
-        """The plan with its per-run checks compiled (:func:`_unchanged_checks`, :func:`_hookless_checks`)."""
-        return cls(compiled, edges, called, attributes, tensor_attributes, kernels, tensors, step_nodes,
-                   _unchanged_checks(edges, called, tensor_attributes, kernels, tensors), _hookless_checks(called),
-                   python_calls)
+    def __post_init__(self):
+        object.__setattr__(self, "unchanged", _unchanged_checks(self.edges, self.called, self.tensor_attributes,
+                                                                 self.kernels, self.tensors))
+        object.__setattr__(self, "hookless", _hookless_checks(self.called))
 
     @property
     def steps(self) -> int:
@@ -127,6 +126,16 @@ class NetworkPlan:
             return output, []
         return output, [(*node, name, time)
                         for node, name, time in zip(self.step_nodes, self.compiled.step_names, seconds, strict=True)]
+
+
+def seconds_by_module(steps) -> dict[str | None, float]:
+    """Steps as :meth:`NetworkPlan.run_timed` gives them, their times summed by the module each was made for (its
+    path), those of the nodes that are no module call (torch functions, tensor methods) under None."""
+    total: dict[str | None, float] = {}
+    for op, target, _, seconds in steps:
+        key = target if op == "call_module" else None
+        total[key] = total.get(key, 0.0) + seconds
+    return total
 
 
 def _instance_dict_checked(checks, owner, seen: set) -> dict:
@@ -232,27 +241,35 @@ class NetworkPlans:
     def output(self, network: nn.Module, x: torch.Tensor):
         """``network(x)``: through the plan for ``x``'s key where it is current and no hook is registered, else the
         graph (a new plan made where the entry is missing or stale)."""
+        return self._output(network, x, timed=False)[0]
+
+    def timed_output(self, network: nn.Module, x: torch.Tensor):
+        """(``network(x)`` as :meth:`output` gives it, each step's (op, target, step name, seconds) as
+        :meth:`NetworkPlan.run_timed` gives them where the plan ran, else None)."""
+        return self._output(network, x, timed=True)
+
+    def _output(self, network: nn.Module, x: torch.Tensor, timed: bool):
         if not call_plans_enabled() or hooks_on(network):
-            return network(x)  # a plan would call around the hooks
+            return network(x), None  # a plan would call around the hooks
         entries, key = self.entries, plan_key(x)
         entry = entries.get(key)
         if entry is not None and entry.current(network):
             if entry.plan is None or entry.plan.hooks_on_called():
-                return network(x)  # refused, and nothing it depends on has changed; or hooks to run
+                return network(x), None  # refused, and nothing it depends on has changed; or hooks to run
             try:
-                out = entry.plan.run(x)
+                out, steps = entry.plan.run_timed(x) if timed else (entry.plan.run(x), None)
             except ShapeChanged:  # a shape the data decides: no plan for this network and shape
                 self._keep(key, entry.refused("a shape that the data decides (not the input's) changed between "
                                               "calls"), entries, network)
-                return network(x)
+                return network(x), None
             if out is not None:
-                return out
+                return out, steps
             # else a tensor it was made from changed in place: a new plan
         # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
         # network's own code runs could deadlock, a deployed model called inside another's graph)
         entry, out = PlanEntry.made(network, x)
         self._keep(key, entry, entries, network)
-        return out
+        return out, None
 
     def _keep(self, key: tuple, entry: PlanEntry, entries: dict, network: nn.Module) -> None:
         """``entries`` with ``entry`` for ``key``, less the entries no longer current (they hold a replaced network's
@@ -262,20 +279,6 @@ class NetworkPlans:
             del kept[next(iter(kept))]
         kept[key] = entry
         self.entries = kept
-
-    def timed_output(self, network: nn.Module, x: torch.Tensor):
-        """(``network(x)``, each step's (op, target, step name, seconds) as :meth:`NetworkPlan.run_timed` gives them):
-        through the plan for ``x``'s key where :meth:`output` would run it, else the graph (a plan made for the next
-        call where none is kept) and None for the steps."""
-        entry = self.entries.get(plan_key(x))
-        if (not call_plans_enabled() or hooks_on(network) or entry is None or not entry.current(network)
-                or entry.plan is None or entry.plan.hooks_on_called()):
-            return self.output(network, x), None
-        try:
-            out, steps = entry.plan.run_timed(x)
-        except ShapeChanged:
-            return self.output(network, x), None  # which refuses the entry, as a plain call would
-        return (out, steps) if out is not None else (self.output(network, x), None)
 
     def summary(self) -> list[dict]:
         """One dict an entry: ``input_shape``, ``steps`` (0 where refused) and ``refused`` (why not, or "")."""
@@ -310,9 +313,9 @@ def build(network: nn.Module, x: torch.Tensor) -> tuple[NetworkPlan | None, str,
             return None, ("a layer holds an inference tensor (made in torch.inference_mode), whose changes no "
                           "version counter shows"), output
         plan.watch(tensor)
-    return NetworkPlan.checked(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
-                               tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors),
-                               tuple(builder.step_nodes), tuple(builder.python_calls)), "", output
+    return NetworkPlan(plan, tuple(builder.edges.values()), tuple(builder.called), tuple(builder.attributes),
+                       tuple(builder.tensor_attributes), tuple(builder.kernels), tuple(builder.tensors),
+                       tuple(builder.step_nodes), tuple(builder.python_calls)), "", output
 
 
 class _Builder:

@@ -725,13 +725,9 @@ def _in_call_profile(module: DeployedModel, images: torch.Tensor, calls: int) ->
     timings = [module.timed_call(images)[1] for _ in range(calls)]
     if any(t["steps"] is None for t in timings):
         return None
-    per_call = []
-    for timing in timings:
-        layers: dict[str, float] = {}
-        for op, target, _, ms in timing["steps"]:
-            key = target if op == "call_module" else None
-            layers[key] = layers.get(key, 0.0) + ms
-        per_call.append(layers)
+    from vpns_fast.deploy import call_plan
+
+    per_call = [call_plan.seconds_by_module(timing["steps"]) for timing in timings]  # ms, as the steps give them
     names = [name for name in per_call[0] if name is not None]
     return {"layers_ms": {name: _percentile([c[name] for c in per_call], 0.5) for name in names},
             "other_ms": _percentile([c.get(None, 0.0) for c in per_call], 0.5),

@@ -5,11 +5,11 @@
 //
 // Why: DeployedModel's input stage was five torch calls (aminmax, float, divide, subtract, divide); right after a call
 // of the network (whose kernels evict everything from the caches) they took 0.16-0.19 ms of ResNet-50's 10 ms at 10%
-// kept, batch 1 (2-vCPU Zen 5, 2 threads, medians of 100 calls, 2026-12-06). This pass: 0.07 ms in the call; end to
-// end 1.003-1.019x (ResNet-18 and -50 at 10% and 50% kept, batch 1, uint8 and float32 images,
-// bench/results/cpu-input-stage-ab-2026-12-06-amd-scratch.txt; that A/B also wrote the input channels_last where
-// the first layer is a dense convolution, a version removed since: a first layer the user swaps in later would still
-// have got that layout).
+// kept, batch 1 (2-vCPU Zen 5, 2 threads, medians of 100 calls, 2026-12-06). This pass: 0.07 ms in the call for uint8
+// images, 0.09 ms for float32 since their range runs in lanes (below); end to end 1.003-1.019x (ResNet-18 and -50 at
+// 10% and 50% kept, batch 1, uint8 and float32 images, bench/results/cpu-input-stage-ab-2026-12-06-amd-scratch.txt;
+// that A/B also wrote the input channels_last where the first layer is a dense convolution, a version removed since: a
+// first layer the user swaps in later would still have got that layout).
 #include "vpns_ops.h"
 
 #include <ATen/Parallel.h>
@@ -23,29 +23,53 @@ namespace vpns {
 
 namespace {
 
-// One image row of channel c: src[0, width) -> dst[0, width). Plain loops, which the compiler vectorizes;
-// -ffp-contract stays off in ISO C++, so (x - m) / s is two roundings, as torch's.
-template <typename T>
-void normalize_row(const T* src, int64_t width, float mean, float stdev, float* dst, float* low, float* high,
-                   bool* nan) {
-  if constexpr (std::is_same_v<T, uint8_t>) {
-    for (int64_t j = 0; j < width; ++j) {
-      const float x = static_cast<float>(src[j]) / 255.0f;
-      dst[j] = (x - mean) / stdev;
+// One image row of channel c: src[0, width) -> dst[0, width). -ffp-contract stays off in ISO C++, so (x - m) / s is
+// two roundings, as torch's. The float range runs in kLanes independent lanes, each `x < low ? x : low` (MINPS's own
+// rule, which the compiler emits for it; a NaN pixel leaves the lane as it was and is caught by `x != x`): written
+// as one running std::min/std::max, the reduction stayed scalar (GCC does not vectorize a float min reduction that
+// must honour NaN), and float32 images took 0.22 ms for one 224x224 image on two threads against uint8's 0.03 ms
+// (2-vCPU Zen 5, 2026-12-06). Built for AVX-512, AVX2 and the baseline, picked at load (target_clones).
+constexpr int64_t kLanes = 16;
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void normalize_bytes(const uint8_t* src, int64_t width,
+                                                                                  float mean, float stdev, float* dst) {
+  for (int64_t j = 0; j < width; ++j) {
+    const float x = static_cast<float>(src[j]) / 255.0f;
+    dst[j] = (x - mean) / stdev;
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void normalize_floats(const float* src, int64_t width,
+                                                                                   float mean, float stdev, float* dst,
+                                                                                   float* low, float* high, bool* nan) {
+  float lows[kLanes], highs[kLanes];
+  int nans[kLanes];
+  for (int64_t k = 0; k < kLanes; ++k) {
+    lows[k] = *low;
+    highs[k] = *high;
+    nans[k] = 0;
+  }
+  const int64_t whole = width - width % kLanes;
+  for (int64_t j = 0; j < whole; j += kLanes) {
+    for (int64_t k = 0; k < kLanes; ++k) {
+      const float x = src[j + k];
+      nans[k] |= x != x;
+      lows[k] = x < lows[k] ? x : lows[k];
+      highs[k] = x > highs[k] ? x : highs[k];
+      dst[j + k] = (x - mean) / stdev;
     }
-  } else {
-    float lo = *low, hi = *high;
-    bool seen = false;
-    for (int64_t j = 0; j < width; ++j) {
-      const float x = src[j];
-      seen |= x != x;
-      lo = std::min(lo, x);
-      hi = std::max(hi, x);
-      dst[j] = (x - mean) / stdev;
-    }
-    *low = lo;
-    *high = hi;
-    *nan |= seen;
+  }
+  for (int64_t j = whole; j < width; ++j) {
+    const float x = src[j];
+    nans[0] |= x != x;
+    lows[0] = x < lows[0] ? x : lows[0];
+    highs[0] = x > highs[0] ? x : highs[0];
+    dst[j] = (x - mean) / stdev;
+  }
+  for (int64_t k = 0; k < kLanes; ++k) {
+    *low = std::min(*low, lows[k]);
+    *high = std::max(*high, highs[k]);
+    *nan |= nans[k] != 0;
   }
 }
 
@@ -85,9 +109,9 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
         float* dst = y + source;
         const float m = static_cast<float>(mean[c]), s = static_cast<float>(stdev[c]);
         if (bytes) {
-          normalize_row(x.const_data_ptr<uint8_t>() + source, width, m, s, dst, &low, &high, &nan);
+          normalize_bytes(x.const_data_ptr<uint8_t>() + source, width, m, s, dst);
         } else {
-          normalize_row(x.const_data_ptr<float>() + source, width, m, s, dst, &low, &high, &nan);
+          normalize_floats(x.const_data_ptr<float>() + source, width, m, s, dst, &low, &high, &nan);
         }
       }
     }

@@ -49,6 +49,26 @@ def test_normalize_images_reads_views_and_reports_faults():
         ops.normalize_images(images.double(), list(MEAN), list(STD))
 
 
+@pytest.mark.parametrize("column", [0, 1, 15, 16, 17, 31, 32, 35, 36])
+def test_the_float_range_finds_a_fault_in_any_column(column):
+    """The range runs in 16 lanes a row and a tail after them: a NaN, an extreme or a negative zero in any of them
+    (a 37-wide row: two whole blocks of lanes and five left) is found, the output still bit for bit normalize's."""
+    ops = sparse_cpu._ops()
+    images = torch.rand(2, 3, 4, 37, generator=torch.Generator().manual_seed(column)) * 0.5 + 0.25
+    for fault, expected in ((float("nan"), None), (-7.0, (-7.0, None)), (9.0, (None, 9.0)), (-0.0, (0.0, None))):
+        faulty = images.clone()
+        faulty[1, 1, 2, column] = fault
+        out, low, high = ops.normalize_images(faulty, list(MEAN), list(STD))
+        reference = normalize(faulty, MEAN, STD)
+        assert torch.equal(out.isnan(), reference.isnan()) and torch.equal(out.nan_to_num(), reference.nan_to_num())
+        if expected is None:
+            assert low != low and high != high
+        else:
+            want_low, want_high = (v.item() for v in torch.aminmax(faulty))
+            assert (low, high) == (want_low, want_high)
+            assert (expected[0] is None or low == expected[0]) and (expected[1] is None or high == expected[1])
+
+
 def _stemmed(kept: float) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),

@@ -90,6 +90,23 @@ def test_sparse_conv2d_matches_conv2d(shape, density, batch, kernel_isa):
     assert_close_to_reference(sparse(x), torch_out, reference, in_channels * kernel[0] * kernel[1])
 
 
+@pytest.mark.parametrize("width", list(range(13, 42)))
+def test_stride_2_phase_planes_copy_every_column(width):
+    """A stride-2 layer copies its input into phase planes, rows of 8 or more columns by a vectorized gather: a
+    weight whose one nonzero is 1.0 at one tap makes the output exactly the input read at that tap, for every width
+    (rows of 6-21 columns), 1x1 unpadded and 3x3 padded, each tap."""
+    x = torch.randn(2, 3, 9, width, generator=torch.Generator().manual_seed(width))
+    for kernel, padding in ((1, 0), (3, 1)):
+        padded = F.pad(x, (padding,) * 4)
+        for tap in range(kernel * kernel):
+            kh, kw = divmod(tap, kernel)
+            weight = torch.zeros(4, 3, kernel, kernel)
+            weight[1, 2, kh, kw] = 1.0
+            out = sparse_cpu.SparseConv2d(weight, None, stride=2, padding=padding)(x)
+            expected = padded[:, 2, kh::2, kw::2][:, :out.shape[2], :out.shape[3]]
+            assert torch.equal(out[:, 1], expected) and not out[:, [0, 2, 3]].any()
+
+
 # (C_in, C_out, groups, kernel, stride, padding, dilation): two groups, ResNeXt-like, depthwise 3x3 and 5x5
 # at stride 2, grouped 1x1 (ShuffleNet), a channel multiplier of 2, dilated
 GROUPED_SHAPES = [(8, 8, 2, 3, 1, 1, 1), (32, 32, 8, 3, 1, 1, 1), (16, 16, 16, 3, 1, 1, 1), (24, 24, 24, 5, 2, 2, 1),

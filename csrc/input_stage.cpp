@@ -28,20 +28,24 @@ namespace {
 // rule, which the compiler emits for it; a NaN pixel leaves the lane as it was and is caught by `x != x`): written
 // as one running std::min/std::max, the reduction stayed scalar (GCC does not vectorize a float min reduction that
 // must honour NaN), and float32 images took 0.22 ms for one 224x224 image on two threads against uint8's 0.03 ms
-// (2-vCPU Zen 5, 2026-12-06). Built for AVX-512, AVX2 and the baseline, picked at load (target_clones).
+// (2-vCPU Zen 5, 2026-12-06). Built for AVX-512, AVX2 and the baseline, picked at load (target_clones, on x86-64).
 constexpr int64_t kLanes = 16;
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void normalize_bytes(const uint8_t* src, int64_t width,
-                                                                                  float mean, float stdev, float* dst) {
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void normalize_bytes(const uint8_t* src, int64_t width, float mean, float stdev, float* dst) {
   for (int64_t j = 0; j < width; ++j) {
     const float x = static_cast<float>(src[j]) / 255.0f;
     dst[j] = (x - mean) / stdev;
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void normalize_floats(const float* src, int64_t width,
-                                                                                   float mean, float stdev, float* dst,
-                                                                                   float* low, float* high, bool* nan) {
+#if defined(__x86_64__) && defined(__GNUC__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+void normalize_floats(const float* src, int64_t width, float mean, float stdev, float* dst, float* low, float* high,
+                      bool* nan) {
   float lows[kLanes], highs[kLanes];
   int nans[kLanes];
   for (int64_t k = 0; k < kLanes; ++k) {

@@ -126,8 +126,11 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
   if (bytes) return {out, 0.0, 255.0};
   const bool nan = std::any_of(nans.begin(), nans.end(), [](char v) { return v != 0; });
   const double quiet_nan = std::numeric_limits<double>::quiet_NaN();
-  return {out, nan ? quiet_nan : static_cast<double>(*std::min_element(lows.begin(), lows.end())),
-          nan ? quiet_nan : static_cast<double>(*std::max_element(highs.begin(), highs.end()))};
+  // + 0.0f: a zero extreme is reported as +0.0 whichever sign its pixel had (which zero a lane keeps depends on the
+  // order it met them in, as torch.aminmax's does)
+  const float low = *std::min_element(lows.begin(), lows.end()) + 0.0f;
+  const float high = *std::max_element(highs.begin(), highs.end()) + 0.0f;
+  return {out, nan ? quiet_nan : static_cast<double>(low), nan ? quiet_nan : static_cast<double>(high)};
 }
 
 }  // namespace vpns

@@ -1258,8 +1258,11 @@ void offset_range(const int32_t* __restrict offsets, int64_t count, int32_t* lo,
 // compiler vectorizes it with shuffles (AVX-512, AVX2 or SSE2 clone); with the stride a variable it was one scalar
 // load and store a float. Alone, batch 1, 5% kept, 2 threads, per-round ratios of 15 alternating rounds (2-vCPU Zen 5,
 // 2026-12-06, bench/results/cpu-stride2-gather-ab-2026-12-06-amd-scratch.txt): the stem 1.075x, 3x3/2 at 56x56 and
-// 28x28 1.147x / 1.105x, 1x1/2 at 56x56 and 28x28 1.185x / 1.122x; rows shorter than 8 (inputs of 14x14 and less)
-// keep the scalar loop, where the clone's call did not pay. ResNet-50 / -18 at 5% kept, batch 1, 1.02-1.03x.
+// 28x28 1.147x / 1.105x, 1x1/2 at 56x56 and 28x28 1.185x / 1.122x (layers running the same code both ways read
+// 0.974-0.987x in that harness); ResNet-50 / -18 at 5% kept, batch 1, 1.02-1.03x, within the spread. Rows shorter
+// than 8 (inputs of 14x14 and less) keep the scalar loop below: a guess, no gain or loss measured there. The vector
+// loop stops short of src[2 * (count - 1)], which the scalar tail reads (GCC's peeling for gaps), so no load passes
+// the last float the scalar loop reads (tests/deploy/test_sparse_cpu.py checks it against a guard page).
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx512f", "avx2", "default")))
 #endif

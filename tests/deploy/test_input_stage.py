@@ -1,5 +1,10 @@
 """The CPU engine's input stage in one pass (csrc/input_stage.cpp): bit for bit ``normalize``, in either layout, with
 the float pixels' range for the checks; and the deployed module that uses it."""
+import math
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -51,8 +56,10 @@ def test_normalize_images_reads_views_and_reports_faults():
 
 @pytest.mark.parametrize("column", [0, 1, 15, 16, 17, 31, 32, 35, 36])
 def test_the_float_range_finds_a_fault_in_any_column(column):
-    """The range runs in 16 lanes a row and a tail after them: a NaN, an extreme or a negative zero in any of them
-    (a 37-wide row: two whole blocks of lanes and five left) is found, the output still bit for bit normalize's."""
+    """The range runs in 16 lanes a row and a tail after them: a NaN or an extreme in any of them (a 37-wide row: two
+    whole blocks of lanes and five left) is found, and a zero below the other pixels gives a zero low (its sign is
+    not kept: -0.0 and 0.0 are reported as 0.0, which the range check treats alike); the output still bit for bit
+    normalize's."""
     ops = sparse_cpu._ops()
     images = torch.rand(2, 3, 4, 37, generator=torch.Generator().manual_seed(column)) * 0.5 + 0.25
     for fault, expected in ((float("nan"), None), (-7.0, (-7.0, None)), (9.0, (None, 9.0)), (-0.0, (0.0, None))):
@@ -67,6 +74,37 @@ def test_the_float_range_finds_a_fault_in_any_column(column):
             want_low, want_high = (v.item() for v in torch.aminmax(faulty))
             assert (low, high) == (want_low, want_high)
             assert (expected[0] is None or low == expected[0]) and (expected[1] is None or high == expected[1])
+            assert math.copysign(1.0, low) == math.copysign(1.0, want_low + 0.0)  # a zero low is +0.0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages through mmap/mprotect: Linux")
+def test_normalize_images_reads_nothing_past_the_images():
+    """The pass reads its rows in blocks of 16 lanes and a tail: on images whose last pixel is the last byte before
+    an inaccessible page (tests/guarded_memory.py), every width from 1 to 40, float32 and uint8, runs without a crash
+    and gives normalize's values. In a child process, so that a read past the end fails this test alone."""
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import torch
+from guarded_memory import before_a_guard_page
+from vpns_fast.deploy import sparse_cpu
+from vpns_fast.nn.prompts import normalize
+mean, std = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+count = 0
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for width in range(1, 41):
+        for values in (torch.rand(2, 3, 3, width), torch.randint(0, 256, (2, 3, 3, width), dtype=torch.uint8)):
+            images, mapping = before_a_guard_page(values)
+            out, low, high = sparse_cpu._ops().normalize_images(images, mean, std)
+            assert torch.equal(out, normalize(values, mean, std)), width
+            count += 1
+print("ok", count)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == 160
 
 
 def _stemmed(kept: float) -> nn.Module:

@@ -107,6 +107,44 @@ def test_stride_2_phase_planes_copy_every_column(width):
             assert torch.equal(out[:, 1], expected) and not out[:, [0, 2, 3]].any()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages through mmap/mprotect: Linux")
+def test_stride_2_phase_planes_read_nothing_past_the_input():
+    """The vectorized stride-2 copy reads pairs of floats: on an input whose last float is the last byte before an
+    inaccessible page (tests/guarded_memory.py), every width, kernel, padding and dilation runs without a crash and
+    equals F.conv2d. In a child process, so that a read past the end fails this test alone."""
+    import subprocess
+
+    script = f"""
+import sys
+sys.path.insert(0, {os.path.dirname(os.path.dirname(os.path.abspath(__file__)))!r})
+import torch
+import torch.nn.functional as F
+from guarded_memory import before_a_guard_page
+from vpns_fast.deploy import sparse_cpu
+torch.manual_seed(0)
+count = 0
+for threads in (1, 2):
+    torch.set_num_threads(threads)
+    for width in range(8, 42):
+        for height in (1, 5):
+            for kernel, padding, dilation in ((1, 0, 1), (3, 1, 1), (3, 0, 1), (3, 1, 2), (7, 3, 1)):
+                if min(height, width) + 2 * padding <= dilation * (kernel - 1):
+                    continue
+                values = torch.randn(2, 3, height, width)
+                x, mapping = before_a_guard_page(values)
+                weight = torch.randn(4, 3, kernel, kernel) * (torch.rand(4, 3, kernel, kernel) < 0.5)
+                out = sparse_cpu.SparseConv2d(weight, None, stride=2, padding=padding, dilation=dilation)(x)
+                expected = F.conv2d(values.double(), weight.double(), None, 2, padding, dilation)
+                assert (out.double() - expected).abs().max().item() < 1e-4, (width, height, kernel, padding, dilation)
+                count += 1
+print("ok", count)
+"""
+    result = subprocess.run([sys.executable, "-c", script], env=dict(os.environ), capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) > 500
+
+
 # (C_in, C_out, groups, kernel, stride, padding, dilation): two groups, ResNeXt-like, depthwise 3x3 and 5x5
 # at stride 2, grouped 1x1 (ShuffleNet), a channel multiplier of 2, dilated
 GROUPED_SHAPES = [(8, 8, 2, 3, 1, 1, 1), (32, 32, 8, 3, 1, 1, 1), (16, 16, 16, 3, 1, 1, 1), (24, 24, 24, 5, 2, 2, 1),

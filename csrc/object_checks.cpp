@@ -91,7 +91,7 @@ class ObjectChecks {
     for (const py::dict& mapping : empty_) Py_VISIT(mapping.ptr());
     return 0;
   }
-  // Drops every check (and reference); checks() then holds trivially, but a cleared object is being collected.
+  // Drops every check (and reference); a call then holds trivially, but a cleared object is being collected.
   void clear() {
     items_.clear();
     attributes_.clear();
@@ -131,7 +131,7 @@ namespace vpns {
 void bind_object_checks(py::module_& m) {
   py::class_<ObjectChecks>(m, "ObjectChecks",
                            "Identity checks of Python objects run as one call (csrc/object_checks.cpp): each added "
-                           "check, then checks() is whether all hold. The objects are held until it is freed.",
+                           "check, then calling it says whether all hold. The objects are held until it is freed.",
                            py::custom_type_setup([](PyHeapTypeObject* heap_type) {
                              PyTypeObject* type = &heap_type->ht_type;
                              type->tp_flags |= Py_TPFLAGS_HAVE_GC;

@@ -520,7 +520,7 @@ class _Builder:
 
     def _expect(self, plan, tensor: fx.Node, strides: bool) -> None:
         """A step that checks ``tensor``'s sizes (and ``strides``) on every run, unless one already checks as much."""
-        if self.expected.get(tensor, False) or (tensor in self.expected and not strides):
+        if tensor in self.expected and (self.expected[tensor] or not strides):
             return
         value = self.values[tensor]
         plan.add_expect_sizes(self.slots[tensor], list(value.shape), list(value.stride()) if strides else [])

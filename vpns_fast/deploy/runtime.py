@@ -95,7 +95,7 @@ class DeployedModel(nn.Module):
 
     @torch.no_grad()
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self._mapped(self._network_output(self._network_input(images)))
+        return self._mapped(self._network_output(self._network_input(images))[0])
 
     @torch.no_grad()
     def timed_call(self, images: torch.Tensor) -> tuple[torch.Tensor, dict]:
@@ -108,11 +108,7 @@ class DeployedModel(nn.Module):
         x = self._network_input(images)
         self._synchronized()
         ready = time.perf_counter()
-        steps = None
-        if self.info.get("backend") == "sparse_cpu":
-            logits, steps = self._network_plans().timed_output(self.network, x)
-        else:
-            logits = self.network(x)
+        logits, steps = self._network_output(x, timed=True)
         self._synchronized()
         done = time.perf_counter()
         out = self._mapped(logits)
@@ -169,12 +165,14 @@ class DeployedModel(nn.Module):
                              f"{logits.shape[1]} outputs")
         return logits.index_select(1, self.mapping)
 
-    def _network_output(self, x: torch.Tensor):
-        """``self.network(x)``, through a compiled call plan where the CPU engine runs the network and one is made
-        for ``x`` (vpns_fast.deploy.call_plan: the same calls, as one C++ call)."""
+    def _network_output(self, x: torch.Tensor, timed: bool = False):
+        """(``self.network(x)``, its steps): the network through a compiled call plan where the CPU engine runs it and
+        one is made for ``x`` (vpns_fast.deploy.call_plan: the same calls, as one C++ call); the steps, with
+        ``timed``, each step's (op, target, step, seconds) where the plan ran, else None."""
         if self.info.get("backend") != "sparse_cpu":
-            return self.network(x)
-        return self._network_plans().output(self.network, x)
+            return self.network(x), None
+        plans = self._network_plans()
+        return plans.timed_output(self.network, x) if timed else (plans.output(self.network, x), None)
 
     def _network_plans(self):
         from vpns_fast.deploy import call_plan

@@ -1284,6 +1284,41 @@ def test_offsets_are_checked_at_every_call_or_kept_as_a_private_checked_copy():
     assert type(geometry[0]).__name__ == "CheckedOffsets"
 
 
+@pytest.mark.parametrize("descent", ["first", "middle", "last"])
+def test_segments_and_row_pointers_that_decrease_anywhere_are_refused(descent):
+    """The segments (a conv's) and row pointers (a linear's) bound the nonzeros each row reads, so every call checks
+    that they never decrease, at every position (the check runs in vectors: a descent in the first or last pair, or
+    between two vectors, must be found as one in the middle)."""
+    from vpns_fast import _extension
+
+    ops = _extension.load()
+    weight = torch.randn(40, 8, 3, 3)
+    packed = ops.sparse_conv2d_pack(weight)
+    x = torch.randn(1, 8, 6, 6)
+    args = ([40, 8, 3, 3], None, [1], [1], [1])
+    offsets, segments, values = ops.sparse_conv2d_offsets(*packed, [40, 8, 3, 3], [6, 6], [1], [1], [1])
+    linear = torch.randn(40, 8)
+    row_ptr, columns, linear_values = ops.sparse_linear_pack(linear)
+    assert_close(ops.sparse_conv2d(x, segments, offsets, values, *args), F.conv2d(x, weight, padding=1), rtol=1e-5,
+                 atol=1e-5)
+    rows = torch.randn(2, 8)
+    assert_close(ops.sparse_linear(rows, row_ptr, columns, linear_values, 8, None), F.linear(rows, linear), rtol=1e-5,
+                 atol=1e-5)
+    for pointers, call in ((segments, lambda s: ops.sparse_conv2d(x, s, offsets, values, *args)),
+                           (row_ptr, lambda r: ops.sparse_linear(rows, r, columns, linear_values, 8, None))):
+        assert pointers.numel() > 20  # several vectors of pointers
+        broken = pointers.clone()
+        if descent == "first":  # the first pair: below the leading 0
+            broken[1] = -1
+        else:  # one pointer above the next, the ends still 0 and nnz
+            index = pointers.numel() // 2 if descent == "middle" else pointers.numel() - 2
+            broken[index] = broken[index + 1] + 1
+        assert int(broken[0]) == 0 and int(broken[-1]) == int(pointers[-1])
+        assert int((broken.diff() < 0).sum()) >= 1
+        with pytest.raises(RuntimeError, match="must be non-decreasing"):
+            call(broken)
+
+
 def test_errors():
     with pytest.raises(ValueError, match="groups must be an int >= 1 dividing C_out=4, got 3"):
         sparse_cpu.SparseConv2d(torch.zeros(4, 1, 3, 3), groups=3)

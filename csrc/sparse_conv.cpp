@@ -137,6 +137,9 @@ constexpr int kLanes = 8;  // floats per AVX2 vector; the scalar path keeps the 
 // Output positions per register tile = kMaxVectors * kLanes.
 constexpr int kMaxVectors = 12;
 constexpr int64_t kTile = kMaxVectors * kLanes;
+// The widest tile, the AVX-512 kernel's 12 zmm vectors (wide_tiles): the stride of the sums' rows and the slack past
+// an image's planes.
+constexpr int64_t kWideTile = 2 * kTile;
 // Bytes of input tile a channel block may occupy (L1d is 32 KiB on the machines measured).
 constexpr int64_t kL1Budget = 24 * 1024;
 // Bytes of a row block's nonzeros, and of its accumulators, kept in L2 (1 MiB a core measured).
@@ -168,6 +171,12 @@ constexpr double kRowBlockNonzeros = 12.0;
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+// Whether the AVX-512 kernel runs tiles of up to 12 zmm vectors (kWideTile) on planes of at most 2 * kWideTile
+// positions (even_tile); on by default.
+std::atomic<bool>& wide_tiles() {
+  static std::atomic<bool> enabled{true};
+  return enabled;
+}
 // Whether rows_at_tile requests the next tile's output and residual lines (prefetch_floats); on by default.
 std::atomic<bool>& next_tile_prefetch() {
   static std::atomic<bool> enabled{true};
@@ -382,9 +391,10 @@ float* thread_planes(int64_t floats) {
 // 1.00-1.03x; the per-pair ratios at batch 8 spread widely, 2048 -> 512 at 7x7 0.80-1.08x.)
 // Used by the convolution (src = phase planes of the padded input, p = flattened output position) and by the
 // linear layer (src = transposed input, p = batch index). Positions go `tile` at a time (whole vectors, at most
-// kTile; a convolution passes one of its even tiles, see even_tile, the linear layer kTile). `out` rows are
-// `out_stride` apart, a multiple of kTile (a tile's vectors are stored whole). With `exact` false, src must be readable
-// up to kTile floats past every window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] +
+// kWideTile, kTile but for the AVX-512 kernel; a convolution passes one of its even tiles, see even_tile, the linear
+// layer kTile). `out` rows are `out_stride` apart, a multiple of the tile (a tile's vectors are stored whole). With
+// `exact` false, src must be readable up to a tile past every window (tiles read whole vectors); with `exact` true
+// nothing past src[offsets[k] +
 // positions) is read (the last, partial vector is a masked load), so a convolution can read its input in place.
 
 // Where row r's nonzeros of input-channel block j start in `segments` (and in offsets/values): entry
@@ -516,8 +526,8 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, con
 template <bool kMasked>
 __attribute__((target("avx512f"))) void tile_avx512_any(int64_t width, const float* src, const int32_t* offsets,
                                                         const float* values, int64_t count, float* out, bool first) {
-  static_assert(kTile == 6 * kWideLanes, "a tile is 6 zmm vectors");
-  with_vector_count<6>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
+  static_assert(kWideTile == 12 * kWideLanes, "a tile is at most 12 zmm vectors");
+  with_vector_count<12>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
     with_flag(first, [&](auto starts) {
       tile_avx512<decltype(vectors)::value, kMasked, decltype(starts)::value>(src, offsets, values, count, out, width);
     });
@@ -886,8 +896,8 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   g.channel_stride = reads_input_directly(g)              ? g.input_channel_stride
                      : g.kernel_h == 1 && g.kernel_w == 1 ? aligned_plane_stride(planes_stride)
                                                           : spread_over_cache_sets(planes_stride);
-  // Tiles read up to kTile floats past the last position; the slack keeps that inside the buffer.
-  g.image_stride = g.in_channels * g.channel_stride + round_up(g.positions(), kTile) + kTile;
+  // Tiles read up to a tile (kWideTile at most) past the last position; the slack keeps that inside the buffer.
+  g.image_stride = g.in_channels * g.channel_stride + round_up(g.positions(), kWideTile) + kWideTile;
   TORCH_CHECK(g.image_stride < std::numeric_limits<int32_t>::max(), op, ": one image is too large for 32-bit offsets");
   g.tap_offset.resize(static_cast<size_t>(g.kernel_h * g.kernel_w));
   for (int64_t kh = 0; kh < g.kernel_h; ++kh) {
@@ -1367,8 +1377,23 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // and 256 -> 1024 0.231 -> 0.212 and 0.275 -> 0.254 ms, 256 -> 1024 at batch 32 12.32 -> 11.94 ms; a 3x3 at 14x14
 // 0.540 -> 0.538 ms: its unaligned loads bound it, not the chains. The AVX-512 kernel's tiles (16 lanes) were not
 // measured.
+//
+// The AVX-512 kernel takes tiles of up to 12 zmm vectors (kWideTile, 192 positions) where a plane has at most 384
+// positions (ResNet's 14x14 layers: 196 positions of a 1x1 conv in 2 tiles of 7 vectors rather than 3 of 5, 5 and
+// 3; a 3x3 conv's 224 likewise), so a nonzero's broadcast and offset serve more vectors and 7 FMA chains rather
+// than 5 hide the FMA's latency. Larger planes keep tiles of 6: each tile's window of a channel would double, and
+// with 12-vector tiles everywhere ResNet-50 and -18 at 5% kept and batch 1 ran 0.88-0.90x as fast (their 28x28 and
+// 56x56 layers slower by up to 0.1 ms each). The channel blocks stay those of kTile-wide windows (make_geometry).
+// 2-vCPU Zen 5, 2 threads, both ways in one process (set_wide_tiles), rounds grouped by the vCPUs' placement
+// (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): ResNet-50 at 5% and 10% kept, batch 1, 1.041x (p20-p80
+// 1.027-1.057x and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart; ResNet-18 1.023-1.027x; ResNet-50 at
+// 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256 -> 1024 1x1 1.12x, but
+// 1024 -> 256 1x1 0.94x (a wider window of 1024 channels; not separated out).
 int64_t even_tile(int64_t positions, int64_t lanes) {
-  const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = kTile / lanes;
+  const int64_t widest =
+      lanes == kWideLanes && positions <= 2 * kWideTile && wide_tiles().load(std::memory_order_relaxed) ? kWideTile
+                                                                                                        : kTile;
+  const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = widest / lanes;
   const int64_t tiles = (vectors + most - 1) / most;
   return (vectors + tiles - 1) / tiles * lanes;
 }
@@ -1395,9 +1420,10 @@ WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t
   const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
   WorkSplit s;
   // A block's nonzeros (8 bytes each) should stay in L2 across the images and tiles that reuse them,
-  // and its accumulators (kTile floats a row) beside them.
+  // and its accumulators (a tile's floats a row, kTile at least) beside them.
   const int64_t per_row = std::max<int64_t>(1, nnz / std::max<int64_t>(1, out_rows));
-  s.rows = std::max<int64_t>(1, std::min({out_rows, kRowBlockBytes / (8 * per_row), kRowBlockBytes / (4 * kTile)}));
+  s.rows = std::max<int64_t>(
+      1, std::min({out_rows, kRowBlockBytes / (8 * per_row), kRowBlockBytes / (4 * std::max(tile, kTile))}));
   s.row_blocks = (out_rows + s.rows - 1) / s.rows;
   s.chunks = std::min(tiles, std::max<int64_t>(1, (target + s.row_blocks * batch - 1) / (s.row_blocks * batch)));
   if (s.row_blocks * batch * s.chunks < target) {
@@ -1496,6 +1522,8 @@ std::string set_sparse_kernel_isa(const std::string& name) {
 }
 
 bool set_next_tile_prefetch(bool enabled) { return next_tile_prefetch().exchange(enabled); }
+
+bool set_wide_tiles(bool enabled) { return wide_tiles().exchange(enabled); }
 
 bool set_output_prefetch_for_write(bool enabled) { return output_prefetch_for_write().exchange(enabled); }
 
@@ -1751,7 +1779,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
-    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, tile, wide, kTile, exact,
+    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, tile, wide, kWideTile, exact,
                              prefetch);
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
@@ -1759,7 +1787,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
                                         ? tile_output_span(q0 + count, next_width, g.plane_w, g.out_w, plane)
                                         : std::pair<int64_t, int64_t>{plane, plane};
     for (int64_t o = o0; o < o1; ++o) {
-      const float* w_row = wide + (o - o0) * kTile - q0;  // indexed by position q
+      const float* w_row = wide + (o - o0) * kWideTile - q0;  // indexed by position q
       float* dst = out_data + (n * g.out_channels + o) * out_stride;
       const float* r_row = res_data ? res_data + (n * g.out_channels + o) * res_stride : nullptr;
       if (r_row) prefetch_floats(r_row, next_lo, next_hi);
@@ -1811,7 +1839,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
     }
     const int64_t items_per_rows = g.batch * split.chunks, items_per_chunk = g.batch * split.row_blocks;
-    parallel_items(split.row_blocks * items_per_rows, split.rows * kTile, start, [&](int64_t item, float* wide) {
+    parallel_items(split.row_blocks * items_per_rows, split.rows * kWideTile, start, [&](int64_t item, float* wide) {
       const float* base = images_of_thread();
       const int64_t rb = position_first ? item % split.row_blocks : item / items_per_rows;
       const int64_t n =
@@ -1855,7 +1883,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // convs at batch 32 would need 103 MB of planes).
     const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1);
     const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
-    parallel_items(g.batch, planes_floats + split.rows * kTile, [&](int64_t n, float* scratch) {
+    parallel_items(g.batch, planes_floats + split.rows * kWideTile, [&](int64_t n, float* scratch) {
       float* wide = scratch + planes_floats;
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {

@@ -722,7 +722,51 @@ def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, re
     case.check(plain, case.x)
 
 
-@pytest.mark.parametrize("switch", [sparse_cpu.set_next_tile_prefetch, sparse_cpu.set_output_prefetch_for_write],
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): planes of at most 384 positions, where the AVX-512 kernel
+# takes tiles of up to 12 zmm vectors (set_wide_tiles), with and without garbage columns, and one just past them
+WIDE_TILE_SHAPES = [
+    (24, 40, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: 196 positions, 2 tiles of 7 vectors (3 of 96 otherwise)
+    (16, 24, 14, 14, 3, 1, 1, 1),  # 3x3: 224 positions on rows of 16, 2 tiles of 7
+    (8, 12, 19, 20, 1, 1, 0, 1),  # 380 positions: 2 tiles of 12, the last vector partial
+    (8, 16, 13, 17, 3, 1, 1, 1),  # 13 rows of 19: 247 positions, 2 tiles of 8
+    (6, 9, 12, 31, 3, 2, 1, 1),  # stride 2: 6 x 16 outputs on rows of 17, 102 positions, one tile of 7
+    (8, 8, 15, 26, 1, 1, 0, 1),  # 390 positions: past 384, tiles of 6 vectors either way
+]
+
+
+@pytest.fixture
+def restore_wide_tiles():
+    previous = sparse_cpu.set_wide_tiles(True)
+    yield
+    sparse_cpu.set_wide_tiles(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 5])
+@pytest.mark.parametrize("shape", WIDE_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_wide_tiles_compute_the_same_bits(shape, batch, threads, kernel_isa, restore_streamed_output_bytes,
+                                          restore_wide_tiles):
+    """Tiles of up to 12 zmm vectors (the AVX-512 kernel on planes of at most 384 positions) give the same bits as
+    tiles of 6, each position's sum taking its nonzeros in the same order, on every split (batch 1: items of rows
+    and tiles, from planes or in place; 5 images: image by image), streamed and cached outputs, with and without a
+    residual, and right. With the other kernels the switch changes nothing."""
+    case = fused_conv_case(shape, batch, seed=shape[0] * 17 + batch * 5 + threads)
+    outputs = {}
+    with torch_threads(threads):
+        for threshold in ((1 << 63) - 1, 0):  # cached, then streamed where the kernel is 1x1
+            sparse_cpu.set_streamed_output_bytes(threshold)
+            for wide in (True, False):
+                sparse_cpu.set_wide_tiles(wide)
+                outputs[threshold, wide] = (case.sparse(case.x, case.residual), case.sparse(case.x))
+    fused, plain = outputs[(1 << 63) - 1, True]
+    for key, (other_fused, other_plain) in outputs.items():
+        assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), key
+    case.check(fused, case.x, case.residual)
+    case.check(plain, case.x)
+
+
+@pytest.mark.parametrize("switch", [sparse_cpu.set_next_tile_prefetch, sparse_cpu.set_output_prefetch_for_write,
+                                    sparse_cpu.set_wide_tiles],
                          ids=lambda switch: switch.__name__)
 def test_next_tile_prefetch_switches(switch):
     previous = switch(False)

@@ -32,7 +32,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "sparse_linear", "dense_linear", "max_pool2d", "activation_buffer", "cached_activation_bytes",
                  "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "set_output_prefetch_for_write",
+                 "set_output_prefetch_for_write", "set_wide_tiles",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
                  "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
@@ -189,6 +189,17 @@ def set_next_tile_prefetch(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(_ops().set_next_tile_prefetch(enabled))
+
+
+def set_wide_tiles(enabled: bool) -> bool:
+    """Whether the AVX-512 sparse kernel computes up to 192 output positions a tile (12 zmm vectors) on planes of at
+    most 384 positions, rather than 96 (on by default): ResNet's 14x14 layers then take 2 tiles of 7 vectors rather
+    than 3, so each nonzero's broadcast serves more vectors and more FMA chains run at once (csrc/sparse_conv.cpp,
+    even_tile, has the measurements). The values are the same either way. Returns the previous setting; each call
+    reads it once. For comparing both ways on a machine."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    return bool(_ops().set_wide_tiles(enabled))
 
 
 def set_output_prefetch_for_write(enabled: bool) -> bool:

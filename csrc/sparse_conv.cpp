@@ -480,8 +480,8 @@ inline void with_flag(bool flag, const Body& body) {
   }
 }
 
-// `width` positions (1..kTile) from src to out; kMasked: width % 8 != 0 and the last vector's lanes past
-// the window are not read; `first`: out is overwritten rather than added to.
+// `width` positions (1..kTile; wider tiles are the AVX-512 kernel's) from src to out; kMasked: width % 8 != 0 and the
+// last vector's lanes past the window are not read; `first`: out is overwritten rather than added to.
 template <bool kMasked>
 __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const float* src, const int32_t* offsets,
                                                        const float* values, int64_t count, float* out, bool first) {
@@ -500,25 +500,27 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // layer, 1.10-1.12x end to end (default_isa). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
+// Every loop over the NV accumulators unrolled whole (16 >= the widest tile's 12), so they stay in registers: with
+// `unroll 8` GCC kept tiles of 9-12 vectors' accumulators on the stack, a load and a store around every FMA.
 template <int NV, bool kMasked, bool kFirst>
 __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, const int32_t* offsets,
                                                            const float* values, int64_t count, float* out,
                                                            int64_t width) {
   const __mmask16 last = static_cast<__mmask16>((1u << (width % kWideLanes)) - 1u);
   __m512 acc[NV];
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) acc[v] = kFirst ? _mm512_setzero_ps() : _mm512_loadu_ps(out + v * kWideLanes);
   for (int64_t k = 0; k < count; ++k) {
     const float* p = src + offsets[k];
     const __m512 w = _mm512_set1_ps(values[k]);
-#pragma GCC unroll 8
+#pragma GCC unroll 16
     for (int v = 0; v < NV; ++v) {
       const __m512 x = kMasked && v == NV - 1 ? _mm512_maskz_loadu_ps(last, p + v * kWideLanes)
                                               : _mm512_loadu_ps(p + v * kWideLanes);
       acc[v] = _mm512_fmadd_ps(w, x, acc[v]);
     }
   }
-#pragma GCC unroll 8
+#pragma GCC unroll 16
   for (int v = 0; v < NV; ++v) _mm512_storeu_ps(out + v * kWideLanes, acc[v]);
 }
 
@@ -561,20 +563,20 @@ struct WindowPrefetcher {
 
 // Requests the cache lines of base[lo, hi) into L2. rows_at_tile does it for the output and residual lines of the tile
 // an item computes next, while the current tile's epilogue runs (set_next_tile_prefetch turns it off): a tile's
-// epilogue reads 96 floats (384 bytes) of each of hundreds of output channels' residual planes and writes as many into
-// the output, hundreds of streams too short for the hardware prefetchers to follow, so each line was a demand miss.
-// Measured by `python -m bench.prefetch_ab` (bench/results/cpu-prefetch-ab-2026-12-05-amd.txt: 2-core AMD EPYC, 2
-// threads, AVX2 kernel, 10% kept, batch 32, bias and ReLU fused, medians of 15 alternating calls, off -> on):
-// ResNet-50's 64 -> 256 1x1 conv at 56x56 took 17.6 ms with a residual and 6.9 ms without (its 103 MB residual read at
-// about 10 GB/s, where torch.sum read a 400 MB tensor at 35 GB/s, a one-off check), 9.7 ms with the residual's lines
-// requested ahead (not the output's: it is streamed); 128 -> 512 at 28x28 9.7 -> 6.6 ms; at 14x14 and 7x7 no change
-// (7.7 -> 7.8, 6.3 -> 6.4 ms). A 64 -> 64 3x3 conv at 56x56 (output not streamed) 9.8 -> 9.4 ms without a residual,
-// 11.4 -> 10.2 ms with one; 128 -> 128 at 28x28 8.2 -> 8.1 and 9.2 -> 8.8 ms. Whole networks, per-round ratios off / on
-// in one process (median, p20-p80): ResNet-50 at batch 32 1.080x (1.033-1.101x, 10 rounds), ResNet-18 1.026x
-// (1.002-1.041x); at batch 1 (40 rounds) 1.034x (0.989-1.051x) and 1.018x (0.974-1.042x). Requesting the current tile's
-// lines instead (before its rows, or during its first channel block) did not pay (kStreamOutputBytes, InputPrefetch):
-// they were wanted too soon after; nor did requesting the first tile of the item a thread takes next (14x14 and 7x7
-// layers 0.97-1.09x, one process, not kept).
+// epilogue reads up to 96 floats (384 bytes; 192 with wide tiles) of each of hundreds of output channels' residual
+// planes and writes as many into the output, hundreds of streams too short for the hardware prefetchers to follow, so
+// each line was a demand miss. Measured by `python -m bench.prefetch_ab`
+// (bench/results/cpu-prefetch-ab-2026-12-05-amd.txt: 2-core AMD EPYC, 2 threads, AVX2 kernel, 10% kept, batch 32, bias
+// and ReLU fused, medians of 15 alternating calls, off -> on): ResNet-50's 64 -> 256 1x1 conv at 56x56 took 17.6 ms
+// with a residual and 6.9 ms without (its 103 MB residual read at about 10 GB/s, where torch.sum read a 400 MB tensor
+// at 35 GB/s, a one-off check), 9.7 ms with the residual's lines requested ahead (not the output's: it is streamed);
+// 128 -> 512 at 28x28 9.7 -> 6.6 ms; at 14x14 and 7x7 no change (7.7 -> 7.8, 6.3 -> 6.4 ms). A 64 -> 64 3x3 conv at
+// 56x56 (output not streamed) 9.8 -> 9.4 ms without a residual, 11.4 -> 10.2 ms with one; 128 -> 128 at 28x28 8.2
+// -> 8.1 and 9.2 -> 8.8 ms. Whole networks, per-round ratios off / on in one process (median, p20-p80): ResNet-50 at
+// batch 32 1.080x (1.033-1.101x, 10 rounds), ResNet-18 1.026x (1.002-1.041x); at batch 1 (40 rounds) 1.034x
+// (0.989-1.051x) and 1.018x (0.974-1.042x). Requesting the current tile's lines instead (before its rows, or during its
+// first channel block) did not pay (kStreamOutputBytes, InputPrefetch): they were wanted too soon after; nor did
+// requesting the first tile of the item a thread takes next (14x14 and 7x7 layers 0.97-1.09x, one process, not kept).
 // Addresses 64 bytes apart and the last one reach every line. (GCC 12 -O3 dropped the whole loop when it
 // walked line-aligned addresses made by rounding a pointer down: no prefetch left in the object code.)
 inline void prefetch_floats(const float* base, int64_t lo, int64_t hi) {
@@ -910,9 +912,10 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
-  // narrower, see even_tile, so blocks made from kTile are on the safe side) plus the reach of the taps (whole rows
-  // of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too small: 2 threads,
-  // batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
+  // narrower, see even_tile, and the AVX-512 kernel's wide tiles, on planes of at most 384 positions, twice as wide:
+  // their windows are then up to twice this, measured faster than blocks sized for them would need) plus the reach of
+  // the taps (whole rows of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too
+  // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));
   const int64_t window = g.planes * (tile + (g.plane_h - g.out_h) * g.plane_w + (g.plane_w - g.out_w)) * 4;
   g.channel_block = std::max<int64_t>(1, kL1Budget / window);
@@ -1387,8 +1390,9 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // 2-vCPU Zen 5, 2 threads, both ways in one process (set_wide_tiles), rounds grouped by the vCPUs' placement
 // (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): ResNet-50 at 5% and 10% kept, batch 1, 1.041x (p20-p80
 // 1.027-1.057x and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart; ResNet-18 1.023-1.027x; ResNet-50 at
-// 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256 -> 1024 1x1 1.12x, but
-// 1024 -> 256 1x1 0.94x (a wider window of 1024 channels; not separated out).
+// 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256 -> 1024 1x1 1.12x, 3x3 at 17x17
+// 1.14x, but the reducing 1x1 layers lose (1024 -> 256 at 14x14 0.94x, at 12x12 0.91x; why, and a rule to spare
+// them, not worked out).
 int64_t even_tile(int64_t positions, int64_t lanes) {
   const int64_t widest =
       lanes == kWideLanes && positions <= 2 * kWideTile && wide_tiles().load(std::memory_order_relaxed) ? kWideTile
@@ -1765,8 +1769,8 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   in_place_prefetch.channels = g.in_channels;
   in_place_prefetch.block_channels = (g.in_channels + layout.blocks - 1) / layout.blocks;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
-  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kTile floats of scratch. `source`: planes,
-  // or the input read in place (which prefetches its next windows) in whole vectors or exactly (nothing past a
+  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kWideTile floats of scratch. `source`:
+  // planes, or the input read in place (which prefetches its next windows) in whole vectors or exactly (nothing past a
   // window: where the storage ends after the last position).
   // `next_width`: positions of the tile this item computes next (0: none), whose input an in-place read prefetches
   // and whose output and residual lines are requested during this tile's epilogue.

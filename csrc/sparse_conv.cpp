@@ -913,7 +913,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
   // narrower, see even_tile, and the AVX-512 kernel's wide tiles, on planes of at most 384 positions, twice as wide:
-  // their windows are then up to twice this, measured faster than blocks sized for them would need) plus the reach of
+  // their windows are then up to twice this; blocks sized for those windows were not tried) plus the reach of
   // the taps (whole rows of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too
   // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));
@@ -1384,15 +1384,16 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // The AVX-512 kernel takes tiles of up to 12 zmm vectors (kWideTile, 192 positions) where a plane has at most 384
 // positions (ResNet's 14x14 layers: 196 positions of a 1x1 conv in 2 tiles of 7 vectors rather than 3 of 5, 5 and
 // 3; a 3x3 conv's 224 likewise), so a nonzero's broadcast and offset serve more vectors and 7 FMA chains rather
-// than 5 hide the FMA's latency. Larger planes keep tiles of 6: each tile's window of a channel would double, and
-// with 12-vector tiles everywhere ResNet-50 and -18 at 5% kept and batch 1 ran 0.88-0.90x as fast (their 28x28 and
-// 56x56 layers slower by up to 0.1 ms each). The channel blocks stay those of kTile-wide windows (make_geometry).
-// 2-vCPU Zen 5, 2 threads, both ways in one process (set_wide_tiles), rounds grouped by the vCPUs' placement
-// (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): ResNet-50 at 5% and 10% kept, batch 1, 1.041x (p20-p80
-// 1.027-1.057x and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart; ResNet-18 1.023-1.027x; ResNet-50 at
-// 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256 -> 1024 1x1 1.12x, 3x3 at 17x17
-// 1.14x, but the reducing 1x1 layers lose (1024 -> 256 at 14x14 0.94x, at 12x12 0.91x; why, and a rule to spare
-// them, not worked out).
+// than 5 hide the FMA's latency. Larger planes keep tiles of 6, a limit that rests on a confounded measurement:
+// 12-vector tiles everywhere measured 0.88-0.90x when the tile's loops were unrolled by 8 and tiles of 9-12 vectors
+// spilled their accumulators; with them unrolled by 16, lifting the limit measured 1.000-1.066x (ResNet-50 and -18,
+// 5-10% kept, batch 1 and 32; same results file), not yet made the rule. The channel blocks stay those of kTile-wide
+// windows (make_geometry). 2-vCPU Zen 5, 2 threads, both ways in one process (set_wide_tiles), rounds grouped by the
+// vCPUs' placement (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): ResNet-50 at 5% and 10% kept, batch
+// 1, 1.041x (p20-p80 1.027-1.057x and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart;
+// ResNet-18 1.023-1.027x; ResNet-50 at 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256
+// -> 1024 1x1 1.12x, 3x3 at 17x17 1.14x, but the reducing 1x1 layers lose (1024 -> 256 at 14x14 0.94x, at 12x12 0.91x;
+// why, and a rule to spare them, not worked out).
 int64_t even_tile(int64_t positions, int64_t lanes) {
   const int64_t widest =
       lanes == kWideLanes && positions <= 2 * kWideTile && wide_tiles().load(std::memory_order_relaxed) ? kWideTile

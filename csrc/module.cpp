@@ -241,9 +241,9 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "stores (AVX2 and AVX-512 kernels; 8 MiB by default, 0: every such output). Returns the previous threshold.\n"
         "Read once per call. For tests and for comparing both ways on a machine.");
   m.def("set_wide_tiles", &vpns::set_wide_tiles, py::arg("enabled"),
-        "Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors (192 positions) on planes of at most\n"
-        "384 positions, 6 elsewhere (on by default). Returns the previous setting. Read once per call. For tests and\n"
-        "for comparing both ways on a machine.");
+        "Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors (192 positions) rather than 6 (on by\n"
+        "default). Returns the previous setting. Read once per call. For tests and for comparing both ways on a\n"
+        "machine.");
   m.def("set_next_tile_prefetch", &vpns::set_next_tile_prefetch, py::arg("enabled"),
         "Whether sparse convolutions request the next tile's output and residual lines into L2 while each tile's\n"
         "epilogue runs (on by default). Returns the previous setting. Read once per call. For tests and for\n"

@@ -171,8 +171,7 @@ constexpr double kRowBlockNonzeros = 12.0;
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
-// Whether the AVX-512 kernel runs tiles of up to 12 zmm vectors (kWideTile) on planes of at most 2 * kWideTile
-// positions (even_tile); on by default.
+// Whether the AVX-512 kernel runs tiles of up to 12 zmm vectors (kWideTile, even_tile); on by default.
 std::atomic<bool>& wide_tiles() {
   static std::atomic<bool> enabled{true};
   return enabled;
@@ -912,7 +911,7 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
-  // narrower, see even_tile, and the AVX-512 kernel's wide tiles, on planes of at most 384 positions, twice as wide:
+  // narrower, see even_tile, and the AVX-512 kernel's wide tiles twice as wide:
   // their windows are then up to twice this; blocks sized for those windows were not tried) plus the reach of
   // the taps (whole rows of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too
   // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
@@ -1381,23 +1380,26 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // 0.540 -> 0.538 ms: its unaligned loads bound it, not the chains. The AVX-512 kernel's tiles (16 lanes) were not
 // measured.
 //
-// The AVX-512 kernel takes tiles of up to 12 zmm vectors (kWideTile, 192 positions) where a plane has at most 384
-// positions (ResNet's 14x14 layers: 196 positions of a 1x1 conv in 2 tiles of 7 vectors rather than 3 of 5, 5 and
-// 3; a 3x3 conv's 224 likewise), so a nonzero's broadcast and offset serve more vectors and 7 FMA chains rather
-// than 5 hide the FMA's latency. Larger planes keep tiles of 6, a limit that rests on a confounded measurement:
-// 12-vector tiles everywhere measured 0.88-0.90x when the tile's loops were unrolled by 8 and tiles of 9-12 vectors
-// spilled their accumulators; with them unrolled by 16, lifting the limit measured 1.000-1.066x (ResNet-50 and -18,
-// 5-10% kept, batch 1 and 32; same results file), not yet made the rule. The channel blocks stay those of kTile-wide
-// windows (make_geometry). 2-vCPU Zen 5, 2 threads, both ways in one process (set_wide_tiles), rounds grouped by the
-// vCPUs' placement (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): ResNet-50 at 5% and 10% kept, batch
-// 1, 1.041x (p20-p80 1.027-1.057x and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart;
-// ResNet-18 1.023-1.027x; ResNet-50 at 50% 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256
-// -> 1024 1x1 1.12x, 3x3 at 17x17 1.14x, but the reducing 1x1 layers lose (1024 -> 256 at 14x14 0.94x, at 12x12 0.91x;
-// why, and a rule to spare them, not worked out).
+// The AVX-512 kernel takes tiles of up to 12 zmm vectors (kWideTile, 192 positions) on every plane (ResNet's 14x14
+// layers: 196 positions of a 1x1 conv in 2 tiles of 7 vectors rather than 3 of 5, 5 and 3; a 3x3 conv's 224
+// likewise; 56x56: 17 tiles of 12 rather than 33 of 6), so a nonzero's broadcast and offset serve more vectors and
+// more FMA chains hide the FMA's latency. The channel blocks stay those of kTile-wide windows (make_geometry).
+// 2-vCPU Zen 5, 2 threads, both ways in one process, rounds grouped by the vCPUs' placement
+// (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt). Against tiles of 6 (set_wide_tiles), with wide tiles
+// then on planes of at most 384 positions only: ResNet-50 at 5% and 10% kept, batch 1, 1.041x (p20-p80 1.027-1.057x
+// and 1.028-1.065x) with the vCPUs together, at 5% 1.023x apart; ResNet-18 1.023-1.027x; ResNet-50 at 50%
+// 1.007-1.009x; batch 32 1.011-1.015x. Alone, 5% kept: 3x3 at 14x14 1.10x, 256 -> 1024 1x1 1.12x, 3x3 at 17x17
+// 1.14x, but the reducing 1x1 layers lose (1024 -> 256 at 14x14 0.94x, at 12x12 0.91x: with fewer tiles split_work
+// cut their rows into more blocks, each reading the whole input again; now it does not, see share_out). That limit of
+// 384 positions rested on a confounded run: 12-vector tiles everywhere measured 0.88-0.90x when the tile's loops were
+// unrolled by 8 and tiles of 9-12 vectors spilled their accumulators. Unrolled by 16, every plane against the limit
+// (same file, 2026-12-06): ResNet-50 at 5% kept, batch 1, 1.034x together (p20-p80 1.015-1.052x), 0.995x apart;
+// ResNet-18 at 5% 1.051x together, 1.031x apart; ResNet-50 at 10% 1.022x; batch 32 1.012-1.045x; ResNet-50 at 50%
+// 0.996-0.997x (within its p20-p80 of 0.983-1.020x). Inside a ResNet-50 call at 5% kept: the stem 1.24x, the 56x56
+// layers 1.08-1.17x, the 28x28 1x1 layers 1.05-1.09x, but the 28x28 3x3 ones 0.97-1.00x (their windows of 160
+// positions, twice those the channel blocks were sized for).
 int64_t even_tile(int64_t positions, int64_t lanes) {
-  const int64_t widest =
-      lanes == kWideLanes && positions <= 2 * kWideTile && wide_tiles().load(std::memory_order_relaxed) ? kWideTile
-                                                                                                        : kTile;
+  const int64_t widest = lanes == kWideLanes && wide_tiles().load(std::memory_order_relaxed) ? kWideTile : kTile;
   const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = widest / lanes;
   const int64_t tiles = (vectors + most - 1) / most;
   return (vectors + tiles - 1) / tiles * lanes;
@@ -1420,8 +1422,11 @@ struct WorkSplit {
   int64_t rows, row_blocks, chunk_tiles, chunks;
 };
 
-// `target`: items wanted, for the dynamic scheduling to balance (a few per thread); `tile`: positions a tile.
-WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t tile, int64_t nnz, int64_t target) {
+// `target`: items wanted, for the dynamic scheduling to balance (a few per thread); `tile`: positions a tile. Where
+// the tiles are too few for `target` items, the rows are cut into blocks until there are `row_target` items (at most
+// `target`); each block reads the whole input again.
+WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t tile, int64_t nnz, int64_t target,
+                     int64_t row_target) {
   const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
   WorkSplit s;
   // A block's nonzeros (8 bytes each) should stay in L2 across the images and tiles that reuse them,
@@ -1431,8 +1436,9 @@ WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t
       1, std::min({out_rows, kRowBlockBytes / (8 * per_row), kRowBlockBytes / (4 * std::max(tile, kTile))}));
   s.row_blocks = (out_rows + s.rows - 1) / s.rows;
   s.chunks = std::min(tiles, std::max<int64_t>(1, (target + s.row_blocks * batch - 1) / (s.row_blocks * batch)));
-  if (s.row_blocks * batch * s.chunks < target) {
-    const int64_t wanted = std::min(out_rows, (target + batch * s.chunks - 1) / (batch * s.chunks));
+  row_target = std::min(row_target, target);
+  if (s.row_blocks * batch * s.chunks < row_target) {
+    const int64_t wanted = std::min(out_rows, (row_target + batch * s.chunks - 1) / (batch * s.chunks));
     s.rows = (out_rows + wanted - 1) / wanted;
     s.row_blocks = (out_rows + s.rows - 1) / s.rows;
   }
@@ -1836,7 +1842,15 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   const auto nothing_before = [](int64_t, int64_t, int64_t) {};
   auto share_out = [&](const auto& images_of_thread, int64_t image_floats, const auto& source_of, const auto& start,
                        bool position_first, const auto& before_item) {
-    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads);
+    // A layer that reduces its channels reads more input than it writes output, and each block of its rows reads all
+    // that input again: its rows are cut only until every thread has an item. 2-vCPU Zen 5, 2 threads, batch 1,
+    // 5% kept, wide tiles, timed inside ResNet-50's call against cutting them until 4 items a thread, rounds grouped
+    // by placement (bench/results/cpu-wide-tiles-ab-2026-12-06-amd-zen5.txt): 1024 -> 256 at 14x14 (2 tiles: 1 block
+    // rather than 4) 1.34-1.39x with the vCPUs sharing an L3, 1.26-1.37x apart; 2048 -> 512 at 7x7 1.18x and
+    // 1.20-1.22x; 512 -> 128 at 28x28 (5 tiles: 1 block rather than 2) 1.09x and 1.28-1.32x; but 512 -> 256 at
+    // 28x28 0.93x together (1.13x apart).
+    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads,
+                                 g.in_channels > g.out_channels ? threads : 4 * threads);
     if (position_first) {
       const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
       split.chunks = std::min(tiles, std::max(split.chunks, 2 * threads));
@@ -1886,7 +1900,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // Enough images to share out: each item is one image, whose planes its thread builds in its own
     // scratch and reads back from L2 rather than from a batch-sized buffer (ResNet-50's layer1 1x1
     // convs at batch 32 would need 103 MB of planes).
-    const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1);
+    const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1, 1);
     const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
     parallel_items(g.batch, planes_floats + split.rows * kWideTile, [&](int64_t n, float* scratch) {
       float* wide = scratch + planes_floats;

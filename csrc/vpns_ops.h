@@ -76,8 +76,8 @@ int64_t set_streamed_output_bytes(int64_t bytes);
 // Whether sparse convolutions request the next tile's output and residual lines during each tile's epilogue;
 // returns the previous setting.
 bool set_next_tile_prefetch(bool enabled);
-// Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors on planes of at most 384 positions (on by
-// default); returns the previous setting.
+// Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors rather than 6 (on by default); returns the
+// previous setting.
 bool set_wide_tiles(bool enabled);
 // Sparse convolutions of fewer than 2 images a thread whose planes take at most `bytes` have every thread build them
 // in its own buffer; returns the previous threshold.

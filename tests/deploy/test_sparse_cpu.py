@@ -722,15 +722,17 @@ def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, re
     case.check(plain, case.x)
 
 
-# (C_in, C_out, H, W, kernel, stride, padding, dilation): planes of at most 384 positions, where the AVX-512 kernel
-# takes tiles of up to 12 zmm vectors (set_wide_tiles), with and without garbage columns, and one just past them
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): where the AVX-512 kernel takes tiles of up to 12 zmm vectors
+# (set_wide_tiles), with and without garbage columns; the tile counts are those of wide tiles
 WIDE_TILE_SHAPES = [
     (24, 40, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: 196 positions, 2 tiles of 7 vectors (3 of 96 otherwise)
+    (40, 12, 14, 14, 1, 1, 0, 1),  # reducing 1x1: its rows cut into fewer blocks at batch 1 (split_work)
     (16, 24, 14, 14, 3, 1, 1, 1),  # 3x3: 224 positions on rows of 16, 2 tiles of 7
     (8, 12, 19, 20, 1, 1, 0, 1),  # 380 positions: 2 tiles of 12, the last vector partial
     (8, 16, 13, 17, 3, 1, 1, 1),  # 13 rows of 19: 247 positions, 2 tiles of 8
     (6, 9, 12, 31, 3, 2, 1, 1),  # stride 2: 6 x 16 outputs on rows of 17, 102 positions, one tile of 7
-    (8, 8, 15, 26, 1, 1, 0, 1),  # 390 positions: past 384, tiles of 6 vectors either way
+    (8, 8, 15, 26, 1, 1, 0, 1),  # 390 positions: 3 tiles of 9 vectors (5 of 5 otherwise)
+    (4, 6, 31, 33, 3, 1, 1, 1),  # 31 rows of 35: 1085 positions, 5 tiles of 12 and one of 8
 ]
 
 
@@ -746,10 +748,10 @@ def restore_wide_tiles():
 @pytest.mark.parametrize("shape", WIDE_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_wide_tiles_compute_the_same_bits(shape, batch, threads, kernel_isa, restore_streamed_output_bytes,
                                           restore_wide_tiles):
-    """Tiles of up to 12 zmm vectors (the AVX-512 kernel on planes of at most 384 positions) give the same bits as
-    tiles of 6, each position's sum taking its nonzeros in the same order, on every split (batch 1: items of rows
-    and tiles, from planes or in place; 5 images: image by image), streamed and cached outputs, with and without a
-    residual, and right. With the other kernels the switch changes nothing."""
+    """Tiles of up to 12 zmm vectors (the AVX-512 kernel's) give the same bits as tiles of 6, each position's sum
+    taking its nonzeros in the same order, on every split (batch 1: items of rows and tiles, from planes or in
+    place; 5 images: image by image), streamed and cached outputs, with and without a residual, and right. With the
+    other kernels the switch changes nothing."""
     case = fused_conv_case(shape, batch, seed=shape[0] * 17 + batch * 5 + threads)
     outputs = {}
     with torch_threads(threads):

@@ -1494,6 +1494,11 @@ namespace vpns {
 
 std::string sparse_kernel_isa() { return isa_kernels().name; }
 
+int64_t sparse_tile_width(int64_t positions) {
+  TORCH_CHECK(positions >= 1, "sparse_tile_width: positions must be at least 1, got ", positions);
+  return even_tile(positions, isa_kernels().lanes);
+}
+
 bool avx512_kernels_chosen() { return sparse_isa() == Isa::kAvx512; }
 
 int64_t aligned_channel_stride(int64_t plane) {

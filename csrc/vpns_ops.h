@@ -113,6 +113,9 @@ int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limi
 // Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has, but AVX2 on
 // AMD CPUs before Zen 5, unless chosen otherwise).
 std::string sparse_kernel_isa();
+// The output positions a tile of sparse_conv2d computes on a plane of `positions` positions, with the kernel and
+// settings chosen now (even_tile).
+int64_t sparse_tile_width(int64_t positions);
 // Whether that ISA is "avx512": the dense 1x1 kernel (pointwise_conv) then runs 16-lane vectors too, one choice for
 // both.
 bool avx512_kernels_chosen();

@@ -767,6 +767,29 @@ def test_wide_tiles_compute_the_same_bits(shape, batch, threads, kernel_isa, res
     case.check(plain, case.x)
 
 
+# positions of a plane -> the tile's width: AVX-512 with wide tiles (up to 12 vectors of 16), with tiles of 6, and the
+# 8-lane kernels (up to 12 vectors of 8 either way); as few tiles as the widest allows, all of one whole-vector width
+TILE_WIDTHS = {
+    "positions": (1, 49, 196, 224, 390, 784, 1085, 3136),
+    "wide": (16, 64, 112, 112, 144, 160, 192, 192),
+    "six": (16, 64, 80, 80, 80, 96, 96, 96),
+    "eight lanes": (8, 56, 72, 80, 80, 88, 96, 96),
+}
+
+
+def test_tile_width_follows_the_kernel_and_the_wide_tiles_switch(kernel_isa, restore_wide_tiles):
+    """The tiles the sparse convolution runs: wide ones only with the AVX-512 kernel and only while switched on, so
+    test_wide_tiles_compute_the_same_bits compares two different tilings there."""
+    for wide in (True, False):
+        sparse_cpu.set_wide_tiles(wide)
+        widths = tuple(sparse_cpu.tile_width(p) for p in TILE_WIDTHS["positions"])
+        expected = TILE_WIDTHS[("wide" if wide else "six") if kernel_isa == "avx512" else "eight lanes"]
+        assert widths == expected, (kernel_isa, wide)
+    for bad in (0, -3, 2.5, True, "196"):
+        with pytest.raises(ValueError, match="positions must be a positive int"):
+            sparse_cpu.tile_width(bad)
+
+
 @pytest.mark.parametrize("switch", [sparse_cpu.set_next_tile_prefetch, sparse_cpu.set_output_prefetch_for_write,
                                     sparse_cpu.set_wide_tiles],
                          ids=lambda switch: switch.__name__)

@@ -32,7 +32,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "sparse_linear", "dense_linear", "max_pool2d", "activation_buffer", "cached_activation_bytes",
                  "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "set_output_prefetch_for_write", "set_wide_tiles",
+                 "set_output_prefetch_for_write", "set_wide_tiles", "sparse_tile_width",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
                  "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
@@ -178,6 +178,16 @@ def core_round_trip_ns(rounds: int = 20000, first_cpu: int = 0, second_cpu: int 
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
             raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
     return float(_ops().core_round_trip_ns(rounds, first_cpu, second_cpu))
+
+
+def tile_width(positions: int) -> int:
+    """The output positions one tile of a sparse convolution computes on a plane of ``positions`` positions (its
+    output rows on the stored planes' width), with the kernel (:func:`kernel_isa`) and :func:`set_wide_tiles` as they
+    are now: the plane is cut into as few tiles as the widest tile allows, all of one width, a whole number of
+    vectors. For checking which tiles a layer runs."""
+    if isinstance(positions, bool) or not isinstance(positions, int) or positions < 1:
+        raise ValueError(f"positions must be a positive int, got {positions!r}")
+    return int(_ops().sparse_tile_width(positions))
 
 
 def set_next_tile_prefetch(enabled: bool) -> bool:

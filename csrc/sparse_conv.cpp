@@ -390,11 +390,11 @@ float* thread_planes(int64_t floats) {
 // 1.00-1.03x; the per-pair ratios at batch 8 spread widely, 2048 -> 512 at 7x7 0.80-1.08x.)
 // Used by the convolution (src = phase planes of the padded input, p = flattened output position) and by the
 // linear layer (src = transposed input, p = batch index). Positions go `tile` at a time (whole vectors, at most
-// kWideTile, kTile but for the AVX-512 kernel; a convolution passes one of its even tiles, see even_tile, the linear
-// layer kTile). `out` rows are `out_stride` apart, a multiple of the tile (a tile's vectors are stored whole). With
-// `exact` false, src must be readable up to a tile past every window (tiles read whole vectors); with `exact` true
-// nothing past src[offsets[k] +
-// positions) is read (the last, partial vector is a masked load), so a convolution can read its input in place.
+// kWideTile with the AVX-512 kernel, kTile with the others; a convolution passes one of its even tiles, see
+// even_tile, the linear layer kTile). `out` rows are `out_stride` apart, at least the tile rounded up to whole
+// vectors (a tile's vectors are stored whole). With `exact` false, src must be readable up to a tile past every
+// window (tiles read whole vectors); with `exact` true nothing past src[offsets[k] + positions) is read (the last,
+// partial vector is a masked load), so a convolution can read its input in place.
 
 // Where row r's nonzeros of input-channel block j start in `segments` (and in offsets/values): entry
 // r * row_step + j * block_step, ending where the next entry starts. Row-major (row_step = blocks, block_step
@@ -911,9 +911,9 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
-  // narrower, see even_tile, and the AVX-512 kernel's wide tiles twice as wide:
-  // their windows are then up to twice this; blocks sized for those windows were not tried) plus the reach of
-  // the taps (whole rows of plane_w below, a few columns right). Counting kTile for those made blocks up to 1.7x too
+  // narrower, see even_tile, and the AVX-512 kernel's wide tiles up to twice as wide, their windows then up to
+  // twice this; blocks sized for those windows were not tried) plus the reach of the taps (whole rows of plane_w
+  // below, a few columns right). Counting kTile for those made blocks up to 1.7x too
   // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));
   const int64_t window = g.planes * (tile + (g.plane_h - g.out_h) * g.plane_w + (g.plane_w - g.out_w)) * 4;
@@ -1396,8 +1396,8 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // (same file, 2026-12-06): ResNet-50 at 5% kept, batch 1, 1.034x together (p20-p80 1.015-1.052x), 0.995x apart;
 // ResNet-18 at 5% 1.051x together, 1.031x apart; ResNet-50 at 10% 1.022x; batch 32 1.012-1.045x; ResNet-50 at 50%
 // 0.996-0.997x (within its p20-p80 of 0.983-1.020x). Inside a ResNet-50 call at 5% kept: the stem 1.24x, the 56x56
-// layers 1.08-1.17x, the 28x28 1x1 layers 1.05-1.09x, but the 28x28 3x3 ones 0.97-1.00x (their windows of 160
-// positions, twice those the channel blocks were sized for).
+// layers 1.03-1.17x, the 28x28 stride-1 1x1 layers 1.05-1.09x, but the 28x28 stride-1 3x3 ones 0.97-1.00x (not
+// worked out; their windows of 160 positions are wider than the 96 the channel blocks were sized for).
 int64_t even_tile(int64_t positions, int64_t lanes) {
   const int64_t widest = lanes == kWideLanes && wide_tiles().load(std::memory_order_relaxed) ? kWideTile : kTile;
   const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = widest / lanes;
@@ -1764,6 +1764,9 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   const int64_t used = g.in_channels * g.channel_stride;
   const int64_t positions = g.positions();
   const int64_t tile = even_tile(positions, kernels.lanes);
+  // The stride of the sums' rows in each thread's scratch: the widest tile this call's kernel may run (from the
+  // kernel chosen once above, so that a concurrent set_wide_tiles cannot make a tile wider than its rows).
+  const int64_t sums_stride = kernels.lanes == kWideLanes ? kWideTile : kTile;
   const int64_t* seg = segments.const_data_ptr<int64_t>();
   const float* vals = values.const_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
@@ -1781,7 +1784,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   in_place_prefetch.channels = g.in_channels;
   in_place_prefetch.block_channels = (g.in_channels + layout.blocks - 1) / layout.blocks;
   // Output rows [o0, o1) of image n at the tile of positions starting at q0, read from that image's planes,
-  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * kWideTile floats of scratch. `source`:
+  // then the epilogue while the tile is still in cache. `wide`: (o1 - o0) * sums_stride floats of scratch. `source`:
   // planes, or the input read in place (which prefetches its next windows) in whole vectors or exactly (nothing past a
   // window: where the storage ends after the last position).
   // `next_width`: positions of the tile this item computes next (0: none), whose input an in-place read prefetches
@@ -1795,7 +1798,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       prefetch = in_place_prefetch;
       prefetch.next_tile_width = next_width;
     }
-    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, tile, wide, kWideTile, exact,
+    kernels.rows_times_panel(image_planes + q0, off, vals, seg, layout, o0, o1, count, tile, wide, sums_stride, exact,
                              prefetch);
     // The output and residual lines of the tile this item computes next, requested while this tile's epilogue
     // runs (see prefetch_floats).
@@ -1803,7 +1806,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
                                         ? tile_output_span(q0 + count, next_width, g.plane_w, g.out_w, plane)
                                         : std::pair<int64_t, int64_t>{plane, plane};
     for (int64_t o = o0; o < o1; ++o) {
-      const float* w_row = wide + (o - o0) * kWideTile - q0;  // indexed by position q
+      const float* w_row = wide + (o - o0) * sums_stride - q0;  // indexed by position q
       float* dst = out_data + (n * g.out_channels + o) * out_stride;
       const float* r_row = res_data ? res_data + (n * g.out_channels + o) * res_stride : nullptr;
       if (r_row) prefetch_floats(r_row, next_lo, next_hi);
@@ -1863,7 +1866,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
       split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
     }
     const int64_t items_per_rows = g.batch * split.chunks, items_per_chunk = g.batch * split.row_blocks;
-    parallel_items(split.row_blocks * items_per_rows, split.rows * kWideTile, start, [&](int64_t item, float* wide) {
+    parallel_items(split.row_blocks * items_per_rows, split.rows * sums_stride, start, [&](int64_t item, float* wide) {
       const float* base = images_of_thread();
       const int64_t rb = position_first ? item % split.row_blocks : item / items_per_rows;
       const int64_t n =
@@ -1907,7 +1910,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // convs at batch 32 would need 103 MB of planes).
     const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1, 1);
     const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
-    parallel_items(g.batch, planes_floats + split.rows * kWideTile, [&](int64_t n, float* scratch) {
+    parallel_items(g.batch, planes_floats + split.rows * sums_stride, [&](int64_t n, float* scratch) {
       float* wide = scratch + planes_floats;
       for (int64_t c = 0; c < g.in_channels; ++c) fill_image(n, c, scratch);
       for (int64_t o0 = 0; o0 < g.out_channels; o0 += split.rows) {

@@ -203,8 +203,8 @@ def set_next_tile_prefetch(enabled: bool) -> bool:
 
 def set_wide_tiles(enabled: bool) -> bool:
     """Whether the AVX-512 sparse kernel computes up to 192 output positions a tile (12 zmm vectors) rather than 96
-    (on by default): ResNet's 14x14 layers then take 2 tiles of 7 vectors rather than 3, its 56x56 ones 17 tiles of
-    12 rather than 33 of 6, so each nonzero's broadcast serves more vectors and more FMA chains run at once
+    (on by default): ResNet's 14x14 layers then take 2 tiles of 7 vectors rather than 3, a 56x56 1x1 conv 17 tiles
+    of 12 rather than 33 of 6, so each nonzero's broadcast serves more vectors and more FMA chains run at once
     (csrc/sparse_conv.cpp, even_tile, has the measurements). The values are the same either way. Returns the
     previous setting; each call reads it once. For comparing both ways on a machine."""
     if not isinstance(enabled, bool):

@@ -267,8 +267,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       "run on (indices into that set), the mean over `rounds`. Linux only. Holds the GIL: run nothing else meanwhile.");
   m.def("sparse_kernel_isa", &vpns::sparse_kernel_isa,
         "Instruction set the sparse kernels use: 'avx512' (AVX-512F), 'avx2' (AVX2 + FMA) or 'scalar'; the widest\n"
-        "this CPU has (but AVX2 on AMD CPUs before Zen 5, family 0x1A) unless set_sparse_kernel_isa or\n"
-        "VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
+        "this CPU has unless set_sparse_kernel_isa or VPNS_FAST_SPARSE_ISA (read at the first call) chose another.");
   m.def("sparse_tile_width", &vpns::sparse_tile_width, py::arg("positions"),
         "The output positions a tile of sparse_conv2d computes on a plane of `positions` positions (its output rows\n"
         "on the stored planes' width), with the kernel (sparse_kernel_isa) and set_wide_tiles as they are now.");

@@ -219,16 +219,24 @@ inline void store_fence() {
 #endif
 }
 
-// The vector kernel the sparse layers run: by default AVX-512 on Intel CPUs that have it and on AMD's from Zen 5
-// (family 0x1A) on, else AVX2, else the portable one; set_sparse_kernel_isa (tests check every path on one machine;
-// benchmarks compare them in one process) or VPNS_FAST_SPARSE_ISA=scalar|avx2|avx512 before the first call chooses
-// another the CPU has. Why not AVX-512 on Zen 4 (family 0x19): a 6-zmm tile measured 0.97x (ResNet-18) and 1.00x
-// (ResNet-50) the AVX2 tile end to end on a 2-core EPYC (10% kept, 2026-12-03); the cause was not measured (Zen 4 is
-// documented to run 512-bit FMAs as two 256-bit halves). Why on Zen 5: on a 2-core EPYC of family 0x1A, model 2 (48
-// KiB L1d), the same tile measured 1.10x (ResNet-18), 1.12x (ResNet-50) at batch 1 and 1.11x (ResNet-18) at batch 32,
-// per layer 0.96-1.33x (2 threads, 10% kept, 2026-12-05, bench/results/cpu-sparse-isa-2026-12-05-amd-zen5.jsonl).
-// Zen 5's laptop parts are documented to split 512-bit operations as Zen 4 does; none was measured, and on Zen 4 that
-// cost 0-3%.
+// The vector kernel the sparse layers run: by default the widest the CPU has (AVX-512, else AVX2, else the portable
+// one); set_sparse_kernel_isa (tests check every path on one machine; benchmarks compare them in one process) or
+// VPNS_FAST_SPARSE_ISA=scalar|avx2|avx512 before the first call chooses another the CPU has. The dense 1x1 kernel and
+// Winograd's transforms follow the same choice (avx512_kernels_chosen). Measured, AVX-512 against AVX2, 2 threads:
+// - Intel Xeon (2 vCPUs), 10% kept, 6-zmm tiles: ResNet-18 1.13x, ResNet-50 1.10x at batch 1 (2026-12-04).
+// - AMD Zen 5 (family 0x1A), 10% kept, 6-zmm tiles: 1.10x (ResNet-18), 1.12x (ResNet-50) at batch 1, 1.11x
+//   (ResNet-18) at batch 32, per layer 0.96-1.33x (2026-12-05, bench/results/cpu-sparse-isa-2026-12-05-amd-zen5.jsonl).
+// - AMD Zen 4 (family 0x19, model 0x11: documented to run 512-bit operations as two 256-bit halves), once the tiles
+//   had grown to 12 zmm (kWideTile): the same network both ways in one process, rounds grouped by the vCPUs'
+//   placement (shared L3 / apart; bench/results/cpu-sparse-isa-networks-ab-2026-12-06-amd-zen4-scratch.txt): ResNet-50
+//   at 5% kept 1.042x / 1.011x at batch 1 and 1.084x / 1.080x at batch 32, at 10% 1.043x / 1.020x, at 50% (its dense
+//   layers' kernels too) 1.069x / 1.089x; ResNet-18 1.016-1.024x at batch 1 but 0.991x / 0.985x at 10% and batch 32;
+//   MobileNetV2 1.030x / 1.039x. Per layer (bench/results/cpu-sparse-isa-2026-12-06-amd-zen4.jsonl, batch 1, 10%
+//   kept) 1.04-1.25x on 56x56 and 28x28 outputs, 0.88-0.99x on the last stage's 7x7 ones (a 7x7 plane is 4 zmm
+//   vectors, 64 lanes for 49 positions, against 7 ymm, 56 lanes) and 0.87x on the 1024 -> 512 1x1 feeding it. With
+//   6-zmm tiles Zen 4 had measured 0.97x (ResNet-18) and 1.00x (ResNet-50) at 10% kept (2026-12-03), and AVX2 stayed
+//   its default until then.
+// Zen 5's laptop parts are documented to split 512-bit operations as Zen 4 does; none was measured.
 // The ISAs are the indices of kIsas (below, with their kernels), narrowest first.
 enum class Isa : int { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kIsaCount = 3;
@@ -241,26 +249,7 @@ Isa widest_isa() {
   return Isa::kScalar;
 }
 
-#if VPNS_X86
-// The CPU's family as CPUID leaf 1 gives it (the base family, plus the extended one when the base is 0xF); 0 when
-// the leaf is missing. AMD: 0x19 Zen 3 and Zen 4, 0x1A Zen 5.
-unsigned cpu_family() {
-  unsigned eax = 0, ebx = 0, ecx = 0, edx = 0;
-  if (__get_cpuid(1, &eax, &ebx, &ecx, &edx) == 0) return 0;
-  const unsigned base = (eax >> 8) & 0xFu;
-  return base == 0xFu ? base + ((eax >> 20) & 0xFFu) : base;
-}
-#endif
-
-Isa default_isa() {
-  const Isa widest = widest_isa();
-#if VPNS_X86
-  if (widest == Isa::kAvx512 && __builtin_cpu_is("amd") && cpu_family() < 0x1Au) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::kAvx2 : Isa::kScalar;
-  }
-#endif
-  return widest;
-}
+Isa default_isa() { return widest_isa(); }
 
 // VPNS_FAST_SPARSE_ISA as it was at the first sparse call (nullopt: unset); read here only, once, and copied
 // (a later setenv may free the string getenv returned).
@@ -494,9 +483,10 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // The same tile with 16-lane vectors: 96 positions are 6 zmm accumulators, one load and one FMA per vector
 // and nonzero as in the AVX2 tile, so half the instructions for the same positions. The loads bound it:
 // 15 of 16 unaligned 64-byte loads straddle two cache lines, so it gains 1.04-1.14x per 3x3 layer on the
-// Intel Xeon measured (see default_isa), not 2x. AMD's Zen 4 splits 512-bit FMAs in halves (an earlier
-// 6-zmm variant measured 0.97-1.00x of the AVX2 tile end to end there); on Zen 5 this tile gains 0.96-1.33x per
-// layer, 1.10-1.12x end to end (default_isa). Other Intel CPUs are not measured.
+// Intel Xeon measured (see default_isa), not 2x. On Zen 5 this tile gained 0.96-1.33x per layer, 1.10-1.12x end to
+// end. AMD's Zen 4 splits 512-bit FMAs in halves: there the 6-zmm tile measured 0.97-1.00x the AVX2 one end to end,
+// and only tiles of up to 12 zmm (192 positions, even_tile) made it pay, 0.99-1.08x (default_isa). Other Intel CPUs
+// are not measured.
 constexpr int kWideLanes = 16;
 
 // Every loop over the NV accumulators unrolled whole (16 >= the widest tile's 12), so they stay in registers: with

@@ -1,7 +1,7 @@
 """Case `sparse_isa`: the sparse CPU kernel's vector instruction sets against each other, in one process.
 
-The engine picks one kernel per CPU (``vpns_fast.deploy.sparse_cpu.kernel_isa()``: AVX-512 on Intel CPUs that
-have it and on AMD ones from Zen 5 on, AVX2 elsewhere, a portable loop without AVX2). This case times every kernel
+The engine picks one kernel per CPU (``vpns_fast.deploy.sparse_cpu.kernel_isa()``: the widest it has, AVX-512, else
+AVX2, else a portable loop). This case times every kernel
 the CPU runs on the same layers and networks, so the choice (and the README's A/B figures) can be checked on any
 machine.
 

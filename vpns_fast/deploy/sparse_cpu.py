@@ -70,9 +70,9 @@ def available() -> tuple[bool, str]:
 
 
 def kernel_isa() -> str:
-    """The vector kernel the sparse layers run with: ``"avx512"`` (Intel CPUs with AVX-512, AMD ones from Zen 5
-    on), ``"avx2"`` (other x86 CPUs with AVX2 and FMA, AMD's Zen 4 included), or ``"scalar"`` (the portable loop),
-    unless :func:`set_kernel_isa` or ``VPNS_FAST_SPARSE_ISA`` (read at the first call) chose another."""
+    """The vector kernel the sparse layers run with: the widest the CPU has, ``"avx512"`` (x86 CPUs with AVX-512F:
+    Intel's, AMD's from Zen 4 on), ``"avx2"`` (AVX2 and FMA) or ``"scalar"`` (the portable loop), unless
+    :func:`set_kernel_isa` or ``VPNS_FAST_SPARSE_ISA`` (read at the first call) chose another."""
     return str(_ops().sparse_kernel_isa())
 
 

@@ -902,7 +902,8 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
   // narrower, see even_tile, and the AVX-512 kernel's wide tiles up to twice as wide, their windows then up to
-  // twice this; blocks sized for those windows were not tried) plus the reach of the taps (whole rows of plane_w
+  // twice this: blocks sized for those windows measured 0.99-1.00x on Zen 4, 32 KiB L1d, bench/results/
+  // cpu-wide-window-blocks-ab-2026-12-06-amd-zen4-scratch.txt) plus the reach of the taps (whole rows of plane_w
   // below, a few columns right). Counting kTile for those made blocks up to 1.7x too
   // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
   const int64_t tile = std::min(kTile, round_up(g.positions(), kLanes));

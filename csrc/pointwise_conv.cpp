@@ -17,9 +17,11 @@
 // Where the engine's kernels run AVX-512 (avx512_kernels_chosen), the tile is 6 positions x 32 output channels of
 // 16-lane vectors (tile_wide). 2-vCPU AMD EPYC of family 0x1A (Zen 5), 2 threads, calls alternating in one process
 // (bench/results/cpu-pointwise-avx512-ab-2026-12-05-amd-zen5-scratch.txt): ResNet-50's ten 1x1 shapes 1.56-1.90x the
-// AVX2 tile at batch 1 (341-482 GFLOP/s; all but 64 -> 64 at 56x56 1.81-1.90x), 1.15-1.73x at batch 32. Measured on
-// that CPU only: Intel CPUs with AVX-512 (whose sparse layers run it by default) and Zen 5 laptop parts (documented to
-// split 512-bit operations in halves) get this tile too, unmeasured.
+// AVX2 tile at batch 1 (341-482 GFLOP/s; all but 64 -> 64 at 56x56 1.81-1.90x), 1.15-1.73x at batch 32. Measured
+// alone on that CPU only: Intel CPUs with AVX-512 and Zen 5 laptop parts (documented to split 512-bit operations in
+// halves) get this tile too, unmeasured; Zen 4 (which splits them too, and gets it since 2026-12-06) only within
+// ResNet-50 at 50% kept, where every kernel switching to AVX-512 made the network 1.07-1.09x as fast at batch 1
+// (README, the sparse kernel's instruction sets).
 #include "vpns_ops.h"
 
 #include <ATen/MemoryOverlap.h>

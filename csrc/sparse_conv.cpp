@@ -17,7 +17,8 @@
 //   0-8% faster (1 thread, min, 3x3 at 28/56/112 px, 8-256 input channels). Tail tiles use fewer vectors
 //   (templates 1..12), so a 7x9 layer4 plane costs 8 vectors, not 12. Runtime dispatch
 //   (__builtin_cpu_supports) between the target("avx2,fma") kernel and a portable scalar one.
-// * On Intel CPUs with AVX-512 the same tile is 6 zmm vectors (target("avx512f")): 2-vCPU Intel Xeon (AMX,
+// * On CPUs with AVX-512 the same tile is zmm vectors (target("avx512f"); 6 at first, up to 12 since the wide tiles,
+//   see even_tile; the default since on Intel, Zen 5 and Zen 4, see default_isa): 2-vCPU Intel Xeon (AMX,
 //   2 MiB L2 a core), 2 threads, 10% kept, per-round ratios against the AVX2 tile in one process (12
 //   interleaved rounds at batch 1, 6 at batch 32, 2026-12-03): ResNet-18 batch 1 1.075x (p20-p80
 //   1.065-1.079x), ResNet-50 batch 1 1.068x (1.057-1.074x), ResNet-18 batch 32 1.040x (1.030-1.044x); per
@@ -232,8 +233,9 @@ inline void store_fence() {
 //   at 5% kept 1.042x / 1.011x at batch 1 and 1.084x / 1.080x at batch 32, at 10% 1.043x / 1.020x, at 50% (its dense
 //   layers' kernels too) 1.069x / 1.089x; ResNet-18 1.016-1.024x at batch 1 but 0.991x / 0.985x at 10% and batch 32;
 //   MobileNetV2 1.030x / 1.039x. Per layer (bench/results/cpu-sparse-isa-2026-12-06-amd-zen4.jsonl, batch 1, 10%
-//   kept) 1.04-1.25x on 56x56 and 28x28 outputs, 0.88-0.99x on the last stage's 7x7 ones (a 7x7 plane is 4 zmm
-//   vectors, 64 lanes for 49 positions, against 7 ymm, 56 lanes) and 0.87x on the 1024 -> 512 1x1 feeding it. With
+//   kept) 1.04-1.25x on the stride-1 layers at 56x56 and 28x28, 0.89-1.11x on the stride-2 ones into 28x28,
+//   0.95-1.19x on 14x14 outputs but 0.87x on the 1024 -> 512 1x1, 0.88-0.99x on the last stage's 7x7 outputs (a 1x1
+//   or stride-2 layer's 49 positions are 4 zmm vectors, 64 lanes, against 7 ymm, 56; the padded 3x3s 0.95-0.96x). With
 //   6-zmm tiles Zen 4 had measured 0.97x (ResNet-18) and 1.00x (ResNet-50) at 10% kept (2026-12-03), and AVX2 stayed
 //   its default until then.
 // Zen 5's laptop parts are documented to split 512-bit operations as Zen 4 does; none was measured.
@@ -485,7 +487,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // 15 of 16 unaligned 64-byte loads straddle two cache lines, so it gains 1.04-1.14x per 3x3 layer on the
 // Intel Xeon measured (see default_isa), not 2x. On Zen 5 this tile gained 0.96-1.33x per layer, 1.10-1.12x end to
 // end. AMD's Zen 4 splits 512-bit FMAs in halves: there the 6-zmm tile measured 0.97-1.00x the AVX2 one end to end,
-// and only tiles of up to 12 zmm (192 positions, even_tile) made it pay, 0.99-1.08x (default_isa). Other Intel CPUs
+// and only tiles of up to 12 zmm (192 positions, even_tile) made it pay, 0.99-1.09x (default_isa). Other Intel CPUs
 // are not measured.
 constexpr int kWideLanes = 16;
 

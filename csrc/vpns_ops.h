@@ -110,8 +110,8 @@ at::Tensor contiguous_activation(const at::Tensor& t);
 int64_t cached_activation_bytes();
 int64_t set_activation_cache_limit(int64_t bytes);  // returns the previous limit
 
-// Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has, but AVX2 on
-// AMD CPUs before Zen 5, unless chosen otherwise).
+// Which instruction set the sparse kernels run with: "avx512", "avx2" or "scalar" (the widest this CPU has, unless
+// chosen otherwise).
 std::string sparse_kernel_isa();
 // The output positions a tile of sparse_conv2d computes on a plane of `positions` positions, with the kernel and
 // settings chosen now (even_tile).

@@ -21,7 +21,8 @@
 // ReLU, one call each a round (bench.winograd_ab --layers,
 // bench/results/cpu-winograd-panels-ab-2026-12-05-amd-zen5-*.txt), the whole layer at batch 1 ran 1.75-2.37x as fast
 // with the 16-lane panels as with the sgemm (64, 128, 256 channels at 56, 28, 14; 1.94x at 512 at 7x7), and 1.37-1.76x
-// with the AVX2 tile (ratios of medians). Intel CPUs unmeasured.
+// with the AVX2 tile (ratios of medians). Intel CPUs unmeasured; on Zen 4 (whose default became AVX-512 on
+// 2026-12-06) measured only within whole networks at 50% kept (README, the sparse kernel's instruction sets).
 //
 // Accuracy: the transforms' constants (up to 8 in the output transform, 1/24 in the filter's) make the float32
 // result differ from the exact one by about 5e-6 of the output's largest magnitude, against 3e-7 for a direct

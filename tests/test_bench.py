@@ -437,7 +437,12 @@ def test_cpu_rows_record_the_cores_round_trip(monkeypatch):
     ("call_plan_ab", ["--densities", "0.1,x"], "--densities: expected fractions separated by commas"),
     ("call_plan_ab", ["--densities", "0"], "--densities: expected fractions in (0, 1]"),
     ("call_plan_ab", ["--batch", "0"], "--batch: expected a positive integer"),
-    ("call_plan_ab", ["--seconds", "0"], "--seconds: expected a positive number")])
+    ("call_plan_ab", ["--seconds", "0"], "--seconds: expected a positive number"),
+    ("isa_ab", ["--threads", "0"], "--threads: expected an integer >= 1"),
+    ("isa_ab", ["--seconds", "0"], "--seconds: expected a positive number"),
+    ("isa_ab", ["--points", "resnet50:2:1"], "--points: expected KEPT in (0, 1] and BATCH >= 1"),
+    ("isa_ab", ["--points", "resnet50:0.1:1,vgg16:0.1:1"], "--points: expected ARCH:KEPT:BATCH"),
+    ("isa_ab", ["--points", "resnet50:x:1"], "--points: expected a fraction and an integer")])
 def test_the_switch_scripts_refuse_bad_arguments_by_name(script, argv, message, capsys):
     """The one-process A/B scripts of an engine switch: one line naming the argument, exit 2."""
     import importlib
@@ -472,6 +477,15 @@ def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):
     assert placement.grouped_summary("net", [], "shared", "private") == "net: no round"
     named = [{"a x": 2.0, "a y": 1.0}]
     assert placement.grouped_summary("l", named, "a x", "a y", ("x", "y")).startswith("l:   1 rounds, x    2.000 ms")
+
+
+def test_isa_ab_reads_its_points():
+    from bench import isa_ab
+
+    points = isa_ab.parse_points("resnet50:0.05:1, mobilenet_v2:1:32")
+    assert points == [("resnet50", 0.05, 1), ("mobilenet_v2", 1.0, 32)]
+    assert [arch for arch, _, _ in isa_ab.parse_points(isa_ab.DEFAULT_POINTS)] == [
+        "resnet50", "resnet18", "resnet50", "resnet18", "mobilenet_v2", "resnet50", "resnet18", "resnet50"]
 
 
 def test_output_prefetch_ab_sets_the_request_by_run_name():

@@ -15,17 +15,15 @@ from __future__ import annotations
 import argparse
 import functools
 
-import torch
-
-from bench.cases.infer import converted_pruned_network, print_switch_ab_report, switch_ab_header
+from bench.cases.infer import converted_pruned_network, inference_call, print_switch_ab_report, switch_ab_header
 from bench.placement import grouped_summary, placement_grouped_rounds
 from vpns_fast.deploy import sparse_cpu
 
 ARCHES = ("resnet18", "resnet50", "mobilenet_v2")
 DEFAULT_POINTS = ("resnet50:0.05:1,resnet18:0.05:1,resnet50:0.1:1,resnet18:0.1:1,mobilenet_v2:0.1:1,"
                   "resnet50:0.05:32,resnet18:0.1:32,resnet50:0.5:1")
-# Rounds' calls of each kernel: enough at batch 1 that a round's median is steady, few where a call takes 0.1-1 s.
-CALLS_PER_ROUND = {True: 10, False: 2}  # keyed by batch == 1
+# Calls of each kernel a round: enough at batch 1 that a round's median is steady, few where a call takes 0.1-1 s.
+CALLS_PER_ROUND_BATCH_1, CALLS_PER_ROUND_LARGER = 10, 2
 # The largest relative difference allowed between the two kernels' outputs (max |a - b| / max |a|): they sum the
 # same nonzeros in the same order, but the dense layers' Winograd transforms round differently per vector width.
 AGREEMENT = 1e-5
@@ -48,24 +46,19 @@ def parse_points(text: str) -> list[tuple[str, float, int]]:
     return points
 
 
-def _inference(module, x):
-    with torch.inference_mode():
-        return module(x)
-
-
 def _point_lines(arch: str, density: float, batch: int, seconds: float) -> list[str]:
     converted, x = converted_pruned_network(arch, density, batch)
     outputs = {}
     for isa in ("avx2", "avx512"):
         sparse_cpu.set_kernel_isa(isa)
-        outputs[isa] = _inference(converted, x)
+        outputs[isa] = inference_call(converted, x)
     scale = float(outputs["avx2"].abs().max()) or 1.0
     difference = float((outputs["avx2"] - outputs["avx512"]).abs().max()) / scale
     if not difference <= AGREEMENT:
         raise AssertionError(f"{arch}: the two kernels' outputs differ by {difference:.1e} of the largest")
-    run = functools.partial(_inference, converted, x)
+    run = functools.partial(inference_call, converted, x)
     groups = placement_grouped_rounds({"avx2": run, "avx512": run}, sparse_cpu.set_kernel_isa, seconds,
-                                      CALLS_PER_ROUND[batch == 1])
+                                      CALLS_PER_ROUND_BATCH_1 if batch == 1 else CALLS_PER_ROUND_LARGER)
     label = f"{arch} {density:g} kept, batch {batch}"
     lines = [grouped_summary(f"{label}, cores {group}", found, "avx2", "avx512")
              for group, found in groups.items() if found or group != "between"]

@@ -21,6 +21,7 @@ from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
     converted_pruned_network,
+    inference_call,
     print_switch_ab_report,
     switch_ab_header,
 )
@@ -35,11 +36,6 @@ NETWORKS = ["resnet50", "resnet18"]
 def _request_for(name: str) -> None:
     """Requests for writing when a run's name is "write", for reading otherwise (before its calls, untimed)."""
     sparse_cpu.set_output_prefetch_for_write(name == "write")
-
-
-def _inference(module, x):
-    with torch.inference_mode():
-        return module(x)
 
 
 def _converted(model_name: str, density: float, batch: int):
@@ -58,7 +54,7 @@ def _network_lines(density: float, seconds: float, rounds: int) -> list[str]:
     lines = [f"## batch 1, {density} kept per layer, converted once; rounds grouped by the cores' placement"]
     for model_name in NETWORKS:
         converted, x = _converted(model_name, density, 1)
-        run = functools.partial(_inference, converted, x)
+        run = functools.partial(inference_call, converted, x)
         groups = placement_grouped_rounds({"read": run, "write": run}, _request_for, seconds)
         for group, found in groups.items():
             if found or group != "between":
@@ -66,7 +62,7 @@ def _network_lines(density: float, seconds: float, rounds: int) -> list[str]:
     lines.append(f"## batch 32, one call each way a round, {rounds} rounds")
     for model_name in NETWORKS:
         converted, x = _converted(model_name, density, 32)
-        run = functools.partial(_inference, converted, x)
+        run = functools.partial(inference_call, converted, x)
         times = rotating_times_ms({"read": run, "write": run}, rounds, _request_for)
         lines.append(round_ratio_line(f"{model_name} batch 32", times["read"], times["write"], ("read", "write")))
     return lines

@@ -25,6 +25,7 @@ from bench.cases.infer import (
     add_switch_ab_arguments,
     checked_switch_ab_arguments,
     converted_pruned_network,
+    inference_call,
     print_switch_ab_report,
     switch_ab_header,
 )
@@ -63,7 +64,7 @@ def _layer_lines(density: float, seconds: float, threads: int) -> list[str]:
             if not torch.equal(conv(x), expected):
                 raise AssertionError(f"{name}: private planes changed the values")
         for way, threshold in (("shared", 0), ("private", 1 << 40)):
-            runs[f"{name} {way}"] = functools.partial(_inference, conv, x)
+            runs[f"{name} {way}"] = functools.partial(inference_call, conv, x)
             thresholds[f"{name} {way}"] = threshold
     for thread_count in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(thread_count)
@@ -74,11 +75,6 @@ def _layer_lines(density: float, seconds: float, threads: int) -> list[str]:
                                              f"{name} shared", f"{name} private", ("shared", "private")))
     torch.set_num_threads(threads)
     return lines
-
-
-def _inference(module, x):
-    with torch.inference_mode():
-        return module(x)
 
 
 def _network_lines(density: float, seconds: float, default_threshold: int) -> list[str]:
@@ -92,7 +88,7 @@ def _network_lines(density: float, seconds: float, default_threshold: int) -> li
             sparse_cpu.set_private_planes_bytes(default_threshold)
             if not torch.equal(converted(x), expected):
                 raise AssertionError(f"{model_name}: private planes changed the network's output")
-        run = functools.partial(_inference, converted, x)
+        run = functools.partial(inference_call, converted, x)
         groups = _grouped({"shared": run, "private": run}, {"shared": 0, "private": default_threshold}, seconds)
         for group in ("shared", "apart"):
             lines.append(grouped_summary(f"{model_name} cores {group:6s}", groups[group], "shared", "private"))

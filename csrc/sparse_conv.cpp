@@ -486,9 +486,9 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // and nonzero as in the AVX2 tile, so half the instructions for the same positions. The loads bound it:
 // 15 of 16 unaligned 64-byte loads straddle two cache lines, so it gains 1.04-1.14x per 3x3 layer on the
 // Intel Xeon measured (see default_isa), not 2x. On Zen 5 this tile gained 0.96-1.33x per layer, 1.10-1.12x end to
-// end. AMD's Zen 4 splits 512-bit FMAs in halves: there the 6-zmm tile measured 0.97-1.00x the AVX2 one end to end,
-// and only tiles of up to 12 zmm (192 positions, even_tile) made it pay, 0.99-1.09x (default_isa). Other Intel CPUs
-// are not measured.
+// end. AMD's Zen 4 splits 512-bit FMAs in halves: there the 6-zmm tile measured 0.97-1.00x the AVX2 one end to end
+// (2026-12-03); three days later, with tiles of up to 12 zmm (192 positions, even_tile) and every other change since,
+// 0.99-1.09x (default_isa; which change made the difference was not measured). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
 // Every loop over the NV accumulators unrolled whole (16 >= the widest tile's 12), so they stay in registers: with
@@ -1417,9 +1417,10 @@ struct WorkSplit {
 
 // `target`: items wanted, for the dynamic scheduling to balance (a few per thread); `tile`: positions a tile. Where
 // the tiles are too few for `target` items, the rows are cut into blocks until there are `row_target` items (at most
-// `target`); each block reads the whole input again.
+// `target`); each block reads the whole input again. Then the tiles are cut into at least `min_chunks` runs where
+// there are that many tiles (the rows already cut).
 WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t tile, int64_t nnz, int64_t target,
-                     int64_t row_target) {
+                     int64_t row_target, int64_t min_chunks) {
   const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
   WorkSplit s;
   // A block's nonzeros (8 bytes each) should stay in L2 across the images and tiles that reuse them,
@@ -1435,6 +1436,7 @@ WorkSplit split_work(int64_t out_rows, int64_t batch, int64_t positions, int64_t
     s.rows = (out_rows + wanted - 1) / wanted;
     s.row_blocks = (out_rows + s.rows - 1) / s.rows;
   }
+  s.chunks = std::max(s.chunks, std::min(tiles, min_chunks));
   s.chunk_tiles = (tiles + s.chunks - 1) / s.chunks;
   s.chunks = (tiles + s.chunk_tiles - 1) / s.chunk_tiles;
   return s;
@@ -1850,14 +1852,9 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // rather than 4) 1.34-1.39x with the vCPUs sharing an L3, 1.26-1.37x apart; 2048 -> 512 at 7x7 1.18x and
     // 1.20-1.22x; 512 -> 128 at 28x28 (5 tiles: 1 block rather than 2) 1.09x and 1.28-1.32x; but 512 -> 256 at
     // 28x28 0.93x together (1.13x apart).
-    WorkSplit split = split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads,
-                                 g.in_channels > g.out_channels ? threads : 4 * threads);
-    if (position_first) {
-      const int64_t tiles = std::max<int64_t>(1, (positions + tile - 1) / tile);
-      split.chunks = std::min(tiles, std::max(split.chunks, 2 * threads));
-      split.chunk_tiles = (tiles + split.chunks - 1) / split.chunks;
-      split.chunks = (tiles + split.chunk_tiles - 1) / split.chunk_tiles;
-    }
+    const WorkSplit split =
+        split_work(g.out_channels, g.batch, positions, tile, nnz, 4 * threads,
+                   g.in_channels > g.out_channels ? threads : 4 * threads, position_first ? 2 * threads : 1);
     const int64_t items_per_rows = g.batch * split.chunks, items_per_chunk = g.batch * split.row_blocks;
     parallel_items(split.row_blocks * items_per_rows, split.rows * sums_stride, start, [&](int64_t item, float* wide) {
       const float* base = images_of_thread();
@@ -1901,7 +1898,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // Enough images to share out: each item is one image, whose planes its thread builds in its own
     // scratch and reads back from L2 rather than from a batch-sized buffer (ResNet-50's layer1 1x1
     // convs at batch 32 would need 103 MB of planes).
-    const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1, 1);
+    const WorkSplit split = split_work(g.out_channels, 1, positions, tile, nnz, 1, 1, 1);
     const int64_t planes_floats = round_up(g.image_stride, 16);  // the sums start on a line too
     parallel_items(g.batch, planes_floats + split.rows * sums_stride, [&](int64_t n, float* scratch) {
       float* wide = scratch + planes_floats;

@@ -249,6 +249,12 @@ def converted_pruned_network(model_name: str, density: float, batch: int) -> tup
     return converted, x
 
 
+def inference_call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` under ``torch.inference_mode()``: the timed call of the engine-switch A/B scripts."""
+    with torch.inference_mode():
+        return module(x)
+
+
 def switched_network_times(network: nn.Module, x: torch.Tensor, names: tuple[str, str], switch, rounds: int,
                            agree) -> dict[str, list[float]]:
     """A converted network's calls on ``x`` both ways of an engine switch, in one process (the network part of the

@@ -207,8 +207,9 @@ def set_wide_tiles(enabled: bool) -> bool:
     of 12 rather than 33 of 6, so each nonzero's broadcast serves more vectors and more FMA chains run at once
     (csrc/sparse_conv.cpp, even_tile, has the measurements). The values are the same either way. Returns the
     previous setting; each call reads it once. For comparing both ways on a machine. (On AMD's Zen 4, which runs
-    512-bit operations in halves, the AVX-512 kernel is the default only because of the wide tiles: without them it
-    measured 0.97-1.00x the AVX2 kernel there.)"""
+    512-bit operations in halves, tiles of 6 zmm measured 0.97-1.00x the AVX2 kernel in an earlier version of the
+    engine; with the wide tiles the AVX-512 kernel measured 0.99-1.09x there and became the default. Switched off,
+    it has not been measured there again.)"""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(_ops().set_wide_tiles(enabled))

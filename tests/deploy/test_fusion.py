@@ -872,3 +872,137 @@ def test_outputs_only_sparse_readers_see_are_aligned():
     converted.b.register_forward_hook(lambda module, args, output: None)  # a's reader now has a hook
     fusion.mark_aligned_outputs(converted, sparse_cpu.SparseConv2d)
     assert _aligned_calls(converted) == {"c"}
+
+
+class _ReadsItsConvWeight(nn.Module):
+    """A conv + BN whose forward also reads the conv's (or the BN's) tensors itself, on a path that the example
+    input does not take (``gate`` is 0 for inputs below 0.7 on average): folding the BN into the conv would change
+    what those reads see, and the end-to-end check on such an example could not notice."""
+
+    def __init__(self, read: str):
+        super().__init__()
+        self.read = read
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, bias=read != "weight")
+        self.bn = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 4)
+        with torch.no_grad():  # a batch norm that scales by 4: folding it changes the weight a lot
+            self.bn.running_var.fill_(0.25)
+            self.bn.weight.fill_(2.0)
+            self.conv.weight.mul_(torch.rand_like(self.conv.weight) < 0.5)
+
+    def forward(self, x):
+        h = F.relu(self.stem(x))
+        gate = F.relu(x.mean() - 0.7) * 10
+        if self.read == "weight":
+            extra = F.conv2d(h, self.conv.weight, padding=1)
+        elif self.read == "bias":
+            extra = self.conv.bias.view(1, -1, 1, 1)
+        else:
+            extra = self.bn.running_var.view(1, -1, 1, 1)
+        return self.fc((self.bn(self.conv(h)) + gate * extra).mean((2, 3)))
+
+
+@pytest.mark.parametrize("read", ["weight", "bias", "running_var"])
+def test_no_batchnorm_is_folded_where_the_model_reads_the_tensors_itself(read):
+    """A silent wrong result an outside review found: the batch norm was folded into a conv whose weight the
+    forward also read directly (``F.conv2d(h, self.conv.weight)``), which then read the folded weight. The
+    example (dark images) cannot show it; bright images did (0.136 off on logits of 0.195). Now neither is
+    folded, and both kinds of input give the model's output."""
+    torch.manual_seed(0)
+    model = _ReadsItsConvWeight(read).eval()
+    graph, why_not = fusion.trace(model)
+    if read == "running_var":  # torch.fx copies a buffer read that way into a constant: no rewrite at all
+        assert graph is None and "neither a parameter nor a buffer" in why_not
+    else:
+        assert fusion.fold_batchnorm(graph) == []
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, torch.rand(2, 3, 16, 16) * 0.5, policy="sparse",
+                                              summary=summary)
+    assert summary["batchnorm_folded"] == 0
+    for x in (torch.rand(2, 3, 16, 16) * 0.5, 0.9 + 0.1 * torch.rand(2, 3, 16, 16)):
+        with torch.no_grad():
+            expected = model(x)
+        assert_close(converted(x), expected, rtol=1e-4, atol=1e-5 * (1 + float(expected.abs().max())))
+
+
+class _OptionalOutput(nn.Module):
+    """``if w is not None`` on a module's second output: a torch.fx trace takes the branch (its stand-in for
+    ``w`` is never None) and then calls ``w.sum()`` on the real None."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 4, stride=4)
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x):
+        tokens = self.conv(x).flatten(2).transpose(1, 2)
+        out, weights = self.attention(tokens, tokens, tokens, need_weights=False)
+        if weights is not None:
+            out = out + weights.sum()
+        return self.fc(out.mean(1))
+
+
+def test_a_trace_that_does_not_compute_the_model_is_not_used():
+    """The eager model runs; its trace raised inside the engine (AttributeError from the traced graph) where the
+    engine promises to convert without the rewrite. The trace is now checked on the example before any rewrite."""
+    torch.manual_seed(0)
+    model = _OptionalOutput().eval()
+    x = torch.rand(2, 3, 16, 16)
+    summary = {}
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse", summary=summary)
+    assert not isinstance(converted, fx.GraphModule)
+    assert "the torch.fx trace does not compute what the model does" in summary["fusion"]
+    assert "NoneType" in summary["fusion"]
+    with torch.no_grad():
+        assert_close(converted(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_tracing_the_engine_is_refused():
+    """torch.jit.trace (and the TorchScript ONNX exporter) recorded none of the engine's kernel calls: the traced
+    module returned the example's output for every input, and the ONNX file held one constant. Refused by name,
+    on a layer, a converted network (its call plan included) and the deployed module."""
+    model = pruned_resnet18()
+    x = torch.randn(1, 3, 32, 32)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    layer = sparse_cpu.SparseConv2d(torch.ones(2, 3, 1, 1))
+    pool = sparse_cpu.SeparableMaxPool2d(3, 2, 1)
+    for module, name in ((layer, "SparseConv2d"), (pool, "SeparableMaxPool2d"), (converted, "SparseConv2d")):
+        with pytest.raises(RuntimeError, match=f"{name}: torch.jit.trace .* cannot record"):
+            torch.jit.trace(module, torch.randn(1, 3, 8, 8) if module is not converted else x, check_trace=False)
+    from vpns_fast.deploy.runtime import deploy
+
+    deployed = deploy(model, example_input_size=(1, 3, 32, 32), policy="sparse", mean=(0, 0, 0), std=(1, 1, 1))
+    deployed(x.clamp(0, 1))  # a call plan is made for this shape
+    with pytest.raises(RuntimeError, match="DeployedModel: torch.jit.trace"):
+        torch.jit.trace(deployed, x.clamp(0, 1), check_trace=False)
+    import io
+
+    with pytest.raises(RuntimeError, match="DeployedModel: torch.jit.trace"):
+        torch.onnx.export(deployed, (x.clamp(0, 1),), io.BytesIO(), dynamo=False)
+    assert deployed(x.clamp(0, 1)).shape == (1, 10)  # still usable after the refusals
+
+
+def test_blocks_the_rewrite_inlined_refuse_hooks_and_index_like_the_block():
+    """A hook on ``network.layer1`` of a deployed ResNet never ran (the rewrite calls the block's layers, not the
+    block) and ``network.layer1[0]`` raised TypeError. Registering the hook is now refused; indexing works."""
+    model = pruned_resnet18()
+    converted, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 32, 32), policy="sparse")
+    block = converted.layer1
+    assert isinstance(block, fusion.InlinedBlock) and len(block) == 2
+    assert block[0] is getattr(block, "0") and block[-1] is getattr(block, "1") and block["1"] is block[1]
+    with pytest.raises(TypeError, match="indices must be integers or names"):
+        block[0.5]
+    for register in (block.register_forward_hook, block.register_forward_pre_hook,
+                     block.register_full_backward_hook):
+        with pytest.raises(RuntimeError, match="inlined by the CPU engine's graph rewrite"):
+            register(lambda *args: None)
+    seen = []
+    handle = block[0].conv1.register_forward_hook(lambda *args: seen.append(1))  # a layer's hook still runs
+    converted(torch.randn(1, 3, 32, 32))
+    handle.remove()
+    assert seen == [1]
+    copied = pickle.loads(pickle.dumps(converted))
+    assert isinstance(copied.layer1, fusion.InlinedBlock)
+    assert isinstance(copy.deepcopy(converted).layer1, fusion.InlinedBlock)

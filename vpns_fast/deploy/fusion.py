@@ -170,6 +170,43 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
 _PROXY_IN_MESSAGE = re.compile(r"Proxy\((\w+)\)")
 
 
+class InlinedBlock(nn.Module):
+    """A block of the model that the engine's torch.fx rewrite inlined (``layer1`` of a ResNet): it holds the
+    block's layers under their names but is never called itself, so a hook on it would never run. Registering
+    one is refused (RuntimeError) rather than silently ignored; its layers are indexed as in the block
+    (``network.layer1[0]``)."""
+
+    def _refuse_hook(self, *args, **kwargs):
+        raise RuntimeError("this block was inlined by the CPU engine's graph rewrite and is never called, so a "
+                           "hook on it would not run: hook one of its layers or the deployed module, or register "
+                           "the hook on the model before deploying it (it then converts without the rewrite)")
+
+    register_forward_hook = register_forward_pre_hook = _refuse_hook
+    register_full_backward_hook = register_full_backward_pre_hook = register_backward_hook = _refuse_hook
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return self._modules[index]
+        if isinstance(index, int) and not isinstance(index, bool):
+            children = list(self._modules.values())
+            return children[index]
+        raise TypeError(f"{type(self).__name__} indices must be integers or names, got {type(index).__name__}")
+
+    def __len__(self) -> int:
+        return len(self._modules)
+
+
+def mark_inlined_blocks(graph_module: fx.GraphModule) -> list[str]:
+    """Makes every module the trace kept only as a holder of layers (a plain ``nn.Module``, never called) an
+    :class:`InlinedBlock`; returns their names."""
+    marked = []
+    for name, module in graph_module.named_modules():
+        if name and type(module) is nn.Module:
+            module.__class__ = InlinedBlock
+            marked.append(name)
+    return marked
+
+
 def traced_assert(condition, template: str, *values) -> None:
     """``torch._assert(condition, template.format(*values))``, the message formatted only when it fails. Traced
     again (torch.fx re-traces a graph module's code when it is unpickled), it records itself as one call."""
@@ -237,11 +274,19 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _attributes_read(graph_module: fx.GraphModule) -> set[str]:
+    """The modules some of whose parameters or buffers the graph reads directly (``get_attr``: code that calls
+    ``F.conv2d(h, self.conv.weight)`` or reads ``self.bn.running_var``), by name."""
+    return {node.target.rpartition(".")[0] for node in graph_module.graph.nodes if node.op == "get_attr"}
+
+
 def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
     """Folds each eval-mode BatchNorm2d into the Conv2d that feeds only it; returns the folded
-    convolutions' names. The graph module is changed in place."""
+    convolutions' names. The graph module is changed in place. Not where the model's code also reads the
+    convolution's or the batch norm's tensors itself: it would read the folded ones."""
     folded = []
     single = _called_once(graph_module)
+    read = _attributes_read(graph_module)
     for node in list(graph_module.graph.nodes):
         bn = _module(graph_module, node)
         if not isinstance(bn, nn.BatchNorm2d) or bn.training or not bn.track_running_stats:
@@ -249,8 +294,9 @@ def fold_batchnorm(graph_module: fx.GraphModule) -> list[str]:
         source = node.args[0] if node.args else None
         conv = _module(graph_module, source) if isinstance(source, fx.Node) else None
         if (type(conv) is not nn.Conv2d or len(source.users) != 1 or conv.training
-                or source.target not in single or module_hooks(conv) or module_hooks(bn)):
-            continue  # a hook on either would see (or make) the unfolded values
+                or source.target not in single or module_hooks(conv) or module_hooks(bn)
+                or source.target in read or node.target in read):
+            continue  # a hook on either, or the model's own reads of their tensors, would see the unfolded values
         graph_module.set_submodule(source.target, fuse_conv_bn_eval(conv, bn))
         node.replace_all_uses_with(source)
         graph_module.graph.erase_node(node)

@@ -124,7 +124,13 @@ class DeployedModel(nn.Module):
             torch.cuda.synchronize(self.device)
 
     def _network_input(self, images: torch.Tensor) -> torch.Tensor:
-        """The network's input for ``images``: checked, on the device, through the prompt or the normalization."""
+        """The network's input for ``images``: checked, on the device, through the prompt or the normalization.
+        Under torch.jit.trace, refused first where the CPU engine runs the network (a call plan runs it as one
+        C++ call, which a trace would record as a constant)."""
+        if self.info.get("backend") == "sparse_cpu":
+            from vpns_fast.deploy.sparse_cpu import refuse_tracing
+
+            refuse_tracing("DeployedModel")
         if not isinstance(images, torch.Tensor):
             raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
         if images.device.type == "meta":

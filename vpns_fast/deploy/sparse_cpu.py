@@ -270,10 +270,24 @@ def _check_dense_weight(weight: torch.Tensor, what: str) -> torch.Tensor:
 _AUTOCAST_DTYPES = (torch.bfloat16, torch.float16)
 
 
+def refuse_tracing(what: str) -> None:
+    """RuntimeError under ``torch.jit.trace`` (the TorchScript ONNX exporter traces too): the engine's kernels are
+    the extension's calls, which a trace does not record, so it would hold their outputs on the example as
+    constants. A traced ResNet-18 returned the same logits for every input, and its ONNX file was a graph of one
+    constant and no input."""
+    if torch._C._is_tracing():
+        raise RuntimeError(f"{what}: torch.jit.trace (and torch.onnx.export with dynamo=False) cannot record the "
+                           "CPU engine's kernels: the trace would return this call's output for every input. For "
+                           "ONNX, export the checkpoint (`vpns export CHECKPOINT --format onnx` or "
+                           "vpns_fast.export); or trace the model before deploying it")
+
+
 def _checked_input(x: torch.Tensor, what: str) -> torch.Tensor:
     """``x`` as the kernels take it: a float32 CPU tensor. Under ``torch.autocast("cpu")`` the layers the engine
     keeps as torch ops return bfloat16 / float16; the engine's layers compute in float32 there (the input cast
-    up), as autocast does for the ops it keeps in float32. Any other dtype or device: ValueError."""
+    up), as autocast does for the ops it keeps in float32. Any other dtype or device: ValueError. Under a trace:
+    :func:`refuse_tracing`."""
+    refuse_tracing(what)
     if x.dtype == torch.float32 and x.is_cpu:  # is_cpu: x.device makes a new object each time (0.2 us more)
         return x
     if x.device.type == "cpu" and x.dtype in _AUTOCAST_DTYPES and torch.is_autocast_enabled("cpu"):
@@ -1457,6 +1471,7 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights=True, attn_mask=None,
                 average_attn_weights=True, is_causal=False):
+        refuse_tracing("SparseMultiheadAttention")
         if self.training or not self.runs_sparse(query, key, value, key_padding_mask, need_weights, attn_mask,
                                                  average_attn_weights, is_causal):
             return self.dense(query, key, value, key_padding_mask=key_padding_mask, need_weights=need_weights,
@@ -1508,6 +1523,7 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
+        refuse_tracing("SeparableMaxPool2d")
         if self._runs_kernel(x):
             return _ops().max_pool2d(x, list(self.kernel_size), list(self.stride), list(self.padding))
         if self._plain(x) and x.is_contiguous(memory_format=torch.channels_last):
@@ -1964,6 +1980,12 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
         graph_module, fusion_note = fusion.trace(converted)
+        # a trace can record one path of the model's Python (an `if w is not None` on a value torch.fx stands in
+        # for is always taken): checked on the example before anything is rewritten on it
+        trace_problem = None if graph_module is None else _end_to_end_problem(graph_module, example_input, reference)
+        if trace_problem is not None:
+            graph_module = None
+            fusion_note = f"the torch.fx trace does not compute what the model does ({trace_problem})"
         if graph_module is not None:
             converted = graph_module
             folded = fusion.fold_batchnorm(graph_module)
@@ -2009,6 +2031,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     if policy != "dense":
         _warn_pruned_left_dense(table)
     reference.warn_if_widened(converted)
+    if isinstance(converted, fx.GraphModule):
+        fusion.mark_inlined_blocks(converted)
     return converted, table
 
 

@@ -545,6 +545,41 @@ def _build_any(kind: str, key: str, name: str, num_classes: int | None, weights,
     return model, {"num_classes": classes, **kwargs}
 
 
+# A file (a checkpoint, an export, a run's config.json) records its network by name, and a factory name
+# ('package.module:factory') is code: rebuilding the network imports that module and calls that function with the
+# file's own arguments. A crafted checkpoint naming 'os:system' ran a shell command when `vpns report` read it (an
+# outside review, 2026-12-06). So a factory a file names is called only where it is trusted: named by this
+# process's own caller (build_model / build_model_spec with it, as `vpns prune --model` does), or listed in this
+# environment variable (comma-separated factory names; `*` trusts any).
+TRUSTED_FACTORIES_VARIABLE = "VPNS_TRUSTED_FACTORIES"
+_FACTORIES_NAMED_HERE: set[str] = set()
+
+
+class UntrustedFactoryError(ValueError):
+    """A file names a model factory that nothing has said to trust (see TRUSTED_FACTORIES_VARIABLE)."""
+
+
+def check_file_model_name(name: str, source: str) -> None:
+    """UntrustedFactoryError when the model name a file records (``source`` says which file, for the message) is a
+    factory that is not trusted; any other name (torchvision, timm, the small models) passes."""
+    if not isinstance(name, str) or ":" not in name or name.strip().lower().startswith("timm:"):
+        return
+    key = name.strip()
+    listed = {item.strip() for item in os.environ.get(TRUSTED_FACTORIES_VARIABLE, "").split(",") if item.strip()}
+    if key in _FACTORIES_NAMED_HERE or key in listed or "*" in listed:
+        return
+    raise UntrustedFactoryError(
+        f"{source} names its network by the factory {key!r}: rebuilding it would import that module and run that "
+        f"function. If you trust the file, set {TRUSTED_FACTORIES_VARIABLE}={key} (comma-separated names, * for "
+        "any); or build the network yourself and pass it as model=")
+
+
+def build_model_from_file(name: str, kwargs: dict, source: str) -> nn.Module:
+    """``build_model(name, **kwargs)`` for the network a file records, after :func:`check_file_model_name`."""
+    check_file_model_name(name, source)
+    return _built_with_spec(name, **kwargs)[0]
+
+
 def build_model_spec(
     name: str,
     num_classes: int | None = None,
@@ -555,6 +590,15 @@ def build_model_spec(
 ) -> tuple[nn.Module, dict]:
     """Like :func:`build_model`, also returning ``{"name", "kwargs"}``: what rebuilds the same architecture
     with ``build_model(spec["name"], **spec["kwargs"])`` (the record a checkpoint keeps)."""
+    kind, key = model_kind(name)
+    if kind == "factory":  # named by the caller: files that name it later may rebuild it (check_file_model_name)
+        _FACTORIES_NAMED_HERE.add(key)
+    return _built_with_spec(name, num_classes, weights, pretrained=pretrained, **kwargs)
+
+
+def _built_with_spec(name: str, num_classes: int | None = None, weights: str | os.PathLike | None = None, *,
+                     pretrained: bool = False, **kwargs: Any) -> tuple[nn.Module, dict]:
+    """:func:`build_model_spec` without counting a factory as named by this process's caller."""
     kind, key = model_kind(name)
     if kind == "builtin":
         if kwargs:

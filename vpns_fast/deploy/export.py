@@ -269,7 +269,7 @@ def _folded_model(payload: dict, model: nn.Module | None = None) -> nn.Module:
 
 def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
     """The stock network the metadata names, or a copy of ``model`` (for a network passed as an object)."""
-    from vpns_fast.models import build_model
+    from vpns_fast.models import build_model_from_file
 
     if model is not None:
         return copy.deepcopy(model).cpu()
@@ -277,7 +277,7 @@ def _build_plain(meta: dict, model: nn.Module | None = None) -> nn.Module:
         raise NetworkNotRebuildable("this file", meta["model"].get("class", "a module"))
     from vpns_fast.pruning.checkpoint import in_float32
 
-    return in_float32(build_model(meta["model"]["name"], **meta["model"]["kwargs"]))
+    return in_float32(build_model_from_file(meta["model"]["name"], meta["model"]["kwargs"], "this file"))
 
 
 def _load_state(model: nn.Module, state: dict, path) -> None:

@@ -213,7 +213,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     """
     import copy
 
-    from vpns_fast.models import build_model
+    from vpns_fast.models import build_model_from_file
     from vpns_fast.pruning.masking import maskable_names, sparsify
 
     record = payload["model"]
@@ -226,7 +226,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     elif record["name"] is None:
         raise NetworkNotRebuildable("this checkpoint", record.get("class", "a module"))
     else:
-        model = build_model(record["name"], **record["kwargs"])
+        model = build_model_from_file(record["name"], record["kwargs"], "this checkpoint")
     if payload["granularity"] is not None:
         masked_names = {k.rsplit(".", 1)[0] for k in payload["state_dict"] if k.endswith(".scores")}
         # every other weight matrix stayed dense (excluded when the checkpoint was made)

@@ -9,6 +9,7 @@ import os
 import pickle
 import re
 import signal
+import stat
 import sys
 import time
 
@@ -223,6 +224,19 @@ def test_a_link_at_out_is_the_users_and_kept_without_force(files, capsys):
     _assert_one_line_error(*_run(["export", "{root}/m.pt", "--format", "dense", "--out", str(link)], files, capsys),
                            "--out .*dangling: exists; pass --force")
     assert os.path.islink(link)
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_force_replaces_only_regular_files(files, capsys, kind):
+    """`--out /dev/null --force` replaced the machine's /dev/null with a regular file (an outside review): a FIFO,
+    a device or a folder at --out is refused even with --force, and left as it was."""
+    target = files / f"special_{kind}"
+    os.mkfifo(target) if kind == "fifo" else target.mkdir()
+    expected = "special_fifo is a FIFO, not a regular file" if kind == "fifo" else "special_folder: is a folder"
+    _assert_one_line_error(*_run(["export", "{root}/m.pt", "--format", "dense", "--out", str(target), "--force"],
+                                 files, capsys), expected)
+    assert (os.path.exists(target) and not os.path.isfile(target)
+            and (kind != "fifo" or stat.S_ISFIFO(os.lstat(target).st_mode)))
 
 
 def test_an_image_over_pils_pixel_limit_is_refused_by_name(files, capsys, monkeypatch):

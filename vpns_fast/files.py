@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
@@ -35,6 +36,20 @@ def _umask() -> int:
     return mask
 
 
+def _not_a_regular_file(path: str) -> str | None:
+    """What ``path`` is where it exists and is neither a regular file nor a symbolic link (which is replaced as a
+    link): "a directory", "a FIFO", "a character device", ...; else None."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "a special file")
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
     ``path``: a crash never leaves a half-written file, and an existing file is kept unless
@@ -42,6 +57,10 @@ def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], ove
     path = os.fspath(path)
     if os.path.lexists(path) and not overwrite:  # a symbolic link, even to nothing, is the user's too
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
+    kind = _not_a_regular_file(path)
+    if kind is not None:
+        # `--out /dev/null --force` replaced the machine's /dev/null by a regular file (an outside review)
+        raise ValueError(f"{path} is {kind}, not a regular file; only files are replaced: name a file to write")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=os.path.basename(path), dir=folder)

@@ -42,7 +42,7 @@ from torch import nn
 from vpns_fast import ops
 from vpns_fast.errors import NetworkNotRebuildable, caller_stacklevel, exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
-from vpns_fast.pruning.checkpoint import tensor_bytes
+from vpns_fast.pruning.checkpoint import input_and_mapping_problem, tensor_bytes
 
 __all__ = [
     "FORMATS", "VERSION", "ONNX_OPSET", "ExportFormatError", "MissingDependencyError", "OnnxExporterFallbackWarning",
@@ -150,6 +150,9 @@ def read_export(path, kind: str | None = None) -> tuple[dict[str, torch.Tensor],
         meta = json.loads(meta_json)
     except ValueError as exc:  # pragma: no cover - the checksum covers the JSON
         raise ExportFormatError(f"{path} has unreadable metadata ({exc})") from exc
+    problem = input_and_mapping_problem(meta.get("input_size"), meta.get("label_mapping"))
+    if problem is not None:
+        raise ExportFormatError(f"{path}: {problem}")
     meta["kind"] = file_kind
     return tensors, meta
 

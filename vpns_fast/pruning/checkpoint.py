@@ -179,6 +179,26 @@ def _load_failure(exc: Exception, path: str) -> str:
     return exception_reason(exc)
 
 
+def input_and_mapping_problem(input_size, label_mapping) -> str | None:
+    """Why a file's ``input_size`` (None or 3 positive ints) or ``label_mapping`` (None, or a non-empty 1-d list or
+    integer tensor of class indices >= 0) cannot be used, or None. The writers only write such values; a file edited
+    by hand made `vpns infer` fail with a traceback (input size [3, 0, 0]) and an ONNX export map a class to the
+    network's last output (index -1: an outside review)."""
+    if input_size is not None:
+        if (not isinstance(input_size, (list, tuple)) or len(input_size) != 3
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in input_size)):
+            return f"input_size must be 3 positive integers [C, H, W], got {input_size!r}"
+    if label_mapping is not None:
+        values = label_mapping.tolist() if isinstance(label_mapping, torch.Tensor) else label_mapping
+        is_integer = not isinstance(label_mapping, torch.Tensor) or not (
+            label_mapping.is_floating_point() or label_mapping.is_complex() or label_mapping.dtype == torch.bool)
+        if (not is_integer or not isinstance(values, list) or not values
+                or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in values)):
+            shown = values if isinstance(values, list) and len(values) <= 8 else f"{type(label_mapping).__name__}"
+            return f"label_mapping must be a non-empty list of class indices >= 0, got {shown!r}"
+    return None
+
+
 def load_checkpoint(path) -> dict:
     """Read and validate a checkpoint; raises :class:`CheckpointError` with the reason."""
     path = os.fspath(path)
@@ -198,6 +218,9 @@ def load_checkpoint(path) -> dict:
         raise CheckpointError(f"{path} has checkpoint version {version!r}; this vpns_fast reads version {VERSION}"
                               + ("; it was written by a newer vpns_fast: upgrade to read it" if newer else ""))
     _verify(path, payload)
+    problem = input_and_mapping_problem(payload.get("input_size"), payload.get("label_mapping"))
+    if problem is not None:
+        raise CheckpointError(f"{path}: {problem}")
     return payload
 
 

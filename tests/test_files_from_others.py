@@ -1,4 +1,4 @@
-"""A file records its network by name, and a factory name ('package.module:factory') is code that rebuilding the
+"""What a file says is checked before it is used. A file records its network by name, and a factory name ('package.module:factory') is code that rebuilding the
 network imports and runs. A crafted checkpoint naming 'os:system' ran a shell command when `vpns report` read it (an
 outside review, 2026-12-06). Files may name only factories this process was itself told to build, or ones the
 user lists in VPNS_TRUSTED_FACTORIES; anything else is refused in one line, before any of its code runs."""
@@ -106,3 +106,35 @@ def test_a_factory_is_trusted_when_named_here_or_listed(tmp_path, nothing_truste
     assert type(model_from_checkpoint(payload)) is type(model)
     models.check_file_model_name("resnet18", "a file")  # other names are not code: nothing to trust
     models.check_file_model_name("timm:resnet18", "a file")
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("input_size", [3, 0, 0], "input_size must be 3 positive integers"),
+    ("input_size", [3, -16, -16], "input_size must be 3 positive integers"),
+    ("label_mapping", torch.tensor([0, 1, -1]), "label_mapping must be a non-empty list of class indices >= 0"),
+    ("label_mapping", torch.tensor([0.0, 1.0]), "label_mapping must be"),
+])
+def test_edited_input_size_and_label_mapping_are_refused_by_name(tmp_path, capsys, field, value, expected):
+    """Files edited by hand (checksum made again): `vpns infer` failed with a traceback on input size [3, 0, 0],
+    and an ONNX export of a mapping with index -1 mapped that class to the network's last output, silently (an
+    outside review). The checkpoint and an export written from the good one both refuse the field by name."""
+    path = checkpoint_naming(tmp_path / "edited.pt", "small_resnet", {"num_classes": 10})
+    payload = load_checkpoint(path)
+    payload[field] = value
+    payload["sha256"] = payload_sha256(payload)
+    torch.save(payload, path)
+    for command in (["infer", str(path), str(tmp_path / "img.png")],
+                    ["export", str(path), "--format", "onnx", "--out", str(tmp_path / "x.onnx")]):
+        Image.new("RGB", (32, 32)).save(tmp_path / "img.png")
+        assert main(command) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "Traceback" not in err and expected in err and "edited.pt" in err, err
+    assert not (tmp_path / "x.onnx").exists()
+    V.export(str(checkpoint_naming(tmp_path / "good.pt", "small_resnet", {"num_classes": 10})), "dense",
+             tmp_path / "good.safetensors")
+    tensors, meta = read_export(tmp_path / "good.safetensors")
+    kind = meta.pop("kind")
+    meta[field] = value.tolist() if isinstance(value, torch.Tensor) else value
+    _write_safetensors(kind, tensors, meta, tmp_path / "edited.safetensors", True)
+    with pytest.raises(ValueError, match=expected):
+        read_export(tmp_path / "edited.safetensors")

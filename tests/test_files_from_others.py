@@ -1,7 +1,8 @@
-"""What a file says is checked before it is used. A file records its network by name, and a factory name ('package.module:factory') is code that rebuilding the
-network imports and runs. A crafted checkpoint naming 'os:system' ran a shell command when `vpns report` read it (an
-outside review, 2026-12-06). Files may name only factories this process was itself told to build, or ones the
-user lists in VPNS_TRUSTED_FACTORIES; anything else is refused in one line, before any of its code runs."""
+"""What a file from someone else says is checked before it is used. A file records its network by name, and a
+factory name ('package.module:factory') is code that rebuilding the network imports and runs. A crafted checkpoint
+naming 'os:system' ran a shell command when `vpns report` read it (an outside review, 2026-12-06). Files may name
+only factories this process was itself told to build, or ones the user lists in VPNS_TRUSTED_FACTORIES; anything
+else is refused in one line, before any of its code runs. Edited input sizes and label mappings are refused too."""
 from __future__ import annotations
 
 import json

@@ -428,6 +428,10 @@ def _cmd_infer(args) -> int:
     return 0
 
 
+# bench-infer's --iters and --warmup: rounds of one call of each engine; more than this is a typo, not a benchmark
+MOST_BENCH_ROUNDS = 100_000
+
+
 def _cmd_bench_infer(args) -> int:
     from vpns_fast.deploy.runtime import benchmark_inference
 
@@ -435,8 +439,12 @@ def _cmd_bench_infer(args) -> int:
         raise ValueError("--batch: expected comma-separated batch sizes, got none")
     for batch in args.batch:
         _at_least(batch, "--batch", 1)
+    if len(set(args.batch)) != len(args.batch):
+        raise ValueError(f"--batch: expected distinct batch sizes, got {','.join(map(str, args.batch))}")
     for flag, least in (("iters", 1), ("warmup", 0)):
         _at_least(getattr(args, flag), f"--{flag}", least)
+        if getattr(args, flag) > MOST_BENCH_ROUNDS:  # 10^23 rounds ran until killed (an outside review)
+            raise ValueError(f"--{flag}: expected at most {MOST_BENCH_ROUNDS}, got {getattr(args, flag)}")
     _check_threads(args.threads)
     _check_device(args.device)
     _check_input_file(args.path, "path")
@@ -707,10 +715,14 @@ def build_parser() -> argparse.ArgumentParser:
                                  "network in ONNX Runtime (when installed), per batch size, the backends taking turns "
                                  "call by call; the deployed module's speedups with their spread.")
     bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
-    bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32), help="comma-separated batch sizes")
-    bench_infer.add_argument("--device", default="cpu")
-    bench_infer.add_argument("--iters", type=int, default=10)
-    bench_infer.add_argument("--warmup", type=int, default=2)
+    bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32),
+                             help="comma-separated, distinct batch sizes (default: 1,32)")
+    bench_infer.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    bench_infer.add_argument("--iters", type=int, default=10,
+                             help="timed rounds, each one call of every engine in turn (default: 10; at most "
+                                  f"{MOST_BENCH_ROUNDS})")
+    bench_infer.add_argument("--warmup", type=int, default=2,
+                             help=f"untimed calls of each engine first (default: 2; at most {MOST_BENCH_ROUNDS})")
     _add_engine_flags(bench_infer, "measure")
     bench_infer.add_argument("--json", action="store_true")
     bench_infer.add_argument("--layers", action="store_true",

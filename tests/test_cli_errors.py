@@ -355,6 +355,41 @@ def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, 
     _assert_one_line_error(*_run(["bench-infer", "{root}/m.pt"], files, capsys), pattern)
 
 
+def test_out_of_memory_hints_name_what_the_command_has(files, capsys, monkeypatch):
+    """`vpns infer` ran out of memory with the advice to try a smaller --batch, a flag it does not have."""
+    def failing(args):
+        raise MemoryError()
+
+    for command, argv, hint in (("infer", ["infer", "{root}/m.pt", "{root}/img.png"],
+                                 "try smaller images or fewer at once"),
+                                ("report", ["report", "{root}/m.pt"], "try a smaller --input-size"),
+                                ("export", ["export", "{root}/m.pt", "--format", "dense", "--out", "{root}/o.st"],
+                                 None)):
+        monkeypatch.setattr(cli, f"_cmd_{command}", failing)
+        code, err = _run(argv, files, capsys)
+        _assert_one_line_error(code, err, r"out of memory \(MemoryError\)" + (f"; {hint}$" if hint else "$"))
+
+
+def test_a_checkpoint_command_given_an_export_says_so(files, capsys, tmp_path):
+    V.export(str(files / "m.pt"), "dense", tmp_path / "m.safetensors")
+    for argv in (["report", str(tmp_path / "m.safetensors")],
+                 ["export", str(tmp_path / "m.safetensors"), "--format", "sparse", "--out", str(tmp_path / "o")]):
+        _assert_one_line_error(*_run(argv, files, capsys), "m.safetensors is a vpns_fast export, not a checkpoint")
+
+
+def test_report_refuses_an_input_size_over_the_memory_up_front(files, capsys, monkeypatch):
+    """`vpns report --input-size 3 8192 8192` (within its documented limit) was killed by the kernel without a
+    word: the FLOP count holds every layer's output. Its memory is estimated first (at the checkpoint's 32 x 32,
+    scaled by the pixels) and a size over what is available is refused by name."""
+    from vpns_fast import environment
+
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: 8 << 20)  # 8 MiB
+    _assert_one_line_error(*_run(["report", "{root}/m.pt", "--input-size", "3", "512", "512"], files, capsys),
+                           r"--input-size 3 512 512: counting FLOPs at that size holds every layer's output, about "
+                           r"[0-9.]+ GiB; 0.0 GiB are available")
+    assert main(["report", str(files / "m.pt"), "--input-size", "3", "32", "32"]) == 0  # no larger: not estimated
+
+
 def test_warnings_are_one_line(files, capsys, monkeypatch):
     import warnings
 

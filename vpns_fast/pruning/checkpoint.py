@@ -179,6 +179,17 @@ def _load_failure(exc: Exception, path: str) -> str:
     return exception_reason(exc)
 
 
+def _is_export(path: str) -> bool:
+    """Whether ``path`` looks like a vpns_fast safetensors export: its JSON header, after the 8-byte length, names
+    the export format (`vpns report` given one said only "no format tag")."""
+    try:
+        with open(path, "rb") as file:
+            head = file.read(4096)
+    except OSError:
+        return False
+    return head[8:9] == b"{" and b'"vpns_fast.export.' in head
+
+
 def input_and_mapping_problem(input_size, label_mapping) -> str | None:
     """Why a file's ``input_size`` (None or 3 positive ints) or ``label_mapping`` (None, or a non-empty 1-d list or
     integer tensor of class indices >= 0) cannot be used, or None. The writers only write such values; a file edited
@@ -211,6 +222,9 @@ def load_checkpoint(path) -> dict:
     except Exception as exc:  # truncated, corrupted, or not a torch file at all
         raise CheckpointError(f"{path} is not a readable checkpoint ({_load_failure(exc, path)})") from exc
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        if _is_export(path):
+            raise CheckpointError(f"{path} is a vpns_fast export, not a checkpoint: this takes the .pt checkpoint a "
+                                  "run wrote (`vpns infer` and `vpns bench-infer` take exports too)")
         raise CheckpointError(f"{path} is not a vpns_fast checkpoint (no format tag {FORMAT!r})")
     version = payload.get("version")
     if version != VERSION:

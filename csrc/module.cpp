@@ -240,10 +240,14 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Sparse 1x1 convolutions whose output has at least `bytes` bytes write it with non-temporal (streaming)\n"
         "stores (AVX2 and AVX-512 kernels; 8 MiB by default, 0: every such output). Returns the previous threshold.\n"
         "Read once per call. For tests and for comparing both ways on a machine.");
+  m.def("set_wide_tile_vectors", &vpns::set_wide_tile_vectors, py::arg("vectors"),
+        "The most zmm vectors (12 to 14; 14 by default) a wide AVX-512 tile takes where that cuts a plane into fewer\n"
+        "tiles without more vectors in all (14: ResNet's 14x14 planes in one tile). Returns the previous value. Read\n"
+        "once per call. For tests and for comparing both ways on a machine.");
   m.def("set_wide_tiles", &vpns::set_wide_tiles, py::arg("enabled"),
-        "Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors (192 positions) rather than 6 (on by\n"
-        "default). Returns the previous setting. Read once per call. For tests and for comparing both ways on a\n"
-        "machine.");
+        "Whether the AVX-512 sparse kernel takes tiles of up to 12-14 zmm vectors (set_wide_tile_vectors) rather\n"
+        "than 6 (on by default). Returns the previous setting. Read once per call. For tests and for comparing both\n"
+        "ways on a machine.");
   m.def("set_next_tile_prefetch", &vpns::set_next_tile_prefetch, py::arg("enabled"),
         "Whether sparse convolutions request the next tile's output and residual lines into L2 while each tile's\n"
         "epilogue runs (on by default). Returns the previous setting. Read once per call. For tests and for\n"

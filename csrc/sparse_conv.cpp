@@ -138,9 +138,10 @@ constexpr int kLanes = 8;  // floats per AVX2 vector; the scalar path keeps the 
 // Output positions per register tile = kMaxVectors * kLanes.
 constexpr int kMaxVectors = 12;
 constexpr int64_t kTile = kMaxVectors * kLanes;
-// The widest tile, the AVX-512 kernel's 12 zmm vectors (wide_tiles): the stride of the sums' rows and the slack past
-// an image's planes.
-constexpr int64_t kWideTile = 2 * kTile;
+// Vectors of the AVX-512 kernel's widest tile (wide_tiles, wide_tile_vectors), and those positions: the stride of the
+// sums' rows and the slack past an image's planes.
+constexpr int kMaxWideVectors = 14;
+constexpr int64_t kWideTile = kMaxWideVectors * 16;
 // Bytes of input tile a channel block may occupy (L1d is 32 KiB on the machines measured).
 constexpr int64_t kL1Budget = 24 * 1024;
 // Bytes of a row block's nonzeros, and of its accumulators, kept in L2 (1 MiB a core measured).
@@ -172,10 +173,16 @@ constexpr double kRowBlockNonzeros = 12.0;
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
-// Whether the AVX-512 kernel runs tiles of up to 12 zmm vectors (kWideTile, even_tile); on by default.
+// Whether the AVX-512 kernel runs tiles of up to 12-14 zmm vectors (kWideTile, even_tile); on by default.
 std::atomic<bool>& wide_tiles() {
   static std::atomic<bool> enabled{true};
   return enabled;
+}
+// The most vectors an AVX-512 tile may take where that cuts a plane into fewer tiles without more vectors in all
+// (even_tile); kMaxWideVectors by default, 12 the earlier limit.
+std::atomic<int>& wide_tile_vectors() {
+  static std::atomic<int> vectors{kMaxWideVectors};
+  return vectors;
 }
 // Whether rows_at_tile requests the next tile's output and residual lines (prefetch_floats); on by default.
 std::atomic<bool>& next_tile_prefetch() {
@@ -519,8 +526,8 @@ __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, con
 template <bool kMasked>
 __attribute__((target("avx512f"))) void tile_avx512_any(int64_t width, const float* src, const int32_t* offsets,
                                                         const float* values, int64_t count, float* out, bool first) {
-  static_assert(kWideTile == 12 * kWideLanes, "a tile is at most 12 zmm vectors");
-  with_vector_count<12>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
+  static_assert(kWideTile == kMaxWideVectors * kWideLanes, "a tile is at most kMaxWideVectors zmm vectors");
+  with_vector_count<kMaxWideVectors>((width + kWideLanes - 1) / kWideLanes, [&](auto vectors) {
     with_flag(first, [&](auto starts) {
       tile_avx512<decltype(vectors)::value, kMasked, decltype(starts)::value>(src, offsets, values, count, out, width);
     });
@@ -1391,11 +1398,32 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // 0.996-0.997x (within its p20-p80 of 0.983-1.020x). Inside a ResNet-50 call at 5% kept: the stem 1.24x, the 56x56
 // layers 1.03-1.17x, the 28x28 stride-1 1x1 layers 1.05-1.09x, but the 28x28 stride-1 3x3 ones 0.97-1.00x (not
 // worked out; their windows of 160 positions are wider than the 96 the channel blocks were sized for).
+//
+// Since 2026-12-06 a wide tile may take up to 14 zmm vectors (224 positions) where that cuts the plane into fewer
+// tiles without more vectors in all: the fewest tiles of at most 14 vectors whose vectors, all tiles together, are no
+// more than the cut into tiles of at most 12 gives. ResNet's 14x14 planes are then one tile (a 1x1 conv's 196
+// positions in 13 vectors rather than 2 of 7, a 3x3 conv's 224 in 14), 56x56 planes 14 tiles of 14 rather than 17 of
+// 12 (196 vectors rather than 204); 28x28 planes keep 5 tiles of 10 (4 of 13 would be 52 vectors, not 50). Each
+// position's sum takes its nonzeros in the same order, so the outputs are bit for bit the same. 14 accumulators, a
+// broadcast and a masked last load fit AVX-512's 32 registers (the object code keeps them there: no zmm spilled).
+// 2-vCPU Zen 4 (family 0x19, model 0x11), 2 threads, both ways in one process, rounds grouped by the vCPUs'
+// placement, 12 / 14 (bench/results/cpu-wide-tile-vectors-ab-2026-12-06-amd-zen4-scratch.txt, two runs): ResNet-50
+// at 5% kept, batch 1, 1.008x with the vCPUs sharing an L3 (p20-p80 0.998-1.030x) and 1.055x apart (1.036-1.083x),
+// at 10% 1.004x sharing; ResNet-18 at 5% and 10% 0.999x / 1.002x sharing, 1.031x apart; MobileNetV2 at 10% 0.995x
+// and 1.001x sharing, 1.041x apart; batch 32 (ResNet-50 at 5%, ResNet-18 at 10%, MobileNetV2 at 10%) 1.006-1.051x.
+// Why apart gains more is not worked out. Other CPUs are not measured.
 int64_t even_tile(int64_t positions, int64_t lanes) {
-  const int64_t widest = lanes == kWideLanes && wide_tiles().load(std::memory_order_relaxed) ? kWideTile : kTile;
-  const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes), most = widest / lanes;
-  const int64_t tiles = (vectors + most - 1) / most;
-  return (vectors + tiles - 1) / tiles * lanes;
+  const bool wide = lanes == kWideLanes && wide_tiles().load(std::memory_order_relaxed);
+  const int64_t most = (wide ? 12 * kWideLanes : kTile) / lanes;
+  const int64_t vectors = std::max<int64_t>(1, (positions + lanes - 1) / lanes);
+  const int64_t tiles = (vectors + most - 1) / most, width = (vectors + tiles - 1) / tiles;
+  if (!wide) return width * lanes;
+  const int64_t longest = wide_tile_vectors().load(std::memory_order_relaxed);
+  for (int64_t fewer = (vectors + longest - 1) / longest; fewer < tiles; ++fewer) {
+    const int64_t wider = (vectors + fewer - 1) / fewer;
+    if (fewer * wider <= tiles * width) return wider * lanes;
+  }
+  return width * lanes;
 }
 
 // Output channels per work item: enough items to balance the threads, few enough channels that
@@ -1535,6 +1563,11 @@ std::string set_sparse_kernel_isa(const std::string& name) {
 bool set_next_tile_prefetch(bool enabled) { return next_tile_prefetch().exchange(enabled); }
 
 bool set_wide_tiles(bool enabled) { return wide_tiles().exchange(enabled); }
+int64_t set_wide_tile_vectors(int64_t vectors) {
+  TORCH_CHECK(vectors >= 12 && vectors <= kMaxWideVectors, "set_wide_tile_vectors: vectors must be 12 to ",
+              kMaxWideVectors, ", got ", vectors);
+  return wide_tile_vectors().exchange(static_cast<int>(vectors));
+}
 
 bool set_output_prefetch_for_write(bool enabled) { return output_prefetch_for_write().exchange(enabled); }
 

@@ -76,9 +76,12 @@ int64_t set_streamed_output_bytes(int64_t bytes);
 // Whether sparse convolutions request the next tile's output and residual lines during each tile's epilogue;
 // returns the previous setting.
 bool set_next_tile_prefetch(bool enabled);
-// Whether the AVX-512 sparse kernel takes tiles of up to 12 zmm vectors rather than 6 (on by default); returns the
+// Whether the AVX-512 sparse kernel takes tiles of up to 12-14 zmm vectors rather than 6 (on by default); returns the
 // previous setting.
 bool set_wide_tiles(bool enabled);
+// The most zmm vectors (12-14; 14 by default) a wide tile takes where that cuts a plane into fewer tiles without more
+// vectors in all; returns the previous value.
+int64_t set_wide_tile_vectors(int64_t vectors);
 // Sparse convolutions of fewer than 2 images a thread whose planes take at most `bytes` have every thread build them
 // in its own buffer; returns the previous threshold.
 int64_t set_private_planes_bytes(int64_t bytes);

@@ -722,25 +722,27 @@ def test_next_tile_requests_change_nothing(shape, batch, threads, kernel_isa, re
     case.check(plain, case.x)
 
 
-# (C_in, C_out, H, W, kernel, stride, padding, dilation): where the AVX-512 kernel takes tiles of up to 12 zmm vectors
-# (set_wide_tiles), with and without garbage columns; the tile counts are those of wide tiles
+# (C_in, C_out, H, W, kernel, stride, padding, dilation): where the AVX-512 kernel takes tiles of up to 12-14 zmm
+# vectors (set_wide_tiles, set_wide_tile_vectors), with and without garbage columns; the tile counts are those of wide
+# tiles of up to 14 vectors (of up to 12 in brackets)
 WIDE_TILE_SHAPES = [
-    (24, 40, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: 196 positions, 2 tiles of 7 vectors (3 of 96 otherwise)
+    (24, 40, 14, 14, 1, 1, 0, 1),  # 1x1 read in place: 196 positions, one tile of 13 (2 of 7; 3 of 96 otherwise)
     (40, 12, 14, 14, 1, 1, 0, 1),  # reducing 1x1: its rows cut into fewer blocks at batch 1 (split_work)
-    (16, 24, 14, 14, 3, 1, 1, 1),  # 3x3: 224 positions on rows of 16, 2 tiles of 7
+    (16, 24, 14, 14, 3, 1, 1, 1),  # 3x3: 224 positions on rows of 16, one tile of 14 (2 of 7)
     (8, 12, 19, 20, 1, 1, 0, 1),  # 380 positions: 2 tiles of 12, the last vector partial
     (8, 16, 13, 17, 3, 1, 1, 1),  # 13 rows of 19: 247 positions, 2 tiles of 8
     (6, 9, 12, 31, 3, 2, 1, 1),  # stride 2: 6 x 16 outputs on rows of 17, 102 positions, one tile of 7
-    (8, 8, 15, 26, 1, 1, 0, 1),  # 390 positions: 3 tiles of 9 vectors (5 of 5 otherwise)
-    (4, 6, 31, 33, 3, 1, 1, 1),  # 31 rows of 35: 1085 positions, 5 tiles of 12 and one of 8
+    (8, 8, 15, 26, 1, 1, 0, 1),  # 390 positions: 2 tiles of 13 vectors (3 of 9; 5 of 5 otherwise)
+    (4, 6, 31, 33, 3, 1, 1, 1),  # 31 rows of 35: 1085 positions, 4 tiles of 14 and one of 12 (5 of 12, one of 8)
 ]
 
 
 @pytest.fixture
 def restore_wide_tiles():
-    previous = sparse_cpu.set_wide_tiles(True)
+    previous, vectors = sparse_cpu.set_wide_tiles(True), sparse_cpu.set_wide_tile_vectors(14)
     yield
     sparse_cpu.set_wide_tiles(previous)
+    sparse_cpu.set_wide_tile_vectors(vectors)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -748,7 +750,7 @@ def restore_wide_tiles():
 @pytest.mark.parametrize("shape", WIDE_TILE_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_wide_tiles_compute_the_same_bits(shape, batch, threads, kernel_isa, restore_streamed_output_bytes,
                                           restore_wide_tiles):
-    """Tiles of up to 12 zmm vectors (the AVX-512 kernel's) give the same bits as tiles of 6, each position's sum
+    """Tiles of up to 14 or 12 zmm vectors (the AVX-512 kernel's) give the same bits as tiles of 6, each position's sum
     taking its nonzeros in the same order, on every split (batch 1: items of rows and tiles, from planes or in
     place; 5 images: image by image), streamed and cached outputs, with and without a residual, and right. With the
     other kernels the switch changes nothing."""
@@ -757,21 +759,24 @@ def test_wide_tiles_compute_the_same_bits(shape, batch, threads, kernel_isa, res
     with torch_threads(threads):
         for threshold in ((1 << 63) - 1, 0):  # cached, then streamed where the kernel is 1x1
             sparse_cpu.set_streamed_output_bytes(threshold)
-            for wide in (True, False):
+            for wide, vectors in ((True, 14), (True, 12), (False, 14)):
                 sparse_cpu.set_wide_tiles(wide)
-                outputs[threshold, wide] = (case.sparse(case.x, case.residual), case.sparse(case.x))
-    fused, plain = outputs[(1 << 63) - 1, True]
+                sparse_cpu.set_wide_tile_vectors(vectors)
+                outputs[threshold, wide, vectors] = (case.sparse(case.x, case.residual), case.sparse(case.x))
+    fused, plain = outputs[(1 << 63) - 1, True, 14]
     for key, (other_fused, other_plain) in outputs.items():
         assert torch.equal(other_fused, fused) and torch.equal(other_plain, plain), key
     case.check(fused, case.x, case.residual)
     case.check(plain, case.x)
 
 
-# positions of a plane -> the tile's width: AVX-512 with wide tiles (up to 12 vectors of 16), with tiles of 6, and the
-# 8-lane kernels (up to 12 vectors of 8 either way); as few tiles as the widest allows, all of one whole-vector width
+# positions of a plane -> the tile's width: AVX-512 with wide tiles (up to 14 vectors of 16 where that makes fewer
+# tiles without more vectors; "wide 12": up to 12), with tiles of 6, and the 8-lane kernels (up to 12 vectors of 8
+# either way); as few tiles as the widest allows, all of one whole-vector width
 TILE_WIDTHS = {
     "positions": (1, 49, 196, 224, 390, 784, 1085, 3136),
-    "wide": (16, 64, 112, 112, 144, 160, 192, 192),
+    "wide": (16, 64, 208, 224, 208, 160, 224, 224),
+    "wide 12": (16, 64, 112, 112, 144, 160, 192, 192),
     "six": (16, 64, 80, 80, 80, 96, 96, 96),
     "eight lanes": (8, 56, 72, 80, 80, 88, 96, 96),
 }
@@ -780,11 +785,15 @@ TILE_WIDTHS = {
 def test_tile_width_follows_the_kernel_and_the_wide_tiles_switch(kernel_isa, restore_wide_tiles):
     """The tiles the sparse convolution runs: wide ones only with the AVX-512 kernel and only while switched on, so
     test_wide_tiles_compute_the_same_bits compares two different tilings there."""
-    for wide in (True, False):
+    for wide, vectors, name in ((True, 14, "wide"), (True, 12, "wide 12"), (False, 14, "six")):
         sparse_cpu.set_wide_tiles(wide)
+        sparse_cpu.set_wide_tile_vectors(vectors)
         widths = tuple(sparse_cpu.tile_width(p) for p in TILE_WIDTHS["positions"])
-        expected = TILE_WIDTHS[("wide" if wide else "six") if kernel_isa == "avx512" else "eight lanes"]
-        assert widths == expected, (kernel_isa, wide)
+        expected = TILE_WIDTHS[name if kernel_isa == "avx512" else "eight lanes"]
+        assert widths == expected, (kernel_isa, wide, vectors)
+    for bad in (11, 15, 12.0, True):
+        with pytest.raises(ValueError, match="vectors must be an int from 12 to 14"):
+            sparse_cpu.set_wide_tile_vectors(bad)
     for bad in (0, -3, 2.5, True, "196"):
         with pytest.raises(ValueError, match="positions must be a positive int"):
             sparse_cpu.tile_width(bad)

@@ -32,7 +32,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "sparse_linear", "dense_linear", "max_pool2d", "activation_buffer", "cached_activation_bytes",
                  "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "set_output_prefetch_for_write", "set_wide_tiles", "sparse_tile_width",
+                 "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors", "sparse_tile_width",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
                  "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
@@ -202,9 +202,10 @@ def set_next_tile_prefetch(enabled: bool) -> bool:
 
 
 def set_wide_tiles(enabled: bool) -> bool:
-    """Whether the AVX-512 sparse kernel computes up to 192 output positions a tile (12 zmm vectors) rather than 96
-    (on by default): ResNet's 14x14 layers then take 2 tiles of 7 vectors rather than 3, a 56x56 1x1 conv 17 tiles
-    of 12 rather than 33 of 6, so each nonzero's broadcast serves more vectors and more FMA chains run at once
+    """Whether the AVX-512 sparse kernel computes up to 192-224 output positions a tile (12-14 zmm vectors,
+    :func:`set_wide_tile_vectors`) rather than 96 (on by default): ResNet's 14x14 layers then take one tile of 13 or
+    14 vectors rather than 3, a 56x56 1x1 conv 14 tiles of 14 rather than 33 of 6, so each nonzero's broadcast
+    serves more vectors and more FMA chains run at once
     (csrc/sparse_conv.cpp, even_tile, has the measurements). The values are the same either way. Returns the
     previous setting; each call reads it once. For comparing both ways on a machine. (On AMD's Zen 4, which runs
     512-bit operations in halves, tiles of 6 zmm measured 0.97-1.00x the AVX2 kernel in an earlier version of the
@@ -213,6 +214,17 @@ def set_wide_tiles(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(_ops().set_wide_tiles(enabled))
+
+
+def set_wide_tile_vectors(vectors: int) -> int:
+    """The most zmm vectors (12 to 14; 14 by default) a wide AVX-512 tile takes, where that cuts a plane into fewer
+    tiles without more vectors in all: with 14, ResNet's 14x14 planes are one tile (13 or 14 vectors) rather than
+    two of 7, and 56x56 planes 14 tiles of 14 rather than 17 of 12 (csrc/sparse_conv.cpp, even_tile, has the
+    measurements; 12 was the limit before). The values are the same either way. Returns the previous value; each
+    call reads it once. For comparing both ways on a machine."""
+    if isinstance(vectors, bool) or not isinstance(vectors, int) or not 12 <= vectors <= 14:
+        raise ValueError(f"vectors must be an int from 12 to 14, got {vectors!r}")
+    return int(_ops().set_wide_tile_vectors(vectors))
 
 
 def set_output_prefetch_for_write(enabled: bool) -> bool:

@@ -498,7 +498,7 @@ __attribute__((target("avx2,fma"))) void tile_avx2_any(int64_t width, const floa
 // 0.99-1.09x (default_isa; which change made the difference was not measured). Other Intel CPUs are not measured.
 constexpr int kWideLanes = 16;
 
-// Every loop over the NV accumulators unrolled whole (16 >= the widest tile's 12), so they stay in registers: with
+// Every loop over the NV accumulators unrolled whole (16 >= the widest tile's 14), so they stay in registers: with
 // `unroll 8` GCC kept tiles of 9-12 vectors' accumulators on the stack, a load and a store around every FMA.
 template <int NV, bool kMasked, bool kFirst>
 __attribute__((target("avx512f"))) inline void tile_avx512(const float* src, const int32_t* offsets,
@@ -561,9 +561,9 @@ struct WindowPrefetcher {
 
 // Requests the cache lines of base[lo, hi) into L2. rows_at_tile does it for the output and residual lines of the tile
 // an item computes next, while the current tile's epilogue runs (set_next_tile_prefetch turns it off): a tile's
-// epilogue reads up to 96 floats (384 bytes; 192 with wide tiles) of each of hundreds of output channels' residual
-// planes and writes as many into the output, hundreds of streams too short for the hardware prefetchers to follow, so
-// each line was a demand miss. Measured by `python -m bench.prefetch_ab`
+// epilogue reads up to 96 floats (384 bytes; up to 224 with wide tiles) of each of hundreds of output channels'
+// residual planes and writes as many into the output, hundreds of streams too short for the hardware prefetchers to
+// follow, so each line was a demand miss. Measured by `python -m bench.prefetch_ab`
 // (bench/results/cpu-prefetch-ab-2026-12-05-amd.txt: 2-core AMD EPYC, 2 threads, AVX2 kernel, 10% kept, batch 32, bias
 // and ReLU fused, medians of 15 alternating calls, off -> on): ResNet-50's 64 -> 256 1x1 conv at 56x56 took 17.6 ms
 // with a residual and 6.9 ms without (its 103 MB residual read at about 10 GB/s, where torch.sum read a 400 MB tensor
@@ -910,8 +910,8 @@ ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, in
   }
   // What one tile of one input channel touches: per stored plane, a tile of positions (kTile, or the whole
   // plane when it is smaller: ResNet's 7x7 outputs, 49-63 positions; the even tiles of sparse_conv2d may be
-  // narrower, see even_tile, and the AVX-512 kernel's wide tiles up to twice as wide, their windows then up to
-  // twice this: blocks sized for those windows measured 0.99-1.00x on Zen 4, 32 KiB L1d, bench/results/
+  // narrower, see even_tile, and the AVX-512 kernel's wide tiles up to 2.33 times as wide, their windows then up
+  // to that much more: blocks sized for those windows measured 0.99-1.00x on Zen 4, 32 KiB L1d, bench/results/
   // cpu-wide-window-blocks-ab-2026-12-06-amd-zen4-scratch.txt) plus the reach of the taps (whole rows of plane_w
   // below, a few columns right). Counting kTile for those made blocks up to 1.7x too
   // small: 2 threads, batch 1, 10% kept, 9 interleaved rounds, 2048x1024 1x1/2 @14 0.87x, 512x512 3x3/2 @14 0.94x.
@@ -1410,7 +1410,8 @@ std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::T
 // placement, 12 / 14 (bench/results/cpu-wide-tile-vectors-ab-2026-12-06-amd-zen4-scratch.txt, two runs): ResNet-50
 // at 5% kept, batch 1, 1.008x with the vCPUs sharing an L3 (p20-p80 0.998-1.030x) and 1.055x apart (1.036-1.083x),
 // at 10% 1.004x sharing; ResNet-18 at 5% and 10% 0.999x / 1.002x sharing, 1.031x apart; MobileNetV2 at 10% 0.995x
-// and 1.001x sharing, 1.041x apart; batch 32 (ResNet-50 at 5%, ResNet-18 at 10%, MobileNetV2 at 10%) 1.006-1.051x.
+// and 1.001x sharing, 1.041x apart; batch 32 (ResNet-50 at 5%, ResNet-18 at 10%, MobileNetV2 at 10%) 1.006-1.051x,
+// but for one lone round of MobileNetV2 sharing the L3, 0.927x.
 // Why apart gains more is not worked out. Other CPUs are not measured.
 int64_t even_tile(int64_t positions, int64_t lanes) {
   const bool wide = lanes == kWideLanes && wide_tiles().load(std::memory_order_relaxed);

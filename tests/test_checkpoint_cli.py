@@ -101,6 +101,14 @@ def test_cli_info(capsys):
     info = json.loads(capsys.readouterr().out)
     assert set(info["backends"]) == {"torch", "triton", "cpp"}
     assert info["backends"]["torch"]["devices"]["cpu"]["available"] is True
+    # the torch backend runs on CUDA only where there is a device (it said "available" beside cuda_available False)
+    assert info["backends"]["torch"]["devices"]["cuda"]["available"] is info["cuda_available"]
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    assert info["cpu_engine"] == (f"available, {sparse_cpu.kernel_isa()} kernel" if available
+                                  else f"unavailable: {reason}")
+    assert "onnxruntime" in info and "onnxscript" in info and "cpu_engine" in text
 
 
 def test_cli_report(checkpoint, capsys):

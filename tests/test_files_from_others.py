@@ -139,3 +139,22 @@ def test_edited_input_size_and_label_mapping_are_refused_by_name(tmp_path, capsy
     _write_safetensors(kind, tensors, meta, tmp_path / "edited.safetensors", True)
     with pytest.raises(ValueError, match=expected):
         read_export(tmp_path / "edited.safetensors")
+
+
+def test_a_config_file_naming_a_shell_command_is_not_run(tmp_path, capsys, nothing_trusted):
+    """`vpns prune --config FILE` with the model named in the file (a review found this way round the check)."""
+    marker = tmp_path / "ran"
+    config = TrainConfig(model="small_resnet", dataset="digits").to_dict()
+    config.update(model="os:system", model_kwargs={"command": f"touch {marker}"}, out=str(tmp_path / "out"))
+    (tmp_path / "job.json").write_text(json.dumps(config))
+    assert main(["prune", "--config", str(tmp_path / "job.json")]) == 2
+    one_line_refusal(capsys, "prune", "os:system")
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("argument", ["weights", "pretrained", "checkpoint_path", "pretrained_cfg_overlay"])
+def test_a_file_may_not_set_builder_arguments_that_read_other_files(tmp_path, capsys, argument):
+    path = checkpoint_naming(tmp_path / "c.pt", "small_resnet", {"num_classes": 10, argument: "/etc/passwd"})
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"sets the network builder's {argument!r}" in err, err

@@ -70,14 +70,33 @@ def _check_parents_are_folders(path: str) -> None:
 MAX_REPORT_PIXELS = 8192 * 8192
 
 
+def _deployment_engines() -> dict:
+    """What decides how `vpns infer` / `bench-infer` / `export --format onnx` run here: the sparse CPU engine (its
+    kernel's instruction set, or why it is unavailable) and the ONNX packages' versions (None: not installed)."""
+    import importlib.metadata
+
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    engine = f"available, {sparse_cpu.kernel_isa()} kernel" if available else f"unavailable: {reason}"
+    versions = {}
+    for package in ("onnxruntime", "onnxscript"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return {"cpu_engine": engine, **versions}
+
+
 def _cmd_info(args) -> int:
     from vpns_fast.environment import describe
 
-    info = describe()
+    info = {**describe(), **_deployment_engines()}
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("vpns_fast", "python", "torch", "triton", "cuda", "cuda_available", "cpu_threads", "forced_backend"):
+    for key in ("vpns_fast", "python", "torch", "triton", "cuda", "cuda_available", "cpu_threads", "forced_backend",
+                "cpu_engine", "onnxruntime", "onnxscript"):
         print(f"{key:15s} {info[key]}")
     print(f"{'devices':15s} {', '.join(info['devices'])}")
     print("backends:")
@@ -119,6 +138,8 @@ def _refuse_report_over_memory(model, recorded, asked) -> None:
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *recorded))
+    except RuntimeError:  # not at its own size either: the count below says so for the size asked
+        return
     finally:
         model.train(was_training)
         for handle in handles:

@@ -574,9 +574,26 @@ def check_file_model_name(name: str, source: str) -> None:
         "any); or build the network yourself and pass it as model=")
 
 
-def build_model_from_file(name: str, kwargs: dict, source: str) -> nn.Module:
-    """``build_model(name, **kwargs)`` for the network a file records, after :func:`check_file_model_name`."""
+# Builder arguments a file may not set: they read or fetch other files (build_model's `weights` and `pretrained`,
+# timm's `checkpoint_path`, `pretrained_cfg_overlay` with its URL, `cache_dir`), which a writer of the file has no
+# business choosing for the reader (a review of the trusted-factory change).
+_FILE_REFUSED_ARGUMENTS = ("weights", "pretrained", "checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay",
+                           "cache_dir")
+
+
+def check_file_model_record(name: str, kwargs, source: str) -> None:
+    """:func:`check_file_model_name`, and UntrustedFactoryError where the file's builder arguments ``kwargs`` would
+    have the builder read or fetch other files."""
     check_file_model_name(name, source)
+    refused = sorted(key for key in (kwargs or {}) if key in _FILE_REFUSED_ARGUMENTS)
+    if refused:
+        raise UntrustedFactoryError(f"{source} sets the network builder's {', '.join(map(repr, refused))}, which "
+                                    "would read or fetch other files: a file may not choose them")
+
+
+def build_model_from_file(name: str, kwargs: dict, source: str) -> nn.Module:
+    """``build_model(name, **kwargs)`` for the network a file records, after :func:`check_file_model_record`."""
+    check_file_model_record(name, kwargs, source)
     return _built_with_spec(name, **kwargs)[0]
 
 

@@ -984,20 +984,26 @@ def test_tracing_the_engine_is_refused():
     assert deployed(x.clamp(0, 1)).shape == (1, 10)  # still usable after the refusals
 
 
-def test_blocks_the_rewrite_inlined_refuse_hooks_and_index_like_the_block():
+def test_blocks_the_rewrite_inlined_warn_of_hooks_and_index_by_position():
     """A hook on ``network.layer1`` of a deployed ResNet never ran (the rewrite calls the block's layers, not the
-    block) and ``network.layer1[0]`` raised TypeError. Registering the hook is now refused; indexing works."""
+    block) and ``network.layer1[0]`` raised TypeError. Registering the hook now warns (a tool hooking every module
+    goes on); indexing takes the layers' own positions, and a layer folded away is an IndexError, not its
+    neighbour."""
     model = pruned_resnet18()
     converted, _ = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 32, 32), policy="sparse")
     block = converted.layer1
-    assert isinstance(block, fusion.InlinedBlock) and len(block) == 2
-    assert block[0] is getattr(block, "0") and block[-1] is getattr(block, "1") and block["1"] is block[1]
+    assert isinstance(block, fusion.InlinedBlock)
+    assert block[0] is getattr(block, "0") and block[1] is getattr(block, "1") and block["1"] is block[1]
     with pytest.raises(TypeError, match="indices must be integers or names"):
         block[0.5]
+    with pytest.raises(IndexError, match="positions"):
+        block[-1]
+    with pytest.raises(IndexError, match="layer 2 of this block is not in the converted network"):
+        block[2]
     for register in (block.register_forward_hook, block.register_forward_pre_hook,
                      block.register_full_backward_hook):
-        with pytest.raises(RuntimeError, match="inlined by the CPU engine's graph rewrite"):
-            register(lambda *args: None)
+        with pytest.warns(UserWarning, match="inlined by the CPU engine's graph rewrite"):
+            register(lambda *args: None).remove()
     seen = []
     handle = block[0].conv1.register_forward_hook(lambda *args: seen.append(1))  # a layer's hook still runs
     converted(torch.randn(1, 3, 32, 32))
@@ -1006,3 +1012,9 @@ def test_blocks_the_rewrite_inlined_refuse_hooks_and_index_like_the_block():
     copied = pickle.loads(pickle.dumps(converted))
     assert isinstance(copied.layer1, fusion.InlinedBlock)
     assert isinstance(copy.deepcopy(converted).layer1, fusion.InlinedBlock)
+    sequential = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1)).eval()
+    folded, _ = sparse_cpu.convert_for_cpu(nn.Sequential(sequential), torch.randn(1, 3, 8, 8), policy="sparse")
+    holder = getattr(folded, "0")
+    assert isinstance(holder, fusion.InlinedBlock) and holder[3] is getattr(holder, "3")
+    with pytest.raises(IndexError, match="folded or fused"):
+        holder[1]  # the batch norm folded into conv 0: not conv 3

@@ -30,6 +30,7 @@ import operator
 import re
 import sys
 import threading
+import warnings
 from collections import Counter
 
 import torch
@@ -172,28 +173,38 @@ _PROXY_IN_MESSAGE = re.compile(r"Proxy\((\w+)\)")
 
 class InlinedBlock(nn.Module):
     """A block of the model that the engine's torch.fx rewrite inlined (``layer1`` of a ResNet): it holds the
-    block's layers under their names but is never called itself, so a hook on it would never run. Registering
-    one is refused (RuntimeError) rather than silently ignored; its layers are indexed as in the block
-    (``network.layer1[0]``)."""
+    block's remaining layers under their names but is never called itself, so a hook registered on it would never
+    run: registering one warns (a tool that hooks every module, a model summary, goes on). ``block[i]`` is the
+    layer the block held at position ``i`` (``network.layer1[0]``) where it is still there: a batch norm folded into
+    the conv before it, or a ReLU fused into it, is gone (IndexError saying so)."""
 
-    def _refuse_hook(self, *args, **kwargs):
-        raise RuntimeError("this block was inlined by the CPU engine's graph rewrite and is never called, so a "
-                           "hook on it would not run: hook one of its layers or the deployed module, or register "
-                           "the hook on the model before deploying it (it then converts without the rewrite)")
+    def _warn_hook(self, register, *args, **kwargs):
+        warnings.warn("this block was inlined by the CPU engine's graph rewrite and is never called, so a hook on it "
+                      "will not run: hook one of its layers or the deployed module, or register the hook on the "
+                      "model before deploying it (it then converts without the rewrite)", stacklevel=3)
+        return register(self, *args, **kwargs)
 
-    register_forward_hook = register_forward_pre_hook = _refuse_hook
-    register_full_backward_hook = register_full_backward_pre_hook = register_backward_hook = _refuse_hook
+    def register_forward_hook(self, *args, **kwargs):
+        return self._warn_hook(nn.Module.register_forward_hook, *args, **kwargs)
+
+    def register_forward_pre_hook(self, *args, **kwargs):
+        return self._warn_hook(nn.Module.register_forward_pre_hook, *args, **kwargs)
+
+    def register_full_backward_hook(self, *args, **kwargs):
+        return self._warn_hook(nn.Module.register_full_backward_hook, *args, **kwargs)
 
     def __getitem__(self, index):
         if isinstance(index, str):
             return self._modules[index]
-        if isinstance(index, int) and not isinstance(index, bool):
-            children = list(self._modules.values())
-            return children[index]
-        raise TypeError(f"{type(self).__name__} indices must be integers or names, got {type(index).__name__}")
-
-    def __len__(self) -> int:
-        return len(self._modules)
+        if not isinstance(index, int) or isinstance(index, bool):
+            raise TypeError(f"{type(self).__name__} indices must be integers or names, got {type(index).__name__}")
+        if index < 0:
+            raise IndexError("an inlined block takes its layers' own positions (>= 0): the layers the rewrite "
+                             "folded or fused away are no longer counted from its end")
+        if str(index) not in self._modules:
+            raise IndexError(f"layer {index} of this block is not in the converted network (out of range, or a "
+                             "batch norm or activation the engine's rewrite folded or fused into the layer before it)")
+        return self._modules[str(index)]
 
 
 def mark_inlined_blocks(graph_module: fx.GraphModule) -> list[str]:

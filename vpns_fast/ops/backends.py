@@ -48,6 +48,10 @@ class Backend:
 
 
 def _probe_torch(device_type: str) -> tuple[bool, str]:
+    if device_type == "cuda":  # `vpns info` said "cuda available" beside cuda_available False (an outside review)
+        import torch
+
+        return (True, "") if torch.cuda.is_available() else (False, "no CUDA device is available")
     return True, ""
 
 

@@ -25,6 +25,11 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
     the file and the key for an unknown key or a value of the wrong type."""
     values = read_config_file(path)
     overrides = overrides or {}
+    if "model" not in overrides and isinstance(values.get("model"), str):
+        # the file names the network: a factory it names is code (models.check_file_model_name)
+        from vpns_fast.models import check_file_model_record
+
+        check_file_model_record(values["model"], values.get("model_kwargs"), f"--config {path}")
     _check_names(path, {key: value for key, value in values.items() if key not in overrides})
     for key, value in overrides.items():
         if key in MERGED_KEYS and isinstance(values.get(key), dict):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from vpns_fast.environment import resolve_device
-from vpns_fast.models import check_file_model_name
+from vpns_fast.models import check_file_model_record
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import build_prompt
@@ -355,7 +355,7 @@ def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> 
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: {exc}") from exc
     if isinstance(config.model, str):
-        check_file_model_name(config.model, path)
+        check_file_model_record(config.model, config.model_kwargs, path)
     objects = {}
     for name, value in (("model", model), ("dataset", dataset)):
         if value is None:

@@ -691,6 +691,29 @@ def _add_engine_flags(parser: argparse.ArgumentParser, policy: str) -> None:
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
 
 
+def _add_bench_infer_parser(sub) -> None:
+    """`vpns bench-infer`'s subcommand and flags."""
+    bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch and "
+                                 "ONNX Runtime", description="Images/s (median and p20-p80 over rounds) and median "
+                                 "latency of the deployed module, of the dense folded network in torch and of that "
+                                 "network in ONNX Runtime (when installed), per batch size, the backends taking turns "
+                                 "call by call; the deployed module's speedups with their spread.")
+    bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
+    bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32),
+                             help="comma-separated, distinct batch sizes (default: 1,32)")
+    bench_infer.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    bench_infer.add_argument("--iters", type=int, default=10,
+                             help="timed rounds, each one call of every engine in turn (default: 10; at most "
+                                  f"{MOST_BENCH_ROUNDS})")
+    bench_infer.add_argument("--warmup", type=int, default=2,
+                             help=f"untimed calls of each engine first (default: 2; at most {MOST_BENCH_ROUNDS})")
+    _add_engine_flags(bench_infer, "measure")
+    bench_infer.add_argument("--json", action="store_true")
+    bench_infer.add_argument("--layers", action="store_true",
+                             help="also show each layer's decision (dense/sparse), measured times, GFLOP/s and why")
+    bench_infer.set_defaults(func=_cmd_bench_infer)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vpns", description="vpns_fast: prune vision models with visual "
                             "prompts and weight masks (VPNs), fast.")
@@ -773,25 +796,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--json", action="store_true")
     infer.set_defaults(func=_cmd_infer)
 
-    bench_infer = sub.add_parser("bench-infer", help="inference throughput: deployed module vs dense torch and "
-                                 "ONNX Runtime", description="Images/s (median and p20-p80 over rounds) and median "
-                                 "latency of the deployed module, of the dense folded network in torch and of that "
-                                 "network in ONNX Runtime (when installed), per batch size, the backends taking turns "
-                                 "call by call; the deployed module's speedups with their spread.")
-    bench_infer.add_argument("path", help="checkpoint (.pt) or dense/sparse/slim export")
-    bench_infer.add_argument("--batch", type=_csv(int), default=(1, 32),
-                             help="comma-separated, distinct batch sizes (default: 1,32)")
-    bench_infer.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
-    bench_infer.add_argument("--iters", type=int, default=10,
-                             help="timed rounds, each one call of every engine in turn (default: 10; at most "
-                                  f"{MOST_BENCH_ROUNDS})")
-    bench_infer.add_argument("--warmup", type=int, default=2,
-                             help=f"untimed calls of each engine first (default: 2; at most {MOST_BENCH_ROUNDS})")
-    _add_engine_flags(bench_infer, "measure")
-    bench_infer.add_argument("--json", action="store_true")
-    bench_infer.add_argument("--layers", action="store_true",
-                             help="also show each layer's decision (dense/sparse), measured times, GFLOP/s and why")
-    bench_infer.set_defaults(func=_cmd_bench_infer)
+    _add_bench_infer_parser(sub)
 
     tune = sub.add_parser("tune", help="measure the masked-conv dispatch (Triton implicit GEMM vs cuDNN) for a "
                           "model's shapes", description="Time both masked-conv implementations on every distinct "

@@ -487,3 +487,25 @@ def test_the_method_table_sets_scope_and_optimizers():
                                                                      ("layer", "finetune_weights", False)]
     imp = plan_phases(config, METHODS["imp"], 0.6)
     assert [p.rewinds for p in imp] == [False, True, True, True] and {p.scope for p in imp} == {"global"}
+
+
+def test_a_run_whose_mask_empties_a_layer_says_so():
+    """OMP at 30% kept emptied MobileNetV3's classifier (a threshold shared by all layers), so every prediction was
+    the same, and no row said why (an outside review). The row names such layers and a warning says it."""
+    import warnings
+
+    from vpns_fast.nn.prompted_network import PromptedNetwork
+    from vpns_fast.training.config import TrainConfig
+    from vpns_fast.training.results import result_row
+    from vpns_fast.training.state import RunState
+
+    model = sparsify(build_model("small_resnet", num_classes=10), "unstructured")
+    network = PromptedNetwork(model, None, LabelMapping(10), (0.5,) * 3, (0.5,) * 3)
+    config = TrainConfig(model="small_resnet", dataset="digits", input_size=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert result_row(config, "omp", 0.3, network, RunState(), {}, 1.0)["emptied_layers"] == []
+    with torch.no_grad():
+        model.fc.threshold.fill_(float("inf"))
+    with pytest.warns(UserWarning, match=r"omp at density 0.3: 1 layer\(s\) kept no weight \(fc\)"):
+        assert result_row(config, "omp", 0.3, network, RunState(), {}, 1.0)["emptied_layers"] == ["fc"]

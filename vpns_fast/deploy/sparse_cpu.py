@@ -1991,13 +1991,7 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     reference = _Reference(model, converted, example_input)
     graph_module, folded, fusion_note = None, [], "fuse=False"
     if fuse:
-        graph_module, fusion_note = fusion.trace(converted)
-        # a trace can record one path of the model's Python (an `if w is not None` on a value torch.fx stands in
-        # for is always taken): checked on the example before anything is rewritten on it
-        trace_problem = None if graph_module is None else _end_to_end_problem(graph_module, example_input, reference)
-        if trace_problem is not None:
-            graph_module = None
-            fusion_note = f"the torch.fx trace does not compute what the model does ({trace_problem})"
+        graph_module, fusion_note = _checked_trace(converted, example_input, reference)
         if graph_module is not None:
             converted = graph_module
             folded = fusion.fold_batchnorm(graph_module)
@@ -2046,6 +2040,18 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     if isinstance(converted, fx.GraphModule):
         fusion.mark_inlined_blocks(converted)
     return converted, table
+
+
+def _checked_trace(model: nn.Module, example_input: torch.Tensor, reference) -> tuple[fx.GraphModule | None, str]:
+    """:func:`fusion.trace` of ``model``, run on the example and compared with the model before anything is rewritten
+    on it: a trace records one path of the model's Python (an ``if w is not None`` on a value torch.fx stands in for
+    is always taken; the traced graph then raised where the model runs). ``(None, why)`` where it does not compute
+    what the model does."""
+    graph_module, note = fusion.trace(model)
+    problem = None if graph_module is None else _end_to_end_problem(graph_module, example_input, reference)
+    if problem is not None:
+        return None, f"the torch.fx trace does not compute what the model does ({problem})"
+    return graph_module, note
 
 
 # A weight with at most this share of its entries nonzero is taken as pruned: trained weights and the usual random

@@ -3,6 +3,7 @@ sparsity, training curves, the learned prompt)."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 
@@ -31,6 +32,14 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
     selected_by = selection_key(network, config.protocol)
     if best and selected_by not in best:  # no val split: the last epoch was selected
         selected_by = "last_epoch"
+    emptied = [row.name for row in report.rows if row.masked and row.params and row.kept == 0]
+    if emptied:
+        # a global threshold can keep nothing of a layer: OMP at 30% kept emptied MobileNetV3's classifier, whose
+        # every prediction was then the same (an outside review); the run is what it is, but it must say so
+        warnings.warn(f"{method} at density {density:g}: {len(emptied)} layer(s) kept no weight "
+                      f"({', '.join(emptied[:3])}{', ...' if len(emptied) > 3 else ''}), so the network's output no "
+                      "longer depends on its input through them (a threshold shared by all layers did that; "
+                      "VPNs' --scope layer keeps some weights of every layer)", stacklevel=2)
     return {
         "method": method, "density": density, "actual_density": actual_density(model),
         "test_acc": best.get("test_acc"), "test_acc_prompt": best.get("test_acc_prompt"),
@@ -43,7 +52,7 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
         # --limit: every split capped at this many images; accuracies are not comparable with
         # full-data runs, so each row says so (None: the whole dataset)
         "limit": config.limit,
-        "params_kept": report.kept, "params_total": report.params,
+        "params_kept": report.kept, "params_total": report.params, "emptied_layers": emptied,
         "flops_kept": report.kept_flops, "flops_dense": report.dense_flops,
         "epochs": epochs,
         "wall_s": wall, "train_s": state.train_seconds,

@@ -251,6 +251,16 @@ def test_an_image_over_pils_pixel_limit_is_refused_by_name(files, capsys, monkey
                            r"img.png: Image size \(1024 pixels\) exceeds limit of 200 pixels \(PIL")
 
 
+def test_an_image_between_pils_limit_and_twice_it_is_refused_too(files, capsys, monkeypatch):
+    """PIL raises only past twice MAX_IMAGE_PIXELS and only warns between, where a 10000 x 10000 PNG of 120 KB was
+    decoded into 1.7 GB (an outside review); the README says past the limit."""
+    from PIL import Image as PILImage
+
+    monkeypatch.setattr(PILImage, "MAX_IMAGE_PIXELS", 600)  # img.png has 32 x 32 = 1024 pixels: between
+    _assert_one_line_error(*_run(["infer", "{root}/m.pt", "{root}/img.png", "--policy", "dense"], files, capsys),
+                           r"img.png: Image size \(1024 pixels\) exceeds limit of 600 pixels \(PIL")
+
+
 def test_a_masked_class_with_a_minus_infinite_logit_is_a_result(files, capsys):
     model = V.sparsify(build_model("small_resnet", num_classes=10), "unstructured")
     with torch.no_grad():

@@ -49,6 +49,7 @@ import math
 import os
 import pickle
 import random
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -262,7 +263,17 @@ def decode_image(path: str) -> torch.Tensor:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as pil:
+        with warnings.catch_warnings():  # PIL's warning past its limit: the refusal below says it in one line
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            pil = Image.open(path)
+        with pil:
+            width, height = pil.size
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit is not None and width * height > limit:
+                # PIL itself refuses only past twice its limit and merely warns between: a 10000 x 10000 PNG of
+                # 120 KB was decoded into 1.7 GB (an outside review)
+                raise ValueError(f"{path}: Image size ({width * height} pixels) exceeds limit of {limit} pixels "
+                                 "(PIL.Image.MAX_IMAGE_PIXELS guards against decompression bombs)")
             array = _rgb_array(pil, path)
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image file PIL can read") from None

@@ -365,6 +365,20 @@ def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, 
     _assert_one_line_error(*_run(["bench-infer", "{root}/m.pt"], files, capsys), pattern)
 
 
+def test_infer_checks_its_image_paths_before_deploying(files, capsys, monkeypatch):
+    """A typo in an image's name cost the whole deploy (and its timings) before the error (an outside review)."""
+    from vpns_fast.deploy import runtime
+
+    def deploy(*args, **kwargs):
+        raise AssertionError("deployed before the images were checked")
+
+    monkeypatch.setattr(runtime, "deploy", deploy)
+    for image, expected in (("nothing.png", "nothing.png: cannot read the image: No such file"),
+                            ("afolder", "afolder: cannot read the image: it is a folder")):
+        _assert_one_line_error(*_run(["infer", "{root}/m.pt", "{root}/img.png", f"{{root}}/{image}"], files,
+                                     capsys), expected)
+
+
 def test_out_of_memory_hints_name_what_the_command_has(files, capsys, monkeypatch):
     """`vpns infer` ran out of memory with the advice to try a smaller --batch, a flag it does not have."""
     def failing(args):

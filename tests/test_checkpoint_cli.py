@@ -119,6 +119,9 @@ def test_cli_report(checkpoint, capsys):
     assert main(["report", str(path), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["kept"] == V.density_report(model).kept
+    payload = load_checkpoint(path)  # the text's first line, in the JSON too
+    assert report["checkpoint"] == str(path) and report["granularity"] == payload["granularity"]
+    assert report["model"] == payload["model"]["name"] and report["input_size"] == list(payload["input_size"])
 
 
 def test_cli_errors_are_clear(tmp_path, capsys):

@@ -173,10 +173,11 @@ def _cmd_report(args) -> int:
             raise
         raise ValueError(f"--input-size {shape}: the model cannot run on it "
                          f"({exception_reason(exc, with_type=False)})") from None
-    if args.json:
-        print(json.dumps(report.to_dict(), indent=2))
+    model_name = payload["model"]["name"] or payload["model"].get("class")
+    if args.json:  # what the text's first line says, too (the JSON had only the table: an outside review)
+        print(json.dumps({"checkpoint": args.checkpoint, "model": model_name, "granularity": payload["granularity"],
+                          "input_size": list(input_size) if input_size else None, **report.to_dict()}, indent=2))
     else:
-        model_name = payload["model"]["name"] or payload["model"].get("class")
         print(f"checkpoint: {args.checkpoint}  model: {model_name}  "
               f"granularity: {payload['granularity']}  input: {input_size}")
         print(report)

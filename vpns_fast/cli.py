@@ -76,16 +76,15 @@ def _deployment_engines() -> dict:
     import importlib.metadata
 
     from vpns_fast.deploy import sparse_cpu
+    from vpns_fast.deploy.baselines import onnxruntime_version
 
     available, reason = sparse_cpu.available()
     engine = f"available, {sparse_cpu.kernel_isa()} kernel" if available else f"unavailable: {reason}"
-    versions = {}
-    for package in ("onnxruntime", "onnxscript"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = None
-    return {"cpu_engine": engine, **versions}
+    try:
+        onnxscript = importlib.metadata.version("onnxscript")
+    except importlib.metadata.PackageNotFoundError:
+        onnxscript = None
+    return {"cpu_engine": engine, "onnxruntime": onnxruntime_version(), "onnxscript": onnxscript}
 
 
 def _cmd_info(args) -> int:

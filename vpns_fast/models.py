@@ -562,9 +562,12 @@ class UntrustedFactoryError(ValueError):
 def check_file_model_name(name: str, source: str) -> None:
     """UntrustedFactoryError when the model name a file records (``source`` says which file, for the message) is a
     factory that is not trusted; any other name (torchvision, timm, the small models) passes."""
-    if not isinstance(name, str) or ":" not in name or name.strip().lower().startswith("timm:"):
+    try:
+        kind, key = model_kind(name)
+    except ValueError:  # not a model name at all: building it fails by itself, running nothing
         return
-    key = name.strip()
+    if kind != "factory":
+        return
     listed = {item.strip() for item in os.environ.get(TRUSTED_FACTORIES_VARIABLE, "").split(",") if item.strip()}
     if key in _FACTORIES_NAMED_HERE or key in listed or "*" in listed:
         return

@@ -207,15 +207,12 @@ class InlinedBlock(nn.Module):
         return self._modules[str(index)]
 
 
-def mark_inlined_blocks(graph_module: fx.GraphModule) -> list[str]:
+def mark_inlined_blocks(graph_module: fx.GraphModule) -> None:
     """Makes every module the trace kept only as a holder of layers (a plain ``nn.Module``, never called) an
-    :class:`InlinedBlock`; returns their names."""
-    marked = []
+    :class:`InlinedBlock`."""
     for name, module in graph_module.named_modules():
         if name and type(module) is nn.Module:
             module.__class__ = InlinedBlock
-            marked.append(name)
-    return marked
 
 
 def traced_assert(condition, template: str, *values) -> None:

@@ -403,14 +403,14 @@ def test_a_checkpoint_command_given_an_export_says_so(files, capsys, tmp_path):
 
 def test_report_refuses_an_input_size_over_the_memory_up_front(files, capsys, monkeypatch):
     """`vpns report --input-size 3 8192 8192` (within its documented limit) was killed by the kernel without a
-    word: the FLOP count holds every layer's output. Its memory is estimated first (at the checkpoint's 32 x 32,
-    scaled by the pixels) and a size over what is available is refused by name."""
+    word: the FLOP count holds every layer's output. Its memory is estimated first (at about 224 x 224, scaled by
+    the pixels) and a size over what is available is refused by name."""
     from vpns_fast import environment
 
     monkeypatch.setattr(environment, "available_memory_bytes", lambda: 8 << 20)  # 8 MiB
     _assert_one_line_error(*_run(["report", "{root}/m.pt", "--input-size", "3", "512", "512"], files, capsys),
-                           r"--input-size 3 512 512: counting FLOPs at that size holds every layer's output, about "
-                           r"[0-9.]+ GiB; 0.0 GiB are available")
+                           r"out of memory \(input_size \(3, 512, 512\): counting FLOPs at that size holds every "
+                           r"layer's output, about [0-9]+ MiB; 8 MiB are available\); try a smaller --input-size$")
     assert main(["report", str(files / "m.pt"), "--input-size", "3", "32", "32"]) == 0  # no larger: not estimated
 
 

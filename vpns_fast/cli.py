@@ -114,42 +114,6 @@ _OUT_OF_MEMORY_HINTS = {"prune": "try a smaller --batch-size", "transfer": "try 
                         "report": "try a smaller --input-size", "infer": "try smaller images or fewer at once"}
 
 
-def _refuse_report_over_memory(model, recorded, asked) -> None:
-    """ValueError naming --input-size where the FLOP count's forward (autograd on: every layer's output held) would
-    need more memory than Linux says is available. Estimated from one forward at the checkpoint's own input size,
-    the outputs' bytes scaled by the pixels. `vpns report --input-size 3 8192 8192` on a ResNet was killed by the
-    kernel without a word (an outside review)."""
-    import torch
-
-    from vpns_fast.environment import available_memory_bytes
-
-    available = available_memory_bytes()
-    if available is None or not recorded or asked[1] * asked[2] <= recorded[1] * recorded[2]:
-        return
-    held = 0
-
-    def record(module, inputs, output):
-        nonlocal held
-        held += output.numel() * output.element_size() if isinstance(output, torch.Tensor) else 0
-
-    handles = [m.register_forward_hook(record) for m in model.modules() if next(m.children(), None) is None]
-    was_training = model.training
-    try:
-        with torch.no_grad():
-            model.eval()(torch.zeros(1, *recorded))
-    except RuntimeError:  # not at its own size either: the count below says so for the size asked
-        return
-    finally:
-        model.train(was_training)
-        for handle in handles:
-            handle.remove()
-    needed = held * asked[1] * asked[2] / (recorded[1] * recorded[2])
-    if needed > available:
-        raise ValueError(f"--input-size {' '.join(map(str, asked))}: counting FLOPs at that size holds every "
-                         f"layer's output, about {needed / 2**30:.1f} GiB; {available / 2**30:.1f} GiB are "
-                         "available")
-
-
 def _cmd_report(args) -> int:
     from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
     from vpns_fast.pruning.masking import density_report
@@ -163,8 +127,6 @@ def _cmd_report(args) -> int:
     payload = load_checkpoint(args.checkpoint)
     model = model_from_checkpoint(payload)
     input_size = args.input_size or payload.get("input_size")
-    if args.input_size is not None:
-        _refuse_report_over_memory(model, payload.get("input_size"), args.input_size)
     try:
         report = density_report(model, input_size)
     except RuntimeError as exc:  # the FLOP count runs the model on one input of that size

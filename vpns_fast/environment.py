@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 
@@ -43,6 +44,46 @@ def available_memory_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def memory_text(size_bytes: float) -> str:
+    """``size_bytes`` for a message: GiB with one decimal from 1 GiB, whole MiB below (a refusal had read "about
+    0.0 GiB; 0.0 GiB are available")."""
+    return f"{size_bytes / 2**30:.1f} GiB" if size_bytes >= 2**30 else f"{size_bytes / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """Bytes of the leaf modules' tensors in one forward."""
+
+    outputs: int  # every leaf's output, summed: what a forward with autograd on holds until it ends
+    largest_layer: int  # the largest input + output of one leaf: what a forward without autograd holds at least
+
+
+def layer_bytes(module: torch.nn.Module, forward: Callable[[], object]) -> LayerBytes:
+    """:class:`LayerBytes` of ``module``'s leaf modules in ``forward()`` (a call that runs ``module``), counted by
+    forward hooks and run without autograd; the hooks are removed after. One count for every memory estimate:
+    ``vpns_fast.deploy``'s batch sizes and the FLOP count of ``density_report``."""
+    outputs = largest = 0
+
+    def record(leaf, inputs, output):
+        nonlocal outputs, largest
+        tensors = {t.untyped_storage().data_ptr(): t for t in inputs if isinstance(t, torch.Tensor)}
+        read = sum(t.numel() * t.element_size() for t in tensors.values())
+        written = 0  # an in-place op's or a view's output is its input's memory, not more (ResNet's ReLUs)
+        if isinstance(output, torch.Tensor) and output.untyped_storage().data_ptr() not in tensors:
+            written = output.numel() * output.element_size()
+        outputs += written
+        largest = max(largest, read + written)
+
+    handles = [m.register_forward_hook(record) for m in module.modules() if next(m.children(), None) is None]
+    try:
+        with torch.no_grad():
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return LayerBytes(outputs, largest)
 
 
 def describe() -> dict:

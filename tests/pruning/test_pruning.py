@@ -170,6 +170,30 @@ def test_density_report_counts_and_flops():
     assert "FLOPs" not in str(V.density_report(model))
 
 
+def test_density_report_refuses_a_flop_count_over_the_memory(monkeypatch):
+    """The count's forward holds every layer's output (autograd on): an image size whose estimate (a forward at
+    about 224 x 224, scaled by the pixels) is over the available memory is refused before it runs, in the library
+    and not only in `vpns report` (a ResNet counted at 8192 x 8192 was killed by the kernel without a word)."""
+    from vpns_fast import environment
+
+    model = V.sparsify(tiny_net()).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    estimated = []
+    real_layer_bytes = environment.layer_bytes
+    monkeypatch.setattr(environment, "layer_bytes", lambda *a: estimated.append(1) or real_layer_bytes(*a))
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: 1 << 20)  # 1 MiB
+    # tiny_net at 448 x 448: its convolutions', BNs' and ReLUs' outputs (448 and 224 px) are about 22 MiB
+    with pytest.raises(MemoryError, match=r"input_size \(3, 448, 448\): counting FLOPs at that size holds every "
+                                          r"layer's output, about 2[0-9] MiB; 1 MiB are available"):
+        V.density_report(model, (3, 448, 448))
+    assert estimated and model.training  # its mode and BN statistics untouched by the estimate
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    estimated.clear()
+    assert V.density_report(model, (3, 224, 224)).rows[0].dense_flops > 0 and not estimated  # small: not estimated
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: 1 << 30)
+    assert V.density_report(model, (3, 448, 448)).rows[0].dense_flops == 2 * 8 * 3 * 9 * 448 * 448
+
+
 def test_load_masks_imposes_fixed_masks():
     model = V.sparsify(tiny_net())
     wanted = {name: torch.rand(layer.scores.shape) > 0.5 for name, layer in V.masked_layers(model)}

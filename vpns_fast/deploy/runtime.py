@@ -774,31 +774,18 @@ def _refuse_batches_over_memory(dense: DeployedModel, batch_sizes, image_shape: 
     """MemoryError naming the first batch size whose estimated peak memory is more than the machine has
     available: the kernel's out-of-memory killer would end the process without a word (a --batch of 100000 was
     killed so) where this is a one-line error."""
-    from vpns_fast.environment import available_memory_bytes
+    from vpns_fast.environment import available_memory_bytes, layer_bytes, memory_text
 
     available = available_memory_bytes()
     if available is None:
         return
-    largest = 0
-
-    def record(module, inputs, output):
-        nonlocal largest
-        tensors = [*inputs, output] if isinstance(output, torch.Tensor) else list(inputs)
-        largest = max(largest, sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor)))
-
-    leaves = [m for m in dense.network.modules() if next(m.children(), None) is None]
-    handles = [m.register_forward_hook(record) for m in leaves]
-    try:
-        dense(torch.zeros(1, 3, *image_shape, dtype=torch.uint8))
-    finally:
-        for handle in handles:
-            handle.remove()
+    one_image = torch.zeros(1, 3, *image_shape, dtype=torch.uint8)
+    largest = layer_bytes(dense.network, lambda: dense(one_image)).largest_layer
     per_image = BATCH_MEMORY_FACTOR * largest + 5 * 3 * image_shape[0] * image_shape[1]  # + its uint8 and float
     for batch in batch_sizes:
         if batch * per_image > available:
-            raise MemoryError(f"batch {batch} needs about {batch * per_image / 2**30:.1f} GiB (its largest layer's "
-                              f"input and output, x{BATCH_MEMORY_FACTOR:g}); {available / 2**30:.1f} GiB are "
-                              "available")
+            raise MemoryError(f"batch {batch} needs about {memory_text(batch * per_image)} (its largest layer's "
+                              f"input and output, x{BATCH_MEMORY_FACTOR:g}); {memory_text(available)} are available")
 
 
 def _peak_gflops(device: torch.device) -> float | None:

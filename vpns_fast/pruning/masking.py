@@ -25,7 +25,7 @@ from vpns_fast.nn.masked_layers import (
     remove_mask_launch_batching,
     unmask_attention,
 )
-from vpns_fast.pruning.matrices import count_flops, weight_matrices
+from vpns_fast.pruning.matrices import count_flops, refuse_flop_count_over_memory, weight_matrices
 from vpns_fast.pruning.structured import apply_channel_cap, residual_groups, structure_channels, unique_score_units
 
 NORM_TYPES = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.InstanceNorm2d)
@@ -249,7 +249,9 @@ def density_report(model: nn.Module, input_size: Sequence[int] | None = None) ->
     forward on zeros in eval mode (the model's mode and BN statistics are left untouched). A matrix's
     kept FLOPs are its dense FLOPs times its density; FLOPs of ops that read no weight matrix
     (attention's query-key and attention-value matmuls) are kept in full, in a last row
-    ``(other ops)`` when there are any."""
+    ``(other ops)`` when there are any. The count's forward holds every layer's output: an image
+    ``input_size`` whose estimated memory for that is more than is available raises MemoryError before it
+    runs (:func:`~vpns_fast.pruning.matrices.refuse_flop_count_over_memory`)."""
     matrices = weight_matrices(model)
     if not matrices:
         raise ValueError("model has no weight matrix (Conv, Linear, MultiheadAttention, ...) to report on")
@@ -275,6 +277,7 @@ def _count_flops(model: nn.Module, rows: list[LayerDensity], input_size: Sequenc
     folded = fold(model)
     weights = {matrix.name: matrix.weight for matrix in weight_matrices(folded)}
     param = next(folded.parameters())
+    refuse_flop_count_over_memory(folded, input_size, param)
     total, per_weight = count_flops(folded, [weights[row.name] for row in rows],
                                     torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
     for row, flops in zip(rows, per_weight):

@@ -9,6 +9,7 @@ scales) are not weight matrices.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
+from vpns_fast import environment
 from vpns_fast.nn.masked_layers import (
     ATTENTION_PROJECTIONS,
     MASKABLE_TYPES,
@@ -121,3 +123,36 @@ def count_flops(model: nn.Module, weights: list[torch.Tensor], example: torch.Te
         for p, flag in zip(model.parameters(), requires_grad):
             p.requires_grad_(flag)
     return counter.get_total_flops(), per_weight.flops
+
+
+# Inputs of at most this many pixels are counted without an estimate first; larger ones are estimated at a copy
+# scaled down to about this many.
+FLOP_COUNT_ESTIMATE_PIXELS = 224 * 224
+
+
+def refuse_flop_count_over_memory(model: nn.Module, input_size, param: torch.Tensor) -> None:
+    """MemoryError naming ``input_size`` (``(C, H, W)``) where :func:`count_flops` on one example of it would hold
+    more memory than Linux says is available: its forward runs with autograd on, so every layer's output is held
+    until it ends. Estimated from one forward on an image scaled down to about FLOP_COUNT_ESTIMATE_PIXELS, the
+    leaves' outputs scaled by the pixels; not estimated for other shapes, smaller images, or a model that cannot
+    run at the smaller size (the count itself then says whether it runs). A ResNet counted at 8192 x 8192 was
+    killed by the kernel without a word (an outside review of `vpns report`)."""
+    available = environment.available_memory_bytes()
+    if available is None or len(input_size) != 3 or input_size[1] * input_size[2] <= FLOP_COUNT_ESTIMATE_PIXELS:
+        return
+    scale = math.sqrt(FLOP_COUNT_ESTIMATE_PIXELS / (input_size[1] * input_size[2]))
+    small = (input_size[0], max(1, round(input_size[1] * scale)), max(1, round(input_size[2] * scale)))
+    was_training = model.training
+    model.eval()  # no BN statistics update
+    try:
+        example = torch.zeros(1, *small, device=param.device, dtype=param.dtype)
+        held = environment.layer_bytes(model, lambda: model(example))
+    except RuntimeError:
+        return
+    finally:
+        model.train(was_training)
+    needed = held.outputs * input_size[1] * input_size[2] / (small[1] * small[2])
+    if needed > available:
+        raise MemoryError(f"input_size {tuple(input_size)}: counting FLOPs at that size holds every layer's output, "
+                          f"about {environment.memory_text(needed)}; {environment.memory_text(available)} are "
+                          "available")

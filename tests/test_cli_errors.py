@@ -365,8 +365,9 @@ def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, 
     _assert_one_line_error(*_run(["bench-infer", "{root}/m.pt"], files, capsys), pattern)
 
 
-def test_infer_checks_its_image_paths_before_deploying(files, capsys, monkeypatch):
-    """A typo in an image's name cost the whole deploy (and its timings) before the error (an outside review)."""
+def test_infer_reads_its_images_before_deploying(files, capsys, monkeypatch):
+    """A typo in an image's name cost the whole deploy (and its timings) before the error (an outside review);
+    so did a file that is no image, or a cut-off one."""
     from vpns_fast.deploy import runtime
 
     def deploy(*args, **kwargs):
@@ -374,7 +375,9 @@ def test_infer_checks_its_image_paths_before_deploying(files, capsys, monkeypatc
 
     monkeypatch.setattr(runtime, "deploy", deploy)
     for image, expected in (("nothing.png", "nothing.png: cannot read the image: No such file"),
-                            ("afolder", "afolder: cannot read the image: it is a folder")):
+                            ("afolder", "afolder: cannot read the image: it is a folder"),
+                            ("afile.txt", "afile.txt: not an image file PIL can read"),
+                            ("cut.png", "cut.png: cannot read the image: image file is truncated")):
         _assert_one_line_error(*_run(["infer", "{root}/m.pt", "{root}/img.png", f"{{root}}/{image}"], files,
                                      capsys), expected)
 

@@ -275,8 +275,10 @@ def decode_image(path: str) -> torch.Tensor:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:  # a small file, gigabytes decoded
         raise ValueError(f"{path}: {exc.args[0].split(' could be')[0].rstrip(', ')} (PIL.Image.MAX_IMAGE_PIXELS guards "
                          "against decompression bombs)") from None
-    except OSError as exc:
-        raise ValueError(f"{path}: cannot read the image: {exc}") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: cannot read the image: it is a folder") from None
+    except OSError as exc:  # a missing file or no permission (strerror), or a broken image (PIL's message)
+        raise ValueError(f"{path}: cannot read the image: {exc.strerror if exc.filename else exc}") from None
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 

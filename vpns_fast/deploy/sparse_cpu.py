@@ -286,7 +286,8 @@ def refuse_tracing(what: str) -> None:
     """RuntimeError under ``torch.jit.trace`` (the TorchScript ONNX exporter traces too): the engine's kernels are
     the extension's calls, which a trace does not record, so it would hold their outputs on the example as
     constants. A traced ResNet-18 returned the same logits for every input, and its ONNX file was a graph of one
-    constant and no input."""
+    constant and no input. It costs 111 ns a call (timeit, 2026-12-07, the Intel Xeon guest of run al): even 60 such
+    calls would be 0.04% of ResNet-50's 16.7 ms at batch 1, and the compiled call plan does not make them."""
     if torch._C._is_tracing():
         raise RuntimeError(f"{what}: torch.jit.trace (and torch.onnx.export with dynamo=False) cannot record the "
                            "CPU engine's kernels: the trace would return this call's output for every input. For "

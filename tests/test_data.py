@@ -498,6 +498,30 @@ def test_dataset_splits_with_given_val_and_test_and_bad_items():
         dataset_splits(data(4), num_classes=0, image_size=8)
 
 
+def test_float_images_outside_zero_to_one_are_refused_by_item():
+    """A 0..255 image given as float trained on inputs 255 times too large without a word (an outside review):
+    float items must lie in [0, 1] as deploy() requires, NaN refused by the item rather than as a diverged loss."""
+    from torch.utils.data import TensorDataset
+
+    from vpns_fast.data import dataset_splits
+
+    labels = torch.arange(4) % 2
+    for images, message in ((1 + 254 * torch.rand(4, 3, 8, 8), r"dataset item 0: float pixels must lie in \[0, 1\], "
+                             r"got values in \[[0-9.]+, [0-9.]+\] \(0..255 images: pass them as uint8, or divide by "
+                             r"255\)"),
+                            (torch.full((4, 3, 8, 8), float("nan")), "dataset item 0: NaN or Inf pixels")):
+        with pytest.raises(ValueError, match=message):
+            dataset_splits(TensorDataset(images, labels), num_classes=2, image_size=8)
+    late = torch.rand(4, 3, 8, 8)
+    late[3] *= 255  # one bad item past the first: refused when a loader reads it
+    splits = dataset_splits(TensorDataset(late, labels), num_classes=2, image_size=8, val_fraction=0.0,
+                            test_fraction=0.0)
+    with pytest.raises(ValueError, match="dataset item 3: float pixels must lie in"):
+        [splits.train[i] for i in range(len(splits.train))]
+    images = torch.rand(4, 3, 8, 8) * 1.05 - 0.02  # a resize's ringing past the ends is within the slack
+    assert dataset_splits(TensorDataset(images, labels), num_classes=2, image_size=8).train[0][0].shape == (3, 8, 8)
+
+
 # --------------------------------------------------------------------------- decoding every image mode
 
 def _gradient16() -> np.ndarray:

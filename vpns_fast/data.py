@@ -742,6 +742,22 @@ class _DatasetView(Dataset):
         return f"_DatasetView({type(self.dataset).__name__}, n={len(self)}, transform={self.transform!r})"
 
 
+# Float images may overshoot [0, 1] by this much (bicubic / Lanczos resizing rings past the ends); a 0..255
+# image passed as float, or NaN / Inf pixels, would give silently wrong logits instead.
+FLOAT_PIXEL_SLACK = 0.1
+
+
+def check_float_pixel_range(low: float, high: float, what: str) -> None:
+    """ValueError starting with ``what`` unless float pixels from ``low`` to ``high`` (their smallest and largest,
+    NaN where any is) are finite and in [0, 1] within FLOAT_PIXEL_SLACK. One rule for the images a deployed model
+    is given and those a run trains on."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{what}: NaN or Inf pixels")
+    if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
+        raise ValueError(f"{what}: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
+                         "(0..255 images: pass them as uint8, or divide by 255)")
+
+
 def _expected_item(num_classes: int) -> str:
     return ("an (image, label) pair, image a uint8 [0, 255] or float [0, 1] tensor (C, H, W) with C 1 or 3, "
             f"label an integer in [0, {num_classes})")
@@ -760,6 +776,9 @@ def _checked_item(item, index: int, num_classes: int) -> tuple[torch.Tensor, int
                  else type(image).__name__)
         raise ValueError(f"dataset item {index}: expected {_expected_item(num_classes)}, got image {shape}, "
                          f"label {item[1]!r}")
+    if image.is_floating_point() and image.numel():
+        # a 0..255 image given as float trained on inputs 255 times too large, without a word (an outside review)
+        check_float_pixel_range(*(value.item() for value in torch.aminmax(image.detach())), f"dataset item {index}")
     return image, label
 
 

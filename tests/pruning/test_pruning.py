@@ -202,3 +202,43 @@ def test_load_masks_imposes_fixed_masks():
         assert torch.equal(mask, wanted[name])
     with pytest.raises(ValueError, match="shape"):
         V.load_masks(model, {**wanted, "0": torch.ones(2, 2, dtype=torch.bool)})
+
+
+class _TiedLayers(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False)
+        self.dec.weight = self.enc.weight  # tied
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.dec(torch.relu(self.enc(x))))
+
+
+class _AliasedWeight(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.w = self.fc.weight  # the same parameter under a second name
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.w, self.fc.bias)
+
+
+@pytest.mark.parametrize("model, exclude, names", [
+    (_TiedLayers, None, "enc.weight is also dec.weight"),
+    (_TiedLayers, "dec", "enc.weight is also dec.weight"),  # dec left dense would still read enc's whole weight
+    (_AliasedWeight, None, "w is also fc.weight"),
+])
+def test_sparsify_refuses_a_weight_shared_under_two_names(model, exclude, names):
+    """A tied decoder kept reading the whole weight after its encoder was masked, yet the density counted the
+    weight as pruned; an alias (`self.w = self.fc.weight`) bypassed the mask the same way (an outside review)."""
+    with pytest.raises(ValueError, match=f"sparsify: the weight {names} \\(tied or aliased\\)"):
+        V.sparsify(model(), exclude=exclude)
+
+
+def test_sparsify_keeps_a_tied_weight_dense_when_every_holder_is_excluded():
+    model = V.sparsify(_TiedLayers(), exclude=["enc", "dec"])
+    V.set_density(model, 0.5)
+    assert [name for name, _ in V.masked_layers(model)] == ["head"]
+    assert model.dec.weight is model.enc.weight

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from helpers import tiny_config as tiny
+from torch import nn
 
 from vpns_fast import cli
 from vpns_fast.models import build_model
@@ -509,3 +510,34 @@ def test_a_run_whose_mask_empties_a_layer_says_so():
         model.fc.threshold.fill_(float("inf"))
     with pytest.warns(UserWarning, match=r"omp at density 0.3: 1 layer\(s\) kept no weight \(fc\)"):
         assert result_row(config, "omp", 0.3, network, RunState(), {}, 1.0)["emptied_layers"] == ["fc"]
+
+
+class _WithUnusedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = build_model("small_resnet", num_classes=10)
+        self.aux_head = nn.Linear(128, 128)  # never called by forward
+
+    def forward(self, x):
+        return self.body(x)
+
+
+def test_a_run_with_a_layer_its_forward_never_calls_says_so():
+    """An unused 128x128 Linear beside a small conv net absorbed the global threshold: at density 0.1 the layers that
+    ran kept 0.61 of their weights, while actual_density said 0.1 and nothing warned (an outside review)."""
+    from vpns_fast.nn.prompted_network import PromptedNetwork
+    from vpns_fast.pruning.masking import density_report, set_density
+    from vpns_fast.training.config import TrainConfig
+    from vpns_fast.training.results import result_row
+    from vpns_fast.training.state import RunState
+
+    model = sparsify(_WithUnusedHead(), "unstructured")
+    set_density(model, 0.5)
+    network = PromptedNetwork(model, None, LabelMapping(10), (0.5,) * 3, (0.5,) * 3)
+    config = TrainConfig(model="small_resnet", dataset="digits", input_size=32)
+    with pytest.warns(UserWarning, match=r"omp at density 0.5: 1 masked layer\(s\) did no work in the eval-mode "
+                                         r"forward \(aux_head\); their weights count in the density"):
+        assert result_row(config, "omp", 0.5, network, RunState(), {}, 1.0)["unused_layers"] == ["aux_head"]
+    report = density_report(model, (3, 32, 32))
+    assert report.unused_layers == ["aux_head"] and report.to_dict()["unused_layers"] == ["aux_head"]
+    assert density_report(model).unused_layers is None  # FLOPs not counted: not known

@@ -1,6 +1,6 @@
 """Inference modules for deployment: ``deploy(path_or_model)`` gives an ``nn.Module`` that takes
 images (uint8 in [0, 255] or float in [0, 1], ``(B, 3, in, in)``) and returns target logits. Other
-integer dtypes, float pixels outside [0, 1] (by more than FLOAT_PIXEL_SLACK) and NaN / Inf pixels raise
+integer dtypes, float pixels outside [0, 1] (by more than vpns_fast.data.FLOAT_PIXEL_SLACK) and NaN / Inf pixels raise
 ValueError rather than give wrong logits.
 
 Backends per device:
@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from vpns_fast._version import __version__
+from vpns_fast.data import check_float_pixel_range
 from vpns_fast.deploy import fusion
 from vpns_fast.errors import caller_stacklevel, shortened
 from vpns_fast.nn.prompts import VisualPrompt, normalize
@@ -149,7 +150,7 @@ class DeployedModel(nn.Module):
             mean, std = (list(v) * (3 // len(v)) for v in (self.mean, self.std))
             x, low, high = sparse_cpu._ops().normalize_images(images, mean, std)
             if images.dtype != torch.uint8 and images.numel():
-                _check_pixel_range(low, high)
+                check_float_pixel_range(low, high, "images")
             return x
         images = _checked_pixels(images).to(self.device, non_blocking=True)
         if images.dtype != torch.uint8 and images.dtype != torch.float32:
@@ -201,11 +202,6 @@ def _mapping_end(mapping: torch.Tensor | None) -> int:
     return int(mapping.max()) + 1 if mapping is not None and mapping.numel() else 0
 
 
-# Float images may overshoot [0, 1] by this much (bicubic / Lanczos resizing rings past the ends); a 0..255
-# image passed as float, or NaN / Inf pixels, would give silently wrong logits instead.
-FLOAT_PIXEL_SLACK = 0.1
-
-
 def _checked_pixels(images: torch.Tensor) -> torch.Tensor:
     """``images`` if they are uint8, or floating point with finite values in [0, 1] (within
     FLOAT_PIXEL_SLACK); otherwise ValueError. One min/max reduction (a device sync on CUDA)."""
@@ -214,18 +210,8 @@ def _checked_pixels(images: torch.Tensor) -> torch.Tensor:
     if not images.is_floating_point():
         raise ValueError(f"images: expected uint8 in [0, 255] or float in [0, 1], got dtype {images.dtype}")
     if images.numel():
-        _check_pixel_range(*(value.item() for value in torch.aminmax(images.detach())))
+        check_float_pixel_range(*(value.item() for value in torch.aminmax(images.detach())), "images")
     return images
-
-
-def _check_pixel_range(low: float, high: float) -> None:
-    """ValueError unless float pixels from ``low`` to ``high`` (their smallest and largest, NaN where any is) are
-    finite and in [0, 1] within FLOAT_PIXEL_SLACK."""
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("images: NaN or Inf pixels")
-    if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
-        raise ValueError(f"images: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
-                         "(0..255 images: pass them as uint8, or divide by 255)")
 
 
 # --------------------------------------------------------------------------- sources

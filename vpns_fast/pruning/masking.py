@@ -82,6 +82,7 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
                          "nn.MultiheadAttention) to sparsify" + (f" after exclude={exclude}" if exclude else ""))
     if any(not m.name for m in targets):
         raise ValueError("the model itself is a layer; wrap it in a container to sparsify it")
+    _refuse_shared_weights(model, targets)
     for matrix in targets:  # module order: kaiming score init draws random numbers layer by layer
         if isinstance(matrix.module, nn.MultiheadAttention):
             mask_attention_projection(matrix.module, matrix.name.rsplit(".", 1)[-1], granularity, score_init)
@@ -99,6 +100,22 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
         structure_channels(model, cap_layers, cap_sparsity)
     MaskLaunchBatching(model)  # one mask launch per forward on the triton backend
     return model
+
+
+def _refuse_shared_weights(model: nn.Module, targets) -> None:
+    """ValueError where a weight to be masked is also registered under another name: tied layers (``dec.weight =
+    enc.weight``) or an alias (``self.w = self.fc.weight``). Masking replaces one module's weight by a masked one,
+    so the other name would go on reading the whole weight: a tied decoder ran dense while the density counted
+    it as pruned (an outside review)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    for matrix in targets:
+        names = names_of.get(id(matrix.weight), [])
+        if len(names) > 1:
+            raise ValueError(f"sparsify: the weight {names[0]} is also {', '.join(names[1:])} (tied or aliased): a "
+                             "mask on one name would leave the other reading the whole weight; untie them, or name "
+                             "every layer that holds it in exclude= to keep it dense")
 
 
 def maskable_names(model: nn.Module) -> list[str]:
@@ -204,10 +221,21 @@ class DensityReport:
     def kept_flops(self) -> int | None:
         return None if any(r.kept_flops is None for r in self.rows) else sum(r.kept_flops for r in self.rows)
 
+    @property
+    def unused_layers(self) -> list[str] | None:
+        """Masked weight matrices that did no FLOPs in the counted eval-mode forward: layers its forward never calls
+        (an auxiliary head, a layer used only in training). Their weights still count in the density and in a
+        global threshold, so the layers that run keep more than the density says: 0.61 of them at density 0.1
+        where an unused 128x128 Linear sat beside a small conv net (an outside review). None where FLOPs were not
+        counted."""
+        if self.dense_flops is None:
+            return None
+        return [r.name for r in self.rows if r.masked and r.params and r.dense_flops == 0]
+
     def to_dict(self) -> dict:
         return {"layers": [dict(vars(r), density=r.density) for r in self.rows],
                 "params": self.params, "kept": self.kept, "density": self.density,
-                "dense_flops": self.dense_flops, "kept_flops": self.kept_flops}
+                "dense_flops": self.dense_flops, "kept_flops": self.kept_flops, "unused_layers": self.unused_layers}
 
     def __str__(self) -> str:
         with_flops = self.dense_flops is not None

@@ -40,6 +40,12 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
                       f"({', '.join(emptied[:3])}{', ...' if len(emptied) > 3 else ''}), so the network's output no "
                       "longer depends on its input through them (a threshold shared by all layers did that; "
                       "VPNs' --scope layer keeps some weights of every layer)", stacklevel=2)
+    unused = report.unused_layers
+    if unused:
+        warnings.warn(f"{method} at density {density:g}: {len(unused)} masked layer(s) did no work in the eval-mode "
+                      f"forward ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); their weights count in "
+                      "the density and the global threshold, so the layers that run keep more than it says: "
+                      "delete them from the model before the run", stacklevel=2)
     return {
         "method": method, "density": density, "actual_density": actual_density(model),
         "test_acc": best.get("test_acc"), "test_acc_prompt": best.get("test_acc_prompt"),
@@ -53,6 +59,7 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
         # full-data runs, so each row says so (None: the whole dataset)
         "limit": config.limit,
         "params_kept": report.kept, "params_total": report.params, "emptied_layers": emptied,
+        "unused_layers": unused,
         "flops_kept": report.kept_flops, "flops_dense": report.dense_flops,
         "epochs": epochs,
         "wall_s": wall, "train_s": state.train_seconds,

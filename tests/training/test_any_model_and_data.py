@@ -1,6 +1,7 @@
 """Any model and any data: `vpns prune` with a torchvision name and a user's factory, the trainer on a user's
 module and TensorDataset, what checkpoints record to rebuild them, resume of a run given objects, timm, and the
 errors for models that cannot be used."""
+import copy
 import importlib
 import json
 import os
@@ -14,6 +15,7 @@ from user_networks import TinyNetwork
 from vpns_fast import cli
 from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
 from vpns_fast.pruning.masking import fold, set_density, sparsify
+from vpns_fast.training.config import module_weights_sha256
 from vpns_fast.training.trainer import TrainConfig, TwoStageTrainer, resume
 
 
@@ -145,13 +147,22 @@ def test_run_given_objects_resumes_from_python_only(user_run, capsys):
     out, network, dataset, results, _ = user_run
     with open(os.path.join(out, "config.json")) as f:
         config = json.load(f)
-    assert config["model"] == {"python_object": "user_networks.TinyNetwork"}
+    assert config["model"] == {"python_object": "user_networks.TinyNetwork",
+                               "weights_sha256": module_weights_sha256(network)}
     assert config["dataset"] == {"python_object": "torch.utils.data.dataset.TensorDataset"}
     assert cli.main(["resume", str(out), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "as a Python object" in err and "resume(OUT, " in err and "\n" not in err.strip()
     again = resume(str(out), progress=False, model=network, dataset=dataset)  # finished: nothing reruns
     assert again[0]["test_acc"] == results[0]["test_acc"]
+    # a module of the same class with other weights would prune the later runs from other dense weights, silently
+    # (an outside review): refused by the fingerprint config.json records
+    other = copy.deepcopy(network)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    with pytest.raises(ValueError, match=r"model: its weights differ from those the run in .* started from \(sha256 "
+                                         r"[0-9a-f]{12}\.\.\.\); pass the same module, with the weights it had then"):
+        resume(str(out), progress=False, model=other, dataset=dataset)
     with pytest.raises(ValueError, match="model: expected a model name or an nn.Module"):
         TrainConfig(model=42)
     with pytest.raises(ValueError, match="num_classes: a dataset passed as Dataset objects needs"):

@@ -34,6 +34,7 @@ def default_optimizers() -> dict[str, dict]:
 
 # A network or dataset passed as a Python object has no JSON form: config.json keeps this description.
 OBJECT_KEY = "python_object"
+WEIGHTS_KEY = "weights_sha256"
 
 
 @dataclass(frozen=True)
@@ -43,9 +44,12 @@ class PythonObject:
     not from the command line."""
     field: str
     description: str
+    # a module's state (parameters and buffers) when the run started, by payload_sha256: resuming with a module of
+    # other weights pruned the later runs from other dense weights, without a word (an outside review)
+    weights_sha256: str | None = None
 
     def to_json(self) -> dict:
-        return {OBJECT_KEY: self.description}
+        return {OBJECT_KEY: self.description, **({WEIGHTS_KEY: self.weights_sha256} if self.weights_sha256 else {})}
 
 
 def describe_object(value: Any) -> str:
@@ -249,7 +253,9 @@ class TrainConfig:
         values = {k: v for k, v in data.items() if k in known}
         for name in ("model", "dataset"):
             if isinstance(values.get(name), dict) and OBJECT_KEY in values[name]:
-                values[name] = PythonObject(name, str(values[name][OBJECT_KEY]))
+                recorded = values[name].get(WEIGHTS_KEY)
+                values[name] = PythonObject(name, str(values[name][OBJECT_KEY]),
+                                            recorded if isinstance(recorded, str) else None)
         return cls(**values)
 
     def identity(self) -> dict:
@@ -280,4 +286,14 @@ def logger_names(value: Any) -> tuple[str, ...]:
 
 
 def _described(value: Any, name: str) -> PythonObject:
-    return value if isinstance(value, PythonObject) else PythonObject(name, describe_object(value))
+    if isinstance(value, PythonObject):
+        return value
+    return PythonObject(name, describe_object(value), module_weights_sha256(value) if isinstance(value, nn.Module)
+                        else None)
+
+
+def module_weights_sha256(module: nn.Module) -> str:
+    """sha256 of a module's parameters and buffers: each one's name, dtype, shape and bytes."""
+    from vpns_fast.pruning.checkpoint import payload_sha256
+
+    return payload_sha256({"state_dict": module.state_dict()})

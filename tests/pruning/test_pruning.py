@@ -242,3 +242,25 @@ def test_sparsify_keeps_a_tied_weight_dense_when_every_holder_is_excluded():
     V.set_density(model, 0.5)
     assert [name for name, _ in V.masked_layers(model)] == ["head"]
     assert model.dec.weight is model.enc.weight
+
+
+def test_api_mistakes_are_named():
+    """What an outside review found passing silently or failing unclearly: a model name given as the model, an
+    exclude pattern that names nothing (the layer stayed masked), masks for unknown layers (ignored) or of
+    fractions (0.3s pruned the whole layer), an input_size that is not a shape."""
+    with pytest.raises(TypeError, match="model: expected an nn.Module, got str"):
+        V.sparsify("resnet18")
+    with pytest.raises(ValueError, match=r"exclude: 'fc9' match\(es\) no layer of the model"):
+        V.sparsify(tiny_net(), exclude=["0", "fc9"])
+    assert [n for n, _ in V.masked_layers(V.sparsify(tiny_net(), exclude="8"))] == ["0", "3"]
+    model = V.sparsify(tiny_net())
+    wanted = {name: torch.ones(layer.scores.shape, dtype=torch.bool) for name, layer in V.masked_layers(model)}
+    with pytest.raises(ValueError, match=r"masks given for 1 name\(s\) the model has no masked layer of: 'fc9'"):
+        V.load_masks(model, {**wanted, "fc9": torch.ones(1, dtype=torch.bool)})
+    with pytest.raises(ValueError, match=r"mask for '0': expected booleans or 0 / 1 values, got others \(e.g. 0.3\)"):
+        V.load_masks(model, {**wanted, "0": torch.full(wanted["0"].shape, 0.3)})
+    V.load_masks(model, {name: mask.float() for name, mask in wanted.items()})  # 0 / 1 floats are masks too
+    assert all(bool(mask.all()) for mask in V.masks(model).values())
+    for bad in (8, (True, 8, 8), "3x8x8"):
+        with pytest.raises(ValueError, match="input_size must be one example's shape"):
+            V.density_report(model, bad)

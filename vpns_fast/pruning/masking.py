@@ -60,6 +60,8 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     producer's channel mask, and the first ``cap_layers`` convs keep at most ``cap_sparsity`` of
     their channels pruned (see :mod:`vpns_fast.pruning.structured`).
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected an nn.Module, got {type(model).__name__}")
     if granularity not in GRANULARITIES:
         raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
     if score_init not in SCORE_INITS:
@@ -76,6 +78,11 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     if any(isinstance(m, MASKED_TYPES) for m in model.modules()):
         raise ValueError("model already has masked layers; sparsify a dense model")
     matrices = weight_matrices(model)
+    names = [m.name for m in matrices] + [name for name, _ in model.named_modules()]
+    unmatched = [pattern for pattern in exclude if not any(_excluded(name, [pattern]) for name in names)]
+    if unmatched:  # a misspelt name left its layer masked, silently (an outside review)
+        raise ValueError(f"exclude: {', '.join(map(repr, unmatched))} match(es) no layer of the model (the names "
+                         "of its weight matrices: vpns_fast.maskable_names(model))")
     targets = [m for m in matrices if m.maskable and not _excluded(m.name, exclude)]
     if not targets:
         raise ValueError("model has no maskable weight matrix (Conv1d/2d/3d, Linear or a subclass, "
@@ -300,8 +307,9 @@ def density_report(model: nn.Module, input_size: Sequence[int] | None = None) ->
 
 def _count_flops(model: nn.Module, rows: list[LayerDensity], input_size: Sequence[int]) -> list[LayerDensity]:
     """Fills each row's FLOPs; returns the ``(other ops)`` row, if any."""
-    if len(input_size) < 1 or not all(isinstance(n, int) and n > 0 for n in input_size):
-        raise ValueError(f"input_size must be one example's shape, e.g. (C, H, W), got {tuple(input_size)}")
+    if (not isinstance(input_size, Sequence) or len(input_size) < 1
+            or not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in input_size)):
+        raise ValueError(f"input_size must be one example's shape, e.g. (C, H, W), got {input_size!r}")
     folded = fold(model)
     weights = {matrix.name: matrix.weight for matrix in weight_matrices(folded)}
     param = next(folded.parameters())
@@ -381,8 +389,16 @@ def parameter_groups(model: nn.Module) -> dict[str, list[nn.Parameter]]:
 
 def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Iterable[str] | None = None) -> None:
     """Impose fixed masks (e.g. from OMP, random or IMP) through the scores: kept weights get
-    score 1, pruned ones 0, threshold 0.5. Each mask has its layer's score shape."""
-    for name, layer in _require_masked(model):
+    score 1, pruned ones 0, threshold 0.5. Each mask has its layer's score shape and holds booleans or 0 / 1; a
+    mask for a layer the model does not mask is refused (a mask of 0.3s had pruned a whole layer, and a misspelt
+    name was ignored: an outside review)."""
+    masked = _require_masked(model)
+    unknown = sorted(set(mask_dict) - {name for name, _ in masked})
+    if unknown:
+        raise ValueError(f"masks given for {len(unknown)} name(s) the model has no masked layer of: "
+                         f"{', '.join(map(repr, unknown[:3]))}{' ...' if len(unknown) > 3 else ''} (its masked layers: "
+                         "vpns_fast.masks(model).keys())")
+    for name, layer in masked:
         if layers is not None and name not in layers:
             continue
         if name not in mask_dict:
@@ -390,6 +406,9 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
         mask = mask_dict[name].to(layer.scores.device)
         if tuple(mask.shape) != tuple(layer.scores.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(layer.scores.shape)}")
+        if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+            raise ValueError(f"mask for {name!r}: expected booleans or 0 / 1 values, got others (e.g. "
+                             f"{mask[(mask != 0) & (mask != 1)].flatten()[0].item():g})")
         with torch.no_grad():
             layer.scores.copy_(mask.to(layer.scores.dtype))
             layer.set_threshold(0.5)

@@ -416,3 +416,30 @@ def test_checkpoint_rebuilds_the_layers_that_stayed_dense(tmp_path, exclude):
     rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), model=_Conv2dThenAttention())
     x = torch.rand(2, 3, 6, 6)
     assert_close(rebuilt(x), model(x), rtol=0, atol=0)
+
+
+class _WithTransposedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.up = nn.ConvTranspose2d(4, 4, 2, stride=2)  # cannot be masked: warned when sparsified
+
+    def forward(self, x):
+        return self.up(self.conv(x)).mean((2, 3))
+
+
+def test_a_checkpoint_does_not_repeat_the_unmasked_weights_warning(tmp_path):
+    """The warning belongs to the pruning, once: rebuilding the checkpoint (export, deploy, eval) repeated it on
+    every load (an outside review)."""
+    import warnings
+
+    from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+
+    with pytest.warns(UnmaskedWeightsWarning, match="up"):
+        model = V.sparsify(_WithTransposedConv())
+    save_checkpoint(tmp_path / "m.pt", model, model_name=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "m.pt"), model=_WithTransposedConv())
+    x = torch.rand(2, 3, 6, 6)
+    assert_close(rebuilt(x), model(x), rtol=0, atol=0)

@@ -121,7 +121,8 @@ def test_checkpoint_of_a_module_object_needs_model(user_run):
         model_from_checkpoint(payload)
     model = model_from_checkpoint(payload, model=TinyNetwork(num_classes=5, width=4))
     assert all(torch.equal(model.state_dict()[k], v) for k, v in payload["state_dict"].items())
-    with pytest.raises(ValueError, match="do not fit the model") as refused:
+    with pytest.raises(ValueError, match=r"do not fit the model \(the model= given, user_networks.TinyNetwork; the "
+                                         r"checkpoint was made from user_networks.TinyNetwork\)") as refused:
         model_from_checkpoint(payload, model=TinyNetwork(num_classes=5, width=6))
     # one line naming the first problem and how many more, not torch's header line alone
     assert "\n" not in str(refused.value) and "size mismatch for " in str(refused.value)

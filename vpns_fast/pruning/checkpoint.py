@@ -251,7 +251,7 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
     import copy
 
     from vpns_fast.models import build_model_from_file
-    from vpns_fast.pruning.masking import maskable_names, sparsify
+    from vpns_fast.pruning.masking import UnmaskedWeightsWarning, maskable_names, sparsify
 
     record = payload["model"]
     built = model is None  # rebuilt here, under torch's default dtype: made float32 below (a user's module is not)
@@ -269,13 +269,18 @@ def model_from_checkpoint(payload: dict, model: nn.Module | None = None) -> nn.M
         # every other weight matrix stayed dense (excluded when the checkpoint was made)
         dense_names = set(maskable_names(model))
         structured = payload.get("structured")  # absent in older checkpoints
-        sparsify(model, payload["granularity"], score_init="kaiming",
-                 exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
-                 **({"structured": True, **structured} if structured else {}))
+        with warnings.catch_warnings():  # the checkpoint settled what stays dense; said once, when it was pruned
+            warnings.simplefilter("ignore", UnmaskedWeightsWarning)
+            sparsify(model, payload["granularity"], score_init="kaiming",
+                     exclude=[glob.escape(name) for name in sorted(dense_names - masked_names)],
+                     **({"structured": True, **structured} if structured else {}))
     try:
         (in_float32(model) if built else model).load_state_dict(payload["state_dict"])
     except RuntimeError as exc:
         what = record["name"] or record.get("class", "the module")
+        if not built:  # the module passed, not the checkpoint's record, is what does not fit (an outside review)
+            what = (f"the model= given, {type(model).__module__}.{type(model).__qualname__}; the checkpoint was made "
+                    f"from {what}")
         raise ValueError(f"the checkpoint's weights do not fit the model ({what}): "
                          f"{state_dict_mismatch(exc)}") from exc
     return model

@@ -239,6 +239,37 @@ def test_imagefolder(tmp_path, offline, test_name):
     assert float(images[2, 0].float().mean()) <= 2
 
 
+def test_imagefolder_leaves_out_hidden_and_linked_twice_and_refuses_leaks(tmp_path, offline):
+    """What an outside review found silently shifting labels or counting images twice: a hidden folder
+    (.ipynb_checkpoints) became a class, macOS "._name.png" files were read, an empty class folder became a class,
+    a link back to its own folder grew a class 40-fold, and a link from train into test trained on test images."""
+    import os
+    import unicodedata
+
+    write_imagefolder(tmp_path)
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()
+    (tmp_path / "train" / "cat" / "._0.png").write_bytes(b"\0\5\x16\7")  # AppleDouble, no image
+    os.symlink(".", tmp_path / "train" / "cat" / "again")  # a loop
+    os.symlink(tmp_path / "train" / "dog" / "0.png", tmp_path / "train" / "dog" / "same.png")  # the same file
+    splits = load_dataset("imagefolder", data_dir=tmp_path, image_size=16, val_fraction=0.2)
+    assert splits.classes == ["cat", "dog"] and len(splits.train) + len(splits.val) == 10
+    (tmp_path / "train" / "empty").mkdir()
+    with pytest.raises(ValueError, match=r"empty: a class folder without images .* remove it or add its images"):
+        load_dataset("imagefolder", data_dir=tmp_path, image_size=16)
+    (tmp_path / "train" / "empty").rmdir()
+    os.symlink(tmp_path / "train" / "cat", tmp_path / "test" / "cat" / "from_train")
+    with pytest.raises(ValueError, match=r"test: 5 of its images are files .*train also holds \(through links\): "
+                                         r"test images must not be trained on"):
+        load_dataset("imagefolder", data_dir=tmp_path, image_size=16)
+    os.remove(tmp_path / "test" / "cat" / "from_train")
+    nfd = unicodedata.normalize("NFD", "café")
+    (tmp_path / "train" / "café").mkdir()
+    _image(tmp_path / "train" / "café" / "0.png", (8, 8), (0, 0, 200))
+    (tmp_path / "test" / nfd).mkdir()
+    with pytest.raises(ValueError, match="differ from a train folder only in their Unicode normalization"):
+        load_dataset("imagefolder", data_dir=tmp_path, image_size=16)
+
+
 def test_synthetic_deterministic_any_size():
     a = load_dataset("synthetic", image_size=13, synthetic_samples=40, synthetic_classes=7, seed=3)
     b = load_dataset("synthetic", image_size=13, synthetic_samples=40, synthetic_classes=7, seed=3)

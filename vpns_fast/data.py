@@ -49,6 +49,7 @@ import math
 import os
 import pickle
 import random
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -574,13 +575,25 @@ def _download_cifar(variant: str, data_dir: Path, root: Path) -> None:
         ) from exc
 
 
-def _images_in(folder: Path) -> list[str]:
-    found = []
+def _images_in(folder: Path, seen: set[str]) -> list[str]:
+    """The image files under ``folder``, sorted, links followed; hidden files and folders (".ipynb_checkpoints",
+    macOS "._name.png") left out, and a file already in ``seen`` (real paths, updated) or a folder already walked
+    not read again: a link back to its own folder had grown a class from 30 images to 1230, the same files in
+    train and val (an outside review)."""
+    found, walked = [], set()
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames.sort()  # walk order is filesystem order otherwise; sorted keeps runs identical
-        found.extend(
-            os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMAGE_EXTENSIONS)
-        )
+        real = os.path.realpath(dirpath)
+        if real in walked:
+            dirnames[:] = []
+            continue
+        walked.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted keeps runs identical
+        for name in sorted(filenames):
+            path = os.path.join(dirpath, name)
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            found.append(path)
     return found
 
 
@@ -622,7 +635,7 @@ def _load_tiny_imagenet(data_dir, download: bool):
     for wnid in wnids:
         folder = root / "train" / wnid
         folder = folder / "images" if (folder / "images").is_dir() else folder
-        files = _images_in(folder)
+        files = _images_in(folder, set())
         train_paths += files
         train_labels += [index[wnid]] * len(files)
     if not train_paths:
@@ -669,25 +682,42 @@ def _load_imagefolder(data_dir):
             "There is no download for an ImageFolder; point --data-dir at the folder holding "
             "train/ and test/.",
         )
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    classes = _class_folders(root / "train")
     if not classes:
         raise _missing("class folders", root / "train", _FOLDER_LAYOUT, "")
-    unknown = sorted(p.name for p in test_root.iterdir() if p.is_dir() and p.name not in classes)
+    unknown = [name for name in _class_folders(test_root) if name not in classes]
     if unknown:
-        raise ValueError(f"{test_root} has class folders not in {root / 'train'}: {unknown}")
-
-    def scan(split_root: Path):
+        same_looking = [name for name in unknown if unicodedata.normalize("NFC", name) in
+                        {unicodedata.normalize("NFC", c) for c in classes}]
+        raise ValueError(f"{test_root} has class folders not in {root / 'train'}: {unknown}"
+                         + (f" ({same_looking} differ from a train folder only in their Unicode normalization, NFC "
+                            "against NFD: rename one)" if same_looking else ""))
+    def scan(split_root: Path, refuse_empty: bool, seen: set[str]):
         paths, labels = [], []
         for label, cls in enumerate(classes):
             if (split_root / cls).is_dir():
-                files = _images_in(split_root / cls)
+                files = _images_in(split_root / cls, seen)
+                if not files and refuse_empty:  # a class never seen in training shifts nothing, but is no class
+                    raise ValueError(f"{split_root / cls}: a class folder without images "
+                                     f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
                 paths += files
                 labels += [label] * len(files)
         if not paths:
             raise _missing(f"images ({', '.join(IMAGE_EXTENSIONS)})", split_root, _FOLDER_LAYOUT, "")
         return _FileSource(paths, torch.tensor(labels, dtype=torch.int64))
 
-    return classes, scan(root / "train"), scan(test_root)
+    in_train: set[str] = set()
+    in_test: set[str] = set()
+    train, test = scan(root / "train", True, in_train), scan(test_root, False, in_test)
+    if in_train & in_test:
+        raise ValueError(f"{test_root}: {len(in_train & in_test)} of its images are files {root / 'train'} also "
+                         "holds (through links): test images must not be trained on")
+    return classes, train, test
+
+
+def _class_folders(split_root: Path) -> list[str]:
+    """The class folder names of a split, sorted; hidden folders (".ipynb_checkpoints") are none."""
+    return sorted(p.name for p in split_root.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _load_digits():

@@ -46,12 +46,26 @@ def _accuracy(network: PromptedNetwork, loader, use_prompt: bool, device, autoca
     return 100 * correct / max(total, 1.0)
 
 
+def _dataset_key(name: str) -> str | None:
+    from vpns_fast.data import canonical_dataset_name
+
+    try:
+        return canonical_dataset_name(name)
+    except ValueError:
+        return None
+
+
+def _shown(names) -> str:
+    names = list(names)
+    return ", ".join(map(repr, names[:6])) + (f" ... ({len(names)} in all)" if len(names) > 6 else "")
+
+
 def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",
                         batch_size: int = 256, device: str = "auto", limit: int | None = None,
                         model=None) -> dict:
     """Top-1 accuracy (%) of a checkpoint on a dataset split, without and (if kept) with its prompt.
     ``model``: a module of the checkpoint's architecture, for a network that was passed as an object."""
-    from vpns_fast.data import load_dataset, make_loader
+    from vpns_fast.data import canonical_dataset_name, load_dataset, make_loader
     from vpns_fast.models import source_num_classes
     from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint, prompt_from_spec
     from vpns_fast.pruning.masking import actual_density, masked_layers
@@ -74,11 +88,20 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
                          f"{list(input_size)}), and evaluation resizes to squares; run it on your images with "
                          "vpns_fast.deploy(path)")
     image_size = prompt.in_size if prompt is not None else (run.get("image_size") or input_size[-1])
-    same_dataset = run.get("dataset") == dataset
-    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else
-                        (run.get("limit") if same_dataset else None),
+    # the dataset's own key, not its spelling: "ImageFolder" had drawn other splits than the run's "imagefolder",
+    # its val split then holding 10 of 12 training images (an outside review)
+    recorded = run.get("dataset")
+    same_dataset = isinstance(recorded, str) and _dataset_key(recorded) == canonical_dataset_name(dataset)
+    run_limit = run.get("limit") if same_dataset and limit is None else None
+    data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else run_limit,
                         val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
                         seed=run.get("split_seed", 0) if same_dataset else 0)
+    trained_on = (payload["meta"] or {}).get("class_names")
+    if trained_on is not None and list(trained_on) != list(data.classes):
+        # labels are indices: a folder of other classes, or the same ones in another order, was scored by position
+        # (fox counted wrong as the run's "dog": 50% for a model that was right on every image)
+        raise ValueError(f"{path}: its network was trained on the classes {_shown(trained_on)}; the {dataset} data "
+                         f"has {_shown(data.classes)}, so its labels mean other classes")
     mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",
                            source_num_classes(model, payload["input_size"][-1] if payload["input_size"] else None))
     if payload["label_mapping"] is not None:
@@ -88,6 +111,8 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     loader = make_loader(getattr(data, split), batch_size, shuffle=False)
     correct, total = count_correct(network, loader, False, device).tolist()
     result = {"checkpoint": path, "dataset": dataset, "split": split, "samples": int(total),
+              # every split capped at this many images (given, or the run's own --limit): None for all of them
+              "limit": limit if limit is not None else run_limit,
               "accuracy": 100 * correct / max(total, 1), "accuracy_prompt": None,
               "density": actual_density(model) if masked_layers(model) else 1.0}
     if prompt is not None:

@@ -157,8 +157,11 @@ class RunCheckpoints:
     the job's config; nothing is written without a run directory, or on ranks other than 0."""
 
     def __init__(self, directory: str | None, config: TrainConfig, model_name: str | None, model_kwargs: dict,
-                 keeps_mapping: bool, is_main: bool):
+                 keeps_mapping: bool, is_main: bool, class_names: list[str] | None = None):
         self.directory = directory
+        # the data's class names, in label order: exports and deploy() name predictions by them, and evaluation
+        # refuses data whose classes differ (labels are indices: another folder was scored by position)
+        self.class_names = class_names
         self.config = config
         self.model_name = model_name  # None: a module passed as an object (load it with model=)
         self.model_kwargs = model_kwargs
@@ -171,7 +174,9 @@ class RunCheckpoints:
         save_checkpoint(os.path.join(self.directory, name), network.model, model_name=self.model_name,
                         model_kwargs=self.model_kwargs, input_size=(3, size, size), prompt=network.prompt,
                         label_mapping=network.mapping.mapping if self.keeps_mapping else None,
-                        meta=dict(meta, config=self.config.to_dict()), overwrite=True)
+                        meta=dict(meta, config=self.config.to_dict(),
+                                  **({"class_names": list(self.class_names)} if self.class_names else {})),
+                        overwrite=True)
 
     def save_mask(self, network: PromptedNetwork) -> None:
         """``mask.pt``: the network as the mask search left it."""

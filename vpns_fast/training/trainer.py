@@ -220,7 +220,9 @@ class TwoStageTrainer:
         mapping = LabelMapping(self.job.data.num_classes, dense.mapping_mode, dense.source_classes)
         network = PromptedNetwork(model, prompt, mapping.to(self.device), IMAGENET_MEAN, IMAGENET_STD, c.channels_last)
         checkpoints = RunCheckpoints(run_dir(c.out, method.name, density), c, dense.model_name, dense.model_kwargs,
-                                     keeps_mapping=dense.mapping_mode != "none", is_main=self.is_main)
+                                     keeps_mapping=dense.mapping_mode != "none", is_main=self.is_main,
+                                     # a dataset passed as objects has made-up names ("0", "1", ...): none kept
+                                     class_names=self.job.data.classes if isinstance(c.dataset, str) else None)
         resumed = checkpoints.load_last(network)
         if resumed is None:
             state, optimizer_states = RunState(), None

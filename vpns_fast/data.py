@@ -45,6 +45,8 @@ augmentation (resize to round(S * 252 / 224), random crop S, random horizontal f
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import os
 import pickle
@@ -386,11 +388,34 @@ class DataSplits:
     test: Dataset  # test-style
     class_ids: list[str] = field(default_factory=list)  # wnids / folder names; else = classes
 
+    def fingerprint(self) -> dict:
+        """What the splits hold: the class names, and per split its size and a sha256 of its items in order (image
+        files by their path below the files' common folder, other sources by position). A resumed run compares it
+        with the one it started from: images added to a folder had redrawn the val split from training images,
+        and a renamed class had permuted the labels mid-run, without a word (an outside review)."""
+        views = {name: getattr(self, name) for name in ("train", "val", "test")}
+        paths = [path for view in views.values() for path in _item_paths(view) or ()]
+        common = os.path.commonpath(paths) if paths else ""
+        splits = {}
+        for name, view in views.items():
+            items = _item_paths(view)
+            items = ([os.path.relpath(path, common) for path in items] if items is not None
+                     else [int(i) for i in getattr(view, "indices", torch.arange(len(view)))])
+            splits[name] = {"size": len(view), "sha256": hashlib.sha256(json.dumps(items).encode()).hexdigest()}
+        return {"classes": list(self.classes), "splits": splits}
+
     def summary(self) -> str:
         return (
             f"{self.name}: {self.num_classes} classes, {self.image_size}x{self.image_size}, "
             f"train {len(self.train)} / val {len(self.val)} / test {len(self.test)}"
         )
+
+
+def _item_paths(view) -> list[str] | None:
+    """The image file of each item of a split, in order, where its source is files; else None."""
+    source = getattr(view, "source", getattr(view, "dataset", None))
+    paths, indices = getattr(source, "paths", None), getattr(view, "indices", None)
+    return None if paths is None or indices is None else [paths[int(i)] for i in indices]
 
 
 def _choose(labels: torch.Tensor, count: int, generator: torch.Generator, stratify: bool) -> torch.Tensor:

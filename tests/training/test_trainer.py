@@ -551,3 +551,42 @@ def test_a_run_with_a_layer_its_forward_never_calls_says_so():
     report = density_report(model, (3, 32, 32))
     assert report.unused_layers == ["aux_head"] and report.to_dict()["unused_layers"] == ["aux_head"]
     assert density_report(model).unused_layers is None  # FLOPs not counted: not known
+
+
+def _class_folders(root, counts: dict):
+    from PIL import Image
+
+    for split, per_class in counts.items():
+        for index, (name, count) in enumerate(per_class.items()):
+            (root / split / name).mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (80 * index, 4 * i, 0)).save(root / split / name / f"{i}.png")
+
+
+def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):
+    """A resume read whatever the folder held by then: images added had redrawn the val split from training images,
+    a renamed class permuted the labels mid-run, and a relative --data-dir read another folder from another working
+    directory (an outside review). config.json records the data's fingerprint and the folder's absolute path."""
+    import shutil
+
+    data = tmp_path / "data"
+    _class_folders(data, {"train": {"cat": 6, "dog": 6}, "test": {"cat": 2, "dog": 2}})
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "run"
+    TwoStageTrainer(tiny(out, dataset="imagefolder", data_dir="data", image_size=8, input_size=8,
+                         methods=("omp",), finetune_epochs=1)).run()
+    with open(out / "config.json") as f:
+        recorded = json.load(f)
+    assert recorded["data_dir"] == str(data) and recorded["data"]["classes"] == ["cat", "dog"]
+    assert resume(str(out), progress=False)  # unchanged: finished, nothing reruns
+    _class_folders(data, {"train": {"cat": 7}})  # one image more
+    with pytest.raises(ValueError, match=r"the train split's images changed since the run started \(\d+ then, \d+ "
+                                         r"now\); resume needs the data the run started with"):
+        resume(str(out), progress=False)
+    (data / "train" / "cat" / "6.png").unlink()
+    shutil.move(data / "train" / "dog", data / "train" / "ant")
+    shutil.move(data / "test" / "dog", data / "test" / "ant")
+    with pytest.raises(ValueError, match=r"the data's classes changed since the run started \(2 then, 2 now: gone "
+                                         r"\['dog'\], new \['ant'\]\)"):
+        resume(str(out), progress=False)
+    assert cli.main(["prune", "--config", str(out / "config.json"), "--out", str(tmp_path / "again")]) == 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +36,8 @@ def default_optimizers() -> dict[str, dict]:
 # A network or dataset passed as a Python object has no JSON form: config.json keeps this description.
 OBJECT_KEY = "python_object"
 WEIGHTS_KEY = "weights_sha256"
+# the key of a run's config.json that records its data (DataSplits.fingerprint), beside the settings
+RUN_DATA_KEY = "data"
 
 
 @dataclass(frozen=True)
@@ -130,6 +133,9 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_model_and_dataset()
+        if isinstance(self.data_dir, str) and self.data_dir:
+            # absolute: `vpns resume` from another folder had read another dataset under the same relative name
+            self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
         self.methods = tuple(self.methods)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:

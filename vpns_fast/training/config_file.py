@@ -11,7 +11,7 @@ import types
 import typing
 from typing import Any
 
-from vpns_fast.training.config import OBJECT_KEY, TrainConfig
+from vpns_fast.training.config import OBJECT_KEY, RUN_DATA_KEY, TrainConfig
 
 YAML_SUFFIXES = (".yaml", ".yml")
 # Settings merged key by key with the file's (a flag `--lr finetune_weights=0.05` changes that one rate and
@@ -49,6 +49,8 @@ def read_config_file(path: str) -> dict:
     if not isinstance(data, dict):
         raise ValueError(f"--config {path}: expected an object of settings (the keys of a run's config.json), "
                          f"got {_json_type(data)}")
+    # what a run's config.json records beside its settings (its data's fingerprint): not a setting to rerun with
+    data = {key: value for key, value in data.items() if key != RUN_DATA_KEY}
     hints = field_types()
     unknown = [key for key in data if key not in hints]
     if unknown:

@@ -21,7 +21,7 @@ from vpns_fast.files import FileLockedError, atomic_write, file_lock, sweep_part
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.pruning.checkpoint import load_checkpoint, save_checkpoint
 from vpns_fast.training import distributed as dist_utils
-from vpns_fast.training.config import TrainConfig
+from vpns_fast.training.config import RUN_DATA_KEY, TrainConfig
 from vpns_fast.training.state import RunState
 
 LOCK_NAME = ".vpns"  # file_lock adds ".lock"
@@ -116,11 +116,40 @@ def _run_folders(out: str) -> list[str]:
     return [os.path.join(runs, name) for name in sorted(os.listdir(runs))] if os.path.isdir(runs) else []
 
 
-def write_config(config: TrainConfig, resuming: bool, is_main: bool) -> None:
+def write_config(config: TrainConfig, resuming: bool, is_main: bool, data_fingerprint: dict | None = None) -> None:
     """``config.json``, once the job's data has loaded: a job that fails before that leaves no config
-    that would block its corrected rerun."""
+    that would block its corrected rerun. It also records ``data_fingerprint`` (``DataSplits.fingerprint``)
+    under "data", which a resume checks (:func:`check_same_data`)."""
     if config.out is not None and is_main and not resuming:
-        write_json(config.out, "config.json", config.to_dict())
+        write_json(config.out, "config.json", {**config.to_dict(), RUN_DATA_KEY: data_fingerprint})
+
+
+def check_same_data(config: TrainConfig, data_fingerprint: dict) -> None:
+    """ValueError where a resumed run's data differs from what it started with (classes, or a split's items): its
+    later epochs would train, select and test on other images than its earlier ones. Runs recorded before data
+    was fingerprinted are not checked."""
+    with open(os.path.join(config.out, "config.json")) as f:
+        recorded = json.load(f).get(RUN_DATA_KEY)
+    if not isinstance(recorded, dict):
+        return
+    advice = "resume needs the data the run started with; or start a new run (--out elsewhere, or --force)"
+    if recorded.get("classes") != data_fingerprint["classes"]:
+        then, now = recorded.get("classes") or [], data_fingerprint["classes"]
+        raise ValueError(f"{config.out}: the data's classes changed since the run started ({len(then)} then, "
+                         f"{len(now)} now: {_difference(then, now)}); {advice}")
+    for split, now in data_fingerprint["splits"].items():
+        then = (recorded.get("splits") or {}).get(split)
+        if then is not None and then != now:
+            same_size = then.get("size") == now["size"]
+            raise ValueError(f"{config.out}: the {split} split's images changed since the run started "
+                             f"({then.get('size')} then, {now['size']} now{', other files' if same_size else ''}); "
+                             f"{advice}")
+
+
+def _difference(then: list, now: list) -> str:
+    gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
+    parts = ([f"gone {gone[:3]}"] if gone else []) + ([f"new {new[:3]}"] if new else [])
+    return ", ".join(parts) or "the same names in another order"
 
 
 def strict_json(data: Any) -> Any:

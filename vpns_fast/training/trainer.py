@@ -53,6 +53,7 @@ from vpns_fast.training.precision import Precision
 from vpns_fast.training.results import prompt_picture, result_row, results_table, selection_key, write_plots
 from vpns_fast.training.run_files import (
     RunCheckpoints,
+    check_same_data,
     environment,
     prepare_out_dir,
     refuse_foreign_out_dir,
@@ -128,7 +129,10 @@ class TwoStageTrainer:
         c = self.config
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
         data = load_job_data(c)
-        write_config(c, self.resuming, self.is_main)
+        fingerprint = data.fingerprint()
+        if self.resuming:
+            check_same_data(c, fingerprint)
+        write_config(c, self.resuming, self.is_main, fingerprint)
         self.job = JobContext(c, data, Loaders(c.batch_size, c.num_workers, self.device, self.world_size),
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
         self.metrics = self.job.metrics = MetricsLog.open(c, self.is_main, self.resuming)

@@ -590,3 +590,25 @@ def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):
                                          r"\['dog'\], new \['ant'\]\)"):
         resume(str(out), progress=False)
     assert cli.main(["prune", "--config", str(out / "config.json"), "--out", str(tmp_path / "again")]) == 0
+
+
+def test_a_factory_whose_head_is_not_its_last_linear_fails_in_one_line(tmp_path, monkeypatch):
+    """A factory without num_classes gets its last registered Linear replaced as the head; where the head was
+    registered first, the dry forward ended in a traceback (an outside review)."""
+    (tmp_path / "headfirst_module.py").write_text(
+        "from torch import nn\n\n\n"
+        "class HeadFirst(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.head = nn.Linear(8, 5)\n"
+        "        self.body = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),\n"
+        "                                  nn.Flatten(), nn.Linear(16, 8), nn.ReLU())\n\n"
+        "    def forward(self, x):\n"
+        "        return self.head(self.body(x))\n\n\n"
+        "def build():\n"
+        "    return HeadFirst()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"model headfirst_module:build: its forward on one 224x224 image failed "
+                                         r"\(mat1 and mat2 shapes cannot be multiplied.*\); a factory without a "
+                                         r"num_classes argument gets its last registered Linear layer replaced"):
+        TwoStageTrainer(tiny(model="headfirst_module:build")).run()

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vpns_fast.errors import exception_reason
 from vpns_fast.models import build_model_spec, load_weights, load_weights_only, source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
@@ -52,7 +53,15 @@ def build_dense_start(job: JobContext) -> DenseStart:
         model, spec = build_model_spec(c.model, num_classes=data.num_classes, **c.model_kwargs)
         name, model_kwargs = c.model, spec["kwargs"]
     # a dry forward at the run's input size counts the outputs of any classifier
-    source_classes = source_num_classes(model, c.network_input_size())
+    try:
+        source_classes = source_num_classes(model, c.network_input_size())
+    except RuntimeError as exc:  # a traceback otherwise (an outside review: a factory whose head is not its last
+        # registered Linear had the wrong layer replaced)
+        size = c.network_input_size()
+        hint = ("; a factory without a num_classes argument gets its last registered Linear layer replaced by one "
+                "with the dataset's classes: give it num_classes" if name is not None and ":" in name else "")
+        raise ValueError(f"model {c.model_description()}: its forward on one {size}x{size} image failed "
+                         f"({exception_reason(exc, with_type=False)}){hint}") from None
     if c.weights is None and c.pretrain_epochs > 0:
         pretrain(model, job)
     mode = c.label_mapping

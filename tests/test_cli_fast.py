@@ -107,3 +107,20 @@ def test_help_names_match_the_modules_that_define_them():
 
     assert cli.HELP_DATASETS == DATASETS
     assert cli.HELP_METHODS == tuple(name for name, m in METHODS.items() if m.mask != "fixed")
+
+
+def test_version_answers_without_importing_torch():
+    """`vpns --version` had been an error ("the following arguments are required: COMMAND"): an outside review."""
+    code = f"""
+import sys
+from vpns_fast import cli
+try:
+    cli.main(["--version"])
+except SystemExit as exc:
+    assert exc.code == 0, exc.code
+print([m for m in {HEAVY!r} if m in sys.modules])
+"""
+    from vpns_fast._version import __version__
+
+    done = run_python(code)
+    assert done.stdout.splitlines()[0] == f"vpns_fast {__version__}" and done.stdout.splitlines()[-1] == "[]"

@@ -678,6 +678,9 @@ def _add_bench_infer_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vpns", description="vpns_fast: prune vision models with visual "
                             "prompts and weight masks (VPNs), fast.")
+    from vpns_fast._version import __version__
+
+    parser.add_argument("--version", action="version", version=f"vpns_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     info = sub.add_parser("info", help="versions, devices and which backends are available (and why not)",

@@ -57,6 +57,10 @@ def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
         yield
 
 
+# the same choices from Python, where the messages reach a library user too (an outside review)
+FORCE_IN_PYTHON = "(in Python: TrainConfig(out=...), TwoStageTrainer(config, force=True))"
+
+
 def _foreign_entries(out: str) -> list[str]:
     """What ``out`` holds besides this job's lock file (a folder without config.json is no vpns run)."""
     if not os.path.isdir(out):
@@ -74,7 +78,7 @@ def refuse_foreign_out_dir(config: TrainConfig, force: bool, resuming: bool) -> 
     if entries:
         raise FileExistsError(f"--out {out} exists and is not a vpns run (no config.json; it holds "
                               f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose another "
-                              f"--out or pass --force to write into it")
+                              f"--out or pass --force to write into it {FORCE_IN_PYTHON}")
 
 
 def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: bool) -> None:
@@ -93,9 +97,9 @@ def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: b
         if not force:
             if same:
                 raise FileExistsError(f"{out} already holds this run; continue it with `vpns resume "
-                                      f"{out}` or pass --force to start over")
+                                      f"{out}` (resume(out) in Python) or pass --force to start over {FORCE_IN_PYTHON}")
             raise FileExistsError(f"{out} holds a run with a different config; choose another --out or "
-                                  f"pass --force to replace it")
+                                  f"pass --force to replace it {FORCE_IN_PYTHON}")
     dist_utils.barrier()
     if is_main:
         if existing:  # config.json too: a rerun that fails before writing its own leaves no stale one

@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = [
     # (group, rank, module prefixes)
     ("leaf", 0, ("vpns_fast._version", "vpns_fast._extension", "vpns_fast._C", "vpns_fast._source_tree",
-                 "vpns_fast.files", "vpns_fast.errors", "vpns_fast.models", "vpns_fast.data")),
+                 "vpns_fast.files", "vpns_fast.errors", "vpns_fast.models", "vpns_fast.data", "vpns_fast.console")),
     ("kernels", 1, ("vpns_fast.kernels",)),
     ("ops", 2, ("vpns_fast.ops",)),
     ("environment", 3, ("vpns_fast.environment",)),

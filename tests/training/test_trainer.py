@@ -612,3 +612,39 @@ def test_a_factory_whose_head_is_not_its_last_linear_fails_in_one_line(tmp_path,
                                          r"\(mat1 and mat2 shapes cannot be multiplied.*\); a factory without a "
                                          r"num_classes argument gets its last registered Linear layer replaced"):
         TwoStageTrainer(tiny(model="headfirst_module:build")).run()
+
+
+def test_the_jobs_console_lines_go_through_logging(capsys):
+    """The trainer's lines were plain prints no logging setting reached (an outside review): printed on stdout
+    where nothing is configured, silenced by a level on vpns_fast, handled by logging where the application set
+    it up."""
+    import logging
+
+    from vpns_fast.console import say
+
+    package = logging.getLogger("vpns_fast")
+    say("line one")
+    assert capsys.readouterr().out == "line one\n"
+    package.setLevel(logging.WARNING)
+    try:
+        say("line two")
+        assert capsys.readouterr().out == ""
+        records = []
+        handler = logging.Handler()
+        handler.emit = records.append
+        package.addHandler(handler)
+        package.setLevel(logging.INFO)
+        try:
+            say("line three")
+        finally:
+            package.removeHandler(handler)
+        assert [r.getMessage() for r in records] == ["line three"] and records[0].name == "vpns_fast.training"
+        assert capsys.readouterr().out == ""
+    finally:
+        package.setLevel(logging.NOTSET)
+    logging.disable(logging.INFO)
+    try:
+        say("line four")
+        assert capsys.readouterr().out == ""
+    finally:
+        logging.disable(logging.NOTSET)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vpns_fast.console import say
 from vpns_fast.errors import exception_reason
 from vpns_fast.models import build_model_spec, load_weights, load_weights_only, source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
@@ -139,4 +140,4 @@ def _log_pretrain_epoch(job: JobContext, epoch: int, loss: float, accuracy: floa
     if job.metrics is not None:
         job.metrics.epoch(row, epoch + 1)
     if not c.progress:
-        print(epoch_line("dense", row, None), flush=True)
+        say(epoch_line("dense", row, None))

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from vpns_fast.console import say
 from vpns_fast.environment import resolve_device
 from vpns_fast.models import check_file_model_record
 from vpns_fast.nn.label_mapping import LabelMapping
@@ -148,9 +149,8 @@ class TwoStageTrainer:
         runs = [(method, density) for method in map(get_method, c.methods) for density in self._densities(method)]
         self._plan_clock(runs)
         if self.is_main and c.progress:
-            print(f"vpns_fast: {c.dataset_description()} ({data.summary()}) | {c.model_description()} on "
-                  f"{self.device} | {len(runs)} runs | "
-                  f"protocol {c.protocol}", flush=True)
+            say(f"vpns_fast: {c.dataset_description()} ({data.summary()}) | {c.model_description()} on "
+                f"{self.device} | {len(runs)} runs | protocol {c.protocol}")
         for method, density in runs:
             self.results.append(self.run_one(method, density))
             if c.out and self.is_main:
@@ -161,9 +161,9 @@ class TwoStageTrainer:
             if c.out:
                 plots = write_plots(c.out, self.results)
             if c.progress:
-                print("\n" + table, flush=True)
+                say("\n" + table)
                 if c.out:
-                    print(f"\nresults: {os.path.join(c.out, 'results.json')}  plots: {', '.join(plots)}", flush=True)
+                    say(f"\nresults: {os.path.join(c.out, 'results.json')}  plots: {', '.join(plots)}")
 
     def _plan_clock(self, runs: list[tuple[Method, float]]) -> None:
         """Every run's optimizer steps per phase, for the job's ETA (each run starts as not begun)."""
@@ -190,7 +190,7 @@ class TwoStageTrainer:
         self.clock.start(run.key, state.phase, state.epoch, state.done)
         if state.done:
             if self.is_main and self.config.progress:
-                print(f"[{run.label}] already complete, skipped", flush=True)
+                say(f"[{run.label}] already complete, skipped")
             return state.result
         for index in range(state.phase, len(run.phases)):
             self._run_phase(run, index, optimizer_states)
@@ -205,9 +205,9 @@ class TwoStageTrainer:
         if self.is_main and network.prompt is not None:
             self.metrics.prompt(run.key, prompt_picture(network.prompt)[0], len(state.history))
         if self.is_main and self.config.progress:
-            print(f"[{run.label}] test acc {result['test_acc']:.2f}% "
-                  f"(with prompt: {_percent(result['test_acc_prompt'])}) | density {result['actual_density']:.4f} | "
-                  f"{result['images_per_s']:.0f} img/s", flush=True)
+            say(f"[{run.label}] test acc {result['test_acc']:.2f}% "
+                f"(with prompt: {_percent(result['test_acc_prompt'])}) | density {result['actual_density']:.4f} | "
+                f"{result['images_per_s']:.0f} img/s")
         return result
 
     def _start_run(self, method: Method, density: float) -> tuple[Run, list | None]:
@@ -300,7 +300,7 @@ class TwoStageTrainer:
                                       epoch_name=f"{phase.name}-epoch{epoch + 1:03d}")
             self.clock.epoch_done(run.key, index, time.perf_counter() - started)
             if row is not None and not c.progress:  # --no-progress: one plain line per epoch
-                print(epoch_line(run.label, row, self.clock.eta()), flush=True)
+                say(epoch_line(run.label, row, self.clock.eta()))
         if phase.epochs == 0 and phase.kind == "search":
             run.checkpoints.save_mask(network)
         state.epoch = 0

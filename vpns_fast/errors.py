@@ -64,3 +64,8 @@ def caller_stacklevel() -> int:
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
     return level
+
+
+class UncheckedFileWarning(UserWarning):
+    """A file read or written without one of its usual guards: a checkpoint with no checksum (an older
+    vpns_fast wrote it), or a file written without its lock (the file system refused the lock file)."""

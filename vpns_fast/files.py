@@ -10,6 +10,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import BinaryIO
 
+from vpns_fast.errors import UncheckedFileWarning
+
 PARTIAL_PREFIX = ".tmp-"  # the temporary files of atomic_write: a write killed midway leaves one behind
 
 
@@ -106,7 +108,7 @@ def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
             raise FileLockedError(f"{lock_path} is held by another process") from None
         if fd is not None:
             os.close(fd)
-        warnings.warn(f"no lock for {path} ({error}); writing it unlocked", stacklevel=3)
+        warnings.warn(f"no lock for {path} ({error}); writing it unlocked", UncheckedFileWarning, stacklevel=3)
         yield
         return
     try:

@@ -545,7 +545,9 @@ def test_a_run_with_a_layer_its_forward_never_calls_says_so():
     set_density(model, 0.5)
     network = PromptedNetwork(model, None, LabelMapping(10), (0.5,) * 3, (0.5,) * 3)
     config = TrainConfig(model="small_resnet", dataset="digits", input_size=32)
-    with pytest.warns(UserWarning, match=r"omp at density 0.5: 1 masked layer\(s\) did no work in the eval-mode "
+    from vpns_fast.pruning.masking import IdleLayerWarning
+
+    with pytest.warns(IdleLayerWarning, match=r"omp at density 0.5: 1 masked layer\(s\) did no work in the eval-mode "
                                          r"forward \(aux_head\); their weights count in the density"):
         assert result_row(config, "omp", 0.5, network, RunState(), {}, 1.0)["unused_layers"] == ["aux_head"]
     report = density_report(model, (3, 32, 32))

@@ -171,6 +171,11 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule | None, str]:
 _PROXY_IN_MESSAGE = re.compile(r"Proxy\((\w+)\)")
 
 
+class InlinedBlockHookWarning(UserWarning):
+    """A hook registered on a block the CPU engine's graph rewrite inlined: the block is never called, so the
+    hook will not run."""
+
+
 class InlinedBlock(nn.Module):
     """A block of the model that the engine's torch.fx rewrite inlined (``layer1`` of a ResNet): it holds the
     block's remaining layers under their names but is never called itself, so a hook registered on it would never
@@ -181,7 +186,8 @@ class InlinedBlock(nn.Module):
     def _warn_hook(self, register, *args, **kwargs):
         warnings.warn("this block was inlined by the CPU engine's graph rewrite and is never called, so a hook on it "
                       "will not run: hook one of its layers or the deployed module, or register the hook on the "
-                      "model before deploying it (it then converts without the rewrite)", stacklevel=3)
+                      "model before deploying it (it then converts without the rewrite)", InlinedBlockHookWarning,
+                      stacklevel=3)
         return register(self, *args, **kwargs)
 
     def register_forward_hook(self, *args, **kwargs):

@@ -40,6 +40,11 @@ CANDIDATES = ("igemm", "cudnn")
 DEFAULT_CHOICE = "cudnn"
 
 
+class ConvDispatchTableWarning(UserWarning):
+    """The conv dispatch table could not be read (every shape then runs the default) or saved (the choices last
+    for this process only)."""
+
+
 class DispatchTableError(ValueError):
     """A dispatch table file that cannot be read (damaged, or another format or version)."""
 
@@ -131,7 +136,7 @@ class DispatchTable:
                 # Kept on disk as it is (save() refuses to replace it); every shape runs cudnn.
                 self.load_error = str(error)
                 warnings.warn(f"{error}; conv dispatch falls back to {DEFAULT_CHOICE!r} for every shape",
-                              stacklevel=2)
+                              ConvDispatchTableWarning, stacklevel=2)
 
     @staticmethod
     def _read(path: str) -> dict:
@@ -321,7 +326,7 @@ def choose(x: torch.Tensor, weight: torch.Tensor, scores: torch.Tensor, threshol
             if dispatch_table.path not in _SAVE_WARNED:
                 _SAVE_WARNED.add(dispatch_table.path)
                 warnings.warn(f"conv dispatch table not saved ({error}); measured choices last for this "
-                              f"process only", stacklevel=2)
+                              f"process only", ConvDispatchTableWarning, stacklevel=2)
     return choice or DEFAULT_CHOICE
 
 

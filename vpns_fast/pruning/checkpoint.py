@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vpns_fast.errors import NetworkNotRebuildable, exception_reason, state_dict_mismatch
+from vpns_fast.errors import NetworkNotRebuildable, UncheckedFileWarning, exception_reason, state_dict_mismatch
 from vpns_fast.files import atomic_write
 from vpns_fast.nn.masked_layers import MASKED_TYPES
 from vpns_fast.nn.prompts import VisualPrompt, build_prompt
@@ -92,7 +92,7 @@ def _verify(path: str, payload: dict) -> None:
         if not _warned_unchecked:  # once per process: a job may read many files of one old run
             _warned_unchecked = True
             warnings.warn(f"{path} has no sha256 (written by an older vpns_fast): loaded without an integrity "
-                          f"check", stacklevel=3)
+                          f"check", UncheckedFileWarning, stacklevel=3)
         return
     if payload_sha256(payload) != stored:
         raise CheckpointError(f"{path} failed its integrity check (sha256 mismatch): the file is damaged; "

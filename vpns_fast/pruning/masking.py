@@ -35,6 +35,11 @@ def _excluded(name: str, exclude: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in exclude)
 
 
+class IdleLayerWarning(UserWarning):
+    """A run's mask left a masked layer doing no work: it keeps no weight, or the eval-mode forward never calls it
+    (``results.json``'s ``emptied_layers`` / ``unused_layers``)."""
+
+
 class UnmaskedWeightsWarning(UserWarning):
     """``sparsify`` left weight matrices dense that it cannot mask (and that ``exclude`` did not name)."""
 

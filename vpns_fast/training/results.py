@@ -9,7 +9,7 @@ import torch
 
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import VisualPrompt
-from vpns_fast.pruning.masking import actual_density, density_report
+from vpns_fast.pruning.masking import IdleLayerWarning, actual_density, density_report
 from vpns_fast.pruning.methods import get_method
 from vpns_fast.training.config import TrainConfig
 from vpns_fast.training.run_files import run_dir
@@ -39,13 +39,13 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
         warnings.warn(f"{method} at density {density:g}: {len(emptied)} layer(s) kept no weight "
                       f"({', '.join(emptied[:3])}{', ...' if len(emptied) > 3 else ''}), so the network's output no "
                       "longer depends on its input through them (a threshold shared by all layers did that; "
-                      "VPNs' --scope layer keeps some weights of every layer)", stacklevel=2)
+                      "VPNs' --scope layer keeps some weights of every layer)", IdleLayerWarning, stacklevel=2)
     unused = report.unused_layers
     if unused:
         warnings.warn(f"{method} at density {density:g}: {len(unused)} masked layer(s) did no work in the eval-mode "
                       f"forward ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); their weights count in "
                       "the density and the global threshold, so the layers that run keep more than it says: "
-                      "delete them from the model before the run", stacklevel=2)
+                      "delete them from the model before the run", IdleLayerWarning, stacklevel=2)
     return {
         "method": method, "density": density, "actual_density": actual_density(model),
         "test_acc": best.get("test_acc"), "test_acc_prompt": best.get("test_acc_prompt"),

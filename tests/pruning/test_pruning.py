@@ -264,3 +264,17 @@ def test_api_mistakes_are_named():
     for bad in (8, (True, 8, 8), "3x8x8"):
         with pytest.raises(ValueError, match="input_size must be one example's shape"):
             V.density_report(model, bad)
+
+
+def test_density_report_of_a_fixed_size_model_above_the_estimate_size(monkeypatch):
+    """A ViT built for 256 px refuses the scaled-down estimate with AssertionError: the estimate is skipped, the
+    count runs at the size asked (a review: it had escaped, and ended every training run of such a model)."""
+    import torchvision
+
+    from vpns_fast import environment
+
+    monkeypatch.setattr(environment, "available_memory_bytes", lambda: 1 << 34)
+    model = V.sparsify(torchvision.models.VisionTransformer(image_size=256, patch_size=32, num_layers=1, num_heads=2,
+                                                            hidden_dim=64, mlp_dim=64, num_classes=10))
+    report = V.density_report(model, (3, 256, 256))
+    assert report.dense_flops > 0 and not report.unused_layers

@@ -207,3 +207,32 @@ def test_timm_models_build_and_sparsify(name, kwargs):
         masked = model(x)
         assert masked.shape == (2, 7)
         assert_close(fold(model)(x), masked, relative_to_max=True, rtol=1e-5)
+
+
+def test_module_fingerprint_follows_what_the_run_starts_from(user_run, tmp_path):
+    """A run given weights= starts from the file, not the module's own weights: a fresh module of the class resumes
+    it (a review found it refused). A folder written before weights were hashed is still the same run. A lazy
+    module is not hashed (its parameters do not exist yet)."""
+    out, network, dataset, *_ = user_run
+    path = os.path.join(out, "config.json")
+    with open(path) as f:
+        text = f.read()
+    recorded = json.loads(text)
+    del recorded["model"]["weights_sha256"]  # as written before this check existed
+    try:
+        with open(path, "w") as f:
+            json.dump(recorded, f)
+        with pytest.raises(FileExistsError, match="already holds this run"):  # not "a different config"
+            TwoStageTrainer(user_config(out, network, dataset)).run()
+    finally:  # the module's other tests read the folder as the run wrote it
+        with open(path, "w") as f:
+            f.write(text)
+    weights = tmp_path / "w.pt"
+    torch.save(network.state_dict(), weights)
+    run = tmp_path / "with_weights"
+    TwoStageTrainer(user_config(run, TinyNetwork(num_classes=5, width=4), dataset, weights=str(weights))).run()
+    with open(run / "config.json") as f:
+        assert "weights_sha256" not in json.load(f)["model"]
+    assert resume(str(run), progress=False, model=TinyNetwork(num_classes=5, width=4), dataset=dataset)
+    lazy = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.LazyLinear(5))
+    assert "weights_sha256" not in user_config(None, lazy, dataset).to_dict()["model"]

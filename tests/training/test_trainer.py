@@ -568,7 +568,8 @@ def _class_folders(root, counts: dict):
 def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):
     """A resume read whatever the folder held by then: images added had redrawn the val split from training images,
     a renamed class permuted the labels mid-run, and a relative --data-dir read another folder from another working
-    directory (an outside review). config.json records the data's fingerprint and the folder's absolute path."""
+    directory (an outside review). config.json records the data's fingerprint (paths below the data's folder, so
+    the data may move with the run)."""
     import shutil
 
     data = tmp_path / "data"
@@ -579,8 +580,17 @@ def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):
                          methods=("omp",), finetune_epochs=1)).run()
     with open(out / "config.json") as f:
         recorded = json.load(f)
-    assert recorded["data_dir"] == str(data) and recorded["data"]["classes"] == ["cat", "dog"]
+    assert recorded["data_dir"] == "data" and recorded["data"]["classes"] == ["cat", "dog"]
     assert resume(str(out), progress=False)  # unchanged: finished, nothing reruns
+    elsewhere = tmp_path / "elsewhere"
+    _class_folders(elsewhere / "data", {"train": {"cat": 3, "dog": 6}, "test": {"cat": 2, "dog": 2}})
+    monkeypatch.chdir(elsewhere)  # "data" is another folder from here
+    with pytest.raises(ValueError, match=r"the train split's images changed since the run started"):
+        resume(str(out), progress=False)
+    shutil.rmtree(elsewhere / "data")
+    shutil.copytree(data, elsewhere / "data")  # the same data, moved: resumes
+    assert resume(str(out), progress=False)
+    monkeypatch.chdir(tmp_path)
     _class_folders(data, {"train": {"cat": 7}})  # one image more
     with pytest.raises(ValueError, match=r"the train split's images changed since the run started \(\d+ then, \d+ "
                                          r"now\); resume needs the data the run started with"):

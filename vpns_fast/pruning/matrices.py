@@ -134,11 +134,13 @@ def refuse_flop_count_over_memory(model: nn.Module, input_size, param: torch.Ten
     """MemoryError naming ``input_size`` (``(C, H, W)``) where :func:`count_flops` on one example of it would hold
     more memory than Linux says is available: its forward runs with autograd on, so every layer's output is held
     until it ends. Estimated from one forward on an image scaled down to about FLOP_COUNT_ESTIMATE_PIXELS, the
-    leaves' outputs scaled by the pixels; not estimated for other shapes, smaller images, or a model that cannot
-    run at the smaller size (the count itself then says whether it runs). A ResNet counted at 8192 x 8192 was
+    leaves' outputs scaled by the pixels; not estimated for other shapes, smaller images, a model off the CPU, or
+    one that refuses the smaller size in any way (a ViT built for one size raises AssertionError; the count itself
+    then says whether it runs at the size asked). A ResNet counted at 8192 x 8192 was
     killed by the kernel without a word (an outside review of `vpns report`)."""
-    available = environment.available_memory_bytes()
-    if available is None or len(input_size) != 3 or input_size[1] * input_size[2] <= FLOP_COUNT_ESTIMATE_PIXELS:
+    available = environment.available_memory_bytes()  # the host's: a model on a GPU holds its outputs there
+    if (available is None or param.device.type != "cpu" or len(input_size) != 3
+            or input_size[1] * input_size[2] <= FLOP_COUNT_ESTIMATE_PIXELS):
         return
     scale = math.sqrt(FLOP_COUNT_ESTIMATE_PIXELS / (input_size[1] * input_size[2]))
     small = (input_size[0], max(1, round(input_size[1] * scale)), max(1, round(input_size[2] * scale)))
@@ -147,7 +149,7 @@ def refuse_flop_count_over_memory(model: nn.Module, input_size, param: torch.Ten
     try:
         example = torch.zeros(1, *small, device=param.device, dtype=param.dtype)
         held = environment.layer_bytes(model, lambda: model(example))
-    except RuntimeError:
+    except Exception:  # any refusal of the smaller size (a ViT's AssertionError too): no estimate
         return
     finally:
         model.train(was_training)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,9 +132,10 @@ class TrainConfig:
 
     def __post_init__(self):
         self._check_model_and_dataset()
-        if isinstance(self.data_dir, str) and self.data_dir:
-            # absolute: `vpns resume` from another folder had read another dataset under the same relative name
-            self.data_dir = os.path.abspath(os.path.expanduser(self.data_dir))
+        # a module's starting weights, hashed once (every checkpoint records the config); None where the run
+        # starts from a weights file instead, or the module has lazy parameters not yet initialized
+        self._model_weights_sha256 = (module_weights_sha256(self.model) if isinstance(self.model, nn.Module)
+                                      and self.weights is None else None)
         self.methods = tuple(self.methods)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
@@ -249,7 +249,8 @@ class TrainConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("model", "dataset"):
             if not isinstance(data[name], str):
-                data[name] = _described(data[name], name).to_json()
+                data[name] = _described(data[name], name, self._model_weights_sha256 if name == "model"
+                                        else None).to_json()
         return json.loads(json.dumps(data))
 
     @classmethod
@@ -269,6 +270,8 @@ class TrainConfig:
         data = self.to_dict()
         for key in ("progress", "out", "num_workers", "keep_checkpoints", "logger"):
             data.pop(key)
+        if isinstance(data["model"], dict):  # folders written before modules' weights were hashed have none:
+            data["model"].pop(WEIGHTS_KEY, None)  # the same run still (resume checks the weights themselves)
         return data
 
 
@@ -291,15 +294,17 @@ def logger_names(value: Any) -> tuple[str, ...]:
     return names
 
 
-def _described(value: Any, name: str) -> PythonObject:
-    if isinstance(value, PythonObject):
-        return value
-    return PythonObject(name, describe_object(value), module_weights_sha256(value) if isinstance(value, nn.Module)
-                        else None)
+def _described(value: Any, name: str, weights_sha256: str | None = None) -> PythonObject:
+    return value if isinstance(value, PythonObject) else PythonObject(name, describe_object(value), weights_sha256)
 
 
-def module_weights_sha256(module: nn.Module) -> str:
-    """sha256 of a module's parameters and buffers: each one's name, dtype, shape and bytes."""
+def module_weights_sha256(module: nn.Module) -> str | None:
+    """sha256 of a module's parameters and buffers (each one's name, dtype, shape and bytes); None while it has
+    lazy parameters not yet initialized (nn.LazyLinear before its first forward)."""
+    from torch.nn.parameter import is_lazy
+
     from vpns_fast.pruning.checkpoint import payload_sha256
 
+    if any(is_lazy(tensor) for tensor in module.state_dict().values()):
+        return None
     return payload_sha256({"state_dict": module.state_dict()})

@@ -262,6 +262,11 @@ def test_imagefolder_leaves_out_hidden_and_linked_twice_and_refuses_leaks(tmp_pa
                                          r"test images must not be trained on"):
         load_dataset("imagefolder", data_dir=tmp_path, image_size=16)
     os.remove(tmp_path / "test" / "cat" / "from_train")
+    os.symlink(tmp_path / "train" / "cat", tmp_path / "train" / "kitten")  # a second class of the same files
+    with pytest.raises(ValueError, match=r"kitten: a class folder without images .* of its own: its 5 are files an "
+                                         r"earlier class folder holds \(through links\)"):
+        load_dataset("imagefolder", data_dir=tmp_path, image_size=16)
+    os.remove(tmp_path / "train" / "kitten")
     nfd = unicodedata.normalize("NFD", "café")
     (tmp_path / "train" / "café").mkdir()
     _image(tmp_path / "train" / "café" / "0.png", (8, 8), (0, 0, 200))
@@ -539,7 +544,7 @@ def test_float_images_outside_zero_to_one_are_refused_by_item():
     labels = torch.arange(4) % 2
     for images, message in ((1 + 254 * torch.rand(4, 3, 8, 8), r"dataset item 0: float pixels must lie in \[0, 1\], "
                              r"got values in \[[0-9.]+, [0-9.]+\] \(0..255 images: pass them as uint8, or divide by "
-                             r"255\)"),
+                             r"255; images already normalized"),
                             (torch.full((4, 3, 8, 8), float("nan")), "dataset item 0: NaN or Inf pixels")):
         with pytest.raises(ValueError, match=message):
             dataset_splits(TensorDataset(images, labels), num_classes=2, image_size=8)

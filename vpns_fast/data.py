@@ -413,9 +413,10 @@ class DataSplits:
 
 def _item_paths(view) -> list[str] | None:
     """The image file of each item of a split, in order, where its source is files; else None."""
-    source = getattr(view, "source", getattr(view, "dataset", None))
-    paths, indices = getattr(source, "paths", None), getattr(view, "indices", None)
-    return None if paths is None or indices is None else [paths[int(i)] for i in indices]
+    source, indices = getattr(view, "source", None), getattr(view, "indices", None)
+    if not isinstance(source, _FileSource) or indices is None:  # a user's dataset: its items by position
+        return None
+    return [source.paths[int(i)] for i in indices]
 
 
 def _choose(labels: torch.Tensor, count: int, generator: torch.Generator, stratify: bool) -> torch.Tensor:
@@ -600,26 +601,30 @@ def _download_cifar(variant: str, data_dir: Path, root: Path) -> None:
         ) from exc
 
 
-def _images_in(folder: Path, seen: set[str]) -> list[str]:
-    """The image files under ``folder``, sorted, links followed; hidden files and folders (".ipynb_checkpoints",
-    macOS "._name.png") left out, and a file already in ``seen`` (real paths, updated) or a folder already walked
-    not read again: a link back to its own folder had grown a class from 30 images to 1230, the same files in
-    train and val (an outside review)."""
-    found, walked = [], set()
+def _images_in(folder: Path, seen: set[str]) -> tuple[list[str], int]:
+    """(the image files under ``folder``, how many of them ``seen`` already held): sorted, links followed; hidden
+    files and folders (".ipynb_checkpoints", macOS "._name.png") left out, and a file already in ``seen`` (real
+    paths, updated) or a folder already walked not read again. A link back to its own folder had grown a class
+    from 30 images to 1230, the same files in train and val (an outside review)."""
+    found, walked, repeated = [], set(), 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        real = os.path.realpath(dirpath)
+        real = os.path.realpath(dirpath)  # once a folder: a file's own real path is asked only where it is a link
         if real in walked:
             dirnames[:] = []
             continue
         walked.add(real)
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # sorted keeps runs identical
         for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS) or os.path.realpath(path) in seen:
+            if name.startswith(".") or not name.lower().endswith(IMAGE_EXTENSIONS):
                 continue
-            seen.add(os.path.realpath(path))
+            path = os.path.join(dirpath, name)
+            key = os.path.realpath(path) if os.path.islink(path) else os.path.join(real, name)
+            if key in seen:
+                repeated += 1
+                continue
+            seen.add(key)
             found.append(path)
-    return found
+    return found, repeated
 
 
 _TINY_LAYOUT = (
@@ -660,7 +665,7 @@ def _load_tiny_imagenet(data_dir, download: bool):
     for wnid in wnids:
         folder = root / "train" / wnid
         folder = folder / "images" if (folder / "images").is_dir() else folder
-        files = _images_in(folder, set())
+        files, _ = _images_in(folder, set())
         train_paths += files
         train_labels += [index[wnid]] * len(files)
     if not train_paths:
@@ -717,14 +722,17 @@ def _load_imagefolder(data_dir):
         raise ValueError(f"{test_root} has class folders not in {root / 'train'}: {unknown}"
                          + (f" ({same_looking} differ from a train folder only in their Unicode normalization, NFC "
                             "against NFD: rename one)" if same_looking else ""))
+
     def scan(split_root: Path, refuse_empty: bool, seen: set[str]):
         paths, labels = [], []
         for label, cls in enumerate(classes):
             if (split_root / cls).is_dir():
-                files = _images_in(split_root / cls, seen)
-                if not files and refuse_empty:  # a class never seen in training shifts nothing, but is no class
+                files, repeated = _images_in(split_root / cls, seen)
+                if not files and refuse_empty:  # an output class no image teaches, shifting the later classes' labels
                     raise ValueError(f"{split_root / cls}: a class folder without images "
-                                     f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images")
+                                     f"({', '.join(IMAGE_EXTENSIONS)})" + (
+                                         f" of its own: its {repeated} are files an earlier class folder holds "
+                                         "(through links)" if repeated else "") + "; remove it or add its images")
                 paths += files
                 labels += [label] * len(files)
         if not paths:
@@ -810,7 +818,8 @@ def check_float_pixel_range(low: float, high: float, what: str) -> None:
         raise ValueError(f"{what}: NaN or Inf pixels")
     if low < -FLOAT_PIXEL_SLACK or high > 1 + FLOAT_PIXEL_SLACK:
         raise ValueError(f"{what}: float pixels must lie in [0, 1], got values in [{low:g}, {high:g}] "
-                         "(0..255 images: pass them as uint8, or divide by 255)")
+                         "(0..255 images: pass them as uint8, or divide by 255; images already normalized by a mean "
+                         "and std: pass them before that, the network's input stage normalizes)")
 
 
 def _expected_item(num_classes: int) -> str:

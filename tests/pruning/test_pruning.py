@@ -242,6 +242,9 @@ def test_sparsify_keeps_a_tied_weight_dense_when_every_holder_is_excluded():
     V.set_density(model, 0.5)
     assert [name for name, _ in V.masked_layers(model)] == ["head"]
     assert model.dec.weight is model.enc.weight
+    twice = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    twice.again = twice[0]  # one module under two names: both may be named in exclude (a review found one refused)
+    assert [name for name, _ in V.masked_layers(V.sparsify(twice, exclude=["0", "again"]))] == ["2"]
 
 
 def test_api_mistakes_are_named():

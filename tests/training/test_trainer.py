@@ -660,3 +660,19 @@ def test_the_jobs_console_lines_go_through_logging(capsys):
         assert capsys.readouterr().out == ""
     finally:
         logging.disable(logging.NOTSET)
+    # an application logging at INFO through the root (logging.basicConfig(level=logging.INFO)) gets records,
+    # the trainer's own lines included
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    root_level = logging.root.level
+    logging.root.addHandler(handler)
+    logging.root.setLevel(logging.INFO)
+    try:
+        TwoStageTrainer(tiny(methods=("omp",), finetune_epochs=1)).run()
+    finally:
+        logging.root.removeHandler(handler)
+        logging.root.setLevel(root_level)
+    lines = [r.getMessage() for r in records if r.name == "vpns_fast.training"]  # progress=False: a line an epoch
+    assert any(line.startswith("[omp d=0.5] finetune 1/1 | loss") for line in lines)
+    assert "[omp d=0.5]" not in capsys.readouterr().out

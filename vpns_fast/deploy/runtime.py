@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from vpns_fast._version import __version__
-from vpns_fast.data import check_float_pixel_range
+from vpns_fast.data import FLOAT_PIXEL_SLACK, check_float_pixel_range  # noqa: F401 - FLOAT_PIXEL_SLACK: its old home
 from vpns_fast.deploy import fusion
 from vpns_fast.errors import caller_stacklevel, shortened
 from vpns_fast.nn.prompts import VisualPrompt, normalize

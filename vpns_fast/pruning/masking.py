@@ -83,11 +83,12 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     if any(isinstance(m, MASKED_TYPES) for m in model.modules()):
         raise ValueError("model already has masked layers; sparsify a dense model")
     matrices = weight_matrices(model)
-    names = [m.name for m in matrices] + [name for name, _ in model.named_modules()]
+    # every name a module goes by (a module registered twice, `self.b = self.a`, has two)
+    names = [m.name for m in matrices] + [name for name, _ in model.named_modules(remove_duplicate=False)]
     unmatched = [pattern for pattern in exclude if not any(_excluded(name, [pattern]) for name in names)]
     if unmatched:  # a misspelt name left its layer masked, silently (an outside review)
         raise ValueError(f"exclude: {', '.join(map(repr, unmatched))} match(es) no layer of the model (the names "
-                         "of its weight matrices: vpns_fast.maskable_names(model))")
+                         "of its weight matrices: vpns_fast.pruning.masking.maskable_names(model))")
     targets = [m for m in matrices if m.maskable and not _excluded(m.name, exclude)]
     if not targets:
         raise ValueError("model has no maskable weight matrix (Conv1d/2d/3d, Linear or a subclass, "

@@ -10,8 +10,9 @@ import torch
 from torch import nn
 
 from vpns_fast.console import say
+from vpns_fast.environment import is_out_of_memory
 from vpns_fast.errors import exception_reason
-from vpns_fast.models import build_model_spec, load_weights, load_weights_only, source_num_classes
+from vpns_fast.models import build_model_spec, load_weights, load_weights_only, model_kind, source_num_classes
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
@@ -58,9 +59,13 @@ def build_dense_start(job: JobContext) -> DenseStart:
         source_classes = source_num_classes(model, c.network_input_size())
     except RuntimeError as exc:  # a traceback otherwise (an outside review: a factory whose head is not its last
         # registered Linear had the wrong layer replaced)
+        if is_out_of_memory(exc):
+            raise
         size = c.network_input_size()
+        replaced = name is not None and model_kind(name)[0] == "factory"
         hint = ("; a factory without a num_classes argument gets its last registered Linear layer replaced by one "
-                "with the dataset's classes: give it num_classes" if name is not None and ":" in name else "")
+                "with the dataset's classes: give it num_classes" if replaced and "shapes cannot be multiplied" in
+                str(exc) else "")
         raise ValueError(f"model {c.model_description()}: its forward on one {size}x{size} image failed "
                          f"({exception_reason(exc, with_type=False)}){hint}") from None
     if c.weights is None and c.pretrain_epochs > 0:

@@ -96,8 +96,9 @@ def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: b
             same = TrainConfig.from_dict(json.load(f)).identity() == config.identity()
         if not force:
             if same:
-                raise FileExistsError(f"{out} already holds this run; continue it with `vpns resume "
-                                      f"{out}` (resume(out) in Python) or pass --force to start over {FORCE_IN_PYTHON}")
+                raise FileExistsError(f"{out} already holds this run; continue it with `vpns resume {out}` "
+                                      "(vpns_fast.training.trainer.resume(out) in Python) or pass --force to start "
+                                      f"over {FORCE_IN_PYTHON}")
             raise FileExistsError(f"{out} holds a run with a different config; choose another --out or "
                                   f"pass --force to replace it {FORCE_IN_PYTHON}")
     dist_utils.barrier()

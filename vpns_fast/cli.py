@@ -9,6 +9,7 @@ import sys
 import threading
 import warnings
 
+from vpns_fast._version import __version__
 from vpns_fast.errors import NetworkNotRebuildable, exception_reason
 
 
@@ -679,8 +680,6 @@ def _add_bench_infer_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _OneLineErrors(prog="vpns", description="vpns_fast: prune vision models with visual "
                             "prompts and weight masks (VPNs), fast.")
-    from vpns_fast._version import __version__
-
     parser.add_argument("--version", action="version", version=f"vpns_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

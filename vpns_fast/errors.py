@@ -24,6 +24,13 @@ def shortened(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."
 
 
+def first_items(items, count: int = 3) -> str:
+    """The first ``count`` of ``items`` (strings) joined by ", ", ending in ", ..." when there are more: one way for
+    every message that names a few of many."""
+    items = list(items)
+    return ", ".join(items[:count]) + (", ..." if len(items) > count else "")
+
+
 def exception_reason(exc: BaseException, limit: int = 200, with_type: bool = True) -> str:
     """``Type: first line of the message`` (``with_type=False``: the line alone), the first line that is not
     blank; the type alone when the message is empty. Cut to ``limit`` characters, ending in "..." when cut.

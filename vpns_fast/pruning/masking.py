@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
+from vpns_fast.errors import first_items
 from vpns_fast.nn.masked_layers import (
     GRANULARITIES,
     MASKED_TYPES,
@@ -402,7 +403,7 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
     unknown = sorted(set(mask_dict) - {name for name, _ in masked})
     if unknown:
         raise ValueError(f"masks given for {len(unknown)} name(s) the model has no masked layer of: "
-                         f"{', '.join(map(repr, unknown[:3]))}{' ...' if len(unknown) > 3 else ''} (its masked layers: "
+                         f"{first_items(map(repr, unknown))} (its masked layers: "
                          "vpns_fast.masks(model).keys())")
     for name, layer in masked:
         if layers is not None and name not in layers:

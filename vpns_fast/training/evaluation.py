@@ -57,7 +57,9 @@ def _dataset_key(name: str) -> str | None:
 
 def _shown(names) -> str:
     names = list(names)
-    return ", ".join(map(repr, names[:6])) + (f" ... ({len(names)} in all)" if len(names) > 6 else "")
+    from vpns_fast.errors import first_items
+
+    return first_items(map(repr, names), 6) + (f" ({len(names)} in all)" if len(names) > 6 else "")
 
 
 def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",

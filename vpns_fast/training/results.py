@@ -7,6 +7,7 @@ import warnings
 
 import torch
 
+from vpns_fast.errors import first_items
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import VisualPrompt
 from vpns_fast.pruning.masking import IdleLayerWarning, actual_density, density_report
@@ -37,13 +38,13 @@ def result_row(config: TrainConfig, method: str, density: float, network: Prompt
         # a global threshold can keep nothing of a layer: OMP at 30% kept emptied MobileNetV3's classifier, whose
         # every prediction was then the same (an outside review); the run is what it is, but it must say so
         warnings.warn(f"{method} at density {density:g}: {len(emptied)} layer(s) kept no weight "
-                      f"({', '.join(emptied[:3])}{', ...' if len(emptied) > 3 else ''}), so the network's output no "
+                      f"({first_items(emptied)}), so the network's output no "
                       "longer depends on its input through them (a threshold shared by all layers did that; "
                       "VPNs' --scope layer keeps some weights of every layer)", IdleLayerWarning, stacklevel=2)
     unused = report.unused_layers
     if unused:
         warnings.warn(f"{method} at density {density:g}: {len(unused)} masked layer(s) did no work in the eval-mode "
-                      f"forward ({', '.join(unused[:3])}{', ...' if len(unused) > 3 else ''}); their weights count in "
+                      f"forward ({first_items(unused)}); their weights count in "
                       "the density and the global threshold, so the layers that run keep more than it says: "
                       "delete them from the model before the run", IdleLayerWarning, stacklevel=2)
     return {

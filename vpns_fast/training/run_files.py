@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from vpns_fast.environment import describe
+from vpns_fast.errors import first_items
 from vpns_fast.files import FileLockedError, atomic_write, file_lock, sweep_partial_writes
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.pruning.checkpoint import load_checkpoint, save_checkpoint
@@ -77,7 +78,7 @@ def refuse_foreign_out_dir(config: TrainConfig, force: bool, resuming: bool) -> 
     entries = _foreign_entries(out)
     if entries:
         raise FileExistsError(f"--out {out} exists and is not a vpns run (no config.json; it holds "
-                              f"{', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); choose another "
+                              f"{first_items(entries)}); choose another "
                               f"--out or pass --force to write into it {FORCE_IN_PYTHON}")
 
 
@@ -153,7 +154,8 @@ def check_same_data(config: TrainConfig, data_fingerprint: dict) -> None:
 
 def _difference(then: list, now: list) -> str:
     gone, new = [c for c in then if c not in now], [c for c in now if c not in then]
-    parts = ([f"gone {gone[:3]}"] if gone else []) + ([f"new {new[:3]}"] if new else [])
+    parts = ([f"gone {first_items(map(repr, gone))}"] if gone else []) + (
+        [f"new {first_items(map(repr, new))}"] if new else [])
     return ", ".join(parts) or "the same names in another order"
 
 

@@ -15,21 +15,21 @@ def load():
     if not _tried:
         _tried = True
         try:
-            import torch  # the extension links against libtorch (and its version is named below)
+            import torch  # noqa: F401 - the extension links against libtorch
 
             from vpns_fast import _C
 
             _module = _C
         except ImportError as exc:
             import importlib.util
+            import sys
 
-            import torch
-
+            torch_version = getattr(sys.modules.get("torch"), "__version__", "(torch not importable)")
             if importlib.util.find_spec("vpns_fast._C") is not None:
                 # the file is there but does not load: an extension links against the libtorch it was compiled
                 # with, and "not built" sent a user with another torch to the wrong fix (an outside review)
                 _reason = (f"the C++ extension vpns_fast._C is built but does not load with torch "
-                           f"{torch.__version__} ({exc}); it was most likely compiled against another torch: "
+                           f"{torch_version} ({exc}); it was most likely compiled against another torch: "
                            "rebuild it in this environment, e.g. `pip install -e . --no-build-isolation`")
             else:
                 _reason = (f"the C++ extension vpns_fast._C is not built ({exc}); reinstall without "

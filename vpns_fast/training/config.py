@@ -134,8 +134,8 @@ class TrainConfig:
         self._check_model_and_dataset()
         # a module's starting weights, hashed once (every checkpoint records the config); None where the run
         # starts from a weights file instead, or the module has lazy parameters not yet initialized
-        self._model_weights_sha256 = (module_weights_sha256(self.model) if isinstance(self.model, nn.Module)
-                                      and self.weights is None else None)
+        self._starting_weights_sha256 = (module_weights_sha256(self.model) if isinstance(self.model, nn.Module)
+                                         and self.weights is None else None)
         self.methods = tuple(self.methods)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
@@ -237,6 +237,12 @@ class TrainConfig:
         """Pad width / square side: ``prompt_size``, or the release's p = 16 at 224, scaled to the input."""
         return self.prompt_size or max(1, round(16 * self.network_input_size() / 224))
 
+    @property
+    def starting_weights_sha256(self) -> str | None:
+        """:func:`module_weights_sha256` of a model passed as a module, hashed once when the config was made; None
+        for a model name, a run that starts from ``weights``, or a module with lazy parameters."""
+        return self._starting_weights_sha256
+
     def model_description(self) -> str:
         return self.model if isinstance(self.model, str) else _described(self.model, "model").description
 
@@ -249,7 +255,7 @@ class TrainConfig:
         data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         for name in ("model", "dataset"):
             if not isinstance(data[name], str):
-                data[name] = _described(data[name], name, self._model_weights_sha256 if name == "model"
+                data[name] = _described(data[name], name, self.starting_weights_sha256 if name == "model"
                                         else None).to_json()
         return json.loads(json.dumps(data))
 

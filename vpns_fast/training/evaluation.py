@@ -98,7 +98,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else run_limit,
                         val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
                         seed=run.get("split_seed", 0) if same_dataset else 0)
-    trained_on = (payload["meta"] or {}).get("class_names")
+    trained_on = payload["meta"].get("class_names")
     if trained_on is not None and list(trained_on) != list(data.classes):
         # labels are indices: a folder of other classes, or the same ones in another order, was scored by position
         # (fox counted wrong as the run's "dog": 50% for a model that was right on every image)

@@ -25,7 +25,7 @@ from vpns_fast.nn.prompts import build_prompt
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.pruning.methods import Method, get_method
 from vpns_fast.training import distributed as dist_utils
-from vpns_fast.training.config import PythonObject, TrainConfig, module_weights_sha256
+from vpns_fast.training.config import PythonObject, TrainConfig
 from vpns_fast.training.dense import DenseStart, build_dense_start
 from vpns_fast.training.evaluation import evaluate_splits
 from vpns_fast.training.job import JobContext
@@ -340,12 +340,11 @@ def _percent(value) -> str:
     return "n/a" if value is None else f"{value:.2f}%"
 
 
-def _check_same_model(recorded: PythonObject, model, out_dir: str) -> None:
-    """ValueError unless ``model`` has the weights (parameters and buffers) the run in ``out_dir`` started from; its
-    class may have moved (``__main__.Net`` then, ``mypkg.Net`` now). Runs recorded before weights were fingerprinted
-    are not checked."""
-    if recorded.weights_sha256 and isinstance(model, torch.nn.Module) and (
-            module_weights_sha256(model) != recorded.weights_sha256):
+def _check_same_model(recorded: PythonObject, config: TrainConfig, out_dir: str) -> None:
+    """ValueError unless the module ``config`` now holds has the weights (parameters and buffers) the run in
+    ``out_dir`` started from, by the hash the config took when it was made; its class may have moved
+    (``__main__.Net`` then, ``mypkg.Net`` now). Runs recorded before weights were fingerprinted are not checked."""
+    if recorded.weights_sha256 and config.starting_weights_sha256 != recorded.weights_sha256:
         raise ValueError(f"model: its weights differ from those the run in {out_dir} started from (sha256 "
                          f"{recorded.weights_sha256[:12]}...); pass the same module, with the weights it had then")
 
@@ -380,7 +379,8 @@ def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> 
             raise ValueError(f"{name}: {out_dir} names its {name} ({getattr(config, name)!r}); pass {name}= only "
                              f"for a run that was given it as a Python object")
         objects[name] = value
-    if "model" in objects:
-        _check_same_model(config.model, objects["model"], out_dir)
+    recorded_model = config.model
     config = dataclasses.replace(config, out=out_dir, progress=progress, **objects)  # validated again
+    if "model" in objects:
+        _check_same_model(recorded_model, config, out_dir)
     return TwoStageTrainer(config, resuming=True).run()

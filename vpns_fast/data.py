@@ -604,8 +604,8 @@ def _download_cifar(variant: str, data_dir: Path, root: Path) -> None:
 def _images_in(folder: Path, seen: set[str]) -> tuple[list[str], int]:
     """(the image files under ``folder``, how many of them ``seen`` already held): sorted, links followed; hidden
     files and folders (".ipynb_checkpoints", macOS "._name.png") left out, and a file already in ``seen`` (real
-    paths, updated) or a folder already walked not read again. A link back to its own folder had grown a class
-    from 30 images to 1230, the same files in train and val (an outside review)."""
+    paths, updated) or a folder already walked not read again. A link back to its own folder had read a class's
+    files many times over, the same files landing in train and val (an outside review)."""
     found, walked, repeated = [], set(), 0
     for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
         real = os.path.realpath(dirpath)  # once a folder: a file's own real path is asked only where it is a link

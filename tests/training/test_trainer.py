@@ -302,7 +302,7 @@ def test_eval_of_best_checkpoint_matches_results(vpns_run, capsys):
     again = evaluate_checkpoint(best, "Synthetic", batch_size=32, device="cpu")
     assert again["limit"] == 32 and again["samples"] == 32 and again["accuracy"] == run["test_acc"]
     # the checkpoint names the classes it learned, in label order; data of other classes is refused, not scored
-    # by position (a folder without one class had scored 50% for a model right on every image)
+    # by position (a folder without one class counted right answers for the next class as wrong)
     assert load_checkpoint(best)["meta"]["class_names"] == [f"class_{i}" for i in range(10)]
     with pytest.raises(ValueError, match=r"its network was trained on the classes 'class_0', 'class_1'.* the "
                                          r"digits data has '0', '1', .*so its labels mean other classes"):

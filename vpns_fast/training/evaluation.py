@@ -91,7 +91,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
                          "vpns_fast.deploy(path)")
     image_size = prompt.in_size if prompt is not None else (run.get("image_size") or input_size[-1])
     # the dataset's own key, not its spelling: "ImageFolder" had drawn other splits than the run's "imagefolder",
-    # its val split then holding 10 of 12 training images (an outside review)
+    # its val split then holding images the run had trained on (an outside review)
     recorded = run.get("dataset")
     same_dataset = isinstance(recorded, str) and _dataset_key(recorded) == canonical_dataset_name(dataset)
     run_limit = run.get("limit") if same_dataset and limit is None else None
@@ -101,7 +101,7 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     trained_on = payload["meta"].get("class_names")
     if trained_on is not None and list(trained_on) != list(data.classes):
         # labels are indices: a folder of other classes, or the same ones in another order, was scored by position
-        # (fox counted wrong as the run's "dog": 50% for a model that was right on every image)
+        # (a folder without one class counted the model's right answers for the next class as wrong)
         raise ValueError(f"{path}: its network was trained on the classes {_shown(trained_on)}; the {dataset} data "
                          f"has {_shown(data.classes)}, so its labels mean other classes")
     mapping = LabelMapping(data.num_classes, "none" if payload["label_mapping"] is None else "flm",

@@ -43,3 +43,9 @@ class PoolOnly(nn.Module):
 
 def pool_only() -> nn.Module:
     return PoolOnly()
+
+
+def conv_head_network(width: int = 8) -> nn.Module:
+    """A factory without ``num_classes`` and without a Linear: a 1x1 convolution gives its 12 outputs."""
+    return nn.Sequential(nn.Conv2d(3, width, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(width, 12, 1),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())

@@ -230,6 +230,11 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--weight-decay", action="append", type=_assignments, default=[], metavar="GROUP=WD")
     p.add_argument("--schedule", choices=("cosine", "constant"), default="cosine")
     p.add_argument("--limit", type=int, help="cap samples per split (quick runs)")
+    p.add_argument("--val-fraction", type=float, default=0.1,
+                   help="share of the training images held out as val, in [0, 1) (default 0.1; 0: no val, the "
+                        "last epoch is kept)")
+    p.add_argument("--split-seed", type=int, default=0,
+                   help="seed of the val draw, apart from --seed so that every seed sees the same split (default 0)")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     p.add_argument("--keep-checkpoints", choices=("last", "all"), default="last")
     p.add_argument("--no-progress", action="store_true",
@@ -261,6 +266,8 @@ def _config_from_args(args, methods=None, mask_from=None):
         _at_least(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0)
     for flag in ("batch_size", "limit"):
         _at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
+    if not 0.0 <= args.val_fraction < 1.0:  # NaN too
+        raise ValueError(f"--val-fraction: expected a number in [0, 1), got {args.val_fraction}")
 
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
@@ -290,7 +297,8 @@ def _config_from_args(args, methods=None, mask_from=None):
         label_mapping=args.label_mapping, scope=args.scope,
         hydra_scope=args.hydra_scope, granularity=args.granularity, structured=getattr(args, "structured", False),
         optimizers=optimizers, schedule=args.schedule,
-        limit=args.limit, num_workers=args.num_workers, keep_checkpoints=args.keep_checkpoints,
+        limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, num_workers=args.num_workers,
+        keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, logger=args.logger, out=args.out, mask_from=mask_from, **epochs)
     if getattr(args, "config", None) is None:
         return TrainConfig(**values)

@@ -58,6 +58,17 @@ def test_cli_prune_a_user_factory(tmp_path):
         assert json.load(f)["runs"][0]["actual_density"] == pytest.approx(0.5, abs=0.02)
 
 
+def test_a_conv_head_factory_keeps_its_outputs_and_maps_them(tmp_path):
+    """A factory without num_classes and without a Linear keeps its 12 outputs (the README says so); label
+    mapping maps them to digits' 10 classes, as it does a pretrained head's."""
+    assert cli.main(prune_args(tmp_path, "user_networks:conv_head_network")) == 0
+    payload = rebuilt_outputs_match(tmp_path / "runs" / "vpns_d0.5" / "last.pt")
+    with torch.no_grad():
+        assert model_from_checkpoint(payload)(torch.zeros(1, 3, 32, 32)).shape == (1, 12)
+    mapping = payload["label_mapping"]
+    assert mapping is not None and mapping.numel() == 10 and int(mapping.max()) < 12
+
+
 @pytest.mark.parametrize("model, expected", [
     ("resnet7", "unknown model 'resnet7'; name a model as a torchvision classification model name"),
     ("user_networks:not_a_network", "the factory returned a dict, expected an nn.Module"),

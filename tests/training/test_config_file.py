@@ -79,6 +79,16 @@ def test_flags_given_override_the_file_and_defaults_do_not(tmp_path, captured):
     assert config.optimizers["search_scores"]["lr"] == 0.5 and config.optimizers["finetune_weights"]["lr"] == 0.05
     assert config.model_kwargs == {"width": 8, "depth": 2} and config.densities == (0.1,)
     assert (config.split_seed, config.out) == (5, str(tmp_path / "o"))
+    assert config.val_fraction == 0.2  # the file's: neither val flag given
+    assert main(["prune", "--config", path, "--val-fraction", "0", "--split-seed", "2"]) == 0
+    assert (captured[-1].split_seed, captured[-1].val_fraction) == (2, 0.0)
+
+
+def test_the_val_split_flags_reach_the_run(tmp_path, captured):
+    assert main(["prune", *TINY, "--out", str(tmp_path / "a")]) == 0
+    assert (captured[-1].val_fraction, captured[-1].split_seed) == (0.1, 0)  # TrainConfig's defaults
+    assert main(["prune", *TINY, "--val-fraction", "0.25", "--split-seed", "4", "--out", str(tmp_path / "b")]) == 0
+    assert (captured[-1].val_fraction, captured[-1].split_seed) == (0.25, 4)
 
 
 def test_yaml_gives_the_same_config_as_json(tmp_path):

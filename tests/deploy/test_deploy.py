@@ -51,7 +51,7 @@ def test_uint8_images_equal_their_float_version(tmp_path):
     module = deploy(ckpt)
     images = torch.randint(0, 256, (2, 3, size, size), dtype=torch.uint8)
     assert_close(module(images), module(images.float() / 255), rtol=1e-5)
-    with pytest.raises(ValueError, match="expected images of shape"):
+    with pytest.raises(ValueError, match="images: expected a shape"):
         module(torch.rand(2, 3, size + 1, size + 1))
 
 
@@ -380,7 +380,7 @@ def test_a_network_trained_on_images_that_are_not_square(tmp_path, capsys):
             module = deploy(source, policy=policy)
             assert module.image_shape == (24, 40) and module.image_size is None
             assert_close(module(x), expected)
-            with pytest.raises(ValueError, match=r"expected images of shape \(B, 3, 24, 40\), got \(2, 3, 40, 40\)"):
+            with pytest.raises(ValueError, match=r"images: expected a shape \(B, 3, 24, 40\), got \(2, 3, 40, 40\)"):
                 module(torch.rand(2, 3, 40, 40))
     with pytest.raises(ValueError, match="example_input_size: the module takes 24x40 images, got 40x40"):
         deploy(path, example_input_size=(1, 3, 40, 40))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -291,6 +292,45 @@ def test_unmaskable_matrices_are_listed_and_exclude_keeps_layers_dense():
     assert V.actual_density(sparse) == report.density == (report.rows[0].kept + 4 * 4 * 4) / (4 * 3 * 9 + 64)
     with pytest.raises(ValueError, match="no maskable weight matrix"):
         V.sparsify(nn.Sequential(nn.ConvTranspose2d(3, 3, 2), nn.ReLU()))
+
+
+class _FunctionalConv(nn.Module):
+    """A conv kernel held as a bare parameter and read by F.conv2d, beside parameters that are no weights."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(64, 16, 3, 3))
+        self.pos_embedding = nn.Parameter(torch.randn(1, 64, 4))  # first dimension 1: no weight
+        self.relative_position_bias_table = nn.Parameter(torch.randn(49, 4))  # by its name: no weight
+        self.logit_scale = nn.Parameter(torch.ones(64, 1, 1))  # one dimension larger than 1: no weight
+        self.fc = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = nn.functional.conv2d(torch.relu(self.conv(x)), self.w, padding=1) * self.logit_scale
+        return self.fc(x.mean((2, 3)))
+
+
+def test_a_bare_parameter_read_by_a_functional_is_a_dense_weight_matrix_and_said():
+    """An outside review's case: ``self.w`` read by F.conv2d was neither masked, nor warned about, nor counted,
+    so actual_density read 0.10 where 90.6% of the weights were nonzero."""
+    torch.manual_seed(0)
+    model = _FunctionalConv()
+    with pytest.warns(UnmaskedWeightsWarning, match=r"w \(parameter of a _FunctionalConv\).*F\.conv2d\(x, self\.w\)"):
+        V.sparsify(model)
+    V.set_density(model, 0.1, scope="layer")
+    matrices = weight_matrices(model)
+    assert [(m.name, m.maskable) for m in matrices] == [("conv", True), ("fc", True), ("w", False)]
+    report = V.density_report(model, input_size=(3, 8, 8))
+    rows = {row.name: row for row in report.rows}
+    assert rows["w"].kind == "parameter of a _FunctionalConv (not maskable)" and rows["w"].kept == 64 * 16 * 9
+    assert rows["w"].dense_flops == 2 * 64 * 16 * 9 * 8 * 8  # the F.conv2d's FLOPs are the parameter's
+    folded = dict(V.fold(model).named_parameters())
+    nonzero = sum(int(folded[name].count_nonzero()) for name in ("conv.weight", "fc.weight", "w"))
+    assert V.actual_density(model) == report.density == nonzero / (16 * 27 + 640 + 64 * 16 * 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        V.sparsify(_FunctionalConv(), exclude=["w"])  # on purpose: no warning
 
 
 def test_reading_weight_never_falls_back_to_the_dense_parameter():

@@ -139,7 +139,7 @@ class DeployedModel(nn.Module):
         size = self.image_shape
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
             shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
-            raise ValueError(f"expected images of shape {shape}, got {tuple(images.shape)}")
+            raise ValueError(f"images: expected a shape {shape}, got {tuple(images.shape)}")
         if (self.info.get("backend") == "sparse_cpu" and self.prompt is None and images.device.type == "cpu"
                 and images.dtype in (torch.uint8, torch.float32) and not images.requires_grad
                 and len(self.mean) in (1, 3) and len(self.std) in (1, 3)):

@@ -54,8 +54,9 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     own class, keeping its parameters, hooks and forward), and ``nn.MultiheadAttention``'s
     projections (its ``in_proj`` / ``q_proj`` / ``k_proj`` / ``v_proj`` and ``out_proj``). Reading a
     masked layer's ``weight`` gives the masked weight, also to code that passes it to a functional.
-    A weight matrix that cannot be masked (ConvTranspose, Embedding, ...) stays dense with an
-    :class:`UnmaskedWeightsWarning` naming it and the fraction of weights it holds.
+    A weight matrix that cannot be masked (ConvTranspose, Embedding, ..., or a weight-shaped parameter under
+    another name than ``weight``, read by the model's own code: see :mod:`vpns_fast.pruning.matrices`) stays
+    dense with an :class:`UnmaskedWeightsWarning` naming it and the fraction of weights it holds.
 
     ``exclude``: glob patterns on layer names (``"fc"``, ``"layer4.*"``, ``"*.in_proj"``) to leave
     dense on purpose. The masked layers keep the original weight and bias parameters. Every
@@ -107,8 +108,11 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
         total = sum(m.weight.numel() for m in matrices)
         fraction = sum(m.weight.numel() for m in unmaskable) / total
         names = ", ".join(f"{m.name} ({m.kind})" for m in unmaskable[:8]) + (" ..." if len(unmaskable) > 8 else "")
+        bare = any(m.param_name != "weight" and not isinstance(m.module, nn.MultiheadAttention) for m in unmaskable)
         warnings.warn(f"sparsify: {len(unmaskable)} weight matrices hold {fraction:.2%} of the weights and cannot be "
-                      f"masked; they stay dense: {names}. Name them in exclude= to keep them dense on purpose.",
+                      f"masked; they stay dense: {names}. Name them in exclude= to keep them dense on purpose"
+                      + ("; a parameter the model's code passes to a functional (F.conv2d(x, self.w)) is masked "
+                         "once it is the weight of an nn.Conv2d / nn.Linear the code calls." if bare else "."),
                       UnmaskedWeightsWarning, stacklevel=2)
     if structured:
         structure_channels(model, cap_layers, cap_sparsity)

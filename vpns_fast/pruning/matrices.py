@@ -4,8 +4,10 @@ A *weight matrix* is the ``weight`` parameter (2-D or more) of any module, and e
 of an ``nn.MultiheadAttention`` (``in_proj_weight``, or ``q/k/v_proj_weight``). Conv1d/2d/3d, Linear
 (and their subclasses) and the attention projections can be masked; any other (ConvTranspose,
 Embedding, Bilinear, ...) cannot, and is listed so that reports count it as dense and ``sparsify``
-can say so. Other parameters (biases, normalization affine, position embeddings, class tokens, layer
-scales) are not weight matrices.
+can say so. So is a parameter under another name that is shaped like a weight (:func:`_weight_shaped`:
+``self.w = nn.Parameter(...)`` read by ``F.conv2d(x, self.w)``, an RNN's ``weight_ih_l0``, CLIP's ``proj``).
+Other parameters (biases, normalization affine, position embeddings, class tokens, relative position bias
+tables, layer scales) are not weight matrices.
 """
 from __future__ import annotations
 
@@ -48,8 +50,28 @@ def _maskable(module: nn.Module) -> bool:
             and not isinstance(weight, nn.parameter.UninitializedParameter))
 
 
+# Words in a parameter's name that say it is no weight matrix: position embeddings and tokens ([1, N, D] mostly,
+# but not everywhere), relative position tables (Swin, BEiT, SAM's rel_pos_h, BoTNet's height_rel, LambdaNet's
+# pos_emb), attention biases (LeViT), per-channel scales (EfficientViM's alpha [4, C]). Found by building one
+# model of each of timm's name families that builds on the meta device, and every torchvision classifier
+# (2026-12-07): with these words, the parameters taken as weight matrices were sequencer2d's LSTM weights only.
+_NOT_WEIGHT_WORDS = ("bias", "embed", "token", "pos", "rel", "alpha", "scale", "gamma")
+
+
+def _weight_shaped(name: str, parameter: torch.Tensor) -> bool:
+    """Whether a parameter that is no module's ``weight`` is taken as a weight matrix: two or more dimensions
+    larger than 1, the first of them (a [C_out, C_in, ...] kernel or a [rows, columns] matrix; a [1, N, D]
+    position embedding, a [heads, 1, 1] scale are not), and no word of _NOT_WEIGHT_WORDS in its name."""
+    if isinstance(parameter, nn.parameter.UninitializedParameter) or parameter.dim() < 2:
+        return False
+    return (parameter.shape[0] > 1 and sum(size > 1 for size in parameter.shape) >= 2
+            and not any(word in name.lower() for word in _NOT_WEIGHT_WORDS))
+
+
 def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
-    """Every weight matrix of ``model`` in module order, each parameter once (tied weights count once)."""
+    """Every weight matrix of ``model`` in module order, each parameter once (tied weights count once): the
+    modules' weights first, then the weight-shaped parameters under other names (:func:`_weight_shaped`), so
+    that an alias of a layer's weight (``self.w = self.fc.weight``) is the layer's."""
     found: list[WeightMatrix] = []
     seen: set[int] = set()
 
@@ -77,6 +99,13 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
             if isinstance(weight, torch.Tensor) and not isinstance(weight, nn.parameter.UninitializedParameter) \
                     and weight.dim() >= 2:
                 add(WeightMatrix(name, module, "weight", type(module).__name__, False))
+    for name, module in model.named_modules():
+        if isinstance(module, (MaskedMixin, nn.MultiheadAttention)) or ".parametrizations." in f".{name}.":
+            continue  # its parameters are listed above (scores, projections) or its layer's (an original weight)
+        for param_name, param in module._parameters.items():
+            if param is not None and param_name != "weight" and _weight_shaped(param_name, param):
+                add(WeightMatrix(f"{name}.{param_name}" if name else param_name, module, param_name,
+                                 f"parameter of a {type(module).__name__}", False))
     return found
 
 

@@ -208,6 +208,10 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(files, capsys, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_prune", interrupted)
     monkeypatch.setattr(cli, "_cmd_infer", interrupted)
     out = files / "o_interrupted"
+    assert main(["prune", "--out", str(out)]) == 130  # before config.json: nothing to resume (an outside review)
+    assert capsys.readouterr().err.strip() == "vpns prune: interrupted; nothing was written to resume"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
     assert main(["prune", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"vpns prune: interrupted; continue with `vpns resume {out}`"

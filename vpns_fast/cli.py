@@ -234,7 +234,8 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
                    help="share of the training images held out as val, in [0, 1) (default 0.1; 0: no val, the "
                         "last epoch is kept)")
     p.add_argument("--split-seed", type=int, default=0,
-                   help="seed of the val draw, apart from --seed so that every seed sees the same split (default 0)")
+                   help="seed of the val draw, in [0, 2**32), apart from --seed so that every seed sees the same "
+                        "split (default 0); synthetic data also draws its images from it")
     p.add_argument("--num-workers", type=int, default=0, help="data loader workers")
     p.add_argument("--keep-checkpoints", choices=("last", "all"), default="last")
     p.add_argument("--no-progress", action="store_true",
@@ -264,8 +265,10 @@ def _config_from_args(args, methods=None, mask_from=None):
     _check_output_folder(args.out)
     for flag in ("epochs", "search_epochs", "finetune_epochs", "hydra_epochs", "pretrain_epochs", "num_workers"):
         _at_least(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0)
-    for flag in ("batch_size", "limit"):
+    for flag in ("batch_size", "limit", "input_size", "image_size", "prompt_size"):
         _at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
+    if not 0 <= args.split_seed < 2**32:
+        raise ValueError(f"--split-seed: expected an integer in [0, 2**32), got {args.split_seed}")
     if not 0.0 <= args.val_fraction < 1.0:  # NaN too
         raise ValueError(f"--val-fraction: expected a number in [0, 1), got {args.val_fraction}")
 
@@ -876,8 +879,11 @@ def main(argv=None) -> int:
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         run_folder = args.out_dir if args.command == "resume" else getattr(args, "out", None)
-        hint = (f"; continue with `vpns resume {run_folder}`" if run_folder and args.command in
-                ("prune", "transfer", "resume") else "")
+        hint = ""
+        if run_folder and args.command in ("prune", "transfer", "resume"):
+            # before config.json is written (the data still loading) there is nothing to resume (an outside review)
+            hint = (f"; continue with `vpns resume {run_folder}`"
+                    if os.path.isfile(os.path.join(run_folder, "config.json")) else "; nothing was written to resume")
         terminated = isinstance(exc, Terminated)
         print(f"vpns {args.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130

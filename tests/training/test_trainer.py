@@ -3,6 +3,7 @@ stage may change, every method's density, ILM, the output-directory rules, evalu
 saved checkpoint, transfer, protocols, AMP / channels_last, and the `vpns` CLI paths."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -563,6 +564,67 @@ def _class_folders(root, counts: dict):
             (root / split / name).mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 Image.new("RGB", (8, 8), (80 * index, 4 * i, 0)).save(root / split / name / f"{i}.png")
+
+
+def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, capsys):
+    """An outside review: `--force` deleted the finished run before the new job read its data, so a mistyped
+    --data-dir, an undecodable image or a val fraction holding out every image lost it. The data is read first."""
+    _class_folders(tmp_path / "data", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
+    out = str(tmp_path / "run")
+    common = ["--model", "small_resnet", "--input-size", "8", "--epochs", "1", "--batch-size", "8", "--method",
+              "omp", "--density", "0.5", "--device", "cpu", "--no-progress", "--out", out]
+    assert cli.main(["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), *common]) == 0
+    before = sorted(os.listdir(out)), read_results(out)
+    for argv, pattern in [(["--data-dir", str(tmp_path / "nothing")], "ImageFolder dataset not found"),
+                          (["--data-dir", str(tmp_path / "data"), "--val-fraction", "0.95"],
+                           r"nothing to train on: val_fraction \(--val-fraction\) 0.95 held out all 8 of its training "
+                           r"images for val")]:
+        assert cli.main(["prune", "--dataset", "imagefolder", *argv, *common, "--force"]) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err) and err.count("\n") == 1, err
+        assert (sorted(os.listdir(out)), read_results(out)) == before
+    assert cli.main(["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--val-fraction",
+                     "0.95", *common[:-1], str(tmp_path / "fresh")]) == 2
+    assert not os.path.exists(tmp_path / "fresh" / "config.json")  # nothing that blocks the corrected rerun
+    capsys.readouterr()
+
+
+def test_eval_refuses_an_empty_split_and_keeps_the_runs_limit_to_its_own_folder(tmp_path):
+    _class_folders(tmp_path / "data", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
+    _class_folders(tmp_path / "other", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 5, "dog": 5}})
+    out = tmp_path / "run"
+    TwoStageTrainer(tiny(out, dataset="imagefolder", data_dir=str(tmp_path / "data"), image_size=8, input_size=8,
+                         methods=("omp",), finetune_epochs=1, val_fraction=0.0, limit=3)).run()
+    best = os.path.join(run_dir(out, "omp", 0.5), "best.pt")
+    with pytest.raises(ValueError, match=r"split 'val' of imagefolder holds no images \(the run held out no val "
+                                         r"images: val_fraction 0\)"):  # it had read accuracy 0.0
+        evaluate_checkpoint(best, "imagefolder", str(tmp_path / "data"), split="val", device="cpu")
+    own = evaluate_checkpoint(best, "imagefolder", str(tmp_path / "data"), device="cpu")
+    assert (own["limit"], own["samples"]) == (3, 3)  # the run's --limit on the run's folder
+    other = evaluate_checkpoint(best, "imagefolder", str(tmp_path / "other"), device="cpu")
+    assert (other["limit"], other["samples"]) == (None, 10)  # another folder: all of its test images
+
+
+def test_sizes_and_split_seeds_out_of_range_are_refused_by_name(tmp_path, capsys):
+    base = ["prune", "--dataset", "synthetic", "--epochs", "1", "--limit", "16", "--device", "cpu", "--no-progress",
+            "--out", str(tmp_path / "o")]
+    for flag, value, pattern in [("--input-size", "0", "--input-size: expected an integer >= 1, got 0"),
+                                 ("--image-size", "0", "--image-size: expected an integer >= 1, got 0"),
+                                 ("--prompt-size", "-3", "--prompt-size: expected an integer >= 1, got -3"),
+                                 ("--split-seed", str(2**32), r"--split-seed: expected an integer in \[0, 2\*\*32\)"),
+                                 ("--split-seed", "-1", r"--split-seed: expected an integer in \[0, 2\*\*32\)")]:
+        assert cli.main([*base, flag, value]) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err) and err.count("\n") == 1, err
+    config = tmp_path / "c.json"
+    for key, value, pattern in [("input_size", 0, "input_size must be >= 1"), ("val_fraction", 1.0,
+                                r"val_fraction: expected a number in \[0, 1\), got 1.0"),
+                                ("limit", 0, "limit must be >= 1"), ("split_seed", 2**64, "split_seed must be in")]:
+        config.write_text(json.dumps({"dataset": "synthetic", key: value}))
+        assert cli.main(["prune", "--config", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(f"--config {re.escape(str(config))}: {pattern}", err), err
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):

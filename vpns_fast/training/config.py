@@ -166,6 +166,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        fraction = self.val_fraction  # checked here too, so that a config file's is named with the file
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+            raise ValueError(f"val_fraction: expected a number in [0, 1), got {fraction!r}")
+        for name in ("input_size", "image_size", "prompt_size"):  # 0 was read as "the default" (an outside review)
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1 (or None for the default), got {getattr(self, name)}")
+        # seeds that differed only above 32 bits drew the same split (torch's CPU generator keeps 32 bits of a
+        # seed), and 2**64 overflowed in torch (an outside review)
+        if not 0 <= self.split_seed < 2**32:
+            raise ValueError(f"split_seed must be in [0, 2**32), got {self.split_seed}")
         if self.limit is not None and self.limit < 1:  # a config file bypasses the CLI's checks of --limit
             raise ValueError(f"limit must be >= 1 (or None for every sample), got {self.limit}")
         if self.num_workers < 0:

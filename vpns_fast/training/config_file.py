@@ -22,7 +22,7 @@ MERGED_KEYS = ("optimizers", "model_kwargs")
 def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of the settings in ``path``, with ``overrides`` (fields set on the command line)
     taking precedence; keys the file leaves out keep the dataclass's defaults. A one-line ``ValueError`` naming
-    the file and the key for an unknown key or a value of the wrong type."""
+    the file and the key for an unknown key, a value of the wrong type, or one out of its range."""
     values = read_config_file(path)
     overrides = overrides or {}
     if "model" not in overrides and isinstance(values.get("model"), str):
@@ -40,6 +40,11 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
         return TrainConfig(**values)
     except TypeError as exc:  # a value of the right JSON type but the wrong shape, deep inside a setting
         raise ValueError(f"--config {path}: {exc}") from None
+    except ValueError as exc:  # a value out of range: named with the file where the file set it
+        key = str(exc).split(" ", 1)[0].rstrip(":")
+        if key in values and key not in overrides:
+            raise ValueError(f"--config {path}: {exc}") from None
+        raise
 
 
 def read_config_file(path: str) -> dict:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.utils.data import Dataset
@@ -62,6 +63,13 @@ def _shown(names) -> str:
     return first_items(map(repr, names), 6) + (f" ({len(names)} in all)" if len(names) > 6 else "")
 
 
+def _same_folder(recorded: str | None, given: str | None) -> bool:
+    """Whether ``given`` names the data folder the run recorded (both None for a dataset without one)."""
+    if recorded is None or given is None:
+        return recorded is None and given is None
+    return os.path.realpath(recorded) == os.path.realpath(given)
+
+
 def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, split: str = "test",
                         batch_size: int = 256, device: str = "auto", limit: int | None = None,
                         model=None) -> dict:
@@ -94,7 +102,11 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     # its val split then holding images the run had trained on (an outside review)
     recorded = run.get("dataset")
     same_dataset = isinstance(recorded, str) and _dataset_key(recorded) == canonical_dataset_name(dataset)
-    run_limit = run.get("limit") if same_dataset and limit is None else None
+    # the run's --limit only on the run's own folder: another folder of the same dataset kind was scored on as
+    # many images as the run had used (an outside review); a folder named from another working directory counts
+    # as another one (all of its images scored, the limit printed as none). Its val split stays the run's draw.
+    run_limit = (run.get("limit") if same_dataset and limit is None
+                 and _same_folder(run.get("data_dir"), data_dir) else None)
     data = load_dataset(dataset, data_dir, image_size=image_size, limit=limit if limit is not None else run_limit,
                         val_fraction=run.get("val_fraction", 0.1) if same_dataset else 0.1,
                         seed=run.get("split_seed", 0) if same_dataset else 0)
@@ -110,6 +122,9 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
         mapping.set_mapping(payload["label_mapping"])
     mean, std = (prompt.mean, prompt.std) if prompt is not None else (IMAGENET_MEAN, IMAGENET_STD)
     network = PromptedNetwork(model, prompt, mapping, mean, std).to(device)
+    if len(getattr(data, split)) == 0:  # scored as accuracy 0.0 (an outside review)
+        raise ValueError(f"split {split!r} of {dataset} holds no images"
+                         + (" (the run held out no val images: val_fraction 0)" if split == "val" else ""))
     loader = make_loader(getattr(data, split), batch_size, shuffle=False)
     correct, total = count_correct(network, loader, False, device).tolist()
     result = {"checkpoint": path, "dataset": dataset, "split": split, "samples": int(total),

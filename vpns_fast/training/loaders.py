@@ -12,18 +12,25 @@ from vpns_fast.training.config import PythonObject, TrainConfig, dataset_parts
 
 def load_job_data(config: TrainConfig) -> DataSplits:
     """The job's splits: a named dataset loaded, a DataSplits as given, or a user's datasets split and resized
-    to the run's image size (:func:`vpns_fast.data.dataset_splits`)."""
+    to the run's image size (:func:`vpns_fast.data.dataset_splits`). ValueError where no training item is left
+    (the val fraction holding out every one, or an empty dataset)."""
     c = config
     if isinstance(c.dataset, str):
-        return load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
+        data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
                             limit=c.limit)
-    if isinstance(c.dataset, DataSplits):
-        return c.dataset
-    if isinstance(c.dataset, PythonObject):
+    elif isinstance(c.dataset, DataSplits):
+        data = c.dataset
+    elif isinstance(c.dataset, PythonObject):
         raise ValueError(object_not_stored(c.dataset))
-    train, val, test = dataset_parts(c.dataset)
-    return dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
-                          val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
+    else:
+        train, val, test = dataset_parts(c.dataset)
+        data = dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
+                              val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
+    if len(data.train) == 0:  # torch's sampler said "num_samples should be a positive integer value" (a review)
+        held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out all {len(data.val)} of its "
+                    "training images for val" if len(data.val) else "it has no training images")
+        raise ValueError(f"nothing to train on: {held_out}")
+    return data
 
 
 def object_not_stored(placeholder: PythonObject) -> str:

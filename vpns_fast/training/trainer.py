@@ -128,8 +128,11 @@ class TwoStageTrainer:
 
     def _run_all(self) -> list[dict]:
         c = self.config
-        prepare_out_dir(c, self.force, self.resuming, self.is_main)
+        # the data first: a job refused for its data (a mistyped --data-dir, an image that cannot be decoded, a
+        # val fraction that leaves nothing to train on) leaves a forced --out's earlier run as it was (an outside
+        # review: `--force` had deleted it before the data was read)
         data = load_job_data(c)
+        prepare_out_dir(c, self.force, self.resuming, self.is_main)
         fingerprint = data.fingerprint()
         if self.resuming:
             check_same_data(c, fingerprint)

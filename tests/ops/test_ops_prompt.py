@@ -9,6 +9,7 @@ import torch
 from helpers import backends_for, cases_on_backends, release_mask, release_prompt
 from tolerance import assert_close
 
+from vpns_fast.kernels.prompt import prompt_region_ref
 from vpns_fast.ops import (
     expansive_prompt,
     fix_prompt,
@@ -98,6 +99,22 @@ def test_custom_mean_std_and_channel_count(kind, backend):
         out = call_op(kind, images, program, **kw, mean=mean, std=std)
     assert_close(out.double(), release_prompt(images, program, kind, **kw, mean=mean, std=std),
                                rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("kind,backend", with_backends([(k,) for k in KINDS]))
+def test_nan_in_the_program_outside_its_region_stays_out(kind, backend):
+    """The reference had multiplied the program by its region, so a NaN outside the region reached the output
+    there (NaN * 0) and not in the kernel (an outside review); every backend leaves it out now."""
+    out_size, in_size, pad, mask_size, row, col = GEOMETRIES[1]
+    images, program = _inputs(out_size, in_size, torch.float32)
+    kw = _kw(kind, pad, mask_size, row, col)
+    with use_backend(backend):
+        clean = call_op(kind, images, program, **kw)
+        region = prompt_region_ref(kind, out_size, in_size, pad, mask_size, row, col)  # where the program counts
+        outside = (region.reshape(region.shape[-2:]) == 0).nonzero()[0].tolist()
+        poisoned = program.clone()
+        poisoned[(0, *outside)] = float("nan")
+        assert torch.equal(call_op(kind, images, poisoned, **kw), clean), (kind, outside)
 
 
 @pytest.mark.parametrize("kind,backend", with_backends([(k,) for k in KINDS]))

@@ -8,6 +8,7 @@ from tolerance import assert_close
 from torch import nn
 
 import vpns_fast as V
+from vpns_fast.pruning.masking import TiedScoresWarning
 
 
 def tiny_net(num_classes=5):
@@ -202,6 +203,40 @@ def test_load_masks_imposes_fixed_masks():
         assert torch.equal(mask, wanted[name])
     with pytest.raises(ValueError, match="shape"):
         V.load_masks(model, {**wanted, "0": torch.ones(2, 2, dtype=torch.bool)})
+    # numpy masks load; layers= names layers, not substrings, and a misspelt one is refused (an outside review)
+    V.load_masks(model, {name: mask.numpy() for name, mask in wanted.items()})
+    assert all(torch.equal(mask, wanted[name]) for name, mask in V.masks(model).items())
+    first = next(iter(wanted))
+    with pytest.raises(ValueError, match=r"layers: 'nope' name\(s\) no masked layer"):
+        V.load_masks(model, wanted, layers=["nope"])
+    V.load_masks(model, {first: ~wanted[first]}, layers=first)  # one name as a string
+    assert torch.equal(V.masks(model)[first], ~wanted[first])
+
+
+def test_set_density_after_load_masks_warns_of_ties_and_refuses_nan_scores():
+    """Outside review cases: after load_masks (scores 0 and 1) set_density(0.3) put the threshold at 1 and pruned
+    every weight without a word; NaN scores were never kept, so the density came out under the one asked for."""
+    model = V.sparsify(nn.Sequential(nn.Linear(6, 6)))
+    V.load_masks(model, {"0": torch.arange(36).reshape(6, 6) % 2 == 0})
+    with pytest.warns(TiedScoresWarning, match=r"0 of 36 scores kept where density 0.3 asks for 11: 11 more tie"):
+        V.set_density(model, 0.3)
+    assert V.actual_density(model) == 0.0  # the documented rule stands: ties at t are pruned
+    V.set_density(model, 0.3, check=False)  # the trainer's per-step call: no host reads, no warning
+    model = V.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 2)))
+    with torch.no_grad():
+        model[0].scores[0].fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"set_density: the scores of '0' hold NaN"):
+        V.set_density(model, 0.5)
+
+
+def test_a_float64_models_threshold_is_float64():
+    """A float32 threshold buffer rounded a float64 model's threshold: 99 of 100 weights kept for 0.5."""
+    model = V.sparsify(nn.Sequential(nn.Linear(10, 10)).double())
+    with torch.no_grad():
+        model[0].scores.copy_(1 + 1e-12 * torch.arange(100, dtype=torch.float64).reshape(10, 10))
+    threshold = V.set_density(model, 0.5)
+    assert model[0].threshold.dtype == torch.float64 and model[0].threshold == threshold
+    assert int(V.masks(model)["0"].sum()) == 50
 
 
 class _TiedLayers(nn.Module):

@@ -41,6 +41,11 @@ class IdleLayerWarning(UserWarning):
     (``results.json``'s ``emptied_layers`` / ``unused_layers``)."""
 
 
+class TiedScoresWarning(UserWarning):
+    """``set_density`` kept fewer weights than the density asks for, by more than 1% of them: many scores tie at
+    the threshold, and ties are pruned (the 0 / 1 scores ``load_masks`` writes, weights of magnitude 0)."""
+
+
 class UnmaskedWeightsWarning(UserWarning):
     """``sparsify`` left weight matrices dense that it cannot mask (and that ``exclude`` did not name)."""
 
@@ -150,11 +155,15 @@ def _require_masked(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 @torch.no_grad()
-def set_density(model: nn.Module, density: float, scope: str = "global") -> torch.Tensor:
+def set_density(model: nn.Module, density: float, scope: str = "global", *, check: bool = True) -> torch.Tensor:
     """Set every masked layer's threshold so that a ``density`` fraction of scores is kept.
 
     ``scope="global"``: one threshold over all layers' scores (VPNs); ``"layer"``: each layer keeps
     its own top ``density`` (HYDRA's layer-wise pruning). Returns the threshold(s).
+
+    ``check`` (the trainer's per-step calls pass False: each check reads the scores back to the host): NaN scores
+    are refused, naming their layers (a NaN is never kept, so the density came out below the one asked for), and
+    a :class:`TiedScoresWarning` says when ties at the threshold pruned more than 1% of the weights beyond it.
 
     A score parameter shared by several layers (structured mode's residual groups) counts once,
     and all its layers get the same threshold (with ``scope="layer"`` one entry per shared score
@@ -167,13 +176,45 @@ def set_density(model: nn.Module, density: float, scope: str = "global") -> torc
     dtypes = {s.dtype for s in scores}
     if len(dtypes) > 1:  # the selection must see every score exactly as stored
         raise ValueError(f"masked layers hold scores of several dtypes {sorted(map(str, dtypes))}")
+    if check:
+        _refuse_nan_scores(model, units)
     thresholds = ops.topk_threshold(scores, density, scope)
     for i, (_, members) in enumerate(units):
         for layer in members:
             layer.set_threshold(thresholds if scope == "global" else thresholds[i])
+    if check:
+        _warn_of_ties(scores, thresholds, density, scope)
     if any(getattr(layer, "channel_cap", None) is not None for layer in layers):
         apply_channel_cap(layers)
     return thresholds
+
+
+def _refuse_nan_scores(model: nn.Module, units) -> None:
+    """ValueError naming the masked layers whose scores hold NaN (an outside review: a diverged search's NaN
+    scores were never kept, and the density came out at 0.35 where 0.5 was asked, without a word)."""
+    broken = {id(param) for param, _ in units if bool(torch.isnan(param).any())}
+    if broken:
+        names = [name for name, layer in masked_layers(model) if id(layer.scores) in broken]
+        raise ValueError(f"set_density: the scores of {first_items(map(repr, names))} hold NaN; a NaN score is "
+                         "never kept, so the density would come out below the one asked for")
+
+
+def _warn_of_ties(scores: list[torch.Tensor], thresholds: torch.Tensor, density: float, scope: str) -> None:
+    """:class:`TiedScoresWarning` where ties at the threshold kept fewer scores than the selection's own count
+    (``N - int((1 - density) * N)``, over all scores or per layer), by more than 1% of them. An outside review:
+    ``set_density(model, 0.3)`` after ``load_masks`` (scores 0 and 1) pruned every weight."""
+    groups = [scores] if scope == "global" else [[s] for s in scores]
+    limits = [thresholds] * len(groups) if scope == "global" else list(thresholds)
+    for group, threshold in zip(groups, limits):
+        total = sum(s.numel() for s in group)
+        wanted = total - int((1 - density) * total)
+        kept = sum(int(ops.score_mask(s, threshold).sum()) for s in group)
+        if wanted - kept > 0.01 * total:
+            warnings.warn(f"set_density: {kept} of {total} scores kept where density {density:g} asks for {wanted}: "
+                          f"{wanted - kept} more tie at the threshold {float(threshold):g} and ties are pruned (scores "
+                          "of 0 and 1 from load_masks, weights of magnitude 0); set the scores apart, e.g. "
+                          "magnitude scores, before choosing another density", TiedScoresWarning, stacklevel=3)
+            return
 
 
 def masks(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -404,6 +445,12 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
     mask for a layer the model does not mask is refused (a mask of 0.3s had pruned a whole layer, and a misspelt
     name was ignored: an outside review)."""
     masked = _require_masked(model)
+    if layers is not None:  # a string had matched its substrings, a misspelt name nothing (an outside review)
+        layers = [layers] if isinstance(layers, str) else list(layers)
+        missing = sorted(set(layers) - {name for name, _ in masked})
+        if missing:
+            raise ValueError(f"layers: {first_items(map(repr, missing))} name(s) no masked layer of the model (its "
+                             "masked layers: vpns_fast.masks(model).keys())")
     unknown = sorted(set(mask_dict) - {name for name, _ in masked})
     if unknown:
         raise ValueError(f"masks given for {len(unknown)} name(s) the model has no masked layer of: "
@@ -414,7 +461,7 @@ def load_masks(model: nn.Module, mask_dict: dict[str, torch.Tensor], layers: Ite
             continue
         if name not in mask_dict:
             raise KeyError(f"no mask given for masked layer {name!r}")
-        mask = mask_dict[name].to(layer.scores.device)
+        mask = torch.as_tensor(mask_dict[name]).to(layer.scores.device)  # numpy arrays too
         if tuple(mask.shape) != tuple(layer.scores.shape):
             raise ValueError(f"mask for {name!r} has shape {tuple(mask.shape)}, expected {tuple(layer.scores.shape)}")
         if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():

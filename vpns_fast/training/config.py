@@ -136,7 +136,11 @@ class TrainConfig:
         # starts from a weights file instead, or the module has lazy parameters not yet initialized
         self._starting_weights_sha256 = (module_weights_sha256(self.model) if isinstance(self.model, nn.Module)
                                          and self.weights is None else None)
-        self.methods = tuple(self.methods)
+        # one method or density given bare: "vpns" had been read as the methods 'v', 'p', ... and 0.2 had raised
+        # "'float' object is not iterable" (an outside review)
+        self.methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
+        if isinstance(self.densities, (int, float)) and not isinstance(self.densities, bool):
+            self.densities = (self.densities,)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
             if get_method(m).mask == "fixed" and self.mask_from is None:

@@ -83,9 +83,11 @@ def fresh_model(dense_model: nn.Module, dense_state: dict, config: TrainConfig, 
     return model
 
 
-def set_threshold(model: nn.Module, density: float, scope: str) -> None:
+def set_threshold(model: nn.Module, density: float, scope: str, check: bool = True) -> None:
+    """``check``: set_density's checks (NaN scores, ties), which read the scores back to the host: once when a run
+    starts, not on the search's every step."""
     # structured mode: set_density dedupes shared group scores and applies the early-layer cap
-    set_density(model, density, scope)
+    set_density(model, density, scope, check=check)
     broadcast_thresholds(model)
 
 

@@ -258,7 +258,8 @@ class TwoStageTrainer:
         trainable = distributed_model(network, self.device)
         refresh_threshold = None
         if phase.kind == "search":  # the threshold follows the scores after every step
-            refresh_threshold = functools.partial(set_threshold, network.model, phase.density, phase.scope)
+            refresh_threshold = functools.partial(set_threshold, network.model, phase.density, phase.scope,
+                                                  check=False)
         is_final = index == len(run.phases) - 1
         for epoch in range(state.epoch, phase.epochs):
             seed_everything(derived_seed(c.seed, run.method.name, run.density, index, epoch))

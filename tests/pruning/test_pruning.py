@@ -169,6 +169,10 @@ def test_density_report_counts_and_flops():
     assert "total" in text and "FLOPs kept" in text
     assert report.to_dict()["density"] == pytest.approx(report.density)
     assert "FLOPs" not in str(V.density_report(model))
+    # an input the model cannot take: one line naming input_size, not torch's error from inside the count
+    with pytest.raises(ValueError, match=r"input_size \(3, 2, 2\): the model's forward failed on an input of "
+                                         r"that shape: .*Kernel size"):
+        V.density_report(V.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten())), (3, 2, 2))
 
 
 def test_density_report_refuses_a_flop_count_over_the_memory(monkeypatch):

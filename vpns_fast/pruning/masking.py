@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vpns_fast import ops
+from vpns_fast.environment import is_out_of_memory
 from vpns_fast.errors import first_items
 from vpns_fast.nn.masked_layers import (
     GRANULARITIES,
@@ -366,8 +367,14 @@ def _count_flops(model: nn.Module, rows: list[LayerDensity], input_size: Sequenc
     weights = {matrix.name: matrix.weight for matrix in weight_matrices(folded)}
     param = next(folded.parameters())
     refuse_flop_count_over_memory(folded, input_size, param)
-    total, per_weight = count_flops(folded, [weights[row.name] for row in rows],
-                                    torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    try:
+        total, per_weight = count_flops(folded, [weights[row.name] for row in rows],
+                                        torch.zeros(1, *input_size, device=param.device, dtype=param.dtype))
+    except RuntimeError as exc:  # torch's own words from deep in the forward (an input smaller than a kernel)
+        if is_out_of_memory(exc):
+            raise
+        raise ValueError(f"input_size {tuple(input_size)}: the model's forward failed on an input of that shape: "
+                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
     for row, flops in zip(rows, per_weight):
         row.dense_flops, row.kept_flops = flops, flops * row.kept // row.params if row.params else flops
     other = total - sum(per_weight)

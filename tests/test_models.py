@@ -183,6 +183,20 @@ def test_offline_without_file_is_a_clear_error(empty_hub, monkeypatch):
         build_model("resnet50", pretrained=True)
 
 
+def test_a_job_refused_for_its_pretrained_weights_writes_nothing(tmp_path, empty_hub, capsys):
+    """An outside review: offline, `vpns prune --model resnet18 --weights pretrained` failed after config.json was
+    written, and the corrected command was then refused ("holds a run with a different config")."""
+    from vpns_fast import cli
+
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "resnet18", "--weights", "pretrained", "--dataset", "synthetic", "--limit", "8",
+            "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pretrained weights for resnet18" in err and err.count("\n") == 1
+    assert not (out / "config.json").exists()
+
+
 def test_missing_explicit_file_and_no_published_weights(tmp_path, empty_hub):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_model("resnet18", weights=tmp_path / "nowhere.pth")

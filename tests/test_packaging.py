@@ -36,6 +36,8 @@ def test_sdist_holds_every_file_the_build_needs(sdist_names):
     assert {"LICENSE", "setup.py", "pyproject.toml", "README.md", "csrc/vpns_ops.h"} <= sdist_names
     # its tests run the examples and the benchmarks (test_examples, test_bench): they come along (an outside review)
     assert {"examples/export_and_deploy.py", "bench/__main__.py", "bench/README.md"} <= sdist_names
+    # and tests/test_docs.py builds the API pages with docs/build_api.py (missing, it failed in an unpacked sdist)
+    assert "docs/build_api.py" in sdist_names
 
 
 def test_sdist_carries_no_build_products(sdist_names):

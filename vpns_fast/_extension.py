@@ -31,6 +31,14 @@ def load():
                 _reason = (f"the C++ extension vpns_fast._C is built but does not load with torch "
                            f"{torch_version} ({exc}); it was most likely compiled against another torch: "
                            "rebuild it in this environment, e.g. `pip install -e . --no-build-isolation`")
+            elif _in_source_tree():
+                # an installed wheel hidden by the checkout Python found first (an outside review: "reinstall"
+                # sent a user whose installed copy had the extension the wrong way)
+                import vpns_fast
+
+                _reason = (f"the C++ extension vpns_fast._C is not built in the source tree vpns_fast was imported "
+                           f"from ({vpns_fast.__path__[0]}), which hides any installed copy: run from another "
+                           "folder, or build it there with `pip install -e . --no-build-isolation`")
             else:
                 _reason = (f"the C++ extension vpns_fast._C is not built ({exc}); reinstall without "
                            f"VPNS_FAST_BUILD_EXT=0, e.g. `pip install -e . --no-build-isolation`")
@@ -39,3 +47,13 @@ def load():
 
 def status() -> tuple[bool, str]:
     return (load() is not None), _reason
+
+
+def _in_source_tree() -> bool:
+    """Whether ``vpns_fast`` was imported from a source checkout (its folder beside ``csrc/`` and ``setup.py``)."""
+    import os
+
+    import vpns_fast
+
+    root = os.path.dirname(os.path.abspath(vpns_fast.__path__[0]))
+    return os.path.isdir(os.path.join(root, "csrc")) and os.path.isfile(os.path.join(root, "setup.py"))

@@ -76,16 +76,26 @@ def _deployment_engines() -> dict:
     kernel's instruction set, or why it is unavailable) and the ONNX packages' versions (None: not installed)."""
     import importlib.metadata
 
-    from vpns_fast.deploy import sparse_cpu
-    from vpns_fast.deploy.baselines import onnxruntime_version
+    try:
+        import torchvision
+    except Exception as exc:  # missing, or built for another torch (`torchvision::nms does not exist`)
+        torchvision_version = f"fails to import: {_one_line(exc)}"
+        engine = "unavailable: vpns_fast.deploy needs torchvision"
+        onnxruntime = None
+    else:
+        torchvision_version = torchvision.__version__
+        from vpns_fast.deploy import sparse_cpu
+        from vpns_fast.deploy.baselines import onnxruntime_version
 
-    available, reason = sparse_cpu.available()
-    engine = f"available, {sparse_cpu.kernel_isa()} kernel" if available else f"unavailable: {reason}"
+        available, reason = sparse_cpu.available()
+        engine = f"available, {sparse_cpu.kernel_isa()} kernel" if available else f"unavailable: {reason}"
+        onnxruntime = onnxruntime_version()
     try:
         onnxscript = importlib.metadata.version("onnxscript")
     except importlib.metadata.PackageNotFoundError:
         onnxscript = None
-    return {"cpu_engine": engine, "onnxruntime": onnxruntime_version(), "onnxscript": onnxscript}
+    return {"torchvision": torchvision_version, "cpu_engine": engine, "onnxruntime": onnxruntime,
+            "onnxscript": onnxscript}
 
 
 def _cmd_info(args) -> int:
@@ -95,8 +105,8 @@ def _cmd_info(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
-    for key in ("vpns_fast", "python", "torch", "triton", "cuda", "cuda_available", "cpu_threads", "forced_backend",
-                "cpu_engine", "onnxruntime", "onnxscript"):
+    for key in ("vpns_fast", "python", "torch", "torchvision", "triton", "cuda", "cuda_available", "cpu_threads",
+                "forced_backend", "cpu_engine", "onnxruntime", "onnxscript"):
         print(f"{key:15s} {info[key]}")
     print(f"{'devices':15s} {', '.join(info['devices'])}")
     print("backends:")
@@ -130,11 +140,11 @@ def _cmd_report(args) -> int:
     input_size = args.input_size or payload.get("input_size")
     try:
         report = density_report(model, input_size)
-    except RuntimeError as exc:  # the FLOP count runs the model on one input of that size
-        if args.input_size is None:
+    except ValueError as exc:  # the FLOP count runs the model on one input of that size: named by the flag here
+        if args.input_size is None or not isinstance(exc.__cause__, RuntimeError):
             raise
         raise ValueError(f"--input-size {shape}: the model cannot run on it "
-                         f"({exception_reason(exc, with_type=False)})") from None
+                         f"({exception_reason(exc.__cause__, with_type=False)})") from None
     model_name = payload["model"]["name"] or payload["model"].get("class")
     if args.json:  # what the text's first line says, too (the JSON had only the table: an outside review)
         print(json.dumps({"checkpoint": args.checkpoint, "model": model_name, "granularity": payload["granularity"],
@@ -248,19 +258,24 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
     p.add_argument("--force", action="store_true", help="replace an existing --out")
 
 
-def _check_dataset(name: str) -> None:
+def _check_dataset(name: str, data_dir: str | None = None, config_file: str | None = None) -> None:
+    """--dataset known, and --data-dir given where the dataset reads its files from a folder (unless a --config
+    file may set it): the library's own message names ``data_dir``, not the flag (an outside review)."""
     from vpns_fast.data import DATASETS, canonical_dataset_name
 
     try:
-        canonical_dataset_name(name)
+        key = canonical_dataset_name(name)
     except ValueError:
         raise ValueError(f"--dataset: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
+    if key in ("cifar10", "cifar100", "tiny-imagenet", "imagefolder") and data_dir is None and config_file is None:
+        raise ValueError(f"--data-dir: --dataset {name} reads its files from a folder; give that folder (the README's "
+                         "datasets list says what it holds)")
 
 
 def _config_from_args(args, methods=None, mask_from=None):
     from vpns_fast.training.trainer import TrainConfig
 
-    _check_dataset(args.dataset)
+    _check_dataset(args.dataset, args.data_dir, getattr(args, "config", None))
     _check_device(args.device)
     _check_output_folder(args.out)
     for flag in ("epochs", "search_epochs", "finetune_epochs", "hydra_epochs", "pretrain_epochs", "num_workers"):
@@ -367,7 +382,7 @@ def _cmd_eval(args) -> int:
     from vpns_fast.training.evaluation import evaluate_checkpoint
 
     _check_input_file(args.checkpoint, "checkpoint")
-    _check_dataset(args.dataset)
+    _check_dataset(args.dataset, args.data_dir)
     _check_device(args.device)
     _at_least(args.batch_size, "--batch-size", 1)
     _at_least(args.limit, "--limit", 1)
@@ -560,8 +575,10 @@ def _print_bench_rows(rows: list[dict], layers: bool) -> None:
                 print(f"where the time goes: the layers above, each timed alone, sum to {layers_ms:.2f} ms of the "
                       f"network's {r['latency_ms']:.2f} ms ({100 * layers_ms / r['latency_ms']:.0f}%)"
                       + (f", {untimed} layers not timed" if untimed else "")
-                      + f"; the other {rest:.2f} ms is the work outside them (activations, adds, pooling not "
-                      f"listed, the input stage, Python) and their cache misses inside the network")
+                      + (f"; the other {rest:.2f} ms is the work outside them (activations, adds, pooling not "
+                         f"listed, the input stage, Python) and their cache misses inside the network" if rest > 0
+                         else "; more than the whole network: the layers' timings (at conversion) and the "
+                              "network's (here) met different load on the machine, so this split says nothing"))
             if in_call:
                 listed = {d["name"] for d in r["decisions"]}
                 ours = sum(ms for name, ms in in_call["layers_ms"].items() if name in listed)
@@ -869,6 +886,12 @@ def main(argv=None) -> int:
         print(f"vpns {args.command}: error: {exc.reason}; the command line cannot give one: load the file in Python "
               "with model=<a module of the same architecture> (vpns_fast.deploy, vpns_fast.deploy.export.export), "
               f"or {exc.TRAINING_ADVICE}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:  # a required package uninstalled (safetensors, scikit-learn: a review)
+        if (exc.name or "").split(".")[0] in ("vpns_fast", "kernels", "bench"):
+            raise  # one of this project's own modules: a defect, not the user's environment
+        print(f"vpns {args.command}: error: the package {exc.name or _one_line(exc)!r} is missing; it is a "
+              "dependency of vpns_fast: pip install it (or reinstall vpns_fast)", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -367,6 +367,18 @@ def pretrained_weights_info(name: str) -> dict[str, Any]:
     }
 
 
+def fetch_pretrained_weights(name: str) -> None:
+    """The published weights of ``name`` in torch's hub cache, downloaded there when missing; the errors
+    :func:`build_model` would give (FileNotFoundError offline, naming where it looked; ValueError for a model
+    without published weights). A training job calls it before it writes anything: the weights had been read only
+    after config.json was written, which then blocked the corrected command (an outside review)."""
+    if model_kind(name)[0] == "timm":
+        return  # timm fetches its own, in build_model
+    info = pretrained_weights_info(name)
+    if not any(os.path.isfile(path) for path in info["cache_paths"]):
+        _pretrained_state_dict(name)  # torchvision's download keeps the file in the hub cache
+
+
 # Exceptions a failed download raises (URLError, socket errors and timeouts are OSError).
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 
@@ -387,13 +399,13 @@ def _pretrained_state_dict(name: str) -> tuple[dict[str, torch.Tensor], str]:
             return _download_state_dict(info["weights"]), info["url"]
         except _NETWORK_ERRORS as error:
             reason = f"download failed: {type(error).__name__}: {error}"
-    paths = "\n".join(f"  {path}" for path in info["cache_paths"])
-    raise FileNotFoundError(
+    paths = " or ".join(info["cache_paths"])
+    raise FileNotFoundError(  # one line: the CLI prints it as its error
         f"pretrained weights for {name} ({info['weights']}) are not available locally and could "
-        f"not be downloaded ({reason}).\nLooked for:\n{paths}\n"
-        f"Fix: on a machine with internet, download {info['url']} and either copy it to the first "
-        f"path above or pass build_model({name!r}, weights='/path/to/{info['file_name']}') "
-        f"(a torchvision state_dict saved with torch.save, or a .safetensors file)."
+        f"not be downloaded ({reason}); looked for {paths}. Fix: on a machine with internet, download "
+        f"{info['url']} and either copy it to the first path or pass the file as the weights (--weights FILE, "
+        f"build_model({name!r}, weights='/path/to/{info['file_name']}'): a torchvision state_dict saved with "
+        f"torch.save, or a .safetensors file)"
     )
 
 

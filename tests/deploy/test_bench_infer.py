@@ -94,11 +94,15 @@ def test_cli_bench_infer_against_onnxruntime_with_spread_and_layers(checkpoint, 
         import re
 
         found = re.search(r"where the time goes: the layers above, each timed alone, sum to ([0-9.]+) ms of the "
-                          r"network's ([0-9.]+) ms \((\d+)%\).*; the other (-?[0-9.]+) ms is the work outside them",
-                          out)
+                          r"network's ([0-9.]+) ms \((\d+)%\).*?(?:; the other ([0-9.]+) ms is the work outside them"
+                          r"|; (more than the whole network): the layers' timings)", out)
         assert found, out[-800:]
-        layers_ms, network_ms, share, rest = (float(value) for value in found.groups())
-        assert layers_ms > 0 and abs(layers_ms + rest - network_ms) <= 0.011
+        layers_ms, network_ms, share = (float(value) for value in found.groups()[:3])
+        rest = found.group(4)
+        # a positive rest that adds up, or (a noisy machine: the layers timed at conversion summing to more than
+        # the network timed here; an outside review saw "the other -20.08 ms") no rest printed
+        assert layers_ms > 0
+        assert abs(layers_ms + float(rest) - network_ms) <= 0.011 if rest is not None else layers_ms >= network_ms
         # the share is of the unrounded times: within what the two printed with 2 decimals allow (a clean-clone CI
         # printed 0.33 of 0.47 ms as 72%)
         low, high = 100 * (layers_ms - 0.005) / (network_ms + 0.005), 100 * (layers_ms + 0.005) / (network_ms - 0.005)

@@ -18,7 +18,7 @@ import torch
 
 from vpns_fast.console import say
 from vpns_fast.environment import resolve_device
-from vpns_fast.models import check_file_model_record
+from vpns_fast.models import check_file_model_record, fetch_pretrained_weights
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import build_prompt
@@ -132,6 +132,8 @@ class TwoStageTrainer:
         # val fraction that leaves nothing to train on) leaves a forced --out's earlier run as it was (an outside
         # review: `--force` had deleted it before the data was read)
         data = load_job_data(c)
+        if c.weights == "pretrained" and isinstance(c.model, str):  # as the data: before anything is written
+            fetch_pretrained_weights(c.model)
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
         fingerprint = data.fingerprint()
         if self.resuming:

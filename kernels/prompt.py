@@ -84,7 +84,7 @@ def prompt_normalize_ref(images: torch.Tensor, program: torch.Tensor, kind: str,
     # where, not a product with the region: a NaN program entry outside the region stays out, as in the kernel
     # (NaN * 0 had reached the output on this path only; an outside review)
     zero = torch.zeros((), dtype=compute_dtype, device=program.device)
-    x = F.pad(x, (lo, hi, lo, hi), value=0.0) + torch.where(region != 0, prompt.to(compute_dtype), zero)
+    x = F.pad(x, (lo, hi, lo, hi), value=0.0) + torch.where(region, prompt.to(compute_dtype), zero)
     x = Clamp01Inclusive.apply(x)
     mean_t = torch.as_tensor(mean, dtype=compute_dtype, device=x.device)[:, None, None]
     std_t = torch.as_tensor(std, dtype=compute_dtype, device=x.device)[:, None, None]

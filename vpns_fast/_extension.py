@@ -34,11 +34,12 @@ def load():
             elif _in_source_tree():
                 # an installed wheel hidden by the checkout Python found first (an outside review: "reinstall"
                 # sent a user whose installed copy had the extension the wrong way)
-                import vpns_fast
+                import os
 
+                here = os.path.dirname(os.path.abspath(__file__))
                 _reason = (f"the C++ extension vpns_fast._C is not built in the source tree vpns_fast was imported "
-                           f"from ({vpns_fast.__path__[0]}), which hides any installed copy: run from another "
-                           "folder, or build it there with `pip install -e . --no-build-isolation`")
+                           f"from ({here}): build it there with `pip install -e . --no-build-isolation`, or, where "
+                           "a built copy is installed, run from another folder (the tree hides it)")
             else:
                 _reason = (f"the C++ extension vpns_fast._C is not built ({exc}); reinstall without "
                            f"VPNS_FAST_BUILD_EXT=0, e.g. `pip install -e . --no-build-isolation`")
@@ -53,7 +54,5 @@ def _in_source_tree() -> bool:
     """Whether ``vpns_fast`` was imported from a source checkout (its folder beside ``csrc/`` and ``setup.py``)."""
     import os
 
-    import vpns_fast
-
-    root = os.path.dirname(os.path.abspath(vpns_fast.__path__[0]))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     return os.path.isdir(os.path.join(root, "csrc")) and os.path.isfile(os.path.join(root, "setup.py"))

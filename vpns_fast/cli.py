@@ -81,7 +81,10 @@ def _deployment_engines() -> dict:
     except Exception as exc:  # missing, or built for another torch (`torchvision::nms does not exist`)
         torchvision_version = f"fails to import: {_one_line(exc)}"
         engine = "unavailable: vpns_fast.deploy needs torchvision"
-        onnxruntime = None
+        try:  # installed or not, without importing it (its import is not what is broken here)
+            onnxruntime = importlib.metadata.version("onnxruntime")
+        except importlib.metadata.PackageNotFoundError:
+            onnxruntime = None
     else:
         torchvision_version = torchvision.__version__
         from vpns_fast.deploy import sparse_cpu
@@ -261,13 +264,13 @@ def _add_training_flags(p: argparse.ArgumentParser, transfer: bool = False) -> N
 def _check_dataset(name: str, data_dir: str | None = None, config_file: str | None = None) -> None:
     """--dataset known, and --data-dir given where the dataset reads its files from a folder (unless a --config
     file may set it): the library's own message names ``data_dir``, not the flag (an outside review)."""
-    from vpns_fast.data import DATASETS, canonical_dataset_name
+    from vpns_fast.data import DATASETS, FOLDER_DATASETS, canonical_dataset_name
 
     try:
         key = canonical_dataset_name(name)
     except ValueError:
         raise ValueError(f"--dataset: unknown dataset {name!r}; expected one of {', '.join(DATASETS)}") from None
-    if key in ("cifar10", "cifar100", "tiny-imagenet", "imagefolder") and data_dir is None and config_file is None:
+    if key in FOLDER_DATASETS and data_dir is None and config_file is None:
         raise ValueError(f"--data-dir: --dataset {name} reads its files from a folder; give that folder (the README's "
                          "datasets list says what it holds)")
 
@@ -814,6 +817,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The optional extras of pyproject.toml by the package a command imports from them.
+_EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "timm": "timm", "tensorboard": "tensorboard", "yaml": "yaml",
+           "wandb": "wandb"}
+
+
 def _one_line(exc: BaseException) -> str:
     """The user's error as one line. A DataLoader worker re-raises with the worker's whole traceback in
     the message; its last line is the original ``Type: message``."""
@@ -888,10 +896,13 @@ def main(argv=None) -> int:
               f"or {exc.TRAINING_ADVICE}", file=sys.stderr)
         return 2
     except ModuleNotFoundError as exc:  # a required package uninstalled (safetensors, scikit-learn: a review)
-        if (exc.name or "").split(".")[0] in ("vpns_fast", "kernels", "bench"):
+        top = (exc.name or "").split(".")[0]
+        if top in ("vpns_fast", "kernels", "bench"):
             raise  # one of this project's own modules: a defect, not the user's environment
-        print(f"vpns {args.command}: error: the package {exc.name or _one_line(exc)!r} is missing; it is a "
-              "dependency of vpns_fast: pip install it (or reinstall vpns_fast)", file=sys.stderr)
+        extra = _EXTRAS.get(top)
+        fix = f"pip install 'vpns_fast[{extra}]'" if extra else f"pip install {top}" if top else "install it"
+        print(f"vpns {args.command}: error: this command needs the package {top or _one_line(exc)!r}, which is "
+              f"not installed: {fix}", file=sys.stderr)
         return 2
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as exc:
         print(f"vpns {args.command}: error: {_one_line(exc)}", file=sys.stderr)

@@ -80,6 +80,7 @@ __all__ = [
 ]
 
 DATASETS = ("digits", "cifar10", "cifar100", "tiny-imagenet", "imagefolder", "synthetic")
+FOLDER_DATASETS = ("cifar10", "cifar100", "tiny-imagenet", "imagefolder")  # read from a data_dir
 
 # Spellings people type for the same dataset.
 _ALIASES = {
@@ -985,7 +986,7 @@ def load_dataset(
     ):
         raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
     _positive_int(limit, "limit", allow_none=True)
-    if key in ("cifar10", "cifar100", "tiny-imagenet", "imagefolder") and data_dir is None:
+    if key in FOLDER_DATASETS and data_dir is None:
         raise ValueError(
             f"data_dir: {key} needs a data directory (the folder holding its files, see "
             f"vpns_fast.data's module doc); got None"

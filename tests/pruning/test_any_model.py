@@ -301,14 +301,16 @@ class _FunctionalConv(nn.Module):
         super().__init__()
         self.conv = nn.Conv2d(3, 16, 3, padding=1)
         self.w = nn.Parameter(torch.randn(64, 16, 3, 3))
-        self.pos_embedding = nn.Parameter(torch.randn(1, 64, 4))  # first dimension 1: no weight
+        self.lead = nn.Parameter(torch.randn(1, 64, 4))  # first dimension 1: no weight
         self.relative_position_bias_table = nn.Parameter(torch.randn(49, 4))  # by its name: no weight
-        self.logit_scale = nn.Parameter(torch.ones(64, 1, 1))  # one dimension larger than 1: no weight
+        self.gain = nn.Parameter(torch.ones(64, 1, 1))  # one dimension larger than 1: no weight
+        self.transposed = nn.Parameter(torch.randn(10, 64))  # "pos" inside a word names no position table
+        self.prompt = V.PadPrompt(8, 8, 2)  # its program is no weight
         self.fc = nn.Linear(64, 10)
 
     def forward(self, x):
-        x = nn.functional.conv2d(torch.relu(self.conv(x)), self.w, padding=1) * self.logit_scale
-        return self.fc(x.mean((2, 3)))
+        x = nn.functional.conv2d(torch.relu(self.conv(x)), self.w, padding=1) * self.gain
+        return self.fc(x.mean((2, 3))) + nn.functional.linear(x.mean((2, 3)), self.transposed)
 
 
 def test_a_bare_parameter_read_by_a_functional_is_a_dense_weight_matrix_and_said():
@@ -320,17 +322,42 @@ def test_a_bare_parameter_read_by_a_functional_is_a_dense_weight_matrix_and_said
         V.sparsify(model)
     V.set_density(model, 0.1, scope="layer")
     matrices = weight_matrices(model)
-    assert [(m.name, m.maskable) for m in matrices] == [("conv", True), ("fc", True), ("w", False)]
+    assert [(m.name, m.maskable) for m in matrices] == [("conv", True), ("fc", True), ("w", False),
+                                                         ("transposed", False)]
     report = V.density_report(model, input_size=(3, 8, 8))
     rows = {row.name: row for row in report.rows}
     assert rows["w"].kind == "parameter of a _FunctionalConv (not maskable)" and rows["w"].kept == 64 * 16 * 9
     assert rows["w"].dense_flops == 2 * 64 * 16 * 9 * 8 * 8  # the F.conv2d's FLOPs are the parameter's
     folded = dict(V.fold(model).named_parameters())
-    nonzero = sum(int(folded[name].count_nonzero()) for name in ("conv.weight", "fc.weight", "w"))
-    assert V.actual_density(model) == report.density == nonzero / (16 * 27 + 640 + 64 * 16 * 9)
+    nonzero = sum(int(folded[name].count_nonzero()) for name in ("conv.weight", "fc.weight", "w", "transposed"))
+    assert V.actual_density(model) == report.density == nonzero / (16 * 27 + 640 + 64 * 16 * 9 + 640)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        V.sparsify(_FunctionalConv(), exclude=["w"])  # on purpose: no warning
+        V.sparsify(_FunctionalConv(), exclude=["w", "transposed"])  # on purpose: no warning
+
+
+class _LinearWithAdapter(nn.Linear):
+    """A Linear subclass holding two more weight matrices (a low-rank adapter) beside its own weight."""
+
+    def __init__(self):
+        super().__init__(64, 64)
+        self.lora_a = nn.Parameter(torch.randn(4, 64))
+        self.lora_b = nn.Parameter(torch.randn(64, 4))
+
+    def forward(self, x):
+        return super().forward(x) + x @ self.lora_a.T @ self.lora_b.T
+
+
+def test_weight_matrices_a_masked_layer_holds_beside_its_weight_still_count():
+    """A diff review's case: once masked, the subclass's adapter matrices had dropped out of the count (the
+    density read 0.50 where 0.55 of the weights were kept)."""
+    model = nn.Sequential(_LinearWithAdapter())
+    with pytest.warns(UnmaskedWeightsWarning, match="0.lora_a"):
+        V.sparsify(model)
+    V.set_density(model, 0.5)
+    names = [m.name for m in weight_matrices(model)]
+    assert names == ["0", "0.lora_a", "0.lora_b"]
+    assert V.actual_density(model) == (2048 + 512) / (4096 + 512)
 
 
 def test_reading_weight_never_falls_back_to_the_dense_parameter():

@@ -1,5 +1,6 @@
 """Pruning state: sparsify, thresholds and masks (exact), score gradients, fold, stages, report."""
 import math
+import warnings
 
 import pytest
 import torch
@@ -225,7 +226,9 @@ def test_set_density_after_load_masks_warns_of_ties_and_refuses_nan_scores():
     with pytest.warns(TiedScoresWarning, match=r"0 of 36 scores kept where density 0.3 asks for 11: 11 more tie"):
         V.set_density(model, 0.3)
     assert V.actual_density(model) == 0.0  # the documented rule stands: ties at t are pruned
-    V.set_density(model, 0.3, check=False)  # the trainer's per-step call: no host reads, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        V.set_density(model, 0.3, check=False)  # the trainer's per-step call: no host reads, no warning
     model = V.sparsify(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(36, 2)))
     with torch.no_grad():
         model[0].scores[0].fill_(float("nan"))

@@ -17,9 +17,11 @@ from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
 from vpns_fast.pruning.masking import masked_layers, masks, sparsify
 from vpns_fast.pruning.methods import METHODS, imp_densities
 from vpns_fast.training import trainer as trainer_module
+from vpns_fast.training.config import TrainConfig
 from vpns_fast.training.evaluation import evaluate_checkpoint
 from vpns_fast.training.phases import fresh_model, plan_phases
 from vpns_fast.training.results import headline_acc, results_table
+from vpns_fast.training.run_files import refuse_existing_run
 from vpns_fast.training.trainer import TwoStageTrainer, resume
 
 RUN_KEYS = ("method", "density", "actual_density", "test_acc", "test_acc_prompt", "selected_epoch",
@@ -577,8 +579,8 @@ def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, ca
     before = sorted(os.listdir(out)), read_results(out)
     for argv, pattern in [(["--data-dir", str(tmp_path / "nothing")], "ImageFolder dataset not found"),
                           (["--data-dir", str(tmp_path / "data"), "--val-fraction", "0.95"],
-                           r"nothing to train on: val_fraction \(--val-fraction\) 0.95 held out all 8 of its training "
-                           r"images for val")]:
+                           r"nothing to train on: val_fraction \(--val-fraction\) 0.95 held out every training image "
+                           r"\(8\) for val")]:
         assert cli.main(["prune", "--dataset", "imagefolder", *argv, *common, "--force"]) == 2
         err = capsys.readouterr().err
         assert re.search(pattern, err) and err.count("\n") == 1, err
@@ -603,6 +605,24 @@ def test_eval_refuses_an_empty_split_and_keeps_the_runs_limit_to_its_own_folder(
     assert (own["limit"], own["samples"]) == (3, 3)  # the run's --limit on the run's folder
     other = evaluate_checkpoint(best, "imagefolder", str(tmp_path / "other"), device="cpu")
     assert (other["limit"], other["samples"]) == (None, 10)  # another folder: all of its test images
+
+
+def test_older_configs_still_load_and_a_forced_job_replaces_one_refused_now(tmp_path):
+    """A diff review's case: a run recorded before sizes of 0 were refused (0 meant the default) must resume, and one
+    whose value is out of today's range must still be replaced by --force, not crash the comparison."""
+    legacy = {**tiny(tmp_path / "a").to_dict(), "input_size": 0, "image_size": 0, "prompt_size": 0}
+    restored = TrainConfig.from_dict(legacy)
+    assert (restored.input_size, restored.image_size, restored.prompt_size) == (None, None, None)
+    out = tmp_path / "old"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**legacy, "split_seed": 2**40, "out": str(out)}))
+    config = tiny(out)
+    with pytest.raises(FileExistsError, match="holds a run with a different config"):
+        refuse_existing_run(config, force=False, resuming=False)
+    assert refuse_existing_run(config, force=True, resuming=False)
+    # one method or density given bare, as a single value
+    bare = tiny(tmp_path / "b", methods="omp", densities=0.5)
+    assert (bare.methods, bare.densities) == (("omp",), (0.5,))
 
 
 def test_sizes_and_split_seeds_out_of_range_are_refused_by_name(tmp_path, capsys):

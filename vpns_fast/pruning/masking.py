@@ -208,13 +208,14 @@ def _warn_of_ties(scores: list[torch.Tensor], thresholds: torch.Tensor, density:
     limits = [thresholds] * len(groups) if scope == "global" else list(thresholds)
     for group, threshold in zip(groups, limits):
         total = sum(s.numel() for s in group)
-        wanted = total - int((1 - density) * total)
+        wanted = total - ops.kth_index(density, total)
         kept = sum(int(ops.score_mask(s, threshold).sum()) for s in group)
         if wanted - kept > 0.01 * total:
             warnings.warn(f"set_density: {kept} of {total} scores kept where density {density:g} asks for {wanted}: "
                           f"{wanted - kept} more tie at the threshold {float(threshold):g} and ties are pruned (scores "
                           "of 0 and 1 from load_masks, weights of magnitude 0); set the scores apart, e.g. "
-                          "magnitude scores, before choosing another density", TiedScoresWarning, stacklevel=3)
+                          "magnitude scores, before choosing another density", TiedScoresWarning,
+                          stacklevel=4)  # the caller of set_density, past torch.no_grad's wrapper
             return
 
 

@@ -27,6 +27,7 @@ from vpns_fast.nn.masked_layers import (
     MaskedMixin,
     MaskedMultiheadAttention,
 )
+from vpns_fast.nn.prompts import VisualPrompt
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def _maskable(module: nn.Module) -> bool:
 # pos_emb), attention biases (LeViT), per-channel scales (EfficientViM's alpha [4, C]). Found by building one
 # model of each of timm's name families that builds on the meta device, and every torchvision classifier
 # (2026-12-07): with these words, the parameters taken as weight matrices were sequencer2d's LSTM weights only.
-_NOT_WEIGHT_WORDS = ("bias", "embed", "token", "pos", "rel", "alpha", "scale", "gamma")
+_NOT_WEIGHT_WORDS = ("bias", "embed", "token", "pos", "rel", "alpha", "scale", "gamma")  # word beginnings
 
 
 def _weight_shaped(name: str, parameter: torch.Tensor) -> bool:
@@ -64,8 +65,9 @@ def _weight_shaped(name: str, parameter: torch.Tensor) -> bool:
     position embedding, a [heads, 1, 1] scale are not), and no word of _NOT_WEIGHT_WORDS in its name."""
     if isinstance(parameter, nn.parameter.UninitializedParameter) or parameter.dim() < 2:
         return False
+    words = name.lower().split("_")  # whole words: "pos" is not in "transpose" (a diff review)
     return (parameter.shape[0] > 1 and sum(size > 1 for size in parameter.shape) >= 2
-            and not any(word in name.lower() for word in _NOT_WEIGHT_WORDS))
+            and not any(word.startswith(NOT) for word in words for NOT in _NOT_WEIGHT_WORDS))
 
 
 def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
@@ -100,10 +102,11 @@ def weight_matrices(model: nn.Module) -> list[WeightMatrix]:
                     and weight.dim() >= 2:
                 add(WeightMatrix(name, module, "weight", type(module).__name__, False))
     for name, module in model.named_modules():
-        if isinstance(module, (MaskedMixin, nn.MultiheadAttention)) or ".parametrizations." in f".{name}.":
-            continue  # its parameters are listed above (scores, projections) or its layer's (an original weight)
+        if (isinstance(module, (nn.MultiheadAttention, VisualPrompt)) or ".parametrizations." in f".{name}."):
+            continue  # its projections are listed above; a prompt's program; a parametrized layer's original weight
+        skipped = ("weight", "scores") if isinstance(module, MaskedMixin) else ("weight",)  # listed above; a mask's
         for param_name, param in module._parameters.items():
-            if param is not None and param_name != "weight" and _weight_shaped(param_name, param):
+            if param is not None and param_name not in skipped and _weight_shaped(param_name, param):
                 add(WeightMatrix(f"{name}.{param_name}" if name else param_name, module, param_name,
                                  f"parameter of a {type(module).__name__}", False))
     return found

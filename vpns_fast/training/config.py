@@ -278,6 +278,9 @@ class TrainConfig:
         """The config of ``to_dict``'s data; an object's description comes back as a :class:`PythonObject`."""
         known = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in data.items() if k in known}
+        for name in ("input_size", "image_size", "prompt_size"):
+            if values.get(name) == 0:  # written before 0 was refused, when it meant the default: resumes as such
+                values[name] = None
         for name in ("model", "dataset"):
             if isinstance(values.get(name), dict) and OBJECT_KEY in values[name]:
                 recorded = values[name].get(WEIGHTS_KEY)

@@ -124,7 +124,8 @@ def evaluate_checkpoint(path: str, dataset: str, data_dir: str | None = None, sp
     network = PromptedNetwork(model, prompt, mapping, mean, std).to(device)
     if len(getattr(data, split)) == 0:  # scored as accuracy 0.0 (an outside review)
         raise ValueError(f"split {split!r} of {dataset} holds no images"
-                         + (" (the run held out no val images: val_fraction 0)" if split == "val" else ""))
+                         + (" (the run held out no val images: val_fraction 0)"
+                            if split == "val" and same_dataset and run.get("val_fraction") == 0 else ""))
     loader = make_loader(getattr(data, split), batch_size, shuffle=False)
     correct, total = count_correct(network, loader, False, device).tolist()
     result = {"checkpoint": path, "dataset": dataset, "split": split, "samples": int(total),

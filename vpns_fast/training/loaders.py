@@ -27,8 +27,9 @@ def load_job_data(config: TrainConfig) -> DataSplits:
         data = dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
                               val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
     if len(data.train) == 0:  # torch's sampler said "num_samples should be a positive integer value" (a review)
-        held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out all {len(data.val)} of its "
-                    "training images for val" if len(data.val) else "it has no training images")
+        drawn = not isinstance(c.dataset, DataSplits) and len(data.val) and c.val_fraction > 0
+        held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out every training image "
+                    f"({len(data.val)}) for val" if drawn else "its train split is empty")
         raise ValueError(f"nothing to train on: {held_out}")
     return data
 

@@ -82,6 +82,28 @@ def refuse_foreign_out_dir(config: TrainConfig, force: bool, resuming: bool) -> 
                               f"--out or pass --force to write into it {FORCE_IN_PYTHON}")
 
 
+def refuse_existing_run(config: TrainConfig, force: bool, resuming: bool) -> bool:
+    """FileExistsError where ``config.out`` holds a run (its ``config.json``) and neither ``force`` nor
+    ``resuming`` says what to do with it; whether it holds one that a forced job replaces. A job calls it before
+    it reads its data, so that a refusal comes at once (:func:`prepare_out_dir` deletes only after the data)."""
+    out = config.out
+    if out is None or resuming or not os.path.exists(os.path.join(out, "config.json")):
+        return False
+    if not force:
+        with open(os.path.join(out, "config.json")) as f:
+            try:
+                same = TrainConfig.from_dict(json.load(f)).identity() == config.identity()
+            except (ValueError, TypeError):  # a config this version refuses (a value out of today's range)
+                same = False
+        if same:
+            raise FileExistsError(f"{out} already holds this run; continue it with `vpns resume {out}` "
+                                  "(vpns_fast.training.trainer.resume(out) in Python) or pass --force to start "
+                                  f"over {FORCE_IN_PYTHON}")
+        raise FileExistsError(f"{out} holds a run with a different config; choose another --out or "
+                              f"pass --force to replace it {FORCE_IN_PYTHON}")
+    return True
+
+
 def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: bool) -> None:
     """Refuse to mix runs: an existing output directory is continued only by `vpns resume`,
     and replaced only when forced (its earlier runs are then deleted); a folder that holds other
@@ -89,19 +111,8 @@ def prepare_out_dir(config: TrainConfig, force: bool, resuming: bool, is_main: b
     out = config.out
     if out is None:
         return
-    config_path = os.path.join(out, "config.json")
     # every rank checks (so all refuse together) before rank 0 deletes or writes anything
-    existing = os.path.exists(config_path) and not resuming
-    if existing:
-        with open(config_path) as f:
-            same = TrainConfig.from_dict(json.load(f)).identity() == config.identity()
-        if not force:
-            if same:
-                raise FileExistsError(f"{out} already holds this run; continue it with `vpns resume {out}` "
-                                      "(vpns_fast.training.trainer.resume(out) in Python) or pass --force to start "
-                                      f"over {FORCE_IN_PYTHON}")
-            raise FileExistsError(f"{out} holds a run with a different config; choose another --out or "
-                                  f"pass --force to replace it {FORCE_IN_PYTHON}")
+    existing = refuse_existing_run(config, force, resuming)
     dist_utils.barrier()
     if is_main:
         if existing:  # config.json too: a rerun that fails before writing its own leaves no stale one

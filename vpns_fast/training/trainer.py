@@ -57,6 +57,7 @@ from vpns_fast.training.run_files import (
     check_same_data,
     environment,
     prepare_out_dir,
+    refuse_existing_run,
     refuse_foreign_out_dir,
     run_dir,
     run_folder_lock,
@@ -131,6 +132,7 @@ class TwoStageTrainer:
         # the data first: a job refused for its data (a mistyped --data-dir, an image that cannot be decoded, a
         # val fraction that leaves nothing to train on) leaves a forced --out's earlier run as it was (an outside
         # review: `--force` had deleted it before the data was read)
+        refuse_existing_run(c, self.force, self.resuming)  # at once, before the data's minutes
         data = load_job_data(c)
         if c.weights == "pretrained" and isinstance(c.model, str):  # as the data: before anything is written
             fetch_pretrained_weights(c.model)

@@ -369,6 +369,12 @@ def test_a_sigint_handler_set_outside_python_is_left_alone(monkeypatch):
                   "allocate 1 bytes"), "out of memory .*can't allocate memory.*; try a smaller --batch$"),
     (PermissionError(13, "Permission denied", "/some/where.pt"), "error: /some/where.pt: Permission denied$"),
     (MemoryError(), r"out of memory \(MemoryError\); try a smaller --batch$"),  # Python's own: no message
+    # a package a command imports, missing: an optional extra by its extra, another by its name (an outside review:
+    # a traceback)
+    (ModuleNotFoundError("No module named 'onnx'", name="onnx"),
+     r"this command needs the package 'onnx', which is not installed: pip install 'vpns_fast\[onnx\]'$"),
+    (ModuleNotFoundError("No module named 'safetensors'", name="safetensors"),
+     r"needs the package 'safetensors', which is not installed: pip install safetensors$"),
 ])
 def test_out_of_memory_and_file_errors_are_one_line(files, capsys, monkeypatch, raised, pattern):
     def failing(args):
@@ -468,3 +474,24 @@ def test_a_forked_child_ends_on_sigterm_as_any_process_does(files, monkeypatch):
     monkeypatch.setattr(cli, "_cmd_info", forks)
     assert main(["info"]) == 0
     assert outcome["exitcode"] == -signal.SIGTERM
+
+
+def test_a_missing_module_of_this_project_is_a_defect_not_a_users_error(files, monkeypatch):
+    def failing(args):
+        raise ModuleNotFoundError("No module named 'vpns_fast.nothing'", name="vpns_fast.nothing")
+
+    monkeypatch.setattr(cli, "_cmd_bench_infer", failing)
+    with pytest.raises(ModuleNotFoundError):
+        main(["bench-infer", str(files / "m.pt")])
+
+
+def test_info_reports_a_torchvision_that_fails_to_import(monkeypatch, capsys):
+    """An outside review: `vpns info`, the tool for a broken environment, crashed on a torchvision built for
+    another torch (`operator torchvision::nms does not exist`)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # its import raises ImportError
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "torchvision     fails to import:" in out
+    assert "cpu_engine      unavailable: vpns_fast.deploy needs torchvision" in out

@@ -215,7 +215,16 @@ def test_ctrl_c_is_one_line_with_the_resume_hint(files, capsys, monkeypatch):
     assert main(["prune", "--out", str(out)]) == 130  # before config.json: nothing to resume (an outside review)
     assert capsys.readouterr().err.strip() == "vpns prune: interrupted; nothing was written to resume"
     out.mkdir()
-    (out / "config.json").write_text("{}")
+    (out / "config.json").write_text("{}")  # an earlier run's, which this job (forced, say) had not replaced yet
+    assert main(["prune", "--out", str(out)]) == 130
+    earlier = f"vpns prune: interrupted; {out} still holds its earlier run, not replaced"
+    assert capsys.readouterr().err.strip() == earlier
+
+    def interrupted_after_writing_its_config(args):
+        (out / "config.json").write_text("{}")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_cmd_prune", interrupted_after_writing_its_config)
     assert main(["prune", "--out", str(out)]) == 130
     err = capsys.readouterr().err
     assert err.strip() == f"vpns prune: interrupted; continue with `vpns resume {out}`"

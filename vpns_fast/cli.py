@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import threading
+import time
 import warnings
 
 from vpns_fast._version import __version__
@@ -880,6 +881,7 @@ def main(argv=None) -> int:
     global _MAIN_PID
     in_main_thread = threading.current_thread() is threading.main_thread()
     _MAIN_PID = os.getpid()
+    started = time.time()
     previous_term = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     # warnings as one line on stderr, not Python's two with the source line that raised it (the format only:
     # where warnings go, and whether they are recorded, stays whatever the caller set)
@@ -915,9 +917,15 @@ def main(argv=None) -> int:
         run_folder = args.out_dir if args.command == "resume" else getattr(args, "out", None)
         hint = ""
         if run_folder and args.command in ("prune", "transfer", "resume"):
-            # before config.json is written (the data still loading) there is nothing to resume (an outside review)
-            hint = (f"; continue with `vpns resume {run_folder}`"
-                    if os.path.isfile(os.path.join(run_folder, "config.json")) else "; nothing was written to resume")
+            # before config.json is written (the data still loading) there is nothing to resume (an outside review);
+            # a config.json older than this job is the run a forced job had not yet replaced (a diff review)
+            config_path = os.path.join(run_folder, "config.json")
+            if not os.path.isfile(config_path):
+                hint = "; nothing was written to resume"
+            elif args.command != "resume" and os.path.getmtime(config_path) < started:
+                hint = f"; {run_folder} still holds its earlier run, not replaced"
+            else:
+                hint = f"; continue with `vpns resume {run_folder}`"
         terminated = isinstance(exc, Terminated)
         print(f"vpns {args.command}: {'terminated' if terminated else 'interrupted'}{hint}", file=sys.stderr)
         return 143 if terminated else 130

@@ -903,9 +903,8 @@ def dataset_splits(
     _positive_int(num_classes, "num_classes")
     _positive_int(image_size, "image_size")
     _positive_int(limit, "limit", allow_none=True)
-    for argument, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 <= fraction < 1.0:
-            raise ValueError(f"{argument}: expected a number in [0, 1), got {fraction!r}")
+    check_fraction(val_fraction, "val_fraction")
+    check_fraction(test_fraction, "test_fraction")
     if len(train) == 0:
         raise ValueError("train: expected a non-empty dataset")
     _checked_item(train[0], 0, num_classes)  # a clear error now rather than inside a loader later
@@ -950,6 +949,12 @@ def canonical_dataset_name(name: str) -> str:
     return key
 
 
+def check_fraction(value, argument: str) -> None:
+    """ValueError naming ``argument`` unless ``value`` is a number in [0, 1) (a held-out share of a split)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:  # NaN too
+        raise ValueError(f"{argument}: expected a number in [0, 1), got {value!r}")
+
+
 def _positive_int(value, argument: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
@@ -981,10 +986,7 @@ def load_dataset(
     if image_size is not None:
         _positive_int(image_size, "image_size")
     size = int(image_size) if image_size is not None else _NATURAL_SIZE[key]
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not (
-        0.0 <= float(val_fraction) < 1.0
-    ):
-        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction!r}")
+    check_fraction(val_fraction, "val_fraction")
     _positive_int(limit, "limit", allow_none=True)
     if key in FOLDER_DATASETS and data_dir is None:
         raise ValueError(

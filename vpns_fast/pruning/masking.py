@@ -14,7 +14,7 @@ from torch import nn
 
 from vpns_fast import ops
 from vpns_fast.environment import is_out_of_memory
-from vpns_fast.errors import first_items
+from vpns_fast.errors import exception_reason, first_items
 from vpns_fast.nn.masked_layers import (
     GRANULARITIES,
     MASKED_TYPES,
@@ -375,7 +375,7 @@ def _count_flops(model: nn.Module, rows: list[LayerDensity], input_size: Sequenc
         if is_out_of_memory(exc):
             raise
         raise ValueError(f"input_size {tuple(input_size)}: the model's forward failed on an input of that shape: "
-                         f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+                         f"{exception_reason(exc, with_type=False)}") from exc
     for row, flops in zip(rows, per_weight):
         row.dense_flops, row.kept_flops = flops, flops * row.kept // row.params if row.params else flops
     other = total - sum(per_weight)

@@ -62,7 +62,8 @@ _NOT_WEIGHT_WORDS = ("bias", "embed", "token", "pos", "rel", "alpha", "scale", "
 def _weight_shaped(name: str, parameter: torch.Tensor) -> bool:
     """Whether a parameter that is no module's ``weight`` is taken as a weight matrix: two or more dimensions
     larger than 1, the first of them (a [C_out, C_in, ...] kernel or a [rows, columns] matrix; a [1, N, D]
-    position embedding, a [heads, 1, 1] scale are not), and no word of _NOT_WEIGHT_WORDS in its name."""
+    position embedding, a [heads, 1, 1] scale are not), and no word of its name (split at "_") beginning with one of
+    _NOT_WEIGHT_WORDS."""
     if isinstance(parameter, nn.parameter.UninitializedParameter) or parameter.dim() < 2:
         return False
     words = name.lower().split("_")  # whole words: "pos" is not in "transpose" (a diff review)

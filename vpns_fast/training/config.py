@@ -10,7 +10,7 @@ from typing import Any
 from torch import nn
 from torch.utils.data import Dataset
 
-from vpns_fast.data import DataSplits
+from vpns_fast.data import DataSplits, check_fraction
 from vpns_fast.models import default_input_size
 from vpns_fast.nn.masked_layers import GRANULARITIES
 from vpns_fast.nn.prompts import build_prompt
@@ -170,9 +170,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        fraction = self.val_fraction  # checked here too, so that a config file's is named with the file
-        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
-            raise ValueError(f"val_fraction: expected a number in [0, 1), got {fraction!r}")
+        check_fraction(self.val_fraction, "val_fraction")  # here too: a config file's is named with the file
         for name in ("input_size", "image_size", "prompt_size"):  # 0 was read as "the default" (an outside review)
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1 (or None for the default), got {getattr(self, name)}")

@@ -28,12 +28,17 @@ class MaskedWeightFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_weff):
         weight, scores, mask = ctx.saved_tensors
-        grad_weight = grad_scores = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = grad_weff * mask.to(grad_weff.dtype)
-        if ctx.needs_input_grad[1]:
-            grad_scores = (grad_weff * weight * torch.sign(scores)).sum_to_size(scores.shape).to(scores.dtype)
-        return grad_weight, grad_scores, None
+        return (*ste_gradients_ref(grad_weff, weight, scores, mask, ctx.needs_input_grad[0], ctx.needs_input_grad[1]),
+                None)
+
+
+def ste_gradients_ref(grad_weff, weight, scores, mask, need_weight, need_scores):
+    """(dL/dweight, dL/dscores) of ``weight * mask`` given dL/d(that product), by the STE (None where not needed):
+    the reference's backward, also what the Triton ops' backward computes when it must be differentiated again."""
+    grad_weight = grad_weff * mask.to(grad_weff.dtype) if need_weight else None
+    grad_scores = ((grad_weff * weight * torch.sign(scores)).sum_to_size(scores.shape).to(scores.dtype)
+                   if need_scores else None)
+    return grad_weight, grad_scores
 
 
 def masked_weight_ref(weight, scores, threshold):
@@ -404,6 +409,10 @@ class MaskedWeightTritonFunction(torch.autograd.Function):
             return None, None, None
         if grad is None:
             grad = torch.zeros_like(weight)
+        if torch.is_grad_enabled():  # create_graph=True: the kernel's backward op has no derivative
+            mask = score_mask_ref(scores, threshold)
+            grad_weight, grad_scores = ste_gradients_ref(grad, weight, scores, mask, need_weight, need_scores)
+            return grad_weight, grad_scores, None
         grad_weight, grad_scores = torch.ops.vpns_fast.masked_weight_backward(
             grad, weight, scores, threshold, need_weight, need_scores)
         return grad_weight if need_weight else None, grad_scores if need_scores else None, None
@@ -417,6 +426,11 @@ def _masked_weights_backward(ctx, grads, need_weights, need_scores):
     thresholds, *tensors = ctx.saved_tensors
     weights, scores = tensors[:n], tensors[n:]
     grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, weights)]
+    if torch.is_grad_enabled():  # create_graph=True: the kernel's backward op has no derivative
+        per_layer = thresholds.expand(n) if thresholds.dim() == 0 else thresholds
+        pairs = [ste_gradients_ref(g, w, s, score_mask_ref(s, t), need_w, need_s)
+                 for g, w, s, t, need_w, need_s in zip(grads, weights, scores, per_layer, need_weights, need_scores)]
+        return [p[0] for p in pairs], [p[1] for p in pairs]
     grad_weights, grad_scores = torch.ops.vpns_fast.masked_weights_backward(
         grads, weights, scores, thresholds, need_weight, need_scores_any)
     grad_weights = [g if need else None for g, need in zip(grad_weights, need_weights)] if need_weight \

@@ -89,6 +89,8 @@ from vpns_fast.kernels.masked import (
     expand_ungrouped_scores,
     masked_conv2d_ref,
     masked_weight_bwd,
+    masked_weight_ref,
+    score_mask_ref,
 )
 
 __all__ = ["masked_conv2d_ref", "masked_conv2d_fwd", "masked_conv2d_bwd", "masked_conv2d_igemm",
@@ -688,6 +690,9 @@ class MaskedConv2dIgemmFunction(torch.autograd.Function):
         if grad is None:
             geo = _conv_geometry(x, weight, scores, None, stride, padding, dilation)
             grad = x.new_zeros(geo.n, geo.c_out, geo.oh, geo.ow)
+        if torch.is_grad_enabled():  # create_graph=True: gradients that can be differentiated again
+            return _differentiable_backward(grad, x, weight, scores, threshold, stride, padding, dilation,
+                                            (need_x, need_w, need_s, need_b))
         grad_x = grad_w = grad_s = None
         if need_x or need_w or need_s:
             grad_x, grad_w, grad_s = torch.ops.vpns_fast.masked_conv2d_igemm_backward(
@@ -695,6 +700,26 @@ class MaskedConv2dIgemmFunction(torch.autograd.Function):
         grad_bias = grad.sum((0, 2, 3)) if need_b else None
         return (grad_x if need_x else None, grad_w if need_w else None, grad_s if need_s else None,
                 None, grad_bias, None, None, None)
+
+
+def _differentiable_backward(grad, x, weight, scores, threshold, stride, padding, dilation, needs):
+    """The implicit-GEMM conv's backward (x, weight, scores, bias gradients) by torch's differentiable convolution
+    gradients and the STE formula of ``masked_weight_ref``, for a backward that builds a graph (double backward,
+    gradient penalties): the kernels' own backward op has no derivative. The values are the reference's, and so is
+    every derivative of them."""
+    need_x, need_w, need_s, need_b = needs
+    mask = score_mask_ref(scores, threshold).to(weight.dtype)
+    # the effective weight with the STE's own backward, so that a penalty on grad_x reaches the scores
+    grad_x = (torch.nn.grad.conv2d_input(x.shape, masked_weight_ref(weight, scores, threshold), grad, stride, padding,
+                                         dilation) if need_x else None)
+    grad_w = grad_s = None
+    if need_w or need_s:
+        grad_weff = torch.nn.grad.conv2d_weight(x, weight.shape, grad, stride, padding, dilation)
+        grad_w = grad_weff * mask if need_w else None
+        if need_s:
+            grad_s = (grad_weff * weight * torch.sign(scores)).sum_to_size(scores.shape).to(scores.dtype)
+    grad_bias = grad.sum((0, 2, 3)) if need_b else None
+    return grad_x, grad_w, grad_s, None, grad_bias, None, None, None
 
 
 def _masked_conv2d_igemm_fake(x, weight, scores, threshold, bias, stride, padding, dilation):

@@ -395,6 +395,36 @@ def test_multi_tensor_stage_specific_gradients(trainable):
             assert_close(s.grad, ref_gs, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("op", ["single", "multi"])
+@pytest.mark.parametrize("thresholds", ["global", "per-layer"])
+def test_double_backward_matches_the_reference(op, thresholds):
+    """create_graph=True through the fused ops (a penalty on the score gradient, differentiated again): every
+    second-order gradient is the reference's (the kernels' backward ops have no derivative; before, torch raised "no
+    autograd formula")."""
+    weights, scores, _ = _multi_inputs(torch.float64, torch.float64)
+    t = torch.tensor(0.5, device=DEVICE) if thresholds == "global" else torch.linspace(0.1, 0.9, len(weights))
+    per_layer = [t] * len(weights) if thresholds == "global" else list(t)
+    results = []
+    for way in ("triton", "reference"):
+        ws = [w.clone().requires_grad_() for w in weights]
+        ss = [s.clone().requires_grad_() for s in scores]
+        xs = [torch.randn(w.shape[1:], dtype=w.dtype, generator=torch.Generator().manual_seed(i))
+              for i, w in enumerate(weights)]
+        if way == "reference":
+            outs = M.masked_weights_ref(ws, ss, per_layer)
+        elif op == "multi":
+            outs = M.masked_weights_triton(ws, ss, t)
+        else:
+            outs = [M.masked_weight_triton(w, s, ti) for w, s, ti in zip(ws, ss, per_layer)]
+        loss = sum((o * x).sum().pow(2) for o, x in zip(outs, xs))
+        first = torch.autograd.grad(loss, ss, create_graph=True)
+        sum(g.pow(2).sum() for g in first).backward()
+        results.append([w.grad for w in ws] + [s.grad for s in ss])
+    for i, (got, want) in enumerate(zip(*results)):
+        assert_close(got, want, rtol=1e-10, atol=1e-10, msg=f"tensor {i}")
+    assert any(g.abs().sum() > 0 for g in results[0])
+
+
 def test_deterministic():
     weights, scores, grads = _multi_inputs(torch.float32, torch.float32)
     t = torch.tensor(0.3, device=DEVICE)

@@ -378,7 +378,7 @@ def _cmd_transfer(args) -> int:
 def _cmd_resume(args) -> int:
     from vpns_fast.training.trainer import resume
 
-    resume(args.out_dir, progress=not args.no_progress)
+    resume(args.out_dir, progress=args.progress)
     return 0
 
 
@@ -744,8 +744,9 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Continue the run in OUT_DIR from its last checkpoints; finished runs are "
                             "kept, the interrupted one restarts at its last completed epoch.")
     resume.add_argument("out_dir")
-    resume.add_argument("--no-progress", action="store_true", help="no progress bars or tables: one plain line "
-                        "per epoch on stdout (with the job's ETA)")
+    resume.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bars (--progress) or one plain line per epoch on stdout with the job's ETA "
+                        "(--no-progress); by default as the run was started")
     resume.set_defaults(func=_cmd_resume)
 
     evaluate = sub.add_parser("eval", help="accuracy of a checkpoint with and without its prompt",

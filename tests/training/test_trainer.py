@@ -264,6 +264,21 @@ def test_resume_of_a_finished_run_changes_nothing(vpns_run):
     assert os.path.getmtime(os.path.join(run_dir(out, "vpns", 0.5), "last.pt")) == before
 
 
+def test_resume_keeps_the_recorded_progress_unless_told(vpns_run, monkeypatch):
+    """A run started with --no-progress (recorded in config.json) resumes without bars; --progress / progress=True
+    turn them on again."""
+    out, trainer, _ = vpns_run
+    recorded = trainer.config.progress
+    seen = []
+    monkeypatch.setattr(trainer_module.TwoStageTrainer, "run", lambda self: seen.append(self.config.progress) or [])
+    resume(str(out))
+    resume(str(out), progress=not recorded)
+    assert cli.main(["resume", str(out)]) == 0
+    assert cli.main(["resume", str(out), "--progress"]) == 0
+    assert cli.main(["resume", str(out), "--no-progress"]) == 0
+    assert seen == [recorded, not recorded, recorded, True, False]
+
+
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resume(str(tmp_path), progress=False)

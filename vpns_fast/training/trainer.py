@@ -357,8 +357,11 @@ def _check_same_model(recorded: PythonObject, config: TrainConfig, out_dir: str)
                          f"{recorded.weights_sha256[:12]}...); pass the same module, with the weights it had then")
 
 
-def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> list[dict]:
+def resume(out_dir: str, progress: bool | None = None, *, model=None, dataset=None) -> list[dict]:
     """Continue the run stored in ``out_dir`` from its last checkpoints.
+
+    ``progress``: progress bars (True) or one plain line an epoch (False); None, as the run recorded it (a run started
+    with ``--no-progress`` goes on without bars).
 
     A run given its model or dataset as a Python object (config.json records only its type) is resumed by
     passing the same object again as ``model=`` / ``dataset=``; without it the run refuses to start.
@@ -388,7 +391,9 @@ def resume(out_dir: str, progress: bool = True, *, model=None, dataset=None) -> 
                              f"for a run that was given it as a Python object")
         objects[name] = value
     recorded_model = config.model
-    config = dataclasses.replace(config, out=out_dir, progress=progress, **objects)  # validated again
+    if progress is not None:
+        objects["progress"] = progress
+    config = dataclasses.replace(config, out=out_dir, **objects)  # validated again
     if "model" in objects:
         _check_same_model(recorded_model, config, out_dir)
     return TwoStageTrainer(config, resuming=True).run()

@@ -606,6 +606,28 @@ def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, ca
     capsys.readouterr()
 
 
+def test_a_val_fraction_that_rounds_to_no_image_is_refused(tmp_path, capsys):
+    """--val-fraction 0.05 of 8 images held out none: the runs silently kept their last epoch rather than selecting
+    on val. Refused before anything is written; 0 (no val, asked for) still trains, from Python too."""
+    _class_folders(tmp_path / "data", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
+    common = ["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), "--model", "small_resnet",
+              "--input-size", "8", "--epochs", "1", "--batch-size", "8", "--method", "omp", "--density", "0.5",
+              "--device", "cpu", "--no-progress"]
+    assert cli.main([*common, "--val-fraction", "0.05", "--out", str(tmp_path / "a")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and re.search(r"val_fraction \(--val-fraction\) 0.05 of the 8 training images rounds "
+                                              r"to no val image; raise it, or set it to 0", err), err
+    assert not os.path.exists(tmp_path / "a" / "config.json")
+    assert cli.main([*common, "--val-fraction", "0", "--out", str(tmp_path / "b")]) == 0
+    train = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 2)
+    config = TrainConfig(dataset=(train,), num_classes=2, model="small_resnet", input_size=8, val_fraction=0.04,
+                         methods=("omp",), densities=(0.5,), search_epochs=1, finetune_epochs=1, batch_size=8,
+                         device="cpu", progress=False, out=str(tmp_path / "c"))
+    with pytest.raises(ValueError, match="rounds to no val image"):
+        TwoStageTrainer(config).run()
+    capsys.readouterr()
+
+
 def test_eval_refuses_an_empty_split_and_keeps_the_runs_limit_to_its_own_folder(tmp_path):
     _class_folders(tmp_path / "data", {"train": {"cat": 4, "dog": 4}, "test": {"cat": 2, "dog": 2}})
     _class_folders(tmp_path / "other", {"train": {"cat": 1, "dog": 1}, "test": {"cat": 5, "dog": 5}})

@@ -131,6 +131,9 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     if isinstance(value, dict) and OBJECT_KEY in value:
         raise ValueError(f"{key}: the run was given its {key} as a Python object ({value[OBJECT_KEY]}), which a "
                          f"file cannot rebuild; set {key} to a name, or run it from Python")
+    item = _bare_item_hint(hint)
+    if item is not None and not isinstance(value, (list, tuple)) and _fits(value, item):
+        return (value,)  # one method or density given bare, as TrainConfig takes it
     if not _fits(value, hint):
         raise ValueError(f"{key}: expected {_expected(hint)}, got {_json_type(value)} {value!r}"[:300])
     if key == "optimizers":
@@ -141,6 +144,12 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     if tuple in (hint, typing.get_origin(hint)):
         return tuple(value)
     return value
+
+
+def _bare_item_hint(hint: Any) -> Any:
+    """The item type of a ``tuple[X, ...]`` field (whose one item may be given bare), else None."""
+    args = typing.get_args(hint)
+    return args[0] if typing.get_origin(hint) is tuple and len(args) == 2 and args[1] is Ellipsis else None
 
 
 def _fits(value: Any, hint: Any) -> bool:

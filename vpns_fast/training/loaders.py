@@ -13,7 +13,8 @@ from vpns_fast.training.config import PythonObject, TrainConfig, dataset_parts
 def load_job_data(config: TrainConfig) -> DataSplits:
     """The job's splits: a named dataset loaded, a DataSplits as given, or a user's datasets split and resized
     to the run's image size (:func:`vpns_fast.data.dataset_splits`). ValueError where no training item is left
-    (the val fraction holding out every one, or an empty dataset)."""
+    (the val fraction holding out every one, or an empty dataset), or where a val fraction above 0 rounds to no val
+    item."""
     c = config
     if isinstance(c.dataset, str):
         data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
@@ -31,6 +32,13 @@ def load_job_data(config: TrainConfig) -> DataSplits:
         held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out every training image "
                     f"({len(data.val)}) for val" if drawn else "its train split is empty")
         raise ValueError(f"nothing to train on: {held_out}")
+    drawn_from_train = not isinstance(c.dataset, DataSplits) and (
+        isinstance(c.dataset, str) or dataset_parts(c.dataset)[1] is None)
+    if len(data.val) == 0 and c.val_fraction > 0 and drawn_from_train:
+        # silently none, the runs would keep their last epoch, not the best one the fraction asked to select
+        raise ValueError(f"val_fraction (--val-fraction) {c.val_fraction:g} of the {len(data.train)} training "
+                         f"images rounds to no val image; raise it, or set it to 0 to train without a val split "
+                         f"(each run then keeps its last epoch)")
     return data
 
 

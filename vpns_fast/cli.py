@@ -11,7 +11,7 @@ import time
 import warnings
 
 from vpns_fast._version import __version__
-from vpns_fast.errors import NetworkNotRebuildable, exception_reason
+from vpns_fast.errors import NetworkNotRebuildable, SettingError, exception_reason
 
 
 def _at_least(value, flag: str, least: int) -> None:
@@ -282,14 +282,6 @@ def _config_from_args(args, methods=None, mask_from=None):
     _check_dataset(args.dataset, args.data_dir, getattr(args, "config", None))
     _check_device(args.device)
     _check_output_folder(args.out)
-    for flag in ("epochs", "search_epochs", "finetune_epochs", "hydra_epochs", "pretrain_epochs", "num_workers"):
-        _at_least(getattr(args, flag, None), "--" + flag.replace("_", "-"), 0)
-    for flag in ("batch_size", "limit", "input_size", "image_size", "prompt_size"):
-        _at_least(getattr(args, flag), "--" + flag.replace("_", "-"), 1)
-    if not 0 <= args.split_seed < 2**32:
-        raise ValueError(f"--split-seed: expected an integer in [0, 2**32), got {args.split_seed}")
-    if not 0.0 <= args.val_fraction < 1.0:  # NaN too
-        raise ValueError(f"--val-fraction: expected a number in [0, 1), got {args.val_fraction}")
 
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
@@ -322,14 +314,24 @@ def _config_from_args(args, methods=None, mask_from=None):
         limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, num_workers=args.num_workers,
         keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, logger=args.logger, out=args.out, mask_from=mask_from, **epochs)
-    if getattr(args, "config", None) is None:
-        return TrainConfig(**values)
-    from vpns_fast.training.config_file import config_from_file
+    try:
+        if getattr(args, "config", None) is None:
+            return TrainConfig(**values)
+        from vpns_fast.training.config_file import config_from_file
 
-    given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
-    config = config_from_file(args.config, {key: value for key, value in values.items() if key in given})
+        given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
+        config = config_from_file(args.config, {key: value for key, value in values.items() if key in given})
+    except SettingError as exc:
+        raise _named_by_flag(exc, args.given_flags) from None
     _check_output_folder(config.out)
     return config
+
+
+def _named_by_flag(error: SettingError, given_flags: set[str]) -> ValueError:
+    """TrainConfig's refusal of a setting told with the flag that set it (``--batch-size: expected ...``), where one
+    flag given on the command line did; else as it is (a config file's setting is already named with the file)."""
+    flags = [flag for flag in sorted(given_flags) if error.field in _FLAG_FIELDS.get(flag, (flag,))]
+    return ValueError(f"--{flags[0].replace('_', '-')}: {error.reason}") if len(flags) == 1 else error
 
 
 # The TrainConfig fields a flag sets where their names differ (every other flag sets the field of its name).
@@ -877,8 +879,7 @@ def _import_torch_uninterrupted() -> None:
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "config", None) is not None:
-        args.given_flags = _given_flags(argv)
+    args.given_flags = _given_flags(argv)
     global _MAIN_PID
     in_main_thread = threading.current_thread() is threading.main_thread()
     _MAIN_PID = os.getpid()

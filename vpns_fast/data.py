@@ -62,6 +62,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
+from vpns_fast.errors import SettingError
+
 __all__ = [
     "DATASETS",
     "DataSplits",
@@ -952,7 +954,7 @@ def canonical_dataset_name(name: str) -> str:
 def check_fraction(value, argument: str) -> None:
     """ValueError naming ``argument`` unless ``value`` is a number in [0, 1) (a held-out share of a split)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < 1.0:  # NaN too
-        raise ValueError(f"{argument}: expected a number in [0, 1), got {value!r}")
+        raise SettingError(argument, f"expected a number in [0, 1), got {value!r}")
 
 
 def _positive_int(value, argument: str, allow_none: bool = False) -> None:

@@ -19,6 +19,16 @@ class NetworkNotRebuildable(ValueError):
                          f"{self.TRAINING_ADVICE})")
 
 
+class SettingError(ValueError):
+    """A setting that is refused, told as ``"{field}: {reason}"``: ``field`` names the setting (a TrainConfig field,
+    an argument), so whoever set it can be named instead (the CLI names the flag that set it, a config file the
+    file), and ``reason`` says what was expected."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field, self.reason = field, reason
+
+
 def shortened(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ending in "..." when cut."""
     return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."

@@ -133,7 +133,7 @@ def test_the_keys_are_the_dataclass_fields(tmp_path):
     ({"density": [0.5]}, r"unknown key 'density' \(did you mean 'densities'\?\)"),
     ([1, 2], r"expected an object of settings .*, got a list"),
     ("{not json", r"not valid JSON \(Expecting property name"),
-    ({"limit": 0}, r"limit must be >= 1"),
+    ({"limit": 0}, r"limit: expected an integer >= 1"),
 ])
 def test_a_bad_file_is_one_line_naming_the_key(tmp_path, capsys, captured, content, expected):
     import re

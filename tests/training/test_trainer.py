@@ -669,14 +669,21 @@ def test_sizes_and_split_seeds_out_of_range_are_refused_by_name(tmp_path, capsys
                                  ("--image-size", "0", "--image-size: expected an integer >= 1, got 0"),
                                  ("--prompt-size", "-3", "--prompt-size: expected an integer >= 1, got -3"),
                                  ("--split-seed", str(2**32), r"--split-seed: expected an integer in \[0, 2\*\*32\)"),
-                                 ("--split-seed", "-1", r"--split-seed: expected an integer in \[0, 2\*\*32\)")]:
+                                 ("--split-seed", "-1", r"--split-seed: expected an integer in \[0, 2\*\*32\)"),
+                                 # TrainConfig's own refusals, told with the flag that set the field (they read
+                                 # "density must be in (0, 1]" and "lr of search_scores: ..." without it)
+                                 ("--density", "1.5", r"--density: expected densities in \(0, 1\], got 1.5"),
+                                 ("--lr", "search_scores=-1", "--lr: lr of search_scores: expected a finite number"),
+                                 ("--epochs", "-1", "--epochs: expected an integer >= 0, got -1"),
+                                 ("--num-workers", "-2", "--num-workers: expected an integer >= 0, got -2")]:
         assert cli.main([*base, flag, value]) == 2
         err = capsys.readouterr().err
         assert re.search(pattern, err) and err.count("\n") == 1, err
     config = tmp_path / "c.json"
-    for key, value, pattern in [("input_size", 0, "input_size must be >= 1"), ("val_fraction", 1.0,
+    for key, value, pattern in [("input_size", 0, "input_size: expected an integer >= 1"), ("val_fraction", 1.0,
                                 r"val_fraction: expected a number in \[0, 1\), got 1.0"),
-                                ("limit", 0, "limit must be >= 1"), ("split_seed", 2**64, "split_seed must be in")]:
+                                ("limit", 0, "limit: expected an integer >= 1"),
+                                ("split_seed", 2**64, r"split_seed: expected an integer in \[0, 2\*\*32\)")]:
         config.write_text(json.dumps({"dataset": "synthetic", key: value}))
         assert cli.main(["prune", "--config", str(config)]) == 2
         err = capsys.readouterr().err

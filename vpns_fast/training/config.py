@@ -11,6 +11,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from vpns_fast.data import DataSplits, check_fraction
+from vpns_fast.errors import SettingError
 from vpns_fast.models import default_input_size
 from vpns_fast.nn.masked_layers import GRANULARITIES
 from vpns_fast.nn.prompts import build_prompt
@@ -75,9 +76,9 @@ def dataset_parts(dataset: Any) -> tuple[Dataset, Dataset | None, Dataset | None
         parts = list(dataset) + [None] * (3 - len(dataset))
         if all(part is None or isinstance(part, Dataset) for part in parts) and isinstance(parts[0], Dataset):
             return parts[0], parts[1], parts[2]
-    raise ValueError(f"dataset: expected a dataset name, a DataSplits, a torch.utils.data.Dataset, or (train, "
-                     f"val, test) datasets (a tuple, or a dict with train / val / test), got "
-                     f"{describe_object(dataset)}")
+    raise SettingError("dataset", f"expected a dataset name, a DataSplits, a torch.utils.data.Dataset, or "
+                       f"(train, val, test) datasets (a tuple, or a dict with train / val / test), got "
+                       f"{describe_object(dataset)}")
 
 
 @dataclass
@@ -144,16 +145,17 @@ class TrainConfig:
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
             if get_method(m).mask == "fixed" and self.mask_from is None:
-                raise ValueError(f"method {m!r} needs mask_from, the checkpoint whose masks it fine-tunes")
+                raise SettingError("methods", f"method {m!r} needs mask_from, the checkpoint whose masks it "
+                                   f"fine-tunes")
         if not self.methods:
-            raise ValueError("methods must name at least one method")
+            raise SettingError("methods", "expected at least one method")
         for d in self.densities:
             if not 0 < d <= 1:
-                raise ValueError(f"density must be in (0, 1], got {d}")
+                raise SettingError("densities", f"expected densities in (0, 1], got {d}")
         folders = [f"{d:g}" for d in self.densities]  # each density is one run folder, runs/<method>_d<density:g>
         repeated = sorted({name for name in folders if folders.count(name) > 1})
         if repeated:
-            raise ValueError(f"densities: {', '.join(repeated)} given more than once; list each density once")
+            raise SettingError("densities", f"{', '.join(repeated)} given more than once; list each density once")
         checks = {"protocol": (self.protocol, PROTOCOLS), "amp": (self.amp, AMP_MODES),
                   "scope": (self.scope, ("global", "layer")), "hydra_scope": (self.hydra_scope, ("global", "layer")),
                   "granularity": (self.granularity, GRANULARITIES),
@@ -162,76 +164,77 @@ class TrainConfig:
                   "keep_checkpoints": (self.keep_checkpoints, ("last", "all"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
-                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+                raise SettingError(name, f"expected one of {allowed}, got {value!r}")
         if self.structured and self.granularity != "channel":
-            raise ValueError(f"structured=True needs granularity='channel', got {self.granularity!r}")
-        for name in ("search_epochs", "finetune_epochs", "pretrain_epochs", "hydra_epochs"):
+            raise SettingError("structured", f"needs granularity 'channel', got {self.granularity!r}")
+        # The ranges, each refused here only: the CLI names the flag that set the field, a config file the file.
+        for name in ("search_epochs", "finetune_epochs", "pretrain_epochs", "hydra_epochs", "num_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise SettingError(name, f"expected an integer >= 0, got {getattr(self, name)}")
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        check_fraction(self.val_fraction, "val_fraction")  # here too: a config file's is named with the file
+            raise SettingError("batch_size", f"expected an integer >= 1, got {self.batch_size}")
+        check_fraction(self.val_fraction, "val_fraction")
         for name in ("input_size", "image_size", "prompt_size"):  # 0 was read as "the default" (an outside review)
             if getattr(self, name) is not None and getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1 (or None for the default), got {getattr(self, name)}")
+                raise SettingError(name, f"expected an integer >= 1, got {getattr(self, name)}")
         # seeds that differed only above 32 bits drew the same split (torch's CPU generator keeps 32 bits of a
         # seed), and 2**64 overflowed in torch (an outside review)
         if not 0 <= self.split_seed < 2**32:
-            raise ValueError(f"split_seed must be in [0, 2**32), got {self.split_seed}")
-        if self.limit is not None and self.limit < 1:  # a config file bypasses the CLI's checks of --limit
-            raise ValueError(f"limit must be >= 1 (or None for every sample), got {self.limit}")
-        if self.num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+            raise SettingError("split_seed", f"expected an integer in [0, 2**32), got {self.split_seed}")
+        if self.limit is not None and self.limit < 1:
+            raise SettingError("limit", f"expected an integer >= 1, got {self.limit}")
         merged = default_optimizers()
         for group, spec in dict(self.optimizers).items():
             if group not in merged:
-                raise ValueError(f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}")
+                raise SettingError("optimizers", f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}")
             merged[group].update(spec)
             if merged[group]["name"] not in ("sgd", "adam", "adamw"):
-                raise ValueError(f"optimizer for {group} must be sgd, adam or adamw, got {merged[group]['name']!r}")
+                raise SettingError("optimizers", f"the optimizer for {group} must be sgd, adam or adamw, got "
+                                   f"{merged[group]['name']!r}")
             for key in ("lr", "momentum", "weight_decay"):
                 value = merged[group][key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
-                    raise ValueError(f"{key} of {group}: expected a finite number >= 0, got {value!r}")
+                    raise SettingError("optimizers", f"{key} of {group}: expected a finite number >= 0, got "
+                                       f"{value!r}")
         self.optimizers = merged
         self.logger = logger_names(self.logger)
         if "tensorboard" in self.logger and self.out is None:
-            raise ValueError("logger: tensorboard writes its event files under out; set out (--out)")
+            raise SettingError("logger", "tensorboard writes its event files under out; set out (--out)")
         self._check_geometry()
 
     def _check_model_and_dataset(self) -> None:
         if isinstance(self.model, nn.Module):
             if self.weights == "pretrained":
-                raise ValueError("weights: 'pretrained' needs a model name; for a module, pass a weights file or "
-                                 "load its weights yourself")
+                raise SettingError("weights", "'pretrained' needs a model name; for a module, pass a weights file or "
+                                   "load its weights yourself")
         elif not isinstance(self.model, (str, PythonObject)):
-            raise ValueError(f"model: expected a model name or an nn.Module, got {describe_object(self.model)}")
+            raise SettingError("model", f"expected a model name or an nn.Module, got {describe_object(self.model)}")
         if not isinstance(self.model_kwargs, dict):
-            raise ValueError(f"model_kwargs: expected a dict, got {type(self.model_kwargs).__name__}")
+            raise SettingError("model_kwargs", f"expected a dict, got {type(self.model_kwargs).__name__}")
         if self.model_kwargs and not isinstance(self.model, str):
-            raise ValueError("model_kwargs: only a model name takes architecture arguments")
+            raise SettingError("model_kwargs", "only a model name takes architecture arguments")
         if isinstance(self.dataset, (str, DataSplits, PythonObject)):
             return
         dataset_parts(self.dataset)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
-            raise ValueError(f"num_classes: a dataset passed as Dataset objects needs its number of classes (an "
-                             f"integer >= 1), got {self.num_classes!r}")
+            raise SettingError("num_classes", f"a dataset passed as Dataset objects needs its number of classes (an "
+                               f"integer >= 1), got {self.num_classes!r}")
 
     def _check_geometry(self) -> None:
         """Prompt and image sizes, checked before anything is written or trained."""
         input_size = self.network_input_size()  # also rejects unknown models
         image_size = self.data_image_size()
         if image_size > input_size:
-            raise ValueError(f"image_size ({image_size}) must not exceed the network input_size ({input_size})")
+            raise SettingError("image_size", f"{image_size} must not exceed the network input_size ({input_size})")
         if not any(get_method(m).prompt_in_search or get_method(m).prompt_in_finetune for m in self.methods):
             return
         if self.protocol == "release" and image_size != input_size:
-            raise ValueError(f"protocol 'release' feeds its unprompted steps and its evaluation the images as they "
-                             f"are, so image_size ({image_size}) must equal input_size ({input_size}); use protocol "
-                             f"'prompted' to place smaller images inside a prompt")
+            raise SettingError("image_size", f"protocol 'release' feeds its unprompted steps and its evaluation the "
+                               f"images as they are, so image_size ({image_size}) must equal input_size "
+                               f"({input_size}); use protocol 'prompted' to place smaller images inside a prompt")
         if self.prompt == "expansive" and image_size == input_size:
-            raise ValueError("the expansive prompt fills the ring around a smaller image: set image_size below "
-                             f"input_size ({input_size}), with protocol 'prompted'")
+            raise SettingError("prompt", "the expansive prompt fills the ring around a smaller image: set image_size "
+                               f"below input_size ({input_size}), with protocol 'prompted'")
         build_prompt(self.prompt, input_size, image_size, self.pad_prompt_size())
 
     def network_input_size(self) -> int:
@@ -306,12 +309,12 @@ def logger_names(value: Any) -> tuple[str, ...]:
         return ()
     items = value.split(",") if isinstance(value, str) else value
     if not isinstance(items, (list, tuple)) or not all(isinstance(item, str) for item in items):
-        raise ValueError(f"logger: expected a name, comma-separated names or a list of names ({', '.join(LOGGERS)}), "
-                         f"got {value!r}")
+        raise SettingError("logger", f"expected a name, comma-separated names or a list of names "
+                           f"({', '.join(LOGGERS)}), got {value!r}")
     names = tuple(dict.fromkeys(item.strip() for item in items if item.strip() and item.strip() != "none"))
     for name in names:
         if name not in LOGGERS:
-            raise ValueError(f"logger: unknown logger {name!r}; expected {' or '.join(LOGGERS)} (or none)")
+            raise SettingError("logger", f"unknown logger {name!r}; expected {' or '.join(LOGGERS)} (or none)")
     return names
 
 

@@ -11,6 +11,7 @@ import types
 import typing
 from typing import Any
 
+from vpns_fast.errors import SettingError
 from vpns_fast.training.config import OBJECT_KEY, RUN_DATA_KEY, TrainConfig
 
 YAML_SUFFIXES = (".yaml", ".yml")
@@ -40,9 +41,8 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
         return TrainConfig(**values)
     except TypeError as exc:  # a value of the right JSON type but the wrong shape, deep inside a setting
         raise ValueError(f"--config {path}: {exc}") from None
-    except ValueError as exc:  # a value out of range: named with the file where the file set it
-        key = str(exc).split(" ", 1)[0].rstrip(":")
-        if key in values and key not in overrides:
+    except SettingError as exc:  # a value out of range: named with the file where the file set it
+        if exc.field in values and exc.field not in overrides:
             raise ValueError(f"--config {path}: {exc}") from None
         raise
 

@@ -43,3 +43,17 @@ def test_sdist_holds_every_file_the_build_needs(sdist_names):
 def test_sdist_carries_no_build_products(sdist_names):
     products = sorted(n for n in sdist_names if n.endswith((".so", ".pyc", ".o")) or n.startswith(".venv"))
     assert not products, f"build products in the sdist: {products}"
+
+
+def test_the_clis_missing_package_advice_names_pyprojects_extras():
+    """`vpns` tells a missing optional package by its extra (cli._EXTRAS, module -> extra): every extra of
+    pyproject.toml but `test` is there, and each module's extra lists the distribution that provides it."""
+    import tomllib
+
+    from vpns_fast import cli
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert set(cli._EXTRAS.values()) == set(extras) - {"test"}
+    distribution = {"yaml": "pyyaml"}  # the module names that are not their distribution's
+    for module, extra in cli._EXTRAS.items():
+        assert distribution.get(module, module) in extras[extra], (module, extra)

@@ -821,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# The optional extras of pyproject.toml by the package a command imports from them.
+# The optional extras of pyproject.toml by the module a command imports from them (tests/test_packaging.py keeps
+# the two in step).
 _EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "timm": "timm", "tensorboard": "tensorboard", "yaml": "yaml",
            "wandb": "wandb"}
 

@@ -113,7 +113,7 @@ def sparsify(model: nn.Module, granularity: str = "unstructured", score_init: st
     if unmaskable:
         total = sum(m.weight.numel() for m in matrices)
         fraction = sum(m.weight.numel() for m in unmaskable) / total
-        names = ", ".join(f"{m.name} ({m.kind})" for m in unmaskable[:8]) + (" ..." if len(unmaskable) > 8 else "")
+        names = first_items((f"{m.name} ({m.kind})" for m in unmaskable), 8)
         bare = any(m.param_name != "weight" and not isinstance(m.module, nn.MultiheadAttention) for m in unmaskable)
         warnings.warn(f"sparsify: {len(unmaskable)} weight matrices hold {fraction:.2%} of the weights and cannot be "
                       f"masked; they stay dense: {names}. Name them in exclude= to keep them dense on purpose"

@@ -606,6 +606,19 @@ def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, ca
     capsys.readouterr()
 
 
+def test_a_job_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsys):
+    """A mistyped --data-dir left the new --out behind holding only .vpns.lock; an existing folder stays, and so
+    does a folder the job wrote into."""
+    common = ["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "none"), "--epochs", "1",
+              "--device", "cpu", "--no-progress"]
+    assert cli.main([*common, "--out", str(tmp_path / "new" / "run")]) == 2
+    assert os.listdir(tmp_path) == ["new"]  # the parent it made stays; the job's own folder is gone
+    (tmp_path / "mine").mkdir()
+    assert cli.main([*common, "--out", str(tmp_path / "mine")]) == 2
+    assert os.path.isdir(tmp_path / "mine")
+    assert "ImageFolder dataset not found" in capsys.readouterr().err
+
+
 def test_a_val_fraction_that_rounds_to_no_image_is_refused(tmp_path, capsys):
     """--val-fraction 0.05 of 8 images held out none: the runs silently kept their last epoch rather than selecting
     on val. Refused before anything is written; 0 (no val, asked for) still trains, from Python too."""

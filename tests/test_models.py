@@ -197,6 +197,21 @@ def test_a_job_refused_for_its_pretrained_weights_writes_nothing(tmp_path, empty
     assert not (out / "config.json").exists()
 
 
+def test_a_job_refused_for_its_timm_weights_writes_nothing(tmp_path, capsys, monkeypatch):
+    """As above for a timm model, whose weights timm fetched only inside build_model, after config.json."""
+    pytest.importorskip("timm")
+    from vpns_fast import cli
+
+    monkeypatch.setenv("VPNS_FAST_OFFLINE", "1")
+    out = tmp_path / "run"
+    argv = ["prune", "--model", "timm:resnet18", "--weights", "pretrained", "--dataset", "synthetic", "--limit",
+            "8", "--epochs", "1", "--device", "cpu", "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "pretrained weights for timm:resnet18" in err and err.count("\n") == 1
+    assert not (out / "config.json").exists()
+
+
 def test_missing_explicit_file_and_no_published_weights(tmp_path, empty_hub):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_model("resnet18", weights=tmp_path / "nowhere.pth")

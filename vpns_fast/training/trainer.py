@@ -135,7 +135,7 @@ class TwoStageTrainer:
         refuse_existing_run(c, self.force, self.resuming)  # at once, before the data's minutes
         data = load_job_data(c)
         if c.weights == "pretrained" and isinstance(c.model, str):  # as the data: before anything is written
-            fetch_pretrained_weights(c.model)
+            fetch_pretrained_weights(c.model, c.model_kwargs)
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
         fingerprint = data.fingerprint()
         if self.resuming:

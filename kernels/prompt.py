@@ -422,10 +422,10 @@ class PromptNormalizeFunction(torch.autograd.Function):
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        images, program, kind, pad, mask_size, row, col, _mean, std, _out_dtype = inputs
+        images, program, kind, pad, mask_size, row, col, mean, std, out_dtype = inputs
         ctx.save_for_backward(images, program)
         ctx.geometry = (kind, pad, mask_size, row, col)
-        ctx.std = [float(s) for s in std]
+        ctx.mean, ctx.std, ctx.out_dtype = [float(m) for m in mean], [float(s) for s in std], out_dtype
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -435,8 +435,13 @@ class PromptNormalizeFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             images, program = ctx.saved_tensors
             kind, pad, mask_size, row, col = ctx.geometry
-            grad_program = torch.ops.vpns_fast.prompt_program_grad(grad_out, images, program, kind, pad,
-                                                                   mask_size, row, col, ctx.std)
+            if torch.is_grad_enabled():  # create_graph=True: the kernel's gradient op has no derivative
+                out = prompt_normalize_ref(images, program, kind, pad, mask_size, row, col, ctx.mean, ctx.std,
+                                           ctx.out_dtype)
+                (grad_program,) = torch.autograd.grad(out, program, grad_out, create_graph=True)
+            else:
+                grad_program = torch.ops.vpns_fast.prompt_program_grad(grad_out, images, program, kind, pad,
+                                                                       mask_size, row, col, ctx.std)
         return None, grad_program, None, None, None, None, None, None, None, None
 
 

@@ -217,6 +217,25 @@ def test_gradcheck_float64(kind):
     assert torch.autograd.gradcheck(f, (program,), fast_mode=True)
 
 
+@pytest.mark.parametrize("kind", PROMPT_KINDS)
+def test_double_backward_matches_the_reference(kind):
+    """create_graph=True (a penalty on the program's gradient, differentiated again): the second-order gradient is
+    the reference's (the kernel's gradient op has no derivative; before, torch raised "no autograd formula")."""
+    geometry = GEOMETRIES[1]
+    images = _images(2, 3, geometry[1], torch.float64)
+    program0 = _program(3, geometry[0], scale=0.5).double()
+    results = []
+    for backend in ("triton", "torch"):
+        program = program0.clone().requires_grad_()
+        with ops.use_backend(backend):
+            out = ops.prompt_normalize(images, program, kind, **_kw(geometry))
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), program, create_graph=True)
+        grad.pow(2).sum().backward()
+        results.append(program.grad)
+    assert_close(results[0], results[1], rtol=1e-10, atol=1e-10)
+    assert results[0].abs().sum() > 0
+
+
 # --------------------------------------------------------------------------- reduction
 
 @pytest.mark.parametrize("target_programs", [1, 4, 1024], ids=["one-chunk", "uneven-chunks", "chunk-per-sample"])

@@ -282,6 +282,7 @@ def _config_from_args(args, methods=None, mask_from=None):
     _check_dataset(args.dataset, args.data_dir, getattr(args, "config", None))
     _check_device(args.device)
     _check_output_folder(args.out)
+    _at_least(getattr(args, "epochs", None), "--epochs", 0)  # not a field: checked here, even when overridden
 
     optimizers: dict[str, dict] = {}
     for flag, key, cast in (("lr", "lr", float), ("optimizer", "name", str), ("weight_decay", "weight_decay", float)):
@@ -322,18 +323,28 @@ def _config_from_args(args, methods=None, mask_from=None):
         given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
         config = config_from_file(args.config, {key: value for key, value in values.items() if key in given})
     except SettingError as exc:
-        raise _named_by_flag(exc, args.given_flags) from None
+        raise _named_by_flag(exc, args) from None
     _check_output_folder(config.out)
     return config
 
 
-def _named_by_flag(error: SettingError, given_flags: set[str]) -> ValueError:
-    """TrainConfig's refusal of a setting told with the flag that set it (``--batch-size: expected ...``), where one
-    flag given on the command line did; else as it is (a config file's setting is already named with the file)."""
-    flags = [flag for flag in sorted(given_flags) if error.field in _FLAG_FIELDS.get(flag, (flag,))]
+def _named_by_flag(error: SettingError, args) -> ValueError:
+    """TrainConfig's refusal of a setting told with the flag that set it (``--batch-size: expected ...``); else as it
+    is (a config file's setting is already named with the file). Of several flags that set the field, the one named
+    after it (``--search-epochs`` beside ``--epochs``, which it overrides); of the optimizer flags, the one that set
+    the refused group and key."""
+    flags = [flag for flag in sorted(args.given_flags) if error.field in _FLAG_FIELDS.get(flag, (flag,))]
+    if error.field == "optimizers" and error.part:
+        group, key = error.part[0], error.part[1] if len(error.part) > 1 else None
+        flags = [flag for flag in flags if group in dict(getattr(args, flag))
+                 and key in (None, _OPTIMIZER_FLAG_KEYS[flag])]
+    elif error.field in flags:
+        flags = [error.field]
     return ValueError(f"--{flags[0].replace('_', '-')}: {error.reason}") if len(flags) == 1 else error
 
 
+# The key of an optimizer group each optimizer flag sets.
+_OPTIMIZER_FLAG_KEYS = {"lr": "lr", "optimizer": "name", "weight_decay": "weight_decay"}
 # The TrainConfig fields a flag sets where their names differ (every other flag sets the field of its name).
 _FLAG_FIELDS = {"method": ("methods",), "density": ("densities",), "model_arg": ("model_kwargs",),
                 "no_progress": ("progress",), "epochs": ("search_epochs", "finetune_epochs"),

@@ -22,11 +22,12 @@ class NetworkNotRebuildable(ValueError):
 class SettingError(ValueError):
     """A setting that is refused, told as ``"{field}: {reason}"``: ``field`` names the setting (a TrainConfig field,
     an argument), so whoever set it can be named instead (the CLI names the flag that set it, a config file the
-    file), and ``reason`` says what was expected."""
+    file), and ``reason`` says what was expected. ``part``: the keys within a dict setting at fault (an optimizer
+    group and its key, e.g. ``("search_scores", "lr")``), where a file and flags may each set some of it."""
 
-    def __init__(self, field: str, reason: str):
+    def __init__(self, field: str, reason: str, part: tuple[str, ...] = ()):
         super().__init__(f"{field}: {reason}")
-        self.field, self.reason = field, reason
+        self.field, self.reason, self.part = field, reason, tuple(part)
 
 
 def shortened(text: str, limit: int) -> str:

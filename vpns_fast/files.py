@@ -93,25 +93,45 @@ def file_lock(path: str | os.PathLike, wait: bool = True) -> Iterator[None]:
         yield
         return
     lock_path = os.fspath(path) + ".lock"
-    try:
-        os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
-    except OSError:  # no folder to write in: the write that follows reports that itself
-        yield
-        return
-    fd = None
-    try:
-        fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
-        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:  # no permission; ENOLCK on NFS without a lock daemon; or held, with wait=False
-        if not wait and fd is not None and error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-            os.close(fd)
-            raise FileLockedError(f"{lock_path} is held by another process") from None
-        if fd is not None:
-            os.close(fd)
-        warnings.warn(f"no lock for {path} ({error}); writing it unlocked", UncheckedFileWarning, stacklevel=3)
+    for _ in range(8):
+        try:
+            os.makedirs(os.path.dirname(os.path.abspath(lock_path)), exist_ok=True)
+        except OSError:  # no folder to write in: the write that follows reports that itself
+            yield
+            return
+        fd = None
+        try:
+            fd = os.open(lock_path, os.O_RDONLY | os.O_CREAT, 0o666)
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:  # no permission; ENOLCK on NFS without a lock daemon; or held, with wait=False
+            if not wait and fd is not None and error.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+                os.close(fd)
+                raise FileLockedError(f"{lock_path} is held by another process") from None
+            if fd is not None:
+                os.close(fd)
+            warnings.warn(f"no lock for {path} ({error}); writing it unlocked", UncheckedFileWarning, stacklevel=3)
+            yield
+            return
+        if _names_the_file(lock_path, fd):
+            break
+        # its holder removed the lock file (a failed job's own folder, run_files) between this process opening it
+        # and locking it: a lock on the removed file excludes no one, so lock the path's file anew
+        os.close(fd)
+    else:
+        warnings.warn(f"no lock for {path} (its lock file kept being replaced); writing it unlocked",
+                      UncheckedFileWarning, stacklevel=3)
         yield
         return
     try:
         yield
     finally:
         os.close(fd)  # closing the descriptor releases the lock
+
+
+def _names_the_file(path: str, fd: int) -> bool:
+    """Whether ``path`` still names the file open as ``fd``."""
+    try:
+        here, held = os.stat(path), os.fstat(fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)

@@ -509,17 +509,18 @@ def _head_keys(kind: str, key: str, kwargs: dict) -> list[str]:
 
 def _pretrained_timm(key: str, kwargs: dict) -> nn.Module:
     timm = _import_timm()
-    if os.environ.get(_OFFLINE_ENV):
-        reason = f"offline ({_OFFLINE_ENV} is set)"
+    if os.environ.get(_OFFLINE_ENV):  # timm reads the hub itself: offline, it is not asked at all
+        problem = f"are not read while {_OFFLINE_ENV} is set (timm fetches them through the Hugging Face hub)"
     else:
         try:
             return timm.create_model(key, pretrained=True, **kwargs)
         except Exception as error:  # hub and network errors come in many types
-            reason = exception_reason(error)
+            problem = (f"are not in the Hugging Face hub cache and could not be downloaded "
+                       f"({exception_reason(error)})")
     raise FileNotFoundError(
-        f"pretrained weights for timm:{key} are not in the Hugging Face hub cache and could not be downloaded "
-        f"({reason}). Fix: download them on a machine with internet (timm.create_model({key!r}, pretrained=True)) "
-        f"and save model.state_dict() to a file, then pass weights='/path/to/file.pth'."
+        f"pretrained weights for timm:{key} {problem}. Fix: download them on a machine with internet "
+        f"(timm.create_model({key!r}, pretrained=True)) and save model.state_dict() to a file, then pass "
+        f"weights='/path/to/file.pth'."
     )
 
 

@@ -269,6 +269,32 @@ def test_file_lock_without_waiting(tmp_path):
         atomic_write(target, lambda f: f.write(b"{}"))
 
 
+def test_a_lock_taken_on_a_removed_lock_file_is_taken_again(tmp_path, monkeypatch):
+    """A failed job removes the folder it made, lock file included, while holding the lock (an outside review found
+    the removal racing a second job). A job that opened the lock file before it was removed and locks it after holds
+    a lock on a file no one else sees: file_lock locks the file the path names instead, so a third job is refused."""
+    import fcntl
+
+    target = tmp_path / "run" / ".vpns"
+    lock_path = str(target) + ".lock"
+    real_flock, calls = fcntl.flock, []
+
+    def flock_after_removal(fd, operation):
+        calls.append(fd)
+        if len(calls) == 1:  # the holder removes the lock file and its folder between this open and this lock
+            os.unlink(lock_path)
+            os.rmdir(tmp_path / "run")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", flock_after_removal)
+    with file_lock(target, wait=False):
+        monkeypatch.setattr(fcntl, "flock", real_flock)
+        assert os.path.exists(lock_path) and len(calls) == 2
+        with pytest.raises(FileLockedError):
+            with file_lock(target, wait=False):
+                pass
+
+
 def test_duplicate_densities_are_refused(capsys):
     with pytest.raises(ValueError, match="densities: 0.3 given more than once"):
         tiny(methods=("omp",), densities=(0.3, 0.3))

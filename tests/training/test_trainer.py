@@ -632,6 +632,10 @@ def test_a_val_fraction_that_rounds_to_no_image_is_refused(tmp_path, capsys):
                                               r"to no val image; raise it, or set it to 0", err), err
     assert not os.path.exists(tmp_path / "a" / "config.json")
     assert cli.main([*common, "--val-fraction", "0", "--out", str(tmp_path / "b")]) == 0
+    # a run started before the refusal (recorded with 0.05, its val split empty) still resumes as it started
+    recorded = json.loads((tmp_path / "b" / "config.json").read_text())
+    (tmp_path / "b" / "config.json").write_text(json.dumps({**recorded, "val_fraction": 0.05}))
+    assert cli.main(["resume", str(tmp_path / "b")]) == 0
     train = torch.utils.data.TensorDataset(torch.rand(8, 3, 8, 8), torch.arange(8) % 2)
     config = TrainConfig(dataset=(train,), num_classes=2, model="small_resnet", input_size=8, val_fraction=0.04,
                          methods=("omp",), densities=(0.5,), search_epochs=1, finetune_epochs=1, batch_size=8,
@@ -702,6 +706,31 @@ def test_sizes_and_split_seeds_out_of_range_are_refused_by_name(tmp_path, capsys
         err = capsys.readouterr().err
         assert re.search(f"--config {re.escape(str(config))}: {pattern}", err), err
     assert not os.path.exists(tmp_path / "o")
+
+
+def test_a_refused_setting_names_the_flag_or_file_that_set_it(tmp_path, capsys):
+    """An outside review: of two flags that set a field the specific one is named (--search-epochs beside --epochs);
+    --epochs itself is still checked when both stages' flags override it; an optimizer setting is blamed on the flag
+    or the file that set that group's key, not on another optimizer flag."""
+    base = ["prune", "--dataset", "synthetic", "--limit", "16", "--device", "cpu", "--no-progress", "--out",
+            str(tmp_path / "o")]
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"dataset": "synthetic", "optimizers": {"search_scores": {"lr": -1}}}))
+    for argv, pattern in [
+            (["--epochs", "5", "--search-epochs", "-1"], "--search-epochs: expected an integer >= 0, got -1"),
+            (["--epochs", "-1", "--search-epochs", "1", "--finetune-epochs", "1"],
+             "--epochs: expected an integer >= 0"),
+            (["--lr", "search_scores=-1", "--weight-decay", "search_scores=0.1"], "--lr: lr of search_scores"),
+            (["--weight-decay", "finetune_weights=-2", "--lr", "search_scores=0.1"],
+             "--weight-decay: weight_decay of finetune_weights"),
+            (["--config", str(config), "--weight-decay", "search_scores=0.1"],
+             f"--config {re.escape(str(config))}: optimizers: lr of search_scores"),
+            (["--config", str(config), "--lr", "search_scores=-3"], "--lr: lr of search_scores: .* got -3"),
+            (["--method", "nope"], "--method: expected methods among vpns, .*, got 'nope'")]:
+        assert cli.main([*base, *argv]) == 2
+        err = capsys.readouterr().err
+        assert re.search(pattern, err) and err.count("\n") == 1, (argv, err)
+    assert not os.path.exists(tmp_path / "o" / "config.json")
 
 
 def test_resume_refuses_data_that_changed(tmp_path, monkeypatch):

@@ -15,7 +15,7 @@ from vpns_fast.errors import SettingError
 from vpns_fast.models import default_input_size
 from vpns_fast.nn.masked_layers import GRANULARITIES
 from vpns_fast.nn.prompts import build_prompt
-from vpns_fast.pruning.methods import get_method
+from vpns_fast.pruning.methods import METHODS, get_method
 
 PROTOCOLS = ("release", "prompted")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -144,6 +144,8 @@ class TrainConfig:
             self.densities = (self.densities,)
         self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
+            if m not in METHODS:  # get_method's own refusal names no field (a config file or flag could not be told)
+                raise SettingError("methods", f"expected methods among {', '.join(METHODS)}, got {m!r}")
             if get_method(m).mask == "fixed" and self.mask_from is None:
                 raise SettingError("methods", f"method {m!r} needs mask_from, the checkpoint whose masks it "
                                    f"fine-tunes")
@@ -186,16 +188,17 @@ class TrainConfig:
         merged = default_optimizers()
         for group, spec in dict(self.optimizers).items():
             if group not in merged:
-                raise SettingError("optimizers", f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}")
+                raise SettingError("optimizers", f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}",
+                                   (group,))
             merged[group].update(spec)
             if merged[group]["name"] not in ("sgd", "adam", "adamw"):
                 raise SettingError("optimizers", f"the optimizer for {group} must be sgd, adam or adamw, got "
-                                   f"{merged[group]['name']!r}")
+                                   f"{merged[group]['name']!r}", (group, "name"))
             for key in ("lr", "momentum", "weight_decay"):
                 value = merged[group][key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     raise SettingError("optimizers", f"{key} of {group}: expected a finite number >= 0, got "
-                                       f"{value!r}")
+                                       f"{value!r}", (group, key))
         self.optimizers = merged
         self.logger = logger_names(self.logger)
         if "tensorboard" in self.logger and self.out is None:

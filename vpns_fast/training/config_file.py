@@ -42,9 +42,22 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
     except TypeError as exc:  # a value of the right JSON type but the wrong shape, deep inside a setting
         raise ValueError(f"--config {path}: {exc}") from None
     except SettingError as exc:  # a value out of range: named with the file where the file set it
-        if exc.field in values and exc.field not in overrides:
+        if exc.field in values and not _overrides_set(exc, overrides):
             raise ValueError(f"--config {path}: {exc}") from None
         raise
+
+
+def _overrides_set(error: SettingError, overrides: dict) -> bool:
+    """Whether the overrides (flags) set what ``error`` refuses: its field, and within a merged key the part it
+    names (an optimizer group's lr that a flag set, not one the file set beside a flag's other setting)."""
+    if error.field not in overrides:
+        return False
+    value = overrides[error.field]
+    for name in error.part if error.field in MERGED_KEYS else ():
+        if not isinstance(value, dict) or name not in value:
+            return False
+        value = value[name]
+    return True
 
 
 def read_config_file(path: str) -> dict:
@@ -182,7 +195,9 @@ def _expected(hint: Any) -> str:
     if origin in (typing.Union, types.UnionType):
         return " or ".join(_expected(arm) for arm in typing.get_args(hint))
     if origin in (tuple, list):
-        return f"a list of {_expected(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+        item = _expected(typing.get_args(hint)[0])
+        listed = f"a list of {item.removeprefix('a ').removeprefix('an ')}s"
+        return f"{item} or {listed}" if _bare_item_hint(hint) is not None else listed
     names = {type(None): "null", bool: "true or false", int: "an integer", float: "a number", str: "a string",
              dict: "an object"}
     return names.get(origin or hint, str(hint))

@@ -10,11 +10,11 @@ from vpns_fast.training import distributed as dist_utils
 from vpns_fast.training.config import PythonObject, TrainConfig, dataset_parts
 
 
-def load_job_data(config: TrainConfig) -> DataSplits:
+def load_job_data(config: TrainConfig, resuming: bool = False) -> DataSplits:
     """The job's splits: a named dataset loaded, a DataSplits as given, or a user's datasets split and resized
     to the run's image size (:func:`vpns_fast.data.dataset_splits`). ValueError where no training item is left
     (the val fraction holding out every one, or an empty dataset), or where a val fraction above 0 rounds to no val
-    item."""
+    item (not when ``resuming``: a run that started so goes on as it started)."""
     c = config
     if isinstance(c.dataset, str):
         data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
@@ -34,7 +34,7 @@ def load_job_data(config: TrainConfig) -> DataSplits:
         raise ValueError(f"nothing to train on: {held_out}")
     drawn_from_train = not isinstance(c.dataset, DataSplits) and (
         isinstance(c.dataset, str) or dataset_parts(c.dataset)[1] is None)
-    if len(data.val) == 0 and c.val_fraction > 0 and drawn_from_train:
+    if len(data.val) == 0 and c.val_fraction > 0 and drawn_from_train and not resuming:
         # silently none, the runs would keep their last epoch, not the best one the fraction asked to select
         raise ValueError(f"val_fraction (--val-fraction) {c.val_fraction:g} of the {len(data.train)} training "
                          f"images rounds to no val image; raise it, or set it to 0 to train without a val split "

@@ -45,34 +45,34 @@ def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
         yield
         return
     created = is_main and not os.path.exists(out)
-    locked = False
-    try:
-        with contextlib.ExitStack() as held:
-            refused = False
-            if is_main:
-                try:
-                    held.enter_context(file_lock(os.path.join(out, LOCK_NAME), wait=False))
-                    locked = True
-                except FileLockedError:
-                    refused = True
-            if dist_utils.main_decides(refused):
-                raise RunInUseError(f"{out} is in use by another vpns process (it holds "
-                                    f"{os.path.join(out, LOCK_NAME)}.lock); wait for it to finish, then "
-                                    f"`vpns resume {out}`")
+    with contextlib.ExitStack() as held:
+        refused = False
+        if is_main:
+            try:
+                held.enter_context(file_lock(os.path.join(out, LOCK_NAME), wait=False))
+            except FileLockedError:
+                refused = True
+        if dist_utils.main_decides(refused):
+            raise RunInUseError(f"{out} is in use by another vpns process (it holds "
+                                f"{os.path.join(out, LOCK_NAME)}.lock); wait for it to finish, then "
+                                f"`vpns resume {out}`")
+        try:
             yield
-    except BaseException:
-        if created and locked:  # a job that failed before writing anything leaves no folder of its own behind
-            _remove_if_only_the_lock(out)
-        raise
+        except BaseException:
+            if created:  # a job that failed before writing anything leaves no folder of its own behind
+                _remove_if_only_the_lock(out)
+            raise
 
 
 def _remove_if_only_the_lock(out: str) -> None:
-    """Remove ``out`` (which this job created) where it holds nothing but the job's lock file, now released."""
+    """Remove ``out`` (which this job created) where it holds nothing but the job's lock file, while the job still
+    holds the lock: another job on the folder meanwhile is refused, and one that opened the lock file before it was
+    unlinked finds it gone once it has the lock (file_lock checks), so no two jobs ever share the folder."""
     try:
         if os.listdir(out) == [LOCK_NAME + ".lock"]:
             os.unlink(os.path.join(out, LOCK_NAME + ".lock"))
             os.rmdir(out)
-    except OSError:  # another process wrote there meanwhile, or the folder is gone: leave it
+    except OSError:  # the folder is gone, or another process wrote there: leave what is left
         pass
 
 

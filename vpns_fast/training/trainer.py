@@ -133,7 +133,7 @@ class TwoStageTrainer:
         # val fraction that leaves nothing to train on) leaves a forced --out's earlier run as it was (an outside
         # review: `--force` had deleted it before the data was read)
         refuse_existing_run(c, self.force, self.resuming)  # at once, before the data's minutes
-        data = load_job_data(c)
+        data = load_job_data(c, self.resuming)
         if c.weights == "pretrained" and isinstance(c.model, str):  # as the data: before anything is written
             fetch_pretrained_weights(c.model, c.model_kwargs)
         prepare_out_dir(c, self.force, self.resuming, self.is_main)

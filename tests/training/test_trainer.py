@@ -5,12 +5,14 @@ import json
 import os
 import re
 
+import numpy as np
 import pytest
 import torch
 from helpers import tiny_config as tiny
 from torch import nn
 
 from vpns_fast import cli
+from vpns_fast.errors import SettingError
 from vpns_fast.models import build_model
 from vpns_fast.nn.label_mapping import LabelMapping, greedy_label_mapping
 from vpns_fast.pruning.checkpoint import load_checkpoint, model_from_checkpoint
@@ -282,6 +284,11 @@ def test_resume_keeps_the_recorded_progress_unless_told(vpns_run, monkeypatch):
 def test_resume_needs_a_run_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         resume(str(tmp_path), progress=False)
+    with pytest.raises(FileNotFoundError, match="nothing: no such folder"):  # it had said "has no config.json"
+        resume(str(tmp_path / "nothing"))
+    (tmp_path / "out.txt").write_text("")
+    with pytest.raises(FileNotFoundError, match="out.txt: is a file; expected the folder"):
+        resume(str(tmp_path / "out.txt"))
 
 
 # ----------------------------------------------------------------------------- output directory rules
@@ -487,10 +494,10 @@ def test_channels_last_keeps_scores_contiguous():
 
 
 @pytest.mark.parametrize("overrides,match", [
-    ({"image_size": 24}, "protocol 'release'"),
+    ({"image_size": 24}, "protocol: 'release' feeds"),
     ({"prompt": "expansive"}, "expansive prompt"),
     ({"prompt": "expansive", "image_size": 24, "protocol": "prompted", "input_size": 16}, "must not exceed"),
-    ({"prompt_size": 16}, "pad must be"),
+    ({"prompt_size": 16}, "prompt_size: pad must be"),
     ({"hydra_epochs": -1}, "hydra_epochs"),
     ({"model": "resnet99"}, "resnet99"),
 ])
@@ -607,15 +614,16 @@ def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, ca
 
 
 def test_a_job_that_fails_before_writing_leaves_no_folder_behind(tmp_path, capsys):
-    """A mistyped --data-dir left the new --out behind holding only .vpns.lock; an existing folder stays, and so
-    does a folder the job wrote into."""
+    """A mistyped --data-dir left the new --out (and the parents it made) behind holding only .vpns.lock, and the
+    lock file in a folder of the user's; a folder the job wrote into stays."""
     common = ["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "none"), "--epochs", "1",
               "--device", "cpu", "--no-progress"]
     assert cli.main([*common, "--out", str(tmp_path / "new" / "run")]) == 2
-    assert os.listdir(tmp_path) == ["new"]  # the parent it made stays; the job's own folder is gone
+    assert os.listdir(tmp_path) == []  # the folders it made, parents included, are gone
     (tmp_path / "mine").mkdir()
-    assert cli.main([*common, "--out", str(tmp_path / "mine")]) == 2
-    assert os.path.isdir(tmp_path / "mine")
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    assert cli.main([*common, "--out", str(tmp_path / "mine"), "--force"]) == 2
+    assert os.listdir(tmp_path / "mine") == ["notes.txt"]  # no lock file left in the user's folder
     assert "ImageFolder dataset not found" in capsys.readouterr().err
 
 
@@ -706,6 +714,37 @@ def test_sizes_and_split_seeds_out_of_range_are_refused_by_name(tmp_path, capsys
         err = capsys.readouterr().err
         assert re.search(f"--config {re.escape(str(config))}: {pattern}", err), err
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.mark.parametrize(("overrides", "field", "pattern"), [
+    ({"densities": ()}, "densities", "expected at least one density"),  # it ran nothing and reported success
+    ({"densities": "0.2"}, "densities", "expected a number or a list of them"),
+    ({"batch_size": "8"}, "batch_size", "expected an integer, got '8'"),
+    ({"batch_size": 8.0}, "batch_size", "expected an integer, got 8.0"),
+    ({"search_epochs": 1.5}, "search_epochs", "expected an integer"),
+    ({"seed": "x"}, "seed", "expected an integer, got 'x'"),
+    ({"limit": True}, "limit", "expected an integer or None"),
+    ({"imp_rate": 1.5}, "imp_rate", r"expected a number in \(0, 1\)"),  # checked once config.json was written
+    ({"score_init": "x"}, "score_init", "expected one of"),
+    ({"prompt": "nope"}, "prompt", "expected one of"),
+    ({"prompt_size": 40}, "prompt_size", "pad must be"),
+    ({"dataset": "nosuch"}, "dataset", "unknown dataset 'nosuch'"),
+    ({"optimizers": None}, "optimizers", "expected a dict of optimizer groups"),
+    ({"optimizers": {"search_scores": 0.1}}, "optimizers", "search_scores: expected a dict"),
+    ({"optimizers": {"search_scores": {"learning_rate": 0.1}}}, "optimizers",
+     "unknown key 'learning_rate' for search_scores; the keys are name, lr, momentum, weight_decay"),
+    ({"optimizers": {"search_scores": {"lr": "1e-4"}}}, "optimizers", r"got '1e-4' \(text, not a number: YAML"),
+])
+def test_train_config_refuses_a_setting_by_its_field(tmp_path, overrides, field, pattern):
+    """An outside review: wrong types raised TypeError deep inside a check, or passed and failed at run() (1.5
+    epochs), or trained ("x" as a seed); some choices were refused only after config.json was written (imp_rate,
+    score_init); an optimizer key's typo was kept and never used. Each is a SettingError naming its field."""
+    with pytest.raises(SettingError, match=pattern) as info:
+        tiny(tmp_path, **overrides)
+    assert info.value.field == field
+    assert not os.path.exists(tmp_path / "config.json")
+    config = tiny(tmp_path, batch_size=np.int64(8), methods="omp", densities=np.float32(0.5))
+    assert type(config.batch_size) is int and config.densities == (0.5,) and config.methods == ("omp",)
 
 
 def test_a_refused_setting_names_the_flag_or_file_that_set_it(tmp_path, capsys):

@@ -4,17 +4,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
 from torch.utils.data import Dataset
 
-from vpns_fast.data import DataSplits, check_fraction
+from vpns_fast.data import DataSplits, canonical_dataset_name, check_fraction
 from vpns_fast.errors import SettingError
 from vpns_fast.models import default_input_size
-from vpns_fast.nn.masked_layers import GRANULARITIES
-from vpns_fast.nn.prompts import build_prompt
+from vpns_fast.nn.masked_layers import GRANULARITIES, SCORE_INITS
+from vpns_fast.nn.prompts import PROMPTS, build_prompt
 from vpns_fast.pruning.methods import METHODS, get_method
 
 PROTOCOLS = ("release", "prompted")
@@ -81,6 +82,23 @@ def dataset_parts(dataset: Any) -> tuple[Dataset, Dataset | None, Dataset | None
                        f"{describe_object(dataset)}")
 
 
+# YAML reads 1e-4 (no dot) as a string (PyYAML follows YAML 1.1): the likeliest way to write the default lr wrongly.
+_NUMBER_AS_TEXT = " (text, not a number: YAML reads 1e-4 as text; write 1.0e-4)"
+
+
+def _reads_as_number(value: Any) -> bool:
+    try:
+        return isinstance(value, str) and math.isfinite(float(value))
+    except ValueError:
+        return False
+
+
+# Fields that hold an integer (None allowed for those in _OPTIONAL_FIELDS; num_classes is checked with the dataset).
+_INTEGER_FIELDS = ("search_epochs", "finetune_epochs", "pretrain_epochs", "hydra_epochs", "batch_size", "seed",
+                   "split_seed", "prompt_size", "image_size", "input_size", "limit", "num_workers")
+_OPTIONAL_FIELDS = ("hydra_epochs", "prompt_size", "image_size", "input_size", "limit")
+
+
 @dataclass
 class TrainConfig:
     """The job's settings. ``model``: a model name (vpns_fast.models.MODEL_NAMING) or an ``nn.Module`` (dense, not
@@ -132,6 +150,7 @@ class TrainConfig:
     out: str | None = None
 
     def __post_init__(self):
+        self._check_types()
         self._check_model_and_dataset()
         # a module's starting weights, hashed once (every checkpoint records the config); None where the run
         # starts from a weights file instead, or the module has lazy parameters not yet initialized
@@ -139,18 +158,18 @@ class TrainConfig:
                                          and self.weights is None else None)
         # one method or density given bare: "vpns" had been read as the methods 'v', 'p', ... and 0.2 had raised
         # "'float' object is not iterable" (an outside review)
-        self.methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
-        if isinstance(self.densities, (int, float)) and not isinstance(self.densities, bool):
-            self.densities = (self.densities,)
-        self.densities = tuple(float(d) for d in self.densities)
         for m in self.methods:
             if m not in METHODS:  # get_method's own refusal names no field (a config file or flag could not be told)
                 raise SettingError("methods", f"expected methods among {', '.join(METHODS)}, got {m!r}")
             if get_method(m).mask == "fixed" and self.mask_from is None:
                 raise SettingError("methods", f"method {m!r} needs mask_from, the checkpoint whose masks it "
-                                   f"fine-tunes")
+                                   f"fine-tunes (`vpns transfer CHECKPOINT` gives it)")
         if not self.methods:
             raise SettingError("methods", "expected at least one method")
+        if not self.densities:  # an empty list ran nothing and reported success (an outside review)
+            raise SettingError("densities", "expected at least one density")
+        if not 0 < self.imp_rate < 1:  # checked when IMP's rounds were planned, after config.json was written
+            raise SettingError("imp_rate", f"expected a number in (0, 1), got {self.imp_rate}")
         for d in self.densities:
             if not 0 < d <= 1:
                 raise SettingError("densities", f"expected densities in (0, 1], got {d}")
@@ -163,6 +182,7 @@ class TrainConfig:
                   "granularity": (self.granularity, GRANULARITIES),
                   "label_mapping": (self.label_mapping, ("auto", "flm", "ilm", "none")),
                   "schedule": (self.schedule, ("cosine", "constant")),
+                  "score_init": (self.score_init, SCORE_INITS), "prompt": (self.prompt, tuple(PROMPTS)),
                   "keep_checkpoints": (self.keep_checkpoints, ("last", "all"))}
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -190,6 +210,13 @@ class TrainConfig:
             if group not in merged:
                 raise SettingError("optimizers", f"unknown optimizer group {group!r}; groups are {OPTIMIZER_GROUPS}",
                                    (group,))
+            if not isinstance(spec, dict):
+                raise SettingError("optimizers", f"{group}: expected a dict such as {{'name': 'sgd', 'lr': 0.01}}, "
+                                   f"got {spec!r}", (group,))
+            for key in spec:  # a typo ("learning_rate") had been kept and never used
+                if key not in merged[group]:
+                    raise SettingError("optimizers", f"unknown key {key!r} for {group}; the keys are "
+                                       f"{', '.join(merged[group])}", (group, key))
             merged[group].update(spec)
             if merged[group]["name"] not in ("sgd", "adam", "adamw"):
                 raise SettingError("optimizers", f"the optimizer for {group} must be sgd, adam or adamw, got "
@@ -198,12 +225,43 @@ class TrainConfig:
                 value = merged[group][key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     raise SettingError("optimizers", f"{key} of {group}: expected a finite number >= 0, got "
-                                       f"{value!r}", (group, key))
+                                       f"{value!r}" + _NUMBER_AS_TEXT * _reads_as_number(value), (group, key))
         self.optimizers = merged
         self.logger = logger_names(self.logger)
         if "tensorboard" in self.logger and self.out is None:
             raise SettingError("logger", "tensorboard writes its event files under out; set out (--out)")
         self._check_geometry()
+
+    def _check_types(self) -> None:
+        """Each field's type, before any range: a wrong one had raised TypeError deep inside a check, or passed and
+        failed at run() ("1.5 epochs"), or trained ("x" as a seed). Integers may be any integral number (numpy's
+        too, kept as int); one method or density may be given bare."""
+        for name in _INTEGER_FIELDS:
+            value = getattr(self, name)
+            if value is None and name in _OPTIONAL_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+                raise SettingError(name, f"expected an integer{' or None' if name in _OPTIONAL_FIELDS else ''}, got "
+                                   f"{value!r}")
+            setattr(self, name, int(value))
+        for name in ("imp_rate", "val_fraction"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise SettingError(name, f"expected a number, got {value!r}")
+        # one method or density given bare: "vpns" had been read as the methods 'v', 'p', ... and 0.2 had raised
+        # "'float' object is not iterable" (an outside review)
+        if isinstance(self.methods, str):
+            self.methods = (self.methods,)
+        if isinstance(self.densities, numbers.Real) and not isinstance(self.densities, bool):
+            self.densities = (self.densities,)
+        for name, kind, word in (("methods", str, "a string"), ("densities", numbers.Real, "a number")):
+            items = getattr(self, name)
+            if isinstance(items, (str, bytes)) or not isinstance(items, (list, tuple)) or not all(
+                    isinstance(item, kind) and not isinstance(item, bool) for item in items):
+                raise SettingError(name, f"expected {word} or a list of them, got {items!r}")
+        self.methods, self.densities = tuple(self.methods), tuple(float(d) for d in self.densities)
+        if not isinstance(self.optimizers, dict):
+            raise SettingError("optimizers", f"expected a dict of optimizer groups, got {self.optimizers!r}")
 
     def _check_model_and_dataset(self) -> None:
         if isinstance(self.model, nn.Module):
@@ -216,7 +274,13 @@ class TrainConfig:
             raise SettingError("model_kwargs", f"expected a dict, got {type(self.model_kwargs).__name__}")
         if self.model_kwargs and not isinstance(self.model, str):
             raise SettingError("model_kwargs", "only a model name takes architecture arguments")
-        if isinstance(self.dataset, (str, DataSplits, PythonObject)):
+        if isinstance(self.dataset, str):
+            try:
+                canonical_dataset_name(self.dataset)
+            except ValueError as exc:  # named "name:" by the data module, and only once the job loaded its data
+                raise SettingError("dataset", str(exc).removeprefix("name: ")) from None
+            return
+        if isinstance(self.dataset, (DataSplits, PythonObject)):
             return
         dataset_parts(self.dataset)
         if isinstance(self.num_classes, bool) or not isinstance(self.num_classes, int) or self.num_classes < 1:
@@ -232,13 +296,16 @@ class TrainConfig:
         if not any(get_method(m).prompt_in_search or get_method(m).prompt_in_finetune for m in self.methods):
             return
         if self.protocol == "release" and image_size != input_size:
-            raise SettingError("image_size", f"protocol 'release' feeds its unprompted steps and its evaluation the "
-                               f"images as they are, so image_size ({image_size}) must equal input_size "
-                               f"({input_size}); use protocol 'prompted' to place smaller images inside a prompt")
+            raise SettingError("protocol", f"'release' feeds its unprompted steps and its evaluation the images as "
+                               f"they are, so image_size ({image_size}) must equal input_size ({input_size}); use "
+                               f"protocol 'prompted' to place smaller images inside a prompt")
         if self.prompt == "expansive" and image_size == input_size:
             raise SettingError("prompt", "the expansive prompt fills the ring around a smaller image: set image_size "
                                f"below input_size ({input_size}), with protocol 'prompted'")
-        build_prompt(self.prompt, input_size, image_size, self.pad_prompt_size())
+        try:
+            build_prompt(self.prompt, input_size, image_size, self.pad_prompt_size())
+        except ValueError as exc:  # the prompt's own check ("pad must be ...") named neither flag nor file
+            raise SettingError("prompt_size", str(exc)) from None
 
     def network_input_size(self) -> int:
         """The network's input side (the prompt's output): ``input_size``, or the model's own (224 for a module

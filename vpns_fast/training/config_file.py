@@ -148,7 +148,8 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     if item is not None and not isinstance(value, (list, tuple)) and _fits(value, item):
         return (value,)  # one method or density given bare, as TrainConfig takes it
     if not _fits(value, hint):
-        raise ValueError(f"{key}: expected {_expected(hint)}, got {_json_type(value)} {value!r}"[:300])
+        shown = "" if value is None else f" {value!r}"
+        raise ValueError(f"{key}: expected {_expected(hint)}, got {_json_type(value)}{shown}"[:300])
     if key == "optimizers":
         for group, spec in value.items():
             if not isinstance(spec, dict):

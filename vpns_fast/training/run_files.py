@@ -44,7 +44,9 @@ def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
     if out is None:
         yield
         return
-    created = is_main and not os.path.exists(out)
+    # what this job makes: the folders of out that do not exist yet (outermost first), and the lock file
+    made = _missing_folders(out) if is_main else []
+    lock_made = is_main and not os.path.exists(os.path.join(out, LOCK_NAME + ".lock"))
     with contextlib.ExitStack() as held:
         refused = False
         if is_main:
@@ -59,20 +61,30 @@ def run_folder_lock(out: str | None, is_main: bool) -> Iterator[None]:
         try:
             yield
         except BaseException:
-            if created:  # a job that failed before writing anything leaves no folder of its own behind
-                _remove_if_only_the_lock(out)
+            if lock_made:  # a job that failed before writing anything leaves nothing of its own behind
+                _remove_what_the_job_made(out, made)
             raise
 
 
-def _remove_if_only_the_lock(out: str) -> None:
-    """Remove ``out`` (which this job created) where it holds nothing but the job's lock file, while the job still
-    holds the lock: another job on the folder meanwhile is refused, and one that opened the lock file before it was
-    unlinked finds it gone once it has the lock (file_lock checks), so no two jobs ever share the folder."""
+def _missing_folders(out: str) -> list[str]:
+    """The folders of ``out`` (itself and its parents) that do not exist, outermost first."""
+    missing, path = [], os.path.abspath(out)
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        missing.append(path)
+        path = os.path.dirname(path)
+    return missing[::-1]
+
+
+def _remove_what_the_job_made(out: str, made: list[str]) -> None:
+    """Remove the lock file this failed job made in ``out`` (an empty file; a later job makes its own), then the
+    folders it made that are empty, innermost first, while the job still holds the lock: another job on the folder
+    meanwhile is refused, and one that opened the lock file before it was unlinked finds it gone once it has the
+    lock (file_lock checks), so no two jobs ever share the folder."""
     try:
-        if os.listdir(out) == [LOCK_NAME + ".lock"]:
-            os.unlink(os.path.join(out, LOCK_NAME + ".lock"))
-            os.rmdir(out)
-    except OSError:  # the folder is gone, or another process wrote there: leave what is left
+        os.unlink(os.path.join(out, LOCK_NAME + ".lock"))
+        for folder in reversed(made):
+            os.rmdir(folder)  # a folder the job wrote into is not empty: it and those around it stay
+    except OSError:
         pass
 
 

@@ -367,6 +367,9 @@ def resume(out_dir: str, progress: bool | None = None, *, model=None, dataset=No
     passing the same object again as ``model=`` / ``dataset=``; without it the run refuses to start.
     """
     path = os.path.join(out_dir, "config.json")
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"{out_dir}: " + ("is a file; expected the folder a `vpns prune` run wrote"
+                                                  if os.path.exists(out_dir) else "no such folder"))
     if not os.path.exists(path):
         raise FileNotFoundError(f"{out_dir} has no config.json; it is not a `vpns prune` output directory")
     try:

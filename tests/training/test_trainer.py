@@ -258,10 +258,12 @@ def test_resume_after_interruption_is_bitwise_identical(tmp_path, monkeypatch, u
             assert torch.equal(a["prompt"]["program"], b["prompt"]["program"])
 
 
-def test_resume_of_a_finished_run_changes_nothing(vpns_run):
+def test_resume_of_a_finished_run_changes_nothing(vpns_run, capsys):
     out, _, results = vpns_run
     before = os.path.getmtime(os.path.join(run_dir(out, "vpns", 0.5), "last.pt"))
+    capsys.readouterr()
     again = resume(str(out), progress=False)
+    assert "already complete, skipped" in capsys.readouterr().out  # without bars too (it printed nothing)
     assert without_timings(again) == without_timings(results)
     assert os.path.getmtime(os.path.join(run_dir(out, "vpns", 0.5), "last.pt")) == before
 

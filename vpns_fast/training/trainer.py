@@ -196,7 +196,7 @@ class TwoStageTrainer:
         state, network = run.state, run.network
         self.clock.start(run.key, state.phase, state.epoch, state.done)
         if state.done:
-            if self.is_main and self.config.progress:
+            if self.is_main:  # with --no-progress too: a resume of a finished run had printed nothing at all
                 say(f"[{run.label}] already complete, skipped")
             return state.result
         for index in range(state.phase, len(run.phases)):

@@ -65,6 +65,21 @@ Callers compute them once per input size and pass all three to sparse_conv2d. ch
 per block (0 = chosen so that a block's input tile fits in L1). input_channel_stride: floats from one input
 channel to the next in the inputs these offsets are for (0 = H * W, contiguous); a 1x1, stride-1, unpadded conv
 reads its input in place, so its offsets depend on it; pass sparse_conv2d the same value.)doc");
+  m.def("sparse_conv2d_lanes_supported", &vpns::sparse_conv2d_lanes_supported, py::arg("weight_shape"),
+        py::arg("input_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        "Whether sparse_conv2d_lanes takes this geometry: a 3x3 kernel, padding 1, dilation 1, stride 1 or 2, a 7x7 "
+        "or 14x14 output.");
+  m.def("sparse_conv2d_lanes_pack", &vpns::sparse_conv2d_lanes_pack, py::arg("row_ptr"), py::arg("channel_index"),
+        py::arg("tap_index"), py::arg("values"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"),
+        py::arg("padding"), py::arg("dilation"),
+        "[offsets, segments, values] of sparse_conv2d_pack's nonzeros for sparse_conv2d_lanes at input_size (H, W): "
+        "blocks of 16 input channels, block-major as sparse_conv2d_offsets lays them out.");
+  m.def("sparse_conv2d_lanes", &vpns::sparse_conv2d_lanes, py::arg("input"), py::arg("segments"), py::arg("offsets"),
+        py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
+        py::arg("dilation"), py::arg("activation") = 0, py::arg("aligned_output") = false,
+        "sparse_conv2d for a batch that is a multiple of 16, the images in the AVX-512 vector lanes (csrc/"
+        "batch_lanes.cpp): the same outputs bit for bit, a 3x3 kernel with padding 1 only (sparse_conv2d_lanes_"
+        "supported), no residual, activation 0 (none) or 1 (relu); needs the AVX-512 kernel.");
   bind_sparse_conv2d<at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
@@ -162,6 +177,9 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
            py::arg("output"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
            py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"),
            py::arg("input_channel_stride"), py::arg("aligned_output"))
+      .def("add_sparse_conv_lanes", &vpns::CallPlan::add_sparse_conv_lanes, py::arg("input"), py::arg("output"),
+           py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"), py::arg("bias"),
+           py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"), py::arg("aligned_output"))
       .def("add_pointwise_conv", &vpns::CallPlan::add_pointwise_conv, py::arg("input"), py::arg("residual"),
            py::arg("output"), py::arg("packed"), py::arg("bias"), py::arg("relu"), py::arg("into_residual"))
       .def("add_onednn_conv", &vpns::CallPlan::add_onednn_conv, py::arg("input"), py::arg("residual"),

@@ -45,6 +45,22 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          std::vector<int64_t> padding, std::vector<int64_t> dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output);
+// csrc/batch_lanes.cpp: a sparse 3x3 convolution with the batch in the AVX-512 lanes, for batches that are a multiple
+// of 16 (see the file). Whether it takes this geometry (3x3, padding 1, dilation 1, stride 1 or 2, a 7x7 or 14x14
+// output); its packing of sparse_conv2d_pack's nonzeros for an input size: [offsets, segments, values]; the call.
+bool sparse_conv2d_lanes_supported(const std::vector<int64_t>& weight_shape, const std::vector<int64_t>& input_size,
+                                   const std::vector<int64_t>& stride, const std::vector<int64_t>& padding,
+                                   const std::vector<int64_t>& dilation);
+std::vector<at::Tensor> sparse_conv2d_lanes_pack(const at::Tensor& row_ptr, const at::Tensor& channel_index,
+                                                 const at::Tensor& tap_index, const at::Tensor& values,
+                                                 std::vector<int64_t> weight_shape, std::vector<int64_t> input_size,
+                                                 std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                                 std::vector<int64_t> dilation);
+at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
+                               const at::Tensor& values, std::vector<int64_t> weight_shape,
+                               const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
+                               std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t activation,
+                               bool aligned_output);
 bool pointwise_conv_supported();
 // F.linear(input, weight, bias) for a 2-d float32 input of a few rows, the output features shared out over the
 // threads; needs pointwise_conv_supported().
@@ -160,6 +176,10 @@ class CallPlan {
                        std::optional<at::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
                        std::vector<int64_t> dilation, int64_t activation, int64_t input_channel_stride,
                        bool aligned_output);
+  void add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments, at::Tensor offsets, at::Tensor values,
+                             std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,
+                             std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                             int64_t activation, bool aligned_output);
   void add_pointwise_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
                           std::optional<at::Tensor> bias, bool relu, bool into_residual);
   // oneDNN's convolution (torch's mkldnn::_convolution_pointwise overloads), then ReLU in place when activation is 1.

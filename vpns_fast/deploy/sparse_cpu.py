@@ -33,6 +33,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa", "sparse_kernel_isas",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
                  "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors", "sparse_tile_width",
+                 "sparse_conv2d_lanes_supported", "sparse_conv2d_lanes_pack", "sparse_conv2d_lanes",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
                  "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
@@ -199,6 +200,26 @@ def set_next_tile_prefetch(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     return bool(_ops().set_next_tile_prefetch(enabled))
+
+
+# Whether SparseConv2d runs its 3x3 layers with 7x7 or 14x14 outputs through the batch-in-lanes kernel at batches
+# that are a multiple of 16 (set_batch_lanes).
+_BATCH_LANES = [True]
+# Images a vector of the batch-in-lanes kernel holds: the batches it takes are multiples of it.
+BATCH_LANES = 16
+
+
+def set_batch_lanes(enabled: bool) -> bool:
+    """Whether sparse 3x3 layers with a 7x7 or 14x14 output (padding 1, stride 1 or 2, no residual, no activation
+    or ReLU) run batches that are a multiple of 16 with the images in the AVX-512 vector lanes (on by default, where
+    the AVX-512 kernel runs): every tap then loads one aligned vector and a 7x7 output wastes no lanes
+    (csrc/batch_lanes.cpp has the measurements). The values are the same bit for bit. Returns the previous
+    setting; read at each call (a compiled call plan keeps the choice it was made with). For comparing both ways on
+    a machine."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _BATCH_LANES[0] = _BATCH_LANES[0], enabled
+    return previous
 
 
 def set_wide_tiles(enabled: bool) -> bool:
@@ -674,11 +695,13 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         so that its offsets depend on the input's channel stride."""
         return self.weight_shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _geometry(self, height: int, width: int, channel_stride: int = 0) -> tuple:
+    def _geometry(self, height: int, width: int, channel_stride: int = 0, lanes: bool = False) -> tuple:
         """(offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major order) for inputs
         of height x width whose channels are ``channel_stride`` floats apart (0: height * width; see
         :func:`aligned_channel_stride`). The ordered values are a copy kept per cached input size (4 bytes a nonzero
-        each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout)."""
+        each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout).
+        ``lanes``: (segments, offsets, values) of the batch-in-lanes kernel instead (:func:`set_batch_lanes`), all
+        None where it does not take this geometry."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
@@ -687,16 +710,17 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         if channel_index.is_inference() or tap_index.is_inference() or values.is_inference():
             # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
             # counter to reveal an in-place change: recompute rather than risk stale offsets or values
-            return self._compute_geometry(height, width, channel_stride)
+            return self._compute_geometry(height, width, channel_stride, lanes)
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
         # different mask with the same number of nonzeros, whose offsets differ, or other values
-        key = (height, width, channel_stride, channel_index.data_ptr(), channel_index._version, tap_index.data_ptr(),
+        key = (height, width, channel_stride, lanes, channel_index.data_ptr(), channel_index._version,
+               tap_index.data_ptr(),
                tap_index._version, values.data_ptr(), values._version,
                *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
         cached = cache.get(key)
         if cached is None:
-            cached = self._compute_geometry(height, width, channel_stride)
+            cached = self._compute_geometry(height, width, channel_stride, lanes)
         elif next(reversed(cache)) == key:  # the size used last: nothing to reorder
             return cached
         # a new dict, never one changed in place, so a thread reading the old one is not disturbed; the size just
@@ -708,8 +732,15 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._geometry_cache = kept
         return cached
 
-    def _compute_geometry(self, height: int, width: int, channel_stride: int) -> tuple:
+    def _compute_geometry(self, height: int, width: int, channel_stride: int, lanes: bool = False) -> tuple:
         ops = _ops()
+        if lanes:
+            arguments = ([height, width], list(self.stride), list(self.padding), list(self.dilation))
+            if not ops.sparse_conv2d_lanes_supported(list(self.weight_shape), *arguments):
+                return None, None, None
+            offsets, segments, values = ops.sparse_conv2d_lanes_pack(
+                self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape), *arguments)
+            return segments, offsets, values
         offsets, segments, values = ops.sparse_conv2d_offsets(
             self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
             [height, width], list(self.stride), list(self.padding), list(self.dilation),
@@ -753,11 +784,25 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
              aligned_output: bool = False) -> torch.Tensor:
+        lanes = self._lanes_arguments(x, residual, activation)
+        if lanes is not None:
+            return _ops().sparse_conv2d_lanes(x, *lanes, self.weight_shape, self._buffers["bias"], self.stride,
+                                              self.padding, self.dilation, EPILOGUE_ACTIVATIONS.get(activation, 0),
+                                              aligned_output)
         segments, offsets, values, channel_stride = self._kernel_arguments(x)
         return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, self._buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
                                     EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
                                     aligned_output=aligned_output)
+
+    def _lanes_arguments(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> tuple | None:
+        """(segments, offsets, values) of the batch-in-lanes kernel for the 4-d ``x`` (:func:`set_batch_lanes`), or
+        None where it does not run this call."""
+        if (not _BATCH_LANES[0] or residual is not None or activation not in (None, "relu") or self.groups != 1
+                or x.shape[0] % BATCH_LANES or _ops().sparse_kernel_isa() != "avx512"):
+            return None
+        segments, offsets, values = self._geometry(x.shape[2], x.shape[3], lanes=True)
+        return None if segments is None else (segments, offsets, values)
 
     def _kernel_arguments(self, x: torch.Tensor) -> tuple:
         """(segments, offsets, values, input channel stride): the kernel's arguments for the 4-d ``x``, as ``_run``
@@ -777,6 +822,12 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         if _needs_gradient(x, residual) or x.dim() != 4 or (
                 residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d")):
             return False
+        lanes = self._lanes_arguments(x, residual, self._activation)
+        if lanes is not None:
+            plan.add_sparse_conv_lanes(slots[0], slots[2], *lanes, list(self.weight_shape), self._buffers["bias"],
+                                       list(self.stride), list(self.padding), list(self.dilation),
+                                       EPILOGUE_ACTIVATIONS.get(self._activation, 0), aligned_output)
+            return True
         segments, offsets, values, channel_stride = self._kernel_arguments(x)
         plan.add_sparse_conv(*slots, segments, offsets, values, list(self.weight_shape), self._buffers["bias"],
                              list(self.stride), list(self.padding), list(self.dilation),

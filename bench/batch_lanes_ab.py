@@ -1,0 +1,70 @@
+"""The batch-in-lanes 3x3 kernel (``sparse_cpu.set_batch_lanes``) on whole networks, on and off taking turns in one
+process: the check behind the default (README, "Batches in the vector lanes").
+
+Each point ``ARCH:KEPT:BATCH`` (``bench.isa_ab``'s points) is a torchvision network at 224 px, every Conv2d/Linear
+pruned by magnitude to the fraction ``KEPT``, converted once (its per-layer decisions measured with the kernel on);
+the switch is read at each call of the converted network. Its outputs both ways must be equal bit for bit. Then rounds
+of calls each way (10 at batch 1, 2 at larger batches), grouped by where the host put the first two CPUs
+(``bench.placement``), for ``--seconds`` a point. Medians of the per-round ratios off / on (above 1: the kernel pays),
+with their p20-p80. Batches that are no multiple of 16 never run it: such points check that nothing else moved.
+
+    .venv/bin/python -m bench.batch_lanes_ab [--seconds 75] [--points resnet50:0.1:32,resnet18:0.1:32] > report.txt
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+
+from bench.cases.infer import converted_pruned_network, inference_call, print_switch_ab_report, switch_ab_header
+from bench.isa_ab import CALLS_PER_ROUND_BATCH_1, CALLS_PER_ROUND_LARGER, parse_points
+from bench.placement import grouped_summary, placement_grouped_rounds
+from vpns_fast.deploy import sparse_cpu
+
+DEFAULT_POINTS = "resnet50:0.1:32,resnet50:0.05:32,resnet18:0.1:32,resnet18:0.05:32,resnet50:0.5:32,mobilenet_v2:0.1:32"
+
+
+def _point_lines(arch: str, density: float, batch: int, seconds: float) -> list[str]:
+    converted, x = converted_pruned_network(arch, density, batch)
+    outputs = {}
+    for name, enabled in (("off", False), ("on", True)):
+        sparse_cpu.set_batch_lanes(enabled)
+        outputs[name] = inference_call(converted, x)
+    if not torch.equal(outputs["off"], outputs["on"]):
+        raise AssertionError(f"{arch}: the outputs with and without the batch-in-lanes kernel differ")
+    run = functools.partial(inference_call, converted, x)
+    groups = placement_grouped_rounds({"off": run, "on": run},
+                                      lambda name: sparse_cpu.set_batch_lanes(name == "on"), seconds,
+                                      CALLS_PER_ROUND_BATCH_1 if batch == 1 else CALLS_PER_ROUND_LARGER)
+    label = f"{arch} {density:g} kept, batch {batch}"
+    return [grouped_summary(f"{label}, cores {group}", found, "off", "on")
+            for group, found in groups.items() if found or group != "between"]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seconds", type=float, default=75.0, help="seconds of rounds a point")
+    parser.add_argument("--points", default=DEFAULT_POINTS, help="ARCH:KEPT:BATCH,... (default: %(default)s)")
+    args = parser.parse_args(argv)
+    if args.threads < 1:
+        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
+    if not args.seconds > 0:
+        parser.error(f"--seconds: expected a positive number, got {args.seconds}")
+    try:
+        points = parse_points(args.points)
+    except ValueError as error:
+        parser.error(f"--points: {error}")
+    available, reason = sparse_cpu.available()
+    if not available:
+        parser.error(f"the sparse CPU engine is unavailable: {reason}")
+    if sparse_cpu.kernel_isa() != "avx512":
+        parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the batch-in-lanes kernel is AVX-512's")
+    return print_switch_ab_report(
+        args, switch_ab_header("sparse_cpu.set_batch_lanes off / on", args), sparse_cpu.set_batch_lanes, True,
+        lambda: (line for point in points for line in _point_lines(*point, args.seconds)))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -17,7 +17,8 @@ pytestmark = [pytest.mark.skipif(not _OK, reason=_REASON),
               pytest.mark.skipif(_OK and "avx512" not in sparse_cpu.kernel_isas(), reason="needs AVX-512")]
 
 # (C_in, C_out, H, stride): every output it takes, 7x7 and 14x14, from both strides, odd inputs at stride 2 too
-GEOMETRIES = [(8, 12, 7, 1), (20, 16, 14, 1), (24, 8, 14, 2), (5, 33, 28, 2), (40, 24, 7, 1), (9, 10, 13, 2), (6, 7, 27, 2)]
+GEOMETRIES = [(8, 12, 7, 1), (20, 16, 14, 1), (24, 8, 14, 2), (5, 33, 28, 2), (40, 24, 7, 1), (9, 10, 13, 2),
+              (6, 7, 27, 2)]
 
 
 @pytest.fixture

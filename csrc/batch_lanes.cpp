@@ -45,6 +45,9 @@ constexpr int64_t kLanes = 16;         // images a vector
 constexpr int64_t kTile = 14;          // output positions a tile (accumulators)
 constexpr int64_t kChannelBlock = 16;  // input channels a block of nonzeros (its windows stay in L1)
 constexpr int64_t kRowBlock = 64;      // output channels an item sums before its epilogue
+// segments ends with the geometry the pack was made for (C_in, H, W, stride): a pack for another input size must
+// not run (its offsets can stay in range and still read the wrong taps).
+constexpr int64_t kGeometryEntries = 4;
 
 // The copy's geometry: each input channel a padded plane of rows x cols vectors. One row more than the padding needs
 // (a tile of two output rows at stride 2 reads past the last padded row otherwise) and, at stride 2, one column more.
@@ -279,10 +282,12 @@ std::vector<at::Tensor> sparse_conv2d_lanes_pack(const at::Tensor& row_ptr, cons
       ++count[static_cast<size_t>(ci[k] / kChannelBlock * rows + o)];
     }
   }
-  at::Tensor segments = at::empty({rows * blocks + 1}, at::kLong);
+  at::Tensor segments = at::empty({rows * blocks + 1 + kGeometryEntries}, at::kLong);
   int64_t* seg = segments.mutable_data_ptr<int64_t>();
   seg[0] = 0;
   for (int64_t i = 0; i < rows * blocks; ++i) seg[i + 1] = seg[i] + count[static_cast<size_t>(i)];
+  const int64_t geometry[kGeometryEntries] = {g.channels, g.height, g.width, g.stride};
+  std::copy(geometry, geometry + kGeometryEntries, seg + rows * blocks + 1);
   at::Tensor offsets = at::empty({nnz}, at::kInt), ordered = at::empty({nnz}, at::kFloat);
   int32_t* off = offsets.mutable_data_ptr<int32_t>();
   float* out_values = ordered.mutable_data_ptr<float>();
@@ -317,24 +322,39 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segmen
   TORCH_CHECK(input.size(1) == g.channels, op, ": input has ", input.size(1), " channels, the weight expects ",
               g.channels);
   const int64_t blocks = (g.channels + kChannelBlock - 1) / kChannelBlock;
-  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.is_contiguous() &&
-                  segments.numel() == g.out_channels * blocks + 1 && offsets.scalar_type() == at::kInt &&
-                  offsets.is_contiguous() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+  const int64_t runs = g.out_channels * blocks;
+  for (const at::Tensor* t : {&segments, &offsets, &values}) {
+    TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->is_contiguous(), op,
+                ": segments, offsets and values must be contiguous 1-d CPU tensors from sparse_conv2d_lanes_pack");
+  }
+  TORCH_CHECK(segments.scalar_type() == at::kLong && segments.numel() == runs + 1 + kGeometryEntries &&
+                  offsets.scalar_type() == at::kInt && values.scalar_type() == at::kFloat &&
                   offsets.numel() == values.numel(),
               op, ": segments, offsets and values must come from sparse_conv2d_lanes_pack for this weight");
   const int64_t* seg = segments.const_data_ptr<int64_t>();
-  TORCH_CHECK(seg[0] == 0 && seg[g.out_channels * blocks] == values.numel(), op, ": segments do not span the nonzeros");
-  // every offset inside one input channel's plane set: a pack made for another input size must not read outside
+  const int64_t* packed_for = seg + runs + 1;
+  TORCH_CHECK(
+      packed_for[0] == g.channels && packed_for[1] == g.height && packed_for[2] == g.width && packed_for[3] == g.stride,
+      op, ": offsets do not fit this input (", g.height, "x", g.width, " at stride ", g.stride,
+      "; they were packed for ", packed_for[1], "x", packed_for[2], " at stride ", packed_for[3],
+      "); make them with sparse_conv2d_lanes_pack for this input size");
+  // the runs in order and within the nonzeros (a malformed set read past them), each offset inside the planes and
+  // on a vector (one off a vector mixes images)
+  bool ordered = seg[0] == 0 && seg[runs] == values.numel();
+  for (int64_t i = 0; i < runs; ++i) ordered &= seg[i] <= seg[i + 1];
+  TORCH_CHECK(ordered, op, ": segments must not decrease and must span the nonzeros");
   const int32_t* off = offsets.const_data_ptr<int32_t>();
   const int64_t limit = (g.channels - 1) * g.plane_floats() + (2 * g.cols + 2) * kLanes;
-  for (int64_t k = 0; k < offsets.numel(); ++k) {
-    TORCH_CHECK(off[k] >= 0 && off[k] <= limit, op, ": offsets do not fit this input (", g.height, "x", g.width,
-                "); make them with sparse_conv2d_lanes_pack for this input size");
-  }
+  bool inside = true;
+  for (int64_t k = 0; k < offsets.numel(); ++k) inside &= off[k] >= 0 && off[k] <= limit && off[k] % kLanes == 0;
+  TORCH_CHECK(inside, op,
+              ": offsets outside this input's planes or off a vector; make them with "
+              "sparse_conv2d_lanes_pack");
   std::optional<at::Tensor> b;
   if (bias && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->numel() == g.out_channels, op,
-                ": bias must be float32 [C_out]");
+    TORCH_CHECK(bias->device().is_cpu() && bias->scalar_type() == at::kFloat && bias->dim() == 1 &&
+                    bias->numel() == g.out_channels,
+                op, ": bias must be a float32 CPU tensor [C_out]");
     b = bias->contiguous();
   }
   at::NoGradGuard no_grad;

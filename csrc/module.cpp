@@ -72,7 +72,8 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
   m.def("sparse_conv2d_lanes_pack", &vpns::sparse_conv2d_lanes_pack, py::arg("row_ptr"), py::arg("channel_index"),
         py::arg("tap_index"), py::arg("values"), py::arg("weight_shape"), py::arg("input_size"), py::arg("stride"),
         py::arg("padding"), py::arg("dilation"),
-        "[offsets, segments, values] of sparse_conv2d_pack's nonzeros for sparse_conv2d_lanes at input_size (H, W): "
+        "[offsets, segments, values] of sparse_conv2d_pack's nonzeros for sparse_conv2d_lanes at input_size (H, W) "
+        "(segments ends with the geometry they were packed for: C_in, H, W, stride): "
         "blocks of 16 input channels, block-major as sparse_conv2d_offsets lays them out.");
   m.def("sparse_conv2d_lanes", &vpns::sparse_conv2d_lanes, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),

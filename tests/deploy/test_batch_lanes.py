@@ -90,6 +90,23 @@ def test_bad_calls_are_refused(avx512):
     _, _, (offsets14, segments14, values14) = _packed(weight, 14, 1)
     with pytest.raises(RuntimeError, match="offsets do not fit this input"):
         ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments14, offsets14, values14, *arguments)
+    # an outside review: a pack for 14x14 at stride 2 passed the range check on a 13x13 input when its last
+    # channel's taps were low, and gave wrong outputs; malformed segments read past the nonzeros (a crash); an
+    # offset off a vector mixed images
+    low = torch.zeros(4, 2, 3, 3)
+    low[:, 0, 2, 0] = 1.0
+    _, _, (offsets_s2, segments_s2, values_s2) = _packed(low, 14, 2)
+    with pytest.raises(RuntimeError, match="packed for 14x14 at stride 2"):
+        ops.sparse_conv2d_lanes(torch.randn(16, 2, 13, 13), segments_s2, offsets_s2, values_s2, list(low.shape), None,
+                                [2, 2], [1, 1], [1, 1])
+    broken = segments.clone()
+    broken[1] = values.numel() + 1000
+    with pytest.raises(RuntimeError, match="segments must not decrease and must span the nonzeros"):
+        ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), broken, offsets, values, *arguments)
+    shifted = offsets.clone()
+    shifted[0] += 1
+    with pytest.raises(RuntimeError, match="off a vector"):
+        ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments, shifted, values, *arguments)
     with pytest.raises(RuntimeError, match="activation must be 0 \\(none\\) or 1 \\(relu\\)"):
         ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments, offsets, values, *arguments, 2)
     assert not ops.sparse_conv2d_lanes_supported([4, 3, 3, 3], [28, 28], [1, 1], [1, 1], [1, 1])  # a 28x28 output
@@ -110,6 +127,24 @@ class _Block(nn.Module):
         y = torch.relu(self.down(x))
         y = torch.relu(self.same(y) + y)
         return self.point(y)
+
+
+def test_an_empty_batch_and_a_kernel_switched_under_a_plan(avx512):
+    """An outside review: an empty batch (a multiple of 16) reached the kernel, which refused it; a call plan made with
+    the kernel's step failed once the AVX-512 kernel was switched off. Both now run as without it."""
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.rand(16, 3, 14, 14)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    with torch.inference_mode():
+        assert converted(torch.rand(0, 3, 14, 14)).shape == (0, 8, 7, 7)
+    deployed = vf.deploy(model, "cpu", tuple(x.shape), policy="sparse", mean=(0.0,) * 3, std=(1.0,) * 3)
+    with torch.inference_mode():
+        deployed(x)
+        before = deployed(x)
+        sparse_cpu.set_kernel_isa("avx2")
+        after = deployed(x)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("batch", [16, 20])

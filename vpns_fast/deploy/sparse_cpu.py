@@ -89,7 +89,9 @@ def set_kernel_isa(name: str) -> str:
     with the others."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a str (one of {', '.join(KERNEL_ISAS)}), got {type(name).__name__}")
-    return str(_ops().set_sparse_kernel_isa(name))
+    previous = str(_ops().set_sparse_kernel_isa(name))
+    _count_layer_edit()  # a compiled call plan may hold a step of one kernel only (the batch-in-lanes one)
+    return previous
 
 
 def _ops():
@@ -214,11 +216,11 @@ def set_batch_lanes(enabled: bool) -> bool:
     or ReLU) run batches that are a multiple of 16 with the images in the AVX-512 vector lanes (on by default, where
     the AVX-512 kernel runs): every tap then loads one aligned vector and a 7x7 output wastes no lanes
     (csrc/batch_lanes.cpp has the measurements). The values are the same bit for bit. Returns the previous
-    setting; read at each call (a compiled call plan keeps the choice it was made with). For comparing both ways on
-    a machine."""
+    setting; read at each call (compiled call plans are made again). For comparing both ways on a machine."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     previous, _BATCH_LANES[0] = _BATCH_LANES[0], enabled
+    _count_layer_edit()  # compiled call plans are made again with the new choice
     return previous
 
 
@@ -700,8 +702,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         of height x width whose channels are ``channel_stride`` floats apart (0: height * width; see
         :func:`aligned_channel_stride`). The ordered values are a copy kept per cached input size (4 bytes a nonzero
         each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout).
-        ``lanes``: (segments, offsets, values) of the batch-in-lanes kernel instead (:func:`set_batch_lanes`), all
-        None where it does not take this geometry."""
+        ``lanes``: (segments, offsets, values) of the batch-in-lanes kernel instead (:func:`set_batch_lanes`), for
+        a geometry it takes."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
@@ -736,8 +738,6 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         ops = _ops()
         if lanes:
             arguments = ([height, width], list(self.stride), list(self.padding), list(self.dilation))
-            if not ops.sparse_conv2d_lanes_supported(list(self.weight_shape), *arguments):
-                return None, None, None
             offsets, segments, values = ops.sparse_conv2d_lanes_pack(
                 self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape), *arguments)
             return segments, offsets, values
@@ -799,10 +799,19 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         """(segments, offsets, values) of the batch-in-lanes kernel for the 4-d ``x`` (:func:`set_batch_lanes`), or
         None where it does not run this call."""
         if (not _BATCH_LANES[0] or residual is not None or activation not in (None, "relu") or self.groups != 1
-                or x.shape[0] % BATCH_LANES or _ops().sparse_kernel_isa() != "avx512"):
+                or not x.shape[0] or x.shape[0] % BATCH_LANES or not self._lanes_geometry(x.shape[2], x.shape[3])
+                or _ops().sparse_kernel_isa() != "avx512"):
             return None
         segments, offsets, values = self._geometry(x.shape[2], x.shape[3], lanes=True)
-        return None if segments is None else (segments, offsets, values)
+        return segments, offsets, values
+
+    def _lanes_geometry(self, height: int, width: int) -> bool:
+        """Whether the batch-in-lanes kernel takes this layer at height x width (sparse_conv2d_lanes_supported's
+        rule, decided here before any cache is touched: a 1x1 layer's calls had reordered the offsets' cache)."""
+        stride = self.stride[0]
+        return (tuple(self.weight_shape[2:]) == (3, 3) and tuple(self.padding) == (1, 1)
+                and tuple(self.dilation) == (1, 1) and tuple(self.stride) in ((1, 1), (2, 2)) and height == width
+                and (height - 1) // stride + 1 in (7, 14))
 
     def _kernel_arguments(self, x: torch.Tensor) -> tuple:
         """(segments, offsets, values, input channel stride): the kernel's arguments for the 4-d ``x``, as ``_run``

@@ -12,13 +12,12 @@ with their p20-p80. Batches that are no multiple of 16 never run it: such points
 """
 from __future__ import annotations
 
-import argparse
 import functools
 
 import torch
 
 from bench.cases.infer import converted_pruned_network, inference_call, print_switch_ab_report, switch_ab_header
-from bench.isa_ab import CALLS_PER_ROUND_BATCH_1, CALLS_PER_ROUND_LARGER, parse_points
+from bench.isa_ab import CALLS_PER_ROUND_BATCH_1, CALLS_PER_ROUND_LARGER, parsed_points_arguments
 from bench.placement import grouped_summary, placement_grouped_rounds
 from vpns_fast.deploy import sparse_cpu
 
@@ -43,22 +42,7 @@ def _point_lines(arch: str, density: float, batch: int, seconds: float) -> list[
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seconds", type=float, default=75.0, help="seconds of rounds a point")
-    parser.add_argument("--points", default=DEFAULT_POINTS, help="ARCH:KEPT:BATCH,... (default: %(default)s)")
-    args = parser.parse_args(argv)
-    if args.threads < 1:
-        parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
-    if not args.seconds > 0:
-        parser.error(f"--seconds: expected a positive number, got {args.seconds}")
-    try:
-        points = parse_points(args.points)
-    except ValueError as error:
-        parser.error(f"--points: {error}")
-    available, reason = sparse_cpu.available()
-    if not available:
-        parser.error(f"the sparse CPU engine is unavailable: {reason}")
+    parser, args, points = parsed_points_arguments(argv, __doc__.splitlines()[0], DEFAULT_POINTS)
     if sparse_cpu.kernel_isa() != "avx512":
         parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the batch-in-lanes kernel is AVX-512's")
     return print_switch_ab_report(

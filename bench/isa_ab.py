@@ -65,11 +65,13 @@ def _point_lines(arch: str, density: float, batch: int, seconds: float) -> list[
     return lines + [f"  ({label}: outputs differ by {difference:.1e} of the largest)"]
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parsed_points_arguments(argv, description: str, default_points: str):
+    """(parser, arguments, points) of a network switch A/B script's command line (--threads, --seconds, --points),
+    each checked, the engine checked to be available; errors through the parser."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=75.0, help="seconds of rounds a point")
-    parser.add_argument("--points", default=DEFAULT_POINTS, help="ARCH:KEPT:BATCH,... (default: %(default)s)")
+    parser.add_argument("--points", default=default_points, help="ARCH:KEPT:BATCH,... (default: %(default)s)")
     args = parser.parse_args(argv)
     if args.threads < 1:
         parser.error(f"--threads: expected an integer >= 1, got {args.threads}")
@@ -82,6 +84,11 @@ def main(argv=None) -> int:
     available, reason = sparse_cpu.available()
     if not available:
         parser.error(f"the sparse CPU engine is unavailable: {reason}")
+    return parser, args, points
+
+
+def main(argv=None) -> int:
+    parser, args, points = parsed_points_arguments(argv, __doc__.splitlines()[0], DEFAULT_POINTS)
     if "avx512" not in sparse_cpu.kernel_isas():
         parser.error(f"this CPU runs only {', '.join(sparse_cpu.kernel_isas())}: nothing to compare AVX-512 with")
     return print_switch_ab_report(

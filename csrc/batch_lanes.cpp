@@ -34,6 +34,8 @@
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
+
+#include "lanes_transpose.h"
 #define VPNS_LANES 1
 #else
 #define VPNS_LANES 0
@@ -82,31 +84,6 @@ Lanes lanes_geometry(const char* op, const std::vector<int64_t>& weight_shape, i
 }
 
 #if VPNS_LANES
-// 16x16 transpose of r[0..15] in place.
-__attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
-}
-
 // Channel c of image group gi copied from x (channels `channel_stride` floats apart, images channels * stride apart)
 // into its zero-bordered plane.
 __attribute__((target("avx512f"))) void copy_into_lanes(const Lanes& g, const float* x, int64_t channel_stride,
@@ -121,7 +98,7 @@ __attribute__((target("avx512f"))) void copy_into_lanes(const Lanes& g, const fl
         const float* row = x + ((gi * kLanes + i) * g.channels + c) * channel_stride + h * g.width + w0;
         r[i] = _mm512_maskz_loadu_ps(mask, row);
       }
-      transpose16(r);
+      vpns::lanes::transpose16(r);
       float* dst = plane + ((h + 1) * g.cols + w0 + 1) * kLanes;
       for (int64_t j = 0; j < n; ++j) _mm512_store_ps(dst + j * kLanes, r[j]);
     }
@@ -188,7 +165,7 @@ __attribute__((target("avx512f"))) void epilogue(const Lanes& g, int64_t gi, int
         const __m512 value = _mm512_add_ps(_mm512_load_ps(s + (r * cols + c) * kLanes), add);
         v[c] = relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, zero, _CMP_LT_OQ), value, zero) : value;
       }
-      transpose16(v);  // v[i]: image i's outputs along the row
+      vpns::lanes::transpose16(v);  // v[i]: image i's outputs along the row
       for (int64_t i = 0; i < kLanes; ++i) {
         float* dst = out + ((gi * kLanes + i) * g.out_channels + o) * out_stride + (oh0 + r) * g.out_w + ow0;
         _mm512_mask_storeu_ps(dst, mask, v[i]);

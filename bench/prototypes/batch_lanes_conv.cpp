@@ -19,37 +19,16 @@
 #include <random>
 #include <vector>
 
+#include "../../csrc/lanes_transpose.h"
+
+using vpns::lanes::transpose16;
+
 constexpr int kBatch = 32, kLanes = 16, kMaxTile = 14;
 
 static float* aligned(size_t floats) {
   float* p = static_cast<float*>(aligned_alloc(64, (floats * 4 + 63) / 64 * 64));
   std::memset(p, 0, floats * 4);
   return p;
-}
-
-// 16x16 transpose of rows r[0..15] in place (the usual unpack / shuffle sequence).
-static inline void transpose16(__m512 r[16]) {
-  __m512 t[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], 0x44);
-    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], 0xEE);
-    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-  }
-  for (int i = 0; i < 16; i += 8) {
-    for (int j = 0; j < 4; ++j) {
-      t[i + j] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0x88);
-      t[i + j + 4] = _mm512_shuffle_f32x4(r[i + j], r[i + j + 4], 0xDD);
-    }
-  }
-  for (int j = 0; j < 8; ++j) {
-    r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
-    r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
-  }
 }
 
 struct Layer {

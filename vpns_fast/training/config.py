@@ -188,7 +188,8 @@ class TrainConfig:
             if value not in allowed:
                 raise SettingError(name, f"expected one of {allowed}, got {value!r}")
         if self.structured and self.granularity != "channel":
-            raise SettingError("structured", f"True needs granularity='channel', got {self.granularity!r}")
+            raise SettingError("structured", f"needs granularity='channel' (--granularity channel), got "
+                               f"{self.granularity!r}")
         # The ranges, each refused here only: the CLI names the flag that set the field, a config file the file.
         for name in ("search_epochs", "finetune_epochs", "pretrain_epochs", "hydra_epochs", "num_workers"):
             if getattr(self, name) is not None and getattr(self, name) < 0:

@@ -83,14 +83,15 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output, 
   });
 }
 
-void CallPlan::add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments, at::Tensor offsets,
-                                     at::Tensor values, std::vector<int64_t> weight_shape,
-                                     std::optional<at::Tensor> bias, std::vector<int64_t> stride,
-                                     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t activation,
-                                     bool aligned_output) {
+void CallPlan::add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments,
+                                     std::shared_ptr<CheckedOffsets> offsets, at::Tensor values,
+                                     std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,
+                                     std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                     std::vector<int64_t> dilation, int64_t activation, bool aligned_output) {
   check_slots({input, output});
+  TORCH_CHECK(offsets != nullptr, "CallPlan.add_sparse_conv_lanes: offsets is None");
   add("sparse_conv_lanes", [=](std::vector<at::Tensor>& slot) {
-    slot[output] = sparse_conv2d_lanes(slot[input], segments, offsets, values, weight_shape, bias, stride, padding,
+    slot[output] = sparse_conv2d_lanes(slot[input], segments, *offsets, values, weight_shape, bias, stride, padding,
                                        dilation, activation, aligned_output);
   });
 }

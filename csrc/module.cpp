@@ -78,7 +78,8 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
   m.def("sparse_conv2d_lanes", &vpns::sparse_conv2d_lanes, py::arg("input"), py::arg("segments"), py::arg("offsets"),
         py::arg("values"), py::arg("weight_shape"), py::arg("bias"), py::arg("stride"), py::arg("padding"),
         py::arg("dilation"), py::arg("activation") = 0, py::arg("aligned_output") = false,
-        "sparse_conv2d for a batch that is a multiple of 16, the images in the AVX-512 vector lanes (csrc/"
+        "sparse_conv2d for a batch that is a multiple of 16 (offsets: sparse_conv2d_lanes_pack's, through "
+        "check_offsets), the images in the AVX-512 vector lanes (csrc/"
         "batch_lanes.cpp): the same outputs bit for bit, a 3x3 kernel with padding 1 only (sparse_conv2d_lanes_"
         "supported), no residual, activation 0 (none) or 1 (relu); needs the AVX-512 kernel.");
   bind_sparse_conv2d<at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to

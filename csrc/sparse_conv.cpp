@@ -2038,6 +2038,8 @@ CheckedOffsets::CheckedOffsets(const at::Tensor& source) {
   const int32_t* data = offsets.const_data_ptr<int32_t>();
   lo = hi = offsets.numel() > 0 ? data[0] : 0;  // the set's own extremes (the call checks lo >= 0, hi < its input)
   offset_range(data, offsets.numel(), &lo, &hi);
+  bits = 0;
+  for (int64_t k = 0; k < offsets.numel(); ++k) bits |= data[k];
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,

@@ -38,6 +38,7 @@ struct CheckedOffsets {
   explicit CheckedOffsets(const at::Tensor& source);
   at::Tensor offsets;
   int32_t lo, hi;
+  int32_t bits;  // every offset OR-ed: the low bits no offset sets say which multiple all of them are (batch_lanes)
 };
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const CheckedOffsets& offsets,
                          const at::Tensor& values, std::vector<int64_t> weight_shape,
@@ -56,7 +57,7 @@ std::vector<at::Tensor> sparse_conv2d_lanes_pack(const at::Tensor& row_ptr, cons
                                                  std::vector<int64_t> weight_shape, std::vector<int64_t> input_size,
                                                  std::vector<int64_t> stride, std::vector<int64_t> padding,
                                                  std::vector<int64_t> dilation);
-at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
+at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segments, const CheckedOffsets& offsets,
                                const at::Tensor& values, std::vector<int64_t> weight_shape,
                                const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t activation,
@@ -176,7 +177,8 @@ class CallPlan {
                        std::optional<at::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
                        std::vector<int64_t> dilation, int64_t activation, int64_t input_channel_stride,
                        bool aligned_output);
-  void add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments, at::Tensor offsets, at::Tensor values,
+  void add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments,
+                             std::shared_ptr<CheckedOffsets> offsets, at::Tensor values,
                              std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,
                              std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
                              int64_t activation, bool aligned_output);

@@ -33,8 +33,9 @@ def _packed(weight, size, stride):
     row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
     shape, geometry = list(weight.shape), ([size, size], [stride, stride], [1, 1], [1, 1])
     planes = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, shape, *geometry)
-    lanes = ops.sparse_conv2d_lanes_pack(row_ptr, channel_index, tap_index, values, shape, *geometry)
-    return ops, planes, lanes
+    offsets, segments, lane_values = ops.sparse_conv2d_lanes_pack(row_ptr, channel_index, tap_index, values, shape,
+                                                                  *geometry)
+    return ops, planes, (ops.check_offsets(offsets), segments, lane_values)
 
 
 @pytest.mark.parametrize("batch", [16, 32, 48])
@@ -103,10 +104,12 @@ def test_bad_calls_are_refused(avx512):
     broken[1] = values.numel() + 1000
     with pytest.raises(RuntimeError, match="segments must not decrease and must span the nonzeros"):
         ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), broken, offsets, values, *arguments)
-    shifted = offsets.clone()
+    row_ptr, channel_index, tap_index, packed_values = ops.sparse_conv2d_pack(weight)
+    shifted = ops.sparse_conv2d_lanes_pack(row_ptr, channel_index, tap_index, packed_values, list(weight.shape), [7, 7],
+                                           [1, 1], [1, 1], [1, 1])[0]
     shifted[0] += 1
     with pytest.raises(RuntimeError, match="off a vector"):
-        ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments, shifted, values, *arguments)
+        ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments, ops.check_offsets(shifted), values, *arguments)
     with pytest.raises(RuntimeError, match="activation must be 0 \\(none\\) or 1 \\(relu\\)"):
         ops.sparse_conv2d_lanes(torch.randn(16, 3, 7, 7), segments, offsets, values, *arguments, 2)
     assert not ops.sparse_conv2d_lanes_supported([4, 3, 3, 3], [28, 28], [1, 1], [1, 1], [1, 1])  # a 28x28 output

@@ -740,7 +740,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             arguments = ([height, width], list(self.stride), list(self.padding), list(self.dilation))
             offsets, segments, values = ops.sparse_conv2d_lanes_pack(
                 self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape), *arguments)
-            return segments, offsets, values
+            return segments, ops.check_offsets(offsets), values
         offsets, segments, values = ops.sparse_conv2d_offsets(
             self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
             [height, width], list(self.stride), list(self.padding), list(self.dilation),
@@ -806,12 +806,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         return segments, offsets, values
 
     def _lanes_geometry(self, height: int, width: int) -> bool:
-        """Whether the batch-in-lanes kernel takes this layer at height x width (sparse_conv2d_lanes_supported's
-        rule, decided here before any cache is touched: a 1x1 layer's calls had reordered the offsets' cache)."""
-        stride = self.stride[0]
-        return (tuple(self.weight_shape[2:]) == (3, 3) and tuple(self.padding) == (1, 1)
-                and tuple(self.dilation) == (1, 1) and tuple(self.stride) in ((1, 1), (2, 2)) and height == width
-                and (height - 1) // stride + 1 in (7, 14))
+        """Whether the batch-in-lanes kernel takes this layer at height x width, asked before any cache is touched
+        (a lookup for a layer it does not take had reordered the offsets' cache on every call)."""
+        return bool(_ops().sparse_conv2d_lanes_supported(list(self.weight_shape), [height, width], list(self.stride),
+                                                         list(self.padding), list(self.dilation)))
 
     def _kernel_arguments(self, x: torch.Tensor) -> tuple:
         """(segments, offsets, values, input channel stride): the kernel's arguments for the 4-d ``x``, as ``_run``

@@ -156,8 +156,6 @@ class TrainConfig:
         # starts from a weights file instead, or the module has lazy parameters not yet initialized
         self._starting_weights_sha256 = (module_weights_sha256(self.model) if isinstance(self.model, nn.Module)
                                          and self.weights is None else None)
-        # one method or density given bare: "vpns" had been read as the methods 'v', 'p', ... and 0.2 had raised
-        # "'float' object is not iterable" (an outside review)
         for m in self.methods:
             if m not in METHODS:  # get_method's own refusal names no field (a config file or flag could not be told)
                 raise SettingError("methods", f"expected methods among {', '.join(METHODS)}, got {m!r}")
@@ -226,7 +224,8 @@ class TrainConfig:
                 value = merged[group][key]
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
                     raise SettingError("optimizers", f"{key} of {group}: expected a finite number >= 0, got "
-                                       f"{value!r}" + _NUMBER_AS_TEXT * _reads_as_number(value), (group, key))
+                                       f"{value!r}{_NUMBER_AS_TEXT if _reads_as_number(value) else ''}",
+                                       (group, key))
         self.optimizers = merged
         self.logger = logger_names(self.logger)
         if "tensorboard" in self.logger and self.out is None:
@@ -245,10 +244,8 @@ class TrainConfig:
                 raise SettingError(name, f"expected an integer{' or None' if name in _OPTIONAL_FIELDS else ''}, got "
                                    f"{value!r}")
             setattr(self, name, int(value))
-        for name in ("imp_rate", "val_fraction"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
-                raise SettingError(name, f"expected a number, got {value!r}")
+        if isinstance(self.imp_rate, bool) or not isinstance(self.imp_rate, numbers.Real):  # val_fraction: below
+            raise SettingError("imp_rate", f"expected a number, got {self.imp_rate!r}")
         # one method or density given bare: "vpns" had been read as the methods 'v', 'p', ... and 0.2 had raised
         # "'float' object is not iterable" (an outside review)
         if isinstance(self.methods, str):

@@ -19,22 +19,22 @@ def load_job_data(config: TrainConfig, resuming: bool = False) -> DataSplits:
     if isinstance(c.dataset, str):
         data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
                             limit=c.limit)
+        val_drawn = True  # val_fraction of the training images
     elif isinstance(c.dataset, DataSplits):
-        data = c.dataset
+        data, val_drawn = c.dataset, False
     elif isinstance(c.dataset, PythonObject):
         raise ValueError(object_not_stored(c.dataset))
     else:
         train, val, test = dataset_parts(c.dataset)
         data = dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
                               val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
+        val_drawn = val is None
+    val_drawn = val_drawn and c.val_fraction > 0
     if len(data.train) == 0:  # torch's sampler said "num_samples should be a positive integer value" (a review)
-        drawn = not isinstance(c.dataset, DataSplits) and len(data.val) and c.val_fraction > 0
         held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out every training image "
-                    f"({len(data.val)}) for val" if drawn else "its train split is empty")
+                    f"({len(data.val)}) for val" if val_drawn and len(data.val) else "its train split is empty")
         raise ValueError(f"nothing to train on: {held_out}")
-    drawn_from_train = not isinstance(c.dataset, DataSplits) and (
-        isinstance(c.dataset, str) or dataset_parts(c.dataset)[1] is None)
-    if len(data.val) == 0 and c.val_fraction > 0 and drawn_from_train and not resuming:
+    if len(data.val) == 0 and val_drawn and not resuming:
         # silently none, the runs would keep their last epoch, not the best one the fraction asked to select
         raise ValueError(f"val_fraction (--val-fraction) {c.val_fraction:g} of the {len(data.train)} training "
                          f"images rounds to no val image; raise it, or set it to 0 to train without a val split "

@@ -93,7 +93,7 @@ CASES = {
                                    "--val-fraction", "0", "--num-workers", "2", "--out", "{root}/o_workers"],
                                   "notes.png: not an image file"),
     "val rounds to none": (["prune", *TRAIN, "--dataset", "imagefolder", "--data-dir", "{root}/folder"],
-                           r"val_fraction \(--val-fraction\) 0.1 of the 3 training images rounds to no val image"),
+                           r"error: val_fraction: 0.1 of the 3 training images rounds to no val image"),
     "infer top -1": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "-1"], "--top: expected an integer >= 1"),
     "infer top 0": (["infer", "{root}/m.pt", "{root}/img.png", "--top", "0"], "--top: expected an integer >= 1"),
     "infer onnx": (["infer", "{root}/model.onnx", "{root}/img.png"], "model.onnx is an ONNX file"),

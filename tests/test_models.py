@@ -212,6 +212,27 @@ def test_a_job_refused_for_its_timm_weights_writes_nothing(tmp_path, capsys, mon
     assert not (out / "config.json").exists()
 
 
+def test_a_job_builds_its_timm_pretrained_model_once_before_writing(tmp_path, capsys, monkeypatch):
+    """A job built a timm model with its pretrained weights twice: once to fetch them before writing anything, then
+    again for the dense start. Built once now, still before config.json is written."""
+    timm = pytest.importorskip("timm")
+    from vpns_fast import cli
+
+    out = tmp_path / "run"
+    built = []  # for each build: whether config.json existed by then
+
+    def pretrained_timm(key, kwargs):  # no hub here: timm's random weights stand for the published ones
+        built.append((out / "config.json").exists())
+        return timm.create_model(key, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(models, "_pretrained_timm", pretrained_timm)
+    argv = ["prune", "--model", "timm:resnet18", "--weights", "pretrained", "--dataset", "synthetic", "--limit", "8",
+            "--input-size", "32", "--epochs", "0", "--method", "omp", "--density", "0.5", "--device", "cpu",
+            "--no-progress", "--out", str(out)]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    assert built == [False]
+
+
 def test_missing_explicit_file_and_no_published_weights(tmp_path, empty_hub):
     with pytest.raises(FileNotFoundError, match="nowhere.pth"):
         build_model("resnet18", weights=tmp_path / "nowhere.pth")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import signal
@@ -277,6 +278,8 @@ def _check_dataset(name: str, data_dir: str | None = None, config_file: str | No
 
 
 def _config_from_args(args, methods=None, mask_from=None):
+    """The job's TrainConfig, from the flags (and the --config file), and the function that names a SettingError
+    raised later by whoever set its field."""
     from vpns_fast.training.trainer import TrainConfig
 
     _check_dataset(args.dataset, args.data_dir, getattr(args, "config", None))
@@ -315,17 +318,44 @@ def _config_from_args(args, methods=None, mask_from=None):
         limit=args.limit, val_fraction=args.val_fraction, split_seed=args.split_seed, num_workers=args.num_workers,
         keep_checkpoints=args.keep_checkpoints,
         progress=not args.no_progress, logger=args.logger, out=args.out, mask_from=mask_from, **epochs)
+    settings, overrides = None, {}  # the config file's settings, and the flags that override them
     try:
         if getattr(args, "config", None) is None:
-            return TrainConfig(**values)
-        from vpns_fast.training.config_file import config_from_file
+            config = TrainConfig(**values)
+        else:
+            from vpns_fast.training.config_file import config_from_settings, read_config_file
 
-        given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
-        config = config_from_file(args.config, {key: value for key, value in values.items() if key in given})
+            given = {name for flag in args.given_flags for name in _FLAG_FIELDS.get(flag, (flag,))}
+            overrides = {key: value for key, value in values.items() if key in given}
+            settings = read_config_file(args.config)
+            config = config_from_settings(args.config, settings, overrides)
     except SettingError as exc:
-        raise _named_by_flag(exc, args) from None
+        raise _named(exc, args, settings, overrides) from None
     _check_output_folder(config.out)
-    return config
+    return config, functools.partial(_named, args=args, settings=settings, overrides=overrides)
+
+
+def _named(error: SettingError, args, settings: dict | None, overrides: dict) -> Exception:
+    """``error`` told with whoever set what it refuses: the config file (where its ``settings`` set it and no flag
+    did), else the flag, else as it is."""
+    if settings is not None:
+        from vpns_fast.training.config_file import named_by_file
+
+        error = named_by_file(error, args.config, settings, overrides)
+    return _named_by_flag(error, args) if isinstance(error, SettingError) else error
+
+
+def _train(args, methods=None, mask_from=None) -> None:
+    """The job of `vpns prune` / `vpns transfer`. A setting refused while it runs, in the data stage (``data_dir``
+    without the dataset's files, a ``val_fraction`` that leaves no image, a ``num_classes`` not the dataset's), is
+    named as one refused when the config is made: by the flag, or the config file, that set it."""
+    from vpns_fast.training.trainer import TwoStageTrainer
+
+    config, named = _config_from_args(args, methods, mask_from)
+    try:
+        TwoStageTrainer(config, force=args.force).run()
+    except SettingError as exc:
+        raise named(exc) from None
 
 
 def _named_by_flag(error: SettingError, args) -> ValueError:
@@ -373,18 +403,14 @@ def _json_or_text(value: str):
 
 
 def _cmd_prune(args) -> int:
-    from vpns_fast.training.trainer import TwoStageTrainer
-
-    TwoStageTrainer(_config_from_args(args), force=args.force).run()
+    _train(args)
     return 0
 
 
 def _cmd_transfer(args) -> int:
-    from vpns_fast.training.trainer import TwoStageTrainer
-
     methods = ("transfer+vp",) if args.with_prompt else ("transfer",)
     _check_input_file(args.checkpoint, "checkpoint")
-    TwoStageTrainer(_config_from_args(args, methods=methods, mask_from=args.checkpoint), force=args.force).run()
+    _train(args, methods=methods, mask_from=args.checkpoint)
     return 0
 
 

@@ -62,7 +62,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler, get_worker_info
 from torchvision.transforms.v2 import functional as TF
 
-from vpns_fast.errors import SettingError
+from vpns_fast.errors import MissingFilesError, SettingError
 
 __all__ = [
     "DATASETS",
@@ -515,10 +515,9 @@ def _locate(data_dir: str | os.PathLike, folder: str, marker: str) -> Path:
     return root
 
 
-def _missing(what: str, looked_in: Path, layout: str, how_to_get: str) -> FileNotFoundError:
-    return FileNotFoundError(
-        f"{what} not found in {looked_in}. Expected layout: {layout}. {how_to_get}"
-    )
+def _missing(what: str, looked_in: Path, layout: str, how_to_get: str) -> MissingFilesError:
+    # told as data_dir's refusal, without a flag's name: the command line names the flag or config file that set it
+    return MissingFilesError("data_dir", f"{what} not found in {looked_in}. Expected layout: {layout}. {how_to_get}")
 
 
 def _read_cifar_pickle(path: Path) -> dict:
@@ -573,8 +572,8 @@ def _load_cifar(variant: str, data_dir, download: bool):
         raise _missing(
             f"{title} (missing {', '.join(missing)})",
             root,
-            f"{folder}/{{{', '.join(needed)}}} (the 'python version' pickles from {url}, "
-            f"extracted under --data-dir)",
+            f"{folder}/{{{', '.join(needed)}}} in the data folder (the 'python version' pickles from {url}, "
+            f"extracted)",
             "Pass download=True (--download) when online to fetch it, or extract the archive "
             "into that folder.",
         )
@@ -656,7 +655,7 @@ def _load_tiny_imagenet(data_dir, download: bool):
             root,
             _TINY_LAYOUT,
             f"Pass download=True (--download) when online to fetch {_TINY_IMAGENET_URL}, or "
-            f"unzip it under --data-dir.",
+            f"unzip it in the data folder.",
         )
     if (root / "wnids.txt").is_file():
         wnids = sorted({w.strip() for w in (root / "wnids.txt").read_text().split() if w.strip()})
@@ -712,8 +711,7 @@ def _load_imagefolder(data_dir):
             "ImageFolder dataset",
             root,
             _FOLDER_LAYOUT,
-            "There is no download for an ImageFolder; point --data-dir at the folder holding "
-            "train/ and test/.",
+            "There is no download for an ImageFolder: the data folder must hold train/ and test/.",
         )
     classes = _class_folders(root / "train")
     if not classes:
@@ -961,7 +959,7 @@ def _positive_int(value, argument: str, allow_none: bool = False) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{argument}: expected an integer >= 1, got {value!r}")
+        raise SettingError(argument, f"expected an integer >= 1, got {value!r}")
 
 
 def load_dataset(
@@ -991,10 +989,8 @@ def load_dataset(
     check_fraction(val_fraction, "val_fraction")
     _positive_int(limit, "limit", allow_none=True)
     if key in FOLDER_DATASETS and data_dir is None:
-        raise ValueError(
-            f"data_dir: {key} needs a data directory (the folder holding its files, see "
-            f"vpns_fast.data's module doc); got None"
-        )
+        raise SettingError("data_dir", f"{key} needs a data directory (the folder holding its files, see "
+                           f"vpns_fast.data's module doc); got None")
     common = dict(val_fraction=float(val_fraction), seed=int(seed), stratify=stratify, limit=limit)
 
     if key == "digits":

@@ -30,6 +30,12 @@ class SettingError(ValueError):
         self.field, self.reason, self.part = field, reason, tuple(part)
 
 
+class MissingFilesError(SettingError, FileNotFoundError):
+    """A setting naming a folder that lacks the files it should hold (a dataset's ``data_dir``): a SettingError, so
+    that whoever set it is named (the flag, or the config file), and a FileNotFoundError, as the dataset loaders
+    have always raised for missing files."""
+
+
 def shortened(text: str, limit: int) -> str:
     """``text`` cut to ``limit`` characters, ending in "..." when cut."""
     return text if len(text) <= limit else text[:max(0, limit - 3)] + "..."

@@ -367,21 +367,6 @@ def pretrained_weights_info(name: str) -> dict[str, Any]:
     }
 
 
-def fetch_pretrained_weights(name: str, model_kwargs: dict | None = None) -> None:
-    """The published weights of ``name`` in torch's hub cache (a timm model's in the Hugging Face hub cache, built
-    once with ``model_kwargs`` to fetch them), downloaded there when missing; the errors :func:`build_model` would
-    give (FileNotFoundError offline, naming where it looked; ValueError for a model without published weights). A
-    training job calls it before it writes anything: the weights had been read only after config.json was written,
-    which then blocked the corrected command (an outside review)."""
-    kind, key = model_kind(name)
-    if kind == "timm":
-        _pretrained_timm(key, dict(model_kwargs or {}))
-        return
-    info = pretrained_weights_info(name)
-    if not any(os.path.isfile(path) for path in info["cache_paths"]):
-        _pretrained_state_dict(name)  # torchvision's download keeps the file in the hub cache
-
-
 # Exceptions a failed download raises (URLError, socket errors and timeouts are OSError).
 _NETWORK_ERRORS = (OSError, http.client.HTTPException)
 

@@ -128,7 +128,9 @@ def test_the_keys_are_the_dataclass_fields(tmp_path):
     ({"methods": ["vpns", 3]}, r"methods: expected a string or a list of strings"),
     ({"methods": ["nope"]}, r"methods: expected methods among vpns, .*, got 'nope'"),
     ({"model_kwargs": [1]}, r"model_kwargs: expected an object, got a list"),
-    ({"optimizers": {"search_scores": 0.1}}, r"optimizers: search_scores: expected an object"),
+    # TrainConfig's own check, named with the file (the file's reader had a copy of it)
+    ({"optimizers": {"search_scores": 0.1}}, r"error: --config .*c.json: optimizers: search_scores: expected a dict "
+                                             r"such as \{'name': 'sgd', 'lr': 0.01\}, got 0.1$"),
     ({"model": {"python_object": "mine.Net"}}, r"model: the run was given its model as a Python object \(mine.Net\)"),
     ({"dataset": "bogus"}, r"dataset: unknown dataset 'bogus'; expected one of digits"),
     ({"density": [0.5]}, r"unknown key 'density' \(did you mean 'densities'\?\)"),
@@ -167,3 +169,85 @@ def test_a_flag_replaces_a_bad_device_of_the_file(tmp_path, captured):
         assert main(["prune", "--config", path]) == 2
     assert main(["prune", "--config", path, "--device", "cpu"]) == 0
     assert captured[-1].device == "cpu"
+
+
+def _image_folder(root, images_per_class: int) -> str:
+    """An ImageFolder dataset of two classes with ``images_per_class`` training images each."""
+    from PIL import Image
+
+    for split, count in (("train", images_per_class), ("test", 1)):
+        for index, name in enumerate(("cat", "dog")):
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8), (90 * index, 8 * i, 0)).save(root / split / name / f"{i}.png")
+    return str(root)
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+def test_the_data_stage_names_the_file_where_the_file_set_the_setting(tmp_path, capsys):
+    """Refusals of the data stage (the dataset's files missing under data_dir, a val fraction that leaves no val
+    image) named --data-dir and --val-fraction, flags a config file's user had not given: named as TrainConfig's
+    refusals are, by the config file's field where the file set it, by the flag where a flag did."""
+    common = ["--model", "small_resnet", "--input-size", "8", "--epochs", "1", "--method", "omp", "--density", "0.5",
+              "--device", "cpu", "--no-progress"]
+    path = write(tmp_path / "c.json", {"dataset": "imagefolder", "data_dir": str(tmp_path / "nothing")})
+    assert main(["prune", "--config", path, *common, "--out", str(tmp_path / "a")]) == 2
+    err = _one_line_error(capsys)
+    assert f"error: --config {path}: data_dir: ImageFolder dataset not found in {tmp_path / 'nothing'}" in err, err
+    assert "--data-dir" not in err
+
+    data = _image_folder(tmp_path / "data", 4)  # 8 training images: a share of 0.05 holds out none
+    assert main(["prune", "--config", path, "--data-dir", data, "--val-fraction", "0.05", *common, "--out",
+                 str(tmp_path / "b")]) == 2
+    assert "error: --val-fraction: 0.05 of the 8 training images rounds to no val image" in _one_line_error(capsys)
+    path = write(tmp_path / "c.json", {"dataset": "imagefolder", "data_dir": data, "val_fraction": 0.05})
+    assert main(["prune", "--config", path, *common, "--out", str(tmp_path / "c")]) == 2
+    err = _one_line_error(capsys)
+    assert f"error: --config {path}: val_fraction: 0.05 of the 8 training images rounds to no val image" in err
+    assert "--val-fraction" not in err
+    assert main(["prune", "--config", path, "--data-dir", str(tmp_path / "nothing"), *common, "--out",
+                 str(tmp_path / "d")]) == 2  # the flag replaces the file's folder: the flag is named
+    assert "error: --data-dir: ImageFolder dataset not found" in _one_line_error(capsys)
+    assert not any((tmp_path / name).exists() for name in "abcd")  # refused before anything was written
+
+
+def test_a_num_classes_that_is_not_the_named_datasets_is_refused(tmp_path, capsys):
+    """num_classes is for datasets passed as Dataset objects: beside a named dataset (or a DataSplits) a count
+    other than the dataset's had been ignored without a word."""
+    from vpns_fast.data import load_dataset
+    from vpns_fast.errors import SettingError
+    from vpns_fast.training.loaders import load_job_data
+
+    path = write(tmp_path / "c.json", {"dataset": "synthetic", "num_classes": 100, "limit": 16})
+    assert main(["prune", "--config", path, "--epochs", "1", "--device", "cpu", "--out", str(tmp_path / "a")]) == 2
+    err = _one_line_error(capsys)
+    assert (f"error: --config {path}: num_classes: the dataset synthetic has 10 classes, got 100; leave num_classes "
+            "out (it is for a dataset passed as Dataset objects)") in err, err
+    assert not (tmp_path / "a").exists()
+
+    with pytest.raises(SettingError, match="num_classes: the dataset digits has 10 classes, got 100") as info:
+        load_job_data(TrainConfig(dataset="digits", num_classes=100, limit=8))
+    assert info.value.field == "num_classes"
+    splits = load_dataset("synthetic", image_size=8, limit=8)
+    with pytest.raises(SettingError, match="the dataset synthetic has 10 classes, got 3"):
+        load_job_data(TrainConfig(dataset=splits, num_classes=3, input_size=8))
+    assert load_job_data(TrainConfig(dataset="digits", num_classes=10, limit=8)).num_classes == 10  # its own count
+    # a run started before the check (the count ignored) resumes as it started
+    assert load_job_data(TrainConfig(dataset="digits", num_classes=100, limit=8), resuming=True).num_classes == 10
+
+
+def test_a_bad_optimizer_group_of_the_file_is_refused_once_by_trainconfig(tmp_path, capsys):
+    """The file's reader had its own copy of TrainConfig's check of a group's object: one check, named with the file
+    where the file set the group, with the flag where a flag did."""
+    path = write(tmp_path / "c.json", {"dataset": "synthetic", "optimizers": {"search_scores": [0.1]}})
+    assert main(["prune", "--config", path]) == 2
+    assert (f"error: --config {path}: optimizers: search_scores: expected a dict such as {{'name': 'sgd', 'lr': "
+            "0.01}, got [0.1]") in _one_line_error(capsys)
+    path = write(tmp_path / "c.json", {"dataset": "synthetic", "optimizers": {"search_scores": {"lr": 0.1}}})
+    assert main(["prune", "--config", path, "--lr", "finetune_weights=-1"]) == 2
+    assert "error: --lr: lr of finetune_weights: expected a finite number >= 0, got -1.0" in _one_line_error(capsys)

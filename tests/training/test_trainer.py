@@ -601,10 +601,11 @@ def test_force_keeps_the_old_run_where_the_new_jobs_data_is_refused(tmp_path, ca
               "omp", "--density", "0.5", "--device", "cpu", "--no-progress", "--out", out]
     assert cli.main(["prune", "--dataset", "imagefolder", "--data-dir", str(tmp_path / "data"), *common]) == 0
     before = sorted(os.listdir(out)), read_results(out)
-    for argv, pattern in [(["--data-dir", str(tmp_path / "nothing")], "ImageFolder dataset not found"),
+    for argv, pattern in [(["--data-dir", str(tmp_path / "nothing")],
+                           "error: --data-dir: ImageFolder dataset not found"),
                           (["--data-dir", str(tmp_path / "data"), "--val-fraction", "0.95"],
-                           r"nothing to train on: val_fraction \(--val-fraction\) 0.95 held out every training image "
-                           r"\(8\) for val")]:
+                           r"error: --val-fraction: nothing to train on: 0.95 held out every training image \(8\) "
+                           r"for val")]:
         assert cli.main(["prune", "--dataset", "imagefolder", *argv, *common, "--force"]) == 2
         err = capsys.readouterr().err
         assert re.search(pattern, err) and err.count("\n") == 1, err
@@ -638,8 +639,8 @@ def test_a_val_fraction_that_rounds_to_no_image_is_refused(tmp_path, capsys):
               "--device", "cpu", "--no-progress"]
     assert cli.main([*common, "--val-fraction", "0.05", "--out", str(tmp_path / "a")]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and re.search(r"val_fraction \(--val-fraction\) 0.05 of the 8 training images rounds "
-                                              r"to no val image; raise it, or set it to 0", err), err
+    assert err.count("\n") == 1 and re.search(r"error: --val-fraction: 0.05 of the 8 training images rounds to no "
+                                              r"val image; raise it, or set it to 0", err), err
     assert not os.path.exists(tmp_path / "a" / "config.json")
     assert cli.main([*common, "--val-fraction", "0", "--out", str(tmp_path / "b")]) == 0
     # a run started before the refusal (recorded with 0.05, its val split empty) still resumes as it started

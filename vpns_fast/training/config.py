@@ -112,7 +112,8 @@ class TrainConfig:
     model: Any = "small_resnet"
     weights: str | None = None          # a weights file, or "pretrained" (torchvision weights)
     model_kwargs: dict = field(default_factory=dict)  # architecture arguments for the builder of a model name
-    num_classes: int | None = None      # the classes of a dataset passed as Dataset objects
+    num_classes: int | None = None      # the classes of a dataset passed as Dataset objects (else None or the
+                                        # dataset's own count: another is refused when the data is loaded)
     methods: tuple[str, ...] = ("vpns",)
     densities: tuple[float, ...] = (0.1,)
     search_epochs: int = 30             # stage 1

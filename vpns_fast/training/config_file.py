@@ -24,8 +24,13 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
     """The :class:`TrainConfig` of the settings in ``path``, with ``overrides`` (fields set on the command line)
     taking precedence; keys the file leaves out keep the dataclass's defaults. A one-line ``ValueError`` naming
     the file and the key for an unknown key, a value of the wrong type, or one out of its range."""
-    values = read_config_file(path)
-    overrides = overrides or {}
+    return config_from_settings(path, read_config_file(path), overrides)
+
+
+def config_from_settings(path: str, settings: dict, overrides: dict | None = None) -> TrainConfig:
+    """:func:`config_from_file` of the ``settings`` :func:`read_config_file` read from ``path``: a caller that keeps
+    them can name the file in a later refusal too (:func:`named_by_file`: the command line, for the data stage's)."""
+    values, overrides = dict(settings), overrides or {}
     if "model" not in overrides and isinstance(values.get("model"), str):
         # the file names the network: a factory it names is code (models.check_file_model_name)
         from vpns_fast.models import check_file_model_record
@@ -42,9 +47,15 @@ def config_from_file(path: str, overrides: dict | None = None) -> TrainConfig:
     except TypeError as exc:  # a value of the right JSON type but the wrong shape, deep inside a setting
         raise ValueError(f"--config {path}: {exc}") from None
     except SettingError as exc:  # a value out of range: named with the file where the file set it
-        if exc.field in values and not _overrides_set(exc, overrides):
-            raise ValueError(f"--config {path}: {exc}") from None
-        raise
+        raise named_by_file(exc, path, settings, overrides) from None
+
+
+def named_by_file(error: SettingError, path: str, settings: dict, overrides: dict) -> Exception:
+    """``error`` told with the file (``--config PATH: field: reason``) where the file's ``settings`` set what it
+    refuses and the ``overrides`` (flags) did not; else ``error`` itself, for the caller to name."""
+    if error.field in settings and not _overrides_set(error, overrides):
+        return ValueError(f"--config {path}: {error}")
+    return error
 
 
 def _overrides_set(error: SettingError, overrides: dict) -> bool:
@@ -150,11 +161,6 @@ def _checked(key: str, value: Any, hint: Any) -> Any:
     if not _fits(value, hint):
         shown = "" if value is None else f" {value!r}"
         raise ValueError(f"{key}: expected {_expected(hint)}, got {_json_type(value)}{shown}"[:300])
-    if key == "optimizers":
-        for group, spec in value.items():
-            if not isinstance(spec, dict):
-                raise ValueError(f"optimizers: {group}: expected an object such as {{\"name\": \"sgd\", \"lr\": "
-                                 f"0.01}}, got {_json_type(spec)} {spec!r}")
     if tuple in (hint, typing.get_origin(hint)):
         return tuple(value)
     return value

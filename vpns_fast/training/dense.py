@@ -17,7 +17,7 @@ from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.pruning.checkpoint import atomic_save
-from vpns_fast.training.config import PythonObject
+from vpns_fast.training.config import PythonObject, TrainConfig
 from vpns_fast.training.job import JobContext
 from vpns_fast.training.loaders import object_not_stored
 from vpns_fast.training.loop import EpochProgress, distributed_model, train_epoch, training_steps
@@ -36,7 +36,20 @@ class DenseStart:
     model_name: str | None = None  # None: a module passed as an object, which a checkpoint cannot rebuild
 
 
-def build_dense_start(job: JobContext) -> DenseStart:
+def pretrained_model(config: TrainConfig) -> tuple[nn.Module, dict] | None:
+    """``(model, spec)`` (as :func:`vpns_fast.models.build_model_spec` gives them) of a model name with weights
+    'pretrained', its published weights read from the hub cache or downloaded there, with build_model's errors
+    (FileNotFoundError offline, naming where it looked); None for any other start. A job builds it before it writes
+    anything, so that a failed download leaves nothing that blocks the corrected command, and hands it to
+    :func:`build_dense_start` (a timm model had been built twice: once to fetch its weights, once to train)."""
+    if config.weights != "pretrained" or not isinstance(config.model, str):
+        return None
+    seed_everything(derived_seed(config.seed, "dense-init"))  # as build_dense_start seeds every dense model
+    return build_model_spec(config.model, pretrained=True, **config.model_kwargs)
+
+
+def build_dense_start(job: JobContext, pretrained: tuple[nn.Module, dict] | None = None) -> DenseStart:
+    """The dense start of ``job``; ``pretrained``: what :func:`pretrained_model` built for it (else built here)."""
     c, data = job.config, job.data
     # a from-scratch model (and anything random in building it) must not depend on what ran
     # before in this process: `vpns resume` rebuilds it in a fresh one
@@ -48,8 +61,8 @@ def build_dense_start(job: JobContext) -> DenseStart:
         if c.weights is not None:
             load_weights(model, c.weights)
     elif c.weights is not None:
-        model, spec = build_model_spec(c.model, weights=None if c.weights == "pretrained" else c.weights,
-                                       pretrained=c.weights == "pretrained", **c.model_kwargs)
+        model, spec = ((pretrained or pretrained_model(c)) if c.weights == "pretrained"
+                       else build_model_spec(c.model, weights=c.weights, **c.model_kwargs))
         name, model_kwargs = c.model, spec["kwargs"]
     else:
         model, spec = build_model_spec(c.model, num_classes=data.num_classes, **c.model_kwargs)

@@ -6,15 +6,18 @@ from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 from vpns_fast.data import DataSplits, dataset_splits, load_dataset, make_loader
+from vpns_fast.errors import SettingError
 from vpns_fast.training import distributed as dist_utils
 from vpns_fast.training.config import PythonObject, TrainConfig, dataset_parts
 
 
 def load_job_data(config: TrainConfig, resuming: bool = False) -> DataSplits:
     """The job's splits: a named dataset loaded, a DataSplits as given, or a user's datasets split and resized
-    to the run's image size (:func:`vpns_fast.data.dataset_splits`). ValueError where no training item is left
-    (the val fraction holding out every one, or an empty dataset), or where a val fraction above 0 rounds to no val
-    item (not when ``resuming``: a run that started so goes on as it started)."""
+    to the run's image size (:func:`vpns_fast.data.dataset_splits`). SettingError (naming the field, so that the
+    command line names the flag or config file that set it) where ``data_dir`` lacks the dataset's files, where no
+    training item is left (the val fraction holding out every one, or an empty dataset), and, not when ``resuming``
+    (a run that started so goes on as it started), where ``num_classes`` is not the dataset's or a val fraction above
+    0 rounds to no val item."""
     c = config
     if isinstance(c.dataset, str):
         data = load_dataset(c.dataset, c.data_dir, c.data_image_size(), c.val_fraction, c.split_seed, c.download,
@@ -29,16 +32,23 @@ def load_job_data(config: TrainConfig, resuming: bool = False) -> DataSplits:
         data = dataset_splits(train, val, test, num_classes=c.num_classes, image_size=c.data_image_size(),
                               val_fraction=c.val_fraction, seed=c.split_seed, limit=c.limit)
         val_drawn = val is None
+    # num_classes is for Dataset objects; a named dataset or a DataSplits counts its own classes, and a different
+    # count given beside one had been ignored without a word. Checked on the data, which alone knows the count of an
+    # ImageFolder (a run started before the check, with the count ignored, resumes as it started).
+    if c.num_classes is not None and c.num_classes != data.num_classes and not resuming:
+        raise SettingError("num_classes", f"the dataset {data.name} has {data.num_classes} classes, got "
+                           f"{c.num_classes!r}; leave num_classes out (it is for a dataset passed as Dataset objects)")
     val_drawn = val_drawn and c.val_fraction > 0
     if len(data.train) == 0:  # torch's sampler said "num_samples should be a positive integer value" (a review)
-        held_out = (f"val_fraction (--val-fraction) {c.val_fraction:g} held out every training image "
-                    f"({len(data.val)}) for val" if val_drawn and len(data.val) else "its train split is empty")
-        raise ValueError(f"nothing to train on: {held_out}")
+        if val_drawn and len(data.val):
+            raise SettingError("val_fraction", f"nothing to train on: {c.val_fraction:g} held out every training "
+                               f"image ({len(data.val)}) for val")
+        raise SettingError("dataset", "nothing to train on: its train split is empty")
     if len(data.val) == 0 and val_drawn and not resuming:
         # silently none, the runs would keep their last epoch, not the best one the fraction asked to select
-        raise ValueError(f"val_fraction (--val-fraction) {c.val_fraction:g} of the {len(data.train)} training "
-                         f"images rounds to no val image; raise it, or set it to 0 to train without a val split "
-                         f"(each run then keeps its last epoch)")
+        raise SettingError("val_fraction", f"{c.val_fraction:g} of the {len(data.train)} training images rounds to "
+                           f"no val image; raise it, or set it to 0 to train without a val split (each run then "
+                           f"keeps its last epoch)")
     return data
 
 

@@ -18,7 +18,7 @@ import torch
 
 from vpns_fast.console import say
 from vpns_fast.environment import resolve_device
-from vpns_fast.models import check_file_model_record, fetch_pretrained_weights
+from vpns_fast.models import check_file_model_record
 from vpns_fast.nn.label_mapping import LabelMapping
 from vpns_fast.nn.prompted_network import PromptedNetwork
 from vpns_fast.nn.prompts import build_prompt
@@ -26,7 +26,7 @@ from vpns_fast.ops import IMAGENET_MEAN, IMAGENET_STD
 from vpns_fast.pruning.methods import Method, get_method
 from vpns_fast.training import distributed as dist_utils
 from vpns_fast.training.config import PythonObject, TrainConfig
-from vpns_fast.training.dense import DenseStart, build_dense_start
+from vpns_fast.training.dense import DenseStart, build_dense_start, pretrained_model
 from vpns_fast.training.evaluation import evaluate_splits
 from vpns_fast.training.job import JobContext
 from vpns_fast.training.loaders import Loaders, load_job_data
@@ -134,8 +134,7 @@ class TwoStageTrainer:
         # review: `--force` had deleted it before the data was read)
         refuse_existing_run(c, self.force, self.resuming)  # at once, before the data's minutes
         data = load_job_data(c, self.resuming)
-        if c.weights == "pretrained" and isinstance(c.model, str):  # as the data: before anything is written
-            fetch_pretrained_weights(c.model, c.model_kwargs)
+        pretrained = pretrained_model(c)  # as the data, before anything is written: its weights fetched, built once
         prepare_out_dir(c, self.force, self.resuming, self.is_main)
         fingerprint = data.fingerprint()
         if self.resuming:
@@ -145,14 +144,14 @@ class TwoStageTrainer:
                               Precision(c.amp, self.device.type), self.device, self.world_size, self.is_main)
         self.metrics = self.job.metrics = MetricsLog.open(c, self.is_main, self.resuming)
         try:
-            self._train_all(env=environment())
+            self._train_all(environment(), pretrained)
         finally:
             self.metrics.close()
         return self.results
 
-    def _train_all(self, env: dict) -> None:
+    def _train_all(self, env: dict, pretrained: tuple | None) -> None:
         c, data = self.config, self.job.data
-        self.dense = build_dense_start(self.job)
+        self.dense = build_dense_start(self.job, pretrained)
         runs = [(method, density) for method in map(get_method, c.methods) for density in self._densities(method)]
         self._plan_clock(runs)
         if self.is_main and c.progress:
@@ -394,9 +393,8 @@ def resume(out_dir: str, progress: bool | None = None, *, model=None, dataset=No
                              f"for a run that was given it as a Python object")
         objects[name] = value
     recorded_model = config.model
-    if progress is not None:
-        objects["progress"] = progress
-    config = dataclasses.replace(config, out=out_dir, **objects)  # validated again
+    config = dataclasses.replace(config, out=out_dir, progress=config.progress if progress is None else progress,
+                                 **objects)  # validated again
     if "model" in objects:
         _check_same_model(recorded_model, config, out_dir)
     return TwoStageTrainer(config, resuming=True).run()

@@ -269,6 +269,28 @@ def test_force_replaces_only_regular_files(files, capsys, kind):
             and (kind != "fifo" or stat.S_ISFIFO(os.lstat(target).st_mode)))
 
 
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_a_special_file_at_out_is_called_never_replaced_before_force_is_asked_for(files, capsys, kind):
+    """`vpns export ... --out /dev/null` without --force said "exists; pass --force to replace it", and following
+    that advice met "is a character device, not a regular file; only files are replaced" (an outside trial): the
+    first refusal says it at once, from the command line, export() and save_checkpoint alike."""
+    if kind == "fifo":
+        target = files / "never_fifo"
+        if not os.path.lexists(target):
+            os.mkfifo(target)
+    else:
+        target = "/dev/null"
+    expected = "is a FIFO" if kind == "fifo" else "is a character device"
+    _assert_one_line_error(*_run(["export", "{root}/m.pt", "--format", "dense", "--out", str(target)], files, capsys),
+                           f"--out {target} {expected}, not a regular file, and is never replaced")
+    with pytest.raises(ValueError, match=f"^path {target} {expected}, not a regular file, and is never replaced"):
+        V.export(str(files / "m.pt"), "dense", target)
+    model = V.sparsify(build_model("small_resnet", num_classes=10), "unstructured")
+    with pytest.raises(ValueError, match=f"^{target} {expected}, not a regular file, and is never replaced"):
+        save_checkpoint(target, model, model_name="small_resnet", model_kwargs={"num_classes": 10})
+    assert stat.S_ISFIFO(os.lstat(target).st_mode) if kind == "fifo" else stat.S_ISCHR(os.lstat(target).st_mode)
+
+
 def test_an_image_over_pils_pixel_limit_is_refused_by_name(files, capsys, monkeypatch):
     from PIL import Image as PILImage
 
@@ -434,6 +456,34 @@ def test_a_checkpoint_command_given_an_export_says_so(files, capsys, tmp_path):
     for argv in (["report", str(tmp_path / "m.safetensors")],
                  ["export", str(tmp_path / "m.safetensors"), "--format", "sparse", "--out", str(tmp_path / "o")]):
         _assert_one_line_error(*_run(argv, files, capsys), "m.safetensors is a vpns_fast export, not a checkpoint")
+
+
+def test_an_export_whose_tag_lies_deep_in_its_header_is_still_named_an_export(files, capsys, tmp_path):
+    """The header's metadata is a map in no set order: a sparse export of MobileNetV3-Small had its metadata JSON
+    first and the format tag at byte ~12,200, past the 4096 bytes looked at, and `vpns report` said only "no format
+    tag" (an outside trial). The same export, its header rewritten with the tag last, must read as an export."""
+    import struct
+
+    from vpns_fast.deploy.export import FORMAT_PREFIX
+    from vpns_fast.pruning.checkpoint import EXPORT_TAG_PREFIX
+
+    assert EXPORT_TAG_PREFIX == FORMAT_PREFIX  # the checkpoint layer's copy of the tag
+    V.export(str(files / "m.pt"), "sparse", tmp_path / "s.safetensors")
+    data = (tmp_path / "s.safetensors").read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    metadata = header.pop("__metadata__")
+    tag = metadata.pop("vpns_fast.format")
+    # the tensors' entries and the meta JSON first, the tag last
+    header = {**header, "__metadata__": {**metadata, "vpns_fast.format": tag}}
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    deep = tmp_path / "deep.safetensors"
+    deep.write_bytes(struct.pack("<Q", len(text)) + text + data[8 + size:])
+    assert deep.read_bytes().find(b'"vpns_fast.export.sparse"') > 4096
+    _assert_one_line_error(*_run(["report", str(deep)], files, capsys),
+                           "deep.safetensors is a vpns_fast export, not a checkpoint")
+    assert main(["infer", str(deep), str(files / "img.png"), "--policy", "dense"]) == 0  # still a valid export
 
 
 def test_report_refuses_an_input_size_over_the_memory_up_front(files, capsys, monkeypatch):

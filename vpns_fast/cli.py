@@ -441,11 +441,15 @@ def _cmd_eval(args) -> int:
 
 def _cmd_export(args) -> int:
     from vpns_fast.deploy.export import MissingDependencyError, export
+    from vpns_fast.files import never_replaced
 
     _check_input_file(args.checkpoint, "checkpoint")
     _check_output_file(args.out)
     if os.path.exists(args.out) and os.path.samefile(args.out, args.checkpoint):  # even with --force
         raise ValueError(f"--out {args.out}: is the checkpoint being exported; write the export to another file")
+    problem = never_replaced(args.out)
+    if problem is not None:  # before "exists": --force would not replace it either
+        raise ValueError(f"--out {problem}")
     if os.path.lexists(args.out) and not args.force:  # export()'s own message names its argument, force=True
         raise ValueError(f"--out {args.out}: exists; pass --force to replace it")
     if args.slim and args.format != "onnx":

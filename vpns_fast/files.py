@@ -52,17 +52,28 @@ def _not_a_regular_file(path: str) -> str | None:
     return next((name for test, name in kinds if test(mode)), "a special file")
 
 
+def never_replaced(path: str | os.PathLike) -> str | None:
+    """Why :func:`atomic_write` never replaces ``path``, even when asked to (a folder, a FIFO, a device: what
+    is there is not a regular file or a link), in words that start with the path; None where it may. Checked
+    before "exists; pass --force": `--out /dev/null` had been told to pass --force, then refused for the device."""
+    path = os.fspath(path)
+    kind = _not_a_regular_file(path)
+    if kind is None:
+        return None
+    return f"{path} is {kind}, not a regular file, and is never replaced (only files are): name a file to write"
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None], overwrite: bool = False) -> None:
     """Call ``write(file)`` on a temporary file beside ``path``, fsync, then rename it over
     ``path``: a crash never leaves a half-written file, and an existing file is kept unless
     ``overwrite``. The one way vpns_fast writes what a user keeps."""
     path = os.fspath(path)
+    problem = never_replaced(path)
+    if problem is not None:
+        # `--out /dev/null --force` replaced the machine's /dev/null by a regular file (an outside review)
+        raise ValueError(problem)
     if os.path.lexists(path) and not overwrite:  # a symbolic link, even to nothing, is the user's too
         raise FileExistsError(f"{path} exists; pass overwrite=True (CLI: --force) to replace it")
-    kind = _not_a_regular_file(path)
-    if kind is not None:
-        # `--out /dev/null --force` replaced the machine's /dev/null by a regular file (an outside review)
-        raise ValueError(f"{path} is {kind}, not a regular file; only files are replaced: name a file to write")
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=PARTIAL_PREFIX, suffix=os.path.basename(path), dir=folder)

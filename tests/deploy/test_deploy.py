@@ -422,6 +422,24 @@ def test_a_checkpoint_saved_in_half_precision_deploys_in_float32(tmp_path):
     assert deployed(torch.rand(2, 3, 32, 32)).isfinite().all()
 
 
+@pytest.mark.parametrize("policy", ["measure", "dense"])
+def test_a_float64_model_given_for_a_file_is_refused_as_a_float64_module_is(tmp_path, policy):
+    """deploy("ckpt.pt", model=net().double()) failed on the engine's example, "example_input: the model fails on a
+    tensor of shape ...", where deploy(net().double()) says "call .float() on the model first" (an outside trial)."""
+    from torch import nn
+
+    from vpns_fast.pruning.checkpoint import save_checkpoint
+
+    def net():
+        return nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    save_checkpoint(tmp_path / "net.pt", net().eval(), model_name=None, input_size=(3, 8, 8))
+    with pytest.raises(ValueError, match=r"^model: float32 models only, got torch.float64 tensors \(call .float\(\) "
+                                         r"on the model first; on float32 images it fails: RuntimeError: "):
+        deploy(tmp_path / "net.pt", model=net().double(), policy=policy)
+    assert deploy(tmp_path / "net.pt", model=net(), policy=policy)(torch.rand(2, 3, 8, 8)).shape == (2, 4)
+
+
 def test_a_users_module_keeps_its_own_dtypes_when_a_checkpoint_is_loaded_into_it(tmp_path):
     """Found in review: rebuilding in float32 is for stock networks; a module passed as ``model=`` with a float64
     head its forward casts to must keep that head float64."""

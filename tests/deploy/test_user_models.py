@@ -486,6 +486,33 @@ def test_a_model_that_fails_on_the_example_is_refused_by_name():
         runtime.deploy(one_channel, example_input_size=(1, 3, 16, 16))
 
 
+def test_a_model_that_fails_on_the_default_example_names_the_argument_to_pass():
+    """deploy(model) with no example_input_size, on a model that cannot take 224x224 images, said "example_input:
+    the model fails on a tensor of shape (1, 3, 224, 224)", an argument deploy does not have (an outside trial)."""
+    sixteen_only = pruned(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Flatten(), nn.Linear(4 * 16 * 16, 2)))
+    with pytest.raises(ValueError, match=r"^example_input_size: not given, and the model fails on images of the "
+                                         r"default shape \(1, 3, 224, 224\) \(RuntimeError: .*\); pass "
+                                         r"example_input_size=\(B, 3, H, W\) or image_size=N"):
+        runtime.deploy(sixteen_only)
+    assert runtime.deploy(sixteen_only, image_size=16, policy="sparse")(torch.rand(2, 3, 16, 16)).shape == (2, 2)
+
+
+@pytest.mark.parametrize("arguments, error, message", [
+    ({"min_speedup": "2"}, TypeError, "min_speedup must be a number, got '2'"),
+    ({"min_speedup": True}, TypeError, "min_speedup must be a number, got True"),
+    ({"min_speedup": float("nan")}, ValueError, "min_speedup must be > 0, got nan"),
+    ({"min_speedup": 0, "policy": "dense"}, ValueError, "min_speedup must be > 0, got 0"),
+    ({"slim": "no"}, TypeError, "slim must be a bool, got 'no'"),
+    ({"slim": 0}, TypeError, "slim must be a bool, got 0"),
+    ({"prompt": nn.Identity()}, TypeError, r"prompt must be a VisualPrompt \(vpns_fast.nn.prompts: .*\), got Identity"),
+])
+def test_deploy_refuses_arguments_of_the_wrong_kind_by_name(arguments, error, message):
+    """min_speedup="2" raised torch's "'>' not supported between 'str' and 'int'", slim="no" was taken as true and
+    prompt=nn.Identity() failed on its missing .mean (an outside trial)."""
+    with pytest.raises(error, match=f"^{message}$"):
+        runtime.deploy(small_model(), example_input_size=(1, 3, 16, 16), **arguments)
+
+
 def test_the_deployed_module_names_inputs_that_are_no_images():
     deployed = runtime.deploy(small_model(), example_input_size=(1, 3, 16, 16), policy="sparse")
     with pytest.raises(TypeError, match="images: expected a torch.Tensor, got ndarray"):

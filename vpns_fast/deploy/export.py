@@ -41,7 +41,7 @@ from torch import nn
 
 from vpns_fast import ops
 from vpns_fast.errors import NetworkNotRebuildable, caller_stacklevel, exception_reason, state_dict_mismatch
-from vpns_fast.files import atomic_write
+from vpns_fast.files import atomic_write, never_replaced
 from vpns_fast.pruning.checkpoint import input_and_mapping_problem, tensor_bytes
 
 __all__ = [
@@ -417,6 +417,9 @@ def export(checkpoint_or_payload: str | os.PathLike | dict, format: str, path: s
             and os.path.exists(checkpoint_or_payload) and os.path.samefile(path, checkpoint_or_payload)):
         # even with force: the export would replace the only copy of what it is made from
         raise ValueError(f"path {path}: is the checkpoint being exported; write the export to another file")
+    problem = never_replaced(path)
+    if problem is not None:  # before "exists": force=True would not replace it either
+        raise ValueError(f"path {problem}")
     if os.path.lexists(path) and not force:
         raise FileExistsError(f"{path} exists; pass force=True to replace it")
     payload = _load_payload(checkpoint_or_payload)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import numbers
 import operator
 import os
 import time
@@ -29,7 +30,7 @@ from torch import nn
 from vpns_fast._version import __version__
 from vpns_fast.data import FLOAT_PIXEL_SLACK, check_float_pixel_range  # noqa: F401 - FLOAT_PIXEL_SLACK: its old home
 from vpns_fast.deploy import fusion
-from vpns_fast.errors import caller_stacklevel, shortened
+from vpns_fast.errors import caller_stacklevel, exception_reason, shortened
 from vpns_fast.nn.prompts import VisualPrompt, normalize
 
 __all__ = ["DeployedModel", "deploy", "benchmark_inference"]
@@ -254,6 +255,9 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
     # named here, as for a file: the engine's own check would blame whichever layer's output first differed
     refuse_nan(model_or_path, "model_or_path")
     if prompt is not None:
+        if not isinstance(prompt, VisualPrompt):  # an nn.Identity failed on its missing .mean
+            raise TypeError(f"prompt must be a VisualPrompt (vpns_fast.nn.prompts: PadPrompt, FixPrompt, ...), got "
+                            f"{type(prompt).__name__}")
         refuse_nan(prompt, "prompt")
     mean, std = _channel_values(mean, "mean"), _channel_values(std, "std")
     asked = {"mean": mean, "std": std}  # the caller's own, before a PromptedNetwork's fill them in
@@ -265,12 +269,7 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
             image_size = 0
         if image_size < 1 or isinstance(given, bool):
             raise ValueError(f"image_size: expected a positive int, got {given!r}")
-    other = {str(t.dtype) for t in [*model_or_path.parameters(), *model_or_path.buffers()]
-             if t.is_floating_point() and t.dtype != torch.float32}
-    if other:
-        # the input stage hands the network float32 images: another dtype could never run
-        raise ValueError(f"model_or_path: float32 models only, got {', '.join(sorted(other))} tensors "
-                         "(call .float() on the model first)")
+    _refuse_other_dtypes(model_or_path, "model_or_path")
     if isinstance(model_or_path, PromptedNetwork):
         # it carries its own input path and mapping: an argument that differs would make the deployed module
         # compute something else than the network it was given
@@ -299,6 +298,20 @@ def _source(model_or_path, prompt, label_mapping, mean, std, image_size, model=N
             "mapping": label_mapping,
             "mean": mean or ops.IMAGENET_MEAN, "std": std or ops.IMAGENET_STD, "image_size": image_size,
             "meta": {}, "kind": "module"}
+
+
+def _other_dtypes(module: nn.Module) -> str:
+    """The floating dtypes other than float32 that ``module``'s tensors have, e.g. "torch.float64"; "" if none."""
+    return ", ".join(sorted({str(t.dtype) for t in [*module.parameters(), *module.buffers()]
+                             if t.is_floating_point() and t.dtype != torch.float32}))
+
+
+def _refuse_other_dtypes(module: nn.Module, name: str) -> None:
+    """ValueError naming ``name`` when ``module`` holds floating tensors other than float32: the input stage hands
+    the network float32 images, which another dtype could never run."""
+    other = _other_dtypes(module)
+    if other:
+        raise ValueError(f"{name}: float32 models only, got {other} tensors (call .float() on the model first)")
 
 
 def _refuse_other_normalization(mean, std, owner, what: str) -> None:
@@ -437,8 +450,13 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
             min_speedup, model, winograd) -> DeployedModel:
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not isinstance(winograd, bool):
-        raise TypeError(f"winograd must be a bool, got {winograd!r}")
+    for name, value in (("slim", slim), ("winograd", winograd)):
+        if not isinstance(value, bool):  # slim="no" had been taken as true
+            raise TypeError(f"{name} must be a bool, got {value!r}")
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, numbers.Real):
+        raise TypeError(f"min_speedup must be a number, got {min_speedup!r}")
+    if not min_speedup > 0:  # NaN too
+        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
     from vpns_fast.environment import resolve_device
 
     device = resolve_device(device)  # cpu or cuda: it refuses the others
@@ -463,8 +481,12 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
         example_images = torch.rand(batch_shape, dtype=torch.float32, generator=torch.Generator().manual_seed(0))
         example = (input_prompt(example_images) if input_prompt is not None
                    else normalize(example_images, source["mean"], source["std"]))
+    if _other_dtypes(network):  # a file's weights in a model= of other dtypes: used if it runs on float32 images
+        _refuse_failing_example(network, example)
     if device.type == "cpu":
-        network, decisions = _convert_cpu(network, example, policy, min_speedup, info, winograd)
+        # the shape deploy chose itself when a module takes any size: a model that fails on it is told so by name
+        default_shape = batch_shape if example_input_size is None and in_shape is None else None
+        network, decisions = _convert_cpu(network, example, policy, min_speedup, info, winograd, default_shape)
     else:
         # cuDNN runs the (slim) dense network; channels_last lets it use its NHWC kernels.
         network = network.to(device).to(memory_format=torch.channels_last)
@@ -502,8 +524,30 @@ class SparseEngineUnavailableWarning(UserWarning):
     CPU): the network runs dense with torch. The message carries the reason, as ``.info["reason"]`` does."""
 
 
+def _refuse_failing_example(network: nn.Module, example: torch.Tensor) -> None:
+    """Runs ``network`` (a file's weights loaded into a ``model`` of other dtypes than float32) on ``example``;
+    where it fails, the ValueError ``deploy(module)`` gives such a module, naming ``model``."""
+    from vpns_fast.environment import is_out_of_memory
+
+    try:
+        with torch.no_grad():
+            network(example.clone())
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            raise  # the machine's limit, not the example's
+        raise ValueError(f"model: float32 models only, got {_other_dtypes(network)} tensors (call .float() on the "
+                         f"model first; on float32 images it fails: {exception_reason(exc)})") from exc
+
+
+def _default_example_error(cause: BaseException, default_shape: tuple[int, ...]) -> ValueError:
+    """The refusal of a model that fails on the example deploy made itself (no ``example_input_size`` given)."""
+    return ValueError(f"example_input_size: not given, and the model fails on images of the default shape "
+                      f"{default_shape} ({exception_reason(cause)}); pass example_input_size=(B, 3, H, W) or "
+                      "image_size=N with an image size the model takes")
+
+
 def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_speedup: float,
-                 info: dict, winograd: bool) -> tuple[nn.Module, list]:
+                 info: dict, winograd: bool, default_shape: tuple[int, ...] | None = None) -> tuple[nn.Module, list]:
     if policy == "dense":
         info.update(backend="torch-dense", reason="policy=dense")
         return network, _dense_decisions(network, "policy=dense")
@@ -515,8 +559,15 @@ def _convert_cpu(network: nn.Module, example: torch.Tensor, policy: str, min_spe
         ok, reason = sparse_cpu.available()
         if ok:
             summary: dict = {}
-            network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy, min_speedup=min_speedup,
-                                                            summary=summary, winograd=winograd)
+            try:
+                network, decisions = sparse_cpu.convert_for_cpu(network, example, policy=policy,
+                                                                min_speedup=min_speedup, summary=summary,
+                                                                winograd=winograd)
+            except ValueError as exc:
+                # the engine names its own argument, example_input, which deploy's caller never passed
+                if default_shape is None or not str(exc).startswith(sparse_cpu.FAILING_EXAMPLE):
+                    raise
+                raise _default_example_error(exc.__cause__ or exc, default_shape) from exc
             info.update(backend="sparse_cpu", fusion=summary["fusion"], network_choice=summary.get("network"),
                         layout=summary.get("layout"), winograd=summary.get("winograd"))
             return network, decisions

@@ -24,17 +24,19 @@ from vpns_fast.deploy import sparse_cpu
 DEFAULT_POINTS = "resnet50:0.1:32,resnet50:0.05:32,resnet18:0.1:32,resnet18:0.05:32,resnet50:0.5:32,mobilenet_v2:0.1:32"
 
 
-def _point_lines(arch: str, density: float, batch: int, seconds: float) -> list[str]:
+def switch_point_lines(arch: str, density: float, batch: int, seconds: float, switch=sparse_cpu.set_batch_lanes
+                       ) -> list[str]:
+    """One point's lines: the network converted once, its outputs with ``switch`` (a ``sparse_cpu.set_*`` function
+    taking a bool) off and on checked equal bit for bit, then rounds each way grouped by placement."""
     converted, x = converted_pruned_network(arch, density, batch)
     outputs = {}
     for name, enabled in (("off", False), ("on", True)):
-        sparse_cpu.set_batch_lanes(enabled)
+        switch(enabled)
         outputs[name] = inference_call(converted, x)
     if not torch.equal(outputs["off"], outputs["on"]):
-        raise AssertionError(f"{arch}: the outputs with and without the batch-in-lanes kernel differ")
+        raise AssertionError(f"{arch}: the outputs with {switch.__name__} off and on differ")
     run = functools.partial(inference_call, converted, x)
-    groups = placement_grouped_rounds({"off": run, "on": run},
-                                      lambda name: sparse_cpu.set_batch_lanes(name == "on"), seconds,
+    groups = placement_grouped_rounds({"off": run, "on": run}, lambda name: switch(name == "on"), seconds,
                                       CALLS_PER_ROUND_BATCH_1 if batch == 1 else CALLS_PER_ROUND_LARGER)
     label = f"{arch} {density:g} kept, batch {batch}"
     return [grouped_summary(f"{label}, cores {group}", found, "off", "on")
@@ -47,7 +49,7 @@ def main(argv=None) -> int:
         parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the batch-in-lanes kernel is AVX-512's")
     return print_switch_ab_report(
         args, switch_ab_header("sparse_cpu.set_batch_lanes off / on", args), sparse_cpu.set_batch_lanes, True,
-        lambda: (line for point in points for line in _point_lines(*point, args.seconds)))
+        lambda: (line for point in points for line in switch_point_lines(*point, args.seconds)))
 
 
 if __name__ == "__main__":

@@ -96,6 +96,18 @@ void CallPlan::add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor s
   });
 }
 
+void CallPlan::add_sparse_pointwise_generated(int64_t input, int64_t residual, int64_t output,
+                                              std::shared_ptr<GeneratedPointwise> code, at::Tensor table,
+                                              std::optional<at::Tensor> bias, int64_t activation,
+                                              bool aligned_output) {
+  check_slots({input, output}, residual);
+  TORCH_CHECK(code != nullptr, "CallPlan.add_sparse_pointwise_generated: code is None");
+  add(with_residual("sparse_pointwise_generated", residual, false), [=](std::vector<at::Tensor>& slot) {
+    const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
+    slot[output] = sparse_pointwise_generated(slot[input], code, table, bias, added, activation, aligned_output);
+  });
+}
+
 void CallPlan::add_pointwise_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
                                   std::optional<at::Tensor> bias, bool relu, bool into_residual) {
   check_slots({input, output}, residual);

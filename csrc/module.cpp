@@ -82,6 +82,23 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
         "check_offsets), the images in the AVX-512 vector lanes (csrc/"
         "batch_lanes.cpp): the same outputs bit for bit, a 3x3 kernel with padding 1 only (sparse_conv2d_lanes_"
         "supported), no residual, activation 0 (none) or 1 (relu); needs the AVX-512 kernel.");
+  py::class_<vpns::GeneratedPointwise, std::shared_ptr<vpns::GeneratedPointwise>>(
+      m, "GeneratedPointwise",
+      "Machine code written for one sparse 1x1 layer's nonzeros at one input size (sparse_pointwise_generate).");
+  m.def("sparse_pointwise_generated_supported", &vpns::sparse_pointwise_generated_supported, py::arg("weight_shape"),
+        py::arg("input_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
+        "Whether sparse_pointwise_generated takes this geometry: x86-64 Linux, a 1x1 kernel, stride 1, no padding.");
+  m.def("sparse_pointwise_generate", &vpns::sparse_pointwise_generate, py::arg("row_ptr"), py::arg("channel_index"),
+        py::arg("values"), py::arg("weight_shape"), py::arg("input_size"),
+        "(code, table): machine code for sparse_conv2d_pack's nonzeros of a 1x1 layer at input_size (H, W), written "
+        "into executable memory, and its weights in the order it reads them (csrc/generated_conv.cpp). RuntimeError "
+        "where the system refuses executable memory.");
+  m.def("sparse_pointwise_generated", &vpns::sparse_pointwise_generated, py::arg("input"), py::arg("code"),
+        py::arg("table"), py::arg("bias"), py::arg("residual") = py::none(), py::arg("activation") = 0,
+        py::arg("aligned_output") = false,
+        "sparse_conv2d of a 1x1, stride-1, unpadded layer for a batch that is a multiple of 16 through the code of "
+        "sparse_pointwise_generate (its table): the same outputs bit for bit; residual, activation 0 (none) or 1 "
+        "(relu) and aligned_output as sparse_conv2d takes them; needs AVX-512.");
   bind_sparse_conv2d<at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
@@ -179,6 +196,9 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
            py::arg("output"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
            py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"),
            py::arg("input_channel_stride"), py::arg("aligned_output"))
+      .def("add_sparse_pointwise_generated", &vpns::CallPlan::add_sparse_pointwise_generated, py::arg("input"),
+           py::arg("residual"), py::arg("output"), py::arg("code"), py::arg("table"), py::arg("bias"),
+           py::arg("activation"), py::arg("aligned_output"))
       .def("add_sparse_conv_lanes", &vpns::CallPlan::add_sparse_conv_lanes, py::arg("input"), py::arg("output"),
            py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"), py::arg("bias"),
            py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"), py::arg("aligned_output"))

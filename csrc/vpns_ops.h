@@ -62,6 +62,35 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segmen
                                const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
                                std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t activation,
                                bool aligned_output);
+// csrc/generated_conv.cpp: a sparse 1x1 convolution (stride 1, no padding) for batches that are a multiple of 16,
+// the batch in the AVX-512 lanes, its sums run as machine code written for the layer's nonzeros (see the file): the
+// same outputs as sparse_conv2d bit for bit. Whether it takes this geometry (x86-64 Linux); the code for
+// sparse_conv2d_pack's row_ptr / channel_index / values at input_size (H, W), with its weights in the order it reads
+// them; the call.
+struct GeneratedPointwise {  // one layer's code, executable, and what it was written for
+  int64_t in_channels = 0, out_channels = 0, plane = 0;
+  int64_t chunk = 0;         // positions a call of a block's code computes (its window: chunk x C_in vectors)
+  int64_t span = 0;          // positions a work item sums before its epilogue
+  int64_t rows_a_block = 0;  // output channels a function of the code computes
+  int64_t weights = 0;       // the table's length
+  std::vector<int64_t> entries;  // each block's function: its byte offset in the code
+  void* memory = nullptr;
+  size_t size = 0;
+  GeneratedPointwise() = default;
+  GeneratedPointwise(const GeneratedPointwise&) = delete;
+  GeneratedPointwise& operator=(const GeneratedPointwise&) = delete;
+  ~GeneratedPointwise();  // unmaps the code
+};
+bool sparse_pointwise_generated_supported(const std::vector<int64_t>& weight_shape,
+                                          const std::vector<int64_t>& input_size, const std::vector<int64_t>& stride,
+                                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation);
+std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(
+    const at::Tensor& row_ptr, const at::Tensor& channel_index, const at::Tensor& values,
+    std::vector<int64_t> weight_shape, std::vector<int64_t> input_size);
+at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared_ptr<GeneratedPointwise>& code,
+                                      const at::Tensor& table, const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual, int64_t activation,
+                                      bool aligned_output);
 bool pointwise_conv_supported();
 // F.linear(input, weight, bias) for a 2-d float32 input of a few rows, the output features shared out over the
 // threads; needs pointwise_conv_supported().
@@ -184,6 +213,9 @@ class CallPlan {
                              int64_t activation, bool aligned_output);
   void add_pointwise_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
                           std::optional<at::Tensor> bias, bool relu, bool into_residual);
+  void add_sparse_pointwise_generated(int64_t input, int64_t residual, int64_t output,
+                                      std::shared_ptr<GeneratedPointwise> code, at::Tensor table,
+                                      std::optional<at::Tensor> bias, int64_t activation, bool aligned_output);
   // oneDNN's convolution (torch's mkldnn::_convolution_pointwise overloads), then ReLU in place when activation is 1.
   void add_onednn_conv(int64_t input, int64_t residual, int64_t output, at::Tensor packed,
                        std::optional<at::Tensor> bias, std::vector<int64_t> padding, std::vector<int64_t> stride,

@@ -34,11 +34,15 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
                  "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors", "sparse_tile_width",
                  "sparse_conv2d_lanes_supported", "sparse_conv2d_lanes_pack", "sparse_conv2d_lanes",
+                 "sparse_pointwise_generated_supported", "sparse_pointwise_generate", "sparse_pointwise_generated",
                  "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
                  "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
                  "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
                  "normalize_images")
 POLICIES = ("measure", "sparse", "dense")
+# How convert_for_cpu's refusal of a model that fails on its example input begins (deploy words it anew where the
+# example was its own).
+FAILING_EXAMPLE = "example_input: the model fails on a tensor of shape"
 # The sparse kernels' vector instruction sets, widest first (see kernel_isa); the extension's own list, which
 # a test compares with this one, is what it accepts.
 KERNEL_ISAS = ("avx512", "avx2", "scalar")
@@ -220,6 +224,25 @@ def set_batch_lanes(enabled: bool) -> bool:
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     previous, _BATCH_LANES[0] = _BATCH_LANES[0], enabled
+    _count_layer_edit()  # compiled call plans are made again with the new choice
+    return previous
+
+
+# Whether SparseConv2d runs the 1x1 layers that sparse_pointwise_generated_supported takes through machine code
+# written for their nonzeros at batches that are a multiple of 16 (set_generated_code).
+_GENERATED_CODE = [True]
+
+
+def set_generated_code(enabled: bool) -> bool:
+    """Whether sparse 1x1 layers (stride 1, no padding) with small planes (7x7 and 14x14 in ResNets; the extension's
+    ``sparse_pointwise_generated_supported`` says which) run batches that are a multiple of 16 through machine code
+    written for their nonzeros when first called at an input size, the images in the AVX-512 vector lanes (on by
+    default, where the AVX-512 kernel runs; csrc/generated_conv.cpp has the design and measurements). The values are
+    the same bit for bit. Returns the previous setting; read at each call (compiled call plans are made again). For
+    comparing both ways on a machine."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be a bool, got {enabled!r}")
+    previous, _GENERATED_CODE[0] = _GENERATED_CODE[0], enabled
     _count_layer_edit()  # compiled call plans are made again with the new choice
     return previous
 
@@ -697,13 +720,14 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         so that its offsets depend on the input's channel stride."""
         return self.weight_shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _geometry(self, height: int, width: int, channel_stride: int = 0, lanes: bool = False) -> tuple:
+    def _geometry(self, height: int, width: int, channel_stride: int = 0, lanes: bool | str = False) -> tuple:
         """(offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major order) for inputs
         of height x width whose channels are ``channel_stride`` floats apart (0: height * width; see
         :func:`aligned_channel_stride`). The ordered values are a copy kept per cached input size (4 bytes a nonzero
         each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout).
         ``lanes``: (segments, offsets, values) of the batch-in-lanes kernel instead (:func:`set_batch_lanes`), for
-        a geometry it takes."""
+        a geometry it takes; ``"generated"``: (code, its weights) of a 1x1 layer's machine code
+        (:func:`set_generated_code`)."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
@@ -734,8 +758,11 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._geometry_cache = kept
         return cached
 
-    def _compute_geometry(self, height: int, width: int, channel_stride: int, lanes: bool = False) -> tuple:
+    def _compute_geometry(self, height: int, width: int, channel_stride: int, lanes: bool | str = False) -> tuple:
         ops = _ops()
+        if lanes == "generated":
+            return tuple(ops.sparse_pointwise_generate(self.row_ptr, self.channel_index, self.values,
+                                                       list(self.weight_shape), [height, width]))
         if lanes:
             arguments = ([height, width], list(self.stride), list(self.padding), list(self.dilation))
             offsets, segments, values = ops.sparse_conv2d_lanes_pack(
@@ -784,6 +811,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
              aligned_output: bool = False) -> torch.Tensor:
+        generated = self._generated_arguments(x, residual, activation)
+        if generated is not None:
+            return _ops().sparse_pointwise_generated(x, *generated, self._buffers["bias"], residual,
+                                                     EPILOGUE_ACTIVATIONS.get(activation, 0), aligned_output)
         lanes = self._lanes_arguments(x, residual, activation)
         if lanes is not None:
             return _ops().sparse_conv2d_lanes(x, *lanes, self.weight_shape, self._buffers["bias"], self.stride,
@@ -804,6 +835,27 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             return None
         segments, offsets, values = self._geometry(x.shape[2], x.shape[3], lanes=True)
         return segments, offsets, values
+
+    def _generated_arguments(self, x: torch.Tensor, residual: torch.Tensor | None,
+                             activation: str | None) -> tuple | None:
+        """(code, weights) of this layer's machine code for the 4-d ``x`` (:func:`set_generated_code`), or None where
+        it does not run this call. A system that refuses executable memory turns it off with a warning."""
+        if (not _GENERATED_CODE[0] or activation not in (None, "relu") or self.groups != 1 or not x.shape[0]
+                or x.shape[0] % BATCH_LANES or self.weight_shape[2:] != (1, 1)
+                or not _ops().sparse_pointwise_generated_supported(list(self.weight_shape), [x.shape[2], x.shape[3]],
+                                                                   list(self.stride), list(self.padding),
+                                                                   list(self.dilation))
+                or _ops().sparse_kernel_isa() != "avx512"):
+            return None
+        try:
+            return self._geometry(x.shape[2], x.shape[3], lanes="generated")
+        except RuntimeError as exc:
+            if "executable memory" not in str(exc):
+                raise
+            _GENERATED_CODE[0] = False
+            warnings.warn(f"sparse 1x1 layers run without generated code: {exception_reason(exc)}", RuntimeWarning,
+                          stacklevel=caller_stacklevel())
+            return None
 
     def _lanes_geometry(self, height: int, width: int) -> bool:
         """Whether the batch-in-lanes kernel takes this layer at height x width, asked before any cache is touched
@@ -829,6 +881,11 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         if _needs_gradient(x, residual) or x.dim() != 4 or (
                 residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d")):
             return False
+        generated = self._generated_arguments(x, residual, self._activation)
+        if generated is not None:
+            plan.add_sparse_pointwise_generated(*slots, *generated, self._buffers["bias"],
+                                                EPILOGUE_ACTIVATIONS.get(self._activation, 0), aligned_output)
+            return True
         lanes = self._lanes_arguments(x, residual, self._activation)
         if lanes is not None:
             plan.add_sparse_conv_lanes(slots[0], slots[2], *lanes, list(self.weight_shape), self._buffers["bias"],
@@ -2445,7 +2502,7 @@ def _reference_output(model: nn.Module, example_input: torch.Tensor):
     except Exception as exc:
         if is_out_of_memory(exc):
             raise  # the machine's limit, not the example's shape
-        raise ValueError(f"example_input: the model fails on a tensor of shape {tuple(example_input.shape)} "
+        raise ValueError(f"{FAILING_EXAMPLE} {tuple(example_input.shape)} "
                          f"({exception_reason(exc)})") from exc
 
 

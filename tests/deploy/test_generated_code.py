@@ -1,0 +1,234 @@
+"""Sparse 1x1 layers through machine code written for their nonzeros (csrc/generated_conv.cpp): its outputs are
+sparse_conv2d's, bit for bit (each output's nonzeros summed from zero in the same order, the same epilogue), on the
+geometries it takes (several register groups and blocks of rows, spans shorter than the plane, empty rows, no nonzero
+at all), with and without bias, residual and ReLU, from contiguous and channel-aligned inputs and residuals, into
+plain and aligned outputs, NaN included; SparseConv2d runs it only where it applies, in eager calls and compiled call
+plans alike, and without it where the system refuses executable memory; bad calls are refused."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import vpns_fast as vf
+from vpns_fast import _extension
+from vpns_fast.deploy import sparse_cpu
+
+_OK, _REASON = sparse_cpu.available()
+_GENERATED = _OK and _extension.load().sparse_pointwise_generated_supported([4, 4, 1, 1], [7, 7], [1, 1], [0, 0],
+                                                                             [1, 1])
+pytestmark = [pytest.mark.skipif(not _OK, reason=_REASON),
+              pytest.mark.skipif(_OK and "avx512" not in sparse_cpu.kernel_isas(), reason="needs AVX-512"),
+              pytest.mark.skipif(_OK and not _GENERATED, reason="generated code needs x86-64 Linux")]
+
+# (C_in, C_out, H): one register group; several groups and blocks of rows (300 rows at 7x7: blocks of 240); all 240
+# rows in spans of 42 of a 14x14 plane; odd planes (5x5, 9x9) and a plane of one position
+GEOMETRIES = [(8, 12, 7), (64, 300, 7), (20, 16, 14), (512, 240, 14), (33, 61, 5), (100, 31, 9), (3, 5, 1)]
+
+
+@pytest.fixture
+def avx512():
+    previous = sparse_cpu.set_kernel_isa("avx512")
+    yield
+    sparse_cpu.set_kernel_isa(previous)
+
+
+def _weight(in_channels, out_channels, generator, density=0.2):
+    weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator)
+    weight *= torch.rand(weight.shape, generator=generator) < density
+    weight[0] = 0.0  # a row without nonzeros
+    return weight
+
+
+def _aligned(ops, x):
+    """``x`` as a sparse layer's channel-aligned output hands it on (an identity 1x1 conv writing one)."""
+    channels, size = x.shape[1], x.shape[2]
+    identity = torch.eye(channels).view(channels, channels, 1, 1)
+    row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(identity)
+    one = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, list(identity.shape), [size, size],
+                                    [1, 1], [0, 0], [1, 1])
+    aligned = ops.sparse_conv2d(x, one[1], one[0], one[2], list(identity.shape), None, [1, 1], [0, 0], [1, 1], None,
+                                0, 0, True)
+    torch.testing.assert_close(aligned, x, rtol=0, atol=0, equal_nan=True)
+    return aligned
+
+
+@pytest.mark.parametrize("batch", [16, 48])
+@pytest.mark.parametrize("geometry", GEOMETRIES, ids=lambda g: "{}-{}-{}px".format(*g))
+def test_outputs_equal_the_kernels_bit_for_bit(geometry, batch, avx512):
+    in_channels, out_channels, size = geometry
+    generator = torch.Generator().manual_seed(in_channels * 31 + batch)
+    weight = _weight(in_channels, out_channels, generator)
+    bias = torch.randn(out_channels, generator=generator)
+    ops = _extension.load()
+    row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+    shape = list(weight.shape)
+    offsets, segments, ordered = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, shape,
+                                                           [size, size], [1, 1], [0, 0], [1, 1])
+    code, table = ops.sparse_pointwise_generate(row_ptr, channel_index, values, shape, [size, size])
+    x = torch.randn(batch, in_channels, size, size, generator=generator)
+    x[1, 0, 0, size - 1] = float("nan")  # reaches the outputs it touches, as in sparse_conv2d
+    residual = torch.randn(batch, out_channels, size, size, generator=generator)
+    residual[2, 1, size // 2, 0] = float("-inf")
+    for source in (x, _aligned(ops, x)):
+        for added in (None, residual, _aligned(ops, residual)):
+            for b in (bias, None):
+                for activation in (0, 1):
+                    for aligned_output in (False, True):
+                        want = ops.sparse_conv2d(source, segments, offsets, ordered, shape, b, [1, 1], [0, 0], [1, 1],
+                                                 added, activation, 0, aligned_output)
+                        got = ops.sparse_pointwise_generated(source, code, table, b, added, activation,
+                                                             aligned_output)
+                        assert got.shape == want.shape and got.stride() == want.stride()
+                        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+                        if aligned_output:  # the padding past each plane holds zeros, as sparse_conv2d's does
+                            rows = got.as_strided((got.shape[0], got.shape[1], got.stride(1)),
+                                                  (got.stride(0), got.stride(1), 1))
+                            assert (rows[..., size * size:] == 0).all()
+    clean = x.nan_to_num()
+    reference = torch.relu(torch.nn.functional.conv2d(clean, weight, bias) + residual.nan_to_num())
+    got = ops.sparse_pointwise_generated(clean, code, table, bias, residual.nan_to_num(), 1)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_a_layer_without_nonzeros_writes_its_bias(avx512):
+    ops = _extension.load()
+    weight = torch.zeros(40, 16, 1, 1)
+    bias = torch.randn(40)
+    row_ptr, channel_index, _, values = ops.sparse_conv2d_pack(weight)
+    code, table = ops.sparse_pointwise_generate(row_ptr, channel_index, values, list(weight.shape), [7, 7])
+    assert table.numel() == 0
+    got = ops.sparse_pointwise_generated(torch.randn(16, 16, 7, 7), code, table, bias)
+    torch.testing.assert_close(got, bias.view(1, 40, 1, 1).expand(16, 40, 7, 7), rtol=0, atol=0)
+
+
+def test_bad_calls_are_refused(avx512):
+    ops = _extension.load()
+    weight = _weight(6, 5, torch.Generator().manual_seed(0), density=0.5)
+    row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+    code, table = ops.sparse_pointwise_generate(row_ptr, channel_index, values, list(weight.shape), [7, 7])
+    with pytest.raises(RuntimeError, match="the batch must be a multiple of 16, got 8"):
+        ops.sparse_pointwise_generated(torch.randn(8, 6, 7, 7), code, table, None)
+    with pytest.raises(RuntimeError, match="written for 6 channels of 49 positions, got 6 of 64"):
+        ops.sparse_pointwise_generated(torch.randn(16, 6, 8, 8), code, table, None)
+    with pytest.raises(RuntimeError, match="written for 6 channels of 49 positions, got 7 of 49"):
+        ops.sparse_pointwise_generated(torch.randn(16, 7, 7, 7), code, table, None)
+    with pytest.raises(RuntimeError, match="table must be the contiguous float32 tensor"):
+        ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table[:-1], None)
+    with pytest.raises(RuntimeError, match="activation must be 0 \\(none\\) or 1 \\(relu\\)"):
+        ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table, None, None, 2)
+    with pytest.raises(RuntimeError, match="residual must be a float32 CPU tensor of the output's shape"):
+        ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table, None, torch.randn(16, 5, 7, 6))
+    with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor"):
+        ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table, torch.randn(4))
+    with pytest.raises(RuntimeError, match="at most 196 positions"):
+        ops.sparse_pointwise_generate(row_ptr, channel_index, values, list(weight.shape), [28, 28])
+    unsorted = channel_index.clone()
+    first = int(row_ptr[1])  # row 1's nonzeros, reversed
+    unsorted[first:int(row_ptr[2])] = channel_index[first:int(row_ptr[2])].flip(0)
+    with pytest.raises(RuntimeError, match="sorted by input channel"):
+        ops.sparse_pointwise_generate(row_ptr, unsorted, values, list(weight.shape), [7, 7])
+    with pytest.raises(RuntimeError, match="channel_index out of range"):
+        ops.sparse_pointwise_generate(row_ptr, channel_index + 6, values, list(weight.shape), [7, 7])
+    supported = ops.sparse_pointwise_generated_supported
+    assert supported([4, 3, 1, 1], [14, 14], [1, 1], [0, 0], [1, 1])
+    assert not supported([4, 1024, 1, 1], [14, 14], [1, 1], [0, 0], [1, 1])  # 784 KiB an image: the copy loses
+    assert not supported([4, 3, 1, 1], [14, 14], [2, 2], [0, 0], [1, 1])
+    assert not supported([4, 3, 3, 3], [7, 7], [1, 1], [1, 1], [1, 1])
+
+
+class _Block(nn.Module):
+    """Two 1x1 layers the code takes (one with a residual and ReLU) after a 3x3 layer it does not take."""
+
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv2d(3, 16, 3, 2, 1)
+        self.expand = nn.Conv2d(16, 40, 1)
+        self.reduce = nn.Conv2d(40, 16, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.down(x))
+        return torch.relu(self.reduce(torch.relu(self.expand(y))) + y)
+
+
+@pytest.mark.parametrize("batch", [16, 20])
+def test_sparse_layers_take_it_where_it_applies(batch, avx512):
+    """Eager and through the compiled call plan: the same outputs with the code on and off; it runs for both 1x1
+    layers at batches of 16, not at batch 20."""
+    torch.manual_seed(batch)
+    model = _Block().eval()
+    with torch.no_grad():
+        for conv in (model.down, model.expand, model.reduce):
+            conv.weight *= torch.rand(conv.weight.shape) < 0.3
+    x = torch.rand(batch, 3, 14, 14)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    runs = []
+    original = sparse_cpu.SparseConv2d._generated_arguments
+
+    def recorded(self, x, residual, activation):
+        taken = original(self, x, residual, activation)
+        runs.append(taken is not None)
+        return taken
+
+    outputs = {}
+    previous = sparse_cpu.set_generated_code(True)
+    try:
+        for enabled in (False, True):
+            sparse_cpu.set_generated_code(enabled)
+            sparse_cpu.SparseConv2d._generated_arguments = recorded
+            runs.clear()
+            with torch.inference_mode():
+                outputs[enabled] = converted(x)
+            sparse_cpu.SparseConv2d._generated_arguments = original
+            assert sum(runs) == (2 if enabled and batch % 16 == 0 else 0)
+        deployed = vf.deploy(model, "cpu", tuple(x.shape), policy="sparse", mean=(0.0,) * 3, std=(1.0,) * 3)
+        with torch.inference_mode():
+            deployed(x)  # the plan is made on a call, then runs
+            planned, timing = deployed.timed_call(x)
+        assert timing["steps"] is not None  # the compiled call plan ran
+        steps = [step for _, _, step, _ in timing["steps"]]
+        assert sum(step.startswith("sparse_pointwise_generated") for step in steps) == (2 if batch % 16 == 0 else 0)
+    finally:
+        sparse_cpu.SparseConv2d._generated_arguments = original
+        sparse_cpu.set_generated_code(previous)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
+    torch.testing.assert_close(planned, outputs[False], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[True], model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_a_system_refusing_executable_memory_runs_without_it(avx512, monkeypatch):
+    torch.manual_seed(0)
+    model = _Block().eval()
+    x = torch.rand(16, 3, 14, 14)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    with torch.inference_mode():
+        want = converted(x)
+    ops = _extension.load()
+
+    class Refusing:
+        def __getattr__(self, name):
+            return getattr(ops, name)
+
+        def sparse_pointwise_generate(self, *arguments):
+            raise RuntimeError("sparse_pointwise_generate: this system refuses executable memory (mprotect PROT_EXEC)")
+
+    previous = sparse_cpu.set_generated_code(True)
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    for layer in converted.modules():
+        if isinstance(layer, sparse_cpu.SparseConv2d):
+            layer._geometry_cache = {}  # the code its conversion generated: made again below
+    monkeypatch.setattr(sparse_cpu, "_ops", lambda: Refusing())
+    try:
+        with pytest.warns(RuntimeWarning, match="without generated code: RuntimeError: .*refuses executable memory"):
+            with torch.inference_mode():
+                got = converted(x)
+        assert sparse_cpu.set_generated_code(True) is False  # turned off by the refusal
+    finally:
+        sparse_cpu.set_generated_code(previous)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_the_switch_takes_a_bool():
+    with pytest.raises(TypeError, match="enabled must be a bool, got 1"):
+        sparse_cpu.set_generated_code(1)

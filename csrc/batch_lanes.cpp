@@ -373,12 +373,7 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segmen
     sums_and_epilogue<2>(g, lanes_data, seg, off, values.const_data_ptr<float>(), blocks, bias_data, relu, out_data,
                          out_stride);
   }
-  if (out_stride > plane) {  // an aligned output's padding holds zeros, as sparse_conv2d's does
-    at::parallel_for(0, g.batch * g.out_channels, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        std::fill(out_data + i * out_stride + plane, out_data + (i + 1) * out_stride, 0.0f);
-    });
-  }
+  zero_aligned_padding(out_data, g.batch * g.out_channels, plane, out_stride);
 #else
   TORCH_CHECK(false, op, ": built without AVX-512 support");
 #endif

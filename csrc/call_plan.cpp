@@ -98,8 +98,7 @@ void CallPlan::add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor s
 
 void CallPlan::add_sparse_pointwise_generated(int64_t input, int64_t residual, int64_t output,
                                               std::shared_ptr<GeneratedPointwise> code, at::Tensor table,
-                                              std::optional<at::Tensor> bias, int64_t activation,
-                                              bool aligned_output) {
+                                              std::optional<at::Tensor> bias, int64_t activation, bool aligned_output) {
   check_slots({input, output}, residual);
   TORCH_CHECK(code != nullptr, "CallPlan.add_sparse_pointwise_generated: code is None");
   add(with_residual("sparse_pointwise_generated", residual, false), [=](std::vector<at::Tensor>& slot) {

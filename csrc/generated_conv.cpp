@@ -32,7 +32,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <cstdlib>
 #include <limits>
 #include <vector>
 
@@ -50,9 +49,9 @@ namespace vpns {
 
 namespace {
 
-constexpr int64_t kLanes = 16;       // images a vector
-constexpr int kRowsAGroup = 30;      // output channels whose sums share the registers (zmm31 holds the input)
-constexpr int64_t kMaxChunk = 16;    // positions a code call computes (the epilogue transposes 16 at a time)
+constexpr int64_t kLanes = 16;     // images a vector
+constexpr int kRowsAGroup = 30;    // output channels whose sums share the registers (zmm31 holds the input)
+constexpr int64_t kMaxChunk = 16;  // positions a code call computes (the epilogue transposes 16 at a time)
 
 // General-purpose registers by their encoding numbers.
 constexpr int kRcx = 1, kRdx = 2, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9, kR10 = 10;
@@ -146,8 +145,8 @@ namespace {
 
 // The code's text for rows (row_ptr, channel_index): one function a block of rows_a_block rows, starting at the
 // byte offsets `entries`; its weights in the order it reads them. A block's sums go to [rows_a_block][span][16].
-std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const float* values, int64_t rows,
-                                int64_t plane, int64_t rows_a_block, int64_t span, std::vector<float>& table,
+std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const float* values, int64_t rows, int64_t plane,
+                                int64_t rows_a_block, int64_t span, std::vector<float>& table,
                                 std::vector<int64_t>& entries) {
   Assembler a;
   for (int64_t block = 0; block < rows; block += rows_a_block) {
@@ -212,6 +211,11 @@ int64_t chunk_for(int64_t plane) {
 constexpr int64_t kSumsBytes = 768 * 1024;
 void share_items(int64_t rows, int64_t plane, int64_t chunk, int64_t& span, int64_t& rows_a_block) {
   const int64_t row_bytes = kLanes * 4;  // one position of one row
+  if (rows == 0) {                       // no output channel: nothing to sum
+    span = plane;
+    rows_a_block = kRowsAGroup;
+    return;
+  }
   const int64_t all_rows_span = kSumsBytes / (rows * row_bytes) / chunk * chunk;
   if (all_rows_span >= plane || all_rows_span >= 2 * chunk) {
     span = std::min(plane, all_rows_span);
@@ -242,9 +246,8 @@ __attribute__((target("avx512f"))) void copy_into_lanes(const float* x, int64_t 
 // rows o0 .. o0 + rows of the NCHW `out` of image group gi: 16 positions of an image's plane a store.
 __attribute__((target("avx512f"))) void span_epilogue(const float* sums, int64_t span, int64_t count, int64_t gi,
                                                       int64_t p0, int64_t o0, int64_t rows, int64_t out_channels,
-                                                      const float* bias, const float* residual,
-                                                      int64_t residual_stride, bool relu, float* out,
-                                                      int64_t out_stride) {
+                                                      const float* bias, const float* residual, int64_t residual_stride,
+                                                      bool relu, float* out, int64_t out_stride) {
   const __m512 zero = _mm512_setzero_ps();
   for (int64_t o = o0; o < o0 + rows; ++o) {
     const __m512 add = _mm512_set1_ps(bias ? bias[o] : 0.0f);
@@ -261,8 +264,8 @@ __attribute__((target("avx512f"))) void span_epilogue(const float* sums, int64_t
         // as sparse_conv2d's epilogue: (sum + bias) (+ residual), then value < 0 ? 0 : value (NaN and -0 kept)
         __m512 value = _mm512_add_ps(v[i], add);
         if (residual) {
-          value = _mm512_add_ps(value,
-                                _mm512_maskz_loadu_ps(mask, residual + (image * out_channels + o) * residual_stride + at));
+          value = _mm512_add_ps(
+              value, _mm512_maskz_loadu_ps(mask, residual + (image * out_channels + o) * residual_stride + at));
         }
         if (relu) value = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, zero, _CMP_LT_OQ), value, zero);
         _mm512_mask_storeu_ps(out + (image * out_channels + o) * out_stride + at, mask, value);
@@ -281,8 +284,7 @@ bool planar(const at::Tensor& t, int64_t width, int64_t plane) {
 
 bool sparse_pointwise_generated_supported(const std::vector<int64_t>& weight_shape,
                                           const std::vector<int64_t>& input_size, const std::vector<int64_t>& stride,
-                                          const std::vector<int64_t>& padding,
-                                          const std::vector<int64_t>& dilation) {
+                                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation) {
   if (!VPNS_GENERATED || weight_shape.size() != 4 || input_size.size() != 2 || stride.size() != 2 ||
       padding.size() != 2 || dilation.size() != 2) {
     return false;
@@ -291,31 +293,31 @@ bool sparse_pointwise_generated_supported(const std::vector<int64_t>& weight_sha
       padding[1] != 0) {
     return false;
   }
-  // Where it pays, measured at batch 32, 10% kept, 2 threads against sparse_conv2d (2-vCPU Zen 4; the header):
-  // planes of at most 196 positions whose input takes at most 392 KiB an image, as it is copied into the lanes on
-  // every call. 512 -> 2048 at 7x7 1.84-1.88x, 256 -> 1024 at 14x14 1.36-1.41x, 2048 -> 512 at 7x7 1.24-1.34x;
-  // 1024 -> 256 at 14x14 (784 KiB an image) 0.77-0.79x, 128 -> 512 at 28x28 0.58x, 64 -> 256 at 56x56 0.37x.
+  // displacements within 32 bits (an input channel's, C_in * H * W vectors) and a block's sums of at most
+  // 30 x 4096 positions (7.5 MiB); where it pays is SparseConv2d's rule (vpns_fast.deploy.sparse_cpu)
   const int64_t plane = input_size[0] * input_size[1];
-  return plane > 0 && plane <= 196 && weight_shape[1] * plane <= 2048 * 49;
+  return plane > 0 && plane <= 4096 && weight_shape[1] * plane <= (int64_t{1} << 24);
 }
 
-std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(
-    const at::Tensor& row_ptr, const at::Tensor& channel_index, const at::Tensor& values,
-    std::vector<int64_t> weight_shape, std::vector<int64_t> input_size) {
+std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(const at::Tensor& row_ptr,
+                                                                                      const at::Tensor& channel_index,
+                                                                                      const at::Tensor& values,
+                                                                                      std::vector<int64_t> weight_shape,
+                                                                                      std::vector<int64_t> input_size) {
   constexpr const char* op = "sparse_pointwise_generate";
   TORCH_CHECK(sparse_pointwise_generated_supported(weight_shape, input_size, {1, 1}, {0, 0}, {1, 1}), op,
-              ": needs x86-64 Linux, a 1x1 weight_shape [C_out, C_in, 1, 1] and an input_size (H, W) of at most 196 "
-              "positions and C_in * H * W <= 100352 (sparse_pointwise_generated_supported), got ", weight_shape,
-              " and ", input_size);
+              ": needs x86-64 Linux, a 1x1 weight_shape [C_out, C_in, 1, 1] and an input_size (H, W) of at most 4096 "
+              "positions and C_in * H * W <= 2^24 (sparse_pointwise_generated_supported), got ",
+              weight_shape, " and ", input_size);
   const int64_t rows = weight_shape[0], nnz = channel_index.numel();
   // every displacement within 32 bits: the weights' (an input channel's, C_in * H * W <= 100352 vectors, and an output
   // row's in a block's sums, about kSumsBytes, are far below)
   TORCH_CHECK(nnz < (int64_t{1} << 29), op, ": too many nonzeros for 32-bit displacements, got ", nnz);
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.numel() == rows + 1 &&
-                  row_ptr.is_contiguous() && channel_index.scalar_type() == at::kInt &&
-                  channel_index.is_contiguous() && values.scalar_type() == at::kFloat && values.is_contiguous() &&
-                  values.numel() == nnz,
-              op, ": expected sparse_conv2d_pack's row_ptr (int64 [C_out + 1]), channel_index (int32) and values "
+                  row_ptr.is_contiguous() && channel_index.scalar_type() == at::kInt && channel_index.is_contiguous() &&
+                  values.scalar_type() == at::kFloat && values.is_contiguous() && values.numel() == nnz,
+              op,
+              ": expected sparse_conv2d_pack's row_ptr (int64 [C_out + 1]), channel_index (int32) and values "
               "(float32), contiguous, of one length");
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int32_t* ci = channel_index.const_data_ptr<int32_t>();
@@ -338,7 +340,7 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
   const std::vector<uint8_t> text = write_code(rp, ci, values.const_data_ptr<float>(), rows, generated->plane,
                                                generated->rows_a_block, generated->span, table, generated->entries);
 #if VPNS_GENERATED
-  const size_t page = 4096, size = (text.size() + page - 1) / page * page;
+  const size_t page = 4096, size = std::max<size_t>(page, (text.size() + page - 1) / page * page);
   void* memory = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(memory != MAP_FAILED, op, ": could not map ", size, " bytes for the code");
   std::memcpy(memory, text.data(), text.size());
@@ -397,8 +399,9 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
                                                             {out_channels * out_stride, out_stride, width, 1});
 #if VPNS_GENERATED
   const int64_t groups = batch / kLanes, channels = code->in_channels, chunk = code->chunk;
-  TORCH_CHECK(static_cast<int64_t>(code->entries.size()) == (out_channels + code->rows_a_block - 1) /
-                                                               code->rows_a_block, op, ": the code's blocks are not its rows'");
+  TORCH_CHECK(
+      static_cast<int64_t>(code->entries.size()) == (out_channels + code->rows_a_block - 1) / code->rows_a_block, op,
+      ": the code's blocks are not its rows'");
   at::Tensor lanes = empty_scratch({groups * channels * plane * kLanes + kLanes});
   float* lanes_data = lanes.mutable_data_ptr<float>();
   TORCH_CHECK(reinterpret_cast<uintptr_t>(lanes_data) % 64 == 0, op, ": scratch not 64-byte aligned");
@@ -431,16 +434,11 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
         run(lanes_data + (gi * channels * plane + p) * kLanes, sums + (p - p0) * kLanes, weights,
             std::min(chunk, p0 + count - p));
       }
-      span_epilogue(sums, span, count, gi, p0, o0, std::min(rows_a_block, out_channels - o0), out_channels,
-                    bias_data, residual_data, residual_stride, activation == epilogue::kRelu, out_data, out_stride);
+      span_epilogue(sums, span, count, gi, p0, o0, std::min(rows_a_block, out_channels - o0), out_channels, bias_data,
+                    residual_data, residual_stride, activation == epilogue::kRelu, out_data, out_stride);
     }
   });
-  if (out_stride > plane) {  // an aligned output's padding holds zeros, as sparse_conv2d's does
-    at::parallel_for(0, batch * out_channels, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
-        std::fill(out_data + i * out_stride + plane, out_data + (i + 1) * out_stride, 0.0f);
-    });
-  }
+  zero_aligned_padding(out_data, batch * out_channels, plane, out_stride);
 #else
   TORCH_CHECK(false, op, ": built without x86-64 Linux support");
 #endif

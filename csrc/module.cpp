@@ -84,7 +84,9 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
         "supported), no residual, activation 0 (none) or 1 (relu); needs the AVX-512 kernel.");
   py::class_<vpns::GeneratedPointwise, std::shared_ptr<vpns::GeneratedPointwise>>(
       m, "GeneratedPointwise",
-      "Machine code written for one sparse 1x1 layer's nonzeros at one input size (sparse_pointwise_generate).");
+      "Machine code written for one sparse 1x1 layer's nonzeros at one input size (sparse_pointwise_generate).")
+      .def_readonly("mapped_bytes", &vpns::GeneratedPointwise::size,
+                    "Bytes of executable memory the code holds (whole pages).");
   m.def("sparse_pointwise_generated_supported", &vpns::sparse_pointwise_generated_supported, py::arg("weight_shape"),
         py::arg("input_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
         "Whether sparse_pointwise_generated takes this geometry: x86-64 Linux, a 1x1 kernel, stride 1, no padding.");

@@ -1530,6 +1530,13 @@ int64_t aligned_channel_stride(int64_t plane) {
   return aligned_plane_stride(plane);
 }
 
+void zero_aligned_padding(float* out, int64_t planes, int64_t plane, int64_t stride) {
+  if (stride <= plane) return;
+  at::parallel_for(0, planes, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) std::fill(out + i * stride + plane, out + (i + 1) * stride, 0.0f);
+  });
+}
+
 std::vector<std::string> sparse_kernel_isas() {
   std::vector<std::string> names;
   for (int i = static_cast<int>(widest_isa()); i >= 0; --i) names.emplace_back(kIsas[i].name);

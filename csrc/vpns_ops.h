@@ -69,10 +69,10 @@ at::Tensor sparse_conv2d_lanes(const at::Tensor& input, const at::Tensor& segmen
 // them; the call.
 struct GeneratedPointwise {  // one layer's code, executable, and what it was written for
   int64_t in_channels = 0, out_channels = 0, plane = 0;
-  int64_t chunk = 0;         // positions a call of a block's code computes (its window: chunk x C_in vectors)
-  int64_t span = 0;          // positions a work item sums before its epilogue
-  int64_t rows_a_block = 0;  // output channels a function of the code computes
-  int64_t weights = 0;       // the table's length
+  int64_t chunk = 0;             // positions a call of a block's code computes (its window: chunk x C_in vectors)
+  int64_t span = 0;              // positions a work item sums before its epilogue
+  int64_t rows_a_block = 0;      // output channels a function of the code computes
+  int64_t weights = 0;           // the table's length
   std::vector<int64_t> entries;  // each block's function: its byte offset in the code
   void* memory = nullptr;
   size_t size = 0;
@@ -84,9 +84,11 @@ struct GeneratedPointwise {  // one layer's code, executable, and what it was wr
 bool sparse_pointwise_generated_supported(const std::vector<int64_t>& weight_shape,
                                           const std::vector<int64_t>& input_size, const std::vector<int64_t>& stride,
                                           const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation);
-std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(
-    const at::Tensor& row_ptr, const at::Tensor& channel_index, const at::Tensor& values,
-    std::vector<int64_t> weight_shape, std::vector<int64_t> input_size);
+std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(const at::Tensor& row_ptr,
+                                                                                      const at::Tensor& channel_index,
+                                                                                      const at::Tensor& values,
+                                                                                      std::vector<int64_t> weight_shape,
+                                                                                      std::vector<int64_t> input_size);
 at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared_ptr<GeneratedPointwise>& code,
                                       const at::Tensor& table, const std::optional<at::Tensor>& bias,
                                       const std::optional<at::Tensor>& residual, int64_t activation,
@@ -171,6 +173,10 @@ bool avx512_kernels_chosen();
 // Floats from one channel to the next in an aligned output whose planes hold `plane` floats (sparse_conv2d's
 // aligned_output; the one statement of the rule, which Python reads too).
 int64_t aligned_channel_stride(int64_t plane);
+// The floats between the planes of an aligned output (`planes` planes of `plane` floats, `stride` apart) set to zero,
+// as sparse_conv2d leaves them (a 1x1 conv reading it in place sums them into positions it drops); nothing where
+// stride == plane. For the kernels that write such outputs outside sparse_conv2d (batch_lanes, generated_conv).
+void zero_aligned_padding(float* out, int64_t planes, int64_t plane, int64_t stride);
 // Names of the ISAs this CPU runs, widest first.
 std::vector<std::string> sparse_kernel_isas();
 // "" unless VPNS_FAST_SPARSE_ISA names no ISA: then what was ignored and what runs instead.

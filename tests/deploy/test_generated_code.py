@@ -21,9 +21,11 @@ pytestmark = [pytest.mark.skipif(not _OK, reason=_REASON),
               pytest.mark.skipif(_OK and "avx512" not in sparse_cpu.kernel_isas(), reason="needs AVX-512"),
               pytest.mark.skipif(_OK and not _GENERATED, reason="generated code needs x86-64 Linux")]
 
-# (C_in, C_out, H): one register group; several groups and blocks of rows (300 rows at 7x7: blocks of 240); all 240
-# rows in spans of 42 of a 14x14 plane; odd planes (5x5, 9x9) and a plane of one position
-GEOMETRIES = [(8, 12, 7), (64, 300, 7), (20, 16, 14), (512, 240, 14), (33, 61, 5), (100, 31, 9), (3, 5, 1)]
+# (C_in, C_out, H): one register group; 10 groups, all 300 rows in spans of 35 of a 7x7 plane; 900 rows in blocks of
+# 240 over whole 7x7 planes; all 240 rows in spans of 42 of a 14x14 plane (the last 28); odd planes (5x5, 9x9), a
+# plane of one position, a 28x28 plane in spans, and the largest plane it takes (64x64)
+GEOMETRIES = [(8, 12, 7), (64, 300, 7), (16, 900, 7), (20, 16, 14), (512, 240, 14), (33, 61, 5), (100, 31, 9),
+              (3, 5, 1), (6, 40, 28), (2, 3, 64)]
 
 
 @pytest.fixture
@@ -121,8 +123,8 @@ def test_bad_calls_are_refused(avx512):
         ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table, None, torch.randn(16, 5, 7, 6))
     with pytest.raises(RuntimeError, match="bias must be a float32 CPU tensor"):
         ops.sparse_pointwise_generated(torch.randn(16, 6, 7, 7), code, table, torch.randn(4))
-    with pytest.raises(RuntimeError, match="at most 196 positions"):
-        ops.sparse_pointwise_generate(row_ptr, channel_index, values, list(weight.shape), [28, 28])
+    with pytest.raises(RuntimeError, match="at most 4096 positions"):
+        ops.sparse_pointwise_generate(row_ptr, channel_index, values, list(weight.shape), [65, 65])
     unsorted = channel_index.clone()
     first = int(row_ptr[1])  # row 1's nonzeros, reversed
     unsorted[first:int(row_ptr[2])] = channel_index[first:int(row_ptr[2])].flip(0)
@@ -131,24 +133,32 @@ def test_bad_calls_are_refused(avx512):
     with pytest.raises(RuntimeError, match="channel_index out of range"):
         ops.sparse_pointwise_generate(row_ptr, channel_index + 6, values, list(weight.shape), [7, 7])
     supported = ops.sparse_pointwise_generated_supported
-    assert supported([4, 3, 1, 1], [14, 14], [1, 1], [0, 0], [1, 1])
-    assert not supported([4, 1024, 1, 1], [14, 14], [1, 1], [0, 0], [1, 1])  # 784 KiB an image: the copy loses
+    assert supported([4, 3, 1, 1], [14, 14], [1, 1], [0, 0], [1, 1]) and supported([4, 3, 1, 1], [64, 64], [1, 1],
+                                                                                   [0, 0], [1, 1])
+    assert not supported([4, 3, 1, 1], [65, 65], [1, 1], [0, 0], [1, 1])
+    assert not supported([4, 8192, 1, 1], [64, 64], [1, 1], [0, 0], [1, 1])  # 2^25 vectors: past 32-bit displacements
+    pays = sparse_cpu._generated_code_pays  # SparseConv2d's rule, from measurements (its docstring)
+    assert pays((2048, 512, 1, 1), 7, 7) and pays((1024, 256, 1, 1), 14, 14) and pays((512, 2048, 1, 1), 7, 7)
+    assert not pays((256, 1024, 1, 1), 14, 14)  # 784 KiB of input an image: the copy loses
+    assert not pays((160, 960, 1, 1), 7, 7) and not pays((512, 128, 1, 1), 28, 28)
+    assert not pays((512, 512, 3, 3), 7, 7)
     assert not supported([4, 3, 1, 1], [14, 14], [2, 2], [0, 0], [1, 1])
     assert not supported([4, 3, 3, 3], [7, 7], [1, 1], [1, 1], [1, 1])
 
 
 class _Block(nn.Module):
-    """Two 1x1 layers the code takes (one with a residual and ReLU) after a 3x3 layer it does not take."""
+    """Two 1x1 layers the code takes (512 output channels at 7x7; one with a residual and ReLU) after a 3x3 layer it
+    does not take."""
 
     def __init__(self):
         super().__init__()
         self.down = nn.Conv2d(3, 16, 3, 2, 1)
-        self.expand = nn.Conv2d(16, 40, 1)
-        self.reduce = nn.Conv2d(40, 16, 1)
+        self.expand = nn.Conv2d(16, 512, 1)
+        self.mix = nn.Conv2d(512, 512, 1)
 
     def forward(self, x):
-        y = torch.relu(self.down(x))
-        return torch.relu(self.reduce(torch.relu(self.expand(y))) + y)
+        y = torch.relu(self.expand(torch.relu(self.down(x))))
+        return torch.relu(self.mix(y) + y)
 
 
 @pytest.mark.parametrize("batch", [16, 20])
@@ -158,7 +168,7 @@ def test_sparse_layers_take_it_where_it_applies(batch, avx512):
     torch.manual_seed(batch)
     model = _Block().eval()
     with torch.no_grad():
-        for conv in (model.down, model.expand, model.reduce):
+        for conv in (model.down, model.expand, model.mix):
             conv.weight *= torch.rand(conv.weight.shape) < 0.3
     x = torch.rand(batch, 3, 14, 14)
     converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")

@@ -967,3 +967,111 @@ def test_deploying_a_deployed_module_says_so():
     with pytest.raises(ValueError, match=r"^model_or_path: already a deployed module \(DeployedModel\); deploy the "
                        "model or file it came from"):
         runtime.deploy(deployed, example_input_size=(1, 3, 8, 8))
+
+
+class UnbatchedImages(nn.Module):
+    """Runs its conv and pooling on one (C, H, W) image at a time, as nn.Conv2d and nn.MaxPool2d take it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.MaxPool2d(2), nn.Linear(16, 10)
+
+    def forward(self, x):
+        return torch.stack([self.fc(self.pool(F.relu(self.conv(image))).mean((1, 2))) for image in x])
+
+
+def test_unbatched_conv_and_pooling_are_measured_as_a_batch_of_one():
+    """Found by an outside trial: under policy="measure" the dense side is timed on a channels_last copy of the
+    captured input, which torch refuses for a 3-d tensor ("required rank 4 tensor to use channels_last format")."""
+    model = pruned(UnbatchedImages())
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(2, 3, 12, 12), policy="measure", repeats=2)
+    rows = {row["name"]: row for row in table}
+    assert rows["conv"]["input_shape"] == [3, 12, 12] and rows["pool"]["input_shape"] == [16, 12, 12]
+    assert rows["conv"]["sparse_ms"] is not None and rows["pool"]["sparse_ms"] is not None
+    # every one of the 12 x 12 output positions of each channel counted, with no batch dimension to skip
+    assert rows["conv"]["dense_flops"] == 2 * 3 * 3 * 3 * 16 * 12 * 12
+    x = torch.randn(3, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+class PoolsWithIndices(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool = nn.Conv2d(3, 4, 1), nn.MaxPool2d(2, return_indices=True)
+
+    def forward(self, x):
+        values, indices = self.pool(self.conv(x))
+        return values + indices.float() * 1e-3
+
+
+@pytest.mark.parametrize("policy", ["sparse", "measure"])
+def test_a_max_pool_that_returns_indices_stays_in_torch_and_its_row_says_why(policy):
+    """Found by an outside trial: the capture hook read the shape of the pool's (values, indices) output."""
+    model = pruned(PoolsWithIndices())
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(1, 3, 8, 8), policy=policy, repeats=2)
+    (row,) = [row for row in table if row["name"] == "pool"]
+    assert row["chosen"] == "dense" and row["reason"].startswith("MaxPool2d with return_indices=True")
+    assert type(converted.get_submodule("pool")) is nn.MaxPool2d
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"from_module: MaxPool2d with ceil_mode=True, return_indices=True"):
+        sparse_cpu.SeparableMaxPool2d.from_module(nn.MaxPool2d(2, ceil_mode=True, return_indices=True))
+
+
+class CallsByKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.pool, self.fc = nn.Conv2d(3, 8, 3), nn.MaxPool2d(2), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(input=self.pool(input=self.conv(input=x)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("policy", ["sparse", "measure"])
+def test_layers_called_with_the_input_keyword_convert(policy):
+    """Found by an outside trial: the capture hook read ``inputs[0]`` of a call with keyword arguments only, and
+    the engine's layers named their argument ``x`` where torch's name it ``input``."""
+    model = pruned(CallsByKeyword())
+    converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(2, 3, 16, 16), policy=policy, repeats=2)
+    assert [row["input_shape"] for row in table] == [[2, 3, 16, 16], [2, 8, 14, 14], [2, 8]]
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_every_engine_layer_takes_its_input_by_the_torch_layers_keyword():
+    conv, linear, pool = pruned(nn.Conv2d(3, 8, 3, padding=1)), pruned(nn.Linear(8, 4)), nn.MaxPool2d(3, 2, 1)
+    images, rows = torch.randn(2, 3, 8, 8), torch.randn(2, 8)
+    replacements = [(conv, images, sparse_cpu.SparseConv2d.from_dense),
+                    (linear, rows, sparse_cpu.SparseLinear.from_dense),
+                    (pool, images, sparse_cpu.SeparableMaxPool2d.from_module)]
+    if sparse_cpu.dense_conv_available()[0]:
+        replacements += [(conv, images, sparse_cpu.DenseConv2d.from_dense),
+                         (conv, images, sparse_cpu.WinogradConv2d.from_dense)]
+    if sparse_cpu.pointwise_conv_supported():
+        replacements.append((linear, rows, sparse_cpu.DenseLinear.from_dense))
+    for layer, x, replace in replacements:
+        with torch.no_grad():
+            torch.testing.assert_close(replace(layer)(input=x), layer(input=x), rtol=1e-4, atol=1e-4)
+
+
+def test_the_output_check_names_the_side_that_has_nan():
+    """Found by an outside trial: an infinite input times the zero weights the sparse layer skips gives torch NaN
+    where the sparse layer's values are finite, and the refusal blamed the sparse layer for the NaN."""
+    finite, nan = torch.tensor([1.0, 2.0]), torch.tensor([1.0, float("nan")])
+    assert sparse_cpu.tensor_difference(finite, nan, reference="R") == "has finite values where R has NaN or infinities"
+    assert sparse_cpu.tensor_difference(nan, finite, reference="R") == "has NaN or infinities where R has finite values"
+    assert sparse_cpu.tensor_difference(torch.tensor([float("nan"), 2.0]), nan, reference="R") == (
+        "has NaN or infinities where R has finite values, and finite values where R has NaN or infinities")
+    linear = nn.Linear(8, 4).eval()
+    with torch.no_grad():
+        linear.weight.zero_()
+        linear.weight[0, 0] = 1.0
+    x = torch.rand(1, 8)
+    x[0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"sparse 0 has finite values where the Linear's output has NaN or "
+                                           r"infinities, against the Linear \(its input in the example holds NaN or "
+                                           r"infinities\); refusing to convert"):
+        sparse_cpu.convert_for_cpu(nn.Sequential(linear), x, policy="sparse")

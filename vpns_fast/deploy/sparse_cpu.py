@@ -233,13 +233,27 @@ def set_batch_lanes(enabled: bool) -> bool:
 _GENERATED_CODE = [True]
 
 
+def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int) -> bool:
+    """Whether a sparse 1x1 layer of ``weight_shape`` at height x width runs faster through generated code: its input
+    is copied into the vector lanes on every call, which a small output does not repay. Measured at batch 32, 10% kept,
+    2 threads, against the per-image kernel (2-vCPU Zen 4, 2026-12-07; docs/cpu-engine-runs.md): 512 -> 2048 at 7x7
+    1.84-1.88x, 256 -> 1024 at 14x14 1.36-1.41x, 2048 -> 512 at 7x7 1.24-1.34x; 1024 -> 256 at 14x14 (784 KiB of
+    input an image) 0.77-0.79x, 128 -> 512 at 28x28 0.58x, 64 -> 256 at 56x56 0.37x; MobileNetV2 at 10% kept, its
+    projections (C_out 24-320) taken too, 0.970x as fast. So: 1x1, at most 196 positions, at most 392 KiB of input an
+    image, at least 512 output channels."""
+    out_channels, in_channels = weight_shape[0], weight_shape[1]
+    plane = height * width
+    return (tuple(weight_shape[2:]) == (1, 1) and plane <= 196 and in_channels * plane <= 2048 * 49
+            and out_channels >= 512)
+
+
 def set_generated_code(enabled: bool) -> bool:
-    """Whether sparse 1x1 layers (stride 1, no padding) with small planes (7x7 and 14x14 in ResNets; the extension's
-    ``sparse_pointwise_generated_supported`` says which) run batches that are a multiple of 16 through machine code
-    written for their nonzeros when first called at an input size, the images in the AVX-512 vector lanes (on by
-    default, where the AVX-512 kernel runs; csrc/generated_conv.cpp has the design and measurements). The values are
-    the same bit for bit. Returns the previous setting; read at each call (compiled call plans are made again). For
-    comparing both ways on a machine."""
+    """Whether sparse 1x1 layers (stride 1, no padding) with small planes and many output channels (ResNet-50's
+    expanding layers at 7x7 and 14x14 and its reducing ones at 7x7; :func:`_generated_code_pays` says which) run
+    batches that are a multiple of 16 through machine code written for their nonzeros when first called at an input
+    size, the images in the AVX-512 vector lanes (on by default, where the AVX-512 kernel runs; csrc/generated_conv.cpp
+    has the design and measurements). The values are the same bit for bit. Returns the previous setting; read at
+    each call (compiled call plans are made again). For comparing both ways on a machine."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     previous, _GENERATED_CODE[0] = _GENERATED_CODE[0], enabled
@@ -776,15 +790,15 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         # than reading every offset (that pass cost ResNet-50 2.8% of its time at 10% kept, batch 1)
         return ops.check_offsets(offsets), segments, values
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:
-        """``activation(conv(x) + bias (+ residual))``, a new tensor (``aligned_output``: laid out as the class
+        """``activation(conv(input) + bias (+ residual))``, a new tensor (``aligned_output``: laid out as the class
         says; a path that does not run the kernel returns it contiguous). ``residual_reusable`` is accepted as
         DenseConv2d takes it (the engine's graph rewrite may swap one layer for the other) and not used: the
         sparse kernel always writes a new output. (Tried, 2026-12-04: the kernel writing into the residual in
         place measured 1.009x at batch 1 and 0.999x at batch 32 on ResNet-50 at 10% kept, per-call ratios
         over 60 and 12 calls, 2 threads, Intel Xeon; not kept.)"""
-        x, residual = _checked_conv_input(x, residual, "SparseConv2d")
+        x, residual = _checked_conv_input(input, residual, "SparseConv2d")
         if _needs_gradient(x, residual):
             # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
             out = F.conv2d(x, self.grouped_weight(), self._buffers["bias"], self.stride, self.padding, self.dilation,
@@ -841,7 +855,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         """(code, weights) of this layer's machine code for the 4-d ``x`` (:func:`set_generated_code`), or None where
         it does not run this call. A system that refuses executable memory turns it off with a warning."""
         if (not _GENERATED_CODE[0] or activation not in (None, "relu") or self.groups != 1 or not x.shape[0]
-                or x.shape[0] % BATCH_LANES or self.weight_shape[2:] != (1, 1)
+                or x.shape[0] % BATCH_LANES or not _generated_code_pays(self.weight_shape, x.shape[2], x.shape[3])
                 or not _ops().sparse_pointwise_generated_supported(list(self.weight_shape), [x.shape[2], x.shape[3]],
                                                                    list(self.stride), list(self.padding),
                                                                    list(self.dilation))
@@ -1117,17 +1131,17 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._packed = kept
         return packed
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:
-        """``activation(conv(x) + bias (+ residual))``. ``residual_reusable=True`` tells the layer that nothing
+        """``activation(conv(input) + bias (+ residual))``. ``residual_reusable=True`` tells the layer that nothing
         reads ``residual`` after this call (the engine's graph rewrite sets it where that is so): the layer may
         then add the convolution into it in place and return it, rather than write a new tensor. ``aligned_output``
         is accepted as SparseConv2d takes it (this layer swapped into a graph the engine marked) and not used: the
         output has this layer's own layout."""
-        out = self._engine_call(x, residual, residual_reusable)
+        out = self._engine_call(input, residual, residual_reusable)
         if out is not None:
             return out
-        x, residual = _checked_conv_input(x, residual, "DenseConv2d")
+        x, residual = _checked_conv_input(input, residual, "DenseConv2d")
         if x.shape[-3] != self.weight.shape[1] * self.groups:
             raise ValueError(f"DenseConv2d: input has {x.shape[-3]} channels, the layer expects "
                              f"{self.weight.shape[1] * self.groups}")
@@ -1478,8 +1492,8 @@ class SparseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
         weight[rows, self.column_index.long()] = self.values
         return weight
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _checked_input(x, "SparseLinear")
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = _checked_input(input, "SparseLinear")
         if _needs_gradient(x):  # the kernel has no backward: torch's linear of the same weight keeps it right
             return F.linear(x, self.to_dense_weight(), self._buffers["bias"])
         return _ops().sparse_linear(x, self.row_ptr, self.column_index, self.values, self.in_features, self.bias)
@@ -1524,8 +1538,8 @@ class DenseLinear(_Float32CpuLayer, _FromLinear, nn.Module):
             bias = None if bias is None else _check_dense_weight(bias, "DenseLinear bias").clone()
             self.register_buffer("bias", bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = _checked_input(x, "DenseLinear")
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        x = _checked_input(input, "DenseLinear")
         weight, bias = self._buffers["weight"], self._buffers["bias"]
         rows = self._kernel_rows(x)
         if not rows:
@@ -1622,6 +1636,17 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
                 f"in_proj density={self.in_proj.density:.4f}, out_proj density={self.out_proj.density:.4f}")
 
 
+def _pooling_unsupported_reason(pool: nn.MaxPool2d) -> str | None:
+    """Why :class:`SeparableMaxPool2d` cannot stand in for ``pool``, naming its settings, or None when it can."""
+    settings = [f"{name}=True" for name in ("ceil_mode", "return_indices") if getattr(pool, name)]
+    if _pair(pool.dilation, "dilation") != (1, 1):
+        settings.append(f"dilation={pool.dilation}")
+    if not settings:
+        return None
+    return (f"MaxPool2d with {', '.join(settings)}: SeparableMaxPool2d pools in floor mode at dilation 1 and returns "
+            "the values only")
+
+
 class SeparableMaxPool2d(_CountedEdits, nn.Module):
     """Max pooling (dilation 1, floor mode) as a max over rows then over columns: the same values as
     nn.MaxPool2d (max is exact; NaN propagates in both). Contiguous float32 inputs that need no gradient
@@ -1644,19 +1669,20 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
 
     @classmethod
     def from_module(cls, pool: nn.MaxPool2d) -> SeparableMaxPool2d:
-        if pool.ceil_mode or pool.return_indices or _pair(pool.dilation, "dilation") != (1, 1):
-            raise ValueError("SeparableMaxPool2d supports dilation=1, ceil_mode=False, return_indices=False only")
+        reason = _pooling_unsupported_reason(pool)
+        if reason is not None:
+            raise ValueError(f"SeparableMaxPool2d.from_module: {reason}")
         return cls(pool.kernel_size, pool.stride, pool.padding)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
         refuse_tracing("SeparableMaxPool2d")
-        if self._runs_kernel(x):
-            return _ops().max_pool2d(x, list(self.kernel_size), list(self.stride), list(self.padding))
-        if self._plain(x) and x.is_contiguous(memory_format=torch.channels_last):
-            return F.max_pool2d(x, self.kernel_size, self.stride, self.padding)
-        return self.reference(x)
+        if self._runs_kernel(input):
+            return _ops().max_pool2d(input, list(self.kernel_size), list(self.stride), list(self.padding))
+        if self._plain(input) and input.is_contiguous(memory_format=torch.channels_last):
+            return F.max_pool2d(input, self.kernel_size, self.stride, self.padding)
+        return self.reference(input)
 
     @staticmethod
     def _plain(x: torch.Tensor) -> bool:
@@ -1701,8 +1727,10 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
 # user derives (with a forward that may return a view) is not trusted for being one of these.
 _FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SeparableMaxPool2d, nn.MaxPool2d)
 
-# The layers the engine puts into a network. They are not torch.nn classes, so torch.fx traces into them unless told
-# not to: to trace a converted network again (torchvision's create_feature_extractor), pass them as leaf modules
+# The layers the engine puts into a network. Each names its arguments as the torch layer it replaces does (``input``;
+# a SparseMultiheadAttention ``query``, ``key``, ...): a model that calls ``self.conv(input=x)`` calls the replacement
+# so. They are not torch.nn classes, so torch.fx traces into them unless told not to: to trace a converted network
+# again (torchvision's create_feature_extractor), pass them as leaf modules
 # (``tracer_kwargs={"leaf_modules": list(ENGINE_LAYERS)}``).
 ENGINE_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SparseLinear, DenseLinear, SparseMultiheadAttention,
                  SeparableMaxPool2d)
@@ -1714,9 +1742,7 @@ def _unsupported_reason(module: nn.Module) -> str | None:
     if hooks:
         return f"has hooks ({', '.join(hooks[:3])}); kept as the torch layer so that they run"
     if isinstance(module, nn.MaxPool2d):
-        if module.ceil_mode or module.return_indices or _pair(module.dilation, "dilation") != (1, 1):
-            return "MaxPool2d with ceil_mode, return_indices or dilation"
-        return None
+        return _pooling_unsupported_reason(module)
     if isinstance(module, (nn.Conv1d, nn.Conv3d)):
         return f"{type(module).__name__}: the sparse kernel is for 2-D convolutions only"
     return _not_plain_reason(module)
@@ -1779,17 +1805,20 @@ def compare_layer_times(dense: Callable[[], object], sparse: Callable[[], object
 def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], example_input: torch.Tensor,
                       whole_calls: dict[str, nn.Module]):
     """Runs ``example_input`` through ``model`` once: each layer's first input (a copy), the order the
-    layers were first called in, each layer's output shape, and ``{name: (args, kwargs)}`` of the first call of
-    each of ``whole_calls`` (tensors copied, one copy of a tensor passed twice: self-attention gets ``x, x, x``)."""
+    layers were first called in, each layer's output shape (where it returns one tensor), and
+    ``{name: (args, kwargs)}`` of the first call of each of ``whole_calls`` (tensors copied, one copy of a tensor
+    passed twice: self-attention gets ``x, x, x``)."""
     captured: dict[str, torch.Tensor] = {}
     order: list[str] = []
     output_shapes: dict[str, tuple[int, ...]] = {}
     calls: dict[str, tuple] = {}
 
     def capture(name):
-        def hook(module, inputs):
+        def hook(module, args, kwargs):
+            # torch's Conv2d, Linear and MaxPool2d name their one argument ``input``: ``self.conv(input=x)``
+            # passes it by keyword, leaving ``args`` empty
             if name not in captured:
-                captured[name] = inputs[0].detach().clone()
+                captured[name] = (args[0] if args else kwargs["input"]).detach().clone()
                 order.append(name)
         return hook
 
@@ -1809,10 +1838,11 @@ def _capture_layer_io(model: nn.Module, layers: list[tuple[str, nn.Module]], exa
 
     def output_shape(name):
         def hook(module, inputs, output):
-            output_shapes.setdefault(name, tuple(output.shape))
+            if torch.is_tensor(output):  # MaxPool2d(return_indices=True) returns (values, indices): left in torch
+                output_shapes.setdefault(name, tuple(output.shape))
         return hook
 
-    handles = [module.register_forward_pre_hook(capture(name)) for name, module in layers]
+    handles = [module.register_forward_pre_hook(capture(name), with_kwargs=True) for name, module in layers]
     handles += [module.register_forward_hook(output_shape(name)) for name, module in layers]
     handles += [module.register_forward_pre_hook(capture_call(name), with_kwargs=True)
                 for name, module in whole_calls.items()]
@@ -1845,7 +1875,9 @@ def _layer_row(name: str, module: nn.Module, captured: dict, output_shapes: dict
     if weight is not None and name in output_shapes:
         # multiply-adds: every output position of every output channel reads each of its weights
         shape = output_shapes[name]
-        channels = shape[-1] if isinstance(module, nn.Linear) else shape[1]  # Linear: [..., out]; conv: [N, C, ...]
+        # counted from the end, as a layer may be called unbatched: Linear [..., out], ConvNd [N, C, *spatial] or
+        # [C, *spatial] (the weight has 2 dimensions more than the spatial ones)
+        channels = shape[1 - weight.dim()]
         positions = math.prod(shape) // max(1, channels)
         per_channel = weight.numel() // max(1, weight.shape[0])
         row.update(flops=2 * nnz * positions, dense_flops=2 * per_channel * weight.shape[0] * positions)
@@ -1911,8 +1943,11 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
     weighted = getattr(module, "weight", None) is not None
     problem = tensor_difference(got, expected, 1e-4 if weighted else 0.0, f"the {type(module).__name__}'s output")
     if problem is not None:
-        raise RuntimeError(f"convert_for_cpu: {kind} {name} {problem}, against the {type(module).__name__}; "
-                           "refusing to convert")
+        # still refused where the layer's NaN comes from the input (an infinity times a zero weight, which the
+        # sparse layer skips): the converted model would not compute the model's values; the caller is told why
+        hint = "" if bool(torch.isfinite(x).all()) else " (its input in the example holds NaN or infinities)"
+        raise RuntimeError(f"convert_for_cpu: {kind} {name} {problem}, against the {type(module).__name__}"
+                           f"{hint}; refusing to convert")
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
@@ -1981,6 +2016,10 @@ def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row
         owner = name.rpartition(".")[0]
         row["reason"] = f"in an attention the engine leaves: {refused[owner]}" if owner in refused else NOT_CALLED
         return None
+    if x.dim() == 3 and isinstance(module, (nn.Conv2d, nn.MaxPool2d)):
+        # an unbatched (C, H, W) image, which the engine's layers run as the batch of one it is: checked and timed
+        # so, as a dense conv's channels_last input must be 4-d
+        x = x.unsqueeze(0)
     reason = _unsupported_reason(module)
     if reason is None:
         return _decide(name, module, x, row, policy, min_speedup, repeats, winograd)
@@ -2859,10 +2898,16 @@ def tensor_difference(a: torch.Tensor, b: torch.Tensor, tolerance: float = END_T
         bound = tolerance * (1.0 + largest)
         return None if error <= bound else f"differs by {error:.3g} (bound {bound:.3g})"
     nan, infinite = b.isnan(), b.isinf()
-    if not torch.equal(a.isnan(), nan) or not torch.equal(a.isinf(), infinite) or \
-            not torch.equal(a[infinite], b[infinite]):
-        return f"has NaN or infinities where {reference} has other values"
     finite = ~(nan | infinite)
+    # the side with the NaN or infinities named: where the model's own layer makes them (an infinite input times a
+    # zero weight, which the sparse layer skips) the refusal must not blame the replacement
+    a_finite = torch.isfinite(a)
+    if not torch.equal(a_finite, finite):
+        places = [f"NaN or infinities where {reference} has finite values" if (finite & ~a_finite).any() else "",
+                  f"finite values where {reference} has NaN or infinities" if (a_finite & ~finite).any() else ""]
+        return "has " + ", and ".join(place for place in places if place)
+    if not torch.equal(a.isnan(), nan) or not torch.equal(a[infinite], b[infinite]):
+        return f"has other NaN or infinities than {reference} in the same places (NaN for an infinity, or another sign)"
     if not finite.any():
         return None
     a, b = a[finite], b[finite]

@@ -511,6 +511,9 @@ def test_deploy_refuses_arguments_of_the_wrong_kind_by_name(arguments, error, me
     prompt=nn.Identity() failed on its missing .mean (an outside trial)."""
     with pytest.raises(error, match=f"^{message}$"):
         runtime.deploy(small_model(), example_input_size=(1, 3, 16, 16), **arguments)
+    if "min_speedup" in arguments and "policy" not in arguments:  # the engine's own entry point checks it alike
+        with pytest.raises(error, match=f"^{message}$"):
+            sparse_cpu.convert_for_cpu(small_model(), torch.rand(1, 3, 16, 16), **arguments)
 
 
 def test_the_deployed_module_names_inputs_that_are_no_images():
@@ -662,8 +665,8 @@ def test_layers_kept_as_they_are_say_why_in_their_own_terms(kind, fuse):
     with pytest.warns(sparse_cpu.PrunedWeightsLeftDenseWarning):
         converted, table = sparse_cpu.convert_for_cpu(model, torch.randn(3, 6), policy="sparse", fuse=fuse)
     kind_name = "TwiceScaled" if kind == "subclass" else "ParametrizedLinear"
-    if fuse and kind == "subclass":
-        expected = f"weight of a {kind_name}, which the engine leaves as it is"
+    if fuse and kind == "subclass":  # named in full: timm's Linear had read "a Linear, which the engine leaves"
+        expected = f"weight of a {__name__}.{kind_name}, which subclasses nn.Linear: the engine replaces the plain"
     else:
         expected = ("TwiceScaled subclasses nn.Linear; the engine replaces the plain class only" if kind == "subclass"
                     else "ParametrizedLinear: its weight is computed by a parametrization on every call")

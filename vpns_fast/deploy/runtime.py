@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import numbers
 import operator
 import os
 import time
@@ -453,10 +452,9 @@ def _deploy(model_or_path, device, example_input_size, policy, prompt, label_map
     for name, value in (("slim", slim), ("winograd", winograd)):
         if not isinstance(value, bool):  # slim="no" had been taken as true
             raise TypeError(f"{name} must be a bool, got {value!r}")
-    if isinstance(min_speedup, bool) or not isinstance(min_speedup, numbers.Real):
-        raise TypeError(f"min_speedup must be a number, got {min_speedup!r}")
-    if not min_speedup > 0:  # NaN too
-        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
+    from vpns_fast.deploy.sparse_cpu import check_min_speedup
+
+    check_min_speedup(min_speedup)
     from vpns_fast.environment import resolve_device
 
     device = resolve_device(device)  # cpu or cuda: it refuses the others

@@ -14,6 +14,7 @@ import dataclasses
 import functools
 import io
 import math
+import numbers
 import time
 import warnings
 from collections.abc import Callable
@@ -2052,13 +2053,22 @@ def _with_layers_replaced(converted: nn.Module, layers: list[tuple[str, nn.Modul
     return converted, table
 
 
+def check_min_speedup(min_speedup) -> None:
+    """TypeError unless ``min_speedup`` is a real number (not a bool), ValueError unless it is > 0 (NaN neither):
+    convert_for_cpu's check, which deploy() makes too (under policy="dense" it never reaches convert_for_cpu). A
+    string had raised "'>' not supported between 'str' and 'int'" (an outside trial)."""
+    if isinstance(min_speedup, bool) or not isinstance(min_speedup, numbers.Real):
+        raise TypeError(f"min_speedup must be a number, got {min_speedup!r}")
+    if not min_speedup > 0:  # NaN too
+        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
+
+
 def _check_conversion_arguments(example_input, policy: str, min_speedup: float, repeats: int, winograd) -> None:
     """convert_for_cpu's argument checks (ValueError / TypeError naming the argument), and the extension's
     when a layer may be replaced."""
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if not min_speedup > 0:
-        raise ValueError(f"min_speedup must be > 0, got {min_speedup}")
+    check_min_speedup(min_speedup)
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not isinstance(winograd, bool):
@@ -2229,7 +2239,8 @@ def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untrac
     are named by their class in ``untraced`` (the model before a torch.fx trace, which turns a module it traces
     into, such as a user's subclass of nn.Linear, into a plain holder of its weights); ``refused``: why each
     attention module the engine leaves is left."""
-    classes = {name: type(module).__name__ for name, module in untraced.named_modules()}
+    types = {name: type(module) for name, module in untraced.named_modules()}
+    classes = {name: cls.__name__ for name, cls in types.items()}
     runnable = {name for name, module in untraced.named_modules() if type(module) in (nn.Conv2d, nn.Linear)}
     rows = []
     for owner_name, owner in model.named_modules():
@@ -2248,6 +2259,12 @@ def _other_pruned_weights(model: nn.Module, layers: dict[str, nn.Module], untrac
                 reason = (f"{parameter_name} of a {kind} whose weight the model's code reads itself (as in "
                           f"F.{'linear' if kind == 'Linear' else 'conv2d'}(x, layer.weight, ...)) instead of "
                           "calling the layer; the engine replaces the layers a model calls")
+            elif issubclass(types.get(owner_name, type(owner)), (nn.Conv2d, nn.Linear)):
+                # named in full: timm's timm.layers.linear.Linear had read "a Linear, which the engine leaves"
+                cls = types.get(owner_name, type(owner))
+                base = "nn.Conv2d" if issubclass(cls, nn.Conv2d) else "nn.Linear"
+                reason = (f"{parameter_name} of a {cls.__module__}.{cls.__qualname__}, which subclasses {base}: the "
+                          "engine replaces the plain class only")
             else:
                 reason = (f"{parameter_name} of a {kind}, which the engine leaves as it is (it runs nn.Conv2d and "
                           "nn.Linear layers)")

@@ -8,8 +8,9 @@
 // DeepSparse ran the same layers about twice as fast (bench/results/cpu-deepsparse-layers-resnet50-d0.1-b32-
 // 2026-12-07-amd-zen4.txt). Stand-alone probes (bench/prototypes/pointwise_sums_layouts.cpp) found the blocks'
 // per-segment cost, not branch mispredicts nor the partial sums' traffic, bounding it. Code written for one layer
-// (bench/prototypes/generated_conv_asm.py) ran the same sums at 55-78 GFLOP/s on one core
-// (bench/results/cpu-generated-conv-prototype-2026-12-07-amd-zen4.txt).
+// (bench/prototypes/generated_conv_asm.py) ran the same sums at 43-78 GFLOP/s on one core (the reducing layers,
+// whose 30-row loop bodies are 40-80 KiB of code against a 32 KiB L1i, lowest; bench/results/
+// cpu-generated-conv-prototype-2026-12-07-amd-zen4.txt).
 //
 // What the code does. The input is copied per call into lanes[N / 16][C_in][H * W][16] (16 images a vector). For one
 // image group and a chunk of consecutive positions, it computes every output channel: the sums of 30 output channels
@@ -51,7 +52,7 @@ namespace {
 
 constexpr int64_t kLanes = 16;     // images a vector
 constexpr int kRowsAGroup = 30;    // output channels whose sums share the registers (zmm31 holds the input)
-constexpr int64_t kMaxChunk = 16;  // positions a code call computes (the epilogue transposes 16 at a time)
+constexpr int64_t kMaxChunk = 16;  // the most positions a code call computes (a window of 16 x C_in vectors)
 
 // General-purpose registers by their encoding numbers.
 constexpr int kRcx = 1, kRdx = 2, kRsi = 6, kRdi = 7, kR8 = 8, kR9 = 9, kR10 = 10;
@@ -79,6 +80,7 @@ class Assembler {
     byte(0x0F);
     byte(0x85);
     const int64_t rel = static_cast<int64_t>(target) - static_cast<int64_t>(bytes.size() + 4);
+    TORCH_CHECK(rel == static_cast<int32_t>(rel), "sparse_pointwise_generate: a loop of more than 2 GiB of code");
     dword(static_cast<uint32_t>(static_cast<int32_t>(rel)));
   }
   void vzeroupper() {
@@ -120,7 +122,9 @@ class Assembler {
     byte(0xC0 | ((reg & 7) << 3) | (rm & 7));
   }
   void evex_rm(uint32_t map, uint32_t pp, uint32_t opcode, int reg, int vvvv, int base, int32_t disp, bool broadcast) {
-    // a memory operand: EVEX.X is set (no index); rm_high carries only the base's bit 3
+    // a memory operand: EVEX.X is set (no index); rm_high carries only the base's bit 3. Bases rsp/r12 (low bits 4)
+    // would need a SIB byte, rbp/r13 (5) mean RIP-relative at mod 00: none is used
+    TORCH_CHECK((base & 7) != 4 && (base & 7) != 5, "Assembler: base register ", base, " needs another encoding");
     evex(map, pp, reg, vvvv, base & 8, broadcast);
     byte(opcode);
     byte(0x80 | ((reg & 7) << 3) | (base & 7));
@@ -194,7 +198,7 @@ std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const floa
 
 // Positions a call of a block's code computes: its window (chunk x C_in vectors, 229 KB for 512 channels at 7) stays
 // in cache while every group of the block's rows runs over it; ResNet's 7x7 and 14x14 planes in rows of 7 and 14.
-// One call over a whole 7x7 plane ran 512 -> 2048 in 5.59 ms rather than 5.00 ms (rows of 7) on one Zen 4 core;
+// One call over a whole 7x7 plane ran 512 -> 2048 in 4.66 ms rather than 4.43 ms (rows of 7) on one Zen 4 core;
 // windows capped at 256 KiB (2048 channels at 7x7 in chunks of 2, 1024 at 14x14 in chunks of 4) ran 2048 -> 512 at
 // 7x7 0.95x and 1024 -> 256 at 14x14 0.97x as fast (2 threads, batch 32).
 int64_t chunk_for(int64_t plane) {
@@ -310,9 +314,11 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
               "positions and C_in * H * W <= 2^24 (sparse_pointwise_generated_supported), got ",
               weight_shape, " and ", input_size);
   const int64_t rows = weight_shape[0], nnz = channel_index.numel();
-  // every displacement within 32 bits: the weights' (an input channel's, C_in * H * W <= 100352 vectors, and an output
+  // every displacement within 32 bits: the weights' (an input channel's, C_in * H * W <= 2^24 vectors, and an output
   // row's in a block's sums, about kSumsBytes, are far below)
   TORCH_CHECK(nnz < (int64_t{1} << 29), op, ": too many nonzeros for 32-bit displacements, got ", nnz);
+  TORCH_CHECK(row_ptr.device().is_cpu() && channel_index.device().is_cpu() && values.device().is_cpu(), op,
+              ": row_ptr, channel_index and values must be CPU tensors");
   TORCH_CHECK(row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.numel() == rows + 1 &&
                   row_ptr.is_contiguous() && channel_index.scalar_type() == at::kInt && channel_index.is_contiguous() &&
                   values.scalar_type() == at::kFloat && values.is_contiguous() && values.numel() == nnz,
@@ -322,8 +328,9 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int32_t* ci = channel_index.const_data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[rows] == nnz, op, ": row_ptr does not span the nonzeros");
+  // the whole of row_ptr before any row is read: [0, huge, nnz] had read past channel_index (an outside review)
+  for (int64_t o = 0; o < rows; ++o) TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must not decrease");
   for (int64_t o = 0; o < rows; ++o) {
-    TORCH_CHECK(rp[o] <= rp[o + 1], op, ": row_ptr must not decrease");
     for (int64_t k = rp[o]; k < rp[o + 1]; ++k) {
       TORCH_CHECK(ci[k] >= 0 && ci[k] < weight_shape[1], op, ": channel_index out of range for weight_shape");
       TORCH_CHECK(k == rp[o] || ci[k] > ci[k - 1], op, ": a row's nonzeros must be sorted by input channel");
@@ -342,7 +349,8 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
 #if VPNS_GENERATED
   const size_t page = 4096, size = std::max<size_t>(page, (text.size() + page - 1) / page * page);
   void* memory = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  TORCH_CHECK(memory != MAP_FAILED, op, ": could not map ", size, " bytes for the code");
+  TORCH_CHECK(memory != MAP_FAILED, op, ": this system refuses executable memory (mmap of ", size,
+              " bytes for the code failed)");
   std::memcpy(memory, text.data(), text.size());
   if (mprotect(memory, size, PROT_READ | PROT_EXEC) != 0) {
     munmap(memory, size);
@@ -384,13 +392,21 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
     b = bias->contiguous();
   }
   at::NoGradGuard no_grad;
-  at::Tensor x = planar(input, width, plane) ? input : contiguous_activation(input);
+  // the channels' stride as read: an input that is not planar is read contiguous (contiguous_activation hands back
+  // a tensor torch calls contiguous as it is, whose size-1 channel dimension may have any stride: an outside review
+  // found a 1-channel permuted input read at its stride(1), wrong outputs or a crash)
+  const bool input_planar = planar(input, width, plane);
+  at::Tensor x = input_planar ? input : contiguous_activation(input);
+  const int64_t channel_stride = input_planar ? input.stride(1) : plane;
   std::optional<at::Tensor> r;
+  int64_t residual_stride = 0;
   if (residual && residual->defined()) {
     TORCH_CHECK(residual->device().is_cpu() && residual->scalar_type() == at::kFloat &&
                     residual->sizes() == at::IntArrayRef({batch, out_channels, height, width}),
                 op, ": residual must be a float32 CPU tensor of the output's shape");
-    r = planar(*residual, width, plane) ? *residual : contiguous_activation(*residual);
+    const bool residual_planar = planar(*residual, width, plane);  // as the input: read contiguous unless planar
+    r = residual_planar ? *residual : contiguous_activation(*residual);
+    residual_stride = residual_planar ? residual->stride(1) : plane;
   }
   const int64_t out_stride = aligned_output ? aligned_channel_stride(plane) : plane;
   at::Tensor output = out_stride == plane ? empty_activation({batch, out_channels, height, width})
@@ -406,7 +422,6 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
   float* lanes_data = lanes.mutable_data_ptr<float>();
   TORCH_CHECK(reinterpret_cast<uintptr_t>(lanes_data) % 64 == 0, op, ": scratch not 64-byte aligned");
   const float* x_data = x.const_data_ptr<float>();
-  const int64_t channel_stride = x.stride(1);
   at::parallel_for(0, groups * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       copy_into_lanes(x_data, channels, channel_stride, plane, item / channels, item % channels,
@@ -417,7 +432,6 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
   float* out_data = output.mutable_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
   const float* residual_data = r ? r->const_data_ptr<float>() : nullptr;
-  const int64_t residual_stride = r ? r->stride(1) : 0;
   const int64_t span = code->span, rows_a_block = code->rows_a_block;
   const int64_t blocks = (out_channels + rows_a_block - 1) / rows_a_block, spans = (plane + span - 1) / span;
   const uint8_t* text = static_cast<const uint8_t*>(code->memory);

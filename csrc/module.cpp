@@ -89,7 +89,8 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
                     "Bytes of executable memory the code holds (whole pages).");
   m.def("sparse_pointwise_generated_supported", &vpns::sparse_pointwise_generated_supported, py::arg("weight_shape"),
         py::arg("input_size"), py::arg("stride"), py::arg("padding"), py::arg("dilation"),
-        "Whether sparse_pointwise_generated takes this geometry: x86-64 Linux, a 1x1 kernel, stride 1, no padding.");
+        "Whether sparse_pointwise_generated takes this geometry: x86-64 Linux, a 1x1 kernel, stride 1, no padding, "
+        "at most 4096 positions and C_in * H * W <= 2^24.");
   m.def("sparse_pointwise_generate", &vpns::sparse_pointwise_generate, py::arg("row_ptr"), py::arg("channel_index"),
         py::arg("values"), py::arg("weight_shape"), py::arg("input_size"),
         "(code, table): machine code for sparse_conv2d_pack's nonzeros of a 1x1 layer at input_size (H, W), written "

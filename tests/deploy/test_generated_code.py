@@ -242,3 +242,69 @@ def test_a_system_refusing_executable_memory_runs_without_it(avx512, monkeypatch
 def test_the_switch_takes_a_bool():
     with pytest.raises(TypeError, match="enabled must be a bool, got 1"):
         sparse_cpu.set_generated_code(1)
+
+
+def test_odd_strides_planes_and_malformed_packs(avx512):
+    """An outside review: a 1-channel input (or residual) whose channel dimension has an odd stride, which torch
+    still calls contiguous, was read at that stride (wrong outputs, or a crash); a row_ptr [0, huge, nnz] read past
+    channel_index before it was refused. Also planes that are not square and whose positions no chunk divides."""
+    ops = _extension.load()
+    generator = torch.Generator().manual_seed(5)
+    for in_channels, out_channels, height, width in [(1, 64, 7, 7), (8, 1, 7, 7), (5, 40, 1, 17), (7, 33, 13, 5)]:
+        weight = torch.randn(out_channels, in_channels, 1, 1, generator=generator)
+        weight *= torch.rand(weight.shape, generator=generator) < 0.6
+        shape = list(weight.shape)
+        row_ptr, channel_index, tap_index, values = ops.sparse_conv2d_pack(weight)
+        offsets, segments, ordered = ops.sparse_conv2d_offsets(row_ptr, channel_index, tap_index, values, shape,
+                                                               [height, width], [1, 1], [0, 0], [1, 1])
+        code, table = ops.sparse_pointwise_generate(row_ptr, channel_index, values, shape, [height, width])
+        x = torch.randn(16, height, width, in_channels, generator=generator).permute(0, 3, 1, 2)
+        residual = torch.randn(16, height, width, out_channels, generator=generator).permute(0, 3, 1, 2)
+        for source in (x, x.contiguous()):
+            for added in (residual, residual.contiguous()):
+                want = ops.sparse_conv2d(source.contiguous(), segments, offsets, ordered, shape, None, [1, 1], [0, 0],
+                                         [1, 1], added.contiguous(), 1, 0, False)
+                got = ops.sparse_pointwise_generated(source, code, table, None, added, 1)
+                torch.testing.assert_close(got, want, rtol=0, atol=0)
+                reference = torch.relu(torch.nn.functional.conv2d(source, weight) + added)
+                torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-5)
+    far = torch.empty_strided((16, 1, 7, 7), (49, 1 << 20, 7, 1)).copy_(torch.randn(16, 1, 7, 7))
+    row_ptr, channel_index, _, values = ops.sparse_conv2d_pack(torch.ones(3, 1, 1, 1))
+    code, table = ops.sparse_pointwise_generate(row_ptr, channel_index, values, [3, 1, 1, 1], [7, 7])
+    torch.testing.assert_close(ops.sparse_pointwise_generated(far, code, table, None), far.expand(16, 3, 7, 7),
+                               rtol=0, atol=0)
+    broken = row_ptr.clone()
+    broken[1] = 1 << 40
+    with pytest.raises(RuntimeError, match="row_ptr must not decrease"):
+        ops.sparse_pointwise_generate(broken, channel_index, values, [3, 1, 1, 1], [7, 7])
+
+
+def test_new_weights_and_inference_buffers_are_never_read_stale(avx512):
+    """An outside review: a buffer reassigned twice came back at the first one's address with version 0, and the
+    layer ran the code (and values) cached for the first; now each cache entry holds the tensors it was made from.
+    Buffers that are inference tensors (loaded inside torch.inference_mode) have no version counter: the layer
+    then runs the per-image kernel rather than write the code again at every call."""
+    torch.manual_seed(3)
+    conv = nn.Conv2d(16, 512, 1)
+    with torch.no_grad():
+        conv.weight *= torch.rand(conv.weight.shape) < 0.2
+    layer = sparse_cpu.SparseConv2d.from_dense(conv)
+    x = torch.randn(16, 16, 7, 7)
+    previous = sparse_cpu.set_generated_code(True)
+    try:
+        with torch.no_grad():
+            weight = conv.weight.clone()
+            for scale in (2.0, 1.5, 3.0, 0.5):
+                layer.values = layer.values * scale  # a new tensor each time, at version 0
+                weight *= scale
+                assert layer._generated_arguments(x, None, None) is not None
+                torch.testing.assert_close(layer(x), torch.nn.functional.conv2d(x, weight, conv.bias), rtol=1e-4,
+                                           atol=1e-4)
+        inference = sparse_cpu.SparseConv2d.from_dense(conv)
+        with torch.inference_mode():
+            inference.values = inference.values.clone()  # as load_state_dict inside inference_mode leaves it
+            assert inference._buffers["values"].is_inference()
+            assert inference._generated_arguments(x, None, None) is None
+            torch.testing.assert_close(inference(x), conv(x), rtol=1e-4, atol=1e-4)
+    finally:
+        sparse_cpu.set_generated_code(previous)

@@ -1358,7 +1358,7 @@ def test_offsets_are_checked_at_every_call_or_kept_as_a_private_checked_copy():
     layer = sparse_cpu.SparseConv2d(torch.randn(4, 4, 3, 3), None, padding=1)
     with torch.inference_mode():
         layer(x)
-    (geometry,) = layer._geometry_cache.values()
+    ((geometry, _made_from),) = layer._geometry_cache.values()
     assert type(geometry[0]).__name__ == "CheckedOffsets"
 
 

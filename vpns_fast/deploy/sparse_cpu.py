@@ -234,6 +234,10 @@ def set_batch_lanes(enabled: bool) -> bool:
 _GENERATED_CODE = [True]
 
 
+def _has_inference_tensor(tensors) -> bool:
+    return any(t.is_inference() for t in tensors)
+
+
 def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int) -> bool:
     """Whether a sparse 1x1 layer of ``weight_shape`` at height x width runs faster through generated code: its input
     is copied into the vector lanes on every call, which a small output does not repay. Measured at batch 32, 10% kept,
@@ -656,7 +660,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self.register_buffer("tap_index", tap_index)
         self.register_buffer("values", values)
         self.register_buffer("bias", bias)
-        self._geometry_cache: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # {key: (the kernel's arguments, the packed tensors they were made from)}: see _geometry
+        self._geometry_cache: dict[tuple, tuple[tuple, tuple[torch.Tensor, ...]]] = {}
         self._output_shapes: dict[torch.Size, tuple] = {}  # see _output_shape
 
     @classmethod
@@ -747,31 +752,31 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
         buffers = self._buffers
-        channel_index, tap_index, values = buffers["channel_index"], buffers["tap_index"], buffers["values"]
-        if channel_index.is_inference() or tap_index.is_inference() or values.is_inference():
+        packed = (buffers["row_ptr"], buffers["channel_index"], buffers["tap_index"], buffers["values"])
+        if _has_inference_tensor(packed):
             # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
             # counter to reveal an in-place change: recompute rather than risk stale offsets or values
             return self._compute_geometry(height, width, channel_stride, lanes)
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
-        # different mask with the same number of nonzeros, whose offsets differ, or other values
-        key = (height, width, channel_stride, lanes, channel_index.data_ptr(), channel_index._version,
-               tap_index.data_ptr(),
-               tap_index._version, values.data_ptr(), values._version,
+        # different mask with the same number of nonzeros, whose offsets differ, or other values. The entry holds
+        # the tensors it was made from, so that no new tensor can take their address while it is kept (an outside
+        # review: a buffer reassigned twice came back at the first one's address, version 0, and read stale code)
+        key = (height, width, channel_stride, lanes, *((t.data_ptr(), t._version) for t in packed),
                *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
-        cached = cache.get(key)
-        if cached is None:
-            cached = self._compute_geometry(height, width, channel_stride, lanes)
+        entry = cache.get(key)
+        if entry is None:
+            entry = (self._compute_geometry(height, width, channel_stride, lanes), packed)
         elif next(reversed(cache)) == key:  # the size used last: nothing to reorder
-            return cached
+            return entry[0]
         # a new dict, never one changed in place, so a thread reading the old one is not disturbed; the size just
         # used goes last and the least recently used first (a 9th input size used to drop all 8)
         kept = {k: v for k, v in cache.items() if k != key}
         while len(kept) >= 8:
             del kept[next(iter(kept))]
-        kept[key] = cached
+        kept[key] = entry
         self._geometry_cache = kept
-        return cached
+        return entry[0]
 
     def _compute_geometry(self, height: int, width: int, channel_stride: int, lanes: bool | str = False) -> tuple:
         ops = _ops()
@@ -861,6 +866,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                                                                    list(self.stride), list(self.padding),
                                                                    list(self.dilation))
                 or _ops().sparse_kernel_isa() != "avx512"):
+            return None
+        if _has_inference_tensor((self._buffers["row_ptr"], self._buffers["channel_index"], self._buffers["values"])):
+            # the code would be written again at every call (about 5 ms for a 7x7 layer of ResNet-50): its
+            # table is a copy of the values, which an inference tensor gives no version to check
             return None
         try:
             return self._geometry(x.shape[2], x.shape[3], lanes="generated")

@@ -43,13 +43,21 @@ def switch_point_lines(arch: str, density: float, batch: int, seconds: float, sw
             for group, found in groups.items() if found or group != "between"]
 
 
-def main(argv=None) -> int:
-    parser, args, points = parsed_points_arguments(argv, __doc__.splitlines()[0], DEFAULT_POINTS)
+def avx512_switch_ab_main(argv, doc: str, default_points: str, switch, what: str) -> int:
+    """The main of an A/B script of an AVX-512 kernel's ``switch`` (a ``sparse_cpu.set_*`` function taking a bool):
+    its points (``bench.isa_ab``'s arguments), refused unless the sparse kernel is AVX-512 (``what`` names the
+    kernel), then :func:`switch_point_lines` for each."""
+    parser, args, points = parsed_points_arguments(argv, doc.splitlines()[0], default_points)
     if sparse_cpu.kernel_isa() != "avx512":
-        parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the batch-in-lanes kernel is AVX-512's")
+        parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: {what} is AVX-512's")
     return print_switch_ab_report(
-        args, switch_ab_header("sparse_cpu.set_batch_lanes off / on", args), sparse_cpu.set_batch_lanes, True,
-        lambda: (line for point in points for line in switch_point_lines(*point, args.seconds)))
+        args, switch_ab_header(f"sparse_cpu.{switch.__name__} off / on", args), switch, True,
+        lambda: (line for point in points for line in switch_point_lines(*point, args.seconds, switch)))
+
+
+def main(argv=None) -> int:
+    return avx512_switch_ab_main(argv, __doc__, DEFAULT_POINTS, sparse_cpu.set_batch_lanes,
+                                 "the batch-in-lanes kernel")
 
 
 if __name__ == "__main__":

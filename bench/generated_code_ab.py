@@ -13,22 +13,14 @@ of 16 never run it: such points check that nothing else moved.
 """
 from __future__ import annotations
 
-from bench.batch_lanes_ab import switch_point_lines
-from bench.cases.infer import print_switch_ab_report, switch_ab_header
-from bench.isa_ab import parsed_points_arguments
+from bench.batch_lanes_ab import avx512_switch_ab_main
 from vpns_fast.deploy import sparse_cpu
 
 DEFAULT_POINTS = "resnet50:0.1:32,resnet50:0.05:32,resnet50:0.5:32,resnet18:0.1:32,mobilenet_v2:0.1:32"
 
 
 def main(argv=None) -> int:
-    parser, args, points = parsed_points_arguments(argv, __doc__.splitlines()[0], DEFAULT_POINTS)
-    if sparse_cpu.kernel_isa() != "avx512":
-        parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the generated code is AVX-512's")
-    return print_switch_ab_report(
-        args, switch_ab_header("sparse_cpu.set_generated_code off / on", args), sparse_cpu.set_generated_code, True,
-        lambda: (line for point in points
-                 for line in switch_point_lines(*point, args.seconds, sparse_cpu.set_generated_code)))
+    return avx512_switch_ab_main(argv, __doc__, DEFAULT_POINTS, sparse_cpu.set_generated_code, "the generated code")
 
 
 if __name__ == "__main__":

@@ -91,16 +91,9 @@ __attribute__((target("avx512f"))) void copy_into_lanes(const Lanes& g, const fl
   std::memset(plane, 0, static_cast<size_t>(g.plane_floats()) * sizeof(float));
   for (int64_t h = 0; h < g.height; ++h) {
     for (int64_t w0 = 0; w0 < g.width; w0 += kLanes) {
-      const int64_t n = std::min(kLanes, g.width - w0);
-      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
-      __m512 r[16];
-      for (int64_t i = 0; i < kLanes; ++i) {
-        const float* row = x + ((gi * kLanes + i) * g.channels + c) * channel_stride + h * g.width + w0;
-        r[i] = _mm512_maskz_loadu_ps(mask, row);
-      }
-      vpns::lanes::transpose16(r);
-      float* dst = plane + ((h + 1) * g.cols + w0 + 1) * kLanes;
-      for (int64_t j = 0; j < n; ++j) _mm512_store_ps(dst + j * kLanes, r[j]);
+      vpns::lanes::into_lanes(x + (gi * kLanes * g.channels + c) * channel_stride + h * g.width + w0,
+                              g.channels * channel_stride, std::min(kLanes, g.width - w0),
+                              plane + ((h + 1) * g.cols + w0 + 1) * kLanes);
     }
   }
 }

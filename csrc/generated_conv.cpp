@@ -5,17 +5,17 @@
 // one output channel's sums in registers, so each input vector it loads serves one FMA, and a row's nonzeros are cut
 // into blocks of input channels (so that a block's window stays in L1) whose sums are loaded and stored around each
 // block. On ResNet-50's 1x1 layers of stages 3 and 4 at batch 32 it ran at 29-39 GFLOP/s on one Zen 4 core, where
-// DeepSparse ran the same layers about twice as fast (bench/results/cpu-deepsparse-layers-resnet50-d0.1-b32-
-// 2026-12-07-amd-zen4.txt). Stand-alone probes (bench/prototypes/pointwise_sums_layouts.cpp) found the blocks'
-// per-segment cost, not branch mispredicts nor the partial sums' traffic, bounding it. Code written for one layer
-// (bench/prototypes/generated_conv_asm.py) ran the same sums at 43-78 GFLOP/s on one core (the reducing layers,
-// whose 30-row loop bodies are 40-80 KiB of code against a 32 KiB L1i, lowest; bench/results/
-// cpu-generated-conv-prototype-2026-12-07-amd-zen4.txt).
+// DeepSparse ran them 1.5x (stage 3) and 2.1x (stage 4) as fast in all
+// (bench/results/cpu-deepsparse-layers-resnet50-d0.1-b32-2026-12-07-amd-zen4.txt). Stand-alone probes
+// (bench/prototypes/pointwise_sums_layouts.cpp) found the blocks' per-segment cost, not branch mispredicts nor the
+// partial sums' traffic, bounding it. Code written for one layer (bench/prototypes/generated_conv_asm.py) ran the same
+// sums at 43-78 GFLOP/s on one core (the reducing layers, whose 30-row loop bodies are 40-80 KiB of code against a 32
+// KiB L1i, lowest; bench/results/ cpu-generated-conv-prototype-2026-12-07-amd-zen4.txt).
 //
 // What the code does. The input is copied per call into lanes[N / 16][C_in][H * W][16] (16 images a vector). For one
 // image group and a chunk of consecutive positions, it computes every output channel: the sums of 30 output channels
 // stay in zmm0..zmm29 across their whole rows (no blocks); each input channel that some row of the group uses is
-// loaded once into zmm31 and serves every row that uses it (about 3 at 10% kept); each weight is an
+// loaded once into zmm31 and serves every row that uses it (3 on average: 30 rows at 10% kept); each weight is an
 // embedded-broadcast operand [weights + 4 j]{1to16} at a displacement fixed when the code is written, and each input
 // channel's offset is its load's displacement: no index is read and no loop runs over nonzeros. Each row sums its
 // nonzeros in input-channel order from zero, as sparse_conv2d does (its blocks split that chain without reordering
@@ -235,14 +235,8 @@ void share_items(int64_t rows, int64_t plane, int64_t chunk, int64_t& span, int6
 __attribute__((target("avx512f"))) void copy_into_lanes(const float* x, int64_t channels, int64_t channel_stride,
                                                         int64_t plane, int64_t gi, int64_t c, float* dst) {
   for (int64_t p0 = 0; p0 < plane; p0 += kLanes) {
-    const int64_t n = std::min(kLanes, plane - p0);
-    const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
-    __m512 r[16];
-    for (int64_t i = 0; i < kLanes; ++i) {
-      r[i] = _mm512_maskz_loadu_ps(mask, x + ((gi * kLanes + i) * channels + c) * channel_stride + p0);
-    }
-    lanes::transpose16(r);
-    for (int64_t j = 0; j < n; ++j) _mm512_store_ps(dst + (p0 + j) * kLanes, r[j]);
+    lanes::into_lanes(x + (gi * kLanes * channels + c) * channel_stride + p0, channels * channel_stride,
+                      std::min(kLanes, plane - p0), dst + p0 * kLanes);
   }
 }
 

@@ -1,9 +1,11 @@
-// The 16x16 transpose of 16 zmm rows that the batch-in-lanes kernel (csrc/batch_lanes.cpp) uses to move 16 images'
-// rows into the lanes and back; also included by its stand-alone prototype (bench/prototypes/batch_lanes_conv.cpp).
-// x86-64 with GCC or Clang only (the includer checks).
+// The 16x16 transpose of 16 zmm rows that the batch-in-lanes kernels (csrc/batch_lanes.cpp, generated_conv.cpp) use to
+// move 16 images' rows into the lanes and back; also included by its stand-alone prototype
+// (bench/prototypes/batch_lanes_conv.cpp). x86-64 with GCC or Clang only (the includer checks).
 #pragma once
 
 #include <immintrin.h>
+
+#include <cstdint>
 
 namespace vpns::lanes {
 
@@ -30,6 +32,18 @@ __attribute__((target("avx512f"), always_inline)) inline void transpose16(__m512
     r[j] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0x88);
     r[j + 8] = _mm512_shuffle_f32x4(t[j], t[j + 8], 0xDD);
   }
+}
+
+// n <= 16 consecutive floats of 16 images (image i's at first + i * image_stride) into n vectors of 16 lanes at dst
+// (64-byte aligned, one vector a position): the copy into the lanes of csrc/batch_lanes.cpp and
+// csrc/generated_conv.cpp.
+__attribute__((target("avx512f"), always_inline)) inline void into_lanes(const float* first, int64_t image_stride,
+                                                                         int64_t n, float* dst) {
+  const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
+  __m512 r[16];
+  for (int64_t i = 0; i < 16; ++i) r[i] = _mm512_maskz_loadu_ps(mask, first + i * image_stride);
+  transpose16(r);
+  for (int64_t j = 0; j < n; ++j) _mm512_store_ps(dst + j * 16, r[j]);
 }
 
 }  // namespace vpns::lanes

@@ -51,11 +51,12 @@ constexpr int64_t kRowBlock = 64;      // output channels an item sums before it
 // not run (its offsets can stay in range and still read the wrong taps).
 constexpr int64_t kGeometryEntries = 4;
 
-// The copy's geometry: each input channel a padded plane of rows x cols vectors. One row more than the padding needs
-// (a tile of two output rows at stride 2 reads past the last padded row otherwise) and, at stride 2, one column more.
+// The copy's geometry: each input channel a padded plane of rows x cols vectors, planes an odd number of vectors apart
+// (odd_pitch). One row more than the padding needs (a tile of two output rows at stride 2 reads past the last
+// padded row otherwise) and, at stride 2, one column more.
 struct Lanes {
   int64_t batch, channels, height, width, out_channels, stride, out_h, out_w, rows, cols;
-  int64_t plane_floats() const { return rows * cols * kLanes; }
+  int64_t plane_floats() const { return vpns::odd_pitch(rows * cols) * kLanes; }
   int64_t groups() const { return batch / kLanes; }
 };
 

@@ -148,9 +148,10 @@ GeneratedPointwise::~GeneratedPointwise() {
 namespace {
 
 // The code's text for rows (row_ptr, channel_index): one function a block of rows_a_block rows, starting at the
-// byte offsets `entries`; its weights in the order it reads them. A block's sums go to [rows_a_block][span][16].
-std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const float* values, int64_t rows, int64_t plane,
-                                int64_t rows_a_block, int64_t span, std::vector<float>& table,
+// byte offsets `entries`; its weights in the order it reads them. Input channels lie `pitch` vectors apart; a block's
+// sums go to [rows_a_block][span][16], rows `sums_pitch` vectors apart.
+std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const float* values, int64_t rows, int64_t pitch,
+                                int64_t rows_a_block, int64_t sums_pitch, std::vector<float>& table,
                                 std::vector<int64_t>& entries) {
   Assembler a;
   for (int64_t block = 0; block < rows; block += rows_a_block) {
@@ -172,7 +173,7 @@ std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const floa
           if (k < rp[o + 1]) channel = std::min(channel, ci[k]);
         }
         if (channel == std::numeric_limits<int32_t>::max()) break;
-        a.load(31, kR8, static_cast<int32_t>(int64_t{channel} * plane * kLanes * 4));
+        a.load(31, kR8, static_cast<int32_t>(int64_t{channel} * pitch * kLanes * 4));
         for (int64_t o = first; o < last; ++o) {
           int64_t& k = next[static_cast<size_t>(o - first)];
           if (k < rp[o + 1] && ci[k] == channel) {
@@ -183,7 +184,7 @@ std::vector<uint8_t> write_code(const int64_t* rp, const int32_t* ci, const floa
         }
       }
       for (int64_t o = first; o < last; ++o) {
-        a.store(kR9, static_cast<int32_t>((o - block) * span * kLanes * 4), static_cast<int>(o - first));
+        a.store(kR9, static_cast<int32_t>((o - block) * sums_pitch * kLanes * 4), static_cast<int>(o - first));
       }
       a.add(kR8, kLanes * 4);
       a.add(kR9, kLanes * 4);
@@ -338,8 +339,10 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
   share_items(rows, generated->plane, generated->chunk, generated->span, generated->rows_a_block);
   std::vector<float> table;
   table.reserve(static_cast<size_t>(nnz));
-  const std::vector<uint8_t> text = write_code(rp, ci, values.const_data_ptr<float>(), rows, generated->plane,
-                                               generated->rows_a_block, generated->span, table, generated->entries);
+  generated->pitch = odd_pitch(generated->plane);
+  const std::vector<uint8_t> text =
+      write_code(rp, ci, values.const_data_ptr<float>(), rows, generated->pitch, generated->rows_a_block,
+                 odd_pitch(generated->span), table, generated->entries);
 #if VPNS_GENERATED
   const size_t page = 4096, size = std::max<size_t>(page, (text.size() + page - 1) / page * page);
   void* memory = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -412,38 +415,39 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
   TORCH_CHECK(
       static_cast<int64_t>(code->entries.size()) == (out_channels + code->rows_a_block - 1) / code->rows_a_block, op,
       ": the code's blocks are not its rows'");
-  at::Tensor lanes = empty_scratch({groups * channels * plane * kLanes + kLanes});
+  const int64_t pitch = code->pitch;
+  at::Tensor lanes = empty_scratch({groups * channels * pitch * kLanes + kLanes});
   float* lanes_data = lanes.mutable_data_ptr<float>();
   TORCH_CHECK(reinterpret_cast<uintptr_t>(lanes_data) % 64 == 0, op, ": scratch not 64-byte aligned");
   const float* x_data = x.const_data_ptr<float>();
   at::parallel_for(0, groups * channels, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       copy_into_lanes(x_data, channels, channel_stride, plane, item / channels, item % channels,
-                      lanes_data + item * plane * kLanes);
+                      lanes_data + item * pitch * kLanes);
     }
   });
   const float* weights = table.const_data_ptr<float>();
   float* out_data = output.mutable_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
   const float* residual_data = r ? r->const_data_ptr<float>() : nullptr;
-  const int64_t span = code->span, rows_a_block = code->rows_a_block;
+  const int64_t span = code->span, rows_a_block = code->rows_a_block, sums_pitch = odd_pitch(span);
   const int64_t blocks = (out_channels + rows_a_block - 1) / rows_a_block, spans = (plane + span - 1) / span;
   const uint8_t* text = static_cast<const uint8_t*>(code->memory);
   at::parallel_for(0, groups * blocks * spans, 1, [&](int64_t begin, int64_t end) {
     // the block's sums, 64-byte aligned (the code stores aligned vectors), kept by the thread between calls
     thread_local std::vector<float> scratch;
-    scratch.resize(static_cast<size_t>(rows_a_block * span * kLanes + kLanes));
+    scratch.resize(static_cast<size_t>(rows_a_block * sums_pitch * kLanes + kLanes));
     float* sums = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(scratch.data()) + 63) & ~uintptr_t{63});
     for (int64_t item = begin; item < end; ++item) {
       const int64_t s = item % spans, block = item / spans % blocks, gi = item / (spans * blocks);
       const int64_t p0 = s * span, count = std::min(span, plane - p0), o0 = block * rows_a_block;
       const Code run = reinterpret_cast<Code>(text + code->entries[static_cast<size_t>(block)]);
       for (int64_t p = p0; p < p0 + count; p += chunk) {
-        run(lanes_data + (gi * channels * plane + p) * kLanes, sums + (p - p0) * kLanes, weights,
+        run(lanes_data + (gi * channels * pitch + p) * kLanes, sums + (p - p0) * kLanes, weights,
             std::min(chunk, p0 + count - p));
       }
-      span_epilogue(sums, span, count, gi, p0, o0, std::min(rows_a_block, out_channels - o0), out_channels, bias_data,
-                    residual_data, residual_stride, activation == epilogue::kRelu, out_data, out_stride);
+      span_epilogue(sums, sums_pitch, count, gi, p0, o0, std::min(rows_a_block, out_channels - o0), out_channels,
+                    bias_data, residual_data, residual_stride, activation == epilogue::kRelu, out_data, out_stride);
     }
   });
   zero_aligned_padding(out_data, batch * out_channels, plane, out_stride);

@@ -442,7 +442,9 @@ def test_cpu_rows_record_the_cores_round_trip(monkeypatch):
     ("isa_ab", ["--seconds", "0"], "--seconds: expected a positive number"),
     ("isa_ab", ["--points", "resnet50:2:1"], "--points: expected KEPT in (0, 1] and BATCH >= 1"),
     ("isa_ab", ["--points", "resnet50:0.1:1,vgg16:0.1:1"], "--points: expected ARCH:KEPT:BATCH"),
-    ("isa_ab", ["--points", "resnet50:x:1"], "--points: expected a fraction and an integer")])
+    ("isa_ab", ["--points", "resnet50:x:1"], "--points: expected a fraction and an integer"),
+    ("generated_code_layers", ["--batch", "20"], "--batch: expected a positive multiple of 16"),
+    ("generated_code_layers", ["--rounds", "0"], "--rounds: expected an integer >= 1")])
 def test_the_switch_scripts_refuse_bad_arguments_by_name(script, argv, message, capsys):
     """The one-process A/B scripts of an engine switch: one line naming the argument, exit 2."""
     import importlib
@@ -450,6 +452,20 @@ def test_the_switch_scripts_refuse_bad_arguments_by_name(script, argv, message, 
     with pytest.raises(SystemExit) as exited:
         importlib.import_module(f"bench.{script}").main(argv)
     assert exited.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_generated_code_layers_times_a_layer_both_ways(capsys):
+    """bench/generated_code_layers.py: one layer's line with both sides' times, the code's size and the shape rule's
+    answer, after checking both outputs equal bit for bit."""
+    from bench import generated_code_layers
+    from vpns_fast.deploy import sparse_cpu
+
+    if not sparse_cpu.available()[0] or sparse_cpu.kernel_isa() != "avx512":
+        pytest.skip("the generated code needs the AVX-512 kernel")
+    assert generated_code_layers.main(["--match", "512 -> 2048", "--rounds", "2", "--batch", "16"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 2 and lines[1].startswith("512 -> 2048 at 7x7 (expanding):   2 rounds, per-image")
+    assert "; code " in lines[1] and lines[1].endswith("the shape rule: taken")
 
 
 def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):

@@ -13,16 +13,27 @@ from vpns_fast import ops
 from vpns_fast._version import __version__
 
 
-def cpu_model_name() -> str:
-    """The processor's model name (Linux: /proc/cpuinfo), for measurements read later on another machine."""
+def _cpuinfo_field(name: str) -> str | None:
+    """The first processor's ``name`` field in /proc/cpuinfo (Linux), None where there is none to read."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:
-                if line.startswith("model name"):
+                if line.startswith(name):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or "unknown CPU"
+    return None
+
+
+def cpu_model_name() -> str:
+    """The processor's model name (Linux: /proc/cpuinfo), for measurements read later on another machine."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown CPU"
+
+
+def cpu_vendor() -> str:
+    """The processor's vendor as the CPU names itself ("GenuineIntel", "AuthenticAMD"; Linux: /proc/cpuinfo), ""
+    where it cannot be read: for engine defaults measured on one vendor's CPUs and not the other's."""
+    return _cpuinfo_field("vendor_id") or ""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

@@ -6,12 +6,14 @@ plain and aligned outputs, NaN included; SparseConv2d runs it only where it appl
 plans alike, and without it where the system refuses executable memory; bad calls are refused."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 import vpns_fast as vf
-from vpns_fast import _extension
+from vpns_fast import _extension, environment
 from vpns_fast.deploy import sparse_cpu
 
 _OK, _REASON = sparse_cpu.available()
@@ -144,6 +146,24 @@ def test_bad_calls_are_refused(avx512):
     assert not pays((512, 512, 3, 3), 7, 7)
     assert not supported([4, 3, 1, 1], [14, 14], [2, 2], [0, 0], [1, 1])
     assert not supported([4, 3, 3, 3], [7, 7], [1, 1], [1, 1], [1, 1])
+
+
+def test_on_by_default_except_on_intel_cpus():
+    """Measured: on a 2-vCPU Intel Xeon ResNet-50 ran 0.90-0.95x as fast with the generated code (Zen 4: 1.02-1.06x);
+    the default follows the vendor the CPU names, and a layer's rule counts the output's plane (stride 2 reads a
+    quarter of its input)."""
+    assert sparse_cpu.generated_code_default("GenuineIntel") is False
+    assert sparse_cpu.generated_code_default("AuthenticAMD") is True
+    assert sparse_cpu.generated_code_default("") is True  # unknown: as the extension decides (AVX-512, Linux)
+    vendor = environment.cpu_vendor()
+    assert isinstance(vendor, str) and (vendor or not sys.platform.startswith("linux"))
+    previous = sparse_cpu.set_generated_code(True)
+    try:
+        assert sparse_cpu._GENERATED_CODE[0] is True
+    finally:
+        sparse_cpu.set_generated_code(previous)
+    pays = sparse_cpu._generated_code_pays
+    assert pays((1024, 512, 1, 1), 28, 28, (2, 2)) and not pays((1024, 512, 1, 1), 28, 28)
 
 
 class _Block(nn.Module):

@@ -25,7 +25,7 @@ from torch import fx, nn
 
 from vpns_fast import _extension
 from vpns_fast.deploy import fusion, winograd
-from vpns_fast.environment import is_out_of_memory
+from vpns_fast.environment import cpu_vendor, is_out_of_memory
 from vpns_fast.errors import caller_stacklevel, exception_reason
 from vpns_fast.pruning.masking import checked_module
 
@@ -229,25 +229,40 @@ def set_batch_lanes(enabled: bool) -> bool:
     return previous
 
 
+def generated_code_default(vendor: str) -> bool:
+    """Whether :func:`set_generated_code` starts on for a CPU of ``vendor`` (``environment.cpu_vendor()``): not on
+    Intel's. On a 2-vCPU Intel Xeon (48 KiB L1d, 2 MiB L2 a core; 2026-12-07, 2 threads, batch 32, 10% kept,
+    ``python -m bench.generated_code_ab``) ResNet-50 ran 0.90x as fast with it, 0.95x once the lanes' channels lay an
+    odd number of vectors apart, 0.99x with it on 7x7 planes only; inside the network its layers ran 0.59-1.11x
+    (14x14 expanding 0.59-0.68x) where alone, on random inputs, they ran 0.74-1.09x (14x14 expanding) and
+    1.24-1.57x (7x7 expanding): the copy into the lanes and the separate epilogue (2.1 of 5.6 ms at 14x14) outweigh
+    the faster sums there
+    (bench/results/cpu-generated-code-ab-2026-12-07-intel-xeon.txt). On the Zen 4 host it gained (the rule's
+    measurements, :func:`_generated_code_pays`); other AMD CPUs take it unmeasured."""
+    return vendor != "GenuineIntel"
+
+
 # Whether SparseConv2d runs the 1x1 layers that sparse_pointwise_generated_supported takes through machine code
 # written for their nonzeros at batches that are a multiple of 16 (set_generated_code).
-_GENERATED_CODE = [True]
+_GENERATED_CODE = [generated_code_default(cpu_vendor())]
 
 
 def _has_inference_tensor(tensors) -> bool:
     return any(t.is_inference() for t in tensors)
 
 
-def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int) -> bool:
+def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int,
+                         stride: tuple[int, int] = (1, 1)) -> bool:
     """Whether a sparse 1x1 layer of ``weight_shape`` at height x width runs faster through generated code: its input
     is copied into the vector lanes on every call, which a small output does not repay. Measured at batch 32, 10% kept,
     2 threads, against the per-image kernel (2-vCPU Zen 4, 2026-12-07; docs/cpu-engine-runs.md): 512 -> 2048 at 7x7
     1.84-1.88x, 256 -> 1024 at 14x14 1.36-1.41x, 2048 -> 512 at 7x7 1.24-1.34x; 1024 -> 256 at 14x14 (784 KiB of
     input an image) 0.77-0.79x, 128 -> 512 at 28x28 0.58x, 64 -> 256 at 56x56 0.37x; MobileNetV2 at 10% kept, its
     projections (C_out 24-320) taken too, 0.970x as fast. So: 1x1, at most 196 positions, at most 392 KiB of input an
-    image, at least 512 output channels."""
+    image, at least 512 output channels; positions and input counted on the output's plane, the part of the input
+    that a layer of ``stride`` reads and that would be copied."""
     out_channels, in_channels = weight_shape[0], weight_shape[1]
-    plane = height * width
+    plane = ((height - 1) // stride[0] + 1) * ((width - 1) // stride[1] + 1)  # the output's: what is copied
     return (tuple(weight_shape[2:]) == (1, 1) and plane <= 196 and in_channels * plane <= 2048 * 49
             and out_channels >= 512)
 
@@ -256,9 +271,10 @@ def set_generated_code(enabled: bool) -> bool:
     """Whether sparse 1x1 layers (stride 1, no padding) with small planes and many output channels (ResNet-50's
     expanding layers at 7x7 and 14x14 and its reducing ones at 7x7; :func:`_generated_code_pays` says which) run
     batches that are a multiple of 16 through machine code written for their nonzeros when first called at an input
-    size, the images in the AVX-512 vector lanes (on by default, where the AVX-512 kernel runs; csrc/generated_conv.cpp
-    has the design and measurements). The values are the same bit for bit. Returns the previous setting; read at
-    each call (compiled call plans are made again). For comparing both ways on a machine."""
+    size, the images in the AVX-512 vector lanes (on by default where the AVX-512 kernel runs, except on Intel CPUs:
+    :func:`generated_code_default`; csrc/generated_conv.cpp has the design and measurements). The values are the
+    same bit for bit. Returns the previous setting; read at each call (compiled call plans are made again). For
+    comparing both ways on a machine."""
     if not isinstance(enabled, bool):
         raise TypeError(f"enabled must be a bool, got {enabled!r}")
     previous, _GENERATED_CODE[0] = _GENERATED_CODE[0], enabled
@@ -861,7 +877,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         """(code, weights) of this layer's machine code for the 4-d ``x`` (:func:`set_generated_code`), or None where
         it does not run this call. A system that refuses executable memory turns it off with a warning."""
         if (not _GENERATED_CODE[0] or activation not in (None, "relu") or self.groups != 1 or not x.shape[0]
-                or x.shape[0] % BATCH_LANES or not _generated_code_pays(self.weight_shape, x.shape[2], x.shape[3])
+                or x.shape[0] % BATCH_LANES
+                or not _generated_code_pays(self.weight_shape, x.shape[2], x.shape[3], self.stride)
                 or not _ops().sparse_pointwise_generated_supported(list(self.weight_shape), [x.shape[2], x.shape[3]],
                                                                    list(self.stride), list(self.padding),
                                                                    list(self.dilation))

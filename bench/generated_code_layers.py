@@ -51,7 +51,7 @@ def _layer_line(shape, density: float, batch: int, rounds: int, generator) -> st
     layer = _layer(in_channels, out_channels, density, generator)
     x = torch.randn(batch, in_channels, size, size, generator=generator)
     residual = torch.randn(batch, out_channels, size, size, generator=generator) if kind == "expanding" else None
-    code, table = layer._compute_geometry(size, size, 0, "generated")
+    code, table = layer._compute_geometry(size, size, 0, packing="generated")
     activation = sparse_cpu.EPILOGUE_ACTIVATIONS.get(layer.activation, 0)
     runs = {"per-image": functools.partial(layer, x, residual),
             "generated": functools.partial(ops.sparse_pointwise_generated, x, code, table, layer.bias, residual,

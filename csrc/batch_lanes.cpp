@@ -143,27 +143,11 @@ __attribute__((target("avx512f"))) void tile_rows(const float* src, int64_t row_
 __attribute__((target("avx512f"))) void epilogue(const Lanes& g, int64_t gi, int64_t o0, int64_t o1, int64_t oh0,
                                                  int64_t ow0, int64_t rows, int64_t cols, const float* sums,
                                                  const float* bias, bool relu, float* out, int64_t out_stride) {
-  const __mmask16 mask = static_cast<__mmask16>((1u << cols) - 1u);
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t o = o0; o < o1; ++o) {
-    const float* s = sums + (o - o0) * kTile * kLanes;
-    const __m512 add = _mm512_set1_ps(bias ? bias[o] : 0.0f);
     for (int64_t r = 0; r < rows; ++r) {
-      __m512 v[16];
-      for (int64_t c = 0; c < kLanes; ++c) {
-        if (c >= cols) {
-          v[c] = zero;
-          continue;
-        }
-        // as sparse_conv2d's epilogue: (sum + bias), then value < 0 ? 0 : value (NaN and -0 kept)
-        const __m512 value = _mm512_add_ps(_mm512_load_ps(s + (r * cols + c) * kLanes), add);
-        v[c] = relu ? _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, zero, _CMP_LT_OQ), value, zero) : value;
-      }
-      vpns::lanes::transpose16(v);  // v[i]: image i's outputs along the row
-      for (int64_t i = 0; i < kLanes; ++i) {
-        float* dst = out + ((gi * kLanes + i) * g.out_channels + o) * out_stride + (oh0 + r) * g.out_w + ow0;
-        _mm512_mask_storeu_ps(dst, mask, v[i]);
-      }
+      vpns::lanes::from_lanes(sums + ((o - o0) * kTile + r * cols) * kLanes, cols, bias ? bias[o] : 0.0f, nullptr, 0,
+                              relu, out + (gi * kLanes * g.out_channels + o) * out_stride + (oh0 + r) * g.out_w + ow0,
+                              g.out_channels * out_stride);
     }
   }
 }

@@ -241,34 +241,20 @@ __attribute__((target("avx512f"))) void copy_into_lanes(const float* x, int64_t 
   }
 }
 
-// A block's sums ([rows][span][16], positions p0 .. p0 + count of the plane) with bias, residual and ReLU into
-// rows o0 .. o0 + rows of the NCHW `out` of image group gi: 16 positions of an image's plane a store.
-__attribute__((target("avx512f"))) void span_epilogue(const float* sums, int64_t span, int64_t count, int64_t gi,
+// A block's sums ([rows][span][16], rows sums_pitch vectors apart; positions p0 .. p0 + count of the plane) with bias,
+// residual and ReLU into rows o0 .. o0 + rows of the NCHW `out` of image group gi: 16 positions of an image's plane a
+// store.
+__attribute__((target("avx512f"))) void span_epilogue(const float* sums, int64_t sums_pitch, int64_t count, int64_t gi,
                                                       int64_t p0, int64_t o0, int64_t rows, int64_t out_channels,
                                                       const float* bias, const float* residual, int64_t residual_stride,
                                                       bool relu, float* out, int64_t out_stride) {
-  const __m512 zero = _mm512_setzero_ps();
   for (int64_t o = o0; o < o0 + rows; ++o) {
-    const __m512 add = _mm512_set1_ps(bias ? bias[o] : 0.0f);
+    const int64_t first = gi * kLanes * out_channels + o;  // image gi * 16's channel o
     for (int64_t q = 0; q < count; q += kLanes) {
-      const int64_t n = std::min(kLanes, count - q);
-      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1u);
-      __m512 v[16];
-      for (int64_t j = 0; j < kLanes; ++j) {
-        v[j] = j < n ? _mm512_load_ps(sums + ((o - o0) * span + q + j) * kLanes) : zero;
-      }
-      lanes::transpose16(v);  // v[i]: image i's sums at positions p0 + q ..
-      for (int64_t i = 0; i < kLanes; ++i) {
-        const int64_t image = gi * kLanes + i, at = p0 + q;
-        // as sparse_conv2d's epilogue: (sum + bias) (+ residual), then value < 0 ? 0 : value (NaN and -0 kept)
-        __m512 value = _mm512_add_ps(v[i], add);
-        if (residual) {
-          value = _mm512_add_ps(
-              value, _mm512_maskz_loadu_ps(mask, residual + (image * out_channels + o) * residual_stride + at));
-        }
-        if (relu) value = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(value, zero, _CMP_LT_OQ), value, zero);
-        _mm512_mask_storeu_ps(out + (image * out_channels + o) * out_stride + at, mask, value);
-      }
+      lanes::from_lanes(sums + ((o - o0) * sums_pitch + q) * kLanes, std::min(kLanes, count - q), bias ? bias[o] : 0.0f,
+                        residual ? residual + first * residual_stride + p0 + q : nullptr,
+                        out_channels * residual_stride, relu, out + first * out_stride + p0 + q,
+                        out_channels * out_stride);
     }
   }
 }

@@ -142,3 +142,45 @@ def outputs_from_two_threads(call, inputs: list, rounds: int) -> list:
     assert not errors, errors
     assert len(results) == rounds * len(inputs)
     return results
+
+
+def kernel_switch_runs(model: nn.Module, x: torch.Tensor, switch, method: str, step: str) -> dict:
+    """``model`` converted for the CPU (policy "sparse") and called eagerly on ``x`` with an engine ``switch`` (a
+    ``sparse_cpu.set_*`` function) off, then on, each call of ``SparseConv2d.<method>`` (the kernel's arguments, or
+    None where it does not run) recorded; then deployed and called through its compiled call plan with the switch
+    on. Returns {"taken": {False: calls that ran the kernel, True: ...}, "outputs": {False: ..., True: ...},
+    "planned": the plan's output, "steps": the plan's steps whose name starts with ``step``}; the switch and the
+    method are set back."""
+    import vpns_fast as vf
+    from vpns_fast.deploy import sparse_cpu
+
+    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    original = getattr(sparse_cpu.SparseConv2d, method)
+    runs = []
+
+    def recorded(self, x, residual, activation):
+        taken = original(self, x, residual, activation)
+        runs.append(taken is not None)
+        return taken
+
+    found = {"taken": {}, "outputs": {}}
+    previous = switch(True)
+    try:
+        for enabled in (False, True):
+            switch(enabled)
+            setattr(sparse_cpu.SparseConv2d, method, recorded)
+            runs.clear()
+            with torch.inference_mode():
+                found["outputs"][enabled] = converted(x)
+            setattr(sparse_cpu.SparseConv2d, method, original)
+            found["taken"][enabled] = sum(runs)
+        deployed = vf.deploy(model, "cpu", tuple(x.shape), policy="sparse", mean=(0.0,) * 3, std=(1.0,) * 3)
+        with torch.inference_mode():
+            deployed(x)  # the plan is made on a call, then runs
+            found["planned"], timing = deployed.timed_call(x)
+        assert timing["steps"] is not None  # the compiled call plan ran
+        found["steps"] = sum(name.startswith(step) for _, _, name, _ in timing["steps"])
+    finally:
+        setattr(sparse_cpu.SparseConv2d, method, original)
+        switch(previous)
+    return found

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import kernel_switch_runs
 from torch import nn
 
 import vpns_fast as vf
@@ -160,35 +161,10 @@ def test_sparse_layers_take_it_where_it_applies(batch, avx512):
         for conv in (model.down, model.same, model.point):
             conv.weight *= torch.rand(conv.weight.shape) < 0.3
     x = torch.rand(batch, 3, 14, 14)  # images: the deployed module's input stage takes them as they are below
-    converted, _ = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
-    runs = []
-    original = sparse_cpu.SparseConv2d._lanes_arguments
-
-    def recorded(self, x, residual, activation):
-        taken = original(self, x, residual, activation)
-        runs.append(taken is not None)
-        return taken
-
-    outputs = {}
-    previous = sparse_cpu.set_batch_lanes(True)
-    try:
-        for enabled in (False, True):
-            sparse_cpu.set_batch_lanes(enabled)
-            sparse_cpu.SparseConv2d._lanes_arguments = recorded
-            runs.clear()
-            with torch.inference_mode():
-                outputs[enabled] = converted(x)
-            sparse_cpu.SparseConv2d._lanes_arguments = original
-            assert sum(runs) == (1 if enabled and batch % 16 == 0 else 0)
-        deployed = vf.deploy(model, "cpu", tuple(x.shape), policy="sparse", mean=(0.0,) * 3, std=(1.0,) * 3)
-        with torch.inference_mode():
-            deployed(x)  # the plan is made on a call, then runs
-            planned, timing = deployed.timed_call(x)
-        assert timing["steps"] is not None  # the compiled call plan ran
-        assert [step for _, _, step, _ in timing["steps"]].count("sparse_conv_lanes") == (batch % 16 == 0)
-    finally:
-        sparse_cpu.SparseConv2d._lanes_arguments = original
-        sparse_cpu.set_batch_lanes(previous)
+    found = kernel_switch_runs(model, x, sparse_cpu.set_batch_lanes, "_lanes_arguments", "sparse_conv_lanes")
+    assert found["taken"] == {False: 0, True: 1 if batch % 16 == 0 else 0}
+    assert found["steps"] == (1 if batch % 16 == 0 else 0)
+    outputs, planned = found["outputs"], found["planned"]
     torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
     torch.testing.assert_close(planned, outputs[False], rtol=0, atol=0)
     with torch.no_grad():

@@ -756,14 +756,15 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         so that its offsets depend on the input's channel stride."""
         return self.weight_shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _geometry(self, height: int, width: int, channel_stride: int = 0, lanes: bool | str = False) -> tuple:
-        """(offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major order) for inputs
-        of height x width whose channels are ``channel_stride`` floats apart (0: height * width; see
-        :func:`aligned_channel_stride`). The ordered values are a copy kept per cached input size (4 bytes a nonzero
-        each): the block size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout).
-        ``lanes``: (segments, offsets, values) of the batch-in-lanes kernel instead (:func:`set_batch_lanes`), for
-        a geometry it takes; ``"generated"``: (code, its weights) of a 1x1 layer's machine code
-        (:func:`set_generated_code`)."""
+    def _geometry(self, height: int, width: int, channel_stride: int = 0, packing: str = "per-image") -> tuple | None:
+        """The weights packed for one kernel at inputs of height x width, kept per input size. ``packing``:
+        ``"per-image"``: (offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major
+        order) for inputs whose channels are ``channel_stride`` floats apart (0: height * width; see
+        :func:`aligned_channel_stride`); the ordered values are a copy (4 bytes a nonzero each): the block size, and
+        so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout). ``"lanes"``: (segments,
+        offsets, values) of the batch-in-lanes kernel (:func:`set_batch_lanes`), for a geometry it takes.
+        ``"generated"``: (code, its weights) of a 1x1 layer's machine code (:func:`set_generated_code`), or None
+        where the packed buffers are inference tensors (the code would be written again at every call)."""
         # the buffers straight from their dict, the offsets computed in a method rather than a closure made
         # anew: a call on a tiny input took 19.2 us, 7.9 us now (this lookup 7.0 -> 0.7 us; ResNet-50 makes 53
         # such calls an image; measured 2026-12-03)
@@ -771,18 +772,20 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         packed = (buffers["row_ptr"], buffers["channel_index"], buffers["tap_index"], buffers["values"])
         if _has_inference_tensor(packed):
             # buffers replaced inside torch.inference_mode (.to() or load_state_dict there) have no version
-            # counter to reveal an in-place change: recompute rather than risk stale offsets or values
-            return self._compute_geometry(height, width, channel_stride, lanes)
+            # counter to reveal an in-place change: recompute rather than risk stale offsets or values; but not
+            # the generated code, whose writing (3.8-4.6 ms for a 7x7 layer of ResNet-50) would then come with
+            # every call
+            return None if packing == "generated" else self._compute_geometry(height, width, channel_stride, packing)
         # keyed on the packed tensors' identity and version too: load_state_dict can swap in a
         # different mask with the same number of nonzeros, whose offsets differ, or other values. The entry holds
         # the tensors it was made from, so that no new tensor can take their address while it is kept (an outside
         # review: a buffer reassigned twice came back at the first one's address, version 0, and read stale code)
-        key = (height, width, channel_stride, lanes, *((t.data_ptr(), t._version) for t in packed),
+        key = (height, width, channel_stride, packing, *((t.data_ptr(), t._version) for t in packed),
                *_hashable_geometry(self))  # an attribute set anew: new offsets
         cache = self._geometry_cache  # one read: another thread may replace it meanwhile
         entry = cache.get(key)
         if entry is None:
-            entry = (self._compute_geometry(height, width, channel_stride, lanes), packed)
+            entry = (self._compute_geometry(height, width, channel_stride, packing), packed)
         elif next(reversed(cache)) == key:  # the size used last: nothing to reorder
             return entry[0]
         # a new dict, never one changed in place, so a thread reading the old one is not disturbed; the size just
@@ -794,12 +797,12 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         self._geometry_cache = kept
         return entry[0]
 
-    def _compute_geometry(self, height: int, width: int, channel_stride: int, lanes: bool | str = False) -> tuple:
+    def _compute_geometry(self, height: int, width: int, channel_stride: int, packing: str = "per-image") -> tuple:
         ops = _ops()
-        if lanes == "generated":
+        if packing == "generated":
             return tuple(ops.sparse_pointwise_generate(self.row_ptr, self.channel_index, self.values,
                                                        list(self.weight_shape), [height, width]))
-        if lanes:
+        if packing == "lanes":
             arguments = ([height, width], list(self.stride), list(self.padding), list(self.dilation))
             offsets, segments, values = ops.sparse_conv2d_lanes_pack(
                 self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape), *arguments)
@@ -869,7 +872,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                 or not x.shape[0] or x.shape[0] % BATCH_LANES or not self._lanes_geometry(x.shape[2], x.shape[3])
                 or _ops().sparse_kernel_isa() != "avx512"):
             return None
-        segments, offsets, values = self._geometry(x.shape[2], x.shape[3], lanes=True)
+        segments, offsets, values = self._geometry(x.shape[2], x.shape[3], packing="lanes")
         return segments, offsets, values
 
     def _generated_arguments(self, x: torch.Tensor, residual: torch.Tensor | None,
@@ -884,12 +887,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                                                                    list(self.dilation))
                 or _ops().sparse_kernel_isa() != "avx512"):
             return None
-        if _has_inference_tensor((self._buffers["row_ptr"], self._buffers["channel_index"], self._buffers["values"])):
-            # the code would be written again at every call (3.8-4.6 ms for a 7x7 layer of ResNet-50): its
-            # table is a copy of the values, which an inference tensor gives no version to check
-            return None
         try:
-            return self._geometry(x.shape[2], x.shape[3], lanes="generated")
+            return self._geometry(x.shape[2], x.shape[3], packing="generated")  # None for inference-tensor buffers
         except RuntimeError as exc:
             if "executable memory" not in str(exc):
                 raise

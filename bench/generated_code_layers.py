@@ -6,7 +6,9 @@ rule takes it or not.
 Layers: ResNet-50's 1x1 shapes at 14x14 and 7x7 outputs (and those of its earlier stages, which the rule refuses),
 each as ResNet-50 calls it: the reducing layers with ReLU, the expanding ones with bias + residual + ReLU.
 ``--density`` of each weight kept
-at random, batch ``--batch``, inputs contiguous. "per-image" is SparseConv2d with the generated code switched off,
+at random, batch ``--batch``, inputs contiguous (the engine hands a sparse layer's output on with its channels
+padded to 64-byte multiples, which the per-image kernel reads faster: the network's A/B, bench.generated_code_ab,
+decides). "per-image" is SparseConv2d with the generated code switched off,
 "generated" the extension's op on the layer's code (written once, untimed; its bytes are printed). Both outputs must
 be equal bit for bit. Medians of the per-round ratios per-image / generated (above 1: the code pays), p20-p80.
 
@@ -86,10 +88,11 @@ def main(argv=None) -> int:
         parser.error(f"the sparse kernel is {sparse_cpu.kernel_isa()}: the generated code is AVX-512's")
     torch.set_num_threads(args.threads)
     print(switch_ab_header("sparse 1x1 layers, per-image kernel / generated code", args))
-    generator = torch.Generator().manual_seed(0)
-    for shape in LAYER_SHAPES:
+    for index, shape in enumerate(LAYER_SHAPES):
         if not _label(shape).startswith(args.match):
             continue
+        # a generator a shape: --match times the same weights and inputs as a full run
+        generator = torch.Generator().manual_seed(index)
         print(_layer_line(shape, args.density, args.batch, args.rounds, generator), flush=True)
     return 0
 

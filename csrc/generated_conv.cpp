@@ -278,10 +278,10 @@ bool sparse_pointwise_generated_supported(const std::vector<int64_t>& weight_sha
       padding[1] != 0) {
     return false;
   }
-  // displacements within 32 bits (an input channel's, C_in * H * W vectors) and a block's sums of at most
-  // 30 x 4096 positions (7.5 MiB); where it pays is SparseConv2d's rule (vpns_fast.deploy.sparse_cpu)
+  // displacements within 32 bits (an input channel's, C_in * odd_pitch(H * W) vectors) and a block's sums of at
+  // most 30 x 4096 positions (7.5 MiB); where it pays is SparseConv2d's rule (vpns_fast.deploy.sparse_cpu)
   const int64_t plane = input_size[0] * input_size[1];
-  return plane > 0 && plane <= 4096 && weight_shape[1] * plane <= (int64_t{1} << 24);
+  return plane > 0 && plane <= 4096 && weight_shape[1] * odd_pitch(plane) <= (int64_t{1} << 24);
 }
 
 std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_generate(const at::Tensor& row_ptr,
@@ -292,11 +292,11 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
   constexpr const char* op = "sparse_pointwise_generate";
   TORCH_CHECK(sparse_pointwise_generated_supported(weight_shape, input_size, {1, 1}, {0, 0}, {1, 1}), op,
               ": needs x86-64 Linux, a 1x1 weight_shape [C_out, C_in, 1, 1] and an input_size (H, W) of at most 4096 "
-              "positions and C_in * H * W <= 2^24 (sparse_pointwise_generated_supported), got ",
+              "positions and C_in * odd_pitch(H * W) <= 2^24 (sparse_pointwise_generated_supported), got ",
               weight_shape, " and ", input_size);
   const int64_t rows = weight_shape[0], nnz = channel_index.numel();
-  // every displacement within 32 bits: the weights' (an input channel's, C_in * H * W <= 2^24 vectors, and an output
-  // row's in a block's sums, about kSumsBytes, are far below)
+  // every displacement within 32 bits: the weights' (an input channel's, C_in * odd_pitch(H * W) <= 2^24 vectors, and
+  // an output row's in a block's sums, about kSumsBytes, are far below)
   TORCH_CHECK(nnz < (int64_t{1} << 29), op, ": too many nonzeros for 32-bit displacements, got ", nnz);
   TORCH_CHECK(row_ptr.device().is_cpu() && channel_index.device().is_cpu() && values.device().is_cpu(), op,
               ": row_ptr, channel_index and values must be CPU tensors");

@@ -183,8 +183,8 @@ void zero_aligned_padding(float* out, int64_t planes, int64_t plane, int64_t str
 // 14x14 plane is 196 vectors (4 mod 64: the same position of every channel in 16 of the 64 sets), a 28x28 one 784
 // (4 sets), a 56x56 one 3136 (one set). Measured 2026-12-07 (2-vCPU Intel Xeon with 48 KiB L1d, 2 threads, batch
 // 32, 10% kept, per-call ratios even / odd over 40 rounds): the generated code's 256 -> 1024 at 14x14 1.44x (p20-p80
-// 1.25-1.64x), 1024 -> 256 at 14x14 1.03x, 7x7 layers (49 vectors, odd already) 1.00x; the batch-in-lanes 3x3
-// kernel 1.00-1.03x (its 14x14 plane, 17 x 16 vectors, 1.03x, p20-p80 0.97-1.09x).
+// 1.25-1.64x), 1024 -> 256 at 14x14 1.03x; the batch-in-lanes 3x3 kernel's stride-1 planes (17 x 16 and 10 x 9
+// vectors) 1.03x and 1.01x; layouts odd already (7x7 planes of the generated code, stride-2 3x3 planes) 1.00-1.01x.
 inline int64_t odd_pitch(int64_t vectors) { return vectors | 1; }
 // Names of the ISAs this CPU runs, widest first.
 std::vector<std::string> sparse_kernel_isas();

@@ -6,6 +6,8 @@ plain and aligned outputs, NaN included; SparseConv2d runs it only where it appl
 plans alike, and without it where the system refuses executable memory; bad calls are refused."""
 from __future__ import annotations
 
+import pathlib
+import subprocess
 import sys
 
 import pytest
@@ -84,7 +86,8 @@ def test_outputs_equal_the_kernels_bit_for_bit(geometry, batch, avx512):
                         got = ops.sparse_pointwise_generated(source, code, table, b, added, activation,
                                                              aligned_output)
                         assert got.shape == want.shape and got.stride() == want.stride()
-                        torch.testing.assert_close(got, want, rtol=0, atol=0, equal_nan=True)
+                        # the bits, -0 and NaN included (assert_close takes -0 for +0)
+                        assert torch.equal(got.view(torch.int32), want.view(torch.int32))
                         if aligned_output:  # the padding past each plane holds zeros, as sparse_conv2d's does
                             rows = got.as_strided((got.shape[0], got.shape[1], got.stride(1)),
                                                   (got.stride(0), got.stride(1), 1))
@@ -150,20 +153,16 @@ def test_bad_calls_are_refused(avx512):
 
 def test_on_by_default_except_on_intel_cpus():
     """Measured: on a 2-vCPU Intel Xeon ResNet-50 ran 0.90-0.95x as fast with the generated code (Zen 4: 1.02-1.06x);
-    the default follows the vendor the CPU names, and a layer's rule counts the output's plane (stride 2 reads a
-    quarter of its input)."""
+    the default a fresh process starts with follows the vendor the CPU names."""
     assert sparse_cpu.generated_code_default("GenuineIntel") is False
     assert sparse_cpu.generated_code_default("AuthenticAMD") is True
     assert sparse_cpu.generated_code_default("") is True  # unknown: as the extension decides (AVX-512, Linux)
     vendor = environment.cpu_vendor()
     assert isinstance(vendor, str) and (vendor or not sys.platform.startswith("linux"))
-    previous = sparse_cpu.set_generated_code(True)
-    try:
-        assert sparse_cpu._GENERATED_CODE[0] is True
-    finally:
-        sparse_cpu.set_generated_code(previous)
-    pays = sparse_cpu._generated_code_pays
-    assert pays((1024, 512, 1, 1), 28, 28, (2, 2)) and not pays((1024, 512, 1, 1), 28, 28)
+    started = subprocess.run(
+        [sys.executable, "-c", "from vpns_fast.deploy import sparse_cpu; print(sparse_cpu.set_generated_code(True))"],
+        capture_output=True, text=True, check=True, cwd=pathlib.Path(__file__).parents[2]).stdout.strip()
+    assert started == str(sparse_cpu.generated_code_default(vendor))
 
 
 class _Block(nn.Module):

@@ -234,11 +234,12 @@ def generated_code_default(vendor: str) -> bool:
     Intel's. On a 2-vCPU Intel Xeon (48 KiB L1d, 2 MiB L2 a core; 2026-12-07, 2 threads, batch 32, 10% kept,
     ``python -m bench.generated_code_ab``) ResNet-50 ran 0.90x as fast with it, 0.95x once the lanes' channels lay an
     odd number of vectors apart, 0.99x with it on 7x7 planes only; inside the network its layers ran 0.59-1.11x
-    (14x14 expanding 0.59-0.68x) where alone, on random inputs, they ran 0.74-1.09x (14x14 expanding) and
-    1.24-1.57x (7x7 expanding): the copy into the lanes and the separate epilogue (2.1 of 5.6 ms at 14x14) outweigh
-    the faster sums there
-    (bench/results/cpu-generated-code-ab-2026-12-07-intel-xeon.txt). On the Zen 4 host it gained (the rule's
-    measurements, :func:`_generated_code_pays`); other AMD CPUs take it unmeasured."""
+    (14x14 expanding 0.59-0.70x, two runs) where alone they ran 0.74-1.09x (14x14 expanding) and 1.24-1.57x (7x7
+    expanding): the copy into the lanes and the separate epilogue (2.1 of 5.6 ms at 14x14) outweigh the faster sums
+    there (bench/results/cpu-generated-code-ab-2026-12-07-intel-xeon.txt). On the Zen 4 host it gained (the rule's
+    measurements, :func:`_generated_code_pays`). Every other vendor takes it: AMD's other CPUs (Zen 5) unmeasured,
+    and so do other x86 vendors and a CPU whose vendor cannot be read (``""``); the extension itself requires
+    AVX-512 and x86-64 Linux."""
     return vendor != "GenuineIntel"
 
 
@@ -251,18 +252,16 @@ def _has_inference_tensor(tensors) -> bool:
     return any(t.is_inference() for t in tensors)
 
 
-def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int,
-                         stride: tuple[int, int] = (1, 1)) -> bool:
+def _generated_code_pays(weight_shape: tuple[int, ...], height: int, width: int) -> bool:
     """Whether a sparse 1x1 layer of ``weight_shape`` at height x width runs faster through generated code: its input
     is copied into the vector lanes on every call, which a small output does not repay. Measured at batch 32, 10% kept,
     2 threads, against the per-image kernel (2-vCPU Zen 4, 2026-12-07; docs/cpu-engine-runs.md): 512 -> 2048 at 7x7
     1.84-1.88x, 256 -> 1024 at 14x14 1.36-1.41x, 2048 -> 512 at 7x7 1.24-1.34x; 1024 -> 256 at 14x14 (784 KiB of
     input an image) 0.77-0.79x, 128 -> 512 at 28x28 0.58x, 64 -> 256 at 56x56 0.37x; MobileNetV2 at 10% kept, its
     projections (C_out 24-320) taken too, 0.970x as fast. So: 1x1, at most 196 positions, at most 392 KiB of input an
-    image, at least 512 output channels; positions and input counted on the output's plane, the part of the input
-    that a layer of ``stride`` reads and that would be copied."""
+    image, at least 512 output channels."""
     out_channels, in_channels = weight_shape[0], weight_shape[1]
-    plane = ((height - 1) // stride[0] + 1) * ((width - 1) // stride[1] + 1)  # the output's: what is copied
+    plane = height * width
     return (tuple(weight_shape[2:]) == (1, 1) and plane <= 196 and in_channels * plane <= 2048 * 49
             and out_channels >= 512)
 
@@ -881,7 +880,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         it does not run this call. A system that refuses executable memory turns it off with a warning."""
         if (not _GENERATED_CODE[0] or activation not in (None, "relu") or self.groups != 1 or not x.shape[0]
                 or x.shape[0] % BATCH_LANES
-                or not _generated_code_pays(self.weight_shape, x.shape[2], x.shape[3], self.stride)
+                or not _generated_code_pays(self.weight_shape, x.shape[2], x.shape[3])
                 or not _ops().sparse_pointwise_generated_supported(list(self.weight_shape), [x.shape[2], x.shape[3]],
                                                                    list(self.stride), list(self.padding),
                                                                    list(self.dilation))

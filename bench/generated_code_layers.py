@@ -5,14 +5,14 @@ rule takes it or not.
 
 Layers: ResNet-50's 1x1 shapes at 14x14 and 7x7 outputs (and those of its earlier stages, which the rule refuses),
 each as ResNet-50 calls it: the reducing layers with ReLU, the expanding ones with bias + residual + ReLU.
-``--density`` of each weight kept
-at random, batch ``--batch``, inputs contiguous (the engine hands a sparse layer's output on with its channels
-padded to 64-byte multiples, which the per-image kernel reads faster: the network's A/B, bench.generated_code_ab,
-decides). "per-image" is SparseConv2d with the generated code switched off,
-"generated" the extension's op on the layer's code (written once, untimed; its bytes are printed). Both outputs must
-be equal bit for bit. Medians of the per-round ratios per-image / generated (above 1: the code pays), p20-p80.
+``--density`` of each weight kept at random, batch ``--batch``, inputs contiguous, or with ``--aligned`` as the
+engine hands a sparse layer's output on (channels padded to 64-byte multiples, which the per-image kernel reads
+faster) and aligned outputs; layers alone can still differ from inside a network (bench.generated_code_ab
+decides). "per-image" is SparseConv2d with the generated code switched off, "generated" the extension's op on the
+layer's code (written once, untimed; its bytes are printed). Both outputs must be equal bit for bit. Medians of the
+per-round ratios per-image / generated (above 1: the code pays), p20-p80.
 
-    .venv/bin/python -m bench.generated_code_layers [--threads 2] [--density 0.1] [--batch 32] [--rounds 30]
+    .venv/bin/python -m bench.generated_code_layers [--threads 2] [--density 0.1] [--batch 32] [--rounds 30] [--aligned]
 """
 from __future__ import annotations
 
@@ -46,18 +46,29 @@ def _label(shape) -> str:
     return f"{in_channels} -> {out_channels} at {size}x{size} ({kind})"
 
 
-def _layer_line(shape, density: float, batch: int, rounds: int, generator) -> str:
+def _activation(batch: int, channels: int, size: int, generator, aligned: bool) -> torch.Tensor:
+    """Random activations, contiguous or (``aligned``) with their channels padded as a sparse layer's aligned output
+    hands them on (``sparse_cpu.aligned_channel_stride``)."""
+    values = torch.randn(batch, channels, size, size, generator=generator)
+    if not aligned:
+        return values
+    stride = sparse_cpu.aligned_channel_stride(size, size)
+    padded = torch.zeros(batch * channels * stride).as_strided(values.shape, (channels * stride, stride, size, 1))
+    return padded.copy_(values)
+
+
+def _layer_line(shape, density: float, batch: int, rounds: int, generator, aligned: bool = False) -> str:
     in_channels, out_channels, size, kind = shape
-    label = _label(shape)
+    label = _label(shape) + (", aligned" if aligned else "")
     ops = _extension.load()
     layer = _layer(in_channels, out_channels, density, generator)
-    x = torch.randn(batch, in_channels, size, size, generator=generator)
-    residual = torch.randn(batch, out_channels, size, size, generator=generator) if kind == "expanding" else None
+    x = _activation(batch, in_channels, size, generator, aligned)
+    residual = _activation(batch, out_channels, size, generator, aligned) if kind == "expanding" else None
     code, table = layer._compute_geometry(size, size, 0, packing="generated")
     activation = sparse_cpu.EPILOGUE_ACTIVATIONS.get(layer.activation, 0)
-    runs = {"per-image": functools.partial(layer, x, residual),
+    runs = {"per-image": functools.partial(layer, x, residual, aligned_output=aligned),
             "generated": functools.partial(ops.sparse_pointwise_generated, x, code, table, layer.bias, residual,
-                                           activation, False)}
+                                           activation, aligned)}
     with torch.inference_mode():
         previous = sparse_cpu.set_generated_code(False)
         try:
@@ -77,6 +88,8 @@ def main(argv=None) -> int:
     add_switch_ab_arguments(parser)
     parser.add_argument("--batch", type=int, default=32, help="a multiple of 16")
     parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--aligned", action="store_true",
+                        help="inputs and residuals with channels padded, aligned outputs: as inside the engine")
     parser.add_argument("--match", default="", help="only the layers whose line starts with this, e.g. '256 -> 1024'")
     args = parser.parse_args(argv)
     checked_switch_ab_arguments(parser, args)
@@ -93,7 +106,7 @@ def main(argv=None) -> int:
             continue
         # a generator a shape: --match times the same weights and inputs as a full run
         generator = torch.Generator().manual_seed(index)
-        print(_layer_line(shape, args.density, args.batch, args.rounds, generator), flush=True)
+        print(_layer_line(shape, args.density, args.batch, args.rounds, generator, args.aligned), flush=True)
     return 0
 
 

@@ -466,6 +466,8 @@ def test_generated_code_layers_times_a_layer_both_ways(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 2 and lines[1].startswith("512 -> 2048 at 7x7 (expanding):   2 rounds, per-image")
     assert "; code " in lines[1] and lines[1].endswith("the shape rule: taken")
+    assert generated_code_layers.main(["--match", "2048 -> 512", "--rounds", "1", "--batch", "16", "--aligned"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].startswith("2048 -> 512 at 7x7 (reducing), aligned:   1 rounds")
 
 
 def test_private_planes_ab_groups_rounds_by_the_cores_round_trip(monkeypatch):

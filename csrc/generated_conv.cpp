@@ -21,6 +21,12 @@
 // nonzeros in input-channel order from zero, as sparse_conv2d does (its blocks split that chain without reordering
 // it), and the epilogue is its (sum + bias) (+ residual), then ReLU: the outputs are sparse_conv2d's bit for bit.
 //
+// On an Intel Xeon (2 MiB L2 a core; bench/results/cpu-generated-code-ab-2026-12-07-intel-xeon.txt) the same layers
+// lost inside ResNet-50 (0.59-1.11x, the network 0.90-0.95x): there the epilogue, which moves the output apart from
+// any arithmetic, and the copy cost more than the faster sums gain, and the per-image kernel reads the engine's
+// channel-padded inputs faster. SparseConv2d runs this code by default on other vendors' CPUs only
+// (vpns_fast.deploy.sparse_cpu.generated_code_default).
+//
 // The code is written into an anonymous mapping that is made executable and read-only before it runs (never writable
 // and executable at once); a system that refuses executable mappings gets a RuntimeError when the code is made, and
 // SparseConv2d then keeps the layer on sparse_conv2d.

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
-import platform
 import time
 
 import numpy as np
@@ -26,6 +25,7 @@ from bench.cases.sparse_isa import with_kernel
 from bench.runner import round_ratios
 from bench.timing import rotating_times_ms
 from vpns_fast.deploy import baselines, sparse_cpu, winograd
+from vpns_fast.environment import cpu_model_name
 
 # (channels, size): ResNet's 3x3 stride-1 convolutions (C_in = C_out)
 LAYER_SHAPES = [(64, 56), (128, 28), (256, 14), (512, 7)]
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     print(f"# {args.arch} at {args.image_size}, {args.density} kept per layer, batch {args.batch}, {args.threads} "
           f"threads; torch {torch.__version__}, onnxruntime {baselines.onnxruntime_version()}, "
-          f"{platform.processor() or 'cpu'}, {now}")
+          f"{cpu_model_name()}, {now}")
     if args.layers:
         for line in _layer_lines(args.batch, args.rounds):
             print(line, flush=True)

@@ -548,6 +548,9 @@ def test_aligned_outputs_ab_switches_the_marked_layers_by_run_name():
 
     header = switch_ab_header("a / b", argparse.Namespace(threads=2, density=0.1), "; more")
     assert header.startswith("# a / b; 2 threads, kernel ") and header.endswith("{'threads': 2, 'density': 0.1}; more")
+    from vpns_fast.environment import cpu_model_name
+
+    assert f", {cpu_model_name()} (" in header  # the machine named, for results read later elsewhere
 
 
 

@@ -201,12 +201,14 @@ def switch_ab_header(what: str, args, more: str = "") -> str:
     and ``more``."""
     from bench.environment import git_state
     from vpns_fast.deploy import sparse_cpu
+    from vpns_fast.environment import cpu_model_name, cpu_vendor
 
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     commit, dirty = git_state()
     tree = f"commit {(commit or 'unknown')[:7]}{'+changes' if dirty else ''}"
     return (f"# {what}; {args.threads} threads, kernel {sparse_cpu.kernel_isa()}; torch {torch.__version__}, python "
-            f"{platform.python_version()}, {platform.processor() or 'cpu'}; {tree}; {now}; {vars(args)}{more}")
+            f"{platform.python_version()}, {cpu_model_name()} ({cpu_vendor() or 'vendor unknown'}); {tree}; {now}; "
+            f"{vars(args)}{more}")
 
 
 def print_switch_ab_report(args, header: str, switch, default, lines) -> int:

@@ -139,8 +139,8 @@ class Assembler {
 };
 
 // A block's function(x, y, weights, count): `count` positions from x (input lanes of one image group at the first
-// position) into y (the block's sums, [rows_a_block][span][16], at the first position); x and y advance one vector a
-// position.
+// position) into y (the block's sums, rows sums_pitch vectors apart, at the first position); x and y advance one vector
+// a position.
 using Code = void (*)(const float* x, float* y, const float* weights, int64_t count);
 
 }  // namespace
@@ -332,9 +332,10 @@ std::tuple<std::shared_ptr<GeneratedPointwise>, at::Tensor> sparse_pointwise_gen
   std::vector<float> table;
   table.reserve(static_cast<size_t>(nnz));
   generated->pitch = odd_pitch(generated->plane);
+  generated->sums_pitch = odd_pitch(generated->span);
   const std::vector<uint8_t> text =
       write_code(rp, ci, values.const_data_ptr<float>(), rows, generated->pitch, generated->rows_a_block,
-                 odd_pitch(generated->span), table, generated->entries);
+                 generated->sums_pitch, table, generated->entries);
 #if VPNS_GENERATED
   const size_t page = 4096, size = std::max<size_t>(page, (text.size() + page - 1) / page * page);
   void* memory = mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -422,7 +423,7 @@ at::Tensor sparse_pointwise_generated(const at::Tensor& input, const std::shared
   float* out_data = output.mutable_data_ptr<float>();
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
   const float* residual_data = r ? r->const_data_ptr<float>() : nullptr;
-  const int64_t span = code->span, rows_a_block = code->rows_a_block, sums_pitch = odd_pitch(span);
+  const int64_t span = code->span, rows_a_block = code->rows_a_block, sums_pitch = code->sums_pitch;
   const int64_t blocks = (out_channels + rows_a_block - 1) / rows_a_block, spans = (plane + span - 1) / span;
   const uint8_t* text = static_cast<const uint8_t*>(code->memory);
   at::parallel_for(0, groups * blocks * spans, 1, [&](int64_t begin, int64_t end) {

@@ -72,6 +72,7 @@ struct GeneratedPointwise {  // one layer's code, executable, and what it was wr
   int64_t pitch = 0;             // vectors from one input channel's copy in the lanes to the next (odd_pitch)
   int64_t chunk = 0;             // positions a call of a block's code computes (its window: chunk x C_in vectors)
   int64_t span = 0;              // positions a work item sums before its epilogue
+  int64_t sums_pitch = 0;        // vectors from one row of a block's sums to the next, as the code stores them
   int64_t rows_a_block = 0;      // output channels a function of the code computes
   int64_t weights = 0;           // the table's length
   std::vector<int64_t> entries;  // each block's function: its byte offset in the code

@@ -148,9 +148,10 @@ def kernel_switch_runs(model: nn.Module, x: torch.Tensor, switch, method: str, s
     """``model`` converted for the CPU (policy "sparse") and called eagerly on ``x`` with an engine ``switch`` (a
     ``sparse_cpu.set_*`` function) off, then on, each call of ``SparseConv2d.<method>`` (the kernel's arguments, or
     None where it does not run) recorded; then deployed and called through its compiled call plan with the switch
-    on. Returns {"taken": {False: calls that ran the kernel, True: ...}, "outputs": {False: ..., True: ...},
-    "planned": the plan's output, "steps": the plan's steps whose name starts with ``step``}; the switch and the
-    method are set back."""
+    on. The outputs both ways and through the plan must be equal exactly (rtol = atol = 0), and the model's within
+    float32 rounding.
+    Returns {"taken": {False: calls that ran the kernel, True: ...}, "steps": the plan's steps whose name starts with
+    ``step``}; the switch and the method are set back."""
     import vpns_fast as vf
     from vpns_fast.deploy import sparse_cpu
 
@@ -163,7 +164,7 @@ def kernel_switch_runs(model: nn.Module, x: torch.Tensor, switch, method: str, s
         runs.append(taken is not None)
         return taken
 
-    found = {"taken": {}, "outputs": {}}
+    found, outputs = {"taken": {}}, {}
     previous = switch(True)
     try:
         for enabled in (False, True):
@@ -171,16 +172,20 @@ def kernel_switch_runs(model: nn.Module, x: torch.Tensor, switch, method: str, s
             setattr(sparse_cpu.SparseConv2d, method, recorded)
             runs.clear()
             with torch.inference_mode():
-                found["outputs"][enabled] = converted(x)
+                outputs[enabled] = converted(x)
             setattr(sparse_cpu.SparseConv2d, method, original)
             found["taken"][enabled] = sum(runs)
         deployed = vf.deploy(model, "cpu", tuple(x.shape), policy="sparse", mean=(0.0,) * 3, std=(1.0,) * 3)
         with torch.inference_mode():
             deployed(x)  # the plan is made on a call, then runs
-            found["planned"], timing = deployed.timed_call(x)
+            planned, timing = deployed.timed_call(x)
         assert timing["steps"] is not None  # the compiled call plan ran
         found["steps"] = sum(name.startswith(step) for _, _, name, _ in timing["steps"])
     finally:
         setattr(sparse_cpu.SparseConv2d, method, original)
         switch(previous)
+    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
+    torch.testing.assert_close(planned, outputs[False], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(outputs[True], model(x), rtol=1e-4, atol=1e-4)
     return found

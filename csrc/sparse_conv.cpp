@@ -100,8 +100,8 @@
 //   against dense with that pool too: 2.8x / 3.6x at batch 1. Global-magnitude masks of random-init
 //   weights (early layers kept ~50% dense): 2.0x at 0.1, 2.6x at 0.05.
 // * Sparse linear: CSR; batch >= 8 runs the same tile kernel with the batch as the vector
-//   dimension (transposed input; see batch_as_vectors), smaller batches a gathered dot product per output (4 chains).
-//   ResNet-18 fc at batch 1 is 1.05-1.2x dense at density 0.1 and 0.23x at 0.5 (left dense there).
+//   dimension (transposed input; see batch_as_vectors), smaller batches a gathered dot product per output
+//   (csrc/gathered_rows.cpp, with the measurements).
 #include "activation.h"
 #include "vpns_ops.h"
 
@@ -2093,9 +2093,6 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
   const std::optional<at::Tensor> b = checked_bias(op, bias, out_features);
   const int64_t nnz = values.numel();
   const int32_t* col = column_index.const_data_ptr<int32_t>();
-  bool in_range = true;
-  for (int64_t k = 0; k < nnz; ++k) in_range &= col[k] >= 0 && col[k] < in_features;
-  TORCH_CHECK(in_range, op, ": column_index out of range [0, ", in_features, ")");
 
   at::NoGradGuard no_grad;
   const at::Tensor x = input.reshape({-1, in_features}).contiguous();
@@ -2111,26 +2108,25 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
   if (output.numel() == 0) return output.reshape(out_shape);
 
   if (batch < kLanes) {
-    // Too few rows to fill a vector: a gathered dot product per (row, output), four independent sums.
+    // Too few rows to fill a vector: a gathered dot product per (row, output); the column indices' range is checked
+    // by the gathers (gathered_rows.cpp)
+    const Isa isa = sparse_isa();
+    const int width = isa == Isa::kAvx512 ? 16 : isa == Isa::kAvx2 ? 8 : 1;
+    std::atomic<bool> inside{true};
     at::parallel_for(0, out_features, 16, [&](int64_t begin, int64_t end) {
       for (int64_t n = 0; n < batch; ++n) {
-        const float* xr = x_data + n * in_features;
-        for (int64_t o = begin; o < end; ++o) {
-          float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-          int64_t k = rp[o];
-          for (; k + 4 <= rp[o + 1]; k += 4) {
-            s0 += vals[k] * xr[col[k]];
-            s1 += vals[k + 1] * xr[col[k + 1]];
-            s2 += vals[k + 2] * xr[col[k + 2]];
-            s3 += vals[k + 3] * xr[col[k + 3]];
-          }
-          for (; k < rp[o + 1]; ++k) s0 += vals[k] * xr[col[k]];
-          out_data[n * out_features + o] = (s0 + s1) + (s2 + s3) + (bias_data ? bias_data[o] : 0.0f);
+        if (!gathered_row_products(x_data + n * in_features, in_features, rp, col, vals, bias_data,
+                                   out_data + n * out_features, begin, end, width)) {
+          inside.store(false, std::memory_order_relaxed);
         }
       }
     });
+    TORCH_CHECK(inside.load(), op, ": column_index out of range [0, ", in_features, ")");
     return output.reshape(out_shape);
   }
+  bool in_range = true;
+  for (int64_t k = 0; k < nnz; ++k) in_range &= col[k] >= 0 && col[k] < in_features;
+  TORCH_CHECK(in_range, op, ": column_index out of range [0, ", in_features, ")");
   batch_as_vectors(op, x, col, vals, rp, row_major(1), out_features, bias_data, nullptr, kIdentity, out_data);
   return output.reshape(out_shape);
 }

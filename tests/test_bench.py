@@ -302,7 +302,8 @@ def test_sparse_isa_rows(tmp_path):
                      cpu_warmup_seconds=0.0, stream=None, compile_baselines=False)
     assert sparse_cpu.kernel_isa() == chosen
     assert {row["params"]["scope"] for row in rows} == {"layer", "model"}
-    assert len({row["shape"] for row in rows}) == 5  # 4 layers and the network
+    assert len({row["shape"] for row in rows}) == 6  # 4 conv layers, the classifier and the network
+    assert {row["params"].get("kind") for row in rows} == {None, "linear"}
     for row in rows:
         assert set(row) == ROW_FIELDS, set(row) ^ ROW_FIELDS
         assert row["case"] == "sparse_isa" and row["params"]["default_isa"] == chosen
@@ -868,3 +869,23 @@ def test_call_plan_ab_reports_each_network_with_its_plan(monkeypatch, capsys):
     assert lines[0].startswith("# call_plan.set_call_plans graph / plan; 1 threads")
     assert lines[1:] and all(line.startswith("tiny 0.5 kept batch 1 (") and " steps), cores " in line
                              for line in lines[1:])
+
+
+def test_builds_ab_compares_two_trees_in_alternating_processes(capsys):
+    """bench.builds_ab against this tree itself: one round, a ratio per round and the summary, the steps asked for
+    timed in both processes; a base that is no source tree is refused by name."""
+    from bench import builds_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    if not available:
+        pytest.skip(f"sparse CPU kernels unavailable: {reason}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert builds_ab.main([root, "resnet18", "0.1", "--rounds", "1", "--calls", "2", "--steps", "fc"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# resnet18 at 0.1 kept, batch 1")
+    assert lines[1].startswith("round 1: ") and " fc " in lines[1] and "nan" not in lines[1]
+    assert lines[2].startswith("base / this tree: median ")
+    with pytest.raises(SystemExit):
+        builds_ab.main([os.path.join(root, "tests"), "resnet18", "0.1"])
+    assert "base: expected a source tree" in capsys.readouterr().err

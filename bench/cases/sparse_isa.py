@@ -8,11 +8,13 @@ machine.
 Measurement points (CPU only, float32, no grad), weights as in case ``infer`` (torchvision random init, seed
 0, every Conv2d/Linear pruned by magnitude to ``density`` = 0.1, uniform):
 * per layer (``params.scope == "layer"``): every distinct Conv2d of ResNet-18 at 224 (and ResNet-50's with
-  ``--sizes full``), batch 1, each as ``SparseConv2d.from_dense``;
+  ``--sizes full``), batch 1, each as ``SparseConv2d.from_dense``, and the model's classifier ``fc`` (a Linear,
+  ``params.kind == "linear"``: the gathered product of batches below 8) at batch 1 as ``SparseLinear.from_dense``;
 * end to end (``params.scope == "model"``): ResNet-18 and ResNet-50 at 224, batch 1, and ResNet-18 at batch 32
   (``--sizes full``), converted with ``convert_for_cpu(policy="sparse")``: every conv sparse, so that no
   timing-based decision differs between runs.
-``--sizes small``: the first few distinct layers of ResNet-18 and ResNet-18 end to end at 32 px (a smoke test).
+``--sizes small``: the first few distinct layers of ResNet-18, its classifier, and ResNet-18 end to end at 32 px (a
+smoke test).
 
 Implementations:
 * ``default`` (backend) - the kernel this CPU gets by default (``params.default_isa``);
@@ -66,12 +68,27 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
                 "model": model_name, "sizes": sizes, "image_size": image_size, "batch": 1, "density": DENSITY,
                 "scope": "layer", "layer": name, "weight_shape": list(weight_shape),
                 "input_shape": [1, *input_shape], "stride": list(stride)}))
+        out_features, in_features = classifier_shape(model_name)
+        shape = f"{model_name} fc w={[out_features, in_features]} x={[1, in_features]} density={DENSITY}"
+        points.append(Config(NAME, shape, "float32", "fwd", {
+            "model": model_name, "sizes": sizes, "image_size": image_size, "batch": 1, "density": DENSITY,
+            "scope": "layer", "kind": "linear", "layer": "fc", "weight_shape": [out_features, in_features],
+            "input_shape": [1, in_features]}))
     for model_name, batch in model_points:
         shape = f"{model_name} end-to-end B={batch} {image_size}px density={DENSITY}"
         points.append(Config(NAME, shape, "float32", "fwd", {
             "model": model_name, "sizes": sizes, "image_size": image_size, "batch": batch, "density": DENSITY,
             "scope": "model"}))
     return points
+
+
+def classifier_shape(model_name: str) -> tuple[int, int]:
+    """(out_features, in_features) of torchvision ``model_name``'s ``fc`` (ResNets), from its constructor alone."""
+    import torchvision
+
+    with torch.device("meta"):
+        fc = getattr(torchvision.models, model_name)().fc
+    return fc.out_features, fc.in_features
 
 
 def with_kernel(isa: str, module) -> Callable:
@@ -101,7 +118,11 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
     flops = None
     module = None
     if available:
-        if p["scope"] == "layer":
+        if p.get("kind") == "linear":
+            linear = model.get_submodule(p["layer"])
+            module = sparse_cpu.SparseLinear.from_dense(linear)
+            flops = 2 * int(torch.count_nonzero(linear.weight)) * p["batch"]
+        elif p["scope"] == "layer":
             conv = model.get_submodule(p["layer"])
             module = sparse_cpu.SparseConv2d.from_dense(conv)
             out_h, out_w = module(inputs[0]).shape[2:]

@@ -1365,6 +1365,31 @@ def test_offsets_are_checked_at_every_call_or_kept_as_a_private_checked_copy():
     assert type(geometry[0]).__name__ == "CheckedOffsets"
 
 
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_sparse_linear_refuses_column_indices_outside_the_input(batch, kernel_isa):
+    """Every column index is checked against in_features: below 8 rows by the gathers themselves (an index outside is
+    clamped before it is read, then the call fails), at 8 and more before the product. Indices in a row's full
+    vectors and in its tail, the first and the last nonzero, negative, equal to in_features and far beyond it."""
+    from vpns_fast import _extension
+
+    ops = _extension.load()
+    generator = torch.Generator().manual_seed(batch)
+    weight = masked((40, 70), 0.5, generator)
+    row_ptr, columns, values = ops.sparse_linear_pack(weight)
+    x = torch.randn(batch, 70, generator=generator)
+    assert_close(ops.sparse_linear(x, row_ptr, columns, values, 70, None), F.linear(x, weight), rtol=1e-5, atol=1e-5)
+    counts = row_ptr.diff()
+    assert int(counts.max()) > 32 and int((counts % 16).min()) < int((counts % 16).max())  # full vectors and tails
+    row = int(torch.argmax(counts))
+    places = [0, int(row_ptr[row]) + 1, int(row_ptr[row + 1]) - 1, columns.numel() - 1]
+    for place in places:
+        for wrong in (-1, 70, 2**31 - 1):
+            broken = columns.clone()
+            broken[place] = wrong
+            with pytest.raises(RuntimeError, match=r"column_index out of range \[0, 70\)"):
+                ops.sparse_linear(x, row_ptr, broken, values, 70, None)
+
+
 @pytest.mark.parametrize("descent", ["first", "middle", "last"])
 def test_segments_and_row_pointers_that_decrease_anywhere_are_refused(descent):
     """The segments (a conv's) and row pointers (a linear's) bound the nonzeros each row reads, so every call checks

@@ -186,6 +186,11 @@ void CallPlan::add_adaptive_avg_pool(int64_t input, int64_t output, std::vector<
       [=](std::vector<at::Tensor>& slot) { slot[output] = at::adaptive_avg_pool2d(slot[input], output_size); });
 }
 
+void CallPlan::add_global_avg_pool(int64_t input, int64_t output) {
+  check_slots({input, output});
+  add("global_avg_pool", [=](std::vector<at::Tensor>& slot) { slot[output] = global_avg_pool2d(slot[input]); });
+}
+
 void CallPlan::add_flatten(int64_t input, int64_t output, int64_t start_dim, int64_t end_dim) {
   check_slots({input, output});
   add("flatten", [=](std::vector<at::Tensor>& slot) { slot[output] = at::flatten(slot[input], start_dim, end_dim); });

@@ -163,6 +163,10 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
         py::arg("padding"), py::call_guard<py::gil_scoped_release>(),
         R"doc(Max pooling of a float32 CPU [N, C, H, W] input (dilation 1, floor mode, padding <= kernel / 2):
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
+  m.def("global_avg_pool2d", &vpns::global_avg_pool2d, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
+        R"doc(Each channel's mean over its plane of a float32 CPU [N, C, H, W] input, contiguous or channels_last:
+[N, C, 1, 1], within float32 rounding of input.mean((2, 3), keepdim=True) (the same bits on every ISA and thread
+count).)doc");
   m.def("winograd_conv2d", &vpns::winograd_conv2d, py::arg("input"), py::arg("weight"), py::arg("bias"),
         py::arg("padding"), py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("chunk_tiles") = 0,
         py::call_guard<py::gil_scoped_release>(),
@@ -220,6 +224,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
            py::arg("stride"), py::arg("padding"))
       .def("add_adaptive_avg_pool", &vpns::CallPlan::add_adaptive_avg_pool, py::arg("input"), py::arg("output"),
            py::arg("output_size"))
+      .def("add_global_avg_pool", &vpns::CallPlan::add_global_avg_pool, py::arg("input"), py::arg("output"))
       .def("add_flatten", &vpns::CallPlan::add_flatten, py::arg("input"), py::arg("output"), py::arg("start_dim"),
            py::arg("end_dim"))
       .def("add_dense_linear", &vpns::CallPlan::add_dense_linear, py::arg("input"), py::arg("output"),

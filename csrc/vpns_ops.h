@@ -150,6 +150,8 @@ bool set_output_prefetch_for_write(bool enabled);
 // csrc/max_pool.cpp
 at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                       std::vector<int64_t> padding);
+// csrc/mean_pool.cpp: [N, C, 1, 1], each channel's mean over its plane (contiguous or channels_last input).
+at::Tensor global_avg_pool2d(const at::Tensor& input);
 
 // csrc/winograd.cpp: act(conv3x3(input) + bias (+ residual)), stride 1, by F(4x4, 3x3); weight from winograd_weight.
 at::Tensor winograd_conv2d(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -251,6 +253,7 @@ class CallPlan {
   void add_max_pool(int64_t input, int64_t output, std::vector<int64_t> kernel_size, std::vector<int64_t> stride,
                     std::vector<int64_t> padding);
   void add_adaptive_avg_pool(int64_t input, int64_t output, std::vector<int64_t> output_size);
+  void add_global_avg_pool(int64_t input, int64_t output);
   void add_flatten(int64_t input, int64_t output, int64_t start_dim, int64_t end_dim);
   void add_dense_linear(int64_t input, int64_t output, at::Tensor weight, std::optional<at::Tensor> bias);
   void add_sparse_linear(int64_t input, int64_t output, at::Tensor row_ptr, at::Tensor column_index, at::Tensor values,

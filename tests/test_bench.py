@@ -889,3 +889,17 @@ def test_builds_ab_compares_two_trees_in_alternating_processes(capsys):
     with pytest.raises(SystemExit):
         builds_ab.main([os.path.join(root, "tests"), "resnet18", "0.1"])
     assert "base: expected a source tree" in capsys.readouterr().err
+
+
+def test_global_avg_pool_ab_takes_turns_in_one_network(capsys):
+    """bench.global_avg_pool_ab: one round each way on one deployed ResNet-18, the step timed both ways."""
+    from bench import global_avg_pool_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    if not available:
+        pytest.skip(f"sparse CPU kernels unavailable: {reason}")
+    assert global_avg_pool_ab.main(["resnet18", "0.1", "--rounds", "1", "--calls", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# resnet18 at 0.1 kept, batch 1") and lines[1].startswith("round 1: torch ")
+    assert lines[2].startswith("torch / kernel: median ") and "nan" not in lines[2]

@@ -263,8 +263,8 @@ def test_resnet18_end_to_end_sparse_policy():
         got = converted(x)
     assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
     kinds = {type(m) for m in converted.modules()}
-    assert nn.Conv2d not in kinds and nn.Linear not in kinds and nn.MaxPool2d not in kinds
-    assert sum(row["chosen"] == "sparse" for row in table) == 22  # 20 convs, fc, maxpool
+    assert not kinds & {nn.Conv2d, nn.Linear, nn.MaxPool2d, nn.AdaptiveAvgPool2d}
+    assert sum(row["chosen"] == "sparse" for row in table) == 23  # 20 convs, fc, maxpool, avgpool
     assert isinstance(model.conv1, nn.Conv2d)  # the original is left alone
 
 
@@ -455,6 +455,113 @@ def test_max_pool_on_narrow_inputs_equals_torch_in_both_layouts():
     assert checked > 300
     with pytest.raises(RuntimeError, match="channels, height and width must be >= 1"):
         sparse_cpu.SeparableMaxPool2d(3, 2, 1)(torch.randn(1, 0, 4, 4))
+
+
+def _mean_reference(x: torch.Tensor) -> torch.Tensor:
+    """Each plane's mean in float64 (the exact value to float32 rounding), kept 1x1."""
+    return x.double().mean((-2, -1), keepdim=True)
+
+
+def test_global_avg_pool_runs_its_kernel_in_both_layouts_within_rounding(monkeypatch):
+    """GlobalAvgPool2d on float32 inputs runs the kernel (torch's pooling made to fail), contiguous or channels_last,
+    at planes of 1 to 50176 positions (a 7x7 plane's tail of 1 after 6 lanes of 8, and none at 8x8): within float32
+    rounding of the float64 mean; NaN where a plane holds one (or +inf and -inf), infinities kept with their sign."""
+    generator = torch.Generator().manual_seed(5)
+    torch_pooling = F.adaptive_avg_pool2d
+
+    def refused(*args, **kwargs):
+        raise AssertionError("torch's pooling ran instead of the kernel")
+
+    module = sparse_cpu.GlobalAvgPool2d()
+    for shape in [(2, 3, 7, 7), (1, 2048, 7, 7), (3, 5, 1, 1), (2, 4, 3, 17), (1, 2, 8, 8), (1, 1, 224, 224)]:
+        x = torch.randn(shape, generator=generator) * 3 + 1
+        if shape == (2, 3, 7, 7):
+            x[0, 0, 3, 3] = float("nan")
+            x[0, 1, 0, 0] = float("inf")
+            x[1, 2, 6, 6] = float("-inf")
+            x[1, 0, 1, 1], x[1, 0, 2, 2] = float("inf"), float("-inf")
+        want = _mean_reference(x)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            monkeypatch.setattr(F, "adaptive_avg_pool2d", refused)
+            with torch.no_grad():
+                got = module(x.contiguous(memory_format=layout))
+            monkeypatch.setattr(F, "adaptive_avg_pool2d", torch_pooling)
+            assert got.shape == (shape[0], shape[1], 1, 1) and got.dtype == torch.float32
+            assert torch.equal(got.isnan(), want.isnan()) and torch.equal(got.isinf(), want.isinf())
+            finite = want.isfinite()
+            assert torch.equal(got[~finite & ~want.isnan()], want[~finite & ~want.isnan()].float())
+            scale = x.double().abs().mean((-2, -1), keepdim=True)[finite]  # the rounding of a sum of |x|
+            assert ((got[finite].double() - want[finite]).abs() <= 1e-6 * scale + 1e-30).all(), (shape, layout)
+        assert torch.equal(module.reference(x).nan_to_num(7.0), F.adaptive_avg_pool2d(x, 1).nan_to_num(7.0))
+
+
+def test_global_avg_pool_gives_the_same_bits_on_any_thread_count():
+    """Each plane is summed the same way whoever sums it: one thread and two give the same bits (the compiled call
+    plan is checked against the network bit for bit, and a deployed model may run at another thread count)."""
+    x = torch.randn(3, 700, 7, 7)
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = sparse_cpu.GlobalAvgPool2d()(x)
+        torch.set_num_threads(2)
+        two = sparse_cpu.GlobalAvgPool2d()(x)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(one.view(torch.int32), two.view(torch.int32))
+
+
+def test_global_avg_pool_leaves_other_inputs_to_torch():
+    """Inputs the kernel does not take go to the torch reference: a gradient to record, float64, an unbatched image,
+    an empty plane; an empty batch or channel count gives an empty output."""
+    module = sparse_cpu.GlobalAvgPool2d()
+    x = torch.randn(2, 3, 5, 5, requires_grad=True)
+    out = module(x)
+    out.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 1 / 25))
+    double = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert torch.equal(module(double), F.adaptive_avg_pool2d(double, 1))
+    image = torch.randn(3, 5, 5)
+    assert torch.equal(module(image), F.adaptive_avg_pool2d(image, 1))
+    assert module(torch.randn(0, 4, 3, 3)).shape == (0, 4, 1, 1)
+    assert module(torch.randn(2, 0, 3, 3)).shape == (2, 0, 1, 1)
+    from vpns_fast import _extension
+
+    with pytest.raises(RuntimeError, match="global_avg_pool2d: input must be a 4-d float32 CPU tensor"):
+        _extension.load().global_avg_pool2d(torch.randn(3, 5, 5))
+    with pytest.raises(RuntimeError, match="global_avg_pool2d: input must be contiguous or channels_last"):
+        _extension.load().global_avg_pool2d(torch.randn(2, 3, 5, 6)[..., :5])
+    with pytest.raises(RuntimeError, match="global_avg_pool2d: input has an empty plane"):
+        _extension.load().global_avg_pool2d(torch.randn(2, 3, 0, 5))
+
+
+def test_conversion_swaps_average_pooling_to_one_by_one_only():
+    """convert_for_cpu (replace_pooling) puts GlobalAvgPool2d where an nn.AdaptiveAvgPool2d pools to 1x1, with a row
+    of type AdaptiveAvgPool2d, and leaves one pooling to 2x2 with the reason; replace_pooling=False leaves both."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+            self.pool = nn.AdaptiveAvgPool2d((1, 1))
+            self.grid = nn.AdaptiveAvgPool2d(2)
+            self.fc = nn.Linear(8 + 32, 4)
+
+        def forward(self, x):
+            y = self.conv(x)
+            return self.fc(torch.cat([self.pool(y).flatten(1), self.grid(y).flatten(1)], 1))
+
+    x = torch.randn(2, 3, 9, 9)
+    model = Net().eval()
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse")
+    rows = {row["name"]: row for row in table}
+    assert isinstance(converted.pool, sparse_cpu.GlobalAvgPool2d)
+    assert rows["pool"]["type"] == "AdaptiveAvgPool2d" and rows["pool"]["chosen"] == "sparse"
+    assert type(converted.grid) is nn.AdaptiveAvgPool2d and rows["grid"]["chosen"] == "dense"
+    assert "GlobalAvgPool2d pools each channel to 1x1 only" in rows["grid"]["reason"]
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    kept, kept_table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", replace_pooling=False)
+    assert type(kept.pool) is nn.AdaptiveAvgPool2d and "pool" not in {row["name"] for row in kept_table}
 
 
 # The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in

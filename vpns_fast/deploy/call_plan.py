@@ -291,7 +291,8 @@ class PlanRefused(Exception):
 
 
 _ENGINE_CONVS = (sparse_cpu.SparseConv2d, sparse_cpu.DenseConv2d, sparse_cpu.WinogradConv2d)
-_ENGINE_ONE_INPUT = (sparse_cpu.SeparableMaxPool2d, sparse_cpu.SparseLinear, sparse_cpu.DenseLinear)
+_ENGINE_ONE_INPUT = (sparse_cpu.SeparableMaxPool2d, sparse_cpu.GlobalAvgPool2d, sparse_cpu.SparseLinear,
+                     sparse_cpu.DenseLinear)
 _CONV_KEYWORDS = frozenset({"residual", "residual_reusable", "aligned_output"})
 
 

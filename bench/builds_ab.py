@@ -2,12 +2,12 @@
 compare it with in one process, as ``bench.generated_code_ab`` has), against a checkout of the commit before it with
 its extension built there.
 
-Each round runs one process per build (``BASE`` first, then this tree), each deploying the network afresh
-(``vpns_fast.deploy`` at the batch given: the per-layer choices are measured again, so they may differ between
-processes) and timing ``--calls`` plain calls of its compiled call plan, then as many calls with the plan's steps
-timed; it reports the medians, and the steps named by ``--steps``. Per-round ratios BASE / this tree (above 1: this
-tree is faster), median and p20-p80 over the rounds. Processes, not calls, alternate: the ratios carry the spread
-of the per-process choices, which in-process switches do not.
+Each round runs one process per build (``BASE`` first in odd rounds, this tree first in even ones), each deploying
+the network afresh (``vpns_fast.deploy`` at the batch given: the per-layer choices are measured again, so they may
+differ between processes) and timing ``--calls`` plain calls of its compiled call plan, then as many calls with the
+plan's steps timed; it reports the medians, and the steps named by ``--steps``. Per-round ratios BASE / this tree
+(above 1: this tree is faster), median and p20-p80 over the rounds. Processes, not calls, alternate: the ratios carry
+the spread of the per-process choices, which in-process switches do not.
 
     git worktree add /tmp/base <commit> && (cd /tmp/base && python setup.py -q build_ext --inplace)
     .venv/bin/python -m bench.builds_ab /tmp/base resnet50 0.1 [--batch 1] [--rounds 6] [--calls 20]
@@ -83,7 +83,10 @@ def main(argv=None) -> int:
           f"against {here}; {args.rounds} rounds of one process each, {args.calls} calls each way a process")
     ratios = []
     for round_index in range(args.rounds):
-        base, new = one_process(args.base, args), one_process(here, args)
+        if round_index % 2 == 0:  # the order alternates: a build that always ran second might gain or lose by it
+            base, new = one_process(args.base, args), one_process(here, args)
+        else:
+            new, base = one_process(here, args), one_process(args.base, args)
         ratios.append(base["plain_ms"] / new["plain_ms"])
         steps = "  ".join(f"{name} {base['steps_ms'].get(name, float('nan')):.3f} -> {ms:.3f}"
                           for name, ms in new["steps_ms"].items())

@@ -125,11 +125,8 @@ __attribute__((target("avx512f"))) bool rows_avx512(const float* x, uint32_t las
 bool gathered_row_products(const float* x, int64_t in_features, const int64_t* row_ptr, const int32_t* columns,
                            const float* values, const float* bias, float* out, int64_t begin, int64_t end,
                            int vector_width) {
-  if (in_features <= 0) {  // no index is inside: only rows without nonzeros have a product (the bias)
-    for (int64_t o = begin; o < end; ++o) out[o] = bias ? bias[o] : 0.0f;
-    return row_ptr[begin] == row_ptr[end];
-  }
-  TORCH_CHECK(in_features <= INT32_MAX, "gathered_row_products: in_features must fit 32 bits, got ", in_features);
+  TORCH_CHECK(in_features >= 1 && in_features <= INT32_MAX,
+              "gathered_row_products: in_features must be in [1, 2^31 - 1], got ", in_features);
   const uint32_t last = static_cast<uint32_t>(in_features - 1);
 #if defined(__x86_64__)
   if (vector_width == 16) return rows_avx512(x, last, row_ptr, columns, values, bias, out, begin, end);

@@ -165,8 +165,7 @@ input: float32 CPU [..., in_features]; bias: float32 [out_features] or None.)doc
 equal to F.max_pool2d(input, kernel_size, stride, padding), NaN propagating.)doc");
   m.def("global_avg_pool2d", &vpns::global_avg_pool2d, py::arg("input"), py::call_guard<py::gil_scoped_release>(),
         R"doc(Each channel's mean over its plane of a float32 CPU [N, C, H, W] input, contiguous or channels_last:
-[N, C, 1, 1], within float32 rounding of input.mean((2, 3), keepdim=True) (the same bits on every ISA and thread
-count).)doc");
+[N, C, 1, 1], within float32 rounding of input.mean((2, 3), keepdim=True) (the same bits on any thread count).)doc");
   m.def("winograd_conv2d", &vpns::winograd_conv2d, py::arg("input"), py::arg("weight"), py::arg("bias"),
         py::arg("padding"), py::arg("residual") = py::none(), py::arg("activation") = 0, py::arg("chunk_tiles") = 0,
         py::call_guard<py::gil_scoped_release>(),

@@ -2105,11 +2105,19 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
   const float* bias_data = b ? b->const_data_ptr<float>() : nullptr;
   const float* x_data = x.const_data_ptr<float>();
   float* out_data = output.mutable_data_ptr<float>();
+  // Every column index must name an input feature, whatever the batch: below kLanes rows the gathers check the
+  // indices as they read them (each clamped into range first, gathered_rows.cpp); otherwise, and where the output is
+  // empty, one pass checks them all first.
+  const bool gathered = batch < kLanes && output.numel() > 0;
+  if (!gathered) {
+    bool in_range = true;
+    for (int64_t k = 0; k < nnz; ++k) in_range &= col[k] >= 0 && col[k] < in_features;
+    TORCH_CHECK(in_range, op, ": column_index out of range [0, ", in_features, ")");
+  }
   if (output.numel() == 0) return output.reshape(out_shape);
 
-  if (batch < kLanes) {
-    // Too few rows to fill a vector: a gathered dot product per (row, output); the column indices' range is checked
-    // by the gathers (gathered_rows.cpp)
+  if (gathered) {
+    // Too few rows to fill a vector: a gathered dot product per (row, output)
     const Isa isa = sparse_isa();
     const int width = isa == Isa::kAvx512 ? 16 : isa == Isa::kAvx2 ? 8 : 1;
     std::atomic<bool> inside{true};
@@ -2124,9 +2132,6 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
     TORCH_CHECK(inside.load(), op, ": column_index out of range [0, ", in_features, ")");
     return output.reshape(out_shape);
   }
-  bool in_range = true;
-  for (int64_t k = 0; k < nnz; ++k) in_range &= col[k] >= 0 && col[k] < in_features;
-  TORCH_CHECK(in_range, op, ": column_index out of range [0, ", in_features, ")");
   batch_as_vectors(op, x, col, vals, rp, row_major(1), out_features, bias_data, nullptr, kIdentity, out_data);
   return output.reshape(out_shape);
 }

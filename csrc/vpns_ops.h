@@ -123,7 +123,8 @@ at::Tensor sparse_linear(const at::Tensor& input, const at::Tensor& row_ptr, con
 // out[o] = bias[o] (0 without one) + sum over row o's nonzeros k (row_ptr[o] <= k < row_ptr[o + 1]) of
 // values[k] * x[columns[k]], for o in [begin, end): the sparse linear layer's product for one input row, one thread,
 // with gathers of vector_width lanes (16: AVX-512, 8: AVX2 and FMA, else the portable loop; the caller checks the
-// CPU has them). Every index is clamped into [0, in_features) before it is read; false when any was outside it.
+// CPU has them); in_features >= 1. Every index is clamped into [0, in_features) before it is read; false when any was
+// outside it.
 bool gathered_row_products(const float* x, int64_t in_features, const int64_t* row_ptr, const int32_t* columns,
                            const float* values, const float* bias, float* out, int64_t begin, int64_t end,
                            int vector_width);

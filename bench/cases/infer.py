@@ -130,6 +130,10 @@ def configs(device_type: str, sizes: str, dtypes: list[str] | None = None) -> li
     return points
 
 
+# The decision table's rows of poolings (convert_for_cpu's replace_pooling), which params.sparse_layers leaves out.
+POOLING_ROW_TYPES = ("MaxPool2d", "AdaptiveAvgPool2d")
+
+
 @functools.lru_cache(maxsize=1)  # configs come grouped by (model, mask, density): one pruned model alive
 def pruned_model(model_name: str, density: float, mask: str, seed: int = 0) -> nn.Module:
     """torchvision ``model_name`` (random init, eval) with its Conv2d/Linear weights, and the packed input
@@ -378,7 +382,7 @@ def setup(config: Config, device_type: str, *, compile_baselines: bool = True, s
         # what the whole-network timings measured and chose (a row alone did not say why run r kept 3 of
         # ResNet-18's Winograd layers where the A/B before kept all 10)
         p["network_choice"], p["winograd_choice"] = summary.get("network"), summary.get("winograd")
-        p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] != "MaxPool2d" for row in table)
+        p["sparse_layers"] = sum(row["chosen"] == "sparse" and row["type"] not in POOLING_ROW_TYPES for row in table)
         p["sparse_kernel_isa"] = sparse_cpu.kernel_isa()
         p["pool_swapped"] = any(row["chosen"] == "sparse" and row["type"] == "MaxPool2d" for row in table)
         p["winograd_layers"] = sum(isinstance(m, sparse_cpu.WinogradConv2d) for m in converted.modules())

@@ -464,8 +464,9 @@ def _mean_reference(x: torch.Tensor) -> torch.Tensor:
 
 def test_global_avg_pool_runs_its_kernel_in_both_layouts_within_rounding(monkeypatch):
     """GlobalAvgPool2d on float32 inputs runs the kernel (torch's pooling made to fail), contiguous or channels_last,
-    at planes of 1 to 50176 positions (a 7x7 plane's tail of 1 after 6 lanes of 8, and none at 8x8): within float32
-    rounding of the float64 mean; NaN where a plane holds one (or +inf and -inf), infinities kept with their sign."""
+    at planes of 1 to 50176 positions (a 7x7 plane's tail of 1 after 6 lanes of 8, and none at 8x8; channels_last
+    chunks of 256 channels and a last one of 44, blocks of 64 pixels over 12544): within float32 rounding of the
+    float64 mean; NaN where a plane holds one (or +inf and -inf), infinities kept with their sign."""
     generator = torch.Generator().manual_seed(5)
     torch_pooling = F.adaptive_avg_pool2d
 
@@ -473,7 +474,8 @@ def test_global_avg_pool_runs_its_kernel_in_both_layouts_within_rounding(monkeyp
         raise AssertionError("torch's pooling ran instead of the kernel")
 
     module = sparse_cpu.GlobalAvgPool2d()
-    for shape in [(2, 3, 7, 7), (1, 2048, 7, 7), (3, 5, 1, 1), (2, 4, 3, 17), (1, 2, 8, 8), (1, 1, 224, 224)]:
+    for shape in [(2, 3, 7, 7), (1, 2048, 7, 7), (3, 5, 1, 1), (2, 4, 3, 17), (1, 2, 8, 8), (1, 1, 224, 224),
+                  (2, 8, 112, 112), (1, 300, 9, 9)]:
         x = torch.randn(shape, generator=generator) * 3 + 1
         if shape == (2, 3, 7, 7):
             x[0, 0, 3, 3] = float("nan")
@@ -562,6 +564,29 @@ def test_conversion_swaps_average_pooling_to_one_by_one_only():
         assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
     kept, kept_table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", replace_pooling=False)
     assert type(kept.pool) is nn.AdaptiveAvgPool2d and "pool" not in {row["name"] for row in kept_table}
+
+
+def test_conversion_leaves_pooling_subclasses_alone():
+    """A subclass of nn.AdaptiveAvgPool2d or nn.MaxPool2d may have a forward of its own (here each flattens or scales
+    its output): it stays as it is, with the reason in its row, and the model converts."""
+
+    class FlatPool(nn.AdaptiveAvgPool2d):
+        def forward(self, x):
+            return super().forward(x).flatten(1)
+
+    class HalfMax(nn.MaxPool2d):
+        def forward(self, x):
+            return super().forward(x) * 0.5
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), HalfMax(2), FlatPool(1), nn.Linear(8, 4)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="sparse", fuse=False)
+    rows = {row["name"]: row for row in table}
+    for name, cls, base in (("1", HalfMax, "nn.MaxPool2d"), ("2", FlatPool, "nn.AdaptiveAvgPool2d")):
+        assert type(converted[int(name)]) is cls and rows[name]["chosen"] == "dense"
+        assert f"{cls.__name__} subclasses {base}; the engine replaces the plain class only" in rows[name]["reason"]
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
 
 
 # The convolution's work is cut by thread count, batch, plane size and nonzeros per row (split_work in
@@ -1495,6 +1520,8 @@ def test_sparse_linear_refuses_column_indices_outside_the_input(batch, kernel_is
             broken[place] = wrong
             with pytest.raises(RuntimeError, match=r"column_index out of range \[0, 70\)"):
                 ops.sparse_linear(x, row_ptr, broken, values, 70, None)
+            with pytest.raises(RuntimeError, match=r"column_index out of range \[0, 70\)"):  # nothing to compute
+                ops.sparse_linear(x[:0], row_ptr, broken, values, 70, None)
 
 
 @pytest.mark.parametrize("descent", ["first", "middle", "last"])

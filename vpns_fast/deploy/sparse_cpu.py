@@ -1662,8 +1662,17 @@ class SparseMultiheadAttention(_Float32CpuLayer, nn.Module):
                 f"in_proj density={self.in_proj.density:.4f}, out_proj density={self.out_proj.density:.4f}")
 
 
+def _subclass_reason(pool: nn.Module, base: str) -> str:
+    """The reason a pooling subclass stays as it is: its forward may differ from the plain class's (one returning
+    ``super().forward(x).flatten(1)`` made the conversion's check refuse the whole model)."""
+    return (f"{type(pool).__name__} subclasses {base}; the engine replaces the plain class only (a subclass's forward "
+            "may differ)")
+
+
 def _pooling_unsupported_reason(pool: nn.MaxPool2d) -> str | None:
     """Why :class:`SeparableMaxPool2d` cannot stand in for ``pool``, naming its settings, or None when it can."""
+    if type(pool) is not nn.MaxPool2d:
+        return _subclass_reason(pool, "nn.MaxPool2d")
     settings = [f"{name}=True" for name in ("ceil_mode", "return_indices") if getattr(pool, name)]
     if _pair(pool.dilation, "dilation") != (1, 1):
         settings.append(f"dilation={pool.dilation}")
@@ -1749,6 +1758,8 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
 
 def _average_pooling_unsupported_reason(pool: nn.AdaptiveAvgPool2d) -> str | None:
     """Why :class:`GlobalAvgPool2d` cannot stand in for ``pool``, or None when it can (it pools to 1x1 only)."""
+    if type(pool) is not nn.AdaptiveAvgPool2d:
+        return _subclass_reason(pool, "nn.AdaptiveAvgPool2d")
     size = pool.output_size
     if size == 1 or (isinstance(size, (tuple, list)) and tuple(size) == (1, 1)):
         return None
@@ -1758,12 +1769,12 @@ def _average_pooling_unsupported_reason(pool: nn.AdaptiveAvgPool2d) -> str | Non
 class GlobalAvgPool2d(_CountedEdits, nn.Module):
     """Each channel's mean over its whole plane (``nn.AdaptiveAvgPool2d(1)``, the pooling before the classifier of
     ResNets, RegNets, MobileNets and EfficientNets). 4-d float32 CPU inputs that need no gradient, contiguous or
-    channels_last, run the C++ kernel (``csrc/mean_pool.cpp``: each plane summed in 8 lanes, the same bits on every
-    vector ISA and thread count, within float32 rounding of torch's mean); ``reference`` is the mean in torch, for
-    every other input (other dtypes, unbatched images, autograd).
+    channels_last, run the C++ kernel (``csrc/mean_pool.cpp``: each plane summed in a fixed order, the same bits on
+    any thread count, within float32 rounding of torch's mean); ``reference`` is the mean in torch, for every other
+    input (other dtypes, unbatched images, autograd).
     Why: inside ResNet-50 at batch 1 (10% kept, 2 threads, a 2-vCPU Intel Xeon, 2026-12-07) torch's
     adaptive_avg_pool2d took 0.15-0.31 ms on the last block's output (2048 x 7 x 7, written just before by both
-    cores) and 0.017-0.026 ms on the same tensor read a second time; the kernel, which requests the lines it reads
+    cores) and 0.026 ms on the same tensor read a second time; the kernel, which requests the lines it reads
     next, 0.034 ms in the first place: the whole call 1.004x as fast (ResNet-18 1.028x; ``bench.global_avg_pool_ab``,
     csrc/mean_pool.cpp has the figures)."""
 

@@ -21,20 +21,12 @@ import os
 import statistics
 import subprocess
 import sys
+import time
 
-# What one process runs: argv = arch density batch calls steps(comma-separated)
-_ONE_PROCESS = r"""
-import json, statistics, sys, time
-import torch
-from bench.cases.infer import pruned_model
-import vpns_fast as vf
-from vpns_fast.deploy import call_plan
-arch, density, batch, calls, wanted = sys.argv[1], float(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-torch.set_num_threads(int(sys.argv[6]))
-x = torch.randn(batch, 3, 224, 224)
-network = vf.deploy(pruned_model(arch, density, "uniform")).network
-plans = call_plan.NetworkPlans()
-with torch.inference_mode():
+
+def timed_plan_calls(network, plans, x, calls: int, modules) -> tuple[float, dict[str, float]]:
+    """(median ms of ``calls`` plain calls of ``network``'s compiled call plan, {module: median ms of its step in as
+    many timed calls} for the modules named in ``modules``), after three warm-up calls. Call it in inference mode."""
     for _ in range(3):
         plans.output(network, x)
     plain, steps = [], {}
@@ -44,20 +36,36 @@ with torch.inference_mode():
         plain.append(time.perf_counter() - start)
         _, timed = plans.timed_output(network, x)
         if timed is None:
-            raise SystemExit("the compiled call plan was not run")
+            raise RuntimeError("the compiled call plan was not run")
         for _kind, module, _step, seconds in timed:
-            if module in wanted.split(","):
+            if module in modules:
                 steps.setdefault(module, []).append(seconds)
-print(json.dumps({"tree": vf.__file__, "plain_ms": 1e3 * statistics.median(plain),
-                  "steps_ms": {name: 1e3 * statistics.median(s) for name, s in steps.items()}}))
-"""
+    return 1e3 * statistics.median(plain), {name: 1e3 * statistics.median(s) for name, s in steps.items()}
+
+
+def child(argv: list[str]) -> None:
+    """One process's work, printed as one JSON line: argv = arch density batch calls steps(comma-separated) threads.
+    Run as a script in the tree measured (its vpns_fast and bench first on the path)."""
+    import torch
+
+    import vpns_fast as vf
+    from bench.cases.infer import pruned_model
+    from vpns_fast.deploy import call_plan
+
+    arch, density, batch, calls, wanted, threads = argv
+    torch.set_num_threads(int(threads))
+    x = torch.randn(int(batch), 3, 224, 224)
+    network = vf.deploy(pruned_model(arch, float(density), "uniform")).network
+    with torch.inference_mode():
+        plain_ms, steps_ms = timed_plan_calls(network, call_plan.NetworkPlans(), x, int(calls), wanted.split(","))
+    print(json.dumps({"tree": vf.__file__, "plain_ms": plain_ms, "steps_ms": steps_ms}))
 
 
 def one_process(tree: str, args) -> dict:
-    # run in the tree: `python -c` puts the working folder first on sys.path, ahead of PYTHONPATH
+    # this file run as a script: its own folder first on sys.path (no package of that name), then the tree's
     environment = dict(os.environ, PYTHONPATH=tree)
-    done = subprocess.run([sys.executable, "-c", _ONE_PROCESS, args.arch, str(args.density), str(args.batch),
-                           str(args.calls), args.steps, str(args.threads)],
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", args.arch, str(args.density),
+                           str(args.batch), str(args.calls), args.steps, str(args.threads)],
                           env=environment, cwd=tree, capture_output=True, text=True, check=True)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     if not result["tree"].startswith(os.path.abspath(tree)):
@@ -99,4 +107,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--child"]:
+        child(sys.argv[2:])
+        raise SystemExit(0)
     raise SystemExit(main())

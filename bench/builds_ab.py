@@ -18,46 +18,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 
-
-def timed_plan_calls(network, plans, x, calls: int, modules) -> tuple[float, dict[str, float]]:
-    """(median ms of ``calls`` plain calls of ``network``'s compiled call plan, {module: median ms of its step in as
-    many timed calls} for the modules named in ``modules``), after three warm-up calls. Call it in inference mode."""
-    for _ in range(3):
-        plans.output(network, x)
-    plain, steps = [], {}
-    for _ in range(calls):
-        start = time.perf_counter()
-        plans.output(network, x)
-        plain.append(time.perf_counter() - start)
-        _, timed = plans.timed_output(network, x)
-        if timed is None:
-            raise RuntimeError("the compiled call plan was not run")
-        for _kind, module, _step, seconds in timed:
-            if module in modules:
-                steps.setdefault(module, []).append(seconds)
-    return 1e3 * statistics.median(plain), {name: 1e3 * statistics.median(s) for name, s in steps.items()}
+from bench.runner import round_ratio_line
 
 
 def child(argv: list[str]) -> None:
     """One process's work, printed as one JSON line: argv = arch density batch calls steps(comma-separated) threads.
-    Run as a script in the tree measured (its vpns_fast and bench first on the path)."""
+    Run as a script in the tree measured (its vpns_fast and bench first on the path); the calls are timed by that
+    tree's bench.ort_layers.our_layer_ms (there since 2026-12-05)."""
     import torch
 
     import vpns_fast as vf
     from bench.cases.infer import pruned_model
-    from vpns_fast.deploy import call_plan
+    from bench.ort_layers import our_layer_ms
 
     arch, density, batch, calls, wanted, threads = argv
     torch.set_num_threads(int(threads))
     x = torch.randn(int(batch), 3, 224, 224)
     network = vf.deploy(pruned_model(arch, float(density), "uniform")).network
-    with torch.inference_mode():
-        plain_ms, steps_ms = timed_plan_calls(network, call_plan.NetworkPlans(), x, int(calls), wanted.split(","))
+    layers_ms, _timed_ms, plain_ms, _how = our_layer_ms(network, x, int(calls))
+    steps_ms = {name: layers_ms[name] for name in wanted.split(",") if name in layers_ms}
     print(json.dumps({"tree": vf.__file__, "plain_ms": plain_ms, "steps_ms": steps_ms}))
 
 
@@ -89,20 +71,19 @@ def main(argv=None) -> int:
         parser.error(f"base: expected a source tree with vpns_fast/ in it, got {args.base!r}")
     print(f"# {args.arch} at {args.density} kept, batch {args.batch}, {args.threads} threads; base {args.base} "
           f"against {here}; {args.rounds} rounds of one process each, {args.calls} calls each way a process")
-    ratios = []
+    plain = {"base": [], "this tree": []}
     for round_index in range(args.rounds):
         if round_index % 2 == 0:  # the order alternates: a build that always ran second might gain or lose by it
             base, new = one_process(args.base, args), one_process(here, args)
         else:
             new, base = one_process(here, args), one_process(args.base, args)
-        ratios.append(base["plain_ms"] / new["plain_ms"])
+        plain["base"].append(base["plain_ms"])
+        plain["this tree"].append(new["plain_ms"])
         steps = "  ".join(f"{name} {base['steps_ms'].get(name, float('nan')):.3f} -> {ms:.3f}"
                           for name, ms in new["steps_ms"].items())
         print(f"round {round_index + 1}: {base['plain_ms']:.2f} -> {new['plain_ms']:.2f} ms "
-              f"({ratios[-1]:.3f}x)  {steps}", flush=True)
-    ordered = sorted(ratios)
-    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))]  # noqa: E731
-    print(f"base / this tree: median {statistics.median(ratios):.3f}x (p20-p80 {pick(0.2):.3f}-{pick(0.8):.3f}x)")
+              f"({base['plain_ms'] / new['plain_ms']:.3f}x)  {steps}", flush=True)
+    print(round_ratio_line("the whole call", plain["base"], plain["this tree"], ("base", "this tree")))
     return 0
 
 

@@ -6,6 +6,15 @@
 // max_pool2d_with_indices took 3.4 ms on ResNet's stem (64x112x112, k3 s2 p1, batch 1, 2 threads); the torch expression
 // of the separable max 0.87-0.99 ms, and at batch 32 it allocates a padded copy (106 MB) and four maxima (52 and 26
 // MB): 111-131 ms against this kernel's 10 ms.
+//
+// The NCHW loop requests the lines ahead of its reads (vpns::read_ahead): its input, the stem's output, was just
+// written by both cores, and lines in the other core's cache were not brought ahead by the hardware prefetchers (as for
+// csrc/mean_pool.cpp). 2-vCPU Intel Xeon (AVX-512), 2 threads, ResNet's stem pooling (64 x 112 x 112, k3 s2 p1) on an
+// input both threads had just written, medians of 40 / 10 calls, three processes each way (2026-12-07): batch 1
+// 0.151-0.159 ms either way, batch 32 9.7-10.5 -> 6.2-7.7 ms; inside ResNet-50 at 10% kept, batch 1 (the call plan's
+// step, bench.builds_ab, four processes each way) 0.204-0.228 -> 0.179-0.191 ms. The channels_last loop with the same
+// requests ran 0.114-0.157 -> 0.179-0.184 ms at batch 1 and 10.2-11.8 -> 9.8-10.2 ms at batch 32: not kept there
+// (bench/results/cpu-max-pool-prefetch-ab-2026-12-07-intel-xeon.txt).
 #include "vpns_ops.h"
 
 #include <ATen/Parallel.h>
@@ -17,35 +26,17 @@
 
 namespace {
 
-// How far ahead of its reads the NCHW loop requests the input's lines (each output row requests up to this far past
-// the last input row it reads). Its input was just written by both cores, and lines in the other core's cache were not
-// brought ahead by the hardware prefetchers (as for csrc/mean_pool.cpp). 2-vCPU Intel Xeon (AVX-512), 2 threads,
-// ResNet's stem pooling (64 x 112 x 112, k3 s2 p1) on an input both threads had just written, medians of 40 / 10
-// calls, three processes each way (2026-12-07): batch 1 0.151-0.159 ms either way, batch 32 9.7-10.5 -> 6.2-7.7 ms;
-// inside ResNet-50 at 10% kept, batch 1 (the call plan's step, bench.builds_ab, four processes each way) 0.204-0.228
-// -> 0.179-0.191 ms. The channels_last loop with the same requests ran 0.114-0.157 -> 0.179-0.184 ms at batch 1 and
-// 10.2-11.8 -> 9.8-10.2 ms at batch 32: not kept there
-// (bench/results/cpu-max-pool-prefetch-ab-2026-12-07-intel-xeon.txt).
-constexpr int64_t kPrefetchFloats = 2048 / sizeof(float);
-
 // NaN-propagating max: once a NaN is in, it stays (v > NaN and NaN > v are both false).
 inline float max_nan(float m, float v) { return (v > m || v != v) ? v : m; }
 
-// The row loops, cloned for AVX2 and the baseline ISA (chosen at load time): the baseline build is SSE2.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define VPNS_ROW_LOOP __attribute__((target_clones("avx2", "default")))
-#else
-#define VPNS_ROW_LOOP
-#endif
-
 // acc[j] = max(acc[j], row[j]) for j < n
-VPNS_ROW_LOOP void max_into(float* __restrict acc, const float* __restrict row, int64_t n) {
+VPNS_AVX2_CLONES void max_into(float* __restrict acc, const float* __restrict row, int64_t n) {
   for (int64_t j = 0; j < n; ++j) acc[j] = max_nan(acc[j], row[j]);
 }
 
 // out[j] = max(src[j], ..., src[j + k - 1]) for j < n: every horizontal window, contiguous (vectorised);
 // strided outputs then pick every stride-th one.
-VPNS_ROW_LOOP void window_max(float* __restrict out, const float* __restrict src, int64_t n, int64_t k) {
+VPNS_AVX2_CLONES void window_max(float* __restrict out, const float* __restrict src, int64_t n, int64_t k) {
   for (int64_t j = 0; j < n; ++j) out[j] = src[j];
   for (int64_t i = 1; i < k; ++i) {
     for (int64_t j = 0; j < n; ++j) out[j] = max_nan(out[j], src[j + i]);
@@ -58,20 +49,20 @@ VPNS_ROW_LOOP void window_max(float* __restrict out, const float* __restrict src
 // took 0.052-0.054 ms at batch 1 against 0.137-0.167 ms, and 3.9-4.3 ms at batch 32 against 4.5-5.4 ms (there it
 // reads 103 MB: memory traffic bounds it). Inside ResNet-18 at 10% kept, batch 1, the pooling's own time went from
 // 0.185-0.223 to 0.166-0.174 ms: its input, the stem's output just written by both cores, is not in this core's cache.
-VPNS_ROW_LOOP void window_max_stride2_k3(float* __restrict out, const float* __restrict src, int64_t n) {
+VPNS_AVX2_CLONES void window_max_stride2_k3(float* __restrict out, const float* __restrict src, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = max_nan(max_nan(src[2 * j], src[2 * j + 1]), src[2 * j + 2]);
 }
 
 // out[j] = max(a[j], b[j], c[j]) for j < n: three rows' column maxima in one pass.
-VPNS_ROW_LOOP void max_of_three(float* __restrict out, const float* __restrict a, const float* __restrict b,
-                                const float* __restrict c, int64_t n) {
+VPNS_AVX2_CLONES void max_of_three(float* __restrict out, const float* __restrict a, const float* __restrict b,
+                                   const float* __restrict c, int64_t n) {
   for (int64_t j = 0; j < n; ++j) out[j] = max_nan(max_nan(a[j], b[j]), c[j]);
 }
 
 // out[j * channels + c] = max(out[j * channels + c], in[j * step + c]) for j < count, c < channels: one tap of
 // a channels_last window over `count` consecutive outputs of a row (pixels `step` floats apart in the input).
-VPNS_ROW_LOOP void max_into_pixels(float* __restrict out, const float* __restrict in, int64_t count, int64_t channels,
-                                   int64_t step) {
+VPNS_AVX2_CLONES void max_into_pixels(float* __restrict out, const float* __restrict in, int64_t count,
+                                      int64_t channels, int64_t step) {
   for (int64_t j = 0; j < count; ++j) {
     float* o = out + j * channels;
     const float* x = in + j * step;
@@ -164,11 +155,8 @@ at::Tensor max_pool2d(const at::Tensor& input, std::vector<int64_t> kernel_size,
       float* out_plane = out_data + plane * out_h * out_w;
       for (int64_t oh = 0; oh < out_h; ++oh) {
         const int64_t r0 = std::max<int64_t>(0, oh * sh - ph), r1 = std::min(height, oh * sh - ph + kh);
-        // the lines kPrefetchFloats past the last row this output row reads (see kPrefetchFloats)
-        for (const float* ahead = std::min(share_end, x_plane + r1 * width + kPrefetchFloats); requested < ahead;
-             requested += 16) {
-          __builtin_prefetch(requested, 0, 3);
-        }
+        // the lines up to kReadAheadFloats past the last input row this output row reads (why: the header)
+        read_ahead(requested, x_plane + r1 * width, share_end);
         if (r1 - r0 == 3) {
           max_of_three(row_max, x_plane + r0 * width, x_plane + (r0 + 1) * width, x_plane + (r0 + 2) * width, width);
         } else {

@@ -7,7 +7,7 @@
 // output (2048 x 7 x 7, 400 KB), 0.026 ms on the same tensor once read (a second pooling of it in the same
 // call plan): its input was just written by both cores, half of it in the other core's cache, and the hardware
 // prefetchers did not bring those lines ahead of the reads. This kernel requests the lines it reads next
-// (kPrefetchFloats ahead). 2-vCPU Intel Xeon (AVX-512), 2 threads, 10% kept, batch 1, the same deployed network
+// (vpns::read_ahead). 2-vCPU Intel Xeon (AVX-512), 2 threads, 10% kept, batch 1, the same deployed network
 // with either pooling, 20 alternating rounds (bench.global_avg_pool_ab,
 // bench/results/cpu-global-avg-pool-ab-2026-12-07-intel-xeon.txt): the step 0.174 -> 0.034 ms in ResNet-50 and
 // 0.085 -> 0.011 ms in ResNet-18 (512 x 7 x 7); the whole call 1.004x (p20-p80 0.987-1.026x) and 1.028x
@@ -21,28 +21,16 @@
 
 namespace {
 
-// How far ahead of the reads the lines are requested.
-constexpr int64_t kPrefetchFloats = 2048 / sizeof(float);
-
-// The cloned loops: AVX2 and the baseline ISA (chosen at load time), as csrc/max_pool.cpp's.
-#if defined(__x86_64__) && defined(__GNUC__)
-#define VPNS_MEAN_LOOP __attribute__((target_clones("avx2", "default")))
-#else
-#define VPNS_MEAN_LOOP
-#endif
-
 // out[c] = sum(x[c * plane .. (c + 1) * plane)) * scale for c in [0, count): NCHW planes one after another. Each
 // plane's sum in 8 lanes (j mod 8), then the lanes in a fixed tree and the tail in order: the same bits on any
 // thread count.
-VPNS_MEAN_LOOP void plane_means(const float* __restrict x, int64_t count, int64_t plane, float scale,
-                                float* __restrict out) {
+VPNS_AVX2_CLONES void plane_means(const float* __restrict x, int64_t count, int64_t plane, float scale,
+                                  float* __restrict out) {
   const float* end = x + count * plane;
   const float* requested = x;
   for (int64_t c = 0; c < count; ++c) {
     const float* p = x + c * plane;
-    for (const float* ahead = std::min(end, p + plane + kPrefetchFloats); requested < ahead; requested += 16) {
-      __builtin_prefetch(requested, 0, 3);
-    }
+    vpns::read_ahead(requested, p + plane, end);
     float lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int64_t j = 0;
     for (; j + 8 <= plane; j += 8) {
@@ -64,8 +52,8 @@ constexpr int64_t kPixelBlock = 64;
 // out[c] = sum over pixels p of x[p * row + c], times scale, for c in [0, count) (count <= kChannelChunk): a chunk
 // of one channels_last image's channels, rows `row` floats apart. Pixels in blocks of kPixelBlock, each block's sums
 // added to the running ones; the chunk's lines two pixels ahead requested as it goes.
-VPNS_MEAN_LOOP void pixel_means(const float* __restrict x, int64_t pixels, int64_t row, int64_t count, float scale,
-                                float* __restrict out) {
+VPNS_AVX2_CLONES void pixel_means(const float* __restrict x, int64_t pixels, int64_t row, int64_t count, float scale,
+                                  float* __restrict out) {
   float total[kChannelChunk], block[kChannelChunk];
   std::fill(total, total + count, 0.0f);
   for (int64_t p0 = 0; p0 < pixels; p0 += kPixelBlock) {

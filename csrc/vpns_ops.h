@@ -3,6 +3,7 @@
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <functional>
 #include <memory>
 #include <optional>
@@ -12,7 +13,26 @@
 #include <utility>
 #include <vector>
 
+// A plain loop the compiler vectorizes, built for AVX2 and for the baseline ISA (SSE2), the one to run chosen when the
+// extension loads (pooling, Winograd's transforms).
+#if defined(__x86_64__) && defined(__GNUC__)
+#define VPNS_AVX2_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define VPNS_AVX2_CLONES
+#endif
+
 namespace vpns {
+
+// A pass over an activation requests the lines it reads next, kReadAheadFloats (2 KiB) ahead: such a pass reads what
+// both cores have just written, and the hardware prefetchers did not bring the other core's lines ahead of the reads
+// (csrc/mean_pool.cpp and csrc/max_pool.cpp have the measurements). read_ahead requests the lines from `requested` up
+// to kReadAheadFloats past `reached`, never past `end`, and moves `requested` on.
+constexpr int64_t kReadAheadFloats = 2048 / sizeof(float);
+inline void read_ahead(const float*& requested, const float* reached, const float* end) {
+  for (const float* ahead = std::min(end, reached + kReadAheadFloats); requested < ahead; requested += 16) {
+    __builtin_prefetch(requested, 0, 3);
+  }
+}
 
 // csrc/threshold.cpp
 at::Tensor topk_threshold(const std::vector<at::Tensor>& tensors, int64_t k, std::optional<double> hint);

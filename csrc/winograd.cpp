@@ -58,12 +58,10 @@ constexpr int64_t kChannelBlock = 64;  // channels a transform handles at once (
 // (64, 128 and 256 channels) within the noise, 0.93-1.10x.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define VPNS_WINOGRAD_LOOP __attribute__((always_inline)) inline
-#define VPNS_WINOGRAD_AVX2 __attribute__((target_clones("avx2", "default")))
 #define VPNS_WINOGRAD_AVX512 __attribute__((target("avx512f")))
 #define VPNS_WINOGRAD_WIDE 1
 #else
 #define VPNS_WINOGRAD_LOOP inline
-#define VPNS_WINOGRAD_AVX2
 #define VPNS_WINOGRAD_WIDE 0
 #endif
 
@@ -160,7 +158,7 @@ using OutputTile = void (*)(const float*, int64_t, const float*, float* const (&
     output_tile(src, point_stride, bias, out, residual, relu, width);                                                 \
   }
 
-VPNS_WINOGRAD_TRANSFORMS(avx2, VPNS_WINOGRAD_AVX2)
+VPNS_WINOGRAD_TRANSFORMS(avx2, VPNS_AVX2_CLONES)
 #if VPNS_WINOGRAD_WIDE
 VPNS_WINOGRAD_TRANSFORMS(avx512, VPNS_WINOGRAD_AVX512)
 #endif

@@ -885,7 +885,8 @@ def test_builds_ab_compares_two_trees_in_alternating_processes(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# resnet18 at 0.1 kept, batch 1")
     assert lines[1].startswith("round 1: ") and " fc " in lines[1] and "nan" not in lines[1]
-    assert lines[2].startswith("base / this tree: median ")
+    assert lines[2].startswith("the whole call:   1 rounds, base ") and "base / this tree " in lines[2]
+    assert "nan" not in lines[2]
     with pytest.raises(SystemExit):
         builds_ab.main([os.path.join(root, "tests"), "resnet18", "0.1"])
     assert "base: expected a source tree" in capsys.readouterr().err
@@ -902,4 +903,5 @@ def test_global_avg_pool_ab_takes_turns_in_one_network(capsys):
     assert global_avg_pool_ab.main(["resnet18", "0.1", "--rounds", "1", "--calls", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# resnet18 at 0.1 kept, batch 1") and lines[1].startswith("round 1: torch ")
-    assert lines[2].startswith("torch / kernel: median ") and "nan" not in lines[2]
+    assert lines[2].startswith("the whole call:   1 rounds, torch ") and "torch / kernel " in lines[2]
+    assert lines[3].startswith("the step's median: torch ") and "nan" not in lines[2] + lines[3]

@@ -32,14 +32,13 @@ from vpns_fast.pruning.masking import checked_module
 _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets", "sparse_conv2d", "sparse_linear_pack",
                  "sparse_linear", "dense_linear", "max_pool2d", "global_avg_pool2d", "activation_buffer",
                  "cached_activation_bytes", "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa",
-                 "sparse_kernel_isas",
-                 "sparse_kernel_isa_environment_note", "set_streamed_output_bytes", "set_next_tile_prefetch",
-                 "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors", "sparse_tile_width",
-                 "sparse_conv2d_lanes_supported", "sparse_conv2d_lanes_pack", "sparse_conv2d_lanes",
-                 "sparse_pointwise_generated_supported", "sparse_pointwise_generate", "sparse_pointwise_generated",
-                 "set_private_planes_bytes", "private_planes_held_bytes", "core_round_trip_ns",
-                 "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack", "pointwise_conv",
-                 "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
+                 "sparse_kernel_isas", "sparse_kernel_isa_environment_note", "set_streamed_output_bytes",
+                 "set_next_tile_prefetch", "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors",
+                 "sparse_tile_width", "sparse_conv2d_lanes_supported", "sparse_conv2d_lanes_pack",
+                 "sparse_conv2d_lanes", "sparse_pointwise_generated_supported", "sparse_pointwise_generate",
+                 "sparse_pointwise_generated", "set_private_planes_bytes", "private_planes_held_bytes",
+                 "core_round_trip_ns", "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack",
+                 "pointwise_conv", "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
                  "normalize_images")
 POLICIES = ("measure", "sparse", "dense")
 # How convert_for_cpu's refusal of a model that fails on its example input begins (deploy words it anew where the
@@ -1669,6 +1668,19 @@ def _subclass_reason(pool: nn.Module, base: str) -> str:
             "may differ)")
 
 
+def _plain_image_batch(x: torch.Tensor) -> bool:
+    """A 4-d float32 CPU input that needs no gradient."""
+    return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
+            and not (x.requires_grad and torch.is_grad_enabled()))
+
+
+def _pooling_kernel_takes(x: torch.Tensor) -> bool:
+    """Whether the extension's pooling kernels (max and average) take ``x``: a plain image batch
+    (:func:`_plain_image_batch`), contiguous or channels_last, and the extension there."""
+    return (_plain_image_batch(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
+            and available()[0])
+
+
 def _pooling_unsupported_reason(pool: nn.MaxPool2d) -> str | None:
     """Why :class:`SeparableMaxPool2d` cannot stand in for ``pool``, naming its settings, or None when it can."""
     if type(pool) is not nn.MaxPool2d:
@@ -1715,20 +1727,14 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
         refuse_tracing("SeparableMaxPool2d")
         if self._runs_kernel(input):
             return _ops().max_pool2d(input, list(self.kernel_size), list(self.stride), list(self.padding))
-        if self._plain(input) and input.is_contiguous(memory_format=torch.channels_last):
+        if _plain_image_batch(input) and input.is_contiguous(memory_format=torch.channels_last):
             return F.max_pool2d(input, self.kernel_size, self.stride, self.padding)
         return self.reference(input)
 
     @staticmethod
-    def _plain(x: torch.Tensor) -> bool:
-        """A 4-d float32 CPU input that needs no gradient."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and not (x.requires_grad and torch.is_grad_enabled()))
-
-    def _runs_kernel(self, x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the C++ kernel: a plain input, contiguous or channels_last, and the extension."""
-        return (self._plain(x) and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last))
-                and available()[0])
+    def _runs_kernel(x: torch.Tensor) -> bool:
+        """Whether ``self(x)`` runs the C++ kernel (:func:`_pooling_kernel_takes`)."""
+        return _pooling_kernel_takes(x)
 
     def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
         """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output) where ``forward`` runs the kernel."""
@@ -1786,11 +1792,9 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
 
     @staticmethod
     def _runs_kernel(x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the C++ kernel: a 4-d float32 CPU input with a nonempty plane that needs no
-        gradient, contiguous or channels_last, and the extension."""
-        return (x.dtype == torch.float32 and x.device.type == "cpu" and x.dim() == 4
-                and x.shape[-1] * x.shape[-2] > 0 and not (x.requires_grad and torch.is_grad_enabled())
-                and (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)) and available()[0])
+        """Whether ``self(x)`` runs the C++ kernel: one the pooling kernels take (:func:`_pooling_kernel_takes`) with a
+        nonempty plane."""
+        return _pooling_kernel_takes(x) and x.shape[-1] * x.shape[-2] > 0
 
     def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
         """Adds ``self(x)``'s kernel call to ``plan`` (slots: input, output) where ``forward`` runs the kernel."""

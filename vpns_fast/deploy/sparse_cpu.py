@@ -1779,7 +1779,7 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
     any thread count, within float32 rounding of torch's mean); ``reference`` is the mean in torch, for every other
     input (other dtypes, unbatched images, autograd).
     Why: inside ResNet-50 at batch 1 (10% kept, 2 threads, a 2-vCPU Intel Xeon, 2026-12-07) torch's
-    adaptive_avg_pool2d took 0.15-0.31 ms on the last block's output (2048 x 7 x 7, written just before by both
+    adaptive_avg_pool2d took 0.15-0.30 ms on the last block's output (2048 x 7 x 7, written just before by both
     cores) and 0.026 ms on the same tensor read a second time; the kernel, which requests the lines it reads
     next, 0.034 ms in the first place: the whole call 1.004x as fast (ResNet-18 1.028x; ``bench.global_avg_pool_ab``,
     csrc/mean_pool.cpp has the figures)."""

@@ -566,6 +566,47 @@ def test_conversion_swaps_average_pooling_to_one_by_one_only():
     assert type(kept.pool) is nn.AdaptiveAvgPool2d and "pool" not in {row["name"] for row in kept_table}
 
 
+@pytest.mark.parametrize("kernel_faster", [False, True])
+def test_measured_conversion_swaps_poolings_by_rule_and_times_the_rest(monkeypatch, kernel_faster):
+    """policy="measure": the max pooling and the average pooling of a 7x7 plane are swapped whatever their timing says
+    (the rule; the row still carries the times and says so); the average pooling of a 16x16 plane (above 14x14) is
+    swapped only where its timing finds the kernel faster. The timing is scripted: every torch layer takes 1 ms,
+    every engine pooling 0.5 ms (kernel_faster) or 2 ms."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.maxpool = nn.MaxPool2d(2, 2)
+            self.small = nn.AdaptiveAvgPool2d(1)
+            self.large = nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x):
+            return self.small(self.maxpool(x)).flatten(1) + self.large(x).flatten(1)
+
+    engine = (sparse_cpu.SeparableMaxPool2d, sparse_cpu.GlobalAvgPool2d)
+
+    def scripted(run, repeats):
+        owner = getattr(run, "func", None)
+        return [0.5 if kernel_faster else 2.0] * repeats if isinstance(owner, engine) else [1.0] * repeats
+
+    monkeypatch.setattr(sparse_cpu, "_times_ms", scripted)
+    model = Net().eval()
+    x = torch.randn(2, 8, 16, 16)
+    converted, table = sparse_cpu.convert_for_cpu(model, x, policy="measure", repeats=2, fuse=False)
+    rows = {row["name"]: row for row in table}
+    assert isinstance(converted.maxpool, sparse_cpu.SeparableMaxPool2d)
+    assert isinstance(converted.small, sparse_cpu.GlobalAvgPool2d)
+    for name in ("maxpool", "small"):
+        assert rows[name]["chosen"] == "sparse" and rows[name]["reason"].startswith("swapped by rule (")
+        assert rows[name]["speedup"] == pytest.approx(2.0 if kernel_faster else 0.5)
+    assert isinstance(converted.large, sparse_cpu.GlobalAvgPool2d) == kernel_faster
+    assert rows["large"]["chosen"] == ("sparse" if kernel_faster else "dense")
+    assert "by rule" not in rows["large"]["reason"]
+    assert sparse_cpu._pooling_rule(nn.AdaptiveAvgPool2d(1), x.double()) is None  # an input the kernels do not take
+    with torch.no_grad():
+        assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 def test_conversion_leaves_pooling_subclasses_alone():
     """A subclass of nn.AdaptiveAvgPool2d or nn.MaxPool2d may have a forward of its own (here each flattens or scales
     its output): it stays as it is, with the reason in its row, and the model converts."""

@@ -1809,6 +1809,33 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
         return F.adaptive_avg_pool2d(x, 1)
 
 
+# The largest plane (H * W) whose average pooling the conversion swaps for GlobalAvgPool2d without timing it.
+RULE_AVERAGE_PLANE = 14 * 14
+
+
+def _pooling_rule(pool: nn.Module, x: torch.Tensor) -> str | None:
+    """Why the conversion swaps ``pool`` (an nn.MaxPool2d or nn.AdaptiveAvgPool2d it can replace) for the engine's
+    pooling on input ``x`` without the layer's own timing deciding, or None (the timing decides, as for any layer).
+
+    Why a rule: a pooling takes 0.01-0.3 ms, so a timing taken while the machine is busy can keep torch's pooling
+    where the kernel is several times faster inside the network (ResNet-50's average pooling at batch 1: the kernel
+    1.2-1.4x torch's alone, 5x in the network, where torch's waits for the lines both cores have just written).
+    ``python -m bench.pooling_shapes`` (2 threads, a 2-vCPU Intel Xeon, 2026-12-07; bench/results/
+    cpu-pooling-shapes-2026-12-07-intel-xeon.txt), each layer alone and warm, batch 1 and 8, NCHW and channels_last:
+    max pooling (3x3 stride 2 padding 1 and 2x2 stride 2, 8-1024 channels at 14x14-112x112) 1.24-15.6x torch's on
+    every shape; average pooling on planes of at most 14x14 (96-2048 channels) 1.08-1.68x, but for one shape 0.95x
+    (1280 channels at 7x7, batch 8, channels_last: 26 against 25 us), and 0.42-1.63x on larger planes (8-512
+    channels at 28x28-112x112, torch faster on 13 of 24): those keep their timing."""
+    if not _pooling_kernel_takes(x):
+        return None
+    if isinstance(pool, nn.MaxPool2d):
+        return "max pooling: the kernel ran 1.24-15.6x torch's on every shape measured"
+    if isinstance(pool, nn.AdaptiveAvgPool2d) and 0 < x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE:
+        return (f"average pooling of a plane of at most {RULE_AVERAGE_PLANE} positions: the kernel ran 0.95-1.68x "
+                "torch's alone on such shapes, 5x inside ResNet-50")
+    return None
+
+
 # Layers whose output is always a new tensor, never a view of their input or of a tensor they keep: a value one
 # of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals). Each class is listed,
 # subclasses too: the check run on every call (fusion.residual_reuse_allowed) compares exact types, so a subclass a
@@ -2061,6 +2088,12 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     if policy != "measure":
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
+    rule = _pooling_rule(module, x) if isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)) else None
+    if rule is not None:  # timed for the table only
+        _measured_choice(functools.partial(module, x), functools.partial(sparse, x), repeats, min_speedup, row)
+        alone = f"; this layer alone {row['speedup']:.2f}x" if row["speedup"] else ""
+        row.update(chosen="sparse", reason=f"swapped by rule ({rule}){alone}")
+        return sparse
     dense, dense_input, dense_label = module, x, ""
     stand_in = _dense_replacement(name, module, x, expected, winograd=winograd, repeats=repeats, row=row)
     if stand_in is not None:
@@ -2215,8 +2248,11 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     having been measured.
     Every sparse layer is checked against the dense one on the captured input before use.
     ``replace_pooling``: also swap each nn.MaxPool2d for SeparableMaxPool2d (same values) and each
-    nn.AdaptiveAvgPool2d to 1x1 for GlobalAvgPool2d (within float32 rounding), under the same policy; their rows have
-    type "MaxPool2d" / "AdaptiveAvgPool2d", density 1.0 and nnz 0.
+    nn.AdaptiveAvgPool2d to 1x1 for GlobalAvgPool2d (within float32 rounding), under the same policy, except that
+    ``policy="measure"`` swaps every max pooling, and every average pooling of a plane of at most 14x14, whatever
+    their own timing says (:func:`_pooling_rule`: the kernels measured faster on every such shape, and a pooling's
+    timing on a busy machine is noise); their rows have type "MaxPool2d" / "AdaptiveAvgPool2d", density 1.0 and nnz
+    0, the times still measured.
 
     ``fuse`` (default): on a ``torch.fx`` trace of the model, fold each eval BatchNorm2d into the
     convolution that feeds it, and let each sparse or DenseConv2d convolution add its residual and apply the

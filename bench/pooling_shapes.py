@@ -1,0 +1,95 @@
+"""The engine's pooling kernels against torch's, layer by layer over a grid of shapes: what the conversion's rule for
+swapping poolings stands on (``vpns_fast.deploy.sparse_cpu._pooling_rule``).
+
+For each pooling (global average to 1x1; max 3x3 stride 2 padding 1, ResNet's stem; max 2x2 stride 2, VGG's), batch,
+channels x plane size and layout (NCHW, channels_last): torch's module and the engine's (GlobalAvgPool2d,
+SeparableMaxPool2d) on the same random input, one call each way a round in alternating order, warm caches (the
+layer's input read again and again, which favours torch: inside a network the kernels gain more, see
+``bench.global_avg_pool_ab``). One line a point: both medians and torch / kernel (above 1: the kernel is faster),
+and whether the rule swaps that layer without timing it.
+
+    .venv/bin/python -m bench.pooling_shapes [--rounds 30] [--threads 2] [--batches 1,8] > report.txt
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import statistics
+import time
+
+import torch
+from torch import nn
+
+from bench.environment import device_name
+
+# (channels, plane side): ResNet's, VGG's and MobileNet's pooled activations, and few channels over large planes
+SHAPES = [(8, 112), (32, 112), (64, 112), (64, 56), (256, 56), (512, 28), (1024, 14), (96, 7), (1280, 7), (2048, 7)]
+
+
+def poolings():
+    """{name: (torch's module, the engine's, the smallest plane side it is timed at)}."""
+    from vpns_fast.deploy import sparse_cpu
+
+    stem, halving = nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2)
+    return {"global average": (nn.AdaptiveAvgPool2d(1), sparse_cpu.GlobalAvgPool2d(), 1),
+            "max 3x3 s2 p1": (stem, sparse_cpu.SeparableMaxPool2d.from_module(stem), 14),
+            "max 2x2 s2": (halving, sparse_cpu.SeparableMaxPool2d.from_module(halving), 14)}
+
+
+def alternating_ms(first, second, x: torch.Tensor, rounds: int) -> tuple[float, float]:
+    """Median ms of ``first(x)`` and ``second(x)``, one call each a round, the order swapped every round."""
+    times: tuple[list[float], list[float]] = ([], [])
+    with torch.inference_mode():
+        for _ in range(3):
+            first(x), second(x)
+        for index in range(rounds):
+            for which in ((0, 1) if index % 2 else (1, 0)):
+                start = time.perf_counter()
+                (first, second)[which](x)
+                times[which].append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
+    parser.add_argument("--shapes", type=int, default=len(SHAPES), help="the first this many of the shape grid")
+    args = parser.parse_args(argv)
+    try:
+        batches = [int(value) for value in args.batches.split(",")]
+    except ValueError:
+        parser.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
+    if min(batches) < 1 or args.rounds < 1 or args.threads < 1 or args.shapes < 1:
+        parser.error(f"--batches, --rounds, --threads, --shapes: expected integers >= 1, got {args.batches}, "
+                     f"{args.rounds}, {args.threads}, {args.shapes}")
+    from vpns_fast.deploy import sparse_cpu
+
+    if not sparse_cpu.available()[0]:
+        parser.error(f"the C++ extension is not available here: {sparse_cpu.available()[1]}")
+    torch.set_num_threads(args.threads)
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    print(f"# pooling kernels against torch's, {args.threads} threads, {device_name('cpu')}, "
+          f"torch {torch.__version__}; {args.rounds} rounds of one call each way, alternating; {now}")
+    print(f"{'pooling':15s} {'batch':>5s} {'channels':>8s} {'plane':>7s} {'layout':13s} {'torch ms':>9s} "
+          f"{'kernel ms':>9s} {'torch/kernel':>12s}  rule")
+    generator = torch.Generator().manual_seed(0)
+    for name, (theirs, ours, smallest) in poolings().items():
+        for batch in batches:
+            for channels, side in SHAPES[:args.shapes]:
+                if side < smallest:
+                    continue
+                for layout in (torch.contiguous_format, torch.channels_last):
+                    x = torch.randn(batch, channels, side, side, generator=generator).contiguous(memory_format=layout)
+                    torch_ms, kernel_ms = alternating_ms(theirs, ours, x, args.rounds)
+                    rule = sparse_cpu._pooling_rule(theirs, x)
+                    print(f"{name:15s} {batch:5d} {channels:8d} {f'{side}x{side}':>7s} "
+                          f"{'channels_last' if layout is torch.channels_last else 'NCHW':13s} {torch_ms:9.4f} "
+                          f"{kernel_ms:9.4f} {torch_ms / kernel_ms:11.2f}x  {'swap' if rule else 'timed'}",
+                          flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

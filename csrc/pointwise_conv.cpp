@@ -22,6 +22,16 @@
 // halves) get this tile too, unmeasured; Zen 4 (which splits them too, and gets it since 2026-12-06) only within
 // ResNet-50 at 50% kept, where every kernel switching to AVX-512 made the network 1.07-1.09x as fast at batch 1
 // (README, the sparse kernel's instruction sets).
+// Tried since, not kept (2-vCPU Intel Xeon, 2 threads, ResNet-50 at 50% kept, batch 1, each step timed inside the
+// compiled call plan, the variants taking turns in one process; bench/results/cpu-tried-not-kept-2026-12-07-intel-
+// xeon.txt): requesting the next panels of the weight into L2 while the current ones' tiles run, layer4's 1x1 layers
+// (weights of 4 MiB, read once a call) 0.95-1.13x but layer1-3's 0.77-1.04x (their panels are in L2 already after
+// the first block of rows), the steps' sum 37.84 -> 37.86 ms; tiles over blocks of 256 or 512 input channels (the
+// sums kept in between), layer4's 1x1 steps 0.78-1.13x (in a run with the next change in the network too); dense KxK
+// convolutions as this GEMM over each position's patch gathered into a buffer (im2col by blocks of 48 positions),
+// alone 0.88-1.03x oneDNN on 3x3 and the 7x7 stem and 1.07-1.29x on stride-2 1x1, inside the network 0.81-0.97x but
+// for one stride-2 1x1 (1.17x): oneDNN runs these shapes at this tile's rate or better, and in the network both run
+// slower than alone (layer4's 3x3, 9 MiB of weight against 2 MiB of L2 a core: 1.0-1.1 ms alone, 1.4-2.1 in the call).
 #include "vpns_ops.h"
 
 #include <ATen/MemoryOverlap.h>

@@ -1,12 +1,13 @@
 """The engine's pooling kernels against torch's, layer by layer over a grid of shapes: what the conversion's rule for
 swapping poolings stands on (``vpns_fast.deploy.sparse_cpu._pooling_rule``).
 
-For each pooling (global average to 1x1; max 3x3 stride 2 padding 1, ResNet's stem; max 2x2 stride 2, VGG's), batch,
+For each pooling (global average to 1x1; max 3x3 stride 2 padding 1, ResNet's stem; max 2x2 stride 2, VGG's; max 3x3
+stride 1 padding 1, Inception's pooling branch; max 5x5 stride 1 padding 2, YOLO's spatial pyramid pooling), batch,
 channels x plane size and layout (NCHW, channels_last): torch's module and the engine's (GlobalAvgPool2d,
 SeparableMaxPool2d) on the same random input, one call each way a round in alternating order, warm caches (the
-layer's input read again and again, which favours torch: inside a network the kernels gain more, see
-``bench.global_avg_pool_ab``). One line a point: both medians and torch / kernel (above 1: the kernel is faster),
-and whether the rule swaps that layer without timing it.
+layer's input read again and again; inside ResNet-50, where its input was just written by both cores, the average
+pooling's kernel gained more than alone: ``bench.global_avg_pool_ab``). One line a point: both medians and torch /
+kernel (above 1: the kernel is faster), and whether the rule swaps that layer without timing it.
 
     .venv/bin/python -m bench.pooling_shapes [--rounds 30] [--threads 2] [--batches 1,8] > report.txt
 """
@@ -30,10 +31,11 @@ def poolings():
     """{name: (torch's module, the engine's, the smallest plane side it is timed at)}."""
     from vpns_fast.deploy import sparse_cpu
 
-    stem, halving = nn.MaxPool2d(3, 2, 1), nn.MaxPool2d(2, 2)
-    return {"global average": (nn.AdaptiveAvgPool2d(1), sparse_cpu.GlobalAvgPool2d(), 1),
-            "max 3x3 s2 p1": (stem, sparse_cpu.SeparableMaxPool2d.from_module(stem), 14),
-            "max 2x2 s2": (halving, sparse_cpu.SeparableMaxPool2d.from_module(halving), 14)}
+    found = {"global average": (nn.AdaptiveAvgPool2d(1), sparse_cpu.GlobalAvgPool2d(), 1)}
+    for name, pool in (("max 3x3 s2 p1", nn.MaxPool2d(3, 2, 1)), ("max 2x2 s2", nn.MaxPool2d(2, 2)),
+                       ("max 3x3 s1 p1", nn.MaxPool2d(3, 1, 1)), ("max 5x5 s1 p2", nn.MaxPool2d(5, 1, 2))):
+        found[name] = (pool, sparse_cpu.SeparableMaxPool2d.from_module(pool), 14)
+    return found
 
 
 def alternating_ms(first, second, x: torch.Tensor, rounds: int) -> tuple[float, float]:
@@ -60,10 +62,12 @@ def main(argv=None) -> int:
     try:
         batches = [int(value) for value in args.batches.split(",")]
     except ValueError:
-        parser.error(f"--batches: expected comma-separated integers, got {args.batches!r}")
-    if min(batches) < 1 or args.rounds < 1 or args.threads < 1 or args.shapes < 1:
-        parser.error(f"--batches, --rounds, --threads, --shapes: expected integers >= 1, got {args.batches}, "
-                     f"{args.rounds}, {args.threads}, {args.shapes}")
+        batches = [0]
+    if min(batches) < 1:
+        parser.error(f"--batches: expected comma-separated integers >= 1, got {args.batches!r}")
+    for flag in ("rounds", "threads", "shapes"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: expected an integer >= 1, got {getattr(args, flag)}")
     from vpns_fast.deploy import sparse_cpu
 
     if not sparse_cpu.available()[0]:

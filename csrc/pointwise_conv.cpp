@@ -31,7 +31,7 @@
 // convolutions as this GEMM over each position's patch gathered into a buffer (im2col by blocks of 48 positions),
 // alone 0.88-1.03x oneDNN on 3x3 and the 7x7 stem and 1.07-1.29x on stride-2 1x1, inside the network 0.81-0.97x but
 // for one stride-2 1x1 (1.17x): oneDNN runs these shapes at this tile's rate or better, and in the network both run
-// slower than alone (layer4's 3x3, 9 MiB of weight against 2 MiB of L2 a core: 1.0-1.1 ms alone, 1.4-2.1 in the call).
+// slower than alone (layer4's 3x3, 9 MiB of weight against 2 MiB of L2 a core: 1.0-1.24 ms alone, 1.4-2.1 in the call).
 #include "vpns_ops.h"
 
 #include <ATen/MemoryOverlap.h>

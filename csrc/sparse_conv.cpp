@@ -91,10 +91,10 @@
 //     (same rows, 3 copies: a third of the channels per L1 block) and 1.2-3.7x at 56x56 (rows of 64 floats).
 //   - 2026-12-07, 2-vCPU Intel Xeon, batch 1 (bench/results/cpu-tried-not-kept-2026-12-07-intel-xeon.txt): two output
 //     rows summed at once over tiles of at most 6 vectors (a 7x7 plane is 4: 8 chains of FMAs rather than 4, each row
-//     in its own order, the same bits): alone 1.07-1.08x at 7x7 (in a fixed order that favoured it), inside ResNet-50
-//     at 10% kept layer4 0.99-1.07x and the whole call 0.996x; an item's rows swept in groups whose sums take 8-24
-//     KiB (every input-channel block for one group, then the next), so that the sums stay in L1 beside the window:
-//     0.28-1.03x alone (each group reads the windows again).
+//     in its own order, the same bits): alone 1.07-1.08x at 7x7 on aligned input (in a fixed order that favoured it;
+//     0.96-1.04x on NCHW input), inside ResNet-50 at 10% kept layer4 0.99-1.07x and the whole call 0.996x; an item's
+//     rows swept in groups whose sums take 8-24 KiB (every input-channel block for one group, then the next), so that
+//     the sums stay in L1 beside the window: 0.28-1.03x alone (each group reads the windows again).
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the

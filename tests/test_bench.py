@@ -895,7 +895,7 @@ def test_builds_ab_compares_two_trees_in_alternating_processes(capsys):
 def test_pooling_shapes_times_both_poolings_and_names_the_rule(capsys):
     """bench.pooling_shapes on the first two shapes of its grid at batch 1: a line each pooling, shape and layout with
     both times, their ratio and the rule's verdict (max pooling swapped by rule; average pooling over 112x112 timed);
-    bad arguments are refused in one line (exit 2)."""
+    bad arguments are refused with an error naming the flag (exit 2)."""
     from bench import pooling_shapes
     from vpns_fast.deploy import sparse_cpu
 
@@ -906,14 +906,15 @@ def test_pooling_shapes_times_both_poolings_and_names_the_rule(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("# pooling kernels against torch's, 2 threads") and lines[1].split()[0] == "pooling"
     rows = lines[2:]
-    assert len(rows) == 3 * 2 * 2 and all(row.rstrip().endswith(("swap", "timed")) for row in rows)
+    assert len(rows) == 5 * 2 * 2 and all(row.rstrip().endswith(("swap", "timed")) for row in rows)
     assert all(row.endswith("swap") for row in rows if row.startswith("max"))
     assert all(row.endswith("timed") for row in rows if row.startswith("global average"))
     assert "nan" not in "".join(rows)
-    for bad in (["--batches", "one"], ["--rounds", "0"]):
+    for bad in (["--batches", "one"], ["--batches", "1,0"], ["--rounds", "0"], ["--threads", "0"], ["--shapes", "0"]):
         with pytest.raises(SystemExit) as refused:
             pooling_shapes.main(bad)
         assert refused.value.code == 2
+        assert f"error: {bad[0]}: expected " in capsys.readouterr().err
 
 
 def test_global_avg_pool_ab_takes_turns_in_one_network(capsys):

@@ -568,7 +568,7 @@ def test_conversion_swaps_average_pooling_to_one_by_one_only():
 
 @pytest.mark.parametrize("kernel_faster", [False, True])
 def test_measured_conversion_swaps_poolings_by_rule_and_times_the_rest(monkeypatch, kernel_faster):
-    """policy="measure": the max pooling and the average pooling of a 7x7 plane are swapped whatever their timing says
+    """policy="measure": the max pooling and the average pooling of an 8x8 plane are swapped whatever their timing says
     (the rule; the row still carries the times and says so); the average pooling of a 16x16 plane (above 14x14) is
     swapped only where its timing finds the kernel faster. The timing is scripted: every torch layer takes 1 ms,
     every engine pooling 0.5 ms (kernel_faster) or 2 ms."""
@@ -602,9 +602,34 @@ def test_measured_conversion_swaps_poolings_by_rule_and_times_the_rest(monkeypat
     assert isinstance(converted.large, sparse_cpu.GlobalAvgPool2d) == kernel_faster
     assert rows["large"]["chosen"] == ("sparse" if kernel_faster else "dense")
     assert "by rule" not in rows["large"]["reason"]
-    assert sparse_cpu._pooling_rule(nn.AdaptiveAvgPool2d(1), x.double()) is None  # an input the kernels do not take
     with torch.no_grad():
         assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
+    # an unbatched (C, H, W) image: the pooling kernels do not run it (torch's pooling or the reference does), so
+    # its poolings are timed, not swapped by rule
+    image = torch.randn(8, 8, 8)
+    single, single_table = sparse_cpu.convert_for_cpu(nn.Sequential(nn.MaxPool2d(2, 2), nn.AdaptiveAvgPool2d(1)),
+                                                      image, policy="measure", repeats=2, fuse=False)
+    for row in single_table:
+        assert "by rule" not in row["reason"] and row["chosen"] == ("sparse" if kernel_faster else "dense")
+    with torch.no_grad():
+        assert single(image).shape == (8, 1, 1)
+
+
+def test_pooling_rule_takes_average_planes_up_to_14x14_and_inputs_the_kernels_run():
+    """The rule's edges: an average pooling of 14x14 (196 positions) is swapped, of 15x15 or of 1x197 timed; max
+    pooling at any size; NCHW and channels_last alike; none for an input the kernels do not take (float64, one
+    that needs a gradient, a 3-d one)."""
+    average, maximum = nn.AdaptiveAvgPool2d(1), nn.MaxPool2d(2, 2)
+    for side, swapped in ((7, True), (14, True), (15, False), (112, False)):
+        x = torch.randn(2, 4, side, side)
+        for layout in (torch.contiguous_format, torch.channels_last):
+            assert (sparse_cpu._pooling_rule(average, x.contiguous(memory_format=layout)) is not None) == swapped
+            assert sparse_cpu._pooling_rule(maximum, x.contiguous(memory_format=layout)) is not None
+    assert sparse_cpu._pooling_rule(average, torch.randn(2, 4, 1, 196)) is not None
+    assert sparse_cpu._pooling_rule(average, torch.randn(2, 4, 1, 197)) is None
+    for refused in (torch.randn(2, 4, 7, 7, dtype=torch.float64), torch.randn(2, 4, 7, 7, requires_grad=True),
+                    torch.randn(4, 7, 7)):
+        assert sparse_cpu._pooling_rule(average, refused) is None and sparse_cpu._pooling_rule(maximum, refused) is None
 
 
 def test_conversion_leaves_pooling_subclasses_alone():

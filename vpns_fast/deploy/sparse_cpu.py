@@ -1817,17 +1817,25 @@ def _pooling_rule(pool: nn.Module, x: torch.Tensor) -> str | None:
     """Why the conversion swaps ``pool`` (an nn.MaxPool2d or nn.AdaptiveAvgPool2d it can replace) for the engine's
     pooling on input ``x`` without the layer's own timing deciding, or None (the timing decides, as for any layer).
 
-    Why a rule: a pooling takes 0.01-0.3 ms, so a timing taken while the machine is busy can keep torch's pooling
-    where the kernel is several times faster inside the network (ResNet-50's average pooling at batch 1: the kernel
-    1.2-1.4x torch's alone, 5x in the network, where torch's waits for the lines both cores have just written).
-    ``python -m bench.pooling_shapes`` (2 threads, a 2-vCPU Intel Xeon, 2026-12-07; bench/results/
-    cpu-pooling-shapes-2026-12-07-intel-xeon.txt), each layer alone and warm, batch 1 and 8, NCHW and channels_last:
-    max pooling (3x3 stride 2 padding 1 and 2x2 stride 2, 8-1024 channels at 14x14-112x112) 1.24-15.6x torch's on
-    every shape; average pooling on planes of at most 14x14 (96-2048 channels) 1.08-1.68x, but for one shape 0.95x
-    (1280 channels at 7x7, batch 8, channels_last: 26 against 25 us), and 0.42-1.63x on larger planes (8-512
-    channels at 28x28-112x112, torch faster on 13 of 24): those keep their timing."""
+    Why a rule: a pooling's own timing is short (an average pooling before the classifier: tens of microseconds) and
+    on a busy machine it is noise; and alone, warm, it does not see what the network does. ``python -m
+    bench.pooling_shapes`` (2 threads, a 2-vCPU Intel Xeon, 2026-12-07; bench/results/
+    cpu-pooling-shapes-2026-12-07-intel-xeon.txt), each layer alone and warm, batch 1 and 8, NCHW and channels_last,
+    8-1024 channels at 14x14-112x112: max pooling (3x3 stride 2 padding 1, 2x2 stride 2, 3x3 stride 1 padding 1, 5x5
+    stride 1 padding 2) 1.19-37x torch's on all 112 shapes. Average pooling to 1x1 on planes of at most 14x14 (96-2048
+    channels) 0.91-1.53x alone (below 1.0 on 2 of 16 shapes, both channels_last), but inside ResNet-50 at batch 1,
+    where its input was just written by both cores, the step took 0.159-0.166 -> 0.038-0.040 ms on channels_last
+    input (50% kept; bench/results/cpu-global-avg-pool-ab-resnet50-d0.5-2026-12-07-intel-xeon.txt) and 0.174 ->
+    0.034 ms on NCHW input (10% kept; ...-global-avg-pool-ab-2026-12-07-intel-xeon.txt). On larger planes (8-512
+    channels at 28x28-112x112) 0.43-1.63x alone, torch faster on 13 of 24: those keep their timing."""
     if not _pooling_kernel_takes(x):
         return None
+    if isinstance(pool, nn.MaxPool2d):
+        return "max pooling: the kernel ran 1.19-37x torch's on every shape measured"
+    if isinstance(pool, nn.AdaptiveAvgPool2d) and 0 < x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE:
+        return (f"average pooling of a plane of at most {RULE_AVERAGE_PLANE} positions: inside ResNet-50 the kernel "
+                "ran 4-5x torch's")
+    return None
     if isinstance(pool, nn.MaxPool2d):
         return "max pooling: the kernel ran 1.24-15.6x torch's on every shape measured"
     if isinstance(pool, nn.AdaptiveAvgPool2d) and 0 < x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE:
@@ -2069,11 +2077,12 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
-            repeats: int, winograd: bool) -> nn.Module | None:
+            repeats: int, winograd: bool, *, unbatched: bool = False) -> nn.Module | None:
     """The replacement of one supported layer, checked against it on its captured input ``x``: the sparse
     layer, or (``policy="measure"`` finding it not ``min_speedup`` times faster than the dense one) the
     dense stand-in of a Conv2d (:class:`DenseConv2d` or :class:`WinogradConv2d`), or None (keep the layer).
-    Fills ``row``'s times, choice and reason."""
+    Fills ``row``'s times, choice and reason. ``unbatched``: ``x`` is a (C, H, W) image given a batch dimension (the
+    pooling kernels do not run such images: their poolings are timed, not swapped by :func:`_pooling_rule`)."""
     if isinstance(module, nn.MaxPool2d):
         sparse = SeparableMaxPool2d.from_module(module)
     elif isinstance(module, nn.AdaptiveAvgPool2d):
@@ -2088,7 +2097,8 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     if policy != "measure":
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
-    rule = _pooling_rule(module, x) if isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)) else None
+    pooling = isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)) and not unbatched
+    rule = _pooling_rule(module, x) if pooling else None
     if rule is not None:  # timed for the table only
         _measured_choice(functools.partial(module, x), functools.partial(sparse, x), repeats, min_speedup, row)
         alone = f"; this layer alone {row['speedup']:.2f}x" if row["speedup"] else ""
@@ -2142,13 +2152,14 @@ def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row
         owner = name.rpartition(".")[0]
         row["reason"] = f"in an attention the engine leaves: {refused[owner]}" if owner in refused else NOT_CALLED
         return None
-    if x.dim() == 3 and isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+    unbatched = x.dim() == 3 and isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
+    if unbatched:
         # an unbatched (C, H, W) image, which the engine's layers run as the batch of one it is: checked and timed
         # so, as a dense conv's channels_last input must be 4-d
         x = x.unsqueeze(0)
     reason = _unsupported_reason(module)
     if reason is None:
-        return _decide(name, module, x, row, policy, min_speedup, repeats, winograd)
+        return _decide(name, module, x, row, policy, min_speedup, repeats, winograd, unbatched=unbatched)
     replacement = _dense_replacement(name, module, x, None, winograd=winograd, repeats=repeats, row=row)
     row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
     return replacement
@@ -2250,9 +2261,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     ``replace_pooling``: also swap each nn.MaxPool2d for SeparableMaxPool2d (same values) and each
     nn.AdaptiveAvgPool2d to 1x1 for GlobalAvgPool2d (within float32 rounding), under the same policy, except that
     ``policy="measure"`` swaps every max pooling, and every average pooling of a plane of at most 14x14, whatever
-    their own timing says (:func:`_pooling_rule`: the kernels measured faster on every such shape, and a pooling's
-    timing on a busy machine is noise); their rows have type "MaxPool2d" / "AdaptiveAvgPool2d", density 1.0 and nnz
-    0, the times still measured.
+    their own timing says (:func:`_pooling_rule` has the measurements); their rows have type "MaxPool2d" /
+    "AdaptiveAvgPool2d", density 1.0 and nnz 0, the times still measured.
 
     ``fuse`` (default): on a ``torch.fx`` trace of the model, fold each eval BatchNorm2d into the
     convolution that feeds it, and let each sparse or DenseConv2d convolution add its residual and apply the

@@ -1836,12 +1836,6 @@ def _pooling_rule(pool: nn.Module, x: torch.Tensor) -> str | None:
         return (f"average pooling of a plane of at most {RULE_AVERAGE_PLANE} positions: inside ResNet-50 the kernel "
                 "ran 4-5x torch's")
     return None
-    if isinstance(pool, nn.MaxPool2d):
-        return "max pooling: the kernel ran 1.24-15.6x torch's on every shape measured"
-    if isinstance(pool, nn.AdaptiveAvgPool2d) and 0 < x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE:
-        return (f"average pooling of a plane of at most {RULE_AVERAGE_PLANE} positions: the kernel ran 0.95-1.68x "
-                "torch's alone on such shapes, 5x inside ResNet-50")
-    return None
 
 
 # Layers whose output is always a new tensor, never a view of their input or of a tensor they keep: a value one

@@ -94,7 +94,9 @@
 //     in its own order, the same bits): alone 1.07-1.08x at 7x7 on aligned input (in a fixed order that favoured it;
 //     0.96-1.04x on NCHW input), inside ResNet-50 at 10% kept layer4 0.99-1.07x and the whole call 0.996x; an item's
 //     rows swept in groups whose sums take 8-24 KiB (every input-channel block for one group, then the next), so that
-//     the sums stay in L1 beside the window: 0.28-1.03x alone (each group reads the windows again).
+//     the sums stay in L1 beside the window: 0.28-1.03x alone (each group reads the windows again); the sums' rows in
+//     the scratch as far apart as the call's tile (64 floats at 7x7) rather than 224, with or without 16 floats more
+//     against 4 KiB aliasing: 0.99-1.01x.
 // * Measured (2 threads, batch 1, medians, load 0.4-1.4), per layer dense oneDNN -> this kernel:
 //   density 0.1: 3x3 stride 1 3.6-4.2x, 3x3 stride 2 2.4-3.3x, 1x1 stride 2 2.5-3.3x, conv1 7x7/2
 //   2.7x; density 0.05: 2.9-6.6x; density 0.5: 0.87-1.11x on 3x3 (the measured fallback keeps the

@@ -16,12 +16,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import statistics
-import time
 
 import torch
 from torch import nn
 
 from bench.environment import device_name
+from bench.timing import rotating_times_ms
 
 # (channels, plane side): ResNet's, VGG's and MobileNet's pooled activations, and few channels over large planes
 SHAPES = [(8, 112), (32, 112), (64, 112), (64, 56), (256, 56), (512, 28), (1024, 14), (96, 7), (1280, 7), (2048, 7)]
@@ -39,17 +39,13 @@ def poolings():
 
 
 def alternating_ms(first, second, x: torch.Tensor, rounds: int) -> tuple[float, float]:
-    """Median ms of ``first(x)`` and ``second(x)``, one call each a round, the order swapped every round."""
-    times: tuple[list[float], list[float]] = ([], [])
+    """Median ms of ``first(x)`` and ``second(x)`` after three warm-up calls each, one call each a round in turns
+    (bench.timing.rotating_times_ms)."""
     with torch.inference_mode():
         for _ in range(3):
             first(x), second(x)
-        for index in range(rounds):
-            for which in ((0, 1) if index % 2 else (1, 0)):
-                start = time.perf_counter()
-                (first, second)[which](x)
-                times[which].append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[0]), 1e3 * statistics.median(times[1])
+        times = rotating_times_ms({"first": lambda: first(x), "second": lambda: second(x)}, rounds)
+    return statistics.median(times["first"]), statistics.median(times["second"])
 
 
 def main(argv=None) -> int:

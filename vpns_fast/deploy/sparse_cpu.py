@@ -1817,22 +1817,21 @@ def _pooling_rule(pool: nn.Module, x: torch.Tensor) -> str | None:
     """Why the conversion swaps ``pool`` (an nn.MaxPool2d or nn.AdaptiveAvgPool2d it can replace) for the engine's
     pooling on input ``x`` without the layer's own timing deciding, or None (the timing decides, as for any layer).
 
-    Why a rule: a pooling's own timing is short (an average pooling before the classifier: tens of microseconds) and
-    on a busy machine it is noise; and alone, warm, it does not see what the network does. ``python -m
-    bench.pooling_shapes`` (2 threads, a 2-vCPU Intel Xeon, 2026-12-07; bench/results/
+    Why a rule: a pooling's own timing is short (an average pooling of at most 14x14 at batch 1: 5-25 us either way
+    in the run below) and on a busy machine it is noise; and alone, warm, it does not see what the network does.
+    ``python -m bench.pooling_shapes`` (2 threads, a 2-vCPU Intel Xeon, 2026-12-07; bench/results/
     cpu-pooling-shapes-2026-12-07-intel-xeon.txt), each layer alone and warm, batch 1 and 8, NCHW and channels_last,
     8-1024 channels at 14x14-112x112: max pooling (3x3 stride 2 padding 1, 2x2 stride 2, 3x3 stride 1 padding 1, 5x5
     stride 1 padding 2) 1.19-37x torch's on all 112 shapes. Average pooling to 1x1 on planes of at most 14x14 (96-2048
     channels) 0.91-1.53x alone (below 1.0 on 2 of 16 shapes, both channels_last), but inside ResNet-50 at batch 1,
-    where its input was just written by both cores, the step took 0.159-0.166 -> 0.038-0.040 ms on channels_last
-    input (50% kept; bench/results/cpu-global-avg-pool-ab-resnet50-d0.5-2026-12-07-intel-xeon.txt) and 0.174 ->
-    0.034 ms on NCHW input (10% kept; ...-global-avg-pool-ab-2026-12-07-intel-xeon.txt). On larger planes (8-512
-    channels at 28x28-112x112) 0.43-1.63x alone, torch faster on 13 of 24: those keep their timing."""
-    if not _pooling_kernel_takes(x):
-        return None
-    if isinstance(pool, nn.MaxPool2d):
+    where its input was just written by both cores, the step took 0.166 -> 0.040 ms on channels_last input (50% kept;
+    bench/results/cpu-global-avg-pool-ab-resnet50-d0.5-2026-12-07-intel-xeon.txt) and 0.174 -> 0.034 ms on NCHW input
+    (10% kept; ...-global-avg-pool-ab-2026-12-07-intel-xeon.txt). On larger planes (8-512 channels at 28x28-112x112)
+    0.43-1.63x alone, torch faster on 13 of 24: those keep their timing."""
+    if isinstance(pool, nn.MaxPool2d) and SeparableMaxPool2d._runs_kernel(x):
         return "max pooling: the kernel ran 1.19-37x torch's on every shape measured"
-    if isinstance(pool, nn.AdaptiveAvgPool2d) and 0 < x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE:
+    if (isinstance(pool, nn.AdaptiveAvgPool2d) and GlobalAvgPool2d._runs_kernel(x)
+            and x.shape[-1] * x.shape[-2] <= RULE_AVERAGE_PLANE):
         return (f"average pooling of a plane of at most {RULE_AVERAGE_PLANE} positions: inside ResNet-50 the kernel "
                 "ran 4-5x torch's")
     return None
@@ -2091,10 +2090,11 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     if policy != "measure":
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
-    pooling = isinstance(module, (nn.MaxPool2d, nn.AdaptiveAvgPool2d)) and not unbatched
-    rule = _pooling_rule(module, x) if pooling else None
-    if rule is not None:  # timed for the table only
-        _measured_choice(functools.partial(module, x), functools.partial(sparse, x), repeats, min_speedup, row)
+    rule = None if unbatched else _pooling_rule(module, x)
+    if rule is not None:  # timed once, for the table only
+        with torch.no_grad():
+            times = compare_layer_times(functools.partial(module, x), functools.partial(sparse, x), repeats)
+        _record_times(row, *times)
         alone = f"; this layer alone {row['speedup']:.2f}x" if row["speedup"] else ""
         row.update(chosen="sparse", reason=f"swapped by rule ({rule}){alone}")
         return sparse
@@ -2112,6 +2112,11 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     return sparse
 
 
+def _record_times(row: dict, dense_ms: float, sparse_ms: float) -> None:
+    """A decision row's dense_ms, sparse_ms and speedup (None where the sparse time is 0)."""
+    row.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms if sparse_ms > 0 else None)
+
+
 def _measured_choice(dense_call: Callable[[], object], sparse_call: Callable[[], object], repeats: int,
                      min_speedup: float, row: dict, dense_label: str = "") -> bool:
     """Whether ``sparse_call`` runs at least ``min_speedup`` times faster than ``dense_call``, timed in interleaved
@@ -2123,7 +2128,7 @@ def _measured_choice(dense_call: Callable[[], object], sparse_call: Callable[[],
         if close_call:
             dense_again, sparse_again = compare_layer_times(dense_call, sparse_call, repeats, rounds=6)
             dense_ms, sparse_ms = min(dense_ms, dense_again), min(sparse_ms, sparse_again)
-    row.update(dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=dense_ms / sparse_ms if sparse_ms > 0 else None)
+    _record_times(row, dense_ms, sparse_ms)
     faster = dense_ms >= min_speedup * sparse_ms
     again = ", measured twice" if close_call else ""
     row["reason"] = f"sparse {'>=' if faster else 'not'} {min_speedup:g}x faster{dense_label}{again}"

@@ -76,9 +76,10 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output, 
                                int64_t activation, int64_t input_channel_stride, bool aligned_output) {
   check_slots({input, output}, residual);
   TORCH_CHECK(offsets != nullptr, "CallPlan.add_sparse_conv: offsets is None");
+  const auto checked = std::make_shared<const CheckedSegments>(segments);
   add(with_residual("sparse_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
-    slot[output] = sparse_conv2d(slot[input], segments, *offsets, values, weight_shape, bias, stride, padding, dilation,
+    slot[output] = sparse_conv2d(slot[input], *checked, *offsets, values, weight_shape, bias, stride, padding, dilation,
                                  added, activation, input_channel_stride, aligned_output);
   });
 }

@@ -90,7 +90,7 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
   TORCH_CHECK(static_cast<int64_t>(mean.size()) == channels && static_cast<int64_t>(stdev.size()) == channels, op,
               ": one mean and one std per channel (", channels, "), got ", mean.size(), " and ", stdev.size());
   const at::Tensor x = images.contiguous();
-  // from the engine's cache of touched buffers where 1 MiB or more (csrc/buffers.cpp), as the layers' outputs
+  // from the engine's cache of touched buffers where 64 KiB or more (csrc/buffers.cpp), as the layers' outputs
   at::Tensor out = empty_activation({batch, channels, height, width});
   const bool bytes = images.scalar_type() == at::kByte;
   // work items: image rows (n, y), each with all its channels

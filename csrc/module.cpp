@@ -13,10 +13,10 @@ void bind_object_checks(py::module_& m);
 template <typename Offsets>
 void bind_sparse_conv2d(py::module_& m, const char* doc) {
   m.def("sparse_conv2d",
-        py::overload_cast<const at::Tensor&, const at::Tensor&, const Offsets&, const at::Tensor&, std::vector<int64_t>,
-                          const std::optional<at::Tensor>&, std::vector<int64_t>, std::vector<int64_t>,
-                          std::vector<int64_t>, const std::optional<at::Tensor>&, int64_t, int64_t, bool>(
-            &vpns::sparse_conv2d),
+        py::overload_cast<const at::Tensor&, const at::Tensor&, const Offsets&, const at::Tensor&,
+                          const std::vector<int64_t>&, const std::optional<at::Tensor>&, const std::vector<int64_t>&,
+                          const std::vector<int64_t>&, const std::vector<int64_t>&, const std::optional<at::Tensor>&,
+                          int64_t, int64_t, bool>(&vpns::sparse_conv2d),
         py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
         py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
         py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
@@ -189,7 +189,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       },
       py::arg("sizes"), py::arg("channels_last") = false,
       "An uninitialised float32 CPU tensor of these sizes (contiguous, or channels_last strides) whose storage comes\n"
-      "from the engine's cache of already touched buffers (1 MiB and more; smaller ones from torch's allocator); it\n"
+      "from the engine's cache of already touched buffers (64 KiB and more; smaller ones from torch's allocator); it\n"
       "goes back to the cache when freed.");
   py::class_<vpns::CallPlan, std::shared_ptr<vpns::CallPlan>>(
       m, "CallPlan",
@@ -280,7 +280,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Floats from one channel to the next in sparse_conv2d's aligned_output for planes of `plane` floats: the\n"
         "plane rounded up to whole 64-byte lines (16 floats) when it is above 8 floats, else the plane.");
   m.def("cached_activation_bytes", &vpns::cached_activation_bytes,
-        "Bytes of idle activation buffers the engine keeps for reuse (buffers of 1 MiB and more).");
+        "Bytes of idle activation buffers the engine keeps for reuse (buffers of 64 KiB and more).");
   m.def("set_activation_cache_limit", &vpns::set_activation_cache_limit, py::arg("bytes"),
         "Caps the idle activation buffers kept for reuse (0: keep none); frees what is over. Returns the old cap.");
   m.def("set_streamed_output_bytes", &vpns::set_streamed_output_bytes, py::arg("bytes"),

@@ -116,7 +116,10 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/grad_mode.h>
 
+#include <c10/util/SmallVector.h>
+
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstdint>
 #include <cstdio>
@@ -763,18 +766,19 @@ struct ConvGeometry {
   int64_t batch, in_channels, height, width, out_channels, kernel_h, kernel_w;
   int64_t stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w;
   int64_t out_h, out_w, plane_h, plane_w, plane_size, planes, channel_stride, image_stride;
-  int64_t input_channel_stride;     // floats from one input channel to the next (H * W when contiguous)
-  std::vector<int64_t> plane_slot;  // [stride_h * stride_w] -> index among stored planes, -1 if no tap uses it
-  std::vector<int64_t> tap_offset;  // [kernel_h * kernel_w] -> offset within a channel's planes
-  int64_t channel_block;            // input channels whose tile windows fit in L1 together
+  int64_t input_channel_stride;  // floats from one input channel to the next (H * W when contiguous)
+  // In place up to 4x4 strides and 7x7 kernels: a call makes its geometry, and heap blocks for these two were part of
+  // the serial work before each step's threads start (see sparse_conv2d_with).
+  c10::SmallVector<int64_t, 16> plane_slot;  // [stride_h * stride_w] -> index among stored planes, -1 if no tap uses it
+  c10::SmallVector<int64_t, 49> tap_offset;  // [kernel_h * kernel_w] -> offset within a channel's planes
+  int64_t channel_block;                     // input channels whose tile windows fit in L1 together
 
   int64_t positions() const { return out_h * plane_w; }
 };
 
-std::vector<int64_t> pair_arg(const char* op, const char* name, std::vector<int64_t> value) {
-  if (value.size() == 1) value.push_back(value[0]);
-  TORCH_CHECK(value.size() == 2, op, ": ", name, " must have 1 or 2 elements, got ", value.size());
-  return value;
+std::array<int64_t, 2> pair_arg(const char* op, const char* name, const std::vector<int64_t>& value) {
+  TORCH_CHECK(value.size() == 1 || value.size() == 2, op, ": ", name, " must have 1 or 2 elements, got ", value.size());
+  return {value[0], value.back()};
 }
 
 // A 1x1, stride-1, unpadded convolution reads the input in place of its one phase plane (its channels
@@ -843,14 +847,15 @@ int64_t spread_over_cache_sets(int64_t planes_stride) {
 
 // input_channel_stride: floats from one input channel to the next (0: height * width, a contiguous input); a 1x1,
 // stride-1, unpadded conv reads its input in place (reads_input_directly), so its offsets depend on it.
-ConvGeometry make_geometry(const char* op, std::vector<int64_t> weight_shape, int64_t batch, int64_t height,
-                           int64_t width, std::vector<int64_t> stride, std::vector<int64_t> padding,
-                           std::vector<int64_t> dilation, int64_t input_channel_stride) {
+ConvGeometry make_geometry(const char* op, const std::vector<int64_t>& weight_shape, int64_t batch, int64_t height,
+                           int64_t width, const std::vector<int64_t>& stride_arg,
+                           const std::vector<int64_t>& padding_arg, const std::vector<int64_t>& dilation_arg,
+                           int64_t input_channel_stride) {
   TORCH_CHECK(weight_shape.size() == 4, op, ": weight_shape must be [C_out, C_in, KH, KW], got ", weight_shape.size(),
               " elements");
-  stride = pair_arg(op, "stride", stride);
-  padding = pair_arg(op, "padding", padding);
-  dilation = pair_arg(op, "dilation", dilation);
+  const std::array<int64_t, 2> stride = pair_arg(op, "stride", stride_arg);
+  const std::array<int64_t, 2> padding = pair_arg(op, "padding", padding_arg);
+  const std::array<int64_t, 2> dilation = pair_arg(op, "dilation", dilation_arg);
   ConvGeometry g;
   g.batch = batch;
   g.out_channels = weight_shape[0];
@@ -1304,6 +1309,10 @@ void copy_every_other(float* __restrict dst, const float* __restrict src, int64_
   for (int64_t j = 0; j < count; ++j) dst[j] = src[2 * j];
 }
 
+// Tried, not kept (2026-12-07, 2-vCPU Intel Xeon, two builds in alternating processes, ResNet-50 at 5% kept, batch 1,
+// bench/results/cpu-tried-not-kept-2026-12-07-intel-xeon.txt): each row built as AVX-512 vectors (an expanding
+// masked load, or two masked loads and a permute at stride 2, one store masked at the row's end) instead of the libc
+// calls below: 0.963x (p20-p80 0.953-1.019x; the stem 0.33-0.35 -> 0.36-0.46 ms).
 // Writes rows [row_lo, row_hi) of each of channel c's phase planes of an image (zero padding included) into `dst`
 // (that image's g.image_stride floats).
 void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst, int64_t row_lo,
@@ -1345,8 +1354,10 @@ void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
 }
 
+// `ordered`: row_ptr is known to never decrease (a CheckedSegments), so only its ends are read.
 void check_packed(const char* op, const at::Tensor& row_ptr, const at::Tensor& index, const char* index_name,
-                  const at::Tensor& values, int64_t rows, at::ScalarType value_type = at::kFloat) {
+                  const at::Tensor& values, int64_t rows, at::ScalarType value_type = at::kFloat,
+                  bool ordered = false) {
   TORCH_CHECK(
       row_ptr.device().is_cpu() && row_ptr.scalar_type() == at::kLong && row_ptr.dim() == 1 && row_ptr.is_contiguous(),
       op, ": row_ptr must be a contiguous 1-d int64 CPU tensor (from the pack function)");
@@ -1364,7 +1375,7 @@ void check_packed(const char* op, const at::Tensor& row_ptr, const at::Tensor& i
   const int64_t last = row_ptr.numel() - 1;
   TORCH_CHECK(rp[0] == 0 && rp[last] == values.numel(), op,
               ": row_ptr/segments must start at 0 and end at nnz = ", values.numel());
-  TORCH_CHECK(non_decreasing(rp, last + 1), op, ": row_ptr/segments must be non-decreasing");
+  TORCH_CHECK(ordered || non_decreasing(rp, last + 1), op, ": row_ptr/segments must be non-decreasing");
 }
 
 std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t rows) {
@@ -1732,11 +1743,13 @@ std::vector<at::Tensor> sparse_conv2d_offsets(const at::Tensor& row_ptr, const a
 
 namespace {
 
-// sparse_conv2d with the offsets' smallest and largest value known (`range`, from a CheckedOffsets) or not (scanned).
+// sparse_conv2d with the offsets' smallest and largest value known (`range`, from a CheckedOffsets) or not (scanned),
+// and the segments known to never decrease (`segments_ordered`, from a CheckedSegments) or not (checked).
 at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
-                              std::optional<std::pair<int32_t, int32_t>> range, const at::Tensor& values,
-                              std::vector<int64_t> weight_shape, const std::optional<at::Tensor>& bias,
-                              std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                              std::optional<std::pair<int32_t, int32_t>> range, bool segments_ordered,
+                              const at::Tensor& values, const std::vector<int64_t>& weight_shape,
+                              const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                              const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                               const std::optional<at::Tensor>& residual, int64_t activation,
                               int64_t input_channel_stride, bool aligned_output) {
   constexpr const char* op = "sparse_conv2d";
@@ -1753,7 +1766,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
               " (expected (C_in * S, S, W, 1) with S = input_channel_stride)");
   TORCH_CHECK(input.size(1) == g.in_channels, op, ": input has ", input.size(1), " channels, the weight expects ",
               g.in_channels, " (groups > 1 is not supported)");
-  check_packed(op, segments, offsets, "offsets", values, g.out_channels);
+  check_packed(op, segments, offsets, "offsets", values, g.out_channels, at::kFloat, segments_ordered);
   TORCH_CHECK(g.out_channels == 0 || segments.numel() > g.out_channels, op, ": segments has ", segments.numel(),
               " entries, expected at least one channel block a row: out_channels * blocks + 1 with blocks >= 1 (from "
               "sparse_conv2d_offsets)");
@@ -2058,25 +2071,47 @@ CheckedOffsets::CheckedOffsets(const at::Tensor& source) {
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const at::Tensor& offsets,
-                         const at::Tensor& values, std::vector<int64_t> weight_shape,
-                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         const at::Tensor& values, const std::vector<int64_t>& weight_shape,
+                         const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                         const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output) {
-  return sparse_conv2d_with(input, segments, offsets, std::nullopt, values, std::move(weight_shape), bias,
-                            std::move(stride), std::move(padding), std::move(dilation), residual, activation,
-                            input_channel_stride, aligned_output);
+  return sparse_conv2d_with(input, segments, offsets, std::nullopt, false, values, weight_shape, bias, stride, padding,
+                            dilation, residual, activation, input_channel_stride, aligned_output);
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const CheckedOffsets& offsets,
-                         const at::Tensor& values, std::vector<int64_t> weight_shape,
-                         const std::optional<at::Tensor>& bias, std::vector<int64_t> stride,
-                         std::vector<int64_t> padding, std::vector<int64_t> dilation,
+                         const at::Tensor& values, const std::vector<int64_t>& weight_shape,
+                         const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                         const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output) {
-  return sparse_conv2d_with(input, segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), values,
-                            std::move(weight_shape), bias, std::move(stride), std::move(padding), std::move(dilation),
-                            residual, activation, input_channel_stride, aligned_output);
+  return sparse_conv2d_with(input, segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), false, values,
+                            weight_shape, bias, stride, padding, dilation, residual, activation, input_channel_stride,
+                            aligned_output);
+}
+
+CheckedSegments::CheckedSegments(const at::Tensor& source) {
+  constexpr const char* op = "check_segments";
+  TORCH_CHECK(source.device().is_cpu() && source.scalar_type() == at::kLong && source.dim() == 1 && source.numel() >= 1,
+              op, ": segments must be a nonempty 1-d int64 CPU tensor (from sparse_conv2d_offsets), got ",
+              source.scalar_type(), " ", source.sizes(), " on ", source.device());
+  at::NoGradGuard no_grad;
+  segments = source.clone(at::MemoryFormat::Contiguous);  // its own: no tensor outside this object shares its memory
+  const int64_t* data = segments.const_data_ptr<int64_t>();
+  TORCH_CHECK(data[0] == 0, op, ": segments must start at 0, got ", data[0]);
+  TORCH_CHECK(non_decreasing(data, segments.numel()), op, ": row_ptr/segments must be non-decreasing");
+}
+
+at::Tensor sparse_conv2d(const at::Tensor& input, const CheckedSegments& segments, const CheckedOffsets& offsets,
+                         const at::Tensor& values, const std::vector<int64_t>& weight_shape,
+                         const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
+                         const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                         const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
+                         bool aligned_output) {
+  return sparse_conv2d_with(input, segments.segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), true,
+                            values, weight_shape, bias, stride, padding, dilation, residual, activation,
+                            input_channel_stride, aligned_output);
 }
 
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight) {

@@ -309,6 +309,50 @@ def test_a_planned_model_pickles_and_copies_without_its_plans(plans_restored):
         assert clone.call_plans()[0]["steps"] > 0
 
 
+def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
+    """A plan's sparse conv step copies the segments and checks once that they start at 0 and never decrease (its
+    calls then read only their ends): a set that decreases anywhere is refused when the step is added, and a change
+    to the caller's tensor afterwards does not reach the step."""
+    ops = sparse_cpu._ops()
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(24, 8, 3, 3, generator=generator) * (torch.rand(24, 8, 3, 3, generator=generator) < 0.5)
+    shape = [24, 8, 3, 3]
+    offsets, segments, values = ops.sparse_conv2d_offsets(*ops.sparse_conv2d_pack(weight), shape, [6, 6], [1], [1],
+                                                          [1])
+    assert segments.numel() > 20 and int(segments[-1]) == values.numel() > 0
+    source = segments.clone()
+
+    def plan_with(these_segments):
+        plan = ops.CallPlan(2, 1)
+        plan.add_sparse_conv(0, -1, 1, these_segments, ops.check_offsets(offsets), values, shape, None, [1], [1], [1],
+                             0, 0, False)
+        return plan
+
+    x = torch.randn(2, 8, 6, 6, generator=generator)
+    expected = F.conv2d(x, weight, padding=1)
+    plan = plan_with(segments)
+    torch.testing.assert_close(plan.run(x), expected, rtol=1e-5, atol=1e-5)
+    middle = segments.numel() // 2
+    for index in (1, middle, segments.numel() - 2):  # one pointer above the next, in the first pair, mid-way, last
+        broken = segments.clone()
+        broken[index] = broken[index + 1] + 1
+        with pytest.raises(RuntimeError, match="must be non-decreasing"):
+            plan_with(broken)
+    with pytest.raises(RuntimeError, match="segments must start at 0, got 1"):
+        plan_with(torch.cat([torch.ones(1, dtype=torch.long), segments[1:]]))
+    with pytest.raises(RuntimeError, match="segments must be a nonempty 1-d int64"):
+        plan_with(segments.int())
+    segments[middle] = segments[middle + 1] + 1  # the caller's tensor, after the step was added
+    torch.testing.assert_close(plan.run(x), expected, rtol=1e-5, atol=1e-5)
+    values_resized = values.clone()
+    values_resized.resize_(values.numel() - 1)  # what the step reads stays checked against the values at each call
+    plan = ops.CallPlan(2, 1)
+    plan.add_sparse_conv(0, -1, 1, source, ops.check_offsets(offsets), values_resized, shape, None, [1], [1], [1], 0, 0,
+                         False)
+    with pytest.raises(RuntimeError, match=f"offsets has {values.numel()} entries but values has {values.numel() - 1}"):
+        plan.run(x)
+
+
 def test_the_extension_plan_checks_its_arguments_and_goes_stale():
     ops = sparse_cpu._ops()
     with pytest.raises(RuntimeError, match="output slot 3 out of 3"):

@@ -1085,7 +1085,7 @@ def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, 
 
 
 def test_padding_is_zeroed_in_a_recycled_buffer():
-    """An aligned output of 1 MiB and more comes from the engine's cache of buffers: its padding is written as zeros,
+    """An aligned output of 64 KiB and more comes from the engine's cache of buffers: its padding is written as zeros,
     not left as what the buffer held (here NaN)."""
     ops = sparse_cpu._ops()
     generator = torch.Generator().manual_seed(5)
@@ -1385,7 +1385,7 @@ def test_pointwise_conv_on_one_pixel_equals_the_conv_with_its_epilogue(batch, ke
 
 
 def test_large_activations_come_from_the_reusable_cache():
-    """Outputs of 1 MiB and more come from a cache of buffers: a live output is never handed out
+    """Outputs of 64 KiB and more come from a cache of buffers: a live output is never handed out
     twice, a freed one is reused, and the cache can be capped and emptied."""
     generator = torch.Generator().manual_seed(5)
     weight = masked((64, 4, 1, 1), 0.5, generator)
@@ -1444,27 +1444,27 @@ def test_layout_copies_between_sparse_and_dense_layers_come_from_the_cache():
         sparse_cpu.set_activation_cache_limit(previous)
 
 
-def test_activations_from_one_mib_are_reused_smaller_ones_are_not_held():
+def test_activations_from_64_kib_are_reused_smaller_ones_are_not_held():
     generator = torch.Generator().manual_seed(8)
     sparse = sparse_cpu.SparseConv2d(masked((64, 4, 1, 1), 0.5, generator), None)
-    x = torch.randn(1, 4, 64, 64, generator=generator)  # a 1 MiB output (64 x 64 x 64 floats)
-    small = torch.randn(1, 4, 63, 63, generator=generator)  # 0.97 MiB: from torch's allocator
+    x = torch.randn(1, 4, 16, 16, generator=generator)  # a 64 KiB output (64 x 16 x 16 floats)
+    small = torch.randn(1, 4, 15, 15, generator=generator)  # 56.25 KiB: from torch's allocator
     previous = sparse_cpu.set_activation_cache_limit(0)  # empty: no buffer left by earlier tests is reused
     sparse_cpu.set_activation_cache_limit(1 << 30)
     try:
         out = sparse(x)
         pointer, held = out.data_ptr(), sparse_cpu.cached_activation_bytes()
         del out
-        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4
+        assert sparse_cpu.cached_activation_bytes() == held + 64 * 16 * 16 * 4
         again = sparse(x)
         assert again.data_ptr() == pointer and sparse_cpu.cached_activation_bytes() == held
         assert_close(again, F.conv2d(x, sparse.to_dense_weight()))
         held = sparse_cpu.cached_activation_bytes()
         del again
-        out = sparse(small)  # the idle 1 MiB buffer could hold it, but it is below the cache's threshold
-        assert out.data_ptr() != pointer and sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4
+        out = sparse(small)  # the idle 64 KiB buffer could hold it, but it is below the cache's threshold
+        assert out.data_ptr() != pointer and sparse_cpu.cached_activation_bytes() == held + 64 * 16 * 16 * 4
         del out
-        assert sparse_cpu.cached_activation_bytes() == held + 64 * 64 * 64 * 4  # and it was not kept
+        assert sparse_cpu.cached_activation_bytes() == held + 64 * 16 * 16 * 4  # and it was not kept
     finally:
         sparse_cpu.set_activation_cache_limit(previous)
 

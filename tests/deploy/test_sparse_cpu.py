@@ -513,8 +513,8 @@ def test_global_avg_pool_gives_the_same_bits_on_any_thread_count():
 
 
 def test_global_avg_pool_leaves_other_inputs_to_torch():
-    """Inputs the kernel does not take go to the torch reference: a gradient to record, float64, an unbatched image,
-    an empty plane; an empty batch or channel count gives an empty output."""
+    """Inputs the kernel does not take go to the torch reference: a gradient to record, float64, an empty plane; an
+    empty batch or channel count gives an empty output."""
     module = sparse_cpu.GlobalAvgPool2d()
     x = torch.randn(2, 3, 5, 5, requires_grad=True)
     out = module(x)
@@ -522,8 +522,6 @@ def test_global_avg_pool_leaves_other_inputs_to_torch():
     assert torch.allclose(x.grad, torch.full_like(x, 1 / 25))
     double = torch.randn(2, 3, 5, 5, dtype=torch.float64)
     assert torch.equal(module(double), F.adaptive_avg_pool2d(double, 1))
-    image = torch.randn(3, 5, 5)
-    assert torch.equal(module(image), F.adaptive_avg_pool2d(image, 1))
     assert module(torch.randn(0, 4, 3, 3)).shape == (0, 4, 1, 1)
     assert module(torch.randn(2, 0, 3, 3)).shape == (2, 0, 1, 1)
     from vpns_fast import _extension
@@ -534,6 +532,42 @@ def test_global_avg_pool_leaves_other_inputs_to_torch():
         _extension.load().global_avg_pool2d(torch.randn(2, 3, 5, 6)[..., :5])
     with pytest.raises(RuntimeError, match="global_avg_pool2d: input has an empty plane"):
         _extension.load().global_avg_pool2d(torch.randn(2, 3, 0, 5))
+
+
+@pytest.mark.parametrize("layout", ["planes", "pixels"])
+def test_poolings_run_an_unbatched_image_as_a_batch_of_one(layout, monkeypatch):
+    """A (C, H, W) image, as nn.MaxPool2d and nn.AdaptiveAvgPool2d take it, runs the kernels as the batch of one it
+    is, in its own layout (channel planes, or each pixel's channels together: a channels_last batch of one), with
+    torch's output shape and values; one that needs a gradient keeps it through the reference."""
+    real = sparse_cpu._ops()
+    called = []
+
+    class Spy:
+        def __getattr__(self, name):
+            called.append(name)
+            return getattr(real, name)
+
+    monkeypatch.setattr(sparse_cpu, "_ops", Spy)
+    image = torch.randn(6, 9, 11)
+    if layout == "pixels":
+        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)
+        assert image[None].is_contiguous(memory_format=torch.channels_last) and not image.is_contiguous()
+    for engine, torch_pool, kernel in ((sparse_cpu.SeparableMaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1), "max_pool2d"),
+                                       (sparse_cpu.GlobalAvgPool2d(), nn.AdaptiveAvgPool2d(1), "global_avg_pool2d")):
+        called.clear()
+        out = engine(image)
+        assert called.count(kernel) == 1
+        expected = torch_pool(image)
+        assert out.shape == expected.shape
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out, engine(image[None])[0])  # the same bits as the batch of one
+        needs_gradient = image.detach().clone().requires_grad_()
+        called.clear()
+        engine(needs_gradient).sum().backward()
+        assert kernel not in called
+        reference = needs_gradient.detach().clone().requires_grad_()
+        torch_pool(reference).sum().backward()
+        torch.testing.assert_close(needs_gradient.grad, reference.grad)
 
 
 def test_conversion_swaps_average_pooling_to_one_by_one_only():
@@ -604,13 +638,12 @@ def test_measured_conversion_swaps_poolings_by_rule_and_times_the_rest(monkeypat
     assert "by rule" not in rows["large"]["reason"]
     with torch.no_grad():
         assert torch.allclose(converted(x), model(x), rtol=1e-5, atol=1e-5)
-    # an unbatched (C, H, W) image: the pooling kernels do not run it (torch's pooling or the reference does), so
-    # its poolings are timed, not swapped by rule
+    # an unbatched (C, H, W) image, which the pooling kernels run as a batch of one: swapped by the same rule
     image = torch.randn(8, 8, 8)
     single, single_table = sparse_cpu.convert_for_cpu(nn.Sequential(nn.MaxPool2d(2, 2), nn.AdaptiveAvgPool2d(1)),
                                                       image, policy="measure", repeats=2, fuse=False)
     for row in single_table:
-        assert "by rule" not in row["reason"] and row["chosen"] == ("sparse" if kernel_faster else "dense")
+        assert row["reason"].startswith("swapped by rule (") and row["chosen"] == "sparse"
     with torch.no_grad():
         assert single(image).shape == (8, 1, 1)
 

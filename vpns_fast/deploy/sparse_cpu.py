@@ -1697,8 +1697,8 @@ def _pooling_unsupported_reason(pool: nn.MaxPool2d) -> str | None:
 class SeparableMaxPool2d(_CountedEdits, nn.Module):
     """Max pooling (dilation 1, floor mode) as a max over rows then over columns: the same values as
     nn.MaxPool2d (max is exact; NaN propagates in both). Contiguous float32 inputs that need no gradient
-    run the C++ kernel (``csrc/max_pool.cpp``, one pass, no padded copy); ``reference`` is the same
-    computation in torch, for every other input (other dtypes, autograd). On the NCHW
+    run the C++ kernel (``csrc/max_pool.cpp``, one pass, no padded copy), an unbatched (C, H, W) image as a batch
+    of one; ``reference`` is the same computation in torch, for every other input (other dtypes, autograd). On the NCHW
     ResNet stem (64x112x112, k3 s2 p1, batch 1, 2 threads): the kernel 0.17 ms, the torch expression
     0.87 ms, torch 2.14's max_pool2d_with_indices (which eval-mode ResNet-18 calls) 3.4 ms; with its 3x3
     stride-2 windows taken straight from the rows (2026-12-06, a 2-vCPU Zen 5 EPYC) 0.052-0.054 ms against
@@ -1725,6 +1725,8 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
         refuse_tracing("SeparableMaxPool2d")
+        if input.dim() == 3:  # unbatched, as nn.MaxPool2d takes it: run as the batch of one it is
+            return self(input.unsqueeze(0)).squeeze(0)
         if self._runs_kernel(input):
             return _ops().max_pool2d(input, list(self.kernel_size), list(self.stride), list(self.padding))
         if _plain_image_batch(input) and input.is_contiguous(memory_format=torch.channels_last):
@@ -1776,8 +1778,8 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
     """Each channel's mean over its whole plane (``nn.AdaptiveAvgPool2d(1)``, the pooling before the classifier of
     ResNets, RegNets, MobileNets and EfficientNets). 4-d float32 CPU inputs that need no gradient, contiguous or
     channels_last, run the C++ kernel (``csrc/mean_pool.cpp``: each plane summed in a fixed order, the same bits on
-    any thread count, within float32 rounding of torch's mean); ``reference`` is the mean in torch, for every other
-    input (other dtypes, unbatched images, autograd).
+    any thread count, within float32 rounding of torch's mean), an unbatched (C, H, W) image as a batch of one;
+    ``reference`` is the mean in torch, for every other input (other dtypes, autograd).
     Why: inside ResNet-50 at batch 1 (10% kept, 2 threads, a 2-vCPU Intel Xeon, 2026-12-07) torch's
     adaptive_avg_pool2d took 0.15-0.30 ms on the last block's output (2048 x 7 x 7, written just before by both
     cores) and 0.026 ms on the same tensor read a second time; the kernel, which requests the lines it reads
@@ -1786,6 +1788,8 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         refuse_tracing("GlobalAvgPool2d")
+        if input.dim() == 3:  # unbatched, as nn.AdaptiveAvgPool2d takes it: run as the batch of one it is
+            return self(input.unsqueeze(0)).squeeze(0)
         if self._runs_kernel(input):
             return _ops().global_avg_pool2d(input)
         return self.reference(input)
@@ -2070,12 +2074,11 @@ def _check_replacement(name: str, kind: str, module: nn.Module, replacement: nn.
 
 
 def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: str, min_speedup: float,
-            repeats: int, winograd: bool, *, unbatched: bool = False) -> nn.Module | None:
+            repeats: int, winograd: bool) -> nn.Module | None:
     """The replacement of one supported layer, checked against it on its captured input ``x``: the sparse
     layer, or (``policy="measure"`` finding it not ``min_speedup`` times faster than the dense one) the
     dense stand-in of a Conv2d (:class:`DenseConv2d` or :class:`WinogradConv2d`), or None (keep the layer).
-    Fills ``row``'s times, choice and reason. ``unbatched``: ``x`` is a (C, H, W) image given a batch dimension (the
-    pooling kernels do not run such images: their poolings are timed, not swapped by :func:`_pooling_rule`)."""
+    Fills ``row``'s times, choice and reason."""
     if isinstance(module, nn.MaxPool2d):
         sparse = SeparableMaxPool2d.from_module(module)
     elif isinstance(module, nn.AdaptiveAvgPool2d):
@@ -2090,7 +2093,7 @@ def _decide(name: str, module: nn.Module, x: torch.Tensor, row: dict, policy: st
     if policy != "measure":
         row.update(chosen="sparse", reason="policy=sparse")
         return sparse
-    rule = None if unbatched else _pooling_rule(module, x)
+    rule = _pooling_rule(module, x)
     if rule is not None:  # timed once, for the table only
         with torch.no_grad():
             times = compare_layer_times(functools.partial(module, x), functools.partial(sparse, x), repeats)
@@ -2151,14 +2154,13 @@ def _layer_replacement(name: str, module: nn.Module, x: torch.Tensor | None, row
         owner = name.rpartition(".")[0]
         row["reason"] = f"in an attention the engine leaves: {refused[owner]}" if owner in refused else NOT_CALLED
         return None
-    unbatched = x.dim() == 3 and isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d))
-    if unbatched:
-        # an unbatched (C, H, W) image, which the engine's layers run as the batch of one it is: checked and timed
-        # so, as a dense conv's channels_last input must be 4-d
+    if x.dim() == 3 and isinstance(module, (nn.Conv2d, nn.MaxPool2d, nn.AdaptiveAvgPool2d)):
+        # an unbatched (C, H, W) image, which the engine's layers run as the batch of one it is: checked, timed and
+        # ruled so, as a dense conv's channels_last input must be 4-d
         x = x.unsqueeze(0)
     reason = _unsupported_reason(module)
     if reason is None:
-        return _decide(name, module, x, row, policy, min_speedup, repeats, winograd, unbatched=unbatched)
+        return _decide(name, module, x, row, policy, min_speedup, repeats, winograd)
     replacement = _dense_replacement(name, module, x, None, winograd=winograd, repeats=repeats, row=row)
     row["reason"] = reason + (f"; dense through {row['dense_algorithm']}" if replacement is not None else "")
     return replacement

@@ -142,11 +142,11 @@ ActivationAllocator& allocator() {
 }
 
 // Every size from the cache: a kernel's scratch of any size, taken and given back on every call. From malloc (below
-// kMinBytes), Winograd's two chunk buffers (1.04 MB each for 64 channels at 56x56, batch 1), with its 0.8 MB output,
-// made glibc give the heap's top back and fault it in again on every call in about one process in five (672 page
-// faults a call, 0.19 -> 0.94-1.0 ms; glibc documents a trim threshold that follows the largest block freed so far).
-// With the two buffers from here and the output still from malloc, 16 processes of 16 ran without faults (0.17-0.18
-// ms).
+// kMinBytes, 1 MiB then), Winograd's two chunk buffers (1.04 MB each for 64 channels at 56x56, batch 1), with its 0.8
+// MB output, made glibc give the heap's top back and fault it in again on every call in about one process in five (672
+// page faults a call, 0.19 -> 0.94-1.0 ms; glibc documents a trim threshold that follows the largest block freed so
+// far). With the two buffers from here and the output still from malloc, 16 processes of 16 ran without faults
+// (0.17-0.18 ms); since the 64 KiB threshold that output comes from the cache too.
 ActivationAllocator& scratch_allocator() {
   static ActivationAllocator* instance = new ActivationAllocator(1);
   return *instance;

@@ -1312,7 +1312,7 @@ void copy_every_other(float* __restrict dst, const float* __restrict src, int64_
 // Tried, not kept (2026-12-07, 2-vCPU Intel Xeon, two builds in alternating processes, ResNet-50 at 5% kept, batch 1,
 // bench/results/cpu-tried-not-kept-2026-12-07-intel-xeon.txt): each row built as AVX-512 vectors (an expanding
 // masked load, or two masked loads and a permute at stride 2, one store masked at the row's end) instead of the libc
-// calls below: 0.963x (p20-p80 0.953-1.019x; the stem 0.33-0.35 -> 0.36-0.46 ms).
+// calls below: 0.963x (p20-p80 0.953-1.019x; the stem 0.33-0.37 -> 0.36-0.46 ms).
 // Writes rows [row_lo, row_hi) of each of channel c's phase planes of an image (zero padding included) into `dst`
 // (that image's g.image_stride floats).
 void fill_phase_planes(const ConvGeometry& g, const float* input, int64_t c, float* dst, int64_t row_lo,

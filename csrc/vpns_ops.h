@@ -70,8 +70,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 // sparse_conv2d then reads only their ends at each call (their count and last entry against the values), not every
 // entry. The copy is this object's own, so nothing can change it behind the check. Why: that pass, the shape vectors
 // copied and the geometry's tables allocated at each call ran on the thread that starts each step while the other
-// waited: 7.3% of that thread's samples inside sparse_conv2d outside its parallel regions, 5.3% without them
-// (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; the A/B with the cache's 64 KiB threshold is in
+// waited: 7.3% of that thread's samples inside sparse_conv2d outside its parallel regions, 5.3% without them, 7.1% in
+// a third process with the cache's 64 KiB threshold too (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; one
+// process each, which the vCPUs' placement moves by a point or two: the A/B of the whole, 1.069x, is in
 // csrc/buffers.cpp).
 struct CheckedSegments {
   explicit CheckedSegments(const at::Tensor& source);

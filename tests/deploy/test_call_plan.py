@@ -333,7 +333,7 @@ def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
     plan = plan_with(segments)
     torch.testing.assert_close(plan.run(x), expected, rtol=1e-5, atol=1e-5)
     middle = segments.numel() // 2
-    for index in (1, middle, segments.numel() - 2):  # one pointer above the next, in the first pair, mid-way, last
+    for index in (1, middle, segments.numel() - 2):  # one pointer above the next: the second pair, mid-way, the last
         broken = segments.clone()
         broken[index] = broken[index + 1] + 1
         with pytest.raises(RuntimeError, match="must be non-decreasing"):
@@ -344,13 +344,20 @@ def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
         plan_with(segments.int())
     segments[middle] = segments[middle + 1] + 1  # the caller's tensor, after the step was added
     torch.testing.assert_close(plan.run(x), expected, rtol=1e-5, atol=1e-5)
-    values_resized = values.clone()
-    values_resized.resize_(values.numel() - 1)  # what the step reads stays checked against the values at each call
-    plan = ops.CallPlan(2, 1)
-    plan.add_sparse_conv(0, -1, 1, source, ops.check_offsets(offsets), values_resized, shape, None, [1], [1], [1], 0, 0,
-                         False)
+    # what the step reads stays checked against the values at each call: the values the plan shares, resized in place
+    # after the step was added, and a last segment past the nonzeros (the segments start at 0 and never decrease)
+    shared = values.clone()
+    plan_values = ops.CallPlan(2, 1)
+    plan_values.add_sparse_conv(0, -1, 1, source, ops.check_offsets(offsets), shared, shape, None, [1], [1], [1], 0, 0,
+                                False)
+    torch.testing.assert_close(plan_values.run(x), expected, rtol=1e-5, atol=1e-5)
+    shared.resize_(values.numel() - 1)
     with pytest.raises(RuntimeError, match=f"offsets has {values.numel()} entries but values has {values.numel() - 1}"):
-        plan.run(x)
+        plan_values.run(x)
+    past_the_end = source.clone()
+    past_the_end[-1] += 1
+    with pytest.raises(RuntimeError, match="must start at 0 and end at nnz"):
+        plan_with(past_the_end).run(x)
 
 
 def test_the_extension_plan_checks_its_arguments_and_goes_stale():

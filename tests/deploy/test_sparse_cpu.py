@@ -538,7 +538,8 @@ def test_global_avg_pool_leaves_other_inputs_to_torch():
 def test_poolings_run_an_unbatched_image_as_a_batch_of_one(layout, monkeypatch):
     """A (C, H, W) image, as nn.MaxPool2d and nn.AdaptiveAvgPool2d take it, runs the kernels as the batch of one it
     is, in its own layout (channel planes, or each pixel's channels together: a channels_last batch of one), with
-    torch's output shape and values; one that needs a gradient keeps it through the reference."""
+    torch's output shape, values and (contiguous) layout; forward hooks see the call once, with the 3-d image; a
+    subclass's forward applies once; one that needs a gradient keeps it through the reference."""
     real = sparse_cpu._ops()
     called = []
 
@@ -555,11 +556,23 @@ def test_poolings_run_an_unbatched_image_as_a_batch_of_one(layout, monkeypatch):
     for engine, torch_pool, kernel in ((sparse_cpu.SeparableMaxPool2d(3, 2, 1), nn.MaxPool2d(3, 2, 1), "max_pool2d"),
                                        (sparse_cpu.GlobalAvgPool2d(), nn.AdaptiveAvgPool2d(1), "global_avg_pool2d")):
         called.clear()
+        seen = []
+        hook = engine.register_forward_hook(
+            lambda module, args, output, seen=seen: seen.append((args[0].shape, output.shape)))
         out = engine(image)
+        hook.remove()
         assert called.count(kernel) == 1
         expected = torch_pool(image)
-        assert out.shape == expected.shape
+        assert seen == [(image.shape, expected.shape)]
+        assert out.shape == expected.shape and out.stride() == expected.stride() == expected.contiguous().stride()
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+        class Doubled(type(engine)):
+            def forward(self, input):
+                return super().forward(input) * 2
+
+        doubled = Doubled(3, 2, 1) if kernel == "max_pool2d" else Doubled()
+        torch.testing.assert_close(doubled(image), expected * 2, rtol=1e-6, atol=1e-6)
         assert torch.equal(out, engine(image[None])[0])  # the same bits as the batch of one
         needs_gradient = image.detach().clone().requires_grad_()
         called.clear()
@@ -642,6 +655,7 @@ def test_measured_conversion_swaps_poolings_by_rule_and_times_the_rest(monkeypat
     image = torch.randn(8, 8, 8)
     single, single_table = sparse_cpu.convert_for_cpu(nn.Sequential(nn.MaxPool2d(2, 2), nn.AdaptiveAvgPool2d(1)),
                                                       image, policy="measure", repeats=2, fuse=False)
+    assert len(single_table) == 2
     for row in single_table:
         assert row["reason"].startswith("swapped by rule (") and row["chosen"] == "sparse"
     with torch.no_grad():

@@ -208,7 +208,7 @@ def test_kernel_refuses_a_residual_that_needs_a_gradient_and_takes_empty_shapes(
 
 
 def test_the_chunk_buffers_come_from_the_cache_whatever_their_size():
-    """The transformed chunk and its products (36 x 10 tiles x 4 and x 16 channels: 5.8 and 23 KB, far under the 1 MiB
+    """The transformed chunk and its products (36 x 10 tiles x 4 and x 16 channels: 5.8 and 23 KB, under the 64 KiB
     from which outputs use the cache) go back to the engine's buffer cache after the call, not to malloc: from malloc
     they made glibc trim and fault in its heap again on every call in some processes."""
     x, weight, bias, _ = _inputs((1, 4, 16, 20, 8, 1), 7)

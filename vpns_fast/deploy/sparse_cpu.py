@@ -1725,8 +1725,13 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
         refuse_tracing("SeparableMaxPool2d")
-        if input.dim() == 3:  # unbatched, as nn.MaxPool2d takes it: run as the batch of one it is
-            return self(input.unsqueeze(0)).squeeze(0)
+        if input.dim() == 3:  # unbatched, as nn.MaxPool2d takes it: the batch of one it is (hooks run once, and a
+            # subclass's forward applies once; the result contiguous, as torch's is for a 3-d input)
+            return self._pool(input.unsqueeze(0)).squeeze(0).contiguous()
+        return self._pool(input)
+
+    def _pool(self, input: torch.Tensor) -> torch.Tensor:
+        """The pooling of a batch (or of what ``reference`` takes)."""
         if self._runs_kernel(input):
             return _ops().max_pool2d(input, list(self.kernel_size), list(self.stride), list(self.padding))
         if _plain_image_batch(input) and input.is_contiguous(memory_format=torch.channels_last):
@@ -1735,7 +1740,8 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
 
     @staticmethod
     def _runs_kernel(x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the C++ kernel (:func:`_pooling_kernel_takes`)."""
+        """Whether ``self(x)`` runs the C++ kernel on ``x`` as it is (:func:`_pooling_kernel_takes`; a 3-d image runs
+        it as a batch of one, but not in a call plan)."""
         return _pooling_kernel_takes(x)
 
     def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:
@@ -1788,16 +1794,22 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         refuse_tracing("GlobalAvgPool2d")
-        if input.dim() == 3:  # unbatched, as nn.AdaptiveAvgPool2d takes it: run as the batch of one it is
-            return self(input.unsqueeze(0)).squeeze(0)
+        if input.dim() == 3:  # unbatched, as nn.AdaptiveAvgPool2d takes it: the batch of one it is (hooks run once, a
+            # subclass's forward applies once)
+            return self._pool(input.unsqueeze(0)).squeeze(0).contiguous()
+        return self._pool(input)
+
+    def _pool(self, input: torch.Tensor) -> torch.Tensor:
+        """The pooling of a batch (or of what ``reference`` takes)."""
         if self._runs_kernel(input):
             return _ops().global_avg_pool2d(input)
         return self.reference(input)
 
     @staticmethod
     def _runs_kernel(x: torch.Tensor) -> bool:
-        """Whether ``self(x)`` runs the C++ kernel: one the pooling kernels take (:func:`_pooling_kernel_takes`) with a
-        nonempty plane."""
+        """Whether ``self(x)`` runs the C++ kernel on ``x`` as it is: one the pooling kernels take
+        (:func:`_pooling_kernel_takes`) with a nonempty plane (a 3-d image runs it as a batch of one, but not in a call
+        plan)."""
         return _pooling_kernel_takes(x) and x.shape[-1] * x.shape[-2] > 0
 
     def add_to_plan(self, plan, slots: tuple[int, int], x: torch.Tensor) -> bool:

@@ -55,7 +55,9 @@ class BufferCache {
 
   // Equal-sized idle buffers go out oldest first. Tried, not kept: the one given back last first (the likeliest
   // still in cache): ResNet-50 / ResNet-18 at 10% kept, batch 1, 2 threads, 16 interleaved rounds in one process
-  // (2-core AMD EPYC, 2026-12-04): 1.010x (p20-p80 0.90-1.07x) / 0.977x (0.93-1.03x).
+  // (2-core AMD EPYC, 2026-12-04): 1.010x (p20-p80 0.90-1.07x) / 0.977x (0.93-1.03x); again for buffers below 1 MiB
+  // once the cache took them (2-vCPU Intel Xeon, 2026-12-07, two builds in alternating processes, ResNet-50 at 5%
+  // kept, batch 1, 8 rounds): 0.993x (0.961-1.021x; bench/results/cpu-tried-not-kept-2026-12-07-intel-xeon.txt).
   void give_back(void* buffer, size_t bytes) {
     {
       const std::lock_guard<std::mutex> lock(mutex_);

@@ -1681,6 +1681,15 @@ def _pooling_kernel_takes(x: torch.Tensor) -> bool:
             and available()[0])
 
 
+def _pooled(pool: Callable[[torch.Tensor], torch.Tensor], input: torch.Tensor) -> torch.Tensor:
+    """``pool(input)``, the engine's poolings' batch path; an unbatched (C, H, W) image, as torch's poolings take it,
+    through that path as the batch of one it is (called from ``forward``, not through the module again: hooks run
+    once and a subclass's forward applies once), its result contiguous as torch's is for a 3-d input."""
+    if input.dim() == 3:
+        return pool(input.unsqueeze(0)).squeeze(0).contiguous()
+    return pool(input)
+
+
 def _pooling_unsupported_reason(pool: nn.MaxPool2d) -> str | None:
     """Why :class:`SeparableMaxPool2d` cannot stand in for ``pool``, naming its settings, or None when it can."""
     if type(pool) is not nn.MaxPool2d:
@@ -1725,10 +1734,7 @@ class SeparableMaxPool2d(_CountedEdits, nn.Module):
         # the kernel writes a plain NCHW result without autograd: other layouts and inputs that need a
         # gradient keep torch's semantics through the reference
         refuse_tracing("SeparableMaxPool2d")
-        if input.dim() == 3:  # unbatched, as nn.MaxPool2d takes it: the batch of one it is (hooks run once, and a
-            # subclass's forward applies once; the result contiguous, as torch's is for a 3-d input)
-            return self._pool(input.unsqueeze(0)).squeeze(0).contiguous()
-        return self._pool(input)
+        return _pooled(self._pool, input)
 
     def _pool(self, input: torch.Tensor) -> torch.Tensor:
         """The pooling of a batch (or of what ``reference`` takes)."""
@@ -1794,10 +1800,7 @@ class GlobalAvgPool2d(_CountedEdits, nn.Module):
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         refuse_tracing("GlobalAvgPool2d")
-        if input.dim() == 3:  # unbatched, as nn.AdaptiveAvgPool2d takes it: the batch of one it is (hooks run once, a
-            # subclass's forward applies once)
-            return self._pool(input.unsqueeze(0)).squeeze(0).contiguous()
-        return self._pool(input)
+        return _pooled(self._pool, input)
 
     def _pool(self, input: torch.Tensor) -> torch.Tensor:
         """The pooling of a batch (or of what ``reference`` takes)."""

@@ -9,11 +9,12 @@ namespace vpns {
 void bind_object_checks(py::module_& m);
 }  // namespace vpns
 
-// sparse_conv2d for one type of `offsets` (a tensor, read in full at every call, or a CheckedOffsets).
-template <typename Offsets>
+// sparse_conv2d for one type of `segments` (a tensor, checked in full at every call, or a CheckedSegments) and of
+// `offsets` (a tensor, read in full at every call, or a CheckedOffsets).
+template <typename Segments, typename Offsets>
 void bind_sparse_conv2d(py::module_& m, const char* doc) {
   m.def("sparse_conv2d",
-        py::overload_cast<const at::Tensor&, const at::Tensor&, const Offsets&, const at::Tensor&,
+        py::overload_cast<const at::Tensor&, const Segments&, const Offsets&, const at::Tensor&,
                           const std::vector<int64_t>&, const std::optional<at::Tensor>&, const std::vector<int64_t>&,
                           const std::vector<int64_t>&, const std::vector<int64_t>&, const std::optional<at::Tensor>&,
                           int64_t, int64_t, bool>(&vpns::sparse_conv2d),
@@ -102,7 +103,7 @@ reads its input in place, so its offsets depend on it; pass sparse_conv2d the sa
         "sparse_conv2d of a 1x1, stride-1, unpadded layer for a batch that is a multiple of 16 through the code of "
         "sparse_pointwise_generate (its table): the same outputs bit for bit; residual, activation 0 (none) or 1 "
         "(relu) and aligned_output as sparse_conv2d takes them; needs AVX-512.");
-  bind_sparse_conv2d<at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
+  bind_sparse_conv2d<at::Tensor, at::Tensor>(m, R"doc(Direct sparse 2-d convolution (groups = 1, zero padding), equal to
 F.conv2d(input, weight, bias, stride, padding, dilation) within float32 rounding; with the fused
 epilogue, to act(F.conv2d(...) + residual) (residual: float32, the output's shape, or None; activation: 0 none,
 1 relu, 2 silu, 3 relu6, 4 hardswish, 5 sigmoid, 6 hardsigmoid, each as torch computes it).
@@ -133,7 +134,29 @@ input.)doc");
       R"doc(A private copy of `offsets` (int32, from sparse_conv2d_offsets) with its smallest and largest value,
 for sparse_conv2d's `offsets` argument: the call then checks the range against its input instead of reading every
 offset. Later changes to `offsets` do not reach the copy.)doc");
-  bind_sparse_conv2d<vpns::CheckedOffsets>(m, "sparse_conv2d with offsets from check_offsets (see above).");
+  bind_sparse_conv2d<at::Tensor, vpns::CheckedOffsets>(m, "sparse_conv2d with offsets from check_offsets (see above).");
+  py::class_<vpns::CheckedSegments, std::shared_ptr<vpns::CheckedSegments>>(
+      m, "CheckedSegments",
+      "Segments for sparse_conv2d, copied and found to start at 0 and never decrease once (from check_segments); "
+      "their copy cannot be reached or changed from Python.")
+      .def_property_readonly("numel", [](const vpns::CheckedSegments& self) { return self.segments.numel(); })
+      .def_property_readonly("last",
+                             [](const vpns::CheckedSegments& self) {
+                               return self.segments.const_data_ptr<int64_t>()[self.segments.numel() - 1];
+                             })
+      .def("__repr__", [](const vpns::CheckedSegments& self) {
+        return "CheckedSegments(numel=" + std::to_string(self.segments.numel()) +
+               ", last=" + std::to_string(self.segments.const_data_ptr<int64_t>()[self.segments.numel() - 1]) + ")";
+      });
+  m.def(
+      "check_segments", [](const at::Tensor& segments) { return std::make_shared<vpns::CheckedSegments>(segments); },
+      py::arg("segments"),
+      R"doc(A private copy of `segments` (int64, from sparse_conv2d_offsets), checked once to start at 0 and never
+decrease, for sparse_conv2d's `segments` argument (with offsets from check_offsets) and CallPlan.add_sparse_conv: each
+call then checks only their count and last entry against the values instead of reading every entry. Later changes to
+`segments` do not reach the copy.)doc");
+  bind_sparse_conv2d<vpns::CheckedSegments, vpns::CheckedOffsets>(
+      m, "sparse_conv2d with segments from check_segments and offsets from check_offsets (see above).");
   m.def("pointwise_conv_supported", &vpns::pointwise_conv_supported,
         "Whether pointwise_conv can run here (a CPU with AVX2 and FMA).");
   m.def("pointwise_conv_pack", &vpns::pointwise_conv_pack, py::arg("weight"),

@@ -1354,7 +1354,13 @@ void check_float_cpu(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
 }
 
-// `ordered`: row_ptr is known to never decrease (a CheckedSegments), so only its ends are read.
+// What CheckedSegments checks once, and check_packed at every call of segments not known to be in order.
+void check_segment_order(const char* op, const int64_t* rp, int64_t entries) {
+  TORCH_CHECK(rp[0] == 0, op, ": row_ptr/segments must start at 0, got ", rp[0]);
+  TORCH_CHECK(non_decreasing(rp, entries), op, ": row_ptr/segments must be non-decreasing");
+}
+
+// `ordered`: row_ptr is known to start at 0 and never decrease (a CheckedSegments), so only its end is read.
 void check_packed(const char* op, const at::Tensor& row_ptr, const at::Tensor& index, const char* index_name,
                   const at::Tensor& values, int64_t rows, at::ScalarType value_type = at::kFloat,
                   bool ordered = false) {
@@ -1373,9 +1379,9 @@ void check_packed(const char* op, const at::Tensor& row_ptr, const at::Tensor& i
               values.numel());
   const int64_t* rp = row_ptr.const_data_ptr<int64_t>();
   const int64_t last = row_ptr.numel() - 1;
-  TORCH_CHECK(rp[0] == 0 && rp[last] == values.numel(), op,
-              ": row_ptr/segments must start at 0 and end at nnz = ", values.numel());
-  TORCH_CHECK(ordered || non_decreasing(rp, last + 1), op, ": row_ptr/segments must be non-decreasing");
+  if (!ordered) check_segment_order(op, rp, last + 1);
+  TORCH_CHECK(rp[last] == values.numel(), op, ": row_ptr/segments must end at nnz = ", values.numel(), ", got ",
+              rp[last]);
 }
 
 std::optional<at::Tensor> checked_bias(const char* op, const std::optional<at::Tensor>& bias, int64_t rows) {
@@ -2098,9 +2104,7 @@ CheckedSegments::CheckedSegments(const at::Tensor& source) {
               source.scalar_type(), " ", source.sizes(), " on ", source.device());
   at::NoGradGuard no_grad;
   segments = source.clone(at::MemoryFormat::Contiguous);  // its own: no tensor outside this object shares its memory
-  const int64_t* data = segments.const_data_ptr<int64_t>();
-  TORCH_CHECK(data[0] == 0, op, ": segments must start at 0, got ", data[0]);
-  TORCH_CHECK(non_decreasing(data, segments.numel()), op, ": row_ptr/segments must be non-decreasing");
+  check_segment_order(op, segments.const_data_ptr<int64_t>(), segments.numel());
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const CheckedSegments& segments, const CheckedOffsets& offsets,

@@ -66,14 +66,17 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
                          bool aligned_output);
-// Segments from sparse_conv2d_offsets, copied and found non-decreasing from 0 once, for a call plan's step:
-// sparse_conv2d then reads only their ends at each call (their count and last entry against the values), not every
-// entry. The copy is this object's own, so nothing can change it behind the check. Why: that pass, the shape vectors
+// Segments from sparse_conv2d_offsets, copied and found non-decreasing from 0 once (SparseConv2d keeps them so per
+// input size, beside the CheckedOffsets, for its calls and its call plans' steps): sparse_conv2d then reads only their
+// ends at each call (their count and last entry against the values), not every entry. The copy is this object's own, so
+// nothing can change it behind the check. Why: that pass, the shape vectors
 // copied and the geometry's tables allocated at each call ran on the thread that starts each step while the other
 // waited: 7.3% of that thread's samples inside sparse_conv2d outside its parallel regions, 5.3% without them, 7.1% in
 // a third process with the cache's 64 KiB threshold too (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; one
 // process each, which the vCPUs' placement moves by a point or two: the A/B of the whole, 1.069x, is in
-// csrc/buffers.cpp).
+// csrc/buffers.cpp). Kept by the layer rather than copied by each plan step (2026-12-07): one copy a layer and input
+// size; a call outside a plan skips the pass too, though the pass alone is small: 0.2-0.3 us of a 93-187 us call
+// on ResNet-50's largest segment sets (1025-4609 entries, 5% kept, batch 1, 400 calls each way alternating, medians).
 struct CheckedSegments {
   explicit CheckedSegments(const at::Tensor& source);
   at::Tensor segments;
@@ -265,7 +268,7 @@ class CallPlan {
   void watch(const at::Tensor& tensor);
   // Slots emptied after the last step added (nothing later reads them), as the traced graph drops its values.
   void release_after_last_step(std::vector<int64_t> slots);
-  void add_sparse_conv(int64_t input, int64_t residual, int64_t output, at::Tensor segments,
+  void add_sparse_conv(int64_t input, int64_t residual, int64_t output, std::shared_ptr<CheckedSegments> segments,
                        std::shared_ptr<CheckedOffsets> offsets, at::Tensor values, std::vector<int64_t> weight_shape,
                        std::optional<at::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
                        std::vector<int64_t> dilation, int64_t activation, int64_t input_channel_stride,

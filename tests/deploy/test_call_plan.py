@@ -309,10 +309,10 @@ def test_a_planned_model_pickles_and_copies_without_its_plans(plans_restored):
         assert clone.call_plans()[0]["steps"] > 0
 
 
-def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
-    """A plan's sparse conv step copies the segments and checks once that they start at 0 and never decrease (its
-    calls then read only their ends): a set that decreases anywhere is refused when the step is added, and a change
-    to the caller's tensor afterwards does not reach the step."""
+def test_a_sparse_conv_step_runs_on_checked_segments_a_private_copy():
+    """A plan's sparse conv step takes the segments as check_segments made them: copied and checked once to start at 0
+    and never decrease (its calls then read only their ends). A set that decreases anywhere is refused when checked,
+    a plain tensor is not taken, and a change to the caller's tensor afterwards does not reach the step."""
     ops = sparse_cpu._ops()
     generator = torch.Generator().manual_seed(0)
     weight = torch.randn(24, 8, 3, 3, generator=generator) * (torch.rand(24, 8, 3, 3, generator=generator) < 0.5)
@@ -324,8 +324,8 @@ def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
 
     def plan_with(these_segments):
         plan = ops.CallPlan(2, 1)
-        plan.add_sparse_conv(0, -1, 1, these_segments, ops.check_offsets(offsets), values, shape, None, [1], [1], [1],
-                             0, 0, False)
+        plan.add_sparse_conv(0, -1, 1, ops.check_segments(these_segments), ops.check_offsets(offsets), values, shape,
+                             None, [1], [1], [1], 0, 0, False)
         return plan
 
     x = torch.randn(2, 8, 6, 6, generator=generator)
@@ -342,21 +342,24 @@ def test_a_sparse_conv_step_keeps_its_own_checked_copy_of_the_segments():
         plan_with(torch.cat([torch.ones(1, dtype=torch.long), segments[1:]]))
     with pytest.raises(RuntimeError, match="segments must be a nonempty 1-d int64"):
         plan_with(segments.int())
+    with pytest.raises(TypeError, match="incompatible function arguments"):  # a plain tensor: never checked
+        ops.CallPlan(2, 1).add_sparse_conv(0, -1, 1, segments, ops.check_offsets(offsets), values, shape, None, [1],
+                                           [1], [1], 0, 0, False)
     segments[middle] = segments[middle + 1] + 1  # the caller's tensor, after the step was added
     torch.testing.assert_close(plan.run(x), expected, rtol=1e-5, atol=1e-5)
     # what the step reads stays checked against the values at each call: the values the plan shares, resized in place
     # after the step was added, and a last segment past the nonzeros (the segments start at 0 and never decrease)
     shared = values.clone()
     plan_values = ops.CallPlan(2, 1)
-    plan_values.add_sparse_conv(0, -1, 1, source, ops.check_offsets(offsets), shared, shape, None, [1], [1], [1], 0, 0,
-                                False)
+    plan_values.add_sparse_conv(0, -1, 1, ops.check_segments(source), ops.check_offsets(offsets), shared, shape, None,
+                                [1], [1], [1], 0, 0, False)
     torch.testing.assert_close(plan_values.run(x), expected, rtol=1e-5, atol=1e-5)
     shared.resize_(values.numel() - 1)
     with pytest.raises(RuntimeError, match=f"offsets has {values.numel()} entries but values has {values.numel() - 1}"):
         plan_values.run(x)
     past_the_end = source.clone()
     past_the_end[-1] += 1
-    with pytest.raises(RuntimeError, match="must start at 0 and end at nnz"):
+    with pytest.raises(RuntimeError, match=f"must end at nnz = {values.numel()}, got {values.numel() + 1}"):
         plan_with(past_the_end).run(x)
 
 

@@ -1610,6 +1610,50 @@ def test_offsets_are_checked_at_every_call_or_kept_as_a_private_checked_copy():
     assert type(geometry[0]).__name__ == "CheckedOffsets"
 
 
+def test_segments_kept_as_a_private_checked_copy_are_read_at_their_ends_only():
+    """check_segments copies segments and checks once that they start at 0 and never decrease; sparse_conv2d then
+    gives the same output as with the plain tensor, the source changed afterwards does not reach the copy, and each
+    call still checks the copy's last entry against the values it is given. The engine's layers keep their segments
+    so per input size, beside the checked offsets, for their own calls and their plans' steps."""
+    from vpns_fast import _extension
+
+    ops = _extension.load()
+    weight = torch.randn(24, 8, 3, 3) * (torch.rand(24, 8, 3, 3) < 0.5)
+    x = torch.randn(2, 8, 6, 6)
+    args = ([24, 8, 3, 3], None, [1], [1], [1])
+    offsets, segments, values = ops.sparse_conv2d_offsets(*ops.sparse_conv2d_pack(weight), [24, 8, 3, 3], [6, 6], [1],
+                                                          [1], [1])
+    checked_offsets, checked = ops.check_offsets(offsets), ops.check_segments(segments)
+    assert checked.numel == segments.numel() > 20 and checked.last == values.numel() > 0
+    assert repr(checked) == f"CheckedSegments(numel={segments.numel()}, last={values.numel()})"
+    expected = ops.sparse_conv2d(x, segments, checked_offsets, values, *args)
+    assert_close(expected, F.conv2d(x, weight, padding=1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(ops.sparse_conv2d(x, checked, checked_offsets, values, *args), expected)
+    middle = segments.numel() // 2
+    segments.numpy()[middle] = int(segments[middle + 1]) + 1  # out of order, no new version
+    with pytest.raises(RuntimeError, match="must be non-decreasing"):
+        ops.sparse_conv2d(x, segments, checked_offsets, values, *args)
+    assert torch.equal(ops.sparse_conv2d(x, checked, checked_offsets, values, *args), expected)
+    with pytest.raises(RuntimeError, match="check_segments: row_ptr/segments must be non-decreasing"):
+        ops.check_segments(segments)
+    with pytest.raises(RuntimeError, match="check_segments: row_ptr/segments must start at 0, got 2"):
+        ops.check_segments(torch.tensor([2, 3]))
+    for wrong in (torch.tensor([0, 1], dtype=torch.int32), torch.zeros(0, dtype=torch.long), torch.zeros(2, 2).long()):
+        with pytest.raises(RuntimeError, match="segments must be a nonempty 1-d int64 CPU tensor"):
+            ops.check_segments(wrong)
+    with pytest.raises(RuntimeError, match=f"offsets has {values.numel()} entries but values has {values.numel() - 1}"):
+        ops.sparse_conv2d(x, checked, checked_offsets, values[:-1], *args)
+    past_the_end = segments.clone()
+    past_the_end[middle] = past_the_end[middle - 1]
+    past_the_end[-1] += 1  # in order, but ending past the nonzeros
+    with pytest.raises(RuntimeError, match=f"must end at nnz = {values.numel()}, got {values.numel() + 1}"):
+        ops.sparse_conv2d(x, ops.check_segments(past_the_end), checked_offsets, values, *args)
+    layer = sparse_cpu.SparseConv2d(weight, None, padding=1)
+    assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+    ((geometry, _made_from),) = layer._geometry_cache.values()
+    assert type(geometry[1]).__name__ == "CheckedSegments"
+
+
 @pytest.mark.parametrize("batch", [1, 3, 8])
 def test_sparse_linear_refuses_column_indices_outside_the_input(batch, kernel_isa):
     """Every column index is checked against in_features: below 8 rows by the gathers themselves (an index outside is

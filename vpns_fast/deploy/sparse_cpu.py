@@ -29,17 +29,17 @@ from vpns_fast.environment import cpu_vendor, is_out_of_memory
 from vpns_fast.errors import caller_stacklevel, exception_reason
 from vpns_fast.pruning.masking import checked_module
 
-_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets", "sparse_conv2d", "sparse_linear_pack",
-                 "sparse_linear", "dense_linear", "max_pool2d", "global_avg_pool2d", "activation_buffer",
-                 "cached_activation_bytes", "set_activation_cache_limit", "sparse_kernel_isa", "set_sparse_kernel_isa",
-                 "sparse_kernel_isas", "sparse_kernel_isa_environment_note", "set_streamed_output_bytes",
-                 "set_next_tile_prefetch", "set_output_prefetch_for_write", "set_wide_tiles", "set_wide_tile_vectors",
-                 "sparse_tile_width", "sparse_conv2d_lanes_supported", "sparse_conv2d_lanes_pack",
-                 "sparse_conv2d_lanes", "sparse_pointwise_generated_supported", "sparse_pointwise_generate",
-                 "sparse_pointwise_generated", "set_private_planes_bytes", "private_planes_held_bytes",
-                 "core_round_trip_ns", "winograd_conv2d", "pointwise_conv_supported", "pointwise_conv_pack",
-                 "pointwise_conv", "aligned_channel_stride", "CallPlan", "ShapeChanged", "ObjectChecks",
-                 "normalize_images")
+_REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets", "check_segments", "sparse_conv2d",
+                 "sparse_linear_pack", "sparse_linear", "dense_linear", "max_pool2d", "global_avg_pool2d",
+                 "activation_buffer", "cached_activation_bytes", "set_activation_cache_limit", "sparse_kernel_isa",
+                 "set_sparse_kernel_isa", "sparse_kernel_isas", "sparse_kernel_isa_environment_note",
+                 "set_streamed_output_bytes", "set_next_tile_prefetch", "set_output_prefetch_for_write",
+                 "set_wide_tiles", "set_wide_tile_vectors", "sparse_tile_width", "sparse_conv2d_lanes_supported",
+                 "sparse_conv2d_lanes_pack", "sparse_conv2d_lanes", "sparse_pointwise_generated_supported",
+                 "sparse_pointwise_generate", "sparse_pointwise_generated", "set_private_planes_bytes",
+                 "private_planes_held_bytes", "core_round_trip_ns", "winograd_conv2d", "pointwise_conv_supported",
+                 "pointwise_conv_pack", "pointwise_conv", "aligned_channel_stride", "CallPlan", "ShapeChanged",
+                 "ObjectChecks", "normalize_images")
 POLICIES = ("measure", "sparse", "dense")
 # How convert_for_cpu's refusal of a model that fails on its example input begins (deploy words it anew where the
 # example was its own).
@@ -757,10 +757,10 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     def _geometry(self, height: int, width: int, channel_stride: int = 0, packing: str = "per-image") -> tuple | None:
         """The weights packed for one kernel at inputs of height x width, kept per input size. ``packing``:
-        ``"per-image"``: (offsets as the kernel's ``CheckedOffsets``, segments, values in the kernel's block-major
-        order) for inputs whose channels are ``channel_stride`` floats apart (0: height * width; see
-        :func:`aligned_channel_stride`); the ordered values are a copy (4 bytes a nonzero each): the block size, and
-        so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout). ``"lanes"``: (segments,
+        ``"per-image"``: (offsets as the kernel's ``CheckedOffsets``, segments as its ``CheckedSegments``, values in
+        the kernel's block-major order) for inputs whose channels are ``channel_stride`` floats apart (0: height *
+        width; see :func:`aligned_channel_stride`); the ordered values are a copy (4 bytes a nonzero each): the block
+        size, and so the order, depends on the input size (csrc/sparse_conv.cpp, SegmentLayout). ``"lanes"``: (segments,
         offsets, values) of the batch-in-lanes kernel (:func:`set_batch_lanes`), for a geometry it takes.
         ``"generated"``: (code, its weights) of a 1x1 layer's machine code (:func:`set_generated_code`), or None
         where the packed buffers are inference tensors (the code would be written again at every call)."""
@@ -810,9 +810,11 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             self.row_ptr, self.channel_index, self.tap_index, self.values, list(self.weight_shape),
             [height, width], list(self.stride), list(self.padding), list(self.dilation),
             input_channel_stride=channel_stride)
-        # the offsets as the kernel's own checked copy: each call then checks their range against the input rather
-        # than reading every offset (that pass cost ResNet-50 2.8% of its time at 10% kept, batch 1)
-        return ops.check_offsets(offsets), segments, values
+        # the offsets and segments as the kernel's own checked copies: each call then checks the offsets' range
+        # against the input rather than reading every offset (that pass cost ResNet-50 2.8% of its time at 10%
+        # kept, batch 1), and only the segments' ends against the values rather than their order (csrc/vpns_ops.h,
+        # CheckedSegments); a call plan's step shares both
+        return ops.check_offsets(offsets), ops.check_segments(segments), values
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:

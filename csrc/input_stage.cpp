@@ -13,6 +13,7 @@
 #include "vpns_ops.h"
 
 #include <ATen/Parallel.h>
+#include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
 #include <cmath>
@@ -131,6 +132,25 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
   const float low = *std::min_element(lows.begin(), lows.end()) + 0.0f;
   const float high = *std::max_element(highs.begin(), highs.end()) + 0.0f;
   return {out, nan ? quiet_nan : static_cast<double>(low), nan ? quiet_nan : static_cast<double>(high)};
+}
+
+std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const std::vector<double>& mean,
+                                              const std::vector<double>& stdev, int64_t height, int64_t width,
+                                              double slack) {
+  // every condition DeployedModel's general path checks before it normalizes in one pass, or raises on
+  if (torch::jit::tracer::isTracing() || !images.defined() || images.layout() != at::kStrided || images.is_nested() ||
+      !images.device().is_cpu() || images.dim() != 4 || images.size(1) != 3 ||
+      (height > 0 && (images.size(2) != height || images.size(3) != width)) ||
+      (images.scalar_type() != at::kByte && images.scalar_type() != at::kFloat) || images.requires_grad() ||
+      mean.size() != 3 || stdev.size() != 3) {
+    return std::nullopt;
+  }
+  auto [normalized, low, high] = normalize_images(images, mean, stdev);
+  // as vpns_fast.data.check_float_pixel_range takes them: finite, within [0, 1] give or take `slack` (NaN fails both)
+  if (images.scalar_type() == at::kFloat && images.numel() > 0 && !(low >= -slack && high <= 1.0 + slack)) {
+    return std::nullopt;
+  }
+  return normalized;
 }
 
 }  // namespace vpns

@@ -250,6 +250,13 @@ std::string set_sparse_kernel_isa(const std::string& name);
 // one is NaN; 0 and 255 for uint8).
 std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
                                                         std::vector<double> stdev);
+// The same pass where a deployed CPU model's fast path may take the images (not traced, a strided CPU tensor, not
+// nested, [N, 3, height, width]
+// (height 0: any size), uint8 or float32, no gradient, three means and stds, float pixels finite and within [0, 1]
+// give or take `slack`), else None without raising: its general path then checks them one by one, with its messages.
+std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const std::vector<double>& mean,
+                                              const std::vector<double>& stdev, int64_t height, int64_t width,
+                                              double slack);
 
 // csrc/call_plan.cpp: a converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan
 // records them). Values live in numbered slots: slot 0 holds the input, each step reads slots (-1: none) and writes

@@ -917,6 +917,27 @@ def test_pooling_shapes_times_both_poolings_and_names_the_rule(capsys):
         assert f"error: {bad[0]}: expected " in capsys.readouterr().err
 
 
+def test_fast_path_ab_takes_turns_in_one_process(capsys):
+    """bench.fast_path_ab: one round of two calls each way on one deployed ResNet-18, uint8 images; bad counts
+    refused in one line (exit 2)."""
+    from bench import fast_path_ab
+    from vpns_fast.deploy import sparse_cpu
+
+    available, reason = sparse_cpu.available()
+    if not available:
+        pytest.skip(f"sparse CPU kernels unavailable: {reason}")
+    assert fast_path_ab.main(["resnet18", "0.1", "--rounds", "1", "--calls", "2", "--uint8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("# resnet18 at 0.1 kept, batch 1, 2 threads, uint8 images")
+    assert lines[1].startswith("round 1: general ") and " fast " in lines[1]
+    assert lines[2].startswith("a call:   1 rounds, general ") and "general / fast " in lines[2]
+    assert "nan" not in lines[2]
+    with pytest.raises(SystemExit) as refused:
+        fast_path_ab.main(["resnet18", "0.1", "--calls", "0"])
+    assert refused.value.code == 2
+    assert "--rounds and --calls must be at least 1, got 10 and 0" in capsys.readouterr().err
+
+
 def test_global_avg_pool_ab_takes_turns_in_one_network(capsys):
     """bench.global_avg_pool_ab: one round each way on one deployed ResNet-18, the step timed both ways."""
     from bench import global_avg_pool_ab

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -153,3 +154,167 @@ def test_the_one_pass_input_stage_refuses_what_the_checks_refuse():
         assert torch.equal(model(x), model.network(normalize(x, MEAN, STD)))
     finally:
         call_plan.set_call_plans(previous)
+
+
+def test_checked_input_stage_is_normalize_images_or_none():
+    """The fast path's input stage: normalize_images' output bit for bit where the images pass every check the
+    general path makes, else None (never an error: the general path then checks them with its own messages)."""
+    ops = sparse_cpu._ops()
+    slack = runtime.FLOAT_PIXEL_SLACK
+    stage = (list(MEAN), list(STD), 16, 12, slack)
+    x = torch.rand(2, 3, 16, 12)
+    for images in (x, (x * 255).to(torch.uint8), x.transpose(2, 3).contiguous().transpose(2, 3),
+                   x.clamp(0, 1) * (1 + 2 * slack) - slack, torch.rand(0, 3, 16, 12)):
+        out = ops.checked_input_stage(images, *stage)
+        assert out is not None and torch.equal(out, ops.normalize_images(images, list(MEAN), list(STD))[0])
+    assert ops.checked_input_stage(torch.rand(1, 3, 5, 7), list(MEAN), list(STD), 0, 0, slack) is not None  # any size
+    refused = {
+        "a meta tensor": torch.empty(2, 3, 16, 12, device="meta"),
+        "3-d": x[0], "one channel": x[:, :1], "another height": torch.rand(2, 3, 12, 12),
+        "another width": torch.rand(2, 3, 16, 16), "float64": x.double(), "int16": (x * 255).to(torch.int16),
+        "needs a gradient": x.clone().requires_grad_(), "a NaN": x.masked_fill(x > 0.9, float("nan")),
+        "an inf": x.masked_fill(x > 0.9, float("inf")), "below the slack": x - 2 * slack,
+        "above the slack": x + 1.0,
+    }
+    for what, images in refused.items():
+        assert ops.checked_input_stage(images, *stage) is None, what
+    assert ops.checked_input_stage(x, [0.5], [0.25], 16, 12, slack) is None  # three values a channel only
+
+
+def _path_spies(monkeypatch) -> tuple[list, list]:
+    """(the images of the calls that went the general path, what each NetworkPlans.planned_output call gave)."""
+    missed, planned = [], []
+    general, planned_output = runtime.DeployedModel._checked_forward, call_plan.NetworkPlans.planned_output
+
+    def counted(self, images):
+        missed.append(images)
+        return general(self, images)
+
+    def recorded(self, network, x):
+        planned.append(planned_output(self, network, x))
+        return planned[-1]
+
+    monkeypatch.setattr(runtime.DeployedModel, "_checked_forward", counted)
+    monkeypatch.setattr(call_plan.NetworkPlans, "planned_output", recorded)
+    return missed, planned
+
+
+def _deployed_stem(**options) -> runtime.DeployedModel:
+    return runtime.deploy(_stemmed(0.2), policy="sparse", example_input_size=(1, 3, 16, 16), image_size=16,
+                          mean=MEAN, std=STD, **options)
+
+
+def test_a_deployed_module_takes_its_fast_path_with_the_general_paths_output(monkeypatch):
+    """A deployed CPU module normalizes valid images in one call of the extension and, once its call plan is made,
+    runs it without torch.no_grad() around it: the general path's output bit for bit, for float32 and uint8
+    images, a channels_last batch, gradients on or off, in inference mode, and in copies and unpickled modules
+    from their second call."""
+    import copy
+    import pickle
+
+    model = _deployed_stem()
+    missed, planned = _path_spies(monkeypatch)
+    x = torch.rand(3, 3, 16, 16)
+    first = model(x)
+    assert not missed and planned == [None]  # the input stage taken; no plan yet: made after it, once
+    assert torch.equal(first, model._checked_forward(x)) and model.call_plans()[0]["steps"]
+    for images in (x, (x * 255).to(torch.uint8), x[:1], x.contiguous(memory_format=torch.channels_last)):
+        expected = model._checked_forward(images)
+        missed.clear()
+        planned.clear()
+        out = model(images)
+        assert not missed and planned[0] is not None and torch.equal(out, expected), images.shape
+        assert not out.requires_grad and out.grad_fn is None
+    planned.clear()
+    with torch.inference_mode():
+        assert torch.equal(model(x), first) and planned[0] is not None
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        planned.clear()
+        assert torch.equal(clone(x), first) and torch.equal(clone(x), first)
+        assert planned[0] is None and planned[1] is not None  # its plan made on the first call
+    assert not missed
+
+
+def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
+    """Images that fail a check (with the general path's messages), a tensor subclass, a nested tensor, a mean given
+    as a list (it can change in place), a slack changed where the checks read it, a module given a label mapping and
+    a subclass of the module with steps of its own go the general way; with call plans off or a hook on the network
+    the images are normalized once (the fast input stage), then the graph runs, and nothing runs twice."""
+    import vpns_fast.data
+
+    model = _deployed_stem()
+    x = torch.rand(3, 3, 16, 16)
+    expected = model(x)
+    missed, planned = _path_spies(monkeypatch)
+    with pytest.raises(ValueError, match="images: NaN or Inf"):
+        model(x.masked_fill(x > 0.9, float("nan")))
+    with pytest.raises(ValueError, match=r"images: expected a shape \(B, 3, 16, 16\)"):
+        model(torch.rand(1, 3, 8, 8))
+
+    class Marked(torch.Tensor):
+        pass
+
+    assert torch.equal(model(x.as_subclass(Marked)), expected)
+    with warnings.catch_warnings():  # the nested tensors' prototype warning
+        warnings.simplefilter("ignore")
+        nested = torch.nested.nested_tensor([x[0], x[1]])
+    with pytest.raises(RuntimeError) as general_error:
+        model._checked_forward(nested)
+    with pytest.raises(RuntimeError) as error:
+        model(nested)
+    assert str(error.value) == str(general_error.value)
+    assert len(missed) == 5 and not planned  # the nested images: once directly, once through the module
+    model.mean = [0.5, 0.5, 0.5]  # a list: the general path, which reads it at every call
+    model(x)
+    model.mean[0] = 0.1
+    with torch.no_grad():
+        assert torch.equal(model(x), model.network(normalize(x, (0.1, 0.5, 0.5), STD)))
+    assert len(missed) == 7
+    model.mean = (0.1, 0.5, 0.5)  # a tuple again: the fast path, with these values
+    missed.clear()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.network(normalize(x, (0.1, 0.5, 0.5), STD)))
+    assert not missed
+    monkeypatch.setattr(vpns_fast.data, "FLOAT_PIXEL_SLACK", 0.0)
+    with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
+        model(x * 1.02)
+    assert len(missed) == 1
+    ops, calls = sparse_cpu._ops(), {"checked_input_stage": 0, "normalize_images": 0}
+
+    def counting(name: str, original):
+        def counted(*args):
+            calls[name] += 1
+            return original(*args)
+        return counted
+
+    for name in calls:
+        monkeypatch.setattr(ops, name, counting(name, getattr(ops, name)))
+    model.mean = MEAN
+    model.__dict__.pop("_input_stage")  # made again with the spy
+    previous = call_plan.set_call_plans(False)
+    try:
+        assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 1, "normalize_images": 0}
+    finally:
+        call_plan.set_call_plans(previous)
+    handle = model.network.register_forward_hook(lambda module, args, out: None)
+    assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 2, "normalize_images": 0}
+    handle.remove()
+    assert len(missed) == 1 and planned[-2:] == [None, None]
+
+    class Doubled(runtime.DeployedModel):
+        def _mapped(self, logits):
+            return logits * 2
+
+    doubled = copy_as(Doubled, model)
+    assert torch.equal(doubled(x), 2 * expected) and len(missed) == 2
+    mapped = _deployed_stem(label_mapping=[3, 1])
+    mapped(x)
+    missed.clear()
+    assert torch.equal(mapped(x), expected[:, [3, 1]]) and len(missed) == 1
+
+
+def copy_as(kind: type, module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` of class ``kind`` (a subclass of its own)."""
+    clone = kind.__new__(kind)
+    clone.__dict__.update(module.__dict__)
+    return clone

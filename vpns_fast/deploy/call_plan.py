@@ -248,26 +248,39 @@ class NetworkPlans:
         :meth:`NetworkPlan.run_timed` gives them where the plan ran, else None)."""
         return self._output(network, x, timed=True)
 
-    def _output(self, network: nn.Module, x: torch.Tensor, timed: bool):
+    def planned_output(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`output` where the call needs no ``torch.no_grad()`` around it, else None with nothing run or
+        changed (then :meth:`output` takes the call: it makes a plan or runs the graph). That is: the plan for
+        ``x``'s key is current and runs (gradients are off inside it, csrc/call_plan.cpp), or it ran and found
+        itself stale or a shape the data decides changed, and what follows (a new plan, the graph) runs under
+        ``torch.no_grad()`` here: nothing is run twice."""
+        return self._output(network, x, timed=False, planned_only=True)[0]
+
+    def _output(self, network: nn.Module, x: torch.Tensor, timed: bool, planned_only: bool = False):
         if not call_plans_enabled() or hooks_on(network):
-            return network(x), None  # a plan would call around the hooks
+            return None if planned_only else network(x), None  # a plan would call around the hooks
         entries, key = self.entries, plan_key(x)
         entry = entries.get(key)
         if entry is not None and entry.current(network):
             if entry.plan is None or entry.plan.hooks_on_called():
-                return network(x), None  # refused, and nothing it depends on has changed; or hooks to run
+                # refused, and nothing it depends on has changed; or hooks to run
+                return None if planned_only else network(x), None
             try:
                 out, steps = entry.plan.run_timed(x) if timed else (entry.plan.run(x), None)
             except ShapeChanged:  # a shape the data decides: no plan for this network and shape
                 self._keep(key, entry.refused("a shape that the data decides (not the input's) changed between "
                                               "calls"), entries, network)
-                return network(x), None
+                with torch.no_grad():
+                    return network(x), None
             if out is not None:
                 return out, steps
             # else a tensor it was made from changed in place: a new plan
+        elif planned_only:
+            return None, None
         # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
         # network's own code runs could deadlock, a deployed model called inside another's graph)
-        entry, out = PlanEntry.made(network, x)
+        with torch.no_grad():
+            entry, out = PlanEntry.made(network, x)
         self._keep(key, entry, entries, network)
         return out, None
 

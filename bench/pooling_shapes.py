@@ -48,6 +48,15 @@ def alternating_ms(first, second, x: torch.Tensor, rounds: int) -> tuple[float, 
     return statistics.median(times["first"]), statistics.median(times["second"])
 
 
+def _batch_sizes(text: str) -> list[int] | None:
+    """``--batches``' value as integers, or None unless it is comma-separated integers >= 1."""
+    try:
+        batches = [int(value) for value in text.split(",")]
+    except ValueError:
+        return None
+    return batches if min(batches) >= 1 else None
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=30)
@@ -55,11 +64,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8", help="comma-separated batch sizes")
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="the first this many of the shape grid")
     args = parser.parse_args(argv)
-    try:
-        batches = [int(value) for value in args.batches.split(",")]
-    except ValueError:
-        batches = [0]
-    if min(batches) < 1:
+    batches = _batch_sizes(args.batches)
+    if batches is None:
         parser.error(f"--batches: expected comma-separated integers >= 1, got {args.batches!r}")
     for flag in ("rounds", "threads", "shapes"):
         if getattr(args, flag) < 1:

@@ -147,7 +147,8 @@ std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const st
   }
   auto [normalized, low, high] = normalize_images(images, mean, stdev);
   // as vpns_fast.data.check_float_pixel_range takes them: finite, within [0, 1] give or take `slack` (NaN fails both)
-  if (images.scalar_type() == at::kFloat && images.numel() > 0 && !(low >= -slack && high <= 1.0 + slack)) {
+  if (images.scalar_type() == at::kFloat && images.numel() > 0 &&
+      !(std::isfinite(low) && std::isfinite(high) && low >= -slack && high <= 1.0 + slack)) {
     return std::nullopt;
   }
   return normalized;

@@ -181,22 +181,28 @@ def test_checked_input_stage_is_normalize_images_or_none():
     assert ops.checked_input_stage(x, [0.5], [0.25], 16, 12, slack) is None  # three values a channel only
 
 
-def _path_spies(monkeypatch) -> tuple[list, list]:
-    """(the images of the calls that went the general path, what each NetworkPlans.planned_output call gave)."""
-    missed, planned = [], []
-    general, planned_output = runtime.DeployedModel._checked_forward, call_plan.NetworkPlans.planned_output
+def _path_spies(monkeypatch) -> tuple[list, list, list]:
+    """(the images of the calls that went the general path, the input shape of each run of a compiled plan, whether
+    gradients were on at each plan build)."""
+    missed, runs, builds = [], [], []
+    general, run, build = runtime.DeployedModel._checked_forward, call_plan.NetworkPlan.run, call_plan.build
 
     def counted(self, images):
         missed.append(images)
         return general(self, images)
 
-    def recorded(self, network, x):
-        planned.append(planned_output(self, network, x))
-        return planned[-1]
+    def counted_run(self, x):
+        runs.append(tuple(x.shape))
+        return run(self, x)
+
+    def recorded_build(network, x):
+        builds.append(torch.is_grad_enabled())
+        return build(network, x)
 
     monkeypatch.setattr(runtime.DeployedModel, "_checked_forward", counted)
-    monkeypatch.setattr(call_plan.NetworkPlans, "planned_output", recorded)
-    return missed, planned
+    monkeypatch.setattr(call_plan.NetworkPlan, "run", counted_run)
+    monkeypatch.setattr(call_plan, "build", recorded_build)
+    return missed, runs, builds
 
 
 def _deployed_stem(**options) -> runtime.DeployedModel:
@@ -205,47 +211,49 @@ def _deployed_stem(**options) -> runtime.DeployedModel:
 
 
 def test_a_deployed_module_takes_its_fast_path_with_the_general_paths_output(monkeypatch):
-    """A deployed CPU module normalizes valid images in one call of the extension and, once its call plan is made,
-    runs it without torch.no_grad() around it: the general path's output bit for bit, for float32 and uint8
-    images, a channels_last batch, gradients on or off, in inference mode, and in copies and unpickled modules
-    from their second call."""
+    """A deployed CPU module normalizes valid images in one call of the extension and runs its call plan (made on
+    the first call, under torch.no_grad() though the caller has gradients on) without torch.no_grad() around it:
+    the general path's output bit for bit, for float32 and uint8 images, a channels_last batch, in inference mode,
+    and in copies and unpickled modules."""
     import copy
     import pickle
 
     model = _deployed_stem()
-    missed, planned = _path_spies(monkeypatch)
+    missed, runs, builds = _path_spies(monkeypatch)
     x = torch.rand(3, 3, 16, 16)
+    assert torch.is_grad_enabled()
     first = model(x)
-    assert not missed and planned == [None]  # the input stage taken; no plan yet: made after it, once
+    assert not missed and not runs and builds == [False]  # the input stage taken; the plan made, gradients off
     assert torch.equal(first, model._checked_forward(x)) and model.call_plans()[0]["steps"]
     for images in (x, (x * 255).to(torch.uint8), x[:1], x.contiguous(memory_format=torch.channels_last)):
         expected = model._checked_forward(images)
         missed.clear()
-        planned.clear()
+        runs.clear()
         out = model(images)
-        assert not missed and planned[0] is not None and torch.equal(out, expected), images.shape
+        assert not missed and runs == [tuple(images.shape)] and torch.equal(out, expected), images.shape
         assert not out.requires_grad and out.grad_fn is None
-    planned.clear()
+    runs.clear()
     with torch.inference_mode():
-        assert torch.equal(model(x), first) and planned[0] is not None
+        assert torch.equal(model(x), first) and len(runs) == 1
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        planned.clear()
+        runs.clear()
         assert torch.equal(clone(x), first) and torch.equal(clone(x), first)
-        assert planned[0] is None and planned[1] is not None  # its plan made on the first call
-    assert not missed
+        assert len(runs) == 1  # its plan made on the first call, run on the second
+    assert not missed and builds == [False] * 4
 
 
 def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     """Images that fail a check (with the general path's messages), a tensor subclass, a nested tensor, a mean given
     as a list (it can change in place), a slack changed where the checks read it, a module given a label mapping and
-    a subclass of the module with steps of its own go the general way; with call plans off or a hook on the network
-    the images are normalized once (the fast input stage), then the graph runs, and nothing runs twice."""
+    a subclass of the module with steps of its own or a step replaced on the instance go the general way; with call
+    plans off or a hook on the network the images are normalized once (the fast input stage), then the graph runs
+    with gradients off though the caller has them on."""
     import vpns_fast.data
 
     model = _deployed_stem()
     x = torch.rand(3, 3, 16, 16)
     expected = model(x)
-    missed, planned = _path_spies(monkeypatch)
+    missed, runs, _builds = _path_spies(monkeypatch)
     with pytest.raises(ValueError, match="images: NaN or Inf"):
         model(x.masked_fill(x > 0.9, float("nan")))
     with pytest.raises(ValueError, match=r"images: expected a shape \(B, 3, 16, 16\)"):
@@ -263,7 +271,8 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     with pytest.raises(RuntimeError) as error:
         model(nested)
     assert str(error.value) == str(general_error.value)
-    assert len(missed) == 5 and not planned  # the nested images: once directly, once through the module
+    # the nested images: once directly, once through the module; the subclass's call ran the plan the general way
+    assert len(missed) == 5 and len(runs) == 1
     model.mean = [0.5, 0.5, 0.5]  # a list: the general path, which reads it at every call
     model(x)
     model.mean[0] = 0.1
@@ -278,7 +287,11 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     monkeypatch.setattr(vpns_fast.data, "FLOAT_PIXEL_SLACK", 0.0)
     with pytest.raises(ValueError, match=r"must lie in \[0, 1\]"):
         model(x * 1.02)
-    assert len(missed) == 1
+    monkeypatch.setattr(vpns_fast.data, "FLOAT_PIXEL_SLACK", math.inf)  # any value, but finite ones only
+    with pytest.raises(ValueError, match="images: NaN or Inf"):
+        model(x.masked_fill(x > 0.9, float("inf")))
+    monkeypatch.undo()
+    missed, runs, _builds = _path_spies(monkeypatch)
     ops, calls = sparse_cpu._ops(), {"checked_input_stage": 0, "normalize_images": 0}
 
     def counting(name: str, original):
@@ -296,10 +309,15 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
         assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 1, "normalize_images": 0}
     finally:
         call_plan.set_call_plans(previous)
-    handle = model.network.register_forward_hook(lambda module, args, out: None)
+    grad_modes = []
+    handle = model.network.register_forward_hook(lambda module, args, out: grad_modes.append(torch.is_grad_enabled()))
     assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 2, "normalize_images": 0}
     handle.remove()
-    assert len(missed) == 1 and planned[-2:] == [None, None]
+    assert torch.is_grad_enabled() and grad_modes == [False]
+    assert not missed and not runs
+    model._mapped = lambda logits: logits * 0  # a step replaced on the instance: the general path, which calls it
+    assert torch.equal(model(x), expected * 0) and len(missed) == 1
+    del model._mapped
 
     class Doubled(runtime.DeployedModel):
         def _mapped(self, logits):

@@ -68,6 +68,12 @@ def plan_key(x: torch.Tensor) -> tuple:
     return tuple(x.shape), x.stride(), x.dtype, x.device
 
 
+def _graph_output(network: nn.Module, x: torch.Tensor):
+    """``network(x)`` through its graph, recording no gradient (as a plan runs)."""
+    with torch.no_grad():
+        return network(x)
+
+
 def hooks_on(network: nn.Module) -> bool:
     """Whether a forward hook is registered on ``network`` or on every module: its call then goes through the
     network's own forward, which runs them (a plan would call around them)."""
@@ -239,8 +245,11 @@ class NetworkPlans:
         self.entries: dict[tuple, PlanEntry] = {}  # replaced, never changed in place: other threads may read it
 
     def output(self, network: nn.Module, x: torch.Tensor):
-        """``network(x)``: through the plan for ``x``'s key where it is current and no hook is registered, else the
-        graph (a new plan made where the entry is missing or stale)."""
+        """``network(x)`` with no gradient recorded, whether or not the caller turned them off: through the plan for
+        ``x``'s key where it is current and no hook is registered (gradients off inside it, csrc/call_plan.cpp),
+        else the graph under ``torch.no_grad()`` (a new plan made where the entry is missing or stale). A deployed
+        model's fast path calls it without ``torch.no_grad()`` around it, whose enter and exit cost more than
+        the plan's own checks right after a call (vpns_fast.deploy.runtime.DeployedModel._fast_input)."""
         return self._output(network, x, timed=False)[0]
 
     def timed_output(self, network: nn.Module, x: torch.Tensor):
@@ -248,35 +257,24 @@ class NetworkPlans:
         :meth:`NetworkPlan.run_timed` gives them where the plan ran, else None)."""
         return self._output(network, x, timed=True)
 
-    def planned_output(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """:meth:`output` where the call needs no ``torch.no_grad()`` around it, else None with nothing run or
-        changed (then :meth:`output` takes the call: it makes a plan or runs the graph). That is: the plan for
-        ``x``'s key is current and runs (gradients are off inside it, csrc/call_plan.cpp), or it ran and found
-        itself stale or a shape the data decides changed, and what follows (a new plan, the graph) runs under
-        ``torch.no_grad()`` here: nothing is run twice."""
-        return self._output(network, x, timed=False, planned_only=True)[0]
-
-    def _output(self, network: nn.Module, x: torch.Tensor, timed: bool, planned_only: bool = False):
+    def _output(self, network: nn.Module, x: torch.Tensor, timed: bool):
         if not call_plans_enabled() or hooks_on(network):
-            return None if planned_only else network(x), None  # a plan would call around the hooks
+            return _graph_output(network, x), None  # a plan would call around the hooks
         entries, key = self.entries, plan_key(x)
         entry = entries.get(key)
         if entry is not None and entry.current(network):
             if entry.plan is None or entry.plan.hooks_on_called():
                 # refused, and nothing it depends on has changed; or hooks to run
-                return None if planned_only else network(x), None
+                return _graph_output(network, x), None
             try:
                 out, steps = entry.plan.run_timed(x) if timed else (entry.plan.run(x), None)
             except ShapeChanged:  # a shape the data decides: no plan for this network and shape
                 self._keep(key, entry.refused("a shape that the data decides (not the input's) changed between "
                                               "calls"), entries, network)
-                with torch.no_grad():
-                    return network(x), None
+                return _graph_output(network, x), None
             if out is not None:
                 return out, steps
             # else a tensor it was made from changed in place: a new plan
-        elif planned_only:
-            return None, None
         # (no lock: two threads meeting a new shape at once each make a plan, and one is kept; a lock held while the
         # network's own code runs could deadlock, a deployed model called inside another's graph)
         with torch.no_grad():

@@ -100,11 +100,8 @@ class DeployedModel(nn.Module):
         x = self._fast_input(images)
         if x is None:  # every check in Python, with its own message
             return self._checked_forward(images)
-        out = self._network_plans().planned_output(self._modules["network"], x)
-        if out is None:  # no plan runs now: the network's other ways, as _network_output takes them
-            with torch.no_grad():
-                out = self._network_output(x)[0]
-        return out  # no label mapping on this path
+        # no gradient recorded (NetworkPlans.output) and no label mapping on this path
+        return self._network_plans().output(self._modules["network"], x)
 
     @torch.no_grad()
     def _checked_forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -113,20 +110,20 @@ class DeployedModel(nn.Module):
 
     def _fast_input(self, images: torch.Tensor) -> torch.Tensor | None:
         """``_network_input(images)`` in one call of the extension (``checked_input_stage``), or None where it does
-        not take the images (nothing run): this class's own steps (not a subclass's), the CPU engine without prompt
-        or label mapping, mean and std tuples of floats and images that pass every check of ``_network_input``.
-        ``forward`` then runs the network's compiled call plan with gradients off inside it
-        (vpns_fast.deploy.call_plan.NetworkPlans.planned_output) rather than under ``torch.no_grad()``: the same
-        output as ``_checked_forward``'s, bit for bit.
+        not take the images (nothing run): this class's own steps (not a subclass's, none replaced on the
+        instance), the CPU engine without prompt or label mapping, mean and std tuples of floats and images that
+        pass every check of ``_network_input``. ``forward`` then runs the network through its plans
+        (vpns_fast.deploy.call_plan.NetworkPlans.output, which records no gradient either way) rather than under
+        ``torch.no_grad()``: the same output as ``_checked_forward``'s, bit for bit.
         Why: between two calls of a network every line the Python code between them reads has left the caches
-        (a 2-vCPU Intel Xeon's 4 MiB of L2 and much of its L3): right after a call of ResNet-50 at 5% kept, batch
+        (an Intel Xeon guest's L2 and much of its L3): right after a call of ResNet-50 at 5% kept, batch
         1, ``isinstance(x, torch.Tensor) and x.device.type`` took 37-39 us against 0.4 us warm, and the
         general path's steps before and after the plan 0.53 ms of a 12.7 ms call (medians of 40 and 60 calls,
         2026-12-07, bench/results/cpu-fast-path-ab-2026-12-07-intel-xeon.txt, with the A/B the README quotes)."""
         state = self.__dict__
         if (type(self) is not DeployedModel or type(images) is not torch.Tensor
                 or state["info"].get("backend") != "sparse_cpu" or state["_modules"].get("prompt") is not None
-                or state["_buffers"].get("mapping") is not None):
+                or state["_buffers"].get("mapping") is not None or not _FORWARD_STEPS.isdisjoint(state)):
             return None
         stage = state.get("_input_stage")
         if (stage is None or stage[0] is not state["mean"] or stage[1] is not state["std"]
@@ -253,6 +250,11 @@ class DeployedModel(nn.Module):
         refused) and ``refused`` (why not, or "")."""
         plans = self.__dict__.get("_call_plans")
         return plans.summary() if plans is not None else []
+
+
+# DeployedModel's steps that _checked_forward calls and its fast path does in C++: one set on an instance (a
+# patched step) sends calls the general way.
+_FORWARD_STEPS = frozenset({"_network_input", "_network_output", "_mapped", "_checked_forward"})
 
 
 def _float_tuple(values) -> bool:

@@ -6,7 +6,10 @@
 // whose 10 ms of kernels had evicted the modules' dicts from the caches (ResNet-50 at 10% kept, batch 1, 2 threads,
 // 2-vCPU Zen 5, medians of 100 calls, 2026-12-06): 2.3% of the call. The interpreter runs the lookups one after
 // another; here each is a few loads, and the CPU overlaps the cache misses of neighbouring checks: 929 checks for that
-// network (817 + 112 hooks), 0.08 ms with the Python around them (current 74-77 us, hooks 3-4 us).
+// network (817 + 112 hooks), 0.08 ms with the Python around them (current 74-77 us, hooks 3-4 us). Tried, not kept:
+// requesting every checked object and each dict's keys table first (prefetch) took ResNet-50's checks right after a
+// call from 69.8 to 63.8 us, ResNet-18's from 17.1 to 16.9 us (5% kept, 2-vCPU Intel Xeon, 2026-12-07,
+// bench/results/cpu-tried-not-kept-2026-12-07-intel-xeon.txt, section 9).
 #include <torch/extension.h>
 
 #include <utility>

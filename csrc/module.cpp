@@ -9,6 +9,11 @@ namespace vpns {
 void bind_object_checks(py::module_& m);
 }  // namespace vpns
 
+// A CheckedSegments' last entry (the nonzeros it ends at; never empty).
+int64_t last_segment(const vpns::CheckedSegments& self) {
+  return self.segments.const_data_ptr<int64_t>()[self.segments.numel() - 1];
+}
+
 // sparse_conv2d for one type of `segments` (a tensor, checked in full at every call, or a CheckedSegments) and of
 // `offsets` (a tensor, read in full at every call, or a CheckedOffsets).
 template <typename Segments, typename Offsets>
@@ -35,12 +40,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "(normalized, low, high): images (4-d uint8 in [0, 255] or float32 CPU) as vpns_fast.nn.prompts.normalize\n"
         "gives them, bit for bit, contiguous; low and high: the float pixels' smallest and largest value (NaN for\n"
         "both where one is NaN; 0 and 255 for uint8).");
-  m.def("checked_input_stage", &vpns::checked_input_stage, py::arg("images"), py::arg("mean"), py::arg("std"),
-        py::arg("height"), py::arg("width"), py::arg("slack"), py::call_guard<py::gil_scoped_release>(),
-        "normalize_images' output where a deployed model's fast path takes the images: not traced, a strided\n"
-        "(not nested) CPU tensor "
-        "[N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, float pixels finite and within\n"
-        "[-slack, 1 + slack]; else None (never raises for the images: the general path checks them).");
+  m.def(
+      "checked_input_stage", &vpns::checked_input_stage, py::arg("images"), py::arg("mean"), py::arg("std"),
+      py::arg("height"), py::arg("width"), py::arg("slack"), py::call_guard<py::gil_scoped_release>(),
+      "normalize_images' output where a deployed model's fast path takes the images: not traced, a strided (not\n"
+      "nested) CPU tensor [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, float pixels\n"
+      "finite and within [-slack, 1 + slack]; else None (never raises for the images: the general path checks them).");
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
         R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
 
@@ -146,13 +151,10 @@ offset. Later changes to `offsets` do not reach the copy.)doc");
       "Segments for sparse_conv2d, copied and found to start at 0 and never decrease once (from check_segments); "
       "their copy cannot be reached or changed from Python.")
       .def_property_readonly("numel", [](const vpns::CheckedSegments& self) { return self.segments.numel(); })
-      .def_property_readonly("last",
-                             [](const vpns::CheckedSegments& self) {
-                               return self.segments.const_data_ptr<int64_t>()[self.segments.numel() - 1];
-                             })
+      .def_property_readonly("last", &last_segment)
       .def("__repr__", [](const vpns::CheckedSegments& self) {
         return "CheckedSegments(numel=" + std::to_string(self.segments.numel()) +
-               ", last=" + std::to_string(self.segments.const_data_ptr<int64_t>()[self.segments.numel() - 1]) + ")";
+               ", last=" + std::to_string(last_segment(self)) + ")";
       });
   m.def(
       "check_segments", [](const at::Tensor& segments) { return std::make_shared<vpns::CheckedSegments>(segments); },

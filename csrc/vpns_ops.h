@@ -68,15 +68,15 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          bool aligned_output);
 // Segments from sparse_conv2d_offsets, copied and found non-decreasing from 0 once (SparseConv2d keeps them so per
 // input size, beside the CheckedOffsets, for its calls and its call plans' steps): sparse_conv2d then reads only their
-// ends at each call (their count and last entry against the values), not every entry. The copy is this object's own, so
-// nothing can change it behind the check. Why: that pass, the shape vectors
-// copied and the geometry's tables allocated at each call ran on the thread that starts each step while the other
-// waited: 7.3% of that thread's samples inside sparse_conv2d outside its parallel regions, 5.3% without them, 7.1% in
-// a third process with the cache's 64 KiB threshold too (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; one
-// process each, which the vCPUs' placement moves by a point or two: the A/B of the whole, 1.069x, is in
-// csrc/buffers.cpp). Kept by the layer rather than copied by each plan step (2026-12-07): one copy a layer and input
-// size; a call outside a plan skips the pass too, though the pass alone is small: 0.2-0.3 us of a 93-187 us call
-// on ResNet-50's largest segment sets (1025-4609 entries, 5% kept, batch 1, 400 calls each way alternating, medians).
+// ends at each call (their count and last entry against the values), not every entry. The copy is this object's own,
+// so nothing can change it behind the check. Why: that pass, the shape vectors copied and the geometry's tables
+// allocated at each call ran on the thread that starts each step while the other waited: 7.3% of that thread's
+// samples inside sparse_conv2d outside its parallel regions, 5.3% without them, 7.1% in a third process with the
+// cache's 64 KiB threshold too (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; one process each, which the
+// vCPUs' placement moves by a point or two: the A/B of the whole, 1.069x, is in csrc/buffers.cpp). Kept by the layer
+// rather than copied by each plan step: one copy a layer and input size. A call outside a plan skips the pass too,
+// which alone is within the calls' noise there (-1.9 to +1.2 us on 77-221 us calls, five ResNet-50 layers at 5% kept,
+// bench/results/cpu-checked-segments-eager-2026-12-07-intel-xeon.txt).
 struct CheckedSegments {
   explicit CheckedSegments(const at::Tensor& source);
   at::Tensor segments;
@@ -251,9 +251,9 @@ std::string set_sparse_kernel_isa(const std::string& name);
 std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
                                                         std::vector<double> stdev);
 // The same pass where a deployed CPU model's fast path may take the images (not traced, a strided CPU tensor, not
-// nested, [N, 3, height, width]
-// (height 0: any size), uint8 or float32, no gradient, three means and stds, float pixels finite and within [0, 1]
-// give or take `slack`), else None without raising: its general path then checks them one by one, with its messages.
+// nested, [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, three means and stds, float
+// pixels finite and within [0, 1] give or take `slack`), else None without raising: its general path then checks them
+// one by one, with its messages.
 std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const std::vector<double>& mean,
                                               const std::vector<double>& stdev, int64_t height, int64_t width,
                                               double slack);

@@ -148,8 +148,7 @@ class DeployedModel(nn.Module):
                 and sparse_cpu.available()[0]):
             return None
         height, width = shape if shape is not None else (0, 0)
-        stage = (mean, std, shape, sparse_cpu._ops(), list(mean) * (3 // len(mean)), list(std) * (3 // len(std)),
-                 height, width)
+        stage = (mean, std, shape, sparse_cpu._ops(), _three_per_channel(mean), _three_per_channel(std), height, width)
         self.__dict__["_input_stage"] = stage
         return stage
 
@@ -203,8 +202,8 @@ class DeployedModel(nn.Module):
             # value for every channel broadcast as normalize broadcasts it
             from vpns_fast.deploy import sparse_cpu
 
-            mean, std = (list(v) * (3 // len(v)) for v in (self.mean, self.std))
-            x, low, high = sparse_cpu._ops().normalize_images(images, mean, std)
+            x, low, high = sparse_cpu._ops().normalize_images(images, _three_per_channel(self.mean),
+                                                              _three_per_channel(self.std))
             if images.dtype != torch.uint8 and images.numel():
                 check_float_pixel_range(low, high, "images")
             return x
@@ -255,6 +254,11 @@ class DeployedModel(nn.Module):
 # DeployedModel's steps that _checked_forward calls and its fast path does in C++: one set on an instance (a
 # patched step) sends calls the general way.
 _FORWARD_STEPS = frozenset({"_network_input", "_network_output", "_mapped", "_checked_forward"})
+
+
+def _three_per_channel(values) -> list[float]:
+    """One mean or std per channel of an RGB image: three as given, or one repeated (as normalize broadcasts it)."""
+    return list(values) * (3 // len(values))
 
 
 def _float_tuple(values) -> bool:

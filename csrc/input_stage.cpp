@@ -1,7 +1,9 @@
 // A deployed CPU model's input stage in one pass: images (uint8 in [0, 255] or float32 in [0, 1]) normalized per
 // channel as vpns_fast.nn.prompts.normalize does, bit for bit ((x / 255 - mean) / std for uint8, (x - mean) / std for
 // float32, each operation rounded to float32 as torch's are), with the float pixels' smallest and largest value found
-// on the way (the range check).
+// on the way. input_stage decides which images the pass takes; the range rule (vpns_fast.data.check_float_pixel_range)
+// and the errors stay in Python, so both of DeployedModel's paths (its fast path and _network_input) share one list of
+// conditions here and one rule there.
 //
 // Why: DeployedModel's input stage was five torch calls (aminmax, float, divide, subtract, divide); right after a call
 // of the network (whose kernels evict everything from the caches) they took 0.16-0.19 ms of ResNet-50's 10 ms at 10%
@@ -16,7 +18,6 @@
 #include <torch/csrc/jit/frontend/tracer.h>
 
 #include <algorithm>
-#include <cmath>
 #include <limits>
 #include <vector>
 
@@ -78,18 +79,10 @@ void normalize_floats(const float* src, int64_t width, float mean, float stdev, 
   }
 }
 
-}  // namespace
-
-std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
-                                                        std::vector<double> stdev) {
-  constexpr const char* op = "normalize_images";
-  TORCH_CHECK(images.device().is_cpu() && images.dim() == 4 &&
-                  (images.scalar_type() == at::kByte || images.scalar_type() == at::kFloat),
-              op, ": images must be a 4-d uint8 or float32 CPU tensor, got ", images.scalar_type(), " ", images.sizes(),
-              " on ", images.device());
+// The pass over images input_stage has taken (a 4-d uint8 or float32 CPU tensor, one mean and std per channel).
+std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, const std::vector<double>& mean,
+                                                        const std::vector<double>& stdev) {
   const int64_t batch = images.size(0), channels = images.size(1), height = images.size(2), width = images.size(3);
-  TORCH_CHECK(static_cast<int64_t>(mean.size()) == channels && static_cast<int64_t>(stdev.size()) == channels, op,
-              ": one mean and one std per channel (", channels, "), got ", mean.size(), " and ", stdev.size());
   const at::Tensor x = images.contiguous();
   // from the engine's cache of touched buffers where 64 KiB or more (csrc/buffers.cpp), as the layers' outputs
   at::Tensor out = empty_activation({batch, channels, height, width});
@@ -124,7 +117,8 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
     highs[t] = std::max(highs[t], high);
     nans[t] = nan;
   });
-  if (bytes) return {out, 0.0, 255.0};
+  // every byte lies in [0, 1] once divided by 255; no pixel lies outside it in an empty batch
+  if (bytes || images.numel() == 0) return {out, 0.0, 1.0};
   const bool nan = std::any_of(nans.begin(), nans.end(), [](char v) { return v != 0; });
   const double quiet_nan = std::numeric_limits<double>::quiet_NaN();
   // + 0.0f: a zero extreme is reported as +0.0 whichever sign its pixel had (which zero a lane keeps depends on the
@@ -134,10 +128,13 @@ std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images
   return {out, nan ? quiet_nan : static_cast<double>(low), nan ? quiet_nan : static_cast<double>(high)};
 }
 
-std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const std::vector<double>& mean,
-                                              const std::vector<double>& stdev, int64_t height, int64_t width,
-                                              double slack) {
-  // every condition DeployedModel's general path checks before it normalizes in one pass, or raises on
+}  // namespace
+
+std::optional<std::tuple<at::Tensor, double, double>> input_stage(const at::Tensor& images,
+                                                                  const std::vector<double>& mean,
+                                                                  const std::vector<double>& stdev, int64_t height,
+                                                                  int64_t width) {
+  // the one list of what the one-pass stage takes; the rest goes to DeployedModel's general path
   if (torch::jit::tracer::isTracing() || !images.defined() || images.layout() != at::kStrided || images.is_nested() ||
       !images.device().is_cpu() || images.dim() != 4 || images.size(1) != 3 ||
       (height > 0 && (images.size(2) != height || images.size(3) != width)) ||
@@ -145,13 +142,7 @@ std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const st
       mean.size() != 3 || stdev.size() != 3) {
     return std::nullopt;
   }
-  auto [normalized, low, high] = normalize_images(images, mean, stdev);
-  // as vpns_fast.data.check_float_pixel_range takes them: finite, within [0, 1] give or take `slack` (NaN fails both)
-  if (images.scalar_type() == at::kFloat && images.numel() > 0 &&
-      !(std::isfinite(low) && std::isfinite(high) && low >= -slack && high <= 1.0 + slack)) {
-    return std::nullopt;
-  }
-  return normalized;
+  return normalize_images(images, mean, stdev);
 }
 
 }  // namespace vpns

@@ -35,17 +35,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "vpns_fast C++ CPU kernels";
   py::register_exception<vpns::ShapeChanged>(m, "ShapeChanged", PyExc_RuntimeError);
   vpns::bind_object_checks(m);
-  m.def("normalize_images", &vpns::normalize_images, py::arg("images"), py::arg("mean"), py::arg("std"),
-        py::call_guard<py::gil_scoped_release>(),
-        "(normalized, low, high): images (4-d uint8 in [0, 255] or float32 CPU) as vpns_fast.nn.prompts.normalize\n"
-        "gives them, bit for bit, contiguous; low and high: the float pixels' smallest and largest value (NaN for\n"
-        "both where one is NaN; 0 and 255 for uint8).");
   m.def(
-      "checked_input_stage", &vpns::checked_input_stage, py::arg("images"), py::arg("mean"), py::arg("std"),
-      py::arg("height"), py::arg("width"), py::arg("slack"), py::call_guard<py::gil_scoped_release>(),
-      "normalize_images' output where a deployed model's fast path takes the images: not traced, a strided (not\n"
-      "nested) CPU tensor [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, float pixels\n"
-      "finite and within [-slack, 1 + slack]; else None (never raises for the images: the general path checks them).");
+      "input_stage", &vpns::input_stage, py::arg("images"), py::arg("mean"), py::arg("std"), py::arg("height"),
+      py::arg("width"), py::call_guard<py::gil_scoped_release>(),
+      "(normalized, low, high) where a deployed model's one-pass input stage takes the images: not traced, a strided\n"
+      "(not nested) CPU tensor [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient;\n"
+      "normalized bit for bit as vpns_fast.nn.prompts.normalize, low and high the pixels' extremes on the [0, 1]\n"
+      "scale (NaN for both where one is NaN; 0 and 1 for uint8 and an empty batch). Else None, never an error:\n"
+      "the caller's general path checks those images. The range is the caller's to check.");
   m.def("topk_threshold", &vpns::topk_threshold, py::arg("tensors"), py::arg("k"), py::arg("hint") = py::none(),
         R"doc(k-th smallest |s| over all elements of `tensors` together (k is 1-based, 1 <= k <= N).
 

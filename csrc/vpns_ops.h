@@ -245,18 +245,16 @@ std::string sparse_kernel_isa_environment_note();
 // Makes the sparse kernels run with `name` (one this CPU has); returns the previous choice.
 std::string set_sparse_kernel_isa(const std::string& name);
 
-// csrc/input_stage.cpp: images (uint8 or float32, NCHW) normalized per channel as vpns_fast.nn.prompts.normalize does,
-// bit for bit, as a contiguous float32 tensor; with the float pixels' smallest and largest value (NaN for both where
-// one is NaN; 0 and 255 for uint8).
-std::tuple<at::Tensor, double, double> normalize_images(const at::Tensor& images, std::vector<double> mean,
-                                                        std::vector<double> stdev);
-// The same pass where a deployed CPU model's fast path may take the images (not traced, a strided CPU tensor, not
-// nested, [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, three means and stds, float
-// pixels finite and within [0, 1] give or take `slack`), else None without raising: its general path then checks them
-// one by one, with its messages.
-std::optional<at::Tensor> checked_input_stage(const at::Tensor& images, const std::vector<double>& mean,
-                                              const std::vector<double>& stdev, int64_t height, int64_t width,
-                                              double slack);
+// csrc/input_stage.cpp: a deployed CPU model's input stage where its one pass takes the images (not traced, a strided
+// CPU tensor, not nested, [N, 3, height, width] (height 0: any size), uint8 or float32, no gradient, three means and
+// stds): (normalized, low, high), the images normalized per channel as vpns_fast.nn.prompts.normalize does, bit for
+// bit, contiguous float32, and the pixels' smallest and largest value on the [0, 1] scale (NaN for both where one is
+// NaN; 0 and 1 for uint8 images and an empty batch, which have none outside it); else None, without raising: the
+// caller's general path checks those images one by one, with its messages.
+std::optional<std::tuple<at::Tensor, double, double>> input_stage(const at::Tensor& images,
+                                                                  const std::vector<double>& mean,
+                                                                  const std::vector<double>& stdev, int64_t height,
+                                                                  int64_t width);
 
 // csrc/call_plan.cpp: a converted network's calls for one input shape, run as one call (vpns_fast.deploy.call_plan
 // records them). Values live in numbered slots: slot 0 holds the input, each step reads slots (-1: none) and writes

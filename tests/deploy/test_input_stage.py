@@ -17,42 +17,40 @@ pytestmark = pytest.mark.skipif(not sparse_cpu.available()[0], reason="the C++ e
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+def _staged(images, mean=MEAN, std=STD, height=0, width=0):
+    return sparse_cpu._ops().input_stage(images, list(mean), list(std), height, width)
+
+
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
-@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (3, 3, 33, 17), (2, 1, 64, 64), (0, 3, 4, 4)])
-def test_normalize_images_is_normalize_bit_for_bit(dtype, shape):
+@pytest.mark.parametrize("shape", [(1, 3, 7, 5), (3, 3, 33, 17), (2, 3, 64, 64), (0, 3, 4, 4)])
+def test_the_input_stage_is_normalize_bit_for_bit(dtype, shape):
     generator = torch.Generator().manual_seed(sum(shape))
     if dtype == torch.uint8:
         images = torch.randint(0, 256, shape, dtype=dtype, generator=generator)
     else:
         images = torch.rand(shape, generator=generator) * 1.2 - 0.1
-    mean, std = (MEAN * 3)[:shape[1]], (STD * 3)[:shape[1]]
-    out, low, high = sparse_cpu._ops().normalize_images(images, list(mean), list(std))
-    expected = normalize(images, mean, std)
+    out, low, high = _staged(images)
+    expected = normalize(images, MEAN, STD)
     assert out.dtype == torch.float32 and out.shape == expected.shape and torch.equal(out, expected)
     assert out.is_contiguous()
-    if dtype == torch.uint8:
-        assert (low, high) == (0.0, 255.0)
-    elif images.numel():
+    if dtype == torch.uint8 or not images.numel():
+        assert (low, high) == (0.0, 1.0)  # on the [0, 1] scale: no pixel outside it
+    else:
         assert (low, high) == tuple(v.item() for v in torch.aminmax(images))
 
 
-def test_normalize_images_reads_views_and_reports_faults():
-    ops = sparse_cpu._ops()
+def test_the_input_stage_reads_views_and_reports_faults():
     images = torch.rand(2, 3, 20, 30).transpose(2, 3)  # not contiguous
-    out, _, _ = ops.normalize_images(images, list(MEAN), list(STD))
+    out, _, _ = _staged(images)
     assert torch.equal(out, normalize(images, MEAN, STD))
     for fault in (float("nan"), float("inf"), -float("inf")):
         faulty = images.clone()
         faulty[1, 2, 7, 3] = fault
-        _, low, high = ops.normalize_images(faulty, list(MEAN), list(STD))
+        _, low, high = _staged(faulty)
         if fault != fault:
             assert low != low and high != high  # NaN for both
         else:
             assert (low, high) == tuple(v.item() for v in torch.aminmax(faulty))
-    with pytest.raises(RuntimeError, match="one mean and one std per channel"):
-        ops.normalize_images(images, [0.5], [0.5, 0.5, 0.5])
-    with pytest.raises(RuntimeError, match="uint8 or float32"):
-        ops.normalize_images(images.double(), list(MEAN), list(STD))
 
 
 @pytest.mark.parametrize("column", [0, 1, 15, 16, 17, 31, 32, 35, 36])
@@ -61,12 +59,11 @@ def test_the_float_range_finds_a_fault_in_any_column(column):
     whole blocks of lanes and five left) is found, and a zero below the other pixels gives a zero low (its sign is
     not kept: -0.0 and 0.0 are reported as 0.0, which the range check treats alike); the output still bit for bit
     normalize's."""
-    ops = sparse_cpu._ops()
     images = torch.rand(2, 3, 4, 37, generator=torch.Generator().manual_seed(column)) * 0.5 + 0.25
     for fault, expected in ((float("nan"), None), (-7.0, (-7.0, None)), (9.0, (None, 9.0)), (-0.0, (0.0, None))):
         faulty = images.clone()
         faulty[1, 1, 2, column] = fault
-        out, low, high = ops.normalize_images(faulty, list(MEAN), list(STD))
+        out, low, high = _staged(faulty)
         reference = normalize(faulty, MEAN, STD)
         assert torch.equal(out.isnan(), reference.isnan()) and torch.equal(out.nan_to_num(), reference.nan_to_num())
         if expected is None:
@@ -79,7 +76,7 @@ def test_the_float_range_finds_a_fault_in_any_column(column):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="guard pages through mmap/mprotect: Linux")
-def test_normalize_images_reads_nothing_past_the_images():
+def test_the_input_stage_reads_nothing_past_the_images():
     """The pass reads its rows in blocks of 16 lanes and a tail: on images whose last pixel is the last byte before
     an inaccessible page (tests/guarded_memory.py), every width from 1 to 40, float32 and uint8, runs without a crash
     and gives normalize's values. In a child process, so that a read past the end fails this test alone."""
@@ -97,7 +94,7 @@ for threads in (1, 2):
     for width in range(1, 41):
         for values in (torch.rand(2, 3, 3, width), torch.randint(0, 256, (2, 3, 3, width), dtype=torch.uint8)):
             images, mapping = before_a_guard_page(values)
-            out, low, high = sparse_cpu._ops().normalize_images(images, mean, std)
+            out, low, high = sparse_cpu._ops().input_stage(images, mean, std, 0, 0)
             assert torch.equal(out, normalize(values, mean, std)), width
             count += 1
 print("ok", count)
@@ -156,29 +153,27 @@ def test_the_one_pass_input_stage_refuses_what_the_checks_refuse():
         call_plan.set_call_plans(previous)
 
 
-def test_checked_input_stage_is_normalize_images_or_none():
-    """The fast path's input stage: normalize_images' output bit for bit where the images pass every check the
-    general path makes, else None (never an error: the general path then checks them with its own messages)."""
-    ops = sparse_cpu._ops()
-    slack = runtime.FLOAT_PIXEL_SLACK
-    stage = (list(MEAN), list(STD), 16, 12, slack)
+def test_the_input_stage_takes_or_leaves_images_but_never_raises():
+    """What the one-pass stage takes (both of the deployed module's paths call it): a strided CPU tensor (B, 3, H, W)
+    of the size asked (0, 0: any), uint8 or float32, no gradient, with three means and stds; the rest gives None,
+    never an error (the general path then checks it with its own messages). The range is the caller's to check:
+    out-of-range and non-finite pixels are taken and reported by low and high."""
     x = torch.rand(2, 3, 16, 12)
     for images in (x, (x * 255).to(torch.uint8), x.transpose(2, 3).contiguous().transpose(2, 3),
-                   x.clamp(0, 1) * (1 + 2 * slack) - slack, torch.rand(0, 3, 16, 12)):
-        out = ops.checked_input_stage(images, *stage)
-        assert out is not None and torch.equal(out, ops.normalize_images(images, list(MEAN), list(STD))[0])
-    assert ops.checked_input_stage(torch.rand(1, 3, 5, 7), list(MEAN), list(STD), 0, 0, slack) is not None  # any size
+                   torch.rand(0, 3, 16, 12), x * 255, x.masked_fill(x > 0.9, float("nan"))):
+        staged = _staged(images, height=16, width=12)
+        assert staged is not None and torch.equal(staged[0].nan_to_num(), normalize(images, MEAN, STD).nan_to_num())
+    assert _staged(x * 255, height=16, width=12)[2] == (x * 255).max().item()
+    assert _staged(torch.rand(1, 3, 5, 7)) is not None  # any size
     refused = {
         "a meta tensor": torch.empty(2, 3, 16, 12, device="meta"),
         "3-d": x[0], "one channel": x[:, :1], "another height": torch.rand(2, 3, 12, 12),
         "another width": torch.rand(2, 3, 16, 16), "float64": x.double(), "int16": (x * 255).to(torch.int16),
-        "needs a gradient": x.clone().requires_grad_(), "a NaN": x.masked_fill(x > 0.9, float("nan")),
-        "an inf": x.masked_fill(x > 0.9, float("inf")), "below the slack": x - 2 * slack,
-        "above the slack": x + 1.0,
+        "needs a gradient": x.clone().requires_grad_(),
     }
     for what, images in refused.items():
-        assert ops.checked_input_stage(images, *stage) is None, what
-    assert ops.checked_input_stage(x, [0.5], [0.25], 16, 12, slack) is None  # three values a channel only
+        assert _staged(images, height=16, width=12) is None, what
+    assert _staged(x, [0.5], [0.25], 16, 12) is None  # three values a channel only
 
 
 def _path_spies(monkeypatch) -> tuple[list, list, list]:
@@ -243,7 +238,7 @@ def test_a_deployed_module_takes_its_fast_path_with_the_general_paths_output(mon
 
 
 def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
-    """Images that fail a check (with the general path's messages), a tensor subclass, a nested tensor, a mean given
+    """Images the stage does not take (the general path's messages), a tensor subclass, a nested tensor, a mean given
     as a list (it can change in place), a slack changed where the checks read it, a module given a label mapping and
     a subclass of the module with steps of its own or a step replaced on the instance go the general way; with call
     plans off or a hook on the network the images are normalized once (the fast input stage), then the graph runs
@@ -256,6 +251,7 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     missed, runs, _builds = _path_spies(monkeypatch)
     with pytest.raises(ValueError, match="images: NaN or Inf"):
         model(x.masked_fill(x > 0.9, float("nan")))
+    assert not missed  # the range checked where the stage took the images, with the same rule and message
     with pytest.raises(ValueError, match=r"images: expected a shape \(B, 3, 16, 16\)"):
         model(torch.rand(1, 3, 8, 8))
 
@@ -272,13 +268,13 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
         model(nested)
     assert str(error.value) == str(general_error.value)
     # the nested images: once directly, once through the module; the subclass's call ran the plan the general way
-    assert len(missed) == 5 and len(runs) == 1
+    assert len(missed) == 4 and len(runs) == 1
     model.mean = [0.5, 0.5, 0.5]  # a list: the general path, which reads it at every call
     model(x)
     model.mean[0] = 0.1
     with torch.no_grad():
         assert torch.equal(model(x), model.network(normalize(x, (0.1, 0.5, 0.5), STD)))
-    assert len(missed) == 7
+    assert len(missed) == 6
     model.mean = (0.1, 0.5, 0.5)  # a tuple again: the fast path, with these values
     missed.clear()
     with torch.no_grad():
@@ -292,7 +288,7 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
         model(x.masked_fill(x > 0.9, float("inf")))
     monkeypatch.undo()
     missed, runs, _builds = _path_spies(monkeypatch)
-    ops, calls = sparse_cpu._ops(), {"checked_input_stage": 0, "normalize_images": 0}
+    ops, calls = sparse_cpu._ops(), {"input_stage": 0}
 
     def counting(name: str, original):
         def counted(*args):
@@ -306,17 +302,18 @@ def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     model.__dict__.pop("_input_stage")  # made again with the spy
     previous = call_plan.set_call_plans(False)
     try:
-        assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 1, "normalize_images": 0}
+        assert torch.equal(model(x), expected) and calls == {"input_stage": 1}
     finally:
         call_plan.set_call_plans(previous)
     grad_modes = []
     handle = model.network.register_forward_hook(lambda module, args, out: grad_modes.append(torch.is_grad_enabled()))
-    assert torch.equal(model(x), expected) and calls == {"checked_input_stage": 2, "normalize_images": 0}
+    assert torch.equal(model(x), expected) and calls == {"input_stage": 2}
     handle.remove()
     assert torch.is_grad_enabled() and grad_modes == [False]
     assert not missed and not runs
     model._mapped = lambda logits: logits * 0  # a step replaced on the instance: the general path, which calls it
     assert torch.equal(model(x), expected * 0) and len(missed) == 1
+    assert calls == {"input_stage": 3}  # the general path's one-pass branch: the same call, once
     del model._mapped
 
     class Doubled(runtime.DeployedModel):

@@ -39,7 +39,7 @@ _REQUIRED_OPS = ("sparse_conv2d_pack", "sparse_conv2d_offsets", "check_offsets",
                  "sparse_pointwise_generate", "sparse_pointwise_generated", "set_private_planes_bytes",
                  "private_planes_held_bytes", "core_round_trip_ns", "winograd_conv2d", "pointwise_conv_supported",
                  "pointwise_conv_pack", "pointwise_conv", "aligned_channel_stride", "CallPlan", "ShapeChanged",
-                 "ObjectChecks", "normalize_images")
+                 "ObjectChecks", "input_stage")
 POLICIES = ("measure", "sparse", "dense")
 # How convert_for_cpu's refusal of a model that fails on its example input begins (deploy words it anew where the
 # example was its own).

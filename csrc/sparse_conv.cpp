@@ -1125,11 +1125,10 @@ __attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const
                                                                int64_t lo, int64_t hi, float add) {
   const __m512 bias = _mm512_set1_ps(add);
   int64_t i = lo;
-  if (kStream) {
-    const int64_t head = std::min<int64_t>(hi - lo, (64 - reinterpret_cast<uintptr_t>(dst + lo) % 64) % 64 / 4);
-    if (head > 0) masked_epilogue_avx512<kActivation>(dst, sums, residual, i, head, bias);
-    i = lo + head;
-  }
+  // up to dst's next 64-byte line first (masked), so that no store after it straddles two lines
+  const int64_t head = std::min<int64_t>(hi - lo, (64 - reinterpret_cast<uintptr_t>(dst + lo) % 64) % 64 / 4);
+  if (head > 0) masked_epilogue_avx512<kActivation>(dst, sums, residual, i, head, bias);
+  i = lo + head;
   for (; i + 16 <= hi; i += 16) {
     __m512 value = _mm512_add_ps(_mm512_loadu_ps(sums + i), bias);
     if (residual) value = _mm512_add_ps(value, _mm512_loadu_ps(residual + i));
@@ -1182,14 +1181,21 @@ void vector_epilogue(float* dst, const float* sums, const float* residual, int64
   }
 }
 
+// Every span of the epilogue in the vector loop of the kernel's ISA (vector_epilogue: a masked head up to the next
+// 64-byte line of dst, whole vectors, a masked tail), not only the streamed and logistic ones: epilogue_span's loop is
+// compiled for the baseline SSE2. On the 2-vCPU Intel Xeon (AVX-512), two builds in alternating processes, 2 threads
+// (bench/results/cpu-vector-epilogue-two-builds-2026-12-08-intel-xeon.txt, variant 3): ResNet-50 at 5% kept, batch 1,
+// the 64 -> 256 1x1 layer with a residual at 56x56 1.19x (faster in 12 of 12 rounds), 128 -> 512 at 28x28 1.05x,
+// 256 -> 1024 at 14x14 1.07x, the 3x3 layer at 56x56 (rows of 56) 0.98x; the whole call 1.018x (p20-p80
+// 1.005-1.049x); at 10% kept and batch 8 1.005x (0.984-1.027x); ResNet-18 at 10% kept, batch 1, all 3x3 but three,
+// 0.994x (0.956-1.004x). Without the aligned head the 3x3 layer at 56x56 read 0.93x at batch 8; with the rows of padded
+// planes left in SSE2 (only one-run tiles in the vector loop) the 1x1 layer at 14x14 after a 3x3 read 0.93-0.97x, a
+// reason not found. On a Zen 5 host (AVX-512, no aligned head) the change had read 1.009x, within the spread
+// (docs/cpu-engine-runs.md, "The plain epilogue in AVX-512, on this host").
 template <bool kResidual, int64_t kActivation>
 inline void epilogue_run(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
                          int64_t lo, int64_t hi, float add, bool stream) {
-  if (stream || is_logistic(kActivation)) {
-    vector_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add, stream);
-  } else {
-    epilogue_span<kResidual, kActivation>(dst, sums, residual, lo, hi, add);
-  }
+  vector_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add, stream);
 }
 
 // The output pixels [first, second) that the epilogue of the tile of positions [q0, q0 + count) writes in an
@@ -1245,11 +1251,11 @@ inline void epilogue_tile_with(float* dst, const float* sums, const float* resid
 // (rows of plane_w), dst and residual by output pixel (rows of out_w). One call per channel and tile, cloned
 // for AVX2 (the baseline build is SSE2): called per output row it took 18% of ResNet-50's time at batch 1
 // (perf, 2 threads, 10% kept; 7-14 pixels a call at 14x14 and 7x7). Only this shell is cloned: epilogue_tile_with
-// and the loops below it are compiled once, for SSE2 (4-wide adds and stores; the streamed and logistic spans call
-// the ISA's own vector_epilogue). Tried, not kept: `flatten`, which inlines them into each clone (AVX2 loops). One
-// thread, 10% kept, ReLU, the builds in alternating processes (2026-12-05, 2-core AMD EPYC): batch 1 1x1 layers
-// with a residual 1.03-1.13x faster, batch 8 1x1 layers at 14x14 and 56x56 0.89-0.93x (4 rounds, medians of 60
-// calls), 3x3 layers unchanged; ResNet-50 and -18 with 2 threads within the noise at batch 1 and 32
+// and the loops below it are compiled once, for SSE2 (their spans call the ISA's own vector_epilogue, see
+// epilogue_run). Tried, not kept: `flatten`, which inlines them into each clone
+// (AVX2 loops). One thread, 10% kept, ReLU, the builds in alternating processes (2026-12-05, 2-core AMD EPYC): batch 1
+// 1x1 layers with a residual 1.03-1.13x faster, batch 8 1x1 layers at 14x14 and 56x56 0.89-0.93x (4 rounds, medians of
+// 60 calls), 3x3 layers unchanged; ResNet-50 and -18 with 2 threads within the noise at batch 1 and 32
 // (bench/results/cpu-epilogue-flatten-three-builds-2026-12-05-amd.txt).
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx2", "default")))

@@ -61,9 +61,9 @@ inline float exp_float(float x) {
 // The activation of one value, as torch computes it: relu keeps NaN (torch.relu), silu is x / (1 + exp(-x))
 // (torch's formula: -inf gives NaN, large negative x gives -0), relu6 clamps to [0, 6] keeping NaN and -0,
 // hardswish is x * clamp(x + 3, 0, 6) / 6 in that order (torch's CPU kernel: -inf gives NaN), sigmoid is
-// 1 / (1 + exp(-x)) (0 at -inf, 1 at inf), hardsigmoid clamp(x + 3, 0, 6) / 6. The compares and selects of
-// relu, relu6, hardswish and hardsigmoid vectorize in the epilogue's loop; silu and sigmoid have loops of
-// their own.
+// 1 / (1 + exp(-x)) (0 at -inf, 1 at inf), hardsigmoid clamp(x + 3, 0, 6) / 6. On x86 the sparse
+// convolution's epilogue runs explicit vector loops for every activation (csrc/sparse_conv.cpp, vector_epilogue),
+// which match this form; the portable kernel and the other callers use it as it is.
 template <int64_t kActivation>
 inline float activate(float value) {
   if (kActivation == kRelu) return value < 0.0f ? 0.0f : value;

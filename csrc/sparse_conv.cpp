@@ -1006,14 +1006,16 @@ __attribute__((target("avx2,fma"))) inline __m256 activate_avx2(__m256 v) {
 }
 
 // dst[i] = activation(sums[i] + add (+ residual[i])) for i in [lo, hi), the sums in registers from load to store:
-// the epilogue of the SiLU and the sigmoid (the compiler does not vectorize exp_float well, see exp_avx2), and of
-// every activation when the output is streamed. Applied in place after the plain epilogue's stores instead
-// (reading them back), the SiLU made the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x
+// every span of the epilogue (epilogue_run), first written for the SiLU and the sigmoid (the compiler does not
+// vectorize exp_float well, see exp_avx2) and for streamed outputs. Applied in place after the plain epilogue's stores
+// instead (reading them back), the SiLU made the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x
 // faster than with torch's SiLU; in registers 0.39 ms and 1.14x.
 // kStream: the whole 64-byte lines of dst in the span are written with non-temporal stores (see
 // kStreamOutputBytes), so they go to memory without being read first.
 // The values before the first line boundary and after the last one go through plain and masked stores: nothing
-// outside the span is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are).
+// outside the span is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are),
+// but starts every span, streamed or not, at dst's next 64-byte line (see epilogue_run); this one does only when
+// streaming.
 template <int64_t kActivation>
 __attribute__((target("avx2,fma"))) inline void masked_epilogue_avx2(float* dst, const float* sums,
                                                                      const float* residual, int64_t i, int64_t count,
@@ -1119,7 +1121,8 @@ __attribute__((target("avx512f"))) inline void masked_epilogue_avx512(float* dst
   _mm512_mask_storeu_ps(dst + i, mask, activate_avx512<kActivation>(value));
 }
 
-// vector_epilogue_avx2 on 16 lanes: a streamed vector is one whole 64-byte line.
+// vector_epilogue_avx2 on 16 lanes: a streamed vector is one whole 64-byte line, and so is every vector of a span after
+// its masked head (a 64-byte store at any other address straddles two lines; see epilogue_run).
 template <int64_t kActivation, bool kStream>
 __attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const float* sums, const float* residual,
                                                                int64_t lo, int64_t hi, float add) {
@@ -1181,12 +1184,14 @@ void vector_epilogue(float* dst, const float* sums, const float* residual, int64
   }
 }
 
-// Every span of the epilogue in the vector loop of the kernel's ISA (vector_epilogue: a masked head up to the next
-// 64-byte line of dst, whole vectors, a masked tail), not only the streamed and logistic ones: epilogue_span's loop is
-// compiled for the baseline SSE2. On the 2-vCPU Intel Xeon (AVX-512), two builds in alternating processes, 2 threads
-// (bench/results/cpu-vector-epilogue-two-builds-2026-12-08-intel-xeon.txt, variant 3): ResNet-50 at 5% kept, batch 1,
-// the 64 -> 256 1x1 layer with a residual at 56x56 1.19x (faster in 12 of 12 rounds), 128 -> 512 at 28x28 1.05x,
-// 256 -> 1024 at 14x14 1.07x, the 3x3 layer at 56x56 (rows of 56) 0.98x; the whole call 1.018x (p20-p80
+// Every span of the epilogue in the vector loop of the kernel's ISA (vector_epilogue; AVX-512: a masked head up to the
+// next 64-byte line of dst, whole vectors, a masked tail), not only the streamed and logistic ones: epilogue_span's
+// loop is compiled for the baseline SSE2 (the portable kernel keeps it). The AVX2 kernel's plain spans now take its
+// loop too, which starts aligned only when streaming; on an earlier AVX2 host that loop had read 1.014x
+// (docs/cpu-engine-runs.md), not measured again here. On the 2-vCPU Intel Xeon (AVX-512), two builds in alternating
+// processes, 2 threads (bench/results/cpu-vector-epilogue-two-builds-2026-12-08-intel-xeon.txt, variant 3): ResNet-50
+// at 5% kept, batch 1, the 64 -> 256 1x1 layer with a residual at 56x56 1.19x (faster in 12 of 12 rounds), 128 -> 512
+// at 28x28 1.05x, 256 -> 1024 at 14x14 1.07x, the 3x3 layer at 56x56 (rows of 56) 0.98x; the whole call 1.018x (p20-p80
 // 1.005-1.049x); at 10% kept and batch 8 1.005x (0.984-1.027x); ResNet-18 at 10% kept, batch 1, all 3x3 but three,
 // 0.994x (0.956-1.004x). Without the aligned head the 3x3 layer at 56x56 read 0.93x at batch 8; with the rows of padded
 // planes left in SSE2 (only one-run tiles in the vector loop) the 1x1 layer at 14x14 after a 3x3 read 0.93-0.97x, a

@@ -135,17 +135,27 @@ def test_a_deployed_module_normalizes_in_one_pass_as_normalize_does(stem, stats)
     assert model.call_plans()[0]["steps"]
 
 
-def test_the_one_pass_input_stage_refuses_what_the_checks_refuse():
+def test_the_one_pass_input_stage_refuses_what_the_checks_refuse(monkeypatch):
+    """Both paths (the fast one, and the general one's one-pass branch, which timed_call and _checked_forward take)
+    refuse out-of-range and non-finite pixels with the range check's messages, without torch's pixel check."""
     model = runtime.deploy(_stemmed(0.2), policy="sparse", example_input_size=(1, 3, 16, 16), image_size=16,
                            mean=MEAN, std=STD)
     x = torch.rand(2, 3, 16, 16)
+
+    def not_reached(images):
+        raise AssertionError("the one-pass stage should have taken these images")
+
+    monkeypatch.setattr(runtime, "_checked_pixels", not_reached)
     model((x * 1.08 - 0.04).clamp(-0.05, 1.05))  # resampling overshoot is within the slack
+    model.timed_call((x * 1.08 - 0.04).clamp(-0.05, 1.05))
     for images, message in ((x * 255, r"must lie in \[0, 1\], got values in \[0\.[0-9]+, 25"),
                             (x.masked_fill(x > 0.9, float("nan")), "NaN or Inf"),
                             (x.masked_fill(x > 0.9, float("inf")), "NaN or Inf"),
                             (x - 0.5, r"must lie in \[0, 1\], got values in \[-0.")):
-        with pytest.raises(ValueError, match=f"images: .*{message}"):
-            model(images)
+        for path in (model, model._checked_forward, lambda images: model.timed_call(images)[0]):
+            with pytest.raises(ValueError, match=f"images: .*{message}"):
+                path(images)
+    monkeypatch.undo()
     previous = call_plan.set_call_plans(False)
     try:  # the graph path takes the same input
         assert torch.equal(model(x), model.network(normalize(x, MEAN, STD)))
@@ -239,10 +249,11 @@ def test_a_deployed_module_takes_its_fast_path_with_the_general_paths_output(mon
 
 def test_what_the_fast_path_does_not_take_goes_the_general_way(monkeypatch):
     """Images the stage does not take (the general path's messages), a tensor subclass, a nested tensor, a mean given
-    as a list (it can change in place), a slack changed where the checks read it, a module given a label mapping and
-    a subclass of the module with steps of its own or a step replaced on the instance go the general way; with call
-    plans off or a hook on the network the images are normalized once (the fast input stage), then the graph runs
-    with gradients off though the caller has them on."""
+    as a list (it can change in place), a module given a label mapping and a subclass of the module with steps of
+    its own or a step replaced on the instance go the general way; pixels out of range (with a slack changed where
+    the check reads it too) are refused on the fast path with the general messages; with call plans off or a hook on
+    the network the images are normalized once (the fast input stage), then the graph runs with gradients off though
+    the caller has them on."""
     import vpns_fast.data
 
     model = _deployed_stem()

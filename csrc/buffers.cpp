@@ -24,9 +24,9 @@ namespace {
 // rounds: ResNet-50 batch 1 1.06x (p20-p80 0.99-1.14x), batch 32 1.047x (1.03-1.09x); ResNet-18 batch 32
 // 1.00x. Then 64 KiB rather than 1 MiB: most of ResNet-50's conv outputs at batch 1 from layer2 on (0.1-0.8 MB) came
 // from torch's allocator, whose posix_memalign of such blocks (glibc's _int_malloc, on the thread that starts each step
-// while the other waits) took 3.5% of that thread's samples at 5% kept; 0.7% with them from here (perf, 2-vCPU Intel
-// Xeon, 2 threads, 2026-12-07). With the plans' checked segments (csrc/call_plan.cpp), two builds in alternating
-// processes: ResNet-50 at 5% kept, batch 1, 1.069x (p20-p80 1.030-1.122x, 12 rounds;
+// while the other waits) showed in that thread's samples at 5% kept, and much less with them from here (perf, 2-vCPU
+// Intel Xeon, 2 threads, 2026-12-07; its samples not kept). With the plans' checked segments (csrc/call_plan.cpp), two
+// builds in alternating processes: ResNet-50 at 5% kept, batch 1, 1.069x (p20-p80 1.030-1.122x, 12 rounds;
 // bench/results/cpu-serial-work-ab-resnet50-d0.05-b1-2026-12-07-intel-xeon.txt).
 constexpr size_t kMinBytes = size_t{64} << 10;
 constexpr size_t kAlignment = 64;

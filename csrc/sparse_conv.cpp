@@ -1006,7 +1006,7 @@ __attribute__((target("avx2,fma"))) inline __m256 activate_avx2(__m256 v) {
 }
 
 // dst[i] = activation(sums[i] + add (+ residual[i])) for i in [lo, hi), the sums in registers from load to store:
-// every span of the epilogue (epilogue_run), first written for the SiLU and the sigmoid (the compiler does not
+// every span of the epilogue (epilogue_tile_impl), first written for the SiLU and the sigmoid (the compiler does not
 // vectorize exp_float well, see exp_avx2) and for streamed outputs. Applied in place after the plain epilogue's stores
 // instead (reading them back), the SiLU made the 96-channel layer above take 0.54 ms and EfficientNet-B0 run 1.02-1.03x
 // faster than with torch's SiLU; in registers 0.39 ms and 1.14x.
@@ -1014,7 +1014,7 @@ __attribute__((target("avx2,fma"))) inline __m256 activate_avx2(__m256 v) {
 // kStreamOutputBytes), so they go to memory without being read first.
 // The values before the first line boundary and after the last one go through plain and masked stores: nothing
 // outside the span is touched. The AVX-512 loop below is the same on 16 lanes (per-ISA code, as the tile kernels are),
-// but starts every span, streamed or not, at dst's next 64-byte line (see epilogue_run); this one does only when
+// but starts every span, streamed or not, at dst's next 64-byte line (see epilogue_tile_impl); this one does only when
 // streaming.
 template <int64_t kActivation>
 __attribute__((target("avx2,fma"))) inline void masked_epilogue_avx2(float* dst, const float* sums,
@@ -1122,7 +1122,7 @@ __attribute__((target("avx512f"))) inline void masked_epilogue_avx512(float* dst
 }
 
 // vector_epilogue_avx2 on 16 lanes: a streamed vector is one whole 64-byte line, and so is every vector of a span after
-// its masked head (a 64-byte store at any other address straddles two lines; see epilogue_run).
+// its masked head (a 64-byte store at any other address straddles two lines; see epilogue_tile_impl).
 template <int64_t kActivation, bool kStream>
 __attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const float* sums, const float* residual,
                                                                int64_t lo, int64_t hi, float add) {
@@ -1184,6 +1184,18 @@ void vector_epilogue(float* dst, const float* sums, const float* residual, int64
   }
 }
 
+// The output pixels [first, second) that the epilogue of the tile of positions [q0, q0 + count) writes in an
+// out_h x out_w plane of `plane` pixels (positions q = oh * plane_w + ow; ow >= out_w is dropped, see
+// epilogue_tile_impl): first == second when the tile holds only dropped columns.
+inline std::pair<int64_t, int64_t> tile_output_span(int64_t q0, int64_t count, int64_t plane_w, int64_t out_w,
+                                                    int64_t plane) {
+  const int64_t q_last = q0 + count - 1;
+  const int64_t lo = std::min(plane, q0 / plane_w * out_w + std::min(q0 % plane_w, out_w));
+  const int64_t hi = std::min(plane, q_last / plane_w * out_w + std::min(q_last % plane_w, out_w - 1) + 1);
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(0 <= lo && lo <= hi && hi <= plane);
+  return {lo, hi};
+}
+
 // Every span of the epilogue in the vector loop of the kernel's ISA (vector_epilogue; AVX-512: a masked head up to the
 // next 64-byte line of dst, whole vectors, a masked tail), not only the streamed and logistic ones: epilogue_span's
 // loop is compiled for the baseline SSE2 (the portable kernel keeps it). The AVX2 kernel's plain spans now take its
@@ -1197,80 +1209,45 @@ void vector_epilogue(float* dst, const float* sums, const float* residual, int64
 // planes left in SSE2 (only one-run tiles in the vector loop) the 1x1 layer at 14x14 after a 3x3 read 0.93-0.97x, a
 // reason not found. On a Zen 5 host (AVX-512, no aligned head) the change had read 1.009x, within the spread
 // (docs/cpu-engine-runs.md, "The plain epilogue in AVX-512, on this host").
-template <bool kResidual, int64_t kActivation>
-inline void epilogue_run(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
-                         int64_t lo, int64_t hi, float add, bool stream) {
-  vector_epilogue<kActivation>(dst, sums, kResidual ? residual : nullptr, lo, hi, add, stream);
-}
-
-// The output pixels [first, second) that the epilogue of the tile of positions [q0, q0 + count) writes in an
-// out_h x out_w plane of `plane` pixels (positions q = oh * plane_w + ow; ow >= out_w is dropped, see
-// epilogue_tile_impl): first == second when the tile holds only dropped columns.
-inline std::pair<int64_t, int64_t> tile_output_span(int64_t q0, int64_t count, int64_t plane_w, int64_t out_w,
-                                                    int64_t plane) {
-  const int64_t q_last = q0 + count - 1;
-  const int64_t lo = std::min(plane, q0 / plane_w * out_w + std::min(q0 % plane_w, out_w));
-  const int64_t hi = std::min(plane, q_last / plane_w * out_w + std::min(q_last % plane_w, out_w - 1) + 1);
-  TORCH_INTERNAL_ASSERT_DEBUG_ONLY(0 <= lo && lo <= hi && hi <= plane);
-  return {lo, hi};
-}
-
-template <bool kResidual, int64_t kActivation>
+template <int64_t kActivation>
 inline void epilogue_tile_impl(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count,
                                int64_t plane_w, int64_t out_w, float add, bool stream) {
   if (plane_w == out_w) {  // no garbage columns: the tile is one run
-    epilogue_run<kResidual, kActivation>(dst, sums, residual, q0, q0 + count, add, stream);
+    vector_epilogue<kActivation>(dst, sums, residual, q0, q0 + count, add, stream);
     return;
   }
   // Positions q = oh * plane_w + ow; ow >= out_w is dropped.
   for (int64_t oh = q0 / plane_w; oh * plane_w < q0 + count; ++oh) {
     const int64_t ow_lo = std::max<int64_t>(0, q0 - oh * plane_w);
     const int64_t ow_hi = std::min(out_w, q0 + count - oh * plane_w);
-    epilogue_run<kResidual, kActivation>(dst + oh * out_w, sums + oh * plane_w,
-                                         residual ? residual + oh * out_w : nullptr, ow_lo, ow_hi, add, stream);
-  }
-}
-
-template <bool kResidual>
-inline void epilogue_tile_with(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count,
-                               int64_t plane_w, int64_t out_w, float add, int64_t activation, bool stream) {
-  switch (activation) {
-    case kRelu:
-      return epilogue_tile_impl<kResidual, kRelu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    case kSilu:
-      return epilogue_tile_impl<kResidual, kSilu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    case kRelu6:
-      return epilogue_tile_impl<kResidual, kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    case kHardswish:
-      return epilogue_tile_impl<kResidual, kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    case kSigmoid:
-      return epilogue_tile_impl<kResidual, kSigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    case kHardsigmoid:
-      return epilogue_tile_impl<kResidual, kHardsigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
-    default:
-      return epilogue_tile_impl<kResidual, kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    vector_epilogue<kActivation>(dst + oh * out_w, sums + oh * plane_w, residual ? residual + oh * out_w : nullptr,
+                                 ow_lo, ow_hi, add, stream);
   }
 }
 
 // One output channel's epilogue over the tile of positions [q0, q0 + count): sums indexed by position q
 // (rows of plane_w), dst and residual by output pixel (rows of out_w). One call per channel and tile, cloned
 // for AVX2 (the baseline build is SSE2): called per output row it took 18% of ResNet-50's time at batch 1
-// (perf, 2 threads, 10% kept; 7-14 pixels a call at 14x14 and 7x7). Only this shell is cloned: epilogue_tile_with
-// and the loops below it are compiled once, for SSE2 (their spans call the ISA's own vector_epilogue, see
-// epilogue_run). Tried, not kept: `flatten`, which inlines them into each clone
-// (AVX2 loops). One thread, 10% kept, ReLU, the builds in alternating processes (2026-12-05, 2-core AMD EPYC): batch 1
-// 1x1 layers with a residual 1.03-1.13x faster, batch 8 1x1 layers at 14x14 and 56x56 0.89-0.93x (4 rounds, medians of
-// 60 calls), 3x3 layers unchanged; ResNet-50 and -18 with 2 threads within the noise at batch 1 and 32
-// (bench/results/cpu-epilogue-flatten-three-builds-2026-12-05-amd.txt).
+// (perf, 2 threads, 10% kept; 7-14 pixels a call at 14x14 and 7x7). Only this shell (with epilogue_tile_impl's row
+// loop) is cloned; each span calls the ISA's own vector_epilogue. Tried, not kept: `flatten`, which
+// inlined the SSE2 span loops into each clone (AVX2 loops). One thread, 10% kept, ReLU, the builds in alternating
+// processes (2026-12-05, 2-core AMD EPYC): batch 1 1x1 layers with a residual 1.03-1.13x faster, batch 8 1x1 layers at
+// 14x14 and 56x56 0.89-0.93x (4 rounds, medians of 60 calls), 3x3 layers unchanged; ResNet-50 and -18 with 2 threads
+// within the noise at batch 1 and 32 (bench/results/cpu-epilogue-flatten-three-builds-2026-12-05-amd.txt).
 #if defined(__x86_64__) && defined(__GNUC__)
 __attribute__((target_clones("avx2", "default")))
 #endif
 void epilogue_tile(float* dst, const float* sums, const float* residual, int64_t q0, int64_t count, int64_t plane_w,
                    int64_t out_w, float add, int64_t activation, bool stream) {
-  if (residual) {
-    epilogue_tile_with<true>(dst, sums, residual, q0, count, plane_w, out_w, add, activation, stream);
-  } else {
-    epilogue_tile_with<false>(dst, sums, residual, q0, count, plane_w, out_w, add, activation, stream);
+  switch (activation) {
+    case kRelu: return epilogue_tile_impl<kRelu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kSilu: return epilogue_tile_impl<kSilu>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kRelu6: return epilogue_tile_impl<kRelu6>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kHardswish: return epilogue_tile_impl<kHardswish>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kSigmoid: return epilogue_tile_impl<kSigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    case kHardsigmoid:
+      return epilogue_tile_impl<kHardsigmoid>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
+    default: return epilogue_tile_impl<kIdentity>(dst, sums, residual, q0, count, plane_w, out_w, add, stream);
   }
 }
 

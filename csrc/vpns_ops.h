@@ -70,13 +70,11 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
 // input size, beside the CheckedOffsets, for its calls and its call plans' steps): sparse_conv2d then reads only their
 // ends at each call (their count and last entry against the values), not every entry. The copy is this object's own,
 // so nothing can change it behind the check. Why: that pass, the shape vectors copied and the geometry's tables
-// allocated at each call ran on the thread that starts each step while the other waited: 7.3% of that thread's
-// samples inside sparse_conv2d outside its parallel regions, 5.3% without them, 7.1% in a third process with the
-// cache's 64 KiB threshold too (ResNet-50, 5% kept, batch 1, perf, 2-vCPU Intel Xeon; one process each, which the
-// vCPUs' placement moves by a point or two: the A/B of the whole, 1.069x, is in csrc/buffers.cpp). Kept by the layer
-// rather than copied by each plan step: one copy a layer and input size. A call outside a plan skips the pass too,
-// which alone is within the calls' noise there (-1.9 to +1.2 us on 77-221 us calls, five ResNet-50 layers at 5% kept,
-// bench/results/cpu-checked-segments-eager-2026-12-07-intel-xeon.txt).
+// allocated at each call ran on the thread that starts each step while the other waited (perf of ResNet-50 at 5% kept,
+// batch 1, 2-vCPU Intel Xeon, its samples not kept; the A/B of the whole, 1.069x, is in csrc/buffers.cpp). Kept by the
+// layer rather than copied by each plan step: one copy a layer and input size. A call outside a plan skips the pass
+// too, which alone is within the calls' noise there (-1.9 to +1.2 us on 77-221 us calls, five ResNet-50 layers at 5%
+// kept, bench/results/cpu-checked-segments-eager-2026-12-07-intel-xeon.txt).
 struct CheckedSegments {
   explicit CheckedSegments(const at::Tensor& source);
   at::Tensor segments;

@@ -137,12 +137,11 @@ class DeployedModel(nn.Module):
         """(mean, std, image_shape as read, the extension, input_stage's mean, std, height, width), kept
         while those three attributes are the same objects, which stand for their values: tuples of floats (and
         ints or None for the shape), none of them changeable in place; None where the fast path does not take
-        them (a list, which can change in place; not one value or three per channel, as ``_network_input``'s
-        one-pass branch)."""
+        them (a list, which can change in place)."""
         from vpns_fast.deploy import sparse_cpu
 
         mean, std, shape = self.mean, self.std, self.image_shape
-        if not (_float_tuple(mean) and _float_tuple(std) and len(mean) in (1, 3) and len(std) in (1, 3)
+        if not (_float_tuple(mean) and _float_tuple(std)
                 and (shape is None or (type(shape) is tuple and all(type(v) is int for v in shape)))
                 and sparse_cpu.available()[0]):
             return None
@@ -194,8 +193,7 @@ class DeployedModel(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3 or (size is not None and tuple(images.shape[-2:]) != size):
             shape = f"(B, 3, {size[0]}, {size[1]})" if size is not None else "(B, 3, H, W)"
             raise ValueError(f"images: expected a shape {shape}, got {tuple(images.shape)}")
-        if (self.info.get("backend") == "sparse_cpu" and self.prompt is None and len(self.mean) in (1, 3)
-                and len(self.std) in (1, 3)):
+        if self.info.get("backend") == "sparse_cpu" and self.prompt is None:
             # the normalization in one pass where it takes the images (csrc/input_stage.cpp), bit for bit normalize's;
             # one value for every channel broadcast as normalize broadcasts it. The fast path's call.
             from vpns_fast.deploy import sparse_cpu
@@ -254,8 +252,9 @@ _FORWARD_STEPS = frozenset({"_network_input", "_network_output", "_mapped", "_ch
 
 
 def _three_per_channel(values) -> list[float]:
-    """One mean or std per channel of an RGB image: three as given, or one repeated (as normalize broadcasts it)."""
-    return list(values) * (3 // len(values))
+    """One mean or std per channel of an RGB image: three as given, or one repeated (as normalize broadcasts it);
+    any other count as given, which input_stage does not take (it takes three), leaving those to normalize."""
+    return list(values) * 3 if len(values) == 1 else list(values)
 
 
 def _stage_shape(shape: tuple[int, int] | None) -> tuple[int, int]:

@@ -74,13 +74,14 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output,
                                std::shared_ptr<CheckedSegments> segments, std::shared_ptr<CheckedOffsets> offsets,
                                at::Tensor values, std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,
                                std::vector<int64_t> stride, std::vector<int64_t> padding, std::vector<int64_t> dilation,
-                               int64_t activation, int64_t input_channel_stride, bool aligned_output) {
+                               int64_t activation, int64_t input_channel_stride, bool aligned_output,
+                               bool residual_reusable) {
   check_slots({input, output}, residual);
   TORCH_CHECK(segments != nullptr && offsets != nullptr, "CallPlan.add_sparse_conv: segments or offsets is None");
   add(with_residual("sparse_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
     slot[output] = sparse_conv2d(slot[input], *segments, *offsets, values, weight_shape, bias, stride, padding,
-                                 dilation, added, activation, input_channel_stride, aligned_output);
+                                 dilation, added, activation, input_channel_stride, aligned_output, residual_reusable);
   });
 }
 

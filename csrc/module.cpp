@@ -22,10 +22,11 @@ void bind_sparse_conv2d(py::module_& m, const char* doc) {
         py::overload_cast<const at::Tensor&, const Segments&, const Offsets&, const at::Tensor&,
                           const std::vector<int64_t>&, const std::optional<at::Tensor>&, const std::vector<int64_t>&,
                           const std::vector<int64_t>&, const std::vector<int64_t>&, const std::optional<at::Tensor>&,
-                          int64_t, int64_t, bool>(&vpns::sparse_conv2d),
+                          int64_t, int64_t, bool, bool>(&vpns::sparse_conv2d),
         py::arg("input"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
         py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("residual") = py::none(),
         py::arg("activation") = 0, py::arg("input_channel_stride") = 0, py::arg("aligned_output") = false,
+        py::arg("residual_reusable") = false,
         // no Python object is touched inside: other Python threads run meanwhile (one deployed model
         // called from several threads)
         py::call_guard<py::gil_scoped_release>(), doc);
@@ -125,8 +126,11 @@ input with strides (C_in * S, S, W, 1), read as it is (the offsets made with the
 output's channels start a whole number of 64-byte lines apart (strides (C_out * P, P, W_out, 1), P = H_out * W_out
 rounded up to a multiple of 16 when it is above 8; the floats between channels are zeros), so that a 1x1 conv
 reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
-1) is read as it is. Never materialises im2col: each output channel's nonzeros multiply shifted rows of the padded
-input.)doc");
+1) is read as it is. residual_reusable: nothing reads the residual after this call, so the output may be written
+into it and the residual returned (where the output has set_in_place_residual_bytes' bytes or more, is not streamed,
+the residual has the output's strides and shares no memory with the input; an aligned residual's floats between
+channels are then zeroed). Never materialises im2col: each output channel's nonzeros multiply shifted rows of the
+padded input.)doc");
   py::class_<vpns::CheckedOffsets, std::shared_ptr<vpns::CheckedOffsets>>(
       m, "CheckedOffsets",
       "Offsets for sparse_conv2d, copied and their range found once (from check_offsets); their copy cannot be "
@@ -229,7 +233,7 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
       .def("add_sparse_conv", &vpns::CallPlan::add_sparse_conv, py::arg("input"), py::arg("residual"),
            py::arg("output"), py::arg("segments"), py::arg("offsets"), py::arg("values"), py::arg("weight_shape"),
            py::arg("bias"), py::arg("stride"), py::arg("padding"), py::arg("dilation"), py::arg("activation"),
-           py::arg("input_channel_stride"), py::arg("aligned_output"))
+           py::arg("input_channel_stride"), py::arg("aligned_output"), py::arg("residual_reusable") = false)
       .def("add_sparse_pointwise_generated", &vpns::CallPlan::add_sparse_pointwise_generated, py::arg("input"),
            py::arg("residual"), py::arg("output"), py::arg("code"), py::arg("table"), py::arg("bias"),
            py::arg("activation"), py::arg("aligned_output"))
@@ -315,6 +319,12 @@ chunk_tiles: 4x4 output tiles transformed at once (0: about 2 MiB of transformed
         "Sparse 1x1 convolutions whose output has at least `bytes` bytes write it with non-temporal (streaming)\n"
         "stores (AVX2 and AVX-512 kernels; 8 MiB by default, 0: every such output). Returns the previous threshold.\n"
         "Read once per call. For tests and for comparing both ways on a machine.");
+  m.def("set_in_place_residual_bytes", &vpns::set_in_place_residual_bytes, py::arg("bytes"),
+        "Sparse convolutions called with residual_reusable=True write their output into the residual where it has at\n"
+        "least `bytes` bytes and is not streamed (1 MiB by default, 0: every such output). Returns the previous\n"
+        "threshold. Read once per call. For tests and for comparing both ways on a machine.");
+  m.def("in_place_residual_bytes", &vpns::in_place_residual_threshold,
+        "The threshold set_in_place_residual_bytes sets (read without changing it).");
   m.def("set_wide_tile_vectors", &vpns::set_wide_tile_vectors, py::arg("vectors"),
         "The most zmm vectors (12 to 14; 14 by default) a wide AVX-512 tile takes where that cuts a plane into fewer\n"
         "tiles without more vectors in all (14: ResNet's 14x14 planes in one tile). Returns the previous value. Read\n"

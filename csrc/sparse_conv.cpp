@@ -184,6 +184,17 @@ constexpr double kRowBlockNonzeros = 12.0;
 // over all tiles (fewer streams at once): without streaming 1.9x at 56x56 but 0.66x at 14x14, with it 1.06x at 56x56
 // and 0.64x at 28x28. (set_streamed_output_bytes changes it: tests force both paths, benchmarks compare them.)
 constexpr int64_t kStreamOutputBytes = int64_t{8} << 20;
+// A call told that nothing reads its residual afterwards (residual_reusable) writes its output into the residual when
+// the output has at least this many bytes (and is not streamed): each line is then read once and written back, where a
+// new output's line is first fetched from wherever it lies (the read-for-ownership) as well. Below it the new output
+// wins: the engine's recycled buffer of that size is still in this core's cache from the previous call, the residual
+// often in the other core's. 2-vCPU Intel Xeon (AVX-512, L2 2 MiB a core), 2 threads, each step timed inside the call,
+// rounds alternating in one process (bench/results/cpu-in-place-residual-ab-2026-12-08-intel-xeon.txt): ResNet-50 at
+// 5% kept, batch 1, the 64 -> 256 1x1 layers at 56x56 (3.2 MB outputs) 0.31 -> 0.22 ms, 128 -> 512 at 28x28 (1.6 MB)
+// 1.08-1.20x, the call 1.048x (12 of 12 rounds); at 10% kept 1.027x; batch 8 1.004x (its 6.4 MB layers 1.15-1.27x);
+// without the threshold, 256 -> 1024 at 14x14 (0.8 MB) at batch 1 0.84-0.90x. (set_in_place_residual_bytes changes
+// it: tests force both paths, benchmarks compare them.)
+constexpr int64_t kInPlaceResidualBytes = int64_t{1} << 20;
 // Whether the AVX-512 kernel runs tiles of up to 12-14 zmm vectors (kWideTile, even_tile); on by default.
 std::atomic<bool>& wide_tiles() {
   static std::atomic<bool> enabled{true};
@@ -229,6 +240,10 @@ std::atomic<int64_t>& private_planes_bytes() {
 
 std::atomic<int64_t>& streamed_output_bytes() {
   static std::atomic<int64_t> bytes{kStreamOutputBytes};
+  return bytes;
+}
+std::atomic<int64_t>& in_place_residual_bytes() {
+  static std::atomic<int64_t> bytes{kInPlaceResidualBytes};
   return bytes;
 }
 // After a thread's streaming stores, before another thread reads what they wrote: they are weakly ordered.
@@ -789,6 +804,21 @@ bool reads_input_directly(const ConvGeometry& g) {
 
 // What a convolution's tiles read: its planes, or its input in place in whole vectors or exactly.
 enum class Source { kPlanes, kInputWhole, kInputExact };
+
+// Whether the memory spans of two nonempty float tensors with non-negative strides meet: from each one's first element
+// to its last. (at::get_overlap_status answers "too hard" for any tensor with gaps, an aligned activation's.)
+bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
+  if (!a.storage().is_alias_of(b.storage())) return false;
+  auto span = [](const at::Tensor& t) {
+    int64_t last = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
+    const float* first = t.const_data_ptr<float>();
+    return std::pair<const float*, const float*>{first, first + last};
+  };
+  const auto [a_first, a_last] = span(a);
+  const auto [b_first, b_last] = span(b);
+  return a_first <= b_last && b_first <= a_last;
+}
 
 // S when t is an [N, C, H, W] activation whose channels are S >= H * W floats apart, images C * S apart
 // (strides (C * S, S, W, 1): a contiguous tensor, S = H * W, or an aligned output), else -1.
@@ -1604,6 +1634,13 @@ int64_t set_streamed_output_bytes(int64_t bytes) {
   return streamed_output_bytes().exchange(bytes);
 }
 
+int64_t set_in_place_residual_bytes(int64_t bytes) {
+  TORCH_CHECK(bytes >= 0, "set_in_place_residual_bytes: bytes must be >= 0, got ", bytes);
+  return in_place_residual_bytes().exchange(bytes);
+}
+
+int64_t in_place_residual_threshold() { return in_place_residual_bytes().load(std::memory_order_relaxed); }
+
 std::vector<at::Tensor> sparse_conv2d_pack(const at::Tensor& weight) {
   check_float_cpu("sparse_conv2d_pack", "weight", weight);
   TORCH_CHECK(weight.dim() == 4, "sparse_conv2d_pack: weight must be 4-d [C_out, C_in, KH, KW], got ", weight.dim(),
@@ -1745,7 +1782,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
                               const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                               const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                               const std::optional<at::Tensor>& residual, int64_t activation,
-                              int64_t input_channel_stride, bool aligned_output) {
+                              int64_t input_channel_stride, bool aligned_output, bool residual_reusable) {
   constexpr const char* op = "sparse_conv2d";
   TORCH_CHECK(activation >= 0 && activation < kActivations, op,
               ": activation must be 0 (none), 1 (relu), 2 (silu), 3 (relu6), 4 (hardswish), 5 (sigmoid) or 6 "
@@ -1802,9 +1839,18 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     res_stride = planar > 0 ? planar : plane;
   }
   if (output.numel() == 0) return output;
-  const bool stream =
-      sparse_isa() != Isa::kScalar && g.kernel_h == 1 && g.kernel_w == 1 &&
-      output.numel() * static_cast<int64_t>(sizeof(float)) >= streamed_output_bytes().load(std::memory_order_relaxed);
+  const int64_t output_bytes = output.numel() * static_cast<int64_t>(sizeof(float));
+  const bool stream = sparse_isa() != Isa::kScalar && g.kernel_h == 1 && g.kernel_w == 1 &&
+                      output_bytes >= streamed_output_bytes().load(std::memory_order_relaxed);
+  // Into the residual (kInPlaceResidualBytes) where the caller allows it and the residual is laid out as the output
+  // would be (an aligned output's channel padding is then zeroed there, as in a new one) and shares no memory with the
+  // input; every output value reads its own residual value just before it is written, so nothing is read after it
+  // changes.
+  if (residual_reusable && res.defined() && !stream &&
+      output_bytes >= in_place_residual_bytes().load(std::memory_order_relaxed) && res.strides() == output.strides() &&
+      !spans_meet(res, x)) {
+    output = res;
+  }
 
   const bool prefetch_next = next_tile_prefetch().load(std::memory_order_relaxed);
   // Chosen once a call: whether a tile may read whole last vectors depends on the width it reads (another thread
@@ -2069,9 +2115,9 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output) {
+                         bool aligned_output, bool residual_reusable) {
   return sparse_conv2d_with(input, segments, offsets, std::nullopt, false, values, weight_shape, bias, stride, padding,
-                            dilation, residual, activation, input_channel_stride, aligned_output);
+                            dilation, residual, activation, input_channel_stride, aligned_output, residual_reusable);
 }
 
 at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, const CheckedOffsets& offsets,
@@ -2079,10 +2125,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output) {
+                         bool aligned_output, bool residual_reusable) {
   return sparse_conv2d_with(input, segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), false, values,
                             weight_shape, bias, stride, padding, dilation, residual, activation, input_channel_stride,
-                            aligned_output);
+                            aligned_output, residual_reusable);
 }
 
 CheckedSegments::CheckedSegments(const at::Tensor& source) {
@@ -2100,10 +2146,10 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const CheckedSegments& segment
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output) {
+                         bool aligned_output, bool residual_reusable) {
   return sparse_conv2d_with(input, segments.segments, offsets.offsets, std::make_pair(offsets.lo, offsets.hi), true,
                             values, weight_shape, bias, stride, padding, dilation, residual, activation,
-                            input_channel_stride, aligned_output);
+                            input_channel_stride, aligned_output, residual_reusable);
 }
 
 std::vector<at::Tensor> sparse_linear_pack(const at::Tensor& weight) {

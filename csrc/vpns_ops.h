@@ -50,7 +50,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output);
+                         bool aligned_output, bool residual_reusable);
 // Offsets from sparse_conv2d_offsets, copied and their smallest and largest value found once: sparse_conv2d then checks
 // them against its input without reading them all at every call (a pass that cost ResNet-50 2.8% of its time at 10%
 // kept and batch 1). The copy is this object's own and Python cannot reach it, so it cannot change behind the range.
@@ -65,7 +65,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const at::Tensor& segments, co
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output);
+                         bool aligned_output, bool residual_reusable);
 // Segments from sparse_conv2d_offsets, copied and found non-decreasing from 0 once (SparseConv2d keeps them so per
 // input size, beside the CheckedOffsets, for its calls and its call plans' steps): sparse_conv2d then reads only their
 // ends at each call (their count and last entry against the values), not every entry. The copy is this object's own,
@@ -84,7 +84,7 @@ at::Tensor sparse_conv2d(const at::Tensor& input, const CheckedSegments& segment
                          const std::optional<at::Tensor>& bias, const std::vector<int64_t>& stride,
                          const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
                          const std::optional<at::Tensor>& residual, int64_t activation, int64_t input_channel_stride,
-                         bool aligned_output);
+                         bool aligned_output, bool residual_reusable);
 // csrc/batch_lanes.cpp: a sparse 3x3 convolution with the batch in the AVX-512 lanes, for batches that are a multiple
 // of 16 (see the file). Whether it takes this geometry (3x3, padding 1, dilation 1, stride 1 or 2, a 7x7 or 14x14
 // output); its packing of sparse_conv2d_pack's nonzeros for an input size: [offsets, segments, values]; the call.
@@ -170,6 +170,10 @@ bool gathered_row_products(const float* x, int64_t in_features, const int64_t* r
 // 1x1 convolution outputs of at least `bytes` are written with streaming stores (AVX2 / AVX-512 kernels); returns
 // the previous threshold.
 int64_t set_streamed_output_bytes(int64_t bytes);
+// Sparse convolutions allowed to reuse their residual (residual_reusable) write into it where the output has at least
+// `bytes` bytes and is not streamed (kInPlaceResidualBytes in csrc/sparse_conv.cpp); returns the previous threshold.
+int64_t set_in_place_residual_bytes(int64_t bytes);
+int64_t in_place_residual_threshold();  // the threshold in force
 // Whether sparse convolutions request the next tile's output and residual lines during each tile's epilogue;
 // returns the previous setting.
 bool set_next_tile_prefetch(bool enabled);
@@ -275,7 +279,7 @@ class CallPlan {
                        std::shared_ptr<CheckedOffsets> offsets, at::Tensor values, std::vector<int64_t> weight_shape,
                        std::optional<at::Tensor> bias, std::vector<int64_t> stride, std::vector<int64_t> padding,
                        std::vector<int64_t> dilation, int64_t activation, int64_t input_channel_stride,
-                       bool aligned_output);
+                       bool aligned_output, bool residual_reusable);
   void add_sparse_conv_lanes(int64_t input, int64_t output, at::Tensor segments,
                              std::shared_ptr<CheckedOffsets> offsets, at::Tensor values,
                              std::vector<int64_t> weight_shape, std::optional<at::Tensor> bias,

@@ -14,7 +14,7 @@ from helpers import outputs_from_two_threads, run_in_threads
 from tolerance import assert_close
 from torch import fx, nn
 
-from vpns_fast.deploy import fusion, sparse_cpu
+from vpns_fast.deploy import call_plan, fusion, sparse_cpu
 
 _OK, _REASON = sparse_cpu.available()
 pytestmark = pytest.mark.skipif(not _OK, reason=_REASON)
@@ -568,7 +568,7 @@ def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
     converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, **kwargs)
     kind = sparse_cpu.SparseConv2d if layers == "sparse" else sparse_cpu.DenseConv2d
     assert all(isinstance(converted.get_submodule(f"layer{i}.{j}.conv2"), kind) for i in range(1, 5) for j in (0, 1))
-    if layers == "sparse":  # the sparse kernel always writes a new tensor: no call is marked, no check is paid
+    if layers == "sparse":  # no sparse output reaches the in-place threshold (1 MiB) here: none marked, no check paid
         assert _marked(converted) == set() and summary["residuals_reusable"] == 0
         assert not any(node.op == "get_attr" for node in converted.graph.nodes)
     else:
@@ -579,6 +579,33 @@ def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
         expected = model(x)
         for _ in range(2):
             assert_close(converted(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+
+
+def test_sparse_calls_whose_outputs_reach_the_threshold_write_into_their_residual():
+    """With the in-place threshold at 0 every block's second sparse conv of a ResNet is marked (the summary says so),
+    its call plan steps write into the residual, and the deployed model's outputs stay the model's, call after call
+    and at another batch size, through the graph and through its compiled call plans; the caller's input is never
+    written."""
+    model = pruned_resnet18(0.5)
+    x = torch.rand(2, 3, 64, 64)
+    previous = sparse_cpu.set_in_place_residual_bytes(0)
+    try:
+        summary = {}
+        converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, policy="sparse")
+        assert _marked(converted) == {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)}
+        assert summary["residuals_reusable"] == 8
+        assert "8 sparse convolutions that may write their output into their residual" in summary["fusion"]
+        plans = call_plan.NetworkPlans()
+        with torch.inference_mode():
+            for inputs in (x, torch.randn(3, 3, 64, 64)):
+                expected, kept = model(inputs), inputs.clone()
+                for _ in range(2):
+                    for got in (converted(inputs), plans.output(converted, inputs)):
+                        assert_close(got, expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+                        assert torch.equal(inputs, kept)
+        assert [entry["steps"] > 0 for entry in plans.summary()] == [True, True]
+    finally:
+        sparse_cpu.set_in_place_residual_bytes(previous)
 
 
 class ResidualDeadAfter(_TwoConvs):

@@ -1131,6 +1131,99 @@ def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, 
 
 
 
+@pytest.fixture
+def restore_in_place_residual_bytes():
+    previous = sparse_cpu.set_in_place_residual_bytes(sparse_cpu.IN_PLACE_RESIDUAL_BYTES)
+    yield
+    sparse_cpu.set_in_place_residual_bytes(previous)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("shape", ALIGNED_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_outputs_written_into_the_residual(shape, batch, threads, kernel_isa, restore_in_place_residual_bytes,
+                                           restore_streamed_output_bytes):
+    """``residual_reusable=True`` with the threshold at 0: the output is written into the residual, which is returned
+    (the same tensor), with the same bits as a new output, for every activation, contiguous and aligned (whose
+    padding, NaN before, is then zeros); a residual laid out otherwise than the output, or the threshold above the
+    output's size, gives a new tensor and leaves the residual as it was; without the flag nothing is written in
+    place whatever the threshold."""
+    sparse_cpu.set_streamed_output_bytes((1 << 63) - 1)
+    case = fused_conv_case(shape, batch, seed=shape[1] * 17 + batch * 5 + threads)
+    layer = case.sparse
+    with torch_threads(threads):
+        for activation in [None, *sorted(sparse_cpu.EPILOGUE_ACTIVATIONS)]:
+            layer.activation = activation
+            expected = layer(case.x, case.residual)
+            for aligned in (False, True):
+                sparse_cpu.set_in_place_residual_bytes(0)
+                own = aligned_copy_nan_padded(case.residual) if aligned else case.residual.clone()
+                got = layer(case.x, own, residual_reusable=True, aligned_output=aligned)
+                assert got is own and torch.equal(got, expected), (activation, aligned)
+                plane = own.shape[2] * own.shape[3]
+                whole = own.as_strided((own.shape[0], own.shape[1], own.stride(1)), (own.stride(0), own.stride(1), 1))
+                assert torch.equal(whole[..., plane:], torch.zeros_like(whole[..., plane:]))
+                other = aligned_copy_nan_padded(case.residual) if not aligned else case.residual.clone()
+                kept = other.clone()
+                got = layer(case.x, other, residual_reusable=True, aligned_output=aligned)
+                # the other layout is written into only where the two coincide (a plane of whole lines or <= 8 floats)
+                assert (got is other) == (other.stride() == own.stride()) and torch.equal(got, expected)
+                assert got is other or torch.equal(other, kept)
+                own = case.residual.clone()
+                assert layer(case.x, own, aligned_output=aligned) is not own  # not allowed
+                sparse_cpu.set_in_place_residual_bytes((1 << 63) - 1)
+                got = layer(case.x, own, residual_reusable=True, aligned_output=aligned)
+                assert got is not own and torch.equal(got, expected) and torch.equal(own, case.residual)
+    layer.activation = "relu"
+    sparse_cpu.set_in_place_residual_bytes(0)
+    own = case.residual.clone()
+    case.check(layer(case.x, own, residual_reusable=True), case.x, case.residual)
+
+
+def test_no_output_is_written_where_the_input_or_a_streamed_write_would_meet_it(restore_in_place_residual_bytes,
+                                                                                restore_streamed_output_bytes):
+    """Allowed to reuse its residual, a layer still writes a new output where the residual shares memory with the
+    input (itself, or a view of the same storage), where the output is streamed (a 1x1 conv's, the threshold at 0),
+    where the residual is an inference tensor outside inference mode (torch refuses the write), and on the path
+    that keeps gradients; each result stays F.conv2d's."""
+    sparse_cpu.set_in_place_residual_bytes(0)
+    generator = torch.Generator().manual_seed(3)
+    weight = masked((8, 8, 1, 1), 0.5, generator)
+    layer = sparse_cpu.SparseConv2d(weight, activation="relu")
+    x = torch.randn(2, 8, 6, 6, generator=generator)
+
+    def expected(inputs, residual):
+        return torch.relu(F.conv2d(inputs, weight) + residual)
+
+    before = x.clone()
+    got = layer(x, x, residual_reusable=True)  # the residual is the input
+    assert got is not x and torch.equal(x, before)
+    torch.testing.assert_close(got, expected(before, before), rtol=1e-5, atol=1e-5)
+    storage = torch.randn(2 * 8 * 36 + 36, generator=generator)
+    inputs, residual = storage[:2 * 8 * 36].view(2, 8, 6, 6), storage[36:].view(2, 8, 6, 6)  # overlapping views
+    saved = storage.clone()
+    got = layer(inputs, residual, residual_reusable=True)
+    assert torch.equal(storage, saved)
+    torch.testing.assert_close(got, expected(saved[:2 * 8 * 36].view(2, 8, 6, 6), saved[36:].view(2, 8, 6, 6)),
+                               rtol=1e-5, atol=1e-5)
+    own = torch.randn(2, 8, 6, 6, generator=generator)
+    sparse_cpu.set_streamed_output_bytes(0)
+    kept = own.clone()
+    got = layer(x, own, residual_reusable=True)
+    assert got is not own and torch.equal(own, kept)
+    sparse_cpu.set_streamed_output_bytes((1 << 63) - 1)
+    with torch.inference_mode():
+        frozen = torch.randn(2, 8, 6, 6, generator=generator)
+    got = layer(x, frozen, residual_reusable=True)  # outside inference mode: refused by torch, so not tried
+    assert got is not frozen
+    torch.testing.assert_close(got, expected(x, frozen), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        assert layer(x, frozen, residual_reusable=True) is frozen
+    tracked = x.clone().requires_grad_()
+    got = layer(tracked, own, residual_reusable=True)
+    assert got is not own and got.requires_grad and torch.equal(own, kept)
+
+
 def test_padding_is_zeroed_in_a_recycled_buffer():
     """An aligned output of 64 KiB and more comes from the engine's cache of buffers: its padding is written as zeros,
     not left as what the buffer held (here NaN)."""
@@ -1331,7 +1424,8 @@ def test_core_round_trip_is_a_time_and_checks_its_arguments():
 
 @pytest.mark.parametrize("setter, default, default_bytes", [
     ("set_streamed_output_bytes", sparse_cpu.STREAMED_OUTPUT_BYTES, 8 << 20),
-    ("set_private_planes_bytes", sparse_cpu.PRIVATE_PLANES_BYTES, 512 << 10)])
+    ("set_private_planes_bytes", sparse_cpu.PRIVATE_PLANES_BYTES, 512 << 10),
+    ("set_in_place_residual_bytes", sparse_cpu.IN_PLACE_RESIDUAL_BYTES, 1 << 20)])
 def test_engine_thresholds_are_checked(setter, default, default_bytes):
     # every test that changes a threshold restores it, so here it is still the extension's own default
     set_threshold = getattr(sparse_cpu, setter)

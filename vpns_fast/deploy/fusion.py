@@ -32,6 +32,7 @@ import sys
 import threading
 import warnings
 from collections import Counter
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -473,7 +474,8 @@ def reuse_allowed_by_modules(*modules: nn.Module) -> bool:
 
 
 def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn.Module], ...],
-                            fresh: tuple[type[nn.Module], ...]) -> list[str]:
+                            fresh: tuple[type[nn.Module], ...],
+                            wanted: Callable[[fx.Node, nn.Module], bool] | None = None) -> list[str]:
     """Lets each fused layer of a ``reusing`` class that is the last reader of its residual write its output into
     the residual: its call gets ``residual_reusable=residual_reuse_allowed(<the layers involved>)``, which the
     graph evaluates on every run (see :func:`residual_reuse_allowed`); returns those layers' names. Only where
@@ -482,14 +484,15 @@ def mark_reusable_residuals(graph_module: fx.GraphModule, reusing: tuple[type[nn
     this layer, coming before it in the graph (a view made of the residual could be read after the write); the
     residual is not also the layer's input; and no layer involved has a hook now. Run after the other rewrites,
     on the final order. A layer whose class sets ``adds_into_residual = False`` (it always writes a new output) is
-    not marked: the mark's check would cost every run for nothing."""
+    not marked: the mark's check would cost every run for nothing; nor is a call for which ``wanted(node, layer)``
+    (where given) is false."""
     _REUSE_SAFE_TYPES.update(reusing + fresh)
     order = {node: index for index, node in enumerate(graph_module.graph.nodes)}
     marked = []
     for node in list(graph_module.graph.nodes):
         layer = _module(graph_module, node)
         if (not isinstance(layer, reusing) or not getattr(layer, "adds_into_residual", True) or len(node.args) != 2
-                or node.kwargs or module_hooks(layer)):
+                or node.kwargs or module_hooks(layer) or (wanted is not None and not wanted(node, layer))):
             continue
         residual = node.args[1]
         if residual is node.args[0]:  # the layer reads its input while it writes

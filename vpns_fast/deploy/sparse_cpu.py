@@ -126,6 +126,8 @@ def set_activation_cache_limit(limit_bytes: int) -> int:
 
 # The extension's default for set_streamed_output_bytes (its kStreamOutputBytes).
 STREAMED_OUTPUT_BYTES = 8 << 20
+# The extension's default for set_in_place_residual_bytes (its kInPlaceResidualBytes).
+IN_PLACE_RESIDUAL_BYTES = 1 << 20
 # The extension's default for set_private_planes_bytes (its kPrivatePlanesBytes).
 PRIVATE_PLANES_BYTES = 512 << 10
 
@@ -145,6 +147,23 @@ def set_streamed_output_bytes(threshold_bytes: int) -> int:
     none. The values are the same either way. Returns the previous threshold. Each call reads it once, so a
     change applies from the next call on; for comparing both ways on a machine."""
     return int(_ops().set_streamed_output_bytes(_checked_threshold_bytes(threshold_bytes)))
+
+
+def set_in_place_residual_bytes(threshold_bytes: int) -> int:
+    """Sparse convolutions told that nothing reads their residual afterwards (``residual_reusable=True``; the engine's
+    graph passes it where that is so, see :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`) write their output
+    into the residual where the output has at least ``threshold_bytes`` bytes and is not streamed (1 MiB by default;
+    0: every such output, ``2**63 - 1``: none). The values are the same either way. Returns the previous threshold.
+    Why 1 MiB: on a 2-vCPU Intel Xeon (2 MiB of L2 a core), ResNet-50 at 5% kept and batch 1, writing in place made
+    its 3.2 MB residual layers 1.37-1.44x and its 1.6 MB ones 1.08-1.20x as fast (the call 1.048x), its 0.8 MB ones
+    0.84-0.90x (a new output of that size is recycled while still in the core's cache). Each call reads it once; for
+    comparing both ways on a machine."""
+    return int(_ops().set_in_place_residual_bytes(_checked_threshold_bytes(threshold_bytes)))
+
+
+def in_place_residual_bytes() -> int:
+    """The threshold :func:`set_in_place_residual_bytes` sets (read without changing it)."""
+    return int(_ops().in_place_residual_bytes())
 
 
 def set_private_planes_bytes(threshold_bytes: int) -> int:
@@ -819,11 +838,12 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:
         """``activation(conv(input) + bias (+ residual))``, a new tensor (``aligned_output``: laid out as the class
-        says; a path that does not run the kernel returns it contiguous). ``residual_reusable`` is accepted as
-        DenseConv2d takes it (the engine's graph rewrite may swap one layer for the other) and not used: the
-        sparse kernel always writes a new output. (Tried, 2026-12-04: the kernel writing into the residual in
-        place measured 1.009x at batch 1 and 0.999x at batch 32 on ResNet-50 at 10% kept, per-call ratios
-        over 60 and 12 calls, 2 threads, Intel Xeon; not kept.)"""
+        says; a path that does not run the kernel returns it contiguous). ``residual_reusable=True`` tells the layer
+        that nothing reads ``residual`` after this call (the engine's graph rewrite sets it where that is so): the
+        kernel may then write its output into the residual and return it, where the output is large enough for that
+        to pay (:func:`set_in_place_residual_bytes`), the residual is laid out as the output would be and shares no
+        memory with the input; the batch-in-lanes and generated-code paths (batches of 16) always write a new
+        tensor."""
         x, residual = _checked_conv_input(input, residual, "SparseConv2d")
         if _needs_gradient(x, residual):
             # the kernel has no backward: torch's convolution of the same weight keeps the input's gradient right
@@ -834,7 +854,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
             return _unfused_epilogue(self._run(x.unsqueeze(0), None, None).squeeze(0), residual, self.activation)
         if residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d"):
             return _unfused_epilogue(self._run(x, None, None), residual, self.activation)
-        return self._run(x, residual, self.activation, aligned_output)
+        return self._run(x, residual, self.activation, aligned_output,
+                         residual_reusable and residual is not None and _writable(residual, x))
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """The output's shape for a 4-d ``x``, kept per input shape with the geometry it was computed for
@@ -850,7 +871,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         return shape
 
     def _run(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None,
-             aligned_output: bool = False) -> torch.Tensor:
+             aligned_output: bool = False, residual_reusable: bool = False) -> torch.Tensor:
         generated = self._generated_arguments(x, residual, activation)
         if generated is not None:
             return _ops().sparse_pointwise_generated(x, *generated, self._buffers["bias"], residual,
@@ -864,7 +885,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         return _ops().sparse_conv2d(x, segments, offsets, values, self.weight_shape, self._buffers["bias"],
                                     self.stride, self.padding, self.dilation, residual,
                                     EPILOGUE_ACTIVATIONS.get(activation, 0), input_channel_stride=channel_stride,
-                                    aligned_output=aligned_output)
+                                    aligned_output=aligned_output, residual_reusable=residual_reusable)
 
     def _lanes_arguments(self, x: torch.Tensor, residual: torch.Tensor | None, activation: str | None) -> tuple | None:
         """(segments, offsets, values) of the batch-in-lanes kernel for the 4-d ``x`` (:func:`set_batch_lanes`), or
@@ -936,7 +957,8 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         segments, offsets, values, channel_stride = self._kernel_arguments(x)
         plan.add_sparse_conv(*slots, segments, offsets, values, list(self.weight_shape), self._buffers["bias"],
                              list(self.stride), list(self.padding), list(self.dilation),
-                             EPILOGUE_ACTIVATIONS.get(self._activation, 0), channel_stride, aligned_output)
+                             EPILOGUE_ACTIVATIONS.get(self._activation, 0), channel_stride, aligned_output,
+                             residual_reusable and residual is not None and _writable(residual, x))
         return True
 
     def extra_repr(self) -> str:
@@ -2559,27 +2581,53 @@ def _fused_epilogues(graph_module: fx.GraphModule, example_input: torch.Tensor) 
 
 
 def _with_reused_residuals(network: nn.Module, example_input: torch.Tensor, reference) -> list[str]:
-    """Marks the chosen network's DenseConv2d calls that may add into their residual in place
-    (:func:`fusion.mark_reusable_residuals`) and returns their names; unmarks them again (returning []) if the
-    network then no longer reproduces ``reference``. Done last, on the network kept: only DenseConv2d writes in
-    place, and a mark costs a check on every run (5.8 us a marked call in ResNet-50's graph with the layers' own
-    work taken out), which sparse layers would pay for nothing (ResNet-50 at
-    10% kept, batch 1, every sparse call marked: 1.017x slower, 2026-12-04)."""
+    """Marks the chosen network's DenseConv2d calls that may add into their residual in place, and its SparseConv2d
+    calls that may write into theirs (:func:`fusion.mark_reusable_residuals`), and returns their names; unmarks
+    them again (returning []) if the network then no longer reproduces ``reference``. Done last, on the network
+    kept. A SparseConv2d call is marked only where its output on ``example_input`` is large enough for the kernel
+    to write in place (:func:`set_in_place_residual_bytes`): outside a compiled call plan a mark costs a check on
+    every run (5.8 us a marked call in ResNet-50's graph with the layers' own work taken out; every sparse call
+    marked when none wrote in place: ResNet-50 at 10% kept, batch 1, 1.017x slower, 2026-12-04)."""
     if not isinstance(network, fx.GraphModule):
         return []
-    reused = fusion.mark_reusable_residuals(network, (DenseConv2d,), _FRESH_OUTPUT_LAYERS)
+    output_bytes = _example_output_bytes(network, example_input)
+    threshold = in_place_residual_bytes()
+    reused = fusion.mark_reusable_residuals(
+        network, (DenseConv2d, SparseConv2d), _FRESH_OUTPUT_LAYERS,
+        wanted=lambda node, layer: type(layer) is not SparseConv2d or output_bytes.get(node, 0) >= threshold)
     if reused and _end_to_end_problem(network, example_input, reference) is not None:
         fusion.unmark_reusable_residuals(network)
         return []
     return reused
 
 
+def _example_output_bytes(network: fx.GraphModule, example_input: torch.Tensor) -> dict[fx.Node, int]:
+    """{node: bytes of its tensor output} for ``network`` run on ``example_input`` (torch.fx's shape propagation);
+    {} where that run fails."""
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    try:
+        with torch.no_grad():
+            ShapeProp(network).propagate(example_input.clone())
+    except Exception:  # no sizes: no sparse layer marked
+        return {}
+    sizes = {}
+    for node in network.graph.nodes:
+        meta = node.meta.get("tensor_meta")
+        if meta is not None and hasattr(meta, "shape"):
+            sizes[node] = math.prod(meta.shape) * meta.dtype.itemsize
+    return sizes
+
+
 def _marked_last(network: nn.Module, example_input: torch.Tensor, reference, note: str) -> tuple[str, int, int]:
     """The marks made on the network kept, each checked end to end (:func:`_with_reused_residuals`,
     :func:`_with_aligned_outputs`): ``note`` with what was marked, and how many calls of each kind."""
     reused = _with_reused_residuals(network, example_input, reference)
-    if reused:
-        note += f", {len(reused)} of them dense convolutions that may add into their residual in place"
+    dense = [name for name in reused if not isinstance(network.get_submodule(name), SparseConv2d)]
+    if dense:
+        note += f", {len(dense)} of them dense convolutions that may add into their residual in place"
+    if len(reused) > len(dense):
+        note += f", {len(reused) - len(dense)} sparse convolutions that may write their output into their residual"
     aligned = _with_aligned_outputs(network, example_input, reference)
     if aligned:
         note += (f"; {len(aligned)} sparse convolutions write channel-aligned outputs for sparse readers (a new "

@@ -78,7 +78,8 @@ void CallPlan::add_sparse_conv(int64_t input, int64_t residual, int64_t output,
                                bool residual_reusable) {
   check_slots({input, output}, residual);
   TORCH_CHECK(segments != nullptr && offsets != nullptr, "CallPlan.add_sparse_conv: segments or offsets is None");
-  add(with_residual("sparse_conv", residual, false), [=](std::vector<at::Tensor>& slot) {
+  // "+=residual": allowed to write into it (the kernel does so where that pays, see sparse_conv2d)
+  add(with_residual("sparse_conv", residual, residual_reusable), [=](std::vector<at::Tensor>& slot) {
     const std::optional<at::Tensor> added = residual < 0 ? std::nullopt : std::optional<at::Tensor>(slot[residual]);
     slot[output] = sparse_conv2d(slot[input], *segments, *offsets, values, weight_shape, bias, stride, padding,
                                  dilation, added, activation, input_channel_stride, aligned_output, residual_reusable);

@@ -805,19 +805,19 @@ bool reads_input_directly(const ConvGeometry& g) {
 // What a convolution's tiles read: its planes, or its input in place in whole vectors or exactly.
 enum class Source { kPlanes, kInputWhole, kInputExact };
 
-// Whether the memory spans of two nonempty float tensors with non-negative strides meet: from each one's first element
-// to its last. (at::get_overlap_status answers "too hard" for any tensor with gaps, an aligned activation's.)
-bool spans_meet(const at::Tensor& a, const at::Tensor& b) {
-  if (!a.storage().is_alias_of(b.storage())) return false;
-  auto span = [](const at::Tensor& t) {
-    int64_t last = 0;
-    for (int64_t d = 0; d < t.dim(); ++d) last += (t.size(d) - 1) * t.stride(d);
-    const float* first = t.const_data_ptr<float>();
-    return std::pair<const float*, const float*>{first, first + last};
-  };
-  const auto [a_first, a_last] = span(a);
-  const auto [b_first, b_last] = span(b);
-  return a_first <= b_last && b_first <= a_last;
+// Whether an output may be written into `planes`, a nonempty planar activation [N, C, H, W] whose images are
+// `image_floats` apart: its storage holds all N * image_floats floats from its first (the last channel's padding
+// included, which an aligned output zeroes), and none of them lies within the span of `input` (its first element to
+// its last, whatever storage either belongs to: two storages may share memory).
+bool writable_planes(const at::Tensor& planes, const at::Tensor& input, int64_t image_floats) {
+  const int64_t held = static_cast<int64_t>(planes.storage().nbytes() / sizeof(float)) - planes.storage_offset();
+  const int64_t floats = planes.size(0) * image_floats;
+  if (held < floats) return false;
+  int64_t input_last = 0;
+  for (int64_t d = 0; d < input.dim(); ++d) input_last += (input.size(d) - 1) * input.stride(d);
+  const float* first = planes.const_data_ptr<float>();
+  const float* input_first = input.const_data_ptr<float>();
+  return first + floats <= input_first || input_first + input_last < first;
 }
 
 // S when t is an [N, C, H, W] activation whose channels are S >= H * W floats apart, images C * S apart
@@ -1178,9 +1178,10 @@ __attribute__((target("avx512f"))) void vector_epilogue_avx512(float* dst, const
 
 // dst[i] = activation((sums[i] + add) (+ residual[i])) for i in [lo, hi): the convolution's epilogue, in the
 // order the unfused network computes it.
+// (dst and residual may be the same memory: an output written into its residual.)
 template <bool kResidual, int64_t kActivation>
-inline void epilogue_span(float* __restrict dst, const float* __restrict sums, const float* __restrict residual,
-                          int64_t lo, int64_t hi, float add) {
+inline void epilogue_span(float* dst, const float* __restrict sums, const float* residual, int64_t lo, int64_t hi,
+                          float add) {
   for (int64_t i = lo; i < hi; ++i) {
     float value = sums[i] + add;
     if (kResidual) value += residual[i];
@@ -1823,35 +1824,34 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
   const int64_t plane = g.out_h * g.out_w;
   // Floats from one output channel to the next: whole 64-byte lines when asked (aligned_plane_stride).
   const int64_t out_stride = aligned_output ? aligned_plane_stride(plane) : plane;
-  at::Tensor output = out_stride == plane ? empty_activation({g.batch, g.out_channels, g.out_h, g.out_w})
-                                          : empty_activation({g.batch, g.out_channels, out_stride})
-                                                .as_strided({g.batch, g.out_channels, g.out_h, g.out_w},
-                                                            {g.out_channels * out_stride, out_stride, g.out_w, 1});
+  const std::array<int64_t, 4> out_sizes{g.batch, g.out_channels, g.out_h, g.out_w};
+  const std::array<int64_t, 4> out_strides{g.out_channels * out_stride, out_stride, g.out_w, 1};
   at::Tensor res;
   int64_t res_stride = plane;
   if (residual && residual->defined()) {
     check_float_cpu(op, "residual", *residual);
-    TORCH_CHECK(residual->sizes() == output.sizes(), op, ": residual must have the output's shape ", output.sizes(),
-                ", got ", residual->sizes());
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(out_sizes), op, ": residual must have the output's shape ",
+                at::IntArrayRef(out_sizes), ", got ", residual->sizes());
     // an aligned activation (a former output) is read as it is, anything else made contiguous
     const int64_t planar = planar_channel_stride(*residual);
     res = planar > 0 ? *residual : contiguous_activation(*residual);
     res_stride = planar > 0 ? planar : plane;
   }
-  if (output.numel() == 0) return output;
-  const int64_t output_bytes = output.numel() * static_cast<int64_t>(sizeof(float));
+  const int64_t output_bytes = g.batch * g.out_channels * plane * static_cast<int64_t>(sizeof(float));
   const bool stream = sparse_isa() != Isa::kScalar && g.kernel_h == 1 && g.kernel_w == 1 &&
                       output_bytes >= streamed_output_bytes().load(std::memory_order_relaxed);
-  // Into the residual (kInPlaceResidualBytes) where the caller allows it and the residual is laid out as the output
-  // would be (an aligned output's channel padding is then zeroed there, as in a new one) and shares no memory with the
-  // input; every output value reads its own residual value just before it is written, so nothing is read after it
-  // changes.
-  if (residual_reusable && res.defined() && !stream &&
-      output_bytes >= in_place_residual_bytes().load(std::memory_order_relaxed) && res.strides() == output.strides() &&
-      !spans_meet(res, x)) {
-    output = res;
-  }
-
+  // Into the residual (kInPlaceResidualBytes) where the caller allows it, the residual is laid out as the output would
+  // be and its storage holds every channel's padding too (an aligned output's is zeroed there, as in a new one), and
+  // none of that memory is the input's; every output value reads its own residual value just before it is written,
+  // so nothing is read after it changes.
+  const bool in_place = residual_reusable && res.defined() && output_bytes > 0 && !stream &&
+                        output_bytes >= in_place_residual_bytes().load(std::memory_order_relaxed) &&
+                        res.strides() == at::IntArrayRef(out_strides) && writable_planes(res, x, out_strides[0]);
+  at::Tensor output = in_place ? res
+                      : out_stride == plane
+                          ? empty_activation(out_sizes)
+                          : empty_activation({g.batch, g.out_channels, out_stride}).as_strided(out_sizes, out_strides);
+  if (output.numel() == 0) return output;
   const bool prefetch_next = next_tile_prefetch().load(std::memory_order_relaxed);
   // Chosen once a call: whether a tile may read whole last vectors depends on the width it reads (another thread
   // may change the choice meanwhile).

@@ -581,20 +581,25 @@ def test_the_last_reader_of_each_resnet_residual_may_add_into_it(layers):
             assert_close(converted(x), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
 
 
-def test_sparse_calls_whose_outputs_reach_the_threshold_write_into_their_residual():
-    """With the in-place threshold at 0 every block's second sparse conv of a ResNet is marked (the summary says so),
-    its call plan steps write into the residual, and the deployed model's outputs stay the model's, call after call
-    and at another batch size, through the graph and through its compiled call plans; the caller's input is never
-    written."""
+@pytest.mark.parametrize("threshold, stages", [(0, 4), (64 << 10, 2)])
+def test_sparse_calls_whose_outputs_reach_the_threshold_write_into_their_residual(threshold, stages):
+    """The sparse calls marked are those whose output on the example batch reaches the in-place threshold: at 0 every
+    block's second conv of a ResNet, at 64 KiB those of layer1 and layer2 only (128 and 64 KiB outputs for two 64x64
+    images; layer3's 32, layer4's 16); the summary says so, the call plan's steps for them may write into the residual
+    (named "+=residual"), and the outputs stay the model's, call after call and at another batch size, through the
+    graph and through its compiled call plans; the caller's input is never written."""
     model = pruned_resnet18(0.5)
     x = torch.rand(2, 3, 64, 64)
-    previous = sparse_cpu.set_in_place_residual_bytes(0)
+    previous = sparse_cpu.set_in_place_residual_bytes(threshold)
     try:
         summary = {}
         converted, _ = sparse_cpu.convert_for_cpu(model, x, summary=summary, policy="sparse")
-        assert _marked(converted) == {f"layer{i}.{j}.conv2" for i in range(1, 5) for j in (0, 1)}
-        assert summary["residuals_reusable"] == 8
-        assert "8 sparse convolutions that may write their output into their residual" in summary["fusion"]
+        marked = {f"layer{i}.{j}.conv2" for i in range(1, stages + 1) for j in (0, 1)}
+        assert _marked(converted) == marked and summary["residuals_reusable"] == 2 * stages
+        assert f"{2 * stages} sparse convolutions that may write their output into their residual" in summary["fusion"]
+        with torch.no_grad():
+            plan, reason, _ = call_plan.build(converted, x)
+        assert reason == "" and plan.compiled.step_names.count("sparse_conv+=residual") == 2 * stages
         plans = call_plan.NetworkPlans()
         with torch.inference_mode():
             for inputs in (x, torch.randn(3, 3, 64, 64)):

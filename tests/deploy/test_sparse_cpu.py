@@ -1210,7 +1210,9 @@ def test_no_output_is_written_where_the_input_or_a_streamed_write_would_meet_it(
     sparse_cpu.set_streamed_output_bytes(0)
     kept = own.clone()
     got = layer(x, own, residual_reusable=True)
-    assert got is not own and torch.equal(own, kept)
+    # the portable kernel never streams: there the output goes into the residual
+    assert (got is own) == (sparse_cpu.kernel_isa() == "scalar") and (got is own or torch.equal(own, kept))
+    own.copy_(kept)
     sparse_cpu.set_streamed_output_bytes((1 << 63) - 1)
     with torch.inference_mode():
         frozen = torch.randn(2, 8, 6, 6, generator=generator)
@@ -1222,6 +1224,67 @@ def test_no_output_is_written_where_the_input_or_a_streamed_write_would_meet_it(
     tracked = x.clone().requires_grad_()
     got = layer(tracked, own, residual_reusable=True)
     assert got is not own and got.requires_grad and torch.equal(own, kept)
+
+
+def test_the_kernel_writes_into_a_residual_only_where_its_memory_is_its_own(restore_in_place_residual_bytes):
+    """The extension's own checks, under Python's (which refuses any residual that shares the input's storage):
+    a residual and an input that are overlapping views of one storage, or an input inside an aligned residual's
+    padding, give a new output and leave the storage as it was; disjoint views of one storage are written in place;
+    an aligned residual whose storage ends before its last channel's padding gets a new output (nothing is written
+    past its storage)."""
+    ops = sparse_cpu._ops()
+    sparse_cpu.set_in_place_residual_bytes(0)
+    generator = torch.Generator().manual_seed(9)
+    weight = masked((3, 3, 1, 1), 0.7, generator)
+    offsets, segments, values = ops.sparse_conv2d_offsets(*ops.sparse_conv2d_pack(weight), [3, 3, 1, 1], [5, 5], [1],
+                                                          [0], [1])
+    args = ([3, 3, 1, 1], None, [1], [0], [1])
+
+    def call(inputs, residual, aligned=False):
+        return ops.sparse_conv2d(inputs, segments, offsets, values, *args, residual, 0, aligned_output=aligned,
+                                 residual_reusable=True)
+
+    def expected(inputs, residual):
+        return F.conv2d(inputs, weight) + residual
+
+    size = 3 * 25
+    storage = torch.randn(3 * size, generator=generator)
+    for shift in (0, 1, 25, size - 1):  # overlapping: the residual starts inside the input's span
+        saved = storage.clone()
+        inputs, residual = storage[:size].view(1, 3, 5, 5), storage[shift:shift + size].view(1, 3, 5, 5)
+        want = expected(inputs.clone(), residual.clone())
+        got = call(inputs, residual)
+        assert got.data_ptr() != residual.data_ptr() and torch.equal(storage, saved), shift
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    inputs, residual = storage[:size].view(1, 3, 5, 5), storage[size:2 * size].view(1, 3, 5, 5)  # disjoint
+    want = expected(inputs.clone(), residual.clone())
+    got = call(inputs, residual)
+    assert got.data_ptr() == residual.data_ptr()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    stride = sparse_cpu.aligned_channel_stride(5, 5)  # 32: 7 floats of padding after each channel's 25
+    # the input starts in the last channel's padding, just past the residual's last value: the padding written
+    # as zeros would land on it
+    holder = torch.randn(3 * stride + 75, generator=generator)
+    aligned = holder.as_strided((1, 3, 5, 5), (3 * stride, stride, 5, 1))
+    inputs = holder[2 * stride + 25:2 * stride + 100].view(1, 3, 5, 5)
+    saved = holder.clone()
+    want = expected(inputs.clone(), aligned.clone())
+    got = call(inputs, aligned, aligned=True)
+    assert got.data_ptr() != aligned.data_ptr() and torch.equal(holder, saved)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    three = torch.randn(1, 3, 5, 5, generator=generator)
+    short = torch.randn(3 * stride - 7, generator=generator)  # ends where the last channel's values end
+    ends_early = short.as_strided((1, 3, 5, 5), (3 * stride, stride, 5, 1))
+    saved = short.clone()
+    got = call(three, ends_early, aligned=True)
+    assert got.data_ptr() != ends_early.data_ptr() and torch.equal(short, saved)
+    torch.testing.assert_close(got, expected(three, ends_early), rtol=1e-5, atol=1e-5)
+    room = torch.randn(3 * stride, generator=generator)
+    whole = room.as_strided((1, 3, 5, 5), (3 * stride, stride, 5, 1))
+    want = expected(three, whole.clone())
+    got = call(three, whole, aligned=True)
+    assert got.data_ptr() == whole.data_ptr() and torch.equal(room.view(3, stride)[:, 25:], torch.zeros(3, 7))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_padding_is_zeroed_in_a_recycled_buffer():

@@ -9,7 +9,8 @@
   the activation.
 * ``mark_reusable_residuals``: a fused call that is the last reader of its residual (a tensor one of the engine's
   layers made, no view of it read later, no hook involved) may let a DenseConv2d add the convolution into the
-  residual in place instead of writing a new tensor (``residual_reusable``, checked on every run for hooks).
+  residual in place, or a SparseConv2d write its output there, instead of writing a new tensor
+  (``residual_reusable``, checked on every run for hooks).
 
 Why (ResNet-18 at 224, batch 1, 10% kept, 2 threads, torch profiler): of 12.9 ms per image the
 unfused engine spent 1.8 ms in batch norm, 0.2 ms in ReLU and 0.16 ms in residual adds.

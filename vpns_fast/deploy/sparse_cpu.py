@@ -837,8 +837,9 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
 
     def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None, *, residual_reusable: bool = False,
                 aligned_output: bool = False) -> torch.Tensor:
-        """``activation(conv(input) + bias (+ residual))``, a new tensor (``aligned_output``: laid out as the class
-        says; a path that does not run the kernel returns it contiguous). ``residual_reusable=True`` tells the layer
+        """``activation(conv(input) + bias (+ residual))``, a new tensor unless written into the residual (below;
+        ``aligned_output``: laid out as the class says; a path that does not run the kernel returns it contiguous).
+        ``residual_reusable=True`` tells the layer
         that nothing reads ``residual`` after this call (the engine's graph rewrite sets it where that is so): the
         kernel may then write its output into the residual and return it, where the output is large enough for that
         to pay (:func:`set_in_place_residual_bytes`), the residual is laid out as the output would be and shares no
@@ -1880,8 +1881,9 @@ def _pooling_rule(pool: nn.Module, x: torch.Tensor) -> str | None:
     return None
 
 
-# Layers whose output is always a new tensor, never a view of their input or of a tensor they keep: a value one
-# of them made may be overwritten once nothing reads it (fusion.mark_reusable_residuals). Each class is listed,
+# Layers whose output is a new tensor, never a view of their input or of a tensor they keep (the convolutions may
+# return their residual, written over, only where the graph marked that residual dead): a value one of them made may
+# be overwritten once nothing reads it (fusion.mark_reusable_residuals). Each class is listed,
 # subclasses too: the check run on every call (fusion.residual_reuse_allowed) compares exact types, so a subclass a
 # user derives (with a forward that may return a view) is not trusted for being one of these.
 _FRESH_OUTPUT_LAYERS = (SparseConv2d, DenseConv2d, WinogradConv2d, SeparableMaxPool2d, nn.MaxPool2d,
@@ -2312,7 +2314,8 @@ def convert_for_cpu(model: nn.Module, example_input: torch.Tensor, policy: str =
     times the model's own :func:`float32_rounding` with a :class:`RoundingAmplifiedWarning` where it needs that).
     ``summary``: a dict to receive ``fusion`` (what was done, or why not), ``batchnorm_folded``,
     ``epilogues_fused`` and ``residuals_reusable`` (the fused calls that are their residual's last reader and
-    get ``residual_reusable``: a DenseConv2d adds into that residual in place; see
+    get ``residual_reusable``: a DenseConv2d adds into that residual in place, a SparseConv2d may write its output
+    there; see
     :func:`vpns_fast.deploy.fusion.mark_reusable_residuals`), ``aligned_outputs`` (sparse convolutions writing
     ``aligned_output=True`` for sparse readers: :func:`vpns_fast.deploy.fusion.mark_aligned_outputs`) and
     ``winograd`` (None without WinogradConv2d layers, else which were kept after the whole network was timed with

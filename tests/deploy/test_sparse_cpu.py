@@ -859,11 +859,16 @@ STREAMED_SHAPES = [(12, 20, 10, 11, 1, 1), (6, 9, 8, 16, 1, 1), (12, 20, 7, 7, 1
                    (12, 20, 7, 9, 1, 2), (12, 20, 13, 13, 1, 2), (5, 7, 9, 7, 3, 1)]
 
 
+def threshold_restored(setter, default: int):
+    """A fixture's body: the engine threshold ``setter`` changes starts at its default and is put back afterwards."""
+    previous = setter(default)
+    yield
+    setter(previous)
+
+
 @pytest.fixture
 def restore_streamed_output_bytes():
-    previous = sparse_cpu.set_streamed_output_bytes(sparse_cpu.STREAMED_OUTPUT_BYTES)
-    yield
-    sparse_cpu.set_streamed_output_bytes(previous)
+    yield from threshold_restored(sparse_cpu.set_streamed_output_bytes, sparse_cpu.STREAMED_OUTPUT_BYTES)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1133,9 +1138,7 @@ def test_aligned_outputs_and_inputs_give_the_same_values(shape, batch, threads, 
 
 @pytest.fixture
 def restore_in_place_residual_bytes():
-    previous = sparse_cpu.set_in_place_residual_bytes(sparse_cpu.IN_PLACE_RESIDUAL_BYTES)
-    yield
-    sparse_cpu.set_in_place_residual_bytes(previous)
+    yield from threshold_restored(sparse_cpu.set_in_place_residual_bytes, sparse_cpu.IN_PLACE_RESIDUAL_BYTES)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -1350,9 +1353,7 @@ def test_an_input_channel_stride_that_does_not_match_is_refused():
 
 @pytest.fixture
 def restore_private_planes_bytes():
-    previous = sparse_cpu.set_private_planes_bytes(sparse_cpu.PRIVATE_PLANES_BYTES)
-    yield
-    sparse_cpu.set_private_planes_bytes(previous)
+    yield from threshold_restored(sparse_cpu.set_private_planes_bytes, sparse_cpu.PRIVATE_PLANES_BYTES)
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])

@@ -128,8 +128,8 @@ rounded up to a multiple of 16 when it is above 8; the floats between channels a
 reading it in place loads aligned vectors; False: a contiguous output. A residual with strides (C_out * R, R, W_out,
 1) is read as it is. residual_reusable: nothing reads the residual after this call, so the output may be written
 into it and the residual returned (where the output has set_in_place_residual_bytes' bytes or more, is not streamed,
-the residual has the output's strides and shares no memory with the input; an aligned residual's floats between
-channels are then zeroed). Never materialises im2col: each output channel's nonzeros multiply shifted rows of the
+the residual has the output's strides, its storage holds its last channel's padding too and none of that memory lies
+within the input's span; an aligned residual's floats between channels are then zeroed). Never materialises im2col: each output channel's nonzeros multiply shifted rows of the
 padded input.)doc");
   py::class_<vpns::CheckedOffsets, std::shared_ptr<vpns::CheckedOffsets>>(
       m, "CheckedOffsets",

@@ -805,14 +805,18 @@ bool reads_input_directly(const ConvGeometry& g) {
 // What a convolution's tiles read: its planes, or its input in place in whole vectors or exactly.
 enum class Source { kPlanes, kInputWhole, kInputExact };
 
+// The floats of t's storage from t's first element on: how far a kernel may read or write from there.
+int64_t floats_from_first(const at::Tensor& t) {
+  return static_cast<int64_t>(t.storage().nbytes() / sizeof(float)) - t.storage_offset();
+}
+
 // Whether an output may be written into `planes`, a nonempty planar activation [N, C, H, W] whose images are
 // `image_floats` apart: its storage holds all N * image_floats floats from its first (the last channel's padding
 // included, which an aligned output zeroes), and none of them lies within the span of `input` (its first element to
 // its last, whatever storage either belongs to: two storages may share memory).
 bool writable_planes(const at::Tensor& planes, const at::Tensor& input, int64_t image_floats) {
-  const int64_t held = static_cast<int64_t>(planes.storage().nbytes() / sizeof(float)) - planes.storage_offset();
   const int64_t floats = planes.size(0) * image_floats;
-  if (held < floats) return false;
+  if (floats_from_first(planes) < floats) return false;
   int64_t input_last = 0;
   for (int64_t d = 0; d < input.dim(); ++d) input_last += (input.size(d) - 1) * input.stride(d);
   const float* first = planes.const_data_ptr<float>();
@@ -1989,7 +1993,7 @@ at::Tensor sparse_conv2d_with(const at::Tensor& input, const at::Tensor& segment
     // The input is its own phase plane: no copy (ResNet-50's 1x1 convs at 56x56 copied 3.2 MB an image). An image
     // is read in whole last vectors where every one stays inside the input's storage (the next image's channels, or
     // the padding of an aligned activation, see aligned_plane_stride), else with the last vector masked.
-    const int64_t readable = static_cast<int64_t>(x.storage().nbytes() / sizeof(float)) - x.storage_offset();
+    const int64_t readable = floats_from_first(x);
     const int64_t reach = max_offset + round_up(positions, kernels.lanes);
     share_out([&] { return x_data; }, used,
               [&](int64_t n) { return n * used + reach <= readable ? Source::kInputWhole : Source::kInputExact; },

@@ -444,10 +444,12 @@ def _with_output_shape(cache: dict, x: torch.Tensor, geometry: tuple, shape: tup
     return kept
 
 
-def _writable(residual: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether a layer may write its output into ``residual`` in place while it reads ``x``: not when they share
-    memory, and an inference tensor only inside ``torch.inference_mode`` (torch refuses the write elsewhere)."""
-    return ((not residual.is_inference() or torch.is_inference_mode_enabled())
+def _writable(residual_reusable: bool, residual: torch.Tensor | None, x: torch.Tensor) -> bool:
+    """Whether a layer may write its output into ``residual`` in place while it reads ``x``: only where the caller
+    says nothing reads the residual afterwards (``residual_reusable``) and there is one; not when they share memory,
+    and an inference tensor only inside ``torch.inference_mode`` (torch refuses the write elsewhere)."""
+    return (residual_reusable and residual is not None
+            and (not residual.is_inference() or torch.is_inference_mode_enabled())
             and residual.untyped_storage().data_ptr() != x.untyped_storage().data_ptr())
 
 
@@ -856,7 +858,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         if residual is not None and _broadcast_residual(residual, self._output_shape(x), "SparseConv2d"):
             return _unfused_epilogue(self._run(x, None, None), residual, self.activation)
         return self._run(x, residual, self.activation, aligned_output,
-                         residual_reusable and residual is not None and _writable(residual, x))
+                         _writable(residual_reusable, residual, x))
 
     def _output_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         """The output's shape for a 4-d ``x``, kept per input shape with the geometry it was computed for
@@ -959,7 +961,7 @@ class SparseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         plan.add_sparse_conv(*slots, segments, offsets, values, list(self.weight_shape), self._buffers["bias"],
                              list(self.stride), list(self.padding), list(self.dilation),
                              EPILOGUE_ACTIVATIONS.get(self._activation, 0), channel_stride, aligned_output,
-                             residual_reusable and residual is not None and _writable(residual, x))
+                             _writable(residual_reusable, residual, x))
         return True
 
     def extra_repr(self) -> str:
@@ -1242,7 +1244,7 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
                                      or residual.shape != output_shape
                                      or not residual.is_contiguous(memory_format=torch.channels_last)):
             return None
-        return residual is not None and residual_reusable and _writable(residual, x)
+        return _writable(residual_reusable, residual, x)
 
     def add_to_plan(self, plan, slots: tuple[int, int, int], x: torch.Tensor, residual: torch.Tensor | None = None,
                     *, residual_reusable: bool = False, aligned_output: bool = False) -> bool:
@@ -1322,11 +1324,11 @@ class DenseConv2d(_Float32CpuLayer, _FusedActivation, nn.Module):
         x = _channels_last_activation(x)
         if self._runs_pointwise(activation):
             return self._pointwise(x, residual, activation,
-                                   residual is not None and residual_reusable and _writable(residual, given))
+                                   _writable(residual_reusable, residual, given))
         packed = self._packed_weight(x.shape)
         if residual is not None:
             accumulator = _channels_last_activation(residual)
-            if accumulator is not residual or (residual_reusable and _writable(residual, given)):
+            if accumulator is not residual or _writable(residual_reusable, residual, given):
                 # oneDNN adds the convolution into the residual in place (its "sum" post-op) where nothing reads
                 # the residual later, or into the channels_last copy just made of it: no output to allocate,
                 # and one tensor read where the out-of-place call reads two. ResNet-50 at 50% kept, batch 1,
@@ -2593,11 +2595,17 @@ def _with_reused_residuals(network: nn.Module, example_input: torch.Tensor, refe
     marked when none wrote in place: ResNet-50 at 10% kept, batch 1, 1.017x slower, 2026-12-04)."""
     if not isinstance(network, fx.GraphModule):
         return []
-    output_bytes = _example_output_bytes(network, example_input)
     threshold = in_place_residual_bytes()
-    reused = fusion.mark_reusable_residuals(
-        network, (DenseConv2d, SparseConv2d), _FRESH_OUTPUT_LAYERS,
-        wanted=lambda node, layer: type(layer) is not SparseConv2d or output_bytes.get(node, 0) >= threshold)
+    output_bytes: list[dict[fx.Node, int]] = []  # the sizes, found once, for the first sparse call asked about
+
+    def wanted(node: fx.Node, layer: nn.Module) -> bool:
+        if type(layer) is not SparseConv2d:
+            return True
+        if not output_bytes:
+            output_bytes.append(_example_output_bytes(network, example_input))
+        return output_bytes[0].get(node, 0) >= threshold
+
+    reused = fusion.mark_reusable_residuals(network, (DenseConv2d, SparseConv2d), _FRESH_OUTPUT_LAYERS, wanted=wanted)
     if reused and _end_to_end_problem(network, example_input, reference) is not None:
         fusion.unmark_reusable_residuals(network)
         return []
